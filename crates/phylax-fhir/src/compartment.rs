@@ -1,0 +1,88 @@
+//! Patient compartment membership, from the official Patient
+//! CompartmentDefinition. Phylax uses it to pick the data key a resource is
+//! sealed with: each patient's data has its own key.
+
+use crate::defs::definitions;
+use crate::ids::{is_valid_id, ResourceType};
+use serde_json::Value;
+
+/// The id of the patient whose compartment `resource` belongs to, if any.
+///
+/// A `Patient` is in its own compartment. Other types are in the compartment
+/// of the first patient referenced (as `Patient/{id}`) through the
+/// definition's compartment parameters, in the definition's order, so the
+/// answer is deterministic. A resource that references several patients
+/// (e.g. a `Group`) is sealed with the first one's key; see
+/// docs/ARCHITECTURE.md.
+pub fn patient_of(rtype: &ResourceType, resource: &Value) -> Option<String> {
+    if rtype.as_str() == "Patient" {
+        return resource
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| is_valid_id(id))
+            .map(str::to_owned);
+    }
+    for path in definitions().compartment_paths(rtype.as_str()) {
+        let mut found = None;
+        walk(resource, path, &mut |node| {
+            if found.is_none() {
+                found = patient_reference(node);
+            }
+        });
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+fn walk(node: &Value, path: &[String], f: &mut dyn FnMut(&Value)) {
+    match node {
+        Value::Array(items) => items.iter().for_each(|i| walk(i, path, f)),
+        Value::Object(map) => match path.split_first() {
+            None => f(node),
+            Some((head, rest)) => {
+                if let Some(child) = map.get(head.as_str()) {
+                    walk(child, rest, f);
+                }
+            }
+        },
+        _ => {}
+    }
+}
+
+fn patient_reference(reference: &Value) -> Option<String> {
+    let r = reference.get("reference")?.as_str()?;
+    let rest = r.strip_prefix("Patient/")?;
+    let id = rest.split("/_history/").next()?;
+    is_valid_id(id).then(|| id.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn t(s: &str) -> ResourceType {
+        ResourceType::parse(s).unwrap()
+    }
+
+    #[test]
+    fn finds_the_patient() {
+        assert_eq!(
+            patient_of(&t("Patient"), &json!({"resourceType":"Patient","id":"p1"})),
+            Some("p1".into())
+        );
+        let obs = json!({"resourceType":"Observation","subject":{"reference":"Patient/p2"}});
+        assert_eq!(patient_of(&t("Observation"), &obs), Some("p2".into()));
+        let obs = json!({"resourceType":"Observation","subject":{"reference":"Group/g"},
+            "performer":[{"reference":"Practitioner/x"},{"reference":"Patient/p3/_history/2"}]});
+        assert_eq!(patient_of(&t("Observation"), &obs), Some("p3".into()));
+        let enc = json!({"resourceType":"Group","member":[{"entity":{"reference":"Patient/p4"}}]});
+        assert_eq!(patient_of(&t("Group"), &enc), Some("p4".into()));
+        let org = json!({"resourceType":"Organization","name":"x"});
+        assert_eq!(patient_of(&t("Organization"), &org), None);
+        let bad = json!({"resourceType":"Observation","subject":{"reference":"Patient/a b"}});
+        assert_eq!(patient_of(&t("Observation"), &bad), None);
+    }
+}

@@ -1,0 +1,22 @@
+//! FHIR R4 (4.0.1) knowledge for Phylax. Pure: no I/O, no clocks, no keys.
+//!
+//! # Layout
+//! - [`defs`]: the official R4 definitions, compiled in from the generated
+//!   table `data/r4.json` (see `scripts/gen-fhir-defs.py`).
+//! - [`json`]: strict JSON parsing (duplicate keys, nesting depth, size are
+//!   refused before anything else looks at the input).
+//! - [`ids`]: typed resource types, ids and version ids (parse, don't validate).
+//! - [`validate`]: structural validation of a resource against the
+//!   StructureDefinitions, reporting each problem by its FHIRPath location.
+//! - [`compartment`]: which Patient compartment a resource belongs to.
+//! - [`outcome`]: `OperationOutcome` construction.
+
+pub mod compartment;
+pub mod defs;
+pub mod ids;
+pub mod json;
+pub mod outcome;
+pub mod validate;
+
+pub use ids::{ResourceId, ResourceType, VersionId};
+pub use outcome::{Issue, IssueCode, OperationOutcome, Severity};

@@ -1,0 +1,54 @@
+//! Key material and authenticated encryption for Phylax. No other crate
+//! handles raw key bytes: they get opaque handles from here.
+//!
+//! # Layout
+//! - [`kek`]: the key-encryption key (KEK), loaded from a 0600 key file or an
+//!   environment variable; it wraps every other key and never touches the
+//!   database.
+//! - [`datakey`]: data keys (per patient compartment, per tenant) and the
+//!   record seal: AES-256-GCM under a fresh per-record subkey, with additional
+//!   data that binds a ciphertext to its resource type, id and version.
+//! - [`mac`]: HMAC-SHA-256 keys for tokens and tamper-proof cursors, with
+//!   constant-time verification.
+//! - [`secret`]: a zeroizing byte container with a redacted `Debug`.
+//!
+//! Primitives come from `ring` (audited, AES-NI accelerated); nothing here
+//! implements a primitive itself.
+
+pub mod datakey;
+pub mod kek;
+pub mod mac;
+pub mod secret;
+
+pub use datakey::DataKey;
+pub use kek::Kek;
+pub use mac::MacKey;
+pub use secret::Secret;
+
+/// Errors from key handling and decryption. Messages never contain key
+/// bytes, key ids or plaintext.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("key file {0} must not be readable by group or others (chmod 600)")]
+    KeyFilePermissions(String),
+    #[error("key file could not be read: {0}")]
+    KeyFileIo(String),
+    #[error("key file already exists: {0}")]
+    KeyFileExists(String),
+    #[error("key material is malformed")]
+    MalformedKey,
+    #[error("decryption failed: wrong key, or the data was altered or moved")]
+    Decrypt,
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+/// Fill a fixed-size array from the OS CSPRNG.
+pub fn random_array<const N: usize>() -> Result<[u8; N], CryptoError> {
+    use ring::rand::SecureRandom;
+    let mut out = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut out)
+        .map_err(|_| CryptoError::Random)?;
+    Ok(out)
+}

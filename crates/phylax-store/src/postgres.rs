@@ -1,0 +1,381 @@
+//! The PostgreSQL backend: the scale-out path, where several Phylax nodes
+//! share one database. Concurrent writers to one resource are arbitrated by
+//! a row lock on the current pointer and by the unique (type, id, version)
+//! constraint; PostgreSQL's own group commit makes concurrent commits cheap.
+
+use crate::migrations;
+use crate::{
+    ClientRecord, HistoryQuery, HistoryScope, NewVersion, Precondition, Result, Store, StoreError,
+    StoredVersion,
+};
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::Duplicate,
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED => {
+            StoreError::Conflict
+        }
+        Some(c) if *c == SqlState::DISK_FULL || *c == SqlState::READ_ONLY_SQL_TRANSACTION => {
+            StoreError::Unavailable(e.to_string())
+        }
+        None => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+const VERSION_COLS: &str = "seq, rtype, id, version, last_updated, deleted, key_scope, body";
+
+fn row_version(r: &Row) -> StoredVersion {
+    StoredVersion {
+        seq: r.get(0),
+        rtype: r.get(1),
+        id: r.get(2),
+        version: r.get::<_, i64>(3) as u64,
+        last_updated: r.get(4),
+        deleted: r.get(5),
+        key_scope: r.get(6),
+        sealed: r.get(7),
+    }
+}
+
+fn row_client(r: &Row) -> ClientRecord {
+    ClientRecord {
+        id: r.get(0),
+        name: r.get(1),
+        scope: r.get(2),
+        jwks: r.get(3),
+        disabled: r.get(4),
+        created_at: r.get(5),
+    }
+}
+
+impl PgStore {
+    /// Connect and apply migrations. `schema`, when given, is created if
+    /// missing and used as the search path (tests use one schema each).
+    pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgStore> {
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|_| StoreError::Unavailable("invalid PostgreSQL URL".into()))?;
+        if let Some(s) = schema {
+            if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(StoreError::Unavailable("invalid schema name".into()));
+            }
+            cfg.options(format!("-c search_path={s}"));
+        }
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(16)
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let store = PgStore { pool };
+        store.migrate(schema).await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self, schema: Option<&str>) -> Result<()> {
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        if let Some(s) = schema {
+            // Validated above to be [A-Za-z0-9_]+.
+            c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
+                .await
+                .map_err(pg)?;
+        }
+        let tx = c.transaction().await.map_err(pg)?;
+        // Serialize migrations across nodes starting together.
+        tx.execute("SELECT pg_advisory_xact_lock(7355608)", &[])
+            .await
+            .map_err(pg)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(pg)?;
+        let current: i64 = tx
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        for (v, sql) in migrations::POSTGRES.iter().filter(|(v, _)| *v > current) {
+            tx.batch_execute(sql).await.map_err(pg)?;
+            tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[v])
+                .await
+                .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+            .await
+            .map_err(pg)?;
+        Ok(r.map(|r| r.get(0)))
+    }
+
+    async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<Vec<u8>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            &[&key, &value],
+        )
+        .await
+        .map_err(pg)?;
+        let r = c
+            .query_one("SELECT value FROM meta WHERE key = $1", &[&key])
+            .await
+            .map_err(pg)?;
+        Ok(r.get(0))
+    }
+
+    async fn get_wrapped_key(&self, scope: &str) -> Result<Option<Vec<u8>>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_opt("SELECT wrapped FROM wrapped_keys WHERE scope = $1", &[&scope])
+            .await
+            .map_err(pg)?;
+        Ok(r.map(|r| r.get(0)))
+    }
+
+    async fn put_wrapped_key_if_absent(&self, scope: &str, wrapped: &[u8], now: i64) -> Result<Vec<u8>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute(
+            "INSERT INTO wrapped_keys (scope, wrapped, created_at) VALUES ($1, $2, $3) ON CONFLICT (scope) DO NOTHING",
+            &[&scope, &wrapped, &now],
+        )
+        .await
+        .map_err(pg)?;
+        let r = c
+            .query_one("SELECT wrapped FROM wrapped_keys WHERE scope = $1", &[&scope])
+            .await
+            .map_err(pg)?;
+        Ok(r.get(0))
+    }
+
+    async fn append_version(&self, v: NewVersion, pre: Precondition) -> Result<i64> {
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let current: Option<i64> = tx
+            .query_opt(
+                "SELECT version FROM resources WHERE rtype = $1 AND id = $2 FOR UPDATE",
+                &[&v.rtype, &v.id],
+            )
+            .await
+            .map_err(pg)?
+            .map(|r| r.get(0));
+        let ok = match (pre, current) {
+            (Precondition::Absent, None) => v.version == 1,
+            (Precondition::CurrentIs(n), Some(cur)) => cur as u64 == n && v.version == n + 1,
+            _ => false,
+        };
+        if !ok {
+            return Err(StoreError::Conflict);
+        }
+        let version = v.version as i64;
+        let seq: i64 = tx
+            .query_one(
+                "INSERT INTO resource_versions (rtype, id, version, last_updated, deleted, key_scope, body) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
+                &[&v.rtype, &v.id, &version, &v.last_updated, &v.deleted, &v.key_scope, &v.sealed],
+            )
+            .await
+            .map_err(|e| match pg(e) {
+                StoreError::Duplicate => StoreError::Conflict,
+                o => o,
+            })?
+            .get(0);
+        tx.execute(
+            "INSERT INTO resources (rtype, id, version, seq, deleted) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, seq = excluded.seq, deleted = excluded.deleted",
+            &[&v.rtype, &v.id, &version, &seq, &v.deleted],
+        )
+        .await
+        .map_err(|e| match pg(e) {
+            StoreError::Duplicate => StoreError::Conflict,
+            o => o,
+        })?;
+        tx.commit().await.map_err(|e| match pg(e) {
+            StoreError::Duplicate => StoreError::Conflict,
+            o => o,
+        })?;
+        Ok(seq)
+    }
+
+    async fn read_current(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM resource_versions WHERE seq = \
+                 (SELECT seq FROM resources WHERE rtype = $1 AND id = $2)"
+            ))
+            .await
+            .map_err(pg)?;
+        Ok(c.query_opt(&st, &[&rtype, &id]).await.map_err(pg)?.as_ref().map(row_version))
+    }
+
+    async fn read_version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<StoredVersion>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = $1 AND id = $2 AND version = $3"
+            ))
+            .await
+            .map_err(pg)?;
+        let v = version as i64;
+        Ok(c.query_opt(&st, &[&rtype, &id, &v]).await.map_err(pg)?.as_ref().map(row_version))
+    }
+
+    async fn history(&self, q: &HistoryQuery) -> Result<Vec<StoredVersion>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let since = q.since.unwrap_or(i64::MIN);
+        let before = q.before_seq.unwrap_or(i64::MAX);
+        let limit = q.limit as i64;
+        let rows = match &q.scope {
+            HistoryScope::System => {
+                c.query(
+                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE last_updated >= $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"),
+                    &[&since, &before, &limit],
+                )
+                .await
+            }
+            HistoryScope::Type(t) => {
+                c.query(
+                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = $1 AND last_updated >= $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"),
+                    &[t, &since, &before, &limit],
+                )
+                .await
+            }
+            HistoryScope::Instance(t, id) => {
+                c.query(
+                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = $1 AND id = $2 AND last_updated >= $3 AND seq < $4 ORDER BY seq DESC LIMIT $5"),
+                    &[t, id, &since, &before, &limit],
+                )
+                .await
+            }
+        }
+        .map_err(pg)?;
+        Ok(rows.iter().map(row_version).collect())
+    }
+
+    async fn list_current(&self, rtype: &str, before_seq: Option<i64>, limit: u32) -> Result<Vec<StoredVersion>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let cols = VERSION_COLS
+            .split(", ")
+            .map(|c| format!("v.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let before = before_seq.unwrap_or(i64::MAX);
+        let limit = limit as i64;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {cols} FROM resources r JOIN resource_versions v ON v.seq = r.seq \
+                     WHERE r.rtype = $1 AND NOT r.deleted AND r.seq < $2 ORDER BY r.seq DESC LIMIT $3"
+                ),
+                &[&rtype, &before, &limit],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(row_version).collect())
+    }
+
+    async fn count_current(&self, rtype: &str) -> Result<u64> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let n: i64 = c
+            .query_one("SELECT COUNT(*) FROM resources WHERE rtype = $1 AND NOT deleted", &[&rtype])
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn add_client(&self, cl: &ClientRecord) -> Result<()> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute(
+            "INSERT INTO clients (id, name, scope, jwks, disabled, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&cl.id, &cl.name, &cl.scope, &cl.jwks, &cl.disabled, &cl.created_at],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn get_client(&self, id: &str) -> Result<Option<ClientRecord>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_opt(
+                "SELECT id, name, scope, jwks, disabled, created_at FROM clients WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(r.as_ref().map(row_client))
+    }
+
+    async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let rows = c
+            .query(
+                "SELECT id, name, scope, jwks, disabled, created_at FROM clients ORDER BY created_at, id",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(row_client).collect())
+    }
+
+    async fn set_client_disabled(&self, id: &str, disabled: bool) -> Result<bool> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let n = c
+            .execute("UPDATE clients SET disabled = $1 WHERE id = $2", &[&disabled, &id])
+            .await
+            .map_err(pg)?;
+        Ok(n > 0)
+    }
+
+    async fn use_jti(&self, client_id: &str, jti: &str, expires_at: i64, now: i64) -> Result<bool> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute("DELETE FROM used_jti WHERE expires_at < $1", &[&now])
+            .await
+            .map_err(pg)?;
+        let n = c
+            .execute(
+                "INSERT INTO used_jti (client_id, jti, expires_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&client_id, &jti, &expires_at],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n == 1)
+    }
+}

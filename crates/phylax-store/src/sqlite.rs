@@ -1,0 +1,515 @@
+//! The embedded SQLite backend.
+//!
+//! Durability: WAL mode with `synchronous=FULL`, so a commit is on disk when
+//! it returns. Throughput: a single writer thread owns the write connection
+//! and **group-commits**: it takes every write queued while the previous
+//! commit was syncing, applies each in its own SAVEPOINT (so one failed
+//! precondition does not undo its neighbours), commits once, and only then
+//! answers each caller. One fsync thus covers many writes, and nothing is
+//! acknowledged before it is durable. Reads run on a small pool of
+//! connections on blocking threads (WAL readers never block the writer).
+
+use crate::migrations;
+use crate::{
+    ClientRecord, HistoryQuery, HistoryScope, NewVersion, Precondition, Result, Store, StoreError,
+    StoredVersion,
+};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use tokio::sync::{oneshot, Semaphore};
+
+/// Upper bound on writes folded into one commit.
+const MAX_BATCH: usize = 256;
+const READERS: usize = 8;
+
+type Reply = Box<dyn FnOnce(Result<()>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: mpsc::Sender<Job>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    read_permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::Duplicate
+        }
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::DatabaseBusy
+            ) =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn open_conn(path: &Path) -> Result<Connection> {
+    let c = Connection::open(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; \
+         PRAGMA busy_timeout=10000; PRAGMA secure_delete=ON;",
+    )
+    .map_err(backend)?;
+    Ok(c)
+}
+
+fn migrate(c: &mut Connection) -> Result<()> {
+    let tx = c
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )
+    .map_err(backend)?;
+    let current: i64 = tx
+        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))
+        .map_err(backend)?;
+    for (v, sql) in migrations::SQLITE.iter().filter(|(v, _)| *v > current) {
+        tx.execute_batch(sql).map_err(backend)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, strftime('%s','now'))",
+            params![v],
+        )
+        .map_err(backend)?;
+    }
+    tx.commit().map_err(backend)
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            // Nothing ran. Dropping the jobs drops their reply channels, and
+            // every caller sees `Unavailable`: nothing is acknowledged.
+            tracing::error!(error = %e, "sqlite: cannot begin write transaction");
+            drop(jobs);
+            continue;
+        }
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            replies.push(job(&conn));
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => replies.into_iter().for_each(|r| r(Ok(()))),
+            Err(e) => {
+                let msg = backend(e).to_string();
+                let _ = conn.execute_batch("ROLLBACK");
+                replies
+                    .into_iter()
+                    .for_each(|r| r(Err(StoreError::Unavailable(msg.clone()))));
+            }
+        }
+    }
+}
+
+fn row_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredVersion> {
+    Ok(StoredVersion {
+        seq: r.get(0)?,
+        rtype: r.get(1)?,
+        id: r.get(2)?,
+        version: r.get::<_, i64>(3)? as u64,
+        last_updated: r.get(4)?,
+        deleted: r.get::<_, i64>(5)? != 0,
+        key_scope: r.get(6)?,
+        sealed: r.get(7)?,
+    })
+}
+
+const VERSION_COLS: &str = "seq, rtype, id, version, last_updated, deleted, key_scope, body";
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path` and apply migrations.
+    pub async fn open(path: &Path) -> Result<SqliteStore> {
+        let path = path.to_path_buf();
+        let p2 = path.clone();
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+            let mut c = open_conn(&p2)?;
+            migrate(&mut c)?;
+            Ok(c)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))??;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("phylax-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(SqliteStore {
+            path,
+            writer: tx,
+            readers: Arc::new(Mutex::new(Vec::new())),
+            read_permits: Arc::new(Semaphore::new(READERS)),
+        })
+    }
+
+    /// Run `f` inside the next group commit; its result is delivered only
+    /// after the commit is durable.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T>>();
+        let job: Job = Box::new(move |conn: &Connection| -> Reply {
+            let res = match conn.execute_batch("SAVEPOINT w") {
+                Err(e) => Err(backend(e)),
+                Ok(()) => {
+                    let r = f(conn);
+                    let end = if r.is_ok() {
+                        "RELEASE w"
+                    } else {
+                        "ROLLBACK TO w; RELEASE w"
+                    };
+                    match conn.execute_batch(end) {
+                        Ok(()) => r,
+                        Err(e) => Err(backend(e)),
+                    }
+                }
+            };
+            Box::new(move |commit: Result<()>| {
+                let out = match commit {
+                    Ok(()) => res,
+                    Err(e) => Err(e),
+                };
+                let _ = tx.send(out);
+            })
+        });
+        self.writer
+            .send(job)
+            .map_err(|_| StoreError::Unavailable("writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("write was not committed".into()))?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let _permit = self
+            .read_permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("closed".into()))?;
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match readers.lock().pop() {
+                Some(c) => c,
+                None => open_conn(&path)?,
+            };
+            let r = f(&conn);
+            readers.lock().push(conn);
+            r
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let key = key.to_owned();
+        self.read(move |c| {
+            c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
+                .optional()
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<Vec<u8>> {
+        let (key, value) = (key.to_owned(), value.to_vec());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                params![key, value],
+            )
+            .map_err(backend)?;
+            c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn get_wrapped_key(&self, scope: &str) -> Result<Option<Vec<u8>>> {
+        let scope = scope.to_owned();
+        self.read(move |c| {
+            c.query_row("SELECT wrapped FROM wrapped_keys WHERE scope = ?1", params![scope], |r| r.get(0))
+                .optional()
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_wrapped_key_if_absent(&self, scope: &str, wrapped: &[u8], now: i64) -> Result<Vec<u8>> {
+        let (scope, wrapped) = (scope.to_owned(), wrapped.to_vec());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO wrapped_keys (scope, wrapped, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (scope) DO NOTHING",
+                params![scope, wrapped, now],
+            )
+            .map_err(backend)?;
+            c.query_row("SELECT wrapped FROM wrapped_keys WHERE scope = ?1", params![scope], |r| r.get(0))
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn append_version(&self, v: NewVersion, pre: Precondition) -> Result<i64> {
+        self.write(move |c| {
+            let current: Option<i64> = c
+                .query_row(
+                    "SELECT version FROM resources WHERE rtype = ?1 AND id = ?2",
+                    params![v.rtype, v.id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            // A deleted id keeps its row (tombstone), so ids are never reused
+            // with version 1 again; `Absent` means never used.
+            let ok = match (pre, current) {
+                (Precondition::Absent, None) => v.version == 1,
+                (Precondition::CurrentIs(n), Some(cur)) => cur as u64 == n && v.version == n + 1,
+                _ => false,
+            };
+            if !ok {
+                return Err(StoreError::Conflict);
+            }
+            c.execute(
+                "INSERT INTO resource_versions (rtype, id, version, last_updated, deleted, key_scope, body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![v.rtype, v.id, v.version as i64, v.last_updated, v.deleted as i64, v.key_scope, v.sealed],
+            )
+            .map_err(|e| match backend(e) {
+                StoreError::Duplicate => StoreError::Conflict,
+                o => o,
+            })?;
+            let seq = c.last_insert_rowid();
+            c.execute(
+                "INSERT INTO resources (rtype, id, version, seq, deleted) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, seq = excluded.seq, deleted = excluded.deleted",
+                params![v.rtype, v.id, v.version as i64, seq, v.deleted as i64],
+            )
+            .map_err(backend)?;
+            Ok(seq)
+        })
+        .await
+    }
+
+    async fn read_current(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>> {
+        let (rtype, id) = (rtype.to_owned(), id.to_owned());
+        self.read(move |c| {
+            c.query_row(
+                &format!(
+                    "SELECT {VERSION_COLS} FROM resource_versions WHERE seq = \
+                     (SELECT seq FROM resources WHERE rtype = ?1 AND id = ?2)"
+                ),
+                params![rtype, id],
+                row_version,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn read_version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<StoredVersion>> {
+        let (rtype, id) = (rtype.to_owned(), id.to_owned());
+        self.read(move |c| {
+            c.query_row(
+                &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = ?1 AND id = ?2 AND version = ?3"),
+                params![rtype, id, version as i64],
+                row_version,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn history(&self, q: &HistoryQuery) -> Result<Vec<StoredVersion>> {
+        let q = q.clone();
+        self.read(move |c| {
+            let since = q.since.unwrap_or(i64::MIN);
+            let before = q.before_seq.unwrap_or(i64::MAX);
+            let limit = q.limit as i64;
+            let mut out = Vec::new();
+            match &q.scope {
+                HistoryScope::System => {
+                    let mut st = c.prepare_cached(&format!(
+                        "SELECT {VERSION_COLS} FROM resource_versions WHERE last_updated >= ?1 AND seq < ?2 \
+                         ORDER BY seq DESC LIMIT ?3"
+                    )).map_err(backend)?;
+                    let rows = st.query_map(params![since, before, limit], row_version).map_err(backend)?;
+                    for r in rows { out.push(r.map_err(backend)?); }
+                }
+                HistoryScope::Type(t) => {
+                    let mut st = c.prepare_cached(&format!(
+                        "SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = ?1 AND last_updated >= ?2 AND seq < ?3 \
+                         ORDER BY seq DESC LIMIT ?4"
+                    )).map_err(backend)?;
+                    let rows = st.query_map(params![t, since, before, limit], row_version).map_err(backend)?;
+                    for r in rows { out.push(r.map_err(backend)?); }
+                }
+                HistoryScope::Instance(t, id) => {
+                    let mut st = c.prepare_cached(&format!(
+                        "SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = ?1 AND id = ?2 AND last_updated >= ?3 \
+                         AND seq < ?4 ORDER BY seq DESC LIMIT ?5"
+                    )).map_err(backend)?;
+                    let rows = st.query_map(params![t, id, since, before, limit], row_version).map_err(backend)?;
+                    for r in rows { out.push(r.map_err(backend)?); }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_current(&self, rtype: &str, before_seq: Option<i64>, limit: u32) -> Result<Vec<StoredVersion>> {
+        let rtype = rtype.to_owned();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {} FROM resources r JOIN resource_versions v ON v.seq = r.seq \
+                     WHERE r.rtype = ?1 AND r.deleted = 0 AND r.seq < ?2 ORDER BY r.seq DESC LIMIT ?3",
+                    VERSION_COLS
+                        .split(", ")
+                        .map(|c| format!("v.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![rtype, before_seq.unwrap_or(i64::MAX), limit as i64], row_version)
+                .map_err(backend)?;
+            rows.map(|r| r.map_err(backend)).collect()
+        })
+        .await
+    }
+
+    async fn count_current(&self, rtype: &str) -> Result<u64> {
+        let rtype = rtype.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM resources WHERE rtype = ?1 AND deleted = 0",
+                params![rtype],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn add_client(&self, cl: &ClientRecord) -> Result<()> {
+        let cl = cl.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO clients (id, name, scope, jwks, disabled, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![cl.id, cl.name, cl.scope, cl.jwks, cl.disabled as i64, cl.created_at],
+            )
+            .map(|_| ())
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn get_client(&self, id: &str) -> Result<Option<ClientRecord>> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT id, name, scope, jwks, disabled, created_at FROM clients WHERE id = ?1",
+                params![id],
+                row_client,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare("SELECT id, name, scope, jwks, disabled, created_at FROM clients ORDER BY created_at, id")
+                .map_err(backend)?;
+            let rows = st.query_map([], row_client).map_err(backend)?;
+            rows.map(|r| r.map_err(backend)).collect()
+        })
+        .await
+    }
+
+    async fn set_client_disabled(&self, id: &str, disabled: bool) -> Result<bool> {
+        let id = id.to_owned();
+        self.write(move |c| {
+            c.execute(
+                "UPDATE clients SET disabled = ?1 WHERE id = ?2",
+                params![disabled as i64, id],
+            )
+            .map(|n| n > 0)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn use_jti(&self, client_id: &str, jti: &str, expires_at: i64, now: i64) -> Result<bool> {
+        let (client_id, jti) = (client_id.to_owned(), jti.to_owned());
+        self.write(move |c| {
+            c.execute("DELETE FROM used_jti WHERE expires_at < ?1", params![now])
+                .map_err(backend)?;
+            let n = c
+                .execute(
+                    "INSERT INTO used_jti (client_id, jti, expires_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                    params![client_id, jti, expires_at],
+                )
+                .map_err(backend)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+}
+
+fn row_client(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClientRecord> {
+    Ok(ClientRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        scope: r.get(2)?,
+        jwks: r.get(3)?,
+        disabled: r.get::<_, i64>(4)? != 0,
+        created_at: r.get(5)?,
+    })
+}

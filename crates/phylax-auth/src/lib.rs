@@ -1,0 +1,56 @@
+//! Authentication and authorization decisions for Phylax.
+//!
+//! # Layout
+//! - [`scopes`]: SMART App Launch v2 scopes (and v1 `read`/`write`), their
+//!   intersection, and the per-interaction check.
+//! - [`assertion`]: SMART Backend Services client authentication: a
+//!   `private_key_jwt` client assertion (RS384, ES384) verified against the
+//!   client's registered JWKS, with `iss`/`sub`/`aud`/`exp`/`jti` checks.
+//! - [`token`]: Phylax's own short-lived access tokens (HMAC-SHA-256 JWTs,
+//!   verified without a database round trip).
+//! - [`policy`]: the single authorization decision every FHIR interaction
+//!   passes through.
+
+pub mod assertion;
+pub mod client_key;
+pub mod policy;
+pub mod scopes;
+pub mod token;
+
+pub use policy::{Decision, Interaction, Principal};
+pub use scopes::{Scope, ScopeSet};
+pub use token::{AccessClaims, TokenIssuer};
+
+/// Authentication failures. The `Display` text is for server logs; callers
+/// answer clients with [`AuthError::oauth_error`] and a generic description
+/// that reveals nothing about which check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("invalid client: {0}")]
+    InvalidClient(&'static str),
+    #[error("invalid request: {0}")]
+    InvalidRequest(&'static str),
+    #[error("invalid scope: {0}")]
+    InvalidScope(&'static str),
+    #[error("unsupported grant type")]
+    UnsupportedGrantType,
+    #[error("invalid token: {0}")]
+    InvalidToken(&'static str),
+    #[error("invalid JWKS: {0}")]
+    InvalidJwks(String),
+    #[error("crypto: {0}")]
+    Crypto(#[from] phylax_crypto::CryptoError),
+}
+
+impl AuthError {
+    /// The RFC 6749 §5.2 error code.
+    pub fn oauth_error(&self) -> &'static str {
+        match self {
+            AuthError::InvalidClient(_) | AuthError::InvalidToken(_) => "invalid_client",
+            AuthError::InvalidRequest(_) | AuthError::InvalidJwks(_) => "invalid_request",
+            AuthError::InvalidScope(_) => "invalid_scope",
+            AuthError::UnsupportedGrantType => "unsupported_grant_type",
+            AuthError::Crypto(_) => "server_error",
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The single authorization decision. Every FHIR interaction is described as
+//! an [`Interaction`] on an optional resource type and decided here, so later
+//! rules (roles, compartments, consent, labels, break-the-glass) extend one
+//! function instead of every handler. Deny by default.
+
+use crate::scopes::{Context, Perm, ScopeSet};
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// A SMART Backend Services client acting for itself (`system/` scopes).
+    Client {
+        client_id: String,
+        scopes: ScopeSet,
+        /// The access token's `jti`, for audit correlation.
+        token_id: String,
+    },
+}
+
+impl Principal {
+    pub fn id(&self) -> &str {
+        match self {
+            Principal::Client { client_id, .. } => client_id,
+        }
+    }
+}
+
+/// A FHIR interaction, as the policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interaction {
+    Read,
+    VRead,
+    Create,
+    Update,
+    /// PUT to an id that does not exist yet (needs create and update).
+    UpdateCreate,
+    Delete,
+    HistoryInstance,
+    HistoryType,
+    HistorySystem,
+    SearchType,
+}
+
+impl Interaction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interaction::Read => "read",
+            Interaction::VRead => "vread",
+            Interaction::Create => "create",
+            Interaction::Update => "update",
+            Interaction::UpdateCreate => "update-create",
+            Interaction::Delete => "delete",
+            Interaction::HistoryInstance => "history-instance",
+            Interaction::HistoryType => "history-type",
+            Interaction::HistorySystem => "history-system",
+            Interaction::SearchType => "search-type",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Denied, with the rule that denied (for logs and audit, not clients).
+    Deny(&'static str),
+}
+
+/// Decide whether `who` may perform `what` on `rtype` (None for system-level).
+pub fn decide(who: &Principal, what: Interaction, rtype: Option<&str>) -> Decision {
+    let Principal::Client { scopes, .. } = who;
+    let ctx = Context::System;
+    let need: &[Perm] = match what {
+        Interaction::Read | Interaction::VRead | Interaction::HistoryInstance => &[Perm::Read],
+        Interaction::Create => &[Perm::Create],
+        Interaction::Update => &[Perm::Update],
+        Interaction::UpdateCreate => &[Perm::Create, Perm::Update],
+        Interaction::Delete => &[Perm::Delete],
+        Interaction::HistoryType | Interaction::SearchType => &[Perm::Search],
+        // History across all types needs read+search on every type: it
+        // returns resources of any type.
+        Interaction::HistorySystem => {
+            return if scopes.allows_all_types(ctx, Perm::Read) && scopes.allows_all_types(ctx, Perm::Search) {
+                Decision::Allow
+            } else {
+                Decision::Deny("scope: system history needs system/*.rs")
+            };
+        }
+    };
+    let Some(t) = rtype else {
+        return Decision::Deny("no resource type");
+    };
+    if need.iter().all(|p| scopes.allows(ctx, t, *p)) {
+        Decision::Allow
+    } else {
+        Decision::Deny("scope: not granted for this type and interaction")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(scope: &str) -> Principal {
+        Principal::Client {
+            client_id: "c".into(),
+            scopes: ScopeSet::parse_lenient(scope),
+            token_id: "t".into(),
+        }
+    }
+
+    #[test]
+    fn decisions_follow_scopes() {
+        use Interaction::*;
+        let c = client("system/Patient.rs system/Observation.cu");
+        assert_eq!(decide(&c, Read, Some("Patient")), Decision::Allow);
+        assert_eq!(decide(&c, SearchType, Some("Patient")), Decision::Allow);
+        assert!(matches!(decide(&c, Update, Some("Patient")), Decision::Deny(_)));
+        assert!(matches!(decide(&c, Delete, Some("Patient")), Decision::Deny(_)));
+        assert_eq!(decide(&c, Create, Some("Observation")), Decision::Allow);
+        assert_eq!(decide(&c, UpdateCreate, Some("Observation")), Decision::Allow);
+        assert!(matches!(decide(&c, Read, Some("Observation")), Decision::Deny(_)));
+        assert!(matches!(decide(&c, HistorySystem, None), Decision::Deny(_)));
+        assert!(matches!(decide(&c, Read, None), Decision::Deny(_)));
+        let w = client("system/*.rs");
+        assert_eq!(decide(&w, HistorySystem, None), Decision::Allow);
+        let cu = client("system/Patient.u");
+        assert!(matches!(decide(&cu, UpdateCreate, Some("Patient")), Decision::Deny(_)));
+        assert!(matches!(decide(&client(""), Read, Some("Patient")), Decision::Deny(_)));
+    }
+}

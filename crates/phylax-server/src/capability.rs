@@ -1,0 +1,59 @@
+//! The CapabilityStatement: generated from what the server really does, so
+//! that it stays truthful as capabilities land.
+
+use crate::config::Config;
+use phylax_fhir::defs::definitions;
+use serde_json::{json, Value};
+
+pub fn capability_statement(cfg: &Config) -> Value {
+    let d = definitions();
+    let interactions = ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"];
+    let resources: Vec<Value> = d
+        .resource_types()
+        .iter()
+        .map(|t| {
+            json!({
+                "type": t,
+                "interaction": interactions.iter().map(|i| json!({"code": i})).collect::<Vec<_>>(),
+                "versioning": "versioned",
+                "readHistory": true,
+                "updateCreate": cfg.http.allow_update_create,
+                "conditionalCreate": false,
+                "conditionalRead": "not-supported",
+                "conditionalUpdate": false,
+                "conditionalDelete": "not-supported",
+                "searchParam": [
+                    {"name": "_id", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"}
+                ],
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        "publisher": "Phylax",
+        "kind": "instance",
+        "software": {"name": "Phylax", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "Phylax FHIR R4 server", "url": cfg.fhir_base()},
+        "fhirVersion": d.version,
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "cors": !cfg.http.cors_origins.is_empty(),
+                "service": [{"coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                    "code": "SMART-on-FHIR"
+                }]}],
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "token", "valueUri": cfg.token_url()}]
+                }],
+                "description": "SMART Backend Services (client_credentials with private_key_jwt, RS384/ES384); system/ scopes"
+            },
+            "resource": resources,
+            "interaction": [{"code": "history-system"}],
+        }],
+    })
+}

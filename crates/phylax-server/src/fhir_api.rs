@@ -1,0 +1,638 @@
+//! FHIR R4 REST handlers: create, read, vread, update, delete, history
+//! (instance, type, system), a minimal type search, and `metadata`.
+//!
+//! Every handler parses its inputs into typed values first (resource type,
+//! id, version, headers) and hands its work to [`pipeline::run`].
+
+use crate::error::{outcome_response, ApiError, FHIR_JSON};
+use crate::http::AppState;
+use crate::pipeline::{self, RequestCtx};
+use crate::repo::{format_instant, ResourceVersion};
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use phylax_auth::policy::{decide, Decision, Interaction};
+use phylax_fhir::json::parse_strict;
+use phylax_fhir::validate::validate_resource;
+use phylax_fhir::{Issue, IssueCode, OperationOutcome, ResourceId, ResourceType, Severity, VersionId};
+use phylax_store::{HistoryQuery, HistoryScope};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+type St = State<Arc<AppState>>;
+
+// ---------------------------------------------------------------- inputs
+
+fn parse_type(t: &str) -> Result<ResourceType, ApiError> {
+    ResourceType::parse(t).ok_or(ApiError::UnknownType)
+}
+
+/// Query parameters, decoded. Never logged.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(raw: Option<String>) -> Query {
+        Query(
+            form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+    }
+}
+
+/// `Prefer` header values Phylax honours.
+#[derive(Default)]
+struct Prefer {
+    ret: Option<String>,
+    strict: bool,
+}
+
+fn prefer(h: &HeaderMap) -> Prefer {
+    let mut p = Prefer::default();
+    for v in h.get_all("prefer").iter().filter_map(|v| v.to_str().ok()) {
+        for part in v.split([',', ';']).map(str::trim) {
+            if let Some(r) = part.strip_prefix("return=") {
+                p.ret = Some(r.trim_matches('"').to_owned());
+            } else if part == "handling=strict" {
+                p.strict = true;
+            }
+        }
+    }
+    p
+}
+
+/// Refuse formats other than JSON (`_format` or `Accept`).
+fn check_accept(h: &HeaderMap, q: &Query) -> Result<(), ApiError> {
+    if let Some(f) = q.get("_format") {
+        if !matches!(f, "json" | "application/json" | "application/fhir+json") {
+            return Err(ApiError::NotAcceptable);
+        }
+        return Ok(());
+    }
+    let Some(accept) = h.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    let ok = accept.split(',').any(|a| {
+        let m = a.split(';').next().unwrap_or("").trim();
+        matches!(m, "*/*" | "application/*" | "application/json" | "application/fhir+json" | "")
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::NotAcceptable)
+    }
+}
+
+fn check_content_type(h: &HeaderMap) -> Result<(), ApiError> {
+    let ct = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime == "application/fhir+json" || mime == "application/json" {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// Read the body within the configured limit, parse strictly, validate.
+async fn read_resource(st: &AppState, h: &HeaderMap, body: Body) -> Result<(ResourceType, Value), ApiError> {
+    check_content_type(h)?;
+    let limit = st.config.http.max_body_bytes;
+    if h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_big = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_big {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::bad_request("the request body could not be read")
+        }
+    })?;
+    let value = parse_strict(&bytes).map_err(|e| {
+        ApiError::BadRequest(vec![Issue::error(IssueCode::Structure, format!("invalid JSON: {}", e.message()))])
+    })?;
+    match validate_resource(&value) {
+        Ok(t) => Ok((t, value)),
+        Err(issues) => {
+            // Structural problems (it is not the right shape of JSON for
+            // FHIR) are 400; content rule violations are 422.
+            if issues.iter().any(|i| matches!(i.code, IssueCode::Structure | IssueCode::NotSupported)) {
+                Err(ApiError::BadRequest(issues))
+            } else {
+                Err(ApiError::Unprocessable(issues))
+            }
+        }
+    }
+}
+
+fn parse_if_match(h: &HeaderMap) -> Result<Option<VersionId>, ApiError> {
+    let Some(v) = h.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let s = v.to_str().map_err(|_| ApiError::bad_request("malformed If-Match"))?.trim();
+    let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
+    VersionId::parse(s)
+        .map(Some)
+        .ok_or_else(|| ApiError::bad_request("If-Match must be an ETag such as W/\"3\""))
+}
+
+// ---------------------------------------------------------------- outputs
+
+fn fhir_json(status: StatusCode, v: &Value) -> Response {
+    let mut r = (status, v.to_string()).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    r
+}
+
+fn http_date(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    httpdate::fmt_http_date(t)
+}
+
+fn version_headers(r: &mut Response, st: &AppState, v: &ResourceVersion, location: bool) {
+    let h = r.headers_mut();
+    if let Ok(e) = HeaderValue::from_str(&format!("W/\"{}\"", v.version)) {
+        h.insert(header::ETAG, e);
+    }
+    if let Ok(d) = HeaderValue::from_str(&http_date(v.last_updated)) {
+        h.insert(header::LAST_MODIFIED, d);
+    }
+    if location {
+        let loc = format!("{}/{}/{}/_history/{}", st.fhir_base, v.rtype, v.id, v.version);
+        if let Ok(l) = HeaderValue::from_str(&loc) {
+            h.insert(header::LOCATION, l.clone());
+            h.insert(header::CONTENT_LOCATION, l);
+        }
+    }
+}
+
+/// The response to a successful write, honouring `Prefer: return=`.
+fn write_response(st: &AppState, h: &HeaderMap, status: StatusCode, v: &ResourceVersion) -> Response {
+    let mut r = match prefer(h).ret.as_deref() {
+        Some("minimal") => status.into_response(),
+        Some("OperationOutcome") => {
+            let mut oo = OperationOutcome::single(Issue {
+                severity: Severity::Information,
+                code: IssueCode::Informational,
+                diagnostics: format!("{} {}", if status == StatusCode::CREATED { "created" } else { "updated" }, v.rtype),
+                expression: None,
+            });
+            oo.issues.truncate(1);
+            let mut r = outcome_response(status, &oo);
+            *r.status_mut() = status;
+            r
+        }
+        _ => match &v.body {
+            Some(b) => fhir_json(status, b.json()),
+            None => status.into_response(),
+        },
+    };
+    version_headers(&mut r, st, v, true);
+    r.extensions_mut().insert(pipeline::AuditRef(v.id.to_string()));
+    r
+}
+
+fn read_response(st: &AppState, v: &ResourceVersion) -> Response {
+    let mut r = match &v.body {
+        Some(b) => fhir_json(StatusCode::OK, b.json()),
+        None => ApiError::Gone.into_response(),
+    };
+    version_headers(&mut r, st, v, false);
+    r
+}
+
+// ---------------------------------------------------------------- cursors
+
+/// Paging cursors are opaque and MACed: `base64url(state).base64url(tag)`,
+/// where the state names the listing it belongs to. An edited cursor, or one
+/// replayed against another listing, is refused.
+fn make_cursor(st: &AppState, listing: &str, before_seq: i64) -> String {
+    let msg = format!("v1|{listing}|{before_seq}");
+    let tag = st.cursor_key.sign(msg.as_bytes());
+    format!("{}.{}", URL_SAFE_NO_PAD.encode(&msg), URL_SAFE_NO_PAD.encode(tag))
+}
+
+fn open_cursor(st: &AppState, listing: &str, cursor: &str) -> Result<i64, ApiError> {
+    let bad = || ApiError::bad_request("invalid or tampered paging cursor");
+    let (m, t) = cursor.split_once('.').ok_or_else(bad)?;
+    let msg = URL_SAFE_NO_PAD.decode(m).map_err(|_| bad())?;
+    let tag = URL_SAFE_NO_PAD.decode(t).map_err(|_| bad())?;
+    if !st.cursor_key.verify(&msg, &tag) {
+        return Err(bad());
+    }
+    let msg = String::from_utf8(msg).map_err(|_| bad())?;
+    let rest = msg.strip_prefix("v1|").ok_or_else(bad)?;
+    let (l, seq) = rest.rsplit_once('|').ok_or_else(bad)?;
+    if l != listing {
+        return Err(bad());
+    }
+    seq.parse().map_err(|_| bad())
+}
+
+fn page_size(st: &AppState, q: &Query) -> Result<u32, ApiError> {
+    match q.get("_count") {
+        None => Ok(st.config.http.default_page_size),
+        Some(c) => {
+            let n: u64 = c.parse().map_err(|_| ApiError::bad_request("_count must be a non-negative integer"))?;
+            Ok(n.clamp(1, st.config.http.max_page_size as u64) as u32)
+        }
+    }
+}
+
+fn parse_since(q: &Query) -> Result<Option<i64>, ApiError> {
+    let Some(s) = q.get("_since") else { return Ok(None) };
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|d| Some(d.timestamp_millis()))
+        .map_err(|_| ApiError::bad_request("_since must be an instant such as 2024-01-01T00:00:00Z"))
+}
+
+// ---------------------------------------------------------------- handlers
+
+pub async fn metadata(State(st): St, h: HeaderMap, RawQuery(raw): RawQuery) -> Response {
+    if let Err(e) = check_accept(&h, &Query::parse(raw)) {
+        return e.into_response();
+    }
+    fhir_json(StatusCode::OK, &st.capability)
+}
+
+pub async fn create(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path(t): Path<String>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+    body: Body,
+) -> Response {
+    let rtype = match parse_type(&t) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let q = Query::parse(raw);
+    pipeline::run(&st, &ctx, Interaction::Create, Some(&rtype), None, || async {
+        check_accept(&h, &q)?;
+        let (bt, value) = read_resource(&st, &h, body).await?;
+        if bt != rtype {
+            return Err(ApiError::bad_request("resourceType does not match the URL"));
+        }
+        let v = st.repo.create(&rtype, value).await?;
+        Ok(write_response(&st, &h, StatusCode::CREATED, &v))
+    })
+    .await
+}
+
+pub async fn read(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path((t, id)): Path<(String, String)>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let rtype = match parse_type(&t) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let q = Query::parse(raw);
+    let rid = ResourceId::parse(&id);
+    let audit_id = rid.as_ref().map(ResourceId::to_string);
+    pipeline::run(&st, &ctx, Interaction::Read, Some(&rtype), audit_id.as_deref(), || async {
+        check_accept(&h, &q)?;
+        let id = rid.ok_or(ApiError::NotFound)?;
+        let v = st.repo.read(&rtype, &id).await?;
+        Ok(read_response(&st, &v))
+    })
+    .await
+}
+
+pub async fn vread(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path((t, id, vid)): Path<(String, String, String)>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let rtype = match parse_type(&t) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let q = Query::parse(raw);
+    let rid = ResourceId::parse(&id);
+    let audit_id = rid.as_ref().map(ResourceId::to_string);
+    pipeline::run(&st, &ctx, Interaction::VRead, Some(&rtype), audit_id.as_deref(), || async {
+        check_accept(&h, &q)?;
+        let id = rid.ok_or(ApiError::NotFound)?;
+        let vid = VersionId::parse(&vid).ok_or(ApiError::NotFound)?;
+        let v = st.repo.vread(&rtype, &id, vid).await?;
+        Ok(read_response(&st, &v))
+    })
+    .await
+}
+
+pub async fn update(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path((t, id)): Path<(String, String)>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+    body: Body,
+) -> Response {
+    let rtype = match parse_type(&t) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let q = Query::parse(raw);
+    let rid = ResourceId::parse(&id);
+    let audit_id = rid.as_ref().map(ResourceId::to_string);
+    pipeline::run(&st, &ctx, Interaction::Update, Some(&rtype), audit_id.as_deref(), || async {
+        check_accept(&h, &q)?;
+        let id = rid.ok_or_else(|| ApiError::bad_request("the id in the URL is not a valid FHIR id"))?;
+        let if_match = parse_if_match(&h)?;
+        let (bt, value) = read_resource(&st, &h, body).await?;
+        if bt != rtype {
+            return Err(ApiError::bad_request("resourceType does not match the URL"));
+        }
+        match value.get("id").and_then(Value::as_str) {
+            Some(b) if b == id.as_str() => {}
+            Some(_) => return Err(ApiError::bad_request("the id in the body does not match the id in the URL")),
+            None => return Err(ApiError::bad_request("an update must carry the resource id in the body")),
+        }
+        // Creating through PUT needs the create permission as well.
+        let may_create = st.config.http.allow_update_create
+            && decide(&ctx.principal, Interaction::UpdateCreate, Some(rtype.as_str())) == Decision::Allow;
+        let (v, created) = match st.repo.update(&rtype, &id, value, if_match, may_create).await {
+            Err(crate::repo::RepoError::CreateViaUpdateDisabled) if st.config.http.allow_update_create => {
+                return Err(ApiError::Forbidden)
+            }
+            r => r?,
+        };
+        let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+        Ok(write_response(&st, &h, status, &v))
+    })
+    .await
+}
+
+pub async fn delete(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path((t, id)): Path<(String, String)>,
+) -> Response {
+    let rtype = match parse_type(&t) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let rid = ResourceId::parse(&id);
+    let audit_id = rid.as_ref().map(ResourceId::to_string);
+    pipeline::run(&st, &ctx, Interaction::Delete, Some(&rtype), audit_id.as_deref(), || async {
+        let id = rid.ok_or(ApiError::NotFound)?;
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        if let Some(v) = st.repo.delete(&rtype, &id).await? {
+            if let Ok(e) = HeaderValue::from_str(&format!("W/\"{}\"", v.version)) {
+                r.headers_mut().insert(header::ETAG, e);
+            }
+        }
+        Ok(r)
+    })
+    .await
+}
+
+/// History for any scope, as a `history` Bundle with MACed paging links.
+async fn history(st: &AppState, scope: HistoryScope, listing: String, path: String, q: &Query, h: &HeaderMap) -> Result<Response, ApiError> {
+    check_accept(h, q)?;
+    let count = page_size(st, q)?;
+    let since = parse_since(q)?;
+    let listing = format!("{listing}|{}", since.map(|s| s.to_string()).unwrap_or_default());
+    let before = q.get("_cursor").map(|c| open_cursor(st, &listing, c)).transpose()?;
+    let rows = st
+        .repo
+        .history(&HistoryQuery {
+            scope,
+            since,
+            before_seq: before,
+            limit: count + 1,
+        })
+        .await?;
+    let more = rows.len() > count as usize;
+    let rows = &rows[..rows.len().min(count as usize)];
+    let mut base_q = format!("_count={count}");
+    if let Some(s) = q.get("_since") {
+        base_q.push_str("&_since=");
+        base_q.push_str(&form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>());
+    }
+    let url = format!("{}{}", st.fhir_base, path);
+    let mut links = vec![json!({"relation": "self", "url": match q.get("_cursor") {
+        Some(c) => format!("{url}?{base_q}&_cursor={c}"),
+        None => format!("{url}?{base_q}"),
+    }})];
+    if more {
+        if let Some(last) = rows.last() {
+            links.push(json!({"relation": "next", "url": format!("{url}?{base_q}&_cursor={}", make_cursor(st, &listing, last.seq))}));
+        }
+    }
+    let entries: Vec<Value> = rows
+        .iter()
+        .map(|v| {
+            let full = format!("{}/{}/{}", st.fhir_base, v.rtype, v.id);
+            let mut e = json!({
+                "fullUrl": full,
+                "request": {
+                    "method": if v.deleted { "DELETE" } else if v.version.get() == 1 { "POST" } else { "PUT" },
+                    "url": if v.version.get() == 1 && !v.deleted { v.rtype.to_string() } else { format!("{}/{}", v.rtype, v.id) },
+                },
+                "response": {
+                    "status": if v.deleted { "204" } else if v.version.get() == 1 { "201" } else { "200" },
+                    "etag": format!("W/\"{}\"", v.version),
+                    "lastModified": format_instant(v.last_updated),
+                },
+            });
+            if let Some(b) = &v.body {
+                e["resource"] = b.json().clone();
+            }
+            e
+        })
+        .collect();
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": {"lastUpdated": format_instant(crate::now_ms())},
+        "type": "history",
+        "link": links,
+        "entry": entries,
+    });
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
+
+pub async fn history_instance(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path((t, id)): Path<(String, String)>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let rtype = match parse_type(&t) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let q = Query::parse(raw);
+    let rid = ResourceId::parse(&id);
+    let audit_id = rid.as_ref().map(ResourceId::to_string);
+    pipeline::run(&st, &ctx, Interaction::HistoryInstance, Some(&rtype), audit_id.as_deref(), || async {
+        let id = rid.ok_or(ApiError::NotFound)?;
+        if st.store.read_current(rtype.as_str(), id.as_str()).await.map_err(crate::repo::RepoError::from)?.is_none() {
+            return Err(ApiError::NotFound);
+        }
+        let scope = HistoryScope::Instance(rtype.to_string(), id.to_string());
+        history(&st, scope, format!("i|{rtype}|{id}"), format!("/{rtype}/{id}/_history"), &q, &h).await
+    })
+    .await
+}
+
+pub async fn history_type(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path(t): Path<String>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let rtype = match parse_type(&t) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let q = Query::parse(raw);
+    pipeline::run(&st, &ctx, Interaction::HistoryType, Some(&rtype), None, || async {
+        history(&st, HistoryScope::Type(rtype.to_string()), format!("t|{rtype}"), format!("/{rtype}/_history"), &q, &h).await
+    })
+    .await
+}
+
+pub async fn history_system(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let q = Query::parse(raw);
+    pipeline::run(&st, &ctx, Interaction::HistorySystem, None, None, || async {
+        history(&st, HistoryScope::System, "s".into(), "/_history".into(), &q, &h).await
+    })
+    .await
+}
+
+/// Parameters the foundation's type search understands; full search is
+/// added by the search capability.
+const KNOWN_SEARCH: &[&str] = &["_count", "_cursor", "_id", "_total", "_format"];
+
+pub async fn search_type(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path(t): Path<String>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let rtype = match parse_type(&t) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let q = Query::parse(raw);
+    pipeline::run(&st, &ctx, Interaction::SearchType, Some(&rtype), None, || async {
+        check_accept(&h, &q)?;
+        let unknown: Vec<&str> = q.0.iter().map(|(k, _)| k.as_str()).filter(|k| !KNOWN_SEARCH.contains(k)).collect();
+        // Names only (never values) go into the outcome.
+        let unknown_names: Vec<String> = unknown.iter().map(|k| k.chars().take(64).collect()).collect();
+        if !unknown.is_empty() && prefer(&h).strict {
+            return Err(ApiError::BadRequest(
+                unknown_names
+                    .iter()
+                    .map(|k| Issue::error(IssueCode::NotSupported, format!("unsupported search parameter: {k}")))
+                    .collect(),
+            ));
+        }
+        let count = page_size(&st, &q)?;
+        let listing = format!("search|{rtype}");
+        let (rows, more) = if let Some(ids) = q.get("_id") {
+            let mut out = Vec::new();
+            for id in ids.split(',').filter_map(ResourceId::parse).take(count as usize) {
+                match st.repo.read(&rtype, &id).await {
+                    Ok(v) => out.push(v),
+                    Err(crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            (out, false)
+        } else {
+            let before = q.get("_cursor").map(|c| open_cursor(&st, &listing, c)).transpose()?;
+            let mut rows = st.repo.list(&rtype, before, count + 1).await?;
+            let more = rows.len() > count as usize;
+            rows.truncate(count as usize);
+            (rows, more)
+        };
+        let url = format!("{}/{}", st.fhir_base, rtype);
+        let mut links = vec![json!({"relation": "self", "url": format!("{url}?_count={count}")})];
+        if more {
+            if let Some(last) = rows.last() {
+                links.push(json!({"relation": "next", "url": format!("{url}?_count={count}&_cursor={}", make_cursor(&st, &listing, last.seq))}));
+            }
+        }
+        let mut entries: Vec<Value> = rows
+            .iter()
+            .filter_map(|v| v.body.as_ref().map(|b| (v, b)))
+            .map(|(v, b)| json!({
+                "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
+                "resource": b.json(),
+                "search": {"mode": "match"},
+            }))
+            .collect();
+        if !unknown_names.is_empty() {
+            let oo = OperationOutcome {
+                issues: unknown_names
+                    .iter()
+                    .map(|k| Issue {
+                        severity: Severity::Warning,
+                        code: IssueCode::NotSupported,
+                        diagnostics: format!("search parameter ignored (not supported): {k}"),
+                        expression: None,
+                    })
+                    .collect(),
+            };
+            entries.push(json!({"resource": oo.to_json(None), "search": {"mode": "outcome"}}));
+        }
+        let mut bundle = json!({
+            "resourceType": "Bundle",
+            "id": uuid::Uuid::new_v4().to_string(),
+            "meta": {"lastUpdated": format_instant(crate::now_ms())},
+            "type": "searchset",
+            "link": links,
+            "entry": entries,
+        });
+        if q.get("_total") != Some("none") {
+            let total = if q.get("_id").is_some() {
+                rows.len() as u64
+            } else {
+                st.store.count_current(rtype.as_str()).await.map_err(crate::repo::RepoError::from)?
+            };
+            bundle["total"] = json!(total);
+        }
+        Ok(fhir_json(StatusCode::OK, &bundle))
+    })
+    .await
+}
+
+/// `POST /fhir` (batch/transaction Bundles) arrives with the search and
+/// transaction capability; until then it is refused clearly.
+pub async fn system_post(Extension(_ctx): Extension<RequestCtx>) -> Response {
+    ApiError::NotImplemented("batch and transaction Bundles are not supported yet").into_response()
+}

@@ -1,0 +1,305 @@
+//! Router, shared state and middleware.
+//!
+//! Middleware, outermost first: request id (a fresh UUID per request, in the
+//! `X-Request-Id` response header and every OperationOutcome) → access log
+//! (route template, status, latency: never a query string or body) →
+//! security headers → error normalisation (any bare error response becomes
+//! an OperationOutcome) → CORS (only when origins are configured) → routes.
+//! FHIR routes other than `metadata` and the SMART discovery document also
+//! pass the bearer-token check.
+
+use crate::config::Config;
+use crate::error::{outcome_response, ApiError, REQUEST_ID};
+use crate::instance::Instance;
+use crate::pipeline::{AuditSink, LogAuditSink, RequestCtx};
+use crate::repo::Repo;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use phylax_auth::assertion::Verifier;
+use phylax_auth::policy::Principal;
+use phylax_auth::{ScopeSet, TokenIssuer};
+use phylax_crypto::MacKey;
+use phylax_fhir::{Issue, IssueCode, OperationOutcome};
+use phylax_store::DynStore;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Everything handlers share.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Config,
+    pub fhir_base: String,
+    pub repo: Repo,
+    pub store: DynStore,
+    pub tokens: TokenIssuer,
+    pub verifier: Arc<Verifier>,
+    pub cursor_key: MacKey,
+    pub audit: Arc<dyn AuditSink>,
+    pub capability: serde_json::Value,
+    pub smart_config: serde_json::Value,
+    /// Clients disabled in the database, refreshed every few seconds so that
+    /// disabling a client also stops its unexpired tokens without a database
+    /// read per request.
+    pub disabled_clients: parking_lot::RwLock<HashSet<String>>,
+}
+
+/// How often the disabled-client list is refreshed.
+pub const DISABLED_REFRESH: Duration = Duration::from_secs(3);
+
+impl AppState {
+    pub async fn new(inst: Instance, audit: Option<Arc<dyn AuditSink>>) -> Result<Arc<AppState>, ApiError> {
+        let Instance {
+            config,
+            store,
+            keys,
+            token_key,
+            cursor_key,
+            ..
+        } = inst;
+        let fhir_base = config.fhir_base();
+        let verifier = Verifier::new(config.token_url()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let tokens = TokenIssuer::new(
+            token_key,
+            format!("{}/auth", config.public_url),
+            fhir_base.clone(),
+            config.auth.token_lifetime_secs,
+        );
+        let capability = crate::capability::capability_statement(&config);
+        let smart_config = crate::auth_api::smart_configuration(&config);
+        let st = Arc::new(AppState {
+            repo: Repo::new(store.clone(), keys),
+            store,
+            fhir_base,
+            tokens,
+            verifier: Arc::new(verifier),
+            cursor_key,
+            audit: audit.unwrap_or_else(|| Arc::new(LogAuditSink)),
+            capability,
+            smart_config,
+            disabled_clients: parking_lot::RwLock::new(HashSet::new()),
+            config,
+        });
+        st.refresh_disabled().await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        Ok(st)
+    }
+
+    pub async fn refresh_disabled(&self) -> Result<(), phylax_store::StoreError> {
+        let set: HashSet<String> = self
+            .store
+            .list_clients()
+            .await?
+            .into_iter()
+            .filter(|c| c.disabled)
+            .map(|c| c.id)
+            .collect();
+        *self.disabled_clients.write() = set;
+        Ok(())
+    }
+
+    /// Keep the disabled-client list fresh until the process ends.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let st = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(DISABLED_REFRESH).await;
+                let Some(st) = st.upgrade() else { return };
+                if let Err(e) = st.refresh_disabled().await {
+                    tracing::warn!(error = %e, "could not refresh the disabled-client list");
+                }
+            }
+        });
+    }
+}
+
+/// Build the application router.
+pub fn router(st: Arc<AppState>) -> Router {
+    use crate::{auth_api, fhir_api};
+    let protected = Router::new()
+        .route("/fhir", post(fhir_api::system_post))
+        .route("/fhir/_history", get(fhir_api::history_system))
+        .route("/fhir/{rtype}", get(fhir_api::search_type).post(fhir_api::create))
+        .route("/fhir/{rtype}/_history", get(fhir_api::history_type))
+        .route(
+            "/fhir/{rtype}/{id}",
+            get(fhir_api::read).put(fhir_api::update).delete(fhir_api::delete),
+        )
+        .route("/fhir/{rtype}/{id}/_history", get(fhir_api::history_instance))
+        .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir_api::vread))
+        .route_layer(middleware::from_fn_with_state(st.clone(), require_token));
+    let public = Router::new()
+        .route("/fhir/metadata", get(fhir_api::metadata))
+        .route("/fhir/.well-known/smart-configuration", get(auth_api::smart_config))
+        .route("/.well-known/smart-configuration", get(auth_api::smart_config))
+        .route("/auth/token", post(auth_api::token));
+    let mut app = public
+        .merge(protected)
+        .fallback(|| async { ApiError::UnknownType })
+        .with_state(st.clone());
+    if !st.config.http.cors_origins.is_empty() {
+        app = app.layer(cors(&st.config.http.cors_origins));
+    }
+    app.layer(middleware::from_fn(normalize_errors))
+        .layer(middleware::from_fn(security_headers))
+        .layer(middleware::from_fn(access_log))
+        .layer(middleware::from_fn(request_id))
+}
+
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(list))
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::IF_MATCH, HeaderName::from_static("prefer")])
+        .expose_headers([header::ETAG, header::LOCATION, header::LAST_MODIFIED, HeaderName::from_static("x-request-id")])
+        .max_age(Duration::from_secs(600))
+}
+
+async fn request_id(req: Request, next: Next) -> Response {
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(HeaderName::from_static("x-request-id"), v);
+    }
+    resp
+}
+
+async fn access_log(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    // The route template (`/fhir/{rtype}/{id}`), never the concrete path or
+    // query string: search terms in a query can be PHI.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    let rid = crate::error::request_id().unwrap_or_default();
+    tracing::info!(
+        target: "phylax::access",
+        request_id = %rid,
+        method = %method,
+        route = route.as_deref().unwrap_or("(unmatched)"),
+        status = resp.status().as_u16(),
+        latency_us = start.elapsed().as_micros() as u64,
+        "request"
+    );
+    resp
+}
+
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    let set = |h: &mut axum::http::HeaderMap, k: &'static str, v: &'static str| {
+        h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    };
+    set(h, "strict-transport-security", "max-age=63072000; includeSubDomains");
+    set(h, "cache-control", "no-store");
+    set(h, "pragma", "no-cache");
+    set(h, "x-content-type-options", "nosniff");
+    set(h, "content-security-policy", "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'");
+    set(h, "x-frame-options", "DENY");
+    set(h, "referrer-policy", "no-referrer");
+    set(h, "cross-origin-resource-policy", "same-origin");
+    resp
+}
+
+/// Any error response that is not already JSON (axum's own 405s, extractor
+/// rejections) becomes an OperationOutcome, so clients always get FHIR.
+async fn normalize_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    if is_json {
+        return resp;
+    }
+    let (code, msg) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (IssueCode::NotSupported, "method not allowed on this endpoint"),
+        StatusCode::PAYLOAD_TOO_LARGE => (IssueCode::TooLong, "request body too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (IssueCode::NotSupported, "unsupported media type"),
+        s if s.is_server_error() => (IssueCode::Exception, "internal error"),
+        _ => (IssueCode::Invalid, "the request could not be processed"),
+    };
+    let mut out = outcome_response(status, &OperationOutcome::single(Issue::error(code, msg)));
+    for k in [header::ALLOW, header::WWW_AUTHENTICATE] {
+        if let Some(v) = resp.headers().get(&k) {
+            out.headers_mut().insert(k, v.clone());
+        }
+    }
+    out
+}
+
+/// Bearer-token authentication for FHIR routes.
+async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(token) = token else {
+        return ApiError::Unauthorized.into_response();
+    };
+    let claims = match st.tokens.verify(token, crate::now_secs()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(reason = %e, "bearer token rejected");
+            return ApiError::Unauthorized.into_response();
+        }
+    };
+    if st.disabled_clients.read().contains(&claims.client_id) {
+        return ApiError::Unauthorized.into_response();
+    }
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let ctx = RequestCtx {
+        request_id: crate::error::request_id().unwrap_or_default(),
+        principal: Principal::Client {
+            client_id: claims.client_id,
+            scopes: ScopeSet::parse_lenient(&claims.scope),
+            token_id: claims.jti,
+        },
+        peer,
+    };
+    req.extensions_mut().insert(ctx);
+    next.run(req).await
+}
+
+/// Serve until `shutdown`: HTTPS normally, or plaintext HTTP only when the
+/// caller passed `danger_plaintext` and the address is loopback.
+pub async fn serve(
+    st: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    st.spawn_background();
+    let app = router(st);
+    match tls {
+        Some(cfg) => crate::tls::serve_tls(listener, cfg, app, shutdown).await,
+        None => {
+            let addr = listener.local_addr()?;
+            if !addr.ip().is_loopback() {
+                return Err(std::io::Error::other("plaintext HTTP is only allowed on a loopback address"));
+            }
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Creating and opening a Phylax instance.
+//!
+//! Layout of an instance (see docs/OPERATIONS.md):
+//! ```text
+//! DIR/phylax.toml        configuration (no secrets)
+//! DIR/phylax.db          SQLite store (sealed rows only)
+//! DIR/tls/ca.pem         the CA clients must trust
+//! DIR/tls/server.pem     the server certificate chain
+//! KEYS/kek               the key-encryption key (0600)      KEYS defaults to DIR-keys/
+//! KEYS/tls-server-key.pem, KEYS/tls-ca-key.pem (0600)
+//! ```
+//! Keys live outside the data directory so that a copy of the data
+//! directory (or a backup of it) does not carry the means to read it.
+
+use crate::config::{Backend, Config, ConfigError, TlsConfig, CONFIG_FILE};
+use crate::keyring::KeyRing;
+use crate::tls::{self, TlsError};
+use phylax_crypto::{CryptoError, Kek, MacKey};
+use phylax_store::{DynStore, StoreError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const META_KEK_CHECK: &str = "kek_check";
+const META_INSTANCE_ID: &str = "instance_id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("{0} already holds a Phylax instance")]
+    AlreadyInitialized(String),
+    #[error("{0} is not a Phylax instance (no {CONFIG_FILE}); run `phylax init` first")]
+    NotInitialized(String),
+    #[error("the key file must be outside the data directory")]
+    KeyInsideDataDir,
+    #[error("this instance uses PostgreSQL: pass --database-url (or set PHYLAX_DATABASE_URL)")]
+    DatabaseUrlRequired,
+    #[error("this instance uses the embedded SQLite store; --database-url does not apply")]
+    DatabaseUrlNotApplicable,
+    #[error("the KEK does not match this instance's data (wrong key file or PHYLAX_KEK)")]
+    WrongKek,
+    #[error("the database is not initialised for this instance; run `phylax init` against it")]
+    DatabaseNotInitialized,
+    #[error("file system: {0}")]
+    Io(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Options for `phylax init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub data_dir: PathBuf,
+    pub key_file: Option<PathBuf>,
+    pub listen: String,
+    pub public_url: Option<String>,
+    pub database_url: Option<String>,
+    /// Extra DNS names or IP addresses for the server certificate.
+    pub tls_names: Vec<String>,
+}
+
+/// An open instance: everything the server and the CLI need.
+#[derive(Debug)]
+pub struct Instance {
+    pub data_dir: PathBuf,
+    pub config: Config,
+    pub store: DynStore,
+    pub keys: Arc<KeyRing>,
+    pub token_key: MacKey,
+    pub cursor_key: MacKey,
+}
+
+fn io(e: std::io::Error) -> InstanceError {
+    InstanceError::Io(e.to_string())
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, InstanceError> {
+    std::path::absolute(p).map_err(io)
+}
+
+/// Where the key file goes when `--key-file` is not given: beside the data
+/// directory, never inside it.
+pub fn default_key_file(data_dir: &Path) -> Result<PathBuf, InstanceError> {
+    let abs = absolute(data_dir)?;
+    let name = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "phylax".into());
+    Ok(abs.with_file_name(format!("{name}-keys")).join("kek"))
+}
+
+fn database_url(data_dir: &Path, backend: Backend, given: Option<&str>) -> Result<String, InstanceError> {
+    match (backend, given) {
+        (Backend::Sqlite, None) => Ok(format!("sqlite:{}", data_dir.join("phylax.db").display())),
+        (Backend::Sqlite, Some(_)) => Err(InstanceError::DatabaseUrlNotApplicable),
+        (Backend::Postgres, Some(u)) => Ok(u.to_owned()),
+        (Backend::Postgres, None) => Err(InstanceError::DatabaseUrlRequired),
+    }
+}
+
+fn load_kek(config: &Config) -> Result<Kek, InstanceError> {
+    match std::env::var("PHYLAX_KEK") {
+        Ok(v) if !v.is_empty() => Ok(Kek::from_env_value(&v)?),
+        _ => Ok(Kek::from_file(&config.key_file)?),
+    }
+}
+
+async fn mac_key(store: &DynStore, kek: &Kek, purpose: &str) -> Result<MacKey, InstanceError> {
+    let row = format!("mac:{purpose}");
+    if let Some(w) = store.get_wrapped_key(&row).await? {
+        return Ok(MacKey::unwrap(kek, purpose, &w).map_err(|_| InstanceError::WrongKek)?);
+    }
+    let (_, wrapped) = MacKey::generate_wrapped(kek, purpose)?;
+    let stored = store
+        .put_wrapped_key_if_absent(&row, &wrapped, crate::now_secs())
+        .await?;
+    Ok(MacKey::unwrap(kek, purpose, &stored).map_err(|_| InstanceError::WrongKek)?)
+}
+
+impl Instance {
+    /// Create a new instance. Refuses to touch an existing one.
+    pub async fn init(opts: &InitOptions) -> Result<Config, InstanceError> {
+        use std::os::unix::fs::PermissionsExt;
+        let data_dir = absolute(&opts.data_dir)?;
+        if data_dir.join(CONFIG_FILE).exists() {
+            return Err(InstanceError::AlreadyInitialized(data_dir.display().to_string()));
+        }
+        let key_file = match &opts.key_file {
+            Some(k) => absolute(k)?,
+            None => default_key_file(&data_dir)?,
+        };
+        if key_file.starts_with(&data_dir) {
+            return Err(InstanceError::KeyInsideDataDir);
+        }
+        let key_dir = key_file
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or(InstanceError::KeyInsideDataDir)?;
+        std::fs::create_dir_all(data_dir.join("tls")).map_err(io)?;
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        std::fs::create_dir_all(&key_dir).map_err(io)?;
+        std::fs::set_permissions(&key_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+
+        // Reuse a KEK the operator provides; otherwise make a fresh one.
+        let kek = if key_file.exists() {
+            Kek::from_file(&key_file)?
+        } else {
+            Kek::create_file(&key_file)?
+        };
+
+        let tls_key = key_dir.join(format!(
+            "{}-tls-server-key.pem",
+            data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        ));
+        let ca_key = tls_key.with_file_name(tls_key.file_name().map(|n| n.to_string_lossy().replace("server-key", "ca-key")).unwrap_or_default());
+        let generated = tls::generate(&opts.tls_names)?;
+        std::fs::write(data_dir.join("tls/ca.pem"), &generated.ca_cert_pem).map_err(io)?;
+        std::fs::write(
+            data_dir.join("tls/server.pem"),
+            format!("{}{}", generated.server_cert_pem, generated.ca_cert_pem),
+        )
+        .map_err(io)?;
+        if !tls_key.exists() {
+            tls::write_private(&tls_key, generated.server_key_pem.as_bytes())?;
+            tls::write_private(&ca_key, generated.ca_key_pem.as_bytes())?;
+        } else {
+            // A re-init after a removed config: keep the key file pair in
+            // step with the new certificates.
+            std::fs::write(&tls_key, generated.server_key_pem.as_bytes()).map_err(io)?;
+            std::fs::write(&ca_key, generated.ca_key_pem.as_bytes()).map_err(io)?;
+        }
+
+        let backend = if opts.database_url.is_some() { Backend::Postgres } else { Backend::Sqlite };
+        let config = Config {
+            listen: opts.listen.clone(),
+            public_url: opts
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("https://{}", opts.listen)),
+            key_file: key_file.clone(),
+            backend,
+            tls: TlsConfig {
+                cert: PathBuf::from("tls/server.pem"),
+                key: tls_key,
+                ca: PathBuf::from("tls/ca.pem"),
+            },
+            http: Default::default(),
+            auth: Default::default(),
+            log: Default::default(),
+        };
+        let url = database_url(&data_dir, backend, opts.database_url.as_deref())?;
+        let store = phylax_store::open(&url).await?;
+        let check = kek.check_value();
+        let stored = store.put_meta_if_absent(META_KEK_CHECK, &check).await?;
+        if stored != check {
+            return Err(InstanceError::WrongKek);
+        }
+        store
+            .put_meta_if_absent(META_INSTANCE_ID, uuid::Uuid::new_v4().to_string().as_bytes())
+            .await?;
+        mac_key(&store, &kek, "token").await?;
+        mac_key(&store, &kek, "cursor").await?;
+        // Written last: an instance is initialised only when all of the above
+        // succeeded, so a failed init can simply be run again.
+        config.save(&data_dir)?;
+        Ok(config)
+    }
+
+    /// Open an existing instance: configuration, KEK, store, keys. Fails
+    /// closed on a wrong KEK, loose key-file permissions or a missing database.
+    pub async fn open(data_dir: &Path, database_url_arg: Option<&str>) -> Result<Instance, InstanceError> {
+        let data_dir = absolute(data_dir)?;
+        if !data_dir.join(CONFIG_FILE).exists() {
+            return Err(InstanceError::NotInitialized(data_dir.display().to_string()));
+        }
+        let config = Config::load(&data_dir)?;
+        let kek = load_kek(&config)?;
+        let url = database_url(&data_dir, config.backend, database_url_arg)?;
+        let store = phylax_store::open(&url).await?;
+        match store.get_meta(META_KEK_CHECK).await? {
+            None => return Err(InstanceError::DatabaseNotInitialized),
+            Some(c) if c != kek.check_value() => return Err(InstanceError::WrongKek),
+            Some(_) => {}
+        }
+        let token_key = mac_key(&store, &kek, "token").await?;
+        let cursor_key = mac_key(&store, &kek, "cursor").await?;
+        let keys = Arc::new(KeyRing::new(kek, store.clone()));
+        Ok(Instance {
+            data_dir,
+            config,
+            store,
+            keys,
+            token_key,
+            cursor_key,
+        })
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.data_dir.join(&self.config.tls.ca)
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.data_dir.join(&self.config.tls.cert)
+    }
+}

@@ -1,0 +1,42 @@
+//! The Phylax HTTP server.
+//!
+//! # Layout
+//! - [`config`]: the instance configuration file (`DIR/phylax.toml`).
+//! - [`instance`]: creating (`init`) and opening an instance: directories,
+//!   KEK, local CA and server certificate, database and its keys.
+//! - [`keyring`]: data keys per patient compartment, created on demand and
+//!   cached unwrapped in memory; MAC keys for tokens and cursors.
+//! - [`repo`]: resources over the store: seal on write, open on read,
+//!   versioning rules. The only code that turns sealed rows into JSON.
+//! - [`pipeline`]: the one place every FHIR interaction passes: who is
+//!   asking (authentication), may they (the policy decision), and the audit
+//!   record of what happened.
+//! - [`error`]: `ApiError` → HTTP status + OperationOutcome with the request
+//!   id; causes are logged once, server-side.
+//! - [`fhir_api`], [`auth_api`], [`capability`]: the HTTP handlers.
+//! - [`http`]: router and middleware (request ids, security headers, CORS).
+//! - [`tls`]: rustls configuration and certificate generation; the accept loop.
+
+pub mod auth_api;
+pub mod capability;
+pub mod config;
+pub mod error;
+pub mod fhir_api;
+pub mod http;
+pub mod instance;
+pub mod keyring;
+pub mod pipeline;
+pub mod repo;
+pub mod tls;
+
+pub use instance::{Instance, InitOptions};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}

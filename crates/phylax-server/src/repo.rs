@@ -1,0 +1,329 @@
+//! Resources over the store: seal on write, open on read, FHIR versioning.
+//!
+//! Every version is sealed under the data key of its patient compartment
+//! (or the tenant key) with additional data binding it to
+//! `(type, id, version, key scope)`: a row copied onto another resource or
+//! version, or a key scope rewritten in the database, fails to open, and the
+//! read is refused (fail closed) rather than served.
+
+use crate::keyring::{KeyError, KeyRing};
+use phylax_fhir::{compartment, ResourceId, ResourceType, VersionId};
+use phylax_store::{DynStore, HistoryQuery, NewVersion, Precondition, StoreError, StoredVersion};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// A resource body. It carries PHI: no `Display`, and `Debug` is redacted.
+/// Getting at the JSON is an explicit call.
+pub struct Resource(Value);
+
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resource([PHI REDACTED])")
+    }
+}
+
+impl Resource {
+    /// Take a parsed and validated body.
+    pub fn new(v: Value) -> Resource {
+        Resource(v)
+    }
+
+    /// The JSON, for serialisation into a response. Never log it.
+    pub fn json(&self) -> &Value {
+        &self.0
+    }
+}
+
+/// One version as the API sees it.
+#[derive(Debug)]
+pub struct ResourceVersion {
+    pub seq: i64,
+    pub rtype: ResourceType,
+    pub id: ResourceId,
+    pub version: VersionId,
+    /// Milliseconds since the epoch.
+    pub last_updated: i64,
+    pub deleted: bool,
+    pub body: Option<Resource>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("not found")]
+    NotFound,
+    #[error("deleted")]
+    Gone(VersionId),
+    #[error("version conflict")]
+    VersionMismatch,
+    #[error("update-as-create is disabled")]
+    CreateViaUpdateDisabled,
+    #[error("concurrent modification")]
+    Conflict,
+    #[error("stored record failed authentication (type {rtype}, id {id}, version {version})")]
+    Integrity {
+        rtype: String,
+        id: String,
+        version: u64,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+pub fn format_instant(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
+}
+
+fn aad(rtype: &str, id: &str, version: u64, scope: &str) -> Vec<u8> {
+    format!("phylax/resource/v1\0{rtype}\0{id}\0{version}\0{scope}").into_bytes()
+}
+
+/// Attempts at an unconditional update when other writers keep winning.
+const UPDATE_RETRIES: usize = 5;
+
+#[derive(Debug, Clone)]
+pub struct Repo {
+    store: DynStore,
+    keys: Arc<KeyRing>,
+}
+
+impl Repo {
+    pub fn new(store: DynStore, keys: Arc<KeyRing>) -> Repo {
+        Repo { store, keys }
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    async fn seal_and_append(
+        &self,
+        rtype: &ResourceType,
+        id: &ResourceId,
+        version: VersionId,
+        mut body: Value,
+        pre: Precondition,
+    ) -> Result<ResourceVersion, RepoError> {
+        let now = crate::now_ms();
+        // Server-owned fields: id, versionId, lastUpdated.
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("id".into(), json!(id.as_str()));
+            let meta = obj.entry("meta").or_insert_with(|| json!({}));
+            if let Some(m) = meta.as_object_mut() {
+                m.insert("versionId".into(), json!(version.to_string()));
+                m.insert("lastUpdated".into(), json!(format_instant(now)));
+            }
+        }
+        let scope = match compartment::patient_of(rtype, &body) {
+            Some(p) => format!("patient:{p}"),
+            None => "tenant".to_owned(),
+        };
+        let key = self.keys.for_write(&scope).await?;
+        let plain = serde_json::to_vec(&body).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let sealed = key
+            .seal(&aad(rtype.as_str(), id.as_str(), version.get(), &scope), &plain)
+            .map_err(|_| KeyError::Random)?;
+        let seq = self
+            .store
+            .append_version(
+                NewVersion {
+                    rtype: rtype.as_str().to_owned(),
+                    id: id.as_str().to_owned(),
+                    version: version.get(),
+                    last_updated: now,
+                    deleted: false,
+                    key_scope: scope,
+                    sealed: Some(sealed),
+                },
+                pre,
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict => RepoError::Conflict,
+                o => RepoError::Store(o),
+            })?;
+        Ok(ResourceVersion {
+            seq,
+            rtype: rtype.clone(),
+            id: id.clone(),
+            version,
+            last_updated: now,
+            deleted: false,
+            body: Some(Resource(body)),
+        })
+    }
+
+    /// Open a stored row. A row that fails to authenticate is an integrity
+    /// failure: never served, always reported.
+    async fn open(&self, row: StoredVersion) -> Result<ResourceVersion, RepoError> {
+        let integrity = || RepoError::Integrity {
+            rtype: row.rtype.clone(),
+            id: row.id.clone(),
+            version: row.version,
+        };
+        let rtype = ResourceType::parse(&row.rtype).ok_or_else(integrity)?;
+        let id = ResourceId::parse(&row.id).ok_or_else(integrity)?;
+        let version = VersionId::new(row.version).ok_or_else(integrity)?;
+        let body = match (&row.sealed, row.deleted) {
+            (None, true) => None,
+            (Some(sealed), false) => {
+                let key = match self.keys.for_read(&row.key_scope).await {
+                    Ok(k) => k,
+                    Err(KeyError::Unwrap | KeyError::Missing) => return Err(integrity()),
+                    Err(e) => return Err(e.into()),
+                };
+                let plain = key
+                    .open(&aad(&row.rtype, &row.id, row.version, &row.key_scope), sealed)
+                    .map_err(|_| integrity())?;
+                Some(Resource(serde_json::from_slice(&plain).map_err(|_| integrity())?))
+            }
+            _ => return Err(integrity()),
+        };
+        Ok(ResourceVersion {
+            seq: row.seq,
+            rtype,
+            id,
+            version,
+            last_updated: row.last_updated,
+            deleted: row.deleted,
+            body,
+        })
+    }
+
+    /// Create with a server-assigned id (a random UUID: ids reveal nothing).
+    pub async fn create(&self, rtype: &ResourceType, body: Value) -> Result<ResourceVersion, RepoError> {
+        let id = ResourceId::from_uuid(uuid::Uuid::new_v4());
+        self.seal_and_append(rtype, &id, VersionId::FIRST, body, Precondition::Absent)
+            .await
+    }
+
+    /// Update (or create with the client's id when allowed). Returns the new
+    /// version and whether it was created.
+    pub async fn update(
+        &self,
+        rtype: &ResourceType,
+        id: &ResourceId,
+        body: Value,
+        if_match: Option<VersionId>,
+        allow_create: bool,
+    ) -> Result<(ResourceVersion, bool), RepoError> {
+        for _ in 0..UPDATE_RETRIES {
+            let current = self.store.read_current(rtype.as_str(), id.as_str()).await?;
+            let (next, pre, created) = match (&current, if_match) {
+                (None, Some(_)) => return Err(RepoError::VersionMismatch),
+                (None, None) if !allow_create => return Err(RepoError::CreateViaUpdateDisabled),
+                (None, None) => (VersionId::FIRST, Precondition::Absent, true),
+                (Some(cur), m) => {
+                    let cur_v = VersionId::new(cur.version).ok_or(RepoError::Conflict)?;
+                    if m.is_some_and(|m| m != cur_v) {
+                        return Err(RepoError::VersionMismatch);
+                    }
+                    (cur_v.next(), Precondition::CurrentIs(cur.version), cur.deleted)
+                }
+            };
+            match self.seal_and_append(rtype, id, next, body.clone(), pre).await {
+                Ok(v) => return Ok((v, created)),
+                Err(RepoError::Conflict) if if_match.is_some() => return Err(RepoError::VersionMismatch),
+                Err(RepoError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(RepoError::Conflict)
+    }
+
+    /// Delete: append a tombstone. Returns `Ok(None)` when the resource is
+    /// already deleted (idempotent), `NotFound` when it never existed.
+    pub async fn delete(&self, rtype: &ResourceType, id: &ResourceId) -> Result<Option<ResourceVersion>, RepoError> {
+        for _ in 0..UPDATE_RETRIES {
+            let Some(cur) = self.store.read_current(rtype.as_str(), id.as_str()).await? else {
+                return Err(RepoError::NotFound);
+            };
+            if cur.deleted {
+                return Ok(None);
+            }
+            let version = cur.version + 1;
+            let now = crate::now_ms();
+            let r = self
+                .store
+                .append_version(
+                    NewVersion {
+                        rtype: rtype.as_str().to_owned(),
+                        id: id.as_str().to_owned(),
+                        version,
+                        last_updated: now,
+                        deleted: true,
+                        key_scope: cur.key_scope.clone(),
+                        sealed: None,
+                    },
+                    Precondition::CurrentIs(cur.version),
+                )
+                .await;
+            match r {
+                Ok(seq) => {
+                    return Ok(Some(ResourceVersion {
+                        seq,
+                        rtype: rtype.clone(),
+                        id: id.clone(),
+                        version: VersionId::new(version).ok_or(RepoError::Conflict)?,
+                        last_updated: now,
+                        deleted: true,
+                        body: None,
+                    }))
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RepoError::Conflict)
+    }
+
+    /// The current version; `Gone` if deleted.
+    pub async fn read(&self, rtype: &ResourceType, id: &ResourceId) -> Result<ResourceVersion, RepoError> {
+        let row = self
+            .store
+            .read_current(rtype.as_str(), id.as_str())
+            .await?
+            .ok_or(RepoError::NotFound)?;
+        let v = self.open(row).await?;
+        if v.deleted {
+            return Err(RepoError::Gone(v.version));
+        }
+        Ok(v)
+    }
+
+    /// A specific version; `Gone` if that version is a tombstone.
+    pub async fn vread(&self, rtype: &ResourceType, id: &ResourceId, version: VersionId) -> Result<ResourceVersion, RepoError> {
+        let row = self
+            .store
+            .read_version(rtype.as_str(), id.as_str(), version.get())
+            .await?
+            .ok_or(RepoError::NotFound)?;
+        let v = self.open(row).await?;
+        if v.deleted {
+            return Err(RepoError::Gone(v.version));
+        }
+        Ok(v)
+    }
+
+    pub async fn history(&self, q: &HistoryQuery) -> Result<Vec<ResourceVersion>, RepoError> {
+        let rows = self.store.history(q).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(self.open(r).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn list(&self, rtype: &ResourceType, before_seq: Option<i64>, limit: u32) -> Result<Vec<ResourceVersion>, RepoError> {
+        let rows = self.store.list_current(rtype.as_str(), before_seq, limit).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(self.open(r).await?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,349 @@
+//! `phylax`: the command-line interface.
+//!
+//! # Layout
+//! One file: clap definitions, then one function per command. Every
+//! command that works on an instance takes `--data-dir DIR` (and
+//! `--database-url` when the instance stores its data in PostgreSQL).
+//! Errors print as one line (`error: …`) and exit with status 1.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use phylax_auth::assertion::parse_jwks;
+use phylax_auth::scopes::Context as ScopeContext;
+use phylax_auth::ScopeSet;
+use phylax_server::http::{serve, AppState};
+use phylax_server::instance::{InitOptions, Instance};
+use phylax_store::ClientRecord;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser, Debug)]
+#[command(name = "phylax", version, about = "Phylax: a security-first FHIR R4 server", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create an instance in ./phylax-data if there is none, then serve HTTPS on 127.0.0.1:8443.
+    Quickstart {
+        #[arg(long, default_value = "phylax-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+    },
+    /// Create a new instance (keys, local CA and server certificate, database).
+    Init(InitArgs),
+    /// Serve the FHIR API over HTTPS.
+    Serve(ServeArgs),
+    /// Manage SMART Backend Services clients.
+    #[command(subcommand)]
+    Client(ClientCmd),
+}
+
+#[derive(Args, Debug)]
+struct InstanceArgs {
+    /// The instance's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// PostgreSQL URL, for instances that store their data in PostgreSQL.
+    #[arg(long, env = "PHYLAX_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Where the key-encryption key is (or will be) kept; must be outside
+    /// the data directory. Default: DIR-keys/kek beside the data directory.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: String,
+    /// Public base URL (default https://LISTEN).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Store data in this PostgreSQL database instead of embedded SQLite.
+    #[arg(long, env = "PHYLAX_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Extra DNS name or IP address for the server certificate (repeatable).
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    inst: InstanceArgs,
+    /// Override the configured listen address.
+    #[arg(long)]
+    listen: Option<String>,
+    /// DANGER: serve plaintext HTTP instead of HTTPS. Refused unless the
+    /// listen address is loopback. For local debugging only.
+    #[arg(long)]
+    danger_plaintext: bool,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientCmd {
+    /// Register a client with its public keys (JWKS) and allowed system/ scopes; prints its client_id.
+    Add {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long)]
+        name: String,
+        /// Space-separated SMART system scopes, e.g. "system/Patient.rs system/Observation.cruds".
+        #[arg(long)]
+        scope: String,
+        /// A JSON Web Key Set with the client's public keys (RS384 or ES384).
+        #[arg(long)]
+        jwks: PathBuf,
+    },
+    /// List registered clients.
+    List {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a client: no new tokens, and its unexpired tokens stop working within seconds.
+    Disable {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        client_id: String,
+    },
+    /// Re-enable a disabled client.
+    Enable {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        client_id: String,
+    },
+    /// Developer helper: generate an ES384 key pair for a client (private key 0600 + JWKS).
+    Keygen {
+        /// Directory to write client-key.pem and client-jwks.json into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Developer helper: print a signed client assertion for the token endpoint.
+    Assertion {
+        #[arg(long)]
+        client_id: String,
+        /// The client's private key (PKCS#8 PEM, ES384), e.g. from `phylax client keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// The token endpoint URL (from /fhir/.well-known/smart-configuration).
+        #[arg(long, default_value = "https://127.0.0.1:8443/auth/token")]
+        token_url: String,
+    },
+}
+
+fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PHYLAX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    if json {
+        b.json().flatten_event(true).init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Quickstart { data_dir, listen } => quickstart(&data_dir, &listen).await,
+        Cmd::Init(a) => {
+            let cfg = Instance::init(&InitOptions {
+                data_dir: a.data_dir.clone(),
+                key_file: a.key_file,
+                listen: a.listen,
+                public_url: a.public_url,
+                database_url: a.database_url,
+                tls_names: a.tls_names,
+            })
+            .await?;
+            println!("initialised {}", a.data_dir.display());
+            println!("  key file (keep it safe, outside backups of the data): {}", cfg.key_file.display());
+            println!("  CA certificate for clients: {}", a.data_dir.join(&cfg.tls.ca).display());
+            Ok(())
+        }
+        Cmd::Serve(a) => {
+            init_logging(a.log_json);
+            serve_cmd(&a.inst.data_dir, a.inst.database_url.as_deref(), a.listen, a.danger_plaintext, a.log_json).await
+        }
+        Cmd::Client(c) => client_cmd(c).await,
+    }
+}
+
+async fn quickstart(data_dir: &Path, listen: &str) -> Result<()> {
+    let fresh = !data_dir.join(phylax_server::config::CONFIG_FILE).exists();
+    if fresh {
+        Instance::init(&InitOptions {
+            data_dir: data_dir.to_path_buf(),
+            key_file: None,
+            listen: listen.to_owned(),
+            public_url: None,
+            database_url: None,
+            tls_names: vec![],
+        })
+        .await?;
+    }
+    let inst = Instance::open(data_dir, None).await?;
+    let ca = inst.ca_path();
+    let base = inst.config.public_url.clone();
+    let dd = data_dir.display();
+    println!(
+        "Phylax {} instance in {dd} (key file: {})\n\
+         \n\
+         Next steps, in another terminal:\n\
+         1. Trust the local CA:         {ca}\n\
+         2. Make a client key pair:     cargo run --release -- client keygen --out ./my-client\n\
+         3. Register the client:        cargo run --release -- client add --data-dir {dd} --name my-app \\\n\
+         \x20                                --scope \"system/*.cruds\" --jwks ./my-client/client-jwks.json\n\
+         4. Get a token (SMART Backend Services, client_credentials + private_key_jwt):\n\
+         \x20    A=$(cargo run -q --release -- client assertion --client-id CLIENT_ID --key ./my-client/client-key.pem --token-url {base}/auth/token)\n\
+         \x20    curl --cacert {ca} {base}/auth/token -d grant_type=client_credentials -d scope='system/*.cruds' \\\n\
+         \x20         -d client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer -d client_assertion=$A\n\
+         5. Use it:                     curl --cacert {ca} -H \"Authorization: Bearer TOKEN\" {base}/fhir/metadata\n",
+        if fresh { "created a new" } else { "reusing the" },
+        inst.config.key_file.display(),
+        ca = ca.display(),
+    );
+    drop(inst);
+    init_logging(false);
+    serve_cmd(data_dir, None, Some(listen.to_owned()), false, false).await
+}
+
+async fn serve_cmd(data_dir: &Path, db: Option<&str>, listen: Option<String>, plaintext: bool, _json: bool) -> Result<()> {
+    let inst = Instance::open(data_dir, db).await?;
+    let listen = listen.unwrap_or_else(|| inst.config.listen.clone());
+    let addr: SocketAddr = listen.parse().with_context(|| format!("invalid listen address {listen}"))?;
+    if plaintext && !addr.ip().is_loopback() {
+        bail!("--danger-plaintext is only allowed on a loopback address (got {addr})");
+    }
+    let tls = if plaintext {
+        tracing::warn!("DANGER: serving plaintext HTTP on {addr} (--danger-plaintext)");
+        None
+    } else {
+        Some(phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key)?)
+    };
+    let st = AppState::new(inst, None).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(
+        "Phylax listening on {}://{addr} (store: {})",
+        if plaintext { "http" } else { "https" },
+        st.store.backend()
+    );
+    serve(st, listener, tls, async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+    })
+    .await?;
+    Ok(())
+}
+
+async fn client_cmd(c: ClientCmd) -> Result<()> {
+    match c {
+        ClientCmd::Add { inst, name, scope, jwks } => {
+            let scopes = ScopeSet::parse_strict(&scope, ScopeContext::System).map_err(|e| anyhow::anyhow!("--scope: {e}"))?;
+            let text = std::fs::read_to_string(&jwks).with_context(|| format!("cannot read {}", jwks.display()))?;
+            parse_jwks(&text).map_err(|e| anyhow::anyhow!("--jwks: {e}"))?;
+            if name.trim().is_empty() || name.len() > 200 {
+                bail!("--name must be 1 to 200 characters");
+            }
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            let id = uuid::Uuid::new_v4().to_string();
+            i.store
+                .add_client(&ClientRecord {
+                    id: id.clone(),
+                    name,
+                    scope: scopes.to_string(),
+                    jwks: text,
+                    disabled: false,
+                    created_at: chrono::Utc::now().timestamp(),
+                })
+                .await?;
+            println!("{id}");
+            Ok(())
+        }
+        ClientCmd::List { inst, json } => {
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            let clients = i.store.list_clients().await?;
+            if json {
+                let v: Vec<serde_json::Value> = clients
+                    .iter()
+                    .map(|c| serde_json::json!({"client_id": c.id, "name": c.name, "scope": c.scope, "disabled": c.disabled, "created_at": c.created_at}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<36}  {:<8}  {:<24}  SCOPE", "CLIENT_ID", "STATUS", "NAME");
+                for c in clients {
+                    println!("{:<36}  {:<8}  {:<24}  {}", c.id, if c.disabled { "disabled" } else { "active" }, c.name, c.scope);
+                }
+            }
+            Ok(())
+        }
+        ClientCmd::Disable { inst, client_id } => set_disabled(inst, &client_id, true).await,
+        ClientCmd::Enable { inst, client_id } => set_disabled(inst, &client_id, false).await,
+        ClientCmd::Keygen { out } => {
+            let g = phylax_auth::client_key::generate()?;
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let key_path = out.join("client-key.pem");
+            write_private(&key_path, g.private_pem.expose())?;
+            std::fs::write(out.join("client-jwks.json"), &g.jwks)?;
+            println!("wrote {} (private, 0600) and {}", key_path.display(), out.join("client-jwks.json").display());
+            Ok(())
+        }
+        ClientCmd::Assertion { client_id, key, token_url } => {
+            let pem = std::fs::read(&key).with_context(|| format!("cannot read {}", key.display()))?;
+            let kid = None;
+            let a = phylax_auth::client_key::sign_assertion(&pem, kid, &client_id, &token_url, chrono::Utc::now().timestamp())?;
+            println!("{a}");
+            Ok(())
+        }
+    }
+}
+
+async fn set_disabled(inst: InstanceArgs, client_id: &str, disabled: bool) -> Result<()> {
+    let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+    if !i.store.set_client_disabled(client_id, disabled).await? {
+        bail!("no client with id {client_id}");
+    }
+    println!("{client_id} {}", if disabled { "disabled" } else { "enabled" });
+    Ok(())
+}
+
+fn write_private(path: &Path, content: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))?;
+    f.write_all(content)?;
+    Ok(())
+}

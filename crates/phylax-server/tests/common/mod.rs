@@ -1,0 +1,202 @@
+//! Test harness: a real Phylax instance (SQLite file or a fresh PostgreSQL
+//! schema) served over real HTTPS on 127.0.0.1, and a reqwest client that
+//! trusts only the instance's generated CA.
+#![allow(dead_code)]
+
+use phylax_server::http::{serve, AppState};
+use phylax_server::instance::{InitOptions, Instance};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub fhir: String,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub db_url: Option<String>,
+    pub backend: Backend,
+    pub state: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// The PostgreSQL URL for tests, or None (skip) outside CI.
+pub fn pg_url() -> Option<String> {
+    match std::env::var("PHYLAX_TEST_DATABASE_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("CI=true but PHYLAX_TEST_DATABASE_URL is not set: PostgreSQL tests must run in CI");
+            }
+            eprintln!("note: PHYLAX_TEST_DATABASE_URL not set; skipping the PostgreSQL half (run scripts/test)");
+            None
+        }
+    }
+}
+
+/// A fresh schema in the test database, as a URL whose connections use it.
+pub async fn pg_schema_url() -> Option<(String, String)> {
+    let url = pg_url()?;
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    Some((format!("{url}{sep}options=-c%20search_path%3D{schema}"), schema))
+}
+
+pub fn https_client(ca_pem: &[u8]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).unwrap())
+        .build()
+        .unwrap()
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> Option<TestServer> {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    /// Start, letting `tweak` adjust the configuration first.
+    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut phylax_server::config::Config)) -> Option<TestServer> {
+        let db_url = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(pg_schema_url().await?.0),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut cfg = Instance::init(&InitOptions {
+            data_dir: data_dir.clone(),
+            key_file: Some(dir.path().join("keys/kek")),
+            listen: addr.to_string(),
+            public_url: None,
+            database_url: db_url.clone(),
+            tls_names: vec![],
+        })
+        .await
+        .unwrap();
+        tweak(&mut cfg);
+        cfg.save(&data_dir).unwrap();
+        let inst = Instance::open(&data_dir, db_url.as_deref()).await.unwrap();
+        let tls = phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key).unwrap();
+        let ca = std::fs::read(inst.ca_path()).unwrap();
+        let state = AppState::new(inst, None).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let st2 = state.clone();
+        tokio::spawn(async move {
+            serve(st2, listener, Some(tls), async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        let base = format!("https://{addr}");
+        Some(TestServer {
+            fhir: format!("{base}/fhir"),
+            base,
+            http: https_client(&ca),
+            dir,
+            data_dir,
+            db_url,
+            backend,
+            state,
+            stop: Some(tx),
+        })
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("{}/auth/token", self.base)
+    }
+
+    /// Register a client with an ES384 key; returns (client_id, private key PEM).
+    pub async fn register(&self, scope: &str) -> (String, Vec<u8>) {
+        let g = phylax_auth::client_key::generate().unwrap();
+        let id = uuid::Uuid::new_v4().to_string();
+        self.state
+            .store
+            .add_client(&phylax_store::ClientRecord {
+                id: id.clone(),
+                name: "test".into(),
+                scope: scope.into(),
+                jwks: g.jwks.clone(),
+                disabled: false,
+                created_at: 0,
+            })
+            .await
+            .unwrap();
+        (id, g.private_pem.expose().to_vec())
+    }
+
+    pub fn assertion(&self, client_id: &str, key: &[u8]) -> String {
+        phylax_auth::client_key::sign_assertion(key, None, client_id, &self.token_url(), chrono::Utc::now().timestamp()).unwrap()
+    }
+
+    /// POST to the token endpoint; returns (status, JSON body).
+    pub async fn token_request(&self, assertion: &str, scope: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(self.token_url())
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", scope),
+                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                ("client_assertion", assertion),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or_default())
+    }
+
+    /// Register a client with `scope` and get a token for it.
+    pub async fn token(&self, scope: &str) -> String {
+        let (id, key) = self.register(scope).await;
+        let (s, v) = self.token_request(&self.assertion(&id, &key), scope).await;
+        assert_eq!(s, 200, "{v}");
+        v["access_token"].as_str().unwrap().to_owned()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.fhir, path)
+    }
+}
+
+/// Run a test body on both backends.
+#[macro_export]
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            use super::common::{Backend, TestServer};
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let s = TestServer::start(Backend::Sqlite).await.unwrap();
+                super::$name(&s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(s) = TestServer::start(Backend::Postgres).await {
+                    super::$name(&s).await;
+                }
+            }
+        }
+    };
+}

@@ -121,7 +121,14 @@ where
         peer: ctx.peer,
         interaction: what.as_str(),
         resource_type: rtype.map(ResourceType::as_str),
-        resource_id: id.map(str::to_owned).or(learned_id),
+        // A requested id is recorded only when the resource was found to
+        // exist: a failed request's id is client-chosen text and may be
+        // anything, including a name typed into a URL.
+        resource_id: if matches!(status, 200..=299 | 410 | 412) {
+            id.map(str::to_owned).or(learned_id)
+        } else {
+            None
+        },
         status,
         denied_by,
     };

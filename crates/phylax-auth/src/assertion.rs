@@ -15,7 +15,9 @@
 use crate::AuthError;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse,
+};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -45,7 +47,9 @@ pub fn parse_jwks(text: &str) -> Result<ClientKeys, AuthError> {
         .and_then(|k| k.as_array())
         .ok_or_else(|| AuthError::InvalidJwks("a JWKS needs a \"keys\" array".into()))?;
     if keys.is_empty() || keys.len() > MAX_KEYS {
-        return Err(AuthError::InvalidJwks(format!("a JWKS needs 1 to {MAX_KEYS} keys")));
+        return Err(AuthError::InvalidJwks(format!(
+            "a JWKS needs 1 to {MAX_KEYS} keys"
+        )));
     }
     for (i, k) in keys.iter().enumerate() {
         for private in ["d", "p", "q", "dp", "dq", "qi", "k", "oth"] {
@@ -60,7 +64,9 @@ pub fn parse_jwks(text: &str) -> Result<ClientKeys, AuthError> {
         serde_json::from_value(raw).map_err(|_| AuthError::InvalidJwks("malformed JWK".into()))?;
     for (i, k) in jwks.keys.iter().enumerate() {
         if matches!(k.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
-            return Err(AuthError::InvalidJwks(format!("key {i} is not a signature key (\"use\")")));
+            return Err(AuthError::InvalidJwks(format!(
+                "key {i} is not a signature key (\"use\")"
+            )));
         }
         match &k.algorithm {
             AlgorithmParameters::RSA(r) => {
@@ -69,23 +75,36 @@ pub fn parse_jwks(text: &str) -> Result<ClientKeys, AuthError> {
                     .map_err(|_| AuthError::InvalidJwks(format!("key {i}: bad modulus")))?;
                 let bits = n.iter().skip_while(|b| **b == 0).count() * 8;
                 if bits < MIN_RSA_BITS {
-                    return Err(AuthError::InvalidJwks(format!("key {i}: RSA keys must have at least {MIN_RSA_BITS} bits")));
+                    return Err(AuthError::InvalidJwks(format!(
+                        "key {i}: RSA keys must have at least {MIN_RSA_BITS} bits"
+                    )));
                 }
                 if !matches!(k.common.key_algorithm, None | Some(KeyAlgorithm::RS384)) {
-                    return Err(AuthError::InvalidJwks(format!("key {i}: RSA keys must be for RS384")));
+                    return Err(AuthError::InvalidJwks(format!(
+                        "key {i}: RSA keys must be for RS384"
+                    )));
                 }
             }
             AlgorithmParameters::EllipticCurve(ec) => {
                 if ec.curve != EllipticCurve::P384 {
-                    return Err(AuthError::InvalidJwks(format!("key {i}: EC keys must use P-384 (ES384)")));
+                    return Err(AuthError::InvalidJwks(format!(
+                        "key {i}: EC keys must use P-384 (ES384)"
+                    )));
                 }
                 if !matches!(k.common.key_algorithm, None | Some(KeyAlgorithm::ES384)) {
-                    return Err(AuthError::InvalidJwks(format!("key {i}: EC keys must be for ES384")));
+                    return Err(AuthError::InvalidJwks(format!(
+                        "key {i}: EC keys must be for ES384"
+                    )));
                 }
             }
-            _ => return Err(AuthError::InvalidJwks(format!("key {i}: only RSA and EC keys are supported"))),
+            _ => {
+                return Err(AuthError::InvalidJwks(format!(
+                    "key {i}: only RSA and EC keys are supported"
+                )))
+            }
         }
-        DecodingKey::from_jwk(k).map_err(|_| AuthError::InvalidJwks(format!("key {i} is unusable")))?;
+        DecodingKey::from_jwk(k)
+            .map_err(|_| AuthError::InvalidJwks(format!("key {i} is unusable")))?;
     }
     Ok(ClientKeys { jwks })
 }
@@ -129,7 +148,9 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("token_url", &self.token_url).finish_non_exhaustive()
+        f.debug_struct("Verifier")
+            .field("token_url", &self.token_url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -144,8 +165,9 @@ impl Verifier {
         let point = kp.public_key().as_ref();
         // Uncompressed point: 0x04 || x (48 bytes) || y (48 bytes).
         let (x, y) = point[1..].split_at(48);
-        let decoy = DecodingKey::from_ec_components(&URL_SAFE_NO_PAD.encode(x), &URL_SAFE_NO_PAD.encode(y))
-            .map_err(|_| phylax_crypto::CryptoError::Random)?;
+        let decoy =
+            DecodingKey::from_ec_components(&URL_SAFE_NO_PAD.encode(x), &URL_SAFE_NO_PAD.encode(y))
+                .map_err(|_| phylax_crypto::CryptoError::Random)?;
         Ok(Verifier {
             token_url: token_url.into(),
             decoy,
@@ -157,18 +179,29 @@ impl Verifier {
     }
 
     fn select<'k>(keys: &'k ClientKeys, kid: Option<&str>, alg: Algorithm) -> Option<&'k Jwk> {
-        let fits = |k: &&Jwk| match (&k.algorithm, alg) {
-            (AlgorithmParameters::RSA(_), Algorithm::RS384) => true,
-            (AlgorithmParameters::EllipticCurve(_), Algorithm::ES384) => true,
-            _ => false,
+        let fits = |k: &&Jwk| {
+            matches!(
+                (&k.algorithm, alg),
+                (AlgorithmParameters::RSA(_), Algorithm::RS384)
+                    | (AlgorithmParameters::EllipticCurve(_), Algorithm::ES384)
+            )
         };
         match kid {
-            Some(kid) => keys.jwks.keys.iter().filter(fits).find(|k| k.common.key_id.as_deref() == Some(kid)),
+            Some(kid) => keys
+                .jwks
+                .keys
+                .iter()
+                .filter(fits)
+                .find(|k| k.common.key_id.as_deref() == Some(kid)),
             None => {
                 let mut it = keys.jwks.keys.iter().filter(fits);
                 let first = it.next();
                 // Without a kid, only an unambiguous key may be used.
-                if it.next().is_some() { None } else { first }
+                if it.next().is_some() {
+                    None
+                } else {
+                    first
+                }
             }
         }
     }
@@ -204,14 +237,17 @@ impl Verifier {
         let key = keys.and_then(|k| Self::select(k, header.kid.as_deref(), header.alg));
         let decoded = match key {
             Some(jwk) => {
-                let dk = DecodingKey::from_jwk(jwk).map_err(|_| AuthError::InvalidClient("unusable key"))?;
+                let dk = DecodingKey::from_jwk(jwk)
+                    .map_err(|_| AuthError::InvalidClient("unusable key"))?;
                 jsonwebtoken::decode::<AssertionClaims>(assertion, &dk, &validation)
             }
             None => {
                 let mut v = validation.clone();
                 v.algorithms = vec![Algorithm::ES384];
                 let _ = jsonwebtoken::decode::<AssertionClaims>(assertion, &self.decoy, &v);
-                return Err(AuthError::InvalidClient("unknown client, disabled client or no matching key"));
+                return Err(AuthError::InvalidClient(
+                    "unknown client, disabled client or no matching key",
+                ));
             }
         }
         .map_err(|_| AuthError::InvalidClient("assertion signature or claims invalid"))?;
@@ -223,7 +259,9 @@ impl Verifier {
             return Err(AuthError::InvalidClient("assertion expired"));
         }
         if c.exp > now + MAX_ASSERTION_LIFETIME + LEEWAY as i64 {
-            return Err(AuthError::InvalidClient("assertion expires too far in the future"));
+            return Err(AuthError::InvalidClient(
+                "assertion expires too far in the future",
+            ));
         }
         if c.iat.is_some_and(|iat| iat > now + LEEWAY as i64) {
             return Err(AuthError::InvalidClient("assertion issued in the future"));

@@ -57,12 +57,14 @@ pub fn sign_assertion(
     token_url: &str,
     now: i64,
 ) -> Result<String, AuthError> {
-    let key = EncodingKey::from_ec_pem(private_pem).map_err(|_| AuthError::InvalidRequest("not an EC private key (PKCS#8 PEM)"))?;
+    let key = EncodingKey::from_ec_pem(private_pem)
+        .map_err(|_| AuthError::InvalidRequest("not an EC private key (PKCS#8 PEM)"))?;
     let mut header = Header::new(Algorithm::ES384);
     header.kid = kid.map(str::to_owned);
     let claims = serde_json::json!({
         "iss": client_id, "sub": client_id, "aud": token_url,
         "exp": now + 240, "iat": now, "jti": uuid::Uuid::new_v4().to_string(),
     });
-    jsonwebtoken::encode(&header, &claims, &key).map_err(|_| AuthError::InvalidRequest("signing failed"))
+    jsonwebtoken::encode(&header, &claims, &key)
+        .map_err(|_| AuthError::InvalidRequest("signing failed"))
 }

@@ -79,7 +79,9 @@ pub fn decide(who: &Principal, what: Interaction, rtype: Option<&str>) -> Decisi
         // History across all types needs read+search on every type: it
         // returns resources of any type.
         Interaction::HistorySystem => {
-            return if scopes.allows_all_types(ctx, Perm::Read) && scopes.allows_all_types(ctx, Perm::Search) {
+            return if scopes.allows_all_types(ctx, Perm::Read)
+                && scopes.allows_all_types(ctx, Perm::Search)
+            {
                 Decision::Allow
             } else {
                 Decision::Deny("scope: system history needs system/*.rs")
@@ -114,17 +116,35 @@ mod tests {
         let c = client("system/Patient.rs system/Observation.cu");
         assert_eq!(decide(&c, Read, Some("Patient")), Decision::Allow);
         assert_eq!(decide(&c, SearchType, Some("Patient")), Decision::Allow);
-        assert!(matches!(decide(&c, Update, Some("Patient")), Decision::Deny(_)));
-        assert!(matches!(decide(&c, Delete, Some("Patient")), Decision::Deny(_)));
+        assert!(matches!(
+            decide(&c, Update, Some("Patient")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            decide(&c, Delete, Some("Patient")),
+            Decision::Deny(_)
+        ));
         assert_eq!(decide(&c, Create, Some("Observation")), Decision::Allow);
-        assert_eq!(decide(&c, UpdateCreate, Some("Observation")), Decision::Allow);
-        assert!(matches!(decide(&c, Read, Some("Observation")), Decision::Deny(_)));
+        assert_eq!(
+            decide(&c, UpdateCreate, Some("Observation")),
+            Decision::Allow
+        );
+        assert!(matches!(
+            decide(&c, Read, Some("Observation")),
+            Decision::Deny(_)
+        ));
         assert!(matches!(decide(&c, HistorySystem, None), Decision::Deny(_)));
         assert!(matches!(decide(&c, Read, None), Decision::Deny(_)));
         let w = client("system/*.rs");
         assert_eq!(decide(&w, HistorySystem, None), Decision::Allow);
         let cu = client("system/Patient.u");
-        assert!(matches!(decide(&cu, UpdateCreate, Some("Patient")), Decision::Deny(_)));
-        assert!(matches!(decide(&client(""), Read, Some("Patient")), Decision::Deny(_)));
+        assert!(matches!(
+            decide(&cu, UpdateCreate, Some("Patient")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            decide(&client(""), Read, Some("Patient")),
+            Decision::Deny(_)
+        ));
     }
 }

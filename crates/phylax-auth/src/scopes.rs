@@ -123,7 +123,9 @@ impl Scope {
 /// Resource types are checked by the FHIR crate at the HTTP boundary; here
 /// we only need the lexical shape, to keep this crate free of definitions.
 fn phylax_fhir_type_ok(t: &str) -> bool {
-    !t.is_empty() && t.len() <= 64 && t.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+    !t.is_empty()
+        && t.len() <= 64
+        && t.chars().next().is_some_and(|c| c.is_ascii_uppercase())
         && t.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
@@ -237,23 +239,48 @@ mod tests {
         let s = Scope::parse("system/Patient.rs").unwrap();
         assert_eq!(s.to_string(), "system/Patient.rs");
         assert_eq!(Scope::parse("system/*.cruds").unwrap().perms.len(), 5);
-        assert_eq!(Scope::parse("system/Observation.read").unwrap().to_string(), "system/Observation.rs");
-        assert_eq!(Scope::parse("system/*.write").unwrap().to_string(), "system/*.cud");
-        assert_eq!(Scope::parse("system/*.*").unwrap().to_string(), "system/*.cruds");
-        for bad in ["system/Patient.sr", "system/Patient.rr", "system/Patient.", "system/patient.r",
-                    "admin/Patient.r", "system/Patient.x", "Patient.r", "system/Patient.rs?category=x", "openid"] {
+        assert_eq!(
+            Scope::parse("system/Observation.read").unwrap().to_string(),
+            "system/Observation.rs"
+        );
+        assert_eq!(
+            Scope::parse("system/*.write").unwrap().to_string(),
+            "system/*.cud"
+        );
+        assert_eq!(
+            Scope::parse("system/*.*").unwrap().to_string(),
+            "system/*.cruds"
+        );
+        for bad in [
+            "system/Patient.sr",
+            "system/Patient.rr",
+            "system/Patient.",
+            "system/patient.r",
+            "admin/Patient.r",
+            "system/Patient.x",
+            "Patient.r",
+            "system/Patient.rs?category=x",
+            "openid",
+        ] {
             assert!(Scope::parse(bad).is_none(), "{bad}");
         }
     }
 
     #[test]
     fn grant_is_the_intersection() {
-        let reg = ScopeSet::parse_strict("system/Patient.rs system/Observation.cruds", Context::System).unwrap();
+        let reg = ScopeSet::parse_strict(
+            "system/Patient.rs system/Observation.cruds",
+            Context::System,
+        )
+        .unwrap();
         let g = ScopeSet::grant(&ScopeSet::parse_lenient("system/*.cruds openid"), &reg);
         assert_eq!(g.to_string(), "system/Observation.cruds system/Patient.rs");
         let g = ScopeSet::grant(&ScopeSet::parse_lenient("system/Patient.cruds"), &reg);
         assert_eq!(g.to_string(), "system/Patient.rs");
-        let g = ScopeSet::grant(&ScopeSet::parse_lenient("system/Encounter.r user/Patient.r"), &reg);
+        let g = ScopeSet::grant(
+            &ScopeSet::parse_lenient("system/Encounter.r user/Patient.r"),
+            &reg,
+        );
         assert!(g.is_empty());
         let wide = ScopeSet::parse_strict("system/*.rs", Context::System).unwrap();
         let g = ScopeSet::grant(&ScopeSet::parse_lenient("system/Patient.r"), &wide);

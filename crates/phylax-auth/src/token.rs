@@ -62,7 +62,12 @@ impl TokenIssuer {
         self.lifetime
     }
 
-    pub fn issue(&self, client_id: &str, scopes: &ScopeSet, now: i64) -> Result<(String, AccessClaims), AuthError> {
+    pub fn issue(
+        &self,
+        client_id: &str,
+        scopes: &ScopeSet,
+        now: i64,
+    ) -> Result<(String, AccessClaims), AuthError> {
         let claims = AccessClaims {
             iss: self.issuer.clone(),
             sub: client_id.to_owned(),
@@ -73,14 +78,18 @@ impl TokenIssuer {
             scope: scopes.to_string(),
             client_id: client_id.to_owned(),
         };
-        let payload = serde_json::to_vec(&claims).map_err(|_| AuthError::InvalidRequest("claims"))?;
+        let payload =
+            serde_json::to_vec(&claims).map_err(|_| AuthError::InvalidRequest("claims"))?;
         let signing_input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(HEADER),
             URL_SAFE_NO_PAD.encode(payload)
         );
         let tag = self.key.sign(signing_input.as_bytes());
-        Ok((format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(tag)), claims))
+        Ok((
+            format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(tag)),
+            claims,
+        ))
     }
 
     /// Verify a bearer token. All failures are the same error to the caller.
@@ -89,10 +98,14 @@ impl TokenIssuer {
             return Err(AuthError::InvalidToken("too long"));
         }
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(AuthError::InvalidToken("malformed"));
         };
-        let tag = URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::InvalidToken("malformed"))?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(s)
+            .map_err(|_| AuthError::InvalidToken("malformed"))?;
         let signing_input = &token[..h.len() + 1 + p.len()];
         if !self.key.verify(signing_input.as_bytes(), &tag) {
             return Err(AuthError::InvalidToken("bad signature"));
@@ -101,8 +114,11 @@ impl TokenIssuer {
         if URL_SAFE_NO_PAD.decode(h).ok().as_deref() != Some(HEADER.as_bytes()) {
             return Err(AuthError::InvalidToken("unexpected header"));
         }
-        let bytes = URL_SAFE_NO_PAD.decode(p).map_err(|_| AuthError::InvalidToken("malformed"))?;
-        let c: AccessClaims = serde_json::from_slice(&bytes).map_err(|_| AuthError::InvalidToken("malformed"))?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(p)
+            .map_err(|_| AuthError::InvalidToken("malformed"))?;
+        let c: AccessClaims =
+            serde_json::from_slice(&bytes).map_err(|_| AuthError::InvalidToken("malformed"))?;
         if c.exp <= now {
             return Err(AuthError::InvalidToken("expired"));
         }
@@ -124,7 +140,10 @@ mod tests {
     fn issuer() -> (TokenIssuer, Kek) {
         let (kek, _) = Kek::generate().unwrap();
         let (k, _) = MacKey::generate_wrapped(&kek, "token").unwrap();
-        (TokenIssuer::new(k, "https://h/auth".into(), "https://h/fhir".into(), 300), kek)
+        (
+            TokenIssuer::new(k, "https://h/auth".into(), "https://h/fhir".into(), 300),
+            kek,
+        )
     }
 
     #[test]
@@ -147,7 +166,11 @@ mod tests {
         assert!(t2.verify(&tok, 1001).is_err());
         // alg=none style forgery.
         let parts: Vec<&str> = tok.split('.').collect();
-        let none = format!("{}.{}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#), parts[1]);
+        let none = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
+            parts[1]
+        );
         assert!(t.verify(&none, 1001).is_err());
         assert!(t.verify("", 1001).is_err());
         assert!(t.verify("a.b.c.d", 1001).is_err());

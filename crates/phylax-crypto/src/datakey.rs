@@ -108,7 +108,10 @@ mod tests {
         let k = DataKey::generate().unwrap();
         let c = k.seal(b"Patient/1/1", b"{\"name\":\"x\"}").unwrap();
         assert_eq!(k.open(b"Patient/1/1", &c).unwrap(), b"{\"name\":\"x\"}");
-        assert!(k.open(b"Patient/1/2", &c).is_err(), "replayed as another version");
+        assert!(
+            k.open(b"Patient/1/2", &c).is_err(),
+            "replayed as another version"
+        );
         assert!(k.open(b"Patient/2/1", &c).is_err(), "moved to another id");
         let other = DataKey::generate().unwrap();
         assert!(other.open(b"Patient/1/1", &c).is_err(), "wrong key");

@@ -72,7 +72,8 @@ impl Kek {
         use std::os::unix::fs::OpenOptionsExt;
         let (kek, text) = Kek::generate()?;
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| CryptoError::KeyFileIo(e.kind().to_string()))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| CryptoError::KeyFileIo(e.kind().to_string()))?;
         }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -80,7 +81,9 @@ impl Kek {
             .mode(0o600)
             .open(path)
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => CryptoError::KeyFileExists(path.display().to_string()),
+                std::io::ErrorKind::AlreadyExists => {
+                    CryptoError::KeyFileExists(path.display().to_string())
+                }
                 k => CryptoError::KeyFileIo(k.to_string()),
             })?;
         f.write_all(text.expose())
@@ -93,11 +96,14 @@ impl Kek {
     /// Load a KEK from a key file, refusing files readable by group or others.
     pub fn from_file(path: &Path) -> Result<Kek, CryptoError> {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| CryptoError::KeyFileIo(e.kind().to_string()))?;
+        let meta =
+            std::fs::metadata(path).map_err(|e| CryptoError::KeyFileIo(e.kind().to_string()))?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(CryptoError::KeyFilePermissions(path.display().to_string()));
         }
-        let text = Secret::new(std::fs::read(path).map_err(|e| CryptoError::KeyFileIo(e.kind().to_string()))?);
+        let text = Secret::new(
+            std::fs::read(path).map_err(|e| CryptoError::KeyFileIo(e.kind().to_string()))?,
+        );
         let s = std::str::from_utf8(text.expose()).map_err(|_| CryptoError::MalformedKey)?;
         Kek::decode(s)
     }
@@ -123,7 +129,12 @@ impl Kek {
 
     /// Wrap secret bytes for storage. `purpose` and `scope` are bound as
     /// additional data and must be given again to unwrap.
-    pub fn wrap(&self, purpose: &str, scope: &str, secret: &Secret) -> Result<Vec<u8>, CryptoError> {
+    pub fn wrap(
+        &self,
+        purpose: &str,
+        scope: &str,
+        secret: &Secret,
+    ) -> Result<Vec<u8>, CryptoError> {
         let nonce_bytes = random_array::<NONCE_LEN>()?;
         let mut buf = secret.expose().to_vec();
         self.aead
@@ -142,7 +153,12 @@ impl Kek {
     }
 
     /// Unwrap bytes produced by [`Kek::wrap`] with the same purpose and scope.
-    pub fn unwrap(&self, purpose: &str, scope: &str, wrapped: &[u8]) -> Result<Secret, CryptoError> {
+    pub fn unwrap(
+        &self,
+        purpose: &str,
+        scope: &str,
+        wrapped: &[u8],
+    ) -> Result<Secret, CryptoError> {
         if wrapped.len() < 1 + NONCE_LEN + 16 || wrapped[0] != WRAP_VERSION {
             return Err(CryptoError::Decrypt);
         }
@@ -183,12 +199,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("keys/kek");
         let k1 = Kek::create_file(&p).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let k2 = Kek::from_file(&p).unwrap();
         assert_eq!(k1.check_value(), k2.check_value());
-        assert!(matches!(Kek::create_file(&p), Err(CryptoError::KeyFileExists(_))));
+        assert!(matches!(
+            Kek::create_file(&p),
+            Err(CryptoError::KeyFileExists(_))
+        ));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(Kek::from_file(&p), Err(CryptoError::KeyFilePermissions(_))));
+        assert!(matches!(
+            Kek::from_file(&p),
+            Err(CryptoError::KeyFilePermissions(_))
+        ));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         assert!(Kek::from_file(&p).is_err());
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();

@@ -44,12 +44,15 @@ pub struct Definitions {
     compartment: HashMap<String, Vec<Vec<String>>>,
 }
 
+/// One element in the generated table: (min, max_many, type codes, choice).
+type RawElement = (u32, u8, Vec<String>, u8);
+
 #[derive(Deserialize)]
 struct Raw {
     version: String,
     resources: Vec<String>,
     primitives: Vec<String>,
-    types: BTreeMap<String, BTreeMap<String, (u32, u8, Vec<String>, u8)>>,
+    types: BTreeMap<String, BTreeMap<String, RawElement>>,
     search: BTreeMap<String, Vec<(String, String, Option<String>)>>,
     compartment: BTreeMap<String, Vec<String>>,
 }
@@ -173,7 +176,14 @@ mod tests {
         // types plus the abstract Resource and DomainResource.
         assert_eq!(d.resource_types().len(), 147);
         assert_eq!(d.version, "4.0.1");
-        for t in ["Patient", "Observation", "Bundle", "AuditEvent", "Binary", "Parameters"] {
+        for t in [
+            "Patient",
+            "Observation",
+            "Bundle",
+            "AuditEvent",
+            "Binary",
+            "Parameters",
+        ] {
             assert!(d.is_resource_type(t), "{t}");
         }
         assert!(!d.is_resource_type("Resource"));

@@ -44,7 +44,11 @@ fn sanitize(e: &serde_json::Error) -> String {
     match e.classify() {
         serde_json::error::Category::Data => format!("{e}"),
         serde_json::error::Category::Eof => {
-            format!("unexpected end of JSON at line {} column {}", e.line(), e.column())
+            format!(
+                "unexpected end of JSON at line {} column {}",
+                e.line(),
+                e.column()
+            )
         }
         _ => format!("malformed JSON at line {} column {}", e.line(), e.column()),
     }
@@ -119,9 +123,8 @@ impl<'de> Visitor<'de> for ValueVisitor {
         while let Some(key) = map.next_key::<String>()? {
             if key == "$serde_json::private::Number" {
                 let s: String = map.next_value()?;
-                let n: serde_json::Number = s
-                    .parse()
-                    .map_err(|_| de::Error::custom("invalid number"))?;
+                let n: serde_json::Number =
+                    s.parse().map_err(|_| de::Error::custom("invalid number"))?;
                 return Ok(Value::Number(n));
             }
             let v = map.next_value_seed(Seed {

@@ -76,7 +76,11 @@ impl Cx<'_> {
     /// itself ("" at the root, `Patient.contained[0]` when contained).
     fn resource(&mut self, v: &Value, path: &str, allow_contained: bool) -> Option<ResourceType> {
         let Some(obj) = v.as_object() else {
-            self.err(IssueCode::Structure, path, "a resource must be a JSON object");
+            self.err(
+                IssueCode::Structure,
+                path,
+                "a resource must be a JSON object",
+            );
             return None;
         };
         let Some(name) = obj.get("resourceType").and_then(Value::as_str) else {
@@ -159,7 +163,9 @@ impl Cx<'_> {
                 continue;
             };
             if edef.choice {
-                if let Some((_, other)) = choices_seen.iter().find(|(n, k)| *n == ename && *k != base) {
+                if let Some((_, other)) =
+                    choices_seen.iter().find(|(n, k)| *n == ename && *k != base)
+                {
                     let msg = format!("only one of {ename}[x] may be present (also {other})");
                     self.err(IssueCode::Structure, &here, msg);
                 }
@@ -198,7 +204,11 @@ impl Cx<'_> {
                 }
             } else {
                 if value.is_array() {
-                    self.err(IssueCode::Structure, &here, "must be a single value, not an array");
+                    self.err(
+                        IssueCode::Structure,
+                        &here,
+                        "must be a single value, not an array",
+                    );
                     continue;
                 }
                 if value.is_null() {
@@ -220,7 +230,11 @@ impl Cx<'_> {
                 } else {
                     name.clone()
                 };
-                self.err(IssueCode::Required, &join(path, &n), "required element is missing");
+                self.err(
+                    IssueCode::Required,
+                    &join(path, &n),
+                    "required element is missing",
+                );
             }
         }
         match sname {
@@ -262,13 +276,25 @@ impl Cx<'_> {
                                     cx.value(e, "Extension", &format!("{p}.extension[{i}]"));
                                 }
                             }
-                            _ => cx.err(IssueCode::Structure, p, "extension must be a non-empty array"),
+                            _ => cx.err(
+                                IssueCode::Structure,
+                                p,
+                                "extension must be a non-empty array",
+                            ),
                         },
-                        _ => cx.err(IssueCode::Structure, p, "unknown element in primitive extension"),
+                        _ => cx.err(
+                            IssueCode::Structure,
+                            p,
+                            "unknown element in primitive extension",
+                        ),
                     }
                 }
             }
-            _ => cx.err(IssueCode::Structure, p, "primitive extension must be a non-empty object"),
+            _ => cx.err(
+                IssueCode::Structure,
+                p,
+                "primitive extension must be a non-empty object",
+            ),
         };
         if many {
             match v.as_array() {
@@ -319,7 +345,9 @@ impl Cx<'_> {
                 }
             }
             "integer" | "positiveInt" | "unsignedInt" => {
-                let n = v.as_number().and_then(|n| n.to_string().parse::<i64>().ok());
+                let n = v
+                    .as_number()
+                    .and_then(|n| n.to_string().parse::<i64>().ok());
                 let ok = match (ty, n) {
                     (_, None) => false,
                     ("positiveInt", Some(n)) => (1..=i32::MAX as i64).contains(&n),
@@ -327,20 +355,28 @@ impl Cx<'_> {
                     (_, Some(n)) => (i32::MIN as i64..=i32::MAX as i64).contains(&n),
                 };
                 if !ok {
-                    self.err(IssueCode::Value, path, format!("must be a JSON number of type {ty}"));
+                    self.err(
+                        IssueCode::Value,
+                        path,
+                        format!("must be a JSON number of type {ty}"),
+                    );
                 }
             }
             "decimal" => {
-                let ok = v
-                    .as_number()
-                    .is_some_and(|n| n.to_string().len() <= 64 && decimal_re().is_match(&n.to_string()));
+                let ok = v.as_number().is_some_and(|n| {
+                    n.to_string().len() <= 64 && decimal_re().is_match(&n.to_string())
+                });
                 if !ok {
                     self.err(IssueCode::Value, path, "must be a JSON number (decimal)");
                 }
             }
             _ => {
                 let Some(s) = v.as_str() else {
-                    self.err(IssueCode::Value, path, format!("must be a JSON string ({ty})"));
+                    self.err(
+                        IssueCode::Value,
+                        path,
+                        format!("must be a JSON string ({ty})"),
+                    );
                     return;
                 };
                 if s.len() > MAX_STRING {
@@ -375,9 +411,15 @@ fn regex_for(ty: &str) -> Option<&'static Regex> {
     match ty {
         "id" => re!(r"[A-Za-z0-9\-\.]{1,64}"),
         "code" => re!(r"[^\s]+( [^\s]+)*"),
-        "date" => re!(r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?"),
-        "dateTime" => re!(r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?"),
-        "instant" => re!(r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"),
+        "date" => re!(
+            r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1]))?)?"
+        ),
+        "dateTime" => re!(
+            r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)(-(0[1-9]|1[0-2])(-(0[1-9]|[1-2][0-9]|3[0-1])(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))?)?)?"
+        ),
+        "instant" => re!(
+            r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)-(0[1-9]|1[0-2])-(0[1-9]|[1-2][0-9]|3[0-1])T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"
+        ),
         "time" => re!(r"([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?"),
         "oid" => re!(r"urn:oid:[0-2](\.(0|[1-9][0-9]*))+"),
         "uuid" => re!(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
@@ -529,7 +571,10 @@ mod tests {
 
     #[test]
     fn unknown_elements_and_types_are_refused() {
-        assert!(has(json!({"resourceType":"Patient","nmae":[]}), "Patient.nmae"));
+        assert!(has(
+            json!({"resourceType":"Patient","nmae":[]}),
+            "Patient.nmae"
+        ));
         assert!(!issues(json!({"resourceType":"Nope"})).is_empty());
         assert!(!issues(json!({"name":"x"})).is_empty());
         assert!(!issues(json!([1])).is_empty());
@@ -541,15 +586,42 @@ mod tests {
 
     #[test]
     fn json_types_and_cardinality() {
-        assert!(has(json!({"resourceType":"Patient","active":"true"}), "Patient.active"));
-        assert!(has(json!({"resourceType":"Patient","name":{"family":"x"}}), "Patient.name"));
-        assert!(has(json!({"resourceType":"Patient","gender":["female"]}), "Patient.gender"));
-        assert!(has(json!({"resourceType":"Patient","name":[]}), "Patient.name"));
-        assert!(has(json!({"resourceType":"Patient","name":[{}]}), "Patient.name[0]"));
-        assert!(has(json!({"resourceType":"Patient","multipleBirthInteger":1.5}), "Patient.multipleBirthInteger"));
-        assert!(has(json!({"resourceType":"Observation","code":{"text":"x"}}), "Observation.status"));
-        assert!(has(json!({"resourceType":"Patient","active":null}), "Patient.active"));
-        assert!(has(json!({"resourceType":"Patient","name":[null]}), "Patient.name[0]"));
+        assert!(has(
+            json!({"resourceType":"Patient","active":"true"}),
+            "Patient.active"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","name":{"family":"x"}}),
+            "Patient.name"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","gender":["female"]}),
+            "Patient.gender"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","name":[]}),
+            "Patient.name"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","name":[{}]}),
+            "Patient.name[0]"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","multipleBirthInteger":1.5}),
+            "Patient.multipleBirthInteger"
+        ));
+        assert!(has(
+            json!({"resourceType":"Observation","code":{"text":"x"}}),
+            "Observation.status"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","active":null}),
+            "Patient.active"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","name":[null]}),
+            "Patient.name[0]"
+        ));
     }
 
     #[test]
@@ -568,55 +640,139 @@ mod tests {
             let p = json!({"resourceType":"Patient", k: bad});
             assert!(has(p, &format!("Patient.{k}")), "{k}");
         }
-        assert!(has(json!({"resourceType":"Patient","deceasedDateTime":"2020-01-01T25:00:00Z"}), "Patient.deceasedDateTime"));
-        assert!(has(json!({"resourceType":"Observation","status":"final","code":{"text":"x"},"issued":"2020-01-01"}), "Observation.issued"));
-        assert!(has(json!({"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":{"value":"1.0"}}), "Observation.valueQuantity.value"));
-        assert!(has(json!({"resourceType":"Patient","photo":[{"data":"not base64!"}]}), "Patient.photo[0].data"));
-        assert!(has(json!({"resourceType":"Patient","communication":[{"language":{"text":"x"},"preferred":1}]}), "Patient.communication[0].preferred"));
-        assert!(has(json!({"resourceType":"Patient","identifier":[{"period":{"start":"2020-01-01T10:00"}}]}), "Patient.identifier[0].period.start"));
-        assert!(has(json!({"resourceType":"Patient","contact":[{"gender":"x","period":{"end":"x"}}]}), "Patient.contact[0].period.end"));
+        assert!(has(
+            json!({"resourceType":"Patient","deceasedDateTime":"2020-01-01T25:00:00Z"}),
+            "Patient.deceasedDateTime"
+        ));
+        assert!(has(
+            json!({"resourceType":"Observation","status":"final","code":{"text":"x"},"issued":"2020-01-01"}),
+            "Observation.issued"
+        ));
+        assert!(has(
+            json!({"resourceType":"Observation","status":"final","code":{"text":"x"},"valueQuantity":{"value":"1.0"}}),
+            "Observation.valueQuantity.value"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","photo":[{"data":"not base64!"}]}),
+            "Patient.photo[0].data"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","communication":[{"language":{"text":"x"},"preferred":1}]}),
+            "Patient.communication[0].preferred"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","identifier":[{"period":{"start":"2020-01-01T10:00"}}]}),
+            "Patient.identifier[0].period.start"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","contact":[{"gender":"x","period":{"end":"x"}}]}),
+            "Patient.contact[0].period.end"
+        ));
         assert!(issues(json!({"resourceType":"Patient","birthDate":"1974"})).is_empty());
         assert!(issues(json!({"resourceType":"Patient","birthDate":"1974-12"})).is_empty());
-        assert!(issues(json!({"resourceType":"Patient","deceasedDateTime":"2020-01-01T10:00:00.123+14:00"})).is_empty());
+        assert!(issues(
+            json!({"resourceType":"Patient","deceasedDateTime":"2020-01-01T10:00:00.123+14:00"})
+        )
+        .is_empty());
         assert!(issues(json!({"resourceType":"Observation","status":"final","code":{"text":"x"},"valueInteger":2147483647})).is_empty());
         assert!(!issues(json!({"resourceType":"Observation","status":"final","code":{"text":"x"},"valueInteger":2147483648_i64})).is_empty());
     }
 
     #[test]
     fn choice_types() {
-        assert!(has(json!({"resourceType":"Patient","deceasedBoolean":true,"deceasedDateTime":"2020"}), "Patient.deceasedDateTime")
-            || has(json!({"resourceType":"Patient","deceasedBoolean":true,"deceasedDateTime":"2020"}), "Patient.deceasedBoolean"));
-        assert!(has(json!({"resourceType":"Patient","deceasedString":"x"}), "Patient.deceasedString"));
-        assert!(has(json!({"resourceType":"Patient","deceased":true}), "Patient.deceased"));
+        assert!(
+            has(
+                json!({"resourceType":"Patient","deceasedBoolean":true,"deceasedDateTime":"2020"}),
+                "Patient.deceasedDateTime"
+            ) || has(
+                json!({"resourceType":"Patient","deceasedBoolean":true,"deceasedDateTime":"2020"}),
+                "Patient.deceasedBoolean"
+            )
+        );
+        assert!(has(
+            json!({"resourceType":"Patient","deceasedString":"x"}),
+            "Patient.deceasedString"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","deceased":true}),
+            "Patient.deceased"
+        ));
     }
 
     #[test]
     fn extensions_and_primitive_extensions() {
-        assert!(has(json!({"resourceType":"Patient","extension":[{"valueString":"x"}]}), "Patient.extension[0].url"));
-        assert!(has(json!({"resourceType":"Patient","extension":[{"url":"http://x"}]}), "Patient.extension[0]"));
-        assert!(has(json!({"resourceType":"Patient","extension":[{"url":"http://x","valueString":"a","extension":[{"url":"y","valueBoolean":true}]}]}), "Patient.extension[0]"));
+        assert!(has(
+            json!({"resourceType":"Patient","extension":[{"valueString":"x"}]}),
+            "Patient.extension[0].url"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","extension":[{"url":"http://x"}]}),
+            "Patient.extension[0]"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","extension":[{"url":"http://x","valueString":"a","extension":[{"url":"y","valueBoolean":true}]}]}),
+            "Patient.extension[0]"
+        ));
         assert!(issues(json!({"resourceType":"Patient","extension":[{"url":"http://x","extension":[{"url":"y","valueBoolean":true}]}]})).is_empty());
-        assert!(has(json!({"resourceType":"Patient","_name":{"id":"x"}}), "Patient.name"));
-        assert!(has(json!({"resourceType":"Patient","_gender":{"foo":1}}), "Patient.gender"));
+        assert!(has(
+            json!({"resourceType":"Patient","_name":{"id":"x"}}),
+            "Patient.name"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","_gender":{"foo":1}}),
+            "Patient.gender"
+        ));
         assert!(issues(json!({"resourceType":"Patient","name":[{"given":["A",null],"_given":[null,{"id":"g"}]}]})).is_empty());
     }
 
     #[test]
     fn contained_resources_and_references() {
-        assert!(has(json!({"resourceType":"Patient","contained":[{"resourceType":"Patient","contained":[{"resourceType":"Patient"}]}]}), "Patient.contained[0].contained"));
-        assert!(has(json!({"resourceType":"Patient","contained":[{"resourceType":"Observation","status":"final"}]}), "Patient.contained[0].code"));
-        assert!(has(json!({"resourceType":"Patient","managingOrganization":{"reference":"Nope/1"}}), "Patient.managingOrganization.reference"));
-        assert!(has(json!({"resourceType":"Patient","managingOrganization":{"reference":"Organization/"}}), "Patient.managingOrganization.reference"));
-        assert!(has(json!({"resourceType":"Patient","managingOrganization":{"reference":"Organization/1/x"}}), "Patient.managingOrganization.reference"));
-        for ok in ["Organization/1", "Organization/1/_history/2", "#x", "urn:uuid:0a3f1c2e-1111-4222-8333-444455556666", "https://example.org/fhir/Organization/1"] {
+        assert!(has(
+            json!({"resourceType":"Patient","contained":[{"resourceType":"Patient","contained":[{"resourceType":"Patient"}]}]}),
+            "Patient.contained[0].contained"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","contained":[{"resourceType":"Observation","status":"final"}]}),
+            "Patient.contained[0].code"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","managingOrganization":{"reference":"Nope/1"}}),
+            "Patient.managingOrganization.reference"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","managingOrganization":{"reference":"Organization/"}}),
+            "Patient.managingOrganization.reference"
+        ));
+        assert!(has(
+            json!({"resourceType":"Patient","managingOrganization":{"reference":"Organization/1/x"}}),
+            "Patient.managingOrganization.reference"
+        ));
+        for ok in [
+            "Organization/1",
+            "Organization/1/_history/2",
+            "#x",
+            "urn:uuid:0a3f1c2e-1111-4222-8333-444455556666",
+            "https://example.org/fhir/Organization/1",
+        ] {
             assert!(is_valid_reference(ok), "{ok}");
         }
     }
 
     #[test]
     fn narrative_must_be_inert() {
-        for bad in ["<p>x</p>", "<div><script>alert(1)</script></div>", "<div onload=\"x()\">a</div>", "<div><a href=\"javascript:x\">a</a></div>"] {
-            assert!(has(json!({"resourceType":"Patient","text":{"status":"generated","div":bad}}), "Patient.text.div"), "{bad}");
+        for bad in [
+            "<p>x</p>",
+            "<div><script>alert(1)</script></div>",
+            "<div onload=\"x()\">a</div>",
+            "<div><a href=\"javascript:x\">a</a></div>",
+        ] {
+            assert!(
+                has(
+                    json!({"resourceType":"Patient","text":{"status":"generated","div":bad}}),
+                    "Patient.text.div"
+                ),
+                "{bad}"
+            );
         }
         assert!(issues(json!({"resourceType":"Patient","text":{"status":"generated","div":"<div>Only one person</div>"}})).is_empty());
     }
@@ -626,7 +782,10 @@ mod tests {
         for t in definitions().resource_types() {
             let r = validate_resource(&json!({"resourceType": t, "id": "x"}));
             if let Err(is) = r {
-                assert!(is.iter().all(|i| i.code == IssueCode::Required), "{t}: {is:?}");
+                assert!(
+                    is.iter().all(|i| i.code == IssueCode::Required),
+                    "{t}: {is:?}"
+                );
             }
         }
     }

@@ -33,7 +33,10 @@ pub fn smart_configuration(cfg: &Config) -> Value {
 
 pub async fn smart_config(State(st): State<Arc<AppState>>) -> Response {
     let mut r = (StatusCode::OK, st.smart_config.to_string()).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -41,16 +44,27 @@ fn oauth_error(e: &AuthError) -> Response {
     let rid = crate::error::request_id().unwrap_or_default();
     tracing::info!(request_id = %rid, reason = %e, "token request refused");
     let (status, desc) = match e {
-        AuthError::InvalidClient(_) | AuthError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "client authentication failed"),
-        AuthError::InvalidScope(_) => (StatusCode::BAD_REQUEST, "none of the requested scopes can be granted to this client"),
-        AuthError::UnsupportedGrantType => (StatusCode::BAD_REQUEST, "only client_credentials is supported"),
+        AuthError::InvalidClient(_) | AuthError::InvalidToken(_) => {
+            (StatusCode::UNAUTHORIZED, "client authentication failed")
+        }
+        AuthError::InvalidScope(_) => (
+            StatusCode::BAD_REQUEST,
+            "none of the requested scopes can be granted to this client",
+        ),
+        AuthError::UnsupportedGrantType => (
+            StatusCode::BAD_REQUEST,
+            "only client_credentials is supported",
+        ),
         AuthError::InvalidRequest(m) => (StatusCode::BAD_REQUEST, *m),
         AuthError::InvalidJwks(_) => (StatusCode::BAD_REQUEST, "invalid request"),
         AuthError::Crypto(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server error"),
     };
     let body = json!({"error": e.oauth_error(), "error_description": desc, "request_id": rid});
     let mut r = (status, body.to_string()).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -58,7 +72,10 @@ pub async fn token(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -
     match issue(&st, &h, &body).await {
         Ok(v) => {
             let mut r = (StatusCode::OK, v.to_string()).into_response();
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         }
         Err(e) => oauth_error(&e),
@@ -66,9 +83,14 @@ pub async fn token(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -
 }
 
 async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Value, AuthError> {
-    let ct = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !ct.starts_with("application/x-www-form-urlencoded") {
-        return Err(AuthError::InvalidRequest("send application/x-www-form-urlencoded"));
+        return Err(AuthError::InvalidRequest(
+            "send application/x-www-form-urlencoded",
+        ));
     }
     if body.len() > MAX_FORM {
         return Err(AuthError::InvalidRequest("request too large"));
@@ -94,9 +116,12 @@ async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Value, AuthE
         return Err(AuthError::UnsupportedGrantType);
     }
     if a_type.as_deref() != Some(ASSERTION_TYPE) {
-        return Err(AuthError::InvalidRequest("client_assertion_type must be jwt-bearer"));
+        return Err(AuthError::InvalidRequest(
+            "client_assertion_type must be jwt-bearer",
+        ));
     }
-    let assertion_text = assertion_text.ok_or(AuthError::InvalidRequest("client_assertion is required"))?;
+    let assertion_text =
+        assertion_text.ok_or(AuthError::InvalidRequest("client_assertion is required"))?;
     let scope = scope.ok_or(AuthError::InvalidRequest("scope is required"))?;
     let client_id = peek_issuer(&assertion_text).ok_or(AuthError::InvalidClient("no issuer"))?;
     let client = st
@@ -112,9 +137,11 @@ async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Value, AuthE
     let verifier = st.verifier.clone();
     let now = crate::now_secs();
     let cid = client_id.clone();
-    let verified = tokio::task::spawn_blocking(move || verifier.verify(&assertion_text, &cid, keys.as_ref(), now))
-        .await
-        .map_err(|_| AuthError::InvalidRequest("temporarily unavailable"))??;
+    let verified = tokio::task::spawn_blocking(move || {
+        verifier.verify(&assertion_text, &cid, keys.as_ref(), now)
+    })
+    .await
+    .map_err(|_| AuthError::InvalidRequest("temporarily unavailable"))??;
     let fresh = st
         .store
         .use_jti(&verified.client_id, &verified.jti, verified.exp + 300, now)
@@ -124,7 +151,9 @@ async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Value, AuthE
         return Err(AuthError::InvalidClient("jti replayed"));
     }
     // Verified above, so the client exists and is enabled.
-    let registered = client.map(|c| ScopeSet::parse_lenient(&c.scope)).unwrap_or_default();
+    let registered = client
+        .map(|c| ScopeSet::parse_lenient(&c.scope))
+        .unwrap_or_default();
     let granted = ScopeSet::grant(&ScopeSet::parse_lenient(&scope), &registered);
     if granted.is_empty() {
         return Err(AuthError::InvalidScope("nothing grantable"));

@@ -7,7 +7,16 @@ use serde_json::{json, Value};
 
 pub fn capability_statement(cfg: &Config) -> Value {
     let d = definitions();
-    let interactions = ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"];
+    let interactions = [
+        "read",
+        "vread",
+        "update",
+        "delete",
+        "history-instance",
+        "history-type",
+        "create",
+        "search-type",
+    ];
     let resources: Vec<Value> = d
         .resource_types()
         .iter()

@@ -109,27 +109,39 @@ pub enum ConfigError {
 impl Config {
     pub fn load(data_dir: &Path) -> Result<Config, ConfigError> {
         let p = data_dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&p).map_err(|e| ConfigError::Read(p.display().to_string(), e.to_string()))?;
-        let c: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse(p.display().to_string(), e.message().to_owned()))?;
-        c.check().map_err(|m| ConfigError::Parse(p.display().to_string(), m))?;
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| ConfigError::Read(p.display().to_string(), e.to_string()))?;
+        let c: Config = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse(p.display().to_string(), e.message().to_owned()))?;
+        c.check()
+            .map_err(|m| ConfigError::Parse(p.display().to_string(), m))?;
         Ok(c)
     }
 
     pub fn save(&self, data_dir: &Path) -> Result<(), ConfigError> {
         let p = data_dir.join(CONFIG_FILE);
-        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Write(p.display().to_string(), e.to_string()))?;
-        std::fs::write(&p, text).map_err(|e| ConfigError::Write(p.display().to_string(), e.to_string()))
+        let text = toml::to_string_pretty(self)
+            .map_err(|e| ConfigError::Write(p.display().to_string(), e.to_string()))?;
+        std::fs::write(&p, text)
+            .map_err(|e| ConfigError::Write(p.display().to_string(), e.to_string()))
     }
 
     fn check(&self) -> Result<(), String> {
-        if !(self.public_url.starts_with("https://") || self.public_url.starts_with("http://")) || self.public_url.ends_with('/') {
+        if !(self.public_url.starts_with("https://") || self.public_url.starts_with("http://"))
+            || self.public_url.ends_with('/')
+        {
             return Err("public_url must be an http(s) URL without a trailing slash".into());
         }
         if self.http.max_body_bytes < 1024 {
             return Err("http.max_body_bytes must be at least 1024".into());
         }
-        if self.http.max_page_size == 0 || self.http.default_page_size == 0 || self.http.default_page_size > self.http.max_page_size {
-            return Err("page sizes must be positive and default_page_size <= max_page_size".into());
+        if self.http.max_page_size == 0
+            || self.http.default_page_size == 0
+            || self.http.default_page_size > self.http.max_page_size
+        {
+            return Err(
+                "page sizes must be positive and default_page_size <= max_page_size".into(),
+            );
         }
         if !(1..=900).contains(&self.auth.token_lifetime_secs) {
             return Err("auth.token_lifetime_secs must be between 1 and 900".into());

@@ -72,22 +72,47 @@ impl ApiError {
     fn outcome(&self) -> OperationOutcome {
         let one = |code, msg: &str| OperationOutcome::single(Issue::error(code, msg));
         match self {
-            ApiError::Unauthorized => one(IssueCode::Login, "authentication required: a valid bearer token is needed"),
+            ApiError::Unauthorized => one(
+                IssueCode::Login,
+                "authentication required: a valid bearer token is needed",
+            ),
             ApiError::Forbidden => one(IssueCode::Forbidden, "not permitted by the granted scopes"),
             ApiError::NotFound => one(IssueCode::NotFound, "resource not found"),
-            ApiError::UnknownType => one(IssueCode::NotSupported, "unknown resource type or endpoint"),
+            ApiError::UnknownType => {
+                one(IssueCode::NotSupported, "unknown resource type or endpoint")
+            }
             ApiError::Gone => one(IssueCode::Deleted, "resource has been deleted"),
-            ApiError::BadRequest(is) | ApiError::Unprocessable(is) => OperationOutcome { issues: is.clone() },
-            ApiError::PayloadTooLarge(n) => one(IssueCode::TooLong, &format!("request body exceeds the limit of {n} bytes")),
-            ApiError::UnsupportedMediaType => one(IssueCode::NotSupported, "send application/fhir+json (or application/json)"),
-            ApiError::NotAcceptable => one(IssueCode::NotSupported, "only application/fhir+json is available"),
+            ApiError::BadRequest(is) | ApiError::Unprocessable(is) => {
+                OperationOutcome { issues: is.clone() }
+            }
+            ApiError::PayloadTooLarge(n) => one(
+                IssueCode::TooLong,
+                &format!("request body exceeds the limit of {n} bytes"),
+            ),
+            ApiError::UnsupportedMediaType => one(
+                IssueCode::NotSupported,
+                "send application/fhir+json (or application/json)",
+            ),
+            ApiError::NotAcceptable => one(
+                IssueCode::NotSupported,
+                "only application/fhir+json is available",
+            ),
             ApiError::MethodNotAllowed(m) => one(IssueCode::NotSupported, m),
-            ApiError::PreconditionFailed => one(IssueCode::Conflict, "version conflict: If-Match does not match the current version"),
+            ApiError::PreconditionFailed => one(
+                IssueCode::Conflict,
+                "version conflict: If-Match does not match the current version",
+            ),
             ApiError::Conflict => one(IssueCode::Conflict, "concurrent modification; retry"),
             ApiError::NotImplemented(m) => one(IssueCode::NotSupported, m),
-            ApiError::Unavailable(_) => one(IssueCode::Transient, "service temporarily unavailable; retry later"),
+            ApiError::Unavailable(_) => one(
+                IssueCode::Transient,
+                "service temporarily unavailable; retry later",
+            ),
             ApiError::Internal(_) => one(IssueCode::Exception, "internal error"),
-            ApiError::Integrity(_) => one(IssueCode::Exception, "stored data failed an integrity check; the request was refused"),
+            ApiError::Integrity(_) => one(
+                IssueCode::Exception,
+                "stored data failed an integrity check; the request was refused",
+            ),
         }
     }
 }
@@ -123,8 +148,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let rid = request_id().unwrap_or_default();
         match &self {
-            ApiError::Unavailable(cause) => tracing::error!(request_id = %rid, cause = %cause, "service unavailable"),
-            ApiError::Internal(cause) => tracing::error!(request_id = %rid, cause = %cause, "internal error"),
+            ApiError::Unavailable(cause) => {
+                tracing::error!(request_id = %rid, cause = %cause, "service unavailable")
+            }
+            ApiError::Internal(cause) => {
+                tracing::error!(request_id = %rid, cause = %cause, "internal error")
+            }
             ApiError::Integrity(cause) => {
                 tracing::error!(request_id = %rid, cause = %cause, "INTEGRITY FAILURE: a stored record failed authentication")
             }

@@ -18,7 +18,9 @@ use base64::Engine;
 use phylax_auth::policy::{decide, Decision, Interaction};
 use phylax_fhir::json::parse_strict;
 use phylax_fhir::validate::validate_resource;
-use phylax_fhir::{Issue, IssueCode, OperationOutcome, ResourceId, ResourceType, Severity, VersionId};
+use phylax_fhir::{
+    Issue, IssueCode, OperationOutcome, ResourceId, ResourceType, Severity, VersionId,
+};
 use phylax_store::{HistoryQuery, HistoryScope};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -82,7 +84,10 @@ fn check_accept(h: &HeaderMap, q: &Query) -> Result<(), ApiError> {
     };
     let ok = accept.split(',').any(|a| {
         let m = a.split(';').next().unwrap_or("").trim();
-        matches!(m, "*/*" | "application/*" | "application/json" | "application/fhir+json" | "")
+        matches!(
+            m,
+            "*/*" | "application/*" | "application/json" | "application/fhir+json" | ""
+        )
     });
     if ok {
         Ok(())
@@ -96,7 +101,12 @@ fn check_content_type(h: &HeaderMap) -> Result<(), ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if mime == "application/fhir+json" || mime == "application/json" {
         Ok(())
     } else {
@@ -105,7 +115,11 @@ fn check_content_type(h: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Read the body within the configured limit, parse strictly, validate.
-async fn read_resource(st: &AppState, h: &HeaderMap, body: Body) -> Result<(ResourceType, Value), ApiError> {
+async fn read_resource(
+    st: &AppState,
+    h: &HeaderMap,
+    body: Body,
+) -> Result<(ResourceType, Value), ApiError> {
     check_content_type(h)?;
     let limit = st.config.http.max_body_bytes;
     if h.get(header::CONTENT_LENGTH)
@@ -125,14 +139,20 @@ async fn read_resource(st: &AppState, h: &HeaderMap, body: Body) -> Result<(Reso
         }
     })?;
     let value = parse_strict(&bytes).map_err(|e| {
-        ApiError::BadRequest(vec![Issue::error(IssueCode::Structure, format!("invalid JSON: {}", e.message()))])
+        ApiError::BadRequest(vec![Issue::error(
+            IssueCode::Structure,
+            format!("invalid JSON: {}", e.message()),
+        )])
     })?;
     match validate_resource(&value) {
         Ok(t) => Ok((t, value)),
         Err(issues) => {
             // Structural problems (it is not the right shape of JSON for
             // FHIR) are 400; content rule violations are 422.
-            if issues.iter().any(|i| matches!(i.code, IssueCode::Structure | IssueCode::NotSupported)) {
+            if issues
+                .iter()
+                .any(|i| matches!(i.code, IssueCode::Structure | IssueCode::NotSupported))
+            {
                 Err(ApiError::BadRequest(issues))
             } else {
                 Err(ApiError::Unprocessable(issues))
@@ -145,7 +165,10 @@ fn parse_if_match(h: &HeaderMap) -> Result<Option<VersionId>, ApiError> {
     let Some(v) = h.get(header::IF_MATCH) else {
         return Ok(None);
     };
-    let s = v.to_str().map_err(|_| ApiError::bad_request("malformed If-Match"))?.trim();
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::bad_request("malformed If-Match"))?
+        .trim();
     let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
     VersionId::parse(s)
         .map(Some)
@@ -156,7 +179,8 @@ fn parse_if_match(h: &HeaderMap) -> Result<Option<VersionId>, ApiError> {
 
 fn fhir_json(status: StatusCode, v: &Value) -> Response {
     let mut r = (status, v.to_string()).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     r
 }
 
@@ -174,7 +198,10 @@ fn version_headers(r: &mut Response, st: &AppState, v: &ResourceVersion, locatio
         h.insert(header::LAST_MODIFIED, d);
     }
     if location {
-        let loc = format!("{}/{}/{}/_history/{}", st.fhir_base, v.rtype, v.id, v.version);
+        let loc = format!(
+            "{}/{}/{}/_history/{}",
+            st.fhir_base, v.rtype, v.id, v.version
+        );
         if let Ok(l) = HeaderValue::from_str(&loc) {
             h.insert(header::LOCATION, l.clone());
             h.insert(header::CONTENT_LOCATION, l);
@@ -183,14 +210,27 @@ fn version_headers(r: &mut Response, st: &AppState, v: &ResourceVersion, locatio
 }
 
 /// The response to a successful write, honouring `Prefer: return=`.
-fn write_response(st: &AppState, h: &HeaderMap, status: StatusCode, v: &ResourceVersion) -> Response {
+fn write_response(
+    st: &AppState,
+    h: &HeaderMap,
+    status: StatusCode,
+    v: &ResourceVersion,
+) -> Response {
     let mut r = match prefer(h).ret.as_deref() {
         Some("minimal") => status.into_response(),
         Some("OperationOutcome") => {
             let mut oo = OperationOutcome::single(Issue {
                 severity: Severity::Information,
                 code: IssueCode::Informational,
-                diagnostics: format!("{} {}", if status == StatusCode::CREATED { "created" } else { "updated" }, v.rtype),
+                diagnostics: format!(
+                    "{} {}",
+                    if status == StatusCode::CREATED {
+                        "created"
+                    } else {
+                        "updated"
+                    },
+                    v.rtype
+                ),
                 expression: None,
             });
             oo.issues.truncate(1);
@@ -204,7 +244,8 @@ fn write_response(st: &AppState, h: &HeaderMap, status: StatusCode, v: &Resource
         },
     };
     version_headers(&mut r, st, v, true);
-    r.extensions_mut().insert(pipeline::AuditRef(v.id.to_string()));
+    r.extensions_mut()
+        .insert(pipeline::AuditRef(v.id.to_string()));
     r
 }
 
@@ -225,7 +266,11 @@ fn read_response(st: &AppState, v: &ResourceVersion) -> Response {
 fn make_cursor(st: &AppState, listing: &str, before_seq: i64) -> String {
     let msg = format!("v1|{listing}|{before_seq}");
     let tag = st.cursor_key.sign(msg.as_bytes());
-    format!("{}.{}", URL_SAFE_NO_PAD.encode(&msg), URL_SAFE_NO_PAD.encode(tag))
+    format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(&msg),
+        URL_SAFE_NO_PAD.encode(tag)
+    )
 }
 
 fn open_cursor(st: &AppState, listing: &str, cursor: &str) -> Result<i64, ApiError> {
@@ -249,17 +294,23 @@ fn page_size(st: &AppState, q: &Query) -> Result<u32, ApiError> {
     match q.get("_count") {
         None => Ok(st.config.http.default_page_size),
         Some(c) => {
-            let n: u64 = c.parse().map_err(|_| ApiError::bad_request("_count must be a non-negative integer"))?;
+            let n: u64 = c
+                .parse()
+                .map_err(|_| ApiError::bad_request("_count must be a non-negative integer"))?;
             Ok(n.clamp(1, st.config.http.max_page_size as u64) as u32)
         }
     }
 }
 
 fn parse_since(q: &Query) -> Result<Option<i64>, ApiError> {
-    let Some(s) = q.get("_since") else { return Ok(None) };
+    let Some(s) = q.get("_since") else {
+        return Ok(None);
+    };
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|d| Some(d.timestamp_millis()))
-        .map_err(|_| ApiError::bad_request("_since must be an instant such as 2024-01-01T00:00:00Z"))
+        .map_err(|_| {
+            ApiError::bad_request("_since must be an instant such as 2024-01-01T00:00:00Z")
+        })
 }
 
 // ---------------------------------------------------------------- handlers
@@ -284,15 +335,22 @@ pub async fn create(
         Err(e) => return e.into_response(),
     };
     let q = Query::parse(raw);
-    pipeline::run(&st, &ctx, Interaction::Create, Some(&rtype), None, || async {
-        check_accept(&h, &q)?;
-        let (bt, value) = read_resource(&st, &h, body).await?;
-        if bt != rtype {
-            return Err(ApiError::bad_request("resourceType does not match the URL"));
-        }
-        let v = st.repo.create(&rtype, value).await?;
-        Ok(write_response(&st, &h, StatusCode::CREATED, &v))
-    })
+    pipeline::run(
+        &st,
+        &ctx,
+        Interaction::Create,
+        Some(&rtype),
+        None,
+        || async {
+            check_accept(&h, &q)?;
+            let (bt, value) = read_resource(&st, &h, body).await?;
+            if bt != rtype {
+                return Err(ApiError::bad_request("resourceType does not match the URL"));
+            }
+            let v = st.repo.create(&rtype, value).await?;
+            Ok(write_response(&st, &h, StatusCode::CREATED, &v))
+        },
+    )
     .await
 }
 
@@ -310,12 +368,19 @@ pub async fn read(
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
-    pipeline::run(&st, &ctx, Interaction::Read, Some(&rtype), audit_id.as_deref(), || async {
-        check_accept(&h, &q)?;
-        let id = rid.ok_or(ApiError::NotFound)?;
-        let v = st.repo.read(&rtype, &id).await?;
-        Ok(read_response(&st, &v))
-    })
+    pipeline::run(
+        &st,
+        &ctx,
+        Interaction::Read,
+        Some(&rtype),
+        audit_id.as_deref(),
+        || async {
+            check_accept(&h, &q)?;
+            let id = rid.ok_or(ApiError::NotFound)?;
+            let v = st.repo.read(&rtype, &id).await?;
+            Ok(read_response(&st, &v))
+        },
+    )
     .await
 }
 
@@ -333,13 +398,20 @@ pub async fn vread(
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
-    pipeline::run(&st, &ctx, Interaction::VRead, Some(&rtype), audit_id.as_deref(), || async {
-        check_accept(&h, &q)?;
-        let id = rid.ok_or(ApiError::NotFound)?;
-        let vid = VersionId::parse(&vid).ok_or(ApiError::NotFound)?;
-        let v = st.repo.vread(&rtype, &id, vid).await?;
-        Ok(read_response(&st, &v))
-    })
+    pipeline::run(
+        &st,
+        &ctx,
+        Interaction::VRead,
+        Some(&rtype),
+        audit_id.as_deref(),
+        || async {
+            check_accept(&h, &q)?;
+            let id = rid.ok_or(ApiError::NotFound)?;
+            let vid = VersionId::parse(&vid).ok_or(ApiError::NotFound)?;
+            let v = st.repo.vread(&rtype, &id, vid).await?;
+            Ok(read_response(&st, &v))
+        },
+    )
     .await
 }
 
@@ -358,31 +430,61 @@ pub async fn update(
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
-    pipeline::run(&st, &ctx, Interaction::Update, Some(&rtype), audit_id.as_deref(), || async {
-        check_accept(&h, &q)?;
-        let id = rid.ok_or_else(|| ApiError::bad_request("the id in the URL is not a valid FHIR id"))?;
-        let if_match = parse_if_match(&h)?;
-        let (bt, value) = read_resource(&st, &h, body).await?;
-        if bt != rtype {
-            return Err(ApiError::bad_request("resourceType does not match the URL"));
-        }
-        match value.get("id").and_then(Value::as_str) {
-            Some(b) if b == id.as_str() => {}
-            Some(_) => return Err(ApiError::bad_request("the id in the body does not match the id in the URL")),
-            None => return Err(ApiError::bad_request("an update must carry the resource id in the body")),
-        }
-        // Creating through PUT needs the create permission as well.
-        let may_create = st.config.http.allow_update_create
-            && decide(&ctx.principal, Interaction::UpdateCreate, Some(rtype.as_str())) == Decision::Allow;
-        let (v, created) = match st.repo.update(&rtype, &id, value, if_match, may_create).await {
-            Err(crate::repo::RepoError::CreateViaUpdateDisabled) if st.config.http.allow_update_create => {
-                return Err(ApiError::Forbidden)
+    pipeline::run(
+        &st,
+        &ctx,
+        Interaction::Update,
+        Some(&rtype),
+        audit_id.as_deref(),
+        || async {
+            check_accept(&h, &q)?;
+            let id = rid
+                .ok_or_else(|| ApiError::bad_request("the id in the URL is not a valid FHIR id"))?;
+            let if_match = parse_if_match(&h)?;
+            let (bt, value) = read_resource(&st, &h, body).await?;
+            if bt != rtype {
+                return Err(ApiError::bad_request("resourceType does not match the URL"));
             }
-            r => r?,
-        };
-        let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-        Ok(write_response(&st, &h, status, &v))
-    })
+            match value.get("id").and_then(Value::as_str) {
+                Some(b) if b == id.as_str() => {}
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "the id in the body does not match the id in the URL",
+                    ))
+                }
+                None => {
+                    return Err(ApiError::bad_request(
+                        "an update must carry the resource id in the body",
+                    ))
+                }
+            }
+            // Creating through PUT needs the create permission as well.
+            let may_create = st.config.http.allow_update_create
+                && decide(
+                    &ctx.principal,
+                    Interaction::UpdateCreate,
+                    Some(rtype.as_str()),
+                ) == Decision::Allow;
+            let (v, created) = match st
+                .repo
+                .update(&rtype, &id, value, if_match, may_create)
+                .await
+            {
+                Err(crate::repo::RepoError::CreateViaUpdateDisabled)
+                    if st.config.http.allow_update_create =>
+                {
+                    return Err(ApiError::Forbidden)
+                }
+                r => r?,
+            };
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(write_response(&st, &h, status, &v))
+        },
+    )
     .await
 }
 
@@ -397,26 +499,46 @@ pub async fn delete(
     };
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
-    pipeline::run(&st, &ctx, Interaction::Delete, Some(&rtype), audit_id.as_deref(), || async {
-        let id = rid.ok_or(ApiError::NotFound)?;
-        let mut r = StatusCode::NO_CONTENT.into_response();
-        if let Some(v) = st.repo.delete(&rtype, &id).await? {
-            if let Ok(e) = HeaderValue::from_str(&format!("W/\"{}\"", v.version)) {
-                r.headers_mut().insert(header::ETAG, e);
+    pipeline::run(
+        &st,
+        &ctx,
+        Interaction::Delete,
+        Some(&rtype),
+        audit_id.as_deref(),
+        || async {
+            let id = rid.ok_or(ApiError::NotFound)?;
+            let mut r = StatusCode::NO_CONTENT.into_response();
+            if let Some(v) = st.repo.delete(&rtype, &id).await? {
+                if let Ok(e) = HeaderValue::from_str(&format!("W/\"{}\"", v.version)) {
+                    r.headers_mut().insert(header::ETAG, e);
+                }
             }
-        }
-        Ok(r)
-    })
+            Ok(r)
+        },
+    )
     .await
 }
 
 /// History for any scope, as a `history` Bundle with MACed paging links.
-async fn history(st: &AppState, scope: HistoryScope, listing: String, path: String, q: &Query, h: &HeaderMap) -> Result<Response, ApiError> {
+async fn history(
+    st: &AppState,
+    scope: HistoryScope,
+    listing: String,
+    path: String,
+    q: &Query,
+    h: &HeaderMap,
+) -> Result<Response, ApiError> {
     check_accept(h, q)?;
     let count = page_size(st, q)?;
     let since = parse_since(q)?;
-    let listing = format!("{listing}|{}", since.map(|s| s.to_string()).unwrap_or_default());
-    let before = q.get("_cursor").map(|c| open_cursor(st, &listing, c)).transpose()?;
+    let listing = format!(
+        "{listing}|{}",
+        since.map(|s| s.to_string()).unwrap_or_default()
+    );
+    let before = q
+        .get("_cursor")
+        .map(|c| open_cursor(st, &listing, c))
+        .transpose()?;
     let rows = st
         .repo
         .history(&HistoryQuery {
@@ -490,14 +612,35 @@ pub async fn history_instance(
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
-    pipeline::run(&st, &ctx, Interaction::HistoryInstance, Some(&rtype), audit_id.as_deref(), || async {
-        let id = rid.ok_or(ApiError::NotFound)?;
-        if st.store.read_current(rtype.as_str(), id.as_str()).await.map_err(crate::repo::RepoError::from)?.is_none() {
-            return Err(ApiError::NotFound);
-        }
-        let scope = HistoryScope::Instance(rtype.to_string(), id.to_string());
-        history(&st, scope, format!("i|{rtype}|{id}"), format!("/{rtype}/{id}/_history"), &q, &h).await
-    })
+    pipeline::run(
+        &st,
+        &ctx,
+        Interaction::HistoryInstance,
+        Some(&rtype),
+        audit_id.as_deref(),
+        || async {
+            let id = rid.ok_or(ApiError::NotFound)?;
+            if st
+                .store
+                .read_current(rtype.as_str(), id.as_str())
+                .await
+                .map_err(crate::repo::RepoError::from)?
+                .is_none()
+            {
+                return Err(ApiError::NotFound);
+            }
+            let scope = HistoryScope::Instance(rtype.to_string(), id.to_string());
+            history(
+                &st,
+                scope,
+                format!("i|{rtype}|{id}"),
+                format!("/{rtype}/{id}/_history"),
+                &q,
+                &h,
+            )
+            .await
+        },
+    )
     .await
 }
 
@@ -513,9 +656,24 @@ pub async fn history_type(
         Err(e) => return e.into_response(),
     };
     let q = Query::parse(raw);
-    pipeline::run(&st, &ctx, Interaction::HistoryType, Some(&rtype), None, || async {
-        history(&st, HistoryScope::Type(rtype.to_string()), format!("t|{rtype}"), format!("/{rtype}/_history"), &q, &h).await
-    })
+    pipeline::run(
+        &st,
+        &ctx,
+        Interaction::HistoryType,
+        Some(&rtype),
+        None,
+        || async {
+            history(
+                &st,
+                HistoryScope::Type(rtype.to_string()),
+                format!("t|{rtype}"),
+                format!("/{rtype}/_history"),
+                &q,
+                &h,
+            )
+            .await
+        },
+    )
     .await
 }
 
@@ -526,9 +684,24 @@ pub async fn history_system(
     RawQuery(raw): RawQuery,
 ) -> Response {
     let q = Query::parse(raw);
-    pipeline::run(&st, &ctx, Interaction::HistorySystem, None, None, || async {
-        history(&st, HistoryScope::System, "s".into(), "/_history".into(), &q, &h).await
-    })
+    pipeline::run(
+        &st,
+        &ctx,
+        Interaction::HistorySystem,
+        None,
+        None,
+        || async {
+            history(
+                &st,
+                HistoryScope::System,
+                "s".into(),
+                "/_history".into(),
+                &q,
+                &h,
+            )
+            .await
+        },
+    )
     .await
 }
 

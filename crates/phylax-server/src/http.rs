@@ -53,7 +53,10 @@ pub struct AppState {
 pub const DISABLED_REFRESH: Duration = Duration::from_secs(3);
 
 impl AppState {
-    pub async fn new(inst: Instance, audit: Option<Arc<dyn AuditSink>>) -> Result<Arc<AppState>, ApiError> {
+    pub async fn new(
+        inst: Instance,
+        audit: Option<Arc<dyn AuditSink>>,
+    ) -> Result<Arc<AppState>, ApiError> {
         let Instance {
             config,
             store,
@@ -63,7 +66,8 @@ impl AppState {
             ..
         } = inst;
         let fhir_base = config.fhir_base();
-        let verifier = Verifier::new(config.token_url()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let verifier =
+            Verifier::new(config.token_url()).map_err(|e| ApiError::Internal(e.to_string()))?;
         let tokens = TokenIssuer::new(
             token_key,
             format!("{}/auth", config.public_url),
@@ -85,7 +89,9 @@ impl AppState {
             disabled_clients: parking_lot::RwLock::new(HashSet::new()),
             config,
         });
-        st.refresh_disabled().await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        st.refresh_disabled()
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         Ok(st)
     }
 
@@ -123,19 +129,33 @@ pub fn router(st: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/fhir", post(fhir_api::system_post))
         .route("/fhir/_history", get(fhir_api::history_system))
-        .route("/fhir/{rtype}", get(fhir_api::search_type).post(fhir_api::create))
+        .route(
+            "/fhir/{rtype}",
+            get(fhir_api::search_type).post(fhir_api::create),
+        )
         .route("/fhir/{rtype}/_history", get(fhir_api::history_type))
         .route(
             "/fhir/{rtype}/{id}",
-            get(fhir_api::read).put(fhir_api::update).delete(fhir_api::delete),
+            get(fhir_api::read)
+                .put(fhir_api::update)
+                .delete(fhir_api::delete),
         )
-        .route("/fhir/{rtype}/{id}/_history", get(fhir_api::history_instance))
+        .route(
+            "/fhir/{rtype}/{id}/_history",
+            get(fhir_api::history_instance),
+        )
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir_api::vread))
         .route_layer(middleware::from_fn_with_state(st.clone(), require_token));
     let public = Router::new()
         .route("/fhir/metadata", get(fhir_api::metadata))
-        .route("/fhir/.well-known/smart-configuration", get(auth_api::smart_config))
-        .route("/.well-known/smart-configuration", get(auth_api::smart_config))
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(auth_api::smart_config),
+        )
+        .route(
+            "/.well-known/smart-configuration",
+            get(auth_api::smart_config),
+        )
         .route("/auth/token", post(auth_api::token));
     let mut app = public
         .merge(protected)
@@ -152,12 +172,25 @@ pub fn router(st: Arc<AppState>) -> Router {
 
 fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowOrigin, CorsLayer};
-    let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    let list: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(list))
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::IF_MATCH, HeaderName::from_static("prefer")])
-        .expose_headers([header::ETAG, header::LOCATION, header::LAST_MODIFIED, HeaderName::from_static("x-request-id")])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            HeaderName::from_static("prefer"),
+        ])
+        .expose_headers([
+            header::ETAG,
+            header::LOCATION,
+            header::LAST_MODIFIED,
+            HeaderName::from_static("x-request-id"),
+        ])
         .max_age(Duration::from_secs(600))
 }
 
@@ -165,7 +198,8 @@ async fn request_id(req: Request, next: Next) -> Response {
     let id = uuid::Uuid::new_v4().to_string();
     let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(HeaderName::from_static("x-request-id"), v);
+        resp.headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), v);
     }
     resp
 }
@@ -199,11 +233,19 @@ async fn security_headers(req: Request, next: Next) -> Response {
     let set = |h: &mut axum::http::HeaderMap, k: &'static str, v: &'static str| {
         h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
     };
-    set(h, "strict-transport-security", "max-age=63072000; includeSubDomains");
+    set(
+        h,
+        "strict-transport-security",
+        "max-age=63072000; includeSubDomains",
+    );
     set(h, "cache-control", "no-store");
     set(h, "pragma", "no-cache");
     set(h, "x-content-type-options", "nosniff");
-    set(h, "content-security-policy", "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'");
+    set(
+        h,
+        "content-security-policy",
+        "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    );
     set(h, "x-frame-options", "DENY");
     set(h, "referrer-policy", "no-referrer");
     set(h, "cross-origin-resource-policy", "same-origin");
@@ -227,7 +269,10 @@ async fn normalize_errors(req: Request, next: Next) -> Response {
         return resp;
     }
     let (code, msg) = match status {
-        StatusCode::METHOD_NOT_ALLOWED => (IssueCode::NotSupported, "method not allowed on this endpoint"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            IssueCode::NotSupported,
+            "method not allowed on this endpoint",
+        ),
         StatusCode::PAYLOAD_TOO_LARGE => (IssueCode::TooLong, "request body too large"),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => (IssueCode::NotSupported, "unsupported media type"),
         s if s.is_server_error() => (IssueCode::Exception, "internal error"),
@@ -248,7 +293,10 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     let Some(token) = token else {
         return ApiError::Unauthorized.into_response();
@@ -295,11 +343,16 @@ pub async fn serve(
         None => {
             let addr = listener.local_addr()?;
             if !addr.ip().is_loopback() {
-                return Err(std::io::Error::other("plaintext HTTP is only allowed on a loopback address"));
+                return Err(std::io::Error::other(
+                    "plaintext HTTP is only allowed on a loopback address",
+                ));
             }
-            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(shutdown)
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
         }
     }
 }

@@ -93,7 +93,11 @@ pub fn default_key_file(data_dir: &Path) -> Result<PathBuf, InstanceError> {
     Ok(abs.with_file_name(format!("{name}-keys")).join("kek"))
 }
 
-fn database_url(data_dir: &Path, backend: Backend, given: Option<&str>) -> Result<String, InstanceError> {
+fn database_url(
+    data_dir: &Path,
+    backend: Backend,
+    given: Option<&str>,
+) -> Result<String, InstanceError> {
     match (backend, given) {
         (Backend::Sqlite, None) => Ok(format!("sqlite:{}", data_dir.join("phylax.db").display())),
         (Backend::Sqlite, Some(_)) => Err(InstanceError::DatabaseUrlNotApplicable),
@@ -112,13 +116,13 @@ fn load_kek(config: &Config) -> Result<Kek, InstanceError> {
 async fn mac_key(store: &DynStore, kek: &Kek, purpose: &str) -> Result<MacKey, InstanceError> {
     let row = format!("mac:{purpose}");
     if let Some(w) = store.get_wrapped_key(&row).await? {
-        return Ok(MacKey::unwrap(kek, purpose, &w).map_err(|_| InstanceError::WrongKek)?);
+        return MacKey::unwrap(kek, purpose, &w).map_err(|_| InstanceError::WrongKek);
     }
     let (_, wrapped) = MacKey::generate_wrapped(kek, purpose)?;
     let stored = store
         .put_wrapped_key_if_absent(&row, &wrapped, crate::now_secs())
         .await?;
-    Ok(MacKey::unwrap(kek, purpose, &stored).map_err(|_| InstanceError::WrongKek)?)
+    MacKey::unwrap(kek, purpose, &stored).map_err(|_| InstanceError::WrongKek)
 }
 
 impl Instance {
@@ -127,7 +131,9 @@ impl Instance {
         use std::os::unix::fs::PermissionsExt;
         let data_dir = absolute(&opts.data_dir)?;
         if data_dir.join(CONFIG_FILE).exists() {
-            return Err(InstanceError::AlreadyInitialized(data_dir.display().to_string()));
+            return Err(InstanceError::AlreadyInitialized(
+                data_dir.display().to_string(),
+            ));
         }
         let key_file = match &opts.key_file {
             Some(k) => absolute(k)?,
@@ -154,9 +160,17 @@ impl Instance {
 
         let tls_key = key_dir.join(format!(
             "{}-tls-server-key.pem",
-            data_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            data_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ));
-        let ca_key = tls_key.with_file_name(tls_key.file_name().map(|n| n.to_string_lossy().replace("server-key", "ca-key")).unwrap_or_default());
+        let ca_key = tls_key.with_file_name(
+            tls_key
+                .file_name()
+                .map(|n| n.to_string_lossy().replace("server-key", "ca-key"))
+                .unwrap_or_default(),
+        );
         let generated = tls::generate(&opts.tls_names)?;
         std::fs::write(data_dir.join("tls/ca.pem"), &generated.ca_cert_pem).map_err(io)?;
         std::fs::write(
@@ -174,7 +188,11 @@ impl Instance {
             std::fs::write(&ca_key, generated.ca_key_pem.as_bytes()).map_err(io)?;
         }
 
-        let backend = if opts.database_url.is_some() { Backend::Postgres } else { Backend::Sqlite };
+        let backend = if opts.database_url.is_some() {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
         let config = Config {
             listen: opts.listen.clone(),
             public_url: opts
@@ -200,7 +218,10 @@ impl Instance {
             return Err(InstanceError::WrongKek);
         }
         store
-            .put_meta_if_absent(META_INSTANCE_ID, uuid::Uuid::new_v4().to_string().as_bytes())
+            .put_meta_if_absent(
+                META_INSTANCE_ID,
+                uuid::Uuid::new_v4().to_string().as_bytes(),
+            )
             .await?;
         mac_key(&store, &kek, "token").await?;
         mac_key(&store, &kek, "cursor").await?;
@@ -212,10 +233,15 @@ impl Instance {
 
     /// Open an existing instance: configuration, KEK, store, keys. Fails
     /// closed on a wrong KEK, loose key-file permissions or a missing database.
-    pub async fn open(data_dir: &Path, database_url_arg: Option<&str>) -> Result<Instance, InstanceError> {
+    pub async fn open(
+        data_dir: &Path,
+        database_url_arg: Option<&str>,
+    ) -> Result<Instance, InstanceError> {
         let data_dir = absolute(data_dir)?;
         if !data_dir.join(CONFIG_FILE).exists() {
-            return Err(InstanceError::NotInitialized(data_dir.display().to_string()));
+            return Err(InstanceError::NotInitialized(
+                data_dir.display().to_string(),
+            ));
         }
         let config = Config::load(&data_dir)?;
         let kek = load_kek(&config)?;

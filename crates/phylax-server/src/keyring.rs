@@ -79,13 +79,19 @@ impl KeyRing {
             Some(w) => w,
             None => {
                 let fresh = DataKey::generate().map_err(|_| KeyError::Random)?;
-                let w = self.kek.wrap_data_key(scope, &fresh).map_err(|_| KeyError::Random)?;
+                let w = self
+                    .kek
+                    .wrap_data_key(scope, &fresh)
+                    .map_err(|_| KeyError::Random)?;
                 self.store
                     .put_wrapped_key_if_absent(&row_name(scope), &w, crate::now_secs())
                     .await?
             }
         };
-        let key = self.kek.unwrap_data_key(scope, &wrapped).map_err(|_| KeyError::Unwrap)?;
+        let key = self
+            .kek
+            .unwrap_data_key(scope, &wrapped)
+            .map_err(|_| KeyError::Unwrap)?;
         Ok(self.remember(scope, key))
     }
 
@@ -99,7 +105,10 @@ impl KeyRing {
             .get_wrapped_key(&row_name(scope))
             .await?
             .ok_or(KeyError::Missing)?;
-        let key = self.kek.unwrap_data_key(scope, &wrapped).map_err(|_| KeyError::Unwrap)?;
+        let key = self
+            .kek
+            .unwrap_data_key(scope, &wrapped)
+            .map_err(|_| KeyError::Unwrap)?;
         Ok(self.remember(scope, key))
     }
 }

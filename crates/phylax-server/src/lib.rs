@@ -29,7 +29,7 @@ pub mod pipeline;
 pub mod repo;
 pub mod tls;
 
-pub use instance::{Instance, InitOptions};
+pub use instance::{InitOptions, Instance};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {

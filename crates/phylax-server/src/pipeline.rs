@@ -111,7 +111,11 @@ where
         .and_then(|r| r.extensions().get::<AuditRef>())
         .map(|a| a.0.clone());
     let (agent, token_id) = match &ctx.principal {
-        Principal::Client { client_id, token_id, .. } => (client_id.clone(), token_id.clone()),
+        Principal::Client {
+            client_id,
+            token_id,
+            ..
+        } => (client_id.clone(), token_id.clone()),
     };
     let rec = AuditRecord {
         request_id: ctx.request_id.clone(),

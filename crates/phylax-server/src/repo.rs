@@ -125,7 +125,10 @@ impl Repo {
         let key = self.keys.for_write(&scope).await?;
         let plain = serde_json::to_vec(&body).map_err(|e| StoreError::Backend(e.to_string()))?;
         let sealed = key
-            .seal(&aad(rtype.as_str(), id.as_str(), version.get(), &scope), &plain)
+            .seal(
+                &aad(rtype.as_str(), id.as_str(), version.get(), &scope),
+                &plain,
+            )
             .map_err(|_| KeyError::Random)?;
         let seq = self
             .store
@@ -177,9 +180,14 @@ impl Repo {
                     Err(e) => return Err(e.into()),
                 };
                 let plain = key
-                    .open(&aad(&row.rtype, &row.id, row.version, &row.key_scope), sealed)
+                    .open(
+                        &aad(&row.rtype, &row.id, row.version, &row.key_scope),
+                        sealed,
+                    )
                     .map_err(|_| integrity())?;
-                Some(Resource(serde_json::from_slice(&plain).map_err(|_| integrity())?))
+                Some(Resource(
+                    serde_json::from_slice(&plain).map_err(|_| integrity())?,
+                ))
             }
             _ => return Err(integrity()),
         };
@@ -195,7 +203,11 @@ impl Repo {
     }
 
     /// Create with a server-assigned id (a random UUID: ids reveal nothing).
-    pub async fn create(&self, rtype: &ResourceType, body: Value) -> Result<ResourceVersion, RepoError> {
+    pub async fn create(
+        &self,
+        rtype: &ResourceType,
+        body: Value,
+    ) -> Result<ResourceVersion, RepoError> {
         let id = ResourceId::from_uuid(uuid::Uuid::new_v4());
         self.seal_and_append(rtype, &id, VersionId::FIRST, body, Precondition::Absent)
             .await
@@ -222,12 +234,21 @@ impl Repo {
                     if m.is_some_and(|m| m != cur_v) {
                         return Err(RepoError::VersionMismatch);
                     }
-                    (cur_v.next(), Precondition::CurrentIs(cur.version), cur.deleted)
+                    (
+                        cur_v.next(),
+                        Precondition::CurrentIs(cur.version),
+                        cur.deleted,
+                    )
                 }
             };
-            match self.seal_and_append(rtype, id, next, body.clone(), pre).await {
+            match self
+                .seal_and_append(rtype, id, next, body.clone(), pre)
+                .await
+            {
                 Ok(v) => return Ok((v, created)),
-                Err(RepoError::Conflict) if if_match.is_some() => return Err(RepoError::VersionMismatch),
+                Err(RepoError::Conflict) if if_match.is_some() => {
+                    return Err(RepoError::VersionMismatch)
+                }
                 Err(RepoError::Conflict) => continue,
                 Err(e) => return Err(e),
             }
@@ -237,7 +258,11 @@ impl Repo {
 
     /// Delete: append a tombstone. Returns `Ok(None)` when the resource is
     /// already deleted (idempotent), `NotFound` when it never existed.
-    pub async fn delete(&self, rtype: &ResourceType, id: &ResourceId) -> Result<Option<ResourceVersion>, RepoError> {
+    pub async fn delete(
+        &self,
+        rtype: &ResourceType,
+        id: &ResourceId,
+    ) -> Result<Option<ResourceVersion>, RepoError> {
         for _ in 0..UPDATE_RETRIES {
             let Some(cur) = self.store.read_current(rtype.as_str(), id.as_str()).await? else {
                 return Err(RepoError::NotFound);
@@ -282,7 +307,11 @@ impl Repo {
     }
 
     /// The current version; `Gone` if deleted.
-    pub async fn read(&self, rtype: &ResourceType, id: &ResourceId) -> Result<ResourceVersion, RepoError> {
+    pub async fn read(
+        &self,
+        rtype: &ResourceType,
+        id: &ResourceId,
+    ) -> Result<ResourceVersion, RepoError> {
         let row = self
             .store
             .read_current(rtype.as_str(), id.as_str())
@@ -296,7 +325,12 @@ impl Repo {
     }
 
     /// A specific version; `Gone` if that version is a tombstone.
-    pub async fn vread(&self, rtype: &ResourceType, id: &ResourceId, version: VersionId) -> Result<ResourceVersion, RepoError> {
+    pub async fn vread(
+        &self,
+        rtype: &ResourceType,
+        id: &ResourceId,
+        version: VersionId,
+    ) -> Result<ResourceVersion, RepoError> {
         let row = self
             .store
             .read_version(rtype.as_str(), id.as_str(), version.get())
@@ -318,8 +352,16 @@ impl Repo {
         Ok(out)
     }
 
-    pub async fn list(&self, rtype: &ResourceType, before_seq: Option<i64>, limit: u32) -> Result<Vec<ResourceVersion>, RepoError> {
-        let rows = self.store.list_current(rtype.as_str(), before_seq, limit).await?;
+    pub async fn list(
+        &self,
+        rtype: &ResourceType,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<ResourceVersion>, RepoError> {
+        let rows = self
+            .store
+            .list_current(rtype.as_str(), before_seq, limit)
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             out.push(self.open(r).await?);

@@ -6,10 +6,11 @@
 //! A handshake that does not finish within 10 s is dropped.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use rustls::crypto::ring as provider;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::io::Write;
 use std::net::IpAddr;
@@ -60,21 +61,37 @@ pub fn generate(extra_names: &[String]) -> Result<GeneratedTls, TlsError> {
     };
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(g)?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(g)?;
-    ca.distinguished_name.push(DnType::CommonName, "Phylax local CA");
-    ca.distinguished_name.push(DnType::OrganizationName, "Phylax");
+    ca.distinguished_name
+        .push(DnType::CommonName, "Phylax local CA");
+    ca.distinguished_name
+        .push(DnType::OrganizationName, "Phylax");
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     ca.not_before = date(now - chrono::Duration::days(1));
     ca.not_after = date(now + chrono::Duration::days(3650));
     let ca_cert = ca.self_signed(&ca_key).map_err(g)?;
 
     let srv_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(g)?;
     let mut names = vec!["localhost".to_string()];
-    names.extend(extra_names.iter().filter(|n| n.parse::<IpAddr>().is_err()).cloned());
+    names.extend(
+        extra_names
+            .iter()
+            .filter(|n| n.parse::<IpAddr>().is_err())
+            .cloned(),
+    );
     let mut sp = CertificateParams::new(names).map_err(g)?;
-    sp.distinguished_name.push(DnType::CommonName, "Phylax server");
-    let mut ips: Vec<IpAddr> = vec!["127.0.0.1".parse().map_err(|_| TlsError::Generate("ip".into()))?,
-                                   "::1".parse().map_err(|_| TlsError::Generate("ip".into()))?];
+    sp.distinguished_name
+        .push(DnType::CommonName, "Phylax server");
+    let mut ips: Vec<IpAddr> = vec![
+        "127.0.0.1"
+            .parse()
+            .map_err(|_| TlsError::Generate("ip".into()))?,
+        "::1".parse().map_err(|_| TlsError::Generate("ip".into()))?,
+    ];
     ips.extend(extra_names.iter().filter_map(|n| n.parse::<IpAddr>().ok()));
     ips.dedup();
     for ip in ips {
@@ -109,7 +126,10 @@ pub fn write_private(path: &Path, content: &[u8]) -> Result<(), TlsError> {
 }
 
 /// The server's rustls configuration.
-pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     use std::os::unix::fs::PermissionsExt;
     fn r(p: &Path) -> impl Fn(std::io::Error) -> TlsError + '_ {
         move |e| TlsError::Read(p.display().to_string(), e.to_string())
@@ -120,15 +140,14 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<rustls::Se
     }
     let cert_pem = std::fs::read(cert_path).map_err(r(cert_path))?;
     let key_pem = std::fs::read(key_path).map_err(r(key_path))?;
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|_| TlsError::Invalid(cert_path.display().to_string()))?;
     if certs.is_empty() {
         return Err(TlsError::Invalid(cert_path.display().to_string()));
     }
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|_| TlsError::Invalid(key_path.display().to_string()))?
-        .ok_or_else(|| TlsError::Invalid(key_path.display().to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|_| TlsError::Invalid(key_path.display().to_string()))?;
     let mut prov = provider::default_provider();
     prov.cipher_suites = allowed_suites();
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(prov))
@@ -187,24 +206,28 @@ pub async fn serve_tls(
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %peer.ip(), error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(peer = %peer.ip(), "TLS handshake timed out");
-                    return;
-                }
-            };
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %peer.ip(), error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %peer.ip(), "TLS handshake timed out");
+                        return;
+                    }
+                };
             use tower::ServiceExt;
-            let svc = TowerToHyperService::new(router.into_service::<hyper::body::Incoming>().map_request(
-                move |mut req: http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-                    req
-                },
-            ));
+            let svc = TowerToHyperService::new(
+                router.into_service::<hyper::body::Incoming>().map_request(
+                    move |mut req: http::Request<hyper::body::Incoming>| {
+                        req.extensions_mut()
+                            .insert(axum::extract::ConnectInfo(peer));
+                        req
+                    },
+                ),
+            );
             let _ = Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .await;

@@ -2,6 +2,7 @@
 //! TRACE level that writes into memory, drives the server through normal
 //! and failing requests carrying PHI-like values, and then searches every
 //! log line for those values.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 
@@ -37,37 +38,111 @@ fn logs() -> &'static Buf {
     })
 }
 
-const PHI: &[&str] = &["Vandermeerschaum", "Octaviana", "1957-03-14", "SSN-123-45-6789", "Pemberton Crescent", "nephroblastosis"];
+const PHI: &[&str] = &[
+    "Vandermeerschaum",
+    "Octaviana",
+    "1957-03-14",
+    "SSN-123-45-6789",
+    "Pemberton Crescent",
+    "nephroblastosis",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_phi_in_logs() {
     let buf = logs();
     for backend in [Backend::Sqlite, Backend::Postgres] {
-        let Some(s) = TestServer::start(backend).await else { continue };
+        let Some(s) = TestServer::start(backend).await else {
+            continue;
+        };
         let tok = s.token("system/*.cruds").await;
         let fj = "application/fhir+json";
         let p = json!({"resourceType": "Patient", "name": [{"family": "Vandermeerschaum", "given": ["Octaviana"]}],
                        "birthDate": "1957-03-14", "identifier": [{"value": "SSN-123-45-6789"}],
                        "address": [{"line": ["Pemberton Crescent"]}]});
-        let r = s.http.post(s.url("/Patient")).bearer_auth(&tok).header("content-type", fj).body(p.to_string()).send().await.unwrap();
-        let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
-        s.http.get(s.url(&format!("/Patient/{id}"))).bearer_auth(&tok).send().await.unwrap();
-        s.http.get(s.url(&format!("/Patient/{id}/_history"))).bearer_auth(&tok).send().await.unwrap();
+        let r = s
+            .http
+            .post(s.url("/Patient"))
+            .bearer_auth(&tok)
+            .header("content-type", fj)
+            .body(p.to_string())
+            .send()
+            .await
+            .unwrap();
+        let id = r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        s.http
+            .get(s.url(&format!("/Patient/{id}")))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap();
+        s.http
+            .get(s.url(&format!("/Patient/{id}/_history")))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap();
         // Failures that carry PHI in bodies, queries and headers.
         let bad = json!({"resourceType": "Patient", "name": "Vandermeerschaum", "birthDate": "1957-03-14x", "note": "nephroblastosis"});
-        s.http.post(s.url("/Patient")).bearer_auth(&tok).header("content-type", fj).body(bad.to_string()).send().await.unwrap();
-        s.http.post(s.url("/Patient")).bearer_auth(&tok).header("content-type", fj).body("{\"Octaviana\": ").send().await.unwrap();
-        s.http.get(s.url("/Patient?name=Vandermeerschaum&birthdate=1957-03-14")).bearer_auth(&tok).send().await.unwrap();
-        s.http.get(s.url("/Patient/Vandermeerschaum")).bearer_auth(&tok).send().await.unwrap();
-        s.http.get(s.url("/Patient?name=Octaviana")).header("authorization", "Bearer Octaviana").send().await.unwrap();
-        s.http.post(s.token_url()).form(&[("grant_type", "client_credentials"), ("scope", "Octaviana"),
-            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"), ("client_assertion", "Vandermeerschaum")]).send().await.unwrap();
+        s.http
+            .post(s.url("/Patient"))
+            .bearer_auth(&tok)
+            .header("content-type", fj)
+            .body(bad.to_string())
+            .send()
+            .await
+            .unwrap();
+        s.http
+            .post(s.url("/Patient"))
+            .bearer_auth(&tok)
+            .header("content-type", fj)
+            .body("{\"Octaviana\": ")
+            .send()
+            .await
+            .unwrap();
+        s.http
+            .get(s.url("/Patient?name=Vandermeerschaum&birthdate=1957-03-14"))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap();
+        s.http
+            .get(s.url("/Patient/Vandermeerschaum"))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap();
+        s.http
+            .get(s.url("/Patient?name=Octaviana"))
+            .header("authorization", "Bearer Octaviana")
+            .send()
+            .await
+            .unwrap();
+        s.http
+            .post(s.token_url())
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", "Octaviana"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", "Vandermeerschaum"),
+            ])
+            .send()
+            .await
+            .unwrap();
     }
     let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     assert!(text.contains("\"request_id\""), "logs were captured");
     assert!(text.contains("phylax::audit"), "audit lines were captured");
     for needle in PHI {
         let hits: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
-        assert!(hits.is_empty(), "PHI value {needle:?} found in logs: {hits:#?}");
+        assert!(
+            hits.is_empty(),
+            "PHI value {needle:?} found in logs: {hits:#?}"
+        );
     }
 }

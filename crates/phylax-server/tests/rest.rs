@@ -1,4 +1,5 @@
 //! The FHIR REST core over real HTTPS, on both backends.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 
@@ -9,7 +10,13 @@ use serde_json::{json, Value};
 const ALL: &str = "system/*.cruds";
 const FJ: &str = "application/fhir+json";
 
-async fn send(s: &TestServer, tok: &str, m: reqwest::Method, path: &str, body: Option<&Value>) -> reqwest::Response {
+async fn send(
+    s: &TestServer,
+    tok: &str,
+    m: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+) -> reqwest::Response {
     let mut r = s.http.request(m, s.url(path)).bearer_auth(tok);
     if let Some(b) = body {
         r = r.header("content-type", FJ).body(b.to_string());
@@ -43,48 +50,124 @@ async fn crud_lifecycle(s: &TestServer) {
     assert_ne!(id, "ignored-on-create", "server assigns ids on create");
     assert_eq!(loc, s.url(&format!("/Patient/{id}/_history/1")));
     assert_eq!(created["meta"]["versionId"], "1");
-    assert_eq!(created["meta"]["tag"][0]["code"], "t1", "client meta elements are kept");
+    assert_eq!(
+        created["meta"]["tag"][0]["code"], "t1",
+        "client meta elements are kept"
+    );
 
     let r = send(s, &tok, M::GET, &format!("/Patient/{id}"), None).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["content-type"], "application/fhir+json; charset=utf-8");
-    assert_eq!(r.json::<Value>().await.unwrap()["name"][0]["family"], "Alpha");
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/fhir+json; charset=utf-8"
+    );
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["name"][0]["family"],
+        "Alpha"
+    );
 
     // Update with the right If-Match, then a stale one.
     let mut upd = created.clone();
     upd["name"][0]["family"] = json!("Beta");
-    let r = s.http.put(s.url(&format!("/Patient/{id}"))).bearer_auth(&tok).header("content-type", FJ)
-        .header("if-match", "W/\"1\"").body(upd.to_string()).send().await.unwrap();
+    let r = s
+        .http
+        .put(s.url(&format!("/Patient/{id}")))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .header("if-match", "W/\"1\"")
+        .body(upd.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["etag"], "W/\"2\"");
-    let r = s.http.put(s.url(&format!("/Patient/{id}"))).bearer_auth(&tok).header("content-type", FJ)
-        .header("if-match", "W/\"1\"").body(upd.to_string()).send().await.unwrap();
+    let r = s
+        .http
+        .put(s.url(&format!("/Patient/{id}")))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .header("if-match", "W/\"1\"")
+        .body(upd.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
-    let r = s.http.put(s.url(&format!("/Patient/{id}"))).bearer_auth(&tok).header("content-type", FJ)
-        .header("if-match", "garbage").body(upd.to_string()).send().await.unwrap();
+    let r = s
+        .http
+        .put(s.url(&format!("/Patient/{id}")))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .header("if-match", "garbage")
+        .body(upd.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
 
     let r = send(s, &tok, M::GET, &format!("/Patient/{id}/_history/1"), None).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<Value>().await.unwrap()["name"][0]["family"], "Alpha");
-    assert_eq!(send(s, &tok, M::GET, &format!("/Patient/{id}/_history/9"), None).await.status(), 404);
-    assert_eq!(send(s, &tok, M::GET, &format!("/Patient/{id}/_history/x"), None).await.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["name"][0]["family"],
+        "Alpha"
+    );
+    assert_eq!(
+        send(s, &tok, M::GET, &format!("/Patient/{id}/_history/9"), None)
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        send(s, &tok, M::GET, &format!("/Patient/{id}/_history/x"), None)
+            .await
+            .status(),
+        404
+    );
 
     let r = send(s, &tok, M::DELETE, &format!("/Patient/{id}"), None).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(r.headers()["etag"], "W/\"3\"");
-    assert_eq!(send(s, &tok, M::DELETE, &format!("/Patient/{id}"), None).await.status(), 204, "idempotent");
+    assert_eq!(
+        send(s, &tok, M::DELETE, &format!("/Patient/{id}"), None)
+            .await
+            .status(),
+        204,
+        "idempotent"
+    );
     let r = send(s, &tok, M::GET, &format!("/Patient/{id}"), None).await;
     assert_eq!(r.status(), StatusCode::GONE);
     let oo: Value = r.json().await.unwrap();
     assert_eq!(oo["resourceType"], "OperationOutcome");
-    assert_eq!(send(s, &tok, M::GET, &format!("/Patient/{id}/_history/3"), None).await.status(), 410);
-    assert_eq!(send(s, &tok, M::GET, &format!("/Patient/{id}/_history/2"), None).await.status(), 200);
-    assert_eq!(send(s, &tok, M::DELETE, "/Patient/never-existed", None).await.status(), 404);
-    assert_eq!(send(s, &tok, M::GET, "/Patient/never-existed", None).await.status(), 404);
+    assert_eq!(
+        send(s, &tok, M::GET, &format!("/Patient/{id}/_history/3"), None)
+            .await
+            .status(),
+        410
+    );
+    assert_eq!(
+        send(s, &tok, M::GET, &format!("/Patient/{id}/_history/2"), None)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        send(s, &tok, M::DELETE, "/Patient/never-existed", None)
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        send(s, &tok, M::GET, "/Patient/never-existed", None)
+            .await
+            .status(),
+        404
+    );
 
     // Instance history: newest first, tombstone included.
-    let h: Value = send(s, &tok, M::GET, &format!("/Patient/{id}/_history"), None).await.json().await.unwrap();
+    let h: Value = send(s, &tok, M::GET, &format!("/Patient/{id}/_history"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(h["type"], "history");
     let e = h["entry"].as_array().unwrap();
     assert_eq!(e.len(), 3);
@@ -108,30 +191,75 @@ async fn update_as_create_and_id_rules(s: &TestServer) {
     let b = json!({"resourceType": "Organization", "id": "org-1", "name": "Clinic"});
     let r = send(s, &tok, M::PUT, "/Organization/org-1", Some(&b)).await;
     assert_eq!(r.status(), 201);
-    assert_eq!(send(s, &tok, M::PUT, "/Organization/org-1", Some(&b)).await.status(), 200);
+    assert_eq!(
+        send(s, &tok, M::PUT, "/Organization/org-1", Some(&b))
+            .await
+            .status(),
+        200
+    );
     let r = send(s, &tok, M::PUT, "/Organization/org-2", Some(&b)).await;
     assert_eq!(r.status(), 400, "body id must match URL");
     let no_id = json!({"resourceType": "Organization", "name": "x"});
-    assert_eq!(send(s, &tok, M::PUT, "/Organization/org-1", Some(&no_id)).await.status(), 400);
+    assert_eq!(
+        send(s, &tok, M::PUT, "/Organization/org-1", Some(&no_id))
+            .await
+            .status(),
+        400
+    );
     let wrong = json!({"resourceType": "Patient", "id": "org-1"});
-    assert_eq!(send(s, &tok, M::PUT, "/Organization/org-1", Some(&wrong)).await.status(), 400);
-    assert_eq!(send(s, &tok, M::POST, "/Organization", Some(&wrong)).await.status(), 400);
+    assert_eq!(
+        send(s, &tok, M::PUT, "/Organization/org-1", Some(&wrong))
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(
+        send(s, &tok, M::POST, "/Organization", Some(&wrong))
+            .await
+            .status(),
+        400
+    );
     let bad = json!({"resourceType": "Organization", "id": "a b"});
-    assert_eq!(send(s, &tok, M::PUT, "/Organization/a%20b", Some(&bad)).await.status(), 400);
+    assert_eq!(
+        send(s, &tok, M::PUT, "/Organization/a%20b", Some(&bad))
+            .await
+            .status(),
+        400
+    );
     // If-Match on a resource that does not exist is a conflict, not a create.
-    let r = s.http.put(s.url("/Organization/org-9")).bearer_auth(&tok).header("content-type", FJ)
-        .header("if-match", "W/\"1\"").body(json!({"resourceType":"Organization","id":"org-9"}).to_string()).send().await.unwrap();
+    let r = s
+        .http
+        .put(s.url("/Organization/org-9"))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .header("if-match", "W/\"1\"")
+        .body(json!({"resourceType":"Organization","id":"org-9"}).to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 412);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_as_create_can_be_disabled() {
-    let s = TestServer::start_with(common::Backend::Sqlite, |c| c.http.allow_update_create = false).await.unwrap();
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.http.allow_update_create = false
+    })
+    .await
+    .unwrap();
     let tok = s.token(ALL).await;
     let b = json!({"resourceType": "Organization", "id": "o1"});
     let r = send(&s, &tok, reqwest::Method::PUT, "/Organization/o1", Some(&b)).await;
     assert_eq!(r.status(), 405);
-    let cap: Value = s.http.get(s.url("/metadata")).send().await.unwrap().json().await.unwrap();
+    let cap: Value = s
+        .http
+        .get(s.url("/metadata"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(cap["rest"][0]["resource"][0]["updateCreate"], false);
 }
 
@@ -139,19 +267,43 @@ both!(prefer_return);
 async fn prefer_return(s: &TestServer) {
     let tok = s.token(ALL).await;
     let b = json!({"resourceType": "Basic", "code": {"text": "x"}});
-    let r = s.http.post(s.url("/Basic")).bearer_auth(&tok).header("content-type", FJ)
-        .header("prefer", "return=minimal").body(b.to_string()).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/Basic"))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .header("prefer", "return=minimal")
+        .body(b.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     assert!(r.headers().contains_key("location"));
     assert!(r.bytes().await.unwrap().is_empty());
-    let r = s.http.post(s.url("/Basic")).bearer_auth(&tok).header("content-type", FJ)
-        .header("prefer", "return=OperationOutcome").body(b.to_string()).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/Basic"))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .header("prefer", "return=OperationOutcome")
+        .body(b.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["resourceType"], "OperationOutcome");
     assert_eq!(v["issue"][0]["severity"], "information");
-    let r = s.http.post(s.url("/Basic")).bearer_auth(&tok).header("content-type", FJ)
-        .header("prefer", "return=representation").body(b.to_string()).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/Basic"))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .header("prefer", "return=representation")
+        .body(b.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["resourceType"], "Basic");
 }
 
@@ -162,48 +314,137 @@ async fn validation_at_the_door(s: &TestServer) {
     let post_raw = |body: String, ct: &'static str| {
         let tok = tok.clone();
         async move {
-            s.http.post(s.url("/Patient")).bearer_auth(tok).header("content-type", ct).body(body).send().await.unwrap()
+            s.http
+                .post(s.url("/Patient"))
+                .bearer_auth(tok)
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
         }
     };
     // Unknown element, wrong type: 400 naming the FHIRPath location.
-    let r = send(s, &tok, M::POST, "/Patient", Some(&json!({"resourceType":"Patient","nmae":[{"family":"x"}],"active":"yes"}))).await;
+    let r = send(
+        s,
+        &tok,
+        M::POST,
+        "/Patient",
+        Some(&json!({"resourceType":"Patient","nmae":[{"family":"x"}],"active":"yes"})),
+    )
+    .await;
     assert_eq!(r.status(), 400);
     let oo: Value = r.json().await.unwrap();
     let ex = oo_expressions(&oo);
-    assert!(ex.contains(&"Patient.nmae".to_string()) && ex.contains(&"Patient.active".to_string()), "{oo}");
-    assert_eq!(oo["id"].as_str().unwrap().len(), 36, "correlation id present");
+    assert!(
+        ex.contains(&"Patient.nmae".to_string()) && ex.contains(&"Patient.active".to_string()),
+        "{oo}"
+    );
+    assert_eq!(
+        oo["id"].as_str().unwrap().len(),
+        36,
+        "correlation id present"
+    );
     // Content rules (format, cardinality): 422.
     let r = send(s, &tok, M::POST, "/Observation", Some(&json!({"resourceType":"Observation","code":{"text":"x"},"effectiveDateTime":"2020-02-30"}))).await;
     assert_eq!(r.status(), 422);
     let ex = oo_expressions(&r.json().await.unwrap());
-    assert!(ex.contains(&"Observation.status".to_string()) && ex.contains(&"Observation.effectiveDateTime".to_string()), "{ex:?}");
+    assert!(
+        ex.contains(&"Observation.status".to_string())
+            && ex.contains(&"Observation.effectiveDateTime".to_string()),
+        "{ex:?}"
+    );
     // Malformed JSON, duplicate keys, nesting bombs, not an object.
-    for bad in ["{", "{\"resourceType\":\"Patient\",\"resourceType\":\"Patient\"}", "[]", "null", "\"x\"", ""] {
+    for bad in [
+        "{",
+        "{\"resourceType\":\"Patient\",\"resourceType\":\"Patient\"}",
+        "[]",
+        "null",
+        "\"x\"",
+        "",
+    ] {
         let r = post_raw(bad.to_string(), FJ).await;
         assert_eq!(r.status(), 400, "{bad}");
-        assert_eq!(r.json::<Value>().await.unwrap()["resourceType"], "OperationOutcome");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["resourceType"],
+            "OperationOutcome"
+        );
     }
-    let bomb = format!("{{\"resourceType\":\"Patient\",\"extension\":{}{}}}", "[".repeat(50_000), "]".repeat(50_000));
+    let bomb = format!(
+        "{{\"resourceType\":\"Patient\",\"extension\":{}{}}}",
+        "[".repeat(50_000),
+        "]".repeat(50_000)
+    );
     assert_eq!(post_raw(bomb, FJ).await.status(), 400);
     // Oversized body: 413 (default limit 8 MiB).
-    let big = format!("{{\"resourceType\":\"Patient\",\"id\":\"{}\"}}", "a".repeat(9 * 1024 * 1024));
+    let big = format!(
+        "{{\"resourceType\":\"Patient\",\"id\":\"{}\"}}",
+        "a".repeat(9 * 1024 * 1024)
+    );
     let r = post_raw(big, FJ).await;
     assert_eq!(r.status(), 413);
-    assert_eq!(r.json::<Value>().await.unwrap()["issue"][0]["code"], "too-long");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["issue"][0]["code"],
+        "too-long"
+    );
     // Media types.
     assert_eq!(post_raw("{}".into(), "text/plain").await.status(), 415);
-    assert_eq!(post_raw("<Patient/>".into(), "application/fhir+xml").await.status(), 415);
-    let r = s.http.get(s.url("/Patient")).bearer_auth(&tok).header("accept", "application/fhir+xml").send().await.unwrap();
+    assert_eq!(
+        post_raw("<Patient/>".into(), "application/fhir+xml")
+            .await
+            .status(),
+        415
+    );
+    let r = s
+        .http
+        .get(s.url("/Patient"))
+        .bearer_auth(&tok)
+        .header("accept", "application/fhir+xml")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 406);
-    let r = s.http.get(s.url("/Patient?_format=xml")).bearer_auth(&tok).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/Patient?_format=xml"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 406);
     // application/json is accepted too.
-    assert_eq!(post_raw(json!({"resourceType":"Patient"}).to_string(), "application/json").await.status(), 201);
+    assert_eq!(
+        post_raw(
+            json!({"resourceType":"Patient"}).to_string(),
+            "application/json"
+        )
+        .await
+        .status(),
+        201
+    );
     // Unknown type; type/URL mismatch.
-    assert_eq!(send(s, &tok, M::GET, "/Patiant/1", None).await.status(), 404);
-    assert_eq!(send(s, &tok, M::POST, "/Observation", Some(&json!({"resourceType":"Patient"}))).await.status(), 400);
+    assert_eq!(
+        send(s, &tok, M::GET, "/Patiant/1", None).await.status(),
+        404
+    );
+    assert_eq!(
+        send(
+            s,
+            &tok,
+            M::POST,
+            "/Observation",
+            Some(&json!({"resourceType":"Patient"}))
+        )
+        .await
+        .status(),
+        400
+    );
     // Nothing invalid was stored.
-    let b: Value = send(s, &tok, M::GET, "/Observation", None).await.json().await.unwrap();
+    let b: Value = send(s, &tok, M::GET, "/Observation", None)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b["total"], 0);
 }
 
@@ -266,15 +507,39 @@ async fn every_resource_type_is_served(s: &TestServer) {
         let v: Value = r.json().await.unwrap();
         assert_eq!(status, 201, "{t}: {v} for {body}");
         let id = v["id"].as_str().unwrap();
-        assert_eq!(send(s, &tok, M::GET, &format!("/{t}/{id}"), None).await.status(), 200, "{t}");
+        assert_eq!(
+            send(s, &tok, M::GET, &format!("/{t}/{id}"), None)
+                .await
+                .status(),
+            200,
+            "{t}"
+        );
         // And a bare instance either validates or names only required elements.
-        let r = send(s, &tok, M::POST, &format!("/{t}"), Some(&json!({"resourceType": t}))).await;
+        let r = send(
+            s,
+            &tok,
+            M::POST,
+            &format!("/{t}"),
+            Some(&json!({"resourceType": t})),
+        )
+        .await;
         if r.status() != 201 {
             assert_eq!(r.status(), 422, "{t}");
             let oo: Value = r.json().await.unwrap();
-            assert!(oo["issue"].as_array().unwrap().iter().all(|i| i["code"] == "required"), "{t}: {oo}");
+            assert!(
+                oo["issue"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|i| i["code"] == "required"),
+                "{t}: {oo}"
+            );
         }
-        let b: Value = send(s, &tok, M::GET, &format!("/{t}?_count=1"), None).await.json().await.unwrap();
+        let b: Value = send(s, &tok, M::GET, &format!("/{t}?_count=1"), None)
+            .await
+            .json()
+            .await
+            .unwrap();
         assert_eq!(b["type"], "searchset", "{t}");
     }
 }
@@ -285,20 +550,46 @@ async fn history_paging_and_cursors(s: &TestServer) {
     let tok = s.token(ALL).await;
     let mut ids = Vec::new();
     for i in 0..7 {
-        let r = send(s, &tok, M::POST, "/Device", Some(&json!({"resourceType":"Device","lotNumber": format!("lot{i}")}))).await;
-        ids.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned());
+        let r = send(
+            s,
+            &tok,
+            M::POST,
+            "/Device",
+            Some(&json!({"resourceType":"Device","lotNumber": format!("lot{i}")})),
+        )
+        .await;
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let mut seen = Vec::new();
     let mut url = s.url("/Device/_history?_count=3");
     let mut pages = 0;
     let mut first_next = None;
     loop {
-        let b: Value = s.http.get(&url).bearer_auth(&tok).send().await.unwrap().json().await.unwrap();
+        let b: Value = s
+            .http
+            .get(&url)
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         pages += 1;
         for e in b["entry"].as_array().unwrap() {
             seen.push(e["resource"]["id"].as_str().unwrap().to_owned());
         }
-        match b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next") {
+        match b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+        {
             Some(n) => {
                 url = n["url"].as_str().unwrap().to_owned();
                 first_next.get_or_insert(url.clone());
@@ -310,11 +601,32 @@ async fn history_paging_and_cursors(s: &TestServer) {
     seen.reverse();
     assert_eq!(seen, ids);
     // The same through type search paging.
-    let b: Value = send(s, &tok, M::GET, "/Device?_count=5", None).await.json().await.unwrap();
+    let b: Value = send(s, &tok, M::GET, "/Device?_count=5", None)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b["total"], 7);
     assert_eq!(b["entry"].as_array().unwrap().len(), 5);
-    let next = b["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next").unwrap()["url"].as_str().unwrap().to_owned();
-    let b2: Value = s.http.get(&next).bearer_auth(&tok).send().await.unwrap().json().await.unwrap();
+    let next = b["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b2: Value = s
+        .http
+        .get(&next)
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b2["entry"].as_array().unwrap().len(), 2);
     // Tampered cursor, and a cursor replayed on another listing.
     let next = first_next.unwrap();
@@ -322,30 +634,114 @@ async fn history_paging_and_cursors(s: &TestServer) {
     let mut tampered = cursor.clone().into_bytes();
     tampered[2] = if tampered[2] == b'A' { b'B' } else { b'A' };
     let t = String::from_utf8(tampered).unwrap();
-    let r = s.http.get(s.url(&format!("/Device/_history?_count=3&_cursor={t}"))).bearer_auth(&tok).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&format!("/Device/_history?_count=3&_cursor={t}")))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
-    let r = s.http.get(s.url(&format!("/Patient/_history?_count=3&_cursor={cursor}"))).bearer_auth(&tok).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&format!("/Patient/_history?_count=3&_cursor={cursor}")))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400, "cursor bound to its listing");
-    let r = s.http.get(s.url("/Device/_history?_cursor=garbage")).bearer_auth(&tok).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/Device/_history?_cursor=garbage"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     // _since, _count bounds, system history.
-    let r = s.http.get(s.url("/Device/_history?_since=not-a-date")).bearer_auth(&tok).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url("/Device/_history?_since=not-a-date"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
-    let b: Value = s.http.get(s.url("/Device/_history?_since=2999-01-01T00:00:00Z")).bearer_auth(&tok).send().await.unwrap().json().await.unwrap();
+    let b: Value = s
+        .http
+        .get(s.url("/Device/_history?_since=2999-01-01T00:00:00Z"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b["entry"].as_array().unwrap().len(), 0);
-    let b: Value = s.http.get(s.url("/Device/_history?_count=100000")).bearer_auth(&tok).send().await.unwrap().json().await.unwrap();
+    let b: Value = s
+        .http
+        .get(s.url("/Device/_history?_count=100000"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b["entry"].as_array().unwrap().len(), 7);
-    assert_eq!(s.http.get(s.url("/Device/_history?_count=-1")).bearer_auth(&tok).send().await.unwrap().status(), 400);
-    let b: Value = s.http.get(s.url("/_history")).bearer_auth(&tok).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        s.http
+            .get(s.url("/Device/_history?_count=-1"))
+            .bearer_auth(&tok)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let b: Value = s
+        .http
+        .get(s.url("/_history"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(b["entry"].as_array().unwrap().len(), 7);
     // _id search, unknown parameters lenient by default, strict on request.
-    let b: Value = send(s, &tok, M::GET, &format!("/Device?_id={},{}", ids[0], ids[1]), None).await.json().await.unwrap();
+    let b: Value = send(
+        s,
+        &tok,
+        M::GET,
+        &format!("/Device?_id={},{}", ids[0], ids[1]),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     assert_eq!(b["total"], 2);
-    let b: Value = send(s, &tok, M::GET, "/Device?foo=secret-value", None).await.json().await.unwrap();
+    let b: Value = send(s, &tok, M::GET, "/Device?foo=secret-value", None)
+        .await
+        .json()
+        .await
+        .unwrap();
     let last = b["entry"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["search"]["mode"], "outcome");
-    assert!(!b.to_string().contains("secret-value"), "values are never echoed");
-    let r = s.http.get(s.url("/Device?foo=1")).bearer_auth(&tok).header("prefer", "handling=strict").send().await.unwrap();
+    assert!(
+        !b.to_string().contains("secret-value"),
+        "values are never echoed"
+    );
+    let r = s
+        .http
+        .get(s.url("/Device?foo=1"))
+        .bearer_auth(&tok)
+        .header("prefer", "handling=strict")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
 }
 
@@ -357,19 +753,41 @@ async fn metadata_and_discovery_are_truthful(s: &TestServer) {
     assert_eq!(cap["resourceType"], "CapabilityStatement");
     assert_eq!(cap["fhirVersion"], "4.0.1");
     assert_eq!(cap["rest"][0]["resource"].as_array().unwrap().len(), 147);
-    assert!(phylax_fhir::validate::validate_resource(&cap).is_ok(), "our CapabilityStatement is itself valid");
+    assert!(
+        phylax_fhir::validate::validate_resource(&cap).is_ok(),
+        "our CapabilityStatement is itself valid"
+    );
     let token_uri = &cap["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"];
     assert_eq!(token_uri, &json!(s.token_url()));
-    let sc: Value = s.http.get(s.url("/.well-known/smart-configuration")).send().await.unwrap().json().await.unwrap();
+    let sc: Value = s
+        .http
+        .get(s.url("/.well-known/smart-configuration"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(sc["token_endpoint"], json!(s.token_url()));
-    assert!(sc["token_endpoint_auth_signing_alg_values_supported"].as_array().unwrap().contains(&json!("ES384")));
-    assert!(sc["capabilities"].as_array().unwrap().contains(&json!("client-confidential-asymmetric")));
+    assert!(sc["token_endpoint_auth_signing_alg_values_supported"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("ES384")));
+    assert!(sc["capabilities"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("client-confidential-asymmetric")));
 }
 
 both!(security_headers_on_every_response);
 async fn security_headers_on_every_response(s: &TestServer) {
     let tok = s.token(ALL).await;
-    for (path, auth) in [("/metadata", false), ("/Patient", true), ("/Patient/none", true), ("/nope/x/y/z", false)] {
+    for (path, auth) in [
+        ("/metadata", false),
+        ("/Patient", true),
+        ("/Patient/none", true),
+        ("/nope/x/y/z", false),
+    ] {
         let mut rq = s.http.get(s.url(path));
         if auth {
             rq = rq.bearer_auth(&tok);
@@ -378,29 +796,72 @@ async fn security_headers_on_every_response(s: &TestServer) {
         let h = r.headers();
         assert_eq!(h["cache-control"], "no-store", "{path}");
         assert_eq!(h["x-content-type-options"], "nosniff");
-        assert!(h["strict-transport-security"].to_str().unwrap().contains("max-age="));
-        assert!(h["content-security-policy"].to_str().unwrap().contains("default-src 'none'"));
-        assert!(h.get("access-control-allow-origin").is_none(), "CORS off by default");
+        assert!(h["strict-transport-security"]
+            .to_str()
+            .unwrap()
+            .contains("max-age="));
+        assert!(h["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'none'"));
+        assert!(
+            h.get("access-control-allow-origin").is_none(),
+            "CORS off by default"
+        );
         let rid = h["x-request-id"].to_str().unwrap().to_owned();
         if !r.status().is_success() {
             let oo: Value = r.json().await.unwrap();
             assert_eq!(oo["resourceType"], "OperationOutcome", "{path}");
-            assert_eq!(oo["id"], json!(rid), "OperationOutcome carries the request id");
+            assert_eq!(
+                oo["id"],
+                json!(rid),
+                "OperationOutcome carries the request id"
+            );
         }
     }
     // A method the endpoint does not support still answers FHIR.
     let r = s.http.patch(s.url("/metadata")).send().await.unwrap();
     assert_eq!(r.status(), 405);
-    assert_eq!(r.json::<Value>().await.unwrap()["resourceType"], "OperationOutcome");
-    let r = s.http.post(s.url("")).bearer_auth(&tok).header("content-type", FJ).body("{}").send().await.unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["resourceType"],
+        "OperationOutcome"
+    );
+    let r = s
+        .http
+        .post(s.url(""))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 501);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_only_for_configured_origins() {
-    let s = TestServer::start_with(common::Backend::Sqlite, |c| c.http.cors_origins = vec!["https://app.example".into()]).await.unwrap();
-    let r = s.http.get(s.url("/metadata")).header("origin", "https://app.example").send().await.unwrap();
-    assert_eq!(r.headers()["access-control-allow-origin"], "https://app.example");
-    let r = s.http.get(s.url("/metadata")).header("origin", "https://evil.example").send().await.unwrap();
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.http.cors_origins = vec!["https://app.example".into()]
+    })
+    .await
+    .unwrap();
+    let r = s
+        .http
+        .get(s.url("/metadata"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let r = s
+        .http
+        .get(s.url("/metadata"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
 }

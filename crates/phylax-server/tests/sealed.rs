@@ -1,6 +1,7 @@
 //! PHI stays sealed: nothing identifying is in the database bytes, tampering
 //! with stored rows is detected and refused, the KEK is guarded, and the
 //! wire is TLS unless explicitly and locally overridden.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 
@@ -32,17 +33,39 @@ async fn store_phi(s: &TestServer, tok: &str) -> (String, String) {
         "birthDate": "1961-07-23",
         "address": [{"line": ["742 Evergreenish Terrace"], "city": "Springfieldia"}]
     });
-    let r = s.http.post(s.url("/Patient")).bearer_auth(tok).header("content-type", FJ).body(p.to_string()).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/Patient"))
+        .bearer_auth(tok)
+        .header("content-type", FJ)
+        .body(p.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
-    let pid = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let pid = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let o = json!({
         "resourceType": "Observation", "status": "final", "code": {"text": "Diagnosis note"},
         "subject": {"reference": format!("Patient/{pid}")},
         "note": [{"text": "Confidential diagnosis: xylophonitis"}]
     });
-    let r = s.http.post(s.url("/Observation")).bearer_auth(tok).header("content-type", FJ).body(o.to_string()).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url("/Observation"))
+        .bearer_auth(tok)
+        .header("content-type", FJ)
+        .body(o.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
-    let oid = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let oid = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     (pid, oid)
 }
 
@@ -61,7 +84,10 @@ async fn raw_database(s: &TestServer) -> Vec<u8> {
             out
         }
         Backend::Postgres => {
-            let (c, conn) = tokio_postgres::connect(s.db_url.as_deref().unwrap(), tokio_postgres::NoTls).await.unwrap();
+            let (c, conn) =
+                tokio_postgres::connect(s.db_url.as_deref().unwrap(), tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
             tokio::spawn(conn);
             let tables = c
                 .query("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()", &[])
@@ -71,7 +97,11 @@ async fn raw_database(s: &TestServer) -> Vec<u8> {
             let mut out = Vec::new();
             for t in tables {
                 let name: String = t.get(0);
-                for row in c.query(&format!("SELECT t::text FROM {name} t"), &[]).await.unwrap() {
+                for row in c
+                    .query(&format!("SELECT t::text FROM {name} t"), &[])
+                    .await
+                    .unwrap()
+                {
                     out.extend(row.get::<_, String>(0).into_bytes());
                 }
             }
@@ -89,17 +119,44 @@ async fn no_phi_in_database_bytes(s: &TestServer) {
     let tok = s.token("system/*.cruds").await;
     let (pid, _) = store_phi(s, &tok).await;
     // Update and delete too: old versions and tombstones must be sealed as well.
-    let r = s.http.get(s.url(&format!("/Patient/{pid}"))).bearer_auth(&tok).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&format!("/Patient/{pid}")))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     let mut p: Value = r.json().await.unwrap();
     p["gender"] = json!("female");
-    s.http.put(s.url(&format!("/Patient/{pid}"))).bearer_auth(&tok).header("content-type", FJ).body(p.to_string()).send().await.unwrap();
+    s.http
+        .put(s.url(&format!("/Patient/{pid}")))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .body(p.to_string())
+        .send()
+        .await
+        .unwrap();
     let raw = raw_database(s).await;
     for n in NEEDLES {
-        assert!(!contains(&raw, n.as_bytes()), "plaintext {n:?} found in the {:?} database", s.backend);
-        assert!(!contains(&raw, hex::encode(n).as_bytes()), "hex of {n:?} found in the {:?} database", s.backend);
+        assert!(
+            !contains(&raw, n.as_bytes()),
+            "plaintext {n:?} found in the {:?} database",
+            s.backend
+        );
+        assert!(
+            !contains(&raw, hex::encode(n).as_bytes()),
+            "hex of {n:?} found in the {:?} database",
+            s.backend
+        );
     }
     // The data is really there: a read returns it.
-    let r = s.http.get(s.url(&format!("/Patient/{pid}"))).bearer_auth(&tok).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&format!("/Patient/{pid}")))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert!(r.text().await.unwrap().contains("Quixotebergson"));
 }
 
@@ -110,7 +167,10 @@ async fn sql(s: &TestServer, stmt: &str) {
             c.execute_batch(stmt).unwrap();
         }
         Backend::Postgres => {
-            let (c, conn) = tokio_postgres::connect(s.db_url.as_deref().unwrap(), tokio_postgres::NoTls).await.unwrap();
+            let (c, conn) =
+                tokio_postgres::connect(s.db_url.as_deref().unwrap(), tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
             tokio::spawn(conn);
             c.batch_execute(stmt).await.unwrap();
         }
@@ -118,7 +178,13 @@ async fn sql(s: &TestServer, stmt: &str) {
 }
 
 async fn status_and_body(s: &TestServer, tok: &str, path: &str) -> (u16, String) {
-    let r = s.http.get(s.url(path)).bearer_auth(tok).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(path))
+        .bearer_auth(tok)
+        .send()
+        .await
+        .unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
@@ -148,28 +214,69 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
         ),
     };
     sql(s, &blob_flip).await;
-    assert_integrity_refusal(status_and_body(s, &tok, &format!("/Patient/{a}")).await, "flipped byte");
+    assert_integrity_refusal(
+        status_and_body(s, &tok, &format!("/Patient/{a}")).await,
+        "flipped byte",
+    );
 
     // Move B's ciphertext onto C (same type and version, different id).
     sql(s, &format!("UPDATE resource_versions SET body = (SELECT body FROM resource_versions WHERE id = '{b}' AND version = 1), \
                      key_scope = (SELECT key_scope FROM resource_versions WHERE id = '{b}' AND version = 1) WHERE id = '{c}'")).await;
-    assert_integrity_refusal(status_and_body(s, &tok, &format!("/Patient/{c}")).await, "swapped rows");
-    assert_eq!(status_and_body(s, &tok, &format!("/Patient/{b}")).await.0, 200, "the source row is intact");
+    assert_integrity_refusal(
+        status_and_body(s, &tok, &format!("/Patient/{c}")).await,
+        "swapped rows",
+    );
+    assert_eq!(
+        status_and_body(s, &tok, &format!("/Patient/{b}")).await.0,
+        200,
+        "the source row is intact"
+    );
 
     // Replay an old version as the current one.
-    let r = s.http.get(s.url(&format!("/Patient/{d}"))).bearer_auth(&tok).send().await.unwrap();
+    let r = s
+        .http
+        .get(s.url(&format!("/Patient/{d}")))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     let body: Value = r.json().await.unwrap();
-    s.http.put(s.url(&format!("/Patient/{d}"))).bearer_auth(&tok).header("content-type", FJ).body(body.to_string()).send().await.unwrap();
+    s.http
+        .put(s.url(&format!("/Patient/{d}")))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
     sql(s, &format!("UPDATE resource_versions SET body = (SELECT body FROM resource_versions WHERE id = '{d}' AND version = 1) \
                      WHERE id = '{d}' AND version = 2")).await;
-    assert_integrity_refusal(status_and_body(s, &tok, &format!("/Patient/{d}")).await, "replayed version");
-    assert_eq!(status_and_body(s, &tok, &format!("/Patient/{d}/_history/1")).await.0, 200);
+    assert_integrity_refusal(
+        status_and_body(s, &tok, &format!("/Patient/{d}")).await,
+        "replayed version",
+    );
+    assert_eq!(
+        status_and_body(s, &tok, &format!("/Patient/{d}/_history/1"))
+            .await
+            .0,
+        200
+    );
 
     // Rewrite which key a row claims, and tamper with a wrapped key.
-    sql(s, &format!("UPDATE resource_versions SET key_scope = 'tenant' WHERE id = '{b}'")).await;
-    assert_integrity_refusal(status_and_body(s, &tok, &format!("/Patient/{b}")).await, "key scope rewritten");
+    sql(
+        s,
+        &format!("UPDATE resource_versions SET key_scope = 'tenant' WHERE id = '{b}'"),
+    )
+    .await;
+    assert_integrity_refusal(
+        status_and_body(s, &tok, &format!("/Patient/{b}")).await,
+        "key scope rewritten",
+    );
     // History listings refuse too, rather than skipping the bad row silently.
-    assert_integrity_refusal(status_and_body(s, &tok, "/Patient/_history").await, "history over a tampered row");
+    assert_integrity_refusal(
+        status_and_body(s, &tok, "/Patient/_history").await,
+        "history over a tampered row",
+    );
 
     // A fresh server (no key cache) over a tampered wrapped key.
     let (e, _) = store_phi(s, &tok).await;
@@ -178,11 +285,18 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
         Backend::Postgres => format!("UPDATE wrapped_keys SET wrapped = set_byte(wrapped, 20, (get_byte(wrapped, 20) + 1) % 256) WHERE scope = 'data:patient:{e}'"),
     };
     sql(s, &flip_key).await;
-    let inst = Instance::open(&s.data_dir, s.db_url.as_deref()).await.unwrap();
+    let inst = Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap();
     let repo = phylax_server::repo::Repo::new(inst.store.clone(), inst.keys.clone());
     let t = phylax_fhir::ResourceType::parse("Patient").unwrap();
-    let r = repo.read(&t, &phylax_fhir::ResourceId::parse(&e).unwrap()).await;
-    assert!(matches!(r, Err(phylax_server::repo::RepoError::Integrity { .. })), "{r:?}");
+    let r = repo
+        .read(&t, &phylax_fhir::ResourceId::parse(&e).unwrap())
+        .await;
+    assert!(
+        matches!(r, Err(phylax_server::repo::RepoError::Integrity { .. })),
+        "{r:?}"
+    );
 }
 
 #[tokio::test]
@@ -199,10 +313,16 @@ async fn wrong_or_exposed_kek_is_refused() {
         tls_names: vec![],
     };
     Instance::init(&opts).await.unwrap();
-    assert!(matches!(Instance::init(&opts).await, Err(InstanceError::AlreadyInitialized(_))));
+    assert!(matches!(
+        Instance::init(&opts).await,
+        Err(InstanceError::AlreadyInitialized(_))
+    ));
     assert!(Instance::open(&data, None).await.is_ok());
     // A PostgreSQL URL does not apply to a SQLite instance.
-    assert!(matches!(Instance::open(&data, Some("postgres://x@localhost/y")).await, Err(InstanceError::DatabaseUrlNotApplicable)));
+    assert!(matches!(
+        Instance::open(&data, Some("postgres://x@localhost/y")).await,
+        Err(InstanceError::DatabaseUrlNotApplicable)
+    ));
     // Another KEK: refused at start, not at the first read.
     let other = dir.path().join("keys/other");
     phylax_crypto::Kek::create_file(&other).unwrap();
@@ -210,7 +330,10 @@ async fn wrong_or_exposed_kek_is_refused() {
     let good = cfg.key_file.clone();
     cfg.key_file = other;
     cfg.save(&data).unwrap();
-    assert!(matches!(Instance::open(&data, None).await, Err(InstanceError::WrongKek)));
+    assert!(matches!(
+        Instance::open(&data, None).await,
+        Err(InstanceError::WrongKek)
+    ));
     cfg.key_file = good;
     cfg.save(&data).unwrap();
     // A key file others can read is refused.
@@ -226,7 +349,10 @@ async fn wrong_or_exposed_kek_is_refused() {
         key_file: Some(dir.path().join("d2/kek")),
         ..opts.clone()
     };
-    assert!(matches!(Instance::init(&inside).await, Err(InstanceError::KeyInsideDataDir)));
+    assert!(matches!(
+        Instance::init(&inside).await,
+        Err(InstanceError::KeyInsideDataDir)
+    ));
     // The default key location is beside, not inside, the data directory.
     let def = phylax_server::instance::default_key_file(&dir.path().join("phylax-data")).unwrap();
     assert!(!def.starts_with(dir.path().join("phylax-data")));
@@ -259,7 +385,10 @@ async fn plaintext_only_on_loopback_and_tls_is_strict() {
     assert!(r.is_err());
     // Plaintext HTTP to the TLS port gets nothing useful.
     let plain = reqwest::Client::new();
-    let r = plain.get(s.fhir.replace("https://", "http://") + "/metadata").send().await;
+    let r = plain
+        .get(s.fhir.replace("https://", "http://") + "/metadata")
+        .send()
+        .await;
     assert!(r.map(|r| !r.status().is_success()).unwrap_or(true));
     // A TLS 1.2-only client still connects (forward-secret AEAD suite).
     let ca = std::fs::read(s.data_dir.join("tls/ca.pem")).unwrap();
@@ -270,14 +399,23 @@ async fn plaintext_only_on_loopback_and_tls_is_strict() {
         .max_tls_version(reqwest::tls::Version::TLS_1_2)
         .build()
         .unwrap();
-    assert_eq!(c12.get(s.url("/metadata")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c12.get(s.url("/metadata")).send().await.unwrap().status(),
+        200
+    );
     // A client that does not trust our CA refuses the server.
     let untrusting = reqwest::Client::builder().use_rustls_tls().build().unwrap();
     assert!(untrusting.get(s.url("/metadata")).send().await.is_err());
     // Only forward-secret AEAD suites are configured.
     for suite in phylax_server::tls::allowed_suites() {
         let name = format!("{:?}", suite.suite());
-        assert!(name.starts_with("TLS13_") || name.starts_with("TLS_ECDHE_"), "{name}");
-        assert!(name.contains("GCM") || name.contains("CHACHA20_POLY1305"), "{name}");
+        assert!(
+            name.starts_with("TLS13_") || name.starts_with("TLS_ECDHE_"),
+            "{name}"
+        );
+        assert!(
+            name.contains("GCM") || name.contains("CHACHA20_POLY1305"),
+            "{name}"
+        );
     }
 }

@@ -122,7 +122,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn get_wrapped_key(&self, scope: &str) -> Result<Option<Vec<u8>>>;
     /// Store a wrapped key unless one exists for the scope (another node may
     /// have raced us); return the one that is stored.
-    async fn put_wrapped_key_if_absent(&self, scope: &str, wrapped: &[u8], now: i64) -> Result<Vec<u8>>;
+    async fn put_wrapped_key_if_absent(
+        &self,
+        scope: &str,
+        wrapped: &[u8],
+        now: i64,
+    ) -> Result<Vec<u8>>;
 
     /// Append a version if the precondition holds, atomically updating the
     /// current pointer. Returns the global sequence number.
@@ -130,12 +135,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The current version of a resource (including a tombstone).
     async fn read_current(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>>;
     /// A specific version.
-    async fn read_version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<StoredVersion>>;
+    async fn read_version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<StoredVersion>>;
     /// History, newest first.
     async fn history(&self, q: &HistoryQuery) -> Result<Vec<StoredVersion>>;
     /// Current, non-deleted resources of a type, newest write first, with
     /// `seq < before_seq` when paging.
-    async fn list_current(&self, rtype: &str, before_seq: Option<i64>, limit: u32) -> Result<Vec<StoredVersion>>;
+    async fn list_current(
+        &self,
+        rtype: &str,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredVersion>>;
     /// Count of current, non-deleted resources of a type.
     async fn count_current(&self, rtype: &str) -> Result<u64>;
 
@@ -155,7 +170,9 @@ pub type DynStore = Arc<dyn Store>;
 /// Open a store from a database URL: `sqlite:PATH` or `postgres://…`.
 pub async fn open(url: &str) -> Result<DynStore> {
     if let Some(path) = url.strip_prefix("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?))
+        Ok(Arc::new(
+            sqlite::SqliteStore::open(std::path::Path::new(path)).await?,
+        ))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(postgres::PgStore::connect(url, None).await?))
     } else {

@@ -26,7 +26,10 @@ impl std::fmt::Debug for PgStore {
 fn pg(e: tokio_postgres::Error) -> StoreError {
     match e.code() {
         Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::Duplicate,
-        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED => {
+        Some(c)
+            if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+        {
             StoreError::Conflict
         }
         Some(c) if *c == SqlState::DISK_FULL || *c == SqlState::READ_ONLY_SQL_TRANSACTION => {
@@ -115,7 +118,10 @@ impl PgStore {
         .await
         .map_err(pg)?;
         let current: i64 = tx
-            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
             .await
             .map_err(pg)?
             .get(0);
@@ -162,13 +168,21 @@ impl Store for PgStore {
     async fn get_wrapped_key(&self, scope: &str) -> Result<Option<Vec<u8>>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let r = c
-            .query_opt("SELECT wrapped FROM wrapped_keys WHERE scope = $1", &[&scope])
+            .query_opt(
+                "SELECT wrapped FROM wrapped_keys WHERE scope = $1",
+                &[&scope],
+            )
             .await
             .map_err(pg)?;
         Ok(r.map(|r| r.get(0)))
     }
 
-    async fn put_wrapped_key_if_absent(&self, scope: &str, wrapped: &[u8], now: i64) -> Result<Vec<u8>> {
+    async fn put_wrapped_key_if_absent(
+        &self,
+        scope: &str,
+        wrapped: &[u8],
+        now: i64,
+    ) -> Result<Vec<u8>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         c.execute(
             "INSERT INTO wrapped_keys (scope, wrapped, created_at) VALUES ($1, $2, $3) ON CONFLICT (scope) DO NOTHING",
@@ -177,7 +191,10 @@ impl Store for PgStore {
         .await
         .map_err(pg)?;
         let r = c
-            .query_one("SELECT wrapped FROM wrapped_keys WHERE scope = $1", &[&scope])
+            .query_one(
+                "SELECT wrapped FROM wrapped_keys WHERE scope = $1",
+                &[&scope],
+            )
             .await
             .map_err(pg)?;
         Ok(r.get(0))
@@ -241,10 +258,19 @@ impl Store for PgStore {
             ))
             .await
             .map_err(pg)?;
-        Ok(c.query_opt(&st, &[&rtype, &id]).await.map_err(pg)?.as_ref().map(row_version))
+        Ok(c.query_opt(&st, &[&rtype, &id])
+            .await
+            .map_err(pg)?
+            .as_ref()
+            .map(row_version))
     }
 
-    async fn read_version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<StoredVersion>> {
+    async fn read_version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<StoredVersion>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let st = c
             .prepare_cached(&format!(
@@ -253,7 +279,11 @@ impl Store for PgStore {
             .await
             .map_err(pg)?;
         let v = version as i64;
-        Ok(c.query_opt(&st, &[&rtype, &id, &v]).await.map_err(pg)?.as_ref().map(row_version))
+        Ok(c.query_opt(&st, &[&rtype, &id, &v])
+            .await
+            .map_err(pg)?
+            .as_ref()
+            .map(row_version))
     }
 
     async fn history(&self, q: &HistoryQuery) -> Result<Vec<StoredVersion>> {
@@ -288,7 +318,12 @@ impl Store for PgStore {
         Ok(rows.iter().map(row_version).collect())
     }
 
-    async fn list_current(&self, rtype: &str, before_seq: Option<i64>, limit: u32) -> Result<Vec<StoredVersion>> {
+    async fn list_current(
+        &self,
+        rtype: &str,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredVersion>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let cols = VERSION_COLS
             .split(", ")
@@ -313,7 +348,10 @@ impl Store for PgStore {
     async fn count_current(&self, rtype: &str) -> Result<u64> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let n: i64 = c
-            .query_one("SELECT COUNT(*) FROM resources WHERE rtype = $1 AND NOT deleted", &[&rtype])
+            .query_one(
+                "SELECT COUNT(*) FROM resources WHERE rtype = $1 AND NOT deleted",
+                &[&rtype],
+            )
             .await
             .map_err(pg)?
             .get(0);
@@ -358,7 +396,10 @@ impl Store for PgStore {
     async fn set_client_disabled(&self, id: &str, disabled: bool) -> Result<bool> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let n = c
-            .execute("UPDATE clients SET disabled = $1 WHERE id = $2", &[&disabled, &id])
+            .execute(
+                "UPDATE clients SET disabled = $1 WHERE id = $2",
+                &[&disabled, &id],
+            )
             .await
             .map_err(pg)?;
         Ok(n > 0)

@@ -84,7 +84,11 @@ fn migrate(c: &mut Connection) -> Result<()> {
     )
     .map_err(backend)?;
     let current: i64 = tx
-        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )
         .map_err(backend)?;
     for (v, sql) in migrations::SQLITE.iter().filter(|(v, _)| *v > current) {
         tx.execute_batch(sql).map_err(backend)?;
@@ -244,9 +248,11 @@ impl Store for SqliteStore {
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let key = key.to_owned();
         self.read(move |c| {
-            c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
-                .optional()
-                .map_err(backend)
+            c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(backend)
         })
         .await
     }
@@ -259,8 +265,10 @@ impl Store for SqliteStore {
                 params![key, value],
             )
             .map_err(backend)?;
-            c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0))
-                .map_err(backend)
+            c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .map_err(backend)
         })
         .await
     }
@@ -268,14 +276,23 @@ impl Store for SqliteStore {
     async fn get_wrapped_key(&self, scope: &str) -> Result<Option<Vec<u8>>> {
         let scope = scope.to_owned();
         self.read(move |c| {
-            c.query_row("SELECT wrapped FROM wrapped_keys WHERE scope = ?1", params![scope], |r| r.get(0))
-                .optional()
-                .map_err(backend)
+            c.query_row(
+                "SELECT wrapped FROM wrapped_keys WHERE scope = ?1",
+                params![scope],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)
         })
         .await
     }
 
-    async fn put_wrapped_key_if_absent(&self, scope: &str, wrapped: &[u8], now: i64) -> Result<Vec<u8>> {
+    async fn put_wrapped_key_if_absent(
+        &self,
+        scope: &str,
+        wrapped: &[u8],
+        now: i64,
+    ) -> Result<Vec<u8>> {
         let (scope, wrapped) = (scope.to_owned(), wrapped.to_vec());
         self.write(move |c| {
             c.execute(
@@ -347,7 +364,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn read_version(&self, rtype: &str, id: &str, version: u64) -> Result<Option<StoredVersion>> {
+    async fn read_version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<StoredVersion>> {
         let (rtype, id) = (rtype.to_owned(), id.to_owned());
         self.read(move |c| {
             c.query_row(
@@ -399,7 +421,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_current(&self, rtype: &str, before_seq: Option<i64>, limit: u32) -> Result<Vec<StoredVersion>> {
+    async fn list_current(
+        &self,
+        rtype: &str,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredVersion>> {
         let rtype = rtype.to_owned();
         self.read(move |c| {
             let mut st = c

@@ -3,6 +3,7 @@
 //! `PHYLAX_TEST_DATABASE_URL` (scripts/test sets it up); without it the
 //! PostgreSQL half is skipped with a note, except under `CI=true`, where a
 //! missing database is a failure.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use phylax_store::postgres::PgStore;
 use phylax_store::sqlite::SqliteStore;
@@ -79,32 +80,58 @@ async fn meta_and_keys_are_set_once(s: &DynStore) {
     assert_eq!(s.put_meta_if_absent("k", b"two").await.unwrap(), b"one");
     assert_eq!(s.get_meta("k").await.unwrap().unwrap(), b"one");
     assert_eq!(s.get_wrapped_key("patient:1").await.unwrap(), None);
-    let a = s.put_wrapped_key_if_absent("patient:1", b"w1", 1).await.unwrap();
-    let b = s.put_wrapped_key_if_absent("patient:1", b"w2", 2).await.unwrap();
+    let a = s
+        .put_wrapped_key_if_absent("patient:1", b"w1", 1)
+        .await
+        .unwrap();
+    let b = s
+        .put_wrapped_key_if_absent("patient:1", b"w2", 2)
+        .await
+        .unwrap();
     assert_eq!(a, b"w1");
     assert_eq!(b, b"w1", "a racing second key loses; the first stays");
 }
 
 both!(versions_preconditions_and_tombstones);
 async fn versions_preconditions_and_tombstones(s: &DynStore) {
-    s.append_version(nv("Patient", "a", 1, 1000, b"v1"), Precondition::Absent).await.unwrap();
+    s.append_version(nv("Patient", "a", 1, 1000, b"v1"), Precondition::Absent)
+        .await
+        .unwrap();
     assert!(matches!(
-        s.append_version(nv("Patient", "a", 1, 1001, b"x"), Precondition::Absent).await,
+        s.append_version(nv("Patient", "a", 1, 1001, b"x"), Precondition::Absent)
+            .await,
         Err(StoreError::Conflict)
     ));
     assert!(matches!(
-        s.append_version(nv("Patient", "a", 3, 1001, b"x"), Precondition::CurrentIs(1)).await,
+        s.append_version(
+            nv("Patient", "a", 3, 1001, b"x"),
+            Precondition::CurrentIs(1)
+        )
+        .await,
         Err(StoreError::Conflict)
     ));
     assert!(matches!(
-        s.append_version(nv("Patient", "a", 3, 1001, b"x"), Precondition::CurrentIs(2)).await,
+        s.append_version(
+            nv("Patient", "a", 3, 1001, b"x"),
+            Precondition::CurrentIs(2)
+        )
+        .await,
         Err(StoreError::Conflict)
     ));
     assert!(matches!(
-        s.append_version(nv("Patient", "zz", 2, 1001, b"x"), Precondition::CurrentIs(1)).await,
+        s.append_version(
+            nv("Patient", "zz", 2, 1001, b"x"),
+            Precondition::CurrentIs(1)
+        )
+        .await,
         Err(StoreError::Conflict)
     ));
-    s.append_version(nv("Patient", "a", 2, 2000, b"v2"), Precondition::CurrentIs(1)).await.unwrap();
+    s.append_version(
+        nv("Patient", "a", 2, 2000, b"v2"),
+        Precondition::CurrentIs(1),
+    )
+    .await
+    .unwrap();
     let cur = s.read_current("Patient", "a").await.unwrap().unwrap();
     assert_eq!((cur.version, cur.sealed.as_deref()), (2, Some(&b"v2"[..])));
     let v1 = s.read_version("Patient", "a", 1).await.unwrap().unwrap();
@@ -114,41 +141,98 @@ async fn versions_preconditions_and_tombstones(s: &DynStore) {
     let mut del = nv("Patient", "a", 3, 3000, b"");
     del.deleted = true;
     del.sealed = None;
-    s.append_version(del, Precondition::CurrentIs(2)).await.unwrap();
+    s.append_version(del, Precondition::CurrentIs(2))
+        .await
+        .unwrap();
     let cur = s.read_current("Patient", "a").await.unwrap().unwrap();
     assert!(cur.deleted && cur.sealed.is_none() && cur.version == 3);
     // A deleted id is never "absent" again: no silent version-1 reuse.
     assert!(matches!(
-        s.append_version(nv("Patient", "a", 1, 4000, b"x"), Precondition::Absent).await,
+        s.append_version(nv("Patient", "a", 1, 4000, b"x"), Precondition::Absent)
+            .await,
         Err(StoreError::Conflict)
     ));
-    s.append_version(nv("Patient", "a", 4, 4000, b"v4"), Precondition::CurrentIs(3)).await.unwrap();
-    assert!(!s.read_current("Patient", "a").await.unwrap().unwrap().deleted);
+    s.append_version(
+        nv("Patient", "a", 4, 4000, b"v4"),
+        Precondition::CurrentIs(3),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !s.read_current("Patient", "a")
+            .await
+            .unwrap()
+            .unwrap()
+            .deleted
+    );
 }
 
 both!(history_scopes_since_and_paging);
 async fn history_scopes_since_and_paging(s: &DynStore) {
     for i in 0..5u64 {
         let id = format!("p{i}");
-        s.append_version(nv("Patient", &id, 1, 100 + i as i64, b"x"), Precondition::Absent).await.unwrap();
-        s.append_version(nv("Observation", &id, 1, 200 + i as i64, b"x"), Precondition::Absent).await.unwrap();
+        s.append_version(
+            nv("Patient", &id, 1, 100 + i as i64, b"x"),
+            Precondition::Absent,
+        )
+        .await
+        .unwrap();
+        s.append_version(
+            nv("Observation", &id, 1, 200 + i as i64, b"x"),
+            Precondition::Absent,
+        )
+        .await
+        .unwrap();
     }
-    s.append_version(nv("Patient", "p0", 2, 300, b"y"), Precondition::CurrentIs(1)).await.unwrap();
-    let q = |scope, since, before, limit| HistoryQuery { scope, since, before_seq: before, limit };
-    let all = s.history(&q(HistoryScope::System, None, None, 100)).await.unwrap();
+    s.append_version(
+        nv("Patient", "p0", 2, 300, b"y"),
+        Precondition::CurrentIs(1),
+    )
+    .await
+    .unwrap();
+    let q = |scope, since, before, limit| HistoryQuery {
+        scope,
+        since,
+        before_seq: before,
+        limit,
+    };
+    let all = s
+        .history(&q(HistoryScope::System, None, None, 100))
+        .await
+        .unwrap();
     assert_eq!(all.len(), 11);
     assert!(all.windows(2).all(|w| w[0].seq > w[1].seq), "newest first");
-    let pats = s.history(&q(HistoryScope::Type("Patient".into()), None, None, 100)).await.unwrap();
+    let pats = s
+        .history(&q(HistoryScope::Type("Patient".into()), None, None, 100))
+        .await
+        .unwrap();
     assert_eq!(pats.len(), 6);
-    let inst = s.history(&q(HistoryScope::Instance("Patient".into(), "p0".into()), None, None, 100)).await.unwrap();
-    assert_eq!(inst.iter().map(|v| v.version).collect::<Vec<_>>(), vec![2, 1]);
-    let since = s.history(&q(HistoryScope::System, Some(200), None, 100)).await.unwrap();
+    let inst = s
+        .history(&q(
+            HistoryScope::Instance("Patient".into(), "p0".into()),
+            None,
+            None,
+            100,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        inst.iter().map(|v| v.version).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    let since = s
+        .history(&q(HistoryScope::System, Some(200), None, 100))
+        .await
+        .unwrap();
     assert_eq!(since.len(), 6);
     // Paging: pages of 4 cover everything exactly once.
     let mut seen = Vec::new();
     let mut before = None;
     loop {
-        let page = s.history(&q(HistoryScope::System, None, before, 4)).await.unwrap();
+        let page = s
+            .history(&q(HistoryScope::System, None, before, 4))
+            .await
+            .unwrap();
         if page.is_empty() {
             break;
         }
@@ -161,20 +245,41 @@ async fn history_scopes_since_and_paging(s: &DynStore) {
 both!(list_and_count_current);
 async fn list_and_count_current(s: &DynStore) {
     for i in 0..6 {
-        s.append_version(nv("Patient", &format!("p{i}"), 1, i, b"x"), Precondition::Absent).await.unwrap();
+        s.append_version(
+            nv("Patient", &format!("p{i}"), 1, i, b"x"),
+            Precondition::Absent,
+        )
+        .await
+        .unwrap();
     }
     let mut del = nv("Patient", "p2", 2, 10, b"");
     del.deleted = true;
     del.sealed = None;
-    s.append_version(del, Precondition::CurrentIs(1)).await.unwrap();
-    s.append_version(nv("Patient", "p0", 2, 11, b"x2"), Precondition::CurrentIs(1)).await.unwrap();
+    s.append_version(del, Precondition::CurrentIs(1))
+        .await
+        .unwrap();
+    s.append_version(
+        nv("Patient", "p0", 2, 11, b"x2"),
+        Precondition::CurrentIs(1),
+    )
+    .await
+    .unwrap();
     assert_eq!(s.count_current("Patient").await.unwrap(), 5);
     assert_eq!(s.count_current("Observation").await.unwrap(), 0);
     let page1 = s.list_current("Patient", None, 3).await.unwrap();
-    assert_eq!(page1.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), vec!["p0", "p5", "p4"]);
+    assert_eq!(
+        page1.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+        vec!["p0", "p5", "p4"]
+    );
     assert_eq!(page1[0].version, 2);
-    let page2 = s.list_current("Patient", page1.last().map(|v| v.seq), 3).await.unwrap();
-    assert_eq!(page2.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), vec!["p3", "p1"]);
+    let page2 = s
+        .list_current("Patient", page1.last().map(|v| v.seq), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        page2.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+        vec!["p3", "p1"]
+    );
 }
 
 both!(clients_and_jti_replay);
@@ -195,8 +300,14 @@ async fn clients_and_jti_replay(s: &DynStore) {
     assert!(!s.set_client_disabled("nope", true).await.unwrap());
     assert!(s.list_clients().await.unwrap()[0].disabled);
     assert!(s.use_jti("c1", "j1", 100, 10).await.unwrap());
-    assert!(!s.use_jti("c1", "j1", 100, 20).await.unwrap(), "replay refused");
-    assert!(s.use_jti("c2", "j1", 100, 20).await.unwrap(), "jti is per client");
+    assert!(
+        !s.use_jti("c1", "j1", 100, 20).await.unwrap(),
+        "replay refused"
+    );
+    assert!(
+        s.use_jti("c2", "j1", 100, 20).await.unwrap(),
+        "jti is per client"
+    );
     // After expiry the entry may be purged; the assertion itself would be
     // refused by its exp check long before that.
     assert!(s.use_jti("c1", "j2", 100, 20).await.unwrap());
@@ -204,13 +315,18 @@ async fn clients_and_jti_replay(s: &DynStore) {
 
 both!(concurrent_writers_one_winner_per_version);
 async fn concurrent_writers_one_winner_per_version(s: &DynStore) {
-    s.append_version(nv("Patient", "race", 1, 1, b"x"), Precondition::Absent).await.unwrap();
+    s.append_version(nv("Patient", "race", 1, 1, b"x"), Precondition::Absent)
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for i in 0..16 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.append_version(nv("Patient", "race", 2, 2, format!("w{i}").as_bytes()), Precondition::CurrentIs(1))
-                .await
+            s.append_version(
+                nv("Patient", "race", 2, 2, format!("w{i}").as_bytes()),
+                Precondition::CurrentIs(1),
+            )
+            .await
         }));
     }
     let mut ok = 0;
@@ -222,7 +338,14 @@ async fn concurrent_writers_one_winner_per_version(s: &DynStore) {
         }
     }
     assert_eq!(ok, 1);
-    assert_eq!(s.read_current("Patient", "race").await.unwrap().unwrap().version, 2);
+    assert_eq!(
+        s.read_current("Patient", "race")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
 }
 
 both!(many_concurrent_creates_all_land);
@@ -231,7 +354,11 @@ async fn many_concurrent_creates_all_land(s: &DynStore) {
     for i in 0..200 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.append_version(nv("Observation", &format!("o{i}"), 1, i, b"x"), Precondition::Absent).await
+            s.append_version(
+                nv("Observation", &format!("o{i}"), 1, i, b"x"),
+                Precondition::Absent,
+            )
+            .await
         }));
     }
     let mut seqs = Vec::new();
@@ -250,7 +377,9 @@ async fn sqlite_data_survives_reopen() {
     let path = dir.path().join("t.db");
     {
         let s = SqliteStore::open(&path).await.unwrap();
-        s.append_version(nv("Patient", "a", 1, 1, b"durable"), Precondition::Absent).await.unwrap();
+        s.append_version(nv("Patient", "a", 1, 1, b"durable"), Precondition::Absent)
+            .await
+            .unwrap();
     }
     let s = SqliteStore::open(&path).await.unwrap();
     let v = s.read_current("Patient", "a").await.unwrap().unwrap();

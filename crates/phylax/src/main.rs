@@ -146,7 +146,9 @@ enum ClientCmd {
 fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("PHYLAX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
     if json {
         b.json().flatten_event(true).init();
     } else {
@@ -156,7 +158,10 @@ fn init_logging(json: bool) {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -183,13 +188,26 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await?;
             println!("initialised {}", a.data_dir.display());
-            println!("  key file (keep it safe, outside backups of the data): {}", cfg.key_file.display());
-            println!("  CA certificate for clients: {}", a.data_dir.join(&cfg.tls.ca).display());
+            println!(
+                "  key file (keep it safe, outside backups of the data): {}",
+                cfg.key_file.display()
+            );
+            println!(
+                "  CA certificate for clients: {}",
+                a.data_dir.join(&cfg.tls.ca).display()
+            );
             Ok(())
         }
         Cmd::Serve(a) => {
             init_logging(a.log_json);
-            serve_cmd(&a.inst.data_dir, a.inst.database_url.as_deref(), a.listen, a.danger_plaintext, a.log_json).await
+            serve_cmd(
+                &a.inst.data_dir,
+                a.inst.database_url.as_deref(),
+                a.listen,
+                a.danger_plaintext,
+                a.log_json,
+            )
+            .await
         }
         Cmd::Client(c) => client_cmd(c).await,
     }
@@ -234,10 +252,18 @@ async fn quickstart(data_dir: &Path, listen: &str) -> Result<()> {
     serve_cmd(data_dir, None, Some(listen.to_owned()), false, false).await
 }
 
-async fn serve_cmd(data_dir: &Path, db: Option<&str>, listen: Option<String>, plaintext: bool, _json: bool) -> Result<()> {
+async fn serve_cmd(
+    data_dir: &Path,
+    db: Option<&str>,
+    listen: Option<String>,
+    plaintext: bool,
+    _json: bool,
+) -> Result<()> {
     let inst = Instance::open(data_dir, db).await?;
     let listen = listen.unwrap_or_else(|| inst.config.listen.clone());
-    let addr: SocketAddr = listen.parse().with_context(|| format!("invalid listen address {listen}"))?;
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("invalid listen address {listen}"))?;
     if plaintext && !addr.ip().is_loopback() {
         bail!("--danger-plaintext is only allowed on a loopback address (got {addr})");
     }
@@ -245,9 +271,14 @@ async fn serve_cmd(data_dir: &Path, db: Option<&str>, listen: Option<String>, pl
         tracing::warn!("DANGER: serving plaintext HTTP on {addr} (--danger-plaintext)");
         None
     } else {
-        Some(phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key)?)
+        Some(phylax_server::tls::server_config(
+            &inst.cert_path(),
+            &inst.config.tls.key,
+        )?)
     };
-    let st = AppState::new(inst, None).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let st = AppState::new(inst, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -266,9 +297,16 @@ async fn serve_cmd(data_dir: &Path, db: Option<&str>, listen: Option<String>, pl
 
 async fn client_cmd(c: ClientCmd) -> Result<()> {
     match c {
-        ClientCmd::Add { inst, name, scope, jwks } => {
-            let scopes = ScopeSet::parse_strict(&scope, ScopeContext::System).map_err(|e| anyhow::anyhow!("--scope: {e}"))?;
-            let text = std::fs::read_to_string(&jwks).with_context(|| format!("cannot read {}", jwks.display()))?;
+        ClientCmd::Add {
+            inst,
+            name,
+            scope,
+            jwks,
+        } => {
+            let scopes = ScopeSet::parse_strict(&scope, ScopeContext::System)
+                .map_err(|e| anyhow::anyhow!("--scope: {e}"))?;
+            let text = std::fs::read_to_string(&jwks)
+                .with_context(|| format!("cannot read {}", jwks.display()))?;
             parse_jwks(&text).map_err(|e| anyhow::anyhow!("--jwks: {e}"))?;
             if name.trim().is_empty() || name.len() > 200 {
                 bail!("--name must be 1 to 200 characters");
@@ -298,9 +336,18 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:<36}  {:<8}  {:<24}  SCOPE", "CLIENT_ID", "STATUS", "NAME");
+                println!(
+                    "{:<36}  {:<8}  {:<24}  SCOPE",
+                    "CLIENT_ID", "STATUS", "NAME"
+                );
                 for c in clients {
-                    println!("{:<36}  {:<8}  {:<24}  {}", c.id, if c.disabled { "disabled" } else { "active" }, c.name, c.scope);
+                    println!(
+                        "{:<36}  {:<8}  {:<24}  {}",
+                        c.id,
+                        if c.disabled { "disabled" } else { "active" },
+                        c.name,
+                        c.scope
+                    );
                 }
             }
             Ok(())
@@ -309,17 +356,33 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
         ClientCmd::Enable { inst, client_id } => set_disabled(inst, &client_id, false).await,
         ClientCmd::Keygen { out } => {
             let g = phylax_auth::client_key::generate()?;
-            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
             let key_path = out.join("client-key.pem");
             write_private(&key_path, g.private_pem.expose())?;
             std::fs::write(out.join("client-jwks.json"), &g.jwks)?;
-            println!("wrote {} (private, 0600) and {}", key_path.display(), out.join("client-jwks.json").display());
+            println!(
+                "wrote {} (private, 0600) and {}",
+                key_path.display(),
+                out.join("client-jwks.json").display()
+            );
             Ok(())
         }
-        ClientCmd::Assertion { client_id, key, token_url } => {
-            let pem = std::fs::read(&key).with_context(|| format!("cannot read {}", key.display()))?;
+        ClientCmd::Assertion {
+            client_id,
+            key,
+            token_url,
+        } => {
+            let pem =
+                std::fs::read(&key).with_context(|| format!("cannot read {}", key.display()))?;
             let kid = None;
-            let a = phylax_auth::client_key::sign_assertion(&pem, kid, &client_id, &token_url, chrono::Utc::now().timestamp())?;
+            let a = phylax_auth::client_key::sign_assertion(
+                &pem,
+                kid,
+                &client_id,
+                &token_url,
+                chrono::Utc::now().timestamp(),
+            )?;
             println!("{a}");
             Ok(())
         }
@@ -331,7 +394,10 @@ async fn set_disabled(inst: InstanceArgs, client_id: &str, disabled: bool) -> Re
     if !i.store.set_client_disabled(client_id, disabled).await? {
         bail!("no client with id {client_id}");
     }
-    println!("{client_id} {}", if disabled { "disabled" } else { "enabled" });
+    println!(
+        "{client_id} {}",
+        if disabled { "disabled" } else { "enabled" }
+    );
     Ok(())
 }
 

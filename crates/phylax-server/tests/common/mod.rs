@@ -52,11 +52,18 @@ pub fn pg_url() -> Option<String> {
 pub async fn pg_schema_url() -> Option<(String, String)> {
     let url = pg_url()?;
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    c.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+    c.batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
     let sep = if url.contains('?') { '&' } else { '?' };
-    Some((format!("{url}{sep}options=-c%20search_path%3D{schema}"), schema))
+    Some((
+        format!("{url}{sep}options=-c%20search_path%3D{schema}"),
+        schema,
+    ))
 }
 
 pub fn https_client(ca_pem: &[u8]) -> reqwest::Client {
@@ -74,7 +81,10 @@ impl TestServer {
     }
 
     /// Start, letting `tweak` adjust the configuration first.
-    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut phylax_server::config::Config)) -> Option<TestServer> {
+    pub async fn start_with(
+        backend: Backend,
+        tweak: impl FnOnce(&mut phylax_server::config::Config),
+    ) -> Option<TestServer> {
         let db_url = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => Some(pg_schema_url().await?.0),
@@ -96,7 +106,8 @@ impl TestServer {
         tweak(&mut cfg);
         cfg.save(&data_dir).unwrap();
         let inst = Instance::open(&data_dir, db_url.as_deref()).await.unwrap();
-        let tls = phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key).unwrap();
+        let tls =
+            phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key).unwrap();
         let ca = std::fs::read(inst.ca_path()).unwrap();
         let state = AppState::new(inst, None).await.unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -146,7 +157,14 @@ impl TestServer {
     }
 
     pub fn assertion(&self, client_id: &str, key: &[u8]) -> String {
-        phylax_auth::client_key::sign_assertion(key, None, client_id, &self.token_url(), chrono::Utc::now().timestamp()).unwrap()
+        phylax_auth::client_key::sign_assertion(
+            key,
+            None,
+            client_id,
+            &self.token_url(),
+            chrono::Utc::now().timestamp(),
+        )
+        .unwrap()
     }
 
     /// POST to the token endpoint; returns (status, JSON body).
@@ -157,7 +175,10 @@ impl TestServer {
             .form(&[
                 ("grant_type", "client_credentials"),
                 ("scope", scope),
-                ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
                 ("client_assertion", assertion),
             ])
             .send()

@@ -1,0 +1,349 @@
+//! `phylax-bench`: measures Phylax the way a client sees it.
+//!
+//! # Layout
+//! One file. It starts a real instance in a temporary directory (SQLite, or
+//! PostgreSQL with `--database-url`), served over HTTPS on 127.0.0.1 with
+//! TLS, token authentication, validation, encryption and the audit pipeline
+//! all on, registers a SMART Backend Services client, gets a token, and
+//! then runs each scenario at each concurrency for a fixed time, printing
+//! requests/s and p50/p99 latency as a Markdown table. It also measures the
+//! disk's fsync rate, which bounds durable writes.
+//!
+//! Client and server share the machine (and its cores): the numbers are a
+//! floor, not a ceiling. See docs/PERFORMANCE.md.
+//!
+//!     cargo run --release -p phylax-bench -- --duration 10 --concurrency 1,8,32
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use phylax_server::http::{serve, AppState};
+use phylax_server::instance::{InitOptions, Instance};
+use rand::Rng;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark Phylax over HTTPS with authentication")]
+struct Args {
+    /// Seconds per scenario and concurrency.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Comma-separated concurrency levels.
+    #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Scenarios to run.
+    #[arg(long, default_value = "read,create,update", value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Benchmark against this PostgreSQL database instead of SQLite.
+    #[arg(long, env = "PHYLAX_BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Write the server's JSON logs (access log and audit lines) to this file,
+    /// so that their cost is included. Without it, logging is off.
+    #[arg(long)]
+    log_file: Option<std::path::PathBuf>,
+    /// Patients pre-loaded for the read scenario.
+    #[arg(long, default_value_t = 2000)]
+    preload: usize,
+}
+
+struct Env {
+    fhir: String,
+    token: String,
+    client: reqwest::Client,
+}
+
+fn patient(i: usize) -> Value {
+    json!({
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:oid:1.2.3.4", "value": format!("BENCH-{i:08}")}],
+        "name": [{"family": format!("Benchfamily{}", i % 997), "given": ["Synthetic", "Person"]}],
+        "gender": if i.is_multiple_of(2) { "female" } else { "male" },
+        "birthDate": format!("19{:02}-{:02}-{:02}", 30 + i % 70, 1 + i % 12, 1 + i % 28),
+        "telecom": [{"system": "phone", "value": format!("555-{:04}", i % 10_000)}],
+        "address": [{"line": [format!("{} Example Street", i % 500)], "city": "Testville", "postalCode": "99999"}]
+    })
+}
+
+fn fsync_rate() -> Result<f64> {
+    use std::io::Write;
+    let dir = tempfile::tempdir()?;
+    let mut f = std::fs::File::create(dir.path().join("fsync"))?;
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(2) {
+        f.write_all(&[0u8; 512])?;
+        f.sync_data()?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn setup(
+    db: Option<&str>,
+) -> Result<(Env, tempfile::TempDir, tokio::sync::oneshot::Sender<()>)> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    Instance::init(&InitOptions {
+        data_dir: data.clone(),
+        key_file: Some(dir.path().join("keys/kek")),
+        listen: addr.to_string(),
+        public_url: None,
+        database_url: db.map(str::to_owned),
+        tls_names: vec![],
+    })
+    .await?;
+    let inst = Instance::open(&data, db).await?;
+    let tls = phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key)?;
+    let ca = std::fs::read(inst.ca_path())?;
+    let key = phylax_auth::client_key::generate()?;
+    let client_id = uuid::Uuid::new_v4().to_string();
+    inst.store
+        .add_client(&phylax_store::ClientRecord {
+            id: client_id.clone(),
+            name: "bench".into(),
+            scope: "system/*.cruds".into(),
+            jwks: key.jwks.clone(),
+            disabled: false,
+            created_at: 0,
+        })
+        .await?;
+    let st = AppState::new(inst, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = serve(st, listener, Some(tls), async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+        .http1_only()
+        .pool_max_idle_per_host(1024)
+        .build()?;
+    let base = format!("https://{addr}");
+    let assertion = phylax_auth::client_key::sign_assertion(
+        key.private_pem.expose(),
+        None,
+        &client_id,
+        &format!("{base}/auth/token"),
+        chrono::Utc::now().timestamp(),
+    )?;
+    let v: Value = client
+        .post(format!("{base}/auth/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("scope", "system/*.cruds"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion.as_str()),
+        ])
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = v["access_token"].as_str().context("no token")?.to_owned();
+    Ok((
+        Env {
+            fhir: format!("{base}/fhir"),
+            token,
+            client,
+        },
+        dir,
+        tx,
+    ))
+}
+
+async fn create(env: &Env, body: &Value) -> Result<String> {
+    let r = env
+        .client
+        .post(format!("{}/Patient", env.fhir))
+        .bearer_auth(&env.token)
+        .header("content-type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await?;
+    if r.status() != 201 {
+        bail!("create: {}", r.status());
+    }
+    let v: Value = r.json().await?;
+    Ok(v["id"].as_str().context("id")?.to_owned())
+}
+
+struct Outcome {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    errors: u64,
+}
+
+async fn run(
+    env: Arc<Env>,
+    scenario: &str,
+    conc: usize,
+    dur: Duration,
+    ids: Arc<Vec<String>>,
+) -> Result<Outcome> {
+    let deadline = Instant::now() + dur;
+    let mut tasks = Vec::new();
+    for w in 0..conc {
+        let env = env.clone();
+        let ids = ids.clone();
+        let scenario = scenario.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(100_000);
+            let mut errors = 0u64;
+            let mut i = w * 1_000_000;
+            // Each update worker owns one resource and keeps it current.
+            let mut own: Option<(String, Value)> = None;
+            if scenario == "update" {
+                let body = patient(i);
+                if let Ok(id) = create(&env, &body).await {
+                    let mut b = body.clone();
+                    b["id"] = json!(id);
+                    own = Some((id, b));
+                }
+            }
+            while Instant::now() < deadline {
+                i += 1;
+                let t = Instant::now();
+                let ok = match scenario.as_str() {
+                    "read" => {
+                        let id = &ids[rand::thread_rng().gen_range(0..ids.len())];
+                        match env
+                            .client
+                            .get(format!("{}/Patient/{id}", env.fhir))
+                            .bearer_auth(&env.token)
+                            .send()
+                            .await
+                        {
+                            Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                            Err(_) => false,
+                        }
+                    }
+                    "create" => create(&env, &patient(i)).await.is_ok(),
+                    "update" => match &mut own {
+                        Some((id, body)) => {
+                            body["gender"] = json!(if i.is_multiple_of(2) {
+                                "female"
+                            } else {
+                                "male"
+                            });
+                            match env
+                                .client
+                                .put(format!("{}/Patient/{id}", env.fhir))
+                                .bearer_auth(&env.token)
+                                .header("content-type", "application/fhir+json")
+                                .header("prefer", "return=minimal")
+                                .body(body.to_string())
+                                .send()
+                                .await
+                            {
+                                Ok(r) => r.status() == 200,
+                                Err(_) => false,
+                            }
+                        }
+                        None => false,
+                    },
+                    _ => false,
+                };
+                if ok {
+                    lat.push(t.elapsed().as_micros() as u32);
+                } else {
+                    errors += 1;
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let start = Instant::now();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64().max(dur.as_secs_f64());
+    all.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if all.is_empty() {
+            return 0.0;
+        }
+        all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0
+    };
+    Ok(Outcome {
+        rps: all.len() as f64 / secs,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        errors,
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(path) = &args.log_file {
+        let f = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(std::sync::Mutex::new(std::io::BufWriter::new(f)))
+            .init();
+    }
+    let fsync = fsync_rate()?;
+    let (env, _dir, _stop) = setup(args.database_url.as_deref()).await?;
+    let env = Arc::new(env);
+    let mut ids = Vec::with_capacity(args.preload);
+    for i in 0..args.preload {
+        ids.push(create(&env, &patient(i)).await?);
+    }
+    let ids = Arc::new(ids);
+    println!(
+        "Phylax benchmark: backend {}, {} cores, fsync rate {:.0}/s, {} s per cell, logging {}",
+        if args.database_url.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        },
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        fsync,
+        args.duration,
+        if args.log_file.is_some() {
+            "on (JSON to file)"
+        } else {
+            "off"
+        }
+    );
+    println!();
+    println!("| scenario | concurrency | requests/s | p50 ms | p99 ms | errors |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for s in &args.scenarios {
+        for &c in &args.concurrency {
+            let o = run(
+                env.clone(),
+                s,
+                c,
+                Duration::from_secs(args.duration),
+                ids.clone(),
+            )
+            .await?;
+            println!(
+                "| {s} | {c} | {:.0} | {:.2} | {:.2} | {} |",
+                o.rps, o.p50, o.p99, o.errors
+            );
+        }
+    }
+    Ok(())
+}

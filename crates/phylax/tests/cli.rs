@@ -1,0 +1,139 @@
+//! The `phylax` binary as an operator uses it.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn phylax(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_phylax"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("PHYLAX_KEK")
+        .env_remove("PHYLAX_DATABASE_URL")
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+/// A failure is one line on stderr starting with `error:`, and exit status 1.
+fn fails(o: &Output) -> String {
+    assert_eq!(o.status.code(), Some(1), "stdout: {}", String::from_utf8_lossy(&o.stdout));
+    let e = String::from_utf8(o.stderr.clone()).unwrap();
+    assert!(e.starts_with("error: "), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "one-line reason: {e}");
+    e
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let d = tempfile::tempdir().unwrap();
+    let h = ok(&phylax(&["--help"], d.path()));
+    for c in ["quickstart", "init", "serve", "client"] {
+        assert!(h.contains(c), "{h}");
+    }
+    let h = ok(&phylax(&["client", "--help"], d.path()));
+    for c in ["add", "list", "disable", "enable", "keygen", "assertion"] {
+        assert!(h.contains(c), "{h}");
+    }
+    assert!(ok(&phylax(&["serve", "--help"], d.path())).contains("--danger-plaintext"));
+}
+
+#[test]
+fn init_clients_and_errors() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(&phylax(&["init", "--data-dir", "inst"], p));
+    assert!(p.join("inst/tls/ca.pem").exists());
+    let kek = p.join("inst-keys/kek");
+    assert_eq!(std::fs::metadata(&kek).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(fails(&phylax(&["init", "--data-dir", "inst"], p)).contains("already"));
+    assert!(fails(&phylax(&["init", "--data-dir", "x", "--key-file", "x/kek"], p)).contains("outside"));
+
+    ok(&phylax(&["client", "keygen", "--out", "c"], p));
+    assert_eq!(std::fs::metadata(p.join("c/client-key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(fails(&phylax(&["client", "keygen", "--out", "c"], p)).contains("must not exist"));
+    let e = fails(&phylax(&["client", "add", "--data-dir", "inst", "--name", "n", "--scope", "user/Patient.r", "--jwks", "c/client-jwks.json"], p));
+    assert!(e.contains("--scope"), "{e}");
+    std::fs::write(p.join("priv.json"), r#"{"keys":[{"kty":"EC","crv":"P-384","x":"AA","y":"AA","d":"AA"}]}"#).unwrap();
+    let e = fails(&phylax(&["client", "add", "--data-dir", "inst", "--name", "n", "--scope", "system/*.rs", "--jwks", "priv.json"], p));
+    assert!(e.contains("private"), "{e}");
+    let id = ok(&phylax(&["client", "add", "--data-dir", "inst", "--name", "lab", "--scope", "system/Patient.rs system/Observation.read", "--jwks", "c/client-jwks.json"], p));
+    let id = id.trim();
+    assert_eq!(id.len(), 36);
+    let list = ok(&phylax(&["client", "list", "--data-dir", "inst"], p));
+    assert!(list.contains(id) && list.contains("active") && list.contains("system/Observation.rs system/Patient.rs"), "{list}");
+    let json: serde_json::Value = serde_json::from_str(&ok(&phylax(&["client", "list", "--data-dir", "inst", "--json"], p))).unwrap();
+    assert_eq!(json[0]["client_id"], id);
+    ok(&phylax(&["client", "disable", "--data-dir", "inst", id], p));
+    assert!(ok(&phylax(&["client", "list", "--data-dir", "inst"], p)).contains("disabled"));
+    ok(&phylax(&["client", "enable", "--data-dir", "inst", id], p));
+    assert!(fails(&phylax(&["client", "disable", "--data-dir", "inst", "nope"], p)).contains("no client"));
+    let a = ok(&phylax(&["client", "assertion", "--client-id", id, "--key", "c/client-key.pem"], p));
+    assert_eq!(a.trim().split('.').count(), 3);
+
+    assert!(fails(&phylax(&["serve", "--data-dir", "nowhere"], p)).contains("phylax init"));
+    let e = fails(&phylax(&["serve", "--data-dir", "inst", "--danger-plaintext", "--listen", "0.0.0.0:0"], p));
+    assert!(e.contains("loopback"), "{e}");
+    let e = fails(&phylax(&["client", "list", "--data-dir", "inst", "--database-url", "postgres://x@127.0.0.1:1/y"], p));
+    assert!(e.contains("SQLite"), "{e}");
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(fails(&phylax(&["client", "list", "--data-dir", "inst"], p)).contains("chmod 600"));
+}
+
+/// `quickstart` creates an instance and serves HTTPS; run again, it reuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_creates_then_reuses() {
+    let d = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    for (round, expect) in [(0, "created a new"), (1, "reusing the")] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_phylax"))
+            .args(["quickstart", "--listen", &listen])
+            .current_dir(d.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        while !out.contains("Use it:") {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            out.push_str(&line);
+        }
+        assert!(out.contains(expect), "round {round}: {out}");
+        assert!(out.contains("tls/ca.pem") && out.contains("client add") && out.contains("auth/token"), "{out}");
+        let ca = std::fs::read(d.path().join("phylax-data/tls/ca.pem")).unwrap();
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap();
+        let mut status = 0;
+        for _ in 0..100 {
+            if let Ok(r) = client.get(format!("https://{listen}/fhir/metadata")).send().await {
+                status = r.status().as_u16();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(status, 200, "round {round}");
+    }
+    // The keys are beside the data directory, not in it.
+    assert!(d.path().join("phylax-data-keys/kek").exists());
+    assert!(!d.path().join("phylax-data/kek").exists());
+}

@@ -865,3 +865,153 @@ async fn cors_only_for_configured_origins() {
         .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
 }
+
+/// Two nodes over one PostgreSQL database: tokens issued by one are honoured
+/// by the other, writes on one are read on the other, and concurrent updates
+/// through both nodes never lose or duplicate a version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_postgres() {
+    let Some(a) = TestServer::start(common::Backend::Postgres).await else {
+        return;
+    };
+    let (b_fhir, _stop) = a.second_node().await;
+    let tok = a.token(ALL).await;
+    let r = a
+        .http
+        .post(a.url("/Patient"))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .body(json!({"resourceType":"Patient","gender":"other"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = a
+        .http
+        .get(format!("{b_fhir}/Patient/{id}"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "node B reads node A's write with node A's token"
+    );
+    let body: Value = r.json().await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let url = if i % 2 == 0 {
+            a.url(&format!("/Patient/{id}"))
+        } else {
+            format!("{b_fhir}/Patient/{id}")
+        };
+        let (http, tok, mut body) = (a.http.clone(), tok.clone(), body.clone());
+        body["gender"] = json!(if i % 3 == 0 { "male" } else { "female" });
+        tasks.push(tokio::spawn(async move {
+            http.put(url)
+                .bearer_auth(tok)
+                .header("content-type", FJ)
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            409 => {}
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    let h: Value = a
+        .http
+        .get(format!("{b_fhir}/Patient/{id}/_history?_count=100"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let versions: Vec<String> = h["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            e["resource"]["meta"]["versionId"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        versions.len(),
+        ok + 1,
+        "every acknowledged update is a version, and only those"
+    );
+    let expect: Vec<String> = (1..=ok + 1).rev().map(|v| v.to_string()).collect();
+    assert_eq!(versions, expect, "versions are consecutive");
+}
+
+/// The audit sink failing means no data leaves: 503, and the body carries
+/// nothing of the resource.
+#[derive(Debug)]
+struct BrokenAudit;
+impl phylax_server::pipeline::AuditSink for BrokenAudit {
+    fn record(
+        &self,
+        _: &phylax_server::pipeline::AuditRecord,
+    ) -> Result<(), phylax_server::pipeline::AuditError> {
+        Err(phylax_server::pipeline::AuditError("disk full".into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_failure_fails_closed() {
+    let s = TestServer::start(common::Backend::Sqlite).await.unwrap();
+    let tok = s.token(ALL).await;
+    let r = s
+        .http
+        .post(s.url("/Patient"))
+        .bearer_auth(&tok)
+        .header("content-type", FJ)
+        .body(json!({"resourceType":"Patient","name":[{"family":"Auditfailname"}]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A second server over the same instance whose audit sink is broken.
+    let inst = phylax_server::instance::Instance::open(&s.data_dir, None)
+        .await
+        .unwrap();
+    let st = phylax_server::http::AppState::new(inst, Some(std::sync::Arc::new(BrokenAudit)))
+        .await
+        .unwrap();
+    let app = phylax_server::http::router(st);
+    use tower::ServiceExt;
+    let req = axum::http::Request::get(format!("/fhir/Patient/{id}"))
+        .header("authorization", format!("Bearer {tok}"))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("OperationOutcome") && !text.contains("Auditfailname"),
+        "{text}"
+    );
+}

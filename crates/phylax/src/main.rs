@@ -199,13 +199,16 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Serve(a) => {
-            init_logging(a.log_json);
+            // JSON logs when asked on the command line or in phylax.toml.
+            let cfg_json = phylax_server::config::Config::load(&a.inst.data_dir)
+                .map(|c| c.log.json)
+                .unwrap_or(false);
+            init_logging(a.log_json || cfg_json);
             serve_cmd(
                 &a.inst.data_dir,
                 a.inst.database_url.as_deref(),
                 a.listen,
                 a.danger_plaintext,
-                a.log_json,
             )
             .await
         }
@@ -249,7 +252,7 @@ async fn quickstart(data_dir: &Path, listen: &str) -> Result<()> {
     );
     drop(inst);
     init_logging(false);
-    serve_cmd(data_dir, None, Some(listen.to_owned()), false, false).await
+    serve_cmd(data_dir, None, Some(listen.to_owned()), false).await
 }
 
 async fn serve_cmd(
@@ -257,7 +260,6 @@ async fn serve_cmd(
     db: Option<&str>,
     listen: Option<String>,
     plaintext: bool,
-    _json: bool,
 ) -> Result<()> {
     let inst = Instance::open(data_dir, db).await?;
     let listen = listen.unwrap_or_else(|| inst.config.listen.clone());

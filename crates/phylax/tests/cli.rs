@@ -16,13 +16,22 @@ fn phylax(args: &[&str], cwd: &Path) -> Output {
 }
 
 fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout.clone()).unwrap()
 }
 
 /// A failure is one line on stderr starting with `error:`, and exit status 1.
 fn fails(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(1), "stdout: {}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "stdout: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let e = String::from_utf8(o.stderr.clone()).unwrap();
     assert!(e.starts_with("error: "), "{e}");
     assert_eq!(e.trim_end().lines().count(), 1, "one-line reason: {e}");
@@ -51,37 +60,159 @@ fn init_clients_and_errors() {
     ok(&phylax(&["init", "--data-dir", "inst"], p));
     assert!(p.join("inst/tls/ca.pem").exists());
     let kek = p.join("inst-keys/kek");
-    assert_eq!(std::fs::metadata(&kek).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&kek).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert!(fails(&phylax(&["init", "--data-dir", "inst"], p)).contains("already"));
-    assert!(fails(&phylax(&["init", "--data-dir", "x", "--key-file", "x/kek"], p)).contains("outside"));
+    assert!(fails(&phylax(
+        &["init", "--data-dir", "x", "--key-file", "x/kek"],
+        p
+    ))
+    .contains("outside"));
 
     ok(&phylax(&["client", "keygen", "--out", "c"], p));
-    assert_eq!(std::fs::metadata(p.join("c/client-key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(p.join("c/client-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
     assert!(fails(&phylax(&["client", "keygen", "--out", "c"], p)).contains("must not exist"));
-    let e = fails(&phylax(&["client", "add", "--data-dir", "inst", "--name", "n", "--scope", "user/Patient.r", "--jwks", "c/client-jwks.json"], p));
+    let e = fails(&phylax(
+        &[
+            "client",
+            "add",
+            "--data-dir",
+            "inst",
+            "--name",
+            "n",
+            "--scope",
+            "user/Patient.r",
+            "--jwks",
+            "c/client-jwks.json",
+        ],
+        p,
+    ));
     assert!(e.contains("--scope"), "{e}");
-    std::fs::write(p.join("priv.json"), r#"{"keys":[{"kty":"EC","crv":"P-384","x":"AA","y":"AA","d":"AA"}]}"#).unwrap();
-    let e = fails(&phylax(&["client", "add", "--data-dir", "inst", "--name", "n", "--scope", "system/*.rs", "--jwks", "priv.json"], p));
+    std::fs::write(
+        p.join("priv.json"),
+        r#"{"keys":[{"kty":"EC","crv":"P-384","x":"AA","y":"AA","d":"AA"}]}"#,
+    )
+    .unwrap();
+    let e = fails(&phylax(
+        &[
+            "client",
+            "add",
+            "--data-dir",
+            "inst",
+            "--name",
+            "n",
+            "--scope",
+            "system/*.rs",
+            "--jwks",
+            "priv.json",
+        ],
+        p,
+    ));
     assert!(e.contains("private"), "{e}");
-    let id = ok(&phylax(&["client", "add", "--data-dir", "inst", "--name", "lab", "--scope", "system/Patient.rs system/Observation.read", "--jwks", "c/client-jwks.json"], p));
+    let id = ok(&phylax(
+        &[
+            "client",
+            "add",
+            "--data-dir",
+            "inst",
+            "--name",
+            "lab",
+            "--scope",
+            "system/Patient.rs system/Observation.read",
+            "--jwks",
+            "c/client-jwks.json",
+        ],
+        p,
+    ));
     let id = id.trim();
     assert_eq!(id.len(), 36);
     let list = ok(&phylax(&["client", "list", "--data-dir", "inst"], p));
-    assert!(list.contains(id) && list.contains("active") && list.contains("system/Observation.rs system/Patient.rs"), "{list}");
-    let json: serde_json::Value = serde_json::from_str(&ok(&phylax(&["client", "list", "--data-dir", "inst", "--json"], p))).unwrap();
+    assert!(
+        list.contains(id)
+            && list.contains("active")
+            && list.contains("system/Observation.rs system/Patient.rs"),
+        "{list}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(&phylax(
+        &["client", "list", "--data-dir", "inst", "--json"],
+        p,
+    )))
+    .unwrap();
     assert_eq!(json[0]["client_id"], id);
     ok(&phylax(&["client", "disable", "--data-dir", "inst", id], p));
     assert!(ok(&phylax(&["client", "list", "--data-dir", "inst"], p)).contains("disabled"));
     ok(&phylax(&["client", "enable", "--data-dir", "inst", id], p));
-    assert!(fails(&phylax(&["client", "disable", "--data-dir", "inst", "nope"], p)).contains("no client"));
-    let a = ok(&phylax(&["client", "assertion", "--client-id", id, "--key", "c/client-key.pem"], p));
+    assert!(fails(&phylax(
+        &["client", "disable", "--data-dir", "inst", "nope"],
+        p
+    ))
+    .contains("no client"));
+    let a = ok(&phylax(
+        &[
+            "client",
+            "assertion",
+            "--client-id",
+            id,
+            "--key",
+            "c/client-key.pem",
+        ],
+        p,
+    ));
     assert_eq!(a.trim().split('.').count(), 3);
 
     assert!(fails(&phylax(&["serve", "--data-dir", "nowhere"], p)).contains("phylax init"));
-    let e = fails(&phylax(&["serve", "--data-dir", "inst", "--danger-plaintext", "--listen", "0.0.0.0:0"], p));
+    let e = fails(&phylax(
+        &[
+            "serve",
+            "--data-dir",
+            "inst",
+            "--danger-plaintext",
+            "--listen",
+            "0.0.0.0:0",
+        ],
+        p,
+    ));
     assert!(e.contains("loopback"), "{e}");
-    let e = fails(&phylax(&["client", "list", "--data-dir", "inst", "--database-url", "postgres://x@127.0.0.1:1/y"], p));
+    let e = fails(&phylax(
+        &[
+            "client",
+            "list",
+            "--data-dir",
+            "inst",
+            "--database-url",
+            "postgres://x@127.0.0.1:1/y",
+        ],
+        p,
+    ));
     assert!(e.contains("SQLite"), "{e}");
+    // The KEK can come from PHYLAX_KEK instead of the file (e.g. a secret
+    // manager); a wrong one is refused before anything is served.
+    let kek_text = std::fs::read_to_string(&kek).unwrap();
+    let moved = p.join("elsewhere.kek");
+    std::fs::rename(&kek, &moved).unwrap();
+    assert!(fails(&phylax(&["client", "list", "--data-dir", "inst"], p)).contains("key file"));
+    let with_env = |v: &str| {
+        Command::new(env!("CARGO_BIN_EXE_phylax"))
+            .args(["client", "list", "--data-dir", "inst"])
+            .current_dir(p)
+            .env("PHYLAX_KEK", v)
+            .output()
+            .unwrap()
+    };
+    assert!(ok(&with_env(kek_text.trim())).contains(id));
+    let other = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    assert!(fails(&with_env(other)).contains("KEK does not match"));
+    assert!(fails(&with_env("not-base64")).contains("malformed"));
+    std::fs::rename(&moved, &kek).unwrap();
     std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert!(fails(&phylax(&["client", "list", "--data-dir", "inst"], p)).contains("chmod 600"));
 }
@@ -113,7 +244,10 @@ async fn quickstart_creates_then_reuses() {
             out.push_str(&line);
         }
         assert!(out.contains(expect), "round {round}: {out}");
-        assert!(out.contains("tls/ca.pem") && out.contains("client add") && out.contains("auth/token"), "{out}");
+        assert!(
+            out.contains("tls/ca.pem") && out.contains("client add") && out.contains("auth/token"),
+            "{out}"
+        );
         let ca = std::fs::read(d.path().join("phylax-data/tls/ca.pem")).unwrap();
         let client = reqwest::Client::builder()
             .use_rustls_tls()
@@ -123,7 +257,11 @@ async fn quickstart_creates_then_reuses() {
             .unwrap();
         let mut status = 0;
         for _ in 0..100 {
-            if let Ok(r) = client.get(format!("https://{listen}/fhir/metadata")).send().await {
+            if let Ok(r) = client
+                .get(format!("https://{listen}/fhir/metadata"))
+                .send()
+                .await
+            {
                 status = r.status().as_u16();
                 break;
             }

@@ -133,6 +133,30 @@ impl TestServer {
         })
     }
 
+    /// A second node over the same instance (same data directory, same
+    /// database, same KEK), on its own port: how several Phylax nodes share
+    /// one PostgreSQL. Returns its FHIR base URL and a stop handle.
+    pub async fn second_node(&self) -> (String, tokio::sync::oneshot::Sender<()>) {
+        let inst = Instance::open(&self.data_dir, self.db_url.as_deref())
+            .await
+            .unwrap();
+        let tls =
+            phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key).unwrap();
+        let state = AppState::new(inst, None).await.unwrap();
+        // Same certificate: it names 127.0.0.1, so any port works.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            serve(state, listener, Some(tls), async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        (format!("https://{addr}/fhir"), tx)
+    }
+
     pub fn token_url(&self) -> String {
         format!("{}/auth/token", self.base)
     }

@@ -64,17 +64,17 @@ impl DataKey {
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let salt = random_array::<SALT_LEN>()?;
         let key = self.subkey(&salt)?;
-        let mut out = Vec::with_capacity(1 + SALT_LEN + plaintext.len() + TAG_LEN);
-        out.push(RECORD_VERSION);
-        out.extend_from_slice(&salt);
-        out.extend_from_slice(plaintext);
-        let mut body = out.split_off(1 + SALT_LEN);
+        let mut body = Vec::with_capacity(plaintext.len() + TAG_LEN);
+        body.extend_from_slice(plaintext);
         key.seal_in_place_append_tag(
             Nonce::assume_unique_for_key([0u8; NONCE_LEN]),
             Aad::from(aad),
             &mut body,
         )
         .map_err(|_| CryptoError::Random)?;
+        let mut out = Vec::with_capacity(1 + SALT_LEN + body.len());
+        out.push(RECORD_VERSION);
+        out.extend_from_slice(&salt);
         out.extend_from_slice(&body);
         Ok(out)
     }

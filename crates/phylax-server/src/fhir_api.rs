@@ -219,7 +219,7 @@ fn write_response(
     let mut r = match prefer(h).ret.as_deref() {
         Some("minimal") => status.into_response(),
         Some("OperationOutcome") => {
-            let mut oo = OperationOutcome::single(Issue {
+            let oo = OperationOutcome::single(Issue {
                 severity: Severity::Information,
                 code: IssueCode::Informational,
                 diagnostics: format!(
@@ -233,10 +233,7 @@ fn write_response(
                 ),
                 expression: None,
             });
-            oo.issues.truncate(1);
-            let mut r = outcome_response(status, &oo);
-            *r.status_mut() = status;
-            r
+            outcome_response(status, &oo)
         }
         _ => match &v.body {
             Some(b) => fhir_json(status, b.json()),
@@ -329,13 +326,10 @@ pub async fn create(
     h: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
-) -> Response {
-    let rtype = match parse_type(&t) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
-    pipeline::run(
+    Ok(pipeline::run(
         &st,
         &ctx,
         Interaction::Create,
@@ -351,7 +345,7 @@ pub async fn create(
             Ok(write_response(&st, &h, StatusCode::CREATED, &v))
         },
     )
-    .await
+    .await)
 }
 
 pub async fn read(
@@ -360,15 +354,12 @@ pub async fn read(
     Path((t, id)): Path<(String, String)>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let rtype = match parse_type(&t) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
-    pipeline::run(
+    Ok(pipeline::run(
         &st,
         &ctx,
         Interaction::Read,
@@ -381,7 +372,7 @@ pub async fn read(
             Ok(read_response(&st, &v))
         },
     )
-    .await
+    .await)
 }
 
 pub async fn vread(
@@ -390,15 +381,12 @@ pub async fn vread(
     Path((t, id, vid)): Path<(String, String, String)>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let rtype = match parse_type(&t) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
-    pipeline::run(
+    Ok(pipeline::run(
         &st,
         &ctx,
         Interaction::VRead,
@@ -412,7 +400,7 @@ pub async fn vread(
             Ok(read_response(&st, &v))
         },
     )
-    .await
+    .await)
 }
 
 pub async fn update(
@@ -422,15 +410,12 @@ pub async fn update(
     h: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
-) -> Response {
-    let rtype = match parse_type(&t) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
-    pipeline::run(
+    Ok(pipeline::run(
         &st,
         &ctx,
         Interaction::Update,
@@ -485,21 +470,18 @@ pub async fn update(
             Ok(write_response(&st, &h, status, &v))
         },
     )
-    .await
+    .await)
 }
 
 pub async fn delete(
     State(st): St,
     Extension(ctx): Extension<RequestCtx>,
     Path((t, id)): Path<(String, String)>,
-) -> Response {
-    let rtype = match parse_type(&t) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
-    pipeline::run(
+    Ok(pipeline::run(
         &st,
         &ctx,
         Interaction::Delete,
@@ -516,7 +498,7 @@ pub async fn delete(
             Ok(r)
         },
     )
-    .await
+    .await)
 }
 
 /// History for any scope, as a `history` Bundle with MACed paging links.
@@ -604,15 +586,12 @@ pub async fn history_instance(
     Path((t, id)): Path<(String, String)>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let rtype = match parse_type(&t) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
-    pipeline::run(
+    Ok(pipeline::run(
         &st,
         &ctx,
         Interaction::HistoryInstance,
@@ -641,7 +620,7 @@ pub async fn history_instance(
             .await
         },
     )
-    .await
+    .await)
 }
 
 pub async fn history_type(
@@ -650,13 +629,10 @@ pub async fn history_type(
     Path(t): Path<String>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let rtype = match parse_type(&t) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
-    pipeline::run(
+    Ok(pipeline::run(
         &st,
         &ctx,
         Interaction::HistoryType,
@@ -674,7 +650,7 @@ pub async fn history_type(
             .await
         },
     )
-    .await
+    .await)
 }
 
 pub async fn history_system(
@@ -715,13 +691,10 @@ pub async fn search_type(
     Path(t): Path<String>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Response {
-    let rtype = match parse_type(&t) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
-    pipeline::run(&st, &ctx, Interaction::SearchType, Some(&rtype), None, || async {
+    Ok(pipeline::run(&st, &ctx, Interaction::SearchType, Some(&rtype), None, || async {
         check_accept(&h, &q)?;
         let unknown: Vec<&str> = q.0.iter().map(|(k, _)| k.as_str()).filter(|k| !KNOWN_SEARCH.contains(k)).collect();
         // Names only (never values) go into the outcome.
@@ -801,7 +774,7 @@ pub async fn search_type(
         }
         Ok(fhir_json(StatusCode::OK, &bundle))
     })
-    .await
+    .await)
 }
 
 /// `POST /fhir` (batch/transaction Bundles) arrives with the search and

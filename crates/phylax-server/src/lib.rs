@@ -15,6 +15,7 @@
 //!   id; causes are logged once, server-side.
 //! - [`fhir_api`], [`auth_api`], [`capability`]: the HTTP handlers.
 //! - [`http`]: router and middleware (request ids, security headers, CORS).
+//! - [`logging`]: the log filter, with PHI-prone dependency targets capped.
 //! - [`tls`]: rustls configuration and certificate generation; the accept loop.
 
 pub mod auth_api;
@@ -25,6 +26,7 @@ pub mod fhir_api;
 pub mod http;
 pub mod instance;
 pub mod keyring;
+pub mod logging;
 pub mod pipeline;
 pub mod repo;
 pub mod tls;

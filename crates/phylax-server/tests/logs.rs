@@ -29,9 +29,10 @@ fn logs() -> &'static Buf {
     B.get_or_init(|| {
         let buf = Buf::default();
         let w = buf.clone();
+        // TRACE everywhere, through the same filter the binary uses.
         tracing_subscriber::fmt()
             .json()
-            .with_max_level(tracing::Level::TRACE)
+            .with_env_filter(phylax_server::logging::filter("trace"))
             .with_writer(move || w.clone())
             .init();
         buf

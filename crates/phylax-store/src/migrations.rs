@@ -50,10 +50,12 @@ CREATE INDEX used_jti_expires ON used_jti (expires_at);
 "#,
 )];
 
-/// (version, SQL) for PostgreSQL.
-pub const POSTGRES: &[(i64, &str)] = &[(
-    1,
-    r#"
+/// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
+/// into functions so each is one round trip (the same checks, server-side).
+pub const POSTGRES: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BYTEA NOT NULL);
 CREATE TABLE wrapped_keys (scope TEXT PRIMARY KEY, wrapped BYTEA NOT NULL, created_at BIGINT NOT NULL);
 CREATE TABLE resource_versions (
@@ -93,4 +95,52 @@ CREATE TABLE used_jti (
 );
 CREATE INDEX used_jti_expires ON used_jti (expires_at);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- Append a version if the precondition holds (p_expected NULL = the id was
+-- never used). Returns the new seq, or NULL when the precondition fails.
+-- A concurrent first insert surfaces as a unique violation.
+CREATE FUNCTION phylax_append_version(
+    p_rtype TEXT, p_id TEXT, p_version BIGINT, p_expected BIGINT,
+    p_last_updated BIGINT, p_deleted BOOLEAN, p_key_scope TEXT, p_body BYTEA
+) RETURNS BIGINT LANGUAGE plpgsql AS $$
+DECLARE
+    cur BIGINT;
+    new_seq BIGINT;
+BEGIN
+    SELECT version INTO cur FROM resources WHERE rtype = p_rtype AND id = p_id FOR UPDATE;
+    IF cur IS DISTINCT FROM p_expected OR p_version <> COALESCE(p_expected, 0) + 1 THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO resource_versions (rtype, id, version, last_updated, deleted, key_scope, body)
+        VALUES (p_rtype, p_id, p_version, p_last_updated, p_deleted, p_key_scope, p_body)
+        RETURNING seq INTO new_seq;
+    INSERT INTO resources (rtype, id, version, seq, deleted)
+        VALUES (p_rtype, p_id, p_version, new_seq, p_deleted)
+        ON CONFLICT (rtype, id) DO UPDATE
+        SET version = excluded.version, seq = excluded.seq, deleted = excluded.deleted;
+    RETURN new_seq;
+END;
+$$;
+
+-- Store a wrapped key unless one exists; return the stored one. The commit
+-- needs no flush of its own: WAL is one ordered stream, so the synchronous
+-- commit of any version sealed under this key flushes this insert first,
+-- and a key whose data never commits is harmless.
+CREATE FUNCTION phylax_put_wrapped_key(p_scope TEXT, p_wrapped BYTEA, p_now BIGINT)
+RETURNS BYTEA LANGUAGE plpgsql AS $$
+DECLARE
+    out BYTEA;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    INSERT INTO wrapped_keys (scope, wrapped, created_at) VALUES (p_scope, p_wrapped, p_now)
+        ON CONFLICT (scope) DO NOTHING;
+    SELECT wrapped INTO out FROM wrapped_keys WHERE scope = p_scope;
+    RETURN out;
+END;
+$$;
+"#,
+    ),
+];

@@ -23,7 +23,16 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+/// Server-side text of a PostgreSQL error (logged, never sent to clients).
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    }
+}
+
 fn pg(e: tokio_postgres::Error) -> StoreError {
+    let text = describe(&e);
     match e.code() {
         Some(c) if *c == SqlState::UNIQUE_VIOLATION => StoreError::Duplicate,
         Some(c)
@@ -33,10 +42,10 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
             StoreError::Conflict
         }
         Some(c) if *c == SqlState::DISK_FULL || *c == SqlState::READ_ONLY_SQL_TRANSACTION => {
-            StoreError::Unavailable(e.to_string())
+            StoreError::Unavailable(text)
         }
-        None => StoreError::Unavailable(e.to_string()),
-        _ => StoreError::Backend(e.to_string()),
+        None => StoreError::Unavailable(text),
+        _ => StoreError::Backend(text),
     }
 }
 
@@ -184,69 +193,49 @@ impl Store for PgStore {
         now: i64,
     ) -> Result<Vec<u8>> {
         let c = self.pool.get().await.map_err(pool_err)?;
-        c.execute(
-            "INSERT INTO wrapped_keys (scope, wrapped, created_at) VALUES ($1, $2, $3) ON CONFLICT (scope) DO NOTHING",
-            &[&scope, &wrapped, &now],
-        )
-        .await
-        .map_err(pg)?;
-        let r = c
-            .query_one(
-                "SELECT wrapped FROM wrapped_keys WHERE scope = $1",
-                &[&scope],
-            )
+        let st = c
+            .prepare_cached("SELECT phylax_put_wrapped_key($1, $2, $3)")
             .await
             .map_err(pg)?;
-        Ok(r.get(0))
+        let row = c
+            .query_one(&st, &[&scope, &wrapped, &now])
+            .await
+            .map_err(pg)?;
+        Ok(row.get(0))
     }
 
     async fn append_version(&self, v: NewVersion, pre: Precondition) -> Result<i64> {
-        let mut c = self.pool.get().await.map_err(pool_err)?;
-        let tx = c.transaction().await.map_err(pg)?;
-        let current: Option<i64> = tx
-            .query_opt(
-                "SELECT version FROM resources WHERE rtype = $1 AND id = $2 FOR UPDATE",
-                &[&v.rtype, &v.id],
-            )
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let st = c
+            .prepare_cached("SELECT phylax_append_version($1, $2, $3, $4, $5, $6, $7, $8)")
             .await
-            .map_err(pg)?
-            .map(|r| r.get(0));
-        let ok = match (pre, current) {
-            (Precondition::Absent, None) => v.version == 1,
-            (Precondition::CurrentIs(n), Some(cur)) => cur as u64 == n && v.version == n + 1,
-            _ => false,
+            .map_err(pg)?;
+        let expected: Option<i64> = match pre {
+            Precondition::Absent => None,
+            Precondition::CurrentIs(n) => Some(n as i64),
         };
-        if !ok {
-            return Err(StoreError::Conflict);
-        }
         let version = v.version as i64;
-        let seq: i64 = tx
+        let row = c
             .query_one(
-                "INSERT INTO resource_versions (rtype, id, version, last_updated, deleted, key_scope, body) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
-                &[&v.rtype, &v.id, &version, &v.last_updated, &v.deleted, &v.key_scope, &v.sealed],
+                &st,
+                &[
+                    &v.rtype,
+                    &v.id,
+                    &version,
+                    &expected,
+                    &v.last_updated,
+                    &v.deleted,
+                    &v.key_scope,
+                    &v.sealed,
+                ],
             )
             .await
             .map_err(|e| match pg(e) {
+                // Two first versions racing: the loser hits the unique key.
                 StoreError::Duplicate => StoreError::Conflict,
                 o => o,
-            })?
-            .get(0);
-        tx.execute(
-            "INSERT INTO resources (rtype, id, version, seq, deleted) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, seq = excluded.seq, deleted = excluded.deleted",
-            &[&v.rtype, &v.id, &version, &seq, &v.deleted],
-        )
-        .await
-        .map_err(|e| match pg(e) {
-            StoreError::Duplicate => StoreError::Conflict,
-            o => o,
-        })?;
-        tx.commit().await.map_err(|e| match pg(e) {
-            StoreError::Duplicate => StoreError::Conflict,
-            o => o,
-        })?;
-        Ok(seq)
+            })?;
+        row.get::<_, Option<i64>>(0).ok_or(StoreError::Conflict)
     }
 
     async fn read_current(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>> {

@@ -144,8 +144,8 @@ enum ClientCmd {
 }
 
 fn init_logging(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PHYLAX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let user = std::env::var("PHYLAX_LOG").unwrap_or_else(|_| "info".into());
+    let filter = phylax_server::logging::filter(&user);
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true);

@@ -179,13 +179,13 @@ impl Instance {
         )
         .map_err(io)?;
         if !tls_key.exists() {
-            tls::write_private(&tls_key, generated.server_key_pem.as_bytes())?;
-            tls::write_private(&ca_key, generated.ca_key_pem.as_bytes())?;
+            tls::write_private(&tls_key, generated.server_key_pem.expose())?;
+            tls::write_private(&ca_key, generated.ca_key_pem.expose())?;
         } else {
             // A re-init after a removed config: keep the key file pair in
             // step with the new certificates.
-            std::fs::write(&tls_key, generated.server_key_pem.as_bytes()).map_err(io)?;
-            std::fs::write(&ca_key, generated.ca_key_pem.as_bytes()).map_err(io)?;
+            std::fs::write(&tls_key, generated.server_key_pem.expose()).map_err(io)?;
+            std::fs::write(&ca_key, generated.ca_key_pem.expose()).map_err(io)?;
         }
 
         let backend = if opts.database_url.is_some() {

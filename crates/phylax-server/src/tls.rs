@@ -33,12 +33,13 @@ pub enum TlsError {
     Permissions(String),
 }
 
-/// PEM texts of a freshly generated local CA and server certificate.
+/// PEM texts of a freshly generated local CA and server certificate. The
+/// private keys are zeroized when this is dropped.
 pub struct GeneratedTls {
     pub ca_cert_pem: String,
-    pub ca_key_pem: String,
+    pub ca_key_pem: phylax_crypto::Secret,
     pub server_cert_pem: String,
-    pub server_key_pem: String,
+    pub server_key_pem: phylax_crypto::Secret,
 }
 
 impl std::fmt::Debug for GeneratedTls {
@@ -104,9 +105,9 @@ pub fn generate(extra_names: &[String]) -> Result<GeneratedTls, TlsError> {
     let srv_cert = sp.signed_by(&srv_key, &ca_cert, &ca_key).map_err(g)?;
     Ok(GeneratedTls {
         ca_cert_pem: ca_cert.pem(),
-        ca_key_pem: ca_key.serialize_pem(),
+        ca_key_pem: phylax_crypto::Secret::new(ca_key.serialize_pem().into_bytes()),
         server_cert_pem: srv_cert.pem(),
-        server_key_pem: srv_key.serialize_pem(),
+        server_key_pem: phylax_crypto::Secret::new(srv_key.serialize_pem().into_bytes()),
     })
 }
 

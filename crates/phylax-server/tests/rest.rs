@@ -1015,3 +1015,39 @@ async fn audit_failure_fails_closed() {
         "{text}"
     );
 }
+
+/// A body sent without Content-Length (chunked) is cut off at the limit too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_oversized_body_is_413() {
+    use tower::ServiceExt;
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| c.http.max_body_bytes = 4096)
+        .await
+        .unwrap();
+    let tok = s.token(ALL).await;
+    let app = phylax_server::http::router(s.state.clone());
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        std::iter::once(Ok(b"{\"resourceType\":\"Patient\",\"id\":\"".to_vec()))
+            .chain((0..100).map(|_| Ok(vec![b'a'; 100])))
+            .chain(std::iter::once(Ok(b"\"}".to_vec())))
+            .collect();
+    let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+    let req = axum::http::Request::post("/fhir/Patient")
+        .header("authorization", format!("Bearer {tok}"))
+        .header("content-type", FJ)
+        .body(body)
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let small = axum::http::Request::post("/fhir/Patient")
+        .header("authorization", format!("Bearer {tok}"))
+        .header("content-type", FJ)
+        .body(axum::body::Body::from_stream(futures_util::stream::iter(
+            vec![
+                Ok::<_, std::io::Error>(b"{\"resourceType\":".to_vec()),
+                Ok(b"\"Patient\"}".to_vec()),
+            ],
+        )))
+        .unwrap();
+    let app = phylax_server::http::router(s.state.clone());
+    assert_eq!(app.oneshot(small).await.unwrap().status(), 201);
+}

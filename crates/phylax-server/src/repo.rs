@@ -306,22 +306,31 @@ impl Repo {
         Err(RepoError::Conflict)
     }
 
+    /// Open a looked-up row that must exist and be live.
+    async fn open_live(&self, row: Option<StoredVersion>) -> Result<ResourceVersion, RepoError> {
+        let v = self.open(row.ok_or(RepoError::NotFound)?).await?;
+        if v.deleted {
+            return Err(RepoError::Gone(v.version));
+        }
+        Ok(v)
+    }
+
+    async fn open_all(&self, rows: Vec<StoredVersion>) -> Result<Vec<ResourceVersion>, RepoError> {
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(self.open(r).await?);
+        }
+        Ok(out)
+    }
+
     /// The current version; `Gone` if deleted.
     pub async fn read(
         &self,
         rtype: &ResourceType,
         id: &ResourceId,
     ) -> Result<ResourceVersion, RepoError> {
-        let row = self
-            .store
-            .read_current(rtype.as_str(), id.as_str())
-            .await?
-            .ok_or(RepoError::NotFound)?;
-        let v = self.open(row).await?;
-        if v.deleted {
-            return Err(RepoError::Gone(v.version));
-        }
-        Ok(v)
+        let row = self.store.read_current(rtype.as_str(), id.as_str()).await?;
+        self.open_live(row).await
     }
 
     /// A specific version; `Gone` if that version is a tombstone.
@@ -334,22 +343,13 @@ impl Repo {
         let row = self
             .store
             .read_version(rtype.as_str(), id.as_str(), version.get())
-            .await?
-            .ok_or(RepoError::NotFound)?;
-        let v = self.open(row).await?;
-        if v.deleted {
-            return Err(RepoError::Gone(v.version));
-        }
-        Ok(v)
+            .await?;
+        self.open_live(row).await
     }
 
     pub async fn history(&self, q: &HistoryQuery) -> Result<Vec<ResourceVersion>, RepoError> {
         let rows = self.store.history(q).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(self.open(r).await?);
-        }
-        Ok(out)
+        self.open_all(rows).await
     }
 
     pub async fn list(
@@ -362,10 +362,6 @@ impl Repo {
             .store
             .list_current(rtype.as_str(), before_seq, limit)
             .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(self.open(r).await?);
-        }
-        Ok(out)
+        self.open_all(rows).await
     }
 }

@@ -385,3 +385,61 @@ async fn rs384_clients_work_end_to_end() {
     let (st, v) = s.token_request(&a, "system/Patient.r").await;
     assert_eq!(st, 200, "{v}");
 }
+
+both!(expired_and_foreign_audience_tokens_are_401);
+async fn expired_and_foreign_audience_tokens_are_401(s: &TestServer) {
+    let scopes = phylax_auth::ScopeSet::parse_lenient("system/*.cruds");
+    let now = chrono::Utc::now().timestamp();
+    // Issued by this server's own key, but 20 minutes ago: expired.
+    let (old, _) = s
+        .state
+        .tokens
+        .issue("some-client", &scopes, now - 1200)
+        .unwrap();
+    let r = s
+        .http
+        .get(s.url("/Patient"))
+        .bearer_auth(&old)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["issue"][0]["code"],
+        "login"
+    );
+    // A fresh one from the same key works (the check above is about time).
+    let (fresh, _) = s.state.tokens.issue("some-client", &scopes, now).unwrap();
+    assert_eq!(
+        s.http
+            .get(s.url("/Patient"))
+            .bearer_auth(&fresh)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Issued for another audience with the same key: refused.
+    let key = phylax_server::instance::Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap()
+        .token_key;
+    let other = phylax_auth::TokenIssuer::new(
+        key,
+        "https://x/auth".into(),
+        "https://elsewhere/fhir".into(),
+        300,
+    );
+    let (foreign, _) = other.issue("some-client", &scopes, now).unwrap();
+    assert_eq!(
+        s.http
+            .get(s.url("/Patient"))
+            .bearer_auth(&foreign)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+}

@@ -10,12 +10,15 @@
 //!   StructureDefinitions, reporting each problem by its FHIRPath location.
 //! - [`compartment`]: which Patient compartment a resource belongs to.
 //! - [`outcome`]: `OperationOutcome` construction.
+//! - [`search`]: the values each SearchParameter selects, typed and
+//!   normalised for indexing (a FHIRPath subset evaluator).
 
 pub mod compartment;
 pub mod defs;
 pub mod ids;
 pub mod json;
 pub mod outcome;
+pub mod search;
 pub mod validate;
 
 pub use ids::{ResourceId, ResourceType, VersionId};

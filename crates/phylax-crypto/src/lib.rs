@@ -8,6 +8,8 @@
 //! - [`datakey`]: data keys (per patient compartment, per tenant) and the
 //!   record seal: AES-256-GCM under a fresh per-record subkey, with additional
 //!   data that binds a ciphertext to its resource type, id and version.
+//! - [`blind`]: keyed blind indexes for searching values that are never
+//!   stored in plaintext.
 //! - [`mac`]: HMAC-SHA-256 keys for tokens and tamper-proof cursors, with
 //!   constant-time verification.
 //! - [`secret`]: a zeroizing byte container with a redacted `Debug`.
@@ -15,11 +17,13 @@
 //! Primitives come from `ring` (audited, AES-NI accelerated); nothing here
 //! implements a primitive itself.
 
+pub mod blind;
 pub mod datakey;
 pub mod kek;
 pub mod mac;
 pub mod secret;
 
+pub use blind::BlindIndexKey;
 pub use datakey::DataKey;
 pub use kek::Kek;
 pub use mac::MacKey;

@@ -61,9 +61,21 @@ mod tests {
         let (k, w) = BlindIndexKey::generate_wrapped(&kek).unwrap();
         let k2 = BlindIndexKey::unwrap(&kek, &w).unwrap();
         let e = k.entry(&[b"s", b"family", b"smith"]);
-        assert_eq!(e, k2.entry(&[b"s", b"family", b"smith"]), "deterministic under one key");
-        assert_ne!(e, k.entry(&[b"s", b"given", b"smith"]), "parameter separates");
-        assert_ne!(k.entry(&[b"ab", b"c"]), k.entry(&[b"a", b"bc"]), "length-prefixed");
+        assert_eq!(
+            e,
+            k2.entry(&[b"s", b"family", b"smith"]),
+            "deterministic under one key"
+        );
+        assert_ne!(
+            e,
+            k.entry(&[b"s", b"given", b"smith"]),
+            "parameter separates"
+        );
+        assert_ne!(
+            k.entry(&[b"ab", b"c"]),
+            k.entry(&[b"a", b"bc"]),
+            "length-prefixed"
+        );
         let (other, _) = BlindIndexKey::generate_wrapped(&kek).unwrap();
         assert_ne!(e, other.entry(&[b"s", b"family", b"smith"]), "keyed");
         assert!(!e.windows(5).any(|w| w == b"smith"));

@@ -681,9 +681,183 @@ pub async fn history_system(
     .await
 }
 
-/// Parameters the foundation's type search understands; full search is
-/// added by the search capability.
-const KNOWN_SEARCH: &[&str] = &["_count", "_cursor", "_id", "_total", "_format"];
+/// Search cursors are sealed (AES-256-GCM under a KEK-wrapped key) rather
+/// than only MACed: they carry the search parameters, so that a next-page
+/// URL never shows a search term (URLs end up in proxy logs), and an edited
+/// or foreign cursor fails to open. They expire after an hour.
+const CURSOR_TTL_MS: i64 = 3_600_000;
+
+async fn seal_search_cursor(
+    st: &AppState,
+    rtype: &ResourceType,
+    params: &[(String, String)],
+    before: i64,
+) -> Result<String, ApiError> {
+    let key = st
+        .repo
+        .keys()
+        .for_write("cursor")
+        .await
+        .map_err(crate::repo::RepoError::from)?;
+    let body = json!({"p": params, "b": before, "e": crate::now_ms() + CURSOR_TTL_MS}).to_string();
+    let sealed = key
+        .seal(
+            format!("phylax/search-cursor/v1\0{rtype}").as_bytes(),
+            body.as_bytes(),
+        )
+        .map_err(|_| ApiError::Internal("cursor seal failed".into()))?;
+    Ok(URL_SAFE_NO_PAD.encode(sealed))
+}
+
+async fn open_search_cursor(
+    st: &AppState,
+    rtype: &ResourceType,
+    cursor: &str,
+) -> Result<(Vec<(String, String)>, i64), ApiError> {
+    let bad = || ApiError::bad_request("invalid, expired or tampered paging cursor");
+    let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let key = st
+        .repo
+        .keys()
+        .for_write("cursor")
+        .await
+        .map_err(crate::repo::RepoError::from)?;
+    let plain = key
+        .open(format!("phylax/search-cursor/v1\0{rtype}").as_bytes(), &raw)
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&plain).map_err(|_| bad())?;
+    if v["e"].as_i64().is_none_or(|e| e < crate::now_ms()) {
+        return Err(bad());
+    }
+    let params = v["p"]
+        .as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .filter_map(|pair| {
+            Some((
+                pair.get(0)?.as_str()?.to_owned(),
+                pair.get(1)?.as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    Ok((params, v["b"].as_i64().ok_or_else(bad)?))
+}
+
+/// Run a type-level search (GET or POST `_search`).
+async fn search(
+    st: &AppState,
+    h: &HeaderMap,
+    rtype: &ResourceType,
+    mut params: Vec<(String, String)>,
+) -> Result<Response, ApiError> {
+    let q = Query(params.clone());
+    check_accept(h, &q)?;
+    let mut before = None;
+    if let Some(c) = q.get("_cursor") {
+        let (p, b) = open_search_cursor(st, rtype, c).await?;
+        params = p;
+        before = Some(b);
+    }
+    let q = Query(params.clone());
+    let count = page_size(st, &q)?;
+    let parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, &params)?;
+    if !parsed.unknown.is_empty() && prefer(h).strict {
+        return Err(ApiError::BadRequest(
+            parsed
+                .unknown
+                .iter()
+                .map(|k| {
+                    Issue::error(
+                        IssueCode::NotSupported,
+                        format!("unsupported search parameter: {k}"),
+                    )
+                })
+                .collect(),
+        ));
+    }
+    let mut query = phylax_store::SearchQuery {
+        rtype: rtype.to_string(),
+        and: parsed.and,
+        before_seq: before,
+        limit: count + 1,
+    };
+    let mut rows = st.repo.search(&query).await?;
+    let more = rows.len() > count as usize;
+    rows.truncate(count as usize);
+    let url = format!("{}/{}", st.fhir_base, rtype);
+    // The self link shows the parameters actually used: not the cursor, and
+    // not ignored parameters (whose values are never echoed).
+    let shown: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "_cursor")
+        .cloned()
+        .collect();
+    let used: Vec<&(String, String)> = shown
+        .iter()
+        .filter(|(k, _)| {
+            !parsed
+                .unknown
+                .iter()
+                .any(|u| u == &k.chars().take(64).collect::<String>())
+        })
+        .collect();
+    let self_q: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(used)
+        .finish();
+    let mut links = vec![
+        json!({"relation": "self", "url": if self_q.is_empty() { url.clone() } else { format!("{url}?{self_q}") }}),
+    ];
+    if more {
+        if let Some(last) = rows.last() {
+            let c = seal_search_cursor(st, rtype, &shown, last.seq).await?;
+            links.push(json!({"relation": "next", "url": format!("{url}?_cursor={c}")}));
+        }
+    }
+    let mut entries: Vec<Value> = rows
+        .iter()
+        .filter_map(|v| v.body.as_ref().map(|b| (v, b)))
+        .map(|(v, b)| {
+            json!({
+                "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
+                "resource": b.json(),
+                "search": {"mode": "match"},
+            })
+        })
+        .collect();
+    if !parsed.unknown.is_empty() {
+        let oo = OperationOutcome {
+            issues: parsed
+                .unknown
+                .iter()
+                .map(|k| Issue {
+                    severity: Severity::Warning,
+                    code: IssueCode::NotSupported,
+                    diagnostics: format!("search parameter ignored (not supported): {k}"),
+                    expression: None,
+                })
+                .collect(),
+        };
+        entries.push(json!({"resource": oo.to_json(None), "search": {"mode": "outcome"}}));
+    }
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": {"lastUpdated": format_instant(crate::now_ms())},
+        "type": "searchset",
+        "link": links,
+        "entry": entries,
+    });
+    if q.get("_total") != Some("none") {
+        query.before_seq = None;
+        let total = st
+            .store
+            .search_count(&query)
+            .await
+            .map_err(crate::repo::RepoError::from)?;
+        bundle["total"] = json!(total);
+    }
+    Ok(fhir_json(StatusCode::OK, &bundle))
+}
 
 pub async fn search_type(
     State(st): St,
@@ -694,86 +868,54 @@ pub async fn search_type(
 ) -> Result<Response, ApiError> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
-    Ok(pipeline::run(&st, &ctx, Interaction::SearchType, Some(&rtype), None, || async {
-        check_accept(&h, &q)?;
-        let unknown: Vec<&str> = q.0.iter().map(|(k, _)| k.as_str()).filter(|k| !KNOWN_SEARCH.contains(k)).collect();
-        // Names only (never values) go into the outcome.
-        let unknown_names: Vec<String> = unknown.iter().map(|k| k.chars().take(64).collect()).collect();
-        if !unknown.is_empty() && prefer(&h).strict {
-            return Err(ApiError::BadRequest(
-                unknown_names
-                    .iter()
-                    .map(|k| Issue::error(IssueCode::NotSupported, format!("unsupported search parameter: {k}")))
-                    .collect(),
-            ));
-        }
-        let count = page_size(&st, &q)?;
-        let listing = format!("search|{rtype}");
-        let (rows, more) = if let Some(ids) = q.get("_id") {
-            let mut out = Vec::new();
-            for id in ids.split(',').filter_map(ResourceId::parse).take(count as usize) {
-                match st.repo.read(&rtype, &id).await {
-                    Ok(v) => out.push(v),
-                    Err(crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_)) => {}
-                    Err(e) => return Err(e.into()),
-                }
+    Ok(pipeline::run(
+        &st,
+        &ctx,
+        Interaction::SearchType,
+        Some(&rtype),
+        None,
+        || async { search(&st, &h, &rtype, q.0).await },
+    )
+    .await)
+}
+
+/// `POST /fhir/{type}/_search` with a form body: the same search, without
+/// putting identifying search terms into the URL.
+pub async fn search_post(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path(t): Path<String>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
+    let q = Query::parse(raw);
+    Ok(pipeline::run(
+        &st,
+        &ctx,
+        Interaction::SearchType,
+        Some(&rtype),
+        None,
+        || async {
+            let ct = h
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !ct.starts_with("application/x-www-form-urlencoded") {
+                return Err(ApiError::UnsupportedMediaType);
             }
-            (out, false)
-        } else {
-            let before = q.get("_cursor").map(|c| open_cursor(&st, &listing, c)).transpose()?;
-            let mut rows = st.repo.list(&rtype, before, count + 1).await?;
-            let more = rows.len() > count as usize;
-            rows.truncate(count as usize);
-            (rows, more)
-        };
-        let url = format!("{}/{}", st.fhir_base, rtype);
-        let mut links = vec![json!({"relation": "self", "url": format!("{url}?_count={count}")})];
-        if more {
-            if let Some(last) = rows.last() {
-                links.push(json!({"relation": "next", "url": format!("{url}?_count={count}&_cursor={}", make_cursor(&st, &listing, last.seq))}));
-            }
-        }
-        let mut entries: Vec<Value> = rows
-            .iter()
-            .filter_map(|v| v.body.as_ref().map(|b| (v, b)))
-            .map(|(v, b)| json!({
-                "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
-                "resource": b.json(),
-                "search": {"mode": "match"},
-            }))
-            .collect();
-        if !unknown_names.is_empty() {
-            let oo = OperationOutcome {
-                issues: unknown_names
-                    .iter()
-                    .map(|k| Issue {
-                        severity: Severity::Warning,
-                        code: IssueCode::NotSupported,
-                        diagnostics: format!("search parameter ignored (not supported): {k}"),
-                        expression: None,
-                    })
-                    .collect(),
-            };
-            entries.push(json!({"resource": oo.to_json(None), "search": {"mode": "outcome"}}));
-        }
-        let mut bundle = json!({
-            "resourceType": "Bundle",
-            "id": uuid::Uuid::new_v4().to_string(),
-            "meta": {"lastUpdated": format_instant(crate::now_ms())},
-            "type": "searchset",
-            "link": links,
-            "entry": entries,
-        });
-        if q.get("_total") != Some("none") {
-            let total = if q.get("_id").is_some() {
-                rows.len() as u64
-            } else {
-                st.store.count_current(rtype.as_str()).await.map_err(crate::repo::RepoError::from)?
-            };
-            bundle["total"] = json!(total);
-        }
-        Ok(fhir_json(StatusCode::OK, &bundle))
-    })
+            let limit = 64 * 1024;
+            let bytes = axum::body::to_bytes(body, limit)
+                .await
+                .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+            let mut params = q.0;
+            params.extend(
+                form_urlencoded::parse(&bytes).map(|(k, v)| (k.into_owned(), v.into_owned())),
+            );
+            search(&st, &h, &rtype, params).await
+        },
+    )
     .await)
 }
 

@@ -63,6 +63,7 @@ impl AppState {
             keys,
             token_key,
             cursor_key,
+            blind_key,
             ..
         } = inst;
         let fhir_base = config.fhir_base();
@@ -77,7 +78,7 @@ impl AppState {
         let capability = crate::capability::capability_statement(&config);
         let smart_config = crate::auth_api::smart_configuration(&config);
         let st = Arc::new(AppState {
-            repo: Repo::new(store.clone(), keys),
+            repo: Repo::new(store.clone(), keys, blind_key, fhir_base.clone()),
             store,
             fhir_base,
             tokens,
@@ -92,6 +93,10 @@ impl AppState {
         st.refresh_disabled()
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let n = st.repo.reindex_if_needed().await.map_err(ApiError::from)?;
+        if n > 0 {
+            tracing::info!(resources = n, "search index built for existing resources");
+        }
         Ok(st)
     }
 
@@ -134,6 +139,7 @@ pub fn router(st: Arc<AppState>) -> Router {
             get(fhir_api::search_type).post(fhir_api::create),
         )
         .route("/fhir/{rtype}/_history", get(fhir_api::history_type))
+        .route("/fhir/{rtype}/_search", post(fhir_api::search_post))
         .route(
             "/fhir/{rtype}/{id}",
             get(fhir_api::read)

@@ -15,7 +15,7 @@
 use crate::config::{Backend, Config, ConfigError, TlsConfig, CONFIG_FILE};
 use crate::keyring::KeyRing;
 use crate::tls::{self, TlsError};
-use phylax_crypto::{CryptoError, Kek, MacKey};
+use phylax_crypto::{BlindIndexKey, CryptoError, Kek, MacKey};
 use phylax_store::{DynStore, StoreError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,6 +72,7 @@ pub struct Instance {
     pub keys: Arc<KeyRing>,
     pub token_key: MacKey,
     pub cursor_key: MacKey,
+    pub blind_key: BlindIndexKey,
 }
 
 fn io(e: std::io::Error) -> InstanceError {
@@ -113,16 +114,35 @@ fn load_kek(config: &Config) -> Result<Kek, InstanceError> {
     }
 }
 
-async fn mac_key(store: &DynStore, kek: &Kek, purpose: &str) -> Result<MacKey, InstanceError> {
-    let row = format!("mac:{purpose}");
-    if let Some(w) = store.get_wrapped_key(&row).await? {
-        return MacKey::unwrap(kek, purpose, &w).map_err(|_| InstanceError::WrongKek);
+/// A KEK-wrapped key by row name, created (race-safely) on first use.
+async fn wrapped(
+    store: &DynStore,
+    row: &str,
+    make: impl FnOnce() -> Result<Vec<u8>, CryptoError>,
+) -> Result<Vec<u8>, InstanceError> {
+    if let Some(w) = store.get_wrapped_key(row).await? {
+        return Ok(w);
     }
-    let (_, wrapped) = MacKey::generate_wrapped(kek, purpose)?;
-    let stored = store
-        .put_wrapped_key_if_absent(&row, &wrapped, crate::now_secs())
-        .await?;
-    MacKey::unwrap(kek, purpose, &stored).map_err(|_| InstanceError::WrongKek)
+    let fresh = make()?;
+    Ok(store
+        .put_wrapped_key_if_absent(row, &fresh, crate::now_secs())
+        .await?)
+}
+
+async fn mac_key(store: &DynStore, kek: &Kek, purpose: &str) -> Result<MacKey, InstanceError> {
+    let w = wrapped(store, &format!("mac:{purpose}"), || {
+        MacKey::generate_wrapped(kek, purpose).map(|(_, w)| w)
+    })
+    .await?;
+    MacKey::unwrap(kek, purpose, &w).map_err(|_| InstanceError::WrongKek)
+}
+
+async fn blind_key(store: &DynStore, kek: &Kek) -> Result<BlindIndexKey, InstanceError> {
+    let w = wrapped(store, "mac:blind-index", || {
+        BlindIndexKey::generate_wrapped(kek).map(|(_, w)| w)
+    })
+    .await?;
+    BlindIndexKey::unwrap(kek, &w).map_err(|_| InstanceError::WrongKek)
 }
 
 impl Instance {
@@ -225,6 +245,7 @@ impl Instance {
             .await?;
         mac_key(&store, &kek, "token").await?;
         mac_key(&store, &kek, "cursor").await?;
+        blind_key(&store, &kek).await?;
         // Written last: an instance is initialised only when all of the above
         // succeeded, so a failed init can simply be run again.
         config.save(&data_dir)?;
@@ -254,6 +275,7 @@ impl Instance {
         }
         let token_key = mac_key(&store, &kek, "token").await?;
         let cursor_key = mac_key(&store, &kek, "cursor").await?;
+        let blind_key = blind_key(&store, &kek).await?;
         let keys = Arc::new(KeyRing::new(kek, store.clone()));
         Ok(Instance {
             data_dir,
@@ -262,6 +284,7 @@ impl Instance {
             keys,
             token_key,
             cursor_key,
+            blind_key,
         })
     }
 

@@ -8,6 +8,8 @@
 //!   cached unwrapped in memory; MAC keys for tokens and cursors.
 //! - [`repo`]: resources over the store: seal on write, open on read,
 //!   versioning rules. The only code that turns sealed rows into JSON.
+//! - [`search`]: search index entries on write (keyed blind hashes) and
+//!   search parameters turned into store conditions on read.
 //! - [`pipeline`]: the one place every FHIR interaction passes: who is
 //!   asking (authentication), may they (the policy decision), and the audit
 //!   record of what happened.
@@ -29,6 +31,7 @@ pub mod keyring;
 pub mod logging;
 pub mod pipeline;
 pub mod repo;
+pub mod search;
 pub mod tls;
 
 pub use instance::{InitOptions, Instance};

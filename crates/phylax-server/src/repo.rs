@@ -7,8 +7,12 @@
 //! read is refused (fail closed) rather than served.
 
 use crate::keyring::{KeyError, KeyRing};
+use phylax_crypto::BlindIndexKey;
 use phylax_fhir::{compartment, ResourceId, ResourceType, VersionId};
-use phylax_store::{DynStore, HistoryQuery, NewVersion, Precondition, StoreError, StoredVersion};
+use phylax_store::{
+    DynStore, HistoryQuery, IndexRow, NewVersion, Precondition, SearchQuery, StoreError,
+    StoredVersion,
+};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -89,15 +93,80 @@ const UPDATE_RETRIES: usize = 5;
 pub struct Repo {
     store: DynStore,
     keys: Arc<KeyRing>,
+    blind: Arc<BlindIndexKey>,
+    fhir_base: String,
 }
 
+/// Meta key recording that every current resource has index entries.
+const INDEX_DONE: &str = "search_index_v1";
+
 impl Repo {
-    pub fn new(store: DynStore, keys: Arc<KeyRing>) -> Repo {
-        Repo { store, keys }
+    pub fn new(
+        store: DynStore,
+        keys: Arc<KeyRing>,
+        blind: BlindIndexKey,
+        fhir_base: String,
+    ) -> Repo {
+        Repo {
+            store,
+            keys,
+            blind: Arc::new(blind),
+            fhir_base,
+        }
     }
 
     pub fn store(&self) -> &DynStore {
         &self.store
+    }
+
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    pub fn blind_key(&self) -> &BlindIndexKey {
+        &self.blind
+    }
+
+    fn index(&self, rtype: &ResourceType, body: &Value) -> Vec<IndexRow> {
+        crate::search::index_rows(&self.blind, &self.fhir_base, rtype, body)
+    }
+
+    /// Give every current resource its index entries, once per instance
+    /// (data written before the search index existed). Idempotent, so
+    /// nodes starting together may both run it.
+    pub async fn reindex_if_needed(&self) -> Result<u64, RepoError> {
+        if self.store.get_meta(INDEX_DONE).await?.is_some() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for t in phylax_fhir::defs::definitions().resource_types() {
+            let Some(rtype) = ResourceType::parse(t) else {
+                continue;
+            };
+            let mut before = None;
+            loop {
+                let page = self.list(&rtype, before, 500).await?;
+                let Some(last) = page.last() else { break };
+                before = Some(last.seq);
+                for v in &page {
+                    if let Some(b) = &v.body {
+                        let rows = self.index(&rtype, b.json());
+                        self.store
+                            .set_index(rtype.as_str(), v.id.as_str(), rows)
+                            .await?;
+                        n += 1;
+                    }
+                }
+            }
+        }
+        self.store.put_meta_if_absent(INDEX_DONE, b"1").await?;
+        Ok(n)
+    }
+
+    /// Current resources matching a search (see `crate::search`).
+    pub async fn search(&self, q: &SearchQuery) -> Result<Vec<ResourceVersion>, RepoError> {
+        let rows = self.store.search(q).await?;
+        self.open_all(rows).await
     }
 
     async fn seal_and_append(
@@ -123,6 +192,7 @@ impl Repo {
             None => "tenant".to_owned(),
         };
         let key = self.keys.for_write(&scope).await?;
+        let index = self.index(rtype, &body);
         let plain = serde_json::to_vec(&body).map_err(|e| StoreError::Backend(e.to_string()))?;
         let sealed = key
             .seal(
@@ -141,6 +211,7 @@ impl Repo {
                     deleted: false,
                     key_scope: scope,
                     sealed: Some(sealed),
+                    index,
                 },
                 pre,
             )
@@ -283,6 +354,7 @@ impl Repo {
                         deleted: true,
                         key_scope: cur.key_scope.clone(),
                         sealed: None,
+                        index: Vec::new(),
                     },
                     Precondition::CurrentIs(cur.version),
                 )

@@ -288,7 +288,12 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
     let inst = Instance::open(&s.data_dir, s.db_url.as_deref())
         .await
         .unwrap();
-    let repo = phylax_server::repo::Repo::new(inst.store.clone(), inst.keys.clone());
+    let repo = phylax_server::repo::Repo::new(
+        inst.store.clone(),
+        inst.keys.clone(),
+        inst.blind_key,
+        String::new(),
+    );
     let t = phylax_fhir::ResourceType::parse("Patient").unwrap();
     let r = repo
         .read(&t, &phylax_fhir::ResourceId::parse(&e).unwrap())

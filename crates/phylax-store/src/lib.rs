@@ -10,12 +10,17 @@
 //! - [`postgres`]: the scale-out backend; several Phylax nodes may share one
 //!   database. Row locks and unique constraints arbitrate concurrent writers.
 //! - [`migrations`]: versioned schema, applied at start, per backend.
+//! - [`query`]: search conditions over the index table, and the SQL they
+//!   become (shared by both backends; only placeholders differ).
 //!
 //! The same behavioural test suite (`tests/suite.rs`) runs against both.
 
 pub mod migrations;
 pub mod postgres;
+pub mod query;
 pub mod sqlite;
+
+pub use query::{Cond, NumOp, RangeOp, SearchQuery};
 
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -61,6 +66,21 @@ pub struct NewVersion {
     pub key_scope: String,
     /// Sealed body; `None` for a delete tombstone.
     pub sealed: Option<Vec<u8>>,
+    /// Search index entries for this version. They replace the resource's
+    /// previous entries in the same transaction (a tombstone removes them).
+    pub index: Vec<IndexRow>,
+}
+
+/// One search index entry: a keyed blind hash, a time range, or a number
+/// (see docs/ARCHITECTURE.md for which parameter uses which).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexRow {
+    pub param: String,
+    pub hash: Option<Vec<u8>>,
+    /// `[lo, hi)` in milliseconds.
+    pub lo: Option<i64>,
+    pub hi: Option<i64>,
+    pub num: Option<f64>,
 }
 
 /// A stored version.
@@ -153,6 +173,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<StoredVersion>>;
     /// Count of current, non-deleted resources of a type.
     async fn count_current(&self, rtype: &str) -> Result<u64>;
+    /// Current, non-deleted resources matching every condition group,
+    /// newest write first, `seq < before_seq` when paging.
+    async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>>;
+    /// How many current resources match (ignores paging).
+    async fn search_count(&self, q: &SearchQuery) -> Result<u64>;
+    /// Replace a resource's index entries (used when reindexing).
+    async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()>;
 
     async fn add_client(&self, c: &ClientRecord) -> Result<()>;
     async fn get_client(&self, id: &str) -> Result<Option<ClientRecord>>;

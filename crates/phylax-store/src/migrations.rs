@@ -6,9 +6,10 @@
 //! Never edit a released migration: add a new one.
 
 /// (version, SQL) for SQLite.
-pub const SQLITE: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub const SQLITE: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE wrapped_keys (scope TEXT PRIMARY KEY, wrapped BLOB NOT NULL, created_at INTEGER NOT NULL);
 CREATE TABLE resource_versions (
@@ -48,7 +49,28 @@ CREATE TABLE used_jti (
 );
 CREATE INDEX used_jti_expires ON used_jti (expires_at);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- Search index: keyed blind hashes, time ranges and numbers; never
+-- plaintext values (see docs/THREAT_MODEL.md).
+CREATE TABLE search_index (
+    rtype TEXT NOT NULL,
+    id TEXT NOT NULL,
+    param TEXT NOT NULL,
+    hash BLOB,
+    lo INTEGER,
+    hi INTEGER,
+    num REAL
+);
+CREATE INDEX search_index_hash ON search_index (rtype, param, hash);
+CREATE INDEX search_index_lo ON search_index (rtype, param, lo);
+CREATE INDEX search_index_num ON search_index (rtype, param, num);
+CREATE INDEX search_index_resource ON search_index (rtype, id);
+"#,
+    ),
+];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
 /// into functions so each is one round trip (the same checks, server-side).
@@ -139,6 +161,59 @@ BEGIN
         ON CONFLICT (scope) DO NOTHING;
     SELECT wrapped INTO out FROM wrapped_keys WHERE scope = p_scope;
     RETURN out;
+END;
+$$;
+"#,
+    ),
+    (
+        3,
+        r#"
+-- Search index: keyed blind hashes, time ranges and numbers; never
+-- plaintext values (see docs/THREAT_MODEL.md).
+CREATE TABLE search_index (
+    rtype TEXT NOT NULL,
+    id TEXT NOT NULL,
+    param TEXT NOT NULL,
+    hash BYTEA,
+    lo BIGINT,
+    hi BIGINT,
+    num DOUBLE PRECISION
+);
+CREATE INDEX search_index_hash ON search_index (rtype, param, hash);
+CREATE INDEX search_index_lo ON search_index (rtype, param, lo);
+CREATE INDEX search_index_num ON search_index (rtype, param, num);
+CREATE INDEX search_index_resource ON search_index (rtype, id);
+
+-- The append now also replaces the resource's index entries, in the same
+-- statement and transaction as the version.
+DROP FUNCTION phylax_append_version(TEXT, TEXT, BIGINT, BIGINT, BIGINT, BOOLEAN, TEXT, BYTEA);
+CREATE FUNCTION phylax_append_version(
+    p_rtype TEXT, p_id TEXT, p_version BIGINT, p_expected BIGINT,
+    p_last_updated BIGINT, p_deleted BOOLEAN, p_key_scope TEXT, p_body BYTEA,
+    p_params TEXT[], p_hashes BYTEA[], p_lo BIGINT[], p_hi BIGINT[], p_num DOUBLE PRECISION[]
+) RETURNS BIGINT LANGUAGE plpgsql AS $$
+DECLARE
+    cur BIGINT;
+    new_seq BIGINT;
+BEGIN
+    SELECT version INTO cur FROM resources WHERE rtype = p_rtype AND id = p_id FOR UPDATE;
+    IF cur IS DISTINCT FROM p_expected OR p_version <> COALESCE(p_expected, 0) + 1 THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO resource_versions (rtype, id, version, last_updated, deleted, key_scope, body)
+        VALUES (p_rtype, p_id, p_version, p_last_updated, p_deleted, p_key_scope, p_body)
+        RETURNING seq INTO new_seq;
+    INSERT INTO resources (rtype, id, version, seq, deleted)
+        VALUES (p_rtype, p_id, p_version, new_seq, p_deleted)
+        ON CONFLICT (rtype, id) DO UPDATE
+        SET version = excluded.version, seq = excluded.seq, deleted = excluded.deleted;
+    DELETE FROM search_index WHERE rtype = p_rtype AND id = p_id;
+    IF NOT p_deleted THEN
+        INSERT INTO search_index (rtype, id, param, hash, lo, hi, num)
+            SELECT p_rtype, p_id, u.param, u.hash, u.lo, u.hi, u.num
+            FROM unnest(p_params, p_hashes, p_lo, p_hi, p_num) AS u(param, hash, lo, hi, num);
+    END IF;
+    RETURN new_seq;
 END;
 $$;
 "#,

@@ -4,13 +4,15 @@
 //! constraint; PostgreSQL's own group commit makes concurrent commits cheap.
 
 use crate::migrations;
+use crate::query::{self, SearchQuery, P};
 use crate::{
-    ClientRecord, HistoryQuery, HistoryScope, NewVersion, Precondition, Result, Store, StoreError,
-    StoredVersion,
+    ClientRecord, HistoryQuery, HistoryScope, IndexRow, NewVersion, Precondition, Result, Store,
+    StoreError, StoredVersion,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 pub struct PgStore {
@@ -66,6 +68,48 @@ fn row_version(r: &Row) -> StoredVersion {
         key_scope: r.get(6),
         sealed: r.get(7),
     }
+}
+
+/// Index rows as column arrays, for `unnest` on the server side.
+struct IndexCols {
+    params: Vec<String>,
+    hashes: Vec<Option<Vec<u8>>>,
+    lo: Vec<Option<i64>>,
+    hi: Vec<Option<i64>>,
+    num: Vec<Option<f64>>,
+}
+
+impl From<&[IndexRow]> for IndexCols {
+    fn from(rows: &[IndexRow]) -> Self {
+        IndexCols {
+            params: rows.iter().map(|r| r.param.clone()).collect(),
+            hashes: rows.iter().map(|r| r.hash.clone()).collect(),
+            lo: rows.iter().map(|r| r.lo).collect(),
+            hi: rows.iter().map(|r| r.hi).collect(),
+            num: rows.iter().map(|r| r.num).collect(),
+        }
+    }
+}
+
+fn bind(ps: Vec<P>) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    ps.into_iter()
+        .map(|p| -> Box<dyn ToSql + Sync + Send> {
+            match p {
+                P::T(t) => Box::new(t),
+                P::B(b) => Box::new(b),
+                P::I(i) => Box::new(i),
+                P::F(f) => Box::new(f),
+            }
+        })
+        .collect()
+}
+
+fn prefixed_cols() -> String {
+    VERSION_COLS
+        .split(", ")
+        .map(|c| format!("v.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn row_client(r: &Row) -> ClientRecord {
@@ -207,7 +251,7 @@ impl Store for PgStore {
     async fn append_version(&self, v: NewVersion, pre: Precondition) -> Result<i64> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let st = c
-            .prepare_cached("SELECT phylax_append_version($1, $2, $3, $4, $5, $6, $7, $8)")
+            .prepare_cached("SELECT phylax_append_version($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
             .await
             .map_err(pg)?;
         let expected: Option<i64> = match pre {
@@ -215,6 +259,7 @@ impl Store for PgStore {
             Precondition::CurrentIs(n) => Some(n as i64),
         };
         let version = v.version as i64;
+        let cols = IndexCols::from(if v.deleted { &[][..] } else { &v.index[..] });
         let row = c
             .query_one(
                 &st,
@@ -227,6 +272,11 @@ impl Store for PgStore {
                     &v.deleted,
                     &v.key_scope,
                     &v.sealed,
+                    &cols.params,
+                    &cols.hashes,
+                    &cols.lo,
+                    &cols.hi,
+                    &cols.num,
                 ],
             )
             .await
@@ -345,6 +395,48 @@ impl Store for PgStore {
             .map_err(pg)?
             .get(0);
         Ok(n as u64)
+    }
+
+    async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>> {
+        let (sql, ps) = query::build(q, &|n| format!("${n}"), &prefixed_cols(), false);
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let st = c.prepare_cached(&sql).await.map_err(pg)?;
+        let owned = bind(ps);
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            owned.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
+        let rows = c.query(&st, &refs).await.map_err(pg)?;
+        Ok(rows.iter().map(row_version).collect())
+    }
+
+    async fn search_count(&self, q: &SearchQuery) -> Result<u64> {
+        let (sql, ps) = query::build(q, &|n| format!("${n}"), "", true);
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let owned = bind(ps);
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            owned.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
+        let n: i64 = c.query_one(&sql, &refs).await.map_err(pg)?.get(0);
+        Ok(n as u64)
+    }
+
+    async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()> {
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        let tx = c.transaction().await.map_err(pg)?;
+        tx.execute(
+            "DELETE FROM search_index WHERE rtype = $1 AND id = $2",
+            &[&rtype, &id],
+        )
+        .await
+        .map_err(pg)?;
+        let cols = IndexCols::from(&rows[..]);
+        tx.execute(
+            "INSERT INTO search_index (rtype, id, param, hash, lo, hi, num) \
+             SELECT $1, $2, u.param, u.hash, u.lo, u.hi, u.num \
+             FROM unnest($3::text[], $4::bytea[], $5::bigint[], $6::bigint[], $7::float8[]) AS u(param, hash, lo, hi, num)",
+            &[&rtype, &id, &cols.params, &cols.hashes, &cols.lo, &cols.hi, &cols.num],
+        )
+        .await
+        .map_err(pg)?;
+        tx.commit().await.map_err(pg)
     }
 
     async fn add_client(&self, cl: &ClientRecord) -> Result<()> {

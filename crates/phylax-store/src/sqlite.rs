@@ -10,9 +10,10 @@
 //! connections on blocking threads (WAL readers never block the writer).
 
 use crate::migrations;
+use crate::query::{self, SearchQuery, P};
 use crate::{
-    ClientRecord, HistoryQuery, HistoryScope, NewVersion, Precondition, Result, Store, StoreError,
-    StoredVersion,
+    ClientRecord, HistoryQuery, HistoryScope, IndexRow, NewVersion, Precondition, Result, Store,
+    StoreError, StoredVersion,
 };
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -342,6 +343,8 @@ impl Store for SqliteStore {
                 params![v.rtype, v.id, v.version as i64, seq, v.deleted as i64],
             )
             .map_err(backend)?;
+            let rows = if v.deleted { Vec::new() } else { v.index };
+            replace_index(c, &v.rtype, &v.id, &rows)?;
             Ok(seq)
         })
         .await
@@ -433,11 +436,7 @@ impl Store for SqliteStore {
                 .prepare_cached(&format!(
                     "SELECT {} FROM resources r JOIN resource_versions v ON v.seq = r.seq \
                      WHERE r.rtype = ?1 AND r.deleted = 0 AND r.seq < ?2 ORDER BY r.seq DESC LIMIT ?3",
-                    VERSION_COLS
-                        .split(", ")
-                        .map(|c| format!("v.{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    prefixed_cols()
                 ))
                 .map_err(backend)?;
             let rows = st
@@ -460,6 +459,36 @@ impl Store for SqliteStore {
             .map_err(backend)
         })
         .await
+    }
+
+    async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>> {
+        let (sql, ps) = query::build(q, &|n| format!("?{n}"), &prefixed_cols(), false);
+        self.read(move |c| {
+            let mut st = c.prepare_cached(&sql).map_err(backend)?;
+            let rows = st
+                .query_map(rusqlite::params_from_iter(bind(ps)), row_version)
+                .map_err(backend)?;
+            rows.map(|r| r.map_err(backend)).collect()
+        })
+        .await
+    }
+
+    async fn search_count(&self, q: &SearchQuery) -> Result<u64> {
+        let (sql, ps) = query::build(q, &|n| format!("?{n}"), "", true);
+        self.read(move |c| {
+            c.query_row(&sql, rusqlite::params_from_iter(bind(ps)), |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()> {
+        let (rtype, id) = (rtype.to_owned(), id.to_owned());
+        self.write(move |c| replace_index(c, &rtype, &id, &rows))
+            .await
     }
 
     async fn add_client(&self, cl: &ClientRecord) -> Result<()> {
@@ -528,6 +557,45 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// Replace a resource's index entries (inside the caller's transaction).
+fn replace_index(c: &Connection, rtype: &str, id: &str, rows: &[IndexRow]) -> Result<()> {
+    c.execute(
+        "DELETE FROM search_index WHERE rtype = ?1 AND id = ?2",
+        params![rtype, id],
+    )
+    .map_err(backend)?;
+    let mut st = c
+        .prepare_cached(
+            "INSERT INTO search_index (rtype, id, param, hash, lo, hi, num) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .map_err(backend)?;
+    for r in rows {
+        st.execute(params![rtype, id, r.param, r.hash, r.lo, r.hi, r.num])
+            .map_err(backend)?;
+    }
+    Ok(())
+}
+
+fn bind(p: Vec<P>) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value as V;
+    p.into_iter()
+        .map(|p| match p {
+            P::T(t) => V::Text(t),
+            P::B(b) => V::Blob(b),
+            P::I(i) => V::Integer(i),
+            P::F(f) => V::Real(f),
+        })
+        .collect()
+}
+
+fn prefixed_cols() -> String {
+    VERSION_COLS
+        .split(", ")
+        .map(|c| format!("v.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn row_client(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClientRecord> {

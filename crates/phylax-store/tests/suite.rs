@@ -70,7 +70,63 @@ fn nv(rtype: &str, id: &str, version: u64, t: i64, body: &[u8]) -> NewVersion {
         deleted: false,
         key_scope: "tenant".into(),
         sealed: Some(body.to_vec()),
+        index: vec![],
     }
+}
+
+fn h(param: &str, hash: &[u8]) -> IndexRow {
+    IndexRow {
+        param: param.into(),
+        hash: Some(hash.to_vec()),
+        lo: None,
+        hi: None,
+        num: None,
+    }
+}
+
+fn range(param: &str, lo: i64, hi: i64) -> IndexRow {
+    IndexRow {
+        param: param.into(),
+        hash: None,
+        lo: Some(lo),
+        hi: Some(hi),
+        num: None,
+    }
+}
+
+fn number(param: &str, n: f64, unit: Option<&[u8]>) -> IndexRow {
+    IndexRow {
+        param: param.into(),
+        hash: unit.map(<[u8]>::to_vec),
+        lo: None,
+        hi: None,
+        num: Some(n),
+    }
+}
+
+fn with_index(mut v: NewVersion, rows: Vec<IndexRow>) -> NewVersion {
+    v.index = rows;
+    v
+}
+
+async fn ids(s: &DynStore, and: Vec<Vec<Cond>>) -> Vec<String> {
+    let q = SearchQuery {
+        rtype: "Observation".into(),
+        and,
+        before_seq: None,
+        limit: 100,
+    };
+    let mut out: Vec<String> = s
+        .search(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    let n = s.search_count(&q).await.unwrap();
+    assert_eq!(n as usize, out.len(), "count agrees with rows");
+    out.sort();
+    out
 }
 
 both!(meta_and_keys_are_set_once);
@@ -389,4 +445,215 @@ async fn sqlite_data_survives_reopen() {
 #[tokio::test]
 async fn unknown_database_url_is_refused() {
     assert!(phylax_store::open("mysql://x").await.is_err());
+}
+
+both!(search_index_follows_versions_and_answers_queries);
+async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
+    let hc = |x: &str| Cond::Hash {
+        param: "code".into(),
+        hashes: vec![x.as_bytes().to_vec()],
+    };
+    // o1: code A, date [100, 200), value 5 mg; o2: code B, date [150, 160), value 10 g; o3: code A, no date.
+    s.append_version(
+        with_index(
+            nv("Observation", "o1", 1, 1000, b"x"),
+            vec![
+                h("code", b"A"),
+                range("date", 100, 200),
+                number("value", 5.0, Some(b"mg")),
+                number("value", 5.0, None),
+            ],
+        ),
+        Precondition::Absent,
+    )
+    .await
+    .unwrap();
+    s.append_version(
+        with_index(
+            nv("Observation", "o2", 1, 2000, b"x"),
+            vec![
+                h("code", b"B"),
+                range("date", 150, 160),
+                number("value", 10.0, Some(b"g")),
+            ],
+        ),
+        Precondition::Absent,
+    )
+    .await
+    .unwrap();
+    s.append_version(
+        with_index(
+            nv("Observation", "o3", 1, 3000, b"x"),
+            vec![h("code", b"A")],
+        ),
+        Precondition::Absent,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(s, vec![vec![hc("A")]]).await, vec!["o1", "o3"]);
+    assert_eq!(
+        ids(s, vec![vec![hc("A"), hc("B")]]).await,
+        vec!["o1", "o2", "o3"],
+        "OR"
+    );
+    assert_eq!(
+        ids(s, vec![vec![hc("A")], vec![hc("B")]]).await,
+        Vec::<String>::new(),
+        "AND"
+    );
+    assert_eq!(
+        ids(
+            s,
+            vec![vec![Cond::NotHash {
+                param: "code".into(),
+                hashes: vec![b"A".to_vec()]
+            }]]
+        )
+        .await,
+        vec!["o2"]
+    );
+    assert_eq!(
+        ids(
+            s,
+            vec![vec![Cond::Missing {
+                param: "date".into(),
+                missing: true
+            }]]
+        )
+        .await,
+        vec!["o3"]
+    );
+    assert_eq!(
+        ids(
+            s,
+            vec![vec![Cond::Missing {
+                param: "date".into(),
+                missing: false
+            }]]
+        )
+        .await,
+        vec!["o1", "o2"]
+    );
+    let r = |op, lo, hi| {
+        vec![vec![Cond::Range {
+            param: "date".into(),
+            op,
+            lo,
+            hi,
+        }]]
+    };
+    assert_eq!(
+        ids(s, r(RangeOp::Eq, 140, 170)).await,
+        vec!["o2"],
+        "contained"
+    );
+    assert_eq!(ids(s, r(RangeOp::Eq, 0, 1000)).await, vec!["o1", "o2"]);
+    assert_eq!(ids(s, r(RangeOp::Lt, 120, 130)).await, vec!["o1"]);
+    assert_eq!(ids(s, r(RangeOp::Gt, 120, 170)).await, vec!["o1"]);
+    assert_eq!(ids(s, r(RangeOp::Ap, 155, 156)).await, vec!["o1", "o2"]);
+    assert_eq!(ids(s, r(RangeOp::Sa, 0, 150)).await, vec!["o2"]);
+    assert_eq!(ids(s, r(RangeOp::Eb, 200, 300)).await, vec!["o1", "o2"]);
+    let n = |op, lo, hi, u: Option<&[u8]>| {
+        vec![vec![Cond::Num {
+            param: "value".into(),
+            op,
+            lo,
+            hi,
+            hashes: u.map(|u| vec![u.to_vec()]),
+        }]]
+    };
+    assert_eq!(ids(s, n(NumOp::Eq, 4.5, 5.5, None)).await, vec!["o1"]);
+    assert_eq!(
+        ids(s, n(NumOp::Eq, 4.5, 5.5, Some(b"g"))).await,
+        Vec::<String>::new(),
+        "unit must match"
+    );
+    assert_eq!(ids(s, n(NumOp::Gt, 6.0, 6.0, None)).await, vec!["o2"]);
+    assert_eq!(ids(s, n(NumOp::Le, 10.0, 10.0, None)).await, vec!["o1"]);
+    assert_eq!(ids(s, n(NumOp::Ge, 5.0, 5.0, None)).await, vec!["o1", "o2"]);
+    assert_eq!(
+        ids(s, vec![vec![Cond::Ids(vec!["o2".into(), "zz".into()])]]).await,
+        vec!["o2"]
+    );
+    assert_eq!(
+        ids(
+            s,
+            vec![vec![Cond::LastUpdated {
+                op: RangeOp::Ge,
+                lo: 2000,
+                hi: 2001
+            }]]
+        )
+        .await,
+        vec!["o2", "o3"]
+    );
+    assert_eq!(ids(s, vec![vec![Cond::Never]]).await, Vec::<String>::new());
+    // Paging: newest first, below a cursor.
+    let q = SearchQuery {
+        rtype: "Observation".into(),
+        and: vec![vec![hc("A"), hc("B")]],
+        before_seq: None,
+        limit: 2,
+    };
+    let page = s.search(&q).await.unwrap();
+    assert_eq!(
+        page.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+        vec!["o3", "o2"]
+    );
+    let q2 = SearchQuery {
+        before_seq: page.last().map(|v| v.seq),
+        ..q
+    };
+    assert_eq!(
+        s.search(&q2)
+            .await
+            .unwrap()
+            .iter()
+            .map(|v| v.id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["o1"]
+    );
+    // An update replaces the entries; a failed precondition changes nothing.
+    assert!(s
+        .append_version(
+            with_index(
+                nv("Observation", "o1", 3, 4000, b"y"),
+                vec![h("code", b"B")]
+            ),
+            Precondition::CurrentIs(2)
+        )
+        .await
+        .is_err());
+    assert_eq!(ids(s, vec![vec![hc("A")]]).await, vec!["o1", "o3"]);
+    s.append_version(
+        with_index(
+            nv("Observation", "o1", 2, 4000, b"y"),
+            vec![h("code", b"B")],
+        ),
+        Precondition::CurrentIs(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(s, vec![vec![hc("A")]]).await, vec!["o3"]);
+    assert_eq!(ids(s, vec![vec![hc("B")]]).await, vec!["o1", "o2"]);
+    // A delete removes them; so does the tombstone's own (empty) index.
+    let mut del = with_index(nv("Observation", "o2", 2, 5000, b""), vec![h("code", b"B")]);
+    del.deleted = true;
+    del.sealed = None;
+    s.append_version(del, Precondition::CurrentIs(1))
+        .await
+        .unwrap();
+    assert_eq!(ids(s, vec![vec![hc("B")]]).await, vec!["o1"]);
+    // Reindexing replaces a resource's entries.
+    s.set_index("Observation", "o3", vec![h("code", b"C")])
+        .await
+        .unwrap();
+    assert_eq!(ids(s, vec![vec![hc("C")]]).await, vec!["o3"]);
+    assert_eq!(ids(s, vec![vec![hc("A")]]).await, Vec::<String>::new());
+    // Hostile values are data, never SQL.
+    let evil = Cond::Hash {
+        param: "code') OR 1=1 --".into(),
+        hashes: vec![b"' OR '1'='1".to_vec()],
+    };
+    assert_eq!(ids(s, vec![vec![evil]]).await, Vec::<String>::new());
 }

@@ -1,0 +1,589 @@
+//! FHIR search over sealed data: index entries on write, and search
+//! parameters turned into store conditions on read.
+//!
+//! Index scheme (docs/ARCHITECTURE.md, "Search"): every string, token,
+//! reference and uri value becomes keyed blind hashes (never plaintext);
+//! strings get one hash per normalised prefix up to [`MAX_PREFIX`]
+//! characters, so the default "starts with" search is an equality lookup;
+//! demographic dates (birth and death dates) are blind at year, month and
+//! day precision; other dates are stored as plaintext `[lo, hi)` ranges and
+//! numbers and quantity values as plaintext numbers (with blind units), so
+//! range prefixes work on clinical data.
+
+use crate::error::ApiError;
+use phylax_crypto::BlindIndexKey;
+use phylax_fhir::search::{self as fs, normalize, DatePrecision, ParamKind, SearchValue};
+use phylax_fhir::{Issue, IssueCode, ResourceType};
+use phylax_store::{Cond, IndexRow, NumOp, RangeOp};
+use serde_json::Value;
+
+/// Longest string prefix indexed (characters). Longer search values are
+/// refused with a clear message rather than matched approximately.
+pub const MAX_PREFIX: usize = 64;
+
+/// Dates that identify a person: indexed blind, searchable by equality at
+/// year, month or day precision only.
+fn identifying_date(rtype: &str, code: &str) -> bool {
+    matches!(
+        (rtype, code),
+        ("Patient", "birthdate")
+            | ("Patient", "death-date")
+            | ("Person", "birthdate")
+            | ("RelatedPerson", "birthdate")
+    )
+}
+
+fn hash(key: &BlindIndexKey, parts: &[&str]) -> Vec<u8> {
+    let bytes: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+    key.entry(&bytes).to_vec()
+}
+
+fn hrow(param: &str, h: Vec<u8>) -> IndexRow {
+    IndexRow {
+        param: param.to_owned(),
+        hash: Some(h),
+        lo: None,
+        hi: None,
+        num: None,
+    }
+}
+
+fn prefixes(s: &str) -> impl Iterator<Item = &str> {
+    s.char_indices()
+        .map(|(i, c)| &s[..i + c.len_utf8()])
+        .take(MAX_PREFIX)
+}
+
+/// Strip `base/` from an absolute reference to this server.
+fn local_reference<'a>(r: &'a str, fhir_base: &str) -> &'a str {
+    r.strip_prefix(fhir_base)
+        .and_then(|x| x.strip_prefix('/'))
+        .unwrap_or(r)
+}
+
+/// `Type/id` (without `_history`) when `r` is a relative literal reference.
+fn type_and_id(r: &str) -> Option<(&str, &str)> {
+    let mut it = r.split('/');
+    let (t, id) = (it.next()?, it.next()?);
+    match (it.next(), it.next(), it.next()) {
+        (None, _, _) | (Some("_history"), Some(_), None) => {}
+        _ => return None,
+    }
+    (ResourceType::parse(t).is_some() && phylax_fhir::ids::is_valid_id(id)).then_some((t, id))
+}
+
+/// The index entries of one resource version.
+pub fn index_rows(
+    key: &BlindIndexKey,
+    fhir_base: &str,
+    rtype: &ResourceType,
+    resource: &Value,
+) -> Vec<IndexRow> {
+    let mut rows = Vec::new();
+    for (code, v) in fs::extract(rtype, resource) {
+        match v {
+            SearchValue::Str { norm, exact } => {
+                for p in prefixes(&norm) {
+                    rows.push(hrow(code, hash(key, &["s", code, p])));
+                }
+                rows.push(hrow(code, hash(key, &["x", code, &exact])));
+            }
+            SearchValue::Token {
+                system,
+                code: c,
+                text,
+            } => {
+                if let Some(c) = &c {
+                    rows.push(hrow(code, hash(key, &["tc", code, c])));
+                    match &system {
+                        Some(s) => rows.push(hrow(code, hash(key, &["ts", code, s, c]))),
+                        None => rows.push(hrow(code, hash(key, &["tn", code, c]))),
+                    }
+                }
+                if let Some(s) = &system {
+                    rows.push(hrow(code, hash(key, &["tS", code, s])));
+                }
+                if let Some(t) = text {
+                    for p in prefixes(&normalize(&t)) {
+                        rows.push(hrow(code, hash(key, &["tt", code, p])));
+                    }
+                }
+            }
+            SearchValue::Reference(r) => {
+                let r = local_reference(&r, fhir_base);
+                if let Some((t, id)) = type_and_id(r) {
+                    rows.push(hrow(code, hash(key, &["r", code, &format!("{t}/{id}")])));
+                    rows.push(hrow(code, hash(key, &["ri", code, id])));
+                } else if !r.starts_with('#') {
+                    rows.push(hrow(code, hash(key, &["r", code, r])));
+                }
+            }
+            SearchValue::Uri(u) => rows.push(hrow(code, hash(key, &["u", code, &u]))),
+            SearchValue::Date {
+                lo,
+                hi,
+                precision,
+                literal,
+            } => {
+                if identifying_date(rtype.as_str(), code) {
+                    for (p, n) in [
+                        (DatePrecision::Year, 4),
+                        (DatePrecision::Month, 7),
+                        (DatePrecision::Day, 10),
+                    ] {
+                        if precision >= p && literal.len() >= n {
+                            rows.push(hrow(code, hash(key, &["d", code, &literal[..n]])));
+                        }
+                    }
+                } else {
+                    rows.push(IndexRow {
+                        param: code.to_owned(),
+                        hash: None,
+                        lo: Some(lo),
+                        hi: Some(hi),
+                        num: None,
+                    });
+                }
+            }
+            SearchValue::Number(n) => rows.push(IndexRow {
+                param: code.to_owned(),
+                hash: None,
+                lo: None,
+                hi: None,
+                num: Some(n),
+            }),
+            SearchValue::Quantity {
+                value,
+                system,
+                code: c,
+                unit,
+            } => {
+                let num = |h: Option<Vec<u8>>| IndexRow {
+                    param: code.to_owned(),
+                    hash: h,
+                    lo: None,
+                    hi: None,
+                    num: Some(value),
+                };
+                rows.push(num(None));
+                if let Some(u) = c.as_ref().or(unit.as_ref()) {
+                    rows.push(num(Some(hash(key, &["qc", code, u]))));
+                }
+                if let (Some(s), Some(c)) = (&system, &c) {
+                    rows.push(num(Some(hash(key, &["qs", code, s, c]))));
+                }
+            }
+        }
+    }
+    rows.sort_by(|a, b| (&a.param, &a.hash, a.lo, a.hi).cmp(&(&b.param, &b.hash, b.lo, b.hi)));
+    rows.dedup();
+    rows
+}
+
+// ------------------------------------------------------------ parameters
+
+/// Parameters that control the result rather than select resources.
+const CONTROL: &[&str] = &["_count", "_cursor", "_total", "_format"];
+
+/// A parsed search: condition groups, plus what was ignored.
+#[derive(Debug)]
+pub struct ParsedSearch {
+    pub and: Vec<Vec<Cond>>,
+    /// Names (never values) of parameters that were not understood.
+    pub unknown: Vec<String>,
+}
+
+fn invalid(msg: String) -> ApiError {
+    ApiError::BadRequest(vec![Issue::error(IssueCode::Invalid, msg)])
+}
+
+fn unsupported(msg: String) -> ApiError {
+    ApiError::BadRequest(vec![Issue::error(IssueCode::NotSupported, msg)])
+}
+
+/// Split on commas not escaped with `\`, and unescape `\,` `\|` `\$` `\\`.
+fn split_values(v: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut esc = false;
+    for c in v.chars() {
+        match (esc, c) {
+            (true, c) => {
+                if let Some(last) = out.last_mut() {
+                    if !matches!(c, ',' | '|' | '$' | '\\') {
+                        last.push('\\');
+                    }
+                    last.push(c);
+                }
+                esc = false;
+            }
+            (false, '\\') => esc = true,
+            (false, ',') => out.push(String::new()),
+            (false, c) => {
+                if let Some(last) = out.last_mut() {
+                    last.push(c);
+                }
+            }
+        }
+    }
+    // A dangling escape at the end is a literal backslash.
+    if esc {
+        if let Some(last) = out.last_mut() {
+            last.push('\\');
+        }
+    }
+    out
+}
+
+/// Split a token value on its first unescaped `|`.
+fn split_token(v: &str) -> (Option<&str>, &str) {
+    let bytes = v.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'|' => return (Some(&v[..i]), &v[i + 1..]),
+            _ => i += 1,
+        }
+    }
+    (None, v)
+}
+
+const PREFIXES: [(&str, RangeOp); 9] = [
+    ("eq", RangeOp::Eq),
+    ("ne", RangeOp::Ne),
+    ("lt", RangeOp::Lt),
+    ("gt", RangeOp::Gt),
+    ("le", RangeOp::Le),
+    ("ge", RangeOp::Ge),
+    ("sa", RangeOp::Sa),
+    ("eb", RangeOp::Eb),
+    ("ap", RangeOp::Ap),
+];
+
+fn prefix(v: &str) -> (RangeOp, &str) {
+    for (p, op) in PREFIXES {
+        if let Some(rest) = v.strip_prefix(p) {
+            if rest.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
+                return (op, rest);
+            }
+        }
+    }
+    (RangeOp::Eq, v)
+}
+
+fn date_cond(code: &str, param_name: &str, v: &str, last_updated: bool) -> Result<Cond, ApiError> {
+    let (op, lit) = prefix(v);
+    let (lo, hi, _) = fs::date_range(lit).ok_or_else(|| {
+        invalid(format!(
+            "{param_name}: not a valid date, dateTime or instant"
+        ))
+    })?;
+    Ok(if last_updated {
+        Cond::LastUpdated { op, lo, hi }
+    } else {
+        Cond::Range {
+            param: code.to_owned(),
+            op,
+            lo,
+            hi,
+        }
+    })
+}
+
+/// A number's implicit range: half a unit of its last significant digit.
+fn number_range(lit: &str) -> Option<(f64, f64, f64)> {
+    let v: f64 = lit.parse().ok()?;
+    if !v.is_finite() || lit.contains(['e', 'E']) {
+        return v.is_finite().then_some((v, v, v));
+    }
+    let decimals = lit.split_once('.').map(|(_, d)| d.len()).unwrap_or(0);
+    let half = 0.5 * 10f64.powi(-(decimals as i32));
+    Some((v, v - half, v + half))
+}
+
+fn num_cond(
+    code: &str,
+    name: &str,
+    v: &str,
+    quantity: bool,
+    key: &BlindIndexKey,
+) -> Result<Cond, ApiError> {
+    let (op, rest) = prefix(v);
+    let (lit, unit) = if quantity {
+        let mut parts = rest.splitn(3, '|');
+        let n = parts.next().unwrap_or_default();
+        let sys = parts.next().filter(|s| !s.is_empty());
+        let c = parts.next().filter(|s| !s.is_empty());
+        let hashes = match (sys, c) {
+            (Some(s), Some(c)) => Some(vec![hash(key, &["qs", code, s, c])]),
+            (None, Some(c)) => Some(vec![hash(key, &["qc", code, c])]),
+            (Some(_), None) => {
+                return Err(invalid(format!("{name}: a quantity system needs a code")))
+            }
+            (None, None) => None,
+        };
+        (n, hashes)
+    } else {
+        (rest, None)
+    };
+    let (q, lo, hi) = number_range(lit).ok_or_else(|| invalid(format!("{name}: not a number")))?;
+    let (nop, lo, hi) = match op {
+        RangeOp::Eq => (NumOp::Eq, lo, hi),
+        RangeOp::Ne => (NumOp::Ne, lo, hi),
+        RangeOp::Lt | RangeOp::Eb => (NumOp::Lt, q, q),
+        RangeOp::Le => (NumOp::Le, q, q),
+        RangeOp::Gt | RangeOp::Sa => (NumOp::Gt, q, q),
+        RangeOp::Ge => (NumOp::Ge, q, q),
+        // Approximately: within 10% of the value.
+        RangeOp::Ap => (
+            NumOp::Eq,
+            q - (q * 0.1).abs(),
+            q + (q * 0.1).abs() + f64::EPSILON,
+        ),
+    };
+    Ok(Cond::Num {
+        param: code.to_owned(),
+        op: nop,
+        lo,
+        hi,
+        hashes: unit,
+    })
+}
+
+/// Turn query parameters into store conditions.
+pub fn parse(
+    key: &BlindIndexKey,
+    fhir_base: &str,
+    rtype: &ResourceType,
+    params: &[(String, String)],
+) -> Result<ParsedSearch, ApiError> {
+    let defs = fs::params(rtype);
+    let mut and = Vec::new();
+    let mut unknown = Vec::new();
+    for (name, value) in params {
+        if CONTROL.contains(&name.as_str()) {
+            continue;
+        }
+        let (code, modifier) = match name.split_once(':') {
+            Some((c, m)) => (c, Some(m)),
+            None => (name.as_str(), None),
+        };
+        let shown: String = name.chars().take(64).collect();
+        if code == "_id" && modifier.is_none() {
+            and.push(vec![Cond::Ids(split_values(value))]);
+            continue;
+        }
+        if code == "_lastUpdated" && modifier.is_none() {
+            let group = split_values(value)
+                .iter()
+                .map(|v| date_cond(code, &shown, v, true))
+                .collect::<Result<_, _>>()?;
+            and.push(group);
+            continue;
+        }
+        let Some(p) = defs.get(code).filter(|p| p.indexable()) else {
+            unknown.push(shown);
+            continue;
+        };
+        if modifier == Some("missing") {
+            let missing = match value.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(invalid(format!("{shown}: :missing takes true or false"))),
+            };
+            and.push(vec![Cond::Missing {
+                param: code.to_owned(),
+                missing,
+            }]);
+            continue;
+        }
+        let values = split_values(value);
+        if values.iter().any(String::is_empty) {
+            return Err(invalid(format!("{shown}: empty value")));
+        }
+        let mut group = Vec::new();
+        match (p.kind, modifier) {
+            (ParamKind::String, None | Some("exact")) => {
+                let mut hashes = Vec::new();
+                for v in &values {
+                    if modifier == Some("exact") {
+                        hashes.push(hash(key, &["x", code, v]));
+                    } else {
+                        let n = normalize(v);
+                        if n.chars().count() > MAX_PREFIX {
+                            return Err(unsupported(format!(
+                                "{shown}: string search values are limited to {MAX_PREFIX} characters (use :exact for longer values)"
+                            )));
+                        }
+                        hashes.push(hash(key, &["s", code, &n]));
+                    }
+                }
+                group.push(Cond::Hash {
+                    param: code.to_owned(),
+                    hashes,
+                });
+            }
+            (ParamKind::Token, None | Some("not")) => {
+                let mut hashes = Vec::new();
+                for v in &values {
+                    let h = match split_token(v) {
+                        (None, c) => hash(key, &["tc", code, c]),
+                        (Some(""), c) => hash(key, &["tn", code, c]),
+                        (Some(s), "") => hash(key, &["tS", code, s]),
+                        (Some(s), c) => hash(key, &["ts", code, s, c]),
+                    };
+                    hashes.push(h);
+                }
+                group.push(if modifier == Some("not") {
+                    Cond::NotHash {
+                        param: code.to_owned(),
+                        hashes,
+                    }
+                } else {
+                    Cond::Hash {
+                        param: code.to_owned(),
+                        hashes,
+                    }
+                });
+            }
+            (ParamKind::Token, Some("text")) => {
+                let hashes = values
+                    .iter()
+                    .map(|v| hash(key, &["tt", code, &normalize(v)]))
+                    .collect();
+                group.push(Cond::Hash {
+                    param: code.to_owned(),
+                    hashes,
+                });
+            }
+            (ParamKind::Reference, m) => {
+                let type_mod = match m {
+                    None => None,
+                    Some(t) if ResourceType::parse(t).is_some() => Some(t),
+                    Some(other) => {
+                        return Err(unsupported(format!(
+                            "{shown}: modifier :{} is not supported",
+                            other.chars().take(32).collect::<String>()
+                        )))
+                    }
+                };
+                let mut hashes = Vec::new();
+                for v in &values {
+                    let r = local_reference(v, fhir_base);
+                    let h = match (type_and_id(r), type_mod) {
+                        (Some((t, id)), Some(tm)) if t != tm => {
+                            let _ = id;
+                            continue;
+                        }
+                        (Some((t, id)), _) => hash(key, &["r", code, &format!("{t}/{id}")]),
+                        (None, Some(tm)) if phylax_fhir::ids::is_valid_id(r) => {
+                            hash(key, &["r", code, &format!("{tm}/{r}")])
+                        }
+                        (None, None) if phylax_fhir::ids::is_valid_id(r) => {
+                            hash(key, &["ri", code, r])
+                        }
+                        (None, _) => hash(key, &["r", code, r]),
+                    };
+                    hashes.push(h);
+                }
+                group.push(Cond::Hash {
+                    param: code.to_owned(),
+                    hashes,
+                });
+            }
+            (ParamKind::Uri, None) => {
+                let hashes = values.iter().map(|v| hash(key, &["u", code, v])).collect();
+                group.push(Cond::Hash {
+                    param: code.to_owned(),
+                    hashes,
+                });
+            }
+            (ParamKind::Date, None) if identifying_date(rtype.as_str(), code) => {
+                let mut eq = Vec::new();
+                let mut ne = Vec::new();
+                for v in &values {
+                    let (op, lit) = prefix(v);
+                    let ok_len = matches!(lit.len(), 4 | 7 | 10) && fs::date_range(lit).is_some();
+                    match (op, ok_len) {
+                        (RangeOp::Eq, true) => eq.push(hash(key, &["d", code, lit])),
+                        (RangeOp::Ne, true) => ne.push(hash(key, &["d", code, lit])),
+                        _ => {
+                            return Err(unsupported(format!(
+                                "{shown}: this date identifies a person and is stored blind; search it with eq or ne \
+                                 and a year, year-month or full date"
+                            )))
+                        }
+                    }
+                }
+                if !eq.is_empty() {
+                    group.push(Cond::Hash {
+                        param: code.to_owned(),
+                        hashes: eq,
+                    });
+                }
+                if !ne.is_empty() {
+                    group.push(Cond::NotHash {
+                        param: code.to_owned(),
+                        hashes: ne,
+                    });
+                }
+            }
+            (ParamKind::Date, None) => {
+                for v in &values {
+                    group.push(date_cond(code, &shown, v, false)?);
+                }
+            }
+            (ParamKind::Number, None) => {
+                for v in &values {
+                    group.push(num_cond(code, &shown, v, false, key)?);
+                }
+            }
+            (ParamKind::Quantity, None) => {
+                for v in &values {
+                    group.push(num_cond(code, &shown, v, true, key)?);
+                }
+            }
+            (_, Some(m)) => {
+                return Err(unsupported(format!(
+                    "{shown}: modifier :{} is not supported",
+                    m.chars().take(32).collect::<String>()
+                )))
+            }
+            _ => unknown.push(shown),
+        }
+        if group.is_empty() {
+            group.push(Cond::Never);
+        }
+        and.push(group);
+    }
+    Ok(ParsedSearch { and, unknown })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_splitting_and_escapes() {
+        assert_eq!(split_values("a,b\\,c"), vec!["a", "b,c"]);
+        assert_eq!(split_token("http://x|123"), (Some("http://x"), "123"));
+        assert_eq!(split_token("a\\|b|c"), (Some("a\\|b"), "c"));
+        assert_eq!(split_token("|c"), (Some(""), "c"));
+        assert_eq!(prefix("ge2020"), (RangeOp::Ge, "2020"));
+        assert_eq!(prefix("2020"), (RangeOp::Eq, "2020"));
+        assert_eq!(prefix("eq-5"), (RangeOp::Eq, "-5"));
+        let (v, lo, hi) = number_range("100").unwrap();
+        assert_eq!((v, lo, hi), (100.0, 99.5, 100.5));
+        let (_, lo, hi) = number_range("1.50").unwrap();
+        assert!((lo - 1.495).abs() < 1e-9 && (hi - 1.505).abs() < 1e-9);
+        assert!(number_range("abc").is_none());
+        assert!(number_range("NaN").is_none());
+    }
+
+    #[test]
+    fn prefixes_respect_char_boundaries() {
+        let p: Vec<&str> = prefixes("éa").collect();
+        assert_eq!(p, vec!["é", "éa"]);
+        assert_eq!(prefixes(&"x".repeat(200)).count(), MAX_PREFIX);
+    }
+}

@@ -1,0 +1,278 @@
+//! Search conditions and the SQL they become.
+//!
+//! A [`SearchQuery`] is an AND of groups, each an OR of [`Cond`]itions (FHIR:
+//! repeated parameters AND, comma-separated values OR). Every condition on
+//! the index is a semi-join, `r.id [NOT] IN (SELECT i.id FROM search_index i
+//! WHERE i.rtype = ? AND i.param = ? AND …)`, which both SQLite and
+//! PostgreSQL drive from the `(rtype, param, hash)` / `(rtype, param, lo)`
+//! indexes, so a selective condition stays logarithmic in the table size.
+//! Values are always bound parameters; only placeholders differ per backend.
+
+/// Date comparisons, against a stored range `[lo, hi)` and a query range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeOp {
+    /// The query range contains the stored range.
+    Eq,
+    Ne,
+    /// The stored range starts before the query range.
+    Lt,
+    /// The stored range ends after the query range.
+    Gt,
+    Le,
+    Ge,
+    /// Starts after the query range ends.
+    Sa,
+    /// Ends before the query range starts.
+    Eb,
+    /// Overlaps the query range.
+    Ap,
+}
+
+/// Number comparisons, against a stored value and a query range `[lo, hi)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Debug, Clone)]
+pub enum Cond {
+    /// Has an entry with one of these hashes.
+    Hash {
+        param: String,
+        hashes: Vec<Vec<u8>>,
+    },
+    /// Has no entry with any of these hashes (`:not`).
+    NotHash {
+        param: String,
+        hashes: Vec<Vec<u8>>,
+    },
+    /// Has (`false`) or lacks (`true`) any entry (`:missing`).
+    Missing {
+        param: String,
+        missing: bool,
+    },
+    Range {
+        param: String,
+        op: RangeOp,
+        lo: i64,
+        hi: i64,
+    },
+    Num {
+        param: String,
+        op: NumOp,
+        lo: f64,
+        hi: f64,
+        hashes: Option<Vec<Vec<u8>>>,
+    },
+    Ids(Vec<String>),
+    LastUpdated {
+        op: RangeOp,
+        lo: i64,
+        hi: i64,
+    },
+    /// Matches nothing (e.g. a reference to a type the parameter cannot hold).
+    Never,
+}
+
+#[derive(Debug, Clone)]
+pub struct SearchQuery {
+    pub rtype: String,
+    pub and: Vec<Vec<Cond>>,
+    pub before_seq: Option<i64>,
+    pub limit: u32,
+}
+
+/// A bound value.
+#[derive(Debug, Clone)]
+pub(crate) enum P {
+    T(String),
+    B(Vec<u8>),
+    I(i64),
+    F(f64),
+}
+
+struct Builder<'a> {
+    sql: String,
+    params: Vec<P>,
+    ph: &'a dyn Fn(usize) -> String,
+}
+
+impl Builder<'_> {
+    fn bind(&mut self, p: P) -> String {
+        self.params.push(p);
+        (self.ph)(self.params.len())
+    }
+
+    fn list(&mut self, items: &[Vec<u8>]) -> String {
+        items
+            .iter()
+            .map(|h| self.bind(P::B(h.clone())))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Bind the query bounds a range operator uses (see `range_sql`).
+    fn range_bounds(&mut self, op: RangeOp, lo: P, hi: P) -> (String, String) {
+        use RangeOp::*;
+        let need_lo = matches!(op, Eq | Ne | Lt | Le | Ge | Eb | Ap);
+        let need_hi = matches!(op, Eq | Ne | Gt | Le | Ge | Sa | Ap);
+        let l = if need_lo {
+            self.bind(lo)
+        } else {
+            String::new()
+        };
+        let h = if need_hi {
+            self.bind(hi)
+        } else {
+            String::new()
+        };
+        (l, h)
+    }
+
+    fn range_sql(op: RangeOp, lo_col: &str, hi_col: &str, qlo: &str, qhi: &str) -> String {
+        let eq = format!("({lo_col} >= {qlo} AND {hi_col} <= {qhi})");
+        match op {
+            RangeOp::Eq => eq,
+            RangeOp::Ne => format!("NOT {eq}"),
+            RangeOp::Lt => format!("{lo_col} < {qlo}"),
+            RangeOp::Gt => format!("{hi_col} > {qhi}"),
+            RangeOp::Le => format!("({lo_col} < {qlo} OR {eq})"),
+            RangeOp::Ge => format!("({hi_col} > {qhi} OR {eq})"),
+            RangeOp::Sa => format!("{lo_col} >= {qhi}"),
+            RangeOp::Eb => format!("{hi_col} <= {qlo}"),
+            RangeOp::Ap => format!("({lo_col} < {qhi} AND {hi_col} > {qlo})"),
+        }
+    }
+
+    fn sub(&mut self, rtype: &str, param: &str) -> String {
+        let t = self.bind(P::T(rtype.to_owned()));
+        let p = self.bind(P::T(param.to_owned()));
+        format!("SELECT i.id FROM search_index i WHERE i.rtype = {t} AND i.param = {p}")
+    }
+
+    fn cond(&mut self, rtype: &str, c: &Cond) -> String {
+        match c {
+            Cond::Hash { param, hashes } | Cond::NotHash { param, hashes } => {
+                if hashes.is_empty() {
+                    return if matches!(c, Cond::Hash { .. }) {
+                        "1 = 0".into()
+                    } else {
+                        "1 = 1".into()
+                    };
+                }
+                let sub = self.sub(rtype, param);
+                let list = self.list(hashes);
+                let not = if matches!(c, Cond::NotHash { .. }) {
+                    "NOT "
+                } else {
+                    ""
+                };
+                format!("r.id {not}IN ({sub} AND i.hash IN ({list}))")
+            }
+            Cond::Missing { param, missing } => {
+                let sub = self.sub(rtype, param);
+                format!("r.id {}IN ({sub})", if *missing { "NOT " } else { "" })
+            }
+            Cond::Range { param, op, lo, hi } => {
+                let sub = self.sub(rtype, param);
+                let (qlo, qhi) = self.range_bounds(*op, P::I(*lo), P::I(*hi));
+                let cmp = Self::range_sql(*op, "i.lo", "i.hi", &qlo, &qhi);
+                format!("r.id IN ({sub} AND i.lo IS NOT NULL AND {cmp})")
+            }
+            Cond::Num {
+                param,
+                op,
+                lo,
+                hi,
+                hashes,
+            } => {
+                let sub = self.sub(rtype, param);
+                // Bind only the bounds the operator uses: an unused
+                // placeholder is an error on both backends.
+                let need_lo = matches!(op, NumOp::Eq | NumOp::Ne | NumOp::Lt | NumOp::Ge);
+                let need_hi = matches!(op, NumOp::Eq | NumOp::Ne | NumOp::Le | NumOp::Gt);
+                let qlo = if need_lo {
+                    self.bind(P::F(*lo))
+                } else {
+                    String::new()
+                };
+                let qhi = if need_hi {
+                    self.bind(P::F(*hi))
+                } else {
+                    String::new()
+                };
+                let cmp = match op {
+                    NumOp::Eq => format!("(i.num >= {qlo} AND i.num < {qhi})"),
+                    NumOp::Ne => format!("NOT (i.num >= {qlo} AND i.num < {qhi})"),
+                    NumOp::Lt => format!("i.num < {qlo}"),
+                    NumOp::Le => format!("i.num < {qhi}"),
+                    NumOp::Gt => format!("i.num >= {qhi}"),
+                    NumOp::Ge => format!("i.num >= {qlo}"),
+                };
+                let unit = match hashes {
+                    Some(h) if !h.is_empty() => format!(" AND i.hash IN ({})", self.list(h)),
+                    _ => String::new(),
+                };
+                format!("r.id IN ({sub} AND i.num IS NOT NULL AND {cmp}{unit})")
+            }
+            Cond::Ids(ids) => {
+                if ids.is_empty() {
+                    return "1 = 0".into();
+                }
+                let list = ids
+                    .iter()
+                    .map(|i| self.bind(P::T(i.clone())))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!("r.id IN ({list})")
+            }
+            Cond::LastUpdated { op, lo, hi } => {
+                let (qlo, qhi) = self.range_bounds(*op, P::I(*lo), P::I(*hi));
+                Self::range_sql(*op, "v.last_updated", "(v.last_updated + 1)", &qlo, &qhi)
+            }
+            Cond::Never => "1 = 0".into(),
+        }
+    }
+}
+
+/// Build the SQL for a query: the page of rows (`count == false`) or the
+/// total count. `ph(n)` renders the n-th placeholder (1-based).
+pub(crate) fn build(
+    q: &SearchQuery,
+    ph: &dyn Fn(usize) -> String,
+    cols: &str,
+    count: bool,
+) -> (String, Vec<P>) {
+    let mut b = Builder {
+        sql: String::new(),
+        params: Vec::new(),
+        ph,
+    };
+    let t = b.bind(P::T(q.rtype.clone()));
+    let mut wh = format!("r.rtype = {t} AND NOT r.deleted");
+    if !count {
+        let before = b.bind(P::I(q.before_seq.unwrap_or(i64::MAX)));
+        wh.push_str(&format!(" AND r.seq < {before}"));
+    }
+    for group in &q.and {
+        let ors: Vec<String> = group.iter().map(|c| b.cond(&q.rtype, c)).collect();
+        if ors.is_empty() {
+            continue;
+        }
+        wh.push_str(&format!(" AND ({})", ors.join(" OR ")));
+    }
+    b.sql = if count {
+        format!(
+            "SELECT COUNT(*) FROM resources r JOIN resource_versions v ON v.seq = r.seq WHERE {wh}"
+        )
+    } else {
+        let lim = b.bind(P::I(q.limit as i64));
+        format!("SELECT {cols} FROM resources r JOIN resource_versions v ON v.seq = r.seq WHERE {wh} ORDER BY r.seq DESC LIMIT {lim}")
+    };
+    (b.sql, b.params)
+}

@@ -32,8 +32,12 @@ struct Args {
     /// Comma-separated concurrency levels.
     #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
     concurrency: Vec<usize>,
-    /// Scenarios to run.
-    #[arg(long, default_value = "read,create,update", value_delimiter = ',')]
+    /// Scenarios to run: read, create (a Patient), create-observation, update.
+    #[arg(
+        long,
+        default_value = "read,create,create-observation,update",
+        value_delimiter = ','
+    )]
     scenarios: Vec<String>,
     /// Benchmark against this PostgreSQL database instead of SQLite.
     #[arg(long, env = "PHYLAX_BENCH_DATABASE_URL")]
@@ -162,10 +166,26 @@ async fn setup(
     ))
 }
 
+fn observation(i: usize, patient: &str) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"}]},
+        "subject": {"reference": format!("Patient/{patient}")},
+        "effectiveDateTime": format!("2024-{:02}-{:02}T10:00:00Z", 1 + i % 12, 1 + i % 28),
+        "valueQuantity": {"value": 50 + (i % 50), "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}
+    })
+}
+
 async fn create(env: &Env, body: &Value) -> Result<String> {
+    create_typed(env, "Patient", body).await
+}
+
+async fn create_typed(env: &Env, rtype: &str, body: &Value) -> Result<String> {
     let r = env
         .client
-        .post(format!("{}/Patient", env.fhir))
+        .post(format!("{}/{rtype}", env.fhir))
         .bearer_auth(&env.token)
         .header("content-type", "application/fhir+json")
         .body(body.to_string())
@@ -230,6 +250,12 @@ async fn run(
                         }
                     }
                     "create" => create(&env, &patient(i)).await.is_ok(),
+                    "create-observation" => {
+                        let subject = &ids[i % ids.len()];
+                        create_typed(&env, "Observation", &observation(i, subject))
+                            .await
+                            .is_ok()
+                    }
                     "update" => match &mut own {
                         Some((id, body)) => {
                             body["gender"] = json!(if i.is_multiple_of(2) {

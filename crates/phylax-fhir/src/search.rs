@@ -603,8 +603,13 @@ pub struct SearchParam {
 
 impl SearchParam {
     /// True when values can be extracted and indexed for this parameter.
+    /// `phonetic` is excluded: R4 gives it the same expression as `name`,
+    /// and a prefix match is not a phonetic match, so claiming it would be
+    /// untruthful.
     pub fn indexable(&self) -> bool {
-        self.expr.is_some() && !matches!(self.kind, ParamKind::Composite | ParamKind::Special)
+        self.expr.is_some()
+            && !matches!(self.kind, ParamKind::Composite | ParamKind::Special)
+            && self.code != "phonetic"
     }
 }
 

@@ -5,6 +5,24 @@ use crate::config::Config;
 use phylax_fhir::defs::definitions;
 use serde_json::{json, Value};
 
+/// The search parameters this server really supports for a type: every
+/// indexable official parameter, plus `_id` and `_lastUpdated`.
+fn search_params(t: &str) -> Vec<Value> {
+    let Some(rt) = phylax_fhir::ResourceType::parse(t) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Value> = phylax_fhir::search::params(&rt)
+        .values()
+        .filter(|p| p.indexable() || p.code == "_id" || p.code == "_lastUpdated")
+        .map(|p| {
+            let kind = format!("{:?}", p.kind).to_lowercase();
+            json!({"name": p.code, "type": kind})
+        })
+        .collect();
+    out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    out
+}
+
 pub fn capability_statement(cfg: &Config) -> Value {
     let d = definitions();
     let interactions = [
@@ -31,9 +49,7 @@ pub fn capability_statement(cfg: &Config) -> Value {
                 "conditionalRead": "not-supported",
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
-                "searchParam": [
-                    {"name": "_id", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"}
-                ],
+                "searchParam": search_params(t),
             })
         })
         .collect();

@@ -104,8 +104,12 @@ pub fn index_rows(
                     rows.push(hrow(code, hash(key, &["tS", code, s])));
                 }
                 if let Some(t) = text {
-                    for p in prefixes(&normalize(&t)) {
-                        rows.push(hrow(code, hash(key, &["tt", code, p])));
+                    // `:text` matches whole words or the whole text (FHIR
+                    // leaves the matching to the server); words, not every
+                    // prefix, keep the entry count small.
+                    let n = normalize(&t);
+                    for w in n.split(' ').chain(std::iter::once(n.as_str())) {
+                        rows.push(hrow(code, hash(key, &["tt", code, w])));
                     }
                 }
             }

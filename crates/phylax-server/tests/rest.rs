@@ -753,6 +753,45 @@ async fn metadata_and_discovery_are_truthful(s: &TestServer) {
     assert_eq!(cap["resourceType"], "CapabilityStatement");
     assert_eq!(cap["fhirVersion"], "4.0.1");
     assert_eq!(cap["rest"][0]["resource"].as_array().unwrap().len(), 147);
+    let patient = cap["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Patient")
+        .unwrap();
+    let names: Vec<&str> = patient["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "_id",
+        "_lastUpdated",
+        "family",
+        "birthdate",
+        "identifier",
+        "organization",
+        "_tag",
+    ] {
+        assert!(names.contains(&n), "{n} in {names:?}");
+    }
+    let obs = cap["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Observation")
+        .unwrap();
+    let names: Vec<&str> = obs["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        !names.contains(&"code-value-quantity"),
+        "composite parameters are not claimed"
+    );
     assert!(
         phylax_fhir::validate::validate_resource(&cap).is_ok(),
         "our CapabilityStatement is itself valid"

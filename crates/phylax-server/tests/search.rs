@@ -297,7 +297,23 @@ async fn clinical_search_references_dates_quantities(s: &TestServer) {
         ids(s, &tok, "/Observation?code=8302-2").await,
         vec![o3.clone()]
     );
-    assert_eq!(ids(s, &tok, "/Observation?code:text=body").await.len(), 3);
+    assert_eq!(
+        ids(s, &tok, "/Observation?code:text=body").await.len(),
+        3,
+        "a whole word"
+    );
+    assert_eq!(
+        ids(s, &tok, "/Observation?code:text=body%20WEIGHT")
+            .await
+            .len(),
+        3,
+        "the whole text"
+    );
+    assert_eq!(
+        ids(s, &tok, "/Observation?code:text=bod").await.len(),
+        0,
+        ":text matches words, not prefixes"
+    );
     // Dates with prefixes and precision.
     assert_eq!(
         ids(s, &tok, "/Observation?date=2024").await,

@@ -64,9 +64,11 @@ CREATE TABLE search_index (
     hi INTEGER,
     num REAL
 );
-CREATE INDEX search_index_hash ON search_index (rtype, param, hash);
-CREATE INDEX search_index_lo ON search_index (rtype, param, lo);
-CREATE INDEX search_index_num ON search_index (rtype, param, num);
+-- Partial indexes: each entry kind lands in exactly one lookup index (plus
+-- the per-resource one used to replace a resource's entries).
+CREATE INDEX search_index_hash ON search_index (rtype, param, hash) WHERE hash IS NOT NULL;
+CREATE INDEX search_index_lo ON search_index (rtype, param, lo) WHERE lo IS NOT NULL;
+CREATE INDEX search_index_num ON search_index (rtype, param, num) WHERE num IS NOT NULL;
 CREATE INDEX search_index_resource ON search_index (rtype, id);
 "#,
     ),
@@ -179,9 +181,11 @@ CREATE TABLE search_index (
     hi BIGINT,
     num DOUBLE PRECISION
 );
-CREATE INDEX search_index_hash ON search_index (rtype, param, hash);
-CREATE INDEX search_index_lo ON search_index (rtype, param, lo);
-CREATE INDEX search_index_num ON search_index (rtype, param, num);
+-- Partial indexes: each entry kind lands in exactly one lookup index (plus
+-- the per-resource one used to replace a resource's entries).
+CREATE INDEX search_index_hash ON search_index (rtype, param, hash) WHERE hash IS NOT NULL;
+CREATE INDEX search_index_lo ON search_index (rtype, param, lo) WHERE lo IS NOT NULL;
+CREATE INDEX search_index_num ON search_index (rtype, param, num) WHERE num IS NOT NULL;
 CREATE INDEX search_index_resource ON search_index (rtype, id);
 
 -- The append now also replaces the resource's index entries, in the same

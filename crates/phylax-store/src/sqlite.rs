@@ -70,7 +70,8 @@ fn open_conn(path: &Path) -> Result<Connection> {
     let c = Connection::open(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
     c.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; \
-         PRAGMA busy_timeout=10000; PRAGMA secure_delete=ON;",
+         PRAGMA busy_timeout=10000; PRAGMA secure_delete=ON; \
+         PRAGMA cache_size=-65536; PRAGMA temp_store=MEMORY;",
     )
     .map_err(backend)?;
     Ok(c)
@@ -559,20 +560,45 @@ impl Store for SqliteStore {
     }
 }
 
+/// Rows per multi-row INSERT when replacing index entries.
+const INDEX_CHUNK: usize = 64;
+
 /// Replace a resource's index entries (inside the caller's transaction).
 fn replace_index(c: &Connection, rtype: &str, id: &str, rows: &[IndexRow]) -> Result<()> {
+    use rusqlite::types::Value as V;
     c.execute(
         "DELETE FROM search_index WHERE rtype = ?1 AND id = ?2",
         params![rtype, id],
     )
     .map_err(backend)?;
-    let mut st = c
-        .prepare_cached(
-            "INSERT INTO search_index (rtype, id, param, hash, lo, hi, num) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .map_err(backend)?;
-    for r in rows {
-        st.execute(params![rtype, id, r.param, r.hash, r.lo, r.hi, r.num])
+    for chunk in rows.chunks(INDEX_CHUNK) {
+        let placeholders = (0..chunk.len())
+            .map(|i| {
+                let b = i * 5 + 3;
+                format!(
+                    "(?1, ?2, ?{}, ?{}, ?{}, ?{}, ?{})",
+                    b,
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO search_index (rtype, id, param, hash, lo, hi, num) VALUES {placeholders}"
+        );
+        let mut vals: Vec<V> = vec![V::Text(rtype.to_owned()), V::Text(id.to_owned())];
+        for r in chunk {
+            vals.push(V::Text(r.param.clone()));
+            vals.push(r.hash.clone().map_or(V::Null, V::Blob));
+            vals.push(r.lo.map_or(V::Null, V::Integer));
+            vals.push(r.hi.map_or(V::Null, V::Integer));
+            vals.push(r.num.map_or(V::Null, V::Real));
+        }
+        let mut st = c.prepare_cached(&sql).map_err(backend)?;
+        st.execute(rusqlite::params_from_iter(vals))
             .map_err(backend)?;
     }
     Ok(())

@@ -25,6 +25,8 @@ Format (all names are FHIR element names):
       SearchParameters, the expression narrowed to this resource type
   compartment: {ResourceType: [element paths]} for the Patient compartment,
       each path relative to the resource (e.g. "participant.individual")
+  compartment_params: {ResourceType: [search parameter codes]} that place a
+      resource in a Patient compartment (from the CompartmentDefinition)
 """
 import json
 import re
@@ -157,7 +159,11 @@ def main(src, dst):
     with open(src + "/compartmentdefinition-patient.json", encoding="utf-8") as f:
         cd = json.load(f)
     compartment = {}
+    compartment_params = {}
     for r in cd["resource"]:
+        codes = [p for p in r.get("param", []) if p != "{def}"]
+        if codes:
+            compartment_params[r["code"]] = codes
         paths = []
         for param in r.get("param", []):
             if param == "{def}":
@@ -177,6 +183,7 @@ def main(src, dst):
         "types": out_types,
         "search": search,
         "compartment": compartment,
+        "compartment_params": compartment_params,
     }
     with open(dst, "w", encoding="utf-8") as f:
         json.dump(data, f, sort_keys=True, separators=(",", ":"))

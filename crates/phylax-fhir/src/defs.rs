@@ -42,6 +42,7 @@ pub struct Definitions {
     types: HashMap<String, HashMap<String, ElementDef>>,
     search: HashMap<String, Vec<SearchParamDef>>,
     compartment: HashMap<String, Vec<Vec<String>>>,
+    compartment_params: HashMap<String, Vec<String>>,
 }
 
 /// One element in the generated table: (min, max_many, type codes, choice).
@@ -55,6 +56,7 @@ struct Raw {
     types: BTreeMap<String, BTreeMap<String, RawElement>>,
     search: BTreeMap<String, Vec<(String, String, Option<String>)>>,
     compartment: BTreeMap<String, Vec<String>>,
+    compartment_params: BTreeMap<String, Vec<String>>,
 }
 
 impl Definitions {
@@ -118,6 +120,7 @@ impl Definitions {
             types,
             search,
             compartment,
+            compartment_params: raw.compartment_params.into_iter().collect(),
         }
     }
 
@@ -145,6 +148,15 @@ impl Definitions {
     /// `Resource`/`DomainResource` common ones).
     pub fn search_params(&self, resource_type: &str) -> &[SearchParamDef] {
         self.search
+            .get(resource_type)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Search parameter codes that place a resource of this type in a
+    /// Patient compartment (empty: the type is not in the compartment).
+    pub fn compartment_params(&self, resource_type: &str) -> &[String] {
+        self.compartment_params
             .get(resource_type)
             .map(Vec::as_slice)
             .unwrap_or(&[])

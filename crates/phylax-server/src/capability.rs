@@ -78,6 +78,7 @@ pub fn capability_statement(cfg: &Config) -> Value {
                 "description": "SMART Backend Services (client_credentials with private_key_jwt, RS384/ES384); system/ scopes"
             },
             "resource": resources,
+            "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
             "interaction": [{"code": "history-system"}],
         }],
     })

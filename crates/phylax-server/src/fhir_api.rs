@@ -48,6 +48,14 @@ impl Query {
     fn get(&self, k: &str) -> Option<&str> {
         self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
     }
+
+    /// Drop parameters only the server may set (they arrive in sealed
+    /// cursors, never from clients).
+    fn without_internal(mut self) -> Query {
+        self.0
+            .retain(|(k, _)| k != crate::search::COMPARTMENT_PARAM);
+        self
+    }
 }
 
 /// `Prefer` header values Phylax honours.
@@ -760,7 +768,18 @@ async fn search(
     }
     let q = Query(params.clone());
     let count = page_size(st, &q)?;
-    let parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, &params)?;
+    let mut parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, &params)?;
+    if let Some(c) = q.get(crate::search::COMPARTMENT_PARAM) {
+        let pid = c
+            .strip_prefix("Patient/")
+            .filter(|id| phylax_fhir::ids::is_valid_id(id))
+            .ok_or_else(|| ApiError::bad_request("invalid compartment"))?;
+        parsed.and.push(crate::search::compartment_condition(
+            st.repo.blind_key(),
+            rtype,
+            pid,
+        ));
+    }
     if !parsed.unknown.is_empty() && prefer(h).strict {
         return Err(ApiError::BadRequest(
             parsed
@@ -867,7 +886,7 @@ pub async fn search_type(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let rtype = parse_type(&t)?;
-    let q = Query::parse(raw);
+    let q = Query::parse(raw).without_internal();
     Ok(pipeline::run(
         &st,
         &ctx,
@@ -875,6 +894,38 @@ pub async fn search_type(
         Some(&rtype),
         None,
         || async { search(&st, &h, &rtype, q.0).await },
+    )
+    .await)
+}
+
+/// `GET /fhir/Patient/{id}/{type}`: a search restricted to one patient's
+/// compartment, following the official Patient CompartmentDefinition.
+pub async fn compartment_search(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path((ct, id, t)): Path<(String, String, String)>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    if ct != "Patient" {
+        return Err(ApiError::NotImplemented(
+            "only the Patient compartment is supported",
+        ));
+    }
+    let rtype = parse_type(&t)?;
+    let pid = ResourceId::parse(&id).ok_or(ApiError::NotFound)?;
+    let mut params = Query::parse(raw).without_internal().0;
+    params.push((
+        crate::search::COMPARTMENT_PARAM.to_owned(),
+        format!("Patient/{pid}"),
+    ));
+    Ok(pipeline::run(
+        &st,
+        &ctx,
+        Interaction::SearchType,
+        Some(&rtype),
+        None,
+        || async { search(&st, &h, &rtype, params).await },
     )
     .await)
 }
@@ -913,7 +964,7 @@ pub async fn search_post(
             params.extend(
                 form_urlencoded::parse(&bytes).map(|(k, v)| (k.into_owned(), v.into_owned())),
             );
-            search(&st, &h, &rtype, params).await
+            search(&st, &h, &rtype, Query(params).without_internal().0).await
         },
     )
     .await)

@@ -151,6 +151,10 @@ pub fn router(st: Arc<AppState>) -> Router {
             get(fhir_api::history_instance),
         )
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir_api::vread))
+        .route(
+            "/fhir/{rtype}/{id}/{ctype}",
+            get(fhir_api::compartment_search),
+        )
         .route_layer(middleware::from_fn_with_state(st.clone(), require_token));
     let public = Router::new()
         .route("/fhir/metadata", get(fhir_api::metadata))

@@ -186,8 +186,39 @@ pub fn index_rows(
 
 // ------------------------------------------------------------ parameters
 
+/// Internal parameter carrying a compartment search's patient (`Patient/id`)
+/// through sealed cursors. Stripped from client input.
+pub const COMPARTMENT_PARAM: &str = "_compartment";
+
 /// Parameters that control the result rather than select resources.
-const CONTROL: &[&str] = &["_count", "_cursor", "_total", "_format"];
+const CONTROL: &[&str] = &["_count", "_cursor", "_total", "_format", COMPARTMENT_PARAM];
+
+/// The condition "in the compartment of Patient/`patient_id`" for `rtype`,
+/// from the official Patient CompartmentDefinition: any of the type's
+/// compartment parameters references the patient (for `Patient`, the
+/// patient itself too). A type outside the compartment matches nothing.
+pub fn compartment_condition(
+    key: &BlindIndexKey,
+    rtype: &ResourceType,
+    patient_id: &str,
+) -> Vec<Cond> {
+    let target = format!("Patient/{patient_id}");
+    let mut group: Vec<Cond> = phylax_fhir::defs::definitions()
+        .compartment_params(rtype.as_str())
+        .iter()
+        .map(|p| Cond::Hash {
+            param: p.clone(),
+            hashes: vec![hash(key, &["r", p, &target])],
+        })
+        .collect();
+    if rtype.as_str() == "Patient" {
+        group.push(Cond::Ids(vec![patient_id.to_owned()]));
+    }
+    if group.is_empty() {
+        group.push(Cond::Never);
+    }
+    group
+}
 
 /// A parsed search: condition groups, plus what was ignored.
 #[derive(Debug)]

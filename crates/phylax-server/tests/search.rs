@@ -601,3 +601,103 @@ async fn existing_data_is_reindexed_at_start() {
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].id.as_str(), id);
 }
+
+both!(patient_compartment_search);
+async fn patient_compartment_search(s: &TestServer) {
+    let tok = s.token("system/*.cruds").await;
+    let p = create(s, &tok, json!({"resourceType":"Patient"})).await;
+    let other = create(s, &tok, json!({"resourceType":"Patient"})).await;
+    let obs = |subject: &str, performer: Option<&str>| {
+        let mut o = json!({"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"1-1"}]},
+            "subject":{"reference":format!("Patient/{subject}")}});
+        if let Some(pf) = performer {
+            o["performer"] = json!([{"reference": format!("Patient/{pf}")}]);
+        }
+        o
+    };
+    let o1 = create(s, &tok, obs(&p, None)).await;
+    let o2 = create(s, &tok, obs(&other, Some(&p))).await;
+    let _o3 = create(s, &tok, obs(&other, None)).await;
+    let c1 = create(
+        s,
+        &tok,
+        json!({"resourceType":"Condition","subject":{"reference":format!("Patient/{p}")}}),
+    )
+    .await;
+    // Observation is in the compartment through subject or performer.
+    assert_eq!(
+        ids(s, &tok, &format!("/Patient/{p}/Observation")).await,
+        sorted(vec![&o1, &o2])
+    );
+    assert_eq!(
+        ids(s, &tok, &format!("/Patient/{p}/Condition")).await,
+        vec![c1.clone()]
+    );
+    assert_eq!(
+        ids(s, &tok, &format!("/Patient/{p}/Patient")).await,
+        vec![p.clone()]
+    );
+    // Other parameters still apply; paging keeps the compartment.
+    assert_eq!(
+        ids(s, &tok, &format!("/Patient/{p}/Observation?code=1-1")).await,
+        sorted(vec![&o1, &o2])
+    );
+    assert_eq!(
+        ids(s, &tok, &format!("/Patient/{p}/Observation?code=2-2")).await,
+        Vec::<String>::new()
+    );
+    let (_, b) = get(s, &tok, &format!("/Patient/{p}/Observation?_count=1")).await;
+    assert_eq!(b["total"], 2);
+    let next = b["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !next.contains(&p),
+        "the patient id rides in the sealed cursor"
+    );
+    let b2: Value = s
+        .http
+        .get(&next)
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(b2["entry"].as_array().unwrap().len(), 1);
+    // A type outside the compartment matches nothing; a client cannot smuggle
+    // the internal compartment parameter into a plain search.
+    assert_eq!(
+        ids(s, &tok, &format!("/Patient/{p}/Organization")).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(
+            s,
+            &tok,
+            &format!("/Observation?_compartment=Patient/{other}")
+        )
+        .await
+        .len(),
+        3
+    );
+    assert_eq!(
+        get(s, &tok, &format!("/Encounter/{p}/Observation")).await.0,
+        501
+    );
+    // Scopes apply to the target type.
+    let pat_only = s.token("system/Patient.rs").await;
+    assert_eq!(
+        get(s, &pat_only, &format!("/Patient/{p}/Observation"))
+            .await
+            .0,
+        403
+    );
+}

@@ -71,7 +71,7 @@ fn open_conn(path: &Path) -> Result<Connection> {
     c.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; \
          PRAGMA busy_timeout=10000; PRAGMA secure_delete=ON; \
-         PRAGMA cache_size=-65536; PRAGMA temp_store=MEMORY;",
+         PRAGMA cache_size=-65536; PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=16384;",
     )
     .map_err(backend)?;
     Ok(c)

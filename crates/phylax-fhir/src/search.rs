@@ -345,6 +345,10 @@ pub fn reference_type(r: &str) -> Option<&str> {
 /// The `[lo, hi)` range (ms) and precision of a date/dateTime/instant.
 pub fn date_range(s: &str) -> Option<(i64, i64, DatePrecision)> {
     use chrono::{Datelike, NaiveDate, TimeZone, Utc};
+    // Byte slicing below relies on this (search values come from URLs).
+    if !s.is_ascii() {
+        return None;
+    }
     let ymd = |y: i32, m: u32, d: u32| NaiveDate::from_ymd_opt(y, m, d);
     let ms = |d: NaiveDate| {
         Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0)?)
@@ -840,6 +844,11 @@ mod tests {
             DatePrecision::Millisecond
         );
         assert!(date_range("2023-13").is_none());
+        assert!(
+            date_range("abcé12").is_none(),
+            "multi-byte input must not panic"
+        );
+        assert!(date_range("éééé").is_none());
         assert!(date_range("nonsense").is_none());
     }
 

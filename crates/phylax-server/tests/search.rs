@@ -517,6 +517,10 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
         "/Observation?value-quantity=abc",
         "/Observation?subject:nonsense=1",
         "/Patient?_lastUpdated=yesterday",
+        // Multi-byte characters where a date or number is expected.
+        "/Observation?date=abc%C3%A912",
+        "/Patient?birthdate=ab%C3%A9d",
+        "/Observation?value-quantity=%C3%A9",
     ] {
         let (st, b) = get(s, &tok, bad).await;
         assert_eq!(st, 400, "{bad}: {b}");

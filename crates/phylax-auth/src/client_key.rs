@@ -5,7 +5,7 @@
 //! benchmark and by tests. Production clients use their own libraries.
 
 use crate::AuthError;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use phylax_crypto::{CryptoError, Secret};
@@ -35,13 +35,7 @@ pub fn generate() -> Result<GeneratedClientKey, AuthError> {
         "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y),
     }]})
     .to_string();
-    let b64 = STANDARD.encode(pkcs8.as_ref());
-    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        pem.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        pem.push('\n');
-    }
-    pem.push_str("-----END PRIVATE KEY-----\n");
+    let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec()));
     Ok(GeneratedClientKey {
         private_pem: Secret::new(pem.into_bytes()),
         jwks,

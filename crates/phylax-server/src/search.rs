@@ -17,6 +17,12 @@ use phylax_fhir::{Issue, IssueCode, ResourceType};
 use phylax_store::{Cond, IndexRow, NumOp, RangeOp};
 use serde_json::Value;
 
+/// Bounds on one search: parameters, and comma-separated values per
+/// parameter. They keep every query far below the databases' limits on
+/// bound parameters (and the work one request can ask for).
+pub const MAX_PARAMS: usize = 64;
+pub const MAX_VALUES: usize = 100;
+
 /// Longest string prefix indexed (characters). Longer search values are
 /// refused with a clear message rather than matched approximately.
 pub const MAX_PREFIX: usize = 64;
@@ -395,6 +401,11 @@ pub fn parse(
     let defs = fs::params(rtype);
     let mut and = Vec::new();
     let mut unknown = Vec::new();
+    if params.len() > MAX_PARAMS {
+        return Err(invalid(format!(
+            "at most {MAX_PARAMS} search parameters per request"
+        )));
+    }
     for (name, value) in params {
         if CONTROL.contains(&name.as_str()) {
             continue;
@@ -405,7 +416,13 @@ pub fn parse(
         };
         let shown: String = name.chars().take(64).collect();
         if code == "_id" && modifier.is_none() {
-            and.push(vec![Cond::Ids(split_values(value))]);
+            let ids = split_values(value);
+            if ids.len() > MAX_VALUES {
+                return Err(invalid(format!(
+                    "{shown}: at most {MAX_VALUES} comma-separated values"
+                )));
+            }
+            and.push(vec![Cond::Ids(ids)]);
             continue;
         }
         if code == "_lastUpdated" && modifier.is_none() {
@@ -433,6 +450,11 @@ pub fn parse(
             continue;
         }
         let values = split_values(value);
+        if values.len() > MAX_VALUES {
+            return Err(invalid(format!(
+                "{shown}: at most {MAX_VALUES} comma-separated values"
+            )));
+        }
         if values.iter().any(String::is_empty) {
             return Err(invalid(format!("{shown}: empty value")));
         }

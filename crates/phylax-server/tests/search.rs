@@ -544,6 +544,22 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
         assert_eq!(st, 200, "{v}");
         assert_eq!(b["total"], 0, "{v}");
     }
+    // Too many values or parameters: a clear 400, not a database error.
+    let many = vec!["x"; 101].join(",");
+    assert_eq!(
+        get(s, &tok, &format!("/Patient?family={many}")).await.0,
+        400
+    );
+    assert_eq!(get(s, &tok, &format!("/Patient?_id={many}")).await.0, 400);
+    let lots: String = (0..65).map(|i| format!("gender=x{i}&")).collect();
+    assert_eq!(get(s, &tok, &format!("/Patient?{lots}")).await.0, 400);
+    let ok100 = vec!["x"; 100].join(",");
+    assert_eq!(
+        get(s, &tok, &format!("/Patient?family={ok100}&given={ok100}"))
+            .await
+            .0,
+        200
+    );
     let (st, b) = get(s, &tok, "/Patient?_count=999999999").await;
     assert_eq!(st, 200);
     assert_eq!(b["entry"].as_array().unwrap().len(), 7);

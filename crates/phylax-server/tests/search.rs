@@ -102,6 +102,23 @@ async fn patient_demographics_search_blind(s: &TestServer) {
     );
     assert_eq!(ids(s, &tok, "/Patient?given=zoe").await, vec![c.clone()]);
     assert_eq!(ids(s, &tok, "/Patient?name=soph").await, vec![a.clone()]);
+    // `name` finds family and given names (stored once, under those
+    // parameters) as well as name parts only `name` covers.
+    assert_eq!(ids(s, &tok, "/Patient?name=smi").await, vec![c.clone()]);
+    assert_eq!(
+        ids(s, &tok, "/Patient?name:exact=Ben").await,
+        vec![b.clone()]
+    );
+    assert_eq!(ids(s, &tok, "/Patient?name:missing=false").await.len(), 3);
+    assert_eq!(ids(s, &tok, "/Patient?name:missing=true").await.len(), 0);
+    assert_eq!(
+        ids(s, &tok, "/Patient?address=shelby").await,
+        vec![b.clone()]
+    );
+    assert_eq!(
+        ids(s, &tok, "/Patient?address:missing=true").await,
+        vec![c.clone()]
+    );
     assert_eq!(
         ids(s, &tok, "/Patient?address-city=spring").await,
         vec![a.clone()]

@@ -23,6 +23,20 @@ fn search_params(t: &str) -> Vec<Value> {
     out
 }
 
+/// `_include` values supported for a type: its reference parameters.
+fn search_includes(t: &str) -> Vec<String> {
+    let Some(rt) = phylax_fhir::ResourceType::parse(t) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = phylax_fhir::search::params(&rt)
+        .values()
+        .filter(|p| p.indexable() && p.kind == phylax_fhir::search::ParamKind::Reference)
+        .map(|p| format!("{t}:{}", p.code))
+        .collect();
+    out.sort();
+    out
+}
+
 pub fn capability_statement(cfg: &Config) -> Value {
     let d = definitions();
     let interactions = [
@@ -51,6 +65,18 @@ pub fn capability_statement(cfg: &Config) -> Value {
                 "conditionalDelete": "not-supported",
                 "searchParam": search_params(t),
             })
+        })
+        .collect();
+    // Empty arrays are not valid FHIR JSON: only types with reference
+    // parameters get a searchInclude list.
+    let resources: Vec<Value> = resources
+        .into_iter()
+        .map(|mut r| {
+            let inc = search_includes(r["type"].as_str().unwrap_or_default());
+            if !inc.is_empty() {
+                r["searchInclude"] = json!(inc);
+            }
+            r
         })
         .collect();
     json!({

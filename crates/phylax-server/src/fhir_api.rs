@@ -751,9 +751,139 @@ async fn open_search_cursor(
     Ok((params, v["b"].as_i64().ok_or_else(bad)?))
 }
 
+/// Most resources `_include`/`_revinclude` add to one page.
+const MAX_INCLUDED: usize = 1000;
+
+/// Resources named by `_include=Source:param[:Target]` (references from the
+/// matches) and `_revinclude=Source:param` (resources referring to the
+/// matches). Every included resource passes the same policy as a direct
+/// read; one the caller may not see is silently left out, never an error
+/// that would reveal it exists. `:iterate` is not supported yet (400).
+async fn included(
+    st: &AppState,
+    ctx: &RequestCtx,
+    rtype: &ResourceType,
+    q: &Query,
+    matches: &[crate::repo::ResourceVersion],
+) -> Result<Vec<crate::repo::ResourceVersion>, ApiError> {
+    use std::collections::HashSet;
+    let mut seen: HashSet<(String, String)> = matches
+        .iter()
+        .map(|v| (v.rtype.to_string(), v.id.to_string()))
+        .collect();
+    let mut out = Vec::new();
+    let parse_spec = |v: &str| -> Result<(ResourceType, String, Option<ResourceType>), ApiError> {
+        let bad = || ApiError::bad_request("_include/_revinclude take Type:parameter[:TargetType]");
+        let mut it = v.split(':');
+        let src = it.next().and_then(ResourceType::parse).ok_or_else(bad)?;
+        let param = it
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(bad)?
+            .to_owned();
+        let target = match it.next() {
+            Some(t) => Some(ResourceType::parse(t).ok_or_else(bad)?),
+            None => None,
+        };
+        if it.next().is_some() {
+            return Err(bad());
+        }
+        let known = phylax_fhir::search::params(&src)
+            .get(&param)
+            .is_some_and(|p| p.kind == phylax_fhir::search::ParamKind::Reference && p.indexable());
+        if !known {
+            return Err(ApiError::bad_request(format!(
+                "{}:{}: not a reference search parameter",
+                src,
+                param.chars().take(64).collect::<String>()
+            )));
+        }
+        Ok((src, param, target))
+    };
+    for (k, v) in &q.0 {
+        if k == "_include:iterate" || k == "_revinclude:iterate" {
+            return Err(ApiError::NotImplemented(":iterate is not supported yet"));
+        }
+        if k == "_include" {
+            let (src, param, target) = parse_spec(v)?;
+            if &src != rtype {
+                return Err(ApiError::bad_request(
+                    "_include must start with the searched resource type",
+                ));
+            }
+            for m in matches {
+                let Some(body) = &m.body else { continue };
+                for (code, val) in phylax_fhir::search::extract(rtype, body.json()) {
+                    let phylax_fhir::search::SearchValue::Reference(r) = val else {
+                        continue;
+                    };
+                    if code != param {
+                        continue;
+                    }
+                    let r = r
+                        .strip_prefix(&format!("{}/", st.fhir_base))
+                        .unwrap_or(&r)
+                        .to_owned();
+                    let mut parts = r.split('/');
+                    let (Some(t), Some(id)) = (
+                        parts.next().and_then(ResourceType::parse),
+                        parts.next().and_then(ResourceId::parse),
+                    ) else {
+                        continue;
+                    };
+                    if target.as_ref().is_some_and(|tt| tt != &t)
+                        || out.len() >= MAX_INCLUDED
+                        || !seen.insert((t.to_string(), id.to_string()))
+                        || decide(&ctx.principal, Interaction::Read, Some(t.as_str()))
+                            != Decision::Allow
+                    {
+                        continue;
+                    }
+                    match st.repo.read(&t, &id).await {
+                        Ok(v) => out.push(v),
+                        Err(crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_)) => {
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        } else if k == "_revinclude" {
+            let (src, param, _) = parse_spec(v)?;
+            if matches.is_empty()
+                || out.len() >= MAX_INCLUDED
+                || decide(&ctx.principal, Interaction::SearchType, Some(src.as_str()))
+                    != Decision::Allow
+            {
+                continue;
+            }
+            let targets: Vec<String> = matches
+                .iter()
+                .map(|m| format!("{}/{}", m.rtype, m.id))
+                .collect();
+            let cond = crate::search::references_to(st.repo.blind_key(), &param, &targets);
+            let found = st
+                .repo
+                .search(&phylax_store::SearchQuery {
+                    rtype: src.to_string(),
+                    and: vec![vec![cond]],
+                    before_seq: None,
+                    limit: (MAX_INCLUDED - out.len()) as u32,
+                })
+                .await?;
+            for v in found {
+                if seen.insert((v.rtype.to_string(), v.id.to_string())) {
+                    out.push(v);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Run a type-level search (GET or POST `_search`).
 async fn search(
     st: &AppState,
+    ctx: &RequestCtx,
     h: &HeaderMap,
     rtype: &ResourceType,
     mut params: Vec<(String, String)>,
@@ -843,6 +973,15 @@ async fn search(
             })
         })
         .collect();
+    for v in included(st, ctx, rtype, &q, &rows).await? {
+        if let Some(b) = &v.body {
+            entries.push(json!({
+                "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
+                "resource": b.json(),
+                "search": {"mode": "include"},
+            }));
+        }
+    }
     if !parsed.unknown.is_empty() {
         let oo = OperationOutcome {
             issues: parsed
@@ -893,7 +1032,7 @@ pub async fn search_type(
         Interaction::SearchType,
         Some(&rtype),
         None,
-        || async { search(&st, &h, &rtype, q.0).await },
+        || async { search(&st, &ctx, &h, &rtype, q.0).await },
     )
     .await)
 }
@@ -925,7 +1064,7 @@ pub async fn compartment_search(
         Interaction::SearchType,
         Some(&rtype),
         None,
-        || async { search(&st, &h, &rtype, params).await },
+        || async { search(&st, &ctx, &h, &rtype, params).await },
     )
     .await)
 }
@@ -964,7 +1103,7 @@ pub async fn search_post(
             params.extend(
                 form_urlencoded::parse(&bytes).map(|(k, v)| (k.into_owned(), v.into_owned())),
             );
-            search(&st, &h, &rtype, Query(params).without_internal().0).await
+            search(&st, &ctx, &h, &rtype, Query(params).without_internal().0).await
         },
     )
     .await)

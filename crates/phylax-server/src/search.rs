@@ -242,7 +242,28 @@ pub fn index_rows(
 pub const COMPARTMENT_PARAM: &str = "_compartment";
 
 /// Parameters that control the result rather than select resources.
-const CONTROL: &[&str] = &["_count", "_cursor", "_total", "_format", COMPARTMENT_PARAM];
+const CONTROL: &[&str] = &[
+    "_count",
+    "_cursor",
+    "_total",
+    "_format",
+    "_include",
+    "_revinclude",
+    "_include:iterate",
+    "_revinclude:iterate",
+    COMPARTMENT_PARAM,
+];
+
+/// "Parameter `param` references one of `targets` (`Type/id`)".
+pub fn references_to(key: &BlindIndexKey, param: &str, targets: &[String]) -> Cond {
+    Cond::Hash {
+        param: param.to_owned(),
+        hashes: targets
+            .iter()
+            .map(|t| hash(key, &["r", param, t]))
+            .collect(),
+    }
+}
 
 /// The condition "in the compartment of Patient/`patient_id`" for `rtype`,
 /// from the official Patient CompartmentDefinition: any of the type's

@@ -738,3 +738,108 @@ async fn patient_compartment_search(s: &TestServer) {
         403
     );
 }
+
+both!(include_and_revinclude_respect_the_policy);
+async fn include_and_revinclude_respect_the_policy(s: &TestServer) {
+    let tok = s.token("system/*.cruds").await;
+    let p = create(s, &tok, json!({"resourceType":"Patient","gender":"other"})).await;
+    let obs = |code: &str| {
+        json!({"resourceType":"Observation","status":"final","code":{"coding":[{"code":code}]},
+        "subject":{"reference":format!("Patient/{p}")}})
+    };
+    let o1 = create(s, &tok, obs("inc-1")).await;
+    let o2 = create(s, &tok, obs("inc-2")).await;
+    let entries = |b: &Value, mode: &str| -> Vec<String> {
+        let mut v: Vec<String> = b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["search"]["mode"] == mode)
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    e["resource"]["resourceType"].as_str().unwrap(),
+                    e["resource"]["id"].as_str().unwrap()
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // _include: the patient once, however many matches point at it.
+    let (st, b) = get(
+        s,
+        &tok,
+        "/Observation?code=inc-1,inc-2&_include=Observation:subject",
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(entries(&b, "match").len(), 2);
+    assert_eq!(entries(&b, "include"), vec![format!("Patient/{p}")]);
+    assert_eq!(b["total"], 2, "included resources do not count");
+    let (_, b) = get(
+        s,
+        &tok,
+        "/Observation?code=inc-1&_include=Observation:subject:Group",
+    )
+    .await;
+    assert!(entries(&b, "include").is_empty(), "target type filter");
+    // _revinclude: resources pointing at the matches.
+    let (_, b) = get(
+        s,
+        &tok,
+        &format!("/Patient?_id={p}&_revinclude=Observation:subject"),
+    )
+    .await;
+    assert_eq!(entries(&b, "include"), {
+        let mut v = vec![format!("Observation/{o1}"), format!("Observation/{o2}")];
+        v.sort();
+        v
+    });
+    // What the caller may not read is silently left out.
+    let obs_only = s.token("system/Observation.rs").await;
+    let (st, b) = get(
+        s,
+        &obs_only,
+        "/Observation?code=inc-1&_include=Observation:subject",
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert!(entries(&b, "include").is_empty());
+    let pat_only = s.token("system/Patient.rs").await;
+    let (st, b) = get(
+        s,
+        &pat_only,
+        &format!("/Patient?_id={p}&_revinclude=Observation:subject"),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert!(entries(&b, "include").is_empty());
+    // Bad specifications.
+    assert_eq!(
+        get(s, &tok, "/Observation?_include=Patient:organization")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        get(s, &tok, "/Observation?_include=Observation:code")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        get(s, &tok, "/Observation?_include=Observation").await.0,
+        400
+    );
+    assert_eq!(
+        get(s, &tok, "/Observation?_include=Nope:subject").await.0,
+        400
+    );
+    assert_eq!(
+        get(s, &tok, "/Observation?_include:iterate=Observation:subject")
+            .await
+            .0,
+        501
+    );
+}

@@ -59,10 +59,10 @@ pub fn capability_statement(cfg: &Config) -> Value {
                 "versioning": "versioned",
                 "readHistory": true,
                 "updateCreate": cfg.http.allow_update_create,
-                "conditionalCreate": false,
+                "conditionalCreate": true,
                 "conditionalRead": "not-supported",
-                "conditionalUpdate": false,
-                "conditionalDelete": "not-supported",
+                "conditionalUpdate": true,
+                "conditionalDelete": "single",
                 "searchParam": search_params(t),
             })
         })

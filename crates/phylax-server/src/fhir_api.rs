@@ -349,6 +349,26 @@ pub async fn create(
             if bt != rtype {
                 return Err(ApiError::bad_request("resourceType does not match the URL"));
             }
+            // Conditional create: `If-None-Exist: [search parameters]`.
+            if let Some(cond) = h.get("if-none-exist") {
+                let cond = cond
+                    .to_str()
+                    .map_err(|_| ApiError::bad_request("malformed If-None-Exist"))?;
+                let params = Query::parse(Some(cond.trim_start_matches('?').to_owned()))
+                    .without_internal()
+                    .0;
+                match conditional_matches(&st, &ctx, &rtype, &params)
+                    .await?
+                    .as_slice()
+                {
+                    [] => {}
+                    [existing] => {
+                        // One match: the create is ignored, the match returned.
+                        return Ok(write_response(&st, &h, StatusCode::OK, existing));
+                    }
+                    _ => return Err(ApiError::PreconditionFailed),
+                }
+            }
             let v = st.repo.create(&rtype, value).await?;
             Ok(write_response(&st, &h, StatusCode::CREATED, &v))
         },
@@ -749,6 +769,187 @@ async fn open_search_cursor(
         })
         .collect();
     Ok((params, v["b"].as_i64().ok_or_else(bad)?))
+}
+
+/// The resources a conditional operation's search selects (at most two:
+/// the caller only needs to know none, one, or several). The caller must
+/// be allowed to search the type; empty criteria are refused, since they
+/// would select everything.
+async fn conditional_matches(
+    st: &AppState,
+    ctx: &RequestCtx,
+    rtype: &ResourceType,
+    params: &[(String, String)],
+) -> Result<Vec<crate::repo::ResourceVersion>, ApiError> {
+    if decide(
+        &ctx.principal,
+        Interaction::SearchType,
+        Some(rtype.as_str()),
+    ) != Decision::Allow
+    {
+        return Err(ApiError::Forbidden);
+    }
+    let parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
+    if !parsed.unknown.is_empty() {
+        // Ignoring an unknown criterion could match the wrong resource.
+        return Err(ApiError::BadRequest(
+            parsed
+                .unknown
+                .iter()
+                .map(|k| {
+                    Issue::error(
+                        IssueCode::NotSupported,
+                        format!("unsupported search parameter: {k}"),
+                    )
+                })
+                .collect(),
+        ));
+    }
+    if parsed.and.is_empty() {
+        return Err(ApiError::bad_request(
+            "a conditional operation needs search criteria",
+        ));
+    }
+    let q = phylax_store::SearchQuery {
+        rtype: rtype.to_string(),
+        and: parsed.and,
+        before_seq: None,
+        limit: 2,
+    };
+    Ok(st.repo.search(&q).await?)
+}
+
+/// `PUT /fhir/{type}?criteria`: update the single match, create when there
+/// is none, 412 when several match.
+pub async fn conditional_update(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path(t): Path<String>,
+    h: HeaderMap,
+    RawQuery(raw): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
+    let q = Query::parse(raw).without_internal();
+    Ok(pipeline::run(
+        &st,
+        &ctx,
+        Interaction::Update,
+        Some(&rtype),
+        None,
+        || async {
+            check_accept(&h, &q)?;
+            let criteria: Vec<(String, String)> =
+                q.0.iter()
+                    .filter(|(k, _)| k != "_format")
+                    .cloned()
+                    .collect();
+            let (bt, mut value) = read_resource(&st, &h, body).await?;
+            if bt != rtype {
+                return Err(ApiError::bad_request("resourceType does not match the URL"));
+            }
+            let body_id = value.get("id").and_then(Value::as_str).map(str::to_owned);
+            match conditional_matches(&st, &ctx, &rtype, &criteria)
+                .await?
+                .as_slice()
+            {
+                [] => {
+                    if decide(&ctx.principal, Interaction::Create, Some(rtype.as_str()))
+                        != Decision::Allow
+                    {
+                        return Err(ApiError::Forbidden);
+                    }
+                    match body_id.as_deref().map(ResourceId::parse) {
+                        // No match and no id: an ordinary create.
+                        None => {
+                            let v = st.repo.create(&rtype, value).await?;
+                            Ok(write_response(&st, &h, StatusCode::CREATED, &v))
+                        }
+                        // No match, an id: update-as-create, if allowed.
+                        Some(Some(id)) => {
+                            if !st.config.http.allow_update_create {
+                                return Err(ApiError::MethodNotAllowed(
+                                    "update-as-create is not allowed on this server",
+                                ));
+                            }
+                            // The id exists but the criteria do not select it:
+                            // refuse rather than overwrite an unrelated resource.
+                            let existing = st
+                                .store
+                                .read_current(rtype.as_str(), id.as_str())
+                                .await
+                                .map_err(crate::repo::RepoError::from)?;
+                            if existing.is_some_and(|e| !e.deleted) {
+                                return Err(ApiError::Conflict);
+                            }
+                            let (v, _) = st.repo.update(&rtype, &id, value, None, true).await?;
+                            Ok(write_response(&st, &h, StatusCode::CREATED, &v))
+                        }
+                        Some(None) => Err(ApiError::bad_request(
+                            "the id in the body is not a valid FHIR id",
+                        )),
+                    }
+                }
+                [m] => {
+                    if body_id.as_deref().is_some_and(|b| b != m.id.as_str()) {
+                        return Err(ApiError::bad_request(
+                            "the id in the body does not match the resource the criteria select",
+                        ));
+                    }
+                    if let Some(o) = value.as_object_mut() {
+                        o.insert("id".into(), json!(m.id.as_str()));
+                    }
+                    let (v, _) = st
+                        .repo
+                        .update(&rtype, &m.id, value, parse_if_match(&h)?, false)
+                        .await?;
+                    Ok(write_response(&st, &h, StatusCode::OK, &v))
+                }
+                _ => Err(ApiError::PreconditionFailed),
+            }
+        },
+    )
+    .await)
+}
+
+/// `DELETE /fhir/{type}?criteria`: delete the single match (none: 204),
+/// 412 when several match.
+pub async fn conditional_delete(
+    State(st): St,
+    Extension(ctx): Extension<RequestCtx>,
+    Path(t): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let rtype = parse_type(&t)?;
+    let q = Query::parse(raw).without_internal();
+    Ok(pipeline::run(
+        &st,
+        &ctx,
+        Interaction::Delete,
+        Some(&rtype),
+        None,
+        || async {
+            match conditional_matches(&st, &ctx, &rtype, &q.0)
+                .await?
+                .as_slice()
+            {
+                [] => Ok(StatusCode::NO_CONTENT.into_response()),
+                [m] => {
+                    let mut r = StatusCode::NO_CONTENT.into_response();
+                    if let Some(v) = st.repo.delete(&rtype, &m.id).await? {
+                        if let Ok(e) = HeaderValue::from_str(&format!("W/\"{}\"", v.version)) {
+                            r.headers_mut().insert(header::ETAG, e);
+                        }
+                    }
+                    r.extensions_mut()
+                        .insert(pipeline::AuditRef(m.id.to_string()));
+                    Ok(r)
+                }
+                _ => Err(ApiError::PreconditionFailed),
+            }
+        },
+    )
+    .await)
 }
 
 /// Most resources `_include`/`_revinclude` add to one page.

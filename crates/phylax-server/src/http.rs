@@ -136,7 +136,10 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/fhir/_history", get(fhir_api::history_system))
         .route(
             "/fhir/{rtype}",
-            get(fhir_api::search_type).post(fhir_api::create),
+            get(fhir_api::search_type)
+                .post(fhir_api::create)
+                .put(fhir_api::conditional_update)
+                .delete(fhir_api::conditional_delete),
         )
         .route("/fhir/{rtype}/_history", get(fhir_api::history_type))
         .route("/fhir/{rtype}/_search", post(fhir_api::search_post))

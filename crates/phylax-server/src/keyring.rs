@@ -52,10 +52,6 @@ impl KeyRing {
         }
     }
 
-    pub fn kek(&self) -> &Kek {
-        &self.kek
-    }
-
     fn cached(&self, scope: &str) -> Option<Arc<DataKey>> {
         self.cache.read().get(scope).cloned()
     }

@@ -11,6 +11,12 @@
 //!
 //! Later capabilities (roles, compartments, consent, the tamper-evident
 //! audit log) plug in here, not in the handlers.
+//!
+//! Ordering today: a write commits before its audit record is written, so
+//! if the sink fails the client gets 503 although the write is stored (no
+//! data leaves, but a retry may duplicate a create). The foundation's log
+//! sink cannot fail; the durable audit log must commit the record in the
+//! write's own transaction.
 
 use crate::error::ApiError;
 use crate::http::AppState;

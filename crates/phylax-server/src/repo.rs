@@ -115,10 +115,6 @@ impl Repo {
         }
     }
 
-    pub fn store(&self) -> &DynStore {
-        &self.store
-    }
-
     pub fn keys(&self) -> &KeyRing {
         &self.keys
     }

@@ -171,8 +171,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<StoredVersion>>;
-    /// Count of current, non-deleted resources of a type.
-    async fn count_current(&self, rtype: &str) -> Result<u64>;
     /// Current, non-deleted resources matching every condition group,
     /// newest write first, `seq < before_seq` when paging.
     async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>>;

@@ -384,19 +384,6 @@ impl Store for PgStore {
         Ok(rows.iter().map(row_version).collect())
     }
 
-    async fn count_current(&self, rtype: &str) -> Result<u64> {
-        let c = self.pool.get().await.map_err(pool_err)?;
-        let n: i64 = c
-            .query_one(
-                "SELECT COUNT(*) FROM resources WHERE rtype = $1 AND NOT deleted",
-                &[&rtype],
-            )
-            .await
-            .map_err(pg)?
-            .get(0);
-        Ok(n as u64)
-    }
-
     async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>> {
         let (sql, ps) = query::build(q, &|n| format!("${n}"), &prefixed_cols(), false);
         let c = self.pool.get().await.map_err(pool_err)?;

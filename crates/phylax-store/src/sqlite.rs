@@ -448,20 +448,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn count_current(&self, rtype: &str) -> Result<u64> {
-        let rtype = rtype.to_owned();
-        self.read(move |c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM resources WHERE rtype = ?1 AND deleted = 0",
-                params![rtype],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(backend)
-        })
-        .await
-    }
-
     async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>> {
         let (sql, ps) = query::build(q, &|n| format!("?{n}"), &prefixed_cols(), false);
         self.read(move |c| {

@@ -152,6 +152,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Append a version if the precondition holds, atomically updating the
     /// current pointer. Returns the global sequence number.
     async fn append_version(&self, v: NewVersion, pre: Precondition) -> Result<i64>;
+    /// Append several versions **all or nothing** (a FHIR transaction):
+    /// if any precondition fails, nothing is written and the result is
+    /// `Conflict`. Returns each version's sequence number, in input order.
+    /// The same resource may not appear twice.
+    async fn append_versions(&self, vs: Vec<(NewVersion, Precondition)>) -> Result<Vec<i64>>;
     /// The current version of a resource (including a tombstone).
     async fn read_current(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>>;
     /// A specific version.

@@ -112,6 +112,53 @@ fn prefixed_cols() -> String {
         .join(", ")
 }
 
+/// Append one version through `phylax_append_version`, on a pooled
+/// connection or inside a transaction.
+async fn append_one<C: deadpool_postgres::GenericClient>(
+    c: &C,
+    v: &NewVersion,
+    pre: Precondition,
+) -> Result<i64> {
+    let st = c
+        .prepare_cached(
+            "SELECT phylax_append_version($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .await
+        .map_err(pg)?;
+    let expected: Option<i64> = match pre {
+        Precondition::Absent => None,
+        Precondition::CurrentIs(n) => Some(n as i64),
+    };
+    let version = v.version as i64;
+    let cols = IndexCols::from(if v.deleted { &[][..] } else { &v.index[..] });
+    let row = c
+        .query_one(
+            &st,
+            &[
+                &v.rtype,
+                &v.id,
+                &version,
+                &expected,
+                &v.last_updated,
+                &v.deleted,
+                &v.key_scope,
+                &v.sealed,
+                &cols.params,
+                &cols.hashes,
+                &cols.lo,
+                &cols.hi,
+                &cols.num,
+            ],
+        )
+        .await
+        .map_err(|e| match pg(e) {
+            // Two first versions racing: the loser hits the unique key.
+            StoreError::Duplicate => StoreError::Conflict,
+            o => o,
+        })?;
+    row.get::<_, Option<i64>>(0).ok_or(StoreError::Conflict)
+}
+
 fn row_client(r: &Row) -> ClientRecord {
     ClientRecord {
         id: r.get(0),
@@ -250,42 +297,24 @@ impl Store for PgStore {
 
     async fn append_version(&self, v: NewVersion, pre: Precondition) -> Result<i64> {
         let c = self.pool.get().await.map_err(pool_err)?;
-        let st = c
-            .prepare_cached("SELECT phylax_append_version($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
-            .await
-            .map_err(pg)?;
-        let expected: Option<i64> = match pre {
-            Precondition::Absent => None,
-            Precondition::CurrentIs(n) => Some(n as i64),
-        };
-        let version = v.version as i64;
-        let cols = IndexCols::from(if v.deleted { &[][..] } else { &v.index[..] });
-        let row = c
-            .query_one(
-                &st,
-                &[
-                    &v.rtype,
-                    &v.id,
-                    &version,
-                    &expected,
-                    &v.last_updated,
-                    &v.deleted,
-                    &v.key_scope,
-                    &v.sealed,
-                    &cols.params,
-                    &cols.hashes,
-                    &cols.lo,
-                    &cols.hi,
-                    &cols.num,
-                ],
-            )
-            .await
-            .map_err(|e| match pg(e) {
-                // Two first versions racing: the loser hits the unique key.
-                StoreError::Duplicate => StoreError::Conflict,
-                o => o,
-            })?;
-        row.get::<_, Option<i64>>(0).ok_or(StoreError::Conflict)
+        append_one(&c, &v, pre).await
+    }
+
+    async fn append_versions(&self, vs: Vec<(NewVersion, Precondition)>) -> Result<Vec<i64>> {
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        let tx = c.transaction().await.map_err(pg)?;
+        // Lock rows in a fixed order so that two transactions touching the
+        // same resources cannot deadlock; answer in the caller's order.
+        let mut order: Vec<usize> = (0..vs.len()).collect();
+        order.sort_by(|&a, &b| (&vs[a].0.rtype, &vs[a].0.id).cmp(&(&vs[b].0.rtype, &vs[b].0.id)));
+        let mut seqs = vec![0i64; vs.len()];
+        for i in order {
+            let (v, pre) = &vs[i];
+            // An error drops `tx`, which rolls everything back.
+            seqs[i] = append_one(&tx, v, *pre).await?;
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(seqs)
     }
 
     async fn read_current(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>> {

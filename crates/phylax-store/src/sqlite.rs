@@ -149,6 +149,46 @@ fn row_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredVersion> {
     })
 }
 
+fn append_one(c: &Connection, v: NewVersion, pre: Precondition) -> Result<i64> {
+    let current: Option<i64> = c
+        .query_row(
+            "SELECT version FROM resources WHERE rtype = ?1 AND id = ?2",
+            params![v.rtype, v.id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(backend)?;
+    // A deleted id keeps its row (tombstone), so ids are never reused
+    // with version 1 again; `Absent` means never used.
+    let ok = match (pre, current) {
+        (Precondition::Absent, None) => v.version == 1,
+        (Precondition::CurrentIs(n), Some(cur)) => cur as u64 == n && v.version == n + 1,
+        _ => false,
+    };
+    if !ok {
+        return Err(StoreError::Conflict);
+    }
+    c.execute(
+            "INSERT INTO resource_versions (rtype, id, version, last_updated, deleted, key_scope, body) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![v.rtype, v.id, v.version as i64, v.last_updated, v.deleted as i64, v.key_scope, v.sealed],
+        )
+        .map_err(|e| match backend(e) {
+            StoreError::Duplicate => StoreError::Conflict,
+            o => o,
+        })?;
+    let seq = c.last_insert_rowid();
+    c.execute(
+            "INSERT INTO resources (rtype, id, version, seq, deleted) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, seq = excluded.seq, deleted = excluded.deleted",
+            params![v.rtype, v.id, v.version as i64, seq, v.deleted as i64],
+        )
+        .map_err(backend)?;
+    let rows = if v.deleted { Vec::new() } else { v.index };
+    replace_index(c, &v.rtype, &v.id, &rows)?;
+    Ok(seq)
+}
+
 const VERSION_COLS: &str = "seq, rtype, id, version, last_updated, deleted, key_scope, body";
 
 impl SqliteStore {
@@ -309,44 +349,17 @@ impl Store for SqliteStore {
     }
 
     async fn append_version(&self, v: NewVersion, pre: Precondition) -> Result<i64> {
+        self.write(move |c| append_one(c, v, pre)).await
+    }
+
+    async fn append_versions(&self, vs: Vec<(NewVersion, Precondition)>) -> Result<Vec<i64>> {
+        // One write job: its SAVEPOINT rolls every append back if any fails.
         self.write(move |c| {
-            let current: Option<i64> = c
-                .query_row(
-                    "SELECT version FROM resources WHERE rtype = ?1 AND id = ?2",
-                    params![v.rtype, v.id],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(backend)?;
-            // A deleted id keeps its row (tombstone), so ids are never reused
-            // with version 1 again; `Absent` means never used.
-            let ok = match (pre, current) {
-                (Precondition::Absent, None) => v.version == 1,
-                (Precondition::CurrentIs(n), Some(cur)) => cur as u64 == n && v.version == n + 1,
-                _ => false,
-            };
-            if !ok {
-                return Err(StoreError::Conflict);
+            let mut out = Vec::with_capacity(vs.len());
+            for (v, pre) in vs {
+                out.push(append_one(c, v, pre)?);
             }
-            c.execute(
-                "INSERT INTO resource_versions (rtype, id, version, last_updated, deleted, key_scope, body) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![v.rtype, v.id, v.version as i64, v.last_updated, v.deleted as i64, v.key_scope, v.sealed],
-            )
-            .map_err(|e| match backend(e) {
-                StoreError::Duplicate => StoreError::Conflict,
-                o => o,
-            })?;
-            let seq = c.last_insert_rowid();
-            c.execute(
-                "INSERT INTO resources (rtype, id, version, seq, deleted) VALUES (?1, ?2, ?3, ?4, ?5) \
-                 ON CONFLICT (rtype, id) DO UPDATE SET version = excluded.version, seq = excluded.seq, deleted = excluded.deleted",
-                params![v.rtype, v.id, v.version as i64, seq, v.deleted as i64],
-            )
-            .map_err(backend)?;
-            let rows = if v.deleted { Vec::new() } else { v.index };
-            replace_index(c, &v.rtype, &v.id, &rows)?;
-            Ok(seq)
+            Ok(out)
         })
         .await
     }

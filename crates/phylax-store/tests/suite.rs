@@ -673,3 +673,94 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
     };
     assert_eq!(ids(s, vec![vec![evil]]).await, Vec::<String>::new());
 }
+
+both!(append_versions_is_all_or_nothing);
+async fn append_versions_is_all_or_nothing(s: &DynStore) {
+    s.append_version(nv("Patient", "p", 1, 1000, b"p1"), Precondition::Absent)
+        .await
+        .unwrap();
+    // The third entry's precondition fails: none of the three may land,
+    // including the index entries of the first two.
+    let r = s
+        .append_versions(vec![
+            (
+                with_index(
+                    nv("Observation", "o1", 1, 2000, b"o1"),
+                    vec![h("code", b"c")],
+                ),
+                Precondition::Absent,
+            ),
+            (
+                nv("Patient", "p", 2, 2000, b"p2"),
+                Precondition::CurrentIs(1),
+            ),
+            (
+                nv("Patient", "q", 2, 2000, b"q2"),
+                Precondition::CurrentIs(1),
+            ),
+        ])
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
+    assert!(s.read_current("Observation", "o1").await.unwrap().is_none());
+    assert_eq!(
+        s.read_current("Patient", "p")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        1
+    );
+    assert!(ids(
+        s,
+        vec![vec![Cond::Hash {
+            param: "code".into(),
+            hashes: vec![b"c".to_vec()]
+        }]]
+    )
+    .await
+    .is_empty());
+    // All preconditions hold: all land, answered in input order.
+    let seqs = s
+        .append_versions(vec![
+            (
+                with_index(
+                    nv("Observation", "o1", 1, 3000, b"o1"),
+                    vec![h("code", b"c")],
+                ),
+                Precondition::Absent,
+            ),
+            (
+                nv("Patient", "p", 2, 3000, b"p2"),
+                Precondition::CurrentIs(1),
+            ),
+            (nv("Encounter", "e", 1, 3000, b"e1"), Precondition::Absent),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(seqs.len(), 3);
+    let o = s.read_current("Observation", "o1").await.unwrap().unwrap();
+    let p = s.read_current("Patient", "p").await.unwrap().unwrap();
+    let e = s.read_current("Encounter", "e").await.unwrap().unwrap();
+    assert_eq!((o.seq, p.seq, e.seq), (seqs[0], seqs[1], seqs[2]));
+    assert_eq!(p.sealed.as_deref(), Some(&b"p2"[..]));
+    assert_eq!(
+        ids(
+            s,
+            vec![vec![Cond::Hash {
+                param: "code".into(),
+                hashes: vec![b"c".to_vec()]
+            }]]
+        )
+        .await,
+        vec!["o1".to_string()]
+    );
+    // Two entries racing for the same new id inside one batch: refused.
+    let r = s
+        .append_versions(vec![
+            (nv("Encounter", "x", 1, 4000, b"x"), Precondition::Absent),
+            (nv("Encounter", "x", 1, 4000, b"y"), Precondition::Absent),
+        ])
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
+    assert!(s.read_current("Encounter", "x").await.unwrap().is_none());
+}

@@ -105,7 +105,7 @@ pub fn capability_statement(cfg: &Config) -> Value {
             },
             "resource": resources,
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
-            "interaction": [{"code": "history-system"}],
+            "interaction": [{"code": "history-system"}, {"code": "transaction"}, {"code": "batch"}],
         }],
     })
 }

@@ -60,6 +60,8 @@ pub struct HttpConfig {
     /// Default and maximum page sizes for history and search.
     pub default_page_size: u32,
     pub max_page_size: u32,
+    /// Most entries in one batch or transaction Bundle.
+    pub max_bundle_entries: usize,
 }
 
 impl Default for HttpConfig {
@@ -70,6 +72,7 @@ impl Default for HttpConfig {
             allow_update_create: true,
             default_page_size: 50,
             max_page_size: 1000,
+            max_bundle_entries: 5000,
         }
     }
 }

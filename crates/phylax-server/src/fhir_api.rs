@@ -29,15 +29,15 @@ type St = State<Arc<AppState>>;
 
 // ---------------------------------------------------------------- inputs
 
-fn parse_type(t: &str) -> Result<ResourceType, ApiError> {
+pub(crate) fn parse_type(t: &str) -> Result<ResourceType, ApiError> {
     ResourceType::parse(t).ok_or(ApiError::UnknownType)
 }
 
 /// Query parameters, decoded. Never logged.
-struct Query(Vec<(String, String)>);
+pub(crate) struct Query(pub(crate) Vec<(String, String)>);
 
 impl Query {
-    fn parse(raw: Option<String>) -> Query {
+    pub(crate) fn parse(raw: Option<String>) -> Query {
         Query(
             form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -45,13 +45,13 @@ impl Query {
         )
     }
 
-    fn get(&self, k: &str) -> Option<&str> {
+    pub(crate) fn get(&self, k: &str) -> Option<&str> {
         self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
     }
 
     /// Drop parameters only the server may set (they arrive in sealed
     /// cursors, never from clients).
-    fn without_internal(mut self) -> Query {
+    pub(crate) fn without_internal(mut self) -> Query {
         self.0
             .retain(|(k, _)| k != crate::search::COMPARTMENT_PARAM);
         self
@@ -60,12 +60,12 @@ impl Query {
 
 /// `Prefer` header values Phylax honours.
 #[derive(Default)]
-struct Prefer {
-    ret: Option<String>,
+pub(crate) struct Prefer {
+    pub(crate) ret: Option<String>,
     strict: bool,
 }
 
-fn prefer(h: &HeaderMap) -> Prefer {
+pub(crate) fn prefer(h: &HeaderMap) -> Prefer {
     let mut p = Prefer::default();
     for v in h.get_all("prefer").iter().filter_map(|v| v.to_str().ok()) {
         for part in v.split([',', ';']).map(str::trim) {
@@ -80,7 +80,7 @@ fn prefer(h: &HeaderMap) -> Prefer {
 }
 
 /// Refuse formats other than JSON (`_format` or `Accept`).
-fn check_accept(h: &HeaderMap, q: &Query) -> Result<(), ApiError> {
+pub(crate) fn check_accept(h: &HeaderMap, q: &Query) -> Result<(), ApiError> {
     if let Some(f) = q.get("_format") {
         if !matches!(f, "json" | "application/json" | "application/fhir+json") {
             return Err(ApiError::NotAcceptable);
@@ -123,11 +123,35 @@ fn check_content_type(h: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Read the body within the configured limit, parse strictly, validate.
-async fn read_resource(
+pub(crate) async fn read_resource(
     st: &AppState,
     h: &HeaderMap,
     body: Body,
 ) -> Result<(ResourceType, Value), ApiError> {
+    let value = read_json(st, h, body).await?;
+    validated(value)
+}
+
+/// Validate a parsed resource: structural problems (not the right shape of
+/// JSON for FHIR) are 400, content rule violations 422.
+pub(crate) fn validated(value: Value) -> Result<(ResourceType, Value), ApiError> {
+    match validate_resource(&value) {
+        Ok(t) => Ok((t, value)),
+        Err(issues) => {
+            if issues
+                .iter()
+                .any(|i| matches!(i.code, IssueCode::Structure | IssueCode::NotSupported))
+            {
+                Err(ApiError::BadRequest(issues))
+            } else {
+                Err(ApiError::Unprocessable(issues))
+            }
+        }
+    }
+}
+
+/// Read the body within the configured limit and parse it strictly.
+pub(crate) async fn read_json(st: &AppState, h: &HeaderMap, body: Body) -> Result<Value, ApiError> {
     check_content_type(h)?;
     let limit = st.config.http.max_body_bytes;
     if h.get(header::CONTENT_LENGTH)
@@ -146,27 +170,12 @@ async fn read_resource(
             ApiError::bad_request("the request body could not be read")
         }
     })?;
-    let value = parse_strict(&bytes).map_err(|e| {
+    parse_strict(&bytes).map_err(|e| {
         ApiError::BadRequest(vec![Issue::error(
             IssueCode::Structure,
             format!("invalid JSON: {}", e.message()),
         )])
-    })?;
-    match validate_resource(&value) {
-        Ok(t) => Ok((t, value)),
-        Err(issues) => {
-            // Structural problems (it is not the right shape of JSON for
-            // FHIR) are 400; content rule violations are 422.
-            if issues
-                .iter()
-                .any(|i| matches!(i.code, IssueCode::Structure | IssueCode::NotSupported))
-            {
-                Err(ApiError::BadRequest(issues))
-            } else {
-                Err(ApiError::Unprocessable(issues))
-            }
-        }
-    }
+    })
 }
 
 fn parse_if_match(h: &HeaderMap) -> Result<Option<VersionId>, ApiError> {
@@ -185,7 +194,7 @@ fn parse_if_match(h: &HeaderMap) -> Result<Option<VersionId>, ApiError> {
 
 // ---------------------------------------------------------------- outputs
 
-fn fhir_json(status: StatusCode, v: &Value) -> Response {
+pub(crate) fn fhir_json(status: StatusCode, v: &Value) -> Response {
     let mut r = (status, v.to_string()).into_response();
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
@@ -775,7 +784,7 @@ async fn open_search_cursor(
 /// the caller only needs to know none, one, or several). The caller must
 /// be allowed to search the type; empty criteria are refused, since they
 /// would select everything.
-async fn conditional_matches(
+pub(crate) async fn conditional_matches(
     st: &AppState,
     ctx: &RequestCtx,
     rtype: &ResourceType,
@@ -1308,10 +1317,4 @@ pub async fn search_post(
         },
     )
     .await)
-}
-
-/// `POST /fhir` (batch/transaction Bundles) arrives with the search and
-/// transaction capability; until then it is refused clearly.
-pub async fn system_post(Extension(_ctx): Extension<RequestCtx>) -> Response {
-    ApiError::NotImplemented("batch and transaction Bundles are not supported yet").into_response()
 }

@@ -128,11 +128,13 @@ impl AppState {
     }
 }
 
-/// Build the application router.
-pub fn router(st: Arc<AppState>) -> Router {
-    use crate::{auth_api, fhir_api};
-    let protected = Router::new()
-        .route("/fhir", post(fhir_api::system_post))
+/// The authenticated FHIR routes. Handlers expect a [`RequestCtx`] in the
+/// request extensions: the token middleware attaches it, and batch
+/// entries reuse their Bundle's.
+pub fn fhir_routes() -> Router<Arc<AppState>> {
+    use crate::{bundle, fhir_api};
+    Router::new()
+        .route("/fhir", post(bundle::system_post))
         .route("/fhir/_history", get(fhir_api::history_system))
         .route(
             "/fhir/{rtype}",
@@ -158,7 +160,13 @@ pub fn router(st: Arc<AppState>) -> Router {
             "/fhir/{rtype}/{id}/{ctype}",
             get(fhir_api::compartment_search),
         )
-        .route_layer(middleware::from_fn_with_state(st.clone(), require_token));
+}
+
+/// Build the application router.
+pub fn router(st: Arc<AppState>) -> Router {
+    use crate::{auth_api, fhir_api};
+    let protected =
+        fhir_routes().route_layer(middleware::from_fn_with_state(st.clone(), require_token));
     let public = Router::new()
         .route("/fhir/metadata", get(fhir_api::metadata))
         .route(
@@ -267,7 +275,7 @@ async fn security_headers(req: Request, next: Next) -> Response {
 
 /// Any error response that is not already JSON (axum's own 405s, extractor
 /// rejections) becomes an OperationOutcome, so clients always get FHIR.
-async fn normalize_errors(req: Request, next: Next) -> Response {
+pub(crate) async fn normalize_errors(req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     let status = resp.status();
     if !(status.is_client_error() || status.is_server_error()) {

@@ -21,6 +21,7 @@
 //! - [`tls`]: rustls configuration and certificate generation; the accept loop.
 
 pub mod auth_api;
+pub mod bundle;
 pub mod capability;
 pub mod config;
 pub mod error;

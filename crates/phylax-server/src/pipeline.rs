@@ -89,6 +89,42 @@ impl AuditSink for LogAuditSink {
     }
 }
 
+/// Write one audit record for an interaction the caller decided and ran
+/// itself (the entries of a transaction). `Err` means the record could not
+/// be written and the response must not be released.
+pub fn record(
+    st: &AppState,
+    ctx: &RequestCtx,
+    interaction: &'static str,
+    rtype: Option<&'static str>,
+    resource_id: Option<String>,
+    status: u16,
+    denied_by: Option<&'static str>,
+) -> Result<(), ApiError> {
+    let (agent, token_id) = match &ctx.principal {
+        Principal::Client {
+            client_id,
+            token_id,
+            ..
+        } => (client_id.clone(), token_id.clone()),
+    };
+    let rec = AuditRecord {
+        request_id: ctx.request_id.clone(),
+        time_ms: crate::now_ms(),
+        agent,
+        token_id,
+        peer: ctx.peer,
+        interaction,
+        resource_type: rtype,
+        resource_id,
+        status,
+        denied_by,
+    };
+    st.audit
+        .record(&rec)
+        .map_err(|e| ApiError::Unavailable(e.to_string()))
+}
+
 /// Run one FHIR interaction through policy, work and audit.
 pub async fn run<F, Fut>(
     st: &AppState,

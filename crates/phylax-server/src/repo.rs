@@ -51,6 +51,23 @@ pub struct ResourceVersion {
     pub body: Option<Resource>,
 }
 
+/// A sealed version ready to commit (see [`Repo::commit`]).
+#[derive(Debug)]
+pub struct PlannedWrite {
+    new: NewVersion,
+    pre: Precondition,
+    out: ResourceVersion,
+}
+
+impl PlannedWrite {
+    pub fn rtype(&self) -> &ResourceType {
+        &self.out.rtype
+    }
+    pub fn id(&self) -> &ResourceId {
+        &self.out.id
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
     #[error("not found")]
@@ -165,14 +182,16 @@ impl Repo {
         self.open_all(rows).await
     }
 
-    async fn seal_and_append(
+    /// Seal a new version without writing it: a write to commit later, on
+    /// its own or with others in one all-or-nothing transaction.
+    pub async fn plan_put(
         &self,
         rtype: &ResourceType,
         id: &ResourceId,
         version: VersionId,
         mut body: Value,
         pre: Precondition,
-    ) -> Result<ResourceVersion, RepoError> {
+    ) -> Result<PlannedWrite, RepoError> {
         let now = crate::now_ms();
         // Server-owned fields: id, versionId, lastUpdated.
         if let Some(obj) = body.as_object_mut() {
@@ -196,35 +215,116 @@ impl Repo {
                 &plain,
             )
             .map_err(|_| KeyError::Random)?;
-        let seq = self
+        Ok(PlannedWrite {
+            new: NewVersion {
+                rtype: rtype.as_str().to_owned(),
+                id: id.as_str().to_owned(),
+                version: version.get(),
+                last_updated: now,
+                deleted: false,
+                key_scope: scope,
+                sealed: Some(sealed),
+                index,
+            },
+            pre,
+            out: ResourceVersion {
+                seq: 0,
+                rtype: rtype.clone(),
+                id: id.clone(),
+                version,
+                last_updated: now,
+                deleted: false,
+                body: Some(Resource(body)),
+            },
+        })
+    }
+
+    /// A delete tombstone for the live current version `cur`.
+    pub fn plan_delete(
+        &self,
+        rtype: &ResourceType,
+        id: &ResourceId,
+        cur: &StoredVersion,
+    ) -> Result<PlannedWrite, RepoError> {
+        let now = crate::now_ms();
+        let version = VersionId::new(cur.version + 1).ok_or(RepoError::Conflict)?;
+        Ok(PlannedWrite {
+            new: NewVersion {
+                rtype: rtype.as_str().to_owned(),
+                id: id.as_str().to_owned(),
+                version: version.get(),
+                last_updated: now,
+                deleted: true,
+                key_scope: cur.key_scope.clone(),
+                sealed: None,
+                index: Vec::new(),
+            },
+            pre: Precondition::CurrentIs(cur.version),
+            out: ResourceVersion {
+                seq: 0,
+                rtype: rtype.clone(),
+                id: id.clone(),
+                version,
+                last_updated: now,
+                deleted: true,
+                body: None,
+            },
+        })
+    }
+
+    /// Commit planned writes all or nothing. `Conflict` when any
+    /// precondition no longer holds (nothing was written).
+    pub async fn commit(
+        &self,
+        writes: Vec<PlannedWrite>,
+    ) -> Result<Vec<ResourceVersion>, RepoError> {
+        let (batch, outs): (Vec<_>, Vec<_>) =
+            writes.into_iter().map(|w| ((w.new, w.pre), w.out)).unzip();
+        let seqs = self
             .store
-            .append_version(
-                NewVersion {
-                    rtype: rtype.as_str().to_owned(),
-                    id: id.as_str().to_owned(),
-                    version: version.get(),
-                    last_updated: now,
-                    deleted: false,
-                    key_scope: scope,
-                    sealed: Some(sealed),
-                    index,
-                },
-                pre,
-            )
+            .append_versions(batch)
             .await
             .map_err(|e| match e {
                 StoreError::Conflict => RepoError::Conflict,
                 o => RepoError::Store(o),
             })?;
-        Ok(ResourceVersion {
-            seq,
-            rtype: rtype.clone(),
-            id: id.clone(),
-            version,
-            last_updated: now,
-            deleted: false,
-            body: Some(Resource(body)),
-        })
+        Ok(outs
+            .into_iter()
+            .zip(seqs)
+            .map(|(mut o, seq)| {
+                o.seq = seq;
+                o
+            })
+            .collect())
+    }
+
+    /// The stored current row (possibly a tombstone), unopened.
+    pub async fn current_row(
+        &self,
+        rtype: &ResourceType,
+        id: &ResourceId,
+    ) -> Result<Option<StoredVersion>, RepoError> {
+        Ok(self.store.read_current(rtype.as_str(), id.as_str()).await?)
+    }
+
+    async fn seal_and_append(
+        &self,
+        rtype: &ResourceType,
+        id: &ResourceId,
+        version: VersionId,
+        body: Value,
+        pre: Precondition,
+    ) -> Result<ResourceVersion, RepoError> {
+        let w = self.plan_put(rtype, id, version, body, pre).await?;
+        let seq = self
+            .store
+            .append_version(w.new, w.pre)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict => RepoError::Conflict,
+                o => RepoError::Store(o),
+            })?;
+        Ok(ResourceVersion { seq, ..w.out })
     }
 
     /// Open a stored row. A row that fails to authenticate is an integrity

@@ -874,7 +874,7 @@ async fn security_headers_on_every_response(s: &TestServer) {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 501);
+    assert_eq!(r.status(), 400, "not a Bundle");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

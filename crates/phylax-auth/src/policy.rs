@@ -39,6 +39,9 @@ pub enum Interaction {
     HistoryType,
     HistorySystem,
     SearchType,
+    /// `Patient/{id}/$everything`: the patient's read; each compartment type
+    /// is then filtered by its own search permission.
+    PatientEverything,
 }
 
 impl Interaction {
@@ -54,6 +57,7 @@ impl Interaction {
             Interaction::HistoryType => "history-type",
             Interaction::HistorySystem => "history-system",
             Interaction::SearchType => "search-type",
+            Interaction::PatientEverything => "operation-everything",
         }
     }
 }
@@ -70,7 +74,10 @@ pub fn decide(who: &Principal, what: Interaction, rtype: Option<&str>) -> Decisi
     let Principal::Client { scopes, .. } = who;
     let ctx = Context::System;
     let need: &[Perm] = match what {
-        Interaction::Read | Interaction::VRead | Interaction::HistoryInstance => &[Perm::Read],
+        Interaction::Read
+        | Interaction::VRead
+        | Interaction::HistoryInstance
+        | Interaction::PatientEverything => &[Perm::Read],
         Interaction::Create => &[Perm::Create],
         Interaction::Update => &[Perm::Update],
         Interaction::UpdateCreate => &[Perm::Create, Perm::Update],

@@ -427,9 +427,8 @@ async fn resolve_one(
     Ok(m.pop())
 }
 
-/// Rewrite every `reference` in `v` through `map`; conditional references
-/// are resolved by search (exactly one match, else 412).
-fn collect_references(v: &Value, out: &mut Vec<String>) {
+/// Every `reference` string anywhere in `v`.
+pub(crate) fn collect_references(v: &Value, out: &mut Vec<String>) {
     match v {
         Value::Object(o) => {
             for (k, x) in o {
@@ -444,6 +443,7 @@ fn collect_references(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Rewrite every `reference` in `v` found in `map`.
 fn rewrite_references(v: &mut Value, map: &HashMap<String, String>) {
     match v {
         Value::Object(o) => {

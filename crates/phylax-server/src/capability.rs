@@ -76,6 +76,12 @@ pub fn capability_statement(cfg: &Config) -> Value {
             if !inc.is_empty() {
                 r["searchInclude"] = json!(inc);
             }
+            if r["type"] == "Patient" {
+                r["operation"] = json!([{
+                    "name": "everything",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+                }]);
+            }
             r
         })
         .collect();

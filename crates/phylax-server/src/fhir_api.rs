@@ -726,7 +726,7 @@ const CURSOR_TTL_MS: i64 = 3_600_000;
 
 async fn seal_search_cursor(
     st: &AppState,
-    rtype: &ResourceType,
+    rtype: &str,
     params: &[(String, String)],
     before: i64,
 ) -> Result<String, ApiError> {
@@ -748,7 +748,7 @@ async fn seal_search_cursor(
 
 async fn open_search_cursor(
     st: &AppState,
-    rtype: &ResourceType,
+    rtype: &str,
     cursor: &str,
 ) -> Result<(Vec<(String, String)>, i64), ApiError> {
     let bad = || ApiError::bad_request("invalid, expired or tampered paging cursor");
@@ -1102,7 +1102,7 @@ async fn search(
     check_accept(h, &q)?;
     let mut before = None;
     if let Some(c) = q.get("_cursor") {
-        let (p, b) = open_search_cursor(st, rtype, c).await?;
+        let (p, b) = open_search_cursor(st, rtype.as_str(), c).await?;
         params = p;
         before = Some(b);
     }
@@ -1168,7 +1168,7 @@ async fn search(
     ];
     if more {
         if let Some(last) = rows.last() {
-            let c = seal_search_cursor(st, rtype, &shown, last.seq).await?;
+            let c = seal_search_cursor(st, rtype.as_str(), &shown, last.seq).await?;
             links.push(json!({"relation": "next", "url": format!("{url}?_cursor={c}")}));
         }
     }
@@ -1261,6 +1261,9 @@ pub async fn compartment_search(
             "only the Patient compartment is supported",
         ));
     }
+    if t == "$everything" {
+        return Ok(everything(st, ctx, id, h, raw).await);
+    }
     let rtype = parse_type(&t)?;
     let pid = ResourceId::parse(&id).ok_or(ApiError::NotFound)?;
     let mut params = Query::parse(raw).without_internal().0;
@@ -1317,4 +1320,222 @@ pub async fn search_post(
         },
     )
     .await)
+}
+
+/// Cursor scope of `$everything` pages (no resource type starts with `$`,
+/// so these never open as search cursors, nor the reverse).
+const EVERYTHING_CURSOR: &str = "$everything";
+
+/// `GET /fhir/Patient/{id}/$everything`: the patient and every resource in
+/// their compartment (official CompartmentDefinition), plus the resources
+/// those reference outside it (practitioners, organizations, medications…),
+/// with `_since`, `_type` and `_count`, paged by sealed cursors. Types the
+/// caller may not search are silently left out, as are referenced
+/// resources it may not read.
+async fn everything(
+    st: Arc<AppState>,
+    ctx: RequestCtx,
+    id: String,
+    h: HeaderMap,
+    raw: Option<String>,
+) -> Response {
+    let rtype = ResourceType::parse("Patient");
+    let pid = ResourceId::parse(&id);
+    let audit_id = pid.as_ref().map(ResourceId::to_string);
+    pipeline::run(
+        &st,
+        &ctx,
+        Interaction::PatientEverything,
+        rtype.as_ref(),
+        audit_id.as_deref(),
+        || async {
+            let patient_type = rtype
+                .clone()
+                .ok_or_else(|| ApiError::Internal("no Patient type".into()))?;
+            let pid = pid.ok_or(ApiError::NotFound)?;
+            let q = Query::parse(raw).without_internal();
+            check_accept(&h, &q)?;
+            // The patient must exist and be live.
+            st.repo.read(&patient_type, &pid).await?;
+            let (params, mut ti, mut before) = match q.get("_cursor") {
+                Some(c) => {
+                    let (p, b) = open_search_cursor(&st, EVERYTHING_CURSOR, c).await?;
+                    let pos = |k: &str| {
+                        p.iter()
+                            .find(|(n, _)| n == k)
+                            .and_then(|(_, v)| v.parse::<i64>().ok())
+                    };
+                    if p.iter()
+                        .find(|(n, _)| n == "_patient")
+                        .map(|(_, v)| v.as_str())
+                        != Some(pid.as_str())
+                    {
+                        return Err(ApiError::bad_request(
+                            "invalid, expired or tampered paging cursor",
+                        ));
+                    }
+                    let ti = pos("_ti").unwrap_or(0).max(0) as usize;
+                    let p: Vec<(String, String)> = p
+                        .into_iter()
+                        .filter(|(n, _)| !matches!(n.as_str(), "_patient" | "_ti"))
+                        .collect();
+                    (Query(p), ti, (b >= 0).then_some(b))
+                }
+                None => (q, 0, None),
+            };
+            for (k, _) in &params.0 {
+                if !matches!(k.as_str(), "_since" | "_type" | "_count" | "_format") {
+                    return Err(ApiError::BadRequest(vec![Issue::error(
+                        IssueCode::NotSupported,
+                        format!(
+                            "$everything does not support the parameter {}",
+                            k.chars().take(64).collect::<String>()
+                        ),
+                    )]));
+                }
+            }
+            let count = page_size(&st, &params)? as usize;
+            let since = parse_since(&params)?;
+            let wanted: Option<Vec<ResourceType>> = match params.get("_type") {
+                None => None,
+                Some(list) => Some(
+                    list.split(',')
+                        .map(|t| {
+                            ResourceType::parse(t.trim()).ok_or_else(|| {
+                                ApiError::bad_request("_type lists unknown resource types")
+                            })
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+            };
+            // Patient first, then every other compartment type by name.
+            let defs = phylax_fhir::defs::definitions();
+            let mut types: Vec<ResourceType> = vec![patient_type.clone()];
+            types.extend(
+                defs.resource_types()
+                    .iter()
+                    .filter(|t| t.as_str() != "Patient" && !defs.compartment_params(t).is_empty())
+                    .filter_map(|t| ResourceType::parse(t)),
+            );
+            types.retain(|t| {
+                wanted.as_ref().is_none_or(|w| w.contains(t))
+                    && decide(&ctx.principal, Interaction::SearchType, Some(t.as_str()))
+                        == Decision::Allow
+            });
+            let mut page: Vec<ResourceVersion> = Vec::new();
+            let mut next: Option<(usize, i64)> = None;
+            while ti < types.len() && page.len() < count {
+                let t = &types[ti];
+                let need = count - page.len();
+                let mut and = vec![crate::search::compartment_condition(
+                    st.repo.blind_key(),
+                    t,
+                    pid.as_str(),
+                )];
+                if let Some(s) = since {
+                    and.push(vec![phylax_store::Cond::LastUpdated {
+                        op: phylax_store::RangeOp::Ge,
+                        lo: s,
+                        hi: s + 1,
+                    }]);
+                }
+                let mut rows = st
+                    .repo
+                    .search(&phylax_store::SearchQuery {
+                        rtype: t.to_string(),
+                        and,
+                        before_seq: before,
+                        limit: need as u32 + 1,
+                    })
+                    .await?;
+                if rows.len() > need {
+                    rows.truncate(need);
+                    let last = rows.last().map(|r| r.seq).unwrap_or(0);
+                    page.extend(rows);
+                    next = Some((ti, last));
+                    break;
+                }
+                page.extend(rows);
+                ti += 1;
+                before = None;
+            }
+            if next.is_none() && ti < types.len() {
+                next = Some((ti, -1));
+            }
+            // Resources the page references outside the compartment.
+            let mut seen: std::collections::HashSet<(String, String)> = page
+                .iter()
+                .map(|v| (v.rtype.to_string(), v.id.to_string()))
+                .collect();
+            let mut referenced = Vec::new();
+            let mut refs = Vec::new();
+            for v in &page {
+                if let Some(b) = &v.body {
+                    crate::bundle::collect_references(b.json(), &mut refs);
+                }
+            }
+            for r in refs {
+                let r = r
+                    .strip_prefix(&format!("{}/", st.fhir_base))
+                    .unwrap_or(&r)
+                    .to_owned();
+                let mut parts = r.split('/');
+                let (Some(t), Some(rid), None) = (
+                    parts.next().and_then(ResourceType::parse),
+                    parts.next().and_then(ResourceId::parse),
+                    parts.next(),
+                ) else {
+                    continue;
+                };
+                if !defs.compartment_params(t.as_str()).is_empty()
+                    || t.as_str() == "Patient"
+                    || referenced.len() >= MAX_INCLUDED
+                    || !seen.insert((t.to_string(), rid.to_string()))
+                    || decide(&ctx.principal, Interaction::Read, Some(t.as_str()))
+                        != Decision::Allow
+                {
+                    continue;
+                }
+                match st.repo.read(&t, &rid).await {
+                    Ok(v) => referenced.push(v),
+                    Err(crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let url = format!("{}/Patient/{}/$everything", st.fhir_base, pid);
+            let mut links = vec![json!({"relation": "self", "url": url})];
+            if let Some((nti, nb)) = next {
+                let mut p = params.0.clone();
+                p.retain(|(k, _)| k != "_cursor");
+                p.push(("_patient".into(), pid.to_string()));
+                p.push(("_ti".into(), nti.to_string()));
+                let c = seal_search_cursor(&st, EVERYTHING_CURSOR, &p, nb).await?;
+                links.push(json!({"relation": "next", "url": format!("{url}?_cursor={c}")}));
+            }
+            let entry = |v: &ResourceVersion, mode: &str| {
+                v.body.as_ref().map(|b| {
+                    json!({
+                        "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
+                        "resource": b.json(),
+                        "search": {"mode": mode},
+                    })
+                })
+            };
+            let entries: Vec<Value> = page
+                .iter()
+                .filter_map(|v| entry(v, "match"))
+                .chain(referenced.iter().filter_map(|v| entry(v, "include")))
+                .collect();
+            let bundle = json!({
+                "resourceType": "Bundle",
+                "id": uuid::Uuid::new_v4().to_string(),
+                "meta": {"lastUpdated": format_instant(crate::now_ms())},
+                "type": "searchset",
+                "link": links,
+                "entry": entries,
+            });
+            Ok(fhir_json(StatusCode::OK, &bundle))
+        },
+    )
+    .await
 }

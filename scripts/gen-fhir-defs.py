@@ -27,6 +27,8 @@ Format (all names are FHIR element names):
       each path relative to the resource (e.g. "participant.individual")
   compartment_params: {ResourceType: [search parameter codes]} that place a
       resource in a Patient compartment (from the CompartmentDefinition)
+  summary: {ResourceType: [top-level element names]} marked isSummary (what
+      `_summary=true` keeps; choice elements without "[x]")
 """
 import json
 import re
@@ -123,6 +125,7 @@ def main(src, dst):
     out_types = {}
     primitives = []
     concrete = []
+    summary = {}
     for sd in types:
         if sd["resourceType"] != "StructureDefinition" or sd.get("derivation") == "constraint":
             continue
@@ -138,6 +141,12 @@ def main(src, dst):
         structure_types(sd, out_types)
         if not sd.get("abstract"):
             concrete.append(sd["type"])
+            root = sd["type"]
+            summary[root] = sorted(
+                el["path"][len(root) + 1 :].replace("[x]", "")
+                for el in sd["snapshot"]["element"]
+                if el.get("isSummary") and el["path"].count(".") == 1
+            )
     # Element and BackboneElement themselves are only bases.
     for base in ("Element", "BackboneElement"):
         out_types.pop(base, None)
@@ -184,6 +193,7 @@ def main(src, dst):
         "search": search,
         "compartment": compartment,
         "compartment_params": compartment_params,
+        "summary": summary,
     }
     with open(dst, "w", encoding="utf-8") as f:
         json.dump(data, f, sort_keys=True, separators=(",", ":"))

@@ -43,6 +43,7 @@ pub struct Definitions {
     search: HashMap<String, Vec<SearchParamDef>>,
     compartment: HashMap<String, Vec<Vec<String>>>,
     compartment_params: HashMap<String, Vec<String>>,
+    summary: HashMap<String, HashSet<String>>,
 }
 
 /// One element in the generated table: (min, max_many, type codes, choice).
@@ -57,6 +58,7 @@ struct Raw {
     search: BTreeMap<String, Vec<(String, String, Option<String>)>>,
     compartment: BTreeMap<String, Vec<String>>,
     compartment_params: BTreeMap<String, Vec<String>>,
+    summary: BTreeMap<String, Vec<String>>,
 }
 
 impl Definitions {
@@ -121,6 +123,11 @@ impl Definitions {
             search,
             compartment,
             compartment_params: raw.compartment_params.into_iter().collect(),
+            summary: raw
+                .summary
+                .into_iter()
+                .map(|(t, els)| (t, els.into_iter().collect()))
+                .collect(),
         }
     }
 
@@ -160,6 +167,14 @@ impl Definitions {
             .get(resource_type)
             .map(Vec::as_slice)
             .unwrap_or(&[])
+    }
+
+    /// Whether a top-level element of a resource type is in its summary
+    /// (`isSummary`); choice elements are named without `[x]`.
+    pub fn is_summary(&self, resource_type: &str, element: &str) -> bool {
+        self.summary
+            .get(resource_type)
+            .is_some_and(|s| s.contains(element))
     }
 
     /// Element paths whose references place a resource in a Patient compartment.

@@ -11,7 +11,8 @@
 //! - [`compartment`]: which Patient compartment a resource belongs to.
 //! - [`outcome`]: `OperationOutcome` construction.
 //! - [`search`]: the values each SearchParameter selects, typed and
-//!   normalised for indexing (a FHIRPath subset evaluator).
+//!   normalised for indexing (a FHIRPath subset evaluator), and sort keys.
+//! - [`subset`]: `_summary` and `_elements`.
 
 pub mod compartment;
 pub mod defs;
@@ -19,6 +20,7 @@ pub mod ids;
 pub mod json;
 pub mod outcome;
 pub mod search;
+pub mod subset;
 pub mod validate;
 
 pub use ids::{ResourceId, ResourceType, VersionId};

@@ -881,3 +881,64 @@ mod tests {
         }
     }
 }
+
+/// A value to order search results by (`_sort`).
+#[derive(Clone, PartialEq, PartialOrd)]
+pub enum SortKey {
+    Num(f64),
+    Text(String),
+}
+
+impl fmt::Debug for SortKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SortKey([PHI REDACTED])")
+    }
+}
+
+impl SortKey {
+    fn of(v: &SearchValue) -> SortKey {
+        match v {
+            SearchValue::Str { norm, .. } => SortKey::Text(norm.clone()),
+            SearchValue::Token { code, text, .. } => {
+                SortKey::Text(code.clone().or_else(|| text.clone()).unwrap_or_default())
+            }
+            SearchValue::Date { lo, .. } => SortKey::Num(*lo as f64),
+            SearchValue::Reference(r) | SearchValue::Uri(r) => SortKey::Text(r.clone()),
+            SearchValue::Number(n) => SortKey::Num(*n),
+            SearchValue::Quantity { value, .. } => SortKey::Num(*value),
+        }
+    }
+
+    /// Total order: numbers before text, NaN last among numbers.
+    pub fn cmp(&self, other: &SortKey) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        match (self, other) {
+            (SortKey::Num(a), SortKey::Num(b)) => a
+                .partial_cmp(b)
+                .unwrap_or_else(|| a.is_nan().cmp(&b.is_nan())),
+            (SortKey::Text(a), SortKey::Text(b)) => a.cmp(b),
+            (SortKey::Num(_), SortKey::Text(_)) => Ordering::Less,
+            (SortKey::Text(_), SortKey::Num(_)) => Ordering::Greater,
+        }
+    }
+}
+
+/// The key a resource sorts by for parameter `code`: its smallest value
+/// ascending, its largest descending (FHIR leaves multi-valued sorting to
+/// the server; this is what most servers do). `None`: no value (sorts last).
+pub fn sort_key(
+    rtype: &ResourceType,
+    resource: &Value,
+    code: &str,
+    descending: bool,
+) -> Option<SortKey> {
+    let keys = extract(rtype, resource)
+        .into_iter()
+        .filter(|(c, _)| *c == code)
+        .map(|(_, v)| SortKey::of(&v));
+    if descending {
+        keys.max_by(|a, b| a.cmp(b))
+    } else {
+        keys.min_by(|a, b| a.cmp(b))
+    }
+}

@@ -17,6 +17,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use phylax_auth::policy::{decide, Decision, Interaction};
 use phylax_fhir::json::parse_strict;
+use phylax_fhir::subset::Summary;
 use phylax_fhir::validate::validate_resource;
 use phylax_fhir::{
     Issue, IssueCode, OperationOutcome, ResourceId, ResourceType, Severity, VersionId,
@@ -404,9 +405,17 @@ pub async fn read(
         audit_id.as_deref(),
         || async {
             check_accept(&h, &q)?;
+            let control = ResultControl::parse(&rtype, &q)?;
             let id = rid.ok_or(ApiError::NotFound)?;
             let v = st.repo.read(&rtype, &id).await?;
-            Ok(read_response(&st, &v))
+            match (&v.body, control.subsets()) {
+                (Some(b), true) => {
+                    let mut r = fhir_json(StatusCode::OK, &control.apply(b.json()));
+                    version_headers(&mut r, &st, &v, false);
+                    Ok(r)
+                }
+                _ => Ok(read_response(&st, &v)),
+            }
         },
     )
     .await)
@@ -1090,6 +1099,146 @@ async fn included(
     Ok(out)
 }
 
+/// Most matches a search sorted by anything but `-_lastUpdated` may have.
+const MAX_SORTED: u32 = 2000;
+
+/// `_summary`, `_elements`, `_sort` and `_total`, parsed.
+struct ResultControl {
+    summary: Option<Summary>,
+    elements: Option<Vec<String>>,
+    /// (parameter code, descending); empty: natural order (newest first).
+    sort: Vec<(String, bool)>,
+    total: bool,
+}
+
+impl ResultControl {
+    fn parse(rtype: &ResourceType, q: &Query) -> Result<ResultControl, ApiError> {
+        let summary = match q.get("_summary") {
+            None => None,
+            Some(s) => Some(Summary::parse(s).ok_or_else(|| {
+                ApiError::bad_request("_summary must be true, text, data, count or false")
+            })?),
+        };
+        let elements = match q.get("_elements") {
+            None => None,
+            Some(e) => {
+                let names: Vec<String> = e.split(',').map(|n| n.trim().to_owned()).collect();
+                if names.iter().any(|n| {
+                    n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric())
+                }) {
+                    return Err(ApiError::bad_request(
+                        "_elements takes a comma-separated list of element names",
+                    ));
+                }
+                Some(names)
+            }
+        };
+        if summary.is_some() && elements.is_some() {
+            return Err(ApiError::bad_request(
+                "_summary and _elements cannot be combined",
+            ));
+        }
+        let mut sort = Vec::new();
+        for spec in q.0.iter().filter(|(k, _)| k == "_sort").map(|(_, v)| v) {
+            for part in spec.split(',') {
+                let (code, desc) = match part.strip_prefix('-') {
+                    Some(c) => (c, true),
+                    None => (part, false),
+                };
+                let known = matches!(code, "_id" | "_lastUpdated")
+                    || phylax_fhir::search::params(rtype)
+                        .get(code)
+                        .is_some_and(|p| p.indexable());
+                if !known {
+                    return Err(ApiError::BadRequest(vec![Issue::error(
+                        IssueCode::NotSupported,
+                        format!(
+                            "cannot sort by {}: not a search parameter of {rtype}",
+                            code.chars().take(64).collect::<String>()
+                        ),
+                    )]));
+                }
+                sort.push((code.to_owned(), desc));
+            }
+        }
+        if sort.len() > 8 {
+            return Err(ApiError::bad_request("_sort takes at most 8 keys"));
+        }
+        // Newest first is the natural order: no in-memory sort needed.
+        if sort == [("_lastUpdated".to_owned(), true)] {
+            sort.clear();
+        }
+        let total = match q.get("_total") {
+            None | Some("accurate") | Some("estimate") => true,
+            Some("none") => false,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "_total must be none, estimate or accurate",
+                ))
+            }
+        };
+        Ok(ResultControl {
+            summary,
+            elements,
+            sort,
+            total,
+        })
+    }
+
+    /// Order rows by the sort keys; ties (and resources without a value,
+    /// which go last) keep the natural order.
+    fn sort_rows(&self, rtype: &ResourceType, rows: Vec<ResourceVersion>) -> Vec<ResourceVersion> {
+        use phylax_fhir::search::{sort_key, SortKey};
+        use std::cmp::Ordering;
+        let keys = |v: &ResourceVersion| -> Vec<Option<SortKey>> {
+            self.sort
+                .iter()
+                .map(|(code, desc)| match code.as_str() {
+                    "_id" => Some(SortKey::Text(v.id.to_string())),
+                    "_lastUpdated" => Some(SortKey::Num(v.last_updated as f64)),
+                    c => v
+                        .body
+                        .as_ref()
+                        .and_then(|b| sort_key(rtype, b.json(), c, *desc)),
+                })
+                .collect()
+        };
+        let mut keyed: Vec<(Vec<Option<SortKey>>, ResourceVersion)> =
+            rows.into_iter().map(|v| (keys(&v), v)).collect();
+        // A stable sort: ties keep the natural order.
+        keyed.sort_by(|(a, _), (b, _)| {
+            for ((ka, kb), (_, desc)) in a.iter().zip(b).zip(&self.sort) {
+                let o = match (ka, kb) {
+                    (Some(x), Some(y)) if *desc => x.cmp(y).reverse(),
+                    (Some(x), Some(y)) => x.cmp(y),
+                    (Some(_), None) => Ordering::Less,
+                    (None, Some(_)) => Ordering::Greater,
+                    (None, None) => Ordering::Equal,
+                };
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            Ordering::Equal
+        });
+        keyed.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Whether resources are returned in part.
+    fn subsets(&self) -> bool {
+        !matches!(self.summary, None | Some(Summary::False)) || self.elements.is_some()
+    }
+
+    /// The resource as this search returns it.
+    fn apply(&self, v: &Value) -> Value {
+        match (&self.summary, &self.elements) {
+            (Some(s), _) => phylax_fhir::subset::summary(v, *s),
+            (None, Some(e)) => phylax_fhir::subset::elements(v, e),
+            (None, None) => v.clone(),
+        }
+    }
+}
+
 /// Run a type-level search (GET or POST `_search`).
 async fn search(
     st: &AppState,
@@ -1134,15 +1283,41 @@ async fn search(
                 .collect(),
         ));
     }
+    let control = ResultControl::parse(rtype, &q)?;
+    let sorted = !control.sort.is_empty();
     let mut query = phylax_store::SearchQuery {
         rtype: rtype.to_string(),
         and: parsed.and,
-        before_seq: before,
-        limit: count + 1,
+        before_seq: if sorted { None } else { before },
+        limit: if sorted { MAX_SORTED + 1 } else { count + 1 },
     };
-    let mut rows = st.repo.search(&query).await?;
-    let more = rows.len() > count as usize;
-    rows.truncate(count as usize);
+    let (rows, next_mark) = if control.summary == Some(Summary::Count) {
+        (Vec::new(), None)
+    } else if sorted {
+        // Sorted in memory after decryption (blind index entries carry no
+        // order), so the match set is bounded; pages are offsets into it.
+        let all = st.repo.search(&query).await?;
+        if all.len() > MAX_SORTED as usize {
+            return Err(ApiError::BadRequest(vec![Issue::error(
+                IssueCode::TooCostly,
+                format!(
+                    "more than {MAX_SORTED} matches to sort; narrow the search, or sort by -_lastUpdated (the natural order)"
+                ),
+            )]));
+        }
+        let all = control.sort_rows(rtype, all);
+        let offset = before.unwrap_or(0).max(0) as usize;
+        let end = (offset + count as usize).min(all.len());
+        let more = end < all.len();
+        let page: Vec<_> = all.into_iter().skip(offset).take(count as usize).collect();
+        (page, more.then_some(end as i64))
+    } else {
+        let mut rows = st.repo.search(&query).await?;
+        let more = rows.len() > count as usize;
+        rows.truncate(count as usize);
+        let mark = rows.last().map(|r| r.seq);
+        (rows, if more { mark } else { None })
+    };
     let url = format!("{}/{}", st.fhir_base, rtype);
     // The self link shows the parameters actually used: not the cursor, and
     // not ignored parameters (whose values are never echoed).
@@ -1166,11 +1341,9 @@ async fn search(
     let mut links = vec![
         json!({"relation": "self", "url": if self_q.is_empty() { url.clone() } else { format!("{url}?{self_q}") }}),
     ];
-    if more {
-        if let Some(last) = rows.last() {
-            let c = seal_search_cursor(st, rtype.as_str(), &shown, last.seq).await?;
-            links.push(json!({"relation": "next", "url": format!("{url}?_cursor={c}")}));
-        }
+    if let Some(mark) = next_mark {
+        let c = seal_search_cursor(st, rtype.as_str(), &shown, mark).await?;
+        links.push(json!({"relation": "next", "url": format!("{url}?_cursor={c}")}));
     }
     let mut entries: Vec<Value> = rows
         .iter()
@@ -1178,7 +1351,7 @@ async fn search(
         .map(|(v, b)| {
             json!({
                 "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
-                "resource": b.json(),
+                "resource": control.apply(b.json()),
                 "search": {"mode": "match"},
             })
         })
@@ -1187,7 +1360,7 @@ async fn search(
         if let Some(b) = &v.body {
             entries.push(json!({
                 "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
-                "resource": b.json(),
+                "resource": control.apply(b.json()),
                 "search": {"mode": "include"},
             }));
         }
@@ -1215,7 +1388,7 @@ async fn search(
         "link": links,
         "entry": entries,
     });
-    if q.get("_total") != Some("none") {
+    if control.total || control.summary == Some(Summary::Count) {
         query.before_seq = None;
         let total = st
             .store

@@ -251,6 +251,9 @@ const CONTROL: &[&str] = &[
     "_revinclude",
     "_include:iterate",
     "_revinclude:iterate",
+    "_summary",
+    "_elements",
+    "_sort",
     COMPARTMENT_PARAM,
 ];
 

@@ -910,7 +910,7 @@ impl SortKey {
     }
 
     /// Total order: numbers before text, NaN last among numbers.
-    pub fn cmp(&self, other: &SortKey) -> std::cmp::Ordering {
+    pub fn compare(&self, other: &SortKey) -> std::cmp::Ordering {
         use std::cmp::Ordering;
         match (self, other) {
             (SortKey::Num(a), SortKey::Num(b)) => a
@@ -937,8 +937,8 @@ pub fn sort_key(
         .filter(|(c, _)| *c == code)
         .map(|(_, v)| SortKey::of(&v));
     if descending {
-        keys.max_by(|a, b| a.cmp(b))
+        keys.max_by(|a, b| a.compare(b))
     } else {
-        keys.min_by(|a, b| a.cmp(b))
+        keys.min_by(|a, b| a.compare(b))
     }
 }

@@ -1209,8 +1209,8 @@ impl ResultControl {
         keyed.sort_by(|(a, _), (b, _)| {
             for ((ka, kb), (_, desc)) in a.iter().zip(b).zip(&self.sort) {
                 let o = match (ka, kb) {
-                    (Some(x), Some(y)) if *desc => x.cmp(y).reverse(),
-                    (Some(x), Some(y)) => x.cmp(y),
+                    (Some(x), Some(y)) if *desc => x.compare(y).reverse(),
+                    (Some(x), Some(y)) => x.compare(y),
                     (Some(_), None) => Ordering::Less,
                     (None, Some(_)) => Ordering::Greater,
                     (None, None) => Ordering::Equal,

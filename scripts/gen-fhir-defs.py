@@ -27,6 +27,8 @@ Format (all names are FHIR element names):
       each path relative to the resource (e.g. "participant.individual")
   compartment_params: {ResourceType: [search parameter codes]} that place a
       resource in a Patient compartment (from the CompartmentDefinition)
+  targets: {ResourceType: {code: [target types]}} of reference search
+      parameters (for chaining)
   summary: {ResourceType: [top-level element names]} marked isSummary (what
       `_summary=true` keeps; choice elements without "[x]")
 """
@@ -152,6 +154,7 @@ def main(src, dst):
         out_types.pop(base, None)
 
     search = {}
+    targets = {}
     by_code = {}
     for sp in load_bundle(src + "/search-parameters.json"):
         if sp["resourceType"] != "SearchParameter":
@@ -162,6 +165,8 @@ def main(src, dst):
             if base not in ("Resource", "DomainResource"):
                 expr = narrow_expression(expr, base)
             search.setdefault(base, []).append([sp["code"], sp["type"], expr])
+            if sp["type"] == "reference" and sp.get("target"):
+                targets.setdefault(base, {})[sp["code"]] = sorted(sp["target"])
     for v in search.values():
         v.sort()
 
@@ -194,6 +199,7 @@ def main(src, dst):
         "compartment": compartment,
         "compartment_params": compartment_params,
         "summary": summary,
+        "targets": targets,
     }
     with open(dst, "w", encoding="utf-8") as f:
         json.dump(data, f, sort_keys=True, separators=(",", ":"))

@@ -44,6 +44,7 @@ pub struct Definitions {
     compartment: HashMap<String, Vec<Vec<String>>>,
     compartment_params: HashMap<String, Vec<String>>,
     summary: HashMap<String, HashSet<String>>,
+    targets: HashMap<String, HashMap<String, Vec<String>>>,
 }
 
 /// One element in the generated table: (min, max_many, type codes, choice).
@@ -59,6 +60,7 @@ struct Raw {
     compartment: BTreeMap<String, Vec<String>>,
     compartment_params: BTreeMap<String, Vec<String>>,
     summary: BTreeMap<String, Vec<String>>,
+    targets: BTreeMap<String, BTreeMap<String, Vec<String>>>,
 }
 
 impl Definitions {
@@ -128,6 +130,11 @@ impl Definitions {
                 .into_iter()
                 .map(|(t, els)| (t, els.into_iter().collect()))
                 .collect(),
+            targets: raw
+                .targets
+                .into_iter()
+                .map(|(t, m)| (t, m.into_iter().collect()))
+                .collect(),
         }
     }
 
@@ -175,6 +182,16 @@ impl Definitions {
         self.summary
             .get(resource_type)
             .is_some_and(|s| s.contains(element))
+    }
+
+    /// The resource types a reference search parameter may point to
+    /// (its SearchParameter's `target`).
+    pub fn reference_targets(&self, resource_type: &str, code: &str) -> &[String] {
+        self.targets
+            .get(resource_type)
+            .and_then(|m| m.get(code))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     /// Element paths whose references place a resource in a Patient compartment.

@@ -973,11 +973,16 @@ pub async fn conditional_delete(
 /// Most resources `_include`/`_revinclude` add to one page.
 const MAX_INCLUDED: usize = 1000;
 
+/// Rounds of `:iterate` after the first pass (include loops end when no
+/// new resource appears, or here).
+const MAX_ITERATE_DEPTH: usize = 4;
+
 /// Resources named by `_include=Source:param[:Target]` (references from the
 /// matches) and `_revinclude=Source:param` (resources referring to the
-/// matches). Every included resource passes the same policy as a direct
-/// read; one the caller may not see is silently left out, never an error
-/// that would reveal it exists. `:iterate` is not supported yet (400).
+/// matches), and with `:iterate` from the included resources too, until
+/// nothing new appears. Every included resource passes the same policy as a
+/// direct read; one the caller may not see is silently left out, never an
+/// error that would reveal it exists. Each resource appears once (loops end).
 async fn included(
     st: &AppState,
     ctx: &RequestCtx,
@@ -986,11 +991,7 @@ async fn included(
     matches: &[crate::repo::ResourceVersion],
 ) -> Result<Vec<crate::repo::ResourceVersion>, ApiError> {
     use std::collections::HashSet;
-    let mut seen: HashSet<(String, String)> = matches
-        .iter()
-        .map(|v| (v.rtype.to_string(), v.id.to_string()))
-        .collect();
-    let mut out = Vec::new();
+    type Spec = (bool, ResourceType, String, Option<ResourceType>);
     let parse_spec = |v: &str| -> Result<(ResourceType, String, Option<ResourceType>), ApiError> {
         let bad = || ApiError::bad_request("_include/_revinclude take Type:parameter[:TargetType]");
         let mut it = v.split(':');
@@ -1019,84 +1020,315 @@ async fn included(
         }
         Ok((src, param, target))
     };
+    // (reverse?, source, param, target) for the first pass and for iterating.
+    let mut first: Vec<Spec> = Vec::new();
+    let mut iterate: Vec<Spec> = Vec::new();
     for (k, v) in &q.0 {
-        if k == "_include:iterate" || k == "_revinclude:iterate" {
-            return Err(ApiError::NotImplemented(":iterate is not supported yet"));
+        let (rev, iter) = match k.as_str() {
+            "_include" => (false, false),
+            "_revinclude" => (true, false),
+            "_include:iterate" => (false, true),
+            "_revinclude:iterate" => (true, true),
+            _ => continue,
+        };
+        let (src, param, target) = parse_spec(v)?;
+        if !iter && !rev && &src != rtype {
+            return Err(ApiError::bad_request(
+                "_include must start with the searched resource type (or use _include:iterate)",
+            ));
         }
-        if k == "_include" {
-            let (src, param, target) = parse_spec(v)?;
-            if &src != rtype {
-                return Err(ApiError::bad_request(
-                    "_include must start with the searched resource type",
-                ));
+        let spec = (rev, src, param, target);
+        // An :iterate spec also applies to the matches themselves.
+        first.push(spec.clone());
+        if iter {
+            iterate.push(spec);
+        }
+    }
+    let mut seen: HashSet<(String, String)> = matches
+        .iter()
+        .map(|v| (v.rtype.to_string(), v.id.to_string()))
+        .collect();
+    let mut out: Vec<crate::repo::ResourceVersion> = Vec::new();
+    // Indexes into `out` of the resources added by the previous round.
+    let mut frontier: Vec<usize> = Vec::new();
+    for round in 0..=MAX_ITERATE_DEPTH {
+        let specs = if round == 0 { &first } else { &iterate };
+        if specs.is_empty() || (round > 0 && frontier.is_empty()) {
+            break;
+        }
+        let base: Vec<&crate::repo::ResourceVersion> = if round == 0 {
+            matches.iter().collect()
+        } else {
+            frontier.iter().map(|&i| &out[i]).collect()
+        };
+        let mut added = Vec::new();
+        for (rev, src, param, target) in specs {
+            if out.len() + added.len() >= MAX_INCLUDED {
+                break;
             }
-            for m in matches {
-                let Some(body) = &m.body else { continue };
-                for (code, val) in phylax_fhir::search::extract(rtype, body.json()) {
-                    let phylax_fhir::search::SearchValue::Reference(r) = val else {
-                        continue;
-                    };
-                    if code != param {
-                        continue;
-                    }
-                    let r = r
-                        .strip_prefix(&format!("{}/", st.fhir_base))
-                        .unwrap_or(&r)
-                        .to_owned();
-                    let mut parts = r.split('/');
-                    let (Some(t), Some(id)) = (
-                        parts.next().and_then(ResourceType::parse),
-                        parts.next().and_then(ResourceId::parse),
-                    ) else {
-                        continue;
-                    };
-                    if target.as_ref().is_some_and(|tt| tt != &t)
-                        || out.len() >= MAX_INCLUDED
-                        || !seen.insert((t.to_string(), id.to_string()))
-                        || decide(&ctx.principal, Interaction::Read, Some(t.as_str()))
-                            != Decision::Allow
-                    {
-                        continue;
-                    }
-                    match st.repo.read(&t, &id).await {
-                        Ok(v) => out.push(v),
-                        Err(crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_)) => {
+            if !rev {
+                for m in base.iter().filter(|m| &m.rtype == src) {
+                    let Some(body) = &m.body else { continue };
+                    for (code, val) in phylax_fhir::search::extract(src, body.json()) {
+                        let phylax_fhir::search::SearchValue::Reference(r) = val else {
+                            continue;
+                        };
+                        if code != param {
+                            continue;
                         }
-                        Err(e) => return Err(e.into()),
+                        let r = r
+                            .strip_prefix(&format!("{}/", st.fhir_base))
+                            .unwrap_or(&r)
+                            .to_owned();
+                        let mut parts = r.split('/');
+                        let (Some(t), Some(id)) = (
+                            parts.next().and_then(ResourceType::parse),
+                            parts.next().and_then(ResourceId::parse),
+                        ) else {
+                            continue;
+                        };
+                        if target.as_ref().is_some_and(|tt| tt != &t)
+                            || out.len() + added.len() >= MAX_INCLUDED
+                            || decide(&ctx.principal, Interaction::Read, Some(t.as_str()))
+                                != Decision::Allow
+                            || !seen.insert((t.to_string(), id.to_string()))
+                        {
+                            continue;
+                        }
+                        match st.repo.read(&t, &id).await {
+                            Ok(v) => added.push(v),
+                            Err(
+                                crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_),
+                            ) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+            } else {
+                if decide(&ctx.principal, Interaction::SearchType, Some(src.as_str()))
+                    != Decision::Allow
+                {
+                    continue;
+                }
+                let targets: Vec<String> = base
+                    .iter()
+                    .map(|m| format!("{}/{}", m.rtype, m.id))
+                    .collect();
+                if targets.is_empty() {
+                    continue;
+                }
+                let found = st
+                    .repo
+                    .search(&phylax_store::SearchQuery {
+                        rtype: src.to_string(),
+                        and: vec![vec![crate::search::references_to(
+                            st.repo.blind_key(),
+                            param,
+                            &targets,
+                        )]],
+                        before_seq: None,
+                        limit: (MAX_INCLUDED - out.len() - added.len()) as u32,
+                    })
+                    .await?;
+                for v in found {
+                    if seen.insert((v.rtype.to_string(), v.id.to_string())) {
+                        added.push(v);
                     }
                 }
             }
-        } else if k == "_revinclude" {
-            let (src, param, _) = parse_spec(v)?;
-            if matches.is_empty()
-                || out.len() >= MAX_INCLUDED
-                || decide(&ctx.principal, Interaction::SearchType, Some(src.as_str()))
+        }
+        let start = out.len();
+        out.extend(added);
+        frontier = (start..out.len()).collect();
+    }
+    Ok(out)
+}
+
+/// Most resources the inner search of a chain or `_has` may match.
+const MAX_CHAIN: u32 = 1000;
+
+/// The inner search of a chain or `_has`: the caller must be allowed to
+/// search its type (else a chain would reveal what it may not see); its
+/// parameters must all be understood; it may match at most `MAX_CHAIN`.
+async fn inner_search(
+    st: &AppState,
+    ctx: &RequestCtx,
+    rtype: &ResourceType,
+    params: &[(String, String)],
+) -> Result<Vec<ResourceVersion>, ApiError> {
+    if decide(
+        &ctx.principal,
+        Interaction::SearchType,
+        Some(rtype.as_str()),
+    ) != Decision::Allow
+    {
+        return Err(ApiError::Forbidden);
+    }
+    let parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
+    if let Some(u) = parsed.unknown.first() {
+        return Err(ApiError::BadRequest(vec![Issue::error(
+            IssueCode::NotSupported,
+            format!("unsupported parameter in a chain or _has: {u}"),
+        )]));
+    }
+    let rows = st
+        .repo
+        .search(&phylax_store::SearchQuery {
+            rtype: rtype.to_string(),
+            and: parsed.and,
+            before_seq: None,
+            limit: MAX_CHAIN + 1,
+        })
+        .await?;
+    if rows.len() > MAX_CHAIN as usize {
+        return Err(ApiError::BadRequest(vec![Issue::error(
+            IssueCode::TooCostly,
+            format!("a chained or _has search may match at most {MAX_CHAIN} resources; narrow it"),
+        )]));
+    }
+    Ok(rows)
+}
+
+/// Split chained (`subject:Patient.name=x`, `patient.identifier=x`) and
+/// reverse-chained (`_has:Observation:patient:code=x`) parameters off a
+/// search and turn each into a condition group: the inner search runs
+/// first, and its matches become reference hashes (chain) or ids (`_has`)
+/// of the outer search. One level only.
+async fn resolve_chains(
+    st: &AppState,
+    ctx: &RequestCtx,
+    rtype: &ResourceType,
+    params: &[(String, String)],
+) -> Result<(Vec<(String, String)>, Vec<Vec<phylax_store::Cond>>), ApiError> {
+    use phylax_store::Cond;
+    let defs = phylax_fhir::defs::definitions();
+    let mut plain = Vec::new();
+    let mut groups = Vec::new();
+    let shown = |n: &str| n.chars().take(64).collect::<String>();
+    for (name, value) in params {
+        if let Some(rest) = name.strip_prefix("_has:") {
+            // _has:Type:refParam:innerParam
+            let mut parts = rest.splitn(3, ':');
+            let (Some(t), Some(refp), Some(inner)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(ApiError::bad_request(format!(
+                    "{}: _has takes _has:Type:reference:parameter",
+                    shown(name)
+                )));
+            };
+            if inner.starts_with("_has") || inner.contains('.') {
+                return Err(ApiError::NotImplemented(
+                    "only one level of _has or chaining is supported",
+                ));
+            }
+            let inner_type = ResourceType::parse(t)
+                .ok_or_else(|| ApiError::bad_request(format!("{}: unknown type", shown(name))))?;
+            let is_ref = phylax_fhir::search::params(&inner_type)
+                .get(refp)
+                .is_some_and(|p| p.kind == phylax_fhir::search::ParamKind::Reference);
+            if !is_ref {
+                return Err(ApiError::bad_request(format!(
+                    "{}: not a reference parameter of {inner_type}",
+                    shown(name)
+                )));
+            }
+            let rows =
+                inner_search(st, ctx, &inner_type, &[(inner.to_owned(), value.clone())]).await?;
+            let mut ids = std::collections::BTreeSet::new();
+            let prefix = format!("{}/", st.fhir_base);
+            for v in &rows {
+                let Some(b) = &v.body else { continue };
+                for (code, val) in phylax_fhir::search::extract(&inner_type, b.json()) {
+                    if code != refp {
+                        continue;
+                    }
+                    if let phylax_fhir::search::SearchValue::Reference(r) = val {
+                        let r = r.strip_prefix(&prefix).unwrap_or(&r);
+                        if let Some((t, id)) = r.split_once('/') {
+                            if t == rtype.as_str() && phylax_fhir::ids::is_valid_id(id) {
+                                ids.insert(id.to_owned());
+                            }
+                        }
+                    }
+                }
+            }
+            groups.push(vec![if ids.is_empty() {
+                Cond::Never
+            } else {
+                Cond::Ids(ids.into_iter().collect())
+            }]);
+            continue;
+        }
+        let Some((head, inner)) = name.split_once('.') else {
+            plain.push((name.clone(), value.clone()));
+            continue;
+        };
+        if inner.contains('.') || inner.starts_with("_has") {
+            return Err(ApiError::NotImplemented(
+                "only one level of _has or chaining is supported",
+            ));
+        }
+        let (code, type_mod) = match head.split_once(':') {
+            Some((c, t)) => (c, Some(t)),
+            None => (head, None),
+        };
+        let is_ref = phylax_fhir::search::params(rtype)
+            .get(code)
+            .is_some_and(|p| p.kind == phylax_fhir::search::ParamKind::Reference);
+        if !is_ref {
+            return Err(ApiError::bad_request(format!(
+                "{}: chaining needs a reference parameter of {rtype}",
+                shown(name)
+            )));
+        }
+        let inner_code = inner.split(':').next().unwrap_or(inner);
+        let candidates: Vec<ResourceType> = match type_mod {
+            Some(t) => vec![ResourceType::parse(t)
+                .ok_or_else(|| ApiError::bad_request(format!("{}: unknown type", shown(name))))?],
+            // No type given: every target type that has the parameter.
+            None => defs
+                .reference_targets(rtype.as_str(), code)
+                .iter()
+                .filter_map(|t| ResourceType::parse(t))
+                .filter(|t| {
+                    inner_code.starts_with('_')
+                        || phylax_fhir::search::params(t).contains_key(inner_code)
+                })
+                .collect(),
+        };
+        if candidates.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "{}: no target type of {code} has that parameter",
+                shown(name)
+            )));
+        }
+        let mut targets = Vec::new();
+        for t in &candidates {
+            // Types the caller may not search are skipped when the type was
+            // not named; naming one is a plain request (403 if denied).
+            if type_mod.is_none()
+                && decide(&ctx.principal, Interaction::SearchType, Some(t.as_str()))
                     != Decision::Allow
             {
                 continue;
             }
-            let targets: Vec<String> = matches
-                .iter()
-                .map(|m| format!("{}/{}", m.rtype, m.id))
-                .collect();
-            let cond = crate::search::references_to(st.repo.blind_key(), &param, &targets);
-            let found = st
-                .repo
-                .search(&phylax_store::SearchQuery {
-                    rtype: src.to_string(),
-                    and: vec![vec![cond]],
-                    before_seq: None,
-                    limit: (MAX_INCLUDED - out.len()) as u32,
-                })
-                .await?;
-            for v in found {
-                if seen.insert((v.rtype.to_string(), v.id.to_string())) {
-                    out.push(v);
-                }
+            for v in inner_search(st, ctx, t, &[(inner.to_owned(), value.clone())]).await? {
+                targets.push(format!("{}/{}", v.rtype, v.id));
+            }
+            if targets.len() > MAX_CHAIN as usize {
+                return Err(ApiError::BadRequest(vec![Issue::error(
+                    IssueCode::TooCostly,
+                    format!("a chained search may match at most {MAX_CHAIN} resources; narrow it"),
+                )]));
             }
         }
+        groups.push(vec![if targets.is_empty() {
+            Cond::Never
+        } else {
+            crate::search::references_to(st.repo.blind_key(), code, &targets)
+        }]);
     }
-    Ok(out)
+    Ok((plain, groups))
 }
 
 /// Most matches a search sorted by anything but `-_lastUpdated` may have.
@@ -1257,7 +1489,9 @@ async fn search(
     }
     let q = Query(params.clone());
     let count = page_size(st, &q)?;
-    let mut parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, &params)?;
+    let (plain, chained) = resolve_chains(st, ctx, rtype, &params).await?;
+    let mut parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, &plain)?;
+    parsed.and.extend(chained);
     if let Some(c) = q.get(crate::search::COMPARTMENT_PARAM) {
         let pid = c
             .strip_prefix("Patient/")

@@ -14,6 +14,8 @@
 //!
 //!     cargo run --release -p phylax-bench -- --duration 10 --concurrency 1,8,32
 
+mod synth;
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use phylax_server::http::{serve, AppState};
@@ -32,7 +34,9 @@ struct Args {
     /// Comma-separated concurrency levels.
     #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
     concurrency: Vec<usize>,
-    /// Scenarios to run: read, create (a Patient), create-observation, update.
+    /// Scenarios to run: read, create (a Patient), create-observation,
+    /// update; with --patients also search-identifier, search-family,
+    /// search-obs-code-date.
     #[arg(
         long,
         default_value = "read,create,create-observation,update",
@@ -49,6 +53,18 @@ struct Args {
     /// Patients pre-loaded for the read scenario.
     #[arg(long, default_value_t = 2000)]
     preload: usize,
+    /// Synthetic (Synthea-shaped) patients to load as transaction Bundles
+    /// before the scenarios; ingest speed is reported. Needed by the
+    /// search-* scenarios.
+    #[arg(long, default_value_t = 0)]
+    patients: usize,
+    /// Encounters per synthetic patient (each with 6 Observations, and a
+    /// Condition and MedicationRequest one time in three).
+    #[arg(long, default_value_t = 4)]
+    encounters: usize,
+    /// Concurrent transactions while loading.
+    #[arg(long, default_value_t = 8)]
+    load_concurrency: usize,
 }
 
 struct Env {
@@ -205,18 +221,88 @@ struct Outcome {
     errors: u64,
 }
 
+/// Load `n` synthetic patients as transactions; returns their server ids
+/// and the number of resources written.
+async fn load_synthetic(
+    env: Arc<Env>,
+    n: usize,
+    encounters: usize,
+    conc: usize,
+) -> Result<(Vec<String>, usize)> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..conc.max(1) {
+        let env = env.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut resources = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let (bundle, count) = synth::patient_bundle(i, encounters);
+                let r = env
+                    .client
+                    .post(&env.fhir)
+                    .bearer_auth(&env.token)
+                    .header("content-type", "application/fhir+json")
+                    .header("prefer", "return=minimal")
+                    .body(bundle.to_string())
+                    .send()
+                    .await?;
+                if r.status() != 200 {
+                    bail!("transaction {i}: {}", r.status());
+                }
+                let v: Value = r.json().await?;
+                let loc = v["entry"][0]["response"]["location"]
+                    .as_str()
+                    .context("no location")?;
+                let id = loc.split('/').nth(1).context("bad location")?.to_owned();
+                out.push((i, id));
+                resources += count;
+            }
+            Ok::<_, anyhow::Error>((out, resources))
+        }));
+    }
+    let mut ids = vec![String::new(); n];
+    let mut total = 0;
+    for t in tasks {
+        let (out, r) = t.await??;
+        total += r;
+        for (i, id) in out {
+            ids[i] = id;
+        }
+    }
+    Ok((ids, total))
+}
+
+/// A search request and whether it answered 200 with the expected total.
+async fn search_ok(env: &Env, url: String, want_total: Option<u64>) -> bool {
+    match env.client.get(url).bearer_auth(&env.token).send().await {
+        Ok(r) if r.status() == 200 => match r.json::<Value>().await {
+            Ok(v) => want_total.is_none_or(|w| v["total"].as_u64() == Some(w)),
+            Err(_) => false,
+        },
+        _ => false,
+    }
+}
+
 async fn run(
     env: Arc<Env>,
     scenario: &str,
     conc: usize,
     dur: Duration,
     ids: Arc<Vec<String>>,
+    synthetic: Arc<Vec<String>>,
 ) -> Result<Outcome> {
     let deadline = Instant::now() + dur;
     let mut tasks = Vec::new();
     for w in 0..conc {
         let env = env.clone();
         let ids = ids.clone();
+        let synthetic = synthetic.clone();
         let scenario = scenario.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(100_000);
@@ -279,6 +365,32 @@ async fn run(
                         }
                         None => false,
                     },
+                    "search-identifier" if !synthetic.is_empty() => {
+                        let k = rand::thread_rng().gen_range(0..synthetic.len());
+                        let url = format!(
+                            "{}/Patient?identifier={}|{}",
+                            env.fhir,
+                            synth::MRN_SYSTEM,
+                            synth::mrn(k)
+                        );
+                        search_ok(&env, url, Some(1)).await
+                    }
+                    "search-family" if !synthetic.is_empty() => {
+                        let k = rand::thread_rng().gen_range(0..synthetic.len());
+                        let prefix: String = synth::family(k).chars().take(6).collect();
+                        let url = format!("{}/Patient?family={prefix}", env.fhir);
+                        search_ok(&env, url, None).await
+                    }
+                    "search-obs-code-date" if !synthetic.is_empty() => {
+                        let k = rand::thread_rng().gen_range(0..synthetic.len());
+                        let url = format!(
+                            "{}/Observation?subject=Patient/{}&code=http://loinc.org|{}&date=ge2015-01-01&date=lt2030-01-01",
+                            env.fhir,
+                            synthetic[k],
+                            synth::SEARCH_CODE
+                        );
+                        search_ok(&env, url, None).await
+                    }
                     _ => false,
                 };
                 if ok {
@@ -334,6 +446,22 @@ async fn main() -> Result<()> {
         ids.push(create(&env, &patient(i)).await?);
     }
     let ids = Arc::new(ids);
+    let mut ingest = None;
+    let synthetic = if args.patients > 0 {
+        let t = Instant::now();
+        let (s, resources) = load_synthetic(
+            env.clone(),
+            args.patients,
+            args.encounters,
+            args.load_concurrency,
+        )
+        .await?;
+        ingest = Some((resources, t.elapsed().as_secs_f64()));
+        s
+    } else {
+        Vec::new()
+    };
+    let synthetic = Arc::new(synthetic);
     println!(
         "Phylax benchmark: backend {}, {} cores, fsync rate {:.0}/s, {} s per cell, logging {}",
         if args.database_url.is_some() {
@@ -352,6 +480,14 @@ async fn main() -> Result<()> {
             "off"
         }
     );
+    if let Some((resources, secs)) = ingest {
+        println!(
+            "Ingest: {} synthetic patients, {resources} resources as transactions ({} concurrent) in {secs:.1} s: {:.0} resources/s",
+            args.patients,
+            args.load_concurrency,
+            resources as f64 / secs
+        );
+    }
     println!();
     println!("| scenario | concurrency | requests/s | p50 ms | p99 ms | errors |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -363,6 +499,7 @@ async fn main() -> Result<()> {
                 c,
                 Duration::from_secs(args.duration),
                 ids.clone(),
+                synthetic.clone(),
             )
             .await?;
             println!(

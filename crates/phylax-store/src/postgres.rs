@@ -4,7 +4,7 @@
 //! constraint; PostgreSQL's own group commit makes concurrent commits cheap.
 
 use crate::migrations;
-use crate::query::{self, SearchQuery, P};
+use crate::query::{self, Plan, SearchQuery, P};
 use crate::{
     ClientRecord, HistoryQuery, HistoryScope, IndexRow, NewVersion, Precondition, Result, Store,
     StoreError, StoredVersion,
@@ -157,6 +157,26 @@ async fn append_one<C: deadpool_postgres::GenericClient>(
             o => o,
         })?;
     row.get::<_, Option<i64>>(0).ok_or(StoreError::Conflict)
+}
+
+/// Which condition group drives a search (see `query::plan`).
+async fn driver(c: &deadpool_postgres::Client, q: &SearchQuery) -> Result<Option<usize>> {
+    match query::plan(q, &|n| format!("${n}")) {
+        Plan::Lists => Ok(None),
+        Plan::Driver(i) => Ok(Some(i)),
+        Plan::Probe {
+            sql,
+            params,
+            candidates,
+        } => {
+            let owned = bind(params);
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                owned.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
+            let row = c.query_one(&sql, &refs).await.map_err(pg)?;
+            let counts: Vec<i64> = (0..candidates.len()).map(|k| row.get(k)).collect();
+            Ok(query::driver_from_counts(&candidates, &counts))
+        }
+    }
 }
 
 fn row_client(r: &Row) -> ClientRecord {
@@ -414,8 +434,9 @@ impl Store for PgStore {
     }
 
     async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>> {
-        let (sql, ps) = query::build(q, &|n| format!("${n}"), &prefixed_cols(), false);
         let c = self.pool.get().await.map_err(pool_err)?;
+        let driver = driver(&c, q).await?;
+        let (sql, ps) = query::build(q, &|n| format!("${n}"), &prefixed_cols(), false, driver);
         let st = c.prepare_cached(&sql).await.map_err(pg)?;
         let owned = bind(ps);
         let refs: Vec<&(dyn ToSql + Sync)> =
@@ -425,8 +446,9 @@ impl Store for PgStore {
     }
 
     async fn search_count(&self, q: &SearchQuery) -> Result<u64> {
-        let (sql, ps) = query::build(q, &|n| format!("${n}"), "", true);
         let c = self.pool.get().await.map_err(pool_err)?;
+        let driver = driver(&c, q).await?;
+        let (sql, ps) = query::build(q, &|n| format!("${n}"), "", true, driver);
         let owned = bind(ps);
         let refs: Vec<&(dyn ToSql + Sync)> =
             owned.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();

@@ -100,6 +100,9 @@ struct Builder<'a> {
     sql: String,
     params: Vec<P>,
     ph: &'a dyn Fn(usize) -> String,
+    /// Render index conditions as correlated `EXISTS` probes of the current
+    /// row (cheap per row) instead of `r.id IN (list)` (materialised once).
+    correlated: bool,
 }
 
 impl Builder<'_> {
@@ -150,9 +153,25 @@ impl Builder<'_> {
     }
 
     fn sub(&mut self, rtype: &str, param: &str) -> String {
+        if self.correlated {
+            let p = self.bind(P::T(param.to_owned()));
+            return format!(
+                "SELECT 1 FROM search_index i WHERE i.rtype = r.rtype AND i.id = r.id AND i.param = {p}"
+            );
+        }
         let t = self.bind(P::T(rtype.to_owned()));
         let p = self.bind(P::T(param.to_owned()));
         format!("SELECT i.id FROM search_index i WHERE i.rtype = {t} AND i.param = {p}")
+    }
+
+    /// "The row has (`not`: has no) index entry selected by `sub`".
+    fn has(&self, not: bool, sub: String) -> String {
+        let not = if not { "NOT " } else { "" };
+        if self.correlated {
+            format!("{not}EXISTS ({sub})")
+        } else {
+            format!("r.id {not}IN ({sub})")
+        }
     }
 
     fn cond(&mut self, rtype: &str, c: &Cond) -> String {
@@ -167,22 +186,20 @@ impl Builder<'_> {
                 }
                 let sub = self.sub(rtype, param);
                 let list = self.list(hashes);
-                let not = if matches!(c, Cond::NotHash { .. }) {
-                    "NOT "
-                } else {
-                    ""
-                };
-                format!("r.id {not}IN ({sub} AND i.hash IN ({list}))")
+                self.has(
+                    matches!(c, Cond::NotHash { .. }),
+                    format!("{sub} AND i.hash IN ({list})"),
+                )
             }
             Cond::Missing { param, missing } => {
                 let sub = self.sub(rtype, param);
-                format!("r.id {}IN ({sub})", if *missing { "NOT " } else { "" })
+                self.has(*missing, sub)
             }
             Cond::Range { param, op, lo, hi } => {
                 let sub = self.sub(rtype, param);
                 let (qlo, qhi) = self.range_bounds(*op, P::I(*lo), P::I(*hi));
                 let cmp = Self::range_sql(*op, "i.lo", "i.hi", &qlo, &qhi);
-                format!("r.id IN ({sub} AND i.lo IS NOT NULL AND {cmp})")
+                self.has(false, format!("{sub} AND i.lo IS NOT NULL AND {cmp}"))
             }
             Cond::Num {
                 param,
@@ -218,7 +235,10 @@ impl Builder<'_> {
                     Some(h) if !h.is_empty() => format!(" AND i.hash IN ({})", self.list(h)),
                     _ => String::new(),
                 };
-                format!("r.id IN ({sub} AND i.num IS NOT NULL AND {cmp}{unit})")
+                self.has(
+                    false,
+                    format!("{sub} AND i.num IS NOT NULL AND {cmp}{unit}"),
+                )
             }
             Cond::Ids(ids) => {
                 if ids.is_empty() {
@@ -240,18 +260,107 @@ impl Builder<'_> {
     }
 }
 
+/// Most index entries the selectivity probe counts per condition.
+const PROBE_CAP: i64 = 5000;
+
+/// Groups that can drive a query: a single hash condition (an equality on
+/// blind hashes, usually selective) or a list of ids.
+fn drivable(q: &SearchQuery) -> Vec<usize> {
+    q.and
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| {
+            matches!(g.as_slice(), [Cond::Hash { hashes, .. }] if !hashes.is_empty())
+                || matches!(g.as_slice(), [Cond::Ids(ids)] if !ids.is_empty())
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// How to pick the group that drives a query (see [`build`]).
+pub(crate) enum Plan {
+    /// Every group is a materialised `IN` list (no drivable group).
+    Lists,
+    /// This group drives; the others are probed per row.
+    Driver(usize),
+    /// Several candidates: run this probe (one row, one capped count per
+    /// candidate, in `candidates` order) and drive with the smallest.
+    Probe {
+        sql: String,
+        params: Vec<P>,
+        candidates: Vec<usize>,
+    },
+}
+
+/// Decide how to drive a query. The blind index has no statistics a
+/// planner could use (every hash is as opaque as the next), so when
+/// several equality conditions compete, a capped count of each decides:
+/// driving from the smallest keeps a selective search (one patient's
+/// observations of one code) logarithmic, however common the code.
+pub(crate) fn plan(q: &SearchQuery, ph: &dyn Fn(usize) -> String) -> Plan {
+    let candidates = drivable(q);
+    if let Some(&ids) = candidates
+        .iter()
+        .find(|&&i| matches!(q.and[i].as_slice(), [Cond::Ids(_)]))
+    {
+        return Plan::Driver(ids);
+    }
+    match candidates.as_slice() {
+        [] => Plan::Lists,
+        [one] => Plan::Driver(*one),
+        _ => {
+            let mut b = Builder {
+                sql: String::new(),
+                params: Vec::new(),
+                ph,
+                correlated: false,
+            };
+            let mut cols = Vec::new();
+            for &i in &candidates {
+                if let [Cond::Hash { param, hashes }] = q.and[i].as_slice() {
+                    let sub = b.sub(&q.rtype, param);
+                    let list = b.list(hashes);
+                    let cap = b.bind(P::I(PROBE_CAP));
+                    cols.push(format!(
+                        "(SELECT COUNT(*) FROM ({sub} AND i.hash IN ({list}) LIMIT {cap}) x{i})"
+                    ));
+                }
+            }
+            Plan::Probe {
+                sql: format!("SELECT {}", cols.join(", ")),
+                params: b.params,
+                candidates,
+            }
+        }
+    }
+}
+
+/// The driver chosen from a probe's counts.
+pub(crate) fn driver_from_counts(candidates: &[usize], counts: &[i64]) -> Option<usize> {
+    candidates
+        .iter()
+        .zip(counts)
+        .min_by_key(|(_, n)| **n)
+        .map(|(i, _)| *i)
+}
+
 /// Build the SQL for a query: the page of rows (`count == false`) or the
-/// total count. `ph(n)` renders the n-th placeholder (1-based).
+/// total count. `ph(n)` renders the n-th placeholder (1-based). With a
+/// `driver`, that group is an `IN` list the database drives from and every
+/// other group a correlated `EXISTS` probe; without, every group is an
+/// `IN` list.
 pub(crate) fn build(
     q: &SearchQuery,
     ph: &dyn Fn(usize) -> String,
     cols: &str,
     count: bool,
+    driver: Option<usize>,
 ) -> (String, Vec<P>) {
     let mut b = Builder {
         sql: String::new(),
         params: Vec::new(),
         ph,
+        correlated: false,
     };
     let t = b.bind(P::T(q.rtype.clone()));
     let mut wh = format!("r.rtype = {t} AND NOT r.deleted");
@@ -259,7 +368,8 @@ pub(crate) fn build(
         let before = b.bind(P::I(q.before_seq.unwrap_or(i64::MAX)));
         wh.push_str(&format!(" AND r.seq < {before}"));
     }
-    for group in &q.and {
+    for (gi, group) in q.and.iter().enumerate() {
+        b.correlated = driver.is_some_and(|d| d != gi);
         let ors: Vec<String> = group.iter().map(|c| b.cond(&q.rtype, c)).collect();
         if ors.is_empty() {
             continue;

@@ -10,7 +10,7 @@
 //! connections on blocking threads (WAL readers never block the writer).
 
 use crate::migrations;
-use crate::query::{self, SearchQuery, P};
+use crate::query::{self, Plan, SearchQuery, P};
 use crate::{
     ClientRecord, HistoryQuery, HistoryScope, IndexRow, NewVersion, Precondition, Result, Store,
     StoreError, StoredVersion,
@@ -462,8 +462,10 @@ impl Store for SqliteStore {
     }
 
     async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>> {
-        let (sql, ps) = query::build(q, &|n| format!("?{n}"), &prefixed_cols(), false);
+        let q = q.clone();
         self.read(move |c| {
+            let driver = driver(c, &q)?;
+            let (sql, ps) = query::build(&q, &|n| format!("?{n}"), &prefixed_cols(), false, driver);
             let mut st = c.prepare_cached(&sql).map_err(backend)?;
             let rows = st
                 .query_map(rusqlite::params_from_iter(bind(ps)), row_version)
@@ -474,8 +476,10 @@ impl Store for SqliteStore {
     }
 
     async fn search_count(&self, q: &SearchQuery) -> Result<u64> {
-        let (sql, ps) = query::build(q, &|n| format!("?{n}"), "", true);
+        let q = q.clone();
         self.read(move |c| {
+            let driver = driver(c, &q)?;
+            let (sql, ps) = query::build(&q, &|n| format!("?{n}"), "", true, driver);
             c.query_row(&sql, rusqlite::params_from_iter(bind(ps)), |r| {
                 r.get::<_, i64>(0)
             })
@@ -601,6 +605,26 @@ fn replace_index(c: &Connection, rtype: &str, id: &str, rows: &[IndexRow]) -> Re
             .map_err(backend)?;
     }
     Ok(())
+}
+
+/// Which condition group drives a search (see `query::plan`).
+fn driver(c: &Connection, q: &SearchQuery) -> Result<Option<usize>> {
+    match query::plan(q, &|n| format!("?{n}")) {
+        Plan::Lists => Ok(None),
+        Plan::Driver(i) => Ok(Some(i)),
+        Plan::Probe {
+            sql,
+            params,
+            candidates,
+        } => {
+            let counts: Vec<i64> = c
+                .query_row(&sql, rusqlite::params_from_iter(bind(params)), |r| {
+                    (0..candidates.len()).map(|k| r.get(k)).collect()
+                })
+                .map_err(backend)?;
+            Ok(query::driver_from_counts(&candidates, &counts))
+        }
+    }
 }
 
 fn bind(p: Vec<P>) -> Vec<rusqlite::types::Value> {

@@ -764,3 +764,77 @@ async fn append_versions_is_all_or_nothing(s: &DynStore) {
     assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
     assert!(s.read_current("Encounter", "x").await.unwrap().is_none());
 }
+
+both!(mixed_conditions_agree_whichever_group_drives);
+async fn mixed_conditions_agree_whichever_group_drives(s: &DynStore) {
+    // 40 observations: 4 patients × 10; codes alternate; dates spread.
+    for k in 0..40i64 {
+        let id = format!("o{k}");
+        let rows = vec![
+            h("subject", format!("p{}", k % 4).as_bytes()),
+            h("code", if k % 2 == 0 { b"common" } else { b"rare" }),
+            range("date", 1000 * k, 1000 * k + 1),
+        ];
+        s.append_version(
+            with_index(nv("Observation", &id, 1, k, b"x"), rows),
+            Precondition::Absent,
+        )
+        .await
+        .unwrap();
+    }
+    let hash = |p: &str, v: &str| Cond::Hash {
+        param: p.into(),
+        hashes: vec![v.as_bytes().to_vec()],
+    };
+    let date_ge = |t: i64| Cond::Range {
+        param: "date".into(),
+        op: phylax_store::RangeOp::Ge,
+        lo: t,
+        hi: t + 1,
+    };
+    // Two equality groups (the probe picks the smaller), a range and a :not.
+    let got = ids(
+        s,
+        vec![
+            vec![hash("code", "common")],
+            vec![hash("subject", "p2")],
+            vec![date_ge(10_000)],
+            vec![Cond::NotHash {
+                param: "subject".into(),
+                hashes: vec![b"p0".to_vec()],
+            }],
+        ],
+    )
+    .await;
+    let mut want: Vec<String> = (0..40)
+        .filter(|k| k % 2 == 0 && k % 4 == 2 && 1000 * k >= 10_000)
+        .map(|k| format!("o{k}"))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    // Ids drive; the hash is probed per row.
+    let got = ids(
+        s,
+        vec![
+            vec![hash("code", "rare")],
+            vec![Cond::Ids(vec!["o1".into(), "o2".into(), "o3".into()])],
+        ],
+    )
+    .await;
+    assert_eq!(got, vec!["o1".to_string(), "o3".to_string()]);
+    // Only a range: materialised lists.
+    assert_eq!(ids(s, vec![vec![date_ge(38_000)]]).await.len(), 2);
+    // Missing within a driven query.
+    let got = ids(
+        s,
+        vec![
+            vec![hash("subject", "p1")],
+            vec![Cond::Missing {
+                param: "date".into(),
+                missing: false,
+            }],
+        ],
+    )
+    .await;
+    assert_eq!(got.len(), 10);
+}

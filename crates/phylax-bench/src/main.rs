@@ -383,12 +383,16 @@ async fn run(
                     }
                     "search-obs-code-date" if !synthetic.is_empty() => {
                         let k = rand::thread_rng().gen_range(0..synthetic.len());
-                        let url = format!(
-                            "{}/Observation?subject=Patient/{}&code=http://loinc.org|{}&date=ge2015-01-01&date=lt2030-01-01",
-                            env.fhir,
-                            synthetic[k],
-                            synth::SEARCH_CODE
-                        );
+                        let url = match std::env::var("PHYLAX_BENCH_OBS_QUERY") {
+                            // For experiments: `{id}` is the patient id.
+                            Ok(q) => format!("{}/{}", env.fhir, q.replace("{id}", &synthetic[k])),
+                            Err(_) => format!(
+                                "{}/Observation?subject=Patient/{}&code=http://loinc.org|{}&date=ge2015-01-01&date=lt2030-01-01",
+                                env.fhir,
+                                synthetic[k],
+                                synth::SEARCH_CODE
+                            ),
+                        };
                         search_ok(&env, url, None).await
                     }
                     _ => false,

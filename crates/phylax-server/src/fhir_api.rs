@@ -1525,6 +1525,9 @@ async fn search(
         before_seq: if sorted { None } else { before },
         limit: if sorted { MAX_SORTED + 1 } else { count + 1 },
     };
+    // When the whole match set is in hand, its size is the total: no
+    // count query (the common case for selective searches).
+    let mut known_total: Option<u64> = None;
     let (rows, next_mark) = if control.summary == Some(Summary::Count) {
         (Vec::new(), None)
     } else if sorted {
@@ -1539,6 +1542,7 @@ async fn search(
                 ),
             )]));
         }
+        known_total = Some(all.len() as u64);
         let all = control.sort_rows(rtype, all);
         let offset = before.unwrap_or(0).max(0) as usize;
         let end = (offset + count as usize).min(all.len());
@@ -1548,6 +1552,9 @@ async fn search(
     } else {
         let mut rows = st.repo.search(&query).await?;
         let more = rows.len() > count as usize;
+        if !more && before.is_none() {
+            known_total = Some(rows.len() as u64);
+        }
         rows.truncate(count as usize);
         let mark = rows.last().map(|r| r.seq);
         (rows, if more { mark } else { None })
@@ -1623,12 +1630,16 @@ async fn search(
         "entry": entries,
     });
     if control.total || control.summary == Some(Summary::Count) {
-        query.before_seq = None;
-        let total = st
-            .store
-            .search_count(&query)
-            .await
-            .map_err(crate::repo::RepoError::from)?;
+        let total = match known_total {
+            Some(n) => n,
+            None => {
+                query.before_seq = None;
+                st.store
+                    .search_count(&query)
+                    .await
+                    .map_err(crate::repo::RepoError::from)?
+            }
+        };
         bundle["total"] = json!(total);
     }
     Ok(fhir_json(StatusCode::OK, &bundle))

@@ -72,6 +72,29 @@ CREATE INDEX search_index_num ON search_index (rtype, param, num) WHERE num IS N
 CREATE INDEX search_index_resource ON search_index (rtype, id);
 "#,
     ),
+    (
+        3,
+        r#"
+-- Fixed planner statistics. Blind hashes give ANALYZE nothing useful to
+-- learn (and a young database teaches it the wrong shapes), while the
+-- shape of the index is structural: a resource has tens of entries, a
+-- hash value can be shared by many resources (a common code). With these
+-- figures SQLite drives a search from the chosen IN list and checks every
+-- other condition through (rtype, id), which keeps selective searches
+-- logarithmic. Phylax never runs ANALYZE or PRAGMA optimize over them.
+ANALYZE;
+DELETE FROM sqlite_stat1;
+INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
+    ('search_index', 'search_index_hash', '10000000 1000000 20000 100'),
+    ('search_index', 'search_index_lo', '10000000 1000000 20000 2'),
+    ('search_index', 'search_index_num', '10000000 1000000 20000 2'),
+    ('search_index', 'search_index_resource', '10000000 1000000 10'),
+    ('resources', 'sqlite_autoindex_resources_1', '1000000 100000 1'),
+    ('resources', 'resources_type_seq', '1000000 100000 100000 1'),
+    ('resource_versions', 'sqlite_autoindex_resource_versions_1', '2000000 200000 2 1'),
+    ('resource_versions', 'resource_versions_type_seq', '2000000 200000 1');
+"#,
+    ),
 ];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths

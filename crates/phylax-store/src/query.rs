@@ -261,7 +261,7 @@ impl Builder<'_> {
 }
 
 /// Most index entries the selectivity probe counts per condition.
-const PROBE_CAP: i64 = 5000;
+const PROBE_CAP: i64 = 256;
 
 /// Groups that can drive a query: a single hash condition (an equality on
 /// blind hashes, usually selective) or a list of ids.

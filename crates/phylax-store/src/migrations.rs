@@ -95,6 +95,32 @@ INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('resource_versions', 'resource_versions_type_seq', '2000000 200000 1');
 "#,
     ),
+    (
+        4,
+        r#"
+-- The hash index also carries the resource id: the list a search is driven
+-- from is read from the index alone, and "does this resource have this
+-- hash" (every other equality condition) is one point lookup, whatever the
+-- planner believes about how common the hash is.
+DROP INDEX search_index_hash;
+CREATE INDEX search_index_hash ON search_index (rtype, param, hash, id) WHERE hash IS NOT NULL;
+DELETE FROM sqlite_stat1 WHERE idx = 'search_index_hash';
+INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
+    ('search_index', 'search_index_hash', '10000000 1000000 20000 100 1');
+"#,
+    ),
+    (
+        5,
+        r#"
+-- Per-resource entries by parameter: the lookup every non-driving
+-- condition makes for each candidate row ("this resource's date entries").
+DROP INDEX search_index_resource;
+CREATE INDEX search_index_resource ON search_index (rtype, id, param);
+DELETE FROM sqlite_stat1 WHERE idx = 'search_index_resource';
+INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
+    ('search_index', 'search_index_resource', '10000000 1000000 10 3');
+"#,
+    ),
 ];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
@@ -243,6 +269,37 @@ BEGIN
     RETURN new_seq;
 END;
 $$;
+"#,
+    ),
+    (
+        4,
+        r#"
+-- The hash index also carries the resource id (see SQLite migration 4):
+-- index-only scans for the driving list, point lookups for the others.
+DROP INDEX search_index_hash;
+CREATE INDEX search_index_hash ON search_index (rtype, param, hash, id) WHERE hash IS NOT NULL;
+"#,
+    ),
+    (
+        5,
+        r#"
+-- Types, ids and parameter codes are ASCII by construction: compare them
+-- bytewise. A locale collation (even C.UTF-8) makes every B-tree step a
+-- strcoll call, which dominated the cost of selective searches.
+ALTER TABLE resources ALTER COLUMN rtype TYPE TEXT COLLATE "C", ALTER COLUMN id TYPE TEXT COLLATE "C";
+ALTER TABLE resource_versions ALTER COLUMN rtype TYPE TEXT COLLATE "C", ALTER COLUMN id TYPE TEXT COLLATE "C";
+ALTER TABLE search_index ALTER COLUMN rtype TYPE TEXT COLLATE "C", ALTER COLUMN id TYPE TEXT COLLATE "C",
+    ALTER COLUMN param TYPE TEXT COLLATE "C";
+"#,
+    ),
+    (
+        6,
+        r#"
+-- Per-resource entries by parameter (see SQLite migration 5). With three
+-- equality columns the planner prefers it for per-row probes even before
+-- the table has statistics.
+DROP INDEX search_index_resource;
+CREATE INDEX search_index_resource ON search_index (rtype, id, param);
 "#,
     ),
 ];

@@ -103,6 +103,8 @@ struct Builder<'a> {
     /// Render index conditions as correlated `EXISTS` probes of the current
     /// row (cheap per row) instead of `r.id IN (list)` (materialised once).
     correlated: bool,
+    /// PostgreSQL (`$n` placeholders) rather than SQLite (`?n`).
+    pg: bool,
 }
 
 impl Builder<'_> {
@@ -168,7 +170,13 @@ impl Builder<'_> {
     fn has(&self, not: bool, sub: String) -> String {
         let not = if not { "NOT " } else { "" };
         if self.correlated {
-            format!("{not}EXISTS ({sub})")
+            // On PostgreSQL, `OFFSET 0` keeps the probe a per-row subplan
+            // (an index point lookup). Otherwise the planner flattens it
+            // into a semi-join and, on a freshly loaded table without
+            // statistics, may scan every entry of a common hash per row.
+            // SQLite always runs EXISTS per row.
+            let keep = if self.pg { " OFFSET 0" } else { "" };
+            format!("{not}EXISTS ({sub}{keep})")
         } else {
             format!("r.id {not}IN ({sub})")
         }
@@ -314,6 +322,7 @@ pub(crate) fn plan(q: &SearchQuery, ph: &dyn Fn(usize) -> String) -> Plan {
                 params: Vec::new(),
                 ph,
                 correlated: false,
+                pg: ph(1).starts_with('$'),
             };
             let mut cols = Vec::new();
             for &i in &candidates {
@@ -361,6 +370,7 @@ pub(crate) fn build(
         params: Vec::new(),
         ph,
         correlated: false,
+        pg: ph(1).starts_with('$'),
     };
     let t = b.bind(P::T(q.rtype.clone()));
     let mut wh = format!("r.rtype = {t} AND NOT r.deleted");

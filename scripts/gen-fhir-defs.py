@@ -27,6 +27,8 @@ Format (all names are FHIR element names):
       each path relative to the resource (e.g. "participant.individual")
   compartment_params: {ResourceType: [search parameter codes]} that place a
       resource in a Patient compartment (from the CompartmentDefinition)
+  composites: {ResourceType: {code: [context expression, [[component type,
+      relative expression], ...]]}} for composite search parameters
   targets: {ResourceType: {code: [target types]}} of reference search
       parameters (for chaining)
   summary: {ResourceType: [top-level element names]} marked isSummary (what
@@ -169,6 +171,25 @@ def main(src, dst):
                 targets.setdefault(base, {})[sp["code"]] = sorted(sp["target"])
     for v in search.values():
         v.sort()
+    by_url = {}
+    for sp in load_bundle(src + "/search-parameters.json"):
+        if sp["resourceType"] == "SearchParameter":
+            by_url[sp["url"]] = sp
+    composites = {}
+    for sp in by_url.values():
+        if sp["type"] != "composite":
+            continue
+        comps = []
+        for c in sp.get("component", []):
+            d = by_url.get(c["definition"])
+            if d is None:
+                break
+            comps.append([d["type"], c["expression"]])
+        else:
+            for base in sp.get("base", []):
+                expr = narrow_expression(sp.get("expression"), base)
+                if expr:
+                    composites.setdefault(base, {})[sp["code"]] = [expr, comps]
 
     with open(src + "/compartmentdefinition-patient.json", encoding="utf-8") as f:
         cd = json.load(f)
@@ -200,6 +221,7 @@ def main(src, dst):
         "compartment_params": compartment_params,
         "summary": summary,
         "targets": targets,
+        "composites": composites,
     }
     with open(dst, "w", encoding="utf-8") as f:
         json.dump(data, f, sort_keys=True, separators=(",", ":"))

@@ -69,8 +69,57 @@ struct Args {
 
 struct Env {
     fhir: String,
-    token: String,
+    token: std::sync::RwLock<String>,
     client: reqwest::Client,
+    base: String,
+    client_id: String,
+    key_pem: Vec<u8>,
+}
+
+impl Env {
+    fn token(&self) -> String {
+        self.token.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Tokens live at most 15 minutes; long loads fetch a new one.
+    async fn refresh(&self) -> Result<()> {
+        let t = fetch_token(&self.client, &self.base, &self.client_id, &self.key_pem).await?;
+        if let Ok(mut w) = self.token.write() {
+            *w = t;
+        }
+        Ok(())
+    }
+}
+
+async fn fetch_token(
+    client: &reqwest::Client,
+    base: &str,
+    client_id: &str,
+    key_pem: &[u8],
+) -> Result<String> {
+    let assertion = phylax_auth::client_key::sign_assertion(
+        key_pem,
+        None,
+        client_id,
+        &format!("{base}/auth/token"),
+        chrono::Utc::now().timestamp(),
+    )?;
+    let v: Value = client
+        .post(format!("{base}/auth/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("scope", "system/*.cruds"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion.as_str()),
+        ])
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["access_token"].as_str().context("no token")?.to_owned())
 }
 
 fn patient(i: usize) -> Value {
@@ -148,34 +197,17 @@ async fn setup(
         .pool_max_idle_per_host(1024)
         .build()?;
     let base = format!("https://{addr}");
-    let assertion = phylax_auth::client_key::sign_assertion(
-        key.private_pem.expose(),
-        None,
-        &client_id,
-        &format!("{base}/auth/token"),
-        chrono::Utc::now().timestamp(),
-    )?;
-    let v: Value = client
-        .post(format!("{base}/auth/token"))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("scope", "system/*.cruds"),
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
-            ("client_assertion", assertion.as_str()),
-        ])
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = v["access_token"].as_str().context("no token")?.to_owned();
+    // The bench's own throwaway key, generated for this run only.
+    let key_pem = key.private_pem.expose().to_vec();
+    let token = fetch_token(&client, &base, &client_id, &key_pem).await?;
     Ok((
         Env {
             fhir: format!("{base}/fhir"),
-            token,
+            token: std::sync::RwLock::new(token),
             client,
+            base,
+            client_id,
+            key_pem,
         },
         dir,
         tx,
@@ -202,7 +234,7 @@ async fn create_typed(env: &Env, rtype: &str, body: &Value) -> Result<String> {
     let r = env
         .client
         .post(format!("{}/{rtype}", env.fhir))
-        .bearer_auth(&env.token)
+        .bearer_auth(env.token())
         .header("content-type", "application/fhir+json")
         .body(body.to_string())
         .send()
@@ -243,15 +275,21 @@ async fn load_synthetic(
                     break;
                 }
                 let (bundle, count) = synth::patient_bundle(i, encounters);
-                let r = env
-                    .client
-                    .post(&env.fhir)
-                    .bearer_auth(&env.token)
-                    .header("content-type", "application/fhir+json")
-                    .header("prefer", "return=minimal")
-                    .body(bundle.to_string())
-                    .send()
-                    .await?;
+                let body = bundle.to_string();
+                let post = || {
+                    env.client
+                        .post(&env.fhir)
+                        .bearer_auth(env.token())
+                        .header("content-type", "application/fhir+json")
+                        .header("prefer", "return=minimal")
+                        .body(body.clone())
+                        .send()
+                };
+                let mut r = post().await?;
+                if r.status() == 401 {
+                    env.refresh().await?;
+                    r = post().await?;
+                }
                 if r.status() != 200 {
                     bail!("transaction {i}: {}", r.status());
                 }
@@ -280,7 +318,7 @@ async fn load_synthetic(
 
 /// A search request and whether it answered 200 with the expected total.
 async fn search_ok(env: &Env, url: String, want_total: Option<u64>) -> bool {
-    match env.client.get(url).bearer_auth(&env.token).send().await {
+    match env.client.get(url).bearer_auth(env.token()).send().await {
         Ok(r) if r.status() == 200 => match r.json::<Value>().await {
             Ok(v) => want_total.is_none_or(|w| v["total"].as_u64() == Some(w)),
             Err(_) => false,
@@ -327,7 +365,7 @@ async fn run(
                         match env
                             .client
                             .get(format!("{}/Patient/{id}", env.fhir))
-                            .bearer_auth(&env.token)
+                            .bearer_auth(env.token())
                             .send()
                             .await
                         {
@@ -352,7 +390,7 @@ async fn run(
                             match env
                                 .client
                                 .put(format!("{}/Patient/{id}", env.fhir))
-                                .bearer_auth(&env.token)
+                                .bearer_auth(env.token())
                                 .header("content-type", "application/fhir+json")
                                 .header("prefer", "return=minimal")
                                 .body(body.to_string())
@@ -461,6 +499,7 @@ async fn main() -> Result<()> {
         )
         .await?;
         ingest = Some((resources, t.elapsed().as_secs_f64()));
+        env.refresh().await?;
         s
     } else {
         Vec::new()

@@ -45,6 +45,16 @@ pub struct Definitions {
     compartment_params: HashMap<String, Vec<String>>,
     summary: HashMap<String, HashSet<String>>,
     targets: HashMap<String, HashMap<String, Vec<String>>>,
+    composites: HashMap<String, BTreeMap<String, CompositeDef>>,
+}
+
+/// A composite search parameter: the elements its context expression
+/// selects, and per component the parameter type and the expression
+/// relative to each such element.
+#[derive(Debug, Clone)]
+pub struct CompositeDef {
+    pub expression: String,
+    pub components: Vec<(String, String)>,
 }
 
 /// One element in the generated table: (min, max_many, type codes, choice).
@@ -61,7 +71,11 @@ struct Raw {
     compartment_params: BTreeMap<String, Vec<String>>,
     summary: BTreeMap<String, Vec<String>>,
     targets: BTreeMap<String, BTreeMap<String, Vec<String>>>,
+    composites: BTreeMap<String, BTreeMap<String, RawComposite>>,
 }
+
+/// (context expression, [(component type, relative expression)]).
+type RawComposite = (String, Vec<(String, String)>);
 
 impl Definitions {
     fn load() -> Self {
@@ -135,6 +149,25 @@ impl Definitions {
                 .into_iter()
                 .map(|(t, m)| (t, m.into_iter().collect()))
                 .collect(),
+            composites: raw
+                .composites
+                .into_iter()
+                .map(|(t, m)| {
+                    let m = m
+                        .into_iter()
+                        .map(|(code, (expression, components))| {
+                            (
+                                code,
+                                CompositeDef {
+                                    expression,
+                                    components,
+                                },
+                            )
+                        })
+                        .collect();
+                    (t, m)
+                })
+                .collect(),
         }
     }
 
@@ -182,6 +215,14 @@ impl Definitions {
         self.summary
             .get(resource_type)
             .is_some_and(|s| s.contains(element))
+    }
+
+    /// The composite search parameters of a resource type, by code.
+    pub fn composites(&self, resource_type: &str) -> impl Iterator<Item = (&str, &CompositeDef)> {
+        self.composites
+            .get(resource_type)
+            .into_iter()
+            .flat_map(|m| m.iter().map(|(k, v)| (k.as_str(), v)))
     }
 
     /// The resource types a reference search parameter may point to

@@ -265,10 +265,40 @@ fn eval<'a>(expr: &Expr, rtype: &str, root: &'a Value) -> Vec<Node<'a>> {
         if r != rtype && r != "Resource" && r != "DomainResource" {
             continue;
         }
-        let mut cur = vec![Node {
+        let start = vec![Node {
             v: root,
             ty: rtype.to_owned(),
         }];
+        out.extend(run_steps(start, steps));
+    }
+    out
+}
+
+/// The root name of expressions compiled relative to an element.
+const THIS: &str = "This";
+
+/// Compile an expression relative to an element (a composite component's
+/// `code` or `value.as(Quantity)`).
+fn compile_relative(expr: &str) -> Option<Expr> {
+    let joined = expr
+        .split(" | ")
+        .map(|p| format!("{THIS}.{}", p.trim()))
+        .collect::<Vec<_>>()
+        .join(" | ");
+    compile(&joined)
+}
+
+fn eval_relative<'a>(expr: &Expr, node: &Node<'a>) -> Vec<Node<'a>> {
+    expr.paths
+        .iter()
+        .filter(|(r, _)| r == THIS)
+        .flat_map(|(_, steps)| run_steps(vec![node.clone()], steps))
+        .collect()
+}
+
+fn run_steps<'a>(start: Vec<Node<'a>>, steps: &[Step]) -> Vec<Node<'a>> {
+    {
+        let mut cur = start;
         for s in steps {
             let mut next = Vec::new();
             match s {
@@ -311,9 +341,8 @@ fn eval<'a>(expr: &Expr, rtype: &str, root: &'a Value) -> Vec<Node<'a>> {
             }
             cur = next;
         }
-        out.extend(cur);
+        cur
     }
-    out
 }
 
 /// The resource type a reference string points at, if it names one.
@@ -603,6 +632,8 @@ pub struct SearchParam {
     pub code: String,
     pub kind: ParamKind,
     expr: Option<Expr>,
+    /// For a composite: whether Phylax indexes it (see `extract_composites`).
+    composite_ok: bool,
 }
 
 impl SearchParam {
@@ -611,9 +642,11 @@ impl SearchParam {
     /// and a prefix match is not a phonetic match, so claiming it would be
     /// untruthful.
     pub fn indexable(&self) -> bool {
-        self.expr.is_some()
-            && !matches!(self.kind, ParamKind::Composite | ParamKind::Special)
-            && self.code != "phonetic"
+        match self.kind {
+            ParamKind::Composite => self.composite_ok,
+            ParamKind::Special => false,
+            _ => self.expr.is_some() && self.code != "phonetic",
+        }
     }
 }
 
@@ -636,10 +669,14 @@ pub fn params(rtype: &ResourceType) -> &'static HashMap<String, SearchParam> {
                     .copied()
                     .chain(d.search_params(t))
                     .map(|p| {
+                        let kind = ParamKind::parse(&p.kind);
+                        let composite_ok = kind == ParamKind::Composite
+                            && composite_second_of(t, &p.code).is_some();
                         let sp = SearchParam {
                             code: p.code.clone(),
-                            kind: ParamKind::parse(&p.kind),
+                            kind,
                             expr: p.expression.as_deref().and_then(compile),
+                            composite_ok,
                         };
                         (p.code.clone(), sp)
                     })
@@ -658,7 +695,11 @@ pub fn params(rtype: &ResourceType) -> &'static HashMap<String, SearchParam> {
 pub fn extract(rtype: &ResourceType, resource: &Value) -> Vec<(&'static str, SearchValue)> {
     let mut out = Vec::new();
     for (code, p) in params(rtype) {
-        if !p.indexable() || code == "_id" || code == "_lastUpdated" {
+        if !p.indexable()
+            || p.kind == ParamKind::Composite
+            || code == "_id"
+            || code == "_lastUpdated"
+        {
             continue;
         }
         let Some(expr) = &p.expr else { continue };
@@ -879,6 +920,69 @@ mod tests {
             let r = ResourceType::parse(rt).unwrap();
             let _ = extract(&r, &json!({"resourceType": rt, "id": "x"}));
         }
+    }
+}
+
+/// Composite values: for each composite parameter of two components whose
+/// first is a token (all of R4's but MolecularSequence's coordinates), the
+/// pairs of component values taken **from the same element** (the same
+/// Observation.component, for instance), as `(code, token, second)`.
+pub fn extract_composites(
+    rtype: &ResourceType,
+    resource: &Value,
+) -> Vec<(&'static str, SearchValue, SearchValue)> {
+    let mut out = Vec::new();
+    for (code, c) in definitions().composites(rtype.as_str()) {
+        let [(k1, e1), (k2, e2)] = c.components.as_slice() else {
+            continue;
+        };
+        if k1 != "token" {
+            continue;
+        }
+        let (Some(ctx), Some(e1), Some(e2)) = (
+            compile(&c.expression),
+            compile_relative(e1),
+            compile_relative(e2),
+        ) else {
+            continue;
+        };
+        let k2 = ParamKind::parse(k2);
+        for node in eval(&ctx, rtype.as_str(), resource) {
+            let mut a = Vec::new();
+            for n in eval_relative(&e1, &node) {
+                convert(ParamKind::Token, &n, &mut a);
+            }
+            let mut b = Vec::new();
+            for n in eval_relative(&e2, &node) {
+                convert(k2, &n, &mut b);
+            }
+            for x in &a {
+                for y in &b {
+                    out.push((code, x.clone(), y.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether `code` is a composite parameter of `rtype` that Phylax indexes
+/// (two components, the first a token), and the kind of its second.
+pub fn composite_second(rtype: &ResourceType, code: &str) -> Option<ParamKind> {
+    composite_second_of(rtype.as_str(), code)
+}
+
+fn composite_second_of(rtype: &str, code: &str) -> Option<ParamKind> {
+    let (_, c) = definitions().composites(rtype).find(|(k, _)| *k == code)?;
+    match c.components.as_slice() {
+        [(k1, e1), (k2, e2)]
+            if k1 == "token"
+                && compile_relative(e1).is_some()
+                && compile_relative(e2).is_some() =>
+        {
+            Some(ParamKind::parse(k2))
+        }
+        _ => None,
     }
 }
 

@@ -135,6 +135,8 @@ pub fn fhir_routes() -> Router<Arc<AppState>> {
     use crate::{bundle, fhir_api};
     Router::new()
         .route("/fhir", post(bundle::system_post))
+        // Clients commonly post Bundles to the base with a trailing slash.
+        .route("/fhir/", post(bundle::system_post))
         .route("/fhir/_history", get(fhir_api::history_system))
         .route(
             "/fhir/{rtype}",

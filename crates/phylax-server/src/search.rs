@@ -110,6 +110,84 @@ fn components(rtype: &ResourceType, code: &str) -> Vec<&'static str> {
 }
 
 /// The index entries of one resource version.
+/// The keys of a composite's first (token) component: by code alone, and
+/// by system and code.
+fn composite_keys(system: Option<&str>, code: &str) -> Vec<String> {
+    let mut k = vec![format!("c:{code}")];
+    if let Some(s) = system {
+        k.push(format!("s:{s}|{code}"));
+    }
+    k
+}
+
+/// The key a query's token part selects (`system|code`, `|code`, `code`).
+fn composite_query_key(v: &str) -> String {
+    match v.split_once('|') {
+        Some((s, c)) if !s.is_empty() => format!("s:{s}|{c}"),
+        Some((_, c)) => format!("c:{c}"),
+        None => format!("c:{v}"),
+    }
+}
+
+/// Index entries of composite parameters: one per pair of component values
+/// from the same element, the first component (a token) always blind:
+/// token+token and token+string as one hash; token+quantity and
+/// token+date as a hash with the number or range (plaintext, as for the
+/// plain parameters of the same values); token+reference as one hash.
+fn composite_rows(
+    key: &BlindIndexKey,
+    fhir_base: &str,
+    rtype: &ResourceType,
+    resource: &Value,
+    rows: &mut Vec<IndexRow>,
+) {
+    for (code, first, second) in fs::extract_composites(rtype, resource) {
+        let SearchValue::Token {
+            system,
+            code: Some(c1),
+            ..
+        } = &first
+        else {
+            continue;
+        };
+        for k1 in composite_keys(system.as_deref(), c1) {
+            match &second {
+                SearchValue::Token {
+                    system: s2,
+                    code: Some(c2),
+                    ..
+                } => {
+                    for k2 in composite_keys(s2.as_deref(), c2) {
+                        rows.push(hrow(code, hash(key, &["ct", code, &k1, &k2])));
+                    }
+                }
+                SearchValue::Quantity { value, .. } => rows.push(IndexRow {
+                    param: code.to_owned(),
+                    hash: Some(hash(key, &["cq", code, &k1])),
+                    lo: None,
+                    hi: None,
+                    num: Some(*value),
+                }),
+                SearchValue::Date { lo, hi, .. } => rows.push(IndexRow {
+                    param: code.to_owned(),
+                    hash: Some(hash(key, &["cd", code, &k1])),
+                    lo: Some(*lo),
+                    hi: Some(*hi),
+                    num: None,
+                }),
+                SearchValue::Str { norm, .. } => {
+                    rows.push(hrow(code, hash(key, &["cx", code, &k1, norm])))
+                }
+                SearchValue::Reference(r) => {
+                    let r = local_reference(r, fhir_base);
+                    rows.push(hrow(code, hash(key, &["cr", code, &k1, r])));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 pub fn index_rows(
     key: &BlindIndexKey,
     fhir_base: &str,
@@ -230,6 +308,7 @@ pub fn index_rows(
             }
         }
     }
+    composite_rows(key, fhir_base, rtype, resource, &mut rows);
     rows.sort_by(|a, b| (&a.param, &a.hash, a.lo, a.hi).cmp(&(&b.param, &b.hash, b.lo, b.hi)));
     rows.dedup();
     rows
@@ -396,6 +475,7 @@ fn date_cond(code: &str, param_name: &str, v: &str, last_updated: bool) -> Resul
             op,
             lo,
             hi,
+            hashes: None,
         }
     })
 }
@@ -629,6 +709,64 @@ pub fn parse(
                     param: code.to_owned(),
                     hashes,
                 });
+            }
+            (ParamKind::Composite, None) => {
+                let second = fs::composite_second(rtype, code)
+                    .ok_or_else(|| unsupported(format!("{shown}: not supported")))?;
+                for v in &values {
+                    let (a, b) = v.split_once('$').ok_or_else(|| {
+                        invalid(format!("{shown}: a composite value is token$value"))
+                    })?;
+                    if a.is_empty() || b.is_empty() {
+                        return Err(invalid(format!("{shown}: empty component")));
+                    }
+                    let k1 = composite_query_key(a);
+                    let c = match second {
+                        ParamKind::Token => Cond::Hash {
+                            param: code.to_owned(),
+                            hashes: vec![hash(key, &["ct", code, &k1, &composite_query_key(b)])],
+                        },
+                        ParamKind::String => Cond::Hash {
+                            param: code.to_owned(),
+                            hashes: vec![hash(key, &["cx", code, &k1, &normalize(b)])],
+                        },
+                        ParamKind::Reference => Cond::Hash {
+                            param: code.to_owned(),
+                            hashes: vec![hash(
+                                key,
+                                &["cr", code, &k1, local_reference(b, fhir_base)],
+                            )],
+                        },
+                        ParamKind::Quantity => match num_cond(code, &shown, b, true, key)? {
+                            Cond::Num {
+                                param, op, lo, hi, ..
+                            } => Cond::Num {
+                                param,
+                                op,
+                                lo,
+                                hi,
+                                // Units of a composite quantity are not
+                                // matched; the first component is.
+                                hashes: Some(vec![hash(key, &["cq", code, &k1])]),
+                            },
+                            other => other,
+                        },
+                        ParamKind::Date => match date_cond(code, &shown, b, false)? {
+                            Cond::Range {
+                                param, op, lo, hi, ..
+                            } => Cond::Range {
+                                param,
+                                op,
+                                lo,
+                                hi,
+                                hashes: Some(vec![hash(key, &["cd", code, &k1])]),
+                            },
+                            other => other,
+                        },
+                        _ => return Err(unsupported(format!("{shown}: not supported"))),
+                    };
+                    group.push(c);
+                }
             }
             (ParamKind::Uri, None) => {
                 let hashes = values.iter().map(|v| hash(key, &["u", code, v])).collect();

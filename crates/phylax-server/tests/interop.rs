@@ -55,6 +55,15 @@ async fn run(backend: Backend) {
         "fhirpy interop failed ({backend:?}):\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
+    for check in [
+        "chained search",
+        "_has reverse chaining",
+        "urn:uuid references resolved",
+        "$everything returns the compartment",
+        "a failed transaction left nothing behind",
+    ] {
+        assert!(stdout.contains(check), "{check} did not run:\n{stdout}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -789,8 +789,12 @@ async fn metadata_and_discovery_are_truthful(s: &TestServer) {
         .map(|p| p["name"].as_str().unwrap())
         .collect();
     assert!(
-        !names.contains(&"code-value-quantity"),
-        "composite parameters are not claimed"
+        names.contains(&"code-value-quantity"),
+        "two-component composites are claimed"
+    );
+    assert!(
+        !names.contains(&"phonetic"),
+        "phonetic is not (a prefix match is not phonetic)"
     );
     assert!(
         phylax_fhir::validate::validate_resource(&cap).is_ok(),

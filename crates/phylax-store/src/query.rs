@@ -61,6 +61,9 @@ pub enum Cond {
         op: RangeOp,
         lo: i64,
         hi: i64,
+        /// Only entries carrying one of these hashes (a composite's first
+        /// component).
+        hashes: Option<Vec<Vec<u8>>>,
     },
     Num {
         param: String,
@@ -203,11 +206,21 @@ impl Builder<'_> {
                 let sub = self.sub(rtype, param);
                 self.has(*missing, sub)
             }
-            Cond::Range { param, op, lo, hi } => {
+            Cond::Range {
+                param,
+                op,
+                lo,
+                hi,
+                hashes,
+            } => {
                 let sub = self.sub(rtype, param);
                 let (qlo, qhi) = self.range_bounds(*op, P::I(*lo), P::I(*hi));
                 let cmp = Self::range_sql(*op, "i.lo", "i.hi", &qlo, &qhi);
-                self.has(false, format!("{sub} AND i.lo IS NOT NULL AND {cmp}"))
+                let with = match hashes {
+                    Some(h) if !h.is_empty() => format!(" AND i.hash IN ({})", self.list(h)),
+                    _ => String::new(),
+                };
+                self.has(false, format!("{sub} AND i.lo IS NOT NULL AND {cmp}{with}"))
             }
             Cond::Num {
                 param,

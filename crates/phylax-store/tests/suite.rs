@@ -556,6 +556,7 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
             op,
             lo,
             hi,
+            hashes: None,
         }]]
     };
     assert_eq!(
@@ -791,6 +792,7 @@ async fn mixed_conditions_agree_whichever_group_drives(s: &DynStore) {
         op: phylax_store::RangeOp::Ge,
         lo: t,
         hi: t + 1,
+        hashes: None,
     };
     // Two equality groups (the probe picks the smaller), a range and a :not.
     let got = ids(

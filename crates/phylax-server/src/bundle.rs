@@ -28,7 +28,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Extension;
+use axum::{Extension, Router};
 use phylax_auth::policy::{decide, Decision, Interaction};
 use phylax_fhir::{Issue, ResourceId, ResourceType, VersionId};
 use phylax_store::Precondition;
@@ -232,7 +232,7 @@ pub async fn system_post(
 
 /// Run one request through the FHIR routes as if it had arrived on its own,
 /// with the Bundle's caller. Returns the response entry.
-async fn dispatch(st: &Arc<AppState>, ctx: &RequestCtx, outer: &HeaderMap, e: &Entry) -> Value {
+async fn dispatch(svc: &Router, ctx: &RequestCtx, outer: &HeaderMap, e: &Entry) -> Value {
     let mut b = Request::builder()
         .method(e.verb.method())
         .uri(format!("/fhir/{}", e.url));
@@ -266,13 +266,18 @@ async fn dispatch(st: &Arc<AppState>, ctx: &RequestCtx, outer: &HeaderMap, e: &E
             .await
         }
     };
-    let svc = crate::http::fhir_routes()
-        .with_state(st.clone())
-        .layer(axum::middleware::from_fn(crate::http::normalize_errors));
-    match svc.oneshot(req).await {
+    match svc.clone().oneshot(req).await {
         Ok(r) => response_entry_for(r).await,
         Err(never) => match never {},
     }
+}
+
+/// The FHIR routes, for running entries as if they had arrived on their
+/// own (built once per Bundle).
+fn entry_router(st: &Arc<AppState>) -> Router {
+    crate::http::fhir_routes()
+        .with_state(st.clone())
+        .layer(axum::middleware::from_fn(crate::http::normalize_errors))
 }
 
 /// Turn a response into a Bundle response entry.
@@ -337,10 +342,11 @@ async fn batch(
     h: &HeaderMap,
     entries: Vec<Result<Entry, ApiError>>,
 ) -> Response {
+    let svc = entry_router(st);
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
         out.push(match e {
-            Ok(e) => dispatch(st, ctx, h, &e).await,
+            Ok(e) => dispatch(&svc, ctx, h, &e).await,
             Err(err) => response_entry_for(err.into_response()).await,
         });
     }
@@ -656,13 +662,9 @@ async fn run_transaction(
                 }
                 claim(idx, &rtype, &id)?;
                 let if_match = match &e.if_match {
-                    Some(m) => {
-                        let m = m.trim();
-                        let m = m.strip_prefix("W/").unwrap_or(m).trim_matches('"');
-                        Some(VersionId::parse(m).ok_or_else(|| {
-                            entry_error(idx, "ifMatch must be an ETag such as W/\"3\"")
-                        })?)
-                    }
+                    Some(m) => Some(fhir_api::parse_etag(m).ok_or_else(|| {
+                        entry_error(idx, "ifMatch must be an ETag such as W/\"3\"")
+                    })?),
                     None => None,
                 };
                 let cur = st.repo.current_row(&rtype, &id).await?;
@@ -765,6 +767,7 @@ async fn run_transaction(
 
     // 5. Responses in the Bundle's order; GETs run now.
     let minimal = prefer(h).ret.as_deref() == Some("minimal");
+    let svc = entry_router(st);
     let mut out = Vec::with_capacity(n);
     for (i, e) in entries.iter().enumerate() {
         let entry = match &outcomes[i] {
@@ -783,7 +786,7 @@ async fn run_transaction(
             Some(Outcome::NothingDeleted) => {
                 json!({"response": {"status": status_line(StatusCode::NO_CONTENT)}})
             }
-            Some(Outcome::Get) | None => dispatch(st, ctx, h, e).await,
+            Some(Outcome::Get) | None => dispatch(&svc, ctx, h, e).await,
         };
         out.push(entry);
     }

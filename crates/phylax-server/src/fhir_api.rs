@@ -185,12 +185,16 @@ fn parse_if_match(h: &HeaderMap) -> Result<Option<VersionId>, ApiError> {
     };
     let s = v
         .to_str()
-        .map_err(|_| ApiError::bad_request("malformed If-Match"))?
-        .trim();
-    let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
-    VersionId::parse(s)
+        .map_err(|_| ApiError::bad_request("malformed If-Match"))?;
+    parse_etag(s)
         .map(Some)
         .ok_or_else(|| ApiError::bad_request("If-Match must be an ETag such as W/\"3\""))
+}
+
+/// The version an ETag names (`W/"3"`, `"3"` or `3`).
+pub(crate) fn parse_etag(s: &str) -> Option<VersionId> {
+    let s = s.trim();
+    VersionId::parse(s.strip_prefix("W/").unwrap_or(s).trim_matches('"'))
 }
 
 // ---------------------------------------------------------------- outputs
@@ -271,6 +275,18 @@ fn read_response(st: &AppState, v: &ResourceVersion) -> Response {
     };
     version_headers(&mut r, st, v, false);
     r
+}
+
+/// A Bundle of results (`searchset` or `history`).
+fn bundle(kind: &str, links: Vec<Value>, entries: Vec<Value>) -> Value {
+    json!({
+        "resourceType": "Bundle",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "meta": {"lastUpdated": format_instant(crate::now_ms())},
+        "type": kind,
+        "link": links,
+        "entry": entries,
+    })
 }
 
 // ---------------------------------------------------------------- cursors
@@ -615,15 +631,10 @@ async fn history(
             e
         })
         .collect();
-    let bundle = json!({
-        "resourceType": "Bundle",
-        "id": uuid::Uuid::new_v4().to_string(),
-        "meta": {"lastUpdated": format_instant(crate::now_ms())},
-        "type": "history",
-        "link": links,
-        "entry": entries,
-    });
-    Ok(fhir_json(StatusCode::OK, &bundle))
+    Ok(fhir_json(
+        StatusCode::OK,
+        &bundle("history", links, entries),
+    ))
 }
 
 pub async fn history_instance(
@@ -1147,6 +1158,9 @@ async fn included(
 /// Most resources the inner search of a chain or `_has` may match.
 const MAX_CHAIN: u32 = 1000;
 
+/// Most chained or `_has` parameters in one search (each runs a search).
+const MAX_CHAINS: usize = 8;
+
 /// The inner search of a chain or `_has`: the caller must be allowed to
 /// search its type (else a chain would reveal what it may not see); its
 /// parameters must all be understood; it may match at most `MAX_CHAIN`.
@@ -1205,6 +1219,15 @@ async fn resolve_chains(
     let mut plain = Vec::new();
     let mut groups = Vec::new();
     let shown = |n: &str| n.chars().take(64).collect::<String>();
+    let chains = params
+        .iter()
+        .filter(|(n, _)| n.starts_with("_has:") || n.contains('.'))
+        .count();
+    if chains > MAX_CHAINS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_CHAINS} chained or _has parameters per search"
+        )));
+    }
     for (name, value) in params {
         if let Some(rest) = name.strip_prefix("_has:") {
             // _has:Type:refParam:innerParam
@@ -1621,14 +1644,7 @@ async fn search(
         };
         entries.push(json!({"resource": oo.to_json(None), "search": {"mode": "outcome"}}));
     }
-    let mut bundle = json!({
-        "resourceType": "Bundle",
-        "id": uuid::Uuid::new_v4().to_string(),
-        "meta": {"lastUpdated": format_instant(crate::now_ms())},
-        "type": "searchset",
-        "link": links,
-        "entry": entries,
-    });
+    let mut bundle = bundle("searchset", links, entries);
     if control.total || control.summary == Some(Summary::Count) {
         let total = match known_total {
             Some(n) => n,
@@ -1944,15 +1960,10 @@ async fn everything(
                 .filter_map(|v| entry(v, "match"))
                 .chain(referenced.iter().filter_map(|v| entry(v, "include")))
                 .collect();
-            let bundle = json!({
-                "resourceType": "Bundle",
-                "id": uuid::Uuid::new_v4().to_string(),
-                "meta": {"lastUpdated": format_instant(crate::now_ms())},
-                "type": "searchset",
-                "link": links,
-                "entry": entries,
-            });
-            Ok(fhir_json(StatusCode::OK, &bundle))
+            Ok(fhir_json(
+                StatusCode::OK,
+                &bundle("searchset", links, entries),
+            ))
         },
     )
     .await

@@ -152,35 +152,25 @@ where
         .ok()
         .and_then(|r| r.extensions().get::<AuditRef>())
         .map(|a| a.0.clone());
-    let (agent, token_id) = match &ctx.principal {
-        Principal::Client {
-            client_id,
-            token_id,
-            ..
-        } => (client_id.clone(), token_id.clone()),
+    // A requested id is recorded only when the resource was found to
+    // exist: a failed request's id is client-chosen text and may be
+    // anything, including a name typed into a URL.
+    let resource_id = if matches!(status, 200..=299 | 410 | 412) {
+        id.map(str::to_owned).or(learned_id)
+    } else {
+        None
     };
-    let rec = AuditRecord {
-        request_id: ctx.request_id.clone(),
-        time_ms: crate::now_ms(),
-        agent,
-        token_id,
-        peer: ctx.peer,
-        interaction: what.as_str(),
-        resource_type: rtype.map(ResourceType::as_str),
-        // A requested id is recorded only when the resource was found to
-        // exist: a failed request's id is client-chosen text and may be
-        // anything, including a name typed into a URL.
-        resource_id: if matches!(status, 200..=299 | 410 | 412) {
-            id.map(str::to_owned).or(learned_id)
-        } else {
-            None
-        },
+    if let Err(e) = record(
+        st,
+        ctx,
+        what.as_str(),
+        rtype.map(ResourceType::as_str),
+        resource_id,
         status,
         denied_by,
-    };
-    if let Err(e) = st.audit.record(&rec) {
+    ) {
         // Fail closed: whatever the work produced is dropped unsent.
-        return ApiError::Unavailable(e.to_string()).into_response();
+        return e.into_response();
     }
     match result {
         Ok(r) => r,

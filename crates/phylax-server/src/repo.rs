@@ -92,6 +92,15 @@ pub enum RepoError {
     Key(#[from] KeyError),
 }
 
+/// A failed write: a lost precondition is a conflict, anything else the
+/// store's error.
+fn write_error(e: StoreError) -> RepoError {
+    match e {
+        StoreError::Conflict => RepoError::Conflict,
+        o => RepoError::Store(o),
+    }
+}
+
 pub fn format_instant(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
@@ -284,10 +293,7 @@ impl Repo {
             .store
             .append_versions(batch)
             .await
-            .map_err(|e| match e {
-                StoreError::Conflict => RepoError::Conflict,
-                o => RepoError::Store(o),
-            })?;
+            .map_err(write_error)?;
         Ok(outs
             .into_iter()
             .zip(seqs)
@@ -316,14 +322,16 @@ impl Repo {
         pre: Precondition,
     ) -> Result<ResourceVersion, RepoError> {
         let w = self.plan_put(rtype, id, version, body, pre).await?;
+        self.append(w).await
+    }
+
+    /// Write one planned version on its own.
+    async fn append(&self, w: PlannedWrite) -> Result<ResourceVersion, RepoError> {
         let seq = self
             .store
             .append_version(w.new, w.pre)
             .await
-            .map_err(|e| match e {
-                StoreError::Conflict => RepoError::Conflict,
-                o => RepoError::Store(o),
-            })?;
+            .map_err(write_error)?;
         Ok(ResourceVersion { seq, ..w.out })
     }
 
@@ -437,38 +445,10 @@ impl Repo {
             if cur.deleted {
                 return Ok(None);
             }
-            let version = cur.version + 1;
-            let now = crate::now_ms();
-            let r = self
-                .store
-                .append_version(
-                    NewVersion {
-                        rtype: rtype.as_str().to_owned(),
-                        id: id.as_str().to_owned(),
-                        version,
-                        last_updated: now,
-                        deleted: true,
-                        key_scope: cur.key_scope.clone(),
-                        sealed: None,
-                        index: Vec::new(),
-                    },
-                    Precondition::CurrentIs(cur.version),
-                )
-                .await;
-            match r {
-                Ok(seq) => {
-                    return Ok(Some(ResourceVersion {
-                        seq,
-                        rtype: rtype.clone(),
-                        id: id.clone(),
-                        version: VersionId::new(version).ok_or(RepoError::Conflict)?,
-                        last_updated: now,
-                        deleted: true,
-                        body: None,
-                    }))
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(e.into()),
+            match self.append(self.plan_delete(rtype, id, &cur)?).await {
+                Ok(v) => return Ok(Some(v)),
+                Err(RepoError::Conflict) => continue,
+                Err(e) => return Err(e),
             }
         }
         Err(RepoError::Conflict)

@@ -580,8 +580,13 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
     let (st, b) = get(s, &tok, "/Patient?_count=999999999").await;
     assert_eq!(st, 200);
     assert_eq!(b["entry"].as_array().unwrap().len(), 7);
-    // Composite parameters are not supported yet: reported, not guessed.
-    let (_, b) = get(s, &tok, "/Observation?code-value-quantity=x$1").await;
+    // Three-component composites are not supported: reported, not guessed.
+    let (_, b) = get(
+        s,
+        &tok,
+        "/MolecularSequence?chromosome-window-coordinate=1$lt22$gt5",
+    )
+    .await;
     assert_eq!(
         b["entry"].as_array().unwrap().last().unwrap()["search"]["mode"],
         "outcome"
@@ -1424,6 +1429,8 @@ async fn chaining_and_reverse_chaining(s: &TestServer) {
     ] {
         assert_eq!(get(s, &tok, q).await.0, want, "{q}");
     }
+    let many = ["subject.name=x"; 9].join("&");
+    assert_eq!(get(s, &tok, &format!("/Observation?{many}")).await.0, 400);
     // A chain through a type the caller may not search: 403, and an
     // unnamed target it may not search is skipped.
     let narrow = s.token("system/Observation.rs").await;

@@ -65,6 +65,11 @@ struct Args {
     /// Concurrent transactions while loading.
     #[arg(long, default_value_t = 8)]
     load_concurrency: usize,
+    /// Seconds to wait after loading before measuring, so that background
+    /// work the load set off (PostgreSQL's autovacuum, a WAL checkpoint)
+    /// does not land inside the first measurement.
+    #[arg(long, default_value_t = 0)]
+    settle: u64,
 }
 
 struct Env {
@@ -499,6 +504,7 @@ async fn main() -> Result<()> {
         )
         .await?;
         ingest = Some((resources, t.elapsed().as_secs_f64()));
+        tokio::time::sleep(Duration::from_secs(args.settle)).await;
         env.refresh().await?;
         s
     } else {

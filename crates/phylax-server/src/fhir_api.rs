@@ -981,6 +981,24 @@ pub async fn conditional_delete(
     .await)
 }
 
+/// The resource a reference names on this server (`Type/id` or
+/// `Type/id/_history/v`, or the same as an absolute URL under our base);
+/// `None` for contained, external or malformed references.
+fn local_target(st: &AppState, r: &str) -> Option<(ResourceType, ResourceId)> {
+    let r = r
+        .strip_prefix(st.fhir_base.as_str())
+        .and_then(|x| x.strip_prefix('/'))
+        .unwrap_or(r);
+    let mut parts = r.split('/');
+    let (t, id) = (parts.next()?, parts.next()?);
+    match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) | (Some("_history"), Some(_), None) => {
+            Some((ResourceType::parse(t)?, ResourceId::parse(id)?))
+        }
+        _ => None,
+    }
+}
+
 /// Most resources `_include`/`_revinclude` add to one page.
 const MAX_INCLUDED: usize = 1000;
 
@@ -1087,15 +1105,7 @@ async fn included(
                         if code != param {
                             continue;
                         }
-                        let r = r
-                            .strip_prefix(&format!("{}/", st.fhir_base))
-                            .unwrap_or(&r)
-                            .to_owned();
-                        let mut parts = r.split('/');
-                        let (Some(t), Some(id)) = (
-                            parts.next().and_then(ResourceType::parse),
-                            parts.next().and_then(ResourceId::parse),
-                        ) else {
+                        let Some((t, id)) = local_target(st, &r) else {
                             continue;
                         };
                         if target.as_ref().is_some_and(|tt| tt != &t)
@@ -1258,7 +1268,6 @@ async fn resolve_chains(
             let rows =
                 inner_search(st, ctx, &inner_type, &[(inner.to_owned(), value.clone())]).await?;
             let mut ids = std::collections::BTreeSet::new();
-            let prefix = format!("{}/", st.fhir_base);
             for v in &rows {
                 let Some(b) = &v.body else { continue };
                 for (code, val) in phylax_fhir::search::extract(&inner_type, b.json()) {
@@ -1266,10 +1275,9 @@ async fn resolve_chains(
                         continue;
                     }
                     if let phylax_fhir::search::SearchValue::Reference(r) = val {
-                        let r = r.strip_prefix(&prefix).unwrap_or(&r);
-                        if let Some((t, id)) = r.split_once('/') {
-                            if t == rtype.as_str() && phylax_fhir::ids::is_valid_id(id) {
-                                ids.insert(id.to_owned());
+                        if let Some((t, id)) = local_target(st, &r) {
+                            if &t == rtype {
+                                ids.insert(id.to_string());
                             }
                         }
                     }
@@ -1909,16 +1917,7 @@ async fn everything(
                 }
             }
             for r in refs {
-                let r = r
-                    .strip_prefix(&format!("{}/", st.fhir_base))
-                    .unwrap_or(&r)
-                    .to_owned();
-                let mut parts = r.split('/');
-                let (Some(t), Some(rid), None) = (
-                    parts.next().and_then(ResourceType::parse),
-                    parts.next().and_then(ResourceId::parse),
-                    parts.next(),
-                ) else {
+                let Some((t, rid)) = local_target(&st, &r) else {
                     continue;
                 };
                 if !defs.compartment_params(t.as_str()).is_empty()

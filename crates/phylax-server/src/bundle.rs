@@ -8,7 +8,7 @@
 //! operations and references (`Patient?identifier=…`) are resolved, and
 //! every reference to an entry's `fullUrl` (`urn:uuid:…`) is rewritten to
 //! the id it received. Only then are the resources sealed, and every write
-//! is committed in **one database transaction** ([`Repo::commit`]): when any
+//! is committed in **one database transaction** ([`crate::repo::Repo::commit`]): when any
 //! entry fails, or a concurrent writer moved a resource in between (409),
 //! nothing is stored. GET entries run after the commit.
 //!

@@ -132,7 +132,7 @@ impl AppState {
 /// request extensions: the token middleware attaches it, and batch
 /// entries reuse their Bundle's.
 pub fn fhir_routes() -> Router<Arc<AppState>> {
-    use crate::{bundle, fhir_api};
+    use crate::{bundle, fhir_api, search_api};
     Router::new()
         .route("/fhir", post(bundle::system_post))
         // Clients commonly post Bundles to the base with a trailing slash.
@@ -140,13 +140,13 @@ pub fn fhir_routes() -> Router<Arc<AppState>> {
         .route("/fhir/_history", get(fhir_api::history_system))
         .route(
             "/fhir/{rtype}",
-            get(fhir_api::search_type)
+            get(search_api::search_type)
                 .post(fhir_api::create)
                 .put(fhir_api::conditional_update)
                 .delete(fhir_api::conditional_delete),
         )
         .route("/fhir/{rtype}/_history", get(fhir_api::history_type))
-        .route("/fhir/{rtype}/_search", post(fhir_api::search_post))
+        .route("/fhir/{rtype}/_search", post(search_api::search_post))
         .route(
             "/fhir/{rtype}/{id}",
             get(fhir_api::read)
@@ -160,7 +160,7 @@ pub fn fhir_routes() -> Router<Arc<AppState>> {
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir_api::vread))
         .route(
             "/fhir/{rtype}/{id}/{ctype}",
-            get(fhir_api::compartment_search),
+            get(search_api::compartment_search),
         )
 }
 

@@ -15,7 +15,9 @@
 //!   record of what happened.
 //! - [`error`]: `ApiError` → HTTP status + OperationOutcome with the request
 //!   id; causes are logged once, server-side.
-//! - [`fhir_api`], [`auth_api`], [`capability`]: the HTTP handlers.
+//! - [`fhir_api`] (REST interactions), [`search_api`] (search,
+//!   compartments, `$everything`), [`bundle`] (batch and transaction),
+//!   [`auth_api`], [`capability`]: the HTTP handlers.
 //! - [`http`]: router and middleware (request ids, security headers, CORS).
 //! - [`logging`]: the log filter, with PHI-prone dependency targets capped.
 //! - [`tls`]: rustls configuration and certificate generation; the accept loop.
@@ -33,6 +35,7 @@ pub mod logging;
 pub mod pipeline;
 pub mod repo;
 pub mod search;
+pub mod search_api;
 pub mod tls;
 
 pub use instance::{InitOptions, Instance};

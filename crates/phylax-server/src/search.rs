@@ -98,6 +98,48 @@ const COMPOSED: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// Parameters whose expression (or composite context) is exactly the union
+/// of two others': they get no index entries of their own, and a search on
+/// one is the OR of searches on its parts (the same answers; an
+/// Observation without components has a third fewer entries). A test
+/// checks each against the definitions.
+const UNIONS: &[(&str, &str, [&str; 2])] = &[
+    ("Observation", "combo-code", ["code", "component-code"]),
+    (
+        "Observation",
+        "combo-code-value-concept",
+        ["code-value-concept", "component-code-value-concept"],
+    ),
+    (
+        "Observation",
+        "combo-code-value-quantity",
+        ["code-value-quantity", "component-code-value-quantity"],
+    ),
+    (
+        "Observation",
+        "combo-data-absent-reason",
+        ["data-absent-reason", "component-data-absent-reason"],
+    ),
+    (
+        "Observation",
+        "combo-value-concept",
+        ["value-concept", "component-value-concept"],
+    ),
+    (
+        "Observation",
+        "combo-value-quantity",
+        ["value-quantity", "component-value-quantity"],
+    ),
+];
+
+/// The parts of a union parameter (see [`UNIONS`]).
+fn union_parts(rtype: &ResourceType, code: &str) -> Option<[&'static str; 2]> {
+    UNIONS
+        .iter()
+        .find(|(t, c, _)| *t == rtype.as_str() && *c == code)
+        .map(|(_, _, parts)| *parts)
+}
+
 /// The indexable component parameters of `code` on `rtype`.
 fn components(rtype: &ResourceType, code: &str) -> Vec<&'static str> {
     let defs = fs::params(rtype);
@@ -142,6 +184,9 @@ fn composite_rows(
     rows: &mut Vec<IndexRow>,
 ) {
     for (code, first, second) in fs::extract_composites(rtype, resource) {
+        if union_parts(rtype, code).is_some() {
+            continue;
+        }
         let SearchValue::Token {
             system,
             code: Some(c1),
@@ -204,6 +249,9 @@ pub fn index_rows(
         }
     }
     for (code, v) in values {
+        if union_parts(rtype, code).is_some() {
+            continue;
+        }
         let covered = |exact: &str| {
             components(rtype, code)
                 .iter()
@@ -564,6 +612,35 @@ pub fn parse(
             None => (name.as_str(), None),
         };
         let shown: String = name.chars().take(64).collect();
+        if let Some(parts) = union_parts(rtype, code) {
+            // The same search on each part: OR; but "has no such value"
+            // (`:not`, `:missing=true`) must hold for both parts: AND.
+            let mut sub = Vec::new();
+            for part in parts {
+                let n = match modifier {
+                    Some(m) => format!("{part}:{m}"),
+                    None => part.to_owned(),
+                };
+                sub.push(parse(key, fhir_base, rtype, &[(n, value.clone())])?);
+            }
+            if modifier == Some("not") || (modifier == Some("missing") && value == "true") {
+                and.extend(sub.into_iter().flat_map(|p| p.and));
+            } else {
+                let mut group = Vec::new();
+                for p in sub {
+                    match <[Vec<Cond>; 1]>::try_from(p.and) {
+                        Ok([g]) => group.extend(g),
+                        Err(_) => {
+                            return Err(unsupported(format!(
+                                "{shown}: this modifier is not supported here"
+                            )))
+                        }
+                    }
+                }
+                and.push(group);
+            }
+            continue;
+        }
         if code == "_id" && modifier.is_none() {
             let ids = split_values(value);
             if ids.len() > MAX_VALUES {
@@ -882,5 +959,48 @@ mod tests {
         let p: Vec<&str> = prefixes("éa").collect();
         assert_eq!(p, vec!["é", "éa"]);
         assert_eq!(prefixes(&"x".repeat(200)).count(), MAX_PREFIX);
+    }
+}
+
+#[cfg(test)]
+mod union_tests {
+    use super::*;
+
+    /// Each union parameter's expression is exactly its parts' expressions
+    /// joined (or, for composites, the contexts joined with the same
+    /// components), so skipping its entries loses no answer.
+    #[test]
+    fn unions_are_exact_unions_in_the_definitions() {
+        let defs = phylax_fhir::defs::definitions();
+        for (t, code, parts) in UNIONS {
+            let expr = |c: &str| {
+                defs.search_params(t)
+                    .iter()
+                    .find(|p| p.code == c)
+                    .and_then(|p| p.expression.clone())
+            };
+            let composite = |c: &str| {
+                defs.composites(t)
+                    .find(|(k, _)| *k == c)
+                    .map(|(_, d)| d.clone())
+            };
+            match composite(code) {
+                Some(whole) => {
+                    let [a, b] = parts.map(|p| composite(p).unwrap_or_else(|| panic!("{p}")));
+                    assert_eq!(a.components, whole.components, "{code}");
+                    assert_eq!(b.components, whole.components, "{code}");
+                    assert_eq!(
+                        format!("{} | {}", a.expression, b.expression),
+                        whole.expression,
+                        "{code}"
+                    );
+                }
+                None => {
+                    let whole = expr(code).unwrap_or_else(|| panic!("{code}"));
+                    let [a, b] = parts.map(|p| expr(p).unwrap_or_else(|| panic!("{p}")));
+                    assert_eq!(format!("{a} | {b}"), whole, "{code}");
+                }
+            }
+        }
     }
 }

@@ -1546,6 +1546,33 @@ async fn composite_parameters_pair_values_from_the_same_element(s: &TestServer) 
         ids(s, &tok, "/Observation?code-value-concept=72166-2$8517006").await,
         none
     );
+    // combo-* parameters are answered from their parts (no entries of
+    // their own): the observation's own values or a component's.
+    assert_eq!(
+        ids(s, &tok, "/Observation?combo-code=8480-6,29463-7").await,
+        sorted(vec![&bp, &weight])
+    );
+    assert_eq!(
+        ids(s, &tok, "/Observation?combo-value-quantity=gt100").await,
+        vec![bp.clone()]
+    );
+    assert_eq!(
+        ids(s, &tok, "/Observation?combo-code:missing=true").await,
+        none
+    );
+    assert_eq!(
+        ids(s, &tok, "/Observation?combo-value-quantity:missing=true").await,
+        vec![smoker.clone()]
+    );
+    assert_eq!(
+        ids(s, &tok, "/Observation?combo-code:not=29463-7").await,
+        sorted(vec![&bp, &smoker]),
+        ":not holds for the observation's code and every component's"
+    );
+    assert_eq!(
+        ids(s, &tok, "/Observation?combo-code:not=8480-6").await,
+        sorted(vec![&weight, &smoker])
+    );
     // Malformed composite values: a clear 400.
     for q in [
         "/Observation?code-value-quantity=29463-7",

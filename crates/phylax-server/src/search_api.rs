@@ -30,11 +30,27 @@ use std::sync::Arc;
 /// or foreign cursor fails to open. They expire after an hour.
 const CURSOR_TTL_MS: i64 = 3_600_000;
 
+/// Positions of earlier pages a cursor remembers, for `previous` links.
+const MAX_BACK: usize = 200;
+
+/// A page position: the keyset bound (`seq` before which rows are listed)
+/// or, for sorted searches, the offset; `FIRST_PAGE` for the first page.
+const FIRST_PAGE: i64 = -1;
+
+/// An opened search cursor: the parameters, this page's position, and the
+/// positions of the pages before it (most recent last).
+struct Cursor {
+    params: Vec<(String, String)>,
+    at: i64,
+    back: Vec<i64>,
+}
+
 async fn seal_search_cursor(
     st: &AppState,
     rtype: &str,
     params: &[(String, String)],
     before: i64,
+    back: &[i64],
 ) -> Result<String, ApiError> {
     let key = st
         .repo
@@ -42,7 +58,9 @@ async fn seal_search_cursor(
         .for_write("cursor")
         .await
         .map_err(crate::repo::RepoError::from)?;
-    let body = json!({"p": params, "b": before, "e": crate::now_ms() + CURSOR_TTL_MS}).to_string();
+    let back = &back[back.len().saturating_sub(MAX_BACK)..];
+    let body = json!({"p": params, "b": before, "s": back, "e": crate::now_ms() + CURSOR_TTL_MS})
+        .to_string();
     let sealed = key
         .seal(
             format!("phylax/search-cursor/v1\0{rtype}").as_bytes(),
@@ -52,11 +70,7 @@ async fn seal_search_cursor(
     Ok(URL_SAFE_NO_PAD.encode(sealed))
 }
 
-async fn open_search_cursor(
-    st: &AppState,
-    rtype: &str,
-    cursor: &str,
-) -> Result<(Vec<(String, String)>, i64), ApiError> {
+async fn open_search_cursor(st: &AppState, rtype: &str, cursor: &str) -> Result<Cursor, ApiError> {
     let bad = || ApiError::bad_request("invalid, expired or tampered paging cursor");
     let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
     let key = st
@@ -83,7 +97,19 @@ async fn open_search_cursor(
             ))
         })
         .collect();
-    Ok((params, v["b"].as_i64().ok_or_else(bad)?))
+    let back = match v.get("s").and_then(Value::as_array) {
+        Some(a) => a
+            .iter()
+            .map(Value::as_i64)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(bad)?,
+        None => Vec::new(),
+    };
+    Ok(Cursor {
+        params,
+        at: v["b"].as_i64().ok_or_else(bad)?,
+        back,
+    })
 }
 
 /// The resource a reference names on this server (`Type/id` or
@@ -618,10 +644,12 @@ async fn search(
     let q = Query(params.clone());
     check_accept(h, &q)?;
     let mut before = None;
+    let mut back: Option<Vec<i64>> = None;
     if let Some(c) = q.get("_cursor") {
-        let (p, b) = open_search_cursor(st, rtype.as_str(), c).await?;
-        params = p;
-        before = Some(b);
+        let cur = open_search_cursor(st, rtype.as_str(), c).await?;
+        params = cur.params;
+        before = (cur.at != FIRST_PAGE).then_some(cur.at);
+        back = Some(cur.back);
     }
     let q = Query(params.clone());
     let count = page_size(st, &q)?;
@@ -719,8 +747,18 @@ async fn search(
         json!({"relation": "self", "url": if self_q.is_empty() { url.clone() } else { format!("{url}?{self_q}") }}),
     ];
     if let Some(mark) = next_mark {
-        let c = seal_search_cursor(st, rtype.as_str(), &shown, mark).await?;
+        let mut trail = back.clone().unwrap_or_default();
+        trail.push(before.unwrap_or(FIRST_PAGE));
+        let c = seal_search_cursor(st, rtype.as_str(), &shown, mark, &trail).await?;
         links.push(json!({"relation": "next", "url": format!("{url}?_cursor={c}")}));
+    }
+    // Not on the first page: `previous` reopens the page before, from the
+    // positions the cursor remembers.
+    if let Some(mut trail) = back {
+        if let Some(prev) = trail.pop() {
+            let c = seal_search_cursor(st, rtype.as_str(), &shown, prev, &trail).await?;
+            links.push(json!({"relation": "previous", "url": format!("{url}?_cursor={c}")}));
+        }
     }
     let mut entries: Vec<Value> = rows
         .iter()
@@ -906,7 +944,8 @@ async fn everything(
             st.repo.read(&patient_type, &pid).await?;
             let (params, mut ti, mut before) = match q.get("_cursor") {
                 Some(c) => {
-                    let (p, b) = open_search_cursor(&st, EVERYTHING_CURSOR, c).await?;
+                    let cur = open_search_cursor(&st, EVERYTHING_CURSOR, c).await?;
+                    let (p, b) = (cur.params, cur.at);
                     let pos = |k: &str| {
                         p.iter()
                             .find(|(n, _)| n == k)
@@ -1047,7 +1086,7 @@ async fn everything(
                 p.retain(|(k, _)| k != "_cursor");
                 p.push(("_patient".into(), pid.to_string()));
                 p.push(("_ti".into(), nti.to_string()));
-                let c = seal_search_cursor(&st, EVERYTHING_CURSOR, &p, nb).await?;
+                let c = seal_search_cursor(&st, EVERYTHING_CURSOR, &p, nb, &[]).await?;
                 links.push(json!({"relation": "next", "url": format!("{url}?_cursor={c}")}));
             }
             let entry = |v: &ResourceVersion, mode: &str| {

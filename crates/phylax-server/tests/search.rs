@@ -1600,3 +1600,61 @@ async fn composite_parameters_pair_values_from_the_same_element(s: &TestServer) 
     assert!(params("Observation").contains(&"component-code-value-quantity".to_string()));
     assert!(!params("MolecularSequence").contains(&"chromosome-window-coordinate".to_string()));
 }
+
+both!(previous_links_walk_back_through_the_same_pages);
+async fn previous_links_walk_back_through_the_same_pages(s: &TestServer) {
+    let tok = s.token("system/*.cruds").await;
+    for i in 0..7 {
+        create(
+            s,
+            &tok,
+            json!({"resourceType":"Patient","active":true,"birthDate":format!("19{}0-01-01", 2 + i)}),
+        )
+        .await;
+    }
+    let link = |b: &Value, rel: &str| -> Option<String> {
+        b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == rel)
+            .map(|l| l["url"].as_str().unwrap().to_owned())
+    };
+    let page_ids = |b: &Value| -> Vec<String> {
+        b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let tok = &tok;
+    let fetch = |url: String| async move {
+        let r = s.http.get(url).bearer_auth(tok).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()
+    };
+    for first in [
+        "/Patient?active=true&_count=2",
+        "/Patient?active=true&_count=2&_sort=birthdate",
+    ] {
+        let mut b = fetch(s.url(first)).await;
+        assert!(link(&b, "previous").is_none(), "no previous on page one");
+        let mut forward = vec![page_ids(&b)];
+        while let Some(next) = link(&b, "next") {
+            b = fetch(next).await;
+            forward.push(page_ids(&b));
+        }
+        assert_eq!(forward.len(), 4, "{first}");
+        let mut backward = vec![page_ids(&b)];
+        while let Some(prev) = link(&b, "previous") {
+            assert!(!prev.contains("active"), "no search term in the link");
+            b = fetch(prev).await;
+            backward.push(page_ids(&b));
+        }
+        backward.reverse();
+        assert_eq!(backward, forward, "{first}: previous retraces next");
+        // Back on page one: a next link again, no previous.
+        assert!(link(&b, "next").is_some() && link(&b, "previous").is_none());
+    }
+}

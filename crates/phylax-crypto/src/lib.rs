@@ -12,16 +12,23 @@
 //!   stored in plaintext.
 //! - [`mac`]: HMAC-SHA-256 keys for tokens and tamper-proof cursors, with
 //!   constant-time verification.
+//! - [`password`]: Argon2id password hashes (PHC strings, OWASP minimum
+//!   enforced, upgrade on sign-in, equal cost for unknown users).
+//! - [`totp`]: RFC 6238 one-time passwords with a ±1 step window and the
+//!   matched step returned for replay refusal.
 //! - [`secret`]: a zeroizing byte container with a redacted `Debug`.
 //!
-//! Primitives come from `ring` (audited, AES-NI accelerated); nothing here
+//! Primitives come from `ring` (audited, AES-NI accelerated) and the
+//! RustCrypto `argon2` crate; nothing here
 //! implements a primitive itself.
 
 pub mod blind;
 pub mod datakey;
 pub mod kek;
 pub mod mac;
+pub mod password;
 pub mod secret;
+pub mod totp;
 
 pub use blind::BlindIndexKey;
 pub use datakey::DataKey;
@@ -43,6 +50,8 @@ pub enum CryptoError {
     MalformedKey,
     #[error("decryption failed: wrong key, or the data was altered or moved")]
     Decrypt,
+    #[error("password hashing parameters below the OWASP minimum or out of range")]
+    WeakParameters,
     #[error("the system random number generator failed")]
     Random,
 }

@@ -182,6 +182,9 @@ async fn setup(
             jwks: key.jwks.clone(),
             disabled: false,
             created_at: 0,
+            redirect_uris: vec![],
+            public: false,
+            first_party: false,
         })
         .await?;
     let st = AppState::new(inst, None)

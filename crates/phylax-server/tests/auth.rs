@@ -369,6 +369,9 @@ async fn rs384_clients_work_end_to_end() {
             jwks: jwks.to_string(),
             disabled: false,
             created_at: 0,
+            redirect_uris: vec![],
+            public: false,
+            first_party: false,
         })
         .await
         .unwrap();

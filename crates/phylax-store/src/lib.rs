@@ -121,10 +121,80 @@ pub struct ClientRecord {
     pub id: String,
     pub name: String,
     pub scope: String,
-    /// The client's public JWKS, as JSON text.
+    /// The client's public JWKS, as JSON text (empty for public clients).
     pub jwks: String,
     pub disabled: bool,
     pub created_at: i64,
+    /// Exact redirect URIs for the authorization-code flow (none for
+    /// Backend Services clients).
+    pub redirect_uris: Vec<String>,
+    /// A public client (no credentials; PKCE is its only protection).
+    pub public: bool,
+    /// Operated by the same organisation as Phylax: users are not asked to
+    /// consent to its scopes.
+    pub first_party: bool,
+}
+
+/// A user account. Everything identifying or secret (the username, the
+/// password hash, the TOTP secret, recovery code hashes, the patient link)
+/// is inside `sealed`; the store sees a keyed hash of the username for
+/// lookups and the non-identifying role and status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// Random, stable, not derived from the username.
+    pub id: String,
+    /// Keyed blind hash of the normalised username (unique).
+    pub username_hash: Vec<u8>,
+    pub role: String,
+    /// `active`, `disabled` or `locked`.
+    pub status: String,
+    /// Sealed account details (JSON), bound to the user id.
+    pub sealed: Vec<u8>,
+    /// Incremented by every update; updates name the revision they read.
+    pub rev: i64,
+    pub created_at: i64,
+}
+
+/// A short-lived bearer grant: an authorization code, a sign-in session, a
+/// refresh token, or a sign-in in progress. Only a keyed hash of the bearer
+/// secret is stored, so a database reader cannot use one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRecord {
+    /// `code`, `session`, `refresh`, `pending`…
+    pub kind: String,
+    pub key_hash: Vec<u8>,
+    /// Grants that live and die together (a refresh-token rotation chain,
+    /// a session's codes and tokens).
+    pub family: String,
+    pub user_id: String,
+    /// Sealed details (JSON).
+    pub sealed: Vec<u8>,
+    /// Seconds since the epoch; an expired grant is as good as absent.
+    pub expires_at: i64,
+    /// When the grant was consumed, for single-use kinds.
+    pub used_at: Option<i64>,
+}
+
+/// The result of consuming a single-use grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantUse {
+    /// First use; it is now marked used.
+    Fresh(GrantRecord),
+    /// It had been used before (a replay): the record as it was.
+    Reused(GrantRecord),
+    /// No such grant, or expired.
+    Missing,
+}
+
+/// A revocation every node must learn about within seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// Increasing; nodes poll for entries after the last one they saw.
+    pub seq: i64,
+    /// `user` (every token issued to the user before `at`) or `family`.
+    pub kind: String,
+    pub key: String,
+    pub at: i64,
 }
 
 /// The storage interface. All methods are durable when they return `Ok`.
@@ -190,12 +260,55 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Returns false if no such client.
     async fn set_client_disabled(&self, id: &str, disabled: bool) -> Result<bool>;
 
+    /// Create a user. `Duplicate` if the username hash or id exists.
+    async fn add_user(&self, u: &UserRecord) -> Result<()>;
+    async fn get_user(&self, id: &str) -> Result<Option<UserRecord>>;
+    async fn find_user(&self, username_hash: &[u8]) -> Result<Option<UserRecord>>;
+    async fn list_users(&self) -> Result<Vec<UserRecord>>;
+    /// Replace a user's role, status and sealed details if its revision is
+    /// still `u.rev` (compare-and-swap); the stored revision becomes
+    /// `u.rev + 1`. Returns false if the user changed meanwhile (or is gone):
+    /// re-read and retry. This is what makes a TOTP step or a recovery code
+    /// usable once even when two nodes race.
+    async fn update_user(&self, u: &UserRecord) -> Result<bool>;
+
+    /// Store a grant (purging ones expired before `now` opportunistically).
+    /// `Duplicate` if the key hash exists.
+    async fn put_grant(&self, g: &GrantRecord, now: i64) -> Result<()>;
+    /// A grant that has not expired at `now`.
+    async fn get_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<Option<GrantRecord>>;
+    /// Atomically mark a single-use grant used.
+    async fn use_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<GrantUse>;
+    /// Move an unexpired grant's expiry (a session's idle timeout).
+    async fn touch_grant(&self, kind: &str, key_hash: &[u8], expires_at: i64) -> Result<()>;
+    /// Delete one grant. Returns whether it existed.
+    async fn delete_grant(&self, kind: &str, key_hash: &[u8]) -> Result<bool>;
+    /// Delete every grant of a family. Returns how many.
+    async fn delete_family(&self, family: &str) -> Result<u64>;
+    /// Delete every grant of a user. Returns how many.
+    async fn delete_user_grants(&self, user_id: &str) -> Result<u64>;
+
+    /// Publish a revocation; returns its sequence number.
+    async fn add_revocation(&self, kind: &str, key: &str, at: i64) -> Result<i64>;
+    /// Revocations with `seq > after`, oldest first, and none older than
+    /// `not_before` (older ones cannot matter: every token they could cover
+    /// has expired).
+    async fn revocations_since(&self, after: i64, not_before: i64) -> Result<Vec<Revocation>>;
+
     /// Record a client assertion's `jti`. Returns false if it was already
     /// used (a replay). Expired entries are purged opportunistically.
     async fn use_jti(&self, client_id: &str, jti: &str, expires_at: i64, now: i64) -> Result<bool>;
 }
 
 pub type DynStore = Arc<dyn Store>;
+
+/// Redirect URIs are stored one per line (registration refuses whitespace).
+pub(crate) fn split_uris(s: &str) -> Vec<String> {
+    s.lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
 
 /// Open a store from a database URL: `sqlite:PATH` or `postgres://…`.
 pub async fn open(url: &str) -> Result<DynStore> {

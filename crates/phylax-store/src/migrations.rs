@@ -121,6 +121,44 @@ INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('search_index', 'search_index_resource', '10000000 1000000 10 3');
 "#,
     ),
+    (
+        6,
+        r#"
+-- People and their grants (issue 4). Identifying and secret details are
+-- sealed above the store; see docs/AUTHENTICATION.md.
+ALTER TABLE clients ADD COLUMN redirect_uris TEXT NOT NULL DEFAULT '';
+ALTER TABLE clients ADD COLUMN public INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE clients ADD COLUMN first_party INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    username_hash BLOB NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    status TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    rev INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE grants (
+    kind TEXT NOT NULL,
+    key_hash BLOB NOT NULL,
+    family TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER,
+    PRIMARY KEY (kind, key_hash)
+);
+CREATE INDEX grants_family ON grants (family);
+CREATE INDEX grants_user ON grants (user_id);
+CREATE INDEX grants_expires ON grants (expires_at);
+CREATE TABLE revocations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+"#,
+    ),
 ];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
@@ -300,6 +338,44 @@ ALTER TABLE search_index ALTER COLUMN rtype TYPE TEXT COLLATE "C", ALTER COLUMN 
 -- the table has statistics.
 DROP INDEX search_index_resource;
 CREATE INDEX search_index_resource ON search_index (rtype, id, param);
+"#,
+    ),
+    (
+        7,
+        r#"
+-- People and their grants (see SQLite migration 6).
+ALTER TABLE clients ADD COLUMN redirect_uris TEXT NOT NULL DEFAULT '';
+ALTER TABLE clients ADD COLUMN public BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE clients ADD COLUMN first_party BOOLEAN NOT NULL DEFAULT false;
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    username_hash BYTEA NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    status TEXT NOT NULL,
+    sealed BYTEA NOT NULL,
+    rev BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE grants (
+    kind TEXT NOT NULL,
+    key_hash BYTEA NOT NULL,
+    family TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    sealed BYTEA NOT NULL,
+    expires_at BIGINT NOT NULL,
+    used_at BIGINT,
+    PRIMARY KEY (kind, key_hash)
+);
+CREATE INDEX grants_family ON grants (family);
+CREATE INDEX grants_user ON grants (user_id);
+CREATE INDEX grants_expires ON grants (expires_at);
+CREATE TABLE revocations (
+    seq BIGSERIAL PRIMARY KEY,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at BIGINT NOT NULL
+);
+CREATE INDEX revocations_at ON revocations (at);
 "#,
     ),
 ];

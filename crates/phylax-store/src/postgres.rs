@@ -6,8 +6,8 @@
 use crate::migrations;
 use crate::query::{self, Plan, SearchQuery, P};
 use crate::{
-    ClientRecord, HistoryQuery, HistoryScope, IndexRow, NewVersion, Precondition, Result, Store,
-    StoreError, StoredVersion,
+    ClientRecord, GrantRecord, GrantUse, HistoryQuery, HistoryScope, IndexRow, NewVersion,
+    Precondition, Result, Revocation, Store, StoreError, StoredVersion, UserRecord,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -187,6 +187,37 @@ fn row_client(r: &Row) -> ClientRecord {
         jwks: r.get(3),
         disabled: r.get(4),
         created_at: r.get(5),
+        redirect_uris: crate::split_uris(r.get::<_, &str>(6)),
+        public: r.get(7),
+        first_party: r.get(8),
+    }
+}
+
+const USER_COLS: &str = "id, username_hash, role, status, sealed, rev, created_at";
+
+fn row_user(r: &Row) -> UserRecord {
+    UserRecord {
+        id: r.get(0),
+        username_hash: r.get(1),
+        role: r.get(2),
+        status: r.get(3),
+        sealed: r.get(4),
+        rev: r.get(5),
+        created_at: r.get(6),
+    }
+}
+
+const GRANT_COLS: &str = "kind, key_hash, family, user_id, sealed, expires_at, used_at";
+
+fn row_grant(r: &Row) -> GrantRecord {
+    GrantRecord {
+        kind: r.get(0),
+        key_hash: r.get(1),
+        family: r.get(2),
+        user_id: r.get(3),
+        sealed: r.get(4),
+        expires_at: r.get(5),
+        used_at: r.get(6),
     }
 }
 
@@ -480,8 +511,8 @@ impl Store for PgStore {
     async fn add_client(&self, cl: &ClientRecord) -> Result<()> {
         let c = self.pool.get().await.map_err(pool_err)?;
         c.execute(
-            "INSERT INTO clients (id, name, scope, jwks, disabled, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&cl.id, &cl.name, &cl.scope, &cl.jwks, &cl.disabled, &cl.created_at],
+            "INSERT INTO clients (id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[&cl.id, &cl.name, &cl.scope, &cl.jwks, &cl.disabled, &cl.created_at, &cl.redirect_uris.join("\n"), &cl.public, &cl.first_party],
         )
         .await
         .map_err(pg)?;
@@ -492,7 +523,7 @@ impl Store for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let r = c
             .query_opt(
-                "SELECT id, name, scope, jwks, disabled, created_at FROM clients WHERE id = $1",
+                "SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party FROM clients WHERE id = $1",
                 &[&id],
             )
             .await
@@ -504,7 +535,7 @@ impl Store for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let rows = c
             .query(
-                "SELECT id, name, scope, jwks, disabled, created_at FROM clients ORDER BY created_at, id",
+                "SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party FROM clients ORDER BY created_at, id",
                 &[],
             )
             .await
@@ -522,6 +553,181 @@ impl Store for PgStore {
             .await
             .map_err(pg)?;
         Ok(n > 0)
+    }
+
+    async fn add_user(&self, u: &UserRecord) -> Result<()> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute(
+            &format!("INSERT INTO users ({USER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
+            &[&u.id, &u.username_hash, &u.role, &u.status, &u.sealed, &u.rev, &u.created_at],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<UserRecord>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_opt(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"), &[&id])
+            .await
+            .map_err(pg)?;
+        Ok(r.as_ref().map(row_user))
+    }
+
+    async fn find_user(&self, username_hash: &[u8]) -> Result<Option<UserRecord>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_opt(
+                &format!("SELECT {USER_COLS} FROM users WHERE username_hash = $1"),
+                &[&username_hash],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(r.as_ref().map(row_user))
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let rows = c
+            .query(&format!("SELECT {USER_COLS} FROM users ORDER BY created_at, id"), &[])
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(row_user).collect())
+    }
+
+    async fn update_user(&self, u: &UserRecord) -> Result<bool> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let n = c
+            .execute(
+                "UPDATE users SET role = $1, status = $2, sealed = $3, rev = rev + 1 WHERE id = $4 AND rev = $5",
+                &[&u.role, &u.status, &u.sealed, &u.id, &u.rev],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n == 1)
+    }
+
+    async fn put_grant(&self, g: &GrantRecord, now: i64) -> Result<()> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute("DELETE FROM grants WHERE expires_at < $1", &[&now])
+            .await
+            .map_err(pg)?;
+        c.execute(
+            &format!("INSERT INTO grants ({GRANT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
+            &[&g.kind, &g.key_hash, &g.family, &g.user_id, &g.sealed, &g.expires_at, &g.used_at],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn get_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<Option<GrantRecord>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_opt(
+                &format!("SELECT {GRANT_COLS} FROM grants WHERE kind = $1 AND key_hash = $2 AND expires_at > $3"),
+                &[&kind, &key_hash, &now],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(r.as_ref().map(row_grant))
+    }
+
+    async fn use_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<GrantUse> {
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        // The row lock makes "check unused, mark used" atomic across nodes.
+        let tx = c.transaction().await.map_err(pg)?;
+        let r = tx
+            .query_opt(
+                &format!("SELECT {GRANT_COLS} FROM grants WHERE kind = $1 AND key_hash = $2 AND expires_at > $3 FOR UPDATE"),
+                &[&kind, &key_hash, &now],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(g) = r.as_ref().map(row_grant) else {
+            return Ok(GrantUse::Missing);
+        };
+        if g.used_at.is_some() {
+            return Ok(GrantUse::Reused(g));
+        }
+        tx.execute(
+            "UPDATE grants SET used_at = $1 WHERE kind = $2 AND key_hash = $3",
+            &[&now, &kind, &key_hash],
+        )
+        .await
+        .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(GrantUse::Fresh(g))
+    }
+
+    async fn touch_grant(&self, kind: &str, key_hash: &[u8], expires_at: i64) -> Result<()> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute(
+            "UPDATE grants SET expires_at = $1 WHERE kind = $2 AND key_hash = $3",
+            &[&expires_at, &kind, &key_hash],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn delete_grant(&self, kind: &str, key_hash: &[u8]) -> Result<bool> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let n = c
+            .execute(
+                "DELETE FROM grants WHERE kind = $1 AND key_hash = $2",
+                &[&kind, &key_hash],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n > 0)
+    }
+
+    async fn delete_family(&self, family: &str) -> Result<u64> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute("DELETE FROM grants WHERE family = $1", &[&family])
+            .await
+            .map_err(pg)
+    }
+
+    async fn delete_user_grants(&self, user_id: &str) -> Result<u64> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute("DELETE FROM grants WHERE user_id = $1", &[&user_id])
+            .await
+            .map_err(pg)
+    }
+
+    async fn add_revocation(&self, kind: &str, key: &str, at: i64) -> Result<i64> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_one(
+                "INSERT INTO revocations (kind, key, at) VALUES ($1, $2, $3) RETURNING seq",
+                &[&kind, &key, &at],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(r.get(0))
+    }
+
+    async fn revocations_since(&self, after: i64, not_before: i64) -> Result<Vec<Revocation>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let rows = c
+            .query(
+                "SELECT seq, kind, key, at FROM revocations WHERE seq > $1 AND at >= $2 ORDER BY seq",
+                &[&after, &not_before],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| Revocation {
+                seq: r.get(0),
+                kind: r.get(1),
+                key: r.get(2),
+                at: r.get(3),
+            })
+            .collect())
     }
 
     async fn use_jti(&self, client_id: &str, jti: &str, expires_at: i64, now: i64) -> Result<bool> {

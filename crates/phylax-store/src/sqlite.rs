@@ -12,8 +12,8 @@
 use crate::migrations;
 use crate::query::{self, Plan, SearchQuery, P};
 use crate::{
-    ClientRecord, HistoryQuery, HistoryScope, IndexRow, NewVersion, Precondition, Result, Store,
-    StoreError, StoredVersion,
+    ClientRecord, GrantRecord, GrantUse, HistoryQuery, HistoryScope, IndexRow, NewVersion,
+    Precondition, Result, Revocation, Store, StoreError, StoredVersion, UserRecord,
 };
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -499,8 +499,8 @@ impl Store for SqliteStore {
         let cl = cl.clone();
         self.write(move |c| {
             c.execute(
-                "INSERT INTO clients (id, name, scope, jwks, disabled, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![cl.id, cl.name, cl.scope, cl.jwks, cl.disabled as i64, cl.created_at],
+                "INSERT INTO clients (id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![cl.id, cl.name, cl.scope, cl.jwks, cl.disabled as i64, cl.created_at, cl.redirect_uris.join("\n"), cl.public as i64, cl.first_party as i64],
             )
             .map(|_| ())
             .map_err(backend)
@@ -512,7 +512,7 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         self.read(move |c| {
             c.query_row(
-                "SELECT id, name, scope, jwks, disabled, created_at FROM clients WHERE id = ?1",
+                "SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party FROM clients WHERE id = ?1",
                 params![id],
                 row_client,
             )
@@ -525,7 +525,7 @@ impl Store for SqliteStore {
     async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
         self.read(move |c| {
             let mut st = c
-                .prepare("SELECT id, name, scope, jwks, disabled, created_at FROM clients ORDER BY created_at, id")
+                .prepare("SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party FROM clients ORDER BY created_at, id")
                 .map_err(backend)?;
             let rows = st.query_map([], row_client).map_err(backend)?;
             rows.map(|r| r.map_err(backend)).collect()
@@ -542,6 +542,206 @@ impl Store for SqliteStore {
             )
             .map(|n| n > 0)
             .map_err(backend)
+        })
+        .await
+    }
+
+    async fn add_user(&self, u: &UserRecord) -> Result<()> {
+        let u = u.clone();
+        self.write(move |c| {
+            c.execute(
+                &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+                params![u.id, u.username_hash, u.role, u.status, u.sealed, u.rev, u.created_at],
+            )
+            .map(|_| ())
+            .map_err(unique)
+        })
+        .await
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<UserRecord>> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                &format!("SELECT {USER_COLS} FROM users WHERE id = ?1"),
+                params![id],
+                row_user,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn find_user(&self, username_hash: &[u8]) -> Result<Option<UserRecord>> {
+        let h = username_hash.to_vec();
+        self.read(move |c| {
+            c.query_row(
+                &format!("SELECT {USER_COLS} FROM users WHERE username_hash = ?1"),
+                params![h],
+                row_user,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY created_at, id"))
+                .map_err(backend)?;
+            let rows = st.query_map([], row_user).map_err(backend)?;
+            rows.map(|r| r.map_err(backend)).collect()
+        })
+        .await
+    }
+
+    async fn update_user(&self, u: &UserRecord) -> Result<bool> {
+        let u = u.clone();
+        self.write(move |c| {
+            c.execute(
+                "UPDATE users SET role = ?1, status = ?2, sealed = ?3, rev = rev + 1 WHERE id = ?4 AND rev = ?5",
+                params![u.role, u.status, u.sealed, u.id, u.rev],
+            )
+            .map(|n| n == 1)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_grant(&self, g: &GrantRecord, now: i64) -> Result<()> {
+        let g = g.clone();
+        self.write(move |c| {
+            c.execute("DELETE FROM grants WHERE expires_at < ?1", params![now])
+                .map_err(backend)?;
+            c.execute(
+                &format!("INSERT INTO grants ({GRANT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+                params![g.kind, g.key_hash, g.family, g.user_id, g.sealed, g.expires_at, g.used_at],
+            )
+            .map(|_| ())
+            .map_err(unique)
+        })
+        .await
+    }
+
+    async fn get_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<Option<GrantRecord>> {
+        let (kind, h) = (kind.to_owned(), key_hash.to_vec());
+        self.read(move |c| {
+            c.query_row(
+                &format!("SELECT {GRANT_COLS} FROM grants WHERE kind = ?1 AND key_hash = ?2 AND expires_at > ?3"),
+                params![kind, h, now],
+                row_grant,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn use_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<GrantUse> {
+        let (kind, h) = (kind.to_owned(), key_hash.to_vec());
+        // One writer thread: the read and the mark cannot interleave with
+        // another use of the same grant.
+        self.write(move |c| {
+            let g = c
+                .query_row(
+                    &format!("SELECT {GRANT_COLS} FROM grants WHERE kind = ?1 AND key_hash = ?2 AND expires_at > ?3"),
+                    params![kind, h, now],
+                    row_grant,
+                )
+                .optional()
+                .map_err(backend)?;
+            let Some(g) = g else { return Ok(GrantUse::Missing) };
+            if g.used_at.is_some() {
+                return Ok(GrantUse::Reused(g));
+            }
+            c.execute(
+                "UPDATE grants SET used_at = ?1 WHERE kind = ?2 AND key_hash = ?3",
+                params![now, kind, h],
+            )
+            .map_err(backend)?;
+            Ok(GrantUse::Fresh(g))
+        })
+        .await
+    }
+
+    async fn touch_grant(&self, kind: &str, key_hash: &[u8], expires_at: i64) -> Result<()> {
+        let (kind, h) = (kind.to_owned(), key_hash.to_vec());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE grants SET expires_at = ?1 WHERE kind = ?2 AND key_hash = ?3",
+                params![expires_at, kind, h],
+            )
+            .map(|_| ())
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_grant(&self, kind: &str, key_hash: &[u8]) -> Result<bool> {
+        let (kind, h) = (kind.to_owned(), key_hash.to_vec());
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM grants WHERE kind = ?1 AND key_hash = ?2",
+                params![kind, h],
+            )
+            .map(|n| n > 0)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_family(&self, family: &str) -> Result<u64> {
+        let family = family.to_owned();
+        self.write(move |c| {
+            c.execute("DELETE FROM grants WHERE family = ?1", params![family])
+                .map(|n| n as u64)
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_user_grants(&self, user_id: &str) -> Result<u64> {
+        let user_id = user_id.to_owned();
+        self.write(move |c| {
+            c.execute("DELETE FROM grants WHERE user_id = ?1", params![user_id])
+                .map(|n| n as u64)
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn add_revocation(&self, kind: &str, key: &str, at: i64) -> Result<i64> {
+        let (kind, key) = (kind.to_owned(), key.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO revocations (kind, key, at) VALUES (?1, ?2, ?3)",
+                params![kind, key, at],
+            )
+            .map_err(backend)?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn revocations_since(&self, after: i64, not_before: i64) -> Result<Vec<Revocation>> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached("SELECT seq, kind, key, at FROM revocations WHERE seq > ?1 AND at >= ?2 ORDER BY seq")
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![after, not_before], |r| {
+                    Ok(Revocation {
+                        seq: r.get(0)?,
+                        kind: r.get(1)?,
+                        key: r.get(2)?,
+                        at: r.get(3)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.map(|r| r.map_err(backend)).collect()
         })
         .await
     }
@@ -655,5 +855,48 @@ fn row_client(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClientRecord> {
         jwks: r.get(3)?,
         disabled: r.get::<_, i64>(4)? != 0,
         created_at: r.get(5)?,
+        redirect_uris: crate::split_uris(&r.get::<_, String>(6)?),
+        public: r.get::<_, i64>(7)? != 0,
+        first_party: r.get::<_, i64>(8)? != 0,
     })
+}
+
+const USER_COLS: &str = "id, username_hash, role, status, sealed, rev, created_at";
+
+fn row_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRecord> {
+    Ok(UserRecord {
+        id: r.get(0)?,
+        username_hash: r.get(1)?,
+        role: r.get(2)?,
+        status: r.get(3)?,
+        sealed: r.get(4)?,
+        rev: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}
+
+const GRANT_COLS: &str = "kind, key_hash, family, user_id, sealed, expires_at, used_at";
+
+fn row_grant(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRecord> {
+    Ok(GrantRecord {
+        kind: r.get(0)?,
+        key_hash: r.get(1)?,
+        family: r.get(2)?,
+        user_id: r.get(3)?,
+        sealed: r.get(4)?,
+        expires_at: r.get(5)?,
+        used_at: r.get(6)?,
+    })
+}
+
+fn unique(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+        {
+            StoreError::Duplicate
+        }
+        _ => backend(e),
+    }
 }

@@ -323,6 +323,9 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
                     jwks: text,
                     disabled: false,
                     created_at: chrono::Utc::now().timestamp(),
+                    redirect_uris: vec![],
+                    public: false,
+                    first_party: false,
                 })
                 .await?;
             println!("{id}");

@@ -174,6 +174,9 @@ impl TestServer {
                 jwks: g.jwks.clone(),
                 disabled: false,
                 created_at: 0,
+                redirect_uris: vec![],
+                public: false,
+                first_party: false,
             })
             .await
             .unwrap();

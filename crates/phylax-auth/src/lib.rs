@@ -10,11 +10,20 @@
 //!   verified without a database round trip).
 //! - [`policy`]: the single authorization decision every FHIR interaction
 //!   passes through.
+//! - [`password_policy`]: which passwords may be chosen (NIST SP 800-63B
+//!   rev. 4 lengths, a dictionary-backed guessability estimate).
+//! - [`pkce`]: RFC 7636 S256 code challenges.
+//! - [`smart`]: SMART App Launch scope requests and grants for users.
+//! - [`throttle`]: growing delays after failed sign-ins.
 
 pub mod assertion;
 pub mod client_key;
+pub mod password_policy;
+pub mod pkce;
 pub mod policy;
 pub mod scopes;
+pub mod smart;
+pub mod throttle;
 pub mod token;
 
 pub use policy::{Decision, Interaction, Principal};

@@ -15,12 +15,31 @@ pub enum Principal {
         /// The access token's `jti`, for audit correlation.
         token_id: String,
     },
+    /// A signed-in user acting through an app (`user/` or `patient/`
+    /// scopes).
+    User {
+        user_id: String,
+        role: String,
+        client_id: String,
+        scopes: ScopeSet,
+        /// The launch-context patient for `patient/` scopes.
+        patient: Option<String>,
+        token_id: String,
+    },
 }
 
 impl Principal {
     pub fn id(&self) -> &str {
         match self {
             Principal::Client { client_id, .. } => client_id,
+            Principal::User { user_id, .. } => user_id,
+        }
+    }
+
+    /// The access token's id.
+    pub fn token_id(&self) -> &str {
+        match self {
+            Principal::Client { token_id, .. } | Principal::User { token_id, .. } => token_id,
         }
     }
 }
@@ -71,8 +90,45 @@ pub enum Decision {
 
 /// Decide whether `who` may perform `what` on `rtype` (None for system-level).
 pub fn decide(who: &Principal, what: Interaction, rtype: Option<&str>) -> Decision {
-    let Principal::Client { scopes, .. } = who;
-    let ctx = Context::System;
+    decide_instance(who, what, rtype, None)
+}
+
+/// [`decide`] for an interaction on one known resource (`id`).
+///
+/// Patient-context access (`patient/` scopes) is deliberately narrow until
+/// compartment enforcement covers every interaction (the least-privilege
+/// issue): a patient's token may read and vread its own `Patient` resource
+/// and nothing else. Denying is the fail-closed answer; a wider rule that
+/// forgot one interaction would leak another patient's data.
+pub fn decide_instance(
+    who: &Principal,
+    what: Interaction,
+    rtype: Option<&str>,
+    id: Option<&str>,
+) -> Decision {
+    let (scopes, ctx) = match who {
+        Principal::Client { scopes, .. } => (scopes, Context::System),
+        Principal::User {
+            scopes, patient, ..
+        } => {
+            let patient_scoped = scopes.iter().any(|s| s.context == Context::Patient);
+            if patient_scoped {
+                let own = matches!(what, Interaction::Read | Interaction::VRead)
+                    && rtype == Some("Patient")
+                    && id.is_some()
+                    && id == patient.as_deref();
+                if !own {
+                    return Decision::Deny("patient context: only the own Patient resource");
+                }
+                return if scopes.allows(Context::Patient, "Patient", Perm::Read) {
+                    Decision::Allow
+                } else {
+                    Decision::Deny("scope: not granted for this type and interaction")
+                };
+            }
+            (scopes, Context::User)
+        }
+    };
     let need: &[Perm] = match what {
         Interaction::Read
         | Interaction::VRead
@@ -153,5 +209,34 @@ mod tests {
             decide(&client(""), Read, Some("Patient")),
             Decision::Deny(_)
         ));
+    }
+
+    fn user(scope: &str, patient: Option<&str>) -> Principal {
+        Principal::User {
+            user_id: "u".into(),
+            role: "clinician".into(),
+            client_id: "app".into(),
+            scopes: ScopeSet::parse_lenient(scope),
+            patient: patient.map(str::to_owned),
+            token_id: "t".into(),
+        }
+    }
+
+    #[test]
+    fn user_scopes_and_the_narrow_patient_context() {
+        use Interaction::*;
+        let u = user("user/Patient.rs", None);
+        assert_eq!(decide(&u, Read, Some("Patient")), Decision::Allow);
+        assert!(matches!(decide(&u, Update, Some("Patient")), Decision::Deny(_)));
+        assert!(matches!(decide(&u, Read, Some("Observation")), Decision::Deny(_)));
+        // system/ scopes in a user token grant nothing.
+        assert!(matches!(decide(&user("system/*.cruds", None), Read, Some("Patient")), Decision::Deny(_)));
+        let p = user("patient/*.rs", Some("p1"));
+        assert_eq!(decide_instance(&p, Read, Some("Patient"), Some("p1")), Decision::Allow);
+        assert_eq!(decide_instance(&p, VRead, Some("Patient"), Some("p1")), Decision::Allow);
+        assert!(matches!(decide_instance(&p, Read, Some("Patient"), Some("p2")), Decision::Deny(_)), "another patient");
+        assert!(matches!(decide(&p, SearchType, Some("Patient")), Decision::Deny(_)));
+        assert!(matches!(decide_instance(&p, Read, Some("Observation"), Some("p1")), Decision::Deny(_)));
+        assert!(matches!(decide_instance(&user("patient/*.rs", None), Read, Some("Patient"), None), Decision::Deny(_)));
     }
 }

@@ -29,6 +29,52 @@ pub struct AccessClaims {
     pub jti: String,
     pub scope: String,
     pub client_id: String,
+    /// Present on tokens issued to a signed-in user: the user's role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// SMART launch context: the patient whose compartment `patient/`
+    /// scopes refer to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+    /// The grant family (session / refresh chain) this token came from;
+    /// revoking the family revokes the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fam: Option<String>,
+    /// When the user last authenticated, and how (RFC 8176 values:
+    /// `pwd`, `otp`, `hwk`/`user`), for step-up decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_time: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amr: Option<Vec<String>>,
+    /// `urn:phylax:acr:mfa` when a second factor was used, else
+    /// `urn:phylax:acr:pwd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acr: Option<String>,
+}
+
+/// What a user's access token says beyond the client and scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserContext {
+    pub user_id: String,
+    pub role: String,
+    pub patient: Option<String>,
+    pub family: String,
+    pub auth_time: i64,
+    pub amr: Vec<String>,
+}
+
+/// ACR values Phylax asserts.
+pub const ACR_MFA: &str = "urn:phylax:acr:mfa";
+pub const ACR_PWD: &str = "urn:phylax:acr:pwd";
+
+impl AccessClaims {
+    /// Did the user complete a second factor within `max_age` seconds?
+    /// Sensitive operations (exports, break-the-glass, admin changes)
+    /// demand this (step-up).
+    pub fn recent_mfa(&self, now: i64, max_age: i64) -> bool {
+        self.acr.as_deref() == Some(ACR_MFA)
+            && self.auth_time.is_some_and(|t| t <= now && now - t <= max_age)
+    }
 }
 
 pub struct TokenIssuer {
@@ -77,7 +123,46 @@ impl TokenIssuer {
             jti: uuid::Uuid::new_v4().to_string(),
             scope: scopes.to_string(),
             client_id: client_id.to_owned(),
+            role: None,
+            patient: None,
+            fam: None,
+            auth_time: None,
+            amr: None,
+            acr: None,
         };
+        self.sign(claims)
+    }
+
+    /// A token for a signed-in user acting through an app. `scope` is the
+    /// granted scope string (resource and SMART scopes).
+    pub fn issue_user(
+        &self,
+        client_id: &str,
+        scope: &str,
+        user: &UserContext,
+        now: i64,
+    ) -> Result<(String, AccessClaims), AuthError> {
+        let mfa = user.amr.iter().any(|m| m != "pwd");
+        let claims = AccessClaims {
+            iss: self.issuer.clone(),
+            sub: user.user_id.clone(),
+            aud: self.audience.clone(),
+            exp: now + self.lifetime,
+            iat: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            scope: scope.to_owned(),
+            client_id: client_id.to_owned(),
+            role: Some(user.role.clone()),
+            patient: user.patient.clone(),
+            fam: Some(user.family.clone()),
+            auth_time: Some(user.auth_time),
+            amr: Some(user.amr.clone()),
+            acr: Some(if mfa { ACR_MFA } else { ACR_PWD }.to_owned()),
+        };
+        self.sign(claims)
+    }
+
+    fn sign(&self, claims: AccessClaims) -> Result<(String, AccessClaims), AuthError> {
         let payload =
             serde_json::to_vec(&claims).map_err(|_| AuthError::InvalidRequest("claims"))?;
         let signing_input = format!(
@@ -175,6 +260,31 @@ mod tests {
         assert!(t.verify("", 1001).is_err());
         assert!(t.verify("a.b.c.d", 1001).is_err());
         assert!(t.verify(&"a".repeat(10_000), 1001).is_err());
+    }
+
+    #[test]
+    fn user_tokens_carry_context_and_step_up() {
+        let (t, _) = issuer();
+        let u = UserContext {
+            user_id: "u1".into(),
+            role: "clinician".into(),
+            patient: None,
+            family: "f1".into(),
+            auth_time: 900,
+            amr: vec!["pwd".into(), "otp".into()],
+        };
+        let (tok, c) = t.issue_user("app", "user/*.rs openid", &u, 1000).unwrap();
+        let v = t.verify(&tok, 1001).unwrap();
+        assert_eq!(v, c);
+        assert_eq!((v.sub.as_str(), v.role.as_deref(), v.fam.as_deref()), ("u1", Some("clinician"), Some("f1")));
+        assert!(v.recent_mfa(1001, 300));
+        assert!(!v.recent_mfa(1300, 300), "MFA older than five minutes");
+        let pwd_only = UserContext { amr: vec!["pwd".into()], ..u };
+        let (_, c2) = t.issue_user("app", "user/*.rs", &pwd_only, 1000).unwrap();
+        assert!(!c2.recent_mfa(1001, 300));
+        // Client tokens carry none of it.
+        let (_, c3) = t.issue("c1", &ScopeSet::parse_lenient("system/*.rs"), 1000).unwrap();
+        assert!(c3.role.is_none() && !c3.recent_mfa(1001, 300));
     }
 
     #[test]

@@ -21,7 +21,7 @@
 use crate::error::ApiError;
 use crate::http::AppState;
 use axum::response::{IntoResponse, Response};
-use phylax_auth::policy::{decide, Decision, Interaction, Principal};
+use phylax_auth::policy::{decide_instance, Decision, Interaction, Principal};
 use phylax_fhir::ResourceType;
 use std::future::Future;
 use std::net::IpAddr;
@@ -101,12 +101,17 @@ pub fn record(
     status: u16,
     denied_by: Option<&'static str>,
 ) -> Result<(), ApiError> {
+    // A user acting through an app is recorded as `user:{id}` (the app is
+    // in the token); a backend client as its client id.
     let (agent, token_id) = match &ctx.principal {
         Principal::Client {
             client_id,
             token_id,
             ..
         } => (client_id.clone(), token_id.clone()),
+        Principal::User {
+            user_id, token_id, ..
+        } => (format!("user:{user_id}"), token_id.clone()),
     };
     let rec = AuditRecord {
         request_id: ctx.request_id.clone(),
@@ -138,7 +143,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<Response, ApiError>>,
 {
-    let decision = decide(&ctx.principal, what, rtype.map(ResourceType::as_str));
+    let decision = decide_instance(&ctx.principal, what, rtype.map(ResourceType::as_str), id);
     let (result, denied_by) = match decision {
         Decision::Allow => (work().await, None),
         Decision::Deny(rule) => (Err(ApiError::Forbidden), Some(rule)),

@@ -45,6 +45,8 @@ pub enum AuthError {
     UnsupportedGrantType,
     #[error("invalid token: {0}")]
     InvalidToken(&'static str),
+    #[error("invalid grant: {0}")]
+    InvalidGrant(&'static str),
     #[error("invalid JWKS: {0}")]
     InvalidJwks(String),
     #[error("crypto: {0}")]
@@ -58,6 +60,7 @@ impl AuthError {
             AuthError::InvalidClient(_) | AuthError::InvalidToken(_) => "invalid_client",
             AuthError::InvalidRequest(_) | AuthError::InvalidJwks(_) => "invalid_request",
             AuthError::InvalidScope(_) => "invalid_scope",
+            AuthError::InvalidGrant(_) => "invalid_grant",
             AuthError::UnsupportedGrantType => "unsupported_grant_type",
             AuthError::Crypto(_) => "server_error",
         }

@@ -1,4 +1,6 @@
-//! The SMART Backend Services token endpoint and discovery document.
+//! The token endpoint (client credentials for SMART Backend Services,
+//! authorization code + PKCE and rotating refresh tokens for apps),
+//! revocation (RFC 7009), introspection (RFC 7662) and discovery.
 //!
 //! Errors follow RFC 6749 §5.2 and never say which check failed: an unknown
 //! client, a disabled client, a bad signature, a replayed `jti` and an
@@ -10,24 +12,47 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use crate::accounts::Status;
+use crate::grants::{Kind, Taken};
+use crate::signin::CodeDetails;
 use phylax_auth::assertion::{self, peek_issuer};
+use phylax_auth::pkce::Challenge;
+use phylax_auth::smart::SmartScopes;
+use phylax_auth::token::UserContext;
 use phylax_auth::{AuthError, ScopeSet};
+use phylax_store::ClientRecord;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const MAX_FORM: usize = 16 * 1024;
 
 pub fn smart_configuration(cfg: &Config) -> Value {
+    let base = format!("{}/auth", cfg.public_url);
     json!({
-        "issuer": format!("{}/auth", cfg.public_url),
+        "issuer": base,
+        "authorization_endpoint": format!("{base}/authorize"),
         "token_endpoint": cfg.token_url(),
-        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "revocation_endpoint": format!("{base}/revoke"),
+        "introspection_endpoint": format!("{base}/introspect"),
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-        "grant_types_supported": ["client_credentials"],
-        "scopes_supported": ["system/*.cruds", "system/*.rs", "system/*.read", "system/*.write"],
-        "response_types_supported": [],
-        "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "scopes_supported": [
+            "openid", "fhirUser", "launch/patient", "offline_access", "online_access",
+            "patient/*.rs", "patient/*.read", "user/*.cruds", "user/*.rs", "user/*.read",
+            "system/*.cruds", "system/*.rs", "system/*.read", "system/*.write"
+        ],
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
+        "capabilities": [
+            "launch-standalone", "client-public", "client-confidential-asymmetric",
+            "context-standalone-patient", "permission-offline", "permission-online",
+            "permission-patient", "permission-user", "permission-v1", "permission-v2",
+            "authorize-post"
+        ],
     })
 }
 
@@ -53,7 +78,11 @@ fn oauth_error(e: &AuthError) -> Response {
         ),
         AuthError::UnsupportedGrantType => (
             StatusCode::BAD_REQUEST,
-            "only client_credentials is supported",
+            "supported grant types: authorization_code, refresh_token, client_credentials",
+        ),
+        AuthError::InvalidGrant(_) => (
+            StatusCode::BAD_REQUEST,
+            "the code or refresh token is invalid, expired, used, or was issued to another client",
         ),
         AuthError::InvalidRequest(m) => (StatusCode::BAD_REQUEST, *m),
         AuthError::InvalidJwks(_) => (StatusCode::BAD_REQUEST, "invalid request"),
@@ -70,19 +99,29 @@ fn oauth_error(e: &AuthError) -> Response {
 
 pub async fn token(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
     match issue(&st, &h, &body).await {
-        Ok(v) => {
-            let mut r = (StatusCode::OK, v.to_string()).into_response();
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r
-        }
+        Ok(v) => json_ok(v),
         Err(e) => oauth_error(&e),
     }
 }
 
-async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Value, AuthError> {
+fn json_ok(v: Value) -> Response {
+    let mut r = (StatusCode::OK, v.to_string()).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+
+type Form = HashMap<String, String>;
+
+fn unavailable<E: std::fmt::Display>(e: E) -> AuthError {
+    tracing::error!(error = %e, "token endpoint storage failure");
+    AuthError::InvalidRequest("temporarily unavailable")
+}
+
+fn read_form(h: &HeaderMap, body: &[u8]) -> Result<Form, AuthError> {
     let ct = h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -95,74 +134,356 @@ async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Value, AuthE
     if body.len() > MAX_FORM {
         return Err(AuthError::InvalidRequest("request too large"));
     }
-    let mut grant_type = None;
-    let mut scope = None;
-    let mut a_type = None;
-    let mut assertion_text = None;
+    let mut m = HashMap::new();
     for (k, v) in form_urlencoded::parse(body) {
-        let slot = match k.as_ref() {
-            "grant_type" => &mut grant_type,
-            "scope" => &mut scope,
-            "client_assertion_type" => &mut a_type,
-            "client_assertion" => &mut assertion_text,
-            _ => continue,
-        };
-        if slot.is_some() {
+        if m.insert(k.into_owned(), v.into_owned()).is_some() {
             return Err(AuthError::InvalidRequest("repeated parameter"));
         }
-        *slot = Some(v.into_owned());
     }
-    if grant_type.as_deref() != Some("client_credentials") {
+    Ok(m)
+}
+
+/// Authenticate the calling client: a `private_key_jwt` assertion
+/// (confidential and backend clients), or for public clients their
+/// `client_id` alone. A confidential client may not skip its assertion.
+async fn client_auth(st: &AppState, f: &Form) -> Result<ClientRecord, AuthError> {
+    if let Some(assertion_text) = f.get("client_assertion") {
+        if f.get("client_assertion_type").map(String::as_str) != Some(ASSERTION_TYPE) {
+            return Err(AuthError::InvalidRequest(
+                "client_assertion_type must be jwt-bearer",
+            ));
+        }
+        let client_id =
+            peek_issuer(assertion_text).ok_or(AuthError::InvalidClient("no issuer"))?;
+        let client = st.store.get_client(&client_id).await.map_err(unavailable)?;
+        let keys = match &client {
+            Some(c) if !c.disabled && !c.public => assertion::parse_jwks(&c.jwks).ok(),
+            _ => None,
+        };
+        // Signature checks are CPU-heavy: keep them off the async workers.
+        let verifier = st.verifier.clone();
+        let now = crate::now_secs();
+        let cid = client_id.clone();
+        let text = assertion_text.clone();
+        let verified =
+            tokio::task::spawn_blocking(move || verifier.verify(&text, &cid, keys.as_ref(), now))
+                .await
+                .map_err(unavailable)??;
+        if !st
+            .store
+            .use_jti(&verified.client_id, &verified.jti, verified.exp + 300, now)
+            .await
+            .map_err(unavailable)?
+        {
+            return Err(AuthError::InvalidClient("jti replayed"));
+        }
+        if let Some(claimed) = f.get("client_id") {
+            if *claimed != verified.client_id {
+                return Err(AuthError::InvalidClient("client_id differs from the assertion"));
+            }
+        }
+        // Verified above, so the client exists and is enabled.
+        return client.ok_or(AuthError::InvalidClient("unknown client"));
+    }
+    let id = f
+        .get("client_id")
+        .ok_or(AuthError::InvalidClient("no client authentication"))?;
+    match st.store.get_client(id).await.map_err(unavailable)? {
+        Some(c) if c.public && !c.disabled => Ok(c),
+        Some(c) if !c.public => Err(AuthError::InvalidClient(
+            "confidential client without its assertion",
+        )),
+        _ => Err(AuthError::InvalidClient("unknown or disabled client")),
+    }
+}
+
+async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Value, AuthError> {
+    let f = read_form(h, body)?;
+    match f.get("grant_type").map(String::as_str) {
+        Some("client_credentials") => client_credentials(st, &f).await,
+        Some("authorization_code") => authorization_code(st, &f).await,
+        Some("refresh_token") => refresh(st, &f).await,
+        _ => Err(AuthError::UnsupportedGrantType),
+    }
+}
+
+async fn client_credentials(st: &AppState, f: &Form) -> Result<Value, AuthError> {
+    if f.get("client_assertion").is_none() {
+        return Err(AuthError::InvalidRequest("client_assertion is required"));
+    }
+    let scope = f
+        .get("scope")
+        .ok_or(AuthError::InvalidRequest("scope is required"))?;
+    let client = client_auth(st, f).await?;
+    if !client.redirect_uris.is_empty() {
+        // App clients act for users, not for themselves.
         return Err(AuthError::UnsupportedGrantType);
     }
-    if a_type.as_deref() != Some(ASSERTION_TYPE) {
-        return Err(AuthError::InvalidRequest(
-            "client_assertion_type must be jwt-bearer",
-        ));
-    }
-    let assertion_text =
-        assertion_text.ok_or(AuthError::InvalidRequest("client_assertion is required"))?;
-    let scope = scope.ok_or(AuthError::InvalidRequest("scope is required"))?;
-    let client_id = peek_issuer(&assertion_text).ok_or(AuthError::InvalidClient("no issuer"))?;
-    let client = st
-        .store
-        .get_client(&client_id)
-        .await
-        .map_err(|_| AuthError::InvalidRequest("temporarily unavailable"))?;
-    let keys = match &client {
-        Some(c) if !c.disabled => assertion::parse_jwks(&c.jwks).ok(),
-        _ => None,
-    };
-    // Signature checks are CPU-heavy: keep them off the async workers.
-    let verifier = st.verifier.clone();
     let now = crate::now_secs();
-    let cid = client_id.clone();
-    let verified = tokio::task::spawn_blocking(move || {
-        verifier.verify(&assertion_text, &cid, keys.as_ref(), now)
-    })
-    .await
-    .map_err(|_| AuthError::InvalidRequest("temporarily unavailable"))??;
-    let fresh = st
-        .store
-        .use_jti(&verified.client_id, &verified.jti, verified.exp + 300, now)
-        .await
-        .map_err(|_| AuthError::InvalidRequest("temporarily unavailable"))?;
-    if !fresh {
-        return Err(AuthError::InvalidClient("jti replayed"));
-    }
-    // Verified above, so the client exists and is enabled.
-    let registered = client
-        .map(|c| ScopeSet::parse_lenient(&c.scope))
-        .unwrap_or_default();
-    let granted = ScopeSet::grant(&ScopeSet::parse_lenient(&scope), &registered);
+    let granted = ScopeSet::grant(
+        &ScopeSet::parse_lenient(scope),
+        &ScopeSet::parse_lenient(&client.scope),
+    );
     if granted.is_empty() {
         return Err(AuthError::InvalidScope("nothing grantable"));
     }
-    let (token, claims) = st.tokens.issue(&verified.client_id, &granted, now)?;
+    let (token, claims) = st.tokens.issue(&client.id, &granted, now)?;
     Ok(json!({
         "access_token": token,
         "token_type": "bearer",
         "expires_in": claims.exp - claims.iat,
         "scope": claims.scope,
     }))
+}
+
+/// What a refresh token stands for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RefreshDetails {
+    client_id: String,
+    scope: String,
+    user_id: String,
+    patient: Option<String>,
+    auth_time: i64,
+    amr: Vec<String>,
+    offer_patient: bool,
+}
+
+async fn active_user(st: &AppState, id: &str) -> Result<crate::accounts::User, AuthError> {
+    match st.accounts.load(id).await.map_err(unavailable)? {
+        Some(u) if u.status() == Some(Status::Active) => Ok(u),
+        _ => Err(AuthError::InvalidGrant("user not active")),
+    }
+}
+
+/// Mint an access token (and a rotated refresh token when the grant
+/// includes offline or online access).
+#[allow(clippy::too_many_arguments)]
+async fn user_tokens(
+    st: &AppState,
+    family: &str,
+    d: &RefreshDetails,
+    refresh_expires: Option<i64>,
+    now: i64,
+) -> Result<Value, AuthError> {
+    let user = active_user(st, &d.user_id).await?;
+    let ctx = UserContext {
+        user_id: d.user_id.clone(),
+        role: user.rec.role.clone(),
+        patient: d.patient.clone(),
+        family: family.to_owned(),
+        auth_time: d.auth_time,
+        amr: d.amr.clone(),
+    };
+    let (token, claims) = st.tokens.issue_user(&d.client_id, &d.scope, &ctx, now)?;
+    let mut out = json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": claims.exp - claims.iat,
+        "scope": d.scope,
+    });
+    if d.offer_patient {
+        if let Some(p) = &d.patient {
+            out["patient"] = json!(p);
+            out["need_patient_banner"] = json!(false);
+        }
+    }
+    if SmartScopes::parse_request(&d.scope).fhir_user {
+        if let Some(p) = &d.patient {
+            out["fhirUser"] = json!(format!("{}/Patient/{p}", st.fhir_base));
+        }
+    }
+    if let Some(exp) = refresh_expires {
+        let rt = st
+            .grants
+            .create(Kind::Refresh, family, &d.user_id, d, exp, now)
+            .await
+            .map_err(unavailable)?;
+        out["refresh_token"] = json!(rt);
+    }
+    Ok(out)
+}
+
+async fn authorization_code(st: &AppState, f: &Form) -> Result<Value, AuthError> {
+    let client = client_auth(st, f).await?;
+    let code = f
+        .get("code")
+        .ok_or(AuthError::InvalidRequest("code is required"))?;
+    let now = crate::now_secs();
+    let (g, d) = match st
+        .grants
+        .take::<CodeDetails>(Kind::Code, code, now)
+        .await
+        .map_err(unavailable)?
+    {
+        Taken::Fresh(g, d) => (g, d),
+        Taken::Reused(g) => {
+            // RFC 6749 §4.1.2: a code used twice revokes what it produced.
+            st.grants
+                .revoke_family(&g.family, now)
+                .await
+                .map_err(unavailable)?;
+            st.revoked.write().add("family", &g.family, now);
+            tracing::warn!(event = "auth.code_replayed", user_id = %g.user_id, "authorization code replayed; its tokens are revoked");
+            return Err(AuthError::InvalidGrant("code replayed"));
+        }
+        Taken::Missing => return Err(AuthError::InvalidGrant("unknown or expired code")),
+    };
+    if d.client_id != client.id {
+        return Err(AuthError::InvalidGrant("code issued to another client"));
+    }
+    if f.get("redirect_uri") != Some(&d.redirect_uri) {
+        return Err(AuthError::InvalidGrant("redirect_uri differs"));
+    }
+    let verifier = f.get("code_verifier").map(String::as_str).unwrap_or("");
+    let ok = Challenge::parse(&d.challenge, "S256").is_some_and(|c| c.verify(verifier));
+    if !ok {
+        return Err(AuthError::InvalidGrant("PKCE verifier does not match"));
+    }
+    let scopes = SmartScopes::parse_request(&d.scope);
+    let refresh_expires = if scopes.offline_access {
+        Some(now + st.config.auth.offline_refresh_secs)
+    } else if scopes.online_access {
+        Some(now + st.config.auth.session_max_secs)
+    } else {
+        None
+    };
+    let rd = RefreshDetails {
+        client_id: d.client_id,
+        scope: d.scope,
+        user_id: d.user_id,
+        patient: d.patient,
+        auth_time: d.auth_time,
+        amr: d.amr,
+        offer_patient: d.offer_patient,
+    };
+    user_tokens(st, &g.family, &rd, refresh_expires, now).await
+}
+
+async fn refresh(st: &AppState, f: &Form) -> Result<Value, AuthError> {
+    let client = client_auth(st, f).await?;
+    let rt = f
+        .get("refresh_token")
+        .ok_or(AuthError::InvalidRequest("refresh_token is required"))?;
+    let now = crate::now_secs();
+    let (g, d) = match st
+        .grants
+        .take::<RefreshDetails>(Kind::Refresh, rt, now)
+        .await
+        .map_err(unavailable)?
+    {
+        Taken::Fresh(g, d) => (g, d),
+        Taken::Reused(g) => {
+            // Reuse detection: a rotated-out token came back, so it was
+            // copied. Revoke the whole family, the legitimate holder's
+            // current tokens included; the user signs in again.
+            st.grants
+                .revoke_family(&g.family, now)
+                .await
+                .map_err(unavailable)?;
+            st.revoked.write().add("family", &g.family, now);
+            tracing::warn!(event = "auth.refresh_replayed", user_id = %g.user_id, "refresh token reused; family revoked");
+            return Err(AuthError::InvalidGrant("refresh token reused"));
+        }
+        Taken::Missing => return Err(AuthError::InvalidGrant("unknown or expired refresh token")),
+    };
+    if d.client_id != client.id {
+        return Err(AuthError::InvalidGrant("refresh token of another client"));
+    }
+    // The new token keeps the family and the original expiry: rotation
+    // never extends the grant.
+    user_tokens(st, &g.family, &d, Some(g.expires_at), now).await
+}
+
+/// POST /auth/revoke (RFC 7009). Answers 200 whatever the token was, so it
+/// cannot be used to test tokens.
+pub async fn revoke(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+    let f = match read_form(&h, &body) {
+        Ok(f) => f,
+        Err(e) => return oauth_error(&e),
+    };
+    let client = match client_auth(&st, &f).await {
+        Ok(c) => c,
+        Err(e) => return oauth_error(&e),
+    };
+    let now = crate::now_secs();
+    let token = f.get("token").map(String::as_str).unwrap_or("");
+    if let Ok(Some((g, d))) = st
+        .grants
+        .get::<RefreshDetails>(Kind::Refresh, token, now)
+        .await
+    {
+        if d.client_id == client.id {
+            if let Err(e) = st.grants.revoke_family(&g.family, now).await {
+                return oauth_error(&unavailable(e));
+            }
+            st.revoked.write().add("family", &g.family, now);
+        }
+    } else if let Ok(c) = st.tokens.verify(token, now) {
+        if c.client_id == client.id {
+            if let Err(e) = st.store.add_revocation("token", &c.jti, now).await {
+                return oauth_error(&unavailable(e));
+            }
+            st.revoked.write().add("token", &c.jti, now);
+        }
+    }
+    json_ok(json!({}))
+}
+
+/// POST /auth/introspect (RFC 7662), for authenticated confidential
+/// clients about their own tokens. Anything else is `{"active": false}`.
+pub async fn introspect(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+    let f = match read_form(&h, &body) {
+        Ok(f) => f,
+        Err(e) => return oauth_error(&e),
+    };
+    if f.get("client_assertion").is_none() {
+        return oauth_error(&AuthError::InvalidClient("introspection needs client authentication"));
+    }
+    let client = match client_auth(&st, &f).await {
+        Ok(c) => c,
+        Err(e) => return oauth_error(&e),
+    };
+    let now = crate::now_secs();
+    let token = f.get("token").map(String::as_str).unwrap_or("");
+    let inactive = json!({"active": false});
+    if let Ok(c) = st.tokens.verify(token, now) {
+        if c.client_id != client.id || st.revoked.read().refuses(&c) {
+            return json_ok(inactive);
+        }
+        let mut v = json!({
+            "active": true,
+            "scope": c.scope,
+            "client_id": c.client_id,
+            "sub": c.sub,
+            "exp": c.exp,
+            "iat": c.iat,
+            "iss": c.iss,
+            "aud": c.aud,
+            "token_type": "Bearer",
+        });
+        if let Some(p) = c.patient {
+            v["patient"] = json!(p);
+        }
+        if let Some(a) = c.acr {
+            v["acr"] = json!(a);
+        }
+        return json_ok(v);
+    }
+    if let Ok(Some((g, d))) = st
+        .grants
+        .get::<RefreshDetails>(Kind::Refresh, token, now)
+        .await
+    {
+        if d.client_id == client.id && g.used_at.is_none() {
+            return json_ok(json!({
+                "active": true,
+                "scope": d.scope,
+                "client_id": d.client_id,
+                "sub": d.user_id,
+                "exp": g.expires_at,
+                "token_type": "refresh_token",
+            }));
+        }
+    }
+    json_ok(inactive)
 }

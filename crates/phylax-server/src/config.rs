@@ -80,14 +80,46 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// Access token lifetime in seconds (at most 900).
+    /// Access-token lifetime (1–900 s).
     pub token_lifetime_secs: i64,
+    /// Lifetime of a refresh token granted with `offline_access`.
+    pub offline_refresh_secs: i64,
+    /// Sign-in session idle timeout (automatic logoff) and absolute lifetime.
+    pub session_idle_secs: i64,
+    pub session_max_secs: i64,
+    /// Failed sign-ins in a row before the account locks (1–100).
+    pub lockout_threshold: u32,
+    /// Minimum password length once MFA is enrolled (8–15; 15 applies
+    /// while the account has no second factor).
+    pub password_min_length: usize,
+    /// Roles that may sign in without a second factor. Empty by default:
+    /// every role needs one.
+    pub mfa_optional_roles: Vec<String>,
+    /// How recent a second factor must be for sensitive operations.
+    pub step_up_secs: i64,
+    /// How long an enrollment link from `phylax user add` stays valid.
+    pub enrollment_secs: i64,
+    /// Argon2id memory (KiB), passes and lanes; at least 19456, 2, 1.
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
-            token_lifetime_secs: 300,
+            token_lifetime_secs: 600,
+            offline_refresh_secs: 30 * 24 * 3600,
+            session_idle_secs: 15 * 60,
+            session_max_secs: 12 * 3600,
+            lockout_threshold: 10,
+            password_min_length: 12,
+            mfa_optional_roles: Vec::new(),
+            step_up_secs: 5 * 60,
+            enrollment_secs: 24 * 3600,
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
         }
     }
 }
@@ -146,8 +178,43 @@ impl Config {
                 "page sizes must be positive and default_page_size <= max_page_size".into(),
             );
         }
-        if !(1..=900).contains(&self.auth.token_lifetime_secs) {
+        let a = &self.auth;
+        if !(1..=900).contains(&a.token_lifetime_secs) {
             return Err("auth.token_lifetime_secs must be between 1 and 900".into());
+        }
+        if !(1..=100).contains(&a.lockout_threshold) {
+            return Err("auth.lockout_threshold must be between 1 and 100 (NIST SP 800-63B)".into());
+        }
+        if !(8..=15).contains(&a.password_min_length) {
+            return Err("auth.password_min_length must be between 8 and 15".into());
+        }
+        if !(60..=24 * 3600).contains(&a.session_idle_secs)
+            || !(a.session_idle_secs..=7 * 24 * 3600).contains(&a.session_max_secs)
+        {
+            return Err("auth.session_idle_secs must be 60 s–24 h and session_max_secs between it and 7 days".into());
+        }
+        if !(60..=365 * 24 * 3600).contains(&a.offline_refresh_secs) {
+            return Err("auth.offline_refresh_secs must be between 60 s and 365 days".into());
+        }
+        if !(30..=3600).contains(&a.step_up_secs) {
+            return Err("auth.step_up_secs must be between 30 and 3600".into());
+        }
+        if !(300..=30 * 24 * 3600).contains(&a.enrollment_secs) {
+            return Err("auth.enrollment_secs must be between 5 minutes and 30 days".into());
+        }
+        if phylax_crypto::password::PasswordParams::new(
+            a.argon2_memory_kib,
+            a.argon2_iterations,
+            a.argon2_parallelism,
+        )
+        .is_err()
+        {
+            return Err("auth.argon2_* are below the OWASP minimum (19456 KiB, 2 iterations, 1 lane) or out of range".into());
+        }
+        for r in &a.mfa_optional_roles {
+            if crate::accounts::Role::parse(r).is_none() {
+                return Err(format!("auth.mfa_optional_roles: unknown role {r}"));
+            }
         }
         Ok(())
     }

@@ -24,6 +24,10 @@ use phylax_auth::policy::Principal;
 use phylax_auth::{ScopeSet, TokenIssuer};
 use phylax_crypto::MacKey;
 use phylax_fhir::{Issue, IssueCode, OperationOutcome};
+use crate::accounts::Accounts;
+use crate::grants::Grants;
+use crate::revocations::Revoked;
+use phylax_auth::throttle::Throttle;
 use phylax_store::DynStore;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -47,6 +51,12 @@ pub struct AppState {
     /// disabling a client also stops its unexpired tokens without a database
     /// read per request.
     pub disabled_clients: parking_lot::RwLock<HashSet<String>>,
+    /// Revoked users, grant families and tokens (same refresh cycle).
+    pub revoked: parking_lot::RwLock<Revoked>,
+    pub accounts: Accounts,
+    pub grants: Grants,
+    /// Growing delays after failed sign-ins, per client IP and per account.
+    pub throttle: Throttle,
 }
 
 /// How often the disabled-client list is refreshed.
@@ -57,6 +67,9 @@ impl AppState {
         inst: Instance,
         audit: Option<Arc<dyn AuditSink>>,
     ) -> Result<Arc<AppState>, ApiError> {
+        let accounts = inst
+            .accounts()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let Instance {
             config,
             store,
@@ -64,8 +77,10 @@ impl AppState {
             token_key,
             cursor_key,
             blind_key,
+            auth_key,
             ..
         } = inst;
+        let grants = Grants::new(store.clone(), keys.clone(), auth_key);
         let fhir_base = config.fhir_base();
         let verifier =
             Verifier::new(config.token_url()).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -88,6 +103,10 @@ impl AppState {
             capability,
             smart_config,
             disabled_clients: parking_lot::RwLock::new(HashSet::new()),
+            revoked: parking_lot::RwLock::new(Revoked::default()),
+            accounts,
+            grants,
+            throttle: Throttle::new(),
             config,
         });
         st.refresh_disabled()
@@ -110,6 +129,8 @@ impl AppState {
             .map(|c| c.id)
             .collect();
         *self.disabled_clients.write() = set;
+        let revoked = Revoked::load(&self.store, crate::now_secs()).await?;
+        *self.revoked.write() = revoked;
         Ok(())
     }
 
@@ -179,7 +200,20 @@ pub fn router(st: Arc<AppState>) -> Router {
             "/.well-known/smart-configuration",
             get(auth_api::smart_config),
         )
-        .route("/auth/token", post(auth_api::token));
+        .route("/auth/token", post(auth_api::token))
+        .route("/auth/revoke", post(auth_api::revoke))
+        .route("/auth/introspect", post(auth_api::introspect))
+        .route("/auth/authorize", get(crate::signin::authorize))
+        .route("/auth/login", post(crate::signin::login))
+        .route("/auth/mfa", post(crate::signin::mfa))
+        .route("/auth/mfa/enroll", post(crate::signin::mfa_enroll))
+        .route("/auth/continue", post(crate::signin::proceed))
+        .route("/auth/consent", post(crate::signin::consent))
+        .route("/auth/logout", post(crate::signin::logout))
+        .route(
+            "/auth/enroll",
+            get(crate::signin::enroll_page).post(crate::signin::enroll_submit),
+        );
     let mut app = public
         .merge(protected)
         .fallback(|| async { ApiError::UnknownType })
@@ -264,11 +298,14 @@ async fn security_headers(req: Request, next: Next) -> Response {
     set(h, "cache-control", "no-store");
     set(h, "pragma", "no-cache");
     set(h, "x-content-type-options", "nosniff");
-    set(
-        h,
-        "content-security-policy",
-        "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-    );
+    // Sign-in pages set their own policy (they need forms and a QR image).
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        set(
+            h,
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        );
+    }
     set(h, "x-frame-options", "DENY");
     set(h, "referrer-policy", "no-referrer");
     set(h, "cross-origin-resource-policy", "same-origin");
@@ -283,11 +320,13 @@ pub(crate) async fn normalize_errors(req: Request, next: Next) -> Response {
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
+    // JSON (FHIR, OAuth errors) and the sign-in pages' HTML are already
+    // meant for their readers.
     let is_json = resp
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("json"));
+        .is_some_and(|v| v.contains("json") || v.starts_with("text/html"));
     if is_json {
         return resp;
     }
@@ -331,20 +370,33 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
             return ApiError::Unauthorized.into_response();
         }
     };
-    if st.disabled_clients.read().contains(&claims.client_id) {
+    if st.disabled_clients.read().contains(&claims.client_id) || st.revoked.read().refuses(&claims)
+    {
         return ApiError::Unauthorized.into_response();
     }
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let ctx = RequestCtx {
-        request_id: crate::error::request_id().unwrap_or_default(),
-        principal: Principal::Client {
+    let scopes = ScopeSet::parse_lenient(&claims.scope);
+    let principal = match claims.role {
+        Some(role) => Principal::User {
+            user_id: claims.sub,
+            role,
             client_id: claims.client_id,
-            scopes: ScopeSet::parse_lenient(&claims.scope),
+            scopes,
+            patient: claims.patient,
             token_id: claims.jti,
         },
+        None => Principal::Client {
+            client_id: claims.client_id,
+            scopes,
+            token_id: claims.jti,
+        },
+    };
+    let ctx = RequestCtx {
+        request_id: crate::error::request_id().unwrap_or_default(),
+        principal,
         peer,
     };
     req.extensions_mut().insert(ctx);

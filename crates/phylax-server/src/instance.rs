@@ -72,6 +72,8 @@ pub struct Instance {
     pub keys: Arc<KeyRing>,
     pub token_key: MacKey,
     pub cursor_key: MacKey,
+    /// Hashes bearer grants, recovery codes, usernames and CSRF tokens.
+    pub auth_key: Arc<MacKey>,
     pub blind_key: BlindIndexKey,
 }
 
@@ -146,6 +148,25 @@ async fn blind_key(store: &DynStore, kek: &Kek) -> Result<BlindIndexKey, Instanc
 }
 
 impl Instance {
+    /// The account service (users, passwords, second factors) for this
+    /// instance, with its configured hashing parameters.
+    pub fn accounts(&self) -> Result<crate::accounts::Accounts, InstanceError> {
+        let a = &self.config.auth;
+        let params = phylax_crypto::password::PasswordParams::new(
+            a.argon2_memory_kib,
+            a.argon2_iterations,
+            a.argon2_parallelism,
+        )?;
+        crate::accounts::Accounts::new(
+            self.store.clone(),
+            self.keys.clone(),
+            self.auth_key.clone(),
+            params,
+            a.password_min_length,
+        )
+        .map_err(|e| InstanceError::Io(e.to_string()))
+    }
+
     /// Create a new instance. Refuses to touch an existing one.
     pub async fn init(opts: &InitOptions) -> Result<Config, InstanceError> {
         use std::os::unix::fs::PermissionsExt;
@@ -245,6 +266,7 @@ impl Instance {
             .await?;
         mac_key(&store, &kek, "token").await?;
         mac_key(&store, &kek, "cursor").await?;
+        mac_key(&store, &kek, "auth").await?;
         blind_key(&store, &kek).await?;
         // Written last: an instance is initialised only when all of the above
         // succeeded, so a failed init can simply be run again.
@@ -275,6 +297,7 @@ impl Instance {
         }
         let token_key = mac_key(&store, &kek, "token").await?;
         let cursor_key = mac_key(&store, &kek, "cursor").await?;
+        let auth_key = Arc::new(mac_key(&store, &kek, "auth").await?);
         let blind_key = blind_key(&store, &kek).await?;
         let keys = Arc::new(KeyRing::new(kek, store.clone()));
         Ok(Instance {
@@ -284,6 +307,7 @@ impl Instance {
             keys,
             token_key,
             cursor_key,
+            auth_key,
             blind_key,
         })
     }

@@ -4,6 +4,11 @@
 //! - [`config`]: the instance configuration file (`DIR/phylax.toml`).
 //! - [`instance`]: creating (`init`) and opening an instance: directories,
 //!   KEK, local CA and server certificate, database and its keys.
+//! - [`accounts`]: users: enrollment links, passwords, TOTP, recovery
+//!   codes, lockout, ending sessions (shared by the CLI and sign-in pages).
+//! - [`grants`]: bearer grants (codes, sessions, refresh tokens) stored as
+//!   keyed hashes with sealed details; [`revocations`]: what every node
+//!   refuses, refreshed from the shared feed every few seconds.
 //! - [`keyring`]: data keys per patient compartment, created on demand and
 //!   cached unwrapped in memory; MAC keys for tokens and cursors.
 //! - [`repo`]: resources over the store: seal on write, open on read,
@@ -17,25 +22,31 @@
 //!   id; causes are logged once, server-side.
 //! - [`fhir_api`] (REST interactions), [`search_api`] (search,
 //!   compartments, `$everything`), [`bundle`] (batch and transaction),
-//!   [`auth_api`], [`capability`]: the HTTP handlers.
+//!   [`auth_api`] (token, revocation, introspection, discovery),
+//!   [`signin`] (the server-rendered sign-in, MFA, enrollment and consent
+//!   pages of the authorization endpoint), [`capability`]: the HTTP handlers.
 //! - [`http`]: router and middleware (request ids, security headers, CORS).
 //! - [`logging`]: the log filter, with PHI-prone dependency targets capped.
 //! - [`tls`]: rustls configuration and certificate generation; the accept loop.
 
+pub mod accounts;
 pub mod auth_api;
 pub mod bundle;
 pub mod capability;
 pub mod config;
 pub mod error;
 pub mod fhir_api;
+pub mod grants;
 pub mod http;
 pub mod instance;
 pub mod keyring;
 pub mod logging;
 pub mod pipeline;
 pub mod repo;
+pub mod revocations;
 pub mod search;
 pub mod search_api;
+pub mod signin;
 pub mod tls;
 
 pub use instance::{InitOptions, Instance};

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use phylax_auth::assertion::parse_jwks;
 use phylax_auth::scopes::Context as ScopeContext;
+use phylax_auth::smart::SmartScopes;
 use phylax_auth::ScopeSet;
 use phylax_server::http::{serve, AppState};
 use phylax_server::instance::{InitOptions, Instance};
@@ -37,9 +38,54 @@ enum Cmd {
     Init(InitArgs),
     /// Serve the FHIR API over HTTPS.
     Serve(ServeArgs),
-    /// Manage SMART Backend Services clients.
+    /// Manage OAuth clients: SMART Backend Services clients and apps.
     #[command(subcommand)]
     Client(ClientCmd),
+    /// Manage user accounts.
+    #[command(subcommand)]
+    User(UserCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Create a user; prints a one-time enrollment link that expires.
+    Add {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long)]
+        username: String,
+        /// admin, clinician or patient.
+        #[arg(long)]
+        role: String,
+        /// For patients: the id of their Patient resource.
+        #[arg(long)]
+        patient: Option<String>,
+    },
+    /// List users (role, status, second factor, last sign-in).
+    List {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Disable a user: ends all their sessions and tokens at once.
+    Disable(UserArgs),
+    /// Re-enable a disabled user.
+    Enable(UserArgs),
+    /// Unlock a user locked after failed sign-ins.
+    Unlock(UserArgs),
+    /// Remove a user's second factor and recovery codes; they enroll again at the next sign-in.
+    ResetMfa(UserArgs),
+    /// Print a new one-time link for the user to set a new password.
+    ResetPassword(UserArgs),
+}
+
+#[derive(Args, Debug)]
+struct UserArgs {
+    #[command(flatten)]
+    inst: InstanceArgs,
+    #[arg(long)]
+    username: String,
 }
 
 #[derive(Args, Debug)]
@@ -92,18 +138,31 @@ struct ServeArgs {
 
 #[derive(Subcommand, Debug)]
 enum ClientCmd {
-    /// Register a client with its public keys (JWKS) and allowed system/ scopes; prints its client_id.
+    /// Register a client; prints its client_id. Backend Services clients
+    /// give --jwks and system/ scopes; apps give --redirect-uri (exact,
+    /// repeatable) with patient/ or user/ scopes, and either --jwks
+    /// (confidential, private_key_jwt) or --public (PKCE only).
     Add {
         #[command(flatten)]
         inst: InstanceArgs,
         #[arg(long)]
         name: String,
-        /// Space-separated SMART system scopes, e.g. "system/Patient.rs system/Observation.cruds".
+        /// Space-separated SMART scopes, e.g. "system/Patient.rs" for a
+        /// backend client or "patient/*.rs launch/patient openid fhirUser offline_access" for an app.
         #[arg(long)]
         scope: String,
         /// A JSON Web Key Set with the client's public keys (RS384 or ES384).
         #[arg(long)]
-        jwks: PathBuf,
+        jwks: Option<PathBuf>,
+        /// An app's redirect URI (https, or http on a loopback address); matched exactly.
+        #[arg(long = "redirect-uri")]
+        redirect_uris: Vec<String>,
+        /// A public app (no credentials; PKCE protects its codes).
+        #[arg(long)]
+        public: bool,
+        /// An app run by the same organisation: users are not asked to consent.
+        #[arg(long)]
+        first_party: bool,
     },
     /// List registered clients.
     List {
@@ -213,6 +272,7 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Cmd::Client(c) => client_cmd(c).await,
+        Cmd::User(c) => user_cmd(c).await,
     }
 }
 
@@ -304,28 +364,53 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
             name,
             scope,
             jwks,
+            redirect_uris,
+            public,
+            first_party,
         } => {
-            let scopes = ScopeSet::parse_strict(&scope, ScopeContext::System)
-                .map_err(|e| anyhow::anyhow!("--scope: {e}"))?;
-            let text = std::fs::read_to_string(&jwks)
-                .with_context(|| format!("cannot read {}", jwks.display()))?;
-            parse_jwks(&text).map_err(|e| anyhow::anyhow!("--jwks: {e}"))?;
             if name.trim().is_empty() || name.len() > 200 {
                 bail!("--name must be 1 to 200 characters");
             }
+            let app = !redirect_uris.is_empty();
+            let scope = if app {
+                SmartScopes::parse_registration(&scope)
+                    .map_err(|e| anyhow::anyhow!("--scope: {e}"))?
+                    .to_string()
+            } else {
+                if public || first_party {
+                    bail!("--public and --first-party are for apps: give --redirect-uri");
+                }
+                ScopeSet::parse_strict(&scope, ScopeContext::System)
+                    .map_err(|e| anyhow::anyhow!("--scope: {e} (apps need --redirect-uri)"))?
+                    .to_string()
+            };
+            for u in &redirect_uris {
+                check_redirect_uri(u)?;
+            }
+            let text = match (&jwks, public) {
+                (Some(_), true) => bail!("a --public client has no keys: drop --jwks"),
+                (None, false) => bail!("--jwks is required (or --public for an app without credentials)"),
+                (None, true) => String::new(),
+                (Some(p), false) => {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("cannot read {}", p.display()))?;
+                    parse_jwks(&text).map_err(|e| anyhow::anyhow!("--jwks: {e}"))?;
+                    text
+                }
+            };
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
             let id = uuid::Uuid::new_v4().to_string();
             i.store
                 .add_client(&ClientRecord {
                     id: id.clone(),
                     name,
-                    scope: scopes.to_string(),
+                    scope,
                     jwks: text,
                     disabled: false,
                     created_at: chrono::Utc::now().timestamp(),
-                    redirect_uris: vec![],
-                    public: false,
-                    first_party: false,
+                    redirect_uris,
+                    public,
+                    first_party,
                 })
                 .await?;
             println!("{id}");
@@ -337,7 +422,7 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
             if json {
                 let v: Vec<serde_json::Value> = clients
                     .iter()
-                    .map(|c| serde_json::json!({"client_id": c.id, "name": c.name, "scope": c.scope, "disabled": c.disabled, "created_at": c.created_at}))
+                    .map(|c| serde_json::json!({"client_id": c.id, "name": c.name, "scope": c.scope, "disabled": c.disabled, "created_at": c.created_at, "redirect_uris": c.redirect_uris, "public": c.public, "first_party": c.first_party}))
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -392,6 +477,136 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Redirect URIs: absolute https, or http only on a loopback address
+/// (native apps, RFC 8252 §7.3); no fragment, no whitespace.
+fn check_redirect_uri(u: &str) -> Result<()> {
+    let ok_scheme = u.starts_with("https://")
+        || ["http://127.0.0.1", "http://[::1]", "http://localhost"]
+            .iter()
+            .any(|p| u.strip_prefix(p).is_some_and(|r| r.is_empty() || r.starts_with([':', '/'])));
+    if !ok_scheme {
+        bail!("--redirect-uri {u}: use https (http only on 127.0.0.1, [::1] or localhost)");
+    }
+    let host_part = u.split_once("://").map(|x| x.1).unwrap_or("");
+    if host_part.is_empty() || host_part.starts_with('/') {
+        bail!("--redirect-uri {u}: no host");
+    }
+    if u.contains('#') || u.chars().any(|c| c.is_whitespace() || c.is_control()) || u.len() > 1000 {
+        bail!("--redirect-uri {u}: no fragment, spaces or control characters; at most 1000 characters");
+    }
+    Ok(())
+}
+
+async fn user_cmd(c: UserCmd) -> Result<()> {
+    use phylax_server::accounts::Status;
+    let now = chrono::Utc::now().timestamp();
+    match c {
+        UserCmd::Add {
+            inst,
+            username,
+            role,
+            patient,
+        } => {
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            let accounts = i.accounts()?;
+            let ttl = i.config.auth.enrollment_secs;
+            let (u, link) = accounts
+                .add(&username, &role, patient.as_deref(), ttl, now)
+                .await?;
+            println!("created user {} ({})", u.id(), u.rec.role);
+            println!(
+                "one-time enrollment link (valid {} h; give it to the user privately):",
+                ttl / 3600
+            );
+            println!("{}/auth/enroll?token={link}", i.config.public_url);
+            Ok(())
+        }
+        UserCmd::List { inst, json } => {
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            let users = i.accounts()?.list().await?;
+            if json {
+                let v: Vec<serde_json::Value> = users
+                    .iter()
+                    .map(|u| {
+                        serde_json::json!({
+                            "id": u.id(), "username": u.username(), "role": u.rec.role,
+                            "status": u.rec.status, "mfa": u.has_mfa(),
+                            "recovery_codes_left": u.recovery_left(),
+                            "password_set": u.has_password(),
+                            "enrollment_pending": u.enrollment_pending(now),
+                            "last_sign_in": u.last_sign_in(), "created_at": u.rec.created_at,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<24}  {:<10}  {:<8}  {:<5}  {:<8}  LAST SIGN-IN",
+                    "USERNAME", "ROLE", "STATUS", "MFA", "RECOVERY"
+                );
+                for u in users {
+                    let last = u
+                        .last_sign_in()
+                        .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+                        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+                        .unwrap_or_else(|| {
+                            if u.has_password() { "never" } else { "not enrolled" }.into()
+                        });
+                    println!(
+                        "{:<24}  {:<10}  {:<8}  {:<5}  {:<8}  {last}",
+                        u.username(),
+                        u.rec.role,
+                        u.rec.status,
+                        if u.has_mfa() { "totp" } else { "none" },
+                        u.recovery_left()
+                    );
+                }
+            }
+            Ok(())
+        }
+        UserCmd::Disable(a) => user_status(a, Status::Disabled, now).await,
+        UserCmd::Enable(a) => user_status(a, Status::Active, now).await,
+        UserCmd::Unlock(a) => user_status(a, Status::Active, now).await,
+        UserCmd::ResetMfa(a) => {
+            let i = Instance::open(&a.inst.data_dir, a.inst.database_url.as_deref()).await?;
+            let accounts = i.accounts()?;
+            let u = find_user(&accounts, &a.username).await?;
+            accounts.reset_mfa(u.id(), now).await?;
+            println!("second factor removed; the user enrolls again at the next sign-in (sessions ended)");
+            Ok(())
+        }
+        UserCmd::ResetPassword(a) => {
+            let i = Instance::open(&a.inst.data_dir, a.inst.database_url.as_deref()).await?;
+            let accounts = i.accounts()?;
+            let u = find_user(&accounts, &a.username).await?;
+            let ttl = i.config.auth.enrollment_secs;
+            let link = accounts.new_enrollment(u.id(), ttl, now).await?;
+            println!("one-time link to set a new password (valid {} h):", ttl / 3600);
+            println!("{}/auth/enroll?token={link}", i.config.public_url);
+            Ok(())
+        }
+    }
+}
+
+async fn find_user(
+    accounts: &phylax_server::accounts::Accounts,
+    username: &str,
+) -> Result<phylax_server::accounts::User> {
+    accounts
+        .find(username)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no user named {username}"))
+}
+
+async fn user_status(a: UserArgs, status: phylax_server::accounts::Status, now: i64) -> Result<()> {
+    let i = Instance::open(&a.inst.data_dir, a.inst.database_url.as_deref()).await?;
+    let accounts = i.accounts()?;
+    let u = find_user(&accounts, &a.username).await?;
+    accounts.set_status(u.id(), status, now).await?;
+    println!("{} is now {}", a.username, status.as_str());
+    Ok(())
 }
 
 async fn set_disabled(inst: InstanceArgs, client_id: &str, disabled: bool) -> Result<()> {

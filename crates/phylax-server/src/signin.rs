@@ -1,0 +1,1136 @@
+//! The authorization endpoint and its server-rendered pages: sign-in
+//! (password), second factor (TOTP or a recovery code), TOTP enrollment
+//! with a QR code, recovery codes, consent, and the enrollment link that
+//! sets a first password. Plain HTML forms, no JavaScript.
+//!
+//! Threats handled (docs/AUTHENTICATION.md has the full design):
+//! - **Open redirects**: an unknown client or a redirect URI that is not
+//!   registered *exactly* gets an error page here, never a redirect.
+//! - **Code interception**: PKCE S256 is required of every client.
+//! - **CSRF / login CSRF**: every form carries a token derived (HMAC) from
+//!   the sign-in cookie, which is `__Host-`, `Secure`, `HttpOnly` and
+//!   `SameSite=Strict`; a cross-site form cannot supply it.
+//! - **Session fixation**: each stage of a sign-in replaces the sign-in
+//!   cookie, and a completed sign-in gets a brand-new session cookie.
+//! - **Enumeration**: unknown users, wrong passwords, locked and disabled
+//!   accounts get the same page, status and (Argon2id-dominated) time.
+//! - **Online guessing**: growing delays per IP and per account, and a
+//!   lockout after `auth.lockout_threshold` failures (passwords and second
+//!   factors both count).
+//! - **Clickjacking**: `frame-ancestors 'none'`.
+
+use crate::accounts::{Accounts, Role, SecondFactor, Status, User};
+use crate::grants::{Kind, Taken};
+use crate::http::AppState;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use phylax_auth::pkce::Challenge;
+use phylax_auth::smart::{Holder, SmartScopes};
+use phylax_crypto::password::Verified;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub const PENDING_COOKIE: &str = "__Host-phylax-signin";
+pub const SESSION_COOKIE: &str = "__Host-phylax-session";
+/// Time allowed to finish a sign-in.
+const PENDING_TTL: i64 = 15 * 60;
+/// Authorization codes are redeemed at once by real clients.
+pub const CODE_TTL: i64 = 60;
+const MAX_FORM: usize = 16 * 1024;
+const MAX_PARAM: usize = 2048;
+
+/// The authorization request, validated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthzRequest {
+    pub client_id: String,
+    pub redirect_uri: String,
+    pub state: String,
+    pub scope: String,
+    pub challenge: String,
+    #[serde(default)]
+    pub nonce: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Stage {
+    Password,
+    Mfa,
+    EnrollTotp { secret: String },
+    /// Waiting for "Continue" after recovery codes were shown.
+    Continue,
+    Consent { granted: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pending {
+    req: AuthzRequest,
+    stage: Stage,
+    user_id: Option<String>,
+    amr: Vec<String>,
+    auth_time: Option<i64>,
+    /// Resumed from an existing session (no new sign-in happened).
+    #[serde(default)]
+    resumed: bool,
+}
+
+/// A signed-in browser session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    pub user_id: String,
+    pub auth_time: i64,
+    pub amr: Vec<String>,
+    pub absolute: i64,
+}
+
+/// What an authorization code stands for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CodeDetails {
+    pub client_id: String,
+    pub redirect_uri: String,
+    pub scope: String,
+    pub challenge: String,
+    pub user_id: String,
+    pub patient: Option<String>,
+    pub auth_time: i64,
+    pub amr: Vec<String>,
+    pub nonce: Option<String>,
+    pub offer_patient: bool,
+}
+
+// ---------------------------------------------------------------- HTML
+
+/// HTML-escape text and attribute values.
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// The origin (`scheme://host[:port]`) of a URL, for `form-action`: Chrome
+/// applies it to the redirect that follows a form post.
+fn origin(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    Some(&url[..url.len() - rest.len() + end])
+}
+
+struct Page {
+    status: StatusCode,
+    title: &'static str,
+    body: String,
+    cookies: Vec<String>,
+    /// Extra `form-action` source (the app's redirect origin).
+    redirect_origin: Option<String>,
+}
+
+impl Page {
+    fn new(status: StatusCode, title: &'static str, body: String) -> Page {
+        Page {
+            status,
+            title,
+            body,
+            cookies: Vec::new(),
+            redirect_origin: None,
+        }
+    }
+}
+
+impl IntoResponse for Page {
+    fn into_response(self) -> Response {
+        let html = format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+             <title>{t} · Phylax</title></head><body><main><h1>{t}</h1>{b}</main></body></html>",
+            t = esc(self.title),
+            b = self.body
+        );
+        let mut r = (self.status, html).into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        let form_action = match &self.redirect_origin {
+            Some(o) => format!("'self' {o}"),
+            None => "'self'".into(),
+        };
+        let csp = format!(
+            "default-src 'none'; img-src data:; form-action {form_action}; frame-ancestors 'none'; base-uri 'none'"
+        );
+        if let Ok(v) = HeaderValue::from_str(&csp) {
+            h.insert(header::CONTENT_SECURITY_POLICY, v);
+        }
+        for c in self.cookies {
+            if let Ok(v) = HeaderValue::from_str(&c) {
+                h.append(header::SET_COOKIE, v);
+            }
+        }
+        r
+    }
+}
+
+fn error_page(status: StatusCode, msg: &str) -> Response {
+    Page::new(
+        status,
+        "Cannot sign in",
+        format!("<p>{}</p>", esc(msg)),
+    )
+    .into_response()
+}
+
+fn cookie(name: &str, value: &str, same_site: &str, max_age: i64) -> String {
+    format!("{name}={value}; Path=/; Secure; HttpOnly; SameSite={same_site}; Max-Age={max_age}")
+}
+
+fn clear_cookie(name: &str) -> String {
+    format!("{name}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0")
+}
+
+fn get_cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Parse a form or query string; a repeated or oversized parameter is an
+/// error (parameter pollution).
+fn params(raw: &[u8]) -> Result<HashMap<String, String>, &'static str> {
+    if raw.len() > MAX_FORM {
+        return Err("request too large");
+    }
+    let mut m = HashMap::new();
+    for (k, v) in form_urlencoded::parse(raw) {
+        if v.len() > MAX_PARAM {
+            return Err("a parameter is too long");
+        }
+        if m.insert(k.into_owned(), v.into_owned()).is_some() {
+            return Err("a parameter is repeated");
+        }
+    }
+    Ok(m)
+}
+
+fn peer(ext: &axum::http::Extensions) -> String {
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn hidden(name: &str, value: &str) -> String {
+    format!(
+        "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+        esc(name),
+        esc(value)
+    )
+}
+
+fn login_form(csrf: &str, message: Option<&str>) -> String {
+    let mut b = String::new();
+    if let Some(m) = message {
+        let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
+    }
+    let _ = write!(
+        b,
+        "<form method=\"post\" action=\"/auth/login\">{}\
+         <p><label>Username <input name=\"username\" autocomplete=\"username\" required autofocus></label></p>\
+         <p><label>Password <input type=\"password\" name=\"password\" autocomplete=\"current-password\" required></label></p>\
+         <p><button type=\"submit\">Sign in</button></p></form>",
+        hidden("csrf", csrf)
+    );
+    b
+}
+
+fn mfa_form(csrf: &str, message: Option<&str>) -> String {
+    let mut b = String::new();
+    if let Some(m) = message {
+        let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
+    }
+    let _ = write!(
+        b,
+        "<form method=\"post\" action=\"/auth/mfa\">{}\
+         <p><label>Code from your authenticator app, or a recovery code \
+         <input name=\"code\" autocomplete=\"one-time-code\" inputmode=\"text\" required autofocus></label></p>\
+         <p><button type=\"submit\">Verify</button></p></form>",
+        hidden("csrf", csrf)
+    );
+    b
+}
+
+fn otpauth_uri(issuer: &str, account: &str, secret_b32: &str) -> String {
+    use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+    let i = utf8_percent_encode(issuer, NON_ALPHANUMERIC).to_string();
+    let a = utf8_percent_encode(account, NON_ALPHANUMERIC).to_string();
+    format!("otpauth://totp/{i}:{a}?secret={secret_b32}&issuer={i}&algorithm=SHA1&digits=6&period=30")
+}
+
+fn qr_data_uri(text: &str) -> Option<String> {
+    use base64::Engine;
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    let svg = code
+        .render::<qrcode::render::svg::Color<'_>>()
+        .min_dimensions(200, 200)
+        .build();
+    Some(format!(
+        "data:image/svg+xml;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(svg)
+    ))
+}
+
+fn enroll_totp_form(csrf: &str, uri: &str, secret_b32: &str, message: Option<&str>) -> String {
+    let mut b = String::new();
+    if let Some(m) = message {
+        let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
+    }
+    let _ = write!(
+        b,
+        "<p>Your account needs a second factor. Scan this code with an authenticator app \
+         (or enter the key by hand), then type the six-digit code it shows.</p>"
+    );
+    if let Some(img) = qr_data_uri(uri) {
+        let _ = write!(
+            b,
+            "<p><img alt=\"QR code for your authenticator app\" width=\"200\" height=\"200\" src=\"{}\"></p>",
+            esc(&img)
+        );
+    }
+    let _ = write!(
+        b,
+        "<p>Key: <code>{}</code></p><p><a href=\"{}\">Open in an authenticator app on this device</a></p>\
+         <form method=\"post\" action=\"/auth/mfa/enroll\">{}\
+         <p><label>Six-digit code <input name=\"code\" autocomplete=\"one-time-code\" inputmode=\"numeric\" required autofocus></label></p>\
+         <p><button type=\"submit\">Turn on two-step sign-in</button></p></form>",
+        esc(secret_b32),
+        esc(uri),
+        hidden("csrf", csrf)
+    );
+    b
+}
+
+fn continue_form(csrf: &str, before: &str) -> String {
+    format!(
+        "{before}<form method=\"post\" action=\"/auth/continue\">{}\
+         <p><button type=\"submit\">Continue</button></p></form>",
+        hidden("csrf", csrf)
+    )
+}
+
+fn consent_form(csrf: &str, app: &str, granted: &SmartScopes) -> String {
+    let mut items = String::new();
+    for s in granted.resources.iter() {
+        let _ = write!(items, "<li><code>{}</code></li>", esc(&s.to_string()));
+    }
+    for (on, what) in [
+        (granted.launch_patient, "know which patient record is yours"),
+        (granted.openid || granted.fhir_user, "know who you are"),
+        (granted.offline_access, "keep access while you are away (until you revoke it)"),
+        (granted.online_access, "keep access while you are signed in"),
+    ] {
+        if on {
+            let _ = write!(items, "<li>{}</li>", esc(what));
+        }
+    }
+    format!(
+        "<p><strong>{}</strong> asks to:</p><ul>{items}</ul>\
+         <form method=\"post\" action=\"/auth/consent\">{}\
+         <p><button type=\"submit\" name=\"decision\" value=\"allow\">Allow</button> \
+         <button type=\"submit\" name=\"decision\" value=\"deny\">Deny</button></p></form>",
+        esc(app),
+        hidden("csrf", csrf)
+    )
+}
+
+// ---------------------------------------------------------------- flow
+
+/// Build the redirect back to the app with `params` (already validated
+/// redirect URI; values percent-encoded).
+fn redirect_to(uri: &str, params: &[(&str, &str)]) -> Response {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        q.append_pair(k, v);
+    }
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    let loc = format!("{uri}{sep}{}", q.finish());
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(&loc) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+fn redirect_error(req: &AuthzRequest, error: &str, desc: &str) -> Response {
+    let mut p = vec![("error", error), ("error_description", desc)];
+    if !req.state.is_empty() {
+        p.push(("state", req.state.as_str()));
+    }
+    redirect_to(&req.redirect_uri, &p)
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    let rid = crate::error::request_id().unwrap_or_default();
+    tracing::error!(request_id = %rid, error = %e, "sign-in failed internally");
+    error_page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Sign-in is temporarily unavailable. Try again shortly.",
+    )
+}
+
+/// Start a stage: a new sign-in cookie (and CSRF token) per stage.
+async fn new_pending(st: &AppState, p: &Pending, now: i64) -> Result<(String, String), Response> {
+    let secret = st
+        .grants
+        .create(
+            Kind::Pending,
+            "signin",
+            p.user_id.as_deref().unwrap_or(""),
+            p,
+            now + PENDING_TTL,
+            now,
+        )
+        .await
+        .map_err(internal)?;
+    let c = cookie(PENDING_COOKIE, &secret, "Strict", PENDING_TTL);
+    Ok((st.grants.csrf(&secret), c))
+}
+
+/// The current stage from the sign-in cookie, checked against the form's
+/// CSRF token, and consumed (each stage's cookie works once).
+async fn take_pending(
+    st: &AppState,
+    h: &HeaderMap,
+    form: &HashMap<String, String>,
+    now: i64,
+) -> Result<Pending, Response> {
+    let expired = || {
+        error_page(
+            StatusCode::BAD_REQUEST,
+            "This sign-in has expired or was already used. Go back to the app and start again.",
+        )
+    };
+    let Some(secret) = get_cookie(h, PENDING_COOKIE) else {
+        return Err(expired());
+    };
+    let csrf = form.get("csrf").map(String::as_str).unwrap_or("");
+    if !st.grants.csrf_ok(secret, csrf) {
+        return Err(error_page(
+            StatusCode::FORBIDDEN,
+            "The form could not be verified. Go back to the app and start again.",
+        ));
+    }
+    match st.grants.take::<Pending>(Kind::Pending, secret, now).await {
+        Ok(Taken::Fresh(_, p)) => Ok(p),
+        Ok(_) => Err(expired()),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+/// GET /auth/authorize
+pub async fn authorize(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let now = crate::now_secs();
+    let q = match params(q.unwrap_or_default().as_bytes()) {
+        Ok(q) => q,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
+    };
+    let get = |k: &str| q.get(k).map(String::as_str).unwrap_or("");
+    // Client and redirect URI first: until both check out, errors are
+    // shown here and never sent anywhere.
+    let client = match st.store.get_client(get("client_id")).await {
+        Ok(Some(c)) if !c.disabled && !c.redirect_uris.is_empty() => c,
+        Ok(_) => return error_page(StatusCode::BAD_REQUEST, "Unknown or disabled application."),
+        Err(e) => return internal(e),
+    };
+    let redirect_uri = get("redirect_uri");
+    if !client.redirect_uris.iter().any(|u| u == redirect_uri) {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "The application's redirect address is not registered.",
+        );
+    }
+    let mut req = AuthzRequest {
+        client_id: client.id.clone(),
+        redirect_uri: redirect_uri.to_owned(),
+        state: get("state").to_owned(),
+        scope: get("scope").to_owned(),
+        challenge: String::new(),
+        nonce: q.get("nonce").cloned(),
+    };
+    if get("response_type") != "code" {
+        return redirect_error(&req, "unsupported_response_type", "only response_type=code");
+    }
+    if req.state.is_empty() {
+        return redirect_error(&req, "invalid_request", "state is required");
+    }
+    let Some(ch) = Challenge::parse(get("code_challenge"), get("code_challenge_method")) else {
+        return redirect_error(
+            &req,
+            "invalid_request",
+            "PKCE with code_challenge_method=S256 is required",
+        );
+    };
+    req.challenge = ch.as_str().to_owned();
+    if get("aud") != st.fhir_base {
+        return redirect_error(&req, "invalid_request", "aud must be this server's FHIR base URL");
+    }
+    let registered = SmartScopes::parse_request(&client.scope);
+    let requested = SmartScopes::parse_request(&req.scope);
+    if SmartScopes::grant(&requested, &registered, Holder::Patient)
+        .resources
+        .is_empty()
+        && SmartScopes::grant(&requested, &registered, Holder::Workforce)
+            .resources
+            .is_empty()
+    {
+        return redirect_error(&req, "invalid_scope", "no requested resource scope can be granted");
+    }
+    // Already signed in (session cookie, MFA done, account still active)?
+    if let Some(sess) = get_cookie(&h, SESSION_COOKIE) {
+        if let Ok(Some((_, s))) = st.grants.get::<Session>(Kind::Session, sess, now).await {
+            if let Ok(Some(user)) = st.accounts.load(&s.user_id).await {
+                if user.status() == Some(Status::Active) {
+                    let idle = (now + st.config.auth.session_idle_secs).min(s.absolute);
+                    if st.grants.touch(Kind::Session, sess, idle).await.is_ok() {
+                        let p = Pending {
+                            req,
+                            stage: Stage::Password,
+                            user_id: Some(s.user_id.clone()),
+                            amr: s.amr.clone(),
+                            auth_time: Some(s.auth_time),
+                            resumed: true,
+                        };
+                        return after_sign_in(&st, p, &user, Vec::new(), now).await;
+                    }
+                }
+            }
+        }
+    }
+    let p = Pending {
+        req,
+        stage: Stage::Password,
+        user_id: None,
+        amr: Vec::new(),
+        auth_time: None,
+        resumed: false,
+    };
+    let (csrf, c) = match new_pending(&st, &p, now).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut page = Page::new(StatusCode::OK, "Sign in", login_form(&csrf, None));
+    page.cookies.push(c);
+    page.into_response()
+}
+
+async fn login_again(st: &AppState, p: Pending, msg: &str, status: StatusCode, now: i64) -> Response {
+    let (csrf, c) = match new_pending(st, &p, now).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut page = Page::new(status, "Sign in", login_form(&csrf, Some(msg)));
+    page.cookies.push(c);
+    page.into_response()
+}
+
+const BAD_LOGIN: &str = "The username or password is not right, or this account cannot sign in now.";
+
+/// POST /auth/login
+pub async fn login(
+    State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let now = crate::now_secs();
+    let form = match params(&body) {
+        Ok(f) => f,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
+    };
+    let mut p = match take_pending(&st, &h, &form, now).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if !matches!(p.stage, Stage::Password) {
+        return error_page(StatusCode::BAD_REQUEST, "Unexpected step; start again from the app.");
+    }
+    let username = form.get("username").map(String::as_str).unwrap_or("");
+    let password = form.get("password").map(String::as_str).unwrap_or("");
+    let ip_key = format!("ip:{}", peer(&ext));
+    let acct_key = format!("user:{}", st.accounts.keyed("throttle", username.trim().to_lowercase().as_bytes()));
+    let wait = st.throttle.wait(&ip_key, now).max(st.throttle.wait(&acct_key, now));
+    if wait > 0 {
+        return login_again(
+            &st,
+            p,
+            &format!("Too many attempts. Wait {wait} seconds and try again."),
+            StatusCode::TOO_MANY_REQUESTS,
+            now,
+        )
+        .await;
+    }
+    let user = match st.accounts.find(username).await {
+        Ok(u) => u,
+        Err(e) => return internal(e),
+    };
+    // Always one Argon2id verification, known user or not.
+    let verdict = st.accounts.verify_password(user.as_ref(), password).await;
+    let ok_user = match (&user, verdict) {
+        (Some(u), Verified::Match { rehash }) if u.status() == Some(Status::Active) => {
+            Some((u.clone(), rehash))
+        }
+        _ => None,
+    };
+    let Some((user, rehash)) = ok_user else {
+        st.throttle.fail(&ip_key, now);
+        st.throttle.fail(&acct_key, now);
+        if let Some(u) = &user {
+            // Counted in the background so the answer takes the same time
+            // for known and unknown users.
+            let accounts = st.accounts.clone();
+            let id = u.id().to_owned();
+            let threshold = st.config.auth.lockout_threshold;
+            tokio::spawn(async move {
+                match accounts.record_failure(&id, threshold).await {
+                    Ok(u) if u.status() == Some(Status::Locked) => {
+                        tracing::warn!(event = "auth.locked", user_id = %id, "account locked after repeated failures");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(user_id = %id, error = %e, "could not count a failed sign-in"),
+                }
+            });
+        }
+        tracing::info!(
+            event = "auth.failure",
+            stage = "password",
+            user_id = user.as_ref().map(|u| u.id()).unwrap_or("-"),
+            peer = %peer(&ext),
+            "sign-in refused"
+        );
+        return login_again(&st, p, BAD_LOGIN, StatusCode::UNAUTHORIZED, now).await;
+    };
+    st.throttle.succeed(&acct_key);
+    if rehash {
+        if let Err(e) = st.accounts.upgrade_hash(user.id(), password).await {
+            tracing::warn!(user_id = %user.id(), error = %e, "password hash upgrade failed");
+        }
+    }
+    p.user_id = Some(user.id().to_owned());
+    p.amr = vec!["pwd".into()];
+    p.auth_time = Some(now);
+    second_step(&st, p, &user, now).await
+}
+
+fn mfa_required(st: &AppState, user: &User) -> bool {
+    !st
+        .config
+        .auth
+        .mfa_optional_roles
+        .iter()
+        .any(|r| *r == user.rec.role)
+}
+
+/// After the password: the second factor, enrollment, or (where a role
+/// may go without) straight on.
+async fn second_step(st: &AppState, mut p: Pending, user: &User, now: i64) -> Response {
+    if user.has_mfa() {
+        p.stage = Stage::Mfa;
+        let (csrf, c) = match new_pending(st, &p, now).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let mut page = Page::new(StatusCode::OK, "Two-step sign-in", mfa_form(&csrf, None));
+        page.cookies.push(c);
+        return page.into_response();
+    }
+    if mfa_required(st, user) {
+        let t = match st.accounts.new_totp() {
+            Ok(t) => t,
+            Err(e) => return internal(e),
+        };
+        p.stage = Stage::EnrollTotp {
+            secret: Accounts::totp_to_b64(&t),
+        };
+        return enrollment_page(st, p, user, &t, None, now).await;
+    }
+    after_sign_in(st, p, user, Vec::new(), now).await
+}
+
+async fn enrollment_page(
+    st: &AppState,
+    p: Pending,
+    user: &User,
+    t: &phylax_crypto::totp::Totp,
+    msg: Option<&str>,
+    now: i64,
+) -> Response {
+    let (csrf, c) = match new_pending(st, &p, now).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let b32 = t.secret_base32();
+    let uri = otpauth_uri("Phylax", user.username(), &b32);
+    let status = if msg.is_some() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::OK
+    };
+    let mut page = Page::new(status, "Set up two-step sign-in", enroll_totp_form(&csrf, &uri, &b32, msg));
+    page.cookies.push(c);
+    page.into_response()
+}
+
+/// POST /auth/mfa
+pub async fn mfa(
+    State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let now = crate::now_secs();
+    let form = match params(&body) {
+        Ok(f) => f,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
+    };
+    let mut p = match take_pending(&st, &h, &form, now).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let (Stage::Mfa, Some(uid)) = (&p.stage, p.user_id.clone()) else {
+        return error_page(StatusCode::BAD_REQUEST, "Unexpected step; start again from the app.");
+    };
+    let acct_key = format!("mfa:{uid}");
+    let wait = st.throttle.wait(&acct_key, now);
+    let code = form.get("code").map(String::as_str).unwrap_or("");
+    let result = if wait > 0 {
+        Ok(SecondFactor::Refused)
+    } else {
+        st.accounts.second_factor(&uid, code, now).await
+    };
+    let user = match st.accounts.load(&uid).await {
+        Ok(Some(u)) if u.status() == Some(Status::Active) => u,
+        Ok(_) => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
+        Err(e) => return internal(e),
+    };
+    match result {
+        Ok(SecondFactor::Totp) => {
+            st.throttle.succeed(&acct_key);
+            p.amr.push("otp".into());
+            after_sign_in(&st, p, &user, Vec::new(), now).await
+        }
+        Ok(SecondFactor::Recovery(left)) => {
+            st.throttle.succeed(&acct_key);
+            tracing::warn!(event = "auth.recovery_code_used", user_id = %uid, remaining = left, "recovery code used");
+            p.amr.push("otp".into());
+            p.stage = Stage::Continue;
+            let (csrf, c) = match new_pending(&st, &p, now).await {
+                Ok(x) => x,
+                Err(r) => return r,
+            };
+            let note = format!(
+                "<p>Recovery code accepted. You have <strong>{left}</strong> recovery code{} left.{}</p>",
+                if left == 1 { "" } else { "s" },
+                if left <= 3 {
+                    " Ask an administrator to reset your two-step sign-in soon."
+                } else {
+                    ""
+                }
+            );
+            let mut page = Page::new(StatusCode::OK, "Recovery code used", continue_form(&csrf, &note));
+            page.cookies.push(c);
+            page.into_response()
+        }
+        Ok(SecondFactor::Refused) => {
+            if wait == 0 {
+                st.throttle.fail(&acct_key, now);
+                let threshold = st.config.auth.lockout_threshold;
+                if let Err(e) = st.accounts.record_failure(&uid, threshold).await {
+                    return internal(e);
+                }
+            }
+            tracing::info!(event = "auth.failure", stage = "mfa", user_id = %uid, peer = %peer(&ext), "second factor refused");
+            let msg = if wait > 0 {
+                format!("Too many attempts. Wait {wait} seconds and try again.")
+            } else {
+                "That code is not right, or was already used. Wait for a new code and try again.".into()
+            };
+            let (csrf, c) = match new_pending(&st, &p, now).await {
+                Ok(x) => x,
+                Err(r) => return r,
+            };
+            let mut page = Page::new(StatusCode::UNAUTHORIZED, "Two-step sign-in", mfa_form(&csrf, Some(&msg)));
+            page.cookies.push(c);
+            page.into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// POST /auth/mfa/enroll
+pub async fn mfa_enroll(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let now = crate::now_secs();
+    let form = match params(&body) {
+        Ok(f) => f,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
+    };
+    let mut p = match take_pending(&st, &h, &form, now).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let (Stage::EnrollTotp { secret }, Some(uid)) = (p.stage.clone(), p.user_id.clone()) else {
+        return error_page(StatusCode::BAD_REQUEST, "Unexpected step; start again from the app.");
+    };
+    let user = match st.accounts.load(&uid).await {
+        Ok(Some(u)) if u.status() == Some(Status::Active) && !u.has_mfa() => u,
+        Ok(_) => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
+        Err(e) => return internal(e),
+    };
+    let code = form.get("code").map(String::as_str).unwrap_or("");
+    match st.accounts.enroll_totp(&uid, &secret, code, now).await {
+        Ok(Some(codes)) => {
+            tracing::info!(event = "auth.mfa_enrolled", user_id = %uid, "TOTP enrolled");
+            p.amr.push("otp".into());
+            p.stage = Stage::Continue;
+            let (csrf, c) = match new_pending(&st, &p, now).await {
+                Ok(x) => x,
+                Err(r) => return r,
+            };
+            let mut list = String::new();
+            for code in &codes {
+                let _ = write!(list, "<li><code>{}</code></li>", esc(code));
+            }
+            let note = format!(
+                "<p>Two-step sign-in is on. These are your recovery codes. Each works once, \
+                 if you lose your authenticator. Store them somewhere safe now: they will not be shown again.</p><ol>{list}</ol>"
+            );
+            let mut page = Page::new(StatusCode::OK, "Recovery codes", continue_form(&csrf, &note));
+            page.cookies.push(c);
+            page.into_response()
+        }
+        Ok(None) => {
+            let Some(t) = Accounts::totp_from_b64(&secret) else {
+                return internal("enrollment secret unreadable");
+            };
+            enrollment_page(
+                &st,
+                p,
+                &user,
+                &t,
+                Some("That code did not match. Check the time on your phone and try the next code."),
+                now,
+            )
+            .await
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// POST /auth/continue (after recovery codes were shown or one was used)
+pub async fn proceed(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+    let now = crate::now_secs();
+    let form = match params(&body) {
+        Ok(f) => f,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
+    };
+    let p = match take_pending(&st, &h, &form, now).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let (Stage::Continue, Some(uid)) = (&p.stage, p.user_id.clone()) else {
+        return error_page(StatusCode::BAD_REQUEST, "Unexpected step; start again from the app.");
+    };
+    let user = match st.accounts.load(&uid).await {
+        Ok(Some(u)) if u.status() == Some(Status::Active) => u,
+        Ok(_) => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
+        Err(e) => return internal(e),
+    };
+    after_sign_in(&st, p, &user, Vec::new(), now).await
+}
+
+/// The user is authenticated (this request or an existing session): make
+/// the session, then consent or the code.
+async fn after_sign_in(
+    st: &AppState,
+    mut p: Pending,
+    user: &User,
+    mut cookies: Vec<String>,
+    now: i64,
+) -> Response {
+    // A second factor is needed unless the role may go without.
+    if mfa_required(st, user) && !p.amr.iter().any(|m| m != "pwd") {
+        return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN);
+    }
+    let auth_time = p.auth_time.unwrap_or(now);
+    if !p.resumed {
+        if let Err(e) = st.accounts.record_success(user.id(), now).await {
+            return internal(e);
+        }
+        // A brand-new session cookie at every sign-in (no fixation).
+        let absolute = now + st.config.auth.session_max_secs;
+        let s = Session {
+            user_id: user.id().to_owned(),
+            auth_time,
+            amr: p.amr.clone(),
+            absolute,
+        };
+        let idle = (now + st.config.auth.session_idle_secs).min(absolute);
+        let family = uuid::Uuid::new_v4().to_string();
+        match st
+            .grants
+            .create(Kind::Session, &family, user.id(), &s, idle, now)
+            .await
+        {
+            Ok(secret) => cookies.push(cookie(
+                SESSION_COOKIE,
+                &secret,
+                "Lax",
+                st.config.auth.session_max_secs,
+            )),
+            Err(e) => return internal(e),
+        }
+        tracing::info!(event = "auth.sign_in", user_id = %user.id(), amr = %p.amr.join(" "), "signed in");
+    }
+    cookies.push(clear_cookie(PENDING_COOKIE));
+    let client = match st.store.get_client(&p.req.client_id).await {
+        Ok(Some(c)) if !c.disabled && c.redirect_uris.contains(&p.req.redirect_uri) => c,
+        Ok(_) => return error_page(StatusCode::BAD_REQUEST, "Unknown or disabled application."),
+        Err(e) => return internal(e),
+    };
+    let holder = match user.role() {
+        Some(Role::Patient) => Holder::Patient,
+        _ => Holder::Workforce,
+    };
+    let granted = SmartScopes::grant(
+        &SmartScopes::parse_request(&p.req.scope),
+        &SmartScopes::parse_request(&client.scope),
+        holder,
+    );
+    if granted.resources.is_empty() {
+        let mut r = redirect_error(
+            &p.req,
+            "access_denied",
+            "none of the requested scopes can be granted to this user",
+        );
+        add_cookies(&mut r, &cookies);
+        return r;
+    }
+    if client.first_party {
+        let mut r = issue_code(st, &p, user, &granted, now).await;
+        add_cookies(&mut r, &cookies);
+        return r;
+    }
+    p.stage = Stage::Consent {
+        granted: granted.to_string(),
+    };
+    p.auth_time = Some(auth_time);
+    let (csrf, c) = match new_pending(st, &p, now).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    cookies.retain(|c| !c.starts_with(PENDING_COOKIE));
+    cookies.push(c);
+    let mut page = Page::new(StatusCode::OK, "Allow access?", consent_form(&csrf, &client.name, &granted));
+    page.cookies = cookies;
+    page.redirect_origin = origin(&p.req.redirect_uri).map(str::to_owned);
+    page.into_response()
+}
+
+fn add_cookies(r: &mut Response, cookies: &[String]) {
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(c) {
+            r.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+}
+
+async fn issue_code(st: &AppState, p: &Pending, user: &User, granted: &SmartScopes, now: i64) -> Response {
+    let details = CodeDetails {
+        client_id: p.req.client_id.clone(),
+        redirect_uri: p.req.redirect_uri.clone(),
+        scope: granted.to_string(),
+        challenge: p.req.challenge.clone(),
+        user_id: user.id().to_owned(),
+        patient: user.patient().map(str::to_owned),
+        auth_time: p.auth_time.unwrap_or(now),
+        amr: p.amr.clone(),
+        nonce: p.req.nonce.clone(),
+        offer_patient: granted.launch_patient || granted.has_patient_scopes(),
+    };
+    // The code and every token later minted from it share one family, so a
+    // replayed code revokes them all.
+    let family = uuid::Uuid::new_v4().to_string();
+    match st
+        .grants
+        .create(Kind::Code, &family, user.id(), &details, now + CODE_TTL, now)
+        .await
+    {
+        Ok(code) => redirect_to(
+            &p.req.redirect_uri,
+            &[("code", code.as_str()), ("state", p.req.state.as_str())],
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+/// POST /auth/consent
+pub async fn consent(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+    let now = crate::now_secs();
+    let form = match params(&body) {
+        Ok(f) => f,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
+    };
+    let p = match take_pending(&st, &h, &form, now).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let (Stage::Consent { granted }, Some(uid)) = (p.stage.clone(), p.user_id.clone()) else {
+        return error_page(StatusCode::BAD_REQUEST, "Unexpected step; start again from the app.");
+    };
+    let mut r = if form.get("decision").map(String::as_str) == Some("allow") {
+        let user = match st.accounts.load(&uid).await {
+            Ok(Some(u)) if u.status() == Some(Status::Active) => u,
+            Ok(_) => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
+            Err(e) => return internal(e),
+        };
+        issue_code(&st, &p, &user, &SmartScopes::parse_request(&granted), now).await
+    } else {
+        redirect_error(&p.req, "access_denied", "the user denied access")
+    };
+    add_cookies(&mut r, &[clear_cookie(PENDING_COOKIE)]);
+    r
+}
+
+/// POST /auth/logout: ends the browser session.
+pub async fn logout(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+    let form = params(&body).unwrap_or_default();
+    if let Some(s) = get_cookie(&h, SESSION_COOKIE) {
+        let csrf = form.get("csrf").map(String::as_str).unwrap_or("");
+        if !st.grants.csrf_ok(s, csrf) {
+            return error_page(StatusCode::FORBIDDEN, "The form could not be verified.");
+        }
+        if let Err(e) = st.grants.delete(Kind::Session, s).await {
+            return internal(e);
+        }
+    }
+    let mut page = Page::new(StatusCode::OK, "Signed out", "<p>You are signed out.</p>".into());
+    page.cookies.push(clear_cookie(SESSION_COOKIE));
+    page.into_response()
+}
+
+fn enroll_form(token: &str, message: Option<&str>) -> String {
+    let mut b = String::new();
+    if let Some(m) = message {
+        let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
+    }
+    let _ = write!(
+        b,
+        "<p>Choose a password of at least 15 characters. A few unrelated words make a good one. \
+         No special characters are required.</p>\
+         <form method=\"post\" action=\"/auth/enroll\">{}\
+         <p><label>New password <input type=\"password\" name=\"password\" autocomplete=\"new-password\" minlength=\"15\" required autofocus></label></p>\
+         <p><label>Repeat it <input type=\"password\" name=\"password2\" autocomplete=\"new-password\" required></label></p>\
+         <p><button type=\"submit\">Set password</button></p></form>",
+        hidden("token", token)
+    );
+    b
+}
+
+/// GET /auth/enroll?token=…: the link from `phylax user add`.
+pub async fn enroll_page(RawQuery(q): RawQuery) -> Response {
+    let q = params(q.unwrap_or_default().as_bytes()).unwrap_or_default();
+    let Some(token) = q.get("token") else {
+        return error_page(StatusCode::BAD_REQUEST, "This enrollment link is incomplete.");
+    };
+    Page::new(StatusCode::OK, "Set your password", enroll_form(token, None)).into_response()
+}
+
+/// POST /auth/enroll
+pub async fn enroll_submit(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    let now = crate::now_secs();
+    let form = match params(&body) {
+        Ok(f) => f,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
+    };
+    let token = form.get("token").map(String::as_str).unwrap_or("");
+    let pw = form.get("password").map(String::as_str).unwrap_or("");
+    if Some(pw) != form.get("password2").map(String::as_str) {
+        return Page::new(
+            StatusCode::BAD_REQUEST,
+            "Set your password",
+            enroll_form(token, Some("The two passwords differ.")),
+        )
+        .into_response();
+    }
+    match st.accounts.enroll(token, pw, now).await {
+        Ok(u) => {
+            tracing::info!(event = "auth.enrolled", user_id = %u.id(), "password set from enrollment link");
+            Page::new(
+                StatusCode::OK,
+                "Password set",
+                "<p>Your password is set. Sign in from your app; you will set up two-step sign-in next.</p>".into(),
+            )
+            .into_response()
+        }
+        Err(crate::accounts::AccountError::Password(problem)) => Page::new(
+            StatusCode::BAD_REQUEST,
+            "Set your password",
+            enroll_form(token, Some(&problem.to_string())),
+        )
+        .into_response(),
+        Err(crate::accounts::AccountError::BadEnrollment) => error_page(
+            StatusCode::BAD_REQUEST,
+            "This enrollment link is invalid, used or expired. Ask an administrator for a new one.",
+        ),
+        Err(e) => internal(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_and_origins() {
+        assert_eq!(esc("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(origin("https://app.example:8443/cb?x=1"), Some("https://app.example:8443"));
+        assert_eq!(origin("http://127.0.0.1/cb"), Some("http://127.0.0.1"));
+        assert_eq!(origin("nonsense"), None);
+    }
+
+    #[test]
+    fn otpauth_uri_encodes_labels() {
+        let u = otpauth_uri("Phylax", "dr.who@example", "JBSWY3DPEHPK3PXP");
+        assert_eq!(
+            u,
+            "otpauth://totp/Phylax:dr%2Ewho%40example?secret=JBSWY3DPEHPK3PXP&issuer=Phylax&algorithm=SHA1&digits=6&period=30"
+        );
+    }
+
+    #[test]
+    fn repeated_parameters_are_refused() {
+        assert!(params(b"a=1&a=2").is_err());
+        assert_eq!(params(b"a=1&b=%20").unwrap()["b"], " ");
+    }
+}

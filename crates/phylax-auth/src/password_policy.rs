@@ -88,7 +88,13 @@ impl PasswordPolicy {
         // tokenizer would not (e.g. the username repeated).
         for w in context.iter().filter(|w| w.chars().count() >= 4) {
             let w = w.to_lowercase();
-            if lower.replace(&w, "").chars().filter(|c| c.is_alphanumeric()).count() < 8 {
+            if lower
+                .replace(&w, "")
+                .chars()
+                .filter(|c| c.is_alphanumeric())
+                .count()
+                < 8
+            {
                 return Err(PasswordProblem::Guessable);
             }
         }
@@ -114,15 +120,32 @@ mod tests {
     #[test]
     fn lengths_follow_nist() {
         // 13 characters, strong: fine with MFA, too short without.
-        assert_eq!(check("vX9#qLm2!rT7w", false), Err(PasswordProblem::TooShort(15)));
+        assert_eq!(
+            check("vX9#qLm2!rT7w", false),
+            Err(PasswordProblem::TooShort(15))
+        );
         assert_eq!(check("vX9#qLm2!rT7w", true), Ok(()));
-        assert_eq!(check("vX9#qLm2!r", true), Err(PasswordProblem::TooShort(12)));
-        assert_eq!(PasswordPolicy::new(4).min_len(true), 8, "never below NIST's floor");
+        assert_eq!(
+            check("vX9#qLm2!r", true),
+            Err(PasswordProblem::TooShort(12))
+        );
+        assert_eq!(
+            PasswordPolicy::new(4).min_len(true),
+            8,
+            "never below NIST's floor"
+        );
         assert_eq!(PasswordPolicy::new(40).min_len(true), 15);
         // 64 is allowed; 257 is not.
-        let long: String = "correct horse battery staple ".repeat(3).chars().take(64).collect();
+        let long: String = "correct horse battery staple "
+            .repeat(3)
+            .chars()
+            .take(64)
+            .collect();
         assert_eq!(check(&long, false), Ok(()));
-        assert_eq!(check(&"ab1!".repeat(65), false), Err(PasswordProblem::TooLong));
+        assert_eq!(
+            check(&"ab1!".repeat(65), false),
+            Err(PasswordProblem::TooLong)
+        );
     }
 
     #[test]
@@ -144,6 +167,9 @@ mod tests {
     fn unicode_counts_code_points_and_is_allowed() {
         // Seventeen code points, many more bytes.
         assert_eq!(check("Grüße aus Zürich ⛰️🌲 ñandú", false), Ok(()));
-        assert_eq!(check("ééééééééééééééé", false), Err(PasswordProblem::Guessable));
+        assert_eq!(
+            check("ééééééééééééééé", false),
+            Err(PasswordProblem::Guessable)
+        );
     }
 }

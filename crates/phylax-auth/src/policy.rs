@@ -227,16 +227,46 @@ mod tests {
         use Interaction::*;
         let u = user("user/Patient.rs", None);
         assert_eq!(decide(&u, Read, Some("Patient")), Decision::Allow);
-        assert!(matches!(decide(&u, Update, Some("Patient")), Decision::Deny(_)));
-        assert!(matches!(decide(&u, Read, Some("Observation")), Decision::Deny(_)));
+        assert!(matches!(
+            decide(&u, Update, Some("Patient")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            decide(&u, Read, Some("Observation")),
+            Decision::Deny(_)
+        ));
         // system/ scopes in a user token grant nothing.
-        assert!(matches!(decide(&user("system/*.cruds", None), Read, Some("Patient")), Decision::Deny(_)));
+        assert!(matches!(
+            decide(&user("system/*.cruds", None), Read, Some("Patient")),
+            Decision::Deny(_)
+        ));
         let p = user("patient/*.rs", Some("p1"));
-        assert_eq!(decide_instance(&p, Read, Some("Patient"), Some("p1")), Decision::Allow);
-        assert_eq!(decide_instance(&p, VRead, Some("Patient"), Some("p1")), Decision::Allow);
-        assert!(matches!(decide_instance(&p, Read, Some("Patient"), Some("p2")), Decision::Deny(_)), "another patient");
-        assert!(matches!(decide(&p, SearchType, Some("Patient")), Decision::Deny(_)));
-        assert!(matches!(decide_instance(&p, Read, Some("Observation"), Some("p1")), Decision::Deny(_)));
-        assert!(matches!(decide_instance(&user("patient/*.rs", None), Read, Some("Patient"), None), Decision::Deny(_)));
+        assert_eq!(
+            decide_instance(&p, Read, Some("Patient"), Some("p1")),
+            Decision::Allow
+        );
+        assert_eq!(
+            decide_instance(&p, VRead, Some("Patient"), Some("p1")),
+            Decision::Allow
+        );
+        assert!(
+            matches!(
+                decide_instance(&p, Read, Some("Patient"), Some("p2")),
+                Decision::Deny(_)
+            ),
+            "another patient"
+        );
+        assert!(matches!(
+            decide(&p, SearchType, Some("Patient")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            decide_instance(&p, Read, Some("Observation"), Some("p1")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            decide_instance(&user("patient/*.rs", None), Read, Some("Patient"), None),
+            Decision::Deny(_)
+        ));
     }
 }

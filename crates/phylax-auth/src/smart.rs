@@ -154,7 +154,10 @@ mod tests {
         );
         let w = SmartScopes::grant(&req, &reg, Holder::Workforce);
         assert_eq!(w.to_string(), "openid offline_access user/Patient.rs");
-        assert!(!w.launch_patient, "only patients get their own launch context here");
+        assert!(
+            !w.launch_patient,
+            "only patients get their own launch context here"
+        );
         assert!(p.has_patient_scopes() && !w.has_patient_scopes());
     }
 
@@ -162,6 +165,9 @@ mod tests {
     fn registration_is_strict() {
         assert!(SmartScopes::parse_registration("system/*.rs").is_err());
         assert!(SmartScopes::parse_registration("patient/*.rs typo").is_err());
-        assert!(SmartScopes::parse_registration("openid").is_err(), "needs a resource scope");
+        assert!(
+            SmartScopes::parse_registration("openid").is_err(),
+            "needs a resource scope"
+        );
     }
 }

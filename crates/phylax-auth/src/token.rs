@@ -73,7 +73,9 @@ impl AccessClaims {
     /// demand this (step-up).
     pub fn recent_mfa(&self, now: i64, max_age: i64) -> bool {
         self.acr.as_deref() == Some(ACR_MFA)
-            && self.auth_time.is_some_and(|t| t <= now && now - t <= max_age)
+            && self
+                .auth_time
+                .is_some_and(|t| t <= now && now - t <= max_age)
     }
 }
 
@@ -276,14 +278,22 @@ mod tests {
         let (tok, c) = t.issue_user("app", "user/*.rs openid", &u, 1000).unwrap();
         let v = t.verify(&tok, 1001).unwrap();
         assert_eq!(v, c);
-        assert_eq!((v.sub.as_str(), v.role.as_deref(), v.fam.as_deref()), ("u1", Some("clinician"), Some("f1")));
+        assert_eq!(
+            (v.sub.as_str(), v.role.as_deref(), v.fam.as_deref()),
+            ("u1", Some("clinician"), Some("f1"))
+        );
         assert!(v.recent_mfa(1001, 300));
         assert!(!v.recent_mfa(1300, 300), "MFA older than five minutes");
-        let pwd_only = UserContext { amr: vec!["pwd".into()], ..u };
+        let pwd_only = UserContext {
+            amr: vec!["pwd".into()],
+            ..u
+        };
         let (_, c2) = t.issue_user("app", "user/*.rs", &pwd_only, 1000).unwrap();
         assert!(!c2.recent_mfa(1001, 300));
         // Client tokens carry none of it.
-        let (_, c3) = t.issue("c1", &ScopeSet::parse_lenient("system/*.rs"), 1000).unwrap();
+        let (_, c3) = t
+            .issue("c1", &ScopeSet::parse_lenient("system/*.rs"), 1000)
+            .unwrap();
         assert!(c3.role.is_none() && !c3.recent_mfa(1001, 300));
     }
 

@@ -93,7 +93,9 @@ pub enum Verified {
     /// Correct password. `rehash` is true when the stored hash used weaker
     /// parameters (or another algorithm) than the current configuration:
     /// hash the password again and store the new hash.
-    Match { rehash: bool },
+    Match {
+        rehash: bool,
+    },
     Mismatch,
 }
 
@@ -216,11 +218,19 @@ mod tests {
     #[test]
     fn hash_verify_wrong_password_and_phc_format() {
         let h = hasher();
-        let stored = h.hash(&Password::new("correct horse battery staple")).unwrap();
-        assert!(stored.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{stored}");
+        let stored = h
+            .hash(&Password::new("correct horse battery staple"))
+            .unwrap();
+        assert!(
+            stored.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{stored}"
+        );
         assert!(!stored.contains("correct"));
         assert_eq!(
-            h.verify(Some(&stored), &Password::new("correct horse battery staple")),
+            h.verify(
+                Some(&stored),
+                &Password::new("correct horse battery staple")
+            ),
             Verified::Match { rehash: false }
         );
         assert_eq!(
@@ -228,9 +238,16 @@ mod tests {
             Verified::Mismatch
         );
         // Salted: the same password never gives the same hash.
-        assert_ne!(stored, h.hash(&Password::new("correct horse battery staple")).unwrap());
+        assert_ne!(
+            stored,
+            h.hash(&Password::new("correct horse battery staple"))
+                .unwrap()
+        );
         // Garbage and unknown users are mismatches, not panics.
-        assert_eq!(h.verify(Some("not a hash"), &Password::new("x")), Verified::Mismatch);
+        assert_eq!(
+            h.verify(Some("not a hash"), &Password::new("x")),
+            Verified::Mismatch
+        );
         assert_eq!(h.verify(None, &Password::new("x")), Verified::Mismatch);
         // Change one character inside the hash (not the last: its low bits
         // are padding).
@@ -238,7 +255,10 @@ mod tests {
         let c = if &stored[i..=i] == "A" { "B" } else { "A" };
         let tampered = format!("{}{c}{}", &stored[..i], &stored[i + 1..]);
         assert_eq!(
-            h.verify(Some(&tampered), &Password::new("correct horse battery staple")),
+            h.verify(
+                Some(&tampered),
+                &Password::new("correct horse battery staple")
+            ),
             Verified::Mismatch
         );
     }
@@ -247,7 +267,9 @@ mod tests {
     fn unicode_is_normalised() {
         let h = hasher();
         // "é" precomposed vs e + combining acute; fullwidth vs ASCII digits.
-        let stored = h.hash(&Password::new("caf\u{e9} \u{ff11}\u{ff12}3 long enough")).unwrap();
+        let stored = h
+            .hash(&Password::new("caf\u{e9} \u{ff11}\u{ff12}3 long enough"))
+            .unwrap();
         assert!(matches!(
             h.verify(Some(&stored), &Password::new("cafe\u{301} 123 long enough")),
             Verified::Match { .. }

@@ -6,7 +6,8 @@ use phylax_crypto::Secret;
 use std::path::PathBuf;
 
 fn vectors() -> Option<serde_json::Value> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/totp/rfc6238.json");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/testdata/totp/rfc6238.json");
     match std::fs::read(&p) {
         Ok(b) => Some(serde_json::from_slice(&b).unwrap()),
         Err(e) => {

@@ -224,7 +224,10 @@ impl User {
         self.acct.last_sign_in
     }
     pub fn enrollment_pending(&self, now: i64) -> bool {
-        self.acct.enrollment.as_ref().is_some_and(|e| e.expires > now)
+        self.acct
+            .enrollment
+            .as_ref()
+            .is_some_and(|e| e.expires > now)
     }
 }
 
@@ -609,7 +612,12 @@ impl Accounts {
 
     /// Set a user's status. Disabling or locking ends every session and
     /// token of the user, on every node (a revocation entry).
-    pub async fn set_status(&self, id: &str, status: Status, now: i64) -> Result<User, AccountError> {
+    pub async fn set_status(
+        &self,
+        id: &str,
+        status: Status,
+        now: i64,
+    ) -> Result<User, AccountError> {
         let (u, ()) = self
             .modify(id, |u| {
                 u.rec.status = status.as_str().into();
@@ -643,7 +651,12 @@ impl Accounts {
 
     /// A new enrollment link (e.g. a lost password); the old password stays
     /// until the link is used.
-    pub async fn new_enrollment(&self, id: &str, ttl: i64, now: i64) -> Result<String, AccountError> {
+    pub async fn new_enrollment(
+        &self,
+        id: &str,
+        ttl: i64,
+        now: i64,
+    ) -> Result<String, AccountError> {
         let token = random_token()?;
         let hash = self.keyed("enroll", token.as_bytes());
         self.modify(id, |u| {

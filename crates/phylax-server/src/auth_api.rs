@@ -6,15 +6,15 @@
 //! client, a disabled client, a bad signature, a replayed `jti` and an
 //! expired assertion all answer `invalid_client`. The reason is logged.
 
+use crate::accounts::Status;
 use crate::config::Config;
+use crate::grants::{Kind, Taken};
 use crate::http::AppState;
+use crate::signin::CodeDetails;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use crate::accounts::Status;
-use crate::grants::{Kind, Taken};
-use crate::signin::CodeDetails;
 use phylax_auth::assertion::{self, peek_issuer};
 use phylax_auth::pkce::Challenge;
 use phylax_auth::smart::SmartScopes;
@@ -113,7 +113,6 @@ fn json_ok(v: Value) -> Response {
     r
 }
 
-
 type Form = HashMap<String, String>;
 
 fn unavailable<E: std::fmt::Display>(e: E) -> AuthError {
@@ -153,8 +152,7 @@ async fn client_auth(st: &AppState, f: &Form) -> Result<ClientRecord, AuthError>
                 "client_assertion_type must be jwt-bearer",
             ));
         }
-        let client_id =
-            peek_issuer(assertion_text).ok_or(AuthError::InvalidClient("no issuer"))?;
+        let client_id = peek_issuer(assertion_text).ok_or(AuthError::InvalidClient("no issuer"))?;
         let client = st.store.get_client(&client_id).await.map_err(unavailable)?;
         let keys = match &client {
             Some(c) if !c.disabled && !c.public => assertion::parse_jwks(&c.jwks).ok(),
@@ -179,7 +177,9 @@ async fn client_auth(st: &AppState, f: &Form) -> Result<ClientRecord, AuthError>
         }
         if let Some(claimed) = f.get("client_id") {
             if *claimed != verified.client_id {
-                return Err(AuthError::InvalidClient("client_id differs from the assertion"));
+                return Err(AuthError::InvalidClient(
+                    "client_id differs from the assertion",
+                ));
             }
         }
         // Verified above, so the client exists and is enabled.
@@ -208,7 +208,7 @@ async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Value, AuthE
 }
 
 async fn client_credentials(st: &AppState, f: &Form) -> Result<Value, AuthError> {
-    if f.get("client_assertion").is_none() {
+    if !f.contains_key("client_assertion") {
         return Err(AuthError::InvalidRequest("client_assertion is required"));
     }
     let scope = f
@@ -436,8 +436,10 @@ pub async fn introspect(State(st): State<Arc<AppState>>, h: HeaderMap, body: Byt
         Ok(f) => f,
         Err(e) => return oauth_error(&e),
     };
-    if f.get("client_assertion").is_none() {
-        return oauth_error(&AuthError::InvalidClient("introspection needs client authentication"));
+    if !f.contains_key("client_assertion") {
+        return oauth_error(&AuthError::InvalidClient(
+            "introspection needs client authentication",
+        ));
     }
     let client = match client_auth(&st, &f).await {
         Ok(c) => c,

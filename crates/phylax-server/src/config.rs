@@ -183,7 +183,9 @@ impl Config {
             return Err("auth.token_lifetime_secs must be between 1 and 900".into());
         }
         if !(1..=100).contains(&a.lockout_threshold) {
-            return Err("auth.lockout_threshold must be between 1 and 100 (NIST SP 800-63B)".into());
+            return Err(
+                "auth.lockout_threshold must be between 1 and 100 (NIST SP 800-63B)".into(),
+            );
         }
         if !(8..=15).contains(&a.password_min_length) {
             return Err("auth.password_min_length must be between 8 and 15".into());

@@ -72,9 +72,10 @@ pub struct Grants {
 
 /// A fresh 256-bit bearer secret, base64url.
 pub fn new_secret() -> Result<String, GrantError> {
-    Ok(URL_SAFE_NO_PAD.encode(
-        phylax_crypto::random_array::<32>().map_err(|_| GrantError::Random)?,
-    ))
+    Ok(
+        URL_SAFE_NO_PAD
+            .encode(phylax_crypto::random_array::<32>().map_err(|_| GrantError::Random)?),
+    )
 }
 
 impl Grants {
@@ -153,7 +154,11 @@ impl Grants {
         Ok(secret)
     }
 
-    async fn open<T: DeserializeOwned>(&self, kind: Kind, g: &GrantRecord) -> Result<T, GrantError> {
+    async fn open<T: DeserializeOwned>(
+        &self,
+        kind: Kind,
+        g: &GrantRecord,
+    ) -> Result<T, GrantError> {
         let key = self
             .keys
             .for_read(KEY_SCOPE)

@@ -8,11 +8,14 @@
 //! FHIR routes other than `metadata` and the SMART discovery document also
 //! pass the bearer-token check.
 
+use crate::accounts::Accounts;
 use crate::config::Config;
 use crate::error::{outcome_response, ApiError, REQUEST_ID};
+use crate::grants::Grants;
 use crate::instance::Instance;
 use crate::pipeline::{AuditSink, LogAuditSink, RequestCtx};
 use crate::repo::Repo;
+use crate::revocations::Revoked;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -21,13 +24,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use phylax_auth::assertion::Verifier;
 use phylax_auth::policy::Principal;
+use phylax_auth::throttle::Throttle;
 use phylax_auth::{ScopeSet, TokenIssuer};
 use phylax_crypto::MacKey;
 use phylax_fhir::{Issue, IssueCode, OperationOutcome};
-use crate::accounts::Accounts;
-use crate::grants::Grants;
-use crate::revocations::Revoked;
-use phylax_auth::throttle::Throttle;
 use phylax_store::DynStore;
 use std::collections::HashSet;
 use std::net::SocketAddr;

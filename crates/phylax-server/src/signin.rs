@@ -60,10 +60,14 @@ pub struct AuthzRequest {
 enum Stage {
     Password,
     Mfa,
-    EnrollTotp { secret: String },
+    EnrollTotp {
+        secret: String,
+    },
     /// Waiting for "Continue" after recovery codes were shown.
     Continue,
-    Consent { granted: String },
+    Consent {
+        granted: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,12 +188,7 @@ impl IntoResponse for Page {
 }
 
 fn error_page(status: StatusCode, msg: &str) -> Response {
-    Page::new(
-        status,
-        "Cannot sign in",
-        format!("<p>{}</p>", esc(msg)),
-    )
-    .into_response()
+    Page::new(status, "Cannot sign in", format!("<p>{}</p>", esc(msg))).into_response()
 }
 
 fn cookie(name: &str, value: &str, same_site: &str, max_age: i64) -> String {
@@ -278,7 +277,9 @@ fn otpauth_uri(issuer: &str, account: &str, secret_b32: &str) -> String {
     use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
     let i = utf8_percent_encode(issuer, NON_ALPHANUMERIC).to_string();
     let a = utf8_percent_encode(account, NON_ALPHANUMERIC).to_string();
-    format!("otpauth://totp/{i}:{a}?secret={secret_b32}&issuer={i}&algorithm=SHA1&digits=6&period=30")
+    format!(
+        "otpauth://totp/{i}:{a}?secret={secret_b32}&issuer={i}&algorithm=SHA1&digits=6&period=30"
+    )
 }
 
 fn qr_data_uri(text: &str) -> Option<String> {
@@ -340,7 +341,10 @@ fn consent_form(csrf: &str, app: &str, granted: &SmartScopes) -> String {
     for (on, what) in [
         (granted.launch_patient, "know which patient record is yours"),
         (granted.openid || granted.fhir_user, "know who you are"),
-        (granted.offline_access, "keep access while you are away (until you revoke it)"),
+        (
+            granted.offline_access,
+            "keep access while you are away (until you revoke it)",
+        ),
         (granted.online_access, "keep access while you are signed in"),
     ] {
         if on {
@@ -490,7 +494,11 @@ pub async fn authorize(
     };
     req.challenge = ch.as_str().to_owned();
     if get("aud") != st.fhir_base {
-        return redirect_error(&req, "invalid_request", "aud must be this server's FHIR base URL");
+        return redirect_error(
+            &req,
+            "invalid_request",
+            "aud must be this server's FHIR base URL",
+        );
     }
     let registered = SmartScopes::parse_request(&client.scope);
     let requested = SmartScopes::parse_request(&req.scope);
@@ -501,7 +509,11 @@ pub async fn authorize(
             .resources
             .is_empty()
     {
-        return redirect_error(&req, "invalid_scope", "no requested resource scope can be granted");
+        return redirect_error(
+            &req,
+            "invalid_scope",
+            "no requested resource scope can be granted",
+        );
     }
     // Already signed in (session cookie, MFA done, account still active)?
     if let Some(sess) = get_cookie(&h, SESSION_COOKIE) {
@@ -541,7 +553,13 @@ pub async fn authorize(
     page.into_response()
 }
 
-async fn login_again(st: &AppState, p: Pending, msg: &str, status: StatusCode, now: i64) -> Response {
+async fn login_again(
+    st: &AppState,
+    p: Pending,
+    msg: &str,
+    status: StatusCode,
+    now: i64,
+) -> Response {
     let (csrf, c) = match new_pending(st, &p, now).await {
         Ok(x) => x,
         Err(r) => return r,
@@ -551,7 +569,8 @@ async fn login_again(st: &AppState, p: Pending, msg: &str, status: StatusCode, n
     page.into_response()
 }
 
-const BAD_LOGIN: &str = "The username or password is not right, or this account cannot sign in now.";
+const BAD_LOGIN: &str =
+    "The username or password is not right, or this account cannot sign in now.";
 
 /// POST /auth/login
 pub async fn login(
@@ -570,13 +589,23 @@ pub async fn login(
         Err(r) => return r,
     };
     if !matches!(p.stage, Stage::Password) {
-        return error_page(StatusCode::BAD_REQUEST, "Unexpected step; start again from the app.");
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Unexpected step; start again from the app.",
+        );
     }
     let username = form.get("username").map(String::as_str).unwrap_or("");
     let password = form.get("password").map(String::as_str).unwrap_or("");
     let ip_key = format!("ip:{}", peer(&ext));
-    let acct_key = format!("user:{}", st.accounts.keyed("throttle", username.trim().to_lowercase().as_bytes()));
-    let wait = st.throttle.wait(&ip_key, now).max(st.throttle.wait(&acct_key, now));
+    let acct_key = format!(
+        "user:{}",
+        st.accounts
+            .keyed("throttle", username.trim().to_lowercase().as_bytes())
+    );
+    let wait = st
+        .throttle
+        .wait(&ip_key, now)
+        .max(st.throttle.wait(&acct_key, now));
     if wait > 0 {
         return login_again(
             &st,
@@ -614,7 +643,9 @@ pub async fn login(
                         tracing::warn!(event = "auth.locked", user_id = %id, "account locked after repeated failures");
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::error!(user_id = %id, error = %e, "could not count a failed sign-in"),
+                    Err(e) => {
+                        tracing::error!(user_id = %id, error = %e, "could not count a failed sign-in")
+                    }
                 }
             });
         }
@@ -640,12 +671,7 @@ pub async fn login(
 }
 
 fn mfa_required(st: &AppState, user: &User) -> bool {
-    !st
-        .config
-        .auth
-        .mfa_optional_roles
-        .iter()
-        .any(|r| *r == user.rec.role)
+    !st.config.auth.mfa_optional_roles.contains(&user.rec.role)
 }
 
 /// After the password: the second factor, enrollment, or (where a role
@@ -693,7 +719,11 @@ async fn enrollment_page(
     } else {
         StatusCode::OK
     };
-    let mut page = Page::new(status, "Set up two-step sign-in", enroll_totp_form(&csrf, &uri, &b32, msg));
+    let mut page = Page::new(
+        status,
+        "Set up two-step sign-in",
+        enroll_totp_form(&csrf, &uri, &b32, msg),
+    );
     page.cookies.push(c);
     page.into_response()
 }
@@ -715,7 +745,10 @@ pub async fn mfa(
         Err(r) => return r,
     };
     let (Stage::Mfa, Some(uid)) = (&p.stage, p.user_id.clone()) else {
-        return error_page(StatusCode::BAD_REQUEST, "Unexpected step; start again from the app.");
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Unexpected step; start again from the app.",
+        );
     };
     let acct_key = format!("mfa:{uid}");
     let wait = st.throttle.wait(&acct_key, now);
@@ -754,7 +787,11 @@ pub async fn mfa(
                     ""
                 }
             );
-            let mut page = Page::new(StatusCode::OK, "Recovery code used", continue_form(&csrf, &note));
+            let mut page = Page::new(
+                StatusCode::OK,
+                "Recovery code used",
+                continue_form(&csrf, &note),
+            );
             page.cookies.push(c);
             page.into_response()
         }
@@ -770,13 +807,18 @@ pub async fn mfa(
             let msg = if wait > 0 {
                 format!("Too many attempts. Wait {wait} seconds and try again.")
             } else {
-                "That code is not right, or was already used. Wait for a new code and try again.".into()
+                "That code is not right, or was already used. Wait for a new code and try again."
+                    .into()
             };
             let (csrf, c) = match new_pending(&st, &p, now).await {
                 Ok(x) => x,
                 Err(r) => return r,
             };
-            let mut page = Page::new(StatusCode::UNAUTHORIZED, "Two-step sign-in", mfa_form(&csrf, Some(&msg)));
+            let mut page = Page::new(
+                StatusCode::UNAUTHORIZED,
+                "Two-step sign-in",
+                mfa_form(&csrf, Some(&msg)),
+            );
             page.cookies.push(c);
             page.into_response()
         }
@@ -785,11 +827,7 @@ pub async fn mfa(
 }
 
 /// POST /auth/mfa/enroll
-pub async fn mfa_enroll(
-    State(st): State<Arc<AppState>>,
-    h: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub async fn mfa_enroll(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
     let now = crate::now_secs();
     let form = match params(&body) {
         Ok(f) => f,
@@ -800,7 +838,10 @@ pub async fn mfa_enroll(
         Err(r) => return r,
     };
     let (Stage::EnrollTotp { secret }, Some(uid)) = (p.stage.clone(), p.user_id.clone()) else {
-        return error_page(StatusCode::BAD_REQUEST, "Unexpected step; start again from the app.");
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Unexpected step; start again from the app.",
+        );
     };
     let user = match st.accounts.load(&uid).await {
         Ok(Some(u)) if u.status() == Some(Status::Active) && !u.has_mfa() => u,
@@ -825,7 +866,11 @@ pub async fn mfa_enroll(
                 "<p>Two-step sign-in is on. These are your recovery codes. Each works once, \
                  if you lose your authenticator. Store them somewhere safe now: they will not be shown again.</p><ol>{list}</ol>"
             );
-            let mut page = Page::new(StatusCode::OK, "Recovery codes", continue_form(&csrf, &note));
+            let mut page = Page::new(
+                StatusCode::OK,
+                "Recovery codes",
+                continue_form(&csrf, &note),
+            );
             page.cookies.push(c);
             page.into_response()
         }
@@ -838,7 +883,9 @@ pub async fn mfa_enroll(
                 p,
                 &user,
                 &t,
-                Some("That code did not match. Check the time on your phone and try the next code."),
+                Some(
+                    "That code did not match. Check the time on your phone and try the next code.",
+                ),
                 now,
             )
             .await
@@ -859,7 +906,10 @@ pub async fn proceed(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes)
         Err(r) => return r,
     };
     let (Stage::Continue, Some(uid)) = (&p.stage, p.user_id.clone()) else {
-        return error_page(StatusCode::BAD_REQUEST, "Unexpected step; start again from the app.");
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Unexpected step; start again from the app.",
+        );
     };
     let user = match st.accounts.load(&uid).await {
         Ok(Some(u)) if u.status() == Some(Status::Active) => u,
@@ -951,7 +1001,11 @@ async fn after_sign_in(
     };
     cookies.retain(|c| !c.starts_with(PENDING_COOKIE));
     cookies.push(c);
-    let mut page = Page::new(StatusCode::OK, "Allow access?", consent_form(&csrf, &client.name, &granted));
+    let mut page = Page::new(
+        StatusCode::OK,
+        "Allow access?",
+        consent_form(&csrf, &client.name, &granted),
+    );
     page.cookies = cookies;
     page.redirect_origin = origin(&p.req.redirect_uri).map(str::to_owned);
     page.into_response()
@@ -965,7 +1019,13 @@ fn add_cookies(r: &mut Response, cookies: &[String]) {
     }
 }
 
-async fn issue_code(st: &AppState, p: &Pending, user: &User, granted: &SmartScopes, now: i64) -> Response {
+async fn issue_code(
+    st: &AppState,
+    p: &Pending,
+    user: &User,
+    granted: &SmartScopes,
+    now: i64,
+) -> Response {
     let details = CodeDetails {
         client_id: p.req.client_id.clone(),
         redirect_uri: p.req.redirect_uri.clone(),
@@ -983,7 +1043,14 @@ async fn issue_code(st: &AppState, p: &Pending, user: &User, granted: &SmartScop
     let family = uuid::Uuid::new_v4().to_string();
     match st
         .grants
-        .create(Kind::Code, &family, user.id(), &details, now + CODE_TTL, now)
+        .create(
+            Kind::Code,
+            &family,
+            user.id(),
+            &details,
+            now + CODE_TTL,
+            now,
+        )
         .await
     {
         Ok(code) => redirect_to(
@@ -1006,7 +1073,10 @@ pub async fn consent(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes)
         Err(r) => return r,
     };
     let (Stage::Consent { granted }, Some(uid)) = (p.stage.clone(), p.user_id.clone()) else {
-        return error_page(StatusCode::BAD_REQUEST, "Unexpected step; start again from the app.");
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Unexpected step; start again from the app.",
+        );
     };
     let mut r = if form.get("decision").map(String::as_str) == Some("allow") {
         let user = match st.accounts.load(&uid).await {
@@ -1034,7 +1104,11 @@ pub async fn logout(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) 
             return internal(e);
         }
     }
-    let mut page = Page::new(StatusCode::OK, "Signed out", "<p>You are signed out.</p>".into());
+    let mut page = Page::new(
+        StatusCode::OK,
+        "Signed out",
+        "<p>You are signed out.</p>".into(),
+    );
     page.cookies.push(clear_cookie(SESSION_COOKIE));
     page.into_response()
 }
@@ -1061,9 +1135,17 @@ fn enroll_form(token: &str, message: Option<&str>) -> String {
 pub async fn enroll_page(RawQuery(q): RawQuery) -> Response {
     let q = params(q.unwrap_or_default().as_bytes()).unwrap_or_default();
     let Some(token) = q.get("token") else {
-        return error_page(StatusCode::BAD_REQUEST, "This enrollment link is incomplete.");
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "This enrollment link is incomplete.",
+        );
     };
-    Page::new(StatusCode::OK, "Set your password", enroll_form(token, None)).into_response()
+    Page::new(
+        StatusCode::OK,
+        "Set your password",
+        enroll_form(token, None),
+    )
+    .into_response()
 }
 
 /// POST /auth/enroll
@@ -1113,8 +1195,14 @@ mod tests {
 
     #[test]
     fn escaping_and_origins() {
-        assert_eq!(esc("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
-        assert_eq!(origin("https://app.example:8443/cb?x=1"), Some("https://app.example:8443"));
+        assert_eq!(
+            esc("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+        assert_eq!(
+            origin("https://app.example:8443/cb?x=1"),
+            Some("https://app.example:8443")
+        );
         assert_eq!(origin("http://127.0.0.1/cb"), Some("http://127.0.0.1"));
         assert_eq!(origin("nonsense"), None);
     }

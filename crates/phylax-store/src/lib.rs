@@ -276,7 +276,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// `Duplicate` if the key hash exists.
     async fn put_grant(&self, g: &GrantRecord, now: i64) -> Result<()>;
     /// A grant that has not expired at `now`.
-    async fn get_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<Option<GrantRecord>>;
+    async fn get_grant(&self, kind: &str, key_hash: &[u8], now: i64)
+        -> Result<Option<GrantRecord>>;
     /// Atomically mark a single-use grant used.
     async fn use_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<GrantUse>;
     /// Move an unexpired grant's expiry (a session's idle timeout).

@@ -559,7 +559,15 @@ impl Store for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         c.execute(
             &format!("INSERT INTO users ({USER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
-            &[&u.id, &u.username_hash, &u.role, &u.status, &u.sealed, &u.rev, &u.created_at],
+            &[
+                &u.id,
+                &u.username_hash,
+                &u.role,
+                &u.status,
+                &u.sealed,
+                &u.rev,
+                &u.created_at,
+            ],
         )
         .await
         .map_err(pg)?;
@@ -569,7 +577,10 @@ impl Store for PgStore {
     async fn get_user(&self, id: &str) -> Result<Option<UserRecord>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let r = c
-            .query_opt(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"), &[&id])
+            .query_opt(
+                &format!("SELECT {USER_COLS} FROM users WHERE id = $1"),
+                &[&id],
+            )
             .await
             .map_err(pg)?;
         Ok(r.as_ref().map(row_user))
@@ -590,7 +601,10 @@ impl Store for PgStore {
     async fn list_users(&self) -> Result<Vec<UserRecord>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let rows = c
-            .query(&format!("SELECT {USER_COLS} FROM users ORDER BY created_at, id"), &[])
+            .query(
+                &format!("SELECT {USER_COLS} FROM users ORDER BY created_at, id"),
+                &[],
+            )
             .await
             .map_err(pg)?;
         Ok(rows.iter().map(row_user).collect())
@@ -615,14 +629,27 @@ impl Store for PgStore {
             .map_err(pg)?;
         c.execute(
             &format!("INSERT INTO grants ({GRANT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
-            &[&g.kind, &g.key_hash, &g.family, &g.user_id, &g.sealed, &g.expires_at, &g.used_at],
+            &[
+                &g.kind,
+                &g.key_hash,
+                &g.family,
+                &g.user_id,
+                &g.sealed,
+                &g.expires_at,
+                &g.used_at,
+            ],
         )
         .await
         .map_err(pg)?;
         Ok(())
     }
 
-    async fn get_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<Option<GrantRecord>> {
+    async fn get_grant(
+        &self,
+        kind: &str,
+        key_hash: &[u8],
+        now: i64,
+    ) -> Result<Option<GrantRecord>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let r = c
             .query_opt(

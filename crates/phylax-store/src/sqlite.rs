@@ -551,7 +551,15 @@ impl Store for SqliteStore {
         self.write(move |c| {
             c.execute(
                 &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-                params![u.id, u.username_hash, u.role, u.status, u.sealed, u.rev, u.created_at],
+                params![
+                    u.id,
+                    u.username_hash,
+                    u.role,
+                    u.status,
+                    u.sealed,
+                    u.rev,
+                    u.created_at
+                ],
             )
             .map(|_| ())
             .map_err(unique)
@@ -590,7 +598,9 @@ impl Store for SqliteStore {
     async fn list_users(&self) -> Result<Vec<UserRecord>> {
         self.read(move |c| {
             let mut st = c
-                .prepare(&format!("SELECT {USER_COLS} FROM users ORDER BY created_at, id"))
+                .prepare(&format!(
+                    "SELECT {USER_COLS} FROM users ORDER BY created_at, id"
+                ))
                 .map_err(backend)?;
             let rows = st.query_map([], row_user).map_err(backend)?;
             rows.map(|r| r.map_err(backend)).collect()
@@ -618,7 +628,15 @@ impl Store for SqliteStore {
                 .map_err(backend)?;
             c.execute(
                 &format!("INSERT INTO grants ({GRANT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-                params![g.kind, g.key_hash, g.family, g.user_id, g.sealed, g.expires_at, g.used_at],
+                params![
+                    g.kind,
+                    g.key_hash,
+                    g.family,
+                    g.user_id,
+                    g.sealed,
+                    g.expires_at,
+                    g.used_at
+                ],
             )
             .map(|_| ())
             .map_err(unique)
@@ -626,7 +644,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn get_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<Option<GrantRecord>> {
+    async fn get_grant(
+        &self,
+        kind: &str,
+        key_hash: &[u8],
+        now: i64,
+    ) -> Result<Option<GrantRecord>> {
         let (kind, h) = (kind.to_owned(), key_hash.to_vec());
         self.read(move |c| {
             c.query_row(

@@ -372,7 +372,10 @@ async fn clients_and_jti_replay(s: &DynStore) {
         jwks: String::new(),
         disabled: false,
         created_at: 6,
-        redirect_uris: vec!["https://app.example/cb".into(), "http://127.0.0.1:9/cb".into()],
+        redirect_uris: vec![
+            "https://app.example/cb".into(),
+            "http://127.0.0.1:9/cb".into(),
+        ],
         public: true,
         first_party: true,
     };
@@ -874,10 +877,16 @@ async fn users_unique_and_compare_and_swap(s: &DynStore) {
     let u = user("u1", b"hash-alice");
     s.add_user(&u).await.unwrap();
     assert!(
-        matches!(s.add_user(&user("u2", b"hash-alice")).await, Err(StoreError::Duplicate)),
+        matches!(
+            s.add_user(&user("u2", b"hash-alice")).await,
+            Err(StoreError::Duplicate)
+        ),
         "username hash is unique"
     );
-    assert!(matches!(s.add_user(&user("u1", b"hash-bob")).await, Err(StoreError::Duplicate)));
+    assert!(matches!(
+        s.add_user(&user("u1", b"hash-bob")).await,
+        Err(StoreError::Duplicate)
+    ));
     assert_eq!(s.get_user("u1").await.unwrap().unwrap(), u);
     assert_eq!(s.find_user(b"hash-alice").await.unwrap().unwrap(), u);
     assert!(s.find_user(b"hash-nobody").await.unwrap().is_none());
@@ -891,15 +900,23 @@ async fn users_unique_and_compare_and_swap(s: &DynStore) {
     assert!(s.update_user(&a).await.unwrap());
     assert!(!s.update_user(&b).await.unwrap(), "stale revision refused");
     let now = s.get_user("u1").await.unwrap().unwrap();
-    assert_eq!((now.rev, now.status.as_str(), now.sealed.as_slice()), (1, "locked", &b"sealed-a"[..]));
-    assert!(!s.update_user(&user("u9", b"x")).await.unwrap(), "no such user");
+    assert_eq!(
+        (now.rev, now.status.as_str(), now.sealed.as_slice()),
+        (1, "locked", &b"sealed-a"[..])
+    );
+    assert!(
+        !s.update_user(&user("u9", b"x")).await.unwrap(),
+        "no such user"
+    );
     // Concurrent CAS from one revision: exactly one winner.
     let mut tasks = Vec::new();
     for i in 0..12 {
         let s = s.clone();
         let mut c = now.clone();
         c.sealed = format!("w{i}").into_bytes();
-        tasks.push(tokio::spawn(async move { s.update_user(&c).await.unwrap() }));
+        tasks.push(tokio::spawn(
+            async move { s.update_user(&c).await.unwrap() },
+        ));
     }
     let mut wins = 0;
     for t in tasks {
@@ -925,19 +942,33 @@ fn grant(kind: &str, key: &[u8], family: &str, user: &str, exp: i64) -> GrantRec
 both!(grants_single_use_expiry_and_families);
 async fn grants_single_use_expiry_and_families(s: &DynStore) {
     let now = 1_000;
-    s.put_grant(&grant("code", b"k1", "f1", "u1", now + 60), now).await.unwrap();
+    s.put_grant(&grant("code", b"k1", "f1", "u1", now + 60), now)
+        .await
+        .unwrap();
     assert!(matches!(
-        s.put_grant(&grant("code", b"k1", "f1", "u1", now + 60), now).await,
+        s.put_grant(&grant("code", b"k1", "f1", "u1", now + 60), now)
+            .await,
         Err(StoreError::Duplicate)
     ));
     assert!(s.get_grant("code", b"k1", now).await.unwrap().is_some());
-    assert!(s.get_grant("refresh", b"k1", now).await.unwrap().is_none(), "kinds are separate");
-    assert!(s.get_grant("code", b"k1", now + 60).await.unwrap().is_none(), "expired");
+    assert!(
+        s.get_grant("refresh", b"k1", now).await.unwrap().is_none(),
+        "kinds are separate"
+    );
+    assert!(
+        s.get_grant("code", b"k1", now + 60)
+            .await
+            .unwrap()
+            .is_none(),
+        "expired"
+    );
     // Single use, even when raced.
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let s = s.clone();
-        tasks.push(tokio::spawn(async move { s.use_grant("code", b"k1", now + 1).await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            s.use_grant("code", b"k1", now + 1).await.unwrap()
+        }));
     }
     let (mut fresh, mut reused) = (0, 0);
     for t in tasks {
@@ -954,26 +985,57 @@ async fn grants_single_use_expiry_and_families(s: &DynStore) {
         }
     }
     assert_eq!((fresh, reused), (1, 7));
-    assert_eq!(s.use_grant("code", b"k1", now + 61).await.unwrap(), GrantUse::Missing, "expired");
-    assert_eq!(s.use_grant("code", b"nope", now).await.unwrap(), GrantUse::Missing);
+    assert_eq!(
+        s.use_grant("code", b"k1", now + 61).await.unwrap(),
+        GrantUse::Missing,
+        "expired"
+    );
+    assert_eq!(
+        s.use_grant("code", b"nope", now).await.unwrap(),
+        GrantUse::Missing
+    );
     // Touch moves the expiry (a session's idle timeout).
-    s.put_grant(&grant("session", b"s1", "fs", "u1", now + 10), now).await.unwrap();
+    s.put_grant(&grant("session", b"s1", "fs", "u1", now + 10), now)
+        .await
+        .unwrap();
     s.touch_grant("session", b"s1", now + 500).await.unwrap();
-    assert!(s.get_grant("session", b"s1", now + 400).await.unwrap().is_some());
+    assert!(s
+        .get_grant("session", b"s1", now + 400)
+        .await
+        .unwrap()
+        .is_some());
     // Families and users.
-    s.put_grant(&grant("refresh", b"r1", "fam", "u1", now + 900), now).await.unwrap();
-    s.put_grant(&grant("refresh", b"r2", "fam", "u1", now + 900), now).await.unwrap();
-    s.put_grant(&grant("refresh", b"r3", "other", "u2", now + 900), now).await.unwrap();
+    s.put_grant(&grant("refresh", b"r1", "fam", "u1", now + 900), now)
+        .await
+        .unwrap();
+    s.put_grant(&grant("refresh", b"r2", "fam", "u1", now + 900), now)
+        .await
+        .unwrap();
+    s.put_grant(&grant("refresh", b"r3", "other", "u2", now + 900), now)
+        .await
+        .unwrap();
     assert_eq!(s.delete_family("fam").await.unwrap(), 2);
     assert!(s.get_grant("refresh", b"r1", now).await.unwrap().is_none());
     assert!(s.get_grant("refresh", b"r3", now).await.unwrap().is_some());
-    assert_eq!(s.delete_user_grants("u1").await.unwrap(), 2, "the session and the used code");
+    assert_eq!(
+        s.delete_user_grants("u1").await.unwrap(),
+        2,
+        "the session and the used code"
+    );
     assert!(s.delete_grant("refresh", b"r3").await.unwrap());
     assert!(!s.delete_grant("refresh", b"r3").await.unwrap());
     // Expired grants are purged when new ones are stored.
-    s.put_grant(&grant("code", b"old", "f", "u3", now + 5), now).await.unwrap();
-    s.put_grant(&grant("code", b"new", "f", "u3", now + 500), now + 100).await.unwrap();
-    assert_eq!(s.delete_family("f").await.unwrap(), 1, "the expired one was purged");
+    s.put_grant(&grant("code", b"old", "f", "u3", now + 5), now)
+        .await
+        .unwrap();
+    s.put_grant(&grant("code", b"new", "f", "u3", now + 500), now + 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.delete_family("f").await.unwrap(),
+        1,
+        "the expired one was purged"
+    );
 }
 
 both!(revocations_are_published_in_order);
@@ -983,9 +1045,15 @@ async fn revocations_are_published_in_order(s: &DynStore) {
     assert!(b > a);
     let all = s.revocations_since(0, 0).await.unwrap();
     assert_eq!(
-        all.iter().map(|r| (r.kind.as_str(), r.key.as_str(), r.at)).collect::<Vec<_>>(),
+        all.iter()
+            .map(|r| (r.kind.as_str(), r.key.as_str(), r.at))
+            .collect::<Vec<_>>(),
         vec![("user", "u1", 100), ("family", "f1", 200)]
     );
     assert_eq!(s.revocations_since(a, 0).await.unwrap().len(), 1);
-    assert_eq!(s.revocations_since(0, 150).await.unwrap().len(), 1, "old ones no longer matter");
+    assert_eq!(
+        s.revocations_since(0, 150).await.unwrap().len(),
+        1,
+        "old ones no longer matter"
+    );
 }

@@ -389,7 +389,9 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
             }
             let text = match (&jwks, public) {
                 (Some(_), true) => bail!("a --public client has no keys: drop --jwks"),
-                (None, false) => bail!("--jwks is required (or --public for an app without credentials)"),
+                (None, false) => {
+                    bail!("--jwks is required (or --public for an app without credentials)")
+                }
                 (None, true) => String::new(),
                 (Some(p), false) => {
                     let text = std::fs::read_to_string(p)
@@ -485,7 +487,10 @@ fn check_redirect_uri(u: &str) -> Result<()> {
     let ok_scheme = u.starts_with("https://")
         || ["http://127.0.0.1", "http://[::1]", "http://localhost"]
             .iter()
-            .any(|p| u.strip_prefix(p).is_some_and(|r| r.is_empty() || r.starts_with([':', '/'])));
+            .any(|p| {
+                u.strip_prefix(p)
+                    .is_some_and(|r| r.is_empty() || r.starts_with([':', '/']))
+            });
     if !ok_scheme {
         bail!("--redirect-uri {u}: use https (http only on 127.0.0.1, [::1] or localhost)");
     }
@@ -552,7 +557,12 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
                         .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
                         .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
                         .unwrap_or_else(|| {
-                            if u.has_password() { "never" } else { "not enrolled" }.into()
+                            if u.has_password() {
+                                "never"
+                            } else {
+                                "not enrolled"
+                            }
+                            .into()
                         });
                     println!(
                         "{:<24}  {:<10}  {:<8}  {:<5}  {:<8}  {last}",
@@ -583,7 +593,10 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
             let u = find_user(&accounts, &a.username).await?;
             let ttl = i.config.auth.enrollment_secs;
             let link = accounts.new_enrollment(u.id(), ttl, now).await?;
-            println!("one-time link to set a new password (valid {} h):", ttl / 3600);
+            println!(
+                "one-time link to set a new password (valid {} h):",
+                ttl / 3600
+            );
             println!("{}/auth/enroll?token={link}", i.config.public_url);
             Ok(())
         }

@@ -1,0 +1,1274 @@
+//! People signing in through the real HTTP pages, on both backends:
+//! enrollment link → password → TOTP enrollment (codes from an independent
+//! implementation, Python `pyotp`) → recovery codes → authorization code →
+//! PKCE token exchange → FHIR read; a patient's standalone launch with
+//! consent; and the hostile cases: wrong and reused codes, replayed codes
+//! and refresh tokens, PKCE mismatch, open redirects, CSRF, expired links,
+//! lockout, throttling, idle sessions, disabled users across nodes.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use base64::Engine;
+use common::TestServer;
+use phylax_server::grants::Kind;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::process::Command;
+
+const REDIRECT: &str = "http://127.0.0.1:9/callback";
+const PASSWORD: &str = "glacier tulip orbit 47 saffron";
+
+/// A browser: its own cookie jar, no automatic redirects.
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    jar: HashMap<String, String>,
+}
+
+struct Resp {
+    status: u16,
+    location: Option<String>,
+    body: String,
+}
+
+impl Resp {
+    fn csrf(&self) -> String {
+        field(&self.body, "csrf").unwrap_or_else(|| panic!("no csrf in {}", self.body))
+    }
+    fn param(&self, k: &str) -> Option<String> {
+        let loc = self.location.as_deref()?;
+        let q = loc.split_once('?')?.1;
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.into_owned())
+    }
+}
+
+/// The value of a hidden input.
+fn field(html: &str, name: &str) -> Option<String> {
+    let pat = format!("name=\"{name}\" value=\"");
+    let i = html.find(&pat)? + pat.len();
+    Some(html[i..i + html[i..].find('"')?].to_owned())
+}
+
+fn ca(s: &TestServer) -> Vec<u8> {
+    std::fs::read(s.data_dir.join("tls/ca.pem")).unwrap()
+}
+
+impl Browser {
+    fn new(s: &TestServer) -> Browser {
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca(s)).unwrap())
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        Browser {
+            http,
+            base: s.base.clone(),
+            jar: HashMap::new(),
+        }
+    }
+
+    fn cookie_header(&self) -> String {
+        self.jar
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    async fn finish(&mut self, r: reqwest::Response) -> Resp {
+        for v in r.headers().get_all("set-cookie") {
+            let v = v.to_str().unwrap();
+            assert!(
+                v.contains("Secure") && v.contains("HttpOnly") && v.contains("SameSite="),
+                "{v}"
+            );
+            let (kv, _) = v.split_once(';').unwrap();
+            let (k, val) = kv.split_once('=').unwrap();
+            if val.is_empty() || v.contains("Max-Age=0") {
+                self.jar.remove(k);
+            } else {
+                self.jar.insert(k.to_owned(), val.to_owned());
+            }
+        }
+        let status = r.status().as_u16();
+        let location = r
+            .headers()
+            .get("location")
+            .map(|v| v.to_str().unwrap().to_owned());
+        if status == 200 || status == 401 {
+            let csp = r
+                .headers()
+                .get("content-security-policy")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            if r.headers()
+                .get("content-type")
+                .is_some_and(|c| c.to_str().unwrap().starts_with("text/html"))
+            {
+                assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+            }
+        }
+        let body = r.text().await.unwrap();
+        Resp {
+            status,
+            location,
+            body,
+        }
+    }
+
+    async fn get(&mut self, path_and_query: &str) -> Resp {
+        let r = self
+            .http
+            .get(format!("{}{path_and_query}", self.base))
+            .header("cookie", self.cookie_header())
+            .send()
+            .await
+            .unwrap();
+        self.finish(r).await
+    }
+
+    async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Resp {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("cookie", self.cookie_header())
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        self.finish(r).await
+    }
+}
+
+struct Pkce {
+    verifier: String,
+    challenge: String,
+}
+
+fn pkce() -> Pkce {
+    let verifier = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(phylax_crypto::random_array::<32>().unwrap());
+    let d = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+    Pkce {
+        challenge: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d.as_ref()),
+        verifier,
+    }
+}
+
+fn authorize_url(s: &TestServer, client: &str, scope: &str, state: &str, p: &Pkce) -> String {
+    let q = form_urlencoded::Serializer::new(String::new())
+        .append_pair("response_type", "code")
+        .append_pair("client_id", client)
+        .append_pair("redirect_uri", REDIRECT)
+        .append_pair("scope", scope)
+        .append_pair("state", state)
+        .append_pair("aud", &s.fhir)
+        .append_pair("code_challenge", &p.challenge)
+        .append_pair("code_challenge_method", "S256")
+        .finish();
+    format!("/auth/authorize?{q}")
+}
+
+async fn add_app(s: &TestServer, scope: &str, first_party: bool) -> String {
+    let id = uuid::Uuid::new_v4().to_string();
+    s.state
+        .store
+        .add_client(&phylax_store::ClientRecord {
+            id: id.clone(),
+            name: "Test <App>".into(),
+            scope: scope.into(),
+            jwks: String::new(),
+            disabled: false,
+            created_at: 0,
+            redirect_uris: vec![REDIRECT.into()],
+            public: true,
+            first_party,
+        })
+        .await
+        .unwrap();
+    id
+}
+
+/// Create a user and set their password through the enrollment link page.
+async fn enrolled_user(s: &TestServer, name: &str, role: &str, patient: Option<&str>) {
+    let now = chrono::Utc::now().timestamp();
+    let (_, link) = s
+        .state
+        .accounts
+        .add(name, role, patient, 3600, now)
+        .await
+        .unwrap();
+    let mut b = Browser::new(s);
+    let page = b.get(&format!("/auth/enroll?token={link}")).await;
+    assert_eq!(page.status, 200);
+    assert_eq!(field(&page.body, "token").as_deref(), Some(link.as_str()));
+    // Short, common and username-based passwords are refused with a reason.
+    for (bad, why) in [
+        ("short one", "at least 15"),
+        ("passwordpassword1", "too easy"),
+        (&format!("{name}{name}{name}{name}")[..], "too easy"),
+    ] {
+        let r = b
+            .post(
+                "/auth/enroll",
+                &[("token", &link), ("password", bad), ("password2", bad)],
+            )
+            .await;
+        assert_eq!(r.status, 400, "{bad}");
+        assert!(r.body.contains(why), "{bad}: {}", r.body);
+        assert!(!r.body.contains(bad), "the password is never echoed");
+    }
+    let r = b
+        .post(
+            "/auth/enroll",
+            &[
+                ("token", &link),
+                ("password", PASSWORD),
+                ("password2", "different"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    let r = b
+        .post(
+            "/auth/enroll",
+            &[
+                ("token", &link),
+                ("password", PASSWORD),
+                ("password2", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Single use.
+    let again = b
+        .post(
+            "/auth/enroll",
+            &[
+                ("token", &link),
+                ("password", PASSWORD),
+                ("password2", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(again.status, 400);
+    assert!(again.body.contains("invalid, used or expired"));
+}
+
+// ------------------------------------------------------------ TOTP peers
+
+/// The interpreter with pyotp, or None outside CI (then Rust computes the
+/// codes, and the interop half is skipped with a note).
+fn pyotp() -> Option<String> {
+    let py = std::env::var("PHYLAX_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import pyotp"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(py);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but {py} cannot import pyotp: run scripts/test"
+    );
+    eprintln!("note: pyotp not available; TOTP codes computed in Rust instead (run scripts/test)");
+    None
+}
+
+/// The code for `uri` at `t` (seconds), from pyotp when available.
+fn totp_at(uri: &str, t: i64) -> String {
+    if let Some(py) = pyotp() {
+        let out = Command::new(py)
+            .args([
+                "-c",
+                "import sys, pyotp; print(pyotp.parse_uri(sys.argv[1]).at(int(sys.argv[2])))",
+                uri,
+                &t.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    }
+    let q = uri.split_once('?').unwrap().1;
+    let secret = form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == "secret")
+        .unwrap()
+        .1
+        .into_owned();
+    let raw = data_encoding::BASE32_NOPAD
+        .decode(secret.as_bytes())
+        .unwrap();
+    phylax_crypto::totp::Totp::from_secret(phylax_crypto::Secret::new(raw))
+        .unwrap()
+        .code_at(t as u64)
+}
+
+fn otpauth_from(html: &str) -> String {
+    let i = html.find("href=\"otpauth://").unwrap() + 6;
+    let raw = &html[i..i + html[i..].find('"').unwrap()];
+    raw.replace("&amp;", "&")
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The next 30-second step's start, so a test can use a code that was not
+/// used yet.
+async fn next_step() -> i64 {
+    let t = now();
+    let wait = 30 - t % 30;
+    tokio::time::sleep(std::time::Duration::from_millis(wait as u64 * 1000 + 200)).await;
+    now()
+}
+
+async fn exchange(s: &TestServer, form: &[(&str, &str)]) -> (u16, Value) {
+    let r = s.http.post(s.token_url()).form(form).send().await.unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap())
+}
+
+fn claims(token: &str) -> Value {
+    let p = token.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(p)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+async fn fhir_get(s: &TestServer, token: &str, path: &str) -> u16 {
+    s.http
+        .get(s.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn make_patient(s: &TestServer, id: &str) {
+    let admin = s.token("system/*.cruds").await;
+    let r = s
+        .http
+        .put(s.url(&format!("/Patient/{id}")))
+        .bearer_auth(&admin)
+        .header("content-type", "application/fhir+json")
+        .body(format!(
+            r#"{{"resourceType":"Patient","id":"{id}","name":[{{"family":"Testperson"}}]}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+}
+
+// ------------------------------------------------------------ the tests
+
+both!(clinician_password_totp_code_token_fhir_read);
+async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
+    make_patient(s, "p1").await;
+    enrolled_user(s, "dr.grey", "clinician", None).await;
+    let app = add_app(s, "user/*.cruds openid fhirUser offline_access", true).await;
+    let scope = "user/Patient.rs openid offline_access";
+
+    // --- Sign in: the login page, wrong password, unknown user.
+    let mut b = Browser::new(s);
+    let p = pkce();
+    let page = b.get(&authorize_url(s, &app, scope, "st-1", &p)).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("name=\"username\"") && page.body.contains("name=\"password\""));
+    let wrong = b
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &page.csrf()),
+                ("username", "dr.grey"),
+                ("password", "not the password at all"),
+            ],
+        )
+        .await;
+    assert_eq!(wrong.status, 401);
+    let unknown = b
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &wrong.csrf()),
+                ("username", "nobody"),
+                ("password", "not the password at all"),
+            ],
+        )
+        .await;
+    assert_eq!(unknown.status, 401);
+    let strip = |r: &Resp| r.body.replace(&r.csrf(), "");
+    assert_eq!(strip(&wrong), strip(&unknown), "no enumeration: same page");
+    // A stale stage cookie (each stage's cookie works once) and a forged
+    // CSRF token are refused.
+    let forged = b
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", "forged"),
+                ("username", "dr.grey"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(forged.status, 403);
+    let mut nocookie = Browser::new(s);
+    let r = nocookie
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &unknown.csrf()),
+                ("username", "dr.grey"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 400, "no sign-in cookie");
+
+    // --- Right password: MFA is mandatory, so enrollment comes first.
+    let enroll = b
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &unknown.csrf()),
+                ("username", "Dr.Grey "),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(enroll.status, 200, "{}", enroll.body);
+    assert!(
+        enroll.body.contains("data:image/svg+xml;base64,"),
+        "QR code"
+    );
+    let uri = otpauth_from(&enroll.body);
+    assert!(
+        uri.starts_with("otpauth://totp/Phylax:dr%2Egrey?secret="),
+        "{uri}"
+    );
+    assert!(uri.contains("algorithm=SHA1&digits=6&period=30"));
+    // Phylax and pyotp agree on codes at arbitrary times.
+    let secret_b32 = form_urlencoded::parse(uri.split_once('?').unwrap().1.as_bytes())
+        .find(|(k, _)| k == "secret")
+        .unwrap()
+        .1
+        .into_owned();
+    let ours = phylax_crypto::totp::Totp::from_secret(phylax_crypto::Secret::new(
+        data_encoding::BASE32_NOPAD
+            .decode(secret_b32.as_bytes())
+            .unwrap(),
+    ))
+    .unwrap();
+    for t in [59, 1_111_111_109, 2_000_000_000, now()] {
+        assert_eq!(totp_at(&uri, t), ours.code_at(t as u64), "t={t}");
+    }
+    let bad = b
+        .post(
+            "/auth/mfa/enroll",
+            &[("csrf", &enroll.csrf()), ("code", "000000")],
+        )
+        .await;
+    assert_eq!(bad.status, 401);
+    assert_eq!(otpauth_from(&bad.body), uri, "same secret offered again");
+    let enroll_code = totp_at(&uri, now());
+    let codes_page = b
+        .post(
+            "/auth/mfa/enroll",
+            &[("csrf", &bad.csrf()), ("code", &enroll_code)],
+        )
+        .await;
+    assert_eq!(codes_page.status, 200, "{}", codes_page.body);
+    let recovery: Vec<String> = codes_page
+        .body
+        .split("<li><code>")
+        .skip(1)
+        .map(|x| x[..x.find('<').unwrap()].to_owned())
+        .collect();
+    assert_eq!(recovery.len(), 10);
+    let done = b
+        .post("/auth/continue", &[("csrf", &codes_page.csrf())])
+        .await;
+    assert_eq!(done.status, 303);
+    assert!(done.location.as_deref().unwrap().starts_with(REDIRECT));
+    assert_eq!(done.param("state").as_deref(), Some("st-1"));
+    let code1 = done.param("code").unwrap();
+    assert!(b.jar.contains_key("__Host-phylax-session"));
+
+    // --- PKCE mismatch burns the code; the replay then revokes its family.
+    let (st, v) = exchange(
+        s,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code1),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &app),
+            ("code_verifier", &pkce().verifier),
+        ],
+    )
+    .await;
+    assert_eq!((st, v["error"].as_str()), (400, Some("invalid_grant")));
+    let (st, _) = exchange(
+        s,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code1),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &app),
+            ("code_verifier", &p.verifier),
+        ],
+    )
+    .await;
+    assert_eq!(st, 400, "a code works once");
+
+    // --- The session signs the next authorization in without a password.
+    let p2 = pkce();
+    let r = b.get(&authorize_url(s, &app, scope, "st-2", &p2)).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let code2 = r.param("code").unwrap();
+    let good = [
+        ("grant_type", "authorization_code"),
+        ("code", code2.as_str()),
+        ("redirect_uri", REDIRECT),
+        ("client_id", app.as_str()),
+        ("code_verifier", p2.verifier.as_str()),
+    ];
+    // A code presented by another client or with another redirect URI is
+    // refused (and burned).
+    let other_app = add_app(s, "user/*.cruds", true).await;
+    for (k, v) in [
+        ("client_id", other_app.as_str()),
+        ("redirect_uri", "http://127.0.0.1:9/other"),
+    ] {
+        let pb = pkce();
+        let r = b.get(&authorize_url(s, &app, scope, "st-x", &pb)).await;
+        let code = r.param("code").unwrap();
+        let mut f = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("client_id", app.as_str()),
+            ("code_verifier", pb.verifier.as_str()),
+        ];
+        f.retain(|(n, _)| *n != k);
+        f.push((k, v));
+        let (st, e) = exchange(s, &f).await;
+        assert_eq!(
+            (st, e["error"].as_str()),
+            (400, Some("invalid_grant")),
+            "{k}"
+        );
+    }
+    let (st, v) = exchange(s, &good).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["token_type"], "Bearer");
+    assert_eq!(v["scope"], "openid offline_access user/Patient.rs");
+    assert!(v["expires_in"].as_i64().unwrap() <= 600);
+    let at = v["access_token"].as_str().unwrap().to_owned();
+    let c = claims(&at);
+    assert_eq!(c["role"], "clinician");
+    assert_eq!(c["acr"], "urn:phylax:acr:mfa");
+    assert_eq!(c["amr"], serde_json::json!(["pwd", "otp"]));
+    assert_eq!(
+        fhir_get(s, &at, "/Patient/p1").await,
+        200,
+        "FHIR read with the user's token"
+    );
+    assert_eq!(
+        fhir_get(s, &at, "/Observation?code=x").await,
+        403,
+        "outside the granted scopes"
+    );
+    // Replaying code2 revokes everything minted from it.
+    let (st, _) = exchange(s, &good).await;
+    assert_eq!(st, 400);
+    assert_eq!(
+        fhir_get(s, &at, "/Patient/p1").await,
+        401,
+        "family revoked at once on this node"
+    );
+
+    // --- Refresh rotation with reuse detection.
+    let p3 = pkce();
+    let r = b.get(&authorize_url(s, &app, scope, "st-3", &p3)).await;
+    let (st, v) = exchange(
+        s,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &r.param("code").unwrap()),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &app),
+            ("code_verifier", &p3.verifier),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let rt1 = v["refresh_token"].as_str().unwrap().to_owned();
+    let (st, v2) = exchange(
+        s,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &rt1),
+            ("client_id", &app),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{v2}");
+    let rt2 = v2["refresh_token"].as_str().unwrap().to_owned();
+    let at2 = v2["access_token"].as_str().unwrap().to_owned();
+    assert_ne!(rt1, rt2, "rotated");
+    assert_eq!(fhir_get(s, &at2, "/Patient/p1").await, 200);
+    let (st, _) = exchange(
+        s,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &rt1),
+            ("client_id", &app),
+        ],
+    )
+    .await;
+    assert_eq!(st, 400, "rotated-out token replayed");
+    let (st, _) = exchange(
+        s,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &rt2),
+            ("client_id", &app),
+        ],
+    )
+    .await;
+    assert_eq!(st, 400, "the replay revoked the whole family");
+    assert_eq!(fhir_get(s, &at2, "/Patient/p1").await, 401);
+
+    // --- A new browser: the enrollment's TOTP code cannot be used again,
+    // wrong codes fail, a recovery code works once and says what is left.
+    let mut b2 = Browser::new(s);
+    let page = b2
+        .get(&authorize_url(s, &app, scope, "st-4", &pkce()))
+        .await;
+    let mfa = b2
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &page.csrf()),
+                ("username", "dr.grey"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(mfa.status, 200);
+    assert!(mfa.body.contains("name=\"code\""));
+    let replay = b2
+        .post(
+            "/auth/mfa",
+            &[("csrf", &mfa.csrf()), ("code", &enroll_code)],
+        )
+        .await;
+    assert_eq!(replay.status, 401, "a TOTP code works once");
+    let wrong = b2
+        .post("/auth/mfa", &[("csrf", &replay.csrf()), ("code", "12345")])
+        .await;
+    assert_eq!(wrong.status, 401);
+    let rec = b2
+        .post(
+            "/auth/mfa",
+            &[
+                ("csrf", &wrong.csrf()),
+                ("code", &recovery[3].to_uppercase()),
+            ],
+        )
+        .await;
+    assert_eq!(rec.status, 200, "{}", rec.body);
+    assert!(
+        rec.body.contains("<strong>9</strong> recovery codes left"),
+        "{}",
+        rec.body
+    );
+    let r = b2.post("/auth/continue", &[("csrf", &rec.csrf())]).await;
+    assert_eq!(r.status, 303);
+    // The same recovery code again, in yet another browser: refused.
+    let mut b3 = Browser::new(s);
+    let page = b3
+        .get(&authorize_url(s, &app, scope, "st-5", &pkce()))
+        .await;
+    let mfa = b3
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &page.csrf()),
+                ("username", "dr.grey"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    let again = b3
+        .post(
+            "/auth/mfa",
+            &[("csrf", &mfa.csrf()), ("code", &recovery[3])],
+        )
+        .await;
+    assert_eq!(again.status, 401);
+    // A fresh TOTP code from pyotp (next step) works.
+    let t = next_step().await;
+    let ok = b3
+        .post(
+            "/auth/mfa",
+            &[("csrf", &again.csrf()), ("code", &totp_at(&uri, t))],
+        )
+        .await;
+    assert_eq!(ok.status, 303, "{}", ok.body);
+
+    // --- An idle session no longer signs anyone in.
+    let sess = b.jar["__Host-phylax-session"].clone();
+    let h = s.state.grants.hash(Kind::Session, &sess);
+    s.state
+        .store
+        .touch_grant("session", &h, now() - 1)
+        .await
+        .unwrap();
+    let r = b.get(&authorize_url(s, &app, scope, "st-6", &pkce())).await;
+    assert_eq!(r.status, 200, "sign-in page again after the idle timeout");
+    assert!(r.body.contains("name=\"password\""));
+}
+
+both!(authorization_requests_that_must_fail);
+async fn authorization_requests_that_must_fail(s: &TestServer) {
+    let app = add_app(s, "user/*.rs", true).await;
+    let mut b = Browser::new(s);
+    let p = pkce();
+    let ok = authorize_url(s, &app, "user/*.rs", "x", &p);
+    // Open redirects: unregistered, prefix-extended, other port or path.
+    for evil in [
+        "https://evil.example/cb",
+        "http://127.0.0.1:9/callbackx",
+        "http://127.0.0.1:9/callback/../x",
+        "http://127.0.0.1:10/callback",
+        "http://127.0.0.1:9/callback?x=1",
+    ] {
+        let url = ok.replace(
+            &form_urlencoded::byte_serialize(REDIRECT.as_bytes()).collect::<String>(),
+            &form_urlencoded::byte_serialize(evil.as_bytes()).collect::<String>(),
+        );
+        let r = b.get(&url).await;
+        assert_eq!(r.status, 400, "{evil}");
+        assert!(r.location.is_none(), "never redirected to {evil}");
+    }
+    // Unknown client: error page, no redirect.
+    let r = b.get(&ok.replace(&app, "no-such-client")).await;
+    assert_eq!((r.status, r.location.is_none()), (400, true));
+    // Repeated parameters.
+    let r = b.get(&format!("{ok}&state=y")).await;
+    assert_eq!(r.status, 400);
+    // Errors after the redirect URI is known go back to the app.
+    let cases = [
+        (ok.replace("&state=x", ""), "invalid_request"),
+        (
+            ok.replace("code_challenge_method=S256", "code_challenge_method=plain"),
+            "invalid_request",
+        ),
+        (
+            ok.replace(
+                &format!("code_challenge={}", p.challenge),
+                "code_challenge=short",
+            ),
+            "invalid_request",
+        ),
+        (
+            ok.replace("response_type=code", "response_type=token"),
+            "unsupported_response_type",
+        ),
+        (ok.replace("scope=user", "scope=system"), "invalid_scope"),
+        (
+            ok.replace(
+                &form_urlencoded::byte_serialize(s.fhir.as_bytes()).collect::<String>(),
+                "https%3A%2F%2Fother.example%2Ffhir",
+            ),
+            "invalid_request",
+        ),
+    ];
+    for (url, err) in cases {
+        let r = b.get(&url).await;
+        assert_eq!(r.status, 303, "{url}");
+        assert!(r.location.as_deref().unwrap().starts_with(REDIRECT));
+        assert_eq!(r.param("error").as_deref(), Some(err), "{url}");
+    }
+    // Expired enrollment link.
+    let (_, link) = s
+        .state
+        .accounts
+        .add("late", "clinician", None, 300, now() - 600)
+        .await
+        .unwrap();
+    let r = b
+        .post(
+            "/auth/enroll",
+            &[
+                ("token", &link),
+                ("password", PASSWORD),
+                ("password2", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    // A tampered link.
+    let (_, link) = s
+        .state
+        .accounts
+        .add("tamper", "clinician", None, 3600, now())
+        .await
+        .unwrap();
+    let mut t = link.clone();
+    t.pop();
+    t.push(if link.ends_with('A') { 'B' } else { 'A' });
+    let r = b
+        .post(
+            "/auth/enroll",
+            &[
+                ("token", &t),
+                ("password", PASSWORD),
+                ("password2", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    // Token endpoint: a confidential-looking exchange without a client.
+    let (st, v) = exchange(s, &[("grant_type", "authorization_code"), ("code", "x")]).await;
+    assert_eq!((st, v["error"].as_str()), (401, Some("invalid_client")));
+    let (st, v) = exchange(
+        s,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", "x"),
+            ("client_id", &app),
+        ],
+    )
+    .await;
+    assert_eq!((st, v["error"].as_str()), (400, Some("invalid_grant")));
+    let (st, v) = exchange(s, &[("grant_type", "password"), ("client_id", &app)]).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
+}
+
+async fn lockout_body(s: &TestServer) {
+    enrolled_user(s, "nurse.joy", "clinician", None).await;
+    let app = add_app(s, "user/*.rs", true).await;
+    let mut b = Browser::new(s);
+    let mut page = b
+        .get(&authorize_url(s, &app, "user/*.rs", "s", &pkce()))
+        .await;
+    for _ in 0..3 {
+        page = b
+            .post(
+                "/auth/login",
+                &[
+                    ("csrf", &page.csrf()),
+                    ("username", "nurse.joy"),
+                    ("password", "wrong wrong wrong wrong"),
+                ],
+            )
+            .await;
+        assert_eq!(page.status, 401);
+    }
+    // The failure count is written in the background; wait for the lock.
+    let mut locked = false;
+    for _ in 0..50 {
+        let u = s.state.accounts.find("nurse.joy").await.unwrap().unwrap();
+        if u.rec.status == "locked" {
+            locked = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(locked, "locked after three failures");
+    let r = b
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &page.csrf()),
+                ("username", "nurse.joy"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(
+        r.status, 401,
+        "the right password does not open a locked account"
+    );
+    assert!(r.body.contains("cannot sign in now"));
+    // Four failures from this address: the next attempt must wait.
+    let r2 = b
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &r.csrf()),
+                ("username", "nurse.joy"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(r2.status, 429, "{}", r2.body);
+    assert!(r2.body.contains("Too many attempts"));
+    // Unlocked by an administrator, after the delay the password works
+    // (and the second factor is next).
+    let id = s
+        .state
+        .accounts
+        .find("nurse.joy")
+        .await
+        .unwrap()
+        .unwrap()
+        .rec
+        .id;
+    s.state
+        .accounts
+        .set_status(&id, phylax_server::accounts::Status::Active, now())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let r3 = b
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &r2.csrf()),
+                ("username", "nurse.joy"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(r3.status, 200, "{}", r3.body);
+    assert!(r3.body.contains("otpauth://"));
+}
+
+mod lockout {
+    use super::common::{Backend, TestServer};
+    async fn server(b: Backend) -> Option<TestServer> {
+        TestServer::start_with(b, |c| c.auth.lockout_threshold = 3).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::lockout_body(&server(Backend::Sqlite).await.unwrap()).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        if let Some(s) = server(Backend::Postgres).await {
+            super::lockout_body(&s).await;
+        }
+    }
+}
+
+async fn patient_launch_body(s: &TestServer) {
+    make_patient(s, "pat-1").await;
+    make_patient(s, "pat-2").await;
+    enrolled_user(s, "jane", "patient", Some("pat-1")).await;
+    let app = add_app(
+        s,
+        "patient/*.rs launch/patient openid fhirUser offline_access",
+        false,
+    )
+    .await;
+    let scope = "launch/patient patient/Patient.rs patient/Observation.rs openid fhirUser";
+    let mut b = Browser::new(s);
+    let p = pkce();
+    let page = b.get(&authorize_url(s, &app, scope, "pl", &p)).await;
+    let consent = b
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &page.csrf()),
+                ("username", "jane"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    // Patients may go without a second factor here (configured), and a
+    // third-party app needs the patient's consent.
+    assert_eq!(consent.status, 200, "{}", consent.body);
+    assert!(
+        consent.body.contains("Test &lt;App&gt;"),
+        "escaped app name"
+    );
+    assert!(consent.body.contains("patient/Observation.rs"));
+    // Denying sends the app an error.
+    let denied = b
+        .post(
+            "/auth/consent",
+            &[("csrf", &consent.csrf()), ("decision", "deny")],
+        )
+        .await;
+    assert_eq!(denied.status, 303);
+    assert_eq!(denied.param("error").as_deref(), Some("access_denied"));
+    assert_eq!(denied.param("state").as_deref(), Some("pl"));
+    // Again (the session now exists), allowing this time.
+    let consent = b.get(&authorize_url(s, &app, scope, "pl2", &p)).await;
+    assert_eq!(consent.status, 200, "consent again");
+    let allowed = b
+        .post(
+            "/auth/consent",
+            &[("csrf", &consent.csrf()), ("decision", "allow")],
+        )
+        .await;
+    assert_eq!(allowed.status, 303);
+    let (st, v) = exchange(
+        s,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &allowed.param("code").unwrap()),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &app),
+            ("code_verifier", &p.verifier),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["patient"], "pat-1", "launch context");
+    assert_eq!(v["fhirUser"], format!("{}/Patient/pat-1", s.fhir));
+    assert!(
+        v.get("refresh_token").is_none(),
+        "offline_access was not requested"
+    );
+    let at = v["access_token"].as_str().unwrap();
+    assert_eq!(claims(at)["acr"], "urn:phylax:acr:pwd");
+    assert_eq!(fhir_get(s, at, "/Patient/pat-1").await, 200);
+    assert_eq!(
+        fhir_get(s, at, "/Patient/pat-2").await,
+        403,
+        "another patient"
+    );
+    assert_eq!(fhir_get(s, at, "/Patient?name=Testperson").await, 403);
+    assert_eq!(fhir_get(s, at, "/Patient/pat-1/_history").await, 403);
+}
+
+mod patient_launch {
+    use super::common::{Backend, TestServer};
+    async fn server(b: Backend) -> Option<TestServer> {
+        TestServer::start_with(b, |c| c.auth.mfa_optional_roles = vec!["patient".into()]).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::patient_launch_body(&server(Backend::Sqlite).await.unwrap()).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        if let Some(s) = server(Backend::Postgres).await {
+            super::patient_launch_body(&s).await;
+        }
+    }
+}
+
+/// Sign a clinician in with TOTP; returns (access token, refresh token).
+async fn signed_in_tokens(s: &TestServer, name: &str) -> (String, String) {
+    enrolled_user(s, name, "clinician", None).await;
+    let app = add_app(s, "user/*.rs offline_access", true).await;
+    let mut b = Browser::new(s);
+    let p = pkce();
+    let page = b
+        .get(&authorize_url(s, &app, "user/*.rs offline_access", "q", &p))
+        .await;
+    let enroll = b
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &page.csrf()),
+                ("username", name),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    let uri = otpauth_from(&enroll.body);
+    let codes = b
+        .post(
+            "/auth/mfa/enroll",
+            &[("csrf", &enroll.csrf()), ("code", &totp_at(&uri, now()))],
+        )
+        .await;
+    let r = b.post("/auth/continue", &[("csrf", &codes.csrf())]).await;
+    let (st, v) = exchange(
+        s,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &r.param("code").unwrap()),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &app),
+            ("code_verifier", &p.verifier),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    (
+        v["access_token"].as_str().unwrap().to_owned(),
+        v["refresh_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+both!(disabling_a_user_ends_tokens_on_every_node);
+async fn disabling_a_user_ends_tokens_on_every_node(s: &TestServer) {
+    make_patient(s, "p9").await;
+    let (at, rt) = signed_in_tokens(s, "dr.house").await;
+    let (node2, _stop) = s.second_node().await;
+    let read2 = |tok: String| {
+        let http = s.http.clone();
+        let url = format!("{node2}/Patient/p9");
+        async move {
+            http.get(url)
+                .bearer_auth(tok)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(fhir_get(s, &at, "/Patient/p9").await, 200);
+    assert_eq!(
+        read2(at.clone()).await,
+        200,
+        "the other node accepts it too"
+    );
+    // The CLI's path: disable through the account service.
+    let id = s
+        .state
+        .accounts
+        .find("dr.house")
+        .await
+        .unwrap()
+        .unwrap()
+        .rec
+        .id;
+    s.state
+        .accounts
+        .set_status(&id, phylax_server::accounts::Status::Disabled, now())
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let a = fhir_get(s, &at, "/Patient/p9").await;
+        let b = read2(at.clone()).await;
+        if a == 401 && b == 401 {
+            break;
+        }
+        assert!(
+            start.elapsed().as_secs() < 10,
+            "revocation took too long ({a}, {b})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let app_refresh = exchange(
+        s,
+        &[("grant_type", "refresh_token"), ("refresh_token", &rt)],
+    )
+    .await;
+    assert_ne!(app_refresh.0, 200, "refresh tokens are gone too");
+}
+
+both!(revocation_and_introspection);
+async fn revocation_and_introspection(s: &TestServer) {
+    make_patient(s, "p5").await;
+    // A backend client introspects and revokes its own access token.
+    let (id, key) = s.register("system/*.rs").await;
+    let (st, v) = s
+        .token_request(&s.assertion(&id, &key), "system/*.rs")
+        .await;
+    assert_eq!(st, 200);
+    let at = v["access_token"].as_str().unwrap().to_owned();
+    let auth = |s: &TestServer| {
+        vec![
+            (
+                "client_assertion_type".to_owned(),
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_owned(),
+            ),
+            ("client_assertion".to_owned(), s.assertion(&id, &key)),
+        ]
+    };
+    let post = |path: &'static str, mut f: Vec<(String, String)>, tok: String| {
+        f.push(("token".into(), tok));
+        let http = s.http.clone();
+        let url = format!("{}{path}", s.base);
+        async move {
+            let r = http.post(url).form(&f).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, v) = post("/auth/introspect", auth(s), at.clone()).await;
+    assert_eq!((st, v["active"].as_bool()), (200, Some(true)), "{v}");
+    assert_eq!(v["client_id"], id.as_str());
+    let (st, v) = post("/auth/introspect", auth(s), "garbage".into()).await;
+    assert_eq!((st, v["active"].as_bool()), (200, Some(false)));
+    // Without client authentication: refused.
+    let (st, _) = post("/auth/introspect", vec![], at.clone()).await;
+    assert_eq!(st, 401);
+    // Another client cannot revoke or inspect it.
+    let (id2, key2) = s.register("system/*.rs").await;
+    let other = || {
+        vec![
+            (
+                "client_assertion_type".to_owned(),
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_owned(),
+            ),
+            ("client_assertion".to_owned(), s.assertion(&id2, &key2)),
+        ]
+    };
+    let (_, v) = post("/auth/introspect", other(), at.clone()).await;
+    assert_eq!(v["active"], false);
+    // Each assertion works once: a replayed one is refused.
+    let once = other();
+    let (st, _) = post("/auth/revoke", once.clone(), at.clone()).await;
+    assert_eq!(st, 200);
+    let (st, _) = post("/auth/revoke", once, at.clone()).await;
+    assert_eq!(st, 401, "assertion replayed");
+    let (st, _) = post("/auth/revoke", other(), at.clone()).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        fhir_get(s, &at, "/Patient/p5").await,
+        200,
+        "not revoked by a stranger"
+    );
+    let (st, _) = post("/auth/revoke", auth(s), at.clone()).await;
+    assert_eq!(st, 200);
+    assert_eq!(fhir_get(s, &at, "/Patient/p5").await, 401, "revoked");
+    let (_, v) = post("/auth/introspect", auth(s), at.clone()).await;
+    assert_eq!(v["active"], false);
+
+    // A public app revokes its refresh token; the refresh then fails.
+    let (uat, rt) = signed_in_tokens(s, "dr.who").await;
+    let app = claims(&uat)["client_id"].as_str().unwrap().to_owned();
+    let r = s
+        .http
+        .post(format!("{}/auth/revoke", s.base))
+        .form(&[("token", rt.as_str()), ("client_id", app.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (st, _) = exchange(
+        s,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &rt),
+            ("client_id", &app),
+        ],
+    )
+    .await;
+    assert_eq!(st, 400);
+    assert_eq!(
+        fhir_get(s, &uat, "/Patient/p5").await,
+        401,
+        "the family's access token too"
+    );
+}

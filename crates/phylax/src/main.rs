@@ -578,7 +578,17 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
         }
         UserCmd::Disable(a) => user_status(a, Status::Disabled, now).await,
         UserCmd::Enable(a) => user_status(a, Status::Active, now).await,
-        UserCmd::Unlock(a) => user_status(a, Status::Active, now).await,
+        UserCmd::Unlock(a) => {
+            let i = Instance::open(&a.inst.data_dir, a.inst.database_url.as_deref()).await?;
+            let accounts = i.accounts()?;
+            let u = find_user(&accounts, &a.username).await?;
+            if u.status() != Some(Status::Locked) {
+                bail!("{} is not locked (status: {})", a.username, u.rec.status);
+            }
+            accounts.set_status(u.id(), Status::Active, now).await?;
+            println!("{} is unlocked", a.username);
+            Ok(())
+        }
         UserCmd::ResetMfa(a) => {
             let i = Instance::open(&a.inst.data_dir, a.inst.database_url.as_deref()).await?;
             let accounts = i.accounts()?;

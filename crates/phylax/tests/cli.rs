@@ -42,7 +42,7 @@ fn fails(o: &Output) -> String {
 fn help_lists_the_commands() {
     let d = tempfile::tempdir().unwrap();
     let h = ok(&phylax(&["--help"], d.path()));
-    for c in ["quickstart", "init", "serve", "client"] {
+    for c in ["quickstart", "init", "serve", "client", "user"] {
         assert!(h.contains(c), "{h}");
     }
     let h = ok(&phylax(&["client", "--help"], d.path()));
@@ -274,4 +274,149 @@ async fn quickstart_creates_then_reuses() {
     // The keys are beside the data directory, not in it.
     assert!(d.path().join("phylax-data-keys/kek").exists());
     assert!(!d.path().join("phylax-data/kek").exists());
+}
+
+#[test]
+fn users_and_apps() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(&phylax(&["init", "--data-dir", "inst"], p));
+    let add = |args: &[&str]| {
+        let mut a = vec!["user", "add", "--data-dir", "inst"];
+        a.extend_from_slice(args);
+        phylax(&a, p)
+    };
+    let out = ok(&add(&["--username", "Dr.Grey", "--role", "clinician"]));
+    assert!(out.contains("/auth/enroll?token="), "{out}");
+    let link = out.lines().last().unwrap();
+    assert!(
+        link.starts_with("https://127.0.0.1:8443/auth/enroll?token="),
+        "{link}"
+    );
+    assert!(fails(&add(&["--username", "dr.grey", "--role", "clinician"])).contains("taken"));
+    assert!(fails(&add(&["--username", "x", "--role", "wizard"])).contains("unknown role"));
+    assert!(fails(&add(&["--username", "pat", "--role", "patient"])).contains("--patient"));
+    assert!(fails(&add(&["--username", "a b", "--role", "admin"])).contains("username"));
+    ok(&add(&[
+        "--username",
+        "jane",
+        "--role",
+        "patient",
+        "--patient",
+        "p-1",
+    ]));
+    let list = ok(&phylax(&["user", "list", "--data-dir", "inst"], p));
+    assert!(
+        list.contains("dr.grey") && list.contains("not enrolled"),
+        "{list}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(&phylax(
+        &["user", "list", "--data-dir", "inst", "--json"],
+        p,
+    )))
+    .unwrap();
+    assert_eq!(json[0]["username"], "dr.grey");
+    assert_eq!(json[0]["mfa"], false);
+    assert_eq!(json[0]["enrollment_pending"], true);
+    assert_eq!(json[1]["role"], "patient");
+    // The database holds neither the username nor the link's token.
+    let mut db = std::fs::read(p.join("inst/phylax.db")).unwrap();
+    if let Ok(wal) = std::fs::read(p.join("inst/phylax.db-wal")) {
+        db.extend(wal);
+    }
+    assert!(db.len() > 10_000);
+    let token = link.rsplit('.').next().unwrap();
+    for needle in ["dr.grey", "Dr.Grey", "jane", token] {
+        assert!(
+            !db.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle} in the database"
+        );
+    }
+    let u =
+        |cmd: &str, name: &str| phylax(&["user", cmd, "--data-dir", "inst", "--username", name], p);
+    assert!(ok(&u("disable", "dr.grey")).contains("disabled"));
+    assert!(fails(&u("unlock", "dr.grey")).contains("not locked"));
+    assert!(ok(&u("enable", "dr.grey")).contains("active"));
+    assert!(ok(&u("reset-mfa", "dr.grey")).contains("second factor removed"));
+    assert!(ok(&u("reset-password", "dr.grey")).contains("/auth/enroll?token="));
+    assert!(fails(&u("disable", "nobody")).contains("no user"));
+
+    // Apps.
+    let app = |args: &[&str]| {
+        let mut a = vec!["client", "add", "--data-dir", "inst", "--name", "app"];
+        a.extend_from_slice(args);
+        phylax(&a, p)
+    };
+    let id = ok(&app(&[
+        "--scope",
+        "patient/*.rs launch/patient openid fhirUser offline_access",
+        "--redirect-uri",
+        "https://app.example/cb",
+        "--redirect-uri",
+        "http://127.0.0.1:7000/cb",
+        "--public",
+    ]));
+    assert_eq!(id.trim().len(), 36);
+    for (args, why) in [
+        (
+            vec![
+                "--scope",
+                "patient/*.rs",
+                "--redirect-uri",
+                "http://app.example/cb",
+                "--public",
+            ],
+            "https",
+        ),
+        (
+            vec![
+                "--scope",
+                "patient/*.rs",
+                "--redirect-uri",
+                "https://app.example/cb#x",
+                "--public",
+            ],
+            "fragment",
+        ),
+        (
+            vec![
+                "--scope",
+                "system/*.rs",
+                "--redirect-uri",
+                "https://app.example/cb",
+                "--public",
+            ],
+            "--scope",
+        ),
+        (
+            vec![
+                "--scope",
+                "patient/*.rs",
+                "--redirect-uri",
+                "https://app.example/cb",
+            ],
+            "--jwks",
+        ),
+        (vec!["--scope", "system/*.rs", "--public"], "--redirect-uri"),
+        (
+            vec![
+                "--scope",
+                "patient/*.rs",
+                "--redirect-uri",
+                "http://localhost.evil.example/cb",
+                "--public",
+            ],
+            "https",
+        ),
+    ] {
+        let e = fails(&app(&args));
+        assert!(e.contains(why), "{args:?}: {e}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&ok(&phylax(
+        &["client", "list", "--data-dir", "inst", "--json"],
+        p,
+    )))
+    .unwrap();
+    assert_eq!(json[0]["public"], true);
+    assert_eq!(json[0]["redirect_uris"][1], "http://127.0.0.1:7000/cb");
 }

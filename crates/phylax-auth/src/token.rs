@@ -219,6 +219,27 @@ impl TokenIssuer {
     }
 }
 
+/// Sign an OpenID Connect `id_token` (compact JWS, `ES256`) with `key`.
+pub fn sign_id_token(
+    key: &phylax_crypto::signing::SigningKey,
+    claims: &serde_json::Value,
+) -> Result<String, AuthError> {
+    let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": key.kid()});
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let sig = key.sign(input.as_bytes())?;
+    Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig)))
+}
+
+/// The public JWK of a signing key.
+pub fn public_jwk(key: &phylax_crypto::signing::SigningKey) -> serde_json::Value {
+    let (x, y) = key.public_xy();
+    serde_json::json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": key.kid(), "use": "sig", "alg": "ES256"})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

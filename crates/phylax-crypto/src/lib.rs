@@ -16,6 +16,8 @@
 //!   enforced, upgrade on sign-in, equal cost for unknown users).
 //! - [`totp`]: RFC 6238 one-time passwords with a ±1 step window and the
 //!   matched step returned for replay refusal.
+//! - [`signing`]: ECDSA P-256 (`ES256`) keys for `id_token`s, wrapped by
+//!   the KEK, public halves published as a JWKS.
 //! - [`secret`]: a zeroizing byte container with a redacted `Debug`.
 //!
 //! Primitives come from `ring` (audited, AES-NI accelerated) and the
@@ -28,6 +30,7 @@ pub mod kek;
 pub mod mac;
 pub mod password;
 pub mod secret;
+pub mod signing;
 pub mod totp;
 
 pub use blind::BlindIndexKey;

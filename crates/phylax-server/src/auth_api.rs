@@ -36,6 +36,8 @@ pub fn smart_configuration(cfg: &Config) -> Value {
         "authorization_endpoint": format!("{base}/authorize"),
         "token_endpoint": cfg.token_url(),
         "revocation_endpoint": format!("{base}/revoke"),
+        "jwks_uri": format!("{base}/jwks"),
+        "id_token_signing_alg_values_supported": ["ES256"],
         "introspection_endpoint": format!("{base}/introspect"),
         "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
@@ -51,7 +53,7 @@ pub fn smart_configuration(cfg: &Config) -> Value {
             "launch-standalone", "client-public", "client-confidential-asymmetric",
             "context-standalone-patient", "permission-offline", "permission-online",
             "permission-patient", "permission-user", "permission-v1", "permission-v2",
-            "authorize-post"
+            "sso-openid-connect"
         ],
     })
 }
@@ -63,6 +65,38 @@ pub async fn smart_config(State(st): State<Arc<AppState>>) -> Response {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// GET /auth/jwks: the public halves of the current and previous
+/// `id_token` signing keys.
+pub async fn jwks(State(st): State<Arc<AppState>>) -> Response {
+    let keys: Vec<Value> = st
+        .signing
+        .read()
+        .iter()
+        .rev()
+        .take(2)
+        .map(|k| phylax_auth::token::public_jwk(k))
+        .collect();
+    json_ok(json!({ "keys": keys }))
+}
+
+/// GET /auth/.well-known/openid-configuration (OpenID Connect Discovery).
+pub async fn openid_config(State(st): State<Arc<AppState>>) -> Response {
+    let base = format!("{}/auth", st.config.public_url);
+    json_ok(json!({
+        "issuer": base,
+        "authorization_endpoint": format!("{base}/authorize"),
+        "token_endpoint": format!("{base}/token"),
+        "jwks_uri": format!("{base}/jwks"),
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "scopes_supported": ["openid", "fhirUser"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
+        "code_challenge_methods_supported": ["S256"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "fhirUser"],
+    }))
 }
 
 fn oauth_error(e: &AuthError) -> Response {
@@ -263,6 +297,7 @@ async fn user_tokens(
     family: &str,
     d: &RefreshDetails,
     refresh_expires: Option<i64>,
+    nonce: Option<&str>,
     now: i64,
 ) -> Result<Value, AuthError> {
     let user = active_user(st, &d.user_id).await?;
@@ -287,10 +322,39 @@ async fn user_tokens(
             out["need_patient_banner"] = json!(false);
         }
     }
-    if SmartScopes::parse_request(&d.scope).fhir_user {
-        if let Some(p) = &d.patient {
-            out["fhirUser"] = json!(format!("{}/Patient/{p}", st.fhir_base));
+    let granted = SmartScopes::parse_request(&d.scope);
+    // fhirUser: the FHIR resource for the person. Patients have one;
+    // workforce accounts are not linked to a Practitioner yet.
+    let fhir_user = if granted.fhir_user {
+        user.patient()
+            .map(|p| format!("{}/Patient/{p}", st.fhir_base))
+    } else {
+        None
+    };
+    if let Some(f) = &fhir_user {
+        out["fhirUser"] = json!(f);
+    }
+    if granted.openid {
+        let key = st
+            .current_signing_key()
+            .ok_or(AuthError::InvalidRequest("temporarily unavailable"))?;
+        let mut c = json!({
+            "iss": claims.iss,
+            "sub": d.user_id,
+            "aud": d.client_id,
+            "iat": now,
+            "exp": now + st.tokens.lifetime(),
+            "auth_time": d.auth_time,
+            "amr": d.amr,
+            "acr": claims.acr,
+        });
+        if let Some(n) = nonce {
+            c["nonce"] = json!(n);
         }
+        if let Some(f) = fhir_user {
+            c["fhirUser"] = json!(f);
+        }
+        out["id_token"] = json!(phylax_auth::token::sign_id_token(&key, &c)?);
     }
     if let Some(exp) = refresh_expires {
         let rt = st
@@ -356,7 +420,7 @@ async fn authorization_code(st: &AppState, f: &Form) -> Result<Value, AuthError>
         amr: d.amr,
         offer_patient: d.offer_patient,
     };
-    user_tokens(st, &g.family, &rd, refresh_expires, now).await
+    user_tokens(st, &g.family, &rd, refresh_expires, d.nonce.as_deref(), now).await
 }
 
 async fn refresh(st: &AppState, f: &Form) -> Result<Value, AuthError> {
@@ -391,7 +455,7 @@ async fn refresh(st: &AppState, f: &Form) -> Result<Value, AuthError> {
     }
     // The new token keeps the family and the original expiry: rotation
     // never extends the grant.
-    user_tokens(st, &g.family, &d, Some(g.expires_at), now).await
+    user_tokens(st, &g.family, &d, Some(g.expires_at), None, now).await
 }
 
 /// POST /auth/revoke (RFC 7009). Answers 200 whatever the token was, so it

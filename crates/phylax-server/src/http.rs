@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::error::{outcome_response, ApiError, REQUEST_ID};
 use crate::grants::Grants;
 use crate::instance::Instance;
+use crate::keyring::KeyRing;
 use crate::pipeline::{AuditSink, LogAuditSink, RequestCtx};
 use crate::repo::Repo;
 use crate::revocations::Revoked;
@@ -26,6 +27,7 @@ use phylax_auth::assertion::Verifier;
 use phylax_auth::policy::Principal;
 use phylax_auth::throttle::Throttle;
 use phylax_auth::{ScopeSet, TokenIssuer};
+use phylax_crypto::signing::SigningKey;
 use phylax_crypto::MacKey;
 use phylax_fhir::{Issue, IssueCode, OperationOutcome};
 use phylax_store::DynStore;
@@ -57,6 +59,9 @@ pub struct AppState {
     pub grants: Grants,
     /// Growing delays after failed sign-ins, per client IP and per account.
     pub throttle: Throttle,
+    /// `id_token` signing keys, oldest first; the last one signs.
+    pub signing: parking_lot::RwLock<Vec<Arc<SigningKey>>>,
+    pub keys: Arc<KeyRing>,
 }
 
 /// How often the disabled-client list is refreshed.
@@ -81,6 +86,13 @@ impl AppState {
             ..
         } = inst;
         let grants = Grants::new(store.clone(), keys.clone(), auth_key);
+        let signing = keys
+            .signing_keys()
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         let fhir_base = config.fhir_base();
         let verifier =
             Verifier::new(config.token_url()).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -93,7 +105,7 @@ impl AppState {
         let capability = crate::capability::capability_statement(&config);
         let smart_config = crate::auth_api::smart_configuration(&config);
         let st = Arc::new(AppState {
-            repo: Repo::new(store.clone(), keys, blind_key, fhir_base.clone()),
+            repo: Repo::new(store.clone(), keys.clone(), blind_key, fhir_base.clone()),
             store,
             fhir_base,
             tokens,
@@ -107,6 +119,8 @@ impl AppState {
             accounts,
             grants,
             throttle: Throttle::new(),
+            signing: parking_lot::RwLock::new(signing),
+            keys,
             config,
         });
         st.refresh_disabled()
@@ -131,7 +145,20 @@ impl AppState {
         *self.disabled_clients.write() = set;
         let revoked = Revoked::load(&self.store, crate::now_secs()).await?;
         *self.revoked.write() = revoked;
+        // A signing key added on another node (or by the CLI).
+        let known = self.signing.read().len();
+        if self.keys.signing_key_added(known).await.unwrap_or(false) {
+            match self.keys.signing_keys().await {
+                Ok(k) => *self.signing.write() = k.into_iter().map(Arc::new).collect(),
+                Err(e) => tracing::error!(error = %e, "could not load the new signing key"),
+            }
+        }
         Ok(())
+    }
+
+    /// The key that signs new `id_token`s.
+    pub fn current_signing_key(&self) -> Option<Arc<SigningKey>> {
+        self.signing.read().last().cloned()
     }
 
     /// Keep the disabled-client list fresh until the process ends.
@@ -202,6 +229,11 @@ pub fn router(st: Arc<AppState>) -> Router {
         )
         .route("/auth/token", post(auth_api::token))
         .route("/auth/revoke", post(auth_api::revoke))
+        .route("/auth/jwks", get(auth_api::jwks))
+        .route(
+            "/auth/.well-known/openid-configuration",
+            get(auth_api::openid_config),
+        )
         .route("/auth/introspect", post(auth_api::introspect))
         .route("/auth/authorize", get(crate::signin::authorize))
         .route("/auth/login", post(crate::signin::login))

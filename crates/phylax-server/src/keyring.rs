@@ -6,6 +6,7 @@
 //! stored with put-if-absent, then the stored one is unwrapped and used: if
 //! two nodes race to create the same scope, both end up with the winner.
 
+use phylax_crypto::signing::SigningKey;
 use phylax_crypto::{DataKey, Kek};
 use phylax_store::{DynStore, StoreError};
 use std::collections::HashMap;
@@ -106,5 +107,55 @@ impl KeyRing {
             .unwrap_data_key(scope, &wrapped)
             .map_err(|_| KeyError::Unwrap)?;
         Ok(self.remember(scope, key))
+    }
+}
+
+fn signing_row(n: usize) -> String {
+    format!("sig:sig-{n}")
+}
+
+impl KeyRing {
+    /// The `id_token` signing keys, oldest first (`sig-1`, `sig-2`, …); the
+    /// last one signs. The first is created on first use (race-safe).
+    pub async fn signing_keys(&self) -> Result<Vec<SigningKey>, KeyError> {
+        let mut out = Vec::new();
+        while let Some(w) = self
+            .store
+            .get_wrapped_key(&signing_row(out.len() + 1))
+            .await?
+        {
+            let kid = format!("sig-{}", out.len() + 1);
+            out.push(SigningKey::unwrap(&self.kek, &kid, &w).map_err(|_| KeyError::Unwrap)?);
+        }
+        if out.is_empty() {
+            out.push(self.add_signing_key(1).await?);
+        }
+        Ok(out)
+    }
+
+    /// Is there a key newer than the `n` we know (another node rotated)?
+    pub async fn signing_key_added(&self, n: usize) -> Result<bool, KeyError> {
+        Ok(self
+            .store
+            .get_wrapped_key(&signing_row(n + 1))
+            .await?
+            .is_some())
+    }
+
+    /// Add the next signing key; returns its `kid`. Tokens signed with the
+    /// previous key keep verifying: the JWKS publishes both.
+    pub async fn rotate_signing(&self) -> Result<String, KeyError> {
+        let n = self.signing_keys().await?.len() + 1;
+        Ok(self.add_signing_key(n).await?.kid().to_owned())
+    }
+
+    async fn add_signing_key(&self, n: usize) -> Result<SigningKey, KeyError> {
+        let kid = format!("sig-{n}");
+        let (_, w) = SigningKey::generate_wrapped(&self.kek, &kid).map_err(|_| KeyError::Random)?;
+        let stored = self
+            .store
+            .put_wrapped_key_if_absent(&signing_row(n), &w, crate::now_secs())
+            .await?;
+        SigningKey::unwrap(&self.kek, &kid, &stored).map_err(|_| KeyError::Unwrap)
     }
 }

@@ -170,6 +170,7 @@ fn authorize_url(s: &TestServer, client: &str, scope: &str, state: &str, p: &Pkc
         .append_pair("aud", &s.fhir)
         .append_pair("code_challenge", &p.challenge)
         .append_pair("code_challenge_method", "S256")
+        .append_pair("nonce", &format!("n-{state}"))
         .finish();
     format!("/auth/authorize?{q}")
 }
@@ -337,6 +338,33 @@ async fn exchange(s: &TestServer, form: &[(&str, &str)]) -> (u16, Value) {
     let r = s.http.post(s.token_url()).form(form).send().await.unwrap();
     let st = r.status().as_u16();
     (st, r.json().await.unwrap())
+}
+
+async fn verify_id_token_result(
+    s: &TestServer,
+    token: &str,
+    aud: &str,
+) -> Result<Value, jsonwebtoken::errors::Error> {
+    let jwks: jsonwebtoken::jwk::JwkSet = s
+        .http
+        .get(format!("{}/auth/jwks", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kid = jsonwebtoken::decode_header(token)?.kid.unwrap();
+    let jwk = jwks.find(&kid).expect("kid published");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk)?;
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.set_audience(&[aud]);
+    v.set_issuer(&[format!("{}/auth", s.base)]);
+    jsonwebtoken::decode::<Value>(token, &key, &v).map(|d| d.claims)
+}
+
+async fn verify_id_token(s: &TestServer, token: &str, aud: &str) -> Value {
+    verify_id_token_result(s, token, aud).await.unwrap()
 }
 
 fn claims(token: &str) -> Value {
@@ -1045,6 +1073,65 @@ async fn patient_launch_body(s: &TestServer) {
     );
     let at = v["access_token"].as_str().unwrap();
     assert_eq!(claims(at)["acr"], "urn:phylax:acr:pwd");
+    // The id_token verifies against the published JWKS (an independent
+    // JWT library), for this app, with the nonce and fhirUser.
+    let idt = verify_id_token(s, v["id_token"].as_str().unwrap(), &app).await;
+    assert_eq!(idt["nonce"], "n-pl2");
+    assert_eq!(idt["fhirUser"], format!("{}/Patient/pat-1", s.fhir));
+    assert_eq!(idt["iss"], format!("{}/auth", s.base));
+    assert!(
+        verify_id_token_result(s, v["id_token"].as_str().unwrap(), "another-app")
+            .await
+            .is_err()
+    );
+    // Rotation: a new key signs, the old one stays published.
+    s.state.keys.rotate_signing().await.unwrap();
+    s.state.refresh_disabled().await.unwrap();
+    let jwks: Value = s
+        .http
+        .get(format!("{}/auth/jwks", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, vec!["sig-2", "sig-1"]);
+    let p2 = pkce();
+    let again = b.get(&authorize_url(s, &app, scope, "pl3", &p2)).await;
+    let allowed = b
+        .post(
+            "/auth/consent",
+            &[("csrf", &again.csrf()), ("decision", "allow")],
+        )
+        .await;
+    let (_, v2) = exchange(
+        s,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &allowed.param("code").unwrap()),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &app),
+            ("code_verifier", &p2.verifier),
+        ],
+    )
+    .await;
+    let t2 = v2["id_token"].as_str().unwrap();
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(t2.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(header["kid"], "sig-2");
+    verify_id_token(s, t2, &app).await;
+    verify_id_token(s, v["id_token"].as_str().unwrap(), &app).await;
     assert_eq!(fhir_get(s, at, "/Patient/pat-1").await, 200);
     assert_eq!(
         fhir_get(s, at, "/Patient/pat-2").await,

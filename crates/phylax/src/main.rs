@@ -44,6 +44,19 @@ enum Cmd {
     /// Manage user accounts.
     #[command(subcommand)]
     User(UserCmd),
+    /// Manage keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCmd {
+    /// Add a new id_token signing key; running nodes switch to it within
+    /// seconds, and the previous key stays in the JWKS so issued tokens verify.
+    RotateSigning {
+        #[command(flatten)]
+        inst: InstanceArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -273,6 +286,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Client(c) => client_cmd(c).await,
         Cmd::User(c) => user_cmd(c).await,
+        Cmd::Keys(KeysCmd::RotateSigning { inst }) => {
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            let kid = i.keys.rotate_signing().await?;
+            println!("new signing key {kid}; nodes switch to it within seconds");
+            Ok(())
+        }
     }
 }
 

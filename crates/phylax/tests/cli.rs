@@ -419,4 +419,14 @@ fn users_and_apps() {
     .unwrap();
     assert_eq!(json[0]["public"], true);
     assert_eq!(json[0]["redirect_uris"][1], "http://127.0.0.1:7000/cb");
+    let out = ok(&phylax(
+        &["keys", "rotate-signing", "--data-dir", "inst"],
+        p,
+    ));
+    assert!(out.contains("sig-2"), "{out}");
+    let out = ok(&phylax(
+        &["keys", "rotate-signing", "--data-dir", "inst"],
+        p,
+    ));
+    assert!(out.contains("sig-3"), "{out}");
 }

@@ -496,17 +496,27 @@ impl Accounts {
         Ok(())
     }
 
-    /// Count a failed sign-in; lock at `threshold`. Returns the user after.
-    pub async fn record_failure(&self, id: &str, threshold: u32) -> Result<User, AccountError> {
-        let (u, ()) = self
+    /// Count a failed sign-in; lock at `threshold`, which also ends the
+    /// user's sessions and tokens. Returns the user after.
+    pub async fn record_failure(
+        &self,
+        id: &str,
+        threshold: u32,
+        now: i64,
+    ) -> Result<User, AccountError> {
+        let (u, locked_now) = self
             .modify(id, |u| {
                 u.acct.failures = u.acct.failures.saturating_add(1);
                 if u.acct.failures >= threshold && u.status() == Some(Status::Active) {
                     u.rec.status = Status::Locked.as_str().into();
+                    return Ok(true);
                 }
-                Ok(())
+                Ok(false)
             })
             .await?;
+        if locked_now {
+            self.end_sessions(id, now).await?;
+        }
         Ok(u)
     }
 

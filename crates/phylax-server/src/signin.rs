@@ -638,7 +638,7 @@ pub async fn login(
             let id = u.id().to_owned();
             let threshold = st.config.auth.lockout_threshold;
             tokio::spawn(async move {
-                match accounts.record_failure(&id, threshold).await {
+                match accounts.record_failure(&id, threshold, now).await {
                     Ok(u) if u.status() == Some(Status::Locked) => {
                         tracing::warn!(event = "auth.locked", user_id = %id, "account locked after repeated failures");
                     }
@@ -799,7 +799,7 @@ pub async fn mfa(
             if wait == 0 {
                 st.throttle.fail(&acct_key, now);
                 let threshold = st.config.auth.lockout_threshold;
-                if let Err(e) = st.accounts.record_failure(&uid, threshold).await {
+                if let Err(e) = st.accounts.record_failure(&uid, threshold, now).await {
                     return internal(e);
                 }
             }

@@ -1132,6 +1132,66 @@ async fn patient_launch_body(s: &TestServer) {
     assert_eq!(header["kid"], "sig-2");
     verify_id_token(s, t2, &app).await;
     verify_id_token(s, v["id_token"].as_str().unwrap(), &app).await;
+
+    // A confidential app must authenticate with its private_key_jwt
+    // assertion; its client_id alone is not enough.
+    let g = phylax_auth::client_key::generate().unwrap();
+    let conf = uuid::Uuid::new_v4().to_string();
+    s.state
+        .store
+        .add_client(&phylax_store::ClientRecord {
+            id: conf.clone(),
+            name: "Confidential".into(),
+            scope: "patient/*.rs launch/patient".into(),
+            jwks: g.jwks.clone(),
+            disabled: false,
+            created_at: 0,
+            redirect_uris: vec![REDIRECT.into()],
+            public: false,
+            first_party: true,
+        })
+        .await
+        .unwrap();
+    let p4 = pkce();
+    let r = b
+        .get(&authorize_url(
+            s,
+            &conf,
+            "patient/Patient.rs launch/patient",
+            "c1",
+            &p4,
+        ))
+        .await;
+    assert_eq!(r.status, 303, "first-party: no consent; {}", r.body);
+    let code = r.param("code").unwrap();
+    let mut form = vec![
+        ("grant_type".to_owned(), "authorization_code".to_owned()),
+        ("code".to_owned(), code),
+        ("redirect_uri".to_owned(), REDIRECT.to_owned()),
+        ("client_id".to_owned(), conf.clone()),
+        ("code_verifier".to_owned(), p4.verifier.clone()),
+    ];
+    let send = |f: Vec<(String, String)>| {
+        let http = s.http.clone();
+        let url = s.token_url();
+        async move {
+            let r = http.post(url).form(&f).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (st, e) = send(form.clone()).await;
+    assert_eq!((st, e["error"].as_str()), (401, Some("invalid_client")));
+    form.push((
+        "client_assertion_type".into(),
+        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+    ));
+    form.push((
+        "client_assertion".into(),
+        s.assertion(&conf, g.private_pem.expose()),
+    ));
+    let (st, v3) = send(form).await;
+    assert_eq!(st, 200, "{v3}");
+    assert_eq!(v3["patient"], "pat-1");
     assert_eq!(fhir_get(s, at, "/Patient/pat-1").await, 200);
     assert_eq!(
         fhir_get(s, at, "/Patient/pat-2").await,

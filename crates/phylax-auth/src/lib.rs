@@ -12,12 +12,15 @@
 //!   passes through.
 //! - [`password_policy`]: which passwords may be chosen (NIST SP 800-63B
 //!   rev. 4 lengths, a dictionary-backed guessability estimate).
+//! - [`passkey`]: WebAuthn registration and authentication ceremonies
+//!   (challenge, origin, RP ID, user verification, signature counter).
 //! - [`pkce`]: RFC 7636 S256 code challenges.
 //! - [`smart`]: SMART App Launch scope requests and grants for users.
 //! - [`throttle`]: growing delays after failed sign-ins.
 
 pub mod assertion;
 pub mod client_key;
+pub mod passkey;
 pub mod password_policy;
 pub mod pkce;
 pub mod policy;

@@ -279,6 +279,13 @@ impl RelyingParty {
     }
 }
 
+/// The credential id a response names (`rawId`), without verifying it.
+pub fn credential_id(response_json: &[u8]) -> Result<Vec<u8>, PasskeyError> {
+    let auth = NonDiscoverableAuthentication16::from_json_relaxed(response_json)
+        .map_err(|_| PasskeyError::Malformed)?;
+    Ok(auth.raw_id().as_ref().to_vec())
+}
+
 fn descriptor(c: &StoredPasskey) -> Result<PublicKeyCredentialDescriptor<Vec<u8>>, PasskeyError> {
     Ok(PublicKeyCredentialDescriptor {
         id: CredentialId::<Vec<u8>>::decode(c.id.clone()).map_err(|_| PasskeyError::Stored)?,

@@ -21,6 +21,7 @@
 use crate::keyring::KeyRing;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use phylax_auth::passkey::{Ceremony, PasskeyError, RelyingParty, StoredPasskey, USER_HANDLE_LEN};
 use phylax_auth::password_policy::{PasswordPolicy, PasswordProblem};
 use phylax_crypto::password::{Password, PasswordHasher, PasswordParams, Verified};
 use phylax_crypto::totp::Totp;
@@ -115,6 +116,20 @@ pub enum AccountError {
     Sealed,
     #[error("the account changed repeatedly while updating; try again")]
     Contended,
+    #[error("passkey: {0}")]
+    Passkey(PasskeyError),
+    #[error("at most {MAX_PASSKEYS} passkeys per user")]
+    TooManyPasskeys,
+    #[error("no such passkey")]
+    NoSuchPasskey,
+    #[error("that is your last second factor; add another before removing it")]
+    LastFactor,
+    #[error("names are 1 to 64 characters without control characters")]
+    BadName,
+    #[error(
+        "this change needs a recent sign-in with your second factor; sign in again from your app"
+    )]
+    StepUp,
     #[error("crypto: {0}")]
     Crypto(#[from] phylax_crypto::CryptoError),
     #[error("keys: {0}")]
@@ -155,7 +170,26 @@ pub struct Account {
     last_sign_in: Option<i64>,
     #[serde(default)]
     mfa_enrolled_at: Option<i64>,
+    /// WebAuthn user handle (16 random bytes, base64url), made at the first
+    /// passkey registration.
+    #[serde(default)]
+    user_handle: Option<String>,
+    #[serde(default)]
+    passkeys: Vec<Passkey>,
 }
+
+/// A registered passkey and whether it has been flagged (its signature
+/// counter went backwards: a cloned authenticator). Flagged passkeys are
+/// refused until removed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Passkey {
+    pub cred: StoredPasskey,
+    #[serde(default)]
+    pub flagged: bool,
+}
+
+/// At most this many passkeys per user.
+pub const MAX_PASSKEYS: usize = 10;
 
 impl Drop for Account {
     fn drop(&mut self) {
@@ -211,8 +245,26 @@ impl User {
     pub fn has_totp(&self) -> bool {
         self.acct.totp.is_some()
     }
+    /// A second factor is enrolled. A flagged (possibly cloned) passkey
+    /// still counts: the account must not fall back to enrolling a new
+    /// factor with the password alone; recovery codes or an administrator's
+    /// `reset-mfa` get the user back in.
     pub fn has_mfa(&self) -> bool {
-        self.has_totp()
+        self.has_totp() || !self.acct.passkeys.is_empty()
+    }
+    /// A usable (unflagged) passkey.
+    pub fn has_passkey(&self) -> bool {
+        self.acct.passkeys.iter().any(|p| !p.flagged)
+    }
+    pub fn passkeys(&self) -> &[Passkey] {
+        &self.acct.passkeys
+    }
+    /// The WebAuthn user handle, if one was made.
+    pub fn user_handle(&self) -> Option<[u8; USER_HANDLE_LEN]> {
+        let raw = URL_SAFE_NO_PAD
+            .decode(self.acct.user_handle.as_deref()?)
+            .ok()?;
+        raw.try_into().ok()
     }
     pub fn recovery_left(&self) -> usize {
         self.acct.recovery.len()
@@ -235,6 +287,10 @@ impl User {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SecondFactor {
     Totp,
+    /// A passkey (index into the user's passkeys).
+    Passkey(usize),
+    /// A passkey whose signature counter went backwards: now flagged.
+    PasskeyCloned,
     /// A recovery code; this many remain.
     Recovery(usize),
     Refused,
@@ -643,6 +699,209 @@ impl Accounts {
         Ok(u)
     }
 
+    /// Start registering a passkey: makes the user's WebAuthn handle if
+    /// needed, and excludes the passkeys they already have.
+    pub async fn passkey_registration(
+        &self,
+        rp: &RelyingParty,
+        id: &str,
+        require_uv: bool,
+    ) -> Result<(Ceremony, String), AccountError> {
+        let mut user = self.load(id).await?.ok_or(AccountError::NoSuchUser)?;
+        if user.user_handle().is_none() {
+            let h = URL_SAFE_NO_PAD.encode(phylax_crypto::random_array::<USER_HANDLE_LEN>()?);
+            user = self
+                .modify(id, |u| {
+                    if u.acct.user_handle.is_none() {
+                        u.acct.user_handle = Some(h.clone());
+                    }
+                    Ok(())
+                })
+                .await?
+                .0;
+        }
+        let handle = user.user_handle().ok_or(AccountError::Sealed)?;
+        let existing: Vec<StoredPasskey> =
+            user.acct.passkeys.iter().map(|p| p.cred.clone()).collect();
+        rp.start_registration(&handle, user.username(), &existing, require_uv)
+            .map_err(AccountError::Passkey)
+    }
+
+    /// Finish registering a passkey named `name`. Returns how many the
+    /// user now has. The first one also gives the user recovery codes
+    /// (returned) if they had none.
+    pub async fn add_passkey(
+        &self,
+        rp: &RelyingParty,
+        id: &str,
+        state: &Ceremony,
+        response: &[u8],
+        name: &str,
+        now: i64,
+    ) -> Result<Option<Vec<String>>, AccountError> {
+        let name = clean_name(name)?;
+        let cred = rp
+            .finish_registration(state, response, &name, now)
+            .map_err(AccountError::Passkey)?;
+        let codes = recovery_codes()?;
+        let hashes: Vec<String> = codes
+            .iter()
+            .map(|c| self.keyed("recovery", normalize_recovery(c).as_bytes()))
+            .collect();
+        let (_, fresh_codes) = self
+            .modify(id, |u| {
+                if u.acct.passkeys.len() >= MAX_PASSKEYS {
+                    return Err(AccountError::TooManyPasskeys);
+                }
+                if u.acct.passkeys.iter().any(|p| p.cred.id == cred.id) {
+                    return Err(AccountError::Passkey(PasskeyError::Registration(
+                        "already registered".into(),
+                    )));
+                }
+                u.acct.passkeys.push(Passkey {
+                    cred: cred.clone(),
+                    flagged: false,
+                });
+                if u.acct.mfa_enrolled_at.is_none() {
+                    u.acct.mfa_enrolled_at = Some(now);
+                }
+                if u.acct.recovery.is_empty() && u.acct.totp.is_none() {
+                    u.acct.recovery = hashes.clone();
+                    return Ok(true);
+                }
+                Ok(false)
+            })
+            .await?;
+        Ok(fresh_codes.then_some(codes))
+    }
+
+    /// Start a passkey sign-in for a user with passkeys (unflagged ones).
+    pub fn passkey_challenge(
+        &self,
+        rp: &RelyingParty,
+        user: &User,
+        require_uv: bool,
+    ) -> Result<Option<(Ceremony, String)>, AccountError> {
+        let creds: Vec<StoredPasskey> = user
+            .acct
+            .passkeys
+            .iter()
+            .filter(|p| !p.flagged)
+            .map(|p| p.cred.clone())
+            .collect();
+        if creds.is_empty() {
+            return Ok(None);
+        }
+        rp.start_authentication(&creds, require_uv)
+            .map(Some)
+            .map_err(AccountError::Passkey)
+    }
+
+    /// Check a passkey assertion. The counter and flags are stored
+    /// (compare-and-swap); a counter regression flags the passkey.
+    pub async fn passkey_sign_in(
+        &self,
+        rp: &RelyingParty,
+        id: &str,
+        state: &Ceremony,
+        response: &[u8],
+        now: i64,
+    ) -> Result<SecondFactor, AccountError> {
+        let (_, r) = self
+            .modify(id, |u| {
+                let Some(handle) = u.user_handle() else {
+                    return Ok(SecondFactor::Refused);
+                };
+                let mut creds: Vec<StoredPasskey> = u
+                    .acct
+                    .passkeys
+                    .iter()
+                    .filter(|p| !p.flagged)
+                    .map(|p| p.cred.clone())
+                    .collect();
+                match rp.finish_authentication(state, response, &handle, &mut creds, now) {
+                    Ok(i) => {
+                        let updated = creds[i].clone();
+                        let pos = u
+                            .acct
+                            .passkeys
+                            .iter()
+                            .position(|p| p.cred.id == updated.id)
+                            .ok_or(AccountError::Sealed)?;
+                        u.acct.passkeys[pos].cred = updated;
+                        Ok(SecondFactor::Passkey(pos))
+                    }
+                    Err(PasskeyError::CounterRegression) => {
+                        // Flag every passkey the response could name: the
+                        // one whose counter went backwards.
+                        if let Ok(j) = phylax_auth::passkey::credential_id(response) {
+                            for p in u.acct.passkeys.iter_mut().filter(|p| p.cred.id == j) {
+                                p.flagged = true;
+                            }
+                        }
+                        Ok(SecondFactor::PasskeyCloned)
+                    }
+                    Err(_) => Ok(SecondFactor::Refused),
+                }
+            })
+            .await?;
+        Ok(r)
+    }
+
+    /// Rename a passkey (by credential id, base64url).
+    pub async fn rename_passkey(
+        &self,
+        id: &str,
+        cred: &str,
+        name: &str,
+    ) -> Result<(), AccountError> {
+        let name = clean_name(name)?;
+        let raw = URL_SAFE_NO_PAD
+            .decode(cred)
+            .map_err(|_| AccountError::NoSuchPasskey)?;
+        self.modify(id, |u| {
+            let p = u
+                .acct
+                .passkeys
+                .iter_mut()
+                .find(|p| p.cred.id == raw)
+                .ok_or(AccountError::NoSuchPasskey)?;
+            p.cred.name = name.clone();
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Remove a passkey. Refused if it is the user's last second factor and
+    /// their role requires one (they would be locked out of MFA).
+    pub async fn remove_passkey(
+        &self,
+        id: &str,
+        cred: &str,
+        mfa_required: bool,
+    ) -> Result<(), AccountError> {
+        let raw = URL_SAFE_NO_PAD
+            .decode(cred)
+            .map_err(|_| AccountError::NoSuchPasskey)?;
+        self.modify(id, |u| {
+            let before = u.acct.passkeys.len();
+            let mut rest = u.acct.passkeys.clone();
+            rest.retain(|p| p.cred.id != raw);
+            if rest.len() == before {
+                return Err(AccountError::NoSuchPasskey);
+            }
+            let left = rest.iter().any(|p| !p.flagged) || u.acct.totp.is_some();
+            if mfa_required && !left {
+                return Err(AccountError::LastFactor);
+            }
+            u.acct.passkeys = rest;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Remove the second factor and recovery codes; the user enrolls again
     /// at the next sign-in. Ends their sessions.
     pub async fn reset_mfa(&self, id: &str, now: i64) -> Result<User, AccountError> {
@@ -650,6 +909,7 @@ impl Accounts {
             .modify(id, |u| {
                 u.acct.totp = None;
                 u.acct.totp_last_step = None;
+                u.acct.passkeys.clear();
                 u.acct.recovery.clear();
                 u.acct.mfa_enrolled_at = None;
                 Ok(())
@@ -713,6 +973,16 @@ fn recovery_codes() -> Result<Vec<String>, AccountError> {
         out.push(format!("{}-{}", &s[..5], &s[5..]));
     }
     Ok(out)
+}
+
+/// A passkey's display name: trimmed, 1–64 characters, no control
+/// characters.
+fn clean_name(s: &str) -> Result<String, AccountError> {
+    let n = s.trim();
+    if n.is_empty() || n.chars().count() > 64 || n.chars().any(char::is_control) {
+        return Err(AccountError::BadName);
+    }
+    Ok(n.to_owned())
 }
 
 /// Recovery codes compare without dashes, spaces or case.

@@ -99,6 +99,14 @@ pub struct AuthConfig {
     pub step_up_secs: i64,
     /// How long an enrollment link from `phylax user add` stays valid.
     pub enrollment_secs: i64,
+    /// Roles whose passkeys must verify the user (PIN, biometric), not just
+    /// their presence.
+    pub uv_required_roles: Vec<String>,
+    /// WebAuthn relying-party id (a domain); default: the host of
+    /// `public_url`.
+    pub passkey_rp_id: Option<String>,
+    /// Origins sign-in pages are served from; default: `public_url`'s.
+    pub passkey_origins: Vec<String>,
     /// Argon2id memory (KiB), passes and lanes; at least 19456, 2, 1.
     pub argon2_memory_kib: u32,
     pub argon2_iterations: u32,
@@ -117,6 +125,9 @@ impl Default for AuthConfig {
             mfa_optional_roles: Vec::new(),
             step_up_secs: 5 * 60,
             enrollment_secs: 24 * 3600,
+            uv_required_roles: vec!["admin".into(), "clinician".into()],
+            passkey_rp_id: None,
+            passkey_origins: Vec::new(),
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
             argon2_parallelism: 1,
@@ -213,16 +224,55 @@ impl Config {
         {
             return Err("auth.argon2_* are below the OWASP minimum (19456 KiB, 2 iterations, 1 lane) or out of range".into());
         }
-        for r in &a.mfa_optional_roles {
+        for r in a.mfa_optional_roles.iter().chain(&a.uv_required_roles) {
             if crate::accounts::Role::parse(r).is_none() {
-                return Err(format!("auth.mfa_optional_roles: unknown role {r}"));
+                return Err(format!(
+                    "auth.mfa_optional_roles / uv_required_roles: unknown role {r}"
+                ));
             }
+        }
+        if self.passkey_party().is_err() {
+            return Err("auth.passkey_rp_id must be a domain (default: the host of public_url) and passkey_origins https origins".into());
         }
         Ok(())
     }
 
     pub fn fhir_base(&self) -> String {
         format!("{}/fhir", self.public_url)
+    }
+
+    /// The WebAuthn relying party: RP id and allowed origins.
+    pub fn passkey_party(
+        &self,
+    ) -> Result<phylax_auth::passkey::RelyingParty, phylax_auth::passkey::PasskeyError> {
+        let rest = self
+            .public_url
+            .split_once("://")
+            .map(|x| x.1)
+            .unwrap_or_default();
+        let host_port = rest.split('/').next().unwrap_or_default();
+        // Host without the port (IPv6 literals keep their brackets).
+        let host = if host_port.starts_with('[') {
+            host_port
+                .split(']')
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+        } else {
+            host_port.split(':').next().unwrap_or_default()
+        };
+        let rp_id = self
+            .auth
+            .passkey_rp_id
+            .clone()
+            .unwrap_or_else(|| host.to_owned());
+        let origins = if self.auth.passkey_origins.is_empty() {
+            let scheme = self.public_url.split("://").next().unwrap_or("https");
+            vec![format!("{scheme}://{host_port}")]
+        } else {
+            self.auth.passkey_origins.clone()
+        };
+        phylax_auth::passkey::RelyingParty::new(&rp_id, origins)
     }
 
     pub fn token_url(&self) -> String {

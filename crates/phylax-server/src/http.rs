@@ -62,6 +62,8 @@ pub struct AppState {
     /// `id_token` signing keys, oldest first; the last one signs.
     pub signing: parking_lot::RwLock<Vec<Arc<SigningKey>>>,
     pub keys: Arc<KeyRing>,
+    /// The WebAuthn relying party (RP id and origins) for passkeys.
+    pub passkeys: phylax_auth::passkey::RelyingParty,
 }
 
 /// How often the disabled-client list is refreshed.
@@ -86,6 +88,9 @@ impl AppState {
             ..
         } = inst;
         let grants = Grants::new(store.clone(), keys.clone(), auth_key);
+        let passkeys = config
+            .passkey_party()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let signing = keys
             .signing_keys()
             .await
@@ -121,6 +126,7 @@ impl AppState {
             throttle: Throttle::new(),
             signing: parking_lot::RwLock::new(signing),
             keys,
+            passkeys,
             config,
         });
         st.refresh_disabled()
@@ -239,6 +245,17 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/auth/login", post(crate::signin::login))
         .route("/auth/mfa", post(crate::signin::mfa))
         .route("/auth/mfa/enroll", post(crate::signin::mfa_enroll))
+        .route("/auth/mfa/passkey", post(crate::signin::mfa_passkey))
+        .route(
+            "/auth/mfa/enroll-passkey",
+            post(crate::signin::mfa_enroll_passkey),
+        )
+        .route("/auth/passkey.js", get(crate::signin::passkey_js))
+        .route("/auth/account", get(crate::signin::account))
+        .route(
+            "/auth/account/passkeys",
+            post(crate::signin::account_passkeys),
+        )
         .route("/auth/continue", post(crate::signin::proceed))
         .route("/auth/consent", post(crate::signin::consent))
         .route("/auth/logout", post(crate::signin::logout))

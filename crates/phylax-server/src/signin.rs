@@ -59,9 +59,18 @@ pub struct AuthzRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum Stage {
     Password,
-    Mfa,
+    /// Second factor; `passkey` holds the WebAuthn ceremony offered on the
+    /// page (if the user has passkeys).
+    Mfa {
+        #[serde(default)]
+        passkey: Option<Vec<u8>>,
+    },
+    /// Enrollment: a TOTP secret on offer, and a passkey registration
+    /// ceremony.
     EnrollTotp {
         secret: String,
+        #[serde(default)]
+        passkey: Option<Vec<u8>>,
     },
     /// Waiting for "Continue" after recovery codes were shown.
     Continue,
@@ -139,6 +148,8 @@ struct Page {
     cookies: Vec<String>,
     /// Extra `form-action` source (the app's redirect origin).
     redirect_origin: Option<String>,
+    /// The page loads `/auth/passkey.js`.
+    scripts: bool,
 }
 
 impl Page {
@@ -149,6 +160,7 @@ impl Page {
             body,
             cookies: Vec::new(),
             redirect_origin: None,
+            scripts: false,
         }
     }
 }
@@ -172,8 +184,15 @@ impl IntoResponse for Page {
             Some(o) => format!("'self' {o}"),
             None => "'self'".into(),
         };
+        // Scripts only from our own origin, and only on pages that need
+        // the passkey helper; never inline.
+        let script = if self.scripts {
+            "; script-src 'self'"
+        } else {
+            ""
+        };
         let csp = format!(
-            "default-src 'none'; img-src data:; form-action {form_action}; frame-ancestors 'none'; base-uri 'none'"
+            "default-src 'none'; img-src data:; form-action {form_action}; frame-ancestors 'none'; base-uri 'none'{script}"
         );
         if let Ok(v) = HeaderValue::from_str(&csp) {
             h.insert(header::CONTENT_SECURITY_POLICY, v);
@@ -257,10 +276,41 @@ fn login_form(csrf: &str, message: Option<&str>) -> String {
     b
 }
 
-fn mfa_form(csrf: &str, message: Option<&str>) -> String {
+/// The passkey part of a page: the WebAuthn options as JSON for the small
+/// script (`/auth/passkey.js`), a button it reveals, and the form it posts.
+/// Without JavaScript nothing shows and the other forms still work.
+fn passkey_block(csrf: &str, mode: &str, options_json: &str, action: &str, label: &str) -> String {
+    // JSON inside a script element: no "<" may appear raw.
+    let json = options_json.replace('<', "\\u003c");
+    let name_field = if mode == "create" {
+        "<p><label>Name for this passkey <input name=\"name\" value=\"Passkey\" maxlength=\"64\"></label></p>"
+    } else {
+        ""
+    };
+    format!(
+        "<script type=\"application/json\" id=\"passkey-options\" data-mode=\"{mode}\">{json}</script>\
+         <form method=\"post\" action=\"{action}\" id=\"passkey-form\">{}<input type=\"hidden\" name=\"passkey\" value=\"\">\
+         {name_field}<p><button type=\"button\" id=\"passkey-button\" hidden>{}</button></p>\
+         <p id=\"passkey-error\" role=\"alert\"></p></form>\
+         <script src=\"/auth/passkey.js\"></script>",
+        hidden("csrf", csrf),
+        esc(label)
+    )
+}
+
+fn mfa_form(csrf: &str, message: Option<&str>, passkey: Option<&str>) -> String {
     let mut b = String::new();
     if let Some(m) = message {
         let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
+    }
+    if let Some(opts) = passkey {
+        b.push_str(&passkey_block(
+            csrf,
+            "get",
+            opts,
+            "/auth/mfa/passkey",
+            "Use a passkey",
+        ));
     }
     let _ = write!(
         b,
@@ -295,15 +345,32 @@ fn qr_data_uri(text: &str) -> Option<String> {
     ))
 }
 
-fn enroll_totp_form(csrf: &str, uri: &str, secret_b32: &str, message: Option<&str>) -> String {
+fn enroll_totp_form(
+    csrf: &str,
+    uri: &str,
+    secret_b32: &str,
+    message: Option<&str>,
+    passkey: Option<&str>,
+) -> String {
     let mut b = String::new();
     if let Some(m) = message {
         let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
     }
-    let _ = write!(
-        b,
-        "<p>Your account needs a second factor. Scan this code with an authenticator app \
-         (or enter the key by hand), then type the six-digit code it shows.</p>"
+    b.push_str("<p>Your account needs a second factor.</p>");
+    if let Some(opts) = passkey {
+        b.push_str("<h2>A passkey (recommended)</h2><p>Your device's screen lock, fingerprint or face, or a security key.</p>");
+        b.push_str(&passkey_block(
+            csrf,
+            "create",
+            opts,
+            "/auth/mfa/enroll-passkey",
+            "Create a passkey",
+        ));
+        b.push_str("<h2>Or an authenticator app</h2>");
+    }
+    b.push_str(
+        "<p>Scan this code with an authenticator app \
+         (or enter the key by hand), then type the six-digit code it shows.</p>",
     );
     if let Some(img) = qr_data_uri(uri) {
         let _ = write!(
@@ -678,14 +745,7 @@ fn mfa_required(st: &AppState, user: &User) -> bool {
 /// may go without) straight on.
 async fn second_step(st: &AppState, mut p: Pending, user: &User, now: i64) -> Response {
     if user.has_mfa() {
-        p.stage = Stage::Mfa;
-        let (csrf, c) = match new_pending(st, &p, now).await {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
-        let mut page = Page::new(StatusCode::OK, "Two-step sign-in", mfa_form(&csrf, None));
-        page.cookies.push(c);
-        return page.into_response();
+        return mfa_page(st, p, user, None, StatusCode::OK, now).await;
     }
     if mfa_required(st, user) {
         let t = match st.accounts.new_totp() {
@@ -694,20 +754,74 @@ async fn second_step(st: &AppState, mut p: Pending, user: &User, now: i64) -> Re
         };
         p.stage = Stage::EnrollTotp {
             secret: Accounts::totp_to_b64(&t),
+            passkey: None,
         };
         return enrollment_page(st, p, user, &t, None, now).await;
     }
     after_sign_in(st, p, user, Vec::new(), now).await
 }
 
+/// Does this user's role require user verification (PIN, biometric) on
+/// passkeys?
+fn uv_required(st: &AppState, user: &User) -> bool {
+    st.config.auth.uv_required_roles.contains(&user.rec.role)
+}
+
+/// The second-factor page, with a fresh passkey ceremony (its own
+/// challenge) when the user has passkeys.
+async fn mfa_page(
+    st: &AppState,
+    mut p: Pending,
+    user: &User,
+    msg: Option<&str>,
+    status: StatusCode,
+    now: i64,
+) -> Response {
+    let ceremony = match st
+        .accounts
+        .passkey_challenge(&st.passkeys, user, uv_required(st, user))
+    {
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    let (state, options) = match ceremony {
+        Some((c, o)) => (Some(c.0), Some(o)),
+        None => (None, None),
+    };
+    p.stage = Stage::Mfa { passkey: state };
+    let (csrf, c) = match new_pending(st, &p, now).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mut page = Page::new(
+        status,
+        "Two-step sign-in",
+        mfa_form(&csrf, msg, options.as_deref()),
+    );
+    page.scripts = options.is_some();
+    page.cookies.push(c);
+    page.into_response()
+}
+
 async fn enrollment_page(
     st: &AppState,
-    p: Pending,
+    mut p: Pending,
     user: &User,
     t: &phylax_crypto::totp::Totp,
     msg: Option<&str>,
     now: i64,
 ) -> Response {
+    let (state, options) = match st
+        .accounts
+        .passkey_registration(&st.passkeys, user.id(), uv_required(st, user))
+        .await
+    {
+        Ok((c, o)) => (c.0, o),
+        Err(e) => return internal(e),
+    };
+    if let Stage::EnrollTotp { passkey, .. } = &mut p.stage {
+        *passkey = Some(state);
+    }
     let (csrf, c) = match new_pending(st, &p, now).await {
         Ok(x) => x,
         Err(r) => return r,
@@ -722,13 +836,73 @@ async fn enrollment_page(
     let mut page = Page::new(
         status,
         "Set up two-step sign-in",
-        enroll_totp_form(&csrf, &uri, &b32, msg),
+        enroll_totp_form(&csrf, &uri, &b32, msg, Some(&options)),
+    );
+    page.scripts = true;
+    page.cookies.push(c);
+    page.into_response()
+}
+
+/// The page after a second factor was enrolled: recovery codes (if new
+/// ones were made), then Continue.
+async fn enrolled_page(
+    st: &AppState,
+    mut p: Pending,
+    codes: Option<Vec<String>>,
+    now: i64,
+) -> Response {
+    p.stage = Stage::Continue;
+    let (csrf, c) = match new_pending(st, &p, now).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let note = match codes {
+        Some(codes) => {
+            let mut list = String::new();
+            for code in &codes {
+                let _ = write!(list, "<li><code>{}</code></li>", esc(code));
+            }
+            format!(
+                "<p>Two-step sign-in is on. These are your recovery codes. Each works once, \
+                 if you lose your second factor. Store them somewhere safe now: they will not be shown again.</p><ol>{list}</ol>"
+            )
+        }
+        None => "<p>Two-step sign-in is on.</p>".to_owned(),
+    };
+    let mut page = Page::new(
+        StatusCode::OK,
+        "Recovery codes",
+        continue_form(&csrf, &note),
     );
     page.cookies.push(c);
     page.into_response()
 }
 
-/// POST /auth/mfa
+/// Parse the form and take the pending second-factor stage: the user (still
+/// active) and the passkey ceremony offered on the page.
+async fn take_mfa_stage(
+    st: &AppState,
+    h: &HeaderMap,
+    body: &[u8],
+    now: i64,
+) -> Result<(HashMap<String, String>, Pending, User, Option<Vec<u8>>), Response> {
+    let form = params(body).map_err(|m| error_page(StatusCode::BAD_REQUEST, m))?;
+    let p = take_pending(st, h, &form, now).await?;
+    let (Stage::Mfa { passkey }, Some(uid)) = (p.stage.clone(), p.user_id.clone()) else {
+        return Err(error_page(
+            StatusCode::BAD_REQUEST,
+            "Unexpected step; start again from the app.",
+        ));
+    };
+    let user = match st.accounts.load(&uid).await {
+        Ok(Some(u)) if u.status() == Some(Status::Active) => u,
+        Ok(_) => return Err(error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN)),
+        Err(e) => return Err(internal(e)),
+    };
+    Ok((form, p, user, passkey))
+}
+
+/// POST /auth/mfa: a TOTP or recovery code.
 pub async fn mfa(
     State(st): State<Arc<AppState>>,
     ext: axum::http::Extensions,
@@ -736,45 +910,82 @@ pub async fn mfa(
     body: Bytes,
 ) -> Response {
     let now = crate::now_secs();
-    let form = match params(&body) {
-        Ok(f) => f,
-        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
-    };
-    let mut p = match take_pending(&st, &h, &form, now).await {
-        Ok(p) => p,
+    let (form, p, user, _) = match take_mfa_stage(&st, &h, &body, now).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
-    let (Stage::Mfa, Some(uid)) = (&p.stage, p.user_id.clone()) else {
-        return error_page(
-            StatusCode::BAD_REQUEST,
-            "Unexpected step; start again from the app.",
-        );
-    };
-    let acct_key = format!("mfa:{uid}");
+    let acct_key = format!("mfa:{}", user.id());
     let wait = st.throttle.wait(&acct_key, now);
     let code = form.get("code").map(String::as_str).unwrap_or("");
     let result = if wait > 0 {
         Ok(SecondFactor::Refused)
     } else {
-        st.accounts.second_factor(&uid, code, now).await
+        st.accounts.second_factor(user.id(), code, now).await
     };
-    let user = match st.accounts.load(&uid).await {
-        Ok(Some(u)) if u.status() == Some(Status::Active) => u,
-        Ok(_) => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
-        Err(e) => return internal(e),
+    second_factor_done(&st, p, &user, result, wait, &ext, now).await
+}
+
+/// POST /auth/mfa/passkey: the passkey assertion the page's script posts.
+pub async fn mfa_passkey(
+    State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let now = crate::now_secs();
+    let (form, p, user, ceremony) = match take_mfa_stage(&st, &h, &body, now).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
+    let acct_key = format!("mfa:{}", user.id());
+    let wait = st.throttle.wait(&acct_key, now);
+    let response = form.get("passkey").map(String::as_str).unwrap_or("");
+    let result = match (wait, ceremony) {
+        (0, Some(c)) => {
+            st.accounts
+                .passkey_sign_in(
+                    &st.passkeys,
+                    user.id(),
+                    &phylax_auth::passkey::Ceremony(c),
+                    response.as_bytes(),
+                    now,
+                )
+                .await
+        }
+        _ => Ok(SecondFactor::Refused),
+    };
+    second_factor_done(&st, p, &user, result, wait, &ext, now).await
+}
+
+/// What follows a second-factor attempt, whichever kind.
+async fn second_factor_done(
+    st: &AppState,
+    mut p: Pending,
+    user: &User,
+    result: Result<SecondFactor, crate::accounts::AccountError>,
+    wait: i64,
+    ext: &axum::http::Extensions,
+    now: i64,
+) -> Response {
+    let uid = user.id().to_owned();
+    let acct_key = format!("mfa:{uid}");
     match result {
         Ok(SecondFactor::Totp) => {
             st.throttle.succeed(&acct_key);
             p.amr.push("otp".into());
-            after_sign_in(&st, p, &user, Vec::new(), now).await
+            after_sign_in(st, p, user, Vec::new(), now).await
+        }
+        Ok(SecondFactor::Passkey(_)) => {
+            st.throttle.succeed(&acct_key);
+            p.amr.push("hwk".into());
+            after_sign_in(st, p, user, Vec::new(), now).await
         }
         Ok(SecondFactor::Recovery(left)) => {
             st.throttle.succeed(&acct_key);
             tracing::warn!(event = "auth.recovery_code_used", user_id = %uid, remaining = left, "recovery code used");
             p.amr.push("otp".into());
             p.stage = Stage::Continue;
-            let (csrf, c) = match new_pending(&st, &p, now).await {
+            let (csrf, c) = match new_pending(st, &p, now).await {
                 Ok(x) => x,
                 Err(r) => return r,
             };
@@ -795,7 +1006,8 @@ pub async fn mfa(
             page.cookies.push(c);
             page.into_response()
         }
-        Ok(SecondFactor::Refused) => {
+        Ok(refused @ (SecondFactor::Refused | SecondFactor::PasskeyCloned)) => {
+            let cloned = refused == SecondFactor::PasskeyCloned;
             if wait == 0 {
                 st.throttle.fail(&acct_key, now);
                 let threshold = st.config.auth.lockout_threshold;
@@ -803,76 +1015,76 @@ pub async fn mfa(
                     return internal(e);
                 }
             }
-            tracing::info!(event = "auth.failure", stage = "mfa", user_id = %uid, peer = %peer(&ext), "second factor refused");
+            if cloned {
+                tracing::warn!(event = "auth.passkey_cloned", user_id = %uid, peer = %peer(ext), "passkey signature counter went backwards; the passkey is flagged and refused");
+            }
+            tracing::info!(event = "auth.failure", stage = "mfa", user_id = %uid, peer = %peer(ext), "second factor refused");
             let msg = if wait > 0 {
                 format!("Too many attempts. Wait {wait} seconds and try again.")
+            } else if cloned {
+                "This passkey was refused: it looks copied. It can no longer be used; ask an administrator.".into()
             } else {
-                "That code is not right, or was already used. Wait for a new code and try again."
-                    .into()
+                "That did not work: the code is not right or was already used, or the passkey was not accepted. Try again.".into()
             };
-            let (csrf, c) = match new_pending(&st, &p, now).await {
-                Ok(x) => x,
-                Err(r) => return r,
+            // A fresh page: a new sign-in stage and, for passkeys, a new
+            // challenge. The account may have been locked meanwhile.
+            let user = match st.accounts.load(&uid).await {
+                Ok(Some(u)) if u.status() == Some(Status::Active) => u,
+                Ok(_) => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
+                Err(e) => return internal(e),
             };
-            let mut page = Page::new(
-                StatusCode::UNAUTHORIZED,
-                "Two-step sign-in",
-                mfa_form(&csrf, Some(&msg)),
-            );
-            page.cookies.push(c);
-            page.into_response()
+            mfa_page(st, p, &user, Some(&msg), StatusCode::UNAUTHORIZED, now).await
         }
         Err(e) => internal(e),
     }
 }
 
-/// POST /auth/mfa/enroll
-pub async fn mfa_enroll(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
-    let now = crate::now_secs();
-    let form = match params(&body) {
-        Ok(f) => f,
-        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
-    };
-    let mut p = match take_pending(&st, &h, &form, now).await {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    let (Stage::EnrollTotp { secret }, Some(uid)) = (p.stage.clone(), p.user_id.clone()) else {
-        return error_page(
+/// Take the pending enrollment stage.
+async fn take_enroll_stage(
+    st: &AppState,
+    h: &HeaderMap,
+    body: &[u8],
+    now: i64,
+) -> Result<
+    (
+        HashMap<String, String>,
+        Pending,
+        User,
+        String,
+        Option<Vec<u8>>,
+    ),
+    Response,
+> {
+    let form = params(body).map_err(|m| error_page(StatusCode::BAD_REQUEST, m))?;
+    let p = take_pending(st, h, &form, now).await?;
+    let (Stage::EnrollTotp { secret, passkey }, Some(uid)) = (p.stage.clone(), p.user_id.clone())
+    else {
+        return Err(error_page(
             StatusCode::BAD_REQUEST,
             "Unexpected step; start again from the app.",
-        );
+        ));
     };
     let user = match st.accounts.load(&uid).await {
         Ok(Some(u)) if u.status() == Some(Status::Active) && !u.has_mfa() => u,
-        Ok(_) => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
-        Err(e) => return internal(e),
+        Ok(_) => return Err(error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN)),
+        Err(e) => return Err(internal(e)),
+    };
+    Ok((form, p, user, secret, passkey))
+}
+
+/// POST /auth/mfa/enroll: confirm the authenticator app with a code.
+pub async fn mfa_enroll(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+    let now = crate::now_secs();
+    let (form, mut p, user, secret, _) = match take_enroll_stage(&st, &h, &body, now).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
     let code = form.get("code").map(String::as_str).unwrap_or("");
-    match st.accounts.enroll_totp(&uid, &secret, code, now).await {
+    match st.accounts.enroll_totp(user.id(), &secret, code, now).await {
         Ok(Some(codes)) => {
-            tracing::info!(event = "auth.mfa_enrolled", user_id = %uid, "TOTP enrolled");
+            tracing::info!(event = "auth.mfa_enrolled", user_id = %user.id(), kind = "totp", "TOTP enrolled");
             p.amr.push("otp".into());
-            p.stage = Stage::Continue;
-            let (csrf, c) = match new_pending(&st, &p, now).await {
-                Ok(x) => x,
-                Err(r) => return r,
-            };
-            let mut list = String::new();
-            for code in &codes {
-                let _ = write!(list, "<li><code>{}</code></li>", esc(code));
-            }
-            let note = format!(
-                "<p>Two-step sign-in is on. These are your recovery codes. Each works once, \
-                 if you lose your authenticator. Store them somewhere safe now: they will not be shown again.</p><ol>{list}</ol>"
-            );
-            let mut page = Page::new(
-                StatusCode::OK,
-                "Recovery codes",
-                continue_form(&csrf, &note),
-            );
-            page.cookies.push(c);
-            page.into_response()
+            enrolled_page(&st, p, Some(codes), now).await
         }
         Ok(None) => {
             let Some(t) = Accounts::totp_from_b64(&secret) else {
@@ -891,6 +1103,55 @@ pub async fn mfa_enroll(State(st): State<Arc<AppState>>, h: HeaderMap, body: Byt
             .await
         }
         Err(e) => internal(e),
+    }
+}
+
+/// POST /auth/mfa/enroll-passkey: the new passkey the page's script posts.
+pub async fn mfa_enroll_passkey(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let now = crate::now_secs();
+    let (form, mut p, user, secret, ceremony) = match take_enroll_stage(&st, &h, &body, now).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let response = form.get("passkey").map(String::as_str).unwrap_or("");
+    let name = form.get("name").map(String::as_str).unwrap_or("Passkey");
+    let result = match ceremony {
+        Some(c) => {
+            st.accounts
+                .add_passkey(
+                    &st.passkeys,
+                    user.id(),
+                    &phylax_auth::passkey::Ceremony(c),
+                    response.as_bytes(),
+                    name,
+                    now,
+                )
+                .await
+        }
+        None => Err(crate::accounts::AccountError::NoSuchPasskey),
+    };
+    match result {
+        Ok(codes) => {
+            tracing::info!(event = "auth.mfa_enrolled", user_id = %user.id(), kind = "passkey", "passkey registered");
+            p.amr.push("hwk".into());
+            enrolled_page(&st, p, codes, now).await
+        }
+        Err(e) => {
+            tracing::info!(event = "auth.failure", stage = "passkey-registration", user_id = %user.id(), reason = %e, "passkey registration refused");
+            let Some(t) = Accounts::totp_from_b64(&secret) else {
+                return internal("enrollment secret unreadable");
+            };
+            let msg = match e {
+                crate::accounts::AccountError::BadName => e.to_string(),
+                _ => "The passkey could not be registered. Try again, or use an authenticator app."
+                    .into(),
+            };
+            enrollment_page(&st, p, &user, &t, Some(&msg), now).await
+        }
     }
 }
 
@@ -1092,6 +1353,241 @@ pub async fn consent(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes)
     r
 }
 
+/// The signed-in session from its cookie: (cookie secret, session, user).
+async fn current_session(
+    st: &AppState,
+    h: &HeaderMap,
+    now: i64,
+) -> Result<Option<(String, Session, User)>, Response> {
+    let Some(secret) = get_cookie(h, SESSION_COOKIE) else {
+        return Ok(None);
+    };
+    let Some((_, s)) = st
+        .grants
+        .get::<Session>(Kind::Session, secret, now)
+        .await
+        .map_err(internal)?
+    else {
+        return Ok(None);
+    };
+    match st.accounts.load(&s.user_id).await.map_err(internal)? {
+        Some(u) if u.status() == Some(Status::Active) => Ok(Some((secret.to_owned(), s, u))),
+        _ => Ok(None),
+    }
+}
+
+/// A ceremony kept server-side for the account page (the form carries
+/// only a random reference to it).
+#[derive(Debug, Serialize, Deserialize)]
+struct AccountCeremony {
+    user_id: String,
+    state: Vec<u8>,
+}
+
+/// GET /auth/account: the signed-in user's passkeys (add, rename, remove).
+pub async fn account(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response {
+    account_page(&st, &h, None, crate::now_secs()).await
+}
+
+async fn account_page(st: &AppState, h: &HeaderMap, msg: Option<&str>, now: i64) -> Response {
+    let (secret, sess, user) = match current_session(st, h, now).await {
+        Ok(Some(x)) => x,
+        Ok(None) => {
+            return error_page(
+                StatusCode::UNAUTHORIZED,
+                "Sign in from your app first, then come back to this page.",
+            )
+        }
+        Err(r) => return r,
+    };
+    let csrf = st.grants.csrf(&secret);
+    let mut b = String::new();
+    if let Some(m) = msg {
+        let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
+    }
+    let _ = write!(
+        b,
+        "<p>Signed in as <strong>{}</strong>. Authenticator app: {}. Recovery codes left: {}.</p><h2>Passkeys</h2>",
+        esc(user.username()),
+        if user.has_totp() { "on" } else { "off" },
+        user.recovery_left()
+    );
+    if user.passkeys().is_empty() {
+        b.push_str("<p>No passkeys yet.</p>");
+    }
+    b.push_str("<ul>");
+    for pk in user.passkeys() {
+        use base64::Engine;
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&pk.cred.id);
+        let _ = write!(
+            b,
+            "<li><strong>{name}</strong>{flag} (added {added}{used})\
+             <form method=\"post\" action=\"/auth/account/passkeys\">{csrf}{cred}<input type=\"hidden\" name=\"action\" value=\"rename\">\
+             <label>New name <input name=\"name\" maxlength=\"64\" required></label> <button type=\"submit\">Rename</button></form>\
+             <form method=\"post\" action=\"/auth/account/passkeys\">{csrf}{cred}<input type=\"hidden\" name=\"action\" value=\"remove\">\
+             <button type=\"submit\">Remove</button></form></li>",
+            name = esc(&pk.cred.name),
+            flag = if pk.flagged { " — refused: it looked copied" } else { "" },
+            added = date(pk.cred.created_at),
+            used = pk
+                .cred
+                .last_used
+                .map(|t| format!(", last used {}", date(t)))
+                .unwrap_or_default(),
+            csrf = hidden("csrf", &csrf),
+            cred = hidden("cred", &id),
+        );
+    }
+    b.push_str("</ul>");
+    let mut scripts = false;
+    if recent_mfa(st, &sess, now) {
+        match st
+            .accounts
+            .passkey_registration(&st.passkeys, user.id(), uv_required(st, &user))
+            .await
+        {
+            Ok((c, options)) => {
+                let reference = match st
+                    .grants
+                    .create(
+                        Kind::Pending,
+                        "account",
+                        user.id(),
+                        &AccountCeremony {
+                            user_id: user.id().to_owned(),
+                            state: c.0,
+                        },
+                        now + PENDING_TTL,
+                        now,
+                    )
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => return internal(e),
+                };
+                let block = passkey_block(
+                    &csrf,
+                    "create",
+                    &options,
+                    "/auth/account/passkeys",
+                    "Add a passkey",
+                );
+                // The add form also names its ceremony and action.
+                let block = block.replace(
+                    "<input type=\"hidden\" name=\"passkey\" value=\"\">",
+                    &format!(
+                        "<input type=\"hidden\" name=\"passkey\" value=\"\">{}{}",
+                        hidden("action", "add"),
+                        hidden("ceremony", &reference)
+                    ),
+                );
+                b.push_str(&block);
+                scripts = true;
+            }
+            Err(e) => return internal(e),
+        }
+    } else {
+        b.push_str("<p>To add or remove passkeys, sign in again (with your second factor) from your app; changes need a sign-in from the last few minutes.</p>");
+    }
+    let _ = write!(
+        b,
+        "<form method=\"post\" action=\"/auth/logout\">{}<p><button type=\"submit\">Sign out</button></p></form>",
+        hidden("csrf", &csrf)
+    );
+    let mut page = Page::new(StatusCode::OK, "Your sign-in", b);
+    page.scripts = scripts;
+    page.into_response()
+}
+
+fn date(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.format("%Y-%m-%d").to_string())
+        .unwrap_or_default()
+}
+
+/// Step-up: the session's sign-in used a second factor and is recent.
+fn recent_mfa(st: &AppState, s: &Session, now: i64) -> bool {
+    s.amr.iter().any(|m| m != "pwd") && now - s.auth_time <= st.config.auth.step_up_secs
+}
+
+/// POST /auth/account/passkeys: add, rename or remove a passkey.
+pub async fn account_passkeys(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    use crate::accounts::AccountError;
+    let now = crate::now_secs();
+    let form = match params(&body) {
+        Ok(f) => f,
+        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
+    };
+    let (secret, sess, user) = match current_session(&st, &h, now).await {
+        Ok(Some(x)) => x,
+        Ok(None) => return error_page(StatusCode::UNAUTHORIZED, "Sign in from your app first."),
+        Err(r) => return r,
+    };
+    let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    if !st.grants.csrf_ok(&secret, get("csrf")) {
+        return error_page(StatusCode::FORBIDDEN, "The form could not be verified.");
+    }
+    let result = match get("action") {
+        "rename" => st
+            .accounts
+            .rename_passkey(user.id(), get("cred"), get("name"))
+            .await
+            .map(|()| "Renamed.".to_owned()),
+        _ if !recent_mfa(&st, &sess, now) => Err(AccountError::StepUp),
+        "remove" => st
+            .accounts
+            .remove_passkey(user.id(), get("cred"), mfa_required(&st, &user))
+            .await
+            .map(|()| {
+                tracing::info!(event = "auth.passkey_removed", user_id = %user.id(), "passkey removed");
+                "Removed.".to_owned()
+            }),
+        "add" => {
+            let cer = match st
+                .grants
+                .take::<AccountCeremony>(Kind::Pending, get("ceremony"), now)
+                .await
+            {
+                Ok(Taken::Fresh(_, c)) if c.user_id == user.id() => Some(c),
+                Ok(_) => None,
+                Err(e) => return internal(e),
+            };
+            match cer {
+                Some(c) => st
+                    .accounts
+                    .add_passkey(
+                        &st.passkeys,
+                        user.id(),
+                        &phylax_auth::passkey::Ceremony(c.state),
+                        get("passkey").as_bytes(),
+                        get("name"),
+                        now,
+                    )
+                    .await
+                    .map(|_| {
+                        tracing::info!(event = "auth.passkey_added", user_id = %user.id(), "passkey added");
+                        "Passkey added.".to_owned()
+                    }),
+                None => Err(AccountError::NoSuchPasskey),
+            }
+        }
+        _ => Err(AccountError::NoSuchPasskey),
+    };
+    let msg = match result {
+        Ok(m) => m,
+        Err(e @ (AccountError::Store(_) | AccountError::Keys(_) | AccountError::Crypto(_))) => {
+            return internal(e)
+        }
+        Err(AccountError::Passkey(_)) => "The passkey could not be registered.".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    account_page(&st, &h, Some(&msg), now).await
+}
+
 /// POST /auth/logout: ends the browser session.
 pub async fn logout(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
     let form = params(&body).unwrap_or_default();
@@ -1187,6 +1683,43 @@ pub async fn enroll_submit(State(st): State<Arc<AppState>>, body: Bytes) -> Resp
         ),
         Err(e) => internal(e),
     }
+}
+
+/// The passkey helper: reads the WebAuthn options the page carries, asks
+/// the browser's authenticator, and posts the result. Served from our own
+/// origin (the pages' CSP allows only that).
+const PASSKEY_JS: &str = r#"// Phylax passkey helper. Needs a browser with WebAuthn JSON support.
+(function () {
+  var el = document.getElementById('passkey-options');
+  var btn = document.getElementById('passkey-button');
+  var form = document.getElementById('passkey-form');
+  var err = document.getElementById('passkey-error');
+  if (!el || !btn || !form || !window.PublicKeyCredential ||
+      !PublicKeyCredential.parseRequestOptionsFromJSON) { return; }
+  btn.hidden = false;
+  btn.addEventListener('click', function () {
+    var opts = JSON.parse(el.textContent);
+    var p = el.dataset.mode === 'create'
+      ? navigator.credentials.create({ publicKey: PublicKeyCredential.parseCreationOptionsFromJSON(opts) })
+      : navigator.credentials.get({ publicKey: PublicKeyCredential.parseRequestOptionsFromJSON(opts) });
+    p.then(function (cred) {
+      form.elements.passkey.value = JSON.stringify(cred.toJSON());
+      form.submit();
+    }).catch(function (e) {
+      err.textContent = 'The passkey was not used (' + e.name + '). Try again or use a code.';
+    });
+  });
+})();
+"#;
+
+/// GET /auth/passkey.js
+pub async fn passkey_js() -> Response {
+    let mut r = (StatusCode::OK, PASSKEY_JS).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    r
 }
 
 #[cfg(test)]

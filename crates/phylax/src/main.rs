@@ -87,7 +87,7 @@ enum UserCmd {
     Enable(UserArgs),
     /// Unlock a user locked after failed sign-ins.
     Unlock(UserArgs),
-    /// Remove a user's second factor and recovery codes; they enroll again at the next sign-in.
+    /// Remove a user's second factors (authenticator app, passkeys) and recovery codes; they enroll again at the next sign-in.
     ResetMfa(UserArgs),
     /// Print a new one-time link for the user to set a new password.
     ResetPassword(UserArgs),
@@ -557,6 +557,8 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
                         serde_json::json!({
                             "id": u.id(), "username": u.username(), "role": u.rec.role,
                             "status": u.rec.status, "mfa": u.has_mfa(),
+                            "totp": u.has_totp(), "passkeys": u.passkeys().len(),
+                            "passkeys_flagged": u.passkeys().iter().filter(|p| p.flagged).count(),
                             "recovery_codes_left": u.recovery_left(),
                             "password_set": u.has_password(),
                             "enrollment_pending": u.enrollment_pending(now),
@@ -567,7 +569,7 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:<24}  {:<10}  {:<8}  {:<5}  {:<8}  LAST SIGN-IN",
+                    "{:<24}  {:<10}  {:<8}  {:<16}  {:<8}  LAST SIGN-IN",
                     "USERNAME", "ROLE", "STATUS", "MFA", "RECOVERY"
                 );
                 for u in users {
@@ -584,11 +586,16 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
                             .into()
                         });
                     println!(
-                        "{:<24}  {:<10}  {:<8}  {:<5}  {:<8}  {last}",
+                        "{:<24}  {:<10}  {:<8}  {:<16}  {:<8}  {last}",
                         u.username(),
                         u.rec.role,
                         u.rec.status,
-                        if u.has_mfa() { "totp" } else { "none" },
+                        match (u.has_totp(), u.passkeys().len()) {
+                            (false, 0) => "none".to_owned(),
+                            (true, 0) => "totp".to_owned(),
+                            (false, n) => format!("passkey×{n}"),
+                            (true, n) => format!("totp+passkey×{n}"),
+                        },
                         u.recovery_left()
                     );
                 }

@@ -902,6 +902,23 @@ impl Accounts {
         Ok(())
     }
 
+    /// Change a user's role (a privilege change): their sessions and tokens
+    /// end, so the next sign-in gets a new session with the new role.
+    pub async fn set_role(&self, id: &str, role: &str, now: i64) -> Result<User, AccountError> {
+        let r = Role::parse(role).ok_or_else(|| AccountError::BadRole(role.to_owned()))?;
+        let (u, ()) = self
+            .modify(id, |u| {
+                if (r == Role::Patient) != u.acct.patient.is_some() {
+                    return Err(AccountError::PatientLink);
+                }
+                u.rec.role = r.as_str().into();
+                Ok(())
+            })
+            .await?;
+        self.end_sessions(id, now).await?;
+        Ok(u)
+    }
+
     /// Remove the second factor and recovery codes; the user enrolls again
     /// at the next sign-in. Ends their sessions.
     pub async fn reset_mfa(&self, id: &str, now: i64) -> Result<User, AccountError> {

@@ -91,6 +91,14 @@ enum UserCmd {
     ResetMfa(UserArgs),
     /// Print a new one-time link for the user to set a new password.
     ResetPassword(UserArgs),
+    /// Change a user's role; ends their sessions and tokens.
+    SetRole {
+        #[command(flatten)]
+        user: UserArgs,
+        /// admin or clinician (a patient account stays a patient).
+        #[arg(long)]
+        role: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -621,6 +629,14 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
             let u = find_user(&accounts, &a.username).await?;
             accounts.reset_mfa(u.id(), now).await?;
             println!("second factor removed; the user enrolls again at the next sign-in (sessions ended)");
+            Ok(())
+        }
+        UserCmd::SetRole { user: a, role } => {
+            let i = Instance::open(&a.inst.data_dir, a.inst.database_url.as_deref()).await?;
+            let accounts = i.accounts()?;
+            let u = find_user(&accounts, &a.username).await?;
+            accounts.set_role(u.id(), &role, now).await?;
+            println!("{} is now {role} (sessions and tokens ended)", a.username);
             Ok(())
         }
         UserCmd::ResetPassword(a) => {

@@ -315,10 +315,19 @@ fn users_and_apps() {
         p,
     )))
     .unwrap();
-    assert_eq!(json[0]["username"], "dr.grey");
-    assert_eq!(json[0]["mfa"], false);
-    assert_eq!(json[0]["enrollment_pending"], true);
-    assert_eq!(json[1]["role"], "patient");
+    let by_name = |n: &str| {
+        json.as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["username"] == n)
+            .unwrap()
+            .clone()
+    };
+    let grey = by_name("dr.grey");
+    assert_eq!(grey["mfa"], false);
+    assert_eq!(grey["passkeys"], 0);
+    assert_eq!(grey["enrollment_pending"], true);
+    assert_eq!(by_name("jane")["role"], "patient");
     // The database holds neither the username nor the link's token.
     let mut db = std::fs::read(p.join("inst/phylax.db")).unwrap();
     if let Ok(wal) = std::fs::read(p.join("inst/phylax.db-wal")) {
@@ -340,6 +349,25 @@ fn users_and_apps() {
     assert!(ok(&u("reset-mfa", "dr.grey")).contains("second factor removed"));
     assert!(ok(&u("reset-password", "dr.grey")).contains("/auth/enroll?token="));
     assert!(fails(&u("disable", "nobody")).contains("no user"));
+    let set_role = |name: &str, role: &str| {
+        phylax(
+            &[
+                "user",
+                "set-role",
+                "--data-dir",
+                "inst",
+                "--username",
+                name,
+                "--role",
+                role,
+            ],
+            p,
+        )
+    };
+    assert!(ok(&set_role("dr.grey", "admin")).contains("now admin"));
+    assert!(fails(&set_role("dr.grey", "patient")).contains("--patient"));
+    assert!(fails(&set_role("jane", "clinician")).contains("--patient"));
+    assert!(fails(&set_role("dr.grey", "wizard")).contains("unknown role"));
 
     // Apps.
     let app = |args: &[&str]| {

@@ -761,6 +761,36 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
         .await;
     assert_eq!(ok.status, 303, "{}", ok.body);
 
+    // --- A stolen database file holds no username, password, TOTP secret,
+    // recovery code or bearer secret (SQLite: the file and its WAL).
+    if s.backend == common::Backend::Sqlite {
+        let mut db = std::fs::read(s.data_dir.join("phylax.db")).unwrap();
+        if let Ok(w) = std::fs::read(s.data_dir.join("phylax.db-wal")) {
+            db.extend(w);
+        }
+        let raw_secret = data_encoding::BASE32_NOPAD
+            .decode(secret_b32.as_bytes())
+            .unwrap();
+        let session = b.jar["__Host-phylax-session"].clone();
+        let mut needles: Vec<Vec<u8>> = vec![
+            b"dr.grey".to_vec(),
+            PASSWORD.as_bytes().to_vec(),
+            b"$argon2id$".to_vec(),
+            secret_b32.as_bytes().to_vec(),
+            raw_secret,
+            session.into_bytes(),
+            rt1.clone().into_bytes(),
+        ];
+        needles.extend(recovery.iter().map(|c| c.clone().into_bytes()));
+        for n in needles {
+            assert!(
+                !db.windows(n.len()).any(|w| w == n.as_slice()),
+                "{} found in the database",
+                String::from_utf8_lossy(&n)
+            );
+        }
+    }
+
     // --- An idle session no longer signs anyone in.
     let sess = b.jar["__Host-phylax-session"].clone();
     let h = s.state.grants.hash(Kind::Session, &sess);

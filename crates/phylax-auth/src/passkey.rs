@@ -151,10 +151,7 @@ impl RelyingParty {
         let (server, client) = opts
             .start_ceremony()
             .map_err(|e| PasskeyError::Start(e.to_string()))?;
-        let state = server.encode().map_err(|_| PasskeyError::State)?;
-        let json =
-            serde_json::to_string(&client).map_err(|e| PasskeyError::Start(e.to_string()))?;
-        Ok((Ceremony(state), json))
+        keep(server.encode().ok(), &client)
     }
 
     /// Finish a registration: verify the browser's response (the JSON of
@@ -210,10 +207,7 @@ impl RelyingParty {
         let (server, client) = opts
             .start_ceremony()
             .map_err(|e| PasskeyError::Start(e.to_string()))?;
-        let state = server.encode().map_err(|_| PasskeyError::State)?;
-        let json =
-            serde_json::to_string(&client).map_err(|e| PasskeyError::Start(e.to_string()))?;
-        Ok((Ceremony(state), json))
+        keep(server.encode().ok(), &client)
     }
 
     /// Finish an authentication. On success the matched credential's stored
@@ -284,6 +278,17 @@ pub fn credential_id(response_json: &[u8]) -> Result<Vec<u8>, PasskeyError> {
     let auth = NonDiscoverableAuthentication16::from_json_relaxed(response_json)
         .map_err(|_| PasskeyError::Malformed)?;
     Ok(auth.raw_id().as_ref().to_vec())
+}
+
+/// Serialise a started ceremony: the server half to keep, the client half
+/// (JSON) for the browser.
+fn keep<C: serde::Serialize>(
+    state: Option<Vec<u8>>,
+    client: &C,
+) -> Result<(Ceremony, String), PasskeyError> {
+    let state = state.ok_or(PasskeyError::State)?;
+    let json = serde_json::to_string(client).map_err(|e| PasskeyError::Start(e.to_string()))?;
+    Ok((Ceremony(state), json))
 }
 
 fn descriptor(c: &StoredPasskey) -> Result<PublicKeyCredentialDescriptor<Vec<u8>>, PasskeyError> {

@@ -191,6 +191,17 @@ pub struct Passkey {
 /// At most this many passkeys per user.
 pub const MAX_PASSKEYS: usize = 10;
 
+impl Account {
+    /// The passkeys that may still be used (not flagged as cloned).
+    fn usable_passkeys(&self) -> Vec<StoredPasskey> {
+        self.passkeys
+            .iter()
+            .filter(|p| !p.flagged)
+            .map(|p| p.cred.clone())
+            .collect()
+    }
+}
+
 impl Drop for Account {
     fn drop(&mut self) {
         use zeroize::Zeroize;
@@ -782,13 +793,7 @@ impl Accounts {
         user: &User,
         require_uv: bool,
     ) -> Result<Option<(Ceremony, String)>, AccountError> {
-        let creds: Vec<StoredPasskey> = user
-            .acct
-            .passkeys
-            .iter()
-            .filter(|p| !p.flagged)
-            .map(|p| p.cred.clone())
-            .collect();
+        let creds = user.acct.usable_passkeys();
         if creds.is_empty() {
             return Ok(None);
         }
@@ -812,13 +817,7 @@ impl Accounts {
                 let Some(handle) = u.user_handle() else {
                     return Ok(SecondFactor::Refused);
                 };
-                let mut creds: Vec<StoredPasskey> = u
-                    .acct
-                    .passkeys
-                    .iter()
-                    .filter(|p| !p.flagged)
-                    .map(|p| p.cred.clone())
-                    .collect();
+                let mut creds = u.acct.usable_passkeys();
                 match rp.finish_authentication(state, response, &handle, &mut creds, now) {
                     Ok(i) => {
                         let updated = creds[i].clone();

@@ -367,31 +367,51 @@ async fn user_tokens(
     Ok(out)
 }
 
+/// Revoke a grant family everywhere: its grants are deleted, the feed
+/// tells the other nodes, and this node refuses its tokens at once.
+async fn revoke_family(st: &AppState, family: &str, now: i64) -> Result<(), AuthError> {
+    st.grants
+        .revoke_family(family, now)
+        .await
+        .map_err(unavailable)?;
+    st.revoked.write().add("family", family, now);
+    Ok(())
+}
+
+/// Consume a single-use grant (a code, a refresh token). A second use is a
+/// replay: the grant's whole family is revoked and `event` logged.
+async fn take_single_use<T: serde::de::DeserializeOwned>(
+    st: &AppState,
+    kind: Kind,
+    secret: &str,
+    now: i64,
+    event: &'static str,
+) -> Result<(phylax_store::GrantRecord, T), AuthError> {
+    match st
+        .grants
+        .take::<T>(kind, secret, now)
+        .await
+        .map_err(unavailable)?
+    {
+        Taken::Fresh(g, d) => Ok((g, d)),
+        Taken::Reused(g) => {
+            revoke_family(st, &g.family, now).await?;
+            tracing::warn!(event, user_id = %g.user_id, "single-use grant replayed; its family is revoked");
+            Err(AuthError::InvalidGrant("replayed"))
+        }
+        Taken::Missing => Err(AuthError::InvalidGrant("unknown or expired")),
+    }
+}
+
 async fn authorization_code(st: &AppState, f: &Form) -> Result<Value, AuthError> {
     let client = client_auth(st, f).await?;
     let code = f
         .get("code")
         .ok_or(AuthError::InvalidRequest("code is required"))?;
     let now = crate::now_secs();
-    let (g, d) = match st
-        .grants
-        .take::<CodeDetails>(Kind::Code, code, now)
-        .await
-        .map_err(unavailable)?
-    {
-        Taken::Fresh(g, d) => (g, d),
-        Taken::Reused(g) => {
-            // RFC 6749 §4.1.2: a code used twice revokes what it produced.
-            st.grants
-                .revoke_family(&g.family, now)
-                .await
-                .map_err(unavailable)?;
-            st.revoked.write().add("family", &g.family, now);
-            tracing::warn!(event = "auth.code_replayed", user_id = %g.user_id, "authorization code replayed; its tokens are revoked");
-            return Err(AuthError::InvalidGrant("code replayed"));
-        }
-        Taken::Missing => return Err(AuthError::InvalidGrant("unknown or expired code")),
-    };
+    // RFC 6749 §4.1.2: a code used twice revokes what it produced.
+    let (g, d) =
+        take_single_use::<CodeDetails>(st, Kind::Code, code, now, "auth.code_replayed").await?;
     if d.client_id != client.id {
         return Err(AuthError::InvalidGrant("code issued to another client"));
     }
@@ -429,27 +449,12 @@ async fn refresh(st: &AppState, f: &Form) -> Result<Value, AuthError> {
         .get("refresh_token")
         .ok_or(AuthError::InvalidRequest("refresh_token is required"))?;
     let now = crate::now_secs();
-    let (g, d) = match st
-        .grants
-        .take::<RefreshDetails>(Kind::Refresh, rt, now)
-        .await
-        .map_err(unavailable)?
-    {
-        Taken::Fresh(g, d) => (g, d),
-        Taken::Reused(g) => {
-            // Reuse detection: a rotated-out token came back, so it was
-            // copied. Revoke the whole family, the legitimate holder's
-            // current tokens included; the user signs in again.
-            st.grants
-                .revoke_family(&g.family, now)
-                .await
-                .map_err(unavailable)?;
-            st.revoked.write().add("family", &g.family, now);
-            tracing::warn!(event = "auth.refresh_replayed", user_id = %g.user_id, "refresh token reused; family revoked");
-            return Err(AuthError::InvalidGrant("refresh token reused"));
-        }
-        Taken::Missing => return Err(AuthError::InvalidGrant("unknown or expired refresh token")),
-    };
+    // Reuse detection: a rotated-out token came back, so it was copied.
+    // The whole family goes, the legitimate holder's current tokens
+    // included; the user signs in again.
+    let (g, d) =
+        take_single_use::<RefreshDetails>(st, Kind::Refresh, rt, now, "auth.refresh_replayed")
+            .await?;
     if d.client_id != client.id {
         return Err(AuthError::InvalidGrant("refresh token of another client"));
     }
@@ -477,10 +482,9 @@ pub async fn revoke(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) 
         .await
     {
         if d.client_id == client.id {
-            if let Err(e) = st.grants.revoke_family(&g.family, now).await {
-                return oauth_error(&unavailable(e));
+            if let Err(e) = revoke_family(&st, &g.family, now).await {
+                return oauth_error(&e);
             }
-            st.revoked.write().add("family", &g.family, now);
         }
     } else if let Ok(c) = st.tokens.verify(token, now) {
         if c.client_id == client.id {

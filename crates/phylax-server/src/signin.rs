@@ -878,14 +878,24 @@ async fn enrolled_page(
     page.into_response()
 }
 
-/// Parse the form and take the pending second-factor stage: the user (still
-/// active) and the passkey ceremony offered on the page.
+/// A second-factor attempt in progress: the form, the stage, the user
+/// (still active), the passkey ceremony offered on the page, and how long
+/// the account's throttle still asks to wait.
+struct MfaAttempt {
+    form: HashMap<String, String>,
+    pending: Pending,
+    user: User,
+    ceremony: Option<Vec<u8>>,
+    wait: i64,
+}
+
+/// Parse the form and take the pending second-factor stage.
 async fn take_mfa_stage(
     st: &AppState,
     h: &HeaderMap,
     body: &[u8],
     now: i64,
-) -> Result<(HashMap<String, String>, Pending, User, Option<Vec<u8>>), Response> {
+) -> Result<MfaAttempt, Response> {
     let form = params(body).map_err(|m| error_page(StatusCode::BAD_REQUEST, m))?;
     let p = take_pending(st, h, &form, now).await?;
     let (Stage::Mfa { passkey }, Some(uid)) = (p.stage.clone(), p.user_id.clone()) else {
@@ -899,7 +909,14 @@ async fn take_mfa_stage(
         Ok(_) => return Err(error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN)),
         Err(e) => return Err(internal(e)),
     };
-    Ok((form, p, user, passkey))
+    let wait = st.throttle.wait(&format!("mfa:{uid}"), now);
+    Ok(MfaAttempt {
+        form,
+        pending: p,
+        user,
+        ceremony: passkey,
+        wait,
+    })
 }
 
 /// POST /auth/mfa: a TOTP or recovery code.
@@ -910,19 +927,17 @@ pub async fn mfa(
     body: Bytes,
 ) -> Response {
     let now = crate::now_secs();
-    let (form, p, user, _) = match take_mfa_stage(&st, &h, &body, now).await {
-        Ok(x) => x,
+    let a = match take_mfa_stage(&st, &h, &body, now).await {
+        Ok(a) => a,
         Err(r) => return r,
     };
-    let acct_key = format!("mfa:{}", user.id());
-    let wait = st.throttle.wait(&acct_key, now);
-    let code = form.get("code").map(String::as_str).unwrap_or("");
-    let result = if wait > 0 {
+    let code = a.form.get("code").map(String::as_str).unwrap_or("");
+    let result = if a.wait > 0 {
         Ok(SecondFactor::Refused)
     } else {
-        st.accounts.second_factor(user.id(), code, now).await
+        st.accounts.second_factor(a.user.id(), code, now).await
     };
-    second_factor_done(&st, p, &user, result, wait, &ext, now).await
+    second_factor_done(&st, a.pending, &a.user, result, a.wait, &ext, now).await
 }
 
 /// POST /auth/mfa/passkey: the passkey assertion the page's script posts.
@@ -933,19 +948,17 @@ pub async fn mfa_passkey(
     body: Bytes,
 ) -> Response {
     let now = crate::now_secs();
-    let (form, p, user, ceremony) = match take_mfa_stage(&st, &h, &body, now).await {
-        Ok(x) => x,
+    let a = match take_mfa_stage(&st, &h, &body, now).await {
+        Ok(a) => a,
         Err(r) => return r,
     };
-    let acct_key = format!("mfa:{}", user.id());
-    let wait = st.throttle.wait(&acct_key, now);
-    let response = form.get("passkey").map(String::as_str).unwrap_or("");
-    let result = match (wait, ceremony) {
+    let response = a.form.get("passkey").map(String::as_str).unwrap_or("");
+    let result = match (a.wait, a.ceremony) {
         (0, Some(c)) => {
             st.accounts
                 .passkey_sign_in(
                     &st.passkeys,
-                    user.id(),
+                    a.user.id(),
                     &phylax_auth::passkey::Ceremony(c),
                     response.as_bytes(),
                     now,
@@ -954,7 +967,7 @@ pub async fn mfa_passkey(
         }
         _ => Ok(SecondFactor::Refused),
     };
-    second_factor_done(&st, p, &user, result, wait, &ext, now).await
+    second_factor_done(&st, a.pending, &a.user, result, a.wait, &ext, now).await
 }
 
 /// What follows a second-factor attempt, whichever kind.

@@ -669,10 +669,11 @@ pub async fn login(
         st.accounts
             .keyed("throttle", username.trim().to_lowercase().as_bytes())
     );
+    let now_ms = crate::now_ms();
     let wait = st
         .throttle
-        .wait(&ip_key, now)
-        .max(st.throttle.wait(&acct_key, now));
+        .wait(&ip_key, now_ms)
+        .max(st.throttle.wait(&acct_key, now_ms));
     if wait > 0 {
         return login_again(
             &st,
@@ -696,8 +697,8 @@ pub async fn login(
         _ => None,
     };
     let Some((user, rehash)) = ok_user else {
-        st.throttle.fail(&ip_key, now);
-        st.throttle.fail(&acct_key, now);
+        st.throttle.fail(&ip_key, crate::now_ms());
+        st.throttle.fail(&acct_key, crate::now_ms());
         if let Some(u) = &user {
             // Counted in the background so the answer takes the same time
             // for known and unknown users.
@@ -909,7 +910,7 @@ async fn take_mfa_stage(
         Ok(_) => return Err(error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN)),
         Err(e) => return Err(internal(e)),
     };
-    let wait = st.throttle.wait(&format!("mfa:{uid}"), now);
+    let wait = st.throttle.wait(&format!("mfa:{uid}"), crate::now_ms());
     Ok(MfaAttempt {
         form,
         pending: p,
@@ -1022,7 +1023,7 @@ async fn second_factor_done(
         Ok(refused @ (SecondFactor::Refused | SecondFactor::PasskeyCloned)) => {
             let cloned = refused == SecondFactor::PasskeyCloned;
             if wait == 0 {
-                st.throttle.fail(&acct_key, now);
+                st.throttle.fail(&acct_key, crate::now_ms());
                 let threshold = st.config.auth.lockout_threshold;
                 if let Err(e) = st.accounts.record_failure(&uid, threshold, now).await {
                     return internal(e);

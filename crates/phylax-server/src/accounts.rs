@@ -253,6 +253,17 @@ impl User {
     pub fn has_password(&self) -> bool {
         self.acct.password.is_some()
     }
+    /// The password hash's algorithm and cost (`argon2id m=19456,t=2,p=1`),
+    /// never the salt or hash: lets operators see which accounts still carry
+    /// hashes made under older settings.
+    pub fn password_scheme(&self) -> Option<String> {
+        let phc = self.acct.password.as_deref()?;
+        let mut parts = phc.split('$').skip(1);
+        let alg = parts.next()?;
+        let _version = parts.next()?;
+        let params = parts.next()?;
+        Some(format!("{alg} {params}"))
+    }
     pub fn has_totp(&self) -> bool {
         self.acct.totp.is_some()
     }

@@ -569,6 +569,7 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
                             "passkeys_flagged": u.passkeys().iter().filter(|p| p.flagged).count(),
                             "recovery_codes_left": u.recovery_left(),
                             "password_set": u.has_password(),
+                            "password_scheme": u.password_scheme(),
                             "enrollment_pending": u.enrollment_pending(now),
                             "last_sign_in": u.last_sign_in(), "created_at": u.rec.created_at,
                         })

@@ -10,6 +10,8 @@
 //!   verified without a database round trip).
 //! - [`policy`]: the single authorization decision every FHIR interaction
 //!   passes through.
+//! - [`roles`]: roles as data (built-in least-privilege roles, custom roles
+//!   from configuration) intersected with scopes in the decision.
 //! - [`password_policy`]: which passwords may be chosen (NIST SP 800-63B
 //!   rev. 4 lengths, a dictionary-backed guessability estimate).
 //! - [`passkey`]: WebAuthn registration and authentication ceremonies
@@ -24,6 +26,7 @@ pub mod passkey;
 pub mod password_policy;
 pub mod pkce;
 pub mod policy;
+pub mod roles;
 pub mod scopes;
 pub mod smart;
 pub mod throttle;

@@ -19,7 +19,9 @@ pub enum Principal {
     /// scopes).
     User {
         user_id: String,
-        role: String,
+        /// The user's role as defined now (looked up when the token is
+        /// checked, so a changed definition applies at once).
+        role: std::sync::Arc<crate::roles::RoleDef>,
         client_id: String,
         scopes: ScopeSet,
         /// The launch-context patient for `patient/` scopes.
@@ -93,6 +95,54 @@ pub fn decide(who: &Principal, what: Interaction, rtype: Option<&str>) -> Decisi
     decide_instance(who, what, rtype, None)
 }
 
+/// A workforce user: the token's `user/` scopes **and** the role's grants
+/// must both allow every permission the interaction needs.
+fn decide_user(
+    scopes: &ScopeSet,
+    role: &crate::roles::RoleDef,
+    what: Interaction,
+    rtype: Option<&str>,
+) -> Decision {
+    let ctx = Context::User;
+    let need = needs(what);
+    if what == Interaction::HistorySystem {
+        let ok = [Perm::Read, Perm::Search]
+            .iter()
+            .all(|p| scopes.allows_all_types(ctx, *p) && role.allows_all(*p));
+        return if ok {
+            Decision::Allow
+        } else {
+            Decision::Deny("scope or role: system history needs every type")
+        };
+    }
+    let Some(t) = rtype else {
+        return Decision::Deny("no resource type");
+    };
+    if !need.iter().all(|p| scopes.allows(ctx, t, *p)) {
+        return Decision::Deny("scope: not granted for this type and interaction");
+    }
+    if !need.iter().all(|p| role.allows(t, *p)) {
+        return Decision::Deny("role: not permitted for this type and interaction");
+    }
+    Decision::Allow
+}
+
+/// The permissions an interaction needs (system history is decided apart).
+fn needs(what: Interaction) -> &'static [Perm] {
+    match what {
+        Interaction::Read
+        | Interaction::VRead
+        | Interaction::HistoryInstance
+        | Interaction::PatientEverything => &[Perm::Read],
+        Interaction::Create => &[Perm::Create],
+        Interaction::Update => &[Perm::Update],
+        Interaction::UpdateCreate => &[Perm::Create, Perm::Update],
+        Interaction::Delete => &[Perm::Delete],
+        Interaction::HistoryType | Interaction::SearchType => &[Perm::Search],
+        Interaction::HistorySystem => &[Perm::Read, Perm::Search],
+    }
+}
+
 /// [`decide`] for an interaction on one known resource (`id`).
 ///
 /// Patient-context access (`patient/` scopes) is deliberately narrow until
@@ -106,10 +156,13 @@ pub fn decide_instance(
     rtype: Option<&str>,
     id: Option<&str>,
 ) -> Decision {
-    let (scopes, ctx) = match who {
-        Principal::Client { scopes, .. } => (scopes, Context::System),
+    let scopes = match who {
+        Principal::Client { scopes, .. } => scopes,
         Principal::User {
-            scopes, patient, ..
+            scopes,
+            patient,
+            role,
+            ..
         } => {
             let patient_scoped = scopes.iter().any(|s| s.context == Context::Patient);
             if patient_scoped {
@@ -120,37 +173,30 @@ pub fn decide_instance(
                 if !own {
                     return Decision::Deny("patient context: only the own Patient resource");
                 }
-                return if scopes.allows(Context::Patient, "Patient", Perm::Read) {
+                return if scopes.allows(Context::Patient, "Patient", Perm::Read)
+                    && role.allows("Patient", Perm::Read)
+                {
                     Decision::Allow
                 } else {
-                    Decision::Deny("scope: not granted for this type and interaction")
+                    Decision::Deny("scope or role: not granted for this type and interaction")
                 };
             }
-            (scopes, Context::User)
+            return decide_user(scopes, role, what, rtype);
         }
     };
-    let need: &[Perm] = match what {
-        Interaction::Read
-        | Interaction::VRead
-        | Interaction::HistoryInstance
-        | Interaction::PatientEverything => &[Perm::Read],
-        Interaction::Create => &[Perm::Create],
-        Interaction::Update => &[Perm::Update],
-        Interaction::UpdateCreate => &[Perm::Create, Perm::Update],
-        Interaction::Delete => &[Perm::Delete],
-        Interaction::HistoryType | Interaction::SearchType => &[Perm::Search],
-        // History across all types needs read+search on every type: it
-        // returns resources of any type.
-        Interaction::HistorySystem => {
-            return if scopes.allows_all_types(ctx, Perm::Read)
-                && scopes.allows_all_types(ctx, Perm::Search)
-            {
-                Decision::Allow
-            } else {
-                Decision::Deny("scope: system history needs system/*.rs")
-            };
-        }
-    };
+    let ctx = Context::System;
+    // History across all types needs read+search on every type: it returns
+    // resources of any type.
+    if what == Interaction::HistorySystem {
+        return if scopes.allows_all_types(ctx, Perm::Read)
+            && scopes.allows_all_types(ctx, Perm::Search)
+        {
+            Decision::Allow
+        } else {
+            Decision::Deny("scope: system history needs system/*.rs")
+        };
+    }
+    let need = needs(what);
     let Some(t) = rtype else {
         return Decision::Deny("no resource type");
     };
@@ -211,10 +257,35 @@ mod tests {
         ));
     }
 
-    fn user(scope: &str, patient: Option<&str>) -> Principal {
+    fn role(name: &str) -> std::sync::Arc<crate::roles::RoleDef> {
+        std::sync::Arc::new(
+            crate::roles::builtin()
+                .into_iter()
+                .find(|r| r.name == name)
+                .unwrap(),
+        )
+    }
+
+    fn user_as(role_name: &str, scope: &str, patient: Option<&str>) -> Principal {
         Principal::User {
             user_id: "u".into(),
-            role: "clinician".into(),
+            role: role(role_name),
+            client_id: "app".into(),
+            scopes: ScopeSet::parse_lenient(scope),
+            patient: patient.map(str::to_owned),
+            token_id: "t".into(),
+        }
+    }
+
+    fn user(scope: &str, patient: Option<&str>) -> Principal {
+        let name = if patient.is_some() {
+            "patient"
+        } else {
+            "clinician"
+        };
+        Principal::User {
+            user_id: "u".into(),
+            role: role(name),
             client_id: "app".into(),
             scopes: ScopeSet::parse_lenient(scope),
             patient: patient.map(str::to_owned),
@@ -268,5 +339,65 @@ mod tests {
             decide_instance(&user("patient/*.rs", None), Read, Some("Patient"), None),
             Decision::Deny(_)
         ));
+    }
+
+    #[test]
+    fn role_and_scopes_intersect() {
+        use Interaction::*;
+        // Wide scopes, narrow role: the role wins.
+        let fd = user_as("front-desk", "user/*.cruds", None);
+        assert_eq!(decide(&fd, Create, Some("Patient")), Decision::Allow);
+        assert_eq!(
+            decide(&fd, SearchType, Some("Appointment")),
+            Decision::Allow
+        );
+        assert!(
+            matches!(decide(&fd, Read, Some("Observation")), Decision::Deny(r) if r.starts_with("role"))
+        );
+        assert!(matches!(
+            decide(&fd, Delete, Some("Patient")),
+            Decision::Deny(_)
+        ));
+        // Wide role, narrow scopes: the scopes win.
+        let c = user_as("clinician", "user/Patient.rs", None);
+        assert!(
+            matches!(decide(&c, Read, Some("Observation")), Decision::Deny(r) if r.starts_with("scope"))
+        );
+        // Auditors read audit records only; admins no clinical data.
+        let a = user_as("auditor", "user/*.cruds", None);
+        assert_eq!(decide(&a, SearchType, Some("AuditEvent")), Decision::Allow);
+        assert!(matches!(
+            decide(&a, Read, Some("Patient")),
+            Decision::Deny(_)
+        ));
+        let ad = user_as("admin", "user/*.cruds", None);
+        assert_eq!(decide(&ad, Update, Some("Organization")), Decision::Allow);
+        assert!(matches!(
+            decide(&ad, Read, Some("Patient")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            decide(&ad, PatientEverything, Some("Patient")),
+            Decision::Deny(_)
+        ));
+        // System history spans every type, audit records included: no
+        // workforce role reaches it.
+        for r in [
+            "clinician",
+            "nurse",
+            "front-desk",
+            "billing",
+            "researcher",
+            "auditor",
+            "admin",
+        ] {
+            assert!(
+                matches!(
+                    decide(&user_as(r, "user/*.cruds", None), HistorySystem, None),
+                    Decision::Deny(_)
+                ),
+                "{r}"
+            );
+        }
     }
 }

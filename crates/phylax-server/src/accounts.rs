@@ -23,6 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use phylax_auth::passkey::{Ceremony, PasskeyError, RelyingParty, StoredPasskey, USER_HANDLE_LEN};
 use phylax_auth::password_policy::{PasswordPolicy, PasswordProblem};
+use phylax_auth::roles::Roles;
 use phylax_crypto::password::{Password, PasswordHasher, PasswordParams, Verified};
 use phylax_crypto::totp::Totp;
 use phylax_crypto::{MacKey, Secret};
@@ -37,38 +38,6 @@ use unicode_normalization::UnicodeNormalization;
 const KEY_SCOPE: &str = "accounts";
 /// Recovery codes per set.
 pub const RECOVERY_CODES: usize = 10;
-
-/// Built-in roles (the least-privilege issue adds more, as data).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Admin,
-    Clinician,
-    Patient,
-}
-
-impl Role {
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "admin" => Some(Role::Admin),
-            "clinician" => Some(Role::Clinician),
-            "patient" => Some(Role::Patient),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Clinician => "clinician",
-            Role::Patient => "patient",
-        }
-    }
-
-    /// Workforce roles hold `user/` scopes; patients hold `patient/` ones.
-    pub fn is_workforce(self) -> bool {
-        !matches!(self, Role::Patient)
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -100,7 +69,7 @@ impl Status {
 pub enum AccountError {
     #[error("usernames are 1 to 64 characters without spaces or control characters")]
     BadUsername,
-    #[error("unknown role {0} (admin, clinician, patient)")]
+    #[error("unknown role {0} (built-in: admin, auditor, billing, clinician, front-desk, nurse, patient, researcher; or one from [[roles]] in phylax.toml)")]
     BadRole(String),
     #[error("a patient account needs --patient ID, and only patients have one")]
     PatientLink,
@@ -236,8 +205,8 @@ impl User {
     pub fn id(&self) -> &str {
         &self.rec.id
     }
-    pub fn role(&self) -> Option<Role> {
-        Role::parse(&self.rec.role)
+    pub fn role(&self) -> &str {
+        &self.rec.role
     }
     pub fn status(&self) -> Option<Status> {
         Status::parse(&self.rec.status)
@@ -337,6 +306,7 @@ pub struct Accounts {
     auth_key: Arc<MacKey>,
     hasher: Arc<PasswordHasher>,
     policy: PasswordPolicy,
+    roles: Arc<Roles>,
 }
 
 fn random_token() -> Result<String, AccountError> {
@@ -350,6 +320,7 @@ impl Accounts {
         auth_key: Arc<MacKey>,
         params: PasswordParams,
         min_len_with_mfa: usize,
+        roles: Arc<Roles>,
     ) -> Result<Accounts, AccountError> {
         Ok(Accounts {
             store,
@@ -357,6 +328,7 @@ impl Accounts {
             auth_key,
             hasher: Arc::new(PasswordHasher::new(params)?),
             policy: PasswordPolicy::new(min_len_with_mfa),
+            roles,
         })
     }
 
@@ -419,8 +391,11 @@ impl Accounts {
         now: i64,
     ) -> Result<(User, String), AccountError> {
         let username = normalize_username(username)?;
-        let r = Role::parse(role).ok_or_else(|| AccountError::BadRole(role.to_owned()))?;
-        if (r == Role::Patient) != patient.is_some() {
+        let r = self
+            .roles
+            .get(role)
+            .ok_or_else(|| AccountError::BadRole(role.to_owned()))?;
+        if r.patient != patient.is_some() {
             return Err(AccountError::PatientLink);
         }
         if let Some(p) = patient {
@@ -438,7 +413,7 @@ impl Accounts {
         let rec = UserRecord {
             id: id.clone(),
             username_hash: self.username_hash(&username),
-            role: r.as_str().into(),
+            role: r.name.clone(),
             status: Status::Active.as_str().into(),
             sealed: self.seal(&id, 0, &acct).await?,
             rev: 0,
@@ -915,13 +890,16 @@ impl Accounts {
     /// Change a user's role (a privilege change): their sessions and tokens
     /// end, so the next sign-in gets a new session with the new role.
     pub async fn set_role(&self, id: &str, role: &str, now: i64) -> Result<User, AccountError> {
-        let r = Role::parse(role).ok_or_else(|| AccountError::BadRole(role.to_owned()))?;
+        let r = self
+            .roles
+            .get(role)
+            .ok_or_else(|| AccountError::BadRole(role.to_owned()))?;
         let (u, ()) = self
             .modify(id, |u| {
-                if (r == Role::Patient) != u.acct.patient.is_some() {
+                if r.patient != u.acct.patient.is_some() {
                     return Err(AccountError::PatientLink);
                 }
-                u.rec.role = r.as_str().into();
+                u.rec.role = r.name.clone();
                 Ok(())
             })
             .await?;

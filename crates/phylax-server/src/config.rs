@@ -28,6 +28,28 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Custom roles, in addition to the built-in ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<RoleConfig>,
+}
+
+/// A custom role (`[[roles]]` in phylax.toml).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub grants: Vec<RoleGrantConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoleGrantConfig {
+    /// Resource type names, or `["*"]` for every type except audit records.
+    pub types: Vec<String>,
+    /// Letters of `cruds`, in that order.
+    pub perms: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -224,8 +246,9 @@ impl Config {
         {
             return Err("auth.argon2_* are below the OWASP minimum (19456 KiB, 2 iterations, 1 lane) or out of range".into());
         }
+        let roles = self.roles()?;
         for r in a.mfa_optional_roles.iter().chain(&a.uv_required_roles) {
-            if crate::accounts::Role::parse(r).is_none() {
+            if roles.get(r).is_none() {
                 return Err(format!(
                     "auth.mfa_optional_roles / uv_required_roles: unknown role {r}"
                 ));
@@ -239,6 +262,27 @@ impl Config {
 
     pub fn fhir_base(&self) -> String {
         format!("{}/fhir", self.public_url)
+    }
+
+    /// The role registry: built-in roles plus `[[roles]]`, validated.
+    pub fn roles(&self) -> Result<phylax_auth::roles::Roles, String> {
+        let custom: Vec<phylax_auth::roles::CustomRole> = self
+            .roles
+            .iter()
+            .map(|r| phylax_auth::roles::CustomRole {
+                name: r.name.clone(),
+                description: r.description.clone(),
+                grants: r
+                    .grants
+                    .iter()
+                    .map(|g| (g.types.clone(), g.perms.clone()))
+                    .collect(),
+            })
+            .collect();
+        phylax_auth::roles::Roles::new(&custom, |t| {
+            phylax_fhir::ids::ResourceType::parse(t).is_some()
+        })
+        .map_err(|e| format!("[[roles]]: {e}"))
     }
 
     /// The WebAuthn relying party: RP id and allowed origins.

@@ -64,6 +64,8 @@ pub struct AppState {
     pub keys: Arc<KeyRing>,
     /// The WebAuthn relying party (RP id and origins) for passkeys.
     pub passkeys: phylax_auth::passkey::RelyingParty,
+    /// Built-in and configured roles.
+    pub roles: Arc<phylax_auth::roles::Roles>,
 }
 
 /// How often the disabled-client list is refreshed.
@@ -91,6 +93,7 @@ impl AppState {
         let passkeys = config
             .passkey_party()
             .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let roles = Arc::new(config.roles().map_err(ApiError::Internal)?);
         let signing = keys
             .signing_keys()
             .await
@@ -127,6 +130,7 @@ impl AppState {
             signing: parking_lot::RwLock::new(signing),
             keys,
             passkeys,
+            roles,
             config,
         });
         st.refresh_disabled()
@@ -429,14 +433,21 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
         .map(|c| c.0.ip());
     let scopes = ScopeSet::parse_lenient(&claims.scope);
     let principal = match claims.role {
-        Some(role) => Principal::User {
-            user_id: claims.sub,
-            role,
-            client_id: claims.client_id,
-            scopes,
-            patient: claims.patient,
-            token_id: claims.jti,
-        },
+        Some(role) => {
+            // The role as defined now; a role that no longer exists grants
+            // nothing (fail closed).
+            let Some(def) = st.roles.get(&role) else {
+                return ApiError::Unauthorized.into_response();
+            };
+            Principal::User {
+                user_id: claims.sub,
+                role: def.clone(),
+                client_id: claims.client_id,
+                scopes,
+                patient: claims.patient,
+                token_id: claims.jti,
+            }
+        }
         None => Principal::Client {
             client_id: claims.client_id,
             scopes,

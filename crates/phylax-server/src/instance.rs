@@ -157,12 +157,14 @@ impl Instance {
             a.argon2_iterations,
             a.argon2_parallelism,
         )?;
+        let roles = self.config.roles().map_err(InstanceError::Io)?;
         crate::accounts::Accounts::new(
             self.store.clone(),
             self.keys.clone(),
             self.auth_key.clone(),
             params,
             a.password_min_length,
+            std::sync::Arc::new(roles),
         )
         .map_err(|e| InstanceError::Io(e.to_string()))
     }
@@ -250,6 +252,7 @@ impl Instance {
             http: Default::default(),
             auth: Default::default(),
             log: Default::default(),
+            roles: Vec::new(),
         };
         let url = database_url(&data_dir, backend, opts.database_url.as_deref())?;
         let store = phylax_store::open(&url).await?;

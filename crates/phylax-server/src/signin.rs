@@ -19,7 +19,7 @@
 //!   factors both count).
 //! - **Clickjacking**: `frame-ancestors 'none'`.
 
-use crate::accounts::{Accounts, Role, SecondFactor, Status, User};
+use crate::accounts::{Accounts, SecondFactor, Status, User};
 use crate::grants::{Kind, Taken};
 use crate::http::AppState;
 use axum::body::Bytes;
@@ -1243,9 +1243,11 @@ async fn after_sign_in(
         Ok(_) => return error_page(StatusCode::BAD_REQUEST, "Unknown or disabled application."),
         Err(e) => return internal(e),
     };
-    let holder = match user.role() {
-        Some(Role::Patient) => Holder::Patient,
-        _ => Holder::Workforce,
+    let holder = match st.roles.get(user.role()) {
+        Some(r) if r.patient => Holder::Patient,
+        Some(_) => Holder::Workforce,
+        // A role removed from the configuration: no access at all.
+        None => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
     };
     let granted = SmartScopes::grant(
         &SmartScopes::parse_request(&p.req.scope),

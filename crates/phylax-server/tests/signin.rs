@@ -1843,3 +1843,115 @@ mod rehash {
         }
     }
 }
+
+// ------------------------------------------------------------ roles
+
+/// Sign a user whose role may skip the second factor in, and return their
+/// access token for `scope`.
+async fn password_only_token(s: &TestServer, name: &str, role: &str, scope: &str) -> String {
+    enrolled_user(s, name, role, None).await;
+    let app = add_app(s, "user/*.cruds", true).await;
+    let mut b = Browser::new(s);
+    let p = pkce();
+    let page = b.get(&authorize_url(s, &app, scope, "ro", &p)).await;
+    let r = b
+        .post(
+            "/auth/login",
+            &[
+                ("csrf", &page.csrf()),
+                ("username", name),
+                ("password", PASSWORD),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let (st, v) = exchange(
+        s,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &r.param("code").unwrap()),
+            ("redirect_uri", REDIRECT),
+            ("client_id", &app),
+            ("code_verifier", &p.verifier),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn roles_body(s: &TestServer) {
+    make_patient(s, "pr-1").await;
+    let admin = s.token("system/*.cruds").await;
+    let r = s
+        .http
+        .put(s.url("/Observation/ob-1"))
+        .bearer_auth(&admin)
+        .header("content-type", "application/fhir+json")
+        .body(r#"{"resourceType":"Observation","id":"ob-1","status":"final","code":{"text":"x"},"subject":{"reference":"Patient/pr-1"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    // The same wide scopes; the role decides.
+    let fd = password_only_token(s, "desk.one", "front-desk", "user/*.cruds").await;
+    assert_eq!(fhir_get(s, &fd, "/Patient/pr-1").await, 200);
+    assert_eq!(fhir_get(s, &fd, "/Observation/ob-1").await, 403);
+    assert_eq!(
+        fhir_get(s, &fd, "/Observation?subject=Patient/pr-1").await,
+        403
+    );
+    let au = password_only_token(s, "audit.one", "auditor", "user/*.cruds").await;
+    assert_eq!(fhir_get(s, &au, "/Patient/pr-1").await, 403);
+    assert_eq!(fhir_get(s, &au, "/AuditEvent?_count=1").await, 200);
+    // A custom role from phylax.toml.
+    let lab = password_only_token(s, "lab.one", "lab-tech", "user/*.cruds").await;
+    assert_eq!(fhir_get(s, &lab, "/Observation/ob-1").await, 200);
+    assert_eq!(fhir_get(s, &lab, "/Patient/pr-1").await, 403);
+    // A role changed by an administrator: the old token stops working.
+    let id = s
+        .state
+        .accounts
+        .find("lab.one")
+        .await
+        .unwrap()
+        .unwrap()
+        .rec
+        .id;
+    s.state
+        .accounts
+        .set_role(&id, "front-desk", chrono::Utc::now().timestamp())
+        .await
+        .unwrap();
+    s.state.refresh_disabled().await.unwrap();
+    assert_eq!(fhir_get(s, &lab, "/Observation/ob-1").await, 401);
+}
+
+mod roles {
+    use super::common::{Backend, TestServer};
+    async fn server(b: Backend) -> Option<TestServer> {
+        TestServer::start_with(b, |c| {
+            c.auth.mfa_optional_roles =
+                vec!["front-desk".into(), "auditor".into(), "lab-tech".into()];
+            c.roles = vec![phylax_server::config::RoleConfig {
+                name: "lab-tech".into(),
+                description: "Laboratory".into(),
+                grants: vec![phylax_server::config::RoleGrantConfig {
+                    types: vec!["Observation".into(), "Specimen".into()],
+                    perms: "crus".into(),
+                }],
+            }];
+        })
+        .await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::roles_body(&server(Backend::Sqlite).await.unwrap()).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        if let Some(s) = server(Backend::Postgres).await {
+            super::roles_body(&s).await;
+        }
+    }
+}

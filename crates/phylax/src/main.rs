@@ -67,7 +67,8 @@ enum UserCmd {
         inst: InstanceArgs,
         #[arg(long)]
         username: String,
-        /// admin, clinician or patient.
+        /// A role: clinician, nurse, front-desk, billing, researcher, auditor,
+        /// admin, patient, or a custom one from [[roles]] in phylax.toml.
         #[arg(long)]
         role: String,
         /// For patients: the id of their Patient resource.
@@ -95,7 +96,7 @@ enum UserCmd {
     SetRole {
         #[command(flatten)]
         user: UserArgs,
-        /// admin or clinician (a patient account stays a patient).
+        /// The new role (a patient account stays a patient; workforce stays workforce).
         #[arg(long)]
         role: String,
     },

@@ -1,0 +1,423 @@
+//! Roles as data: what each kind of person may do to which resource types.
+//!
+//! A user's effective permission on a type is the **intersection** of their
+//! role's grants and their token's SMART scopes: an app can never give a
+//! person more than their role, and a role never widens what the person
+//! approved for the app. Built-in roles follow least privilege (docs/
+//! ACCESS_CONTROL.md has the table); deployments add custom roles in
+//! configuration, validated at start.
+//!
+//! Types not named by a role are denied. Until field masking exists, roles
+//! that must not see direct identifiers (researcher) get no access to the
+//! identifying types at all: denying is the fail-closed answer.
+
+use crate::scopes::Perm;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// Which resource types a grant covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Types {
+    /// Every type except those listed.
+    AllExcept(BTreeSet<String>),
+    Only(BTreeSet<String>),
+}
+
+impl Types {
+    fn covers(&self, t: &str) -> bool {
+        match self {
+            Types::AllExcept(x) => !x.contains(t),
+            Types::Only(x) => x.contains(t),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub types: Types,
+    pub perms: BTreeSet<Perm>,
+}
+
+/// One role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleDef {
+    pub name: String,
+    pub description: String,
+    /// Patients hold `patient/` scopes for their own compartment; everyone
+    /// else is workforce (`user/` scopes).
+    pub patient: bool,
+    pub grants: Vec<Grant>,
+}
+
+impl RoleDef {
+    /// May this role perform `perm` on `rtype`?
+    pub fn allows(&self, rtype: &str, perm: Perm) -> bool {
+        self.grants
+            .iter()
+            .any(|g| g.perms.contains(&perm) && g.types.covers(rtype))
+    }
+
+    /// May it perform `perm` on every type (system-wide history)?
+    pub fn allows_all(&self, perm: Perm) -> bool {
+        self.grants.iter().any(|g| {
+            g.perms.contains(&perm) && matches!(&g.types, Types::AllExcept(x) if x.is_empty())
+        })
+    }
+}
+
+/// Parse `cruds` letters (any subset, in order) into permissions.
+pub fn parse_perms(s: &str) -> Option<BTreeSet<Perm>> {
+    const ORDER: [(char, Perm); 5] = [
+        ('c', Perm::Create),
+        ('r', Perm::Read),
+        ('u', Perm::Update),
+        ('d', Perm::Delete),
+        ('s', Perm::Search),
+    ];
+    let mut out = BTreeSet::new();
+    let mut idx = 0;
+    for ch in s.chars() {
+        let pos = ORDER[idx..].iter().position(|(c, _)| *c == ch)?;
+        out.insert(ORDER[idx + pos].1);
+        idx += pos + 1;
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn set(types: &[&str]) -> BTreeSet<String> {
+    types.iter().map(|t| (*t).to_owned()).collect()
+}
+
+fn grant(types: Types, perms: &str) -> Grant {
+    Grant {
+        types,
+        // The letters below are literals checked by the unit tests.
+        perms: parse_perms(perms).unwrap_or_default(),
+    }
+}
+
+/// Security and audit records: only auditors read them.
+const AUDIT: &[&str] = &["AuditEvent", "Provenance"];
+/// People and places: who and where, plus scheduling.
+const DEMOGRAPHICS_SCHEDULING: &[&str] = &[
+    "Patient",
+    "RelatedPerson",
+    "Person",
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "Location",
+    "HealthcareService",
+    "Endpoint",
+    "Appointment",
+    "AppointmentResponse",
+    "Schedule",
+    "Slot",
+    "Coverage",
+];
+/// Money: coverage, claims, accounts and their parties.
+const FINANCIAL: &[&str] = &[
+    "Coverage",
+    "CoverageEligibilityRequest",
+    "CoverageEligibilityResponse",
+    "EnrollmentRequest",
+    "EnrollmentResponse",
+    "Claim",
+    "ClaimResponse",
+    "ExplanationOfBenefit",
+    "Account",
+    "Invoice",
+    "ChargeItem",
+    "ChargeItemDefinition",
+    "PaymentNotice",
+    "PaymentReconciliation",
+    "Contract",
+];
+/// Reference data billing needs to read alongside claims.
+const FINANCIAL_CONTEXT: &[&str] = &["Patient", "Organization", "Practitioner", "Encounter"];
+/// The directory an administrator maintains (no clinical data).
+const DIRECTORY: &[&str] = &[
+    "Organization",
+    "Location",
+    "Practitioner",
+    "PractitionerRole",
+    "HealthcareService",
+    "Endpoint",
+    "Device",
+];
+/// Types that carry direct identifiers of people.
+const IDENTIFYING: &[&str] = &[
+    "Patient",
+    "RelatedPerson",
+    "Person",
+    "Practitioner",
+    "PractitionerRole",
+];
+
+/// The built-in roles.
+pub fn builtin() -> Vec<RoleDef> {
+    let all_but = |x: &[&str]| Types::AllExcept(set(x));
+    let only = |x: &[&str]| Types::Only(set(x));
+    let not_for_research: Vec<&str> = AUDIT
+        .iter()
+        .chain(IDENTIFYING)
+        .chain(FINANCIAL)
+        .copied()
+        .collect();
+    vec![
+        RoleDef {
+            name: "clinician".into(),
+            description: "Clinical staff who treat patients: all clinical and demographic data, no audit records".into(),
+            patient: false,
+            grants: vec![grant(all_but(AUDIT), "cruds")],
+        },
+        RoleDef {
+            name: "nurse".into(),
+            description: "Nursing staff: like a clinician, without deleting records".into(),
+            patient: false,
+            grants: vec![grant(all_but(AUDIT), "crus")],
+        },
+        RoleDef {
+            name: "front-desk".into(),
+            description: "Reception: demographics, coverage and scheduling only".into(),
+            patient: false,
+            grants: vec![grant(only(DEMOGRAPHICS_SCHEDULING), "crus")],
+        },
+        RoleDef {
+            name: "billing".into(),
+            description: "Billing: coverage, claims and accounts; reads the parties; no clinical notes".into(),
+            patient: false,
+            grants: vec![
+                grant(only(FINANCIAL), "crus"),
+                grant(only(FINANCIAL_CONTEXT), "rs"),
+            ],
+        },
+        RoleDef {
+            name: "researcher".into(),
+            description: "Research: reads clinical data; no identifying, financial or audit types (until masking exists)".into(),
+            patient: false,
+            grants: vec![grant(all_but(&not_for_research), "rs")],
+        },
+        RoleDef {
+            name: "auditor".into(),
+            description: "Compliance: audit and provenance records only".into(),
+            patient: false,
+            grants: vec![grant(only(AUDIT), "rs")],
+        },
+        RoleDef {
+            name: "admin".into(),
+            description: "Administration: users, clients, keys (CLI) and the directory; no clinical data".into(),
+            patient: false,
+            grants: vec![grant(only(DIRECTORY), "cruds")],
+        },
+        RoleDef {
+            name: "patient".into(),
+            description: "A patient: their own record, through patient/ scopes".into(),
+            patient: true,
+            grants: vec![grant(all_but(AUDIT), "rs")],
+        },
+    ]
+}
+
+/// A custom role as written in configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomRole {
+    pub name: String,
+    pub description: String,
+    /// `(types, perms)`: types are resource type names or `*`; perms are
+    /// `cruds` letters.
+    pub grants: Vec<(Vec<String>, String)>,
+}
+
+/// The role registry: built-in roles plus validated custom ones.
+#[derive(Debug, Clone)]
+pub struct Roles {
+    map: BTreeMap<String, Arc<RoleDef>>,
+}
+
+impl Roles {
+    /// Built-in roles plus `custom`. `known_type` says whether a name is a
+    /// FHIR resource type. A custom role may not reuse a built-in name,
+    /// grant on audit types, or name an unknown type.
+    pub fn new(custom: &[CustomRole], known_type: impl Fn(&str) -> bool) -> Result<Roles, String> {
+        let mut map: BTreeMap<String, Arc<RoleDef>> = builtin()
+            .into_iter()
+            .map(|r| (r.name.clone(), Arc::new(r)))
+            .collect();
+        for c in custom {
+            let ok_name = !c.name.is_empty()
+                && c.name.len() <= 32
+                && c.name
+                    .chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-');
+            if !ok_name {
+                return Err(format!(
+                    "role name {:?}: use 1-32 lower-case letters, digits or '-'",
+                    c.name
+                ));
+            }
+            if map.contains_key(&c.name) {
+                return Err(format!(
+                    "role {}: the name is taken (built-in or repeated)",
+                    c.name
+                ));
+            }
+            if c.grants.is_empty() {
+                return Err(format!("role {}: needs at least one grant", c.name));
+            }
+            let mut grants = Vec::new();
+            for (types, perms) in &c.grants {
+                let perms = parse_perms(perms).ok_or_else(|| {
+                    format!(
+                        "role {}: permissions {perms:?} must be letters of \"cruds\" in that order",
+                        c.name
+                    )
+                })?;
+                let types = if types.iter().any(|t| t == "*") {
+                    if types.len() != 1 {
+                        return Err(format!("role {}: \"*\" stands alone", c.name));
+                    }
+                    Types::AllExcept(set(AUDIT))
+                } else {
+                    for t in types {
+                        if !known_type(t) {
+                            return Err(format!("role {}: unknown resource type {t}", c.name));
+                        }
+                        if AUDIT.contains(&t.as_str()) {
+                            return Err(format!(
+                                "role {}: audit records are for the built-in auditor role only",
+                                c.name
+                            ));
+                        }
+                    }
+                    if types.is_empty() {
+                        return Err(format!("role {}: a grant needs types", c.name));
+                    }
+                    Types::Only(types.iter().cloned().collect())
+                };
+                grants.push(Grant { types, perms });
+            }
+            map.insert(
+                c.name.clone(),
+                Arc::new(RoleDef {
+                    name: c.name.clone(),
+                    description: c.description.clone(),
+                    patient: false,
+                    grants,
+                }),
+            );
+        }
+        Ok(Roles { map })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<RoleDef>> {
+        self.map.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Perm::*;
+
+    fn roles() -> Roles {
+        Roles::new(&[], |t| {
+            t.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn builtin_perm_letters_are_valid() {
+        for r in builtin() {
+            for g in &r.grants {
+                assert!(!g.perms.is_empty(), "{}", r.name);
+            }
+        }
+    }
+
+    #[test]
+    fn least_privilege_matrix() {
+        let r = roles();
+        let can = |role: &str, t: &str, p: Perm| r.get(role).unwrap().allows(t, p);
+        // (role, type, perm, expected)
+        let cases = [
+            ("clinician", "Observation", Delete, true),
+            ("clinician", "Patient", Update, true),
+            ("clinician", "AuditEvent", Read, false),
+            ("nurse", "Observation", Update, true),
+            ("nurse", "Observation", Delete, false),
+            ("front-desk", "Patient", Create, true),
+            ("front-desk", "Appointment", Update, true),
+            ("front-desk", "Observation", Read, false),
+            ("front-desk", "DocumentReference", Search, false),
+            ("billing", "Claim", Create, true),
+            ("billing", "Patient", Read, true),
+            ("billing", "Patient", Update, false),
+            ("billing", "Observation", Read, false),
+            ("billing", "DocumentReference", Read, false),
+            ("researcher", "Observation", Search, true),
+            ("researcher", "Observation", Update, false),
+            ("researcher", "Patient", Read, false),
+            ("researcher", "Claim", Read, false),
+            ("auditor", "AuditEvent", Search, true),
+            ("auditor", "Observation", Read, false),
+            ("auditor", "AuditEvent", Delete, false),
+            ("admin", "Organization", Update, true),
+            ("admin", "Patient", Read, false),
+            ("admin", "Observation", Read, false),
+            ("patient", "Observation", Read, true),
+            ("patient", "Observation", Update, false),
+        ];
+        for (role, t, p, want) in cases {
+            assert_eq!(can(role, t, p), want, "{role} {t} {p:?}");
+        }
+        assert!(
+            !r.get("clinician").unwrap().allows_all(Read),
+            "audit types are excluded"
+        );
+    }
+
+    #[test]
+    fn custom_roles_are_validated() {
+        let known = |t: &str| ["Observation", "Patient", "AuditEvent"].contains(&t);
+        let ok = CustomRole {
+            name: "lab-tech".into(),
+            description: "Lab".into(),
+            grants: vec![(vec!["Observation".into()], "crus".into())],
+        };
+        let r = Roles::new(std::slice::from_ref(&ok), known).unwrap();
+        assert!(r.get("lab-tech").unwrap().allows("Observation", Create));
+        assert!(!r.get("lab-tech").unwrap().allows("Patient", Read));
+        let bad = |name: &str, types: &[&str], perms: &str| CustomRole {
+            name: name.into(),
+            description: String::new(),
+            grants: vec![(
+                types.iter().map(|t| (*t).to_owned()).collect(),
+                perms.into(),
+            )],
+        };
+        for (c, why) in [
+            (bad("clinician", &["Patient"], "r"), "taken"),
+            (bad("Lab Tech", &["Patient"], "r"), "lower-case"),
+            (bad("x", &["Nonsense"], "r"), "unknown resource type"),
+            (bad("x", &["AuditEvent"], "r"), "auditor"),
+            (bad("x", &["Patient"], "rc"), "cruds"),
+            (bad("x", &["*", "Patient"], "r"), "stands alone"),
+            (bad("x", &[], "r"), "needs types"),
+        ] {
+            let e = Roles::new(&[c], known).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        assert!(Roles::new(&[ok.clone(), ok], known)
+            .unwrap_err()
+            .contains("taken"));
+        // "*" never reaches audit records.
+        let star = Roles::new(&[bad("reader", &["*"], "rs")], known).unwrap();
+        assert!(!star.get("reader").unwrap().allows("AuditEvent", Read));
+    }
+}

@@ -342,7 +342,7 @@ impl Accounts {
         msg.extend_from_slice(domain.as_bytes());
         msg.push(0);
         msg.extend_from_slice(value);
-        hex_lower(&self.auth_key.sign(&msg))
+        hex::encode(self.auth_key.sign(&msg))
     }
 
     fn username_hash(&self, normalized: &str) -> Vec<u8> {
@@ -952,16 +952,6 @@ impl Accounts {
         self.store.add_revocation("user", id, now).await?;
         Ok(())
     }
-}
-
-fn hex_lower(b: &[u8]) -> String {
-    const H: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(H[(x >> 4) as usize] as char);
-        s.push(H[(x & 15) as usize] as char);
-    }
-    s
 }
 
 /// Ten codes of ten base32 characters (50 bits each), shown as

@@ -27,7 +27,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-const MAX_FORM: usize = 16 * 1024;
 
 pub fn smart_configuration(cfg: &Config) -> Value {
     let base = format!("{}/auth", cfg.public_url);
@@ -164,16 +163,7 @@ fn read_form(h: &HeaderMap, body: &[u8]) -> Result<Form, AuthError> {
             "send application/x-www-form-urlencoded",
         ));
     }
-    if body.len() > MAX_FORM {
-        return Err(AuthError::InvalidRequest("request too large"));
-    }
-    let mut m = HashMap::new();
-    for (k, v) in form_urlencoded::parse(body) {
-        if m.insert(k.into_owned(), v.into_owned()).is_some() {
-            return Err(AuthError::InvalidRequest("repeated parameter"));
-        }
-    }
-    Ok(m)
+    crate::signin::parse_form(body, crate::signin::MAX_FORM).map_err(AuthError::InvalidRequest)
 }
 
 /// Authenticate the calling client: a `private_key_jwt` assertion

@@ -41,7 +41,10 @@ pub const SESSION_COOKIE: &str = "__Host-phylax-session";
 const PENDING_TTL: i64 = 15 * 60;
 /// Authorization codes are redeemed at once by real clients.
 pub const CODE_TTL: i64 = 60;
-const MAX_FORM: usize = 16 * 1024;
+/// Largest form or query string the auth endpoints accept.
+pub(crate) const MAX_FORM: usize = 16 * 1024;
+/// Longest single value on the sign-in pages (a token endpoint's client
+/// assertion may be longer: it uses the whole form limit).
 const MAX_PARAM: usize = 2048;
 
 /// The authorization request, validated.
@@ -231,12 +234,21 @@ fn get_cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// Parse a form or query string; a repeated or oversized parameter is an
 /// error (parameter pollution).
 fn params(raw: &[u8]) -> Result<HashMap<String, String>, &'static str> {
+    parse_form(raw, MAX_PARAM)
+}
+
+/// Parse an auth endpoint's form: at most [`MAX_FORM`] bytes, values at
+/// most `max_value` bytes, no parameter twice.
+pub(crate) fn parse_form(
+    raw: &[u8],
+    max_value: usize,
+) -> Result<HashMap<String, String>, &'static str> {
     if raw.len() > MAX_FORM {
         return Err("request too large");
     }
     let mut m = HashMap::new();
     for (k, v) in form_urlencoded::parse(raw) {
-        if v.len() > MAX_PARAM {
+        if v.len() > max_value {
             return Err("a parameter is too long");
         }
         if m.insert(k.into_owned(), v.into_owned()).is_some() {

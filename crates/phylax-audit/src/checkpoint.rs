@@ -195,10 +195,9 @@ impl VerifierKey {
     }
 
     pub fn parse(s: &str) -> Result<VerifierKey, CheckpointError> {
-        let mut parts = s.trim().split('+');
-        let (Some(name), Some(hash), Some(key), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        // The base64 key may itself contain '+': split at the first two.
+        let mut parts = s.trim().splitn(3, '+');
+        let (Some(name), Some(hash), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(CheckpointError::BadKey);
         };
         let raw = STANDARD.decode(key).map_err(|_| CheckpointError::BadKey)?;

@@ -6,6 +6,9 @@
 //! `system/` scopes (Backend Services); granular v2 scopes with a query
 //! (`?category=…`) are not granted yet and are dropped from requests.
 
+/// The audit log's resource type.
+pub const AUDIT_TYPE: &str = "AuditEvent";
+
 use std::collections::BTreeSet;
 use std::fmt;
 
@@ -96,8 +99,16 @@ impl Scope {
         })
     }
 
+    /// A `system/` wildcard covers every type except audit records: a
+    /// backend client reads the audit log only with a scope that names
+    /// `AuditEvent` (a SIEM connector's `system/AuditEvent.rs`), never as a
+    /// side effect of `system/*.rs`. (Users are gated by their role: only
+    /// auditors may read AuditEvents, whatever their scopes.)
     fn covers_type(&self, rtype: &str) -> bool {
-        self.resource.as_deref().is_none_or(|r| r == rtype)
+        match self.resource.as_deref() {
+            None => !(self.context == Context::System && rtype == AUDIT_TYPE),
+            Some(r) => r == rtype,
+        }
     }
 
     /// The part of `self` (requested) that `granted` allows.
@@ -285,6 +296,16 @@ mod tests {
         let wide = ScopeSet::parse_strict("system/*.rs", Context::System).unwrap();
         let g = ScopeSet::grant(&ScopeSet::parse_lenient("system/Patient.r"), &wide);
         assert_eq!(g.to_string(), "system/Patient.r");
+    }
+
+    #[test]
+    fn wildcards_do_not_reach_the_audit_log() {
+        let g = ScopeSet::parse_lenient("system/*.rs system/AuditEvent.r");
+        assert!(g.allows(Context::System, "Patient", Perm::Read));
+        assert!(g.allows(Context::System, "AuditEvent", Perm::Read));
+        assert!(!g.allows(Context::System, "AuditEvent", Perm::Search));
+        let w = ScopeSet::parse_lenient("system/*.cruds");
+        assert!(!w.allows(Context::System, "AuditEvent", Perm::Read));
     }
 
     #[test]

@@ -187,7 +187,7 @@ async fn setup(
             first_party: false,
         })
         .await?;
-    let st = AppState::new(inst, None)
+    let st = AppState::new(inst)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

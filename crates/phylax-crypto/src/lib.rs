@@ -18,6 +18,8 @@
 //!   matched step returned for replay refusal.
 //! - [`signing`]: ECDSA P-256 (`ES256`) keys for `id_token`s, wrapped by
 //!   the KEK, public halves published as a JWKS.
+//! - [`log_signing`]: the Ed25519 key that signs audit-log checkpoints,
+//!   separate from data keys and token keys.
 //! - [`secret`]: a zeroizing byte container with a redacted `Debug`.
 //!
 //! Primitives come from `ring` (audited, AES-NI accelerated) and the
@@ -27,6 +29,7 @@
 pub mod blind;
 pub mod datakey;
 pub mod kek;
+pub mod log_signing;
 pub mod mac;
 pub mod password;
 pub mod secret;

@@ -22,7 +22,7 @@
 use crate::error::ApiError;
 use crate::fhir_api::{self, parse_type, prefer, Query};
 use crate::http::AppState;
-use crate::pipeline::{self, RequestCtx};
+use crate::pipeline::{self, AuditRefs, RequestCtx};
 use crate::repo::{format_instant, PlannedWrite, ResourceVersion};
 use axum::body::Body;
 use axum::extract::State;
@@ -220,7 +220,7 @@ pub async fn system_post(
         Ok(r) => r,
         Err(e) => {
             let status = e.status().as_u16();
-            match pipeline::record(&st, &ctx, "batch", Some("Bundle"), None, status, None) {
+            match pipeline::record(&st, &ctx, "batch", AuditRefs::default(), status, None).await {
                 Ok(()) => e.into_response(),
                 Err(a) => a.into_response(),
             }
@@ -356,7 +356,7 @@ async fn batch(
         "type": "batch-response",
         "entry": out,
     });
-    if let Err(e) = pipeline::record(st, ctx, "batch", Some("Bundle"), None, 200, None) {
+    if let Err(e) = pipeline::record(st, ctx, "batch", AuditRefs::default(), 200, None).await {
         return e.into_response();
     }
     fhir_api::fhir_json(StatusCode::OK, &bundle)
@@ -392,7 +392,7 @@ struct PendingPut {
 type Audited = (&'static str, Option<&'static str>, Option<String>);
 
 /// Check the policy for an entry; a denial is recorded and refuses all.
-fn allow(
+async fn allow(
     st: &AppState,
     ctx: &RequestCtx,
     what: Interaction,
@@ -401,15 +401,16 @@ fn allow(
     match decide(&ctx.principal, what, Some(rtype.as_str())) {
         Decision::Allow => Ok(()),
         Decision::Deny(rule) => {
+            let _ = rtype;
             pipeline::record(
                 st,
                 ctx,
                 what.as_str(),
-                Some(rtype.as_str()),
-                None,
+                AuditRefs::default(),
                 403,
                 Some(rule),
-            )?;
+            )
+            .await?;
             Err(ApiError::Forbidden)
         }
     }
@@ -479,7 +480,8 @@ async fn transaction(
         Ok(r) => r,
         Err(e) => {
             let status = e.status().as_u16();
-            match pipeline::record(st, ctx, "transaction", Some("Bundle"), None, status, None) {
+            match pipeline::record(st, ctx, "transaction", AuditRefs::default(), status, None).await
+            {
                 Ok(()) => e.into_response(),
                 Err(a) => a.into_response(),
             }
@@ -503,19 +505,24 @@ async fn run_transaction(
         let (path, _) = e.path_and_query();
         let t = path.split('/').next().unwrap_or("");
         let rtype = parse_type(t).map_err(|_| entry_error(e.idx, "unknown resource type"))?;
+        if rtype.as_str() == crate::audit_api::AUDIT_TYPE && e.verb != Verb::Get {
+            return Err(at_entry(e.idx, crate::audit_api::refuse_write()));
+        }
         let what = match e.verb {
             Verb::Delete => Interaction::Delete,
             Verb::Post => Interaction::Create,
             Verb::Put => Interaction::Update,
             Verb::Get => continue, // decided by the route when it runs
         };
-        allow(st, ctx, what, &rtype)?;
+        allow(st, ctx, what, &rtype).await?;
     }
 
     // 2. Resolve ids: deletes, then creates, then updates.
     let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
     let mut audited: Vec<Option<Audited>> = (0..n).map(|_| None).collect();
     let mut planned: Vec<PlannedWrite> = Vec::new();
+    // The interaction each planned write records, in `planned` order.
+    let mut planned_what: Vec<&'static str> = Vec::new();
     let mut pending: Vec<PendingPut> = Vec::new();
     let mut targets: HashSet<(String, String)> = HashSet::new();
     let mut map: HashMap<String, String> = HashMap::new();
@@ -566,8 +573,8 @@ async fn run_transaction(
                 match (id, cur) {
                     (Some(id), Some(cur)) if !cur.deleted => {
                         claim(idx, &rtype, &id)?;
-                        audited[i] = Some(("delete", Some(rtype.as_str()), Some(id.to_string())));
                         planned.push(st.repo.plan_delete(&rtype, &id, &cur)?);
+                        planned_what.push("delete");
                         outcomes[i] = Some(Outcome::Write {
                             planned: planned.len() - 1,
                             created: false,
@@ -681,7 +688,7 @@ async fn run_transaction(
                                 ),
                             ));
                         }
-                        allow(st, ctx, Interaction::UpdateCreate, &rtype)?;
+                        allow(st, ctx, Interaction::UpdateCreate, &rtype).await?;
                         (VersionId::FIRST, Precondition::Absent, true)
                     }
                     Some(cur) => {
@@ -752,18 +759,21 @@ async fn run_transaction(
             .repo
             .plan_put(&p.rtype, &p.id, p.version, p.body, p.pre)
             .await?;
-        audited[p.idx] = Some((
-            if p.created { "create" } else { "update" },
-            Some(p.rtype.as_str()),
-            Some(p.id.to_string()),
-        ));
         planned.push(w);
+        planned_what.push(if p.created { "create" } else { "update" });
         outcomes[p.idx] = Some(Outcome::Write {
             planned: planned.len() - 1,
             created: p.created,
         });
     }
-    let written = st.repo.commit(planned).await?;
+    // Every write's audit record commits with the writes: all or nothing.
+    let auditor = pipeline::WriteAuditor::new(st, ctx);
+    let records = planned
+        .iter()
+        .zip(&planned_what)
+        .map(|(w, what)| w.audit(&auditor, what))
+        .collect::<Result<Vec<_>, _>>()?;
+    let written = st.repo.commit(planned, records).await?;
 
     // 5. Responses in the Bundle's order; GETs run now.
     let minimal = prefer(h).ret.as_deref() == Some("minimal");
@@ -790,6 +800,7 @@ async fn run_transaction(
         };
         out.push(entry);
     }
+    // Entries that wrote nothing (an existing match, nothing to delete).
     for (i, a) in audited.into_iter().enumerate() {
         if let Some((what, t, id)) = a {
             let status = out[i]["response"]["status"]
@@ -797,10 +808,14 @@ async fn run_transaction(
                 .and_then(|s| s.split(' ').next())
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(200);
-            pipeline::record(st, ctx, what, t, id, status, None)?;
+            let mut refs = AuditRefs::default();
+            if let (Some(t), Some(id)) = (t.and_then(ResourceType::parse), id) {
+                refs.add(&t, &id, None);
+            }
+            pipeline::record(st, ctx, what, refs, status, None).await?;
         }
     }
-    pipeline::record(st, ctx, "transaction", Some("Bundle"), None, 200, None)?;
+    pipeline::record(st, ctx, "transaction", AuditRefs::default(), 200, None).await?;
     let bundle = json!({
         "resourceType": "Bundle",
         "id": uuid::Uuid::new_v4().to_string(),

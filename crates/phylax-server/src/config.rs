@@ -28,6 +28,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Custom roles, in addition to the built-in ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<RoleConfig>,
@@ -157,6 +159,32 @@ impl Default for AuthConfig {
     }
 }
 
+/// The audit log (docs/AUDIT.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How often new records are sealed into the Merkle tree under a
+    /// signed checkpoint (1–300 s): the longest a record is protected only
+    /// by the database.
+    pub checkpoint_secs: u64,
+    /// Also write each new checkpoint here (outside the database; point it
+    /// at storage the database's administrators cannot rewrite).
+    pub checkpoint_file: Option<PathBuf>,
+    /// How long records are kept, at least (days; default six years, the
+    /// HIPAA documentation retention). Nothing is deleted before.
+    pub retention_days: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            checkpoint_secs: 10,
+            checkpoint_file: None,
+            retention_days: 6 * 365,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -256,6 +284,12 @@ impl Config {
         }
         if self.passkey_party().is_err() {
             return Err("auth.passkey_rp_id must be a domain (default: the host of public_url) and passkey_origins https origins".into());
+        }
+        if !(1..=300).contains(&self.audit.checkpoint_secs) {
+            return Err("audit.checkpoint_secs must be between 1 and 300".into());
+        }
+        if self.audit.retention_days < 365 {
+            return Err("audit.retention_days must be at least 365".into());
         }
         Ok(())
     }

@@ -266,7 +266,13 @@ fn write_response(
     };
     version_headers(&mut r, st, v, true);
     r.extensions_mut()
-        .insert(pipeline::AuditRef(v.id.to_string()));
+        .insert(pipeline::AuditRefs::of_versions([v]));
+    r
+}
+
+/// Mark a write's response: its audit record was committed with it.
+fn committed(mut r: Response) -> Response {
+    r.extensions_mut().insert(pipeline::AuditCommitted);
     r
 }
 
@@ -276,6 +282,8 @@ fn read_response(st: &AppState, v: &ResourceVersion) -> Response {
         None => ApiError::Gone.into_response(),
     };
     version_headers(&mut r, st, v, false);
+    r.extensions_mut()
+        .insert(pipeline::AuditRefs::of_versions([v]));
     r
 }
 
@@ -296,7 +304,7 @@ pub(crate) fn bundle(kind: &str, links: Vec<Value>, entries: Vec<Value>) -> Valu
 /// Paging cursors are opaque and MACed: `base64url(state).base64url(tag)`,
 /// where the state names the listing it belongs to. An edited cursor, or one
 /// replayed against another listing, is refused.
-fn make_cursor(st: &AppState, listing: &str, before_seq: i64) -> String {
+pub(crate) fn make_cursor(st: &AppState, listing: &str, before_seq: i64) -> String {
     let msg = format!("v1|{listing}|{before_seq}");
     let tag = st.cursor_key.sign(msg.as_bytes());
     format!(
@@ -306,7 +314,7 @@ fn make_cursor(st: &AppState, listing: &str, before_seq: i64) -> String {
     )
 }
 
-fn open_cursor(st: &AppState, listing: &str, cursor: &str) -> Result<i64, ApiError> {
+pub(crate) fn open_cursor(st: &AppState, listing: &str, cursor: &str) -> Result<i64, ApiError> {
     let bad = || ApiError::bad_request("invalid or tampered paging cursor");
     let (m, t) = cursor.split_once('.').ok_or_else(bad)?;
     let msg = URL_SAFE_NO_PAD.decode(m).map_err(|_| bad())?;
@@ -372,6 +380,9 @@ pub async fn create(
         Some(&rtype),
         None,
         || async {
+            if rtype.as_str() == crate::audit_api::AUDIT_TYPE {
+                return Err(crate::audit_api::refuse_write());
+            }
             check_accept(&h, &q)?;
             let (bt, value) = read_resource(&st, &h, body).await?;
             if bt != rtype {
@@ -397,8 +408,11 @@ pub async fn create(
                     _ => return Err(ApiError::PreconditionFailed),
                 }
             }
-            let v = st.repo.create(&rtype, value).await?;
-            Ok(write_response(&st, &h, StatusCode::CREATED, &v))
+            let v = st
+                .repo
+                .create(&rtype, value, Some(&pipeline::WriteAuditor::new(&st, &ctx)))
+                .await?;
+            Ok(committed(write_response(&st, &h, StatusCode::CREATED, &v)))
         },
     )
     .await)
@@ -422,6 +436,9 @@ pub async fn read(
         Some(&rtype),
         audit_id.as_deref(),
         || async {
+            if rtype.as_str() == crate::audit_api::AUDIT_TYPE {
+                return crate::audit_api::read(&st, &id).await;
+            }
             check_accept(&h, &q)?;
             let control = ResultControl::parse(&rtype, &q)?;
             let id = rid.ok_or(ApiError::NotFound)?;
@@ -430,6 +447,8 @@ pub async fn read(
                 (Some(b), true) => {
                     let mut r = fhir_json(StatusCode::OK, &control.apply(b.json()));
                     version_headers(&mut r, &st, &v, false);
+                    r.extensions_mut()
+                        .insert(pipeline::AuditRefs::of_versions([&v]));
                     Ok(r)
                 }
                 _ => Ok(read_response(&st, &v)),
@@ -457,6 +476,13 @@ pub async fn vread(
         Some(&rtype),
         audit_id.as_deref(),
         || async {
+            if rtype.as_str() == crate::audit_api::AUDIT_TYPE {
+                // Audit records never change: version 1 is the record.
+                return match vid.as_str() {
+                    "1" => crate::audit_api::read(&st, &id).await,
+                    _ => Err(ApiError::NotFound),
+                };
+            }
             check_accept(&h, &q)?;
             let id = rid.ok_or(ApiError::NotFound)?;
             let vid = VersionId::parse(&vid).ok_or(ApiError::NotFound)?;
@@ -486,6 +512,9 @@ pub async fn update(
         Some(&rtype),
         audit_id.as_deref(),
         || async {
+            if rtype.as_str() == crate::audit_api::AUDIT_TYPE {
+                return Err(crate::audit_api::refuse_write());
+            }
             check_accept(&h, &q)?;
             let id = rid
                 .ok_or_else(|| ApiError::bad_request("the id in the URL is not a valid FHIR id"))?;
@@ -516,7 +545,14 @@ pub async fn update(
                 ) == Decision::Allow;
             let (v, created) = match st
                 .repo
-                .update(&rtype, &id, value, if_match, may_create)
+                .update(
+                    &rtype,
+                    &id,
+                    value,
+                    if_match,
+                    may_create,
+                    Some(&pipeline::WriteAuditor::new(&st, &ctx)),
+                )
                 .await
             {
                 Err(crate::repo::RepoError::CreateViaUpdateDisabled)
@@ -531,7 +567,7 @@ pub async fn update(
             } else {
                 StatusCode::OK
             };
-            Ok(write_response(&st, &h, status, &v))
+            Ok(committed(write_response(&st, &h, status, &v)))
         },
     )
     .await)
@@ -552,9 +588,17 @@ pub async fn delete(
         Some(&rtype),
         audit_id.as_deref(),
         || async {
+            if rtype.as_str() == crate::audit_api::AUDIT_TYPE {
+                return Err(crate::audit_api::refuse_write());
+            }
             let id = rid.ok_or(ApiError::NotFound)?;
             let mut r = StatusCode::NO_CONTENT.into_response();
-            if let Some(v) = st.repo.delete(&rtype, &id).await? {
+            if let Some(v) = st
+                .repo
+                .delete(&rtype, &id, Some(&pipeline::WriteAuditor::new(&st, &ctx)))
+                .await?
+            {
+                r.extensions_mut().insert(pipeline::AuditCommitted);
                 if let Ok(e) = HeaderValue::from_str(&format!("W/\"{}\"", v.version)) {
                     r.headers_mut().insert(header::ETAG, e);
                 }
@@ -633,10 +677,10 @@ async fn history(
             e
         })
         .collect();
-    Ok(fhir_json(
-        StatusCode::OK,
-        &bundle("history", links, entries),
-    ))
+    let mut r = fhir_json(StatusCode::OK, &bundle("history", links, entries));
+    r.extensions_mut()
+        .insert(pipeline::AuditRefs::of_versions(rows.iter()));
+    Ok(r)
 }
 
 pub async fn history_instance(
@@ -807,6 +851,9 @@ pub async fn conditional_update(
         Some(&rtype),
         None,
         || async {
+            if rtype.as_str() == crate::audit_api::AUDIT_TYPE {
+                return Err(crate::audit_api::refuse_write());
+            }
             check_accept(&h, &q)?;
             let criteria: Vec<(String, String)> =
                 q.0.iter()
@@ -831,8 +878,15 @@ pub async fn conditional_update(
                     match body_id.as_deref().map(ResourceId::parse) {
                         // No match and no id: an ordinary create.
                         None => {
-                            let v = st.repo.create(&rtype, value).await?;
-                            Ok(write_response(&st, &h, StatusCode::CREATED, &v))
+                            let v = st
+                                .repo
+                                .create(
+                                    &rtype,
+                                    value,
+                                    Some(&pipeline::WriteAuditor::new(&st, &ctx)),
+                                )
+                                .await?;
+                            Ok(committed(write_response(&st, &h, StatusCode::CREATED, &v)))
                         }
                         // No match, an id: update-as-create, if allowed.
                         Some(Some(id)) => {
@@ -851,8 +905,18 @@ pub async fn conditional_update(
                             if existing.is_some_and(|e| !e.deleted) {
                                 return Err(ApiError::Conflict);
                             }
-                            let (v, _) = st.repo.update(&rtype, &id, value, None, true).await?;
-                            Ok(write_response(&st, &h, StatusCode::CREATED, &v))
+                            let (v, _) = st
+                                .repo
+                                .update(
+                                    &rtype,
+                                    &id,
+                                    value,
+                                    None,
+                                    true,
+                                    Some(&pipeline::WriteAuditor::new(&st, &ctx)),
+                                )
+                                .await?;
+                            Ok(committed(write_response(&st, &h, StatusCode::CREATED, &v)))
                         }
                         Some(None) => Err(ApiError::bad_request(
                             "the id in the body is not a valid FHIR id",
@@ -870,9 +934,16 @@ pub async fn conditional_update(
                     }
                     let (v, _) = st
                         .repo
-                        .update(&rtype, &m.id, value, parse_if_match(&h)?, false)
+                        .update(
+                            &rtype,
+                            &m.id,
+                            value,
+                            parse_if_match(&h)?,
+                            false,
+                            Some(&pipeline::WriteAuditor::new(&st, &ctx)),
+                        )
                         .await?;
-                    Ok(write_response(&st, &h, StatusCode::OK, &v))
+                    Ok(committed(write_response(&st, &h, StatusCode::OK, &v)))
                 }
                 _ => Err(ApiError::PreconditionFailed),
             }
@@ -898,6 +969,9 @@ pub async fn conditional_delete(
         Some(&rtype),
         None,
         || async {
+            if rtype.as_str() == crate::audit_api::AUDIT_TYPE {
+                return Err(crate::audit_api::refuse_write());
+            }
             match conditional_matches(&st, &ctx, &rtype, &q.0)
                 .await?
                 .as_slice()
@@ -905,13 +979,19 @@ pub async fn conditional_delete(
                 [] => Ok(StatusCode::NO_CONTENT.into_response()),
                 [m] => {
                     let mut r = StatusCode::NO_CONTENT.into_response();
-                    if let Some(v) = st.repo.delete(&rtype, &m.id).await? {
+                    if let Some(v) = st
+                        .repo
+                        .delete(&rtype, &m.id, Some(&pipeline::WriteAuditor::new(&st, &ctx)))
+                        .await?
+                    {
+                        r.extensions_mut().insert(pipeline::AuditCommitted);
                         if let Ok(e) = HeaderValue::from_str(&format!("W/\"{}\"", v.version)) {
                             r.headers_mut().insert(header::ETAG, e);
                         }
                     }
-                    r.extensions_mut()
-                        .insert(pipeline::AuditRef(m.id.to_string()));
+                    let mut refs = pipeline::AuditRefs::default();
+                    refs.add(&rtype, m.id.as_str(), None);
+                    r.extensions_mut().insert(refs);
                     Ok(r)
                 }
                 _ => Err(ApiError::PreconditionFailed),

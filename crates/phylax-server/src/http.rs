@@ -14,7 +14,7 @@ use crate::error::{outcome_response, ApiError, REQUEST_ID};
 use crate::grants::Grants;
 use crate::instance::Instance;
 use crate::keyring::KeyRing;
-use crate::pipeline::{AuditSink, LogAuditSink, RequestCtx};
+use crate::pipeline::RequestCtx;
 use crate::repo::Repo;
 use crate::revocations::Revoked;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
@@ -46,7 +46,7 @@ pub struct AppState {
     pub tokens: TokenIssuer,
     pub verifier: Arc<Verifier>,
     pub cursor_key: MacKey,
-    pub audit: Arc<dyn AuditSink>,
+    pub audit: Arc<crate::audit::AuditLog>,
     pub capability: serde_json::Value,
     pub smart_config: serde_json::Value,
     /// Clients disabled in the database, refreshed every few seconds so that
@@ -72,10 +72,7 @@ pub struct AppState {
 pub const DISABLED_REFRESH: Duration = Duration::from_secs(3);
 
 impl AppState {
-    pub async fn new(
-        inst: Instance,
-        audit: Option<Arc<dyn AuditSink>>,
-    ) -> Result<Arc<AppState>, ApiError> {
+    pub async fn new(inst: Instance) -> Result<Arc<AppState>, ApiError> {
         let accounts = inst
             .accounts()
             .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -87,6 +84,7 @@ impl AppState {
             cursor_key,
             blind_key,
             auth_key,
+            audit,
             ..
         } = inst;
         let grants = Grants::new(store.clone(), keys.clone(), auth_key);
@@ -119,7 +117,7 @@ impl AppState {
             tokens,
             verifier: Arc::new(verifier),
             cursor_key,
-            audit: audit.unwrap_or_else(|| Arc::new(LogAuditSink)),
+            audit,
             capability,
             smart_config,
             disabled_clients: parking_lot::RwLock::new(HashSet::new()),
@@ -173,6 +171,8 @@ impl AppState {
 
     /// Keep the disabled-client list fresh until the process ends.
     pub fn spawn_background(self: &Arc<Self>) {
+        self.audit
+            .spawn_sealer(Duration::from_secs(self.config.audit.checkpoint_secs));
         let st = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

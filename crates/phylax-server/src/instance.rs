@@ -75,6 +75,9 @@ pub struct Instance {
     /// Hashes bearer grants, recovery codes, usernames and CSRF tokens.
     pub auth_key: Arc<MacKey>,
     pub blind_key: BlindIndexKey,
+    /// The audit log service (its group-commit writer runs on the runtime
+    /// that opened the instance).
+    pub audit: Arc<crate::audit::AuditLog>,
 }
 
 fn io(e: std::io::Error) -> InstanceError {
@@ -253,6 +256,7 @@ impl Instance {
             auth: Default::default(),
             log: Default::default(),
             roles: Vec::new(),
+            audit: Default::default(),
         };
         let url = database_url(&data_dir, backend, opts.database_url.as_deref())?;
         let store = phylax_store::open(&url).await?;
@@ -302,7 +306,27 @@ impl Instance {
         let cursor_key = mac_key(&store, &kek, "cursor").await?;
         let auth_key = Arc::new(mac_key(&store, &kek, "auth").await?);
         let blind_key = blind_key(&store, &kek).await?;
+        let audit_blind = Arc::new(self::blind_key(&store, &kek).await?);
         let keys = Arc::new(KeyRing::new(kek, store.clone()));
+        let instance_id = store
+            .get_meta(META_INSTANCE_ID)
+            .await?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .ok_or(InstanceError::DatabaseNotInitialized)?;
+        let checkpoint_file = config
+            .audit
+            .checkpoint_file
+            .as_ref()
+            .map(|p| data_dir.join(p));
+        let audit = crate::audit::AuditLog::open(
+            store.clone(),
+            &keys,
+            audit_blind,
+            format!("phylax/{instance_id}"),
+            checkpoint_file,
+        )
+        .await
+        .map_err(|e| InstanceError::Io(e.to_string()))?;
         Ok(Instance {
             data_dir,
             config,
@@ -312,6 +336,7 @@ impl Instance {
             cursor_key,
             auth_key,
             blind_key,
+            audit,
         })
     }
 

@@ -159,3 +159,26 @@ impl KeyRing {
         SigningKey::unwrap(&self.kek, &kid, &stored).map_err(|_| KeyError::Unwrap)
     }
 }
+
+impl KeyRing {
+    /// The audit log's checkpoint key (Ed25519), created on first use
+    /// (race-safe: every node ends up with the stored one).
+    pub async fn checkpoint_key(
+        &self,
+    ) -> Result<phylax_crypto::log_signing::CheckpointKey, KeyError> {
+        use phylax_crypto::log_signing::CheckpointKey;
+        const ROW: &str = "log:checkpoint-1";
+        const SCOPE: &str = "checkpoint-1";
+        let w = match self.store.get_wrapped_key(ROW).await? {
+            Some(w) => w,
+            None => {
+                let (_, w) = CheckpointKey::generate_wrapped(&self.kek, SCOPE)
+                    .map_err(|_| KeyError::Random)?;
+                self.store
+                    .put_wrapped_key_if_absent(ROW, &w, crate::now_secs())
+                    .await?
+            }
+        };
+        CheckpointKey::unwrap(&self.kek, SCOPE, &w).map_err(|_| KeyError::Unwrap)
+    }
+}

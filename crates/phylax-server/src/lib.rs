@@ -15,6 +15,8 @@
 //!   versioning rules. The only code that turns sealed rows into JSON.
 //! - [`search`]: search index entries on write (keyed blind hashes) and
 //!   search parameters turned into store conditions on read.
+//! - [`audit`]: the audit log service: sealed AuditEvents, group commit,
+//!   the Merkle sealer and its signed checkpoints.
 //! - [`pipeline`]: the one place every FHIR interaction passes: who is
 //!   asking (authentication), may they (the policy decision), and the audit
 //!   record of what happened.
@@ -22,6 +24,7 @@
 //!   id; causes are logged once, server-side.
 //! - [`fhir_api`] (REST interactions), [`search_api`] (search,
 //!   compartments, `$everything`), [`bundle`] (batch and transaction),
+//!   [`audit_api`] (the read-only AuditEvent API and `$access-log`),
 //!   [`auth_api`] (token, revocation, introspection, discovery),
 //!   [`signin`] (the server-rendered sign-in, MFA, enrollment and consent
 //!   pages of the authorization endpoint), [`capability`]: the HTTP handlers.
@@ -30,6 +33,8 @@
 //! - [`tls`]: rustls configuration and certificate generation; the accept loop.
 
 pub mod accounts;
+pub mod audit;
+pub mod audit_api;
 pub mod auth_api;
 pub mod bundle;
 pub mod capability;

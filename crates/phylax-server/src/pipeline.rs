@@ -5,24 +5,27 @@
 //! [`Interaction`] and hand their work to [`run`], which
 //! 1. asks the policy ([`phylax_auth::policy::decide`]) — deny by default;
 //! 2. runs the work only if allowed;
-//! 3. writes the audit record of the outcome through the [`AuditSink`], and
-//!    only if that succeeds releases the response: when the audit record
-//!    cannot be written, the client gets 503 and no data (fail closed).
+//! 3. writes the audit record of the outcome to the audit log
+//!    ([`crate::audit::AuditLog`], group-committed) and only once it is
+//!    durable releases the response: when the record cannot be written,
+//!    the client gets 503 and no data (fail closed).
 //!
-//! Later capabilities (roles, compartments, consent, the tamper-evident
-//! audit log) plug in here, not in the handlers.
-//!
-//! Ordering today: a write commits before its audit record is written, so
-//! if the sink fails the client gets 503 although the write is stored (no
-//! data leaves, but a retry may duplicate a create). The foundation's log
-//! sink cannot fail; the durable audit log must commit the record in the
-//! write's own transaction.
+//! Writes commit their audit record in their own transaction (a
+//! [`WriteAuditor`] drafts it; the response carries [`AuditCommitted`]), so
+//! a stored write always has its record and an unrecordable write is not
+//! stored. Reads, searches and refusals are recorded here, after the work
+//! and before the response leaves.
 
+use crate::audit::AuditError;
 use crate::error::ApiError;
 use crate::http::AppState;
+use crate::repo::ResourceVersion;
 use axum::response::{IntoResponse, Response};
+use phylax_audit::event::{Action, AuditFacts, EventKind, Outcome, UserRef};
 use phylax_auth::policy::{decide_instance, Decision, Interaction, Principal};
-use phylax_fhir::ResourceType;
+use phylax_fhir::{compartment, ResourceType};
+use phylax_store::NewAudit;
+use serde_json::Value;
 use std::future::Future;
 use std::net::IpAddr;
 
@@ -34,100 +37,155 @@ pub struct RequestCtx {
     pub peer: Option<IpAddr>,
 }
 
-/// What the audit sink is told about each interaction. References only:
-/// no resource content ever reaches it.
-#[derive(Debug, Clone)]
-pub struct AuditRecord {
-    pub request_id: String,
-    pub time_ms: i64,
-    pub agent: String,
-    pub token_id: String,
-    pub peer: Option<IpAddr>,
-    pub interaction: &'static str,
-    pub resource_type: Option<&'static str>,
-    pub resource_id: Option<String>,
-    pub status: u16,
-    /// The policy rule that denied, if denied.
-    pub denied_by: Option<&'static str>,
+/// What a response tells the pipeline about the data it carries, so the
+/// audit record names the patients and resources concerned. Handlers
+/// attach it as a response extension (computed from the full resources,
+/// before `_elements`/`_summary` trimmed them).
+#[derive(Debug, Clone, Default)]
+pub struct AuditRefs {
+    pub patients: Vec<String>,
+    /// `Type/id`; kept for single-resource interactions only (a search's
+    /// record lists the patients whose data was returned).
+    pub resources: Vec<String>,
+    /// Search parameter names (never values).
+    pub params: Vec<String>,
 }
 
-/// Attached to a response by a handler that learned the resource id only
-/// while working (a create), so the audit record names it.
-#[derive(Debug, Clone)]
-pub struct AuditRef(pub String);
+impl AuditRefs {
+    /// Add one returned or written resource.
+    pub fn add(&mut self, rtype: &ResourceType, id: &str, body: Option<&Value>) {
+        let patient = body
+            .and_then(|b| compartment::patient_of(rtype, b))
+            .or_else(|| (rtype.as_str() == "Patient").then(|| id.to_owned()));
+        if let Some(p) = patient {
+            if !self.patients.contains(&p) {
+                self.patients.push(p);
+            }
+        }
+        self.resources.push(format!("{rtype}/{id}"));
+    }
 
-#[derive(Debug, thiserror::Error)]
-#[error("audit sink unavailable: {0}")]
-pub struct AuditError(pub String);
-
-/// Where audit records go. Must be durable when `record` returns `Ok`.
-pub trait AuditSink: Send + Sync + std::fmt::Debug {
-    fn record(&self, rec: &AuditRecord) -> Result<(), AuditError>;
+    pub fn of_versions<'a>(vs: impl IntoIterator<Item = &'a ResourceVersion>) -> AuditRefs {
+        let mut r = AuditRefs::default();
+        for v in vs {
+            r.add(&v.rtype, v.id.as_str(), v.body.as_ref().map(|b| b.json()));
+        }
+        r
+    }
 }
 
-/// The foundation's sink: one structured log line per interaction under the
-/// `phylax::audit` target. The tamper-evident AuditEvent log replaces it.
-#[derive(Debug, Default)]
-pub struct LogAuditSink;
+/// Marks a response whose audit record was committed in the write's own
+/// transaction; the pipeline does not record it a second time.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditCommitted;
 
-impl AuditSink for LogAuditSink {
-    fn record(&self, r: &AuditRecord) -> Result<(), AuditError> {
-        tracing::info!(
-            target: "phylax::audit",
-            request_id = %r.request_id,
-            agent = %r.agent,
-            token_id = %r.token_id,
-            peer = ?r.peer,
-            interaction = r.interaction,
-            resource_type = r.resource_type.unwrap_or("-"),
-            resource_id = r.resource_id.as_deref().unwrap_or("-"),
-            status = r.status,
-            denied_by = r.denied_by.unwrap_or("-"),
-            "audit"
-        );
-        Ok(())
+/// The facts of an audit record for a request, before outcome and refs.
+fn facts(
+    st: &AppState,
+    ctx: &RequestCtx,
+    interaction: &'static str,
+    status: u16,
+    denied_by: Option<&'static str>,
+) -> AuditFacts {
+    let (user, client) = match &ctx.principal {
+        Principal::Client { client_id, .. } => (None, Some(client_id.clone())),
+        Principal::User {
+            user_id,
+            role,
+            client_id,
+            ..
+        } => (
+            Some(UserRef {
+                id: user_id.clone(),
+                role: role.name.clone(),
+            }),
+            Some(client_id.clone()),
+        ),
+    };
+    let code = match interaction {
+        "update-create" => "update",
+        "operation-everything" | "access-log" => "operation",
+        other => other,
+    };
+    let outcome_desc = match denied_by {
+        Some(rule) => Some(format!("HTTP {status}; denied by {rule}")),
+        None if status >= 400 => Some(format!("HTTP {status}")),
+        None => None,
+    };
+    AuditFacts {
+        id: uuid::Uuid::new_v4().to_string(),
+        recorded_ms: crate::now_ms(),
+        kind: EventKind::Rest(code),
+        action: Action::for_rest(code),
+        outcome: Outcome::from_status(status),
+        outcome_desc,
+        user,
+        client,
+        ip: ctx.peer,
+        token_id: Some(ctx.principal.token_id().to_owned()),
+        request_id: ctx.request_id.clone(),
+        purpose: None,
+        patients: Vec::new(),
+        resources: Vec::new(),
+        query_params: Vec::new(),
+        observer: st.audit.origin().to_owned(),
+    }
+}
+
+/// Drafts the audit records of writes, to be committed in the writes' own
+/// transaction (see `Repo::create` and friends).
+#[derive(Debug, Clone, Copy)]
+pub struct WriteAuditor<'a> {
+    st: &'a AppState,
+    ctx: &'a RequestCtx,
+}
+
+impl<'a> WriteAuditor<'a> {
+    pub fn new(st: &'a AppState, ctx: &'a RequestCtx) -> Self {
+        WriteAuditor { st, ctx }
+    }
+
+    /// The sealed record of one successful write.
+    pub fn draft(
+        &self,
+        interaction: &'static str,
+        rtype: &str,
+        id: &str,
+        patient: Option<&str>,
+        status: u16,
+    ) -> Result<NewAudit, AuditError> {
+        let mut f = facts(self.st, self.ctx, interaction, status, None);
+        f.patients = patient.map(str::to_owned).into_iter().collect();
+        f.resources = vec![format!("{rtype}/{id}")];
+        self.st.audit.draft(&f)
     }
 }
 
 /// Write one audit record for an interaction the caller decided and ran
-/// itself (the entries of a transaction). `Err` means the record could not
-/// be written and the response must not be released.
-pub fn record(
+/// itself (a Bundle as a whole). `Err` means the record could not be
+/// written and the response must not be released.
+pub async fn record(
     st: &AppState,
     ctx: &RequestCtx,
     interaction: &'static str,
-    rtype: Option<&'static str>,
-    resource_id: Option<String>,
+    refs: AuditRefs,
     status: u16,
     denied_by: Option<&'static str>,
 ) -> Result<(), ApiError> {
-    // A user acting through an app is recorded as `user:{id}` (the app is
-    // in the token); a backend client as its client id.
-    let (agent, token_id) = match &ctx.principal {
-        Principal::Client {
-            client_id,
-            token_id,
-            ..
-        } => (client_id.clone(), token_id.clone()),
-        Principal::User {
-            user_id, token_id, ..
-        } => (format!("user:{user_id}"), token_id.clone()),
-    };
-    let rec = AuditRecord {
-        request_id: ctx.request_id.clone(),
-        time_ms: crate::now_ms(),
-        agent,
-        token_id,
-        peer: ctx.peer,
-        interaction,
-        resource_type: rtype,
-        resource_id,
-        status,
-        denied_by,
-    };
-    st.audit
-        .record(&rec)
-        .map_err(|e| ApiError::Unavailable(e.to_string()))
+    let mut f = facts(st, ctx, interaction, status, denied_by);
+    // A failed request's refs are client-chosen text: only successful
+    // (or revealing: 410, 412) outcomes name what they touched.
+    if matches!(status, 200..=299 | 410 | 412) {
+        f.patients = refs.patients;
+        if refs.resources.len() <= 1 {
+            f.resources = refs.resources;
+        }
+    }
+    f.query_params = refs.params;
+    st.audit.record(&f).await.map_err(|e| {
+        tracing::error!(request_id = %ctx.request_id, error = %e, "audit record not written; response withheld");
+        ApiError::Unavailable("the audit log is unavailable".into())
+    })
 }
 
 /// Run one FHIR interaction through policy, work and audit.
@@ -152,28 +210,31 @@ where
         Ok(r) => r.status().as_u16(),
         Err(e) => e.status().as_u16(),
     };
-    let learned_id = result
+    let mut refs = result
         .as_ref()
         .ok()
-        .and_then(|r| r.extensions().get::<AuditRef>())
-        .map(|a| a.0.clone());
+        .and_then(|r| r.extensions().get::<AuditRefs>())
+        .cloned()
+        .unwrap_or_default();
+    if result
+        .as_ref()
+        .is_ok_and(|r| r.extensions().get::<AuditCommitted>().is_some())
+    {
+        // The record went into the write's own transaction.
+        return match result {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+    }
     // A requested id is recorded only when the resource was found to
     // exist: a failed request's id is client-chosen text and may be
     // anything, including a name typed into a URL.
-    let resource_id = if matches!(status, 200..=299 | 410 | 412) {
-        id.map(str::to_owned).or(learned_id)
-    } else {
-        None
-    };
-    if let Err(e) = record(
-        st,
-        ctx,
-        what.as_str(),
-        rtype.map(ResourceType::as_str),
-        resource_id,
-        status,
-        denied_by,
-    ) {
+    if refs.resources.is_empty() && matches!(status, 200..=299 | 410 | 412) {
+        if let (Some(t), Some(i)) = (rtype, id) {
+            refs.add(t, i, None);
+        }
+    }
+    if let Err(e) = record(st, ctx, what.as_str(), refs, status, denied_by).await {
         // Fail closed: whatever the work produced is dropped unsent.
         return e.into_response();
     }

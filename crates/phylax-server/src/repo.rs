@@ -7,10 +7,11 @@
 //! read is refused (fail closed) rather than served.
 
 use crate::keyring::{KeyError, KeyRing};
+use crate::pipeline::WriteAuditor;
 use phylax_crypto::BlindIndexKey;
 use phylax_fhir::{compartment, ResourceId, ResourceType, VersionId};
 use phylax_store::{
-    DynStore, HistoryQuery, IndexRow, NewVersion, Precondition, SearchQuery, StoreError,
+    DynStore, HistoryQuery, IndexRow, NewAudit, NewVersion, Precondition, SearchQuery, StoreError,
     StoredVersion,
 };
 use serde_json::{json, Value};
@@ -121,6 +122,39 @@ pub struct Repo {
     keys: Arc<KeyRing>,
     blind: Arc<BlindIndexKey>,
     fhir_base: String,
+}
+
+/// A write's auditor and the interaction it records.
+type WriteAudit<'a> = (WriteAuditor<'a>, &'static str);
+
+impl PlannedWrite {
+    /// The patient whose compartment the write is in, from its key scope.
+    pub fn patient(&self) -> Option<&str> {
+        self.new.key_scope.strip_prefix("patient:")
+    }
+
+    /// The sealed audit record of this write, to commit with it.
+    pub fn audit(
+        &self,
+        a: &WriteAuditor<'_>,
+        interaction: &'static str,
+    ) -> Result<NewAudit, RepoError> {
+        let status = if self.new.deleted {
+            204
+        } else if self.pre == Precondition::Absent {
+            201
+        } else {
+            200
+        };
+        a.draft(
+            interaction,
+            &self.new.rtype,
+            &self.new.id,
+            self.patient(),
+            status,
+        )
+        .map_err(|e| RepoError::Store(StoreError::Unavailable(e.to_string())))
+    }
 }
 
 /// Meta key recording that every current resource has index entries.
@@ -286,12 +320,13 @@ impl Repo {
     pub async fn commit(
         &self,
         writes: Vec<PlannedWrite>,
+        audit: Vec<NewAudit>,
     ) -> Result<Vec<ResourceVersion>, RepoError> {
         let (batch, outs): (Vec<_>, Vec<_>) =
             writes.into_iter().map(|w| ((w.new, w.pre), w.out)).unzip();
         let seqs = self
             .store
-            .append_versions(batch)
+            .append_versions(batch, audit)
             .await
             .map_err(write_error)?;
         Ok(outs
@@ -313,6 +348,7 @@ impl Repo {
         Ok(self.store.read_current(rtype.as_str(), id.as_str()).await?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn seal_and_append(
         &self,
         rtype: &ResourceType,
@@ -320,16 +356,26 @@ impl Repo {
         version: VersionId,
         body: Value,
         pre: Precondition,
+        audit: Option<WriteAudit<'_>>,
     ) -> Result<ResourceVersion, RepoError> {
         let w = self.plan_put(rtype, id, version, body, pre).await?;
-        self.append(w).await
+        self.append(w, audit).await
     }
 
-    /// Write one planned version on its own.
-    async fn append(&self, w: PlannedWrite) -> Result<ResourceVersion, RepoError> {
+    /// Write one planned version on its own, with its audit record in the
+    /// same transaction.
+    async fn append(
+        &self,
+        w: PlannedWrite,
+        audit: Option<WriteAudit<'_>>,
+    ) -> Result<ResourceVersion, RepoError> {
+        let rows = match audit {
+            Some((a, interaction)) => vec![w.audit(&a, interaction)?],
+            None => Vec::new(),
+        };
         let seq = self
             .store
-            .append_version(w.new, w.pre)
+            .append_version(w.new, w.pre, rows)
             .await
             .map_err(write_error)?;
         Ok(ResourceVersion { seq, ..w.out })
@@ -382,10 +428,18 @@ impl Repo {
         &self,
         rtype: &ResourceType,
         body: Value,
+        audit: Option<&WriteAuditor<'_>>,
     ) -> Result<ResourceVersion, RepoError> {
         let id = ResourceId::from_uuid(uuid::Uuid::new_v4());
-        self.seal_and_append(rtype, &id, VersionId::FIRST, body, Precondition::Absent)
-            .await
+        self.seal_and_append(
+            rtype,
+            &id,
+            VersionId::FIRST,
+            body,
+            Precondition::Absent,
+            audit.map(|a| (*a, "create")),
+        )
+        .await
     }
 
     /// Update (or create with the client's id when allowed). Returns the new
@@ -397,6 +451,7 @@ impl Repo {
         body: Value,
         if_match: Option<VersionId>,
         allow_create: bool,
+        audit: Option<&WriteAuditor<'_>>,
     ) -> Result<(ResourceVersion, bool), RepoError> {
         for _ in 0..UPDATE_RETRIES {
             let current = self.store.read_current(rtype.as_str(), id.as_str()).await?;
@@ -417,7 +472,14 @@ impl Repo {
                 }
             };
             match self
-                .seal_and_append(rtype, id, next, body.clone(), pre)
+                .seal_and_append(
+                    rtype,
+                    id,
+                    next,
+                    body.clone(),
+                    pre,
+                    audit.map(|a| (*a, "update")),
+                )
                 .await
             {
                 Ok(v) => return Ok((v, created)),
@@ -437,6 +499,7 @@ impl Repo {
         &self,
         rtype: &ResourceType,
         id: &ResourceId,
+        audit: Option<&WriteAuditor<'_>>,
     ) -> Result<Option<ResourceVersion>, RepoError> {
         for _ in 0..UPDATE_RETRIES {
             let Some(cur) = self.store.read_current(rtype.as_str(), id.as_str()).await? else {
@@ -445,7 +508,13 @@ impl Repo {
             if cur.deleted {
                 return Ok(None);
             }
-            match self.append(self.plan_delete(rtype, id, &cur)?).await {
+            match self
+                .append(
+                    self.plan_delete(rtype, id, &cur)?,
+                    audit.map(|a| (*a, "delete")),
+                )
+                .await
+            {
                 Ok(v) => return Ok(Some(v)),
                 Err(RepoError::Conflict) => continue,
                 Err(e) => return Err(e),

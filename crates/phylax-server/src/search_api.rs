@@ -643,6 +643,9 @@ async fn search(
 ) -> Result<Response, ApiError> {
     let q = Query(params.clone());
     check_accept(h, &q)?;
+    if rtype.as_str() == crate::audit_api::AUDIT_TYPE {
+        return crate::audit_api::search(st, params).await;
+    }
     let mut before = None;
     let mut back: Option<Vec<i64>> = None;
     if let Some(c) = q.get("_cursor") {
@@ -771,7 +774,17 @@ async fn search(
             })
         })
         .collect();
-    for v in included(st, ctx, rtype, &q, &rows).await? {
+    let inc = included(st, ctx, rtype, &q, &rows).await?;
+    let mut refs = crate::pipeline::AuditRefs::of_versions(rows.iter().chain(inc.iter()));
+    // Parameter names only: values (a name, a birth date) stay out of the log.
+    refs.params = params
+        .iter()
+        .map(|(k, _)| k.chars().take(64).collect::<String>())
+        .filter(|k| k != "_cursor" && !k.starts_with("_phylax"))
+        .collect();
+    refs.params.sort();
+    refs.params.dedup();
+    for v in inc {
         if let Some(b) = &v.body {
             entries.push(json!({
                 "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
@@ -809,7 +822,9 @@ async fn search(
         };
         bundle["total"] = json!(total);
     }
-    Ok(fhir_json(StatusCode::OK, &bundle))
+    let mut r = fhir_json(StatusCode::OK, &bundle);
+    r.extensions_mut().insert(refs);
+    Ok(r)
 }
 
 pub async fn search_type(
@@ -848,6 +863,9 @@ pub async fn compartment_search(
     }
     if t == "$everything" {
         return Ok(everything(st, ctx, id, h, raw).await);
+    }
+    if t == "$access-log" {
+        return Ok(crate::audit_api::access_log(st, ctx, id, raw).await);
     }
     let rtype = parse_type(&t)?;
     let pid = ResourceId::parse(&id).ok_or(ApiError::NotFound)?;
@@ -1103,10 +1121,12 @@ async fn everything(
                 .filter_map(|v| entry(v, "match"))
                 .chain(referenced.iter().filter_map(|v| entry(v, "include")))
                 .collect();
-            Ok(fhir_json(
-                StatusCode::OK,
-                &bundle("searchset", links, entries),
-            ))
+            let mut r = fhir_json(StatusCode::OK, &bundle("searchset", links, entries));
+            r.extensions_mut()
+                .insert(crate::pipeline::AuditRefs::of_versions(
+                    page.iter().chain(referenced.iter()),
+                ));
+            Ok(r)
         },
     )
     .await

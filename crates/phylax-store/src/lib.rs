@@ -197,6 +197,73 @@ pub struct Revocation {
     pub at: i64,
 }
 
+/// One audit record to append. The AuditEvent itself is sealed above the
+/// store; the columns beside it are what the log is searched by (the agent
+/// is a user or client id, never a name; patients are keyed hashes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAudit {
+    /// The AuditEvent's id (unique).
+    pub event_id: String,
+    /// Milliseconds since the epoch.
+    pub recorded: i64,
+    /// `user:{id}`, a client id, or `anonymous`.
+    pub agent: String,
+    /// BALP action code (C R U D E).
+    pub action: String,
+    /// The event subtype code (`read`, `search-type`, `login`…).
+    pub subtype: String,
+    /// BALP outcome code (0, 4, 8).
+    pub outcome: String,
+    /// Keyed hashes of the ids of the patients the event concerns.
+    pub patients: Vec<Vec<u8>>,
+    /// RFC 9162 leaf hash of the AuditEvent's JSON bytes.
+    pub leaf_hash: Vec<u8>,
+    /// The sealed AuditEvent JSON.
+    pub sealed: Vec<u8>,
+}
+
+/// A stored audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Arrival order (not the tree position).
+    pub id: i64,
+    /// Position in the Merkle tree, once a checkpoint has covered it.
+    pub leaf_index: Option<u64>,
+    pub event_id: String,
+    pub recorded: i64,
+    pub agent: String,
+    pub action: String,
+    pub subtype: String,
+    pub outcome: String,
+    pub leaf_hash: Vec<u8>,
+    pub sealed: Vec<u8>,
+}
+
+/// A search of the audit log. Newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub patient: Option<Vec<u8>>,
+    pub agent: Option<String>,
+    pub action: Option<String>,
+    pub subtype: Option<String>,
+    /// `recorded >= from`.
+    pub from: Option<i64>,
+    /// `recorded < to`.
+    pub to: Option<i64>,
+    /// Paging: only `id < before_id`.
+    pub before_id: Option<i64>,
+    pub limit: u32,
+}
+
+/// A signed checkpoint of the audit log's Merkle tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRow {
+    pub size: u64,
+    pub time: i64,
+    /// The signed note text.
+    pub note: String,
+}
+
 /// The storage interface. All methods are durable when they return `Ok`.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
@@ -221,12 +288,24 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Append a version if the precondition holds, atomically updating the
     /// current pointer. Returns the global sequence number.
-    async fn append_version(&self, v: NewVersion, pre: Precondition) -> Result<i64>;
-    /// Append several versions **all or nothing** (a FHIR transaction):
-    /// if any precondition fails, nothing is written and the result is
-    /// `Conflict`. Returns each version's sequence number, in input order.
-    /// The same resource may not appear twice.
-    async fn append_versions(&self, vs: Vec<(NewVersion, Precondition)>) -> Result<Vec<i64>>;
+    /// The audit records are appended in the same transaction: the write
+    /// and its audit trail are durable together or not at all.
+    async fn append_version(
+        &self,
+        v: NewVersion,
+        pre: Precondition,
+        audit: Vec<NewAudit>,
+    ) -> Result<i64>;
+    /// Append several versions **all or nothing** (a FHIR transaction),
+    /// with their audit records: if any precondition fails, nothing is
+    /// written and the result is `Conflict`. Returns each version's
+    /// sequence number, in input order. The same resource may not appear
+    /// twice.
+    async fn append_versions(
+        &self,
+        vs: Vec<(NewVersion, Precondition)>,
+        audit: Vec<NewAudit>,
+    ) -> Result<Vec<i64>>;
     /// The current version of a resource (including a tombstone).
     async fn read_current(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>>;
     /// A specific version.
@@ -295,6 +374,26 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// `not_before` (older ones cannot matter: every token they could cover
     /// has expired).
     async fn revocations_since(&self, after: i64, not_before: i64) -> Result<Vec<Revocation>>;
+
+    /// Append audit records in one transaction (a group commit of many
+    /// requests' records). Durable when it returns `Ok`.
+    async fn append_audit(&self, rows: Vec<NewAudit>) -> Result<()>;
+    /// Records no checkpoint covers yet, in arrival order: `(id, leaf hash)`.
+    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<(i64, Vec<u8>)>>;
+    /// Give the records `ids` the tree positions `first_index..` and store
+    /// the checkpoint that covers them, atomically. Returns false (nothing
+    /// changed) if the tree no longer ends at `first_index` (another node
+    /// sealed meanwhile) or a record was sealed already.
+    async fn audit_seal(&self, first_index: u64, ids: Vec<i64>, cp: CheckpointRow) -> Result<bool>;
+    /// Sealed records by tree position, from `from_index`, in order.
+    async fn audit_by_index(&self, from_index: u64, limit: u32) -> Result<Vec<AuditRow>>;
+    /// How many records exist, and how many are sealed into the tree.
+    async fn audit_counts(&self) -> Result<(u64, u64)>;
+    async fn audit_search(&self, q: &AuditQuery) -> Result<Vec<AuditRow>>;
+    async fn audit_get(&self, event_id: &str) -> Result<Option<AuditRow>>;
+    /// Checkpoints with `size > after_size`, oldest first.
+    async fn checkpoints(&self, after_size: u64, limit: u32) -> Result<Vec<CheckpointRow>>;
+    async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>>;
 
     /// Record a client assertion's `jti`. Returns false if it was already
     /// used (a replay). Expired entries are purged opportunistically.

@@ -159,6 +159,52 @@ CREATE TABLE revocations (
 );
 "#,
     ),
+    (
+        7,
+        r#"
+-- The audit log (issue 6; docs/AUDIT.md). Append-only: the triggers refuse
+-- deletes and any change except giving an unsealed record its position in
+-- the Merkle tree once. (Someone with the database file can drop triggers;
+-- the signed checkpoints are what catch that.)
+CREATE TABLE audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    leaf_index INTEGER UNIQUE,
+    event_id TEXT NOT NULL UNIQUE,
+    recorded INTEGER NOT NULL,
+    agent TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subtype TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    leaf_hash BLOB NOT NULL,
+    sealed BLOB NOT NULL
+);
+CREATE INDEX audit_unsealed ON audit_log (id) WHERE leaf_index IS NULL;
+CREATE INDEX audit_recorded ON audit_log (recorded);
+CREATE INDEX audit_agent ON audit_log (agent, id);
+CREATE TABLE audit_patient (
+    patient BLOB NOT NULL,
+    audit_id INTEGER NOT NULL,
+    PRIMARY KEY (patient, audit_id)
+) WITHOUT ROWID;
+CREATE TABLE audit_checkpoints (
+    size INTEGER PRIMARY KEY,
+    time INTEGER NOT NULL,
+    note TEXT NOT NULL
+);
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit_log
+WHEN OLD.leaf_index IS NOT NULL OR NEW.id IS NOT OLD.id OR NEW.event_id IS NOT OLD.event_id
+  OR NEW.recorded IS NOT OLD.recorded OR NEW.agent IS NOT OLD.agent OR NEW.action IS NOT OLD.action
+  OR NEW.subtype IS NOT OLD.subtype OR NEW.outcome IS NOT OLD.outcome
+  OR NEW.leaf_hash IS NOT OLD.leaf_hash OR NEW.sealed IS NOT OLD.sealed
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_patient_no_delete BEFORE DELETE ON audit_patient
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
+"#,
+    ),
 ];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
@@ -376,6 +422,56 @@ CREATE TABLE revocations (
     at BIGINT NOT NULL
 );
 CREATE INDEX revocations_at ON revocations (at);
+"#,
+    ),
+    (
+        8,
+        r#"
+-- The audit log (see SQLite migration 7).
+CREATE TABLE audit_log (
+    id BIGSERIAL PRIMARY KEY,
+    leaf_index BIGINT UNIQUE,
+    event_id TEXT COLLATE "C" NOT NULL UNIQUE,
+    recorded BIGINT NOT NULL,
+    agent TEXT COLLATE "C" NOT NULL,
+    action TEXT COLLATE "C" NOT NULL,
+    subtype TEXT COLLATE "C" NOT NULL,
+    outcome TEXT COLLATE "C" NOT NULL,
+    leaf_hash BYTEA NOT NULL,
+    sealed BYTEA NOT NULL
+);
+CREATE INDEX audit_unsealed ON audit_log (id) WHERE leaf_index IS NULL;
+CREATE INDEX audit_recorded ON audit_log (recorded);
+CREATE INDEX audit_agent ON audit_log (agent, id);
+CREATE TABLE audit_patient (
+    patient BYTEA NOT NULL,
+    audit_id BIGINT NOT NULL,
+    PRIMARY KEY (patient, audit_id)
+);
+CREATE TABLE audit_checkpoints (
+    size BIGINT PRIMARY KEY,
+    time BIGINT NOT NULL,
+    note TEXT NOT NULL
+);
+CREATE FUNCTION phylax_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'audit_log' AND OLD.leaf_index IS NULL
+       AND (NEW.id, NEW.event_id, NEW.recorded, NEW.agent, NEW.action, NEW.subtype,
+            NEW.outcome, NEW.leaf_hash, NEW.sealed)
+           IS NOT DISTINCT FROM
+           (OLD.id, OLD.event_id, OLD.recorded, OLD.agent, OLD.action, OLD.subtype,
+            OLD.outcome, OLD.leaf_hash, OLD.sealed) THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'audit records are append-only';
+END;
+$$;
+CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION phylax_audit_append_only();
+CREATE TRIGGER audit_patient_append_only BEFORE UPDATE OR DELETE ON audit_patient
+    FOR EACH ROW EXECUTE FUNCTION phylax_audit_append_only();
+CREATE TRIGGER checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_checkpoints
+    FOR EACH ROW EXECUTE FUNCTION phylax_audit_append_only();
 "#,
     ),
 ];

@@ -6,8 +6,9 @@
 use crate::migrations;
 use crate::query::{self, Plan, SearchQuery, P};
 use crate::{
-    ClientRecord, GrantRecord, GrantUse, HistoryQuery, HistoryScope, IndexRow, NewVersion,
-    Precondition, Result, Revocation, Store, StoreError, StoredVersion, UserRecord,
+    AuditQuery, AuditRow, CheckpointRow, ClientRecord, GrantRecord, GrantUse, HistoryQuery,
+    HistoryScope, IndexRow, NewAudit, NewVersion, Precondition, Result, Revocation, Store,
+    StoreError, StoredVersion, UserRecord,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -157,6 +158,79 @@ async fn append_one<C: deadpool_postgres::GenericClient>(
             o => o,
         })?;
     row.get::<_, Option<i64>>(0).ok_or(StoreError::Conflict)
+}
+
+use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS};
+
+fn row_audit(r: &Row) -> AuditRow {
+    AuditRow {
+        id: r.get(0),
+        leaf_index: r.get::<_, Option<i64>>(1).map(|i| i as u64),
+        event_id: r.get(2),
+        recorded: r.get(3),
+        agent: r.get(4),
+        action: r.get(5),
+        subtype: r.get(6),
+        outcome: r.get(7),
+        leaf_hash: r.get(8),
+        sealed: r.get(9),
+    }
+}
+
+fn row_checkpoint(r: &Row) -> CheckpointRow {
+    CheckpointRow {
+        size: r.get::<_, i64>(0) as u64,
+        time: r.get(1),
+        note: r.get(2),
+    }
+}
+
+/// Insert audit records (and their patient entries) in one statement. Any
+/// failure is `Unavailable`, never a retryable `Conflict`: the audit log
+/// refused, so the caller's transaction must not commit.
+async fn insert_audit<C: deadpool_postgres::GenericClient>(c: &C, rows: &[NewAudit]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let unavailable =
+        |e: tokio_postgres::Error| StoreError::Unavailable(format!("audit log: {}", describe(&e)));
+    let st = c
+        .prepare_cached(
+            "WITH ins AS (INSERT INTO audit_log (event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed) \
+             SELECT e, r, a, ac, s, o, l, b FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], \
+             $5::text[], $6::text[], $7::bytea[], $8::bytea[]) WITH ORDINALITY AS u(e, r, a, ac, s, o, l, b, n) ORDER BY n \
+             RETURNING id, event_id) \
+             INSERT INTO audit_patient (patient, audit_id) \
+             SELECT p.patient, ins.id FROM ins JOIN unnest($9::text[], $10::bytea[]) AS p(event_id, patient) \
+             ON p.event_id = ins.event_id ON CONFLICT DO NOTHING",
+        )
+        .await
+        .map_err(unavailable)?;
+    let ev: Vec<&str> = rows.iter().map(|a| a.event_id.as_str()).collect();
+    let rec: Vec<i64> = rows.iter().map(|a| a.recorded).collect();
+    let agent: Vec<&str> = rows.iter().map(|a| a.agent.as_str()).collect();
+    let action: Vec<&str> = rows.iter().map(|a| a.action.as_str()).collect();
+    let sub: Vec<&str> = rows.iter().map(|a| a.subtype.as_str()).collect();
+    let out: Vec<&str> = rows.iter().map(|a| a.outcome.as_str()).collect();
+    let leaf: Vec<&[u8]> = rows.iter().map(|a| a.leaf_hash.as_slice()).collect();
+    let sealed: Vec<&[u8]> = rows.iter().map(|a| a.sealed.as_slice()).collect();
+    let (pe, pp): (Vec<&str>, Vec<&[u8]>) = rows
+        .iter()
+        .flat_map(|a| {
+            a.patients
+                .iter()
+                .map(move |p| (a.event_id.as_str(), p.as_slice()))
+        })
+        .unzip();
+    c.execute(
+        &st,
+        &[
+            &ev, &rec, &agent, &action, &sub, &out, &leaf, &sealed, &pe, &pp,
+        ],
+    )
+    .await
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 /// Which condition group drives a search (see `query::plan`).
@@ -346,12 +420,28 @@ impl Store for PgStore {
         Ok(row.get(0))
     }
 
-    async fn append_version(&self, v: NewVersion, pre: Precondition) -> Result<i64> {
-        let c = self.pool.get().await.map_err(pool_err)?;
-        append_one(&c, &v, pre).await
+    async fn append_version(
+        &self,
+        v: NewVersion,
+        pre: Precondition,
+        audit: Vec<NewAudit>,
+    ) -> Result<i64> {
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        if audit.is_empty() {
+            return append_one(&c, &v, pre).await;
+        }
+        let tx = c.transaction().await.map_err(pg)?;
+        let seq = append_one(&tx, &v, pre).await?;
+        insert_audit(&tx, &audit).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(seq)
     }
 
-    async fn append_versions(&self, vs: Vec<(NewVersion, Precondition)>) -> Result<Vec<i64>> {
+    async fn append_versions(
+        &self,
+        vs: Vec<(NewVersion, Precondition)>,
+        audit: Vec<NewAudit>,
+    ) -> Result<Vec<i64>> {
         let mut c = self.pool.get().await.map_err(pool_err)?;
         let tx = c.transaction().await.map_err(pg)?;
         // Lock rows in a fixed order so that two transactions touching the
@@ -364,6 +454,7 @@ impl Store for PgStore {
             // An error drops `tx`, which rolls everything back.
             seqs[i] = append_one(&tx, v, *pre).await?;
         }
+        insert_audit(&tx, &audit).await?;
         tx.commit().await.map_err(pg)?;
         Ok(seqs)
     }
@@ -755,6 +846,154 @@ impl Store for PgStore {
                 at: r.get(3),
             })
             .collect())
+    }
+
+    async fn append_audit(&self, rows: Vec<NewAudit>) -> Result<()> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        // One statement: atomic on its own, one round trip per batch.
+        insert_audit(&c, &rows).await
+    }
+
+    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<(i64, Vec<u8>)>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let rows = c
+            .query(
+                "SELECT id, leaf_hash FROM audit_log WHERE leaf_index IS NULL ORDER BY id LIMIT $1",
+                &[&i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn audit_seal(&self, first_index: u64, ids: Vec<i64>, cp: CheckpointRow) -> Result<bool> {
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        let tx = c.transaction().await.map_err(pg)?;
+        // One sealer at a time across every node sharing the database.
+        tx.execute("SELECT pg_advisory_xact_lock(7283910)", &[])
+            .await
+            .map_err(pg)?;
+        let end: i64 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_log",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        if end as u64 != first_index {
+            return Ok(false);
+        }
+        let idx: Vec<i64> = (0..ids.len() as i64)
+            .map(|i| first_index as i64 + i)
+            .collect();
+        let n = tx
+            .execute(
+                "UPDATE audit_log SET leaf_index = u.idx FROM unnest($1::bigint[], $2::bigint[]) AS u(id, idx) \
+                 WHERE audit_log.id = u.id AND audit_log.leaf_index IS NULL",
+                &[&ids, &idx],
+            )
+            .await
+            .map_err(pg)?;
+        if n as usize != ids.len() {
+            return Ok(false);
+        }
+        let size = cp.size as i64;
+        match tx
+            .execute(
+                "INSERT INTO audit_checkpoints (size, time, note) VALUES ($1, $2, $3)",
+                &[&size, &cp.time, &cp.note],
+            )
+            .await
+            .map_err(pg)
+        {
+            Ok(_) => {}
+            Err(StoreError::Duplicate) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(true)
+    }
+
+    async fn audit_by_index(&self, from_index: u64, limit: u32) -> Result<Vec<AuditRow>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {AUDIT_COLS} FROM audit_log WHERE leaf_index >= $1 ORDER BY leaf_index LIMIT $2"
+                ),
+                &[&(from_index as i64), &i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(row_audit).collect())
+    }
+
+    async fn audit_counts(&self) -> Result<(u64, u64)> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_one(
+                "SELECT (SELECT COUNT(*) FROM audit_log), \
+                 (SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_log)",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        Ok((r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+    }
+
+    async fn audit_search(&self, q: &AuditQuery) -> Result<Vec<AuditRow>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let (sql, args) = audit_search_sql(q, |n| format!("${n}"));
+        let args: Vec<Box<dyn ToSql + Sync + Send>> = args
+            .into_iter()
+            .map(|a| -> Box<dyn ToSql + Sync + Send> {
+                match a {
+                    AuditArg::Text(t) => Box::new(t),
+                    AuditArg::Int(i) => Box::new(i),
+                    AuditArg::Bytes(b) => Box::new(b),
+                }
+            })
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|b| b.as_ref() as _).collect();
+        let rows = c.query(&sql, &refs).await.map_err(pg)?;
+        Ok(rows.iter().map(row_audit).collect())
+    }
+
+    async fn audit_get(&self, event_id: &str) -> Result<Option<AuditRow>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        Ok(c.query_opt(
+            &format!("SELECT {AUDIT_COLS} FROM audit_log WHERE event_id = $1"),
+            &[&event_id],
+        )
+        .await
+        .map_err(pg)?
+        .as_ref()
+        .map(row_audit))
+    }
+
+    async fn checkpoints(&self, after_size: u64, limit: u32) -> Result<Vec<CheckpointRow>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let rows = c
+            .query(
+                "SELECT size, time, note FROM audit_checkpoints WHERE size > $1 ORDER BY size LIMIT $2",
+                &[&(after_size as i64), &i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(row_checkpoint).collect())
+    }
+
+    async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        Ok(c.query_opt(
+            "SELECT size, time, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .as_ref()
+        .map(row_checkpoint))
     }
 
     async fn use_jti(&self, client_id: &str, jti: &str, expires_at: i64, now: i64) -> Result<bool> {

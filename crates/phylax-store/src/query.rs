@@ -409,3 +409,64 @@ pub(crate) fn build(
     };
     (b.sql, b.params)
 }
+
+/// The audit log's columns, in `AuditRow` order.
+pub(crate) const AUDIT_COLS: &str =
+    "id, leaf_index, event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed";
+
+/// A bound value of an audit search.
+pub(crate) enum AuditArg {
+    Text(String),
+    Int(i64),
+    Bytes(Vec<u8>),
+}
+
+/// The SQL of an audit search (newest first) and its arguments; `ph(n)`
+/// renders placeholder `n` (1-based) for the backend.
+pub(crate) fn audit_search_sql(
+    q: &crate::AuditQuery,
+    ph: impl Fn(usize) -> String,
+) -> (String, Vec<AuditArg>) {
+    let mut conds = Vec::new();
+    let mut args = Vec::new();
+    let mut push = |cond: &str, a: AuditArg, args: &mut Vec<AuditArg>| {
+        args.push(a);
+        conds.push(cond.replace('?', &ph(args.len())));
+    };
+    if let Some(p) = &q.patient {
+        push(
+            "id IN (SELECT audit_id FROM audit_patient WHERE patient = ?)",
+            AuditArg::Bytes(p.clone()),
+            &mut args,
+        );
+    }
+    if let Some(a) = &q.agent {
+        push("agent = ?", AuditArg::Text(a.clone()), &mut args);
+    }
+    if let Some(a) = &q.action {
+        push("action = ?", AuditArg::Text(a.clone()), &mut args);
+    }
+    if let Some(a) = &q.subtype {
+        push("subtype = ?", AuditArg::Text(a.clone()), &mut args);
+    }
+    if let Some(t) = q.from {
+        push("recorded >= ?", AuditArg::Int(t), &mut args);
+    }
+    if let Some(t) = q.to {
+        push("recorded < ?", AuditArg::Int(t), &mut args);
+    }
+    if let Some(b) = q.before_id {
+        push("id < ?", AuditArg::Int(b), &mut args);
+    }
+    let wh = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
+    args.push(AuditArg::Int(i64::from(q.limit)));
+    let sql = format!(
+        "SELECT {AUDIT_COLS} FROM audit_log{wh} ORDER BY id DESC LIMIT {}",
+        ph(args.len())
+    );
+    (sql, args)
+}

@@ -12,8 +12,9 @@
 use crate::migrations;
 use crate::query::{self, Plan, SearchQuery, P};
 use crate::{
-    ClientRecord, GrantRecord, GrantUse, HistoryQuery, HistoryScope, IndexRow, NewVersion,
-    Precondition, Result, Revocation, Store, StoreError, StoredVersion, UserRecord,
+    AuditQuery, AuditRow, CheckpointRow, ClientRecord, GrantRecord, GrantUse, HistoryQuery,
+    HistoryScope, IndexRow, NewAudit, NewVersion, Precondition, Result, Revocation, Store,
+    StoreError, StoredVersion, UserRecord,
 };
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -348,17 +349,32 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn append_version(&self, v: NewVersion, pre: Precondition) -> Result<i64> {
-        self.write(move |c| append_one(c, v, pre)).await
+    async fn append_version(
+        &self,
+        v: NewVersion,
+        pre: Precondition,
+        audit: Vec<NewAudit>,
+    ) -> Result<i64> {
+        self.write(move |c| {
+            let seq = append_one(c, v, pre)?;
+            insert_audit(c, &audit)?;
+            Ok(seq)
+        })
+        .await
     }
 
-    async fn append_versions(&self, vs: Vec<(NewVersion, Precondition)>) -> Result<Vec<i64>> {
+    async fn append_versions(
+        &self,
+        vs: Vec<(NewVersion, Precondition)>,
+        audit: Vec<NewAudit>,
+    ) -> Result<Vec<i64>> {
         // One write job: its SAVEPOINT rolls every append back if any fails.
         self.write(move |c| {
             let mut out = Vec::with_capacity(vs.len());
             for (v, pre) in vs {
                 out.push(append_one(c, v, pre)?);
             }
+            insert_audit(c, &audit)?;
             Ok(out)
         })
         .await
@@ -769,6 +785,159 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn append_audit(&self, rows: Vec<NewAudit>) -> Result<()> {
+        self.write(move |c| insert_audit(c, &rows)).await
+    }
+
+    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<(i64, Vec<u8>)>> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT id, leaf_hash FROM audit_log WHERE leaf_index IS NULL ORDER BY id LIMIT ?1",
+                )
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn audit_seal(&self, first_index: u64, ids: Vec<i64>, cp: CheckpointRow) -> Result<bool> {
+        self.write(move |c| {
+            let end: i64 = c
+                .query_row(
+                    "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_log",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            if end as u64 != first_index {
+                return Ok(false);
+            }
+            let mut st = c
+                .prepare_cached(
+                    "UPDATE audit_log SET leaf_index = ?1 WHERE id = ?2 AND leaf_index IS NULL",
+                )
+                .map_err(backend)?;
+            for (i, id) in ids.iter().enumerate() {
+                if st
+                    .execute(params![(first_index + i as u64) as i64, id])
+                    .map_err(backend)?
+                    != 1
+                {
+                    // Rolled back by the job's SAVEPOINT.
+                    return Err(StoreError::Conflict);
+                }
+            }
+            c.execute(
+                "INSERT INTO audit_checkpoints (size, time, note) VALUES (?1, ?2, ?3)",
+                params![cp.size as i64, cp.time, cp.note],
+            )
+            .map_err(backend)?;
+            Ok(true)
+        })
+        .await
+        .or_else(|e| match e {
+            StoreError::Conflict | StoreError::Duplicate => Ok(false),
+            o => Err(o),
+        })
+    }
+
+    async fn audit_by_index(&self, from_index: u64, limit: u32) -> Result<Vec<AuditRow>> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {AUDIT_COLS} FROM audit_log WHERE leaf_index >= ?1 \
+                     ORDER BY leaf_index LIMIT ?2"
+                ))
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![from_index as i64, limit as i64], row_audit)
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn audit_counts(&self) -> Result<(u64, u64)> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT (SELECT COUNT(*) FROM audit_log), \
+                 (SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_log)",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn audit_search(&self, q: &AuditQuery) -> Result<Vec<AuditRow>> {
+        let q = q.clone();
+        self.read(move |c| {
+            use rusqlite::types::Value as V;
+            let (sql, args) = audit_search_sql(&q, |n| format!("?{n}"));
+            let args: Vec<V> = args
+                .into_iter()
+                .map(|a| match a {
+                    AuditArg::Text(t) => V::Text(t),
+                    AuditArg::Int(i) => V::Integer(i),
+                    AuditArg::Bytes(b) => V::Blob(b),
+                })
+                .collect();
+            let mut st = c.prepare_cached(&sql).map_err(backend)?;
+            let rows = st
+                .query_map(rusqlite::params_from_iter(args), row_audit)
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn audit_get(&self, event_id: &str) -> Result<Option<AuditRow>> {
+        let event_id = event_id.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                &format!("SELECT {AUDIT_COLS} FROM audit_log WHERE event_id = ?1"),
+                params![event_id],
+                row_audit,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn checkpoints(&self, after_size: u64, limit: u32) -> Result<Vec<CheckpointRow>> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT size, time, note FROM audit_checkpoints WHERE size > ?1 ORDER BY size LIMIT ?2",
+                )
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![after_size as i64, limit as i64], row_checkpoint)
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT size, time, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+                [],
+                row_checkpoint,
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn use_jti(&self, client_id: &str, jti: &str, expires_at: i64, now: i64) -> Result<bool> {
         let (client_id, jti) = (client_id.to_owned(), jti.to_owned());
         self.write(move |c| {
@@ -784,6 +953,67 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS};
+
+fn row_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
+    Ok(AuditRow {
+        id: r.get(0)?,
+        leaf_index: r.get::<_, Option<i64>>(1)?.map(|i| i as u64),
+        event_id: r.get(2)?,
+        recorded: r.get(3)?,
+        agent: r.get(4)?,
+        action: r.get(5)?,
+        subtype: r.get(6)?,
+        outcome: r.get(7)?,
+        leaf_hash: r.get(8)?,
+        sealed: r.get(9)?,
+    })
+}
+
+fn row_checkpoint(r: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRow> {
+    Ok(CheckpointRow {
+        size: r.get::<_, i64>(0)? as u64,
+        time: r.get(1)?,
+        note: r.get(2)?,
+    })
+}
+
+/// Insert audit records inside the caller's transaction. Any failure is
+/// `Unavailable` (never `Conflict`/`Duplicate`, which callers treat as a
+/// retryable precondition): the audit log refused, so nothing may commit.
+fn insert_audit(c: &Connection, rows: &[NewAudit]) -> Result<()> {
+    let unavailable = |e: rusqlite::Error| StoreError::Unavailable(format!("audit log: {e}"));
+    let mut st = c
+        .prepare_cached(
+            "INSERT INTO audit_log (event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .map_err(unavailable)?;
+    let mut pt = c
+        .prepare_cached(
+            "INSERT INTO audit_patient (patient, audit_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )
+        .map_err(unavailable)?;
+    for a in rows {
+        st.execute(params![
+            a.event_id,
+            a.recorded,
+            a.agent,
+            a.action,
+            a.subtype,
+            a.outcome,
+            a.leaf_hash,
+            a.sealed
+        ])
+        .map_err(unavailable)?;
+        let id = c.last_insert_rowid();
+        for p in &a.patients {
+            pt.execute(params![p, id]).map_err(unavailable)?;
+        }
+    }
+    Ok(())
 }
 
 /// Rows per multi-row INSERT when replacing index entries.

@@ -160,18 +160,18 @@ async fn meta_and_keys_are_set_once(s: &DynStore) {
 
 both!(versions_preconditions_and_tombstones);
 async fn versions_preconditions_and_tombstones(s: &DynStore) {
-    s.append_version(nv("Patient", "a", 1, 1000, b"v1"), Precondition::Absent)
-        .await
-        .unwrap();
-    assert!(matches!(
-        s.append_version(nv("Patient", "a", 1, 1001, b"x"), Precondition::Absent)
-            .await,
-        Err(StoreError::Conflict)
-    ));
+    s.append_version(
+        nv("Patient", "a", 1, 1000, b"v1"),
+        Precondition::Absent,
+        vec![],
+    )
+    .await
+    .unwrap();
     assert!(matches!(
         s.append_version(
-            nv("Patient", "a", 3, 1001, b"x"),
-            Precondition::CurrentIs(1)
+            nv("Patient", "a", 1, 1001, b"x"),
+            Precondition::Absent,
+            vec![]
         )
         .await,
         Err(StoreError::Conflict)
@@ -179,7 +179,17 @@ async fn versions_preconditions_and_tombstones(s: &DynStore) {
     assert!(matches!(
         s.append_version(
             nv("Patient", "a", 3, 1001, b"x"),
-            Precondition::CurrentIs(2)
+            Precondition::CurrentIs(1),
+            vec![]
+        )
+        .await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(matches!(
+        s.append_version(
+            nv("Patient", "a", 3, 1001, b"x"),
+            Precondition::CurrentIs(2),
+            vec![]
         )
         .await,
         Err(StoreError::Conflict)
@@ -187,7 +197,8 @@ async fn versions_preconditions_and_tombstones(s: &DynStore) {
     assert!(matches!(
         s.append_version(
             nv("Patient", "zz", 2, 1001, b"x"),
-            Precondition::CurrentIs(1)
+            Precondition::CurrentIs(1),
+            vec![]
         )
         .await,
         Err(StoreError::Conflict)
@@ -195,6 +206,7 @@ async fn versions_preconditions_and_tombstones(s: &DynStore) {
     s.append_version(
         nv("Patient", "a", 2, 2000, b"v2"),
         Precondition::CurrentIs(1),
+        vec![],
     )
     .await
     .unwrap();
@@ -207,20 +219,25 @@ async fn versions_preconditions_and_tombstones(s: &DynStore) {
     let mut del = nv("Patient", "a", 3, 3000, b"");
     del.deleted = true;
     del.sealed = None;
-    s.append_version(del, Precondition::CurrentIs(2))
+    s.append_version(del, Precondition::CurrentIs(2), vec![])
         .await
         .unwrap();
     let cur = s.read_current("Patient", "a").await.unwrap().unwrap();
     assert!(cur.deleted && cur.sealed.is_none() && cur.version == 3);
     // A deleted id is never "absent" again: no silent version-1 reuse.
     assert!(matches!(
-        s.append_version(nv("Patient", "a", 1, 4000, b"x"), Precondition::Absent)
-            .await,
+        s.append_version(
+            nv("Patient", "a", 1, 4000, b"x"),
+            Precondition::Absent,
+            vec![]
+        )
+        .await,
         Err(StoreError::Conflict)
     ));
     s.append_version(
         nv("Patient", "a", 4, 4000, b"v4"),
         Precondition::CurrentIs(3),
+        vec![],
     )
     .await
     .unwrap();
@@ -240,12 +257,14 @@ async fn history_scopes_since_and_paging(s: &DynStore) {
         s.append_version(
             nv("Patient", &id, 1, 100 + i as i64, b"x"),
             Precondition::Absent,
+            vec![],
         )
         .await
         .unwrap();
         s.append_version(
             nv("Observation", &id, 1, 200 + i as i64, b"x"),
             Precondition::Absent,
+            vec![],
         )
         .await
         .unwrap();
@@ -253,6 +272,7 @@ async fn history_scopes_since_and_paging(s: &DynStore) {
     s.append_version(
         nv("Patient", "p0", 2, 300, b"y"),
         Precondition::CurrentIs(1),
+        vec![],
     )
     .await
     .unwrap();
@@ -314,6 +334,7 @@ async fn list_and_count_current(s: &DynStore) {
         s.append_version(
             nv("Patient", &format!("p{i}"), 1, i, b"x"),
             Precondition::Absent,
+            vec![],
         )
         .await
         .unwrap();
@@ -321,12 +342,13 @@ async fn list_and_count_current(s: &DynStore) {
     let mut del = nv("Patient", "p2", 2, 10, b"");
     del.deleted = true;
     del.sealed = None;
-    s.append_version(del, Precondition::CurrentIs(1))
+    s.append_version(del, Precondition::CurrentIs(1), vec![])
         .await
         .unwrap();
     s.append_version(
         nv("Patient", "p0", 2, 11, b"x2"),
         Precondition::CurrentIs(1),
+        vec![],
     )
     .await
     .unwrap();
@@ -403,9 +425,13 @@ async fn clients_and_jti_replay(s: &DynStore) {
 
 both!(concurrent_writers_one_winner_per_version);
 async fn concurrent_writers_one_winner_per_version(s: &DynStore) {
-    s.append_version(nv("Patient", "race", 1, 1, b"x"), Precondition::Absent)
-        .await
-        .unwrap();
+    s.append_version(
+        nv("Patient", "race", 1, 1, b"x"),
+        Precondition::Absent,
+        vec![],
+    )
+    .await
+    .unwrap();
     let mut tasks = Vec::new();
     for i in 0..16 {
         let s = s.clone();
@@ -413,6 +439,7 @@ async fn concurrent_writers_one_winner_per_version(s: &DynStore) {
             s.append_version(
                 nv("Patient", "race", 2, 2, format!("w{i}").as_bytes()),
                 Precondition::CurrentIs(1),
+                vec![],
             )
             .await
         }));
@@ -445,6 +472,7 @@ async fn many_concurrent_creates_all_land(s: &DynStore) {
             s.append_version(
                 nv("Observation", &format!("o{i}"), 1, i, b"x"),
                 Precondition::Absent,
+                vec![],
             )
             .await
         }));
@@ -468,9 +496,13 @@ async fn sqlite_data_survives_reopen() {
     let path = dir.path().join("t.db");
     {
         let s = SqliteStore::open(&path).await.unwrap();
-        s.append_version(nv("Patient", "a", 1, 1, b"durable"), Precondition::Absent)
-            .await
-            .unwrap();
+        s.append_version(
+            nv("Patient", "a", 1, 1, b"durable"),
+            Precondition::Absent,
+            vec![],
+        )
+        .await
+        .unwrap();
     }
     let s = SqliteStore::open(&path).await.unwrap();
     let v = s.read_current("Patient", "a").await.unwrap().unwrap();
@@ -500,6 +532,7 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
             ],
         ),
         Precondition::Absent,
+        vec![],
     )
     .await
     .unwrap();
@@ -513,6 +546,7 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
             ],
         ),
         Precondition::Absent,
+        vec![],
     )
     .await
     .unwrap();
@@ -522,6 +556,7 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
             vec![h("code", b"A")],
         ),
         Precondition::Absent,
+        vec![],
     )
     .await
     .unwrap();
@@ -656,7 +691,8 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
                 nv("Observation", "o1", 3, 4000, b"y"),
                 vec![h("code", b"B")]
             ),
-            Precondition::CurrentIs(2)
+            Precondition::CurrentIs(2),
+            vec![]
         )
         .await
         .is_err());
@@ -667,6 +703,7 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
             vec![h("code", b"B")],
         ),
         Precondition::CurrentIs(1),
+        vec![],
     )
     .await
     .unwrap();
@@ -676,7 +713,7 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
     let mut del = with_index(nv("Observation", "o2", 2, 5000, b""), vec![h("code", b"B")]);
     del.deleted = true;
     del.sealed = None;
-    s.append_version(del, Precondition::CurrentIs(1))
+    s.append_version(del, Precondition::CurrentIs(1), vec![])
         .await
         .unwrap();
     assert_eq!(ids(s, vec![vec![hc("B")]]).await, vec!["o1"]);
@@ -696,29 +733,36 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
 
 both!(append_versions_is_all_or_nothing);
 async fn append_versions_is_all_or_nothing(s: &DynStore) {
-    s.append_version(nv("Patient", "p", 1, 1000, b"p1"), Precondition::Absent)
-        .await
-        .unwrap();
+    s.append_version(
+        nv("Patient", "p", 1, 1000, b"p1"),
+        Precondition::Absent,
+        vec![],
+    )
+    .await
+    .unwrap();
     // The third entry's precondition fails: none of the three may land,
     // including the index entries of the first two.
     let r = s
-        .append_versions(vec![
-            (
-                with_index(
-                    nv("Observation", "o1", 1, 2000, b"o1"),
-                    vec![h("code", b"c")],
+        .append_versions(
+            vec![
+                (
+                    with_index(
+                        nv("Observation", "o1", 1, 2000, b"o1"),
+                        vec![h("code", b"c")],
+                    ),
+                    Precondition::Absent,
                 ),
-                Precondition::Absent,
-            ),
-            (
-                nv("Patient", "p", 2, 2000, b"p2"),
-                Precondition::CurrentIs(1),
-            ),
-            (
-                nv("Patient", "q", 2, 2000, b"q2"),
-                Precondition::CurrentIs(1),
-            ),
-        ])
+                (
+                    nv("Patient", "p", 2, 2000, b"p2"),
+                    Precondition::CurrentIs(1),
+                ),
+                (
+                    nv("Patient", "q", 2, 2000, b"q2"),
+                    Precondition::CurrentIs(1),
+                ),
+            ],
+            vec![],
+        )
         .await;
     assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
     assert!(s.read_current("Observation", "o1").await.unwrap().is_none());
@@ -741,20 +785,23 @@ async fn append_versions_is_all_or_nothing(s: &DynStore) {
     .is_empty());
     // All preconditions hold: all land, answered in input order.
     let seqs = s
-        .append_versions(vec![
-            (
-                with_index(
-                    nv("Observation", "o1", 1, 3000, b"o1"),
-                    vec![h("code", b"c")],
+        .append_versions(
+            vec![
+                (
+                    with_index(
+                        nv("Observation", "o1", 1, 3000, b"o1"),
+                        vec![h("code", b"c")],
+                    ),
+                    Precondition::Absent,
                 ),
-                Precondition::Absent,
-            ),
-            (
-                nv("Patient", "p", 2, 3000, b"p2"),
-                Precondition::CurrentIs(1),
-            ),
-            (nv("Encounter", "e", 1, 3000, b"e1"), Precondition::Absent),
-        ])
+                (
+                    nv("Patient", "p", 2, 3000, b"p2"),
+                    Precondition::CurrentIs(1),
+                ),
+                (nv("Encounter", "e", 1, 3000, b"e1"), Precondition::Absent),
+            ],
+            vec![],
+        )
         .await
         .unwrap();
     assert_eq!(seqs.len(), 3);
@@ -776,10 +823,13 @@ async fn append_versions_is_all_or_nothing(s: &DynStore) {
     );
     // Two entries racing for the same new id inside one batch: refused.
     let r = s
-        .append_versions(vec![
-            (nv("Encounter", "x", 1, 4000, b"x"), Precondition::Absent),
-            (nv("Encounter", "x", 1, 4000, b"y"), Precondition::Absent),
-        ])
+        .append_versions(
+            vec![
+                (nv("Encounter", "x", 1, 4000, b"x"), Precondition::Absent),
+                (nv("Encounter", "x", 1, 4000, b"y"), Precondition::Absent),
+            ],
+            vec![],
+        )
         .await;
     assert!(matches!(r, Err(StoreError::Conflict)), "{r:?}");
     assert!(s.read_current("Encounter", "x").await.unwrap().is_none());
@@ -798,6 +848,7 @@ async fn mixed_conditions_agree_whichever_group_drives(s: &DynStore) {
         s.append_version(
             with_index(nv("Observation", &id, 1, k, b"x"), rows),
             Precondition::Absent,
+            vec![],
         )
         .await
         .unwrap();
@@ -1056,4 +1107,155 @@ async fn revocations_are_published_in_order(s: &DynStore) {
         1,
         "old ones no longer matter"
     );
+}
+
+fn audit(n: u32, t: i64, agent: &str, patients: &[&[u8]]) -> NewAudit {
+    NewAudit {
+        event_id: format!("ev-{n}-{}", uuid::Uuid::new_v4().simple()),
+        recorded: t,
+        agent: agent.into(),
+        action: "R".into(),
+        subtype: "read".into(),
+        outcome: "0".into(),
+        patients: patients.iter().map(|p| p.to_vec()).collect(),
+        leaf_hash: vec![n as u8; 32],
+        sealed: format!("sealed-{n}").into_bytes(),
+    }
+}
+
+fn cp(size: u64) -> CheckpointRow {
+    CheckpointRow {
+        size,
+        time: size as i64,
+        note: format!("note {size}"),
+    }
+}
+
+both!(audit_log_appends_seals_and_searches);
+async fn audit_log_appends_seals_and_searches(s: &DynStore) {
+    s.append_audit(vec![
+        audit(1, 1000, "user:u1", &[b"p1"]),
+        audit(2, 2000, "app", &[b"p1", b"p2"]),
+    ])
+    .await
+    .unwrap();
+    // A write and its audit record land together...
+    s.append_version(
+        nv("Patient", "a", 1, 3000, b"v1"),
+        Precondition::Absent,
+        vec![audit(3, 3000, "user:u1", &[b"p2"])],
+    )
+    .await
+    .unwrap();
+    // ...and a refused write leaves no audit record behind.
+    assert!(matches!(
+        s.append_version(
+            nv("Patient", "a", 1, 3001, b"x"),
+            Precondition::Absent,
+            vec![audit(99, 3001, "user:u1", &[])],
+        )
+        .await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(matches!(
+        s.append_versions(
+            vec![(
+                nv("Patient", "b", 1, 3002, b"x"),
+                Precondition::CurrentIs(7)
+            )],
+            vec![audit(98, 3002, "user:u1", &[])],
+        )
+        .await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(s.audit_counts().await.unwrap(), (3, 0));
+
+    let unsealed = s.audit_unsealed(10).await.unwrap();
+    assert_eq!(
+        unsealed.iter().map(|u| u.1[0]).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "arrival order"
+    );
+    let ids: Vec<i64> = unsealed.iter().map(|u| u.0).collect();
+    // Sealing must continue the tree where it ends.
+    assert!(!s.audit_seal(5, ids[..2].to_vec(), cp(7)).await.unwrap());
+    assert!(s.audit_seal(0, ids[..2].to_vec(), cp(2)).await.unwrap());
+    // A stale sealer (another node got there first) changes nothing.
+    assert!(!s.audit_seal(0, ids[2..].to_vec(), cp(1)).await.unwrap());
+    assert!(!s.audit_seal(2, ids[..1].to_vec(), cp(3)).await.unwrap());
+    assert_eq!(s.audit_counts().await.unwrap(), (3, 2));
+    assert!(s.audit_seal(2, ids[2..].to_vec(), cp(3)).await.unwrap());
+    assert_eq!(s.audit_counts().await.unwrap(), (3, 3));
+    assert!(s.audit_unsealed(10).await.unwrap().is_empty());
+
+    let by_index = s.audit_by_index(1, 10).await.unwrap();
+    assert_eq!(
+        by_index
+            .iter()
+            .map(|r| (r.leaf_index, r.leaf_hash[0]))
+            .collect::<Vec<_>>(),
+        vec![(Some(1), 2), (Some(2), 3)]
+    );
+    assert_eq!(by_index[0].sealed, b"sealed-2");
+    let got = s.audit_get(&by_index[0].event_id).await.unwrap().unwrap();
+    assert_eq!(got, by_index[0]);
+    assert!(s.audit_get("nope").await.unwrap().is_none());
+
+    let cps = s.checkpoints(0, 10).await.unwrap();
+    assert_eq!(cps.iter().map(|c| c.size).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(s.latest_checkpoint().await.unwrap().unwrap(), cp(3));
+    assert_eq!(s.checkpoints(2, 10).await.unwrap(), vec![cp(3)]);
+
+    let search = |q: AuditQuery| async move {
+        s.audit_search(&AuditQuery { limit: 10, ..q })
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.leaf_hash[0])
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        search(AuditQuery::default()).await,
+        vec![3, 2, 1],
+        "newest first"
+    );
+    let p1 = AuditQuery {
+        patient: Some(b"p1".to_vec()),
+        ..Default::default()
+    };
+    assert_eq!(search(p1.clone()).await, vec![2, 1]);
+    let p2 = AuditQuery {
+        patient: Some(b"p2".to_vec()),
+        ..Default::default()
+    };
+    assert_eq!(search(p2).await, vec![3, 2]);
+    let u1 = AuditQuery {
+        agent: Some("user:u1".into()),
+        ..Default::default()
+    };
+    assert_eq!(search(u1).await, vec![3, 1]);
+    let window = AuditQuery {
+        from: Some(1500),
+        to: Some(3000),
+        ..Default::default()
+    };
+    assert_eq!(search(window).await, vec![2]);
+    let paged = AuditQuery {
+        before_id: Some(ids[1]),
+        ..p1
+    };
+    assert_eq!(search(paged).await, vec![1]);
+    let act = AuditQuery {
+        action: Some("D".into()),
+        ..Default::default()
+    };
+    assert!(search(act).await.is_empty());
+    // Quotes and metacharacters are values, not SQL.
+    let hostile = AuditQuery {
+        agent: Some("x' OR '1'='1".into()),
+        subtype: Some("read; DROP TABLE audit_log".into()),
+        ..Default::default()
+    };
+    assert!(search(hostile).await.is_empty());
+    assert_eq!(s.audit_counts().await.unwrap(), (3, 3));
 }

@@ -366,7 +366,7 @@ async fn serve_cmd(
             &inst.config.tls.key,
         )?)
     };
-    let st = AppState::new(inst, None)
+    let st = AppState::new(inst)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let listener = tokio::net::TcpListener::bind(addr)

@@ -109,7 +109,7 @@ impl TestServer {
         let tls =
             phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key).unwrap();
         let ca = std::fs::read(inst.ca_path()).unwrap();
-        let state = AppState::new(inst, None).await.unwrap();
+        let state = AppState::new(inst).await.unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let st2 = state.clone();
         tokio::spawn(async move {
@@ -133,6 +133,25 @@ impl TestServer {
         })
     }
 
+    /// Run SQL directly against the instance's database, as someone with
+    /// database access (an attacker, or a failing disk) would.
+    pub async fn sql(&self, sql: &str) {
+        match self.backend {
+            Backend::Sqlite => {
+                let c = rusqlite::Connection::open(self.data_dir.join("phylax.db")).unwrap();
+                c.execute_batch(sql).unwrap();
+            }
+            Backend::Postgres => {
+                let url = self.db_url.as_deref().unwrap();
+                let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                c.batch_execute(sql).await.unwrap();
+            }
+        }
+    }
+
     /// A second node over the same instance (same data directory, same
     /// database, same KEK), on its own port: how several Phylax nodes share
     /// one PostgreSQL. Returns its FHIR base URL and a stop handle.
@@ -142,7 +161,7 @@ impl TestServer {
             .unwrap();
         let tls =
             phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key).unwrap();
-        let state = AppState::new(inst, None).await.unwrap();
+        let state = AppState::new(inst).await.unwrap();
         // Same certificate: it names 127.0.0.1, so any port works.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -1,0 +1,532 @@
+//! The audit log service: turns [`AuditFacts`] into sealed, hash-chained
+//! records, commits them durably (group commit), seals them into the
+//! Merkle tree with signed checkpoints, and opens them again for auditors
+//! and `phylax audit verify`.
+//!
+//! Invariants:
+//! - A record's leaf hash is over the exact AuditEvent JSON bytes that are
+//!   sealed, so a copy exported to a SIEM can be checked against a signed
+//!   checkpoint without Phylax's keys.
+//! - `record` returns only after the record is committed; callers release
+//!   their response after that (fail closed: an error means 503).
+//! - Writes carry their record in their own transaction
+//!   ([`AuditLog::draft`] + `Store::append_version(…, audit)`), so a
+//!   stored write always has its record and a refused one has none.
+//! - Records get tree positions later, in arrival order, from one sealer at
+//!   a time (the Merkle tree's "merge delay", as in Certificate
+//!   Transparency); `checkpoint_secs` bounds how long a record is covered
+//!   only by the database.
+
+use crate::keyring::KeyRing;
+use phylax_audit::checkpoint::{Checkpoint, VerifierKey};
+use phylax_audit::event::AuditFacts;
+use phylax_audit::merkle::{leaf_hash, Frontier, Hash};
+use phylax_crypto::log_signing::CheckpointKey;
+use phylax_crypto::{BlindIndexKey, DataKey};
+use phylax_store::{AuditRow, CheckpointRow, DynStore, NewAudit, StoreError};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// The data-key scope audit records are sealed under.
+pub const AUDIT_SCOPE: &str = "audit";
+/// Records per group commit.
+const BATCH_MAX: usize = 512;
+/// Records per checkpoint at most (a backlog is sealed over several).
+const SEAL_MAX: u32 = 50_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log unavailable: {0}")]
+    Unavailable(String),
+    #[error("audit record {0} fails its integrity check")]
+    Integrity(String),
+}
+
+impl From<StoreError> for AuditError {
+    fn from(e: StoreError) -> Self {
+        AuditError::Unavailable(e.to_string())
+    }
+}
+
+type Pending = (NewAudit, oneshot::Sender<Result<(), String>>);
+
+pub struct AuditLog {
+    store: DynStore,
+    key: Arc<DataKey>,
+    blind: Arc<BlindIndexKey>,
+    signer: Arc<CheckpointKey>,
+    verifier: VerifierKey,
+    origin: String,
+    tx: mpsc::Sender<Pending>,
+    checkpoint_file: Option<PathBuf>,
+    /// The sealer's view of the tree (guarded: one sealing pass at a time
+    /// per node; nodes arbitrate in the database).
+    frontier: tokio::sync::Mutex<Option<Frontier>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+fn aad(event_id: &str) -> Vec<u8> {
+    format!("phylax/audit/v1\0{event_id}").into_bytes()
+}
+
+/// Keyed hash of a patient id, as stored beside records.
+pub fn patient_hash(blind: &BlindIndexKey, patient_id: &str) -> Vec<u8> {
+    blind
+        .entry(&[b"audit-patient", patient_id.as_bytes()])
+        .to_vec()
+}
+
+impl AuditLog {
+    /// Open the log service: loads its keys and starts the group-commit
+    /// writer on the current runtime.
+    pub async fn open(
+        store: DynStore,
+        keys: &KeyRing,
+        blind: Arc<BlindIndexKey>,
+        origin: String,
+        checkpoint_file: Option<PathBuf>,
+    ) -> Result<Arc<AuditLog>, AuditError> {
+        let key = keys
+            .for_write(AUDIT_SCOPE)
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let signer = Arc::new(
+            keys.checkpoint_key()
+                .await
+                .map_err(|e| AuditError::Unavailable(e.to_string()))?,
+        );
+        let verifier = VerifierKey::new(&origin, signer.public())
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let (tx, rx) = mpsc::channel::<Pending>(8 * BATCH_MAX);
+        tokio::spawn(writer(store.clone(), rx));
+        Ok(Arc::new(AuditLog {
+            store,
+            key,
+            blind,
+            signer,
+            verifier,
+            origin,
+            tx,
+            checkpoint_file,
+            frontier: tokio::sync::Mutex::new(None),
+        }))
+    }
+
+    /// The log's name in checkpoints (`phylax/<instance id>`).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The public key that verifies checkpoints, in `note` verifier format.
+    pub fn verifier_key(&self) -> &VerifierKey {
+        &self.verifier
+    }
+
+    pub fn patient_hash(&self, patient_id: &str) -> Vec<u8> {
+        patient_hash(&self.blind, patient_id)
+    }
+
+    /// Seal a record without writing it (a write commits it with its data).
+    pub fn draft(&self, facts: &AuditFacts) -> Result<NewAudit, AuditError> {
+        let json = serde_json::to_vec(&facts.to_resource())
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let sealed = self
+            .key
+            .seal(&aad(&facts.id), &json)
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        Ok(NewAudit {
+            event_id: facts.id.clone(),
+            recorded: facts.recorded_ms,
+            agent: facts.agent_key(),
+            action: facts.action.code().to_owned(),
+            subtype: facts.kind.subtype().to_owned(),
+            outcome: facts.outcome.code().to_owned(),
+            patients: facts
+                .patients
+                .iter()
+                .map(|p| self.patient_hash(p))
+                .collect(),
+            leaf_hash: leaf_hash(&json).to_vec(),
+            sealed,
+        })
+    }
+
+    /// Commit one record (group-committed with concurrent ones). `Ok` means
+    /// durable.
+    pub async fn record(&self, facts: &AuditFacts) -> Result<(), AuditError> {
+        let row = self.draft(facts)?;
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((row, tx))
+            .await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?;
+        rx.await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
+            .map_err(AuditError::Unavailable)
+    }
+
+    /// Open a stored record: decrypt, check it hashes to its leaf and that
+    /// the searchable columns agree with it. Any mismatch is tampering.
+    pub fn open_row(&self, row: &AuditRow) -> Result<Value, AuditError> {
+        let bad = || AuditError::Integrity(row.event_id.clone());
+        let plain = self
+            .key
+            .open(&aad(&row.event_id), &row.sealed)
+            .map_err(|_| bad())?;
+        if leaf_hash(&plain).as_slice() != row.leaf_hash.as_slice() {
+            return Err(bad());
+        }
+        let v: Value = serde_json::from_slice(&plain).map_err(|_| bad())?;
+        let subtype_ok = v["subtype"][0]["code"].as_str().is_some_and(|c| {
+            c == row.subtype
+                || (row.subtype == "login" && c == "110122")
+                || (row.subtype == "logout" && c == "110123")
+        });
+        if v["id"].as_str() != Some(row.event_id.as_str())
+            || v["action"].as_str() != Some(row.action.as_str())
+            || v["outcome"].as_str() != Some(row.outcome.as_str())
+            || !subtype_ok
+            || v["recorded"].as_str() != Some(phylax_audit::event::instant(row.recorded).as_str())
+            || agent_of(&v) != row.agent
+        {
+            return Err(bad());
+        }
+        Ok(v)
+    }
+
+    /// Give every unsealed record a tree position and sign a checkpoint
+    /// over the new tree. Returns the new checkpoint, or `None` when there
+    /// was nothing to seal or another node sealed first (it will be picked
+    /// up next time). An `Integrity` error means the stored tree no longer
+    /// matches the last signed checkpoint: someone changed the log.
+    pub async fn seal_pending(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let mut guard = self.frontier.lock().await;
+        let pending = self.store.audit_unsealed(SEAL_MAX).await?;
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        // Catch up with records other nodes sealed.
+        let mut f = match guard.take() {
+            Some(f) => f,
+            None => Frontier::new(),
+        };
+        let (_, sealed) = self.store.audit_counts().await?;
+        if sealed < f.size() {
+            // The tree shrank under us: the log was truncated.
+            return Err(AuditError::Integrity(format!(
+                "tree has {sealed} records, {} were sealed",
+                f.size()
+            )));
+        }
+        while f.size() < sealed {
+            let rows = self.store.audit_by_index(f.size(), 10_000).await?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in rows {
+                if r.leaf_index != Some(f.size()) {
+                    return Err(AuditError::Integrity(format!(
+                        "tree position {} is missing",
+                        f.size()
+                    )));
+                }
+                f.push(to_hash(&r.leaf_hash).ok_or(AuditError::Integrity(r.event_id))?);
+            }
+        }
+        if let Some(last) = self.store.latest_checkpoint().await? {
+            let cp = phylax_audit::checkpoint::open_signed(&last.note, &self.verifier)
+                .map_err(|e| AuditError::Integrity(format!("latest checkpoint: {e}")))?;
+            if cp.size != f.size() || cp.root != f.root() {
+                return Err(AuditError::Integrity(format!(
+                    "the stored tree does not match checkpoint {}",
+                    cp.size
+                )));
+            }
+        }
+        let first = f.size();
+        let mut next = f.clone();
+        let mut ids = Vec::with_capacity(pending.len());
+        for (id, h) in &pending {
+            next.push(to_hash(h).ok_or_else(|| AuditError::Integrity(format!("row {id}")))?);
+            ids.push(*id);
+        }
+        let cp = Checkpoint {
+            origin: self.origin.clone(),
+            size: next.size(),
+            root: next.root(),
+            time_ms: crate::now_ms(),
+        };
+        let note = cp.sign(&self.verifier, |m| self.signer.sign(m));
+        let row = CheckpointRow {
+            size: cp.size,
+            time: cp.time_ms,
+            note: note.clone(),
+        };
+        if self.store.audit_seal(first, ids, row).await? {
+            *guard = Some(next);
+            drop(guard);
+            self.publish(&note);
+            Ok(Some(cp))
+        } else {
+            // Another node sealed first; re-read next time.
+            *guard = Some(f);
+            Ok(None)
+        }
+    }
+
+    /// Keep a copy of the newest checkpoint outside the database (written
+    /// to a temporary file and renamed, so a reader never sees half).
+    fn publish(&self, note: &str) {
+        let Some(path) = &self.checkpoint_file else {
+            return;
+        };
+        let tmp = path.with_extension("tmp");
+        let res = std::fs::write(&tmp, note).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = res {
+            tracing::error!(event = "audit.checkpoint_copy_failed", path = %path.display(), error = %e,
+                "could not write the external checkpoint copy");
+        }
+    }
+
+    /// Seal every few seconds until the process ends.
+    pub fn spawn_sealer(self: &Arc<Self>, every: std::time::Duration) {
+        let log = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(log) = log.upgrade() else { return };
+                match log.seal_pending().await {
+                    Ok(_) => {}
+                    Err(AuditError::Integrity(what)) => {
+                        tracing::error!(event = "audit.verification_failed", what = %what,
+                            "the audit log does not match its signed checkpoints; sealing stopped");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not seal audit records"),
+                }
+            }
+        });
+    }
+}
+
+fn to_hash(b: &[u8]) -> Option<Hash> {
+    b.try_into().ok()
+}
+
+/// The agent key (`user:{id}`, client id or `anonymous`) an AuditEvent
+/// records, read back from its JSON.
+pub fn agent_of(v: &Value) -> String {
+    let agents = v["agent"].as_array().cloned().unwrap_or_default();
+    for a in &agents {
+        if a["who"]["identifier"]["system"] == "urn:phylax:user" {
+            if let Some(id) = a["who"]["identifier"]["value"].as_str() {
+                return format!("user:{id}");
+            }
+        }
+    }
+    for a in &agents {
+        if a["who"]["identifier"]["system"] == "urn:phylax:client" {
+            if let Some(id) = a["who"]["identifier"]["value"].as_str() {
+                return id.to_owned();
+            }
+        }
+    }
+    "anonymous".to_owned()
+}
+
+/// The group-commit writer: takes every record queued while the previous
+/// batch was committing and writes them in one transaction.
+async fn writer(store: DynStore, mut rx: mpsc::Receiver<Pending>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (rows, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let res = store.append_audit(rows).await.map_err(|e| e.to_string());
+        if let Err(e) = &res {
+            tracing::error!(event = "audit.write_failed", error = %e, "audit records could not be written");
+        }
+        for r in replies {
+            let _ = r.send(res.clone());
+        }
+    }
+}
+
+/// What `phylax audit verify` found. Any tampering is an `Err` instead.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// Records in the database.
+    pub records: u64,
+    /// Records in the Merkle tree (the rest await the next checkpoint).
+    pub sealed: u64,
+    /// Stored checkpoints checked (signature and root).
+    pub checkpoints: u64,
+    /// The newest stored checkpoint.
+    pub latest: Option<Checkpoint>,
+    /// Outside checkpoints checked for consistency with the log.
+    pub external: u64,
+    /// For `--event`: its tree position, the checkpoint size it was
+    /// proven against, and the proof length.
+    pub inclusion: Option<(u64, u64, usize)>,
+}
+
+impl AuditLog {
+    /// Check the whole log: every record opens under its key and hashes to
+    /// its leaf, tree positions are contiguous, every stored checkpoint is
+    /// signed by the log's key and matches the tree at its size, every
+    /// outside checkpoint (`external`, signed-note text saved earlier) is
+    /// consistent with today's tree, and, if asked, `event` is included
+    /// in the newest checkpoint. Detects edited, deleted, inserted and
+    /// reordered records and a truncated tail.
+    pub async fn verify(
+        &self,
+        external: &[String],
+        event: Option<&str>,
+    ) -> Result<VerifyReport, AuditError> {
+        use phylax_audit::checkpoint::open_signed;
+        use phylax_audit::merkle;
+        let bad = |m: String| AuditError::Integrity(m);
+        let (records, sealed) = self.store.audit_counts().await?;
+        let mut leaves: Vec<Hash> = Vec::with_capacity(sealed as usize);
+        loop {
+            let rows = self
+                .store
+                .audit_by_index(leaves.len() as u64, 10_000)
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in rows {
+                if r.leaf_index != Some(leaves.len() as u64) {
+                    return Err(bad(format!(
+                        "tree position {} is missing (a record was deleted or moved)",
+                        leaves.len()
+                    )));
+                }
+                self.open_row(&r).map_err(|_| {
+                    bad(format!(
+                        "record at position {} was altered or forged",
+                        leaves.len()
+                    ))
+                })?;
+                leaves.push(to_hash(&r.leaf_hash).ok_or_else(|| bad(r.event_id.clone()))?);
+            }
+        }
+        if leaves.len() as u64 != sealed {
+            return Err(bad(format!(
+                "{} records in order, but positions reach {sealed}",
+                leaves.len()
+            )));
+        }
+        let n = leaves.len() as u64;
+        let mut report = VerifyReport {
+            records,
+            sealed,
+            ..Default::default()
+        };
+        let mut f = Frontier::new();
+        let mut after = 0;
+        loop {
+            let cps = self.store.checkpoints(after, 1000).await?;
+            if cps.is_empty() {
+                break;
+            }
+            for c in cps {
+                after = c.size;
+                let cp = open_signed(&c.note, &self.verifier)
+                    .map_err(|e| bad(format!("checkpoint {}: {e}", c.size)))?;
+                if cp.size != c.size {
+                    return Err(bad(format!(
+                        "checkpoint row {} holds size {}",
+                        c.size, cp.size
+                    )));
+                }
+                if cp.size > n {
+                    return Err(bad(format!(
+                        "the log was truncated: checkpoint {} signed {} records, {n} remain",
+                        cp.size, cp.size
+                    )));
+                }
+                while f.size() < cp.size {
+                    f.push(leaves[f.size() as usize]);
+                }
+                if f.root() != cp.root {
+                    return Err(bad(format!(
+                        "the records no longer match checkpoint {} (edited, inserted or reordered)",
+                        cp.size
+                    )));
+                }
+                report.checkpoints += 1;
+                report.latest = Some(cp);
+            }
+        }
+        if n > 0 && report.latest.as_ref().map(|c| c.size) != Some(n) {
+            return Err(bad(format!(
+                "{n} records are in the tree but no checkpoint covers them all"
+            )));
+        }
+        for note in external {
+            let cp = open_signed(note, &self.verifier)
+                .map_err(|e| bad(format!("outside checkpoint: {e}")))?;
+            if cp.size > n {
+                return Err(bad(format!(
+                    "the log was truncated: an outside checkpoint signed {} records, {n} remain",
+                    cp.size
+                )));
+            }
+            if cp.size > 0 {
+                let proof: Vec<Vec<u8>> = merkle::consistency_proof(cp.size as usize, &leaves)
+                    .map_err(|e| bad(e.to_string()))?
+                    .iter()
+                    .map(|h| h.to_vec())
+                    .collect();
+                merkle::verify_consistency(cp.size, n, &proof, &cp.root, &merkle::root(&leaves))
+                    .map_err(|_| {
+                        bad(format!(
+                            "the log is not consistent with outside checkpoint {}",
+                            cp.size
+                        ))
+                    })?;
+            }
+            report.external += 1;
+        }
+        if let Some(id) = event {
+            let row = self
+                .store
+                .audit_get(id)
+                .await?
+                .ok_or_else(|| bad(format!("no record {id}")))?;
+            let Some(i) = row.leaf_index else {
+                return Err(AuditError::Unavailable(format!(
+                    "record {id} awaits the next checkpoint; try again in a few seconds"
+                )));
+            };
+            let latest = report
+                .latest
+                .as_ref()
+                .ok_or_else(|| bad("no checkpoint".into()))?;
+            let proof: Vec<Vec<u8>> =
+                merkle::inclusion_proof(i as usize, &leaves[..latest.size as usize])
+                    .map_err(|e| bad(e.to_string()))?
+                    .iter()
+                    .map(|h| h.to_vec())
+                    .collect();
+            merkle::verify_inclusion(i, latest.size, &row.leaf_hash, &proof, &latest.root)
+                .map_err(|_| bad(format!("record {id} is not in checkpoint {}", latest.size)))?;
+            report.inclusion = Some((i, latest.size, proof.len()));
+        }
+        Ok(report)
+    }
+}

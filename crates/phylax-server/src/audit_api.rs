@@ -1,0 +1,256 @@
+//! The audit log through FHIR, read-only: `GET /fhir/AuditEvent` (search by
+//! `patient`, `agent`, `date`, `action`, `subtype`), `GET
+//! /fhir/AuditEvent/{id}`, and `GET /fhir/Patient/{id}/$access-log` (who
+//! looked at a patient's record, for the patient and for auditors).
+//!
+//! Who may read: the policy decides as for any type — the `auditor` role,
+//! and backend clients whose scopes name `AuditEvent` (wildcards do not
+//! reach it) — plus a patient for their own `$access-log`. Nothing can
+//! create, change or delete an AuditEvent through the API (405), and the
+//! database refuses deletes and edits (triggers), so patient erasure never
+//! touches the log.
+
+use crate::error::ApiError;
+use crate::fhir_api::{bundle, fhir_json, make_cursor, open_cursor};
+use crate::http::AppState;
+use crate::pipeline::{self, AuditRefs, RequestCtx};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use phylax_auth::policy::{decide, Decision, Interaction, Principal};
+use phylax_fhir::outcome::{Issue, IssueCode};
+use phylax_fhir::ResourceId;
+use phylax_store::AuditQuery;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub const AUDIT_TYPE: &str = "AuditEvent";
+const DEFAULT_COUNT: u32 = 50;
+const MAX_COUNT: u32 = 500;
+
+/// Any attempt to write the audit log through the API.
+pub fn refuse_write() -> ApiError {
+    ApiError::MethodNotAllowed(
+        "AuditEvents are written by the server only; they cannot be created, changed or deleted",
+    )
+}
+
+/// A store query, the page size, and the filters kept for links.
+type Parsed = (AuditQuery, u32, Vec<(String, String)>);
+
+/// Search parameters → a store query. Unknown parameters are an error
+/// (the audit log is small in surface; silently ignoring a filter would
+/// show an auditor more, or less, than they asked for).
+fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, ApiError> {
+    let mut q = AuditQuery::default();
+    let mut count = DEFAULT_COUNT;
+    let mut kept = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "patient" | "entity" | "_compartment" => {
+                let id = v
+                    .rsplit_once("Patient/")
+                    .map(|(_, id)| id)
+                    .unwrap_or(v.as_str());
+                let id = ResourceId::parse(id)
+                    .ok_or_else(|| ApiError::bad_request("patient must be a Patient id or reference"))?;
+                q.patient = Some(st.audit.patient_hash(id.as_str()));
+            }
+            "agent" => q.agent = Some(v.clone()),
+            "action" => {
+                if phylax_audit::event::Action::parse(v).is_none() {
+                    return Err(ApiError::bad_request("action must be one of C, R, U, D, E"));
+                }
+                q.action = Some(v.clone());
+            }
+            "subtype" => q.subtype = Some(v.rsplit('|').next().unwrap_or(v).to_owned()),
+            "date" => {
+                let (op, val) = match v.get(..2) {
+                    Some(p @ ("ge" | "gt" | "le" | "lt" | "eq")) => (p, &v[2..]),
+                    _ => ("eq", v.as_str()),
+                };
+                let (lo, hi, _) = phylax_fhir::search::date_range(val)
+                    .ok_or_else(|| ApiError::bad_request("date must be a FHIR date or dateTime"))?;
+                match op {
+                    "ge" => q.from = Some(q.from.map_or(lo, |f| f.max(lo))),
+                    "gt" => q.from = Some(q.from.map_or(hi, |f| f.max(hi))),
+                    "le" => q.to = Some(q.to.map_or(hi, |t| t.min(hi))),
+                    "lt" => q.to = Some(q.to.map_or(lo, |t| t.min(lo))),
+                    _ => {
+                        q.from = Some(q.from.map_or(lo, |f| f.max(lo)));
+                        q.to = Some(q.to.map_or(hi, |t| t.min(hi)));
+                    }
+                }
+            }
+            "_count" => {
+                count = v
+                    .parse::<u32>()
+                    .map_err(|_| ApiError::bad_request("_count must be a number"))?
+                    .clamp(1, MAX_COUNT);
+                continue;
+            }
+            "_cursor" => continue,
+            other => {
+                return Err(ApiError::BadRequest(vec![Issue::error(
+                    IssueCode::NotSupported,
+                    format!(
+                        "AuditEvent search supports patient, agent, date, action, subtype and _count; not {}",
+                        other.chars().take(40).collect::<String>()
+                    ),
+                )]))
+            }
+        }
+        kept.push((k.clone(), v.clone()));
+    }
+    kept.sort();
+    Ok((q, count, kept))
+}
+
+/// One page of records matching `params`, newest first, as a Bundle.
+/// `strip` removes forensic details (network address, token id, request
+/// id) for a patient's own view.
+async fn page(
+    st: &AppState,
+    path: &str,
+    params: &[(String, String)],
+    strip: bool,
+) -> Result<Response, ApiError> {
+    let (mut q, count, kept) = parse_query(st, params)?;
+    let listing = format!(
+        "{path}?{}",
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&kept)
+            .finish()
+    );
+    if let Some((_, c)) = params.iter().find(|(k, _)| k == "_cursor") {
+        q.before_id = Some(open_cursor(st, &listing, c)?);
+    }
+    q.limit = count + 1;
+    let rows = st
+        .store
+        .audit_search(&q)
+        .await
+        .map_err(crate::repo::RepoError::from)?;
+    let more = rows.len() > count as usize;
+    let rows = &rows[..rows.len().min(count as usize)];
+    let mut entries = Vec::with_capacity(rows.len());
+    for r in rows {
+        let mut v = st.audit.open_row(r).map_err(|e| {
+            tracing::error!(event = "audit.verification_failed", error = %e, "an audit record failed its integrity check");
+            ApiError::Internal("an audit record failed its integrity check".into())
+        })?;
+        if strip {
+            strip_forensics(&mut v);
+        }
+        entries.push(json!({
+            "fullUrl": format!("{}/AuditEvent/{}", st.fhir_base, r.event_id),
+            "resource": v,
+            "search": {"mode": "match"},
+        }));
+    }
+    let base = format!("{}/{}", st.fhir_base, path);
+    let self_url = listing.replacen(path, &base, 1);
+    let mut links = vec![json!({"relation": "self", "url": self_url})];
+    if let (true, Some(last)) = (more, rows.last()) {
+        let c = make_cursor(st, &listing, last.id);
+        let sep = if kept.is_empty() { "" } else { "&" };
+        links.push(json!({"relation": "next", "url": format!("{self_url}{sep}_count={count}&_cursor={c}")}));
+    }
+    let mut r = fhir_json(StatusCode::OK, &bundle("searchset", links, entries));
+    r.extensions_mut().insert(AuditRefs {
+        params: kept.iter().map(|(k, _)| k.clone()).collect(),
+        ..Default::default()
+    });
+    Ok(r)
+}
+
+fn strip_forensics(v: &mut Value) {
+    if let Some(agents) = v["agent"].as_array_mut() {
+        for a in agents.iter_mut().filter_map(Value::as_object_mut) {
+            a.remove("network");
+            a.remove("altId");
+        }
+    }
+    if let Some(es) = v["entity"].as_array_mut() {
+        es.retain(|e| e["what"]["identifier"]["system"] != "urn:phylax:request");
+    }
+}
+
+/// Search the log (the pipeline has decided `search-type` on AuditEvent).
+pub async fn search(st: &AppState, params: Vec<(String, String)>) -> Result<Response, ApiError> {
+    page(st, AUDIT_TYPE, &params, false).await
+}
+
+/// Read one record (the pipeline has decided `read` on AuditEvent).
+pub async fn read(st: &AppState, id: &str) -> Result<Response, ApiError> {
+    let row = st
+        .store
+        .audit_get(id)
+        .await
+        .map_err(crate::repo::RepoError::from)?
+        .ok_or(ApiError::NotFound)?;
+    let v = st.audit.open_row(&row).map_err(|e| {
+        tracing::error!(event = "audit.verification_failed", error = %e, "an audit record failed its integrity check");
+        ApiError::Internal("an audit record failed its integrity check".into())
+    })?;
+    Ok(fhir_json(StatusCode::OK, &v))
+}
+
+/// `GET /fhir/Patient/{id}/$access-log`.
+pub async fn access_log(
+    st: Arc<AppState>,
+    ctx: RequestCtx,
+    id: String,
+    raw: Option<String>,
+) -> Response {
+    let pid = ResourceId::parse(&id);
+    let own = matches!(
+        (&ctx.principal, &pid),
+        (Principal::User { patient: Some(p), role, .. }, Some(pid))
+            if p == pid.as_str() && role.name == "patient"
+    );
+    let auditor =
+        decide(&ctx.principal, Interaction::SearchType, Some(AUDIT_TYPE)) == Decision::Allow;
+    let work = || async {
+        let Some(pid) = pid.clone() else {
+            return Err(ApiError::NotFound);
+        };
+        let mut params: Vec<(String, String)> = crate::fhir_api::Query::parse(raw)
+            .0
+            .into_iter()
+            .filter(|(k, _)| matches!(k.as_str(), "date" | "_count" | "_cursor"))
+            .collect();
+        params.push(("patient".into(), pid.to_string()));
+        let path = format!("Patient/{pid}/$access-log");
+        let mut r = page(&st, &path, &params, !auditor).await?;
+        r.extensions_mut().insert(AuditRefs {
+            patients: vec![pid.to_string()],
+            resources: vec![format!("Patient/{pid}")],
+            params: Vec::new(),
+        });
+        Ok(r)
+    };
+    let (result, denied) = if own || auditor {
+        (work().await, None)
+    } else {
+        (
+            Err(ApiError::Forbidden),
+            Some("access-log: only the patient or an auditor"),
+        )
+    };
+    let status = match &result {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => e.status().as_u16(),
+    };
+    let refs = result
+        .as_ref()
+        .ok()
+        .and_then(|r| r.extensions().get::<AuditRefs>().cloned())
+        .unwrap_or_default();
+    if let Err(e) = pipeline::record(&st, &ctx, "access-log", refs, status, denied).await {
+        return e.into_response();
+    }
+    match result {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}

@@ -1,0 +1,434 @@
+//! The audit log end to end, on both backends: every interaction leaves a
+//! BALP AuditEvent naming the patients concerned and no PHI; the log is
+//! readable only by auditors and never writable; a request whose record
+//! cannot be written fails with 503 and leaks nothing (and a write is then
+//! not stored); checkpoints are signed; and every kind of tampering with
+//! the stored log is caught by `verify`.
+#![allow(clippy::unwrap_used)]
+
+#[macro_use]
+mod common;
+
+use common::TestServer;
+use serde_json::{json, Value};
+
+const ALL: &str = "system/*.cruds";
+const FJ: &str = "application/fhir+json";
+const FAMILY: &str = "Quixotequeue";
+
+async fn send(
+    s: &TestServer,
+    tok: &str,
+    m: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut r = s.http.request(m, s.url(path)).bearer_auth(tok);
+    if let Some(b) = body {
+        r = r.header("content-type", FJ).body(b.to_string());
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A patient with an Observation, read and searched; returns (patient id,
+/// observation id).
+async fn some_traffic(s: &TestServer, tok: &str) -> (String, String) {
+    use reqwest::Method as M;
+    let (st, p) = send(
+        s,
+        tok,
+        M::POST,
+        "/Patient",
+        Some(&json!({
+        "resourceType": "Patient", "name": [{"family": FAMILY, "given": ["Ada"]}],
+        "birthDate": "1961-07-04"})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let pid = p["id"].as_str().unwrap().to_owned();
+    let (st, o) = send(
+        s,
+        tok,
+        M::POST,
+        "/Observation",
+        Some(&json!({
+        "resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": format!("Patient/{pid}")}})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let oid = o["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        send(s, tok, M::GET, &format!("/Patient/{pid}"), None)
+            .await
+            .0,
+        200
+    );
+    let (st, b) = send(
+        s,
+        tok,
+        M::GET,
+        &format!("/Observation?subject=Patient/{pid}&code=8867-4"),
+        None,
+    )
+    .await;
+    assert_eq!((st, b["entry"].as_array().unwrap().len()), (200, 1));
+    let (st, _) = send(s, tok, M::GET, &format!("/Patient?family={FAMILY}"), None).await;
+    assert_eq!(st, 200);
+    (pid, oid)
+}
+
+both!(interactions_are_recorded_and_readable_by_auditors_only);
+async fn interactions_are_recorded_and_readable_by_auditors_only(s: &TestServer) {
+    use reqwest::Method as M;
+    let tok = s.token(ALL).await;
+    let (pid, oid) = some_traffic(s, &tok).await;
+    assert_eq!(
+        send(s, &tok, M::DELETE, &format!("/Observation/{oid}"), None)
+            .await
+            .0,
+        204
+    );
+    // Another patient's id guessed: recorded as a failure, without the id.
+    assert_eq!(
+        send(s, &tok, M::GET, "/Patient/does-not-exist", None)
+            .await
+            .0,
+        404
+    );
+
+    // The clinical client cannot read the log, even with system/*.
+    let (st, _) = send(s, &tok, M::GET, "/AuditEvent", None).await;
+    assert_eq!(st, 403);
+    // A SIEM connector can, with a scope that names AuditEvent.
+    let siem = s.token("system/AuditEvent.rs").await;
+    let (st, b) = send(
+        s,
+        &siem,
+        M::GET,
+        &format!("/AuditEvent?patient={pid}&_count=100"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    let events: Vec<&Value> = b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .collect();
+    let subtypes: Vec<&str> = events
+        .iter()
+        .map(|e| e["subtype"][0]["code"].as_str().unwrap())
+        .collect();
+    for want in ["create", "read", "search-type", "delete"] {
+        assert!(subtypes.contains(&want), "{want} missing from {subtypes:?}");
+    }
+    // The name search returned the patient: it is in that record, the
+    // search value is not.
+    let text = b.to_string();
+    assert!(
+        !text.contains(FAMILY) && !text.contains("1961-07-04"),
+        "PHI in the log"
+    );
+    assert!(
+        text.contains("parameters: family"),
+        "search parameter names are recorded"
+    );
+    for e in &events {
+        assert_eq!(e["resourceType"], "AuditEvent");
+        assert!(e["entity"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["what"]["reference"] == format!("Patient/{pid}")));
+        assert!(e["agent"][0]["who"]["identifier"]["value"].is_string());
+        assert!(e["meta"]["profile"][0].as_str().unwrap().contains("BALP"));
+    }
+    // Filters: action, date, agent; unknown parameters are refused.
+    let (_, d) = send(s, &siem, M::GET, "/AuditEvent?action=D", None).await;
+    assert_eq!(d["entry"].as_array().unwrap().len(), 1);
+    let (_, d) = send(
+        s,
+        &siem,
+        M::GET,
+        "/AuditEvent?date=ge2000-01-01&date=lt2000-01-02",
+        None,
+    )
+    .await;
+    assert!(d["entry"].as_array().unwrap().is_empty());
+    let (st, _) = send(s, &siem, M::GET, "/AuditEvent?name=x", None).await;
+    assert_eq!(st, 400);
+    // The failed read names no resource.
+    let (_, f) = send(s, &siem, M::GET, "/AuditEvent?_count=500", None).await;
+    let failed: Vec<&Value> = f["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|e| e["outcome"] == "4" && e["subtype"][0]["code"] == "read")
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert!(!failed[0].to_string().contains("does-not-exist"));
+    // One record by id, and paging with a tamper-proof cursor.
+    let one = events[0]["id"].as_str().unwrap();
+    let (st, r) = send(s, &siem, M::GET, &format!("/AuditEvent/{one}"), None).await;
+    assert_eq!((st, r["id"].as_str()), (200, Some(one)));
+    let (_, p1) = send(s, &siem, M::GET, "/AuditEvent?_count=2", None).await;
+    let next = p1["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = s.http.get(&next).bearer_auth(&siem).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = s
+        .http
+        .get(next.replace("_count=2", "action=R&_count=2"))
+        .bearer_auth(&siem)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "a cursor is bound to its query");
+
+    // Never writable: not by the SIEM client, not even with write scopes.
+    let writer = s.token("system/AuditEvent.cruds").await;
+    let ev = events[0].clone();
+    assert_eq!(
+        send(s, &writer, M::POST, "/AuditEvent", Some(&ev)).await.0,
+        405
+    );
+    assert_eq!(
+        send(s, &writer, M::PUT, &format!("/AuditEvent/{one}"), Some(&ev))
+            .await
+            .0,
+        405
+    );
+    assert_eq!(
+        send(s, &writer, M::DELETE, &format!("/AuditEvent/{one}"), None)
+            .await
+            .0,
+        405
+    );
+    assert_eq!(
+        send(s, &siem, M::DELETE, &format!("/AuditEvent/{one}"), None)
+            .await
+            .0,
+        403
+    );
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": ev, "request": {"method": "POST", "url": "AuditEvent"}}]});
+    assert_ne!(send(s, &writer, M::POST, "", Some(&tx)).await.0, 200);
+
+    // Who looked at this patient: for auditors, not for the clinical app.
+    let (st, log) = send(
+        s,
+        &siem,
+        M::GET,
+        &format!("/Patient/{pid}/$access-log"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert!(log["entry"].as_array().unwrap().len() >= 4);
+    assert_eq!(
+        send(
+            s,
+            &tok,
+            M::GET,
+            &format!("/Patient/{pid}/$access-log"),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+
+    // Sealing: a signed checkpoint over everything so far, and verify.
+    let cp = s.state.audit.seal_pending().await.unwrap().unwrap();
+    let note = s
+        .state
+        .store
+        .latest_checkpoint()
+        .await
+        .unwrap()
+        .unwrap()
+        .note;
+    let opened =
+        phylax_audit::checkpoint::open_signed(&note, s.state.audit.verifier_key()).unwrap();
+    assert_eq!(opened, cp);
+    let rep = s
+        .state
+        .audit
+        .verify(std::slice::from_ref(&note), Some(one))
+        .await
+        .unwrap();
+    assert_eq!(rep.sealed, cp.size);
+    assert!(rep.inclusion.is_some());
+    // More traffic, another checkpoint; the earlier one is a prefix.
+    some_traffic(s, &tok).await;
+    s.state.audit.seal_pending().await.unwrap().unwrap();
+    let rep = s.state.audit.verify(&[note], None).await.unwrap();
+    assert_eq!((rep.external, rep.checkpoints), (1, 2));
+}
+
+/// Make the audit log refuse every new record, as a full or broken disk
+/// would (a real database refusal, not a mock).
+async fn break_audit(s: &TestServer) {
+    match s.backend {
+        common::Backend::Sqlite => {
+            s.sql("CREATE TRIGGER audit_broken BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'disk full'); END;").await
+        }
+        common::Backend::Postgres => {
+            s.sql("ALTER TABLE audit_log ADD CONSTRAINT audit_broken CHECK (id < 0) NOT VALID").await
+        }
+    }
+}
+
+async fn mend_audit(s: &TestServer) {
+    match s.backend {
+        common::Backend::Sqlite => s.sql("DROP TRIGGER audit_broken").await,
+        common::Backend::Postgres => {
+            s.sql("ALTER TABLE audit_log DROP CONSTRAINT audit_broken")
+                .await
+        }
+    }
+}
+
+both!(an_unwritable_audit_log_fails_closed);
+async fn an_unwritable_audit_log_fails_closed(s: &TestServer) {
+    use reqwest::Method as M;
+    let tok = s.token(ALL).await;
+    let (pid, _) = some_traffic(s, &tok).await;
+    break_audit(s).await;
+    // Reads and searches: 503, an OperationOutcome, nothing of the data.
+    for path in [
+        format!("/Patient/{pid}"),
+        format!("/Patient?family={FAMILY}"),
+        format!("/Patient/{pid}/$everything"),
+    ] {
+        let (st, v) = send(s, &tok, M::GET, &path, None).await;
+        assert_eq!(st, 503, "{path}");
+        assert_eq!(v["resourceType"], "OperationOutcome");
+        assert!(!v.to_string().contains(FAMILY), "{v}");
+    }
+    // Writes: 503 and not stored (the record shares the write's transaction).
+    let (st, _) = send(
+        s,
+        &tok,
+        M::POST,
+        "/Patient",
+        Some(&json!({"resourceType": "Patient", "name": [{"family": "Unrecorded"}]})),
+    )
+    .await;
+    assert_eq!(st, 503);
+    let (st, _) = send(
+        s,
+        &tok,
+        M::PUT,
+        &format!("/Patient/{pid}"),
+        Some(&json!({"resourceType": "Patient", "id": pid, "active": false})),
+    )
+    .await;
+    assert_eq!(st, 503);
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "name": [{"family": "Unrecorded"}]}, "request": {"method": "POST", "url": "Patient"}}]});
+    assert_eq!(send(s, &tok, M::POST, "", Some(&tx)).await.0, 503);
+    mend_audit(s).await;
+    let (_, b) = send(s, &tok, M::GET, "/Patient?family=Unrecorded", None).await;
+    assert!(
+        b["entry"].as_array().unwrap().is_empty(),
+        "a write without its record was stored"
+    );
+    let (_, p) = send(s, &tok, M::GET, &format!("/Patient/{pid}"), None).await;
+    assert_eq!(
+        p["meta"]["versionId"], "1",
+        "the refused update was not stored"
+    );
+}
+
+/// Remove the append-only guards, as someone with database access could.
+async fn drop_guards(s: &TestServer) {
+    match s.backend {
+        common::Backend::Sqlite => {
+            s.sql("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;")
+                .await
+        }
+        common::Backend::Postgres => {
+            s.sql("ALTER TABLE audit_log DISABLE TRIGGER audit_append_only")
+                .await
+        }
+    }
+}
+
+both!(tampering_is_detected);
+async fn tampering_is_detected(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    some_traffic(s, &tok).await;
+    s.state.audit.seal_pending().await.unwrap().unwrap();
+    let first = s
+        .state
+        .store
+        .latest_checkpoint()
+        .await
+        .unwrap()
+        .unwrap()
+        .note;
+    some_traffic(s, &tok).await;
+    s.state.audit.seal_pending().await.unwrap().unwrap();
+    s.state
+        .audit
+        .verify(std::slice::from_ref(&first), None)
+        .await
+        .unwrap();
+    // The guards refuse edits and deletes outright.
+    let c = s.state.store.audit_by_index(0, 1).await.unwrap();
+    assert!(!c.is_empty());
+    drop_guards(s).await;
+    s.sql("CREATE TABLE audit_copy AS SELECT * FROM audit_log WHERE 1 = 0")
+        .await;
+    let n = s.state.store.audit_counts().await.unwrap().1 as i64;
+    let cases: Vec<(&str, String)> = vec![
+        ("edited column", "UPDATE audit_log SET agent = 'user:someone-else' WHERE leaf_index = 1".into()),
+        ("edited body", "UPDATE audit_log SET sealed = leaf_hash WHERE leaf_index = 2".into()),
+        ("reordered", "UPDATE audit_log SET leaf_index = -1 WHERE leaf_index = 0; UPDATE audit_log SET leaf_index = 0 WHERE leaf_index = 1; UPDATE audit_log SET leaf_index = 1 WHERE leaf_index = -1".into()),
+        ("deleted", "DELETE FROM audit_log WHERE leaf_index = 3".into()),
+        ("inserted", format!("INSERT INTO audit_log (leaf_index, event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed) SELECT {n}, 'forged', recorded, agent, action, subtype, outcome, leaf_hash, sealed FROM audit_log WHERE leaf_index = 0")),
+        ("truncated", format!("DELETE FROM audit_log WHERE leaf_index >= {}", n - 2)),
+    ];
+    for (what, sql) in cases {
+        // Each case on a pristine copy of the log: save, tamper, check,
+        // restore.
+        s.sql("DELETE FROM audit_copy; INSERT INTO audit_copy SELECT * FROM audit_log")
+            .await;
+        s.sql(&sql).await;
+        let plain = s.state.audit.verify(&[], None).await;
+        let outside = s
+            .state
+            .audit
+            .verify(std::slice::from_ref(&first), None)
+            .await;
+        s.sql("DELETE FROM audit_log; INSERT INTO audit_log SELECT * FROM audit_copy")
+            .await;
+        assert!(
+            plain.is_err() && outside.is_err(),
+            "{what} went unnoticed: {plain:?}"
+        );
+        s.state
+            .audit
+            .verify(std::slice::from_ref(&first), None)
+            .await
+            .unwrap();
+    }
+    // A forged outside checkpoint (signed by another key) is refused.
+    let forged = first.replacen('\u{2014}', "-", 1);
+    assert!(s.state.audit.verify(&[forged], None).await.is_err());
+}

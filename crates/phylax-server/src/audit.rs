@@ -40,7 +40,8 @@ const SEAL_MAX: u32 = 50_000;
 pub enum AuditError {
     #[error("audit log unavailable: {0}")]
     Unavailable(String),
-    #[error("audit record {0} fails its integrity check")]
+    /// The log does not match itself or its checkpoints (tampering).
+    #[error("{0}")]
     Integrity(String),
 }
 
@@ -177,7 +178,8 @@ impl AuditLog {
     /// Open a stored record: decrypt, check it hashes to its leaf and that
     /// the searchable columns agree with it. Any mismatch is tampering.
     pub fn open_row(&self, row: &AuditRow) -> Result<Value, AuditError> {
-        let bad = || AuditError::Integrity(row.event_id.clone());
+        let bad =
+            || AuditError::Integrity(format!("record {} fails its integrity check", row.event_id));
         let plain = self
             .key
             .open(&aad(&row.event_id), &row.sealed)
@@ -472,11 +474,6 @@ impl AuditLog {
                 report.latest = Some(cp);
             }
         }
-        if n > 0 && report.latest.as_ref().map(|c| c.size) != Some(n) {
-            return Err(bad(format!(
-                "{n} records are in the tree but no checkpoint covers them all"
-            )));
-        }
         for note in external {
             let cp = open_signed(note, &self.verifier)
                 .map_err(|e| bad(format!("outside checkpoint: {e}")))?;
@@ -501,6 +498,11 @@ impl AuditLog {
                     })?;
             }
             report.external += 1;
+        }
+        if n > 0 && report.latest.as_ref().map(|c| c.size) != Some(n) {
+            return Err(bad(format!(
+                "{n} records are in the tree but no checkpoint covers them all"
+            )));
         }
         if let Some(id) = event {
             let row = self
@@ -528,5 +530,39 @@ impl AuditLog {
             report.inclusion = Some((i, latest.size, proof.len()));
         }
         Ok(report)
+    }
+}
+
+impl AuditLog {
+    /// Record an administrative change made outside the HTTP API (the
+    /// `phylax` CLI on the server): user and role changes, client
+    /// registration, key operations. `what` is a fixed Phylax subtype
+    /// (`user`, `client`, `key`…); `detail` names ids, never names.
+    pub async fn record_admin(
+        &self,
+        what: &'static str,
+        action: phylax_audit::event::Action,
+        detail: String,
+    ) -> Result<(), AuditError> {
+        use phylax_audit::event::{EventKind, Outcome};
+        let facts = AuditFacts {
+            id: uuid::Uuid::new_v4().to_string(),
+            recorded_ms: crate::now_ms(),
+            kind: EventKind::Security(what),
+            action,
+            outcome: Outcome::Success,
+            outcome_desc: Some(detail),
+            user: None,
+            client: Some("phylax-cli".into()),
+            ip: None,
+            token_id: None,
+            request_id: "cli".into(),
+            purpose: None,
+            patients: Vec::new(),
+            resources: Vec::new(),
+            query_params: Vec::new(),
+            observer: self.origin.clone(),
+        };
+        self.record(&facts).await
     }
 }

@@ -8,6 +8,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use phylax_audit::event::Action;
 use phylax_auth::assertion::parse_jwks;
 use phylax_auth::scopes::Context as ScopeContext;
 use phylax_auth::smart::SmartScopes;
@@ -47,6 +48,41 @@ enum Cmd {
     /// Manage keys.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCmd {
+    /// Check the whole log: every record against its key and leaf hash,
+    /// every signed checkpoint against the tree, outside checkpoints for
+    /// consistency, and optionally one record's inclusion proof.
+    Verify {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        /// A checkpoint saved earlier outside the database (signed-note
+        /// text); repeatable.
+        #[arg(long = "checkpoint")]
+        checkpoints: Vec<PathBuf>,
+        /// Prove that this AuditEvent id is in the newest checkpoint.
+        #[arg(long)]
+        event: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Seal pending records now and print the new signed checkpoint (to
+    /// keep somewhere the database's administrators cannot rewrite).
+    Checkpoint {
+        #[command(flatten)]
+        inst: InstanceArgs,
+    },
+    /// Print the key that verifies checkpoints (the `note` verifier key
+    /// format), for outside verifiers.
+    Key {
+        #[command(flatten)]
+        inst: InstanceArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -295,10 +331,94 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Client(c) => client_cmd(c).await,
         Cmd::User(c) => user_cmd(c).await,
+        Cmd::Audit(c) => audit_cmd(c).await,
         Cmd::Keys(KeysCmd::RotateSigning { inst }) => {
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
             let kid = i.keys.rotate_signing().await?;
+            admin_audit(
+                &i,
+                "key",
+                Action::Create,
+                format!("signing key {kid} added"),
+            )
+            .await?;
             println!("new signing key {kid}; nodes switch to it within seconds");
+            Ok(())
+        }
+    }
+}
+
+async fn audit_cmd(c: AuditCmd) -> Result<()> {
+    match c {
+        AuditCmd::Verify {
+            inst,
+            checkpoints,
+            event,
+            json,
+        } => {
+            let mut notes = Vec::new();
+            for p in &checkpoints {
+                notes.push(
+                    std::fs::read_to_string(p)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+                );
+            }
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            match i.audit.verify(&notes, event.as_deref()).await {
+                Ok(r) => {
+                    let latest = r.latest.as_ref();
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "ok": true,
+                                "records": r.records,
+                                "sealed": r.sealed,
+                                "checkpoints": r.checkpoints,
+                                "latest_size": latest.map(|c| c.size),
+                                "latest_time_ms": latest.map(|c| c.time_ms),
+                                "outside_checkpoints": r.external,
+                                "inclusion": r.inclusion.map(|(i, size, len)| serde_json::json!({"index": i, "tree_size": size, "proof_hashes": len})),
+                            })
+                        );
+                    } else {
+                        println!(
+                            "audit log OK: {} records ({} sealed, {} awaiting the next checkpoint); {} signed checkpoints verified; {} outside checkpoints consistent",
+                            r.records,
+                            r.sealed,
+                            r.records - r.sealed,
+                            r.checkpoints,
+                            r.external
+                        );
+                        if let Some((idx, size, len)) = r.inclusion {
+                            println!("record is leaf {idx} of checkpoint {size} ({len}-hash inclusion proof verified)");
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"ok": false, "error": e.to_string()})
+                        );
+                    }
+                    anyhow::bail!("audit log verification FAILED: {e}")
+                }
+            }
+        }
+        AuditCmd::Checkpoint { inst } => {
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            i.audit.seal_pending().await?;
+            match i.store.latest_checkpoint().await? {
+                Some(c) => print!("{}", c.note),
+                None => println!("the audit log is empty"),
+            }
+            Ok(())
+        }
+        AuditCmd::Key { inst } => {
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            println!("{}", i.audit.verifier_key().encode());
             Ok(())
         }
     }
@@ -443,6 +563,13 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
                     first_party,
                 })
                 .await?;
+            admin_audit(
+                &i,
+                "client",
+                Action::Create,
+                format!("client {id} registered"),
+            )
+            .await?;
             println!("{id}");
             Ok(())
         }
@@ -548,6 +675,13 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
             let (u, link) = accounts
                 .add(&username, &role, patient.as_deref(), ttl, now)
                 .await?;
+            admin_audit(
+                &i,
+                "user",
+                Action::Create,
+                format!("user {} created with role {}", u.id(), u.rec.role),
+            )
+            .await?;
             println!("created user {} ({})", u.id(), u.rec.role);
             println!(
                 "one-time enrollment link (valid {} h; give it to the user privately):",
@@ -622,6 +756,13 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
                 bail!("{} is not locked (status: {})", a.username, u.rec.status);
             }
             accounts.set_status(u.id(), Status::Active, now).await?;
+            admin_audit(
+                &i,
+                "user",
+                Action::Update,
+                format!("user {} unlocked", u.id()),
+            )
+            .await?;
             println!("{} is unlocked", a.username);
             Ok(())
         }
@@ -630,6 +771,13 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
             let accounts = i.accounts()?;
             let u = find_user(&accounts, &a.username).await?;
             accounts.reset_mfa(u.id(), now).await?;
+            admin_audit(
+                &i,
+                "user",
+                Action::Update,
+                format!("user {}: second factors reset", u.id()),
+            )
+            .await?;
             println!("second factor removed; the user enrolls again at the next sign-in (sessions ended)");
             Ok(())
         }
@@ -638,6 +786,13 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
             let accounts = i.accounts()?;
             let u = find_user(&accounts, &a.username).await?;
             accounts.set_role(u.id(), &role, now).await?;
+            admin_audit(
+                &i,
+                "role",
+                Action::Update,
+                format!("user {} role set to {role}", u.id()),
+            )
+            .await?;
             println!("{} is now {role} (sessions and tokens ended)", a.username);
             Ok(())
         }
@@ -647,6 +802,13 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
             let u = find_user(&accounts, &a.username).await?;
             let ttl = i.config.auth.enrollment_secs;
             let link = accounts.new_enrollment(u.id(), ttl, now).await?;
+            admin_audit(
+                &i,
+                "user",
+                Action::Update,
+                format!("user {}: password reset link issued", u.id()),
+            )
+            .await?;
             println!(
                 "one-time link to set a new password (valid {} h):",
                 ttl / 3600
@@ -655,6 +817,21 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Record a CLI change in the audit log; an unwritable log is an error.
+async fn admin_audit(
+    i: &Instance,
+    what: &'static str,
+    action: Action,
+    detail: String,
+) -> Result<()> {
+    i.audit
+        .record_admin(what, action, detail)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("the change was made but could not be recorded in the audit log: {e}")
+        })
 }
 
 async fn find_user(
@@ -672,6 +849,13 @@ async fn user_status(a: UserArgs, status: phylax_server::accounts::Status, now: 
     let accounts = i.accounts()?;
     let u = find_user(&accounts, &a.username).await?;
     accounts.set_status(u.id(), status, now).await?;
+    admin_audit(
+        &i,
+        "user",
+        Action::Update,
+        format!("user {} is now {}", u.id(), status.as_str()),
+    )
+    .await?;
     println!("{} is now {}", a.username, status.as_str());
     Ok(())
 }
@@ -681,6 +865,14 @@ async fn set_disabled(inst: InstanceArgs, client_id: &str, disabled: bool) -> Re
     if !i.store.set_client_disabled(client_id, disabled).await? {
         bail!("no client with id {client_id}");
     }
+    let state = if disabled { "disabled" } else { "enabled" };
+    admin_audit(
+        &i,
+        "client",
+        Action::Update,
+        format!("client {client_id} {state}"),
+    )
+    .await?;
     println!(
         "{client_id} {}",
         if disabled { "disabled" } else { "enabled" }

@@ -458,3 +458,97 @@ fn users_and_apps() {
     ));
     assert!(out.contains("sig-3"), "{out}");
 }
+
+#[test]
+fn audit_checkpoint_verify_and_tampering() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(&phylax(&["init", "--data-dir", "inst"], p));
+    // Administrative changes are audited.
+    ok(&phylax(
+        &[
+            "user",
+            "add",
+            "--data-dir",
+            "inst",
+            "--username",
+            "ann",
+            "--role",
+            "auditor",
+        ],
+        p,
+    ));
+    ok(&phylax(
+        &["user", "disable", "--data-dir", "inst", "--username", "ann"],
+        p,
+    ));
+    ok(&phylax(
+        &["keys", "rotate-signing", "--data-dir", "inst"],
+        p,
+    ));
+    let note = ok(&phylax(&["audit", "checkpoint", "--data-dir", "inst"], p));
+    assert!(
+        note.contains("\n3\n") && note.contains("\u{2014} phylax/"),
+        "{note}"
+    );
+    std::fs::write(p.join("saved.cp"), &note).unwrap();
+    let key = ok(&phylax(&["audit", "key", "--data-dir", "inst"], p));
+    assert!(
+        key.starts_with("phylax/") && key.matches('+').count() >= 2,
+        "{key}"
+    );
+    let out = ok(&phylax(
+        &[
+            "audit",
+            "verify",
+            "--data-dir",
+            "inst",
+            "--checkpoint",
+            "saved.cp",
+            "--json",
+        ],
+        p,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["ok"].as_bool(), v["sealed"].as_u64()),
+        (Some(true), Some(3))
+    );
+    assert_eq!(v["outside_checkpoints"], 1);
+    // Someone with the database file edits a record.
+    let db = rusqlite::Connection::open(p.join("inst/phylax.db")).unwrap();
+    assert!(
+        db.execute("UPDATE audit_log SET agent = 'x' WHERE leaf_index = 0", [])
+            .is_err(),
+        "the append-only guard refuses edits"
+    );
+    assert!(db.execute("DELETE FROM audit_log", []).is_err());
+    db.execute_batch(
+        "DROP TRIGGER audit_no_update; UPDATE audit_log SET recorded = recorded + 1 WHERE leaf_index = 1",
+    )
+    .unwrap();
+    let e = fails(&phylax(&["audit", "verify", "--data-dir", "inst"], p));
+    assert!(e.contains("FAILED") && e.contains("position 1"), "{e}");
+    // A truncated log is caught by the saved checkpoint even if the
+    // database's own checkpoints were removed with it.
+    db.execute_batch(
+        "UPDATE audit_log SET recorded = recorded - 1 WHERE leaf_index = 1; \
+         DROP TRIGGER audit_no_delete; DROP TRIGGER checkpoints_no_delete; \
+         DELETE FROM audit_log WHERE leaf_index = 2; DELETE FROM audit_checkpoints WHERE size = 3;",
+    )
+    .unwrap();
+    let e = fails(&phylax(&["audit", "verify", "--data-dir", "inst"], p));
+    assert!(e.contains("no checkpoint covers"), "{e}");
+    let e = fails(&phylax(
+        &[
+            "audit",
+            "verify",
+            "--data-dir",
+            "inst",
+            "--checkpoint",
+            "saved.cp",
+        ],
+        p,
+    ));
+    assert!(e.contains("truncated"), "{e}");
+}

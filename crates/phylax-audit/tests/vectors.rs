@@ -42,56 +42,52 @@ fn proof(v: &serde_json::Value) -> Vec<Vec<u8>> {
         .unwrap_or_default()
 }
 
-#[test]
-fn inclusion_vectors() {
-    let Some(d) = dir() else { return };
+/// Run `check` on every vector file under `kind`; each must fail exactly
+/// when it says `wantErr`. Returns (good, bad) counts.
+fn run(kind: &str, check: impl Fn(&serde_json::Value) -> bool) -> Option<(usize, usize)> {
+    let d = dir()?;
     let mut fs = Vec::new();
-    files(&d.join("inclusion"), &mut fs);
-    assert!(fs.len() > 50, "only {} inclusion vectors found", fs.len());
+    files(&d.join(kind), &mut fs);
+    assert!(fs.len() > 50, "only {} {kind} vectors found", fs.len());
     let (mut ok, mut bad) = (0, 0);
     for f in fs {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
-        let got = verify_inclusion(
+        let want_err = v["wantErr"].as_bool().unwrap();
+        assert_eq!(!check(&v), want_err, "{}", f.display());
+        if want_err {
+            bad += 1
+        } else {
+            ok += 1
+        }
+    }
+    assert!(ok >= 5 && bad >= 50, "{ok} good, {bad} bad");
+    Some((ok, bad))
+}
+
+#[test]
+fn inclusion_vectors() {
+    run("inclusion", |v| {
+        verify_inclusion(
             v["leafIdx"].as_u64().unwrap(),
             v["treeSize"].as_u64().unwrap(),
             &b64(&v["leafHash"]),
             &proof(&v["proof"]),
             &b64(&v["root"]),
-        );
-        let want_err = v["wantErr"].as_bool().unwrap();
-        assert_eq!(got.is_err(), want_err, "{}: {got:?}", f.display());
-        if want_err {
-            bad += 1
-        } else {
-            ok += 1
-        }
-    }
-    assert!(ok >= 5 && bad >= 50, "{ok} good, {bad} bad");
+        )
+        .is_ok()
+    });
 }
 
 #[test]
 fn consistency_vectors() {
-    let Some(d) = dir() else { return };
-    let mut fs = Vec::new();
-    files(&d.join("consistency"), &mut fs);
-    assert!(fs.len() > 50, "only {} consistency vectors found", fs.len());
-    let (mut ok, mut bad) = (0, 0);
-    for f in fs {
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
-        let got = verify_consistency(
+    run("consistency", |v| {
+        verify_consistency(
             v["size1"].as_u64().unwrap(),
             v["size2"].as_u64().unwrap(),
             &proof(&v["proof"]),
             &b64(&v["root1"]),
             &b64(&v["root2"]),
-        );
-        let want_err = v["wantErr"].as_bool().unwrap();
-        assert_eq!(got.is_err(), want_err, "{}: {got:?}", f.display());
-        if want_err {
-            bad += 1
-        } else {
-            ok += 1
-        }
-    }
-    assert!(ok >= 5 && bad >= 50, "{ok} good, {bad} bad");
+        )
+        .is_ok()
+    });
 }

@@ -566,3 +566,42 @@ impl AuditLog {
         self.record(&facts).await
     }
 }
+
+/// A sign-in, second-factor, token or account event.
+#[derive(Debug, Clone)]
+pub struct AuthEvent {
+    pub kind: phylax_audit::event::EventKind,
+    pub action: phylax_audit::event::Action,
+    pub outcome: phylax_audit::event::Outcome,
+    /// Fixed, server-written text (never a username or anything typed).
+    pub detail: String,
+    pub user: Option<phylax_audit::event::UserRef>,
+    pub client: Option<String>,
+    pub ip: Option<std::net::IpAddr>,
+}
+
+impl AuditLog {
+    /// Record an authentication event; `Ok` means durable. Callers fail
+    /// closed: a sign-in whose record cannot be written does not complete.
+    pub async fn record_auth(&self, e: AuthEvent) -> Result<(), AuditError> {
+        let facts = AuditFacts {
+            id: uuid::Uuid::new_v4().to_string(),
+            recorded_ms: crate::now_ms(),
+            kind: e.kind,
+            action: e.action,
+            outcome: e.outcome,
+            outcome_desc: Some(e.detail),
+            user: e.user,
+            client: e.client,
+            ip: e.ip,
+            token_id: None,
+            request_id: crate::error::request_id().unwrap_or_default(),
+            purpose: None,
+            patients: Vec::new(),
+            resources: Vec::new(),
+            query_params: Vec::new(),
+            observer: self.origin.clone(),
+        };
+        self.record(&facts).await
+    }
+}

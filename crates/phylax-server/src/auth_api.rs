@@ -15,6 +15,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use phylax_audit::event::{Action, EventKind, Outcome, UserRef};
 use phylax_auth::assertion::{self, peek_issuer};
 use phylax_auth::pkce::Challenge;
 use phylax_auth::smart::SmartScopes;
@@ -130,8 +131,66 @@ fn oauth_error(e: &AuthError) -> Response {
     r
 }
 
-pub async fn token(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
-    match issue(&st, &h, &body).await {
+pub async fn token(
+    State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let grant = crate::signin::parse_form(&body, crate::signin::MAX_FORM)
+        .ok()
+        .and_then(|f| f.get("grant_type").cloned())
+        .filter(|g| {
+            ["client_credentials", "authorization_code", "refresh_token"].contains(&g.as_str())
+        })
+        .unwrap_or_else(|| "other".into());
+    let result = issue(&st, &h, &body).await;
+    // Record the outcome before answering (fail closed). The subject comes
+    // from the token just issued; a refused request names no client (its
+    // client id is unauthenticated text).
+    let now = crate::now_secs();
+    let (outcome, detail, user, client) = match &result {
+        Ok(v) => {
+            let claims = v["access_token"]
+                .as_str()
+                .and_then(|t| st.tokens.verify(t, now).ok());
+            let user = claims.as_ref().and_then(|c| {
+                c.role.as_ref().map(|r| UserRef {
+                    id: c.sub.clone(),
+                    role: r.clone(),
+                })
+            });
+            (
+                Outcome::Success,
+                format!("token issued ({grant})"),
+                user,
+                claims.map(|c| c.client_id),
+            )
+        }
+        Err(e) => (
+            Outcome::MinorFailure,
+            format!("token refused ({grant}): {}", e.oauth_error()),
+            None,
+            None,
+        ),
+    };
+    let ev = crate::audit::AuthEvent {
+        kind: EventKind::Security("token"),
+        action: Action::Execute,
+        outcome,
+        detail,
+        user,
+        client,
+        ip: ext
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip()),
+    };
+    if let Err(e) = st.audit.record_auth(ev).await {
+        let rid = crate::error::request_id().unwrap_or_default();
+        tracing::error!(request_id = %rid, error = %e, "audit record not written; token withheld");
+        return oauth_error(&unavailable(e));
+    }
+    match result {
         Ok(v) => json_ok(v),
         Err(e) => oauth_error(&e),
     }
@@ -387,6 +446,20 @@ async fn take_single_use<T: serde::de::DeserializeOwned>(
         Taken::Reused(g) => {
             revoke_family(st, &g.family, now).await?;
             tracing::warn!(event, user_id = %g.user_id, "single-use grant replayed; its family is revoked");
+            let role = match st.accounts.load(&g.user_id).await {
+                Ok(Some(u)) => u.rec.role.clone(),
+                _ => "unknown".into(),
+            };
+            let ev = crate::audit::AuthEvent {
+                kind: EventKind::Security("token-replay"),
+                action: Action::Execute,
+                outcome: Outcome::MinorFailure,
+                detail: format!("{event}: a used code or rotated refresh token came back; its grant family is revoked"),
+                user: Some(UserRef { id: g.user_id.clone(), role }),
+                client: None,
+                ip: None,
+            };
+            st.audit.record_auth(ev).await.map_err(unavailable)?;
             Err(AuthError::InvalidGrant("replayed"))
         }
         Taken::Missing => Err(AuthError::InvalidGrant("unknown or expired")),
@@ -466,6 +539,7 @@ pub async fn revoke(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) 
     };
     let now = crate::now_secs();
     let token = f.get("token").map(String::as_str).unwrap_or("");
+    let mut revoked: Option<&'static str> = None;
     if let Ok(Some((g, d))) = st
         .grants
         .get::<RefreshDetails>(Kind::Refresh, token, now)
@@ -475,6 +549,7 @@ pub async fn revoke(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) 
             if let Err(e) = revoke_family(&st, &g.family, now).await {
                 return oauth_error(&e);
             }
+            revoked = Some("refresh token and its grant family revoked");
         }
     } else if let Ok(c) = st.tokens.verify(token, now) {
         if c.client_id == client.id {
@@ -482,6 +557,21 @@ pub async fn revoke(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) 
                 return oauth_error(&unavailable(e));
             }
             st.revoked.write().add("token", &c.jti, now);
+            revoked = Some("access token revoked");
+        }
+    }
+    if let Some(detail) = revoked {
+        let ev = crate::audit::AuthEvent {
+            kind: EventKind::Security("token-revoke"),
+            action: Action::Execute,
+            outcome: Outcome::Success,
+            detail: detail.into(),
+            user: None,
+            client: Some(client.id.clone()),
+            ip: None,
+        };
+        if let Err(e) = st.audit.record_auth(ev).await {
+            return oauth_error(&unavailable(e));
         }
     }
     json_ok(json!({}))

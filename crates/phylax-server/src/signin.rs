@@ -26,6 +26,7 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use phylax_audit::event::{Action, EventKind, Outcome, UserRef};
 use phylax_auth::pkce::Challenge;
 use phylax_auth::smart::{Holder, SmartScopes};
 use phylax_crypto::password::Verified;
@@ -256,6 +257,46 @@ pub(crate) fn parse_form(
         }
     }
     Ok(m)
+}
+
+fn peer_ip(ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+}
+
+/// Record a sign-in or account event in the audit log. Fails closed: when
+/// the record cannot be written the caller answers with this error page
+/// instead of completing the step.
+#[allow(clippy::too_many_arguments)]
+async fn audit_auth(
+    st: &AppState,
+    ext: &axum::http::Extensions,
+    kind: EventKind,
+    action: Action,
+    outcome: Outcome,
+    detail: impl Into<String>,
+    user: Option<&User>,
+    client: Option<&str>,
+) -> Result<(), Response> {
+    let e = crate::audit::AuthEvent {
+        kind,
+        action,
+        outcome,
+        detail: detail.into(),
+        user: user.map(|u| UserRef {
+            id: u.id().to_owned(),
+            role: u.rec.role.clone(),
+        }),
+        client: client.map(str::to_owned),
+        ip: peer_ip(ext),
+    };
+    st.audit.record_auth(e).await.map_err(|e| {
+        let rid = crate::error::request_id().unwrap_or_default();
+        tracing::error!(request_id = %rid, error = %e, "audit record not written; sign-in step refused");
+        error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Sign-in is unavailable right now. Try again in a few minutes.",
+        )
+    })
 }
 
 fn peer(ext: &axum::http::Extensions) -> String {
@@ -527,6 +568,7 @@ async fn take_pending(
 /// GET /auth/authorize
 pub async fn authorize(
     State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
     h: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
@@ -609,7 +651,7 @@ pub async fn authorize(
                             auth_time: Some(s.auth_time),
                             resumed: true,
                         };
-                        return after_sign_in(&st, p, &user, Vec::new(), now).await;
+                        return after_sign_in(&st, &ext, p, &user, Vec::new(), now).await;
                     }
                 }
             }
@@ -717,10 +759,27 @@ pub async fn login(
             let accounts = st.accounts.clone();
             let id = u.id().to_owned();
             let threshold = st.config.auth.lockout_threshold;
+            let audit = st.audit.clone();
+            let ip = peer_ip(&ext);
             tokio::spawn(async move {
                 match accounts.record_failure(&id, threshold, now).await {
                     Ok(u) if u.status() == Some(Status::Locked) => {
                         tracing::warn!(event = "auth.locked", user_id = %id, "account locked after repeated failures");
+                        let e = crate::audit::AuthEvent {
+                            kind: EventKind::Security("lockout"),
+                            action: Action::Update,
+                            outcome: Outcome::Success,
+                            detail: "account locked after repeated failed sign-ins".into(),
+                            user: Some(UserRef {
+                                id: id.clone(),
+                                role: u.rec.role.clone(),
+                            }),
+                            client: None,
+                            ip,
+                        };
+                        if let Err(e) = audit.record_auth(e).await {
+                            tracing::error!(user_id = %id, error = %e, "could not record a lockout in the audit log");
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -736,6 +795,24 @@ pub async fn login(
             peer = %peer(&ext),
             "sign-in refused"
         );
+        if let Err(r) = audit_auth(
+            &st,
+            &ext,
+            EventKind::Login,
+            Action::Execute,
+            Outcome::MinorFailure,
+            if user.is_some() {
+                "password refused"
+            } else {
+                "unknown user or password refused"
+            },
+            user.as_ref(),
+            Some(&p.req.client_id),
+        )
+        .await
+        {
+            return r;
+        }
         return login_again(&st, p, BAD_LOGIN, StatusCode::UNAUTHORIZED, now).await;
     };
     st.throttle.succeed(&acct_key);
@@ -747,7 +824,7 @@ pub async fn login(
     p.user_id = Some(user.id().to_owned());
     p.amr = vec!["pwd".into()];
     p.auth_time = Some(now);
-    second_step(&st, p, &user, now).await
+    second_step(&st, &ext, p, &user, now).await
 }
 
 fn mfa_required(st: &AppState, user: &User) -> bool {
@@ -756,7 +833,13 @@ fn mfa_required(st: &AppState, user: &User) -> bool {
 
 /// After the password: the second factor, enrollment, or (where a role
 /// may go without) straight on.
-async fn second_step(st: &AppState, mut p: Pending, user: &User, now: i64) -> Response {
+async fn second_step(
+    st: &AppState,
+    ext: &axum::http::Extensions,
+    mut p: Pending,
+    user: &User,
+    now: i64,
+) -> Response {
     if user.has_mfa() {
         return mfa_page(st, p, user, None, StatusCode::OK, now).await;
     }
@@ -771,7 +854,7 @@ async fn second_step(st: &AppState, mut p: Pending, user: &User, now: i64) -> Re
         };
         return enrollment_page(st, p, user, &t, None, now).await;
     }
-    after_sign_in(st, p, user, Vec::new(), now).await
+    after_sign_in(st, ext, p, user, Vec::new(), now).await
 }
 
 /// Does this user's role require user verification (PIN, biometric) on
@@ -999,16 +1082,30 @@ async fn second_factor_done(
         Ok(SecondFactor::Totp) => {
             st.throttle.succeed(&acct_key);
             p.amr.push("otp".into());
-            after_sign_in(st, p, user, Vec::new(), now).await
+            after_sign_in(st, ext, p, user, Vec::new(), now).await
         }
         Ok(SecondFactor::Passkey(_)) => {
             st.throttle.succeed(&acct_key);
             p.amr.push("hwk".into());
-            after_sign_in(st, p, user, Vec::new(), now).await
+            after_sign_in(st, ext, p, user, Vec::new(), now).await
         }
         Ok(SecondFactor::Recovery(left)) => {
             st.throttle.succeed(&acct_key);
             tracing::warn!(event = "auth.recovery_code_used", user_id = %uid, remaining = left, "recovery code used");
+            if let Err(r) = audit_auth(
+                st,
+                ext,
+                EventKind::Security("mfa"),
+                Action::Execute,
+                Outcome::Success,
+                format!("recovery code used; {left} left"),
+                Some(user),
+                Some(&p.req.client_id),
+            )
+            .await
+            {
+                return r;
+            }
             p.amr.push("otp".into());
             p.stage = Stage::Continue;
             let (csrf, c) = match new_pending(st, &p, now).await {
@@ -1045,6 +1142,29 @@ async fn second_factor_done(
                 tracing::warn!(event = "auth.passkey_cloned", user_id = %uid, peer = %peer(ext), "passkey signature counter went backwards; the passkey is flagged and refused");
             }
             tracing::info!(event = "auth.failure", stage = "mfa", user_id = %uid, peer = %peer(ext), "second factor refused");
+            let detail = if cloned {
+                "passkey signature counter went backwards: passkey flagged and refused"
+            } else {
+                "second factor refused"
+            };
+            if let Err(r) = audit_auth(
+                st,
+                ext,
+                if cloned {
+                    EventKind::Security("passkey-cloned")
+                } else {
+                    EventKind::Login
+                },
+                Action::Execute,
+                Outcome::MinorFailure,
+                detail,
+                Some(user),
+                Some(&p.req.client_id),
+            )
+            .await
+            {
+                return r;
+            }
             let msg = if wait > 0 {
                 format!("Too many attempts. Wait {wait} seconds and try again.")
             } else if cloned {
@@ -1099,7 +1219,12 @@ async fn take_enroll_stage(
 }
 
 /// POST /auth/mfa/enroll: confirm the authenticator app with a code.
-pub async fn mfa_enroll(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+pub async fn mfa_enroll(
+    State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
     let now = crate::now_secs();
     let (form, mut p, user, secret, _) = match take_enroll_stage(&st, &h, &body, now).await {
         Ok(x) => x,
@@ -1109,6 +1234,20 @@ pub async fn mfa_enroll(State(st): State<Arc<AppState>>, h: HeaderMap, body: Byt
     match st.accounts.enroll_totp(user.id(), &secret, code, now).await {
         Ok(Some(codes)) => {
             tracing::info!(event = "auth.mfa_enrolled", user_id = %user.id(), kind = "totp", "TOTP enrolled");
+            if let Err(r) = audit_auth(
+                &st,
+                &ext,
+                EventKind::Security("mfa"),
+                Action::Create,
+                Outcome::Success,
+                "TOTP enrolled",
+                Some(&user),
+                Some(&p.req.client_id),
+            )
+            .await
+            {
+                return r;
+            }
             p.amr.push("otp".into());
             enrolled_page(&st, p, Some(codes), now).await
         }
@@ -1135,6 +1274,7 @@ pub async fn mfa_enroll(State(st): State<Arc<AppState>>, h: HeaderMap, body: Byt
 /// POST /auth/mfa/enroll-passkey: the new passkey the page's script posts.
 pub async fn mfa_enroll_passkey(
     State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -1163,11 +1303,39 @@ pub async fn mfa_enroll_passkey(
     match result {
         Ok(codes) => {
             tracing::info!(event = "auth.mfa_enrolled", user_id = %user.id(), kind = "passkey", "passkey registered");
+            if let Err(r) = audit_auth(
+                &st,
+                &ext,
+                EventKind::Security("mfa"),
+                Action::Create,
+                Outcome::Success,
+                "passkey registered",
+                Some(&user),
+                Some(&p.req.client_id),
+            )
+            .await
+            {
+                return r;
+            }
             p.amr.push("hwk".into());
             enrolled_page(&st, p, codes, now).await
         }
         Err(e) => {
             tracing::info!(event = "auth.failure", stage = "passkey-registration", user_id = %user.id(), reason = %e, "passkey registration refused");
+            if let Err(r) = audit_auth(
+                &st,
+                &ext,
+                EventKind::Security("mfa"),
+                Action::Create,
+                Outcome::MinorFailure,
+                "passkey registration refused",
+                Some(&user),
+                Some(&p.req.client_id),
+            )
+            .await
+            {
+                return r;
+            }
             let Some(t) = Accounts::totp_from_b64(&secret) else {
                 return internal("enrollment secret unreadable");
             };
@@ -1182,7 +1350,12 @@ pub async fn mfa_enroll_passkey(
 }
 
 /// POST /auth/continue (after recovery codes were shown or one was used)
-pub async fn proceed(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+pub async fn proceed(
+    State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
     let now = crate::now_secs();
     let form = match params(&body) {
         Ok(f) => f,
@@ -1203,13 +1376,14 @@ pub async fn proceed(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes)
         Ok(_) => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
         Err(e) => return internal(e),
     };
-    after_sign_in(&st, p, &user, Vec::new(), now).await
+    after_sign_in(&st, &ext, p, &user, Vec::new(), now).await
 }
 
 /// The user is authenticated (this request or an existing session): make
 /// the session, then consent or the code.
 async fn after_sign_in(
     st: &AppState,
+    ext: &axum::http::Extensions,
     mut p: Pending,
     user: &User,
     mut cookies: Vec<String>,
@@ -1248,6 +1422,20 @@ async fn after_sign_in(
             Err(e) => return internal(e),
         }
         tracing::info!(event = "auth.sign_in", user_id = %user.id(), amr = %p.amr.join(" "), "signed in");
+        if let Err(r) = audit_auth(
+            st,
+            ext,
+            EventKind::Login,
+            Action::Execute,
+            Outcome::Success,
+            format!("signed in (amr {})", p.amr.join(" ")),
+            Some(user),
+            Some(&p.req.client_id),
+        )
+        .await
+        {
+            return r;
+        }
     }
     cookies.push(clear_cookie(PENDING_COOKIE));
     let client = match st.store.get_client(&p.req.client_id).await {
@@ -1541,6 +1729,7 @@ fn recent_mfa(st: &AppState, s: &Session, now: i64) -> bool {
 /// POST /auth/account/passkeys: add, rename or remove a passkey.
 pub async fn account_passkeys(
     State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -1605,6 +1794,29 @@ pub async fn account_passkeys(
         }
         _ => Err(AccountError::NoSuchPasskey),
     };
+    if result.is_ok() {
+        let change = match get("action") {
+            "remove" => Some((Action::Delete, "passkey removed")),
+            "add" => Some((Action::Create, "passkey added")),
+            _ => None,
+        };
+        if let Some((action, detail)) = change {
+            if let Err(r) = audit_auth(
+                &st,
+                &ext,
+                EventKind::Security("mfa"),
+                action,
+                Outcome::Success,
+                detail,
+                Some(&user),
+                None,
+            )
+            .await
+            {
+                return r;
+            }
+        }
+    }
     let msg = match result {
         Ok(m) => m,
         Err(e @ (AccountError::Store(_) | AccountError::Keys(_) | AccountError::Crypto(_))) => {
@@ -1617,15 +1829,44 @@ pub async fn account_passkeys(
 }
 
 /// POST /auth/logout: ends the browser session.
-pub async fn logout(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+pub async fn logout(
+    State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
+    h: HeaderMap,
+    body: Bytes,
+) -> Response {
     let form = params(&body).unwrap_or_default();
     if let Some(s) = get_cookie(&h, SESSION_COOKIE) {
         let csrf = form.get("csrf").map(String::as_str).unwrap_or("");
         if !st.grants.csrf_ok(s, csrf) {
             return error_page(StatusCode::FORBIDDEN, "The form could not be verified.");
         }
+        let who = match st
+            .grants
+            .get::<Session>(Kind::Session, s, crate::now_secs())
+            .await
+        {
+            Ok(Some((g, _))) => st.accounts.load(&g.user_id).await.ok().flatten(),
+            _ => None,
+        };
         if let Err(e) = st.grants.delete(Kind::Session, s).await {
             return internal(e);
+        }
+        if let Some(u) = &who {
+            if let Err(r) = audit_auth(
+                &st,
+                &ext,
+                EventKind::Logout,
+                Action::Execute,
+                Outcome::Success,
+                "signed out",
+                Some(u),
+                None,
+            )
+            .await
+            {
+                return r;
+            }
         }
     }
     let mut page = Page::new(
@@ -1673,7 +1914,11 @@ pub async fn enroll_page(RawQuery(q): RawQuery) -> Response {
 }
 
 /// POST /auth/enroll
-pub async fn enroll_submit(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn enroll_submit(
+    State(st): State<Arc<AppState>>,
+    ext: axum::http::Extensions,
+    body: Bytes,
+) -> Response {
     let now = crate::now_secs();
     let form = match params(&body) {
         Ok(f) => f,
@@ -1692,6 +1937,20 @@ pub async fn enroll_submit(State(st): State<Arc<AppState>>, body: Bytes) -> Resp
     match st.accounts.enroll(token, pw, now).await {
         Ok(u) => {
             tracing::info!(event = "auth.enrolled", user_id = %u.id(), "password set from enrollment link");
+            if let Err(r) = audit_auth(
+                &st,
+                &ext,
+                EventKind::Security("user"),
+                Action::Update,
+                Outcome::Success,
+                "password set from an enrollment link",
+                Some(&u),
+                None,
+            )
+            .await
+            {
+                return r;
+            }
             Page::new(
                 StatusCode::OK,
                 "Password set",

@@ -342,6 +342,11 @@ async fn an_unwritable_audit_log_fails_closed(s: &TestServer) {
     let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": {"resourceType": "Patient", "name": [{"family": "Unrecorded"}]}, "request": {"method": "POST", "url": "Patient"}}]});
     assert_eq!(send(s, &tok, M::POST, "", Some(&tx)).await.0, 503);
+    // No token is issued without its record either.
+    let (id, key) = s.register(ALL).await;
+    let (st, v) = s.token_request(&s.assertion(&id, &key), ALL).await;
+    assert_ne!(st, 200);
+    assert!(v.get("access_token").is_none(), "{v}");
     mend_audit(s).await;
     let (_, b) = send(s, &tok, M::GET, "/Patient?family=Unrecorded", None).await;
     assert!(

@@ -327,6 +327,32 @@ fn now() -> i64 {
 
 /// The next 30-second step's start, so a test can use a code that was not
 /// used yet.
+/// The audit log's records as (subtype, outcome, AuditEvent), newest first.
+async fn audit_events(s: &TestServer) -> Vec<(String, String, Value)> {
+    let rows = s
+        .state
+        .store
+        .audit_search(&phylax_store::AuditQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            (
+                r.subtype.clone(),
+                r.outcome.clone(),
+                s.state.audit.open_row(r).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn has_event(evs: &[(String, String, Value)], subtype: &str, outcome: &str) -> bool {
+    evs.iter().any(|(st, o, _)| st == subtype && o == outcome)
+}
+
 async fn next_step() -> i64 {
     let t = now();
     let wait = 30 - t % 30;
@@ -791,6 +817,34 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
         }
     }
 
+    // --- Every step is in the audit log, with no secret or name in it.
+    let evs = audit_events(s).await;
+    for (sub, out) in [
+        ("login", "0"),
+        ("login", "4"),
+        ("mfa", "0"),
+        ("token", "0"),
+        ("token", "4"),
+        ("token-replay", "4"),
+    ] {
+        assert!(has_event(&evs, sub, out), "no {sub}/{out} record");
+    }
+    let login = evs
+        .iter()
+        .find(|(st, o, _)| st == "login" && o == "0")
+        .unwrap();
+    assert_eq!(login.2["type"]["code"], "110114");
+    assert!(login.2["outcomeDesc"].as_str().unwrap().contains("otp"));
+    assert_eq!(
+        login.2["agent"][0]["role"][0]["coding"][0]["code"],
+        "clinician"
+    );
+    let text = serde_json::to_string(&evs.iter().map(|e| &e.2).collect::<Vec<_>>()).unwrap();
+    assert!(
+        !text.contains(PASSWORD) && !text.contains("dr.grey"),
+        "secret or username in the log"
+    );
+
     // --- An idle session no longer signs anyone in.
     let sess = b.jar["__Host-phylax-session"].clone();
     let h = s.state.grants.hash(Kind::Session, &sess);
@@ -955,6 +1009,18 @@ async fn lockout_body(s: &TestServer) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(locked, "locked after three failures");
+    // The lockout is recorded (after the failure's response, in the
+    // background), as are the failed sign-ins.
+    let mut recorded = false;
+    for _ in 0..50 {
+        if has_event(&audit_events(s).await, "lockout", "0") {
+            recorded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recorded, "lockout audited");
+    assert!(has_event(&audit_events(s).await, "login", "4"));
     let r = b
         .post(
             "/auth/login",
@@ -1103,6 +1169,23 @@ async fn patient_launch_body(s: &TestServer) {
     );
     let at = v["access_token"].as_str().unwrap();
     assert_eq!(claims(at)["acr"], "urn:phylax:acr:pwd");
+    // "Who looked at my record": the patient's own access log, without
+    // the staff's network details; not another patient's.
+    let r = s
+        .http
+        .get(s.url("/Patient/pat-1/$access-log"))
+        .bearer_auth(at)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let log: Value = r.json().await.unwrap();
+    assert!(!log["entry"].as_array().unwrap().is_empty(), "{log}");
+    assert!(
+        !log.to_string().contains("\"network\""),
+        "forensic fields stripped"
+    );
+    assert_eq!(fhir_get(s, at, "/Patient/pat-2/$access-log").await, 403);
     // The id_token verifies against the published JWKS (an independent
     // JWT library), for this app, with the nonce and fhirUser.
     let idt = verify_id_token(s, v["id_token"].as_str().unwrap(), &app).await;
@@ -1447,6 +1530,10 @@ async fn revocation_and_introspection(s: &TestServer) {
         fhir_get(s, &uat, "/Patient/p5").await,
         401,
         "the family's access token too"
+    );
+    assert!(
+        has_event(&audit_events(s).await, "token-revoke", "0"),
+        "revocation audited"
     );
 }
 

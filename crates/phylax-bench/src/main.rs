@@ -70,6 +70,14 @@ struct Args {
     /// does not land inside the first measurement.
     #[arg(long, default_value_t = 0)]
     settle: u64,
+    /// Measure without recording reads in the audit log (writes still
+    /// record theirs), to compare with the default audited run. Only the
+    /// benchmark can do this.
+    #[arg(long)]
+    danger_no_audit: bool,
+    /// The audit log's sealing interval (`[audit] checkpoint_secs`).
+    #[arg(long, default_value_t = 10)]
+    checkpoint_secs: u64,
 }
 
 struct Env {
@@ -155,6 +163,8 @@ fn fsync_rate() -> Result<f64> {
 
 async fn setup(
     db: Option<&str>,
+    no_audit: bool,
+    checkpoint_secs: u64,
 ) -> Result<(Env, tempfile::TempDir, tokio::sync::oneshot::Sender<()>)> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
@@ -169,6 +179,9 @@ async fn setup(
         tls_names: vec![],
     })
     .await?;
+    let mut cfg = phylax_server::config::Config::load(&data)?;
+    cfg.audit.checkpoint_secs = checkpoint_secs;
+    cfg.save(&data)?;
     let inst = Instance::open(&data, db).await?;
     let tls = phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key)?;
     let ca = std::fs::read(inst.ca_path())?;
@@ -190,6 +203,9 @@ async fn setup(
     let st = AppState::new(inst)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    if no_audit {
+        st.audit.danger_disable_for_benchmark();
+    }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let _ = serve(st, listener, Some(tls), async {
@@ -489,7 +505,12 @@ async fn main() -> Result<()> {
             .init();
     }
     let fsync = fsync_rate()?;
-    let (env, _dir, _stop) = setup(args.database_url.as_deref()).await?;
+    let (env, _dir, _stop) = setup(
+        args.database_url.as_deref(),
+        args.danger_no_audit,
+        args.checkpoint_secs,
+    )
+    .await?;
     let env = Arc::new(env);
     let mut ids = Vec::with_capacity(args.preload);
     for i in 0..args.preload {

@@ -34,7 +34,7 @@ pub const AUDIT_SCOPE: &str = "audit";
 /// Records per group commit.
 const BATCH_MAX: usize = 512;
 /// Records per checkpoint at most (a backlog is sealed over several).
-const SEAL_MAX: u32 = 50_000;
+const SEAL_MAX: u32 = 20_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -65,6 +65,11 @@ pub struct AuditLog {
     /// The sealer's view of the tree (guarded: one sealing pass at a time
     /// per node; nodes arbitrate in the database).
     frontier: tokio::sync::Mutex<Option<Frontier>>,
+    /// Set only by the benchmark to measure what auditing costs; nothing
+    /// in the configuration or the CLI can reach it.
+    danger_off: std::sync::atomic::AtomicBool,
+    /// Whether the last sealing pass took a full `SEAL_MAX` batch.
+    full: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -77,6 +82,14 @@ impl std::fmt::Debug for AuditLog {
 
 fn aad(event_id: &str) -> Vec<u8> {
     format!("phylax/audit/v1\0{event_id}").into_bytes()
+}
+
+/// A new AuditEvent id: a UUIDv7, time-ordered so that the log's unique
+/// index on ids grows at its end (a random id dirtied a different index
+/// page per record), with 74 random bits. It reveals the record's time,
+/// which the record states anyway.
+pub fn new_event_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// Keyed hash of a patient id, as stored beside records.
@@ -119,7 +132,18 @@ impl AuditLog {
             tx,
             checkpoint_file,
             frontier: tokio::sync::Mutex::new(None),
+            danger_off: std::sync::atomic::AtomicBool::new(false),
+            full: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// **Benchmarks only**: stop recording reads, searches and security
+    /// events (writes still commit their records), to measure what
+    /// auditing costs. A server must never run like this; it is not
+    /// reachable from phylax.toml or the CLI.
+    pub fn danger_disable_for_benchmark(&self) {
+        self.danger_off
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The log's name in checkpoints (`phylax/<instance id>`).
@@ -164,6 +188,9 @@ impl AuditLog {
     /// Commit one record (group-committed with concurrent ones). `Ok` means
     /// durable.
     pub async fn record(&self, facts: &AuditFacts) -> Result<(), AuditError> {
+        if self.danger_off.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let row = self.draft(facts)?;
         let (tx, rx) = oneshot::channel();
         self.tx
@@ -254,6 +281,10 @@ impl AuditLog {
                 )));
             }
         }
+        self.full.store(
+            pending.len() as u32 >= SEAL_MAX,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let first = f.size();
         let mut next = f.clone();
         let mut ids = Vec::with_capacity(pending.len());
@@ -273,7 +304,17 @@ impl AuditLog {
             time: cp.time_ms,
             note: note.clone(),
         };
-        if self.store.audit_seal(first, ids, row).await? {
+        let t0 = std::time::Instant::now();
+        let sealed_ok = self.store.audit_seal(first, ids, row).await?;
+        tracing::info!(
+            event = "audit.sealed",
+            size = cp.size,
+            added = pending.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            ok = sealed_ok,
+            "audit records sealed"
+        );
+        if sealed_ok {
             *guard = Some(next);
             drop(guard);
             self.publish(&note);
@@ -283,6 +324,10 @@ impl AuditLog {
             *guard = Some(f);
             Ok(None)
         }
+    }
+
+    fn last_batch_full(&self) -> bool {
+        self.full.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Keep a copy of the newest checkpoint outside the database (written
@@ -306,7 +351,13 @@ impl AuditLog {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(log) = log.upgrade() else { return };
-                match log.seal_pending().await {
+                // A full batch means a backlog: keep sealing (each pass is
+                // its own short transaction and checkpoint).
+                let mut res = log.seal_pending().await;
+                while matches!(&res, Ok(Some(_))) && log.last_batch_full() {
+                    res = log.seal_pending().await;
+                }
+                match res {
                     Ok(_) => {}
                     Err(AuditError::Integrity(what)) => {
                         tracing::error!(event = "audit.verification_failed", what = %what,
@@ -546,7 +597,7 @@ impl AuditLog {
     ) -> Result<(), AuditError> {
         use phylax_audit::event::{EventKind, Outcome};
         let facts = AuditFacts {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: crate::audit::new_event_id(),
             recorded_ms: crate::now_ms(),
             kind: EventKind::Security(what),
             action,
@@ -585,7 +636,7 @@ impl AuditLog {
     /// closed: a sign-in whose record cannot be written does not complete.
     pub async fn record_auth(&self, e: AuthEvent) -> Result<(), AuditError> {
         let facts = AuditFacts {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: crate::audit::new_event_id(),
             recorded_ms: crate::now_ms(),
             kind: e.kind,
             action: e.action,

@@ -113,7 +113,7 @@ fn facts(
         None => None,
     };
     AuditFacts {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: crate::audit::new_event_id(),
         recorded_ms: crate::now_ms(),
         kind: EventKind::Rest(code),
         action: Action::for_rest(code),

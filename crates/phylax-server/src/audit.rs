@@ -202,6 +202,21 @@ impl AuditLog {
             .map_err(AuditError::Unavailable)
     }
 
+    pub(crate) fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    /// A stored record's AuditEvent JSON, exactly the bytes its leaf hash
+    /// covers, after the same checks as [`AuditLog::open_row`].
+    pub fn leaf_bytes(&self, row: &AuditRow) -> Result<Vec<u8>, AuditError> {
+        self.open_row(row)?;
+        self.key
+            .open(&aad(&row.event_id), &row.sealed)
+            .map_err(|_| {
+                AuditError::Integrity(format!("record {} fails its integrity check", row.event_id))
+            })
+    }
+
     /// Open a stored record: decrypt, check it hashes to its leaf and that
     /// the searchable columns agree with it. Any mismatch is tampering.
     pub fn open_row(&self, row: &AuditRow) -> Result<Value, AuditError> {

@@ -173,6 +173,12 @@ pub struct AuditConfig {
     /// How long records are kept, at least (days; default six years, the
     /// HIPAA documentation retention). Nothing is deleted before.
     pub retention_days: u32,
+    /// Stream sealed records here as JSON lines, for a SIEM (on one node).
+    pub export_file: Option<PathBuf>,
+    /// Rotate the export file past this size.
+    pub export_max_bytes: u64,
+    /// Rotated export files to keep.
+    pub export_keep: usize,
 }
 
 impl Default for AuditConfig {
@@ -181,6 +187,9 @@ impl Default for AuditConfig {
             checkpoint_secs: 10,
             checkpoint_file: None,
             retention_days: 6 * 365,
+            export_file: None,
+            export_max_bytes: 100 * 1024 * 1024,
+            export_keep: 10,
         }
     }
 }
@@ -287,6 +296,9 @@ impl Config {
         }
         if !(1..=300).contains(&self.audit.checkpoint_secs) {
             return Err("audit.checkpoint_secs must be between 1 and 300".into());
+        }
+        if self.audit.export_max_bytes < 4096 {
+            return Err("audit.export_max_bytes must be at least 4096".into());
         }
         if self.audit.retention_days < 365 {
             return Err("audit.retention_days must be at least 365".into());

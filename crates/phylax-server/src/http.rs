@@ -40,6 +40,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct AppState {
     pub config: Config,
+    /// The instance's data directory (relative paths in the config).
+    pub data_dir: std::path::PathBuf,
     pub fhir_base: String,
     pub repo: Repo,
     pub store: DynStore,
@@ -85,6 +87,7 @@ impl AppState {
             blind_key,
             auth_key,
             audit,
+            data_dir,
             ..
         } = inst;
         let grants = Grants::new(store.clone(), keys.clone(), auth_key);
@@ -130,6 +133,7 @@ impl AppState {
             passkeys,
             roles,
             config,
+            data_dir,
         });
         st.refresh_disabled()
             .await
@@ -164,6 +168,19 @@ impl AppState {
         Ok(())
     }
 
+    /// Where the audit log is exported, if configured (relative paths are
+    /// under the data directory).
+    pub fn export_config(&self) -> Option<crate::audit_export::ExportConfig> {
+        let a = &self.config.audit;
+        a.export_file
+            .as_ref()
+            .map(|f| crate::audit_export::ExportConfig {
+                file: self.data_dir.join(f),
+                max_bytes: a.export_max_bytes,
+                keep: a.export_keep,
+            })
+    }
+
     /// The key that signs new `id_token`s.
     pub fn current_signing_key(&self) -> Option<Arc<SigningKey>> {
         self.signing.read().last().cloned()
@@ -173,6 +190,9 @@ impl AppState {
     pub fn spawn_background(self: &Arc<Self>) {
         self.audit
             .spawn_sealer(Duration::from_secs(self.config.audit.checkpoint_secs));
+        if let Some(cfg) = self.export_config() {
+            self.audit.spawn_exporter(cfg, Duration::from_secs(2));
+        }
         let st = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

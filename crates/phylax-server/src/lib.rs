@@ -16,7 +16,8 @@
 //! - [`search`]: search index entries on write (keyed blind hashes) and
 //!   search parameters turned into store conditions on read.
 //! - [`audit`]: the audit log service: sealed AuditEvents, group commit,
-//!   the Merkle sealer and its signed checkpoints.
+//!   the Merkle sealer and its signed checkpoints; [`audit_export`]: the
+//!   log as JSON lines for a SIEM.
 //! - [`pipeline`]: the one place every FHIR interaction passes: who is
 //!   asking (authentication), may they (the policy decision), and the audit
 //!   record of what happened.
@@ -35,6 +36,7 @@
 pub mod accounts;
 pub mod audit;
 pub mod audit_api;
+pub mod audit_export;
 pub mod auth_api;
 pub mod bundle;
 pub mod capability;

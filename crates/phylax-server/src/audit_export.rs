@@ -1,0 +1,148 @@
+//! Streaming the audit log to a SIEM as JSON lines.
+//!
+//! The exporter follows the Merkle tree, not arrival order: sealed records
+//! have fixed positions on every backend (on PostgreSQL a record with a
+//! lower id can commit after a higher one, so "id > last seen" could skip
+//! it). Each line is a record's AuditEvent JSON, byte for byte the leaf the
+//! checkpoints sign, so the SIEM can prove any line is in the log.
+//!
+//! Delivery is at least once: lines are appended and fsynced, then the next
+//! position is saved (`FILE.pos`, written and renamed). A crash between the
+//! two repeats some lines on restart; a SIEM deduplicates by AuditEvent id.
+//! Nothing is lost while the exporter is stopped: it resumes from its
+//! position. When the file passes `export_max_bytes` it is renamed to
+//! `FILE.<unix ms>` and a new one started; the newest `export_keep` rotated
+//! files are kept (the database keeps everything regardless).
+//!
+//! Configure it on one node: every node with `export_file` set exports the
+//! whole log to its own file.
+
+use crate::audit::{AuditError, AuditLog};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Records per pass.
+const PASS: u32 = 5_000;
+
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub file: PathBuf,
+    pub max_bytes: u64,
+    pub keep: usize,
+}
+
+fn pos_path(file: &Path) -> PathBuf {
+    let mut p = file.as_os_str().to_owned();
+    p.push(".pos");
+    PathBuf::from(p)
+}
+
+fn read_pos(file: &Path) -> u64 {
+    std::fs::read_to_string(pos_path(file))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn write_pos(file: &Path, pos: u64) -> std::io::Result<()> {
+    let p = pos_path(file);
+    let tmp = p.with_extension("pos.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{pos}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &p)
+}
+
+fn io(e: std::io::Error) -> AuditError {
+    AuditError::Unavailable(format!("audit export: {e}"))
+}
+
+/// Rotate `file` if it is over the limit; drop rotated files beyond `keep`.
+fn rotate(cfg: &ExportConfig) -> std::io::Result<()> {
+    let size = std::fs::metadata(&cfg.file).map(|m| m.len()).unwrap_or(0);
+    if size < cfg.max_bytes {
+        return Ok(());
+    }
+    let mut rotated = cfg.file.as_os_str().to_owned();
+    rotated.push(format!(".{}", crate::now_ms()));
+    std::fs::rename(&cfg.file, PathBuf::from(rotated))?;
+    let (Some(dir), Some(name)) = (cfg.file.parent(), cfg.file.file_name()) else {
+        return Ok(());
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let mut old: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let stamp = n.strip_prefix(&prefix)?.parse::<u64>().ok()?;
+            Some((stamp, e.path()))
+        })
+        .collect();
+    old.sort();
+    while old.len() > cfg.keep {
+        let (_, p) = old.remove(0);
+        std::fs::remove_file(p)?;
+    }
+    Ok(())
+}
+
+impl AuditLog {
+    /// Append every sealed record past the saved position to the export
+    /// file. Returns how many lines were written. Each record is checked
+    /// (`open_row`) before it leaves: a tampered record stops the export.
+    pub async fn export_pass(&self, cfg: &ExportConfig) -> Result<u64, AuditError> {
+        let mut pos = read_pos(&cfg.file);
+        let mut written = 0;
+        loop {
+            let rows = self.store().audit_by_index(pos, PASS).await?;
+            if rows.is_empty() {
+                return Ok(written);
+            }
+            let mut buf = Vec::with_capacity(rows.len() * 2048);
+            for r in &rows {
+                if r.leaf_index != Some(pos) {
+                    return Err(AuditError::Integrity(format!(
+                        "tree position {pos} is missing"
+                    )));
+                }
+                buf.extend(self.leaf_bytes(r)?);
+                buf.push(b'\n');
+                pos += 1;
+            }
+            let file = cfg.file.clone();
+            let cfg2 = cfg.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                rotate(&cfg2)?;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&file)?;
+                f.write_all(&buf)?;
+                f.sync_all()?;
+                write_pos(&file, pos)
+            })
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?
+            .map_err(io)?;
+            written += rows.len() as u64;
+        }
+    }
+
+    /// Export every few seconds until the process ends.
+    pub fn spawn_exporter(self: &Arc<Self>, cfg: ExportConfig, every: std::time::Duration) {
+        let log = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(log) = log.upgrade() else { return };
+                if let Err(e) = log.export_pass(&cfg).await {
+                    tracing::error!(event = "audit.export_failed", error = %e,
+                        "audit export stalled; it resumes from its saved position");
+                }
+            }
+        });
+    }
+}

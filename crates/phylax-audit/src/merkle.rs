@@ -28,6 +28,11 @@ fn to_hash(b: &[u8]) -> Hash {
     h
 }
 
+/// Plain SHA-256.
+pub fn sha256(data: &[u8]) -> Hash {
+    to_hash(digest(&SHA256, data).as_ref())
+}
+
 /// The hash of a leaf's data.
 pub fn leaf_hash(data: &[u8]) -> Hash {
     let mut c = Context::new(&SHA256);

@@ -168,7 +168,10 @@ pub async fn token(
             )
         }
         Err(e) => (
-            Outcome::MinorFailure,
+            {
+                st.metrics.auth_failure("token");
+                Outcome::MinorFailure
+            },
             format!("token refused ({grant}): {}", e.oauth_error()),
             None,
             None,

@@ -30,6 +30,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Custom roles, in addition to the built-in ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<RoleConfig>,
@@ -157,6 +159,15 @@ impl Default for AuthConfig {
             argon2_parallelism: 1,
         }
     }
+}
+
+/// `GET /metrics` (docs/OPERATIONS.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// SHA-256 (hex) of the bearer token scrapers send; unset: `/metrics`
+    /// answers 404.
+    pub token_sha256: Option<String>,
 }
 
 /// The audit log (docs/AUDIT.md).
@@ -296,6 +307,16 @@ impl Config {
         }
         if !(1..=300).contains(&self.audit.checkpoint_secs) {
             return Err("audit.checkpoint_secs must be between 1 and 300".into());
+        }
+        if self
+            .metrics
+            .token_sha256
+            .as_deref()
+            .is_some_and(|h| h.len() != 64 || hex::decode(h).is_err())
+        {
+            return Err(
+                "metrics.token_sha256 must be 64 hex digits (sha256sum of the token)".into(),
+            );
         }
         if self.audit.export_max_bytes < 4096 {
             return Err("audit.export_max_bytes must be at least 4096".into());

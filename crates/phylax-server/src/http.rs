@@ -68,6 +68,8 @@ pub struct AppState {
     pub passkeys: phylax_auth::passkey::RelyingParty,
     /// Built-in and configured roles.
     pub roles: Arc<phylax_auth::roles::Roles>,
+    /// Counters for `GET /metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// How often the disabled-client list is refreshed.
@@ -134,6 +136,7 @@ impl AppState {
             roles,
             config,
             data_dir,
+            metrics: Default::default(),
         });
         st.refresh_disabled()
             .await
@@ -257,6 +260,7 @@ pub fn router(st: Arc<AppState>) -> Router {
             "/.well-known/smart-configuration",
             get(auth_api::smart_config),
         )
+        .route("/metrics", get(crate::metrics::metrics))
         .route("/auth/token", post(auth_api::token))
         .route("/auth/revoke", post(auth_api::revoke))
         .route("/auth/jwks", get(auth_api::jwks))

@@ -257,6 +257,7 @@ impl Instance {
             log: Default::default(),
             roles: Vec::new(),
             audit: Default::default(),
+            metrics: Default::default(),
         };
         let url = database_url(&data_dir, backend, opts.database_url.as_deref())?;
         let store = phylax_store::open(&url).await?;

@@ -30,6 +30,7 @@
 //!   [`signin`] (the server-rendered sign-in, MFA, enrollment and consent
 //!   pages of the authorization endpoint), [`capability`]: the HTTP handlers.
 //! - [`http`]: router and middleware (request ids, security headers, CORS).
+//! - [`metrics`]: `GET /metrics` in Prometheus text format, no PHI in labels.
 //! - [`logging`]: the log filter, with PHI-prone dependency targets capped.
 //! - [`tls`]: rustls configuration and certificate generation; the accept loop.
 
@@ -48,6 +49,7 @@ pub mod http;
 pub mod instance;
 pub mod keyring;
 pub mod logging;
+pub mod metrics;
 pub mod pipeline;
 pub mod repo;
 pub mod revocations;

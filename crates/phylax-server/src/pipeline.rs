@@ -201,6 +201,7 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<Response, ApiError>>,
 {
+    let started = std::time::Instant::now();
     let decision = decide_instance(&ctx.principal, what, rtype.map(ResourceType::as_str), id);
     let (result, denied_by) = match decision {
         Decision::Allow => (work().await, None),
@@ -216,10 +217,17 @@ where
         .and_then(|r| r.extensions().get::<AuditRefs>())
         .cloned()
         .unwrap_or_default();
+    // Counted when the answer is known (after its audit record below, the
+    // histogram includes the audit wait for reads).
+    let count = |status: u16| {
+        st.metrics
+            .request(what.as_str(), status, started.elapsed().as_secs_f64())
+    };
     if result
         .as_ref()
         .is_ok_and(|r| r.extensions().get::<AuditCommitted>().is_some())
     {
+        count(status);
         // The record went into the write's own transaction.
         return match result {
             Ok(r) => r,
@@ -236,8 +244,10 @@ where
     }
     if let Err(e) = record(st, ctx, what.as_str(), refs, status, denied_by).await {
         // Fail closed: whatever the work produced is dropped unsent.
+        count(503);
         return e.into_response();
     }
+    count(status);
     match result {
         Ok(r) => r,
         Err(e) => e.into_response(),

@@ -277,6 +277,13 @@ async fn audit_auth(
     user: Option<&User>,
     client: Option<&str>,
 ) -> Result<(), Response> {
+    if outcome != Outcome::Success {
+        st.metrics.auth_failure(match kind {
+            EventKind::Login => "login",
+            EventKind::Security("mfa") => "mfa",
+            _ => "other",
+        });
+    }
     let e = crate::audit::AuthEvent {
         kind,
         action,

@@ -508,3 +508,65 @@ async fn export_streams_verifiable_json_lines() {
         rotated.len()
     );
 }
+
+/// `/metrics`: off unless a token hash is configured; then only for that
+/// token; counters by interaction and status, audit and key gauges, and
+/// no patient or user ids anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_protected_and_free_of_ids() {
+    let token = "scrape-token-for-tests-only-0123456789";
+    let hash = phylax_audit::merkle::sha256(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.metrics.token_sha256 = Some(hash);
+    })
+    .await
+    .unwrap();
+    let tok = s.token(ALL).await;
+    let (pid, oid) = some_traffic(&s, &tok).await;
+    // A refused token request counts as an authentication failure.
+    let (id, _) = s.register(ALL).await;
+    let other = phylax_auth::client_key::generate().unwrap();
+    let (st, _) = s
+        .token_request(&s.assertion(&id, other.private_pem.expose()), ALL)
+        .await;
+    assert_eq!(st, 401);
+    s.state.audit.seal_pending().await.unwrap();
+    let url = format!("{}/metrics", s.base);
+    let r = s.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s.http.get(&url).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s.http.get(&url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let body = r.text().await.unwrap();
+    for want in [
+        "phylax_requests_total{interaction=\"read\",status=\"200\"} 1",
+        "phylax_requests_total{interaction=\"create\",status=\"201\"} 2",
+        "phylax_request_duration_seconds_bucket{interaction=\"search-type\",le=\"+Inf\"} 2",
+        "phylax_auth_failures_total{kind=\"token\"} 1",
+        "phylax_audit_records{state=\"sealed\"}",
+        "phylax_audit_checkpoint_age_seconds",
+        "phylax_key_age_seconds{purpose=\"checkpoint\"}",
+        "phylax_key_age_seconds{purpose=\"id_token_signing\"}",
+    ] {
+        assert!(body.contains(want), "{want} missing:\n{body}");
+    }
+    assert!(!body.contains(&pid) && !body.contains(&oid) && !body.contains(FAMILY));
+    // Without a configured token the endpoint does not exist.
+    let plain = TestServer::start(common::Backend::Sqlite).await.unwrap();
+    let r = plain
+        .http
+        .get(format!("{}/metrics", plain.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}

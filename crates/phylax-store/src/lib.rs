@@ -286,6 +286,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now: i64,
     ) -> Result<Vec<u8>>;
 
+    /// When a wrapped key was stored (seconds), for key-age metrics.
+    async fn wrapped_key_created(&self, scope: &str) -> Result<Option<i64>>;
+
     /// Append a version if the precondition holds, atomically updating the
     /// current pointer. Returns the global sequence number.
     /// The audit records are appended in the same transaction: the write

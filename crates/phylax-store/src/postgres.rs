@@ -420,6 +420,17 @@ impl Store for PgStore {
         Ok(row.get(0))
     }
 
+    async fn wrapped_key_created(&self, scope: &str) -> Result<Option<i64>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        Ok(c.query_opt(
+            "SELECT created_at FROM wrapped_keys WHERE scope = $1",
+            &[&scope],
+        )
+        .await
+        .map_err(pg)?
+        .map(|r| r.get(0)))
+    }
+
     async fn append_version(
         &self,
         v: NewVersion,

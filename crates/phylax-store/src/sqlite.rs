@@ -361,6 +361,20 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn wrapped_key_created(&self, scope: &str) -> Result<Option<i64>> {
+        let scope = scope.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT created_at FROM wrapped_keys WHERE scope = ?1",
+                params![scope],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn append_version(
         &self,
         v: NewVersion,

@@ -33,6 +33,15 @@ impl MacKey {
         Ok(MacKey::from_secret(&secret))
     }
 
+    /// A key shared with someone else (a webhook receiver's secret, read
+    /// from a 0600 file). At least 32 bytes.
+    pub fn shared(secret: &Secret) -> Result<MacKey, CryptoError> {
+        if secret.len() < 32 {
+            return Err(CryptoError::MalformedKey);
+        }
+        Ok(MacKey::from_secret(secret))
+    }
+
     fn from_secret(secret: &Secret) -> MacKey {
         MacKey {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret.expose()),

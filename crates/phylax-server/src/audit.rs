@@ -68,6 +68,8 @@ pub struct AuditLog {
     /// Set only by the benchmark to measure what auditing costs; nothing
     /// in the configuration or the CLI can reach it.
     danger_off: std::sync::atomic::AtomicBool,
+    /// The detector every committed record is shown to (set at start).
+    detector: std::sync::OnceLock<Arc<crate::detect::Detector>>,
     /// Whether the last sealing pass took a full `SEAL_MAX` batch.
     full: std::sync::atomic::AtomicBool,
 }
@@ -134,6 +136,7 @@ impl AuditLog {
             frontier: tokio::sync::Mutex::new(None),
             danger_off: std::sync::atomic::AtomicBool::new(false),
             full: std::sync::atomic::AtomicBool::new(false),
+            detector: std::sync::OnceLock::new(),
         }))
     }
 
@@ -185,9 +188,29 @@ impl AuditLog {
         })
     }
 
-    /// Commit one record (group-committed with concurrent ones). `Ok` means
-    /// durable.
+    /// Show every record committed from now on to `d`.
+    pub fn set_detector(&self, d: Arc<crate::detect::Detector>) {
+        let _ = self.detector.set(d);
+    }
+
+    /// The detector, if running (for alerts raised outside the rules).
+    pub fn detector(&self) -> Option<&Arc<crate::detect::Detector>> {
+        self.detector.get()
+    }
+
+    /// Commit one record (group-committed with concurrent ones) and show it
+    /// to the detector. `Ok` means durable.
     pub async fn record(&self, facts: &AuditFacts) -> Result<(), AuditError> {
+        self.record_quiet(facts).await?;
+        if let Some(d) = self.detector.get() {
+            d.observe(facts);
+        }
+        Ok(())
+    }
+
+    /// Commit one record without showing it to the detector (the
+    /// detector's own alerts).
+    pub async fn record_quiet(&self, facts: &AuditFacts) -> Result<(), AuditError> {
         if self.danger_off.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
@@ -377,6 +400,16 @@ impl AuditLog {
                     Err(AuditError::Integrity(what)) => {
                         tracing::error!(event = "audit.verification_failed", what = %what,
                             "the audit log does not match its signed checkpoints; sealing stopped");
+                        if let Some(d) = log.detector() {
+                            d.raise(crate::detect::Alert {
+                                rule: "audit-verification",
+                                severity: "critical",
+                                detail: format!(
+                                    "the audit log does not match its signed checkpoints: {what}"
+                                ),
+                                user: None,
+                            });
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "could not seal audit records"),
                 }

@@ -32,6 +32,8 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub detect: DetectConfig,
     /// Custom roles, in addition to the built-in ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<RoleConfig>,
@@ -157,6 +159,57 @@ impl Default for AuthConfig {
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
             argon2_parallelism: 1,
+        }
+    }
+}
+
+/// Real-time detection rules and alert delivery (docs/AUDIT.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    pub enabled: bool,
+    /// The sliding window of the sign-in rules.
+    pub window_secs: u64,
+    pub failed_logins_per_account: u32,
+    pub failed_logins_per_ip: u32,
+    /// Distinct accounts failing from one address (password spraying).
+    pub spray_accounts: u32,
+    pub mfa_failures: u32,
+    /// Distinct patients one user or client may touch within the window.
+    pub scraping_patients: u32,
+    pub scraping_window_secs: u64,
+    /// `[from, to)` hours (UTC) of normal work; patient data touched
+    /// outside raises `off-hours`. Unset: the rule is off.
+    pub business_hours_utc: Option<(u8, u8)>,
+    /// Rules whose alert also locks the user's account.
+    pub lock_on: Vec<String>,
+    /// HTTPS URL that receives each alert as signed JSON.
+    pub webhook_url: Option<String>,
+    /// The CA certificates (PEM bundle, e.g. the system's
+    /// `/etc/ssl/certs/ca-certificates.crt`) the receiver's certificate
+    /// must chain to.
+    pub webhook_ca_file: Option<PathBuf>,
+    /// The shared HMAC secret (≥ 32 bytes, mode 0600, outside the data
+    /// directory): `X-Phylax-Signature: sha256=<hex HMAC of the body>`.
+    pub webhook_secret_file: Option<PathBuf>,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            enabled: true,
+            window_secs: 300,
+            failed_logins_per_account: 5,
+            failed_logins_per_ip: 20,
+            spray_accounts: 5,
+            mfa_failures: 5,
+            scraping_patients: 200,
+            scraping_window_secs: 600,
+            business_hours_utc: None,
+            lock_on: vec!["scraping".into()],
+            webhook_url: None,
+            webhook_ca_file: None,
+            webhook_secret_file: None,
         }
     }
 }
@@ -317,6 +370,20 @@ impl Config {
             return Err(
                 "metrics.token_sha256 must be 64 hex digits (sha256sum of the token)".into(),
             );
+        }
+        let d = &self.detect;
+        if d.webhook_url.is_some()
+            && (d.webhook_secret_file.is_none()
+                || d.webhook_ca_file.is_none()
+                || !d
+                    .webhook_url
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("https://")))
+        {
+            return Err("detect.webhook_url must be https:// and needs webhook_secret_file and webhook_ca_file".into());
+        }
+        if d.business_hours_utc.is_some_and(|(a, b)| a > 23 || b > 24) {
+            return Err("detect.business_hours_utc must be hours 0–24".into());
         }
         if self.audit.export_max_bytes < 4096 {
             return Err("audit.export_max_bytes must be at least 4096".into());

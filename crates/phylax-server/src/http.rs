@@ -171,6 +171,45 @@ impl AppState {
         Ok(())
     }
 
+    /// The alert webhook, if configured: its HMAC secret (a 0600 file of at
+    /// least 32 bytes) and an HTTPS client trusting only the given CA.
+    fn webhook(&self) -> Result<Option<crate::detect::Webhook>, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let d = &self.config.detect;
+        let Some(url) = &d.webhook_url else {
+            return Ok(None);
+        };
+        let secret_path = d
+            .webhook_secret_file
+            .as_ref()
+            .ok_or("detect.webhook_secret_file is required")?;
+        let meta = std::fs::metadata(secret_path).map_err(|e| e.to_string())?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err("the webhook secret file must not be readable by group or others".into());
+        }
+        let raw = std::fs::read(secret_path).map_err(|e| e.to_string())?;
+        let key =
+            phylax_crypto::MacKey::shared(&phylax_crypto::Secret::new(raw.trim_ascii().to_vec()))
+                .map_err(|_| "the webhook secret must be at least 32 bytes".to_string())?;
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .https_only(true)
+            .timeout(Duration::from_secs(10));
+        if let Some(ca) = &d.webhook_ca_file {
+            let pem = std::fs::read(self.data_dir.join(ca)).map_err(|e| e.to_string())?;
+            b = b.tls_built_in_root_certs(false);
+            for c in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| e.to_string())? {
+                b = b.add_root_certificate(c);
+            }
+        }
+        Ok(Some(crate::detect::Webhook {
+            url: url.clone(),
+            key: Arc::new(key),
+            client: b.build().map_err(|e| e.to_string())?,
+            spool: self.data_dir.join("alert-spool"),
+        }))
+    }
+
     /// Where the audit log is exported, if configured (relative paths are
     /// under the data directory).
     pub fn export_config(&self) -> Option<crate::audit_export::ExportConfig> {
@@ -193,6 +232,28 @@ impl AppState {
     pub fn spawn_background(self: &Arc<Self>) {
         self.audit
             .spawn_sealer(Duration::from_secs(self.config.audit.checkpoint_secs));
+        if self.config.detect.enabled {
+            match self.webhook() {
+                Ok(webhook) => {
+                    let weak = Arc::downgrade(self);
+                    let r = crate::detect::Responder {
+                        audit: self.audit.clone(),
+                        accounts: self.accounts.clone(),
+                        metrics: Arc::new(move |rule, sev| {
+                            if let Some(st) = weak.upgrade() {
+                                st.metrics.alert(rule, sev);
+                            }
+                        }),
+                        webhook,
+                    };
+                    let d = crate::detect::start(self.config.detect.clone(), r);
+                    self.audit.set_detector(d);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "alert webhook not configured correctly; detection runs without it")
+                }
+            }
+        }
         if let Some(cfg) = self.export_config() {
             self.audit.spawn_exporter(cfg, Duration::from_secs(2));
         }

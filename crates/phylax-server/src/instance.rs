@@ -258,6 +258,7 @@ impl Instance {
             roles: Vec::new(),
             audit: Default::default(),
             metrics: Default::default(),
+            detect: Default::default(),
         };
         let url = database_url(&data_dir, backend, opts.database_url.as_deref())?;
         let store = phylax_store::open(&url).await?;

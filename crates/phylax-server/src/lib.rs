@@ -30,6 +30,8 @@
 //!   [`signin`] (the server-rendered sign-in, MFA, enrollment and consent
 //!   pages of the authorization endpoint), [`capability`]: the HTTP handlers.
 //! - [`http`]: router and middleware (request ids, security headers, CORS).
+//! - [`detect`]: detection rules on the audit stream, alerts, the signed
+//!   webhook and automatic responses.
 //! - [`metrics`]: `GET /metrics` in Prometheus text format, no PHI in labels.
 //! - [`logging`]: the log filter, with PHI-prone dependency targets capped.
 //! - [`tls`]: rustls configuration and certificate generation; the accept loop.
@@ -42,6 +44,7 @@ pub mod auth_api;
 pub mod bundle;
 pub mod capability;
 pub mod config;
+pub mod detect;
 pub mod error;
 pub mod fhir_api;
 pub mod grants;

@@ -570,3 +570,149 @@ async fn metrics_are_protected_and_free_of_ids() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// A scripted scraping run raises an alert: recorded as an AuditEvent and
+/// delivered to a webhook receiver over HTTPS with an HMAC signature, and
+/// retried from the spool after the receiver first refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_a_signed_webhook_and_survive_a_refusal() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
+    // The receiver: HTTPS with its own CA; refuses the first delivery.
+    let rdir = tempfile::tempdir().unwrap();
+    let g = phylax_server::tls::generate(&[]).unwrap();
+    let (cert, key, ca) = (
+        rdir.path().join("cert.pem"),
+        rdir.path().join("key.pem"),
+        rdir.path().join("ca.pem"),
+    );
+    std::fs::write(&cert, &g.server_cert_pem).unwrap();
+    phylax_server::tls::write_private(&key, g.server_key_pem.expose()).unwrap();
+    std::fs::write(&ca, &g.ca_cert_pem).unwrap();
+    let got: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+    let got2 = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |h: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let got = got2.clone();
+            async move {
+                let mut g = got.lock().unwrap();
+                let status = if g.is_empty() { 503 } else { 200 };
+                let sig = h
+                    .get("x-phylax-signature")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                g.push((status, sig, body.to_vec()));
+                axum::http::StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = phylax_server::tls::server_config(&cert, &key).unwrap();
+    tokio::spawn(phylax_server::tls::serve_tls(
+        listener,
+        tls,
+        app,
+        std::future::pending(),
+    ));
+
+    let secret = b"0123456789abcdef0123456789abcdef-test-secret";
+    let secret_file = rdir.path().join("webhook.secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.detect.scraping_patients = 3;
+        c.detect.webhook_url = Some(format!("https://127.0.0.1:{}/hook", addr.port()));
+        c.detect.webhook_ca_file = Some(ca.clone());
+        c.detect.webhook_secret_file = Some(secret_file.clone());
+    })
+    .await
+    .unwrap();
+    let tok = s.token(ALL).await;
+    use reqwest::Method as M;
+    for i in 0..3 {
+        let (st, p) = send(
+            &s,
+            &tok,
+            M::POST,
+            "/Patient",
+            Some(&json!({"resourceType": "Patient", "gender": "other", "id": format!("x{i}")})),
+        )
+        .await;
+        assert_eq!(st, 201);
+        let id = p["id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            send(&s, &tok, M::GET, &format!("/Patient/{id}"), None)
+                .await
+                .0,
+            200
+        );
+    }
+    // Delivered after one refusal and a retry.
+    let mut ok = None;
+    for _ in 0..100 {
+        if let Some(x) = got.lock().unwrap().iter().find(|x| x.0 == 200).cloned() {
+            ok = Some(x);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, sig, body) = ok.expect("the alert was delivered");
+    assert!(
+        got.lock().unwrap()[0].0 == 503,
+        "the first attempt was refused"
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let want = format!(
+        "sha256={}",
+        hex_encode(ring::hmac::sign(&key, &body).as_ref())
+    );
+    assert_eq!(sig, want, "signed with the shared secret");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (v["rule"].as_str(), v["severity"].as_str()),
+        (Some("scraping"), Some("high"))
+    );
+    assert_eq!(v["auditEvent"]["resourceType"], "AuditEvent");
+    // Spool emptied; the alert is in the audit log.
+    for _ in 0..50 {
+        let left = std::fs::read_dir(s.data_dir.join("alert-spool"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        std::fs::read_dir(s.data_dir.join("alert-spool"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let rows = s
+        .state
+        .store
+        .audit_search(&phylax_store::AuditQuery {
+            subtype: Some("alert".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "one alert per window");
+    let ev = s.state.audit.open_row(&rows[0]).unwrap();
+    assert!(ev["outcomeDesc"]
+        .as_str()
+        .unwrap()
+        .starts_with("scraping [high]"));
+}
+
+/// What the test receiver saw: (status it answered, signature, body).
+type Delivery = (u16, String, Vec<u8>);
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -2042,3 +2042,39 @@ mod roles {
         }
     }
 }
+
+/// Automatic response: a user who reads many patients' records in a short
+/// time is locked by the `scraping` rule, and their token stops working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scraping_locks_the_account() {
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.auth.mfa_optional_roles = vec!["clinician".into()];
+        c.detect.scraping_patients = 3;
+    })
+    .await
+    .unwrap();
+    for i in 0..4 {
+        make_patient(&s, &format!("scr-{i}")).await;
+    }
+    let tok = password_only_token(&s, "nosy", "clinician", "user/Patient.rs").await;
+    for i in 0..3 {
+        assert_eq!(fhir_get(&s, &tok, &format!("/Patient/scr-{i}")).await, 200);
+    }
+    // The lock ends the user's tokens on every node within seconds.
+    let mut refused = false;
+    for _ in 0..60 {
+        if fhir_get(&s, &tok, "/Patient/scr-3").await == 401 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(refused, "the scraper's token still works");
+    let u = s.state.accounts.find("nosy").await.unwrap().unwrap();
+    assert_eq!(u.rec.status, "locked");
+    let evs = audit_events(&s).await;
+    assert!(has_event(&evs, "alert", "0"));
+    assert!(evs.iter().any(
+        |(st, _, e)| st == "lockout" && e["outcomeDesc"].as_str().unwrap().contains("scraping")
+    ));
+}

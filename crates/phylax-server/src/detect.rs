@@ -1,0 +1,655 @@
+//! Real-time detection on the audit stream.
+//!
+//! Every record a node commits is also handed to its detector, which keeps
+//! sliding windows in memory and raises alerts when a rule's threshold is
+//! crossed. An alert is itself an AuditEvent (`Security Alert` / `alert`),
+//! a `detect.alert` log line, a `phylax_alerts_total` count, and, if a
+//! webhook is configured, an HMAC-SHA-256-signed POST that is spooled to
+//! disk first and retried until the receiver answers 2xx. Rules may also
+//! respond on their own: `lock` locks the account (ending its sessions and
+//! tokens on every node).
+//!
+//! Rules (thresholds and windows in `[detect]`):
+//! - `brute-force-account`: failed sign-ins for one account;
+//! - `brute-force-ip`: failed sign-ins from one address;
+//! - `password-spraying`: failed sign-ins from one address across accounts;
+//! - `mfa-failures`: refused second factors for one account;
+//! - `token-replay`: a used code or rotated refresh token came back;
+//! - `cloned-passkey`: a passkey's signature counter went backwards;
+//! - `scraping`: one user or client touching many distinct patients;
+//! - `off-hours`: patient data accessed outside the configured hours;
+//! - `privilege-change`: a role changed or an account was reset;
+//! - `audit-verification`: the log no longer matches its checkpoints.
+//!
+//! Limits: windows are per node (with several nodes each sees its own
+//! traffic), and a restart empties them.
+
+use crate::audit::{AuditLog, AuthEvent};
+use crate::config::DetectConfig;
+use phylax_audit::event::{Action, AuditFacts, EventKind, Outcome};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// An alert raised by a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    pub rule: &'static str,
+    pub severity: &'static str,
+    /// Fixed text with ids only.
+    pub detail: String,
+    /// The user concerned, if any (for automatic responses).
+    pub user: Option<String>,
+}
+
+/// Sliding-window state. Pure: `observe` returns the alerts to raise.
+#[derive(Debug)]
+pub struct Rules {
+    cfg: DetectConfig,
+    failures_by_user: HashMap<String, VecDeque<i64>>,
+    failures_by_ip: HashMap<String, VecDeque<(i64, Option<String>)>>,
+    mfa_by_user: HashMap<String, VecDeque<i64>>,
+    patients_by_agent: HashMap<String, VecDeque<(i64, String)>>,
+    /// (rule, key) → time of the last alert, so a rule fires once per window.
+    fired: HashMap<(&'static str, String), i64>,
+}
+
+fn prune<T>(q: &mut VecDeque<(i64, T)>, since: i64) {
+    while q.front().is_some_and(|(t, _)| *t < since) {
+        q.pop_front();
+    }
+}
+
+impl Rules {
+    pub fn new(cfg: DetectConfig) -> Rules {
+        Rules {
+            cfg,
+            failures_by_user: HashMap::new(),
+            failures_by_ip: HashMap::new(),
+            mfa_by_user: HashMap::new(),
+            patients_by_agent: HashMap::new(),
+            fired: HashMap::new(),
+        }
+    }
+
+    fn once(&mut self, rule: &'static str, key: &str, now: i64, window_ms: i64) -> bool {
+        let k = (rule, key.to_owned());
+        match self.fired.get(&k) {
+            Some(t) if now - t < window_ms => false,
+            _ => {
+                self.fired.insert(k, now);
+                true
+            }
+        }
+    }
+
+    /// Feed one committed record; returns the alerts it triggers.
+    pub fn observe(&mut self, f: &AuditFacts) -> Vec<Alert> {
+        let mut out = Vec::new();
+        let now = f.recorded_ms;
+        let c = self.cfg.clone();
+        let win = c.window_secs as i64 * 1000;
+        let user = f.user.as_ref().map(|u| u.id.clone());
+        let ip = f.ip.map(|i| i.to_string());
+        let failed = f.outcome != Outcome::Success;
+        let mut alert =
+            |rule: &'static str, severity: &'static str, detail: String, user: Option<String>| {
+                out.push(Alert {
+                    rule,
+                    severity,
+                    detail,
+                    user,
+                });
+            };
+        match &f.kind {
+            EventKind::Login if failed => {
+                let second_factor = f
+                    .outcome_desc
+                    .as_deref()
+                    .is_some_and(|d| d.contains("second factor"));
+                if second_factor {
+                    if let Some(u) = &user {
+                        let q = self.mfa_by_user.entry(u.clone()).or_default();
+                        q.push_back(now);
+                        while q.front().is_some_and(|t| *t < now - win) {
+                            q.pop_front();
+                        }
+                        if q.len() >= c.mfa_failures as usize
+                            && self.once("mfa-failures", u, now, win)
+                        {
+                            alert(
+                                "mfa-failures",
+                                "high",
+                                format!(
+                                    "{} refused second factors for user {u} within {} s",
+                                    c.mfa_failures, c.window_secs
+                                ),
+                                Some(u.clone()),
+                            );
+                        }
+                    }
+                } else {
+                    if let Some(u) = &user {
+                        let q = self.failures_by_user.entry(u.clone()).or_default();
+                        q.push_back(now);
+                        while q.front().is_some_and(|t| *t < now - win) {
+                            q.pop_front();
+                        }
+                        if q.len() >= c.failed_logins_per_account as usize
+                            && self.once("brute-force-account", u, now, win)
+                        {
+                            alert(
+                                "brute-force-account",
+                                "high",
+                                format!(
+                                    "{} failed sign-ins for user {u} within {} s",
+                                    c.failed_logins_per_account, c.window_secs
+                                ),
+                                Some(u.clone()),
+                            );
+                        }
+                    }
+                    if let Some(ip) = &ip {
+                        let q = self.failures_by_ip.entry(ip.clone()).or_default();
+                        q.push_back((now, user.clone()));
+                        prune(q, now - win);
+                        let n = q.len();
+                        let distinct: HashSet<&String> =
+                            q.iter().filter_map(|(_, u)| u.as_ref()).collect();
+                        let accounts = distinct.len();
+                        if n >= c.failed_logins_per_ip as usize
+                            && self.once("brute-force-ip", ip, now, win)
+                        {
+                            alert(
+                                "brute-force-ip",
+                                "high",
+                                format!("{n} failed sign-ins from {ip} within {} s", c.window_secs),
+                                None,
+                            );
+                        }
+                        if accounts >= c.spray_accounts as usize
+                            && self.once("password-spraying", ip, now, win)
+                        {
+                            alert(
+                                "password-spraying",
+                                "critical",
+                                format!(
+                                    "failed sign-ins for {accounts} accounts from {ip} within {} s",
+                                    c.window_secs
+                                ),
+                                None,
+                            );
+                        }
+                    }
+                }
+            }
+            EventKind::Security("token-replay") => {
+                alert("token-replay", "high", "a used authorization code or rotated refresh token was presented again; its grant family was revoked".into(), user.clone());
+            }
+            EventKind::Security("passkey-cloned") => {
+                alert(
+                    "cloned-passkey",
+                    "critical",
+                    format!(
+                        "a passkey of user {} reported a lower signature counter (possible clone)",
+                        user.clone().unwrap_or_default()
+                    ),
+                    user.clone(),
+                );
+            }
+            EventKind::Security("role") => {
+                alert(
+                    "privilege-change",
+                    "medium",
+                    f.outcome_desc
+                        .clone()
+                        .unwrap_or_else(|| "role changed".into()),
+                    None,
+                );
+            }
+            EventKind::Security("user")
+                if f.outcome_desc
+                    .as_deref()
+                    .is_some_and(|d| d.contains("second factors reset")) =>
+            {
+                alert(
+                    "privilege-change",
+                    "medium",
+                    f.outcome_desc.clone().unwrap_or_default(),
+                    None,
+                );
+            }
+            EventKind::Rest(_) if !failed && !f.patients.is_empty() => {
+                let agent = f.agent_key();
+                let n = {
+                    let q = self.patients_by_agent.entry(agent.clone()).or_default();
+                    for p in &f.patients {
+                        q.push_back((now, p.clone()));
+                    }
+                    prune(q, now - c.scraping_window_secs as i64 * 1000);
+                    q.iter().map(|(_, p)| p).collect::<HashSet<&String>>().len()
+                };
+                if n >= c.scraping_patients as usize
+                    && self.once(
+                        "scraping",
+                        &agent,
+                        now,
+                        c.scraping_window_secs as i64 * 1000,
+                    )
+                {
+                    alert(
+                        "scraping",
+                        "high",
+                        format!(
+                            "{agent} touched {n} distinct patients within {} s",
+                            c.scraping_window_secs
+                        ),
+                        user.clone(),
+                    );
+                }
+                if let Some((from, to)) = c.business_hours_utc {
+                    let hour = ((now / 3_600_000) % 24) as u8;
+                    let inside = if from <= to {
+                        hour >= from && hour < to
+                    } else {
+                        hour >= from || hour < to
+                    };
+                    if !inside && self.once("off-hours", &agent, now, 3_600_000) {
+                        alert("off-hours", "medium", format!("{agent} accessed patient data at {hour:02}:00 UTC, outside {from:02}–{to:02}"), user.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
+/// The running detector: rules, responses and delivery.
+#[derive(Debug)]
+pub struct Detector {
+    tx: tokio::sync::mpsc::Sender<AuditFacts>,
+}
+
+impl Detector {
+    /// Hand a committed record to the rules (never blocks a request: under
+    /// overload records are dropped from detection, not from the log).
+    pub fn observe(&self, f: &AuditFacts) {
+        if self.tx.try_send(f.clone()).is_err() {
+            tracing::warn!(
+                event = "detect.overloaded",
+                "detector queue full; a record was not evaluated"
+            );
+        }
+    }
+
+    /// Raise an alert from outside the rules (the sealer's verification).
+    pub fn raise(&self, a: Alert) {
+        let f = alert_facts(&a);
+        let _ = self.tx.try_send(f);
+    }
+}
+
+/// The AuditEvent that carries an alert (and marks it, so the detector
+/// recognises alerts it is fed back and does not evaluate them).
+fn alert_facts(a: &Alert) -> AuditFacts {
+    AuditFacts {
+        id: crate::audit::new_event_id(),
+        recorded_ms: crate::now_ms(),
+        kind: EventKind::Security("alert"),
+        action: Action::Execute,
+        outcome: Outcome::Success,
+        outcome_desc: Some(format!("{} [{}]: {}", a.rule, a.severity, a.detail)),
+        user: None,
+        client: Some("phylax-detector".into()),
+        ip: None,
+        token_id: None,
+        request_id: String::new(),
+        purpose: None,
+        patients: Vec::new(),
+        resources: Vec::new(),
+        query_params: Vec::new(),
+        observer: String::new(),
+    }
+}
+
+/// What the detector needs from the rest of the server.
+pub struct Responder {
+    pub audit: Arc<AuditLog>,
+    pub accounts: crate::accounts::Accounts,
+    pub metrics: Arc<dyn Fn(&'static str, &'static str) + Send + Sync>,
+    pub webhook: Option<Webhook>,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder").finish_non_exhaustive()
+    }
+}
+
+/// Start the detector task; returns the handle records are fed to.
+pub fn start(cfg: DetectConfig, r: Responder) -> Arc<Detector> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditFacts>(10_000);
+    let lock_on = cfg.lock_on.clone();
+    let mut rules = Rules::new(cfg);
+    if let Some(w) = &r.webhook {
+        w.spawn_sender();
+    }
+    tokio::spawn(async move {
+        while let Some(f) = rx.recv().await {
+            let alerts = if f.kind == EventKind::Security("alert") {
+                // An alert raised directly (not by a rule): deliver it.
+                vec![parse_direct(&f)]
+            } else {
+                rules.observe(&f)
+            };
+            for a in alerts {
+                deliver(&r, &a, &lock_on).await;
+            }
+        }
+    });
+    Arc::new(Detector { tx })
+}
+
+fn parse_direct(f: &AuditFacts) -> Alert {
+    Alert {
+        rule: "audit-verification",
+        severity: "critical",
+        detail: f.outcome_desc.clone().unwrap_or_default(),
+        user: None,
+    }
+}
+
+async fn deliver(r: &Responder, a: &Alert, lock_on: &[String]) {
+    tracing::warn!(event = "detect.alert", rule = a.rule, severity = a.severity, detail = %a.detail, "alert");
+    (r.metrics)(a.rule, a.severity);
+    let mut f = alert_facts(a);
+    f.observer = r.audit.origin().to_owned();
+    if let Err(e) = r.audit.record_quiet(&f).await {
+        tracing::error!(error = %e, "could not record an alert in the audit log");
+    }
+    if let Some(w) = &r.webhook {
+        if let Err(e) = w.spool(a, &f) {
+            tracing::error!(error = %e, "could not spool an alert for the webhook");
+        }
+    }
+    if lock_on.iter().any(|x| x == a.rule) {
+        if let Some(u) = &a.user {
+            match r
+                .accounts
+                .set_status(u, crate::accounts::Status::Locked, crate::now_secs())
+                .await
+            {
+                Ok(locked) => {
+                    tracing::warn!(event = "detect.response", rule = a.rule, user_id = %u, "account locked by a detection rule");
+                    let ev = AuthEvent {
+                        kind: EventKind::Security("lockout"),
+                        action: Action::Update,
+                        outcome: Outcome::Success,
+                        detail: format!("account locked automatically by rule {}", a.rule),
+                        user: Some(phylax_audit::event::UserRef {
+                            id: u.clone(),
+                            role: locked.rec.role.clone(),
+                        }),
+                        client: Some("phylax-detector".into()),
+                        ip: None,
+                    };
+                    let _ = r.audit.record_auth(ev).await;
+                }
+                Err(e) => tracing::error!(error = %e, "automatic lock failed"),
+            }
+        }
+    }
+}
+
+/// An HMAC-signed webhook with an on-disk spool.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: String,
+    pub key: Arc<phylax_crypto::MacKey>,
+    pub client: reqwest::Client,
+    pub spool: PathBuf,
+}
+
+impl Webhook {
+    /// Write the alert to the spool (one file per alert, named so that
+    /// they sort in order); the sender posts and deletes them.
+    fn spool(&self, a: &Alert, f: &AuditFacts) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.spool)?;
+        let body = serde_json::json!({
+            "rule": a.rule,
+            "severity": a.severity,
+            "detail": a.detail,
+            "auditEvent": f.to_resource(),
+        });
+        let name = format!("{}.json", f.id);
+        let tmp = self.spool.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, body.to_string())?;
+        std::fs::rename(tmp, self.spool.join(name))
+    }
+
+    fn spawn_sender(&self) {
+        let w = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = 1u64;
+            loop {
+                match w.send_spooled().await {
+                    Ok(()) => backoff = 1,
+                    Err(e) => {
+                        tracing::warn!(event = "detect.webhook_failed", error = %e, "alert webhook failed; alerts stay spooled and are retried");
+                        backoff = (backoff * 2).min(60);
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(backoff)).await;
+            }
+        });
+    }
+
+    async fn send_spooled(&self) -> Result<(), String> {
+        let Ok(dir) = std::fs::read_dir(&self.spool) else {
+            return Ok(());
+        };
+        let mut files: Vec<PathBuf> = dir
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        for p in files {
+            let body = std::fs::read(&p).map_err(|e| e.to_string())?;
+            let sig = hex::encode(self.key.sign(&body));
+            let r = self
+                .client
+                .post(&self.url)
+                .header("content-type", "application/json")
+                .header("x-phylax-signature", format!("sha256={sig}"))
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !r.status().is_success() {
+                return Err(format!("receiver answered {}", r.status()));
+            }
+            std::fs::remove_file(&p).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phylax_audit::event::UserRef;
+
+    fn ev(kind: EventKind, outcome: Outcome, user: Option<&str>, ip: &str, t: i64) -> AuditFacts {
+        AuditFacts {
+            id: "x".into(),
+            recorded_ms: t,
+            kind,
+            action: Action::Execute,
+            outcome,
+            outcome_desc: None,
+            user: user.map(|u| UserRef {
+                id: u.into(),
+                role: "clinician".into(),
+            }),
+            client: Some("app".into()),
+            ip: ip.parse().ok(),
+            token_id: None,
+            request_id: String::new(),
+            purpose: None,
+            patients: Vec::new(),
+            resources: Vec::new(),
+            query_params: Vec::new(),
+            observer: String::new(),
+        }
+    }
+
+    fn login_fail(user: Option<&str>, ip: &str, t: i64) -> AuditFacts {
+        let mut f = ev(EventKind::Login, Outcome::MinorFailure, user, ip, t);
+        f.outcome_desc = Some("password refused".into());
+        f
+    }
+
+    fn read(agent: &str, patient: &str, t: i64) -> AuditFacts {
+        let mut f = ev(
+            EventKind::Rest("read"),
+            Outcome::Success,
+            Some(agent),
+            "10.0.0.9",
+            t,
+        );
+        f.patients = vec![patient.into()];
+        f
+    }
+
+    fn fired(r: &mut Rules, evs: impl IntoIterator<Item = AuditFacts>) -> Vec<&'static str> {
+        evs.into_iter()
+            .flat_map(|e| r.observe(&e))
+            .map(|a| a.rule)
+            .collect()
+    }
+
+    const T0: i64 = 1_764_320_400_000; // 09:00 UTC
+
+    #[test]
+    fn a_normal_day_raises_nothing() {
+        let mut r = Rules::new(DetectConfig {
+            business_hours_utc: Some((7, 19)),
+            ..DetectConfig::default()
+        });
+        let mut evs = Vec::new();
+        // 30 clinicians, each reading 40 of their patients over the day,
+        // two typos each, an MFA retry now and then.
+        for c in 0..30 {
+            let u = format!("u{c}");
+            evs.push(login_fail(Some(&u), &format!("10.1.0.{c}"), T0 + c * 1000));
+            evs.push(login_fail(
+                Some(&u),
+                &format!("10.1.0.{c}"),
+                T0 + c * 1000 + 500,
+            ));
+            evs.push(ev(
+                EventKind::Login,
+                Outcome::Success,
+                Some(&u),
+                &format!("10.1.0.{c}"),
+                T0 + c * 1000 + 900,
+            ));
+            for p in 0..40 {
+                evs.push(read(&u, &format!("p{c}-{p}"), T0 + c * 1000 + p * 60_000));
+            }
+        }
+        evs.push(ev(
+            EventKind::Security("token"),
+            Outcome::Success,
+            Some("u1"),
+            "10.1.0.1",
+            T0,
+        ));
+        assert!(fired(&mut r, evs).is_empty());
+    }
+
+    #[test]
+    fn each_rule_fires_on_its_attack_once() {
+        let mut r = Rules::new(DetectConfig {
+            business_hours_utc: Some((7, 19)),
+            ..DetectConfig::default()
+        });
+        // Brute force on one account from one address.
+        let f = fired(
+            &mut r,
+            (0..8).map(|i| login_fail(Some("victim"), "203.0.113.5", T0 + i * 1000)),
+        );
+        assert_eq!(f, vec!["brute-force-account"]);
+        // Spraying: one address, many accounts, one try each.
+        let f = fired(
+            &mut r,
+            (0..6).map(|i| login_fail(Some(&format!("user{i}")), "198.51.100.7", T0 + i * 1000)),
+        );
+        assert_eq!(f, vec!["password-spraying"]);
+        // Many failures from one address (unknown users).
+        let f = fired(
+            &mut r,
+            (0..25).map(|i| login_fail(None, "192.0.2.1", T0 + i * 100)),
+        );
+        assert_eq!(f, vec!["brute-force-ip"]);
+        // Second-factor failures.
+        let f = fired(
+            &mut r,
+            (0..5).map(|i| {
+                let mut e = login_fail(Some("mfa-victim"), "10.9.9.9", T0 + i * 1000);
+                e.outcome_desc = Some("second factor refused".into());
+                e
+            }),
+        );
+        assert_eq!(f, vec!["mfa-failures"]);
+        // Scraping: one user reading 250 different patients in minutes.
+        let f = fired(
+            &mut r,
+            (0..250).map(|i| read("snoop", &format!("q{i}"), T0 + i * 1000)),
+        );
+        assert_eq!(f, vec!["scraping"]);
+        // Off hours: 02:00 UTC.
+        let f = fired(&mut r, [read("night", "p1", T0 - 7 * 3_600_000)]);
+        assert_eq!(f, vec!["off-hours"]);
+        // Token replay, cloned passkey, privilege change.
+        let f = fired(
+            &mut r,
+            [
+                ev(
+                    EventKind::Security("token-replay"),
+                    Outcome::MinorFailure,
+                    Some("u"),
+                    "10.0.0.1",
+                    T0,
+                ),
+                ev(
+                    EventKind::Security("passkey-cloned"),
+                    Outcome::MinorFailure,
+                    Some("u"),
+                    "10.0.0.1",
+                    T0,
+                ),
+                ev(
+                    EventKind::Security("role"),
+                    Outcome::Success,
+                    None,
+                    "10.0.0.1",
+                    T0,
+                ),
+            ],
+        );
+        assert_eq!(
+            f,
+            vec!["token-replay", "cloned-passkey", "privilege-change"]
+        );
+        // Windows: old failures do not count.
+        let mut r2 = Rules::new(DetectConfig::default());
+        let f = fired(
+            &mut r2,
+            (0..8).map(|i| login_fail(Some("slow"), "10.2.2.2", T0 + i * 400_000)),
+        );
+        assert!(f.is_empty(), "{f:?}");
+    }
+}

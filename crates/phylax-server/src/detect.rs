@@ -54,6 +54,15 @@ pub struct Rules {
     fired: HashMap<(&'static str, String), i64>,
 }
 
+/// Count an event at `now` and return how many fall within the window.
+fn bump(q: &mut VecDeque<i64>, now: i64, win: i64) -> usize {
+    q.push_back(now);
+    while q.front().is_some_and(|t| *t < now - win) {
+        q.pop_front();
+    }
+    q.len()
+}
+
 fn prune<T>(q: &mut VecDeque<(i64, T)>, since: i64) {
     while q.front().is_some_and(|(t, _)| *t < since) {
         q.pop_front();
@@ -109,14 +118,8 @@ impl Rules {
                     .is_some_and(|d| d.contains("second factor"));
                 if second_factor {
                     if let Some(u) = &user {
-                        let q = self.mfa_by_user.entry(u.clone()).or_default();
-                        q.push_back(now);
-                        while q.front().is_some_and(|t| *t < now - win) {
-                            q.pop_front();
-                        }
-                        if q.len() >= c.mfa_failures as usize
-                            && self.once("mfa-failures", u, now, win)
-                        {
+                        let n = bump(self.mfa_by_user.entry(u.clone()).or_default(), now, win);
+                        if n >= c.mfa_failures as usize && self.once("mfa-failures", u, now, win) {
                             alert(
                                 "mfa-failures",
                                 "high",
@@ -130,12 +133,12 @@ impl Rules {
                     }
                 } else {
                     if let Some(u) = &user {
-                        let q = self.failures_by_user.entry(u.clone()).or_default();
-                        q.push_back(now);
-                        while q.front().is_some_and(|t| *t < now - win) {
-                            q.pop_front();
-                        }
-                        if q.len() >= c.failed_logins_per_account as usize
+                        let n = bump(
+                            self.failures_by_user.entry(u.clone()).or_default(),
+                            now,
+                            win,
+                        );
+                        if n >= c.failed_logins_per_account as usize
                             && self.once("brute-force-account", u, now, win)
                         {
                             alert(

@@ -243,6 +243,11 @@ pub struct AuditConfig {
     pub export_max_bytes: u64,
     /// Rotated export files to keep.
     pub export_keep: usize,
+    /// Send sealed records to this syslog collector (`host:port`, TLS,
+    /// RFC 5425 framing; port 6514 is the standard).
+    pub syslog_tls: Option<String>,
+    /// CA certificates (PEM) the collector's certificate must chain to.
+    pub syslog_ca_file: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
@@ -254,6 +259,8 @@ impl Default for AuditConfig {
             export_file: None,
             export_max_bytes: 100 * 1024 * 1024,
             export_keep: 10,
+            syslog_tls: None,
+            syslog_ca_file: None,
         }
     }
 }
@@ -384,6 +391,16 @@ impl Config {
         }
         if d.business_hours_utc.is_some_and(|(a, b)| a > 23 || b > 24) {
             return Err("detect.business_hours_utc must be hours 0–24".into());
+        }
+        if let Some(t) = &self.audit.syslog_tls {
+            let ok = t
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok || self.audit.syslog_ca_file.is_none() {
+                return Err(
+                    "audit.syslog_tls must be host:port and needs audit.syslog_ca_file".into(),
+                );
+            }
         }
         if self.audit.export_max_bytes < 4096 {
             return Err("audit.export_max_bytes must be at least 4096".into());

@@ -210,6 +210,29 @@ impl AppState {
         }))
     }
 
+    /// The syslog collector, if configured.
+    fn syslog_config(&self) -> Result<Option<crate::audit_export::SyslogConfig>, String> {
+        let a = &self.config.audit;
+        let (Some(target), Some(ca)) = (&a.syslog_tls, &a.syslog_ca_file) else {
+            return Ok(None);
+        };
+        let (host, port) = target
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+            .ok_or("audit.syslog_tls must be host:port")?;
+        let pem = std::fs::read(self.data_dir.join(ca)).map_err(|e| e.to_string())?;
+        let hostname = url_host(&self.config.public_url)
+            .unwrap_or("phylax")
+            .to_owned();
+        Ok(Some(crate::audit_export::SyslogConfig {
+            host,
+            port,
+            pos_file: self.data_dir.join("audit-syslog.pos"),
+            hostname,
+            tls: crate::audit_export::syslog_tls(&pem)?,
+        }))
+    }
+
     /// Where the audit log is exported, if configured (relative paths are
     /// under the data directory).
     pub fn export_config(&self) -> Option<crate::audit_export::ExportConfig> {
@@ -256,6 +279,13 @@ impl AppState {
         }
         if let Some(cfg) = self.export_config() {
             self.audit.spawn_exporter(cfg, Duration::from_secs(2));
+        }
+        match self.syslog_config() {
+            Ok(Some(cfg)) => self.audit.spawn_syslog(cfg, Duration::from_secs(2)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "audit syslog not configured correctly; not sending")
+            }
         }
         let st = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -575,4 +605,11 @@ pub async fn serve(
             .await
         }
     }
+}
+
+/// The host part of an `https://host:port` URL.
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let host = rest.split(['/', ':']).next()?;
+    (!host.is_empty()).then_some(host)
 }

@@ -141,6 +141,7 @@ impl AppState {
         st.refresh_disabled()
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        st.record_config_change().await?;
         let n = st.repo.reindex_if_needed().await.map_err(ApiError::from)?;
         if n > 0 {
             tracing::info!(resources = n, "search index built for existing resources");
@@ -244,6 +245,36 @@ impl AppState {
                 max_bytes: a.export_max_bytes,
                 keep: a.export_keep,
             })
+    }
+
+    /// Record a configuration this instance has not run with before (the
+    /// first node to start with it records it; fail closed: a node whose
+    /// record cannot be written does not start).
+    async fn record_config_change(&self) -> Result<(), ApiError> {
+        let text = toml::to_string(&self.config).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let hash = hex::encode(phylax_audit::merkle::sha256(text.as_bytes()));
+        let mine = crate::audit::new_event_id();
+        let stored = self
+            .store
+            .put_meta_if_absent(&format!("config_seen:{hash}"), mine.as_bytes())
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        if stored != mine.as_bytes() {
+            return Ok(());
+        }
+        let ev = crate::audit::AuthEvent {
+            kind: phylax_audit::event::EventKind::Security("config"),
+            action: phylax_audit::event::Action::Update,
+            outcome: phylax_audit::event::Outcome::Success,
+            detail: format!("started with a new configuration (sha256 {hash})"),
+            user: None,
+            client: Some("phylax-server".into()),
+            ip: None,
+        };
+        self.audit
+            .record_auth(ev)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))
     }
 
     /// The key that signs new `id_token`s.

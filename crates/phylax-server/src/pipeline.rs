@@ -228,7 +228,13 @@ where
         .is_ok_and(|r| r.extensions().get::<AuditCommitted>().is_some())
     {
         count(status);
-        // The record went into the write's own transaction.
+        // The record went into the write's own transaction; the detector
+        // still sees the write (who touched which patient).
+        if let Some(d) = st.audit.detector() {
+            let mut f = facts(st, ctx, what.as_str(), status, None);
+            f.patients = refs.patients;
+            d.observe(&f);
+        }
         return match result {
             Ok(r) => r,
             Err(e) => e.into_response(),

@@ -799,3 +799,85 @@ async fn syslog_over_tls_catches_up_after_an_outage() {
         .collect();
     assert_eq!(phylax_audit::merkle::root(&leaves), cp.root);
 }
+
+/// A node starting with a configuration the instance has not run with
+/// records it once; the same configuration on another node does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_changes_are_recorded() {
+    let s = TestServer::start(common::Backend::Sqlite).await.unwrap();
+    let count = || async {
+        s.state
+            .store
+            .audit_search(&phylax_store::AuditQuery {
+                subtype: Some("config".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len()
+    };
+    assert_eq!(count().await, 1);
+    let (_, stop) = s.second_node().await;
+    let _ = stop.send(());
+    assert_eq!(count().await, 1, "same configuration, no new record");
+    let mut cfg = phylax_server::config::Config::load(&s.data_dir).unwrap();
+    cfg.http.default_page_size = 20;
+    cfg.save(&s.data_dir).unwrap();
+    let (_, stop) = s.second_node().await;
+    let _ = stop.send(());
+    assert_eq!(count().await, 2, "a changed configuration is recorded");
+    let rows = s
+        .state
+        .store
+        .audit_search(&phylax_store::AuditQuery {
+            subtype: Some("config".into()),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ev = s.state.audit.open_row(&rows[0]).unwrap();
+    assert!(ev["outcomeDesc"].as_str().unwrap().contains("sha256"));
+}
+
+/// Writes are shown to the detector too (their records commit with them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_feed_the_detector() {
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.detect.scraping_patients = 2;
+    })
+    .await
+    .unwrap();
+    let tok = s.token(ALL).await;
+    for _ in 0..2 {
+        let (st, _) = send(
+            &s,
+            &tok,
+            reqwest::Method::POST,
+            "/Patient",
+            Some(&json!({"resourceType": "Patient", "gender": "other"})),
+        )
+        .await;
+        assert_eq!(st, 201);
+    }
+    let mut n = 0;
+    for _ in 0..50 {
+        n = s
+            .state
+            .store
+            .audit_search(&phylax_store::AuditQuery {
+                subtype: Some("alert".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len();
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(n, 1, "two creates for two patients crossed the threshold");
+}

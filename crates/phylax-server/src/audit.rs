@@ -232,17 +232,18 @@ impl AuditLog {
     /// A stored record's AuditEvent JSON, exactly the bytes its leaf hash
     /// covers, after the same checks as [`AuditLog::open_row`].
     pub fn leaf_bytes(&self, row: &AuditRow) -> Result<Vec<u8>, AuditError> {
-        self.open_row(row)?;
-        self.key
-            .open(&aad(&row.event_id), &row.sealed)
-            .map_err(|_| {
-                AuditError::Integrity(format!("record {} fails its integrity check", row.event_id))
-            })
+        self.checked(row).map(|(plain, _)| plain)
     }
 
     /// Open a stored record: decrypt, check it hashes to its leaf and that
     /// the searchable columns agree with it. Any mismatch is tampering.
     pub fn open_row(&self, row: &AuditRow) -> Result<Value, AuditError> {
+        self.checked(row).map(|(_, v)| v)
+    }
+
+    /// The checks of [`AuditLog::open_row`], keeping the exact bytes too
+    /// (one decryption for both callers).
+    fn checked(&self, row: &AuditRow) -> Result<(Vec<u8>, Value), AuditError> {
         let bad =
             || AuditError::Integrity(format!("record {} fails its integrity check", row.event_id));
         let plain = self
@@ -267,7 +268,7 @@ impl AuditLog {
         {
             return Err(bad());
         }
-        Ok(v)
+        Ok((plain, v))
     }
 
     /// Give every unsealed record a tree position and sign a checkpoint

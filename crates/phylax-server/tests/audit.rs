@@ -580,15 +580,7 @@ async fn alerts_reach_a_signed_webhook_and_survive_a_refusal() {
     use std::sync::{Arc, Mutex};
     // The receiver: HTTPS with its own CA; refuses the first delivery.
     let rdir = tempfile::tempdir().unwrap();
-    let g = phylax_server::tls::generate(&[]).unwrap();
-    let (cert, key, ca) = (
-        rdir.path().join("cert.pem"),
-        rdir.path().join("key.pem"),
-        rdir.path().join("ca.pem"),
-    );
-    std::fs::write(&cert, &g.server_cert_pem).unwrap();
-    phylax_server::tls::write_private(&key, g.server_key_pem.expose()).unwrap();
-    std::fs::write(&ca, &g.ca_cert_pem).unwrap();
+    let (cert, key, ca) = receiver_tls(rdir.path());
     let got: Arc<Mutex<Vec<Delivery>>> = Arc::default();
     let got2 = got.clone();
     let app = axum::Router::new().route(
@@ -692,16 +684,7 @@ async fn alerts_reach_a_signed_webhook_and_survive_a_refusal() {
             .count(),
         0
     );
-    let rows = s
-        .state
-        .store
-        .audit_search(&phylax_store::AuditQuery {
-            subtype: Some("alert".into()),
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let rows = records_of(&s, "alert", 10).await;
     assert_eq!(rows.len(), 1, "one alert per window");
     let ev = s.state.audit.open_row(&rows[0]).unwrap();
     assert!(ev["outcomeDesc"]
@@ -725,15 +708,7 @@ async fn syslog_over_tls_catches_up_after_an_outage() {
     use std::sync::{Arc, Mutex};
     use tokio::io::AsyncReadExt;
     let rdir = tempfile::tempdir().unwrap();
-    let g = phylax_server::tls::generate(&[]).unwrap();
-    let (cert, key, ca) = (
-        rdir.path().join("cert.pem"),
-        rdir.path().join("key.pem"),
-        rdir.path().join("ca.pem"),
-    );
-    std::fs::write(&cert, &g.server_cert_pem).unwrap();
-    phylax_server::tls::write_private(&key, g.server_key_pem.expose()).unwrap();
-    std::fs::write(&ca, &g.ca_cert_pem).unwrap();
+    let (cert, key, ca) = receiver_tls(rdir.path());
     // A port with nothing listening yet: the collector is down.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -805,18 +780,7 @@ async fn syslog_over_tls_catches_up_after_an_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configuration_changes_are_recorded() {
     let s = TestServer::start(common::Backend::Sqlite).await.unwrap();
-    let count = || async {
-        s.state
-            .store
-            .audit_search(&phylax_store::AuditQuery {
-                subtype: Some("config".into()),
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .len()
-    };
+    let count = || async { records_of(&s, "config", 10).await.len() };
     assert_eq!(count().await, 1);
     let (_, stop) = s.second_node().await;
     let _ = stop.send(());
@@ -827,16 +791,7 @@ async fn configuration_changes_are_recorded() {
     let (_, stop) = s.second_node().await;
     let _ = stop.send(());
     assert_eq!(count().await, 2, "a changed configuration is recorded");
-    let rows = s
-        .state
-        .store
-        .audit_search(&phylax_store::AuditQuery {
-            subtype: Some("config".into()),
-            limit: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let rows = records_of(&s, "config", 1).await;
     let ev = s.state.audit.open_row(&rows[0]).unwrap();
     assert!(ev["outcomeDesc"].as_str().unwrap().contains("sha256"));
 }
@@ -863,21 +818,40 @@ async fn writes_feed_the_detector() {
     }
     let mut n = 0;
     for _ in 0..50 {
-        n = s
-            .state
-            .store
-            .audit_search(&phylax_store::AuditQuery {
-                subtype: Some("alert".into()),
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .len();
+        n = records_of(&s, "alert", 10).await.len();
         if n > 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(n, 1, "two creates for two patients crossed the threshold");
+}
+
+/// A receiver's TLS files (certificate, 0600 key, CA) from a fresh local CA.
+fn receiver_tls(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let g = phylax_server::tls::generate(&[]).unwrap();
+    let (cert, key, ca) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert, &g.server_cert_pem).unwrap();
+    phylax_server::tls::write_private(&key, g.server_key_pem.expose()).unwrap();
+    std::fs::write(&ca, &g.ca_cert_pem).unwrap();
+    (cert, key, ca)
+}
+
+/// The newest `limit` audit records of one subtype.
+async fn records_of(s: &TestServer, subtype: &str, limit: u32) -> Vec<phylax_store::AuditRow> {
+    s.state
+        .store
+        .audit_search(&phylax_store::AuditQuery {
+            subtype: Some(subtype.into()),
+            limit,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
 }

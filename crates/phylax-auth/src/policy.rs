@@ -27,6 +27,10 @@ pub enum Principal {
         /// The launch-context patient for `patient/` scopes.
         patient: Option<String>,
         token_id: String,
+        /// When the user last completed a second factor (the token's
+        /// `auth_time` when its `acr` says MFA), for step-up decisions
+        /// such as break-the-glass.
+        mfa_at: Option<i64>,
     },
 }
 
@@ -145,16 +149,22 @@ fn needs(what: Interaction) -> &'static [Perm] {
 
 /// [`decide`] for an interaction on one known resource (`id`).
 ///
-/// Patient-context access (`patient/` scopes) is deliberately narrow until
-/// compartment enforcement covers every interaction (the least-privilege
-/// issue): a patient's token may read and vread its own `Patient` resource
-/// and nothing else. Denying is the fail-closed answer; a wider rule that
-/// forgot one interaction would leak another patient's data.
+/// This is the type-level half of the decision (roles and scopes). Which
+/// patients' data the caller reaches, security labels and break-the-glass
+/// are the resource-level half, [`decide_resource`], applied to every
+/// resource a response would carry and, for searches, as conditions on the
+/// query itself.
+///
+/// Patient-context access (`patient/` scopes) reaches the types of the
+/// Patient compartment and the shared reference types
+/// ([`SHARED_REFERENCE`]); which compartments, [`Reach`] says. Every other
+/// type can hold other patients' data outside any compartment (`Binary`,
+/// `Bundle`, `Linkage`…) and is denied.
 pub fn decide_instance(
     who: &Principal,
     what: Interaction,
     rtype: Option<&str>,
-    id: Option<&str>,
+    _id: Option<&str>,
 ) -> Decision {
     let scopes = match who {
         Principal::Client { scopes, .. } => scopes,
@@ -166,20 +176,26 @@ pub fn decide_instance(
         } => {
             let patient_scoped = scopes.iter().any(|s| s.context == Context::Patient);
             if patient_scoped {
-                let own = matches!(what, Interaction::Read | Interaction::VRead)
-                    && rtype == Some("Patient")
-                    && id.is_some()
-                    && id == patient.as_deref();
-                if !own {
-                    return Decision::Deny("patient context: only the own Patient resource");
+                if patient.is_none() {
+                    return Decision::Deny("patient context: the token names no patient");
                 }
-                return if scopes.allows(Context::Patient, "Patient", Perm::Read)
-                    && role.allows("Patient", Perm::Read)
-                {
-                    Decision::Allow
-                } else {
-                    Decision::Deny("scope or role: not granted for this type and interaction")
+                if what == Interaction::HistorySystem {
+                    return Decision::Deny("patient context: no system-wide history");
+                }
+                let Some(t) = rtype else {
+                    return Decision::Deny("no resource type");
                 };
+                if !compartment_or_shared(t) {
+                    return Decision::Deny("patient context: type outside the patient compartment");
+                }
+                let need = needs(what);
+                if !need.iter().all(|p| scopes.allows(Context::Patient, t, *p)) {
+                    return Decision::Deny("scope: not granted for this type and interaction");
+                }
+                if !need.iter().all(|p| role.allows(t, *p)) {
+                    return Decision::Deny("role: not permitted for this type and interaction");
+                }
+                return Decision::Allow;
             }
             return decide_user(scopes, role, what, rtype);
         }
@@ -205,6 +221,165 @@ pub fn decide_instance(
     } else {
         Decision::Deny("scope: not granted for this type and interaction")
     }
+}
+
+/// Types outside the Patient compartment that hold no patient's data:
+/// the directory (who and where) and definitional content (terminology,
+/// questionnaires, medications, plans). Callers limited to some patients
+/// (patients, care-relationship roles) may read these; every other type
+/// outside the compartment (`Binary`, `Bundle`, `Device`, `Linkage`,
+/// `Contract`, `MessageHeader`, payment notices…) can carry any patient's
+/// data with no compartment link and is denied to them. An allow-list, so
+/// a type nobody thought about stays denied.
+pub const SHARED_REFERENCE: &[&str] = &[
+    "ActivityDefinition",
+    "CapabilityStatement",
+    "CatalogEntry",
+    "ChargeItemDefinition",
+    "CodeSystem",
+    "CompartmentDefinition",
+    "ConceptMap",
+    "DeviceDefinition",
+    "EffectEvidenceSynthesis",
+    "Endpoint",
+    "EventDefinition",
+    "Evidence",
+    "EvidenceVariable",
+    "ExampleScenario",
+    "GraphDefinition",
+    "HealthcareService",
+    "ImplementationGuide",
+    "InsurancePlan",
+    "Library",
+    "Location",
+    "Measure",
+    "Medication",
+    "MedicationKnowledge",
+    "MedicinalProduct",
+    "MedicinalProductAuthorization",
+    "MedicinalProductContraindication",
+    "MedicinalProductIndication",
+    "MedicinalProductIngredient",
+    "MedicinalProductInteraction",
+    "MedicinalProductManufactured",
+    "MedicinalProductPackaged",
+    "MedicinalProductPharmaceutical",
+    "MedicinalProductUndesirableEffect",
+    "MessageDefinition",
+    "NamingSystem",
+    "ObservationDefinition",
+    "OperationDefinition",
+    "Organization",
+    "OrganizationAffiliation",
+    "PlanDefinition",
+    "Practitioner",
+    "PractitionerRole",
+    "Questionnaire",
+    "ResearchDefinition",
+    "ResearchElementDefinition",
+    "ResearchStudy",
+    "RiskEvidenceSynthesis",
+    "SearchParameter",
+    "Slot",
+    "SpecimenDefinition",
+    "StructureDefinition",
+    "StructureMap",
+    "Substance",
+    "SubstanceNucleicAcid",
+    "SubstancePolymer",
+    "SubstanceProtein",
+    "SubstanceReferenceInformation",
+    "SubstanceSourceMaterial",
+    "SubstanceSpecification",
+    "TerminologyCapabilities",
+    "TestScript",
+    "ValueSet",
+];
+
+fn compartment_or_shared(rtype: &str) -> bool {
+    phylax_fhir::compartment::is_compartment_type(rtype) || SHARED_REFERENCE.contains(&rtype)
+}
+
+/// Which patients' data one request reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    /// No patient restriction: the type-level decision alone applies.
+    All,
+    /// Only these patients' compartments (and shared reference types).
+    Patients(std::collections::BTreeSet<String>),
+}
+
+/// The resource-level facts of one request's caller: computed once per
+/// request (care relationships and break-the-glass grants are looked up
+/// then, so a change applies to the next request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    pub reach: Reach,
+    /// Patients reached through an active break-the-glass grant (also in
+    /// `reach`). Their restricted-label data is visible too, and every
+    /// access to them is marked in the audit log.
+    pub emergency: std::collections::BTreeSet<String>,
+    /// May see restricted-label data of every patient it reaches.
+    pub labelled: bool,
+}
+
+impl Access {
+    /// No patient restriction, labels visible: backend clients with the
+    /// right scopes, and tests.
+    pub fn unrestricted() -> Access {
+        Access {
+            reach: Reach::All,
+            emergency: Default::default(),
+            labelled: true,
+        }
+    }
+
+    /// Whether `patient`'s compartment is reachable.
+    pub fn reaches(&self, patient: &str) -> bool {
+        match &self.reach {
+            Reach::All => true,
+            Reach::Patients(set) => set.contains(patient),
+        }
+    }
+}
+
+/// What the decision needs to know about one resource.
+#[derive(Debug, Clone, Copy)]
+pub struct ResourceFacts<'a> {
+    pub rtype: &'a str,
+    /// Patients whose compartment it is in.
+    pub patients: &'a [String],
+    /// It carries a restricted security label (confidentiality R or V, or a
+    /// sensitive category; the list is configuration).
+    pub restricted: bool,
+}
+
+/// The resource-level half of the decision: may a caller with `access`
+/// see this resource (read it, find it, receive it as an include, write
+/// over it)? Deny by default for callers limited to some patients:
+/// - a compartment type is reachable when one of its patients is (a
+///   resource of such a type that names no patient belongs to nobody's
+///   compartment and is not reachable);
+/// - outside the compartment, only the shared reference types;
+/// - restricted labels need the role's permission or break-the-glass on
+///   one of the resource's patients.
+pub fn decide_resource(access: &Access, r: &ResourceFacts<'_>) -> Decision {
+    if let Reach::Patients(set) = &access.reach {
+        if phylax_fhir::compartment::is_compartment_type(r.rtype) {
+            if !r.patients.iter().any(|p| set.contains(p)) {
+                return Decision::Deny("reach: not in a compartment the caller reaches");
+            }
+        } else if !SHARED_REFERENCE.contains(&r.rtype) {
+            return Decision::Deny(
+                "reach: type may hold data of patients outside the caller's reach",
+            );
+        }
+    }
+    if r.restricted && !access.labelled && !r.patients.iter().any(|p| access.emergency.contains(p))
+    {
+        return Decision::Deny("security label: restricted data needs an explicit permission");
+    }
+    Decision::Allow
 }
 
 #[cfg(test)]
@@ -274,6 +449,7 @@ mod tests {
             scopes: ScopeSet::parse_lenient(scope),
             patient: patient.map(str::to_owned),
             token_id: "t".into(),
+            mfa_at: None,
         }
     }
 
@@ -290,6 +466,7 @@ mod tests {
             scopes: ScopeSet::parse_lenient(scope),
             patient: patient.map(str::to_owned),
             token_id: "t".into(),
+            mfa_at: None,
         }
     }
 
@@ -311,32 +488,123 @@ mod tests {
             decide(&user("system/*.cruds", None), Read, Some("Patient")),
             Decision::Deny(_)
         ));
+        // Patient context: compartment and shared reference types, read
+        // and search; which compartments is the resource-level half.
         let p = user("patient/*.rs", Some("p1"));
-        assert_eq!(
-            decide_instance(&p, Read, Some("Patient"), Some("p1")),
-            Decision::Allow
-        );
-        assert_eq!(
-            decide_instance(&p, VRead, Some("Patient"), Some("p1")),
-            Decision::Allow
-        );
-        assert!(
-            matches!(
-                decide_instance(&p, Read, Some("Patient"), Some("p2")),
-                Decision::Deny(_)
-            ),
-            "another patient"
-        );
+        for t in [
+            "Patient",
+            "Observation",
+            "Encounter",
+            "Practitioner",
+            "Medication",
+        ] {
+            assert_eq!(decide(&p, Read, Some(t)), Decision::Allow, "{t}");
+            assert_eq!(decide(&p, SearchType, Some(t)), Decision::Allow, "{t}");
+        }
+        for t in [
+            "Binary",
+            "Bundle",
+            "Device",
+            "Linkage",
+            "AuditEvent",
+            "Contract",
+        ] {
+            assert!(
+                matches!(decide(&p, Read, Some(t)), Decision::Deny(_)),
+                "{t}"
+            );
+        }
         assert!(matches!(
-            decide(&p, SearchType, Some("Patient")),
+            decide(&p, Create, Some("Observation")),
             Decision::Deny(_)
         ));
+        assert!(matches!(decide(&p, HistorySystem, None), Decision::Deny(_)));
+        // A narrower patient scope stays narrow.
+        let po = user("patient/Observation.rs", Some("p1"));
         assert!(matches!(
-            decide_instance(&p, Read, Some("Observation"), Some("p1")),
+            decide(&po, Read, Some("Condition")),
             Decision::Deny(_)
         ));
         assert!(matches!(
             decide_instance(&user("patient/*.rs", None), Read, Some("Patient"), None),
+            Decision::Deny(_)
+        ));
+    }
+
+    fn facts<'a>(rtype: &'a str, patients: &'a [String], restricted: bool) -> ResourceFacts<'a> {
+        ResourceFacts {
+            rtype,
+            patients,
+            restricted,
+        }
+    }
+
+    #[test]
+    fn resource_level_reach_labels_and_emergency() {
+        let only = |ids: &[&str]| Access {
+            reach: Reach::Patients(ids.iter().map(|s| (*s).to_owned()).collect()),
+            emergency: Default::default(),
+            labelled: false,
+        };
+        let a = only(&["p1"]);
+        let p1 = vec!["p1".to_owned()];
+        let p2 = vec!["p2".to_owned()];
+        let both = vec!["p2".to_owned(), "p1".to_owned()];
+        let none: Vec<String> = Vec::new();
+        assert_eq!(
+            decide_resource(&a, &facts("Observation", &p1, false)),
+            Decision::Allow
+        );
+        assert!(
+            matches!(decide_resource(&a, &facts("Observation", &p2, false)), Decision::Deny(r) if r.starts_with("reach"))
+        );
+        assert_eq!(
+            decide_resource(&a, &facts("Observation", &both, false)),
+            Decision::Allow
+        );
+        // In the compartment's types but naming no patient: nobody's.
+        assert!(matches!(
+            decide_resource(&a, &facts("Observation", &none, false)),
+            Decision::Deny(_)
+        ));
+        assert_eq!(
+            decide_resource(&a, &facts("Practitioner", &none, false)),
+            Decision::Allow
+        );
+        assert!(matches!(
+            decide_resource(&a, &facts("Binary", &none, false)),
+            Decision::Deny(_)
+        ));
+        // Labels: refused without the permission, allowed with it or under
+        // break-the-glass for that patient only.
+        assert!(
+            matches!(decide_resource(&a, &facts("Observation", &p1, true)), Decision::Deny(r) if r.starts_with("security label"))
+        );
+        let mut l = only(&["p1"]);
+        l.labelled = true;
+        assert_eq!(
+            decide_resource(&l, &facts("Observation", &p1, true)),
+            Decision::Allow
+        );
+        let mut e = only(&["p1", "p2"]);
+        e.emergency.insert("p2".into());
+        assert_eq!(
+            decide_resource(&e, &facts("Observation", &p2, true)),
+            Decision::Allow
+        );
+        assert!(matches!(
+            decide_resource(&e, &facts("Observation", &p1, true)),
+            Decision::Deny(_)
+        ));
+        // Unrestricted reach still honours labels.
+        let mut all = Access::unrestricted();
+        assert_eq!(
+            decide_resource(&all, &facts("Binary", &none, true)),
+            Decision::Allow
+        );
+        all.labelled = false;
+        assert!(matches!(
+            decide_resource(&all, &facts("Observation", &p2, true)),
             Decision::Deny(_)
         ));
     }

@@ -38,6 +38,29 @@ pub struct Grant {
     pub perms: BTreeSet<Perm>,
 }
 
+/// Whose patients' data a role reaches (on top of its type grants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReachRule {
+    /// Every patient (type grants alone decide): roles whose job spans the
+    /// whole organisation (reception, billing, research, audit).
+    Everyone,
+    /// Only patients the user has a care relationship with (their
+    /// organisation's or care team's patients), plus break-the-glass.
+    CareRelationships,
+    /// The user's own compartment (and delegated ones): patients.
+    OwnCompartment,
+}
+
+impl ReachRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReachRule::Everyone => "everyone",
+            ReachRule::CareRelationships => "care-relationships",
+            ReachRule::OwnCompartment => "own-compartment",
+        }
+    }
+}
+
 /// One role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoleDef {
@@ -47,6 +70,13 @@ pub struct RoleDef {
     /// else is workforce (`user/` scopes).
     pub patient: bool,
     pub grants: Vec<Grant>,
+    /// Whose patients it reaches.
+    pub reach: ReachRule,
+    /// May see resources carrying restricted security labels (for the
+    /// patients it reaches) without break-the-glass.
+    pub labelled: bool,
+    /// May ask for break-the-glass emergency access.
+    pub break_glass: bool,
 }
 
 impl RoleDef {
@@ -170,18 +200,27 @@ pub fn builtin() -> Vec<RoleDef> {
             description: "Clinical staff who treat patients: all clinical and demographic data, no audit records".into(),
             patient: false,
             grants: vec![grant(all_but(AUDIT), "cruds")],
+            reach: ReachRule::CareRelationships,
+            labelled: false,
+            break_glass: true,
         },
         RoleDef {
             name: "nurse".into(),
             description: "Nursing staff: like a clinician, without deleting records".into(),
             patient: false,
             grants: vec![grant(all_but(AUDIT), "crus")],
+            reach: ReachRule::CareRelationships,
+            labelled: false,
+            break_glass: true,
         },
         RoleDef {
             name: "front-desk".into(),
             description: "Reception: demographics, coverage and scheduling only".into(),
             patient: false,
             grants: vec![grant(only(DEMOGRAPHICS_SCHEDULING), "crus")],
+            reach: ReachRule::Everyone,
+            labelled: false,
+            break_glass: false,
         },
         RoleDef {
             name: "billing".into(),
@@ -191,30 +230,45 @@ pub fn builtin() -> Vec<RoleDef> {
                 grant(only(FINANCIAL), "crus"),
                 grant(only(FINANCIAL_CONTEXT), "rs"),
             ],
+            reach: ReachRule::Everyone,
+            labelled: false,
+            break_glass: false,
         },
         RoleDef {
             name: "researcher".into(),
             description: "Research: reads clinical data; no identifying, financial or audit types (until masking exists)".into(),
             patient: false,
             grants: vec![grant(all_but(&not_for_research), "rs")],
+            reach: ReachRule::Everyone,
+            labelled: false,
+            break_glass: false,
         },
         RoleDef {
             name: "auditor".into(),
             description: "Compliance: audit and provenance records only".into(),
             patient: false,
             grants: vec![grant(only(AUDIT), "rs")],
+            reach: ReachRule::Everyone,
+            labelled: false,
+            break_glass: false,
         },
         RoleDef {
             name: "admin".into(),
             description: "Administration: users, clients, keys (CLI) and the directory; no clinical data".into(),
             patient: false,
             grants: vec![grant(only(DIRECTORY), "cruds")],
+            reach: ReachRule::Everyone,
+            labelled: false,
+            break_glass: false,
         },
         RoleDef {
             name: "patient".into(),
             description: "A patient: their own record, through patient/ scopes".into(),
             patient: true,
             grants: vec![grant(all_but(AUDIT), "rs")],
+            reach: ReachRule::OwnCompartment,
+            labelled: true,
+            break_glass: false,
         },
     ]
 }
@@ -227,6 +281,11 @@ pub struct CustomRole {
     /// `(types, perms)`: types are resource type names or `*`; perms are
     /// `cruds` letters.
     pub grants: Vec<(Vec<String>, String)>,
+    /// Limited to the user's care relationships (default) or reaching
+    /// every patient.
+    pub reach: ReachRule,
+    pub labelled: bool,
+    pub break_glass: bool,
 }
 
 /// The role registry: built-in roles plus validated custom ones.
@@ -304,10 +363,40 @@ impl Roles {
                     description: c.description.clone(),
                     patient: false,
                     grants,
+                    reach: c.reach,
+                    labelled: c.labelled,
+                    break_glass: c.break_glass,
                 }),
             );
         }
         Ok(Roles { map })
+    }
+
+    /// Apply the deployment's `[access]` choices: with `care_relationships`
+    /// off, roles limited to care relationships reach every patient; roles
+    /// in `labelled` may see restricted-label data. Unknown names are an
+    /// error (a typo must not silently grant or withhold).
+    pub fn with_access(
+        mut self,
+        care_relationships: bool,
+        labelled: &[String],
+    ) -> Result<Roles, String> {
+        for n in labelled {
+            if !self.map.contains_key(n) {
+                return Err(format!("access.labelled_roles: unknown role {n}"));
+            }
+        }
+        for (name, def) in self.map.iter_mut() {
+            let mut d = (**def).clone();
+            if !care_relationships && d.reach == ReachRule::CareRelationships {
+                d.reach = ReachRule::Everyone;
+            }
+            if labelled.contains(name) {
+                d.labelled = true;
+            }
+            *def = Arc::new(d);
+        }
+        Ok(self)
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<RoleDef>> {
@@ -389,6 +478,9 @@ mod tests {
             name: "lab-tech".into(),
             description: "Lab".into(),
             grants: vec![(vec!["Observation".into()], "crus".into())],
+            reach: ReachRule::CareRelationships,
+            labelled: false,
+            break_glass: false,
         };
         let r = Roles::new(std::slice::from_ref(&ok), known).unwrap();
         assert!(r.get("lab-tech").unwrap().allows("Observation", Create));
@@ -400,6 +492,9 @@ mod tests {
                 types.iter().map(|t| (*t).to_owned()).collect(),
                 perms.into(),
             )],
+            reach: ReachRule::Everyone,
+            labelled: false,
+            break_glass: false,
         };
         for (c, why) in [
             (bad("clinician", &["Patient"], "r"), "taken"),

@@ -36,6 +36,40 @@ pub fn patient_of(rtype: &ResourceType, resource: &Value) -> Option<String> {
     None
 }
 
+/// Whether resources of `rtype` can be in a Patient compartment at all
+/// (the official CompartmentDefinition names the type).
+pub fn is_compartment_type(rtype: &str) -> bool {
+    rtype == "Patient" || !definitions().compartment_params(rtype).is_empty()
+}
+
+/// Every patient whose compartment `resource` is in (any compartment
+/// parameter referencing `Patient/{id}`; a `Patient` is in its own), without
+/// repeats, in the definition's order. Access decisions use this: a resource
+/// is reachable when any of its patients is (the same rule the search side
+/// applies through the compartment index entries).
+pub fn patients_of(rtype: &ResourceType, resource: &Value) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    if rtype.as_str() == "Patient" {
+        if let Some(id) = resource
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| is_valid_id(id))
+        {
+            out.push(id.to_owned());
+        }
+    }
+    for path in definitions().compartment_paths(rtype.as_str()) {
+        walk(resource, path, &mut |node| {
+            if let Some(p) = patient_reference(node) {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        });
+    }
+    out
+}
+
 fn walk(node: &Value, path: &[String], f: &mut dyn FnMut(&Value)) {
     match node {
         Value::Array(items) => items.iter().for_each(|i| walk(i, path, f)),
@@ -65,6 +99,19 @@ mod tests {
 
     fn t(s: &str) -> ResourceType {
         ResourceType::parse(s).unwrap()
+    }
+
+    #[test]
+    fn every_patient_of_a_resource() {
+        let obs = json!({"resourceType":"Observation","subject":{"reference":"Patient/p2"},
+            "performer":[{"reference":"Practitioner/x"},{"reference":"Patient/p3/_history/2"},{"reference":"Patient/p2"}]});
+        assert_eq!(patients_of(&t("Observation"), &obs), vec!["p2", "p3"]);
+        let p =
+            json!({"resourceType":"Patient","id":"a","link":[{"other":{"reference":"Patient/b"}}]});
+        assert_eq!(patients_of(&t("Patient"), &p), vec!["a", "b"]);
+        assert!(patients_of(&t("Observation"), &json!({"resourceType":"Observation"})).is_empty());
+        assert!(is_compartment_type("Observation") && is_compartment_type("Patient"));
+        assert!(!is_compartment_type("Practitioner") && !is_compartment_type("Binary"));
     }
 
     #[test]

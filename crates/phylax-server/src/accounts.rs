@@ -73,6 +73,8 @@ pub enum AccountError {
     BadRole(String),
     #[error("a patient account needs --patient ID, and only patients have one")]
     PatientLink,
+    #[error("only workforce users link to a Practitioner, given as a valid resource id")]
+    PractitionerLink,
     #[error("that username is taken")]
     Taken,
     #[error("no such user")]
@@ -131,6 +133,10 @@ pub struct Account {
     recovery: Vec<String>,
     #[serde(default)]
     patient: Option<String>,
+    /// For workforce users: their `Practitioner` resource id, from which
+    /// their care relationships are found (docs/ACCESS_CONTROL.md).
+    #[serde(default)]
+    practitioner: Option<String>,
     #[serde(default)]
     failures: u32,
     #[serde(default)]
@@ -218,6 +224,9 @@ impl User {
     }
     pub fn patient(&self) -> Option<&str> {
         self.acct.patient.as_deref()
+    }
+    pub fn practitioner(&self) -> Option<&str> {
+        self.acct.practitioner.as_deref()
     }
     pub fn has_password(&self) -> bool {
         self.acct.password.is_some()
@@ -390,6 +399,23 @@ impl Accounts {
         ttl: i64,
         now: i64,
     ) -> Result<(User, String), AccountError> {
+        self.add_linked(username, role, patient, None, ttl, now)
+            .await
+    }
+
+    /// [`Accounts::add`] with a workforce user's `Practitioner` link.
+    pub async fn add_linked(
+        &self,
+        username: &str,
+        role: &str,
+        patient: Option<&str>,
+        practitioner: Option<&str>,
+        ttl: i64,
+        now: i64,
+    ) -> Result<(User, String), AccountError> {
+        if practitioner.is_some_and(|p| patient.is_some() || !phylax_fhir::ids::is_valid_id(p)) {
+            return Err(AccountError::PractitionerLink);
+        }
         let username = normalize_username(username)?;
         let r = self
             .roles
@@ -406,6 +432,7 @@ impl Accounts {
         let mut acct = Account::default();
         acct.username = username.clone();
         acct.patient = patient.map(str::to_owned);
+        acct.practitioner = practitioner.map(str::to_owned);
         acct.enrollment = Some(Enrollment {
             hash: self.keyed("enroll", token.as_bytes()),
             expires: now + ttl,
@@ -900,6 +927,31 @@ impl Accounts {
                     return Err(AccountError::PatientLink);
                 }
                 u.rec.role = r.name.clone();
+                Ok(())
+            })
+            .await?;
+        self.end_sessions(id, now).await?;
+        Ok(u)
+    }
+
+    /// Link a workforce user to their `Practitioner` resource (or unlink
+    /// with `None`). Their care relationships follow from it, so their
+    /// sessions and tokens end, as for a role change.
+    pub async fn set_practitioner(
+        &self,
+        id: &str,
+        practitioner: Option<&str>,
+        now: i64,
+    ) -> Result<User, AccountError> {
+        if practitioner.is_some_and(|p| !phylax_fhir::ids::is_valid_id(p)) {
+            return Err(AccountError::PractitionerLink);
+        }
+        let (u, ()) = self
+            .modify(id, |u| {
+                if u.acct.patient.is_some() {
+                    return Err(AccountError::PractitionerLink);
+                }
+                u.acct.practitioner = practitioner.map(str::to_owned);
                 Ok(())
             })
             .await?;

@@ -480,7 +480,8 @@ async fn transaction(
         Ok(r) => r,
         Err(e) => {
             let status = e.status().as_u16();
-            match pipeline::record(st, ctx, "transaction", AuditRefs::default(), status, None).await
+            let rule = e.denied_by();
+            match pipeline::record(st, ctx, "transaction", AuditRefs::default(), status, rule).await
             {
                 Ok(()) => e.into_response(),
                 Err(a) => a.into_response(),
@@ -516,6 +517,10 @@ async fn run_transaction(
         };
         allow(st, ctx, what, &rtype).await?;
     }
+
+    // Drafts the writes' audit records and checks each written or replaced
+    // resource against the caller's reach.
+    let auditor = pipeline::WriteAuditor::new(st, ctx);
 
     // 2. Resolve ids: deletes, then creates, then updates.
     let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
@@ -570,6 +575,10 @@ async fn run_transaction(
                     Some(id) => st.repo.current_row(&rtype, id).await?,
                     None => None,
                 };
+                st.repo
+                    .guard_existing(Some(&auditor), cur.as_ref())
+                    .await
+                    .map_err(|x| at_entry(idx, x.into()))?;
                 match (id, cur) {
                     (Some(id), Some(cur)) if !cur.deleted => {
                         claim(idx, &rtype, &id)?;
@@ -675,6 +684,10 @@ async fn run_transaction(
                     None => None,
                 };
                 let cur = st.repo.current_row(&rtype, &id).await?;
+                st.repo
+                    .guard_existing(Some(&auditor), cur.as_ref())
+                    .await
+                    .map_err(|x| at_entry(idx, x.into()))?;
                 let (version, pre, created) = match cur {
                     None => {
                         if if_match.is_some() {
@@ -755,6 +768,9 @@ async fn run_transaction(
         // is not a valid reference until resolved).
         let (_, body) = fhir_api::validated(p.body).map_err(|e| at_entry(p.idx, e))?;
         p.body = body;
+        auditor
+            .guard_new(&p.rtype, &p.body)
+            .map_err(|x| at_entry(p.idx, x.into()))?;
         let w = st
             .repo
             .plan_put(&p.rtype, &p.id, p.version, p.body, p.pre)
@@ -767,7 +783,6 @@ async fn run_transaction(
         });
     }
     // Every write's audit record commits with the writes: all or nothing.
-    let auditor = pipeline::WriteAuditor::new(st, ctx);
     let records = planned
         .iter()
         .zip(&planned_what)

@@ -34,6 +34,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub detect: DetectConfig,
+    #[serde(default)]
+    pub access: AccessConfig,
     /// Custom roles, in addition to the built-in ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<RoleConfig>,
@@ -47,6 +49,80 @@ pub struct RoleConfig {
     #[serde(default)]
     pub description: String,
     pub grants: Vec<RoleGrantConfig>,
+    /// `care-relationships` (default: only the patients the user cares
+    /// for) or `everyone`.
+    #[serde(default = "default_role_reach")]
+    pub reach: String,
+    /// May see restricted-label data without break-the-glass.
+    #[serde(default)]
+    pub labelled: bool,
+    /// May ask for break-the-glass emergency access.
+    #[serde(default)]
+    pub break_glass: bool,
+}
+
+fn default_role_reach() -> String {
+    "care-relationships".into()
+}
+
+/// `[access]`: the resource-level half of authorization (docs/
+/// ACCESS_CONTROL.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Clinicians and nurses reach only the patients they have a care
+    /// relationship with. On by default.
+    pub care_relationships: bool,
+    /// Roles (built-in or custom) that see restricted-label data of the
+    /// patients they reach without break-the-glass.
+    pub labelled_roles: Vec<String>,
+    /// Backend clients (client ids) that see restricted-label data.
+    pub labelled_clients: Vec<String>,
+    /// Security labels that make a resource restricted, as `system|code`.
+    pub restricted_labels: Vec<String>,
+    /// How long a break-the-glass grant lasts.
+    pub break_glass_minutes: u32,
+    /// Break-the-glass needs a sign-in (with its second factor) at most
+    /// this long ago.
+    pub break_glass_mfa_max_age_secs: u64,
+    /// Most patients a care-relationship user may reach; beyond it their
+    /// requests are refused with a clear reason (the set becomes part of
+    /// every query) rather than served slowly.
+    pub max_reach: usize,
+}
+
+/// HL7 v3 confidentiality and sensitivity codes.
+pub const CONFIDENTIALITY: &str = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality";
+pub const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        let mut restricted: Vec<String> = ["R", "V"]
+            .iter()
+            .map(|c| format!("{CONFIDENTIALITY}|{c}"))
+            .collect();
+        // Sensitivity categories (v3 ActCode, _InformationSensitivityPolicy):
+        // substance use, HIV/AIDS, psychiatry and behavioural health,
+        // sickle cell, sexual and domestic violence, sexuality and
+        // reproductive health, sexually transmitted disease.
+        restricted.extend(
+            [
+                "ETH", "ETHUD", "SUD", "HIV", "PSY", "PSYTHPN", "BH", "MH", "SCA", "SDV", "SEX",
+                "STD",
+            ]
+            .iter()
+            .map(|c| format!("{ACT_CODE}|{c}")),
+        );
+        AccessConfig {
+            care_relationships: true,
+            labelled_roles: Vec::new(),
+            labelled_clients: Vec::new(),
+            restricted_labels: restricted,
+            break_glass_minutes: 60,
+            break_glass_mfa_max_age_secs: 900,
+            max_reach: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -405,6 +481,24 @@ impl Config {
         if self.audit.export_max_bytes < 4096 {
             return Err("audit.export_max_bytes must be at least 4096".into());
         }
+        for l in &self.access.restricted_labels {
+            if l.split_once('|')
+                .is_none_or(|(s, c)| s.is_empty() || c.is_empty())
+            {
+                return Err(format!(
+                    "access.restricted_labels: {l:?} must be system|code"
+                ));
+            }
+        }
+        if !(1..=24 * 60).contains(&self.access.break_glass_minutes) {
+            return Err("access.break_glass_minutes must be 1 to 1440".into());
+        }
+        if !(60..=3600).contains(&self.access.break_glass_mfa_max_age_secs) {
+            return Err("access.break_glass_mfa_max_age_secs must be 60 to 3600".into());
+        }
+        if self.access.max_reach == 0 {
+            return Err("access.max_reach must be positive".into());
+        }
         if self.audit.retention_days < 365 {
             return Err("audit.retention_days must be at least 365".into());
         }
@@ -428,12 +522,29 @@ impl Config {
                     .iter()
                     .map(|g| (g.types.clone(), g.perms.clone()))
                     .collect(),
+                reach: match r.reach.as_str() {
+                    "everyone" => phylax_auth::roles::ReachRule::Everyone,
+                    _ => phylax_auth::roles::ReachRule::CareRelationships,
+                },
+                labelled: r.labelled,
+                break_glass: r.break_glass,
             })
             .collect();
+        if let Some(r) = self
+            .roles
+            .iter()
+            .find(|r| !matches!(r.reach.as_str(), "everyone" | "care-relationships"))
+        {
+            return Err(format!(
+                "[[roles]]: role {}: reach must be \"care-relationships\" or \"everyone\"",
+                r.name
+            ));
+        }
         phylax_auth::roles::Roles::new(&custom, |t| {
             phylax_fhir::ids::ResourceType::parse(t).is_some()
         })
-        .map_err(|e| format!("[[roles]]: {e}"))
+        .map_err(|e| format!("[[roles]]: {e}"))?
+        .with_access(self.access.care_relationships, &self.access.labelled_roles)
     }
 
     /// The WebAuthn relying party: RP id and allowed origins.

@@ -200,6 +200,17 @@ impl Rules {
                     user.clone(),
                 );
             }
+            EventKind::Security("break-the-glass") => {
+                alert(
+                    "break-the-glass",
+                    "high",
+                    format!(
+                        "user {} used break-the-glass emergency access to a patient outside their care relationships",
+                        user.clone().unwrap_or_default()
+                    ),
+                    user.clone(),
+                );
+            }
             EventKind::Security("role") => {
                 alert(
                     "privilege-change",

@@ -25,6 +25,13 @@ pub enum ApiError {
     Unauthorized,
     Forbidden,
     NotFound,
+    /// A resource exists but is outside the caller's reach (another
+    /// patient, a restricted label): answered exactly like `NotFound`, so
+    /// ids cannot be probed. The rule goes to the audit record only.
+    Hidden(&'static str),
+    /// A write the type-level grant allows, on data outside the caller's
+    /// reach (the rule goes to the audit record).
+    Refused(&'static str),
     UnknownType,
     Gone,
     BadRequest(Vec<Issue>),
@@ -49,11 +56,21 @@ impl ApiError {
         ApiError::BadRequest(vec![Issue::error(IssueCode::Invalid, msg)])
     }
 
+    /// The access rule behind a refusal, for the audit record.
+    pub fn denied_by(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Hidden(r) | ApiError::Refused(r) => Some(r),
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
-            ApiError::NotFound | ApiError::UnknownType => StatusCode::NOT_FOUND,
+            ApiError::Forbidden | ApiError::Refused(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound | ApiError::Hidden(_) | ApiError::UnknownType => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::Gone => StatusCode::GONE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -77,7 +94,13 @@ impl ApiError {
                 "authentication required: a valid bearer token is needed",
             ),
             ApiError::Forbidden => one(IssueCode::Forbidden, "not permitted by the granted scopes"),
-            ApiError::NotFound => one(IssueCode::NotFound, "resource not found"),
+            ApiError::NotFound | ApiError::Hidden(_) => {
+                one(IssueCode::NotFound, "resource not found")
+            }
+            ApiError::Refused(_) => one(
+                IssueCode::Forbidden,
+                "not permitted: the resource concerns a patient outside your access",
+            ),
             ApiError::UnknownType => {
                 one(IssueCode::NotSupported, "unknown resource type or endpoint")
             }
@@ -127,6 +150,11 @@ impl From<RepoError> for ApiError {
                 ApiError::MethodNotAllowed("update-as-create is not allowed on this server")
             }
             RepoError::Conflict => ApiError::Conflict,
+            RepoError::Denied { hidden: true, rule } => ApiError::Hidden(rule),
+            RepoError::Denied {
+                hidden: false,
+                rule,
+            } => ApiError::Refused(rule),
             e @ RepoError::Integrity { .. } => ApiError::Integrity(e.to_string()),
             RepoError::Store(phylax_store::StoreError::Unavailable(c)) => ApiError::Unavailable(c),
             other => ApiError::Internal(other.to_string()),

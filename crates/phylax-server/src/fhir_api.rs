@@ -442,7 +442,8 @@ pub async fn read(
             check_accept(&h, &q)?;
             let control = ResultControl::parse(&rtype, &q)?;
             let id = rid.ok_or(ApiError::NotFound)?;
-            let v = st.repo.read(&rtype, &id).await?;
+            let v = hidden_if_gone(&ctx, st.repo.read(&rtype, &id).await)?;
+            crate::access::check(&st, &ctx.access, &v)?;
             match (&v.body, control.subsets()) {
                 (Some(b), true) => {
                     let mut r = fhir_json(StatusCode::OK, &control.apply(b.json()));
@@ -486,7 +487,8 @@ pub async fn vread(
             check_accept(&h, &q)?;
             let id = rid.ok_or(ApiError::NotFound)?;
             let vid = VersionId::parse(&vid).ok_or(ApiError::NotFound)?;
-            let v = st.repo.vread(&rtype, &id, vid).await?;
+            let v = hidden_if_gone(&ctx, st.repo.vread(&rtype, &id, vid).await)?;
+            crate::access::check(&st, &ctx.access, &v)?;
             Ok(read_response(&st, &v))
         },
     )
@@ -609,9 +611,32 @@ pub async fn delete(
     .await)
 }
 
+/// A deleted resource names no patient, so a caller limited to some
+/// patients cannot be told whether it was theirs: for them, 410 would
+/// confirm that an id existed. They get 404.
+fn hidden_if_gone(
+    ctx: &RequestCtx,
+    r: Result<crate::repo::ResourceVersion, crate::repo::RepoError>,
+) -> Result<crate::repo::ResourceVersion, ApiError> {
+    match r {
+        Err(crate::repo::RepoError::Gone(_))
+            if ctx.access.reach != phylax_auth::policy::Reach::All =>
+        {
+            Err(ApiError::Hidden(
+                "reach: a deleted resource names no patient",
+            ))
+        }
+        r => Ok(r?),
+    }
+}
+
 /// History for any scope, as a `history` Bundle with MACed paging links.
+/// Versions outside the caller's reach are left out of the page (a
+/// resource's history is decided version by version: one that moved
+/// between patients shows only the versions the caller may see).
 async fn history(
     st: &AppState,
+    ctx: &RequestCtx,
     scope: HistoryScope,
     listing: String,
     path: String,
@@ -640,6 +665,12 @@ async fn history(
         .await?;
     let more = rows.len() > count as usize;
     let rows = &rows[..rows.len().min(count as usize)];
+    // The cursor follows the unfiltered page, so paging stays stable.
+    let next_mark = rows.last().map(|v| v.seq);
+    let rows: Vec<&crate::repo::ResourceVersion> = rows
+        .iter()
+        .filter(|v| crate::access::allows(st, &ctx.access, v) == Decision::Allow)
+        .collect();
     let mut base_q = format!("_count={count}");
     if let Some(s) = q.get("_since") {
         base_q.push_str("&_since=");
@@ -651,8 +682,8 @@ async fn history(
         None => format!("{url}?{base_q}"),
     }})];
     if more {
-        if let Some(last) = rows.last() {
-            links.push(json!({"relation": "next", "url": format!("{url}?{base_q}&_cursor={}", make_cursor(st, &listing, last.seq))}));
+        if let Some(last) = next_mark {
+            links.push(json!({"relation": "next", "url": format!("{url}?{base_q}&_cursor={}", make_cursor(st, &listing, last))}));
         }
     }
     let entries: Vec<Value> = rows
@@ -679,7 +710,7 @@ async fn history(
         .collect();
     let mut r = fhir_json(StatusCode::OK, &bundle("history", links, entries));
     r.extensions_mut()
-        .insert(pipeline::AuditRefs::of_versions(rows.iter()));
+        .insert(pipeline::AuditRefs::of_versions(rows.iter().copied()));
     Ok(r)
 }
 
@@ -711,9 +742,21 @@ pub async fn history_instance(
             {
                 return Err(ApiError::NotFound);
             }
+            // A caller limited to some patients must not learn that an id
+            // outside their reach exists from an empty history.
+            if ctx.access.reach != phylax_auth::policy::Reach::All || !ctx.access.labelled {
+                match hidden_if_gone(&ctx, st.repo.read(&rtype, &id).await) {
+                    Ok(v) => crate::access::check(&st, &ctx.access, &v)?,
+                    // Deleted, and the caller reaches every patient: the
+                    // versions are decided one by one below.
+                    Err(ApiError::Gone) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             let scope = HistoryScope::Instance(rtype.to_string(), id.to_string());
             history(
                 &st,
+                &ctx,
                 scope,
                 format!("i|{rtype}|{id}"),
                 format!("/{rtype}/{id}/_history"),
@@ -744,6 +787,7 @@ pub async fn history_type(
         || async {
             history(
                 &st,
+                &ctx,
                 HistoryScope::Type(rtype.to_string()),
                 format!("t|{rtype}"),
                 format!("/{rtype}/_history"),
@@ -772,6 +816,7 @@ pub async fn history_system(
         || async {
             history(
                 &st,
+                &ctx,
                 HistoryScope::System,
                 "s".into(),
                 "/_history".into(),
@@ -802,7 +847,7 @@ pub(crate) async fn conditional_matches(
     {
         return Err(ApiError::Forbidden);
     }
-    let parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
+    let mut parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
     if !parsed.unknown.is_empty() {
         // Ignoring an unknown criterion could match the wrong resource.
         return Err(ApiError::BadRequest(
@@ -823,6 +868,11 @@ pub(crate) async fn conditional_matches(
             "a conditional operation needs search criteria",
         ));
     }
+    // Only resources the caller may see can match (a conditional update
+    // or delete must not reach past them).
+    parsed
+        .and
+        .extend(crate::access::query_conditions(st, &ctx.access, rtype));
     let q = phylax_store::SearchQuery {
         rtype: rtype.to_string(),
         and: parsed.and,

@@ -70,6 +70,8 @@ pub struct AppState {
     pub roles: Arc<phylax_auth::roles::Roles>,
     /// Counters for `GET /metrics`.
     pub metrics: crate::metrics::Metrics,
+    /// Care relationships per user, briefly reused (see `access`).
+    pub care_cache: crate::access::CareCache,
 }
 
 /// How often the disabled-client list is refreshed.
@@ -137,6 +139,7 @@ impl AppState {
             config,
             data_dir,
             metrics: Default::default(),
+            care_cache: Default::default(),
         });
         st.refresh_disabled()
             .await
@@ -363,7 +366,7 @@ pub fn fhir_routes() -> Router<Arc<AppState>> {
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir_api::vread))
         .route(
             "/fhir/{rtype}/{id}/{ctype}",
-            get(search_api::compartment_search),
+            get(search_api::compartment_search).post(crate::break_glass::request),
         )
 }
 
@@ -585,6 +588,9 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
             let Some(def) = st.roles.get(&role) else {
                 return ApiError::Unauthorized.into_response();
             };
+            let mfa_at = (claims.acr.as_deref() == Some(phylax_auth::token::ACR_MFA))
+                .then_some(claims.auth_time)
+                .flatten();
             Principal::User {
                 user_id: claims.sub,
                 role: def.clone(),
@@ -592,6 +598,7 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
                 scopes,
                 patient: claims.patient,
                 token_id: claims.jti,
+                mfa_at,
             }
         }
         None => Principal::Client {
@@ -600,10 +607,19 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
             token_id: claims.jti,
         },
     };
+    // Which patients' data this request reaches; unknown means refused.
+    let access = match crate::access::access_for(&st, &principal).await {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            tracing::warn!(reason = ?e.denied_by(), "access could not be established; request refused");
+            return e.into_response();
+        }
+    };
     let ctx = RequestCtx {
         request_id: crate::error::request_id().unwrap_or_default(),
         principal,
         peer,
+        access,
     };
     req.extensions_mut().insert(ctx);
     next.run(req).await

@@ -259,6 +259,7 @@ impl Instance {
             audit: Default::default(),
             metrics: Default::default(),
             detect: Default::default(),
+            access: Default::default(),
         };
         let url = database_url(&data_dir, backend, opts.database_url.as_deref())?;
         let store = phylax_store::open(&url).await?;

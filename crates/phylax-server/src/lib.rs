@@ -36,11 +36,13 @@
 //! - [`logging`]: the log filter, with PHI-prone dependency targets capped.
 //! - [`tls`]: rustls configuration and certificate generation; the accept loop.
 
+pub mod access;
 pub mod accounts;
 pub mod audit;
 pub mod audit_api;
 pub mod audit_export;
 pub mod auth_api;
+pub mod break_glass;
 pub mod bundle;
 pub mod capability;
 pub mod config;

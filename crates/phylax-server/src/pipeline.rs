@@ -35,6 +35,9 @@ pub struct RequestCtx {
     pub request_id: String,
     pub principal: Principal,
     pub peer: Option<IpAddr>,
+    /// Which patients' data this request reaches (computed once, by the
+    /// authentication middleware; see [`crate::access`]).
+    pub access: std::sync::Arc<phylax_auth::policy::Access>,
 }
 
 /// What a response tells the pipeline about the data it carries, so the
@@ -132,6 +135,15 @@ fn facts(
     }
 }
 
+/// An access to a patient reached through break-the-glass carries the
+/// purpose of use `BTG` (v3 ActReason), so it stands out in the log and in
+/// the patient's access log.
+fn mark_emergency(ctx: &RequestCtx, f: &mut AuditFacts) {
+    if f.patients.iter().any(|p| ctx.access.emergency.contains(p)) {
+        f.purpose = Some("BTG");
+    }
+}
+
 /// Drafts the audit records of writes, to be committed in the writes' own
 /// transaction (see `Repo::create` and friends).
 #[derive(Debug, Clone, Copy)]
@@ -143,6 +155,35 @@ pub struct WriteAuditor<'a> {
 impl<'a> WriteAuditor<'a> {
     pub fn new(st: &'a AppState, ctx: &'a RequestCtx) -> Self {
         WriteAuditor { st, ctx }
+    }
+
+    /// Whether the writer is limited at all (reach or labels): only then
+    /// does a write open the version it replaces to check it.
+    pub fn restricted(&self) -> bool {
+        self.ctx.access.reach != phylax_auth::policy::Reach::All || !self.ctx.access.labelled
+    }
+
+    /// The version a write replaces must be visible to the writer.
+    pub fn guard_existing(&self, v: &ResourceVersion) -> Result<(), crate::repo::RepoError> {
+        match crate::access::allows(self.st, &self.ctx.access, v) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(rule) => Err(crate::repo::RepoError::Denied { hidden: true, rule }),
+        }
+    }
+
+    /// The new content must be within the writer's reach.
+    pub fn guard_new(
+        &self,
+        rtype: &ResourceType,
+        body: &Value,
+    ) -> Result<(), crate::repo::RepoError> {
+        match crate::access::decide_body(self.st, &self.ctx.access, rtype, body) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(rule) => Err(crate::repo::RepoError::Denied {
+                hidden: false,
+                rule,
+            }),
+        }
     }
 
     /// The sealed record of one successful write.
@@ -157,6 +198,7 @@ impl<'a> WriteAuditor<'a> {
         let mut f = facts(self.st, self.ctx, interaction, status, None);
         f.patients = patient.map(str::to_owned).into_iter().collect();
         f.resources = vec![format!("{rtype}/{id}")];
+        mark_emergency(self.ctx, &mut f);
         self.st.audit.draft(&f)
     }
 }
@@ -181,6 +223,7 @@ pub async fn record(
             f.resources = refs.resources;
         }
     }
+    mark_emergency(ctx, &mut f);
     f.query_params = refs.params;
     st.audit.record(&f).await.map_err(|e| {
         tracing::error!(request_id = %ctx.request_id, error = %e, "audit record not written; response withheld");
@@ -211,6 +254,7 @@ where
         Ok(r) => r.status().as_u16(),
         Err(e) => e.status().as_u16(),
     };
+    let denied_by = denied_by.or_else(|| result.as_ref().err().and_then(ApiError::denied_by));
     let mut refs = result
         .as_ref()
         .ok()

@@ -87,6 +87,10 @@ pub enum RepoError {
         id: String,
         version: u64,
     },
+    /// Outside the writer's reach: `hidden` for the existing resource
+    /// (answered as not found), else the new content (refused).
+    #[error("access: {rule}")]
+    Denied { hidden: bool, rule: &'static str },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -370,7 +374,13 @@ impl Repo {
         audit: Option<WriteAudit<'_>>,
     ) -> Result<ResourceVersion, RepoError> {
         let rows = match audit {
-            Some((a, interaction)) => vec![w.audit(&a, interaction)?],
+            Some((a, interaction)) => {
+                // The new content must be within the writer's reach.
+                if let Some(b) = &w.out.body {
+                    a.guard_new(&w.out.rtype, b.json())?;
+                }
+                vec![w.audit(&a, interaction)?]
+            }
             None => Vec::new(),
         };
         let seq = self
@@ -455,6 +465,7 @@ impl Repo {
     ) -> Result<(ResourceVersion, bool), RepoError> {
         for _ in 0..UPDATE_RETRIES {
             let current = self.store.read_current(rtype.as_str(), id.as_str()).await?;
+            self.guard_existing(audit, current.as_ref()).await?;
             let (next, pre, created) = match (&current, if_match) {
                 (None, Some(_)) => return Err(RepoError::VersionMismatch),
                 (None, None) if !allow_create => return Err(RepoError::CreateViaUpdateDisabled),
@@ -505,6 +516,7 @@ impl Repo {
             let Some(cur) = self.store.read_current(rtype.as_str(), id.as_str()).await? else {
                 return Err(RepoError::NotFound);
             };
+            self.guard_existing(audit, Some(&cur)).await?;
             if cur.deleted {
                 return Ok(None);
             }
@@ -521,6 +533,23 @@ impl Repo {
             }
         }
         Err(RepoError::Conflict)
+    }
+
+    /// The resource a write replaces must be within the writer's reach
+    /// (only opened when the writer is restricted at all).
+    pub async fn guard_existing(
+        &self,
+        audit: Option<&WriteAuditor<'_>>,
+        current: Option<&StoredVersion>,
+    ) -> Result<(), RepoError> {
+        let (Some(a), Some(cur)) = (audit, current) else {
+            return Ok(());
+        };
+        if cur.deleted || !a.restricted() {
+            return Ok(());
+        }
+        let v = self.open(cur.clone()).await?;
+        a.guard_existing(&v)
     }
 
     /// Open a looked-up row that must exist and be live.

@@ -384,6 +384,12 @@ const CONTROL: &[&str] = &[
     COMPARTMENT_PARAM,
 ];
 
+/// The index hash of token `system|code` for `param` (as written by
+/// [`index_rows`]).
+pub fn token_hash(key: &BlindIndexKey, param: &str, system: &str, code: &str) -> Vec<u8> {
+    hash(key, &["ts", param, system, code])
+}
+
 /// "Parameter `param` references one of `targets` (`Type/id`)".
 pub fn references_to(key: &BlindIndexKey, param: &str, targets: &[String]) -> Cond {
     Cond::Hash {

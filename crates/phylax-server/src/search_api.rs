@@ -248,8 +248,14 @@ async fn included(
                             continue;
                         }
                         match st.repo.read(&t, &id).await {
-                            Ok(v) => added.push(v),
-                            Err(
+                            Ok(v)
+                                if crate::access::allows(st, &ctx.access, &v)
+                                    == Decision::Allow =>
+                            {
+                                added.push(v)
+                            }
+                            Ok(_)
+                            | Err(
                                 crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_),
                             ) => {}
                             Err(e) => return Err(e.into()),
@@ -269,15 +275,17 @@ async fn included(
                 if targets.is_empty() {
                     continue;
                 }
+                let mut and = vec![vec![crate::search::references_to(
+                    st.repo.blind_key(),
+                    param,
+                    &targets,
+                )]];
+                and.extend(crate::access::query_conditions(st, &ctx.access, src));
                 let found = st
                     .repo
                     .search(&phylax_store::SearchQuery {
                         rtype: src.to_string(),
-                        and: vec![vec![crate::search::references_to(
-                            st.repo.blind_key(),
-                            param,
-                            &targets,
-                        )]],
+                        and,
                         before_seq: None,
                         limit: (MAX_INCLUDED - out.len() - added.len()) as u32,
                     })
@@ -319,7 +327,12 @@ async fn inner_search(
     {
         return Err(ApiError::Forbidden);
     }
-    let parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
+    let mut parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
+    // The inner search sees only what the caller may see: a chain or
+    // `_has` must not test data outside their reach.
+    parsed
+        .and
+        .extend(crate::access::query_conditions(st, &ctx.access, rtype));
     if let Some(u) = parsed.unknown.first() {
         return Err(ApiError::BadRequest(vec![Issue::error(
             IssueCode::NotSupported,
@@ -684,6 +697,12 @@ async fn search(
                 .collect(),
         ));
     }
+    // Confine the search to what the caller may see (their patients, no
+    // restricted labels without permission): counts and pages then only
+    // ever cover visible resources.
+    parsed
+        .and
+        .extend(crate::access::query_conditions(st, &ctx.access, rtype));
     let control = ResultControl::parse(rtype, &q)?;
     let sorted = !control.sort.is_empty();
     let mut query = phylax_store::SearchQuery {
@@ -958,8 +977,25 @@ async fn everything(
             let pid = pid.ok_or(ApiError::NotFound)?;
             let q = Query::parse(raw).without_internal();
             check_accept(&h, &q)?;
-            // The patient must exist and be live.
-            st.repo.read(&patient_type, &pid).await?;
+            // The patient must exist, be live and be within the caller's
+            // reach (else: not found, like an unknown id).
+            let p = match st.repo.read(&patient_type, &pid).await {
+                Err(crate::repo::RepoError::Gone(_))
+                    if ctx.access.reach != phylax_auth::policy::Reach::All =>
+                {
+                    return Err(ApiError::Hidden(
+                        "reach: a deleted resource names no patient",
+                    ))
+                }
+                r => r?,
+            };
+            if let Decision::Deny(rule) = crate::access::allows(&st, &ctx.access, &p) {
+                // A restricted label on the Patient hides the demographics
+                // only; the compartment stays reachable when the patient is.
+                if !ctx.access.reaches(pid.as_str()) {
+                    return Err(ApiError::Hidden(rule));
+                }
+            }
             let (params, mut ti, mut before) = match q.get("_cursor") {
                 Some(c) => {
                     let cur = open_search_cursor(&st, EVERYTHING_CURSOR, c).await?;
@@ -1036,6 +1072,7 @@ async fn everything(
                     t,
                     pid.as_str(),
                 )];
+                and.extend(crate::access::query_conditions(&st, &ctx.access, t));
                 if let Some(s) = since {
                     and.push(vec![phylax_store::Cond::LastUpdated {
                         op: phylax_store::RangeOp::Ge,
@@ -1092,8 +1129,11 @@ async fn everything(
                     continue;
                 }
                 match st.repo.read(&t, &rid).await {
-                    Ok(v) => referenced.push(v),
-                    Err(crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_)) => {}
+                    Ok(v) if crate::access::allows(&st, &ctx.access, &v) == Decision::Allow => {
+                        referenced.push(v)
+                    }
+                    Ok(_)
+                    | Err(crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
             }

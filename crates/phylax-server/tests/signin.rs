@@ -201,7 +201,14 @@ async fn enrolled_user(s: &TestServer, name: &str, role: &str, patient: Option<&
     let (_, link) = s
         .state
         .accounts
-        .add(name, role, patient, 3600, now)
+        .add_linked(
+            name,
+            role,
+            patient,
+            patient.is_none().then_some(CARE_PRACTITIONER),
+            3600,
+            now,
+        )
         .await
         .unwrap();
     let mut b = Browser::new(s);
@@ -414,6 +421,11 @@ async fn fhir_get(s: &TestServer, token: &str, path: &str) -> u16 {
         .as_u16()
 }
 
+/// The Practitioner every test workforce user is linked to and every
+/// `make_patient` patient names as general practitioner: the care
+/// relationship clinicians need (tests of reach make their own).
+const CARE_PRACTITIONER: &str = "pr-care";
+
 async fn make_patient(s: &TestServer, id: &str) {
     let admin = s.token("system/*.cruds").await;
     let r = s
@@ -422,7 +434,7 @@ async fn make_patient(s: &TestServer, id: &str) {
         .bearer_auth(&admin)
         .header("content-type", "application/fhir+json")
         .body(format!(
-            r#"{{"resourceType":"Patient","id":"{id}","name":[{{"family":"Testperson"}}]}}"#
+            r#"{{"resourceType":"Patient","id":"{id}","name":[{{"family":"Testperson"}}],"generalPractitioner":[{{"reference":"Practitioner/{CARE_PRACTITIONER}"}}]}}"#
         ))
         .send()
         .await
@@ -1308,11 +1320,34 @@ async fn patient_launch_body(s: &TestServer) {
     assert_eq!(fhir_get(s, at, "/Patient/pat-1").await, 200);
     assert_eq!(
         fhir_get(s, at, "/Patient/pat-2").await,
-        403,
-        "another patient"
+        404,
+        "another patient: answered as if it did not exist"
     );
-    assert_eq!(fhir_get(s, at, "/Patient?name=Testperson").await, 403);
-    assert_eq!(fhir_get(s, at, "/Patient/pat-1/_history").await, 403);
+    // Searches reach the patient's own compartment only: both patients
+    // match the name, the patient finds themselves alone.
+    let found: Value = s
+        .http
+        .get(s.url("/Patient?name=Testperson"))
+        .bearer_auth(at)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = found["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["pat-1"]);
+    assert_eq!(fhir_get(s, at, "/Patient/pat-1/_history").await, 200);
+    assert_eq!(fhir_get(s, at, "/Patient/pat-2/_history").await, 404);
+    assert_eq!(fhir_get(s, at, "/Patient/pat-1/$everything").await, 200);
+    assert_eq!(fhir_get(s, at, "/Patient/pat-2/$everything").await, 404);
+    // Types outside the compartment that can hold anyone's data: refused.
+    assert_eq!(fhir_get(s, at, "/Binary?_count=1").await, 403);
 }
 
 mod patient_launch {
@@ -1399,7 +1434,7 @@ async fn disabling_a_user_ends_tokens_on_every_node(s: &TestServer) {
     assert_eq!(
         read2(at.clone()).await,
         200,
-        "the other node accepts it too"
+        "the other node accepts it too (care relationships found there too)"
     );
     // The CLI's path: disable through the account service.
     let id = s
@@ -2027,6 +2062,9 @@ mod roles {
                     types: vec!["Observation".into(), "Specimen".into()],
                     perms: "crus".into(),
                 }],
+                reach: "everyone".into(),
+                labelled: false,
+                break_glass: false,
             }];
         })
         .await

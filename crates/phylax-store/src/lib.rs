@@ -264,6 +264,21 @@ pub struct CheckpointRow {
     pub note: String,
 }
 
+/// A break-the-glass grant: emergency access by one user to one patient,
+/// until `expires`, waiting for an auditor's review. The patient, reason
+/// and purpose are sealed (bound to the id); the review note too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakGlassRecord {
+    pub id: String,
+    pub user_id: String,
+    pub started: i64,
+    pub expires: i64,
+    pub sealed: Vec<u8>,
+    pub reviewed_at: Option<i64>,
+    pub reviewer: Option<String>,
+    pub review_sealed: Option<Vec<u8>>,
+}
+
 /// The storage interface. All methods are durable when they return `Ok`.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
@@ -397,6 +412,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Checkpoints with `size > after_size`, oldest first.
     async fn checkpoints(&self, after_size: u64, limit: u32) -> Result<Vec<CheckpointRow>>;
     async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>>;
+
+    /// Store a new break-the-glass grant (its id must be new).
+    async fn put_break_glass(&self, r: &BreakGlassRecord) -> Result<()>;
+    /// A user's grants that have not expired at `now`.
+    async fn break_glass_active(&self, user_id: &str, now: i64) -> Result<Vec<BreakGlassRecord>>;
+    /// Every grant (or only those not yet reviewed), newest first.
+    async fn break_glass_list(&self, open_only: bool, limit: u32) -> Result<Vec<BreakGlassRecord>>;
+    /// Close a grant's review once. `false` when there is no such grant or
+    /// it was already reviewed (a review is never rewritten).
+    async fn review_break_glass(
+        &self,
+        id: &str,
+        reviewer: &str,
+        at: i64,
+        sealed_note: &[u8],
+    ) -> Result<bool>;
 
     /// Record a client assertion's `jti`. Returns false if it was already
     /// used (a replay). Expired entries are purged opportunistically.

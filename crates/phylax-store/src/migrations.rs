@@ -205,6 +205,31 @@ CREATE TRIGGER checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
 BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
 "#,
     ),
+    (
+        8,
+        r#"
+-- Break-the-glass grants (docs/ACCESS_CONTROL.md). A grant's facts never
+-- change after it is made; only its review is set, once.
+CREATE TABLE break_glass (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    started INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    sealed BLOB NOT NULL,
+    reviewed_at INTEGER,
+    reviewer TEXT,
+    review_sealed BLOB
+);
+CREATE INDEX break_glass_user ON break_glass (user_id, expires);
+CREATE INDEX break_glass_open ON break_glass (started) WHERE reviewed_at IS NULL;
+CREATE TRIGGER break_glass_no_delete BEFORE DELETE ON break_glass
+BEGIN SELECT RAISE(ABORT, 'break-the-glass grants are kept'); END;
+CREATE TRIGGER break_glass_review_once BEFORE UPDATE ON break_glass
+WHEN OLD.reviewed_at IS NOT NULL OR NEW.id IS NOT OLD.id OR NEW.user_id IS NOT OLD.user_id
+  OR NEW.started IS NOT OLD.started OR NEW.expires IS NOT OLD.expires OR NEW.sealed IS NOT OLD.sealed
+BEGIN SELECT RAISE(ABORT, 'break-the-glass grants are kept'); END;
+"#,
+    ),
 ];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
@@ -472,6 +497,36 @@ CREATE TRIGGER audit_patient_append_only BEFORE UPDATE OR DELETE ON audit_patien
     FOR EACH ROW EXECUTE FUNCTION phylax_audit_append_only();
 CREATE TRIGGER checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_checkpoints
     FOR EACH ROW EXECUTE FUNCTION phylax_audit_append_only();
+"#,
+    ),
+    (
+        9,
+        r#"
+-- Break-the-glass grants (see SQLite migration 8).
+CREATE TABLE break_glass (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    user_id TEXT COLLATE "C" NOT NULL,
+    started BIGINT NOT NULL,
+    expires BIGINT NOT NULL,
+    sealed BYTEA NOT NULL,
+    reviewed_at BIGINT,
+    reviewer TEXT,
+    review_sealed BYTEA
+);
+CREATE INDEX break_glass_user ON break_glass (user_id, expires);
+CREATE INDEX break_glass_open ON break_glass (started) WHERE reviewed_at IS NULL;
+CREATE FUNCTION phylax_break_glass_kept() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.reviewed_at IS NULL
+       AND (NEW.id, NEW.user_id, NEW.started, NEW.expires, NEW.sealed)
+           IS NOT DISTINCT FROM (OLD.id, OLD.user_id, OLD.started, OLD.expires, OLD.sealed) THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'break-the-glass grants are kept';
+END;
+$$;
+CREATE TRIGGER break_glass_kept BEFORE UPDATE OR DELETE ON break_glass
+    FOR EACH ROW EXECUTE FUNCTION phylax_break_glass_kept();
 "#,
     ),
 ];

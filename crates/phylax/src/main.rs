@@ -110,6 +110,10 @@ enum UserCmd {
         /// For patients: the id of their Patient resource.
         #[arg(long)]
         patient: Option<String>,
+        /// For workforce users: the id of their Practitioner resource (care
+        /// relationships are found from it).
+        #[arg(long)]
+        practitioner: Option<String>,
     },
     /// List users (role, status, second factor, last sign-in).
     List {
@@ -128,6 +132,17 @@ enum UserCmd {
     ResetMfa(UserArgs),
     /// Print a new one-time link for the user to set a new password.
     ResetPassword(UserArgs),
+    /// Link a workforce user to their Practitioner resource (care
+    /// relationships follow from it); ends their sessions and tokens.
+    SetPractitioner {
+        #[command(flatten)]
+        user: UserArgs,
+        /// The Practitioner resource id; omit with --none to unlink.
+        #[arg(long, required_unless_present = "none")]
+        practitioner: Option<String>,
+        #[arg(long, conflicts_with = "practitioner")]
+        none: bool,
+    },
     /// Change a user's role; ends their sessions and tokens.
     SetRole {
         #[command(flatten)]
@@ -668,12 +683,20 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
             username,
             role,
             patient,
+            practitioner,
         } => {
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
             let accounts = i.accounts()?;
             let ttl = i.config.auth.enrollment_secs;
             let (u, link) = accounts
-                .add(&username, &role, patient.as_deref(), ttl, now)
+                .add_linked(
+                    &username,
+                    &role,
+                    patient.as_deref(),
+                    practitioner.as_deref(),
+                    ttl,
+                    now,
+                )
                 .await?;
             admin_audit(
                 &i,
@@ -779,6 +802,31 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
             )
             .await?;
             println!("second factor removed; the user enrolls again at the next sign-in (sessions ended)");
+            Ok(())
+        }
+        UserCmd::SetPractitioner {
+            user: a,
+            practitioner,
+            none: _,
+        } => {
+            let i = Instance::open(&a.inst.data_dir, a.inst.database_url.as_deref()).await?;
+            let accounts = i.accounts()?;
+            let u = find_user(&accounts, &a.username).await?;
+            accounts
+                .set_practitioner(u.id(), practitioner.as_deref(), now)
+                .await?;
+            let what = match &practitioner {
+                Some(p) => format!("user {} linked to Practitioner/{p}", u.id()),
+                None => format!("user {} unlinked from their Practitioner", u.id()),
+            };
+            admin_audit(&i, "user", Action::Update, what).await?;
+            match practitioner {
+                Some(p) => println!(
+                    "{} is linked to Practitioner/{p} (sessions and tokens ended)",
+                    a.username
+                ),
+                None => println!("{} is unlinked (sessions and tokens ended)", a.username),
+            }
             Ok(())
         }
         UserCmd::SetRole { user: a, role } => {

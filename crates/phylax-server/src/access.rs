@@ -1,0 +1,409 @@
+//! The resource-level half of authorization: which patients' data one
+//! request reaches, and whether each resource a response would carry is
+//! within it (`phylax_auth::policy::decide_resource` decides; this module
+//! gathers the facts and applies the answer).
+//!
+//! - **Reach** is computed once per request by the authentication
+//!   middleware ([`access_for`]): backend clients and roles whose job spans
+//!   the organisation reach every patient; patients reach their own
+//!   compartment; clinicians and nurses (and custom roles limited to care
+//!   relationships) reach the patients they care for, found in the data
+//!   itself ([`care_patients`]), plus active break-the-glass grants.
+//! - **Searches** carry the reach as conditions on the query
+//!   ([`query_conditions`]), so paging, `_total` and `_count` are computed
+//!   over what the caller may see; nothing is filtered after the fact
+//!   where a count could betray it.
+//! - **Everything else** (reads, history, includes, `$everything`, writes,
+//!   Bundle entries) checks each resource with [`check`]: a resource
+//!   outside the reach answers exactly like one that does not exist.
+//!
+//! Care relationships are cached per user for [`CARE_TTL`]: a new care team
+//! membership applies within seconds; ending one also ends within seconds.
+
+use crate::error::ApiError;
+use crate::http::AppState;
+use crate::repo::ResourceVersion;
+use phylax_auth::policy::{decide_resource, Access, Decision, Principal, Reach, ResourceFacts};
+use phylax_auth::roles::ReachRule;
+use phylax_fhir::{compartment, ResourceType};
+use phylax_store::{Cond, SearchQuery};
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a user's computed care relationships are reused.
+pub const CARE_TTL: Duration = Duration::from_secs(5);
+
+/// Most rows read per care-relationship lookup: a practitioner with more
+/// encounters than this is treated as over `max_reach`.
+const CARE_SCAN_LIMIT: u32 = 100_000;
+
+/// One user's cached facts.
+#[derive(Clone, Default)]
+struct Cached {
+    /// Care-relationship patients (`None`: over `max_reach`), if computed.
+    care: Option<Option<Arc<BTreeSet<String>>>>,
+    /// Break-the-glass patients with their grants' expiry (ms), if looked up.
+    emergency: Option<Vec<(String, i64)>>,
+}
+
+/// Per-user cache of care relationships and break-the-glass grants.
+#[derive(Default)]
+pub struct CareCache {
+    map: parking_lot::Mutex<HashMap<String, (Instant, Cached)>>,
+}
+
+impl std::fmt::Debug for CareCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CareCache").finish_non_exhaustive()
+    }
+}
+
+impl CareCache {
+    /// Forget a user's entry (their link or grants changed here).
+    pub fn forget(&self, user_id: &str) {
+        self.map.lock().remove(user_id);
+    }
+}
+
+/// The restricted security labels, as `(system, code)`.
+pub fn restricted_labels(st: &AppState) -> impl Iterator<Item = (&str, &str)> {
+    st.config
+        .access
+        .restricted_labels
+        .iter()
+        .filter_map(|l| l.split_once('|'))
+}
+
+/// Does `body` carry a restricted security label?
+pub fn is_restricted(st: &AppState, body: &Value) -> bool {
+    let Some(labels) = body
+        .get("meta")
+        .and_then(|m| m.get("security"))
+        .and_then(Value::as_array)
+    else {
+        return false;
+    };
+    labels.iter().any(|l| {
+        let sys = l.get("system").and_then(Value::as_str);
+        let code = l.get("code").and_then(Value::as_str);
+        restricted_labels(st).any(|(s, c)| Some(s) == sys && Some(c) == code)
+    })
+}
+
+/// The resource-level decision for one resource body.
+pub fn decide_body(st: &AppState, access: &Access, rtype: &ResourceType, body: &Value) -> Decision {
+    let patients = compartment::patients_of(rtype, body);
+    decide_resource(
+        access,
+        &ResourceFacts {
+            rtype: rtype.as_str(),
+            patients: &patients,
+            restricted: is_restricted(st, body),
+        },
+    )
+}
+
+/// May `access` see version `v`? A deleted version carries no body: only
+/// an unrestricted caller sees that it was deleted.
+pub fn allows(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision {
+    match &v.body {
+        Some(b) => decide_body(st, access, &v.rtype, b.json()),
+        None if access.reach == Reach::All => Decision::Allow,
+        None => Decision::Deny("reach: a deleted version names no patient"),
+    }
+}
+
+/// [`allows`] as a result: hidden resources answer 404.
+pub fn check(st: &AppState, access: &Access, v: &ResourceVersion) -> Result<(), ApiError> {
+    match allows(st, access, v) {
+        Decision::Allow => Ok(()),
+        Decision::Deny(rule) => Err(ApiError::Hidden(rule)),
+    }
+}
+
+/// May `access` write `body` (the new content of a create or update)?
+pub fn check_write(
+    st: &AppState,
+    access: &Access,
+    rtype: &ResourceType,
+    body: &Value,
+) -> Result<(), ApiError> {
+    match decide_body(st, access, rtype, body) {
+        Decision::Allow => Ok(()),
+        Decision::Deny(rule) => Err(ApiError::Refused(rule)),
+    }
+}
+
+/// Conditions that confine a search of `rtype` to what `access` may see:
+/// the compartments it reaches (any compartment parameter referencing one
+/// of its patients) and, without the label permission, no restricted
+/// label. Break-the-glass patients' labelled data is allowed through the
+/// label condition by an OR with their compartment.
+pub fn query_conditions(st: &AppState, access: &Access, rtype: &ResourceType) -> Vec<Vec<Cond>> {
+    let key = st.repo.blind_key();
+    let mut and = Vec::new();
+    if let Reach::Patients(set) = &access.reach {
+        if compartment::is_compartment_type(rtype.as_str()) {
+            and.push(compartment_of_any(st, rtype, set));
+        } else if !phylax_auth::policy::SHARED_REFERENCE.contains(&rtype.as_str()) {
+            and.push(vec![Cond::Never]);
+        }
+    }
+    if !access.labelled {
+        let hashes: Vec<Vec<u8>> = restricted_labels(st)
+            .map(|(s, c)| crate::search::token_hash(key, "_security", s, c))
+            .collect();
+        if !hashes.is_empty() {
+            let mut group = vec![Cond::NotHash {
+                param: "_security".into(),
+                hashes,
+            }];
+            if !access.emergency.is_empty() && compartment::is_compartment_type(rtype.as_str()) {
+                group.extend(compartment_of_any(st, rtype, &access.emergency));
+            }
+            and.push(group);
+        }
+    }
+    and
+}
+
+/// "In the compartment of one of `patients`", as one OR group.
+fn compartment_of_any(
+    st: &AppState,
+    rtype: &ResourceType,
+    patients: &BTreeSet<String>,
+) -> Vec<Cond> {
+    let targets: Vec<String> = patients.iter().map(|p| format!("Patient/{p}")).collect();
+    let mut group: Vec<Cond> = phylax_fhir::defs::definitions()
+        .compartment_params(rtype.as_str())
+        .iter()
+        .map(|p| crate::search::references_to(st.repo.blind_key(), p, &targets))
+        .collect();
+    if rtype.as_str() == "Patient" {
+        group.push(Cond::Ids(patients.iter().cloned().collect()));
+    }
+    if group.is_empty() || patients.is_empty() {
+        return vec![Cond::Never];
+    }
+    group
+}
+
+/// Compute the access of one request's caller.
+pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiError> {
+    match who {
+        Principal::Client { client_id, .. } => Ok(Access {
+            reach: Reach::All,
+            emergency: BTreeSet::new(),
+            labelled: st.config.access.labelled_clients.contains(client_id),
+        }),
+        Principal::User {
+            user_id,
+            role,
+            patient,
+            ..
+        } => {
+            let emergency = if role.break_glass {
+                emergency_patients(st, user_id).await?
+            } else {
+                BTreeSet::new()
+            };
+            let reach = match role.reach {
+                ReachRule::Everyone => Reach::All,
+                ReachRule::OwnCompartment => {
+                    // A patient's token names their own patient (SMART
+                    // launch context); without one it reaches nothing.
+                    Reach::Patients(patient.iter().cloned().collect())
+                }
+                ReachRule::CareRelationships => {
+                    let mut set = match care_patients(st, user_id).await? {
+                        Some(s) => (*s).clone(),
+                        None => {
+                            return Err(ApiError::Refused(
+                                "reach: care relationships exceed access.max_reach",
+                            ))
+                        }
+                    };
+                    set.extend(emergency.iter().cloned());
+                    Reach::Patients(set)
+                }
+            };
+            Ok(Access {
+                reach,
+                emergency,
+                labelled: role.labelled,
+            })
+        }
+    }
+}
+
+fn cached(st: &AppState, user_id: &str) -> Cached {
+    match st.care_cache.map.lock().get(user_id) {
+        Some((at, c)) if at.elapsed() < CARE_TTL => c.clone(),
+        _ => Cached::default(),
+    }
+}
+
+fn store_cached(st: &AppState, user_id: &str, f: impl FnOnce(&mut Cached)) {
+    let mut map = st.care_cache.map.lock();
+    let e = map
+        .entry(user_id.to_owned())
+        .or_insert_with(|| (Instant::now(), Cached::default()));
+    if e.0.elapsed() >= CARE_TTL {
+        *e = (Instant::now(), Cached::default());
+    }
+    f(&mut e.1);
+}
+
+/// The patients a user holds an unexpired break-the-glass grant for
+/// (expiry is checked on every request, whatever the cache holds).
+async fn emergency_patients(st: &AppState, user_id: &str) -> Result<BTreeSet<String>, ApiError> {
+    let now = crate::now_ms();
+    let grants = match cached(st, user_id).emergency {
+        Some(g) => g,
+        None => {
+            let g = crate::break_glass::active_grants(st, user_id).await?;
+            store_cached(st, user_id, |c| c.emergency = Some(g.clone()));
+            g
+        }
+    };
+    Ok(grants
+        .into_iter()
+        .filter(|(_, exp)| *exp > now)
+        .map(|(p, _)| p)
+        .collect())
+}
+
+/// The patients a workforce user has a care relationship with, from the
+/// data: through their linked `Practitioner` (`phylax user
+/// set-practitioner`), its `PractitionerRole`s and their organizations —
+/// `Patient.generalPractitioner`, `Patient.managingOrganization`,
+/// `CareTeam.participant` and `Encounter.participant`. `None` when the set
+/// exceeds `access.max_reach`. A user with no linked practitioner reaches
+/// no patient (fail closed).
+pub async fn care_patients(
+    st: &AppState,
+    user_id: &str,
+) -> Result<Option<Arc<BTreeSet<String>>>, ApiError> {
+    if let Some(c) = cached(st, user_id).care {
+        return Ok(c);
+    }
+    let computed = compute_care(st, user_id).await?;
+    store_cached(st, user_id, |c| c.care = Some(computed.clone()));
+    Ok(computed)
+}
+
+async fn find(
+    st: &AppState,
+    rtype: &str,
+    param: &str,
+    targets: &[String],
+) -> Result<Vec<ResourceVersion>, ApiError> {
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = SearchQuery {
+        rtype: rtype.to_owned(),
+        and: vec![vec![crate::search::references_to(
+            st.repo.blind_key(),
+            param,
+            targets,
+        )]],
+        before_seq: None,
+        limit: CARE_SCAN_LIMIT,
+    };
+    Ok(st.repo.search(&q).await?)
+}
+
+fn ids_of_refs(body: &Value, pointer: &[&str], prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut nodes = vec![body];
+    for key in pointer {
+        let mut next = Vec::new();
+        for n in nodes {
+            match n.get(*key) {
+                Some(Value::Array(a)) => next.extend(a.iter()),
+                Some(v) => next.push(v),
+                None => {}
+            }
+        }
+        nodes = next;
+    }
+    for n in nodes {
+        if let Some(id) = n
+            .get("reference")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix(prefix))
+            .filter(|id| phylax_fhir::ids::is_valid_id(id))
+        {
+            out.push(id.to_owned());
+        }
+    }
+    out
+}
+
+async fn compute_care(
+    st: &AppState,
+    user_id: &str,
+) -> Result<Option<Arc<BTreeSet<String>>>, ApiError> {
+    let user = st
+        .accounts
+        .load(user_id)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let Some(practitioner) = user.as_ref().and_then(|u| u.practitioner()) else {
+        return Ok(Some(Arc::new(BTreeSet::new())));
+    };
+    let max = st.config.access.max_reach;
+    let me = format!("Practitioner/{practitioner}");
+    // The practitioner's roles and, through them, organizations.
+    let roles = find(
+        st,
+        "PractitionerRole",
+        "practitioner",
+        std::slice::from_ref(&me),
+    )
+    .await?;
+    let mut people = vec![me];
+    let mut orgs = Vec::new();
+    for r in &roles {
+        let Some(b) = r.body.as_ref().map(|b| b.json()) else {
+            continue;
+        };
+        if b.get("active").and_then(Value::as_bool) == Some(false) {
+            continue;
+        }
+        people.push(format!("PractitionerRole/{}", r.id));
+        for o in ids_of_refs(b, &["organization"], "Organization/") {
+            orgs.push(format!("Organization/{o}"));
+        }
+    }
+    let mut set = BTreeSet::new();
+    let mut gp_targets = people.clone();
+    gp_targets.extend(orgs.iter().cloned());
+    for v in find(st, "Patient", "general-practitioner", &gp_targets).await? {
+        set.insert(v.id.to_string());
+    }
+    for v in find(st, "Patient", "organization", &orgs).await? {
+        set.insert(v.id.to_string());
+    }
+    for (rtype, param) in [("CareTeam", "participant"), ("Encounter", "participant")] {
+        let rows = find(st, rtype, param, &people).await?;
+        if rows.len() >= CARE_SCAN_LIMIT as usize {
+            return Ok(None);
+        }
+        for v in rows {
+            if let Some(b) = &v.body {
+                set.extend(compartment::patients_of(&v.rtype, b.json()));
+            }
+        }
+        if set.len() > max {
+            return Ok(None);
+        }
+    }
+    if set.len() > max {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(set)))
+}

@@ -1,0 +1,728 @@
+//! The resource-level half of authorization, end to end on both backends:
+//! care relationships, the patient's own compartment, security labels and
+//! break-the-glass, through every way a response can carry data (read,
+//! search, includes, chains, `_has`, history, `$everything`, compartment
+//! search, writes, transaction entries). docs/ACCESS_CONTROL.md has the
+//! policy these cells check.
+//!
+//! Users get tokens minted by the server's own issuer (sign-in itself is
+//! tested in signin.rs); the care relationships are real FHIR data.
+
+mod common;
+
+use common::{Backend, TestServer};
+use phylax_auth::token::UserContext;
+use reqwest::Method as M;
+use serde_json::{json, Value};
+
+/// Run a test body on both backends, with this file's configuration.
+macro_rules! on_both {
+    ($name:ident) => {
+        mod $name {
+            use super::common::Backend;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(&super::server(Backend::Sqlite).await.unwrap()).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(s) = super::server(Backend::Postgres).await {
+                    super::$name(&s).await;
+                }
+            }
+        }
+    };
+}
+
+const PSY: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+const LOINC_HR: &str = "http://loinc.org|8867-4";
+
+async fn server(b: Backend) -> Option<TestServer> {
+    TestServer::start_with(b, |c| {
+        // The loader may write labelled data (an explicit permission).
+        c.access.labelled_clients = vec!["loader".into()];
+        c.roles = vec![phylax_server::config::RoleConfig {
+            name: "psychiatrist".into(),
+            description: "Sees sensitive data of the patients they treat".into(),
+            grants: vec![phylax_server::config::RoleGrantConfig {
+                types: vec!["*".into()],
+                perms: "cruds".into(),
+            }],
+            reach: "care-relationships".into(),
+            labelled: true,
+            break_glass: true,
+        }];
+    })
+    .await
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn loader(s: &TestServer) -> String {
+    let scopes = phylax_auth::ScopeSet::parse_lenient("system/*.cruds");
+    s.state.tokens.issue("loader", &scopes, now()).unwrap().0
+}
+
+/// A user and a token for them; `mfa_age` is how long ago their second
+/// factor was used (None: password only).
+async fn user(
+    s: &TestServer,
+    name: &str,
+    role: &str,
+    practitioner: Option<&str>,
+    patient: Option<&str>,
+    scope: &str,
+    mfa_age: Option<i64>,
+) -> String {
+    let (u, _) = s
+        .state
+        .accounts
+        .add_linked(name, role, patient, practitioner, 3600, now())
+        .await
+        .unwrap();
+    token_for(s, u.id(), role, patient, scope, mfa_age)
+}
+
+fn token_for(
+    s: &TestServer,
+    user_id: &str,
+    role: &str,
+    patient: Option<&str>,
+    scope: &str,
+    mfa_age: Option<i64>,
+) -> String {
+    let ctx = UserContext {
+        user_id: user_id.into(),
+        role: role.into(),
+        patient: patient.map(str::to_owned),
+        family: uuid::Uuid::new_v4().to_string(),
+        auth_time: now() - mfa_age.unwrap_or(0),
+        amr: if mfa_age.is_some() {
+            vec!["pwd".into(), "otp".into()]
+        } else {
+            vec!["pwd".into()]
+        },
+    };
+    s.state
+        .tokens
+        .issue_user("test-app", scope, &ctx, now())
+        .unwrap()
+        .0
+}
+
+async fn send(s: &TestServer, tok: &str, m: M, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut r = s.http.request(m, s.url(path)).bearer_auth(tok);
+    if let Some(b) = body {
+        r = r
+            .header("content-type", "application/fhir+json")
+            .body(b.to_string());
+    }
+    let r = r.send().await.unwrap();
+    let st = r.status().as_u16();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(s: &TestServer, tok: &str, path: &str) -> u16 {
+    send(s, tok, M::GET, path, None).await.0
+}
+
+/// `Type/id` of every entry of a Bundle (matches and includes).
+fn ids(b: &Value) -> Vec<String> {
+    let mut v: Vec<String> = b["entry"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| {
+            let r = &e["resource"];
+            Some(format!(
+                "{}/{}",
+                r["resourceType"].as_str()?,
+                r["id"].as_str()?
+            ))
+        })
+        .filter(|s| !s.starts_with("OperationOutcome/"))
+        .collect();
+    v.sort();
+    v
+}
+
+async fn search(s: &TestServer, tok: &str, path: &str) -> Vec<String> {
+    let (st, b) = send(s, tok, M::GET, path, None).await;
+    assert_eq!(st, 200, "{path}: {b}");
+    ids(&b)
+}
+
+async fn put(s: &TestServer, tok: &str, r: Value) {
+    let path = format!(
+        "/{}/{}",
+        r["resourceType"].as_str().unwrap(),
+        r["id"].as_str().unwrap()
+    );
+    let (st, b) = send(s, tok, M::PUT, &path, Some(&r)).await;
+    assert!(st == 200 || st == 201, "{path}: {st} {b}");
+}
+
+fn patient(id: &str, extra: Value) -> Value {
+    let mut p = json!({"resourceType": "Patient", "id": id, "name": [{"family": "Sharedname"}]});
+    if let (Some(o), Some(x)) = (p.as_object_mut(), extra.as_object()) {
+        o.extend(x.clone());
+    }
+    p
+}
+
+fn obs(id: &str, patient: &str, label: Option<&str>) -> Value {
+    let mut o = json!({"resourceType": "Observation", "id": id, "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": format!("Patient/{patient}")},
+        "valueQuantity": {"value": 72, "unit": "/min"}});
+    if let Some(l) = label {
+        o["meta"] = json!({"security": [{"system": PSY, "code": l}]});
+    }
+    o
+}
+
+/// The shared fixture: who cares for whom.
+async fn load(s: &TestServer) {
+    let l = loader(s);
+    for pr in ["pr-a", "pr-b"] {
+        put(s, &l, json!({"resourceType": "Practitioner", "id": pr})).await;
+    }
+    put(
+        s,
+        &l,
+        json!({"resourceType": "Organization", "id": "org-1"}),
+    )
+    .await;
+    put(
+        s,
+        &l,
+        json!({"resourceType": "PractitionerRole", "id": "role-b",
+        "practitioner": {"reference": "Practitioner/pr-b"},
+        "organization": {"reference": "Organization/org-1"}}),
+    )
+    .await;
+    put(
+        s,
+        &l,
+        patient(
+            "pa-gp",
+            json!({"generalPractitioner": [{"reference": "Practitioner/pr-a"}]}),
+        ),
+    )
+    .await;
+    put(s, &l, patient("pa-team", json!({}))).await;
+    put(s, &l, patient("pa-enc", json!({}))).await;
+    put(
+        s,
+        &l,
+        patient(
+            "pa-org",
+            json!({"managingOrganization": {"reference": "Organization/org-1"}}),
+        ),
+    )
+    .await;
+    put(s, &l, patient("pa-other", json!({}))).await;
+    put(
+        s,
+        &l,
+        json!({"resourceType": "CareTeam", "id": "ct-1",
+        "subject": {"reference": "Patient/pa-team"},
+        "participant": [{"member": {"reference": "Practitioner/pr-a"}}]}),
+    )
+    .await;
+    put(
+        s,
+        &l,
+        json!({"resourceType": "Encounter", "id": "enc-1", "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": "Patient/pa-enc"},
+        "participant": [{"individual": {"reference": "Practitioner/pr-a"}}]}),
+    )
+    .await;
+    put(s, &l, obs("obs-gp", "pa-gp", None)).await;
+    put(s, &l, obs("obs-psy", "pa-gp", Some("PSY"))).await;
+    put(s, &l, obs("obs-other", "pa-other", None)).await;
+    put(s, &l, obs("obs-other-psy", "pa-other", Some("PSY"))).await;
+    put(s, &l, json!({"resourceType": "Binary", "id": "bin-1", "contentType": "text/plain", "data": "aGk="})).await;
+}
+
+on_both!(care_relationships_decide_every_path);
+async fn care_relationships_decide_every_path(s: &TestServer) {
+    load(s).await;
+    let a = user(
+        s,
+        "dr.a",
+        "clinician",
+        Some("pr-a"),
+        None,
+        "user/*.cruds",
+        None,
+    )
+    .await;
+    // Reached through generalPractitioner, CareTeam and Encounter; the
+    // others answer exactly like ids that do not exist.
+    for p in ["pa-gp", "pa-team", "pa-enc"] {
+        assert_eq!(get(s, &a, &format!("/Patient/{p}")).await, 200, "{p}");
+    }
+    for p in ["pa-org", "pa-other", "never-existed"] {
+        assert_eq!(get(s, &a, &format!("/Patient/{p}")).await, 404, "{p}");
+    }
+    assert_eq!(get(s, &a, "/Observation/obs-other").await, 404);
+    assert_eq!(get(s, &a, "/Observation/obs-other/_history/1").await, 404);
+    assert_eq!(get(s, &a, "/Patient/pa-other/_history").await, 404);
+    // Restricted label: hidden without the permission, even for a patient
+    // they care for.
+    assert_eq!(get(s, &a, "/Observation/obs-gp").await, 200);
+    assert_eq!(get(s, &a, "/Observation/obs-psy").await, 404);
+    // A type outside the compartment that can hold anyone's data.
+    assert_eq!(get(s, &a, "/Binary/bin-1").await, 404);
+    assert!(search(s, &a, "/Binary").await.is_empty());
+    // Shared reference data stays readable.
+    assert_eq!(get(s, &a, "/Practitioner/pr-b").await, 200);
+
+    // Searches are confined in the query: totals count only what is seen.
+    let (_, b) = send(
+        s,
+        &a,
+        M::GET,
+        "/Patient?family=Sharedname&_total=accurate",
+        None,
+    )
+    .await;
+    assert_eq!(b["total"], 3, "{b}");
+    assert_eq!(
+        ids(&b),
+        vec!["Patient/pa-enc", "Patient/pa-gp", "Patient/pa-team"]
+    );
+    assert_eq!(
+        search(s, &a, &format!("/Observation?code={LOINC_HR}")).await,
+        vec!["Observation/obs-gp"]
+    );
+    // POST _search takes the same path.
+    let r = s
+        .http
+        .post(s.url("/Observation/_search"))
+        .bearer_auth(&a)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("code=8867-4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&r.json::<Value>().await.unwrap()),
+        vec!["Observation/obs-gp"]
+    );
+    // Includes, reverse includes, chains and _has see no further.
+    assert_eq!(
+        search(s, &a, "/Observation?_include=Observation:subject").await,
+        vec!["Observation/obs-gp", "Patient/pa-gp"]
+    );
+    assert_eq!(
+        search(
+            s,
+            &a,
+            "/Patient?_id=pa-gp,pa-other&_revinclude=Observation:subject"
+        )
+        .await,
+        vec!["Observation/obs-gp", "Patient/pa-gp"]
+    );
+    assert_eq!(
+        search(s, &a, "/Patient?_has:Observation:subject:code=8867-4").await,
+        vec!["Patient/pa-gp"]
+    );
+    assert_eq!(
+        search(s, &a, "/Observation?subject:Patient.family=Sharedname").await,
+        vec!["Observation/obs-gp"]
+    );
+    // Compartment search, $everything and history.
+    assert!(search(s, &a, "/Patient/pa-other/Observation")
+        .await
+        .is_empty());
+    assert_eq!(get(s, &a, "/Patient/pa-other/$everything").await, 404);
+    let every = search(s, &a, "/Patient/pa-gp/$everything").await;
+    assert!(
+        every.contains(&"Observation/obs-gp".to_owned()),
+        "{every:?}"
+    );
+    assert!(
+        !every.contains(&"Observation/obs-psy".to_owned()),
+        "{every:?}"
+    );
+    let hist = search(s, &a, "/Observation/_history").await;
+    assert!(hist.iter().all(|i| i == "Observation/obs-gp"), "{hist:?}");
+
+    // Writes: new content must be within reach; what a write replaces too.
+    let (st, _) = send(
+        s,
+        &a,
+        M::POST,
+        "/Observation",
+        Some(&obs("x", "pa-other", None)),
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, _) = send(
+        s,
+        &a,
+        M::POST,
+        "/Observation",
+        Some(&obs("x", "pa-gp", None)),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let (st, _) = send(
+        s,
+        &a,
+        M::PUT,
+        "/Observation/obs-other",
+        Some(&obs("obs-other", "pa-gp", None)),
+    )
+    .await;
+    assert_eq!(st, 404, "overwriting another patient's record");
+    let (st, _) = send(s, &a, M::DELETE, "/Observation/obs-other", None).await;
+    assert_eq!(st, 404);
+    // Conditional delete matches only what the caller sees (obs-gp and the
+    // new one are theirs: two matches, 412; never obs-other).
+    let (st, _) = send(
+        s,
+        &a,
+        M::DELETE,
+        "/Observation?subject=Patient/pa-other",
+        None,
+    )
+    .await;
+    assert_eq!(st, 204);
+    // A transaction with one entry outside reach stores nothing.
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": obs("t1", "pa-gp", None), "request": {"method": "POST", "url": "Observation"}},
+        {"resource": obs("t2", "pa-other", None), "request": {"method": "POST", "url": "Observation"}}]});
+    let (st, _) = send(s, &a, M::POST, "", Some(&tx)).await;
+    assert_eq!(st, 403);
+    let l = loader(s);
+    let (_, all) = send(s, &l, M::GET, "/Observation?_total=accurate", None).await;
+    assert_eq!(
+        all["total"], 5,
+        "the loader's four, dr.a's one create; none from the transaction"
+    );
+    assert_eq!(
+        get(s, &l, "/Observation/obs-other").await,
+        200,
+        "not deleted"
+    );
+
+    // Every refusal is in the audit log with its rule.
+    let rows = s
+        .state
+        .store
+        .audit_search(&phylax_store::AuditQuery {
+            subtype: Some("read".into()),
+            limit: 200,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let denied = rows
+        .iter()
+        .map(|r| s.state.audit.open_row(r).unwrap())
+        .filter(|e| {
+            e["outcomeDesc"]
+                .as_str()
+                .is_some_and(|d| d.contains("denied by reach"))
+        })
+        .count();
+    assert!(denied >= 3, "hidden reads are recorded as denials");
+
+    // Through PractitionerRole and its organization.
+    let b = user(
+        s,
+        "dr.b",
+        "clinician",
+        Some("pr-b"),
+        None,
+        "user/*.rs",
+        None,
+    )
+    .await;
+    assert_eq!(get(s, &b, "/Patient/pa-org").await, 200);
+    assert_eq!(get(s, &b, "/Patient/pa-gp").await, 404);
+    // No linked practitioner: no patient at all (fail closed).
+    let none = user(s, "dr.none", "clinician", None, None, "user/*.rs", None).await;
+    assert_eq!(get(s, &none, "/Patient/pa-gp").await, 404);
+    assert!(search(s, &none, "/Patient").await.is_empty());
+    // Roles whose job spans the organisation are limited by type instead.
+    let fd = user(s, "desk", "front-desk", None, None, "user/*.cruds", None).await;
+    assert_eq!(get(s, &fd, "/Patient/pa-other").await, 200);
+    assert_eq!(get(s, &fd, "/Observation/obs-other").await, 403);
+    // A role with the label permission sees labelled data of its patients
+    // only.
+    let psy = user(
+        s,
+        "dr.psy",
+        "psychiatrist",
+        Some("pr-a"),
+        None,
+        "user/*.rs",
+        None,
+    )
+    .await;
+    assert_eq!(get(s, &psy, "/Observation/obs-psy").await, 200);
+    assert_eq!(get(s, &psy, "/Observation/obs-other-psy").await, 404);
+    // Backend clients without the label permission do not see it either.
+    let plain = s.token("system/*.rs").await;
+    assert_eq!(get(s, &plain, "/Observation/obs-psy").await, 404);
+    assert_eq!(get(s, &plain, "/Observation/obs-other").await, 200);
+
+    // A care relationship that starts applies within seconds; one that
+    // ends, too.
+    put(
+        s,
+        &l,
+        json!({"resourceType": "CareTeam", "id": "ct-2",
+        "subject": {"reference": "Patient/pa-other"},
+        "participant": [{"member": {"reference": "Practitioner/pr-a"}}]}),
+    )
+    .await;
+    let wait_for = |want: u16| {
+        let a = a.clone();
+        async move {
+            for _ in 0..50 {
+                if get(s, &a, "/Patient/pa-other").await == want {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            false
+        }
+    };
+    assert!(wait_for(200).await, "new care team membership applies");
+    let (st, _) = send(s, &l, M::DELETE, "/CareTeam/ct-2", None).await;
+    assert_eq!(st, 204);
+    assert!(wait_for(404).await, "ended care team membership applies");
+}
+
+on_both!(patients_reach_their_own_compartment);
+async fn patients_reach_their_own_compartment(s: &TestServer) {
+    load(s).await;
+    let p = user(
+        s,
+        "pat",
+        "patient",
+        None,
+        Some("pa-gp"),
+        "patient/*.rs",
+        None,
+    )
+    .await;
+    assert_eq!(get(s, &p, "/Patient/pa-gp").await, 200);
+    assert_eq!(get(s, &p, "/Patient/pa-other").await, 404);
+    assert_eq!(
+        search(s, &p, "/Patient?family=Sharedname").await,
+        vec!["Patient/pa-gp"]
+    );
+    // Their own labelled data is theirs to see.
+    assert_eq!(
+        search(s, &p, "/Observation").await,
+        vec!["Observation/obs-gp", "Observation/obs-psy"]
+    );
+    assert_eq!(get(s, &p, "/Observation/obs-other").await, 404);
+    assert_eq!(get(s, &p, "/Patient/pa-gp/$everything").await, 200);
+    assert_eq!(get(s, &p, "/Patient/pa-other/$everything").await, 404);
+    assert_eq!(get(s, &p, "/Practitioner/pr-a").await, 200);
+    // Types that hold data outside any compartment; writes; system history.
+    assert_eq!(get(s, &p, "/Binary/bin-1").await, 403);
+    assert_eq!(get(s, &p, "/_history").await, 403);
+    let (st, _) = send(
+        s,
+        &p,
+        M::POST,
+        "/Observation",
+        Some(&obs("x", "pa-gp", None)),
+    )
+    .await;
+    assert_eq!(st, 403);
+    // Scope escalation: a patient token cannot use user/ scopes to widen.
+    let wide = token_for(
+        s,
+        &s.state.accounts.find("pat").await.unwrap().unwrap().rec.id,
+        "patient",
+        Some("pa-gp"),
+        "patient/*.rs user/*.cruds",
+        None,
+    );
+    assert_eq!(get(s, &wide, "/Patient/pa-other").await, 404);
+    assert_eq!(search(s, &wide, "/Patient").await, vec!["Patient/pa-gp"]);
+}
+
+on_both!(break_the_glass);
+async fn break_the_glass(s: &TestServer) {
+    load(s).await;
+    let btg = |tok: String, body: Value| async move {
+        send(
+            s,
+            &tok,
+            M::POST,
+            "/Patient/pa-other/$break-the-glass",
+            Some(&body),
+        )
+        .await
+    };
+    let reason = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "reason", "valueString": "unconscious in the emergency department"},
+        {"name": "purpose", "valueCode": "ETREAT"}]});
+    // Needs a recent second factor.
+    let stale = user(
+        s,
+        "dr.a",
+        "clinician",
+        Some("pr-a"),
+        None,
+        "user/*.cruds",
+        Some(3600),
+    )
+    .await;
+    let (st, b) = btg(stale, reason.clone()).await;
+    assert_eq!(st, 400, "{b}");
+    assert!(b.to_string().contains("recent second factor"));
+    let id = s.state.accounts.find("dr.a").await.unwrap().unwrap().rec.id;
+    let a = token_for(s, &id, "clinician", None, "user/*.cruds", Some(30));
+    // Needs a reason, and a purpose from the list.
+    let (st, _) = btg(
+        a.clone(),
+        json!({"resourceType": "Parameters", "parameter": []}),
+    )
+    .await;
+    assert_eq!(st, 400);
+    let (st, _) = btg(
+        a.clone(),
+        json!({"resourceType": "Parameters", "parameter": [
+        {"name": "reason", "valueString": "x"}, {"name": "purpose", "valueCode": "HMARKT"}]}),
+    )
+    .await;
+    assert_eq!(st, 400);
+    // Roles without it are refused; unknown patients are not found.
+    let fd = user(
+        s,
+        "desk",
+        "front-desk",
+        None,
+        None,
+        "user/*.cruds",
+        Some(30),
+    )
+    .await;
+    assert_eq!(btg(fd, reason.clone()).await.0, 403);
+    let (st, _) = send(
+        s,
+        &a,
+        M::POST,
+        "/Patient/nobody/$break-the-glass",
+        Some(&reason),
+    )
+    .await;
+    assert_eq!(st, 404);
+
+    assert_eq!(get(s, &a, "/Patient/pa-other").await, 404);
+    let (st, b) = btg(a.clone(), reason.clone()).await;
+    assert_eq!(st, 200, "{b}");
+    assert!(b["parameter"][1]["valueInstant"].is_string());
+    // Access now, labelled data included, for this patient only.
+    assert_eq!(get(s, &a, "/Patient/pa-other").await, 200);
+    assert_eq!(get(s, &a, "/Observation/obs-other-psy").await, 200);
+    assert_eq!(
+        get(s, &a, "/Observation/obs-psy").await,
+        404,
+        "not another patient's label"
+    );
+    assert_eq!(get(s, &a, "/Patient/pa-org").await, 404);
+
+    // Recorded: the grant (purpose, patient), the alert, and the access
+    // made under it (purpose of use BTG). The reason stays out of the log.
+    let events = |subtype: &'static str| async move {
+        let rows = s
+            .state
+            .store
+            .audit_search(&phylax_store::AuditQuery {
+                subtype: Some(subtype.into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| s.state.audit.open_row(r).unwrap())
+            .collect::<Vec<Value>>()
+    };
+    let grants = events("break-the-glass").await;
+    let ok: Vec<&Value> = grants.iter().filter(|e| e["outcome"] == "0").collect();
+    assert_eq!(ok.len(), 1, "{grants:?}");
+    assert!(ok[0].to_string().contains("ETREAT"));
+    assert!(ok[0].to_string().contains("Patient/pa-other"));
+    assert!(!grants.iter().any(|e| e.to_string().contains("unconscious")));
+    let reads = events("read").await;
+    assert!(
+        reads.iter().any(|e| e.to_string().contains("\"BTG\"")),
+        "accesses under the grant are marked"
+    );
+    let mut alerted = false;
+    for _ in 0..40 {
+        if events("alert").await.iter().any(|e| {
+            e["outcomeDesc"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("break-the-glass [high]"))
+        }) {
+            alerted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(alerted, "a real-time alert");
+    // In the review queue, with its sealed reason for the reviewer.
+    let open = s.state.store.break_glass_list(true, 10).await.unwrap();
+    assert_eq!(open.len(), 1);
+    let d = phylax_server::break_glass::open_details(&s.state.keys, &open[0])
+        .await
+        .unwrap();
+    assert_eq!(d.patient, "pa-other");
+    assert!(d.reason.contains("unconscious"));
+
+    // An expired grant gives nothing: a fresh user with only a past grant.
+    let c = user(
+        s,
+        "dr.c",
+        "clinician",
+        Some("pr-b"),
+        None,
+        "user/*.rs",
+        Some(30),
+    )
+    .await;
+    let cid = s.state.accounts.find("dr.c").await.unwrap().unwrap().rec.id;
+    let gid = uuid::Uuid::new_v4().to_string();
+    let details = phylax_server::break_glass::GrantDetails {
+        patient: "pa-other".into(),
+        reason: "old".into(),
+        purpose: "ETREAT".into(),
+    };
+    let sealed = phylax_server::break_glass::seal(&s.state.keys, &gid, "grant", &details)
+        .await
+        .unwrap();
+    let t = chrono::Utc::now().timestamp_millis();
+    s.state
+        .store
+        .put_break_glass(&phylax_store::BreakGlassRecord {
+            id: gid,
+            user_id: cid,
+            started: t - 7_200_000,
+            expires: t - 3_600_000,
+            sealed,
+            reviewed_at: None,
+            reviewer: None,
+            review_sealed: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(get(s, &c, "/Patient/pa-other").await, 404);
+}

@@ -307,3 +307,105 @@ async fn grant(
     });
     Ok(crate::fhir_api::fhir_json(StatusCode::OK, &out))
 }
+
+/// A grant in the review queue, opened for the reviewer (the reason may
+/// hold PHI: shown to the reviewer, never logged).
+#[derive(Serialize)]
+pub struct QueueItem {
+    pub id: String,
+    pub user_id: String,
+    pub started: i64,
+    pub expires: i64,
+    pub patient: String,
+    pub reason: String,
+    pub purpose: String,
+    pub reviewed_at: Option<i64>,
+    pub reviewer: Option<String>,
+    pub review_note: Option<String>,
+}
+
+impl std::fmt::Debug for QueueItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueItem")
+            .field("id", &self.id)
+            .field("reviewed", &self.reviewed_at.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The review queue: grants not yet reviewed (or all), newest first.
+pub async fn queue(st: &AppState, open_only: bool) -> Result<Vec<QueueItem>, ApiError> {
+    let rows = st
+        .store
+        .break_glass_list(open_only, 10_000)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let d = open_details(&st.keys, &r).await?;
+        let note = open_review(&st.keys, &r).await?.map(|n| n.note.clone());
+        out.push(QueueItem {
+            id: r.id.clone(),
+            user_id: r.user_id.clone(),
+            started: r.started,
+            expires: r.expires,
+            patient: d.patient.clone(),
+            reason: d.reason.clone(),
+            purpose: d.purpose.clone(),
+            reviewed_at: r.reviewed_at,
+            reviewer: r.reviewer.clone(),
+            review_note: note,
+        });
+    }
+    Ok(out)
+}
+
+/// Why a review could not be closed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("no user named that")]
+    NoReviewer,
+    #[error("only users with the auditor role close break-the-glass reviews")]
+    NotAuditor,
+    #[error("the review note is required (at most 2000 characters)")]
+    Note,
+    #[error("no open break-the-glass grant with that id")]
+    NotOpen,
+    #[error("{0:?}")]
+    Api(ApiError),
+}
+
+/// Close one grant's review: `reviewer` (a username) must hold the
+/// auditor role; the note is sealed. Returns the reviewer's user id.
+pub async fn close(
+    st: &AppState,
+    id: &str,
+    reviewer: &str,
+    note: &str,
+) -> Result<String, ReviewError> {
+    let note = note.trim();
+    if note.is_empty() || note.chars().count() > 2000 {
+        return Err(ReviewError::Note);
+    }
+    let u = st
+        .accounts
+        .find(reviewer)
+        .await
+        .map_err(|e| ReviewError::Api(ApiError::Unavailable(e.to_string())))?
+        .ok_or(ReviewError::NoReviewer)?;
+    if u.role() != "auditor" {
+        return Err(ReviewError::NotAuditor);
+    }
+    let sealed = seal(&st.keys, id, "review", &ReviewDetails { note: note.into() })
+        .await
+        .map_err(ReviewError::Api)?;
+    let done = st
+        .store
+        .review_break_glass(id, u.id(), crate::now_ms(), &sealed)
+        .await
+        .map_err(|e| ReviewError::Api(ApiError::Unavailable(e.to_string())))?;
+    if !done {
+        return Err(ReviewError::NotOpen);
+    }
+    Ok(u.id().to_owned())
+}

@@ -37,6 +37,7 @@
 //! - [`tls`]: rustls configuration and certificate generation; the accept loop.
 
 pub mod access;
+pub mod access_admin;
 pub mod accounts;
 pub mod audit;
 pub mod audit_api;

@@ -475,6 +475,76 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     assert_eq!(get(s, &plain, "/Observation/obs-psy").await, 404);
     assert_eq!(get(s, &plain, "/Observation/obs-other").await, 200);
 
+    // `phylax access explain`: the same decision, by rule, without data.
+    use phylax_server::access_admin::{explain, parse_interaction, review, Subject};
+    let ex = |who: &'static str, rt: &'static str, id: &'static str, what: &'static str| async move {
+        let subject = Subject::User {
+            username: who.into(),
+            scope: None,
+        };
+        explain(
+            &s.state,
+            &subject,
+            &phylax_fhir::ResourceType::parse(rt).unwrap(),
+            &phylax_fhir::ResourceId::parse(id).unwrap(),
+            parse_interaction(what).unwrap(),
+        )
+        .await
+        .unwrap()
+    };
+    let e = ex("dr.a", "Patient", "pa-gp", "read").await;
+    assert!(e.allowed, "{e:?}");
+    let e = ex("dr.a", "Patient", "pa-other", "read").await;
+    assert!(!e.allowed && e.rule.starts_with("reach"), "{e:?}");
+    let e = ex("dr.a", "Observation", "obs-psy", "read").await;
+    assert!(e.rule.starts_with("security label"), "{e:?}");
+    let e = ex("desk", "Observation", "obs-other", "read").await;
+    assert!(e.rule.starts_with("role"), "{e:?}");
+    let e = ex("dr.psy", "Observation", "obs-psy", "update").await;
+    assert!(e.allowed, "{e:?}");
+    let e = ex("dr.a", "Patient", "no-such", "read").await;
+    assert_eq!(e.rule, "resource: not found");
+    let text = format!("{e:?}{:?}", ex("dr.a", "Patient", "pa-gp", "read").await);
+    assert!(
+        !text.contains("Sharedname") && !text.contains("pa-gp"),
+        "no data: {text}"
+    );
+    let e = explain(
+        &s.state,
+        &Subject::Client {
+            client_id: "no-such-client".into(),
+        },
+        &phylax_fhir::ResourceType::parse("Patient").unwrap(),
+        &phylax_fhir::ResourceId::parse("pa-gp").unwrap(),
+        parse_interaction("read").unwrap(),
+    )
+    .await;
+    assert!(e.is_err());
+
+    // `phylax access review`: the front desk read once, nothing else.
+    let rows = review(&s.state, 90, chrono::Utc::now().timestamp_millis())
+        .await
+        .unwrap();
+    let desk = rows.iter().find(|r| r.name == "desk").unwrap();
+    assert_eq!(desk.role.as_deref(), Some("front-desk"));
+    assert_eq!(desk.unused, "cus", "{desk:?}");
+    assert_eq!(desk.mfa, Some(false));
+    assert!(!desk.dormant, "created today");
+    let none = rows.iter().find(|r| r.name == "dr.none").unwrap();
+    assert!(
+        none.unused.contains('c') && none.unused.contains('d'),
+        "{none:?}"
+    );
+    // A year later, everyone is dormant.
+    let later = review(
+        &s.state,
+        90,
+        chrono::Utc::now().timestamp_millis() + 365 * 86_400_000,
+    )
+    .await
+    .unwrap();
+    assert!(later.iter().filter(|r| r.kind == "user").all(|r| r.dormant));
+
     // A care relationship that starts applies within seconds; one that
     // ends, too.
     put(
@@ -687,6 +757,45 @@ async fn break_the_glass(s: &TestServer) {
         .unwrap();
     assert_eq!(d.patient, "pa-other");
     assert!(d.reason.contains("unconscious"));
+
+    // Closing the review: auditors only, with a note, once.
+    use phylax_server::break_glass::{close, queue, ReviewError};
+    let gid = open[0].id.clone();
+    user(s, "aud", "auditor", None, None, "user/AuditEvent.rs", None).await;
+    assert!(matches!(
+        close(&s.state, &gid, "dr.a", "fine").await,
+        Err(ReviewError::NotAuditor)
+    ));
+    assert!(matches!(
+        close(&s.state, &gid, "aud", "  ").await,
+        Err(ReviewError::Note)
+    ));
+    assert!(matches!(
+        close(&s.state, "no-such", "aud", "x").await,
+        Err(ReviewError::NotOpen)
+    ));
+    close(&s.state, &gid, "aud", "confirmed with the ED log")
+        .await
+        .unwrap();
+    assert!(matches!(
+        close(&s.state, &gid, "aud", "again").await,
+        Err(ReviewError::NotOpen)
+    ));
+    assert!(queue(&s.state, true).await.unwrap().is_empty());
+    let all = queue(&s.state, false).await.unwrap();
+    assert_eq!(
+        all[0].review_note.as_deref(),
+        Some("confirmed with the ED log")
+    );
+    // The database refuses to rewrite a closed review or drop a grant.
+    for sql in [
+        format!("UPDATE break_glass SET expires = expires + 1 WHERE id = '{gid}'"),
+        format!("UPDATE break_glass SET reviewer = 'someone' WHERE id = '{gid}'"),
+        format!("DELETE FROM break_glass WHERE id = '{gid}'"),
+    ] {
+        let e = s.try_sql(&sql).await.unwrap_err();
+        assert!(e.contains("kept"), "{sql}: {e}");
+    }
 
     // An expired grant gives nothing: a fresh user with only a past grant.
     let c = user(

@@ -51,6 +51,78 @@ enum Cmd {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Access control: explain a decision, review accounts, close
+    /// break-the-glass reviews.
+    #[command(subcommand)]
+    Access(AccessCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum AccessCmd {
+    /// Would this user or client be allowed this interaction on this
+    /// resource, and by which rule? Prints rules and counts, never data.
+    Explain {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long, conflicts_with = "client", required_unless_present = "client")]
+        user: Option<String>,
+        #[arg(long)]
+        client: Option<String>,
+        /// The scopes of the app the user signs in through (default: all
+        /// their role allows).
+        #[arg(long, requires = "user")]
+        scope: Option<String>,
+        /// `Type/id`.
+        #[arg(long)]
+        resource: String,
+        /// read, vread, history, search, create, update, delete or everything.
+        #[arg(long, default_value = "read")]
+        interaction: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The periodic access review: every user and client with role or
+    /// scopes, second factor, last activity, dormant accounts and
+    /// permissions unused in the period.
+    Review {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        /// The period, in days.
+        #[arg(long, default_value_t = 90)]
+        dormant_days: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The break-the-glass review queue.
+    #[command(subcommand)]
+    BreakGlass(BreakGlassCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum BreakGlassCmd {
+    /// List grants waiting for review (with --all, every grant). Shows each
+    /// grant's reason: it may hold PHI.
+    List {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close a grant's review (the reviewer must hold the auditor role).
+    Close {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long)]
+        id: String,
+        /// The reviewing auditor's username.
+        #[arg(long)]
+        reviewer: String,
+        /// What the review found.
+        #[arg(long)]
+        note: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -347,6 +419,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Client(c) => client_cmd(c).await,
         Cmd::User(c) => user_cmd(c).await,
         Cmd::Audit(c) => audit_cmd(c).await,
+        Cmd::Access(c) => access_cmd(c).await,
         Cmd::Keys(KeysCmd::RotateSigning { inst }) => {
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
             let kid = i.keys.rotate_signing().await?;
@@ -862,6 +935,195 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
                 ttl / 3600
             );
             println!("{}/auth/enroll?token={link}", i.config.public_url);
+            Ok(())
+        }
+    }
+}
+
+fn instant(ms: i64) -> String {
+    phylax_server::repo::format_instant(ms)
+}
+
+async fn access_cmd(c: AccessCmd) -> Result<()> {
+    use phylax_server::access_admin;
+    match c {
+        AccessCmd::Explain {
+            inst,
+            user,
+            client,
+            scope,
+            resource,
+            interaction,
+            json,
+        } => {
+            let what = access_admin::parse_interaction(&interaction).ok_or_else(|| {
+                anyhow::anyhow!("--interaction: one of read, vread, history, search, create, update, delete, everything")
+            })?;
+            let (t, id) = resource
+                .split_once('/')
+                .and_then(|(t, id)| {
+                    Some((
+                        phylax_fhir::ResourceType::parse(t)?,
+                        phylax_fhir::ResourceId::parse(id)?,
+                    ))
+                })
+                .ok_or_else(|| anyhow::anyhow!("--resource must be Type/id"))?;
+            let subject = match (user, client) {
+                (Some(username), None) => access_admin::Subject::User { username, scope },
+                (None, Some(client_id)) => access_admin::Subject::Client { client_id },
+                _ => anyhow::bail!("give --user or --client"),
+            };
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            let st = phylax_server::http::AppState::new(i)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let e = access_admin::explain(&st, &subject, &t, &id, what)
+                .await
+                .map_err(|e| match e {
+                    phylax_server::error::ApiError::NotFound => {
+                        anyhow::anyhow!("no such user or client")
+                    }
+                    other => anyhow::anyhow!("{other:?}"),
+                })?;
+            // Asking is itself recorded: it reveals who may see what.
+            st.audit
+                .record_admin(
+                    "access-explain",
+                    Action::Execute,
+                    format!("explained {interaction} on {t}: {}", e.rule),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("not recorded in the audit log: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                for s in &e.steps {
+                    println!("  {s}");
+                }
+                println!(
+                    "{}: {}",
+                    if e.allowed { "ALLOWED" } else { "DENIED" },
+                    e.rule
+                );
+            }
+            Ok(())
+        }
+        AccessCmd::Review {
+            inst,
+            dormant_days,
+            json,
+        } => {
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            let st = phylax_server::http::AppState::new(i)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let now = chrono::Utc::now().timestamp_millis();
+            let rows = access_admin::review(&st, dormant_days, now)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            st.audit
+                .record_admin(
+                    "access-review",
+                    Action::Read,
+                    format!("access review of {} accounts", rows.len()),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("not recorded in the audit log: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<7} {:<24} {:<14} {:<9} {:<5} {:<24} {:<8} unused ({dormant_days} d)",
+                "kind", "name", "role", "status", "mfa", "last active", "dormant"
+            );
+            for r in rows {
+                println!(
+                    "{:<7} {:<24} {:<14} {:<9} {:<5} {:<24} {:<8} {}",
+                    r.kind,
+                    r.name,
+                    r.role.as_deref().unwrap_or("-"),
+                    r.status,
+                    r.mfa.map_or("-", |m| if m { "yes" } else { "NO" }),
+                    r.last_active.map_or_else(|| "never".into(), instant),
+                    if r.dormant { "DORMANT" } else { "" },
+                    r.unused
+                );
+                if let Some(sc) = r.scopes {
+                    println!("        scopes: {sc}");
+                }
+            }
+            Ok(())
+        }
+        AccessCmd::BreakGlass(BreakGlassCmd::List { inst, all, json }) => {
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            let st = phylax_server::http::AppState::new(i)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let items = phylax_server::break_glass::queue(&st, !all)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            st.audit
+                .record_admin(
+                    "break-the-glass-review",
+                    Action::Read,
+                    format!("break-the-glass queue listed ({} grants)", items.len()),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("not recorded in the audit log: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&items)?);
+                return Ok(());
+            }
+            if items.is_empty() {
+                println!("no grants waiting for review");
+            }
+            for g in items {
+                println!(
+                    "{}  user {}  patient {}  {} to {}  purpose {}",
+                    g.id,
+                    g.user_id,
+                    g.patient,
+                    instant(g.started),
+                    instant(g.expires),
+                    g.purpose
+                );
+                println!("    reason: {}", g.reason);
+                match (g.reviewed_at, g.reviewer, g.review_note) {
+                    (Some(at), Some(by), note) => println!(
+                        "    reviewed {} by user {by}: {}",
+                        instant(at),
+                        note.unwrap_or_default()
+                    ),
+                    _ => println!("    REVIEW OPEN"),
+                }
+            }
+            Ok(())
+        }
+        AccessCmd::BreakGlass(BreakGlassCmd::Close {
+            inst,
+            id,
+            reviewer,
+            note,
+        }) => {
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            let st = phylax_server::http::AppState::new(i)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let by = phylax_server::break_glass::close(&st, &id, &reviewer, &note).await?;
+            st.audit
+                .record_admin(
+                    "break-the-glass-review",
+                    Action::Update,
+                    format!("break-the-glass grant {id} reviewed by user {by}"),
+                )
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "the review was closed but could not be recorded in the audit log: {e}"
+                    )
+                })?;
+            println!("review of {id} closed");
             Ok(())
         }
     }

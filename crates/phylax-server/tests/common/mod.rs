@@ -152,6 +152,25 @@ impl TestServer {
         }
     }
 
+    /// Run SQL straight on the database; the database's error if it refuses.
+    pub async fn try_sql(&self, sql: &str) -> Result<(), String> {
+        match self.backend {
+            Backend::Sqlite => {
+                let c = rusqlite::Connection::open(self.data_dir.join("phylax.db"))
+                    .map_err(|e| e.to_string())?;
+                c.execute_batch(sql).map_err(|e| e.to_string())
+            }
+            Backend::Postgres => {
+                let url = self.db_url.as_deref().unwrap();
+                let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                c.batch_execute(sql).await.map_err(|e| format!("{e:?}"))
+            }
+        }
+    }
+
     /// A second node over the same instance (same data directory, same
     /// database, same KEK), on its own port: how several Phylax nodes share
     /// one PostgreSQL. Returns its FHIR base URL and a stop handle.

@@ -22,6 +22,7 @@
 
 pub mod assertion;
 pub mod client_key;
+pub mod consent;
 pub mod passkey;
 pub mod password_policy;
 pub mod pkce;

@@ -321,6 +321,12 @@ pub struct Access {
     pub emergency: std::collections::BTreeSet<String>,
     /// May see restricted-label data of every patient it reaches.
     pub labelled: bool,
+    /// Patients whose active privacy consent denies this requester (for
+    /// this purpose, now); break-the-glass patients are never in it.
+    /// Applies to disclosure (reads and searches), not to writes.
+    pub denied: std::collections::BTreeSet<String>,
+    /// The purpose of use the requests carry (HL7 v3 ActReason).
+    pub purpose: &'static str,
 }
 
 impl Access {
@@ -331,6 +337,17 @@ impl Access {
             reach: Reach::All,
             emergency: Default::default(),
             labelled: true,
+            denied: Default::default(),
+            purpose: "HOPERAT",
+        }
+    }
+
+    /// The same access for writing: consents restrict disclosure, not the
+    /// upkeep of a record (a write answers with what was sent).
+    pub fn for_writes(&self) -> Access {
+        Access {
+            denied: Default::default(),
+            ..self.clone()
         }
     }
 
@@ -374,6 +391,9 @@ pub fn decide_resource(access: &Access, r: &ResourceFacts<'_>) -> Decision {
                 "reach: type may hold data of patients outside the caller's reach",
             );
         }
+    }
+    if r.patients.iter().any(|p| access.denied.contains(p)) {
+        return Decision::Deny("consent: the patient's privacy consent denies this access");
     }
     if r.restricted && !access.labelled && !r.patients.iter().any(|p| access.emergency.contains(p))
     {
@@ -545,6 +565,8 @@ mod tests {
             reach: Reach::Patients(ids.iter().map(|s| (*s).to_owned()).collect()),
             emergency: Default::default(),
             labelled: false,
+            denied: Default::default(),
+            purpose: "TREAT",
         };
         let a = only(&["p1"]);
         let p1 = vec!["p1".to_owned()];
@@ -596,6 +618,21 @@ mod tests {
             decide_resource(&e, &facts("Observation", &p1, true)),
             Decision::Deny(_)
         ));
+        // A consent denial wins over reach and labels.
+        let mut c = only(&["p1", "p2"]);
+        c.labelled = true;
+        c.denied.insert("p2".into());
+        assert!(
+            matches!(decide_resource(&c, &facts("Observation", &p2, false)), Decision::Deny(r) if r.starts_with("consent"))
+        );
+        assert!(matches!(
+            decide_resource(&c, &facts("Observation", &both, false)),
+            Decision::Deny(_)
+        ));
+        assert_eq!(
+            decide_resource(&c.for_writes(), &facts("Observation", &p2, false)),
+            Decision::Allow
+        );
         // Unrestricted reach still honours labels.
         let mut all = Access::unrestricted();
         assert_eq!(

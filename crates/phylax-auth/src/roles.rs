@@ -77,6 +77,31 @@ pub struct RoleDef {
     pub labelled: bool,
     /// May ask for break-the-glass emergency access.
     pub break_glass: bool,
+    /// The purpose of use its requests carry (HL7 v3 ActReason): recorded
+    /// in every audit record and matched against consents that deny a
+    /// purpose.
+    pub purpose: &'static str,
+}
+
+/// Purposes of use a role may carry (HL7 v3 ActReason codes).
+pub const PURPOSES: &[&str] = &[
+    "TREAT",
+    "ETREAT",
+    "HPAYMT",
+    "HOPERAT",
+    "HRESCH",
+    "HSYSADMIN",
+    "PATRQT",
+    "PUBHLTH",
+    "HMARKT",
+    "HDIRECT",
+    "HLEGAL",
+    "COC",
+];
+
+/// The static purpose code for `s`, if it is one of [`PURPOSES`].
+pub fn purpose(s: &str) -> Option<&'static str> {
+    PURPOSES.iter().find(|p| **p == s).copied()
 }
 
 impl RoleDef {
@@ -203,6 +228,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::CareRelationships,
             labelled: false,
             break_glass: true,
+            purpose: "TREAT",
         },
         RoleDef {
             name: "nurse".into(),
@@ -212,6 +238,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::CareRelationships,
             labelled: false,
             break_glass: true,
+            purpose: "TREAT",
         },
         RoleDef {
             name: "front-desk".into(),
@@ -221,6 +248,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            purpose: "HOPERAT",
         },
         RoleDef {
             name: "billing".into(),
@@ -233,6 +261,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            purpose: "HPAYMT",
         },
         RoleDef {
             name: "researcher".into(),
@@ -242,6 +271,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            purpose: "HRESCH",
         },
         RoleDef {
             name: "auditor".into(),
@@ -251,6 +281,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            purpose: "HOPERAT",
         },
         RoleDef {
             name: "admin".into(),
@@ -260,6 +291,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            purpose: "HSYSADMIN",
         },
         RoleDef {
             name: "patient".into(),
@@ -269,6 +301,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::OwnCompartment,
             labelled: true,
             break_glass: false,
+            purpose: "PATRQT",
         },
     ]
 }
@@ -286,6 +319,8 @@ pub struct CustomRole {
     pub reach: ReachRule,
     pub labelled: bool,
     pub break_glass: bool,
+    /// One of [`PURPOSES`].
+    pub purpose: String,
 }
 
 /// The role registry: built-in roles plus validated custom ones.
@@ -324,6 +359,14 @@ impl Roles {
             if c.grants.is_empty() {
                 return Err(format!("role {}: needs at least one grant", c.name));
             }
+            let purpose = purpose(&c.purpose).ok_or_else(|| {
+                format!(
+                    "role {}: purpose {:?} must be one of {}",
+                    c.name,
+                    c.purpose,
+                    PURPOSES.join(", ")
+                )
+            })?;
             let mut grants = Vec::new();
             for (types, perms) in &c.grants {
                 let perms = parse_perms(perms).ok_or_else(|| {
@@ -366,6 +409,7 @@ impl Roles {
                     reach: c.reach,
                     labelled: c.labelled,
                     break_glass: c.break_glass,
+                    purpose,
                 }),
             );
         }
@@ -481,6 +525,7 @@ mod tests {
             reach: ReachRule::CareRelationships,
             labelled: false,
             break_glass: false,
+            purpose: "TREAT".into(),
         };
         let r = Roles::new(std::slice::from_ref(&ok), known).unwrap();
         assert!(r.get("lab-tech").unwrap().allows("Observation", Create));
@@ -495,6 +540,7 @@ mod tests {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            purpose: "TREAT".into(),
         };
         for (c, why) in [
             (bad("clinician", &["Patient"], "r"), "taken"),

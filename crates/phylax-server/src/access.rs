@@ -42,6 +42,8 @@ const CARE_SCAN_LIMIT: u32 = 100_000;
 /// One user's cached facts.
 #[derive(Clone, Default)]
 struct Cached {
+    /// How the user is known in the data (`Type/id`), if looked up.
+    refs: Option<Arc<Vec<String>>>,
     /// Care-relationship patients (`None`: over `max_reach`), if computed.
     care: Option<Option<Arc<BTreeSet<String>>>>,
     /// Break-the-glass patients with their grants' expiry (ms), if looked up.
@@ -151,6 +153,24 @@ pub fn query_conditions(st: &AppState, access: &Access, rtype: &ResourceType) ->
             and.push(vec![Cond::Never]);
         }
     }
+    if !access.denied.is_empty() && compartment::is_compartment_type(rtype.as_str()) {
+        // In no compartment of a patient whose consent denies the caller.
+        let targets: Vec<String> = access
+            .denied
+            .iter()
+            .map(|p| format!("Patient/{p}"))
+            .collect();
+        for p in phylax_fhir::defs::definitions().compartment_params(rtype.as_str()) {
+            let Cond::Hash { param, hashes } = crate::search::references_to(key, p, &targets)
+            else {
+                continue;
+            };
+            and.push(vec![Cond::NotHash { param, hashes }]);
+        }
+        if rtype.as_str() == "Patient" {
+            and.push(vec![Cond::NotIds(access.denied.iter().cloned().collect())]);
+        }
+    }
     if !access.labelled {
         let hashes: Vec<Vec<u8>> = restricted_labels(st)
             .map(|(s, c)| crate::search::token_hash(key, "_security", s, c))
@@ -190,6 +210,10 @@ fn compartment_of_any(
     group
 }
 
+/// The purpose of use of backend clients' requests (healthcare
+/// operations: system integrations).
+pub const CLIENT_PURPOSE: &str = "HOPERAT";
+
 /// Compute the access of one request's caller.
 pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiError> {
     match who {
@@ -197,6 +221,10 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
             reach: Reach::All,
             emergency: BTreeSet::new(),
             labelled: st.config.access.labelled_clients.contains(client_id),
+            // A client is known by no reference in the data: only consents
+            // that deny every requester apply to it.
+            denied: st.consents.denied(&[], CLIENT_PURPOSE, crate::now_ms()),
+            purpose: CLIENT_PURPOSE,
         }),
         Principal::User {
             user_id,
@@ -209,6 +237,13 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
             } else {
                 BTreeSet::new()
             };
+            let refs = match (role.reach, patient) {
+                (ReachRule::OwnCompartment, Some(p)) => Arc::new(vec![format!("Patient/{p}")]),
+                (ReachRule::OwnCompartment, None) => Arc::new(Vec::new()),
+                _ => requester_refs(st, user_id).await?,
+            };
+            let mut denied = st.consents.denied(&refs, role.purpose, crate::now_ms());
+            denied.retain(|p| !emergency.contains(p));
             let reach = match role.reach {
                 ReachRule::Everyone => Reach::All,
                 ReachRule::OwnCompartment => {
@@ -233,6 +268,8 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
                 reach,
                 emergency,
                 labelled: role.labelled,
+                denied,
+                purpose: role.purpose,
             })
         }
     }
@@ -343,45 +380,73 @@ fn ids_of_refs(body: &Value, pointer: &[&str], prefix: &str) -> Vec<String> {
     out
 }
 
-async fn compute_care(
-    st: &AppState,
-    user_id: &str,
-) -> Result<Option<Arc<BTreeSet<String>>>, ApiError> {
+/// How a workforce user is known in the data: their linked Practitioner,
+/// its active PractitionerRoles and those roles' organizations (`Type/id`).
+/// Empty without a linked Practitioner.
+pub async fn requester_refs(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, ApiError> {
+    if let Some(r) = cached(st, user_id).refs {
+        return Ok(r);
+    }
     let user = st
         .accounts
         .load(user_id)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    let Some(practitioner) = user.as_ref().and_then(|u| u.practitioner()) else {
-        return Ok(Some(Arc::new(BTreeSet::new())));
-    };
-    let max = st.config.access.max_reach;
-    let me = format!("Practitioner/{practitioner}");
-    // The practitioner's roles and, through them, organizations.
-    let roles = find(
-        st,
-        "PractitionerRole",
-        "practitioner",
-        std::slice::from_ref(&me),
-    )
-    .await?;
-    let mut people = vec![me];
-    let mut orgs = Vec::new();
-    for r in &roles {
-        let Some(b) = r.body.as_ref().map(|b| b.json()) else {
-            continue;
-        };
-        if b.get("active").and_then(Value::as_bool) == Some(false) {
-            continue;
+    let mut refs = Vec::new();
+    if let Some(practitioner) = user.as_ref().and_then(|u| u.practitioner()) {
+        let me = format!("Practitioner/{practitioner}");
+        let roles = find(
+            st,
+            "PractitionerRole",
+            "practitioner",
+            std::slice::from_ref(&me),
+        )
+        .await?;
+        refs.push(me);
+        let mut orgs = Vec::new();
+        for r in &roles {
+            let Some(b) = r.body.as_ref().map(|b| b.json()) else {
+                continue;
+            };
+            if b.get("active").and_then(Value::as_bool) == Some(false) {
+                continue;
+            }
+            refs.push(format!("PractitionerRole/{}", r.id));
+            for o in ids_of_refs(b, &["organization"], "Organization/") {
+                let o = format!("Organization/{o}");
+                if !orgs.contains(&o) {
+                    orgs.push(o);
+                }
+            }
         }
-        people.push(format!("PractitionerRole/{}", r.id));
-        for o in ids_of_refs(b, &["organization"], "Organization/") {
-            orgs.push(format!("Organization/{o}"));
-        }
+        refs.extend(orgs);
     }
+    let refs = Arc::new(refs);
+    store_cached(st, user_id, |c| c.refs = Some(refs.clone()));
+    Ok(refs)
+}
+
+async fn compute_care(
+    st: &AppState,
+    user_id: &str,
+) -> Result<Option<Arc<BTreeSet<String>>>, ApiError> {
+    let refs = requester_refs(st, user_id).await?;
+    if refs.is_empty() {
+        return Ok(Some(Arc::new(BTreeSet::new())));
+    }
+    let max = st.config.access.max_reach;
+    let people: Vec<String> = refs
+        .iter()
+        .filter(|r| !r.starts_with("Organization/"))
+        .cloned()
+        .collect();
+    let orgs: Vec<String> = refs
+        .iter()
+        .filter(|r| r.starts_with("Organization/"))
+        .cloned()
+        .collect();
     let mut set = BTreeSet::new();
-    let mut gp_targets = people.clone();
-    gp_targets.extend(orgs.iter().cloned());
+    let gp_targets: Vec<String> = refs.to_vec();
     for v in find(st, "Patient", "general-practitioner", &gp_targets).await? {
         set.insert(v.id.to_string());
     }

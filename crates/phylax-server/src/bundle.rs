@@ -477,7 +477,14 @@ async fn transaction(
     mut entries: Vec<Entry>,
 ) -> Response {
     match run_transaction(st, ctx, h, &mut entries).await {
-        Ok(r) => r,
+        Ok(r) => {
+            // A transaction may have written consents (a one-row probe
+            // when it did not).
+            if let Err(e) = st.consents.refresh(&st.repo).await {
+                tracing::warn!(request_id = %ctx.request_id, error = ?e, "consent index not refreshed after a transaction");
+            }
+            r
+        }
         Err(e) => {
             let status = e.status().as_u16();
             let rule = e.denied_by();

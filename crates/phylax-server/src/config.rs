@@ -59,6 +59,13 @@ pub struct RoleConfig {
     /// May ask for break-the-glass emergency access.
     #[serde(default)]
     pub break_glass: bool,
+    /// The purpose of use its requests carry (HL7 v3 ActReason code).
+    #[serde(default = "default_role_purpose")]
+    pub purpose: String,
+}
+
+fn default_role_purpose() -> String {
+    "TREAT".into()
 }
 
 fn default_role_reach() -> String {
@@ -528,6 +535,7 @@ impl Config {
                 },
                 labelled: r.labelled,
                 break_glass: r.break_glass,
+                purpose: r.purpose.clone(),
             })
             .collect();
         if let Some(r) = self

@@ -72,6 +72,8 @@ pub struct AppState {
     pub metrics: crate::metrics::Metrics,
     /// Care relationships per user, briefly reused (see `access`).
     pub care_cache: crate::access::CareCache,
+    /// Patients' privacy consents as deny rules (see `consent`).
+    pub consents: crate::consent::Consents,
 }
 
 /// How often the disabled-client list is refreshed.
@@ -140,12 +142,15 @@ impl AppState {
             data_dir,
             metrics: Default::default(),
             care_cache: Default::default(),
+            consents: Default::default(),
         });
         st.refresh_disabled()
             .await
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         st.record_config_change().await?;
         let n = st.repo.reindex_if_needed().await.map_err(ApiError::from)?;
+        // Consents are enforced from the first request: no index, no start.
+        st.consents.refresh(&st.repo).await?;
         if n > 0 {
             tracing::info!(resources = n, "search index built for existing resources");
         }
@@ -321,6 +326,7 @@ impl AppState {
                 tracing::error!(error = %e, "audit syslog not configured correctly; not sending")
             }
         }
+        crate::consent::Consents::spawn_poller(self);
         let st = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

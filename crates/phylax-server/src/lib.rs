@@ -47,6 +47,7 @@ pub mod break_glass;
 pub mod bundle;
 pub mod capability;
 pub mod config;
+pub mod consent;
 pub mod detect;
 pub mod error;
 pub mod fhir_api;

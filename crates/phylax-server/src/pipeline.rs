@@ -127,7 +127,8 @@ fn facts(
         ip: ctx.peer,
         token_id: Some(ctx.principal.token_id().to_owned()),
         request_id: ctx.request_id.clone(),
-        purpose: None,
+        // The role's purpose of use (break-the-glass accesses say `BTG`).
+        purpose: Some(ctx.access.purpose),
         patients: Vec::new(),
         resources: Vec::new(),
         query_params: Vec::new(),
@@ -165,7 +166,7 @@ impl<'a> WriteAuditor<'a> {
 
     /// The version a write replaces must be visible to the writer.
     pub fn guard_existing(&self, v: &ResourceVersion) -> Result<(), crate::repo::RepoError> {
-        match crate::access::allows(self.st, &self.ctx.access, v) {
+        match crate::access::allows(self.st, &self.ctx.access.for_writes(), v) {
             Decision::Allow => Ok(()),
             Decision::Deny(rule) => Err(crate::repo::RepoError::Denied { hidden: true, rule }),
         }
@@ -177,7 +178,7 @@ impl<'a> WriteAuditor<'a> {
         rtype: &ResourceType,
         body: &Value,
     ) -> Result<(), crate::repo::RepoError> {
-        match crate::access::decide_body(self.st, &self.ctx.access, rtype, body) {
+        match crate::access::decide_body(self.st, &self.ctx.access.for_writes(), rtype, body) {
             Decision::Allow => Ok(()),
             Decision::Deny(rule) => Err(crate::repo::RepoError::Denied {
                 hidden: false,
@@ -272,6 +273,13 @@ where
         .is_ok_and(|r| r.extensions().get::<AuditCommitted>().is_some())
     {
         count(status);
+        // A changed consent applies from the next request on this node
+        // (other nodes notice within a second).
+        if rtype.is_some_and(|t| t.as_str() == "Consent") {
+            if let Err(e) = st.consents.refresh(&st.repo).await {
+                tracing::warn!(request_id = %ctx.request_id, error = ?e, "consent index not refreshed after a write");
+            }
+        }
         // The record went into the write's own transaction; the detector
         // still sees the write (who touched which patient).
         if let Some(d) = st.audit.detector() {

@@ -992,7 +992,7 @@ async fn everything(
             if let Decision::Deny(rule) = crate::access::allows(&st, &ctx.access, &p) {
                 // A restricted label on the Patient hides the demographics
                 // only; the compartment stays reachable when the patient is.
-                if !ctx.access.reaches(pid.as_str()) {
+                if !ctx.access.reaches(pid.as_str()) || ctx.access.denied.contains(pid.as_str()) {
                     return Err(ApiError::Hidden(rule));
                 }
             }

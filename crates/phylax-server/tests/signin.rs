@@ -2065,6 +2065,7 @@ mod roles {
                 reach: "everyone".into(),
                 labelled: false,
                 break_glass: false,
+                purpose: "TREAT".into(),
             }];
         })
         .await

@@ -73,6 +73,8 @@ pub enum Cond {
         hashes: Option<Vec<Vec<u8>>>,
     },
     Ids(Vec<String>),
+    /// None of these ids.
+    NotIds(Vec<String>),
     LastUpdated {
         op: RangeOp,
         lo: i64,
@@ -271,6 +273,17 @@ impl Builder<'_> {
                     .collect::<Vec<_>>()
                     .join(", ");
                 format!("r.id IN ({list})")
+            }
+            Cond::NotIds(ids) => {
+                if ids.is_empty() {
+                    return "1 = 1".into();
+                }
+                let list = ids
+                    .iter()
+                    .map(|i| self.bind(P::T(i.clone())))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!("r.id NOT IN ({list})")
             }
             Cond::LastUpdated { op, lo, hi } => {
                 let (qlo, qhi) = self.range_bounds(*op, P::I(*lo), P::I(*hi));

@@ -1,0 +1,194 @@
+//! Patient privacy consents as deny rules.
+//!
+//! An active FHIR R4 `Consent` with scope `patient-privacy` records a
+//! patient's choice about who may see their data. Phylax enforces the
+//! **deny** provisions: the root provision when its type is `deny`, and
+//! each nested provision of type `deny`. A rule names actors (any
+//! `Type/id` reference: a Practitioner, PractitionerRole, Organization,
+//! RelatedPerson…), purposes of use (HL7 v3 ActReason codes) and a period;
+//! whatever it leaves out it does not narrow (no actors: every requester
+//! but the patient; no purposes: every purpose). Nested `permit`
+//! exceptions inside a deny are not applied: the deny stays whole (the
+//! fail-closed reading). A consent that is not active, has another scope
+//! or names no patient yields no rule.
+
+use serde_json::Value;
+
+pub const SCOPE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/consentscope";
+
+/// One deny rule of one patient's consent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenyRule {
+    pub patient: String,
+    /// `Type/id` references; empty: every requester except the patient.
+    pub actors: Vec<String>,
+    /// Purpose of use codes; empty: every purpose.
+    pub purposes: Vec<String>,
+    /// In force from / until (ms since the epoch).
+    pub start_ms: Option<i64>,
+    pub end_ms: Option<i64>,
+}
+
+impl DenyRule {
+    /// Does this rule deny a requester known by `refs`, for `purpose`, at
+    /// `now_ms`?
+    pub fn denies(&self, refs: &[String], purpose: &str, now_ms: i64) -> bool {
+        if self.start_ms.is_some_and(|s| now_ms < s) || self.end_ms.is_some_and(|e| now_ms >= e) {
+            return false;
+        }
+        if refs
+            .iter()
+            .any(|r| *r == format!("Patient/{}", self.patient))
+        {
+            return false;
+        }
+        let actor = self.actors.is_empty() || self.actors.iter().any(|a| refs.contains(a));
+        let purpose = self.purposes.is_empty() || self.purposes.iter().any(|p| p == purpose);
+        actor && purpose
+    }
+}
+
+fn period(p: Option<&Value>) -> (Option<i64>, Option<i64>) {
+    let bound = |k: &str, end: bool| {
+        p.and_then(|p| p.get(k))
+            .and_then(Value::as_str)
+            .and_then(phylax_fhir::search::date_range)
+            .map(|(lo, hi, _)| if end { hi } else { lo })
+    };
+    (bound("start", false), bound("end", true))
+}
+
+fn rule(patient: &str, prov: &Value, inherited: (Option<i64>, Option<i64>)) -> DenyRule {
+    let actors = prov
+        .get("actor")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.pointer("/reference/reference").and_then(Value::as_str))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let purposes = prov
+        .get("purpose")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.get("code").and_then(Value::as_str))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let (s, e) = period(prov.get("period"));
+    DenyRule {
+        patient: patient.to_owned(),
+        actors,
+        purposes,
+        start_ms: s.or(inherited.0),
+        end_ms: e.or(inherited.1),
+    }
+}
+
+/// The deny rules of one Consent resource.
+pub fn deny_rules(consent: &Value) -> Vec<DenyRule> {
+    if consent.get("status").and_then(Value::as_str) != Some("active") {
+        return Vec::new();
+    }
+    let privacy = consent
+        .pointer("/scope/coding")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("system").and_then(Value::as_str) == Some(SCOPE_SYSTEM)
+                    && c.get("code").and_then(Value::as_str) == Some("patient-privacy")
+            })
+        });
+    let patient = consent
+        .pointer("/patient/reference")
+        .and_then(Value::as_str)
+        .and_then(|r| r.strip_prefix("Patient/"))
+        .filter(|id| phylax_fhir::ids::is_valid_id(id));
+    let (true, Some(patient), Some(root)) = (privacy, patient, consent.get("provision")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let root_period = period(root.get("period"));
+    if root.get("type").and_then(Value::as_str) == Some("deny") {
+        out.push(rule(patient, root, (None, None)));
+    }
+    for p in root
+        .get("provision")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        if p.get("type").and_then(Value::as_str) == Some("deny") {
+            out.push(rule(patient, p, root_period));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn consent(provision: Value) -> Value {
+        json!({"resourceType": "Consent", "status": "active",
+            "scope": {"coding": [{"system": SCOPE_SYSTEM, "code": "patient-privacy"}]},
+            "patient": {"reference": "Patient/p1"}, "provision": provision})
+    }
+
+    #[test]
+    fn deny_provisions_become_rules() {
+        let c = consent(json!({"type": "permit", "provision": [
+            {"type": "deny", "actor": [{"reference": {"reference": "Practitioner/dr-x"}}]},
+            {"type": "deny", "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]},
+            {"type": "permit", "actor": [{"reference": {"reference": "Organization/o"}}]}]}));
+        let rules = deny_rules(&c);
+        assert_eq!(rules.len(), 2);
+        let now = 1_700_000_000_000;
+        let dr_x = vec!["Practitioner/dr-x".to_owned()];
+        let dr_y = vec!["Practitioner/dr-y".to_owned(), "Organization/o".to_owned()];
+        assert!(rules[0].denies(&dr_x, "TREAT", now));
+        assert!(!rules[0].denies(&dr_y, "TREAT", now));
+        assert!(rules[1].denies(&dr_y, "HRESCH", now));
+        assert!(!rules[1].denies(&dr_y, "TREAT", now));
+        // The patient is never denied their own data.
+        let me = vec!["Patient/p1".to_owned()];
+        assert!(!rules[1].denies(&me, "HRESCH", now));
+    }
+
+    #[test]
+    fn only_active_privacy_consents_with_a_patient_count() {
+        let deny_all = json!({"type": "deny"});
+        assert_eq!(deny_rules(&consent(deny_all.clone())).len(), 1);
+        let mut c = consent(deny_all.clone());
+        c["status"] = json!("inactive");
+        assert!(deny_rules(&c).is_empty());
+        let mut c = consent(deny_all.clone());
+        c["scope"]["coding"][0]["code"] = json!("research");
+        assert!(deny_rules(&c).is_empty());
+        let mut c = consent(deny_all);
+        c["patient"] = json!({"reference": "Group/g"});
+        assert!(deny_rules(&c).is_empty());
+    }
+
+    #[test]
+    fn periods_bound_a_rule() {
+        let c = consent(
+            json!({"type": "deny", "period": {"start": "2024-01-01", "end": "2024-12-31"}}),
+        );
+        let r = &deny_rules(&c)[0];
+        let who = vec!["Practitioner/a".to_owned()];
+        let at = |s: &str| phylax_fhir::search::date_range(s).unwrap().0;
+        assert!(!r.denies(&who, "TREAT", at("2023-06-01")));
+        assert!(r.denies(&who, "TREAT", at("2024-06-01")));
+        assert!(
+            r.denies(&who, "TREAT", at("2024-12-31T12:00:00Z")),
+            "the end day is included"
+        );
+        assert!(!r.denies(&who, "TREAT", at("2025-01-01")));
+    }
+}

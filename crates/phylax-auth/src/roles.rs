@@ -81,7 +81,24 @@ pub struct RoleDef {
     /// in every audit record and matched against consents that deny a
     /// purpose.
     pub purpose: &'static str,
+    /// Elements removed from every resource it receives (on every type;
+    /// a choice element by its base name, `value` for `valueQuantity`).
+    /// Searching or sorting on them is refused.
+    pub masks: BTreeSet<String>,
 }
+
+/// What researchers never receive: direct identifiers (names,
+/// identifiers, contact details, addresses, photos) and the narrative,
+/// which repeats them.
+pub const DEIDENTIFY: &[&str] = &[
+    "name",
+    "identifier",
+    "telecom",
+    "address",
+    "photo",
+    "contact",
+    "text",
+];
 
 /// Purposes of use a role may carry (HL7 v3 ActReason codes).
 pub const PURPOSES: &[&str] = &[
@@ -200,25 +217,14 @@ const DIRECTORY: &[&str] = &[
     "Endpoint",
     "Device",
 ];
-/// Types that carry direct identifiers of people.
-const IDENTIFYING: &[&str] = &[
-    "Patient",
-    "RelatedPerson",
-    "Person",
-    "Practitioner",
-    "PractitionerRole",
-];
 
 /// The built-in roles.
 pub fn builtin() -> Vec<RoleDef> {
     let all_but = |x: &[&str]| Types::AllExcept(set(x));
     let only = |x: &[&str]| Types::Only(set(x));
-    let not_for_research: Vec<&str> = AUDIT
-        .iter()
-        .chain(IDENTIFYING)
-        .chain(FINANCIAL)
-        .copied()
-        .collect();
+    // Identifying types are readable by researchers since masking removes
+    // the identifiers (DEIDENTIFY); money and audit records are not.
+    let not_for_research: Vec<&str> = AUDIT.iter().chain(FINANCIAL).copied().collect();
     vec![
         RoleDef {
             name: "clinician".into(),
@@ -229,6 +235,7 @@ pub fn builtin() -> Vec<RoleDef> {
             labelled: false,
             break_glass: true,
             purpose: "TREAT",
+            masks: BTreeSet::new(),
         },
         RoleDef {
             name: "nurse".into(),
@@ -239,6 +246,7 @@ pub fn builtin() -> Vec<RoleDef> {
             labelled: false,
             break_glass: true,
             purpose: "TREAT",
+            masks: BTreeSet::new(),
         },
         RoleDef {
             name: "front-desk".into(),
@@ -249,6 +257,7 @@ pub fn builtin() -> Vec<RoleDef> {
             labelled: false,
             break_glass: false,
             purpose: "HOPERAT",
+            masks: BTreeSet::new(),
         },
         RoleDef {
             name: "billing".into(),
@@ -262,16 +271,18 @@ pub fn builtin() -> Vec<RoleDef> {
             labelled: false,
             break_glass: false,
             purpose: "HPAYMT",
+            masks: set(&["note"]),
         },
         RoleDef {
             name: "researcher".into(),
-            description: "Research: reads clinical data; no identifying, financial or audit types (until masking exists)".into(),
+            description: "Research: reads clinical and demographic data with direct identifiers masked; no financial or audit records".into(),
             patient: false,
             grants: vec![grant(all_but(&not_for_research), "rs")],
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
             purpose: "HRESCH",
+            masks: set(DEIDENTIFY),
         },
         RoleDef {
             name: "auditor".into(),
@@ -282,6 +293,7 @@ pub fn builtin() -> Vec<RoleDef> {
             labelled: false,
             break_glass: false,
             purpose: "HOPERAT",
+            masks: BTreeSet::new(),
         },
         RoleDef {
             name: "admin".into(),
@@ -292,6 +304,7 @@ pub fn builtin() -> Vec<RoleDef> {
             labelled: false,
             break_glass: false,
             purpose: "HSYSADMIN",
+            masks: BTreeSet::new(),
         },
         RoleDef {
             name: "patient".into(),
@@ -302,6 +315,7 @@ pub fn builtin() -> Vec<RoleDef> {
             labelled: true,
             break_glass: false,
             purpose: "PATRQT",
+            masks: BTreeSet::new(),
         },
     ]
 }
@@ -321,6 +335,8 @@ pub struct CustomRole {
     pub break_glass: bool,
     /// One of [`PURPOSES`].
     pub purpose: String,
+    /// Element names to mask.
+    pub masks: Vec<String>,
 }
 
 /// The role registry: built-in roles plus validated custom ones.
@@ -358,6 +374,16 @@ impl Roles {
             }
             if c.grants.is_empty() {
                 return Err(format!("role {}: needs at least one grant", c.name));
+            }
+            if let Some(m) = c.masks.iter().find(|m| {
+                !m.chars().next().is_some_and(|ch| ch.is_ascii_lowercase())
+                    || !m.chars().all(|ch| ch.is_ascii_alphanumeric())
+                    || m.len() > 64
+            }) {
+                return Err(format!(
+                    "role {}: mask {m:?} must be an element name such as \"note\"",
+                    c.name
+                ));
             }
             let purpose = purpose(&c.purpose).ok_or_else(|| {
                 format!(
@@ -410,6 +436,7 @@ impl Roles {
                     labelled: c.labelled,
                     break_glass: c.break_glass,
                     purpose,
+                    masks: c.masks.iter().cloned().collect(),
                 }),
             );
         }
@@ -474,6 +501,21 @@ mod tests {
     }
 
     #[test]
+    fn masks_and_purposes() {
+        let r = roles();
+        let res = r.get("researcher").unwrap();
+        for e in ["name", "identifier", "telecom", "address", "text"] {
+            assert!(res.masks.contains(e), "{e}");
+        }
+        assert_eq!(res.purpose, "HRESCH");
+        assert!(r.get("billing").unwrap().masks.contains("note"));
+        assert!(r.get("clinician").unwrap().masks.is_empty());
+        assert_eq!(r.get("billing").unwrap().purpose, "HPAYMT");
+        assert_eq!(purpose("TREAT"), Some("TREAT"));
+        assert_eq!(purpose("treat"), None);
+    }
+
+    #[test]
     fn least_privilege_matrix() {
         let r = roles();
         let can = |role: &str, t: &str, p: Perm| r.get(role).unwrap().allows(t, p);
@@ -495,7 +537,8 @@ mod tests {
             ("billing", "DocumentReference", Read, false),
             ("researcher", "Observation", Search, true),
             ("researcher", "Observation", Update, false),
-            ("researcher", "Patient", Read, false),
+            ("researcher", "Patient", Read, true),
+            ("researcher", "Patient", Update, false),
             ("researcher", "Claim", Read, false),
             ("auditor", "AuditEvent", Search, true),
             ("auditor", "Observation", Read, false),
@@ -526,6 +569,7 @@ mod tests {
             labelled: false,
             break_glass: false,
             purpose: "TREAT".into(),
+            masks: Vec::new(),
         };
         let r = Roles::new(std::slice::from_ref(&ok), known).unwrap();
         assert!(r.get("lab-tech").unwrap().allows("Observation", Create));
@@ -541,6 +585,7 @@ mod tests {
             labelled: false,
             break_glass: false,
             purpose: "TREAT".into(),
+            masks: Vec::new(),
         };
         for (c, why) in [
             (bad("clinician", &["Patient"], "r"), "taken"),

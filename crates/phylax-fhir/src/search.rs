@@ -637,6 +637,24 @@ pub struct SearchParam {
 }
 
 impl SearchParam {
+    /// The top-level elements of `rtype` this parameter reads (the first
+    /// step of each of its paths rooted at `rtype` or `Resource`), e.g.
+    /// `name` for `family`. Lets field masking refuse searches and sorts
+    /// that would test a masked element. Empty when it has no expression.
+    pub fn top_elements(&self, rtype: &str) -> Vec<String> {
+        let Some(e) = &self.expr else {
+            return Vec::new();
+        };
+        e.paths
+            .iter()
+            .filter(|(root, _)| root == rtype || root == "Resource" || root == "DomainResource")
+            .filter_map(|(_, steps)| match steps.first() {
+                Some(Step::Child(c)) => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// True when values can be extracted and indexed for this parameter.
     /// `phonetic` is excluded: R4 gives it the same expression as `name`,
     /// and a prefix match is not a phonetic match, so claiming it would be

@@ -217,7 +217,11 @@ pub async fn system_post(
     }
     .await;
     match result {
-        Ok(r) => r,
+        // Entries' resources are masked like any response.
+        Ok(r) => match crate::mask::masks_of(&ctx) {
+            Some(m) => crate::mask::apply(r, m).await,
+            None => r,
+        },
         Err(e) => {
             let status = e.status().as_u16();
             match pipeline::record(&st, &ctx, "batch", AuditRefs::default(), status, None).await {

@@ -62,6 +62,9 @@ pub struct RoleConfig {
     /// The purpose of use its requests carry (HL7 v3 ActReason code).
     #[serde(default = "default_role_purpose")]
     pub purpose: String,
+    /// Elements removed from every resource the role receives.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masks: Vec<String>,
 }
 
 fn default_role_purpose() -> String {
@@ -536,6 +539,7 @@ impl Config {
                 labelled: r.labelled,
                 break_glass: r.break_glass,
                 purpose: r.purpose.clone(),
+                masks: r.masks.clone(),
             })
             .collect();
         if let Some(r) = self

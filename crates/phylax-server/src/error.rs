@@ -32,6 +32,8 @@ pub enum ApiError {
     /// A write the type-level grant allows, on data outside the caller's
     /// reach (the rule goes to the audit record).
     Refused(&'static str),
+    /// A search or sort on an element the caller's role masks.
+    Masked,
     UnknownType,
     Gone,
     BadRequest(Vec<Issue>),
@@ -60,6 +62,7 @@ impl ApiError {
     pub fn denied_by(&self) -> Option<&'static str> {
         match self {
             ApiError::Hidden(r) | ApiError::Refused(r) => Some(r),
+            ApiError::Masked => Some("mask: search or sort on a masked element"),
             _ => None,
         }
     }
@@ -67,7 +70,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden | ApiError::Refused(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::Refused(_) | ApiError::Masked => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::Hidden(_) | ApiError::UnknownType => {
                 StatusCode::NOT_FOUND
             }
@@ -97,6 +100,10 @@ impl ApiError {
             ApiError::NotFound | ApiError::Hidden(_) => {
                 one(IssueCode::NotFound, "resource not found")
             }
+            ApiError::Masked => one(
+                IssueCode::Forbidden,
+                "your role does not receive this element, so it cannot search or sort on it",
+            ),
             ApiError::Refused(_) => one(
                 IssueCode::Forbidden,
                 "not permitted: the resource concerns a patient outside your access",

@@ -847,6 +847,7 @@ pub(crate) async fn conditional_matches(
     {
         return Err(ApiError::Forbidden);
     }
+    crate::mask::check_params(ctx, rtype, params)?;
     let mut parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
     if !parsed.unknown.is_empty() {
         // Ignoring an unknown criterion could match the wrong resource.

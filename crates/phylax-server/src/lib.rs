@@ -56,6 +56,7 @@ pub mod http;
 pub mod instance;
 pub mod keyring;
 pub mod logging;
+pub mod mask;
 pub mod metrics;
 pub mod pipeline;
 pub mod repo;

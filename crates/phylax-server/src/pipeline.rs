@@ -251,6 +251,11 @@ where
         Decision::Allow => (work().await, None),
         Decision::Deny(rule) => (Err(ApiError::Forbidden), Some(rule)),
     };
+    // Field masking, after `_elements`/`_summary` shaped the response.
+    let result = match (crate::mask::masks_of(ctx), result) {
+        (Some(masks), Ok(r)) => Ok(crate::mask::apply(r, masks).await),
+        (_, other) => other,
+    };
     let status = match &result {
         Ok(r) => r.status().as_u16(),
         Err(e) => e.status().as_u16(),

@@ -327,6 +327,7 @@ async fn inner_search(
     {
         return Err(ApiError::Forbidden);
     }
+    crate::mask::check_params(ctx, rtype, params)?;
     let mut parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
     // The inner search sees only what the caller may see: a chain or
     // `_has` must not test data outside their reach.
@@ -668,6 +669,7 @@ async fn search(
         back = Some(cur.back);
     }
     let q = Query(params.clone());
+    crate::mask::check_params(ctx, rtype, &params)?;
     let count = page_size(st, &q)?;
     let (plain, chained) = resolve_chains(st, ctx, rtype, &params).await?;
     let mut parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, &plain)?;

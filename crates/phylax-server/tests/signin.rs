@@ -2066,6 +2066,7 @@ mod roles {
                 labelled: false,
                 break_glass: false,
                 purpose: "TREAT".into(),
+                masks: Vec::new(),
             }];
         })
         .await

@@ -33,6 +33,12 @@ impl DenyRule {
     /// Does this rule deny a requester known by `refs`, for `purpose`, at
     /// `now_ms`?
     pub fn denies(&self, refs: &[String], purpose: &str, now_ms: i64) -> bool {
+        self.applies(refs, purpose, now_ms)
+    }
+
+    /// Does this rule (a deny, or a delegation) apply to a requester known
+    /// by `refs`, for `purpose`, at `now_ms`? Never to the patient.
+    pub fn applies(&self, refs: &[String], purpose: &str, now_ms: i64) -> bool {
         if self.start_ms.is_some_and(|s| now_ms < s) || self.end_ms.is_some_and(|e| now_ms >= e) {
             return false;
         }
@@ -89,10 +95,44 @@ fn rule(patient: &str, prov: &Value, inherited: (Option<i64>, Option<i64>)) -> D
     }
 }
 
-/// The deny rules of one Consent resource.
-pub fn deny_rules(consent: &Value) -> Vec<DenyRule> {
-    if consent.get("status").and_then(Value::as_str) != Some("active") {
+/// Delegations in one Consent: its `permit` provisions (root or nested)
+/// naming another patient as actor (`Patient/{id}`): that person may use
+/// the consenting patient's record as their own, e.g. a parent for a
+/// child. Returned as rules whose `actors` are the delegates' `Patient/…`
+/// references. Same conditions as [`deny_rules`] (active, patient-privacy,
+/// a patient); purposes and periods narrow them the same way.
+pub fn delegations(consent: &Value) -> Vec<DenyRule> {
+    let Some((patient, root)) = privacy_consent(consent) else {
         return Vec::new();
+    };
+    let mut out = Vec::new();
+    let root_period = period(root.get("period"));
+    let mut take = |p: &Value, inherited| {
+        if p.get("type").and_then(Value::as_str) == Some("permit") {
+            let mut r = rule(patient, p, inherited);
+            r.actors
+                .retain(|a| a.starts_with("Patient/") && *a != format!("Patient/{patient}"));
+            if !r.actors.is_empty() {
+                out.push(r);
+            }
+        }
+    };
+    take(root, (None, None));
+    for p in root
+        .get("provision")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        take(p, root_period);
+    }
+    out
+}
+
+/// An active patient-privacy consent's patient and root provision.
+fn privacy_consent(consent: &Value) -> Option<(&str, &Value)> {
+    if consent.get("status").and_then(Value::as_str) != Some("active") {
+        return None;
     }
     let privacy = consent
         .pointer("/scope/coding")
@@ -107,8 +147,14 @@ pub fn deny_rules(consent: &Value) -> Vec<DenyRule> {
         .pointer("/patient/reference")
         .and_then(Value::as_str)
         .and_then(|r| r.strip_prefix("Patient/"))
-        .filter(|id| phylax_fhir::ids::is_valid_id(id));
-    let (true, Some(patient), Some(root)) = (privacy, patient, consent.get("provision")) else {
+        .filter(|id| phylax_fhir::ids::is_valid_id(id))?;
+    let root = consent.get("provision")?;
+    privacy.then_some((patient, root))
+}
+
+/// The deny rules of one Consent resource.
+pub fn deny_rules(consent: &Value) -> Vec<DenyRule> {
+    let Some((patient, root)) = privacy_consent(consent) else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -173,6 +219,26 @@ mod tests {
         let mut c = consent(deny_all);
         c["patient"] = json!({"reference": "Group/g"});
         assert!(deny_rules(&c).is_empty());
+    }
+
+    #[test]
+    fn permits_naming_a_patient_are_delegations() {
+        let c = consent(json!({"type": "permit", "actor": [
+            {"reference": {"reference": "Patient/parent"}},
+            {"reference": {"reference": "Practitioner/x"}}],
+            "provision": [{"type": "deny", "actor": [{"reference": {"reference": "Patient/other"}}]}]}));
+        let d = delegations(&c);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].patient, "p1");
+        assert_eq!(d[0].actors, vec!["Patient/parent"]);
+        // Deny provisions and inactive consents delegate nothing.
+        assert!(delegations(&consent(
+            json!({"type": "deny", "actor": [{"reference": {"reference": "Patient/parent"}}]})
+        ))
+        .is_empty());
+        let mut c2 = c.clone();
+        c2["status"] = json!("rejected");
+        assert!(delegations(&c2).is_empty());
     }
 
     #[test]

@@ -249,7 +249,14 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
                 ReachRule::OwnCompartment => {
                     // A patient's token names their own patient (SMART
                     // launch context); without one it reaches nothing.
-                    Reach::Patients(patient.iter().cloned().collect())
+                    // People who delegated to them (a permit in their
+                    // consent naming this patient) are reached too.
+                    let mut set: BTreeSet<String> = patient.iter().cloned().collect();
+                    if let Some(me) = refs.first() {
+                        set.extend(st.consents.delegated(me, role.purpose, crate::now_ms()));
+                    }
+                    set.retain(|p| !denied.contains(p));
+                    Reach::Patients(set)
                 }
                 ReachRule::CareRelationships => {
                     let mut set = match care_patients(st, user_id).await? {

@@ -14,7 +14,7 @@
 
 use crate::error::ApiError;
 use crate::repo::Repo;
-use phylax_auth::consent::{deny_rules, DenyRule};
+use phylax_auth::consent::{delegations, deny_rules, DenyRule};
 use phylax_fhir::ResourceType;
 use phylax_store::{HistoryQuery, HistoryScope};
 use std::collections::{BTreeSet, HashMap};
@@ -29,6 +29,8 @@ struct Index {
     rules: Vec<DenyRule>,
     by_actor: HashMap<String, Vec<usize>>,
     everyone: Vec<usize>,
+    /// Delegations by delegate (`Patient/{id}`).
+    delegates: HashMap<String, Vec<DenyRule>>,
     /// The newest Consent version seen when the index was read.
     mark: Option<i64>,
     loaded: bool,
@@ -86,6 +88,11 @@ impl Consents {
             for v in &page {
                 if let Some(b) = &v.body {
                     idx.rules.extend(deny_rules(b.json()));
+                    for d in delegations(b.json()) {
+                        for a in &d.actors {
+                            idx.delegates.entry(a.clone()).or_default().push(d.clone());
+                        }
+                    }
                 }
             }
             match page.last() {
@@ -122,6 +129,20 @@ impl Consents {
             }
         }
         out
+    }
+
+    /// Patients who delegated access to their record to the patient
+    /// `me` (`Patient/{id}`) through an active consent, for `purpose`, now.
+    pub fn delegated(&self, me: &str, purpose: &str, now_ms: i64) -> BTreeSet<String> {
+        let idx = self.index.read().clone();
+        let refs = [me.to_owned()];
+        idx.delegates
+            .get(me)
+            .into_iter()
+            .flatten()
+            .filter(|r| r.applies(&refs, purpose, now_ms))
+            .map(|r| r.patient.clone())
+            .collect()
     }
 
     /// Watch for other nodes' consent changes.

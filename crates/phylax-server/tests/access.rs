@@ -641,6 +641,45 @@ async fn patients_reach_their_own_compartment(s: &TestServer) {
     );
     assert_eq!(get(s, &wide, "/Patient/pa-other").await, 404);
     assert_eq!(search(s, &wide, "/Patient").await, vec!["Patient/pa-gp"]);
+
+    // Delegation: pa-team's consent permits pa-gp (say, a parent) to use
+    // pa-team's record; pa-gp's token then reaches both compartments.
+    let l = loader(s);
+    put(
+        s,
+        &l,
+        consent(
+            "c-del",
+            "pa-team",
+            json!({"type": "permit",
+        "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "GUARD"}]}, "reference": {"reference": "Patient/pa-gp"}}]}),
+        ),
+    )
+    .await;
+    put(s, &l, obs("obs-team", "pa-team", None)).await;
+    assert_eq!(get(s, &p, "/Patient/pa-team").await, 200);
+    assert_eq!(get(s, &p, "/Observation/obs-team").await, 200);
+    assert_eq!(
+        search(s, &p, "/Patient?family=Sharedname").await,
+        vec!["Patient/pa-gp", "Patient/pa-team"]
+    );
+    assert_eq!(get(s, &p, "/Patient/pa-other").await, 404);
+    // Not the other way round.
+    let child = user(
+        s,
+        "kid",
+        "patient",
+        None,
+        Some("pa-team"),
+        "patient/*.rs",
+        None,
+    )
+    .await;
+    assert_eq!(get(s, &child, "/Patient/pa-gp").await, 404);
+    // Revoked: gone at once.
+    let (st, _) = send(s, &l, M::DELETE, "/Consent/c-del", None).await;
+    assert_eq!(st, 204);
+    assert_eq!(get(s, &p, "/Patient/pa-team").await, 404);
 }
 
 on_both!(break_the_glass);

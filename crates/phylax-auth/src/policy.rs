@@ -327,6 +327,9 @@ pub struct Access {
     pub denied: std::collections::BTreeSet<String>,
     /// The purpose of use the requests carry (HL7 v3 ActReason).
     pub purpose: &'static str,
+    /// How the requester is known in the data (`Practitioner/…`, its roles
+    /// and organizations; a patient's `Patient/…`).
+    pub refs: Vec<String>,
 }
 
 impl Access {
@@ -339,6 +342,7 @@ impl Access {
             labelled: true,
             denied: Default::default(),
             purpose: "HOPERAT",
+            refs: Vec::new(),
         }
     }
 
@@ -567,6 +571,7 @@ mod tests {
             labelled: false,
             denied: Default::default(),
             purpose: "TREAT",
+            refs: Vec::new(),
         };
         let a = only(&["p1"]);
         let p1 = vec!["p1".to_owned()];

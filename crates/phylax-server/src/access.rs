@@ -67,6 +67,41 @@ impl CareCache {
     pub fn forget(&self, user_id: &str) {
         self.map.lock().remove(user_id);
     }
+
+    /// Forget everyone's (a write changed who cares for whom).
+    pub fn clear(&self) {
+        self.map.lock().clear();
+    }
+}
+
+/// Types whose writes can start or end a care relationship.
+pub const CARE_TYPES: &[&str] = &["Patient", "CareTeam", "Encounter", "PractitionerRole"];
+
+/// A new or updated `Patient` that names the writer as general
+/// practitioner or managing organization starts a care relationship: a
+/// clinician registering a patient may create (and go on writing) the
+/// record they are taking on.
+pub fn starts_care(access: &Access, rtype: &ResourceType, body: &Value) -> bool {
+    if rtype.as_str() != "Patient" || access.refs.is_empty() {
+        return false;
+    }
+    let refs_at = |key: &str| -> Vec<String> {
+        let node = body.get(key);
+        let items: Vec<&Value> = match node {
+            Some(Value::Array(a)) => a.iter().collect(),
+            Some(v) => vec![v],
+            None => Vec::new(),
+        };
+        items
+            .iter()
+            .filter_map(|v| v.get("reference").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect()
+    };
+    refs_at("generalPractitioner")
+        .into_iter()
+        .chain(refs_at("managingOrganization"))
+        .any(|r| access.refs.contains(&r))
 }
 
 /// The restricted security labels, as `(system, code)`.
@@ -225,6 +260,7 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
             // that deny every requester apply to it.
             denied: st.consents.denied(&[], CLIENT_PURPOSE, crate::now_ms()),
             purpose: CLIENT_PURPOSE,
+            refs: Vec::new(),
         }),
         Principal::User {
             user_id,
@@ -277,6 +313,7 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
                 labelled: role.labelled,
                 denied,
                 purpose: role.purpose,
+                refs: refs.to_vec(),
             })
         }
     }

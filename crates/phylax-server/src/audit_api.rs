@@ -63,6 +63,7 @@ fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Api
                 q.action = Some(v.clone());
             }
             "subtype" => q.subtype = Some(v.rsplit('|').next().unwrap_or(v).to_owned()),
+            "_id" => q.event_id = Some(v.clone()),
             "date" => {
                 let (op, val) = match v.get(..2) {
                     Some(p @ ("ge" | "gt" | "le" | "lt" | "eq")) => (p, &v[2..]),
@@ -93,7 +94,7 @@ fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Api
                 return Err(ApiError::BadRequest(vec![Issue::error(
                     IssueCode::NotSupported,
                     format!(
-                        "AuditEvent search supports patient, agent, date, action, subtype and _count; not {}",
+                        "AuditEvent search supports _id, patient, agent, date, action, subtype and _count; not {}",
                         other.chars().take(40).collect::<String>()
                     ),
                 )]))

@@ -482,8 +482,9 @@ async fn transaction(
 ) -> Response {
     match run_transaction(st, ctx, h, &mut entries).await {
         Ok(r) => {
-            // A transaction may have written consents (a one-row probe
-            // when it did not).
+            // It may have changed care relationships or consents (a one-row
+            // probe when no consent changed).
+            st.care_cache.clear();
             if let Err(e) = st.consents.refresh(&st.repo).await {
                 tracing::warn!(request_id = %ctx.request_id, error = ?e, "consent index not refreshed after a transaction");
             }

@@ -180,6 +180,12 @@ impl<'a> WriteAuditor<'a> {
     ) -> Result<(), crate::repo::RepoError> {
         match crate::access::decide_body(self.st, &self.ctx.access.for_writes(), rtype, body) {
             Decision::Allow => Ok(()),
+            Decision::Deny(rule)
+                if rule.starts_with("reach")
+                    && crate::access::starts_care(&self.ctx.access, rtype, body) =>
+            {
+                Ok(())
+            }
             Decision::Deny(rule) => Err(crate::repo::RepoError::Denied {
                 hidden: false,
                 rule,
@@ -278,6 +284,11 @@ where
         .is_ok_and(|r| r.extensions().get::<AuditCommitted>().is_some())
     {
         count(status);
+        // Who cares for whom may have changed: recompute on this node at
+        // once (other nodes within the cache's few seconds).
+        if rtype.is_some_and(|t| crate::access::CARE_TYPES.contains(&t.as_str())) {
+            st.care_cache.clear();
+        }
         // A changed consent applies from the next request on this node
         // (other nodes notice within a second).
         if rtype.is_some_and(|t| t.as_str() == "Consent") {

@@ -244,6 +244,8 @@ pub struct AuditRow {
 pub struct AuditQuery {
     pub patient: Option<Vec<u8>>,
     pub agent: Option<String>,
+    /// One record by its AuditEvent id (`_id`).
+    pub event_id: Option<String>,
     pub action: Option<String>,
     pub subtype: Option<String>,
     /// `recorded >= from`.

@@ -456,6 +456,9 @@ pub(crate) fn audit_search_sql(
     if let Some(a) = &q.agent {
         push("agent = ?", AuditArg::Text(a.clone()), &mut args);
     }
+    if let Some(e) = &q.event_id {
+        push("event_id = ?", AuditArg::Text(e.clone()), &mut args);
+    }
     if let Some(a) = &q.action {
         push("action = ?", AuditArg::Text(a.clone()), &mut args);
     }

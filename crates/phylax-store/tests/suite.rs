@@ -1250,6 +1250,11 @@ async fn audit_log_appends_seals_and_searches(s: &DynStore) {
         ..Default::default()
     };
     assert!(search(act).await.is_empty());
+    let one = AuditQuery {
+        event_id: Some(by_index[0].event_id.clone()),
+        ..Default::default()
+    };
+    assert_eq!(search(one).await, vec![2]);
     // Quotes and metacharacters are values, not SQL.
     let hostile = AuditQuery {
         agent: Some("x' OR '1'='1".into()),

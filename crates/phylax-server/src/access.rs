@@ -44,6 +44,8 @@ const CARE_SCAN_LIMIT: u32 = 100_000;
 struct Cached {
     /// How the user is known in the data (`Type/id`), if looked up.
     refs: Option<Arc<Vec<String>>>,
+    /// Their own family names (normalised), from their Practitioner.
+    family: Option<Arc<Vec<String>>>,
     /// Care-relationship patients (`None`: over `max_reach`), if computed.
     care: Option<Option<Arc<BTreeSet<String>>>>,
     /// Break-the-glass patients with their grants' expiry (ms), if looked up.
@@ -515,4 +517,96 @@ async fn compute_care(
         return Ok(None);
     }
     Ok(Some(Arc::new(set)))
+}
+
+/// The `own-family-name` detection rule: a workforce user receiving
+/// Patients whose family name is their own (normalised, from their linked
+/// Practitioner) is looking up relatives, the classic snooping case. Only
+/// ids go into the alert.
+pub async fn watch_own_name<'a>(
+    st: &AppState,
+    ctx: &crate::pipeline::RequestCtx,
+    versions: impl IntoIterator<Item = &'a ResourceVersion>,
+) {
+    let Some(detector) = st.audit.detector() else {
+        return;
+    };
+    let Principal::User { user_id, role, .. } = &ctx.principal else {
+        return;
+    };
+    if role.patient {
+        return;
+    }
+    let patients: Vec<&ResourceVersion> = versions
+        .into_iter()
+        .filter(|v| v.rtype.as_str() == "Patient")
+        .collect();
+    if patients.is_empty() {
+        return;
+    }
+    let family = match own_family(st, user_id).await {
+        Ok(f) if !f.is_empty() => f,
+        _ => return,
+    };
+    for v in patients {
+        let Some(b) = &v.body else { continue };
+        let theirs = b
+            .json()
+            .get("name")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.get("family").and_then(Value::as_str))
+            .map(phylax_fhir::search::normalize);
+        for f in theirs {
+            if family.contains(&f) {
+                detector.raise_once(
+                    crate::detect::Alert {
+                        rule: "own-family-name",
+                        severity: "medium",
+                        detail: format!(
+                            "user {user_id} looked up Patient/{}, who shares their family name",
+                            v.id
+                        ),
+                        user: Some(user_id.clone()),
+                    },
+                    format!("{user_id}|{}", v.id),
+                );
+                break;
+            }
+        }
+    }
+}
+
+async fn own_family(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, ApiError> {
+    if let Some(f) = cached(st, user_id).family {
+        return Ok(f);
+    }
+    let refs = requester_refs(st, user_id).await?;
+    let mut out = Vec::new();
+    if let Some(id) = refs
+        .iter()
+        .find_map(|r| r.strip_prefix("Practitioner/"))
+        .and_then(phylax_fhir::ResourceId::parse)
+    {
+        let t = ResourceType::parse("Practitioner")
+            .ok_or_else(|| ApiError::Internal("no Practitioner type".into()))?;
+        if let Ok(v) = st.repo.read(&t, &id).await {
+            if let Some(b) = &v.body {
+                out.extend(
+                    b.json()
+                        .get("name")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|n| n.get("family").and_then(Value::as_str))
+                        .map(phylax_fhir::search::normalize)
+                        .filter(|f| !f.is_empty()),
+                );
+            }
+        }
+    }
+    let out = Arc::new(out);
+    store_cached(st, user_id, |c| c.family = Some(out.clone()));
+    Ok(out)
 }

@@ -267,6 +267,15 @@ pub struct DetectConfig {
     /// `[from, to)` hours (UTC) of normal work; patient data touched
     /// outside raises `off-hours`. Unset: the rule is off.
     pub business_hours_utc: Option<(u8, u8)>,
+    /// Refusals for patients outside a user's care relationships within
+    /// `window_secs` that raise `outside-care`.
+    pub outside_care_denials: u32,
+    /// Labels (`system|code`, in `meta.tag` or `meta.security` of a
+    /// Patient) that flag a record: any workforce access raises
+    /// `vip-access`.
+    pub vip_tags: Vec<String>,
+    /// A sign-in after this many days without one raises `dormant-account`.
+    pub dormant_days: u32,
     /// Rules whose alert also locks the user's account.
     pub lock_on: Vec<String>,
     /// HTTPS URL that receives each alert as signed JSON.
@@ -292,6 +301,9 @@ impl Default for DetectConfig {
             scraping_patients: 200,
             scraping_window_secs: 600,
             business_hours_utc: None,
+            outside_care_denials: 3,
+            vip_tags: vec!["http://terminology.hl7.org/CodeSystem/v3-PatientImportance|VIP".into()],
+            dormant_days: 90,
             lock_on: vec!["scraping".into()],
             webhook_url: None,
             webhook_ca_file: None,

@@ -19,7 +19,13 @@
 //! - `scraping`: one user or client touching many distinct patients;
 //! - `off-hours`: patient data accessed outside the configured hours;
 //! - `privilege-change`: a role changed or an account was reset;
-//! - `audit-verification`: the log no longer matches its checkpoints.
+//! - `audit-verification`: the log no longer matches its checkpoints;
+//! - `break-the-glass`: emergency access was granted;
+//! - `outside-care`: a user repeatedly refused patients outside their care
+//!   relationships (probing);
+//! - `vip-access`: a user touched a flagged (VIP) patient's record;
+//! - `dormant-account`: an account signed in after a long silence;
+//! - `own-family-name`: a user looked up patients sharing their family name.
 //!
 //! Limits: windows are per node (with several nodes each sees its own
 //! traffic), and a restart empties them.
@@ -50,6 +56,9 @@ pub struct Rules {
     failures_by_ip: HashMap<String, VecDeque<(i64, Option<String>)>>,
     mfa_by_user: HashMap<String, VecDeque<i64>>,
     patients_by_agent: HashMap<String, VecDeque<(i64, String)>>,
+    reach_denials_by_user: HashMap<String, VecDeque<i64>>,
+    /// Flagged (VIP) patients, kept current by the server.
+    vip: VipSet,
     /// (rule, key) → time of the last alert, so a rule fires once per window.
     fired: HashMap<(&'static str, String), i64>,
 }
@@ -69,14 +78,24 @@ fn prune<T>(q: &mut VecDeque<(i64, T)>, since: i64) {
     }
 }
 
+/// The flagged (VIP) patients' ids, shared with the server that keeps it
+/// current (`AppState::refresh_vip`).
+pub type VipSet = Arc<parking_lot::RwLock<HashSet<String>>>;
+
 impl Rules {
     pub fn new(cfg: DetectConfig) -> Rules {
+        Rules::with_vip(cfg, VipSet::default())
+    }
+
+    pub fn with_vip(cfg: DetectConfig, vip: VipSet) -> Rules {
         Rules {
             cfg,
             failures_by_user: HashMap::new(),
             failures_by_ip: HashMap::new(),
             mfa_by_user: HashMap::new(),
             patients_by_agent: HashMap::new(),
+            reach_denials_by_user: HashMap::new(),
+            vip,
             fired: HashMap::new(),
         }
     }
@@ -233,8 +252,59 @@ impl Rules {
                     None,
                 );
             }
+            EventKind::Rest(_)
+                if failed
+                    && f.outcome_desc
+                        .as_deref()
+                        .is_some_and(|d| d.contains("denied by reach")) =>
+            {
+                if let Some(u) = user.clone() {
+                    let n = bump(
+                        self.reach_denials_by_user.entry(u.clone()).or_default(),
+                        now,
+                        win,
+                    );
+                    if n >= c.outside_care_denials as usize
+                        && self.once("outside-care", &u, now, win)
+                    {
+                        alert(
+                            "outside-care",
+                            "medium",
+                            format!(
+                                "user {u} was refused {n} times within {} s for patients outside their care relationships",
+                                c.window_secs
+                            ),
+                            Some(u),
+                        );
+                    }
+                }
+            }
             EventKind::Rest(_) if !failed && !f.patients.is_empty() => {
                 let agent = f.agent_key();
+                // A workforce user touching a flagged patient (not the
+                // patient themselves, not a system integration).
+                if let (Some(u), Some(role)) = (&user, f.user.as_ref().map(|x| x.role.as_str())) {
+                    if role != "patient" {
+                        let flagged: Vec<String> = {
+                            let vip = self.vip.read();
+                            f.patients
+                                .iter()
+                                .filter(|p| vip.contains(*p))
+                                .cloned()
+                                .collect()
+                        };
+                        for p in flagged {
+                            if self.once("vip-access", &format!("{u}|{p}"), now, win) {
+                                alert(
+                                    "vip-access",
+                                    "medium",
+                                    format!("user {u} accessed the flagged record of Patient/{p}"),
+                                    Some(u.clone()),
+                                );
+                            }
+                        }
+                    }
+                }
                 let n = {
                     let q = self.patients_by_agent.entry(agent.clone()).or_default();
                     for p in &f.patients {
@@ -279,17 +349,28 @@ impl Rules {
     }
 }
 
+/// What the detector's task receives.
+#[derive(Debug)]
+enum Msg {
+    /// A committed record, for the rules.
+    Record(Box<AuditFacts>),
+    /// An alert raised outside the rules.
+    Alert(Alert),
+    /// An alert raised outside the rules, at most once per window per key.
+    Once(Alert, String),
+}
+
 /// The running detector: rules, responses and delivery.
 #[derive(Debug)]
 pub struct Detector {
-    tx: tokio::sync::mpsc::Sender<AuditFacts>,
+    tx: tokio::sync::mpsc::Sender<Msg>,
 }
 
 impl Detector {
     /// Hand a committed record to the rules (never blocks a request: under
     /// overload records are dropped from detection, not from the log).
     pub fn observe(&self, f: &AuditFacts) {
-        if self.tx.try_send(f.clone()).is_err() {
+        if self.tx.try_send(Msg::Record(Box::new(f.clone()))).is_err() {
             tracing::warn!(
                 event = "detect.overloaded",
                 "detector queue full; a record was not evaluated"
@@ -298,9 +379,24 @@ impl Detector {
     }
 
     /// Raise an alert from outside the rules (the sealer's verification).
+    /// [`Detector::raise`], at most once per `[detect] window_secs` for
+    /// the same rule and `key`.
+    pub fn raise_once(&self, a: Alert, key: String) {
+        if self.tx.try_send(Msg::Once(a, key)).is_err() {
+            tracing::warn!(
+                event = "detect.overloaded",
+                "detector queue full; an alert was not delivered"
+            );
+        }
+    }
+
     pub fn raise(&self, a: Alert) {
-        let f = alert_facts(&a);
-        let _ = self.tx.try_send(f);
+        if self.tx.try_send(Msg::Alert(a)).is_err() {
+            tracing::warn!(
+                event = "detect.overloaded",
+                "detector queue full; an alert was not delivered"
+            );
+        }
     }
 }
 
@@ -342,20 +438,27 @@ impl std::fmt::Debug for Responder {
 }
 
 /// Start the detector task; returns the handle records are fed to.
-pub fn start(cfg: DetectConfig, r: Responder) -> Arc<Detector> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditFacts>(10_000);
+pub fn start(cfg: DetectConfig, r: Responder, vip: VipSet) -> Arc<Detector> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(10_000);
     let lock_on = cfg.lock_on.clone();
-    let mut rules = Rules::new(cfg);
+    let mut rules = Rules::with_vip(cfg, vip);
     if let Some(w) = &r.webhook {
         w.spawn_sender();
     }
     tokio::spawn(async move {
-        while let Some(f) = rx.recv().await {
-            let alerts = if f.kind == EventKind::Security("alert") {
+        while let Some(m) = rx.recv().await {
+            let alerts = match m {
                 // An alert raised directly (not by a rule): deliver it.
-                vec![parse_direct(&f)]
-            } else {
-                rules.observe(&f)
+                Msg::Alert(a) => vec![a],
+                Msg::Once(a, key) => {
+                    let win = rules.cfg.window_secs as i64 * 1000;
+                    if rules.once(a.rule, &key, crate::now_ms(), win) {
+                        vec![a]
+                    } else {
+                        Vec::new()
+                    }
+                }
+                Msg::Record(f) => rules.observe(&f),
             };
             for a in alerts {
                 deliver(&r, &a, &lock_on).await;
@@ -363,15 +466,6 @@ pub fn start(cfg: DetectConfig, r: Responder) -> Arc<Detector> {
         }
     });
     Arc::new(Detector { tx })
-}
-
-fn parse_direct(f: &AuditFacts) -> Alert {
-    Alert {
-        rule: "audit-verification",
-        severity: "critical",
-        detail: f.outcome_desc.clone().unwrap_or_default(),
-        user: None,
-    }
 }
 
 async fn deliver(r: &Responder, a: &Alert, lock_on: &[String]) {
@@ -658,6 +752,60 @@ mod tests {
             f,
             vec!["token-replay", "cloned-passkey", "privilege-change"]
         );
+        // Break-the-glass.
+        let f = fired(
+            &mut r,
+            [ev(
+                EventKind::Security("break-the-glass"),
+                Outcome::Success,
+                Some("er-doc"),
+                "10.0.0.2",
+                T0,
+            )],
+        );
+        assert_eq!(f, vec!["break-the-glass"]);
+        // Probing outside care relationships: three refusals by reach;
+        // refusals by scope or role do not count.
+        let denied = |rule: &str, t: i64| {
+            let mut e = ev(
+                EventKind::Rest("read"),
+                Outcome::MinorFailure,
+                Some("prober"),
+                "10.0.0.3",
+                t,
+            );
+            e.outcome_desc = Some(format!("HTTP 404; denied by {rule}: x"));
+            e
+        };
+        let f = fired(
+            &mut r,
+            (0..5)
+                .map(|i| denied("scope", T0 + i))
+                .chain((0..2).map(|i| denied("reach", T0 + 10 + i))),
+        );
+        assert!(f.is_empty(), "{f:?}");
+        let f = fired(&mut r, (0..3).map(|i| denied("reach", T0 + 20 + i)));
+        assert_eq!(f, vec!["outside-care"]);
+        // Flagged (VIP) records: a workforce user, once per patient; the
+        // patient themselves and clients are not flagged.
+        r.vip.write().insert("vip-1".into());
+        let mut own = read("vip-1-user", "vip-1", T0);
+        if let Some(u) = own.user.as_mut() {
+            u.role = "patient".into();
+        }
+        let mut client = read("x", "vip-1", T0);
+        client.user = None;
+        let f = fired(
+            &mut r,
+            [
+                read("nosy", "vip-1", T0),
+                read("nosy", "vip-1", T0 + 5),
+                own,
+                client,
+                read("nosy", "p2", T0),
+            ],
+        );
+        assert_eq!(f, vec!["vip-access"]);
         // Windows: old failures do not count.
         let mut r2 = Rules::new(DetectConfig::default());
         let f = fired(

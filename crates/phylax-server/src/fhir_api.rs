@@ -444,6 +444,7 @@ pub async fn read(
             let id = rid.ok_or(ApiError::NotFound)?;
             let v = hidden_if_gone(&ctx, st.repo.read(&rtype, &id).await)?;
             crate::access::check(&st, &ctx.access, &v)?;
+            crate::access::watch_own_name(&st, &ctx, [&v]).await;
             match (&v.body, control.subsets()) {
                 (Some(b), true) => {
                     let mut r = fhir_json(StatusCode::OK, &control.apply(b.json()));

@@ -74,7 +74,12 @@ pub struct AppState {
     pub care_cache: crate::access::CareCache,
     /// Patients' privacy consents as deny rules (see `consent`).
     pub consents: crate::consent::Consents,
+    /// Flagged (VIP) patients, for the `vip-access` rule.
+    pub vip: crate::detect::VipSet,
 }
+
+/// How often the flagged (VIP) patient list is refreshed.
+pub const VIP_REFRESH: Duration = Duration::from_secs(5);
 
 /// How often the disabled-client list is refreshed.
 pub const DISABLED_REFRESH: Duration = Duration::from_secs(3);
@@ -143,6 +148,7 @@ impl AppState {
             metrics: Default::default(),
             care_cache: Default::default(),
             consents: Default::default(),
+            vip: Default::default(),
         });
         st.refresh_disabled()
             .await
@@ -155,6 +161,37 @@ impl AppState {
             tracing::info!(resources = n, "search index built for existing resources");
         }
         Ok(st)
+    }
+
+    /// Reread the flagged (VIP) patients: Patients carrying one of
+    /// `detect.vip_tags` in `meta.tag` or `meta.security`.
+    pub async fn refresh_vip(&self) -> Result<(), ApiError> {
+        let key = self.repo.blind_key();
+        let mut group = Vec::new();
+        for t in &self.config.detect.vip_tags {
+            if let Some((sys, code)) = t.split_once('|') {
+                for param in ["_tag", "_security"] {
+                    group.push(phylax_store::Cond::Hash {
+                        param: param.into(),
+                        hashes: vec![crate::search::token_hash(key, param, sys, code)],
+                    });
+                }
+            }
+        }
+        if group.is_empty() {
+            return Ok(());
+        }
+        let rows = self
+            .repo
+            .search(&phylax_store::SearchQuery {
+                rtype: "Patient".into(),
+                and: vec![group],
+                before_seq: None,
+                limit: 100_000,
+            })
+            .await?;
+        *self.vip.write() = rows.iter().map(|v| v.id.to_string()).collect();
+        Ok(())
     }
 
     pub async fn refresh_disabled(&self) -> Result<(), phylax_store::StoreError> {
@@ -308,7 +345,20 @@ impl AppState {
                         }),
                         webhook,
                     };
-                    let d = crate::detect::start(self.config.detect.clone(), r);
+                    let d = crate::detect::start(self.config.detect.clone(), r, self.vip.clone());
+                    if !self.config.detect.vip_tags.is_empty() {
+                        let weak = Arc::downgrade(self);
+                        tokio::spawn(async move {
+                            loop {
+                                let Some(st) = weak.upgrade() else { return };
+                                if let Err(e) = st.refresh_vip().await {
+                                    tracing::warn!(error = ?e, "could not refresh the flagged-patient list");
+                                }
+                                drop(st);
+                                tokio::time::sleep(VIP_REFRESH).await;
+                            }
+                        });
+                    }
                     self.audit.set_detector(d);
                 }
                 Err(e) => {

@@ -796,6 +796,7 @@ async fn search(
         })
         .collect();
     let inc = included(st, ctx, rtype, &q, &rows).await?;
+    crate::access::watch_own_name(st, ctx, rows.iter().chain(inc.iter())).await;
     let mut refs = crate::pipeline::AuditRefs::of_versions(rows.iter().chain(inc.iter()));
     // Parameter names only: values (a name, a birth date) stay out of the log.
     refs.params = params

@@ -1402,6 +1402,25 @@ async fn after_sign_in(
     }
     let auth_time = p.auth_time.unwrap_or(now);
     if !p.resumed {
+        // A sign-in after a long silence (or a first one long after the
+        // account was made) is worth a look: a leaver's account, a shared
+        // password.
+        let last = user.last_sign_in().unwrap_or(user.rec.created_at);
+        let dormant = i64::from(st.config.detect.dormant_days) * 86_400;
+        if now - last > dormant {
+            if let Some(d) = st.audit.detector() {
+                d.raise(crate::detect::Alert {
+                    rule: "dormant-account",
+                    severity: "medium",
+                    detail: format!(
+                        "user {} signed in after {} days without a sign-in",
+                        user.id(),
+                        (now - last) / 86_400
+                    ),
+                    user: Some(user.id().to_owned()),
+                });
+            }
+        }
         if let Err(e) = st.accounts.record_success(user.id(), now).await {
             return internal(e);
         }

@@ -1359,3 +1359,97 @@ async fn documented_matrix(s: &TestServer) {
     }
     assert!(checked > 500, "{checked} cells");
 }
+
+/// Alerts in the audit log whose text starts with `rule`.
+async fn alerts(s: &TestServer, rule: &str) -> usize {
+    let rows = s
+        .state
+        .store
+        .audit_search(&phylax_store::AuditQuery {
+            subtype: Some("alert".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| s.state.audit.open_row(r).unwrap())
+        .filter(|e| {
+            e["outcomeDesc"]
+                .as_str()
+                .is_some_and(|d| d.starts_with(&format!("{rule} [")))
+        })
+        .count()
+}
+
+async fn wait_alerts(s: &TestServer, rule: &str, n: usize) -> usize {
+    for _ in 0..50 {
+        let got = alerts(s, rule).await;
+        if got >= n {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    alerts(s, rule).await
+}
+
+on_both!(detection_rules_that_need_access_data);
+async fn detection_rules_that_need_access_data(s: &TestServer) {
+    load(s).await;
+    let l = loader(s);
+    // Dr A shares a family name with her patients (Sharedname).
+    put(
+        s,
+        &l,
+        json!({"resourceType": "Practitioner", "id": "pr-a", "name": [{"family": "SHAREDNAME"}]}),
+    )
+    .await;
+    put(s, &l, patient("pa-vip", json!({"generalPractitioner": [{"reference": "Practitioner/pr-b"}],
+        "meta": {"tag": [{"system": "http://terminology.hl7.org/CodeSystem/v3-PatientImportance", "code": "VIP"}]}})))
+    .await;
+    s.state.refresh_vip().await.unwrap();
+    let a = user(
+        s,
+        "dr.a",
+        "clinician",
+        Some("pr-a"),
+        None,
+        "user/*.cruds",
+        None,
+    )
+    .await;
+    let b = user(
+        s,
+        "dr.b",
+        "clinician",
+        Some("pr-b"),
+        None,
+        "user/*.cruds",
+        None,
+    )
+    .await;
+    assert_eq!(alerts(s, "vip-access").await, 0);
+    // A flagged record: Dr B cares for the VIP and reads the record; the
+    // alert says so (once per user and patient within the window).
+    assert_eq!(get(s, &b, "/Patient/pa-vip").await, 200);
+    assert_eq!(get(s, &b, "/Patient/pa-vip").await, 200);
+    assert_eq!(wait_alerts(s, "vip-access", 1).await, 1);
+    // Probing: Dr A tries three patients she does not care for.
+    for p in ["pa-org", "pa-other", "pa-vip"] {
+        assert_eq!(get(s, &a, &format!("/Patient/{p}")).await, 404);
+    }
+    assert_eq!(wait_alerts(s, "outside-care", 1).await, 1);
+    // Dr B refused twice raises nothing.
+    assert_eq!(alerts(s, "own-family-name").await, 0);
+    // Her own family name: a search that returns a namesake.
+    assert_eq!(
+        search(s, &a, "/Patient?_id=pa-gp").await,
+        vec!["Patient/pa-gp"]
+    );
+    assert_eq!(wait_alerts(s, "own-family-name", 1).await, 1);
+    // Dr B has no family name on file: nothing.
+    assert_eq!(get(s, &b, "/Patient/pa-org").await, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(alerts(s, "own-family-name").await, 1);
+    assert_eq!(alerts(s, "outside-care").await, 1);
+}

@@ -1972,6 +1972,12 @@ mod rehash {
 /// access token for `scope`.
 async fn password_only_token(s: &TestServer, name: &str, role: &str, scope: &str) -> String {
     enrolled_user(s, name, role, None).await;
+    password_sign_in(s, name, scope).await
+}
+
+/// Sign an enrolled user (whose role may skip the second factor) in
+/// through the pages; returns the access token.
+async fn password_sign_in(s: &TestServer, name: &str, scope: &str) -> String {
     let app = add_app(s, "user/*.cruds", true).await;
     let mut b = Browser::new(s);
     let p = pkce();
@@ -2117,4 +2123,59 @@ async fn scraping_locks_the_account() {
     assert!(evs.iter().any(
         |(st, _, e)| st == "lockout" && e["outcomeDesc"].as_str().unwrap().contains("scraping")
     ));
+}
+
+/// `dormant-account`: a sign-in after `detect.dormant_days` without one
+/// raises an alert; an ordinary sign-in does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dormant_account_sign_in_alerts() {
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.auth.mfa_optional_roles = vec!["front-desk".into()];
+    })
+    .await
+    .unwrap();
+    let count = || async {
+        audit_events(&s)
+            .await
+            .iter()
+            .filter(|(sub, _, ev)| {
+                sub == "alert"
+                    && ev["outcomeDesc"]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with("dormant-account ["))
+            })
+            .count()
+    };
+    password_only_token(&s, "returner", "front-desk", "user/Patient.rs").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        count().await,
+        0,
+        "a first sign-in of a new account is not dormant"
+    );
+    let id = s
+        .state
+        .accounts
+        .find("returner")
+        .await
+        .unwrap()
+        .unwrap()
+        .rec
+        .id;
+    let long_ago = chrono::Utc::now().timestamp() - 120 * 86_400;
+    s.state
+        .accounts
+        .record_success(&id, long_ago)
+        .await
+        .unwrap();
+    password_sign_in(&s, "returner", "user/Patient.rs").await;
+    let mut n = 0;
+    for _ in 0..50 {
+        n = count().await;
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(n, 1);
 }

@@ -96,11 +96,12 @@ fn rule(patient: &str, prov: &Value, inherited: (Option<i64>, Option<i64>)) -> D
 }
 
 /// Delegations in one Consent: its `permit` provisions (root or nested)
-/// naming another patient as actor (`Patient/{id}`): that person may use
-/// the consenting patient's record as their own, e.g. a parent for a
-/// child. Returned as rules whose `actors` are the delegates' `Patient/…`
-/// references. Same conditions as [`deny_rules`] (active, patient-privacy,
-/// a patient); purposes and periods narrow them the same way.
+/// naming another person as actor, as a `Patient/{id}` or a
+/// `RelatedPerson/{id}`: that person may use the consenting patient's
+/// record as their own, e.g. a parent for a child. Returned as rules whose
+/// `actors` are those references. Same conditions as [`deny_rules`]
+/// (active, patient-privacy, a patient); purposes and periods narrow them
+/// the same way.
 pub fn delegations(consent: &Value) -> Vec<DenyRule> {
     let Some((patient, root)) = privacy_consent(consent) else {
         return Vec::new();
@@ -110,8 +111,10 @@ pub fn delegations(consent: &Value) -> Vec<DenyRule> {
     let mut take = |p: &Value, inherited| {
         if p.get("type").and_then(Value::as_str) == Some("permit") {
             let mut r = rule(patient, p, inherited);
-            r.actors
-                .retain(|a| a.starts_with("Patient/") && *a != format!("Patient/{patient}"));
+            r.actors.retain(|a| {
+                (a.starts_with("Patient/") || a.starts_with("RelatedPerson/"))
+                    && *a != format!("Patient/{patient}")
+            });
             if !r.actors.is_empty() {
                 out.push(r);
             }

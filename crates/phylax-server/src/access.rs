@@ -76,8 +76,15 @@ impl CareCache {
     }
 }
 
-/// Types whose writes can start or end a care relationship.
-pub const CARE_TYPES: &[&str] = &["Patient", "CareTeam", "Encounter", "PractitionerRole"];
+/// Types whose writes can start or end a care relationship (or, `Person`,
+/// change who a patient is in the data).
+pub const CARE_TYPES: &[&str] = &[
+    "Patient",
+    "CareTeam",
+    "Encounter",
+    "PractitionerRole",
+    "Person",
+];
 
 /// A new or updated `Patient` that names the writer as general
 /// practitioner or managing organization starts a care relationship: a
@@ -276,7 +283,7 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
                 BTreeSet::new()
             };
             let refs = match (role.reach, patient) {
-                (ReachRule::OwnCompartment, Some(p)) => Arc::new(vec![format!("Patient/{p}")]),
+                (ReachRule::OwnCompartment, Some(p)) => patient_refs(st, user_id, p).await?,
                 (ReachRule::OwnCompartment, None) => Arc::new(Vec::new()),
                 _ => requester_refs(st, user_id).await?,
             };
@@ -290,9 +297,7 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
                     // People who delegated to them (a permit in their
                     // consent naming this patient) are reached too.
                     let mut set: BTreeSet<String> = patient.iter().cloned().collect();
-                    if let Some(me) = refs.first() {
-                        set.extend(st.consents.delegated(me, role.purpose, crate::now_ms()));
-                    }
+                    set.extend(st.consents.delegated(&refs, role.purpose, crate::now_ms()));
                     set.retain(|p| !denied.contains(p));
                     Reach::Patients(set)
                 }
@@ -424,6 +429,38 @@ fn ids_of_refs(body: &Value, pointer: &[&str], prefix: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// How a patient is known in the data: their `Patient/{id}`, and the
+/// `RelatedPerson`s a `Person` resource links to that Patient (the same
+/// human as someone else's parent or carer), so a consent naming either
+/// delegates to them.
+async fn patient_refs(
+    st: &AppState,
+    user_id: &str,
+    patient: &str,
+) -> Result<Arc<Vec<String>>, ApiError> {
+    if let Some(r) = cached(st, user_id).refs {
+        return Ok(r);
+    }
+    let me = format!("Patient/{patient}");
+    let mut refs = vec![me.clone()];
+    for person in find(st, "Person", "link", std::slice::from_ref(&me)).await? {
+        if let Some(b) = &person.body {
+            if b.json().get("active").and_then(Value::as_bool) == Some(false) {
+                continue;
+            }
+            for rp in ids_of_refs(b.json(), &["link", "target"], "RelatedPerson/") {
+                let r = format!("RelatedPerson/{rp}");
+                if !refs.contains(&r) {
+                    refs.push(r);
+                }
+            }
+        }
+    }
+    let refs = Arc::new(refs);
+    store_cached(st, user_id, |c| c.refs = Some(refs.clone()));
+    Ok(refs)
 }
 
 /// How a workforce user is known in the data: their linked Practitioner,

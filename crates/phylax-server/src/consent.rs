@@ -131,16 +131,14 @@ impl Consents {
         out
     }
 
-    /// Patients who delegated access to their record to the patient
-    /// `me` (`Patient/{id}`) through an active consent, for `purpose`, now.
-    pub fn delegated(&self, me: &str, purpose: &str, now_ms: i64) -> BTreeSet<String> {
+    /// Patients who delegated access to their record to a person known by
+    /// `refs` (`Patient/{id}`, and the `RelatedPerson/{id}`s that are the
+    /// same person) through an active consent, for `purpose`, now.
+    pub fn delegated(&self, refs: &[String], purpose: &str, now_ms: i64) -> BTreeSet<String> {
         let idx = self.index.read().clone();
-        let refs = [me.to_owned()];
-        idx.delegates
-            .get(me)
-            .into_iter()
-            .flatten()
-            .filter(|r| r.applies(&refs, purpose, now_ms))
+        refs.iter()
+            .flat_map(|me| idx.delegates.get(me).into_iter().flatten())
+            .filter(|r| r.applies(refs, purpose, now_ms))
             .map(|r| r.patient.clone())
             .collect()
     }

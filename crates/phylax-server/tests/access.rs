@@ -680,6 +680,44 @@ async fn patients_reach_their_own_compartment(s: &TestServer) {
     let (st, _) = send(s, &l, M::DELETE, "/Consent/c-del", None).await;
     assert_eq!(st, 204);
     assert_eq!(get(s, &p, "/Patient/pa-team").await, 404);
+
+    // Through a RelatedPerson: pa-enc's holder is, as a Person, also
+    // RelatedPerson rp-1 of pa-team; pa-team's consent names rp-1.
+    let mum = user(
+        s,
+        "mum",
+        "patient",
+        None,
+        Some("pa-enc"),
+        "patient/*.rs",
+        None,
+    )
+    .await;
+    assert_eq!(get(s, &mum, "/Patient/pa-team").await, 404);
+    put(
+        s,
+        &l,
+        json!({"resourceType": "RelatedPerson", "id": "rp-1",
+        "patient": {"reference": "Patient/pa-team"}}),
+    )
+    .await;
+    put(
+        s,
+        &l,
+        json!({"resourceType": "Person", "id": "pe-1", "link": [
+        {"target": {"reference": "Patient/pa-enc"}},
+        {"target": {"reference": "RelatedPerson/rp-1"}}]}),
+    )
+    .await;
+    put(s, &l, consent("c-rp", "pa-team", json!({"type": "permit",
+        "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "MTH"}]},
+            "reference": {"reference": "RelatedPerson/rp-1"}}]}))).await;
+    assert_eq!(get(s, &mum, "/Patient/pa-team").await, 200);
+    assert_eq!(get(s, &mum, "/Observation/obs-team").await, 200);
+    // The RelatedPerson alone (no consent) grants nothing.
+    let (st, _) = send(s, &l, M::DELETE, "/Consent/c-rp", None).await;
+    assert_eq!(st, 204);
+    assert_eq!(get(s, &mum, "/Patient/pa-team").await, 404);
 }
 
 on_both!(break_the_glass);

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 //! The resource-level half of authorization, end to end on both backends:
 //! care relationships, the patient's own compartment, security labels and
 //! break-the-glass, through every way a response can carry data (read,
@@ -1171,8 +1172,11 @@ async fn masked_elements_never_leave(s: &TestServer) {
     assert!(b["note"].is_array());
 }
 
+/// One row of the documented matrix: role, type, (column, cell) pairs.
+type MatrixRow = (String, String, Vec<(String, String)>);
+
 /// The matrix of docs/ACCESS_CONTROL.md: (role, type) → cells by column.
-fn documented_matrix_cells() -> Vec<(String, String, Vec<(String, String)>)> {
+fn documented_matrix_cells() -> Vec<MatrixRow> {
     let doc = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../docs/ACCESS_CONTROL.md"

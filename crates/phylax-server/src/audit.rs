@@ -72,6 +72,9 @@ pub struct AuditLog {
     detector: std::sync::OnceLock<Arc<crate::detect::Detector>>,
     /// Whether the last sealing pass took a full `SEAL_MAX` batch.
     full: std::sync::atomic::AtomicBool,
+    /// A running server's journal (see `audit_journal`); without it
+    /// (the CLI) records commit straight into the database.
+    journal: std::sync::OnceLock<Arc<crate::audit_journal::Journal>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -137,6 +140,7 @@ impl AuditLog {
             danger_off: std::sync::atomic::AtomicBool::new(false),
             full: std::sync::atomic::AtomicBool::new(false),
             detector: std::sync::OnceLock::new(),
+            journal: std::sync::OnceLock::new(),
         }))
     }
 
@@ -215,6 +219,9 @@ impl AuditLog {
             return Ok(());
         }
         let row = self.draft(facts)?;
+        if let Some(j) = self.journal.get() {
+            return j.append(row).await.map_err(AuditError::Unavailable);
+        }
         let (tx, rx) = oneshot::channel();
         self.tx
             .send((row, tx))
@@ -223,6 +230,27 @@ impl AuditLog {
         rx.await
             .map_err(|_| AuditError::Unavailable("audit writer stopped".into()))?
             .map_err(AuditError::Unavailable)
+    }
+
+    /// Journal records on local disk from now on (a serving node; see
+    /// `audit_journal`), first moving any stopped node's journal into the
+    /// database.
+    pub async fn start_journal(&self, root: &std::path::Path) -> Result<(), AuditError> {
+        let j = crate::audit_journal::Journal::open(root, self.store.clone())
+            .await
+            .map_err(AuditError::Unavailable)?;
+        j.spawn_indexer();
+        let _ = self.journal.set(j);
+        Ok(())
+    }
+
+    /// Move every acknowledged record into the searchable tables now
+    /// (readers of the log call this first). A no-op without a journal.
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        match self.journal.get() {
+            Some(j) => j.flush().await.map(|_| ()).map_err(AuditError::Unavailable),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn store(&self) -> &DynStore {
@@ -277,6 +305,12 @@ impl AuditLog {
     /// up next time). An `Integrity` error means the stored tree no longer
     /// matches the last signed checkpoint: someone changed the log.
     pub async fn seal_pending(&self) -> Result<Option<Checkpoint>, AuditError> {
+        // Journaled records first, so a checkpoint covers everything
+        // acknowledged before it (a journal failure leaves them for the
+        // next pass: sealing what is stored goes on).
+        if let Err(e) = self.flush().await {
+            tracing::warn!(error = %e, "journal not flushed before sealing");
+        }
         let mut guard = self.frontier.lock().await;
         let pending = self.store.audit_unsealed(SEAL_MAX).await?;
         if pending.is_empty() {
@@ -497,6 +531,7 @@ impl AuditLog {
         external: &[String],
         event: Option<&str>,
     ) -> Result<VerifyReport, AuditError> {
+        self.flush().await?;
         use phylax_audit::checkpoint::open_signed;
         use phylax_audit::merkle;
         let bad = |m: String| AuditError::Integrity(m);

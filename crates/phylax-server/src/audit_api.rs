@@ -116,6 +116,11 @@ async fn page(
     strip: bool,
 ) -> Result<Response, ApiError> {
     let (mut q, count, kept) = parse_query(st, params)?;
+    // Every record acknowledged before this request is readable.
+    st.audit
+        .flush()
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let listing = format!(
         "{path}?{}",
         form_urlencoded::Serializer::new(String::new())
@@ -183,6 +188,10 @@ pub async fn search(st: &AppState, params: Vec<(String, String)>) -> Result<Resp
 
 /// Read one record (the pipeline has decided `read` on AuditEvent).
 pub async fn read(st: &AppState, id: &str) -> Result<Response, ApiError> {
+    st.audit
+        .flush()
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let row = st
         .store
         .audit_get(id)

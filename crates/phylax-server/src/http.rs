@@ -689,8 +689,29 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Reads' audit records go through this node's journal (recovering any
+    // stopped node's first).
+    st.audit
+        .start_journal(&st.data_dir.join("audit-journal"))
+        .await
+        .map_err(|e| std::io::Error::other(format!("audit journal: {e}")))?;
     st.spawn_background();
-    let app = router(st);
+    let app = router(st.clone());
+    let served = serve_app(app, listener, tls, shutdown).await;
+    // Everything acknowledged goes into the database before the node stops
+    // (a crash instead leaves it for the next start).
+    if let Err(e) = st.audit.flush().await {
+        tracing::error!(error = %e, "audit journal not flushed at shutdown; the next start recovers it");
+    }
+    served
+}
+
+async fn serve_app(
+    app: Router,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     match tls {
         Some(cfg) => crate::tls::serve_tls(listener, cfg, app, shutdown).await,
         None => {

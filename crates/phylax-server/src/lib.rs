@@ -42,6 +42,7 @@ pub mod accounts;
 pub mod audit;
 pub mod audit_api;
 pub mod audit_export;
+pub mod audit_journal;
 pub mod auth_api;
 pub mod break_glass;
 pub mod bundle;

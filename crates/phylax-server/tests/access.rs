@@ -432,6 +432,7 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     );
 
     // Every refusal is in the audit log with its rule.
+    s.state.audit.flush().await.unwrap();
     let rows = s
         .state
         .store
@@ -806,6 +807,7 @@ async fn break_the_glass(s: &TestServer) {
     // Recorded: the grant (purpose, patient), the alert, and the access
     // made under it (purpose of use BTG). The reason stays out of the log.
     let events = |subtype: &'static str| async move {
+        s.state.audit.flush().await.unwrap();
         let rows = s
             .state
             .store
@@ -1267,6 +1269,7 @@ async fn documented_matrix(s: &TestServer) {
         put(s, &l, r).await;
     }
     // An audit record to read.
+    s.state.audit.flush().await.unwrap();
     let audit_id = s
         .state
         .store
@@ -1404,6 +1407,7 @@ async fn documented_matrix(s: &TestServer) {
 
 /// Alerts in the audit log whose text starts with `rule`.
 async fn alerts(s: &TestServer, rule: &str) -> usize {
+    s.state.audit.flush().await.unwrap();
     let rows = s
         .state
         .store

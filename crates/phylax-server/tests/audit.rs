@@ -280,9 +280,25 @@ async fn interactions_are_recorded_and_readable_by_auditors_only(s: &TestServer)
     assert_eq!((rep.external, rep.checkpoints), (1, 2));
 }
 
+/// This node's journal directory (the only one under `audit-journal/`).
+fn journal_dir(s: &TestServer) -> std::path::PathBuf {
+    let mut dirs: Vec<_> = std::fs::read_dir(s.data_dir.join("audit-journal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.pop().unwrap()
+}
+
 /// Make the audit log refuse every new record, as a full or broken disk
-/// would (a real database refusal, not a mock).
-async fn break_audit(s: &TestServer) {
+/// would (real refusals, not mocks): the database refuses audit rows
+/// (writes commit theirs in their own transaction) and the journal's
+/// directory disappears, as an unmounted or failed disk would (reads'
+/// records go through the journal). Returns where the journal was.
+async fn break_audit(s: &TestServer) -> std::path::PathBuf {
+    s.state.audit.flush().await.unwrap();
+    let dir = journal_dir(s);
+    std::fs::rename(&dir, s.data_dir.join("journal-away")).unwrap();
     match s.backend {
         common::Backend::Sqlite => {
             s.sql("CREATE TRIGGER audit_broken BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'disk full'); END;").await
@@ -291,9 +307,11 @@ async fn break_audit(s: &TestServer) {
             s.sql("ALTER TABLE audit_log ADD CONSTRAINT audit_broken CHECK (id < 0) NOT VALID").await
         }
     }
+    dir
 }
 
-async fn mend_audit(s: &TestServer) {
+async fn mend_audit(s: &TestServer, journal: &std::path::Path) {
+    std::fs::rename(s.data_dir.join("journal-away"), journal).unwrap();
     match s.backend {
         common::Backend::Sqlite => s.sql("DROP TRIGGER audit_broken").await,
         common::Backend::Postgres => {
@@ -308,7 +326,7 @@ async fn an_unwritable_audit_log_fails_closed(s: &TestServer) {
     use reqwest::Method as M;
     let tok = s.token(ALL).await;
     let (pid, _) = some_traffic(s, &tok).await;
-    break_audit(s).await;
+    let journal = break_audit(s).await;
     // Reads and searches: 503, an OperationOutcome, nothing of the data.
     for path in [
         format!("/Patient/{pid}"),
@@ -347,7 +365,7 @@ async fn an_unwritable_audit_log_fails_closed(s: &TestServer) {
     let (st, v) = s.token_request(&s.assertion(&id, &key), ALL).await;
     assert_ne!(st, 200);
     assert!(v.get("access_token").is_none(), "{v}");
-    mend_audit(s).await;
+    mend_audit(s, &journal).await;
     let (_, b) = send(s, &tok, M::GET, "/Patient?family=Unrecorded", None).await;
     assert!(
         b["entry"].as_array().unwrap().is_empty(),
@@ -845,6 +863,7 @@ fn receiver_tls(
 
 /// The newest `limit` audit records of one subtype.
 async fn records_of(s: &TestServer, subtype: &str, limit: u32) -> Vec<phylax_store::AuditRow> {
+    s.state.audit.flush().await.unwrap();
     s.state
         .store
         .audit_search(&phylax_store::AuditQuery {
@@ -854,4 +873,111 @@ async fn records_of(s: &TestServer, subtype: &str, limit: u32) -> Vec<phylax_sto
         })
         .await
         .unwrap()
+}
+
+fn facts(i: usize) -> phylax_audit::event::AuditFacts {
+    use phylax_audit::event::{Action, AuditFacts, EventKind, Outcome};
+    AuditFacts {
+        id: phylax_server::audit::new_event_id(),
+        recorded_ms: chrono::Utc::now().timestamp_millis(),
+        kind: EventKind::Rest("read"),
+        action: Action::Read,
+        outcome: Outcome::Success,
+        outcome_desc: None,
+        user: None,
+        client: Some(format!("crash-test-{i}")),
+        ip: None,
+        token_id: None,
+        request_id: String::new(),
+        purpose: None,
+        patients: vec![format!("p{i}")],
+        resources: Vec::new(),
+        query_params: Vec::new(),
+        observer: "test".into(),
+    }
+}
+
+// A node that dies with records in its journal loses none of them: the
+// next start moves them into the database, exactly once, ignoring a torn
+// last batch (never acknowledged), even when a segment is replayed twice.
+both!(journaled_records_survive_a_crash);
+async fn journaled_records_survive_a_crash(s: &TestServer) {
+    use phylax_server::audit_journal::Journal;
+    let root = s.dir.path().join("crash-journal");
+    let j = Journal::open(&root, s.state.store.clone()).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let row = s.state.audit.draft(&facts(i)).unwrap();
+        ids.push(row.event_id.clone());
+        j.append(row).await.unwrap();
+    }
+    let dead = std::fs::read_dir(&root)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    // The crash: the writer stops (its lock goes), mid-way through a batch.
+    drop(j);
+    let current = dead.join("current.log");
+    for _ in 0..50 {
+        if std::fs::OpenOptions::new()
+            .write(true)
+            .open(dead.join("lock"))
+            .unwrap()
+            .try_lock()
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut torn = phylax_server::audit_journal::encode(&s.state.audit.draft(&facts(99)).unwrap());
+    torn.truncate(torn.len() / 2);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&current)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &torn).unwrap();
+    drop(f);
+    let saved = std::fs::read(&current).unwrap();
+    let stored = |id: String| async move { s.state.store.audit_get(&id).await.unwrap().is_some() };
+    for id in &ids {
+        assert!(
+            !stored(id.clone()).await,
+            "not in the database before recovery"
+        );
+    }
+    // The next start recovers.
+    let j2 = Journal::open(&root, s.state.store.clone()).await.unwrap();
+    for id in &ids {
+        assert!(stored(id.clone()).await, "recovered");
+    }
+    assert!(!dead.exists(), "the dead node's journal is gone");
+    let count = || async {
+        s.state
+            .store
+            .audit_search(&phylax_store::AuditQuery {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| ids.contains(&r.event_id))
+            .count()
+    };
+    assert_eq!(count().await, 5);
+    // The same segment replayed again (a crash between commit and delete):
+    // still exactly once.
+    let again = root.join("replayed");
+    std::fs::create_dir_all(&again).unwrap();
+    std::fs::write(again.join("seg-00000000000000000001-1.log"), &saved).unwrap();
+    drop(j2);
+    let _j3 = Journal::open(&root, s.state.store.clone()).await.unwrap();
+    assert_eq!(count().await, 5);
+    assert!(!again.exists());
+    // And the log still verifies, recovered records included.
+    s.state.audit.seal_pending().await.unwrap();
+    s.state.audit.verify(&[], None).await.unwrap();
 }

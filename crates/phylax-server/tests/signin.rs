@@ -336,6 +336,7 @@ fn now() -> i64 {
 /// used yet.
 /// The audit log's records as (subtype, outcome, AuditEvent), newest first.
 async fn audit_events(s: &TestServer) -> Vec<(String, String, Value)> {
+    s.state.audit.flush().await.unwrap();
     let rows = s
         .state
         .store

@@ -55,12 +55,46 @@ pub struct Rules {
     failures_by_user: HashMap<String, VecDeque<i64>>,
     failures_by_ip: HashMap<String, VecDeque<(i64, Option<String>)>>,
     mfa_by_user: HashMap<String, VecDeque<i64>>,
-    patients_by_agent: HashMap<String, VecDeque<(i64, String)>>,
+    patients_by_agent: HashMap<String, Touched>,
     reach_denials_by_user: HashMap<String, VecDeque<i64>>,
     /// Flagged (VIP) patients, kept current by the server.
     vip: VipSet,
     /// (rule, key) → time of the last alert, so a rule fires once per window.
     fired: HashMap<(&'static str, String), i64>,
+}
+
+/// The patients one agent touched within a window: the touches in order
+/// (to expire them) and a count per patient (so the number of distinct
+/// patients is known in O(1) per event; building a set per event was
+/// quadratic in the window's size and starved the detector under load).
+#[derive(Debug, Default)]
+struct Touched {
+    order: VecDeque<(i64, String)>,
+    counts: HashMap<String, u32>,
+}
+
+impl Touched {
+    fn touch(&mut self, now: i64, patient: &str) {
+        self.order.push_back((now, patient.to_owned()));
+        *self.counts.entry(patient.to_owned()).or_default() += 1;
+    }
+
+    fn expire(&mut self, since: i64) {
+        while self.order.front().is_some_and(|(t, _)| *t < since) {
+            if let Some((_, p)) = self.order.pop_front() {
+                if let Some(n) = self.counts.get_mut(&p) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.counts.remove(&p);
+                    }
+                }
+            }
+        }
+    }
+
+    fn distinct(&self) -> usize {
+        self.counts.len()
+    }
 }
 
 /// Count an event at `now` and return how many fall within the window.
@@ -308,10 +342,10 @@ impl Rules {
                 let n = {
                     let q = self.patients_by_agent.entry(agent.clone()).or_default();
                     for p in &f.patients {
-                        q.push_back((now, p.clone()));
+                        q.touch(now, p);
                     }
-                    prune(q, now - c.scraping_window_secs as i64 * 1000);
-                    q.iter().map(|(_, p)| p).collect::<HashSet<&String>>().len()
+                    q.expire(now - c.scraping_window_secs as i64 * 1000);
+                    q.distinct()
                 };
                 if n >= c.scraping_patients as usize
                     && self.once(

@@ -75,6 +75,8 @@ pub struct AuditLog {
     /// A running server's journal (see `audit_journal`); without it
     /// (the CLI) records commit straight into the database.
     journal: std::sync::OnceLock<Arc<crate::audit_journal::Journal>>,
+    /// `[audit] retention_days`, in ms: records younger may not be pruned.
+    retention_ms: i64,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -113,6 +115,7 @@ impl AuditLog {
         blind: Arc<BlindIndexKey>,
         origin: String,
         checkpoint_file: Option<PathBuf>,
+        retention_days: u32,
     ) -> Result<Arc<AuditLog>, AuditError> {
         let key = keys
             .for_write(AUDIT_SCOPE)
@@ -141,6 +144,7 @@ impl AuditLog {
             full: std::sync::atomic::AtomicBool::new(false),
             detector: std::sync::OnceLock::new(),
             journal: std::sync::OnceLock::new(),
+            retention_ms: i64::from(retention_days) * 86_400_000,
         }))
     }
 
@@ -251,6 +255,33 @@ impl AuditLog {
             Some(j) => j.flush().await.map(|_| ()).map_err(AuditError::Unavailable),
             None => Ok(()),
         }
+    }
+
+    /// Empty the bodies of sealed records older than the retention period
+    /// (`[audit] retention_days`); their leaf hashes stay, so the tree and
+    /// every checkpoint still verify. Records not yet sealed are kept until
+    /// they are. The pruning is itself recorded. Returns how many.
+    pub async fn prune(&self, now_ms: i64) -> Result<u64, AuditError> {
+        self.seal_pending().await?;
+        let cutoff = now_ms - self.retention_ms;
+        let mut n = 0;
+        loop {
+            let k = self.store.audit_prune(cutoff, 10_000).await?;
+            n += k;
+            if k < 10_000 {
+                break;
+            }
+        }
+        self.record_admin(
+            "audit-prune",
+            phylax_audit::event::Action::Update,
+            format!(
+                "{n} audit records older than {} pruned after retention",
+                crate::repo::format_instant(cutoff)
+            ),
+        )
+        .await?;
+        Ok(n)
     }
 
     pub(crate) fn store(&self) -> &DynStore {
@@ -503,6 +534,8 @@ async fn writer(store: DynStore, mut rx: mpsc::Receiver<Pending>) {
 /// What `phylax audit verify` found. Any tampering is an `Err` instead.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyReport {
+    /// Records whose bodies were pruned after retention (leaf hash only).
+    pub pruned: u64,
     /// Records in the database.
     pub records: u64,
     /// Records in the Merkle tree (the rest await the next checkpoint).
@@ -536,6 +569,11 @@ impl AuditLog {
         use phylax_audit::merkle;
         let bad = |m: String| AuditError::Integrity(m);
         let (records, sealed) = self.store.audit_counts().await?;
+        let mut report = VerifyReport {
+            records,
+            sealed,
+            ..Default::default()
+        };
         let mut leaves: Vec<Hash> = Vec::with_capacity(sealed as usize);
         loop {
             let rows = self
@@ -552,12 +590,25 @@ impl AuditLog {
                         leaves.len()
                     )));
                 }
-                self.open_row(&r).map_err(|_| {
-                    bad(format!(
-                        "record at position {} was altered or forged",
-                        leaves.len()
-                    ))
-                })?;
+                if r.sealed.is_empty() {
+                    // Pruned: only its leaf hash is left, which the
+                    // checkpoints still cover. Pruning before retention
+                    // ended is tampering.
+                    if r.recorded >= crate::now_ms() - self.retention_ms {
+                        return Err(bad(format!(
+                            "record at position {} was pruned before its retention ended",
+                            leaves.len()
+                        )));
+                    }
+                    report.pruned += 1;
+                } else {
+                    self.open_row(&r).map_err(|_| {
+                        bad(format!(
+                            "record at position {} was altered or forged",
+                            leaves.len()
+                        ))
+                    })?;
+                }
                 leaves.push(to_hash(&r.leaf_hash).ok_or_else(|| bad(r.event_id.clone()))?);
             }
         }
@@ -568,11 +619,6 @@ impl AuditLog {
             )));
         }
         let n = leaves.len() as u64;
-        let mut report = VerifyReport {
-            records,
-            sealed,
-            ..Default::default()
-        };
         let mut f = Frontier::new();
         let mut after = 0;
         loop {

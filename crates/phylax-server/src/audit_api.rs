@@ -198,6 +198,10 @@ pub async fn read(st: &AppState, id: &str) -> Result<Response, ApiError> {
         .await
         .map_err(crate::repo::RepoError::from)?
         .ok_or(ApiError::NotFound)?;
+    if row.sealed.is_empty() {
+        // Pruned after its retention period: it existed; its content is gone.
+        return Err(ApiError::Gone);
+    }
     let v = st.audit.open_row(&row).map_err(|e| {
         tracing::error!(event = "audit.verification_failed", error = %e, "an audit record failed its integrity check");
         ApiError::Internal("an audit record failed its integrity check".into())

@@ -99,9 +99,13 @@ impl AuditLog {
                         "tree position {pos} is missing"
                     )));
                 }
+                pos += 1;
+                // Pruned after retention: exported long ago.
+                if r.sealed.is_empty() {
+                    continue;
+                }
                 buf.extend(self.leaf_bytes(r)?);
                 buf.push(b'\n');
-                pos += 1;
             }
             let file = cfg.file.clone();
             let cfg2 = cfg.clone();
@@ -225,12 +229,15 @@ impl AuditLog {
                         "tree position {pos} is missing"
                     )));
                 }
+                pos += 1;
+                if r.sealed.is_empty() {
+                    continue;
+                }
                 buf.extend(syslog_frame(
                     &cfg.hostname,
                     r.recorded,
                     &self.leaf_bytes(r)?,
                 ));
-                pos += 1;
             }
             tls.write_all(&buf)
                 .await

@@ -327,6 +327,7 @@ impl Instance {
             audit_blind,
             format!("phylax/{instance_id}"),
             checkpoint_file,
+            config.audit.retention_days,
         )
         .await
         .map_err(|e| InstanceError::Io(e.to_string()))?;

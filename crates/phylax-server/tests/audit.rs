@@ -981,3 +981,84 @@ async fn journaled_records_survive_a_crash(s: &TestServer) {
     s.state.audit.seal_pending().await.unwrap();
     s.state.audit.verify(&[], None).await.unwrap();
 }
+
+// Retention: bodies of sealed records older than `retention_days` are
+// emptied, their leaf hashes kept; the log still verifies, the records are
+// gone from searches (410 when read), the pruning is recorded, and a body
+// emptied too early is caught.
+both!(retention_prunes_bodies_and_the_log_still_verifies);
+async fn retention_prunes_bodies_and_the_log_still_verifies(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    some_traffic(s, &tok).await;
+    let seven_years = 7 * 365 * 86_400_000_i64;
+    let mut old_ids = Vec::new();
+    let mut old = Vec::new();
+    for i in 0..2 {
+        let mut f = facts(100 + i);
+        f.recorded_ms -= seven_years;
+        let row = s.state.audit.draft(&f).unwrap();
+        old_ids.push(row.event_id.clone());
+        old.push(row);
+    }
+    s.state.store.append_audit(old).await.unwrap();
+    s.state.audit.seal_pending().await.unwrap();
+    let before = s.state.audit.verify(&[], None).await.unwrap();
+    let n = s
+        .state
+        .audit
+        .prune(chrono::Utc::now().timestamp_millis())
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    s.state.audit.seal_pending().await.unwrap();
+    let after = s.state.audit.verify(&[], None).await.unwrap();
+    assert_eq!(after.pruned, 2);
+    assert_eq!(
+        after.sealed,
+        before.sealed + 1,
+        "plus the prune's own record"
+    );
+    assert_eq!(records_of(s, "audit-prune", 10).await.len(), 1);
+    let auditor = s.token("system/AuditEvent.rs").await;
+    let r = s
+        .http
+        .get(s.url(&format!("/AuditEvent/{}", old_ids[0])))
+        .bearer_auth(&auditor)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    let (_, b) = send(
+        s,
+        &auditor,
+        reqwest::Method::GET,
+        "/AuditEvent?_count=1000",
+        None,
+    )
+    .await;
+    assert!(!b.to_string().contains(&old_ids[1]));
+    // Only emptying a sealed body is allowed, nothing else.
+    let (empty, bad) = match s.backend {
+        common::Backend::Sqlite => ("x''", "x'01'"),
+        common::Backend::Postgres => ("''::bytea", "'\\x01'::bytea"),
+    };
+    s.state.audit.seal_pending().await.unwrap();
+    let recent = records_of(s, "read", 1).await[0].event_id.clone();
+    for sql in [
+        format!("UPDATE audit_log SET sealed = {empty}, agent = 'x' WHERE event_id = '{recent}'"),
+        format!("UPDATE audit_log SET sealed = {bad} WHERE event_id = '{recent}'"),
+    ] {
+        assert!(s.try_sql(&sql).await.is_err(), "{sql}");
+    }
+    // Emptying a recent body passes the database, but not verification.
+    s.try_sql(&format!(
+        "UPDATE audit_log SET sealed = {empty} WHERE event_id = '{recent}'"
+    ))
+    .await
+    .unwrap();
+    let e = s.state.audit.verify(&[], None).await.unwrap_err();
+    assert!(
+        e.to_string().contains("pruned before its retention ended"),
+        "{e}"
+    );
+}

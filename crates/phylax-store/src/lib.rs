@@ -415,6 +415,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn checkpoints(&self, after_size: u64, limit: u32) -> Result<Vec<CheckpointRow>>;
     async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>>;
 
+    /// Empty the bodies of at most `limit` sealed records recorded before
+    /// `before` (retention has passed; their leaf hashes stay, so the tree
+    /// still verifies). Returns how many were pruned.
+    async fn audit_prune(&self, before: i64, limit: u32) -> Result<u64>;
+
     /// Store a new break-the-glass grant (its id must be new).
     async fn put_break_glass(&self, r: &BreakGlassRecord) -> Result<()>;
     /// A user's grants that have not expired at `now`.

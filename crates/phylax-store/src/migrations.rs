@@ -230,6 +230,27 @@ WHEN OLD.reviewed_at IS NOT NULL OR NEW.id IS NOT OLD.id OR NEW.user_id IS NOT O
 BEGIN SELECT RAISE(ABORT, 'break-the-glass grants are kept'); END;
 "#,
     ),
+    (
+        9,
+        r#"
+-- Retention (docs/AUDIT.md): a sealed record's body may be emptied once
+-- its retention has passed (the application decides when; `phylax audit
+-- verify` flags a body emptied too early). Its leaf hash and every other
+-- column stay, so the Merkle tree still verifies.
+DROP TRIGGER audit_no_update;
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit_log
+WHEN NOT (
+       (OLD.leaf_index IS NULL AND NEW.sealed IS OLD.sealed)
+    OR (OLD.leaf_index IS NOT NULL AND NEW.leaf_index IS OLD.leaf_index
+        AND length(OLD.sealed) > 0 AND length(NEW.sealed) = 0)
+  )
+  OR NEW.id IS NOT OLD.id OR NEW.event_id IS NOT OLD.event_id
+  OR NEW.recorded IS NOT OLD.recorded OR NEW.agent IS NOT OLD.agent OR NEW.action IS NOT OLD.action
+  OR NEW.subtype IS NOT OLD.subtype OR NEW.outcome IS NOT OLD.outcome
+  OR NEW.leaf_hash IS NOT OLD.leaf_hash
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+"#,
+    ),
 ];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
@@ -527,6 +548,31 @@ END;
 $$;
 CREATE TRIGGER break_glass_kept BEFORE UPDATE OR DELETE ON break_glass
     FOR EACH ROW EXECUTE FUNCTION phylax_break_glass_kept();
+"#,
+    ),
+    (
+        10,
+        r#"
+-- Retention (see SQLite migration 9): emptying a sealed record's body once.
+CREATE OR REPLACE FUNCTION phylax_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'audit_log'
+       AND (NEW.id, NEW.event_id, NEW.recorded, NEW.agent, NEW.action, NEW.subtype,
+            NEW.outcome, NEW.leaf_hash)
+           IS NOT DISTINCT FROM
+           (OLD.id, OLD.event_id, OLD.recorded, OLD.agent, OLD.action, OLD.subtype,
+            OLD.outcome, OLD.leaf_hash) THEN
+        IF OLD.leaf_index IS NULL AND NEW.sealed IS NOT DISTINCT FROM OLD.sealed THEN
+            RETURN NEW;
+        END IF;
+        IF OLD.leaf_index IS NOT NULL AND NEW.leaf_index IS NOT DISTINCT FROM OLD.leaf_index
+           AND octet_length(OLD.sealed) > 0 AND octet_length(NEW.sealed) = 0 THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'audit records are append-only';
+END;
+$$;
 "#,
     ),
 ];

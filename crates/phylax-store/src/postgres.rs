@@ -1007,6 +1007,19 @@ impl Store for PgStore {
         .map(row_checkpoint))
     }
 
+    async fn audit_prune(&self, before: i64, limit: u32) -> Result<u64> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let n = c
+            .execute(
+                "UPDATE audit_log SET sealed = ''::bytea WHERE id IN (SELECT id FROM audit_log \
+                 WHERE leaf_index IS NOT NULL AND recorded < $1 AND octet_length(sealed) > 0 ORDER BY id LIMIT $2)",
+                &[&before, &(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n)
+    }
+
     async fn put_break_glass(&self, r: &BreakGlassRecord) -> Result<()> {
         let c = self.pool.get().await.map_err(pool_err)?;
         c.execute(

@@ -474,6 +474,8 @@ pub(crate) fn audit_search_sql(
     if let Some(b) = q.before_id {
         push("id < ?", AuditArg::Int(b), &mut args);
     }
+    // Pruned records (body emptied after retention) are not found.
+    push("sealed <> ?", AuditArg::Bytes(Vec::new()), &mut args);
     let wh = if conds.is_empty() {
         String::new()
     } else {

@@ -971,6 +971,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn audit_prune(&self, before: i64, limit: u32) -> Result<u64> {
+        self.write(move |c| {
+            // One statement (per-row updates on a table with triggers are
+            // quadratic inside the writer's SAVEPOINT; see audit_seal).
+            let n = c
+                .execute(
+                    "UPDATE audit_log SET sealed = x'' WHERE id IN (SELECT id FROM audit_log \
+                     WHERE leaf_index IS NOT NULL AND recorded < ?1 AND length(sealed) > 0 ORDER BY id LIMIT ?2)",
+                    params![before, limit as i64],
+                )
+                .map_err(backend)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn put_break_glass(&self, r: &BreakGlassRecord) -> Result<()> {
         let r = r.clone();
         self.write(move |c| {

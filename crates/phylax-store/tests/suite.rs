@@ -1264,3 +1264,48 @@ async fn audit_log_appends_seals_and_searches(s: &DynStore) {
     assert!(search(hostile).await.is_empty());
     assert_eq!(s.audit_counts().await.unwrap(), (3, 3));
 }
+
+both!(audit_prune_empties_only_old_sealed_bodies);
+async fn audit_prune_empties_only_old_sealed_bodies(s: &DynStore) {
+    s.append_audit(vec![
+        audit(1, 1000, "user:u1", &[b"p1"]),
+        audit(2, 2000, "user:u1", &[b"p1"]),
+        audit(3, 3000, "user:u1", &[b"p1"]),
+    ])
+    .await
+    .unwrap();
+    // Unsealed records are never pruned (they are not in the tree yet).
+    assert_eq!(s.audit_prune(10_000, 100).await.unwrap(), 0);
+    let ids: Vec<i64> = s
+        .audit_unsealed(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|u| u.0)
+        .collect();
+    assert!(s.audit_seal(0, ids, cp(3)).await.unwrap());
+    assert_eq!(s.audit_prune(2500, 100).await.unwrap(), 2);
+    assert_eq!(s.audit_prune(2500, 100).await.unwrap(), 0, "once");
+    // The tree keeps every leaf; pruned records are not found by search.
+    let rows = s.audit_by_index(0, 10).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.leaf_hash[0], r.sealed.is_empty()))
+            .collect::<Vec<_>>(),
+        vec![(1, true), (2, true), (3, false)]
+    );
+    let found = s
+        .audit_search(&AuditQuery {
+            patient: Some(b"p1".to_vec()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        found.iter().map(|r| r.leaf_hash[0]).collect::<Vec<_>>(),
+        vec![3]
+    );
+    assert_eq!(s.audit_counts().await.unwrap(), (3, 3));
+}

@@ -155,6 +155,13 @@ enum AuditCmd {
         #[command(flatten)]
         inst: InstanceArgs,
     },
+    /// Empty the bodies of sealed records older than `[audit]
+    /// retention_days` (default six years); their leaf hashes stay, so the
+    /// log still verifies. The pruning is recorded.
+    Prune {
+        #[command(flatten)]
+        inst: InstanceArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -466,6 +473,7 @@ async fn audit_cmd(c: AuditCmd) -> Result<()> {
                                 "latest_size": latest.map(|c| c.size),
                                 "latest_time_ms": latest.map(|c| c.time_ms),
                                 "outside_checkpoints": r.external,
+                                "pruned": r.pruned,
                                 "inclusion": r.inclusion.map(|(i, size, len)| serde_json::json!({"index": i, "tree_size": size, "proof_hashes": len})),
                             })
                         );
@@ -478,6 +486,12 @@ async fn audit_cmd(c: AuditCmd) -> Result<()> {
                             r.checkpoints,
                             r.external
                         );
+                        if r.pruned > 0 {
+                            println!(
+                                "{} records pruned after retention (their leaf hashes verified)",
+                                r.pruned
+                            );
+                        }
                         if let Some((idx, size, len)) = r.inclusion {
                             println!("record is leaf {idx} of checkpoint {size} ({len}-hash inclusion proof verified)");
                         }
@@ -494,6 +508,19 @@ async fn audit_cmd(c: AuditCmd) -> Result<()> {
                     anyhow::bail!("audit log verification FAILED: {e}")
                 }
             }
+        }
+        AuditCmd::Prune { inst } => {
+            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            let n = i
+                .audit
+                .prune(chrono::Utc::now().timestamp_millis())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "{n} audit records older than {} days pruned (leaf hashes kept)",
+                i.config.audit.retention_days
+            );
+            Ok(())
         }
         AuditCmd::Checkpoint { inst } => {
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;

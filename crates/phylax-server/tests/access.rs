@@ -103,6 +103,20 @@ async fn user(
     token_for(s, u.id(), role, patient, scope, mfa_age)
 }
 
+/// A clinician linked to `practitioner`, with every `user/` scope.
+async fn clinician(s: &TestServer, name: &str, practitioner: &str) -> String {
+    user(
+        s,
+        name,
+        "clinician",
+        Some(practitioner),
+        None,
+        "user/*.cruds",
+        None,
+    )
+    .await
+}
+
 fn token_for(
     s: &TestServer,
     user_id: &str,
@@ -270,16 +284,7 @@ async fn load(s: &TestServer) {
 on_both!(care_relationships_decide_every_path);
 async fn care_relationships_decide_every_path(s: &TestServer) {
     load(s).await;
-    let a = user(
-        s,
-        "dr.a",
-        "clinician",
-        Some("pr-a"),
-        None,
-        "user/*.cruds",
-        None,
-    )
-    .await;
+    let a = clinician(s, "dr.a", "pr-a").await;
     // Reached through generalPractitioner, CareTeam and Encounter; the
     // others answer exactly like ids that do not exist.
     for p in ["pa-gp", "pa-team", "pa-enc"] {
@@ -946,26 +951,8 @@ on_both!(consents_deny_actors_purposes_and_everyone);
 async fn consents_deny_actors_purposes_and_everyone(s: &TestServer) {
     load(s).await;
     let l = loader(s);
-    let a = user(
-        s,
-        "dr.a",
-        "clinician",
-        Some("pr-a"),
-        None,
-        "user/*.cruds",
-        None,
-    )
-    .await;
-    let b = user(
-        s,
-        "dr.b",
-        "clinician",
-        Some("pr-b"),
-        None,
-        "user/*.cruds",
-        None,
-    )
-    .await;
+    let a = clinician(s, "dr.a", "pr-a").await;
+    let b = clinician(s, "dr.b", "pr-b").await;
     let res = user(s, "res", "researcher", None, None, "user/*.rs", None).await;
     let pat = user(
         s,
@@ -1454,26 +1441,8 @@ async fn detection_rules_that_need_access_data(s: &TestServer) {
         "meta": {"tag": [{"system": "http://terminology.hl7.org/CodeSystem/v3-PatientImportance", "code": "VIP"}]}})))
     .await;
     s.state.refresh_vip().await.unwrap();
-    let a = user(
-        s,
-        "dr.a",
-        "clinician",
-        Some("pr-a"),
-        None,
-        "user/*.cruds",
-        None,
-    )
-    .await;
-    let b = user(
-        s,
-        "dr.b",
-        "clinician",
-        Some("pr-b"),
-        None,
-        "user/*.cruds",
-        None,
-    )
-    .await;
+    let a = clinician(s, "dr.a", "pr-a").await;
+    let b = clinician(s, "dr.b", "pr-b").await;
     assert_eq!(alerts(s, "vip-access").await, 0);
     // A flagged record: Dr B cares for the VIP and reads the record; the
     // alert says so (once per user and patient within the window).

@@ -971,6 +971,15 @@ fn instant(ms: i64) -> String {
     phylax_server::repo::format_instant(ms)
 }
 
+/// The server's state over an instance, for commands that make the same
+/// decisions the server does (no listener, no background tasks).
+async fn app_state(inst: &InstanceArgs) -> Result<std::sync::Arc<phylax_server::http::AppState>> {
+    let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+    phylax_server::http::AppState::new(i)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+}
+
 async fn access_cmd(c: AccessCmd) -> Result<()> {
     use phylax_server::access_admin;
     match c {
@@ -1000,10 +1009,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
                 (None, Some(client_id)) => access_admin::Subject::Client { client_id },
                 _ => anyhow::bail!("give --user or --client"),
             };
-            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
-            let st = phylax_server::http::AppState::new(i)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let st = app_state(&inst).await?;
             let e = access_admin::explain(&st, &subject, &t, &id, what)
                 .await
                 .map_err(|e| match e {
@@ -1040,10 +1046,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
             dormant_days,
             json,
         } => {
-            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
-            let st = phylax_server::http::AppState::new(i)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let st = app_state(&inst).await?;
             let now = chrono::Utc::now().timestamp_millis();
             let rows = access_admin::review(&st, dormant_days, now)
                 .await
@@ -1083,10 +1086,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
             Ok(())
         }
         AccessCmd::BreakGlass(BreakGlassCmd::List { inst, all, json }) => {
-            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
-            let st = phylax_server::http::AppState::new(i)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let st = app_state(&inst).await?;
             let items = phylax_server::break_glass::queue(&st, !all)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -1133,10 +1133,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
             reviewer,
             note,
         }) => {
-            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
-            let st = phylax_server::http::AppState::new(i)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let st = app_state(&inst).await?;
             let by = phylax_server::break_glass::close(&st, &id, &reviewer, &note).await?;
             st.audit
                 .record_admin(

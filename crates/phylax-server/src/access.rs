@@ -258,8 +258,25 @@ fn compartment_of_any(
 /// operations: system integrations).
 pub const CLIENT_PURPOSE: &str = "HOPERAT";
 
+/// Most patients whose consent may deny one caller: the set becomes
+/// conditions of every query (bound parameters per compartment parameter),
+/// so a larger one is refused with a reason rather than risk a query the
+/// database cannot take. Callers limited to some patients only count the
+/// ones they reach.
+pub const MAX_DENIED: usize = 2_000;
+
 /// Compute the access of one request's caller.
 pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiError> {
+    let a = compute_access(st, who).await?;
+    if a.denied.len() > MAX_DENIED {
+        return Err(ApiError::Refused(
+            "consent: more patients' consents deny this caller than a query can carry",
+        ));
+    }
+    Ok(a)
+}
+
+async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, ApiError> {
     match who {
         Principal::Client { client_id, .. } => Ok(Access {
             reach: Reach::All,
@@ -311,6 +328,8 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
                         }
                     };
                     set.extend(emergency.iter().cloned());
+                    // Denials of patients out of reach change nothing.
+                    denied.retain(|p| set.contains(p));
                     Reach::Patients(set)
                 }
             };

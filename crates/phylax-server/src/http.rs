@@ -668,6 +668,28 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
         Ok(a) => Arc::new(a),
         Err(e) => {
             tracing::warn!(reason = ?e.denied_by(), "access could not be established; request refused");
+            // A policy refusal is recorded like any other (the caller
+            // reaches nothing while it is recorded); a failure to look the
+            // facts up is a 503 either way.
+            if let Some(rule) = e.denied_by() {
+                let ctx = RequestCtx {
+                    request_id: crate::error::request_id().unwrap_or_default(),
+                    principal,
+                    peer,
+                    access: Arc::new(phylax_auth::policy::Access {
+                        reach: phylax_auth::policy::Reach::Patients(Default::default()),
+                        labelled: false,
+                        ..phylax_auth::policy::Access::unrestricted()
+                    }),
+                };
+                let status = e.status().as_u16();
+                let refs = crate::pipeline::AuditRefs::default();
+                if let Err(a) =
+                    crate::pipeline::record(&st, &ctx, "access", refs, status, Some(rule)).await
+                {
+                    return a.into_response();
+                }
+            }
             return e.into_response();
         }
     };

@@ -1468,3 +1468,57 @@ async fn detection_rules_that_need_access_data(s: &TestServer) {
     assert_eq!(alerts(s, "own-family-name").await, 1);
     assert_eq!(alerts(s, "outside-care").await, 1);
 }
+
+/// A clinician whose care relationships exceed `access.max_reach` is
+/// refused with a reason, and the refusal is recorded.
+async fn over_max_reach_is_refused_and_recorded(s: &TestServer) {
+    load(s).await;
+    let a = clinician(s, "dr.a", "pr-a").await;
+    let (st, b) = send(s, &a, M::GET, "/Patient/pa-gp", None).await;
+    assert_eq!(st, 403, "{b}");
+    assert!(!b.to_string().contains("Sharedname"));
+    s.state.audit.flush().await.unwrap();
+    let rows = s
+        .state
+        .store
+        .audit_search(&phylax_store::AuditQuery {
+            subtype: Some("access".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ev = s.state.audit.open_row(&rows[0]).unwrap();
+    assert!(
+        ev["outcomeDesc"]
+            .as_str()
+            .unwrap()
+            .contains("denied by reach: care relationships exceed access.max_reach"),
+        "{ev}"
+    );
+    // Dr B (one patient) is unaffected.
+    let b = clinician(s, "dr.b", "pr-b").await;
+    assert_eq!(get(s, &b, "/Patient/pa-org").await, 200);
+}
+
+mod over_max_reach {
+    use super::common::{Backend, TestServer};
+    async fn server(b: Backend) -> Option<TestServer> {
+        TestServer::start_with(b, |c| {
+            c.access.max_reach = 2;
+            c.access.labelled_clients = vec!["loader".into()];
+        })
+        .await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::over_max_reach_is_refused_and_recorded(&server(Backend::Sqlite).await.unwrap())
+            .await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        if let Some(s) = server(Backend::Postgres).await {
+            super::over_max_reach_is_refused_and_recorded(&s).await;
+        }
+    }
+}

@@ -375,11 +375,15 @@ async fn user_tokens(
         }
     }
     let granted = SmartScopes::parse_request(&d.scope);
-    // fhirUser: the FHIR resource for the person. Patients have one;
-    // workforce accounts are not linked to a Practitioner yet.
+    // fhirUser: the FHIR resource for the person: a patient's Patient, a
+    // workforce user's linked Practitioner.
     let fhir_user = if granted.fhir_user {
         user.patient()
             .map(|p| format!("{}/Patient/{p}", st.fhir_base))
+            .or_else(|| {
+                user.practitioner()
+                    .map(|p| format!("{}/Practitioner/{p}", st.fhir_base))
+            })
     } else {
         None
     };

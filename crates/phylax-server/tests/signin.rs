@@ -450,7 +450,7 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
     make_patient(s, "p1").await;
     enrolled_user(s, "dr.grey", "clinician", None).await;
     let app = add_app(s, "user/*.cruds openid fhirUser offline_access", true).await;
-    let scope = "user/Patient.rs openid offline_access";
+    let scope = "user/Patient.rs openid fhirUser offline_access";
 
     // --- Sign in: the login page, wrong password, unknown user.
     let mut b = Browser::new(s);
@@ -644,7 +644,15 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
     let (st, v) = exchange(s, &good).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["token_type"], "Bearer");
-    assert_eq!(v["scope"], "openid offline_access user/Patient.rs");
+    assert_eq!(v["scope"], "openid fhirUser offline_access user/Patient.rs");
+    // The workforce user's linked Practitioner is their fhirUser (token
+    // response and id_token).
+    let practitioner = format!("{}/Practitioner/{CARE_PRACTITIONER}", s.fhir);
+    assert_eq!(v["fhirUser"], practitioner);
+    assert_eq!(
+        claims(v["id_token"].as_str().unwrap())["fhirUser"],
+        practitioner
+    );
     assert!(v["expires_in"].as_i64().unwrap() <= 600);
     let at = v["access_token"].as_str().unwrap().to_owned();
     let c = claims(&at);

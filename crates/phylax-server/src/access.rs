@@ -267,6 +267,11 @@ pub const MAX_DENIED: usize = 2_000;
 
 /// Compute the access of one request's caller.
 pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiError> {
+    // Consents that could not be reread for a while are not applied from
+    // memory: fail closed until the index is current again.
+    if !st.consents.fresh() {
+        st.consents.refresh(&st.repo).await?;
+    }
     let a = compute_access(st, who).await?;
     if a.denied.len() > MAX_DENIED {
         return Err(ApiError::Refused(

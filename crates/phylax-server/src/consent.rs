@@ -36,11 +36,18 @@ struct Index {
     loaded: bool,
 }
 
+/// How old the last successful look at the consents may be before
+/// requests are refused: a policy that cannot be read is not applied from
+/// memory indefinitely.
+pub const MAX_STALE: Duration = Duration::from_secs(15);
+
 /// The consent index (see the module doc).
 #[derive(Default)]
 pub struct Consents {
     index: parking_lot::RwLock<Arc<Index>>,
     reload: tokio::sync::Mutex<()>,
+    /// When the consents were last read or confirmed unchanged.
+    checked: parking_lot::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Consents {
@@ -74,6 +81,7 @@ impl Consents {
         let _one = self.reload.lock().await;
         let mark = newest(repo).await?;
         if self.index.read().loaded && self.index.read().mark == mark {
+            *self.checked.lock() = Some(std::time::Instant::now());
             return Ok(());
         }
         let t = consent_type()?;
@@ -109,7 +117,13 @@ impl Consents {
             }
         }
         *self.index.write() = Arc::new(idx);
+        *self.checked.lock() = Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// The index may be trusted: read or confirmed within [`MAX_STALE`].
+    pub fn fresh(&self) -> bool {
+        self.checked.lock().is_some_and(|t| t.elapsed() < MAX_STALE)
     }
 
     /// Patients whose consent denies a requester known by `refs`

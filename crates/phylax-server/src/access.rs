@@ -216,9 +216,14 @@ pub fn query_conditions(st: &AppState, access: &Access, rtype: &ResourceType) ->
         }
     }
     if !access.labelled {
-        let hashes: Vec<Vec<u8>> = restricted_labels(st)
-            .map(|(s, c)| crate::search::token_hash(key, "_security", s, c))
-            .collect();
+        let hashes = st
+            .label_hashes
+            .get_or_init(|| {
+                restricted_labels(st)
+                    .map(|(s, c)| crate::search::token_hash(key, "_security", s, c))
+                    .collect()
+            })
+            .clone();
         if !hashes.is_empty() {
             let mut group = vec![Cond::NotHash {
                 param: "_security".into(),

@@ -81,6 +81,27 @@ fn rotate(cfg: &ExportConfig) -> std::io::Result<()> {
 }
 
 impl AuditLog {
+    /// The exact leaf bytes of the record expected at tree position `pos`
+    /// (checked like any opened record), advancing `pos`; `None` for a
+    /// record pruned after retention (exported long ago). A gap in the
+    /// positions is tampering and stops the export.
+    fn export_leaf(
+        &self,
+        r: &phylax_store::AuditRow,
+        pos: &mut u64,
+    ) -> Result<Option<Vec<u8>>, AuditError> {
+        if r.leaf_index != Some(*pos) {
+            return Err(AuditError::Integrity(format!(
+                "tree position {pos} is missing"
+            )));
+        }
+        *pos += 1;
+        if r.sealed.is_empty() {
+            return Ok(None);
+        }
+        self.leaf_bytes(r).map(Some)
+    }
+
     /// Append every sealed record past the saved position to the export
     /// file. Returns how many lines were written. Each record is checked
     /// (`open_row`) before it leaves: a tampered record stops the export.
@@ -94,18 +115,10 @@ impl AuditLog {
             }
             let mut buf = Vec::with_capacity(rows.len() * 2048);
             for r in &rows {
-                if r.leaf_index != Some(pos) {
-                    return Err(AuditError::Integrity(format!(
-                        "tree position {pos} is missing"
-                    )));
+                if let Some(leaf) = self.export_leaf(r, &mut pos)? {
+                    buf.extend(leaf);
+                    buf.push(b'\n');
                 }
-                pos += 1;
-                // Pruned after retention: exported long ago.
-                if r.sealed.is_empty() {
-                    continue;
-                }
-                buf.extend(self.leaf_bytes(r)?);
-                buf.push(b'\n');
             }
             let file = cfg.file.clone();
             let cfg2 = cfg.clone();
@@ -224,20 +237,9 @@ impl AuditLog {
             }
             let mut buf = Vec::with_capacity(rows.len() * 2200);
             for r in &rows {
-                if r.leaf_index != Some(pos) {
-                    return Err(AuditError::Integrity(format!(
-                        "tree position {pos} is missing"
-                    )));
+                if let Some(leaf) = self.export_leaf(r, &mut pos)? {
+                    buf.extend(syslog_frame(&cfg.hostname, r.recorded, &leaf));
                 }
-                pos += 1;
-                if r.sealed.is_empty() {
-                    continue;
-                }
-                buf.extend(syslog_frame(
-                    &cfg.hostname,
-                    r.recorded,
-                    &self.leaf_bytes(r)?,
-                ));
             }
             tls.write_all(&buf)
                 .await

@@ -76,6 +76,10 @@ pub struct AppState {
     pub consents: crate::consent::Consents,
     /// Flagged (VIP) patients, for the `vip-access` rule.
     pub vip: crate::detect::VipSet,
+    /// The `_security` index hashes of `access.restricted_labels`
+    /// (computed once: every search by a caller without the label
+    /// permission carries them).
+    pub label_hashes: std::sync::OnceLock<Vec<Vec<u8>>>,
 }
 
 /// How often the flagged (VIP) patient list is refreshed.
@@ -149,6 +153,7 @@ impl AppState {
             care_cache: Default::default(),
             consents: Default::default(),
             vip: Default::default(),
+            label_hashes: Default::default(),
         });
         st.refresh_disabled()
             .await

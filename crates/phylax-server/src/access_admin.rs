@@ -333,6 +333,12 @@ pub async fn review(
     period_days: u32,
     now_ms: i64,
 ) -> Result<Vec<ReviewRow>, ApiError> {
+    // Usage comes from the audit log: move journaled records in first, so
+    // an access acknowledged a moment ago counts as used.
+    st.audit
+        .flush()
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let from = now_ms - i64::from(period_days) * 86_400_000;
     let mut out = Vec::new();
     let users = st

@@ -236,6 +236,17 @@ impl AuditLog {
             .map_err(AuditError::Unavailable)
     }
 
+    /// Announce that the caller will record an event soon, so that the
+    /// journal's next sync can wait for it (see
+    /// [`crate::audit_journal::Ticket`]). Drop the ticket just before
+    /// recording, or when there will be nothing to record.
+    pub fn ticket(&self) -> crate::audit_journal::Ticket {
+        match self.journal.get() {
+            Some(j) if !self.danger_off.load(std::sync::atomic::Ordering::Relaxed) => j.ticket(),
+            _ => crate::audit_journal::Ticket::none(),
+        }
+    }
+
     /// Journal records on local disk from now on (a serving node; see
     /// `audit_journal`), first moving any stopped node's journal into the
     /// database.

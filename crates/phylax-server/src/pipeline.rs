@@ -252,6 +252,9 @@ where
     Fut: Future<Output = Result<Response, ApiError>>,
 {
     let started = std::time::Instant::now();
+    // This request will (most likely) record through the journal: let its
+    // group commit wait for it.
+    let ticket = st.audit.ticket();
     let decision = decide_instance(&ctx.principal, what, rtype.map(ResourceType::as_str), id);
     let (result, denied_by) = match decision {
         Decision::Allow => (work().await, None),
@@ -316,6 +319,7 @@ where
             refs.add(t, i, None);
         }
     }
+    ticket.redeem();
     if let Err(e) = record(st, ctx, what.as_str(), refs, status, denied_by).await {
         // Fail closed: whatever the work produced is dropped unsent.
         count(503);

@@ -236,6 +236,12 @@ impl AuditLog {
             .map_err(AuditError::Unavailable)
     }
 
+    /// The journal's syncs and records since the start (`None` without a
+    /// journal).
+    pub fn journal_stats(&self) -> Option<(u64, u64)> {
+        self.journal.get().map(|j| j.stats())
+    }
+
     /// Announce that the caller will record an event soon, so that the
     /// journal's next sync can wait for it (see
     /// [`crate::audit_journal::Ticket`]). Drop the ticket just before

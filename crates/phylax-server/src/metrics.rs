@@ -175,6 +175,17 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
         }
         Err(e) => tracing::warn!(error = %e, "metrics: audit counts unavailable"),
     }
+    if let Some((syncs, records)) = st.audit.journal_stats() {
+        let _ = writeln!(out, "# HELP phylax_audit_journal_syncs_total Syncs of this node's audit journal (records per sync shows how well group commit works).");
+        let _ = writeln!(out, "# TYPE phylax_audit_journal_syncs_total counter");
+        let _ = writeln!(out, "phylax_audit_journal_syncs_total {syncs}");
+        let _ = writeln!(
+            out,
+            "# HELP phylax_audit_journal_records_total Audit records made durable by this node's journal."
+        );
+        let _ = writeln!(out, "# TYPE phylax_audit_journal_records_total counter");
+        let _ = writeln!(out, "phylax_audit_journal_records_total {records}");
+    }
     if let Ok(Some(cp)) = st.store.latest_checkpoint().await {
         let _ = writeln!(
             out,

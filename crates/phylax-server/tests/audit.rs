@@ -571,6 +571,8 @@ async fn metrics_are_protected_and_free_of_ids() {
         "phylax_auth_failures_total{kind=\"token\"} 1",
         "phylax_audit_records{state=\"sealed\"}",
         "phylax_audit_checkpoint_age_seconds",
+        "phylax_audit_journal_syncs_total",
+        "phylax_audit_journal_records_total",
         "phylax_key_age_seconds{purpose=\"checkpoint\"}",
         "phylax_key_age_seconds{purpose=\"id_token_signing\"}",
     ] {

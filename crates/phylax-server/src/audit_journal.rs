@@ -403,11 +403,12 @@ async fn index_file(store: &DynStore, path: &Path) -> Result<usize, String> {
     let rows = decode(&bytes);
     let n = rows.len();
     if !rows.is_empty() {
-        if let Err(first) = store.append_audit(rows.clone()).await {
+        if let Err(first) = store.append_audit(rows).await {
             // A replay after a crash between commit and delete: skip what
-            // is already stored, then try once more.
-            let mut fresh = Vec::with_capacity(rows.len());
-            for r in rows {
+            // is already stored, then try once more. (Decoded again rather
+            // than cloned up front: this is the rare path.)
+            let mut fresh = Vec::with_capacity(n);
+            for r in decode(&bytes) {
                 match store.audit_get(&r.event_id).await {
                     Ok(Some(_)) => {}
                     Ok(None) => fresh.push(r),

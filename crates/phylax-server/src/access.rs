@@ -279,7 +279,7 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
     }
     let a = compute_access(st, who).await?;
     if a.denied.len() > MAX_DENIED {
-        return Err(ApiError::Refused(
+        return Err(ApiError::Declined(
             "consent: more patients' consents deny this caller than a query can carry",
         ));
     }
@@ -325,6 +325,10 @@ async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, ApiErr
                     // consent naming this patient) are reached too.
                     let mut set: BTreeSet<String> = patient.iter().cloned().collect();
                     set.extend(st.consents.delegated(&refs, role.purpose, crate::now_ms()));
+                    // Denials of patients out of reach change nothing (and
+                    // must not count towards `MAX_DENIED`: other patients'
+                    // consents denying "everyone" name this patient too).
+                    denied.retain(|p| set.contains(p));
                     set.retain(|p| !denied.contains(p));
                     Reach::Patients(set)
                 }
@@ -332,7 +336,7 @@ async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, ApiErr
                     let mut set = match care_patients(st, user_id).await? {
                         Some(s) => (*s).clone(),
                         None => {
-                            return Err(ApiError::Refused(
+                            return Err(ApiError::Declined(
                                 "reach: care relationships exceed access.max_reach",
                             ))
                         }

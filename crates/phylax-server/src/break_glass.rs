@@ -189,10 +189,10 @@ async fn grant(
         ..
     } = &ctx.principal
     else {
-        return Err(ApiError::Refused("break-the-glass: users only"));
+        return Err(ApiError::Declined("break-the-glass: users only"));
     };
     if !role.break_glass {
-        return Err(ApiError::Refused(
+        return Err(ApiError::Declined(
             "break-the-glass: the role does not allow it",
         ));
     }

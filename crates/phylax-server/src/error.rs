@@ -32,6 +32,12 @@ pub enum ApiError {
     /// A write the type-level grant allows, on data outside the caller's
     /// reach (the rule goes to the audit record).
     Refused(&'static str),
+    /// The caller's access as a whole is refused (care relationships over
+    /// `access.max_reach`, more consent denials than a query can carry, a
+    /// role that may not break the glass). The reason is fixed text about
+    /// the caller, not about any resource, so the OperationOutcome states it
+    /// too: the caller (or their administrator) can act on it.
+    Declined(&'static str),
     /// A search or sort on an element the caller's role masks.
     Masked,
     UnknownType,
@@ -61,7 +67,7 @@ impl ApiError {
     /// The access rule behind a refusal, for the audit record.
     pub fn denied_by(&self) -> Option<&'static str> {
         match self {
-            ApiError::Hidden(r) | ApiError::Refused(r) => Some(r),
+            ApiError::Hidden(r) | ApiError::Refused(r) | ApiError::Declined(r) => Some(r),
             ApiError::Masked => Some("mask: search or sort on a masked element"),
             _ => None,
         }
@@ -70,7 +76,10 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden | ApiError::Refused(_) | ApiError::Masked => StatusCode::FORBIDDEN,
+            ApiError::Forbidden
+            | ApiError::Refused(_)
+            | ApiError::Declined(_)
+            | ApiError::Masked => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::Hidden(_) | ApiError::UnknownType => {
                 StatusCode::NOT_FOUND
             }
@@ -108,6 +117,7 @@ impl ApiError {
                 IssueCode::Forbidden,
                 "not permitted: the resource concerns a patient outside your access",
             ),
+            ApiError::Declined(r) => one(IssueCode::Forbidden, &format!("not permitted: {r}")),
             ApiError::UnknownType => {
                 one(IssueCode::NotSupported, "unknown resource type or endpoint")
             }

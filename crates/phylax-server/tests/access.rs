@@ -1469,6 +1469,83 @@ async fn detection_rules_that_need_access_data(s: &TestServer) {
     assert_eq!(alerts(s, "outside-care").await, 1);
 }
 
+on_both!(too_many_consent_denials_are_refused_and_recorded);
+/// A caller denied by more patients' consents than a query can carry
+/// (`access::MAX_DENIED`) is refused with a reason, recorded, rather than
+/// served without the denials or with a query the database cannot take.
+async fn too_many_consent_denials_are_refused_and_recorded(s: &TestServer) {
+    load(s).await;
+    let l = loader(s);
+    let fd = user(s, "desk", "front-desk", None, None, "user/*.rs", None).await;
+    assert_eq!(get(s, &fd, "/Patient/pa-gp").await, 200);
+    // One more patient than the limit denies every requester (one
+    // transaction: the consent index is reread once, not per consent).
+    let n = phylax_server::access::MAX_DENIED + 1;
+    let entries: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"resource": consent(&format!("cd-{i}"), &format!("pd-{i}"), json!({"type": "deny"})),
+                "request": {"method": "PUT", "url": format!("Consent/cd-{i}")}})
+        })
+        .collect();
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": entries});
+    let (st, b) = send(s, &l, M::POST, "", Some(&tx)).await;
+    assert_eq!(st, 200, "{b}");
+    // Applied within the consent poller's second (a transaction is not a
+    // Consent write of its own type).
+    let mut refused = None;
+    for _ in 0..50 {
+        let (st, b) = send(s, &fd, M::GET, "/Patient/pa-gp", None).await;
+        if st == 403 {
+            refused = Some(b);
+            break;
+        }
+        assert_eq!(st, 200);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let b = refused.expect("refused once the consents apply");
+    assert!(!b.to_string().contains("Sharedname"), "no data: {b}");
+    // The reason is about the caller, not a resource: it is stated.
+    assert!(
+        b["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("more patients' consents deny this caller"),
+        "{b}"
+    );
+    s.state.audit.flush().await.unwrap();
+    let rows = s
+        .state
+        .store
+        .audit_search(&phylax_store::AuditQuery {
+            subtype: Some("access".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ev = s.state.audit.open_row(&rows[0]).unwrap();
+    assert!(
+        ev["outcomeDesc"]
+            .as_str()
+            .unwrap()
+            .contains("more patients' consents deny this caller than a query can carry"),
+        "{ev}"
+    );
+    // A patient reaches only their own compartment: not affected.
+    let pat = user(
+        s,
+        "pat",
+        "patient",
+        None,
+        Some("pa-gp"),
+        "patient/*.rs",
+        None,
+    )
+    .await;
+    let (st, b) = send(s, &pat, M::GET, "/Patient/pa-gp", None).await;
+    assert_eq!(st, 200, "{b}");
+}
+
 /// A clinician whose care relationships exceed `access.max_reach` is
 /// refused with a reason, and the refusal is recorded.
 async fn over_max_reach_is_refused_and_recorded(s: &TestServer) {
@@ -1477,6 +1554,13 @@ async fn over_max_reach_is_refused_and_recorded(s: &TestServer) {
     let (st, b) = send(s, &a, M::GET, "/Patient/pa-gp", None).await;
     assert_eq!(st, 403, "{b}");
     assert!(!b.to_string().contains("Sharedname"));
+    assert!(
+        b["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("care relationships exceed access.max_reach"),
+        "{b}"
+    );
     s.state.audit.flush().await.unwrap();
     let rows = s
         .state

@@ -1469,6 +1469,23 @@ async fn detection_rules_that_need_access_data(s: &TestServer) {
     assert_eq!(alerts(s, "outside-care").await, 1);
 }
 
+/// The newest record of a refusal while establishing a caller's access
+/// (interaction `access`), opened.
+async fn last_access_refusal(s: &TestServer) -> Value {
+    s.state.audit.flush().await.unwrap();
+    let rows = s
+        .state
+        .store
+        .audit_search(&phylax_store::AuditQuery {
+            subtype: Some("access".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    s.state.audit.open_row(&rows[0]).unwrap()
+}
+
 on_both!(too_many_consent_denials_are_refused_and_recorded);
 /// A caller denied by more patients' consents than a query can carry
 /// (`access::MAX_DENIED`) is refused with a reason, recorded, rather than
@@ -1512,18 +1529,7 @@ async fn too_many_consent_denials_are_refused_and_recorded(s: &TestServer) {
             .contains("more patients' consents deny this caller"),
         "{b}"
     );
-    s.state.audit.flush().await.unwrap();
-    let rows = s
-        .state
-        .store
-        .audit_search(&phylax_store::AuditQuery {
-            subtype: Some("access".into()),
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let ev = s.state.audit.open_row(&rows[0]).unwrap();
+    let ev = last_access_refusal(s).await;
     assert!(
         ev["outcomeDesc"]
             .as_str()
@@ -1561,18 +1567,7 @@ async fn over_max_reach_is_refused_and_recorded(s: &TestServer) {
             .contains("care relationships exceed access.max_reach"),
         "{b}"
     );
-    s.state.audit.flush().await.unwrap();
-    let rows = s
-        .state
-        .store
-        .audit_search(&phylax_store::AuditQuery {
-            subtype: Some("access".into()),
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let ev = s.state.audit.open_row(&rows[0]).unwrap();
+    let ev = last_access_refusal(s).await;
     assert!(
         ev["outcomeDesc"]
             .as_str()

@@ -281,27 +281,19 @@ impl Builder<'_> {
                 };
                 self.has(false, format!("{sub} AND {n} IS NOT NULL AND {cmp}{unit}"))
             }
-            Cond::Ids(ids) => {
+            Cond::Ids(ids) | Cond::NotIds(ids) => {
+                let not = matches!(c, Cond::NotIds(_));
                 if ids.is_empty() {
-                    return "1 = 0".into();
+                    // No id at all: nothing matches `IN`, everything `NOT IN`.
+                    return if not { "1 = 1" } else { "1 = 0" }.into();
                 }
                 let list = ids
                     .iter()
                     .map(|i| self.bind(P::T(i.clone())))
                     .collect::<Vec<_>>()
                     .join(", ");
-                format!("r.id IN ({list})")
-            }
-            Cond::NotIds(ids) => {
-                if ids.is_empty() {
-                    return "1 = 1".into();
-                }
-                let list = ids
-                    .iter()
-                    .map(|i| self.bind(P::T(i.clone())))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                format!("r.id NOT IN ({list})")
+                let not = if not { "NOT " } else { "" };
+                format!("r.id {not}IN ({list})")
             }
             Cond::LastUpdated { op, lo, hi } => {
                 let (qlo, qhi) = self.range_bounds(*op, P::I(*lo), P::I(*hi));

@@ -607,7 +607,7 @@ async fn existing_data_is_reindexed_at_start() {
     {
         let c = rusqlite::Connection::open(s.data_dir.join("phylax.db")).unwrap();
         c.execute_batch(
-            "DELETE FROM search_index; DELETE FROM meta WHERE key = 'search_index_v1';",
+            "DELETE FROM search_entries; DELETE FROM meta WHERE key = 'search_index_v1';",
         )
         .unwrap();
     }

@@ -12,10 +12,13 @@
 //! - [`migrations`]: versioned schema, applied at start, per backend.
 //! - [`query`]: search conditions over the index table, and the SQL they
 //!   become (shared by both backends; only placeholders differ).
+//! - `params`: the small numbers index entries use for (type, parameter),
+//!   cached per store once committed.
 //!
 //! The same behavioural test suite (`tests/suite.rs`) runs against both.
 
 pub mod migrations;
+mod params;
 pub mod postgres;
 pub mod query;
 pub mod sqlite;

@@ -4,7 +4,8 @@
 //! constraint; PostgreSQL's own group commit makes concurrent commits cheap.
 
 use crate::migrations;
-use crate::query::{self, Plan, SearchQuery, P};
+use crate::params::{self, ParamIds};
+use crate::query::{self, Pids, Plan, SearchQuery, P};
 use crate::{
     AuditQuery, AuditRow, BreakGlassRecord, CheckpointRow, ClientRecord, GrantRecord, GrantUse,
     HistoryQuery, HistoryScope, IndexRow, NewAudit, NewVersion, Precondition, Result, Revocation,
@@ -18,6 +19,7 @@ use tokio_postgres::{NoTls, Row};
 
 pub struct PgStore {
     pool: Pool,
+    pids: ParamIds,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -73,17 +75,18 @@ fn row_version(r: &Row) -> StoredVersion {
 
 /// Index rows as column arrays, for `unnest` on the server side.
 struct IndexCols {
-    params: Vec<String>,
+    pids: Vec<i32>,
     hashes: Vec<Option<Vec<u8>>>,
     lo: Vec<Option<i64>>,
     hi: Vec<Option<i64>>,
     num: Vec<Option<f64>>,
 }
 
-impl From<&[IndexRow]> for IndexCols {
-    fn from(rows: &[IndexRow]) -> Self {
+impl IndexCols {
+    /// `pids[i]` is `rows[i]`'s parameter number.
+    fn new(rows: &[IndexRow], pids: Vec<i32>) -> Self {
         IndexCols {
-            params: rows.iter().map(|r| r.param.clone()).collect(),
+            pids,
             hashes: rows.iter().map(|r| r.hash.clone()).collect(),
             lo: rows.iter().map(|r| r.lo).collect(),
             hi: rows.iter().map(|r| r.hi).collect(),
@@ -99,6 +102,7 @@ fn bind(ps: Vec<P>) -> Vec<Box<dyn ToSql + Sync + Send>> {
                 P::T(t) => Box::new(t),
                 P::B(b) => Box::new(b),
                 P::I(i) => Box::new(i),
+                P::I32(i) => Box::new(i),
                 P::F(f) => Box::new(f),
             }
         })
@@ -119,6 +123,7 @@ async fn append_one<C: deadpool_postgres::GenericClient>(
     c: &C,
     v: &NewVersion,
     pre: Precondition,
+    pids: &ParamIds,
 ) -> Result<i64> {
     let st = c
         .prepare_cached(
@@ -131,7 +136,8 @@ async fn append_one<C: deadpool_postgres::GenericClient>(
         Precondition::CurrentIs(n) => Some(n as i64),
     };
     let version = v.version as i64;
-    let cols = IndexCols::from(if v.deleted { &[][..] } else { &v.index[..] });
+    let rows = if v.deleted { &[][..] } else { &v.index[..] };
+    let cols = IndexCols::new(rows, pids.pids(&v.rtype, rows)?);
     let row = c
         .query_one(
             &st,
@@ -144,7 +150,7 @@ async fn append_one<C: deadpool_postgres::GenericClient>(
                 &v.deleted,
                 &v.key_scope,
                 &v.sealed,
-                &cols.params,
+                &cols.pids,
                 &cols.hashes,
                 &cols.lo,
                 &cols.hi,
@@ -233,9 +239,41 @@ async fn insert_audit<C: deadpool_postgres::GenericClient>(c: &C, rows: &[NewAud
     Ok(())
 }
 
+/// The numbers of a query's parameters (see the SQLite backend's
+/// `resolve`): cached, else read, else `UNKNOWN` (no entries).
+async fn resolve(c: &deadpool_postgres::Client, ids: &ParamIds, q: &SearchQuery) -> Result<Pids> {
+    let mut out = Pids::new();
+    for p in params::query_params(q) {
+        let pid = match ids.get(&q.rtype, &p) {
+            Some(pid) => pid,
+            None => {
+                let st = c
+                    .prepare_cached("SELECT pid FROM search_params WHERE rtype = $1 AND param = $2")
+                    .await
+                    .map_err(pg)?;
+                match c.query_opt(&st, &[&q.rtype, &p]).await.map_err(pg)? {
+                    // Visible outside a transaction, so committed.
+                    Some(r) => {
+                        let pid: i32 = r.get(0);
+                        ids.insert(&q.rtype, &p, pid);
+                        pid
+                    }
+                    None => params::UNKNOWN,
+                }
+            }
+        };
+        out.insert(p, pid);
+    }
+    Ok(out)
+}
+
 /// Which condition group drives a search (see `query::plan`).
-async fn driver(c: &deadpool_postgres::Client, q: &SearchQuery) -> Result<Option<usize>> {
-    match query::plan(q, &|n| format!("${n}")) {
+async fn driver(
+    c: &deadpool_postgres::Client,
+    q: &SearchQuery,
+    pids: &Pids,
+) -> Result<Option<usize>> {
+    match query::plan(q, pids, &|n| format!("${n}")) {
         Plan::Lists => Ok(None),
         Plan::Driver(i) => Ok(Some(i)),
         Plan::Probe {
@@ -319,9 +357,56 @@ impl PgStore {
             .max_size(16)
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let store = PgStore { pool };
+        let store = PgStore {
+            pool,
+            pids: ParamIds::default(),
+        };
         store.migrate(schema).await?;
+        let c = store.pool.get().await.map_err(pool_err)?;
+        for r in c
+            .query("SELECT pid, rtype, param FROM search_params", &[])
+            .await
+            .map_err(pg)?
+        {
+            store
+                .pids
+                .insert(r.get::<_, &str>(1), r.get::<_, &str>(2), r.get(0));
+        }
+        drop(c);
         Ok(store)
+    }
+
+    /// Give every parameter of these versions' entries a number, committed
+    /// (on its own pooled connection, outside any transaction) before the
+    /// entries that use it; see `params`. Nodes racing to register the
+    /// same parameter both read the one row that won.
+    async fn intern<'a>(
+        &self,
+        versions: impl IntoIterator<Item = (&'a str, &'a [IndexRow])>,
+    ) -> Result<()> {
+        let missing = self.pids.missing(versions);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let c = self.pool.get().await.map_err(pool_err)?;
+        for (rtype, param) in missing {
+            c.execute(
+                "INSERT INTO search_params (rtype, param) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&rtype, &param],
+            )
+            .await
+            .map_err(pg)?;
+            let pid: i32 = c
+                .query_one(
+                    "SELECT pid FROM search_params WHERE rtype = $1 AND param = $2",
+                    &[&rtype, &param],
+                )
+                .await
+                .map_err(pg)?
+                .get(0);
+            self.pids.insert(&rtype, &param, pid);
+        }
+        Ok(())
     }
 
     async fn migrate(&self, schema: Option<&str>) -> Result<()> {
@@ -437,12 +522,13 @@ impl Store for PgStore {
         pre: Precondition,
         audit: Vec<NewAudit>,
     ) -> Result<i64> {
+        self.intern([(v.rtype.as_str(), &v.index[..])]).await?;
         let mut c = self.pool.get().await.map_err(pool_err)?;
         if audit.is_empty() {
-            return append_one(&c, &v, pre).await;
+            return append_one(&c, &v, pre, &self.pids).await;
         }
         let tx = c.transaction().await.map_err(pg)?;
-        let seq = append_one(&tx, &v, pre).await?;
+        let seq = append_one(&tx, &v, pre, &self.pids).await?;
         insert_audit(&tx, &audit).await?;
         tx.commit().await.map_err(pg)?;
         Ok(seq)
@@ -453,6 +539,8 @@ impl Store for PgStore {
         vs: Vec<(NewVersion, Precondition)>,
         audit: Vec<NewAudit>,
     ) -> Result<Vec<i64>> {
+        self.intern(vs.iter().map(|(v, _)| (v.rtype.as_str(), &v.index[..])))
+            .await?;
         let mut c = self.pool.get().await.map_err(pool_err)?;
         let tx = c.transaction().await.map_err(pg)?;
         // Lock rows in a fixed order so that two transactions touching the
@@ -463,7 +551,7 @@ impl Store for PgStore {
         for i in order {
             let (v, pre) = &vs[i];
             // An error drops `tx`, which rolls everything back.
-            seqs[i] = append_one(&tx, v, *pre).await?;
+            seqs[i] = append_one(&tx, v, *pre, &self.pids).await?;
         }
         insert_audit(&tx, &audit).await?;
         tx.commit().await.map_err(pg)?;
@@ -568,8 +656,16 @@ impl Store for PgStore {
 
     async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>> {
         let c = self.pool.get().await.map_err(pool_err)?;
-        let driver = driver(&c, q).await?;
-        let (sql, ps) = query::build(q, &|n| format!("${n}"), &prefixed_cols(), false, driver);
+        let pids = resolve(&c, &self.pids, q).await?;
+        let driver = driver(&c, q, &pids).await?;
+        let (sql, ps) = query::build(
+            q,
+            &pids,
+            &|n| format!("${n}"),
+            &prefixed_cols(),
+            false,
+            driver,
+        );
         let st = c.prepare_cached(&sql).await.map_err(pg)?;
         let owned = bind(ps);
         let refs: Vec<&(dyn ToSql + Sync)> =
@@ -580,8 +676,9 @@ impl Store for PgStore {
 
     async fn search_count(&self, q: &SearchQuery) -> Result<u64> {
         let c = self.pool.get().await.map_err(pool_err)?;
-        let driver = driver(&c, q).await?;
-        let (sql, ps) = query::build(q, &|n| format!("${n}"), "", true, driver);
+        let pids = resolve(&c, &self.pids, q).await?;
+        let driver = driver(&c, q, &pids).await?;
+        let (sql, ps) = query::build(q, &pids, &|n| format!("${n}"), "", true, driver);
         let owned = bind(ps);
         let refs: Vec<&(dyn ToSql + Sync)> =
             owned.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
@@ -590,20 +687,31 @@ impl Store for PgStore {
     }
 
     async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()> {
+        self.intern([(rtype, &rows[..])]).await?;
+        let cols = IndexCols::new(&rows, self.pids.pids(rtype, &rows)?);
         let mut c = self.pool.get().await.map_err(pool_err)?;
         let tx = c.transaction().await.map_err(pg)?;
+        // The resource's current version, locked against a concurrent
+        // append; no such resource: nothing to index.
+        let Some(row) = tx
+            .query_opt(
+                "SELECT seq FROM resources WHERE rtype = $1 AND id = $2 FOR UPDATE",
+                &[&rtype, &id],
+            )
+            .await
+            .map_err(pg)?
+        else {
+            return Ok(());
+        };
+        let seq: i64 = row.get(0);
+        tx.execute("DELETE FROM search_entries WHERE seq = $1", &[&seq])
+            .await
+            .map_err(pg)?;
         tx.execute(
-            "DELETE FROM search_index WHERE rtype = $1 AND id = $2",
-            &[&rtype, &id],
-        )
-        .await
-        .map_err(pg)?;
-        let cols = IndexCols::from(&rows[..]);
-        tx.execute(
-            "INSERT INTO search_index (rtype, id, param, hash, lo, hi, num) \
-             SELECT $1, $2, u.param, u.hash, u.lo, u.hi, u.num \
-             FROM unnest($3::text[], $4::bytea[], $5::bigint[], $6::bigint[], $7::float8[]) AS u(param, hash, lo, hi, num)",
-            &[&rtype, &id, &cols.params, &cols.hashes, &cols.lo, &cols.hi, &cols.num],
+            "INSERT INTO search_entries (seq, pid, hash, lo, hi, num) \
+             SELECT $1, u.pid, u.hash, u.lo, u.hi, u.num \
+             FROM unnest($2::int4[], $3::bytea[], $4::bigint[], $5::bigint[], $6::float8[]) AS u(pid, hash, lo, hi, num)",
+            &[&seq, &cols.pids, &cols.hashes, &cols.lo, &cols.hi, &cols.num],
         )
         .await
         .map_err(pg)?;

@@ -10,7 +10,8 @@
 //! connections on blocking threads (WAL readers never block the writer).
 
 use crate::migrations;
-use crate::query::{self, Plan, SearchQuery, P};
+use crate::params::{self, ParamIds};
+use crate::query::{self, Pids, Plan, SearchQuery, P};
 use crate::{
     AuditQuery, AuditRow, BreakGlassRecord, CheckpointRow, ClientRecord, GrantRecord, GrantUse,
     HistoryQuery, HistoryScope, IndexRow, NewAudit, NewVersion, Precondition, Result, Revocation,
@@ -36,6 +37,7 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Job>,
     readers: Arc<Mutex<Vec<Connection>>>,
     read_permits: Arc<Semaphore>,
+    pids: Arc<ParamIds>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -158,15 +160,17 @@ fn row_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredVersion> {
     })
 }
 
-fn append_one(c: &Connection, v: NewVersion, pre: Precondition) -> Result<i64> {
-    let current: Option<i64> = c
+/// Append a version; `pids` are the numbers of `v.index`'s parameters.
+fn append_one(c: &Connection, v: NewVersion, pre: Precondition, pids: &[i32]) -> Result<i64> {
+    let found: Option<(i64, i64)> = c
         .query_row(
-            "SELECT version FROM resources WHERE rtype = ?1 AND id = ?2",
+            "SELECT version, seq FROM resources WHERE rtype = ?1 AND id = ?2",
             params![v.rtype, v.id],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()
         .map_err(backend)?;
+    let current = found.map(|(version, _)| version);
     // A deleted id keeps its row (tombstone), so ids are never reused
     // with version 1 again; `Absent` means never used.
     let ok = match (pre, current) {
@@ -193,8 +197,8 @@ fn append_one(c: &Connection, v: NewVersion, pre: Precondition) -> Result<i64> {
             params![v.rtype, v.id, v.version as i64, seq, v.deleted as i64],
         )
         .map_err(backend)?;
-    let rows = if v.deleted { Vec::new() } else { v.index };
-    replace_index(c, &v.rtype, &v.id, &rows)?;
+    let rows = if v.deleted { &[][..] } else { &v.index[..] };
+    replace_index(c, found.map(|(_, old)| old), seq, pids, rows)?;
     Ok(seq)
 }
 
@@ -212,6 +216,26 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))??;
+        let pids = Arc::new(ParamIds::default());
+        let known = {
+            let mut st = conn
+                .prepare("SELECT pid, rtype, param FROM search_params")
+                .map_err(backend)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, i32>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(backend)?
+        };
+        for (pid, rtype, param) in known {
+            pids.insert(&rtype, &param, pid);
+        }
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("phylax-sqlite-writer".into())
@@ -222,7 +246,47 @@ impl SqliteStore {
             writer: tx,
             readers: Arc::new(Mutex::new(Vec::new())),
             read_permits: Arc::new(Semaphore::new(READERS)),
+            pids,
         })
+    }
+
+    /// Give every parameter of these versions' entries a number, each in
+    /// its own committed write before the entries that use it (see
+    /// `params`: a number is cached only once committed).
+    async fn intern<'a>(
+        &self,
+        versions: impl IntoIterator<Item = (&'a str, &'a [IndexRow])>,
+    ) -> Result<()> {
+        let missing = self.pids.missing(versions);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let got = self
+            .write(move |c| {
+                let mut out = Vec::with_capacity(missing.len());
+                for (rtype, param) in missing {
+                    c.execute(
+                        "INSERT INTO search_params (rtype, param) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                        params![rtype, param],
+                    )
+                    .map_err(backend)?;
+                    let pid: i32 = c
+                        .query_row(
+                            "SELECT pid FROM search_params WHERE rtype = ?1 AND param = ?2",
+                            params![rtype, param],
+                            |r| r.get(0),
+                        )
+                        .map_err(backend)?;
+                    out.push((rtype, param, pid));
+                }
+                Ok(out)
+            })
+            .await?;
+        // Committed: `write` answers only after the commit is durable.
+        for (rtype, param, pid) in got {
+            self.pids.insert(&rtype, &param, pid);
+        }
+        Ok(())
     }
 
     /// Run `f` inside the next group commit; its result is delivered only
@@ -381,8 +445,10 @@ impl Store for SqliteStore {
         pre: Precondition,
         audit: Vec<NewAudit>,
     ) -> Result<i64> {
+        self.intern([(v.rtype.as_str(), &v.index[..])]).await?;
+        let pids = self.pids.pids(&v.rtype, &v.index)?;
         self.write(move |c| {
-            let seq = append_one(c, v, pre)?;
+            let seq = append_one(c, v, pre, &pids)?;
             insert_audit(c, &audit)?;
             Ok(seq)
         })
@@ -394,11 +460,17 @@ impl Store for SqliteStore {
         vs: Vec<(NewVersion, Precondition)>,
         audit: Vec<NewAudit>,
     ) -> Result<Vec<i64>> {
+        self.intern(vs.iter().map(|(v, _)| (v.rtype.as_str(), &v.index[..])))
+            .await?;
+        let pids = vs
+            .iter()
+            .map(|(v, _)| self.pids.pids(&v.rtype, &v.index))
+            .collect::<Result<Vec<_>>>()?;
         // One write job: its SAVEPOINT rolls every append back if any fails.
         self.write(move |c| {
             let mut out = Vec::with_capacity(vs.len());
-            for (v, pre) in vs {
-                out.push(append_one(c, v, pre)?);
+            for ((v, pre), pids) in vs.into_iter().zip(pids) {
+                out.push(append_one(c, v, pre, &pids)?);
             }
             insert_audit(c, &audit)?;
             Ok(out)
@@ -505,9 +577,18 @@ impl Store for SqliteStore {
 
     async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>> {
         let q = q.clone();
+        let ids = self.pids.clone();
         self.read(move |c| {
-            let driver = driver(c, &q)?;
-            let (sql, ps) = query::build(&q, &|n| format!("?{n}"), &prefixed_cols(), false, driver);
+            let pids = resolve(c, &ids, &q)?;
+            let driver = driver(c, &q, &pids)?;
+            let (sql, ps) = query::build(
+                &q,
+                &pids,
+                &|n| format!("?{n}"),
+                &prefixed_cols(),
+                false,
+                driver,
+            );
             let mut st = c.prepare_cached(&sql).map_err(backend)?;
             let rows = st
                 .query_map(rusqlite::params_from_iter(bind(ps)), row_version)
@@ -519,9 +600,11 @@ impl Store for SqliteStore {
 
     async fn search_count(&self, q: &SearchQuery) -> Result<u64> {
         let q = q.clone();
+        let ids = self.pids.clone();
         self.read(move |c| {
-            let driver = driver(c, &q)?;
-            let (sql, ps) = query::build(&q, &|n| format!("?{n}"), "", true, driver);
+            let pids = resolve(c, &ids, &q)?;
+            let driver = driver(c, &q, &pids)?;
+            let (sql, ps) = query::build(&q, &pids, &|n| format!("?{n}"), "", true, driver);
             c.query_row(&sql, rusqlite::params_from_iter(bind(ps)), |r| {
                 r.get::<_, i64>(0)
             })
@@ -532,9 +615,25 @@ impl Store for SqliteStore {
     }
 
     async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()> {
+        self.intern([(rtype, &rows[..])]).await?;
+        let pids = self.pids.pids(rtype, &rows)?;
         let (rtype, id) = (rtype.to_owned(), id.to_owned());
-        self.write(move |c| replace_index(c, &rtype, &id, &rows))
-            .await
+        self.write(move |c| {
+            let seq: Option<i64> = c
+                .query_row(
+                    "SELECT seq FROM resources WHERE rtype = ?1 AND id = ?2",
+                    params![rtype, id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            // No such resource: nothing to index.
+            match seq {
+                Some(seq) => replace_index(c, Some(seq), seq, &pids, &rows),
+                None => Ok(()),
+            }
+        })
+        .await
     }
 
     async fn add_client(&self, cl: &ClientRecord) -> Result<()> {
@@ -1133,20 +1232,29 @@ fn insert_audit(c: &Connection, rows: &[NewAudit]) -> Result<()> {
 /// Rows per multi-row INSERT when replacing index entries.
 const INDEX_CHUNK: usize = 64;
 
-/// Replace a resource's index entries (inside the caller's transaction).
-fn replace_index(c: &Connection, rtype: &str, id: &str, rows: &[IndexRow]) -> Result<()> {
+/// Replace a resource's index entries (inside the caller's transaction):
+/// those filed under `old` (the version being superseded; `None` for a
+/// first version, which has none) by `rows` under `seq`, the new current
+/// version. `pids[i]` is `rows[i]`'s parameter number.
+fn replace_index(
+    c: &Connection,
+    old: Option<i64>,
+    seq: i64,
+    pids: &[i32],
+    rows: &[IndexRow],
+) -> Result<()> {
     use rusqlite::types::Value as V;
-    c.execute(
-        "DELETE FROM search_index WHERE rtype = ?1 AND id = ?2",
-        params![rtype, id],
-    )
-    .map_err(backend)?;
-    for chunk in rows.chunks(INDEX_CHUNK) {
+    if let Some(old) = old {
+        c.prepare_cached("DELETE FROM search_entries WHERE seq = ?1")
+            .and_then(|mut st| st.execute(params![old]))
+            .map_err(backend)?;
+    }
+    for (chunk, pids) in rows.chunks(INDEX_CHUNK).zip(pids.chunks(INDEX_CHUNK)) {
         let placeholders = (0..chunk.len())
             .map(|i| {
-                let b = i * 5 + 3;
+                let b = i * 5 + 2;
                 format!(
-                    "(?1, ?2, ?{}, ?{}, ?{}, ?{}, ?{})",
+                    "(?1, ?{}, ?{}, ?{}, ?{}, ?{})",
                     b,
                     b + 1,
                     b + 2,
@@ -1157,11 +1265,11 @@ fn replace_index(c: &Connection, rtype: &str, id: &str, rows: &[IndexRow]) -> Re
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
-            "INSERT INTO search_index (rtype, id, param, hash, lo, hi, num) VALUES {placeholders}"
+            "INSERT INTO search_entries (seq, pid, hash, lo, hi, num) VALUES {placeholders}"
         );
-        let mut vals: Vec<V> = vec![V::Text(rtype.to_owned()), V::Text(id.to_owned())];
-        for r in chunk {
-            vals.push(V::Text(r.param.clone()));
+        let mut vals: Vec<V> = vec![V::Integer(seq)];
+        for (r, pid) in chunk.iter().zip(pids) {
+            vals.push(V::Integer(i64::from(*pid)));
             vals.push(r.hash.clone().map_or(V::Null, V::Blob));
             vals.push(r.lo.map_or(V::Null, V::Integer));
             vals.push(r.hi.map_or(V::Null, V::Integer));
@@ -1174,9 +1282,37 @@ fn replace_index(c: &Connection, rtype: &str, id: &str, rows: &[IndexRow]) -> Re
     Ok(())
 }
 
+/// The numbers of a query's parameters: from the cache, else from the
+/// table (another process may have registered one since this store
+/// opened); a parameter never registered has no entries (`UNKNOWN`).
+fn resolve(c: &Connection, ids: &ParamIds, q: &SearchQuery) -> Result<Pids> {
+    let mut out = Pids::new();
+    for p in params::query_params(q) {
+        let pid = match ids.get(&q.rtype, &p) {
+            Some(pid) => pid,
+            None => {
+                let found: Option<i32> = c
+                    .prepare_cached("SELECT pid FROM search_params WHERE rtype = ?1 AND param = ?2")
+                    .and_then(|mut st| st.query_row(params![q.rtype, p], |r| r.get(0)).optional())
+                    .map_err(backend)?;
+                match found {
+                    // Visible to this reader, so committed.
+                    Some(pid) => {
+                        ids.insert(&q.rtype, &p, pid);
+                        pid
+                    }
+                    None => params::UNKNOWN,
+                }
+            }
+        };
+        out.insert(p, pid);
+    }
+    Ok(out)
+}
+
 /// Which condition group drives a search (see `query::plan`).
-fn driver(c: &Connection, q: &SearchQuery) -> Result<Option<usize>> {
-    match query::plan(q, &|n| format!("?{n}")) {
+fn driver(c: &Connection, q: &SearchQuery, pids: &Pids) -> Result<Option<usize>> {
+    match query::plan(q, pids, &|n| format!("?{n}")) {
         Plan::Lists => Ok(None),
         Plan::Driver(i) => Ok(Some(i)),
         Plan::Probe {
@@ -1201,6 +1337,7 @@ fn bind(p: Vec<P>) -> Vec<rusqlite::types::Value> {
             P::T(t) => V::Text(t),
             P::B(b) => V::Blob(b),
             P::I(i) => V::Integer(i),
+            P::I32(i) => V::Integer(i64::from(i)),
             P::F(f) => V::Real(f),
         })
         .collect()
@@ -1282,4 +1419,91 @@ fn row_break_glass(r: &rusqlite::Row<'_>) -> rusqlite::Result<BreakGlassRecord> 
         reviewer: r.get(6)?,
         review_sealed: r.get(7)?,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use crate::query::{Cond, RangeOp};
+
+    /// SQLite's plan for a query: one line per step.
+    fn plan_of(c: &Connection, q: &SearchQuery, pids: &Pids, driver: Option<usize>) -> String {
+        let (sql, ps) = query::build(
+            q,
+            pids,
+            &|n| format!("?{n}"),
+            &prefixed_cols(),
+            false,
+            driver,
+        );
+        let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = st
+            .query_map(rusqlite::params_from_iter(bind(ps)), |r| {
+                r.get::<_, String>(3)
+            })
+            .unwrap();
+        rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("\n")
+    }
+
+    /// Selective searches are index lookups from end to end: the driving
+    /// group comes from the hash index alone, each candidate is found by
+    /// its `seq`, every other condition is a point probe of that
+    /// candidate's entries, and nothing is scanned. The planner statistics
+    /// are fixed (migrations 3 and 10), so this plan is the one every
+    /// database gets, whatever its size.
+    #[test]
+    fn selective_searches_are_driven_from_the_hash_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut c = open_conn(&path).unwrap();
+        migrate(&mut c).unwrap();
+        drop(c);
+        // A new connection reads the statistics the migrations wrote.
+        let c = open_conn(&path).unwrap();
+        let pids: Pids = [("family", 1), ("subject", 2), ("code", 3), ("date", 4)]
+            .map(|(p, n)| (p.to_owned(), n))
+            .into();
+        let hash = |p: &str| Cond::Hash {
+            param: p.into(),
+            hashes: vec![vec![1; 16]],
+        };
+        let family = SearchQuery {
+            rtype: "Patient".into(),
+            and: vec![vec![hash("family")]],
+            before_seq: None,
+            limit: 20,
+        };
+        let plan = plan_of(&c, &family, &pids, Some(0));
+        assert!(
+            plan.contains("SEARCH i USING COVERING INDEX search_entries_hash (pid=? AND hash=?)")
+                && plan.contains("SEARCH r USING INDEX resources_seq (seq=?)")
+                && !plan.contains("SCAN"),
+            "{plan}"
+        );
+        let weights = SearchQuery {
+            rtype: "Observation".into(),
+            and: vec![
+                vec![hash("subject")],
+                vec![hash("code")],
+                vec![Cond::Range {
+                    param: "date".into(),
+                    op: RangeOp::Lt,
+                    lo: 1,
+                    hi: 2,
+                    hashes: None,
+                }],
+            ],
+            before_seq: None,
+            limit: 20,
+        };
+        let plan = plan_of(&c, &weights, &pids, Some(0));
+        assert!(
+            plan.contains(
+                "SEARCH i USING COVERING INDEX search_entries_hash (pid=? AND hash=? AND seq=?)"
+            ) && plan.contains("SEARCH i USING INDEX search_entries_seq (seq=? AND pid=?)")
+                && !plan.contains("SCAN"),
+            "{plan}"
+        );
+    }
 }

@@ -13,6 +13,8 @@ use std::sync::Arc;
 struct Fixture {
     store: DynStore,
     _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL schema, for a second store on the same database.
+    schema: Option<String>,
 }
 
 async fn sqlite() -> Fixture {
@@ -21,6 +23,7 @@ async fn sqlite() -> Fixture {
     Fixture {
         store: Arc::new(store),
         _dir: Some(dir),
+        schema: None,
     }
 }
 
@@ -40,6 +43,7 @@ async fn postgres() -> Option<Fixture> {
     Some(Fixture {
         store: Arc::new(store),
         _dir: None,
+        schema: Some(schema),
     })
 }
 
@@ -1308,4 +1312,277 @@ async fn audit_prune_empties_only_old_sealed_bodies(s: &DynStore) {
         vec![3]
     );
     assert_eq!(s.audit_counts().await.unwrap(), (3, 3));
+}
+
+/// The ids a search of `rtype` finds, sorted.
+async fn found(s: &DynStore, rtype: &str, and: Vec<Vec<Cond>>) -> Vec<String> {
+    let q = SearchQuery {
+        rtype: rtype.into(),
+        and,
+        before_seq: None,
+        limit: 100,
+    };
+    let mut out: Vec<String> = s
+        .search(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    out.sort();
+    out
+}
+
+fn code(x: &[u8]) -> Cond {
+    Cond::Hash {
+        param: "code".into(),
+        hashes: vec![x.to_vec()],
+    }
+}
+
+/// Entries name their parameter by a number per (type, parameter)
+/// (`params.rs`): a parameter nobody registered yet matches nothing (and
+/// its negations everything), the same code on another type is another
+/// parameter, and a number another node registered is found without a
+/// restart. `a` and `b` are two stores on one database.
+async fn parameter_numbers_per_type_and_across_nodes(a: &DynStore, b: &DynStore) {
+    a.append_version(
+        nv("Observation", "o1", 1, 1, b"x"),
+        Precondition::Absent,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert!(found(a, "Observation", vec![vec![code(b"A")]])
+        .await
+        .is_empty());
+    let not_a = || Cond::NotHash {
+        param: "code".into(),
+        hashes: vec![b"A".to_vec()],
+    };
+    assert_eq!(
+        found(a, "Observation", vec![vec![not_a()]]).await,
+        vec!["o1"]
+    );
+    let missing = Cond::Missing {
+        param: "code".into(),
+        missing: true,
+    };
+    assert_eq!(
+        found(a, "Observation", vec![vec![missing]]).await,
+        vec!["o1"]
+    );
+    // Patient.code registered through `b`: not an Observation entry.
+    b.append_version(
+        with_index(nv("Patient", "p1", 1, 2, b"x"), vec![h("code", b"A")]),
+        Precondition::Absent,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert!(found(a, "Observation", vec![vec![code(b"A")]])
+        .await
+        .is_empty());
+    assert_eq!(
+        found(a, "Patient", vec![vec![code(b"A")]]).await,
+        vec!["p1"]
+    );
+    // Observation.code registered through `b`, searched through `a`, which
+    // has already looked the parameter up once and found nothing.
+    b.append_version(
+        with_index(nv("Observation", "o2", 1, 3, b"x"), vec![h("code", b"A")]),
+        Precondition::Absent,
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        found(a, "Observation", vec![vec![code(b"A")]]).await,
+        vec!["o2"]
+    );
+    assert_eq!(
+        found(a, "Observation", vec![vec![not_a()]]).await,
+        vec!["o1"]
+    );
+    // A new version replaces its entries; `a` writes with the number `b` made.
+    a.append_version(
+        with_index(nv("Observation", "o2", 2, 4, b"y"), vec![h("code", b"B")]),
+        Precondition::CurrentIs(1),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert!(found(b, "Observation", vec![vec![code(b"A")]])
+        .await
+        .is_empty());
+    assert_eq!(
+        found(b, "Observation", vec![vec![code(b"B")]]).await,
+        vec!["o2"]
+    );
+    // Reindexing one resource replaces its entries too.
+    b.set_index("Observation", "o1", vec![h("code", b"B")])
+        .await
+        .unwrap();
+    assert_eq!(
+        found(a, "Observation", vec![vec![code(b"B")]]).await,
+        vec!["o1", "o2"]
+    );
+    // Reindexing an id that does not exist stores nothing.
+    a.set_index("Observation", "nope", vec![h("code", b"B")])
+        .await
+        .unwrap();
+    assert_eq!(
+        found(b, "Observation", vec![vec![code(b"B")]]).await,
+        vec!["o1", "o2"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameter_numbers_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let a: DynStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let b: DynStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    parameter_numbers_per_type_and_across_nodes(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameter_numbers_postgres() {
+    let Some(f) = postgres().await else { return };
+    let url = std::env::var("PHYLAX_TEST_DATABASE_URL").unwrap();
+    let schema = f.schema.clone().unwrap();
+    let b: DynStore = Arc::new(PgStore::connect(&url, Some(&schema)).await.unwrap());
+    parameter_numbers_per_type_and_across_nodes(&f.store, &b).await;
+}
+
+/// A database written before search entries were compact (text type, id
+/// and parameter per entry) is converted at start: its entries still
+/// answer, and the next version replaces them. Rows are written as that
+/// schema stored them: o1 at version 2 (seq 2), o2 at version 1 (seq 3).
+async fn old_entries_answer_after_migration(s: &DynStore) {
+    assert_eq!(
+        found(s, "Observation", vec![vec![code(b"A")]]).await,
+        vec!["o1"]
+    );
+    assert_eq!(
+        found(s, "Observation", vec![vec![code(b"B")]]).await,
+        vec!["o2"]
+    );
+    let before = Cond::Range {
+        param: "date".into(),
+        op: RangeOp::Lt,
+        lo: 150,
+        hi: 151,
+        hashes: None,
+    };
+    assert_eq!(
+        found(s, "Observation", vec![vec![before]]).await,
+        vec!["o1"]
+    );
+    let value = Cond::Num {
+        param: "value".into(),
+        op: NumOp::Gt,
+        lo: 4.0,
+        hi: 4.5,
+        hashes: None,
+    };
+    assert_eq!(found(s, "Observation", vec![vec![value]]).await, vec!["o2"]);
+    s.append_version(
+        with_index(nv("Observation", "o1", 3, 9, b"z"), vec![h("code", b"B")]),
+        Precondition::CurrentIs(2),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert!(found(s, "Observation", vec![vec![code(b"A")]])
+        .await
+        .is_empty());
+    assert_eq!(
+        found(s, "Observation", vec![vec![code(b"B")]]).await,
+        vec!["o1", "o2"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_entries_migrate_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+        )
+        .unwrap();
+        for (v, sql) in migrations::SQLITE.iter().filter(|(v, _)| *v < 10) {
+            c.execute_batch(sql).unwrap();
+            c.execute(
+                "INSERT INTO schema_migrations VALUES (?1, 0)",
+                rusqlite::params![v],
+            )
+            .unwrap();
+        }
+        c.execute_batch(
+            "INSERT INTO resource_versions (seq, rtype, id, version, last_updated, deleted, key_scope, body) VALUES
+                (1, 'Observation', 'o1', 1, 1, 0, 'tenant', X'00'),
+                (2, 'Observation', 'o1', 2, 2, 0, 'tenant', X'00'),
+                (3, 'Observation', 'o2', 1, 3, 0, 'tenant', X'00');
+             INSERT INTO resources (rtype, id, version, seq, deleted) VALUES
+                ('Observation', 'o1', 2, 2, 0), ('Observation', 'o2', 1, 3, 0);
+             INSERT INTO search_index (rtype, id, param, hash, lo, hi, num) VALUES
+                ('Observation', 'o1', 'code', X'41', NULL, NULL, NULL),
+                ('Observation', 'o1', 'date', NULL, 100, 200, NULL),
+                ('Observation', 'o2', 'code', X'42', NULL, NULL, NULL),
+                ('Observation', 'o2', 'value', NULL, NULL, NULL, 5.0);",
+        )
+        .unwrap();
+    }
+    let s: DynStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    old_entries_answer_after_migration(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_entries_migrate_postgres() {
+    let Ok(url) = std::env::var("PHYLAX_TEST_DATABASE_URL") else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true needs PostgreSQL"
+        );
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.batch_execute(&format!(
+        "CREATE SCHEMA {schema}; SET search_path = {schema};
+         CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());"
+    ))
+    .await
+    .unwrap();
+    for (v, sql) in migrations::POSTGRES.iter().filter(|(v, _)| *v < 11) {
+        c.batch_execute(sql).await.unwrap();
+        c.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[v])
+            .await
+            .unwrap();
+    }
+    c.batch_execute(
+        "INSERT INTO resource_versions (seq, rtype, id, version, last_updated, deleted, key_scope, body) VALUES
+            (1, 'Observation', 'o1', 1, 1, false, 'tenant', '\\x00'),
+            (2, 'Observation', 'o1', 2, 2, false, 'tenant', '\\x00'),
+            (3, 'Observation', 'o2', 1, 3, false, 'tenant', '\\x00');
+         SELECT setval('resource_versions_seq_seq', 3);
+         INSERT INTO resources (rtype, id, version, seq, deleted) VALUES
+            ('Observation', 'o1', 2, 2, false), ('Observation', 'o2', 1, 3, false);
+         INSERT INTO search_index (rtype, id, param, hash, lo, hi, num) VALUES
+            ('Observation', 'o1', 'code', '\\x41', NULL, NULL, NULL),
+            ('Observation', 'o1', 'date', NULL, 100, 200, NULL),
+            ('Observation', 'o2', 'code', '\\x42', NULL, NULL, NULL),
+            ('Observation', 'o2', 'value', NULL, NULL, NULL, 5.0);",
+    )
+    .await
+    .unwrap();
+    let s: DynStore = Arc::new(PgStore::connect(&url, Some(&schema)).await.unwrap());
+    old_entries_answer_after_migration(&s).await;
 }

@@ -695,7 +695,7 @@ impl Store for PgStore {
         // append; no such resource: nothing to index.
         let Some(row) = tx
             .query_opt(
-                "SELECT seq FROM resources WHERE rtype = $1 AND id = $2 FOR UPDATE",
+                "SELECT seq, deleted FROM resources WHERE rtype = $1 AND id = $2 FOR UPDATE",
                 &[&rtype, &id],
             )
             .await
@@ -707,6 +707,11 @@ impl Store for PgStore {
         tx.execute("DELETE FROM search_entries WHERE seq = $1", &[&seq])
             .await
             .map_err(pg)?;
+        // A deleted resource keeps no entries (searches rely on entries
+        // naming only live versions).
+        if row.get::<_, bool>(1) {
+            return tx.commit().await.map_err(pg);
+        }
         tx.execute(
             "INSERT INTO search_entries (seq, pid, hash, lo, hi, num) \
              SELECT $1, u.pid, u.hash, u.lo, u.hi, u.num \

@@ -86,6 +86,22 @@ pub enum Cond {
     Never,
 }
 
+impl Cond {
+    /// Only a resource with a matching index entry can satisfy this.
+    fn needs_entry(&self) -> bool {
+        match self {
+            Cond::Hash { hashes, .. } => !hashes.is_empty(),
+            Cond::Missing { missing, .. } => !missing,
+            Cond::Range { .. } | Cond::Num { .. } => true,
+            Cond::NotHash { .. }
+            | Cond::Ids(_)
+            | Cond::NotIds(_)
+            | Cond::LastUpdated { .. }
+            | Cond::Never => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SearchQuery {
     pub rtype: String,
@@ -118,6 +134,9 @@ struct Builder<'a> {
     correlated: bool,
     /// PostgreSQL (`$n` placeholders) rather than SQLite (`?n`).
     pg: bool,
+    /// The alias conditions name the candidate row by: `r` (`resources`)
+    /// or, when the query reads versions alone, `v` (see `build`).
+    row: &'static str,
 }
 
 impl Builder<'_> {
@@ -177,7 +196,10 @@ impl Builder<'_> {
             .unwrap_or(crate::params::UNKNOWN);
         let p = self.bind(P::I32(pid));
         if self.correlated {
-            return format!("SELECT 1 FROM search_entries i WHERE i.seq = r.seq AND i.pid = {p}");
+            let row = self.row;
+            return format!(
+                "SELECT 1 FROM search_entries i WHERE i.seq = {row}.seq AND i.pid = {p}"
+            );
         }
         format!("SELECT i.seq FROM search_entries i WHERE i.pid = {p}")
     }
@@ -213,7 +235,7 @@ impl Builder<'_> {
             let keep = if self.pg { " OFFSET 0" } else { "" };
             format!("{not}EXISTS ({sub}{keep})")
         } else {
-            format!("r.seq {not}IN ({sub})")
+            format!("{}.seq {not}IN ({sub})", self.row)
         }
     }
 
@@ -304,7 +326,7 @@ impl Builder<'_> {
                     .collect::<Vec<_>>()
                     .join(", ");
                 let not = if not { "NOT " } else { "" };
-                format!("r.id {not}IN ({list})")
+                format!("{}.id {not}IN ({list})", self.row)
             }
             Cond::LastUpdated { op, lo, hi } => {
                 let (qlo, qhi) = self.range_bounds(*op, P::I(*lo), P::I(*hi));
@@ -371,6 +393,7 @@ pub(crate) fn plan(q: &SearchQuery, pids: &Pids, ph: &dyn Fn(usize) -> String) -
                 ph,
                 correlated: false,
                 pg: ph(1).starts_with('$'),
+                row: "r",
             };
             let mut cols = Vec::new();
             for &i in &candidates {
@@ -414,6 +437,19 @@ pub(crate) fn build(
     count: bool,
     driver: Option<usize>,
 ) -> (String, Vec<P>) {
+    // Entries exist only for current, non-deleted versions: every append
+    // replaces the superseded version's entries in its own transaction, and
+    // a deletion leaves none. So when one group can only match through an
+    // entry, every match is a current version and the query reads
+    // `resource_versions` alone, by `seq` (its primary key), without the
+    // two lookups in `resources` per candidate. An `_id` list still drives
+    // through `resources`, whose key is the id.
+    let versions_only = q
+        .and
+        .iter()
+        .any(|g| !g.is_empty() && g.iter().all(Cond::needs_entry))
+        && !driver.is_some_and(|d| matches!(q.and[d].as_slice(), [Cond::Ids(_)]));
+    let row = if versions_only { "v" } else { "r" };
     let mut b = Builder {
         sql: String::new(),
         pids,
@@ -421,12 +457,17 @@ pub(crate) fn build(
         ph,
         correlated: false,
         pg: ph(1).starts_with('$'),
+        row,
     };
     let t = b.bind(P::T(q.rtype.clone()));
-    let mut wh = format!("r.rtype = {t} AND NOT r.deleted");
+    let mut wh = if versions_only {
+        format!("v.rtype = {t}")
+    } else {
+        format!("r.rtype = {t} AND NOT r.deleted")
+    };
     if !count {
         let before = b.bind(P::I(q.before_seq.unwrap_or(i64::MAX)));
-        wh.push_str(&format!(" AND r.seq < {before}"));
+        wh.push_str(&format!(" AND {row}.seq < {before}"));
     }
     for (gi, group) in q.and.iter().enumerate() {
         b.correlated = driver.is_some_and(|d| d != gi);
@@ -436,13 +477,16 @@ pub(crate) fn build(
         }
         wh.push_str(&format!(" AND ({})", ors.join(" OR ")));
     }
+    let from = if versions_only {
+        "resource_versions v"
+    } else {
+        "resources r JOIN resource_versions v ON v.seq = r.seq"
+    };
     b.sql = if count {
-        format!(
-            "SELECT COUNT(*) FROM resources r JOIN resource_versions v ON v.seq = r.seq WHERE {wh}"
-        )
+        format!("SELECT COUNT(*) FROM {from} WHERE {wh}")
     } else {
         let lim = b.bind(P::I(q.limit as i64));
-        format!("SELECT {cols} FROM resources r JOIN resource_versions v ON v.seq = r.seq WHERE {wh} ORDER BY r.seq DESC LIMIT {lim}")
+        format!("SELECT {cols} FROM {from} WHERE {wh} ORDER BY {row}.seq DESC LIMIT {lim}")
     };
     (b.sql, b.params)
 }

@@ -619,17 +619,19 @@ impl Store for SqliteStore {
         let pids = self.pids.pids(rtype, &rows)?;
         let (rtype, id) = (rtype.to_owned(), id.to_owned());
         self.write(move |c| {
-            let seq: Option<i64> = c
+            let cur: Option<(i64, bool)> = c
                 .query_row(
-                    "SELECT seq FROM resources WHERE rtype = ?1 AND id = ?2",
+                    "SELECT seq, deleted FROM resources WHERE rtype = ?1 AND id = ?2",
                     params![rtype, id],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
                 )
                 .optional()
                 .map_err(backend)?;
-            // No such resource: nothing to index.
-            match seq {
-                Some(seq) => replace_index(c, Some(seq), seq, &pids, &rows),
+            // No such resource: nothing to index. A deleted one keeps none
+            // (searches rely on entries naming only live versions).
+            match cur {
+                Some((seq, false)) => replace_index(c, Some(seq), seq, &pids, &rows),
+                Some((seq, true)) => replace_index(c, Some(seq), seq, &[], &[]),
                 None => Ok(()),
             }
         })
@@ -1447,8 +1449,9 @@ mod tests {
     }
 
     /// Selective searches are index lookups from end to end: the driving
-    /// group comes from the hash index alone, each candidate is found by
-    /// its `seq`, every other condition is a point probe of that
+    /// group comes from the hash index alone, each candidate version is
+    /// read by its `seq` (no `resources` lookup: entries name only live
+    /// versions), every other condition is a point probe of that
     /// candidate's entries, and nothing is scanned. The planner statistics
     /// are fixed (migrations 3 and 10), so this plan is the one every
     /// database gets, whatever its size.
@@ -1477,8 +1480,9 @@ mod tests {
         let plan = plan_of(&c, &family, &pids, Some(0));
         assert!(
             plan.contains("SEARCH i USING COVERING INDEX search_entries_hash (pid=? AND hash=?)")
-                && plan.contains("SEARCH r USING INDEX resources_seq (seq=?)")
-                && !plan.contains("SCAN"),
+                && plan.contains("SEARCH v USING INTEGER PRIMARY KEY (rowid=?)")
+                && !plan.contains("SCAN")
+                && !plan.contains("resources"),
             "{plan}"
         );
         let weights = SearchQuery {
@@ -1502,6 +1506,25 @@ mod tests {
             plan.contains(
                 "SEARCH i USING COVERING INDEX search_entries_hash (pid=? AND hash=? AND seq=?)"
             ) && plan.contains("SEARCH i USING INDEX search_entries_seq (seq=? AND pid=?)")
+                && plan.contains("SEARCH v USING INTEGER PRIMARY KEY (rowid=?)")
+                && !plan.contains("SCAN")
+                && !plan.contains("resources"),
+            "{plan}"
+        );
+        // An `_id` list drives through `resources` (keyed by id), probing
+        // the other conditions of each.
+        let by_id = SearchQuery {
+            rtype: "Patient".into(),
+            and: vec![
+                vec![Cond::Ids(vec!["a".into(), "b".into()])],
+                vec![hash("family")],
+            ],
+            before_seq: None,
+            limit: 20,
+        };
+        let plan = plan_of(&c, &by_id, &pids, Some(0));
+        assert!(
+            plan.contains("SEARCH r USING INDEX sqlite_autoindex_resources_1 (rtype=? AND id=?)")
                 && !plan.contains("SCAN"),
             "{plan}"
         );

@@ -1435,6 +1435,28 @@ async fn parameter_numbers_per_type_and_across_nodes(a: &DynStore, b: &DynStore)
         found(b, "Observation", vec![vec![code(b"B")]]).await,
         vec!["o1", "o2"]
     );
+    // Nor does reindexing a deleted one (a reindex racing a delete): a
+    // search reads matching versions directly and must never find it.
+    let mut gone = nv("Observation", "o1", 2, 5, b"");
+    gone.deleted = true;
+    gone.sealed = None;
+    a.append_version(gone, Precondition::CurrentIs(1), vec![])
+        .await
+        .unwrap();
+    b.set_index("Observation", "o1", vec![h("code", b"B")])
+        .await
+        .unwrap();
+    assert_eq!(
+        found(a, "Observation", vec![vec![code(b"B")]]).await,
+        vec!["o2"]
+    );
+    let q = SearchQuery {
+        rtype: "Observation".into(),
+        and: vec![vec![code(b"B")]],
+        before_seq: None,
+        limit: 100,
+    };
+    assert_eq!(a.search_count(&q).await.unwrap(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

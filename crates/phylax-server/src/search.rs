@@ -79,6 +79,25 @@ fn type_and_id(r: &str) -> Option<(&str, &str)> {
     (ResourceType::parse(t).is_some() && phylax_fhir::ids::is_valid_id(id)).then_some((t, id))
 }
 
+/// Reference parameters whose targets are few (R4's `subject` on
+/// Observation: Device, Group, Location, Patient) store no bare-id entry
+/// for a reference to one of those targets: a search by bare id looks for
+/// `Type/id` under each target instead (plus the bare-id entry, which a
+/// reference to some other type still gets). Same answers; three fewer
+/// entries per Observation. Parameters with no target list, or R4's
+/// "any type" lists (145 types), keep their bare-id entries.
+const MAX_EXPANDED_TARGETS: usize = 10;
+
+/// The targets a bare id is expanded to on `code` of `rtype`, if few.
+fn expanded_targets(rtype: &str, code: &str) -> &'static [String] {
+    let t = phylax_fhir::defs::definitions().reference_targets(rtype, code);
+    if t.len() <= MAX_EXPANDED_TARGETS {
+        t
+    } else {
+        &[]
+    }
+}
+
 /// String parameters whose values mostly repeat those of narrower official
 /// parameters of the same resource (`name` = `family` + `given` + …,
 /// `address` = line + `address-city` + …). A value already indexed under a
@@ -294,7 +313,12 @@ pub fn index_rows(
                 let r = local_reference(&r, fhir_base);
                 if let Some((t, id)) = type_and_id(r) {
                     rows.push(hrow(code, hash(key, &["r", code, &format!("{t}/{id}")])));
-                    rows.push(hrow(code, hash(key, &["ri", code, id])));
+                    if !expanded_targets(rtype.as_str(), code)
+                        .iter()
+                        .any(|x| x == t)
+                    {
+                        rows.push(hrow(code, hash(key, &["ri", code, id])));
+                    }
                 } else if !r.starts_with('#') {
                     rows.push(hrow(code, hash(key, &["r", code, r])));
                 }
@@ -772,6 +796,12 @@ pub fn parse(
                 let mut hashes = Vec::new();
                 for v in &values {
                     let r = local_reference(v, fhir_base);
+                    if type_mod.is_none() && phylax_fhir::ids::is_valid_id(r) {
+                        // A bare id: see `MAX_EXPANDED_TARGETS`.
+                        for t in expanded_targets(rtype.as_str(), code) {
+                            hashes.push(hash(key, &["r", code, &format!("{t}/{r}")]));
+                        }
+                    }
                     let h = match (type_and_id(r), type_mod) {
                         (Some((t, id)), Some(tm)) if t != tm => {
                             let _ = id;
@@ -958,6 +988,31 @@ mod tests {
         assert_eq!(count("family"), 12);
         assert_eq!(count("address"), 17, "only the line");
         assert_eq!(count("address-city"), 10);
+    }
+
+    /// A reference to one of a parameter's few targets gets no bare-id
+    /// entry (a bare-id search expands to the targets); one to another
+    /// type, or on a parameter with no short target list, keeps it.
+    #[test]
+    fn bare_id_entries_only_where_a_search_cannot_expand() {
+        let (kek, _) = phylax_crypto::Kek::generate().unwrap();
+        let (k, _) = BlindIndexKey::generate_wrapped(&kek).unwrap();
+        let t = ResourceType::parse("Observation").unwrap();
+        let o = serde_json::json!({"resourceType":"Observation","status":"final",
+            "code":{"text":"x"},
+            "subject":{"reference":"Patient/p1"},
+            "encounter":{"reference":"Encounter/e1"},
+            "performer":[{"reference":"Endpoint/x1"}],
+            "focus":[{"reference":"Patient/p1"}]});
+        let rows = index_rows(&k, "", &t, &o);
+        let count = |param: &str| rows.iter().filter(|r| r.param == param).count();
+        assert_eq!(count("subject"), 1);
+        assert_eq!(count("patient"), 1);
+        assert_eq!(count("encounter"), 1);
+        assert_eq!(count("performer"), 2, "Endpoint is not a target");
+        assert_eq!(count("focus"), 2, "any type: no expansion");
+        assert_eq!(expanded_targets("Observation", "subject").len(), 4);
+        assert!(expanded_targets("Observation", "focus").is_empty());
     }
 
     #[test]

@@ -288,6 +288,36 @@ async fn clinical_search_references_dates_quantities(s: &TestServer) {
         ids(s, &tok, &format!("/Observation?subject={p}")).await,
         sorted(vec![&o1, &o2])
     );
+    // A bare id is looked up under each of a parameter's few targets, and
+    // still finds a reference to a type outside them (R4 does not forbid
+    // one here) or on a parameter that may point anywhere (`focus`).
+    let org = create(s, &tok, json!({"resourceType":"Organization"})).await;
+    let o4 = create(
+        s,
+        &tok,
+        json!({"resourceType":"Observation","status":"final","code":{"text":"x"},
+            "subject":{"reference":format!("Organization/{org}")},
+            "focus":[{"reference":format!("Patient/{q}")}]}),
+    )
+    .await;
+    assert_eq!(
+        ids(s, &tok, &format!("/Observation?subject={org}")).await,
+        vec![o4.clone()]
+    );
+    assert_eq!(
+        ids(s, &tok, &format!("/Observation?focus={q}")).await,
+        vec![o4.clone()]
+    );
+    assert_eq!(
+        ids(s, &tok, &format!("/Observation?subject={q},{org}")).await,
+        sorted(vec![&o3, &o4])
+    );
+    s.http
+        .delete(s.url(&format!("/Observation/{o4}")))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(
         ids(
             s,

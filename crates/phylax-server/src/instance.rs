@@ -47,8 +47,16 @@ pub enum InstanceError {
     Crypto(#[from] CryptoError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Not `#[from]`: that would also make the store error this one's
+    /// source, and the CLI (which prints the chain) would say it twice.
     #[error("database: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for InstanceError {
+    fn from(e: StoreError) -> Self {
+        InstanceError::Store(e)
+    }
 }
 
 /// Options for `phylax init`.

@@ -9,6 +9,9 @@
 //!   thread that group-commits concurrent writes, a pool of readers.
 //! - [`postgres`]: the scale-out backend; several Phylax nodes may share one
 //!   database. Row locks and unique constraints arbitrate concurrent writers.
+//! - `pg_tls`: which PostgreSQL URLs may connect, and how: plaintext only
+//!   on this machine, else TLS verified with libpq's `sslmode=verify-full`
+//!   and `sslrootcert`.
 //! - [`migrations`]: versioned schema, applied at start, per backend.
 //! - [`query`]: search conditions over the index table, and the SQL they
 //!   become (shared by both backends; only placeholders differ).
@@ -19,6 +22,7 @@
 
 pub mod migrations;
 mod params;
+mod pg_tls;
 pub mod postgres;
 pub mod query;
 pub mod sqlite;

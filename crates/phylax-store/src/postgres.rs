@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub struct PgStore {
     pool: Pool,
@@ -337,10 +338,10 @@ fn row_grant(r: &Row) -> GrantRecord {
 }
 
 impl PgStore {
-    fn pool(cfg: tokio_postgres::Config) -> Result<Pool> {
+    fn pool(cfg: tokio_postgres::Config, tls: MakeRustlsConnect) -> Result<Pool> {
         let mgr = Manager::from_config(
             cfg,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -354,9 +355,8 @@ impl PgStore {
     /// Connect and apply migrations. `schema`, when given, is created if
     /// missing and used as the search path (tests use one schema each).
     pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgStore> {
-        let mut cfg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|_| StoreError::Unavailable("invalid PostgreSQL URL".into()))?;
+        // TLS or not, by the rule in `pg_tls` (fails closed).
+        let (mut cfg, tls) = crate::pg_tls::prepare(url)?;
         if let Some(s) = schema {
             if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                 return Err(StoreError::Unavailable("invalid schema name".into()));
@@ -365,7 +365,7 @@ impl PgStore {
         }
         // Options from the URL or the schema, kept on both pools.
         let options = cfg.get_options().unwrap_or_default().to_owned();
-        let pool = Self::pool(cfg.clone())?;
+        let pool = Self::pool(cfg.clone(), tls.clone())?;
         // Search statements are prepared once per connection and executed
         // with a blind hash, whose selectivity PostgreSQL cannot estimate:
         // under `plan_cache_mode = auto` it costs the generic plan above the
@@ -376,7 +376,7 @@ impl PgStore {
         // one. Only searches get it: forcing it on every connection slowed
         // bulk loads (docs/PERFORMANCE.md).
         cfg.options(format!("{options} -c plan_cache_mode=force_generic_plan").trim());
-        let search_pool = Self::pool(cfg)?;
+        let search_pool = Self::pool(cfg, tls)?;
         let store = PgStore {
             pool,
             search_pool,
@@ -1249,14 +1249,10 @@ fn row_break_glass(r: &tokio_postgres::Row) -> BreakGlassRecord {
 mod tests {
     use super::*;
 
-    /// Search connections force generic plans and keep the options the
-    /// URL gave (a schema, here); other connections keep PostgreSQL's
-    /// default. Needs PostgreSQL (`PHYLAX_TEST_DATABASE_URL`); required
-    /// under `CI=true`.
-    #[tokio::test]
-    async fn only_search_connections_force_generic_plans() {
-        let url = match std::env::var("PHYLAX_TEST_DATABASE_URL") {
-            Ok(u) if !u.is_empty() => u,
+    /// The test database's URL, or None (skipped) outside CI.
+    fn test_url() -> Option<String> {
+        match std::env::var("PHYLAX_TEST_DATABASE_URL") {
+            Ok(u) if !u.is_empty() => Some(u),
             _ => {
                 assert_ne!(
                     std::env::var("CI").as_deref(),
@@ -1264,11 +1260,96 @@ mod tests {
                     "CI=true but PHYLAX_TEST_DATABASE_URL is not set"
                 );
                 eprintln!("note: PHYLAX_TEST_DATABASE_URL not set; skipped");
+                None
+            }
+        }
+    }
+
+    /// Verified TLS against the real local server (scripts/test-postgres.sh
+    /// makes sure it serves TLS for `localhost`): the right CA connects and
+    /// the session is encrypted; another CA, or the right CA with a name
+    /// the certificate does not carry, cannot connect.
+    #[tokio::test]
+    async fn verified_tls_on_a_real_socket() {
+        let Some(url) = test_url() else { return };
+        let plain: tokio_postgres::Config = url.parse().unwrap();
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let on: String = c.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+        let file: String = c.query_one("SHOW ssl_cert_file", &[]).await.unwrap().get(0);
+        let pem = match (on.as_str(), std::fs::read(&file)) {
+            ("on", Ok(pem)) => pem,
+            _ => {
+                assert_ne!(
+                    std::env::var("CI").as_deref(),
+                    Ok("true"),
+                    "CI=true but the test PostgreSQL serves no readable TLS certificate (scripts/test-postgres.sh sets one up)"
+                );
+                eprintln!("note: PostgreSQL has no readable TLS certificate; skipped");
                 return;
             }
         };
+        let dir = tempfile::tempdir().unwrap();
+        let right = dir.path().join("right.pem");
+        std::fs::write(&right, &pem).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let wrong = dir.path().join("wrong.pem");
+        std::fs::write(&wrong, other.cert.pem()).unwrap();
+        let user = plain.get_user().unwrap();
+        let password = std::str::from_utf8(plain.get_password().unwrap()).unwrap();
+        let db = plain.get_dbname().unwrap();
+        let port = plain.get_ports().first().copied().unwrap_or(5432);
+        let url_for = |host: &str, ca: &std::path::Path, extra: &str| {
+            format!(
+                "postgres://{user}:{password}@{host}:{port}/{db}?sslmode=verify-full&sslrootcert={}{extra}",
+                ca.display()
+            )
+        };
+
+        let s = PgStore::connect(&url_for("localhost", &right, ""), None)
+            .await
+            .unwrap();
+        for p in [&s.pool, &s.search_pool] {
+            let c = p.get().await.unwrap();
+            let ssl: bool = c
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(ssl, "the session is encrypted");
+        }
+
+        let e = PgStore::connect(&url_for("localhost", &wrong, ""), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        // The right CA, a name its certificate does not carry (the socket
+        // is still the local server's).
+        let e = PgStore::connect(
+            &url_for("wrong-name.invalid", &right, "&hostaddr=127.0.0.1"),
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+    }
+
+    /// Search connections force generic plans and keep the options the
+    /// URL gave (a schema, here); other connections keep PostgreSQL's
+    /// default. Needs PostgreSQL (`PHYLAX_TEST_DATABASE_URL`); required
+    /// under `CI=true`.
+    #[tokio::test]
+    async fn only_search_connections_force_generic_plans() {
+        let Some(url) = test_url() else { return };
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         c.batch_execute(&format!("CREATE SCHEMA {schema}"))
             .await

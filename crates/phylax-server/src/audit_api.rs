@@ -147,11 +147,11 @@ async fn page(
         if strip {
             strip_forensics(&mut v);
         }
-        entries.push(json!({
-            "fullUrl": format!("{}/AuditEvent/{}", st.fhir_base, r.event_id),
-            "resource": v,
-            "search": {"mode": "match"},
-        }));
+        entries.push(crate::fhir_api::entry(
+            format!("{}/AuditEvent/{}", st.fhir_base, r.event_id),
+            v,
+            "match",
+        ));
     }
     let base = format!("{}/{}", st.fhir_base, path);
     let self_url = listing.replacen(path, &base, 1);

@@ -788,11 +788,11 @@ async fn search(
         .iter()
         .filter_map(|v| v.body.as_ref().map(|b| (v, b)))
         .map(|(v, b)| {
-            json!({
-                "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
-                "resource": control.apply(b.json()),
-                "search": {"mode": "match"},
-            })
+            crate::fhir_api::entry(
+                format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
+                control.apply(b.json()),
+                "match",
+            )
         })
         .collect();
     let inc = included(st, ctx, rtype, &q, &rows).await?;
@@ -808,11 +808,11 @@ async fn search(
     refs.params.dedup();
     for v in inc {
         if let Some(b) = &v.body {
-            entries.push(json!({
-                "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
-                "resource": control.apply(b.json()),
-                "search": {"mode": "include"},
-            }));
+            entries.push(crate::fhir_api::entry(
+                format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
+                control.apply(b.json()),
+                "include",
+            ));
         }
     }
     if !parsed.unknown.is_empty() {
@@ -1152,11 +1152,11 @@ async fn everything(
             }
             let entry = |v: &ResourceVersion, mode: &str| {
                 v.body.as_ref().map(|b| {
-                    json!({
-                        "fullUrl": format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
-                        "resource": b.json(),
-                        "search": {"mode": mode},
-                    })
+                    crate::fhir_api::entry(
+                        format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
+                        b.json().clone(),
+                        mode,
+                    )
                 })
             };
             let entries: Vec<Value> = page

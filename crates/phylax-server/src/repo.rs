@@ -37,6 +37,11 @@ impl Resource {
     pub fn json(&self) -> &Value {
         &self.0
     }
+
+    /// The JSON, moved into a response being built. Never log it.
+    pub fn into_json(self) -> Value {
+        self.0
+    }
 }
 
 /// One version as the API sees it.

@@ -645,6 +645,15 @@ impl ResultControl {
             (None, None) => v.clone(),
         }
     }
+
+    /// `apply` to a body the response may keep: without `_summary` or
+    /// `_elements` it is moved, not copied.
+    pub(crate) fn apply_owned(&self, v: Value) -> Value {
+        match (&self.summary, &self.elements) {
+            (None, None) => v,
+            _ => self.apply(&v),
+        }
+    }
 }
 
 /// Run a type-level search (GET or POST `_search`).
@@ -784,17 +793,6 @@ async fn search(
             links.push(json!({"relation": "previous", "url": format!("{url}?_cursor={c}")}));
         }
     }
-    let mut entries: Vec<Value> = rows
-        .iter()
-        .filter_map(|v| v.body.as_ref().map(|b| (v, b)))
-        .map(|(v, b)| {
-            crate::fhir_api::entry(
-                format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
-                control.apply(b.json()),
-                "match",
-            )
-        })
-        .collect();
     let inc = included(st, ctx, rtype, &q, &rows).await?;
     crate::access::watch_own_name(st, ctx, rows.iter().chain(inc.iter())).await;
     let mut refs = crate::pipeline::AuditRefs::of_versions(rows.iter().chain(inc.iter()));
@@ -806,15 +804,18 @@ async fn search(
         .collect();
     refs.params.sort();
     refs.params.dedup();
-    for v in inc {
-        if let Some(b) = &v.body {
-            entries.push(crate::fhir_api::entry(
-                format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
-                control.apply(b.json()),
-                "include",
-            ));
-        }
-    }
+    // Matches, then includes; bodies are moved into the Bundle.
+    let modes = rows
+        .into_iter()
+        .map(|v| (v, "match"))
+        .chain(inc.into_iter().map(|v| (v, "include")));
+    let mut entries: Vec<Value> = modes
+        .filter_map(|(v, mode)| {
+            let url = format!("{}/{}/{}", st.fhir_base, v.rtype, v.id);
+            v.body
+                .map(|b| crate::fhir_api::entry(url, control.apply_owned(b.into_json()), mode))
+        })
+        .collect();
     if !parsed.unknown.is_empty() {
         let oo = OperationOutcome {
             issues: parsed

@@ -40,11 +40,13 @@ for _ in $(seq 1 30); do
 done
 # The TLS test needs the server to offer TLS. Debian's cluster does, with the
 # machine's snake-oil certificate for localhost; if this one does not, give it
-# a self-signed certificate for localhost (a throwaway, for tests only).
+# a self-signed certificate for localhost (a throwaway, for tests only). It
+# must not say CA:TRUE (openssl's default for -x509): rustls refuses a CA
+# certificate as a server's own.
 if [ "$(as_pg "psql -p $port -Atqc 'SHOW ssl'")" != on ]; then
   dir=$(as_pg "psql -p $port -Atqc 'SHOW data_directory'")
   log "enabling TLS on $ver/$name with a self-signed certificate for localhost"
-  as_pg "openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=localhost -addext subjectAltName=DNS:localhost -keyout '$dir/phylax-test.key' -out '$dir/phylax-test.crt'" >/dev/null 2>&1
+  as_pg "openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=localhost -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth -keyout '$dir/phylax-test.key' -out '$dir/phylax-test.crt'" >/dev/null 2>&1
   as_pg "psql -p $port -qc \"ALTER SYSTEM SET ssl_cert_file = '$dir/phylax-test.crt'\" -c \"ALTER SYSTEM SET ssl_key_file = '$dir/phylax-test.key'\" -c 'ALTER SYSTEM SET ssl = on' -c 'SELECT pg_reload_conf()'" >&2
 fi
 as_pg "psql -p $port -Atqc \"SELECT 1 FROM pg_roles WHERE rolname='phylax_test'\"" | grep -q 1 ||

@@ -206,10 +206,66 @@ pub(crate) fn fhir_json(status: StatusCode, v: &Value) -> Response {
     // a large Bundle. Serialising a `Value` cannot fail (its keys are
     // strings, its numbers finite); the fallback only avoids an unwrap.
     let body = serde_json::to_vec(v).unwrap_or_else(|_| v.to_string().into_bytes());
+    fhir_bytes(status, body)
+}
+
+fn fhir_bytes(status: StatusCode, body: Vec<u8>) -> Response {
     let mut r = (status, body).into_response();
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     r
+}
+
+/// One resource as the response body: its stored text when it has one.
+pub(crate) fn resource_json(status: StatusCode, b: &crate::repo::Resource) -> Response {
+    fhir_bytes(status, b.to_bytes())
+}
+
+/// A Bundle whose resources may be stored JSON text (see
+/// `repo::Resource`): search pages are built as this, not as a `Value`.
+#[derive(serde::Serialize)]
+pub(crate) struct BundleOut {
+    #[serde(flatten)]
+    head: serde_json::Map<String, Value>,
+    entry: Vec<EntryOut>,
+}
+
+impl BundleOut {
+    pub(crate) fn set_total(&mut self, n: u64) {
+        self.head.insert("total".into(), n.into());
+    }
+
+    pub(crate) fn into_response(self, status: StatusCode) -> Response {
+        // Every part serialises infallibly (string keys, finite numbers,
+        // text checked as JSON when it was opened); an error would be a bug.
+        match serde_json::to_vec(&self) {
+            Ok(body) => fhir_bytes(status, body),
+            Err(e) => ApiError::Internal(format!("serialising a Bundle: {e}")).into_response(),
+        }
+    }
+}
+
+/// An entry of a [`BundleOut`].
+#[derive(serde::Serialize)]
+pub(crate) struct EntryOut {
+    #[serde(rename = "fullUrl", skip_serializing_if = "Option::is_none")]
+    full_url: Option<String>,
+    resource: crate::repo::BodyOut,
+    search: Value,
+}
+
+impl EntryOut {
+    pub(crate) fn new(
+        full_url: Option<String>,
+        resource: crate::repo::BodyOut,
+        mode: &str,
+    ) -> EntryOut {
+        EntryOut {
+            full_url,
+            resource,
+            search: json!({ "mode": mode }),
+        }
+    }
 }
 
 fn http_date(ms: i64) -> String {
@@ -264,7 +320,7 @@ fn write_response(
             outcome_response(status, &oo)
         }
         _ => match &v.body {
-            Some(b) => fhir_json(status, b.json()),
+            Some(b) => resource_json(status, b),
             None => status.into_response(),
         },
     };
@@ -282,7 +338,7 @@ fn committed(mut r: Response) -> Response {
 
 fn read_response(st: &AppState, v: &ResourceVersion) -> Response {
     let mut r = match &v.body {
-        Some(b) => fhir_json(StatusCode::OK, b.json()),
+        Some(b) => resource_json(StatusCode::OK, b),
         None => ApiError::Gone.into_response(),
     };
     version_headers(&mut r, st, v, false);
@@ -297,6 +353,12 @@ fn read_response(st: &AppState, v: &ResourceVersion) -> Response {
 /// into a new tree (a deep copy of every resource in the page), which was
 /// a large share of a many-result search's CPU, most of it in `malloc`.
 pub(crate) fn bundle(kind: &str, links: Vec<Value>, entries: Vec<Value>) -> Value {
+    let mut m = bundle_head(kind, links);
+    m.insert("entry".into(), Value::Array(entries));
+    Value::Object(m)
+}
+
+fn bundle_head(kind: &str, links: Vec<Value>) -> serde_json::Map<String, Value> {
     let mut m = serde_json::Map::new();
     m.insert("resourceType".into(), "Bundle".into());
     m.insert("id".into(), uuid::Uuid::new_v4().to_string().into());
@@ -306,8 +368,15 @@ pub(crate) fn bundle(kind: &str, links: Vec<Value>, entries: Vec<Value>) -> Valu
     );
     m.insert("type".into(), kind.into());
     m.insert("link".into(), Value::Array(links));
-    m.insert("entry".into(), Value::Array(entries));
-    Value::Object(m)
+    m
+}
+
+/// A [`BundleOut`] (see `bundle`).
+pub(crate) fn bundle_out(kind: &str, links: Vec<Value>, entries: Vec<EntryOut>) -> BundleOut {
+    BundleOut {
+        head: bundle_head(kind, links),
+        entry: entries,
+    }
 }
 
 /// A Bundle entry for a resource; `resource` is moved in, not copied

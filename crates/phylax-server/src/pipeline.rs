@@ -57,9 +57,13 @@ pub struct AuditRefs {
 impl AuditRefs {
     /// Add one returned or written resource.
     pub fn add(&mut self, rtype: &ResourceType, id: &str, body: Option<&Value>) {
-        let patient = body
-            .and_then(|b| compartment::patient_of(rtype, b))
-            .or_else(|| (rtype.as_str() == "Patient").then(|| id.to_owned()));
+        let patient = body.and_then(|b| compartment::patient_of(rtype, b));
+        self.add_known(rtype, id, patient);
+    }
+
+    /// Like [`AuditRefs::add`], with the compartment's patient already known.
+    fn add_known(&mut self, rtype: &ResourceType, id: &str, patient: Option<String>) {
+        let patient = patient.or_else(|| (rtype.as_str() == "Patient").then(|| id.to_owned()));
         if let Some(p) = patient {
             if !self.patients.contains(&p) {
                 self.patients.push(p);
@@ -71,7 +75,10 @@ impl AuditRefs {
     pub fn of_versions<'a>(vs: impl IntoIterator<Item = &'a ResourceVersion>) -> AuditRefs {
         let mut r = AuditRefs::default();
         for v in vs {
-            r.add(&v.rtype, v.id.as_str(), v.body.as_ref().map(|b| b.json()));
+            // The patient from the key scope: the same answer as
+            // `patient_of(body)` when the version was written, without
+            // parsing a body that the response may copy as text.
+            r.add_known(&v.rtype, v.id.as_str(), v.patient.clone());
         }
         r
     }

@@ -14,12 +14,25 @@ use phylax_store::{
     DynStore, HistoryQuery, IndexRow, NewAudit, NewVersion, Precondition, SearchQuery, StoreError,
     StoredVersion,
 };
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A resource body. It carries PHI: no `Display`, and `Debug` is redacted.
 /// Getting at the JSON is an explicit call.
-pub struct Resource(Value);
+///
+/// A body opened from storage keeps the JSON text it was sealed as and is
+/// parsed into a tree only when something asks for the tree: a search
+/// page or a read is answered by copying that text into the response,
+/// where parsing every result into a `Value` and serialising it again was
+/// most of a many-result search's server CPU (docs/PERFORMANCE.md). The
+/// text and the tree never disagree: neither can be changed once made.
+pub struct Resource {
+    /// The sealed JSON text (authenticated by the AEAD, syntax checked when
+    /// opened); `None` for a body built in this process.
+    raw: Option<Box<RawValue>>,
+    tree: OnceLock<Value>,
+}
 
 impl std::fmt::Debug for Resource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -27,20 +40,78 @@ impl std::fmt::Debug for Resource {
     }
 }
 
+/// Parse checked text into a tree. `Resource::stored` accepted only text
+/// that parses as JSON, so the fallback is unreachable; it exists so that
+/// no path can panic on stored data.
+fn tree_of(raw: &RawValue) -> Value {
+    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+}
+
 impl Resource {
     /// Take a parsed and validated body.
     pub fn new(v: Value) -> Resource {
-        Resource(v)
+        Resource {
+            raw: None,
+            tree: OnceLock::from(v),
+        }
     }
 
-    /// The JSON, for serialisation into a response. Never log it.
+    /// A body opened from storage: `None` unless `plain` is JSON.
+    fn stored(plain: &[u8]) -> Option<Resource> {
+        let raw: Box<RawValue> = serde_json::from_slice(plain).ok()?;
+        Some(Resource {
+            raw: Some(raw),
+            tree: OnceLock::new(),
+        })
+    }
+
+    /// The JSON, for inspection or serialisation. Never log it.
     pub fn json(&self) -> &Value {
-        &self.0
+        self.tree.get_or_init(|| match &self.raw {
+            Some(r) => tree_of(r),
+            // `new` always fills the tree; a body has one or the other.
+            None => Value::Null,
+        })
     }
 
     /// The JSON, moved into a response being built. Never log it.
     pub fn into_json(self) -> Value {
-        self.0
+        match (self.tree.into_inner(), self.raw) {
+            (Some(v), _) => v,
+            (None, Some(r)) => tree_of(&r),
+            (None, None) => Value::Null,
+        }
+    }
+
+    /// The body for a response: its stored text when it has one (no
+    /// parse, no re-serialisation), else its tree. Never log it.
+    pub fn into_out(self) -> BodyOut {
+        match self.raw {
+            Some(r) => BodyOut::Text(r),
+            None => BodyOut::Tree(self.tree.into_inner().unwrap_or(Value::Null)),
+        }
+    }
+
+    /// Serialise for a response (see [`Resource::into_out`]).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match &self.raw {
+            Some(r) => r.get().as_bytes().to_vec(),
+            None => serde_json::to_vec(self.json()).unwrap_or_default(),
+        }
+    }
+}
+
+/// A resource body on its way into a response. PHI: `Debug` is redacted.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+pub enum BodyOut {
+    Text(Box<RawValue>),
+    Tree(Value),
+}
+
+impl std::fmt::Debug for BodyOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BodyOut([PHI REDACTED])")
     }
 }
 
@@ -55,6 +126,11 @@ pub struct ResourceVersion {
     pub last_updated: i64,
     pub deleted: bool,
     pub body: Option<Resource>,
+    /// The patient whose compartment holds this version's body (from the
+    /// key scope it is sealed under, which the AEAD authenticates, and
+    /// which was computed from the body when it was written); `None` for
+    /// tombstones and bodies outside every patient compartment.
+    pub patient: Option<String>,
 }
 
 /// A sealed version ready to commit (see [`Repo::commit`]).
@@ -254,7 +330,8 @@ impl Repo {
                 m.insert("lastUpdated".into(), json!(format_instant(now)));
             }
         }
-        let scope = match compartment::patient_of(rtype, &body) {
+        let patient = compartment::patient_of(rtype, &body);
+        let scope = match &patient {
             Some(p) => format!("patient:{p}"),
             None => "tenant".to_owned(),
         };
@@ -286,7 +363,8 @@ impl Repo {
                 version,
                 last_updated: now,
                 deleted: false,
-                body: Some(Resource(body)),
+                body: Some(Resource::new(body)),
+                patient,
             },
         })
     }
@@ -320,6 +398,7 @@ impl Repo {
                 last_updated: now,
                 deleted: true,
                 body: None,
+                patient: None,
             },
         })
     }
@@ -421,9 +500,7 @@ impl Repo {
                         sealed,
                     )
                     .map_err(|_| integrity())?;
-                Some(Resource(
-                    serde_json::from_slice(&plain).map_err(|_| integrity())?,
-                ))
+                Some(Resource::stored(&plain).ok_or_else(integrity)?)
             }
             _ => return Err(integrity()),
         };
@@ -434,6 +511,9 @@ impl Repo {
             version,
             last_updated: row.last_updated,
             deleted: row.deleted,
+            patient: body
+                .as_ref()
+                .and_then(|_| row.key_scope.strip_prefix("patient:").map(str::to_owned)),
             body,
         })
     }
@@ -614,5 +694,41 @@ impl Repo {
             .list_current(rtype.as_str(), before_seq, limit)
             .await?;
         self.open_all(rows).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_text_is_served_as_is_and_parsed_only_on_demand() {
+        let text = br#"{"resourceType":"Patient","id":"p1","birthDate":"1970-01-01","multipleBirthInteger":2}"#;
+        let r = Resource::stored(text).unwrap();
+        assert!(r.tree.get().is_none(), "opening must not parse");
+        assert_eq!(r.to_bytes(), text.to_vec());
+        assert_eq!(r.json()["birthDate"], "1970-01-01");
+        // Text and tree agree; the text still answers after a parse.
+        assert_eq!(r.to_bytes(), text.to_vec());
+        assert_eq!(*r.json(), serde_json::from_slice::<Value>(text).unwrap());
+        let out = serde_json::to_vec(&Resource::stored(text).unwrap().into_out()).unwrap();
+        assert_eq!(out, text.to_vec());
+        assert_eq!(Resource::stored(text).unwrap().into_json()["id"], "p1");
+    }
+
+    #[test]
+    fn stored_text_that_is_not_json_does_not_open() {
+        for bad in [&b""[..], b"{", b"{\"a\":1}x", b"\xff\xfe", b"[1,2"] {
+            assert!(Resource::stored(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn built_bodies_serialise_their_tree() {
+        let v = json!({"resourceType": "Observation", "status": "final"});
+        let r = Resource::new(v.clone());
+        assert_eq!(r.to_bytes(), serde_json::to_vec(&v).unwrap());
+        assert_eq!(serde_json::to_value(r.into_out()).unwrap(), v);
     }
 }

@@ -6,11 +6,12 @@
 
 use crate::error::ApiError;
 use crate::fhir_api::{
-    bundle, check_accept, fhir_json, page_size, parse_since, parse_type, prefer, Query, St,
+    bundle, bundle_out, check_accept, fhir_json, page_size, parse_since, parse_type, prefer,
+    EntryOut, Query, St,
 };
 use crate::http::AppState;
 use crate::pipeline::{self, RequestCtx};
-use crate::repo::ResourceVersion;
+use crate::repo::{BodyOut, ResourceVersion};
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -809,11 +810,19 @@ async fn search(
         .into_iter()
         .map(|v| (v, "match"))
         .chain(inc.into_iter().map(|v| (v, "include")));
-    let mut entries: Vec<Value> = modes
+    // Stored text goes into the page as it is, unless `_summary` or
+    // `_elements` reshape it.
+    let mut entries: Vec<EntryOut> = modes
         .filter_map(|(v, mode)| {
             let url = format!("{}/{}/{}", st.fhir_base, v.rtype, v.id);
-            v.body
-                .map(|b| crate::fhir_api::entry(url, control.apply_owned(b.into_json()), mode))
+            v.body.map(|b| {
+                let out = if control.subsets() {
+                    BodyOut::Tree(control.apply_owned(b.into_json()))
+                } else {
+                    b.into_out()
+                };
+                EntryOut::new(Some(url), out, mode)
+            })
         })
         .collect();
     if !parsed.unknown.is_empty() {
@@ -829,9 +838,13 @@ async fn search(
                 })
                 .collect(),
         };
-        entries.push(json!({"resource": oo.to_json(None), "search": {"mode": "outcome"}}));
+        entries.push(EntryOut::new(
+            None,
+            BodyOut::Tree(oo.to_json(None)),
+            "outcome",
+        ));
     }
-    let mut bundle = bundle("searchset", links, entries);
+    let mut bundle = bundle_out("searchset", links, entries);
     if control.total || control.summary == Some(Summary::Count) {
         let total = match known_total {
             Some(n) => n,
@@ -843,9 +856,9 @@ async fn search(
                     .map_err(crate::repo::RepoError::from)?
             }
         };
-        bundle["total"] = json!(total);
+        bundle.set_total(total);
     }
-    let mut r = fhir_json(StatusCode::OK, &bundle);
+    let mut r = bundle.into_response(StatusCode::OK);
     r.extensions_mut().insert(refs);
     Ok(r)
 }

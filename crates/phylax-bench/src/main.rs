@@ -75,6 +75,12 @@ struct Args {
     /// benchmark can do this.
     #[arg(long)]
     danger_no_audit: bool,
+    /// Seconds to run each cell unmeasured before measuring it, so that
+    /// the numbers are the steady state rather than the first touch of
+    /// pages that are no longer cached (see docs/PERFORMANCE.md: this VM
+    /// pages out file cache that has not been touched for a minute).
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
     /// The audit log's sealing interval (`[audit] checkpoint_secs`).
     #[arg(long, default_value_t = 10)]
     checkpoint_secs: u64,
@@ -558,7 +564,7 @@ async fn main() -> Result<()> {
     };
     let synthetic = Arc::new(synthetic);
     println!(
-        "Phylax benchmark: backend {}, {} cores, fsync rate {:.0}/s, {} s per cell, logging {}",
+        "Phylax benchmark: backend {}, {} cores, fsync rate {:.0}/s, {} s per cell after {} s of warm-up, logging {}",
         if args.database_url.is_some() {
             "postgres"
         } else {
@@ -569,6 +575,7 @@ async fn main() -> Result<()> {
             .unwrap_or(0),
         fsync,
         args.duration,
+        args.warmup,
         if args.log_file.is_some() {
             "on (JSON to file)"
         } else {
@@ -588,6 +595,17 @@ async fn main() -> Result<()> {
     println!("|---|---:|---:|---:|---:|---:|");
     for s in &args.scenarios {
         for &c in &args.concurrency {
+            if args.warmup > 0 {
+                run(
+                    env.clone(),
+                    s,
+                    c,
+                    Duration::from_secs(args.warmup),
+                    ids.clone(),
+                    synthetic.clone(),
+                )
+                .await?;
+            }
             let o = run(
                 env.clone(),
                 s,

@@ -6,8 +6,7 @@
 
 use crate::error::ApiError;
 use crate::fhir_api::{
-    bundle, bundle_out, check_accept, fhir_json, page_size, parse_since, parse_type, prefer,
-    EntryOut, Query, St,
+    bundle_out, check_accept, page_size, parse_since, parse_type, prefer, EntryOut, Query, St,
 };
 use crate::http::AppState;
 use crate::pipeline::{self, RequestCtx};
@@ -1164,25 +1163,20 @@ async fn everything(
                 let c = seal_search_cursor(&st, EVERYTHING_CURSOR, &p, nb, &[]).await?;
                 links.push(json!({"relation": "next", "url": format!("{url}?_cursor={c}")}));
             }
-            let entry = |v: &ResourceVersion, mode: &str| {
-                v.body.as_ref().map(|b| {
-                    crate::fhir_api::entry(
-                        format!("{}/{}/{}", st.fhir_base, v.rtype, v.id),
-                        b.json().clone(),
-                        mode,
-                    )
-                })
+            let audit_refs =
+                crate::pipeline::AuditRefs::of_versions(page.iter().chain(referenced.iter()));
+            // Stored text goes into the page as it is (see `search`).
+            let entry = |v: ResourceVersion, mode: &str| {
+                let url = format!("{}/{}/{}", st.fhir_base, v.rtype, v.id);
+                v.body.map(|b| EntryOut::new(Some(url), b.into_out(), mode))
             };
-            let entries: Vec<Value> = page
-                .iter()
+            let entries: Vec<EntryOut> = page
+                .into_iter()
                 .filter_map(|v| entry(v, "match"))
-                .chain(referenced.iter().filter_map(|v| entry(v, "include")))
+                .chain(referenced.into_iter().filter_map(|v| entry(v, "include")))
                 .collect();
-            let mut r = fhir_json(StatusCode::OK, &bundle("searchset", links, entries));
-            r.extensions_mut()
-                .insert(crate::pipeline::AuditRefs::of_versions(
-                    page.iter().chain(referenced.iter()),
-                ));
+            let mut r = bundle_out("searchset", links, entries).into_response(StatusCode::OK);
+            r.extensions_mut().insert(audit_refs);
             Ok(r)
         },
     )

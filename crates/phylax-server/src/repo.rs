@@ -27,11 +27,18 @@ use std::sync::{Arc, OnceLock};
 /// where parsing every result into a `Value` and serialising it again was
 /// most of a many-result search's server CPU (docs/PERFORMANCE.md). The
 /// text and the tree never disagree: neither can be changed once made.
-pub struct Resource {
+pub struct Resource(Body);
+
+/// A body is either text from storage (with its tree, once built) or a
+/// tree built in this process; never neither.
+enum Body {
     /// The sealed JSON text (authenticated by the AEAD, syntax checked when
-    /// opened); `None` for a body built in this process.
-    raw: Option<Box<RawValue>>,
-    tree: OnceLock<Value>,
+    /// opened), and its tree once something asked for it.
+    Text {
+        raw: Box<RawValue>,
+        tree: OnceLock<Value>,
+    },
+    Tree(Value),
 }
 
 impl std::fmt::Debug for Resource {
@@ -50,53 +57,49 @@ fn tree_of(raw: &RawValue) -> Value {
 impl Resource {
     /// Take a parsed and validated body.
     pub fn new(v: Value) -> Resource {
-        Resource {
-            raw: None,
-            tree: OnceLock::from(v),
-        }
+        Resource(Body::Tree(v))
     }
 
     /// A body opened from storage: `None` unless `plain` is JSON.
     fn stored(plain: &[u8]) -> Option<Resource> {
         let raw: Box<RawValue> = serde_json::from_slice(plain).ok()?;
-        Some(Resource {
-            raw: Some(raw),
+        Some(Resource(Body::Text {
+            raw,
             tree: OnceLock::new(),
-        })
+        }))
     }
 
     /// The JSON, for inspection or serialisation. Never log it.
     pub fn json(&self) -> &Value {
-        self.tree.get_or_init(|| match &self.raw {
-            Some(r) => tree_of(r),
-            // `new` always fills the tree; a body has one or the other.
-            None => Value::Null,
-        })
+        match &self.0 {
+            Body::Text { raw, tree } => tree.get_or_init(|| tree_of(raw)),
+            Body::Tree(v) => v,
+        }
     }
 
     /// The JSON, moved into a response being built. Never log it.
     pub fn into_json(self) -> Value {
-        match (self.tree.into_inner(), self.raw) {
-            (Some(v), _) => v,
-            (None, Some(r)) => tree_of(&r),
-            (None, None) => Value::Null,
+        match self.0 {
+            Body::Text { raw, tree } => tree.into_inner().unwrap_or_else(|| tree_of(&raw)),
+            Body::Tree(v) => v,
         }
     }
 
     /// The body for a response: its stored text when it has one (no
     /// parse, no re-serialisation), else its tree. Never log it.
     pub fn into_out(self) -> BodyOut {
-        match self.raw {
-            Some(r) => BodyOut::Text(r),
-            None => BodyOut::Tree(self.tree.into_inner().unwrap_or(Value::Null)),
+        match self.0 {
+            Body::Text { raw, .. } => BodyOut::Text(raw),
+            Body::Tree(v) => BodyOut::Tree(v),
         }
     }
 
-    /// Serialise for a response (see [`Resource::into_out`]).
+    /// Serialise for a response (see [`Resource::into_out`]). Serialising
+    /// a `Value` cannot fail; the fallback only avoids an unwrap.
     pub fn to_bytes(&self) -> Vec<u8> {
-        match &self.raw {
-            Some(r) => r.get().as_bytes().to_vec(),
-            None => serde_json::to_vec(self.json()).unwrap_or_default(),
+        match &self.0 {
+            Body::Text { raw, .. } => raw.get().as_bytes().to_vec(),
+            Body::Tree(v) => serde_json::to_vec(v).unwrap_or_else(|_| v.to_string().into_bytes()),
         }
     }
 }
@@ -706,7 +709,10 @@ mod tests {
     fn stored_text_is_served_as_is_and_parsed_only_on_demand() {
         let text = br#"{"resourceType":"Patient","id":"p1","birthDate":"1970-01-01","multipleBirthInteger":2}"#;
         let r = Resource::stored(text).unwrap();
-        assert!(r.tree.get().is_none(), "opening must not parse");
+        assert!(
+            matches!(&r.0, Body::Text { tree, .. } if tree.get().is_none()),
+            "opening must not parse"
+        );
         assert_eq!(r.to_bytes(), text.to_vec());
         assert_eq!(r.json()["birthDate"], "1970-01-01");
         // Text and tree agree; the text still answers after a parse.

@@ -934,7 +934,8 @@ async fn journaled_records_survive_a_crash(s: &TestServer) {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let mut torn = phylax_server::audit_journal::encode(&s.state.audit.draft(&facts(99)).unwrap());
+    let mut torn =
+        phylax_server::audit_journal::encode(&s.state.audit.draft(&facts(99)).unwrap(), 0);
     torn.truncate(torn.len() / 2);
     let mut f = std::fs::OpenOptions::new()
         .append(true)

@@ -389,7 +389,12 @@ fn file_id(x: rustix::fs::Statx) -> FileId {
 
 fn file_id_at(path: &Path) -> std::io::Result<FileId> {
     use rustix::fs::{statx, AtFlags, StatxFlags, CWD};
-    Ok(file_id(statx(CWD, path, AtFlags::empty(), StatxFlags::INO)?))
+    Ok(file_id(statx(
+        CWD,
+        path,
+        AtFlags::empty(),
+        StatxFlags::INO,
+    )?))
 }
 
 fn file_id_of(f: &File) -> std::io::Result<FileId> {

@@ -382,12 +382,18 @@ async fn an_unwritable_audit_log_fails_closed(s: &TestServer) {
 async fn drop_guards(s: &TestServer) {
     match s.backend {
         common::Backend::Sqlite => {
-            s.sql("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;")
-                .await
+            s.sql(
+                "DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete; \
+                 DROP TRIGGER audit_leaf_no_update; DROP TRIGGER audit_leaf_no_delete;",
+            )
+            .await
         }
         common::Backend::Postgres => {
-            s.sql("ALTER TABLE audit_log DISABLE TRIGGER audit_append_only")
-                .await
+            s.sql(
+                "ALTER TABLE audit_log DISABLE TRIGGER audit_append_only; \
+                 ALTER TABLE audit_leaf DISABLE TRIGGER audit_leaf_append_only",
+            )
+            .await
         }
     }
 }
@@ -416,22 +422,32 @@ async fn tampering_is_detected(s: &TestServer) {
     let c = s.state.store.audit_by_index(0, 1).await.unwrap();
     assert!(!c.is_empty());
     drop_guards(s).await;
-    s.sql("CREATE TABLE audit_copy AS SELECT * FROM audit_log WHERE 1 = 0")
-        .await;
+    s.sql(
+        "CREATE TABLE audit_copy AS SELECT * FROM audit_log WHERE 1 = 0; \
+         CREATE TABLE leaf_copy AS SELECT * FROM audit_leaf WHERE 1 = 0",
+    )
+    .await;
     let n = s.state.store.audit_counts().await.unwrap().1 as i64;
+    // The record at tree position k.
+    let at = |k: i64| format!("(SELECT audit_id FROM audit_leaf WHERE leaf_index = {k})");
     let cases: Vec<(&str, String)> = vec![
-        ("edited column", "UPDATE audit_log SET agent = 'user:someone-else' WHERE leaf_index = 1".into()),
-        ("edited body", "UPDATE audit_log SET sealed = leaf_hash WHERE leaf_index = 2".into()),
-        ("reordered", "UPDATE audit_log SET leaf_index = -1 WHERE leaf_index = 0; UPDATE audit_log SET leaf_index = 0 WHERE leaf_index = 1; UPDATE audit_log SET leaf_index = 1 WHERE leaf_index = -1".into()),
-        ("deleted", "DELETE FROM audit_log WHERE leaf_index = 3".into()),
-        ("inserted", format!("INSERT INTO audit_log (leaf_index, event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed) SELECT {n}, 'forged', recorded, agent, action, subtype, outcome, leaf_hash, sealed FROM audit_log WHERE leaf_index = 0")),
-        ("truncated", format!("DELETE FROM audit_log WHERE leaf_index >= {}", n - 2)),
+        ("edited column", format!("UPDATE audit_log SET agent = 'user:someone-else' WHERE id = {}", at(1))),
+        ("edited body", format!("UPDATE audit_log SET sealed = leaf_hash WHERE id = {}", at(2))),
+        ("reordered", "UPDATE audit_leaf SET leaf_index = -1 WHERE leaf_index = 0; UPDATE audit_leaf SET leaf_index = 0 WHERE leaf_index = 1; UPDATE audit_leaf SET leaf_index = 1 WHERE leaf_index = -1".into()),
+        ("record deleted", format!("DELETE FROM audit_log WHERE id = {}", at(3))),
+        ("record and position deleted", format!("DELETE FROM audit_log WHERE id = {}; DELETE FROM audit_leaf WHERE leaf_index = 3", at(3))),
+        ("position pointed elsewhere", "UPDATE audit_leaf SET audit_id = audit_id + 1000000 WHERE leaf_index = 4".into()),
+        ("inserted", format!("INSERT INTO audit_log (event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed) SELECT 'forged', recorded, agent, action, subtype, outcome, leaf_hash, sealed FROM audit_log WHERE id = {}; INSERT INTO audit_leaf (leaf_index, audit_id) SELECT {n}, id FROM audit_log WHERE event_id = 'forged'", at(0))),
+        ("truncated", format!("DELETE FROM audit_log WHERE id IN (SELECT audit_id FROM audit_leaf WHERE leaf_index >= {m}); DELETE FROM audit_leaf WHERE leaf_index >= {m}", m = n - 2)),
     ];
     for (what, sql) in cases {
         // Each case on a pristine copy of the log: save, tamper, check,
         // restore.
-        s.sql("DELETE FROM audit_copy; INSERT INTO audit_copy SELECT * FROM audit_log")
-            .await;
+        s.sql(
+            "DELETE FROM audit_copy; INSERT INTO audit_copy SELECT * FROM audit_log; \
+             DELETE FROM leaf_copy; INSERT INTO leaf_copy SELECT * FROM audit_leaf",
+        )
+        .await;
         s.sql(&sql).await;
         let plain = s.state.audit.verify(&[], None).await;
         let outside = s
@@ -439,8 +455,11 @@ async fn tampering_is_detected(s: &TestServer) {
             .audit
             .verify(std::slice::from_ref(&first), None)
             .await;
-        s.sql("DELETE FROM audit_log; INSERT INTO audit_log SELECT * FROM audit_copy")
-            .await;
+        s.sql(
+            "DELETE FROM audit_log; INSERT INTO audit_log SELECT * FROM audit_copy; \
+             DELETE FROM audit_leaf; INSERT INTO audit_leaf SELECT * FROM leaf_copy",
+        )
+        .await;
         assert!(
             plain.is_err() && outside.is_err(),
             "{what} went unnoticed: {plain:?}"

@@ -301,6 +301,45 @@ INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('resources', 'resources_seq', '1000000 1');
 "#,
     ),
+    (
+        11,
+        r#"
+-- Tree positions in a narrow table of their own (docs/AUDIT.md,
+-- "Storage"). The sealer used to give each record its position with an
+-- UPDATE of the record: the ~2 KiB row and its indexes were written a
+-- second time (a quarter of the audit writer's time under load) and, on
+-- PostgreSQL, every record left a dead tuple for autovacuum. Now the sealer
+-- inserts (position, record) pairs, and records waiting for a position are
+-- listed in `audit_pending`, which it empties. `audit_log.leaf_index`
+-- keeps the positions of records sealed before this migration (copied
+-- here) and stays NULL for later ones: `audit_leaf` is the authority.
+CREATE TABLE audit_leaf (
+    leaf_index INTEGER PRIMARY KEY,
+    audit_id INTEGER NOT NULL UNIQUE
+);
+INSERT INTO audit_leaf (leaf_index, audit_id)
+    SELECT leaf_index, id FROM audit_log WHERE leaf_index IS NOT NULL ORDER BY leaf_index;
+CREATE TABLE audit_pending (audit_id INTEGER PRIMARY KEY);
+INSERT INTO audit_pending (audit_id) SELECT id FROM audit_log WHERE leaf_index IS NULL;
+DROP INDEX audit_unsealed;
+CREATE TRIGGER audit_leaf_no_delete BEFORE DELETE ON audit_leaf
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_leaf_no_update BEFORE UPDATE ON audit_leaf
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+-- The only change a record may still see: retention emptying the body of
+-- a record that is in the tree (migration 9).
+DROP TRIGGER audit_no_update;
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit_log
+WHEN NOT (length(OLD.sealed) > 0 AND length(NEW.sealed) = 0
+          AND EXISTS (SELECT 1 FROM audit_leaf WHERE audit_id = OLD.id))
+  OR NEW.leaf_index IS NOT OLD.leaf_index
+  OR NEW.id IS NOT OLD.id OR NEW.event_id IS NOT OLD.event_id
+  OR NEW.recorded IS NOT OLD.recorded OR NEW.agent IS NOT OLD.agent OR NEW.action IS NOT OLD.action
+  OR NEW.subtype IS NOT OLD.subtype OR NEW.outcome IS NOT OLD.outcome
+  OR NEW.leaf_hash IS NOT OLD.leaf_hash
+BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+"#,
+    ),
 ];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
@@ -696,6 +735,40 @@ BEGIN
     RETURN new_seq;
 END;
 $$;
+"#,
+    ),
+    (
+        12,
+        r#"
+-- Tree positions in a narrow table of their own (see SQLite migration 11).
+CREATE TABLE audit_leaf (
+    leaf_index BIGINT PRIMARY KEY,
+    audit_id BIGINT NOT NULL UNIQUE
+);
+INSERT INTO audit_leaf (leaf_index, audit_id)
+    SELECT leaf_index, id FROM audit_log WHERE leaf_index IS NOT NULL ORDER BY leaf_index;
+CREATE TABLE audit_pending (audit_id BIGINT PRIMARY KEY);
+INSERT INTO audit_pending (audit_id) SELECT id FROM audit_log WHERE leaf_index IS NULL;
+DROP INDEX audit_unsealed;
+CREATE OR REPLACE FUNCTION phylax_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Retention may empty the body of a record that is in the tree; no
+    -- other change, and no delete, of any audit table.
+    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'audit_log'
+       AND (NEW.id, NEW.leaf_index, NEW.event_id, NEW.recorded, NEW.agent, NEW.action,
+            NEW.subtype, NEW.outcome, NEW.leaf_hash)
+           IS NOT DISTINCT FROM
+           (OLD.id, OLD.leaf_index, OLD.event_id, OLD.recorded, OLD.agent, OLD.action,
+            OLD.subtype, OLD.outcome, OLD.leaf_hash)
+       AND octet_length(OLD.sealed) > 0 AND octet_length(NEW.sealed) = 0
+       AND EXISTS (SELECT 1 FROM audit_leaf WHERE audit_id = OLD.id) THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'audit records are append-only';
+END;
+$$;
+CREATE TRIGGER audit_leaf_append_only BEFORE UPDATE OR DELETE ON audit_leaf
+    FOR EACH ROW EXECUTE FUNCTION phylax_audit_append_only();
 "#,
     ),
 ];

@@ -170,7 +170,7 @@ async fn append_one<C: deadpool_postgres::GenericClient>(
     row.get::<_, Option<i64>>(0).ok_or(StoreError::Conflict)
 }
 
-use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS};
+use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS, AUDIT_FROM};
 
 fn row_audit(r: &Row) -> AuditRow {
     AuditRow {
@@ -209,7 +209,8 @@ async fn insert_audit<C: deadpool_postgres::GenericClient>(c: &C, rows: &[NewAud
             "WITH ins AS (INSERT INTO audit_log (event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed) \
              SELECT e, r, a, ac, s, o, l, b FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], \
              $5::text[], $6::text[], $7::bytea[], $8::bytea[]) WITH ORDINALITY AS u(e, r, a, ac, s, o, l, b, n) ORDER BY n \
-             RETURNING id, event_id) \
+             RETURNING id, event_id), \
+             pend AS (INSERT INTO audit_pending (audit_id) SELECT id FROM ins) \
              INSERT INTO audit_patient (patient, audit_id) \
              SELECT p.patient, ins.id FROM ins JOIN unnest($9::text[], $10::bytea[]) AS p(event_id, patient) \
              ON p.event_id = ins.event_id ON CONFLICT DO NOTHING",
@@ -1003,7 +1004,8 @@ impl Store for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let rows = c
             .query(
-                "SELECT id, leaf_hash FROM audit_log WHERE leaf_index IS NULL ORDER BY id LIMIT $1",
+                "SELECT p.audit_id, a.leaf_hash FROM audit_pending p JOIN audit_log a ON a.id = p.audit_id \
+                 ORDER BY p.audit_id LIMIT $1",
                 &[&i64::from(limit)],
             )
             .await
@@ -1020,7 +1022,7 @@ impl Store for PgStore {
             .map_err(pg)?;
         let end: i64 = tx
             .query_one(
-                "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_log",
+                "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf",
                 &[],
             )
             .await
@@ -1032,10 +1034,15 @@ impl Store for PgStore {
         let idx: Vec<i64> = (0..ids.len() as i64)
             .map(|i| first_index as i64 + i)
             .collect();
+        // Positions are narrow rows of their own: the records are not
+        // rewritten (an UPDATE of each record left a dead ~2 KiB tuple and
+        // new entries in every index of the audit log, and fed the
+        // autovacuum that stalled searches at 1M resources).
         let n = tx
             .execute(
-                "UPDATE audit_log SET leaf_index = u.idx FROM unnest($1::bigint[], $2::bigint[]) AS u(id, idx) \
-                 WHERE audit_log.id = u.id AND audit_log.leaf_index IS NULL",
+                "INSERT INTO audit_leaf (leaf_index, audit_id) \
+                 SELECT u.idx, u.id FROM unnest($1::bigint[], $2::bigint[]) AS u(id, idx) \
+                 WHERE EXISTS (SELECT 1 FROM audit_pending p WHERE p.audit_id = u.id)",
                 &[&ids, &idx],
             )
             .await
@@ -1043,6 +1050,12 @@ impl Store for PgStore {
         if n as usize != ids.len() {
             return Ok(false);
         }
+        tx.execute(
+            "DELETE FROM audit_pending WHERE audit_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .map_err(pg)?;
         let size = cp.size as i64;
         match tx
             .execute(
@@ -1065,7 +1078,8 @@ impl Store for PgStore {
         let rows = c
             .query(
                 &format!(
-                    "SELECT {AUDIT_COLS} FROM audit_log WHERE leaf_index >= $1 ORDER BY leaf_index LIMIT $2"
+                    "SELECT {AUDIT_COLS} FROM audit_leaf f JOIN audit_log a ON a.id = f.audit_id \
+                     WHERE f.leaf_index >= $1 ORDER BY f.leaf_index LIMIT $2"
                 ),
                 &[&(from_index as i64), &i64::from(limit)],
             )
@@ -1079,7 +1093,7 @@ impl Store for PgStore {
         let r = c
             .query_one(
                 "SELECT (SELECT COUNT(*) FROM audit_log), \
-                 (SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_log)",
+                 (SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf)",
                 &[],
             )
             .await
@@ -1108,7 +1122,7 @@ impl Store for PgStore {
     async fn audit_get(&self, event_id: &str) -> Result<Option<AuditRow>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         Ok(c.query_opt(
-            &format!("SELECT {AUDIT_COLS} FROM audit_log WHERE event_id = $1"),
+            &format!("SELECT {AUDIT_COLS} FROM {AUDIT_FROM} WHERE a.event_id = $1"),
             &[&event_id],
         )
         .await
@@ -1145,8 +1159,9 @@ impl Store for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let n = c
             .execute(
-                "UPDATE audit_log SET sealed = ''::bytea WHERE id IN (SELECT id FROM audit_log \
-                 WHERE leaf_index IS NOT NULL AND recorded < $1 AND octet_length(sealed) > 0 ORDER BY id LIMIT $2)",
+                "UPDATE audit_log SET sealed = ''::bytea WHERE id IN (SELECT a.id FROM audit_log a \
+                 WHERE EXISTS (SELECT 1 FROM audit_leaf f WHERE f.audit_id = a.id) \
+                 AND a.recorded < $1 AND octet_length(a.sealed) > 0 ORDER BY a.id LIMIT $2)",
                 &[&before, &(limit as i64)],
             )
             .await

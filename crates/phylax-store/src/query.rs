@@ -491,9 +491,16 @@ pub(crate) fn build(
     (b.sql, b.params)
 }
 
-/// The audit log's columns, in `AuditRow` order.
+/// The audit log's columns, in `AuditRow` order, from [`AUDIT_FROM`] (or
+/// any join naming the record `a` and its tree position `f`).
 pub(crate) const AUDIT_COLS: &str =
-    "id, leaf_index, event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed";
+    "a.id, f.leaf_index, a.event_id, a.recorded, a.agent, a.action, \
+     a.subtype, a.outcome, a.leaf_hash, a.sealed";
+
+/// Records with their tree positions, if they have one. Positions live in
+/// `audit_leaf` (SQLite migration 11): `audit_log.leaf_index` only keeps
+/// those of records sealed before it.
+pub(crate) const AUDIT_FROM: &str = "audit_log a LEFT JOIN audit_leaf f ON f.audit_id = a.id";
 
 /// A bound value of an audit search.
 pub(crate) enum AuditArg {
@@ -551,7 +558,7 @@ pub(crate) fn audit_search_sql(
     };
     args.push(AuditArg::Int(i64::from(q.limit)));
     let sql = format!(
-        "SELECT {AUDIT_COLS} FROM audit_log{wh} ORDER BY id DESC LIMIT {}",
+        "SELECT {AUDIT_COLS} FROM {AUDIT_FROM}{wh} ORDER BY a.id DESC LIMIT {}",
         ph(args.len())
     );
     (sql, args)

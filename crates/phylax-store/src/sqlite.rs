@@ -920,7 +920,8 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let mut st = c
                 .prepare_cached(
-                    "SELECT id, leaf_hash FROM audit_log WHERE leaf_index IS NULL ORDER BY id LIMIT ?1",
+                    "SELECT p.audit_id, a.leaf_hash FROM audit_pending p JOIN audit_log a ON a.id = p.audit_id \
+                     ORDER BY p.audit_id LIMIT ?1",
                 )
                 .map_err(backend)?;
             let rows = st
@@ -935,7 +936,7 @@ impl Store for SqliteStore {
         self.write(move |c| {
             let end: i64 = c
                 .query_row(
-                    "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_log",
+                    "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf",
                     [],
                     |r| r.get(0),
                 )
@@ -943,28 +944,33 @@ impl Store for SqliteStore {
             if end as u64 != first_index {
                 return Ok(false);
             }
-            // One statement, not one per record: inside the writer's
-            // SAVEPOINT, per-row UPDATEs on a table with triggers make
-            // SQLite's statement journal grow quadratically (15,000
-            // records took 13 s). Positions follow arrival (id) order; the
-            // single writer commits ids in order, so the unsealed records
-            // up to the last one read are exactly `ids`, which the count
-            // confirms (a mismatch rolls back).
+            // One statement, not one per record (per-row statements inside
+            // the writer's SAVEPOINT grow SQLite's statement journal
+            // quadratically: 15,000 records took 13 s). Positions follow
+            // arrival (id) order; the single writer commits ids in order,
+            // so the pending records up to the last one read are exactly
+            // `ids`, which the count confirms (a mismatch rolls back). The
+            // records themselves are not touched: a position is a narrow
+            // row of its own.
             let Some(&last) = ids.last() else {
                 return Ok(false);
             };
             let n = c
                 .execute(
-                    "UPDATE audit_log SET leaf_index = ?1 + r.rn - 1 FROM \
-                     (SELECT id, ROW_NUMBER() OVER (ORDER BY id) AS rn FROM audit_log \
-                      WHERE leaf_index IS NULL AND id <= ?2) AS r \
-                     WHERE audit_log.id = r.id",
+                    "INSERT INTO audit_leaf (leaf_index, audit_id) \
+                     SELECT ?1 + ROW_NUMBER() OVER (ORDER BY audit_id) - 1, audit_id \
+                     FROM audit_pending WHERE audit_id <= ?2",
                     params![first_index as i64, last],
                 )
                 .map_err(backend)?;
             if n != ids.len() {
                 return Err(StoreError::Conflict);
             }
+            c.execute(
+                "DELETE FROM audit_pending WHERE audit_id <= ?1",
+                params![last],
+            )
+            .map_err(backend)?;
             c.execute(
                 "INSERT INTO audit_checkpoints (size, time, note) VALUES (?1, ?2, ?3)",
                 params![cp.size as i64, cp.time, cp.note],
@@ -983,8 +989,8 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let mut st = c
                 .prepare_cached(&format!(
-                    "SELECT {AUDIT_COLS} FROM audit_log WHERE leaf_index >= ?1 \
-                     ORDER BY leaf_index LIMIT ?2"
+                    "SELECT {AUDIT_COLS} FROM audit_leaf f JOIN audit_log a ON a.id = f.audit_id \
+                     WHERE f.leaf_index >= ?1 ORDER BY f.leaf_index LIMIT ?2"
                 ))
                 .map_err(backend)?;
             let rows = st
@@ -999,7 +1005,7 @@ impl Store for SqliteStore {
         self.read(move |c| {
             c.query_row(
                 "SELECT (SELECT COUNT(*) FROM audit_log), \
-                 (SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_log)",
+                 (SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf)",
                 [],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
             )
@@ -1034,7 +1040,7 @@ impl Store for SqliteStore {
         let event_id = event_id.to_owned();
         self.read(move |c| {
             c.query_row(
-                &format!("SELECT {AUDIT_COLS} FROM audit_log WHERE event_id = ?1"),
+                &format!("SELECT {AUDIT_COLS} FROM {AUDIT_FROM} WHERE a.event_id = ?1"),
                 params![event_id],
                 row_audit,
             )
@@ -1078,8 +1084,9 @@ impl Store for SqliteStore {
             // quadratic inside the writer's SAVEPOINT; see audit_seal).
             let n = c
                 .execute(
-                    "UPDATE audit_log SET sealed = x'' WHERE id IN (SELECT id FROM audit_log \
-                     WHERE leaf_index IS NOT NULL AND recorded < ?1 AND length(sealed) > 0 ORDER BY id LIMIT ?2)",
+                    "UPDATE audit_log SET sealed = x'' WHERE id IN (SELECT a.id FROM audit_log a \
+                     WHERE EXISTS (SELECT 1 FROM audit_leaf f WHERE f.audit_id = a.id) \
+                     AND a.recorded < ?1 AND length(a.sealed) > 0 ORDER BY a.id LIMIT ?2)",
                     params![before, limit as i64],
                 )
                 .map_err(backend)?;
@@ -1170,7 +1177,7 @@ impl Store for SqliteStore {
     }
 }
 
-use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS};
+use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS, AUDIT_FROM};
 
 fn row_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
     Ok(AuditRow {
@@ -1211,6 +1218,10 @@ fn insert_audit(c: &Connection, rows: &[NewAudit]) -> Result<()> {
             "INSERT INTO audit_patient (patient, audit_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
         )
         .map_err(unavailable)?;
+    // Waiting for a tree position (the sealer's queue).
+    let mut pend = c
+        .prepare_cached("INSERT INTO audit_pending (audit_id) VALUES (?1)")
+        .map_err(unavailable)?;
     for a in rows {
         st.execute(params![
             a.event_id,
@@ -1224,6 +1235,7 @@ fn insert_audit(c: &Connection, rows: &[NewAudit]) -> Result<()> {
         ])
         .map_err(unavailable)?;
         let id = c.last_insert_rowid();
+        pend.execute(params![id]).map_err(unavailable)?;
         for p in &a.patients {
             pt.execute(params![p, id]).map_err(unavailable)?;
         }

@@ -1608,3 +1608,120 @@ async fn search_entries_migrate_postgres() {
     let s: DynStore = Arc::new(PgStore::connect(&url, Some(&schema)).await.unwrap());
     old_entries_answer_after_migration(&s).await;
 }
+
+/// A log sealed before tree positions moved to `audit_leaf` (SQLite
+/// migration 11, PostgreSQL 12) keeps its tree across the upgrade: sealed
+/// records keep their positions, unsealed ones are pending in arrival
+/// order, and sealing continues where the tree ended.
+async fn upgraded_log_keeps_its_tree(s: &DynStore) {
+    assert_eq!(s.audit_counts().await.unwrap(), (5, 3));
+    let tree = s.audit_by_index(0, 10).await.unwrap();
+    assert_eq!(
+        tree.iter()
+            .map(|r| (r.leaf_index, r.event_id.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(Some(0), "old-0"), (Some(1), "old-1"), (Some(2), "old-2")]
+    );
+    let pending = s.audit_unsealed(10).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|p| p.1[0]).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    let ids: Vec<i64> = pending.iter().map(|p| p.0).collect();
+    assert!(s.audit_seal(3, ids, cp(5)).await.unwrap());
+    assert_eq!(s.audit_counts().await.unwrap(), (5, 5));
+    let got = s.audit_get("old-4").await.unwrap().unwrap();
+    assert_eq!(got.leaf_index, Some(4));
+    // Records written after the upgrade join the same tree.
+    s.append_audit(vec![audit(9, 9000, "app", &[b"p9"])])
+        .await
+        .unwrap();
+    let ids: Vec<i64> = s
+        .audit_unsealed(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.0)
+        .collect();
+    assert!(s.audit_seal(5, ids, cp(6)).await.unwrap());
+    assert_eq!(s.audit_by_index(5, 10).await.unwrap()[0].leaf_hash[0], 9);
+}
+
+/// Five records of the old layout: three sealed (positions 0–2), two not.
+/// `hex` writes a one-byte blob literal for the backend.
+fn old_log(hex: fn(u8) -> String) -> String {
+    let rows: Vec<String> = (0u8..5)
+        .map(|i| {
+            let pos = if i < 3 { i.to_string() } else { "NULL".into() };
+            format!(
+                "({pos}, 'old-{i}', {i}, 'app', 'R', 'read', '0', {}, {})",
+                hex(i),
+                hex(1)
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO audit_log (leaf_index, event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed) VALUES {};",
+        rows.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_upgrade_keeps_the_audit_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
+            .unwrap();
+        for (v, sql) in migrations::SQLITE.iter().filter(|(v, _)| *v <= 10) {
+            c.execute_batch(sql).unwrap();
+            c.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
+                [v],
+            )
+            .unwrap();
+        }
+        c.execute_batch(&old_log(|b| format!("X'{b:02x}'")))
+            .unwrap();
+    }
+    let s: DynStore = Arc::new(SqliteStore::open(&path).await.unwrap());
+    upgraded_log_keeps_its_tree(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_upgrade_keeps_the_audit_tree() {
+    let Some(url) = std::env::var("PHYLAX_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI=true but PHYLAX_TEST_DATABASE_URL is not set"
+        );
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.batch_execute(&format!(
+        "CREATE SCHEMA {schema}; SET search_path = {schema}; \
+         CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    ))
+    .await
+    .unwrap();
+    for (v, sql) in migrations::POSTGRES.iter().filter(|(v, _)| *v <= 11) {
+        c.batch_execute(sql).await.unwrap();
+        c.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[v])
+            .await
+            .unwrap();
+    }
+    c.batch_execute(&old_log(|b| format!("'\\x{b:02x}'::bytea")))
+        .await
+        .unwrap();
+    let s: DynStore = Arc::new(PgStore::connect(&url, Some(&schema)).await.unwrap());
+    upgraded_log_keeps_its_tree(&s).await;
+}

@@ -524,13 +524,23 @@ fn audit_checkpoint_verify_and_tampering() {
     // Someone with the database file edits a record.
     let db = rusqlite::Connection::open(p.join("inst/phylax.db")).unwrap();
     assert!(
-        db.execute("UPDATE audit_log SET agent = 'x' WHERE leaf_index = 0", [])
-            .is_err(),
+        db.execute(
+            "UPDATE audit_log SET agent = 'x' WHERE id = (SELECT audit_id FROM audit_leaf WHERE leaf_index = 0)",
+            []
+        )
+        .is_err(),
         "the append-only guard refuses edits"
     );
     assert!(db.execute("DELETE FROM audit_log", []).is_err());
+    assert!(
+        db.execute("UPDATE audit_leaf SET audit_id = audit_id + 1", [])
+            .is_err(),
+        "and changes of tree positions"
+    );
+    assert!(db.execute("DELETE FROM audit_leaf", []).is_err());
     db.execute_batch(
-        "DROP TRIGGER audit_no_update; UPDATE audit_log SET recorded = recorded + 1 WHERE leaf_index = 1",
+        "DROP TRIGGER audit_no_update; UPDATE audit_log SET recorded = recorded + 1 \
+         WHERE id = (SELECT audit_id FROM audit_leaf WHERE leaf_index = 1)",
     )
     .unwrap();
     let e = fails(&phylax(&["audit", "verify", "--data-dir", "inst"], p));
@@ -538,9 +548,12 @@ fn audit_checkpoint_verify_and_tampering() {
     // A truncated log is caught by the saved checkpoint even if the
     // database's own checkpoints were removed with it.
     db.execute_batch(
-        "UPDATE audit_log SET recorded = recorded - 1 WHERE leaf_index = 1; \
-         DROP TRIGGER audit_no_delete; DROP TRIGGER checkpoints_no_delete; \
-         DELETE FROM audit_log WHERE leaf_index = 2; DELETE FROM audit_checkpoints WHERE size = 3;",
+        "UPDATE audit_log SET recorded = recorded - 1 \
+         WHERE id = (SELECT audit_id FROM audit_leaf WHERE leaf_index = 1); \
+         DROP TRIGGER audit_no_delete; DROP TRIGGER audit_leaf_no_delete; \
+         DROP TRIGGER checkpoints_no_delete; \
+         DELETE FROM audit_log WHERE id = (SELECT audit_id FROM audit_leaf WHERE leaf_index = 2); \
+         DELETE FROM audit_leaf WHERE leaf_index = 2; DELETE FROM audit_checkpoints WHERE size = 3;",
     )
     .unwrap();
     let e = fails(&phylax(&["audit", "verify", "--data-dir", "inst"], p));

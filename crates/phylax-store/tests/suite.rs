@@ -1529,22 +1529,10 @@ async fn old_entries_answer_after_migration(s: &DynStore) {
 async fn search_entries_migrate_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
-        )
-        .unwrap();
-        for (v, sql) in migrations::SQLITE.iter().filter(|(v, _)| *v < 10) {
-            c.execute_batch(sql).unwrap();
-            c.execute(
-                "INSERT INTO schema_migrations VALUES (?1, 0)",
-                rusqlite::params![v],
-            )
-            .unwrap();
-        }
-        c.execute_batch(
-            "INSERT INTO resource_versions (seq, rtype, id, version, last_updated, deleted, key_scope, body) VALUES
+    sqlite_at(
+        &path,
+        10,
+        "INSERT INTO resource_versions (seq, rtype, id, version, last_updated, deleted, key_scope, body) VALUES
                 (1, 'Observation', 'o1', 1, 1, 0, 'tenant', X'00'),
                 (2, 'Observation', 'o1', 2, 2, 0, 'tenant', X'00'),
                 (3, 'Observation', 'o2', 1, 3, 0, 'tenant', X'00');
@@ -1555,41 +1543,15 @@ async fn search_entries_migrate_sqlite() {
                 ('Observation', 'o1', 'date', NULL, 100, 200, NULL),
                 ('Observation', 'o2', 'code', X'42', NULL, NULL, NULL),
                 ('Observation', 'o2', 'value', NULL, NULL, NULL, 5.0);",
-        )
-        .unwrap();
-    }
+    );
     let s: DynStore = Arc::new(SqliteStore::open(&path).await.unwrap());
     old_entries_answer_after_migration(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_entries_migrate_postgres() {
-    let Ok(url) = std::env::var("PHYLAX_TEST_DATABASE_URL") else {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "CI=true needs PostgreSQL"
-        );
-        return;
-    };
-    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    c.batch_execute(&format!(
-        "CREATE SCHEMA {schema}; SET search_path = {schema};
-         CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());"
-    ))
-    .await
-    .unwrap();
-    for (v, sql) in migrations::POSTGRES.iter().filter(|(v, _)| *v < 11) {
-        c.batch_execute(sql).await.unwrap();
-        c.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[v])
-            .await
-            .unwrap();
-    }
-    c.batch_execute(
+    let Some((url, schema)) = postgres_at(
+        11,
         "INSERT INTO resource_versions (seq, rtype, id, version, last_updated, deleted, key_scope, body) VALUES
             (1, 'Observation', 'o1', 1, 1, false, 'tenant', '\\x00'),
             (2, 'Observation', 'o1', 2, 2, false, 'tenant', '\\x00'),
@@ -1604,7 +1566,9 @@ async fn search_entries_migrate_postgres() {
             ('Observation', 'o2', 'value', NULL, NULL, NULL, 5.0);",
     )
     .await
-    .unwrap();
+    else {
+        return;
+    };
     let s: DynStore = Arc::new(PgStore::connect(&url, Some(&schema)).await.unwrap());
     old_entries_answer_after_migration(&s).await;
 }
@@ -1670,27 +1634,44 @@ fn old_log(hex: fn(u8) -> String) -> String {
 async fn sqlite_upgrade_keeps_the_audit_tree() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.db");
-    {
-        let c = rusqlite::Connection::open(&path).unwrap();
-        c.execute_batch("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
-            .unwrap();
-        for (v, sql) in migrations::SQLITE.iter().filter(|(v, _)| *v <= 10) {
-            c.execute_batch(sql).unwrap();
-            c.execute(
-                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
-                [v],
-            )
-            .unwrap();
-        }
-        c.execute_batch(&old_log(|b| format!("X'{b:02x}'")))
-            .unwrap();
-    }
+    sqlite_at(&path, 11, &old_log(|b| format!("X'{b:02x}'")));
     let s: DynStore = Arc::new(SqliteStore::open(&path).await.unwrap());
     upgraded_log_keeps_its_tree(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_upgrade_keeps_the_audit_tree() {
+    let Some((url, schema)) = postgres_at(12, &old_log(|b| format!("'\\x{b:02x}'::bytea"))).await
+    else {
+        return;
+    };
+    let s: DynStore = Arc::new(PgStore::connect(&url, Some(&schema)).await.unwrap());
+    upgraded_log_keeps_its_tree(&s).await;
+}
+
+/// A SQLite database at `path` with the migrations before `version`
+/// applied (recorded as the store records them), then `data` run on it: a
+/// store of an older release, for upgrade tests.
+fn sqlite_at(path: &std::path::Path, version: i64, data: &str) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )
+    .unwrap();
+    for (v, sql) in migrations::SQLITE.iter().filter(|(v, _)| *v < version) {
+        c.execute_batch(sql).unwrap();
+        c.execute(
+            "INSERT INTO schema_migrations VALUES (?1, 0)",
+            rusqlite::params![v],
+        )
+        .unwrap();
+    }
+    c.execute_batch(data).unwrap();
+}
+
+/// [`sqlite_at`] for PostgreSQL, in a fresh schema: its URL and schema, or
+/// `None` when no test database is configured (a failure under `CI=true`).
+async fn postgres_at(version: i64, data: &str) -> Option<(String, String)> {
     let Some(url) = std::env::var("PHYLAX_TEST_DATABASE_URL")
         .ok()
         .filter(|u| !u.is_empty())
@@ -1698,9 +1679,9 @@ async fn postgres_upgrade_keeps_the_audit_tree() {
         assert_ne!(
             std::env::var("CI").as_deref(),
             Ok("true"),
-            "CI=true but PHYLAX_TEST_DATABASE_URL is not set"
+            "CI=true needs PostgreSQL (PHYLAX_TEST_DATABASE_URL)"
         );
-        return;
+        return None;
     };
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
     let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -1713,15 +1694,12 @@ async fn postgres_upgrade_keeps_the_audit_tree() {
     ))
     .await
     .unwrap();
-    for (v, sql) in migrations::POSTGRES.iter().filter(|(v, _)| *v <= 11) {
+    for (v, sql) in migrations::POSTGRES.iter().filter(|(v, _)| *v < version) {
         c.batch_execute(sql).await.unwrap();
         c.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[v])
             .await
             .unwrap();
     }
-    c.batch_execute(&old_log(|b| format!("'\\x{b:02x}'::bytea")))
-        .await
-        .unwrap();
-    let s: DynStore = Arc::new(PgStore::connect(&url, Some(&schema)).await.unwrap());
-    upgraded_log_keeps_its_tree(&s).await;
+    c.batch_execute(data).await.unwrap();
+    Some((url, schema))
 }

@@ -29,8 +29,8 @@
 //! - **Reused files**: an indexed segment is not deleted but kept (up to
 //!   [`POOL`] of them, grown to [`KEEP_AHEAD`] times what they last held) and overwritten
 //!   as a later current file. An `fdatasync` after an append must also
-//!   commit the file's new size through the file system's journal (a second
-//!   device flush, and an interrupt, per sync); after an overwrite of
+//!   write the inode with the file's new size (on a journaling file system,
+//!   commit it: another device flush per sync); after an overwrite of
 //!   blocks already on disk it flushes only the data. Each use of a file
 //!   has a random 64-bit *generation*, written in the file's header and in
 //!   every frame (under the frame's checksum), so the frames of an earlier
@@ -281,9 +281,14 @@ fn start_current(dir: &Path, seq: &mut u64) -> std::io::Result<Current> {
         *seq += 1;
         std::fs::rename(&cur, segment_name(dir, *seq))?;
     }
-    let reused = kept(dir)
-        .into_iter()
-        .any(|free| std::fs::rename(free, &cur).is_ok());
+    // The first kept file that can be taken (renamed to the current name).
+    let mut reused = false;
+    for free in kept(dir) {
+        if std::fs::rename(free, &cur).is_ok() {
+            reused = true;
+            break;
+        }
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)

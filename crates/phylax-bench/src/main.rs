@@ -84,6 +84,49 @@ struct Args {
     /// The audit log's sealing interval (`[audit] checkpoint_secs`).
     #[arg(long, default_value_t = 10)]
     checkpoint_secs: u64,
+    /// Keep the instance (its data directory and key) in this directory
+    /// instead of a temporary one. If it already holds one from an earlier
+    /// run with `--patients`, that instance and its loaded patients are
+    /// used again and nothing is loaded: search experiments at 1M then
+    /// take seconds instead of a load. Loaded data stays on disk: this is
+    /// for benchmarking machines only.
+    #[arg(long)]
+    keep_instance: Option<std::path::PathBuf>,
+}
+
+/// Where the instance lives: a temporary directory removed at exit, or
+/// one kept for later runs.
+enum InstanceDir {
+    Temp(tempfile::TempDir),
+    Kept(std::path::PathBuf),
+}
+
+impl InstanceDir {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            InstanceDir::Temp(t) => t.path(),
+            InstanceDir::Kept(p) => p,
+        }
+    }
+
+    /// The synthetic patients' ids saved by an earlier run, if any.
+    fn saved_patients(&self) -> Result<Option<Vec<String>>> {
+        let f = self.path().join("synthetic-ids.txt");
+        match (self, std::fs::read_to_string(&f)) {
+            (InstanceDir::Kept(_), Ok(text)) => Ok(Some(text.lines().map(str::to_owned).collect())),
+            (InstanceDir::Kept(_), Err(e)) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot read {}", f.display()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn save_patients(&self, ids: &[String]) -> Result<()> {
+        if let InstanceDir::Kept(p) = self {
+            std::fs::write(p.join("synthetic-ids.txt"), ids.join("\n"))?;
+        }
+        Ok(())
+    }
 }
 
 struct Env {
@@ -171,22 +214,31 @@ async fn setup(
     db: Option<&str>,
     no_audit: bool,
     checkpoint_secs: u64,
-) -> Result<(Env, tempfile::TempDir, tokio::sync::oneshot::Sender<()>)> {
-    let dir = tempfile::tempdir()?;
+    keep: Option<&std::path::Path>,
+) -> Result<(Env, InstanceDir, tokio::sync::oneshot::Sender<()>)> {
+    let dir = match keep {
+        Some(p) => InstanceDir::Kept(p.to_owned()),
+        None => InstanceDir::Temp(tempfile::tempdir()?),
+    };
     let data = dir.path().join("data");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    Instance::init(&InitOptions {
-        data_dir: data.clone(),
-        key_file: Some(dir.path().join("keys/kek")),
-        listen: addr.to_string(),
-        public_url: None,
-        database_url: db.map(str::to_owned),
-        tls_names: vec![],
-    })
-    .await?;
+    if !data.exists() {
+        Instance::init(&InitOptions {
+            data_dir: data.clone(),
+            key_file: Some(dir.path().join("keys/kek")),
+            listen: addr.to_string(),
+            public_url: None,
+            database_url: db.map(str::to_owned),
+            tls_names: vec![],
+        })
+        .await?;
+    }
     let mut cfg = phylax_server::config::Config::load(&data)?;
     cfg.audit.checkpoint_secs = checkpoint_secs;
+    // A kept instance was made for an earlier run's port.
+    cfg.listen = addr.to_string();
+    cfg.public_url = format!("https://{addr}");
     cfg.save(&data)?;
     let inst = Instance::open(&data, db).await?;
     let tls = phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key)?;
@@ -533,10 +585,11 @@ async fn main() -> Result<()> {
             .init();
     }
     let fsync = fsync_rate()?;
-    let (env, _dir, _stop) = setup(
+    let (env, dir, _stop) = setup(
         args.database_url.as_deref(),
         args.danger_no_audit,
         args.checkpoint_secs,
+        args.keep_instance.as_deref(),
     )
     .await?;
     let env = Arc::new(env);
@@ -546,7 +599,9 @@ async fn main() -> Result<()> {
     }
     let ids = Arc::new(ids);
     let mut ingest = None;
-    let synthetic = if args.patients > 0 {
+    let synthetic = if let Some(saved) = dir.saved_patients()? {
+        saved
+    } else if args.patients > 0 {
         let t = Instant::now();
         let (s, resources) = load_synthetic(
             env.clone(),
@@ -556,6 +611,7 @@ async fn main() -> Result<()> {
         )
         .await?;
         ingest = Some((resources, t.elapsed().as_secs_f64()));
+        dir.save_patients(&s)?;
         tokio::time::sleep(Duration::from_secs(args.settle)).await;
         env.refresh().await?;
         s

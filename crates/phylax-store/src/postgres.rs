@@ -272,6 +272,25 @@ async fn resolve(c: &deadpool_postgres::Client, ids: &ParamIds, q: &SearchQuery)
     Ok(out)
 }
 
+/// Most statements one search connection keeps prepared. Search SQL
+/// varies with the number of values (an `IN` list per condition), so a
+/// client choosing those could otherwise grow each connection's cache, and
+/// the server's memory for its prepared statements, without bound. Real
+/// searches use a few dozen shapes; past the bound the cache starts over.
+const MAX_SEARCH_STATEMENTS: usize = 256;
+
+/// A search statement, prepared once per connection (an uncached
+/// statement costs a second round trip, parse then execute, per query).
+async fn prepare_search(
+    c: &deadpool_postgres::Client,
+    sql: &str,
+) -> Result<tokio_postgres::Statement> {
+    if c.statement_cache.size() >= MAX_SEARCH_STATEMENTS {
+        c.statement_cache.clear();
+    }
+    c.prepare_cached(sql).await.map_err(pg)
+}
+
 /// Which condition group drives a search (see `query::plan`).
 async fn driver(
     c: &deadpool_postgres::Client,
@@ -289,7 +308,8 @@ async fn driver(
             let owned = bind(params);
             let refs: Vec<&(dyn ToSql + Sync)> =
                 owned.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
-            let row = c.query_one(&sql, &refs).await.map_err(pg)?;
+            let st = prepare_search(c, &sql).await?;
+            let row = c.query_one(&st, &refs).await.map_err(pg)?;
             let counts: Vec<i64> = (0..candidates.len()).map(|k| row.get(k)).collect();
             Ok(query::driver_from_counts(&candidates, &counts))
         }
@@ -688,7 +708,7 @@ impl Store for PgStore {
             false,
             driver,
         );
-        let st = c.prepare_cached(&sql).await.map_err(pg)?;
+        let st = prepare_search(&c, &sql).await?;
         let owned = bind(ps);
         let refs: Vec<&(dyn ToSql + Sync)> =
             owned.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
@@ -704,7 +724,8 @@ impl Store for PgStore {
         let owned = bind(ps);
         let refs: Vec<&(dyn ToSql + Sync)> =
             owned.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
-        let n: i64 = c.query_one(&sql, &refs).await.map_err(pg)?.get(0);
+        let st = prepare_search(&c, &sql).await?;
+        let n: i64 = c.query_one(&st, &refs).await.map_err(pg)?.get(0);
         Ok(n as u64)
     }
 

@@ -72,6 +72,9 @@ pub struct AuditLog {
     detector: std::sync::OnceLock<Arc<crate::detect::Detector>>,
     /// Whether the last sealing pass took a full `SEAL_MAX` batch.
     full: std::sync::atomic::AtomicBool,
+    /// Sealed records read back to rebuild the tree's edge (see
+    /// [`AuditLog::tree_records_read`]).
+    reread: std::sync::atomic::AtomicU64,
     /// A running server's journal (see `audit_journal`); without it
     /// (the CLI) records commit straight into the database.
     journal: std::sync::OnceLock<Arc<crate::audit_journal::Journal>>,
@@ -142,6 +145,7 @@ impl AuditLog {
             frontier: tokio::sync::Mutex::new(None),
             danger_off: std::sync::atomic::AtomicBool::new(false),
             full: std::sync::atomic::AtomicBool::new(false),
+            reread: std::sync::atomic::AtomicU64::new(0),
             detector: std::sync::OnceLock::new(),
             journal: std::sync::OnceLock::new(),
             retention_ms: i64::from(retention_days) * 86_400_000,
@@ -364,12 +368,36 @@ impl AuditLog {
         if pending.is_empty() {
             return Ok(None);
         }
-        // Catch up with records other nodes sealed.
+        // The newest checkpoint, then the tree's size: read in this order,
+        // a seal by another node in between shows as a tree larger than
+        // the checkpoint, and the checkpoint is read again.
+        let mut latest = self.store.latest_checkpoint().await?;
+        let mut sealed = self.store.audit_tree_size().await?;
+        if latest.as_ref().is_some_and(|l| l.size < sealed) {
+            latest = self.store.latest_checkpoint().await?;
+            sealed = self.store.audit_tree_size().await?;
+        }
+        let latest = match latest {
+            Some(row) => {
+                let cp = phylax_audit::checkpoint::open_signed(&row.note, &self.verifier)
+                    .map_err(|e| AuditError::Integrity(format!("latest checkpoint: {e}")))?;
+                Some((cp, row.frontier))
+            }
+            None => None,
+        };
         let mut f = match guard.take() {
             Some(f) => f,
-            None => Frontier::new(),
+            // A starting node goes on from the newest checkpoint's stored
+            // edge, not by rereading every sealed record (O(n) at every
+            // start: ten seconds of database time at a million records).
+            // The edge is trusted only if its root is the signed one.
+            None => match &latest {
+                Some((cp, edge)) => Frontier::from_parts(cp.size, edge)
+                    .filter(|g| g.root() == cp.root && g.size() <= sealed)
+                    .unwrap_or_default(),
+                None => Frontier::new(),
+            },
         };
-        let (_, sealed) = self.store.audit_counts().await?;
         if sealed < f.size() {
             // The tree shrank under us: the log was truncated.
             return Err(AuditError::Integrity(format!(
@@ -377,11 +405,15 @@ impl AuditLog {
                 f.size()
             )));
         }
+        // Catch up with records other nodes sealed (or, without a stored
+        // edge, with the whole tree, once).
         while f.size() < sealed {
             let rows = self.store.audit_by_index(f.size(), 10_000).await?;
             if rows.is_empty() {
                 break;
             }
+            self.reread
+                .fetch_add(rows.len() as u64, std::sync::atomic::Ordering::Relaxed);
             for r in rows {
                 if r.leaf_index != Some(f.size()) {
                     return Err(AuditError::Integrity(format!(
@@ -392,9 +424,7 @@ impl AuditLog {
                 f.push(to_hash(&r.leaf_hash).ok_or(AuditError::Integrity(r.event_id))?);
             }
         }
-        if let Some(last) = self.store.latest_checkpoint().await? {
-            let cp = phylax_audit::checkpoint::open_signed(&last.note, &self.verifier)
-                .map_err(|e| AuditError::Integrity(format!("latest checkpoint: {e}")))?;
+        if let Some((cp, _)) = &latest {
             if cp.size != f.size() || cp.root != f.root() {
                 return Err(AuditError::Integrity(format!(
                     "the stored tree does not match checkpoint {}",
@@ -424,6 +454,7 @@ impl AuditLog {
             size: cp.size,
             time: cp.time_ms,
             note: note.clone(),
+            frontier: next.to_bytes(),
         };
         let t0 = std::time::Instant::now();
         let sealed_ok = self.store.audit_seal(first, ids, row).await?;
@@ -445,6 +476,15 @@ impl AuditLog {
             *guard = Some(f);
             Ok(None)
         }
+    }
+
+    /// How many sealed records this node has read back to rebuild the
+    /// tree's edge: none when it started from a checkpoint's stored edge
+    /// and no other node sealed since; the whole tree when that edge was
+    /// missing (a checkpoint from before it was kept) or did not match its
+    /// signed root.
+    pub fn tree_records_read(&self) -> u64 {
+        self.reread.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn last_batch_full(&self) -> bool {

@@ -475,6 +475,107 @@ async fn tampering_is_detected(s: &TestServer) {
     assert!(s.state.audit.verify(&[forged], None).await.is_err());
 }
 
+// A starting node goes on sealing from the newest checkpoint's stored
+// tree edge instead of rereading the tree; an edge that is missing (a
+// checkpoint from before it was kept), cut short or altered is not
+// trusted: the node rereads the tree once, and what it seals still
+// verifies.
+mod a_starting_node_seals_from_the_stored_edge {
+    use super::common::{Backend, TestServer};
+    // The background sealer waits the longest interval: every seal here
+    // is the test's own, so the counts it checks are exact.
+    async fn start(b: Backend) -> Option<TestServer> {
+        TestServer::start_with(b, |c| c.audit.checkpoint_secs = 300).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let s = start(Backend::Sqlite).await.unwrap();
+        super::a_starting_node_seals_from_the_stored_edge(&s).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        if let Some(s) = start(Backend::Postgres).await {
+            super::a_starting_node_seals_from_the_stored_edge(&s).await;
+        }
+    }
+}
+async fn a_starting_node_seals_from_the_stored_edge(s: &TestServer) {
+    use phylax_server::instance::Instance;
+    let tok = s.token(ALL).await;
+    some_traffic(s, &tok).await;
+    s.state.audit.seal_pending().await.unwrap().unwrap();
+    let size = |s: &TestServer| {
+        let store = s.state.store.clone();
+        async move { store.audit_tree_size().await.unwrap() }
+    };
+    let latest = s.state.store.latest_checkpoint().await.unwrap().unwrap();
+    assert_eq!(latest.size, size(s).await);
+    assert_eq!(
+        latest.frontier.len(),
+        32 * latest.size.count_ones() as usize
+    );
+    let start = || async {
+        Instance::open(&s.data_dir, s.db_url.as_deref())
+            .await
+            .unwrap()
+            .audit
+    };
+    // A restart: nothing read back. (The running server's journal is
+    // flushed into the database first: the new node has no journal.)
+    some_traffic(s, &tok).await;
+    s.state.audit.flush().await.unwrap();
+    let node = start().await;
+    node.seal_pending().await.unwrap().unwrap();
+    assert_eq!(node.tree_records_read(), 0);
+    s.state.audit.verify(&[], None).await.unwrap();
+    // The first node catches up with what the second sealed by reading
+    // just that.
+    let before = s.state.audit.tree_records_read();
+    let grown = size(s).await - latest.size;
+    some_traffic(s, &tok).await;
+    s.state.audit.seal_pending().await.unwrap().unwrap();
+    assert_eq!(s.state.audit.tree_records_read() - before, grown);
+    // Untrusted edges: each makes a starting node read the whole tree.
+    let unguard = match s.backend {
+        common::Backend::Sqlite => "DROP TRIGGER checkpoints_no_update",
+        common::Backend::Postgres => {
+            "ALTER TABLE audit_checkpoints DISABLE TRIGGER checkpoints_append_only"
+        }
+    };
+    s.sql(unguard).await;
+    let (flip, cut) = match s.backend {
+        common::Backend::Sqlite => (
+            "UPDATE audit_checkpoints SET frontier = CAST(CASE WHEN substr(frontier, 1, 1) = x'ff' THEN x'00' ELSE x'ff' END || substr(frontier, 2) AS BLOB)",
+            "UPDATE audit_checkpoints SET frontier = substr(frontier, 33)",
+        ),
+        common::Backend::Postgres => (
+            "UPDATE audit_checkpoints SET frontier = set_byte(frontier, 0, (get_byte(frontier, 0) + 1) % 256)",
+            "UPDATE audit_checkpoints SET frontier = substring(frontier from 33)",
+        ),
+    };
+    for (what, sql) in [
+        ("altered", flip),
+        ("cut short", cut),
+        ("missing", "UPDATE audit_checkpoints SET frontier = NULL"),
+    ] {
+        some_traffic(s, &tok).await;
+        s.state.audit.flush().await.unwrap();
+        s.sql(sql).await;
+        let tree = size(s).await;
+        let node = start().await;
+        node.seal_pending().await.unwrap().unwrap();
+        assert_eq!(node.tree_records_read(), tree, "{what}");
+        // What it sealed is right, and leaves a trusted edge behind.
+        s.state.audit.verify(&[], None).await.unwrap();
+        let l = s.state.store.latest_checkpoint().await.unwrap().unwrap();
+        let again = start().await;
+        some_traffic(s, &tok).await;
+        s.state.audit.flush().await.unwrap();
+        again.seal_pending().await.unwrap().unwrap();
+        assert_eq!(again.tree_records_read(), 0, "{what}: edge at {}", l.size);
+    }
+}
+
 /// The SIEM export: JSON lines, each the exact leaf a checkpoint signs,
 /// resumed from a saved position (no gaps, no repeats), rotated by size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -271,6 +271,11 @@ pub struct CheckpointRow {
     pub time: i64,
     /// The signed note text.
     pub note: String,
+    /// The tree's right edge at `size` (`Frontier::to_bytes`), from which
+    /// a node goes on sealing without rereading the tree. Empty for
+    /// checkpoints written before it was kept. Not trusted: its root must
+    /// match the note's signed one.
+    pub frontier: Vec<u8>,
 }
 
 /// A break-the-glass grant: emergency access by one user to one patient,
@@ -412,6 +417,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// changed) if the tree no longer ends at `first_index` (another node
     /// sealed meanwhile) or a record was sealed already.
     async fn audit_seal(&self, first_index: u64, ids: Vec<i64>, cp: CheckpointRow) -> Result<bool>;
+    /// The number of sealed records (the tree's size): one index lookup,
+    /// unlike [`Store::audit_counts`], which counts every record.
+    async fn audit_tree_size(&self) -> Result<u64>;
     /// Sealed records by tree position, from `from_index`, in order.
     async fn audit_by_index(&self, from_index: u64, limit: u32) -> Result<Vec<AuditRow>>;
     /// How many records exist, and how many are sealed into the tree.

@@ -340,6 +340,22 @@ WHEN NOT (length(OLD.sealed) > 0 AND length(NEW.sealed) = 0
 BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 "#,
     ),
+    (
+        12,
+        r#"
+-- Each checkpoint keeps the tree's right edge (the roots of its perfect
+-- subtrees, 32 bytes each, largest first) so that a starting node goes on
+-- sealing from the newest checkpoint instead of rereading every record
+-- sealed before it (docs/AUDIT.md, "Storage"). NULL for checkpoints
+-- written before: the first seal after the upgrade reads the tree once.
+ALTER TABLE audit_checkpoints ADD COLUMN frontier BLOB;
+-- Checkpoints were protected against deletion only; a stored edge makes
+-- an edit worth refusing too (PostgreSQL has refused both since its
+-- migration 8).
+CREATE TRIGGER checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
+"#,
+    ),
 ];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
@@ -769,6 +785,13 @@ END;
 $$;
 CREATE TRIGGER audit_leaf_append_only BEFORE UPDATE OR DELETE ON audit_leaf
     FOR EACH ROW EXECUTE FUNCTION phylax_audit_append_only();
+"#,
+    ),
+    (
+        13,
+        r#"
+-- Each checkpoint keeps the tree's right edge (see SQLite migration 12).
+ALTER TABLE audit_checkpoints ADD COLUMN frontier BYTEA;
 "#,
     ),
 ];

@@ -192,6 +192,7 @@ fn row_checkpoint(r: &Row) -> CheckpointRow {
         size: r.get::<_, i64>(0) as u64,
         time: r.get(1),
         note: r.get(2),
+        frontier: r.get::<_, Option<Vec<u8>>>(3).unwrap_or_default(),
     }
 }
 
@@ -1080,8 +1081,8 @@ impl Store for PgStore {
         let size = cp.size as i64;
         match tx
             .execute(
-                "INSERT INTO audit_checkpoints (size, time, note) VALUES ($1, $2, $3)",
-                &[&size, &cp.time, &cp.note],
+                "INSERT INTO audit_checkpoints (size, time, note, frontier) VALUES ($1, $2, $3, $4)",
+                &[&size, &cp.time, &cp.note, &cp.frontier],
             )
             .await
             .map_err(pg)
@@ -1107,6 +1108,18 @@ impl Store for PgStore {
             .await
             .map_err(pg)?;
         Ok(rows.iter().map(row_audit).collect())
+    }
+
+    async fn audit_tree_size(&self) -> Result<u64> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_one(
+                "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(r.get::<_, i64>(0) as u64)
     }
 
     async fn audit_counts(&self) -> Result<(u64, u64)> {
@@ -1156,7 +1169,7 @@ impl Store for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let rows = c
             .query(
-                "SELECT size, time, note FROM audit_checkpoints WHERE size > $1 ORDER BY size LIMIT $2",
+                "SELECT size, time, note, frontier FROM audit_checkpoints WHERE size > $1 ORDER BY size LIMIT $2",
                 &[&(after_size as i64), &i64::from(limit)],
             )
             .await
@@ -1167,7 +1180,7 @@ impl Store for PgStore {
     async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         Ok(c.query_opt(
-            "SELECT size, time, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+            "SELECT size, time, note, frontier FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
             &[],
         )
         .await
@@ -1412,5 +1425,21 @@ mod tests {
         assert_eq!(show(&s.pool, "plan_cache_mode").await, "auto");
         assert_eq!(show(&s.search_pool, "search_path").await, schema);
         assert_eq!(show(&s.pool, "search_path").await, schema);
+        // Each number of `_id` values is a new statement: the search
+        // connections' caches stay bounded however many a client sends.
+        for n in 1..=MAX_SEARCH_STATEMENTS + 40 {
+            let q = SearchQuery {
+                rtype: "Patient".into(),
+                and: vec![vec![crate::Cond::Ids(
+                    (0..n).map(|i| format!("id-{i}")).collect(),
+                )]],
+                before_seq: None,
+                limit: 10,
+            };
+            assert!(s.search(&q).await.unwrap().is_empty());
+        }
+        let c = s.search_pool.get().await.unwrap();
+        assert!(c.statement_cache.size() > 0);
+        assert!(c.statement_cache.size() <= MAX_SEARCH_STATEMENTS);
     }
 }

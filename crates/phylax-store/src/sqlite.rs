@@ -972,8 +972,8 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
             c.execute(
-                "INSERT INTO audit_checkpoints (size, time, note) VALUES (?1, ?2, ?3)",
-                params![cp.size as i64, cp.time, cp.note],
+                "INSERT INTO audit_checkpoints (size, time, note, frontier) VALUES (?1, ?2, ?3, ?4)",
+                params![cp.size as i64, cp.time, cp.note, cp.frontier],
             )
             .map_err(backend)?;
             Ok(true)
@@ -997,6 +997,18 @@ impl Store for SqliteStore {
                 .query_map(params![from_index as i64, limit as i64], row_audit)
                 .map_err(backend)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn audit_tree_size(&self) -> Result<u64> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf",
+                [],
+                |r| Ok(r.get::<_, i64>(0)? as u64),
+            )
+            .map_err(backend)
         })
         .await
     }
@@ -1054,7 +1066,7 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let mut st = c
                 .prepare_cached(
-                    "SELECT size, time, note FROM audit_checkpoints WHERE size > ?1 ORDER BY size LIMIT ?2",
+                    "SELECT size, time, note, frontier FROM audit_checkpoints WHERE size > ?1 ORDER BY size LIMIT ?2",
                 )
                 .map_err(backend)?;
             let rows = st
@@ -1068,7 +1080,7 @@ impl Store for SqliteStore {
     async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>> {
         self.read(move |c| {
             c.query_row(
-                "SELECT size, time, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+                "SELECT size, time, note, frontier FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
                 [],
                 row_checkpoint,
             )
@@ -1199,6 +1211,7 @@ fn row_checkpoint(r: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRow> {
         size: r.get::<_, i64>(0)? as u64,
         time: r.get(1)?,
         note: r.get(2)?,
+        frontier: r.get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
     })
 }
 

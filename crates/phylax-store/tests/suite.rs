@@ -1132,6 +1132,9 @@ fn cp(size: u64) -> CheckpointRow {
         size,
         time: size as i64,
         note: format!("note {size}"),
+        // Stands for the tree's edge: one byte per set bit, enough to show
+        // it is stored and read back unchanged.
+        frontier: (0..size.count_ones() as u8).collect(),
     }
 }
 
@@ -1188,8 +1191,10 @@ async fn audit_log_appends_seals_and_searches(s: &DynStore) {
     assert!(!s.audit_seal(0, ids[2..].to_vec(), cp(1)).await.unwrap());
     assert!(!s.audit_seal(2, ids[..1].to_vec(), cp(3)).await.unwrap());
     assert_eq!(s.audit_counts().await.unwrap(), (3, 2));
+    assert_eq!(s.audit_tree_size().await.unwrap(), 2);
     assert!(s.audit_seal(2, ids[2..].to_vec(), cp(3)).await.unwrap());
     assert_eq!(s.audit_counts().await.unwrap(), (3, 3));
+    assert_eq!(s.audit_tree_size().await.unwrap(), 3);
     assert!(s.audit_unsealed(10).await.unwrap().is_empty());
 
     let by_index = s.audit_by_index(1, 10).await.unwrap();

@@ -538,6 +538,11 @@ fn audit_checkpoint_verify_and_tampering() {
         "and changes of tree positions"
     );
     assert!(db.execute("DELETE FROM audit_leaf", []).is_err());
+    assert!(
+        db.execute("UPDATE audit_checkpoints SET frontier = NULL", [])
+            .is_err(),
+        "and edits of checkpoints (and the tree edge they keep)"
+    );
     db.execute_batch(
         "DROP TRIGGER audit_no_update; UPDATE audit_log SET recorded = recorded + 1 \
          WHERE id = (SELECT audit_id FROM audit_leaf WHERE leaf_index = 1)",

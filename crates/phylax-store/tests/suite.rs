@@ -575,6 +575,40 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
         Vec::<String>::new(),
         "AND"
     );
+    // OR across parameters (as `name` searches `family` and `given`): one
+    // union of entries; a resource matching twice is listed once.
+    let unit = |u: &[u8]| Cond::Hash {
+        param: "value".into(),
+        hashes: vec![u.to_vec()],
+    };
+    assert_eq!(
+        ids(s, vec![vec![hc("B"), unit(b"mg")]]).await,
+        vec!["o1", "o2"],
+        "OR across parameters"
+    );
+    assert_eq!(
+        ids(s, vec![vec![hc("A"), unit(b"mg")]]).await,
+        vec!["o1", "o3"],
+        "matched twice, listed once"
+    );
+    assert_eq!(
+        ids(
+            s,
+            vec![vec![hc("A"), unit(b"mg")], vec![hc("B"), unit(b"g")]]
+        )
+        .await,
+        Vec::<String>::new(),
+        "two OR groups, AND-ed"
+    );
+    assert_eq!(
+        ids(
+            s,
+            vec![vec![hc("A"), unit(b"g")], vec![hc("B"), unit(b"mg")]]
+        )
+        .await,
+        vec!["o1", "o2"],
+        "two OR groups, one drives, the other probed per row"
+    );
     assert_eq!(
         ids(
             s,

@@ -245,32 +245,17 @@ async fn insert_audit<C: deadpool_postgres::GenericClient>(c: &C, rows: &[NewAud
     Ok(())
 }
 
-/// The numbers of a query's parameters (see the SQLite backend's
-/// `resolve`): cached, else read, else `UNKNOWN` (no entries).
-async fn resolve(c: &deadpool_postgres::Client, ids: &ParamIds, q: &SearchQuery) -> Result<Pids> {
-    let mut out = Pids::new();
-    for p in params::query_params(q) {
-        let pid = match ids.get(&q.rtype, &p) {
-            Some(pid) => pid,
-            None => {
-                let st = c
-                    .prepare_cached("SELECT pid FROM search_params WHERE rtype = $1 AND param = $2")
-                    .await
-                    .map_err(pg)?;
-                match c.query_opt(&st, &[&q.rtype, &p]).await.map_err(pg)? {
-                    // Visible outside a transaction, so committed.
-                    Some(r) => {
-                        let pid: i32 = r.get(0);
-                        ids.insert(&q.rtype, &p, pid);
-                        pid
-                    }
-                    None => params::UNKNOWN,
-                }
-            }
-        };
-        out.insert(p, pid);
-    }
-    Ok(out)
+/// The numbers of a query's parameters that this node knows (committed
+/// ones, see `params`). The others are looked up inside the query itself
+/// (`query::Builder::sub`): reading them here first cost a round trip per
+/// search for every parameter without entries, such as the
+/// restricted-label condition added to every search while no resource
+/// carries a label.
+fn resolve(ids: &ParamIds, q: &SearchQuery) -> Pids {
+    params::query_params(q)
+        .into_iter()
+        .filter_map(|p| ids.get(&q.rtype, &p).map(|pid| (p, pid)))
+        .collect()
 }
 
 /// Most statements one search connection keeps prepared. Search SQL
@@ -699,7 +684,7 @@ impl Store for PgStore {
 
     async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>> {
         let c = self.search_pool.get().await.map_err(pool_err)?;
-        let pids = resolve(&c, &self.pids, q).await?;
+        let pids = resolve(&self.pids, q);
         let driver = driver(&c, q, &pids).await?;
         let (sql, ps) = query::build(
             q,
@@ -719,7 +704,7 @@ impl Store for PgStore {
 
     async fn search_count(&self, q: &SearchQuery) -> Result<u64> {
         let c = self.search_pool.get().await.map_err(pool_err)?;
-        let pids = resolve(&c, &self.pids, q).await?;
+        let pids = resolve(&self.pids, q);
         let driver = driver(&c, q, &pids).await?;
         let (sql, ps) = query::build(q, &pids, &|n| format!("${n}"), "", true, driver);
         let owned = bind(ps);

@@ -137,6 +137,8 @@ struct Builder<'a> {
     /// The alias conditions name the candidate row by: `r` (`resources`)
     /// or, when the query reads versions alone, `v` (see `build`).
     row: &'static str,
+    /// The searched type (for parameters whose number is not in `pids`).
+    rtype: &'a str,
 }
 
 impl Builder<'_> {
@@ -189,12 +191,19 @@ impl Builder<'_> {
     /// The entries of one parameter: per row when correlated, else the
     /// list of resources (their current version's `seq`) having one.
     fn sub(&mut self, param: &str) -> String {
-        let pid = self
-            .pids
-            .get(param)
-            .copied()
-            .unwrap_or(crate::params::UNKNOWN);
-        let p = self.bind(P::I32(pid));
+        let p = match self.pids.get(param) {
+            Some(pid) => self.bind(P::I32(*pid)),
+            // A number this node has not seen: looked up inside the query
+            // (NULL, so no entry, if the parameter was never registered).
+            // As fresh as the query's own snapshot, and no separate round
+            // trip per search for parameters that have no entries yet (a
+            // restricted-label condition on every search, for one).
+            None => {
+                let t = self.bind(P::T(self.rtype.to_owned()));
+                let c = self.bind(P::T(param.to_owned()));
+                format!("(SELECT s.pid FROM search_params s WHERE s.rtype = {t} AND s.param = {c})")
+            }
+        };
         if self.correlated {
             let row = self.row;
             return format!(
@@ -424,6 +433,7 @@ pub(crate) fn plan(q: &SearchQuery, pids: &Pids, ph: &dyn Fn(usize) -> String) -
                 correlated: false,
                 pg: ph(1).starts_with('$'),
                 row: "r",
+                rtype: &q.rtype,
             };
             let mut cols = Vec::new();
             for &i in &candidates {
@@ -485,6 +495,7 @@ pub(crate) fn build(
         correlated: false,
         pg: ph(1).starts_with('$'),
         row,
+        rtype: &q.rtype,
     };
     let t = b.bind(P::T(q.rtype.clone()));
     let mut wh = if versions_only {
@@ -644,7 +655,10 @@ mod tests {
                 hashes: vec![vec![2; 16], vec![3; 16]],
             },
         ];
-        let pids = Pids::new();
+        let pids: Pids = [("family", 5), ("given", 7), ("gender", 9)]
+            .into_iter()
+            .map(|(p, n)| (p.to_owned(), n))
+            .collect();
         let pg = |n: usize| format!("${n}");
         let mut q = SearchQuery {
             rtype: "Patient".into(),
@@ -689,6 +703,30 @@ mod tests {
             limit: 10,
         };
         assert!(matches!(plan(&mixed, &pids, &pg), Plan::Lists));
+    }
+
+    /// A parameter whose number this node has not seen is looked up in
+    /// the query itself (bound, like every value), not given a number.
+    #[test]
+    fn unknown_parameters_are_looked_up_in_the_query() {
+        let q = SearchQuery {
+            rtype: "Observation".into(),
+            and: vec![vec![Cond::NotHash {
+                param: "_security".into(),
+                hashes: vec![vec![1; 16]],
+            }]],
+            before_seq: None,
+            limit: 10,
+        };
+        let pg = |n: usize| format!("${n}");
+        let (sql, params) = build(&q, &Pids::new(), &pg, "v.seq", false, None);
+        assert!(
+            sql.contains(
+                "i.pid = (SELECT s.pid FROM search_params s WHERE s.rtype = $3 AND s.param = $4)"
+            ),
+            "{sql}"
+        );
+        assert!(matches!(&params[3], P::T(p) if p == "_security"));
     }
 
     /// A correlated probe on PostgreSQL compares `+i.lo`/`+i.num`, so no

@@ -698,6 +698,20 @@ async fn metrics_are_protected_and_free_of_ids() {
     ] {
         assert!(body.contains(want), "{want} missing:\n{body}");
     }
+    // The record counts come from the tree size and the waiting queue,
+    // not a count of the log; they agree with one.
+    let gauge = |state: &str| -> u64 {
+        let prefix = format!("phylax_audit_records{{state=\"{state}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} missing:\n{body}"))
+    };
+    let (all, sealed) = (gauge("all"), gauge("sealed"));
+    let (counted, tree) = s.state.store.audit_counts().await.unwrap();
+    assert!(sealed > 0 && sealed <= all, "{sealed} sealed of {all}");
+    assert!(sealed <= tree, "{sealed} sealed, the tree has {tree}");
+    assert!(all <= counted, "{all} records shown, {counted} stored");
     assert!(!body.contains(&pid) && !body.contains(&oid) && !body.contains(FAMILY));
     // Without a configured token the endpoint does not exist.
     let plain = TestServer::start(common::Backend::Sqlite).await.unwrap();

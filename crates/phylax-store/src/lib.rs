@@ -420,6 +420,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The number of sealed records (the tree's size): one index lookup,
     /// unlike [`Store::audit_counts`], which counts every record.
     async fn audit_tree_size(&self) -> Result<u64>;
+    /// The number of records waiting for a tree position (a short queue).
+    /// With [`Store::audit_tree_size`], every record: cheap enough for
+    /// every metrics scrape, where counting the log is not.
+    async fn audit_pending_count(&self) -> Result<u64>;
     /// Sealed records by tree position, from `from_index`, in order.
     async fn audit_by_index(&self, from_index: u64, limit: u32) -> Result<Vec<AuditRow>>;
     /// How many records exist, and how many are sealed into the tree.

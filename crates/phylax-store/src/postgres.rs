@@ -1107,6 +1107,15 @@ impl Store for PgStore {
         Ok(r.get::<_, i64>(0) as u64)
     }
 
+    async fn audit_pending_count(&self) -> Result<u64> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_one("SELECT COUNT(*) FROM audit_pending", &[])
+            .await
+            .map_err(pg)?;
+        Ok(r.get::<_, i64>(0) as u64)
+    }
+
     async fn audit_counts(&self) -> Result<(u64, u64)> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let r = c

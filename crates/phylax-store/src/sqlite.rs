@@ -1013,6 +1013,16 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn audit_pending_count(&self) -> Result<u64> {
+        self.read(move |c| {
+            c.query_row("SELECT COUNT(*) FROM audit_pending", [], |r| {
+                Ok(r.get::<_, i64>(0)? as u64)
+            })
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn audit_counts(&self) -> Result<(u64, u64)> {
         self.read(move |c| {
             c.query_row(

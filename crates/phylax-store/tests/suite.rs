@@ -1226,9 +1226,11 @@ async fn audit_log_appends_seals_and_searches(s: &DynStore) {
     assert!(!s.audit_seal(2, ids[..1].to_vec(), cp(3)).await.unwrap());
     assert_eq!(s.audit_counts().await.unwrap(), (3, 2));
     assert_eq!(s.audit_tree_size().await.unwrap(), 2);
+    assert_eq!(s.audit_pending_count().await.unwrap(), 1);
     assert!(s.audit_seal(2, ids[2..].to_vec(), cp(3)).await.unwrap());
     assert_eq!(s.audit_counts().await.unwrap(), (3, 3));
     assert_eq!(s.audit_tree_size().await.unwrap(), 3);
+    assert_eq!(s.audit_pending_count().await.unwrap(), 0);
     assert!(s.audit_unsealed(10).await.unwrap().is_empty());
 
     let by_index = s.audit_by_index(1, 10).await.unwrap();

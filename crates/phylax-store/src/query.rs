@@ -251,9 +251,8 @@ impl Builder<'_> {
     /// The resources (current versions' `seq`) with an entry of any of
     /// these hash conditions: one `SELECT` per condition, `UNION ALL`-ed.
     /// As one `IN` list the database drives from the entries. Written as
-    /// an OR of `IN` lists instead, neither backend can: PostgreSQL
-    /// scanned every version of the type backwards and tested each
-    /// against the lists (a `name` search at 1M resources: 103 ms against
+    /// an OR of `IN` lists instead, PostgreSQL could not: it scanned every
+    /// version of the type backwards and tested each against the lists (a `name` search at 1M resources: 103 ms against
     /// 1.2 ms this way).
     fn hash_union(&mut self, group: &[Cond]) -> String {
         let parts: Vec<String> = group

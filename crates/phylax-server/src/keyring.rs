@@ -92,6 +92,41 @@ impl KeyRing {
         Ok(self.remember(scope, key))
     }
 
+    /// Fetch and cache, in one read, the keys of these scopes that are not
+    /// cached yet (a search page's, whose results each have their own
+    /// patient's key: one round trip per page instead of one per result
+    /// after a restart, or whenever the cache has been cleared). Keys that
+    /// are missing or fail to unwrap are left out: [`KeyRing::for_read`]
+    /// reports them for the record that needs them.
+    pub async fn prefetch<'a>(
+        &self,
+        scopes: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), KeyError> {
+        let want: Vec<String> = {
+            let cache = self.cache.read();
+            scopes
+                .into_iter()
+                .filter(|s| !cache.contains_key(*s))
+                .map(row_name)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        if want.len() < 2 {
+            // Nothing to batch: `for_read` fetches a single key itself.
+            return Ok(());
+        }
+        for (row, wrapped) in self.store.get_wrapped_keys(&want).await? {
+            let Some(scope) = row.strip_prefix("data:") else {
+                continue;
+            };
+            if let Ok(key) = self.kek.unwrap_data_key(scope, &wrapped) {
+                self.remember(scope, key);
+            }
+        }
+        Ok(())
+    }
+
     /// The data key for reading a record sealed under `scope`.
     pub async fn for_read(&self, scope: &str) -> Result<Arc<DataKey>, KeyError> {
         if let Some(k) = self.cached(scope) {

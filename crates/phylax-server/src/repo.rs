@@ -650,6 +650,13 @@ impl Repo {
     }
 
     async fn open_all(&self, rows: Vec<StoredVersion>) -> Result<Vec<ResourceVersion>, RepoError> {
+        self.keys
+            .prefetch(
+                rows.iter()
+                    .filter(|r| r.sealed.is_some())
+                    .map(|r| r.key_scope.as_str()),
+            )
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             out.push(self.open(r).await?);

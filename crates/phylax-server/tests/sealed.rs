@@ -279,6 +279,8 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
     );
 
     // A fresh server (no key cache) over a tampered wrapped key.
+    let (good1, _) = store_phi(s, &tok).await;
+    let (good2, _) = store_phi(s, &tok).await;
     let (e, _) = store_phi(s, &tok).await;
     let flip_key = match s.backend {
         Backend::Sqlite => format!("UPDATE wrapped_keys SET wrapped = CAST(substr(wrapped, 1, 20) || CASE WHEN substr(wrapped, 21, 1) = x'ff' THEN x'00' ELSE x'ff' END || substr(wrapped, 22) AS BLOB) WHERE scope = 'data:patient:{e}'"),
@@ -295,6 +297,28 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
         String::new(),
     );
     let t = phylax_fhir::ResourceType::parse("Patient").unwrap();
+    // A search page fetches its keys together: a page of good records
+    // opens; one that includes the tampered key is refused, not served
+    // without that record.
+    let page = |ids: Vec<&String>| {
+        let q = phylax_store::SearchQuery {
+            rtype: "Patient".into(),
+            and: vec![vec![phylax_store::Cond::Ids(
+                ids.into_iter().cloned().collect(),
+            )]],
+            before_seq: None,
+            limit: 100,
+        };
+        let repo = &repo;
+        async move { repo.search(&q).await }
+    };
+    let r = page(vec![&good1, &e, &good2]).await;
+    assert!(
+        matches!(r, Err(phylax_server::repo::RepoError::Integrity { .. })),
+        "{:?}",
+        r.map(|p| p.len())
+    );
+    assert_eq!(page(vec![&good1, &good2]).await.unwrap().len(), 2);
     let r = repo
         .read(&t, &phylax_fhir::ResourceId::parse(&e).unwrap())
         .await;

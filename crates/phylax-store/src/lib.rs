@@ -306,6 +306,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// A KEK-wrapped key by scope.
     async fn get_wrapped_key(&self, scope: &str) -> Result<Option<Vec<u8>>>;
+    /// Several wrapped keys in one read: `(scope, wrapped)` for those that
+    /// exist, in no particular order (a search page's keys, fetched
+    /// together instead of one round trip per result).
+    async fn get_wrapped_keys(&self, scopes: &[String]) -> Result<Vec<(String, Vec<u8>)>>;
     /// Store a wrapped key unless one exists for the scope (another node may
     /// have raced us); return the one that is stored.
     async fn put_wrapped_key_if_absent(

@@ -505,14 +505,25 @@ impl Store for PgStore {
 
     async fn get_wrapped_key(&self, scope: &str) -> Result<Option<Vec<u8>>> {
         let c = self.pool.get().await.map_err(pool_err)?;
-        let r = c
-            .query_opt(
-                "SELECT wrapped FROM wrapped_keys WHERE scope = $1",
-                &[&scope],
-            )
+        let st = c
+            .prepare_cached("SELECT wrapped FROM wrapped_keys WHERE scope = $1")
             .await
             .map_err(pg)?;
+        let r = c.query_opt(&st, &[&scope]).await.map_err(pg)?;
         Ok(r.map(|r| r.get(0)))
+    }
+
+    async fn get_wrapped_keys(&self, scopes: &[String]) -> Result<Vec<(String, Vec<u8>)>> {
+        if scopes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let st = c
+            .prepare_cached("SELECT scope, wrapped FROM wrapped_keys WHERE scope = ANY($1)")
+            .await
+            .map_err(pg)?;
+        let rows = c.query(&st, &[&scopes]).await.map_err(pg)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     async fn put_wrapped_key_if_absent(

@@ -392,6 +392,27 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn get_wrapped_keys(&self, scopes: &[String]) -> Result<Vec<(String, Vec<u8>)>> {
+        let scopes = scopes.to_vec();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached("SELECT wrapped FROM wrapped_keys WHERE scope = ?1")
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for s in scopes {
+                let w: Option<Vec<u8>> = st
+                    .query_row(params![s], |r| r.get(0))
+                    .optional()
+                    .map_err(backend)?;
+                if let Some(w) = w {
+                    out.push((s, w));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn get_wrapped_key(&self, scope: &str) -> Result<Option<Vec<u8>>> {
         let scope = scope.to_owned();
         self.read(move |c| {

@@ -160,6 +160,28 @@ async fn meta_and_keys_are_set_once(s: &DynStore) {
         .unwrap();
     assert_eq!(a, b"w1");
     assert_eq!(b, b"w1", "a racing second key loses; the first stays");
+    s.put_wrapped_key_if_absent("patient:2", b"w3", 3)
+        .await
+        .unwrap();
+    // Several at once: those that exist, each with its own key.
+    let mut got = s
+        .get_wrapped_keys(&[
+            "patient:2".into(),
+            "patient:none".into(),
+            "patient:1".into(),
+            "patient:1'; DROP TABLE wrapped_keys; --".into(),
+        ])
+        .await
+        .unwrap();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("patient:1".to_owned(), b"w1".to_vec()),
+            ("patient:2".to_owned(), b"w3".to_vec())
+        ]
+    );
+    assert!(s.get_wrapped_keys(&[]).await.unwrap().is_empty());
 }
 
 both!(versions_preconditions_and_tombstones);

@@ -716,6 +716,15 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Refused before anything starts: a refused call must not take this
+    // node's journal lock or start background work (a running server
+    // asked to serve a second, bad listener once lost its journal lock to
+    // it in a race).
+    if tls.is_none() && !listener.local_addr()?.ip().is_loopback() {
+        return Err(std::io::Error::other(
+            "plaintext HTTP is only allowed on a loopback address",
+        ));
+    }
     // Reads' audit records go through this node's journal (recovering any
     // stopped node's first).
     st.audit
@@ -741,13 +750,8 @@ async fn serve_app(
 ) -> std::io::Result<()> {
     match tls {
         Some(cfg) => crate::tls::serve_tls(listener, cfg, app, shutdown).await,
+        // Loopback only: checked by `serve` before anything started.
         None => {
-            let addr = listener.local_addr()?;
-            if !addr.ip().is_loopback() {
-                return Err(std::io::Error::other(
-                    "plaintext HTTP is only allowed on a loopback address",
-                ));
-            }
             axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),

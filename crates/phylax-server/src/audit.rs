@@ -368,15 +368,9 @@ impl AuditLog {
         if pending.is_empty() {
             return Ok(None);
         }
-        // The newest checkpoint, then the tree's size: read in this order,
-        // a seal by another node in between shows as a tree larger than
-        // the checkpoint, and the checkpoint is read again.
-        let mut latest = self.store.latest_checkpoint().await?;
-        let mut sealed = self.store.audit_tree_size().await?;
-        if latest.as_ref().is_some_and(|l| l.size < sealed) {
-            latest = self.store.latest_checkpoint().await?;
-            sealed = self.store.audit_tree_size().await?;
-        }
+        // Read together, so that another node's seal cannot fall between
+        // them and look like tampering.
+        let (latest, sealed) = self.store.latest_checkpoint_and_tree_size().await?;
         let latest = match latest {
             Some(row) => {
                 let cp = phylax_audit::checkpoint::open_signed(&row.note, &self.verifier)

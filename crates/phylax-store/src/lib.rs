@@ -437,6 +437,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Checkpoints with `size > after_size`, oldest first.
     async fn checkpoints(&self, after_size: u64, limit: u32) -> Result<Vec<CheckpointRow>>;
     async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>>;
+    /// The newest checkpoint and the tree's size, read together (one
+    /// statement, one snapshot): a seal by another node cannot fall
+    /// between them, so a tree that differs from its newest checkpoint
+    /// really does.
+    async fn latest_checkpoint_and_tree_size(&self) -> Result<(Option<CheckpointRow>, u64)>;
 
     /// Empty the bodies of at most `limit` sealed records recorded before
     /// `before` (retention has passed; their leaf hashes stay, so the tree

@@ -1182,6 +1182,25 @@ impl Store for PgStore {
         Ok(rows.iter().map(row_checkpoint).collect())
     }
 
+    async fn latest_checkpoint_and_tree_size(&self) -> Result<(Option<CheckpointRow>, u64)> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_one(
+                "SELECT c.size, c.time, c.note, c.frontier, t.n \
+                 FROM (SELECT COALESCE(MAX(leaf_index) + 1, 0) AS n FROM audit_leaf) t \
+                 LEFT JOIN LATERAL (SELECT size, time, note, frontier FROM audit_checkpoints \
+                 ORDER BY size DESC LIMIT 1) c ON true",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        let cp = r
+            .get::<_, Option<i64>>(0)
+            .is_some()
+            .then(|| row_checkpoint(&r));
+        Ok((cp, r.get::<_, i64>(4) as u64))
+    }
+
     async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         Ok(c.query_opt(

@@ -1108,6 +1108,28 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn latest_checkpoint_and_tree_size(&self) -> Result<(Option<CheckpointRow>, u64)> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT c.size, c.time, c.note, c.frontier, \
+                 (SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf) \
+                 FROM (SELECT 1) LEFT JOIN \
+                 (SELECT size, time, note, frontier FROM audit_checkpoints ORDER BY size DESC LIMIT 1) c ON 1",
+                [],
+                |r| {
+                    let size: Option<i64> = r.get(0)?;
+                    let cp = match size {
+                        Some(_) => Some(row_checkpoint(r)?),
+                        None => None,
+                    };
+                    Ok((cp, r.get::<_, i64>(4)? as u64))
+                },
+            )
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>> {
         self.read(move |c| {
             c.query_row(

@@ -1196,6 +1196,11 @@ fn cp(size: u64) -> CheckpointRow {
 
 both!(audit_log_appends_seals_and_searches);
 async fn audit_log_appends_seals_and_searches(s: &DynStore) {
+    assert_eq!(
+        s.latest_checkpoint_and_tree_size().await.unwrap(),
+        (None, 0),
+        "an empty log"
+    );
     s.append_audit(vec![
         audit(1, 1000, "user:u1", &[b"p1"]),
         audit(2, 2000, "app", &[b"p1", b"p2"]),
@@ -1268,6 +1273,10 @@ async fn audit_log_appends_seals_and_searches(s: &DynStore) {
     assert_eq!(got, by_index[0]);
     assert!(s.audit_get("nope").await.unwrap().is_none());
 
+    assert_eq!(
+        s.latest_checkpoint_and_tree_size().await.unwrap(),
+        (Some(cp(3)), 3)
+    );
     let cps = s.checkpoints(0, 10).await.unwrap();
     assert_eq!(cps.iter().map(|c| c.size).collect::<Vec<_>>(), vec![2, 3]);
     assert_eq!(s.latest_checkpoint().await.unwrap().unwrap(), cp(3));

@@ -170,7 +170,7 @@ async fn append_one<C: deadpool_postgres::GenericClient>(
     row.get::<_, Option<i64>>(0).ok_or(StoreError::Conflict)
 }
 
-use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS, AUDIT_FROM};
+use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS, AUDIT_FROM, TREE_SIZE};
 
 fn row_audit(r: &Row) -> AuditRow {
     AuditRow {
@@ -1039,10 +1039,7 @@ impl Store for PgStore {
             .await
             .map_err(pg)?;
         let end: i64 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf",
-                &[],
-            )
+            .query_one(&format!("SELECT {TREE_SIZE}"), &[])
             .await
             .map_err(pg)?
             .get(0);
@@ -1109,10 +1106,7 @@ impl Store for PgStore {
     async fn audit_tree_size(&self) -> Result<u64> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let r = c
-            .query_one(
-                "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf",
-                &[],
-            )
+            .query_one(&format!("SELECT {TREE_SIZE}"), &[])
             .await
             .map_err(pg)?;
         Ok(r.get::<_, i64>(0) as u64)
@@ -1131,8 +1125,7 @@ impl Store for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let r = c
             .query_one(
-                "SELECT (SELECT COUNT(*) FROM audit_log), \
-                 (SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf)",
+                &format!("SELECT (SELECT COUNT(*) FROM audit_log), {TREE_SIZE}"),
                 &[],
             )
             .await
@@ -1186,10 +1179,12 @@ impl Store for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let r = c
             .query_one(
-                "SELECT c.size, c.time, c.note, c.frontier, t.n \
-                 FROM (SELECT COALESCE(MAX(leaf_index) + 1, 0) AS n FROM audit_leaf) t \
+                &format!(
+                    "SELECT c.size, c.time, c.note, c.frontier, t.n \
+                 FROM (SELECT {TREE_SIZE} AS n) t \
                  LEFT JOIN LATERAL (SELECT size, time, note, frontier FROM audit_checkpoints \
-                 ORDER BY size DESC LIMIT 1) c ON true",
+                 ORDER BY size DESC LIMIT 1) c ON true"
+                ),
                 &[],
             )
             .await

@@ -539,6 +539,11 @@ pub(crate) const AUDIT_COLS: &str =
     "a.id, f.leaf_index, a.event_id, a.recorded, a.agent, a.action, \
      a.subtype, a.outcome, a.leaf_hash, a.sealed";
 
+/// The audit tree's size, as a scalar subquery: the position after the
+/// last (positions are contiguous from 0, and `audit_leaf` holds them all
+/// since SQLite migration 11 / PostgreSQL 12).
+pub(crate) const TREE_SIZE: &str = "(SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf)";
+
 /// Records with their tree positions, if they have one. Positions live in
 /// `audit_leaf` (SQLite migration 11): `audit_log.leaf_index` only keeps
 /// those of records sealed before it.

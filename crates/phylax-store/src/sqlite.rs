@@ -957,7 +957,7 @@ impl Store for SqliteStore {
         self.write(move |c| {
             let end: i64 = c
                 .query_row(
-                    "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf",
+                    &format!("SELECT {TREE_SIZE}"),
                     [],
                     |r| r.get(0),
                 )
@@ -1024,11 +1024,9 @@ impl Store for SqliteStore {
 
     async fn audit_tree_size(&self) -> Result<u64> {
         self.read(move |c| {
-            c.query_row(
-                "SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf",
-                [],
-                |r| Ok(r.get::<_, i64>(0)? as u64),
-            )
+            c.query_row(&format!("SELECT {TREE_SIZE}"), [], |r| {
+                Ok(r.get::<_, i64>(0)? as u64)
+            })
             .map_err(backend)
         })
         .await
@@ -1047,8 +1045,7 @@ impl Store for SqliteStore {
     async fn audit_counts(&self) -> Result<(u64, u64)> {
         self.read(move |c| {
             c.query_row(
-                "SELECT (SELECT COUNT(*) FROM audit_log), \
-                 (SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf)",
+                &format!("SELECT (SELECT COUNT(*) FROM audit_log), {TREE_SIZE}"),
                 [],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
             )
@@ -1111,10 +1108,11 @@ impl Store for SqliteStore {
     async fn latest_checkpoint_and_tree_size(&self) -> Result<(Option<CheckpointRow>, u64)> {
         self.read(move |c| {
             c.query_row(
-                "SELECT c.size, c.time, c.note, c.frontier, \
-                 (SELECT COALESCE(MAX(leaf_index) + 1, 0) FROM audit_leaf) \
-                 FROM (SELECT 1) LEFT JOIN \
-                 (SELECT size, time, note, frontier FROM audit_checkpoints ORDER BY size DESC LIMIT 1) c ON 1",
+                &format!(
+                    "SELECT c.size, c.time, c.note, c.frontier, {TREE_SIZE} \
+                     FROM (SELECT 1) LEFT JOIN \
+                     (SELECT size, time, note, frontier FROM audit_checkpoints ORDER BY size DESC LIMIT 1) c ON 1"
+                ),
                 [],
                 |r| {
                     let size: Option<i64> = r.get(0)?;
@@ -1242,7 +1240,7 @@ impl Store for SqliteStore {
     }
 }
 
-use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS, AUDIT_FROM};
+use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS, AUDIT_FROM, TREE_SIZE};
 
 fn row_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
     Ok(AuditRow {

@@ -794,4 +794,20 @@ CREATE TRIGGER audit_leaf_append_only BEFORE UPDATE OR DELETE ON audit_leaf
 ALTER TABLE audit_checkpoints ADD COLUMN frontier BYTEA;
 "#,
     ),
+    (
+        14,
+        r#"
+-- Sealed bytes stay in their row up to a page. By default PostgreSQL moves
+-- any value that makes a row longer than 2 KiB out to the table's TOAST
+-- relation, after trying to compress it. Sealed bytes never compress, and
+-- an audit record is 2-4 KiB (larger for a search that returns many
+-- patients), so every record paid a failed compression, a TOAST insert per
+-- 2 KiB chunk with its index entry, and a lookup per read. Rows up to a
+-- page (8160 bytes, the largest target an 8 KiB-page server allows) now
+-- stay inline; larger values are still compressed or moved out as before.
+-- Rows written before this migration keep their storage until rewritten.
+ALTER TABLE audit_log SET (toast_tuple_target = 8160);
+ALTER TABLE resource_versions SET (toast_tuple_target = 8160);
+"#,
+    ),
 ];

@@ -1461,4 +1461,93 @@ mod tests {
         assert!(c.statement_cache.size() > 0);
         assert!(c.statement_cache.size() <= MAX_SEARCH_STATEMENTS);
     }
+
+    /// Bytes that do not compress, as sealed bytes never do.
+    fn incompressible(n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n + 16);
+        while out.len() < n {
+            out.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
+    /// Migration 14: audit records and bodies up to a page stay in their
+    /// row instead of going to TOAST (a failed compression, an insert per
+    /// 2 KiB chunk and a lookup per read); larger ones still go out.
+    #[tokio::test]
+    async fn sealed_bytes_up_to_a_page_stay_in_their_row() {
+        let Some(url) = test_url() else { return };
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c.batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let s = PgStore::connect(
+            &format!("{url}{sep}options=-c%20search_path%3D{schema}"),
+            None,
+        )
+        .await
+        .unwrap();
+        let toast_bytes = |table: &'static str| {
+            let c = &c;
+            let schema = &schema;
+            async move {
+                let r = c
+                    .query_one(
+                        "SELECT pg_relation_size(t.reltoastrelid) FROM pg_class t \
+                         JOIN pg_namespace n ON n.oid = t.relnamespace \
+                         WHERE n.nspname = $1 AND t.relname = $2",
+                        &[schema, &table],
+                    )
+                    .await
+                    .unwrap();
+                r.get::<_, i64>(0)
+            }
+        };
+        let audit = |n: usize| NewAudit {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            recorded: 1,
+            agent: "user:a".into(),
+            action: "E".into(),
+            subtype: "search-type".into(),
+            outcome: "0".into(),
+            patients: vec![vec![1; 32], vec![2; 32]],
+            leaf_hash: vec![0; 32],
+            sealed: incompressible(n),
+        };
+        let version = |id: &str, n: usize| NewVersion {
+            rtype: "Binary".into(),
+            id: id.into(),
+            version: 1,
+            last_updated: 1,
+            deleted: false,
+            key_scope: "tenant".into(),
+            sealed: Some(incompressible(n)),
+            index: vec![],
+        };
+        // A record of a search that returned two dozen patients, and a
+        // body of the same size: past the 2 KiB default, under a page.
+        s.append_audit(vec![audit(3_500), audit(7_000)])
+            .await
+            .unwrap();
+        s.append_version(version("b1", 3_500), Precondition::Absent, vec![])
+            .await
+            .unwrap();
+        assert_eq!(toast_bytes("audit_log").await, 0);
+        assert_eq!(toast_bytes("resource_versions").await, 0);
+        // What is larger than a page still goes out of line, and reads back.
+        s.append_audit(vec![audit(20_000)]).await.unwrap();
+        s.append_version(version("b2", 20_000), Precondition::Absent, vec![])
+            .await
+            .unwrap();
+        assert!(toast_bytes("audit_log").await > 0);
+        assert!(toast_bytes("resource_versions").await > 0);
+        let big = s.read_current("Binary", "b2").await.unwrap().unwrap();
+        assert_eq!(big.sealed.map(|b| b.len()), Some(20_000));
+    }
 }

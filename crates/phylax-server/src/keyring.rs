@@ -12,9 +12,58 @@ use phylax_store::{DynStore, StoreError};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Bound on the in-memory cache; when exceeded the cache is cleared (keys
-/// are re-unwrapped on demand, which is cheap).
+/// Bound on the in-memory cache (both generations together). A key that
+/// falls out is fetched and unwrapped again on demand: one round trip.
 const CACHE_MAX: usize = 100_000;
+
+/// Unwrapped data keys in two generations, an approximate LRU without a
+/// list to maintain under the lock. New and reused keys go to `hot`; when
+/// `hot` is full it becomes `cold` and the old `cold` is dropped. A key
+/// used at least once per generation therefore stays, so with more patients
+/// than the bound the ones being worked on keep their keys, where clearing
+/// the whole cache made every one of them a round trip again.
+struct KeyCache {
+    hot: HashMap<String, Arc<DataKey>>,
+    cold: HashMap<String, Arc<DataKey>>,
+    /// Entries per generation: half the bound.
+    generation: usize,
+}
+
+impl KeyCache {
+    fn new(max: usize) -> KeyCache {
+        KeyCache {
+            hot: HashMap::new(),
+            cold: HashMap::new(),
+            generation: (max / 2).max(1),
+        }
+    }
+
+    /// A hot key, without taking the write lock.
+    fn get_hot(&self, scope: &str) -> Option<Arc<DataKey>> {
+        self.hot.get(scope).cloned()
+    }
+
+    fn contains(&self, scope: &str) -> bool {
+        self.hot.contains_key(scope) || self.cold.contains_key(scope)
+    }
+
+    /// A key from either generation; a cold one moves to `hot`.
+    fn get(&mut self, scope: &str) -> Option<Arc<DataKey>> {
+        if let Some(k) = self.hot.get(scope) {
+            return Some(k.clone());
+        }
+        let k = self.cold.remove(scope)?;
+        self.insert(scope, k.clone());
+        Some(k)
+    }
+
+    fn insert(&mut self, scope: &str, key: Arc<DataKey>) {
+        if self.hot.len() >= self.generation && !self.hot.contains_key(scope) {
+            self.cold = std::mem::take(&mut self.hot);
+        }
+        self.hot.insert(scope.to_owned(), key);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -31,7 +80,7 @@ pub enum KeyError {
 pub struct KeyRing {
     kek: Kek,
     store: DynStore,
-    cache: parking_lot::RwLock<HashMap<String, Arc<DataKey>>>,
+    cache: parking_lot::RwLock<KeyCache>,
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -49,21 +98,21 @@ impl KeyRing {
         KeyRing {
             kek,
             store,
-            cache: parking_lot::RwLock::new(HashMap::new()),
+            cache: parking_lot::RwLock::new(KeyCache::new(CACHE_MAX)),
         }
     }
 
     fn cached(&self, scope: &str) -> Option<Arc<DataKey>> {
-        self.cache.read().get(scope).cloned()
+        // The common case (a hot key) takes only the read lock.
+        if let Some(k) = self.cache.read().get_hot(scope) {
+            return Some(k);
+        }
+        self.cache.write().get(scope)
     }
 
     fn remember(&self, scope: &str, key: DataKey) -> Arc<DataKey> {
         let key = Arc::new(key);
-        let mut c = self.cache.write();
-        if c.len() >= CACHE_MAX {
-            c.clear();
-        }
-        c.insert(scope.to_owned(), key.clone());
+        self.cache.write().insert(scope, key.clone());
         key
     }
 
@@ -106,7 +155,7 @@ impl KeyRing {
             let cache = self.cache.read();
             scopes
                 .into_iter()
-                .filter(|s| !cache.contains_key(*s))
+                .filter(|s| !cache.contains(s))
                 .map(row_name)
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
@@ -215,5 +264,41 @@ impl KeyRing {
             }
         };
         CheckpointKey::unwrap(&self.kek, SCOPE, &w).map_err(|_| KeyError::Unwrap)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    fn key() -> Arc<DataKey> {
+        Arc::new(DataKey::generate().unwrap())
+    }
+
+    /// Keys in use survive the cache filling up with others; the bound
+    /// holds; a key unused for a whole generation is dropped.
+    #[test]
+    fn keys_in_use_stay_when_the_cache_fills() {
+        let mut c = KeyCache::new(8); // generations of 4
+        let hot = key();
+        c.insert("patient:hot", hot.clone());
+        c.insert("patient:idle", key());
+        for i in 0..100 {
+            c.insert(&format!("patient:{i}"), key());
+            // The patient being worked on is used between the others.
+            let k = c.get("patient:hot").unwrap();
+            assert!(Arc::ptr_eq(&k, &hot));
+            assert!(c.hot.len() + c.cold.len() <= 8);
+            assert!(c.hot.len() <= 4);
+        }
+        assert!(c.get("patient:idle").is_none());
+        assert!(!c.contains("patient:0"));
+        // The most recent ones are still there, in either generation.
+        assert!(c.contains("patient:99") && c.contains("patient:98"));
+        // Reinserting a hot key does not start a new generation.
+        let before = c.cold.len();
+        c.insert("patient:99", key());
+        assert_eq!(c.cold.len(), before);
     }
 }

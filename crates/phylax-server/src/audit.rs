@@ -177,7 +177,8 @@ impl AuditLog {
 
     /// Seal a record without writing it (a write commits it with its data).
     pub fn draft(&self, facts: &AuditFacts) -> Result<NewAudit, AuditError> {
-        let json = serde_json::to_vec(&facts.to_resource())
+        let json = facts
+            .to_json()
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
         let sealed = self
             .key

@@ -572,6 +572,11 @@ async fn run(
     })
 }
 
+/// The allocator the `phylax` binary uses, so that the numbers are those
+/// of what ships.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();

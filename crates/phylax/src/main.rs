@@ -367,6 +367,14 @@ fn init_logging(json: bool) {
     }
 }
 
+/// mimalloc in its secure mode (guard pages, encrypted free lists,
+/// randomised allocation, double-free detection): glibc's allocator showed
+/// as a fifth of Phylax's CPU on searches that return many resources, with
+/// tasks allocating on one thread and freeing on another
+/// (docs/PERFORMANCE.md, "Allocation").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()

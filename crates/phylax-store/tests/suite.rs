@@ -1341,6 +1341,56 @@ async fn audit_log_appends_seals_and_searches(s: &DynStore) {
     assert_eq!(s.audit_counts().await.unwrap(), (3, 3));
 }
 
+both!(audit_patient_entries_once_each);
+/// A record may name a patient twice, and a batch names patients in any
+/// order: each record is found once per patient it names (PostgreSQL
+/// inserts the entries deduplicated and sorted, without `ON CONFLICT`, so
+/// a duplicate reaching the table would fail the whole batch).
+async fn audit_patient_entries_once_each(s: &DynStore) {
+    s.append_audit(vec![
+        audit(1, 1000, "app", &[b"p2", b"p1", b"p2"]),
+        audit(2, 1000, "app", &[b"p3", b"p1"]),
+    ])
+    .await
+    .unwrap();
+    // A larger batch: 30 records of 20 patients each, named out of order.
+    let names: Vec<Vec<u8>> = (0..40u8).map(|i| vec![b'q', 39 - i]).collect();
+    let batch: Vec<NewAudit> = (0..30u8)
+        .map(|r| {
+            let ps: Vec<&[u8]> = (0..20usize)
+                .map(|k| names[(usize::from(r) * 7 + k * 3) % 40].as_slice())
+                .collect();
+            audit(10 + u32::from(r), 2000, "app", &ps)
+        })
+        .collect();
+    let expected: Vec<usize> = names
+        .iter()
+        .map(|n| batch.iter().filter(|a| a.patients.contains(n)).count())
+        .collect();
+    s.append_audit(batch).await.unwrap();
+    let found = |p: &[u8]| {
+        let q = AuditQuery {
+            patient: Some(p.to_vec()),
+            limit: 100,
+            ..Default::default()
+        };
+        async move {
+            s.audit_search(&q)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.leaf_hash[0])
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(found(b"p2").await, vec![1]);
+    assert_eq!(found(b"p1").await, vec![2, 1]);
+    assert_eq!(found(b"p3").await, vec![2]);
+    for (n, want) in names.iter().zip(expected) {
+        assert_eq!(found(n).await.len(), want);
+    }
+}
+
 both!(audit_prune_empties_only_old_sealed_bodies);
 async fn audit_prune_empties_only_old_sealed_bodies(s: &DynStore) {
     s.append_audit(vec![

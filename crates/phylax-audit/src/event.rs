@@ -595,27 +595,8 @@ mod tests {
 
     #[test]
     fn a_patient_read_has_the_balp_shape() {
-        let f = AuditFacts {
-            id: "a1".into(),
-            recorded_ms: 0,
-            kind: EventKind::Rest("read"),
-            action: Action::Read,
-            outcome: Outcome::Success,
-            outcome_desc: None,
-            user: Some(UserRef {
-                id: "u1".into(),
-                role: "clinician".into(),
-            }),
-            client: Some("app".into()),
-            ip: "10.0.0.1".parse().ok(),
-            token_id: Some("t1".into()),
-            request_id: "r1".into(),
-            purpose: Some("TREAT"),
-            patients: vec!["p1".into()],
-            resources: vec!["Observation/o1".into()],
-            query_params: vec![],
-            observer: "phylax/test".into(),
-        };
+        // A person reading through an app (the first of `variants`).
+        let f = variants().swap_remove(0);
         let v = f.to_resource();
         assert_eq!(v["type"]["code"], "rest");
         assert_eq!(v["subtype"][0]["code"], "read");

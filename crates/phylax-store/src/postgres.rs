@@ -1415,15 +1415,11 @@ mod tests {
         assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
     }
 
-    /// Search connections force generic plans and keep the options the
-    /// URL gave (a schema, here); other connections keep PostgreSQL's
-    /// default. Needs PostgreSQL (`PHYLAX_TEST_DATABASE_URL`); required
-    /// under `CI=true`.
-    #[tokio::test]
-    async fn only_search_connections_force_generic_plans() {
-        let Some(url) = test_url() else { return };
+    /// A store migrated into a schema of its own, a plain connection to
+    /// look at it with, and the schema's name.
+    async fn store_in_new_schema(url: &str) -> (PgStore, tokio_postgres::Client, String) {
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(conn);
@@ -1437,6 +1433,17 @@ mod tests {
         )
         .await
         .unwrap();
+        (s, c, schema)
+    }
+
+    /// Search connections force generic plans and keep the options the
+    /// URL gave (a schema, here); other connections keep PostgreSQL's
+    /// default. Needs PostgreSQL (`PHYLAX_TEST_DATABASE_URL`); required
+    /// under `CI=true`.
+    #[tokio::test]
+    async fn only_search_connections_force_generic_plans() {
+        let Some(url) = test_url() else { return };
+        let (s, _c, schema) = store_in_new_schema(&url).await;
         let show = |p: &Pool, what: &'static str| {
             let p = p.clone();
             async move {
@@ -1486,21 +1493,7 @@ mod tests {
     #[tokio::test]
     async fn sealed_bytes_up_to_a_page_stay_in_their_row() {
         let Some(url) = test_url() else { return };
-        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        c.batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .await
-            .unwrap();
-        let sep = if url.contains('?') { '&' } else { '?' };
-        let s = PgStore::connect(
-            &format!("{url}{sep}options=-c%20search_path%3D{schema}"),
-            None,
-        )
-        .await
-        .unwrap();
+        let (s, c, schema) = store_in_new_schema(&url).await;
         let toast_bytes = |table: &'static str| {
             let c = &c;
             let schema = &schema;

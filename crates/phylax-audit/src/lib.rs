@@ -9,7 +9,9 @@
 //!   `signed-note` text format with Ed25519, verifiable by outside tools.
 //! - [`event`]: FHIR AuditEvents shaped after IHE Basic Audit Log Patterns
 //!   (BALP), built from typed facts so no resource content can slip in.
+//! - [`stored`]: the bytes sealed for a record (its JSON, LZ4-compressed).
 
 pub mod checkpoint;
 pub mod event;
 pub mod merkle;
+pub mod stored;

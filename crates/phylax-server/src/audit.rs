@@ -180,9 +180,11 @@ impl AuditLog {
         let json = facts
             .to_json()
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        // Compressed, then sealed; the leaf hash stays over the JSON
+        // (`phylax_audit::stored`).
         let sealed = self
             .key
-            .seal(&aad(&facts.id), &json)
+            .seal(&aad(&facts.id), &phylax_audit::stored::pack(&json))
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
         Ok(NewAudit {
             event_id: facts.id.clone(),
@@ -327,10 +329,13 @@ impl AuditLog {
     fn checked(&self, row: &AuditRow) -> Result<(Vec<u8>, Value), AuditError> {
         let bad =
             || AuditError::Integrity(format!("record {} fails its integrity check", row.event_id));
-        let plain = self
+        let stored = self
             .key
             .open(&aad(&row.event_id), &row.sealed)
             .map_err(|_| bad())?;
+        let plain = phylax_audit::stored::unpack(&stored)
+            .map_err(|_| bad())?
+            .into_owned();
         if leaf_hash(&plain).as_slice() != row.leaf_hash.as_slice() {
             return Err(bad());
         }

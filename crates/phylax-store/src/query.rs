@@ -496,6 +496,12 @@ pub(crate) fn build(
         row,
         rtype: &q.rtype,
     };
+    if count {
+        if let Some(sql) = count_from_entries(&mut b, q, driver) {
+            b.sql = sql;
+            return (b.sql, b.params);
+        }
+    }
     let t = b.bind(P::T(q.rtype.clone()));
     let mut wh = if versions_only {
         format!("v.rtype = {t}")
@@ -531,6 +537,46 @@ pub(crate) fn build(
         format!("SELECT {cols} FROM {from} WHERE {wh} ORDER BY {row}.seq DESC LIMIT {lim}")
     };
     (b.sql, b.params)
+}
+
+/// A count that reads index entries only, when the query allows it: the
+/// driving group is blind-hash equalities and no condition looks at a
+/// version's columns (`_id`, `_lastUpdated`). Entries exist only for
+/// current, non-deleted versions (see [`build`]) and name their parameter
+/// by a number that belongs to one resource type, so the distinct `seq`s
+/// of the driver's entries that pass the other groups' probes are exactly
+/// the matches. Counting them through `resource_versions` as well cost a
+/// lookup per match in its `(rtype, seq)` index: a family-name prefix
+/// matching 55 Patients took 0.25 ms to count that way, 0.12 ms this way,
+/// on a million resources (docs/PERFORMANCE.md).
+fn count_from_entries(b: &mut Builder, q: &SearchQuery, driver: Option<usize>) -> Option<String> {
+    let d = driver.filter(|&d| all_hashes(&q.and[d]))?;
+    let by_version =
+        |c: &Cond| matches!(c, Cond::Ids(_) | Cond::NotIds(_) | Cond::LastUpdated { .. });
+    if b.row != "v" || q.and.iter().flatten().any(by_version) {
+        return None;
+    }
+    b.correlated = false;
+    let source = b.hash_union(&q.and[d]);
+    let mut wh = Vec::new();
+    for (gi, group) in q.and.iter().enumerate() {
+        if gi == d {
+            continue;
+        }
+        b.correlated = true;
+        let ors: Vec<String> = group.iter().map(|c| b.cond(c)).collect();
+        if !ors.is_empty() {
+            wh.push(format!("({})", ors.join(" OR ")));
+        }
+    }
+    let wh = if wh.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", wh.join(" AND "))
+    };
+    Some(format!(
+        "SELECT COUNT(*) FROM (SELECT DISTINCT x.seq AS seq FROM ({source}) x) v{wh}"
+    ))
 }
 
 /// The audit log's columns, in `AuditRow` order, from [`AUDIT_FROM`] (or
@@ -641,6 +687,66 @@ mod tests {
             before_seq: None,
             limit: 10,
         }
+    }
+
+    /// A count driven by hashes reads entries only; one that looks at a
+    /// version's columns (`_id`, `_lastUpdated`) still joins the versions.
+    #[test]
+    fn counts_read_entries_only_when_they_can() {
+        let pg = |n: usize| format!("${n}");
+        let fam = Cond::Hash {
+            param: "family".into(),
+            hashes: vec![vec![1; 16]],
+        };
+        let label = Cond::NotHash {
+            param: "_security".into(),
+            hashes: vec![vec![2; 16]],
+        };
+        let mut q = SearchQuery {
+            rtype: "Patient".into(),
+            and: vec![vec![fam.clone()], vec![label]],
+            before_seq: None,
+            limit: 10,
+        };
+        let (sql, params) = build(&q, &Pids::new(), &pg, "", true, Some(0));
+        assert!(!sql.contains("resource_versions"), "{sql}");
+        assert!(
+            sql.starts_with("SELECT COUNT(*) FROM (SELECT DISTINCT x.seq"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("NOT EXISTS (SELECT 1 FROM search_entries i WHERE i.seq = v.seq"),
+            "{sql}"
+        );
+        // Every bound value is used (PostgreSQL refuses an unused one).
+        for n in 1..=params.len() {
+            assert!(sql.contains(&format!("${n}")), "${n} unused in {sql}");
+        }
+        // Not the page: it needs the rows.
+        let (page, _) = build(&q, &Pids::new(), &pg, "v.seq", false, Some(0));
+        assert!(page.contains("FROM resource_versions v"), "{page}");
+        for by_version in [
+            Cond::NotIds(vec!["x".into()]),
+            Cond::LastUpdated {
+                op: RangeOp::Ge,
+                lo: 0,
+                hi: 1,
+            },
+        ] {
+            q.and = vec![vec![fam.clone()], vec![by_version]];
+            let (sql, _) = build(&q, &Pids::new(), &pg, "", true, Some(0));
+            assert!(sql.contains("FROM resource_versions v"), "{sql}");
+        }
+        // Without a hash driver (a range drives nothing): as before.
+        q.and = vec![vec![Cond::Range {
+            param: "birthdate".into(),
+            op: RangeOp::Lt,
+            lo: 1,
+            hi: 2,
+            hashes: None,
+        }]];
+        let (sql, _) = build(&q, &Pids::new(), &pg, "", true, None);
+        assert!(sql.contains("FROM resource_versions v"), "{sql}");
     }
 
     /// An OR of hash conditions on several parameters (`name`: `name`,

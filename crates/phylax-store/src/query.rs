@@ -546,9 +546,10 @@ pub(crate) fn build(
 /// by a number that belongs to one resource type, so the distinct `seq`s
 /// of the driver's entries that pass the other groups' probes are exactly
 /// the matches. Counting them through `resource_versions` as well cost a
-/// lookup per match in its `(rtype, seq)` index: a family-name prefix
-/// matching 55 Patients took 0.25 ms to count that way, 0.12 ms this way,
-/// on a million resources (docs/PERFORMANCE.md).
+/// lookup per match in its `(rtype, seq)` index: the benchmark's
+/// family-name prefix counts (over 50 matches each) took 0.23 ms of
+/// database time that way, 0.05 ms this way, at a million resources
+/// (docs/PERFORMANCE.md).
 fn count_from_entries(b: &mut Builder, q: &SearchQuery, driver: Option<usize>) -> Option<String> {
     let d = driver.filter(|&d| all_hashes(&q.and[d]))?;
     let by_version =

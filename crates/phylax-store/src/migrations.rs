@@ -811,3 +811,20 @@ ALTER TABLE resource_versions SET (toast_tuple_target = 8160);
 "#,
     ),
 ];
+
+/// Refuse a database whose schema is newer than these migrations: a newer
+/// release upgraded it, and this one does not know what its tables now
+/// hold (since the 2026-11-29 release, for instance, sealed audit records
+/// are compressed, which earlier releases would report as tampering).
+/// Fail closed at start, with a reason an operator can act on.
+pub(crate) fn refuse_newer(current: i64, known: &[(i64, &str)]) -> crate::Result<()> {
+    let newest = known.last().map_or(0, |(v, _)| *v);
+    if current > newest {
+        return Err(crate::StoreError::Unavailable(format!(
+            "the database schema is version {current}, newer than this release knows \
+             ({newest}): a newer Phylax upgraded it; run that release, or restore the \
+             backup taken before the upgrade"
+        )));
+    }
+    Ok(())
+}

@@ -471,6 +471,7 @@ impl PgStore {
             .await
             .map_err(pg)?
             .get(0);
+        migrations::refuse_newer(current, migrations::POSTGRES)?;
         for (v, sql) in migrations::POSTGRES.iter().filter(|(v, _)| *v > current) {
             tx.batch_execute(sql).await.map_err(pg)?;
             tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[v])

@@ -103,6 +103,7 @@ fn migrate(c: &mut Connection) -> Result<()> {
             |r| r.get(0),
         )
         .map_err(backend)?;
+    migrations::refuse_newer(current, migrations::SQLITE)?;
     for (v, sql) in migrations::SQLITE.iter().filter(|(v, _)| *v > current) {
         tx.execute_batch(sql).map_err(backend)?;
         tx.execute(

@@ -1926,3 +1926,35 @@ async fn counts_from_entries_agree_with_the_rows(s: &DynStore) {
         assert_eq!(n as usize, want.len(), "count of {and:?}");
     }
 }
+
+// A database that a newer release migrated is refused at start, with the
+// reason, rather than served by a release that does not know its tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("newer.db");
+    sqlite_at(
+        &path,
+        i64::MAX,
+        "INSERT INTO schema_migrations VALUES (9999, 0)",
+    );
+    let e = SqliteStore::open(&path).await.err().unwrap().to_string();
+    assert!(e.contains("schema is version 9999, newer"), "{e}");
+    if let Some((url, schema)) = postgres_at(
+        i64::MAX,
+        "INSERT INTO schema_migrations (version) VALUES (9999)",
+    )
+    .await
+    {
+        let e = PgStore::connect(&url, Some(&schema))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("schema is version 9999, newer"), "{e}");
+    }
+    // The current schema itself opens.
+    let fresh = dir.path().join("fresh.db");
+    drop(SqliteStore::open(&fresh).await.unwrap());
+    SqliteStore::open(&fresh).await.unwrap();
+}

@@ -1,10 +1,11 @@
 //! What is sealed for a record: its AuditEvent JSON, compressed.
 //!
 //! A search's record names every patient it returned, each as a BALP
-//! entity of about 340 bytes that differ only in the id; a 24-patient
-//! answer made an 8.4 KB record, over a database page, so every such search
-//! wrote a TOAST row per 2 KiB and about 15 KB of write-ahead log. The same
-//! record compresses to under a fifth (docs/PERFORMANCE.md).
+//! entity of about 340 bytes that differ only in the id. A 24-patient
+//! answer made an 8.4 KB record, more than a database page: half of such
+//! records went out to PostgreSQL's TOAST relation in 2 KiB chunks, and
+//! each search wrote about 15 KB of write-ahead log. The same record
+//! compresses to under a fifth (docs/PERFORMANCE.md).
 //!
 //! Format of the stored bytes (before sealing, so only the data key's
 //! holder ever sees them):
@@ -15,7 +16,8 @@
 //! The leaf hash stays over the JSON, so checkpoints, proofs and exported
 //! copies are unchanged. Each record is compressed alone (no dictionary or
 //! state shared between records): a record's compressed length depends
-//! only on its own content (docs/THREAT_MODEL.md, "Audit log").
+//! only on its own content (docs/THREAT_MODEL.md, "Lengths of sealed
+//! audit records").
 //!
 //! Sealed bytes are authenticated before they are unpacked, so only bytes
 //! Phylax packed reach the decoder; it is safe Rust with bounds checks
@@ -26,8 +28,8 @@ use std::borrow::Cow;
 
 /// Marker of the compressed form.
 const LZ4: u8 = 0x01;
-/// The largest record unpacked (a record is a few KiB; the largest, a
-/// search over a full page of patients, under 100 KiB).
+/// The largest record unpacked. A record is a few KiB; one naming a
+/// thousand patients (a page of a large `_count`) about 340 KiB.
 pub const MAX_RECORD: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -814,9 +814,10 @@ ALTER TABLE resource_versions SET (toast_tuple_target = 8160);
 
 /// Refuse a database whose schema is newer than these migrations: a newer
 /// release upgraded it, and this one does not know what its tables now
-/// hold (since the 2026-11-29 release, for instance, sealed audit records
-/// are compressed, which earlier releases would report as tampering).
-/// Fail closed at start, with a reason an operator can act on.
+/// hold, so it could misread them (as releases from before audit-record
+/// compression read compressed records as tampered with; those releases
+/// predate this check, which protects rollbacks from here on). Fail
+/// closed at start, with a reason an operator can act on.
 pub(crate) fn refuse_newer(current: i64, known: &[(i64, &str)]) -> crate::Result<()> {
     let newest = known.last().map_or(0, |(v, _)| *v);
     if current > newest {

@@ -34,8 +34,9 @@ pub fn refuse_write() -> ApiError {
     )
 }
 
-/// A store query, the page size, and the filters kept for links.
-type Parsed = (AuditQuery, u32, Vec<(String, String)>);
+/// A store query, the page size, the filters kept for links, and the
+/// patient asked about (if any), whose records a page keeps.
+type Parsed = (AuditQuery, u32, Vec<(String, String)>, Option<ResourceId>);
 
 /// Search parameters → a store query. Unknown parameters are an error
 /// (the audit log is small in surface; silently ignoring a filter would
@@ -44,6 +45,7 @@ fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Api
     let mut q = AuditQuery::default();
     let mut count = DEFAULT_COUNT;
     let mut kept = Vec::new();
+    let mut patient = None;
     for (k, v) in params {
         match k.as_str() {
             "patient" | "entity" | "_compartment" => {
@@ -54,6 +56,7 @@ fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Api
                 let id = ResourceId::parse(id)
                     .ok_or_else(|| ApiError::bad_request("patient must be a Patient id or reference"))?;
                 q.patient = Some(st.audit.patient_hash(id.as_str()));
+                patient = Some(id);
             }
             "agent" => q.agent = Some(v.clone()),
             "action" => {
@@ -103,7 +106,7 @@ fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Api
         kept.push((k.clone(), v.clone()));
     }
     kept.sort();
-    Ok((q, count, kept))
+    Ok((q, count, kept, patient))
 }
 
 /// One page of records matching `params`, newest first, as a Bundle.
@@ -115,7 +118,7 @@ async fn page(
     params: &[(String, String)],
     strip: bool,
 ) -> Result<Response, ApiError> {
-    let (mut q, count, kept) = parse_query(st, params)?;
+    let (mut q, count, kept, patient) = parse_query(st, params)?;
     // Every record acknowledged before this request is readable.
     st.audit
         .flush()
@@ -144,6 +147,20 @@ async fn page(
             tracing::error!(event = "audit.verification_failed", error = %e, "an audit record failed its integrity check");
             ApiError::Internal("an audit record failed its integrity check".into())
         })?;
+        // The store finds a patient's records by 64 bits of their keyed
+        // hash (`phylax_store::query::patient_key`), so another patient's
+        // record can come back on a collision: only records that name
+        // the patient asked about are shown. The page may then hold fewer
+        // than `_count` entries; its links are unchanged.
+        if let Some(p) = &patient {
+            if !names_patient(&v, p) {
+                tracing::warn!(
+                    event = "audit.patient_key_collision",
+                    "an audit record about another patient shared the patient key; left out"
+                );
+                continue;
+            }
+        }
         if strip {
             strip_forensics(&mut v);
         }
@@ -167,6 +184,15 @@ async fn page(
         ..Default::default()
     });
     Ok(r)
+}
+
+/// Whether a record lists `Patient/{id}` among its entities (how
+/// `phylax_audit::event` names every patient a record concerns).
+fn names_patient(v: &Value, id: &ResourceId) -> bool {
+    let want = format!("Patient/{}", id.as_str());
+    v["entity"]
+        .as_array()
+        .is_some_and(|es| es.iter().any(|e| e["what"]["reference"] == want.as_str()))
 }
 
 fn strip_forensics(v: &mut Value) {

@@ -1240,3 +1240,76 @@ async fn records_are_stored_compressed_and_earlier_ones_still_open(s: &TestServe
     s.state.audit.seal_pending().await.unwrap();
     s.state.audit.verify(&[], None).await.unwrap();
 }
+
+// The store finds a patient's records by the first 64 bits of their keyed
+// hash (`phylax_store::query::patient_key`), so a record about another
+// patient whose hash shares them comes back from the store too. The API
+// never shows it for this patient.
+both!(a_patient_key_collision_shows_no_other_patients_record);
+async fn a_patient_key_collision_shows_no_other_patients_record(s: &TestServer) {
+    let mine = facts(0);
+    s.state.audit.record(&mine).await.unwrap();
+    s.state.audit.flush().await.unwrap();
+    // A record about p1 whose entry collides with p0's key: p0's hash,
+    // changed after its eighth byte.
+    let other = facts(1);
+    let mut row = s.state.audit.draft(&other).unwrap();
+    let mut h = s.state.audit.patient_hash("p0");
+    h[8..].fill(0xEE);
+    row.patients = vec![h];
+    s.state.store.append_audit(vec![row]).await.unwrap();
+    s.state.audit.flush().await.unwrap();
+    let stored = s
+        .state
+        .store
+        .audit_search(&phylax_store::AuditQuery {
+            patient: Some(s.state.audit.patient_hash("p0")),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 2, "the store returns both records");
+    let siem = s.token("system/AuditEvent.rs").await;
+    for q in ["patient=p0", "entity=Patient/p0", "patient=p0&_count=1"] {
+        let (st, b) = send(
+            s,
+            &siem,
+            reqwest::Method::GET,
+            &format!("/AuditEvent?{q}"),
+            None,
+        )
+        .await;
+        assert_eq!(st, 200, "{b}");
+        let urls: Vec<&str> = b["entry"]
+            .as_array()
+            .map(|es| es.iter().filter_map(|e| e["fullUrl"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(
+            urls.iter().all(|u| !u.ends_with(&other.id)),
+            "{q}: another patient's record shown: {urls:?}"
+        );
+        if q.ends_with("_count=1") {
+            // The newest record is the other patient's: this page is empty,
+            // and the next one still leads to this patient's record.
+            assert!(urls.is_empty(), "{urls:?}");
+            let next = b["link"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["relation"] == "next")
+                .and_then(|l| l["url"].as_str())
+                .unwrap();
+            let next = next.split_once("/fhir").unwrap().1;
+            let (st, b) = send(s, &siem, reqwest::Method::GET, next, None).await;
+            assert_eq!(st, 200, "{b}");
+            assert!(b["entry"][0]["fullUrl"]
+                .as_str()
+                .unwrap()
+                .ends_with(&mine.id));
+        } else {
+            assert_eq!(urls.len(), 1, "{q}: {urls:?}");
+            assert!(urls[0].ends_with(&mine.id));
+        }
+    }
+}

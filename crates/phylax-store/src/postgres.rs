@@ -213,7 +213,7 @@ async fn insert_audit<C: deadpool_postgres::GenericClient>(c: &C, rows: &[NewAud
              RETURNING id, event_id), \
              pend AS (INSERT INTO audit_pending (audit_id) SELECT id FROM ins) \
              INSERT INTO audit_patient (patient, audit_id) \
-             SELECT p.patient, ins.id FROM ins JOIN unnest($9::text[], $10::bytea[]) AS p(event_id, patient) \
+             SELECT p.patient, ins.id FROM ins JOIN unnest($9::text[], $10::bigint[]) AS p(event_id, patient) \
              ON p.event_id = ins.event_id ORDER BY p.patient",
         )
         .await
@@ -231,17 +231,21 @@ async fn insert_audit<C: deadpool_postgres::GenericClient>(c: &C, rows: &[NewAud
     // less than half of `ON CONFLICT DO NOTHING` in arrival order, which
     // checked every entry speculatively and descended the index at random
     // (docs/PERFORMANCE.md).
-    let mut entries: Vec<(&str, &[u8])> = rows
+    // Entries are keyed by the hash's first 8 bytes as a BIGINT
+    // (`query::patient_key_int`, migration 15), deduplicated after that cut
+    // so that two patients of one record whose keys collide share an entry
+    // rather than fail the batch.
+    let mut entries: Vec<(&str, i64)> = rows
         .iter()
         .flat_map(|a| {
             a.patients
                 .iter()
-                .map(move |p| (a.event_id.as_str(), p.as_slice()))
+                .map(move |p| (a.event_id.as_str(), crate::query::patient_key_int(p)))
         })
         .collect();
     entries.sort_unstable();
     entries.dedup();
-    let (pe, pp): (Vec<&str>, Vec<&[u8]>) = entries.into_iter().unzip();
+    let (pe, pp): (Vec<&str>, Vec<i64>) = entries.into_iter().unzip();
     c.execute(
         &st,
         &[
@@ -1152,6 +1156,7 @@ impl Store for PgStore {
                     AuditArg::Text(t) => Box::new(t),
                     AuditArg::Int(i) => Box::new(i),
                     AuditArg::Bytes(b) => Box::new(b),
+                    AuditArg::PatientKey(k) => Box::new(i64::from_be_bytes(k)),
                 }
             })
             .collect();

@@ -601,6 +601,37 @@ pub(crate) enum AuditArg {
     Text(String),
     Int(i64),
     Bytes(Vec<u8>),
+    /// An `audit_patient` key (see [`patient_key`]): a BLOB on SQLite, a
+    /// BIGINT on PostgreSQL ([`patient_key_int`]).
+    PatientKey([u8; 8]),
+}
+
+/// The key an `audit_patient` entry is stored under: the first 8 bytes of
+/// the patient's keyed hash (SQLite migration 13, PostgreSQL 15).
+///
+/// Why not the whole hash: a family search's record names about 24
+/// patients, and these entries were most of what writing its audit record
+/// cost the database. A 32-byte key made each entry about 60 bytes in the
+/// index; PostgreSQL inserted 64-bit keys in a quarter less time
+/// (docs/PERFORMANCE.md). The price is that two patients' keys can
+/// collide, about once in 3.7 million for a million patients
+/// (n^2 / 2^65), so a lookup may return a record about another patient
+/// too: callers keep only records that name the patient they asked for
+/// (`phylax-server`'s audit search does). A shorter key reveals less, not
+/// more, than the hash it is cut from. A hash shorter than 8 bytes (never
+/// made by Phylax) is padded with zeros, as PostgreSQL's migration pads.
+pub fn patient_key(hash: &[u8]) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    let n = hash.len().min(8);
+    k[..n].copy_from_slice(&hash[..n]);
+    k
+}
+
+/// [`patient_key`] as PostgreSQL stores it: the 8 bytes read big-endian
+/// as a signed integer, which is what migration 15's
+/// `('x' || encode(substr(patient, 1, 8), 'hex'))::bit(64)::bigint` gives.
+pub fn patient_key_int(hash: &[u8]) -> i64 {
+    i64::from_be_bytes(patient_key(hash))
 }
 
 /// The SQL of an audit search (newest first) and its arguments; `ph(n)`
@@ -618,7 +649,7 @@ pub(crate) fn audit_search_sql(
     if let Some(p) = &q.patient {
         push(
             "id IN (SELECT audit_id FROM audit_patient WHERE patient = ?)",
-            AuditArg::Bytes(p.clone()),
+            AuditArg::PatientKey(patient_key(p)),
             &mut args,
         );
     }
@@ -661,6 +692,19 @@ pub(crate) fn audit_search_sql(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patient_keys_are_the_first_eight_bytes_big_endian() {
+        let h: Vec<u8> = (1..=32).collect();
+        assert_eq!(patient_key(&h), [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(patient_key_int(&h), 0x0102_0304_0506_0708);
+        // The sign follows the first byte, as PostgreSQL's bit(64) cast.
+        assert_eq!(patient_key_int(&[0xFF; 32]), -1);
+        assert_eq!(patient_key_int(&[0x80, 0, 0, 0, 0, 0, 0, 0, 9]), i64::MIN);
+        // Shorter input is padded with zeros on the right, never a panic.
+        assert_eq!(patient_key(&[7, 7]), [7, 7, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(patient_key(&[]), [0; 8]);
+    }
 
     fn obs_by_subject_and_date() -> SearchQuery {
         SearchQuery {

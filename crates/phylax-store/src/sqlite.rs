@@ -1066,6 +1066,7 @@ impl Store for SqliteStore {
                     AuditArg::Text(t) => V::Text(t),
                     AuditArg::Int(i) => V::Integer(i),
                     AuditArg::Bytes(b) => V::Blob(b),
+                    AuditArg::PatientKey(k) => V::Blob(k.to_vec()),
                 })
                 .collect();
             let mut st = c.prepare_cached(&sql).map_err(backend)?;
@@ -1301,8 +1302,11 @@ fn insert_audit(c: &Connection, rows: &[NewAudit]) -> Result<()> {
         .map_err(unavailable)?;
         let id = c.last_insert_rowid();
         pend.execute(params![id]).map_err(unavailable)?;
+        // Keyed by the hash's first 8 bytes (`query::patient_key`); two
+        // patients of one record whose keys collide share an entry.
         for p in &a.patients {
-            pt.execute(params![p, id]).map_err(unavailable)?;
+            pt.execute(params![&crate::query::patient_key(p)[..], id])
+                .map_err(unavailable)?;
         }
     }
     Ok(())

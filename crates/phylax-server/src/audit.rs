@@ -223,6 +223,16 @@ impl AuditLog {
         Ok(())
     }
 
+    /// [`AuditLog::record`], handing the facts on to the detector instead
+    /// of copying them (a search's facts name every patient it returned).
+    pub async fn record_owned(&self, facts: AuditFacts) -> Result<(), AuditError> {
+        self.record_quiet(&facts).await?;
+        if let Some(d) = self.detector.get() {
+            d.observe_owned(facts);
+        }
+        Ok(())
+    }
+
     /// Commit one record without showing it to the detector (the
     /// detector's own alerts).
     pub async fn record_quiet(&self, facts: &AuditFacts) -> Result<(), AuditError> {

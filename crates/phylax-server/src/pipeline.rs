@@ -48,7 +48,8 @@ pub struct RequestCtx {
 pub struct AuditRefs {
     pub patients: Vec<String>,
     /// `Type/id`; kept for single-resource interactions only (a search's
-    /// record lists the patients whose data was returned).
+    /// record lists the patients whose data was returned), so at most two
+    /// are collected: two means "more than one".
     pub resources: Vec<String>,
     /// Search parameter names (never values).
     pub params: Vec<String>,
@@ -69,7 +70,9 @@ impl AuditRefs {
                 self.patients.push(p);
             }
         }
-        self.resources.push(format!("{rtype}/{id}"));
+        if self.resources.len() < 2 {
+            self.resources.push(format!("{rtype}/{id}"));
+        }
     }
 
     pub fn of_versions<'a>(vs: impl IntoIterator<Item = &'a ResourceVersion>) -> AuditRefs {
@@ -239,7 +242,7 @@ pub async fn record(
     }
     mark_emergency(ctx, &mut f);
     f.query_params = refs.params;
-    st.audit.record(&f).await.map_err(|e| {
+    st.audit.record_owned(f).await.map_err(|e| {
         tracing::error!(request_id = %ctx.request_id, error = %e, "audit record not written; response withheld");
         ApiError::Unavailable("the audit log is unavailable".into())
     })
@@ -318,7 +321,7 @@ where
         if let Some(d) = st.audit.detector() {
             let mut f = facts(st, ctx, what.as_str(), status, None);
             f.patients = refs.patients;
-            d.observe(&f);
+            d.observe_owned(f);
         }
         return match result {
             Ok(r) => r,

@@ -222,10 +222,9 @@ pub(crate) fn resource_json(status: StatusCode, b: &crate::repo::Resource) -> Re
 }
 
 /// A Bundle whose resources may be stored JSON text (see
-/// `repo::Resource`): search pages are built as this, not as a `Value`.
-#[derive(serde::Serialize)]
+/// `repo::Resource`): search pages are built as this, not as a `Value`,
+/// and written by hand around the stored text, which goes in as it is.
 pub(crate) struct BundleOut {
-    #[serde(flatten)]
     head: serde_json::Map<String, Value>,
     entry: Vec<EntryOut>,
 }
@@ -235,35 +234,77 @@ impl BundleOut {
         self.head.insert("total".into(), n.into());
     }
 
+    /// The Bundle's JSON: the head's members, then `"entry"`.
+    fn write(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        // The head is a map of plain values; its closing brace is replaced
+        // by the entries.
+        serde_json::to_writer(&mut *out, &self.head)?;
+        out.pop();
+        if !self.head.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"entry\":[");
+        for (i, e) in self.entry.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.push(b'{');
+            if let Some(u) = &e.full_url {
+                out.extend_from_slice(b"\"fullUrl\":");
+                serde_json::to_writer(&mut *out, u)?;
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"resource\":");
+            e.resource.write_to(out)?;
+            out.extend_from_slice(b",\"search\":{\"mode\":");
+            serde_json::to_writer(&mut *out, e.mode)?;
+            out.extend_from_slice(b"}}");
+        }
+        out.extend_from_slice(b"]}");
+        Ok(())
+    }
+
     pub(crate) fn into_response(self, status: StatusCode) -> Response {
+        // Sized up front: stored text goes in as it is, so its length is
+        // most of the body's, and growing a page of fifty resources by
+        // doubling copied it several times.
+        let est = 512
+            + self
+                .entry
+                .iter()
+                .map(|e| {
+                    160 + e.full_url.as_ref().map_or(0, String::len)
+                        + e.resource.text_len().unwrap_or(1024)
+                })
+                .sum::<usize>();
+        let mut body = Vec::with_capacity(est);
         // Every part serialises infallibly (string keys, finite numbers,
-        // text checked as JSON when it was opened); an error would be a bug.
-        match serde_json::to_vec(&self) {
-            Ok(body) => fhir_bytes(status, body),
+        // authenticated stored text); an error would be a bug.
+        match self.write(&mut body) {
+            Ok(()) => fhir_bytes(status, body),
             Err(e) => ApiError::Internal(format!("serialising a Bundle: {e}")).into_response(),
         }
     }
 }
 
 /// An entry of a [`BundleOut`].
-#[derive(serde::Serialize)]
 pub(crate) struct EntryOut {
-    #[serde(rename = "fullUrl", skip_serializing_if = "Option::is_none")]
     full_url: Option<String>,
     resource: crate::repo::BodyOut,
-    search: Value,
+    /// `search.mode`.
+    mode: &'static str,
 }
 
 impl EntryOut {
     pub(crate) fn new(
         full_url: Option<String>,
         resource: crate::repo::BodyOut,
-        mode: &str,
+        mode: &'static str,
     ) -> EntryOut {
         EntryOut {
             full_url,
             resource,
-            search: json!({ "mode": mode }),
+            mode,
         }
     }
 }
@@ -1141,4 +1182,57 @@ pub async fn conditional_delete(
         },
     )
     .await)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::repo::BodyOut;
+
+    fn written(b: &BundleOut) -> Value {
+        let mut out = Vec::new();
+        b.write(&mut out).unwrap();
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[test]
+    fn bundles_written_by_hand_are_the_json_they_describe() {
+        let text = r#"{"resourceType":"Patient","id":"p1","name":[{"family":"Ünïcødé \"q\""}]}"#;
+        let tree = json!({"resourceType": "OperationOutcome", "issue": []});
+        let mut b = bundle_out(
+            "searchset",
+            vec![json!({"relation": "self", "url": "https://x/fhir/Patient?a=\"b\""})],
+            vec![
+                EntryOut::new(
+                    Some("https://x/fhir/Patient/p1".into()),
+                    BodyOut::Text(text.into()),
+                    "match",
+                ),
+                EntryOut::new(None, BodyOut::Tree(tree.clone()), "outcome"),
+            ],
+        );
+        b.set_total(7);
+        let v = written(&b);
+        assert_eq!(v["resourceType"], "Bundle");
+        assert_eq!(v["type"], "searchset");
+        assert_eq!(v["total"], 7);
+        assert_eq!(v["link"][0]["url"], "https://x/fhir/Patient?a=\"b\"");
+        assert_eq!(
+            v["entry"],
+            json!([
+                {"fullUrl": "https://x/fhir/Patient/p1",
+                 "resource": serde_json::from_str::<Value>(text).unwrap(),
+                 "search": {"mode": "match"}},
+                {"resource": tree, "search": {"mode": "outcome"}},
+            ])
+        );
+        // No entries: still an `entry` array, as before.
+        let v = written(&bundle_out("searchset", Vec::new(), Vec::new()));
+        assert_eq!(v["entry"], json!([]));
+        // The stored text is copied byte for byte.
+        let mut out = Vec::new();
+        b.write(&mut out).unwrap();
+        assert!(out.windows(text.len()).any(|w| w == text.as_bytes()));
+    }
 }

@@ -14,7 +14,6 @@ use phylax_store::{
     DynStore, HistoryQuery, IndexRow, NewAudit, NewVersion, Precondition, SearchQuery, StoreError,
     StoredVersion,
 };
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::sync::{Arc, OnceLock};
 
@@ -27,15 +26,25 @@ use std::sync::{Arc, OnceLock};
 /// where parsing every result into a `Value` and serialising it again was
 /// most of a many-result search's server CPU (docs/PERFORMANCE.md). The
 /// text and the tree never disagree: neither can be changed once made.
+///
+/// Opening does not parse the text either. It is serde_json's output for
+/// a validated tree, sealed by this server with AES-256-GCM, and it opened
+/// under the data key bound to this resource and version: nothing without
+/// that key can make text that opens, and anyone with it could seal valid
+/// JSON saying anything. A second parse on every open proved nothing an
+/// attacker can change and cost about 2% of a family search's whole
+/// machine (docs/PERFORMANCE.md). Opening checks that the text is UTF-8
+/// and an object's braces; THREAT_MODEL.md ("Stored bodies") says why
+/// that suffices.
 pub struct Resource(Body);
 
 /// A body is either text from storage (with its tree, once built) or a
 /// tree built in this process; never neither.
 enum Body {
-    /// The sealed JSON text (authenticated by the AEAD, syntax checked when
-    /// opened), and its tree once something asked for it.
+    /// The sealed JSON text (authenticated by the AEAD; see [`Resource`]),
+    /// and its tree once something asked for it.
     Text {
-        raw: Box<RawValue>,
+        raw: Box<str>,
         tree: OnceLock<Value>,
     },
     Tree(Value),
@@ -47,11 +56,18 @@ impl std::fmt::Debug for Resource {
     }
 }
 
-/// Parse checked text into a tree. `Resource::stored` accepted only text
-/// that parses as JSON, so the fallback is unreachable; it exists so that
-/// no path can panic on stored data.
-fn tree_of(raw: &RawValue) -> Value {
-    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+/// Parse authenticated text into a tree. Text that opened under its data
+/// key is what this server sealed, so the fallback is unreachable without
+/// that key; it exists so that no path can panic on stored data, and says
+/// so in the log if it is ever taken.
+fn tree_of(raw: &str) -> Value {
+    serde_json::from_str(raw).unwrap_or_else(|_| {
+        tracing::error!(
+            event = "repo.stored_text_not_json",
+            "a stored body opened under its key but is not JSON"
+        );
+        Value::Null
+    })
 }
 
 impl Resource {
@@ -60,11 +76,16 @@ impl Resource {
         Resource(Body::Tree(v))
     }
 
-    /// A body opened from storage: `None` unless `plain` is JSON.
-    fn stored(plain: &[u8]) -> Option<Resource> {
-        let raw: Box<RawValue> = serde_json::from_slice(plain).ok()?;
+    /// A body opened from storage (authenticated plaintext, moved in, not
+    /// copied): `None` unless it is UTF-8 from `{` to `}`. Not a JSON
+    /// parse, by design (see [`Resource`]).
+    fn stored(plain: Vec<u8>) -> Option<Resource> {
+        let raw = String::from_utf8(plain).ok()?;
+        if !(raw.starts_with('{') && raw.ends_with('}')) {
+            return None;
+        }
         Some(Resource(Body::Text {
-            raw,
+            raw: raw.into_boxed_str(),
             tree: OnceLock::new(),
         }))
     }
@@ -98,18 +119,38 @@ impl Resource {
     /// a `Value` cannot fail; the fallback only avoids an unwrap.
     pub fn to_bytes(&self) -> Vec<u8> {
         match &self.0 {
-            Body::Text { raw, .. } => raw.get().as_bytes().to_vec(),
+            Body::Text { raw, .. } => raw.as_bytes().to_vec(),
             Body::Tree(v) => serde_json::to_vec(v).unwrap_or_else(|_| v.to_string().into_bytes()),
         }
     }
 }
 
 /// A resource body on its way into a response. PHI: `Debug` is redacted.
-#[derive(serde::Serialize)]
-#[serde(untagged)]
 pub enum BodyOut {
-    Text(Box<RawValue>),
+    /// Stored text, written into the response as it is.
+    Text(Box<str>),
     Tree(Value),
+}
+
+impl BodyOut {
+    /// Append the body's JSON to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        match self {
+            BodyOut::Text(t) => {
+                out.extend_from_slice(t.as_bytes());
+                Ok(())
+            }
+            BodyOut::Tree(v) => serde_json::to_writer(out, v),
+        }
+    }
+
+    /// The length of its JSON if known without serialising (stored text).
+    pub fn text_len(&self) -> Option<usize> {
+        match self {
+            BodyOut::Text(t) => Some(t.len()),
+            BodyOut::Tree(_) => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for BodyOut {
@@ -197,8 +238,23 @@ pub fn format_instant(ms: i64) -> String {
         .to_string()
 }
 
+/// What a body's seal is bound to: `phylax/resource/v1␀type␀id␀version␀scope`.
+/// Built by appending (every search opens a page of bodies; `format!`
+/// showed in profiles).
 fn aad(rtype: &str, id: &str, version: u64, scope: &str) -> Vec<u8> {
-    format!("phylax/resource/v1\0{rtype}\0{id}\0{version}\0{scope}").into_bytes()
+    use std::io::Write as _;
+    const PREFIX: &[u8] = b"phylax/resource/v1\0";
+    let mut a = Vec::with_capacity(PREFIX.len() + rtype.len() + id.len() + scope.len() + 24);
+    a.extend_from_slice(PREFIX);
+    a.extend_from_slice(rtype.as_bytes());
+    a.push(0);
+    a.extend_from_slice(id.as_bytes());
+    a.push(0);
+    // Writing to a Vec cannot fail.
+    let _ = write!(a, "{version}");
+    a.push(0);
+    a.extend_from_slice(scope.as_bytes());
+    a
 }
 
 /// Attempts at an unconditional update when other writers keep winning.
@@ -311,6 +367,20 @@ impl Repo {
     pub async fn search(&self, q: &SearchQuery) -> Result<Vec<ResourceVersion>, RepoError> {
         let rows = self.store.search(q).await?;
         self.open_all(rows).await
+    }
+
+    /// One page of a search: at most `keep` resources, opened, and whether
+    /// the store had more (`q.limit` should be `keep + 1`). The row that
+    /// only tells there is a next page is never decrypted.
+    pub async fn search_page(
+        &self,
+        q: &SearchQuery,
+        keep: usize,
+    ) -> Result<(Vec<ResourceVersion>, bool), RepoError> {
+        let mut rows = self.store.search(q).await?;
+        let more = rows.len() > keep;
+        rows.truncate(keep);
+        Ok((self.open_all(rows).await?, more))
     }
 
     /// Seal a new version without writing it: a write to commit later, on
@@ -503,7 +573,7 @@ impl Repo {
                         sealed,
                     )
                     .map_err(|_| integrity())?;
-                Some(Resource::stored(&plain).ok_or_else(integrity)?)
+                Some(Resource::stored(plain).ok_or_else(integrity)?)
             }
             _ => return Err(integrity()),
         };
@@ -715,7 +785,7 @@ mod tests {
     #[test]
     fn stored_text_is_served_as_is_and_parsed_only_on_demand() {
         let text = br#"{"resourceType":"Patient","id":"p1","birthDate":"1970-01-01","multipleBirthInteger":2}"#;
-        let r = Resource::stored(text).unwrap();
+        let r = Resource::stored(text.to_vec()).unwrap();
         assert!(
             matches!(&r.0, Body::Text { tree, .. } if tree.get().is_none()),
             "opening must not parse"
@@ -725,16 +795,52 @@ mod tests {
         // Text and tree agree; the text still answers after a parse.
         assert_eq!(r.to_bytes(), text.to_vec());
         assert_eq!(*r.json(), serde_json::from_slice::<Value>(text).unwrap());
-        let out = serde_json::to_vec(&Resource::stored(text).unwrap().into_out()).unwrap();
+        let mut out = Vec::new();
+        Resource::stored(text.to_vec())
+            .unwrap()
+            .into_out()
+            .write_to(&mut out)
+            .unwrap();
         assert_eq!(out, text.to_vec());
-        assert_eq!(Resource::stored(text).unwrap().into_json()["id"], "p1");
+        assert_eq!(
+            Resource::stored(text.to_vec()).unwrap().into_json()["id"],
+            "p1"
+        );
     }
 
     #[test]
-    fn stored_text_that_is_not_json_does_not_open() {
-        for bad in [&b""[..], b"{", b"{\"a\":1}x", b"\xff\xfe", b"[1,2"] {
-            assert!(Resource::stored(bad).is_none(), "{bad:?}");
+    fn stored_text_that_is_not_an_object_does_not_open() {
+        for bad in [
+            &b""[..],
+            b"{",
+            b"}",
+            b"{\"a\":1}x",
+            b" {\"a\":1}",
+            b"\xff\xfe",
+            b"{\"a\":\"\xff\"}",
+            b"[1,2]",
+            b"\"{}\"",
+            b"null",
+        ] {
+            assert!(Resource::stored(bad.to_vec()).is_none(), "{bad:?}");
         }
+        // Text that only looks like an object opens (it could only have
+        // been sealed with the data key); its tree is then null, never a
+        // panic.
+        let odd = Resource::stored(b"{\"a\":}".to_vec()).unwrap();
+        assert_eq!(*odd.json(), Value::Null);
+    }
+
+    #[test]
+    fn seals_stay_bound_to_the_same_bytes() {
+        assert_eq!(
+            aad("Patient", "p-1", 12, "patient:p-1"),
+            b"phylax/resource/v1\0Patient\0p-1\x0012\x00patient:p-1".to_vec()
+        );
+        assert_eq!(
+            aad("Observation", "o", u64::MAX, ""),
+            format!("phylax/resource/v1\0Observation\0o\0{}\0", u64::MAX).into_bytes()
+        );
     }
 
     #[test]
@@ -742,6 +848,8 @@ mod tests {
         let v = json!({"resourceType": "Observation", "status": "final"});
         let r = Resource::new(v.clone());
         assert_eq!(r.to_bytes(), serde_json::to_vec(&v).unwrap());
-        assert_eq!(serde_json::to_value(r.into_out()).unwrap(), v);
+        let mut out = Vec::new();
+        r.into_out().write_to(&mut out).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), v);
     }
 }

@@ -747,12 +747,10 @@ async fn search(
         let page: Vec<_> = all.into_iter().skip(offset).take(count as usize).collect();
         (page, more.then_some(end as i64))
     } else {
-        let mut rows = st.repo.search(&query).await?;
-        let more = rows.len() > count as usize;
+        let (rows, more) = st.repo.search_page(&query, count as usize).await?;
         if !more && before.is_none() {
             known_total = Some(rows.len() as u64);
         }
-        rows.truncate(count as usize);
         let mark = rows.last().map(|r| r.seq);
         (rows, if more { mark } else { None })
     };
@@ -1166,7 +1164,7 @@ async fn everything(
             let audit_refs =
                 crate::pipeline::AuditRefs::of_versions(page.iter().chain(referenced.iter()));
             // Stored text goes into the page as it is (see `search`).
-            let entry = |v: ResourceVersion, mode: &str| {
+            let entry = |v: ResourceVersion, mode: &'static str| {
                 let url = format!("{}/{}/{}", st.fhir_base, v.rtype, v.id);
                 v.body.map(|b| EntryOut::new(Some(url), b.into_out(), mode))
             };

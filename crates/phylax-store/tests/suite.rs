@@ -1398,41 +1398,67 @@ both!(patient_entries_key_on_the_first_eight_bytes);
 /// asked about), hashes that differ within them do not, and a record
 /// naming two colliding patients is stored (one entry), not refused.
 async fn patient_entries_key_on_the_first_eight_bytes(s: &DynStore) {
-    let mut a = vec![0xF1u8; 32];
-    let mut b = a.clone();
-    b[8] = 0x00; // differs after the key
-    let mut c = a.clone();
-    c[7] = 0x00; // differs within it
-    a[31] = 0x42;
-    s.append_audit(vec![
-        audit(1, 1000, "app", &[&a]),
-        audit(2, 1000, "app", &[&b]),
-        audit(3, 1000, "app", &[&c]),
-        audit(4, 1000, "app", &[&a, &b, &c]),
-    ])
-    .await
-    .unwrap();
-    let found = |p: &[u8]| {
-        let q = AuditQuery {
-            patient: Some(p.to_vec()),
-            limit: 10,
-            ..Default::default()
-        };
-        async move {
-            s.audit_search(&q)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.leaf_hash[0])
-                .collect::<Vec<_>>()
+    // Twice: a write's small batch and one padded to 300 more entries
+    // (the size of the journal indexer's), each with its own patients.
+    for (round, pad) in [(0x71u8, 0usize), (0xF1, 300)] {
+        let mut a = vec![round; 32];
+        let mut b = a.clone();
+        b[8] = 0x00; // differs after the key
+        let mut c = a.clone();
+        c[7] = 0x00; // differs within it
+        a[31] = 0x42;
+        let n = u32::from(round);
+        let mut batch = vec![
+            audit(n, 1000, "app", &[&a]),
+            audit(n + 1, 1000, "app", &[&b]),
+            audit(n + 2, 1000, "app", &[&c]),
+            // Two colliding patients and a repeat in one record: one entry
+            // each, never a failed batch.
+            audit(n + 3, 1000, "app", &[&a, &b, &c, &a]),
+        ];
+        // Distinct within their first 8 bytes (the key).
+        let filler: Vec<Vec<u8>> = (0..pad as u32)
+            .map(|i| {
+                let mut h = vec![0xAB; 32];
+                h[..4].copy_from_slice(&i.to_be_bytes());
+                h[4] = round;
+                h
+            })
+            .collect();
+        for chunk in filler.chunks(50) {
+            let ps: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+            batch.push(audit(7, 999, "app", &ps));
         }
-    };
-    assert_eq!(found(&a).await, vec![4, 2, 1]);
-    assert_eq!(found(&b).await, vec![4, 2, 1]);
-    assert_eq!(found(&c).await, vec![4, 3]);
-    assert_eq!(found(&a[..8]).await, vec![4, 2, 1], "the key alone");
-    // A shorter hash is padded with zeros: c's key, since c[7] is 0.
-    assert_eq!(found(&[0xF1; 7]).await, vec![4, 3]);
+        s.append_audit(batch).await.unwrap();
+        let found = |p: Vec<u8>| {
+            let q = AuditQuery {
+                patient: Some(p),
+                limit: 10,
+                ..Default::default()
+            };
+            async move {
+                s.audit_search(&q)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| u32::from(r.leaf_hash[0]))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(found(a.clone()).await, vec![n + 3, n + 1, n], "{round:x}");
+        assert_eq!(found(b.clone()).await, vec![n + 3, n + 1, n]);
+        assert_eq!(found(c.clone()).await, vec![n + 3, n + 2]);
+        assert_eq!(
+            found(a[..8].to_vec()).await,
+            vec![n + 3, n + 1, n],
+            "the key alone"
+        );
+        // A shorter hash is padded with zeros: c's key, since c[7] is 0.
+        assert_eq!(found(vec![round; 7]).await, vec![n + 3, n + 2]);
+        for f in filler.iter().step_by(37) {
+            assert_eq!(found(f.clone()).await, vec![7]);
+        }
+    }
 }
 
 both!(audit_prune_empties_only_old_sealed_bodies);

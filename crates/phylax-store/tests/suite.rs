@@ -1341,6 +1341,17 @@ async fn audit_log_appends_seals_and_searches(s: &DynStore) {
     assert_eq!(s.audit_counts().await.unwrap(), (3, 3));
 }
 
+/// The records a patient-hash search returns (newest first, up to 100).
+async fn of_patient(s: &DynStore, patient: Vec<u8>) -> Vec<AuditRow> {
+    s.audit_search(&AuditQuery {
+        patient: Some(patient),
+        limit: 100,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 both!(audit_patient_entries_once_each);
 /// A record may name a patient twice, and a batch names patients in any
 /// order: each record is found once per patient it names (PostgreSQL
@@ -1369,15 +1380,10 @@ async fn audit_patient_entries_once_each(s: &DynStore) {
         .collect();
     s.append_audit(batch).await.unwrap();
     let found = |p: &[u8]| {
-        let q = AuditQuery {
-            patient: Some(p.to_vec()),
-            limit: 100,
-            ..Default::default()
-        };
+        let p = p.to_vec();
         async move {
-            s.audit_search(&q)
+            of_patient(s, p)
                 .await
-                .unwrap()
                 .iter()
                 .map(|r| r.leaf_hash[0])
                 .collect::<Vec<_>>()
@@ -1430,20 +1436,12 @@ async fn patient_entries_key_on_the_first_eight_bytes(s: &DynStore) {
             batch.push(audit(7, 999, "app", &ps));
         }
         s.append_audit(batch).await.unwrap();
-        let found = |p: Vec<u8>| {
-            let q = AuditQuery {
-                patient: Some(p),
-                limit: 10,
-                ..Default::default()
-            };
-            async move {
-                s.audit_search(&q)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|r| u32::from(r.leaf_hash[0]))
-                    .collect::<Vec<_>>()
-            }
+        let found = |p: Vec<u8>| async move {
+            of_patient(s, p)
+                .await
+                .iter()
+                .map(|r| u32::from(r.leaf_hash[0]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(found(a.clone()).await, vec![n + 3, n + 1, n], "{round:x}");
         assert_eq!(found(b.clone()).await, vec![n + 3, n + 1, n]);
@@ -1847,20 +1845,12 @@ async fn postgres_upgrade_keeps_the_audit_tree() {
 /// starts with a byte over 0x7F, so PostgreSQL's cast to BIGINT must agree
 /// with `query::patient_key_int` on the sign.
 async fn upgraded_patient_entries_answer(s: &DynStore) {
-    let found = |p: Vec<u8>| {
-        let q = AuditQuery {
-            patient: Some(p),
-            limit: 10,
-            ..Default::default()
-        };
-        async move {
-            s.audit_search(&q)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.event_id.clone())
-                .collect::<Vec<_>>()
-        }
+    let found = |p: Vec<u8>| async move {
+        of_patient(s, p)
+            .await
+            .into_iter()
+            .map(|r| r.event_id)
+            .collect::<Vec<_>>()
     };
     assert_eq!(found(vec![0xF1; 32]).await, vec!["old-1", "old-0"]);
     assert_eq!(found(vec![0x0A; 32]).await, vec!["old-0"]);

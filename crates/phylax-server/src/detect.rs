@@ -90,9 +90,10 @@ impl Touched {
     }
 
     /// Forget patients last touched before `since`. Records arrive in
-    /// about the order they were made; one that arrives a little late is
-    /// moved to the back with its own (earlier) time and expires when it
-    /// reaches the front, at most that little late.
+    /// about the order they were made; one that arrives a little late
+    /// still moves its patient to the back (keeping the later of the two
+    /// times for a patient already there), so that patient expires when
+    /// it reaches the front: at most that little late, never early.
     fn expire(&mut self, since: i64) {
         while self.last.front().is_some_and(|(_, t)| *t < since) {
             self.last.pop_front();

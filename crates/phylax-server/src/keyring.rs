@@ -102,7 +102,8 @@ impl KeyRing {
         }
     }
 
-    fn cached(&self, scope: &str) -> Option<Arc<DataKey>> {
+    /// The key for `scope` if it is in memory (no database access).
+    pub(crate) fn cached(&self, scope: &str) -> Option<Arc<DataKey>> {
         // The common case (a hot key) takes only the read lock.
         if let Some(k) = self.cache.read().get_hot(scope) {
             return Some(k);

@@ -8,7 +8,7 @@
 
 use crate::keyring::{KeyError, KeyRing};
 use crate::pipeline::WriteAuditor;
-use phylax_crypto::BlindIndexKey;
+use phylax_crypto::{BlindIndexKey, DataKey};
 use phylax_fhir::{compartment, ResourceId, ResourceType, VersionId};
 use phylax_store::{
     DynStore, HistoryQuery, IndexRow, NewAudit, NewVersion, Precondition, SearchQuery, StoreError,
@@ -551,31 +551,49 @@ impl Repo {
     /// Open a stored row. A row that fails to authenticate is an integrity
     /// failure: never served, always reported.
     async fn open(&self, row: StoredVersion) -> Result<ResourceVersion, RepoError> {
-        let integrity = || RepoError::Integrity {
+        self.open_with(row, None).await
+    }
+
+    /// [`Repo::open`] with the row's data key, if the caller already has
+    /// it (a page looks each key up once, see [`Repo::open_all`]).
+    async fn open_with(
+        &self,
+        mut row: StoredVersion,
+        key: Option<Arc<DataKey>>,
+    ) -> Result<ResourceVersion, RepoError> {
+        let integrity = |row: &StoredVersion| RepoError::Integrity {
             rtype: row.rtype.clone(),
             id: row.id.clone(),
             version: row.version,
         };
-        let rtype = ResourceType::parse(&row.rtype).ok_or_else(integrity)?;
-        let id = ResourceId::parse(&row.id).ok_or_else(integrity)?;
-        let version = VersionId::new(row.version).ok_or_else(integrity)?;
-        let body = match (&row.sealed, row.deleted) {
+        let (Some(rtype), Some(id), Some(version)) = (
+            ResourceType::parse(&row.rtype),
+            ResourceId::parse(&row.id),
+            VersionId::new(row.version),
+        ) else {
+            return Err(integrity(&row));
+        };
+        let body = match (row.sealed.take(), row.deleted) {
             (None, true) => None,
             (Some(sealed), false) => {
-                let key = match self.keys.for_read(&row.key_scope).await {
-                    Ok(k) => k,
-                    Err(KeyError::Unwrap | KeyError::Missing) => return Err(integrity()),
-                    Err(e) => return Err(e.into()),
+                let key = match key {
+                    Some(k) => k,
+                    None => match self.keys.for_read(&row.key_scope).await {
+                        Ok(k) => k,
+                        Err(KeyError::Unwrap | KeyError::Missing) => return Err(integrity(&row)),
+                        Err(e) => return Err(e.into()),
+                    },
                 };
+                // Decrypted in place: the row's bytes become the text.
                 let plain = key
-                    .open(
+                    .open_owned(
                         &aad(&row.rtype, &row.id, row.version, &row.key_scope),
                         sealed,
                     )
-                    .map_err(|_| integrity())?;
-                Some(Resource::stored(plain).ok_or_else(integrity)?)
+                    .map_err(|_| integrity(&row))?;
+                Some(Resource::stored(plain).ok_or_else(|| integrity(&row))?)
             }
-            _ => return Err(integrity()),
+            _ => return Err(integrity(&row)),
         };
         Ok(ResourceVersion {
             seq: row.seq,
@@ -720,16 +738,27 @@ impl Repo {
     }
 
     async fn open_all(&self, rows: Vec<StoredVersion>) -> Result<Vec<ResourceVersion>, RepoError> {
+        // Each row's key is looked up in memory once; those not there are
+        // fetched together (one round trip), then opened one by one.
+        let keys: Vec<Option<Arc<DataKey>>> = rows
+            .iter()
+            .map(|r| {
+                r.sealed
+                    .as_ref()
+                    .and_then(|_| self.keys.cached(&r.key_scope))
+            })
+            .collect();
         self.keys
             .prefetch(
                 rows.iter()
-                    .filter(|r| r.sealed.is_some())
-                    .map(|r| r.key_scope.as_str()),
+                    .zip(&keys)
+                    .filter(|(r, k)| r.sealed.is_some() && k.is_none())
+                    .map(|(r, _)| r.key_scope.as_str()),
             )
             .await?;
         let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(self.open(r).await?);
+        for (r, k) in rows.into_iter().zip(keys) {
+            out.push(self.open_with(r, k).await?);
         }
         Ok(out)
     }

@@ -16,8 +16,10 @@
 //! `humanuser` (extra-security-role-type) for the person.
 
 use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use std::net::IpAddr;
+use std::sync::LazyLock;
 
 pub const REST_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-event-type";
 pub const REST_SUBTYPE: &str = "http://hl7.org/fhir/restful-interaction";
@@ -282,8 +284,8 @@ impl AuditFacts {
         for p in &self.patients {
             entity.push(Entity {
                 description: None,
-                role: Some(Coding::new(OBJECT_ROLE, "1", Some("Patient"))),
-                kind: Coding::new(ENTITY_TYPE, "1", Some("Person")),
+                role: Some(Code::Written(&PATIENT_ROLE)),
+                kind: Code::Written(&PATIENT_TYPE),
                 what: Some(What::Reference {
                     reference: Reference::Patient(p),
                 }),
@@ -292,8 +294,12 @@ impl AuditFacts {
         for r in &self.resources {
             entity.push(Entity {
                 description: None,
-                role: Some(Coding::new(OBJECT_ROLE, "4", Some("Domain Resource"))),
-                kind: Coding::new(ENTITY_TYPE, "2", Some("System Object")),
+                role: Some(Code::Of(Coding::new(
+                    OBJECT_ROLE,
+                    "4",
+                    Some("Domain Resource"),
+                ))),
+                kind: Code::Of(Coding::new(ENTITY_TYPE, "2", Some("System Object"))),
                 what: Some(What::Reference {
                     reference: Reference::Literal(r),
                 }),
@@ -302,15 +308,15 @@ impl AuditFacts {
         if !self.query_params.is_empty() {
             entity.push(Entity {
                 description: Some(Description::Params(&self.query_params)),
-                role: Some(Coding::new(OBJECT_ROLE, "24", Some("Query"))),
-                kind: Coding::new(ENTITY_TYPE, "2", Some("System Object")),
+                role: Some(Code::Of(Coding::new(OBJECT_ROLE, "24", Some("Query")))),
+                kind: Code::Of(Coding::new(ENTITY_TYPE, "2", Some("System Object"))),
                 what: None,
             });
         }
         entity.push(Entity {
             description: Some(Description::Text("request id")),
             role: None,
-            kind: Coding::new(ENTITY_TYPE, "4", Some("Other")),
+            kind: Code::Of(Coding::new(ENTITY_TYPE, "4", Some("Other"))),
             what: Some(What::Identifier {
                 identifier: Identifier {
                     system: "urn:phylax:request",
@@ -398,6 +404,31 @@ impl<'a> Coding<'a> {
     }
 }
 
+/// A coding to write, or one written once already: a search's record
+/// names up to a page of patients, each with the same two codings, and
+/// escaping their six strings again for every patient was a visible part
+/// of drafting the record. The bytes are the same either way
+/// (`to_json_writes_what_earlier_versions_wrote`).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Code<'a> {
+    Of(Coding<'a>),
+    Written(&'static RawValue),
+}
+
+/// A coding's JSON, written once.
+fn written(c: Coding<'static>) -> Box<RawValue> {
+    // Invariant: a coding of static strings always serialises, and
+    // serde_json's own output is valid JSON for `from_string`.
+    RawValue::from_string(serde_json::to_string(&c).expect("a coding serialises"))
+        .expect("serde_json output is JSON")
+}
+
+static PATIENT_ROLE: LazyLock<Box<RawValue>> =
+    LazyLock::new(|| written(Coding::new(OBJECT_ROLE, "1", Some("Patient"))));
+static PATIENT_TYPE: LazyLock<Box<RawValue>> =
+    LazyLock::new(|| written(Coding::new(ENTITY_TYPE, "1", Some("Person"))));
+
 #[derive(Serialize, Clone, Copy)]
 struct Concept<'a> {
     coding: [Coding<'a>; 1],
@@ -455,9 +486,9 @@ struct Entity<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     description: Option<Description<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<Coding<'a>>,
+    role: Option<Code<'a>>,
     #[serde(rename = "type")]
-    kind: Coding<'a>,
+    kind: Code<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     what: Option<What<'a>>,
 }

@@ -43,6 +43,23 @@ impl KeyCache {
         self.hot.get(scope).cloned()
     }
 
+    /// Hot keys for a page of rows (`None`: a row without a sealed body).
+    fn hot_many(&self, scopes: &[Option<&str>]) -> Vec<Option<Arc<DataKey>>> {
+        scopes
+            .iter()
+            .map(|s| s.and_then(|s| self.get_hot(s)))
+            .collect()
+    }
+
+    /// Fill in the keys `hot_many` did not find, from either generation.
+    fn fill_misses(&mut self, scopes: &[Option<&str>], keys: &mut [Option<Arc<DataKey>>]) {
+        for (k, s) in keys.iter_mut().zip(scopes) {
+            if let (None, Some(s)) = (&k, s) {
+                *k = self.get(s);
+            }
+        }
+    }
+
     fn contains(&self, scope: &str) -> bool {
         self.hot.contains_key(scope) || self.cold.contains_key(scope)
     }
@@ -115,6 +132,21 @@ impl KeyRing {
         let key = Arc::new(key);
         self.cache.write().insert(scope, key.clone());
         key
+    }
+
+    /// [`KeyRing::cached`] for a page of rows, under one read lock (the
+    /// write lock only if some key is not hot): a lock and its shared
+    /// counter per row were a visible part of opening a search page.
+    pub(crate) fn cached_all(&self, scopes: &[Option<&str>]) -> Vec<Option<Arc<DataKey>>> {
+        let mut keys = self.cache.read().hot_many(scopes);
+        if keys
+            .iter()
+            .zip(scopes)
+            .any(|(k, s)| k.is_none() && s.is_some())
+        {
+            self.cache.write().fill_misses(scopes, &mut keys);
+        }
+        keys
     }
 
     /// The data key for `scope`, creating it if this is the scope's first write.
@@ -301,5 +333,29 @@ mod tests {
         let before = c.cold.len();
         c.insert("patient:99", key());
         assert_eq!(c.cold.len(), before);
+    }
+
+    /// A page's keys: hot ones at once, cold ones moved to `hot`, unknown
+    /// scopes and rows without a body left empty, each in its row's place.
+    #[test]
+    fn a_page_of_keys_in_row_order() {
+        let mut c = KeyCache::new(4); // generations of 2
+        let (a, b) = (key(), key());
+        c.insert("patient:a", a.clone());
+        c.insert("patient:b", b.clone());
+        c.insert("patient:c", key()); // a and b are now cold
+        let scopes = [
+            Some("patient:c"),
+            None,
+            Some("patient:a"),
+            Some("patient:x"),
+        ];
+        let mut keys = c.hot_many(&scopes);
+        assert!(keys[0].is_some() && keys[1].is_none() && keys[2].is_none());
+        c.fill_misses(&scopes, &mut keys);
+        assert!(Arc::ptr_eq(keys[2].as_ref().unwrap(), &a));
+        assert!(keys[1].is_none() && keys[3].is_none());
+        assert!(c.get_hot("patient:a").is_some(), "a used: hot again");
+        assert!(c.get_hot("patient:b").is_none());
     }
 }

@@ -738,16 +738,16 @@ impl Repo {
     }
 
     async fn open_all(&self, rows: Vec<StoredVersion>) -> Result<Vec<ResourceVersion>, RepoError> {
-        // Each row's key is looked up in memory once; those not there are
-        // fetched together (one round trip), then opened one by one.
-        let keys: Vec<Option<Arc<DataKey>>> = rows
-            .iter()
-            .map(|r| {
-                r.sealed
-                    .as_ref()
-                    .and_then(|_| self.keys.cached(&r.key_scope))
-            })
-            .collect();
+        // Each row's key is looked up in memory once, the page's under one
+        // lock; those not there are fetched together (one round trip), then
+        // the rows are opened one by one.
+        let keys = {
+            let scopes: Vec<Option<&str>> = rows
+                .iter()
+                .map(|r| r.sealed.as_ref().map(|_| r.key_scope.as_str()))
+                .collect();
+            self.keys.cached_all(&scopes)
+        };
         self.keys
             .prefetch(
                 rows.iter()

@@ -336,6 +336,38 @@ struct Outcome {
     p50: f64,
     p99: f64,
     errors: u64,
+    /// CPU time per request in microseconds: the whole machine's and this
+    /// process's (server and client) share of it; `None` without `/proc`.
+    cpu_us: Option<(f64, f64)>,
+}
+
+/// Busy CPU time so far, in clock ticks: the whole machine's (user, nice,
+/// system, irq and softirq from `/proc/stat`; not idle, I/O wait or
+/// steal) and this process's (`utime + stime`). On this VM throughput
+/// moves ±10% between identical runs; CPU per request moves less, so the
+/// cells report both. `None` where `/proc` is not there.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let machine = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
+    let own = own_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    Some((machine, own))
+}
+
+/// `utime + stime` from a `/proc/<pid>/stat` line.
+fn own_ticks(stat: &str) -> Option<u64> {
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces and parentheses: the state (field 3) first, then utime
+    // and stime (fields 14 and 15).
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let g: Vec<&str> = rest.split_whitespace().collect();
+    Some(g.get(11)?.parse::<u64>().ok()? + g.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Load `n` synthetic patients as transactions; returns their server ids
@@ -552,6 +584,7 @@ async fn run(
         }));
     }
     let start = Instant::now();
+    let cpu_before = cpu_ticks();
     let mut all = Vec::new();
     let mut errors = 0;
     for t in tasks {
@@ -560,6 +593,14 @@ async fn run(
         errors += e;
     }
     let secs = start.elapsed().as_secs_f64().max(dur.as_secs_f64());
+    let tick_us = 1e6 / rustix::param::clock_ticks_per_second() as f64;
+    let cpu_us = match (cpu_before, cpu_ticks()) {
+        (Some((m0, p0)), Some((m1, p1))) if !all.is_empty() => {
+            let per = |t: u64| t as f64 * tick_us / all.len() as f64;
+            Some((per(m1.saturating_sub(m0)), per(p1.saturating_sub(p0))))
+        }
+        _ => None,
+    };
     all.sort_unstable();
     let pct = |p: f64| -> f64 {
         if all.is_empty() {
@@ -572,6 +613,7 @@ async fn run(
         p50: pct(0.50),
         p99: pct(0.99),
         errors,
+        cpu_us,
     })
 }
 
@@ -663,8 +705,10 @@ async fn main() -> Result<()> {
         );
     }
     println!();
-    println!("| scenario | concurrency | requests/s | p50 ms | p99 ms | errors |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| scenario | concurrency | requests/s | p50 ms | p99 ms | errors | CPU µs/req | of which this process |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for s in &args.scenarios {
         for &c in &args.concurrency {
             if args.warmup > 0 {
@@ -687,11 +731,39 @@ async fn main() -> Result<()> {
                 synthetic.clone(),
             )
             .await?;
+            let (cpu, own) = match o.cpu_us {
+                Some((m, p)) => (format!("{m:.0}"), format!("{p:.0}")),
+                None => ("–".to_owned(), "–".to_owned()),
+            };
             println!(
-                "| {s} | {c} | {:.0} | {:.2} | {:.2} | {} |",
+                "| {s} | {c} | {:.0} | {:.2} | {:.2} | {} | {cpu} | {own} |",
                 o.rps, o.p50, o.p99, o.errors
             );
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    #[test]
+    fn own_ticks_reads_utime_and_stime_after_the_command_name() {
+        let line = "4242 (tokio (x) y) S 1 4242 4242 0 -1 4194560 900 0 0 0 17 5 0 0 20 0 9 0";
+        assert_eq!(super::own_ticks(line), Some(22));
+        assert_eq!(super::own_ticks("4242 (cut"), None);
+        assert_eq!(super::own_ticks("4242 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn cpu_ticks_count_this_process() {
+        let (_, p0) = super::cpu_ticks().unwrap();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+        }
+        let (_, p1) = super::cpu_ticks().unwrap();
+        assert!(p1 > p0, "100 ms of work shows in the process's ticks");
+    }
 }

@@ -116,6 +116,8 @@ struct AssertionClaims {
     exp: i64,
     #[serde(default)]
     iat: Option<i64>,
+    #[serde(default)]
+    nbf: Option<i64>,
     jti: String,
 }
 
@@ -263,8 +265,21 @@ impl Verifier {
                 "assertion expires too far in the future",
             ));
         }
+        // RFC 7523 §3: not to be used before `nbf`; an `iat` in the
+        // future, or so far before `exp` that the assertion lived longer
+        // than SMART's five minutes, is not a fresh assertion either.
         if c.iat.is_some_and(|iat| iat > now + LEEWAY as i64) {
             return Err(AuthError::InvalidClient("assertion issued in the future"));
+        }
+        if c.iat
+            .is_some_and(|iat| c.exp - iat > MAX_ASSERTION_LIFETIME + LEEWAY as i64)
+        {
+            return Err(AuthError::InvalidClient(
+                "assertion lifetime (exp - iat) over five minutes",
+            ));
+        }
+        if c.nbf.is_some_and(|nbf| nbf > now + LEEWAY as i64) {
+            return Err(AuthError::InvalidClient("assertion not valid yet (nbf)"));
         }
         if c.jti.is_empty() || c.jti.len() > 256 {
             return Err(AuthError::InvalidClient("jti missing or too long"));

@@ -4,6 +4,7 @@
 //! function instead of every handler. Deny by default.
 
 use crate::scopes::{Context, Perm, ScopeSet};
+use serde_json::Value;
 
 /// Who is asking.
 #[derive(Debug, Clone)]
@@ -330,6 +331,10 @@ pub struct Access {
     /// How the requester is known in the data (`Practitioner/…`, its roles
     /// and organizations; a patient's `Patient/…`).
     pub refs: Vec<String>,
+    /// May change who reaches whom ([`decide_relationships`]): the role's
+    /// `relationships` permission, or a client listed in
+    /// `access.relationship_clients`.
+    pub relationships: bool,
 }
 
 impl Access {
@@ -343,6 +348,7 @@ impl Access {
             denied: Default::default(),
             purpose: "HOPERAT",
             refs: Vec::new(),
+            relationships: true,
         }
     }
 
@@ -385,10 +391,28 @@ pub struct ResourceFacts<'a> {
 /// - restricted labels need the role's permission or break-the-glass on
 ///   one of the resource's patients.
 pub fn decide_resource(access: &Access, r: &ResourceFacts<'_>) -> Decision {
+    decide_patients(access, r, false)
+}
+
+/// The resource-level decision for a write: like [`decide_resource`], but
+/// **every** patient the resource names must be within reach. A resource
+/// names a patient to say the data is theirs (an Observation whose
+/// performer is Patient/A is in A's record as well as its subject's): a
+/// write "through" one reached patient into another's record is refused.
+pub fn decide_write(access: &Access, r: &ResourceFacts<'_>) -> Decision {
+    decide_patients(access, r, true)
+}
+
+fn decide_patients(access: &Access, r: &ResourceFacts<'_>, every: bool) -> Decision {
     if let Reach::Patients(set) = &access.reach {
         if phylax_fhir::compartment::is_compartment_type(r.rtype) {
             if !r.patients.iter().any(|p| set.contains(p)) {
                 return Decision::Deny("reach: not in a compartment the caller reaches");
+            }
+            if every && !r.patients.iter().all(|p| set.contains(p)) {
+                return Decision::Deny(
+                    "reach: the resource names a patient outside the caller's reach",
+                );
             }
         } else if !SHARED_REFERENCE.contains(&r.rtype) {
             return Decision::Deny(
@@ -404,6 +428,96 @@ pub fn decide_resource(access: &Access, r: &ResourceFacts<'_>) -> Decision {
         return Decision::Deny("security label: restricted data needs an explicit permission");
     }
     Decision::Allow
+}
+
+/// Types whose every version decides who reaches whom: care teams, the
+/// practitioner's roles and organizations, episodes of care, related
+/// persons and the `Person` links that make a user one of them, groups,
+/// and consents (deny rules and delegations). Any create, update or delete
+/// of one changes reach.
+pub const RELATIONSHIP_TYPES: &[&str] = &[
+    "CareTeam",
+    "PractitionerRole",
+    "EpisodeOfCare",
+    "RelatedPerson",
+    "Group",
+    "Consent",
+    "Person",
+];
+
+/// Can a write of `rtype` change who reaches whom (a relationship type, or
+/// a type with relationship elements)?
+pub fn establishes_reach(rtype: &str) -> bool {
+    RELATIONSHIP_TYPES.contains(&rtype) || matches!(rtype, "Patient" | "Encounter")
+}
+
+/// The part of a resource of another type that establishes reach, as
+/// `(element, value)` pairs of the elements present: a Patient's general
+/// practitioner, managing organization and links; an Encounter's
+/// participants, with its subject when it has any (moving an Encounter
+/// one takes part in to another patient is a new relationship).
+fn relationship_part<'a>(rtype: &str, body: &'a Value) -> Vec<(&'static str, &'a Value)> {
+    let pick = |names: &[&'static str]| {
+        names
+            .iter()
+            .filter_map(|n| body.get(*n).map(|v| (*n, v)))
+            .collect()
+    };
+    match rtype {
+        "Patient" => pick(&["generalPractitioner", "managingOrganization", "link"]),
+        "Encounter" if body.get("participant").is_some() => pick(&["subject", "participant"]),
+        _ => Vec::new(),
+    }
+}
+
+/// Does a write that replaces `old` with `new` (either may be absent: a
+/// create, a delete) change who reaches whom?
+pub fn changes_relationships(rtype: &str, old: Option<&Value>, new: Option<&Value>) -> bool {
+    if RELATIONSHIP_TYPES.contains(&rtype) {
+        return old.is_some() || new.is_some();
+    }
+    let old = old.map(|b| relationship_part(rtype, b)).unwrap_or_default();
+    let new = new.map(|b| relationship_part(rtype, b)).unwrap_or_default();
+    old != new
+}
+
+/// May `access` write a change from `old` to `new`, as far as reach is
+/// concerned? Relationships are privileged data: changing them needs the
+/// `relationships` permission ([`Access::relationships`]), whatever the
+/// type grants say, so no user widens their own reach with an ordinary
+/// FHIR write. With `self_registration` (off by default; an
+/// organisation's choice), a user may also create a Patient whose
+/// relationship elements name only themselves (a clinician registering
+/// the patient they are taking on).
+pub fn decide_relationships(
+    access: &Access,
+    rtype: &str,
+    old: Option<&Value>,
+    new: Option<&Value>,
+    self_registration: bool,
+) -> Decision {
+    if access.relationships || !changes_relationships(rtype, old, new) {
+        return Decision::Allow;
+    }
+    if self_registration && rtype == "Patient" && old.is_none() {
+        if let Some(b) = new {
+            let part = relationship_part(rtype, b);
+            let mut named = part
+                .iter()
+                .filter(|(name, _)| *name != "link")
+                .flat_map(|(_, v)| match v {
+                    Value::Array(a) => a.iter().collect::<Vec<_>>(),
+                    v => vec![*v],
+                })
+                .map(|v| v.get("reference").and_then(Value::as_str));
+            let only_self = part.iter().all(|(name, _)| *name != "link")
+                && named.all(|r| r.is_some_and(|r| access.refs.iter().any(|m| m == r)));
+            if only_self && !part.is_empty() {
+                return Decision::Allow;
+            }
+        }
+    }
+    Decision::Deny("relationships: changing who reaches whom needs the relationships permission")
 }
 
 #[cfg(test)]
@@ -572,6 +686,7 @@ mod tests {
             denied: Default::default(),
             purpose: "TREAT",
             refs: Vec::new(),
+            relationships: false,
         };
         let a = only(&["p1"]);
         let p1 = vec!["p1".to_owned()];
@@ -709,5 +824,156 @@ mod tests {
                 "{r}"
             );
         }
+    }
+
+    #[test]
+    fn relationships_need_the_permission() {
+        use serde_json::json;
+        let mut a = Access::unrestricted();
+        a.relationships = false;
+        a.refs = vec!["Practitioner/me".into()];
+        let deny = |d: Decision| matches!(d, Decision::Deny(r) if r.starts_with("relationships"));
+        let ct = json!({"resourceType":"CareTeam","subject":{"reference":"Patient/a"}});
+        for (old, new) in [(None, Some(&ct)), (Some(&ct), Some(&ct)), (Some(&ct), None)] {
+            assert!(deny(decide_relationships(&a, "CareTeam", old, new, false)));
+        }
+        // Patients: only the relationship elements count.
+        let p0 = json!({"resourceType":"Patient","id":"a","gender":"female",
+            "generalPractitioner":[{"reference":"Practitioner/other"}]});
+        let mut p1 = p0.clone();
+        p1["gender"] = json!("male");
+        assert_eq!(
+            decide_relationships(&a, "Patient", Some(&p0), Some(&p1), false),
+            Decision::Allow
+        );
+        let mut p2 = p0.clone();
+        p2["generalPractitioner"] = json!([{"reference":"Practitioner/me"}]);
+        assert!(deny(decide_relationships(
+            &a,
+            "Patient",
+            Some(&p0),
+            Some(&p2),
+            false
+        )));
+        let mut p3 = p0.clone();
+        p3["managingOrganization"] = json!({"reference":"Organization/x"});
+        assert!(deny(decide_relationships(
+            &a,
+            "Patient",
+            Some(&p0),
+            Some(&p3),
+            false
+        )));
+        // A Patient naming nobody is no relationship.
+        let bare = json!({"resourceType":"Patient","id":"b"});
+        assert_eq!(
+            decide_relationships(&a, "Patient", None, Some(&bare), false),
+            Decision::Allow
+        );
+        // Self-registration: only when configured, only a create, only self.
+        let mine = json!({"resourceType":"Patient","id":"c","generalPractitioner":[{"reference":"Practitioner/me"}]});
+        assert!(deny(decide_relationships(
+            &a,
+            "Patient",
+            None,
+            Some(&mine),
+            false
+        )));
+        assert_eq!(
+            decide_relationships(&a, "Patient", None, Some(&mine), true),
+            Decision::Allow
+        );
+        assert!(deny(decide_relationships(
+            &a,
+            "Patient",
+            Some(&bare),
+            Some(&mine),
+            true
+        )));
+        let linked = json!({"resourceType":"Patient","id":"c","generalPractitioner":[{"reference":"Practitioner/me"}],
+            "link":[{"other":{"reference":"Patient/z"},"type":"seealso"}]});
+        assert!(deny(decide_relationships(
+            &a,
+            "Patient",
+            None,
+            Some(&linked),
+            true
+        )));
+        let org = json!({"resourceType":"Patient","id":"c","generalPractitioner":[{"reference":"Practitioner/me"}],
+            "managingOrganization":{"reference":"Organization/x"}});
+        assert!(deny(decide_relationships(
+            &a,
+            "Patient",
+            None,
+            Some(&org),
+            true
+        )));
+        // Encounters: participants, and the subject once there are any.
+        let e0 = json!({"resourceType":"Encounter","subject":{"reference":"Patient/a"},"status":"planned"});
+        assert_eq!(
+            decide_relationships(&a, "Encounter", None, Some(&e0), false),
+            Decision::Allow
+        );
+        let mut e1 = e0.clone();
+        e1["participant"] = json!([{"individual":{"reference":"Practitioner/me"}}]);
+        assert!(deny(decide_relationships(
+            &a,
+            "Encounter",
+            Some(&e0),
+            Some(&e1),
+            false
+        )));
+        let mut e2 = e1.clone();
+        e2["status"] = json!("finished");
+        assert_eq!(
+            decide_relationships(&a, "Encounter", Some(&e1), Some(&e2), false),
+            Decision::Allow
+        );
+        let mut e3 = e1.clone();
+        e3["subject"] = json!({"reference":"Patient/b"});
+        assert!(deny(decide_relationships(
+            &a,
+            "Encounter",
+            Some(&e1),
+            Some(&e3),
+            false
+        )));
+        assert!(deny(decide_relationships(
+            &a,
+            "Encounter",
+            Some(&e1),
+            None,
+            false
+        )));
+        // Ordinary types never count; the permission allows everything.
+        let obs = json!({"resourceType":"Observation"});
+        assert_eq!(
+            decide_relationships(&a, "Observation", None, Some(&obs), false),
+            Decision::Allow
+        );
+        a.relationships = true;
+        assert_eq!(
+            decide_relationships(&a, "CareTeam", None, Some(&ct), false),
+            Decision::Allow
+        );
+    }
+
+    #[test]
+    fn writes_need_every_named_patient() {
+        let mut a = Access::unrestricted();
+        a.reach = Reach::Patients(["p1".to_owned()].into_iter().collect());
+        let both = vec!["p2".to_owned(), "p1".to_owned()];
+        let one = vec!["p1".to_owned()];
+        assert_eq!(
+            decide_resource(&a, &facts("Observation", &both, false)),
+            Decision::Allow
+        );
+        assert!(
+            matches!(decide_write(&a, &facts("Observation", &both, false)), Decision::Deny(r) if r.starts_with("reach"))
+        );
+        assert_eq!(
+            decide_write(&a, &facts("Observation", &one, false)),
+            Decision::Allow
+        );
     }
 }

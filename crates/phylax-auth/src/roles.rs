@@ -77,6 +77,11 @@ pub struct RoleDef {
     pub labelled: bool,
     /// May ask for break-the-glass emergency access.
     pub break_glass: bool,
+    /// May change who reaches whom: write the resources and elements that
+    /// establish care relationships, delegation and consent
+    /// ([`crate::policy::changes_relationships`]). Without it a user cannot
+    /// widen their own (or anyone's) reach with an ordinary FHIR write.
+    pub relationships: bool,
     /// The purpose of use its requests carry (HL7 v3 ActReason): recorded
     /// in every audit record and matched against consents that deny a
     /// purpose.
@@ -170,11 +175,18 @@ fn grant(types: Types, perms: &str) -> Grant {
 
 /// Security and audit records: only auditors read them.
 const AUDIT: &[&str] = &["AuditEvent", "Provenance"];
-/// People and places: who and where, plus scheduling.
+/// People and places: who and where, plus scheduling and admission (ADT):
+/// registration, encounters, episodes of care, care teams and recorded
+/// consents, the data that decides who cares for whom (front desk holds
+/// the `relationships` permission).
 const DEMOGRAPHICS_SCHEDULING: &[&str] = &[
     "Patient",
     "RelatedPerson",
     "Person",
+    "Encounter",
+    "EpisodeOfCare",
+    "CareTeam",
+    "Consent",
     "Practitioner",
     "PractitionerRole",
     "Organization",
@@ -234,6 +246,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::CareRelationships,
             labelled: false,
             break_glass: true,
+            relationships: false,
             purpose: "TREAT",
             masks: BTreeSet::new(),
         },
@@ -245,17 +258,19 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::CareRelationships,
             labelled: false,
             break_glass: true,
+            relationships: false,
             purpose: "TREAT",
             masks: BTreeSet::new(),
         },
         RoleDef {
             name: "front-desk".into(),
-            description: "Reception: demographics, coverage and scheduling only".into(),
+            description: "Reception and admissions: demographics, coverage, scheduling, encounters and care teams; no clinical data".into(),
             patient: false,
             grants: vec![grant(only(DEMOGRAPHICS_SCHEDULING), "crus")],
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            relationships: true,
             purpose: "HOPERAT",
             masks: BTreeSet::new(),
         },
@@ -270,6 +285,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            relationships: false,
             purpose: "HPAYMT",
             masks: set(&["note"]),
         },
@@ -281,6 +297,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            relationships: false,
             purpose: "HRESCH",
             masks: set(DEIDENTIFY),
         },
@@ -292,6 +309,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            relationships: false,
             purpose: "HOPERAT",
             masks: BTreeSet::new(),
         },
@@ -303,6 +321,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            relationships: true,
             purpose: "HSYSADMIN",
             masks: BTreeSet::new(),
         },
@@ -314,6 +333,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::OwnCompartment,
             labelled: true,
             break_glass: false,
+            relationships: false,
             purpose: "PATRQT",
             masks: BTreeSet::new(),
         },
@@ -333,6 +353,8 @@ pub struct CustomRole {
     pub reach: ReachRule,
     pub labelled: bool,
     pub break_glass: bool,
+    /// May change who reaches whom ([`RoleDef::relationships`]).
+    pub relationships: bool,
     /// One of [`PURPOSES`].
     pub purpose: String,
     /// Element names to mask.
@@ -435,6 +457,7 @@ impl Roles {
                     reach: c.reach,
                     labelled: c.labelled,
                     break_glass: c.break_glass,
+                    relationships: c.relationships,
                     purpose,
                     masks: c.masks.iter().cloned().collect(),
                 }),
@@ -445,16 +468,22 @@ impl Roles {
 
     /// Apply the deployment's `[access]` choices: with `care_relationships`
     /// off, roles limited to care relationships reach every patient; roles
-    /// in `labelled` may see restricted-label data. Unknown names are an
+    /// in `labelled` may see restricted-label data; roles in
+    /// `relationships` may change who reaches whom. Unknown names are an
     /// error (a typo must not silently grant or withhold).
     pub fn with_access(
         mut self,
         care_relationships: bool,
         labelled: &[String],
+        relationships: &[String],
     ) -> Result<Roles, String> {
-        for n in labelled {
+        for (list, n) in labelled
+            .iter()
+            .map(|n| ("labelled_roles", n))
+            .chain(relationships.iter().map(|n| ("relationship_roles", n)))
+        {
             if !self.map.contains_key(n) {
-                return Err(format!("access.labelled_roles: unknown role {n}"));
+                return Err(format!("access.{list}: unknown role {n}"));
             }
         }
         for (name, def) in self.map.iter_mut() {
@@ -464,6 +493,9 @@ impl Roles {
             }
             if labelled.contains(name) {
                 d.labelled = true;
+            }
+            if relationships.contains(name) {
+                d.relationships = true;
             }
             *def = Arc::new(d);
         }
@@ -568,6 +600,7 @@ mod tests {
             reach: ReachRule::CareRelationships,
             labelled: false,
             break_glass: false,
+            relationships: false,
             purpose: "TREAT".into(),
             masks: Vec::new(),
         };
@@ -584,6 +617,7 @@ mod tests {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            relationships: false,
             purpose: "TREAT".into(),
             masks: Vec::new(),
         };

@@ -117,8 +117,15 @@ impl Scope {
             return None;
         }
         let resource = match (&self.resource, &granted.resource) {
-            (None, g) => g.clone(),
-            (Some(r), None) => Some(r.clone()),
+            (None, None) => None,
+            // A requested wildcard does not mean the audit log either: a
+            // client registered for it must ask for it by name.
+            (None, Some(g)) if self.covers_type(g) => Some(g.clone()),
+            (None, Some(_)) => return None,
+            // A wildcard registration never yields the audit log, even
+            // when the request names it ([`Scope::covers_type`]).
+            (Some(r), None) if granted.covers_type(r) => Some(r.clone()),
+            (Some(_), None) => return None,
             (Some(r), Some(g)) if r == g => Some(r.clone()),
             _ => return None,
         };
@@ -306,6 +313,29 @@ mod tests {
         assert!(!g.allows(Context::System, "AuditEvent", Perm::Search));
         let w = ScopeSet::parse_lenient("system/*.cruds");
         assert!(!w.allows(Context::System, "AuditEvent", Perm::Read));
+        // Asking for it by name under a wildcard registration gets nothing.
+        for reg in ["system/*.rs", "system/*.cruds"] {
+            let reg = ScopeSet::parse_strict(reg, Context::System).unwrap();
+            let g = ScopeSet::grant(
+                &ScopeSet::parse_lenient("system/AuditEvent.rs system/Patient.r"),
+                &reg,
+            );
+            assert_eq!(g.to_string(), "system/Patient.r");
+        }
+        // An explicit registration is what grants it.
+        let reg =
+            ScopeSet::parse_strict("system/*.rs system/AuditEvent.rs", Context::System).unwrap();
+        let g = ScopeSet::grant(&ScopeSet::parse_lenient("system/AuditEvent.rs"), &reg);
+        assert_eq!(g.to_string(), "system/AuditEvent.rs");
+        // A wildcard request is granted only what it asked for: not the
+        // audit log a client is also registered for.
+        let g = ScopeSet::grant(&ScopeSet::parse_lenient("system/*.rs"), &reg);
+        assert_eq!(g.to_string(), "system/*.rs");
+        assert!(!g.allows(Context::System, "AuditEvent", Perm::Read));
+        let reg = ScopeSet::parse_strict("system/Patient.rs system/AuditEvent.rs", Context::System)
+            .unwrap();
+        let g = ScopeSet::grant(&ScopeSet::parse_lenient("system/*.rs"), &reg);
+        assert_eq!(g.to_string(), "system/Patient.rs");
     }
 
     #[test]

@@ -85,11 +85,15 @@ fn walk(node: &Value, path: &[String], f: &mut dyn FnMut(&Value)) {
     }
 }
 
+/// Stored resources carry only relative references to local resources
+/// ([`crate::reference::canonicalize`] runs before sealing), so the
+/// canonical reading needs no base here.
 fn patient_reference(reference: &Value) -> Option<String> {
     let r = reference.get("reference")?.as_str()?;
-    let rest = r.strip_prefix("Patient/")?;
-    let id = rest.split("/_history/").next()?;
-    is_valid_id(id).then(|| id.to_owned())
+    match crate::reference::target::<&str>(r, &[])? {
+        ("Patient", id) => Some(id.to_owned()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,10 @@
 //! - [`ids`]: typed resource types, ids and version ids (parse, don't validate).
 //! - [`validate`]: structural validation of a resource against the
 //!   StructureDefinitions, reporting each problem by its FHIRPath location.
-//! - [`compartment`]: which Patient compartment a resource belongs to.
+//! - [`reference`]: one canonical form for literal references to this
+//!   server's resources (relative, absolute to its base, versioned).
+//! - [`compartment`]: which Patient compartment a resource belongs to
+//!   (reads references through [`reference`]).
 //! - [`outcome`]: `OperationOutcome` construction.
 //! - [`search`]: the values each SearchParameter selects, typed and
 //!   normalised for indexing (a FHIRPath subset evaluator), and sort keys.
@@ -19,6 +22,7 @@ pub mod defs;
 pub mod ids;
 pub mod json;
 pub mod outcome;
+pub mod reference;
 pub mod search;
 pub mod subset;
 pub mod validate;

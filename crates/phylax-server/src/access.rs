@@ -82,16 +82,19 @@ pub const CARE_TYPES: &[&str] = &[
     "Patient",
     "CareTeam",
     "Encounter",
+    "EpisodeOfCare",
     "PractitionerRole",
     "Person",
 ];
 
-/// A new or updated `Patient` that names the writer as general
-/// practitioner or managing organization starts a care relationship: a
-/// clinician registering a patient may create (and go on writing) the
-/// record they are taking on.
-pub fn starts_care(access: &Access, rtype: &ResourceType, body: &Value) -> bool {
-    if rtype.as_str() != "Patient" || access.refs.is_empty() {
+/// With `access.self_registration`, a new `Patient` that names the writer
+/// as general practitioner starts a care relationship: a clinician
+/// registering a patient may create the record they are taking on.
+/// (Whether the write may name them at all is
+/// [`phylax_auth::policy::decide_relationships`]'s decision.)
+pub fn starts_care(st: &AppState, access: &Access, rtype: &ResourceType, body: &Value) -> bool {
+    if !st.config.access.self_registration || rtype.as_str() != "Patient" || access.refs.is_empty()
+    {
         return false;
     }
     let refs_at = |key: &str| -> Vec<String> {
@@ -109,7 +112,6 @@ pub fn starts_care(access: &Access, rtype: &ResourceType, body: &Value) -> bool 
     };
     refs_at("generalPractitioner")
         .into_iter()
-        .chain(refs_at("managingOrganization"))
         .any(|r| access.refs.contains(&r))
 }
 
@@ -151,6 +153,26 @@ pub fn decide_body(st: &AppState, access: &Access, rtype: &ResourceType, body: &
     )
 }
 
+/// May `access` write (or replace) `body`? Every patient it names must be
+/// within reach ([`phylax_auth::policy::decide_write`]); consents do not
+/// restrict writes.
+pub fn decide_write_body(
+    st: &AppState,
+    access: &Access,
+    rtype: &ResourceType,
+    body: &Value,
+) -> Decision {
+    let patients = compartment::patients_of(rtype, body);
+    phylax_auth::policy::decide_write(
+        &access.for_writes(),
+        &ResourceFacts {
+            rtype: rtype.as_str(),
+            patients: &patients,
+            restricted: is_restricted(st, body),
+        },
+    )
+}
+
 /// May `access` see version `v`? A deleted version carries no body: only
 /// an unrestricted caller sees that it was deleted.
 pub fn allows(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision {
@@ -166,19 +188,6 @@ pub fn check(st: &AppState, access: &Access, v: &ResourceVersion) -> Result<(), 
     match allows(st, access, v) {
         Decision::Allow => Ok(()),
         Decision::Deny(rule) => Err(ApiError::Hidden(rule)),
-    }
-}
-
-/// May `access` write `body` (the new content of a create or update)?
-pub fn check_write(
-    st: &AppState,
-    access: &Access,
-    rtype: &ResourceType,
-    body: &Value,
-) -> Result<(), ApiError> {
-    match decide_body(st, access, rtype, body) {
-        Decision::Allow => Ok(()),
-        Decision::Deny(rule) => Err(ApiError::Refused(rule)),
     }
 }
 
@@ -297,6 +306,7 @@ async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, ApiErr
             denied: st.consents.denied(&[], CLIENT_PURPOSE, crate::now_ms()),
             purpose: CLIENT_PURPOSE,
             refs: Vec::new(),
+            relationships: st.config.access.relationship_clients.contains(client_id),
         }),
         Principal::User {
             user_id,
@@ -354,6 +364,7 @@ async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, ApiErr
                 denied,
                 purpose: role.purpose,
                 refs: refs.to_vec(),
+                relationships: role.relationships,
             })
         }
     }
@@ -400,7 +411,9 @@ async fn emergency_patients(st: &AppState, user_id: &str) -> Result<BTreeSet<Str
 /// data: through their linked `Practitioner` (`phylax user
 /// set-practitioner`), its `PractitionerRole`s and their organizations —
 /// `Patient.generalPractitioner`, `Patient.managingOrganization`,
-/// `CareTeam.participant` and `Encounter.participant`. `None` when the set
+/// `CareTeam.participant`, `Encounter.participant` and
+/// `EpisodeOfCare.careManager`. Only holders of the relationships
+/// permission write these (`phylax_auth::policy::decide_relationships`). `None` when the set
 /// exceeds `access.max_reach`. A user with no linked practitioner reaches
 /// no patient (fail closed).
 pub async fn care_patients(
@@ -569,7 +582,11 @@ async fn compute_care(
     for v in find(st, "Patient", "organization", &orgs).await? {
         set.insert(v.id.to_string());
     }
-    for (rtype, param) in [("CareTeam", "participant"), ("Encounter", "participant")] {
+    for (rtype, param) in [
+        ("CareTeam", "participant"),
+        ("Encounter", "participant"),
+        ("EpisodeOfCare", "care-manager"),
+    ] {
         let rows = find(st, rtype, param, &people).await?;
         if rows.len() >= CARE_SCAN_LIMIT as usize {
             return Ok(None);

@@ -390,6 +390,8 @@ struct PendingPut {
     pre: Precondition,
     created: bool,
     body: Value,
+    /// The live version it replaces, when the write's checks opened it.
+    old: Option<crate::repo::ResourceVersion>,
 }
 
 /// Audit bookkeeping per entry: (interaction, type, id).
@@ -587,12 +589,23 @@ async fn run_transaction(
                     Some(id) => st.repo.current_row(&rtype, id).await?,
                     None => None,
                 };
-                st.repo
-                    .guard_existing(Some(&auditor), cur.as_ref())
-                    .await
-                    .map_err(|x| at_entry(idx, x.into()))?;
+                let old = match &cur {
+                    Some(_) => st
+                        .repo
+                        .guard_existing(Some(&auditor), &rtype, cur.as_ref())
+                        .await
+                        .map_err(|x| at_entry(idx, x.into()))?,
+                    None => None,
+                };
                 match (id, cur) {
                     (Some(id), Some(cur)) if !cur.deleted => {
+                        auditor
+                            .guard_new(
+                                &rtype,
+                                old.as_ref().and_then(|v| v.body.as_ref()).map(|b| b.json()),
+                                None,
+                            )
+                            .map_err(|x| at_entry(idx, x.into()))?;
                         claim(idx, &rtype, &id)?;
                         planned.push(st.repo.plan_delete(&rtype, &id, &cur)?);
                         planned_what.push("delete");
@@ -644,6 +657,7 @@ async fn run_transaction(
                     pre: Precondition::Absent,
                     created: true,
                     body,
+                    old: None,
                 });
             }
             Verb::Put => {
@@ -696,8 +710,9 @@ async fn run_transaction(
                     None => None,
                 };
                 let cur = st.repo.current_row(&rtype, &id).await?;
-                st.repo
-                    .guard_existing(Some(&auditor), cur.as_ref())
+                let old = st
+                    .repo
+                    .guard_existing(Some(&auditor), &rtype, cur.as_ref())
                     .await
                     .map_err(|x| at_entry(idx, x.into()))?;
                 let (version, pre, created) = match cur {
@@ -739,6 +754,7 @@ async fn run_transaction(
                     pre,
                     created,
                     body,
+                    old,
                 });
             }
         }
@@ -780,13 +796,21 @@ async fn run_transaction(
         // is not a valid reference until resolved).
         let (_, body) = fhir_api::validated(p.body).map_err(|e| at_entry(p.idx, e))?;
         p.body = body;
-        auditor
-            .guard_new(&p.rtype, &p.body)
-            .map_err(|x| at_entry(p.idx, x.into()))?;
         let w = st
             .repo
             .plan_put(&p.rtype, &p.id, p.version, p.body, p.pre)
             .await?;
+        // Checked as it will be stored (references in canonical form).
+        auditor
+            .guard_new(
+                &p.rtype,
+                p.old
+                    .as_ref()
+                    .and_then(|v| v.body.as_ref())
+                    .map(|b| b.json()),
+                w.body(),
+            )
+            .map_err(|x| at_entry(p.idx, x.into()))?;
         planned.push(w);
         planned_what.push(if p.created { "create" } else { "update" });
         outcomes[p.idx] = Some(Outcome::Write {

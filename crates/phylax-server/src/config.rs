@@ -59,6 +59,11 @@ pub struct RoleConfig {
     /// May ask for break-the-glass emergency access.
     #[serde(default)]
     pub break_glass: bool,
+    /// May change who reaches whom: care teams, practitioner roles,
+    /// encounter participants, a patient's GP and organization, consents
+    /// (docs/ACCESS_CONTROL.md, "Relationships are privileged data").
+    #[serde(default)]
+    pub relationships: bool,
     /// The purpose of use its requests carry (HL7 v3 ActReason code).
     #[serde(default = "default_role_purpose")]
     pub purpose: String,
@@ -88,6 +93,18 @@ pub struct AccessConfig {
     pub labelled_roles: Vec<String>,
     /// Backend clients (client ids) that see restricted-label data.
     pub labelled_clients: Vec<String>,
+    /// Roles (built-in or custom) that may change who reaches whom, on top
+    /// of those that hold the permission already (`front-desk`, `admin`,
+    /// custom roles with `relationships = true`).
+    pub relationship_roles: Vec<String>,
+    /// Backend clients (client ids) that may change who reaches whom: the
+    /// ADT, scheduling and directory feeds. Other clients' writes that
+    /// would are refused (403), whatever their scopes.
+    pub relationship_clients: Vec<String>,
+    /// A user without the relationships permission may create a Patient
+    /// naming only themselves as general practitioner (and so start caring
+    /// for them). Off by default: registering patients is front desk work.
+    pub self_registration: bool,
     /// Security labels that make a resource restricted, as `system|code`.
     pub restricted_labels: Vec<String>,
     /// How long a break-the-glass grant lasts.
@@ -127,6 +144,9 @@ impl Default for AccessConfig {
             care_relationships: true,
             labelled_roles: Vec::new(),
             labelled_clients: Vec::new(),
+            relationship_roles: Vec::new(),
+            relationship_clients: Vec::new(),
+            self_registration: false,
             restricted_labels: restricted,
             break_glass_minutes: 60,
             break_glass_mfa_max_age_secs: 900,
@@ -550,6 +570,7 @@ impl Config {
                 },
                 labelled: r.labelled,
                 break_glass: r.break_glass,
+                relationships: r.relationships,
                 purpose: r.purpose.clone(),
                 masks: r.masks.clone(),
             })
@@ -568,7 +589,11 @@ impl Config {
             phylax_fhir::ids::ResourceType::parse(t).is_some()
         })
         .map_err(|e| format!("[[roles]]: {e}"))?
-        .with_access(self.access.care_relationships, &self.access.labelled_roles)
+        .with_access(
+            self.access.care_relationships,
+            &self.access.labelled_roles,
+            &self.access.relationship_roles,
+        )
     }
 
     /// The WebAuthn relying party: RP id and allowed origins.

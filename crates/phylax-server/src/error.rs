@@ -113,6 +113,12 @@ impl ApiError {
                 IssueCode::Forbidden,
                 "your role does not receive this element, so it cannot search or sort on it",
             ),
+            ApiError::Refused(r) if r.starts_with("relationships") => one(
+                IssueCode::Forbidden,
+                "not permitted: changing who reaches whom (care teams, practitioner roles, \
+                 encounter participants, a patient's GP or organization, consents, groups, \
+                 related persons) needs the relationships permission",
+            ),
             ApiError::Refused(_) => one(
                 IssueCode::Forbidden,
                 "not permitted: the resource concerns a patient outside your access",

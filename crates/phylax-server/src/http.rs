@@ -684,6 +684,7 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
                     access: Arc::new(phylax_auth::policy::Access {
                         reach: phylax_auth::policy::Reach::Patients(Default::default()),
                         labelled: false,
+                        relationships: false,
                         ..phylax_auth::policy::Access::unrestricted()
                     }),
                 };

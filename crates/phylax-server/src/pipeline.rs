@@ -168,38 +168,74 @@ impl<'a> WriteAuditor<'a> {
         WriteAuditor { st, ctx }
     }
 
-    /// Whether the writer is limited at all (reach or labels): only then
-    /// does a write open the version it replaces to check it.
-    pub fn restricted(&self) -> bool {
-        self.ctx.access.reach != phylax_auth::policy::Reach::All || !self.ctx.access.labelled
+    /// Whether a write of `rtype` must open the version it replaces: the
+    /// writer is limited (reach or labels), or may not change who reaches
+    /// whom and `rtype` can (the old and new relationship elements are
+    /// compared, [`phylax_auth::policy::decide_relationships`]).
+    pub fn opens_existing(&self, rtype: &ResourceType) -> bool {
+        let a = &self.ctx.access;
+        a.reach != phylax_auth::policy::Reach::All
+            || !a.labelled
+            || (!a.relationships && phylax_auth::policy::establishes_reach(rtype.as_str()))
     }
 
-    /// The version a write replaces must be visible to the writer.
+    /// Whether the writer is limited to some patients (then a write to an
+    /// id that does not exist answers like one that is hidden).
+    pub fn limited(&self) -> bool {
+        self.ctx.access.reach != phylax_auth::policy::Reach::All
+    }
+
+    /// The version a write replaces must be visible to the writer, for
+    /// every patient it names.
     pub fn guard_existing(&self, v: &ResourceVersion) -> Result<(), crate::repo::RepoError> {
-        match crate::access::allows(self.st, &self.ctx.access.for_writes(), v) {
+        let decision = match &v.body {
+            Some(b) => {
+                crate::access::decide_write_body(self.st, &self.ctx.access, &v.rtype, b.json())
+            }
+            None => crate::access::allows(self.st, &self.ctx.access.for_writes(), v),
+        };
+        match decision {
             Decision::Allow => Ok(()),
             Decision::Deny(rule) => Err(crate::repo::RepoError::Denied { hidden: true, rule }),
         }
     }
 
-    /// The new content must be within the writer's reach.
+    /// The one check of a write's content, for every path that writes
+    /// (single interactions, conditional ones, Bundle entries): the new
+    /// content must be within the writer's reach for every patient it
+    /// names, and a change of who reaches whom (`old` is the live version
+    /// it replaces, if any; `new` is absent for a delete) needs the
+    /// relationships permission.
     pub fn guard_new(
         &self,
         rtype: &ResourceType,
-        body: &Value,
+        old: Option<&Value>,
+        new: Option<&Value>,
     ) -> Result<(), crate::repo::RepoError> {
-        match crate::access::decide_body(self.st, &self.ctx.access.for_writes(), rtype, body) {
-            Decision::Allow => Ok(()),
-            Decision::Deny(rule)
-                if rule.starts_with("reach")
-                    && crate::access::starts_care(&self.ctx.access, rtype, body) =>
-            {
-                Ok(())
+        let access = &self.ctx.access;
+        let refused = |rule| crate::repo::RepoError::Denied {
+            hidden: false,
+            rule,
+        };
+        if let Some(body) = new {
+            match crate::access::decide_write_body(self.st, access, rtype, body) {
+                Decision::Allow => {}
+                Decision::Deny(rule)
+                    if rule.starts_with("reach")
+                        && old.is_none()
+                        && crate::access::starts_care(self.st, access, rtype, body) => {}
+                Decision::Deny(rule) => return Err(refused(rule)),
             }
-            Decision::Deny(rule) => Err(crate::repo::RepoError::Denied {
-                hidden: false,
-                rule,
-            }),
+        }
+        match phylax_auth::policy::decide_relationships(
+            access,
+            rtype.as_str(),
+            old,
+            new,
+            self.st.config.access.self_registration,
+        ) {
+            Decision::Allow => Ok(()),
+            Decision::Deny(rule) => Err(refused(rule)),
         }
     }
 
@@ -209,11 +245,11 @@ impl<'a> WriteAuditor<'a> {
         interaction: &'static str,
         rtype: &str,
         id: &str,
-        patient: Option<&str>,
+        patients: Vec<String>,
         status: u16,
     ) -> Result<NewAudit, AuditError> {
         let mut f = facts(self.st, self.ctx, interaction, status, None);
-        f.patients = patient.map(str::to_owned).into_iter().collect();
+        f.patients = patients;
         f.resources = vec![format!("{rtype}/{id}")];
         mark_emergency(self.ctx, &mut f);
         self.st.audit.draft(&f)

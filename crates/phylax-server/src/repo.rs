@@ -272,6 +272,11 @@ pub struct Repo {
 type WriteAudit<'a> = (WriteAuditor<'a>, &'static str);
 
 impl PlannedWrite {
+    /// The content to be stored (absent for a delete), as sealed.
+    pub fn body(&self) -> Option<&Value> {
+        self.out.body.as_ref().map(Resource::json)
+    }
+
     /// The patient whose compartment the write is in, from its key scope.
     pub fn patient(&self) -> Option<&str> {
         self.new.key_scope.strip_prefix("patient:")
@@ -290,14 +295,14 @@ impl PlannedWrite {
         } else {
             200
         };
-        a.draft(
-            interaction,
-            &self.new.rtype,
-            &self.new.id,
-            self.patient(),
-            status,
-        )
-        .map_err(|e| RepoError::Store(StoreError::Unavailable(e.to_string())))
+        // Every patient the written resource names (a delete: the one its
+        // data key belongs to), not only the first.
+        let patients = match &self.out.body {
+            Some(b) => compartment::patients_of(&self.out.rtype, b.json()),
+            None => self.patient().map(str::to_owned).into_iter().collect(),
+        };
+        a.draft(interaction, &self.new.rtype, &self.new.id, patients, status)
+            .map_err(|e| RepoError::Store(StoreError::Unavailable(e.to_string())))
     }
 }
 
@@ -394,6 +399,10 @@ impl Repo {
         pre: Precondition,
     ) -> Result<PlannedWrite, RepoError> {
         let now = crate::now_ms();
+        // One canonical form for references to this server's resources:
+        // whose data this is must not depend on how a reference is written
+        // (phylax_fhir::reference).
+        phylax_fhir::reference::canonicalize(&mut body, &[self.fhir_base.as_str()]);
         // Server-owned fields: id, versionId, lastUpdated.
         if let Some(obj) = body.as_object_mut() {
             obj.insert("id".into(), json!(id.as_str()));
@@ -518,24 +527,26 @@ impl Repo {
         body: Value,
         pre: Precondition,
         audit: Option<WriteAudit<'_>>,
+        old: Option<&Value>,
     ) -> Result<ResourceVersion, RepoError> {
         let w = self.plan_put(rtype, id, version, body, pre).await?;
-        self.append(w, audit).await
+        self.append(w, audit, old).await
     }
 
     /// Write one planned version on its own, with its audit record in the
-    /// same transaction.
+    /// same transaction. `old` is the live version's body it replaces, as
+    /// [`Repo::guard_existing`] opened it.
     async fn append(
         &self,
         w: PlannedWrite,
         audit: Option<WriteAudit<'_>>,
+        old: Option<&Value>,
     ) -> Result<ResourceVersion, RepoError> {
         let rows = match audit {
             Some((a, interaction)) => {
-                // The new content must be within the writer's reach.
-                if let Some(b) = &w.out.body {
-                    a.guard_new(&w.out.rtype, b.json())?;
-                }
+                // The new content must be within the writer's reach, and a
+                // change of who reaches whom needs the permission.
+                a.guard_new(&w.out.rtype, old, w.out.body.as_ref().map(Resource::json))?;
                 vec![w.audit(&a, interaction)?]
             }
             None => Vec::new(),
@@ -624,6 +635,7 @@ impl Repo {
             body,
             Precondition::Absent,
             audit.map(|a| (*a, "create")),
+            None,
         )
         .await
     }
@@ -641,7 +653,7 @@ impl Repo {
     ) -> Result<(ResourceVersion, bool), RepoError> {
         for _ in 0..UPDATE_RETRIES {
             let current = self.store.read_current(rtype.as_str(), id.as_str()).await?;
-            self.guard_existing(audit, current.as_ref()).await?;
+            let old = self.guard_existing(audit, rtype, current.as_ref()).await?;
             let (next, pre, created) = match (&current, if_match) {
                 (None, Some(_)) => return Err(RepoError::VersionMismatch),
                 (None, None) if !allow_create => return Err(RepoError::CreateViaUpdateDisabled),
@@ -666,6 +678,9 @@ impl Repo {
                     body.clone(),
                     pre,
                     audit.map(|a| (*a, "update")),
+                    old.as_ref()
+                        .and_then(|v| v.body.as_ref())
+                        .map(Resource::json),
                 )
                 .await
             {
@@ -692,7 +707,7 @@ impl Repo {
             let Some(cur) = self.store.read_current(rtype.as_str(), id.as_str()).await? else {
                 return Err(RepoError::NotFound);
             };
-            self.guard_existing(audit, Some(&cur)).await?;
+            let old = self.guard_existing(audit, rtype, Some(&cur)).await?;
             if cur.deleted {
                 return Ok(None);
             }
@@ -700,6 +715,9 @@ impl Repo {
                 .append(
                     self.plan_delete(rtype, id, &cur)?,
                     audit.map(|a| (*a, "delete")),
+                    old.as_ref()
+                        .and_then(|v| v.body.as_ref())
+                        .map(Resource::json),
                 )
                 .await
             {
@@ -711,21 +729,55 @@ impl Repo {
         Err(RepoError::Conflict)
     }
 
-    /// The resource a write replaces must be within the writer's reach
-    /// (only opened when the writer is restricted at all).
+    /// The resource a write replaces must be within the writer's reach.
+    /// Returns the live version it opened, when the write's checks need it
+    /// ([`WriteAuditor::opens_existing`]), for
+    /// [`WriteAuditor::guard_new`] to compare.
+    ///
+    /// A writer limited to some patients learns nothing from a write about
+    /// ids it cannot see: an id that does not exist, a deleted resource
+    /// whose last content it could not see, and a hidden live resource all
+    /// answer alike (404), so PUT and DELETE are no existence oracle.
     pub async fn guard_existing(
         &self,
         audit: Option<&WriteAuditor<'_>>,
+        rtype: &ResourceType,
         current: Option<&StoredVersion>,
-    ) -> Result<(), RepoError> {
-        let (Some(a), Some(cur)) = (audit, current) else {
-            return Ok(());
+    ) -> Result<Option<ResourceVersion>, RepoError> {
+        let Some(a) = audit else {
+            return Ok(None);
         };
-        if cur.deleted || !a.restricted() {
-            return Ok(());
+        let hidden = RepoError::Denied {
+            hidden: true,
+            rule: "reach: no resource the caller may write has this id",
+        };
+        let Some(cur) = current else {
+            return if a.limited() { Err(hidden) } else { Ok(None) };
+        };
+        if cur.deleted {
+            if !a.limited() {
+                return Ok(None);
+            }
+            // Only a writer who could see what was deleted learns that it was.
+            let last = match cur.version.checked_sub(1).filter(|v| *v > 0) {
+                Some(v) => self.store.read_version(&cur.rtype, &cur.id, v).await?,
+                None => None,
+            };
+            return match last {
+                Some(row) if !row.deleted => {
+                    let v = self.open(row).await?;
+                    a.guard_existing(&v)?;
+                    Ok(None)
+                }
+                _ => Err(hidden),
+            };
+        }
+        if !a.opens_existing(rtype) {
+            return Ok(None);
         }
         let v = self.open(cur.clone()).await?;
-        a.guard_existing(&v)
+        a.guard_existing(&v)?;
+        Ok(Some(v))
     }
 
     /// Open a looked-up row that must exist and be live.

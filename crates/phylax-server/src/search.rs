@@ -61,11 +61,15 @@ fn prefixes(s: &str) -> impl Iterator<Item = &str> {
         .take(MAX_PREFIX)
 }
 
-/// Strip `base/` from an absolute reference to this server.
-fn local_reference<'a>(r: &'a str, fhir_base: &str) -> &'a str {
-    r.strip_prefix(fhir_base)
-        .and_then(|x| x.strip_prefix('/'))
-        .unwrap_or(r)
+/// A reference to a local resource in its canonical form, `Type/id`
+/// (absolute to this server's base or versioned, it names the same
+/// resource: `phylax_fhir::reference`); anything else as it is.
+fn local_reference<'a>(r: &'a str, fhir_base: &str) -> std::borrow::Cow<'a, str> {
+    match phylax_fhir::reference::target(r, &[fhir_base]) {
+        Some((t, id)) if r.len() == t.len() + 1 + id.len() => std::borrow::Cow::Borrowed(r),
+        Some((t, id)) => std::borrow::Cow::Owned(format!("{t}/{id}")),
+        None => std::borrow::Cow::Borrowed(r),
+    }
 }
 
 /// `Type/id` (without `_history`) when `r` is a relative literal reference.
@@ -244,7 +248,7 @@ fn composite_rows(
                 }
                 SearchValue::Reference(r) => {
                     let r = local_reference(r, fhir_base);
-                    rows.push(hrow(code, hash(key, &["cr", code, &k1, r])));
+                    rows.push(hrow(code, hash(key, &["cr", code, &k1, &r])));
                 }
                 _ => {}
             }
@@ -311,6 +315,7 @@ pub fn index_rows(
             }
             SearchValue::Reference(r) => {
                 let r = local_reference(&r, fhir_base);
+                let r: &str = &r;
                 if let Some((t, id)) = type_and_id(r) {
                     rows.push(hrow(code, hash(key, &["r", code, &format!("{t}/{id}")])));
                     if !expanded_targets(rtype.as_str(), code)
@@ -796,6 +801,7 @@ pub fn parse(
                 let mut hashes = Vec::new();
                 for v in &values {
                     let r = local_reference(v, fhir_base);
+                    let r: &str = &r;
                     if type_mod.is_none() && phylax_fhir::ids::is_valid_id(r) {
                         // A bare id: see `MAX_EXPANDED_TARGETS`.
                         for t in expanded_targets(rtype.as_str(), code) {
@@ -847,7 +853,7 @@ pub fn parse(
                             param: code.to_owned(),
                             hashes: vec![hash(
                                 key,
-                                &["cr", code, &k1, local_reference(b, fhir_base)],
+                                &["cr", code, &k1, &local_reference(b, fhir_base)],
                             )],
                         },
                         ParamKind::Quantity => match num_cond(code, &shown, b, true, key)? {

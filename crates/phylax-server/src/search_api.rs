@@ -656,19 +656,25 @@ impl ResultControl {
     }
 }
 
-/// Run a type-level search (GET or POST `_search`).
+/// Run a type-level search (GET or POST `_search`). `posted`: the terms
+/// came in a form body, and must not appear in any link of the answer.
 async fn search(
     st: &AppState,
     ctx: &RequestCtx,
     h: &HeaderMap,
     rtype: &ResourceType,
     mut params: Vec<(String, String)>,
+    posted: bool,
 ) -> Result<Response, ApiError> {
     let q = Query(params.clone());
     check_accept(h, &q)?;
     if rtype.as_str() == crate::audit_api::AUDIT_TYPE {
         return crate::audit_api::search(st, params).await;
     }
+    // Terms that reached us outside the URL (a form body, or a sealed
+    // cursor made from one) stay out of every link: the self link is then
+    // a sealed cursor for this very page.
+    let terms_hidden = posted || q.get("_cursor").is_some();
     let mut before = None;
     let mut back: Option<Vec<i64>> = None;
     if let Some(c) = q.get("_cursor") {
@@ -774,9 +780,22 @@ async fn search(
     let self_q: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(used)
         .finish();
-    let mut links = vec![
-        json!({"relation": "self", "url": if self_q.is_empty() { url.clone() } else { format!("{url}?{self_q}") }}),
-    ];
+    let self_url = if terms_hidden {
+        let c = seal_search_cursor(
+            st,
+            rtype.as_str(),
+            &shown,
+            before.unwrap_or(FIRST_PAGE),
+            back.as_deref().unwrap_or_default(),
+        )
+        .await?;
+        format!("{url}?_cursor={c}")
+    } else if self_q.is_empty() {
+        url.clone()
+    } else {
+        format!("{url}?{self_q}")
+    };
+    let mut links = vec![json!({"relation": "self", "url": self_url})];
     if let Some(mark) = next_mark {
         let mut trail = back.clone().unwrap_or_default();
         trail.push(before.unwrap_or(FIRST_PAGE));
@@ -875,7 +894,7 @@ pub async fn search_type(
         Interaction::SearchType,
         Some(&rtype),
         None,
-        || async { search(&st, &ctx, &h, &rtype, q.0).await },
+        || async { search(&st, &ctx, &h, &rtype, q.0, false).await },
     )
     .await)
 }
@@ -913,7 +932,7 @@ pub async fn compartment_search(
         Interaction::SearchType,
         Some(&rtype),
         None,
-        || async { search(&st, &ctx, &h, &rtype, params).await },
+        || async { search(&st, &ctx, &h, &rtype, params, false).await },
     )
     .await)
 }
@@ -952,7 +971,15 @@ pub async fn search_post(
             params.extend(
                 form_urlencoded::parse(&bytes).map(|(k, v)| (k.into_owned(), v.into_owned())),
             );
-            search(&st, &ctx, &h, &rtype, Query(params).without_internal().0).await
+            search(
+                &st,
+                &ctx,
+                &h,
+                &rtype,
+                Query(params).without_internal().0,
+                true,
+            )
+            .await
         },
     )
     .await)

@@ -725,10 +725,14 @@ pub async fn login(
     let username = form.get("username").map(String::as_str).unwrap_or("");
     let password = form.get("password").map(String::as_str).unwrap_or("");
     let ip_key = format!("ip:{}", peer(&ext));
+    // Keyed on the name as sign-in matches it (NFKC, trimmed, lower-case):
+    // `ｖｉｃｔｉｍ５` is `victim5` here too. A name that cannot be one
+    // (empty, too long) is throttled as typed.
+    let canonical = crate::accounts::normalize_username(username)
+        .unwrap_or_else(|_| username.trim().to_lowercase());
     let acct_key = format!(
         "user:{}",
-        st.accounts
-            .keyed("throttle", username.trim().to_lowercase().as_bytes())
+        st.accounts.keyed("throttle", canonical.as_bytes())
     );
     let now_ms = crate::now_ms();
     let wait = st

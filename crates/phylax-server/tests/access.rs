@@ -42,6 +42,8 @@ async fn server(b: Backend) -> Option<TestServer> {
     TestServer::start_with(b, |c| {
         // The loader may write labelled data (an explicit permission).
         c.access.labelled_clients = vec!["loader".into()];
+        // … and the care relationships (the ADT feed).
+        c.access.relationship_clients = vec!["loader".into()];
         c.roles = vec![
             phylax_server::config::RoleConfig {
                 name: "psychiatrist".into(),
@@ -53,6 +55,7 @@ async fn server(b: Backend) -> Option<TestServer> {
                 reach: "care-relationships".into(),
                 labelled: true,
                 break_glass: true,
+                relationships: false,
                 purpose: "TREAT".into(),
                 masks: Vec::new(),
             },
@@ -66,6 +69,7 @@ async fn server(b: Backend) -> Option<TestServer> {
                 reach: "everyone".into(),
                 labelled: false,
                 break_glass: false,
+                relationships: false,
                 purpose: "HOPERAT".into(),
                 masks: vec!["note".into()],
             },
@@ -1586,6 +1590,8 @@ mod over_max_reach {
         TestServer::start_with(b, |c| {
             c.access.max_reach = 2;
             c.access.labelled_clients = vec!["loader".into()];
+            // … and the care relationships (the ADT feed).
+            c.access.relationship_clients = vec!["loader".into()];
         })
         .await
     }
@@ -1600,4 +1606,319 @@ mod over_max_reach {
             super::over_max_reach_is_refused_and_recorded(&s).await;
         }
     }
+}
+
+// What a clinician who cares for some patients can try, with ordinary
+// FHIR writes, to reach another patient (`pa-other`) or to write into
+// their record: each attack is refused (403 for content, 404 for ids it
+// cannot see), nothing is stored, and the victim stays unreachable
+// afterwards. docs/THREAT_MODEL.md, "Insiders".
+on_both!(insiders_cannot_widen_their_reach);
+async fn insiders_cannot_widen_their_reach(s: &TestServer) {
+    load(s).await;
+    let l = loader(s);
+    let a = clinician(s, "dr.a", "pr-a").await;
+    let me = "Practitioner/pr-a";
+    let victim = "Patient/pa-other";
+    let absolute = format!("{}/{victim}", s.fhir);
+    let obs_of = |subject: &str, performer: &str| {
+        json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": subject}, "performer": [{"reference": performer}]})
+    };
+    // (what, method, path, body, expected status)
+    let attacks: Vec<(&str, M, String, Value, u16)> = vec![
+        (
+            "care team naming myself and the victim",
+            M::POST,
+            "/CareTeam".into(),
+            json!({"resourceType": "CareTeam", "subject": {"reference": "Patient/pa-gp"},
+                "participant": [{"member": {"reference": me}}, {"member": {"reference": victim}}]}),
+            403,
+        ),
+        (
+            "care team for the victim",
+            M::POST,
+            "/CareTeam".into(),
+            json!({"resourceType": "CareTeam", "subject": {"reference": victim},
+                "participant": [{"member": {"reference": me}}]}),
+            403,
+        ),
+        (
+            "a role in the victim's managing organization",
+            M::POST,
+            "/PractitionerRole".into(),
+            json!({"resourceType": "PractitionerRole", "practitioner": {"reference": me},
+                "organization": {"reference": "Organization/org-1"}}),
+            403,
+        ),
+        (
+            "an episode of care I manage",
+            M::POST,
+            "/EpisodeOfCare".into(),
+            json!({"resourceType": "EpisodeOfCare", "status": "active",
+                "patient": {"reference": victim}, "careManager": {"reference": me}}),
+            403,
+        ),
+        (
+            "an encounter I take part in",
+            M::POST,
+            "/Encounter".into(),
+            json!({"resourceType": "Encounter", "status": "planned", "class": {"code": "AMB"},
+                "subject": {"reference": victim},
+                "participant": [{"individual": {"reference": me}}]}),
+            403,
+        ),
+        (
+            "moving my encounter to the victim",
+            M::PUT,
+            "/Encounter/enc-1".into(),
+            json!({"resourceType": "Encounter", "id": "enc-1", "status": "finished",
+                "class": {"code": "AMB"}, "subject": {"reference": victim},
+                "participant": [{"individual": {"reference": me}}]}),
+            403,
+        ),
+        (
+            "joining an encounter of a patient I reach",
+            M::PUT,
+            "/Encounter/enc-2".into(),
+            json!({"resourceType": "Encounter", "id": "enc-2", "status": "finished",
+                "class": {"code": "AMB"}, "subject": {"reference": "Patient/pa-gp"},
+                "participant": [{"individual": {"reference": me}}]}),
+            403,
+        ),
+        (
+            "a related person",
+            M::POST,
+            "/RelatedPerson".into(),
+            json!({"resourceType": "RelatedPerson", "patient": {"reference": "Patient/pa-gp"}}),
+            403,
+        ),
+        (
+            "a group with the victim",
+            M::POST,
+            "/Group".into(),
+            json!({"resourceType": "Group", "type": "person", "actual": true,
+                "member": [{"entity": {"reference": "Patient/pa-gp"}}, {"entity": {"reference": victim}}]}),
+            403,
+        ),
+        (
+            "a consent",
+            M::POST,
+            "/Consent".into(),
+            json!({"resourceType": "Consent", "status": "active",
+                "scope": {"coding": [{"code": "patient-privacy"}]},
+                "category": [{"text": "x"}], "patient": {"reference": "Patient/pa-gp"}}),
+            403,
+        ),
+        (
+            "a Person linking patients",
+            M::POST,
+            "/Person".into(),
+            json!({"resourceType": "Person", "link": [{"target": {"reference": victim}}]}),
+            403,
+        ),
+        (
+            "a patient I register as my own (self-registration off)",
+            M::POST,
+            "/Patient".into(),
+            json!({"resourceType": "Patient", "generalPractitioner": [{"reference": me}]}),
+            403,
+        ),
+        (
+            "making myself the GP of a patient I reach through a care team",
+            M::PUT,
+            "/Patient/pa-team".into(),
+            patient(
+                "pa-team",
+                json!({"generalPractitioner": [{"reference": me}]}),
+            ),
+            403,
+        ),
+        (
+            "a write into the victim's record through a patient I reach",
+            M::POST,
+            "/Observation".into(),
+            obs_of(victim, "Patient/pa-gp"),
+            403,
+        ),
+        (
+            "the same, the victim as performer",
+            M::POST,
+            "/Observation".into(),
+            obs_of("Patient/pa-gp", victim),
+            403,
+        ),
+        (
+            "the victim by an absolute reference",
+            M::POST,
+            "/Observation".into(),
+            obs_of("Patient/pa-gp", &absolute),
+            403,
+        ),
+        (
+            "the victim by a versioned reference",
+            M::POST,
+            "/Observation".into(),
+            obs_of("Patient/pa-gp", &format!("{victim}/_history/1")),
+            403,
+        ),
+        (
+            "overwriting the hidden victim",
+            M::PUT,
+            "/Patient/pa-other".into(),
+            patient(
+                "pa-other",
+                json!({"generalPractitioner": [{"reference": me}]}),
+            ),
+            404,
+        ),
+        (
+            "a patient under an id of my choosing",
+            M::PUT,
+            "/Patient/pa-mine".into(),
+            patient(
+                "pa-mine",
+                json!({"generalPractitioner": [{"reference": me}]}),
+            ),
+            404,
+        ),
+    ];
+    // enc-2: an encounter of a reached patient without participants.
+    put(
+        s,
+        &l,
+        json!({"resourceType": "Encounter", "id": "enc-2", "status": "finished",
+            "class": {"code": "AMB"}, "subject": {"reference": "Patient/pa-gp"}}),
+    )
+    .await;
+    for (what, m, path, body, want) in &attacks {
+        let (st, b) = send(s, &a, m.clone(), path, Some(body)).await;
+        assert_eq!(st, *want, "{what}: {b}");
+        assert_eq!(b["resourceType"], "OperationOutcome", "{what}");
+        // The same inside a transaction: refused, nothing stored.
+        let method = if *m == M::PUT { "PUT" } else { "POST" };
+        let url = path.trim_start_matches('/');
+        let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": body, "request": {"method": method, "url": url}}]});
+        let (st, b) = send(s, &a, M::POST, "", Some(&tx)).await;
+        assert_eq!(st, *want, "{what} (transaction): {b}");
+    }
+    // A deleted patient, recreated naming myself: refused like any id I
+    // cannot see.
+    put(s, &l, patient("pa-gone", json!({}))).await;
+    assert_eq!(
+        send(s, &l, M::DELETE, "/Patient/pa-gone", None).await.0,
+        204
+    );
+    let (st, _) = send(
+        s,
+        &a,
+        M::PUT,
+        "/Patient/pa-gone",
+        Some(&patient(
+            "pa-gone",
+            json!({"generalPractitioner": [{"reference": me}]}),
+        )),
+    )
+    .await;
+    assert_eq!(st, 404, "recreating a deleted patient as my own");
+    // Deleting: a hidden live resource, a hidden deleted one and an id that
+    // never existed answer alike.
+    let mut answers = Vec::new();
+    for id in ["pa-other", "pa-gone", "never-existed"] {
+        let (st, b) = send(s, &a, M::DELETE, &format!("/Patient/{id}"), None).await;
+        answers.push((st, b["issue"].clone()));
+    }
+    assert!(answers.iter().all(|x| *x == answers[0]), "{answers:?}");
+    assert_eq!(answers[0].0, 404);
+    // Writes into reached records that name nobody else still work; my
+    // own encounter's other elements remain mine to update.
+    let (st, b) = send(
+        s,
+        &a,
+        M::POST,
+        "/Observation",
+        Some(&obs_of("Patient/pa-gp", me)),
+    )
+    .await;
+    assert_eq!(st, 201, "{b}");
+    let (_, mut enc) = send(s, &a, M::GET, "/Encounter/enc-1", None).await;
+    enc["status"] = json!("cancelled");
+    assert_eq!(
+        send(s, &a, M::PUT, "/Encounter/enc-1", Some(&enc)).await.0,
+        200
+    );
+    // After every attempt (and past the care cache), the victim is as
+    // unreachable as before, and nothing names them.
+    tokio::time::sleep(std::time::Duration::from_millis(5_100)).await;
+    for p in ["pa-other", "pa-org", "pa-mine", "pa-gone"] {
+        assert_eq!(get(s, &a, &format!("/Patient/{p}")).await, 404, "{p}");
+    }
+    assert_eq!(get(s, &a, "/Observation/obs-other").await, 404);
+    assert!(search(s, &a, "/Observation?subject=Patient/pa-other")
+        .await
+        .is_empty());
+    let all = search(s, &l, "/Observation?subject=Patient/pa-other&_count=100").await;
+    assert_eq!(
+        all,
+        vec!["Observation/obs-other", "Observation/obs-other-psy"]
+    );
+    for t in [
+        "CareTeam",
+        "PractitionerRole",
+        "EpisodeOfCare",
+        "RelatedPerson",
+        "Group",
+        "Consent",
+        "Person",
+    ] {
+        let n = search(s, &l, &format!("/{t}?_count=100")).await.len();
+        let before = match t {
+            "CareTeam" | "PractitionerRole" => 1,
+            _ => 0,
+        };
+        assert_eq!(n, before, "{t}");
+    }
+}
+
+// Who may change who reaches whom: the ADT feed (a client in
+// `access.relationship_clients`) and front desk may; a client with every
+// scope but not listed may not. A reference written in absolute form to
+// this server is stored in its canonical form, so it decides the same
+// compartment, data key, reach and audit attribution as `Patient/id`.
+on_both!(relationships_are_written_by_those_allowed_to);
+async fn relationships_are_written_by_those_allowed_to(s: &TestServer) {
+    load(s).await;
+    let wide = s.token("system/*.cruds").await;
+    let team = json!({"resourceType": "CareTeam", "subject": {"reference": "Patient/pa-other"},
+        "participant": [{"member": {"reference": "Practitioner/pr-a"}}]});
+    let (st, b) = send(s, &wide, M::POST, "/CareTeam", Some(&team)).await;
+    assert_eq!(st, 403, "{b}");
+    assert!(
+        b["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("relationships"),
+        "{b}"
+    );
+    let a = clinician(s, "dr.a", "pr-a").await;
+    let fd = user(s, "fd", "front-desk", None, None, "user/*.cruds", None).await;
+    let (st, b) = send(s, &fd, M::POST, "/CareTeam", Some(&team)).await;
+    assert_eq!(st, 201, "{b}");
+    // Within the care cache's seconds the clinician reaches the patient.
+    tokio::time::sleep(std::time::Duration::from_millis(5_100)).await;
+    assert_eq!(get(s, &a, "/Patient/pa-other").await, 200);
+    // Absolute references to this server are stored relative.
+    let l = loader(s);
+    let abs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "subject": {"reference": format!("{}/Patient/pa-gp", s.fhir)}});
+    let (st, made) = send(s, &l, M::POST, "/Observation", Some(&abs)).await;
+    assert_eq!(st, 201, "{made}");
+    assert_eq!(made["subject"]["reference"], "Patient/pa-gp");
+    let id = made["id"].as_str().unwrap();
+    let (st, b) = send(s, &a, M::GET, &format!("/Observation/{id}"), None).await;
+    assert_eq!(st, 200, "{b}");
+    assert!(search(s, &a, "/Observation?subject=Patient/pa-gp")
+        .await
+        .contains(&format!("Observation/{id}")));
 }

@@ -252,6 +252,31 @@ async fn token_endpoint_hostile_cases(s: &TestServer) {
             .0,
         401
     );
+    // RFC 7523: not before `nbf`; no `iat` in the future or longer than
+    // five minutes before `exp`.
+    let sign_with = |extra: Value| {
+        let mut c = json!({"iss": id, "sub": id, "aud": s.token_url(), "exp": now + 200,
+            "jti": uuid::Uuid::new_v4().to_string()});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        jsonwebtoken::encode(&Header::new(Algorithm::ES384), &c, &k).unwrap()
+    };
+    for (extra, want) in [
+        (json!({"nbf": now + 3600}), 401),
+        (json!({"nbf": now + 86400}), 401),
+        (json!({"iat": now + 3600}), 401),
+        (json!({"iat": now - 3600}), 401),
+        (json!({"nbf": now - 10, "iat": now - 10}), 200),
+    ] {
+        assert_eq!(
+            s.token_request(&sign_with(extra.clone()), "system/Patient.rs")
+                .await
+                .0,
+            want,
+            "{extra}"
+        );
+    }
     assert_eq!(
         s.token_request(&sign(now + 200), "system/Patient.rs")
             .await

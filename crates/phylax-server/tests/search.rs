@@ -529,6 +529,51 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
     assert_eq!(r.status(), 200);
     let b: Value = r.json().await.unwrap();
     assert_eq!(b["total"], 7);
+    // The terms stay out of every link: self (and next, previous) are
+    // sealed cursors, and the self link gives the same page again.
+    let r = s
+        .http
+        .post(s.url("/Patient/_search"))
+        .bearer_auth(&tok)
+        .form(&[("family", "pagerson"), ("_count", "3")])
+        .send()
+        .await
+        .unwrap();
+    let b: Value = r.json().await.unwrap();
+    let links = b["link"].as_array().unwrap();
+    assert!(links.len() >= 2, "{b}");
+    for l in links {
+        let u = l["url"].as_str().unwrap();
+        assert!(!u.contains("pagerson") && !u.contains("family"), "{u}");
+        assert!(u.contains("_cursor="), "{u}");
+    }
+    let self_url = links[0]["url"].as_str().unwrap();
+    let again: Value = s
+        .http
+        .get(self_url)
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["entry"], b["entry"]);
+    let next_url = links[1]["url"].as_str().unwrap();
+    let page2: Value = s
+        .http
+        .get(next_url)
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for l in page2["link"].as_array().unwrap() {
+        let u = l["url"].as_str().unwrap();
+        assert!(!u.contains("pagerson") && u.contains("_cursor="), "{u}");
+    }
     let r = s
         .http
         .post(s.url("/Patient/_search"))
@@ -873,7 +918,8 @@ async fn include_and_revinclude_respect_the_policy(s: &TestServer) {
 
 both!(include_iterate_follows_chains_and_ends_loops);
 async fn include_iterate_follows_chains_and_ends_loops(s: &TestServer) {
-    let tok = s.token("system/*.cruds").await;
+    // Patients with a GP and an organization: the relationship feed.
+    let tok = s.feed_token("system/*.cruds");
     let org = create(
         s,
         &tok,

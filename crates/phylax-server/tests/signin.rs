@@ -428,7 +428,8 @@ async fn fhir_get(s: &TestServer, token: &str, path: &str) -> u16 {
 const CARE_PRACTITIONER: &str = "pr-care";
 
 async fn make_patient(s: &TestServer, id: &str) {
-    let admin = s.token("system/*.cruds").await;
+    // A GP is a care relationship: the relationship feed writes it.
+    let admin = s.feed_token("system/*.cruds");
     let r = s
         .http
         .put(s.url(&format!("/Patient/{id}")))
@@ -1006,19 +1007,29 @@ async fn lockout_body(s: &TestServer) {
     let mut page = b
         .get(&authorize_url(s, &app, "user/*.rs", "s", &pkce()))
         .await;
-    for _ in 0..3 {
+    // The same account however its name is typed: full-width letters
+    // are the same name after NFKC, for the lock and for the delay.
+    for name in ["nurse.joy", "ＮＵＲＳＥ.ＪＯＹ", " Nurse.Joy"] {
         page = b
             .post(
                 "/auth/login",
                 &[
                     ("csrf", &page.csrf()),
-                    ("username", "nurse.joy"),
+                    ("username", name),
                     ("password", "wrong wrong wrong wrong"),
                 ],
             )
             .await;
         assert_eq!(page.status, 401);
     }
+    let acct_key = format!(
+        "user:{}",
+        s.state.accounts.keyed("throttle", "nurse.joy".as_bytes())
+    );
+    assert!(
+        s.state.throttle.wait(&acct_key, now() * 1000) > 0,
+        "the per-account delay counts every spelling"
+    );
     // The failure count is written in the background; wait for the lock.
     let mut locked = false;
     for _ in 0..50 {
@@ -2080,6 +2091,7 @@ mod roles {
                 reach: "everyone".into(),
                 labelled: false,
                 break_glass: false,
+                relationships: false,
                 purpose: "TREAT".into(),
                 masks: Vec::new(),
             }];

@@ -34,6 +34,9 @@ impl Drop for TestServer {
     }
 }
 
+/// The client id of the test deployment's relationship feed.
+pub const FEED: &str = "adt-feed";
+
 /// The PostgreSQL URL for tests, or None (skip) outside CI.
 pub fn pg_url() -> Option<String> {
     match std::env::var("PHYLAX_TEST_DATABASE_URL") {
@@ -103,6 +106,9 @@ impl TestServer {
         })
         .await
         .unwrap();
+        // The backend client of `feed_token`: the ADT feed that may write
+        // care relationships.
+        cfg.access.relationship_clients = vec![FEED.into()];
         tweak(&mut cfg);
         cfg.save(&data_dir).unwrap();
         let inst = Instance::open(&data_dir, db_url.as_deref()).await.unwrap();
@@ -251,6 +257,18 @@ impl TestServer {
             .unwrap();
         let s = r.status().as_u16();
         (s, r.json().await.unwrap_or_default())
+    }
+
+    /// A token for the test deployment's ADT feed (client id [`FEED`],
+    /// listed in `access.relationship_clients`): the one backend client
+    /// that may write care relationships.
+    pub fn feed_token(&self, scope: &str) -> String {
+        let scopes = phylax_auth::ScopeSet::parse_lenient(scope);
+        self.state
+            .tokens
+            .issue(FEED, &scopes, chrono::Utc::now().timestamp())
+            .unwrap()
+            .0
     }
 
     /// Register a client with `scope` and get a token for it.

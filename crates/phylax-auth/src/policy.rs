@@ -501,18 +501,19 @@ pub fn decide_relationships(
     }
     if self_registration && rtype == "Patient" && old.is_none() {
         if let Some(b) = new {
+            // Only `generalPractitioner`, naming only the user's own
+            // Practitioner (not their organization or roles, which would
+            // open the patient to everyone working there).
             let part = relationship_part(rtype, b);
-            let mut named = part
-                .iter()
-                .filter(|(name, _)| *name != "link")
-                .flat_map(|(_, v)| match v {
-                    Value::Array(a) => a.iter().collect::<Vec<_>>(),
-                    v => vec![*v],
-                })
-                .map(|v| v.get("reference").and_then(Value::as_str));
-            let only_self = part.iter().all(|(name, _)| *name != "link")
-                && named.all(|r| r.is_some_and(|r| access.refs.iter().any(|m| m == r)));
-            if only_self && !part.is_empty() {
+            let only_gp = part.iter().all(|(name, _)| *name == "generalPractitioner");
+            let me = |r: &str| r.starts_with("Practitioner/") && access.refs.iter().any(|m| m == r);
+            let gps = b.get("generalPractitioner").and_then(Value::as_array);
+            let only_self = gps.is_some_and(|a| {
+                !a.is_empty()
+                    && a.iter()
+                        .all(|g| g.get("reference").and_then(Value::as_str).is_some_and(me))
+            });
+            if only_gp && only_self {
                 return Decision::Allow;
             }
         }

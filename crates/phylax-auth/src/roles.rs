@@ -175,18 +175,14 @@ fn grant(types: Types, perms: &str) -> Grant {
 
 /// Security and audit records: only auditors read them.
 const AUDIT: &[&str] = &["AuditEvent", "Provenance"];
-/// People and places: who and where, plus scheduling and admission (ADT):
-/// registration, encounters, episodes of care, care teams and recorded
-/// consents, the data that decides who cares for whom (front desk holds
-/// the `relationships` permission).
+/// People and places: who and where, plus scheduling. Front desk holds the
+/// `relationships` permission for what of it decides who cares for whom
+/// (a patient's GP and organization, related persons); encounters, care
+/// teams and consents carry clinical content and are not its to read.
 const DEMOGRAPHICS_SCHEDULING: &[&str] = &[
     "Patient",
     "RelatedPerson",
     "Person",
-    "Encounter",
-    "EpisodeOfCare",
-    "CareTeam",
-    "Consent",
     "Practitioner",
     "PractitionerRole",
     "Organization",
@@ -264,7 +260,7 @@ pub fn builtin() -> Vec<RoleDef> {
         },
         RoleDef {
             name: "front-desk".into(),
-            description: "Reception and admissions: demographics, coverage, scheduling, encounters and care teams; no clinical data".into(),
+            description: "Reception: demographics, coverage and scheduling only".into(),
             patient: false,
             grants: vec![grant(only(DEMOGRAPHICS_SCHEDULING), "crus")],
             reach: ReachRule::Everyone,

@@ -196,6 +196,10 @@ pub struct HttpConfig {
     pub max_page_size: u32,
     /// Most entries in one batch or transaction Bundle.
     pub max_bundle_entries: usize,
+    /// Other FHIR bases that name this server (an old host name, an
+    /// internal address), e.g. `https://old-name.example/fhir`: references
+    /// absolute to them are stored relative, like those to `public_url`'s.
+    pub base_aliases: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -207,6 +211,7 @@ impl Default for HttpConfig {
             default_page_size: 50,
             max_page_size: 1000,
             max_bundle_entries: 5000,
+            base_aliases: Vec::new(),
         }
     }
 }
@@ -425,6 +430,15 @@ impl Config {
             || self.public_url.ends_with('/')
         {
             return Err("public_url must be an http(s) URL without a trailing slash".into());
+        }
+        if let Some(a) =
+            self.http.base_aliases.iter().find(|a| {
+                !(a.starts_with("https://") || a.starts_with("http://")) || a.ends_with('/')
+            })
+        {
+            return Err(format!(
+                "http.base_aliases: {a:?} must be an http(s) FHIR base URL without a trailing slash"
+            ));
         }
         if self.http.max_body_bytes < 1024 {
             return Err("http.max_body_bytes must be at least 1024".into());

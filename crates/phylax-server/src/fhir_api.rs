@@ -1080,11 +1080,16 @@ pub async fn conditional_update(
                             }
                             // The id exists but the criteria do not select it:
                             // refuse rather than overwrite an unrelated resource.
-                            let existing = st
-                                .store
-                                .read_current(rtype.as_str(), id.as_str())
-                                .await
-                                .map_err(crate::repo::RepoError::from)?;
+                            // A writer limited to some patients learns nothing
+                            // of ids it cannot see: those answer as hidden (404)
+                            // before the conflict is told.
+                            let auditor = pipeline::WriteAuditor::new(&st, &ctx);
+                            let existing = st.repo.current_row(&rtype, &id).await?;
+                            if auditor.limited() {
+                                st.repo
+                                    .guard_existing(Some(&auditor), &rtype, existing.as_ref())
+                                    .await?;
+                            }
                             if existing.is_some_and(|e| !e.deleted) {
                                 return Err(ApiError::Conflict);
                             }

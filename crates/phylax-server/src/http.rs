@@ -129,7 +129,8 @@ impl AppState {
         let capability = crate::capability::capability_statement(&config);
         let smart_config = crate::auth_api::smart_configuration(&config);
         let st = Arc::new(AppState {
-            repo: Repo::new(store.clone(), keys.clone(), blind_key, fhir_base.clone()),
+            repo: Repo::new(store.clone(), keys.clone(), blind_key, fhir_base.clone())
+                .with_aliases(&config.http.base_aliases),
             store,
             fhir_base,
             tokens,

@@ -266,6 +266,9 @@ pub struct Repo {
     keys: Arc<KeyRing>,
     blind: Arc<BlindIndexKey>,
     fhir_base: String,
+    /// `fhir_base` and its configured aliases: references absolute to any
+    /// of them are stored relative.
+    bases: Arc<Vec<String>>,
 }
 
 /// A write's auditor and the interaction it records.
@@ -320,8 +323,17 @@ impl Repo {
             store,
             keys,
             blind: Arc::new(blind),
+            bases: Arc::new(vec![fhir_base.clone()]),
             fhir_base,
         }
+    }
+
+    /// Also treat references absolute to `aliases` as this server's.
+    pub fn with_aliases(mut self, aliases: &[String]) -> Repo {
+        let mut bases = vec![self.fhir_base.clone()];
+        bases.extend(aliases.iter().cloned());
+        self.bases = Arc::new(bases);
+        self
     }
 
     pub fn keys(&self) -> &KeyRing {
@@ -402,7 +414,7 @@ impl Repo {
         // One canonical form for references to this server's resources:
         // whose data this is must not depend on how a reference is written
         // (phylax_fhir::reference).
-        phylax_fhir::reference::canonicalize(&mut body, &[self.fhir_base.as_str()]);
+        phylax_fhir::reference::canonicalize(&mut body, &self.bases);
         // Server-owned fields: id, versionId, lastUpdated.
         if let Some(obj) = body.as_object_mut() {
             obj.insert("id".into(), json!(id.as_str()));
@@ -763,11 +775,14 @@ impl Repo {
                 Some(v) => self.store.read_version(&cur.rtype, &cur.id, v).await?,
                 None => None,
             };
+            // The last live version stands as the one replaced: bringing a
+            // deleted resource back is no fresh start (a deleted Patient
+            // recreated naming the writer as GP changes its relationships).
             return match last {
                 Some(row) if !row.deleted => {
                     let v = self.open(row).await?;
                     a.guard_existing(&v)?;
-                    Ok(None)
+                    Ok(Some(v))
                 }
                 _ => Err(hidden),
             };

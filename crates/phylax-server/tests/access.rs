@@ -44,6 +44,8 @@ async fn server(b: Backend) -> Option<TestServer> {
         c.access.labelled_clients = vec!["loader".into()];
         // … and the care relationships (the ADT feed).
         c.access.relationship_clients = vec!["loader".into()];
+        // Another name this server once had.
+        c.http.base_aliases = vec!["https://old-name.example/fhir".into()];
         c.roles = vec![
             phylax_server::config::RoleConfig {
                 name: "psychiatrist".into(),
@@ -1831,6 +1833,24 @@ async fn insiders_cannot_widen_their_reach(s: &TestServer) {
     }
     assert!(answers.iter().all(|x| *x == answers[0]), "{answers:?}");
     assert_eq!(answers[0].0, 404);
+    // A conditional update that selects nothing, with the id of a hidden
+    // resource or of none: the same 404 (not 409 for the hidden one).
+    let mut cond = Vec::new();
+    for id in ["obs-other", "never-existed"] {
+        let mut o = obs_of("Patient/pa-gp", me);
+        o["id"] = json!(id);
+        let (st, b) = send(
+            s,
+            &a,
+            M::PUT,
+            "/Observation?identifier=urn:x|nomatch",
+            Some(&o),
+        )
+        .await;
+        cond.push((st, b["issue"].clone()));
+    }
+    assert!(cond.iter().all(|x| *x == cond[0]), "{cond:?}");
+    assert_eq!(cond[0].0, 404);
     // Writes into reached records that name nobody else still work; my
     // own encounter's other elements remain mine to update.
     let (st, b) = send(
@@ -1902,9 +1922,14 @@ async fn relationships_are_written_by_those_allowed_to(s: &TestServer) {
         "{b}"
     );
     let a = clinician(s, "dr.a", "pr-a").await;
+    // Front desk may name a patient's GP (its relationships permission).
     let fd = user(s, "fd", "front-desk", None, None, "user/*.cruds", None).await;
-    let (st, b) = send(s, &fd, M::POST, "/CareTeam", Some(&team)).await;
-    assert_eq!(st, 201, "{b}");
+    let gp = patient(
+        "pa-other",
+        json!({"generalPractitioner": [{"reference": "Practitioner/pr-a"}]}),
+    );
+    let (st, b) = send(s, &fd, M::PUT, "/Patient/pa-other", Some(&gp)).await;
+    assert_eq!(st, 200, "{b}");
     // Within the care cache's seconds the clinician reaches the patient.
     tokio::time::sleep(std::time::Duration::from_millis(5_100)).await;
     assert_eq!(get(s, &a, "/Patient/pa-other").await, 200);
@@ -1918,7 +1943,86 @@ async fn relationships_are_written_by_those_allowed_to(s: &TestServer) {
     let id = made["id"].as_str().unwrap();
     let (st, b) = send(s, &a, M::GET, &format!("/Observation/{id}"), None).await;
     assert_eq!(st, 200, "{b}");
+    // So are references to a configured alias of this server's base.
+    let mut alias = abs.clone();
+    alias["subject"]["reference"] = json!("https://old-name.example/fhir/Patient/pa-gp");
+    let (st, made) = send(s, &l, M::POST, "/Observation", Some(&alias)).await;
+    assert_eq!(st, 201, "{made}");
+    assert_eq!(made["subject"]["reference"], "Patient/pa-gp");
     assert!(search(s, &a, "/Observation?subject=Patient/pa-gp")
         .await
         .contains(&format!("Observation/{id}")));
+}
+
+// With `access.self_registration` on, a clinician may register a new
+// patient naming only themselves as GP (and then reach it), but not one
+// managed by an organization, nor bring a deleted patient back as theirs.
+mod self_registration {
+    use super::common::{Backend, TestServer};
+    async fn server(b: Backend) -> Option<TestServer> {
+        TestServer::start_with(b, |c| {
+            c.access.labelled_clients = vec!["loader".into()];
+            c.access.relationship_clients = vec!["loader".into()];
+            c.access.self_registration = true;
+        })
+        .await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::self_registration_body(&server(Backend::Sqlite).await.unwrap()).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        if let Some(s) = server(Backend::Postgres).await {
+            super::self_registration_body(&s).await;
+        }
+    }
+}
+
+async fn self_registration_body(s: &TestServer) {
+    load(s).await;
+    let l = loader(s);
+    let a = clinician(s, "dr.a", "pr-a").await;
+    let mine = json!({"resourceType": "Patient", "generalPractitioner": [{"reference": "Practitioner/pr-a"}]});
+    let (st, made) = send(s, &a, M::POST, "/Patient", Some(&mine)).await;
+    assert_eq!(st, 201, "{made}");
+    let id = made["id"].as_str().unwrap().to_owned();
+    assert_eq!(get(s, &a, &format!("/Patient/{id}")).await, 200);
+    let mut managed = mine.clone();
+    managed["managingOrganization"] = json!({"reference": "Organization/org-1"});
+    assert_eq!(
+        send(s, &a, M::POST, "/Patient", Some(&managed)).await.0,
+        403
+    );
+    // A patient the clinician reached, deleted, then brought back naming
+    // them: the deleted version stands as the one replaced.
+    put(
+        s,
+        &l,
+        patient(
+            "pa-back",
+            json!({"generalPractitioner": [{"reference": "Practitioner/pr-b"}]}),
+        ),
+    )
+    .await;
+    put(
+        s,
+        &l,
+        json!({"resourceType": "CareTeam", "id": "ct-back",
+        "subject": {"reference": "Patient/pa-back"},
+        "participant": [{"member": {"reference": "Practitioner/pr-a"}}]}),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(5_100)).await;
+    assert_eq!(get(s, &a, "/Patient/pa-back").await, 200);
+    assert_eq!(
+        send(s, &l, M::DELETE, "/Patient/pa-back", None).await.0,
+        204
+    );
+    let back = patient(
+        "pa-back",
+        json!({"generalPractitioner": [{"reference": "Practitioner/pr-a"}]}),
+    );
+    let (st, b) = send(s, &a, M::PUT, "/Patient/pa-back", Some(&back)).await;
+    assert_eq!(st, 403, "{b}");
 }

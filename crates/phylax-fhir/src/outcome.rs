@@ -45,6 +45,7 @@ pub enum IssueCode {
     Informational,
     Processing,
     Throttled,
+    Timeout,
 }
 
 impl IssueCode {
@@ -66,6 +67,7 @@ impl IssueCode {
             IssueCode::Conflict => "conflict",
             IssueCode::Exception => "exception",
             IssueCode::Transient => "transient",
+            IssueCode::Timeout => "timeout",
             IssueCode::Informational => "informational",
             IssueCode::Processing => "processing",
             IssueCode::Throttled => "throttled",

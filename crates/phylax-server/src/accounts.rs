@@ -107,6 +107,9 @@ pub enum AccountError {
     Keys(String),
     #[error("database: {0}")]
     Store(#[from] StoreError),
+    /// Every Argon2id slot stayed taken for `auth.argon2_queue_secs`.
+    #[error("too many sign-ins at once; try again in a few seconds")]
+    Busy,
 }
 
 /// A pending enrollment link: only its keyed hash is kept.
@@ -316,6 +319,10 @@ pub struct Accounts {
     hasher: Arc<PasswordHasher>,
     policy: PasswordPolicy,
     roles: Arc<Roles>,
+    /// Argon2id computations at once (`auth.argon2_max_concurrent`), and
+    /// how long one waits for a slot.
+    argon2_slots: Arc<tokio::sync::Semaphore>,
+    argon2_wait: std::time::Duration,
 }
 
 fn random_token() -> Result<String, AccountError> {
@@ -338,7 +345,27 @@ impl Accounts {
             hasher: Arc::new(PasswordHasher::new(params)?),
             policy: PasswordPolicy::new(min_len_with_mfa),
             roles,
+            argon2_slots: Arc::new(tokio::sync::Semaphore::new(4)),
+            argon2_wait: std::time::Duration::from_secs(5),
         })
+    }
+
+    /// At most `max` Argon2id computations at once; one waits at most
+    /// `wait` for a slot, then fails with [`AccountError::Busy`].
+    pub fn with_argon2_limit(mut self, max: usize, wait: std::time::Duration) -> Accounts {
+        self.argon2_slots = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+        self.argon2_wait = wait;
+        self
+    }
+
+    /// A slot for one Argon2id computation.
+    async fn argon2_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, AccountError> {
+        match tokio::time::timeout(self.argon2_wait, self.argon2_slots.clone().acquire_owned())
+            .await
+        {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(AccountError::Busy),
+        }
     }
 
     pub fn store(&self) -> &DynStore {
@@ -499,24 +526,39 @@ impl Accounts {
         Err(AccountError::Contended)
     }
 
-    /// Hash a password off the async workers.
+    /// Hash a password off the async workers, within the Argon2id limit.
     async fn hash(&self, pw: Password) -> Result<String, AccountError> {
+        let slot = self.argon2_slot().await?;
         let h = self.hasher.clone();
-        tokio::task::spawn_blocking(move || h.hash(&pw))
-            .await
-            .map_err(|_| AccountError::Contended)?
-            .map_err(AccountError::from)
+        tokio::task::spawn_blocking(move || {
+            let r = h.hash(&pw);
+            drop(slot);
+            r
+        })
+        .await
+        .map_err(|_| AccountError::Contended)?
+        .map_err(AccountError::from)
     }
 
-    /// Verify a password off the async workers. `None` (unknown user)
-    /// costs the same as a real check and never matches.
-    pub async fn verify_password(&self, user: Option<&User>, typed: &str) -> Verified {
+    /// Verify a password off the async workers, within the Argon2id limit
+    /// ([`AccountError::Busy`] when no slot frees in time). `None`
+    /// (unknown user) costs the same as a real check and never matches.
+    pub async fn verify_password(
+        &self,
+        user: Option<&User>,
+        typed: &str,
+    ) -> Result<Verified, AccountError> {
+        let slot = self.argon2_slot().await?;
         let stored = user.and_then(|u| u.acct.password.clone());
         let h = self.hasher.clone();
         let pw = Password::new(typed);
-        tokio::task::spawn_blocking(move || h.verify(stored.as_deref(), &pw))
-            .await
-            .unwrap_or(Verified::Mismatch)
+        Ok(tokio::task::spawn_blocking(move || {
+            let r = h.verify(stored.as_deref(), &pw);
+            drop(slot);
+            r
+        })
+        .await
+        .unwrap_or(Verified::Mismatch))
     }
 
     /// Check a password against the policy for this user.

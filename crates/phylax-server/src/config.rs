@@ -200,6 +200,30 @@ pub struct HttpConfig {
     /// internal address), e.g. `https://old-name.example/fhir`: references
     /// absolute to them are stored relative, like those to `public_url`'s.
     pub base_aliases: Vec<String>,
+    /// Most connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// The TLS handshake, and a request's headers (from its first byte),
+    /// must complete within this.
+    pub header_timeout_secs: u64,
+    /// A connection with nothing in flight and no bytes moving is closed
+    /// after this.
+    pub idle_timeout_secs: u64,
+    /// A request's whole body must arrive within this (408 otherwise).
+    pub body_timeout_secs: u64,
+}
+
+impl HttpConfig {
+    /// The connection limits of [`crate::conn`].
+    pub fn limits(&self) -> crate::conn::Limits {
+        crate::conn::Limits {
+            max_connections: self.max_connections,
+            // The TLS handshake gets as long as the headers do.
+            handshake_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_secs),
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -212,6 +236,10 @@ impl Default for HttpConfig {
             max_page_size: 1000,
             max_bundle_entries: 5000,
             base_aliases: Vec::new(),
+            max_connections: 1024,
+            header_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            body_timeout_secs: 60,
         }
     }
 }
@@ -250,6 +278,11 @@ pub struct AuthConfig {
     pub argon2_memory_kib: u32,
     pub argon2_iterations: u32,
     pub argon2_parallelism: u32,
+    /// Most Argon2id computations at once (each takes `argon2_memory_kib`
+    /// and a core); more sign-ins wait up to `argon2_queue_secs`, then
+    /// get 503 with Retry-After. Bounds memory under a sign-in flood.
+    pub argon2_max_concurrent: usize,
+    pub argon2_queue_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -270,6 +303,8 @@ impl Default for AuthConfig {
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
             argon2_parallelism: 1,
+            argon2_max_concurrent: 4,
+            argon2_queue_secs: 5,
         }
     }
 }
@@ -440,6 +475,17 @@ impl Config {
                 "http.base_aliases: {a:?} must be an http(s) FHIR base URL without a trailing slash"
             ));
         }
+        if self.http.max_connections == 0
+            || [
+                self.http.header_timeout_secs,
+                self.http.idle_timeout_secs,
+                self.http.body_timeout_secs,
+            ]
+            .iter()
+            .any(|t| !(1..=3600).contains(t))
+        {
+            return Err("http.max_connections must be at least 1, and http.header_timeout_secs, idle_timeout_secs and body_timeout_secs 1 to 3600".into());
+        }
         if self.http.max_body_bytes < 1024 {
             return Err("http.max_body_bytes must be at least 1024".into());
         }
@@ -485,6 +531,13 @@ impl Config {
         .is_err()
         {
             return Err("auth.argon2_* are below the OWASP minimum (19456 KiB, 2 iterations, 1 lane) or out of range".into());
+        }
+        if !(1..=256).contains(&a.argon2_max_concurrent) || !(1..=60).contains(&a.argon2_queue_secs)
+        {
+            return Err(
+                "auth.argon2_max_concurrent must be 1 to 256 and auth.argon2_queue_secs 1 to 60"
+                    .into(),
+            );
         }
         let roles = self.roles()?;
         for r in a.mfa_optional_roles.iter().chain(&a.uv_required_roles) {

@@ -45,6 +45,8 @@ pub enum ApiError {
     BadRequest(Vec<Issue>),
     Unprocessable(Vec<Issue>),
     PayloadTooLarge(usize),
+    /// The request body did not arrive within `http.body_timeout_secs`.
+    RequestTimeout,
     UnsupportedMediaType,
     NotAcceptable,
     MethodNotAllowed(&'static str),
@@ -87,6 +89,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -134,6 +137,10 @@ impl ApiError {
             ApiError::PayloadTooLarge(n) => one(
                 IssueCode::TooLong,
                 &format!("request body exceeds the limit of {n} bytes"),
+            ),
+            ApiError::RequestTimeout => one(
+                IssueCode::Timeout,
+                "the request body did not arrive in time; send it again",
             ),
             ApiError::UnsupportedMediaType => one(
                 IssueCode::NotSupported,

@@ -153,26 +153,67 @@ pub(crate) fn validated(value: Value) -> Result<(ResourceType, Value), ApiError>
     }
 }
 
+/// How much of an oversized body is read and dropped before the 413
+/// goes out: a client still sending when the answer comes would see a
+/// reset stream (HTTP/2) or a closed connection instead of the 413. Past
+/// this the connection's answer is cut short; the body deadline bounds
+/// the time it takes (`crate::conn`).
+const DRAIN_MAX: usize = 64 * 1024 * 1024;
+
+/// Read a request body of at most `limit` bytes: 413 past the limit
+/// (announced or not; the rest is drained up to [`DRAIN_MAX`] so the
+/// client reads the answer over HTTP/1.1 and HTTP/2 alike), 408 past the
+/// body deadline, 400 if the body breaks off.
+pub(crate) async fn read_body(
+    h: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
+    use http_body_util::BodyExt;
+    let announced = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut body = body;
+    let mut out: Vec<u8> = Vec::with_capacity(announced.unwrap_or(0).min(limit));
+    let mut seen = 0usize;
+    let too_big = announced.is_some_and(|n| n > limit);
+    if too_big && announced.is_some_and(|n| n > DRAIN_MAX) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    while let Some(frame) = body.frame().await {
+        let Ok(chunk) = frame.map_err(|e| body_error(&e))?.into_data() else {
+            continue; // trailers
+        };
+        seen = seen.saturating_add(chunk.len());
+        if seen > DRAIN_MAX {
+            break;
+        }
+        if !too_big && seen <= limit {
+            out.extend_from_slice(&chunk);
+        }
+    }
+    if too_big || seen > limit {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    Ok(out)
+}
+
+/// What a broken body answers: 408 past the body deadline
+/// (`crate::conn`), else 400.
+fn body_error(e: &axum::Error) -> ApiError {
+    if crate::conn::is_body_timeout(e) {
+        ApiError::RequestTimeout
+    } else {
+        ApiError::bad_request("the request body could not be read")
+    }
+}
+
 /// Read the body within the configured limit and parse it strictly.
 pub(crate) async fn read_json(st: &AppState, h: &HeaderMap, body: Body) -> Result<Value, ApiError> {
     check_content_type(h)?;
     let limit = st.config.http.max_body_bytes;
-    if h.get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n > limit)
-    {
-        return Err(ApiError::PayloadTooLarge(limit));
-    }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_big = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_big {
-            ApiError::PayloadTooLarge(limit)
-        } else {
-            ApiError::bad_request("the request body could not be read")
-        }
-    })?;
+    let bytes = read_body(h, body, limit).await?;
     parse_strict(&bytes).map_err(|e| {
         ApiError::BadRequest(vec![Issue::error(
             IssueCode::Structure,

@@ -735,7 +735,7 @@ pub async fn serve(
         .map_err(|e| std::io::Error::other(format!("audit journal: {e}")))?;
     st.spawn_background();
     let app = router(st.clone());
-    let served = serve_app(app, listener, tls, shutdown).await;
+    let served = serve_app(app, listener, tls, st.config.http.limits(), shutdown).await;
     // Everything acknowledged goes into the database before the node stops
     // (a crash instead leaves it for the next start).
     if let Err(e) = st.audit.flush().await {
@@ -748,20 +748,11 @@ async fn serve_app(
     app: Router,
     listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    limits: crate::conn::Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    match tls {
-        Some(cfg) => crate::tls::serve_tls(listener, cfg, app, shutdown).await,
-        // Loopback only: checked by `serve` before anything started.
-        None => {
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
-        }
-    }
+    // Plaintext is loopback only: checked by `serve` before anything started.
+    crate::conn::serve(listener, tls, app, limits, shutdown).await
 }
 
 /// The host part of an `https://host:port` URL.

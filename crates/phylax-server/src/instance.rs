@@ -177,6 +177,12 @@ impl Instance {
             a.password_min_length,
             std::sync::Arc::new(roles),
         )
+        .map(|acc| {
+            acc.with_argon2_limit(
+                a.argon2_max_concurrent,
+                std::time::Duration::from_secs(a.argon2_queue_secs),
+            )
+        })
         .map_err(|e| InstanceError::Io(e.to_string()))
     }
 

@@ -34,7 +34,9 @@
 //!   webhook and automatic responses.
 //! - [`metrics`]: `GET /metrics` in Prometheus text format, no PHI in labels.
 //! - [`logging`]: the log filter, with PHI-prone dependency targets capped.
-//! - [`tls`]: rustls configuration and certificate generation; the accept loop.
+//! - [`tls`]: rustls configuration and certificate generation.
+//! - [`conn`]: the accept loop (TLS, or plaintext on loopback) and its
+//!   limits: connection cap, header, idle and body timeouts.
 
 pub mod access;
 pub mod access_admin;
@@ -48,6 +50,7 @@ pub mod break_glass;
 pub mod bundle;
 pub mod capability;
 pub mod config;
+pub mod conn;
 pub mod consent;
 pub mod detect;
 pub mod error;

@@ -964,9 +964,7 @@ pub async fn search_post(
                 return Err(ApiError::UnsupportedMediaType);
             }
             let limit = 64 * 1024;
-            let bytes = axum::body::to_bytes(body, limit)
-                .await
-                .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+            let bytes = crate::fhir_api::read_body(&h, body, limit).await?;
             let mut params = q.0;
             params.extend(
                 form_urlencoded::parse(&bytes).map(|(k, v)| (k.into_owned(), v.into_owned())),

@@ -753,8 +753,25 @@ pub async fn login(
         Ok(u) => u,
         Err(e) => return internal(e),
     };
-    // Always one Argon2id verification, known user or not.
-    let verdict = st.accounts.verify_password(user.as_ref(), password).await;
+    // Always one Argon2id verification, known user or not; when every
+    // Argon2id slot stays busy, 503 with Retry-After (not counted as a
+    // failure: the password was never checked).
+    let verdict = match st.accounts.verify_password(user.as_ref(), password).await {
+        Ok(v) => v,
+        Err(_) => {
+            let mut r = login_again(
+                &st,
+                p,
+                "Too many sign-ins at once. Try again in a few seconds.",
+                StatusCode::SERVICE_UNAVAILABLE,
+                now,
+            )
+            .await;
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            return r;
+        }
+    };
     let ok_user = match (&user, verdict) {
         (Some(u), Verified::Match { rehash }) if u.status() == Some(Status::Active) => {
             Some((u.clone(), rehash))

@@ -1,9 +1,8 @@
-//! TLS: certificate generation for new instances, the rustls server
-//! configuration, and the HTTPS accept loop.
+//! TLS: certificate generation for new instances and the rustls server
+//! configuration (the accept loop and its limits are [`crate::conn`]).
 //!
 //! Only TLS 1.3 and TLS 1.2 are enabled, and only forward-secret AEAD suites
 //! (ECDHE with AES-GCM or ChaCha20-Poly1305). ALPN offers h2 and http/1.1.
-//! A handshake that does not finish within 10 s is dropped.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -17,7 +16,6 @@ use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -178,60 +176,20 @@ pub fn allowed_suites() -> Vec<rustls::SupportedCipherSuite> {
     ]
 }
 
-/// Serve `router` over TLS on `listener` until `shutdown` resolves.
+/// Serve `router` over TLS on `listener` until `shutdown` resolves, with
+/// the default connection limits ([`crate::conn`]).
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %peer.ip(), error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(peer = %peer.ip(), "TLS handshake timed out");
-                        return;
-                    }
-                };
-            use tower::ServiceExt;
-            let svc = TowerToHyperService::new(
-                router.into_service::<hyper::body::Incoming>().map_request(
-                    move |mut req: http::Request<hyper::body::Incoming>| {
-                        req.extensions_mut()
-                            .insert(axum::extract::ConnectInfo(peer));
-                        req
-                    },
-                ),
-            );
-            let _ = Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                .await;
-        });
-    }
+    crate::conn::serve(
+        listener,
+        Some(config),
+        router,
+        crate::conn::Limits::default(),
+        shutdown,
+    )
+    .await
 }

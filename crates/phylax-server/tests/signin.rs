@@ -2200,3 +2200,83 @@ async fn dormant_account_sign_in_alerts() {
     }
     assert_eq!(n, 1);
 }
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A sign-in flood: Argon2id runs at most `auth.argon2_max_concurrent` at
+/// once, so memory stays bounded; sign-ins that find no slot in
+/// `auth.argon2_queue_secs` get 503 with Retry-After, and the FHIR API
+/// keeps answering meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_flood_is_bounded() {
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.auth.argon2_max_concurrent = 2;
+        c.auth.argon2_queue_secs = 1;
+        // 64 MiB each: 48 at once would take 3 GiB.
+        c.auth.argon2_memory_kib = 64 * 1024;
+    })
+    .await
+    .unwrap();
+    let app = add_app(&s, "user/*.rs", true).await;
+    let mut pages = Vec::new();
+    for i in 0..48 {
+        let mut b = Browser::new(&s);
+        let page = b
+            .get(&authorize_url(
+                &s,
+                &app,
+                "user/*.rs",
+                &format!("s{i}"),
+                &pkce(),
+            ))
+            .await;
+        pages.push((b, page.csrf()));
+    }
+    let before = rss_kib();
+    let floods = pages.into_iter().enumerate().map(|(i, (mut b, csrf))| {
+        tokio::spawn(async move {
+            let r = b
+                .post(
+                    "/auth/login",
+                    &[
+                        ("csrf", csrf.as_str()),
+                        ("username", &format!("nobody{i}")),
+                        ("password", "wrong wrong wrong wrong"),
+                    ],
+                )
+                .await;
+            r.status
+        })
+    });
+    let floods: Vec<_> = floods.collect();
+    // The API answers while the flood waits for Argon2id.
+    let tok = s.token("system/Patient.rs").await;
+    let t = std::time::Instant::now();
+    let r = s
+        .http
+        .get(s.url("/Patient?_count=1"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    let mut statuses = Vec::new();
+    for f in floods {
+        statuses.push(f.await.unwrap());
+    }
+    let busy = statuses.iter().filter(|s| **s == 503).count();
+    let refused = statuses.iter().filter(|s| **s == 401).count();
+    assert_eq!(busy + refused, statuses.len(), "{statuses:?}");
+    assert!(busy > 0 && refused > 0, "{statuses:?}");
+    let after = rss_kib();
+    // 48 concurrent Argon2id runs would take 3 GiB; two at a time 128 MiB.
+    assert!(after < before + 400 * 1024, "RSS {before} -> {after} KiB");
+}

@@ -191,12 +191,132 @@ pub fn check(st: &AppState, access: &Access, v: &ResourceVersion) -> Result<(), 
     }
 }
 
+/// [`allows`] for a resource a search returned, with fast paths that need
+/// no parse of the body in the common cases: a caller who reaches every
+/// patient and sees labels; a body with no security labels at all; the
+/// compartment's patient known from the authenticated key scope.
+pub fn returned(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision {
+    let labels_ok = access.labelled
+        || !v
+            .body
+            .as_ref()
+            .is_some_and(|b| b.may_contain("\"security\""));
+    let reach_ok = match &access.reach {
+        Reach::All => true,
+        Reach::Patients(set) => v.patient.as_ref().is_some_and(|p| set.contains(p)),
+    };
+    if labels_ok && reach_ok && access.denied.is_empty() {
+        return Decision::Allow;
+    }
+    allows(st, access, v)
+}
+
+/// A request's searches, confined to what its caller may see by
+/// construction: every query gets the caller's conditions
+/// ([`query_conditions`]) added here, not by each handler, and every
+/// resource it returns is checked again after decryption against the
+/// decision ([`returned`]). Search index entries are not authenticated
+/// (whoever can write the database can move a hash); the stored resource
+/// is. A mismatch is refused (no data leaves) and raises an
+/// `index-tamper` alert.
+#[derive(Clone, Copy)]
+pub struct Scoped<'a> {
+    st: &'a AppState,
+    ctx: &'a crate::pipeline::RequestCtx,
+}
+
+impl std::fmt::Debug for Scoped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scoped").finish_non_exhaustive()
+    }
+}
+
+impl<'a> Scoped<'a> {
+    pub fn new(st: &'a AppState, ctx: &'a crate::pipeline::RequestCtx) -> Scoped<'a> {
+        Scoped { st, ctx }
+    }
+
+    fn confine(&self, q: &mut SearchQuery) -> Result<(), ApiError> {
+        let t = ResourceType::parse(&q.rtype).ok_or(ApiError::UnknownType)?;
+        q.and
+            .extend(query_conditions(self.st, &self.ctx.access, &t));
+        Ok(())
+    }
+
+    /// Every match (up to `q.limit`), confined and checked.
+    pub async fn search(&self, mut q: SearchQuery) -> Result<Vec<ResourceVersion>, ApiError> {
+        self.confine(&mut q)?;
+        let rows = self.st.repo.search_unconfined(&q).await?;
+        self.verify(&rows)?;
+        Ok(rows)
+    }
+
+    /// One page (at most `keep`) and whether there are more, confined and
+    /// checked.
+    pub async fn search_page(
+        &self,
+        mut q: SearchQuery,
+        keep: usize,
+    ) -> Result<(Vec<ResourceVersion>, bool), ApiError> {
+        self.confine(&mut q)?;
+        let (rows, more) = self.st.repo.search_page_unconfined(&q, keep).await?;
+        self.verify(&rows)?;
+        Ok((rows, more))
+    }
+
+    /// How many resources match, confined (counts only what the caller
+    /// may see; nothing is opened).
+    pub async fn count(&self, mut q: SearchQuery) -> Result<u64, ApiError> {
+        self.confine(&mut q)?;
+        q.before_seq = None;
+        Ok(self
+            .st
+            .store
+            .search_count(&q)
+            .await
+            .map_err(crate::repo::RepoError::from)?)
+    }
+
+    fn verify(&self, rows: &[ResourceVersion]) -> Result<(), ApiError> {
+        for v in rows {
+            if let Decision::Deny(rule) = returned(self.st, &self.ctx.access, v) {
+                let what = format!("{}/{}", v.rtype, v.id);
+                tracing::error!(
+                    event = "integrity.index",
+                    request_id = %self.ctx.request_id,
+                    resource = %what,
+                    rule,
+                    "a search matched a resource outside the caller's access: index entries may have been altered; nothing was served"
+                );
+                if let Some(d) = self.st.audit.detector() {
+                    d.raise_once(
+                        crate::detect::Alert {
+                            rule: "index-tamper",
+                            severity: "high",
+                            detail: format!(
+                                "a search by {} matched {what}, which the stored resource puts outside their access: search index entries may have been altered",
+                                self.ctx.principal.id()
+                            ),
+                            user: None,
+                        },
+                        format!("index-tamper|{what}"),
+                    );
+                }
+                return Err(ApiError::Integrity(format!(
+                    "search index entry for {what} does not match the stored resource"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Conditions that confine a search of `rtype` to what `access` may see:
 /// the compartments it reaches (any compartment parameter referencing one
 /// of its patients) and, without the label permission, no restricted
 /// label. Break-the-glass patients' labelled data is allowed through the
 /// label condition by an OR with their compartment.
-pub fn query_conditions(st: &AppState, access: &Access, rtype: &ResourceType) -> Vec<Vec<Cond>> {
+fn query_conditions(st: &AppState, access: &Access, rtype: &ResourceType) -> Vec<Vec<Cond>> {
     let key = st.repo.blind_key();
     let mut and = Vec::new();
     if let Reach::Patients(set) = &access.reach {
@@ -447,7 +567,7 @@ async fn find(
         before_seq: None,
         limit: CARE_SCAN_LIMIT,
     };
-    Ok(st.repo.search(&q).await?)
+    Ok(st.repo.search_unconfined(&q).await?)
 }
 
 fn ids_of_refs(body: &Value, pointer: &[&str], prefix: &str) -> Vec<String> {

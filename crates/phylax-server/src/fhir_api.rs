@@ -1021,7 +1021,7 @@ pub(crate) async fn conditional_matches(
         return Err(ApiError::Forbidden);
     }
     crate::mask::check_params(ctx, rtype, params)?;
-    let mut parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
+    let parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
     if !parsed.unknown.is_empty() {
         // Ignoring an unknown criterion could match the wrong resource.
         return Err(ApiError::BadRequest(
@@ -1044,16 +1044,13 @@ pub(crate) async fn conditional_matches(
     }
     // Only resources the caller may see can match (a conditional update
     // or delete must not reach past them).
-    parsed
-        .and
-        .extend(crate::access::query_conditions(st, &ctx.access, rtype));
     let q = phylax_store::SearchQuery {
         rtype: rtype.to_string(),
         and: parsed.and,
         before_seq: None,
         limit: 2,
     };
-    Ok(st.repo.search(&q).await?)
+    crate::access::Scoped::new(st, ctx).search(q).await
 }
 
 /// `PUT /fhir/{type}?criteria`: update the single match, create when there

@@ -189,7 +189,7 @@ impl AppState {
         }
         let rows = self
             .repo
-            .search(&phylax_store::SearchQuery {
+            .search_unconfined(&phylax_store::SearchQuery {
                 rtype: "Patient".into(),
                 and: vec![group],
                 before_seq: None,

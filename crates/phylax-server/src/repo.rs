@@ -90,6 +90,15 @@ impl Resource {
         }))
     }
 
+    /// Whether the stored text may contain `needle` (a cheap test that
+    /// saves a parse when it cannot; a parsed tree answers `true`).
+    pub fn may_contain(&self, needle: &str) -> bool {
+        match &self.0 {
+            Body::Text { raw, .. } => raw.contains(needle),
+            Body::Tree(_) => true,
+        }
+    }
+
     /// The JSON, for inspection or serialisation. Never log it.
     pub fn json(&self) -> &Value {
         match &self.0 {
@@ -380,8 +389,15 @@ impl Repo {
         Ok(n)
     }
 
-    /// Current resources matching a search (see `crate::search`).
-    pub async fn search(&self, q: &SearchQuery) -> Result<Vec<ResourceVersion>, RepoError> {
+    /// Current resources matching a search (see `crate::search`),
+    /// **unconfined**: whatever any caller may see. Requests search
+    /// through [`crate::access::Scoped`], which adds the caller's
+    /// conditions and checks what comes back; this is for the server's own
+    /// lookups (care relationships, the VIP list) and for `Scoped`.
+    pub async fn search_unconfined(
+        &self,
+        q: &SearchQuery,
+    ) -> Result<Vec<ResourceVersion>, RepoError> {
         let rows = self.store.search(q).await?;
         self.open_all(rows).await
     }
@@ -389,7 +405,7 @@ impl Repo {
     /// One page of a search: at most `keep` resources, opened, and whether
     /// the store had more (`q.limit` should be `keep + 1`). The row that
     /// only tells there is a next page is never decrypted.
-    pub async fn search_page(
+    pub async fn search_page_unconfined(
         &self,
         q: &SearchQuery,
         keep: usize,

@@ -275,15 +275,13 @@ async fn included(
                 if targets.is_empty() {
                     continue;
                 }
-                let mut and = vec![vec![crate::search::references_to(
+                let and = vec![vec![crate::search::references_to(
                     st.repo.blind_key(),
                     param,
                     &targets,
                 )]];
-                and.extend(crate::access::query_conditions(st, &ctx.access, src));
-                let found = st
-                    .repo
-                    .search(&phylax_store::SearchQuery {
+                let found = crate::access::Scoped::new(st, ctx)
+                    .search(phylax_store::SearchQuery {
                         rtype: src.to_string(),
                         and,
                         before_seq: None,
@@ -328,21 +326,17 @@ async fn inner_search(
         return Err(ApiError::Forbidden);
     }
     crate::mask::check_params(ctx, rtype, params)?;
-    let mut parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
-    // The inner search sees only what the caller may see: a chain or
-    // `_has` must not test data outside their reach.
-    parsed
-        .and
-        .extend(crate::access::query_conditions(st, &ctx.access, rtype));
+    let parsed = crate::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
     if let Some(u) = parsed.unknown.first() {
         return Err(ApiError::BadRequest(vec![Issue::error(
             IssueCode::NotSupported,
             format!("unsupported parameter in a chain or _has: {u}"),
         )]));
     }
-    let rows = st
-        .repo
-        .search(&phylax_store::SearchQuery {
+    // The inner search sees only what the caller may see: a chain or
+    // `_has` must not test data outside their reach.
+    let rows = crate::access::Scoped::new(st, ctx)
+        .search(phylax_store::SearchQuery {
             rtype: rtype.to_string(),
             and: parsed.and,
             before_seq: None,
@@ -714,15 +708,13 @@ async fn search(
                 .collect(),
         ));
     }
-    // Confine the search to what the caller may see (their patients, no
-    // restricted labels without permission): counts and pages then only
-    // ever cover visible resources.
-    parsed
-        .and
-        .extend(crate::access::query_conditions(st, &ctx.access, rtype));
+    // Confined to what the caller may see (their patients, no restricted
+    // labels without permission) by the scoped searches below: counts and
+    // pages only ever cover visible resources.
+    let scoped = crate::access::Scoped::new(st, ctx);
     let control = ResultControl::parse(rtype, &q)?;
     let sorted = !control.sort.is_empty();
-    let mut query = phylax_store::SearchQuery {
+    let query = phylax_store::SearchQuery {
         rtype: rtype.to_string(),
         and: parsed.and,
         before_seq: if sorted { None } else { before },
@@ -736,7 +728,7 @@ async fn search(
     } else if sorted {
         // Sorted in memory after decryption (blind index entries carry no
         // order), so the match set is bounded; pages are offsets into it.
-        let all = st.repo.search(&query).await?;
+        let all = scoped.search(query.clone()).await?;
         if all.len() > MAX_SORTED as usize {
             return Err(ApiError::BadRequest(vec![Issue::error(
                 IssueCode::TooCostly,
@@ -753,7 +745,7 @@ async fn search(
         let page: Vec<_> = all.into_iter().skip(offset).take(count as usize).collect();
         (page, more.then_some(end as i64))
     } else {
-        let (rows, more) = st.repo.search_page(&query, count as usize).await?;
+        let (rows, more) = scoped.search_page(query.clone(), count as usize).await?;
         if !more && before.is_none() {
             known_total = Some(rows.len() as u64);
         }
@@ -864,13 +856,7 @@ async fn search(
     if control.total || control.summary == Some(Summary::Count) {
         let total = match known_total {
             Some(n) => n,
-            None => {
-                query.before_seq = None;
-                st.store
-                    .search_count(&query)
-                    .await
-                    .map_err(crate::repo::RepoError::from)?
-            }
+            None => scoped.count(query).await?,
         };
         bundle.set_total(total);
     }
@@ -1111,7 +1097,6 @@ async fn everything(
                     t,
                     pid.as_str(),
                 )];
-                and.extend(crate::access::query_conditions(&st, &ctx.access, t));
                 if let Some(s) = since {
                     and.push(vec![phylax_store::Cond::LastUpdated {
                         op: phylax_store::RangeOp::Ge,
@@ -1119,9 +1104,8 @@ async fn everything(
                         hi: s + 1,
                     }]);
                 }
-                let mut rows = st
-                    .repo
-                    .search(&phylax_store::SearchQuery {
+                let mut rows = crate::access::Scoped::new(&st, &ctx)
+                    .search(phylax_store::SearchQuery {
                         rtype: t.to_string(),
                         and,
                         before_seq: before,

@@ -2026,3 +2026,37 @@ async fn self_registration_body(s: &TestServer) {
     let (st, b) = send(s, &a, M::PUT, "/Patient/pa-back", Some(&back)).await;
     assert_eq!(st, 403, "{b}");
 }
+
+// Search index entries are not authenticated: someone with the database
+// moves obs-gp's entries onto obs-other (another patient's), so that a
+// clinician's search for their patient's observations matches it. The
+// resource is checked again after decryption: nothing of it is served, the
+// request fails, and an `index-tamper` alert is raised.
+on_both!(a_tampered_index_row_is_caught_after_decryption);
+async fn a_tampered_index_row_is_caught_after_decryption(s: &TestServer) {
+    load(s).await;
+    let a = clinician(s, "dr.a", "pr-a").await;
+    assert_eq!(
+        search(s, &a, "/Observation?subject=Patient/pa-gp").await,
+        vec!["Observation/obs-gp"]
+    );
+    s.sql(
+        "UPDATE search_entries SET seq = \
+           (SELECT seq FROM resources WHERE rtype = 'Observation' AND id = 'obs-other') \
+         WHERE seq = (SELECT seq FROM resources WHERE rtype = 'Observation' AND id = 'obs-gp')",
+    )
+    .await;
+    for path in [
+        "/Observation?subject=Patient/pa-gp",
+        "/Observation?code=http://loinc.org|8867-4",
+        "/Patient/pa-gp/Observation",
+        "/Patient/pa-gp/$everything",
+        "/Patient?_id=pa-gp&_revinclude=Observation:subject",
+    ] {
+        let (st, b) = send(s, &a, M::GET, path, None).await;
+        assert_eq!(st, 500, "{path}: {b}");
+        assert_eq!(b["resourceType"], "OperationOutcome", "{path}");
+        assert!(!b.to_string().contains("obs-other"), "{path}: {b}");
+    }
+    assert!(wait_alerts(s, "index-tamper", 1).await >= 1);
+}

@@ -310,7 +310,7 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
             limit: 100,
         };
         let repo = &repo;
-        async move { repo.search(&q).await }
+        async move { repo.search_unconfined(&q).await }
     };
     let r = page(vec![&good1, &e, &good2]).await;
     assert!(

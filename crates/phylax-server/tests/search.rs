@@ -712,7 +712,7 @@ async fn existing_data_is_reindexed_at_start() {
         before_seq: None,
         limit: 10,
     };
-    let found = st.repo.search(&q).await.unwrap();
+    let found = st.repo.search_unconfined(&q).await.unwrap();
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].id.as_str(), id);
 }

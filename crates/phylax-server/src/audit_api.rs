@@ -142,11 +142,34 @@ async fn page(
     let more = rows.len() > count as usize;
     let rows = &rows[..rows.len().min(count as usize)];
     let mut entries = Vec::with_capacity(rows.len());
+    let mut damaged = 0usize;
     for r in rows {
-        let mut v = st.audit.open_row(r).map_err(|e| {
-            tracing::error!(event = "audit.verification_failed", error = %e, "an audit record failed its integrity check");
-            ApiError::Internal("an audit record failed its integrity check".into())
-        })?;
+        // A record that fails its integrity check is left out, said in an
+        // OperationOutcome entry and alerted: one damaged row must not
+        // hide the rest of the log from the auditor (`audit verify`
+        // reports it in full).
+        let mut v = match st.audit.open_row(r) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(event = "audit.verification_failed", audit_id = r.id, error = %e, "an audit record failed its integrity check; left out of the page");
+                if let Some(d) = st.audit.detector() {
+                    d.raise_once(
+                        crate::detect::Alert {
+                            rule: "audit-tamper",
+                            severity: "high",
+                            detail: format!(
+                                "audit record {} failed its integrity check when read; run phylax audit verify",
+                                r.event_id
+                            ),
+                            user: None,
+                        },
+                        format!("audit-tamper|{}", r.id),
+                    );
+                }
+                damaged += 1;
+                continue;
+            }
+        };
         // The store finds a patient's records by 64 bits of their keyed
         // hash (`phylax_store::query::patient_key`), so another patient's
         // record can come back on a collision: only records that name
@@ -162,13 +185,24 @@ async fn page(
             }
         }
         if strip {
-            strip_forensics(&mut v);
+            strip_forensics(&mut v, patient.as_ref());
         }
         entries.push(crate::fhir_api::entry(
             format!("{}/AuditEvent/{}", st.fhir_base, r.event_id),
             v,
             "match",
         ));
+    }
+    if damaged > 0 {
+        let oo = phylax_fhir::OperationOutcome::single(phylax_fhir::Issue {
+            severity: phylax_fhir::Severity::Warning,
+            code: phylax_fhir::IssueCode::Processing,
+            diagnostics: format!(
+                "{damaged} audit record(s) on this page failed their integrity check and are left out; an alert was raised (run phylax audit verify)"
+            ),
+            expression: None,
+        });
+        entries.push(json!({"resource": oo.to_json(None), "search": {"mode": "outcome"}}));
     }
     let base = format!("{}/{}", st.fhir_base, path);
     let self_url = listing.replacen(path, &base, 1);
@@ -195,15 +229,28 @@ fn names_patient(v: &Value, id: &ResourceId) -> bool {
         .is_some_and(|es| es.iter().any(|e| e["what"]["reference"] == want.as_str()))
 }
 
-fn strip_forensics(v: &mut Value) {
+/// A patient's own view of a record about them: no forensic details
+/// (network address, token id, request id), no other patient a
+/// multi-patient record names (a search that returned several people),
+/// and no query entity (what was searched for is about the searcher's
+/// method, and the parameters could hint at other people's data).
+fn strip_forensics(v: &mut Value, patient: Option<&ResourceId>) {
     if let Some(agents) = v["agent"].as_array_mut() {
         for a in agents.iter_mut().filter_map(Value::as_object_mut) {
             a.remove("network");
             a.remove("altId");
         }
     }
+    let mine = patient.map(|p| format!("Patient/{}", p.as_str()));
     if let Some(es) = v["entity"].as_array_mut() {
-        es.retain(|e| e["what"]["identifier"]["system"] != "urn:phylax:request");
+        es.retain(|e| {
+            let request = e["what"]["identifier"]["system"] == "urn:phylax:request";
+            let query = e["role"]["code"] == "24";
+            let other_patient = e["what"]["reference"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("Patient/") && Some(r) != mine.as_deref());
+            !(request || query || other_patient)
+        });
     }
 }
 

@@ -66,22 +66,34 @@ impl AuditRefs {
     fn add_known(&mut self, rtype: &ResourceType, id: &str, patient: Option<String>) {
         let patient = patient.or_else(|| (rtype.as_str() == "Patient").then(|| id.to_owned()));
         if let Some(p) = patient {
-            if !self.patients.contains(&p) {
-                self.patients.push(p);
-            }
+            self.add_patient(p);
         }
         if self.resources.len() < 2 {
             self.resources.push(format!("{rtype}/{id}"));
         }
     }
 
+    fn add_patient(&mut self, p: String) {
+        if !self.patients.contains(&p) {
+            self.patients.push(p);
+        }
+    }
+
+    /// Every patient the returned versions name. The key scope gives the
+    /// first without a parse; a body whose text holds more patient
+    /// references than that (a Group, a CareTeam, an Observation with a
+    /// patient performer, a linked Patient) is read for all of them.
     pub fn of_versions<'a>(vs: impl IntoIterator<Item = &'a ResourceVersion>) -> AuditRefs {
         let mut r = AuditRefs::default();
         for v in vs {
-            // The patient from the key scope: the same answer as
-            // `patient_of(body)` when the version was written, without
-            // parsing a body that the response may copy as text.
             r.add_known(&v.rtype, v.id.as_str(), v.patient.clone());
+            let Some(b) = &v.body else { continue };
+            let known = usize::from(v.patient.is_some() && v.rtype.as_str() != "Patient");
+            if b.at_most("\"Patient/") > known {
+                for p in compartment::patients_of(&v.rtype, b.json()) {
+                    r.add_patient(p);
+                }
+            }
         }
         r
     }

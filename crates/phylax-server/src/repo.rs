@@ -93,9 +93,15 @@ impl Resource {
     /// Whether the stored text may contain `needle` (a cheap test that
     /// saves a parse when it cannot; a parsed tree answers `true`).
     pub fn may_contain(&self, needle: &str) -> bool {
+        self.at_most(needle) > 0
+    }
+
+    /// How many times the stored text contains `needle` at most (a parsed
+    /// tree answers `usize::MAX`: unknown without serialising).
+    pub fn at_most(&self, needle: &str) -> usize {
         match &self.0 {
-            Body::Text { raw, .. } => raw.contains(needle),
-            Body::Tree(_) => true,
+            Body::Text { raw, .. } => raw.matches(needle).count(),
+            Body::Tree(_) => usize::MAX,
         }
     }
 

@@ -2060,3 +2060,76 @@ async fn a_tampered_index_row_is_caught_after_decryption(s: &TestServer) {
     }
     assert!(wait_alerts(s, "index-tamper", 1).await >= 1);
 }
+
+// Every patient a returned resource names is attributed in the audit
+// record (a Group of two patients, read by a backend client), and a
+// patient's own `$access-log` shows only what concerns them: not the other
+// patients a search record names, nor what was searched for.
+on_both!(every_named_patient_is_attributed_and_access_logs_stay_private);
+async fn every_named_patient_is_attributed_and_access_logs_stay_private(s: &TestServer) {
+    load(s).await;
+    let l = loader(s);
+    put(
+        s,
+        &l,
+        json!({"resourceType": "Group", "id": "grp-2", "type": "person", "actual": true,
+            "member": [{"entity": {"reference": "Patient/pa-gp"}},
+                       {"entity": {"reference": "Patient/pa-other"}}]}),
+    )
+    .await;
+    assert_eq!(get(s, &l, "/Group/grp-2").await, 200);
+    let (st, _) = send(s, &l, M::GET, "/Patient?_id=pa-gp,pa-other", None).await;
+    assert_eq!(st, 200);
+    s.state.audit.flush().await.unwrap();
+    let aud = user(s, "aud", "auditor", None, None, "user/*.rs", None).await;
+    let (st, b) = send(
+        s,
+        &aud,
+        M::GET,
+        "/AuditEvent?patient=pa-other&_count=200",
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    let names_group = |action: &str| {
+        b["entry"].as_array().unwrap().iter().any(|e| {
+            e["resource"]["action"] == action
+                && e["resource"]["entity"]
+                    .as_array()
+                    .is_some_and(|es| es.iter().any(|x| x["what"]["reference"] == "Group/grp-2"))
+        })
+    };
+    assert!(names_group("C") || names_group("U"), "the Group write: {b}");
+    assert!(
+        names_group("R"),
+        "the Group read is attributed to its second patient too"
+    );
+    // pa-gp's own access log: the two-patient search is there, without
+    // pa-other and without the query entity.
+    let me = user(
+        s,
+        "pat",
+        "patient",
+        None,
+        Some("pa-gp"),
+        "patient/*.rs",
+        None,
+    )
+    .await;
+    let (st, log) = send(
+        s,
+        &me,
+        M::GET,
+        "/Patient/pa-gp/$access-log?_count=200",
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{log}");
+    let text = log.to_string();
+    assert!(!text.contains("pa-other"), "{text}");
+    assert!(
+        !text.contains("\"code\":\"24\""),
+        "query entity shown: {text}"
+    );
+    assert!(text.contains("Patient/pa-gp"));
+}

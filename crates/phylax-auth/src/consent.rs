@@ -7,10 +7,20 @@
 //! `Type/id` reference: a Practitioner, PractitionerRole, Organization,
 //! RelatedPerson…), purposes of use (HL7 v3 ActReason codes) and a period;
 //! whatever it leaves out it does not narrow (no actors: every requester
-//! but the patient; no purposes: every purpose). Nested `permit`
-//! exceptions inside a deny are not applied: the deny stays whole (the
-//! fail-closed reading). A consent that is not active, has another scope
-//! or names no patient yields no rule.
+//! but the patient; no purposes: every purpose). Provisions are read at
+//! any depth: every `deny` in the tree is a rule, whatever permits it
+//! sits inside. Nested `permit` exceptions inside a deny are not applied:
+//! the deny stays whole (the fail-closed reading).
+//!
+//! References are read in their canonical form
+//! (`phylax_fhir::reference::target`: `Practitioner/x/_history/2` is
+//! `Practitioner/x`). What cannot be read fails closed: an actor of a deny
+//! that names no readable reference (an identifier, a display, another
+//! server's URL) makes the rule deny every requester but the patient; a
+//! purpose without a code makes it deny every purpose; a permit's
+//! unreadable actor delegates nothing. A consent that is not active, has
+//! another scope or names no readable patient yields no rule (it cannot
+//! be attached to anyone: see docs/ACCESS_CONTROL.md).
 
 use serde_json::Value;
 
@@ -54,7 +64,7 @@ impl DenyRule {
     }
 }
 
-fn period(p: Option<&Value>) -> (Option<i64>, Option<i64>) {
+fn period(p: Option<&Value>) -> Bounds {
     let bound = |k: &str, end: bool| {
         p.and_then(|p| p.get(k))
             .and_then(Value::as_str)
@@ -64,27 +74,51 @@ fn period(p: Option<&Value>) -> (Option<i64>, Option<i64>) {
     (bound("start", false), bound("end", true))
 }
 
-fn rule(patient: &str, prov: &Value, inherited: (Option<i64>, Option<i64>)) -> DenyRule {
-    let actors = prov
+/// `Type/id` of a literal reference to a local resource, versions dropped.
+fn canonical(r: &str) -> Option<String> {
+    phylax_fhir::reference::target::<&str>(r, &[]).map(|(t, id)| format!("{t}/{id}"))
+}
+
+/// A provision as a rule. `unreadable` actors and purposes widen it: for a
+/// deny, to every requester or every purpose (fail closed); a permit
+/// drops them (no delegation to someone it cannot name).
+fn rule(patient: &str, prov: &Value, inherited: Bounds, deny: bool) -> DenyRule {
+    let mut unreadable_actor = false;
+    let mut actors: Vec<String> = Vec::new();
+    for a in prov
         .get("actor")
         .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.pointer("/reference/reference").and_then(Value::as_str))
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    let purposes = prov
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        match a
+            .pointer("/reference/reference")
+            .and_then(Value::as_str)
+            .and_then(canonical)
+        {
+            Some(r) => actors.push(r),
+            None => unreadable_actor = true,
+        }
+    }
+    let mut unreadable_purpose = false;
+    let mut purposes: Vec<String> = Vec::new();
+    for c in prov
         .get("purpose")
         .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| c.get("code").and_then(Value::as_str))
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        match c.get("code").and_then(Value::as_str) {
+            Some(code) => purposes.push(code.to_owned()),
+            None => unreadable_purpose = true,
+        }
+    }
+    if deny && unreadable_actor {
+        actors.clear();
+    }
+    if deny && unreadable_purpose {
+        purposes.clear();
+    }
     let (s, e) = period(prov.get("period"));
     DenyRule {
         patient: patient.to_owned(),
@@ -93,6 +127,33 @@ fn rule(patient: &str, prov: &Value, inherited: (Option<i64>, Option<i64>)) -> D
         start_ms: s.or(inherited.0),
         end_ms: e.or(inherited.1),
     }
+}
+
+/// A period's bounds (ms since the epoch), either open.
+type Bounds = (Option<i64>, Option<i64>);
+
+/// Every provision of the tree under `root` (root included), with the
+/// period it inherits from the nearest ancestor that sets one.
+fn provisions(root: &Value) -> Vec<(&Value, Bounds)> {
+    let mut out = Vec::new();
+    let mut stack = vec![(root, (None, None))];
+    while let Some((p, inherited)) = stack.pop() {
+        out.push((p, inherited));
+        let own = period(p.get("period"));
+        let pass = (own.0.or(inherited.0), own.1.or(inherited.1));
+        // Reversed onto the stack: provisions come out in document order.
+        for child in p
+            .get("provision")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .rev()
+        {
+            stack.push((child, pass));
+        }
+    }
+    out
 }
 
 /// Delegations in one Consent: its `permit` provisions (root or nested)
@@ -106,34 +167,23 @@ pub fn delegations(consent: &Value) -> Vec<DenyRule> {
     let Some((patient, root)) = privacy_consent(consent) else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    let root_period = period(root.get("period"));
-    let mut take = |p: &Value, inherited| {
-        if p.get("type").and_then(Value::as_str) == Some("permit") {
-            let mut r = rule(patient, p, inherited);
+    let me = format!("Patient/{patient}");
+    provisions(root)
+        .into_iter()
+        .filter(|(p, _)| p.get("type").and_then(Value::as_str) == Some("permit"))
+        .filter_map(|(p, inherited)| {
+            let mut r = rule(&patient, p, inherited, false);
             r.actors.retain(|a| {
-                (a.starts_with("Patient/") || a.starts_with("RelatedPerson/"))
-                    && *a != format!("Patient/{patient}")
+                (a.starts_with("Patient/") || a.starts_with("RelatedPerson/")) && *a != me
             });
-            if !r.actors.is_empty() {
-                out.push(r);
-            }
-        }
-    };
-    take(root, (None, None));
-    for p in root
-        .get("provision")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        take(p, root_period);
-    }
-    out
+            (!r.actors.is_empty()).then_some(r)
+        })
+        .collect()
 }
 
-/// An active patient-privacy consent's patient and root provision.
-fn privacy_consent(consent: &Value) -> Option<(&str, &Value)> {
+/// An active patient-privacy consent's patient (canonical id) and root
+/// provision.
+fn privacy_consent(consent: &Value) -> Option<(String, &Value)> {
     if consent.get("status").and_then(Value::as_str) != Some("active") {
         return None;
     }
@@ -149,8 +199,9 @@ fn privacy_consent(consent: &Value) -> Option<(&str, &Value)> {
     let patient = consent
         .pointer("/patient/reference")
         .and_then(Value::as_str)
-        .and_then(|r| r.strip_prefix("Patient/"))
-        .filter(|id| phylax_fhir::ids::is_valid_id(id))?;
+        .and_then(|r| phylax_fhir::reference::target::<&str>(r, &[]))
+        .filter(|(t, _)| *t == "Patient")
+        .map(|(_, id)| id.to_owned())?;
     let root = consent.get("provision")?;
     privacy.then_some((patient, root))
 }
@@ -160,22 +211,11 @@ pub fn deny_rules(consent: &Value) -> Vec<DenyRule> {
     let Some((patient, root)) = privacy_consent(consent) else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    let root_period = period(root.get("period"));
-    if root.get("type").and_then(Value::as_str) == Some("deny") {
-        out.push(rule(patient, root, (None, None)));
-    }
-    for p in root
-        .get("provision")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
-        if p.get("type").and_then(Value::as_str) == Some("deny") {
-            out.push(rule(patient, p, root_period));
-        }
-    }
-    out
+    provisions(root)
+        .into_iter()
+        .filter(|(p, _)| p.get("type").and_then(Value::as_str) == Some("deny"))
+        .map(|(p, inherited)| rule(&patient, p, inherited, true))
+        .collect()
 }
 
 #[cfg(test)]
@@ -259,5 +299,45 @@ mod tests {
             "the end day is included"
         );
         assert!(!r.denies(&who, "TREAT", at("2025-01-01")));
+    }
+
+    #[test]
+    fn nested_denies_at_any_depth_and_canonical_references() {
+        let c = consent(json!({"type": "permit", "provision": [
+            {"type": "permit", "period": {"start": "2024-01-01"}, "provision": [
+                {"type": "deny", "actor": [{"reference": {"reference": "Practitioner/dr-x/_history/3"}}]}]}]}));
+        let rules = deny_rules(&c);
+        assert_eq!(rules.len(), 1, "a deny two levels down");
+        let at = |s: &str| phylax_fhir::search::date_range(s).unwrap().0;
+        let dr_x = vec!["Practitioner/dr-x".to_owned()];
+        assert!(rules[0].denies(&dr_x, "TREAT", at("2024-06-01")));
+        assert!(
+            !rules[0].denies(&dr_x, "TREAT", at("2023-06-01")),
+            "inherits the period"
+        );
+        // A versioned patient reference is the same patient.
+        let mut v = consent(json!({"type": "deny"}));
+        v["patient"]["reference"] = json!("Patient/p1/_history/2");
+        assert_eq!(deny_rules(&v)[0].patient, "p1");
+        let d = delegations(&consent(json!({"type": "permit",
+            "actor": [{"reference": {"reference": "Patient/parent/_history/1"}}]})));
+        assert_eq!(d[0].actors, vec!["Patient/parent"]);
+    }
+
+    #[test]
+    fn what_cannot_be_read_fails_closed() {
+        let now = 1_700_000_000_000;
+        let anyone = vec!["Practitioner/someone".to_owned()];
+        // An actor named only by identifier: the deny covers everyone.
+        let c = consent(json!({"type": "deny", "actor": [
+            {"reference": {"identifier": {"system": "urn:npi", "value": "1"}}}]}));
+        assert!(deny_rules(&c)[0].denies(&anyone, "TREAT", now));
+        // A purpose without a code: every purpose.
+        let c = consent(json!({"type": "deny", "purpose": [{"display": "research"}]}));
+        assert!(deny_rules(&c)[0].denies(&anyone, "TREAT", now));
+        // A permit's unreadable actor delegates nothing.
+        let c = consent(json!({"type": "permit", "actor": [
+            {"reference": {"reference": "https://elsewhere.example/fhir/Patient/x"}}]}));
+        assert!(delegations(&c).is_empty());
     }
 }

@@ -584,12 +584,15 @@ fn ids_of_refs(body: &Value, pointer: &[&str], prefix: &str) -> Vec<String> {
         }
         nodes = next;
     }
+    // `prefix` is `Type/`; references are read in their canonical form
+    // (versioned ones name the same resource).
+    let want = prefix.trim_end_matches('/');
     for n in nodes {
-        if let Some(id) = n
+        if let Some((_, id)) = n
             .get("reference")
             .and_then(Value::as_str)
-            .and_then(|r| r.strip_prefix(prefix))
-            .filter(|id| phylax_fhir::ids::is_valid_id(id))
+            .and_then(|r| phylax_fhir::reference::target::<&str>(r, &[]))
+            .filter(|(t, _)| *t == want)
         {
             out.push(id.to_owned());
         }

@@ -449,9 +449,31 @@ impl AuditLog {
         let first = f.size();
         let mut next = f.clone();
         let mut ids = Vec::with_capacity(pending.len());
-        for (id, h) in &pending {
-            next.push(to_hash(h).ok_or_else(|| AuditError::Integrity(format!("row {id}")))?);
-            ids.push(*id);
+        let mut refused = Vec::new();
+        for row in &pending {
+            // Only records this server sealed enter the tree: a row put
+            // into the database by hand (a forged record, a copied body
+            // under another id, a leaf hash that is not its body's) is
+            // refused, left out and alerted, never sealed, so it cannot
+            // poison the tree for every later verification.
+            if !self.sealed_here(row) {
+                self.refuse_forged(row);
+                refused.push(row.id);
+                continue;
+            }
+            next.push(
+                to_hash(&row.leaf_hash)
+                    .ok_or_else(|| AuditError::Integrity(format!("row {}", row.id)))?,
+            );
+            ids.push(row.id);
+        }
+        if !refused.is_empty() {
+            // Off the queue, so they neither stall sealing nor come back.
+            self.store.audit_unqueue(refused).await?;
+        }
+        if ids.is_empty() {
+            *guard = Some(f);
+            return Ok(None);
         }
         let cp = Checkpoint {
             origin: self.origin.clone(),
@@ -485,6 +507,43 @@ impl AuditLog {
             // Another node sealed first; re-read next time.
             *guard = Some(f);
             Ok(None)
+        }
+    }
+
+    /// Whether a pending record is one this server sealed: its body opens
+    /// under the audit key for its event id and its leaf hash is the
+    /// hash of that body. (The columns are checked by `audit verify` and
+    /// when a record is read; this is the cheap test every record passes
+    /// before it gets a tree position.)
+    fn sealed_here(&self, row: &AuditRow) -> bool {
+        let Ok(stored) = self.key.open(&aad(&row.event_id), &row.sealed) else {
+            return false;
+        };
+        match phylax_audit::stored::unpack(&stored) {
+            Ok(plain) => leaf_hash(&plain).as_slice() == row.leaf_hash.as_slice(),
+            Err(_) => false,
+        }
+    }
+
+    fn refuse_forged(&self, row: &AuditRow) {
+        tracing::error!(
+            event = "audit.forged_record",
+            audit_id = row.id,
+            "a pending audit record was not sealed by this server; refused, not sealed"
+        );
+        if let Some(d) = self.detector() {
+            d.raise_once(
+                crate::detect::Alert {
+                    rule: "audit-tamper",
+                    severity: "high",
+                    detail: format!(
+                        "audit row {} awaiting sealing was not written by Phylax (forged or altered); it was refused and left out of the tree",
+                        row.id
+                    ),
+                    user: None,
+                },
+                format!("audit-forged|{}", row.id),
+            );
         }
     }
 
@@ -631,17 +690,37 @@ impl AuditLog {
         external: &[String],
         event: Option<&str>,
     ) -> Result<VerifyReport, AuditError> {
+        self.verify_at(external, event, crate::now_ms()).await
+    }
+
+    /// [`AuditLog::verify`] as of `now` (ms): retention is judged against
+    /// it, as [`AuditLog::prune`] takes its time.
+    pub async fn verify_at(
+        &self,
+        external: &[String],
+        event: Option<&str>,
+        now: i64,
+    ) -> Result<VerifyReport, AuditError> {
         self.flush().await?;
         use phylax_audit::checkpoint::open_signed;
         use phylax_audit::merkle;
-        let bad = |m: String| AuditError::Integrity(m);
+        // Every problem found, not only the first: an operator on the day
+        // of a breach needs the whole picture.
+        let mut problems: Vec<String> = Vec::new();
         let (records, sealed) = self.store.audit_counts().await?;
+        let pending_count = self.store.audit_pending_count().await?;
         let mut report = VerifyReport {
             records,
             sealed,
             ..Default::default()
         };
+        // The per-patient entries the readable records call for, as an
+        // order-free digest (a sum of hashes of (patient key, record id)).
+        let mut expected = PatientDigest::default();
+        let mut pruned_ids: std::collections::HashSet<i64> = Default::default();
+        let mut pruned_at: Vec<u64> = Vec::new();
         let mut leaves: Vec<Hash> = Vec::with_capacity(sealed as usize);
+        let mut gap = false;
         loop {
             let rows = self
                 .store
@@ -652,132 +731,302 @@ impl AuditLog {
             }
             for r in rows {
                 if r.leaf_index != Some(leaves.len() as u64) {
-                    return Err(bad(format!(
+                    problems.push(format!(
                         "tree position {} is missing (a record was deleted or moved)",
                         leaves.len()
-                    )));
+                    ));
+                    gap = true;
+                    break;
                 }
                 if r.sealed.is_empty() {
                     // Pruned: only its leaf hash is left, which the
-                    // checkpoints still cover. Pruning before retention
-                    // ended is tampering.
-                    if r.recorded >= crate::now_ms() - self.retention_ms {
-                        return Err(bad(format!(
-                            "record at position {} was pruned before its retention ended",
-                            leaves.len()
-                        )));
-                    }
+                    // checkpoints still cover; its age is checked against
+                    // the signed time of the checkpoint that first covers
+                    // it (the `recorded` column is not authenticated).
+                    pruned_ids.insert(r.id);
+                    pruned_at.push(leaves.len() as u64);
                     report.pruned += 1;
                 } else {
-                    self.open_row(&r).map_err(|_| {
-                        bad(format!(
+                    match self.open_row(&r) {
+                        Ok(v) => expected.add_record(self, r.id, &v),
+                        Err(_) => problems.push(format!(
                             "record at position {} was altered or forged",
                             leaves.len()
-                        ))
-                    })?;
+                        )),
+                    }
                 }
-                leaves.push(to_hash(&r.leaf_hash).ok_or_else(|| bad(r.event_id.clone()))?);
+                match to_hash(&r.leaf_hash) {
+                    Some(h) => leaves.push(h),
+                    None => {
+                        problems.push(format!(
+                            "record at position {} has no valid leaf hash",
+                            leaves.len()
+                        ));
+                        gap = true;
+                        break;
+                    }
+                }
+            }
+            if gap {
+                break;
             }
         }
-        if leaves.len() as u64 != sealed {
-            return Err(bad(format!(
+        if !gap && leaves.len() as u64 != sealed {
+            problems.push(format!(
                 "{} records in order, but positions reach {sealed}",
                 leaves.len()
-            )));
+            ));
+        }
+        // Records awaiting their checkpoint count too (their entries are
+        // written with them); one that does not open is a forgery.
+        let mut last_pending = None;
+        loop {
+            let rows = self.store.audit_unsealed(10_000).await?;
+            let rows: Vec<_> = rows
+                .into_iter()
+                .filter(|r| last_pending.is_none_or(|l| r.id > l))
+                .collect();
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                match self.open_row(r) {
+                    Ok(v) => expected.add_record(self, r.id, &v),
+                    Err(_) => problems.push(format!(
+                        "record {} awaiting its checkpoint was not written by Phylax (forged or altered)",
+                        r.id
+                    )),
+                }
+            }
+            last_pending = rows.last().map(|r| r.id);
+            if rows.len() < 10_000 {
+                break;
+            }
+        }
+        let outside = records.saturating_sub(sealed + pending_count);
+        if outside > 0 {
+            problems.push(format!(
+                "{outside} record(s) are neither in the tree nor awaiting it (rows put in by hand and refused by the sealer)"
+            ));
         }
         let n = leaves.len() as u64;
         let mut f = Frontier::new();
         let mut after = 0;
-        loop {
+        let mut pruned_next = 0usize;
+        'cps: loop {
             let cps = self.store.checkpoints(after, 1000).await?;
             if cps.is_empty() {
                 break;
             }
             for c in cps {
                 after = c.size;
-                let cp = open_signed(&c.note, &self.verifier)
-                    .map_err(|e| bad(format!("checkpoint {}: {e}", c.size)))?;
+                let cp = match open_signed(&c.note, &self.verifier) {
+                    Ok(cp) => cp,
+                    Err(e) => {
+                        problems.push(format!("checkpoint {}: {e}", c.size));
+                        continue;
+                    }
+                };
                 if cp.size != c.size {
-                    return Err(bad(format!(
-                        "checkpoint row {} holds size {}",
-                        c.size, cp.size
-                    )));
+                    problems.push(format!("checkpoint row {} holds size {}", c.size, cp.size));
+                    continue;
                 }
                 if cp.size > n {
-                    return Err(bad(format!(
+                    problems.push(format!(
                         "the log was truncated: checkpoint {} signed {} records, {n} remain",
                         cp.size, cp.size
-                    )));
+                    ));
+                    break 'cps;
                 }
                 while f.size() < cp.size {
                     f.push(leaves[f.size() as usize]);
                 }
                 if f.root() != cp.root {
-                    return Err(bad(format!(
+                    problems.push(format!(
                         "the records no longer match checkpoint {} (edited, inserted or reordered)",
                         cp.size
-                    )));
+                    ));
+                }
+                // Pruned records this checkpoint is the first to cover
+                // were recorded before its signed time.
+                while pruned_next < pruned_at.len() && pruned_at[pruned_next] < cp.size {
+                    if cp.time_ms - PRUNE_SLACK_MS > now - self.retention_ms {
+                        problems.push(format!(
+                            "record at position {} was pruned before its retention ended (its first checkpoint was signed {})",
+                            pruned_at[pruned_next],
+                            phylax_audit::event::instant(cp.time_ms)
+                        ));
+                    }
+                    pruned_next += 1;
                 }
                 report.checkpoints += 1;
                 report.latest = Some(cp);
             }
         }
         for note in external {
-            let cp = open_signed(note, &self.verifier)
-                .map_err(|e| bad(format!("outside checkpoint: {e}")))?;
+            let cp = match open_signed(note, &self.verifier) {
+                Ok(cp) => cp,
+                Err(e) => {
+                    problems.push(format!("outside checkpoint: {e}"));
+                    continue;
+                }
+            };
             if cp.size > n {
-                return Err(bad(format!(
+                problems.push(format!(
                     "the log was truncated: an outside checkpoint signed {} records, {n} remain",
                     cp.size
-                )));
+                ));
+                continue;
             }
             if cp.size > 0 {
-                let proof: Vec<Vec<u8>> = merkle::consistency_proof(cp.size as usize, &leaves)
-                    .map_err(|e| bad(e.to_string()))?
-                    .iter()
-                    .map(|h| h.to_vec())
-                    .collect();
-                merkle::verify_consistency(cp.size, n, &proof, &cp.root, &merkle::root(&leaves))
-                    .map_err(|_| {
-                        bad(format!(
-                            "the log is not consistent with outside checkpoint {}",
-                            cp.size
-                        ))
-                    })?;
+                let consistent = merkle::consistency_proof(cp.size as usize, &leaves)
+                    .ok()
+                    .map(|p| p.iter().map(|h| h.to_vec()).collect::<Vec<Vec<u8>>>())
+                    .is_some_and(|proof| {
+                        merkle::verify_consistency(
+                            cp.size,
+                            n,
+                            &proof,
+                            &cp.root,
+                            &merkle::root(&leaves),
+                        )
+                        .is_ok()
+                    });
+                if !consistent {
+                    problems.push(format!(
+                        "the log is not consistent with outside checkpoint {}",
+                        cp.size
+                    ));
+                    continue;
+                }
             }
             report.external += 1;
         }
         if n > 0 && report.latest.as_ref().map(|c| c.size) != Some(n) {
-            return Err(bad(format!(
+            problems.push(format!(
                 "{n} records are in the tree but no checkpoint covers them all"
-            )));
+            ));
+        }
+        // The per-patient entries, rebuilt from the records, must be the
+        // ones stored: deleting them (to empty a patient's access log) or
+        // adding some is found here.
+        let mut actual = PatientDigest::default();
+        let mut cursor = None;
+        loop {
+            let rows = self.store.audit_patient_entries(cursor, 50_000).await?;
+            let Some(last) = rows.last().copied() else {
+                break;
+            };
+            for (key, audit_id) in &rows {
+                if !pruned_ids.contains(audit_id) {
+                    actual.add(key, *audit_id);
+                }
+            }
+            cursor = Some(last);
+        }
+        if actual != expected {
+            problems.push(format!(
+                "the per-patient index does not match the records ({} entries stored for readable records, {} expected): entries were deleted or added, so patients' access logs are incomplete",
+                actual.count, expected.count
+            ));
         }
         if let Some(id) = event {
-            let row = self
-                .store
-                .audit_get(id)
-                .await?
-                .ok_or_else(|| bad(format!("no record {id}")))?;
-            let Some(i) = row.leaf_index else {
-                return Err(AuditError::Unavailable(format!(
-                    "record {id} awaits the next checkpoint; try again in a few seconds"
-                )));
-            };
-            let latest = report
-                .latest
-                .as_ref()
-                .ok_or_else(|| bad("no checkpoint".into()))?;
-            let proof: Vec<Vec<u8>> =
-                merkle::inclusion_proof(i as usize, &leaves[..latest.size as usize])
-                    .map_err(|e| bad(e.to_string()))?
-                    .iter()
-                    .map(|h| h.to_vec())
-                    .collect();
-            merkle::verify_inclusion(i, latest.size, &row.leaf_hash, &proof, &latest.root)
-                .map_err(|_| bad(format!("record {id} is not in checkpoint {}", latest.size)))?;
-            report.inclusion = Some((i, latest.size, proof.len()));
+            match self.inclusion(id, &report, &leaves).await {
+                Ok(i) => report.inclusion = Some(i),
+                Err(AuditError::Integrity(m)) => problems.push(m),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(report)
+        if problems.is_empty() {
+            Ok(report)
+        } else {
+            Err(AuditError::Integrity(format!(
+                "{} problem(s): {}",
+                problems.len(),
+                problems.join("; ")
+            )))
+        }
+    }
+
+    async fn inclusion(
+        &self,
+        id: &str,
+        report: &VerifyReport,
+        leaves: &[Hash],
+    ) -> Result<(u64, u64, usize), AuditError> {
+        use phylax_audit::merkle;
+        let bad = |m: String| AuditError::Integrity(m);
+        let row = self
+            .store
+            .audit_get(id)
+            .await?
+            .ok_or_else(|| bad(format!("no record {id}")))?;
+        let Some(i) = row.leaf_index else {
+            return Err(AuditError::Unavailable(format!(
+                "record {id} awaits the next checkpoint; try again in a few seconds"
+            )));
+        };
+        let latest = report
+            .latest
+            .as_ref()
+            .ok_or_else(|| bad("no checkpoint".into()))?;
+        if latest.size as usize > leaves.len() {
+            return Err(bad(format!(
+                "record {id} is not in checkpoint {}",
+                latest.size
+            )));
+        }
+        let proof: Vec<Vec<u8>> =
+            merkle::inclusion_proof(i as usize, &leaves[..latest.size as usize])
+                .map_err(|e| bad(e.to_string()))?
+                .iter()
+                .map(|h| h.to_vec())
+                .collect();
+        merkle::verify_inclusion(i, latest.size, &row.leaf_hash, &proof, &latest.root)
+            .map_err(|_| bad(format!("record {id} is not in checkpoint {}", latest.size)))?;
+        Ok((i, latest.size, proof.len()))
+    }
+}
+
+/// How long a record may wait for its first checkpoint (several nodes'
+/// journals, a sealer outage): a pruned record counts as pruned early only
+/// when that checkpoint was signed more than this inside the retention.
+const PRUNE_SLACK_MS: i64 = 3_600_000;
+
+/// An order-free digest of per-patient entries: the count and the
+/// wrapping sum of a hash of each (patient key, record id). Equal sets
+/// give equal digests; a deleted or added entry changes both.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PatientDigest {
+    count: u64,
+    sum: u128,
+}
+
+impl PatientDigest {
+    fn add(&mut self, key: &[u8; 8], audit_id: i64) {
+        let d = leaf_hash(&[key.as_slice(), &audit_id.to_be_bytes()].concat());
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        self.count += 1;
+        self.sum = self.sum.wrapping_add(u128::from_be_bytes(b));
+    }
+
+    /// The entries a record's patients call for (distinct keys, as the
+    /// store writes them).
+    fn add_record(&mut self, log: &AuditLog, audit_id: i64, v: &Value) {
+        let mut keys: Vec<[u8; 8]> = v["entity"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["type"]["code"] == "1")
+            .filter_map(|e| e["what"]["reference"].as_str()?.strip_prefix("Patient/"))
+            .map(|p| phylax_store::query::patient_key(&log.patient_hash(p)))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for k in &keys {
+            self.add(k, audit_id);
+        }
     }
 }
 

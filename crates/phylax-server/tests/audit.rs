@@ -1127,29 +1127,25 @@ both!(retention_prunes_bodies_and_the_log_still_verifies);
 async fn retention_prunes_bodies_and_the_log_still_verifies(s: &TestServer) {
     let tok = s.token(ALL).await;
     some_traffic(s, &tok).await;
-    let seven_years = 7 * 365 * 86_400_000_i64;
+    // Seven years on: every record so far is past the six-year retention.
+    // (A pruned record's age is judged by the signed time of the first
+    // checkpoint that covers it, so the clock is moved, not the records.)
+    let later = chrono::Utc::now().timestamp_millis() + 7 * 365 * 86_400_000_i64;
     let mut old_ids = Vec::new();
     let mut old = Vec::new();
     for i in 0..2 {
-        let mut f = facts(100 + i);
-        f.recorded_ms -= seven_years;
-        let row = s.state.audit.draft(&f).unwrap();
+        let row = s.state.audit.draft(&facts(100 + i)).unwrap();
         old_ids.push(row.event_id.clone());
         old.push(row);
     }
     s.state.store.append_audit(old).await.unwrap();
     s.state.audit.seal_pending().await.unwrap();
     let before = s.state.audit.verify(&[], None).await.unwrap();
-    let n = s
-        .state
-        .audit
-        .prune(chrono::Utc::now().timestamp_millis())
-        .await
-        .unwrap();
-    assert_eq!(n, 2);
+    let n = s.state.audit.prune(later).await.unwrap();
+    assert_eq!(n, before.sealed, "every record sealed so far");
     s.state.audit.seal_pending().await.unwrap();
-    let after = s.state.audit.verify(&[], None).await.unwrap();
-    assert_eq!(after.pruned, 2);
+    let after = s.state.audit.verify_at(&[], None, later).await.unwrap();
+    assert_eq!(after.pruned, n);
     assert_eq!(
         after.sealed,
         before.sealed + 1,
@@ -1381,4 +1377,123 @@ async fn a_damaged_record_does_not_break_audit_search(s: &TestServer) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(raised, "audit-tamper alert");
+}
+
+// Someone with the database inserts a record (a copy of a real one under a
+// new id) and queues it for sealing: the sealer refuses it (it does not
+// open under its id), keeps it out of the tree, raises `audit-tamper`, and
+// goes on sealing real records; `audit verify` names the stray row but the
+// tree itself stays verifiable. Deleting a patient's per-patient entries
+// (to empty their access log) is found by verify too, and verify reports
+// every problem, not only the first.
+both!(forged_pending_rows_and_deleted_patient_entries_are_found);
+async fn forged_pending_rows_and_deleted_patient_entries_are_found(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    let (pid, _) = some_traffic(s, &tok).await;
+    s.state.audit.seal_pending().await.unwrap().unwrap();
+    s.state.audit.verify(&[], None).await.unwrap();
+    let size_before = s.state.store.audit_tree_size().await.unwrap();
+    s.sql(
+        "INSERT INTO audit_log (event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed) \
+         SELECT 'forged-1', recorded, agent, action, subtype, outcome, leaf_hash, sealed FROM audit_log \
+         WHERE id = (SELECT audit_id FROM audit_leaf WHERE leaf_index = 0); \
+         INSERT INTO audit_pending (audit_id) SELECT id FROM audit_log WHERE event_id = 'forged-1'",
+    )
+    .await;
+    // Real traffic after it still gets sealed.
+    some_traffic(s, &tok).await;
+    s.state.audit.flush().await.unwrap();
+    let cp = s
+        .state
+        .audit
+        .seal_pending()
+        .await
+        .unwrap()
+        .expect("real records sealed");
+    let records_after = s.state.store.audit_counts().await.unwrap();
+    assert_eq!(s.state.store.audit_pending_count().await.unwrap(), 0);
+    assert!(cp.size > size_before);
+    assert_eq!(
+        cp.size, records_after.1,
+        "the forged row is not in the tree"
+    );
+    let forged = s.state.store.audit_get("forged-1").await.unwrap().unwrap();
+    assert_eq!(forged.leaf_index, None);
+    let e = s
+        .state
+        .audit
+        .verify(&[], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("neither in the tree"), "{e}");
+    assert!(
+        !e.contains("no longer match"),
+        "the tree itself verifies: {e}"
+    );
+    // AuditEvent searches keep working.
+    let siem = s.token("system/AuditEvent.rs").await;
+    let (st, _) = send(
+        s,
+        &siem,
+        reqwest::Method::GET,
+        "/AuditEvent?_count=500",
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    // The alert.
+    let mut raised = false;
+    for _ in 0..50 {
+        s.state.audit.flush().await.unwrap();
+        let rows = s
+            .state
+            .store
+            .audit_search(&phylax_store::AuditQuery {
+                subtype: Some("alert".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if rows
+            .iter()
+            .filter_map(|r| s.state.audit.open_row(r).ok())
+            .any(|e| {
+                e["outcomeDesc"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("audit-tamper ["))
+            })
+        {
+            raised = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(raised, "audit-tamper alert for the forged row");
+    // Emptying a patient's entries: found, beside the stray row.
+    let key = phylax_store::query::patient_key(&s.state.audit.patient_hash(&pid));
+    let del = match s.backend {
+        common::Backend::Sqlite => {
+            format!(
+                "DROP TRIGGER IF EXISTS audit_patient_no_delete; DELETE FROM audit_patient WHERE patient = x'{}'",
+                hex::encode(key)
+            )
+        }
+        common::Backend::Postgres => format!(
+            "ALTER TABLE audit_patient DISABLE TRIGGER USER; DELETE FROM audit_patient WHERE patient = {}",
+            i64::from_be_bytes(key)
+        ),
+    };
+    s.try_sql(&del).await.unwrap();
+    let e = s
+        .state
+        .audit
+        .verify(&[], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("per-patient index"), "{e}");
+    assert!(e.contains("neither in the tree"), "every problem: {e}");
+    assert!(e.starts_with("2 problem(s)"), "{e}");
 }

@@ -414,8 +414,21 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Append audit records in one transaction (a group commit of many
     /// requests' records). Durable when it returns `Ok`.
     async fn append_audit(&self, rows: Vec<NewAudit>) -> Result<()>;
-    /// Records no checkpoint covers yet, in arrival order: `(id, leaf hash)`.
-    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<(i64, Vec<u8>)>>;
+    /// Records no checkpoint covers yet, in arrival order, whole (the
+    /// sealer checks each before it gives it a tree position).
+    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<AuditRow>>;
+    /// The per-patient entries (`(patient key, record id)`, the key as
+    /// [`query::patient_key`] gives it), in key order after `after`: for
+    /// `audit verify` to rebuild and compare.
+    async fn audit_patient_entries(
+        &self,
+        after: Option<([u8; 8], i64)>,
+        limit: u32,
+    ) -> Result<Vec<([u8; 8], i64)>>;
+    /// Take records off the sealing queue without sealing them (rows the
+    /// sealer refused: not written by the server). They stay in
+    /// `audit_log`, outside the tree, for `audit verify` to report.
+    async fn audit_unqueue(&self, ids: Vec<i64>) -> Result<()>;
     /// Give the records `ids` the tree positions `first_index..` and store
     /// the checkpoint that covers them, atomically. Returns false (nothing
     /// changed) if the tree no longer ends at `first_index` (another node

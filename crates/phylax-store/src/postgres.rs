@@ -170,7 +170,9 @@ async fn append_one<C: deadpool_postgres::GenericClient>(
     row.get::<_, Option<i64>>(0).ok_or(StoreError::Conflict)
 }
 
-use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS, AUDIT_FROM, TREE_SIZE};
+use crate::query::{
+    audit_search_sql, AuditArg, AUDIT_COLS, AUDIT_FROM, AUDIT_PENDING_COLS, TREE_SIZE,
+};
 
 fn row_audit(r: &Row) -> AuditRow {
     AuditRow {
@@ -1031,17 +1033,56 @@ impl Store for PgStore {
         insert_audit(&c, &rows).await
     }
 
-    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<(i64, Vec<u8>)>> {
+    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<AuditRow>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let rows = c
             .query(
-                "SELECT p.audit_id, a.leaf_hash FROM audit_pending p JOIN audit_log a ON a.id = p.audit_id \
-                 ORDER BY p.audit_id LIMIT $1",
+                &format!(
+                    "SELECT {AUDIT_PENDING_COLS} FROM audit_pending p JOIN audit_log a ON a.id = p.audit_id \
+                     ORDER BY p.audit_id LIMIT $1"
+                ),
                 &[&i64::from(limit)],
             )
             .await
             .map_err(pg)?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        Ok(rows.iter().map(row_audit).collect())
+    }
+
+    async fn audit_patient_entries(
+        &self,
+        after: Option<([u8; 8], i64)>,
+        limit: u32,
+    ) -> Result<Vec<([u8; 8], i64)>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        // Stored as the key's 8 bytes read as a signed big-endian integer
+        // (`query::patient_key_int`); ordered by that integer.
+        let (k, id) = match after {
+            Some((k, id)) => (i64::from_be_bytes(k), id),
+            None => (i64::MIN, i64::MIN),
+        };
+        let rows = c
+            .query(
+                "SELECT patient, audit_id FROM audit_patient \
+                 WHERE (patient, audit_id) > ($1, $2) ORDER BY patient, audit_id LIMIT $3",
+                &[&k, &id, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0).to_be_bytes(), r.get(1)))
+            .collect())
+    }
+
+    async fn audit_unqueue(&self, ids: Vec<i64>) -> Result<()> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute(
+            "DELETE FROM audit_pending WHERE audit_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
     }
 
     async fn audit_seal(&self, first_index: u64, ids: Vec<i64>, cp: CheckpointRow) -> Result<bool> {

@@ -608,6 +608,12 @@ fn count_from_entries(b: &mut Builder, q: &SearchQuery, driver: Option<usize>) -
 
 /// The audit log's columns, in `AuditRow` order, from [`AUDIT_FROM`] (or
 /// any join naming the record `a` and its tree position `f`).
+/// [`AUDIT_COLS`] of a record not in the tree yet (`leaf_index` NULL),
+/// from `audit_log a` alone.
+pub(crate) const AUDIT_PENDING_COLS: &str =
+    "a.id, CAST(NULL AS BIGINT), a.event_id, a.recorded, a.agent, a.action, \
+     a.subtype, a.outcome, a.leaf_hash, a.sealed";
+
 pub(crate) const AUDIT_COLS: &str =
     "a.id, f.leaf_index, a.event_id, a.recorded, a.agent, a.action, \
      a.subtype, a.outcome, a.leaf_hash, a.sealed";

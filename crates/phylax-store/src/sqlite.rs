@@ -938,18 +938,58 @@ impl Store for SqliteStore {
         self.write(move |c| insert_audit(c, &rows)).await
     }
 
-    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<(i64, Vec<u8>)>> {
+    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<AuditRow>> {
         self.read(move |c| {
             let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {AUDIT_PENDING_COLS} FROM audit_pending p JOIN audit_log a ON a.id = p.audit_id \
+                     ORDER BY p.audit_id LIMIT ?1"
+                ))
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![limit as i64], row_audit)
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn audit_patient_entries(
+        &self,
+        after: Option<([u8; 8], i64)>,
+        limit: u32,
+    ) -> Result<Vec<([u8; 8], i64)>> {
+        self.read(move |c| {
+            let (k, id) = match after {
+                Some((k, id)) => (k.to_vec(), id),
+                None => (Vec::new(), i64::MIN),
+            };
+            let mut st = c
                 .prepare_cached(
-                    "SELECT p.audit_id, a.leaf_hash FROM audit_pending p JOIN audit_log a ON a.id = p.audit_id \
-                     ORDER BY p.audit_id LIMIT ?1",
+                    "SELECT patient, audit_id FROM audit_patient \
+                     WHERE (patient, audit_id) > (?1, ?2) ORDER BY patient, audit_id LIMIT ?3",
                 )
                 .map_err(backend)?;
             let rows = st
-                .query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_map(params![k, id, limit as i64], |r| {
+                    let p: Vec<u8> = r.get(0)?;
+                    Ok((query::patient_key(&p), r.get(1)?))
+                })
                 .map_err(backend)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn audit_unqueue(&self, ids: Vec<i64>) -> Result<()> {
+        self.write(move |c| {
+            let mut st = c
+                .prepare_cached("DELETE FROM audit_pending WHERE audit_id = ?1")
+                .map_err(backend)?;
+            for id in ids {
+                st.execute(params![id]).map_err(backend)?;
+            }
+            Ok(())
         })
         .await
     }
@@ -1242,7 +1282,9 @@ impl Store for SqliteStore {
     }
 }
 
-use crate::query::{audit_search_sql, AuditArg, AUDIT_COLS, AUDIT_FROM, TREE_SIZE};
+use crate::query::{
+    audit_search_sql, AuditArg, AUDIT_COLS, AUDIT_FROM, AUDIT_PENDING_COLS, TREE_SIZE,
+};
 
 fn row_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
     Ok(AuditRow {

@@ -1317,11 +1317,11 @@ async fn audit_log_appends_seals_and_searches(s: &DynStore) {
 
     let unsealed = s.audit_unsealed(10).await.unwrap();
     assert_eq!(
-        unsealed.iter().map(|u| u.1[0]).collect::<Vec<_>>(),
+        unsealed.iter().map(|u| u.leaf_hash[0]).collect::<Vec<_>>(),
         vec![1, 2, 3],
         "arrival order"
     );
-    let ids: Vec<i64> = unsealed.iter().map(|u| u.0).collect();
+    let ids: Vec<i64> = unsealed.iter().map(|u| u.id).collect();
     // Sealing must continue the tree where it ends.
     assert!(!s.audit_seal(5, ids[..2].to_vec(), cp(7)).await.unwrap());
     assert!(s.audit_seal(0, ids[..2].to_vec(), cp(2)).await.unwrap());
@@ -1552,7 +1552,7 @@ async fn audit_prune_empties_only_old_sealed_bodies(s: &DynStore) {
         .await
         .unwrap()
         .iter()
-        .map(|u| u.0)
+        .map(|u| u.id)
         .collect();
     assert!(s.audit_seal(0, ids, cp(3)).await.unwrap());
     assert_eq!(s.audit_prune(2500, 100).await.unwrap(), 2);
@@ -1855,10 +1855,10 @@ async fn upgraded_log_keeps_its_tree(s: &DynStore) {
     );
     let pending = s.audit_unsealed(10).await.unwrap();
     assert_eq!(
-        pending.iter().map(|p| p.1[0]).collect::<Vec<_>>(),
+        pending.iter().map(|p| p.leaf_hash[0]).collect::<Vec<_>>(),
         vec![3, 4]
     );
-    let ids: Vec<i64> = pending.iter().map(|p| p.0).collect();
+    let ids: Vec<i64> = pending.iter().map(|p| p.id).collect();
     assert!(s.audit_seal(3, ids, cp(5)).await.unwrap());
     assert_eq!(s.audit_counts().await.unwrap(), (5, 5));
     let got = s.audit_get("old-4").await.unwrap().unwrap();
@@ -1872,7 +1872,7 @@ async fn upgraded_log_keeps_its_tree(s: &DynStore) {
         .await
         .unwrap()
         .iter()
-        .map(|p| p.0)
+        .map(|p| p.id)
         .collect();
     assert!(s.audit_seal(5, ids, cp(6)).await.unwrap());
     assert_eq!(s.audit_by_index(5, 10).await.unwrap()[0].leaf_hash[0], 9);

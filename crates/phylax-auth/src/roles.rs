@@ -92,9 +92,11 @@ pub struct RoleDef {
     pub masks: BTreeSet<String>,
 }
 
-/// What researchers never receive: direct identifiers (names,
-/// identifiers, contact details, addresses, photos) and the narrative,
-/// which repeats them.
+/// What researchers never receive, at any depth of any resource: direct
+/// identifiers (names, identifiers, contact details, addresses, photos;
+/// also inside references and backbone elements), the narrative, which
+/// repeats them, and the identifying extensions (mother's maiden name,
+/// birth place). Mask syntax: see `phylax-server`'s `mask` module.
 pub const DEIDENTIFY: &[&str] = &[
     "name",
     "identifier",
@@ -102,8 +104,36 @@ pub const DEIDENTIFY: &[&str] = &[
     "address",
     "photo",
     "contact",
-    "text",
+    "Resource.text",
+    "extension:http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName",
+    "extension:http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
 ];
+
+/// Whether `m` is a mask: an element name (`note`), a path from a
+/// resource type or `Resource` (`Patient.contact.name`), or
+/// `extension:` and an absolute URL.
+pub fn valid_mask(m: &str) -> bool {
+    let element = |e: &str| {
+        e.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+            && e.chars().all(|c| c.is_ascii_alphanumeric())
+            && e.len() <= 64
+    };
+    if let Some(url) = m.strip_prefix("extension:") {
+        return (url.starts_with("http://")
+            || url.starts_with("https://")
+            || url.starts_with("urn:"))
+            && url.len() <= 256
+            && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+    }
+    match m.split_once('.') {
+        Some((t, rest)) => {
+            t.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                && t.chars().all(|c| c.is_ascii_alphanumeric())
+                && rest.split('.').all(element)
+        }
+        None => element(m),
+    }
+}
 
 /// Purposes of use a role may carry (HL7 v3 ActReason codes).
 pub const PURPOSES: &[&str] = &[
@@ -393,13 +423,9 @@ impl Roles {
             if c.grants.is_empty() {
                 return Err(format!("role {}: needs at least one grant", c.name));
             }
-            if let Some(m) = c.masks.iter().find(|m| {
-                !m.chars().next().is_some_and(|ch| ch.is_ascii_lowercase())
-                    || !m.chars().all(|ch| ch.is_ascii_alphanumeric())
-                    || m.len() > 64
-            }) {
+            if let Some(m) = c.masks.iter().find(|m| !valid_mask(m)) {
                 return Err(format!(
-                    "role {}: mask {m:?} must be an element name such as \"note\"",
+                    "role {}: mask {m:?} must be an element name such as \"note\", a path such as \"Patient.contact.name\", or \"extension:\" and a URL",
                     c.name
                 ));
             }
@@ -532,7 +558,7 @@ mod tests {
     fn masks_and_purposes() {
         let r = roles();
         let res = r.get("researcher").unwrap();
-        for e in ["name", "identifier", "telecom", "address", "text"] {
+        for e in ["name", "identifier", "telecom", "address", "Resource.text"] {
             assert!(res.masks.contains(e), "{e}");
         }
         assert_eq!(res.purpose, "HRESCH");

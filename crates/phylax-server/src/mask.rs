@@ -38,44 +38,165 @@ fn is_element(k: &str, e: &str) -> bool {
             .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
 }
 
+/// The three kinds of mask (validated in `phylax_auth::roles`):
+/// - `name`: the element of that name **at any depth** of a resource (a
+///   choice element by its base name): `identifier` also removes
+///   `Reference.identifier` and identifiers inside backbone elements;
+/// - `Type.path.to.element`, with `Resource` for every type: that element
+///   only (`Resource.text`: the narrative, not `CodeableConcept.text`);
+/// - `extension:URL`: every `extension` and `modifierExtension` with that
+///   url, at any depth (mother's maiden name, birth place).
+struct Rules<'a> {
+    names: Vec<&'a str>,
+    paths: Vec<(&'a str, Vec<&'a str>)>,
+    extensions: Vec<&'a str>,
+    /// Names are masked: reference `display` texts (which often repeat a
+    /// name) go too.
+    displays: bool,
+}
+
+impl<'a> Rules<'a> {
+    fn new(masks: &'a BTreeSet<String>) -> Rules<'a> {
+        let mut r = Rules {
+            names: Vec::new(),
+            paths: Vec::new(),
+            extensions: Vec::new(),
+            displays: masks.contains("name"),
+        };
+        for m in masks {
+            if let Some(url) = m.strip_prefix("extension:") {
+                r.extensions.push(url);
+            } else if let Some((t, rest)) = m.split_once('.') {
+                r.paths.push((t, rest.split('.').collect()));
+            } else {
+                r.names.push(m);
+            }
+        }
+        r
+    }
+
+    fn masks_name(&self, k: &str) -> bool {
+        k != "resourceType" && self.names.iter().any(|m| is_element(k, m))
+    }
+}
+
 /// Mask every resource inside `v`. Returns whether anything was removed.
 pub fn mask_json(v: &mut Value, masks: &BTreeSet<String>) -> bool {
-    let mut changed = false;
+    let rules = Rules::new(masks);
+    let mut any = false;
+    walk(v, &rules, &mut any);
+    any
+}
+
+/// Content that is not itself a resource; resources found inside are
+/// masked (and marked) on their own.
+fn walk(v: &mut Value, rules: &Rules<'_>, any: &mut bool) -> bool {
     match v {
-        Value::Object(o) => {
-            if o.contains_key("resourceType") {
-                let before = o.len();
-                o.retain(|k, _| !masks.iter().any(|m| is_element(k, m)));
-                if o.len() != before {
-                    changed = true;
-                    let meta = o.entry("meta").or_insert_with(|| json!({}));
-                    if let Some(m) = meta.as_object_mut() {
-                        let sec = m.entry("security").or_insert_with(|| json!([]));
-                        if let Some(a) = sec.as_array_mut() {
-                            let mark = json!({"system": OBSERVATION_VALUE, "code": "REDACTED"});
-                            if !a.contains(&mark) {
-                                a.push(mark);
-                            }
-                        }
-                    }
+        Value::Object(o) if o.contains_key("resourceType") => {
+            let changed = mask_resource(o, rules, any);
+            *any |= changed;
+            false
+        }
+        Value::Object(o) => mask_object(o, rules, any),
+        Value::Array(a) => {
+            let mut changed = false;
+            for x in a.iter_mut() {
+                changed |= walk(x, rules, any);
+            }
+            changed
+        }
+        _ => false,
+    }
+}
+
+/// Whether an object is a Reference (not a Coding, whose `display` is a
+/// code's meaning, not a person's name).
+fn is_reference(o: &serde_json::Map<String, Value>) -> bool {
+    o.contains_key("reference")
+        || o.contains_key("identifier")
+        || (o.contains_key("display") && !o.contains_key("code") && !o.contains_key("system"))
+}
+
+fn mask_object(o: &mut serde_json::Map<String, Value>, rules: &Rules<'_>, any: &mut bool) -> bool {
+    let mut changed = false;
+    if rules.displays && is_reference(o) && o.remove("display").is_some() {
+        changed = true;
+    }
+    let before = o.len();
+    o.retain(|k, _| !rules.masks_name(k));
+    changed |= o.len() != before;
+    for (k, x) in o.iter_mut() {
+        if (k == "extension" || k == "modifierExtension") && !rules.extensions.is_empty() {
+            if let Value::Array(a) = x {
+                let n = a.len();
+                a.retain(|e| {
+                    !e.get("url")
+                        .and_then(Value::as_str)
+                        .is_some_and(|u| rules.extensions.contains(&u))
+                });
+                changed |= a.len() != n;
+            }
+        }
+        changed |= walk(x, rules, any);
+    }
+    changed
+}
+
+/// Remove the element at `path` under `v` (through arrays).
+fn remove_path(v: &mut Value, path: &[&str]) -> bool {
+    match (v, path) {
+        (Value::Array(a), _) => {
+            let mut changed = false;
+            for x in a.iter_mut() {
+                changed |= remove_path(x, path);
+            }
+            changed
+        }
+        (Value::Object(o), [last]) => {
+            let before = o.len();
+            o.retain(|k, _| !is_element(k, last));
+            o.len() != before
+        }
+        (Value::Object(o), [head, rest @ ..]) => o
+            .get_mut(*head)
+            .is_some_and(|child| remove_path(child, rest)),
+        _ => false,
+    }
+}
+
+/// Mask one resource; marks it `REDACTED` when its own content changed.
+fn mask_resource(
+    o: &mut serde_json::Map<String, Value>,
+    rules: &Rules<'_>,
+    any: &mut bool,
+) -> bool {
+    let rtype = o
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let mut changed = false;
+    for (t, path) in &rules.paths {
+        if *t == "Resource" || *t == rtype {
+            let mut tmp = Value::Object(std::mem::take(o));
+            changed |= remove_path(&mut tmp, path);
+            if let Value::Object(back) = tmp {
+                *o = back;
+            }
+        }
+    }
+    changed |= mask_object(o, rules, any);
+    if changed {
+        let meta = o.entry("meta").or_insert_with(|| json!({}));
+        if let Some(m) = meta.as_object_mut() {
+            let sec = m.entry("security").or_insert_with(|| json!([]));
+            if let Some(a) = sec.as_array_mut() {
+                let mark = json!({"system": OBSERVATION_VALUE, "code": "REDACTED"});
+                if !a.contains(&mark) {
+                    a.push(mark);
                 }
             }
-            if masks.contains("name")
-                && o.contains_key("reference")
-                && o.remove("display").is_some()
-            {
-                changed = true;
-            }
-            for (_, x) in o.iter_mut() {
-                changed |= mask_json(x, masks);
-            }
         }
-        Value::Array(a) => {
-            for x in a.iter_mut() {
-                changed |= mask_json(x, masks);
-            }
-        }
-        _ => {}
     }
     changed
 }
@@ -155,7 +276,7 @@ mod tests {
 
     #[test]
     fn masks_every_resource_and_marks_it() {
-        let masks = set(&["name", "identifier", "text", "value"]);
+        let masks = set(&["name", "identifier", "Resource.text", "value"]);
         let mut b = json!({"resourceType": "Bundle", "entry": [
             {"resource": {"resourceType": "Patient", "id": "p", "name": [{"family": "X"}],
                 "identifier": [{"value": "1"}], "gender": "female",
@@ -185,5 +306,40 @@ mod tests {
         assert!(b.get("meta").is_none());
         // `valueString` is `value`; `valueSet` would not be (lower case).
         assert!(is_element("valueString", "value") && !is_element("values", "value"));
+    }
+
+    #[test]
+    fn masks_apply_at_any_depth_by_path_and_by_extension() {
+        let masks = set(&[
+            "name",
+            "identifier",
+            "telecom",
+            "address",
+            "contact",
+            "Resource.text",
+            "extension:http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName",
+        ]);
+        let mut p = json!({"resourceType": "Patient", "id": "p", "gender": "male",
+            "text": {"div": "<div>Secret</div>"},
+            "extension": [
+                {"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName", "valueString": "Maiden"},
+                {"url": "http://example.org/other", "valueString": "kept"}],
+            "generalPractitioner": [{"identifier": {"value": "NPI-1"}, "display": "Dr Who"}],
+            "communication": [{"language": {"coding": [{"code": "en", "display": "English"}], "text": "English"}}]});
+        assert!(mask_json(&mut p, &masks));
+        let s = p.to_string();
+        for gone in ["Secret", "Maiden", "NPI-1", "Dr Who"] {
+            assert!(!s.contains(gone), "{gone} in {s}");
+        }
+        assert!(s.contains("kept") && s.contains("English"), "{s}");
+        assert_eq!(p["communication"][0]["language"]["text"], "English");
+        // Nested: identifiers and names inside backbone elements.
+        let mut c = json!({"resourceType": "Claim", "id": "c",
+            "insurance": [{"sequence": 1, "identifier": {"value": "POLICY-9"}}],
+            "careTeam": [{"provider": {"reference": "Practitioner/x", "display": "Dr Who"}}]});
+        assert!(mask_json(&mut c, &masks));
+        let s = c.to_string();
+        assert!(!s.contains("POLICY-9") && !s.contains("Dr Who"), "{s}");
+        assert_eq!(c["insurance"][0]["sequence"], 1);
     }
 }

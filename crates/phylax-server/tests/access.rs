@@ -1092,14 +1092,34 @@ async fn masked_elements_never_leave(s: &TestServer) {
         "identifier": [{"system": "urn:mrn", "value": "MRN-77"}],
         "telecom": [{"system": "phone", "value": "555-0100"}],
         "address": [{"line": ["1 Secret Street"]}],
+        "contact": [{"name": {"family": "Kinsman"}, "telecom": [{"system": "phone", "value": "555-0199"}]}],
+        "extension": [
+            {"url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName", "valueString": "Maidenly"},
+            {"url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace", "valueAddress": {"city": "Birthville"}}],
         "text": {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">Ida Identifiable</div>"}}))
     .await;
     let mut o = obs("obs-note", "pa-id", None);
     o["subject"]["display"] = json!("Ida Identifiable");
     o["note"] = json!([{"text": "patient worried about her job"}]);
+    // A performer named only by identifier and display (no reference).
+    o["performer"] = json!([{"identifier": {"system": "urn:npi", "value": "NPI-4242"},
+        "display": "Doctor Displayname"}]);
     put(s, &l, o).await;
     let res = user(s, "res", "researcher", None, None, "user/*.rs", None).await;
-    let secrets = ["Identifiable", "MRN-77", "555-0100", "Secret Street", "Ida"];
+    // Every identifying value of the source resources.
+    let secrets = [
+        "Identifiable",
+        "MRN-77",
+        "555-0100",
+        "Secret Street",
+        "Ida",
+        "Kinsman",
+        "555-0199",
+        "Maidenly",
+        "Birthville",
+        "NPI-4242",
+        "Doctor Displayname",
+    ];
     let leak_free = |b: &Value| {
         let t = b.to_string();
         for x in secrets {
@@ -1116,6 +1136,9 @@ async fn masked_elements_never_leave(s: &TestServer) {
         "/Observation?subject=Patient/pa-id&_include=Observation:subject",
         "/Patient/pa-id/$everything",
         "/Patient/pa-id/Observation",
+        "/Observation/obs-note",
+        "/Observation/obs-note/_history/1",
+        "/Observation?_id=obs-note&_include=Observation:subject",
     ] {
         let (st, b) = send(s, &res, M::GET, path, None).await;
         assert_eq!(st, 200, "{path}: {b}");

@@ -19,6 +19,12 @@
 //! - [`pkce`]: RFC 7636 S256 code challenges.
 //! - [`smart`]: SMART App Launch scope requests and grants for users.
 //! - [`throttle`]: growing delays after failed sign-ins.
+//! - [`rate`]: request rate limits per user, client and address (token
+//!   buckets).
+//! - [`client_key`]: developer helpers: an ES384 client key pair and a
+//!   signed client assertion.
+//! - [`consent`]: patient privacy consents read as deny rules and
+//!   delegations.
 
 pub mod assertion;
 pub mod client_key;
@@ -27,6 +33,7 @@ pub mod passkey;
 pub mod password_policy;
 pub mod pkce;
 pub mod policy;
+pub mod rate;
 pub mod roles;
 pub mod scopes;
 pub mod smart;

@@ -6,6 +6,8 @@
 //! - [`json`]: strict JSON parsing (duplicate keys, nesting depth, size are
 //!   refused before anything else looks at the input).
 //! - [`ids`]: typed resource types, ids and version ids (parse, don't validate).
+//! - [`narrative`]: the XHTML of narratives, parsed and checked against
+//!   FHIR's allow-list (used by [`validate`]).
 //! - [`validate`]: structural validation of a resource against the
 //!   StructureDefinitions, reporting each problem by its FHIRPath location.
 //! - [`reference`]: one canonical form for literal references to this
@@ -21,6 +23,7 @@ pub mod compartment;
 pub mod defs;
 pub mod ids;
 pub mod json;
+pub mod narrative;
 pub mod outcome;
 pub mod reference;
 pub mod search;

@@ -453,30 +453,10 @@ fn string_ok(ty: &str, s: &str) -> bool {
     }
 }
 
-/// Narrative must be a `<div>` and must not carry active content. This is a
-/// conservative screen, not an XHTML parser: it refuses scripts, event
-/// handler attributes and `javascript:` URLs anywhere in the markup.
+/// Narrative must be a `<div>` of allowed XHTML ([`crate::narrative`]:
+/// parsed as XML and checked against FHIR's allow-list).
 fn xhtml_ok(s: &str) -> bool {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    lower.starts_with("<div")
-        && lower.ends_with("</div>")
-        && !lower.contains("<script")
-        && !lower.contains("javascript:")
-        && !lower.contains("<iframe")
-        && !lower.contains("<object")
-        && !lower.contains("<embed")
-        && !event_attribute(&lower)
-}
-
-fn event_attribute(lower: &str) -> bool {
-    let b = lower.as_bytes();
-    lower.match_indices("on").any(|(i, _)| {
-        let before_ok = i > 0 && (b[i - 1].is_ascii_whitespace() || b[i - 1] == b'/');
-        let rest = &lower[i + 2..];
-        let name_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        before_ok && name_len > 0 && rest[name_len..].trim_start().starts_with('=')
-    })
+    crate::narrative::check(s.trim()).is_ok()
 }
 
 /// Reference.reference formats Phylax accepts.

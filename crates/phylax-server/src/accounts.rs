@@ -154,7 +154,18 @@ pub struct Account {
     user_handle: Option<String>,
     #[serde(default)]
     passkeys: Vec<Passkey>,
+    /// Until when (s) a lock after repeated failures lasts; `None` for a
+    /// lock an administrator or a detector set (it lasts until unlocked).
+    #[serde(default)]
+    locked_until: Option<i64>,
+    /// Automatic lockouts since the last successful sign-in: each one
+    /// lasts twice as long as the one before.
+    #[serde(default)]
+    lockouts: u32,
 }
+
+/// The longest automatic lockout.
+pub const MAX_LOCKOUT_SECS: i64 = 86_400;
 
 /// A registered passkey and whether it has been flagged (its signature
 /// counter went backwards: a cloned authenticator). Flagged passkeys are
@@ -217,8 +228,30 @@ impl User {
     pub fn role(&self) -> &str {
         &self.rec.role
     }
+    /// The account's status now: a lock after repeated failures ends by
+    /// itself at `locked_until` (an attacker who knows a username cannot
+    /// keep its owner out for longer than the back-off); a lock set by an
+    /// administrator or a detector lasts until it is lifted.
     pub fn status(&self) -> Option<Status> {
-        Status::parse(&self.rec.status)
+        match Status::parse(&self.rec.status) {
+            Some(Status::Locked)
+                if self
+                    .acct
+                    .locked_until
+                    .is_some_and(|t| crate::now_secs() >= t) =>
+            {
+                Some(Status::Active)
+            }
+            s => s,
+        }
+    }
+
+    /// Until when an automatic lockout lasts (s since the epoch), if the
+    /// account is locked by one.
+    pub fn locked_until(&self) -> Option<i64> {
+        (Status::parse(&self.rec.status) == Some(Status::Locked))
+            .then_some(self.acct.locked_until)
+            .flatten()
     }
     /// The username, for the account's owner and administrators. It is
     /// identifying: never log it.
@@ -620,17 +653,27 @@ impl Accounts {
 
     /// Count a failed sign-in; lock at `threshold`, which also ends the
     /// user's sessions and tokens. Returns the user after.
+    /// Count a failed sign-in. At `threshold` failures in a row the
+    /// account locks for `lockout_secs`, doubling with each further
+    /// automatic lockout (up to [`MAX_LOCKOUT_SECS`]) until a successful
+    /// sign-in; the lock ends by itself.
     pub async fn record_failure(
         &self,
         id: &str,
         threshold: u32,
+        lockout_secs: i64,
         now: i64,
     ) -> Result<User, AccountError> {
         let (u, locked_now) = self
             .modify(id, |u| {
                 u.acct.failures = u.acct.failures.saturating_add(1);
                 if u.acct.failures >= threshold && u.status() == Some(Status::Active) {
+                    let secs = lockout_secs
+                        .saturating_mul(1_i64 << u.acct.lockouts.min(20))
+                        .min(MAX_LOCKOUT_SECS);
                     u.rec.status = Status::Locked.as_str().into();
+                    u.acct.locked_until = Some(now + secs);
+                    u.acct.lockouts = u.acct.lockouts.saturating_add(1);
                     return Ok(true);
                 }
                 Ok(false)
@@ -646,7 +689,13 @@ impl Accounts {
     pub async fn record_success(&self, id: &str, now: i64) -> Result<(), AccountError> {
         self.modify(id, |u| {
             u.acct.failures = 0;
+            u.acct.lockouts = 0;
             u.acct.last_sign_in = Some(now);
+            if u.acct.locked_until.is_some() && u.status() == Some(Status::Active) {
+                // An automatic lock that ran out.
+                u.rec.status = Status::Active.as_str().into();
+                u.acct.locked_until = None;
+            }
             Ok(())
         })
         .await?;
@@ -753,8 +802,12 @@ impl Accounts {
         let (u, ()) = self
             .modify(id, |u| {
                 u.rec.status = status.as_str().into();
+                // An administrator's (or a detector's) lock lasts until
+                // lifted; unlocking clears the back-off too.
+                u.acct.locked_until = None;
                 if status == Status::Active {
                     u.acct.failures = 0;
+                    u.acct.lockouts = 0;
                 }
                 Ok(())
             })

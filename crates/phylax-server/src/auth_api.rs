@@ -99,6 +99,23 @@ pub async fn openid_config(State(st): State<Arc<AppState>>) -> Response {
     }))
 }
 
+/// 429 with Retry-After, as an OAuth error (`[rate]`).
+fn too_many(secs: u64) -> Response {
+    let mut r = (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(json!({
+            "error": "temporarily_unavailable",
+            "error_description": "too many token requests; try again later",
+        })),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
 fn oauth_error(e: &AuthError) -> Response {
     let rid = crate::error::request_id().unwrap_or_default();
     tracing::info!(request_id = %rid, reason = %e, "token request refused");
@@ -144,7 +161,39 @@ pub async fn token(
             ["client_credentials", "authorization_code", "refresh_token"].contains(&g.as_str())
         })
         .unwrap_or_else(|| "other".into());
+    // Per address before any work (assertions are costly to check); per
+    // client once it has authenticated (an unauthenticated client id is
+    // anyone's to claim, and must not let them use up a real client's
+    // tokens). `[rate]`.
+    let ip = ext
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    if let Err(secs) = st.rate.take(
+        &format!("tip:{ip}"),
+        st.config.rate.token_ip(),
+        crate::now_ms(),
+    ) {
+        st.metrics.rate_limited("token");
+        return too_many(secs);
+    }
     let result = issue(&st, &h, &body).await;
+    if let Ok(v) = &result {
+        let client = v["access_token"]
+            .as_str()
+            .and_then(|t| st.tokens.verify(t, crate::now_secs()).ok())
+            .map(|c| c.client_id);
+        if let Some(c) = client {
+            if let Err(secs) =
+                st.rate
+                    .take(&format!("tc:{c}"), st.config.rate.token(), crate::now_ms())
+            {
+                st.metrics.rate_limited("token");
+                tracing::info!(client_id = %c, "token request over the client's rate limit; no token issued");
+                return too_many(secs);
+            }
+        }
+    }
     // Record the outcome before answering (fail closed). The subject comes
     // from the token just issued; a refused request names no client (its
     // client id is unauthenticated text).
@@ -528,6 +577,29 @@ async fn refresh(st: &AppState, f: &Form) -> Result<Value, AuthError> {
     if d.client_id != client.id {
         return Err(AuthError::InvalidGrant("refresh token of another client"));
     }
+    // The grant follows the app's registration as it is now: a narrowed
+    // registration narrows the refreshed token; one that no longer allows
+    // any of it, or no longer allows refresh, ends the grant (the person
+    // signs in again).
+    let user = active_user(st, &d.user_id).await?;
+    let holder = match st.roles.get(user.role()) {
+        Some(r) if r.patient => phylax_auth::smart::Holder::Patient,
+        Some(_) => phylax_auth::smart::Holder::Workforce,
+        None => return Err(AuthError::InvalidGrant("the user's role no longer exists")),
+    };
+    let narrowed = SmartScopes::grant(
+        &SmartScopes::parse_request(&d.scope),
+        &SmartScopes::parse_request(&client.scope),
+        holder,
+    );
+    if narrowed.resources.is_empty() || !narrowed.wants_refresh() {
+        revoke_family(st, &g.family, now).await?;
+        return Err(AuthError::InvalidGrant(
+            "the app's registration no longer allows this grant",
+        ));
+    }
+    let mut d = d;
+    d.scope = narrowed.to_string();
     // The new token keeps the family and the original expiry: rotation
     // never extends the grant.
     user_tokens(st, &g.family, &d, Some(g.expires_at), None, now).await

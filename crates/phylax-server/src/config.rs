@@ -36,6 +36,8 @@ pub struct Config {
     pub detect: DetectConfig,
     #[serde(default)]
     pub access: AccessConfig,
+    #[serde(default)]
+    pub rate: RateConfig,
     /// Custom roles, in addition to the built-in ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<RoleConfig>,
@@ -78,6 +80,69 @@ fn default_role_purpose() -> String {
 
 fn default_role_reach() -> String {
     "care-relationships".into()
+}
+
+/// `[rate]`: request rate limits, per node (docs/OPERATIONS.md
+/// "Connections and limits"). Each is a sustained rate per minute and a
+/// burst; 0 per minute turns a limit off. Past one: 429 with Retry-After.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateConfig {
+    /// FHIR requests per signed-in user (whatever app they use).
+    pub user_per_minute: u32,
+    pub user_burst: u32,
+    /// FHIR requests per backend client.
+    pub client_per_minute: u32,
+    pub client_burst: u32,
+    /// Tokens issued per client (counted once the client authenticated).
+    pub token_per_minute: u32,
+    pub token_burst: u32,
+    /// Requests to the token endpoint per network address (before any
+    /// work: assertions are costly to check).
+    pub token_ip_per_minute: u32,
+    pub token_ip_burst: u32,
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        RateConfig {
+            user_per_minute: 1_200,
+            user_burst: 300,
+            client_per_minute: 60_000,
+            client_burst: 5_000,
+            token_per_minute: 120,
+            token_burst: 30,
+            token_ip_per_minute: 600,
+            token_ip_burst: 100,
+        }
+    }
+}
+
+impl RateConfig {
+    pub fn user(&self) -> phylax_auth::rate::Limit {
+        phylax_auth::rate::Limit {
+            per_minute: self.user_per_minute,
+            burst: self.user_burst,
+        }
+    }
+    pub fn client(&self) -> phylax_auth::rate::Limit {
+        phylax_auth::rate::Limit {
+            per_minute: self.client_per_minute,
+            burst: self.client_burst,
+        }
+    }
+    pub fn token(&self) -> phylax_auth::rate::Limit {
+        phylax_auth::rate::Limit {
+            per_minute: self.token_per_minute,
+            burst: self.token_burst,
+        }
+    }
+    pub fn token_ip(&self) -> phylax_auth::rate::Limit {
+        phylax_auth::rate::Limit {
+            per_minute: self.token_ip_per_minute,
+            burst: self.token_ip_burst,
+        }
+    }
 }
 
 /// `[access]`: the resource-level half of authorization (docs/
@@ -256,6 +321,9 @@ pub struct AuthConfig {
     pub session_max_secs: i64,
     /// Failed sign-ins in a row before the account locks (1–100).
     pub lockout_threshold: u32,
+    /// How long the first automatic lockout lasts; each further one
+    /// (before a successful sign-in) twice as long, at most a day.
+    pub lockout_secs: i64,
     /// Minimum password length once MFA is enrolled (8–15; 15 applies
     /// while the account has no second factor).
     pub password_min_length: usize,
@@ -293,6 +361,7 @@ impl Default for AuthConfig {
             session_idle_secs: 15 * 60,
             session_max_secs: 12 * 3600,
             lockout_threshold: 10,
+            lockout_secs: 900,
             password_min_length: 12,
             mfa_optional_roles: Vec::new(),
             step_up_secs: 5 * 60,
@@ -500,6 +569,9 @@ impl Config {
         let a = &self.auth;
         if !(1..=900).contains(&a.token_lifetime_secs) {
             return Err("auth.token_lifetime_secs must be between 1 and 900".into());
+        }
+        if !(60..=86_400).contains(&a.lockout_secs) {
+            return Err("auth.lockout_secs must be between 60 and 86400".into());
         }
         if !(1..=100).contains(&a.lockout_threshold) {
             return Err(

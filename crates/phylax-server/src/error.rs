@@ -47,6 +47,8 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     /// The request body did not arrive within `http.body_timeout_secs`.
     RequestTimeout,
+    /// Over a rate limit (`[rate]`); retry after this many seconds.
+    TooManyRequests(u64),
     UnsupportedMediaType,
     NotAcceptable,
     MethodNotAllowed(&'static str),
@@ -90,6 +92,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -137,6 +140,10 @@ impl ApiError {
             ApiError::PayloadTooLarge(n) => one(
                 IssueCode::TooLong,
                 &format!("request body exceeds the limit of {n} bytes"),
+            ),
+            ApiError::TooManyRequests(secs) => one(
+                IssueCode::Throttled,
+                &format!("too many requests; try again in {secs} s"),
             ),
             ApiError::RequestTimeout => one(
                 IssueCode::Timeout,
@@ -218,6 +225,11 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let mut r = outcome_response(self.status(), &self.outcome());
+        if let ApiError::TooManyRequests(secs) = self {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
         if matches!(self, ApiError::Unauthorized) {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -61,6 +61,8 @@ pub struct AppState {
     pub grants: Grants,
     /// Growing delays after failed sign-ins, per client IP and per account.
     pub throttle: Throttle,
+    /// Request rate limits per user, client and address (`[rate]`).
+    pub rate: phylax_auth::rate::RateLimiter,
     /// `id_token` signing keys, oldest first; the last one signs.
     pub signing: parking_lot::RwLock<Vec<Arc<SigningKey>>>,
     pub keys: Arc<KeyRing>,
@@ -144,6 +146,7 @@ impl AppState {
             accounts,
             grants,
             throttle: Throttle::new(),
+            rate: phylax_auth::rate::RateLimiter::new(),
             signing: parking_lot::RwLock::new(signing),
             keys,
             passkeys,
@@ -669,6 +672,16 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
             token_id: claims.jti,
         },
     };
+    // Per-user and per-client rate limits, before any work for the
+    // request (`[rate]`).
+    let (key, limit) = match &principal {
+        Principal::User { user_id, .. } => (format!("u:{user_id}"), st.config.rate.user()),
+        Principal::Client { client_id, .. } => (format!("c:{client_id}"), st.config.rate.client()),
+    };
+    if let Err(secs) = st.rate.take(&key, limit, crate::now_ms()) {
+        st.metrics.rate_limited("fhir");
+        return ApiError::TooManyRequests(secs).into_response();
+    }
     // Which patients' data this request reaches; unknown means refused.
     let access = match crate::access::access_for(&st, &principal).await {
         Ok(a) => Arc::new(a),

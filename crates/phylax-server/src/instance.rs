@@ -274,6 +274,7 @@ impl Instance {
             metrics: Default::default(),
             detect: Default::default(),
             access: Default::default(),
+            rate: Default::default(),
         };
         let url = database_url(&data_dir, backend, opts.database_url.as_deref())?;
         let store = phylax_store::open(&url).await?;

@@ -37,6 +37,7 @@ pub struct Metrics {
     latency: Mutex<BTreeMap<&'static str, Hist>>,
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     alerts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    rate_limited: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -58,6 +59,11 @@ impl Metrics {
         h.n += 1;
     }
 
+    /// A request refused by a rate limit (`fhir`, `token`).
+    pub fn rate_limited(&self, kind: &'static str) {
+        *self.rate_limited.lock().entry(kind).or_default() += 1;
+    }
+
     /// A refused sign-in step or token request (`login`, `mfa`, `token`).
     pub fn auth_failure(&self, kind: &'static str) {
         *self.auth_failures.lock().entry(kind).or_default() += 1;
@@ -66,6 +72,13 @@ impl Metrics {
     /// An alert raised by a detection rule.
     pub fn alert(&self, rule: &'static str, severity: &'static str) {
         *self.alerts.lock().entry((rule, severity)).or_default() += 1;
+    }
+
+    /// The counters in Prometheus text format (the part this type owns).
+    pub fn exposition(&self) -> String {
+        let mut out = String::new();
+        self.render(&mut out);
+        out
     }
 
     fn render(&self, out: &mut String) {
@@ -112,6 +125,14 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE phylax_auth_failures_total counter");
         for (k, n) in self.auth_failures.lock().iter() {
             let _ = writeln!(out, "phylax_auth_failures_total{{kind=\"{k}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP phylax_rate_limited_total Requests refused by a rate limit (429)."
+        );
+        let _ = writeln!(out, "# TYPE phylax_rate_limited_total counter");
+        for (k, n) in self.rate_limited.lock().iter() {
+            let _ = writeln!(out, "phylax_rate_limited_total{{kind=\"{k}\"}} {n}");
         }
         let _ = writeln!(
             out,

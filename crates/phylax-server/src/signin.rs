@@ -787,10 +787,14 @@ pub async fn login(
             let accounts = st.accounts.clone();
             let id = u.id().to_owned();
             let threshold = st.config.auth.lockout_threshold;
+            let lockout_secs = st.config.auth.lockout_secs;
             let audit = st.audit.clone();
             let ip = peer_ip(&ext);
             tokio::spawn(async move {
-                match accounts.record_failure(&id, threshold, now).await {
+                match accounts
+                    .record_failure(&id, threshold, lockout_secs, now)
+                    .await
+                {
                     Ok(u) if u.status() == Some(Status::Locked) => {
                         tracing::warn!(event = "auth.locked", user_id = %id, "account locked after repeated failures");
                         let e = crate::audit::AuthEvent {
@@ -1162,7 +1166,12 @@ async fn second_factor_done(
             if wait == 0 {
                 st.throttle.fail(&acct_key, crate::now_ms());
                 let threshold = st.config.auth.lockout_threshold;
-                if let Err(e) = st.accounts.record_failure(&uid, threshold, now).await {
+                let lockout_secs = st.config.auth.lockout_secs;
+                if let Err(e) = st
+                    .accounts
+                    .record_failure(&uid, threshold, lockout_secs, now)
+                    .await
+                {
                     return internal(e);
                 }
             }

@@ -1232,3 +1232,92 @@ async fn oversized_body_is_413_over_http2_and_http1() {
         }
     }
 }
+
+/// Per-client and per-user rate limits (`[rate]`): past the burst, 429
+/// with Retry-After and an OperationOutcome; other callers are not
+/// affected. The token endpoint limits each address before any work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_retry_after() {
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.rate.client_per_minute = 60;
+        c.rate.client_burst = 5;
+        c.rate.token_ip_per_minute = 60;
+        c.rate.token_ip_burst = 4;
+    })
+    .await
+    .unwrap();
+    // Tokens minted in-process: the token endpoint's own limit is below.
+    let mint = |id: &str| {
+        let scopes = phylax_auth::ScopeSet::parse_lenient(ALL);
+        s.state
+            .tokens
+            .issue(id, &scopes, chrono::Utc::now().timestamp())
+            .unwrap()
+            .0
+    };
+    let (a, b) = (mint("client-a"), mint("client-b"));
+    for i in 0..5 {
+        let r = s
+            .http
+            .get(s.url("/Patient?_count=1"))
+            .bearer_auth(&a)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    let r = s
+        .http
+        .get(s.url("/Patient?_count=1"))
+        .bearer_auth(&a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["issue"][0]["code"], "throttled");
+    let r = s
+        .http
+        .get(s.url("/Patient?_count=1"))
+        .bearer_auth(&b)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "another client has its own budget");
+    // The token endpoint: four requests from this address, then 429.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let r = s
+            .http
+            .post(s.token_url())
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        statuses.push((
+            r.status().as_u16(),
+            r.headers().get("retry-after").is_some(),
+        ));
+    }
+    assert_eq!(
+        statuses[..4].iter().filter(|x| x.0 == 429).count(),
+        0,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[4], (429, true), "{statuses:?}");
+    let m = s.state.metrics.exposition();
+    assert!(
+        m.contains("phylax_rate_limited_total{kind=\"fhir\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("phylax_rate_limited_total{kind=\"token\"} 1"),
+        "{m}"
+    );
+}

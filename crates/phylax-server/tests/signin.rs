@@ -1026,8 +1026,10 @@ async fn lockout_body(s: &TestServer) {
         "user:{}",
         s.state.accounts.keyed("throttle", "nurse.joy".as_bytes())
     );
+    // The failures were counted under the name as sign-in matches it (an
+    // entry exists: asked "as of the epoch", its wait is positive).
     assert!(
-        s.state.throttle.wait(&acct_key, now() * 1000) > 0,
+        s.state.throttle.wait(&acct_key, 0) > 0,
         "the per-account delay counts every spelling"
     );
     // The failure count is written in the background; wait for the lock.
@@ -1389,6 +1391,12 @@ mod patient_launch {
 
 /// Sign a clinician in with TOTP; returns (access token, refresh token).
 async fn signed_in_tokens(s: &TestServer, name: &str) -> (String, String) {
+    let (_, at, rt) = signed_in_tokens_for(s, name).await;
+    (at, rt)
+}
+
+/// [`signed_in_tokens`], with the app's client id first.
+async fn signed_in_tokens_for(s: &TestServer, name: &str) -> (String, String, String) {
     enrolled_user(s, name, "clinician", None).await;
     let app = add_app(s, "user/*.rs offline_access", true).await;
     let mut b = Browser::new(s);
@@ -1427,9 +1435,52 @@ async fn signed_in_tokens(s: &TestServer, name: &str) -> (String, String) {
     .await;
     assert_eq!(st, 200, "{v}");
     (
+        app,
         v["access_token"].as_str().unwrap().to_owned(),
         v["refresh_token"].as_str().unwrap().to_owned(),
     )
+}
+
+// A refresh follows the app's registration as it is now: narrowed, the new
+// token is narrowed too; without offline access, the grant ends.
+both!(refresh_follows_a_narrowed_registration);
+async fn refresh_follows_a_narrowed_registration(s: &TestServer) {
+    make_patient(s, "p8").await;
+    let (app, _, rt) = signed_in_tokens_for(s, "dr.narrow").await;
+    s.sql(&format!(
+        "UPDATE clients SET scope = 'user/Patient.rs offline_access' WHERE id = '{app}'"
+    ))
+    .await;
+    let refresh = |rt: String| {
+        let app = app.clone();
+        async move {
+            exchange(
+                s,
+                &[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", &rt),
+                    ("client_id", &app),
+                ],
+            )
+            .await
+        }
+    };
+    let (st, v) = refresh(rt).await;
+    assert_eq!(st, 200, "{v}");
+    let scope = v["scope"].as_str().unwrap();
+    assert!(
+        scope.contains("user/Patient.rs") && !scope.contains("user/*"),
+        "{scope}"
+    );
+    let at = v["access_token"].as_str().unwrap();
+    assert_eq!(fhir_get(s, at, "/Patient/p8").await, 200);
+    assert_eq!(fhir_get(s, at, "/Observation?code=x").await, 403);
+    s.sql(&format!(
+        "UPDATE clients SET scope = 'user/Patient.rs' WHERE id = '{app}'"
+    ))
+    .await;
+    let (st, v2) = refresh(v["refresh_token"].as_str().unwrap().to_owned()).await;
+    assert_eq!(st, 400, "offline access withdrawn: {v2}");
 }
 
 both!(disabling_a_user_ends_tokens_on_every_node);
@@ -2279,4 +2330,67 @@ async fn sign_in_flood_is_bounded() {
     let after = rss_kib();
     // 48 concurrent Argon2id runs would take 3 GiB; two at a time 128 MiB.
     assert!(after < before + 400 * 1024, "RSS {before} -> {after} KiB");
+}
+
+// An automatic lockout ends by itself, each further one (before a
+// successful sign-in) lasting twice as long; an administrator's lock lasts
+// until lifted. So knowing someone's username is not enough to keep them
+// out for good, and the lockout alert still goes to the administrators.
+both!(lockouts_expire_with_exponential_back_off);
+async fn lockouts_expire_with_exponential_back_off(s: &TestServer) {
+    use phylax_server::accounts::Status;
+    enrolled_user(s, "dr.backoff", "clinician", None).await;
+    let id = s
+        .state
+        .accounts
+        .find("dr.backoff")
+        .await
+        .unwrap()
+        .unwrap()
+        .rec
+        .id;
+    let t0 = now();
+    // One second for the first lockout (the configuration's minimum is a
+    // minute; the accounts layer takes what it is given).
+    let u = s
+        .state
+        .accounts
+        .record_failure(&id, 1, 1, t0)
+        .await
+        .unwrap();
+    assert_eq!(u.status(), Some(Status::Locked));
+    assert_eq!(u.locked_until(), Some(t0 + 1));
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let u = s.state.accounts.find("dr.backoff").await.unwrap().unwrap();
+    assert_eq!(u.status(), Some(Status::Active), "the lock ran out");
+    // The next failure locks again, twice as long.
+    let t1 = now();
+    let u = s
+        .state
+        .accounts
+        .record_failure(&id, 1, 1, t1)
+        .await
+        .unwrap();
+    assert_eq!(u.locked_until(), Some(t1 + 2));
+    // A successful sign-in clears the back-off (after the lock ran out).
+    tokio::time::sleep(std::time::Duration::from_millis(3_100)).await;
+    s.state.accounts.record_success(&id, now()).await.unwrap();
+    let t2 = now();
+    let u = s
+        .state
+        .accounts
+        .record_failure(&id, 1, 1, t2)
+        .await
+        .unwrap();
+    assert_eq!(u.locked_until(), Some(t2 + 1));
+    // An administrator's lock does not run out.
+    s.state
+        .accounts
+        .set_status(&id, Status::Locked, now())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let u = s.state.accounts.find("dr.backoff").await.unwrap().unwrap();
+    assert_eq!(u.status(), Some(Status::Locked));
+    assert_eq!(u.locked_until(), None);
 }

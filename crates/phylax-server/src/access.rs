@@ -191,6 +191,41 @@ pub fn check(st: &AppState, access: &Access, v: &ResourceVersion) -> Result<(), 
     }
 }
 
+/// The key scopes a history page of `scope` may draw from for `access`
+/// (`None`: every version). A caller limited to some patients gets the
+/// versions sealed under their patients' keys (less those whose consent
+/// denies them) and, for the shared reference types, the tenant key; a
+/// version whose first patient is out of reach is left out even if a
+/// later one is reached (narrower than a read, never wider).
+pub fn history_scopes(access: &Access, scope: &phylax_store::HistoryScope) -> Option<Vec<String>> {
+    let Reach::Patients(set) = &access.reach else {
+        return None;
+    };
+    let patients = || {
+        set.iter()
+            .filter(|p| !access.denied.contains(*p))
+            .map(|p| format!("patient:{p}"))
+            .collect::<Vec<_>>()
+    };
+    Some(match scope {
+        phylax_store::HistoryScope::Type(t)
+            if phylax_auth::policy::SHARED_REFERENCE.contains(&t.as_str()) =>
+        {
+            vec!["tenant".to_owned()]
+        }
+        phylax_store::HistoryScope::Type(t) if compartment::is_compartment_type(t) => patients(),
+        phylax_store::HistoryScope::Type(_) => Vec::new(),
+        // An instance is checked version by version; system history is
+        // not open to callers limited to some patients.
+        phylax_store::HistoryScope::Instance(..) => return None,
+        phylax_store::HistoryScope::System => {
+            let mut v = patients();
+            v.push("tenant".to_owned());
+            v
+        }
+    })
+}
+
 /// [`allows`] for a resource a search returned, with fast paths that need
 /// no parse of the body in the common cases: a caller who reaches every
 /// patient and sees labels; a body with no security labels at all; the

@@ -69,6 +69,7 @@ async fn newest(repo: &Repo) -> Result<Option<i64>, ApiError> {
             scope: HistoryScope::Type("Consent".into()),
             since: None,
             before_seq: None,
+            key_scopes: None,
             limit: 1,
         })
         .await?;

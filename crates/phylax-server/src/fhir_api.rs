@@ -827,18 +827,24 @@ async fn history(
         .get("_cursor")
         .map(|c| open_cursor(st, &listing, c))
         .transpose()?;
+    // A caller limited to some patients pages through their versions
+    // only (the database filters by key scope), so a page reveals nothing
+    // of other patients' writes and nothing of theirs is decrypted.
+    let key_scopes = crate::access::history_scopes(&ctx.access, &scope);
     let rows = st
         .repo
         .history(&HistoryQuery {
             scope,
             since,
             before_seq: before,
+            key_scopes,
             limit: count + 1,
         })
         .await?;
     let more = rows.len() > count as usize;
     let rows = &rows[..rows.len().min(count as usize)];
-    // The cursor follows the unfiltered page, so paging stays stable.
+    // The cursor follows the page before the per-version check (labels,
+    // consents, later patients of a version), so paging stays stable.
     let next_mark = rows.last().map(|v| v.seq);
     let rows: Vec<&crate::repo::ResourceVersion> = rows
         .iter()

@@ -2156,3 +2156,38 @@ async fn every_named_patient_is_attributed_and_access_logs_stay_private(s: &Test
     );
     assert!(text.contains("Patient/pa-gp"));
 }
+
+// Type history for a caller limited to some patients pages through their
+// patients' versions only: another patient's writes neither fill pages
+// (volume, timing) nor get decrypted.
+on_both!(type_history_pages_only_through_reached_patients);
+async fn type_history_pages_only_through_reached_patients(s: &TestServer) {
+    load(s).await;
+    let a = clinician(s, "dr.a", "pr-a").await;
+    let mut url = s.url("/Observation/_history?_count=1");
+    let mut pages = 0;
+    let mut seen = Vec::new();
+    loop {
+        pages += 1;
+        assert!(pages < 10, "runaway paging");
+        let r = s.http.get(&url).bearer_auth(&a).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let b: Value = r.json().await.unwrap();
+        seen.extend(ids(&b));
+        match b["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+        {
+            Some(n) => url = n["url"].as_str().unwrap().to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec!["Observation/obs-gp"]);
+    // pa-gp's two versions (one hidden by its label), not pa-other's two.
+    assert!(
+        pages <= 2,
+        "{pages} pages: other patients' versions were paged through"
+    );
+}

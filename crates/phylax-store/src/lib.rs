@@ -119,6 +119,11 @@ pub struct HistoryQuery {
     pub since: Option<i64>,
     /// Only versions with `seq < before_seq` (paging cursor; newest first).
     pub before_seq: Option<i64>,
+    /// Only versions sealed under one of these key scopes (`patient:{id}`,
+    /// `tenant`): a caller limited to some patients pages through their
+    /// versions only, so the page says nothing of others' (how many,
+    /// when). `None`: every version.
+    pub key_scopes: Option<Vec<String>>,
     pub limit: u32,
 }
 

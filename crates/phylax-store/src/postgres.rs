@@ -654,25 +654,30 @@ impl Store for PgStore {
         let since = q.since.unwrap_or(i64::MIN);
         let before = q.before_seq.unwrap_or(i64::MAX);
         let limit = q.limit as i64;
+        // NULL: every key scope.
+        let scopes: Option<&Vec<String>> = q.key_scopes.as_ref();
         let rows = match &q.scope {
             HistoryScope::System => {
                 c.query(
-                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE last_updated >= $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"),
-                    &[&since, &before, &limit],
+                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE last_updated >= $1 AND seq < $2 \
+                              AND ($4::text[] IS NULL OR key_scope = ANY($4)) ORDER BY seq DESC LIMIT $3"),
+                    &[&since, &before, &limit, &scopes],
                 )
                 .await
             }
             HistoryScope::Type(t) => {
                 c.query(
-                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = $1 AND last_updated >= $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"),
-                    &[t, &since, &before, &limit],
+                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = $1 AND last_updated >= $2 AND seq < $3 \
+                              AND ($5::text[] IS NULL OR key_scope = ANY($5)) ORDER BY seq DESC LIMIT $4"),
+                    &[t, &since, &before, &limit, &scopes],
                 )
                 .await
             }
             HistoryScope::Instance(t, id) => {
                 c.query(
-                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = $1 AND id = $2 AND last_updated >= $3 AND seq < $4 ORDER BY seq DESC LIMIT $5"),
-                    &[t, id, &since, &before, &limit],
+                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = $1 AND id = $2 AND last_updated >= $3 AND seq < $4 \
+                              AND ($6::text[] IS NULL OR key_scope = ANY($6)) ORDER BY seq DESC LIMIT $5"),
+                    &[t, id, &since, &before, &limit, &scopes],
                 )
                 .await
             }

@@ -542,34 +542,55 @@ impl Store for SqliteStore {
             let since = q.since.unwrap_or(i64::MIN);
             let before = q.before_seq.unwrap_or(i64::MAX);
             let limit = q.limit as i64;
-            let mut out = Vec::new();
-            match &q.scope {
-                HistoryScope::System => {
-                    let mut st = c.prepare_cached(&format!(
+            // The key scopes as one parameter whatever their number (NULL:
+            // all): newline-delimited, which no scope can contain (`tenant`,
+            // `patient:` and a FHIR id).
+            let scopes: Option<String> = q.key_scopes.as_ref().map(|k| {
+                let mut t = String::from("\n");
+                for s in k.iter().filter(|s| !s.contains('\n')) {
+                    t.push_str(s);
+                    t.push('\n');
+                }
+                t
+            });
+            const SCOPED: &str =
+                "(?9 IS NULL OR instr(?9, char(10) || key_scope || char(10)) > 0)";
+            let (sql, rtype, id) = match &q.scope {
+                HistoryScope::System => (
+                    format!(
                         "SELECT {VERSION_COLS} FROM resource_versions WHERE last_updated >= ?1 AND seq < ?2 \
-                         ORDER BY seq DESC LIMIT ?3"
-                    )).map_err(backend)?;
-                    let rows = st.query_map(params![since, before, limit], row_version).map_err(backend)?;
-                    for r in rows { out.push(r.map_err(backend)?); }
-                }
-                HistoryScope::Type(t) => {
-                    let mut st = c.prepare_cached(&format!(
-                        "SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = ?1 AND last_updated >= ?2 AND seq < ?3 \
-                         ORDER BY seq DESC LIMIT ?4"
-                    )).map_err(backend)?;
-                    let rows = st.query_map(params![t, since, before, limit], row_version).map_err(backend)?;
-                    for r in rows { out.push(r.map_err(backend)?); }
-                }
-                HistoryScope::Instance(t, id) => {
-                    let mut st = c.prepare_cached(&format!(
-                        "SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = ?1 AND id = ?2 AND last_updated >= ?3 \
-                         AND seq < ?4 ORDER BY seq DESC LIMIT ?5"
-                    )).map_err(backend)?;
-                    let rows = st.query_map(params![t, id, since, before, limit], row_version).map_err(backend)?;
-                    for r in rows { out.push(r.map_err(backend)?); }
-                }
-            }
-            Ok(out)
+                         AND ?4 IS NULL AND ?5 IS NULL AND {SCOPED} ORDER BY seq DESC LIMIT ?3"
+                    ),
+                    None,
+                    None,
+                ),
+                HistoryScope::Type(t) => (
+                    format!(
+                        "SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = ?4 AND last_updated >= ?1 \
+                         AND seq < ?2 AND ?5 IS NULL AND {SCOPED} ORDER BY seq DESC LIMIT ?3"
+                    ),
+                    Some(t.clone()),
+                    None,
+                ),
+                HistoryScope::Instance(t, id) => (
+                    format!(
+                        "SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = ?4 AND id = ?5 \
+                         AND last_updated >= ?1 AND seq < ?2 AND {SCOPED} ORDER BY seq DESC LIMIT ?3"
+                    ),
+                    Some(t.clone()),
+                    Some(id.clone()),
+                ),
+            };
+            let mut st = c.prepare_cached(&sql).map_err(backend)?;
+            let rows = st
+                .query_map(
+                    rusqlite::named_params! {
+                        "?1": since, "?2": before, "?3": limit, "?4": rtype, "?5": id, "?9": scopes,
+                    },
+                    row_version,
+                )
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
         })
         .await
     }

@@ -306,6 +306,7 @@ async fn history_scopes_since_and_paging(s: &DynStore) {
         scope,
         since,
         before_seq: before,
+        key_scopes: None,
         limit,
     };
     let all = s
@@ -352,6 +353,81 @@ async fn history_scopes_since_and_paging(s: &DynStore) {
         seen.extend(page.into_iter().map(|v| v.seq));
     }
     assert_eq!(seen, all.iter().map(|v| v.seq).collect::<Vec<_>>());
+}
+
+// Confined to some key scopes, on every scope of history: versions of other
+// scopes are never returned, and paging stays within the scopes.
+both!(history_confined_to_key_scopes);
+async fn history_confined_to_key_scopes(s: &DynStore) {
+    for (id, scope) in [
+        ("a1", "patient:a"),
+        ("b1", "patient:b"),
+        ("a2", "patient:a"),
+        ("t1", "tenant"),
+    ] {
+        let mut v = nv("Observation", id, 1, 100, b"x");
+        v.key_scope = scope.into();
+        s.append_version(v, Precondition::Absent, vec![])
+            .await
+            .unwrap();
+    }
+    let scoped = |scope, keys: &[&str], before, limit| HistoryQuery {
+        scope,
+        since: None,
+        before_seq: before,
+        key_scopes: Some(keys.iter().map(|k| (*k).to_owned()).collect()),
+        limit,
+    };
+    let ids =
+        |vs: Vec<phylax_store::StoredVersion>| vs.into_iter().map(|v| v.id).collect::<Vec<_>>();
+    for scope in [
+        HistoryScope::System,
+        HistoryScope::Type("Observation".into()),
+    ] {
+        let got = ids(s
+            .history(&scoped(scope.clone(), &["patient:a"], None, 100))
+            .await
+            .unwrap());
+        assert_eq!(got, vec!["a2", "a1"], "{scope:?}");
+        let got = ids(s
+            .history(&scoped(scope.clone(), &["patient:b", "tenant"], None, 100))
+            .await
+            .unwrap());
+        assert_eq!(got, vec!["t1", "b1"], "{scope:?}");
+        assert!(s
+            .history(&scoped(scope.clone(), &[], None, 100))
+            .await
+            .unwrap()
+            .is_empty());
+        // A page of one, then the next: still only patient:a's.
+        let p1 = s
+            .history(&scoped(scope.clone(), &["patient:a"], None, 1))
+            .await
+            .unwrap();
+        let p2 = s
+            .history(&scoped(
+                scope.clone(),
+                &["patient:a"],
+                p1.last().map(|v| v.seq),
+                1,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            (ids(p1), ids(p2)),
+            (vec!["a2".to_owned()], vec!["a1".to_owned()])
+        );
+    }
+    let inst = s
+        .history(&scoped(
+            HistoryScope::Instance("Observation".into(), "b1".into()),
+            &["patient:a"],
+            None,
+            10,
+        ))
+        .await
+        .unwrap();
+    assert!(inst.is_empty());
 }
 
 both!(list_and_count_current);

@@ -236,7 +236,7 @@ pub async fn system_post(
 
 /// Run one request through the FHIR routes as if it had arrived on its own,
 /// with the Bundle's caller. Returns the response entry.
-async fn dispatch(svc: &Router, ctx: &RequestCtx, outer: &HeaderMap, e: &Entry) -> Value {
+async fn dispatch(svc: &Router, ctx: &RequestCtx, outer: &HeaderMap, e: &Entry) -> (Value, usize) {
     let mut b = Request::builder()
         .method(e.verb.method())
         .uri(format!("/fhir/{}", e.url));
@@ -264,14 +264,14 @@ async fn dispatch(svc: &Router, ctx: &RequestCtx, outer: &HeaderMap, e: &Entry) 
             r
         }
         Err(_) => {
-            return response_entry_for(
+            return response_entry_sized(
                 entry_error(e.idx, "request.url is not a valid URL").into_response(),
             )
             .await
         }
     };
     match svc.clone().oneshot(req).await {
-        Ok(r) => response_entry_for(r).await,
+        Ok(r) => response_entry_sized(r).await,
         Err(never) => match never {},
     }
 }
@@ -286,6 +286,11 @@ fn entry_router(st: &Arc<AppState>) -> Router {
 
 /// Turn a response into a Bundle response entry.
 async fn response_entry_for(r: Response) -> Value {
+    response_entry_sized(r).await.0
+}
+
+/// [`response_entry_for`], with the size of the entry's resource.
+async fn response_entry_sized(r: Response) -> (Value, usize) {
     let status = r.status();
     let (location, etag, modified) = {
         let hv = |n: header::HeaderName| {
@@ -313,6 +318,7 @@ async fn response_entry_for(r: Response) -> Value {
     let bytes = axum::body::to_bytes(r.into_body(), 64 * 1024 * 1024)
         .await
         .unwrap_or_default();
+    let size = bytes.len();
     let body: Option<Value> = serde_json::from_slice(&bytes).ok();
     let mut resp = json!({"status": status_line(status)});
     if let Some(l) = location {
@@ -331,7 +337,7 @@ async fn response_entry_for(r: Response) -> Value {
         None => {}
     }
     entry["response"] = resp;
-    entry
+    (entry, size)
 }
 
 fn status_line(s: StatusCode) -> String {
@@ -348,11 +354,35 @@ async fn batch(
 ) -> Response {
     let svc = entry_router(st);
     let mut out = Vec::with_capacity(entries.len());
+    // The answer is assembled in memory: past `http.max_response_bytes`
+    // the remaining entries are not run, each answered with a
+    // `too-costly` outcome (nothing of theirs happened), so a batch of
+    // thousands of searches cannot hold gigabytes.
+    let cap = st.config.http.max_response_bytes;
+    let mut total = 0usize;
     for e in entries {
-        out.push(match e {
+        if total > cap {
+            let idx = e.as_ref().map(|e| e.idx).unwrap_or(0);
+            out.push(
+                response_entry_for(
+                    ApiError::Unprocessable(vec![phylax_fhir::Issue::error(
+                        phylax_fhir::IssueCode::TooCostly,
+                        format!(
+                            "entry {idx} was not processed: the batch's answer passed {cap} bytes (http.max_response_bytes); send the rest in another batch"
+                        ),
+                    )])
+                    .into_response(),
+                )
+                .await,
+            );
+            continue;
+        }
+        let (entry, size) = match e {
             Ok(e) => dispatch(&svc, ctx, h, &e).await,
-            Err(err) => response_entry_for(err.into_response()).await,
-        });
+            Err(err) => response_entry_sized(err.into_response()).await,
+        };
+        total = total.saturating_add(size);
+        out.push(entry);
     }
     let bundle = json!({
         "resourceType": "Bundle",
@@ -847,7 +877,7 @@ async fn run_transaction(
             Some(Outcome::NothingDeleted) => {
                 json!({"response": {"status": status_line(StatusCode::NO_CONTENT)}})
             }
-            Some(Outcome::Get) | None => dispatch(&svc, ctx, h, e).await,
+            Some(Outcome::Get) | None => dispatch(&svc, ctx, h, e).await.0,
         };
         out.push(entry);
     }

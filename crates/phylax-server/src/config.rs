@@ -267,6 +267,9 @@ pub struct HttpConfig {
     pub base_aliases: Vec<String>,
     /// Most connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Largest answer assembled in memory for a batch: entries past it are
+    /// not run (each says so).
+    pub max_response_bytes: usize,
     /// The TLS handshake, and a request's headers (from its first byte),
     /// must complete within this.
     pub header_timeout_secs: u64,
@@ -302,6 +305,7 @@ impl Default for HttpConfig {
             max_bundle_entries: 5000,
             base_aliases: Vec::new(),
             max_connections: 1024,
+            max_response_bytes: 64 * 1024 * 1024,
             header_timeout_secs: 10,
             idle_timeout_secs: 60,
             body_timeout_secs: 60,
@@ -554,6 +558,9 @@ impl Config {
             .any(|t| !(1..=3600).contains(t))
         {
             return Err("http.max_connections must be at least 1, and http.header_timeout_secs, idle_timeout_secs and body_timeout_secs 1 to 3600".into());
+        }
+        if self.http.max_response_bytes < 1024 {
+            return Err("http.max_response_bytes must be at least 1024".into());
         }
         if self.http.max_body_bytes < 1024 {
             return Err("http.max_body_bytes must be at least 1024".into());

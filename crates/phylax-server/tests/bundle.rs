@@ -450,3 +450,66 @@ async fn batch_entries_succeed_or_fail_on_their_own(s: &TestServer) {
     assert_eq!(e[4]["resource"]["total"], 1, "the first entry's patient");
     assert!(status(&e[5]).starts_with("400"), "{}", e[5]);
 }
+
+/// A batch's answer is bounded (`http.max_response_bytes`): once it passes
+/// the bound, the remaining entries are not run, each answered 422
+/// `too-costly`, and a write among them did not happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_answers_are_bounded() {
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.http.max_response_bytes = 8 * 1024
+    })
+    .await
+    .unwrap();
+    let tok = s.token("system/*.cruds").await;
+    for i in 0..20 {
+        let r = s
+            .http
+            .post(s.url("/Patient"))
+            .bearer_auth(&tok)
+            .header("content-type", "application/fhir+json")
+            .body(json!({"resourceType": "Patient", "name": [{"family": format!("Bound{i}"), "given": ["A".repeat(200)]}]}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let mut entries: Vec<Value> = (0..10)
+        .map(|_| json!({"request": {"method": "GET", "url": "Patient?_count=20"}}))
+        .collect();
+    entries.push(
+        json!({"resource": {"resourceType": "Patient", "name": [{"family": "NeverWritten"}]},
+        "request": {"method": "POST", "url": "Patient"}}),
+    );
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": entries});
+    let r = s
+        .http
+        .post(s.fhir.clone())
+        .bearer_auth(&tok)
+        .header("content-type", "application/fhir+json")
+        .body(batch.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let b: Value = r.json().await.unwrap();
+    let statuses: Vec<String> = b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(statuses[0].starts_with("200"), "{statuses:?}");
+    assert!(statuses.last().unwrap().starts_with("422"), "{statuses:?}");
+    let cut = b["entry"].as_array().unwrap().last().unwrap();
+    assert_eq!(cut["response"]["outcome"]["issue"][0]["code"], "too-costly");
+    let r = s
+        .http
+        .get(s.url("/Patient?family=NeverWritten"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    let found: Value = r.json().await.unwrap();
+    assert_eq!(found["total"], 0, "the write past the bound did not happen");
+}

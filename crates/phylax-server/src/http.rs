@@ -164,6 +164,7 @@ impl AppState {
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         st.record_config_change().await?;
         let n = st.repo.reindex_if_needed().await.map_err(ApiError::from)?;
+        crate::maintenance::canonicalize_stored_references(&st).await?;
         // Consents are enforced from the first request: no index, no start.
         st.consents.refresh(&st.repo).await?;
         if n > 0 {

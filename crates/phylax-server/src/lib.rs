@@ -32,6 +32,8 @@
 //! - [`http`]: router and middleware (request ids, security headers, CORS).
 //! - [`detect`]: detection rules on the audit stream, alerts, the signed
 //!   webhook and automatic responses.
+//! - [`maintenance`]: jobs a node runs at start over data written by
+//!   earlier releases (references made canonical).
 //! - [`metrics`]: `GET /metrics` in Prometheus text format, no PHI in labels.
 //! - [`logging`]: the log filter, with PHI-prone dependency targets capped.
 //! - [`tls`]: rustls configuration and certificate generation.
@@ -60,6 +62,7 @@ pub mod http;
 pub mod instance;
 pub mod keyring;
 pub mod logging;
+pub mod maintenance;
 pub mod mask;
 pub mod metrics;
 pub mod pipeline;

@@ -90,6 +90,15 @@ impl Resource {
         }))
     }
 
+    /// The length of its stored text (0 for a tree built in memory: only
+    /// bodies just written are trees, and they are not paged).
+    pub fn stored_len(&self) -> usize {
+        match &self.0 {
+            Body::Text { raw, .. } => raw.len(),
+            Body::Tree(_) => 0,
+        }
+    }
+
     /// Whether the stored text may contain `needle` (a cheap test that
     /// saves a parse when it cannot; a parsed tree answers `true`).
     pub fn may_contain(&self, needle: &str) -> bool {
@@ -353,6 +362,11 @@ impl Repo {
 
     pub fn keys(&self) -> &KeyRing {
         &self.keys
+    }
+
+    /// This server's FHIR base and its configured aliases.
+    pub fn bases(&self) -> &[String] {
+        &self.bases
     }
 
     pub fn blind_key(&self) -> &BlindIndexKey {

@@ -650,6 +650,22 @@ impl ResultControl {
     }
 }
 
+/// Cut a page once its stored bodies pass `cap` bytes (at least one
+/// resource stays, so paging always moves on): a page of a thousand large
+/// resources is answered in several pages, each bounded, rather than
+/// assembled whole. Returns whether it cut.
+fn bound_page(rows: &mut Vec<ResourceVersion>, cap: usize) -> bool {
+    let mut total = 0usize;
+    for (i, v) in rows.iter().enumerate() {
+        total = total.saturating_add(v.body.as_ref().map_or(0, |b| b.stored_len()));
+        if total > cap && i > 0 {
+            rows.truncate(i);
+            return true;
+        }
+    }
+    false
+}
+
 /// Run a type-level search (GET or POST `_search`). `posted`: the terms
 /// came in a form body, and must not appear in any link of the answer.
 async fn search(
@@ -740,12 +756,17 @@ async fn search(
         known_total = Some(all.len() as u64);
         let all = control.sort_rows(rtype, all);
         let offset = before.unwrap_or(0).max(0) as usize;
-        let end = (offset + count as usize).min(all.len());
-        let more = end < all.len();
-        let page: Vec<_> = all.into_iter().skip(offset).take(count as usize).collect();
+        let n = all.len();
+        let mut page: Vec<_> = all.into_iter().skip(offset).take(count as usize).collect();
+        bound_page(&mut page, st.config.http.max_response_bytes);
+        let end = offset + page.len();
+        let more = end < n;
         (page, more.then_some(end as i64))
     } else {
-        let (rows, more) = scoped.search_page(query.clone(), count as usize).await?;
+        let (mut rows, mut more) = scoped.search_page(query.clone(), count as usize).await?;
+        if bound_page(&mut rows, st.config.http.max_response_bytes) {
+            more = true;
+        }
         if !more && before.is_none() {
             known_total = Some(rows.len() as u64);
         }

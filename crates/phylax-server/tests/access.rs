@@ -2191,3 +2191,79 @@ async fn type_history_pages_only_through_reached_patients(s: &TestServer) {
         "{pages} pages: other patients' versions were paged through"
     );
 }
+
+// Data written before references were made canonical: an Observation of
+// pa-gp whose subject is an absolute URL to this server (so it was sealed
+// under the tenant key and reached by nobody limited to patients). The
+// start-up job gives it a new version in canonical form, under pa-gp's
+// key, audited; run again it finds nothing.
+on_both!(absolute_references_stored_earlier_are_made_canonical);
+async fn absolute_references_stored_earlier_are_made_canonical(s: &TestServer) {
+    load(s).await;
+    let inst = phylax_server::instance::Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap();
+    // A repository that knows another base: it stores our base as it is.
+    let old = phylax_server::repo::Repo::new(
+        inst.store.clone(),
+        inst.keys.clone(),
+        inst.blind_key,
+        "https://elsewhere.example/fhir".into(),
+    );
+    let t = phylax_fhir::ResourceType::parse("Observation").unwrap();
+    let v = old
+        .create(
+            &t,
+            json!({"resourceType": "Observation", "status": "final", "code": {"text": "old"},
+                "subject": {"reference": format!("{}/Patient/pa-gp", s.fhir)}}),
+            None,
+        )
+        .await
+        .unwrap();
+    let id = v.id.to_string();
+    let row = s
+        .state
+        .store
+        .read_current("Observation", &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.key_scope, "tenant");
+    let a = clinician(s, "dr.a", "pr-a").await;
+    assert_eq!(get(s, &a, &format!("/Observation/{id}")).await, 404);
+    let n = phylax_server::maintenance::canonicalize_stored_references(&s.state)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "done once per instance, at the first start");
+    // As at the first start after an upgrade: forget that it ran.
+    s.sql("DELETE FROM meta WHERE key LIKE 'canonical_refs_v1_%'")
+        .await;
+    let n = phylax_server::maintenance::canonicalize_stored_references(&s.state)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let row = s
+        .state
+        .store
+        .read_current("Observation", &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.key_scope, "patient:pa-gp");
+    assert_eq!(row.version, 2);
+    let (st, b) = send(s, &a, M::GET, &format!("/Observation/{id}"), None).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["subject"]["reference"], "Patient/pa-gp");
+    assert!(search(s, &a, "/Observation?subject=Patient/pa-gp")
+        .await
+        .contains(&format!("Observation/{id}")));
+    s.sql("DELETE FROM meta WHERE key LIKE 'canonical_refs_v1_%'")
+        .await;
+    assert_eq!(
+        phylax_server::maintenance::canonicalize_stored_references(&s.state)
+            .await
+            .unwrap(),
+        0,
+        "nothing left to rewrite"
+    );
+}

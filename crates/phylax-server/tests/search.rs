@@ -1732,3 +1732,80 @@ async fn previous_links_walk_back_through_the_same_pages(s: &TestServer) {
         assert!(link(&b, "next").is_some() && link(&b, "previous").is_none());
     }
 }
+
+// A search page is cut once its resources pass `http.max_response_bytes`
+// (at least one stays): the rest comes on the next pages, each match once,
+// in natural and in sorted order.
+mod bounded_pages {
+    use super::common::{Backend, TestServer};
+    async fn server(b: Backend) -> Option<TestServer> {
+        TestServer::start_with(b, |c| c.http.max_response_bytes = 4096).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::bounded_pages_body(&server(Backend::Sqlite).await.unwrap()).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        if let Some(s) = server(Backend::Postgres).await {
+            super::bounded_pages_body(&s).await;
+        }
+    }
+}
+
+async fn bounded_pages_body(s: &TestServer) {
+    let tok = s.token("system/*.cruds").await;
+    for i in 0..20 {
+        create(
+            s,
+            &tok,
+            json!({"resourceType": "Patient", "name": [{"family": "Pagebound", "given": [format!("{i}{}", "x".repeat(300))]}]}),
+        )
+        .await;
+    }
+    for first in [
+        "/Patient?family=Pagebound&_count=50",
+        "/Patient?family=Pagebound&_count=50&_sort=given",
+    ] {
+        let mut url = s.url(first);
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            assert!(pages < 30);
+            let b: Value = s
+                .http
+                .get(&url)
+                .bearer_auth(&tok)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let n = b["entry"].as_array().map_or(0, Vec::len);
+            assert!((1..20).contains(&n), "{first}: a page of {n}");
+            seen.extend(
+                b["entry"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["resource"]["id"].as_str().unwrap().to_owned()),
+            );
+            match b["link"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["relation"] == "next")
+            {
+                Some(l) => url = l["url"].as_str().unwrap().to_owned(),
+                None => break,
+            }
+        }
+        let mut uniq = seen.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!((seen.len(), uniq.len()), (20, 20), "{first}");
+        assert!(pages > 1);
+    }
+}

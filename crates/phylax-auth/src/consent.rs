@@ -79,6 +79,30 @@ fn canonical(r: &str) -> Option<String> {
     phylax_fhir::reference::target::<&str>(r, &[]).map(|(t, id)| format!("{t}/{id}"))
 }
 
+/// The types a requester is known by (a workforce user: their
+/// Practitioner, its roles and organizations; a patient: their Patient and
+/// RelatedPersons). A deny naming anything else (a CareTeam, a Group, a
+/// Device) could match nobody: it is read as denying everyone (fail closed).
+const REQUESTER_TYPES: &[&str] = &[
+    "Practitioner",
+    "PractitionerRole",
+    "Organization",
+    "Patient",
+    "RelatedPerson",
+];
+
+/// Elements that narrow a provision to some data or actions. A permit
+/// carrying one does not grant a whole record, and is not read as a
+/// delegation (fail closed).
+const NARROWING: &[&str] = &[
+    "data",
+    "class",
+    "code",
+    "action",
+    "securityLabel",
+    "dataPeriod",
+];
+
 /// A provision as a rule. `unreadable` actors and purposes widen it: for a
 /// deny, to every requester or every purpose (fail closed); a permit
 /// drops them (no delegation to someone it cannot name).
@@ -96,8 +120,14 @@ fn rule(patient: &str, prov: &Value, inherited: Bounds, deny: bool) -> DenyRule 
             .and_then(Value::as_str)
             .and_then(canonical)
         {
-            Some(r) => actors.push(r),
-            None => unreadable_actor = true,
+            Some(r)
+                if REQUESTER_TYPES
+                    .iter()
+                    .any(|t| r.split('/').next() == Some(*t)) =>
+            {
+                actors.push(r)
+            }
+            _ => unreadable_actor = true,
         }
     }
     let mut unreadable_purpose = false;
@@ -132,15 +162,44 @@ fn rule(patient: &str, prov: &Value, inherited: Bounds, deny: bool) -> DenyRule 
 /// A period's bounds (ms since the epoch), either open.
 type Bounds = (Option<i64>, Option<i64>);
 
-/// Every provision of the tree under `root` (root included), with the
-/// period it inherits from the nearest ancestor that sets one.
-fn provisions(root: &Value) -> Vec<(&Value, Bounds)> {
+/// Where a provision sits in its tree.
+#[derive(Debug, Clone, Copy, Default)]
+struct Context {
+    /// The period of the nearest ancestor that sets one (a deny's own
+    /// period, if any, replaces it: never narrower than the FHIR reading).
+    inherited: Bounds,
+    /// Every ancestor's period intersected (a permit never outlasts one).
+    within: Bounds,
+    /// Some ancestor is a deny (a permit inside it is an exception to a
+    /// deny, not a grant).
+    under_deny: bool,
+}
+
+fn intersect(a: Bounds, b: Bounds) -> Bounds {
+    let start = match (a.0, b.0) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    };
+    let end = match (a.1, b.1) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    };
+    (start, end)
+}
+
+/// Every provision of the tree under `root` (root included), with where
+/// it sits.
+fn provisions(root: &Value) -> Vec<(&Value, Context)> {
     let mut out = Vec::new();
-    let mut stack = vec![(root, (None, None))];
-    while let Some((p, inherited)) = stack.pop() {
-        out.push((p, inherited));
+    let mut stack = vec![(root, Context::default())];
+    while let Some((p, cx)) = stack.pop() {
+        out.push((p, cx));
         let own = period(p.get("period"));
-        let pass = (own.0.or(inherited.0), own.1.or(inherited.1));
+        let pass = Context {
+            inherited: (own.0.or(cx.inherited.0), own.1.or(cx.inherited.1)),
+            within: intersect(cx.within, own),
+            under_deny: cx.under_deny || p.get("type").and_then(Value::as_str) == Some("deny"),
+        };
         // Reversed onto the stack: provisions come out in document order.
         for child in p
             .get("provision")
@@ -170,9 +229,16 @@ pub fn delegations(consent: &Value) -> Vec<DenyRule> {
     let me = format!("Patient/{patient}");
     provisions(root)
         .into_iter()
-        .filter(|(p, _)| p.get("type").and_then(Value::as_str) == Some("permit"))
-        .filter_map(|(p, inherited)| {
-            let mut r = rule(&patient, p, inherited, false);
+        .filter(|(p, cx)| {
+            p.get("type").and_then(Value::as_str) == Some("permit")
+                && !cx.under_deny
+                && !NARROWING.iter().any(|n| p.get(*n).is_some())
+        })
+        .filter_map(|(p, cx)| {
+            // A delegation lasts only while every enclosing period does.
+            let mut r = rule(&patient, p, (None, None), false);
+            let own = (r.start_ms, r.end_ms);
+            (r.start_ms, r.end_ms) = intersect(cx.within, own);
             r.actors.retain(|a| {
                 (a.starts_with("Patient/") || a.starts_with("RelatedPerson/")) && *a != me
             });
@@ -214,7 +280,7 @@ pub fn deny_rules(consent: &Value) -> Vec<DenyRule> {
     provisions(root)
         .into_iter()
         .filter(|(p, _)| p.get("type").and_then(Value::as_str) == Some("deny"))
-        .map(|(p, inherited)| rule(&patient, p, inherited, true))
+        .map(|(p, cx)| rule(&patient, p, cx.inherited, true))
         .collect()
 }
 
@@ -339,5 +405,43 @@ mod tests {
         let c = consent(json!({"type": "permit", "actor": [
             {"reference": {"reference": "https://elsewhere.example/fhir/Patient/x"}}]}));
         assert!(delegations(&c).is_empty());
+    }
+
+    #[test]
+    fn denies_naming_no_requester_type_deny_everyone_and_delegations_stay_narrow() {
+        let now = 1_700_000_000_000;
+        let dr = vec!["Practitioner/dr".to_owned()];
+        let c = consent(
+            json!({"type": "deny", "actor": [{"reference": {"reference": "CareTeam/ct1"}}]}),
+        );
+        assert!(deny_rules(&c)[0].denies(&dr, "TREAT", now));
+        // A permit inside a deny is an exception, not a delegation.
+        let c = consent(json!({"type": "deny", "provision": [
+            {"type": "permit", "actor": [{"reference": {"reference": "Patient/parent"}}]}]}));
+        assert!(delegations(&c).is_empty());
+        // A permit narrowed to some data grants no whole record.
+        let c = consent(
+            json!({"type": "permit", "actor": [{"reference": {"reference": "Patient/parent"}}],
+            "class": [{"code": "Observation"}]}),
+        );
+        assert!(delegations(&c).is_empty());
+        // A nested permit does not outlast its parent.
+        let c = consent(
+            json!({"type": "permit", "period": {"start": "2024-01-01", "end": "2024-06-30"},
+            "provision": [{"type": "permit", "period": {"start": "2024-03-01", "end": "2030-01-01"},
+                "actor": [{"reference": {"reference": "Patient/parent"}}]}]}),
+        );
+        let d = delegations(&c);
+        let at = |s: &str| phylax_fhir::search::date_range(s).unwrap().0;
+        let parent = vec!["Patient/parent".to_owned()];
+        assert!(d
+            .iter()
+            .any(|r| r.applies(&parent, "PATRQT", at("2024-04-01"))));
+        assert!(!d
+            .iter()
+            .any(|r| r.applies(&parent, "PATRQT", at("2025-01-01"))));
+        assert!(!d
+            .iter()
+            .any(|r| r.applies(&parent, "PATRQT", at("2024-02-01"))));
     }
 }

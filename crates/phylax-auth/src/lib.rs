@@ -65,6 +65,9 @@ pub enum AuthError {
     InvalidJwks(String),
     #[error("crypto: {0}")]
     Crypto(#[from] phylax_crypto::CryptoError),
+    /// Over a rate limit; retry after this many seconds.
+    #[error("too many requests")]
+    RateLimited(u64),
 }
 
 impl AuthError {
@@ -77,6 +80,7 @@ impl AuthError {
             AuthError::InvalidGrant(_) => "invalid_grant",
             AuthError::UnsupportedGrantType => "unsupported_grant_type",
             AuthError::Crypto(_) => "server_error",
+            AuthError::RateLimited(_) => "temporarily_unavailable",
         }
     }
 }

@@ -96,7 +96,8 @@ pub struct RoleDef {
 /// identifiers (names, identifiers, contact details, addresses, photos;
 /// also inside references and backbone elements), the narrative, which
 /// repeats them, and the identifying extensions (mother's maiden name,
-/// birth place). Mask syntax: see `phylax-server`'s `mask` module.
+/// birth place) and attached or binary content (`data`: scanned documents
+/// and images identify). Mask syntax: see `phylax-server`'s `mask` module.
 pub const DEIDENTIFY: &[&str] = &[
     "name",
     "identifier",
@@ -104,6 +105,7 @@ pub const DEIDENTIFY: &[&str] = &[
     "address",
     "photo",
     "contact",
+    "data",
     "Resource.text",
     "extension:http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName",
     "extension:http://hl7.org/fhir/StructureDefinition/patient-birthPlace",

@@ -243,13 +243,18 @@ fn url_ok(v: &str, image: bool) -> Result<(), NarrativeError> {
 
 fn style_ok(v: &str) -> Result<(), NarrativeError> {
     let s = squeezed(v);
+    // A backslash starts a CSS escape (`\75rl(` is `url(`): refused rather
+    // than decoded.
     if [
         "url(",
+        "image-set(",
+        "image(",
         "@import",
         "expression(",
         "behavior",
         "javascript:",
         "-moz-binding",
+        "\\",
     ]
     .iter()
     .any(|bad| s.contains(bad))
@@ -329,6 +334,14 @@ mod tests {
             ),
             (
                 "<div><span style=\"x:expression(alert(1))\">s</span></div>",
+                NarrativeError::Style,
+            ),
+            (
+                "<div><span style=\"background:\\75rl(https://evil/x)\">s</span></div>",
+                NarrativeError::Style,
+            ),
+            (
+                "<div><span style=\"background-image:image-set('https://evil/x' 1x)\">s</span></div>",
                 NarrativeError::Style,
             ),
             (

@@ -22,7 +22,7 @@
 
 use crate::error::ApiError;
 use crate::http::AppState;
-use crate::repo::ResourceVersion;
+use crate::repo::{RepoError, ResourceVersion};
 use phylax_auth::policy::{decide_resource, Access, Decision, Principal, Reach, ResourceFacts};
 use phylax_auth::roles::ReachRule;
 use phylax_fhir::{compartment, ResourceType};
@@ -246,8 +246,9 @@ pub fn returned(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision
     allows(st, access, v)
 }
 
-/// A request's searches, confined to what its caller may see by
-/// construction: every query gets the caller's conditions
+/// A request's reads and searches, confined to what its caller may see by
+/// construction. Reads, vreads and includes apply the decision to what
+/// they open; every search query gets the caller's conditions
 /// ([`query_conditions`]) added here, not by each handler, and every
 /// resource it returns is checked again after decryption against the
 /// decision ([`returned`]). Search index entries are not authenticated
@@ -276,6 +277,58 @@ impl<'a> Scoped<'a> {
         q.and
             .extend(query_conditions(self.st, &self.ctx.access, &t));
         Ok(())
+    }
+
+    /// The current version of `Type/id`, if the caller may see it: a
+    /// hidden one answers exactly like one that does not exist (404), and
+    /// so does a deleted one for a caller limited to some patients.
+    pub async fn read(
+        &self,
+        rtype: &ResourceType,
+        id: &phylax_fhir::ResourceId,
+    ) -> Result<ResourceVersion, ApiError> {
+        let v = self.gone_hidden(self.st.repo.read(rtype, id).await)?;
+        check(self.st, &self.ctx.access, &v)?;
+        Ok(v)
+    }
+
+    /// One version of `Type/id`, under the same rules as [`Scoped::read`].
+    pub async fn vread(
+        &self,
+        rtype: &ResourceType,
+        id: &phylax_fhir::ResourceId,
+        version: phylax_fhir::VersionId,
+    ) -> Result<ResourceVersion, ApiError> {
+        let v = self.gone_hidden(self.st.repo.vread(rtype, id, version).await)?;
+        check(self.st, &self.ctx.access, &v)?;
+        Ok(v)
+    }
+
+    /// `Type/id` if it exists, is live and the caller may see it; `None`
+    /// otherwise, whichever the reason (includes leave such resources out
+    /// silently).
+    pub async fn visible(
+        &self,
+        rtype: &ResourceType,
+        id: &phylax_fhir::ResourceId,
+    ) -> Result<Option<ResourceVersion>, ApiError> {
+        match self.st.repo.read(rtype, id).await {
+            Ok(v) if allows(self.st, &self.ctx.access, &v) == Decision::Allow => Ok(Some(v)),
+            Ok(_) | Err(RepoError::NotFound | RepoError::Gone(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn gone_hidden(
+        &self,
+        r: Result<ResourceVersion, RepoError>,
+    ) -> Result<ResourceVersion, ApiError> {
+        match r {
+            Err(RepoError::Gone(_)) if self.ctx.access.reach != Reach::All => Err(
+                ApiError::Hidden("reach: a deleted resource names no patient"),
+            ),
+            r => Ok(r?),
+        }
     }
 
     /// Every match (up to `q.limit`), confined and checked.

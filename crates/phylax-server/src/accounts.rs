@@ -666,6 +666,13 @@ impl Accounts {
     ) -> Result<User, AccountError> {
         let (u, locked_now) = self
             .modify(id, |u| {
+                // A lock that ran out starts the count again: a lockout is
+                // renewed by `threshold` more failures, not by one.
+                if u.acct.locked_until.is_some() && u.status() == Some(Status::Active) {
+                    u.acct.failures = 0;
+                    u.acct.locked_until = None;
+                    u.rec.status = Status::Active.as_str().into();
+                }
                 u.acct.failures = u.acct.failures.saturating_add(1);
                 if u.acct.failures >= threshold && u.status() == Some(Status::Active) {
                     let secs = lockout_secs

@@ -380,7 +380,27 @@ impl AuditLog {
             tracing::warn!(error = %e, "journal not flushed before sealing");
         }
         let mut guard = self.frontier.lock().await;
-        let pending = self.store.audit_unsealed(SEAL_MAX).await?;
+        // Queue entries naming no record, or one already sealed, can only
+        // have been put there by hand; they would stall sealing.
+        let stray = self.store.audit_queue_clean().await?;
+        if stray > 0 {
+            tracing::error!(
+                event = "audit.forged_record",
+                entries = stray,
+                "sealing-queue entries naming no pending record were removed"
+            );
+            if let Some(d) = self.detector() {
+                d.raise(crate::detect::Alert {
+                    rule: "audit-tamper",
+                    severity: "high",
+                    detail: format!(
+                        "{stray} sealing-queue entries named no record awaiting sealing (put there by hand); removed"
+                    ),
+                    user: None,
+                });
+            }
+        }
+        let pending = self.store.audit_unsealed(i64::MIN, SEAL_MAX).await?;
         if pending.is_empty() {
             return Ok(None);
         }
@@ -708,7 +728,6 @@ impl AuditLog {
         // of a breach needs the whole picture.
         let mut problems: Vec<String> = Vec::new();
         let (records, sealed) = self.store.audit_counts().await?;
-        let pending_count = self.store.audit_pending_count().await?;
         let mut report = VerifyReport {
             records,
             sealed,
@@ -779,16 +798,14 @@ impl AuditLog {
         }
         // Records awaiting their checkpoint count too (their entries are
         // written with them); one that does not open is a forgery.
-        let mut last_pending = None;
+        let mut last_pending = i64::MIN;
+        let mut pending_seen = 0u64;
         loop {
-            let rows = self.store.audit_unsealed(10_000).await?;
-            let rows: Vec<_> = rows
-                .into_iter()
-                .filter(|r| last_pending.is_none_or(|l| r.id > l))
-                .collect();
+            let rows = self.store.audit_unsealed(last_pending, 10_000).await?;
             if rows.is_empty() {
                 break;
             }
+            pending_seen += rows.len() as u64;
             for r in &rows {
                 match self.open_row(r) {
                     Ok(v) => expected.add_record(self, r.id, &v),
@@ -798,12 +815,14 @@ impl AuditLog {
                     )),
                 }
             }
-            last_pending = rows.last().map(|r| r.id);
+            last_pending = rows.last().map_or(last_pending, |r| r.id);
             if rows.len() < 10_000 {
                 break;
             }
         }
-        let outside = records.saturating_sub(sealed + pending_count);
+        // Queue entries naming no record are the sealer's to remove (it
+        // does, with an alert); here only records outside both count.
+        let outside = records.saturating_sub(sealed + pending_seen);
         if outside > 0 {
             problems.push(format!(
                 "{outside} record(s) are neither in the tree nor awaiting it (rows put in by hand and refused by the sealer)"

@@ -243,13 +243,20 @@ fn strip_forensics(v: &mut Value, patient: Option<&ResourceId>) {
     }
     let mine = patient.map(|p| format!("Patient/{}", p.as_str()));
     if let Some(es) = v["entity"].as_array_mut() {
+        let other = |e: &Value| {
+            e["what"]["reference"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("Patient/") && Some(r) != mine.as_deref())
+        };
+        // A record naming other patients too (a search that returned
+        // several people): its resource entities may be theirs, so none
+        // is shown.
+        let shared = es.iter().any(other);
         es.retain(|e| {
             let request = e["what"]["identifier"]["system"] == "urn:phylax:request";
             let query = e["role"]["code"] == "24";
-            let other_patient = e["what"]["reference"]
-                .as_str()
-                .is_some_and(|r| r.starts_with("Patient/") && Some(r) != mine.as_deref());
-            !(request || query || other_patient)
+            let resource = e["type"]["code"] == "2";
+            !(request || query || other(e) || (shared && resource))
         });
     }
 }

@@ -138,6 +138,7 @@ fn oauth_error(e: &AuthError) -> Response {
         AuthError::InvalidRequest(m) => (StatusCode::BAD_REQUEST, *m),
         AuthError::InvalidJwks(_) => (StatusCode::BAD_REQUEST, "invalid request"),
         AuthError::Crypto(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server error"),
+        AuthError::RateLimited(secs) => return too_many(*secs),
     };
     let body = json!({"error": e.oauth_error(), "error_description": desc, "request_id": rid});
     let mut r = (status, body.to_string()).into_response();
@@ -178,21 +179,10 @@ pub async fn token(
         return too_many(secs);
     }
     let result = issue(&st, &h, &body).await;
-    if let Ok(v) = &result {
-        let client = v["access_token"]
-            .as_str()
-            .and_then(|t| st.tokens.verify(t, crate::now_secs()).ok())
-            .map(|c| c.client_id);
-        if let Some(c) = client {
-            if let Err(secs) =
-                st.rate
-                    .take(&format!("tc:{c}"), st.config.rate.token(), crate::now_ms())
-            {
-                st.metrics.rate_limited("token");
-                tracing::info!(client_id = %c, "token request over the client's rate limit; no token issued");
-                return too_many(secs);
-            }
-        }
+    if let Err(AuthError::RateLimited(secs)) = result {
+        st.metrics.rate_limited("token");
+        tracing::info!("token request over the client's rate limit; nothing issued or spent");
+        return too_many(secs);
     }
     // Record the outcome before answering (fail closed). The subject comes
     // from the token just issued; a refused request names no client (its
@@ -280,7 +270,22 @@ fn read_form(h: &HeaderMap, body: &[u8]) -> Result<Form, AuthError> {
 /// Authenticate the calling client: a `private_key_jwt` assertion
 /// (confidential and backend clients), or for public clients their
 /// `client_id` alone. A confidential client may not skip its assertion.
+/// Authenticate the client, then count the request against its rate
+/// limit (`[rate] token_*`) before anything single-use (a code, a refresh
+/// token) is spent: an over-limit answer leaves every grant as it was.
 async fn client_auth(st: &AppState, f: &Form) -> Result<ClientRecord, AuthError> {
+    let client = authenticate_client(st, f).await?;
+    st.rate
+        .take(
+            &format!("tc:{}", client.id),
+            st.config.rate.token(),
+            crate::now_ms(),
+        )
+        .map_err(AuthError::RateLimited)?;
+    Ok(client)
+}
+
+async fn authenticate_client(st: &AppState, f: &Form) -> Result<ClientRecord, AuthError> {
     if let Some(assertion_text) = f.get("client_assertion") {
         if f.get("client_assertion_type").map(String::as_str) != Some(ASSERTION_TYPE) {
             return Err(AuthError::InvalidRequest(

@@ -267,6 +267,8 @@ pub struct HttpConfig {
     pub base_aliases: Vec<String>,
     /// Most connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Most connections from one address (0: no limit); more are closed.
+    pub max_connections_per_ip: usize,
     /// Largest answer assembled in memory for a batch: entries past it are
     /// not run (each says so).
     pub max_response_bytes: usize,
@@ -285,6 +287,7 @@ impl HttpConfig {
     pub fn limits(&self) -> crate::conn::Limits {
         crate::conn::Limits {
             max_connections: self.max_connections,
+            max_per_ip: self.max_connections_per_ip,
             // The TLS handshake gets as long as the headers do.
             handshake_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
@@ -305,6 +308,7 @@ impl Default for HttpConfig {
             max_bundle_entries: 5000,
             base_aliases: Vec::new(),
             max_connections: 1024,
+            max_connections_per_ip: 256,
             max_response_bytes: 64 * 1024 * 1024,
             header_timeout_secs: 10,
             idle_timeout_secs: 60,

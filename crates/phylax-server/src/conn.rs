@@ -7,9 +7,13 @@
 //! - **TLS handshake:** `http.header_timeout_secs`.
 //! - **Request headers:** `http.header_timeout_secs` from the first byte
 //!   of a request (hyper's HTTP/1 header read timeout).
-//! - **Idle:** a connection with no request in flight and no bytes moving
-//!   for `http.idle_timeout_secs` is closed (HTTP/1 keep-alive and HTTP/2
-//!   alike, and a connection that never sends a byte).
+//! - **Idle:** a connection with no request in flight (a response still
+//!   being sent counts as in flight) for `http.idle_timeout_secs` after its
+//!   last one ended is closed: HTTP/1 keep-alive and HTTP/2 alike, a
+//!   connection that never sends a request, and one kept "alive" only by
+//!   PING frames.
+//! - **Per address:** at most `http.max_connections_per_ip` connections
+//!   from one address (0: no limit); more are closed at once.
 //! - **Request body:** the whole body must arrive within
 //!   `http.body_timeout_secs` of the request's start; a body still
 //!   trickling in after that ends with 408 (the handler sees
@@ -24,12 +28,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The limits of [`serve`]; from `[http]` in the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Most connections from one address (0: no limit).
+    pub max_per_ip: usize,
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
@@ -40,6 +46,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 1024,
+            max_per_ip: 256,
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -53,8 +60,10 @@ impl Default for Limits {
 #[error("the request body did not arrive in time")]
 pub struct BodyTimeout;
 
-/// When a connection last moved bytes, and how many of its requests are
-/// being answered.
+/// When a connection last started or finished answering a request, and
+/// how many of its requests are being answered (body sent included).
+/// Bytes moving do not count: an HTTP/2 PING, or a client's own, must not
+/// keep an otherwise idle connection open.
 #[derive(Debug)]
 struct Activity {
     start: Instant,
@@ -99,62 +108,33 @@ impl Drop for InFlight {
     }
 }
 
-/// An I/O stream that records when bytes last moved.
-struct Tracked<IO> {
-    io: IO,
-    activity: Arc<Activity>,
+/// A response body that keeps its request in flight until it has been
+/// sent (or dropped): a slow download is not an idle connection.
+struct Held<B> {
+    inner: B,
+    _in_flight: InFlight,
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
-    fn poll_read(
+impl<B> Body for Held<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -217,6 +197,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let per_ip: Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Default::default();
     tokio::pin!(shutdown);
     loop {
         // A free place first: past the cap, connections wait in the backlog.
@@ -239,11 +221,27 @@ pub async fn serve(
                 }
             },
         };
+        // One address may not hold every place.
+        let ip = peer.ip();
+        {
+            let mut m = per_ip.lock();
+            let n = m.entry(ip).or_insert(0);
+            if limits.max_per_ip > 0 && *n >= limits.max_per_ip {
+                tracing::debug!(peer = %ip, "connection refused: too many from this address");
+                continue;
+            }
+            *n += 1;
+        }
+        let counted = PerIp {
+            map: per_ip.clone(),
+            ip,
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _counted = counted;
             match acceptor {
                 Some(acceptor) => {
                     match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await
@@ -258,6 +256,24 @@ pub async fn serve(
                 None => serve_connection(tcp, peer, router, limits).await,
             }
         });
+    }
+}
+
+/// One connection counted against its address until it ends.
+struct PerIp {
+    map: Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        let mut m = self.map.lock();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -276,10 +292,6 @@ async fn serve_connection<IO>(
 
     let activity = Activity::new();
     activity.touch();
-    let io = Tracked {
-        io,
-        activity: activity.clone(),
-    };
     let body_timeout = limits.body_timeout;
     let act = activity.clone();
     let svc = tower::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
@@ -295,8 +307,15 @@ async fn serve_connection<IO>(
         let router = router.clone();
         async move {
             let r = router.oneshot(req).await;
-            drop(guard);
-            r
+            // In flight until its body has gone out.
+            r.map(|resp| {
+                resp.map(|b| {
+                    axum::body::Body::new(Held {
+                        inner: b,
+                        _in_flight: guard,
+                    })
+                })
+            })
         }
     });
     let mut builder = Builder::new(TokioExecutor::new());
@@ -304,11 +323,8 @@ async fn serve_connection<IO>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+    // No server PINGs: idleness is judged by requests alone.
+    builder.http2().timer(TokioTimer::new());
     let conn =
         builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc));
     tokio::pin!(conn);

@@ -614,8 +614,9 @@ pub async fn read(
             check_accept(&h, &q)?;
             let control = ResultControl::parse(&rtype, &q)?;
             let id = rid.ok_or(ApiError::NotFound)?;
-            let v = hidden_if_gone(&ctx, st.repo.read(&rtype, &id).await)?;
-            crate::access::check(&st, &ctx.access, &v)?;
+            let v = crate::access::Scoped::new(&st, &ctx)
+                .read(&rtype, &id)
+                .await?;
             crate::access::watch_own_name(&st, &ctx, [&v]).await;
             match (&v.body, control.subsets()) {
                 (Some(b), true) => {
@@ -660,8 +661,9 @@ pub async fn vread(
             check_accept(&h, &q)?;
             let id = rid.ok_or(ApiError::NotFound)?;
             let vid = VersionId::parse(&vid).ok_or(ApiError::NotFound)?;
-            let v = hidden_if_gone(&ctx, st.repo.vread(&rtype, &id, vid).await)?;
-            crate::access::check(&st, &ctx.access, &v)?;
+            let v = crate::access::Scoped::new(&st, &ctx)
+                .vread(&rtype, &id, vid)
+                .await?;
             Ok(read_response(&st, &v))
         },
     )
@@ -784,25 +786,6 @@ pub async fn delete(
     .await)
 }
 
-/// A deleted resource names no patient, so a caller limited to some
-/// patients cannot be told whether it was theirs: for them, 410 would
-/// confirm that an id existed. They get 404.
-fn hidden_if_gone(
-    ctx: &RequestCtx,
-    r: Result<crate::repo::ResourceVersion, crate::repo::RepoError>,
-) -> Result<crate::repo::ResourceVersion, ApiError> {
-    match r {
-        Err(crate::repo::RepoError::Gone(_))
-            if ctx.access.reach != phylax_auth::policy::Reach::All =>
-        {
-            Err(ApiError::Hidden(
-                "reach: a deleted resource names no patient",
-            ))
-        }
-        r => Ok(r?),
-    }
-}
-
 /// History for any scope, as a `history` Bundle with MACed paging links.
 /// Versions outside the caller's reach are left out of the page (a
 /// resource's history is decided version by version: one that moved
@@ -923,9 +906,15 @@ pub async fn history_instance(
             }
             // A caller limited to some patients must not learn that an id
             // outside their reach exists from an empty history.
-            if ctx.access.reach != phylax_auth::policy::Reach::All || !ctx.access.labelled {
-                match hidden_if_gone(&ctx, st.repo.read(&rtype, &id).await) {
-                    Ok(v) => crate::access::check(&st, &ctx.access, &v)?,
+            if ctx.access.reach != phylax_auth::policy::Reach::All
+                || !ctx.access.labelled
+                || !ctx.access.denied.is_empty()
+            {
+                match crate::access::Scoped::new(&st, &ctx)
+                    .read(&rtype, &id)
+                    .await
+                {
+                    Ok(_) => {}
                     // Deleted, and the caller reaches every patient: the
                     // versions are decided one by one below.
                     Err(ApiError::Gone) => {}

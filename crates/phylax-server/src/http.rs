@@ -164,7 +164,11 @@ impl AppState {
             .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         st.record_config_change().await?;
         let n = st.repo.reindex_if_needed().await.map_err(ApiError::from)?;
-        crate::maintenance::canonicalize_stored_references(&st).await?;
+        // Not fatal: a record that fails to open is reported, and the job
+        // runs again at the next start.
+        if let Err(e) = crate::maintenance::canonicalize_stored_references(&st).await {
+            tracing::error!(error = ?e, "references to this server could not all be made canonical; retried at the next start");
+        }
         // Consents are enforced from the first request: no index, no start.
         st.consents.refresh(&st.repo).await?;
         if n > 0 {

@@ -16,7 +16,9 @@ use phylax_fhir::ResourceType;
 /// key, reach and audit attribution follow the patients they name
 /// (docs/ACCESS_CONTROL.md, "One canonical form"). Each rewrite is an
 /// audited write (`maintenance`, by the server); a concurrent write
-/// (already canonical) wins. Idempotent across nodes.
+/// (already canonical) wins. Idempotent across nodes. A rewrite that would
+/// add patients to a resource that already names some, or change care
+/// relationships, is not made: it raises a `reference-review` alert.
 pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, ApiError> {
     let marker = format!("canonical_refs_v1:{}", st.repo.bases().join(" "));
     let done_key = format!(
@@ -34,6 +36,7 @@ pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, ApiErr
     }
     let bases = st.repo.bases().to_vec();
     let mut n = 0u64;
+    let mut held = 0u64;
     for t in phylax_fhir::defs::definitions().resource_types() {
         let Some(rtype) = ResourceType::parse(t) else {
             continue;
@@ -50,6 +53,43 @@ pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, ApiErr
                 }
                 let mut body = b.json().clone();
                 if phylax_fhir::reference::canonicalize(&mut body, &bases) == 0 {
+                    continue;
+                }
+                // A rewrite that would put the resource into another
+                // patient's record, or change who reaches whom, is not made
+                // behind anyone's back: the writer of the original was never
+                // checked against it (an alias configured after the write).
+                // It is left for review, with an alert.
+                let before = phylax_fhir::compartment::patients_of(&v.rtype, b.json());
+                let after = phylax_fhir::compartment::patients_of(&v.rtype, &body);
+                let widens = !before.is_empty() && after != before;
+                if widens
+                    || phylax_auth::policy::changes_relationships(
+                        v.rtype.as_str(),
+                        Some(b.json()),
+                        Some(&body),
+                    )
+                {
+                    held += 1;
+                    tracing::warn!(
+                        event = "maintenance.held",
+                        resource = %format!("{}/{}", v.rtype, v.id),
+                        "a reference to this server was left absolute: made canonical it would name other patients or change care relationships"
+                    );
+                    if let Some(d) = st.audit.detector() {
+                        d.raise_once(
+                            crate::detect::Alert {
+                                rule: "reference-review",
+                                severity: "medium",
+                                detail: format!(
+                                    "{}/{} names this server by an absolute URL; made canonical it would name other patients or change care relationships: review it",
+                                    v.rtype, v.id
+                                ),
+                                user: None,
+                            },
+                            format!("reference-review|{}/{}", v.rtype, v.id),
+                        );
+                    }
                     continue;
                 }
                 let w = st
@@ -103,6 +143,12 @@ pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, ApiErr
         .put_meta_if_absent(&done_key, b"1")
         .await
         .map_err(RepoError::from)?;
+    if held > 0 {
+        tracing::warn!(
+            resources = held,
+            "resources left with absolute references for review (see the reference-review alerts)"
+        );
+    }
     if n > 0 {
         tracing::info!(
             resources = n,

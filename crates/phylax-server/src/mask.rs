@@ -53,6 +53,9 @@ struct Rules<'a> {
     /// Names are masked: reference `display` texts (which often repeat a
     /// name) go too.
     displays: bool,
+    /// The narrative is masked (`Resource.text`): every Narrative goes,
+    /// the sections' of a Composition too, not only the resource's own.
+    narratives: bool,
 }
 
 impl<'a> Rules<'a> {
@@ -62,6 +65,7 @@ impl<'a> Rules<'a> {
             paths: Vec::new(),
             extensions: Vec::new(),
             displays: masks.contains("name"),
+            narratives: masks.contains("Resource.text"),
         };
         for m in masks {
             if let Some(url) = m.strip_prefix("extension:") {
@@ -75,8 +79,11 @@ impl<'a> Rules<'a> {
         r
     }
 
+    /// Whether key `k` is a masked element, or the `_element` sibling of
+    /// one (its extensions can carry the value: `_birthDate`'s birth time).
     fn masks_name(&self, k: &str) -> bool {
-        k != "resourceType" && self.names.iter().any(|m| is_element(k, m))
+        let base = k.strip_prefix('_').unwrap_or(k);
+        k != "resourceType" && self.names.iter().any(|m| is_element(base, m))
     }
 }
 
@@ -123,7 +130,10 @@ fn mask_object(o: &mut serde_json::Map<String, Value>, rules: &Rules<'_>, any: &
         changed = true;
     }
     let before = o.len();
-    o.retain(|k, _| !rules.masks_name(k));
+    o.retain(|k, v| {
+        !rules.masks_name(k)
+            && !(rules.narratives && (k == "text" || k == "_text") && v.get("div").is_some())
+    });
     changed |= o.len() != before;
     for (k, x) in o.iter_mut() {
         if (k == "extension" || k == "modifierExtension") && !rules.extensions.is_empty() {
@@ -154,7 +164,7 @@ fn remove_path(v: &mut Value, path: &[&str]) -> bool {
         }
         (Value::Object(o), [last]) => {
             let before = o.len();
-            o.retain(|k, _| !is_element(k, last));
+            o.retain(|k, _| !is_element(k.strip_prefix('_').unwrap_or(k), last));
             o.len() != before
         }
         (Value::Object(o), [head, rest @ ..]) => o
@@ -341,5 +351,29 @@ mod tests {
         let s = c.to_string();
         assert!(!s.contains("POLICY-9") && !s.contains("Dr Who"), "{s}");
         assert_eq!(c["insurance"][0]["sequence"], 1);
+    }
+
+    #[test]
+    fn sibling_underscores_nested_narratives_and_data() {
+        let masks = set(&["birthDate", "Resource.text", "data"]);
+        let mut p = json!({"resourceType": "Patient", "id": "p", "birthDate": "1961-07-04",
+            "_birthDate": {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime",
+                "valueDateTime": "1961-07-04T06:30:00Z"}]}});
+        assert!(mask_json(&mut p, &masks));
+        assert!(!p.to_string().contains("1961"), "{p}");
+        let mut c = json!({"resourceType": "Composition", "id": "c", "title": "Discharge",
+            "section": [{"title": "Course", "text": {"status": "generated", "div": "<div>Ida Secret</div>"},
+                "section": [{"text": {"status": "generated", "div": "<div>Deeper Secret</div>"}}]}],
+            "type": {"text": "Discharge summary"}});
+        assert!(mask_json(&mut c, &masks));
+        let t = c.to_string();
+        assert!(!t.contains("Secret"), "{t}");
+        assert!(
+            t.contains("Discharge summary"),
+            "a CodeableConcept's text stays: {t}"
+        );
+        let mut b = json!({"resourceType": "Binary", "id": "b", "contentType": "text/plain", "data": "SWRh"});
+        assert!(mask_json(&mut b, &masks));
+        assert!(b.get("data").is_none());
     }
 }

@@ -247,18 +247,10 @@ async fn included(
                         {
                             continue;
                         }
-                        match st.repo.read(&t, &id).await {
-                            Ok(v)
-                                if crate::access::allows(st, &ctx.access, &v)
-                                    == Decision::Allow =>
-                            {
-                                added.push(v)
-                            }
-                            Ok(_)
-                            | Err(
-                                crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_),
-                            ) => {}
-                            Err(e) => return Err(e.into()),
+                        if let Some(v) =
+                            crate::access::Scoped::new(st, ctx).visible(&t, &id).await?
+                        {
+                            added.push(v);
                         }
                     }
                 }
@@ -1172,13 +1164,11 @@ async fn everything(
                 {
                     continue;
                 }
-                match st.repo.read(&t, &rid).await {
-                    Ok(v) if crate::access::allows(&st, &ctx.access, &v) == Decision::Allow => {
-                        referenced.push(v)
-                    }
-                    Ok(_)
-                    | Err(crate::repo::RepoError::NotFound | crate::repo::RepoError::Gone(_)) => {}
-                    Err(e) => return Err(e.into()),
+                if let Some(v) = crate::access::Scoped::new(&st, &ctx)
+                    .visible(&t, &rid)
+                    .await?
+                {
+                    referenced.push(v);
                 }
             }
             let url = format!("{}/Patient/{}/$everything", st.fhir_base, pid);

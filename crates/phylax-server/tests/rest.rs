@@ -1321,3 +1321,35 @@ async fn rate_limits_answer_429_with_retry_after() {
         "{m}"
     );
 }
+
+/// One address may hold at most `http.max_connections_per_ip`
+/// connections: more are closed at once, the first ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_address_are_capped() {
+    let s = TestServer::start_with(common::Backend::Sqlite, |c| {
+        c.http.max_connections_per_ip = 3;
+        c.http.header_timeout_secs = 30;
+    })
+    .await
+    .unwrap();
+    let addr = s.base.trim_start_matches("https://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        // Accepted in order: let the server count each one.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut over = held.split_off(3);
+    for c in over.iter_mut() {
+        assert!(
+            read_until_closed(c, 3).await.is_some(),
+            "a connection past the cap is closed at once"
+        );
+    }
+    for c in held.iter_mut() {
+        assert!(
+            read_until_closed(c, 1).await.is_none(),
+            "the first three stay open"
+        );
+    }
+}

@@ -2394,3 +2394,55 @@ async fn lockouts_expire_with_exponential_back_off(s: &TestServer) {
     assert_eq!(u.status(), Some(Status::Locked));
     assert_eq!(u.locked_until(), None);
 }
+
+// Over the client's token rate limit, nothing single-use is spent: the
+// refresh token sent with the refused request still works afterwards (it
+// is not taken for a replay).
+mod token_limit_spends_nothing {
+    use super::common::{Backend, TestServer};
+    async fn server(b: Backend) -> Option<TestServer> {
+        TestServer::start_with(b, |c| {
+            c.rate.token_per_minute = 60;
+            c.rate.token_burst = 2;
+        })
+        .await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::token_limit_body(&server(Backend::Sqlite).await.unwrap()).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        if let Some(s) = server(Backend::Postgres).await {
+            super::token_limit_body(&s).await;
+        }
+    }
+}
+
+async fn token_limit_body(s: &TestServer) {
+    // The code exchange takes the first of two.
+    let (app, _, rt) = signed_in_tokens_for(s, "dr.limited").await;
+    let refresh = |rt: String| {
+        let app = app.clone();
+        async move {
+            exchange(
+                s,
+                &[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", &rt),
+                    ("client_id", &app),
+                ],
+            )
+            .await
+        }
+    };
+    let (st, v) = refresh(rt).await;
+    assert_eq!(st, 200, "{v}");
+    let rt2 = v["refresh_token"].as_str().unwrap().to_owned();
+    let (st, v) = refresh(rt2.clone()).await;
+    assert_eq!(st, 429, "{v}");
+    assert_eq!(v["error"], "temporarily_unavailable");
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let (st, v) = refresh(rt2).await;
+    assert_eq!(st, 200, "the refused request spent nothing: {v}");
+}

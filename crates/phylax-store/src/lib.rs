@@ -419,9 +419,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Append audit records in one transaction (a group commit of many
     /// requests' records). Durable when it returns `Ok`.
     async fn append_audit(&self, rows: Vec<NewAudit>) -> Result<()>;
-    /// Records no checkpoint covers yet, in arrival order, whole (the
-    /// sealer checks each before it gives it a tree position).
-    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<AuditRow>>;
+    /// Records no checkpoint covers yet with an id after `after`, in
+    /// arrival order, whole (the sealer checks each before it gives it a
+    /// tree position).
+    async fn audit_unsealed(&self, after: i64, limit: u32) -> Result<Vec<AuditRow>>;
+    /// Drop sealing-queue entries that name no record or a record already
+    /// in the tree (put there by hand: they would stall sealing). Returns
+    /// how many.
+    async fn audit_queue_clean(&self) -> Result<u64>;
     /// The per-patient entries (`(patient key, record id)`, the key as
     /// [`query::patient_key`] gives it), in key order after `after`: for
     /// `audit verify` to rebuild and compare.

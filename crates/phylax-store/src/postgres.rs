@@ -1038,15 +1038,15 @@ impl Store for PgStore {
         insert_audit(&c, &rows).await
     }
 
-    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<AuditRow>> {
+    async fn audit_unsealed(&self, after: i64, limit: u32) -> Result<Vec<AuditRow>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let rows = c
             .query(
                 &format!(
                     "SELECT {AUDIT_PENDING_COLS} FROM audit_pending p JOIN audit_log a ON a.id = p.audit_id \
-                     ORDER BY p.audit_id LIMIT $1"
+                     WHERE p.audit_id > $2 ORDER BY p.audit_id LIMIT $1"
                 ),
-                &[&i64::from(limit)],
+                &[&i64::from(limit), &after],
             )
             .await
             .map_err(pg)?;
@@ -1077,6 +1077,19 @@ impl Store for PgStore {
             .iter()
             .map(|r| (r.get::<_, i64>(0).to_be_bytes(), r.get(1)))
             .collect())
+    }
+
+    async fn audit_queue_clean(&self) -> Result<u64> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let n = c
+            .execute(
+                "DELETE FROM audit_pending p WHERE NOT EXISTS (SELECT 1 FROM audit_log a WHERE a.id = p.audit_id) \
+                 OR EXISTS (SELECT 1 FROM audit_leaf f WHERE f.audit_id = p.audit_id)",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n)
     }
 
     async fn audit_unqueue(&self, ids: Vec<i64>) -> Result<()> {

@@ -959,16 +959,16 @@ impl Store for SqliteStore {
         self.write(move |c| insert_audit(c, &rows)).await
     }
 
-    async fn audit_unsealed(&self, limit: u32) -> Result<Vec<AuditRow>> {
+    async fn audit_unsealed(&self, after: i64, limit: u32) -> Result<Vec<AuditRow>> {
         self.read(move |c| {
             let mut st = c
                 .prepare_cached(&format!(
                     "SELECT {AUDIT_PENDING_COLS} FROM audit_pending p JOIN audit_log a ON a.id = p.audit_id \
-                     ORDER BY p.audit_id LIMIT ?1"
+                     WHERE p.audit_id > ?2 ORDER BY p.audit_id LIMIT ?1"
                 ))
                 .map_err(backend)?;
             let rows = st
-                .query_map(params![limit as i64], row_audit)
+                .query_map(params![limit as i64, after], row_audit)
                 .map_err(backend)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
         })
@@ -998,6 +998,20 @@ impl Store for SqliteStore {
                 })
                 .map_err(backend)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn audit_queue_clean(&self) -> Result<u64> {
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM audit_pending WHERE audit_id NOT IN (SELECT id FROM audit_log) \
+                     OR audit_id IN (SELECT audit_id FROM audit_leaf)",
+                    [],
+                )
+                .map_err(backend)?;
+            Ok(n as u64)
         })
         .await
     }

@@ -1391,7 +1391,7 @@ async fn audit_log_appends_seals_and_searches(s: &DynStore) {
     ));
     assert_eq!(s.audit_counts().await.unwrap(), (3, 0));
 
-    let unsealed = s.audit_unsealed(10).await.unwrap();
+    let unsealed = s.audit_unsealed(i64::MIN, 10).await.unwrap();
     assert_eq!(
         unsealed.iter().map(|u| u.leaf_hash[0]).collect::<Vec<_>>(),
         vec![1, 2, 3],
@@ -1411,7 +1411,7 @@ async fn audit_log_appends_seals_and_searches(s: &DynStore) {
     assert_eq!(s.audit_counts().await.unwrap(), (3, 3));
     assert_eq!(s.audit_tree_size().await.unwrap(), 3);
     assert_eq!(s.audit_pending_count().await.unwrap(), 0);
-    assert!(s.audit_unsealed(10).await.unwrap().is_empty());
+    assert!(s.audit_unsealed(i64::MIN, 10).await.unwrap().is_empty());
 
     let by_index = s.audit_by_index(1, 10).await.unwrap();
     assert_eq!(
@@ -1624,7 +1624,7 @@ async fn audit_prune_empties_only_old_sealed_bodies(s: &DynStore) {
     // Unsealed records are never pruned (they are not in the tree yet).
     assert_eq!(s.audit_prune(10_000, 100).await.unwrap(), 0);
     let ids: Vec<i64> = s
-        .audit_unsealed(10)
+        .audit_unsealed(i64::MIN, 10)
         .await
         .unwrap()
         .iter()
@@ -1929,7 +1929,7 @@ async fn upgraded_log_keeps_its_tree(s: &DynStore) {
             .collect::<Vec<_>>(),
         vec![(Some(0), "old-0"), (Some(1), "old-1"), (Some(2), "old-2")]
     );
-    let pending = s.audit_unsealed(10).await.unwrap();
+    let pending = s.audit_unsealed(i64::MIN, 10).await.unwrap();
     assert_eq!(
         pending.iter().map(|p| p.leaf_hash[0]).collect::<Vec<_>>(),
         vec![3, 4]
@@ -1944,7 +1944,7 @@ async fn upgraded_log_keeps_its_tree(s: &DynStore) {
         .await
         .unwrap();
     let ids: Vec<i64> = s
-        .audit_unsealed(10)
+        .audit_unsealed(i64::MIN, 10)
         .await
         .unwrap()
         .iter()

@@ -84,7 +84,7 @@ pub async fn explain(
                 }
             });
             steps.push(format!(
-                "user: role {}, status {}, reach rule {}, labelled data {}, break-the-glass {}",
+                "user: role {}, status {}, reach rule {}, labelled data {}, break-the-glass {}, relationships {}",
                 role.name,
                 u.rec.status,
                 role.reach.as_str(),
@@ -97,6 +97,11 @@ pub async fn explain(
                     "allowed"
                 } else {
                     "not allowed"
+                },
+                if role.relationships {
+                    "may change"
+                } else {
+                    "may not change"
                 }
             ));
             if u.rec.status != "active" {
@@ -251,6 +256,9 @@ pub struct ReviewRow {
     /// Permission letters (`cruds`) the role or scopes grant that were not
     /// used within the period.
     pub unused: String,
+    /// May change who reaches whom (the relationships permission: the
+    /// role's, or the client listed in `access.relationship_clients`).
+    pub relationships: bool,
 }
 
 /// Permission letter an audited interaction used.
@@ -366,6 +374,7 @@ pub async fn review(
             last_active: last,
             dormant,
             unused: granted.chars().filter(|c| !used.contains(c)).collect(),
+            relationships: role.as_ref().is_some_and(|r| r.relationships),
         });
     }
     let clients = st
@@ -392,6 +401,7 @@ pub async fn review(
             last_active: last,
             dormant,
             unused: granted.chars().filter(|ch| !used.contains(ch)).collect(),
+            relationships: st.config.access.relationship_clients.contains(&c.id),
         });
     }
     Ok(out)

@@ -1349,33 +1349,7 @@ async fn a_damaged_record_does_not_break_audit_search(s: &TestServer) {
             > 3
     );
     // The alert is in the log (sealed records are read back from it).
-    let mut raised = false;
-    for _ in 0..50 {
-        s.state.audit.flush().await.unwrap();
-        let rows = s
-            .state
-            .store
-            .audit_search(&phylax_store::AuditQuery {
-                subtype: Some("alert".into()),
-                limit: 100,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        if rows
-            .iter()
-            .filter_map(|r| s.state.audit.open_row(r).ok())
-            .any(|e| {
-                e["outcomeDesc"]
-                    .as_str()
-                    .is_some_and(|d| d.starts_with("audit-tamper ["))
-            })
-        {
-            raised = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let raised = alert_raised(s, "audit-tamper").await;
     assert!(raised, "audit-tamper alert");
 }
 
@@ -1450,33 +1424,7 @@ async fn forged_pending_rows_and_deleted_patient_entries_are_found(s: &TestServe
     .await;
     assert_eq!(st, 200);
     // The alert.
-    let mut raised = false;
-    for _ in 0..50 {
-        s.state.audit.flush().await.unwrap();
-        let rows = s
-            .state
-            .store
-            .audit_search(&phylax_store::AuditQuery {
-                subtype: Some("alert".into()),
-                limit: 100,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        if rows
-            .iter()
-            .filter_map(|r| s.state.audit.open_row(r).ok())
-            .any(|e| {
-                e["outcomeDesc"]
-                    .as_str()
-                    .is_some_and(|d| d.starts_with("audit-tamper ["))
-            })
-        {
-            raised = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let raised = alert_raised(s, "audit-tamper").await;
     assert!(raised, "audit-tamper alert for the forged row");
     // Emptying a patient's entries: found, beside the stray row.
     let key = phylax_store::query::patient_key(&s.state.audit.patient_hash(&pid));
@@ -1503,4 +1451,36 @@ async fn forged_pending_rows_and_deleted_patient_entries_are_found(s: &TestServe
     assert!(e.contains("per-patient index"), "{e}");
     assert!(e.contains("neither in the tree"), "every problem: {e}");
     assert!(e.starts_with("2 problem(s)"), "{e}");
+}
+
+/// Whether an alert of `rule` reached the audit log within five seconds
+/// (alerts are recorded in the background).
+async fn alert_raised(s: &TestServer, rule: &str) -> bool {
+    let prefix = format!("{rule} [");
+    for _ in 0..50 {
+        s.state.audit.flush().await.unwrap();
+        let rows = s
+            .state
+            .store
+            .audit_search(&phylax_store::AuditQuery {
+                subtype: Some("alert".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if rows
+            .iter()
+            .filter_map(|r| s.state.audit.open_row(r).ok())
+            .any(|e| {
+                e["outcomeDesc"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with(&prefix))
+            })
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
 }

@@ -1097,15 +1097,6 @@ async fn read_until_closed<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Slow and idle clients do not hold the server (slowloris): idle
 /// connections, half-sent headers and trickled bodies are closed or
 /// answered 408 within their timeouts; past `http.max_connections` new
@@ -1167,7 +1158,7 @@ async fn slow_and_idle_connections_are_closed() {
     assert!(started.elapsed() < std::time::Duration::from_secs(6));
     // Five times the connection cap, idle: the server still answers, and
     // drops them all; memory does not grow with them.
-    let before = rss_kib();
+    let before = common::rss_kib();
     let mut held = Vec::new();
     for _ in 0..80 {
         let addr = s.base.trim_start_matches("https://").to_owned();
@@ -1184,7 +1175,7 @@ async fn slow_and_idle_connections_are_closed() {
     for mut c in held {
         assert!(read_until_closed(&mut c, 30).await.is_some());
     }
-    let after = rss_kib();
+    let after = common::rss_kib();
     assert!(after < before + 64 * 1024, "RSS {before} -> {after} KiB");
 }
 

@@ -1389,6 +1389,19 @@ mod patient_launch {
     }
 }
 
+/// A refresh-token grant for public app `app`.
+async fn refresh_with(s: &TestServer, app: &str, rt: &str) -> (u16, Value) {
+    exchange(
+        s,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt),
+            ("client_id", app),
+        ],
+    )
+    .await
+}
+
 /// Sign a clinician in with TOTP; returns (access token, refresh token).
 async fn signed_in_tokens(s: &TestServer, name: &str) -> (String, String) {
     let (_, at, rt) = signed_in_tokens_for(s, name).await;
@@ -1451,21 +1464,7 @@ async fn refresh_follows_a_narrowed_registration(s: &TestServer) {
         "UPDATE clients SET scope = 'user/Patient.rs offline_access' WHERE id = '{app}'"
     ))
     .await;
-    let refresh = |rt: String| {
-        let app = app.clone();
-        async move {
-            exchange(
-                s,
-                &[
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", &rt),
-                    ("client_id", &app),
-                ],
-            )
-            .await
-        }
-    };
-    let (st, v) = refresh(rt).await;
+    let (st, v) = refresh_with(s, &app, &rt).await;
     assert_eq!(st, 200, "{v}");
     let scope = v["scope"].as_str().unwrap();
     assert!(
@@ -1479,7 +1478,7 @@ async fn refresh_follows_a_narrowed_registration(s: &TestServer) {
         "UPDATE clients SET scope = 'user/Patient.rs' WHERE id = '{app}'"
     ))
     .await;
-    let (st, v2) = refresh(v["refresh_token"].as_str().unwrap().to_owned()).await;
+    let (st, v2) = refresh_with(s, &app, v["refresh_token"].as_str().unwrap()).await;
     assert_eq!(st, 400, "offline access withdrawn: {v2}");
 }
 
@@ -2252,15 +2251,6 @@ async fn dormant_account_sign_in_alerts() {
     assert_eq!(n, 1);
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A sign-in flood: Argon2id runs at most `auth.argon2_max_concurrent` at
 /// once, so memory stays bounded; sign-ins that find no slot in
 /// `auth.argon2_queue_secs` get 503 with Retry-After, and the FHIR API
@@ -2290,7 +2280,7 @@ async fn sign_in_flood_is_bounded() {
             .await;
         pages.push((b, page.csrf()));
     }
-    let before = rss_kib();
+    let before = common::rss_kib();
     let floods = pages.into_iter().enumerate().map(|(i, (mut b, csrf))| {
         tokio::spawn(async move {
             let r = b
@@ -2327,7 +2317,7 @@ async fn sign_in_flood_is_bounded() {
     let refused = statuses.iter().filter(|s| **s == 401).count();
     assert_eq!(busy + refused, statuses.len(), "{statuses:?}");
     assert!(busy > 0 && refused > 0, "{statuses:?}");
-    let after = rss_kib();
+    let after = common::rss_kib();
     // 48 concurrent Argon2id runs would take 3 GiB; two at a time 128 MiB.
     assert!(after < before + 400 * 1024, "RSS {before} -> {after} KiB");
 }
@@ -2422,27 +2412,13 @@ mod token_limit_spends_nothing {
 async fn token_limit_body(s: &TestServer) {
     // The code exchange takes the first of two.
     let (app, _, rt) = signed_in_tokens_for(s, "dr.limited").await;
-    let refresh = |rt: String| {
-        let app = app.clone();
-        async move {
-            exchange(
-                s,
-                &[
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", &rt),
-                    ("client_id", &app),
-                ],
-            )
-            .await
-        }
-    };
-    let (st, v) = refresh(rt).await;
+    let (st, v) = refresh_with(s, &app, &rt).await;
     assert_eq!(st, 200, "{v}");
     let rt2 = v["refresh_token"].as_str().unwrap().to_owned();
-    let (st, v) = refresh(rt2.clone()).await;
+    let (st, v) = refresh_with(s, &app, &rt2).await;
     assert_eq!(st, 429, "{v}");
     assert_eq!(v["error"], "temporarily_unavailable");
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    let (st, v) = refresh(rt2).await;
+    let (st, v) = refresh_with(s, &app, &rt2).await;
     assert_eq!(st, 200, "the refused request spent nothing: {v}");
 }

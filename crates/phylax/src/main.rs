@@ -1090,6 +1090,9 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
                 if let Some(sc) = r.scopes {
                     println!("        scopes: {sc}");
                 }
+                if r.relationships {
+                    println!("        may change care relationships (relationships permission)");
+                }
             }
             Ok(())
         }

@@ -713,6 +713,8 @@ fn access_explain_review_and_break_glass_queue() {
         .unwrap();
     assert_eq!(a["mfa"], false);
     assert_eq!(a["unused"], "cruds");
+    // A clinician does not change who reaches whom.
+    assert_eq!(a["relationships"], false);
 
     assert!(ok(&run(&["access", "break-glass", "list"])).contains("no grants waiting"));
     assert!(fails(&run(&[

@@ -284,6 +284,16 @@ impl TestServer {
     }
 }
 
+/// This process's resident memory (KiB), for tests that bound it.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// Run a test body on both backends.
 #[macro_export]
 macro_rules! both {

@@ -688,6 +688,45 @@ fn ids_of_refs(body: &Value, pointer: &[&str], prefix: &str) -> Vec<String> {
     out
 }
 
+/// The patients a write of a `PractitionerRole` opens (or closes) to the
+/// practitioner holding it: those whose general practitioner is the role
+/// or its organization, and those the organization manages. Named in the
+/// write's audit record, so a relationship change says whom it concerns
+/// (at most `access.max_reach`). Other relationship types name their
+/// patients themselves.
+pub async fn patients_opened(
+    st: &AppState,
+    rtype: &ResourceType,
+    id: &phylax_fhir::ResourceId,
+    body: Option<&Value>,
+) -> Result<Vec<String>, ApiError> {
+    if rtype.as_str() != "PractitionerRole" {
+        return Ok(Vec::new());
+    }
+    let orgs: Vec<String> = body
+        .map(|b| ids_of_refs(b, &["organization"], "Organization/"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|o| format!("Organization/{o}"))
+        .collect();
+    let mut gp_targets = vec![format!("PractitionerRole/{id}")];
+    gp_targets.extend(orgs.iter().cloned());
+    let max = st.config.access.max_reach;
+    let mut out: Vec<String> = Vec::new();
+    for (param, targets) in [
+        ("general-practitioner", &gp_targets),
+        ("organization", &orgs),
+    ] {
+        for v in find(st, "Patient", param, targets).await? {
+            let p = v.id.to_string();
+            if !out.contains(&p) && out.len() < max {
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// How a patient is known in the data: their `Patient/{id}`, and the
 /// `RelatedPerson`s a `Person` resource links to that Patient (the same
 /// human as someone else's parent or carer), so a consent naming either

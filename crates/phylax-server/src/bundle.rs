@@ -849,11 +849,11 @@ async fn run_transaction(
         });
     }
     // Every write's audit record commits with the writes: all or nothing.
-    let records = planned
-        .iter()
-        .zip(&planned_what)
-        .map(|(w, what)| w.audit(&auditor, what))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut records = Vec::with_capacity(planned.len());
+    for (w, what) in planned.iter().zip(&planned_what) {
+        let opened = auditor.opened(w).await?;
+        records.push(w.audit(&auditor, what, &opened)?);
+    }
     let written = st.repo.commit(planned, records).await?;
 
     // 5. Responses in the Bundle's order; GETs run now.

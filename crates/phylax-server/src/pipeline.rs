@@ -251,6 +251,49 @@ impl<'a> WriteAuditor<'a> {
         }
     }
 
+    /// Patients a relationship write opens or closes beyond those the
+    /// resource names (a PractitionerRole: its organization's and its own
+    /// GP patients, from the new content or, for a delete, the version it
+    /// replaces), for the write's audit record.
+    pub async fn opened(
+        &self,
+        w: &crate::repo::PlannedWrite,
+    ) -> Result<Vec<String>, crate::repo::RepoError> {
+        let (rtype, id) = w.target();
+        if rtype.as_str() != "PractitionerRole" {
+            return Ok(Vec::new());
+        }
+        let mut patients = Vec::new();
+        let previous = match w.replaces() {
+            Some(v) => self.st.repo.vread(rtype, id, v).await.ok(),
+            None => None,
+        };
+        for body in [
+            w.body(),
+            previous
+                .as_ref()
+                .and_then(|v| v.body.as_ref())
+                .map(|b| b.json()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let found = crate::access::patients_opened(self.st, rtype, id, Some(body))
+                .await
+                .map_err(|e| {
+                    crate::repo::RepoError::Store(phylax_store::StoreError::Unavailable(format!(
+                        "{e:?}"
+                    )))
+                })?;
+            for p in found {
+                if !patients.contains(&p) {
+                    patients.push(p);
+                }
+            }
+        }
+        Ok(patients)
+    }
+
     /// The sealed record of one successful write.
     pub fn draft(
         &self,

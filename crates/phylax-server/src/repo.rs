@@ -309,11 +309,28 @@ impl PlannedWrite {
         self.new.key_scope.strip_prefix("patient:")
     }
 
-    /// The sealed audit record of this write, to commit with it.
+    /// The resource's type and id.
+    pub fn target(&self) -> (&ResourceType, &ResourceId) {
+        (&self.out.rtype, &self.out.id)
+    }
+
+    /// The version this write replaces, if any.
+    pub fn replaces(&self) -> Option<VersionId> {
+        self.out
+            .version
+            .get()
+            .checked_sub(1)
+            .and_then(VersionId::new)
+    }
+
+    /// The sealed audit record of this write, to commit with it. `opened`:
+    /// patients the write opens or closes beyond those it names (a
+    /// PractitionerRole's, [`WriteAuditor::opened`]).
     pub fn audit(
         &self,
         a: &WriteAuditor<'_>,
         interaction: &'static str,
+        opened: &[String],
     ) -> Result<NewAudit, RepoError> {
         let status = if self.new.deleted {
             204
@@ -324,10 +341,15 @@ impl PlannedWrite {
         };
         // Every patient the written resource names (a delete: the one its
         // data key belongs to), not only the first.
-        let patients = match &self.out.body {
+        let mut patients = match &self.out.body {
             Some(b) => compartment::patients_of(&self.out.rtype, b.json()),
             None => self.patient().map(str::to_owned).into_iter().collect(),
         };
+        for p in opened {
+            if !patients.contains(p) {
+                patients.push(p.clone());
+            }
+        }
         a.draft(interaction, &self.new.rtype, &self.new.id, patients, status)
             .map_err(|e| RepoError::Store(StoreError::Unavailable(e.to_string())))
     }
@@ -595,7 +617,8 @@ impl Repo {
                 // The new content must be within the writer's reach, and a
                 // change of who reaches whom needs the permission.
                 a.guard_new(&w.out.rtype, old, w.out.body.as_ref().map(Resource::json))?;
-                vec![w.audit(&a, interaction)?]
+                let opened = a.opened(&w).await?;
+                vec![w.audit(&a, interaction, &opened)?]
             }
             None => Vec::new(),
         };

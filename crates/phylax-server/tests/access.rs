@@ -1966,6 +1966,37 @@ async fn relationships_are_written_by_those_allowed_to(s: &TestServer) {
     let id = made["id"].as_str().unwrap();
     let (st, b) = send(s, &a, M::GET, &format!("/Observation/{id}"), None).await;
     assert_eq!(st, 200, "{b}");
+    // A new practitioner role opens its organization's patients: the
+    // write's audit record names them (pa-org is managed by org-1).
+    put(
+        s,
+        &l,
+        json!({"resourceType": "PractitionerRole", "id": "role-new",
+            "practitioner": {"reference": "Practitioner/pr-a"},
+            "organization": {"reference": "Organization/org-1"}}),
+    )
+    .await;
+    s.state.audit.flush().await.unwrap();
+    let aud = user(s, "aud", "auditor", None, None, "user/*.rs", None).await;
+    let (st, b) = send(
+        s,
+        &aud,
+        M::GET,
+        "/AuditEvent?patient=pa-org&_count=200",
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    let names_role = b["entry"].as_array().unwrap().iter().any(|e| {
+        e["resource"]["entity"].as_array().is_some_and(|es| {
+            es.iter()
+                .any(|x| x["what"]["reference"] == "PractitionerRole/role-new")
+        })
+    });
+    assert!(
+        names_role,
+        "the role's write is found under the patients it opens: {b}"
+    );
     // So are references to a configured alias of this server's base.
     let mut alias = abs.clone();
     alias["subject"]["reference"] = json!("https://old-name.example/fhir/Patient/pa-gp");

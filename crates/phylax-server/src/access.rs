@@ -698,17 +698,23 @@ pub async fn patients_opened(
     st: &AppState,
     rtype: &ResourceType,
     id: &phylax_fhir::ResourceId,
-    body: Option<&Value>,
+    bodies: &[&Value],
 ) -> Result<Vec<String>, ApiError> {
     if rtype.as_str() != "PractitionerRole" {
         return Ok(Vec::new());
     }
-    let orgs: Vec<String> = body
-        .map(|b| ids_of_refs(b, &["organization"], "Organization/"))
-        .unwrap_or_default()
-        .into_iter()
-        .map(|o| format!("Organization/{o}"))
-        .collect();
+    // The organizations of every version given (the new content and the
+    // one it replaces), once each.
+    let mut orgs: Vec<String> = Vec::new();
+    for o in bodies
+        .iter()
+        .flat_map(|b| ids_of_refs(b, &["organization"], "Organization/"))
+    {
+        let o = format!("Organization/{o}");
+        if !orgs.contains(&o) {
+            orgs.push(o);
+        }
+    }
     let mut gp_targets = vec![format!("PractitionerRole/{id}")];
     gp_targets.extend(orgs.iter().cloned());
     let max = st.config.access.max_reach;

@@ -60,9 +60,9 @@ pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, ApiErr
                 // behind anyone's back: the writer of the original was never
                 // checked against it (an alias configured after the write).
                 // It is left for review, with an alert.
-                let before = phylax_fhir::compartment::patients_of(&v.rtype, b.json());
-                let after = phylax_fhir::compartment::patients_of(&v.rtype, &body);
-                let widens = !before.is_empty() && after != before;
+                let named = phylax_fhir::compartment::patients_of(&v.rtype, b.json());
+                let named_after = phylax_fhir::compartment::patients_of(&v.rtype, &body);
+                let widens = !named.is_empty() && named_after != named;
                 if widens
                     || phylax_auth::policy::changes_relationships(
                         v.rtype.as_str(),

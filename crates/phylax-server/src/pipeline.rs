@@ -263,12 +263,11 @@ impl<'a> WriteAuditor<'a> {
         if rtype.as_str() != "PractitionerRole" {
             return Ok(Vec::new());
         }
-        let mut patients = Vec::new();
         let previous = match w.replaces() {
             Some(v) => self.st.repo.vread(rtype, id, v).await.ok(),
             None => None,
         };
-        for body in [
+        let bodies: Vec<&Value> = [
             w.body(),
             previous
                 .as_ref()
@@ -277,21 +276,14 @@ impl<'a> WriteAuditor<'a> {
         ]
         .into_iter()
         .flatten()
-        {
-            let found = crate::access::patients_opened(self.st, rtype, id, Some(body))
-                .await
-                .map_err(|e| {
-                    crate::repo::RepoError::Store(phylax_store::StoreError::Unavailable(format!(
-                        "{e:?}"
-                    )))
-                })?;
-            for p in found {
-                if !patients.contains(&p) {
-                    patients.push(p);
-                }
-            }
-        }
-        Ok(patients)
+        .collect();
+        crate::access::patients_opened(self.st, rtype, id, &bodies)
+            .await
+            .map_err(|e| {
+                crate::repo::RepoError::Store(phylax_store::StoreError::Unavailable(format!(
+                    "{e:?}"
+                )))
+            })
     }
 
     /// The sealed record of one successful write.

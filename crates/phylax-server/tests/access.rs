@@ -1976,23 +1976,8 @@ async fn relationships_are_written_by_those_allowed_to(s: &TestServer) {
             "organization": {"reference": "Organization/org-1"}}),
     )
     .await;
-    s.state.audit.flush().await.unwrap();
-    let aud = user(s, "aud", "auditor", None, None, "user/*.rs", None).await;
-    let (st, b) = send(
-        s,
-        &aud,
-        M::GET,
-        "/AuditEvent?patient=pa-org&_count=200",
-        None,
-    )
-    .await;
-    assert_eq!(st, 200, "{b}");
-    let names_role = b["entry"].as_array().unwrap().iter().any(|e| {
-        e["resource"]["entity"].as_array().is_some_and(|es| {
-            es.iter()
-                .any(|x| x["what"]["reference"] == "PractitionerRole/role-new")
-        })
-    });
+    let b = audit_of(s, "pa-org").await;
+    let names_role = names(&b, None, "PractitionerRole/role-new");
     assert!(
         names_role,
         "the role's write is found under the patients it opens: {b}"
@@ -2134,25 +2119,8 @@ async fn every_named_patient_is_attributed_and_access_logs_stay_private(s: &Test
     assert_eq!(get(s, &l, "/Group/grp-2").await, 200);
     let (st, _) = send(s, &l, M::GET, "/Patient?_id=pa-gp,pa-other", None).await;
     assert_eq!(st, 200);
-    s.state.audit.flush().await.unwrap();
-    let aud = user(s, "aud", "auditor", None, None, "user/*.rs", None).await;
-    let (st, b) = send(
-        s,
-        &aud,
-        M::GET,
-        "/AuditEvent?patient=pa-other&_count=200",
-        None,
-    )
-    .await;
-    assert_eq!(st, 200, "{b}");
-    let names_group = |action: &str| {
-        b["entry"].as_array().unwrap().iter().any(|e| {
-            e["resource"]["action"] == action
-                && e["resource"]["entity"]
-                    .as_array()
-                    .is_some_and(|es| es.iter().any(|x| x["what"]["reference"] == "Group/grp-2"))
-        })
-    };
+    let b = audit_of(s, "pa-other").await;
+    let names_group = |action: &str| names(&b, Some(action), "Group/grp-2");
     assert!(names_group("C") || names_group("U"), "the Group write: {b}");
     assert!(
         names_group("R"),
@@ -2323,4 +2291,24 @@ async fn absolute_references_stored_earlier_are_made_canonical(s: &TestServer) {
         0,
         "nothing left to rewrite"
     );
+}
+
+/// The audit records an auditor finds for `patient` (as a Bundle).
+async fn audit_of(s: &TestServer, patient: &str) -> Value {
+    s.state.audit.flush().await.unwrap();
+    let aud = user(s, "aud", "auditor", None, None, "user/*.rs", None).await;
+    let path = format!("/AuditEvent?patient={patient}&_count=200");
+    let (st, b) = send(s, &aud, M::GET, &path, None).await;
+    assert_eq!(st, 200, "{b}");
+    b
+}
+
+/// Whether a record of `b` (with `action`, if given) names `reference`.
+fn names(b: &Value, action: Option<&str>, reference: &str) -> bool {
+    b["entry"].as_array().unwrap().iter().any(|e| {
+        action.is_none_or(|a| e["resource"]["action"] == a)
+            && e["resource"]["entity"]
+                .as_array()
+                .is_some_and(|es| es.iter().any(|x| x["what"]["reference"] == reference))
+    })
 }

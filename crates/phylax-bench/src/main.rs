@@ -237,7 +237,7 @@ async fn setup(
         })
         .await?;
     }
-    let mut cfg = phylax_server::config::Config::load(&data)?;
+    let mut cfg = phylax_server::base::config::Config::load(&data)?;
     cfg.audit.checkpoint_secs = checkpoint_secs;
     // One client drives thousands of requests a second: the per-client
     // limit would measure the limiter, not the server.
@@ -248,7 +248,7 @@ async fn setup(
     cfg.public_url = format!("https://{addr}");
     cfg.save(&data)?;
     let inst = Instance::open(&data, db).await?;
-    let tls = phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key)?;
+    let tls = phylax_server::net::tls::server_config(&inst.cert_path(), &inst.config.tls.key)?;
     let ca = std::fs::read(inst.ca_path())?;
     let key = phylax_auth::client_key::generate()?;
     let client_id = uuid::Uuid::new_v4().to_string();

@@ -8,15 +8,15 @@
 //! FHIR routes other than `metadata` and the SMART discovery document also
 //! pass the bearer-token check.
 
-use crate::accounts::Accounts;
-use crate::config::Config;
-use crate::error::{outcome_response, ApiError, REQUEST_ID};
-use crate::grants::Grants;
+use crate::base::config::Config;
+use crate::data::accounts::Accounts;
+use crate::data::grants::Grants;
+use crate::data::keyring::KeyRing;
+use crate::data::repo::Repo;
+use crate::data::revocations::Revoked;
 use crate::instance::Instance;
-use crate::keyring::KeyRing;
-use crate::pipeline::RequestCtx;
-use crate::repo::Repo;
-use crate::revocations::Revoked;
+use crate::rest::error::{outcome_response, ApiError, REQUEST_ID};
+use crate::rest::pipeline::RequestCtx;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -48,7 +48,7 @@ pub struct AppState {
     pub tokens: TokenIssuer,
     pub verifier: Arc<Verifier>,
     pub cursor_key: MacKey,
-    pub audit: Arc<crate::audit::AuditLog>,
+    pub audit: Arc<crate::audit::log::AuditLog>,
     pub capability: serde_json::Value,
     pub smart_config: serde_json::Value,
     /// Clients disabled in the database, refreshed every few seconds so that
@@ -71,13 +71,13 @@ pub struct AppState {
     /// Built-in and configured roles.
     pub roles: Arc<phylax_auth::roles::Roles>,
     /// Counters for `GET /metrics`.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: crate::base::metrics::Metrics,
     /// Care relationships per user, briefly reused (see `access`).
-    pub care_cache: crate::access::CareCache,
+    pub care_cache: crate::access::reach::CareCache,
     /// Patients' privacy consents as deny rules (see `consent`).
-    pub consents: crate::consent::Consents,
+    pub consents: crate::access::consent::Consents,
     /// Flagged (VIP) patients, for the `vip-access` rule.
-    pub vip: crate::detect::VipSet,
+    pub vip: crate::audit::detect::VipSet,
     /// The `_security` index hashes of `access.restricted_labels`
     /// (computed once: every search by a caller without the label
     /// permission carries them).
@@ -128,8 +128,8 @@ impl AppState {
             fhir_base.clone(),
             config.auth.token_lifetime_secs,
         );
-        let capability = crate::capability::capability_statement(&config);
-        let smart_config = crate::auth_api::smart_configuration(&config);
+        let capability = crate::rest::capability::capability_statement(&config);
+        let smart_config = crate::authn::token::smart_configuration(&config);
         let st = Arc::new(AppState {
             repo: Repo::new(store.clone(), keys.clone(), blind_key, fhir_base.clone())
                 .with_aliases(&config.http.base_aliases),
@@ -187,7 +187,7 @@ impl AppState {
                 for param in ["_tag", "_security"] {
                     group.push(phylax_store::Cond::Hash {
                         param: param.into(),
-                        hashes: vec![crate::search::token_hash(key, param, sys, code)],
+                        hashes: vec![crate::data::search::token_hash(key, param, sys, code)],
                     });
                 }
             }
@@ -218,7 +218,7 @@ impl AppState {
             .map(|c| c.id)
             .collect();
         *self.disabled_clients.write() = set;
-        let revoked = Revoked::load(&self.store, crate::now_secs()).await?;
+        let revoked = Revoked::load(&self.store, crate::base::clock::now_secs()).await?;
         *self.revoked.write() = revoked;
         // A signing key added on another node (or by the CLI).
         let known = self.signing.read().len();
@@ -233,7 +233,7 @@ impl AppState {
 
     /// The alert webhook, if configured: its HMAC secret (a 0600 file of at
     /// least 32 bytes) and an HTTPS client trusting only the given CA.
-    fn webhook(&self) -> Result<Option<crate::detect::Webhook>, String> {
+    fn webhook(&self) -> Result<Option<crate::audit::detect::Webhook>, String> {
         use std::os::unix::fs::PermissionsExt;
         let d = &self.config.detect;
         let Some(url) = &d.webhook_url else {
@@ -262,7 +262,7 @@ impl AppState {
                 b = b.add_root_certificate(c);
             }
         }
-        Ok(Some(crate::detect::Webhook {
+        Ok(Some(crate::audit::detect::Webhook {
             url: url.clone(),
             key: Arc::new(key),
             client: b.build().map_err(|e| e.to_string())?,
@@ -271,7 +271,7 @@ impl AppState {
     }
 
     /// The syslog collector, if configured.
-    fn syslog_config(&self) -> Result<Option<crate::audit_export::SyslogConfig>, String> {
+    fn syslog_config(&self) -> Result<Option<crate::audit::export::SyslogConfig>, String> {
         let a = &self.config.audit;
         let (Some(target), Some(ca)) = (&a.syslog_tls, &a.syslog_ca_file) else {
             return Ok(None);
@@ -284,22 +284,22 @@ impl AppState {
         let hostname = url_host(&self.config.public_url)
             .unwrap_or("phylax")
             .to_owned();
-        Ok(Some(crate::audit_export::SyslogConfig {
+        Ok(Some(crate::audit::export::SyslogConfig {
             host,
             port,
             pos_file: self.data_dir.join("audit-syslog.pos"),
             hostname,
-            tls: crate::audit_export::syslog_tls(&pem)?,
+            tls: crate::audit::export::syslog_tls(&pem)?,
         }))
     }
 
     /// Where the audit log is exported, if configured (relative paths are
     /// under the data directory).
-    pub fn export_config(&self) -> Option<crate::audit_export::ExportConfig> {
+    pub fn export_config(&self) -> Option<crate::audit::export::ExportConfig> {
         let a = &self.config.audit;
         a.export_file
             .as_ref()
-            .map(|f| crate::audit_export::ExportConfig {
+            .map(|f| crate::audit::export::ExportConfig {
                 file: self.data_dir.join(f),
                 max_bytes: a.export_max_bytes,
                 keep: a.export_keep,
@@ -312,7 +312,7 @@ impl AppState {
     async fn record_config_change(&self) -> Result<(), ApiError> {
         let text = toml::to_string(&self.config).map_err(|e| ApiError::Internal(e.to_string()))?;
         let hash = hex::encode(phylax_audit::merkle::sha256(text.as_bytes()));
-        let mine = crate::audit::new_event_id();
+        let mine = crate::audit::log::new_event_id();
         let stored = self
             .store
             .put_meta_if_absent(&format!("config_seen:{hash}"), mine.as_bytes())
@@ -321,7 +321,7 @@ impl AppState {
         if stored != mine.as_bytes() {
             return Ok(());
         }
-        let ev = crate::audit::AuthEvent {
+        let ev = crate::audit::log::AuthEvent {
             kind: phylax_audit::event::EventKind::Security("config"),
             action: phylax_audit::event::Action::Update,
             outcome: phylax_audit::event::Outcome::Success,
@@ -349,7 +349,7 @@ impl AppState {
             match self.webhook() {
                 Ok(webhook) => {
                     let weak = Arc::downgrade(self);
-                    let r = crate::detect::Responder {
+                    let r = crate::audit::detect::Responder {
                         audit: self.audit.clone(),
                         accounts: self.accounts.clone(),
                         metrics: Arc::new(move |rule, sev| {
@@ -359,7 +359,11 @@ impl AppState {
                         }),
                         webhook,
                     };
-                    let d = crate::detect::start(self.config.detect.clone(), r, self.vip.clone());
+                    let d = crate::audit::detect::start(
+                        self.config.detect.clone(),
+                        r,
+                        self.vip.clone(),
+                    );
                     if !self.config.detect.vip_tags.is_empty() {
                         let weak = Arc::downgrade(self);
                         tokio::spawn(async move {
@@ -390,7 +394,7 @@ impl AppState {
                 tracing::error!(error = %e, "audit syslog not configured correctly; not sending")
             }
         }
-        crate::consent::Consents::spawn_poller(self);
+        crate::access::consent::Consents::spawn_poller(self);
         let st = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -408,7 +412,7 @@ impl AppState {
 /// request extensions: the token middleware attaches it, and batch
 /// entries reuse their Bundle's.
 pub fn fhir_routes() -> Router<Arc<AppState>> {
-    use crate::{bundle, fhir_api, search_api};
+    use crate::rest::{bundle, fhir as fhir_api, search as search_api};
     Router::new()
         .route("/fhir", post(bundle::system_post))
         // Clients commonly post Bundles to the base with a trailing slash.
@@ -436,13 +440,14 @@ pub fn fhir_routes() -> Router<Arc<AppState>> {
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir_api::vread))
         .route(
             "/fhir/{rtype}/{id}/{ctype}",
-            get(search_api::compartment_search).post(crate::break_glass::request),
+            get(search_api::compartment_search).post(crate::access::break_glass::request),
         )
 }
 
 /// Build the application router.
 pub fn router(st: Arc<AppState>) -> Router {
-    use crate::{auth_api, fhir_api};
+    use crate::authn::token as auth_api;
+    use crate::rest::fhir as fhir_api;
     let protected =
         fhir_routes().route_layer(middleware::from_fn_with_state(st.clone(), require_token));
     let public = Router::new()
@@ -455,7 +460,7 @@ pub fn router(st: Arc<AppState>) -> Router {
             "/.well-known/smart-configuration",
             get(auth_api::smart_config),
         )
-        .route("/metrics", get(crate::metrics::metrics))
+        .route("/metrics", get(crate::base::metrics::metrics))
         .route("/auth/token", post(auth_api::token))
         .route("/auth/revoke", post(auth_api::revoke))
         .route("/auth/jwks", get(auth_api::jwks))
@@ -464,27 +469,27 @@ pub fn router(st: Arc<AppState>) -> Router {
             get(auth_api::openid_config),
         )
         .route("/auth/introspect", post(auth_api::introspect))
-        .route("/auth/authorize", get(crate::signin::authorize))
-        .route("/auth/login", post(crate::signin::login))
-        .route("/auth/mfa", post(crate::signin::mfa))
-        .route("/auth/mfa/enroll", post(crate::signin::mfa_enroll))
-        .route("/auth/mfa/passkey", post(crate::signin::mfa_passkey))
+        .route("/auth/authorize", get(crate::authn::signin::authorize))
+        .route("/auth/login", post(crate::authn::signin::login))
+        .route("/auth/mfa", post(crate::authn::signin::mfa))
+        .route("/auth/mfa/enroll", post(crate::authn::signin::mfa_enroll))
+        .route("/auth/mfa/passkey", post(crate::authn::signin::mfa_passkey))
         .route(
             "/auth/mfa/enroll-passkey",
-            post(crate::signin::mfa_enroll_passkey),
+            post(crate::authn::signin::mfa_enroll_passkey),
         )
-        .route("/auth/passkey.js", get(crate::signin::passkey_js))
-        .route("/auth/account", get(crate::signin::account))
+        .route("/auth/passkey.js", get(crate::authn::signin::passkey_js))
+        .route("/auth/account", get(crate::authn::signin::account))
         .route(
             "/auth/account/passkeys",
-            post(crate::signin::account_passkeys),
+            post(crate::authn::signin::account_passkeys),
         )
-        .route("/auth/continue", post(crate::signin::proceed))
-        .route("/auth/consent", post(crate::signin::consent))
-        .route("/auth/logout", post(crate::signin::logout))
+        .route("/auth/continue", post(crate::authn::signin::proceed))
+        .route("/auth/consent", post(crate::authn::signin::consent))
+        .route("/auth/logout", post(crate::authn::signin::logout))
         .route(
             "/auth/enroll",
-            get(crate::signin::enroll_page).post(crate::signin::enroll_submit),
+            get(crate::authn::signin::enroll_page).post(crate::authn::signin::enroll_submit),
         );
     let mut app = public
         .merge(protected)
@@ -543,7 +548,7 @@ async fn access_log(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned());
     let resp = next.run(req).await;
-    let rid = crate::error::request_id().unwrap_or_default();
+    let rid = crate::rest::error::request_id().unwrap_or_default();
     tracing::info!(
         target: "phylax::access",
         request_id = %rid,
@@ -635,7 +640,7 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
     let Some(token) = token else {
         return ApiError::Unauthorized.into_response();
     };
-    let claims = match st.tokens.verify(token, crate::now_secs()) {
+    let claims = match st.tokens.verify(token, crate::base::clock::now_secs()) {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(reason = %e, "bearer token rejected");
@@ -683,12 +688,12 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
         Principal::User { user_id, .. } => (format!("u:{user_id}"), st.config.rate.user()),
         Principal::Client { client_id, .. } => (format!("c:{client_id}"), st.config.rate.client()),
     };
-    if let Err(secs) = st.rate.take(&key, limit, crate::now_ms()) {
+    if let Err(secs) = st.rate.take(&key, limit, crate::base::clock::now_ms()) {
         st.metrics.rate_limited("fhir");
         return ApiError::TooManyRequests(secs).into_response();
     }
     // Which patients' data this request reaches; unknown means refused.
-    let access = match crate::access::access_for(&st, &principal).await {
+    let access = match crate::access::reach::access_for(&st, &principal).await {
         Ok(a) => Arc::new(a),
         Err(e) => {
             tracing::warn!(reason = ?e.denied_by(), "access could not be established; request refused");
@@ -697,7 +702,7 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
             // facts up is a 503 either way.
             if let Some(rule) = e.denied_by() {
                 let ctx = RequestCtx {
-                    request_id: crate::error::request_id().unwrap_or_default(),
+                    request_id: crate::rest::error::request_id().unwrap_or_default(),
                     principal,
                     peer,
                     access: Arc::new(phylax_auth::policy::Access {
@@ -708,9 +713,10 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
                     }),
                 };
                 let status = e.status().as_u16();
-                let refs = crate::pipeline::AuditRefs::default();
+                let refs = crate::rest::pipeline::AuditRefs::default();
                 if let Err(a) =
-                    crate::pipeline::record(&st, &ctx, "access", refs, status, Some(rule)).await
+                    crate::rest::pipeline::record(&st, &ctx, "access", refs, status, Some(rule))
+                        .await
                 {
                     return a.into_response();
                 }
@@ -719,7 +725,7 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
         }
     };
     let ctx = RequestCtx {
-        request_id: crate::error::request_id().unwrap_or_default(),
+        request_id: crate::rest::error::request_id().unwrap_or_default(),
         principal,
         peer,
         access,
@@ -766,11 +772,11 @@ async fn serve_app(
     app: Router,
     listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
-    limits: crate::conn::Limits,
+    limits: crate::net::conn::Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     // Plaintext is loopback only: checked by `serve` before anything started.
-    crate::conn::serve(listener, tls, app, limits, shutdown).await
+    crate::net::conn::serve(listener, tls, app, limits, shutdown).await
 }
 
 /// The host part of an `https://host:port` URL.

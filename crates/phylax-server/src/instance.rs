@@ -12,9 +12,9 @@
 //! Keys live outside the data directory so that a copy of the data
 //! directory (or a backup of it) does not carry the means to read it.
 
-use crate::config::{Backend, Config, ConfigError, TlsConfig, CONFIG_FILE};
-use crate::keyring::KeyRing;
-use crate::tls::{self, TlsError};
+use crate::base::config::{Backend, Config, ConfigError, TlsConfig, CONFIG_FILE};
+use crate::data::keyring::KeyRing;
+use crate::net::tls::{self, TlsError};
 use phylax_crypto::{BlindIndexKey, CryptoError, Kek, MacKey};
 use phylax_store::{DynStore, StoreError};
 use std::path::{Path, PathBuf};
@@ -85,7 +85,7 @@ pub struct Instance {
     pub blind_key: BlindIndexKey,
     /// The audit log service (its group-commit writer runs on the runtime
     /// that opened the instance).
-    pub audit: Arc<crate::audit::AuditLog>,
+    pub audit: Arc<crate::audit::log::AuditLog>,
 }
 
 fn io(e: std::io::Error) -> InstanceError {
@@ -138,7 +138,7 @@ async fn wrapped(
     }
     let fresh = make()?;
     Ok(store
-        .put_wrapped_key_if_absent(row, &fresh, crate::now_secs())
+        .put_wrapped_key_if_absent(row, &fresh, crate::base::clock::now_secs())
         .await?)
 }
 
@@ -161,7 +161,7 @@ async fn blind_key(store: &DynStore, kek: &Kek) -> Result<BlindIndexKey, Instanc
 impl Instance {
     /// The account service (users, passwords, second factors) for this
     /// instance, with its configured hashing parameters.
-    pub fn accounts(&self) -> Result<crate::accounts::Accounts, InstanceError> {
+    pub fn accounts(&self) -> Result<crate::data::accounts::Accounts, InstanceError> {
         let a = &self.config.auth;
         let params = phylax_crypto::password::PasswordParams::new(
             a.argon2_memory_kib,
@@ -169,7 +169,7 @@ impl Instance {
             a.argon2_parallelism,
         )?;
         let roles = self.config.roles().map_err(InstanceError::Io)?;
-        crate::accounts::Accounts::new(
+        crate::data::accounts::Accounts::new(
             self.store.clone(),
             self.keys.clone(),
             self.auth_key.clone(),
@@ -336,7 +336,7 @@ impl Instance {
             .checkpoint_file
             .as_ref()
             .map(|p| data_dir.join(p));
-        let audit = crate::audit::AuditLog::open(
+        let audit = crate::audit::log::AuditLog::open(
             store.clone(),
             &keys,
             audit_blind,

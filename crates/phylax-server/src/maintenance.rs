@@ -4,9 +4,9 @@
 //! - [`canonicalize_stored_references`]: references to this server stored
 //!   in absolute form get a new version in canonical (relative) form.
 
-use crate::error::ApiError;
+use crate::data::repo::RepoError;
 use crate::http::AppState;
-use crate::repo::RepoError;
+use crate::rest::error::ApiError;
 use phylax_fhir::ResourceType;
 
 /// Once per instance (and again when `http.base_aliases` changes):
@@ -78,7 +78,7 @@ pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, ApiErr
                     );
                     if let Some(d) = st.audit.detector() {
                         d.raise_once(
-                            crate::detect::Alert {
+                            crate::audit::detect::Alert {
                                 rule: "reference-review",
                                 severity: "medium",
                                 detail: format!(
@@ -103,8 +103,8 @@ pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, ApiErr
                     )
                     .await?;
                 let facts = phylax_audit::event::AuditFacts {
-                    id: crate::audit::new_event_id(),
-                    recorded_ms: crate::now_ms(),
+                    id: crate::audit::log::new_event_id(),
+                    recorded_ms: crate::base::clock::now_ms(),
                     kind: phylax_audit::event::EventKind::Security("maintenance"),
                     action: phylax_audit::event::Action::Update,
                     outcome: phylax_audit::event::Outcome::Success,
@@ -133,7 +133,7 @@ pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, ApiErr
                     Ok(_) => n += 1,
                     // Written meanwhile: that version went through the
                     // canonical form already.
-                    Err(crate::repo::RepoError::Conflict) => {}
+                    Err(crate::data::repo::RepoError::Conflict) => {}
                     Err(e) => return Err(e.into()),
                 }
             }

@@ -47,10 +47,10 @@ async fn server(b: Backend) -> Option<TestServer> {
         // Another name this server once had.
         c.http.base_aliases = vec!["https://old-name.example/fhir".into()];
         c.roles = vec![
-            phylax_server::config::RoleConfig {
+            phylax_server::base::config::RoleConfig {
                 name: "psychiatrist".into(),
                 description: "Sees sensitive data of the patients they treat".into(),
-                grants: vec![phylax_server::config::RoleGrantConfig {
+                grants: vec![phylax_server::base::config::RoleGrantConfig {
                     types: vec!["*".into()],
                     perms: "cruds".into(),
                 }],
@@ -61,10 +61,10 @@ async fn server(b: Backend) -> Option<TestServer> {
                 purpose: "TREAT".into(),
                 masks: Vec::new(),
             },
-            phylax_server::config::RoleConfig {
+            phylax_server::base::config::RoleConfig {
                 name: "coder".into(),
                 description: "Codes observations; never sees clinical notes".into(),
-                grants: vec![phylax_server::config::RoleGrantConfig {
+                grants: vec![phylax_server::base::config::RoleGrantConfig {
                     types: vec!["Observation".into()],
                     perms: "rs".into(),
                 }],
@@ -506,7 +506,7 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     assert_eq!(get(s, &plain, "/Observation/obs-other").await, 200);
 
     // `phylax access explain`: the same decision, by rule, without data.
-    use phylax_server::access_admin::{explain, parse_interaction, review, Subject};
+    use phylax_server::rest::access_admin::{explain, parse_interaction, review, Subject};
     let ex = |who: &'static str, rt: &'static str, id: &'static str, what: &'static str| async move {
         let subject = Subject::User {
             username: who.into(),
@@ -860,14 +860,14 @@ async fn break_the_glass(s: &TestServer) {
     // In the review queue, with its sealed reason for the reviewer.
     let open = s.state.store.break_glass_list(true, 10).await.unwrap();
     assert_eq!(open.len(), 1);
-    let d = phylax_server::break_glass::open_details(&s.state.keys, &open[0])
+    let d = phylax_server::access::break_glass::open_details(&s.state.keys, &open[0])
         .await
         .unwrap();
     assert_eq!(d.patient, "pa-other");
     assert!(d.reason.contains("unconscious"));
 
     // Closing the review: auditors only, with a note, once.
-    use phylax_server::break_glass::{close, queue, ReviewError};
+    use phylax_server::access::break_glass::{close, queue, ReviewError};
     let gid = open[0].id.clone();
     user(s, "aud", "auditor", None, None, "user/AuditEvent.rs", None).await;
     assert!(matches!(
@@ -918,12 +918,12 @@ async fn break_the_glass(s: &TestServer) {
     .await;
     let cid = s.state.accounts.find("dr.c").await.unwrap().unwrap().rec.id;
     let gid = uuid::Uuid::new_v4().to_string();
-    let details = phylax_server::break_glass::GrantDetails {
+    let details = phylax_server::access::break_glass::GrantDetails {
         patient: "pa-other".into(),
         reason: "old".into(),
         purpose: "ETREAT".into(),
     };
-    let sealed = phylax_server::break_glass::seal(&s.state.keys, &gid, "grant", &details)
+    let sealed = phylax_server::access::break_glass::seal(&s.state.keys, &gid, "grant", &details)
         .await
         .unwrap();
     let t = chrono::Utc::now().timestamp_millis();
@@ -1068,15 +1068,15 @@ async fn consents_deny_actors_purposes_and_everyone(s: &TestServer) {
     }
     assert!(hidden, "another node's consent applies");
     // The explanation names the consent.
-    let e = phylax_server::access_admin::explain(
+    let e = phylax_server::rest::access_admin::explain(
         &s.state,
-        &phylax_server::access_admin::Subject::User {
+        &phylax_server::rest::access_admin::Subject::User {
             username: "dr.a".into(),
             scope: None,
         },
         &phylax_fhir::ResourceType::parse("Patient").unwrap(),
         &phylax_fhir::ResourceId::parse("pa-enc").unwrap(),
-        phylax_server::access_admin::parse_interaction("read").unwrap(),
+        phylax_server::rest::access_admin::parse_interaction("read").unwrap(),
     )
     .await
     .unwrap();
@@ -1526,7 +1526,7 @@ async fn too_many_consent_denials_are_refused_and_recorded(s: &TestServer) {
     assert_eq!(get(s, &fd, "/Patient/pa-gp").await, 200);
     // One more patient than the limit denies every requester (one
     // transaction: the consent index is reread once, not per consent).
-    let n = phylax_server::access::MAX_DENIED + 1;
+    let n = phylax_server::access::reach::MAX_DENIED + 1;
     let entries: Vec<Value> = (0..n)
         .map(|i| {
             json!({"resource": consent(&format!("cd-{i}"), &format!("pd-{i}"), json!({"type": "deny"})),
@@ -2203,7 +2203,7 @@ async fn absolute_references_stored_earlier_are_made_canonical(s: &TestServer) {
         .await
         .unwrap();
     // A repository that knows another base: it stores our base as it is.
-    let old = phylax_server::repo::Repo::new(
+    let old = phylax_server::data::repo::Repo::new(
         inst.store.clone(),
         inst.keys.clone(),
         inst.blind_key,

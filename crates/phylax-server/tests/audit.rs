@@ -616,7 +616,7 @@ async fn export_streams_verifiable_json_lines() {
 
     // A separate export with a tiny size limit: rotation, and a second
     // pass writes only what is new.
-    let cfg = phylax_server::audit_export::ExportConfig {
+    let cfg = phylax_server::audit::export::ExportConfig {
         file: s.dir.path().join("small.jsonl"),
         max_bytes: 4096,
         keep: 2,
@@ -756,8 +756,8 @@ async fn alerts_reach_a_signed_webhook_and_survive_a_refusal() {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let tls = phylax_server::tls::server_config(&cert, &key).unwrap();
-    tokio::spawn(phylax_server::tls::serve_tls(
+    let tls = phylax_server::net::tls::server_config(&cert, &key).unwrap();
+    tokio::spawn(phylax_server::net::tls::serve_tls(
         listener,
         tls,
         app,
@@ -883,8 +883,9 @@ async fn syslog_over_tls_catches_up_after_an_outage() {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
-    let acceptor =
-        tokio_rustls::TlsAcceptor::from(phylax_server::tls::server_config(&cert, &key).unwrap());
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        phylax_server::net::tls::server_config(&cert, &key).unwrap(),
+    );
     let got2 = got.clone();
     tokio::spawn(async move {
         loop {
@@ -939,7 +940,7 @@ async fn configuration_changes_are_recorded() {
     let (_, stop) = s.second_node().await;
     let _ = stop.send(());
     assert_eq!(count().await, 1, "same configuration, no new record");
-    let mut cfg = phylax_server::config::Config::load(&s.data_dir).unwrap();
+    let mut cfg = phylax_server::base::config::Config::load(&s.data_dir).unwrap();
     cfg.http.default_page_size = 20;
     cfg.save(&s.data_dir).unwrap();
     let (_, stop) = s.second_node().await;
@@ -985,14 +986,14 @@ async fn writes_feed_the_detector() {
 fn receiver_tls(
     dir: &std::path::Path,
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let g = phylax_server::tls::generate(&[]).unwrap();
+    let g = phylax_server::net::tls::generate(&[]).unwrap();
     let (cert, key, ca) = (
         dir.join("cert.pem"),
         dir.join("key.pem"),
         dir.join("ca.pem"),
     );
     std::fs::write(&cert, &g.server_cert_pem).unwrap();
-    phylax_server::tls::write_private(&key, g.server_key_pem.expose()).unwrap();
+    phylax_server::net::tls::write_private(&key, g.server_key_pem.expose()).unwrap();
     std::fs::write(&ca, &g.ca_cert_pem).unwrap();
     (cert, key, ca)
 }
@@ -1014,7 +1015,7 @@ async fn records_of(s: &TestServer, subtype: &str, limit: u32) -> Vec<phylax_sto
 fn facts(i: usize) -> phylax_audit::event::AuditFacts {
     use phylax_audit::event::{Action, AuditFacts, EventKind, Outcome};
     AuditFacts {
-        id: phylax_server::audit::new_event_id(),
+        id: phylax_server::audit::log::new_event_id(),
         recorded_ms: chrono::Utc::now().timestamp_millis(),
         kind: EventKind::Rest("read"),
         action: Action::Read,
@@ -1038,7 +1039,7 @@ fn facts(i: usize) -> phylax_audit::event::AuditFacts {
 // last batch (never acknowledged), even when a segment is replayed twice.
 both!(journaled_records_survive_a_crash);
 async fn journaled_records_survive_a_crash(s: &TestServer) {
-    use phylax_server::audit_journal::Journal;
+    use phylax_server::audit::journal::Journal;
     let root = s.dir.path().join("crash-journal");
     let j = Journal::open(&root, s.state.store.clone()).await.unwrap();
     let mut ids = Vec::new();
@@ -1069,7 +1070,7 @@ async fn journaled_records_survive_a_crash(s: &TestServer) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let mut torn =
-        phylax_server::audit_journal::encode(&s.state.audit.draft(&facts(99)).unwrap(), 0);
+        phylax_server::audit::journal::encode(&s.state.audit.draft(&facts(99)).unwrap(), 0);
     torn.truncate(torn.len() / 2);
     let mut f = std::fs::OpenOptions::new()
         .append(true)

@@ -32,7 +32,7 @@ fn logs() -> &'static Buf {
         // TRACE everywhere, through the same filter the binary uses.
         tracing_subscriber::fmt()
             .json()
-            .with_env_filter(phylax_server::logging::filter("trace"))
+            .with_env_filter(phylax_server::base::logging::filter("trace"))
             .with_writer(move || w.clone())
             .init();
         buf

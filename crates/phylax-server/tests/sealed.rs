@@ -290,7 +290,7 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
     let inst = Instance::open(&s.data_dir, s.db_url.as_deref())
         .await
         .unwrap();
-    let repo = phylax_server::repo::Repo::new(
+    let repo = phylax_server::data::repo::Repo::new(
         inst.store.clone(),
         inst.keys.clone(),
         inst.blind_key,
@@ -314,7 +314,10 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
     };
     let r = page(vec![&good1, &e, &good2]).await;
     assert!(
-        matches!(r, Err(phylax_server::repo::RepoError::Integrity { .. })),
+        matches!(
+            r,
+            Err(phylax_server::data::repo::RepoError::Integrity { .. })
+        ),
         "{:?}",
         r.map(|p| p.len())
     );
@@ -323,7 +326,10 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
         .read(&t, &phylax_fhir::ResourceId::parse(&e).unwrap())
         .await;
     assert!(
-        matches!(r, Err(phylax_server::repo::RepoError::Integrity { .. })),
+        matches!(
+            r,
+            Err(phylax_server::data::repo::RepoError::Integrity { .. })
+        ),
         "{r:?}"
     );
 }
@@ -355,7 +361,7 @@ async fn wrong_or_exposed_kek_is_refused() {
     // Another KEK: refused at start, not at the first read.
     let other = dir.path().join("keys/other");
     phylax_crypto::Kek::create_file(&other).unwrap();
-    let mut cfg = phylax_server::config::Config::load(&data).unwrap();
+    let mut cfg = phylax_server::base::config::Config::load(&data).unwrap();
     let good = cfg.key_file.clone();
     cfg.key_file = other;
     cfg.save(&data).unwrap();
@@ -436,7 +442,7 @@ async fn plaintext_only_on_loopback_and_tls_is_strict() {
     let untrusting = reqwest::Client::builder().use_rustls_tls().build().unwrap();
     assert!(untrusting.get(s.url("/metadata")).send().await.is_err());
     // Only forward-secret AEAD suites are configured.
-    for suite in phylax_server::tls::allowed_suites() {
+    for suite in phylax_server::net::tls::allowed_suites() {
         let name = format!("{:?}", suite.suite());
         assert!(
             name.starts_with("TLS13_") || name.starts_with("TLS_ECDHE_"),

@@ -701,7 +701,7 @@ async fn existing_data_is_reindexed_at_start() {
     );
     let q = phylax_store::SearchQuery {
         rtype: "Patient".into(),
-        and: phylax_server::search::parse(
+        and: phylax_server::data::search::parse(
             st.repo.blind_key(),
             &st.fhir_base,
             &phylax_fhir::ResourceType::parse("Patient").unwrap(),

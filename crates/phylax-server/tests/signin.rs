@@ -11,7 +11,7 @@ mod common;
 
 use base64::Engine;
 use common::TestServer;
-use phylax_server::grants::Kind;
+use phylax_server::data::grants::Kind;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::process::Command;
@@ -1096,7 +1096,7 @@ async fn lockout_body(s: &TestServer) {
         .id;
     s.state
         .accounts
-        .set_status(&id, phylax_server::accounts::Status::Active, now())
+        .set_status(&id, phylax_server::data::accounts::Status::Active, now())
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
@@ -1518,7 +1518,7 @@ async fn disabling_a_user_ends_tokens_on_every_node(s: &TestServer) {
         .id;
     s.state
         .accounts
-        .set_status(&id, phylax_server::accounts::Status::Disabled, now())
+        .set_status(&id, phylax_server::data::accounts::Status::Disabled, now())
         .await
         .unwrap();
     let start = std::time::Instant::now();
@@ -1976,7 +1976,7 @@ async fn rehash_body(s: &TestServer) {
     };
     assert_eq!(scheme(s).await, "argon2id m=19456,t=2,p=1");
     // The operator raises the cost; a node started now uses it.
-    let mut cfg = phylax_server::config::Config::load(&s.data_dir).unwrap();
+    let mut cfg = phylax_server::base::config::Config::load(&s.data_dir).unwrap();
     cfg.auth.argon2_memory_kib = 24 * 1024;
     cfg.save(&s.data_dir).unwrap();
     let (fhir2, _stop) = s.second_node().await;
@@ -2131,10 +2131,10 @@ mod roles {
         TestServer::start_with(b, |c| {
             c.auth.mfa_optional_roles =
                 vec!["front-desk".into(), "auditor".into(), "lab-tech".into()];
-            c.roles = vec![phylax_server::config::RoleConfig {
+            c.roles = vec![phylax_server::base::config::RoleConfig {
                 name: "lab-tech".into(),
                 description: "Laboratory".into(),
-                grants: vec![phylax_server::config::RoleGrantConfig {
+                grants: vec![phylax_server::base::config::RoleGrantConfig {
                     types: vec!["Observation".into(), "Specimen".into()],
                     perms: "crus".into(),
                 }],
@@ -2328,7 +2328,7 @@ async fn sign_in_flood_is_bounded() {
 // out for good, and the lockout alert still goes to the administrators.
 both!(lockouts_expire_with_exponential_back_off);
 async fn lockouts_expire_with_exponential_back_off(s: &TestServer) {
-    use phylax_server::accounts::Status;
+    use phylax_server::data::accounts::Status;
     enrolled_user(s, "dr.backoff", "clinician", None).await;
     let id = s
         .state

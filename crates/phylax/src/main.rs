@@ -356,7 +356,7 @@ enum ClientCmd {
 
 fn init_logging(json: bool) {
     let user = std::env::var("PHYLAX_LOG").unwrap_or_else(|_| "info".into());
-    let filter = phylax_server::logging::filter(&user);
+    let filter = phylax_server::base::logging::filter(&user);
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true);
@@ -419,7 +419,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve(a) => {
             // JSON logs when asked on the command line or in phylax.toml.
-            let cfg_json = phylax_server::config::Config::load(&a.inst.data_dir)
+            let cfg_json = phylax_server::base::config::Config::load(&a.inst.data_dir)
                 .map(|c| c.log.json)
                 .unwrap_or(false);
             init_logging(a.log_json || cfg_json);
@@ -548,7 +548,9 @@ async fn audit_cmd(c: AuditCmd) -> Result<()> {
 }
 
 async fn quickstart(data_dir: &Path, listen: &str) -> Result<()> {
-    let fresh = !data_dir.join(phylax_server::config::CONFIG_FILE).exists();
+    let fresh = !data_dir
+        .join(phylax_server::base::config::CONFIG_FILE)
+        .exists();
     if fresh {
         Instance::init(&InitOptions {
             data_dir: data_dir.to_path_buf(),
@@ -604,7 +606,7 @@ async fn serve_cmd(
         tracing::warn!("DANGER: serving plaintext HTTP on {addr} (--danger-plaintext)");
         None
     } else {
-        Some(phylax_server::tls::server_config(
+        Some(phylax_server::net::tls::server_config(
             &inst.cert_path(),
             &inst.config.tls.key,
         )?)
@@ -783,7 +785,7 @@ fn check_redirect_uri(u: &str) -> Result<()> {
 }
 
 async fn user_cmd(c: UserCmd) -> Result<()> {
-    use phylax_server::accounts::Status;
+    use phylax_server::data::accounts::Status;
     let now = chrono::Utc::now().timestamp();
     match c {
         UserCmd::Add {
@@ -976,7 +978,7 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
 }
 
 fn instant(ms: i64) -> String {
-    phylax_server::repo::format_instant(ms)
+    phylax_server::data::repo::format_instant(ms)
 }
 
 /// The server's state over an instance, for commands that make the same
@@ -989,7 +991,7 @@ async fn app_state(inst: &InstanceArgs) -> Result<std::sync::Arc<phylax_server::
 }
 
 async fn access_cmd(c: AccessCmd) -> Result<()> {
-    use phylax_server::access_admin;
+    use phylax_server::rest::access_admin;
     match c {
         AccessCmd::Explain {
             inst,
@@ -1021,7 +1023,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
             let e = access_admin::explain(&st, &subject, &t, &id, what)
                 .await
                 .map_err(|e| match e {
-                    phylax_server::error::ApiError::NotFound => {
+                    phylax_server::rest::error::ApiError::NotFound => {
                         anyhow::anyhow!("no such user or client")
                     }
                     other => anyhow::anyhow!("{other:?}"),
@@ -1098,7 +1100,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
         }
         AccessCmd::BreakGlass(BreakGlassCmd::List { inst, all, json }) => {
             let st = app_state(&inst).await?;
-            let items = phylax_server::break_glass::queue(&st, !all)
+            let items = phylax_server::access::break_glass::queue(&st, !all)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             st.audit
@@ -1145,7 +1147,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
             note,
         }) => {
             let st = app_state(&inst).await?;
-            let by = phylax_server::break_glass::close(&st, &id, &reviewer, &note).await?;
+            let by = phylax_server::access::break_glass::close(&st, &id, &reviewer, &note).await?;
             st.audit
                 .record_admin(
                     "break-the-glass-review",
@@ -1180,16 +1182,20 @@ async fn admin_audit(
 }
 
 async fn find_user(
-    accounts: &phylax_server::accounts::Accounts,
+    accounts: &phylax_server::data::accounts::Accounts,
     username: &str,
-) -> Result<phylax_server::accounts::User> {
+) -> Result<phylax_server::data::accounts::User> {
     accounts
         .find(username)
         .await?
         .ok_or_else(|| anyhow::anyhow!("no user named {username}"))
 }
 
-async fn user_status(a: UserArgs, status: phylax_server::accounts::Status, now: i64) -> Result<()> {
+async fn user_status(
+    a: UserArgs,
+    status: phylax_server::data::accounts::Status,
+    now: i64,
+) -> Result<()> {
     let i = Instance::open(&a.inst.data_dir, a.inst.database_url.as_deref()).await?;
     let accounts = i.accounts()?;
     let u = find_user(&accounts, &a.username).await?;

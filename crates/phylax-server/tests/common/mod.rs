@@ -86,7 +86,7 @@ impl TestServer {
     /// Start, letting `tweak` adjust the configuration first.
     pub async fn start_with(
         backend: Backend,
-        tweak: impl FnOnce(&mut phylax_server::config::Config),
+        tweak: impl FnOnce(&mut phylax_server::base::config::Config),
     ) -> Option<TestServer> {
         let db_url = match backend {
             Backend::Sqlite => None,
@@ -112,8 +112,8 @@ impl TestServer {
         tweak(&mut cfg);
         cfg.save(&data_dir).unwrap();
         let inst = Instance::open(&data_dir, db_url.as_deref()).await.unwrap();
-        let tls =
-            phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key).unwrap();
+        let tls = phylax_server::net::tls::server_config(&inst.cert_path(), &inst.config.tls.key)
+            .unwrap();
         let ca = std::fs::read(inst.ca_path()).unwrap();
         let state = AppState::new(inst).await.unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -184,8 +184,8 @@ impl TestServer {
         let inst = Instance::open(&self.data_dir, self.db_url.as_deref())
             .await
             .unwrap();
-        let tls =
-            phylax_server::tls::server_config(&inst.cert_path(), &inst.config.tls.key).unwrap();
+        let tls = phylax_server::net::tls::server_config(&inst.cert_path(), &inst.config.tls.key)
+            .unwrap();
         let state = AppState::new(inst).await.unwrap();
         // Same certificate: it names 127.0.0.1, so any port works.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,963 @@
+//! The resource-level half of authorization: which patients' data one
+//! request reaches, and whether each resource a response would carry is
+//! within it (`phylax_auth::policy::decide_resource` decides; this module
+//! gathers the facts and applies the answer).
+//!
+//! - **Reach** is computed once per request by the authentication
+//!   middleware ([`access_for`]): backend clients and roles whose job spans
+//!   the organisation reach every patient; patients reach their own
+//!   compartment; clinicians and nurses (and custom roles limited to care
+//!   relationships) reach the patients they care for, found in the data
+//!   itself ([`care_patients`]), plus active break-the-glass grants.
+//! - **Searches** carry the reach as conditions on the query
+//!   ([`query_conditions`]), so paging, `_total` and `_count` are computed
+//!   over what the caller may see; nothing is filtered after the fact
+//!   where a count could betray it.
+//! - **Everything else** (reads, history, includes, `$everything`, writes,
+//!   Bundle entries) checks each resource with [`check`]: a resource
+//!   outside the reach answers exactly like one that does not exist.
+//!
+//! Care relationships are cached per user for [`CARE_TTL`]: a new care team
+//! membership applies within seconds; ending one also ends within seconds.
+
+use crate::data::repo::{RepoError, ResourceVersion};
+use crate::http::AppState;
+use crate::rest::error::ApiError;
+use phylax_auth::policy::{decide_resource, Access, Decision, Principal, Reach, ResourceFacts};
+use phylax_auth::roles::ReachRule;
+use phylax_fhir::{compartment, ResourceType};
+use phylax_store::{Cond, SearchQuery};
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a user's computed care relationships are reused.
+pub const CARE_TTL: Duration = Duration::from_secs(5);
+
+/// Most rows read per care-relationship lookup: a practitioner with more
+/// encounters than this is treated as over `max_reach`.
+const CARE_SCAN_LIMIT: u32 = 100_000;
+
+/// One user's cached facts.
+#[derive(Clone, Default)]
+struct Cached {
+    /// How the user is known in the data (`Type/id`), if looked up.
+    refs: Option<Arc<Vec<String>>>,
+    /// Their own family names (normalised), from their Practitioner.
+    family: Option<Arc<Vec<String>>>,
+    /// Care-relationship patients (`None`: over `max_reach`), if computed.
+    care: Option<Option<Arc<BTreeSet<String>>>>,
+    /// Break-the-glass patients with their grants' expiry (ms), if looked up.
+    emergency: Option<Vec<(String, i64)>>,
+}
+
+/// Per-user cache of care relationships and break-the-glass grants.
+#[derive(Default)]
+pub struct CareCache {
+    map: parking_lot::Mutex<HashMap<String, (Instant, Cached)>>,
+}
+
+impl std::fmt::Debug for CareCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CareCache").finish_non_exhaustive()
+    }
+}
+
+impl CareCache {
+    /// Forget a user's entry (their link or grants changed here).
+    pub fn forget(&self, user_id: &str) {
+        self.map.lock().remove(user_id);
+    }
+
+    /// Forget everyone's (a write changed who cares for whom).
+    pub fn clear(&self) {
+        self.map.lock().clear();
+    }
+}
+
+/// Types whose writes can start or end a care relationship (or, `Person`,
+/// change who a patient is in the data).
+pub const CARE_TYPES: &[&str] = &[
+    "Patient",
+    "CareTeam",
+    "Encounter",
+    "EpisodeOfCare",
+    "PractitionerRole",
+    "Person",
+];
+
+/// With `access.self_registration`, a new `Patient` that names the writer
+/// as general practitioner starts a care relationship: a clinician
+/// registering a patient may create the record they are taking on.
+/// (Whether the write may name them at all is
+/// [`phylax_auth::policy::decide_relationships`]'s decision.)
+pub fn starts_care(st: &AppState, access: &Access, rtype: &ResourceType, body: &Value) -> bool {
+    if !st.config.access.self_registration || rtype.as_str() != "Patient" || access.refs.is_empty()
+    {
+        return false;
+    }
+    let refs_at = |key: &str| -> Vec<String> {
+        let node = body.get(key);
+        let items: Vec<&Value> = match node {
+            Some(Value::Array(a)) => a.iter().collect(),
+            Some(v) => vec![v],
+            None => Vec::new(),
+        };
+        items
+            .iter()
+            .filter_map(|v| v.get("reference").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect()
+    };
+    refs_at("generalPractitioner")
+        .into_iter()
+        .any(|r| access.refs.contains(&r))
+}
+
+/// The restricted security labels, as `(system, code)`.
+pub fn restricted_labels(st: &AppState) -> impl Iterator<Item = (&str, &str)> {
+    st.config
+        .access
+        .restricted_labels
+        .iter()
+        .filter_map(|l| l.split_once('|'))
+}
+
+/// Does `body` carry a restricted security label?
+pub fn is_restricted(st: &AppState, body: &Value) -> bool {
+    let Some(labels) = body
+        .get("meta")
+        .and_then(|m| m.get("security"))
+        .and_then(Value::as_array)
+    else {
+        return false;
+    };
+    labels.iter().any(|l| {
+        let sys = l.get("system").and_then(Value::as_str);
+        let code = l.get("code").and_then(Value::as_str);
+        restricted_labels(st).any(|(s, c)| Some(s) == sys && Some(c) == code)
+    })
+}
+
+/// The resource-level decision for one resource body.
+pub fn decide_body(st: &AppState, access: &Access, rtype: &ResourceType, body: &Value) -> Decision {
+    let patients = compartment::patients_of(rtype, body);
+    decide_resource(
+        access,
+        &ResourceFacts {
+            rtype: rtype.as_str(),
+            patients: &patients,
+            restricted: is_restricted(st, body),
+        },
+    )
+}
+
+/// May `access` write (or replace) `body`? Every patient it names must be
+/// within reach ([`phylax_auth::policy::decide_write`]); consents do not
+/// restrict writes.
+pub fn decide_write_body(
+    st: &AppState,
+    access: &Access,
+    rtype: &ResourceType,
+    body: &Value,
+) -> Decision {
+    let patients = compartment::patients_of(rtype, body);
+    phylax_auth::policy::decide_write(
+        &access.for_writes(),
+        &ResourceFacts {
+            rtype: rtype.as_str(),
+            patients: &patients,
+            restricted: is_restricted(st, body),
+        },
+    )
+}
+
+/// May `access` see version `v`? A deleted version carries no body: only
+/// an unrestricted caller sees that it was deleted.
+pub fn allows(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision {
+    match &v.body {
+        Some(b) => decide_body(st, access, &v.rtype, b.json()),
+        None if access.reach == Reach::All => Decision::Allow,
+        None => Decision::Deny("reach: a deleted version names no patient"),
+    }
+}
+
+/// [`allows`] as a result: hidden resources answer 404.
+pub fn check(st: &AppState, access: &Access, v: &ResourceVersion) -> Result<(), ApiError> {
+    match allows(st, access, v) {
+        Decision::Allow => Ok(()),
+        Decision::Deny(rule) => Err(ApiError::Hidden(rule)),
+    }
+}
+
+/// The key scopes a history page of `scope` may draw from for `access`
+/// (`None`: every version). A caller limited to some patients gets the
+/// versions sealed under their patients' keys (less those whose consent
+/// denies them) and, for the shared reference types, the tenant key; a
+/// version whose first patient is out of reach is left out even if a
+/// later one is reached (narrower than a read, never wider).
+pub fn history_scopes(access: &Access, scope: &phylax_store::HistoryScope) -> Option<Vec<String>> {
+    let Reach::Patients(set) = &access.reach else {
+        return None;
+    };
+    let patients = || {
+        set.iter()
+            .filter(|p| !access.denied.contains(*p))
+            .map(|p| format!("patient:{p}"))
+            .collect::<Vec<_>>()
+    };
+    Some(match scope {
+        phylax_store::HistoryScope::Type(t)
+            if phylax_auth::policy::SHARED_REFERENCE.contains(&t.as_str()) =>
+        {
+            vec!["tenant".to_owned()]
+        }
+        phylax_store::HistoryScope::Type(t) if compartment::is_compartment_type(t) => patients(),
+        phylax_store::HistoryScope::Type(_) => Vec::new(),
+        // An instance is checked version by version; system history is
+        // not open to callers limited to some patients.
+        phylax_store::HistoryScope::Instance(..) => return None,
+        phylax_store::HistoryScope::System => {
+            let mut v = patients();
+            v.push("tenant".to_owned());
+            v
+        }
+    })
+}
+
+/// [`allows`] for a resource a search returned, with fast paths that need
+/// no parse of the body in the common cases: a caller who reaches every
+/// patient and sees labels; a body with no security labels at all; the
+/// compartment's patient known from the authenticated key scope.
+pub fn returned(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision {
+    let labels_ok = access.labelled
+        || !v
+            .body
+            .as_ref()
+            .is_some_and(|b| b.may_contain("\"security\""));
+    let reach_ok = match &access.reach {
+        Reach::All => true,
+        Reach::Patients(set) => v.patient.as_ref().is_some_and(|p| set.contains(p)),
+    };
+    if labels_ok && reach_ok && access.denied.is_empty() {
+        return Decision::Allow;
+    }
+    allows(st, access, v)
+}
+
+/// A request's reads and searches, confined to what its caller may see by
+/// construction. Reads, vreads and includes apply the decision to what
+/// they open; every search query gets the caller's conditions
+/// ([`query_conditions`]) added here, not by each handler, and every
+/// resource it returns is checked again after decryption against the
+/// decision ([`returned`]). Search index entries are not authenticated
+/// (whoever can write the database can move a hash); the stored resource
+/// is. A mismatch is refused (no data leaves) and raises an
+/// `index-tamper` alert.
+#[derive(Clone, Copy)]
+pub struct Scoped<'a> {
+    st: &'a AppState,
+    ctx: &'a crate::rest::pipeline::RequestCtx,
+}
+
+impl std::fmt::Debug for Scoped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scoped").finish_non_exhaustive()
+    }
+}
+
+impl<'a> Scoped<'a> {
+    pub fn new(st: &'a AppState, ctx: &'a crate::rest::pipeline::RequestCtx) -> Scoped<'a> {
+        Scoped { st, ctx }
+    }
+
+    fn confine(&self, q: &mut SearchQuery) -> Result<(), ApiError> {
+        let t = ResourceType::parse(&q.rtype).ok_or(ApiError::UnknownType)?;
+        q.and
+            .extend(query_conditions(self.st, &self.ctx.access, &t));
+        Ok(())
+    }
+
+    /// The current version of `Type/id`, if the caller may see it: a
+    /// hidden one answers exactly like one that does not exist (404), and
+    /// so does a deleted one for a caller limited to some patients.
+    pub async fn read(
+        &self,
+        rtype: &ResourceType,
+        id: &phylax_fhir::ResourceId,
+    ) -> Result<ResourceVersion, ApiError> {
+        let v = self.gone_hidden(self.st.repo.read(rtype, id).await)?;
+        check(self.st, &self.ctx.access, &v)?;
+        Ok(v)
+    }
+
+    /// One version of `Type/id`, under the same rules as [`Scoped::read`].
+    pub async fn vread(
+        &self,
+        rtype: &ResourceType,
+        id: &phylax_fhir::ResourceId,
+        version: phylax_fhir::VersionId,
+    ) -> Result<ResourceVersion, ApiError> {
+        let v = self.gone_hidden(self.st.repo.vread(rtype, id, version).await)?;
+        check(self.st, &self.ctx.access, &v)?;
+        Ok(v)
+    }
+
+    /// `Type/id` if it exists, is live and the caller may see it; `None`
+    /// otherwise, whichever the reason (includes leave such resources out
+    /// silently).
+    pub async fn visible(
+        &self,
+        rtype: &ResourceType,
+        id: &phylax_fhir::ResourceId,
+    ) -> Result<Option<ResourceVersion>, ApiError> {
+        match self.st.repo.read(rtype, id).await {
+            Ok(v) if allows(self.st, &self.ctx.access, &v) == Decision::Allow => Ok(Some(v)),
+            Ok(_) | Err(RepoError::NotFound | RepoError::Gone(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn gone_hidden(
+        &self,
+        r: Result<ResourceVersion, RepoError>,
+    ) -> Result<ResourceVersion, ApiError> {
+        match r {
+            Err(RepoError::Gone(_)) if self.ctx.access.reach != Reach::All => Err(
+                ApiError::Hidden("reach: a deleted resource names no patient"),
+            ),
+            r => Ok(r?),
+        }
+    }
+
+    /// Every match (up to `q.limit`), confined and checked.
+    pub async fn search(&self, mut q: SearchQuery) -> Result<Vec<ResourceVersion>, ApiError> {
+        self.confine(&mut q)?;
+        let rows = self.st.repo.search_unconfined(&q).await?;
+        self.verify(&rows)?;
+        Ok(rows)
+    }
+
+    /// One page (at most `keep`) and whether there are more, confined and
+    /// checked.
+    pub async fn search_page(
+        &self,
+        mut q: SearchQuery,
+        keep: usize,
+    ) -> Result<(Vec<ResourceVersion>, bool), ApiError> {
+        self.confine(&mut q)?;
+        let (rows, more) = self.st.repo.search_page_unconfined(&q, keep).await?;
+        self.verify(&rows)?;
+        Ok((rows, more))
+    }
+
+    /// How many resources match, confined (counts only what the caller
+    /// may see; nothing is opened).
+    pub async fn count(&self, mut q: SearchQuery) -> Result<u64, ApiError> {
+        self.confine(&mut q)?;
+        q.before_seq = None;
+        Ok(self
+            .st
+            .store
+            .search_count(&q)
+            .await
+            .map_err(crate::data::repo::RepoError::from)?)
+    }
+
+    fn verify(&self, rows: &[ResourceVersion]) -> Result<(), ApiError> {
+        for v in rows {
+            if let Decision::Deny(rule) = returned(self.st, &self.ctx.access, v) {
+                let what = format!("{}/{}", v.rtype, v.id);
+                tracing::error!(
+                    event = "integrity.index",
+                    request_id = %self.ctx.request_id,
+                    resource = %what,
+                    rule,
+                    "a search matched a resource outside the caller's access: index entries may have been altered; nothing was served"
+                );
+                if let Some(d) = self.st.audit.detector() {
+                    d.raise_once(
+                        crate::audit::detect::Alert {
+                            rule: "index-tamper",
+                            severity: "high",
+                            detail: format!(
+                                "a search by {} matched {what}, which the stored resource puts outside their access: search index entries may have been altered",
+                                self.ctx.principal.id()
+                            ),
+                            user: None,
+                        },
+                        format!("index-tamper|{what}"),
+                    );
+                }
+                return Err(ApiError::Integrity(format!(
+                    "search index entry for {what} does not match the stored resource"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Conditions that confine a search of `rtype` to what `access` may see:
+/// the compartments it reaches (any compartment parameter referencing one
+/// of its patients) and, without the label permission, no restricted
+/// label. Break-the-glass patients' labelled data is allowed through the
+/// label condition by an OR with their compartment.
+fn query_conditions(st: &AppState, access: &Access, rtype: &ResourceType) -> Vec<Vec<Cond>> {
+    let key = st.repo.blind_key();
+    let mut and = Vec::new();
+    if let Reach::Patients(set) = &access.reach {
+        if compartment::is_compartment_type(rtype.as_str()) {
+            and.push(compartment_of_any(st, rtype, set));
+        } else if !phylax_auth::policy::SHARED_REFERENCE.contains(&rtype.as_str()) {
+            and.push(vec![Cond::Never]);
+        }
+    }
+    if !access.denied.is_empty() && compartment::is_compartment_type(rtype.as_str()) {
+        // In no compartment of a patient whose consent denies the caller.
+        let targets: Vec<String> = access
+            .denied
+            .iter()
+            .map(|p| format!("Patient/{p}"))
+            .collect();
+        for p in phylax_fhir::defs::definitions().compartment_params(rtype.as_str()) {
+            let Cond::Hash { param, hashes } = crate::data::search::references_to(key, p, &targets)
+            else {
+                continue;
+            };
+            and.push(vec![Cond::NotHash { param, hashes }]);
+        }
+        if rtype.as_str() == "Patient" {
+            and.push(vec![Cond::NotIds(access.denied.iter().cloned().collect())]);
+        }
+    }
+    if !access.labelled {
+        let hashes = st
+            .label_hashes
+            .get_or_init(|| {
+                restricted_labels(st)
+                    .map(|(s, c)| crate::data::search::token_hash(key, "_security", s, c))
+                    .collect()
+            })
+            .clone();
+        if !hashes.is_empty() {
+            let mut group = vec![Cond::NotHash {
+                param: "_security".into(),
+                hashes,
+            }];
+            if !access.emergency.is_empty() && compartment::is_compartment_type(rtype.as_str()) {
+                group.extend(compartment_of_any(st, rtype, &access.emergency));
+            }
+            and.push(group);
+        }
+    }
+    and
+}
+
+/// "In the compartment of one of `patients`", as one OR group.
+fn compartment_of_any(
+    st: &AppState,
+    rtype: &ResourceType,
+    patients: &BTreeSet<String>,
+) -> Vec<Cond> {
+    let targets: Vec<String> = patients.iter().map(|p| format!("Patient/{p}")).collect();
+    let mut group: Vec<Cond> = phylax_fhir::defs::definitions()
+        .compartment_params(rtype.as_str())
+        .iter()
+        .map(|p| crate::data::search::references_to(st.repo.blind_key(), p, &targets))
+        .collect();
+    if rtype.as_str() == "Patient" {
+        group.push(Cond::Ids(patients.iter().cloned().collect()));
+    }
+    if group.is_empty() || patients.is_empty() {
+        return vec![Cond::Never];
+    }
+    group
+}
+
+/// The purpose of use of backend clients' requests (healthcare
+/// operations: system integrations).
+pub const CLIENT_PURPOSE: &str = "HOPERAT";
+
+/// Most patients whose consent may deny one caller: the set becomes
+/// conditions of every query (bound parameters per compartment parameter),
+/// so a larger one is refused with a reason rather than risk a query the
+/// database cannot take. Callers limited to some patients only count the
+/// ones they reach.
+pub const MAX_DENIED: usize = 2_000;
+
+/// Compute the access of one request's caller.
+pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiError> {
+    // Consents that could not be reread for a while are not applied from
+    // memory: fail closed until the index is current again.
+    if !st.consents.fresh() {
+        st.consents.refresh(&st.repo).await?;
+    }
+    let a = compute_access(st, who).await?;
+    if a.denied.len() > MAX_DENIED {
+        return Err(ApiError::Declined(
+            "consent: more patients' consents deny this caller than a query can carry",
+        ));
+    }
+    Ok(a)
+}
+
+async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, ApiError> {
+    match who {
+        Principal::Client { client_id, .. } => Ok(Access {
+            reach: Reach::All,
+            emergency: BTreeSet::new(),
+            labelled: st.config.access.labelled_clients.contains(client_id),
+            // A client is known by no reference in the data: only consents
+            // that deny every requester apply to it.
+            denied: st
+                .consents
+                .denied(&[], CLIENT_PURPOSE, crate::base::clock::now_ms()),
+            purpose: CLIENT_PURPOSE,
+            refs: Vec::new(),
+            relationships: st.config.access.relationship_clients.contains(client_id),
+        }),
+        Principal::User {
+            user_id,
+            role,
+            patient,
+            ..
+        } => {
+            let emergency = if role.break_glass {
+                emergency_patients(st, user_id).await?
+            } else {
+                BTreeSet::new()
+            };
+            let refs = match (role.reach, patient) {
+                (ReachRule::OwnCompartment, Some(p)) => patient_refs(st, user_id, p).await?,
+                (ReachRule::OwnCompartment, None) => Arc::new(Vec::new()),
+                _ => requester_refs(st, user_id).await?,
+            };
+            let mut denied = st
+                .consents
+                .denied(&refs, role.purpose, crate::base::clock::now_ms());
+            denied.retain(|p| !emergency.contains(p));
+            let reach = match role.reach {
+                ReachRule::Everyone => Reach::All,
+                ReachRule::OwnCompartment => {
+                    // A patient's token names their own patient (SMART
+                    // launch context); without one it reaches nothing.
+                    // People who delegated to them (a permit in their
+                    // consent naming this patient) are reached too.
+                    let mut set: BTreeSet<String> = patient.iter().cloned().collect();
+                    set.extend(st.consents.delegated(
+                        &refs,
+                        role.purpose,
+                        crate::base::clock::now_ms(),
+                    ));
+                    // Denials of patients out of reach change nothing (and
+                    // must not count towards `MAX_DENIED`: other patients'
+                    // consents denying "everyone" name this patient too).
+                    denied.retain(|p| set.contains(p));
+                    set.retain(|p| !denied.contains(p));
+                    Reach::Patients(set)
+                }
+                ReachRule::CareRelationships => {
+                    let mut set = match care_patients(st, user_id).await? {
+                        Some(s) => (*s).clone(),
+                        None => {
+                            return Err(ApiError::Declined(
+                                "reach: care relationships exceed access.max_reach",
+                            ))
+                        }
+                    };
+                    set.extend(emergency.iter().cloned());
+                    // Denials of patients out of reach change nothing.
+                    denied.retain(|p| set.contains(p));
+                    Reach::Patients(set)
+                }
+            };
+            Ok(Access {
+                reach,
+                emergency,
+                labelled: role.labelled,
+                denied,
+                purpose: role.purpose,
+                refs: refs.to_vec(),
+                relationships: role.relationships,
+            })
+        }
+    }
+}
+
+fn cached(st: &AppState, user_id: &str) -> Cached {
+    match st.care_cache.map.lock().get(user_id) {
+        Some((at, c)) if at.elapsed() < CARE_TTL => c.clone(),
+        _ => Cached::default(),
+    }
+}
+
+fn store_cached(st: &AppState, user_id: &str, f: impl FnOnce(&mut Cached)) {
+    let mut map = st.care_cache.map.lock();
+    let e = map
+        .entry(user_id.to_owned())
+        .or_insert_with(|| (Instant::now(), Cached::default()));
+    if e.0.elapsed() >= CARE_TTL {
+        *e = (Instant::now(), Cached::default());
+    }
+    f(&mut e.1);
+}
+
+/// The patients a user holds an unexpired break-the-glass grant for
+/// (expiry is checked on every request, whatever the cache holds).
+async fn emergency_patients(st: &AppState, user_id: &str) -> Result<BTreeSet<String>, ApiError> {
+    let now = crate::base::clock::now_ms();
+    let grants = match cached(st, user_id).emergency {
+        Some(g) => g,
+        None => {
+            let g = crate::access::break_glass::active_grants(st, user_id).await?;
+            store_cached(st, user_id, |c| c.emergency = Some(g.clone()));
+            g
+        }
+    };
+    Ok(grants
+        .into_iter()
+        .filter(|(_, exp)| *exp > now)
+        .map(|(p, _)| p)
+        .collect())
+}
+
+/// The patients a workforce user has a care relationship with, from the
+/// data: through their linked `Practitioner` (`phylax user
+/// set-practitioner`), its `PractitionerRole`s and their organizations —
+/// `Patient.generalPractitioner`, `Patient.managingOrganization`,
+/// `CareTeam.participant`, `Encounter.participant` and
+/// `EpisodeOfCare.careManager`. Only holders of the relationships
+/// permission write these (`phylax_auth::policy::decide_relationships`). `None` when the set
+/// exceeds `access.max_reach`. A user with no linked practitioner reaches
+/// no patient (fail closed).
+pub async fn care_patients(
+    st: &AppState,
+    user_id: &str,
+) -> Result<Option<Arc<BTreeSet<String>>>, ApiError> {
+    if let Some(c) = cached(st, user_id).care {
+        return Ok(c);
+    }
+    let computed = compute_care(st, user_id).await?;
+    store_cached(st, user_id, |c| c.care = Some(computed.clone()));
+    Ok(computed)
+}
+
+async fn find(
+    st: &AppState,
+    rtype: &str,
+    param: &str,
+    targets: &[String],
+) -> Result<Vec<ResourceVersion>, ApiError> {
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let q = SearchQuery {
+        rtype: rtype.to_owned(),
+        and: vec![vec![crate::data::search::references_to(
+            st.repo.blind_key(),
+            param,
+            targets,
+        )]],
+        before_seq: None,
+        limit: CARE_SCAN_LIMIT,
+    };
+    Ok(st.repo.search_unconfined(&q).await?)
+}
+
+fn ids_of_refs(body: &Value, pointer: &[&str], prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut nodes = vec![body];
+    for key in pointer {
+        let mut next = Vec::new();
+        for n in nodes {
+            match n.get(*key) {
+                Some(Value::Array(a)) => next.extend(a.iter()),
+                Some(v) => next.push(v),
+                None => {}
+            }
+        }
+        nodes = next;
+    }
+    // `prefix` is `Type/`; references are read in their canonical form
+    // (versioned ones name the same resource).
+    let want = prefix.trim_end_matches('/');
+    for n in nodes {
+        if let Some((_, id)) = n
+            .get("reference")
+            .and_then(Value::as_str)
+            .and_then(|r| phylax_fhir::reference::target::<&str>(r, &[]))
+            .filter(|(t, _)| *t == want)
+        {
+            out.push(id.to_owned());
+        }
+    }
+    out
+}
+
+/// The patients a write of a `PractitionerRole` opens (or closes) to the
+/// practitioner holding it: those whose general practitioner is the role
+/// or its organization, and those the organization manages. Named in the
+/// write's audit record, so a relationship change says whom it concerns
+/// (at most `access.max_reach`). Other relationship types name their
+/// patients themselves.
+pub async fn patients_opened(
+    st: &AppState,
+    rtype: &ResourceType,
+    id: &phylax_fhir::ResourceId,
+    bodies: &[&Value],
+) -> Result<Vec<String>, ApiError> {
+    if rtype.as_str() != "PractitionerRole" {
+        return Ok(Vec::new());
+    }
+    // The organizations of every version given (the new content and the
+    // one it replaces), once each.
+    let mut orgs: Vec<String> = Vec::new();
+    for o in bodies
+        .iter()
+        .flat_map(|b| ids_of_refs(b, &["organization"], "Organization/"))
+    {
+        let o = format!("Organization/{o}");
+        if !orgs.contains(&o) {
+            orgs.push(o);
+        }
+    }
+    let mut gp_targets = vec![format!("PractitionerRole/{id}")];
+    gp_targets.extend(orgs.iter().cloned());
+    let max = st.config.access.max_reach;
+    let mut out: Vec<String> = Vec::new();
+    for (param, targets) in [
+        ("general-practitioner", &gp_targets),
+        ("organization", &orgs),
+    ] {
+        for v in find(st, "Patient", param, targets).await? {
+            let p = v.id.to_string();
+            if !out.contains(&p) && out.len() < max {
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// How a patient is known in the data: their `Patient/{id}`, and the
+/// `RelatedPerson`s a `Person` resource links to that Patient (the same
+/// human as someone else's parent or carer), so a consent naming either
+/// delegates to them.
+async fn patient_refs(
+    st: &AppState,
+    user_id: &str,
+    patient: &str,
+) -> Result<Arc<Vec<String>>, ApiError> {
+    if let Some(r) = cached(st, user_id).refs {
+        return Ok(r);
+    }
+    let me = format!("Patient/{patient}");
+    let mut refs = vec![me.clone()];
+    for person in find(st, "Person", "link", std::slice::from_ref(&me)).await? {
+        if let Some(b) = &person.body {
+            if b.json().get("active").and_then(Value::as_bool) == Some(false) {
+                continue;
+            }
+            for rp in ids_of_refs(b.json(), &["link", "target"], "RelatedPerson/") {
+                let r = format!("RelatedPerson/{rp}");
+                if !refs.contains(&r) {
+                    refs.push(r);
+                }
+            }
+        }
+    }
+    let refs = Arc::new(refs);
+    store_cached(st, user_id, |c| c.refs = Some(refs.clone()));
+    Ok(refs)
+}
+
+/// How a workforce user is known in the data: their linked Practitioner,
+/// its active PractitionerRoles and those roles' organizations (`Type/id`).
+/// Empty without a linked Practitioner.
+pub async fn requester_refs(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, ApiError> {
+    if let Some(r) = cached(st, user_id).refs {
+        return Ok(r);
+    }
+    let user = st
+        .accounts
+        .load(user_id)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let mut refs = Vec::new();
+    if let Some(practitioner) = user.as_ref().and_then(|u| u.practitioner()) {
+        let me = format!("Practitioner/{practitioner}");
+        let roles = find(
+            st,
+            "PractitionerRole",
+            "practitioner",
+            std::slice::from_ref(&me),
+        )
+        .await?;
+        refs.push(me);
+        let mut orgs = Vec::new();
+        for r in &roles {
+            let Some(b) = r.body.as_ref().map(|b| b.json()) else {
+                continue;
+            };
+            if b.get("active").and_then(Value::as_bool) == Some(false) {
+                continue;
+            }
+            refs.push(format!("PractitionerRole/{}", r.id));
+            for o in ids_of_refs(b, &["organization"], "Organization/") {
+                let o = format!("Organization/{o}");
+                if !orgs.contains(&o) {
+                    orgs.push(o);
+                }
+            }
+        }
+        refs.extend(orgs);
+    }
+    let refs = Arc::new(refs);
+    store_cached(st, user_id, |c| c.refs = Some(refs.clone()));
+    Ok(refs)
+}
+
+async fn compute_care(
+    st: &AppState,
+    user_id: &str,
+) -> Result<Option<Arc<BTreeSet<String>>>, ApiError> {
+    let refs = requester_refs(st, user_id).await?;
+    if refs.is_empty() {
+        return Ok(Some(Arc::new(BTreeSet::new())));
+    }
+    let max = st.config.access.max_reach;
+    let people: Vec<String> = refs
+        .iter()
+        .filter(|r| !r.starts_with("Organization/"))
+        .cloned()
+        .collect();
+    let orgs: Vec<String> = refs
+        .iter()
+        .filter(|r| r.starts_with("Organization/"))
+        .cloned()
+        .collect();
+    let mut set = BTreeSet::new();
+    let gp_targets: Vec<String> = refs.to_vec();
+    for v in find(st, "Patient", "general-practitioner", &gp_targets).await? {
+        set.insert(v.id.to_string());
+    }
+    for v in find(st, "Patient", "organization", &orgs).await? {
+        set.insert(v.id.to_string());
+    }
+    for (rtype, param) in [
+        ("CareTeam", "participant"),
+        ("Encounter", "participant"),
+        ("EpisodeOfCare", "care-manager"),
+    ] {
+        let rows = find(st, rtype, param, &people).await?;
+        if rows.len() >= CARE_SCAN_LIMIT as usize {
+            return Ok(None);
+        }
+        for v in rows {
+            if let Some(b) = &v.body {
+                set.extend(compartment::patients_of(&v.rtype, b.json()));
+            }
+        }
+        if set.len() > max {
+            return Ok(None);
+        }
+    }
+    if set.len() > max {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(set)))
+}
+
+/// The `own-family-name` detection rule: a workforce user receiving
+/// Patients whose family name is their own (normalised, from their linked
+/// Practitioner) is looking up relatives, the classic snooping case. Only
+/// ids go into the alert.
+pub async fn watch_own_name<'a>(
+    st: &AppState,
+    ctx: &crate::rest::pipeline::RequestCtx,
+    versions: impl IntoIterator<Item = &'a ResourceVersion>,
+) {
+    let Some(detector) = st.audit.detector() else {
+        return;
+    };
+    let Principal::User { user_id, role, .. } = &ctx.principal else {
+        return;
+    };
+    if role.patient {
+        return;
+    }
+    let patients: Vec<&ResourceVersion> = versions
+        .into_iter()
+        .filter(|v| v.rtype.as_str() == "Patient")
+        .collect();
+    if patients.is_empty() {
+        return;
+    }
+    let family = match own_family(st, user_id).await {
+        Ok(f) if !f.is_empty() => f,
+        _ => return,
+    };
+    for v in patients {
+        let Some(b) = &v.body else { continue };
+        let theirs = b
+            .json()
+            .get("name")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.get("family").and_then(Value::as_str))
+            .map(phylax_fhir::search::normalize);
+        for f in theirs {
+            if family.contains(&f) {
+                detector.raise_once(
+                    crate::audit::detect::Alert {
+                        rule: "own-family-name",
+                        severity: "medium",
+                        detail: format!(
+                            "user {user_id} looked up Patient/{}, who shares their family name",
+                            v.id
+                        ),
+                        user: Some(user_id.clone()),
+                    },
+                    format!("{user_id}|{}", v.id),
+                );
+                break;
+            }
+        }
+    }
+}
+
+async fn own_family(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, ApiError> {
+    if let Some(f) = cached(st, user_id).family {
+        return Ok(f);
+    }
+    let refs = requester_refs(st, user_id).await?;
+    let mut out = Vec::new();
+    if let Some(id) = refs
+        .iter()
+        .find_map(|r| r.strip_prefix("Practitioner/"))
+        .and_then(phylax_fhir::ResourceId::parse)
+    {
+        let t = ResourceType::parse("Practitioner")
+            .ok_or_else(|| ApiError::Internal("no Practitioner type".into()))?;
+        if let Ok(v) = st.repo.read(&t, &id).await {
+            if let Some(b) = &v.body {
+                out.extend(
+                    b.json()
+                        .get("name")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|n| n.get("family").and_then(Value::as_str))
+                        .map(phylax_fhir::search::normalize)
+                        .filter(|f| !f.is_empty()),
+                );
+            }
+        }
+    }
+    let out = Arc::new(out);
+    store_cached(st, user_id, |c| c.family = Some(out.clone()));
+    Ok(out)
+}

@@ -1,0 +1,361 @@
+//! Data keys by scope, created on first use and cached unwrapped in memory.
+//!
+//! Scopes: `patient:{id}` for resources in a patient's compartment (so one
+//! patient's data can later be crypto-shredded without touching others) and
+//! `tenant` for everything else. A key is generated, wrapped by the KEK and
+//! stored with put-if-absent, then the stored one is unwrapped and used: if
+//! two nodes race to create the same scope, both end up with the winner.
+
+use phylax_crypto::signing::SigningKey;
+use phylax_crypto::{DataKey, Kek};
+use phylax_store::{DynStore, StoreError};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Bound on the in-memory cache (both generations together). A key that
+/// falls out is fetched and unwrapped again on demand: one round trip.
+const CACHE_MAX: usize = 100_000;
+
+/// Unwrapped data keys in two generations, an approximate LRU without a
+/// list to maintain under the lock. New and reused keys go to `hot`; when
+/// `hot` is full it becomes `cold` and the old `cold` is dropped. A key
+/// used at least once per generation therefore stays, so with more patients
+/// than the bound the ones being worked on keep their keys, where clearing
+/// the whole cache made every one of them a round trip again.
+struct KeyCache {
+    hot: HashMap<String, Arc<DataKey>>,
+    cold: HashMap<String, Arc<DataKey>>,
+    /// Entries per generation: half the bound.
+    generation: usize,
+}
+
+impl KeyCache {
+    fn new(max: usize) -> KeyCache {
+        KeyCache {
+            hot: HashMap::new(),
+            cold: HashMap::new(),
+            generation: (max / 2).max(1),
+        }
+    }
+
+    /// A hot key, without taking the write lock.
+    fn get_hot(&self, scope: &str) -> Option<Arc<DataKey>> {
+        self.hot.get(scope).cloned()
+    }
+
+    /// Hot keys for a page of rows (`None`: a row without a sealed body).
+    fn hot_many(&self, scopes: &[Option<&str>]) -> Vec<Option<Arc<DataKey>>> {
+        scopes
+            .iter()
+            .map(|s| s.and_then(|s| self.get_hot(s)))
+            .collect()
+    }
+
+    /// Fill in the keys `hot_many` did not find, from either generation.
+    fn fill_misses(&mut self, scopes: &[Option<&str>], keys: &mut [Option<Arc<DataKey>>]) {
+        for (k, s) in keys.iter_mut().zip(scopes) {
+            if let (None, Some(s)) = (&k, s) {
+                *k = self.get(s);
+            }
+        }
+    }
+
+    fn contains(&self, scope: &str) -> bool {
+        self.hot.contains_key(scope) || self.cold.contains_key(scope)
+    }
+
+    /// A key from either generation; a cold one moves to `hot`.
+    fn get(&mut self, scope: &str) -> Option<Arc<DataKey>> {
+        if let Some(k) = self.hot.get(scope) {
+            return Some(k.clone());
+        }
+        let k = self.cold.remove(scope)?;
+        self.insert(scope, k.clone());
+        Some(k)
+    }
+
+    fn insert(&mut self, scope: &str, key: Arc<DataKey>) {
+        if self.hot.len() >= self.generation && !self.hot.contains_key(scope) {
+            self.cold = std::mem::take(&mut self.hot);
+        }
+        self.hot.insert(scope.to_owned(), key);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("key unwrap failed for a stored data key (wrong KEK or tampered key row)")]
+    Unwrap,
+    #[error("no data key for a stored record's scope")]
+    Missing,
+    #[error("random number generator failed")]
+    Random,
+}
+
+pub struct KeyRing {
+    kek: Kek,
+    store: DynStore,
+    cache: parking_lot::RwLock<KeyCache>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing").finish_non_exhaustive()
+    }
+}
+
+fn row_name(scope: &str) -> String {
+    format!("data:{scope}")
+}
+
+impl KeyRing {
+    pub fn new(kek: Kek, store: DynStore) -> KeyRing {
+        KeyRing {
+            kek,
+            store,
+            cache: parking_lot::RwLock::new(KeyCache::new(CACHE_MAX)),
+        }
+    }
+
+    /// The key for `scope` if it is in memory (no database access).
+    pub(crate) fn cached(&self, scope: &str) -> Option<Arc<DataKey>> {
+        // The common case (a hot key) takes only the read lock.
+        if let Some(k) = self.cache.read().get_hot(scope) {
+            return Some(k);
+        }
+        self.cache.write().get(scope)
+    }
+
+    fn remember(&self, scope: &str, key: DataKey) -> Arc<DataKey> {
+        let key = Arc::new(key);
+        self.cache.write().insert(scope, key.clone());
+        key
+    }
+
+    /// [`KeyRing::cached`] for a page of rows, under one read lock (the
+    /// write lock only if some key is not hot): a lock and its shared
+    /// counter per row were a visible part of opening a search page.
+    pub(crate) fn cached_all(&self, scopes: &[Option<&str>]) -> Vec<Option<Arc<DataKey>>> {
+        let mut keys = self.cache.read().hot_many(scopes);
+        if keys
+            .iter()
+            .zip(scopes)
+            .any(|(k, s)| k.is_none() && s.is_some())
+        {
+            self.cache.write().fill_misses(scopes, &mut keys);
+        }
+        keys
+    }
+
+    /// The data key for `scope`, creating it if this is the scope's first write.
+    pub async fn for_write(&self, scope: &str) -> Result<Arc<DataKey>, KeyError> {
+        if let Some(k) = self.cached(scope) {
+            return Ok(k);
+        }
+        let wrapped = match self.store.get_wrapped_key(&row_name(scope)).await? {
+            Some(w) => w,
+            None => {
+                let fresh = DataKey::generate().map_err(|_| KeyError::Random)?;
+                let w = self
+                    .kek
+                    .wrap_data_key(scope, &fresh)
+                    .map_err(|_| KeyError::Random)?;
+                self.store
+                    .put_wrapped_key_if_absent(&row_name(scope), &w, crate::base::clock::now_secs())
+                    .await?
+            }
+        };
+        let key = self
+            .kek
+            .unwrap_data_key(scope, &wrapped)
+            .map_err(|_| KeyError::Unwrap)?;
+        Ok(self.remember(scope, key))
+    }
+
+    /// Fetch and cache, in one read, the keys of these scopes that are not
+    /// cached yet (a search page's, whose results each have their own
+    /// patient's key: one round trip per page instead of one per result
+    /// after a restart, or whenever the cache has been cleared). Keys that
+    /// are missing or fail to unwrap are left out: [`KeyRing::for_read`]
+    /// reports them for the record that needs them.
+    pub async fn prefetch<'a>(
+        &self,
+        scopes: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), KeyError> {
+        let want: Vec<String> = {
+            let cache = self.cache.read();
+            scopes
+                .into_iter()
+                .filter(|s| !cache.contains(s))
+                .map(row_name)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        if want.len() < 2 {
+            // Nothing to batch: `for_read` fetches a single key itself.
+            return Ok(());
+        }
+        for (row, wrapped) in self.store.get_wrapped_keys(&want).await? {
+            let Some(scope) = row.strip_prefix("data:") else {
+                continue;
+            };
+            if let Ok(key) = self.kek.unwrap_data_key(scope, &wrapped) {
+                self.remember(scope, key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The data key for reading a record sealed under `scope`.
+    pub async fn for_read(&self, scope: &str) -> Result<Arc<DataKey>, KeyError> {
+        if let Some(k) = self.cached(scope) {
+            return Ok(k);
+        }
+        let wrapped = self
+            .store
+            .get_wrapped_key(&row_name(scope))
+            .await?
+            .ok_or(KeyError::Missing)?;
+        let key = self
+            .kek
+            .unwrap_data_key(scope, &wrapped)
+            .map_err(|_| KeyError::Unwrap)?;
+        Ok(self.remember(scope, key))
+    }
+}
+
+fn signing_row(n: usize) -> String {
+    format!("sig:sig-{n}")
+}
+
+impl KeyRing {
+    /// The `id_token` signing keys, oldest first (`sig-1`, `sig-2`, …); the
+    /// last one signs. The first is created on first use (race-safe).
+    pub async fn signing_keys(&self) -> Result<Vec<SigningKey>, KeyError> {
+        let mut out = Vec::new();
+        while let Some(w) = self
+            .store
+            .get_wrapped_key(&signing_row(out.len() + 1))
+            .await?
+        {
+            let kid = format!("sig-{}", out.len() + 1);
+            out.push(SigningKey::unwrap(&self.kek, &kid, &w).map_err(|_| KeyError::Unwrap)?);
+        }
+        if out.is_empty() {
+            out.push(self.add_signing_key(1).await?);
+        }
+        Ok(out)
+    }
+
+    /// Is there a key newer than the `n` we know (another node rotated)?
+    pub async fn signing_key_added(&self, n: usize) -> Result<bool, KeyError> {
+        Ok(self
+            .store
+            .get_wrapped_key(&signing_row(n + 1))
+            .await?
+            .is_some())
+    }
+
+    /// Add the next signing key; returns its `kid`. Tokens signed with the
+    /// previous key keep verifying: the JWKS publishes both.
+    pub async fn rotate_signing(&self) -> Result<String, KeyError> {
+        let n = self.signing_keys().await?.len() + 1;
+        Ok(self.add_signing_key(n).await?.kid().to_owned())
+    }
+
+    async fn add_signing_key(&self, n: usize) -> Result<SigningKey, KeyError> {
+        let kid = format!("sig-{n}");
+        let (_, w) = SigningKey::generate_wrapped(&self.kek, &kid).map_err(|_| KeyError::Random)?;
+        let stored = self
+            .store
+            .put_wrapped_key_if_absent(&signing_row(n), &w, crate::base::clock::now_secs())
+            .await?;
+        SigningKey::unwrap(&self.kek, &kid, &stored).map_err(|_| KeyError::Unwrap)
+    }
+}
+
+impl KeyRing {
+    /// The audit log's checkpoint key (Ed25519), created on first use
+    /// (race-safe: every node ends up with the stored one).
+    pub async fn checkpoint_key(
+        &self,
+    ) -> Result<phylax_crypto::log_signing::CheckpointKey, KeyError> {
+        use phylax_crypto::log_signing::CheckpointKey;
+        const ROW: &str = "log:checkpoint-1";
+        const SCOPE: &str = "checkpoint-1";
+        let w = match self.store.get_wrapped_key(ROW).await? {
+            Some(w) => w,
+            None => {
+                let (_, w) = CheckpointKey::generate_wrapped(&self.kek, SCOPE)
+                    .map_err(|_| KeyError::Random)?;
+                self.store
+                    .put_wrapped_key_if_absent(ROW, &w, crate::base::clock::now_secs())
+                    .await?
+            }
+        };
+        CheckpointKey::unwrap(&self.kek, SCOPE, &w).map_err(|_| KeyError::Unwrap)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    fn key() -> Arc<DataKey> {
+        Arc::new(DataKey::generate().unwrap())
+    }
+
+    /// Keys in use survive the cache filling up with others; the bound
+    /// holds; a key unused for a whole generation is dropped.
+    #[test]
+    fn keys_in_use_stay_when_the_cache_fills() {
+        let mut c = KeyCache::new(8); // generations of 4
+        let hot = key();
+        c.insert("patient:hot", hot.clone());
+        c.insert("patient:idle", key());
+        for i in 0..100 {
+            c.insert(&format!("patient:{i}"), key());
+            // The patient being worked on is used between the others.
+            let k = c.get("patient:hot").unwrap();
+            assert!(Arc::ptr_eq(&k, &hot));
+            assert!(c.hot.len() + c.cold.len() <= 8);
+            assert!(c.hot.len() <= 4);
+        }
+        assert!(c.get("patient:idle").is_none());
+        assert!(!c.contains("patient:0"));
+        // The most recent ones are still there, in either generation.
+        assert!(c.contains("patient:99") && c.contains("patient:98"));
+        // Reinserting a hot key does not start a new generation.
+        let before = c.cold.len();
+        c.insert("patient:99", key());
+        assert_eq!(c.cold.len(), before);
+    }
+
+    /// A page's keys: hot ones at once, cold ones moved to `hot`, unknown
+    /// scopes and rows without a body left empty, each in its row's place.
+    #[test]
+    fn a_page_of_keys_in_row_order() {
+        let mut c = KeyCache::new(4); // generations of 2
+        let (a, b) = (key(), key());
+        c.insert("patient:a", a.clone());
+        c.insert("patient:b", b.clone());
+        c.insert("patient:c", key()); // a and b are now cold
+        let scopes = [
+            Some("patient:c"),
+            None,
+            Some("patient:a"),
+            Some("patient:x"),
+        ];
+        let mut keys = c.hot_many(&scopes);
+        assert!(keys[0].is_some() && keys[1].is_none() && keys[2].is_none());
+        c.fill_misses(&scopes, &mut keys);
+        assert!(Arc::ptr_eq(keys[2].as_ref().unwrap(), &a));
+        assert!(keys[1].is_none() && keys[3].is_none());
+        assert!(c.get_hot("patient:a").is_some(), "a used: hot again");
+        assert!(c.get_hot("patient:b").is_none());
+    }
+}

@@ -1,0 +1,23 @@
+//! Tables and the services that own them: keys, resources and their search
+//! index, accounts, grants, revocations.
+//!
+//! # Layout
+//! - [`keyring`]: data keys per patient compartment, created on demand and
+//!   cached unwrapped in memory; MAC keys for tokens and cursors.
+//! - [`search`]: search index entries on write (keyed blind hashes) and
+//!   search parameters turned into store conditions on read.
+//! - [`repo`]: resources over the store: seal on write, open on read,
+//!   versioning rules. The only code that turns sealed rows into JSON.
+//! - [`accounts`]: users: enrollment links, passwords, TOTP, recovery
+//!   codes, lockout, ending sessions (shared by the CLI and sign-in pages).
+//! - [`grants`]: bearer grants (codes, sessions, refresh tokens) stored as
+//!   keyed hashes with sealed details.
+//! - [`revocations`]: what every node refuses, refreshed from the shared
+//!   feed every few seconds.
+
+pub mod accounts;
+pub mod grants;
+pub mod keyring;
+pub mod repo;
+pub mod revocations;
+pub mod search;

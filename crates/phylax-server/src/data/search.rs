@@ -1,0 +1,1073 @@
+//! FHIR search over sealed data: index entries on write, and search
+//! parameters turned into store conditions on read.
+//!
+//! Index scheme (docs/ARCHITECTURE.md, "Search"): every string, token,
+//! reference and uri value becomes keyed blind hashes (never plaintext);
+//! strings get one hash per normalised prefix up to [`MAX_PREFIX`]
+//! characters, so the default "starts with" search is an equality lookup;
+//! demographic dates (birth and death dates) are blind at year, month and
+//! day precision; other dates are stored as plaintext `[lo, hi)` ranges and
+//! numbers and quantity values as plaintext numbers (with blind units), so
+//! range prefixes work on clinical data.
+
+use crate::rest::error::ApiError;
+use phylax_crypto::BlindIndexKey;
+use phylax_fhir::search::{self as fs, normalize, DatePrecision, ParamKind, SearchValue};
+use phylax_fhir::{Issue, IssueCode, ResourceType};
+use phylax_store::{Cond, IndexRow, NumOp, RangeOp};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+
+/// Bounds on one search: parameters, and comma-separated values per
+/// parameter. They keep every query far below the databases' limits on
+/// bound parameters (and the work one request can ask for).
+pub const MAX_PARAMS: usize = 64;
+pub const MAX_VALUES: usize = 100;
+
+/// Longest string prefix indexed (characters). Longer search values are
+/// refused with a clear message rather than matched approximately.
+pub const MAX_PREFIX: usize = 64;
+
+/// Dates that identify a person: indexed blind, searchable by equality at
+/// year, month or day precision only.
+fn identifying_date(rtype: &str, code: &str) -> bool {
+    matches!(
+        (rtype, code),
+        ("Patient", "birthdate")
+            | ("Patient", "death-date")
+            | ("Person", "birthdate")
+            | ("RelatedPerson", "birthdate")
+    )
+}
+
+fn hash(key: &BlindIndexKey, parts: &[&str]) -> Vec<u8> {
+    let bytes: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+    key.entry(&bytes).to_vec()
+}
+
+fn hrow(param: &str, h: Vec<u8>) -> IndexRow {
+    IndexRow {
+        param: param.to_owned(),
+        hash: Some(h),
+        lo: None,
+        hi: None,
+        num: None,
+    }
+}
+
+fn prefixes(s: &str) -> impl Iterator<Item = &str> {
+    s.char_indices()
+        .map(|(i, c)| &s[..i + c.len_utf8()])
+        .take(MAX_PREFIX)
+}
+
+/// A reference to a local resource in its canonical form, `Type/id`
+/// (absolute to this server's base or versioned, it names the same
+/// resource: `phylax_fhir::reference`); anything else as it is.
+fn local_reference<'a>(r: &'a str, fhir_base: &str) -> std::borrow::Cow<'a, str> {
+    match phylax_fhir::reference::target(r, &[fhir_base]) {
+        Some((t, id)) if r.len() == t.len() + 1 + id.len() => std::borrow::Cow::Borrowed(r),
+        Some((t, id)) => std::borrow::Cow::Owned(format!("{t}/{id}")),
+        None => std::borrow::Cow::Borrowed(r),
+    }
+}
+
+/// `Type/id` (without `_history`) when `r` is a relative literal reference.
+fn type_and_id(r: &str) -> Option<(&str, &str)> {
+    let mut it = r.split('/');
+    let (t, id) = (it.next()?, it.next()?);
+    match (it.next(), it.next(), it.next()) {
+        (None, _, _) | (Some("_history"), Some(_), None) => {}
+        _ => return None,
+    }
+    (ResourceType::parse(t).is_some() && phylax_fhir::ids::is_valid_id(id)).then_some((t, id))
+}
+
+/// Reference parameters whose targets are few (R4's `subject` on
+/// Observation: Device, Group, Location, Patient) store no bare-id entry
+/// for a reference to one of those targets: a search by bare id looks for
+/// `Type/id` under each target instead (plus the bare-id entry, which a
+/// reference to some other type still gets). Same answers; three fewer
+/// entries per Observation. Parameters with no target list, or R4's
+/// "any type" lists (145 types), keep their bare-id entries.
+const MAX_EXPANDED_TARGETS: usize = 10;
+
+/// The targets a bare id is expanded to on `code` of `rtype`, if few.
+fn expanded_targets(rtype: &str, code: &str) -> &'static [String] {
+    let t = phylax_fhir::defs::definitions().reference_targets(rtype, code);
+    if t.len() <= MAX_EXPANDED_TARGETS {
+        t
+    } else {
+        &[]
+    }
+}
+
+/// String parameters whose values mostly repeat those of narrower official
+/// parameters of the same resource (`name` = `family` + `given` + …,
+/// `address` = line + `address-city` + …). A value already indexed under a
+/// component is not indexed again under the broad parameter; a search on the
+/// broad parameter also looks in its components. Same answers, ~40% fewer
+/// entries for a typical patient.
+const COMPOSED: &[(&str, &[&str])] = &[
+    ("name", &["family", "given"]),
+    (
+        "address",
+        &[
+            "address-city",
+            "address-country",
+            "address-postalcode",
+            "address-state",
+        ],
+    ),
+];
+
+/// Parameters whose expression (or composite context) is exactly the union
+/// of two others': they get no index entries of their own, and a search on
+/// one is the OR of searches on its parts (the same answers; an
+/// Observation without components has a third fewer entries). A test
+/// checks each against the definitions.
+const UNIONS: &[(&str, &str, [&str; 2])] = &[
+    ("Observation", "combo-code", ["code", "component-code"]),
+    (
+        "Observation",
+        "combo-code-value-concept",
+        ["code-value-concept", "component-code-value-concept"],
+    ),
+    (
+        "Observation",
+        "combo-code-value-quantity",
+        ["code-value-quantity", "component-code-value-quantity"],
+    ),
+    (
+        "Observation",
+        "combo-data-absent-reason",
+        ["data-absent-reason", "component-data-absent-reason"],
+    ),
+    (
+        "Observation",
+        "combo-value-concept",
+        ["value-concept", "component-value-concept"],
+    ),
+    (
+        "Observation",
+        "combo-value-quantity",
+        ["value-quantity", "component-value-quantity"],
+    ),
+];
+
+/// The parts of a union parameter (see [`UNIONS`]).
+fn union_parts(rtype: &ResourceType, code: &str) -> Option<[&'static str; 2]> {
+    UNIONS
+        .iter()
+        .find(|(t, c, _)| *t == rtype.as_str() && *c == code)
+        .map(|(_, _, parts)| *parts)
+}
+
+/// The indexable component parameters of `code` on `rtype`.
+fn components(rtype: &ResourceType, code: &str) -> Vec<&'static str> {
+    let defs = fs::params(rtype);
+    COMPOSED
+        .iter()
+        .filter(|(p, _)| *p == code)
+        .flat_map(|(_, cs)| cs.iter().copied())
+        .filter(|c| defs.get(*c).is_some_and(|p| p.indexable()))
+        .collect()
+}
+
+/// The index entries of one resource version.
+/// The keys of a composite's first (token) component: by code alone, and
+/// by system and code.
+fn composite_keys(system: Option<&str>, code: &str) -> Vec<String> {
+    let mut k = vec![format!("c:{code}")];
+    if let Some(s) = system {
+        k.push(format!("s:{s}|{code}"));
+    }
+    k
+}
+
+/// The key a query's token part selects (`system|code`, `|code`, `code`).
+fn composite_query_key(v: &str) -> String {
+    match v.split_once('|') {
+        Some((s, c)) if !s.is_empty() => format!("s:{s}|{c}"),
+        Some((_, c)) => format!("c:{c}"),
+        None => format!("c:{v}"),
+    }
+}
+
+/// Index entries of composite parameters: one per pair of component values
+/// from the same element, the first component (a token) always blind:
+/// token+token and token+string as one hash; token+quantity and
+/// token+date as a hash with the number or range (plaintext, as for the
+/// plain parameters of the same values); token+reference as one hash.
+fn composite_rows(
+    key: &BlindIndexKey,
+    fhir_base: &str,
+    rtype: &ResourceType,
+    resource: &Value,
+    rows: &mut Vec<IndexRow>,
+) {
+    for (code, first, second) in fs::extract_composites(rtype, resource) {
+        if union_parts(rtype, code).is_some() {
+            continue;
+        }
+        let SearchValue::Token {
+            system,
+            code: Some(c1),
+            ..
+        } = &first
+        else {
+            continue;
+        };
+        for k1 in composite_keys(system.as_deref(), c1) {
+            match &second {
+                SearchValue::Token {
+                    system: s2,
+                    code: Some(c2),
+                    ..
+                } => {
+                    for k2 in composite_keys(s2.as_deref(), c2) {
+                        rows.push(hrow(code, hash(key, &["ct", code, &k1, &k2])));
+                    }
+                }
+                SearchValue::Quantity { value, .. } => rows.push(IndexRow {
+                    param: code.to_owned(),
+                    hash: Some(hash(key, &["cq", code, &k1])),
+                    lo: None,
+                    hi: None,
+                    num: Some(*value),
+                }),
+                SearchValue::Date { lo, hi, .. } => rows.push(IndexRow {
+                    param: code.to_owned(),
+                    hash: Some(hash(key, &["cd", code, &k1])),
+                    lo: Some(*lo),
+                    hi: Some(*hi),
+                    num: None,
+                }),
+                SearchValue::Str { norm, .. } => {
+                    rows.push(hrow(code, hash(key, &["cx", code, &k1, norm])))
+                }
+                SearchValue::Reference(r) => {
+                    let r = local_reference(r, fhir_base);
+                    rows.push(hrow(code, hash(key, &["cr", code, &k1, &r])));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+pub fn index_rows(
+    key: &BlindIndexKey,
+    fhir_base: &str,
+    rtype: &ResourceType,
+    resource: &Value,
+) -> Vec<IndexRow> {
+    let mut rows = Vec::new();
+    let values = fs::extract(rtype, resource);
+    // Exact string values per parameter, to skip broad duplicates.
+    let mut strings: HashMap<&str, HashSet<String>> = HashMap::new();
+    for (code, v) in &values {
+        if let SearchValue::Str { exact, .. } = v {
+            strings.entry(code).or_default().insert(exact.clone());
+        }
+    }
+    for (code, v) in values {
+        if union_parts(rtype, code).is_some() {
+            continue;
+        }
+        let covered = |exact: &str| {
+            components(rtype, code)
+                .iter()
+                .any(|c| strings.get(c).is_some_and(|set| set.contains(exact)))
+        };
+        match v {
+            SearchValue::Str { exact, .. } if covered(&exact) => {}
+            SearchValue::Str { norm, exact } => {
+                for p in prefixes(&norm) {
+                    rows.push(hrow(code, hash(key, &["s", code, p])));
+                }
+                rows.push(hrow(code, hash(key, &["x", code, &exact])));
+            }
+            SearchValue::Token {
+                system,
+                code: c,
+                text,
+            } => {
+                if let Some(c) = &c {
+                    rows.push(hrow(code, hash(key, &["tc", code, c])));
+                    match &system {
+                        Some(s) => rows.push(hrow(code, hash(key, &["ts", code, s, c]))),
+                        None => rows.push(hrow(code, hash(key, &["tn", code, c]))),
+                    }
+                }
+                if let Some(s) = &system {
+                    rows.push(hrow(code, hash(key, &["tS", code, s])));
+                }
+                if let Some(t) = text {
+                    // `:text` matches whole words or the whole text (FHIR
+                    // leaves the matching to the server); words, not every
+                    // prefix, keep the entry count small.
+                    let n = normalize(&t);
+                    for w in n.split(' ').chain(std::iter::once(n.as_str())) {
+                        rows.push(hrow(code, hash(key, &["tt", code, w])));
+                    }
+                }
+            }
+            SearchValue::Reference(r) => {
+                let r = local_reference(&r, fhir_base);
+                let r: &str = &r;
+                if let Some((t, id)) = type_and_id(r) {
+                    rows.push(hrow(code, hash(key, &["r", code, &format!("{t}/{id}")])));
+                    if !expanded_targets(rtype.as_str(), code)
+                        .iter()
+                        .any(|x| x == t)
+                    {
+                        rows.push(hrow(code, hash(key, &["ri", code, id])));
+                    }
+                } else if !r.starts_with('#') {
+                    rows.push(hrow(code, hash(key, &["r", code, r])));
+                }
+            }
+            SearchValue::Uri(u) => rows.push(hrow(code, hash(key, &["u", code, &u]))),
+            SearchValue::Date {
+                lo,
+                hi,
+                precision,
+                literal,
+            } => {
+                if identifying_date(rtype.as_str(), code) {
+                    for (p, n) in [
+                        (DatePrecision::Year, 4),
+                        (DatePrecision::Month, 7),
+                        (DatePrecision::Day, 10),
+                    ] {
+                        if precision >= p && literal.len() >= n {
+                            rows.push(hrow(code, hash(key, &["d", code, &literal[..n]])));
+                        }
+                    }
+                } else {
+                    rows.push(IndexRow {
+                        param: code.to_owned(),
+                        hash: None,
+                        lo: Some(lo),
+                        hi: Some(hi),
+                        num: None,
+                    });
+                }
+            }
+            SearchValue::Number(n) => rows.push(IndexRow {
+                param: code.to_owned(),
+                hash: None,
+                lo: None,
+                hi: None,
+                num: Some(n),
+            }),
+            SearchValue::Quantity {
+                value,
+                system,
+                code: c,
+                unit,
+            } => {
+                let num = |h: Option<Vec<u8>>| IndexRow {
+                    param: code.to_owned(),
+                    hash: h,
+                    lo: None,
+                    hi: None,
+                    num: Some(value),
+                };
+                rows.push(num(None));
+                if let Some(u) = c.as_ref().or(unit.as_ref()) {
+                    rows.push(num(Some(hash(key, &["qc", code, u]))));
+                }
+                if let (Some(s), Some(c)) = (&system, &c) {
+                    rows.push(num(Some(hash(key, &["qs", code, s, c]))));
+                }
+            }
+        }
+    }
+    composite_rows(key, fhir_base, rtype, resource, &mut rows);
+    rows.sort_by(|a, b| (&a.param, &a.hash, a.lo, a.hi).cmp(&(&b.param, &b.hash, b.lo, b.hi)));
+    rows.dedup();
+    rows
+}
+
+// ------------------------------------------------------------ parameters
+
+/// Internal parameter carrying a compartment search's patient (`Patient/id`)
+/// through sealed cursors. Stripped from client input.
+pub const COMPARTMENT_PARAM: &str = "_compartment";
+
+/// Parameters that control the result rather than select resources.
+const CONTROL: &[&str] = &[
+    "_count",
+    "_cursor",
+    "_total",
+    "_format",
+    "_include",
+    "_revinclude",
+    "_include:iterate",
+    "_revinclude:iterate",
+    "_summary",
+    "_elements",
+    "_sort",
+    COMPARTMENT_PARAM,
+];
+
+/// The index hash of token `system|code` for `param` (as written by
+/// [`index_rows`]).
+pub fn token_hash(key: &BlindIndexKey, param: &str, system: &str, code: &str) -> Vec<u8> {
+    hash(key, &["ts", param, system, code])
+}
+
+/// "Parameter `param` references one of `targets` (`Type/id`)".
+pub fn references_to(key: &BlindIndexKey, param: &str, targets: &[String]) -> Cond {
+    Cond::Hash {
+        param: param.to_owned(),
+        hashes: targets
+            .iter()
+            .map(|t| hash(key, &["r", param, t]))
+            .collect(),
+    }
+}
+
+/// The condition "in the compartment of Patient/`patient_id`" for `rtype`,
+/// from the official Patient CompartmentDefinition: any of the type's
+/// compartment parameters references the patient (for `Patient`, the
+/// patient itself too). A type outside the compartment matches nothing.
+pub fn compartment_condition(
+    key: &BlindIndexKey,
+    rtype: &ResourceType,
+    patient_id: &str,
+) -> Vec<Cond> {
+    let target = format!("Patient/{patient_id}");
+    let mut group: Vec<Cond> = phylax_fhir::defs::definitions()
+        .compartment_params(rtype.as_str())
+        .iter()
+        .map(|p| Cond::Hash {
+            param: p.clone(),
+            hashes: vec![hash(key, &["r", p, &target])],
+        })
+        .collect();
+    if rtype.as_str() == "Patient" {
+        group.push(Cond::Ids(vec![patient_id.to_owned()]));
+    }
+    if group.is_empty() {
+        group.push(Cond::Never);
+    }
+    group
+}
+
+/// A parsed search: condition groups, plus what was ignored.
+#[derive(Debug)]
+pub struct ParsedSearch {
+    pub and: Vec<Vec<Cond>>,
+    /// Names (never values) of parameters that were not understood.
+    pub unknown: Vec<String>,
+}
+
+fn invalid(msg: String) -> ApiError {
+    ApiError::BadRequest(vec![Issue::error(IssueCode::Invalid, msg)])
+}
+
+fn unsupported(msg: String) -> ApiError {
+    ApiError::BadRequest(vec![Issue::error(IssueCode::NotSupported, msg)])
+}
+
+/// Split on commas not escaped with `\`, and unescape `\,` `\|` `\$` `\\`.
+fn split_values(v: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut esc = false;
+    for c in v.chars() {
+        match (esc, c) {
+            (true, c) => {
+                if let Some(last) = out.last_mut() {
+                    if !matches!(c, ',' | '|' | '$' | '\\') {
+                        last.push('\\');
+                    }
+                    last.push(c);
+                }
+                esc = false;
+            }
+            (false, '\\') => esc = true,
+            (false, ',') => out.push(String::new()),
+            (false, c) => {
+                if let Some(last) = out.last_mut() {
+                    last.push(c);
+                }
+            }
+        }
+    }
+    // A dangling escape at the end is a literal backslash.
+    if esc {
+        if let Some(last) = out.last_mut() {
+            last.push('\\');
+        }
+    }
+    out
+}
+
+/// Split a token value on its first unescaped `|`.
+fn split_token(v: &str) -> (Option<&str>, &str) {
+    let bytes = v.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'|' => return (Some(&v[..i]), &v[i + 1..]),
+            _ => i += 1,
+        }
+    }
+    (None, v)
+}
+
+const PREFIXES: [(&str, RangeOp); 9] = [
+    ("eq", RangeOp::Eq),
+    ("ne", RangeOp::Ne),
+    ("lt", RangeOp::Lt),
+    ("gt", RangeOp::Gt),
+    ("le", RangeOp::Le),
+    ("ge", RangeOp::Ge),
+    ("sa", RangeOp::Sa),
+    ("eb", RangeOp::Eb),
+    ("ap", RangeOp::Ap),
+];
+
+fn prefix(v: &str) -> (RangeOp, &str) {
+    for (p, op) in PREFIXES {
+        if let Some(rest) = v.strip_prefix(p) {
+            if rest.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
+                return (op, rest);
+            }
+        }
+    }
+    (RangeOp::Eq, v)
+}
+
+fn date_cond(code: &str, param_name: &str, v: &str, last_updated: bool) -> Result<Cond, ApiError> {
+    let (op, lit) = prefix(v);
+    let (lo, hi, _) = fs::date_range(lit).ok_or_else(|| {
+        invalid(format!(
+            "{param_name}: not a valid date, dateTime or instant"
+        ))
+    })?;
+    Ok(if last_updated {
+        Cond::LastUpdated { op, lo, hi }
+    } else {
+        Cond::Range {
+            param: code.to_owned(),
+            op,
+            lo,
+            hi,
+            hashes: None,
+        }
+    })
+}
+
+/// A number's implicit range: half a unit of its last significant digit.
+fn number_range(lit: &str) -> Option<(f64, f64, f64)> {
+    let v: f64 = lit.parse().ok()?;
+    if !v.is_finite() || lit.contains(['e', 'E']) {
+        return v.is_finite().then_some((v, v, v));
+    }
+    let decimals = lit.split_once('.').map(|(_, d)| d.len()).unwrap_or(0);
+    let half = 0.5 * 10f64.powi(-(decimals as i32));
+    Some((v, v - half, v + half))
+}
+
+fn num_cond(
+    code: &str,
+    name: &str,
+    v: &str,
+    quantity: bool,
+    key: &BlindIndexKey,
+) -> Result<Cond, ApiError> {
+    let (op, rest) = prefix(v);
+    let (lit, unit) = if quantity {
+        let mut parts = rest.splitn(3, '|');
+        let n = parts.next().unwrap_or_default();
+        let sys = parts.next().filter(|s| !s.is_empty());
+        let c = parts.next().filter(|s| !s.is_empty());
+        let hashes = match (sys, c) {
+            (Some(s), Some(c)) => Some(vec![hash(key, &["qs", code, s, c])]),
+            (None, Some(c)) => Some(vec![hash(key, &["qc", code, c])]),
+            (Some(_), None) => {
+                return Err(invalid(format!("{name}: a quantity system needs a code")))
+            }
+            (None, None) => None,
+        };
+        (n, hashes)
+    } else {
+        (rest, None)
+    };
+    let (q, lo, hi) = number_range(lit).ok_or_else(|| invalid(format!("{name}: not a number")))?;
+    let (nop, lo, hi) = match op {
+        RangeOp::Eq => (NumOp::Eq, lo, hi),
+        RangeOp::Ne => (NumOp::Ne, lo, hi),
+        RangeOp::Lt | RangeOp::Eb => (NumOp::Lt, q, q),
+        RangeOp::Le => (NumOp::Le, q, q),
+        RangeOp::Gt | RangeOp::Sa => (NumOp::Gt, q, q),
+        RangeOp::Ge => (NumOp::Ge, q, q),
+        // Approximately: within 10% of the value.
+        RangeOp::Ap => (
+            NumOp::Eq,
+            q - (q * 0.1).abs(),
+            q + (q * 0.1).abs() + f64::EPSILON,
+        ),
+    };
+    Ok(Cond::Num {
+        param: code.to_owned(),
+        op: nop,
+        lo,
+        hi,
+        hashes: unit,
+    })
+}
+
+/// Turn query parameters into store conditions.
+pub fn parse(
+    key: &BlindIndexKey,
+    fhir_base: &str,
+    rtype: &ResourceType,
+    params: &[(String, String)],
+) -> Result<ParsedSearch, ApiError> {
+    let defs = fs::params(rtype);
+    let mut and = Vec::new();
+    let mut unknown = Vec::new();
+    if params.len() > MAX_PARAMS {
+        return Err(invalid(format!(
+            "at most {MAX_PARAMS} search parameters per request"
+        )));
+    }
+    for (name, value) in params {
+        if CONTROL.contains(&name.as_str()) {
+            continue;
+        }
+        let (code, modifier) = match name.split_once(':') {
+            Some((c, m)) => (c, Some(m)),
+            None => (name.as_str(), None),
+        };
+        let shown: String = name.chars().take(64).collect();
+        if let Some(parts) = union_parts(rtype, code) {
+            // The same search on each part: OR; but "has no such value"
+            // (`:not`, `:missing=true`) must hold for both parts: AND.
+            let mut sub = Vec::new();
+            for part in parts {
+                let n = match modifier {
+                    Some(m) => format!("{part}:{m}"),
+                    None => part.to_owned(),
+                };
+                sub.push(parse(key, fhir_base, rtype, &[(n, value.clone())])?);
+            }
+            if modifier == Some("not") || (modifier == Some("missing") && value == "true") {
+                and.extend(sub.into_iter().flat_map(|p| p.and));
+            } else {
+                let mut group = Vec::new();
+                for p in sub {
+                    match <[Vec<Cond>; 1]>::try_from(p.and) {
+                        Ok([g]) => group.extend(g),
+                        Err(_) => {
+                            return Err(unsupported(format!(
+                                "{shown}: this modifier is not supported here"
+                            )))
+                        }
+                    }
+                }
+                and.push(group);
+            }
+            continue;
+        }
+        if code == "_id" && modifier.is_none() {
+            let ids = split_values(value);
+            if ids.len() > MAX_VALUES {
+                return Err(invalid(format!(
+                    "{shown}: at most {MAX_VALUES} comma-separated values"
+                )));
+            }
+            and.push(vec![Cond::Ids(ids)]);
+            continue;
+        }
+        if code == "_lastUpdated" && modifier.is_none() {
+            let group = split_values(value)
+                .iter()
+                .map(|v| date_cond(code, &shown, v, true))
+                .collect::<Result<_, _>>()?;
+            and.push(group);
+            continue;
+        }
+        let Some(p) = defs.get(code).filter(|p| p.indexable()) else {
+            unknown.push(shown);
+            continue;
+        };
+        if modifier == Some("missing") {
+            let missing = match value.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(invalid(format!("{shown}: :missing takes true or false"))),
+            };
+            // With components: present if any is present; missing if all are.
+            let mut params = vec![code];
+            params.extend(components(rtype, code));
+            let conds = params.into_iter().map(|p| Cond::Missing {
+                param: p.to_owned(),
+                missing,
+            });
+            if missing {
+                and.extend(conds.map(|c| vec![c]));
+            } else {
+                and.push(conds.collect());
+            }
+            continue;
+        }
+        let values = split_values(value);
+        if values.len() > MAX_VALUES {
+            return Err(invalid(format!(
+                "{shown}: at most {MAX_VALUES} comma-separated values"
+            )));
+        }
+        if values.iter().any(String::is_empty) {
+            return Err(invalid(format!("{shown}: empty value")));
+        }
+        let mut group = Vec::new();
+        match (p.kind, modifier) {
+            (ParamKind::String, None | Some("exact")) => {
+                // A broad parameter also searches its components' entries.
+                let mut params = vec![code];
+                params.extend(components(rtype, code));
+                for p in params {
+                    let mut hashes = Vec::new();
+                    for v in &values {
+                        if modifier == Some("exact") {
+                            hashes.push(hash(key, &["x", p, v]));
+                        } else {
+                            let n = normalize(v);
+                            if n.chars().count() > MAX_PREFIX {
+                                return Err(unsupported(format!(
+                                    "{shown}: string search values are limited to {MAX_PREFIX} characters (use :exact for longer values)"
+                                )));
+                            }
+                            hashes.push(hash(key, &["s", p, &n]));
+                        }
+                    }
+                    group.push(Cond::Hash {
+                        param: p.to_owned(),
+                        hashes,
+                    });
+                }
+            }
+            (ParamKind::Token, None | Some("not")) => {
+                let mut hashes = Vec::new();
+                for v in &values {
+                    let h = match split_token(v) {
+                        (None, c) => hash(key, &["tc", code, c]),
+                        (Some(""), c) => hash(key, &["tn", code, c]),
+                        (Some(s), "") => hash(key, &["tS", code, s]),
+                        (Some(s), c) => hash(key, &["ts", code, s, c]),
+                    };
+                    hashes.push(h);
+                }
+                group.push(if modifier == Some("not") {
+                    Cond::NotHash {
+                        param: code.to_owned(),
+                        hashes,
+                    }
+                } else {
+                    Cond::Hash {
+                        param: code.to_owned(),
+                        hashes,
+                    }
+                });
+            }
+            (ParamKind::Token, Some("text")) => {
+                let hashes = values
+                    .iter()
+                    .map(|v| hash(key, &["tt", code, &normalize(v)]))
+                    .collect();
+                group.push(Cond::Hash {
+                    param: code.to_owned(),
+                    hashes,
+                });
+            }
+            (ParamKind::Reference, m) => {
+                let type_mod = match m {
+                    None => None,
+                    Some(t) if ResourceType::parse(t).is_some() => Some(t),
+                    Some(other) => {
+                        return Err(unsupported(format!(
+                            "{shown}: modifier :{} is not supported",
+                            other.chars().take(32).collect::<String>()
+                        )))
+                    }
+                };
+                let mut hashes = Vec::new();
+                for v in &values {
+                    let r = local_reference(v, fhir_base);
+                    let r: &str = &r;
+                    if type_mod.is_none() && phylax_fhir::ids::is_valid_id(r) {
+                        // A bare id: see `MAX_EXPANDED_TARGETS`.
+                        for t in expanded_targets(rtype.as_str(), code) {
+                            hashes.push(hash(key, &["r", code, &format!("{t}/{r}")]));
+                        }
+                    }
+                    let h = match (type_and_id(r), type_mod) {
+                        (Some((t, id)), Some(tm)) if t != tm => {
+                            let _ = id;
+                            continue;
+                        }
+                        (Some((t, id)), _) => hash(key, &["r", code, &format!("{t}/{id}")]),
+                        (None, Some(tm)) if phylax_fhir::ids::is_valid_id(r) => {
+                            hash(key, &["r", code, &format!("{tm}/{r}")])
+                        }
+                        (None, None) if phylax_fhir::ids::is_valid_id(r) => {
+                            hash(key, &["ri", code, r])
+                        }
+                        (None, _) => hash(key, &["r", code, r]),
+                    };
+                    hashes.push(h);
+                }
+                group.push(Cond::Hash {
+                    param: code.to_owned(),
+                    hashes,
+                });
+            }
+            (ParamKind::Composite, None) => {
+                let second = fs::composite_second(rtype, code)
+                    .ok_or_else(|| unsupported(format!("{shown}: not supported")))?;
+                for v in &values {
+                    let (a, b) = v.split_once('$').ok_or_else(|| {
+                        invalid(format!("{shown}: a composite value is token$value"))
+                    })?;
+                    if a.is_empty() || b.is_empty() {
+                        return Err(invalid(format!("{shown}: empty component")));
+                    }
+                    let k1 = composite_query_key(a);
+                    let c = match second {
+                        ParamKind::Token => Cond::Hash {
+                            param: code.to_owned(),
+                            hashes: vec![hash(key, &["ct", code, &k1, &composite_query_key(b)])],
+                        },
+                        ParamKind::String => Cond::Hash {
+                            param: code.to_owned(),
+                            hashes: vec![hash(key, &["cx", code, &k1, &normalize(b)])],
+                        },
+                        ParamKind::Reference => Cond::Hash {
+                            param: code.to_owned(),
+                            hashes: vec![hash(
+                                key,
+                                &["cr", code, &k1, &local_reference(b, fhir_base)],
+                            )],
+                        },
+                        ParamKind::Quantity => match num_cond(code, &shown, b, true, key)? {
+                            Cond::Num {
+                                param, op, lo, hi, ..
+                            } => Cond::Num {
+                                param,
+                                op,
+                                lo,
+                                hi,
+                                // Units of a composite quantity are not
+                                // matched; the first component is.
+                                hashes: Some(vec![hash(key, &["cq", code, &k1])]),
+                            },
+                            other => other,
+                        },
+                        ParamKind::Date => match date_cond(code, &shown, b, false)? {
+                            Cond::Range {
+                                param, op, lo, hi, ..
+                            } => Cond::Range {
+                                param,
+                                op,
+                                lo,
+                                hi,
+                                hashes: Some(vec![hash(key, &["cd", code, &k1])]),
+                            },
+                            other => other,
+                        },
+                        _ => return Err(unsupported(format!("{shown}: not supported"))),
+                    };
+                    group.push(c);
+                }
+            }
+            (ParamKind::Uri, None) => {
+                let hashes = values.iter().map(|v| hash(key, &["u", code, v])).collect();
+                group.push(Cond::Hash {
+                    param: code.to_owned(),
+                    hashes,
+                });
+            }
+            (ParamKind::Date, None) if identifying_date(rtype.as_str(), code) => {
+                let mut eq = Vec::new();
+                let mut ne = Vec::new();
+                for v in &values {
+                    let (op, lit) = prefix(v);
+                    let ok_len = matches!(lit.len(), 4 | 7 | 10) && fs::date_range(lit).is_some();
+                    match (op, ok_len) {
+                        (RangeOp::Eq, true) => eq.push(hash(key, &["d", code, lit])),
+                        (RangeOp::Ne, true) => ne.push(hash(key, &["d", code, lit])),
+                        _ => {
+                            return Err(unsupported(format!(
+                                "{shown}: this date identifies a person and is stored blind; search it with eq or ne \
+                                 and a year, year-month or full date"
+                            )))
+                        }
+                    }
+                }
+                if !eq.is_empty() {
+                    group.push(Cond::Hash {
+                        param: code.to_owned(),
+                        hashes: eq,
+                    });
+                }
+                if !ne.is_empty() {
+                    group.push(Cond::NotHash {
+                        param: code.to_owned(),
+                        hashes: ne,
+                    });
+                }
+            }
+            (ParamKind::Date, None) => {
+                for v in &values {
+                    group.push(date_cond(code, &shown, v, false)?);
+                }
+            }
+            (ParamKind::Number, None) => {
+                for v in &values {
+                    group.push(num_cond(code, &shown, v, false, key)?);
+                }
+            }
+            (ParamKind::Quantity, None) => {
+                for v in &values {
+                    group.push(num_cond(code, &shown, v, true, key)?);
+                }
+            }
+            (_, Some(m)) => {
+                return Err(unsupported(format!(
+                    "{shown}: modifier :{} is not supported",
+                    m.chars().take(32).collect::<String>()
+                )))
+            }
+            _ => unknown.push(shown),
+        }
+        if group.is_empty() {
+            group.push(Cond::Never);
+        }
+        and.push(group);
+    }
+    Ok(ParsedSearch { and, unknown })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_splitting_and_escapes() {
+        assert_eq!(split_values("a,b\\,c"), vec!["a", "b,c"]);
+        assert_eq!(split_token("http://x|123"), (Some("http://x"), "123"));
+        assert_eq!(split_token("a\\|b|c"), (Some("a\\|b"), "c"));
+        assert_eq!(split_token("|c"), (Some(""), "c"));
+        assert_eq!(prefix("ge2020"), (RangeOp::Ge, "2020"));
+        assert_eq!(prefix("2020"), (RangeOp::Eq, "2020"));
+        assert_eq!(prefix("eq-5"), (RangeOp::Eq, "-5"));
+        let (v, lo, hi) = number_range("100").unwrap();
+        assert_eq!((v, lo, hi), (100.0, 99.5, 100.5));
+        let (_, lo, hi) = number_range("1.50").unwrap();
+        assert!((lo - 1.495).abs() < 1e-9 && (hi - 1.505).abs() < 1e-9);
+        assert!(number_range("abc").is_none());
+        assert!(number_range("NaN").is_none());
+    }
+
+    #[test]
+    fn broad_string_parameters_do_not_repeat_components() {
+        let (kek, _) = phylax_crypto::Kek::generate().unwrap();
+        let (k, _) = BlindIndexKey::generate_wrapped(&kek).unwrap();
+        let t = ResourceType::parse("Patient").unwrap();
+        let p = serde_json::json!({"resourceType":"Patient",
+            "name":[{"family":"Benchfamily","given":["Synthetic"],"prefix":["Dr"]}],
+            "address":[{"line":["1 Example Street"],"city":"Testville"}]});
+        let rows = index_rows(&k, "", &t, &p);
+        let count = |param: &str| rows.iter().filter(|r| r.param == param).count();
+        assert_eq!(
+            count("name"),
+            3,
+            "only the prefix 'Dr' (two prefixes + exact)"
+        );
+        assert_eq!(count("family"), 12);
+        assert_eq!(count("address"), 17, "only the line");
+        assert_eq!(count("address-city"), 10);
+    }
+
+    /// A reference to one of a parameter's few targets gets no bare-id
+    /// entry (a bare-id search expands to the targets); one to another
+    /// type, or on a parameter with no short target list, keeps it.
+    #[test]
+    fn bare_id_entries_only_where_a_search_cannot_expand() {
+        let (kek, _) = phylax_crypto::Kek::generate().unwrap();
+        let (k, _) = BlindIndexKey::generate_wrapped(&kek).unwrap();
+        let t = ResourceType::parse("Observation").unwrap();
+        let o = serde_json::json!({"resourceType":"Observation","status":"final",
+            "code":{"text":"x"},
+            "subject":{"reference":"Patient/p1"},
+            "encounter":{"reference":"Encounter/e1"},
+            "performer":[{"reference":"Endpoint/x1"}],
+            "focus":[{"reference":"Patient/p1"}]});
+        let rows = index_rows(&k, "", &t, &o);
+        let count = |param: &str| rows.iter().filter(|r| r.param == param).count();
+        assert_eq!(count("subject"), 1);
+        assert_eq!(count("patient"), 1);
+        assert_eq!(count("encounter"), 1);
+        assert_eq!(count("performer"), 2, "Endpoint is not a target");
+        assert_eq!(count("focus"), 2, "any type: no expansion");
+        assert_eq!(expanded_targets("Observation", "subject").len(), 4);
+        assert!(expanded_targets("Observation", "focus").is_empty());
+    }
+
+    #[test]
+    fn prefixes_respect_char_boundaries() {
+        let p: Vec<&str> = prefixes("éa").collect();
+        assert_eq!(p, vec!["é", "éa"]);
+        assert_eq!(prefixes(&"x".repeat(200)).count(), MAX_PREFIX);
+    }
+}
+
+#[cfg(test)]
+mod union_tests {
+    use super::*;
+
+    /// Each union parameter's expression is exactly its parts' expressions
+    /// joined (or, for composites, the contexts joined with the same
+    /// components), so skipping its entries loses no answer.
+    #[test]
+    fn unions_are_exact_unions_in_the_definitions() {
+        let defs = phylax_fhir::defs::definitions();
+        for (t, code, parts) in UNIONS {
+            let expr = |c: &str| {
+                defs.search_params(t)
+                    .iter()
+                    .find(|p| p.code == c)
+                    .and_then(|p| p.expression.clone())
+            };
+            let composite = |c: &str| {
+                defs.composites(t)
+                    .find(|(k, _)| *k == c)
+                    .map(|(_, d)| d.clone())
+            };
+            match composite(code) {
+                Some(whole) => {
+                    let [a, b] = parts.map(|p| composite(p).unwrap_or_else(|| panic!("{p}")));
+                    assert_eq!(a.components, whole.components, "{code}");
+                    assert_eq!(b.components, whole.components, "{code}");
+                    assert_eq!(
+                        format!("{} | {}", a.expression, b.expression),
+                        whole.expression,
+                        "{code}"
+                    );
+                }
+                None => {
+                    let whole = expr(code).unwrap_or_else(|| panic!("{code}"));
+                    let [a, b] = parts.map(|p| expr(p).unwrap_or_else(|| panic!("{p}")));
+                    assert_eq!(format!("{a} | {b}"), whole, "{code}");
+                }
+            }
+        }
+    }
+}

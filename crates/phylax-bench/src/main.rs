@@ -18,8 +18,8 @@ mod synth;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use phylax_server::http::{serve, AppState};
 use phylax_server::instance::{InitOptions, Instance};
+use phylax_server::{http::serve, state::AppState};
 use rand::Rng;
 use serde_json::{json, Value};
 use std::sync::Arc;

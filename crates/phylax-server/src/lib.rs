@@ -15,9 +15,11 @@
 //!   KEK, local CA and server certificate, database and its keys.
 //! - [`maintenance`]: jobs a node runs at start over data written by
 //!   earlier releases (references made canonical).
+//! - [`state`]: the application state, assembled once from the subsystems
+//!   below, and the background tasks that keep its caches fresh.
 //! - [`rest`]: the FHIR REST API handlers and their wire helpers.
 //! - [`authn`]: sign-in pages and the token endpoint.
-//! - [`http`]: the application state, router and middleware (request ids,
+//! - [`http`]: the router and middleware (request ids,
 //!   security headers, CORS, bearer tokens), and `serve`.
 
 pub mod access;
@@ -30,5 +32,6 @@ pub mod instance;
 pub mod maintenance;
 pub mod net;
 pub mod rest;
+pub mod state;
 
 pub use instance::{InitOptions, Instance};

@@ -4,9 +4,9 @@
 //! - [`canonicalize_stored_references`]: references to this server stored
 //!   in absolute form get a new version in canonical (relative) form.
 
+use crate::base::error::Failure;
 use crate::data::repo::RepoError;
-use crate::http::AppState;
-use crate::rest::error::ApiError;
+use crate::state::AppState;
 use phylax_fhir::ResourceType;
 
 /// Once per instance (and again when `http.base_aliases` changes):
@@ -19,7 +19,7 @@ use phylax_fhir::ResourceType;
 /// (already canonical) wins. Idempotent across nodes. A rewrite that would
 /// add patients to a resource that already names some, or change care
 /// relationships, is not made: it raises a `reference-review` alert.
-pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, ApiError> {
+pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, Failure> {
     let marker = format!("canonical_refs_v1:{}", st.repo.bases().join(" "));
     let done_key = format!(
         "canonical_refs_v1_{}",
@@ -128,7 +128,7 @@ pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, ApiErr
                 let row = st
                     .audit
                     .draft(&facts)
-                    .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+                    .map_err(|e| Failure::Unavailable(e.to_string()))?;
                 match st.repo.commit(vec![w], vec![row]).await {
                     Ok(_) => n += 1,
                     // Written meanwhile: that version went through the

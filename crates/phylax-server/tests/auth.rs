@@ -354,7 +354,7 @@ async fn disabling_a_client_stops_it(s: &TestServer) {
         "no new tokens"
     );
     // Unexpired tokens stop working within the refresh interval.
-    let deadline = std::time::Instant::now() + phylax_server::http::DISABLED_REFRESH * 3;
+    let deadline = std::time::Instant::now() + phylax_server::state::DISABLED_REFRESH * 3;
     loop {
         let st = s
             .http

@@ -693,7 +693,7 @@ async fn existing_data_is_reindexed_at_start() {
     let inst = phylax_server::instance::Instance::open(&s.data_dir, None)
         .await
         .unwrap();
-    let st = phylax_server::http::AppState::new(inst).await.unwrap();
+    let st = phylax_server::state::AppState::new(inst).await.unwrap();
     assert_eq!(
         st.repo.reindex_if_needed().await.unwrap(),
         0,

@@ -13,8 +13,8 @@ use phylax_auth::assertion::parse_jwks;
 use phylax_auth::scopes::Context as ScopeContext;
 use phylax_auth::smart::SmartScopes;
 use phylax_auth::ScopeSet;
-use phylax_server::http::{serve, AppState};
 use phylax_server::instance::{InitOptions, Instance};
+use phylax_server::{http::serve, state::AppState};
 use phylax_store::ClientRecord;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -978,14 +978,14 @@ async fn user_cmd(c: UserCmd) -> Result<()> {
 }
 
 fn instant(ms: i64) -> String {
-    phylax_server::data::repo::format_instant(ms)
+    phylax_server::base::clock::format_instant(ms)
 }
 
 /// The server's state over an instance, for commands that make the same
 /// decisions the server does (no listener, no background tasks).
-async fn app_state(inst: &InstanceArgs) -> Result<std::sync::Arc<phylax_server::http::AppState>> {
+async fn app_state(inst: &InstanceArgs) -> Result<std::sync::Arc<phylax_server::state::AppState>> {
     let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
-    phylax_server::http::AppState::new(i)
+    phylax_server::state::AppState::new(i)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))
 }
@@ -1023,7 +1023,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
             let e = access_admin::explain(&st, &subject, &t, &id, what)
                 .await
                 .map_err(|e| match e {
-                    phylax_server::rest::error::ApiError::NotFound => {
+                    phylax_server::base::error::Failure::NotFound => {
                         anyhow::anyhow!("no such user or client")
                     }
                     other => anyhow::anyhow!("{other:?}"),

@@ -15,9 +15,9 @@
 //! The reason is free text and may hold PHI: it is sealed in the grant
 //! (never in the audit log, logs or alerts), for the reviewer.
 
-use crate::http::AppState;
-use crate::rest::error::ApiError;
+use crate::base::error::Failure;
 use crate::rest::pipeline::RequestCtx;
+use crate::state::AppState;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -74,58 +74,58 @@ pub async fn seal<T: Serialize>(
     id: &str,
     what: &str,
     v: &T,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<Vec<u8>, Failure> {
     let key = keys
         .for_write("tenant")
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    let plain = serde_json::to_vec(v).map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
+    let plain = serde_json::to_vec(v).map_err(|e| Failure::Internal(e.to_string()))?;
     key.seal(&aad(id, what), &plain)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(|e| Failure::Internal(e.to_string()))
 }
 
 /// Open a grant's sealed details.
 pub async fn open_details(
     keys: &crate::data::keyring::KeyRing,
     r: &BreakGlassRecord,
-) -> Result<GrantDetails, ApiError> {
+) -> Result<GrantDetails, Failure> {
     let key = keys
         .for_read("tenant")
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     let plain = key.open(&aad(&r.id, "grant"), &r.sealed).map_err(|_| {
-        ApiError::Integrity(format!("break-the-glass grant {} failed to open", r.id))
+        Failure::Integrity(format!("break-the-glass grant {} failed to open", r.id))
     })?;
-    serde_json::from_slice(&plain).map_err(|e| ApiError::Integrity(e.to_string()))
+    serde_json::from_slice(&plain).map_err(|e| Failure::Integrity(e.to_string()))
 }
 
 /// Open a grant's sealed review note.
 pub async fn open_review(
     keys: &crate::data::keyring::KeyRing,
     r: &BreakGlassRecord,
-) -> Result<Option<ReviewDetails>, ApiError> {
+) -> Result<Option<ReviewDetails>, Failure> {
     let Some(sealed) = &r.review_sealed else {
         return Ok(None);
     };
     let key = keys
         .for_read("tenant")
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     let plain = key.open(&aad(&r.id, "review"), sealed).map_err(|_| {
-        ApiError::Integrity(format!("break-the-glass review {} failed to open", r.id))
+        Failure::Integrity(format!("break-the-glass review {} failed to open", r.id))
     })?;
     Ok(Some(
-        serde_json::from_slice(&plain).map_err(|e| ApiError::Integrity(e.to_string()))?,
+        serde_json::from_slice(&plain).map_err(|e| Failure::Integrity(e.to_string()))?,
     ))
 }
 
 /// `user_id`'s unexpired grants: (patient, expiry in ms).
-pub async fn active_grants(st: &AppState, user_id: &str) -> Result<Vec<(String, i64)>, ApiError> {
+pub async fn active_grants(st: &AppState, user_id: &str) -> Result<Vec<(String, i64)>, Failure> {
     let rows = st
         .store
         .break_glass_active(user_id, crate::base::clock::now_ms())
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     let mut out = Vec::new();
     for r in rows {
         out.push((open_details(&st.keys, &r).await?.patient, r.expires));
@@ -149,7 +149,7 @@ pub async fn request(
     body: axum::body::Body,
 ) -> Response {
     if ct != "Patient" || op != "$break-the-glass" {
-        return ApiError::MethodNotAllowed("POST here is only for Patient/{id}/$break-the-glass")
+        return Failure::MethodNotAllowed("POST here is only for Patient/{id}/$break-the-glass")
             .into_response();
     }
     let pid = ResourceId::parse(&id);
@@ -180,7 +180,7 @@ async fn grant(
     pid: Option<&ResourceId>,
     h: &HeaderMap,
     body: axum::body::Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let Principal::User {
         user_id,
         role,
@@ -189,34 +189,34 @@ async fn grant(
         ..
     } = &ctx.principal
     else {
-        return Err(ApiError::Declined("break-the-glass: users only"));
+        return Err(Failure::Declined("break-the-glass: users only"));
     };
     if !role.break_glass {
-        return Err(ApiError::Declined(
+        return Err(Failure::Declined(
             "break-the-glass: the role does not allow it",
         ));
     }
     let now_s = crate::base::clock::now_secs();
     let max_age = st.config.access.break_glass_mfa_max_age_secs as i64;
     if !mfa_at.is_some_and(|t| t <= now_s && now_s - t <= max_age) {
-        return Err(ApiError::BadRequest(vec![phylax_fhir::Issue::error(
+        return Err(Failure::BadRequest(vec![phylax_fhir::Issue::error(
             phylax_fhir::IssueCode::Security,
             "break-the-glass needs a recent second factor: sign in again, then retry",
         )]));
     }
-    let pid = pid.ok_or(ApiError::NotFound)?;
+    let pid = pid.ok_or(Failure::NotFound)?;
     let value = crate::rest::fhir::read_json(st, h, body).await?;
     if value.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
-        return Err(ApiError::bad_request("send a Parameters resource"));
+        return Err(Failure::bad_request("send a Parameters resource"));
     }
     let reason = param(&value, "reason")
         .and_then(|p| p.get("valueString"))
         .and_then(Value::as_str)
         .map(str::trim)
         .filter(|r| !r.is_empty())
-        .ok_or_else(|| ApiError::bad_request("a reason (valueString) is required"))?;
+        .ok_or_else(|| Failure::bad_request("a reason (valueString) is required"))?;
     if reason.chars().count() > MAX_REASON {
-        return Err(ApiError::bad_request(format!(
+        return Err(Failure::bad_request(format!(
             "the reason is limited to {MAX_REASON} characters"
         )));
     }
@@ -233,7 +233,7 @@ async fn grant(
                 .find(|c| **c == code)
                 .copied()
                 .ok_or_else(|| {
-                    ApiError::bad_request(format!(
+                    Failure::bad_request(format!(
                         "purpose must be one of {} (HL7 v3 ActReason)",
                         PURPOSES.join(", ")
                     ))
@@ -241,7 +241,7 @@ async fn grant(
         }
     };
     // The patient must exist (the grant names a real record).
-    let ptype = ResourceType::parse("Patient").ok_or(ApiError::Internal("Patient".into()))?;
+    let ptype = ResourceType::parse("Patient").ok_or(Failure::Internal("Patient".into()))?;
     st.repo.read(&ptype, pid).await?;
     let minutes = st.config.access.break_glass_minutes as i64;
     let now = crate::base::clock::now_ms();
@@ -280,7 +280,7 @@ async fn grant(
     };
     st.audit.record(&facts).await.map_err(|e| {
         tracing::error!(request_id = %ctx.request_id, error = %e, "break-the-glass not recorded; refused");
-        ApiError::Unavailable("the audit log is unavailable".into())
+        Failure::Unavailable("the audit log is unavailable".into())
     })?;
     st.store
         .put_break_glass(&BreakGlassRecord {
@@ -294,14 +294,14 @@ async fn grant(
             review_sealed: None,
         })
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     st.care_cache.forget(user_id);
     tracing::warn!(request_id = %ctx.request_id, grant = %id, "break-the-glass grant issued");
     let out = json!({
         "resourceType": "Parameters",
         "parameter": [
             {"name": "grant", "valueString": id},
-            {"name": "expires", "valueInstant": crate::data::repo::format_instant(expires)},
+            {"name": "expires", "valueInstant": crate::base::clock::format_instant(expires)},
             {"name": "purpose", "valueCode": purpose},
         ],
     });
@@ -334,12 +334,12 @@ impl std::fmt::Debug for QueueItem {
 }
 
 /// The review queue: grants not yet reviewed (or all), newest first.
-pub async fn queue(st: &AppState, open_only: bool) -> Result<Vec<QueueItem>, ApiError> {
+pub async fn queue(st: &AppState, open_only: bool) -> Result<Vec<QueueItem>, Failure> {
     let rows = st
         .store
         .break_glass_list(open_only, 10_000)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let d = open_details(&st.keys, &r).await?;
@@ -372,7 +372,7 @@ pub enum ReviewError {
     #[error("no open break-the-glass grant with that id")]
     NotOpen,
     #[error("{0:?}")]
-    Api(ApiError),
+    Api(Failure),
 }
 
 /// Close one grant's review: `reviewer` (a username) must hold the
@@ -391,7 +391,7 @@ pub async fn close(
         .accounts
         .find(reviewer)
         .await
-        .map_err(|e| ReviewError::Api(ApiError::Unavailable(e.to_string())))?
+        .map_err(|e| ReviewError::Api(Failure::Unavailable(e.to_string())))?
         .ok_or(ReviewError::NoReviewer)?;
     if u.role() != "auditor" {
         return Err(ReviewError::NotAuditor);
@@ -403,7 +403,7 @@ pub async fn close(
         .store
         .review_break_glass(id, u.id(), crate::base::clock::now_ms(), &sealed)
         .await
-        .map_err(|e| ReviewError::Api(ApiError::Unavailable(e.to_string())))?;
+        .map_err(|e| ReviewError::Api(Failure::Unavailable(e.to_string())))?;
     if !done {
         return Err(ReviewError::NotOpen);
     }

@@ -12,8 +12,8 @@
 //! one-row history probe notices). A deployment with very many consents
 //! pays one full re-read per change; see docs/ACCESS_CONTROL.md.
 
+use crate::base::error::Failure;
 use crate::data::repo::Repo;
-use crate::rest::error::ApiError;
 use phylax_auth::consent::{delegations, deny_rules, DenyRule};
 use phylax_fhir::ResourceType;
 use phylax_store::{HistoryQuery, HistoryScope};
@@ -58,12 +58,12 @@ impl std::fmt::Debug for Consents {
     }
 }
 
-fn consent_type() -> Result<ResourceType, ApiError> {
-    ResourceType::parse("Consent").ok_or_else(|| ApiError::Internal("no Consent type".into()))
+fn consent_type() -> Result<ResourceType, Failure> {
+    ResourceType::parse("Consent").ok_or_else(|| Failure::Internal("no Consent type".into()))
 }
 
 /// The newest Consent version's position (tombstones included).
-async fn newest(repo: &Repo) -> Result<Option<i64>, ApiError> {
+async fn newest(repo: &Repo) -> Result<Option<i64>, Failure> {
     let v = repo
         .history(&HistoryQuery {
             scope: HistoryScope::Type("Consent".into()),
@@ -78,7 +78,7 @@ async fn newest(repo: &Repo) -> Result<Option<i64>, ApiError> {
 
 impl Consents {
     /// Reread every consent when one changed since the index was built.
-    pub async fn refresh(&self, repo: &Repo) -> Result<(), ApiError> {
+    pub async fn refresh(&self, repo: &Repo) -> Result<(), Failure> {
         let _one = self.reload.lock().await;
         let mark = newest(repo).await?;
         if self.index.read().loaded && self.index.read().mark == mark {
@@ -159,7 +159,7 @@ impl Consents {
     }
 
     /// Watch for other nodes' consent changes.
-    pub fn spawn_poller(st: &Arc<crate::http::AppState>) {
+    pub fn spawn_poller(st: &Arc<crate::state::AppState>) {
         let weak = Arc::downgrade(st);
         tokio::spawn(async move {
             loop {

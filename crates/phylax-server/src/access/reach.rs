@@ -20,9 +20,9 @@
 //! Care relationships are cached per user for [`CARE_TTL`]: a new care team
 //! membership applies within seconds; ending one also ends within seconds.
 
+use crate::base::error::Failure;
 use crate::data::repo::{RepoError, ResourceVersion};
-use crate::http::AppState;
-use crate::rest::error::ApiError;
+use crate::state::AppState;
 use phylax_auth::policy::{decide_resource, Access, Decision, Principal, Reach, ResourceFacts};
 use phylax_auth::roles::ReachRule;
 use phylax_fhir::{compartment, ResourceType};
@@ -184,10 +184,10 @@ pub fn allows(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision {
 }
 
 /// [`allows`] as a result: hidden resources answer 404.
-pub fn check(st: &AppState, access: &Access, v: &ResourceVersion) -> Result<(), ApiError> {
+pub fn check(st: &AppState, access: &Access, v: &ResourceVersion) -> Result<(), Failure> {
     match allows(st, access, v) {
         Decision::Allow => Ok(()),
-        Decision::Deny(rule) => Err(ApiError::Hidden(rule)),
+        Decision::Deny(rule) => Err(Failure::Hidden(rule)),
     }
 }
 
@@ -272,8 +272,8 @@ impl<'a> Scoped<'a> {
         Scoped { st, ctx }
     }
 
-    fn confine(&self, q: &mut SearchQuery) -> Result<(), ApiError> {
-        let t = ResourceType::parse(&q.rtype).ok_or(ApiError::UnknownType)?;
+    fn confine(&self, q: &mut SearchQuery) -> Result<(), Failure> {
+        let t = ResourceType::parse(&q.rtype).ok_or(Failure::UnknownType)?;
         q.and
             .extend(query_conditions(self.st, &self.ctx.access, &t));
         Ok(())
@@ -286,7 +286,7 @@ impl<'a> Scoped<'a> {
         &self,
         rtype: &ResourceType,
         id: &phylax_fhir::ResourceId,
-    ) -> Result<ResourceVersion, ApiError> {
+    ) -> Result<ResourceVersion, Failure> {
         let v = self.gone_hidden(self.st.repo.read(rtype, id).await)?;
         check(self.st, &self.ctx.access, &v)?;
         Ok(v)
@@ -298,7 +298,7 @@ impl<'a> Scoped<'a> {
         rtype: &ResourceType,
         id: &phylax_fhir::ResourceId,
         version: phylax_fhir::VersionId,
-    ) -> Result<ResourceVersion, ApiError> {
+    ) -> Result<ResourceVersion, Failure> {
         let v = self.gone_hidden(self.st.repo.vread(rtype, id, version).await)?;
         check(self.st, &self.ctx.access, &v)?;
         Ok(v)
@@ -311,7 +311,7 @@ impl<'a> Scoped<'a> {
         &self,
         rtype: &ResourceType,
         id: &phylax_fhir::ResourceId,
-    ) -> Result<Option<ResourceVersion>, ApiError> {
+    ) -> Result<Option<ResourceVersion>, Failure> {
         match self.st.repo.read(rtype, id).await {
             Ok(v) if allows(self.st, &self.ctx.access, &v) == Decision::Allow => Ok(Some(v)),
             Ok(_) | Err(RepoError::NotFound | RepoError::Gone(_)) => Ok(None),
@@ -322,17 +322,17 @@ impl<'a> Scoped<'a> {
     fn gone_hidden(
         &self,
         r: Result<ResourceVersion, RepoError>,
-    ) -> Result<ResourceVersion, ApiError> {
+    ) -> Result<ResourceVersion, Failure> {
         match r {
-            Err(RepoError::Gone(_)) if self.ctx.access.reach != Reach::All => Err(
-                ApiError::Hidden("reach: a deleted resource names no patient"),
-            ),
+            Err(RepoError::Gone(_)) if self.ctx.access.reach != Reach::All => Err(Failure::Hidden(
+                "reach: a deleted resource names no patient",
+            )),
             r => Ok(r?),
         }
     }
 
     /// Every match (up to `q.limit`), confined and checked.
-    pub async fn search(&self, mut q: SearchQuery) -> Result<Vec<ResourceVersion>, ApiError> {
+    pub async fn search(&self, mut q: SearchQuery) -> Result<Vec<ResourceVersion>, Failure> {
         self.confine(&mut q)?;
         let rows = self.st.repo.search_unconfined(&q).await?;
         self.verify(&rows)?;
@@ -345,7 +345,7 @@ impl<'a> Scoped<'a> {
         &self,
         mut q: SearchQuery,
         keep: usize,
-    ) -> Result<(Vec<ResourceVersion>, bool), ApiError> {
+    ) -> Result<(Vec<ResourceVersion>, bool), Failure> {
         self.confine(&mut q)?;
         let (rows, more) = self.st.repo.search_page_unconfined(&q, keep).await?;
         self.verify(&rows)?;
@@ -354,7 +354,7 @@ impl<'a> Scoped<'a> {
 
     /// How many resources match, confined (counts only what the caller
     /// may see; nothing is opened).
-    pub async fn count(&self, mut q: SearchQuery) -> Result<u64, ApiError> {
+    pub async fn count(&self, mut q: SearchQuery) -> Result<u64, Failure> {
         self.confine(&mut q)?;
         q.before_seq = None;
         Ok(self
@@ -365,7 +365,7 @@ impl<'a> Scoped<'a> {
             .map_err(crate::data::repo::RepoError::from)?)
     }
 
-    fn verify(&self, rows: &[ResourceVersion]) -> Result<(), ApiError> {
+    fn verify(&self, rows: &[ResourceVersion]) -> Result<(), Failure> {
         for v in rows {
             if let Decision::Deny(rule) = returned(self.st, &self.ctx.access, v) {
                 let what = format!("{}/{}", v.rtype, v.id);
@@ -390,7 +390,7 @@ impl<'a> Scoped<'a> {
                         format!("index-tamper|{what}"),
                     );
                 }
-                return Err(ApiError::Integrity(format!(
+                return Err(Failure::Integrity(format!(
                     "search index entry for {what} does not match the stored resource"
                 )));
             }
@@ -488,7 +488,7 @@ pub const CLIENT_PURPOSE: &str = "HOPERAT";
 pub const MAX_DENIED: usize = 2_000;
 
 /// Compute the access of one request's caller.
-pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiError> {
+pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, Failure> {
     // Consents that could not be reread for a while are not applied from
     // memory: fail closed until the index is current again.
     if !st.consents.fresh() {
@@ -496,14 +496,14 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, ApiErr
     }
     let a = compute_access(st, who).await?;
     if a.denied.len() > MAX_DENIED {
-        return Err(ApiError::Declined(
+        return Err(Failure::Declined(
             "consent: more patients' consents deny this caller than a query can carry",
         ));
     }
     Ok(a)
 }
 
-async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, ApiError> {
+async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, Failure> {
     match who {
         Principal::Client { client_id, .. } => Ok(Access {
             reach: Reach::All,
@@ -562,7 +562,7 @@ async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, ApiErr
                     let mut set = match care_patients(st, user_id).await? {
                         Some(s) => (*s).clone(),
                         None => {
-                            return Err(ApiError::Declined(
+                            return Err(Failure::Declined(
                                 "reach: care relationships exceed access.max_reach",
                             ))
                         }
@@ -606,7 +606,7 @@ fn store_cached(st: &AppState, user_id: &str, f: impl FnOnce(&mut Cached)) {
 
 /// The patients a user holds an unexpired break-the-glass grant for
 /// (expiry is checked on every request, whatever the cache holds).
-async fn emergency_patients(st: &AppState, user_id: &str) -> Result<BTreeSet<String>, ApiError> {
+async fn emergency_patients(st: &AppState, user_id: &str) -> Result<BTreeSet<String>, Failure> {
     let now = crate::base::clock::now_ms();
     let grants = match cached(st, user_id).emergency {
         Some(g) => g,
@@ -635,7 +635,7 @@ async fn emergency_patients(st: &AppState, user_id: &str) -> Result<BTreeSet<Str
 pub async fn care_patients(
     st: &AppState,
     user_id: &str,
-) -> Result<Option<Arc<BTreeSet<String>>>, ApiError> {
+) -> Result<Option<Arc<BTreeSet<String>>>, Failure> {
     if let Some(c) = cached(st, user_id).care {
         return Ok(c);
     }
@@ -649,7 +649,7 @@ async fn find(
     rtype: &str,
     param: &str,
     targets: &[String],
-) -> Result<Vec<ResourceVersion>, ApiError> {
+) -> Result<Vec<ResourceVersion>, Failure> {
     if targets.is_empty() {
         return Ok(Vec::new());
     }
@@ -707,7 +707,7 @@ pub async fn patients_opened(
     rtype: &ResourceType,
     id: &phylax_fhir::ResourceId,
     bodies: &[&Value],
-) -> Result<Vec<String>, ApiError> {
+) -> Result<Vec<String>, Failure> {
     if rtype.as_str() != "PractitionerRole" {
         return Ok(Vec::new());
     }
@@ -749,7 +749,7 @@ async fn patient_refs(
     st: &AppState,
     user_id: &str,
     patient: &str,
-) -> Result<Arc<Vec<String>>, ApiError> {
+) -> Result<Arc<Vec<String>>, Failure> {
     if let Some(r) = cached(st, user_id).refs {
         return Ok(r);
     }
@@ -776,7 +776,7 @@ async fn patient_refs(
 /// How a workforce user is known in the data: their linked Practitioner,
 /// its active PractitionerRoles and those roles' organizations (`Type/id`).
 /// Empty without a linked Practitioner.
-pub async fn requester_refs(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, ApiError> {
+pub async fn requester_refs(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, Failure> {
     if let Some(r) = cached(st, user_id).refs {
         return Ok(r);
     }
@@ -784,7 +784,7 @@ pub async fn requester_refs(st: &AppState, user_id: &str) -> Result<Arc<Vec<Stri
         .accounts
         .load(user_id)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     let mut refs = Vec::new();
     if let Some(practitioner) = user.as_ref().and_then(|u| u.practitioner()) {
         let me = format!("Practitioner/{practitioner}");
@@ -822,7 +822,7 @@ pub async fn requester_refs(st: &AppState, user_id: &str) -> Result<Arc<Vec<Stri
 async fn compute_care(
     st: &AppState,
     user_id: &str,
-) -> Result<Option<Arc<BTreeSet<String>>>, ApiError> {
+) -> Result<Option<Arc<BTreeSet<String>>>, Failure> {
     let refs = requester_refs(st, user_id).await?;
     if refs.is_empty() {
         return Ok(Some(Arc::new(BTreeSet::new())));
@@ -929,7 +929,7 @@ pub async fn watch_own_name<'a>(
     }
 }
 
-async fn own_family(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, ApiError> {
+async fn own_family(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, Failure> {
     if let Some(f) = cached(st, user_id).family {
         return Ok(f);
     }
@@ -941,7 +941,7 @@ async fn own_family(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, Ap
         .and_then(phylax_fhir::ResourceId::parse)
     {
         let t = ResourceType::parse("Practitioner")
-            .ok_or_else(|| ApiError::Internal("no Practitioner type".into()))?;
+            .ok_or_else(|| Failure::Internal("no Practitioner type".into()))?;
         if let Ok(v) = st.repo.read(&t, &id).await {
             if let Some(b) = &v.body {
                 out.extend(

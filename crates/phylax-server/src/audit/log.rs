@@ -327,7 +327,7 @@ impl AuditLog {
             phylax_audit::event::Action::Update,
             format!(
                 "{n} audit records older than {} pruned after retention",
-                crate::data::repo::format_instant(cutoff)
+                crate::base::clock::format_instant(cutoff)
             ),
         )
         .await?;
@@ -1148,7 +1148,7 @@ impl AuditLog {
             client: e.client,
             ip: e.ip,
             token_id: None,
-            request_id: crate::rest::error::request_id().unwrap_or_default(),
+            request_id: crate::base::request::request_id().unwrap_or_default(),
             purpose: None,
             patients: Vec::new(),
             resources: Vec::new(),

@@ -21,7 +21,7 @@
 
 use crate::data::accounts::{Accounts, SecondFactor, Status, User};
 use crate::data::grants::{Kind, Taken};
-use crate::http::AppState;
+use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -297,7 +297,7 @@ async fn audit_auth(
         ip: peer_ip(ext),
     };
     st.audit.record_auth(e).await.map_err(|e| {
-        let rid = crate::rest::error::request_id().unwrap_or_default();
+        let rid = crate::base::request::request_id().unwrap_or_default();
         tracing::error!(request_id = %rid, error = %e, "audit record not written; sign-in step refused");
         error_page(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -515,7 +515,7 @@ fn redirect_error(req: &AuthzRequest, error: &str, desc: &str) -> Response {
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
-    let rid = crate::rest::error::request_id().unwrap_or_default();
+    let rid = crate::base::request::request_id().unwrap_or_default();
     tracing::error!(request_id = %rid, error = %e, "sign-in failed internally");
     error_page(
         StatusCode::SERVICE_UNAVAILABLE,

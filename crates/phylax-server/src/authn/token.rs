@@ -7,10 +7,9 @@
 //! expired assertion all answer `invalid_client`. The reason is logged.
 
 use crate::authn::signin::CodeDetails;
-use crate::base::config::Config;
 use crate::data::accounts::Status;
 use crate::data::grants::{Kind, Taken};
-use crate::http::AppState;
+use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -28,35 +27,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-
-pub fn smart_configuration(cfg: &Config) -> Value {
-    let base = format!("{}/auth", cfg.public_url);
-    json!({
-        "issuer": base,
-        "authorization_endpoint": format!("{base}/authorize"),
-        "token_endpoint": cfg.token_url(),
-        "revocation_endpoint": format!("{base}/revoke"),
-        "jwks_uri": format!("{base}/jwks"),
-        "id_token_signing_alg_values_supported": ["ES256"],
-        "introspection_endpoint": format!("{base}/introspect"),
-        "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
-        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
-        "scopes_supported": [
-            "openid", "fhirUser", "launch/patient", "offline_access", "online_access",
-            "patient/*.rs", "patient/*.read", "user/*.cruds", "user/*.rs", "user/*.read",
-            "system/*.cruds", "system/*.rs", "system/*.read", "system/*.write"
-        ],
-        "response_types_supported": ["code"],
-        "code_challenge_methods_supported": ["S256"],
-        "capabilities": [
-            "launch-standalone", "client-public", "client-confidential-asymmetric",
-            "context-standalone-patient", "permission-offline", "permission-online",
-            "permission-patient", "permission-user", "permission-v1", "permission-v2",
-            "sso-openid-connect"
-        ],
-    })
-}
 
 pub async fn smart_config(State(st): State<Arc<AppState>>) -> Response {
     let mut r = (StatusCode::OK, st.smart_config.to_string()).into_response();
@@ -117,7 +87,7 @@ fn too_many(secs: u64) -> Response {
 }
 
 fn oauth_error(e: &AuthError) -> Response {
-    let rid = crate::rest::error::request_id().unwrap_or_default();
+    let rid = crate::base::request::request_id().unwrap_or_default();
     tracing::info!(request_id = %rid, reason = %e, "token request refused");
     let (status, desc) = match e {
         AuthError::InvalidClient(_) | AuthError::InvalidToken(_) => {
@@ -228,7 +198,7 @@ pub async fn token(
             .map(|c| c.0.ip()),
     };
     if let Err(e) = st.audit.record_auth(ev).await {
-        let rid = crate::rest::error::request_id().unwrap_or_default();
+        let rid = crate::base::request::request_id().unwrap_or_default();
         tracing::error!(request_id = %rid, error = %e, "audit record not written; token withheld");
         return oauth_error(&unavailable(e));
     }

@@ -10,7 +10,7 @@
 //! (compared in constant time). Prometheus reads the token from a file
 //! (`authorization.credentials_file`).
 
-use crate::http::AppState;
+use crate::state::AppState;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -255,13 +255,6 @@ fn write_error(e: StoreError) -> RepoError {
     }
 }
 
-pub fn format_instant(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-        .to_string()
-}
-
 /// What a body's seal is bound to: `phylax/resource/v1␀type␀id␀version␀scope`.
 /// Built by appending (every search opens a page of bodies; `format!`
 /// showed in profiles).
@@ -479,7 +472,10 @@ impl Repo {
             let meta = obj.entry("meta").or_insert_with(|| json!({}));
             if let Some(m) = meta.as_object_mut() {
                 m.insert("versionId".into(), json!(version.to_string()));
-                m.insert("lastUpdated".into(), json!(format_instant(now)));
+                m.insert(
+                    "lastUpdated".into(),
+                    json!(crate::base::clock::format_instant(now)),
+                );
             }
         }
         let patient = compartment::patient_of(rtype, &body);
@@ -929,6 +925,32 @@ impl Repo {
             .list_current(rtype.as_str(), before_seq, limit)
             .await?;
         self.open_all(rows).await
+    }
+}
+
+impl From<RepoError> for crate::base::error::Failure {
+    fn from(e: RepoError) -> Self {
+        match e {
+            RepoError::NotFound => crate::base::error::Failure::NotFound,
+            RepoError::Gone(_) => crate::base::error::Failure::Gone,
+            RepoError::VersionMismatch => crate::base::error::Failure::PreconditionFailed,
+            RepoError::CreateViaUpdateDisabled => crate::base::error::Failure::MethodNotAllowed(
+                "update-as-create is not allowed on this server",
+            ),
+            RepoError::Conflict => crate::base::error::Failure::Conflict,
+            RepoError::Denied { hidden: true, rule } => crate::base::error::Failure::Hidden(rule),
+            RepoError::Denied {
+                hidden: false,
+                rule,
+            } => crate::base::error::Failure::Refused(rule),
+            e @ RepoError::Integrity { .. } => {
+                crate::base::error::Failure::Integrity(e.to_string())
+            }
+            RepoError::Store(phylax_store::StoreError::Unavailable(c)) => {
+                crate::base::error::Failure::Unavailable(c)
+            }
+            other => crate::base::error::Failure::Internal(other.to_string()),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Access tokens are verified without a database read (a MAC and this
 //! in-memory set). Each node re-reads the recent revocation feed every
-//! [`crate::http::DISABLED_REFRESH`], so a revocation made anywhere (the
+//! [`crate::state::DISABLED_REFRESH`], so a revocation made anywhere (the
 //! CLI, another node) takes effect everywhere within seconds. The feed is
 //! read whole for the last token lifetime (older entries cannot matter:
 //! every token they could cover has expired), which also tolerates

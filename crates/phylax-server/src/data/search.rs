@@ -10,7 +10,7 @@
 //! numbers and quantity values as plaintext numbers (with blind units), so
 //! range prefixes work on clinical data.
 
-use crate::rest::error::ApiError;
+use crate::base::error::Failure;
 use phylax_crypto::BlindIndexKey;
 use phylax_fhir::search::{self as fs, normalize, DatePrecision, ParamKind, SearchValue};
 use phylax_fhir::{Issue, IssueCode, ResourceType};
@@ -465,12 +465,12 @@ pub struct ParsedSearch {
     pub unknown: Vec<String>,
 }
 
-fn invalid(msg: String) -> ApiError {
-    ApiError::BadRequest(vec![Issue::error(IssueCode::Invalid, msg)])
+fn invalid(msg: String) -> Failure {
+    Failure::BadRequest(vec![Issue::error(IssueCode::Invalid, msg)])
 }
 
-fn unsupported(msg: String) -> ApiError {
-    ApiError::BadRequest(vec![Issue::error(IssueCode::NotSupported, msg)])
+fn unsupported(msg: String) -> Failure {
+    Failure::BadRequest(vec![Issue::error(IssueCode::NotSupported, msg)])
 }
 
 /// Split on commas not escaped with `\`, and unescape `\,` `\|` `\$` `\\`.
@@ -543,7 +543,7 @@ fn prefix(v: &str) -> (RangeOp, &str) {
     (RangeOp::Eq, v)
 }
 
-fn date_cond(code: &str, param_name: &str, v: &str, last_updated: bool) -> Result<Cond, ApiError> {
+fn date_cond(code: &str, param_name: &str, v: &str, last_updated: bool) -> Result<Cond, Failure> {
     let (op, lit) = prefix(v);
     let (lo, hi, _) = fs::date_range(lit).ok_or_else(|| {
         invalid(format!(
@@ -580,7 +580,7 @@ fn num_cond(
     v: &str,
     quantity: bool,
     key: &BlindIndexKey,
-) -> Result<Cond, ApiError> {
+) -> Result<Cond, Failure> {
     let (op, rest) = prefix(v);
     let (lit, unit) = if quantity {
         let mut parts = rest.splitn(3, '|');
@@ -629,7 +629,7 @@ pub fn parse(
     fhir_base: &str,
     rtype: &ResourceType,
     params: &[(String, String)],
-) -> Result<ParsedSearch, ApiError> {
+) -> Result<ParsedSearch, Failure> {
     let defs = fs::params(rtype);
     let mut and = Vec::new();
     let mut unknown = Vec::new();

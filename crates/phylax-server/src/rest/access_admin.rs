@@ -4,8 +4,8 @@
 //! and counts, never names, values or the patients a resource concerns.
 
 use crate::access::reach as access;
-use crate::http::AppState;
-use crate::rest::error::ApiError;
+use crate::base::error::Failure;
+use crate::state::AppState;
 use phylax_auth::policy::{
     decide_instance, Decision, Interaction, Principal, Reach, ResourceFacts,
 };
@@ -61,7 +61,7 @@ pub async fn explain(
     rtype: &ResourceType,
     id: &ResourceId,
     what: Interaction,
-) -> Result<Explanation, ApiError> {
+) -> Result<Explanation, Failure> {
     let mut steps = Vec::new();
     let principal = match who {
         Subject::User { username, scope } => {
@@ -69,13 +69,13 @@ pub async fn explain(
                 .accounts
                 .find(username)
                 .await
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?
-                .ok_or(ApiError::NotFound)?;
+                .map_err(|e| Failure::Unavailable(e.to_string()))?
+                .ok_or(Failure::NotFound)?;
             let role = st
                 .roles
                 .get(u.role())
                 .cloned()
-                .ok_or_else(|| ApiError::Internal("the user's role no longer exists".into()))?;
+                .ok_or_else(|| Failure::Internal("the user's role no longer exists".into()))?;
             let scope = scope.clone().unwrap_or_else(|| {
                 if role.patient {
                     "patient/*.cruds".into()
@@ -130,8 +130,8 @@ pub async fn explain(
                 .store
                 .get_client(client_id)
                 .await
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?
-                .ok_or(ApiError::NotFound)?;
+                .map_err(|e| Failure::Unavailable(e.to_string()))?
+                .ok_or(Failure::NotFound)?;
             steps.push(format!(
                 "client: {} registered scopes {}",
                 if c.disabled { "disabled," } else { "active," },
@@ -279,7 +279,7 @@ async fn used(
     st: &AppState,
     agent: &str,
     from: i64,
-) -> Result<(BTreeSet<char>, Option<i64>), ApiError> {
+) -> Result<(BTreeSet<char>, Option<i64>), Failure> {
     let mut out = BTreeSet::new();
     let mut last = None;
     let mut before = None;
@@ -294,7 +294,7 @@ async fn used(
                 ..Default::default()
             })
             .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            .map_err(|e| Failure::Unavailable(e.to_string()))?;
         for r in &rows {
             last = last.max(Some(r.recorded));
             if r.outcome == "0" {
@@ -340,20 +340,20 @@ pub async fn review(
     st: &AppState,
     period_days: u32,
     now_ms: i64,
-) -> Result<Vec<ReviewRow>, ApiError> {
+) -> Result<Vec<ReviewRow>, Failure> {
     // Usage comes from the audit log: move journaled records in first, so
     // an access acknowledged a moment ago counts as used.
     st.audit
         .flush()
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     let from = now_ms - i64::from(period_days) * 86_400_000;
     let mut out = Vec::new();
     let users = st
         .accounts
         .list()
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     for u in users {
         let role = st.roles.get(u.role()).cloned();
         let (used, _) = used(st, &format!("user:{}", u.id()), from).await?;
@@ -381,7 +381,7 @@ pub async fn review(
         .store
         .list_clients()
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     for c in clients {
         let scopes = ScopeSet::parse_lenient(&c.scope);
         let (used, last) = used(st, &c.id, from).await?;

@@ -10,10 +10,10 @@
 //! database refuses deletes and edits (triggers), so patient erasure never
 //! touches the log.
 
-use crate::http::AppState;
-use crate::rest::error::ApiError;
+use crate::base::error::Failure;
 use crate::rest::fhir::{bundle, fhir_json, make_cursor, open_cursor};
 use crate::rest::pipeline::{self, AuditRefs, RequestCtx};
+use crate::state::AppState;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use phylax_auth::policy::{decide, Decision, Interaction, Principal};
@@ -28,8 +28,8 @@ const DEFAULT_COUNT: u32 = 50;
 const MAX_COUNT: u32 = 500;
 
 /// Any attempt to write the audit log through the API.
-pub fn refuse_write() -> ApiError {
-    ApiError::MethodNotAllowed(
+pub fn refuse_write() -> Failure {
+    Failure::MethodNotAllowed(
         "AuditEvents are written by the server only; they cannot be created, changed or deleted",
     )
 }
@@ -41,7 +41,7 @@ type Parsed = (AuditQuery, u32, Vec<(String, String)>, Option<ResourceId>);
 /// Search parameters → a store query. Unknown parameters are an error
 /// (the audit log is small in surface; silently ignoring a filter would
 /// show an auditor more, or less, than they asked for).
-fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, ApiError> {
+fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Failure> {
     let mut q = AuditQuery::default();
     let mut count = DEFAULT_COUNT;
     let mut kept = Vec::new();
@@ -54,14 +54,14 @@ fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Api
                     .map(|(_, id)| id)
                     .unwrap_or(v.as_str());
                 let id = ResourceId::parse(id)
-                    .ok_or_else(|| ApiError::bad_request("patient must be a Patient id or reference"))?;
+                    .ok_or_else(|| Failure::bad_request("patient must be a Patient id or reference"))?;
                 q.patient = Some(st.audit.patient_hash(id.as_str()));
                 patient = Some(id);
             }
             "agent" => q.agent = Some(v.clone()),
             "action" => {
                 if phylax_audit::event::Action::parse(v).is_none() {
-                    return Err(ApiError::bad_request("action must be one of C, R, U, D, E"));
+                    return Err(Failure::bad_request("action must be one of C, R, U, D, E"));
                 }
                 q.action = Some(v.clone());
             }
@@ -73,7 +73,7 @@ fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Api
                     _ => ("eq", v.as_str()),
                 };
                 let (lo, hi, _) = phylax_fhir::search::date_range(val)
-                    .ok_or_else(|| ApiError::bad_request("date must be a FHIR date or dateTime"))?;
+                    .ok_or_else(|| Failure::bad_request("date must be a FHIR date or dateTime"))?;
                 match op {
                     "ge" => q.from = Some(q.from.map_or(lo, |f| f.max(lo))),
                     "gt" => q.from = Some(q.from.map_or(hi, |f| f.max(hi))),
@@ -88,13 +88,13 @@ fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Api
             "_count" => {
                 count = v
                     .parse::<u32>()
-                    .map_err(|_| ApiError::bad_request("_count must be a number"))?
+                    .map_err(|_| Failure::bad_request("_count must be a number"))?
                     .clamp(1, MAX_COUNT);
                 continue;
             }
             "_cursor" => continue,
             other => {
-                return Err(ApiError::BadRequest(vec![Issue::error(
+                return Err(Failure::BadRequest(vec![Issue::error(
                     IssueCode::NotSupported,
                     format!(
                         "AuditEvent search supports _id, patient, agent, date, action, subtype and _count; not {}",
@@ -117,13 +117,13 @@ async fn page(
     path: &str,
     params: &[(String, String)],
     strip: bool,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let (mut q, count, kept, patient) = parse_query(st, params)?;
     // Every record acknowledged before this request is readable.
     st.audit
         .flush()
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     let listing = format!(
         "{path}?{}",
         form_urlencoded::Serializer::new(String::new())
@@ -262,29 +262,29 @@ fn strip_forensics(v: &mut Value, patient: Option<&ResourceId>) {
 }
 
 /// Search the log (the pipeline has decided `search-type` on AuditEvent).
-pub async fn search(st: &AppState, params: Vec<(String, String)>) -> Result<Response, ApiError> {
+pub async fn search(st: &AppState, params: Vec<(String, String)>) -> Result<Response, Failure> {
     page(st, AUDIT_TYPE, &params, false).await
 }
 
 /// Read one record (the pipeline has decided `read` on AuditEvent).
-pub async fn read(st: &AppState, id: &str) -> Result<Response, ApiError> {
+pub async fn read(st: &AppState, id: &str) -> Result<Response, Failure> {
     st.audit
         .flush()
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
     let row = st
         .store
         .audit_get(id)
         .await
         .map_err(crate::data::repo::RepoError::from)?
-        .ok_or(ApiError::NotFound)?;
+        .ok_or(Failure::NotFound)?;
     if row.sealed.is_empty() {
         // Pruned after its retention period: it existed; its content is gone.
-        return Err(ApiError::Gone);
+        return Err(Failure::Gone);
     }
     let v = st.audit.open_row(&row).map_err(|e| {
         tracing::error!(event = "audit.verification_failed", error = %e, "an audit record failed its integrity check");
-        ApiError::Internal("an audit record failed its integrity check".into())
+        Failure::Internal("an audit record failed its integrity check".into())
     })?;
     Ok(fhir_json(StatusCode::OK, &v))
 }
@@ -306,7 +306,7 @@ pub async fn access_log(
         decide(&ctx.principal, Interaction::SearchType, Some(AUDIT_TYPE)) == Decision::Allow;
     let work = || async {
         let Some(pid) = pid.clone() else {
-            return Err(ApiError::NotFound);
+            return Err(Failure::NotFound);
         };
         let mut params: Vec<(String, String)> = crate::rest::fhir::Query::parse(raw)
             .0
@@ -327,7 +327,7 @@ pub async fn access_log(
         (work().await, None)
     } else {
         (
-            Err(ApiError::Forbidden),
+            Err(Failure::Forbidden),
             Some("access-log: only the patient or an auditor"),
         )
     };

@@ -19,11 +19,12 @@
 //!
 //! Both are bounded by the body limit and `http.max_bundle_entries`.
 
-use crate::data::repo::{format_instant, PlannedWrite, ResourceVersion};
-use crate::http::AppState;
-use crate::rest::error::ApiError;
+use crate::base::clock::format_instant;
+use crate::base::error::Failure;
+use crate::data::repo::{PlannedWrite, ResourceVersion};
 use crate::rest::fhir::{self as fhir_api, parse_type, prefer, Query};
 use crate::rest::pipeline::{self, AuditRefs, RequestCtx};
+use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
@@ -93,7 +94,7 @@ impl Entry {
 
 /// Attach the entry's position to an error, so the client can tell which
 /// entry failed. Only our own messages and element paths are shown.
-fn at_entry(idx: usize, e: ApiError) -> ApiError {
+fn at_entry(idx: usize, e: Failure) -> Failure {
     let locate = |issues: Vec<Issue>| {
         issues
             .into_iter()
@@ -104,26 +105,26 @@ fn at_entry(idx: usize, e: ApiError) -> ApiError {
             .collect()
     };
     match e {
-        ApiError::BadRequest(is) => ApiError::BadRequest(locate(is)),
-        ApiError::Unprocessable(is) => ApiError::Unprocessable(locate(is)),
+        Failure::BadRequest(is) => Failure::BadRequest(locate(is)),
+        Failure::Unprocessable(is) => Failure::Unprocessable(locate(is)),
         other => other,
     }
 }
 
-fn entry_error(idx: usize, msg: &str) -> ApiError {
-    ApiError::bad_request(format!("Bundle.entry[{idx}]: {msg}"))
+fn entry_error(idx: usize, msg: &str) -> Failure {
+    Failure::bad_request(format!("Bundle.entry[{idx}]: {msg}"))
 }
 
 /// Parse the entries of a batch or transaction Bundle. An entry that does
 /// not parse fails a transaction, and only itself in a batch.
-fn parse_entries(st: &AppState, bundle: &Value) -> Result<Vec<Result<Entry, ApiError>>, ApiError> {
+fn parse_entries(st: &AppState, bundle: &Value) -> Result<Vec<Result<Entry, Failure>>, Failure> {
     let empty = Vec::new();
     let raw = bundle
         .get("entry")
         .and_then(Value::as_array)
         .unwrap_or(&empty);
     if raw.len() > st.config.http.max_bundle_entries {
-        return Err(ApiError::bad_request(format!(
+        return Err(Failure::bad_request(format!(
             "a Bundle may have at most {} entries",
             st.config.http.max_bundle_entries
         )));
@@ -136,7 +137,7 @@ fn parse_entries(st: &AppState, bundle: &Value) -> Result<Vec<Result<Entry, ApiE
         .collect())
 }
 
-fn parse_entry(base: &str, idx: usize, e: &Value) -> Result<Entry, ApiError> {
+fn parse_entry(base: &str, idx: usize, e: &Value) -> Result<Entry, Failure> {
     let req = e
         .get("request")
         .ok_or_else(|| entry_error(idx, "request is required in a batch or transaction"))?;
@@ -189,7 +190,7 @@ pub async fn system_post(
     let result = async {
         let bundle = fhir_api::read_json(&st, &h, body).await?;
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-            return Err(ApiError::bad_request(
+            return Err(Failure::bad_request(
                 "POST to the base accepts a Bundle of type batch or transaction",
             ));
         }
@@ -210,7 +211,7 @@ pub async fn system_post(
                 Ok(transaction(&st, &ctx, &h, entries).await)
             }
             Some("batch") => Ok(batch(&st, &ctx, &h, entries).await),
-            _ => Err(ApiError::bad_request(
+            _ => Err(Failure::bad_request(
                 "POST to the base accepts a Bundle of type batch or transaction",
             )),
         }
@@ -350,7 +351,7 @@ async fn batch(
     st: &Arc<AppState>,
     ctx: &RequestCtx,
     h: &HeaderMap,
-    entries: Vec<Result<Entry, ApiError>>,
+    entries: Vec<Result<Entry, Failure>>,
 ) -> Response {
     let svc = entry_router(st);
     let mut out = Vec::with_capacity(entries.len());
@@ -365,7 +366,7 @@ async fn batch(
             let idx = e.as_ref().map(|e| e.idx).unwrap_or(0);
             out.push(
                 response_entry_for(
-                    ApiError::Unprocessable(vec![phylax_fhir::Issue::error(
+                    Failure::Unprocessable(vec![phylax_fhir::Issue::error(
                         phylax_fhir::IssueCode::TooCostly,
                         format!(
                             "entry {idx} was not processed: the batch's answer passed {cap} bytes (http.max_response_bytes); send the rest in another batch"
@@ -433,7 +434,7 @@ async fn allow(
     ctx: &RequestCtx,
     what: Interaction,
     rtype: &ResourceType,
-) -> Result<(), ApiError> {
+) -> Result<(), Failure> {
     match decide(&ctx.principal, what, Some(rtype.as_str())) {
         Decision::Allow => Ok(()),
         Decision::Deny(rule) => {
@@ -447,7 +448,7 @@ async fn allow(
                 Some(rule),
             )
             .await?;
-            Err(ApiError::Forbidden)
+            Err(Failure::Forbidden)
         }
     }
 }
@@ -462,10 +463,10 @@ async fn resolve_one(
     ctx: &RequestCtx,
     rtype: &ResourceType,
     q: &str,
-) -> Result<Option<ResourceVersion>, ApiError> {
+) -> Result<Option<ResourceVersion>, Failure> {
     let mut m = fhir_api::conditional_matches(st, ctx, rtype, &criteria(q)).await?;
     if m.len() > 1 {
-        return Err(ApiError::PreconditionFailed);
+        return Err(Failure::PreconditionFailed);
     }
     Ok(m.pop())
 }
@@ -539,7 +540,7 @@ async fn run_transaction(
     ctx: &RequestCtx,
     h: &HeaderMap,
     entries: &mut [Entry],
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let n = entries.len();
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| (entries[i].verb, i));
@@ -646,7 +647,7 @@ async fn run_transaction(
                     }
                     // Deleting an id that never existed: 404, as on its own.
                     (Some(_), None) if !conditional => {
-                        return Err(at_entry(idx, ApiError::NotFound))
+                        return Err(at_entry(idx, Failure::NotFound))
                     }
                     _ => {
                         audited[i] = Some(("delete", Some(rtype.as_str()), None));
@@ -748,12 +749,12 @@ async fn run_transaction(
                 let (version, pre, created) = match cur {
                     None => {
                         if if_match.is_some() {
-                            return Err(at_entry(idx, ApiError::PreconditionFailed));
+                            return Err(at_entry(idx, Failure::PreconditionFailed));
                         }
                         if !st.config.http.allow_update_create {
                             return Err(at_entry(
                                 idx,
-                                ApiError::MethodNotAllowed(
+                                Failure::MethodNotAllowed(
                                     "update-as-create is not allowed on this server",
                                 ),
                             ));
@@ -762,9 +763,9 @@ async fn run_transaction(
                         (VersionId::FIRST, Precondition::Absent, true)
                     }
                     Some(cur) => {
-                        let cur_v = VersionId::new(cur.version).ok_or(ApiError::Conflict)?;
+                        let cur_v = VersionId::new(cur.version).ok_or(Failure::Conflict)?;
                         if if_match.is_some_and(|m| m != cur_v) {
-                            return Err(at_entry(idx, ApiError::PreconditionFailed));
+                            return Err(at_entry(idx, Failure::PreconditionFailed));
                         }
                         (
                             cur_v.next(),
@@ -802,19 +803,19 @@ async fn run_transaction(
             continue;
         }
         if r.starts_with("urn:uuid:") || r.starts_with("urn:oid:") {
-            return Err(ApiError::bad_request(
+            return Err(Failure::bad_request(
                 "a reference names a urn: fullUrl that no entry in the transaction has",
             ));
         }
         if let Some((t, q)) = r.split_once('?') {
             let rtype = parse_type(t).map_err(|_| {
-                ApiError::bad_request("a conditional reference names an unknown type")
+                Failure::bad_request("a conditional reference names an unknown type")
             })?;
             match resolve_one(st, ctx, &rtype, q).await? {
                 Some(m) => {
                     map.insert(r.clone(), format!("{}/{}", m.rtype, m.id));
                 }
-                None => return Err(ApiError::PreconditionFailed),
+                None => return Err(Failure::PreconditionFailed),
             }
         }
     }
@@ -906,7 +907,7 @@ async fn run_transaction(
     Ok(fhir_api::fhir_json(StatusCode::OK, &bundle))
 }
 
-fn check_body_type(idx: usize, body: &Value, rtype: &ResourceType) -> Result<(), ApiError> {
+fn check_body_type(idx: usize, body: &Value, rtype: &ResourceType) -> Result<(), Failure> {
     if body.get("resourceType").and_then(Value::as_str) == Some(rtype.as_str()) {
         Ok(())
     } else {

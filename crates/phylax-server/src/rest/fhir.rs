@@ -6,11 +6,13 @@
 //! Every handler parses its inputs into typed values first (resource type,
 //! id, version, headers) and hands its work to [`pipeline::run`].
 
-use crate::data::repo::{format_instant, ResourceVersion};
-use crate::http::AppState;
-use crate::rest::error::{outcome_response, ApiError, FHIR_JSON};
+use crate::base::clock::format_instant;
+use crate::base::error::Failure;
+use crate::data::repo::ResourceVersion;
+use crate::rest::error::{outcome_response, FHIR_JSON};
 use crate::rest::pipeline::{self, RequestCtx};
 use crate::rest::search::ResultControl;
+use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -32,8 +34,8 @@ pub(crate) type St = State<Arc<AppState>>;
 
 // ---------------------------------------------------------------- inputs
 
-pub(crate) fn parse_type(t: &str) -> Result<ResourceType, ApiError> {
-    ResourceType::parse(t).ok_or(ApiError::UnknownType)
+pub(crate) fn parse_type(t: &str) -> Result<ResourceType, Failure> {
+    ResourceType::parse(t).ok_or(Failure::UnknownType)
 }
 
 /// Query parameters, decoded. Never logged.
@@ -83,10 +85,10 @@ pub(crate) fn prefer(h: &HeaderMap) -> Prefer {
 }
 
 /// Refuse formats other than JSON (`_format` or `Accept`).
-pub(crate) fn check_accept(h: &HeaderMap, q: &Query) -> Result<(), ApiError> {
+pub(crate) fn check_accept(h: &HeaderMap, q: &Query) -> Result<(), Failure> {
     if let Some(f) = q.get("_format") {
         if !matches!(f, "json" | "application/json" | "application/fhir+json") {
-            return Err(ApiError::NotAcceptable);
+            return Err(Failure::NotAcceptable);
         }
         return Ok(());
     }
@@ -103,11 +105,11 @@ pub(crate) fn check_accept(h: &HeaderMap, q: &Query) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::NotAcceptable)
+        Err(Failure::NotAcceptable)
     }
 }
 
-fn check_content_type(h: &HeaderMap) -> Result<(), ApiError> {
+fn check_content_type(h: &HeaderMap) -> Result<(), Failure> {
     let ct = h
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -121,7 +123,7 @@ fn check_content_type(h: &HeaderMap) -> Result<(), ApiError> {
     if mime == "application/fhir+json" || mime == "application/json" {
         Ok(())
     } else {
-        Err(ApiError::UnsupportedMediaType)
+        Err(Failure::UnsupportedMediaType)
     }
 }
 
@@ -130,14 +132,14 @@ pub(crate) async fn read_resource(
     st: &AppState,
     h: &HeaderMap,
     body: Body,
-) -> Result<(ResourceType, Value), ApiError> {
+) -> Result<(ResourceType, Value), Failure> {
     let value = read_json(st, h, body).await?;
     validated(value)
 }
 
 /// Validate a parsed resource: structural problems (not the right shape of
 /// JSON for FHIR) are 400, content rule violations 422.
-pub(crate) fn validated(value: Value) -> Result<(ResourceType, Value), ApiError> {
+pub(crate) fn validated(value: Value) -> Result<(ResourceType, Value), Failure> {
     match validate_resource(&value) {
         Ok(t) => Ok((t, value)),
         Err(issues) => {
@@ -145,9 +147,9 @@ pub(crate) fn validated(value: Value) -> Result<(ResourceType, Value), ApiError>
                 .iter()
                 .any(|i| matches!(i.code, IssueCode::Structure | IssueCode::NotSupported))
             {
-                Err(ApiError::BadRequest(issues))
+                Err(Failure::BadRequest(issues))
             } else {
-                Err(ApiError::Unprocessable(issues))
+                Err(Failure::Unprocessable(issues))
             }
         }
     }
@@ -164,11 +166,7 @@ const DRAIN_MAX: usize = 64 * 1024 * 1024;
 /// (announced or not; the rest is drained up to [`DRAIN_MAX`] so the
 /// client reads the answer over HTTP/1.1 and HTTP/2 alike), 408 past the
 /// body deadline, 400 if the body breaks off.
-pub(crate) async fn read_body(
-    h: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<Vec<u8>, ApiError> {
+pub(crate) async fn read_body(h: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, Failure> {
     use http_body_util::BodyExt;
     let announced = h
         .get(header::CONTENT_LENGTH)
@@ -179,7 +177,7 @@ pub(crate) async fn read_body(
     let mut seen = 0usize;
     let too_big = announced.is_some_and(|n| n > limit);
     if too_big && announced.is_some_and(|n| n > DRAIN_MAX) {
-        return Err(ApiError::PayloadTooLarge(limit));
+        return Err(Failure::PayloadTooLarge(limit));
     }
     while let Some(frame) = body.frame().await {
         let Ok(chunk) = frame.map_err(|e| body_error(&e))?.into_data() else {
@@ -194,44 +192,44 @@ pub(crate) async fn read_body(
         }
     }
     if too_big || seen > limit {
-        return Err(ApiError::PayloadTooLarge(limit));
+        return Err(Failure::PayloadTooLarge(limit));
     }
     Ok(out)
 }
 
 /// What a broken body answers: 408 past the body deadline
 /// (`crate::net::conn`), else 400.
-fn body_error(e: &axum::Error) -> ApiError {
+fn body_error(e: &axum::Error) -> Failure {
     if crate::net::conn::is_body_timeout(e) {
-        ApiError::RequestTimeout
+        Failure::RequestTimeout
     } else {
-        ApiError::bad_request("the request body could not be read")
+        Failure::bad_request("the request body could not be read")
     }
 }
 
 /// Read the body within the configured limit and parse it strictly.
-pub(crate) async fn read_json(st: &AppState, h: &HeaderMap, body: Body) -> Result<Value, ApiError> {
+pub(crate) async fn read_json(st: &AppState, h: &HeaderMap, body: Body) -> Result<Value, Failure> {
     check_content_type(h)?;
     let limit = st.config.http.max_body_bytes;
     let bytes = read_body(h, body, limit).await?;
     parse_strict(&bytes).map_err(|e| {
-        ApiError::BadRequest(vec![Issue::error(
+        Failure::BadRequest(vec![Issue::error(
             IssueCode::Structure,
             format!("invalid JSON: {}", e.message()),
         )])
     })
 }
 
-fn parse_if_match(h: &HeaderMap) -> Result<Option<VersionId>, ApiError> {
+fn parse_if_match(h: &HeaderMap) -> Result<Option<VersionId>, Failure> {
     let Some(v) = h.get(header::IF_MATCH) else {
         return Ok(None);
     };
     let s = v
         .to_str()
-        .map_err(|_| ApiError::bad_request("malformed If-Match"))?;
+        .map_err(|_| Failure::bad_request("malformed If-Match"))?;
     parse_etag(s)
         .map(Some)
-        .ok_or_else(|| ApiError::bad_request("If-Match must be an ETag such as W/\"3\""))
+        .ok_or_else(|| Failure::bad_request("If-Match must be an ETag such as W/\"3\""))
 }
 
 /// The version an ETag names (`W/"3"`, `"3"` or `3`).
@@ -323,7 +321,7 @@ impl BundleOut {
         // authenticated stored text); an error would be a bug.
         match self.write(&mut body) {
             Ok(()) => fhir_bytes(status, body),
-            Err(e) => ApiError::Internal(format!("serialising a Bundle: {e}")).into_response(),
+            Err(e) => Failure::Internal(format!("serialising a Bundle: {e}")).into_response(),
         }
     }
 }
@@ -421,7 +419,7 @@ fn committed(mut r: Response) -> Response {
 fn read_response(st: &AppState, v: &ResourceVersion) -> Response {
     let mut r = match &v.body {
         Some(b) => resource_json(StatusCode::OK, b),
-        None => ApiError::Gone.into_response(),
+        None => Failure::Gone.into_response(),
     };
     version_headers(&mut r, st, v, false);
     r.extensions_mut()
@@ -486,8 +484,8 @@ pub(crate) fn make_cursor(st: &AppState, listing: &str, before_seq: i64) -> Stri
     )
 }
 
-pub(crate) fn open_cursor(st: &AppState, listing: &str, cursor: &str) -> Result<i64, ApiError> {
-    let bad = || ApiError::bad_request("invalid or tampered paging cursor");
+pub(crate) fn open_cursor(st: &AppState, listing: &str, cursor: &str) -> Result<i64, Failure> {
+    let bad = || Failure::bad_request("invalid or tampered paging cursor");
     let (m, t) = cursor.split_once('.').ok_or_else(bad)?;
     let msg = URL_SAFE_NO_PAD.decode(m).map_err(|_| bad())?;
     let tag = URL_SAFE_NO_PAD.decode(t).map_err(|_| bad())?;
@@ -503,27 +501,25 @@ pub(crate) fn open_cursor(st: &AppState, listing: &str, cursor: &str) -> Result<
     seq.parse().map_err(|_| bad())
 }
 
-pub(crate) fn page_size(st: &AppState, q: &Query) -> Result<u32, ApiError> {
+pub(crate) fn page_size(st: &AppState, q: &Query) -> Result<u32, Failure> {
     match q.get("_count") {
         None => Ok(st.config.http.default_page_size),
         Some(c) => {
             let n: u64 = c
                 .parse()
-                .map_err(|_| ApiError::bad_request("_count must be a non-negative integer"))?;
+                .map_err(|_| Failure::bad_request("_count must be a non-negative integer"))?;
             Ok(n.clamp(1, st.config.http.max_page_size as u64) as u32)
         }
     }
 }
 
-pub(crate) fn parse_since(q: &Query) -> Result<Option<i64>, ApiError> {
+pub(crate) fn parse_since(q: &Query) -> Result<Option<i64>, Failure> {
     let Some(s) = q.get("_since") else {
         return Ok(None);
     };
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|d| Some(d.timestamp_millis()))
-        .map_err(|_| {
-            ApiError::bad_request("_since must be an instant such as 2024-01-01T00:00:00Z")
-        })
+        .map_err(|_| Failure::bad_request("_since must be an instant such as 2024-01-01T00:00:00Z"))
 }
 
 // ---------------------------------------------------------------- handlers
@@ -542,7 +538,7 @@ pub async fn create(
     h: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     Ok(pipeline::run(
@@ -558,13 +554,13 @@ pub async fn create(
             check_accept(&h, &q)?;
             let (bt, value) = read_resource(&st, &h, body).await?;
             if bt != rtype {
-                return Err(ApiError::bad_request("resourceType does not match the URL"));
+                return Err(Failure::bad_request("resourceType does not match the URL"));
             }
             // Conditional create: `If-None-Exist: [search parameters]`.
             if let Some(cond) = h.get("if-none-exist") {
                 let cond = cond
                     .to_str()
-                    .map_err(|_| ApiError::bad_request("malformed If-None-Exist"))?;
+                    .map_err(|_| Failure::bad_request("malformed If-None-Exist"))?;
                 let params = Query::parse(Some(cond.trim_start_matches('?').to_owned()))
                     .without_internal()
                     .0;
@@ -577,7 +573,7 @@ pub async fn create(
                         // One match: the create is ignored, the match returned.
                         return Ok(write_response(&st, &h, StatusCode::OK, existing));
                     }
-                    _ => return Err(ApiError::PreconditionFailed),
+                    _ => return Err(Failure::PreconditionFailed),
                 }
             }
             let v = st
@@ -596,7 +592,7 @@ pub async fn read(
     Path((t, id)): Path<(String, String)>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
@@ -613,7 +609,7 @@ pub async fn read(
             }
             check_accept(&h, &q)?;
             let control = ResultControl::parse(&rtype, &q)?;
-            let id = rid.ok_or(ApiError::NotFound)?;
+            let id = rid.ok_or(Failure::NotFound)?;
             let v = crate::access::reach::Scoped::new(&st, &ctx)
                 .read(&rtype, &id)
                 .await?;
@@ -639,7 +635,7 @@ pub async fn vread(
     Path((t, id, vid)): Path<(String, String, String)>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
@@ -655,12 +651,12 @@ pub async fn vread(
                 // Audit records never change: version 1 is the record.
                 return match vid.as_str() {
                     "1" => crate::rest::audit_api::read(&st, &id).await,
-                    _ => Err(ApiError::NotFound),
+                    _ => Err(Failure::NotFound),
                 };
             }
             check_accept(&h, &q)?;
-            let id = rid.ok_or(ApiError::NotFound)?;
-            let vid = VersionId::parse(&vid).ok_or(ApiError::NotFound)?;
+            let id = rid.ok_or(Failure::NotFound)?;
+            let vid = VersionId::parse(&vid).ok_or(Failure::NotFound)?;
             let v = crate::access::reach::Scoped::new(&st, &ctx)
                 .vread(&rtype, &id, vid)
                 .await?;
@@ -677,7 +673,7 @@ pub async fn update(
     h: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
@@ -694,21 +690,21 @@ pub async fn update(
             }
             check_accept(&h, &q)?;
             let id = rid
-                .ok_or_else(|| ApiError::bad_request("the id in the URL is not a valid FHIR id"))?;
+                .ok_or_else(|| Failure::bad_request("the id in the URL is not a valid FHIR id"))?;
             let if_match = parse_if_match(&h)?;
             let (bt, value) = read_resource(&st, &h, body).await?;
             if bt != rtype {
-                return Err(ApiError::bad_request("resourceType does not match the URL"));
+                return Err(Failure::bad_request("resourceType does not match the URL"));
             }
             match value.get("id").and_then(Value::as_str) {
                 Some(b) if b == id.as_str() => {}
                 Some(_) => {
-                    return Err(ApiError::bad_request(
+                    return Err(Failure::bad_request(
                         "the id in the body does not match the id in the URL",
                     ))
                 }
                 None => {
-                    return Err(ApiError::bad_request(
+                    return Err(Failure::bad_request(
                         "an update must carry the resource id in the body",
                     ))
                 }
@@ -735,7 +731,7 @@ pub async fn update(
                 Err(crate::data::repo::RepoError::CreateViaUpdateDisabled)
                     if st.config.http.allow_update_create =>
                 {
-                    return Err(ApiError::Forbidden)
+                    return Err(Failure::Forbidden)
                 }
                 r => r?,
             };
@@ -754,7 +750,7 @@ pub async fn delete(
     State(st): St,
     Extension(ctx): Extension<RequestCtx>,
     Path((t, id)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let rid = ResourceId::parse(&id);
     let audit_id = rid.as_ref().map(ResourceId::to_string);
@@ -768,7 +764,7 @@ pub async fn delete(
             if rtype.as_str() == crate::rest::audit_api::AUDIT_TYPE {
                 return Err(crate::rest::audit_api::refuse_write());
             }
-            let id = rid.ok_or(ApiError::NotFound)?;
+            let id = rid.ok_or(Failure::NotFound)?;
             let mut r = StatusCode::NO_CONTENT.into_response();
             if let Some(v) = st
                 .repo
@@ -798,7 +794,7 @@ async fn history(
     path: String,
     q: &Query,
     h: &HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     check_accept(h, q)?;
     let count = page_size(st, q)?;
     let since = parse_since(q)?;
@@ -882,7 +878,7 @@ pub async fn history_instance(
     Path((t, id)): Path<(String, String)>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     let rid = ResourceId::parse(&id);
@@ -894,7 +890,7 @@ pub async fn history_instance(
         Some(&rtype),
         audit_id.as_deref(),
         || async {
-            let id = rid.ok_or(ApiError::NotFound)?;
+            let id = rid.ok_or(Failure::NotFound)?;
             if st
                 .store
                 .read_current(rtype.as_str(), id.as_str())
@@ -902,7 +898,7 @@ pub async fn history_instance(
                 .map_err(crate::data::repo::RepoError::from)?
                 .is_none()
             {
-                return Err(ApiError::NotFound);
+                return Err(Failure::NotFound);
             }
             // A caller limited to some patients must not learn that an id
             // outside their reach exists from an empty history.
@@ -917,7 +913,7 @@ pub async fn history_instance(
                     Ok(_) => {}
                     // Deleted, and the caller reaches every patient: the
                     // versions are decided one by one below.
-                    Err(ApiError::Gone) => {}
+                    Err(Failure::Gone) => {}
                     Err(e) => return Err(e),
                 }
             }
@@ -943,7 +939,7 @@ pub async fn history_type(
     Path(t): Path<String>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     Ok(pipeline::run(
@@ -1006,20 +1002,20 @@ pub(crate) async fn conditional_matches(
     ctx: &RequestCtx,
     rtype: &ResourceType,
     params: &[(String, String)],
-) -> Result<Vec<crate::data::repo::ResourceVersion>, ApiError> {
+) -> Result<Vec<crate::data::repo::ResourceVersion>, Failure> {
     if decide(
         &ctx.principal,
         Interaction::SearchType,
         Some(rtype.as_str()),
     ) != Decision::Allow
     {
-        return Err(ApiError::Forbidden);
+        return Err(Failure::Forbidden);
     }
     crate::rest::mask::check_params(ctx, rtype, params)?;
     let parsed = crate::data::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
     if !parsed.unknown.is_empty() {
         // Ignoring an unknown criterion could match the wrong resource.
-        return Err(ApiError::BadRequest(
+        return Err(Failure::BadRequest(
             parsed
                 .unknown
                 .iter()
@@ -1033,7 +1029,7 @@ pub(crate) async fn conditional_matches(
         ));
     }
     if parsed.and.is_empty() {
-        return Err(ApiError::bad_request(
+        return Err(Failure::bad_request(
             "a conditional operation needs search criteria",
         ));
     }
@@ -1057,7 +1053,7 @@ pub async fn conditional_update(
     h: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw).without_internal();
     Ok(pipeline::run(
@@ -1078,7 +1074,7 @@ pub async fn conditional_update(
                     .collect();
             let (bt, mut value) = read_resource(&st, &h, body).await?;
             if bt != rtype {
-                return Err(ApiError::bad_request("resourceType does not match the URL"));
+                return Err(Failure::bad_request("resourceType does not match the URL"));
             }
             let body_id = value.get("id").and_then(Value::as_str).map(str::to_owned);
             match conditional_matches(&st, &ctx, &rtype, &criteria)
@@ -1089,7 +1085,7 @@ pub async fn conditional_update(
                     if decide(&ctx.principal, Interaction::Create, Some(rtype.as_str()))
                         != Decision::Allow
                     {
-                        return Err(ApiError::Forbidden);
+                        return Err(Failure::Forbidden);
                     }
                     match body_id.as_deref().map(ResourceId::parse) {
                         // No match and no id: an ordinary create.
@@ -1107,7 +1103,7 @@ pub async fn conditional_update(
                         // No match, an id: update-as-create, if allowed.
                         Some(Some(id)) => {
                             if !st.config.http.allow_update_create {
-                                return Err(ApiError::MethodNotAllowed(
+                                return Err(Failure::MethodNotAllowed(
                                     "update-as-create is not allowed on this server",
                                 ));
                             }
@@ -1124,7 +1120,7 @@ pub async fn conditional_update(
                                     .await?;
                             }
                             if existing.is_some_and(|e| !e.deleted) {
-                                return Err(ApiError::Conflict);
+                                return Err(Failure::Conflict);
                             }
                             let (v, _) = st
                                 .repo
@@ -1139,14 +1135,14 @@ pub async fn conditional_update(
                                 .await?;
                             Ok(committed(write_response(&st, &h, StatusCode::CREATED, &v)))
                         }
-                        Some(None) => Err(ApiError::bad_request(
+                        Some(None) => Err(Failure::bad_request(
                             "the id in the body is not a valid FHIR id",
                         )),
                     }
                 }
                 [m] => {
                     if body_id.as_deref().is_some_and(|b| b != m.id.as_str()) {
-                        return Err(ApiError::bad_request(
+                        return Err(Failure::bad_request(
                             "the id in the body does not match the resource the criteria select",
                         ));
                     }
@@ -1166,7 +1162,7 @@ pub async fn conditional_update(
                         .await?;
                     Ok(committed(write_response(&st, &h, StatusCode::OK, &v)))
                 }
-                _ => Err(ApiError::PreconditionFailed),
+                _ => Err(Failure::PreconditionFailed),
             }
         },
     )
@@ -1180,7 +1176,7 @@ pub async fn conditional_delete(
     Extension(ctx): Extension<RequestCtx>,
     Path(t): Path<String>,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw).without_internal();
     Ok(pipeline::run(
@@ -1215,7 +1211,7 @@ pub async fn conditional_delete(
                     r.extensions_mut().insert(refs);
                     Ok(r)
                 }
-                _ => Err(ApiError::PreconditionFailed),
+                _ => Err(Failure::PreconditionFailed),
             }
         },
     )

@@ -7,7 +7,7 @@
 //! texts of references, which often repeat a name. Searching or sorting on
 //! a masked element is refused: a match would reveal the value.
 
-use crate::rest::error::ApiError;
+use crate::base::error::Failure;
 use crate::rest::pipeline::RequestCtx;
 use axum::body::Body;
 use axum::http::{header, StatusCode};
@@ -224,11 +224,11 @@ pub async fn apply(r: Response, masks: &BTreeSet<String>) -> Response {
     }
     let (mut parts, body) = r.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
-        return ApiError::Internal("response too large to mask".into()).into_response_safe();
+        return Failure::Internal("response too large to mask".into()).into_response_safe();
     };
     let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
         // Not JSON after all: never send unmasked data by mistake.
-        return ApiError::Internal("response could not be masked".into()).into_response_safe();
+        return Failure::Internal("response could not be masked".into()).into_response_safe();
     };
     mask_json(&mut v, masks);
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -240,7 +240,7 @@ pub fn check_params(
     ctx: &RequestCtx,
     rtype: &ResourceType,
     params: &[(String, String)],
-) -> Result<(), ApiError> {
+) -> Result<(), Failure> {
     let Some(masks) = masks_of(ctx) else {
         return Ok(());
     };
@@ -261,13 +261,13 @@ pub fn check_params(
             vec![k.split([':', '.']).next().unwrap_or("")]
         };
         if names.iter().any(|n| touches(n)) {
-            return Err(ApiError::Masked);
+            return Err(Failure::Masked);
         }
     }
     Ok(())
 }
 
-impl ApiError {
+impl Failure {
     /// The response of an error, for the masking step's own failures.
     fn into_response_safe(self) -> Response {
         let mut r = axum::response::IntoResponse::into_response(self);

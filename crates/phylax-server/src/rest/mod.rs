@@ -1,7 +1,7 @@
 //! The FHIR REST API: handlers and their wire helpers.
 //!
 //! # Layout
-//! - [`error`]: `ApiError` → HTTP status + OperationOutcome with the
+//! - [`error`]: `Failure` → HTTP status + OperationOutcome with the
 //!   request id; causes are logged once, server-side.
 //! - [`pipeline`]: the one place every FHIR interaction passes: the policy
 //!   decision and the audit record of what happened.
@@ -12,12 +12,10 @@
 //! - [`bundle`]: batch and transaction.
 //! - [`audit_api`]: the read-only AuditEvent API and `$access-log`.
 //! - [`access_admin`]: access review and `explain` (shared with the CLI).
-//! - [`capability`]: the CapabilityStatement.
 
 pub mod access_admin;
 pub mod audit_api;
 pub mod bundle;
-pub mod capability;
 pub mod error;
 pub mod fhir;
 pub mod mask;

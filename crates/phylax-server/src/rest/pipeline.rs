@@ -17,9 +17,9 @@
 //! and before the response leaves.
 
 use crate::audit::log::AuditError;
+use crate::base::error::Failure;
 use crate::data::repo::ResourceVersion;
-use crate::http::AppState;
-use crate::rest::error::ApiError;
+use crate::state::AppState;
 use axum::response::{IntoResponse, Response};
 use phylax_audit::event::{Action, AuditFacts, EventKind, Outcome, UserRef};
 use phylax_auth::policy::{decide_instance, Decision, Interaction, Principal};
@@ -318,7 +318,7 @@ pub async fn record(
     refs: AuditRefs,
     status: u16,
     denied_by: Option<&'static str>,
-) -> Result<(), ApiError> {
+) -> Result<(), Failure> {
     let mut f = facts(st, ctx, interaction, status, denied_by);
     // A failed request's refs are client-chosen text: only successful
     // (or revealing: 410, 412) outcomes name what they touched.
@@ -332,7 +332,7 @@ pub async fn record(
     f.query_params = refs.params;
     st.audit.record_owned(f).await.map_err(|e| {
         tracing::error!(request_id = %ctx.request_id, error = %e, "audit record not written; response withheld");
-        ApiError::Unavailable("the audit log is unavailable".into())
+        Failure::Unavailable("the audit log is unavailable".into())
     })
 }
 
@@ -347,7 +347,7 @@ pub async fn run<F, Fut>(
 ) -> Response
 where
     F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Response, ApiError>>,
+    Fut: Future<Output = Result<Response, Failure>>,
 {
     let started = std::time::Instant::now();
     // A read records through the journal: let its group commit wait for
@@ -363,7 +363,7 @@ where
     let decision = decide_instance(&ctx.principal, what, rtype.map(ResourceType::as_str), id);
     let (result, denied_by) = match decision {
         Decision::Allow => (work().await, None),
-        Decision::Deny(rule) => (Err(ApiError::Forbidden), Some(rule)),
+        Decision::Deny(rule) => (Err(Failure::Forbidden), Some(rule)),
     };
     // Field masking, after `_elements`/`_summary` shaped the response.
     let result = match (crate::rest::mask::masks_of(ctx), result) {
@@ -374,7 +374,7 @@ where
         Ok(r) => r.status().as_u16(),
         Err(e) => e.status().as_u16(),
     };
-    let denied_by = denied_by.or_else(|| result.as_ref().err().and_then(ApiError::denied_by));
+    let denied_by = denied_by.or_else(|| result.as_ref().err().and_then(Failure::denied_by));
     let mut refs = result
         .as_ref()
         .ok()

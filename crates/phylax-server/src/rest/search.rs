@@ -4,13 +4,13 @@
 //! includes with `:iterate`, chaining and `_has`. Parameters become store
 //! conditions in `crate::data::search`; the store plans and runs them.
 
+use crate::base::error::Failure;
 use crate::data::repo::{BodyOut, ResourceVersion};
-use crate::http::AppState;
-use crate::rest::error::ApiError;
 use crate::rest::fhir::{
     bundle_out, check_accept, page_size, parse_since, parse_type, prefer, EntryOut, Query, St,
 };
 use crate::rest::pipeline::{self, RequestCtx};
+use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -51,7 +51,7 @@ async fn seal_search_cursor(
     params: &[(String, String)],
     before: i64,
     back: &[i64],
-) -> Result<String, ApiError> {
+) -> Result<String, Failure> {
     let key = st
         .repo
         .keys()
@@ -66,12 +66,12 @@ async fn seal_search_cursor(
             format!("phylax/search-cursor/v1\0{rtype}").as_bytes(),
             body.as_bytes(),
         )
-        .map_err(|_| ApiError::Internal("cursor seal failed".into()))?;
+        .map_err(|_| Failure::Internal("cursor seal failed".into()))?;
     Ok(URL_SAFE_NO_PAD.encode(sealed))
 }
 
-async fn open_search_cursor(st: &AppState, rtype: &str, cursor: &str) -> Result<Cursor, ApiError> {
-    let bad = || ApiError::bad_request("invalid, expired or tampered paging cursor");
+async fn open_search_cursor(st: &AppState, rtype: &str, cursor: &str) -> Result<Cursor, Failure> {
+    let bad = || Failure::bad_request("invalid, expired or tampered paging cursor");
     let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
     let key = st
         .repo
@@ -152,11 +152,11 @@ async fn included(
     rtype: &ResourceType,
     q: &Query,
     matches: &[crate::data::repo::ResourceVersion],
-) -> Result<Vec<crate::data::repo::ResourceVersion>, ApiError> {
+) -> Result<Vec<crate::data::repo::ResourceVersion>, Failure> {
     use std::collections::HashSet;
     type Spec = (bool, ResourceType, String, Option<ResourceType>);
-    let parse_spec = |v: &str| -> Result<(ResourceType, String, Option<ResourceType>), ApiError> {
-        let bad = || ApiError::bad_request("_include/_revinclude take Type:parameter[:TargetType]");
+    let parse_spec = |v: &str| -> Result<(ResourceType, String, Option<ResourceType>), Failure> {
+        let bad = || Failure::bad_request("_include/_revinclude take Type:parameter[:TargetType]");
         let mut it = v.split(':');
         let src = it.next().and_then(ResourceType::parse).ok_or_else(bad)?;
         let param = it
@@ -175,7 +175,7 @@ async fn included(
             .get(&param)
             .is_some_and(|p| p.kind == phylax_fhir::search::ParamKind::Reference && p.indexable());
         if !known {
-            return Err(ApiError::bad_request(format!(
+            return Err(Failure::bad_request(format!(
                 "{}:{}: not a reference search parameter",
                 src,
                 param.chars().take(64).collect::<String>()
@@ -196,7 +196,7 @@ async fn included(
         };
         let (src, param, target) = parse_spec(v)?;
         if !iter && !rev && &src != rtype {
-            return Err(ApiError::bad_request(
+            return Err(Failure::bad_request(
                 "_include must start with the searched resource type (or use _include:iterate)",
             ));
         }
@@ -312,19 +312,19 @@ async fn inner_search(
     ctx: &RequestCtx,
     rtype: &ResourceType,
     params: &[(String, String)],
-) -> Result<Vec<ResourceVersion>, ApiError> {
+) -> Result<Vec<ResourceVersion>, Failure> {
     if decide(
         &ctx.principal,
         Interaction::SearchType,
         Some(rtype.as_str()),
     ) != Decision::Allow
     {
-        return Err(ApiError::Forbidden);
+        return Err(Failure::Forbidden);
     }
     crate::rest::mask::check_params(ctx, rtype, params)?;
     let parsed = crate::data::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
     if let Some(u) = parsed.unknown.first() {
-        return Err(ApiError::BadRequest(vec![Issue::error(
+        return Err(Failure::BadRequest(vec![Issue::error(
             IssueCode::NotSupported,
             format!("unsupported parameter in a chain or _has: {u}"),
         )]));
@@ -340,7 +340,7 @@ async fn inner_search(
         })
         .await?;
     if rows.len() > MAX_CHAIN as usize {
-        return Err(ApiError::BadRequest(vec![Issue::error(
+        return Err(Failure::BadRequest(vec![Issue::error(
             IssueCode::TooCostly,
             format!("a chained or _has search may match at most {MAX_CHAIN} resources; narrow it"),
         )]));
@@ -358,7 +358,7 @@ async fn resolve_chains(
     ctx: &RequestCtx,
     rtype: &ResourceType,
     params: &[(String, String)],
-) -> Result<(Vec<(String, String)>, Vec<Vec<phylax_store::Cond>>), ApiError> {
+) -> Result<(Vec<(String, String)>, Vec<Vec<phylax_store::Cond>>), Failure> {
     use phylax_store::Cond;
     let defs = phylax_fhir::defs::definitions();
     let mut plain = Vec::new();
@@ -369,7 +369,7 @@ async fn resolve_chains(
         .filter(|(n, _)| n.starts_with("_has:") || n.contains('.'))
         .count();
     if chains > MAX_CHAINS {
-        return Err(ApiError::bad_request(format!(
+        return Err(Failure::bad_request(format!(
             "at most {MAX_CHAINS} chained or _has parameters per search"
         )));
     }
@@ -379,23 +379,23 @@ async fn resolve_chains(
             let mut parts = rest.splitn(3, ':');
             let (Some(t), Some(refp), Some(inner)) = (parts.next(), parts.next(), parts.next())
             else {
-                return Err(ApiError::bad_request(format!(
+                return Err(Failure::bad_request(format!(
                     "{}: _has takes _has:Type:reference:parameter",
                     shown(name)
                 )));
             };
             if inner.starts_with("_has") || inner.contains('.') {
-                return Err(ApiError::NotImplemented(
+                return Err(Failure::NotImplemented(
                     "only one level of _has or chaining is supported",
                 ));
             }
             let inner_type = ResourceType::parse(t)
-                .ok_or_else(|| ApiError::bad_request(format!("{}: unknown type", shown(name))))?;
+                .ok_or_else(|| Failure::bad_request(format!("{}: unknown type", shown(name))))?;
             let is_ref = phylax_fhir::search::params(&inner_type)
                 .get(refp)
                 .is_some_and(|p| p.kind == phylax_fhir::search::ParamKind::Reference);
             if !is_ref {
-                return Err(ApiError::bad_request(format!(
+                return Err(Failure::bad_request(format!(
                     "{}: not a reference parameter of {inner_type}",
                     shown(name)
                 )));
@@ -430,7 +430,7 @@ async fn resolve_chains(
             continue;
         };
         if inner.contains('.') || inner.starts_with("_has") {
-            return Err(ApiError::NotImplemented(
+            return Err(Failure::NotImplemented(
                 "only one level of _has or chaining is supported",
             ));
         }
@@ -442,7 +442,7 @@ async fn resolve_chains(
             .get(code)
             .is_some_and(|p| p.kind == phylax_fhir::search::ParamKind::Reference);
         if !is_ref {
-            return Err(ApiError::bad_request(format!(
+            return Err(Failure::bad_request(format!(
                 "{}: chaining needs a reference parameter of {rtype}",
                 shown(name)
             )));
@@ -450,7 +450,7 @@ async fn resolve_chains(
         let inner_code = inner.split(':').next().unwrap_or(inner);
         let candidates: Vec<ResourceType> = match type_mod {
             Some(t) => vec![ResourceType::parse(t)
-                .ok_or_else(|| ApiError::bad_request(format!("{}: unknown type", shown(name))))?],
+                .ok_or_else(|| Failure::bad_request(format!("{}: unknown type", shown(name))))?],
             // No type given: every target type that has the parameter.
             None => defs
                 .reference_targets(rtype.as_str(), code)
@@ -463,7 +463,7 @@ async fn resolve_chains(
                 .collect(),
         };
         if candidates.is_empty() {
-            return Err(ApiError::bad_request(format!(
+            return Err(Failure::bad_request(format!(
                 "{}: no target type of {code} has that parameter",
                 shown(name)
             )));
@@ -482,7 +482,7 @@ async fn resolve_chains(
                 targets.push(format!("{}/{}", v.rtype, v.id));
             }
             if targets.len() > MAX_CHAIN as usize {
-                return Err(ApiError::BadRequest(vec![Issue::error(
+                return Err(Failure::BadRequest(vec![Issue::error(
                     IssueCode::TooCostly,
                     format!("a chained search may match at most {MAX_CHAIN} resources; narrow it"),
                 )]));
@@ -510,11 +510,11 @@ pub(crate) struct ResultControl {
 }
 
 impl ResultControl {
-    pub(crate) fn parse(rtype: &ResourceType, q: &Query) -> Result<ResultControl, ApiError> {
+    pub(crate) fn parse(rtype: &ResourceType, q: &Query) -> Result<ResultControl, Failure> {
         let summary = match q.get("_summary") {
             None => None,
             Some(s) => Some(Summary::parse(s).ok_or_else(|| {
-                ApiError::bad_request("_summary must be true, text, data, count or false")
+                Failure::bad_request("_summary must be true, text, data, count or false")
             })?),
         };
         let elements = match q.get("_elements") {
@@ -524,7 +524,7 @@ impl ResultControl {
                 if names.iter().any(|n| {
                     n.is_empty() || n.len() > 64 || !n.chars().all(|c| c.is_ascii_alphanumeric())
                 }) {
-                    return Err(ApiError::bad_request(
+                    return Err(Failure::bad_request(
                         "_elements takes a comma-separated list of element names",
                     ));
                 }
@@ -532,7 +532,7 @@ impl ResultControl {
             }
         };
         if summary.is_some() && elements.is_some() {
-            return Err(ApiError::bad_request(
+            return Err(Failure::bad_request(
                 "_summary and _elements cannot be combined",
             ));
         }
@@ -548,7 +548,7 @@ impl ResultControl {
                         .get(code)
                         .is_some_and(|p| p.indexable());
                 if !known {
-                    return Err(ApiError::BadRequest(vec![Issue::error(
+                    return Err(Failure::BadRequest(vec![Issue::error(
                         IssueCode::NotSupported,
                         format!(
                             "cannot sort by {}: not a search parameter of {rtype}",
@@ -560,7 +560,7 @@ impl ResultControl {
             }
         }
         if sort.len() > 8 {
-            return Err(ApiError::bad_request("_sort takes at most 8 keys"));
+            return Err(Failure::bad_request("_sort takes at most 8 keys"));
         }
         // Newest first is the natural order: no in-memory sort needed.
         if sort == [("_lastUpdated".to_owned(), true)] {
@@ -570,7 +570,7 @@ impl ResultControl {
             None | Some("accurate") | Some("estimate") => true,
             Some("none") => false,
             Some(_) => {
-                return Err(ApiError::bad_request(
+                return Err(Failure::bad_request(
                     "_total must be none, estimate or accurate",
                 ))
             }
@@ -671,7 +671,7 @@ async fn search(
     rtype: &ResourceType,
     mut params: Vec<(String, String)>,
     posted: bool,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let q = Query(params.clone());
     check_accept(h, &q)?;
     if rtype.as_str() == crate::rest::audit_api::AUDIT_TYPE {
@@ -699,7 +699,7 @@ async fn search(
         let pid = c
             .strip_prefix("Patient/")
             .filter(|id| phylax_fhir::ids::is_valid_id(id))
-            .ok_or_else(|| ApiError::bad_request("invalid compartment"))?;
+            .ok_or_else(|| Failure::bad_request("invalid compartment"))?;
         parsed.and.push(crate::data::search::compartment_condition(
             st.repo.blind_key(),
             rtype,
@@ -707,7 +707,7 @@ async fn search(
         ));
     }
     if !parsed.unknown.is_empty() && prefer(h).strict {
-        return Err(ApiError::BadRequest(
+        return Err(Failure::BadRequest(
             parsed
                 .unknown
                 .iter()
@@ -742,7 +742,7 @@ async fn search(
         // order), so the match set is bounded; pages are offsets into it.
         let all = scoped.search(query.clone()).await?;
         if all.len() > MAX_SORTED as usize {
-            return Err(ApiError::BadRequest(vec![Issue::error(
+            return Err(Failure::BadRequest(vec![Issue::error(
                 IssueCode::TooCostly,
                 format!(
                     "more than {MAX_SORTED} matches to sort; narrow the search, or sort by -_lastUpdated (the natural order)"
@@ -888,7 +888,7 @@ pub async fn search_type(
     Path(t): Path<String>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw).without_internal();
     Ok(pipeline::run(
@@ -910,9 +910,9 @@ pub async fn compartment_search(
     Path((ct, id, t)): Path<(String, String, String)>,
     h: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     if ct != "Patient" {
-        return Err(ApiError::NotImplemented(
+        return Err(Failure::NotImplemented(
             "only the Patient compartment is supported",
         ));
     }
@@ -923,7 +923,7 @@ pub async fn compartment_search(
         return Ok(crate::rest::audit_api::access_log(st, ctx, id, raw).await);
     }
     let rtype = parse_type(&t)?;
-    let pid = ResourceId::parse(&id).ok_or(ApiError::NotFound)?;
+    let pid = ResourceId::parse(&id).ok_or(Failure::NotFound)?;
     let mut params = Query::parse(raw).without_internal().0;
     params.push((
         crate::data::search::COMPARTMENT_PARAM.to_owned(),
@@ -949,7 +949,7 @@ pub async fn search_post(
     h: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Failure> {
     let rtype = parse_type(&t)?;
     let q = Query::parse(raw);
     Ok(pipeline::run(
@@ -964,7 +964,7 @@ pub async fn search_post(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             if !ct.starts_with("application/x-www-form-urlencoded") {
-                return Err(ApiError::UnsupportedMediaType);
+                return Err(Failure::UnsupportedMediaType);
             }
             let limit = 64 * 1024;
             let bytes = crate::rest::fhir::read_body(&h, body, limit).await?;
@@ -1015,8 +1015,8 @@ async fn everything(
         || async {
             let patient_type = rtype
                 .clone()
-                .ok_or_else(|| ApiError::Internal("no Patient type".into()))?;
-            let pid = pid.ok_or(ApiError::NotFound)?;
+                .ok_or_else(|| Failure::Internal("no Patient type".into()))?;
+            let pid = pid.ok_or(Failure::NotFound)?;
             let q = Query::parse(raw).without_internal();
             check_accept(&h, &q)?;
             // The patient must exist, be live and be within the caller's
@@ -1025,7 +1025,7 @@ async fn everything(
                 Err(crate::data::repo::RepoError::Gone(_))
                     if ctx.access.reach != phylax_auth::policy::Reach::All =>
                 {
-                    return Err(ApiError::Hidden(
+                    return Err(Failure::Hidden(
                         "reach: a deleted resource names no patient",
                     ))
                 }
@@ -1035,7 +1035,7 @@ async fn everything(
                 // A restricted label on the Patient hides the demographics
                 // only; the compartment stays reachable when the patient is.
                 if !ctx.access.reaches(pid.as_str()) || ctx.access.denied.contains(pid.as_str()) {
-                    return Err(ApiError::Hidden(rule));
+                    return Err(Failure::Hidden(rule));
                 }
             }
             let (params, mut ti, mut before) = match q.get("_cursor") {
@@ -1052,7 +1052,7 @@ async fn everything(
                         .map(|(_, v)| v.as_str())
                         != Some(pid.as_str())
                     {
-                        return Err(ApiError::bad_request(
+                        return Err(Failure::bad_request(
                             "invalid, expired or tampered paging cursor",
                         ));
                     }
@@ -1067,7 +1067,7 @@ async fn everything(
             };
             for (k, _) in &params.0 {
                 if !matches!(k.as_str(), "_since" | "_type" | "_count" | "_format") {
-                    return Err(ApiError::BadRequest(vec![Issue::error(
+                    return Err(Failure::BadRequest(vec![Issue::error(
                         IssueCode::NotSupported,
                         format!(
                             "$everything does not support the parameter {}",
@@ -1084,7 +1084,7 @@ async fn everything(
                     list.split(',')
                         .map(|t| {
                             ResourceType::parse(t.trim()).ok_or_else(|| {
-                                ApiError::bad_request("_type lists unknown resource types")
+                                Failure::bad_request("_type lists unknown resource types")
                             })
                         })
                         .collect::<Result<_, _>>()?,

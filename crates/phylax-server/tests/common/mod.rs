@@ -3,8 +3,8 @@
 //! trusts only the instance's generated CA.
 #![allow(dead_code)]
 
-use phylax_server::http::{serve, AppState};
 use phylax_server::instance::{InitOptions, Instance};
+use phylax_server::{http::serve, state::AppState};
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -1,5 +1,6 @@
-//! The CapabilityStatement: generated from what the server really does, so
-//! that it stays truthful as capabilities land.
+//! What the server announces: the CapabilityStatement (generated from what
+//! the server really does, so that it stays truthful as capabilities land)
+//! and the SMART configuration document.
 
 use crate::base::config::Config;
 use phylax_fhir::defs::definitions;
@@ -113,5 +114,35 @@ pub fn capability_statement(cfg: &Config) -> Value {
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
             "interaction": [{"code": "history-system"}, {"code": "transaction"}, {"code": "batch"}],
         }],
+    })
+}
+
+/// The SMART configuration document (`.well-known/smart-configuration`).
+pub fn smart_configuration(cfg: &Config) -> Value {
+    let base = format!("{}/auth", cfg.public_url);
+    json!({
+        "issuer": base,
+        "authorization_endpoint": format!("{base}/authorize"),
+        "token_endpoint": cfg.token_url(),
+        "revocation_endpoint": format!("{base}/revoke"),
+        "jwks_uri": format!("{base}/jwks"),
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "introspection_endpoint": format!("{base}/introspect"),
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "scopes_supported": [
+            "openid", "fhirUser", "launch/patient", "offline_access", "online_access",
+            "patient/*.rs", "patient/*.read", "user/*.cruds", "user/*.rs", "user/*.read",
+            "system/*.cruds", "system/*.rs", "system/*.read", "system/*.write"
+        ],
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
+        "capabilities": [
+            "launch-standalone", "client-public", "client-confidential-asymmetric",
+            "context-standalone-patient", "permission-offline", "permission-online",
+            "permission-patient", "permission-user", "permission-v1", "permission-v2",
+            "sso-openid-connect"
+        ],
     })
 }

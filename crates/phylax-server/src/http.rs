@@ -10,64 +10,26 @@
 
 use crate::base::error::Failure;
 use crate::base::request::REQUEST_ID;
-use crate::rest::error::outcome_response;
 use crate::rest::pipeline::RequestCtx;
 use crate::state::AppState;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use phylax_auth::policy::Principal;
 use phylax_auth::ScopeSet;
-use phylax_fhir::{Issue, IssueCode, OperationOutcome};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The authenticated FHIR routes. Handlers expect a [`RequestCtx`] in the
-/// request extensions: the token middleware attaches it, and batch
-/// entries reuse their Bundle's.
-pub fn fhir_routes() -> Router<Arc<AppState>> {
-    use crate::rest::{bundle, fhir as fhir_api, search as search_api};
-    Router::new()
-        .route("/fhir", post(bundle::system_post))
-        // Clients commonly post Bundles to the base with a trailing slash.
-        .route("/fhir/", post(bundle::system_post))
-        .route("/fhir/_history", get(fhir_api::history_system))
-        .route(
-            "/fhir/{rtype}",
-            get(search_api::search_type)
-                .post(fhir_api::create)
-                .put(fhir_api::conditional_update)
-                .delete(fhir_api::conditional_delete),
-        )
-        .route("/fhir/{rtype}/_history", get(fhir_api::history_type))
-        .route("/fhir/{rtype}/_search", post(search_api::search_post))
-        .route(
-            "/fhir/{rtype}/{id}",
-            get(fhir_api::read)
-                .put(fhir_api::update)
-                .delete(fhir_api::delete),
-        )
-        .route(
-            "/fhir/{rtype}/{id}/_history",
-            get(fhir_api::history_instance),
-        )
-        .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir_api::vread))
-        .route(
-            "/fhir/{rtype}/{id}/{ctype}",
-            get(search_api::compartment_search).post(crate::access::break_glass::request),
-        )
-}
 
 /// Build the application router.
 pub fn router(st: Arc<AppState>) -> Router {
     use crate::authn::token as auth_api;
     use crate::rest::fhir as fhir_api;
-    let protected =
-        fhir_routes().route_layer(middleware::from_fn_with_state(st.clone(), require_token));
+    let protected = crate::rest::routes::fhir_routes()
+        .route_layer(middleware::from_fn_with_state(st.clone(), require_token));
     let public = Router::new()
         .route("/fhir/metadata", get(fhir_api::metadata))
         .route(
@@ -78,7 +40,7 @@ pub fn router(st: Arc<AppState>) -> Router {
             "/.well-known/smart-configuration",
             get(auth_api::smart_config),
         )
-        .route("/metrics", get(crate::base::metrics::metrics))
+        .route("/metrics", get(crate::rest::metrics::metrics))
         .route("/auth/token", post(auth_api::token))
         .route("/auth/revoke", post(auth_api::revoke))
         .route("/auth/jwks", get(auth_api::jwks))
@@ -116,7 +78,7 @@ pub fn router(st: Arc<AppState>) -> Router {
     if !st.config.http.cors_origins.is_empty() {
         app = app.layer(cors(&st.config.http.cors_origins));
     }
-    app.layer(middleware::from_fn(normalize_errors))
+    app.layer(middleware::from_fn(crate::rest::error::normalize_errors))
         .layer(middleware::from_fn(security_headers))
         .layer(middleware::from_fn(access_log))
         .layer(middleware::from_fn(request_id))
@@ -205,43 +167,6 @@ async fn security_headers(req: Request, next: Next) -> Response {
     set(h, "referrer-policy", "no-referrer");
     set(h, "cross-origin-resource-policy", "same-origin");
     resp
-}
-
-/// Any error response that is not already JSON (axum's own 405s, extractor
-/// rejections) becomes an OperationOutcome, so clients always get FHIR.
-pub(crate) async fn normalize_errors(req: Request, next: Next) -> Response {
-    let resp = next.run(req).await;
-    let status = resp.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return resp;
-    }
-    // JSON (FHIR, OAuth errors) and the sign-in pages' HTML are already
-    // meant for their readers.
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("json") || v.starts_with("text/html"));
-    if is_json {
-        return resp;
-    }
-    let (code, msg) = match status {
-        StatusCode::METHOD_NOT_ALLOWED => (
-            IssueCode::NotSupported,
-            "method not allowed on this endpoint",
-        ),
-        StatusCode::PAYLOAD_TOO_LARGE => (IssueCode::TooLong, "request body too large"),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => (IssueCode::NotSupported, "unsupported media type"),
-        s if s.is_server_error() => (IssueCode::Exception, "internal error"),
-        _ => (IssueCode::Invalid, "the request could not be processed"),
-    };
-    let mut out = outcome_response(status, &OperationOutcome::single(Issue::error(code, msg)));
-    for k in [header::ALLOW, header::WWW_AUTHENTICATE] {
-        if let Some(v) = resp.headers().get(&k) {
-            out.headers_mut().insert(k, v.clone());
-        }
-    }
-    out
 }
 
 /// Bearer-token authentication for FHIR routes.

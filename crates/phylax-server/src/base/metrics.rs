@@ -1,23 +1,13 @@
-//! `GET /metrics`: Prometheus text exposition (format 0.0.4).
+//! Counters for `GET /metrics` (served by [`crate::rest::metrics`]).
 //!
 //! Labels are fixed vocabularies only (interaction names, status codes,
 //! event kinds): no patient id, user id, client id, path or query ever
 //! becomes a label, so a metrics store never holds PHI or a map of who
 //! looked at whom.
-//!
-//! Access: disabled (404) unless `[metrics] token_sha256` is set; a scrape
-//! must then send `Authorization: Bearer <token>` whose SHA-256 matches
-//! (compared in constant time). Prometheus reads the token from a file
-//! (`authorization.credentials_file`).
 
-use crate::state::AppState;
-use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Arc;
 
 /// Latency buckets, seconds.
 const BUCKETS: [f64; 12] = [
@@ -81,7 +71,7 @@ impl Metrics {
         out
     }
 
-    fn render(&self, out: &mut String) {
+    pub fn render(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "# HELP phylax_requests_total FHIR interactions by interaction and HTTP status."
@@ -146,120 +136,4 @@ impl Metrics {
             );
         }
     }
-}
-
-fn authorized(st: &AppState, h: &HeaderMap) -> bool {
-    use subtle::ConstantTimeEq;
-    let Some(want) = st
-        .config
-        .metrics
-        .token_sha256
-        .as_deref()
-        .and_then(|x| hex::decode(x).ok())
-    else {
-        return false;
-    };
-    let Some(token) = h
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    let got = ring_sha256(token.as_bytes());
-    got.len() == want.len() && bool::from(got.ct_eq(&want))
-}
-
-fn ring_sha256(b: &[u8]) -> Vec<u8> {
-    phylax_audit::merkle::sha256(b).to_vec()
-}
-
-pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response {
-    if st.config.metrics.token_sha256.is_none() {
-        return StatusCode::NOT_FOUND.into_response();
-    }
-    if !authorized(&st, &h) {
-        let mut r = StatusCode::UNAUTHORIZED.into_response();
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return r;
-    }
-    let mut out = String::new();
-    st.metrics.render(&mut out);
-    let now = crate::base::clock::now_ms();
-    let _ = writeln!(out, "# HELP phylax_audit_records Records in the audit log, and how many are sealed into the Merkle tree.");
-    let _ = writeln!(out, "# TYPE phylax_audit_records gauge");
-    // Sealed plus waiting, not a count of the log: that reads every
-    // record (110 ms at a million on PostgreSQL, growing) on every scrape.
-    let counts = async {
-        let sealed = st.store.audit_tree_size().await?;
-        let waiting = st.store.audit_pending_count().await?;
-        Ok::<_, phylax_store::StoreError>((sealed + waiting, sealed))
-    };
-    match counts.await {
-        Ok((all, sealed)) => {
-            let _ = writeln!(out, "phylax_audit_records{{state=\"all\"}} {all}");
-            let _ = writeln!(out, "phylax_audit_records{{state=\"sealed\"}} {sealed}");
-        }
-        Err(e) => tracing::warn!(error = %e, "metrics: audit counts unavailable"),
-    }
-    if let Some((syncs, records)) = st.audit.journal_stats() {
-        let _ = writeln!(out, "# HELP phylax_audit_journal_syncs_total Syncs of this node's audit journal (records per sync shows how well group commit works).");
-        let _ = writeln!(out, "# TYPE phylax_audit_journal_syncs_total counter");
-        let _ = writeln!(out, "phylax_audit_journal_syncs_total {syncs}");
-        let _ = writeln!(
-            out,
-            "# HELP phylax_audit_journal_records_total Audit records made durable by this node's journal."
-        );
-        let _ = writeln!(out, "# TYPE phylax_audit_journal_records_total counter");
-        let _ = writeln!(out, "phylax_audit_journal_records_total {records}");
-    }
-    if let Ok(Some(cp)) = st.store.latest_checkpoint().await {
-        let _ = writeln!(
-            out,
-            "# HELP phylax_audit_checkpoint_age_seconds Time since the newest signed checkpoint."
-        );
-        let _ = writeln!(out, "# TYPE phylax_audit_checkpoint_age_seconds gauge");
-        let _ = writeln!(
-            out,
-            "phylax_audit_checkpoint_age_seconds {}",
-            (now - cp.time) as f64 / 1000.0
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP phylax_key_age_seconds Age of the keys in use, by purpose."
-    );
-    let _ = writeln!(out, "# TYPE phylax_key_age_seconds gauge");
-    for (purpose, row) in [
-        ("checkpoint", "log:checkpoint-1"),
-        ("blind_index", "mac:blind-index"),
-        ("token", "mac:token"),
-    ] {
-        if let Ok(Some(t)) = st.store.wrapped_key_created(row).await {
-            let _ = writeln!(
-                out,
-                "phylax_key_age_seconds{{purpose=\"{purpose}\"}} {}",
-                now / 1000 - t
-            );
-        }
-    }
-    let newest_signing = st.signing.read().len();
-    if let Ok(Some(t)) = st
-        .store
-        .wrapped_key_created(&format!("sig:sig-{newest_signing}"))
-        .await
-    {
-        let _ = writeln!(
-            out,
-            "phylax_key_age_seconds{{purpose=\"id_token_signing\"}} {}",
-            now / 1000 - t
-        );
-    }
-    let mut r = (StatusCode::OK, out).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    r
 }

@@ -280,9 +280,11 @@ async fn dispatch(svc: &Router, ctx: &RequestCtx, outer: &HeaderMap, e: &Entry) 
 /// The FHIR routes, for running entries as if they had arrived on their
 /// own (built once per Bundle).
 fn entry_router(st: &Arc<AppState>) -> Router {
-    crate::http::fhir_routes()
+    crate::rest::routes::fhir_routes()
         .with_state(st.clone())
-        .layer(axum::middleware::from_fn(crate::http::normalize_errors))
+        .layer(axum::middleware::from_fn(
+            crate::rest::error::normalize_errors,
+        ))
 }
 
 /// Turn a response into a Bundle response entry.

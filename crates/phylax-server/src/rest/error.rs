@@ -150,3 +150,43 @@ impl IntoResponse for Failure {
         r
     }
 }
+
+/// Any error response that is not already JSON (axum's own 405s, extractor
+/// rejections) becomes an OperationOutcome, so clients always get FHIR.
+pub async fn normalize_errors(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    // JSON (FHIR, OAuth errors) and the sign-in pages' HTML are already
+    // meant for their readers.
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json") || v.starts_with("text/html"));
+    if is_json {
+        return resp;
+    }
+    let (code, msg) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            IssueCode::NotSupported,
+            "method not allowed on this endpoint",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (IssueCode::TooLong, "request body too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (IssueCode::NotSupported, "unsupported media type"),
+        s if s.is_server_error() => (IssueCode::Exception, "internal error"),
+        _ => (IssueCode::Invalid, "the request could not be processed"),
+    };
+    let mut out = outcome_response(status, &OperationOutcome::single(Issue::error(code, msg)));
+    for k in [header::ALLOW, header::WWW_AUTHENTICATE] {
+        if let Some(v) = resp.headers().get(&k) {
+            out.headers_mut().insert(k, v.clone());
+        }
+    }
+    out
+}

@@ -1,4 +1,5 @@
-//! The FHIR REST API: handlers and their wire helpers.
+//! The HTTP API other than sign-in: the FHIR REST handlers and their wire
+//! helpers, and the operational `GET /metrics`.
 //!
 //! # Layout
 //! - [`error`]: `Failure` → HTTP status + OperationOutcome with the
@@ -11,6 +12,9 @@
 //! - [`search`]: search, compartments, `$everything`.
 //! - [`bundle`]: batch and transaction.
 //! - [`audit_api`]: the read-only AuditEvent API and `$access-log`.
+//! - [`metrics`]: `GET /metrics` in Prometheus text format.
+//! - [`routes`]: the authenticated FHIR routes (batch entries are routed
+//!   through them too).
 //! - [`access_admin`]: access review and `explain` (shared with the CLI).
 
 pub mod access_admin;
@@ -19,5 +23,7 @@ pub mod bundle;
 pub mod error;
 pub mod fhir;
 pub mod mask;
+pub mod metrics;
 pub mod pipeline;
+pub mod routes;
 pub mod search;

@@ -78,7 +78,7 @@ pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, Failur
                     );
                     if let Some(d) = st.audit.detector() {
                         d.raise_once(
-                            crate::audit::detect::Alert {
+                            crate::audit::alert::Alert {
                                 rule: "reference-review",
                                 severity: "medium",
                                 detail: format!(

@@ -378,7 +378,7 @@ impl<'a> Scoped<'a> {
                 );
                 if let Some(d) = self.st.audit.detector() {
                     d.raise_once(
-                        crate::audit::detect::Alert {
+                        crate::audit::alert::Alert {
                             rule: "index-tamper",
                             severity: "high",
                             detail: format!(
@@ -912,7 +912,7 @@ pub async fn watch_own_name<'a>(
         for f in theirs {
             if family.contains(&f) {
                 detector.raise_once(
-                    crate::audit::detect::Alert {
+                    crate::audit::alert::Alert {
                         rule: "own-family-name",
                         severity: "medium",
                         detail: format!(

@@ -69,7 +69,7 @@ pub struct AuditLog {
     /// in the configuration or the CLI can reach it.
     danger_off: std::sync::atomic::AtomicBool,
     /// The detector every committed record is shown to (set at start).
-    detector: std::sync::OnceLock<Arc<crate::audit::detect::Detector>>,
+    detector: std::sync::OnceLock<Arc<crate::audit::alert::Detector>>,
     /// Whether the last sealing pass took a full `SEAL_MAX` batch.
     full: std::sync::atomic::AtomicBool,
     /// Sealed records read back to rebuild the tree's edge (see
@@ -220,12 +220,12 @@ impl AuditLog {
     }
 
     /// Show every record committed from now on to `d`.
-    pub fn set_detector(&self, d: Arc<crate::audit::detect::Detector>) {
+    pub fn set_detector(&self, d: Arc<crate::audit::alert::Detector>) {
         let _ = self.detector.set(d);
     }
 
     /// The detector, if running (for alerts raised outside the rules).
-    pub fn detector(&self) -> Option<&Arc<crate::audit::detect::Detector>> {
+    pub fn detector(&self) -> Option<&Arc<crate::audit::alert::Detector>> {
         self.detector.get()
     }
 
@@ -406,7 +406,7 @@ impl AuditLog {
                 "sealing-queue entries naming no pending record were removed"
             );
             if let Some(d) = self.detector() {
-                d.raise(crate::audit::detect::Alert {
+                d.raise(crate::audit::alert::Alert {
                     rule: "audit-tamper",
                     severity: "high",
                     detail: format!(
@@ -586,7 +586,7 @@ impl AuditLog {
         );
         if let Some(d) = self.detector() {
             d.raise_once(
-                crate::audit::detect::Alert {
+                crate::audit::alert::Alert {
                     rule: "audit-tamper",
                     severity: "high",
                     detail: format!(
@@ -646,7 +646,7 @@ impl AuditLog {
                         tracing::error!(event = "audit.verification_failed", what = %what,
                             "the audit log does not match its signed checkpoints; sealing stopped");
                         if let Some(d) = log.detector() {
-                            d.raise(crate::audit::detect::Alert {
+                            d.raise(crate::audit::alert::Alert {
                                 rule: "audit-verification",
                                 severity: "critical",
                                 detail: format!(

@@ -1,6 +1,7 @@
 //! The audit trail: recording, journal, sealing, export and detection.
 //!
 //! # Layout
+//! - [`alert`]: alerts and the detector's handle (what raising one needs).
 //! - [`journal`]: the local write-ahead journal that group-commits read
 //!   records.
 //! - [`log`]: the audit log service: sealed AuditEvents, group commit, the
@@ -9,6 +10,7 @@
 //! - [`detect`]: detection rules on the audit stream, alerts, the signed
 //!   webhook and automatic responses.
 
+pub mod alert;
 pub mod detect;
 pub mod export;
 pub mod journal;

@@ -1441,7 +1441,7 @@ async fn after_sign_in(
         let dormant = i64::from(st.config.detect.dormant_days) * 86_400;
         if now - last > dormant {
             if let Some(d) = st.audit.detector() {
-                d.raise(crate::audit::detect::Alert {
+                d.raise(crate::audit::alert::Alert {
                     rule: "dormant-account",
                     severity: "medium",
                     detail: format!(

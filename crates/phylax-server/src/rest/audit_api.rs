@@ -154,7 +154,7 @@ async fn page(
                 tracing::error!(event = "audit.verification_failed", audit_id = r.id, error = %e, "an audit record failed its integrity check; left out of the page");
                 if let Some(d) = st.audit.detector() {
                     d.raise_once(
-                        crate::audit::detect::Alert {
+                        crate::audit::alert::Alert {
                             rule: "audit-tamper",
                             severity: "high",
                             detail: format!(

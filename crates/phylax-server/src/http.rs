@@ -8,9 +8,9 @@
 //! FHIR routes other than `metadata` and the SMART discovery document also
 //! pass the bearer-token check.
 
+use crate::access::ctx::RequestCtx;
 use crate::base::error::Failure;
 use crate::base::request::REQUEST_ID;
-use crate::rest::pipeline::RequestCtx;
 use crate::state::AppState;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method};
@@ -236,7 +236,7 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
         return Failure::TooManyRequests(secs).into_response();
     }
     // Which patients' data this request reaches; unknown means refused.
-    let access = match crate::access::reach::access_for(&st, &principal).await {
+    let access = match crate::access::reach::access_for(&st.gate, &principal).await {
         Ok(a) => Arc::new(a),
         Err(e) => {
             tracing::warn!(reason = ?e.denied_by(), "access could not be established; request refused");
@@ -256,7 +256,7 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
                     }),
                 };
                 let status = e.status().as_u16();
-                let refs = crate::rest::pipeline::AuditRefs::default();
+                let refs = crate::access::ctx::AuditRefs::default();
                 if let Err(a) =
                     crate::rest::pipeline::record(&st, &ctx, "access", refs, status, Some(rule))
                         .await

@@ -13,8 +13,6 @@
 //!   repository.
 //! - [`instance`]: creating (`init`) and opening an instance: directories,
 //!   KEK, local CA and server certificate, database and its keys.
-//! - [`maintenance`]: jobs a node runs at start over data written by
-//!   earlier releases (references made canonical).
 //! - [`state`]: the application state, assembled once from the subsystems
 //!   below, and the background tasks that keep its caches fresh.
 //! - [`rest`]: the FHIR REST API handlers and their wire helpers.
@@ -29,7 +27,6 @@ pub mod base;
 pub mod data;
 pub mod http;
 pub mod instance;
-pub mod maintenance;
 pub mod net;
 pub mod rest;
 pub mod state;

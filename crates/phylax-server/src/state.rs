@@ -2,6 +2,9 @@
 //! ([`AppState::new`]) from an opened [`Instance`], and the background
 //! tasks that keep its caches fresh.
 
+use crate::access::ctx::RequestCtx;
+use crate::access::gate::Gate;
+use crate::access::scoped::Scoped;
 use crate::base::config::Config;
 use crate::base::error::Failure;
 use crate::data::accounts::Accounts;
@@ -27,7 +30,9 @@ pub struct AppState {
     /// The instance's data directory (relative paths in the config).
     pub data_dir: std::path::PathBuf,
     pub fhir_base: String,
-    pub repo: Repo,
+    /// The access layer: it owns the resource repository; handlers reach
+    /// resources through [`AppState::scoped`] only.
+    pub gate: Arc<Gate>,
     pub store: DynStore,
     pub tokens: TokenIssuer,
     pub verifier: Arc<Verifier>,
@@ -56,16 +61,8 @@ pub struct AppState {
     pub roles: Arc<phylax_auth::roles::Roles>,
     /// Counters for `GET /metrics`.
     pub metrics: crate::base::metrics::Metrics,
-    /// Care relationships per user, briefly reused (see `access`).
-    pub care_cache: crate::access::reach::CareCache,
-    /// Patients' privacy consents as deny rules (see `consent`).
-    pub consents: crate::access::consent::Consents,
     /// Flagged (VIP) patients, for the `vip-access` rule.
     pub vip: crate::audit::detect::VipSet,
-    /// The `_security` index hashes of `access.restricted_labels`
-    /// (computed once: every search by a caller without the label
-    /// permission carries them).
-    pub label_hashes: std::sync::OnceLock<Vec<Vec<u8>>>,
 }
 
 /// How often the flagged (VIP) patient list is refreshed.
@@ -115,8 +112,15 @@ impl AppState {
         let capability = crate::base::capability::capability_statement(&config);
         let smart_config = crate::base::capability::smart_configuration(&config);
         let st = Arc::new(AppState {
-            repo: Repo::new(store.clone(), keys.clone(), blind_key, fhir_base.clone())
-                .with_aliases(&config.http.base_aliases),
+            gate: Arc::new(Gate::new(
+                Repo::new(store.clone(), keys.clone(), blind_key, fhir_base.clone())
+                    .with_aliases(&config.http.base_aliases),
+                store.clone(),
+                keys.clone(),
+                accounts.clone(),
+                audit.clone(),
+                config.access.clone(),
+            )),
             store,
             fhir_base,
             tokens,
@@ -138,23 +142,13 @@ impl AppState {
             config,
             data_dir,
             metrics: Default::default(),
-            care_cache: Default::default(),
-            consents: Default::default(),
             vip: Default::default(),
-            label_hashes: Default::default(),
         });
         st.refresh_disabled()
             .await
             .map_err(|e| Failure::Unavailable(e.to_string()))?;
         st.record_config_change().await?;
-        let n = st.repo.reindex_if_needed().await.map_err(Failure::from)?;
-        // Not fatal: a record that fails to open is reported, and the job
-        // runs again at the next start.
-        if let Err(e) = crate::maintenance::canonicalize_stored_references(&st).await {
-            tracing::error!(error = ?e, "references to this server could not all be made canonical; retried at the next start");
-        }
-        // Consents are enforced from the first request: no index, no start.
-        st.consents.refresh(&st.repo).await?;
+        let n = crate::access::maintenance::start(&st.gate).await?;
         if n > 0 {
             tracing::info!(resources = n, "search index built for existing resources");
         }
@@ -164,31 +158,13 @@ impl AppState {
     /// Reread the flagged (VIP) patients: Patients carrying one of
     /// `detect.vip_tags` in `meta.tag` or `meta.security`.
     pub async fn refresh_vip(&self) -> Result<(), Failure> {
-        let key = self.repo.blind_key();
-        let mut group = Vec::new();
-        for t in &self.config.detect.vip_tags {
-            if let Some((sys, code)) = t.split_once('|') {
-                for param in ["_tag", "_security"] {
-                    group.push(phylax_store::Cond::Hash {
-                        param: param.into(),
-                        hashes: vec![crate::data::search::token_hash(key, param, sys, code)],
-                    });
-                }
-            }
-        }
-        if group.is_empty() {
-            return Ok(());
-        }
-        let rows = self
-            .repo
-            .search_unconfined(&phylax_store::SearchQuery {
-                rtype: "Patient".into(),
-                and: vec![group],
-                before_seq: None,
-                limit: 100_000,
-            })
+        let flagged = self
+            .gate
+            .flagged_patients(&self.config.detect.vip_tags)
             .await?;
-        *self.vip.write() = rows.iter().map(|v| v.id.to_string()).collect();
+        if let Some(ids) = flagged {
+            *self.vip.write() = ids;
+        }
         Ok(())
     }
 
@@ -320,6 +296,12 @@ impl AppState {
             .map_err(|e| Failure::Unavailable(e.to_string()))
     }
 
+    /// The resource repository as the caller of `ctx` may see and change
+    /// it: the only way handlers reach resources.
+    pub fn scoped<'a>(&'a self, ctx: &'a RequestCtx) -> Scoped<'a> {
+        Scoped::new(&self.gate, ctx)
+    }
+
     /// The key that signs new `id_token`s.
     pub fn current_signing_key(&self) -> Option<Arc<SigningKey>> {
         self.signing.read().last().cloned()
@@ -378,7 +360,7 @@ impl AppState {
                 tracing::error!(error = %e, "audit syslog not configured correctly; not sending")
             }
         }
-        crate::access::consent::Consents::spawn_poller(self);
+        self.gate.spawn_consent_poller();
         let st = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

@@ -871,26 +871,26 @@ async fn break_the_glass(s: &TestServer) {
     let gid = open[0].id.clone();
     user(s, "aud", "auditor", None, None, "user/AuditEvent.rs", None).await;
     assert!(matches!(
-        close(&s.state, &gid, "dr.a", "fine").await,
+        close(&s.state.gate, &gid, "dr.a", "fine").await,
         Err(ReviewError::NotAuditor)
     ));
     assert!(matches!(
-        close(&s.state, &gid, "aud", "  ").await,
+        close(&s.state.gate, &gid, "aud", "  ").await,
         Err(ReviewError::Note)
     ));
     assert!(matches!(
-        close(&s.state, "no-such", "aud", "x").await,
+        close(&s.state.gate, "no-such", "aud", "x").await,
         Err(ReviewError::NotOpen)
     ));
-    close(&s.state, &gid, "aud", "confirmed with the ED log")
+    close(&s.state.gate, &gid, "aud", "confirmed with the ED log")
         .await
         .unwrap();
     assert!(matches!(
-        close(&s.state, &gid, "aud", "again").await,
+        close(&s.state.gate, &gid, "aud", "again").await,
         Err(ReviewError::NotOpen)
     ));
-    assert!(queue(&s.state, true).await.unwrap().is_empty());
-    let all = queue(&s.state, false).await.unwrap();
+    assert!(queue(&s.state.gate, true).await.unwrap().is_empty());
+    let all = queue(&s.state.gate, false).await.unwrap();
     assert_eq!(
         all[0].review_note.as_deref(),
         Some("confirmed with the ED log")
@@ -2245,14 +2245,14 @@ async fn absolute_references_stored_earlier_are_made_canonical(s: &TestServer) {
     assert_eq!(row.key_scope, "tenant");
     let a = clinician(s, "dr.a", "pr-a").await;
     assert_eq!(get(s, &a, &format!("/Observation/{id}")).await, 404);
-    let n = phylax_server::maintenance::canonicalize_stored_references(&s.state)
+    let n = phylax_server::access::maintenance::canonicalize_stored_references(&s.state.gate)
         .await
         .unwrap();
     assert_eq!(n, 0, "done once per instance, at the first start");
     // As at the first start after an upgrade: forget that it ran.
     s.sql("DELETE FROM meta WHERE key LIKE 'canonical_refs_v1_%'")
         .await;
-    let n = phylax_server::maintenance::canonicalize_stored_references(&s.state)
+    let n = phylax_server::access::maintenance::canonicalize_stored_references(&s.state.gate)
         .await
         .unwrap();
     assert_eq!(n, 1);
@@ -2285,7 +2285,7 @@ async fn absolute_references_stored_earlier_are_made_canonical(s: &TestServer) {
     s.sql("DELETE FROM meta WHERE key LIKE 'canonical_refs_v1_%'")
         .await;
     assert_eq!(
-        phylax_server::maintenance::canonicalize_stored_references(&s.state)
+        phylax_server::access::maintenance::canonicalize_stored_references(&s.state.gate)
             .await
             .unwrap(),
         0,

@@ -1100,7 +1100,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
         }
         AccessCmd::BreakGlass(BreakGlassCmd::List { inst, all, json }) => {
             let st = app_state(&inst).await?;
-            let items = phylax_server::access::break_glass::queue(&st, !all)
+            let items = phylax_server::access::break_glass::queue(&st.gate, !all)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             st.audit
@@ -1147,7 +1147,8 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
             note,
         }) => {
             let st = app_state(&inst).await?;
-            let by = phylax_server::access::break_glass::close(&st, &id, &reviewer, &note).await?;
+            let by =
+                phylax_server::access::break_glass::close(&st.gate, &id, &reviewer, &note).await?;
             st.audit
                 .record_admin(
                     "break-the-glass-review",

@@ -15,26 +15,20 @@
 //! The reason is free text and may hold PHI: it is sealed in the grant
 //! (never in the audit log, logs or alerts), for the reviewer.
 
+use crate::access::ctx::RequestCtx;
+use crate::access::gate::Gate;
 use crate::base::error::Failure;
-use crate::rest::pipeline::RequestCtx;
-use crate::state::AppState;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Extension;
 use phylax_audit::event::{Action, AuditFacts, EventKind, Outcome, UserRef};
 use phylax_auth::policy::Principal;
 use phylax_fhir::{ResourceId, ResourceType};
 use phylax_store::BreakGlassRecord;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use std::sync::Arc;
 
 /// Purposes of use a grant may name (HL7 v3 ActReason).
 pub const PURPOSES: &[&str] = &["ETREAT", "BTG", "TREAT"];
 
 /// Longest reason accepted.
-const MAX_REASON: usize = 1000;
+pub const MAX_REASON: usize = 1000;
 
 /// The sealed part of a grant.
 #[derive(Serialize, Deserialize)]
@@ -120,7 +114,7 @@ pub async fn open_review(
 }
 
 /// `user_id`'s unexpired grants: (patient, expiry in ms).
-pub async fn active_grants(st: &AppState, user_id: &str) -> Result<Vec<(String, i64)>, Failure> {
+pub async fn active_grants(st: &Gate, user_id: &str) -> Result<Vec<(String, i64)>, Failure> {
     let rows = st
         .store
         .break_glass_active(user_id, crate::base::clock::now_ms())
@@ -133,117 +127,30 @@ pub async fn active_grants(st: &AppState, user_id: &str) -> Result<Vec<(String, 
     Ok(out)
 }
 
-fn param<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
-    body.get("parameter")?
-        .as_array()?
-        .iter()
-        .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
-}
-
-/// `POST /fhir/Patient/{id}/$break-the-glass`.
-pub async fn request(
-    State(st): State<Arc<AppState>>,
-    Extension(ctx): Extension<RequestCtx>,
-    Path((ct, id, op)): Path<(String, String, String)>,
-    h: HeaderMap,
-    body: axum::body::Body,
-) -> Response {
-    if ct != "Patient" || op != "$break-the-glass" {
-        return Failure::MethodNotAllowed("POST here is only for Patient/{id}/$break-the-glass")
-            .into_response();
-    }
-    let pid = ResourceId::parse(&id);
-    let outcome = grant(&st, &ctx, pid.as_ref(), &h, body).await;
-    let (status, denied) = match &outcome {
-        Ok(_) => (200, None),
-        Err(e) => (e.status().as_u16(), e.denied_by()),
-    };
-    // The grant's own record was written before it took effect; a refusal
-    // is recorded here (with no patient: the id is the caller's text).
-    if outcome.is_err() {
-        let refs = crate::rest::pipeline::AuditRefs::default();
-        if let Err(e) =
-            crate::rest::pipeline::record(&st, &ctx, "break-the-glass", refs, status, denied).await
-        {
-            return e.into_response();
-        }
-    }
-    match outcome {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn grant(
-    st: &AppState,
+/// Issue a break-the-glass grant to the calling user for patient `pid`
+/// (who must exist), recorded durably before it takes effect. Returns the
+/// grant id and its expiry (ms). The caller checked the role, the second
+/// factor's age and the request.
+pub async fn issue(
+    st: &Gate,
     ctx: &RequestCtx,
-    pid: Option<&ResourceId>,
-    h: &HeaderMap,
-    body: axum::body::Body,
-) -> Result<Response, Failure> {
+    pid: &ResourceId,
+    reason: &str,
+    purpose: &'static str,
+) -> Result<(String, i64), Failure> {
     let Principal::User {
         user_id,
         role,
         client_id,
-        mfa_at,
         ..
     } = &ctx.principal
     else {
         return Err(Failure::Declined("break-the-glass: users only"));
     };
-    if !role.break_glass {
-        return Err(Failure::Declined(
-            "break-the-glass: the role does not allow it",
-        ));
-    }
-    let now_s = crate::base::clock::now_secs();
-    let max_age = st.config.access.break_glass_mfa_max_age_secs as i64;
-    if !mfa_at.is_some_and(|t| t <= now_s && now_s - t <= max_age) {
-        return Err(Failure::BadRequest(vec![phylax_fhir::Issue::error(
-            phylax_fhir::IssueCode::Security,
-            "break-the-glass needs a recent second factor: sign in again, then retry",
-        )]));
-    }
-    let pid = pid.ok_or(Failure::NotFound)?;
-    let value = crate::rest::fhir::read_json(st, h, body).await?;
-    if value.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
-        return Err(Failure::bad_request("send a Parameters resource"));
-    }
-    let reason = param(&value, "reason")
-        .and_then(|p| p.get("valueString"))
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| Failure::bad_request("a reason (valueString) is required"))?;
-    if reason.chars().count() > MAX_REASON {
-        return Err(Failure::bad_request(format!(
-            "the reason is limited to {MAX_REASON} characters"
-        )));
-    }
-    let purpose = match param(&value, "purpose") {
-        None => "ETREAT",
-        Some(p) => {
-            let code = p
-                .get("valueCode")
-                .or_else(|| p.pointer("/valueCoding/code"))
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            PURPOSES
-                .iter()
-                .find(|c| **c == code)
-                .copied()
-                .ok_or_else(|| {
-                    Failure::bad_request(format!(
-                        "purpose must be one of {} (HL7 v3 ActReason)",
-                        PURPOSES.join(", ")
-                    ))
-                })?
-        }
-    };
     // The patient must exist (the grant names a real record).
     let ptype = ResourceType::parse("Patient").ok_or(Failure::Internal("Patient".into()))?;
     st.repo.read(&ptype, pid).await?;
-    let minutes = st.config.access.break_glass_minutes as i64;
+    let minutes = st.config.break_glass_minutes as i64;
     let now = crate::base::clock::now_ms();
     let expires = now + minutes * 60_000;
     let id = uuid::Uuid::new_v4().to_string();
@@ -296,16 +203,7 @@ async fn grant(
         .await
         .map_err(|e| Failure::Unavailable(e.to_string()))?;
     st.care_cache.forget(user_id);
-    tracing::warn!(request_id = %ctx.request_id, grant = %id, "break-the-glass grant issued");
-    let out = json!({
-        "resourceType": "Parameters",
-        "parameter": [
-            {"name": "grant", "valueString": id},
-            {"name": "expires", "valueInstant": crate::base::clock::format_instant(expires)},
-            {"name": "purpose", "valueCode": purpose},
-        ],
-    });
-    Ok(crate::rest::fhir::fhir_json(StatusCode::OK, &out))
+    Ok((id, expires))
 }
 
 /// A grant in the review queue, opened for the reviewer (the reason may
@@ -334,7 +232,7 @@ impl std::fmt::Debug for QueueItem {
 }
 
 /// The review queue: grants not yet reviewed (or all), newest first.
-pub async fn queue(st: &AppState, open_only: bool) -> Result<Vec<QueueItem>, Failure> {
+pub async fn queue(st: &Gate, open_only: bool) -> Result<Vec<QueueItem>, Failure> {
     let rows = st
         .store
         .break_glass_list(open_only, 10_000)
@@ -377,12 +275,7 @@ pub enum ReviewError {
 
 /// Close one grant's review: `reviewer` (a username) must hold the
 /// auditor role; the note is sealed. Returns the reviewer's user id.
-pub async fn close(
-    st: &AppState,
-    id: &str,
-    reviewer: &str,
-    note: &str,
-) -> Result<String, ReviewError> {
+pub async fn close(st: &Gate, id: &str, reviewer: &str, note: &str) -> Result<String, ReviewError> {
     let note = note.trim();
     if note.is_empty() || note.chars().count() > 2000 {
         return Err(ReviewError::Note);

@@ -157,18 +157,4 @@ impl Consents {
             .map(|r| r.patient.clone())
             .collect()
     }
-
-    /// Watch for other nodes' consent changes.
-    pub fn spawn_poller(st: &Arc<crate::state::AppState>) {
-        let weak = Arc::downgrade(st);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(POLL).await;
-                let Some(st) = weak.upgrade() else { return };
-                if let Err(e) = st.consents.refresh(&st.repo).await {
-                    tracing::warn!(error = ?e, "could not refresh the consent index");
-                }
-            }
-        });
-    }
 }

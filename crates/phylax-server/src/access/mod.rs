@@ -2,12 +2,26 @@
 //! break-the-glass, and the scoped repository every read goes through.
 //!
 //! # Layout
-//! - [`reach`]: the patients a caller reaches, the checks on every version
-//!   read or written, and [`reach::Scoped`], the repository as one caller
-//!   may see it.
+//! Bottom first:
+//! - [`ctx`]: who is calling ([`ctx::RequestCtx`]), what a response
+//!   touched, and the audit facts built from them.
 //! - [`consent`]: patients' privacy consents as deny rules.
-//! - [`break_glass`]: emergency access grants, their review queue.
+//! - [`gate`]: [`gate::Gate`], the layer's state; it owns the repository.
+//! - [`break_glass`]: emergency access grants and their review queue.
+//! - [`reach`]: the patients a caller reaches and the checks on every
+//!   version read or written.
+//! - [`write`]: the checks and audit record of one caller's writes (the
+//!   repository's `WriteGuard`).
+//! - [`scoped`]: [`scoped::Scoped`], the repository as one caller may see
+//!   and change it: the only way the layers above reach resources.
+//! - [`maintenance`]: jobs a node runs at start over data written by
+//!   earlier releases (references made canonical).
 
 pub mod break_glass;
 pub mod consent;
+pub mod ctx;
+pub mod gate;
+pub mod maintenance;
 pub mod reach;
+pub mod scoped;
+pub mod write;

@@ -20,15 +20,15 @@
 //! Care relationships are cached per user for [`CARE_TTL`]: a new care team
 //! membership applies within seconds; ending one also ends within seconds.
 
+use crate::access::gate::{Cached, Gate};
 use crate::base::error::Failure;
 use crate::data::repo::{RepoError, ResourceVersion};
-use crate::state::AppState;
 use phylax_auth::policy::{decide_resource, Access, Decision, Principal, Reach, ResourceFacts};
 use phylax_auth::roles::ReachRule;
-use phylax_fhir::{compartment, ResourceType};
+use phylax_fhir::{compartment, ResourceId, ResourceType};
 use phylax_store::{Cond, SearchQuery};
 use serde_json::Value;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,43 +38,6 @@ pub const CARE_TTL: Duration = Duration::from_secs(5);
 /// Most rows read per care-relationship lookup: a practitioner with more
 /// encounters than this is treated as over `max_reach`.
 const CARE_SCAN_LIMIT: u32 = 100_000;
-
-/// One user's cached facts.
-#[derive(Clone, Default)]
-struct Cached {
-    /// How the user is known in the data (`Type/id`), if looked up.
-    refs: Option<Arc<Vec<String>>>,
-    /// Their own family names (normalised), from their Practitioner.
-    family: Option<Arc<Vec<String>>>,
-    /// Care-relationship patients (`None`: over `max_reach`), if computed.
-    care: Option<Option<Arc<BTreeSet<String>>>>,
-    /// Break-the-glass patients with their grants' expiry (ms), if looked up.
-    emergency: Option<Vec<(String, i64)>>,
-}
-
-/// Per-user cache of care relationships and break-the-glass grants.
-#[derive(Default)]
-pub struct CareCache {
-    map: parking_lot::Mutex<HashMap<String, (Instant, Cached)>>,
-}
-
-impl std::fmt::Debug for CareCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CareCache").finish_non_exhaustive()
-    }
-}
-
-impl CareCache {
-    /// Forget a user's entry (their link or grants changed here).
-    pub fn forget(&self, user_id: &str) {
-        self.map.lock().remove(user_id);
-    }
-
-    /// Forget everyone's (a write changed who cares for whom).
-    pub fn clear(&self) {
-        self.map.lock().clear();
-    }
-}
 
 /// Types whose writes can start or end a care relationship (or, `Person`,
 /// change who a patient is in the data).
@@ -92,9 +55,8 @@ pub const CARE_TYPES: &[&str] = &[
 /// registering a patient may create the record they are taking on.
 /// (Whether the write may name them at all is
 /// [`phylax_auth::policy::decide_relationships`]'s decision.)
-pub fn starts_care(st: &AppState, access: &Access, rtype: &ResourceType, body: &Value) -> bool {
-    if !st.config.access.self_registration || rtype.as_str() != "Patient" || access.refs.is_empty()
-    {
+pub fn starts_care(st: &Gate, access: &Access, rtype: &ResourceType, body: &Value) -> bool {
+    if !st.config.self_registration || rtype.as_str() != "Patient" || access.refs.is_empty() {
         return false;
     }
     let refs_at = |key: &str| -> Vec<String> {
@@ -116,16 +78,15 @@ pub fn starts_care(st: &AppState, access: &Access, rtype: &ResourceType, body: &
 }
 
 /// The restricted security labels, as `(system, code)`.
-pub fn restricted_labels(st: &AppState) -> impl Iterator<Item = (&str, &str)> {
+pub fn restricted_labels(st: &Gate) -> impl Iterator<Item = (&str, &str)> {
     st.config
-        .access
         .restricted_labels
         .iter()
         .filter_map(|l| l.split_once('|'))
 }
 
 /// Does `body` carry a restricted security label?
-pub fn is_restricted(st: &AppState, body: &Value) -> bool {
+pub fn is_restricted(st: &Gate, body: &Value) -> bool {
     let Some(labels) = body
         .get("meta")
         .and_then(|m| m.get("security"))
@@ -141,7 +102,7 @@ pub fn is_restricted(st: &AppState, body: &Value) -> bool {
 }
 
 /// The resource-level decision for one resource body.
-pub fn decide_body(st: &AppState, access: &Access, rtype: &ResourceType, body: &Value) -> Decision {
+pub fn decide_body(st: &Gate, access: &Access, rtype: &ResourceType, body: &Value) -> Decision {
     let patients = compartment::patients_of(rtype, body);
     decide_resource(
         access,
@@ -157,7 +118,7 @@ pub fn decide_body(st: &AppState, access: &Access, rtype: &ResourceType, body: &
 /// within reach ([`phylax_auth::policy::decide_write`]); consents do not
 /// restrict writes.
 pub fn decide_write_body(
-    st: &AppState,
+    st: &Gate,
     access: &Access,
     rtype: &ResourceType,
     body: &Value,
@@ -175,7 +136,7 @@ pub fn decide_write_body(
 
 /// May `access` see version `v`? A deleted version carries no body: only
 /// an unrestricted caller sees that it was deleted.
-pub fn allows(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision {
+pub fn allows(st: &Gate, access: &Access, v: &ResourceVersion) -> Decision {
     match &v.body {
         Some(b) => decide_body(st, access, &v.rtype, b.json()),
         None if access.reach == Reach::All => Decision::Allow,
@@ -184,7 +145,7 @@ pub fn allows(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision {
 }
 
 /// [`allows`] as a result: hidden resources answer 404.
-pub fn check(st: &AppState, access: &Access, v: &ResourceVersion) -> Result<(), Failure> {
+pub fn check(st: &Gate, access: &Access, v: &ResourceVersion) -> Result<(), Failure> {
     match allows(st, access, v) {
         Decision::Allow => Ok(()),
         Decision::Deny(rule) => Err(Failure::Hidden(rule)),
@@ -230,7 +191,7 @@ pub fn history_scopes(access: &Access, scope: &phylax_store::HistoryScope) -> Op
 /// no parse of the body in the common cases: a caller who reaches every
 /// patient and sees labels; a body with no security labels at all; the
 /// compartment's patient known from the authenticated key scope.
-pub fn returned(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision {
+pub fn returned(st: &Gate, access: &Access, v: &ResourceVersion) -> Decision {
     let labels_ok = access.labelled
         || !v
             .body
@@ -246,165 +207,16 @@ pub fn returned(st: &AppState, access: &Access, v: &ResourceVersion) -> Decision
     allows(st, access, v)
 }
 
-/// A request's reads and searches, confined to what its caller may see by
-/// construction. Reads, vreads and includes apply the decision to what
-/// they open; every search query gets the caller's conditions
-/// ([`query_conditions`]) added here, not by each handler, and every
-/// resource it returns is checked again after decryption against the
-/// decision ([`returned`]). Search index entries are not authenticated
-/// (whoever can write the database can move a hash); the stored resource
-/// is. A mismatch is refused (no data leaves) and raises an
-/// `index-tamper` alert.
-#[derive(Clone, Copy)]
-pub struct Scoped<'a> {
-    st: &'a AppState,
-    ctx: &'a crate::rest::pipeline::RequestCtx,
-}
-
-impl std::fmt::Debug for Scoped<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scoped").finish_non_exhaustive()
-    }
-}
-
-impl<'a> Scoped<'a> {
-    pub fn new(st: &'a AppState, ctx: &'a crate::rest::pipeline::RequestCtx) -> Scoped<'a> {
-        Scoped { st, ctx }
-    }
-
-    fn confine(&self, q: &mut SearchQuery) -> Result<(), Failure> {
-        let t = ResourceType::parse(&q.rtype).ok_or(Failure::UnknownType)?;
-        q.and
-            .extend(query_conditions(self.st, &self.ctx.access, &t));
-        Ok(())
-    }
-
-    /// The current version of `Type/id`, if the caller may see it: a
-    /// hidden one answers exactly like one that does not exist (404), and
-    /// so does a deleted one for a caller limited to some patients.
-    pub async fn read(
-        &self,
-        rtype: &ResourceType,
-        id: &phylax_fhir::ResourceId,
-    ) -> Result<ResourceVersion, Failure> {
-        let v = self.gone_hidden(self.st.repo.read(rtype, id).await)?;
-        check(self.st, &self.ctx.access, &v)?;
-        Ok(v)
-    }
-
-    /// One version of `Type/id`, under the same rules as [`Scoped::read`].
-    pub async fn vread(
-        &self,
-        rtype: &ResourceType,
-        id: &phylax_fhir::ResourceId,
-        version: phylax_fhir::VersionId,
-    ) -> Result<ResourceVersion, Failure> {
-        let v = self.gone_hidden(self.st.repo.vread(rtype, id, version).await)?;
-        check(self.st, &self.ctx.access, &v)?;
-        Ok(v)
-    }
-
-    /// `Type/id` if it exists, is live and the caller may see it; `None`
-    /// otherwise, whichever the reason (includes leave such resources out
-    /// silently).
-    pub async fn visible(
-        &self,
-        rtype: &ResourceType,
-        id: &phylax_fhir::ResourceId,
-    ) -> Result<Option<ResourceVersion>, Failure> {
-        match self.st.repo.read(rtype, id).await {
-            Ok(v) if allows(self.st, &self.ctx.access, &v) == Decision::Allow => Ok(Some(v)),
-            Ok(_) | Err(RepoError::NotFound | RepoError::Gone(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn gone_hidden(
-        &self,
-        r: Result<ResourceVersion, RepoError>,
-    ) -> Result<ResourceVersion, Failure> {
-        match r {
-            Err(RepoError::Gone(_)) if self.ctx.access.reach != Reach::All => Err(Failure::Hidden(
-                "reach: a deleted resource names no patient",
-            )),
-            r => Ok(r?),
-        }
-    }
-
-    /// Every match (up to `q.limit`), confined and checked.
-    pub async fn search(&self, mut q: SearchQuery) -> Result<Vec<ResourceVersion>, Failure> {
-        self.confine(&mut q)?;
-        let rows = self.st.repo.search_unconfined(&q).await?;
-        self.verify(&rows)?;
-        Ok(rows)
-    }
-
-    /// One page (at most `keep`) and whether there are more, confined and
-    /// checked.
-    pub async fn search_page(
-        &self,
-        mut q: SearchQuery,
-        keep: usize,
-    ) -> Result<(Vec<ResourceVersion>, bool), Failure> {
-        self.confine(&mut q)?;
-        let (rows, more) = self.st.repo.search_page_unconfined(&q, keep).await?;
-        self.verify(&rows)?;
-        Ok((rows, more))
-    }
-
-    /// How many resources match, confined (counts only what the caller
-    /// may see; nothing is opened).
-    pub async fn count(&self, mut q: SearchQuery) -> Result<u64, Failure> {
-        self.confine(&mut q)?;
-        q.before_seq = None;
-        Ok(self
-            .st
-            .store
-            .search_count(&q)
-            .await
-            .map_err(crate::data::repo::RepoError::from)?)
-    }
-
-    fn verify(&self, rows: &[ResourceVersion]) -> Result<(), Failure> {
-        for v in rows {
-            if let Decision::Deny(rule) = returned(self.st, &self.ctx.access, v) {
-                let what = format!("{}/{}", v.rtype, v.id);
-                tracing::error!(
-                    event = "integrity.index",
-                    request_id = %self.ctx.request_id,
-                    resource = %what,
-                    rule,
-                    "a search matched a resource outside the caller's access: index entries may have been altered; nothing was served"
-                );
-                if let Some(d) = self.st.audit.detector() {
-                    d.raise_once(
-                        crate::audit::alert::Alert {
-                            rule: "index-tamper",
-                            severity: "high",
-                            detail: format!(
-                                "a search by {} matched {what}, which the stored resource puts outside their access: search index entries may have been altered",
-                                self.ctx.principal.id()
-                            ),
-                            user: None,
-                        },
-                        format!("index-tamper|{what}"),
-                    );
-                }
-                return Err(Failure::Integrity(format!(
-                    "search index entry for {what} does not match the stored resource"
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Conditions that confine a search of `rtype` to what `access` may see:
 /// the compartments it reaches (any compartment parameter referencing one
 /// of its patients) and, without the label permission, no restricted
 /// label. Break-the-glass patients' labelled data is allowed through the
 /// label condition by an OR with their compartment.
-fn query_conditions(st: &AppState, access: &Access, rtype: &ResourceType) -> Vec<Vec<Cond>> {
+pub(in crate::access) fn query_conditions(
+    st: &Gate,
+    access: &Access,
+    rtype: &ResourceType,
+) -> Vec<Vec<Cond>> {
     let key = st.repo.blind_key();
     let mut and = Vec::new();
     if let Reach::Patients(set) = &access.reach {
@@ -456,11 +268,7 @@ fn query_conditions(st: &AppState, access: &Access, rtype: &ResourceType) -> Vec
 }
 
 /// "In the compartment of one of `patients`", as one OR group.
-fn compartment_of_any(
-    st: &AppState,
-    rtype: &ResourceType,
-    patients: &BTreeSet<String>,
-) -> Vec<Cond> {
+fn compartment_of_any(st: &Gate, rtype: &ResourceType, patients: &BTreeSet<String>) -> Vec<Cond> {
     let targets: Vec<String> = patients.iter().map(|p| format!("Patient/{p}")).collect();
     let mut group: Vec<Cond> = phylax_fhir::defs::definitions()
         .compartment_params(rtype.as_str())
@@ -488,7 +296,7 @@ pub const CLIENT_PURPOSE: &str = "HOPERAT";
 pub const MAX_DENIED: usize = 2_000;
 
 /// Compute the access of one request's caller.
-pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, Failure> {
+pub async fn access_for(st: &Gate, who: &Principal) -> Result<Access, Failure> {
     // Consents that could not be reread for a while are not applied from
     // memory: fail closed until the index is current again.
     if !st.consents.fresh() {
@@ -503,12 +311,12 @@ pub async fn access_for(st: &AppState, who: &Principal) -> Result<Access, Failur
     Ok(a)
 }
 
-async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, Failure> {
+async fn compute_access(st: &Gate, who: &Principal) -> Result<Access, Failure> {
     match who {
         Principal::Client { client_id, .. } => Ok(Access {
             reach: Reach::All,
             emergency: BTreeSet::new(),
-            labelled: st.config.access.labelled_clients.contains(client_id),
+            labelled: st.config.labelled_clients.contains(client_id),
             // A client is known by no reference in the data: only consents
             // that deny every requester apply to it.
             denied: st
@@ -516,7 +324,7 @@ async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, Failur
                 .denied(&[], CLIENT_PURPOSE, crate::base::clock::now_ms()),
             purpose: CLIENT_PURPOSE,
             refs: Vec::new(),
-            relationships: st.config.access.relationship_clients.contains(client_id),
+            relationships: st.config.relationship_clients.contains(client_id),
         }),
         Principal::User {
             user_id,
@@ -586,14 +394,14 @@ async fn compute_access(st: &AppState, who: &Principal) -> Result<Access, Failur
     }
 }
 
-fn cached(st: &AppState, user_id: &str) -> Cached {
+fn cached(st: &Gate, user_id: &str) -> Cached {
     match st.care_cache.map.lock().get(user_id) {
         Some((at, c)) if at.elapsed() < CARE_TTL => c.clone(),
         _ => Cached::default(),
     }
 }
 
-fn store_cached(st: &AppState, user_id: &str, f: impl FnOnce(&mut Cached)) {
+fn store_cached(st: &Gate, user_id: &str, f: impl FnOnce(&mut Cached)) {
     let mut map = st.care_cache.map.lock();
     let e = map
         .entry(user_id.to_owned())
@@ -606,7 +414,7 @@ fn store_cached(st: &AppState, user_id: &str, f: impl FnOnce(&mut Cached)) {
 
 /// The patients a user holds an unexpired break-the-glass grant for
 /// (expiry is checked on every request, whatever the cache holds).
-async fn emergency_patients(st: &AppState, user_id: &str) -> Result<BTreeSet<String>, Failure> {
+async fn emergency_patients(st: &Gate, user_id: &str) -> Result<BTreeSet<String>, Failure> {
     let now = crate::base::clock::now_ms();
     let grants = match cached(st, user_id).emergency {
         Some(g) => g,
@@ -633,7 +441,7 @@ async fn emergency_patients(st: &AppState, user_id: &str) -> Result<BTreeSet<Str
 /// exceeds `access.max_reach`. A user with no linked practitioner reaches
 /// no patient (fail closed).
 pub async fn care_patients(
-    st: &AppState,
+    st: &Gate,
     user_id: &str,
 ) -> Result<Option<Arc<BTreeSet<String>>>, Failure> {
     if let Some(c) = cached(st, user_id).care {
@@ -645,7 +453,7 @@ pub async fn care_patients(
 }
 
 async fn find(
-    st: &AppState,
+    st: &Gate,
     rtype: &str,
     param: &str,
     targets: &[String],
@@ -703,7 +511,7 @@ fn ids_of_refs(body: &Value, pointer: &[&str], prefix: &str) -> Vec<String> {
 /// (at most `access.max_reach`). Other relationship types name their
 /// patients themselves.
 pub async fn patients_opened(
-    st: &AppState,
+    st: &Gate,
     rtype: &ResourceType,
     id: &phylax_fhir::ResourceId,
     bodies: &[&Value],
@@ -725,7 +533,7 @@ pub async fn patients_opened(
     }
     let mut gp_targets = vec![format!("PractitionerRole/{id}")];
     gp_targets.extend(orgs.iter().cloned());
-    let max = st.config.access.max_reach;
+    let max = st.config.max_reach;
     let mut out: Vec<String> = Vec::new();
     for (param, targets) in [
         ("general-practitioner", &gp_targets),
@@ -746,7 +554,7 @@ pub async fn patients_opened(
 /// human as someone else's parent or carer), so a consent naming either
 /// delegates to them.
 async fn patient_refs(
-    st: &AppState,
+    st: &Gate,
     user_id: &str,
     patient: &str,
 ) -> Result<Arc<Vec<String>>, Failure> {
@@ -776,7 +584,7 @@ async fn patient_refs(
 /// How a workforce user is known in the data: their linked Practitioner,
 /// its active PractitionerRoles and those roles' organizations (`Type/id`).
 /// Empty without a linked Practitioner.
-pub async fn requester_refs(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, Failure> {
+pub async fn requester_refs(st: &Gate, user_id: &str) -> Result<Arc<Vec<String>>, Failure> {
     if let Some(r) = cached(st, user_id).refs {
         return Ok(r);
     }
@@ -819,15 +627,12 @@ pub async fn requester_refs(st: &AppState, user_id: &str) -> Result<Arc<Vec<Stri
     Ok(refs)
 }
 
-async fn compute_care(
-    st: &AppState,
-    user_id: &str,
-) -> Result<Option<Arc<BTreeSet<String>>>, Failure> {
+async fn compute_care(st: &Gate, user_id: &str) -> Result<Option<Arc<BTreeSet<String>>>, Failure> {
     let refs = requester_refs(st, user_id).await?;
     if refs.is_empty() {
         return Ok(Some(Arc::new(BTreeSet::new())));
     }
-    let max = st.config.access.max_reach;
+    let max = st.config.max_reach;
     let people: Vec<String> = refs
         .iter()
         .filter(|r| !r.starts_with("Organization/"))
@@ -875,8 +680,8 @@ async fn compute_care(
 /// Practitioner) is looking up relatives, the classic snooping case. Only
 /// ids go into the alert.
 pub async fn watch_own_name<'a>(
-    st: &AppState,
-    ctx: &crate::rest::pipeline::RequestCtx,
+    st: &Gate,
+    ctx: &crate::access::ctx::RequestCtx,
     versions: impl IntoIterator<Item = &'a ResourceVersion>,
 ) {
     let Some(detector) = st.audit.detector() else {
@@ -929,7 +734,7 @@ pub async fn watch_own_name<'a>(
     }
 }
 
-async fn own_family(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, Failure> {
+async fn own_family(st: &Gate, user_id: &str) -> Result<Arc<Vec<String>>, Failure> {
     if let Some(f) = cached(st, user_id).family {
         return Ok(f);
     }
@@ -960,4 +765,23 @@ async fn own_family(st: &AppState, user_id: &str) -> Result<Arc<Vec<String>>, Fa
     let out = Arc::new(out);
     store_cached(st, user_id, |c| c.family = Some(out.clone()));
     Ok(out)
+}
+
+/// What explaining an access decision about `Type/id` needs, for the
+/// operator's `phylax access explain`: the patients it names and
+/// whether it carries a restricted label. Never its content.
+pub async fn explain_facts(
+    st: &Gate,
+    rtype: &ResourceType,
+    id: &ResourceId,
+) -> Result<(Vec<String>, bool), RepoError> {
+    let v = st.repo.read(rtype, id).await?;
+    let body = v.body.as_ref().map(|b| b.json());
+    Ok(match body {
+        Some(b) => (
+            phylax_fhir::compartment::patients_of(rtype, b),
+            is_restricted(st, b),
+        ),
+        None => (Vec::new(), false),
+    })
 }

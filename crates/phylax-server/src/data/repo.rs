@@ -7,7 +7,6 @@
 //! read is refused (fail closed) rather than served.
 
 use crate::data::keyring::{KeyError, KeyRing};
-use crate::rest::pipeline::WriteAuditor;
 use phylax_crypto::{BlindIndexKey, DataKey};
 use phylax_fhir::{compartment, ResourceId, ResourceType, VersionId};
 use phylax_store::{
@@ -288,8 +287,45 @@ pub struct Repo {
     bases: Arc<Vec<String>>,
 }
 
-/// A write's auditor and the interaction it records.
-type WriteAudit<'a> = (WriteAuditor<'a>, &'static str);
+/// The checks and audit record of one caller's writes, supplied by the
+/// access layer (`crate::access::write::WriteAuditor`): the repository's
+/// write paths that serve a request take one and call it at each step, so
+/// no write path can leave a check out. (Only start-up jobs and tests
+/// write without one.)
+pub trait WriteGuard: Sync {
+    /// Whether a write of `rtype` must open the version it replaces.
+    fn opens_existing(&self, rtype: &ResourceType) -> bool;
+    /// Whether the writer is limited to some patients.
+    fn limited(&self) -> bool;
+    /// The version a write replaces must be within the writer's reach.
+    fn guard_existing(&self, v: &ResourceVersion) -> Result<(), RepoError>;
+    /// The new content (absent for a delete), and the change from `old`.
+    fn guard_new(
+        &self,
+        rtype: &ResourceType,
+        old: Option<&Value>,
+        new: Option<&Value>,
+    ) -> Result<(), RepoError>;
+    /// Patients a write opens or closes beyond those it names.
+    fn opened<'a>(
+        &'a self,
+        w: &'a PlannedWrite,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<String>, RepoError>> + Send + 'a>,
+    >;
+    /// The sealed record of one successful write.
+    fn draft(
+        &self,
+        interaction: &'static str,
+        rtype: &str,
+        id: &str,
+        patients: Vec<String>,
+        status: u16,
+    ) -> Result<NewAudit, RepoError>;
+}
+
+/// A write's guard and the interaction it records.
+type WriteAudit<'a> = (&'a dyn WriteGuard, &'static str);
 
 impl PlannedWrite {
     /// The content to be stored (absent for a delete), as sealed.
@@ -318,10 +354,10 @@ impl PlannedWrite {
 
     /// The sealed audit record of this write, to commit with it. `opened`:
     /// patients the write opens or closes beyond those it names (a
-    /// PractitionerRole's, [`WriteAuditor::opened`]).
+    /// PractitionerRole's, [`WriteGuard::opened`]).
     pub fn audit(
         &self,
-        a: &WriteAuditor<'_>,
+        a: &dyn WriteGuard,
         interaction: &'static str,
         opened: &[String],
     ) -> Result<NewAudit, RepoError> {
@@ -344,7 +380,6 @@ impl PlannedWrite {
             }
         }
         a.draft(interaction, &self.new.rtype, &self.new.id, patients, status)
-            .map_err(|e| RepoError::Store(StoreError::Unavailable(e.to_string())))
     }
 }
 
@@ -426,7 +461,7 @@ impl Repo {
 
     /// Current resources matching a search (see `crate::data::search`),
     /// **unconfined**: whatever any caller may see. Requests search
-    /// through [`crate::access::reach::Scoped`], which adds the caller's
+    /// through [`crate::access::scoped::Scoped`], which adds the caller's
     /// conditions and checks what comes back; this is for the server's own
     /// lookups (care relationships, the VIP list) and for `Scoped`.
     pub async fn search_unconfined(
@@ -614,7 +649,7 @@ impl Repo {
                 // change of who reaches whom needs the permission.
                 a.guard_new(&w.out.rtype, old, w.out.body.as_ref().map(Resource::json))?;
                 let opened = a.opened(&w).await?;
-                vec![w.audit(&a, interaction, &opened)?]
+                vec![w.audit(a, interaction, &opened)?]
             }
             None => Vec::new(),
         };
@@ -692,7 +727,7 @@ impl Repo {
         &self,
         rtype: &ResourceType,
         body: Value,
-        audit: Option<&WriteAuditor<'_>>,
+        audit: Option<&dyn WriteGuard>,
     ) -> Result<ResourceVersion, RepoError> {
         let id = ResourceId::from_uuid(uuid::Uuid::new_v4());
         self.seal_and_append(
@@ -701,7 +736,7 @@ impl Repo {
             VersionId::FIRST,
             body,
             Precondition::Absent,
-            audit.map(|a| (*a, "create")),
+            audit.map(|a| (a, "create")),
             None,
         )
         .await
@@ -716,7 +751,7 @@ impl Repo {
         body: Value,
         if_match: Option<VersionId>,
         allow_create: bool,
-        audit: Option<&WriteAuditor<'_>>,
+        audit: Option<&dyn WriteGuard>,
     ) -> Result<(ResourceVersion, bool), RepoError> {
         for _ in 0..UPDATE_RETRIES {
             let current = self.store.read_current(rtype.as_str(), id.as_str()).await?;
@@ -744,7 +779,7 @@ impl Repo {
                     next,
                     body.clone(),
                     pre,
-                    audit.map(|a| (*a, "update")),
+                    audit.map(|a| (a, "update")),
                     old.as_ref()
                         .and_then(|v| v.body.as_ref())
                         .map(Resource::json),
@@ -768,7 +803,7 @@ impl Repo {
         &self,
         rtype: &ResourceType,
         id: &ResourceId,
-        audit: Option<&WriteAuditor<'_>>,
+        audit: Option<&dyn WriteGuard>,
     ) -> Result<Option<ResourceVersion>, RepoError> {
         for _ in 0..UPDATE_RETRIES {
             let Some(cur) = self.store.read_current(rtype.as_str(), id.as_str()).await? else {
@@ -781,7 +816,7 @@ impl Repo {
             match self
                 .append(
                     self.plan_delete(rtype, id, &cur)?,
-                    audit.map(|a| (*a, "delete")),
+                    audit.map(|a| (a, "delete")),
                     old.as_ref()
                         .and_then(|v| v.body.as_ref())
                         .map(Resource::json),
@@ -798,8 +833,8 @@ impl Repo {
 
     /// The resource a write replaces must be within the writer's reach.
     /// Returns the live version it opened, when the write's checks need it
-    /// ([`WriteAuditor::opens_existing`]), for
-    /// [`WriteAuditor::guard_new`] to compare.
+    /// ([`WriteGuard::opens_existing`]), for
+    /// [`WriteGuard::guard_new`] to compare.
     ///
     /// A writer limited to some patients learns nothing from a write about
     /// ids it cannot see: an id that does not exist, a deleted resource
@@ -807,7 +842,7 @@ impl Repo {
     /// answer alike (404), so PUT and DELETE are no existence oracle.
     pub async fn guard_existing(
         &self,
-        audit: Option<&WriteAuditor<'_>>,
+        audit: Option<&dyn WriteGuard>,
         rtype: &ResourceType,
         current: Option<&StoredVersion>,
     ) -> Result<Option<ResourceVersion>, RepoError> {

@@ -166,7 +166,7 @@ pub async fn explain(
             return Ok(deny(rule, steps));
         }
     }
-    let acc = match access::access_for(st, &principal).await {
+    let acc = match access::access_for(&st.gate, &principal).await {
         Ok(a) => a,
         Err(e) => {
             let rule = e.denied_by().unwrap_or("access could not be established");
@@ -186,8 +186,8 @@ pub async fn explain(
             }
         ),
     });
-    let v = match st.repo.read(rtype, id).await {
-        Ok(v) => v,
+    let (patients, restricted) = match access::explain_facts(&st.gate, rtype, id).await {
+        Ok(f) => f,
         Err(crate::data::repo::RepoError::NotFound) => {
             steps.push("resource: does not exist".into());
             return Ok(deny("resource: not found", steps));
@@ -198,13 +198,6 @@ pub async fn explain(
         }
         Err(e) => return Err(e.into()),
     };
-    let body = v
-        .body
-        .as_ref()
-        .map(|b| b.json().clone())
-        .unwrap_or_default();
-    let patients = phylax_fhir::compartment::patients_of(rtype, &body);
-    let restricted = access::is_restricted(st, &body);
     let reached = patients.iter().filter(|p| acc.reaches(p)).count();
     steps.push(format!(
         "resource: in {} patient compartment(s), {} of them reached; restricted label: {}",

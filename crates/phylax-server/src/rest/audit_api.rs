@@ -10,9 +10,10 @@
 //! database refuses deletes and edits (triggers), so patient erasure never
 //! touches the log.
 
+use crate::access::ctx::{AuditRefs, RequestCtx};
 use crate::base::error::Failure;
-use crate::rest::fhir::{bundle, fhir_json, make_cursor, open_cursor};
-use crate::rest::pipeline::{self, AuditRefs, RequestCtx};
+use crate::rest::pipeline;
+use crate::rest::wire::{bundle, fhir_json, make_cursor, open_cursor};
 use crate::state::AppState;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -187,7 +188,7 @@ async fn page(
         if strip {
             strip_forensics(&mut v, patient.as_ref());
         }
-        entries.push(crate::rest::fhir::entry(
+        entries.push(crate::rest::wire::entry(
             format!("{}/AuditEvent/{}", st.fhir_base, r.event_id),
             v,
             "match",
@@ -308,7 +309,7 @@ pub async fn access_log(
         let Some(pid) = pid.clone() else {
             return Err(Failure::NotFound);
         };
-        let mut params: Vec<(String, String)> = crate::rest::fhir::Query::parse(raw)
+        let mut params: Vec<(String, String)> = crate::rest::wire::Query::parse(raw)
             .0
             .into_iter()
             .filter(|(k, _)| matches!(k.as_str(), "date" | "_count" | "_cursor"))

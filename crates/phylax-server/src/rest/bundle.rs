@@ -19,11 +19,13 @@
 //!
 //! Both are bounded by the body limit and `http.max_bundle_entries`.
 
+use crate::access::ctx::{AuditRefs, RequestCtx};
+use crate::access::scoped::CheckedWrite;
 use crate::base::clock::format_instant;
 use crate::base::error::Failure;
-use crate::data::repo::{PlannedWrite, ResourceVersion};
-use crate::rest::fhir::{self as fhir_api, parse_type, prefer, Query};
-use crate::rest::pipeline::{self, AuditRefs, RequestCtx};
+use crate::data::repo::ResourceVersion;
+use crate::rest::pipeline;
+use crate::rest::wire::{self as fhir_api, parse_type, prefer, Query};
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::State;
@@ -184,6 +186,7 @@ fn parse_entry(base: &str, idx: usize, e: &Value) -> Result<Entry, Failure> {
 pub async fn system_post(
     State(st): State<Arc<AppState>>,
     Extension(ctx): Extension<RequestCtx>,
+    Extension(routes): Extension<EntryRoutes>,
     h: HeaderMap,
     body: Body,
 ) -> Response {
@@ -208,9 +211,9 @@ pub async fn system_post(
         match bundle.get("type").and_then(Value::as_str) {
             Some("transaction") => {
                 let entries = entries.into_iter().collect::<Result<Vec<_>, _>>()?;
-                Ok(transaction(&st, &ctx, &h, entries).await)
+                Ok(transaction(&st, &ctx, &h, entries, routes).await)
             }
-            Some("batch") => Ok(batch(&st, &ctx, &h, entries).await),
+            Some("batch") => Ok(batch(&st, &ctx, &h, entries, routes).await),
             _ => Err(Failure::bad_request(
                 "POST to the base accepts a Bundle of type batch or transaction",
             )),
@@ -277,10 +280,23 @@ async fn dispatch(svc: &Router, ctx: &RequestCtx, outer: &HeaderMap, e: &Entry) 
     }
 }
 
+/// How Bundle entries are routed: the FHIR routes, handed to the Bundle
+/// handler as a request extension by the router that registers it
+/// ([`crate::rest::routes`]), so entries run exactly as if they had arrived
+/// on their own (and this module need not know the routes).
+#[derive(Clone, Copy)]
+pub struct EntryRoutes(pub fn() -> Router<Arc<AppState>>);
+
+impl std::fmt::Debug for EntryRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EntryRoutes")
+    }
+}
+
 /// The FHIR routes, for running entries as if they had arrived on their
 /// own (built once per Bundle).
-fn entry_router(st: &Arc<AppState>) -> Router {
-    crate::rest::routes::fhir_routes()
+fn entry_router(st: &Arc<AppState>, routes: EntryRoutes) -> Router {
+    (routes.0)()
         .with_state(st.clone())
         .layer(axum::middleware::from_fn(
             crate::rest::error::normalize_errors,
@@ -354,8 +370,9 @@ async fn batch(
     ctx: &RequestCtx,
     h: &HeaderMap,
     entries: Vec<Result<Entry, Failure>>,
+    routes: EntryRoutes,
 ) -> Response {
-    let svc = entry_router(st);
+    let svc = entry_router(st, routes);
     let mut out = Vec::with_capacity(entries.len());
     // The answer is assembled in memory: past `http.max_response_bytes`
     // the remaining entries are not run, each answered with a
@@ -473,22 +490,6 @@ async fn resolve_one(
     Ok(m.pop())
 }
 
-/// Every `reference` string anywhere in `v`.
-pub(crate) fn collect_references(v: &Value, out: &mut Vec<String>) {
-    match v {
-        Value::Object(o) => {
-            for (k, x) in o {
-                match (k.as_str(), x) {
-                    ("reference", Value::String(s)) => out.push(s.clone()),
-                    _ => collect_references(x, out),
-                }
-            }
-        }
-        Value::Array(a) => a.iter().for_each(|x| collect_references(x, out)),
-        _ => {}
-    }
-}
-
 /// Rewrite every `reference` in `v` found in `map`.
 fn rewrite_references(v: &mut Value, map: &HashMap<String, String>) {
     match v {
@@ -514,17 +515,12 @@ async fn transaction(
     ctx: &RequestCtx,
     h: &HeaderMap,
     mut entries: Vec<Entry>,
+    routes: EntryRoutes,
 ) -> Response {
-    match run_transaction(st, ctx, h, &mut entries).await {
-        Ok(r) => {
-            // It may have changed care relationships or consents (a one-row
-            // probe when no consent changed).
-            st.care_cache.clear();
-            if let Err(e) = st.consents.refresh(&st.repo).await {
-                tracing::warn!(request_id = %ctx.request_id, error = ?e, "consent index not refreshed after a transaction");
-            }
-            r
-        }
+    match run_transaction(st, ctx, h, &mut entries, routes).await {
+        // Care relationships and consents it changed were refreshed as it
+        // committed (`Scoped::commit`).
+        Ok(r) => r,
         Err(e) => {
             let status = e.status().as_u16();
             let rule = e.denied_by();
@@ -542,6 +538,7 @@ async fn run_transaction(
     ctx: &RequestCtx,
     h: &HeaderMap,
     entries: &mut [Entry],
+    routes: EntryRoutes,
 ) -> Result<Response, Failure> {
     let n = entries.len();
     let mut order: Vec<usize> = (0..n).collect();
@@ -565,16 +562,14 @@ async fn run_transaction(
         allow(st, ctx, what, &rtype).await?;
     }
 
-    // Drafts the writes' audit records and checks each written or replaced
-    // resource against the caller's reach.
-    let auditor = pipeline::WriteAuditor::new(st, ctx);
+    // Checks each written or replaced resource against the caller's reach
+    // and drafts the writes' audit records.
+    let scoped = st.scoped(ctx);
 
     // 2. Resolve ids: deletes, then creates, then updates.
     let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
     let mut audited: Vec<Option<Audited>> = (0..n).map(|_| None).collect();
-    let mut planned: Vec<PlannedWrite> = Vec::new();
-    // The interaction each planned write records, in `planned` order.
-    let mut planned_what: Vec<&'static str> = Vec::new();
+    let mut planned: Vec<CheckedWrite> = Vec::new();
     let mut pending: Vec<PendingPut> = Vec::new();
     let mut targets: HashSet<(String, String)> = HashSet::new();
     let mut map: HashMap<String, String> = HashMap::new();
@@ -619,29 +614,24 @@ async fn run_transaction(
                     _ => return Err(entry_error(idx, "DELETE needs Type/id or Type?criteria")),
                 };
                 let cur = match &id {
-                    Some(id) => st.repo.current_row(&rtype, id).await?,
+                    Some(id) => scoped.current_row(&rtype, id).await?,
                     None => None,
                 };
                 let old = match &cur {
-                    Some(_) => st
-                        .repo
-                        .guard_existing(Some(&auditor), &rtype, cur.as_ref())
+                    Some(_) => scoped
+                        .guard_existing(&rtype, cur.as_ref())
                         .await
                         .map_err(|x| at_entry(idx, x.into()))?,
                     None => None,
                 };
                 match (id, cur) {
                     (Some(id), Some(cur)) if !cur.deleted => {
-                        auditor
-                            .guard_new(
-                                &rtype,
-                                old.as_ref().and_then(|v| v.body.as_ref()).map(|b| b.json()),
-                                None,
-                            )
+                        let w = scoped.plan_delete(&rtype, &id, &cur)?;
+                        let w = scoped
+                            .check(w, old.as_ref(), "delete")
                             .map_err(|x| at_entry(idx, x.into()))?;
                         claim(idx, &rtype, &id)?;
-                        planned.push(st.repo.plan_delete(&rtype, &id, &cur)?);
-                        planned_what.push("delete");
+                        planned.push(w);
                         outcomes[i] = Some(Outcome::Write {
                             planned: planned.len() - 1,
                             created: false,
@@ -742,10 +732,9 @@ async fn run_transaction(
                     })?),
                     None => None,
                 };
-                let cur = st.repo.current_row(&rtype, &id).await?;
-                let old = st
-                    .repo
-                    .guard_existing(Some(&auditor), &rtype, cur.as_ref())
+                let cur = scoped.current_row(&rtype, &id).await?;
+                let old = scoped
+                    .guard_existing(&rtype, cur.as_ref())
                     .await
                     .map_err(|x| at_entry(idx, x.into()))?;
                 let (version, pre, created) = match cur {
@@ -796,7 +785,7 @@ async fn run_transaction(
     // 3. References: entries' fullUrls, then conditional references.
     let mut refs = Vec::new();
     for p in &pending {
-        collect_references(&p.body, &mut refs);
+        fhir_api::collect_references(&p.body, &mut refs);
     }
     refs.sort();
     refs.dedup();
@@ -829,39 +818,26 @@ async fn run_transaction(
         // is not a valid reference until resolved).
         let (_, body) = fhir_api::validated(p.body).map_err(|e| at_entry(p.idx, e))?;
         p.body = body;
-        let w = st
-            .repo
+        let w = scoped
             .plan_put(&p.rtype, &p.id, p.version, p.body, p.pre)
             .await?;
         // Checked as it will be stored (references in canonical form).
-        auditor
-            .guard_new(
-                &p.rtype,
-                p.old
-                    .as_ref()
-                    .and_then(|v| v.body.as_ref())
-                    .map(|b| b.json()),
-                w.body(),
-            )
+        let what = if p.created { "create" } else { "update" };
+        let w = scoped
+            .check(w, p.old.as_ref(), what)
             .map_err(|x| at_entry(p.idx, x.into()))?;
         planned.push(w);
-        planned_what.push(if p.created { "create" } else { "update" });
         outcomes[p.idx] = Some(Outcome::Write {
             planned: planned.len() - 1,
             created: p.created,
         });
     }
     // Every write's audit record commits with the writes: all or nothing.
-    let mut records = Vec::with_capacity(planned.len());
-    for (w, what) in planned.iter().zip(&planned_what) {
-        let opened = auditor.opened(w).await?;
-        records.push(w.audit(&auditor, what, &opened)?);
-    }
-    let written = st.repo.commit(planned, records).await?;
+    let written = scoped.commit(planned).await?;
 
     // 5. Responses in the Bundle's order; GETs run now.
     let minimal = prefer(h).ret.as_deref() == Some("minimal");
-    let svc = entry_router(st);
+    let svc = entry_router(st, routes);
     let mut out = Vec::with_capacity(n);
     for (i, e) in entries.iter().enumerate() {
         let entry = match &outcomes[i] {
@@ -950,7 +926,7 @@ mod tests {
             "note": [{"text": "urn:uuid:1"}],
         });
         let mut refs = Vec::new();
-        collect_references(&v, &mut refs);
+        fhir_api::collect_references(&v, &mut refs);
         assert_eq!(refs.len(), 3);
         let map = HashMap::from([
             ("urn:uuid:1".to_owned(), "Patient/a".to_owned()),

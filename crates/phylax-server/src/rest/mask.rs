@@ -7,8 +7,8 @@
 //! texts of references, which often repeat a name. Searching or sorting on
 //! a masked element is refused: a match would reveal the value.
 
+use crate::access::ctx::RequestCtx;
 use crate::base::error::Failure;
-use crate::rest::pipeline::RequestCtx;
 use axum::body::Body;
 use axum::http::{header, StatusCode};
 use axum::response::Response;

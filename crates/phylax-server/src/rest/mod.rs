@@ -6,11 +6,14 @@
 //!   request id; causes are logged once, server-side.
 //! - [`pipeline`]: the one place every FHIR interaction passes: the policy
 //!   decision and the audit record of what happened.
+//! - [`wire`]: what every handler shares on the wire: typed inputs, FHIR
+//!   JSON and Bundles out, paging cursors, conditional matching.
 //! - [`mask`]: field masking of responses by role.
 //! - [`fhir`]: REST interactions (read, vread, create, update, delete,
 //!   history, metadata).
 //! - [`search`]: search, compartments, `$everything`.
 //! - [`bundle`]: batch and transaction.
+//! - [`break_glass`]: the `$break-the-glass` operation.
 //! - [`audit_api`]: the read-only AuditEvent API and `$access-log`.
 //! - [`metrics`]: `GET /metrics` in Prometheus text format.
 //! - [`routes`]: the authenticated FHIR routes (batch entries are routed
@@ -19,6 +22,7 @@
 
 pub mod access_admin;
 pub mod audit_api;
+pub mod break_glass;
 pub mod bundle;
 pub mod error;
 pub mod fhir;
@@ -27,3 +31,4 @@ pub mod metrics;
 pub mod pipeline;
 pub mod routes;
 pub mod search;
+pub mod wire;

@@ -1,9 +1,10 @@
 //! The authenticated FHIR routes: the REST interactions, search, history,
-//! batch and transaction, and the break-the-glass operation.
+//! batch and transaction, and the break-the-glass operation. Bundle
+//! entries are routed through the same routes (`bundle::EntryRoutes`).
 
 use crate::state::AppState;
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
 use std::sync::Arc;
 
 /// The authenticated FHIR routes. Handlers expect a [`RequestCtx`] in the
@@ -38,6 +39,8 @@ pub fn fhir_routes() -> Router<Arc<AppState>> {
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(fhir_api::vread))
         .route(
             "/fhir/{rtype}/{id}/{ctype}",
-            get(search_api::compartment_search).post(crate::access::break_glass::request),
+            get(search_api::compartment_search).post(crate::rest::break_glass::request),
         )
+        // Bundle entries are run through these same routes.
+        .layer(Extension(bundle::EntryRoutes(fhir_routes)))
 }

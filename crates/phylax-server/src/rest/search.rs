@@ -4,12 +4,13 @@
 //! includes with `:iterate`, chaining and `_has`. Parameters become store
 //! conditions in `crate::data::search`; the store plans and runs them.
 
+use crate::access::ctx::RequestCtx;
 use crate::base::error::Failure;
 use crate::data::repo::{BodyOut, ResourceVersion};
-use crate::rest::fhir::{
+use crate::rest::pipeline;
+use crate::rest::wire::{
     bundle_out, check_accept, page_size, parse_since, parse_type, prefer, EntryOut, Query, St,
 };
-use crate::rest::pipeline::{self, RequestCtx};
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -53,8 +54,7 @@ async fn seal_search_cursor(
     back: &[i64],
 ) -> Result<String, Failure> {
     let key = st
-        .repo
-        .keys()
+        .keys
         .for_write("cursor")
         .await
         .map_err(crate::data::repo::RepoError::from)?;
@@ -74,8 +74,7 @@ async fn open_search_cursor(st: &AppState, rtype: &str, cursor: &str) -> Result<
     let bad = || Failure::bad_request("invalid, expired or tampered paging cursor");
     let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
     let key = st
-        .repo
-        .keys()
+        .keys
         .for_write("cursor")
         .await
         .map_err(crate::data::repo::RepoError::from)?;
@@ -250,10 +249,7 @@ async fn included(
                         {
                             continue;
                         }
-                        if let Some(v) = crate::access::reach::Scoped::new(st, ctx)
-                            .visible(&t, &id)
-                            .await?
-                        {
+                        if let Some(v) = st.scoped(ctx).visible(&t, &id).await? {
                             added.push(v);
                         }
                     }
@@ -272,11 +268,12 @@ async fn included(
                     continue;
                 }
                 let and = vec![vec![crate::data::search::references_to(
-                    st.repo.blind_key(),
+                    st.gate.blind_key(),
                     param,
                     &targets,
                 )]];
-                let found = crate::access::reach::Scoped::new(st, ctx)
+                let found = st
+                    .scoped(ctx)
                     .search(phylax_store::SearchQuery {
                         rtype: src.to_string(),
                         and,
@@ -322,7 +319,7 @@ async fn inner_search(
         return Err(Failure::Forbidden);
     }
     crate::rest::mask::check_params(ctx, rtype, params)?;
-    let parsed = crate::data::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, params)?;
+    let parsed = crate::data::search::parse(st.gate.blind_key(), &st.fhir_base, rtype, params)?;
     if let Some(u) = parsed.unknown.first() {
         return Err(Failure::BadRequest(vec![Issue::error(
             IssueCode::NotSupported,
@@ -331,7 +328,8 @@ async fn inner_search(
     }
     // The inner search sees only what the caller may see: a chain or
     // `_has` must not test data outside their reach.
-    let rows = crate::access::reach::Scoped::new(st, ctx)
+    let rows = st
+        .scoped(ctx)
         .search(phylax_store::SearchQuery {
             rtype: rtype.to_string(),
             and: parsed.and,
@@ -491,7 +489,7 @@ async fn resolve_chains(
         groups.push(vec![if targets.is_empty() {
             Cond::Never
         } else {
-            crate::data::search::references_to(st.repo.blind_key(), code, &targets)
+            crate::data::search::references_to(st.gate.blind_key(), code, &targets)
         }]);
     }
     Ok((plain, groups))
@@ -693,7 +691,7 @@ async fn search(
     crate::rest::mask::check_params(ctx, rtype, &params)?;
     let count = page_size(st, &q)?;
     let (plain, chained) = resolve_chains(st, ctx, rtype, &params).await?;
-    let mut parsed = crate::data::search::parse(st.repo.blind_key(), &st.fhir_base, rtype, &plain)?;
+    let mut parsed = crate::data::search::parse(st.gate.blind_key(), &st.fhir_base, rtype, &plain)?;
     parsed.and.extend(chained);
     if let Some(c) = q.get(crate::data::search::COMPARTMENT_PARAM) {
         let pid = c
@@ -701,7 +699,7 @@ async fn search(
             .filter(|id| phylax_fhir::ids::is_valid_id(id))
             .ok_or_else(|| Failure::bad_request("invalid compartment"))?;
         parsed.and.push(crate::data::search::compartment_condition(
-            st.repo.blind_key(),
+            st.gate.blind_key(),
             rtype,
             pid,
         ));
@@ -723,7 +721,7 @@ async fn search(
     // Confined to what the caller may see (their patients, no restricted
     // labels without permission) by the scoped searches below: counts and
     // pages only ever cover visible resources.
-    let scoped = crate::access::reach::Scoped::new(st, ctx);
+    let scoped = st.scoped(ctx);
     let control = ResultControl::parse(rtype, &q)?;
     let sorted = !control.sort.is_empty();
     let query = phylax_store::SearchQuery {
@@ -820,8 +818,8 @@ async fn search(
         }
     }
     let inc = included(st, ctx, rtype, &q, &rows).await?;
-    crate::access::reach::watch_own_name(st, ctx, rows.iter().chain(inc.iter())).await;
-    let mut refs = crate::rest::pipeline::AuditRefs::of_versions(rows.iter().chain(inc.iter()));
+    crate::access::reach::watch_own_name(&st.gate, ctx, rows.iter().chain(inc.iter())).await;
+    let mut refs = crate::access::ctx::AuditRefs::of_versions(rows.iter().chain(inc.iter()));
     // Parameter names only: values (a name, a birth date) stay out of the log.
     refs.params = params
         .iter()
@@ -967,7 +965,7 @@ pub async fn search_post(
                 return Err(Failure::UnsupportedMediaType);
             }
             let limit = 64 * 1024;
-            let bytes = crate::rest::fhir::read_body(&h, body, limit).await?;
+            let bytes = crate::rest::wire::read_body(&h, body, limit).await?;
             let mut params = q.0;
             params.extend(
                 form_urlencoded::parse(&bytes).map(|(k, v)| (k.into_owned(), v.into_owned())),
@@ -1019,25 +1017,9 @@ async fn everything(
             let pid = pid.ok_or(Failure::NotFound)?;
             let q = Query::parse(raw).without_internal();
             check_accept(&h, &q)?;
-            // The patient must exist, be live and be within the caller's
-            // reach (else: not found, like an unknown id).
-            let p = match st.repo.read(&patient_type, &pid).await {
-                Err(crate::data::repo::RepoError::Gone(_))
-                    if ctx.access.reach != phylax_auth::policy::Reach::All =>
-                {
-                    return Err(Failure::Hidden(
-                        "reach: a deleted resource names no patient",
-                    ))
-                }
-                r => r?,
-            };
-            if let Decision::Deny(rule) = crate::access::reach::allows(&st, &ctx.access, &p) {
-                // A restricted label on the Patient hides the demographics
-                // only; the compartment stays reachable when the patient is.
-                if !ctx.access.reaches(pid.as_str()) || ctx.access.denied.contains(pid.as_str()) {
-                    return Err(Failure::Hidden(rule));
-                }
-            }
+            st.scoped(&ctx)
+                .compartment_anchor(&patient_type, &pid)
+                .await?;
             let (params, mut ti, mut before) = match q.get("_cursor") {
                 Some(c) => {
                     let cur = open_search_cursor(&st, EVERYTHING_CURSOR, c).await?;
@@ -1110,7 +1092,7 @@ async fn everything(
                 let t = &types[ti];
                 let need = count - page.len();
                 let mut and = vec![crate::data::search::compartment_condition(
-                    st.repo.blind_key(),
+                    st.gate.blind_key(),
                     t,
                     pid.as_str(),
                 )];
@@ -1121,7 +1103,8 @@ async fn everything(
                         hi: s + 1,
                     }]);
                 }
-                let mut rows = crate::access::reach::Scoped::new(&st, &ctx)
+                let mut rows = st
+                    .scoped(&ctx)
                     .search(phylax_store::SearchQuery {
                         rtype: t.to_string(),
                         and,
@@ -1152,7 +1135,7 @@ async fn everything(
             let mut refs = Vec::new();
             for v in &page {
                 if let Some(b) = &v.body {
-                    crate::rest::bundle::collect_references(b.json(), &mut refs);
+                    crate::rest::wire::collect_references(b.json(), &mut refs);
                 }
             }
             for r in refs {
@@ -1168,10 +1151,7 @@ async fn everything(
                 {
                     continue;
                 }
-                if let Some(v) = crate::access::reach::Scoped::new(&st, &ctx)
-                    .visible(&t, &rid)
-                    .await?
-                {
+                if let Some(v) = st.scoped(&ctx).visible(&t, &rid).await? {
                     referenced.push(v);
                 }
             }
@@ -1186,7 +1166,7 @@ async fn everything(
                 links.push(json!({"relation": "next", "url": format!("{url}?_cursor={c}")}));
             }
             let audit_refs =
-                crate::rest::pipeline::AuditRefs::of_versions(page.iter().chain(referenced.iter()));
+                crate::access::ctx::AuditRefs::of_versions(page.iter().chain(referenced.iter()));
             // Stored text goes into the page as it is (see `search`).
             let entry = |v: ResourceVersion, mode: &'static str| {
                 let url = format!("{}/{}/{}", st.fhir_base, v.rtype, v.id);

@@ -1,13 +1,28 @@
 //! Maintenance jobs a node runs at start, once per instance, over data
 //! written by earlier releases.
 //!
+//! - [`start`]: everything a node does to stored data before it serves.
 //! - [`canonicalize_stored_references`]: references to this server stored
 //!   in absolute form get a new version in canonical (relative) form.
 
+use crate::access::gate::Gate;
 use crate::base::error::Failure;
 use crate::data::repo::RepoError;
-use crate::state::AppState;
 use phylax_fhir::ResourceType;
+
+/// Bring stored data up to what this release expects, then load the
+/// consents: the search index for resources written before it existed
+/// (returns how many were indexed), references made canonical (not
+/// fatal: retried at the next start), and the consent index (fatal:
+/// consents are enforced from the first request).
+pub async fn start(gate: &Gate) -> Result<u64, Failure> {
+    let n = gate.repo.reindex_if_needed().await.map_err(Failure::from)?;
+    if let Err(e) = canonicalize_stored_references(gate).await {
+        tracing::error!(error = ?e, "references to this server could not all be made canonical; retried at the next start");
+    }
+    gate.refresh_consents().await?;
+    Ok(n)
+}
 
 /// Once per instance (and again when `http.base_aliases` changes):
 /// current resources stored before references to this server were
@@ -19,7 +34,7 @@ use phylax_fhir::ResourceType;
 /// (already canonical) wins. Idempotent across nodes. A rewrite that would
 /// add patients to a resource that already names some, or change care
 /// relationships, is not made: it raises a `reference-review` alert.
-pub async fn canonicalize_stored_references(st: &AppState) -> Result<u64, Failure> {
+pub async fn canonicalize_stored_references(st: &Gate) -> Result<u64, Failure> {
     let marker = format!("canonical_refs_v1:{}", st.repo.bases().join(" "));
     let done_key = format!(
         "canonical_refs_v1_{}",

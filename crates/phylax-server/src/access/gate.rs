@@ -1,0 +1,160 @@
+//! [`Gate`]: the access layer's state, assembled once at start. It owns
+//! the resource repository: the layers above reach resources only through
+//! [`crate::access::scoped::Scoped`] (one caller's reads and writes,
+//! confined and checked by construction), never the repository itself.
+
+use crate::access::consent::Consents;
+use crate::audit::log::AuditLog;
+use crate::base::config::AccessConfig;
+use crate::base::error::Failure;
+use crate::data::accounts::Accounts;
+use crate::data::keyring::KeyRing;
+use crate::data::repo::Repo;
+use phylax_crypto::BlindIndexKey;
+use phylax_store::DynStore;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+/// What access decisions read, and the repository they guard.
+#[derive(Debug)]
+pub struct Gate {
+    /// Private to the access layer (see the module doc).
+    pub(in crate::access) repo: Repo,
+    /// For the tables the access layer owns (break-the-glass grants,
+    /// maintenance markers).
+    pub(in crate::access) store: DynStore,
+    pub(in crate::access) keys: Arc<KeyRing>,
+    /// Users, for how a requester is known in the data (their linked
+    /// Practitioner or Patient).
+    pub(in crate::access) accounts: Accounts,
+    pub(in crate::access) audit: Arc<AuditLog>,
+    pub(in crate::access) config: AccessConfig,
+    /// Care relationships per user, briefly reused (see `reach`).
+    pub care_cache: CareCache,
+    /// Patients' privacy consents as deny rules (see `consent`).
+    pub(in crate::access) consents: Consents,
+    /// The `_security` index hashes of `access.restricted_labels`
+    /// (computed once: every search by a caller without the label
+    /// permission carries them).
+    pub(in crate::access) label_hashes: OnceLock<Vec<Vec<u8>>>,
+}
+
+impl Gate {
+    pub fn new(
+        repo: Repo,
+        store: DynStore,
+        keys: Arc<KeyRing>,
+        accounts: Accounts,
+        audit: Arc<AuditLog>,
+        config: AccessConfig,
+    ) -> Gate {
+        Gate {
+            repo,
+            store,
+            keys,
+            accounts,
+            audit,
+            config,
+            care_cache: CareCache::default(),
+            consents: Consents::default(),
+            label_hashes: OnceLock::new(),
+        }
+    }
+
+    /// Reread the consents now (a Consent was written on this node).
+    pub async fn refresh_consents(&self) -> Result<(), Failure> {
+        self.consents.refresh(&self.repo).await
+    }
+
+    /// Watch for other nodes' consent changes until the gate is dropped.
+    pub fn spawn_consent_poller(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::access::consent::POLL).await;
+                let Some(g) = weak.upgrade() else { return };
+                if let Err(e) = g.refresh_consents().await {
+                    tracing::warn!(error = ?e, "could not refresh the consent index");
+                }
+            }
+        });
+    }
+
+    /// Patients carrying one of `tags` (`system|code`) in `meta.tag` or
+    /// `meta.security` (the detector's flagged, VIP, patients); `None`
+    /// when no tag is configured.
+    pub async fn flagged_patients(
+        &self,
+        tags: &[String],
+    ) -> Result<Option<std::collections::HashSet<String>>, Failure> {
+        let key = self.repo.blind_key();
+        let mut group = Vec::new();
+        for t in tags {
+            if let Some((sys, code)) = t.split_once('|') {
+                for param in ["_tag", "_security"] {
+                    group.push(phylax_store::Cond::Hash {
+                        param: param.into(),
+                        hashes: vec![crate::data::search::token_hash(key, param, sys, code)],
+                    });
+                }
+            }
+        }
+        if group.is_empty() {
+            return Ok(None);
+        }
+        let rows = self
+            .repo
+            .search_unconfined(&phylax_store::SearchQuery {
+                rtype: "Patient".into(),
+                and: vec![group],
+                before_seq: None,
+                limit: 100_000,
+            })
+            .await?;
+        Ok(Some(rows.iter().map(|v| v.id.to_string()).collect()))
+    }
+
+    /// The key of the search index's blind hashes (search parameters are
+    /// turned into conditions with it; it opens nothing).
+    pub fn blind_key(&self) -> &BlindIndexKey {
+        self.repo.blind_key()
+    }
+}
+
+/// One user's cached facts.
+#[derive(Clone, Default)]
+pub(in crate::access) struct Cached {
+    /// How the user is known in the data (`Type/id`), if looked up.
+    pub(in crate::access) refs: Option<Arc<Vec<String>>>,
+    /// Their own family names (normalised), from their Practitioner.
+    pub(in crate::access) family: Option<Arc<Vec<String>>>,
+    /// Care-relationship patients (`None`: over `max_reach`), if computed.
+    pub(in crate::access) care: Option<Option<Arc<BTreeSet<String>>>>,
+    /// Break-the-glass patients with their grants' expiry (ms), if looked up.
+    pub(in crate::access) emergency: Option<Vec<(String, i64)>>,
+}
+
+/// Per-user cache of care relationships and break-the-glass grants.
+#[derive(Default)]
+pub struct CareCache {
+    pub(in crate::access) map: parking_lot::Mutex<HashMap<String, (Instant, Cached)>>,
+}
+
+impl std::fmt::Debug for CareCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CareCache").finish_non_exhaustive()
+    }
+}
+
+impl CareCache {
+    /// Forget a user's entry (their link or grants changed here).
+    pub fn forget(&self, user_id: &str) {
+        self.map.lock().remove(user_id);
+    }
+
+    /// Forget everyone's (a write changed who cares for whom).
+    pub fn clear(&self) {
+        self.map.lock().clear();
+    }
+}

@@ -75,7 +75,9 @@ struct Args {
     settle: u64,
     /// Measure without recording reads in the audit log (writes still
     /// record theirs), to compare with the default audited run. Only the
-    /// benchmark can do this.
+    /// benchmark can do this, and only when built with its `danger-bench`
+    /// feature.
+    #[cfg(feature = "danger-bench")]
     #[arg(long)]
     danger_no_audit: bool,
     /// Seconds to run each cell unmeasured before measuring it, so that
@@ -268,9 +270,12 @@ async fn setup(
     let st = AppState::new(inst)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    #[cfg(feature = "danger-bench")]
     if no_audit {
         st.audit.danger_disable_for_benchmark();
     }
+    #[cfg(not(feature = "danger-bench"))]
+    let _ = no_audit;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let _ = serve(st, listener, Some(tls), async {
@@ -641,7 +646,7 @@ async fn main() -> Result<()> {
     let fsync = fsync_rate()?;
     let (env, dir, _stop) = setup(
         args.database_url.as_deref(),
-        args.danger_no_audit,
+        danger_no_audit(&args),
         args.checkpoint_secs,
         args.keep_instance.as_deref(),
     )
@@ -746,6 +751,19 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--danger-no-audit`, which exists only with the `danger-bench` feature.
+fn danger_no_audit(args: &Args) -> bool {
+    #[cfg(feature = "danger-bench")]
+    {
+        args.danger_no_audit
+    }
+    #[cfg(not(feature = "danger-bench"))]
+    {
+        let _ = args;
+        false
+    }
 }
 
 #[cfg(test)]

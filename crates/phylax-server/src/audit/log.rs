@@ -65,8 +65,10 @@ pub struct AuditLog {
     /// The sealer's view of the tree (guarded: one sealing pass at a time
     /// per node; nodes arbitrate in the database).
     frontier: tokio::sync::Mutex<Option<Frontier>>,
-    /// Set only by the benchmark to measure what auditing costs; nothing
-    /// in the configuration or the CLI can reach it.
+    /// Set only by the benchmark to measure what auditing costs; it exists
+    /// only under the `danger-bench` feature, which nothing but the
+    /// benchmark enables.
+    #[cfg(feature = "danger-bench")]
     danger_off: std::sync::atomic::AtomicBool,
     /// The detector every committed record is shown to (set at start).
     detector: std::sync::OnceLock<Arc<crate::audit::alert::Detector>>,
@@ -148,6 +150,7 @@ impl AuditLog {
             tx,
             checkpoint_file,
             frontier: tokio::sync::Mutex::new(None),
+            #[cfg(feature = "danger-bench")]
             danger_off: std::sync::atomic::AtomicBool::new(false),
             full: std::sync::atomic::AtomicBool::new(false),
             reread: std::sync::atomic::AtomicU64::new(0),
@@ -158,13 +161,29 @@ impl AuditLog {
         }))
     }
 
-    /// **Benchmarks only**: stop recording reads, searches and security
-    /// events (writes still commit their records), to measure what
-    /// auditing costs. A server must never run like this; it is not
-    /// reachable from phylax.toml or the CLI.
+    /// **Benchmarks only** (the `danger-bench` feature): stop recording
+    /// reads, searches and security events (writes still commit their
+    /// records), to measure what auditing costs. A server must never run
+    /// like this; it is not reachable from phylax.toml or the CLI, and
+    /// does not exist in a build without the feature.
+    #[cfg(feature = "danger-bench")]
     pub fn danger_disable_for_benchmark(&self) {
         self.danger_off
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the benchmark turned recording off (never, without the
+    /// `danger-bench` feature).
+    #[inline]
+    fn danger_off(&self) -> bool {
+        #[cfg(feature = "danger-bench")]
+        {
+            self.danger_off.load(std::sync::atomic::Ordering::Relaxed)
+        }
+        #[cfg(not(feature = "danger-bench"))]
+        {
+            false
+        }
     }
 
     /// The log's name in checkpoints (`phylax/<instance id>`).
@@ -252,7 +271,7 @@ impl AuditLog {
     /// Commit one record without showing it to the detector (the
     /// detector's own alerts).
     pub async fn record_quiet(&self, facts: &AuditFacts) -> Result<(), AuditError> {
-        if self.danger_off.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.danger_off() {
             return Ok(());
         }
         let row = self.draft(facts)?;
@@ -281,7 +300,7 @@ impl AuditLog {
     /// recording, or when there will be nothing to record.
     pub fn ticket(&self) -> crate::audit::journal::Ticket {
         match self.journal.get() {
-            Some(j) if !self.danger_off.load(std::sync::atomic::Ordering::Relaxed) => j.ticket(),
+            Some(j) if !self.danger_off() => j.ticket(),
             _ => crate::audit::journal::Ticket::none(),
         }
     }

@@ -8,6 +8,7 @@ use crate::access::scoped::Scoped;
 use crate::base::config::Config;
 use crate::base::error::Failure;
 use crate::data::accounts::Accounts;
+use crate::data::clients::Clients;
 use crate::data::grants::Grants;
 use crate::data::keyring::KeyRing;
 use crate::data::repo::Repo;
@@ -18,7 +19,7 @@ use phylax_auth::throttle::Throttle;
 use phylax_auth::TokenIssuer;
 use phylax_crypto::signing::SigningKey;
 use phylax_crypto::MacKey;
-use phylax_store::DynStore;
+use phylax_store::MetaStore;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +34,11 @@ pub struct AppState {
     /// The access layer: it owns the resource repository; handlers reach
     /// resources through [`AppState::scoped`] only.
     pub gate: Arc<Gate>,
-    pub store: DynStore,
+    /// The database backend's name ("sqlite", "postgres"), for logs.
+    pub backend: &'static str,
+    /// Registered clients (the raw store is held only by the subsystems
+    /// that own its tables; see docs/ARCHITECTURE.md).
+    pub clients: Clients,
     pub tokens: TokenIssuer,
     pub verifier: Arc<Verifier>,
     pub cursor_key: MacKey,
@@ -121,7 +126,8 @@ impl AppState {
                 audit.clone(),
                 config.access.clone(),
             )),
-            store,
+            backend: store.backend(),
+            clients: Clients::new(store.clone()),
             fhir_base,
             tokens,
             verifier: Arc::new(verifier),
@@ -147,7 +153,7 @@ impl AppState {
         st.refresh_disabled()
             .await
             .map_err(|e| Failure::Unavailable(e.to_string()))?;
-        st.record_config_change().await?;
+        st.record_config_change(&*store).await?;
         let n = crate::access::maintenance::start(&st.gate).await?;
         if n > 0 {
             tracing::info!(resources = n, "search index built for existing resources");
@@ -169,16 +175,9 @@ impl AppState {
     }
 
     pub async fn refresh_disabled(&self) -> Result<(), phylax_store::StoreError> {
-        let set: HashSet<String> = self
-            .store
-            .list_clients()
-            .await?
-            .into_iter()
-            .filter(|c| c.disabled)
-            .map(|c| c.id)
-            .collect();
+        let set = self.clients.disabled().await?;
         *self.disabled_clients.write() = set;
-        let revoked = Revoked::load(&self.store, crate::base::clock::now_secs()).await?;
+        let revoked = self.grants.revoked(crate::base::clock::now_secs()).await?;
         *self.revoked.write() = revoked;
         // A signing key added on another node (or by the CLI).
         let known = self.signing.read().len();
@@ -269,12 +268,11 @@ impl AppState {
     /// Record a configuration this instance has not run with before (the
     /// first node to start with it records it; fail closed: a node whose
     /// record cannot be written does not start).
-    async fn record_config_change(&self) -> Result<(), Failure> {
+    async fn record_config_change(&self, meta: &dyn MetaStore) -> Result<(), Failure> {
         let text = toml::to_string(&self.config).map_err(|e| Failure::Internal(e.to_string()))?;
         let hash = hex::encode(phylax_audit::merkle::sha256(text.as_bytes()));
         let mine = crate::audit::log::new_event_id();
-        let stored = self
-            .store
+        let stored = meta
             .put_meta_if_absent(&format!("config_seen:{hash}"), mine.as_bytes())
             .await
             .map_err(|e| Failure::Unavailable(e.to_string()))?;

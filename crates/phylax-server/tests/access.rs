@@ -445,7 +445,6 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     // Every refusal is in the audit log with its rule.
     s.state.audit.flush().await.unwrap();
     let rows = s
-        .state
         .store
         .audit_search(&phylax_store::AuditQuery {
             subtype: Some("read".into()),
@@ -820,7 +819,6 @@ async fn break_the_glass(s: &TestServer) {
     let events = |subtype: &'static str| async move {
         s.state.audit.flush().await.unwrap();
         let rows = s
-            .state
             .store
             .audit_search(&phylax_store::AuditQuery {
                 subtype: Some(subtype.into()),
@@ -858,7 +856,7 @@ async fn break_the_glass(s: &TestServer) {
     }
     assert!(alerted, "a real-time alert");
     // In the review queue, with its sealed reason for the reviewer.
-    let open = s.state.store.break_glass_list(true, 10).await.unwrap();
+    let open = s.store.break_glass_list(true, 10).await.unwrap();
     assert_eq!(open.len(), 1);
     let d = phylax_server::access::break_glass::open_details(&s.state.keys, &open[0])
         .await
@@ -927,8 +925,7 @@ async fn break_the_glass(s: &TestServer) {
         .await
         .unwrap();
     let t = chrono::Utc::now().timestamp_millis();
-    s.state
-        .store
+    s.store
         .put_break_glass(&phylax_store::BreakGlassRecord {
             id: gid,
             user_id: cid,
@@ -1287,7 +1284,6 @@ async fn documented_matrix(s: &TestServer) {
     // An audit record to read.
     s.state.audit.flush().await.unwrap();
     let audit_id = s
-        .state
         .store
         .audit_search(&phylax_store::AuditQuery {
             limit: 1,
@@ -1425,7 +1421,6 @@ async fn documented_matrix(s: &TestServer) {
 async fn alerts(s: &TestServer, rule: &str) -> usize {
     s.state.audit.flush().await.unwrap();
     let rows = s
-        .state
         .store
         .audit_search(&phylax_store::AuditQuery {
             subtype: Some("alert".into()),
@@ -1503,7 +1498,6 @@ async fn detection_rules_that_need_access_data(s: &TestServer) {
 async fn last_access_refusal(s: &TestServer) -> Value {
     s.state.audit.flush().await.unwrap();
     let rows = s
-        .state
         .store
         .audit_search(&phylax_store::AuditQuery {
             subtype: Some("access".into()),
@@ -2236,7 +2230,6 @@ async fn absolute_references_stored_earlier_are_made_canonical(s: &TestServer) {
         .id
         .to_string();
     let row = s
-        .state
         .store
         .read_current("Observation", &id)
         .await
@@ -2257,7 +2250,6 @@ async fn absolute_references_stored_earlier_are_made_canonical(s: &TestServer) {
         .unwrap();
     assert_eq!(n, 1);
     let row = s
-        .state
         .store
         .read_current("Observation", &id)
         .await
@@ -2266,7 +2258,6 @@ async fn absolute_references_stored_earlier_are_made_canonical(s: &TestServer) {
     assert_eq!(row.key_scope, "patient:pa-gp");
     assert_eq!(row.version, 2);
     let kept = s
-        .state
         .store
         .read_current("Observation", &held)
         .await

@@ -254,14 +254,7 @@ async fn interactions_are_recorded_and_readable_by_auditors_only(s: &TestServer)
 
     // Sealing: a signed checkpoint over everything so far, and verify.
     let cp = s.state.audit.seal_pending().await.unwrap().unwrap();
-    let note = s
-        .state
-        .store
-        .latest_checkpoint()
-        .await
-        .unwrap()
-        .unwrap()
-        .note;
+    let note = s.store.latest_checkpoint().await.unwrap().unwrap().note;
     let opened =
         phylax_audit::checkpoint::open_signed(&note, s.state.audit.verifier_key()).unwrap();
     assert_eq!(opened, cp);
@@ -403,14 +396,7 @@ async fn tampering_is_detected(s: &TestServer) {
     let tok = s.token(ALL).await;
     some_traffic(s, &tok).await;
     s.state.audit.seal_pending().await.unwrap().unwrap();
-    let first = s
-        .state
-        .store
-        .latest_checkpoint()
-        .await
-        .unwrap()
-        .unwrap()
-        .note;
+    let first = s.store.latest_checkpoint().await.unwrap().unwrap().note;
     some_traffic(s, &tok).await;
     s.state.audit.seal_pending().await.unwrap().unwrap();
     s.state
@@ -419,7 +405,7 @@ async fn tampering_is_detected(s: &TestServer) {
         .await
         .unwrap();
     // The guards refuse edits and deletes outright.
-    let c = s.state.store.audit_by_index(0, 1).await.unwrap();
+    let c = s.store.audit_by_index(0, 1).await.unwrap();
     assert!(!c.is_empty());
     drop_guards(s).await;
     s.sql(
@@ -427,7 +413,7 @@ async fn tampering_is_detected(s: &TestServer) {
          CREATE TABLE leaf_copy AS SELECT * FROM audit_leaf WHERE 1 = 0",
     )
     .await;
-    let n = s.state.store.audit_counts().await.unwrap().1 as i64;
+    let n = s.store.audit_counts().await.unwrap().1 as i64;
     // The record at tree position k.
     let at = |k: i64| format!("(SELECT audit_id FROM audit_leaf WHERE leaf_index = {k})");
     let cases: Vec<(&str, String)> = vec![
@@ -505,10 +491,10 @@ async fn a_starting_node_seals_from_the_stored_edge(s: &TestServer) {
     some_traffic(s, &tok).await;
     s.state.audit.seal_pending().await.unwrap().unwrap();
     let size = |s: &TestServer| {
-        let store = s.state.store.clone();
+        let store = s.store.clone();
         async move { store.audit_tree_size().await.unwrap() }
     };
-    let latest = s.state.store.latest_checkpoint().await.unwrap().unwrap();
+    let latest = s.store.latest_checkpoint().await.unwrap().unwrap();
     assert_eq!(latest.size, size(s).await);
     assert_eq!(
         latest.frontier.len(),
@@ -567,7 +553,7 @@ async fn a_starting_node_seals_from_the_stored_edge(s: &TestServer) {
         assert_eq!(node.tree_records_read(), tree, "{what}");
         // What it sealed is right, and leaves a trusted edge behind.
         s.state.audit.verify(&[], None).await.unwrap();
-        let l = s.state.store.latest_checkpoint().await.unwrap().unwrap();
+        let l = s.store.latest_checkpoint().await.unwrap().unwrap();
         let again = start().await;
         some_traffic(s, &tok).await;
         s.state.audit.flush().await.unwrap();
@@ -708,7 +694,7 @@ async fn metrics_are_protected_and_free_of_ids() {
             .unwrap_or_else(|| panic!("{prefix} missing:\n{body}"))
     };
     let (all, sealed) = (gauge("all"), gauge("sealed"));
-    let (counted, tree) = s.state.store.audit_counts().await.unwrap();
+    let (counted, tree) = s.store.audit_counts().await.unwrap();
     assert!(sealed > 0 && sealed <= all, "{sealed} sealed of {all}");
     assert!(sealed <= tree, "{sealed} sealed, the tree has {tree}");
     assert!(all <= counted, "{all} records shown, {counted} stored");
@@ -1001,8 +987,7 @@ fn receiver_tls(
 /// The newest `limit` audit records of one subtype.
 async fn records_of(s: &TestServer, subtype: &str, limit: u32) -> Vec<phylax_store::AuditRow> {
     s.state.audit.flush().await.unwrap();
-    s.state
-        .store
+    s.store
         .audit_search(&phylax_store::AuditQuery {
             subtype: Some(subtype.into()),
             limit,
@@ -1041,7 +1026,7 @@ both!(journaled_records_survive_a_crash);
 async fn journaled_records_survive_a_crash(s: &TestServer) {
     use phylax_server::audit::journal::Journal;
     let root = s.dir.path().join("crash-journal");
-    let j = Journal::open(&root, s.state.store.clone()).await.unwrap();
+    let j = Journal::open(&root, s.store.clone()).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..5 {
         let row = s.state.audit.draft(&facts(i)).unwrap();
@@ -1079,7 +1064,7 @@ async fn journaled_records_survive_a_crash(s: &TestServer) {
     std::io::Write::write_all(&mut f, &torn).unwrap();
     drop(f);
     let saved = std::fs::read(&current).unwrap();
-    let stored = |id: String| async move { s.state.store.audit_get(&id).await.unwrap().is_some() };
+    let stored = |id: String| async move { s.store.audit_get(&id).await.unwrap().is_some() };
     for id in &ids {
         assert!(
             !stored(id.clone()).await,
@@ -1087,14 +1072,13 @@ async fn journaled_records_survive_a_crash(s: &TestServer) {
         );
     }
     // The next start recovers.
-    let j2 = Journal::open(&root, s.state.store.clone()).await.unwrap();
+    let j2 = Journal::open(&root, s.store.clone()).await.unwrap();
     for id in &ids {
         assert!(stored(id.clone()).await, "recovered");
     }
     assert!(!dead.exists(), "the dead node's journal is gone");
     let count = || async {
-        s.state
-            .store
+        s.store
             .audit_search(&phylax_store::AuditQuery {
                 limit: 1000,
                 ..Default::default()
@@ -1112,7 +1096,7 @@ async fn journaled_records_survive_a_crash(s: &TestServer) {
     std::fs::create_dir_all(&again).unwrap();
     std::fs::write(again.join("seg-00000000000000000001-1.log"), &saved).unwrap();
     drop(j2);
-    let _j3 = Journal::open(&root, s.state.store.clone()).await.unwrap();
+    let _j3 = Journal::open(&root, s.store.clone()).await.unwrap();
     assert_eq!(count().await, 5);
     assert!(!again.exists());
     // And the log still verifies, recovered records included.
@@ -1139,7 +1123,7 @@ async fn retention_prunes_bodies_and_the_log_still_verifies(s: &TestServer) {
         old_ids.push(row.event_id.clone());
         old.push(row);
     }
-    s.state.store.append_audit(old).await.unwrap();
+    s.store.append_audit(old).await.unwrap();
     s.state.audit.seal_pending().await.unwrap();
     let before = s.state.audit.verify(&[], None).await.unwrap();
     let n = s.state.audit.prune(later).await.unwrap();
@@ -1217,10 +1201,10 @@ async fn records_are_stored_compressed_and_earlier_ones_still_open(s: &TestServe
     row.sealed = key
         .seal(format!("phylax/audit/v1\0{}", old.id).as_bytes(), &json)
         .unwrap();
-    s.state.store.append_audit(vec![row]).await.unwrap();
+    s.store.append_audit(vec![row]).await.unwrap();
     s.state.audit.flush().await.unwrap();
 
-    let new_row = s.state.store.audit_get(&many.id).await.unwrap().unwrap();
+    let new_row = s.store.audit_get(&many.id).await.unwrap().unwrap();
     let new_json = s.state.audit.leaf_bytes(&new_row).unwrap();
     assert_eq!(new_json, many.to_json().unwrap());
     assert!(
@@ -1229,7 +1213,7 @@ async fn records_are_stored_compressed_and_earlier_ones_still_open(s: &TestServe
         new_json.len(),
         new_row.sealed.len()
     );
-    let old_row = s.state.store.audit_get(&old.id).await.unwrap().unwrap();
+    let old_row = s.store.audit_get(&old.id).await.unwrap().unwrap();
     assert!(old_row.sealed.len() > json.len());
     assert_eq!(s.state.audit.leaf_bytes(&old_row).unwrap(), json);
     let v = s.state.audit.open_row(&old_row).unwrap();
@@ -1254,10 +1238,9 @@ async fn a_patient_key_collision_shows_no_other_patients_record(s: &TestServer) 
     let mut h = s.state.audit.patient_hash("p0");
     h[8..].fill(0xEE);
     row.patients = vec![h];
-    s.state.store.append_audit(vec![row]).await.unwrap();
+    s.store.append_audit(vec![row]).await.unwrap();
     s.state.audit.flush().await.unwrap();
     let stored = s
-        .state
         .store
         .audit_search(&phylax_store::AuditQuery {
             patient: Some(s.state.audit.patient_hash("p0")),
@@ -1367,7 +1350,7 @@ async fn forged_pending_rows_and_deleted_patient_entries_are_found(s: &TestServe
     let (pid, _) = some_traffic(s, &tok).await;
     s.state.audit.seal_pending().await.unwrap().unwrap();
     s.state.audit.verify(&[], None).await.unwrap();
-    let size_before = s.state.store.audit_tree_size().await.unwrap();
+    let size_before = s.store.audit_tree_size().await.unwrap();
     s.sql(
         "INSERT INTO audit_log (event_id, recorded, agent, action, subtype, outcome, leaf_hash, sealed) \
          SELECT 'forged-1', recorded, agent, action, subtype, outcome, leaf_hash, sealed FROM audit_log \
@@ -1392,14 +1375,9 @@ async fn forged_pending_rows_and_deleted_patient_entries_are_found(s: &TestServe
     assert!(cp.size > size_before);
     // Not in the tree, and off the queue (other records, the alert's own
     // among them, may be pending by now).
-    let forged = s.state.store.audit_get("forged-1").await.unwrap().unwrap();
+    let forged = s.store.audit_get("forged-1").await.unwrap().unwrap();
     assert_eq!(forged.leaf_index, None, "the forged row is not in the tree");
-    let pending = s
-        .state
-        .store
-        .audit_unsealed(i64::MIN, 10_000)
-        .await
-        .unwrap();
+    let pending = s.store.audit_unsealed(i64::MIN, 10_000).await.unwrap();
     assert!(pending.iter().all(|r| r.event_id != "forged-1"));
     let e = s
         .state
@@ -1461,7 +1439,6 @@ async fn alert_raised(s: &TestServer, rule: &str) -> bool {
     for _ in 0..50 {
         s.state.audit.flush().await.unwrap();
         let rows = s
-            .state
             .store
             .audit_search(&phylax_store::AuditQuery {
                 subtype: Some("alert".into()),

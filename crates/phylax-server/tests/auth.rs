@@ -345,7 +345,7 @@ async fn disabling_a_client_stops_it(s: &TestServer) {
             .status(),
         200
     );
-    assert!(s.state.store.set_client_disabled(&id, true).await.unwrap());
+    assert!(s.store.set_client_disabled(&id, true).await.unwrap());
     assert_eq!(
         s.token_request(&s.assertion(&id, &key), "system/Patient.rs")
             .await
@@ -385,8 +385,7 @@ async fn rs384_clients_work_end_to_end() {
     let k = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
     let jwks = json!({"keys": [{"kty": "RSA", "kid": "k1", "alg": "RS384",
         "n": URL_SAFE_NO_PAD.encode(k.n().to_bytes_be()), "e": URL_SAFE_NO_PAD.encode(k.e().to_bytes_be())}]});
-    s.state
-        .store
+    s.store
         .add_client(&phylax_store::ClientRecord {
             id: "rsa-client".into(),
             name: "r".into(),

@@ -177,8 +177,7 @@ fn authorize_url(s: &TestServer, client: &str, scope: &str, state: &str, p: &Pkc
 
 async fn add_app(s: &TestServer, scope: &str, first_party: bool) -> String {
     let id = uuid::Uuid::new_v4().to_string();
-    s.state
-        .store
+    s.store
         .add_client(&phylax_store::ClientRecord {
             id: id.clone(),
             name: "Test <App>".into(),
@@ -338,7 +337,6 @@ fn now() -> i64 {
 async fn audit_events(s: &TestServer) -> Vec<(String, String, Value)> {
     s.state.audit.flush().await.unwrap();
     let rows = s
-        .state
         .store
         .audit_search(&phylax_store::AuditQuery {
             limit: 1000,
@@ -870,11 +868,7 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
     // --- An idle session no longer signs anyone in.
     let sess = b.jar["__Host-phylax-session"].clone();
     let h = s.state.grants.hash(Kind::Session, &sess);
-    s.state
-        .store
-        .touch_grant("session", &h, now() - 1)
-        .await
-        .unwrap();
+    s.store.touch_grant("session", &h, now() - 1).await.unwrap();
     let r = b.get(&authorize_url(s, &app, scope, "st-6", &pkce())).await;
     assert_eq!(r.status, 200, "sign-in page again after the idle timeout");
     assert!(r.body.contains("name=\"password\""));
@@ -1284,8 +1278,7 @@ async fn patient_launch_body(s: &TestServer) {
     // assertion; its client_id alone is not enough.
     let g = phylax_auth::client_key::generate().unwrap();
     let conf = uuid::Uuid::new_v4().to_string();
-    s.state
-        .store
+    s.store
         .add_client(&phylax_store::ClientRecord {
             id: conf.clone(),
             name: "Confidential".into(),

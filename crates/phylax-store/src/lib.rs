@@ -3,12 +3,18 @@
 //! encryption happens above it, so no backend can leak PHI by construction.
 //!
 //! # Layout
-//! - [`Store`]: the narrow async trait every backend implements, with its
-//!   record types ([`NewVersion`], [`StoredVersion`], [`ClientRecord`]…).
+//! - The storage traits, one per concern: [`MetaStore`], [`KeyStore`],
+//!   [`ResourceStore`], [`AccountStore`], [`GrantStore`], [`AuditStore`],
+//!   [`BreakGlassStore`]; [`Store`] is their sum (what a backend is) and
+//!   [`prelude`] imports them all. Their record types ([`NewVersion`],
+//!   [`StoredVersion`], [`ClientRecord`]…) are here too.
 //! - [`sqlite`]: the embedded default. WAL, `synchronous=FULL`, one writer
-//!   thread that group-commits concurrent writes, a pool of readers.
+//!   thread that group-commits concurrent writes, a pool of readers. One
+//!   file per trait (`sqlite/keys.rs`, `sqlite/resources.rs`…), shared
+//!   connection handling and row mapping in `sqlite/mod.rs`.
 //! - [`postgres`]: the scale-out backend; several Phylax nodes may share one
-//!   database. Row locks and unique constraints arbitrate concurrent writers.
+//!   database. Row locks and unique constraints arbitrate concurrent
+//!   writers. Laid out like `sqlite`.
 //! - `pg_tls`: which PostgreSQL URLs may connect, and how: plaintext only
 //!   on this machine, else TLS verified with libpq's `sslmode=verify-full`
 //!   and `sslrootcert`.
@@ -298,23 +304,32 @@ pub struct BreakGlassRecord {
     pub review_sealed: Option<Vec<u8>>,
 }
 
-/// The storage interface. All methods are durable when they return `Ok`.
-#[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Which backend this is, for logs and metrics ("sqlite", "postgres").
-    fn backend(&self) -> &'static str;
+// The storage interface, as one trait per concern (the backends implement
+// each in its own file; a subsystem holds only the ones it needs). All
+// methods are durable when they return `Ok`.
 
+/// Storage of instance metadata.
+#[async_trait]
+pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     /// Instance metadata (e.g. the KEK check value).
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
+
     /// Store `value` under `key` unless a value exists; return what is stored.
     async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<Vec<u8>>;
+}
 
+/// Storage of KEK-wrapped keys (data keys, MAC keys, signing keys) and
+/// when each was created.
+#[async_trait]
+pub trait KeyStore: Send + Sync + std::fmt::Debug + 'static {
     /// A KEK-wrapped key by scope.
     async fn get_wrapped_key(&self, scope: &str) -> Result<Option<Vec<u8>>>;
+
     /// Several wrapped keys in one read: `(scope, wrapped)` for those that
     /// exist, in no particular order (a search page's keys, fetched
     /// together instead of one round trip per result).
     async fn get_wrapped_keys(&self, scopes: &[String]) -> Result<Vec<(String, Vec<u8>)>>;
+
     /// Store a wrapped key unless one exists for the scope (another node may
     /// have raced us); return the one that is stored.
     async fn put_wrapped_key_if_absent(
@@ -326,7 +341,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// When a wrapped key was stored (seconds), for key-age metrics.
     async fn wrapped_key_created(&self, scope: &str) -> Result<Option<i64>>;
+}
 
+/// Storage of resource versions, the current pointer and the search index.
+#[async_trait]
+pub trait ResourceStore: Send + Sync + std::fmt::Debug + 'static {
     /// Append a version if the precondition holds, atomically updating the
     /// current pointer. Returns the global sequence number.
     /// The audit records are appended in the same transaction: the write
@@ -337,6 +356,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         pre: Precondition,
         audit: Vec<NewAudit>,
     ) -> Result<i64>;
+
     /// Append several versions **all or nothing** (a FHIR transaction),
     /// with their audit records: if any precondition fails, nothing is
     /// written and the result is `Conflict`. Returns each version's
@@ -347,8 +367,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         vs: Vec<(NewVersion, Precondition)>,
         audit: Vec<NewAudit>,
     ) -> Result<Vec<i64>>;
+
     /// The current version of a resource (including a tombstone).
     async fn read_current(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>>;
+
     /// A specific version.
     async fn read_version(
         &self,
@@ -356,8 +378,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         id: &str,
         version: u64,
     ) -> Result<Option<StoredVersion>>;
+
     /// History, newest first.
     async fn history(&self, q: &HistoryQuery) -> Result<Vec<StoredVersion>>;
+
     /// Current, non-deleted resources of a type, newest write first, with
     /// `seq < before_seq` when paging.
     async fn list_current(
@@ -366,67 +390,103 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<StoredVersion>>;
+
     /// Current, non-deleted resources matching every condition group,
     /// newest write first, `seq < before_seq` when paging.
     async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>>;
+
     /// How many current resources match (ignores paging).
     async fn search_count(&self, q: &SearchQuery) -> Result<u64>;
+
     /// Replace a resource's index entries (used when reindexing).
     async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()>;
+}
 
+/// Storage of registered clients and users.
+#[async_trait]
+pub trait AccountStore: Send + Sync + std::fmt::Debug + 'static {
     async fn add_client(&self, c: &ClientRecord) -> Result<()>;
+
     async fn get_client(&self, id: &str) -> Result<Option<ClientRecord>>;
+
     async fn list_clients(&self) -> Result<Vec<ClientRecord>>;
+
     /// Returns false if no such client.
     async fn set_client_disabled(&self, id: &str, disabled: bool) -> Result<bool>;
 
     /// Create a user. `Duplicate` if the username hash or id exists.
     async fn add_user(&self, u: &UserRecord) -> Result<()>;
+
     async fn get_user(&self, id: &str) -> Result<Option<UserRecord>>;
+
     async fn find_user(&self, username_hash: &[u8]) -> Result<Option<UserRecord>>;
+
     async fn list_users(&self) -> Result<Vec<UserRecord>>;
+
     /// Replace a user's role, status and sealed details if its revision is
     /// still `u.rev` (compare-and-swap); the stored revision becomes
     /// `u.rev + 1`. Returns false if the user changed meanwhile (or is gone):
     /// re-read and retry. This is what makes a TOTP step or a recovery code
     /// usable once even when two nodes race.
     async fn update_user(&self, u: &UserRecord) -> Result<bool>;
+}
 
+/// Storage of bearer grants, revocations and used client-assertion ids.
+#[async_trait]
+pub trait GrantStore: Send + Sync + std::fmt::Debug + 'static {
     /// Store a grant (purging ones expired before `now` opportunistically).
     /// `Duplicate` if the key hash exists.
     async fn put_grant(&self, g: &GrantRecord, now: i64) -> Result<()>;
+
     /// A grant that has not expired at `now`.
     async fn get_grant(&self, kind: &str, key_hash: &[u8], now: i64)
         -> Result<Option<GrantRecord>>;
+
     /// Atomically mark a single-use grant used.
     async fn use_grant(&self, kind: &str, key_hash: &[u8], now: i64) -> Result<GrantUse>;
+
     /// Move an unexpired grant's expiry (a session's idle timeout).
     async fn touch_grant(&self, kind: &str, key_hash: &[u8], expires_at: i64) -> Result<()>;
+
     /// Delete one grant. Returns whether it existed.
     async fn delete_grant(&self, kind: &str, key_hash: &[u8]) -> Result<bool>;
+
     /// Delete every grant of a family. Returns how many.
     async fn delete_family(&self, family: &str) -> Result<u64>;
+
     /// Delete every grant of a user. Returns how many.
     async fn delete_user_grants(&self, user_id: &str) -> Result<u64>;
 
     /// Publish a revocation; returns its sequence number.
     async fn add_revocation(&self, kind: &str, key: &str, at: i64) -> Result<i64>;
+
     /// Revocations with `seq > after`, oldest first, and none older than
     /// `not_before` (older ones cannot matter: every token they could cover
     /// has expired).
     async fn revocations_since(&self, after: i64, not_before: i64) -> Result<Vec<Revocation>>;
 
+    /// Record a client assertion's `jti`. Returns false if it was already
+    /// used (a replay). Expired entries are purged opportunistically.
+    async fn use_jti(&self, client_id: &str, jti: &str, expires_at: i64, now: i64) -> Result<bool>;
+}
+
+/// Storage of the audit log, its sealing queue, tree positions and checkpoints.
+#[async_trait]
+pub trait AuditStore: Send + Sync + std::fmt::Debug + 'static {
     /// Append audit records in one transaction (a group commit of many
     /// requests' records). Durable when it returns `Ok`.
     async fn append_audit(&self, rows: Vec<NewAudit>) -> Result<()>;
+
     /// Records no checkpoint covers yet with an id after `after`, in
     /// arrival order, whole (the sealer checks each before it gives it a
     /// tree position).
     async fn audit_unsealed(&self, after: i64, limit: u32) -> Result<Vec<AuditRow>>;
+
     /// Drop sealing-queue entries that name no record or a record already
     /// in the tree (put there by hand: they would stall sealing). Returns
     /// how many.
     async fn audit_queue_clean(&self) -> Result<u64>;
+
     /// The per-patient entries (`(patient key, record id)`, the key as
     /// [`query::patient_key`] gives it), in key order after `after`: for
     /// `audit verify` to rebuild and compare.
@@ -435,31 +495,42 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         after: Option<([u8; 8], i64)>,
         limit: u32,
     ) -> Result<Vec<([u8; 8], i64)>>;
+
     /// Take records off the sealing queue without sealing them (rows the
     /// sealer refused: not written by the server). They stay in
     /// `audit_log`, outside the tree, for `audit verify` to report.
     async fn audit_unqueue(&self, ids: Vec<i64>) -> Result<()>;
+
     /// Give the records `ids` the tree positions `first_index..` and store
     /// the checkpoint that covers them, atomically. Returns false (nothing
     /// changed) if the tree no longer ends at `first_index` (another node
     /// sealed meanwhile) or a record was sealed already.
     async fn audit_seal(&self, first_index: u64, ids: Vec<i64>, cp: CheckpointRow) -> Result<bool>;
+
     /// The number of sealed records (the tree's size): one index lookup,
-    /// unlike [`Store::audit_counts`], which counts every record.
+    /// unlike [`AuditStore::audit_counts`], which counts every record.
     async fn audit_tree_size(&self) -> Result<u64>;
+
     /// The number of records waiting for a tree position (a short queue).
-    /// With [`Store::audit_tree_size`], every record: cheap enough for
+    /// With [`AuditStore::audit_tree_size`], every record: cheap enough for
     /// every metrics scrape, where counting the log is not.
     async fn audit_pending_count(&self) -> Result<u64>;
+
     /// Sealed records by tree position, from `from_index`, in order.
     async fn audit_by_index(&self, from_index: u64, limit: u32) -> Result<Vec<AuditRow>>;
+
     /// How many records exist, and how many are sealed into the tree.
     async fn audit_counts(&self) -> Result<(u64, u64)>;
+
     async fn audit_search(&self, q: &AuditQuery) -> Result<Vec<AuditRow>>;
+
     async fn audit_get(&self, event_id: &str) -> Result<Option<AuditRow>>;
+
     /// Checkpoints with `size > after_size`, oldest first.
     async fn checkpoints(&self, after_size: u64, limit: u32) -> Result<Vec<CheckpointRow>>;
+
     async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>>;
+
     /// The newest checkpoint and the tree's size, read together (one
     /// statement, one snapshot): a seal by another node cannot fall
     /// between them, so a tree that differs from its newest checkpoint
@@ -470,13 +541,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// `before` (retention has passed; their leaf hashes stay, so the tree
     /// still verifies). Returns how many were pruned.
     async fn audit_prune(&self, before: i64, limit: u32) -> Result<u64>;
+}
 
+/// Storage of break-the-glass grants and their reviews.
+#[async_trait]
+pub trait BreakGlassStore: Send + Sync + std::fmt::Debug + 'static {
     /// Store a new break-the-glass grant (its id must be new).
     async fn put_break_glass(&self, r: &BreakGlassRecord) -> Result<()>;
+
     /// A user's grants that have not expired at `now`.
     async fn break_glass_active(&self, user_id: &str, now: i64) -> Result<Vec<BreakGlassRecord>>;
+
     /// Every grant (or only those not yet reviewed), newest first.
     async fn break_glass_list(&self, open_only: bool, limit: u32) -> Result<Vec<BreakGlassRecord>>;
+
     /// Close a grant's review once. `false` when there is no such grant or
     /// it was already reviewed (a review is never rewritten).
     async fn review_break_glass(
@@ -486,13 +564,27 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         at: i64,
         sealed_note: &[u8],
     ) -> Result<bool>;
+}
 
-    /// Record a client assertion's `jti`. Returns false if it was already
-    /// used (a replay). Expired entries are purged opportunistically.
-    async fn use_jti(&self, client_id: &str, jti: &str, expires_at: i64, now: i64) -> Result<bool>;
+/// Every storage concern together: what a backend is.
+pub trait Store:
+    MetaStore + KeyStore + ResourceStore + AccountStore + GrantStore + AuditStore + BreakGlassStore
+{
+    /// Which backend this is, for logs and metrics ("sqlite", "postgres").
+    fn backend(&self) -> &'static str;
 }
 
 pub type DynStore = Arc<dyn Store>;
+
+/// Every storage trait, for code that holds a whole [`Store`]
+/// (`use phylax_store::prelude::*`); a subsystem that needs one concern
+/// imports (and, better, holds) only that trait.
+pub mod prelude {
+    pub use crate::{
+        AccountStore, AuditStore, BreakGlassStore, GrantStore, KeyStore, MetaStore, ResourceStore,
+        Store,
+    };
+}
 
 /// Redirect URIs are stored one per line (registration refuses whitespace).
 pub(crate) fn split_uris(s: &str) -> Vec<String> {

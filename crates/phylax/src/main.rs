@@ -620,7 +620,7 @@ async fn serve_cmd(
     tracing::info!(
         "Phylax listening on {}://{addr} (store: {})",
         if plaintext { "http" } else { "https" },
-        st.store.backend()
+        st.backend
     );
     serve(st, listener, tls, async {
         let _ = tokio::signal::ctrl_c().await;

@@ -116,7 +116,7 @@ pub async fn open_review(
 /// `user_id`'s unexpired grants: (patient, expiry in ms).
 pub async fn active_grants(st: &Gate, user_id: &str) -> Result<Vec<(String, i64)>, Failure> {
     let rows = st
-        .store
+        .grants
         .break_glass_active(user_id, crate::base::clock::now_ms())
         .await
         .map_err(|e| Failure::Unavailable(e.to_string()))?;
@@ -189,7 +189,7 @@ pub async fn issue(
         tracing::error!(request_id = %ctx.request_id, error = %e, "break-the-glass not recorded; refused");
         Failure::Unavailable("the audit log is unavailable".into())
     })?;
-    st.store
+    st.grants
         .put_break_glass(&BreakGlassRecord {
             id: id.clone(),
             user_id: user_id.clone(),
@@ -234,7 +234,7 @@ impl std::fmt::Debug for QueueItem {
 /// The review queue: grants not yet reviewed (or all), newest first.
 pub async fn queue(st: &Gate, open_only: bool) -> Result<Vec<QueueItem>, Failure> {
     let rows = st
-        .store
+        .grants
         .break_glass_list(open_only, 10_000)
         .await
         .map_err(|e| Failure::Unavailable(e.to_string()))?;
@@ -293,7 +293,7 @@ pub async fn close(st: &Gate, id: &str, reviewer: &str, note: &str) -> Result<St
         .await
         .map_err(ReviewError::Api)?;
     let done = st
-        .store
+        .grants
         .review_break_glass(id, u.id(), crate::base::clock::now_ms(), &sealed)
         .await
         .map_err(|e| ReviewError::Api(Failure::Unavailable(e.to_string())))?;

@@ -11,7 +11,7 @@ use crate::data::accounts::Accounts;
 use crate::data::keyring::KeyRing;
 use crate::data::repo::Repo;
 use phylax_crypto::BlindIndexKey;
-use phylax_store::DynStore;
+use phylax_store::{BreakGlassStore, DynStore, MetaStore};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -21,9 +21,10 @@ use std::time::Instant;
 pub struct Gate {
     /// Private to the access layer (see the module doc).
     pub(in crate::access) repo: Repo,
-    /// For the tables the access layer owns (break-the-glass grants,
-    /// maintenance markers).
-    pub(in crate::access) store: DynStore,
+    /// The break-the-glass grants (the access layer owns that table).
+    pub(in crate::access) grants: Arc<dyn BreakGlassStore>,
+    /// Instance metadata (which maintenance jobs ran).
+    pub(in crate::access) meta: Arc<dyn MetaStore>,
     pub(in crate::access) keys: Arc<KeyRing>,
     /// Users, for how a requester is known in the data (their linked
     /// Practitioner or Patient).
@@ -51,7 +52,8 @@ impl Gate {
     ) -> Gate {
         Gate {
             repo,
-            store,
+            grants: store.clone(),
+            meta: store,
             keys,
             accounts,
             audit,

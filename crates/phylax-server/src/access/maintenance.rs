@@ -41,7 +41,7 @@ pub async fn canonicalize_stored_references(st: &Gate) -> Result<u64, Failure> {
         hex::encode(&phylax_audit::merkle::leaf_hash(marker.as_bytes())[..8])
     );
     if st
-        .store
+        .meta
         .get_meta(&done_key)
         .await
         .map_err(RepoError::from)?
@@ -154,7 +154,7 @@ pub async fn canonicalize_stored_references(st: &Gate) -> Result<u64, Failure> {
             }
         }
     }
-    st.store
+    st.meta
         .put_meta_if_absent(&done_key, b"1")
         .await
         .map_err(RepoError::from)?;

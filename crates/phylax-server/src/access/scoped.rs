@@ -165,12 +165,7 @@ impl<'a> Scoped<'a> {
     pub async fn count(&self, mut q: SearchQuery) -> Result<u64, Failure> {
         self.confine(&mut q)?;
         q.before_seq = None;
-        Ok(self
-            .st
-            .store
-            .search_count(&q)
-            .await
-            .map_err(crate::data::repo::RepoError::from)?)
+        Ok(self.st.repo.count_unconfined(&q).await?)
     }
 
     fn verify(&self, rows: &[ResourceVersion]) -> Result<(), Failure> {

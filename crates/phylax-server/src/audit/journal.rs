@@ -38,7 +38,7 @@
 //!   records.
 
 use phylax_audit::merkle::sha256;
-use phylax_store::{DynStore, NewAudit};
+use phylax_store::{AuditStore, NewAudit};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -103,7 +103,7 @@ pub struct Journal {
     coming: Arc<AtomicUsize>,
     stats: Arc<Stats>,
     dir: PathBuf,
-    store: DynStore,
+    store: Arc<dyn AuditStore>,
     /// One indexing pass at a time.
     indexing: tokio::sync::Mutex<()>,
 }
@@ -582,7 +582,7 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 /// reuse (`keep` is the node's own directory) or delete it. Only the first
 /// `limit` bytes are read when the writer said how many it wrote.
 async fn index_file(
-    store: &DynStore,
+    store: &Arc<dyn AuditStore>,
     path: &Path,
     limit: Option<u64>,
     keep: Option<&Path>,
@@ -628,14 +628,14 @@ async fn index_file(
 impl Journal {
     /// Open this node's journal under `root` (created), first moving the
     /// records of any dead node's journal into the database.
-    pub async fn open(root: &Path, store: DynStore) -> Result<Arc<Journal>, String> {
+    pub async fn open(root: &Path, store: Arc<dyn AuditStore>) -> Result<Arc<Journal>, String> {
         Journal::open_with(root, store, GATHER_MAX).await
     }
 
     /// [`Journal::open`] with another longest wait for announced records.
     async fn open_with(
         root: &Path,
-        store: DynStore,
+        store: Arc<dyn AuditStore>,
         gather: Duration,
     ) -> Result<Arc<Journal>, String> {
         std::fs::create_dir_all(root).map_err(|e| e.to_string())?;
@@ -727,7 +727,7 @@ impl Journal {
 
 /// Move the records of dead nodes' journals (directories whose lock is
 /// free) into the database and remove those directories.
-async fn recover(root: &Path, own: &Path, store: &DynStore) -> Result<(), String> {
+async fn recover(root: &Path, own: &Path, store: &Arc<dyn AuditStore>) -> Result<(), String> {
     let dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .map_err(|e| e.to_string())?
         .flatten()

@@ -23,7 +23,7 @@ use phylax_audit::event::AuditFacts;
 use phylax_audit::merkle::{leaf_hash, Frontier, Hash};
 use phylax_crypto::log_signing::CheckpointKey;
 use phylax_crypto::{BlindIndexKey, DataKey};
-use phylax_store::{AuditRow, CheckpointRow, DynStore, NewAudit, StoreError};
+use phylax_store::{AuditRow, AuditStore, CheckpointRow, NewAudit, StoreError};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,7 +54,7 @@ impl From<StoreError> for AuditError {
 type Pending = (NewAudit, oneshot::Sender<Result<(), String>>);
 
 pub struct AuditLog {
-    store: DynStore,
+    store: Arc<dyn AuditStore>,
     key: Arc<DataKey>,
     blind: Arc<BlindIndexKey>,
     signer: Arc<CheckpointKey>,
@@ -120,7 +120,7 @@ impl AuditLog {
     /// Open the log service: loads its keys and starts the group-commit
     /// writer on the current runtime.
     pub async fn open(
-        store: DynStore,
+        store: Arc<dyn AuditStore>,
         keys: &KeyRing,
         blind: Arc<BlindIndexKey>,
         origin: String,
@@ -353,7 +353,9 @@ impl AuditLog {
         Ok(n)
     }
 
-    pub(crate) fn store(&self) -> &DynStore {
+    /// The audit tables, for what reads them (the AuditEvent API, the
+    /// access review, metrics, export): only this service owns them.
+    pub fn store(&self) -> &Arc<dyn AuditStore> {
         &self.store
     }
 
@@ -709,7 +711,7 @@ pub fn agent_of(v: &Value) -> String {
 
 /// The group-commit writer: takes every record queued while the previous
 /// batch was committing and writes them in one transaction.
-async fn writer(store: DynStore, mut rx: mpsc::Receiver<Pending>) {
+async fn writer(store: Arc<dyn AuditStore>, mut rx: mpsc::Receiver<Pending>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < BATCH_MAX {

@@ -587,7 +587,7 @@ pub async fn authorize(
     let get = |k: &str| q.get(k).map(String::as_str).unwrap_or("");
     // Client and redirect URI first: until both check out, errors are
     // shown here and never sent anywhere.
-    let client = match st.store.get_client(get("client_id")).await {
+    let client = match st.clients.get(get("client_id")).await {
         Ok(Some(c)) if !c.disabled && !c.redirect_uris.is_empty() => c,
         Ok(_) => return error_page(StatusCode::BAD_REQUEST, "Unknown or disabled application."),
         Err(e) => return internal(e),
@@ -1496,7 +1496,7 @@ async fn after_sign_in(
         }
     }
     cookies.push(clear_cookie(PENDING_COOKIE));
-    let client = match st.store.get_client(&p.req.client_id).await {
+    let client = match st.clients.get(&p.req.client_id).await {
         Ok(Some(c)) if !c.disabled && c.redirect_uris.contains(&p.req.redirect_uri) => c,
         Ok(_) => return error_page(StatusCode::BAD_REQUEST, "Unknown or disabled application."),
         Err(e) => return internal(e),

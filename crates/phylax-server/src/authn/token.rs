@@ -264,7 +264,7 @@ async fn authenticate_client(st: &AppState, f: &Form) -> Result<ClientRecord, Au
             ));
         }
         let client_id = peek_issuer(assertion_text).ok_or(AuthError::InvalidClient("no issuer"))?;
-        let client = st.store.get_client(&client_id).await.map_err(unavailable)?;
+        let client = st.clients.get(&client_id).await.map_err(unavailable)?;
         let keys = match &client {
             Some(c) if !c.disabled && !c.public => assertion::parse_jwks(&c.jwks).ok(),
             _ => None,
@@ -279,7 +279,7 @@ async fn authenticate_client(st: &AppState, f: &Form) -> Result<ClientRecord, Au
                 .await
                 .map_err(unavailable)??;
         if !st
-            .store
+            .clients
             .use_jti(&verified.client_id, &verified.jti, verified.exp + 300, now)
             .await
             .map_err(unavailable)?
@@ -299,7 +299,7 @@ async fn authenticate_client(st: &AppState, f: &Form) -> Result<ClientRecord, Au
     let id = f
         .get("client_id")
         .ok_or(AuthError::InvalidClient("no client authentication"))?;
-    match st.store.get_client(id).await.map_err(unavailable)? {
+    match st.clients.get(id).await.map_err(unavailable)? {
         Some(c) if c.public && !c.disabled => Ok(c),
         Some(c) if !c.public => Err(AuthError::InvalidClient(
             "confidential client without its assertion",
@@ -608,7 +608,7 @@ pub async fn revoke(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) 
         }
     } else if let Ok(c) = st.tokens.verify(token, now) {
         if c.client_id == client.id {
-            if let Err(e) = st.store.add_revocation("token", &c.jti, now).await {
+            if let Err(e) = st.grants.publish_revocation("token", &c.jti, now).await {
                 return oauth_error(&unavailable(e));
             }
             st.revoked.write().add("token", &c.jti, now);

@@ -27,7 +27,7 @@ use phylax_auth::roles::Roles;
 use phylax_crypto::password::{Password, PasswordHasher, PasswordParams, Verified};
 use phylax_crypto::totp::Totp;
 use phylax_crypto::{MacKey, Secret};
-use phylax_store::{DynStore, StoreError, UserRecord};
+use phylax_store::{AccountStore, GrantStore, StoreError, UserRecord};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
@@ -346,7 +346,10 @@ pub fn normalize_username(s: &str) -> Result<String, AccountError> {
 /// The account service.
 #[derive(Debug, Clone)]
 pub struct Accounts {
-    store: DynStore,
+    store: Arc<dyn AccountStore>,
+    /// Ending a user's sessions: their grants, and a revocation every node
+    /// applies.
+    grants: Arc<dyn GrantStore>,
     keys: Arc<KeyRing>,
     auth_key: Arc<MacKey>,
     hasher: Arc<PasswordHasher>,
@@ -363,8 +366,10 @@ fn random_token() -> Result<String, AccountError> {
 }
 
 impl Accounts {
+    /// `store`: the accounts use its users and, to end sessions, its
+    /// grants and revocations (and hold only those two concerns).
     pub fn new(
-        store: DynStore,
+        store: phylax_store::DynStore,
         keys: Arc<KeyRing>,
         auth_key: Arc<MacKey>,
         params: PasswordParams,
@@ -372,6 +377,7 @@ impl Accounts {
         roles: Arc<Roles>,
     ) -> Result<Accounts, AccountError> {
         Ok(Accounts {
+            grants: store.clone(),
             store,
             keys,
             auth_key,
@@ -399,10 +405,6 @@ impl Accounts {
             Ok(Ok(p)) => Ok(p),
             _ => Err(AccountError::Busy),
         }
-    }
-
-    pub fn store(&self) -> &DynStore {
-        &self.store
     }
 
     /// A keyed, domain-separated hash (hex) of a secret or identifier.
@@ -1102,8 +1104,8 @@ impl Accounts {
     /// Delete every grant of the user and publish a revocation so every
     /// node refuses their unexpired access tokens within seconds.
     pub async fn end_sessions(&self, id: &str, now: i64) -> Result<(), AccountError> {
-        self.store.delete_user_grants(id).await?;
-        self.store.add_revocation("user", id, now).await?;
+        self.grants.delete_user_grants(id).await?;
+        self.grants.add_revocation("user", id, now).await?;
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use crate::data::keyring::KeyRing;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use phylax_crypto::{MacKey, Secret};
-use phylax_store::{DynStore, GrantRecord, GrantUse, StoreError};
+use phylax_store::{GrantRecord, GrantStore, GrantUse, StoreError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
@@ -65,7 +65,7 @@ pub enum Taken<T> {
 
 #[derive(Debug, Clone)]
 pub struct Grants {
-    store: DynStore,
+    store: Arc<dyn GrantStore>,
     keys: Arc<KeyRing>,
     auth_key: Arc<MacKey>,
 }
@@ -79,7 +79,7 @@ pub fn new_secret() -> Result<String, GrantError> {
 }
 
 impl Grants {
-    pub fn new(store: DynStore, keys: Arc<KeyRing>, auth_key: Arc<MacKey>) -> Grants {
+    pub fn new(store: Arc<dyn GrantStore>, keys: Arc<KeyRing>, auth_key: Arc<MacKey>) -> Grants {
         Grants {
             store,
             keys,
@@ -87,8 +87,21 @@ impl Grants {
         }
     }
 
-    pub fn store(&self) -> &DynStore {
-        &self.store
+    /// Everything revoked recently, from the shared feed (every node
+    /// refuses it; see [`crate::data::revocations`]).
+    pub async fn revoked(&self, now: i64) -> Result<crate::data::revocations::Revoked, StoreError> {
+        crate::data::revocations::Revoked::load(&*self.store, now).await
+    }
+
+    /// Publish a revocation (`kind`: `token`, `family` or `user`) every
+    /// node applies within seconds.
+    pub async fn publish_revocation(
+        &self,
+        kind: &str,
+        key: &str,
+        at: i64,
+    ) -> Result<i64, StoreError> {
+        self.store.add_revocation(kind, key, at).await
     }
 
     pub fn hash(&self, kind: Kind, secret: &str) -> Vec<u8> {

@@ -8,7 +8,7 @@
 
 use phylax_crypto::signing::SigningKey;
 use phylax_crypto::{DataKey, Kek};
-use phylax_store::{DynStore, StoreError};
+use phylax_store::{KeyStore, StoreError};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -96,7 +96,7 @@ pub enum KeyError {
 
 pub struct KeyRing {
     kek: Kek,
-    store: DynStore,
+    store: Arc<dyn KeyStore>,
     cache: parking_lot::RwLock<KeyCache>,
 }
 
@@ -111,7 +111,13 @@ fn row_name(scope: &str) -> String {
 }
 
 impl KeyRing {
-    pub fn new(kek: Kek, store: DynStore) -> KeyRing {
+    /// When the wrapped key stored as `row` was created (seconds), for
+    /// key-age metrics.
+    pub async fn created(&self, row: &str) -> Result<Option<i64>, StoreError> {
+        self.store.wrapped_key_created(row).await
+    }
+
+    pub fn new(kek: Kek, store: Arc<dyn KeyStore>) -> KeyRing {
         KeyRing {
             kek,
             store,

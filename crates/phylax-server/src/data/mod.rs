@@ -10,12 +10,15 @@
 //!   versioning rules. The only code that turns sealed rows into JSON.
 //! - [`accounts`]: users: enrollment links, passwords, TOTP, recovery
 //!   codes, lockout, ending sessions (shared by the CLI and sign-in pages).
+//! - [`clients`]: registered clients as the token endpoint and sign-in
+//!   pages see them.
 //! - [`grants`]: bearer grants (codes, sessions, refresh tokens) stored as
 //!   keyed hashes with sealed details.
 //! - [`revocations`]: what every node refuses, refreshed from the shared
 //!   feed every few seconds.
 
 pub mod accounts;
+pub mod clients;
 pub mod grants;
 pub mod keyring;
 pub mod repo;

@@ -10,8 +10,8 @@ use crate::data::keyring::{KeyError, KeyRing};
 use phylax_crypto::{BlindIndexKey, DataKey};
 use phylax_fhir::{compartment, ResourceId, ResourceType, VersionId};
 use phylax_store::{
-    DynStore, HistoryQuery, IndexRow, NewAudit, NewVersion, Precondition, SearchQuery, StoreError,
-    StoredVersion,
+    DynStore, HistoryQuery, IndexRow, MetaStore, NewAudit, NewVersion, Precondition, ResourceStore,
+    SearchQuery, StoreError, StoredVersion,
 };
 use serde_json::{json, Value};
 use std::sync::{Arc, OnceLock};
@@ -278,7 +278,9 @@ const UPDATE_RETRIES: usize = 5;
 
 #[derive(Debug, Clone)]
 pub struct Repo {
-    store: DynStore,
+    store: Arc<dyn ResourceStore>,
+    /// Instance metadata (whether the search index is complete).
+    meta: Arc<dyn MetaStore>,
     keys: Arc<KeyRing>,
     blind: Arc<BlindIndexKey>,
     fhir_base: String,
@@ -394,6 +396,7 @@ impl Repo {
         fhir_base: String,
     ) -> Repo {
         Repo {
+            meta: store.clone(),
             store,
             keys,
             blind: Arc::new(blind),
@@ -431,7 +434,7 @@ impl Repo {
     /// (data written before the search index existed). Idempotent, so
     /// nodes starting together may both run it.
     pub async fn reindex_if_needed(&self) -> Result<u64, RepoError> {
-        if self.store.get_meta(INDEX_DONE).await?.is_some() {
+        if self.meta.get_meta(INDEX_DONE).await?.is_some() {
             return Ok(0);
         }
         let mut n = 0;
@@ -455,8 +458,15 @@ impl Repo {
                 }
             }
         }
-        self.store.put_meta_if_absent(INDEX_DONE, b"1").await?;
+        self.meta.put_meta_if_absent(INDEX_DONE, b"1").await?;
         Ok(n)
+    }
+
+    /// How many current resources match a search (nothing opened);
+    /// through [`crate::access::scoped::Scoped`], which adds the caller's
+    /// conditions.
+    pub async fn count_unconfined(&self, q: &SearchQuery) -> Result<u64, RepoError> {
+        Ok(self.store.search_count(q).await?)
     }
 
     /// Current resources matching a search (see `crate::data::search`),

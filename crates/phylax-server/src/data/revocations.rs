@@ -10,7 +10,7 @@
 //! PostgreSQL sequence numbers committing out of order.
 
 use phylax_auth::token::{AccessClaims, MAX_LIFETIME_SECS};
-use phylax_store::{DynStore, StoreError};
+use phylax_store::{GrantStore, StoreError};
 use std::collections::{HashMap, HashSet};
 
 #[derive(Debug, Default)]
@@ -50,7 +50,7 @@ impl Revoked {
     }
 
     /// Rebuild from the store's recent feed.
-    pub async fn load(store: &DynStore, now: i64) -> Result<Revoked, StoreError> {
+    pub async fn load(store: &dyn GrantStore, now: i64) -> Result<Revoked, StoreError> {
         let mut r = Revoked::default();
         for e in store
             .revocations_since(0, now - MAX_LIFETIME_SECS - 60)

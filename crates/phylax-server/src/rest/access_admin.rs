@@ -127,8 +127,8 @@ pub async fn explain(
         }
         Subject::Client { client_id } => {
             let c = st
-                .store
-                .get_client(client_id)
+                .clients
+                .get(client_id)
                 .await
                 .map_err(|e| Failure::Unavailable(e.to_string()))?
                 .ok_or(Failure::NotFound)?;
@@ -278,7 +278,8 @@ async fn used(
     let mut before = None;
     loop {
         let rows = st
-            .store
+            .audit
+            .store()
             .audit_search(&AuditQuery {
                 agent: Some(agent.to_owned()),
                 from: Some(from),
@@ -371,8 +372,8 @@ pub async fn review(
         });
     }
     let clients = st
-        .store
-        .list_clients()
+        .clients
+        .list()
         .await
         .map_err(|e| Failure::Unavailable(e.to_string()))?;
     for c in clients {

@@ -136,7 +136,8 @@ async fn page(
     }
     q.limit = count + 1;
     let rows = st
-        .store
+        .audit
+        .store()
         .audit_search(&q)
         .await
         .map_err(crate::data::repo::RepoError::from)?;
@@ -274,7 +275,8 @@ pub async fn read(st: &AppState, id: &str) -> Result<Response, Failure> {
         .await
         .map_err(|e| Failure::Unavailable(e.to_string()))?;
     let row = st
-        .store
+        .audit
+        .store()
         .audit_get(id)
         .await
         .map_err(crate::data::repo::RepoError::from)?

@@ -362,13 +362,7 @@ pub async fn history_instance(
         audit_id.as_deref(),
         || async {
             let id = rid.ok_or(Failure::NotFound)?;
-            if st
-                .store
-                .read_current(rtype.as_str(), id.as_str())
-                .await
-                .map_err(crate::data::repo::RepoError::from)?
-                .is_none()
-            {
+            if st.scoped(&ctx).current_row(&rtype, &id).await?.is_none() {
                 return Err(Failure::NotFound);
             }
             // A caller limited to some patients must not learn that an id

@@ -61,8 +61,8 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
     // Sealed plus waiting, not a count of the log: that reads every
     // record (110 ms at a million on PostgreSQL, growing) on every scrape.
     let counts = async {
-        let sealed = st.store.audit_tree_size().await?;
-        let waiting = st.store.audit_pending_count().await?;
+        let sealed = st.audit.store().audit_tree_size().await?;
+        let waiting = st.audit.store().audit_pending_count().await?;
         Ok::<_, phylax_store::StoreError>((sealed + waiting, sealed))
     };
     match counts.await {
@@ -83,7 +83,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
         let _ = writeln!(out, "# TYPE phylax_audit_journal_records_total counter");
         let _ = writeln!(out, "phylax_audit_journal_records_total {records}");
     }
-    if let Ok(Some(cp)) = st.store.latest_checkpoint().await {
+    if let Ok(Some(cp)) = st.audit.store().latest_checkpoint().await {
         let _ = writeln!(
             out,
             "# HELP phylax_audit_checkpoint_age_seconds Time since the newest signed checkpoint."
@@ -105,7 +105,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
         ("blind_index", "mac:blind-index"),
         ("token", "mac:token"),
     ] {
-        if let Ok(Some(t)) = st.store.wrapped_key_created(row).await {
+        if let Ok(Some(t)) = st.keys.created(row).await {
             let _ = writeln!(
                 out,
                 "phylax_key_age_seconds{{purpose=\"{purpose}\"}} {}",
@@ -114,11 +114,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
         }
     }
     let newest_signing = st.signing.read().len();
-    if let Ok(Some(t)) = st
-        .store
-        .wrapped_key_created(&format!("sig:sig-{newest_signing}"))
-        .await
-    {
+    if let Ok(Some(t)) = st.keys.created(&format!("sig:sig-{newest_signing}")).await {
         let _ = writeln!(
             out,
             "phylax_key_age_seconds{{purpose=\"id_token_signing\"}} {}",

@@ -23,6 +23,9 @@ pub struct TestServer {
     pub db_url: Option<String>,
     pub backend: Backend,
     pub state: Arc<AppState>,
+    /// The database, as an operator holding it sees it (the server's
+    /// subsystems each hold only their own concern).
+    pub store: phylax_store::DynStore,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -115,6 +118,7 @@ impl TestServer {
         let tls = phylax_server::net::tls::server_config(&inst.cert_path(), &inst.config.tls.key)
             .unwrap();
         let ca = std::fs::read(inst.ca_path()).unwrap();
+        let store = inst.store.clone();
         let state = AppState::new(inst).await.unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let st2 = state.clone();
@@ -135,6 +139,7 @@ impl TestServer {
             db_url,
             backend,
             state,
+            store,
             stop: Some(tx),
         })
     }
@@ -209,8 +214,7 @@ impl TestServer {
     pub async fn register(&self, scope: &str) -> (String, Vec<u8>) {
         let g = phylax_auth::client_key::generate().unwrap();
         let id = uuid::Uuid::new_v4().to_string();
-        self.state
-            .store
+        self.store
             .add_client(&phylax_store::ClientRecord {
                 id: id.clone(),
                 name: "test".into(),

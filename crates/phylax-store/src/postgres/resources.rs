@@ -1,0 +1,220 @@
+//! [`crate::ResourceStore`] for PostgreSQL: resource versions, the current pointer and the search index.
+
+use super::*;
+use crate::ResourceStore;
+
+#[async_trait]
+impl ResourceStore for PgStore {
+    async fn append_version(
+        &self,
+        v: NewVersion,
+        pre: Precondition,
+        audit: Vec<NewAudit>,
+    ) -> Result<i64> {
+        self.intern([(v.rtype.as_str(), &v.index[..])]).await?;
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        if audit.is_empty() {
+            return append_one(&c, &v, pre, &self.pids).await;
+        }
+        let tx = c.transaction().await.map_err(pg)?;
+        let seq = append_one(&tx, &v, pre, &self.pids).await?;
+        insert_audit(&tx, &audit).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(seq)
+    }
+
+    async fn append_versions(
+        &self,
+        vs: Vec<(NewVersion, Precondition)>,
+        audit: Vec<NewAudit>,
+    ) -> Result<Vec<i64>> {
+        self.intern(vs.iter().map(|(v, _)| (v.rtype.as_str(), &v.index[..])))
+            .await?;
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        let tx = c.transaction().await.map_err(pg)?;
+        // Lock rows in a fixed order so that two transactions touching the
+        // same resources cannot deadlock; answer in the caller's order.
+        let mut order: Vec<usize> = (0..vs.len()).collect();
+        order.sort_by(|&a, &b| (&vs[a].0.rtype, &vs[a].0.id).cmp(&(&vs[b].0.rtype, &vs[b].0.id)));
+        let mut seqs = vec![0i64; vs.len()];
+        for i in order {
+            let (v, pre) = &vs[i];
+            // An error drops `tx`, which rolls everything back.
+            seqs[i] = append_one(&tx, v, *pre, &self.pids).await?;
+        }
+        insert_audit(&tx, &audit).await?;
+        tx.commit().await.map_err(pg)?;
+        Ok(seqs)
+    }
+
+    async fn read_current(&self, rtype: &str, id: &str) -> Result<Option<StoredVersion>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM resource_versions WHERE seq = \
+                 (SELECT seq FROM resources WHERE rtype = $1 AND id = $2)"
+            ))
+            .await
+            .map_err(pg)?;
+        Ok(c.query_opt(&st, &[&rtype, &id])
+            .await
+            .map_err(pg)?
+            .as_ref()
+            .map(row_version))
+    }
+
+    async fn read_version(
+        &self,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<StoredVersion>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = $1 AND id = $2 AND version = $3"
+            ))
+            .await
+            .map_err(pg)?;
+        let v = version as i64;
+        Ok(c.query_opt(&st, &[&rtype, &id, &v])
+            .await
+            .map_err(pg)?
+            .as_ref()
+            .map(row_version))
+    }
+
+    async fn history(&self, q: &HistoryQuery) -> Result<Vec<StoredVersion>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let since = q.since.unwrap_or(i64::MIN);
+        let before = q.before_seq.unwrap_or(i64::MAX);
+        let limit = q.limit as i64;
+        // NULL: every key scope.
+        let scopes: Option<&Vec<String>> = q.key_scopes.as_ref();
+        let rows = match &q.scope {
+            HistoryScope::System => {
+                c.query(
+                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE last_updated >= $1 AND seq < $2 \
+                              AND ($4::text[] IS NULL OR key_scope = ANY($4)) ORDER BY seq DESC LIMIT $3"),
+                    &[&since, &before, &limit, &scopes],
+                )
+                .await
+            }
+            HistoryScope::Type(t) => {
+                c.query(
+                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = $1 AND last_updated >= $2 AND seq < $3 \
+                              AND ($5::text[] IS NULL OR key_scope = ANY($5)) ORDER BY seq DESC LIMIT $4"),
+                    &[t, &since, &before, &limit, &scopes],
+                )
+                .await
+            }
+            HistoryScope::Instance(t, id) => {
+                c.query(
+                    &format!("SELECT {VERSION_COLS} FROM resource_versions WHERE rtype = $1 AND id = $2 AND last_updated >= $3 AND seq < $4 \
+                              AND ($6::text[] IS NULL OR key_scope = ANY($6)) ORDER BY seq DESC LIMIT $5"),
+                    &[t, id, &since, &before, &limit, &scopes],
+                )
+                .await
+            }
+        }
+        .map_err(pg)?;
+        Ok(rows.iter().map(row_version).collect())
+    }
+
+    async fn list_current(
+        &self,
+        rtype: &str,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<StoredVersion>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let cols = VERSION_COLS
+            .split(", ")
+            .map(|c| format!("v.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let before = before_seq.unwrap_or(i64::MAX);
+        let limit = limit as i64;
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT {cols} FROM resources r JOIN resource_versions v ON v.seq = r.seq \
+                     WHERE r.rtype = $1 AND NOT r.deleted AND r.seq < $2 ORDER BY r.seq DESC LIMIT $3"
+                ),
+                &[&rtype, &before, &limit],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(row_version).collect())
+    }
+
+    async fn search(&self, q: &SearchQuery) -> Result<Vec<StoredVersion>> {
+        let c = self.search_pool.get().await.map_err(pool_err)?;
+        let pids = resolve(&self.pids, q);
+        let driver = driver(&c, q, &pids).await?;
+        let (sql, ps) = query::build(
+            q,
+            &pids,
+            &|n| format!("${n}"),
+            &prefixed_cols(),
+            false,
+            driver,
+        );
+        let st = prepare_search(&c, &sql).await?;
+        let owned = bind(ps);
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            owned.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
+        let rows = c.query(&st, &refs).await.map_err(pg)?;
+        Ok(rows.iter().map(row_version).collect())
+    }
+
+    async fn search_count(&self, q: &SearchQuery) -> Result<u64> {
+        let c = self.search_pool.get().await.map_err(pool_err)?;
+        let pids = resolve(&self.pids, q);
+        let driver = driver(&c, q, &pids).await?;
+        let (sql, ps) = query::build(q, &pids, &|n| format!("${n}"), "", true, driver);
+        let owned = bind(ps);
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            owned.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
+        let st = prepare_search(&c, &sql).await?;
+        let n: i64 = c.query_one(&st, &refs).await.map_err(pg)?.get(0);
+        Ok(n as u64)
+    }
+
+    async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()> {
+        self.intern([(rtype, &rows[..])]).await?;
+        let cols = IndexCols::new(&rows, self.pids.pids(rtype, &rows)?);
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        let tx = c.transaction().await.map_err(pg)?;
+        // The resource's current version, locked against a concurrent
+        // append; no such resource: nothing to index.
+        let Some(row) = tx
+            .query_opt(
+                "SELECT seq, deleted FROM resources WHERE rtype = $1 AND id = $2 FOR UPDATE",
+                &[&rtype, &id],
+            )
+            .await
+            .map_err(pg)?
+        else {
+            return Ok(());
+        };
+        let seq: i64 = row.get(0);
+        tx.execute("DELETE FROM search_entries WHERE seq = $1", &[&seq])
+            .await
+            .map_err(pg)?;
+        // A deleted resource keeps no entries (searches rely on entries
+        // naming only live versions).
+        if row.get::<_, bool>(1) {
+            return tx.commit().await.map_err(pg);
+        }
+        tx.execute(
+            "INSERT INTO search_entries (seq, pid, hash, lo, hi, num) \
+             SELECT $1, u.pid, u.hash, u.lo, u.hi, u.num \
+             FROM unnest($2::int4[], $3::bytea[], $4::bigint[], $5::bigint[], $6::float8[]) AS u(pid, hash, lo, hi, num)",
+            &[&seq, &cols.pids, &cols.hashes, &cols.lo, &cols.hi, &cols.num],
+        )
+        .await
+        .map_err(pg)?;
+        tx.commit().await.map_err(pg)
+    }
+}

@@ -155,25 +155,19 @@ pub async fn token(
         return too_many(secs);
     }
     // Record the outcome before answering (fail closed). The subject comes
-    // from the token just issued; a refused request names no client (its
+    // from the claims just issued; a refused request names no client (its
     // client id is unauthenticated text).
-    let now = crate::base::clock::now_secs();
     let (outcome, detail, user, client) = match &result {
-        Ok(v) => {
-            let claims = v["access_token"]
-                .as_str()
-                .and_then(|t| st.tokens.verify(t, now).ok());
-            let user = claims.as_ref().and_then(|c| {
-                c.role.as_ref().map(|r| UserRef {
-                    id: c.sub.clone(),
-                    role: r.clone(),
-                })
+        Ok(Issued { claims: c, .. }) => {
+            let user = c.role.as_ref().map(|r| UserRef {
+                id: c.sub.clone(),
+                role: r.clone(),
             });
             (
                 Outcome::Success,
                 format!("token issued ({grant})"),
                 user,
-                claims.map(|c| c.client_id),
+                Some(c.client_id.clone()),
             )
         }
         Err(e) => (
@@ -203,7 +197,7 @@ pub async fn token(
         return oauth_error(&unavailable(e));
     }
     match result {
-        Ok(v) => json_ok(v),
+        Ok(v) => json_ok(v.body),
         Err(e) => oauth_error(&e),
     }
 }
@@ -308,7 +302,14 @@ async fn authenticate_client(st: &AppState, f: &Form) -> Result<ClientRecord, Au
     }
 }
 
-async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Value, AuthError> {
+/// A token response and the claims of the access token in it (for the
+/// audit record: the issuer's own claims, not a re-read of the token).
+struct Issued {
+    body: Value,
+    claims: phylax_auth::token::AccessClaims,
+}
+
+async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Issued, AuthError> {
     let f = read_form(h, body)?;
     match f.get("grant_type").map(String::as_str) {
         Some("client_credentials") => client_credentials(st, &f).await,
@@ -318,7 +319,7 @@ async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Value, AuthE
     }
 }
 
-async fn client_credentials(st: &AppState, f: &Form) -> Result<Value, AuthError> {
+async fn client_credentials(st: &AppState, f: &Form) -> Result<Issued, AuthError> {
     if !f.contains_key("client_assertion") {
         return Err(AuthError::InvalidRequest("client_assertion is required"));
     }
@@ -339,12 +340,15 @@ async fn client_credentials(st: &AppState, f: &Form) -> Result<Value, AuthError>
         return Err(AuthError::InvalidScope("nothing grantable"));
     }
     let (token, claims) = st.tokens.issue(&client.id, &granted, now)?;
-    Ok(json!({
-        "access_token": token,
-        "token_type": "bearer",
-        "expires_in": claims.exp - claims.iat,
-        "scope": claims.scope,
-    }))
+    Ok(Issued {
+        body: json!({
+            "access_token": token,
+            "token_type": "bearer",
+            "expires_in": claims.exp - claims.iat,
+            "scope": claims.scope,
+        }),
+        claims,
+    })
 }
 
 /// What a refresh token stands for.
@@ -376,7 +380,7 @@ async fn user_tokens(
     refresh_expires: Option<i64>,
     nonce: Option<&str>,
     now: i64,
-) -> Result<Value, AuthError> {
+) -> Result<Issued, AuthError> {
     let user = active_user(st, &d.user_id).await?;
     let ctx = UserContext {
         user_id: d.user_id.clone(),
@@ -445,7 +449,7 @@ async fn user_tokens(
             .map_err(unavailable)?;
         out["refresh_token"] = json!(rt);
     }
-    Ok(out)
+    Ok(Issued { body: out, claims })
 }
 
 /// Revoke a grant family everywhere: its grants are deleted, the feed
@@ -498,7 +502,7 @@ async fn take_single_use<T: serde::de::DeserializeOwned>(
     }
 }
 
-async fn authorization_code(st: &AppState, f: &Form) -> Result<Value, AuthError> {
+async fn authorization_code(st: &AppState, f: &Form) -> Result<Issued, AuthError> {
     let client = client_auth(st, f).await?;
     let code = f
         .get("code")
@@ -538,7 +542,7 @@ async fn authorization_code(st: &AppState, f: &Form) -> Result<Value, AuthError>
     user_tokens(st, &g.family, &rd, refresh_expires, d.nonce.as_deref(), now).await
 }
 
-async fn refresh(st: &AppState, f: &Form) -> Result<Value, AuthError> {
+async fn refresh(st: &AppState, f: &Form) -> Result<Issued, AuthError> {
     let client = client_auth(st, f).await?;
     let rt = f
         .get("refresh_token")

@@ -4,6 +4,7 @@
 //! log line for those values.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use common::{Backend, TestServer};

@@ -1,7 +1,7 @@
 //! Batch and transaction Bundles, on both backends.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-mod common;
+use crate::common;
 
 use common::TestServer;
 use serde_json::{json, Value};

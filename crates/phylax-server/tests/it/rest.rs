@@ -1,7 +1,7 @@
 //! The FHIR REST core over real HTTPS, on both backends.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-mod common;
+use crate::common;
 
 use common::TestServer;
 use reqwest::StatusCode;

@@ -6,7 +6,7 @@
 //! with a note, except under `CI=true`, where it fails.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-mod common;
+use crate::common;
 
 use common::{Backend, TestServer};
 use std::process::Command;

@@ -9,7 +9,7 @@
 //! Users get tokens minted by the server's own issuer (sign-in itself is
 //! tested in signin.rs); the care relationships are real FHIR data.
 
-mod common;
+use crate::common;
 
 use common::{Backend, TestServer};
 use phylax_auth::token::UserContext;

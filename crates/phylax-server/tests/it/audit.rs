@@ -6,8 +6,7 @@
 //! the stored log is caught by `verify`.
 #![allow(clippy::unwrap_used)]
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::TestServer;
 use serde_json::{json, Value};

@@ -1,7 +1,7 @@
 //! SMART Backend Services authentication and scope enforcement, end to end.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-mod common;
+use crate::common;
 
 use common::TestServer;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};

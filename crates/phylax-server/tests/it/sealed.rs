@@ -3,7 +3,7 @@
 //! wire is TLS unless explicitly and locally overridden.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-mod common;
+use crate::common;
 
 use common::{Backend, TestServer};
 use phylax_server::instance::{InitOptions, Instance, InstanceError};

@@ -7,7 +7,7 @@
 //! lockout, throttling, idle sessions, disabled users across nodes.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-mod common;
+use crate::common;
 
 use base64::Engine;
 use common::TestServer;

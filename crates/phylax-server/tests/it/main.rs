@@ -1,0 +1,38 @@
+//! Phylax server integration tests: one test binary (one link, one set of
+//! dependencies built once), one module per area. Each module runs its
+//! cells on both backends (SQLite always; PostgreSQL when
+//! `PHYLAX_TEST_DATABASE_URL` is set, and always under `CI=true`).
+//!
+//! `tests/logs.rs` is the one test kept apart: it installs a process-wide
+//! TRACE log subscriber, which would capture (and slow) every other test.
+//!
+//! # Layout
+//! - [`common`]: the test server (a real instance on a real TLS socket,
+//!   either backend), tokens, clients, SQL access for tampering tests, and
+//!   the `both!` macro.
+//! - [`rest`]: the FHIR REST interactions, versioning, conditional
+//!   interactions, errors as OperationOutcomes.
+//! - [`search`]: search parameters, modifiers, chains, includes, paging.
+//! - [`bundle`]: batch and transaction.
+//! - [`auth`]: the token endpoint, SMART backend services, revocation.
+//! - [`signin`]: the sign-in pages: passwords, TOTP, passkeys, lockout,
+//!   consent, enrollment, sessions.
+//! - [`access`]: least privilege end to end: care relationships, labels,
+//!   consents, break-the-glass, masks, insider attacks.
+//! - [`audit`]: the audit log: records, sealing, verification, export.
+//! - [`sealed`]: encryption at rest: what the database holds, tampering.
+//! - [`interop`]: a real FHIR client library (fhirpy) against the server.
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+#[macro_use]
+mod common;
+
+mod access;
+mod audit;
+mod auth;
+mod bundle;
+mod interop;
+mod rest;
+mod sealed;
+mod search;
+mod signin;

@@ -1,0 +1,377 @@
+//! Verification (`phylax audit verify`): every record, tree position,
+//! checkpoint and per-patient entry checked against each other.
+
+use super::*;
+
+/// What `phylax audit verify` found. Any tampering is an `Err` instead.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// Records whose bodies were pruned after retention (leaf hash only).
+    pub pruned: u64,
+    /// Records in the database.
+    pub records: u64,
+    /// Records in the Merkle tree (the rest await the next checkpoint).
+    pub sealed: u64,
+    /// Stored checkpoints checked (signature and root).
+    pub checkpoints: u64,
+    /// The newest stored checkpoint.
+    pub latest: Option<Checkpoint>,
+    /// Outside checkpoints checked for consistency with the log.
+    pub external: u64,
+    /// For `--event`: its tree position, the checkpoint size it was
+    /// proven against, and the proof length.
+    pub inclusion: Option<(u64, u64, usize)>,
+}
+
+impl AuditLog {
+    /// Check the whole log: every record opens under its key and hashes to
+    /// its leaf, tree positions are contiguous, every stored checkpoint is
+    /// signed by the log's key and matches the tree at its size, every
+    /// outside checkpoint (`external`, signed-note text saved earlier) is
+    /// consistent with today's tree, and, if asked, `event` is included
+    /// in the newest checkpoint. Detects edited, deleted, inserted and
+    /// reordered records and a truncated tail.
+    pub async fn verify(
+        &self,
+        external: &[String],
+        event: Option<&str>,
+    ) -> Result<VerifyReport, AuditError> {
+        self.verify_at(external, event, crate::base::clock::now_ms())
+            .await
+    }
+
+    /// [`AuditLog::verify`] as of `now` (ms): retention is judged against
+    /// it, as [`AuditLog::prune`] takes its time.
+    pub async fn verify_at(
+        &self,
+        external: &[String],
+        event: Option<&str>,
+        now: i64,
+    ) -> Result<VerifyReport, AuditError> {
+        self.flush().await?;
+        use phylax_audit::checkpoint::open_signed;
+        use phylax_audit::merkle;
+        // Every problem found, not only the first: an operator on the day
+        // of a breach needs the whole picture.
+        let mut problems: Vec<String> = Vec::new();
+        let (records, sealed) = self.store.audit_counts().await?;
+        let mut report = VerifyReport {
+            records,
+            sealed,
+            ..Default::default()
+        };
+        // The per-patient entries the readable records call for, as an
+        // order-free digest (a sum of hashes of (patient key, record id)).
+        let mut expected = PatientDigest::default();
+        let mut pruned_ids: std::collections::HashSet<i64> = Default::default();
+        let mut pruned_at: Vec<u64> = Vec::new();
+        let mut leaves: Vec<Hash> = Vec::with_capacity(sealed as usize);
+        let mut gap = false;
+        loop {
+            let rows = self
+                .store
+                .audit_by_index(leaves.len() as u64, 10_000)
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in rows {
+                if r.leaf_index != Some(leaves.len() as u64) {
+                    problems.push(format!(
+                        "tree position {} is missing (a record was deleted or moved)",
+                        leaves.len()
+                    ));
+                    gap = true;
+                    break;
+                }
+                if r.sealed.is_empty() {
+                    // Pruned: only its leaf hash is left, which the
+                    // checkpoints still cover; its age is checked against
+                    // the signed time of the checkpoint that first covers
+                    // it (the `recorded` column is not authenticated).
+                    pruned_ids.insert(r.id);
+                    pruned_at.push(leaves.len() as u64);
+                    report.pruned += 1;
+                } else {
+                    match self.open_row(&r) {
+                        Ok(v) => expected.add_record(self, r.id, &v),
+                        Err(_) => problems.push(format!(
+                            "record at position {} was altered or forged",
+                            leaves.len()
+                        )),
+                    }
+                }
+                match to_hash(&r.leaf_hash) {
+                    Some(h) => leaves.push(h),
+                    None => {
+                        problems.push(format!(
+                            "record at position {} has no valid leaf hash",
+                            leaves.len()
+                        ));
+                        gap = true;
+                        break;
+                    }
+                }
+            }
+            if gap {
+                break;
+            }
+        }
+        if !gap && leaves.len() as u64 != sealed {
+            problems.push(format!(
+                "{} records in order, but positions reach {sealed}",
+                leaves.len()
+            ));
+        }
+        // Records awaiting their checkpoint count too (their entries are
+        // written with them); one that does not open is a forgery.
+        let mut last_pending = i64::MIN;
+        let mut pending_seen = 0u64;
+        loop {
+            let rows = self.store.audit_unsealed(last_pending, 10_000).await?;
+            if rows.is_empty() {
+                break;
+            }
+            pending_seen += rows.len() as u64;
+            for r in &rows {
+                match self.open_row(r) {
+                    Ok(v) => expected.add_record(self, r.id, &v),
+                    Err(_) => problems.push(format!(
+                        "record {} awaiting its checkpoint was not written by Phylax (forged or altered)",
+                        r.id
+                    )),
+                }
+            }
+            last_pending = rows.last().map_or(last_pending, |r| r.id);
+            if rows.len() < 10_000 {
+                break;
+            }
+        }
+        // Queue entries naming no record are the sealer's to remove (it
+        // does, with an alert); here only records outside both count.
+        let outside = records.saturating_sub(sealed + pending_seen);
+        if outside > 0 {
+            problems.push(format!(
+                "{outside} record(s) are neither in the tree nor awaiting it (rows put in by hand and refused by the sealer)"
+            ));
+        }
+        let n = leaves.len() as u64;
+        let mut f = Frontier::new();
+        let mut after = 0;
+        let mut pruned_next = 0usize;
+        'cps: loop {
+            let cps = self.store.checkpoints(after, 1000).await?;
+            if cps.is_empty() {
+                break;
+            }
+            for c in cps {
+                after = c.size;
+                let cp = match open_signed(&c.note, &self.verifier) {
+                    Ok(cp) => cp,
+                    Err(e) => {
+                        problems.push(format!("checkpoint {}: {e}", c.size));
+                        continue;
+                    }
+                };
+                if cp.size != c.size {
+                    problems.push(format!("checkpoint row {} holds size {}", c.size, cp.size));
+                    continue;
+                }
+                if cp.size > n {
+                    problems.push(format!(
+                        "the log was truncated: checkpoint {} signed {} records, {n} remain",
+                        cp.size, cp.size
+                    ));
+                    break 'cps;
+                }
+                while f.size() < cp.size {
+                    f.push(leaves[f.size() as usize]);
+                }
+                if f.root() != cp.root {
+                    problems.push(format!(
+                        "the records no longer match checkpoint {} (edited, inserted or reordered)",
+                        cp.size
+                    ));
+                }
+                // Pruned records this checkpoint is the first to cover
+                // were recorded before its signed time.
+                while pruned_next < pruned_at.len() && pruned_at[pruned_next] < cp.size {
+                    if cp.time_ms - PRUNE_SLACK_MS > now - self.retention_ms {
+                        problems.push(format!(
+                            "record at position {} was pruned before its retention ended (its first checkpoint was signed {})",
+                            pruned_at[pruned_next],
+                            phylax_audit::event::instant(cp.time_ms)
+                        ));
+                    }
+                    pruned_next += 1;
+                }
+                report.checkpoints += 1;
+                report.latest = Some(cp);
+            }
+        }
+        for note in external {
+            let cp = match open_signed(note, &self.verifier) {
+                Ok(cp) => cp,
+                Err(e) => {
+                    problems.push(format!("outside checkpoint: {e}"));
+                    continue;
+                }
+            };
+            if cp.size > n {
+                problems.push(format!(
+                    "the log was truncated: an outside checkpoint signed {} records, {n} remain",
+                    cp.size
+                ));
+                continue;
+            }
+            if cp.size > 0 {
+                let consistent = merkle::consistency_proof(cp.size as usize, &leaves)
+                    .ok()
+                    .map(|p| p.iter().map(|h| h.to_vec()).collect::<Vec<Vec<u8>>>())
+                    .is_some_and(|proof| {
+                        merkle::verify_consistency(
+                            cp.size,
+                            n,
+                            &proof,
+                            &cp.root,
+                            &merkle::root(&leaves),
+                        )
+                        .is_ok()
+                    });
+                if !consistent {
+                    problems.push(format!(
+                        "the log is not consistent with outside checkpoint {}",
+                        cp.size
+                    ));
+                    continue;
+                }
+            }
+            report.external += 1;
+        }
+        if n > 0 && report.latest.as_ref().map(|c| c.size) != Some(n) {
+            problems.push(format!(
+                "{n} records are in the tree but no checkpoint covers them all"
+            ));
+        }
+        // The per-patient entries, rebuilt from the records, must be the
+        // ones stored: deleting them (to empty a patient's access log) or
+        // adding some is found here.
+        let mut actual = PatientDigest::default();
+        let mut cursor = None;
+        loop {
+            let rows = self.store.audit_patient_entries(cursor, 50_000).await?;
+            let Some(last) = rows.last().copied() else {
+                break;
+            };
+            for (key, audit_id) in &rows {
+                if !pruned_ids.contains(audit_id) {
+                    actual.add(key, *audit_id);
+                }
+            }
+            cursor = Some(last);
+        }
+        if actual != expected {
+            problems.push(format!(
+                "the per-patient index does not match the records ({} entries stored for readable records, {} expected): entries were deleted or added, so patients' access logs are incomplete",
+                actual.count, expected.count
+            ));
+        }
+        if let Some(id) = event {
+            match self.inclusion(id, &report, &leaves).await {
+                Ok(i) => report.inclusion = Some(i),
+                Err(AuditError::Integrity(m)) => problems.push(m),
+                Err(e) => return Err(e),
+            }
+        }
+        if problems.is_empty() {
+            Ok(report)
+        } else {
+            Err(AuditError::Integrity(format!(
+                "{} problem(s): {}",
+                problems.len(),
+                problems.join("; ")
+            )))
+        }
+    }
+
+    async fn inclusion(
+        &self,
+        id: &str,
+        report: &VerifyReport,
+        leaves: &[Hash],
+    ) -> Result<(u64, u64, usize), AuditError> {
+        use phylax_audit::merkle;
+        let bad = |m: String| AuditError::Integrity(m);
+        let row = self
+            .store
+            .audit_get(id)
+            .await?
+            .ok_or_else(|| bad(format!("no record {id}")))?;
+        let Some(i) = row.leaf_index else {
+            return Err(AuditError::Unavailable(format!(
+                "record {id} awaits the next checkpoint; try again in a few seconds"
+            )));
+        };
+        let latest = report
+            .latest
+            .as_ref()
+            .ok_or_else(|| bad("no checkpoint".into()))?;
+        if latest.size as usize > leaves.len() {
+            return Err(bad(format!(
+                "record {id} is not in checkpoint {}",
+                latest.size
+            )));
+        }
+        let proof: Vec<Vec<u8>> =
+            merkle::inclusion_proof(i as usize, &leaves[..latest.size as usize])
+                .map_err(|e| bad(e.to_string()))?
+                .iter()
+                .map(|h| h.to_vec())
+                .collect();
+        merkle::verify_inclusion(i, latest.size, &row.leaf_hash, &proof, &latest.root)
+            .map_err(|_| bad(format!("record {id} is not in checkpoint {}", latest.size)))?;
+        Ok((i, latest.size, proof.len()))
+    }
+}
+
+/// How long a record may wait for its first checkpoint (several nodes'
+/// journals, a sealer outage): a pruned record counts as pruned early only
+/// when that checkpoint was signed more than this inside the retention.
+const PRUNE_SLACK_MS: i64 = 3_600_000;
+
+/// An order-free digest of per-patient entries: the count and the
+/// wrapping sum of a hash of each (patient key, record id). Equal sets
+/// give equal digests; a deleted or added entry changes both.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PatientDigest {
+    count: u64,
+    sum: u128,
+}
+
+impl PatientDigest {
+    fn add(&mut self, key: &[u8; 8], audit_id: i64) {
+        let d = leaf_hash(&[key.as_slice(), &audit_id.to_be_bytes()].concat());
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        self.count += 1;
+        self.sum = self.sum.wrapping_add(u128::from_be_bytes(b));
+    }
+
+    /// The entries a record's patients call for (distinct keys, as the
+    /// store writes them).
+    fn add_record(&mut self, log: &AuditLog, audit_id: i64, v: &Value) {
+        let mut keys: Vec<[u8; 8]> = v["entity"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["type"]["code"] == "1")
+            .filter_map(|e| e["what"]["reference"].as_str()?.strip_prefix("Patient/"))
+            .map(|p| phylax_store::query::patient_key(&log.patient_hash(p)))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for k in &keys {
+            self.add(k, audit_id);
+        }
+    }
+}

@@ -11,7 +11,7 @@
 //! - [`chain`]: chained parameters and `_has`.
 //! - [`control`]: `_sort`, `_summary`, `_elements`, `_total`.
 //! - [`query`]: a type-level search, parameters to Bundle page.
-//! - [`everything`]: `Patient/{id}/$everything`.
+//! - [`everything`]: the `Patient/{id}/$everything` operation.
 //! - [`handlers`]: the search routes.
 
 mod chain;

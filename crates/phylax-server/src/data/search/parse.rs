@@ -1,404 +1,20 @@
-//! FHIR search over sealed data: index entries on write, and search
-//! parameters turned into store conditions on read.
-//!
-//! Index scheme (docs/ARCHITECTURE.md, "Search"): every string, token,
-//! reference and uri value becomes keyed blind hashes (never plaintext);
-//! strings get one hash per normalised prefix up to [`MAX_PREFIX`]
-//! characters, so the default "starts with" search is an equality lookup;
-//! demographic dates (birth and death dates) are blind at year, month and
-//! day precision; other dates are stored as plaintext `[lo, hi)` ranges and
-//! numbers and quantity values as plaintext numbers (with blind units), so
-//! range prefixes work on clinical data.
+//! Search parameters turned into store conditions: modifiers, prefixes,
+//! composite and union parameters, bounded by [`super::MAX_PARAMS`] and
+//! [`super::MAX_VALUES`].
 
+use super::index::{components, composite_query_key, expanded_targets, hash, identifying_date, local_reference, type_and_id, union_parts, MAX_PARAMS, MAX_PREFIX, MAX_VALUES, };
 use crate::base::error::Failure;
 use phylax_crypto::BlindIndexKey;
-use phylax_fhir::search::{self as fs, normalize, DatePrecision, ParamKind, SearchValue};
+use phylax_fhir::search::{self as fs, normalize, ParamKind};
 use phylax_fhir::{Issue, IssueCode, ResourceType};
-use phylax_store::{Cond, IndexRow, NumOp, RangeOp};
-use serde_json::Value;
-use std::collections::{HashMap, HashSet};
-
-/// Bounds on one search: parameters, and comma-separated values per
-/// parameter. They keep every query far below the databases' limits on
-/// bound parameters (and the work one request can ask for).
-pub const MAX_PARAMS: usize = 64;
-pub const MAX_VALUES: usize = 100;
-
-/// Longest string prefix indexed (characters). Longer search values are
-/// refused with a clear message rather than matched approximately.
-pub const MAX_PREFIX: usize = 64;
-
-/// Dates that identify a person: indexed blind, searchable by equality at
-/// year, month or day precision only.
-fn identifying_date(rtype: &str, code: &str) -> bool {
-    matches!(
-        (rtype, code),
-        ("Patient", "birthdate")
-            | ("Patient", "death-date")
-            | ("Person", "birthdate")
-            | ("RelatedPerson", "birthdate")
-    )
-}
-
-fn hash(key: &BlindIndexKey, parts: &[&str]) -> Vec<u8> {
-    let bytes: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
-    key.entry(&bytes).to_vec()
-}
-
-fn hrow(param: &str, h: Vec<u8>) -> IndexRow {
-    IndexRow {
-        param: param.to_owned(),
-        hash: Some(h),
-        lo: None,
-        hi: None,
-        num: None,
-    }
-}
-
-fn prefixes(s: &str) -> impl Iterator<Item = &str> {
-    s.char_indices()
-        .map(|(i, c)| &s[..i + c.len_utf8()])
-        .take(MAX_PREFIX)
-}
-
-/// A reference to a local resource in its canonical form, `Type/id`
-/// (absolute to this server's base or versioned, it names the same
-/// resource: `phylax_fhir::reference`); anything else as it is.
-fn local_reference<'a>(r: &'a str, fhir_base: &str) -> std::borrow::Cow<'a, str> {
-    match phylax_fhir::reference::target(r, &[fhir_base]) {
-        Some((t, id)) if r.len() == t.len() + 1 + id.len() => std::borrow::Cow::Borrowed(r),
-        Some((t, id)) => std::borrow::Cow::Owned(format!("{t}/{id}")),
-        None => std::borrow::Cow::Borrowed(r),
-    }
-}
-
-/// `Type/id` (without `_history`) when `r` is a relative literal reference.
-fn type_and_id(r: &str) -> Option<(&str, &str)> {
-    let mut it = r.split('/');
-    let (t, id) = (it.next()?, it.next()?);
-    match (it.next(), it.next(), it.next()) {
-        (None, _, _) | (Some("_history"), Some(_), None) => {}
-        _ => return None,
-    }
-    (ResourceType::parse(t).is_some() && phylax_fhir::ids::is_valid_id(id)).then_some((t, id))
-}
-
-/// Reference parameters whose targets are few (R4's `subject` on
-/// Observation: Device, Group, Location, Patient) store no bare-id entry
-/// for a reference to one of those targets: a search by bare id looks for
-/// `Type/id` under each target instead (plus the bare-id entry, which a
-/// reference to some other type still gets). Same answers; three fewer
-/// entries per Observation. Parameters with no target list, or R4's
-/// "any type" lists (145 types), keep their bare-id entries.
-const MAX_EXPANDED_TARGETS: usize = 10;
-
-/// The targets a bare id is expanded to on `code` of `rtype`, if few.
-fn expanded_targets(rtype: &str, code: &str) -> &'static [String] {
-    let t = phylax_fhir::defs::definitions().reference_targets(rtype, code);
-    if t.len() <= MAX_EXPANDED_TARGETS {
-        t
-    } else {
-        &[]
-    }
-}
-
-/// String parameters whose values mostly repeat those of narrower official
-/// parameters of the same resource (`name` = `family` + `given` + …,
-/// `address` = line + `address-city` + …). A value already indexed under a
-/// component is not indexed again under the broad parameter; a search on the
-/// broad parameter also looks in its components. Same answers, ~40% fewer
-/// entries for a typical patient.
-const COMPOSED: &[(&str, &[&str])] = &[
-    ("name", &["family", "given"]),
-    (
-        "address",
-        &[
-            "address-city",
-            "address-country",
-            "address-postalcode",
-            "address-state",
-        ],
-    ),
-];
-
-/// Parameters whose expression (or composite context) is exactly the union
-/// of two others': they get no index entries of their own, and a search on
-/// one is the OR of searches on its parts (the same answers; an
-/// Observation without components has a third fewer entries). A test
-/// checks each against the definitions.
-const UNIONS: &[(&str, &str, [&str; 2])] = &[
-    ("Observation", "combo-code", ["code", "component-code"]),
-    (
-        "Observation",
-        "combo-code-value-concept",
-        ["code-value-concept", "component-code-value-concept"],
-    ),
-    (
-        "Observation",
-        "combo-code-value-quantity",
-        ["code-value-quantity", "component-code-value-quantity"],
-    ),
-    (
-        "Observation",
-        "combo-data-absent-reason",
-        ["data-absent-reason", "component-data-absent-reason"],
-    ),
-    (
-        "Observation",
-        "combo-value-concept",
-        ["value-concept", "component-value-concept"],
-    ),
-    (
-        "Observation",
-        "combo-value-quantity",
-        ["value-quantity", "component-value-quantity"],
-    ),
-];
-
-/// The parts of a union parameter (see [`UNIONS`]).
-fn union_parts(rtype: &ResourceType, code: &str) -> Option<[&'static str; 2]> {
-    UNIONS
-        .iter()
-        .find(|(t, c, _)| *t == rtype.as_str() && *c == code)
-        .map(|(_, _, parts)| *parts)
-}
-
-/// The indexable component parameters of `code` on `rtype`.
-fn components(rtype: &ResourceType, code: &str) -> Vec<&'static str> {
-    let defs = fs::params(rtype);
-    COMPOSED
-        .iter()
-        .filter(|(p, _)| *p == code)
-        .flat_map(|(_, cs)| cs.iter().copied())
-        .filter(|c| defs.get(*c).is_some_and(|p| p.indexable()))
-        .collect()
-}
-
-/// The index entries of one resource version.
-/// The keys of a composite's first (token) component: by code alone, and
-/// by system and code.
-fn composite_keys(system: Option<&str>, code: &str) -> Vec<String> {
-    let mut k = vec![format!("c:{code}")];
-    if let Some(s) = system {
-        k.push(format!("s:{s}|{code}"));
-    }
-    k
-}
-
-/// The key a query's token part selects (`system|code`, `|code`, `code`).
-fn composite_query_key(v: &str) -> String {
-    match v.split_once('|') {
-        Some((s, c)) if !s.is_empty() => format!("s:{s}|{c}"),
-        Some((_, c)) => format!("c:{c}"),
-        None => format!("c:{v}"),
-    }
-}
-
-/// Index entries of composite parameters: one per pair of component values
-/// from the same element, the first component (a token) always blind:
-/// token+token and token+string as one hash; token+quantity and
-/// token+date as a hash with the number or range (plaintext, as for the
-/// plain parameters of the same values); token+reference as one hash.
-fn composite_rows(
-    key: &BlindIndexKey,
-    fhir_base: &str,
-    rtype: &ResourceType,
-    resource: &Value,
-    rows: &mut Vec<IndexRow>,
-) {
-    for (code, first, second) in fs::extract_composites(rtype, resource) {
-        if union_parts(rtype, code).is_some() {
-            continue;
-        }
-        let SearchValue::Token {
-            system,
-            code: Some(c1),
-            ..
-        } = &first
-        else {
-            continue;
-        };
-        for k1 in composite_keys(system.as_deref(), c1) {
-            match &second {
-                SearchValue::Token {
-                    system: s2,
-                    code: Some(c2),
-                    ..
-                } => {
-                    for k2 in composite_keys(s2.as_deref(), c2) {
-                        rows.push(hrow(code, hash(key, &["ct", code, &k1, &k2])));
-                    }
-                }
-                SearchValue::Quantity { value, .. } => rows.push(IndexRow {
-                    param: code.to_owned(),
-                    hash: Some(hash(key, &["cq", code, &k1])),
-                    lo: None,
-                    hi: None,
-                    num: Some(*value),
-                }),
-                SearchValue::Date { lo, hi, .. } => rows.push(IndexRow {
-                    param: code.to_owned(),
-                    hash: Some(hash(key, &["cd", code, &k1])),
-                    lo: Some(*lo),
-                    hi: Some(*hi),
-                    num: None,
-                }),
-                SearchValue::Str { norm, .. } => {
-                    rows.push(hrow(code, hash(key, &["cx", code, &k1, norm])))
-                }
-                SearchValue::Reference(r) => {
-                    let r = local_reference(r, fhir_base);
-                    rows.push(hrow(code, hash(key, &["cr", code, &k1, &r])));
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-pub fn index_rows(
-    key: &BlindIndexKey,
-    fhir_base: &str,
-    rtype: &ResourceType,
-    resource: &Value,
-) -> Vec<IndexRow> {
-    let mut rows = Vec::new();
-    let values = fs::extract(rtype, resource);
-    // Exact string values per parameter, to skip broad duplicates.
-    let mut strings: HashMap<&str, HashSet<String>> = HashMap::new();
-    for (code, v) in &values {
-        if let SearchValue::Str { exact, .. } = v {
-            strings.entry(code).or_default().insert(exact.clone());
-        }
-    }
-    for (code, v) in values {
-        if union_parts(rtype, code).is_some() {
-            continue;
-        }
-        let covered = |exact: &str| {
-            components(rtype, code)
-                .iter()
-                .any(|c| strings.get(c).is_some_and(|set| set.contains(exact)))
-        };
-        match v {
-            SearchValue::Str { exact, .. } if covered(&exact) => {}
-            SearchValue::Str { norm, exact } => {
-                for p in prefixes(&norm) {
-                    rows.push(hrow(code, hash(key, &["s", code, p])));
-                }
-                rows.push(hrow(code, hash(key, &["x", code, &exact])));
-            }
-            SearchValue::Token {
-                system,
-                code: c,
-                text,
-            } => {
-                if let Some(c) = &c {
-                    rows.push(hrow(code, hash(key, &["tc", code, c])));
-                    match &system {
-                        Some(s) => rows.push(hrow(code, hash(key, &["ts", code, s, c]))),
-                        None => rows.push(hrow(code, hash(key, &["tn", code, c]))),
-                    }
-                }
-                if let Some(s) = &system {
-                    rows.push(hrow(code, hash(key, &["tS", code, s])));
-                }
-                if let Some(t) = text {
-                    // `:text` matches whole words or the whole text (FHIR
-                    // leaves the matching to the server); words, not every
-                    // prefix, keep the entry count small.
-                    let n = normalize(&t);
-                    for w in n.split(' ').chain(std::iter::once(n.as_str())) {
-                        rows.push(hrow(code, hash(key, &["tt", code, w])));
-                    }
-                }
-            }
-            SearchValue::Reference(r) => {
-                let r = local_reference(&r, fhir_base);
-                let r: &str = &r;
-                if let Some((t, id)) = type_and_id(r) {
-                    rows.push(hrow(code, hash(key, &["r", code, &format!("{t}/{id}")])));
-                    if !expanded_targets(rtype.as_str(), code)
-                        .iter()
-                        .any(|x| x == t)
-                    {
-                        rows.push(hrow(code, hash(key, &["ri", code, id])));
-                    }
-                } else if !r.starts_with('#') {
-                    rows.push(hrow(code, hash(key, &["r", code, r])));
-                }
-            }
-            SearchValue::Uri(u) => rows.push(hrow(code, hash(key, &["u", code, &u]))),
-            SearchValue::Date {
-                lo,
-                hi,
-                precision,
-                literal,
-            } => {
-                if identifying_date(rtype.as_str(), code) {
-                    for (p, n) in [
-                        (DatePrecision::Year, 4),
-                        (DatePrecision::Month, 7),
-                        (DatePrecision::Day, 10),
-                    ] {
-                        if precision >= p && literal.len() >= n {
-                            rows.push(hrow(code, hash(key, &["d", code, &literal[..n]])));
-                        }
-                    }
-                } else {
-                    rows.push(IndexRow {
-                        param: code.to_owned(),
-                        hash: None,
-                        lo: Some(lo),
-                        hi: Some(hi),
-                        num: None,
-                    });
-                }
-            }
-            SearchValue::Number(n) => rows.push(IndexRow {
-                param: code.to_owned(),
-                hash: None,
-                lo: None,
-                hi: None,
-                num: Some(n),
-            }),
-            SearchValue::Quantity {
-                value,
-                system,
-                code: c,
-                unit,
-            } => {
-                let num = |h: Option<Vec<u8>>| IndexRow {
-                    param: code.to_owned(),
-                    hash: h,
-                    lo: None,
-                    hi: None,
-                    num: Some(value),
-                };
-                rows.push(num(None));
-                if let Some(u) = c.as_ref().or(unit.as_ref()) {
-                    rows.push(num(Some(hash(key, &["qc", code, u]))));
-                }
-                if let (Some(s), Some(c)) = (&system, &c) {
-                    rows.push(num(Some(hash(key, &["qs", code, s, c]))));
-                }
-            }
-        }
-    }
-    composite_rows(key, fhir_base, rtype, resource, &mut rows);
-    rows.sort_by(|a, b| (&a.param, &a.hash, a.lo, a.hi).cmp(&(&b.param, &b.hash, b.lo, b.hi)));
-    rows.dedup();
-    rows
-}
-
-// ------------------------------------------------------------ parameters
+use phylax_store::{Cond, NumOp, RangeOp};
 
 /// Internal parameter carrying a compartment search's patient (`Patient/id`)
 /// through sealed cursors. Stripped from client input.
 pub const COMPARTMENT_PARAM: &str = "_compartment";
 
 /// Parameters that control the result rather than select resources.
-const CONTROL: &[&str] = &[
+pub(super) const CONTROL: &[&str] = &[
     "_count",
     "_cursor",
     "_total",
@@ -465,16 +81,16 @@ pub struct ParsedSearch {
     pub unknown: Vec<String>,
 }
 
-fn invalid(msg: String) -> Failure {
+pub(super) fn invalid(msg: String) -> Failure {
     Failure::BadRequest(vec![Issue::error(IssueCode::Invalid, msg)])
 }
 
-fn unsupported(msg: String) -> Failure {
+pub(super) fn unsupported(msg: String) -> Failure {
     Failure::BadRequest(vec![Issue::error(IssueCode::NotSupported, msg)])
 }
 
 /// Split on commas not escaped with `\`, and unescape `\,` `\|` `\$` `\\`.
-fn split_values(v: &str) -> Vec<String> {
+pub(super) fn split_values(v: &str) -> Vec<String> {
     let mut out = vec![String::new()];
     let mut esc = false;
     for c in v.chars() {
@@ -507,7 +123,7 @@ fn split_values(v: &str) -> Vec<String> {
 }
 
 /// Split a token value on its first unescaped `|`.
-fn split_token(v: &str) -> (Option<&str>, &str) {
+pub(super) fn split_token(v: &str) -> (Option<&str>, &str) {
     let bytes = v.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
@@ -520,7 +136,7 @@ fn split_token(v: &str) -> (Option<&str>, &str) {
     (None, v)
 }
 
-const PREFIXES: [(&str, RangeOp); 9] = [
+pub(super) const PREFIXES: [(&str, RangeOp); 9] = [
     ("eq", RangeOp::Eq),
     ("ne", RangeOp::Ne),
     ("lt", RangeOp::Lt),
@@ -532,7 +148,7 @@ const PREFIXES: [(&str, RangeOp); 9] = [
     ("ap", RangeOp::Ap),
 ];
 
-fn prefix(v: &str) -> (RangeOp, &str) {
+pub(super) fn prefix(v: &str) -> (RangeOp, &str) {
     for (p, op) in PREFIXES {
         if let Some(rest) = v.strip_prefix(p) {
             if rest.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
@@ -543,7 +159,12 @@ fn prefix(v: &str) -> (RangeOp, &str) {
     (RangeOp::Eq, v)
 }
 
-fn date_cond(code: &str, param_name: &str, v: &str, last_updated: bool) -> Result<Cond, Failure> {
+pub(super) fn date_cond(
+    code: &str,
+    param_name: &str,
+    v: &str,
+    last_updated: bool,
+) -> Result<Cond, Failure> {
     let (op, lit) = prefix(v);
     let (lo, hi, _) = fs::date_range(lit).ok_or_else(|| {
         invalid(format!(
@@ -564,7 +185,7 @@ fn date_cond(code: &str, param_name: &str, v: &str, last_updated: bool) -> Resul
 }
 
 /// A number's implicit range: half a unit of its last significant digit.
-fn number_range(lit: &str) -> Option<(f64, f64, f64)> {
+pub(super) fn number_range(lit: &str) -> Option<(f64, f64, f64)> {
     let v: f64 = lit.parse().ok()?;
     if !v.is_finite() || lit.contains(['e', 'E']) {
         return v.is_finite().then_some((v, v, v));
@@ -574,7 +195,7 @@ fn number_range(lit: &str) -> Option<(f64, f64, f64)> {
     Some((v, v - half, v + half))
 }
 
-fn num_cond(
+pub(super) fn num_cond(
     code: &str,
     name: &str,
     v: &str,
@@ -957,6 +578,7 @@ pub fn parse(
 
 #[cfg(test)]
 mod tests {
+    use super::super::index::*;
     use super::*;
 
     #[test]
@@ -1031,7 +653,7 @@ mod tests {
 
 #[cfg(test)]
 mod union_tests {
-    use super::*;
+    use super::super::index::*;
 
     /// Each union parameter's expression is exactly its parts' expressions
     /// joined (or, for composites, the contexts joined with the same

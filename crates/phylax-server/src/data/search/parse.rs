@@ -2,7 +2,10 @@
 //! composite and union parameters, bounded by [`super::MAX_PARAMS`] and
 //! [`super::MAX_VALUES`].
 
-use super::index::{components, composite_query_key, expanded_targets, hash, identifying_date, local_reference, type_and_id, union_parts, MAX_PARAMS, MAX_PREFIX, MAX_VALUES, };
+use super::index::{
+    components, composite_query_key, expanded_targets, hash, identifying_date, local_reference,
+    type_and_id, union_parts, MAX_PARAMS, MAX_PREFIX, MAX_VALUES,
+};
 use crate::base::error::Failure;
 use phylax_crypto::BlindIndexKey;
 use phylax_fhir::search::{self as fs, normalize, ParamKind};

@@ -1,24 +1,8 @@
-//! `POST /fhir`: batch and transaction Bundles.
-//!
-//! **Transaction** (all or nothing). Entries are processed in the order the
-//! specification prescribes, whatever their order in the Bundle: DELETE,
-//! then POST, then PUT, then GET. Every entry is decided by the policy
-//! first; one denied entry refuses the whole Bundle (403) before anything is
-//! read or written. Server ids are assigned to POST entries, conditional
-//! operations and references (`Patient?identifier=…`) are resolved, and
-//! every reference to an entry's `fullUrl` (`urn:uuid:…`) is rewritten to
-//! the id it received. Only then are the resources sealed, and every write
-//! is committed in **one database transaction** ([`crate::data::repo::Repo::commit`]): when any
-//! entry fails, or a concurrent writer moved a resource in between (409),
-//! nothing is stored. GET entries run after the commit.
-//!
-//! **Batch** (independent entries). Each entry is dispatched through the
-//! same FHIR routes as a standalone request, with the Bundle's caller, so it
-//! gets the same validation, policy decision and audit record, and its own
-//! status in the response; one entry failing does not affect the others.
-//!
-//! Both are bounded by the body limit and `http.max_bundle_entries`.
+//! Transaction: every entry decided, ids and references resolved, then
+//! every write committed at once through the scoped repository.
 
+use super::entry::{at_entry, entry_error, Entry, Verb};
+use super::routing::{dispatch, entry_router, status_line, EntryRoutes};
 use crate::access::ctx::{AuditRefs, RequestCtx};
 use crate::access::scoped::CheckedWrite;
 use crate::base::clock::format_instant;
@@ -27,400 +11,18 @@ use crate::data::repo::ResourceVersion;
 use crate::rest::pipeline;
 use crate::rest::wire::{self as fhir_api, parse_type, prefer, Query};
 use crate::state::AppState;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Router};
 use phylax_auth::policy::{decide, Decision, Interaction};
-use phylax_fhir::{Issue, ResourceId, ResourceType, VersionId};
+use phylax_fhir::{ResourceId, ResourceType, VersionId};
 use phylax_store::Precondition;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use tower::ServiceExt;
-
-/// The methods an entry may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Verb {
-    // Declaration order is the transaction processing order.
-    Delete,
-    Post,
-    Put,
-    Get,
-}
-
-impl Verb {
-    fn parse(s: &str) -> Option<Verb> {
-        match s {
-            "DELETE" => Some(Verb::Delete),
-            "POST" => Some(Verb::Post),
-            "PUT" => Some(Verb::Put),
-            "GET" | "HEAD" => Some(Verb::Get),
-            _ => None,
-        }
-    }
-
-    fn method(self) -> Method {
-        match self {
-            Verb::Delete => Method::DELETE,
-            Verb::Post => Method::POST,
-            Verb::Put => Method::PUT,
-            Verb::Get => Method::GET,
-        }
-    }
-}
-
-/// One Bundle entry's request, parsed.
-#[derive(Debug)]
-struct Entry {
-    idx: usize,
-    verb: Verb,
-    /// Relative to the FHIR base, without a leading slash: `Patient/1`,
-    /// `Patient?identifier=x`.
-    url: String,
-    full_url: Option<String>,
-    resource: Option<Value>,
-    if_none_exist: Option<String>,
-    if_match: Option<String>,
-}
-
-impl Entry {
-    fn path_and_query(&self) -> (&str, Option<&str>) {
-        match self.url.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (self.url.as_str(), None),
-        }
-    }
-}
-
-/// Attach the entry's position to an error, so the client can tell which
-/// entry failed. Only our own messages and element paths are shown.
-fn at_entry(idx: usize, e: Failure) -> Failure {
-    let locate = |issues: Vec<Issue>| {
-        issues
-            .into_iter()
-            .map(|mut i| {
-                i.diagnostics = format!("Bundle.entry[{idx}]: {}", i.diagnostics);
-                i
-            })
-            .collect()
-    };
-    match e {
-        Failure::BadRequest(is) => Failure::BadRequest(locate(is)),
-        Failure::Unprocessable(is) => Failure::Unprocessable(locate(is)),
-        other => other,
-    }
-}
-
-fn entry_error(idx: usize, msg: &str) -> Failure {
-    Failure::bad_request(format!("Bundle.entry[{idx}]: {msg}"))
-}
-
-/// Parse the entries of a batch or transaction Bundle. An entry that does
-/// not parse fails a transaction, and only itself in a batch.
-fn parse_entries(st: &AppState, bundle: &Value) -> Result<Vec<Result<Entry, Failure>>, Failure> {
-    let empty = Vec::new();
-    let raw = bundle
-        .get("entry")
-        .and_then(Value::as_array)
-        .unwrap_or(&empty);
-    if raw.len() > st.config.http.max_bundle_entries {
-        return Err(Failure::bad_request(format!(
-            "a Bundle may have at most {} entries",
-            st.config.http.max_bundle_entries
-        )));
-    }
-    let base = format!("{}/", st.fhir_base);
-    Ok(raw
-        .iter()
-        .enumerate()
-        .map(|(idx, e)| parse_entry(&base, idx, e))
-        .collect())
-}
-
-fn parse_entry(base: &str, idx: usize, e: &Value) -> Result<Entry, Failure> {
-    let req = e
-        .get("request")
-        .ok_or_else(|| entry_error(idx, "request is required in a batch or transaction"))?;
-    let verb = req
-        .get("method")
-        .and_then(Value::as_str)
-        .and_then(Verb::parse)
-        .ok_or_else(|| entry_error(idx, "request.method must be GET, HEAD, POST, PUT or DELETE"))?;
-    let url = req
-        .get("url")
-        .and_then(Value::as_str)
-        .ok_or_else(|| entry_error(idx, "request.url is required"))?;
-    let url = url
-        .strip_prefix(base)
-        .unwrap_or(url)
-        .trim_start_matches('/')
-        .to_owned();
-    let first = url.split(['?', '/']).next().unwrap_or("");
-    let path = url.split('?').next().unwrap_or("");
-    if first.is_empty() || path.contains(':') || url.contains('#') {
-        // Includes a POST to the base (a Bundle inside a Bundle).
-        return Err(entry_error(
-            idx,
-            "request.url must name a resource type on this server",
-        ));
-    }
-    let resource = e.get("resource").cloned();
-    if matches!(verb, Verb::Post | Verb::Put) && resource.is_none() {
-        return Err(entry_error(idx, "POST and PUT entries need a resource"));
-    }
-    let s = |k: &str| req.get(k).and_then(Value::as_str).map(str::to_owned);
-    Ok(Entry {
-        idx,
-        verb,
-        url,
-        full_url: e.get("fullUrl").and_then(Value::as_str).map(str::to_owned),
-        resource,
-        if_none_exist: s("ifNoneExist"),
-        if_match: s("ifMatch"),
-    })
-}
-
-/// `POST /fhir` with a Bundle of type `batch` or `transaction`.
-pub async fn system_post(
-    State(st): State<Arc<AppState>>,
-    Extension(ctx): Extension<RequestCtx>,
-    Extension(routes): Extension<EntryRoutes>,
-    h: HeaderMap,
-    body: Body,
-) -> Response {
-    let result = async {
-        let bundle = fhir_api::read_json(&st, &h, body).await?;
-        if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-            return Err(Failure::bad_request(
-                "POST to the base accepts a Bundle of type batch or transaction",
-            ));
-        }
-        // The Bundle's own structure is checked here; each entry's resource
-        // is validated as that entry is processed (a batch entry fails on
-        // its own; a transaction's after its references are resolved).
-        let mut skeleton = bundle.clone();
-        if let Some(es) = skeleton.get_mut("entry").and_then(Value::as_array_mut) {
-            for e in es.iter_mut().filter_map(Value::as_object_mut) {
-                e.remove("resource");
-            }
-        }
-        fhir_api::validated(skeleton)?;
-        let entries = parse_entries(&st, &bundle)?;
-        match bundle.get("type").and_then(Value::as_str) {
-            Some("transaction") => {
-                let entries = entries.into_iter().collect::<Result<Vec<_>, _>>()?;
-                Ok(transaction(&st, &ctx, &h, entries, routes).await)
-            }
-            Some("batch") => Ok(batch(&st, &ctx, &h, entries, routes).await),
-            _ => Err(Failure::bad_request(
-                "POST to the base accepts a Bundle of type batch or transaction",
-            )),
-        }
-    }
-    .await;
-    match result {
-        // Entries' resources are masked like any response.
-        Ok(r) => match crate::rest::mask::masks_of(&ctx) {
-            Some(m) => crate::rest::mask::apply(r, m).await,
-            None => r,
-        },
-        Err(e) => {
-            let status = e.status().as_u16();
-            match pipeline::record(&st, &ctx, "batch", AuditRefs::default(), status, None).await {
-                Ok(()) => e.into_response(),
-                Err(a) => a.into_response(),
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------- batch
-
-/// Run one request through the FHIR routes as if it had arrived on its own,
-/// with the Bundle's caller. Returns the response entry.
-async fn dispatch(svc: &Router, ctx: &RequestCtx, outer: &HeaderMap, e: &Entry) -> (Value, usize) {
-    let mut b = Request::builder()
-        .method(e.verb.method())
-        .uri(format!("/fhir/{}", e.url));
-    for (k, v) in [
-        (header::IF_MATCH.as_str(), &e.if_match),
-        ("if-none-exist", &e.if_none_exist),
-    ] {
-        if let Some(v) = v.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
-            b = b.header(k, v);
-        }
-    }
-    for v in outer.get_all("prefer") {
-        b = b.header("prefer", v.clone());
-    }
-    let body = match &e.resource {
-        Some(r) => {
-            b = b.header(header::CONTENT_TYPE, "application/fhir+json");
-            Body::from(r.to_string())
-        }
-        None => Body::empty(),
-    };
-    let req = match b.body(body) {
-        Ok(mut r) => {
-            r.extensions_mut().insert(ctx.clone());
-            r
-        }
-        Err(_) => {
-            return response_entry_sized(
-                entry_error(e.idx, "request.url is not a valid URL").into_response(),
-            )
-            .await
-        }
-    };
-    match svc.clone().oneshot(req).await {
-        Ok(r) => response_entry_sized(r).await,
-        Err(never) => match never {},
-    }
-}
-
-/// How Bundle entries are routed: the FHIR routes, handed to the Bundle
-/// handler as a request extension by the router that registers it
-/// ([`crate::rest::routes`]), so entries run exactly as if they had arrived
-/// on their own (and this module need not know the routes).
-#[derive(Clone, Copy)]
-pub struct EntryRoutes(pub fn() -> Router<Arc<AppState>>);
-
-impl std::fmt::Debug for EntryRoutes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EntryRoutes")
-    }
-}
-
-/// The FHIR routes, for running entries as if they had arrived on their
-/// own (built once per Bundle).
-fn entry_router(st: &Arc<AppState>, routes: EntryRoutes) -> Router {
-    (routes.0)()
-        .with_state(st.clone())
-        .layer(axum::middleware::from_fn(
-            crate::rest::error::normalize_errors,
-        ))
-}
-
-/// Turn a response into a Bundle response entry.
-async fn response_entry_for(r: Response) -> Value {
-    response_entry_sized(r).await.0
-}
-
-/// [`response_entry_for`], with the size of the entry's resource.
-async fn response_entry_sized(r: Response) -> (Value, usize) {
-    let status = r.status();
-    let (location, etag, modified) = {
-        let hv = |n: header::HeaderName| {
-            r.headers()
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        (
-            hv(header::LOCATION),
-            hv(header::ETAG),
-            hv(header::LAST_MODIFIED),
-        )
-    };
-    let last_modified = modified.and_then(|d| {
-        httpdate::parse_http_date(&d).ok().map(|t| {
-            let ms = t
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
-            format_instant(ms)
-        })
-    });
-    // Responses of our own routes: bounded by the same limits.
-    let bytes = axum::body::to_bytes(r.into_body(), 64 * 1024 * 1024)
-        .await
-        .unwrap_or_default();
-    let size = bytes.len();
-    let body: Option<Value> = serde_json::from_slice(&bytes).ok();
-    let mut resp = json!({"status": status_line(status)});
-    if let Some(l) = location {
-        resp["location"] = json!(l);
-    }
-    if let Some(e) = etag {
-        resp["etag"] = json!(e);
-    }
-    if let Some(m) = last_modified {
-        resp["lastModified"] = json!(m);
-    }
-    let mut entry = json!({});
-    match body {
-        Some(b) if !status.is_success() => resp["outcome"] = b,
-        Some(b) => entry["resource"] = b,
-        None => {}
-    }
-    entry["response"] = resp;
-    (entry, size)
-}
-
-fn status_line(s: StatusCode) -> String {
-    format!("{} {}", s.as_u16(), s.canonical_reason().unwrap_or(""))
-        .trim_end()
-        .to_owned()
-}
-
-async fn batch(
-    st: &Arc<AppState>,
-    ctx: &RequestCtx,
-    h: &HeaderMap,
-    entries: Vec<Result<Entry, Failure>>,
-    routes: EntryRoutes,
-) -> Response {
-    let svc = entry_router(st, routes);
-    let mut out = Vec::with_capacity(entries.len());
-    // The answer is assembled in memory: past `http.max_response_bytes`
-    // the remaining entries are not run, each answered with a
-    // `too-costly` outcome (nothing of theirs happened), so a batch of
-    // thousands of searches cannot hold gigabytes.
-    let cap = st.config.http.max_response_bytes;
-    let mut total = 0usize;
-    for e in entries {
-        if total > cap {
-            let idx = e.as_ref().map(|e| e.idx).unwrap_or(0);
-            out.push(
-                response_entry_for(
-                    Failure::Unprocessable(vec![phylax_fhir::Issue::error(
-                        phylax_fhir::IssueCode::TooCostly,
-                        format!(
-                            "entry {idx} was not processed: the batch's answer passed {cap} bytes (http.max_response_bytes); send the rest in another batch"
-                        ),
-                    )])
-                    .into_response(),
-                )
-                .await,
-            );
-            continue;
-        }
-        let (entry, size) = match e {
-            Ok(e) => dispatch(&svc, ctx, h, &e).await,
-            Err(err) => response_entry_sized(err.into_response()).await,
-        };
-        total = total.saturating_add(size);
-        out.push(entry);
-    }
-    let bundle = json!({
-        "resourceType": "Bundle",
-        "id": uuid::Uuid::new_v4().to_string(),
-        "type": "batch-response",
-        "entry": out,
-    });
-    if let Err(e) = pipeline::record(st, ctx, "batch", AuditRefs::default(), 200, None).await {
-        return e.into_response();
-    }
-    fhir_api::fhir_json(StatusCode::OK, &bundle)
-}
-
-// ---------------------------------------------------------- transaction
 
 /// What one transaction entry will do, once resolved.
 #[derive(Debug)]
-enum Outcome {
+pub(super) enum Outcome {
     /// Index into the planned writes; `created` picks 201 over 200.
     Write { planned: usize, created: bool },
     /// A conditional create that matched: nothing written.
@@ -432,23 +34,23 @@ enum Outcome {
 }
 
 /// A PUT or POST waiting for its references to be rewritten.
-struct PendingPut {
-    idx: usize,
-    rtype: ResourceType,
-    id: ResourceId,
-    version: VersionId,
-    pre: Precondition,
-    created: bool,
-    body: Value,
+pub(super) struct PendingPut {
+    pub(super) idx: usize,
+    pub(super) rtype: ResourceType,
+    pub(super) id: ResourceId,
+    pub(super) version: VersionId,
+    pub(super) pre: Precondition,
+    pub(super) created: bool,
+    pub(super) body: Value,
     /// The live version it replaces, when the write's checks opened it.
-    old: Option<crate::data::repo::ResourceVersion>,
+    pub(super) old: Option<crate::data::repo::ResourceVersion>,
 }
 
 /// Audit bookkeeping per entry: (interaction, type, id).
-type Audited = (&'static str, Option<&'static str>, Option<String>);
+pub(super) type Audited = (&'static str, Option<&'static str>, Option<String>);
 
 /// Check the policy for an entry; a denial is recorded and refuses all.
-async fn allow(
+pub(super) async fn allow(
     st: &AppState,
     ctx: &RequestCtx,
     what: Interaction,
@@ -472,12 +74,12 @@ async fn allow(
     }
 }
 
-fn criteria(q: &str) -> Vec<(String, String)> {
+pub(super) fn criteria(q: &str) -> Vec<(String, String)> {
     Query::parse(Some(q.to_owned())).without_internal().0
 }
 
 /// Resolve a conditional URL (`Type?criteria`) to at most one resource.
-async fn resolve_one(
+pub(super) async fn resolve_one(
     st: &AppState,
     ctx: &RequestCtx,
     rtype: &ResourceType,
@@ -491,7 +93,7 @@ async fn resolve_one(
 }
 
 /// Rewrite every `reference` in `v` found in `map`.
-fn rewrite_references(v: &mut Value, map: &HashMap<String, String>) {
+pub(super) fn rewrite_references(v: &mut Value, map: &HashMap<String, String>) {
     match v {
         Value::Object(o) => {
             for (k, x) in o.iter_mut() {
@@ -510,7 +112,7 @@ fn rewrite_references(v: &mut Value, map: &HashMap<String, String>) {
     }
 }
 
-async fn transaction(
+pub(super) async fn transaction(
     st: &Arc<AppState>,
     ctx: &RequestCtx,
     h: &HeaderMap,
@@ -533,7 +135,7 @@ async fn transaction(
     }
 }
 
-async fn run_transaction(
+pub(super) async fn run_transaction(
     st: &Arc<AppState>,
     ctx: &RequestCtx,
     h: &HeaderMap,
@@ -885,7 +487,11 @@ async fn run_transaction(
     Ok(fhir_api::fhir_json(StatusCode::OK, &bundle))
 }
 
-fn check_body_type(idx: usize, body: &Value, rtype: &ResourceType) -> Result<(), Failure> {
+pub(super) fn check_body_type(
+    idx: usize,
+    body: &Value,
+    rtype: &ResourceType,
+) -> Result<(), Failure> {
     if body.get("resourceType").and_then(Value::as_str) == Some(rtype.as_str()) {
         Ok(())
     } else {
@@ -896,7 +502,12 @@ fn check_body_type(idx: usize, body: &Value, rtype: &ResourceType) -> Result<(),
     }
 }
 
-fn version_entry(st: &AppState, v: &ResourceVersion, status: StatusCode, minimal: bool) -> Value {
+pub(super) fn version_entry(
+    st: &AppState,
+    v: &ResourceVersion,
+    status: StatusCode,
+    minimal: bool,
+) -> Value {
     let mut resp = json!({"status": status_line(status)});
     if !v.deleted {
         resp["location"] = json!(format!("{}/{}/_history/{}", v.rtype, v.id, v.version));

@@ -4,7 +4,7 @@
 use super::entry::{at_entry, entry_error, Entry, Verb};
 use super::routing::{dispatch, entry_router, status_line, EntryRoutes};
 use crate::access::ctx::{AuditRefs, RequestCtx};
-use crate::access::scoped::CheckedWrite;
+use crate::access::scoped::{CheckedWrite, Scoped};
 use crate::base::clock::format_instant;
 use crate::base::error::Failure;
 use crate::data::repo::ResourceVersion;
@@ -135,6 +135,8 @@ pub(super) async fn transaction(
     }
 }
 
+/// A transaction's run: decide every entry, plan every write, commit them
+/// at once, then answer in the Bundle's order.
 pub(super) async fn run_transaction(
     st: &Arc<AppState>,
     ctx: &RequestCtx,
@@ -145,9 +147,30 @@ pub(super) async fn run_transaction(
     let n = entries.len();
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| (entries[i].verb, i));
-
     // 1. Policy for every entry before anything else happens.
+    check_policy(st, ctx, entries, &order).await?;
+    // 2. Resolve ids: deletes, then creates, then updates.
+    let mut plan = Plan::new(st, ctx, n);
     for &i in &order {
+        plan.resolve(i, &mut entries[i]).await?;
+    }
+    // 3. References: entries' fullUrls, then conditional references.
+    plan.resolve_references().await?;
+    // 4. Seal, then commit every write at once (every write's audit record
+    // commits with the writes: all or nothing).
+    let (written, outcomes, audited) = plan.commit().await?;
+    // 5. Responses in the Bundle's order; GETs run now.
+    respond(st, ctx, h, entries, routes, &written, &outcomes, audited).await
+}
+
+/// Step 1: the policy decides every entry first; one denial refuses all.
+async fn check_policy(
+    st: &AppState,
+    ctx: &RequestCtx,
+    entries: &[Entry],
+    order: &[usize],
+) -> Result<(), Failure> {
+    for &i in order {
         let e = &entries[i];
         let (path, _) = e.path_and_query();
         let t = path.split('/').next().unwrap_or("");
@@ -163,20 +186,51 @@ pub(super) async fn run_transaction(
         };
         allow(st, ctx, what, &rtype).await?;
     }
+    Ok(())
+}
 
-    // Checks each written or replaced resource against the caller's reach
-    // and drafts the writes' audit records.
-    let scoped = st.scoped(ctx);
+/// A transaction being planned (steps 2 to 4): what each entry will do.
+struct Plan<'a> {
+    st: &'a AppState,
+    ctx: &'a RequestCtx,
+    /// Checks each written or replaced resource against the caller's
+    /// reach and drafts the writes' audit records.
+    scoped: Scoped<'a>,
+    outcomes: Vec<Option<Outcome>>,
+    audited: Vec<Option<Audited>>,
+    planned: Vec<CheckedWrite>,
+    pending: Vec<PendingPut>,
+    /// Every resource an entry writes (one entry per resource).
+    targets: HashSet<(String, String)>,
+    /// `fullUrl`s and conditional references, to the `Type/id` they name.
+    map: HashMap<String, String>,
+}
 
-    // 2. Resolve ids: deletes, then creates, then updates.
-    let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
-    let mut audited: Vec<Option<Audited>> = (0..n).map(|_| None).collect();
-    let mut planned: Vec<CheckedWrite> = Vec::new();
-    let mut pending: Vec<PendingPut> = Vec::new();
-    let mut targets: HashSet<(String, String)> = HashSet::new();
-    let mut map: HashMap<String, String> = HashMap::new();
-    let mut claim = |idx: usize, rtype: &ResourceType, id: &ResourceId| {
-        if targets.insert((rtype.to_string(), id.to_string())) {
+/// An entry's request URL, split: `Type`, then `id` or `?criteria`.
+struct Target {
+    idx: usize,
+    rtype: ResourceType,
+    id: Option<String>,
+    query: Option<String>,
+}
+
+impl<'a> Plan<'a> {
+    fn new(st: &'a AppState, ctx: &'a RequestCtx, n: usize) -> Plan<'a> {
+        Plan {
+            st,
+            ctx,
+            scoped: st.scoped(ctx),
+            outcomes: (0..n).map(|_| None).collect(),
+            audited: (0..n).map(|_| None).collect(),
+            planned: Vec::new(),
+            pending: Vec::new(),
+            targets: HashSet::new(),
+            map: HashMap::new(),
+        }
+    }
+
+    fn claim(&mut self, idx: usize, rtype: &ResourceType, id: &ResourceId) -> Result<(), Failure> {
+        if self.targets.insert((rtype.to_string(), id.to_string())) {
             Ok(())
         } else {
             Err(entry_error(
@@ -184,263 +238,323 @@ pub(super) async fn run_transaction(
                 "the same resource appears in more than one entry",
             ))
         }
-    };
-    for &i in &order {
-        let e = &mut entries[i];
+    }
+
+    /// Step 2 for entry `i`.
+    async fn resolve(&mut self, i: usize, e: &mut Entry) -> Result<(), Failure> {
         let idx = e.idx;
         let (path, q) = e.path_and_query();
         let mut segs = path.split('/');
         let rtype = parse_type(segs.next().unwrap_or(""))
             .map_err(|_| entry_error(idx, "unknown resource type"))?;
-        let seg_id = segs.next().map(str::to_owned);
+        let id = segs.next().map(str::to_owned);
         if segs.next().is_some() && e.verb != Verb::Get {
             return Err(entry_error(
                 idx,
                 "request.url must be Type, Type/id or Type?criteria",
             ));
         }
-        let q = q.map(str::to_owned);
-        let conditional = q.is_some();
+        let t = Target {
+            idx,
+            rtype,
+            id,
+            query: q.map(str::to_owned),
+        };
         match e.verb {
-            Verb::Get => outcomes[i] = Some(Outcome::Get),
-            Verb::Delete => {
-                let id = match (seg_id, q) {
-                    (Some(id), None) => Some(
-                        ResourceId::parse(&id)
-                            .ok_or_else(|| entry_error(idx, "not a valid FHIR id"))?,
-                    ),
-                    (None, Some(q)) => resolve_one(st, ctx, &rtype, &q)
-                        .await
-                        .map_err(|x| at_entry(idx, x))?
-                        .map(|m| m.id),
-                    _ => return Err(entry_error(idx, "DELETE needs Type/id or Type?criteria")),
-                };
-                let cur = match &id {
-                    Some(id) => scoped.current_row(&rtype, id).await?,
-                    None => None,
-                };
-                let old = match &cur {
-                    Some(_) => scoped
-                        .guard_existing(&rtype, cur.as_ref())
-                        .await
-                        .map_err(|x| at_entry(idx, x.into()))?,
-                    None => None,
-                };
-                match (id, cur) {
-                    (Some(id), Some(cur)) if !cur.deleted => {
-                        let w = scoped.plan_delete(&rtype, &id, &cur)?;
-                        let w = scoped
-                            .check(w, old.as_ref(), "delete")
-                            .map_err(|x| at_entry(idx, x.into()))?;
-                        claim(idx, &rtype, &id)?;
-                        planned.push(w);
-                        outcomes[i] = Some(Outcome::Write {
-                            planned: planned.len() - 1,
-                            created: false,
-                        });
-                    }
-                    // Deleting an id that never existed: 404, as on its own.
-                    (Some(_), None) if !conditional => {
-                        return Err(at_entry(idx, Failure::NotFound))
-                    }
-                    _ => {
-                        audited[i] = Some(("delete", Some(rtype.as_str()), None));
-                        outcomes[i] = Some(Outcome::NothingDeleted);
-                    }
-                }
+            Verb::Get => {
+                self.outcomes[i] = Some(Outcome::Get);
+                Ok(())
             }
-            Verb::Post => {
-                if seg_id.is_some() || q.is_some() {
-                    return Err(entry_error(idx, "POST goes to Type, without an id"));
-                }
-                let body = e.resource.take().unwrap_or(Value::Null);
-                check_body_type(idx, &body, &rtype)?;
-                if let Some(cond) = &e.if_none_exist {
-                    let cond = cond.trim_start_matches('?').to_owned();
-                    if let Some(m) = resolve_one(st, ctx, &rtype, &cond)
-                        .await
-                        .map_err(|x| at_entry(idx, x))?
-                    {
-                        if let Some(f) = &e.full_url {
-                            map.insert(f.clone(), format!("{}/{}", m.rtype, m.id));
-                        }
-                        audited[i] = Some(("create", Some(rtype.as_str()), Some(m.id.to_string())));
-                        outcomes[i] = Some(Outcome::Existing(Box::new(m)));
-                        continue;
-                    }
-                }
-                let id = ResourceId::from_uuid(uuid::Uuid::new_v4());
-                claim(idx, &rtype, &id)?;
-                if let Some(f) = &e.full_url {
-                    map.insert(f.clone(), format!("{rtype}/{id}"));
-                }
-                pending.push(PendingPut {
-                    idx: i,
-                    rtype,
-                    id,
-                    version: VersionId::FIRST,
-                    pre: Precondition::Absent,
-                    created: true,
-                    body,
-                    old: None,
+            Verb::Delete => self.delete(i, t).await,
+            Verb::Post => self.post(i, e, t).await,
+            Verb::Put => self.put(i, e, t).await,
+        }
+    }
+
+    async fn delete(&mut self, i: usize, t: Target) -> Result<(), Failure> {
+        let (idx, rtype) = (t.idx, &t.rtype);
+        let conditional = t.query.is_some();
+        let id = match (t.id, t.query) {
+            (Some(id), None) => Some(
+                ResourceId::parse(&id).ok_or_else(|| entry_error(idx, "not a valid FHIR id"))?,
+            ),
+            (None, Some(q)) => resolve_one(self.st, self.ctx, rtype, &q)
+                .await
+                .map_err(|x| at_entry(idx, x))?
+                .map(|m| m.id),
+            _ => return Err(entry_error(idx, "DELETE needs Type/id or Type?criteria")),
+        };
+        let cur = match &id {
+            Some(id) => self.scoped.current_row(rtype, id).await?,
+            None => None,
+        };
+        let old = match &cur {
+            Some(_) => self
+                .scoped
+                .guard_existing(rtype, cur.as_ref())
+                .await
+                .map_err(|x| at_entry(idx, x.into()))?,
+            None => None,
+        };
+        match (id, cur) {
+            (Some(id), Some(cur)) if !cur.deleted => {
+                let w = self.scoped.plan_delete(rtype, &id, &cur)?;
+                let w = self
+                    .scoped
+                    .check(w, old.as_ref(), "delete")
+                    .map_err(|x| at_entry(idx, x.into()))?;
+                self.claim(idx, rtype, &id)?;
+                self.planned.push(w);
+                self.outcomes[i] = Some(Outcome::Write {
+                    planned: self.planned.len() - 1,
+                    created: false,
                 });
             }
-            Verb::Put => {
-                let mut body = e.resource.take().unwrap_or(Value::Null);
-                check_body_type(idx, &body, &rtype)?;
-                let body_id = body.get("id").and_then(Value::as_str).map(str::to_owned);
-                let id = match (seg_id, q) {
-                    (Some(id), None) => {
-                        let id = ResourceId::parse(&id)
-                            .ok_or_else(|| entry_error(idx, "not a valid FHIR id"))?;
-                        if body_id.as_deref() != Some(id.as_str()) {
+            // Deleting an id that never existed: 404, as on its own.
+            (Some(_), None) if !conditional => return Err(at_entry(idx, Failure::NotFound)),
+            _ => {
+                self.audited[i] = Some(("delete", Some(rtype.as_str()), None));
+                self.outcomes[i] = Some(Outcome::NothingDeleted);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post(&mut self, i: usize, e: &mut Entry, t: Target) -> Result<(), Failure> {
+        let (idx, rtype) = (t.idx, t.rtype);
+        if t.id.is_some() || t.query.is_some() {
+            return Err(entry_error(idx, "POST goes to Type, without an id"));
+        }
+        let body = e.resource.take().unwrap_or(Value::Null);
+        check_body_type(idx, &body, &rtype)?;
+        if let Some(cond) = &e.if_none_exist {
+            let cond = cond.trim_start_matches('?').to_owned();
+            if let Some(m) = resolve_one(self.st, self.ctx, &rtype, &cond)
+                .await
+                .map_err(|x| at_entry(idx, x))?
+            {
+                if let Some(f) = &e.full_url {
+                    self.map.insert(f.clone(), format!("{}/{}", m.rtype, m.id));
+                }
+                self.audited[i] = Some(("create", Some(rtype.as_str()), Some(m.id.to_string())));
+                self.outcomes[i] = Some(Outcome::Existing(Box::new(m)));
+                return Ok(());
+            }
+        }
+        let id = ResourceId::from_uuid(uuid::Uuid::new_v4());
+        self.claim(idx, &rtype, &id)?;
+        if let Some(f) = &e.full_url {
+            self.map.insert(f.clone(), format!("{rtype}/{id}"));
+        }
+        self.pending.push(PendingPut {
+            idx: i,
+            rtype,
+            id,
+            version: VersionId::FIRST,
+            pre: Precondition::Absent,
+            created: true,
+            body,
+            old: None,
+        });
+        Ok(())
+    }
+
+    /// The id a PUT entry writes: from its URL, or the one resource its
+    /// criteria select, or (no match) the body's id or a new one.
+    async fn put_id(&self, t: &Target, body_id: Option<&str>) -> Result<ResourceId, Failure> {
+        let idx = t.idx;
+        match (&t.id, &t.query) {
+            (Some(id), None) => {
+                let id =
+                    ResourceId::parse(id).ok_or_else(|| entry_error(idx, "not a valid FHIR id"))?;
+                if body_id != Some(id.as_str()) {
+                    return Err(entry_error(
+                        idx,
+                        "the resource id must match the id in request.url",
+                    ));
+                }
+                Ok(id)
+            }
+            (None, Some(q)) => {
+                match resolve_one(self.st, self.ctx, &t.rtype, q)
+                    .await
+                    .map_err(|x| at_entry(idx, x))?
+                {
+                    Some(m) => {
+                        if body_id.is_some_and(|b| b != m.id.as_str()) {
                             return Err(entry_error(
                                 idx,
-                                "the resource id must match the id in request.url",
+                                "the resource id does not match the resource the criteria select",
                             ));
                         }
-                        id
+                        Ok(m.id)
                     }
-                    (None, Some(q)) => {
-                        match resolve_one(st, ctx, &rtype, &q)
-                            .await
-                            .map_err(|x| at_entry(idx, x))?
-                        {
-                            Some(m) => {
-                                if body_id.as_deref().is_some_and(|b| b != m.id.as_str()) {
-                                    return Err(entry_error(
-                                        idx,
-                                        "the resource id does not match the resource the criteria select",
-                                    ));
-                                }
-                                m.id
-                            }
-                            None => match body_id.as_deref() {
-                                Some(b) => ResourceId::parse(b)
-                                    .ok_or_else(|| entry_error(idx, "not a valid FHIR id"))?,
-                                None => ResourceId::from_uuid(uuid::Uuid::new_v4()),
-                            },
-                        }
-                    }
-                    _ => return Err(entry_error(idx, "PUT needs Type/id or Type?criteria")),
-                };
-                if let Some(o) = body.as_object_mut() {
-                    o.insert("id".into(), json!(id.as_str()));
+                    None => match body_id {
+                        Some(b) => ResourceId::parse(b)
+                            .ok_or_else(|| entry_error(idx, "not a valid FHIR id")),
+                        None => Ok(ResourceId::from_uuid(uuid::Uuid::new_v4())),
+                    },
                 }
-                claim(idx, &rtype, &id)?;
-                let if_match = match &e.if_match {
-                    Some(m) => Some(fhir_api::parse_etag(m).ok_or_else(|| {
-                        entry_error(idx, "ifMatch must be an ETag such as W/\"3\"")
-                    })?),
-                    None => None,
-                };
-                let cur = scoped.current_row(&rtype, &id).await?;
-                let old = scoped
-                    .guard_existing(&rtype, cur.as_ref())
-                    .await
-                    .map_err(|x| at_entry(idx, x.into()))?;
-                let (version, pre, created) = match cur {
-                    None => {
-                        if if_match.is_some() {
-                            return Err(at_entry(idx, Failure::PreconditionFailed));
-                        }
-                        if !st.config.http.allow_update_create {
-                            return Err(at_entry(
-                                idx,
-                                Failure::MethodNotAllowed(
-                                    "update-as-create is not allowed on this server",
-                                ),
-                            ));
-                        }
-                        allow(st, ctx, Interaction::UpdateCreate, &rtype).await?;
-                        (VersionId::FIRST, Precondition::Absent, true)
-                    }
-                    Some(cur) => {
-                        let cur_v = VersionId::new(cur.version).ok_or(Failure::Conflict)?;
-                        if if_match.is_some_and(|m| m != cur_v) {
-                            return Err(at_entry(idx, Failure::PreconditionFailed));
-                        }
-                        (
-                            cur_v.next(),
-                            Precondition::CurrentIs(cur.version),
-                            cur.deleted,
-                        )
-                    }
-                };
-                if let Some(f) = &e.full_url {
-                    map.insert(f.clone(), format!("{rtype}/{id}"));
-                }
-                pending.push(PendingPut {
-                    idx: i,
-                    rtype,
-                    id,
-                    version,
-                    pre,
-                    created,
-                    body,
-                    old,
-                });
             }
+            _ => Err(entry_error(idx, "PUT needs Type/id or Type?criteria")),
         }
     }
 
-    // 3. References: entries' fullUrls, then conditional references.
-    let mut refs = Vec::new();
-    for p in &pending {
-        fhir_api::collect_references(&p.body, &mut refs);
-    }
-    refs.sort();
-    refs.dedup();
-    for r in refs {
-        if map.contains_key(&r) {
-            continue;
+    async fn put(&mut self, i: usize, e: &mut Entry, t: Target) -> Result<(), Failure> {
+        let idx = t.idx;
+        let mut body = e.resource.take().unwrap_or(Value::Null);
+        check_body_type(idx, &body, &t.rtype)?;
+        let body_id = body.get("id").and_then(Value::as_str).map(str::to_owned);
+        let id = self.put_id(&t, body_id.as_deref()).await?;
+        let rtype = t.rtype;
+        if let Some(o) = body.as_object_mut() {
+            o.insert("id".into(), json!(id.as_str()));
         }
-        if r.starts_with("urn:uuid:") || r.starts_with("urn:oid:") {
-            return Err(Failure::bad_request(
-                "a reference names a urn: fullUrl that no entry in the transaction has",
-            ));
-        }
-        if let Some((t, q)) = r.split_once('?') {
-            let rtype = parse_type(t).map_err(|_| {
-                Failure::bad_request("a conditional reference names an unknown type")
-            })?;
-            match resolve_one(st, ctx, &rtype, q).await? {
-                Some(m) => {
-                    map.insert(r.clone(), format!("{}/{}", m.rtype, m.id));
+        self.claim(idx, &rtype, &id)?;
+        let if_match = match &e.if_match {
+            Some(m) => Some(
+                fhir_api::parse_etag(m)
+                    .ok_or_else(|| entry_error(idx, "ifMatch must be an ETag such as W/\"3\""))?,
+            ),
+            None => None,
+        };
+        let cur = self.scoped.current_row(&rtype, &id).await?;
+        let old = self
+            .scoped
+            .guard_existing(&rtype, cur.as_ref())
+            .await
+            .map_err(|x| at_entry(idx, x.into()))?;
+        let (version, pre, created) = match cur {
+            None => {
+                if if_match.is_some() {
+                    return Err(at_entry(idx, Failure::PreconditionFailed));
                 }
-                None => return Err(Failure::PreconditionFailed),
+                if !self.st.config.http.allow_update_create {
+                    return Err(at_entry(
+                        idx,
+                        Failure::MethodNotAllowed("update-as-create is not allowed on this server"),
+                    ));
+                }
+                allow(self.st, self.ctx, Interaction::UpdateCreate, &rtype).await?;
+                (VersionId::FIRST, Precondition::Absent, true)
             }
+            Some(cur) => {
+                let cur_v = VersionId::new(cur.version).ok_or(Failure::Conflict)?;
+                if if_match.is_some_and(|m| m != cur_v) {
+                    return Err(at_entry(idx, Failure::PreconditionFailed));
+                }
+                (
+                    cur_v.next(),
+                    Precondition::CurrentIs(cur.version),
+                    cur.deleted,
+                )
+            }
+        };
+        if let Some(f) = &e.full_url {
+            self.map.insert(f.clone(), format!("{rtype}/{id}"));
         }
-    }
-
-    // 4. Seal, then commit every write at once.
-    for mut p in pending {
-        rewrite_references(&mut p.body, &map);
-        // Validated once its references are final (a conditional reference
-        // is not a valid reference until resolved).
-        let (_, body) = fhir_api::validated(p.body).map_err(|e| at_entry(p.idx, e))?;
-        p.body = body;
-        let w = scoped
-            .plan_put(&p.rtype, &p.id, p.version, p.body, p.pre)
-            .await?;
-        // Checked as it will be stored (references in canonical form).
-        let what = if p.created { "create" } else { "update" };
-        let w = scoped
-            .check(w, p.old.as_ref(), what)
-            .map_err(|x| at_entry(p.idx, x.into()))?;
-        planned.push(w);
-        outcomes[p.idx] = Some(Outcome::Write {
-            planned: planned.len() - 1,
-            created: p.created,
+        self.pending.push(PendingPut {
+            idx: i,
+            rtype,
+            id,
+            version,
+            pre,
+            created,
+            body,
+            old,
         });
+        Ok(())
     }
-    // Every write's audit record commits with the writes: all or nothing.
-    let written = scoped.commit(planned).await?;
 
-    // 5. Responses in the Bundle's order; GETs run now.
+    /// Step 3: every reference the written resources make to an entry's
+    /// `fullUrl` or by criteria, resolved.
+    async fn resolve_references(&mut self) -> Result<(), Failure> {
+        let mut refs = Vec::new();
+        for p in &self.pending {
+            fhir_api::collect_references(&p.body, &mut refs);
+        }
+        refs.sort();
+        refs.dedup();
+        for r in refs {
+            if self.map.contains_key(&r) {
+                continue;
+            }
+            if r.starts_with("urn:uuid:") || r.starts_with("urn:oid:") {
+                return Err(Failure::bad_request(
+                    "a reference names a urn: fullUrl that no entry in the transaction has",
+                ));
+            }
+            if let Some((t, q)) = r.split_once('?') {
+                let rtype = parse_type(t).map_err(|_| {
+                    Failure::bad_request("a conditional reference names an unknown type")
+                })?;
+                match resolve_one(self.st, self.ctx, &rtype, q).await? {
+                    Some(m) => {
+                        self.map.insert(r.clone(), format!("{}/{}", m.rtype, m.id));
+                    }
+                    None => return Err(Failure::PreconditionFailed),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 4: seal every pending write with its references rewritten,
+    /// check it as it will be stored, and commit all at once. Returns the
+    /// written versions and each entry's outcome and audit bookkeeping.
+    #[allow(clippy::type_complexity)]
+    async fn commit(
+        mut self,
+    ) -> Result<
+        (
+            Vec<ResourceVersion>,
+            Vec<Option<Outcome>>,
+            Vec<Option<Audited>>,
+        ),
+        Failure,
+    > {
+        for mut p in std::mem::take(&mut self.pending) {
+            rewrite_references(&mut p.body, &self.map);
+            // Validated once its references are final (a conditional
+            // reference is not a valid reference until resolved).
+            let (_, body) = fhir_api::validated(p.body).map_err(|e| at_entry(p.idx, e))?;
+            let w = self
+                .scoped
+                .plan_put(&p.rtype, &p.id, p.version, body, p.pre)
+                .await?;
+            // Checked as it will be stored (references in canonical form).
+            let what = if p.created { "create" } else { "update" };
+            let w = self
+                .scoped
+                .check(w, p.old.as_ref(), what)
+                .map_err(|x| at_entry(p.idx, x.into()))?;
+            self.planned.push(w);
+            self.outcomes[p.idx] = Some(Outcome::Write {
+                planned: self.planned.len() - 1,
+                created: p.created,
+            });
+        }
+        let written = self.scoped.commit(self.planned).await?;
+        Ok((written, self.outcomes, self.audited))
+    }
+}
+
+/// Step 5: the response entries in the Bundle's order (GETs run now), the
+/// audit records of entries that wrote nothing, and the transaction's own.
+#[allow(clippy::too_many_arguments)]
+async fn respond(
+    st: &Arc<AppState>,
+    ctx: &RequestCtx,
+    h: &HeaderMap,
+    entries: &[Entry],
+    routes: EntryRoutes,
+    written: &[ResourceVersion],
+    outcomes: &[Option<Outcome>],
+    audited: Vec<Option<Audited>>,
+) -> Result<Response, Failure> {
     let minimal = prefer(h).ret.as_deref() == Some("minimal");
     let svc = entry_router(st, routes);
-    let mut out = Vec::with_capacity(n);
+    let mut out = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let entry = match &outcomes[i] {
             Some(Outcome::Write { planned, created }) => {

@@ -272,32 +272,9 @@ pub fn parse(
         };
         let shown: String = name.chars().take(64).collect();
         if let Some(parts) = union_parts(rtype, code) {
-            // The same search on each part: OR; but "has no such value"
-            // (`:not`, `:missing=true`) must hold for both parts: AND.
-            let mut sub = Vec::new();
-            for part in parts {
-                let n = match modifier {
-                    Some(m) => format!("{part}:{m}"),
-                    None => part.to_owned(),
-                };
-                sub.push(parse(key, fhir_base, rtype, &[(n, value.clone())])?);
-            }
-            if modifier == Some("not") || (modifier == Some("missing") && value == "true") {
-                and.extend(sub.into_iter().flat_map(|p| p.and));
-            } else {
-                let mut group = Vec::new();
-                for p in sub {
-                    match <[Vec<Cond>; 1]>::try_from(p.and) {
-                        Ok([g]) => group.extend(g),
-                        Err(_) => {
-                            return Err(unsupported(format!(
-                                "{shown}: this modifier is not supported here"
-                            )))
-                        }
-                    }
-                }
-                and.push(group);
-            }
+            union_conditions(
+                key, fhir_base, rtype, parts, modifier, value, &shown, &mut and,
+            )?;
             continue;
         }
         if code == "_id" && modifier.is_none() {
@@ -323,23 +300,7 @@ pub fn parse(
             continue;
         };
         if modifier == Some("missing") {
-            let missing = match value.as_str() {
-                "true" => true,
-                "false" => false,
-                _ => return Err(invalid(format!("{shown}: :missing takes true or false"))),
-            };
-            // With components: present if any is present; missing if all are.
-            let mut params = vec![code];
-            params.extend(components(rtype, code));
-            let conds = params.into_iter().map(|p| Cond::Missing {
-                param: p.to_owned(),
-                missing,
-            });
-            if missing {
-                and.extend(conds.map(|c| vec![c]));
-            } else {
-                and.push(conds.collect());
-            }
+            missing_conditions(rtype, code, value, &shown, &mut and)?;
             continue;
         }
         let values = split_values(value);
@@ -351,56 +312,126 @@ pub fn parse(
         if values.iter().any(String::is_empty) {
             return Err(invalid(format!("{shown}: empty value")));
         }
+        let t = Term {
+            key,
+            fhir_base,
+            rtype,
+            code,
+            shown: &shown,
+        };
+        match t.conditions(p.kind, modifier, &values)? {
+            Some(mut group) => {
+                if group.is_empty() {
+                    group.push(Cond::Never);
+                }
+                and.push(group);
+            }
+            // Reported, and matching nothing (as an empty group would).
+            None => {
+                unknown.push(shown);
+                and.push(vec![Cond::Never]);
+            }
+        }
+    }
+    Ok(ParsedSearch { and, unknown })
+}
+
+/// A union parameter (one name over two indexed parts): the same search on
+/// each part, OR-ed; but "has no such value" (`:not`, `:missing=true`)
+/// must hold for both parts: AND.
+#[allow(clippy::too_many_arguments)]
+fn union_conditions(
+    key: &BlindIndexKey,
+    fhir_base: &str,
+    rtype: &ResourceType,
+    parts: [&str; 2],
+    modifier: Option<&str>,
+    value: &str,
+    shown: &str,
+    and: &mut Vec<Vec<Cond>>,
+) -> Result<(), Failure> {
+    let mut sub = Vec::new();
+    for part in parts {
+        let n = match modifier {
+            Some(m) => format!("{part}:{m}"),
+            None => part.to_owned(),
+        };
+        sub.push(parse(key, fhir_base, rtype, &[(n, value.to_owned())])?);
+    }
+    if modifier == Some("not") || (modifier == Some("missing") && value == "true") {
+        and.extend(sub.into_iter().flat_map(|p| p.and));
+    } else {
         let mut group = Vec::new();
-        match (p.kind, modifier) {
+        for p in sub {
+            match <[Vec<Cond>; 1]>::try_from(p.and) {
+                Ok([g]) => group.extend(g),
+                Err(_) => {
+                    return Err(unsupported(format!(
+                        "{shown}: this modifier is not supported here"
+                    )))
+                }
+            }
+        }
+        and.push(group);
+    }
+    Ok(())
+}
+
+/// `:missing=true|false`. With components: present if any is present;
+/// missing if all are.
+fn missing_conditions(
+    rtype: &ResourceType,
+    code: &str,
+    value: &str,
+    shown: &str,
+    and: &mut Vec<Vec<Cond>>,
+) -> Result<(), Failure> {
+    let missing = match value {
+        "true" => true,
+        "false" => false,
+        _ => return Err(invalid(format!("{shown}: :missing takes true or false"))),
+    };
+    let mut params = vec![code];
+    params.extend(components(rtype, code));
+    let conds = params.into_iter().map(|p| Cond::Missing {
+        param: p.to_owned(),
+        missing,
+    });
+    if missing {
+        and.extend(conds.map(|c| vec![c]));
+    } else {
+        and.push(conds.collect());
+    }
+    Ok(())
+}
+
+/// One indexed search parameter of one query, being turned into the OR
+/// group of conditions its comma-separated values make.
+struct Term<'a> {
+    key: &'a BlindIndexKey,
+    fhir_base: &'a str,
+    rtype: &'a ResourceType,
+    code: &'a str,
+    /// The parameter name as the client wrote it (shortened), for errors.
+    shown: &'a str,
+}
+
+impl Term<'_> {
+    /// The OR group for `values`; `None` when this kind and modifier are
+    /// not searched (the parameter is reported as unknown).
+    fn conditions(
+        &self,
+        kind: ParamKind,
+        modifier: Option<&str>,
+        values: &[String],
+    ) -> Result<Option<Vec<Cond>>, Failure> {
+        let (key, code, shown) = (self.key, self.code, self.shown);
+        let mut group = Vec::new();
+        match (kind, modifier) {
             (ParamKind::String, None | Some("exact")) => {
-                // A broad parameter also searches its components' entries.
-                let mut params = vec![code];
-                params.extend(components(rtype, code));
-                for p in params {
-                    let mut hashes = Vec::new();
-                    for v in &values {
-                        if modifier == Some("exact") {
-                            hashes.push(hash(key, &["x", p, v]));
-                        } else {
-                            let n = normalize(v);
-                            if n.chars().count() > MAX_PREFIX {
-                                return Err(unsupported(format!(
-                                    "{shown}: string search values are limited to {MAX_PREFIX} characters (use :exact for longer values)"
-                                )));
-                            }
-                            hashes.push(hash(key, &["s", p, &n]));
-                        }
-                    }
-                    group.push(Cond::Hash {
-                        param: p.to_owned(),
-                        hashes,
-                    });
-                }
+                self.strings(modifier, values, &mut group)?
             }
-            (ParamKind::Token, None | Some("not")) => {
-                let mut hashes = Vec::new();
-                for v in &values {
-                    let h = match split_token(v) {
-                        (None, c) => hash(key, &["tc", code, c]),
-                        (Some(""), c) => hash(key, &["tn", code, c]),
-                        (Some(s), "") => hash(key, &["tS", code, s]),
-                        (Some(s), c) => hash(key, &["ts", code, s, c]),
-                    };
-                    hashes.push(h);
-                }
-                group.push(if modifier == Some("not") {
-                    Cond::NotHash {
-                        param: code.to_owned(),
-                        hashes,
-                    }
-                } else {
-                    Cond::Hash {
-                        param: code.to_owned(),
-                        hashes,
-                    }
-                });
-            }
+            (ParamKind::Token, None | Some("not")) => group.push(self.tokens(modifier, values)),
             (ParamKind::Token, Some("text")) => {
                 let hashes = values
                     .iter()
@@ -411,104 +442,10 @@ pub fn parse(
                     hashes,
                 });
             }
-            (ParamKind::Reference, m) => {
-                let type_mod = match m {
-                    None => None,
-                    Some(t) if ResourceType::parse(t).is_some() => Some(t),
-                    Some(other) => {
-                        return Err(unsupported(format!(
-                            "{shown}: modifier :{} is not supported",
-                            other.chars().take(32).collect::<String>()
-                        )))
-                    }
-                };
-                let mut hashes = Vec::new();
-                for v in &values {
-                    let r = local_reference(v, fhir_base);
-                    let r: &str = &r;
-                    if type_mod.is_none() && phylax_fhir::ids::is_valid_id(r) {
-                        // A bare id: see `MAX_EXPANDED_TARGETS`.
-                        for t in expanded_targets(rtype.as_str(), code) {
-                            hashes.push(hash(key, &["r", code, &format!("{t}/{r}")]));
-                        }
-                    }
-                    let h = match (type_and_id(r), type_mod) {
-                        (Some((t, id)), Some(tm)) if t != tm => {
-                            let _ = id;
-                            continue;
-                        }
-                        (Some((t, id)), _) => hash(key, &["r", code, &format!("{t}/{id}")]),
-                        (None, Some(tm)) if phylax_fhir::ids::is_valid_id(r) => {
-                            hash(key, &["r", code, &format!("{tm}/{r}")])
-                        }
-                        (None, None) if phylax_fhir::ids::is_valid_id(r) => {
-                            hash(key, &["ri", code, r])
-                        }
-                        (None, _) => hash(key, &["r", code, r]),
-                    };
-                    hashes.push(h);
-                }
-                group.push(Cond::Hash {
-                    param: code.to_owned(),
-                    hashes,
-                });
-            }
+            (ParamKind::Reference, m) => group.push(self.references(m, values)?),
             (ParamKind::Composite, None) => {
-                let second = fs::composite_second(rtype, code)
-                    .ok_or_else(|| unsupported(format!("{shown}: not supported")))?;
-                for v in &values {
-                    let (a, b) = v.split_once('$').ok_or_else(|| {
-                        invalid(format!("{shown}: a composite value is token$value"))
-                    })?;
-                    if a.is_empty() || b.is_empty() {
-                        return Err(invalid(format!("{shown}: empty component")));
-                    }
-                    let k1 = composite_query_key(a);
-                    let c = match second {
-                        ParamKind::Token => Cond::Hash {
-                            param: code.to_owned(),
-                            hashes: vec![hash(key, &["ct", code, &k1, &composite_query_key(b)])],
-                        },
-                        ParamKind::String => Cond::Hash {
-                            param: code.to_owned(),
-                            hashes: vec![hash(key, &["cx", code, &k1, &normalize(b)])],
-                        },
-                        ParamKind::Reference => Cond::Hash {
-                            param: code.to_owned(),
-                            hashes: vec![hash(
-                                key,
-                                &["cr", code, &k1, &local_reference(b, fhir_base)],
-                            )],
-                        },
-                        ParamKind::Quantity => match num_cond(code, &shown, b, true, key)? {
-                            Cond::Num {
-                                param, op, lo, hi, ..
-                            } => Cond::Num {
-                                param,
-                                op,
-                                lo,
-                                hi,
-                                // Units of a composite quantity are not
-                                // matched; the first component is.
-                                hashes: Some(vec![hash(key, &["cq", code, &k1])]),
-                            },
-                            other => other,
-                        },
-                        ParamKind::Date => match date_cond(code, &shown, b, false)? {
-                            Cond::Range {
-                                param, op, lo, hi, ..
-                            } => Cond::Range {
-                                param,
-                                op,
-                                lo,
-                                hi,
-                                hashes: Some(vec![hash(key, &["cd", code, &k1])]),
-                            },
-                            other => other,
-                        },
-                        _ => return Err(unsupported(format!("{shown}: not supported"))),
-                    };
-                    group.push(c);
+                for v in values {
+                    group.push(self.composite(v)?);
                 }
             }
             (ParamKind::Uri, None) => {
@@ -518,49 +455,22 @@ pub fn parse(
                     hashes,
                 });
             }
-            (ParamKind::Date, None) if identifying_date(rtype.as_str(), code) => {
-                let mut eq = Vec::new();
-                let mut ne = Vec::new();
-                for v in &values {
-                    let (op, lit) = prefix(v);
-                    let ok_len = matches!(lit.len(), 4 | 7 | 10) && fs::date_range(lit).is_some();
-                    match (op, ok_len) {
-                        (RangeOp::Eq, true) => eq.push(hash(key, &["d", code, lit])),
-                        (RangeOp::Ne, true) => ne.push(hash(key, &["d", code, lit])),
-                        _ => {
-                            return Err(unsupported(format!(
-                                "{shown}: this date identifies a person and is stored blind; search it with eq or ne \
-                                 and a year, year-month or full date"
-                            )))
-                        }
-                    }
-                }
-                if !eq.is_empty() {
-                    group.push(Cond::Hash {
-                        param: code.to_owned(),
-                        hashes: eq,
-                    });
-                }
-                if !ne.is_empty() {
-                    group.push(Cond::NotHash {
-                        param: code.to_owned(),
-                        hashes: ne,
-                    });
-                }
+            (ParamKind::Date, None) if identifying_date(self.rtype.as_str(), code) => {
+                self.blind_dates(values, &mut group)?
             }
             (ParamKind::Date, None) => {
-                for v in &values {
-                    group.push(date_cond(code, &shown, v, false)?);
+                for v in values {
+                    group.push(date_cond(code, shown, v, false)?);
                 }
             }
             (ParamKind::Number, None) => {
-                for v in &values {
-                    group.push(num_cond(code, &shown, v, false, key)?);
+                for v in values {
+                    group.push(num_cond(code, shown, v, false, key)?);
                 }
             }
             (ParamKind::Quantity, None) => {
-                for v in &values {
-                    group.push(num_cond(code, &shown, v, true, key)?);
+                for v in values {
+                    group.push(num_cond(code, shown, v, true, key)?);
                 }
             }
             (_, Some(m)) => {
@@ -569,14 +479,200 @@ pub fn parse(
                     m.chars().take(32).collect::<String>()
                 )))
             }
-            _ => unknown.push(shown),
+            _ => return Ok(None),
         }
-        if group.is_empty() {
-            group.push(Cond::Never);
-        }
-        and.push(group);
+        Ok(Some(group))
     }
-    Ok(ParsedSearch { and, unknown })
+
+    /// Strings: normalised prefixes (the default) or `:exact`. A broad
+    /// parameter also searches its components' entries.
+    fn strings(
+        &self,
+        modifier: Option<&str>,
+        values: &[String],
+        group: &mut Vec<Cond>,
+    ) -> Result<(), Failure> {
+        let mut params = vec![self.code];
+        params.extend(components(self.rtype, self.code));
+        for p in params {
+            let mut hashes = Vec::new();
+            for v in values {
+                if modifier == Some("exact") {
+                    hashes.push(hash(self.key, &["x", p, v]));
+                } else {
+                    let n = normalize(v);
+                    if n.chars().count() > MAX_PREFIX {
+                        return Err(unsupported(format!(
+                            "{}: string search values are limited to {MAX_PREFIX} characters (use :exact for longer values)",
+                            self.shown
+                        )));
+                    }
+                    hashes.push(hash(self.key, &["s", p, &n]));
+                }
+            }
+            group.push(Cond::Hash {
+                param: p.to_owned(),
+                hashes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Tokens: `code`, `system|code`, `|code`, `system|`; `:not` negates.
+    fn tokens(&self, modifier: Option<&str>, values: &[String]) -> Cond {
+        let (key, code) = (self.key, self.code);
+        let hashes = values
+            .iter()
+            .map(|v| match split_token(v) {
+                (None, c) => hash(key, &["tc", code, c]),
+                (Some(""), c) => hash(key, &["tn", code, c]),
+                (Some(s), "") => hash(key, &["tS", code, s]),
+                (Some(s), c) => hash(key, &["ts", code, s, c]),
+            })
+            .collect();
+        if modifier == Some("not") {
+            Cond::NotHash {
+                param: code.to_owned(),
+                hashes,
+            }
+        } else {
+            Cond::Hash {
+                param: code.to_owned(),
+                hashes,
+            }
+        }
+    }
+
+    /// References: `Type/id`, a bare id (every target type, see
+    /// `MAX_EXPANDED_TARGETS`), absolute URLs under this server's base, or
+    /// the `:Type` modifier.
+    fn references(&self, modifier: Option<&str>, values: &[String]) -> Result<Cond, Failure> {
+        let (key, code) = (self.key, self.code);
+        let type_mod = match modifier {
+            None => None,
+            Some(t) if ResourceType::parse(t).is_some() => Some(t),
+            Some(other) => {
+                return Err(unsupported(format!(
+                    "{}: modifier :{} is not supported",
+                    self.shown,
+                    other.chars().take(32).collect::<String>()
+                )))
+            }
+        };
+        let mut hashes = Vec::new();
+        for v in values {
+            let r = local_reference(v, self.fhir_base);
+            let r: &str = &r;
+            if type_mod.is_none() && phylax_fhir::ids::is_valid_id(r) {
+                for t in expanded_targets(self.rtype.as_str(), code) {
+                    hashes.push(hash(key, &["r", code, &format!("{t}/{r}")]));
+                }
+            }
+            let h = match (type_and_id(r), type_mod) {
+                (Some((t, _)), Some(tm)) if t != tm => continue,
+                (Some((t, id)), _) => hash(key, &["r", code, &format!("{t}/{id}")]),
+                (None, Some(tm)) if phylax_fhir::ids::is_valid_id(r) => {
+                    hash(key, &["r", code, &format!("{tm}/{r}")])
+                }
+                (None, None) if phylax_fhir::ids::is_valid_id(r) => hash(key, &["ri", code, r]),
+                (None, _) => hash(key, &["r", code, r]),
+            };
+            hashes.push(h);
+        }
+        Ok(Cond::Hash {
+            param: code.to_owned(),
+            hashes,
+        })
+    }
+
+    /// One composite value, `token$value`.
+    fn composite(&self, v: &str) -> Result<Cond, Failure> {
+        let (key, code, shown) = (self.key, self.code, self.shown);
+        let second = fs::composite_second(self.rtype, code)
+            .ok_or_else(|| unsupported(format!("{shown}: not supported")))?;
+        let (a, b) = v
+            .split_once('$')
+            .ok_or_else(|| invalid(format!("{shown}: a composite value is token$value")))?;
+        if a.is_empty() || b.is_empty() {
+            return Err(invalid(format!("{shown}: empty component")));
+        }
+        let k1 = composite_query_key(a);
+        let hashed = |h: Vec<u8>| Cond::Hash {
+            param: code.to_owned(),
+            hashes: vec![h],
+        };
+        Ok(match second {
+            ParamKind::Token => hashed(hash(key, &["ct", code, &k1, &composite_query_key(b)])),
+            ParamKind::String => hashed(hash(key, &["cx", code, &k1, &normalize(b)])),
+            ParamKind::Reference => hashed(hash(
+                key,
+                &["cr", code, &k1, &local_reference(b, self.fhir_base)],
+            )),
+            ParamKind::Quantity => match num_cond(code, shown, b, true, key)? {
+                Cond::Num {
+                    param, op, lo, hi, ..
+                } => Cond::Num {
+                    param,
+                    op,
+                    lo,
+                    hi,
+                    // Units of a composite quantity are not matched; the
+                    // first component is.
+                    hashes: Some(vec![hash(key, &["cq", code, &k1])]),
+                },
+                other => other,
+            },
+            ParamKind::Date => match date_cond(code, shown, b, false)? {
+                Cond::Range {
+                    param, op, lo, hi, ..
+                } => Cond::Range {
+                    param,
+                    op,
+                    lo,
+                    hi,
+                    hashes: Some(vec![hash(key, &["cd", code, &k1])]),
+                },
+                other => other,
+            },
+            _ => return Err(unsupported(format!("{shown}: not supported"))),
+        })
+    }
+
+    /// Dates that identify a person are stored blind: only `eq` and `ne`
+    /// on a year, year-month or full date.
+    fn blind_dates(&self, values: &[String], group: &mut Vec<Cond>) -> Result<(), Failure> {
+        let (key, code) = (self.key, self.code);
+        let mut eq = Vec::new();
+        let mut ne = Vec::new();
+        for v in values {
+            let (op, lit) = prefix(v);
+            let ok_len = matches!(lit.len(), 4 | 7 | 10) && fs::date_range(lit).is_some();
+            match (op, ok_len) {
+                (RangeOp::Eq, true) => eq.push(hash(key, &["d", code, lit])),
+                (RangeOp::Ne, true) => ne.push(hash(key, &["d", code, lit])),
+                _ => {
+                    return Err(unsupported(format!(
+                        "{}: this date identifies a person and is stored blind; search it with eq or ne \
+                         and a year, year-month or full date",
+                        self.shown
+                    )))
+                }
+            }
+        }
+        if !eq.is_empty() {
+            group.push(Cond::Hash {
+                param: code.to_owned(),
+                hashes: eq,
+            });
+        }
+        if !ne.is_empty() {
+            group.push(Cond::NotHash {
+                param: code.to_owned(),
+                hashes: ne,
+            });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

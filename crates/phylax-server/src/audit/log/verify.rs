@@ -41,7 +41,9 @@ impl AuditLog {
     }
 
     /// [`AuditLog::verify`] as of `now` (ms): retention is judged against
-    /// it, as [`AuditLog::prune`] takes its time.
+    /// it, as [`AuditLog::prune`] takes its time. Every problem is
+    /// collected, not only the first: an operator on the day of a breach
+    /// needs the whole picture.
     pub async fn verify_at(
         &self,
         external: &[String],
@@ -49,233 +51,31 @@ impl AuditLog {
         now: i64,
     ) -> Result<VerifyReport, AuditError> {
         self.flush().await?;
-        use phylax_audit::checkpoint::open_signed;
-        use phylax_audit::merkle;
-        // Every problem found, not only the first: an operator on the day
-        // of a breach needs the whole picture.
-        let mut problems: Vec<String> = Vec::new();
         let (records, sealed) = self.store.audit_counts().await?;
-        let mut report = VerifyReport {
-            records,
-            sealed,
-            ..Default::default()
+        let mut v = Verification {
+            log: self,
+            problems: Vec::new(),
+            report: VerifyReport {
+                records,
+                sealed,
+                ..Default::default()
+            },
+            expected: PatientDigest::default(),
+            pruned_ids: Default::default(),
+            pruned_at: Vec::new(),
+            leaves: Vec::with_capacity(sealed as usize),
         };
-        // The per-patient entries the readable records call for, as an
-        // order-free digest (a sum of hashes of (patient key, record id)).
-        let mut expected = PatientDigest::default();
-        let mut pruned_ids: std::collections::HashSet<i64> = Default::default();
-        let mut pruned_at: Vec<u64> = Vec::new();
-        let mut leaves: Vec<Hash> = Vec::with_capacity(sealed as usize);
-        let mut gap = false;
-        loop {
-            let rows = self
-                .store
-                .audit_by_index(leaves.len() as u64, 10_000)
-                .await?;
-            if rows.is_empty() {
-                break;
-            }
-            for r in rows {
-                if r.leaf_index != Some(leaves.len() as u64) {
-                    problems.push(format!(
-                        "tree position {} is missing (a record was deleted or moved)",
-                        leaves.len()
-                    ));
-                    gap = true;
-                    break;
-                }
-                if r.sealed.is_empty() {
-                    // Pruned: only its leaf hash is left, which the
-                    // checkpoints still cover; its age is checked against
-                    // the signed time of the checkpoint that first covers
-                    // it (the `recorded` column is not authenticated).
-                    pruned_ids.insert(r.id);
-                    pruned_at.push(leaves.len() as u64);
-                    report.pruned += 1;
-                } else {
-                    match self.open_row(&r) {
-                        Ok(v) => expected.add_record(self, r.id, &v),
-                        Err(_) => problems.push(format!(
-                            "record at position {} was altered or forged",
-                            leaves.len()
-                        )),
-                    }
-                }
-                match to_hash(&r.leaf_hash) {
-                    Some(h) => leaves.push(h),
-                    None => {
-                        problems.push(format!(
-                            "record at position {} has no valid leaf hash",
-                            leaves.len()
-                        ));
-                        gap = true;
-                        break;
-                    }
-                }
-            }
-            if gap {
-                break;
-            }
-        }
-        if !gap && leaves.len() as u64 != sealed {
-            problems.push(format!(
-                "{} records in order, but positions reach {sealed}",
-                leaves.len()
-            ));
-        }
-        // Records awaiting their checkpoint count too (their entries are
-        // written with them); one that does not open is a forgery.
-        let mut last_pending = i64::MIN;
-        let mut pending_seen = 0u64;
-        loop {
-            let rows = self.store.audit_unsealed(last_pending, 10_000).await?;
-            if rows.is_empty() {
-                break;
-            }
-            pending_seen += rows.len() as u64;
-            for r in &rows {
-                match self.open_row(r) {
-                    Ok(v) => expected.add_record(self, r.id, &v),
-                    Err(_) => problems.push(format!(
-                        "record {} awaiting its checkpoint was not written by Phylax (forged or altered)",
-                        r.id
-                    )),
-                }
-            }
-            last_pending = rows.last().map_or(last_pending, |r| r.id);
-            if rows.len() < 10_000 {
-                break;
-            }
-        }
-        // Queue entries naming no record are the sealer's to remove (it
-        // does, with an alert); here only records outside both count.
-        let outside = records.saturating_sub(sealed + pending_seen);
-        if outside > 0 {
-            problems.push(format!(
-                "{outside} record(s) are neither in the tree nor awaiting it (rows put in by hand and refused by the sealer)"
-            ));
-        }
-        let n = leaves.len() as u64;
-        let mut f = Frontier::new();
-        let mut after = 0;
-        let mut pruned_next = 0usize;
-        'cps: loop {
-            let cps = self.store.checkpoints(after, 1000).await?;
-            if cps.is_empty() {
-                break;
-            }
-            for c in cps {
-                after = c.size;
-                let cp = match open_signed(&c.note, &self.verifier) {
-                    Ok(cp) => cp,
-                    Err(e) => {
-                        problems.push(format!("checkpoint {}: {e}", c.size));
-                        continue;
-                    }
-                };
-                if cp.size != c.size {
-                    problems.push(format!("checkpoint row {} holds size {}", c.size, cp.size));
-                    continue;
-                }
-                if cp.size > n {
-                    problems.push(format!(
-                        "the log was truncated: checkpoint {} signed {} records, {n} remain",
-                        cp.size, cp.size
-                    ));
-                    break 'cps;
-                }
-                while f.size() < cp.size {
-                    f.push(leaves[f.size() as usize]);
-                }
-                if f.root() != cp.root {
-                    problems.push(format!(
-                        "the records no longer match checkpoint {} (edited, inserted or reordered)",
-                        cp.size
-                    ));
-                }
-                // Pruned records this checkpoint is the first to cover
-                // were recorded before its signed time.
-                while pruned_next < pruned_at.len() && pruned_at[pruned_next] < cp.size {
-                    if cp.time_ms - PRUNE_SLACK_MS > now - self.retention_ms {
-                        problems.push(format!(
-                            "record at position {} was pruned before its retention ended (its first checkpoint was signed {})",
-                            pruned_at[pruned_next],
-                            phylax_audit::event::instant(cp.time_ms)
-                        ));
-                    }
-                    pruned_next += 1;
-                }
-                report.checkpoints += 1;
-                report.latest = Some(cp);
-            }
-        }
-        for note in external {
-            let cp = match open_signed(note, &self.verifier) {
-                Ok(cp) => cp,
-                Err(e) => {
-                    problems.push(format!("outside checkpoint: {e}"));
-                    continue;
-                }
-            };
-            if cp.size > n {
-                problems.push(format!(
-                    "the log was truncated: an outside checkpoint signed {} records, {n} remain",
-                    cp.size
-                ));
-                continue;
-            }
-            if cp.size > 0 {
-                let consistent = merkle::consistency_proof(cp.size as usize, &leaves)
-                    .ok()
-                    .map(|p| p.iter().map(|h| h.to_vec()).collect::<Vec<Vec<u8>>>())
-                    .is_some_and(|proof| {
-                        merkle::verify_consistency(
-                            cp.size,
-                            n,
-                            &proof,
-                            &cp.root,
-                            &merkle::root(&leaves),
-                        )
-                        .is_ok()
-                    });
-                if !consistent {
-                    problems.push(format!(
-                        "the log is not consistent with outside checkpoint {}",
-                        cp.size
-                    ));
-                    continue;
-                }
-            }
-            report.external += 1;
-        }
-        if n > 0 && report.latest.as_ref().map(|c| c.size) != Some(n) {
-            problems.push(format!(
-                "{n} records are in the tree but no checkpoint covers them all"
-            ));
-        }
-        // The per-patient entries, rebuilt from the records, must be the
-        // ones stored: deleting them (to empty a patient's access log) or
-        // adding some is found here.
-        let mut actual = PatientDigest::default();
-        let mut cursor = None;
-        loop {
-            let rows = self.store.audit_patient_entries(cursor, 50_000).await?;
-            let Some(last) = rows.last().copied() else {
-                break;
-            };
-            for (key, audit_id) in &rows {
-                if !pruned_ids.contains(audit_id) {
-                    actual.add(key, *audit_id);
-                }
-            }
-            cursor = Some(last);
-        }
-        if actual != expected {
-            problems.push(format!(
-                "the per-patient index does not match the records ({} entries stored for readable records, {} expected): entries were deleted or added, so patients' access logs are incomplete",
-                actual.count, expected.count
-            ));
-        }
+        v.read_tree().await?;
+        v.read_pending().await?;
+        v.check_checkpoints(now).await?;
+        v.check_external(external);
+        v.check_patient_entries().await?;
+        let Verification {
+            mut problems,
+            mut report,
+            leaves,
+            ..
+        } = v;
         if let Some(id) = event {
             match self.inclusion(id, &report, &leaves).await {
                 Ok(i) => report.inclusion = Some(i),
@@ -331,6 +131,269 @@ impl AuditLog {
         merkle::verify_inclusion(i, latest.size, &row.leaf_hash, &proof, &latest.root)
             .map_err(|_| bad(format!("record {id} is not in checkpoint {}", latest.size)))?;
         Ok((i, latest.size, proof.len()))
+    }
+}
+
+/// A verification in progress: what was read so far and every problem
+/// found.
+struct Verification<'a> {
+    log: &'a AuditLog,
+    problems: Vec<String>,
+    report: VerifyReport,
+    /// The per-patient entries the readable records call for, as an
+    /// order-free digest (a sum of hashes of (patient key, record id)).
+    expected: PatientDigest,
+    pruned_ids: std::collections::HashSet<i64>,
+    /// Tree positions of pruned records.
+    pruned_at: Vec<u64>,
+    leaves: Vec<Hash>,
+}
+
+impl Verification<'_> {
+    /// Every sealed record in tree order: contiguous positions, each opens
+    /// (or was pruned) and has a leaf hash.
+    async fn read_tree(&mut self) -> Result<(), AuditError> {
+        let sealed = self.report.sealed;
+        loop {
+            let rows = self
+                .log
+                .store
+                .audit_by_index(self.leaves.len() as u64, 10_000)
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in rows {
+                if !self.read_leaf(r) {
+                    return Ok(());
+                }
+            }
+        }
+        if self.leaves.len() as u64 != sealed {
+            self.problems.push(format!(
+                "{} records in order, but positions reach {sealed}",
+                self.leaves.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// One sealed record; false at a gap (the tree cannot be read on).
+    fn read_leaf(&mut self, r: AuditRow) -> bool {
+        let at = self.leaves.len();
+        if r.leaf_index != Some(at as u64) {
+            self.problems.push(format!(
+                "tree position {at} is missing (a record was deleted or moved)"
+            ));
+            return false;
+        }
+        if r.sealed.is_empty() {
+            // Pruned: only its leaf hash is left, which the checkpoints
+            // still cover; its age is checked against the signed time of
+            // the checkpoint that first covers it (the `recorded` column is
+            // not authenticated).
+            self.pruned_ids.insert(r.id);
+            self.pruned_at.push(at as u64);
+            self.report.pruned += 1;
+        } else {
+            match self.log.open_row(&r) {
+                Ok(v) => self.expected.add_record(self.log, r.id, &v),
+                Err(_) => self
+                    .problems
+                    .push(format!("record at position {at} was altered or forged")),
+            }
+        }
+        match to_hash(&r.leaf_hash) {
+            Some(h) => {
+                self.leaves.push(h);
+                true
+            }
+            None => {
+                self.problems
+                    .push(format!("record at position {at} has no valid leaf hash"));
+                false
+            }
+        }
+    }
+
+    /// Records awaiting their checkpoint count too (their entries are
+    /// written with them); one that does not open is a forgery. Queue
+    /// entries naming no record are the sealer's to remove (it does, with
+    /// an alert); here only records outside both count.
+    async fn read_pending(&mut self) -> Result<(), AuditError> {
+        let mut last_pending = i64::MIN;
+        let mut pending_seen = 0u64;
+        loop {
+            let rows = self.log.store.audit_unsealed(last_pending, 10_000).await?;
+            if rows.is_empty() {
+                break;
+            }
+            pending_seen += rows.len() as u64;
+            for r in &rows {
+                match self.log.open_row(r) {
+                    Ok(v) => self.expected.add_record(self.log, r.id, &v),
+                    Err(_) => self.problems.push(format!(
+                        "record {} awaiting its checkpoint was not written by Phylax (forged or altered)",
+                        r.id
+                    )),
+                }
+            }
+            last_pending = rows.last().map_or(last_pending, |r| r.id);
+            if rows.len() < 10_000 {
+                break;
+            }
+        }
+        let outside = self
+            .report
+            .records
+            .saturating_sub(self.report.sealed + pending_seen);
+        if outside > 0 {
+            self.problems.push(format!(
+                "{outside} record(s) are neither in the tree nor awaiting it (rows put in by hand and refused by the sealer)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every stored checkpoint: signed by the log's key, matching the tree
+    /// at its size, and (for pruned records it is the first to cover)
+    /// signed before their retention ended.
+    async fn check_checkpoints(&mut self, now: i64) -> Result<(), AuditError> {
+        use phylax_audit::checkpoint::open_signed;
+        let n = self.leaves.len() as u64;
+        let mut f = Frontier::new();
+        let mut after = 0;
+        let mut pruned_next = 0usize;
+        'cps: loop {
+            let cps = self.log.store.checkpoints(after, 1000).await?;
+            if cps.is_empty() {
+                break;
+            }
+            for c in cps {
+                after = c.size;
+                let cp = match open_signed(&c.note, &self.log.verifier) {
+                    Ok(cp) => cp,
+                    Err(e) => {
+                        self.problems.push(format!("checkpoint {}: {e}", c.size));
+                        continue;
+                    }
+                };
+                if cp.size != c.size {
+                    self.problems
+                        .push(format!("checkpoint row {} holds size {}", c.size, cp.size));
+                    continue;
+                }
+                if cp.size > n {
+                    self.problems.push(format!(
+                        "the log was truncated: checkpoint {} signed {} records, {n} remain",
+                        cp.size, cp.size
+                    ));
+                    break 'cps;
+                }
+                while f.size() < cp.size {
+                    f.push(self.leaves[f.size() as usize]);
+                }
+                if f.root() != cp.root {
+                    self.problems.push(format!(
+                        "the records no longer match checkpoint {} (edited, inserted or reordered)",
+                        cp.size
+                    ));
+                }
+                while pruned_next < self.pruned_at.len() && self.pruned_at[pruned_next] < cp.size {
+                    if cp.time_ms - PRUNE_SLACK_MS > now - self.log.retention_ms {
+                        self.problems.push(format!(
+                            "record at position {} was pruned before its retention ended (its first checkpoint was signed {})",
+                            self.pruned_at[pruned_next],
+                            phylax_audit::event::instant(cp.time_ms)
+                        ));
+                    }
+                    pruned_next += 1;
+                }
+                self.report.checkpoints += 1;
+                self.report.latest = Some(cp);
+            }
+        }
+        if n > 0 && self.report.latest.as_ref().map(|c| c.size) != Some(n) {
+            self.problems.push(format!(
+                "{n} records are in the tree but no checkpoint covers them all"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Outside checkpoints (signed notes saved earlier) must be consistent
+    /// with today's tree.
+    fn check_external(&mut self, external: &[String]) {
+        use phylax_audit::checkpoint::open_signed;
+        use phylax_audit::merkle;
+        let n = self.leaves.len() as u64;
+        for note in external {
+            let cp = match open_signed(note, &self.log.verifier) {
+                Ok(cp) => cp,
+                Err(e) => {
+                    self.problems.push(format!("outside checkpoint: {e}"));
+                    continue;
+                }
+            };
+            if cp.size > n {
+                self.problems.push(format!(
+                    "the log was truncated: an outside checkpoint signed {} records, {n} remain",
+                    cp.size
+                ));
+                continue;
+            }
+            if cp.size > 0 {
+                let leaves = &self.leaves;
+                let consistent = merkle::consistency_proof(cp.size as usize, leaves)
+                    .ok()
+                    .map(|p| p.iter().map(|h| h.to_vec()).collect::<Vec<Vec<u8>>>())
+                    .is_some_and(|proof| {
+                        merkle::verify_consistency(
+                            cp.size,
+                            n,
+                            &proof,
+                            &cp.root,
+                            &merkle::root(leaves),
+                        )
+                        .is_ok()
+                    });
+                if !consistent {
+                    self.problems.push(format!(
+                        "the log is not consistent with outside checkpoint {}",
+                        cp.size
+                    ));
+                    continue;
+                }
+            }
+            self.report.external += 1;
+        }
+    }
+
+    /// The per-patient entries, rebuilt from the records, must be the ones
+    /// stored: deleting them (to empty a patient's access log) or adding
+    /// some is found here.
+    async fn check_patient_entries(&mut self) -> Result<(), AuditError> {
+        let mut actual = PatientDigest::default();
+        let mut cursor = None;
+        loop {
+            let rows = self.log.store.audit_patient_entries(cursor, 50_000).await?;
+            let Some(last) = rows.last().copied() else {
+                break;
+            };
+            for (key, audit_id) in &rows {
+                if !self.pruned_ids.contains(audit_id) {
+                    actual.add(key, *audit_id);
+                }
+            }
+            cursor = Some(last);
+        }
+        if actual != self.expected {
+            self.problems.push(format!(
+                "the per-patient index does not match the records ({} entries stored for readable records, {} expected): entries were deleted or added, so patients' access logs are incomplete",
+                actual.count, self.expected.count
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -19,20 +19,20 @@
 //!   factors both count).
 //! - **Clickjacking**: `frame-ancestors 'none'`.
 
-use crate::data::accounts::{Accounts, SecondFactor, Status, User};
+use crate::data::accounts::{Accounts, Passkey, SecondFactor, Status, User};
 use crate::data::grants::{Kind, Taken};
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use maud::{html, Markup, PreEscaped, Render};
 use phylax_audit::event::{Action, EventKind, Outcome, UserRef};
 use phylax_auth::pkce::Challenge;
 use phylax_auth::smart::{Holder, SmartScopes};
 use phylax_crypto::password::Verified;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -120,21 +120,23 @@ pub struct CodeDetails {
 }
 
 // ---------------------------------------------------------------- HTML
+//
+// Every page is a maud template: text and attribute values are escaped as
+// they are inserted, so no page is assembled from strings by hand.
 
-/// HTML-escape text and attribute values.
-fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
+/// The doctype: a fixed constant, the only markup not made by `html!`.
+const DOCTYPE: PreEscaped<&str> = PreEscaped("<!doctype html>");
+
+/// JSON for a `<script type="application/json">` element. A script's text
+/// is not HTML-decoded, so entity escaping would corrupt the JSON; what it
+/// must not contain is `<` (`</script>`, `<!--`), so every `<` becomes
+/// `\u003c`, which JSON reads as the same character.
+struct ScriptJson<'a>(&'a str);
+
+impl Render for ScriptJson<'_> {
+    fn render_to(&self, buffer: &mut String) {
+        buffer.push_str(&self.0.replace('<', "\\u003c"));
     }
-    o
 }
 
 /// The origin (`scheme://host[:port]`) of a URL, for `form-action`: Chrome
@@ -148,7 +150,7 @@ fn origin(url: &str) -> Option<&str> {
 struct Page {
     status: StatusCode,
     title: &'static str,
-    body: String,
+    body: Markup,
     cookies: Vec<String>,
     /// Extra `form-action` source (the app's redirect origin).
     redirect_origin: Option<String>,
@@ -157,7 +159,7 @@ struct Page {
 }
 
 impl Page {
-    fn new(status: StatusCode, title: &'static str, body: String) -> Page {
+    fn new(status: StatusCode, title: &'static str, body: Markup) -> Page {
         Page {
             status,
             title,
@@ -167,18 +169,25 @@ impl Page {
             scripts: false,
         }
     }
+
+    fn html(&self) -> Markup {
+        html! {
+            (DOCTYPE)
+            html lang="en" {
+                head {
+                    meta charset="utf-8";
+                    meta name="viewport" content="width=device-width, initial-scale=1";
+                    title { (self.title) " · Phylax" }
+                }
+                body { main { h1 { (self.title) } (self.body) } }
+            }
+        }
+    }
 }
 
 impl IntoResponse for Page {
     fn into_response(self) -> Response {
-        let html = format!(
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-             <title>{t} · Phylax</title></head><body><main><h1>{t}</h1>{b}</main></body></html>",
-            t = esc(self.title),
-            b = self.body
-        );
-        let mut r = (self.status, html).into_response();
+        let mut r = (self.status, self.html().into_string()).into_response();
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -211,7 +220,7 @@ impl IntoResponse for Page {
 }
 
 fn error_page(status: StatusCode, msg: &str) -> Response {
-    Page::new(status, "Cannot sign in", format!("<p>{}</p>", esc(msg))).into_response()
+    Page::new(status, "Cannot sign in", html! { p { (msg) } }).into_response()
 }
 
 fn cookie(name: &str, value: &str, same_site: &str, max_age: i64) -> String {
@@ -312,75 +321,91 @@ fn peer(ext: &axum::http::Extensions) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn hidden(name: &str, value: &str) -> String {
-    format!(
-        "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
-        esc(name),
-        esc(value)
-    )
+fn hidden(name: &str, value: &str) -> Markup {
+    html! { input type="hidden" name=(name) value=(value); }
 }
 
-fn login_form(csrf: &str, message: Option<&str>) -> String {
-    let mut b = String::new();
-    if let Some(m) = message {
-        let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
+/// A message at the top of a form (a refused code, a wait).
+fn alert(message: Option<&str>) -> Markup {
+    html! {
+        @if let Some(m) = message {
+            p role="alert" { strong { (m) } }
+        }
     }
-    let _ = write!(
-        b,
-        "<form method=\"post\" action=\"/auth/login\">{}\
-         <p><label>Username <input name=\"username\" autocomplete=\"username\" required autofocus></label></p>\
-         <p><label>Password <input type=\"password\" name=\"password\" autocomplete=\"current-password\" required></label></p>\
-         <p><button type=\"submit\">Sign in</button></p></form>",
-        hidden("csrf", csrf)
-    );
-    b
+}
+
+fn login_form(csrf: &str, message: Option<&str>) -> Markup {
+    html! {
+        (alert(message))
+        form method="post" action="/auth/login" {
+            (hidden("csrf", csrf))
+            p { label { "Username " input name="username" autocomplete="username" required autofocus; } }
+            p { label { "Password " input type="password" name="password" autocomplete="current-password" required; } }
+            p { button type="submit" { "Sign in" } }
+        }
+    }
+}
+
+/// What a passkey block asks the browser for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PasskeyMode {
+    /// Sign in with an existing passkey.
+    Get,
+    /// Register a new passkey.
+    Create,
 }
 
 /// The passkey part of a page: the WebAuthn options as JSON for the small
-/// script (`/auth/passkey.js`), a button it reveals, and the form it posts.
-/// Without JavaScript nothing shows and the other forms still work.
-fn passkey_block(csrf: &str, mode: &str, options_json: &str, action: &str, label: &str) -> String {
-    // JSON inside a script element: no "<" may appear raw.
-    let json = options_json.replace('<', "\\u003c");
-    let name_field = if mode == "create" {
-        "<p><label>Name for this passkey <input name=\"name\" value=\"Passkey\" maxlength=\"64\"></label></p>"
-    } else {
-        ""
+/// script (`/auth/passkey.js`), a button it reveals, and the form it posts
+/// (`extra`: more fields for that form). Without JavaScript nothing shows
+/// and the other forms still work.
+fn passkey_block(
+    csrf: &str,
+    mode: PasskeyMode,
+    options_json: &str,
+    action: &str,
+    label: &str,
+    extra: Markup,
+) -> Markup {
+    let mode_name = match mode {
+        PasskeyMode::Get => "get",
+        PasskeyMode::Create => "create",
     };
-    format!(
-        "<script type=\"application/json\" id=\"passkey-options\" data-mode=\"{mode}\">{json}</script>\
-         <form method=\"post\" action=\"{action}\" id=\"passkey-form\">{}<input type=\"hidden\" name=\"passkey\" value=\"\">\
-         {name_field}<p><button type=\"button\" id=\"passkey-button\" hidden>{}</button></p>\
-         <p id=\"passkey-error\" role=\"alert\"></p></form>\
-         <script src=\"/auth/passkey.js\"></script>",
-        hidden("csrf", csrf),
-        esc(label)
-    )
+    html! {
+        script type="application/json" id="passkey-options" data-mode=(mode_name) {
+            (ScriptJson(options_json))
+        }
+        form method="post" action=(action) id="passkey-form" {
+            (hidden("csrf", csrf))
+            input type="hidden" name="passkey" value="";
+            (extra)
+            @if mode == PasskeyMode::Create {
+                p { label { "Name for this passkey " input name="name" value="Passkey" maxlength="64"; } }
+            }
+            p { button type="button" id="passkey-button" hidden { (label) } }
+            p id="passkey-error" role="alert" {}
+        }
+        script src="/auth/passkey.js" {}
+    }
 }
 
-fn mfa_form(csrf: &str, message: Option<&str>, passkey: Option<&str>) -> String {
-    let mut b = String::new();
-    if let Some(m) = message {
-        let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
+fn mfa_form(csrf: &str, message: Option<&str>, passkey: Option<&str>) -> Markup {
+    html! {
+        (alert(message))
+        @if let Some(opts) = passkey {
+            (passkey_block(csrf, PasskeyMode::Get, opts, "/auth/mfa/passkey", "Use a passkey", html! {}))
+        }
+        form method="post" action="/auth/mfa" {
+            (hidden("csrf", csrf))
+            p {
+                label {
+                    "Code from your authenticator app, or a recovery code "
+                    input name="code" autocomplete="one-time-code" inputmode="text" required autofocus;
+                }
+            }
+            p { button type="submit" { "Verify" } }
+        }
     }
-    if let Some(opts) = passkey {
-        b.push_str(&passkey_block(
-            csrf,
-            "get",
-            opts,
-            "/auth/mfa/passkey",
-            "Use a passkey",
-        ));
-    }
-    let _ = write!(
-        b,
-        "<form method=\"post\" action=\"/auth/mfa\">{}\
-         <p><label>Code from your authenticator app, or a recovery code \
-         <input name=\"code\" autocomplete=\"one-time-code\" inputmode=\"text\" required autofocus></label></p>\
-         <p><button type=\"submit\">Verify</button></p></form>",
-        hidden("csrf", csrf)
-    );
-    b
 }
 
 fn otpauth_uri(issuer: &str, account: &str, secret_b32: &str) -> String {
@@ -411,61 +436,78 @@ fn enroll_totp_form(
     secret_b32: &str,
     message: Option<&str>,
     passkey: Option<&str>,
-) -> String {
-    let mut b = String::new();
-    if let Some(m) = message {
-        let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
+) -> Markup {
+    html! {
+        (alert(message))
+        p { "Your account needs a second factor." }
+        @if let Some(opts) = passkey {
+            h2 { "A passkey (recommended)" }
+            p { "Your device's screen lock, fingerprint or face, or a security key." }
+            (passkey_block(csrf, PasskeyMode::Create, opts, "/auth/mfa/enroll-passkey", "Create a passkey", html! {}))
+            h2 { "Or an authenticator app" }
+        }
+        p {
+            "Scan this code with an authenticator app \
+             (or enter the key by hand), then type the six-digit code it shows."
+        }
+        @if let Some(img) = qr_data_uri(uri) {
+            p { img alt="QR code for your authenticator app" width="200" height="200" src=(img); }
+        }
+        p { "Key: " code { (secret_b32) } }
+        p { a href=(uri) { "Open in an authenticator app on this device" } }
+        form method="post" action="/auth/mfa/enroll" {
+            (hidden("csrf", csrf))
+            p {
+                label {
+                    "Six-digit code "
+                    input name="code" autocomplete="one-time-code" inputmode="numeric" required autofocus;
+                }
+            }
+            p { button type="submit" { "Turn on two-step sign-in" } }
+        }
     }
-    b.push_str("<p>Your account needs a second factor.</p>");
-    if let Some(opts) = passkey {
-        b.push_str("<h2>A passkey (recommended)</h2><p>Your device's screen lock, fingerprint or face, or a security key.</p>");
-        b.push_str(&passkey_block(
-            csrf,
-            "create",
-            opts,
-            "/auth/mfa/enroll-passkey",
-            "Create a passkey",
-        ));
-        b.push_str("<h2>Or an authenticator app</h2>");
-    }
-    b.push_str(
-        "<p>Scan this code with an authenticator app \
-         (or enter the key by hand), then type the six-digit code it shows.</p>",
-    );
-    if let Some(img) = qr_data_uri(uri) {
-        let _ = write!(
-            b,
-            "<p><img alt=\"QR code for your authenticator app\" width=\"200\" height=\"200\" src=\"{}\"></p>",
-            esc(&img)
-        );
-    }
-    let _ = write!(
-        b,
-        "<p>Key: <code>{}</code></p><p><a href=\"{}\">Open in an authenticator app on this device</a></p>\
-         <form method=\"post\" action=\"/auth/mfa/enroll\">{}\
-         <p><label>Six-digit code <input name=\"code\" autocomplete=\"one-time-code\" inputmode=\"numeric\" required autofocus></label></p>\
-         <p><button type=\"submit\">Turn on two-step sign-in</button></p></form>",
-        esc(secret_b32),
-        esc(uri),
-        hidden("csrf", csrf)
-    );
-    b
 }
 
-fn continue_form(csrf: &str, before: &str) -> String {
-    format!(
-        "{before}<form method=\"post\" action=\"/auth/continue\">{}\
-         <p><button type=\"submit\">Continue</button></p></form>",
-        hidden("csrf", csrf)
-    )
+fn continue_form(csrf: &str, before: Markup) -> Markup {
+    html! {
+        (before)
+        form method="post" action="/auth/continue" {
+            (hidden("csrf", csrf))
+            p { button type="submit" { "Continue" } }
+        }
+    }
 }
 
-fn consent_form(csrf: &str, app: &str, granted: &SmartScopes) -> String {
-    let mut items = String::new();
-    for s in granted.resources.iter() {
-        let _ = write!(items, "<li><code>{}</code></li>", esc(&s.to_string()));
+/// The note after a second factor was enrolled: the new recovery codes, if
+/// any were made.
+fn enrolled_note(codes: Option<&[String]>) -> Markup {
+    html! {
+        @if let Some(codes) = codes {
+            p {
+                "Two-step sign-in is on. These are your recovery codes. Each works once, \
+                 if you lose your second factor. Store them somewhere safe now: they will not be shown again."
+            }
+            ol { @for code in codes { li { code { (code) } } } }
+        } @else {
+            p { "Two-step sign-in is on." }
+        }
     }
-    for (on, what) in [
+}
+
+/// The note after a recovery code was used.
+fn recovery_used_note(left: usize) -> Markup {
+    html! {
+        p {
+            "Recovery code accepted. You have " strong { (left) } " recovery code"
+            @if left != 1 { "s" }
+            " left."
+            @if left <= 3 { " Ask an administrator to reset your two-step sign-in soon." }
+        }
+    }
+}
+
+fn consent_form(csrf: &str, app: &str, granted: &SmartScopes) -> Markup {
+    let purposes = [
         (granted.launch_patient, "know which patient record is yours"),
         (granted.openid || granted.fhir_user, "know who you are"),
         (
@@ -473,19 +515,22 @@ fn consent_form(csrf: &str, app: &str, granted: &SmartScopes) -> String {
             "keep access while you are away (until you revoke it)",
         ),
         (granted.online_access, "keep access while you are signed in"),
-    ] {
-        if on {
-            let _ = write!(items, "<li>{}</li>", esc(what));
+    ];
+    html! {
+        p { strong { (app) } " asks to:" }
+        ul {
+            @for s in granted.resources.iter() { li { code { (s.to_string()) } } }
+            @for (on, what) in purposes { @if on { li { (what) } } }
+        }
+        form method="post" action="/auth/consent" {
+            (hidden("csrf", csrf))
+            p {
+                button type="submit" name="decision" value="allow" { "Allow" }
+                " "
+                button type="submit" name="decision" value="deny" { "Deny" }
+            }
         }
     }
-    format!(
-        "<p><strong>{}</strong> asks to:</p><ul>{items}</ul>\
-         <form method=\"post\" action=\"/auth/consent\">{}\
-         <p><button type=\"submit\" name=\"decision\" value=\"allow\">Allow</button> \
-         <button type=\"submit\" name=\"decision\" value=\"deny\">Deny</button></p></form>",
-        esc(app),
-        hidden("csrf", csrf)
-    )
 }
 
 // ---------------------------------------------------------------- flow
@@ -984,24 +1029,8 @@ async fn enrolled_page(
         Ok(x) => x,
         Err(r) => return r,
     };
-    let note = match codes {
-        Some(codes) => {
-            let mut list = String::new();
-            for code in &codes {
-                let _ = write!(list, "<li><code>{}</code></li>", esc(code));
-            }
-            format!(
-                "<p>Two-step sign-in is on. These are your recovery codes. Each works once, \
-                 if you lose your second factor. Store them somewhere safe now: they will not be shown again.</p><ol>{list}</ol>"
-            )
-        }
-        None => "<p>Two-step sign-in is on.</p>".to_owned(),
-    };
-    let mut page = Page::new(
-        StatusCode::OK,
-        "Recovery codes",
-        continue_form(&csrf, &note),
-    );
+    let note = enrolled_note(codes.as_deref());
+    let mut page = Page::new(StatusCode::OK, "Recovery codes", continue_form(&csrf, note));
     page.cookies.push(c);
     page.into_response()
 }
@@ -1146,19 +1175,10 @@ async fn second_factor_done(
                 Ok(x) => x,
                 Err(r) => return r,
             };
-            let note = format!(
-                "<p>Recovery code accepted. You have <strong>{left}</strong> recovery code{} left.{}</p>",
-                if left == 1 { "" } else { "s" },
-                if left <= 3 {
-                    " Ask an administrator to reset your two-step sign-in soon."
-                } else {
-                    ""
-                }
-            );
             let mut page = Page::new(
                 StatusCode::OK,
                 "Recovery code used",
-                continue_form(&csrf, &note),
+                continue_form(&csrf, recovery_used_note(left)),
             );
             page.cookies.push(c);
             page.into_response()
@@ -1675,102 +1695,127 @@ async fn account_page(st: &AppState, h: &HeaderMap, msg: Option<&str>, now: i64)
         Err(r) => return r,
     };
     let csrf = st.grants.csrf(&secret);
-    let mut b = String::new();
-    if let Some(m) = msg {
-        let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
-    }
-    let _ = write!(
-        b,
-        "<p>Signed in as <strong>{}</strong>. Authenticator app: {}. Recovery codes left: {}.</p><h2>Passkeys</h2>",
-        esc(user.username()),
-        if user.has_totp() { "on" } else { "off" },
-        user.recovery_left()
-    );
-    if user.passkeys().is_empty() {
-        b.push_str("<p>No passkeys yet.</p>");
-    }
-    b.push_str("<ul>");
-    for pk in user.passkeys() {
-        use base64::Engine;
-        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&pk.cred.id);
-        let _ = write!(
-            b,
-            "<li><strong>{name}</strong>{flag} (added {added}{used})\
-             <form method=\"post\" action=\"/auth/account/passkeys\">{csrf}{cred}<input type=\"hidden\" name=\"action\" value=\"rename\">\
-             <label>New name <input name=\"name\" maxlength=\"64\" required></label> <button type=\"submit\">Rename</button></form>\
-             <form method=\"post\" action=\"/auth/account/passkeys\">{csrf}{cred}<input type=\"hidden\" name=\"action\" value=\"remove\">\
-             <button type=\"submit\">Remove</button></form></li>",
-            name = esc(&pk.cred.name),
-            flag = if pk.flagged { " — refused: it looked copied" } else { "" },
-            added = date(pk.cred.created_at),
-            used = pk
-                .cred
-                .last_used
-                .map(|t| format!(", last used {}", date(t)))
-                .unwrap_or_default(),
-            csrf = hidden("csrf", &csrf),
-            cred = hidden("cred", &id),
-        );
-    }
-    b.push_str("</ul>");
-    let mut scripts = false;
-    if recent_mfa(st, &sess, now) {
-        match st
-            .accounts
-            .passkey_registration(&st.passkeys, user.id(), uv_required(st, &user))
-            .await
-        {
-            Ok((c, options)) => {
-                let reference = match st
-                    .grants
-                    .create(
-                        Kind::Pending,
-                        "account",
-                        user.id(),
-                        &AccountCeremony {
-                            user_id: user.id().to_owned(),
-                            state: c.0,
-                        },
-                        now + PENDING_TTL,
-                        now,
-                    )
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) => return internal(e),
-                };
-                let block = passkey_block(
-                    &csrf,
-                    "create",
-                    &options,
-                    "/auth/account/passkeys",
-                    "Add a passkey",
-                );
-                // The add form also names its ceremony and action.
-                let block = block.replace(
-                    "<input type=\"hidden\" name=\"passkey\" value=\"\">",
-                    &format!(
-                        "<input type=\"hidden\" name=\"passkey\" value=\"\">{}{}",
-                        hidden("action", "add"),
-                        hidden("ceremony", &reference)
-                    ),
-                );
-                b.push_str(&block);
-                scripts = true;
-            }
-            Err(e) => return internal(e),
+    let add = if recent_mfa(st, &sess, now) {
+        match offer_passkey(st, &user, now).await {
+            Ok(a) => Some(a),
+            Err(r) => return r,
         }
     } else {
-        b.push_str("<p>To add or remove passkeys, sign in again (with your second factor) from your app; changes need a sign-in from the last few minutes.</p>");
-    }
-    let _ = write!(
-        b,
-        "<form method=\"post\" action=\"/auth/logout\">{}<p><button type=\"submit\">Sign out</button></p></form>",
-        hidden("csrf", &csrf)
+        None
+    };
+    let mut page = Page::new(
+        StatusCode::OK,
+        "Your sign-in",
+        account_body(&csrf, msg, &user, add.as_ref()),
     );
-    let mut page = Page::new(StatusCode::OK, "Your sign-in", b);
-    page.scripts = scripts;
+    page.scripts = add.is_some();
     page.into_response()
+}
+
+/// A passkey registration on offer on the account page: the WebAuthn
+/// options, and the reference to the ceremony kept server-side.
+struct AddPasskey {
+    options: String,
+    ceremony: String,
+}
+
+/// Start a passkey registration for the account page.
+async fn offer_passkey(st: &AppState, user: &User, now: i64) -> Result<AddPasskey, Response> {
+    let (c, options) = st
+        .accounts
+        .passkey_registration(&st.passkeys, user.id(), uv_required(st, user))
+        .await
+        .map_err(internal)?;
+    let ceremony = st
+        .grants
+        .create(
+            Kind::Pending,
+            "account",
+            user.id(),
+            &AccountCeremony {
+                user_id: user.id().to_owned(),
+                state: c.0,
+            },
+            now + PENDING_TTL,
+            now,
+        )
+        .await
+        .map_err(internal)?;
+    Ok(AddPasskey { options, ceremony })
+}
+
+fn account_body(
+    csrf: &str,
+    message: Option<&str>,
+    user: &User,
+    add: Option<&AddPasskey>,
+) -> Markup {
+    html! {
+        (alert(message))
+        p {
+            "Signed in as " strong { (user.username()) } ". Authenticator app: "
+            (if user.has_totp() { "on" } else { "off" })
+            ". Recovery codes left: " (user.recovery_left()) "."
+        }
+        h2 { "Passkeys" }
+        @if user.passkeys().is_empty() {
+            p { "No passkeys yet." }
+        }
+        ul {
+            @for pk in user.passkeys() {
+                (passkey_item(csrf, pk))
+            }
+        }
+        @if let Some(add) = add {
+            // The add form also names its ceremony and action.
+            (passkey_block(
+                csrf,
+                PasskeyMode::Create,
+                &add.options,
+                "/auth/account/passkeys",
+                "Add a passkey",
+                html! { (hidden("action", "add")) (hidden("ceremony", &add.ceremony)) },
+            ))
+        } @else {
+            p {
+                "To add or remove passkeys, sign in again (with your second factor) from your app; \
+                 changes need a sign-in from the last few minutes."
+            }
+        }
+        form method="post" action="/auth/logout" {
+            (hidden("csrf", csrf))
+            p { button type="submit" { "Sign out" } }
+        }
+    }
+}
+
+/// One passkey on the account page, with its rename and remove forms.
+fn passkey_item(csrf: &str, pk: &Passkey) -> Markup {
+    use base64::Engine;
+    let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&pk.cred.id);
+    html! {
+        li {
+            strong { (pk.cred.name) }
+            @if pk.flagged { " — refused: it looked copied" }
+            " (added " (date(pk.cred.created_at))
+            @if let Some(t) = pk.cred.last_used { ", last used " (date(t)) }
+            ")"
+            form method="post" action="/auth/account/passkeys" {
+                (hidden("csrf", csrf))
+                (hidden("cred", &id))
+                input type="hidden" name="action" value="rename";
+                label { "New name " input name="name" maxlength="64" required; }
+                " "
+                button type="submit" { "Rename" }
+            }
+            form method="post" action="/auth/account/passkeys" {
+                (hidden("csrf", csrf))
+                (hidden("cred", &id))
+                input type="hidden" name="action" value="remove";
+                button type="submit" { "Remove" }
+            }
+        }
+    }
 }
 
 fn date(t: i64) -> String {
@@ -1930,28 +1975,31 @@ pub async fn logout(
     let mut page = Page::new(
         StatusCode::OK,
         "Signed out",
-        "<p>You are signed out.</p>".into(),
+        html! { p { "You are signed out." } },
     );
     page.cookies.push(clear_cookie(SESSION_COOKIE));
     page.into_response()
 }
 
-fn enroll_form(token: &str, message: Option<&str>) -> String {
-    let mut b = String::new();
-    if let Some(m) = message {
-        let _ = write!(b, "<p role=\"alert\"><strong>{}</strong></p>", esc(m));
+fn enroll_form(token: &str, message: Option<&str>) -> Markup {
+    html! {
+        (alert(message))
+        p {
+            "Choose a password of at least 15 characters. A few unrelated words make a good one. \
+             No special characters are required."
+        }
+        form method="post" action="/auth/enroll" {
+            (hidden("token", token))
+            p {
+                label {
+                    "New password "
+                    input type="password" name="password" autocomplete="new-password" minlength="15" required autofocus;
+                }
+            }
+            p { label { "Repeat it " input type="password" name="password2" autocomplete="new-password" required; } }
+            p { button type="submit" { "Set password" } }
+        }
     }
-    let _ = write!(
-        b,
-        "<p>Choose a password of at least 15 characters. A few unrelated words make a good one. \
-         No special characters are required.</p>\
-         <form method=\"post\" action=\"/auth/enroll\">{}\
-         <p><label>New password <input type=\"password\" name=\"password\" autocomplete=\"new-password\" minlength=\"15\" required autofocus></label></p>\
-         <p><label>Repeat it <input type=\"password\" name=\"password2\" autocomplete=\"new-password\" required></label></p>\
-         <p><button type=\"submit\">Set password</button></p></form>",
-        hidden("token", token)
-    );
-    b
 }
 
 /// GET /auth/enroll?token=…: the link from `phylax user add`.
@@ -2012,7 +2060,9 @@ pub async fn enroll_submit(
             Page::new(
                 StatusCode::OK,
                 "Password set",
-                "<p>Your password is set. Sign in from your app; you will set up two-step sign-in next.</p>".into(),
+                html! {
+                    p { "Your password is set. Sign in from your app; you will set up two-step sign-in next." }
+                },
             )
             .into_response()
         }
@@ -2072,11 +2122,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn escaping_and_origins() {
-        assert_eq!(
-            esc("<a href=\"x\">'&'</a>"),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+    fn templates_escape_text_attributes_and_script_json() {
+        let nasty = "<a href=\"x\">'&'</a>";
+        let page = Page::new(StatusCode::OK, "Sign in", login_form(nasty, Some(nasty)))
+            .html()
+            .into_string();
+        assert!(
+            page.starts_with("<!doctype html><html lang=\"en\">"),
+            "{page}"
         );
+        assert!(
+            page.contains("<strong>&lt;a href=&quot;x&quot;&gt;'&amp;'&lt;/a&gt;</strong>"),
+            "{page}"
+        );
+        assert!(
+            page.contains("name=\"csrf\" value=\"&lt;a href=&quot;x&quot;&gt;'&amp;'&lt;/a&gt;\">"),
+            "{page}"
+        );
+        assert!(!page.contains(nasty));
+        // JSON in a script element: no `<` (no `</script>`), quotes intact.
+        let block = passkey_block(
+            "c",
+            PasskeyMode::Get,
+            r#"{"name":"</script><b>"}"#,
+            "/auth/mfa/passkey",
+            "Use a passkey",
+            html! {},
+        )
+        .into_string();
+        assert!(
+            block.contains(r#"data-mode="get">{"name":"\u003c/script>\u003cb>"}</script>"#),
+            "{block}"
+        );
+    }
+
+    #[test]
+    fn origins() {
         assert_eq!(
             origin("https://app.example:8443/cb?x=1"),
             Some("https://app.example:8443")

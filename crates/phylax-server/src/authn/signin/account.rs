@@ -2,18 +2,18 @@
 //! and sign-out.
 
 use crate::authn::signin::flow::{
-    audit_auth, clear_cookie, get_cookie, internal, mfa_required, params, uv_required, Session,
-    PENDING_TTL, SESSION_COOKIE,
+    clear_cookie, form, get_cookie, mfa_required, params, uv_required, value, AuthAudit, Form,
+    Session, SigninError, PENDING_TTL, SESSION_COOKIE,
 };
-use crate::authn::signin::pages::{account_body, error_page, signed_out, AddPasskey, Page};
-use crate::data::accounts::{Status, User};
+use crate::authn::signin::pages::{account_body, signed_out, AddPasskey, Page};
+use crate::data::accounts::{AccountError, Status, User};
 use crate::data::grants::{Kind, Taken};
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use phylax_audit::event::{Action, EventKind, Outcome};
+use phylax_audit::event::{Action, EventKind};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -22,7 +22,7 @@ async fn current_session(
     st: &AppState,
     h: &HeaderMap,
     now: i64,
-) -> Result<Option<(String, Session, User)>, Response> {
+) -> Result<Option<(String, Session, User)>, SigninError> {
     let Some(secret) = get_cookie(h, SESSION_COOKIE) else {
         return Ok(None);
     };
@@ -30,11 +30,16 @@ async fn current_session(
         .grants
         .get::<Session>(Kind::Session, secret, now)
         .await
-        .map_err(internal)?
+        .map_err(SigninError::internal)?
     else {
         return Ok(None);
     };
-    match st.accounts.load(&s.user_id).await.map_err(internal)? {
+    match st
+        .accounts
+        .load(&s.user_id)
+        .await
+        .map_err(SigninError::internal)?
+    {
         Some(u) if u.status() == Some(Status::Active) => Ok(Some((secret.to_owned(), s, u))),
         _ => Ok(None),
     }
@@ -49,27 +54,28 @@ struct AccountCeremony {
 }
 
 /// GET /auth/account: the signed-in user's passkeys (add, rename, remove).
-pub async fn account(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response {
+pub async fn account(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+) -> Result<Response, SigninError> {
     account_page(&st, &h, None, crate::base::clock::now_secs()).await
 }
 
-async fn account_page(st: &AppState, h: &HeaderMap, msg: Option<&str>, now: i64) -> Response {
-    let (secret, sess, user) = match current_session(st, h, now).await {
-        Ok(Some(x)) => x,
-        Ok(None) => {
-            return error_page(
-                StatusCode::UNAUTHORIZED,
-                "Sign in from your app first, then come back to this page.",
-            )
-        }
-        Err(r) => return r,
-    };
+async fn account_page(
+    st: &AppState,
+    h: &HeaderMap,
+    msg: Option<&str>,
+    now: i64,
+) -> Result<Response, SigninError> {
+    let (secret, sess, user) = current_session(st, h, now).await?.ok_or_else(|| {
+        SigninError::page(
+            StatusCode::UNAUTHORIZED,
+            "Sign in from your app first, then come back to this page.",
+        )
+    })?;
     let csrf = st.grants.csrf(&secret);
     let add = if recent_mfa(st, &sess, now) {
-        match offer_passkey(st, &user, now).await {
-            Ok(a) => Some(a),
-            Err(r) => return r,
-        }
+        Some(offer_passkey(st, &user, now).await?)
     } else {
         None
     };
@@ -79,16 +85,16 @@ async fn account_page(st: &AppState, h: &HeaderMap, msg: Option<&str>, now: i64)
         account_body(&csrf, msg, &user, add.as_ref()),
     );
     page.scripts = add.is_some();
-    page.into_response()
+    Ok(page.into_response())
 }
 
 /// Start a passkey registration for the account page.
-async fn offer_passkey(st: &AppState, user: &User, now: i64) -> Result<AddPasskey, Response> {
+async fn offer_passkey(st: &AppState, user: &User, now: i64) -> Result<AddPasskey, SigninError> {
     let (c, options) = st
         .accounts
         .passkey_registration(&st.passkeys, user.id(), uv_required(st, user))
         .await
-        .map_err(internal)?;
+        .map_err(SigninError::internal)?;
     let ceremony = st
         .grants
         .create(
@@ -103,7 +109,7 @@ async fn offer_passkey(st: &AppState, user: &User, now: i64) -> Result<AddPasske
             now,
         )
         .await
-        .map_err(internal)?;
+        .map_err(SigninError::internal)?;
     Ok(AddPasskey { options, ceremony })
 }
 
@@ -118,100 +124,106 @@ pub async fn account_passkeys(
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
-) -> Response {
-    use crate::data::accounts::AccountError;
+) -> Result<Response, SigninError> {
     let now = crate::base::clock::now_secs();
-    let form = match params(&body) {
-        Ok(f) => f,
-        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
-    };
-    let (secret, sess, user) = match current_session(&st, &h, now).await {
-        Ok(Some(x)) => x,
-        Ok(None) => return error_page(StatusCode::UNAUTHORIZED, "Sign in from your app first."),
-        Err(r) => return r,
-    };
-    let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
-    if !st.grants.csrf_ok(&secret, get("csrf")) {
-        return error_page(StatusCode::FORBIDDEN, "The form could not be verified.");
+    let form = form(&body)?;
+    let (secret, sess, user) = current_session(&st, &h, now).await?.ok_or_else(|| {
+        SigninError::page(StatusCode::UNAUTHORIZED, "Sign in from your app first.")
+    })?;
+    if !st.grants.csrf_ok(&secret, value(&form, "csrf")) {
+        return Err(SigninError::page(
+            StatusCode::FORBIDDEN,
+            "The form could not be verified.",
+        ));
     }
-    let result = match get("action") {
-        "rename" => st
-            .accounts
-            .rename_passkey(user.id(), get("cred"), get("name"))
-            .await
-            .map(|()| "Renamed.".to_owned()),
-        _ if !recent_mfa(&st, &sess, now) => Err(AccountError::StepUp),
-        "remove" => st
-            .accounts
-            .remove_passkey(user.id(), get("cred"), mfa_required(&st, &user))
-            .await
-            .map(|()| {
-                tracing::info!(event = "auth.passkey_removed", user_id = %user.id(), "passkey removed");
-                "Removed.".to_owned()
-            }),
-        "add" => {
-            let cer = match st
-                .grants
-                .take::<AccountCeremony>(Kind::Pending, get("ceremony"), now)
-                .await
-            {
-                Ok(Taken::Fresh(_, c)) if c.user_id == user.id() => Some(c),
-                Ok(_) => None,
-                Err(e) => return internal(e),
-            };
-            match cer {
-                Some(c) => st
-                    .accounts
-                    .add_passkey(
-                        &st.passkeys,
-                        user.id(),
-                        &phylax_auth::passkey::Ceremony(c.state),
-                        get("passkey").as_bytes(),
-                        get("name"),
-                        now,
-                    )
-                    .await
-                    .map(|_| {
-                        tracing::info!(event = "auth.passkey_added", user_id = %user.id(), "passkey added");
-                        "Passkey added.".to_owned()
-                    }),
-                None => Err(AccountError::NoSuchPasskey),
-            }
-        }
-        _ => Err(AccountError::NoSuchPasskey),
-    };
+    let result = change_passkeys(&st, &form, &sess, &user, now).await?;
     if result.is_ok() {
-        let change = match get("action") {
+        let change = match value(&form, "action") {
             "remove" => Some((Action::Delete, "passkey removed")),
             "add" => Some((Action::Create, "passkey added")),
             _ => None,
         };
         if let Some((action, detail)) = change {
-            if let Err(r) = audit_auth(
-                &st,
-                &ext,
-                EventKind::Security("mfa"),
-                action,
-                Outcome::Success,
-                detail,
-                Some(&user),
-                None,
-            )
-            .await
-            {
-                return r;
-            }
+            AuthAudit::new(EventKind::Security("mfa"), action)
+                .detail(detail)
+                .user(&user)
+                .record(&st, &ext)
+                .await?;
         }
     }
     let msg = match result {
         Ok(m) => m,
         Err(e @ (AccountError::Store(_) | AccountError::Keys(_) | AccountError::Crypto(_))) => {
-            return internal(e)
+            return Err(SigninError::internal(e))
         }
         Err(AccountError::Passkey(_)) => "The passkey could not be registered.".to_owned(),
         Err(e) => e.to_string(),
     };
     account_page(&st, &h, Some(&msg), now).await
+}
+
+/// The change the account form asks for: what to tell the user, or why
+/// it was refused. Adding and removing need a recent second factor.
+async fn change_passkeys(
+    st: &AppState,
+    form: &Form,
+    sess: &Session,
+    user: &User,
+    now: i64,
+) -> Result<Result<String, AccountError>, SigninError> {
+    let get = |k: &str| value(form, k);
+    Ok(match get("action") {
+        "rename" => st
+            .accounts
+            .rename_passkey(user.id(), get("cred"), get("name"))
+            .await
+            .map(|()| "Renamed.".to_owned()),
+        _ if !recent_mfa(st, sess, now) => Err(AccountError::StepUp),
+        "remove" => st
+            .accounts
+            .remove_passkey(user.id(), get("cred"), mfa_required(st, user))
+            .await
+            .map(|()| {
+                tracing::info!(event = "auth.passkey_removed", user_id = %user.id(), "passkey removed");
+                "Removed.".to_owned()
+            }),
+        "add" => add_passkey(st, form, user, now).await?,
+        _ => Err(AccountError::NoSuchPasskey),
+    })
+}
+
+/// Register the passkey the account page's script posts, against the
+/// ceremony the form names (it must be this user's).
+async fn add_passkey(
+    st: &AppState,
+    form: &Form,
+    user: &User,
+    now: i64,
+) -> Result<Result<String, AccountError>, SigninError> {
+    let cer = match st
+        .grants
+        .take::<AccountCeremony>(Kind::Pending, value(form, "ceremony"), now)
+        .await
+    {
+        Ok(Taken::Fresh(_, c)) if c.user_id == user.id() => c,
+        Ok(_) => return Ok(Err(AccountError::NoSuchPasskey)),
+        Err(e) => return Err(SigninError::internal(e)),
+    };
+    Ok(st
+        .accounts
+        .add_passkey(
+            &st.passkeys,
+            user.id(),
+            &phylax_auth::passkey::Ceremony(cer.state),
+            value(form, "passkey").as_bytes(),
+            value(form, "name"),
+            now,
+        )
+        .await
+        .map(|_| {
+            tracing::info!(event = "auth.passkey_added", user_id = %user.id(), "passkey added");
+            "Passkey added.".to_owned()
+        }))
 }
 
 /// POST /auth/logout: ends the browser session.
@@ -220,12 +232,14 @@ pub async fn logout(
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Result<Response, SigninError> {
     let form = params(&body).unwrap_or_default();
     if let Some(s) = get_cookie(&h, SESSION_COOKIE) {
-        let csrf = form.get("csrf").map(String::as_str).unwrap_or("");
-        if !st.grants.csrf_ok(s, csrf) {
-            return error_page(StatusCode::FORBIDDEN, "The form could not be verified.");
+        if !st.grants.csrf_ok(s, value(&form, "csrf")) {
+            return Err(SigninError::page(
+                StatusCode::FORBIDDEN,
+                "The form could not be verified.",
+            ));
         }
         let who = match st
             .grants
@@ -235,27 +249,19 @@ pub async fn logout(
             Ok(Some((g, _))) => st.accounts.load(&g.user_id).await.ok().flatten(),
             _ => None,
         };
-        if let Err(e) = st.grants.delete(Kind::Session, s).await {
-            return internal(e);
-        }
-        if let Some(u) = &who {
-            if let Err(r) = audit_auth(
-                &st,
-                &ext,
-                EventKind::Logout,
-                Action::Execute,
-                Outcome::Success,
-                "signed out",
-                Some(u),
-                None,
-            )
+        st.grants
+            .delete(Kind::Session, s)
             .await
-            {
-                return r;
-            }
+            .map_err(SigninError::internal)?;
+        if let Some(u) = &who {
+            AuthAudit::new(EventKind::Logout, Action::Execute)
+                .detail("signed out")
+                .user(u)
+                .record(&st, &ext)
+                .await?;
         }
     }
     let mut page = Page::new(StatusCode::OK, "Signed out", signed_out());
     page.cookies.push(clear_cookie(SESSION_COOKIE));
-    page.into_response()
+    Ok(page.into_response())
 }

@@ -2,20 +2,21 @@
 //! code.
 
 use crate::authn::signin::flow::{
-    add_cookies, audit_auth, clear_cookie, cookie, internal, mfa_required, new_pending, params,
-    redirect_error, redirect_to, take_pending, CodeDetails, Pending, Session, Stage, BAD_LOGIN,
-    CODE_TTL, PENDING_COOKIE, SESSION_COOKIE,
+    active_user, add_cookies, clear_cookie, cookie, form, mfa_required, new_pending,
+    redirect_error, redirect_to, take_pending, value, AuthAudit, CodeDetails, Pending, Session,
+    SigninError, Stage, CODE_TTL, PENDING_COOKIE, SESSION_COOKIE,
 };
-use crate::authn::signin::pages::{consent_form, error_page, origin, Page};
-use crate::data::accounts::{Status, User};
+use crate::authn::signin::pages::{consent_form, origin, Page};
+use crate::data::accounts::User;
 use crate::data::grants::Kind;
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use phylax_audit::event::{Action, EventKind, Outcome};
+use phylax_audit::event::{Action, EventKind};
 use phylax_auth::smart::{Holder, SmartScopes};
+use phylax_store::ClientRecord;
 use std::sync::Arc;
 
 /// POST /auth/continue (after recovery codes were shown or one was used)
@@ -24,27 +25,14 @@ pub async fn proceed(
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Result<Response, SigninError> {
     let now = crate::base::clock::now_secs();
-    let form = match params(&body) {
-        Ok(f) => f,
-        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
-    };
-    let p = match take_pending(&st, &h, &form, now).await {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
+    let form = form(&body)?;
+    let p = take_pending(&st, &h, &form, now).await?;
     let (Stage::Continue, Some(uid)) = (&p.stage, p.user_id.clone()) else {
-        return error_page(
-            StatusCode::BAD_REQUEST,
-            "Unexpected step; start again from the app.",
-        );
+        return Err(SigninError::UnexpectedStep);
     };
-    let user = match st.accounts.load(&uid).await {
-        Ok(Some(u)) if u.status() == Some(Status::Active) => u,
-        Ok(_) => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
-        Err(e) => return internal(e),
-    };
+    let user = active_user(&st, &uid).await?;
     after_sign_in(&st, &ext, p, &user, Vec::new(), now).await
 }
 
@@ -57,91 +45,17 @@ pub(super) async fn after_sign_in(
     user: &User,
     mut cookies: Vec<String>,
     now: i64,
-) -> Response {
+) -> Result<Response, SigninError> {
     // A second factor is needed unless the role may go without.
     if mfa_required(st, user) && !p.amr.iter().any(|m| m != "pwd") {
-        return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN);
+        return Err(SigninError::Refused);
     }
     let auth_time = p.auth_time.unwrap_or(now);
     if !p.resumed {
-        // A sign-in after a long silence (or a first one long after the
-        // account was made) is worth a look: a leaver's account, a shared
-        // password.
-        let last = user.last_sign_in().unwrap_or(user.rec.created_at);
-        let dormant = i64::from(st.config.detect.dormant_days) * 86_400;
-        if now - last > dormant {
-            if let Some(d) = st.audit.detector() {
-                d.raise(crate::audit::alert::Alert {
-                    rule: "dormant-account",
-                    severity: "medium",
-                    detail: format!(
-                        "user {} signed in after {} days without a sign-in",
-                        user.id(),
-                        (now - last) / 86_400
-                    ),
-                    user: Some(user.id().to_owned()),
-                });
-            }
-        }
-        if let Err(e) = st.accounts.record_success(user.id(), now).await {
-            return internal(e);
-        }
-        // A brand-new session cookie at every sign-in (no fixation).
-        let absolute = now + st.config.auth.session_max_secs;
-        let s = Session {
-            user_id: user.id().to_owned(),
-            auth_time,
-            amr: p.amr.clone(),
-            absolute,
-        };
-        let idle = (now + st.config.auth.session_idle_secs).min(absolute);
-        let family = uuid::Uuid::new_v4().to_string();
-        match st
-            .grants
-            .create(Kind::Session, &family, user.id(), &s, idle, now)
-            .await
-        {
-            Ok(secret) => cookies.push(cookie(
-                SESSION_COOKIE,
-                &secret,
-                "Lax",
-                st.config.auth.session_max_secs,
-            )),
-            Err(e) => return internal(e),
-        }
-        tracing::info!(event = "auth.sign_in", user_id = %user.id(), amr = %p.amr.join(" "), "signed in");
-        if let Err(r) = audit_auth(
-            st,
-            ext,
-            EventKind::Login,
-            Action::Execute,
-            Outcome::Success,
-            format!("signed in (amr {})", p.amr.join(" ")),
-            Some(user),
-            Some(&p.req.client_id),
-        )
-        .await
-        {
-            return r;
-        }
+        cookies.push(start_session(st, ext, &p, user, auth_time, now).await?);
     }
     cookies.push(clear_cookie(PENDING_COOKIE));
-    let client = match st.clients.get(&p.req.client_id).await {
-        Ok(Some(c)) if !c.disabled && c.redirect_uris.contains(&p.req.redirect_uri) => c,
-        Ok(_) => return error_page(StatusCode::BAD_REQUEST, "Unknown or disabled application."),
-        Err(e) => return internal(e),
-    };
-    let holder = match st.roles.get(user.role()) {
-        Some(r) if r.patient => Holder::Patient,
-        Some(_) => Holder::Workforce,
-        // A role removed from the configuration: no access at all.
-        None => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
-    };
-    let granted = SmartScopes::grant(
-        &SmartScopes::parse_request(&p.req.scope),
-        &SmartScopes::parse_request(&client.scope),
-        holder,
-    );
+    let (client, granted) = grant(st, &p, user).await?;
     if granted.resources.is_empty() {
         let mut r = redirect_error(
             &p.req,
@@ -149,21 +63,21 @@ pub(super) async fn after_sign_in(
             "none of the requested scopes can be granted to this user",
         );
         add_cookies(&mut r, &cookies);
-        return r;
+        return Ok(r);
     }
     if client.first_party {
-        let mut r = issue_code(st, &p, user, &granted, now).await;
+        // A failure still carries the cookies: the session exists.
+        let mut r = issue_code(st, &p, user, &granted, now)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
         add_cookies(&mut r, &cookies);
-        return r;
+        return Ok(r);
     }
     p.stage = Stage::Consent {
         granted: granted.to_string(),
     };
     p.auth_time = Some(auth_time);
-    let (csrf, c) = match new_pending(st, &p, now).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (csrf, c) = new_pending(st, &p, now).await?;
     cookies.retain(|c| !c.starts_with(PENDING_COOKIE));
     cookies.push(c);
     let mut page = Page::new(
@@ -173,7 +87,100 @@ pub(super) async fn after_sign_in(
     );
     page.cookies = cookies;
     page.redirect_origin = origin(&p.req.redirect_uri).map(str::to_owned);
-    page.into_response()
+    Ok(page.into_response())
+}
+
+/// A new sign-in (not a resumed session): note it on the account, make a
+/// brand-new session and audit it. Returns the session cookie.
+async fn start_session(
+    st: &AppState,
+    ext: &axum::http::Extensions,
+    p: &Pending,
+    user: &User,
+    auth_time: i64,
+    now: i64,
+) -> Result<String, SigninError> {
+    dormant_alert(st, user, now);
+    st.accounts
+        .record_success(user.id(), now)
+        .await
+        .map_err(SigninError::internal)?;
+    // A brand-new session cookie at every sign-in (no fixation).
+    let absolute = now + st.config.auth.session_max_secs;
+    let s = Session {
+        user_id: user.id().to_owned(),
+        auth_time,
+        amr: p.amr.clone(),
+        absolute,
+    };
+    let idle = (now + st.config.auth.session_idle_secs).min(absolute);
+    let family = uuid::Uuid::new_v4().to_string();
+    let secret = st
+        .grants
+        .create(Kind::Session, &family, user.id(), &s, idle, now)
+        .await
+        .map_err(SigninError::internal)?;
+    let session_cookie = cookie(
+        SESSION_COOKIE,
+        &secret,
+        "Lax",
+        st.config.auth.session_max_secs,
+    );
+    tracing::info!(event = "auth.sign_in", user_id = %user.id(), amr = %p.amr.join(" "), "signed in");
+    AuthAudit::new(EventKind::Login, Action::Execute)
+        .detail(format!("signed in (amr {})", p.amr.join(" ")))
+        .user(user)
+        .client(&p.req.client_id)
+        .record(st, ext)
+        .await?;
+    Ok(session_cookie)
+}
+
+/// A sign-in after a long silence (or a first one long after the account
+/// was made) is worth a look: a leaver's account, a shared password.
+fn dormant_alert(st: &AppState, user: &User, now: i64) {
+    let last = user.last_sign_in().unwrap_or(user.rec.created_at);
+    let dormant = i64::from(st.config.detect.dormant_days) * 86_400;
+    if now - last > dormant {
+        if let Some(d) = st.audit.detector() {
+            d.raise(crate::audit::alert::Alert {
+                rule: "dormant-account",
+                severity: "medium",
+                detail: format!(
+                    "user {} signed in after {} days without a sign-in",
+                    user.id(),
+                    (now - last) / 86_400
+                ),
+                user: Some(user.id().to_owned()),
+            });
+        }
+    }
+}
+
+/// The application (still enabled, the redirect URI still registered) and
+/// the scopes this user may give it.
+async fn grant(
+    st: &AppState,
+    p: &Pending,
+    user: &User,
+) -> Result<(ClientRecord, SmartScopes), SigninError> {
+    let client = match st.clients.get(&p.req.client_id).await {
+        Ok(Some(c)) if !c.disabled && c.redirect_uris.contains(&p.req.redirect_uri) => c,
+        Ok(_) => return Err(SigninError::UnknownClient),
+        Err(e) => return Err(SigninError::internal(e)),
+    };
+    let holder = match st.roles.get(user.role()) {
+        Some(r) if r.patient => Holder::Patient,
+        Some(_) => Holder::Workforce,
+        // A role removed from the configuration: no access at all.
+        None => return Err(SigninError::Refused),
+    };
+    let granted = SmartScopes::grant(
+        &SmartScopes::parse_request(&p.req.scope),
+        &SmartScopes::parse_request(&client.scope),
+        holder,
+    );
+    Ok((client, granted))
 }
 
 async fn issue_code(
@@ -182,7 +189,7 @@ async fn issue_code(
     user: &User,
     granted: &SmartScopes,
     now: i64,
-) -> Response {
+) -> Result<Response, SigninError> {
     let details = CodeDetails {
         client_id: p.req.client_id.clone(),
         redirect_uri: p.req.redirect_uri.clone(),
@@ -198,7 +205,7 @@ async fn issue_code(
     // The code and every token later minted from it share one family, so a
     // replayed code revokes them all.
     let family = uuid::Uuid::new_v4().to_string();
-    match st
+    let code = st
         .grants
         .create(
             Kind::Code,
@@ -209,42 +216,34 @@ async fn issue_code(
             now,
         )
         .await
-    {
-        Ok(code) => redirect_to(
-            &p.req.redirect_uri,
-            &[("code", code.as_str()), ("state", p.req.state.as_str())],
-        ),
-        Err(e) => internal(e),
-    }
+        .map_err(SigninError::internal)?;
+    Ok(redirect_to(
+        &p.req.redirect_uri,
+        &[("code", code.as_str()), ("state", p.req.state.as_str())],
+    ))
 }
 
 /// POST /auth/consent
-pub async fn consent(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+pub async fn consent(
+    State(st): State<Arc<AppState>>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Result<Response, SigninError> {
     let now = crate::base::clock::now_secs();
-    let form = match params(&body) {
-        Ok(f) => f,
-        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
-    };
-    let p = match take_pending(&st, &h, &form, now).await {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
+    let form = form(&body)?;
+    let p = take_pending(&st, &h, &form, now).await?;
     let (Stage::Consent { granted }, Some(uid)) = (p.stage.clone(), p.user_id.clone()) else {
-        return error_page(
-            StatusCode::BAD_REQUEST,
-            "Unexpected step; start again from the app.",
-        );
+        return Err(SigninError::UnexpectedStep);
     };
-    let mut r = if form.get("decision").map(String::as_str) == Some("allow") {
-        let user = match st.accounts.load(&uid).await {
-            Ok(Some(u)) if u.status() == Some(Status::Active) => u,
-            Ok(_) => return error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN),
-            Err(e) => return internal(e),
-        };
-        issue_code(&st, &p, &user, &SmartScopes::parse_request(&granted), now).await
+    let mut r = if value(&form, "decision") == "allow" {
+        let user = active_user(&st, &uid).await?;
+        // A failure still clears the sign-in cookie (it was used).
+        issue_code(&st, &p, &user, &SmartScopes::parse_request(&granted), now)
+            .await
+            .unwrap_or_else(IntoResponse::into_response)
     } else {
         redirect_error(&p.req, "access_denied", "the user denied access")
     };
     add_cookies(&mut r, &[clear_cookie(PENDING_COOKIE)]);
-    r
+    Ok(r)
 }

@@ -3,19 +3,20 @@
 //! password.
 
 use crate::authn::signin::flow::{
-    audit_auth, internal, new_pending, params, take_pending, uv_required, Pending, Stage, BAD_LOGIN,
+    form, new_pending, params, take_pending, uv_required, value, AuthAudit, Form, Pending,
+    SigninError, Stage,
 };
 use crate::authn::signin::pages::{
-    continue_form, enroll_form, enroll_totp_form, enrolled_note, error_page, password_set, Page,
+    continue_form, enroll_form, enroll_totp_form, enrolled_note, password_set, Page,
 };
-use crate::data::accounts::{Accounts, Status, User};
+use crate::data::accounts::{AccountError, Accounts, Status, User};
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use phylax_audit::event::{Action, EventKind, Outcome};
-use std::collections::HashMap;
+use phylax_crypto::totp::Totp;
 use std::sync::Arc;
 
 fn otpauth_uri(issuer: &str, account: &str, secret_b32: &str) -> String {
@@ -27,29 +28,25 @@ fn otpauth_uri(issuer: &str, account: &str, secret_b32: &str) -> String {
     )
 }
 
+/// The enrollment page: a passkey registration ceremony and the TOTP
+/// secret `t` (QR code and key). With `msg` (a failed try) it is a 401.
 pub(super) async fn enrollment_page(
     st: &AppState,
     mut p: Pending,
     user: &User,
-    t: &phylax_crypto::totp::Totp,
+    t: &Totp,
     msg: Option<&str>,
     now: i64,
-) -> Response {
-    let (state, options) = match st
+) -> Result<Response, SigninError> {
+    let (c, options) = st
         .accounts
         .passkey_registration(&st.passkeys, user.id(), uv_required(st, user))
         .await
-    {
-        Ok((c, o)) => (c.0, o),
-        Err(e) => return internal(e),
-    };
+        .map_err(SigninError::internal)?;
     if let Stage::EnrollTotp { passkey, .. } = &mut p.stage {
-        *passkey = Some(state);
+        *passkey = Some(c.0);
     }
-    let (csrf, c) = match new_pending(st, &p, now).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (csrf, c) = new_pending(st, &p, now).await?;
     let b32 = t.secret_base32();
     let uri = otpauth_uri("Phylax", user.username(), &b32);
     let status = if msg.is_some() {
@@ -64,7 +61,21 @@ pub(super) async fn enrollment_page(
     );
     page.scripts = true;
     page.cookies.push(c);
-    page.into_response()
+    Ok(page.into_response())
+}
+
+/// The enrollment page again after a failed try, with the same TOTP secret.
+async fn enrollment_retry(
+    st: &AppState,
+    p: Pending,
+    user: &User,
+    secret: &str,
+    msg: &str,
+    now: i64,
+) -> Result<Response, SigninError> {
+    let t = Accounts::totp_from_b64(secret)
+        .ok_or_else(|| SigninError::internal("enrollment secret unreadable"))?;
+    enrollment_page(st, p, user, &t, Some(msg), now).await
 }
 
 /// The page after a second factor was enrolled: recovery codes (if new
@@ -74,49 +85,51 @@ async fn enrolled_page(
     mut p: Pending,
     codes: Option<Vec<String>>,
     now: i64,
-) -> Response {
+) -> Result<Response, SigninError> {
     p.stage = Stage::Continue;
-    let (csrf, c) = match new_pending(st, &p, now).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
+    let (csrf, c) = new_pending(st, &p, now).await?;
     let note = enrolled_note(codes.as_deref());
     let mut page = Page::new(StatusCode::OK, "Recovery codes", continue_form(&csrf, note));
     page.cookies.push(c);
-    page.into_response()
+    Ok(page.into_response())
 }
 
-/// Take the pending enrollment stage.
+/// An enrollment attempt in progress: the form, the stage, the user (still
+/// active, still without a second factor), the TOTP secret on offer and
+/// the passkey registration ceremony.
+struct EnrollAttempt {
+    form: Form,
+    pending: Pending,
+    user: User,
+    secret: String,
+    ceremony: Option<Vec<u8>>,
+}
+
+/// Parse the form and take the pending enrollment stage.
 async fn take_enroll_stage(
     st: &AppState,
     h: &HeaderMap,
     body: &[u8],
     now: i64,
-) -> Result<
-    (
-        HashMap<String, String>,
-        Pending,
-        User,
-        String,
-        Option<Vec<u8>>,
-    ),
-    Response,
-> {
-    let form = params(body).map_err(|m| error_page(StatusCode::BAD_REQUEST, m))?;
+) -> Result<EnrollAttempt, SigninError> {
+    let form = form(body)?;
     let p = take_pending(st, h, &form, now).await?;
     let (Stage::EnrollTotp { secret, passkey }, Some(uid)) = (p.stage.clone(), p.user_id.clone())
     else {
-        return Err(error_page(
-            StatusCode::BAD_REQUEST,
-            "Unexpected step; start again from the app.",
-        ));
+        return Err(SigninError::UnexpectedStep);
     };
     let user = match st.accounts.load(&uid).await {
         Ok(Some(u)) if u.status() == Some(Status::Active) && !u.has_mfa() => u,
-        Ok(_) => return Err(error_page(StatusCode::UNAUTHORIZED, BAD_LOGIN)),
-        Err(e) => return Err(internal(e)),
+        Ok(_) => return Err(SigninError::Refused),
+        Err(e) => return Err(SigninError::internal(e)),
     };
-    Ok((form, p, user, secret, passkey))
+    Ok(EnrollAttempt {
+        form,
+        pending: p,
+        user,
+        secret,
+        ceremony: passkey,
+    })
 }
 
 /// POST /auth/mfa/enroll: confirm the authenticator app with a code.
@@ -125,51 +138,41 @@ pub async fn mfa_enroll(
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Result<Response, SigninError> {
     let now = crate::base::clock::now_secs();
-    let (form, mut p, user, secret, _) = match take_enroll_stage(&st, &h, &body, now).await {
-        Ok(x) => x,
-        Err(r) => return r,
+    let EnrollAttempt {
+        form,
+        pending: mut p,
+        user,
+        secret,
+        ..
+    } = take_enroll_stage(&st, &h, &body, now).await?;
+    let code = value(&form, "code");
+    let enrolled = st
+        .accounts
+        .enroll_totp(user.id(), &secret, code, now)
+        .await
+        .map_err(SigninError::internal)?;
+    let Some(codes) = enrolled else {
+        return enrollment_retry(
+            &st,
+            p,
+            &user,
+            &secret,
+            "That code did not match. Check the time on your phone and try the next code.",
+            now,
+        )
+        .await;
     };
-    let code = form.get("code").map(String::as_str).unwrap_or("");
-    match st.accounts.enroll_totp(user.id(), &secret, code, now).await {
-        Ok(Some(codes)) => {
-            tracing::info!(event = "auth.mfa_enrolled", user_id = %user.id(), kind = "totp", "TOTP enrolled");
-            if let Err(r) = audit_auth(
-                &st,
-                &ext,
-                EventKind::Security("mfa"),
-                Action::Create,
-                Outcome::Success,
-                "TOTP enrolled",
-                Some(&user),
-                Some(&p.req.client_id),
-            )
-            .await
-            {
-                return r;
-            }
-            p.amr.push("otp".into());
-            enrolled_page(&st, p, Some(codes), now).await
-        }
-        Ok(None) => {
-            let Some(t) = Accounts::totp_from_b64(&secret) else {
-                return internal("enrollment secret unreadable");
-            };
-            enrollment_page(
-                &st,
-                p,
-                &user,
-                &t,
-                Some(
-                    "That code did not match. Check the time on your phone and try the next code.",
-                ),
-                now,
-            )
-            .await
-        }
-        Err(e) => internal(e),
-    }
+    tracing::info!(event = "auth.mfa_enrolled", user_id = %user.id(), kind = "totp", "TOTP enrolled");
+    AuthAudit::new(EventKind::Security("mfa"), Action::Create)
+        .detail("TOTP enrolled")
+        .user(&user)
+        .client(&p.req.client_id)
+        .record(&st, &ext)
+        .await?;
+    p.amr.push("otp".into());
+    enrolled_page(&st, p, Some(codes), now).await
 }
 
 /// POST /auth/mfa/enroll-passkey: the new passkey the page's script posts.
@@ -178,13 +181,16 @@ pub async fn mfa_enroll_passkey(
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Result<Response, SigninError> {
     let now = crate::base::clock::now_secs();
-    let (form, mut p, user, secret, ceremony) = match take_enroll_stage(&st, &h, &body, now).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let response = form.get("passkey").map(String::as_str).unwrap_or("");
+    let EnrollAttempt {
+        form,
+        pending: mut p,
+        user,
+        secret,
+        ceremony,
+    } = take_enroll_stage(&st, &h, &body, now).await?;
+    let response = value(&form, "passkey");
     let name = form.get("name").map(String::as_str).unwrap_or("Passkey");
     let result = match ceremony {
         Some(c) => {
@@ -199,72 +205,47 @@ pub async fn mfa_enroll_passkey(
                 )
                 .await
         }
-        None => Err(crate::data::accounts::AccountError::NoSuchPasskey),
+        None => Err(AccountError::NoSuchPasskey),
     };
+    let audit = AuthAudit::new(EventKind::Security("mfa"), Action::Create)
+        .user(&user)
+        .client(&p.req.client_id);
     match result {
         Ok(codes) => {
             tracing::info!(event = "auth.mfa_enrolled", user_id = %user.id(), kind = "passkey", "passkey registered");
-            if let Err(r) = audit_auth(
-                &st,
-                &ext,
-                EventKind::Security("mfa"),
-                Action::Create,
-                Outcome::Success,
-                "passkey registered",
-                Some(&user),
-                Some(&p.req.client_id),
-            )
-            .await
-            {
-                return r;
-            }
+            audit.detail("passkey registered").record(&st, &ext).await?;
             p.amr.push("hwk".into());
             enrolled_page(&st, p, codes, now).await
         }
         Err(e) => {
             tracing::info!(event = "auth.failure", stage = "passkey-registration", user_id = %user.id(), reason = %e, "passkey registration refused");
-            if let Err(r) = audit_auth(
-                &st,
-                &ext,
-                EventKind::Security("mfa"),
-                Action::Create,
-                Outcome::MinorFailure,
-                "passkey registration refused",
-                Some(&user),
-                Some(&p.req.client_id),
-            )
-            .await
-            {
-                return r;
-            }
-            let Some(t) = Accounts::totp_from_b64(&secret) else {
-                return internal("enrollment secret unreadable");
-            };
+            audit
+                .outcome(Outcome::MinorFailure)
+                .detail("passkey registration refused")
+                .record(&st, &ext)
+                .await?;
             let msg = match e {
-                crate::data::accounts::AccountError::BadName => e.to_string(),
+                AccountError::BadName => e.to_string(),
                 _ => "The passkey could not be registered. Try again, or use an authenticator app."
                     .into(),
             };
-            enrollment_page(&st, p, &user, &t, Some(&msg), now).await
+            enrollment_retry(&st, p, &user, &secret, &msg, now).await
         }
     }
 }
 
 /// GET /auth/enroll?token=…: the link from `phylax user add`.
-pub async fn enroll_page(RawQuery(q): RawQuery) -> Response {
+pub async fn enroll_page(RawQuery(q): RawQuery) -> Result<Response, SigninError> {
     let q = params(q.unwrap_or_default().as_bytes()).unwrap_or_default();
-    let Some(token) = q.get("token") else {
-        return error_page(
-            StatusCode::BAD_REQUEST,
-            "This enrollment link is incomplete.",
-        );
-    };
-    Page::new(
+    let token = q.get("token").ok_or(SigninError::bad_request(
+        "This enrollment link is incomplete.",
+    ))?;
+    Ok(Page::new(
         StatusCode::OK,
         "Set your password",
         enroll_form(token, None),
     )
-    .into_response()
+    .into_response())
 }
 
 /// POST /auth/enroll
@@ -272,53 +253,37 @@ pub async fn enroll_submit(
     State(st): State<Arc<AppState>>,
     ext: axum::http::Extensions,
     body: Bytes,
-) -> Response {
+) -> Result<Response, SigninError> {
     let now = crate::base::clock::now_secs();
-    let form = match params(&body) {
-        Ok(f) => f,
-        Err(m) => return error_page(StatusCode::BAD_REQUEST, m),
+    let form = form(&body)?;
+    let token = value(&form, "token");
+    let pw = value(&form, "password");
+    let again = |problem: &str| {
+        Page::new(
+            StatusCode::BAD_REQUEST,
+            "Set your password",
+            enroll_form(token, Some(problem)),
+        )
+        .into_response()
     };
-    let token = form.get("token").map(String::as_str).unwrap_or("");
-    let pw = form.get("password").map(String::as_str).unwrap_or("");
     if Some(pw) != form.get("password2").map(String::as_str) {
-        return Page::new(
-            StatusCode::BAD_REQUEST,
-            "Set your password",
-            enroll_form(token, Some("The two passwords differ.")),
-        )
-        .into_response();
+        return Ok(again("The two passwords differ."));
     }
-    match st.accounts.enroll(token, pw, now).await {
-        Ok(u) => {
-            tracing::info!(event = "auth.enrolled", user_id = %u.id(), "password set from enrollment link");
-            if let Err(r) = audit_auth(
-                &st,
-                &ext,
-                EventKind::Security("user"),
-                Action::Update,
-                Outcome::Success,
-                "password set from an enrollment link",
-                Some(&u),
-                None,
-            )
-            .await
-            {
-                return r;
-            }
-            Page::new(StatusCode::OK, "Password set", password_set()).into_response()
-        }
-        Err(crate::data::accounts::AccountError::Password(problem)) => Page::new(
-            StatusCode::BAD_REQUEST,
-            "Set your password",
-            enroll_form(token, Some(&problem.to_string())),
-        )
-        .into_response(),
-        Err(crate::data::accounts::AccountError::BadEnrollment) => error_page(
-            StatusCode::BAD_REQUEST,
+    let u = match st.accounts.enroll(token, pw, now).await {
+        Ok(u) => u,
+        Err(AccountError::Password(problem)) => return Ok(again(&problem.to_string())),
+        Err(AccountError::BadEnrollment) => return Err(SigninError::bad_request(
             "This enrollment link is invalid, used or expired. Ask an administrator for a new one.",
-        ),
-        Err(e) => internal(e),
-    }
+        )),
+        Err(e) => return Err(SigninError::internal(e)),
+    };
+    tracing::info!(event = "auth.enrolled", user_id = %u.id(), "password set from enrollment link");
+    AuthAudit::new(EventKind::Security("user"), Action::Update)
+        .detail("password set from an enrollment link")
+        .user(&u)
+        .record(&st, &ext)
+        .await?;
+    Ok(Page::new(StatusCode::OK, "Password set", password_set()).into_response())
 }
 
 #[cfg(test)]

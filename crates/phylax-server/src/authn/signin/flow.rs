@@ -3,7 +3,7 @@
 //! the audit helper, and the types a sign-in carries between stages.
 
 use crate::authn::signin::pages::error_page;
-use crate::data::accounts::User;
+use crate::data::accounts::{Status, User};
 use crate::data::grants::{Kind, Taken};
 use crate::state::AppState;
 use axum::extract::ConnectInfo;
@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use phylax_audit::event::{Action, EventKind, Outcome, UserRef};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
@@ -131,10 +132,23 @@ pub(super) fn add_cookies(r: &mut Response, cookies: &[String]) {
     }
 }
 
+/// A parsed form or query string.
+pub(super) type Form = HashMap<String, String>;
+
 /// Parse a form or query string; a repeated or oversized parameter is an
 /// error (parameter pollution).
-pub(super) fn params(raw: &[u8]) -> Result<HashMap<String, String>, &'static str> {
+pub(super) fn params(raw: &[u8]) -> Result<Form, &'static str> {
     parse_form(raw, MAX_PARAM)
+}
+
+/// [`params`], refused with a 400 page.
+pub(super) fn form(raw: &[u8]) -> Result<Form, SigninError> {
+    params(raw).map_err(SigninError::bad_request)
+}
+
+/// A form value; missing is empty.
+pub(super) fn value<'a>(form: &'a Form, key: &str) -> &'a str {
+    form.get(key).map(String::as_str).unwrap_or("")
 }
 
 /// Parse an auth endpoint's form: at most [`MAX_FORM`] bytes, values at
@@ -168,47 +182,210 @@ pub(super) fn peer(ext: &axum::http::Extensions) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Record a sign-in or account event in the audit log. Fails closed: when
-/// the record cannot be written the caller answers with this error page
-/// instead of completing the step.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn audit_auth(
-    st: &AppState,
-    ext: &axum::http::Extensions,
+/// Why a sign-in step stops. Each variant is the answer the browser gets
+/// (an error page with its status, or a redirect back to the app), so the
+/// handlers return `Result<Response, SigninError>` and use `?`.
+#[derive(Debug, thiserror::Error)]
+pub enum SigninError {
+    /// An error page with this status and message.
+    #[error("{message}")]
+    Page {
+        status: StatusCode,
+        message: Cow<'static, str>,
+    },
+    /// The sign-in cookie is missing, expired or was already used.
+    #[error("the sign-in has expired or was already used")]
+    Expired,
+    /// The form's CSRF token does not match the sign-in cookie.
+    #[error("the form could not be verified")]
+    Unverified,
+    /// A form posted at a stage the sign-in is not at.
+    #[error("unexpected sign-in step")]
+    UnexpectedStep,
+    /// The user cannot sign in now: one answer for every reason, so the
+    /// page tells nothing about the account.
+    #[error("sign-in refused")]
+    Refused,
+    /// The application is unknown or disabled.
+    #[error("unknown or disabled application")]
+    UnknownClient,
+    /// An error the app is told through its registered (already checked)
+    /// redirect URI.
+    #[error("{error}: {description}")]
+    Redirect {
+        redirect_uri: String,
+        state: String,
+        error: &'static str,
+        description: &'static str,
+    },
+    /// The audit record could not be written: the step is refused (fail
+    /// closed). Logged when made.
+    #[error("audit record not written")]
+    AuditUnavailable,
+    /// Storage, keys or the like failed. Logged when made.
+    #[error("sign-in failed internally: {0}")]
+    Internal(String),
+}
+
+impl SigninError {
+    /// An error page with this status and message.
+    pub(super) fn page(status: StatusCode, message: impl Into<Cow<'static, str>>) -> SigninError {
+        SigninError::Page {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// A 400 page: a malformed request.
+    pub(super) fn bad_request(message: &'static str) -> SigninError {
+        SigninError::page(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// An internal failure, logged here (with the request id) before the
+    /// browser gets the 503 page.
+    pub(super) fn internal(e: impl std::fmt::Display) -> SigninError {
+        let rid = crate::base::request::request_id().unwrap_or_default();
+        tracing::error!(request_id = %rid, error = %e, "sign-in failed internally");
+        SigninError::Internal(e.to_string())
+    }
+
+    /// An error sent back to the app that made `req`.
+    pub(super) fn redirect(
+        req: &AuthzRequest,
+        error: &'static str,
+        description: &'static str,
+    ) -> SigninError {
+        SigninError::Redirect {
+            redirect_uri: req.redirect_uri.clone(),
+            state: req.state.clone(),
+            error,
+            description,
+        }
+    }
+}
+
+impl IntoResponse for SigninError {
+    fn into_response(self) -> Response {
+        let (status, message): (StatusCode, Cow<'static, str>) = match self {
+            SigninError::Redirect {
+                redirect_uri,
+                state,
+                error,
+                description,
+            } => return redirect_error_to(&redirect_uri, &state, error, description),
+            SigninError::Page { status, message } => (status, message),
+            SigninError::Expired => (
+                StatusCode::BAD_REQUEST,
+                "This sign-in has expired or was already used. Go back to the app and start again."
+                    .into(),
+            ),
+            SigninError::Unverified => (
+                StatusCode::FORBIDDEN,
+                "The form could not be verified. Go back to the app and start again.".into(),
+            ),
+            SigninError::UnexpectedStep => (
+                StatusCode::BAD_REQUEST,
+                "Unexpected step; start again from the app.".into(),
+            ),
+            SigninError::Refused => (StatusCode::UNAUTHORIZED, BAD_LOGIN.into()),
+            SigninError::UnknownClient => (
+                StatusCode::BAD_REQUEST,
+                "Unknown or disabled application.".into(),
+            ),
+            SigninError::AuditUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in is unavailable right now. Try again in a few minutes.".into(),
+            ),
+            SigninError::Internal(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Sign-in is temporarily unavailable. Try again shortly.".into(),
+            ),
+        };
+        error_page(status, &message).into_response()
+    }
+}
+
+/// A sign-in or account event for the audit log:
+/// `AuthAudit::new(kind, action).outcome(..).detail(..).user(..).client(..)
+/// .record(st, ext).await?`. The outcome is success unless set. Recording
+/// fails closed: when the record cannot be written the step is refused
+/// with [`SigninError::AuditUnavailable`] instead of completing.
+#[derive(Debug)]
+#[must_use = "an audit event does nothing until recorded"]
+pub(super) struct AuthAudit<'a> {
     kind: EventKind,
     action: Action,
     outcome: Outcome,
-    detail: impl Into<String>,
-    user: Option<&User>,
-    client: Option<&str>,
-) -> Result<(), Response> {
-    if outcome != Outcome::Success {
-        st.metrics.auth_failure(match kind {
-            EventKind::Login => "login",
-            EventKind::Security("mfa") => "mfa",
-            _ => "other",
-        });
+    detail: String,
+    user: Option<&'a User>,
+    client: Option<&'a str>,
+}
+
+impl<'a> AuthAudit<'a> {
+    pub(super) fn new(kind: EventKind, action: Action) -> AuthAudit<'a> {
+        AuthAudit {
+            kind,
+            action,
+            outcome: Outcome::Success,
+            detail: String::new(),
+            user: None,
+            client: None,
+        }
     }
-    let e = crate::audit::log::AuthEvent {
-        kind,
-        action,
-        outcome,
-        detail: detail.into(),
-        user: user.map(|u| UserRef {
-            id: u.id().to_owned(),
-            role: u.rec.role.clone(),
-        }),
-        client: client.map(str::to_owned),
-        ip: peer_ip(ext),
-    };
-    st.audit.record_auth(e).await.map_err(|e| {
-        let rid = crate::base::request::request_id().unwrap_or_default();
-        tracing::error!(request_id = %rid, error = %e, "audit record not written; sign-in step refused");
-        error_page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Sign-in is unavailable right now. Try again in a few minutes.",
-        )
-    })
+
+    pub(super) fn outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
+        self
+    }
+
+    pub(super) fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
+    /// The user the event is about (`None`: unknown).
+    pub(super) fn user(mut self, user: impl Into<Option<&'a User>>) -> Self {
+        self.user = user.into();
+        self
+    }
+
+    /// The application the sign-in is for.
+    pub(super) fn client(mut self, client: &'a str) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Count a failure in the metrics and write the record.
+    pub(super) async fn record(
+        self,
+        st: &AppState,
+        ext: &axum::http::Extensions,
+    ) -> Result<(), SigninError> {
+        if self.outcome != Outcome::Success {
+            st.metrics.auth_failure(match self.kind {
+                EventKind::Login => "login",
+                EventKind::Security("mfa") => "mfa",
+                _ => "other",
+            });
+        }
+        let e = crate::audit::log::AuthEvent {
+            kind: self.kind,
+            action: self.action,
+            outcome: self.outcome,
+            detail: self.detail,
+            user: self.user.map(|u| UserRef {
+                id: u.id().to_owned(),
+                role: u.rec.role.clone(),
+            }),
+            client: self.client.map(str::to_owned),
+            ip: peer_ip(ext),
+        };
+        st.audit.record_auth(e).await.map_err(|e| {
+            let rid = crate::base::request::request_id().unwrap_or_default();
+            tracing::error!(request_id = %rid, error = %e, "audit record not written; sign-in step refused");
+            SigninError::AuditUnavailable
+        })
+    }
 }
 
 /// Build the redirect back to the app with `params` (already validated
@@ -227,21 +404,17 @@ pub(super) fn redirect_to(uri: &str, params: &[(&str, &str)]) -> Response {
     r
 }
 
+/// An OAuth error back to the app (`state` only when the app sent one).
 pub(super) fn redirect_error(req: &AuthzRequest, error: &str, desc: &str) -> Response {
-    let mut p = vec![("error", error), ("error_description", desc)];
-    if !req.state.is_empty() {
-        p.push(("state", req.state.as_str()));
-    }
-    redirect_to(&req.redirect_uri, &p)
+    redirect_error_to(&req.redirect_uri, &req.state, error, desc)
 }
 
-pub(super) fn internal(e: impl std::fmt::Display) -> Response {
-    let rid = crate::base::request::request_id().unwrap_or_default();
-    tracing::error!(request_id = %rid, error = %e, "sign-in failed internally");
-    error_page(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "Sign-in is temporarily unavailable. Try again shortly.",
-    )
+fn redirect_error_to(uri: &str, state: &str, error: &str, desc: &str) -> Response {
+    let mut p = vec![("error", error), ("error_description", desc)];
+    if !state.is_empty() {
+        p.push(("state", state));
+    }
+    redirect_to(uri, &p)
 }
 
 /// Start a stage: a new sign-in cookie (and CSRF token) per stage.
@@ -249,7 +422,7 @@ pub(super) async fn new_pending(
     st: &AppState,
     p: &Pending,
     now: i64,
-) -> Result<(String, String), Response> {
+) -> Result<(String, String), SigninError> {
     let secret = st
         .grants
         .create(
@@ -261,7 +434,7 @@ pub(super) async fn new_pending(
             now,
         )
         .await
-        .map_err(internal)?;
+        .map_err(SigninError::internal)?;
     let c = cookie(PENDING_COOKIE, &secret, "Strict", PENDING_TTL);
     Ok((st.grants.csrf(&secret), c))
 }
@@ -271,29 +444,27 @@ pub(super) async fn new_pending(
 pub(super) async fn take_pending(
     st: &AppState,
     h: &HeaderMap,
-    form: &HashMap<String, String>,
+    form: &Form,
     now: i64,
-) -> Result<Pending, Response> {
-    let expired = || {
-        error_page(
-            StatusCode::BAD_REQUEST,
-            "This sign-in has expired or was already used. Go back to the app and start again.",
-        )
-    };
-    let Some(secret) = get_cookie(h, PENDING_COOKIE) else {
-        return Err(expired());
-    };
-    let csrf = form.get("csrf").map(String::as_str).unwrap_or("");
-    if !st.grants.csrf_ok(secret, csrf) {
-        return Err(error_page(
-            StatusCode::FORBIDDEN,
-            "The form could not be verified. Go back to the app and start again.",
-        ));
+) -> Result<Pending, SigninError> {
+    let secret = get_cookie(h, PENDING_COOKIE).ok_or(SigninError::Expired)?;
+    if !st.grants.csrf_ok(secret, value(form, "csrf")) {
+        return Err(SigninError::Unverified);
     }
     match st.grants.take::<Pending>(Kind::Pending, secret, now).await {
         Ok(Taken::Fresh(_, p)) => Ok(p),
-        Ok(_) => Err(expired()),
-        Err(e) => Err(internal(e)),
+        Ok(_) => Err(SigninError::Expired),
+        Err(e) => Err(SigninError::internal(e)),
+    }
+}
+
+/// The user a sign-in stage is for, still active (anything else gets the
+/// same refusal as a wrong password).
+pub(super) async fn active_user(st: &AppState, id: &str) -> Result<User, SigninError> {
+    match st.accounts.load(id).await {
+        Ok(Some(u)) if u.status() == Some(Status::Active) => Ok(u),
+        Ok(_) => Err(SigninError::Refused),
+        Err(e) => Err(SigninError::internal(e)),
     }
 }
 
@@ -315,5 +486,85 @@ mod tests {
     fn repeated_parameters_are_refused() {
         assert!(params(b"a=1&a=2").is_err());
         assert_eq!(params(b"a=1&b=%20").unwrap()["b"], " ");
+    }
+
+    async fn rendered(e: SigninError) -> (StatusCode, Option<String>, String) {
+        let r = e.into_response();
+        let status = r.status();
+        let location = r
+            .headers()
+            .get(header::LOCATION)
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
+        let body = axum::body::to_bytes(r.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        (
+            status,
+            location,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn errors_render_their_pages_and_redirects() {
+        let cases = [
+            (SigninError::Expired, 400, "has expired or was already used"),
+            (
+                SigninError::Unverified,
+                403,
+                "The form could not be verified. Go back",
+            ),
+            (
+                SigninError::UnexpectedStep,
+                400,
+                "Unexpected step; start again",
+            ),
+            (SigninError::Refused, 401, BAD_LOGIN),
+            (
+                SigninError::UnknownClient,
+                400,
+                "Unknown or disabled application.",
+            ),
+            (SigninError::AuditUnavailable, 503, "unavailable right now"),
+            (
+                SigninError::internal("disk on fire"),
+                503,
+                "temporarily unavailable",
+            ),
+            (
+                SigninError::page(StatusCode::UNAUTHORIZED, "Sign in <first>."),
+                401,
+                "<p>Sign in &lt;first&gt;.</p>",
+            ),
+        ];
+        for (e, status, text) in cases {
+            let (s, location, body) = rendered(e).await;
+            assert_eq!(s.as_u16(), status, "{body}");
+            assert!(location.is_none());
+            assert!(body.contains(text), "{body}");
+            assert!(
+                !body.contains("disk on fire"),
+                "internal details stay in the log"
+            );
+        }
+        let req = AuthzRequest {
+            client_id: "app".into(),
+            redirect_uri: "https://app.example/cb?x=1".into(),
+            state: "s 1".into(),
+            scope: String::new(),
+            challenge: String::new(),
+            nonce: None,
+        };
+        let (s, location, _) = rendered(SigninError::redirect(
+            &req,
+            "invalid_request",
+            "state is required",
+        ))
+        .await;
+        assert_eq!(s, StatusCode::SEE_OTHER);
+        assert_eq!(
+            location.as_deref(),
+            Some("https://app.example/cb?x=1&error=invalid_request&error_description=state+is+required&state=s+1")
+        );
     }
 }

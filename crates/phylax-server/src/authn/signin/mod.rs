@@ -43,7 +43,9 @@ pub use account::{account, account_passkeys, logout};
 pub use consent::{consent, proceed};
 pub use enrollment::{enroll_page, enroll_submit, mfa_enroll, mfa_enroll_passkey};
 pub(crate) use flow::{parse_form, MAX_FORM};
-pub use flow::{AuthzRequest, CodeDetails, Session, CODE_TTL, PENDING_COOKIE, SESSION_COOKIE};
+pub use flow::{
+    AuthzRequest, CodeDetails, Session, SigninError, CODE_TTL, PENDING_COOKIE, SESSION_COOKIE,
+};
 pub use login::{authorize, login};
 pub use pages::passkey_js;
 pub use second_factor::{mfa, mfa_passkey};

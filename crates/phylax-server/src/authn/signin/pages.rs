@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use maud::{html, Markup, PreEscaped, Render};
 use phylax_auth::smart::SmartScopes;
 
-/// The doctype: a fixed constant, the only markup not made by `html!`.
+/// The doctype: a fixed constant, the only `PreEscaped` on any page.
 const DOCTYPE: PreEscaped<&str> = PreEscaped("<!doctype html>");
 
 /// JSON for a `<script type="application/json">` element. A script's text
@@ -105,8 +105,9 @@ impl IntoResponse for Page {
     }
 }
 
-pub(super) fn error_page(status: StatusCode, msg: &str) -> Response {
-    Page::new(status, "Cannot sign in", html! { p { (msg) } }).into_response()
+/// The page a refused or failed step gets (`SigninError` renders it).
+pub(super) fn error_page(status: StatusCode, msg: &str) -> Page {
+    Page::new(status, "Cannot sign in", html! { p { (msg) } })
 }
 
 fn hidden(name: &str, value: &str) -> Markup {

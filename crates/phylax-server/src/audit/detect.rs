@@ -146,21 +146,8 @@ impl Rules {
     /// Feed one committed record; returns the alerts it triggers.
     pub fn observe(&mut self, f: &AuditFacts) -> Vec<Alert> {
         let mut out = Vec::new();
-        let now = f.recorded_ms;
-        let c = self.cfg.clone();
-        let win = c.window_secs as i64 * 1000;
         let user = f.user.as_ref().map(|u| u.id.clone());
-        let ip = f.ip.map(|i| i.to_string());
         let failed = f.outcome != Outcome::Success;
-        let mut alert =
-            |rule: &'static str, severity: &'static str, detail: String, user: Option<String>| {
-                out.push(Alert {
-                    rule,
-                    severity,
-                    detail,
-                    user,
-                });
-            };
         match &f.kind {
             EventKind::Login if failed => {
                 let second_factor = f
@@ -168,217 +155,257 @@ impl Rules {
                     .as_deref()
                     .is_some_and(|d| d.contains("second factor"));
                 if second_factor {
-                    if let Some(u) = &user {
-                        let n = bump(self.mfa_by_user.entry(u.clone()).or_default(), now, win);
-                        if n >= c.mfa_failures as usize && self.once("mfa-failures", u, now, win) {
-                            alert(
-                                "mfa-failures",
-                                "high",
-                                format!(
-                                    "{} refused second factors for user {u} within {} s",
-                                    c.mfa_failures, c.window_secs
-                                ),
-                                Some(u.clone()),
-                            );
-                        }
-                    }
+                    self.failed_second_factor(f, user.as_deref(), &mut out);
                 } else {
-                    if let Some(u) = &user {
-                        let n = bump(
-                            self.failures_by_user.entry(u.clone()).or_default(),
-                            now,
-                            win,
-                        );
-                        if n >= c.failed_logins_per_account as usize
-                            && self.once("brute-force-account", u, now, win)
-                        {
-                            alert(
-                                "brute-force-account",
-                                "high",
-                                format!(
-                                    "{} failed sign-ins for user {u} within {} s",
-                                    c.failed_logins_per_account, c.window_secs
-                                ),
-                                Some(u.clone()),
-                            );
-                        }
-                    }
-                    if let Some(ip) = &ip {
-                        let q = self.failures_by_ip.entry(ip.clone()).or_default();
-                        q.push_back((now, user.clone()));
-                        prune(q, now - win);
-                        let n = q.len();
-                        let distinct: HashSet<&String> =
-                            q.iter().filter_map(|(_, u)| u.as_ref()).collect();
-                        let accounts = distinct.len();
-                        if n >= c.failed_logins_per_ip as usize
-                            && self.once("brute-force-ip", ip, now, win)
-                        {
-                            alert(
-                                "brute-force-ip",
-                                "high",
-                                format!("{n} failed sign-ins from {ip} within {} s", c.window_secs),
-                                None,
-                            );
-                        }
-                        if accounts >= c.spray_accounts as usize
-                            && self.once("password-spraying", ip, now, win)
-                        {
-                            alert(
-                                "password-spraying",
-                                "critical",
-                                format!(
-                                    "failed sign-ins for {accounts} accounts from {ip} within {} s",
-                                    c.window_secs
-                                ),
-                                None,
-                            );
-                        }
-                    }
+                    self.failed_sign_in(f, user.as_deref(), &mut out);
                 }
             }
-            EventKind::Security("token-replay") => {
-                alert("token-replay", "high", "a used authorization code or rotated refresh token was presented again; its grant family was revoked".into(), user.clone());
-            }
-            EventKind::Security("passkey-cloned") => {
-                alert(
-                    "cloned-passkey",
-                    "critical",
-                    format!(
-                        "a passkey of user {} reported a lower signature counter (possible clone)",
-                        user.clone().unwrap_or_default()
-                    ),
-                    user.clone(),
-                );
-            }
-            EventKind::Security("break-the-glass") => {
-                alert(
-                    "break-the-glass",
-                    "high",
-                    format!(
-                        "user {} used break-the-glass emergency access to a patient outside their care relationships",
-                        user.clone().unwrap_or_default()
-                    ),
-                    user.clone(),
-                );
-            }
-            EventKind::Security("role") => {
-                alert(
-                    "privilege-change",
-                    "medium",
-                    f.outcome_desc
-                        .clone()
-                        .unwrap_or_else(|| "role changed".into()),
-                    None,
-                );
-            }
-            EventKind::Security("user")
-                if f.outcome_desc
-                    .as_deref()
-                    .is_some_and(|d| d.contains("second factors reset")) =>
-            {
-                alert(
-                    "privilege-change",
-                    "medium",
-                    f.outcome_desc.clone().unwrap_or_default(),
-                    None,
-                );
-            }
+            EventKind::Security(kind) => security_alert(kind, f, user, &mut out),
             EventKind::Rest(_)
                 if failed
                     && f.outcome_desc
                         .as_deref()
                         .is_some_and(|d| d.contains("denied by reach")) =>
             {
-                if let Some(u) = user.clone() {
-                    let n = bump(
-                        self.reach_denials_by_user.entry(u.clone()).or_default(),
-                        now,
-                        win,
-                    );
-                    if n >= c.outside_care_denials as usize
-                        && self.once("outside-care", &u, now, win)
-                    {
-                        alert(
-                            "outside-care",
-                            "medium",
-                            format!(
-                                "user {u} was refused {n} times within {} s for patients outside their care relationships",
-                                c.window_secs
-                            ),
-                            Some(u),
-                        );
-                    }
-                }
+                self.refused_outside_care(f, user, &mut out);
             }
             EventKind::Rest(_) if !failed && !f.patients.is_empty() => {
-                let agent = f.agent_key();
-                // A workforce user touching a flagged patient (not the
-                // patient themselves, not a system integration).
-                if let (Some(u), Some(role)) = (&user, f.user.as_ref().map(|x| x.role.as_str())) {
-                    if role != "patient" {
-                        let flagged: Vec<String> = {
-                            let vip = self.vip.read();
-                            f.patients
-                                .iter()
-                                .filter(|p| vip.contains(*p))
-                                .cloned()
-                                .collect()
-                        };
-                        for p in flagged {
-                            if self.once("vip-access", &format!("{u}|{p}"), now, win) {
-                                alert(
-                                    "vip-access",
-                                    "medium",
-                                    format!("user {u} accessed the flagged record of Patient/{p}"),
-                                    Some(u.clone()),
-                                );
-                            }
-                        }
-                    }
-                }
-                let n = {
-                    let q = self.patients_by_agent.entry(agent.clone()).or_default();
-                    for p in &f.patients {
-                        q.touch(now, p);
-                    }
-                    q.expire(now - c.scraping_window_secs as i64 * 1000);
-                    q.distinct()
-                };
-                if n >= c.scraping_patients as usize
-                    && self.once(
-                        "scraping",
-                        &agent,
-                        now,
-                        c.scraping_window_secs as i64 * 1000,
-                    )
-                {
-                    alert(
-                        "scraping",
-                        "high",
-                        format!(
-                            "{agent} touched {n} distinct patients within {} s",
-                            c.scraping_window_secs
-                        ),
-                        user.clone(),
-                    );
-                }
-                if let Some((from, to)) = c.business_hours_utc {
-                    let hour = ((now / 3_600_000) % 24) as u8;
-                    let inside = if from <= to {
-                        hour >= from && hour < to
-                    } else {
-                        hour >= from || hour < to
-                    };
-                    if !inside && self.once("off-hours", &agent, now, 3_600_000) {
-                        alert("off-hours", "medium", format!("{agent} accessed patient data at {hour:02}:00 UTC, outside {from:02}–{to:02}"), user.clone());
-                    }
-                }
+                self.patient_access(f, user.as_deref(), &mut out);
             }
             _ => {}
         }
         out
     }
+
+    fn window(&self) -> i64 {
+        self.cfg.window_secs as i64 * 1000
+    }
+
+    /// `mfa-failures`: refused second factors for one account.
+    fn failed_second_factor(&mut self, f: &AuditFacts, user: Option<&str>, out: &mut Vec<Alert>) {
+        let (now, win, c) = (f.recorded_ms, self.window(), self.cfg.clone());
+        let Some(u) = user else { return };
+        let n = bump(self.mfa_by_user.entry(u.to_owned()).or_default(), now, win);
+        if n >= c.mfa_failures as usize && self.once("mfa-failures", u, now, win) {
+            out.push(Alert {
+                rule: "mfa-failures",
+                severity: "high",
+                detail: format!(
+                    "{} refused second factors for user {u} within {} s",
+                    c.mfa_failures, c.window_secs
+                ),
+                user: Some(u.to_owned()),
+            });
+        }
+    }
+
+    /// `brute-force-account`, `brute-force-ip` and `password-spraying`:
+    /// failed sign-ins per account and per address.
+    fn failed_sign_in(&mut self, f: &AuditFacts, user: Option<&str>, out: &mut Vec<Alert>) {
+        let (now, win, c) = (f.recorded_ms, self.window(), self.cfg.clone());
+        if let Some(u) = user {
+            let n = bump(
+                self.failures_by_user.entry(u.to_owned()).or_default(),
+                now,
+                win,
+            );
+            if n >= c.failed_logins_per_account as usize
+                && self.once("brute-force-account", u, now, win)
+            {
+                out.push(Alert {
+                    rule: "brute-force-account",
+                    severity: "high",
+                    detail: format!(
+                        "{} failed sign-ins for user {u} within {} s",
+                        c.failed_logins_per_account, c.window_secs
+                    ),
+                    user: Some(u.to_owned()),
+                });
+            }
+        }
+        let Some(ip) = f.ip.map(|i| i.to_string()) else {
+            return;
+        };
+        let q = self.failures_by_ip.entry(ip.clone()).or_default();
+        q.push_back((now, user.map(str::to_owned)));
+        prune(q, now - win);
+        let n = q.len();
+        let distinct: HashSet<&String> = q.iter().filter_map(|(_, u)| u.as_ref()).collect();
+        let accounts = distinct.len();
+        if n >= c.failed_logins_per_ip as usize && self.once("brute-force-ip", &ip, now, win) {
+            out.push(Alert {
+                rule: "brute-force-ip",
+                severity: "high",
+                detail: format!("{n} failed sign-ins from {ip} within {} s", c.window_secs),
+                user: None,
+            });
+        }
+        if accounts >= c.spray_accounts as usize && self.once("password-spraying", &ip, now, win) {
+            out.push(Alert {
+                rule: "password-spraying",
+                severity: "critical",
+                detail: format!(
+                    "failed sign-ins for {accounts} accounts from {ip} within {} s",
+                    c.window_secs
+                ),
+                user: None,
+            });
+        }
+    }
+
+    /// `outside-care`: a user repeatedly refused patients outside their
+    /// care relationships.
+    fn refused_outside_care(&mut self, f: &AuditFacts, user: Option<String>, out: &mut Vec<Alert>) {
+        let (now, win, c) = (f.recorded_ms, self.window(), self.cfg.clone());
+        let Some(u) = user else { return };
+        let n = bump(
+            self.reach_denials_by_user.entry(u.clone()).or_default(),
+            now,
+            win,
+        );
+        if n >= c.outside_care_denials as usize && self.once("outside-care", &u, now, win) {
+            out.push(Alert {
+                rule: "outside-care",
+                severity: "medium",
+                detail: format!(
+                    "user {u} was refused {n} times within {} s for patients outside their care relationships",
+                    c.window_secs
+                ),
+                user: Some(u),
+            });
+        }
+    }
+
+    /// `vip-access`, `scraping` and `off-hours`: successful accesses to
+    /// patients' data.
+    fn patient_access(&mut self, f: &AuditFacts, user: Option<&str>, out: &mut Vec<Alert>) {
+        let (now, win, c) = (f.recorded_ms, self.window(), self.cfg.clone());
+        let agent = f.agent_key();
+        // A workforce user touching a flagged patient (not the patient
+        // themselves, not a system integration).
+        if let (Some(u), Some(role)) = (user, f.user.as_ref().map(|x| x.role.as_str())) {
+            if role != "patient" {
+                let flagged: Vec<String> = {
+                    let vip = self.vip.read();
+                    f.patients
+                        .iter()
+                        .filter(|p| vip.contains(*p))
+                        .cloned()
+                        .collect()
+                };
+                for p in flagged {
+                    if self.once("vip-access", &format!("{u}|{p}"), now, win) {
+                        out.push(Alert {
+                            rule: "vip-access",
+                            severity: "medium",
+                            detail: format!("user {u} accessed the flagged record of Patient/{p}"),
+                            user: Some(u.to_owned()),
+                        });
+                    }
+                }
+            }
+        }
+        let n = {
+            let q = self.patients_by_agent.entry(agent.clone()).or_default();
+            for p in &f.patients {
+                q.touch(now, p);
+            }
+            q.expire(now - c.scraping_window_secs as i64 * 1000);
+            q.distinct()
+        };
+        if n >= c.scraping_patients as usize
+            && self.once(
+                "scraping",
+                &agent,
+                now,
+                c.scraping_window_secs as i64 * 1000,
+            )
+        {
+            out.push(Alert {
+                rule: "scraping",
+                severity: "high",
+                detail: format!(
+                    "{agent} touched {n} distinct patients within {} s",
+                    c.scraping_window_secs
+                ),
+                user: user.map(str::to_owned),
+            });
+        }
+        if let Some((from, to)) = c.business_hours_utc {
+            let hour = ((now / 3_600_000) % 24) as u8;
+            let inside = if from <= to {
+                hour >= from && hour < to
+            } else {
+                hour >= from || hour < to
+            };
+            if !inside && self.once("off-hours", &agent, now, 3_600_000) {
+                out.push(Alert {
+                    rule: "off-hours",
+                    severity: "medium",
+                    detail: format!("{agent} accessed patient data at {hour:02}:00 UTC, outside {from:02}–{to:02}"),
+                    user: user.map(str::to_owned),
+                });
+            }
+        }
+    }
+}
+
+/// Security events that are alerts by themselves: token replay, a cloned
+/// passkey, break-the-glass, privilege changes.
+fn security_alert(kind: &str, f: &AuditFacts, user: Option<String>, out: &mut Vec<Alert>) {
+    let (rule, severity, detail, user) = match kind {
+        "token-replay" => (
+            "token-replay",
+            "high",
+            "a used authorization code or rotated refresh token was presented again; its grant family was revoked".to_owned(),
+            user,
+        ),
+        "passkey-cloned" => (
+            "cloned-passkey",
+            "critical",
+            format!(
+                "a passkey of user {} reported a lower signature counter (possible clone)",
+                user.clone().unwrap_or_default()
+            ),
+            user,
+        ),
+        "break-the-glass" => (
+            "break-the-glass",
+            "high",
+            format!(
+                "user {} used break-the-glass emergency access to a patient outside their care relationships",
+                user.clone().unwrap_or_default()
+            ),
+            user,
+        ),
+        "role" => (
+            "privilege-change",
+            "medium",
+            f.outcome_desc
+                .clone()
+                .unwrap_or_else(|| "role changed".into()),
+            None,
+        ),
+        "user"
+            if f.outcome_desc
+                .as_deref()
+                .is_some_and(|d| d.contains("second factors reset")) =>
+        {
+            (
+                "privilege-change",
+                "medium",
+                f.outcome_desc.clone().unwrap_or_default(),
+                None,
+            )
+        }
+        _ => return,
+    };
+    out.push(Alert {
+        rule,
+        severity,
+        detail,
+        user,
+    });
 }
 
 /// What the detector's task receives.

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use phylax_fhir::subset::Summary;
 use phylax_fhir::{Issue, IssueCode, OperationOutcome, ResourceType, Severity};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Cut a page once its stored bodies pass `cap` bytes (at least one
 /// resource stays, so paging always moves on): a page of a thousand large
@@ -51,18 +51,86 @@ pub(super) async fn search(
     // cursor made from one) stay out of every link: the self link is then
     // a sealed cursor for this very page.
     let terms_hidden = posted || q.get("_cursor").is_some();
-    let mut before = None;
-    let mut back: Option<Vec<i64>> = None;
+    let mut at = Position::default();
     if let Some(c) = q.get("_cursor") {
         let cur = open_search_cursor(st, rtype.as_str(), c).await?;
         params = cur.params;
-        before = (cur.at != FIRST_PAGE).then_some(cur.at);
-        back = Some(cur.back);
+        at.before = (cur.at != FIRST_PAGE).then_some(cur.at);
+        at.back = Some(cur.back);
     }
     let q = Query(params.clone());
     crate::rest::mask::check_params(ctx, rtype, &params)?;
     let count = page_size(st, &q)?;
-    let (plain, chained) = resolve_chains(st, ctx, rtype, &params).await?;
+    let parsed = conditions(st, ctx, h, rtype, &params, &q).await?;
+    // Confined to what the caller may see (their patients, no restricted
+    // labels without permission) by the scoped searches below: counts and
+    // pages only ever cover visible resources.
+    let scoped = st.scoped(ctx);
+    let control = ResultControl::parse(rtype, &q)?;
+    let sorted = !control.sort.is_empty();
+    let query = phylax_store::SearchQuery {
+        rtype: rtype.to_string(),
+        and: parsed.and,
+        before_seq: if sorted { None } else { at.before },
+        limit: if sorted { MAX_SORTED + 1 } else { count + 1 },
+    };
+    let page = fetch_page(st, &scoped, rtype, &control, &query, at.before, count).await?;
+    let links = page_links(
+        st,
+        rtype,
+        &params,
+        &parsed.unknown,
+        terms_hidden,
+        at,
+        page.next_mark,
+    )
+    .await?;
+    let rows = page.rows;
+    let inc = included(st, ctx, rtype, &q, &rows).await?;
+    crate::access::reach::watch_own_name(&st.gate, ctx, rows.iter().chain(inc.iter())).await;
+    let mut refs = crate::access::ctx::AuditRefs::of_versions(rows.iter().chain(inc.iter()));
+    // Parameter names only: values (a name, a birth date) stay out of the log.
+    refs.params = params
+        .iter()
+        .map(|(k, _)| k.chars().take(64).collect::<String>())
+        .filter(|k| k != "_cursor" && !k.starts_with("_phylax"))
+        .collect();
+    refs.params.sort();
+    refs.params.dedup();
+    let entries = page_entries(st, &control, rows, inc, &parsed.unknown);
+    let mut bundle = bundle_out("searchset", links, entries);
+    if control.total || control.summary == Some(Summary::Count) {
+        let total = match page.known_total {
+            Some(n) => n,
+            None => scoped.count(query).await?,
+        };
+        bundle.set_total(total);
+    }
+    let mut r = bundle.into_response(StatusCode::OK);
+    r.extensions_mut().insert(refs);
+    Ok(r)
+}
+
+/// Where a page starts: the keyset bound (or sort offset) and the earlier
+/// pages' positions (for `previous`), from the cursor.
+#[derive(Default)]
+struct Position {
+    before: Option<i64>,
+    back: Option<Vec<i64>>,
+}
+
+/// The search's store conditions: chains and `_has` resolved, parameters
+/// parsed, a `_compartment` added; unknown parameters refused under
+/// `Prefer: handling=strict`.
+async fn conditions(
+    st: &AppState,
+    ctx: &RequestCtx,
+    h: &HeaderMap,
+    rtype: &ResourceType,
+    params: &[(String, String)],
+    q: &Query,
+) -> Result<crate::data::search::ParsedSearch, Failure> {
+    let (plain, chained) = resolve_chains(st, ctx, rtype, params).await?;
     let mut parsed = crate::data::search::parse(st.gate.blind_key(), &st.fhir_base, rtype, &plain)?;
     parsed.and.extend(chained);
     if let Some(c) = q.get(crate::data::search::COMPARTMENT_PARAM) {
@@ -90,26 +158,40 @@ pub(super) async fn search(
                 .collect(),
         ));
     }
-    // Confined to what the caller may see (their patients, no restricted
-    // labels without permission) by the scoped searches below: counts and
-    // pages only ever cover visible resources.
-    let scoped = st.scoped(ctx);
-    let control = ResultControl::parse(rtype, &q)?;
-    let sorted = !control.sort.is_empty();
-    let query = phylax_store::SearchQuery {
-        rtype: rtype.to_string(),
-        and: parsed.and,
-        before_seq: if sorted { None } else { before },
-        limit: if sorted { MAX_SORTED + 1 } else { count + 1 },
-    };
-    // When the whole match set is in hand, its size is the total: no
-    // count query (the common case for selective searches).
-    let mut known_total: Option<u64> = None;
-    let (rows, next_mark) = if control.summary == Some(Summary::Count) {
-        (Vec::new(), None)
-    } else if sorted {
-        // Sorted in memory after decryption (blind index entries carry no
-        // order), so the match set is bounded; pages are offsets into it.
+    Ok(parsed)
+}
+
+/// One page of matches.
+struct Page {
+    rows: Vec<ResourceVersion>,
+    /// The next page's position, if there is one.
+    next_mark: Option<i64>,
+    /// The total, when the whole match set was in hand (then no count
+    /// query: the common case for selective searches).
+    known_total: Option<u64>,
+}
+
+/// Fetch one page: `_summary=count` none; sorted searches in memory after
+/// decryption (blind index entries carry no order), so the match set is
+/// bounded and pages are offsets into it; otherwise by keyset.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_page(
+    st: &AppState,
+    scoped: &crate::access::scoped::Scoped<'_>,
+    rtype: &ResourceType,
+    control: &ResultControl,
+    query: &phylax_store::SearchQuery,
+    before: Option<i64>,
+    count: u32,
+) -> Result<Page, Failure> {
+    if control.summary == Some(Summary::Count) {
+        return Ok(Page {
+            rows: Vec::new(),
+            next_mark: None,
+            known_total: None,
+        });
+    }
+    if !control.sort.is_empty() {
         let all = scoped.search(query.clone()).await?;
         if all.len() > MAX_SORTED as usize {
             return Err(Failure::BadRequest(vec![Issue::error(
@@ -119,7 +201,7 @@ pub(super) async fn search(
                 ),
             )]));
         }
-        known_total = Some(all.len() as u64);
+        let known_total = Some(all.len() as u64);
         let all = control.sort_rows(rtype, all);
         let offset = before.unwrap_or(0).max(0) as usize;
         let n = all.len();
@@ -127,21 +209,39 @@ pub(super) async fn search(
         bound_page(&mut page, st.config.http.max_response_bytes);
         let end = offset + page.len();
         let more = end < n;
-        (page, more.then_some(end as i64))
-    } else {
-        let (mut rows, mut more) = scoped.search_page(query.clone(), count as usize).await?;
-        if bound_page(&mut rows, st.config.http.max_response_bytes) {
-            more = true;
-        }
-        if !more && before.is_none() {
-            known_total = Some(rows.len() as u64);
-        }
-        let mark = rows.last().map(|r| r.seq);
-        (rows, if more { mark } else { None })
-    };
+        return Ok(Page {
+            rows: page,
+            next_mark: more.then_some(end as i64),
+            known_total,
+        });
+    }
+    let (mut rows, mut more) = scoped.search_page(query.clone(), count as usize).await?;
+    if bound_page(&mut rows, st.config.http.max_response_bytes) {
+        more = true;
+    }
+    let known_total = (!more && before.is_none()).then_some(rows.len() as u64);
+    let mark = rows.last().map(|r| r.seq);
+    Ok(Page {
+        rows,
+        next_mark: if more { mark } else { None },
+        known_total,
+    })
+}
+
+/// The page's links. The self link shows the parameters actually used:
+/// not the cursor, and not ignored parameters (whose values are never
+/// echoed); with hidden terms it is a sealed cursor. `next` and
+/// `previous` are sealed cursors.
+async fn page_links(
+    st: &AppState,
+    rtype: &ResourceType,
+    params: &[(String, String)],
+    unknown: &[String],
+    terms_hidden: bool,
+    at: Position,
+    next_mark: Option<i64>,
+) -> Result<Vec<Value>, Failure> {
     let url = format!("{}/{}", st.fhir_base, rtype);
-    // The self link shows the parameters actually used: not the cursor, and
-    // not ignored parameters (whose values are never echoed).
     let shown: Vec<(String, String)> = params
         .iter()
         .filter(|(k, _)| k != "_cursor")
@@ -150,8 +250,7 @@ pub(super) async fn search(
     let used: Vec<&(String, String)> = shown
         .iter()
         .filter(|(k, _)| {
-            !parsed
-                .unknown
+            !unknown
                 .iter()
                 .any(|u| u == &k.chars().take(64).collect::<String>())
         })
@@ -159,6 +258,7 @@ pub(super) async fn search(
     let self_q: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(used)
         .finish();
+    let (before, back) = (at.before, at.back);
     let self_url = if terms_hidden {
         let c = seal_search_cursor(
             st,
@@ -189,24 +289,23 @@ pub(super) async fn search(
             links.push(json!({"relation": "previous", "url": format!("{url}?_cursor={c}")}));
         }
     }
-    let inc = included(st, ctx, rtype, &q, &rows).await?;
-    crate::access::reach::watch_own_name(&st.gate, ctx, rows.iter().chain(inc.iter())).await;
-    let mut refs = crate::access::ctx::AuditRefs::of_versions(rows.iter().chain(inc.iter()));
-    // Parameter names only: values (a name, a birth date) stay out of the log.
-    refs.params = params
-        .iter()
-        .map(|(k, _)| k.chars().take(64).collect::<String>())
-        .filter(|k| k != "_cursor" && !k.starts_with("_phylax"))
-        .collect();
-    refs.params.sort();
-    refs.params.dedup();
-    // Matches, then includes; bodies are moved into the Bundle.
+    Ok(links)
+}
+
+/// Matches, then includes, then (for ignored parameters) an outcome;
+/// bodies are moved into the Bundle. Stored text goes into the page as it
+/// is, unless `_summary` or `_elements` reshape it.
+fn page_entries(
+    st: &AppState,
+    control: &ResultControl,
+    rows: Vec<ResourceVersion>,
+    inc: Vec<ResourceVersion>,
+    unknown: &[String],
+) -> Vec<EntryOut> {
     let modes = rows
         .into_iter()
         .map(|v| (v, "match"))
         .chain(inc.into_iter().map(|v| (v, "include")));
-    // Stored text goes into the page as it is, unless `_summary` or
-    // `_elements` reshape it.
     let mut entries: Vec<EntryOut> = modes
         .filter_map(|(v, mode)| {
             let url = format!("{}/{}/{}", st.fhir_base, v.rtype, v.id);
@@ -220,10 +319,9 @@ pub(super) async fn search(
             })
         })
         .collect();
-    if !parsed.unknown.is_empty() {
+    if !unknown.is_empty() {
         let oo = OperationOutcome {
-            issues: parsed
-                .unknown
+            issues: unknown
                 .iter()
                 .map(|k| Issue {
                     severity: Severity::Warning,
@@ -239,15 +337,5 @@ pub(super) async fn search(
             "outcome",
         ));
     }
-    let mut bundle = bundle_out("searchset", links, entries);
-    if control.total || control.summary == Some(Summary::Count) {
-        let total = match known_total {
-            Some(n) => n,
-            None => scoped.count(query).await?,
-        };
-        bundle.set_total(total);
-    }
-    let mut r = bundle.into_response(StatusCode::OK);
-    r.extensions_mut().insert(refs);
-    Ok(r)
+    entries
 }

@@ -63,93 +63,9 @@ pub async fn explain(
     what: Interaction,
 ) -> Result<Explanation, Failure> {
     let mut steps = Vec::new();
-    let principal = match who {
-        Subject::User { username, scope } => {
-            let u = st
-                .accounts
-                .find(username)
-                .await
-                .map_err(|e| Failure::Unavailable(e.to_string()))?
-                .ok_or(Failure::NotFound)?;
-            let role = st
-                .roles
-                .get(u.role())
-                .cloned()
-                .ok_or_else(|| Failure::Internal("the user's role no longer exists".into()))?;
-            let scope = scope.clone().unwrap_or_else(|| {
-                if role.patient {
-                    "patient/*.cruds".into()
-                } else {
-                    "user/*.cruds".into()
-                }
-            });
-            steps.push(format!(
-                "user: role {}, status {}, reach rule {}, labelled data {}, break-the-glass {}, relationships {}",
-                role.name,
-                u.rec.status,
-                role.reach.as_str(),
-                if role.labelled {
-                    "allowed"
-                } else {
-                    "not allowed"
-                },
-                if role.break_glass {
-                    "allowed"
-                } else {
-                    "not allowed"
-                },
-                if role.relationships {
-                    "may change"
-                } else {
-                    "may not change"
-                }
-            ));
-            if u.rec.status != "active" {
-                steps.push("account: not active, so no token works".into());
-                return Ok(Explanation {
-                    allowed: false,
-                    rule: "account: not active".into(),
-                    steps,
-                });
-            }
-            steps.push(format!("scopes: {scope}"));
-            Principal::User {
-                user_id: u.id().to_owned(),
-                role,
-                client_id: "explain".into(),
-                scopes: ScopeSet::parse_lenient(&scope),
-                patient: u.patient().map(str::to_owned),
-                token_id: "explain".into(),
-                // Break-the-glass is asked for separately; an explanation
-                // does not assume a fresh second factor.
-                mfa_at: None,
-            }
-        }
-        Subject::Client { client_id } => {
-            let c = st
-                .clients
-                .get(client_id)
-                .await
-                .map_err(|e| Failure::Unavailable(e.to_string()))?
-                .ok_or(Failure::NotFound)?;
-            steps.push(format!(
-                "client: {} registered scopes {}",
-                if c.disabled { "disabled," } else { "active," },
-                c.scope
-            ));
-            if c.disabled {
-                return Ok(Explanation {
-                    allowed: false,
-                    rule: "client: disabled".into(),
-                    steps,
-                });
-            }
-            Principal::Client {
-                client_id: c.id,
-                scopes: ScopeSet::parse_lenient(&c.scope),
-                token_id: "explain".into(),
-            }
-        }
+    let principal = match subject(st, who, &mut steps).await? {
+        Ok(p) => p,
+        Err(e) => return Ok(e),
     };
     let deny = |rule: &str, steps: Vec<String>| Explanation {
         allowed: false,
@@ -227,6 +143,103 @@ pub async fn explain(
             deny(rule, steps)
         }
     })
+}
+
+/// Who an explanation is for, as the policy sees them; an explanation of
+/// its own when the account or client cannot act at all.
+async fn subject(
+    st: &AppState,
+    who: &Subject,
+    steps: &mut Vec<String>,
+) -> Result<Result<Principal, Explanation>, Failure> {
+    Ok(Ok(match who {
+        Subject::User { username, scope } => {
+            let u = st
+                .accounts
+                .find(username)
+                .await
+                .map_err(|e| Failure::Unavailable(e.to_string()))?
+                .ok_or(Failure::NotFound)?;
+            let role = st
+                .roles
+                .get(u.role())
+                .cloned()
+                .ok_or_else(|| Failure::Internal("the user's role no longer exists".into()))?;
+            let scope = scope.clone().unwrap_or_else(|| {
+                if role.patient {
+                    "patient/*.cruds".into()
+                } else {
+                    "user/*.cruds".into()
+                }
+            });
+            steps.push(format!(
+                "user: role {}, status {}, reach rule {}, labelled data {}, break-the-glass {}, relationships {}",
+                role.name,
+                u.rec.status,
+                role.reach.as_str(),
+                if role.labelled {
+                    "allowed"
+                } else {
+                    "not allowed"
+                },
+                if role.break_glass {
+                    "allowed"
+                } else {
+                    "not allowed"
+                },
+                if role.relationships {
+                    "may change"
+                } else {
+                    "may not change"
+                }
+            ));
+            if u.rec.status != "active" {
+                steps.push("account: not active, so no token works".into());
+                return Ok(Err(Explanation {
+                    allowed: false,
+                    rule: "account: not active".into(),
+                    steps: std::mem::take(steps),
+                }));
+            }
+            steps.push(format!("scopes: {scope}"));
+            Principal::User {
+                user_id: u.id().to_owned(),
+                role,
+                client_id: "explain".into(),
+                scopes: ScopeSet::parse_lenient(&scope),
+                patient: u.patient().map(str::to_owned),
+                token_id: "explain".into(),
+                // Break-the-glass is asked for separately; an explanation
+                // does not assume a fresh second factor.
+                mfa_at: None,
+            }
+        }
+        Subject::Client { client_id } => {
+            let c = st
+                .clients
+                .get(client_id)
+                .await
+                .map_err(|e| Failure::Unavailable(e.to_string()))?
+                .ok_or(Failure::NotFound)?;
+            steps.push(format!(
+                "client: {} registered scopes {}",
+                if c.disabled { "disabled," } else { "active," },
+                c.scope
+            ));
+            if c.disabled {
+                return Ok(Err(Explanation {
+                    allowed: false,
+                    rule: "client: disabled".into(),
+                    steps: std::mem::take(steps),
+                }));
+            }
+            Principal::Client {
+                client_id: c.id,
+                scopes: ScopeSet::parse_lenient(&c.scope),
+                token_id: "explain".into(),
+            }
+        }
+    }))
 }
 
 /// One account in an access review.

@@ -17,8 +17,62 @@ impl AuditLog {
             tracing::warn!(error = %e, "journal not flushed before sealing");
         }
         let mut guard = self.frontier.lock().await;
-        // Queue entries naming no record, or one already sealed, can only
-        // have been put there by hand; they would stall sealing.
+        self.clean_queue().await?;
+        let pending = self.store.audit_unsealed(i64::MIN, SEAL_MAX).await?;
+        if pending.is_empty() {
+            return Ok(None);
+        }
+        let f = self.current_tree(guard.take()).await?;
+        self.full.store(
+            pending.len() as u32 >= SEAL_MAX,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let first = f.size();
+        let mut next = f.clone();
+        let mut ids = Vec::with_capacity(pending.len());
+        let mut refused = Vec::new();
+        for row in &pending {
+            // Only records this server sealed enter the tree: a row put
+            // into the database by hand (a forged record, a copied body
+            // under another id, a leaf hash that is not its body's) is
+            // refused, left out and alerted, never sealed, so it cannot
+            // poison the tree for every later verification.
+            if !self.sealed_here(row) {
+                self.refuse_forged(row);
+                refused.push(row.id);
+                continue;
+            }
+            next.push(
+                to_hash(&row.leaf_hash)
+                    .ok_or_else(|| AuditError::Integrity(format!("row {}", row.id)))?,
+            );
+            ids.push(row.id);
+        }
+        if !refused.is_empty() {
+            // Off the queue, so they neither stall sealing nor come back.
+            self.store.audit_unqueue(refused).await?;
+        }
+        if ids.is_empty() {
+            *guard = Some(f);
+            return Ok(None);
+        }
+        let (cp, note, sealed_ok) = self.commit_seal(first, ids, &next, &pending).await?;
+        if sealed_ok {
+            *guard = Some(next);
+            drop(guard);
+            self.publish(&note);
+            Ok(Some(cp))
+        } else {
+            // Another node sealed first; re-read next time.
+            *guard = Some(f);
+            Ok(None)
+        }
+    }
+
+    /// Queue entries naming no record, or one already sealed, can only
+    /// have been put there by hand; they would stall sealing. Removed,
+    /// with an `audit-tamper` alert.
+    async fn clean_queue(&self) -> Result<(), AuditError> {
         let stray = self.store.audit_queue_clean().await?;
         if stray > 0 {
             tracing::error!(
@@ -37,10 +91,14 @@ impl AuditLog {
                 });
             }
         }
-        let pending = self.store.audit_unsealed(i64::MIN, SEAL_MAX).await?;
-        if pending.is_empty() {
-            return Ok(None);
-        }
+        Ok(())
+    }
+
+    /// The tree as stored now, checked against the newest signed
+    /// checkpoint: from this node's edge (`known`), or, on a starting
+    /// node, the newest checkpoint's stored edge, caught up with records
+    /// other nodes sealed.
+    async fn current_tree(&self, known: Option<Frontier>) -> Result<Frontier, AuditError> {
         // Read together, so that another node's seal cannot fall between
         // them and look like tampering.
         let (latest, sealed) = self.store.latest_checkpoint_and_tree_size().await?;
@@ -52,7 +110,7 @@ impl AuditLog {
             }
             None => None,
         };
-        let mut f = match guard.take() {
+        let mut f = match known {
             Some(f) => f,
             // A starting node goes on from the newest checkpoint's stored
             // edge, not by rereading every sealed record (O(n) at every
@@ -99,39 +157,20 @@ impl AuditLog {
                 )));
             }
         }
-        self.full.store(
-            pending.len() as u32 >= SEAL_MAX,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        let first = f.size();
-        let mut next = f.clone();
-        let mut ids = Vec::with_capacity(pending.len());
-        let mut refused = Vec::new();
-        for row in &pending {
-            // Only records this server sealed enter the tree: a row put
-            // into the database by hand (a forged record, a copied body
-            // under another id, a leaf hash that is not its body's) is
-            // refused, left out and alerted, never sealed, so it cannot
-            // poison the tree for every later verification.
-            if !self.sealed_here(row) {
-                self.refuse_forged(row);
-                refused.push(row.id);
-                continue;
-            }
-            next.push(
-                to_hash(&row.leaf_hash)
-                    .ok_or_else(|| AuditError::Integrity(format!("row {}", row.id)))?,
-            );
-            ids.push(row.id);
-        }
-        if !refused.is_empty() {
-            // Off the queue, so they neither stall sealing nor come back.
-            self.store.audit_unqueue(refused).await?;
-        }
-        if ids.is_empty() {
-            *guard = Some(f);
-            return Ok(None);
-        }
+        Ok(f)
+    }
+
+    /// Sign a checkpoint over `next` and store it with the records' tree
+    /// positions (from `first`) in one transaction. Returns the checkpoint,
+    /// its signed note, and whether this node's seal won (false: another
+    /// node sealed first).
+    async fn commit_seal(
+        &self,
+        first: u64,
+        ids: Vec<i64>,
+        next: &Frontier,
+        pending: &[AuditRow],
+    ) -> Result<(Checkpoint, String, bool), AuditError> {
         let cp = Checkpoint {
             origin: self.origin.clone(),
             size: next.size(),
@@ -149,7 +188,7 @@ impl AuditLog {
         let sealed_ok = self.store.audit_seal(first, ids, row).await?;
         {
             let mut d = self.drafted.lock();
-            for r in &pending {
+            for r in pending {
                 d.remove(&r.event_id);
             }
         }
@@ -161,16 +200,7 @@ impl AuditLog {
             ok = sealed_ok,
             "audit records sealed"
         );
-        if sealed_ok {
-            *guard = Some(next);
-            drop(guard);
-            self.publish(&note);
-            Ok(Some(cp))
-        } else {
-            // Another node sealed first; re-read next time.
-            *guard = Some(f);
-            Ok(None)
-        }
+        Ok((cp, note, sealed_ok))
     }
 
     /// Whether a pending record is one this server sealed: its body opens

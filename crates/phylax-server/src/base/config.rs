@@ -537,7 +537,21 @@ impl Config {
             .map_err(|e| ConfigError::Write(p.display().to_string(), e.to_string()))
     }
 
+    /// Every setting within its documented bounds (docs/OPERATIONS.md);
+    /// the first that is not is named.
     fn check(&self) -> Result<(), String> {
+        self.check_http()?;
+        self.check_auth()?;
+        self.check_audit_and_detect()?;
+        self.check_access()?;
+        if self.audit.retention_days < 365 {
+            return Err("audit.retention_days must be at least 365".into());
+        }
+        Ok(())
+    }
+
+    /// `public_url` and `[http]`.
+    fn check_http(&self) -> Result<(), String> {
         if !(self.public_url.starts_with("https://") || self.public_url.starts_with("http://"))
             || self.public_url.ends_with('/')
         {
@@ -577,6 +591,11 @@ impl Config {
                 "page sizes must be positive and default_page_size <= max_page_size".into(),
             );
         }
+        Ok(())
+    }
+
+    /// `[auth]`: tokens, lockout, passwords, sessions, Argon2id, passkeys.
+    fn check_auth(&self) -> Result<(), String> {
         let a = &self.auth;
         if !(1..=900).contains(&a.token_lifetime_secs) {
             return Err("auth.token_lifetime_secs must be between 1 and 900".into());
@@ -633,6 +652,11 @@ impl Config {
         if self.passkey_party().is_err() {
             return Err("auth.passkey_rp_id must be a domain (default: the host of public_url) and passkey_origins https origins".into());
         }
+        Ok(())
+    }
+
+    /// `[audit]`, `[metrics]` and `[detect]`.
+    fn check_audit_and_detect(&self) -> Result<(), String> {
         if !(1..=300).contains(&self.audit.checkpoint_secs) {
             return Err("audit.checkpoint_secs must be between 1 and 300".into());
         }
@@ -673,6 +697,11 @@ impl Config {
         if self.audit.export_max_bytes < 4096 {
             return Err("audit.export_max_bytes must be at least 4096".into());
         }
+        Ok(())
+    }
+
+    /// `[access]`.
+    fn check_access(&self) -> Result<(), String> {
         for l in &self.access.restricted_labels {
             if l.split_once('|')
                 .is_none_or(|(s, c)| s.is_empty() || c.is_empty())
@@ -690,9 +719,6 @@ impl Config {
         }
         if self.access.max_reach == 0 {
             return Err("access.max_reach must be positive".into());
-        }
-        if self.audit.retention_days < 365 {
-            return Err("audit.retention_days must be at least 365".into());
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use crate::access::ctx::RequestCtx;
 use crate::base::error::Failure;
+use crate::data::repo::ResourceVersion;
 use crate::rest::wire::Query;
 use crate::state::AppState;
 use phylax_auth::policy::{decide, Decision, Interaction};
@@ -44,67 +45,20 @@ pub(super) async fn included(
     ctx: &RequestCtx,
     rtype: &ResourceType,
     q: &Query,
-    matches: &[crate::data::repo::ResourceVersion],
-) -> Result<Vec<crate::data::repo::ResourceVersion>, Failure> {
-    use std::collections::HashSet;
-    type Spec = (bool, ResourceType, String, Option<ResourceType>);
-    let parse_spec = |v: &str| -> Result<(ResourceType, String, Option<ResourceType>), Failure> {
-        let bad = || Failure::bad_request("_include/_revinclude take Type:parameter[:TargetType]");
-        let mut it = v.split(':');
-        let src = it.next().and_then(ResourceType::parse).ok_or_else(bad)?;
-        let param = it
-            .next()
-            .filter(|p| !p.is_empty())
-            .ok_or_else(bad)?
-            .to_owned();
-        let target = match it.next() {
-            Some(t) => Some(ResourceType::parse(t).ok_or_else(bad)?),
-            None => None,
-        };
-        if it.next().is_some() {
-            return Err(bad());
-        }
-        let known = phylax_fhir::search::params(&src)
-            .get(&param)
-            .is_some_and(|p| p.kind == phylax_fhir::search::ParamKind::Reference && p.indexable());
-        if !known {
-            return Err(Failure::bad_request(format!(
-                "{}:{}: not a reference search parameter",
-                src,
-                param.chars().take(64).collect::<String>()
-            )));
-        }
-        Ok((src, param, target))
+    matches: &[ResourceVersion],
+) -> Result<Vec<ResourceVersion>, Failure> {
+    let (first, iterate) = include_specs(rtype, q)?;
+    let mut inc = Includes {
+        st,
+        ctx,
+        seen: matches
+            .iter()
+            .map(|v| (v.rtype.to_string(), v.id.to_string()))
+            .collect(),
+        earlier: 0,
+        added: Vec::new(),
     };
-    // (reverse?, source, param, target) for the first pass and for iterating.
-    let mut first: Vec<Spec> = Vec::new();
-    let mut iterate: Vec<Spec> = Vec::new();
-    for (k, v) in &q.0 {
-        let (rev, iter) = match k.as_str() {
-            "_include" => (false, false),
-            "_revinclude" => (true, false),
-            "_include:iterate" => (false, true),
-            "_revinclude:iterate" => (true, true),
-            _ => continue,
-        };
-        let (src, param, target) = parse_spec(v)?;
-        if !iter && !rev && &src != rtype {
-            return Err(Failure::bad_request(
-                "_include must start with the searched resource type (or use _include:iterate)",
-            ));
-        }
-        let spec = (rev, src, param, target);
-        // An :iterate spec also applies to the matches themselves.
-        first.push(spec.clone());
-        if iter {
-            iterate.push(spec);
-        }
-    }
-    let mut seen: HashSet<(String, String)> = matches
-        .iter()
-        .map(|v| (v.rtype.to_string(), v.id.to_string()))
-        .collect();
-    let mut out: Vec<crate::data::repo::ResourceVersion> = Vec::new();
+    let mut out: Vec<ResourceVersion> = Vec::new();
     // Indexes into `out` of the resources added by the previous round.
     let mut frontier: Vec<usize> = Vec::new();
     for round in 0..=MAX_ITERATE_DEPTH {
@@ -112,79 +66,187 @@ pub(super) async fn included(
         if specs.is_empty() || (round > 0 && frontier.is_empty()) {
             break;
         }
-        let base: Vec<&crate::data::repo::ResourceVersion> = if round == 0 {
+        let base: Vec<&ResourceVersion> = if round == 0 {
             matches.iter().collect()
         } else {
             frontier.iter().map(|&i| &out[i]).collect()
         };
-        let mut added = Vec::new();
-        for (rev, src, param, target) in specs {
-            if out.len() + added.len() >= MAX_INCLUDED {
+        for spec in specs {
+            if inc.full() {
                 break;
             }
-            if !rev {
-                for m in base.iter().filter(|m| &m.rtype == src) {
-                    let Some(body) = &m.body else { continue };
-                    for (code, val) in phylax_fhir::search::extract(src, body.json()) {
-                        let phylax_fhir::search::SearchValue::Reference(r) = val else {
-                            continue;
-                        };
-                        if code != param {
-                            continue;
-                        }
-                        let Some((t, id)) = local_target(st, &r) else {
-                            continue;
-                        };
-                        if target.as_ref().is_some_and(|tt| tt != &t)
-                            || out.len() + added.len() >= MAX_INCLUDED
-                            || decide(&ctx.principal, Interaction::Read, Some(t.as_str()))
-                                != Decision::Allow
-                            || !seen.insert((t.to_string(), id.to_string()))
-                        {
-                            continue;
-                        }
-                        if let Some(v) = st.scoped(ctx).visible(&t, &id).await? {
-                            added.push(v);
-                        }
-                    }
-                }
+            if spec.reverse {
+                inc.reverse(&base, spec).await?;
             } else {
-                if decide(&ctx.principal, Interaction::SearchType, Some(src.as_str()))
-                    != Decision::Allow
-                {
-                    continue;
-                }
-                let targets: Vec<String> = base
-                    .iter()
-                    .map(|m| format!("{}/{}", m.rtype, m.id))
-                    .collect();
-                if targets.is_empty() {
-                    continue;
-                }
-                let and = vec![vec![crate::data::search::references_to(
-                    st.gate.blind_key(),
-                    param,
-                    &targets,
-                )]];
-                let found = st
-                    .scoped(ctx)
-                    .search(phylax_store::SearchQuery {
-                        rtype: src.to_string(),
-                        and,
-                        before_seq: None,
-                        limit: (MAX_INCLUDED - out.len() - added.len()) as u32,
-                    })
-                    .await?;
-                for v in found {
-                    if seen.insert((v.rtype.to_string(), v.id.to_string())) {
-                        added.push(v);
-                    }
-                }
+                inc.forward(&base, spec).await?;
             }
         }
         let start = out.len();
-        out.extend(added);
+        out.append(&mut inc.added);
+        inc.earlier = out.len();
         frontier = (start..out.len()).collect();
     }
     Ok(out)
+}
+
+/// One `_include` or `_revinclude`.
+#[derive(Clone)]
+struct Spec {
+    reverse: bool,
+    source: ResourceType,
+    param: String,
+    target: Option<ResourceType>,
+}
+
+/// The include specs for the first pass (over the matches) and for the
+/// `:iterate` rounds. An `:iterate` spec also applies to the matches.
+fn include_specs(rtype: &ResourceType, q: &Query) -> Result<(Vec<Spec>, Vec<Spec>), Failure> {
+    let mut first: Vec<Spec> = Vec::new();
+    let mut iterate: Vec<Spec> = Vec::new();
+    for (k, v) in &q.0 {
+        let (reverse, iter) = match k.as_str() {
+            "_include" => (false, false),
+            "_revinclude" => (true, false),
+            "_include:iterate" => (false, true),
+            "_revinclude:iterate" => (true, true),
+            _ => continue,
+        };
+        let (source, param, target) = parse_spec(v)?;
+        if !iter && !reverse && &source != rtype {
+            return Err(Failure::bad_request(
+                "_include must start with the searched resource type (or use _include:iterate)",
+            ));
+        }
+        let spec = Spec {
+            reverse,
+            source,
+            param,
+            target,
+        };
+        first.push(spec.clone());
+        if iter {
+            iterate.push(spec);
+        }
+    }
+    Ok((first, iterate))
+}
+
+/// `Type:parameter[:TargetType]`, where the parameter is an indexed
+/// reference parameter of `Type`.
+fn parse_spec(v: &str) -> Result<(ResourceType, String, Option<ResourceType>), Failure> {
+    let bad = || Failure::bad_request("_include/_revinclude take Type:parameter[:TargetType]");
+    let mut it = v.split(':');
+    let src = it.next().and_then(ResourceType::parse).ok_or_else(bad)?;
+    let param = it
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(bad)?
+        .to_owned();
+    let target = match it.next() {
+        Some(t) => Some(ResourceType::parse(t).ok_or_else(bad)?),
+        None => None,
+    };
+    if it.next().is_some() {
+        return Err(bad());
+    }
+    let known = phylax_fhir::search::params(&src)
+        .get(&param)
+        .is_some_and(|p| p.kind == phylax_fhir::search::ParamKind::Reference && p.indexable());
+    if !known {
+        return Err(Failure::bad_request(format!(
+            "{}:{}: not a reference search parameter",
+            src,
+            param.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok((src, param, target))
+}
+
+/// Includes being gathered: each resource once, at most `MAX_INCLUDED`.
+struct Includes<'a> {
+    st: &'a AppState,
+    ctx: &'a RequestCtx,
+    seen: std::collections::HashSet<(String, String)>,
+    /// How many earlier rounds added.
+    earlier: usize,
+    /// Added by this round.
+    added: Vec<ResourceVersion>,
+}
+
+impl Includes<'_> {
+    fn full(&self) -> bool {
+        self.earlier + self.added.len() >= MAX_INCLUDED
+    }
+
+    /// `_include`: what `base`'s resources of the spec's source type
+    /// reference through its parameter, that the caller may read.
+    async fn forward(&mut self, base: &[&ResourceVersion], spec: &Spec) -> Result<(), Failure> {
+        for m in base.iter().filter(|m| m.rtype == spec.source) {
+            let Some(body) = &m.body else { continue };
+            for (code, val) in phylax_fhir::search::extract(&spec.source, body.json()) {
+                let phylax_fhir::search::SearchValue::Reference(r) = val else {
+                    continue;
+                };
+                if code != spec.param {
+                    continue;
+                }
+                let Some((t, id)) = local_target(self.st, &r) else {
+                    continue;
+                };
+                if spec.target.as_ref().is_some_and(|tt| tt != &t)
+                    || self.full()
+                    || decide(&self.ctx.principal, Interaction::Read, Some(t.as_str()))
+                        != Decision::Allow
+                    || !self.seen.insert((t.to_string(), id.to_string()))
+                {
+                    continue;
+                }
+                if let Some(v) = self.st.scoped(self.ctx).visible(&t, &id).await? {
+                    self.added.push(v);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `_revinclude`: resources of the spec's source type whose parameter
+    /// references one of `base`, found by a confined search.
+    async fn reverse(&mut self, base: &[&ResourceVersion], spec: &Spec) -> Result<(), Failure> {
+        if decide(
+            &self.ctx.principal,
+            Interaction::SearchType,
+            Some(spec.source.as_str()),
+        ) != Decision::Allow
+        {
+            return Ok(());
+        }
+        let targets: Vec<String> = base
+            .iter()
+            .map(|m| format!("{}/{}", m.rtype, m.id))
+            .collect();
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let and = vec![vec![crate::data::search::references_to(
+            self.st.gate.blind_key(),
+            &spec.param,
+            &targets,
+        )]];
+        let found = self
+            .st
+            .scoped(self.ctx)
+            .search(phylax_store::SearchQuery {
+                rtype: spec.source.to_string(),
+                and,
+                before_seq: None,
+                limit: (MAX_INCLUDED - self.earlier - self.added.len()) as u32,
+            })
+            .await?;
+        for v in found {
+            if self.seen.insert((v.rtype.to_string(), v.id.to_string())) {
+                self.added.push(v);
+            }
+        }
+        Ok(())
+    }
 }

@@ -50,8 +50,7 @@ pub async fn canonicalize_stored_references(st: &Gate) -> Result<u64, Failure> {
         return Ok(0);
     }
     let bases = st.repo.bases().to_vec();
-    let mut n = 0u64;
-    let mut held = 0u64;
+    let (mut n, mut held) = (0u64, 0u64);
     for t in phylax_fhir::defs::definitions().resource_types() {
         let Some(rtype) = ResourceType::parse(t) else {
             continue;
@@ -62,94 +61,10 @@ pub async fn canonicalize_stored_references(st: &Gate) -> Result<u64, Failure> {
             let Some(last) = page.last() else { break };
             before = Some(last.seq);
             for v in &page {
-                let Some(b) = &v.body else { continue };
-                if !bases.iter().any(|base| b.may_contain(base)) {
-                    continue;
-                }
-                let mut body = b.json().clone();
-                if phylax_fhir::reference::canonicalize(&mut body, &bases) == 0 {
-                    continue;
-                }
-                // A rewrite that would put the resource into another
-                // patient's record, or change who reaches whom, is not made
-                // behind anyone's back: the writer of the original was never
-                // checked against it (an alias configured after the write).
-                // It is left for review, with an alert.
-                let named = phylax_fhir::compartment::patients_of(&v.rtype, b.json());
-                let named_after = phylax_fhir::compartment::patients_of(&v.rtype, &body);
-                let widens = !named.is_empty() && named_after != named;
-                if widens
-                    || phylax_auth::policy::changes_relationships(
-                        v.rtype.as_str(),
-                        Some(b.json()),
-                        Some(&body),
-                    )
-                {
-                    held += 1;
-                    tracing::warn!(
-                        event = "maintenance.held",
-                        resource = %format!("{}/{}", v.rtype, v.id),
-                        "a reference to this server was left absolute: made canonical it would name other patients or change care relationships"
-                    );
-                    if let Some(d) = st.audit.detector() {
-                        d.raise_once(
-                            crate::audit::alert::Alert {
-                                rule: "reference-review",
-                                severity: "medium",
-                                detail: format!(
-                                    "{}/{} names this server by an absolute URL; made canonical it would name other patients or change care relationships: review it",
-                                    v.rtype, v.id
-                                ),
-                                user: None,
-                            },
-                            format!("reference-review|{}/{}", v.rtype, v.id),
-                        );
-                    }
-                    continue;
-                }
-                let w = st
-                    .repo
-                    .plan_put(
-                        &v.rtype,
-                        &v.id,
-                        v.version.next(),
-                        body,
-                        phylax_store::Precondition::CurrentIs(v.version.get()),
-                    )
-                    .await?;
-                let facts = phylax_audit::event::AuditFacts {
-                    id: crate::audit::log::new_event_id(),
-                    recorded_ms: crate::base::clock::now_ms(),
-                    kind: phylax_audit::event::EventKind::Security("maintenance"),
-                    action: phylax_audit::event::Action::Update,
-                    outcome: phylax_audit::event::Outcome::Success,
-                    outcome_desc: Some(
-                        "references to this server rewritten in canonical form".into(),
-                    ),
-                    user: None,
-                    client: Some("phylax-server".into()),
-                    ip: None,
-                    token_id: None,
-                    request_id: "maintenance".into(),
-                    purpose: None,
-                    patients: w
-                        .body()
-                        .map(|b| phylax_fhir::compartment::patients_of(&v.rtype, b))
-                        .unwrap_or_default(),
-                    resources: vec![format!("{}/{}", v.rtype, v.id)],
-                    query_params: Vec::new(),
-                    observer: st.audit.origin().to_owned(),
-                };
-                let row = st
-                    .audit
-                    .draft(&facts)
-                    .map_err(|e| Failure::Unavailable(e.to_string()))?;
-                match st.repo.commit(vec![w], vec![row]).await {
-                    Ok(_) => n += 1,
-                    // Written meanwhile: that version went through the
-                    // canonical form already.
-                    Err(crate::data::repo::RepoError::Conflict) => {}
-                    Err(e) => return Err(e.into()),
+                match canonicalize_one(st, v, &bases).await? {
+                    Rewrite::Done => n += 1,
+                    Rewrite::Held => held += 1,
+                    Rewrite::None => {}
                 }
             }
         }
@@ -171,4 +86,109 @@ pub async fn canonicalize_stored_references(st: &Gate) -> Result<u64, Failure> {
         );
     }
     Ok(n)
+}
+
+/// What became of one stored version.
+enum Rewrite {
+    /// Already canonical, or written meanwhile.
+    None,
+    /// A new version in canonical form was committed.
+    Done,
+    /// Left absolute for review (an alert was raised).
+    Held,
+}
+
+/// Make one current version's references canonical, unless that would put
+/// it into another patient's record or change who reaches whom: the
+/// writer of the original was never checked against that (an alias
+/// configured after the write), so it is left for review, with an alert.
+async fn canonicalize_one(
+    st: &Gate,
+    v: &crate::data::repo::ResourceVersion,
+    bases: &[String],
+) -> Result<Rewrite, Failure> {
+    let Some(b) = &v.body else {
+        return Ok(Rewrite::None);
+    };
+    if !bases.iter().any(|base| b.may_contain(base)) {
+        return Ok(Rewrite::None);
+    }
+    let mut body = b.json().clone();
+    if phylax_fhir::reference::canonicalize(&mut body, bases) == 0 {
+        return Ok(Rewrite::None);
+    }
+    let named = phylax_fhir::compartment::patients_of(&v.rtype, b.json());
+    let named_after = phylax_fhir::compartment::patients_of(&v.rtype, &body);
+    let widens = !named.is_empty() && named_after != named;
+    if widens
+        || phylax_auth::policy::changes_relationships(v.rtype.as_str(), Some(b.json()), Some(&body))
+    {
+        hold_for_review(st, v);
+        return Ok(Rewrite::Held);
+    }
+    let w = st
+        .repo
+        .plan_put(
+            &v.rtype,
+            &v.id,
+            v.version.next(),
+            body,
+            phylax_store::Precondition::CurrentIs(v.version.get()),
+        )
+        .await?;
+    let facts = phylax_audit::event::AuditFacts {
+        id: crate::audit::log::new_event_id(),
+        recorded_ms: crate::base::clock::now_ms(),
+        kind: phylax_audit::event::EventKind::Security("maintenance"),
+        action: phylax_audit::event::Action::Update,
+        outcome: phylax_audit::event::Outcome::Success,
+        outcome_desc: Some("references to this server rewritten in canonical form".into()),
+        user: None,
+        client: Some("phylax-server".into()),
+        ip: None,
+        token_id: None,
+        request_id: "maintenance".into(),
+        purpose: None,
+        patients: w
+            .body()
+            .map(|b| phylax_fhir::compartment::patients_of(&v.rtype, b))
+            .unwrap_or_default(),
+        resources: vec![format!("{}/{}", v.rtype, v.id)],
+        query_params: Vec::new(),
+        observer: st.audit.origin().to_owned(),
+    };
+    let row = st
+        .audit
+        .draft(&facts)
+        .map_err(|e| Failure::Unavailable(e.to_string()))?;
+    match st.repo.commit(vec![w], vec![row]).await {
+        Ok(_) => Ok(Rewrite::Done),
+        // Written meanwhile: that version went through the canonical form
+        // already.
+        Err(crate::data::repo::RepoError::Conflict) => Ok(Rewrite::None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Log and alert a version left with absolute references for review.
+fn hold_for_review(st: &Gate, v: &crate::data::repo::ResourceVersion) {
+    tracing::warn!(
+        event = "maintenance.held",
+        resource = %format!("{}/{}", v.rtype, v.id),
+        "a reference to this server was left absolute: made canonical it would name other patients or change care relationships"
+    );
+    if let Some(d) = st.audit.detector() {
+        d.raise_once(
+            crate::audit::alert::Alert {
+                rule: "reference-review",
+                severity: "medium",
+                detail: format!(
+                    "{}/{} names this server by an absolute URL; made canonical it would name other patients or change care relationships: review it",
+                    v.rtype, v.id
+                ),
+                user: None,
+            },
+            format!("reference-review|{}/{}", v.rtype, v.id),
+        );
+    }
 }

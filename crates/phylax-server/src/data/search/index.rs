@@ -247,6 +247,84 @@ pub(super) fn composite_rows(
     }
 }
 
+/// A token's entries: code, system|code (or |code), system|, and the
+/// words of its text.
+fn token_rows(
+    key: &BlindIndexKey,
+    code: &str,
+    system: Option<String>,
+    c: Option<String>,
+    text: Option<String>,
+    rows: &mut Vec<IndexRow>,
+) {
+    if let Some(c) = &c {
+        rows.push(hrow(code, hash(key, &["tc", code, c])));
+        match &system {
+            Some(s) => rows.push(hrow(code, hash(key, &["ts", code, s, c]))),
+            None => rows.push(hrow(code, hash(key, &["tn", code, c]))),
+        }
+    }
+    if let Some(s) = &system {
+        rows.push(hrow(code, hash(key, &["tS", code, s])));
+    }
+    if let Some(t) = text {
+        // `:text` matches whole words or the whole text (FHIR leaves the
+        // matching to the server); words, not every prefix, keep the entry
+        // count small.
+        let n = normalize(&t);
+        for w in n.split(' ').chain(std::iter::once(n.as_str())) {
+            rows.push(hrow(code, hash(key, &["tt", code, w])));
+        }
+    }
+}
+
+/// A date that identifies a person: blind at year, month and day
+/// precision (as far as the value is precise).
+fn blind_date_rows(
+    key: &BlindIndexKey,
+    code: &str,
+    precision: DatePrecision,
+    literal: &str,
+    rows: &mut Vec<IndexRow>,
+) {
+    for (p, n) in [
+        (DatePrecision::Year, 4),
+        (DatePrecision::Month, 7),
+        (DatePrecision::Day, 10),
+    ] {
+        if precision >= p && literal.len() >= n {
+            rows.push(hrow(code, hash(key, &["d", code, &literal[..n]])));
+        }
+    }
+}
+
+/// A quantity: its number, with its unit code (or unit) and system|code
+/// blind.
+fn quantity_rows(
+    key: &BlindIndexKey,
+    code: &str,
+    value: f64,
+    system: Option<String>,
+    c: Option<String>,
+    unit: Option<String>,
+    rows: &mut Vec<IndexRow>,
+) {
+    let num = |h: Option<Vec<u8>>| IndexRow {
+        param: code.to_owned(),
+        hash: h,
+        lo: None,
+        hi: None,
+        num: Some(value),
+    };
+    rows.push(num(None));
+    if let Some(u) = c.as_ref().or(unit.as_ref()) {
+        rows.push(num(Some(hash(key, &["qc", code, u]))));
+    }
+    if let (Some(s), Some(c)) = (&system, &c) {
+        rows.push(num(Some(hash(key, &["qs", code, s, c]))));
+    }
+}
+
 pub fn index_rows(
     key: &BlindIndexKey,
     fhir_base: &str,
@@ -283,27 +361,7 @@ pub fn index_rows(
                 system,
                 code: c,
                 text,
-            } => {
-                if let Some(c) = &c {
-                    rows.push(hrow(code, hash(key, &["tc", code, c])));
-                    match &system {
-                        Some(s) => rows.push(hrow(code, hash(key, &["ts", code, s, c]))),
-                        None => rows.push(hrow(code, hash(key, &["tn", code, c]))),
-                    }
-                }
-                if let Some(s) = &system {
-                    rows.push(hrow(code, hash(key, &["tS", code, s])));
-                }
-                if let Some(t) = text {
-                    // `:text` matches whole words or the whole text (FHIR
-                    // leaves the matching to the server); words, not every
-                    // prefix, keep the entry count small.
-                    let n = normalize(&t);
-                    for w in n.split(' ').chain(std::iter::once(n.as_str())) {
-                        rows.push(hrow(code, hash(key, &["tt", code, w])));
-                    }
-                }
-            }
+            } => token_rows(key, code, system, c, text, &mut rows),
             SearchValue::Reference(r) => {
                 let r = local_reference(&r, fhir_base);
                 let r: &str = &r;
@@ -327,15 +385,7 @@ pub fn index_rows(
                 literal,
             } => {
                 if identifying_date(rtype.as_str(), code) {
-                    for (p, n) in [
-                        (DatePrecision::Year, 4),
-                        (DatePrecision::Month, 7),
-                        (DatePrecision::Day, 10),
-                    ] {
-                        if precision >= p && literal.len() >= n {
-                            rows.push(hrow(code, hash(key, &["d", code, &literal[..n]])));
-                        }
-                    }
+                    blind_date_rows(key, code, precision, &literal, &mut rows);
                 } else {
                     rows.push(IndexRow {
                         param: code.to_owned(),
@@ -358,22 +408,7 @@ pub fn index_rows(
                 system,
                 code: c,
                 unit,
-            } => {
-                let num = |h: Option<Vec<u8>>| IndexRow {
-                    param: code.to_owned(),
-                    hash: h,
-                    lo: None,
-                    hi: None,
-                    num: Some(value),
-                };
-                rows.push(num(None));
-                if let Some(u) = c.as_ref().or(unit.as_ref()) {
-                    rows.push(num(Some(hash(key, &["qc", code, u]))));
-                }
-                if let (Some(s), Some(c)) = (&system, &c) {
-                    rows.push(num(Some(hash(key, &["qs", code, s, c]))));
-                }
-            }
+            } => quantity_rows(key, code, value, system, c, unit, &mut rows),
         }
     }
     composite_rows(key, fhir_base, rtype, resource, &mut rows);

@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 /// Build the application router.
 pub fn router(st: Arc<AppState>) -> Router {
     use crate::authn::token as auth_api;
-    use crate::rest::fhir as fhir_api;
+    use crate::rest::fhir;
     let protected = crate::rest::routes::fhir_routes()
         .route_layer(middleware::from_fn_with_state(st.clone(), require_token));
     let public = Router::new()
-        .route("/fhir/metadata", get(fhir_api::metadata))
+        .route("/fhir/metadata", get(fhir::metadata))
         .route(
             "/fhir/.well-known/smart-configuration",
             get(auth_api::smart_config),

@@ -10,8 +10,9 @@
 //!    durable releases the response: when the record cannot be written,
 //!    the client gets 503 and no data (fail closed).
 //!
-//! Writes commit their audit record in their own transaction (a
-//! [`WriteAuditor`] drafts it; the response carries [`AuditCommitted`]), so
+//! Writes commit their audit record in their own transaction (the scoped
+//! repository's write guard, [`crate::access::write::WriteAuditor`],
+//! drafts it; the response carries [`AuditCommitted`]), so
 //! a stored write always has its record and an unrecordable write is not
 //! stored. Reads, searches and refusals are recorded here, after the work
 //! and before the response leaves.

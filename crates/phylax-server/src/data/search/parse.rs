@@ -33,7 +33,7 @@ pub(super) const CONTROL: &[&str] = &[
 ];
 
 /// The index hash of token `system|code` for `param` (as written by
-/// [`index_rows`]).
+/// [`super::index_rows`]).
 pub fn token_hash(key: &BlindIndexKey, param: &str, system: &str, code: &str) -> Vec<u8> {
     hash(key, &["ts", param, system, code])
 }

@@ -7,7 +7,7 @@ use super::routing::{
 use crate::access::ctx::{AuditRefs, RequestCtx};
 use crate::base::error::Failure;
 use crate::rest::pipeline;
-use crate::rest::wire::{self as fhir_api};
+use crate::rest::wire;
 use crate::state::AppState;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -62,7 +62,7 @@ pub(super) async fn batch(
     if let Err(e) = pipeline::record(st, ctx, "batch", AuditRefs::default(), 200, None).await {
         return e.into_response();
     }
-    fhir_api::fhir_json(StatusCode::OK, &bundle)
+    wire::fhir_json(StatusCode::OK, &bundle)
 }
 
 // ---------------------------------------------------------- transaction

@@ -8,7 +8,7 @@ use super::transaction::transaction;
 use crate::access::ctx::{AuditRefs, RequestCtx};
 use crate::base::error::Failure;
 use crate::rest::pipeline;
-use crate::rest::wire::{self as fhir_api};
+use crate::rest::wire;
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::State;
@@ -27,7 +27,7 @@ pub async fn system_post(
     body: Body,
 ) -> Response {
     let result = async {
-        let bundle = fhir_api::read_json(&st, &h, body).await?;
+        let bundle = wire::read_json(&st, &h, body).await?;
         if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
             return Err(Failure::bad_request(
                 "POST to the base accepts a Bundle of type batch or transaction",
@@ -42,7 +42,7 @@ pub async fn system_post(
                 e.remove("resource");
             }
         }
-        fhir_api::validated(skeleton)?;
+        wire::validated(skeleton)?;
         let entries = parse_entries(&st, &bundle)?;
         match bundle.get("type").and_then(Value::as_str) {
             Some("transaction") => {

@@ -9,7 +9,7 @@ use crate::base::clock::format_instant;
 use crate::base::error::Failure;
 use crate::data::repo::ResourceVersion;
 use crate::rest::pipeline;
-use crate::rest::wire::{self as fhir_api, parse_type, prefer, Query};
+use crate::rest::wire::{self, parse_type, prefer, Query};
 use crate::state::AppState;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -85,7 +85,7 @@ pub(super) async fn resolve_one(
     rtype: &ResourceType,
     q: &str,
 ) -> Result<Option<ResourceVersion>, Failure> {
-    let mut m = fhir_api::conditional_matches(st, ctx, rtype, &criteria(q)).await?;
+    let mut m = wire::conditional_matches(st, ctx, rtype, &criteria(q)).await?;
     if m.len() > 1 {
         return Err(Failure::PreconditionFailed);
     }
@@ -413,7 +413,7 @@ impl<'a> Plan<'a> {
         self.claim(idx, &rtype, &id)?;
         let if_match = match &e.if_match {
             Some(m) => Some(
-                fhir_api::parse_etag(m)
+                wire::parse_etag(m)
                     .ok_or_else(|| entry_error(idx, "ifMatch must be an ETag such as W/\"3\""))?,
             ),
             None => None,
@@ -471,7 +471,7 @@ impl<'a> Plan<'a> {
     async fn resolve_references(&mut self) -> Result<(), Failure> {
         let mut refs = Vec::new();
         for p in &self.pending {
-            fhir_api::collect_references(&p.body, &mut refs);
+            wire::collect_references(&p.body, &mut refs);
         }
         refs.sort();
         refs.dedup();
@@ -517,7 +517,7 @@ impl<'a> Plan<'a> {
             rewrite_references(&mut p.body, &self.map);
             // Validated once its references are final (a conditional
             // reference is not a valid reference until resolved).
-            let (_, body) = fhir_api::validated(p.body).map_err(|e| at_entry(p.idx, e))?;
+            let (_, body) = wire::validated(p.body).map_err(|e| at_entry(p.idx, e))?;
             let w = self
                 .scoped
                 .plan_put(&p.rtype, &p.id, p.version, body, p.pre)
@@ -598,7 +598,7 @@ async fn respond(
         "type": "transaction-response",
         "entry": out,
     });
-    Ok(fhir_api::fhir_json(StatusCode::OK, &bundle))
+    Ok(wire::fhir_json(StatusCode::OK, &bundle))
 }
 
 pub(super) fn check_body_type(
@@ -651,7 +651,7 @@ mod tests {
             "note": [{"text": "urn:uuid:1"}],
         });
         let mut refs = Vec::new();
-        fhir_api::collect_references(&v, &mut refs);
+        wire::collect_references(&v, &mut refs);
         assert_eq!(refs.len(), 3);
         let map = HashMap::from([
             ("urn:uuid:1".to_owned(), "Patient/a".to_owned()),

@@ -183,14 +183,19 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
     let Some(token) = token else {
         return Failure::Unauthorized.into_response();
     };
-    let claims = match st.tokens.verify(token, crate::base::clock::now_secs()) {
+    let claims = match st
+        .authn
+        .tokens
+        .verify(token, crate::base::clock::now_secs())
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(reason = %e, "bearer token rejected");
             return Failure::Unauthorized.into_response();
         }
     };
-    if st.disabled_clients.read().contains(&claims.client_id) || st.revoked.read().refuses(&claims)
+    if st.disabled_clients.read().contains(&claims.client_id)
+        || st.authn.revoked.read().refuses(&claims)
     {
         return Failure::Unauthorized.into_response();
     }
@@ -231,7 +236,11 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
         Principal::User { user_id, .. } => (format!("u:{user_id}"), st.config.rate.user()),
         Principal::Client { client_id, .. } => (format!("c:{client_id}"), st.config.rate.client()),
     };
-    if let Err(secs) = st.rate.take(&key, limit, crate::base::clock::now_ms()) {
+    if let Err(secs) = st
+        .authn
+        .rate
+        .take(&key, limit, crate::base::clock::now_ms())
+    {
         st.metrics.rate_limited("fhir");
         return Failure::TooManyRequests(secs).into_response();
     }

@@ -9,7 +9,7 @@
 use crate::authn::signin::CodeDetails;
 use crate::data::accounts::Status;
 use crate::data::grants::{Kind, Taken};
-use crate::state::AppState;
+use crate::state::{Authn, AuthnState};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -24,11 +24,10 @@ use phylax_store::ClientRecord;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::Arc;
 
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
-pub async fn smart_config(State(st): State<Arc<AppState>>) -> Response {
+pub async fn smart_config(State(st): State<Authn>) -> Response {
     let mut r = (StatusCode::OK, st.smart_config.to_string()).into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -39,7 +38,7 @@ pub async fn smart_config(State(st): State<Arc<AppState>>) -> Response {
 
 /// GET /auth/jwks: the public halves of the current and previous
 /// `id_token` signing keys.
-pub async fn jwks(State(st): State<Arc<AppState>>) -> Response {
+pub async fn jwks(State(st): State<Authn>) -> Response {
     let keys: Vec<Value> = st
         .signing
         .read()
@@ -52,7 +51,7 @@ pub async fn jwks(State(st): State<Arc<AppState>>) -> Response {
 }
 
 /// GET /auth/.well-known/openid-configuration (OpenID Connect Discovery).
-pub async fn openid_config(State(st): State<Arc<AppState>>) -> Response {
+pub async fn openid_config(State(st): State<Authn>) -> Response {
     let base = format!("{}/auth", st.config.public_url);
     json_ok(json!({
         "issuer": base,
@@ -120,7 +119,7 @@ fn oauth_error(e: &AuthError) -> Response {
 }
 
 pub async fn token(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
@@ -238,7 +237,7 @@ fn read_form(h: &HeaderMap, body: &[u8]) -> Result<Form, AuthError> {
 /// Authenticate the client, then count the request against its rate
 /// limit (`[rate] token_*`) before anything single-use (a code, a refresh
 /// token) is spent: an over-limit answer leaves every grant as it was.
-async fn client_auth(st: &AppState, f: &Form) -> Result<ClientRecord, AuthError> {
+async fn client_auth(st: &AuthnState, f: &Form) -> Result<ClientRecord, AuthError> {
     let client = authenticate_client(st, f).await?;
     st.rate
         .take(
@@ -250,7 +249,7 @@ async fn client_auth(st: &AppState, f: &Form) -> Result<ClientRecord, AuthError>
     Ok(client)
 }
 
-async fn authenticate_client(st: &AppState, f: &Form) -> Result<ClientRecord, AuthError> {
+async fn authenticate_client(st: &AuthnState, f: &Form) -> Result<ClientRecord, AuthError> {
     if let Some(assertion_text) = f.get("client_assertion") {
         if f.get("client_assertion_type").map(String::as_str) != Some(ASSERTION_TYPE) {
             return Err(AuthError::InvalidRequest(
@@ -309,7 +308,7 @@ struct Issued {
     claims: phylax_auth::token::AccessClaims,
 }
 
-async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Issued, AuthError> {
+async fn issue(st: &AuthnState, h: &HeaderMap, body: &[u8]) -> Result<Issued, AuthError> {
     let f = read_form(h, body)?;
     match f.get("grant_type").map(String::as_str) {
         Some("client_credentials") => client_credentials(st, &f).await,
@@ -319,7 +318,7 @@ async fn issue(st: &AppState, h: &HeaderMap, body: &[u8]) -> Result<Issued, Auth
     }
 }
 
-async fn client_credentials(st: &AppState, f: &Form) -> Result<Issued, AuthError> {
+async fn client_credentials(st: &AuthnState, f: &Form) -> Result<Issued, AuthError> {
     if !f.contains_key("client_assertion") {
         return Err(AuthError::InvalidRequest("client_assertion is required"));
     }
@@ -363,7 +362,7 @@ struct RefreshDetails {
     offer_patient: bool,
 }
 
-async fn active_user(st: &AppState, id: &str) -> Result<crate::data::accounts::User, AuthError> {
+async fn active_user(st: &AuthnState, id: &str) -> Result<crate::data::accounts::User, AuthError> {
     match st.accounts.load(id).await.map_err(unavailable)? {
         Some(u) if u.status() == Some(Status::Active) => Ok(u),
         _ => Err(AuthError::InvalidGrant("user not active")),
@@ -374,7 +373,7 @@ async fn active_user(st: &AppState, id: &str) -> Result<crate::data::accounts::U
 /// includes offline or online access).
 #[allow(clippy::too_many_arguments)]
 async fn user_tokens(
-    st: &AppState,
+    st: &AuthnState,
     family: &str,
     d: &RefreshDetails,
     refresh_expires: Option<i64>,
@@ -454,7 +453,7 @@ async fn user_tokens(
 
 /// Revoke a grant family everywhere: its grants are deleted, the feed
 /// tells the other nodes, and this node refuses its tokens at once.
-async fn revoke_family(st: &AppState, family: &str, now: i64) -> Result<(), AuthError> {
+async fn revoke_family(st: &AuthnState, family: &str, now: i64) -> Result<(), AuthError> {
     st.grants
         .revoke_family(family, now)
         .await
@@ -466,7 +465,7 @@ async fn revoke_family(st: &AppState, family: &str, now: i64) -> Result<(), Auth
 /// Consume a single-use grant (a code, a refresh token). A second use is a
 /// replay: the grant's whole family is revoked and `event` logged.
 async fn take_single_use<T: serde::de::DeserializeOwned>(
-    st: &AppState,
+    st: &AuthnState,
     kind: Kind,
     secret: &str,
     now: i64,
@@ -502,7 +501,7 @@ async fn take_single_use<T: serde::de::DeserializeOwned>(
     }
 }
 
-async fn authorization_code(st: &AppState, f: &Form) -> Result<Issued, AuthError> {
+async fn authorization_code(st: &AuthnState, f: &Form) -> Result<Issued, AuthError> {
     let client = client_auth(st, f).await?;
     let code = f
         .get("code")
@@ -542,7 +541,7 @@ async fn authorization_code(st: &AppState, f: &Form) -> Result<Issued, AuthError
     user_tokens(st, &g.family, &rd, refresh_expires, d.nonce.as_deref(), now).await
 }
 
-async fn refresh(st: &AppState, f: &Form) -> Result<Issued, AuthError> {
+async fn refresh(st: &AuthnState, f: &Form) -> Result<Issued, AuthError> {
     let client = client_auth(st, f).await?;
     let rt = f
         .get("refresh_token")
@@ -587,7 +586,7 @@ async fn refresh(st: &AppState, f: &Form) -> Result<Issued, AuthError> {
 
 /// POST /auth/revoke (RFC 7009). Answers 200 whatever the token was, so it
 /// cannot be used to test tokens.
-pub async fn revoke(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+pub async fn revoke(State(st): State<Authn>, h: HeaderMap, body: Bytes) -> Response {
     let f = match read_form(&h, &body) {
         Ok(f) => f,
         Err(e) => return oauth_error(&e),
@@ -638,7 +637,7 @@ pub async fn revoke(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) 
 
 /// POST /auth/introspect (RFC 7662), for authenticated confidential
 /// clients about their own tokens. Anything else is `{"active": false}`.
-pub async fn introspect(State(st): State<Arc<AppState>>, h: HeaderMap, body: Bytes) -> Response {
+pub async fn introspect(State(st): State<Authn>, h: HeaderMap, body: Bytes) -> Response {
     let f = match read_form(&h, &body) {
         Ok(f) => f,
         Err(e) => return oauth_error(&e),

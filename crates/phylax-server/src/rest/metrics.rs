@@ -113,7 +113,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
             );
         }
     }
-    let newest_signing = st.signing.read().len();
+    let newest_signing = st.authn.signing.read().len();
     if let Ok(Some(t)) = st.keys.created(&format!("sig:sig-{newest_signing}")).await {
         let _ = writeln!(
             out,

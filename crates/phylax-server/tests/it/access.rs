@@ -86,7 +86,12 @@ fn now() -> i64 {
 
 fn loader(s: &TestServer) -> String {
     let scopes = phylax_auth::ScopeSet::parse_lenient("system/*.cruds");
-    s.state.tokens.issue("loader", &scopes, now()).unwrap().0
+    s.state
+        .authn
+        .tokens
+        .issue("loader", &scopes, now())
+        .unwrap()
+        .0
 }
 
 /// A user and a token for them; `mfa_age` is how long ago their second
@@ -144,6 +149,7 @@ fn token_for(
         },
     };
     s.state
+        .authn
         .tokens
         .issue_user("test-app", scope, &ctx, now())
         .unwrap()

@@ -420,6 +420,7 @@ async fn expired_and_foreign_audience_tokens_are_401(s: &TestServer) {
     // Issued by this server's own key, but 20 minutes ago: expired.
     let (old, _) = s
         .state
+        .authn
         .tokens
         .issue("some-client", &scopes, now - 1200)
         .unwrap();
@@ -436,7 +437,12 @@ async fn expired_and_foreign_audience_tokens_are_401(s: &TestServer) {
         "login"
     );
     // A fresh one from the same key works (the check above is about time).
-    let (fresh, _) = s.state.tokens.issue("some-client", &scopes, now).unwrap();
+    let (fresh, _) = s
+        .state
+        .authn
+        .tokens
+        .issue("some-client", &scopes, now)
+        .unwrap();
     assert_eq!(
         s.http
             .get(s.url("/Patient"))

@@ -1241,6 +1241,7 @@ async fn rate_limits_answer_429_with_retry_after() {
     let mint = |id: &str| {
         let scopes = phylax_auth::ScopeSet::parse_lenient(ALL);
         s.state
+            .authn
             .tokens
             .issue(id, &scopes, chrono::Utc::now().timestamp())
             .unwrap()

@@ -867,7 +867,7 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
 
     // --- An idle session no longer signs anyone in.
     let sess = b.jar["__Host-phylax-session"].clone();
-    let h = s.state.grants.hash(Kind::Session, &sess);
+    let h = s.state.authn.grants.hash(Kind::Session, &sess);
     s.store.touch_grant("session", &h, now() - 1).await.unwrap();
     let r = b.get(&authorize_url(s, &app, scope, "st-6", &pkce())).await;
     assert_eq!(r.status, 200, "sign-in page again after the idle timeout");
@@ -1023,7 +1023,7 @@ async fn lockout_body(s: &TestServer) {
     // The failures were counted under the name as sign-in matches it (an
     // entry exists: asked "as of the epoch", its wait is positive).
     assert!(
-        s.state.throttle.wait(&acct_key, 0) > 0,
+        s.state.authn.throttle.wait(&acct_key, 0) > 0,
         "the per-account delay counts every spelling"
     );
     // The failure count is written in the background; wait for the lock.

@@ -8,18 +8,17 @@ use crate::authn::signin::flow::{
 use crate::authn::signin::pages::{account_body, signed_out, AddPasskey, Page};
 use crate::data::accounts::{AccountError, Status, User};
 use crate::data::grants::{Kind, Taken};
-use crate::state::AppState;
+use crate::state::{Authn, AuthnState};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use phylax_audit::event::{Action, EventKind};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 /// The signed-in session from its cookie: (cookie secret, session, user).
 async fn current_session(
-    st: &AppState,
+    st: &AuthnState,
     h: &HeaderMap,
     now: i64,
 ) -> Result<Option<(String, Session, User)>, SigninError> {
@@ -54,15 +53,12 @@ struct AccountCeremony {
 }
 
 /// GET /auth/account: the signed-in user's passkeys (add, rename, remove).
-pub async fn account(
-    State(st): State<Arc<AppState>>,
-    h: HeaderMap,
-) -> Result<Response, SigninError> {
+pub async fn account(State(st): State<Authn>, h: HeaderMap) -> Result<Response, SigninError> {
     account_page(&st, &h, None, crate::base::clock::now_secs()).await
 }
 
 async fn account_page(
-    st: &AppState,
+    st: &AuthnState,
     h: &HeaderMap,
     msg: Option<&str>,
     now: i64,
@@ -89,7 +85,7 @@ async fn account_page(
 }
 
 /// Start a passkey registration for the account page.
-async fn offer_passkey(st: &AppState, user: &User, now: i64) -> Result<AddPasskey, SigninError> {
+async fn offer_passkey(st: &AuthnState, user: &User, now: i64) -> Result<AddPasskey, SigninError> {
     let (c, options) = st
         .accounts
         .passkey_registration(&st.passkeys, user.id(), uv_required(st, user))
@@ -114,13 +110,13 @@ async fn offer_passkey(st: &AppState, user: &User, now: i64) -> Result<AddPasske
 }
 
 /// Step-up: the session's sign-in used a second factor and is recent.
-fn recent_mfa(st: &AppState, s: &Session, now: i64) -> bool {
+fn recent_mfa(st: &AuthnState, s: &Session, now: i64) -> bool {
     s.amr.iter().any(|m| m != "pwd") && now - s.auth_time <= st.config.auth.step_up_secs
 }
 
 /// POST /auth/account/passkeys: add, rename or remove a passkey.
 pub async fn account_passkeys(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
@@ -165,7 +161,7 @@ pub async fn account_passkeys(
 /// The change the account form asks for: what to tell the user, or why
 /// it was refused. Adding and removing need a recent second factor.
 async fn change_passkeys(
-    st: &AppState,
+    st: &AuthnState,
     form: &Form,
     sess: &Session,
     user: &User,
@@ -195,7 +191,7 @@ async fn change_passkeys(
 /// Register the passkey the account page's script posts, against the
 /// ceremony the form names (it must be this user's).
 async fn add_passkey(
-    st: &AppState,
+    st: &AuthnState,
     form: &Form,
     user: &User,
     now: i64,
@@ -228,7 +224,7 @@ async fn add_passkey(
 
 /// POST /auth/logout: ends the browser session.
 pub async fn logout(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,

@@ -9,7 +9,7 @@ use crate::authn::signin::flow::{
 use crate::authn::signin::pages::{consent_form, origin, Page};
 use crate::data::accounts::User;
 use crate::data::grants::Kind;
-use crate::state::AppState;
+use crate::state::{Authn, AuthnState};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -17,11 +17,10 @@ use axum::response::{IntoResponse, Response};
 use phylax_audit::event::{Action, EventKind};
 use phylax_auth::smart::{Holder, SmartScopes};
 use phylax_store::ClientRecord;
-use std::sync::Arc;
 
 /// POST /auth/continue (after recovery codes were shown or one was used)
 pub async fn proceed(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
@@ -39,7 +38,7 @@ pub async fn proceed(
 /// The user is authenticated (this request or an existing session): make
 /// the session, then consent or the code.
 pub(super) async fn after_sign_in(
-    st: &AppState,
+    st: &AuthnState,
     ext: &axum::http::Extensions,
     mut p: Pending,
     user: &User,
@@ -93,7 +92,7 @@ pub(super) async fn after_sign_in(
 /// A new sign-in (not a resumed session): note it on the account, make a
 /// brand-new session and audit it. Returns the session cookie.
 async fn start_session(
-    st: &AppState,
+    st: &AuthnState,
     ext: &axum::http::Extensions,
     p: &Pending,
     user: &User,
@@ -138,7 +137,7 @@ async fn start_session(
 
 /// A sign-in after a long silence (or a first one long after the account
 /// was made) is worth a look: a leaver's account, a shared password.
-fn dormant_alert(st: &AppState, user: &User, now: i64) {
+fn dormant_alert(st: &AuthnState, user: &User, now: i64) {
     let last = user.last_sign_in().unwrap_or(user.rec.created_at);
     let dormant = i64::from(st.config.detect.dormant_days) * 86_400;
     if now - last > dormant {
@@ -160,7 +159,7 @@ fn dormant_alert(st: &AppState, user: &User, now: i64) {
 /// The application (still enabled, the redirect URI still registered) and
 /// the scopes this user may give it.
 async fn grant(
-    st: &AppState,
+    st: &AuthnState,
     p: &Pending,
     user: &User,
 ) -> Result<(ClientRecord, SmartScopes), SigninError> {
@@ -184,7 +183,7 @@ async fn grant(
 }
 
 async fn issue_code(
-    st: &AppState,
+    st: &AuthnState,
     p: &Pending,
     user: &User,
     granted: &SmartScopes,
@@ -225,7 +224,7 @@ async fn issue_code(
 
 /// POST /auth/consent
 pub async fn consent(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     h: HeaderMap,
     body: Bytes,
 ) -> Result<Response, SigninError> {

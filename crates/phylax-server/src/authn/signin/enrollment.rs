@@ -10,14 +10,13 @@ use crate::authn::signin::pages::{
     continue_form, enroll_form, enroll_totp_form, enrolled_note, password_set, Page,
 };
 use crate::data::accounts::{AccountError, Accounts, Status, User};
-use crate::state::AppState;
+use crate::state::{Authn, AuthnState};
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use phylax_audit::event::{Action, EventKind, Outcome};
 use phylax_crypto::totp::Totp;
-use std::sync::Arc;
 
 fn otpauth_uri(issuer: &str, account: &str, secret_b32: &str) -> String {
     use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
@@ -31,7 +30,7 @@ fn otpauth_uri(issuer: &str, account: &str, secret_b32: &str) -> String {
 /// The enrollment page: a passkey registration ceremony and the TOTP
 /// secret `t` (QR code and key). With `msg` (a failed try) it is a 401.
 pub(super) async fn enrollment_page(
-    st: &AppState,
+    st: &AuthnState,
     mut p: Pending,
     user: &User,
     t: &Totp,
@@ -66,7 +65,7 @@ pub(super) async fn enrollment_page(
 
 /// The enrollment page again after a failed try, with the same TOTP secret.
 async fn enrollment_retry(
-    st: &AppState,
+    st: &AuthnState,
     p: Pending,
     user: &User,
     secret: &str,
@@ -81,7 +80,7 @@ async fn enrollment_retry(
 /// The page after a second factor was enrolled: recovery codes (if new
 /// ones were made), then Continue.
 async fn enrolled_page(
-    st: &AppState,
+    st: &AuthnState,
     mut p: Pending,
     codes: Option<Vec<String>>,
     now: i64,
@@ -107,7 +106,7 @@ struct EnrollAttempt {
 
 /// Parse the form and take the pending enrollment stage.
 async fn take_enroll_stage(
-    st: &AppState,
+    st: &AuthnState,
     h: &HeaderMap,
     body: &[u8],
     now: i64,
@@ -134,7 +133,7 @@ async fn take_enroll_stage(
 
 /// POST /auth/mfa/enroll: confirm the authenticator app with a code.
 pub async fn mfa_enroll(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
@@ -177,7 +176,7 @@ pub async fn mfa_enroll(
 
 /// POST /auth/mfa/enroll-passkey: the new passkey the page's script posts.
 pub async fn mfa_enroll_passkey(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
@@ -250,7 +249,7 @@ pub async fn enroll_page(RawQuery(q): RawQuery) -> Result<Response, SigninError>
 
 /// POST /auth/enroll
 pub async fn enroll_submit(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     body: Bytes,
 ) -> Result<Response, SigninError> {

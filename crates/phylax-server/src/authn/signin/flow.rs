@@ -5,7 +5,7 @@
 use crate::authn::signin::pages::error_page;
 use crate::data::accounts::{Status, User};
 use crate::data::grants::{Kind, Taken};
-use crate::state::AppState;
+use crate::state::AuthnState;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -358,7 +358,7 @@ impl<'a> AuthAudit<'a> {
     /// Count a failure in the metrics and write the record.
     pub(super) async fn record(
         self,
-        st: &AppState,
+        st: &AuthnState,
         ext: &axum::http::Extensions,
     ) -> Result<(), SigninError> {
         if self.outcome != Outcome::Success {
@@ -419,7 +419,7 @@ fn redirect_error_to(uri: &str, state: &str, error: &str, desc: &str) -> Respons
 
 /// Start a stage: a new sign-in cookie (and CSRF token) per stage.
 pub(super) async fn new_pending(
-    st: &AppState,
+    st: &AuthnState,
     p: &Pending,
     now: i64,
 ) -> Result<(String, String), SigninError> {
@@ -442,7 +442,7 @@ pub(super) async fn new_pending(
 /// The current stage from the sign-in cookie, checked against the form's
 /// CSRF token, and consumed (each stage's cookie works once).
 pub(super) async fn take_pending(
-    st: &AppState,
+    st: &AuthnState,
     h: &HeaderMap,
     form: &Form,
     now: i64,
@@ -460,7 +460,7 @@ pub(super) async fn take_pending(
 
 /// The user a sign-in stage is for, still active (anything else gets the
 /// same refusal as a wrong password).
-pub(super) async fn active_user(st: &AppState, id: &str) -> Result<User, SigninError> {
+pub(super) async fn active_user(st: &AuthnState, id: &str) -> Result<User, SigninError> {
     match st.accounts.load(id).await {
         Ok(Some(u)) if u.status() == Some(Status::Active) => Ok(u),
         Ok(_) => Err(SigninError::Refused),
@@ -468,13 +468,13 @@ pub(super) async fn active_user(st: &AppState, id: &str) -> Result<User, SigninE
     }
 }
 
-pub(super) fn mfa_required(st: &AppState, user: &User) -> bool {
+pub(super) fn mfa_required(st: &AuthnState, user: &User) -> bool {
     !st.config.auth.mfa_optional_roles.contains(&user.rec.role)
 }
 
 /// Does this user's role require user verification (PIN, biometric) on
 /// passkeys?
-pub(super) fn uv_required(st: &AppState, user: &User) -> bool {
+pub(super) fn uv_required(st: &AuthnState, user: &User) -> bool {
     st.config.auth.uv_required_roles.contains(&user.rec.role)
 }
 

@@ -10,7 +10,7 @@ use crate::authn::signin::pages::{login_form, Page};
 use crate::authn::signin::second_factor::mfa_page;
 use crate::data::accounts::{Accounts, Status, User};
 use crate::data::grants::Kind;
-use crate::state::AppState;
+use crate::state::{Authn, AuthnState};
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -19,11 +19,10 @@ use phylax_audit::event::{Action, EventKind, Outcome, UserRef};
 use phylax_auth::pkce::Challenge;
 use phylax_auth::smart::{Holder, SmartScopes};
 use phylax_crypto::password::Verified;
-use std::sync::Arc;
 
 /// GET /auth/authorize
 pub async fn authorize(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     h: HeaderMap,
     RawQuery(q): RawQuery,
@@ -60,7 +59,7 @@ pub async fn authorize(
 /// Check the authorization request. Client and redirect URI first: until
 /// both check out, errors are shown here and never sent anywhere; after
 /// that they go back to the app.
-async fn authorization_request(st: &AppState, q: &Form) -> Result<AuthzRequest, SigninError> {
+async fn authorization_request(st: &AuthnState, q: &Form) -> Result<AuthzRequest, SigninError> {
     let get = |k: &str| value(q, k);
     let client = match st.clients.get(get("client_id")).await {
         Ok(Some(c)) if !c.disabled && !c.redirect_uris.is_empty() => c,
@@ -131,7 +130,7 @@ async fn authorization_request(st: &AppState, q: &Form) -> Result<AuthzRequest, 
 /// The browser's session, if it has one that is live, of an active user,
 /// and could be kept alive (its idle deadline moved on). Any failure here
 /// means a fresh sign-in.
-async fn resume_session(st: &AppState, h: &HeaderMap, now: i64) -> Option<(Session, User)> {
+async fn resume_session(st: &AuthnState, h: &HeaderMap, now: i64) -> Option<(Session, User)> {
     let sess = get_cookie(h, SESSION_COOKIE)?;
     let (_, s) = st
         .grants
@@ -149,7 +148,7 @@ async fn resume_session(st: &AppState, h: &HeaderMap, now: i64) -> Option<(Sessi
 
 /// The sign-in form again, in a new stage, with a message.
 async fn login_again(
-    st: &AppState,
+    st: &AuthnState,
     p: Pending,
     msg: &str,
     status: StatusCode,
@@ -165,7 +164,11 @@ async fn login_again(
 /// account as sign-in matches names (NFKC, trimmed, lower-case:
 /// `ｖｉｃｔｉｍ５` is `victim5` here too). A name that cannot be one
 /// (empty, too long) is throttled as typed.
-fn throttle_keys(st: &AppState, ext: &axum::http::Extensions, username: &str) -> (String, String) {
+fn throttle_keys(
+    st: &AuthnState,
+    ext: &axum::http::Extensions,
+    username: &str,
+) -> (String, String) {
     let ip_key = format!("ip:{}", peer(ext));
     let canonical = crate::data::accounts::normalize_username(username)
         .unwrap_or_else(|_| username.trim().to_lowercase());
@@ -178,7 +181,7 @@ fn throttle_keys(st: &AppState, ext: &axum::http::Extensions, username: &str) ->
 
 /// POST /auth/login
 pub async fn login(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
@@ -255,7 +258,7 @@ pub async fn login(
 /// cannot sign in): counted against the account, logged, audited, and the
 /// same page whatever the reason.
 async fn password_refused(
-    st: &AppState,
+    st: &AuthnState,
     ext: &axum::http::Extensions,
     p: Pending,
     user: Option<&User>,
@@ -288,7 +291,7 @@ async fn password_refused(
 /// Count a failed password against a known account (and lock it at the
 /// threshold). Counted in the background so the answer takes the same time
 /// for known and unknown users.
-fn count_failure(st: &AppState, ext: &axum::http::Extensions, u: &User, now: i64) {
+fn count_failure(st: &AuthnState, ext: &axum::http::Extensions, u: &User, now: i64) {
     let accounts = st.accounts.clone();
     let id = u.id().to_owned();
     let threshold = st.config.auth.lockout_threshold;
@@ -329,7 +332,7 @@ fn count_failure(st: &AppState, ext: &axum::http::Extensions, u: &User, now: i64
 /// After the password: the second factor, enrollment, or (where a role
 /// may go without) straight on.
 async fn second_step(
-    st: &AppState,
+    st: &AuthnState,
     ext: &axum::http::Extensions,
     mut p: Pending,
     user: &User,

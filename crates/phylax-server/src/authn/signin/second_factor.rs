@@ -7,18 +7,17 @@ use crate::authn::signin::flow::{
 };
 use crate::authn::signin::pages::{continue_form, mfa_form, recovery_used_note, Page};
 use crate::data::accounts::{AccountError, SecondFactor, User};
-use crate::state::AppState;
+use crate::state::{Authn, AuthnState};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use phylax_audit::event::{Action, EventKind, Outcome};
-use std::sync::Arc;
 
 /// The second-factor page, with a fresh passkey ceremony (its own
 /// challenge) when the user has passkeys.
 pub(super) async fn mfa_page(
-    st: &AppState,
+    st: &AuthnState,
     mut p: Pending,
     user: &User,
     msg: Option<&str>,
@@ -58,7 +57,7 @@ struct MfaAttempt {
 
 /// Parse the form and take the pending second-factor stage.
 async fn take_mfa_stage(
-    st: &AppState,
+    st: &AuthnState,
     h: &HeaderMap,
     body: &[u8],
     now: i64,
@@ -83,7 +82,7 @@ async fn take_mfa_stage(
 
 /// POST /auth/mfa: a TOTP or recovery code.
 pub async fn mfa(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
@@ -101,7 +100,7 @@ pub async fn mfa(
 
 /// POST /auth/mfa/passkey: the passkey assertion the page's script posts.
 pub async fn mfa_passkey(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Authn>,
     ext: axum::http::Extensions,
     h: HeaderMap,
     body: Bytes,
@@ -128,7 +127,7 @@ pub async fn mfa_passkey(
 
 /// What follows a second-factor attempt, whichever kind.
 async fn second_factor_done(
-    st: &AppState,
+    st: &AuthnState,
     mut p: Pending,
     user: &User,
     result: Result<SecondFactor, AccountError>,
@@ -162,7 +161,7 @@ async fn second_factor_done(
 /// A recovery code was used: audit it, and say how many are left before
 /// going on.
 async fn recovery_used(
-    st: &AppState,
+    st: &AuthnState,
     ext: &axum::http::Extensions,
     mut p: Pending,
     user: &User,
@@ -191,7 +190,7 @@ async fn recovery_used(
 /// A refused second factor (or one refused unchecked while the throttle
 /// asks to wait): count it, audit it, and show the page again.
 async fn second_factor_refused(
-    st: &AppState,
+    st: &AuthnState,
     ext: &axum::http::Extensions,
     p: Pending,
     user: &User,

@@ -269,6 +269,7 @@ impl TestServer {
     pub fn feed_token(&self, scope: &str) -> String {
         let scopes = phylax_auth::ScopeSet::parse_lenient(scope);
         self.state
+            .authn
             .tokens
             .issue(FEED, &scopes, chrono::Utc::now().timestamp())
             .unwrap()

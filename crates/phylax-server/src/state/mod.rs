@@ -1,6 +1,16 @@
 //! The application state: every subsystem, assembled once at start
 //! ([`AppState::new`]) from an opened [`Instance`], and the background
 //! tasks that keep its caches fresh.
+//!
+//! # Layout
+//! - [`authn`]: [`AuthnState`], what the sign-in pages and the token
+//!   endpoint receive (and nothing else: no repository, no access layer).
+//! - this file: [`AppState`], which the REST handlers and the middleware
+//!   receive; it holds the access layer ([`Gate`]) and the sign-in state.
+
+mod authn;
+
+pub use authn::{Authn, AuthnState};
 
 use crate::access::ctx::RequestCtx;
 use crate::access::gate::Gate;
@@ -17,7 +27,6 @@ use crate::instance::Instance;
 use phylax_auth::assertion::Verifier;
 use phylax_auth::throttle::Throttle;
 use phylax_auth::TokenIssuer;
-use phylax_crypto::signing::SigningKey;
 use phylax_crypto::MacKey;
 use phylax_store::MetaStore;
 use std::collections::HashSet;
@@ -27,7 +36,7 @@ use std::time::Duration;
 /// Everything handlers share.
 #[derive(Debug)]
 pub struct AppState {
-    pub config: Config,
+    pub config: Arc<Config>,
     /// The instance's data directory (relative paths in the config).
     pub data_dir: std::path::PathBuf,
     pub fhir_base: String,
@@ -39,33 +48,22 @@ pub struct AppState {
     /// Registered clients (the raw store is held only by the subsystems
     /// that own its tables; see docs/ARCHITECTURE.md).
     pub clients: Clients,
-    pub tokens: TokenIssuer,
-    pub verifier: Arc<Verifier>,
     pub cursor_key: MacKey,
     pub audit: Arc<crate::audit::log::AuditLog>,
     pub capability: serde_json::Value,
-    pub smart_config: serde_json::Value,
     /// Clients disabled in the database, refreshed every few seconds so that
     /// disabling a client also stops its unexpired tokens without a database
     /// read per request.
     pub disabled_clients: parking_lot::RwLock<HashSet<String>>,
-    /// Revoked users, grant families and tokens (same refresh cycle).
-    pub revoked: parking_lot::RwLock<Revoked>,
     pub accounts: Accounts,
-    pub grants: Grants,
-    /// Growing delays after failed sign-ins, per client IP and per account.
-    pub throttle: Throttle,
-    /// Request rate limits per user, client and address (`[rate]`).
-    pub rate: phylax_auth::rate::RateLimiter,
-    /// `id_token` signing keys, oldest first; the last one signs.
-    pub signing: parking_lot::RwLock<Vec<Arc<SigningKey>>>,
     pub keys: Arc<KeyRing>,
-    /// The WebAuthn relying party (RP id and origins) for passkeys.
-    pub passkeys: phylax_auth::passkey::RelyingParty,
     /// Built-in and configured roles.
     pub roles: Arc<phylax_auth::roles::Roles>,
     /// Counters for `GET /metrics`.
-    pub metrics: crate::base::metrics::Metrics,
+    pub metrics: Arc<crate::base::metrics::Metrics>,
+    /// Sign-in and tokens: what the `authn` handlers receive. The token
+    /// middleware uses its issuer, revocations and rate limits too.
+    pub authn: Arc<AuthnState>,
     /// Flagged (VIP) patients, for the `vip-access` rule.
     pub vip: crate::audit::detect::VipSet,
 }
@@ -116,6 +114,27 @@ impl AppState {
         );
         let capability = crate::base::capability::capability_statement(&config);
         let smart_config = crate::base::capability::smart_configuration(&config);
+        let config = Arc::new(config);
+        let metrics: Arc<crate::base::metrics::Metrics> = Arc::default();
+        let clients = Clients::new(store.clone());
+        let authn = Arc::new(AuthnState {
+            config: config.clone(),
+            fhir_base: fhir_base.clone(),
+            accounts: accounts.clone(),
+            grants,
+            clients: clients.clone(),
+            throttle: Throttle::new(),
+            passkeys,
+            audit: audit.clone(),
+            tokens,
+            verifier: Arc::new(verifier),
+            smart_config,
+            revoked: parking_lot::RwLock::new(Revoked::default()),
+            rate: phylax_auth::rate::RateLimiter::new(),
+            signing: parking_lot::RwLock::new(signing),
+            roles: roles.clone(),
+            metrics: metrics.clone(),
+        });
         let st = Arc::new(AppState {
             gate: Arc::new(Gate::new(
                 Repo::new(store.clone(), keys.clone(), blind_key, fhir_base.clone())
@@ -127,27 +146,19 @@ impl AppState {
                 config.access.clone(),
             )),
             backend: store.backend(),
-            clients: Clients::new(store.clone()),
+            clients,
             fhir_base,
-            tokens,
-            verifier: Arc::new(verifier),
             cursor_key,
             audit,
             capability,
-            smart_config,
             disabled_clients: parking_lot::RwLock::new(HashSet::new()),
-            revoked: parking_lot::RwLock::new(Revoked::default()),
             accounts,
-            grants,
-            throttle: Throttle::new(),
-            rate: phylax_auth::rate::RateLimiter::new(),
-            signing: parking_lot::RwLock::new(signing),
             keys,
-            passkeys,
             roles,
             config,
             data_dir,
-            metrics: Default::default(),
+            metrics,
+            authn,
             vip: Default::default(),
         });
         st.refresh_disabled()
@@ -177,13 +188,17 @@ impl AppState {
     pub async fn refresh_disabled(&self) -> Result<(), phylax_store::StoreError> {
         let set = self.clients.disabled().await?;
         *self.disabled_clients.write() = set;
-        let revoked = self.grants.revoked(crate::base::clock::now_secs()).await?;
-        *self.revoked.write() = revoked;
+        let revoked = self
+            .authn
+            .grants
+            .revoked(crate::base::clock::now_secs())
+            .await?;
+        *self.authn.revoked.write() = revoked;
         // A signing key added on another node (or by the CLI).
-        let known = self.signing.read().len();
+        let known = self.authn.signing.read().len();
         if self.keys.signing_key_added(known).await.unwrap_or(false) {
             match self.keys.signing_keys().await {
-                Ok(k) => *self.signing.write() = k.into_iter().map(Arc::new).collect(),
+                Ok(k) => *self.authn.signing.write() = k.into_iter().map(Arc::new).collect(),
                 Err(e) => tracing::error!(error = %e, "could not load the new signing key"),
             }
         }
@@ -269,7 +284,7 @@ impl AppState {
     /// first node to start with it records it; fail closed: a node whose
     /// record cannot be written does not start).
     async fn record_config_change(&self, meta: &dyn MetaStore) -> Result<(), Failure> {
-        let text = toml::to_string(&self.config).map_err(|e| Failure::Internal(e.to_string()))?;
+        let text = toml::to_string(&*self.config).map_err(|e| Failure::Internal(e.to_string()))?;
         let hash = hex::encode(phylax_audit::merkle::sha256(text.as_bytes()));
         let mine = crate::audit::log::new_event_id();
         let stored = meta
@@ -298,11 +313,6 @@ impl AppState {
     /// it: the only way handlers reach resources.
     pub fn scoped<'a>(&'a self, ctx: &'a RequestCtx) -> Scoped<'a> {
         Scoped::new(&self.gate, ctx)
-    }
-
-    /// The key that signs new `id_token`s.
-    pub fn current_signing_key(&self) -> Option<Arc<SigningKey>> {
-        self.signing.read().last().cloned()
     }
 
     /// Keep the disabled-client list fresh until the process ends.

@@ -2,6 +2,19 @@
 //! share one database. Concurrent writers to one resource are arbitrated by
 //! a row lock on the current pointer and by the unique (type, id, version)
 //! constraint; PostgreSQL's own group commit makes concurrent commits cheap.
+//!
+//! # Layout
+//! One file per storage trait, each `impl … for PgStore`:
+//! - [`meta`]: `MetaStore`, instance metadata.
+//! - [`keys`]: `KeyStore`, wrapped keys.
+//! - [`resources`]: `ResourceStore`, versions, the current pointer, the
+//!   search index and searches.
+//! - [`accounts`]: `AccountStore`, clients and users.
+//! - [`grants`]: `GrantStore`, grants, revocations, used assertion ids.
+//! - [`audit`]: `AuditStore`, the audit log, sealing queue, checkpoints.
+//! - [`break_glass`]: `BreakGlassStore`, emergency access grants.
+//!
+//! This file: connecting (TLS rules in `pg_tls`), the pool, migrations, and the row mapping and SQL helpers the trait files share.
 
 mod accounts;
 mod audit;

@@ -8,6 +8,19 @@
 //! answers each caller. One fsync thus covers many writes, and nothing is
 //! acknowledged before it is durable. Reads run on a small pool of
 //! connections on blocking threads (WAL readers never block the writer).
+//!
+//! # Layout
+//! One file per storage trait, each `impl … for SqliteStore`:
+//! - [`meta`]: `MetaStore`, instance metadata.
+//! - [`keys`]: `KeyStore`, wrapped keys.
+//! - [`resources`]: `ResourceStore`, versions, the current pointer, the
+//!   search index and searches.
+//! - [`accounts`]: `AccountStore`, clients and users.
+//! - [`grants`]: `GrantStore`, grants, revocations, used assertion ids.
+//! - [`audit`]: `AuditStore`, the audit log, sealing queue, checkpoints.
+//! - [`break_glass`]: `BreakGlassStore`, emergency access grants.
+//!
+//! This file: opening the database, the writer thread and reader pool, migrations, and the row mapping and SQL helpers the trait files share.
 
 mod accounts;
 mod audit;

@@ -352,6 +352,22 @@ impl Access {
         }
     }
 
+    /// Reaches nothing and may change nothing: the context of a request
+    /// refused before its access was known (its refusal is still
+    /// recorded). Built field by field, not from `unrestricted`, so a field
+    /// added later defaults closed here.
+    pub fn nothing() -> Access {
+        Access {
+            reach: Reach::Patients(Default::default()),
+            emergency: Default::default(),
+            labelled: false,
+            denied: Default::default(),
+            purpose: "HOPERAT",
+            refs: Vec::new(),
+            relationships: false,
+        }
+    }
+
     /// The same access for writing: consents restrict disclosure, not the
     /// upkeep of a record (a write answers with what was sent).
     pub fn for_writes(&self) -> Access {

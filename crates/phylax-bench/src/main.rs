@@ -1,7 +1,7 @@
 //! `phylax-bench`: measures Phylax the way a client sees it.
 //!
 //! # Layout
-//! - this file: the benchmark. It starts a real instance in a temporary directory (SQLite, or
+//! This file is the benchmark. It starts a real instance in a temporary directory (SQLite, or
 //! PostgreSQL with `--database-url`), served over HTTPS on 127.0.0.1 with
 //! TLS, token authentication, validation, encryption and the audit pipeline
 //! all on, registers a SMART Backend Services client, gets a token, and
@@ -14,8 +14,8 @@
 //!
 //!     cargo run --release -p phylax-bench -- --duration 10 --concurrency 1,8,32
 //!
-//! - [`synth`]: the Synthea-shaped synthetic patients loaded as
-//!   transaction Bundles for the search scenarios.
+//! Module [`synth`]: the Synthea-shaped synthetic patients loaded as
+//! transaction Bundles for the search scenarios.
 
 mod synth;
 

@@ -8,7 +8,6 @@
 //! FHIR routes other than `metadata` and the SMART discovery document also
 //! pass the bearer-token check.
 
-use crate::access::ctx::RequestCtx;
 use crate::base::error::Failure;
 use crate::base::request::REQUEST_ID;
 use crate::state::AppState;
@@ -30,8 +29,10 @@ pub fn router(st: Arc<AppState>) -> Router {
     use crate::rest::fhir;
     let protected = crate::rest::routes::fhir_routes()
         .route_layer(middleware::from_fn_with_state(st.clone(), require_token));
-    let public = Router::new()
-        .route("/fhir/metadata", get(fhir::metadata))
+    // Sign-in and tokens get their own router and state: a sign-in handler
+    // can only ask for `State<Authn>` (asking for the application state
+    // does not compile), so no sign-in page can reach the repository.
+    let authn = Router::new()
         .route(
             "/fhir/.well-known/smart-configuration",
             get(auth_api::smart_config),
@@ -40,7 +41,6 @@ pub fn router(st: Arc<AppState>) -> Router {
             "/.well-known/smart-configuration",
             get(auth_api::smart_config),
         )
-        .route("/metrics", get(crate::rest::metrics::metrics))
         .route("/auth/token", post(auth_api::token))
         .route("/auth/revoke", post(auth_api::revoke))
         .route("/auth/jwks", get(auth_api::jwks))
@@ -70,11 +70,16 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route(
             "/auth/enroll",
             get(crate::authn::signin::enroll_page).post(crate::authn::signin::enroll_submit),
-        );
+        )
+        .with_state(crate::state::Authn(st.authn.clone()));
+    let public = Router::new()
+        .route("/fhir/metadata", get(fhir::metadata))
+        .route("/metrics", get(crate::rest::metrics::metrics));
     let mut app = public
         .merge(protected)
         .fallback(|| async { Failure::UnknownType })
-        .with_state(st.clone());
+        .with_state(st.clone())
+        .merge(authn);
     if !st.config.http.cors_origins.is_empty() {
         app = app.layer(cors(&st.config.http.cors_origins));
     }
@@ -245,29 +250,19 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
         return Failure::TooManyRequests(secs).into_response();
     }
     // Which patients' data this request reaches; unknown means refused.
-    let access = match crate::access::reach::access_for(&st.gate, &principal).await {
-        Ok(a) => Arc::new(a),
-        Err(e) => {
+    let rid = crate::base::request::request_id().unwrap_or_default();
+    let ctx = match crate::access::reach::establish(&st.gate, principal, peer, rid).await {
+        Ok(ctx) => ctx,
+        Err((e, refused)) => {
             tracing::warn!(reason = ?e.denied_by(), "access could not be established; request refused");
             // A policy refusal is recorded like any other (the caller
             // reaches nothing while it is recorded); a failure to look the
             // facts up is a 503 either way.
             if let Some(rule) = e.denied_by() {
-                let ctx = RequestCtx {
-                    request_id: crate::base::request::request_id().unwrap_or_default(),
-                    principal,
-                    peer,
-                    access: Arc::new(phylax_auth::policy::Access {
-                        reach: phylax_auth::policy::Reach::Patients(Default::default()),
-                        labelled: false,
-                        relationships: false,
-                        ..phylax_auth::policy::Access::unrestricted()
-                    }),
-                };
                 let status = e.status().as_u16();
                 let refs = crate::access::ctx::AuditRefs::default();
                 if let Err(a) =
-                    crate::rest::pipeline::record(&st, &ctx, "access", refs, status, Some(rule))
+                    crate::rest::pipeline::record(&st, &refused, "access", refs, status, Some(rule))
                         .await
                 {
                     return a.into_response();
@@ -275,12 +270,6 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
             }
             return e.into_response();
         }
-    };
-    let ctx = RequestCtx {
-        request_id: crate::base::request::request_id().unwrap_or_default(),
-        principal,
-        peer,
-        access,
     };
     req.extensions_mut().insert(ctx);
     next.run(req).await

@@ -129,8 +129,8 @@ pub async fn active_grants(st: &Gate, user_id: &str) -> Result<Vec<(String, i64)
 
 /// Issue a break-the-glass grant to the calling user for patient `pid`
 /// (who must exist), recorded durably before it takes effect. Returns the
-/// grant id and its expiry (ms). The caller checked the role, the second
-/// factor's age and the request.
+/// grant id and its expiry (ms). Checks here, whatever the caller checked:
+/// a user, whose role allows it, with a recent second factor.
 pub async fn issue(
     st: &Gate,
     ctx: &RequestCtx,
@@ -142,11 +142,25 @@ pub async fn issue(
         user_id,
         role,
         client_id,
+        mfa_at,
         ..
     } = &ctx.principal
     else {
         return Err(Failure::Declined("break-the-glass: users only"));
     };
+    if !role.break_glass {
+        return Err(Failure::Declined(
+            "break-the-glass: the role does not allow it",
+        ));
+    }
+    let now_s = crate::base::clock::now_secs();
+    let max_age = st.config.break_glass_mfa_max_age_secs as i64;
+    if !mfa_at.is_some_and(|t| t <= now_s && now_s - t <= max_age) {
+        return Err(Failure::BadRequest(vec![phylax_fhir::Issue::error(
+            phylax_fhir::IssueCode::Security,
+            "break-the-glass needs a recent second factor: sign in again, then retry",
+        )]));
+    }
     // The patient must exist (the grant names a real record).
     let ptype = ResourceType::parse("Patient").ok_or(Failure::Internal("Patient".into()))?;
     st.repo.read(&ptype, pid).await?;

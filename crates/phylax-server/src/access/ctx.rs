@@ -8,15 +8,47 @@ use phylax_fhir::{compartment, ResourceType};
 use serde_json::Value;
 use std::net::IpAddr;
 
-/// Who is calling, attached by the authentication middleware.
+/// Who is calling, attached by the authentication middleware. Only the
+/// access layer makes one ([`crate::access::reach::establish`]), so the
+/// access a context carries is always the one computed for its principal:
+/// handlers read it and cannot widen it.
+///
+/// ```compile_fail,E0451
+/// use phylax_server::access::ctx::RequestCtx;
+/// fn widen(ctx: &RequestCtx) -> RequestCtx {
+///     RequestCtx {
+///         access: std::sync::Arc::new(phylax_auth::policy::Access::unrestricted()),
+///         ..ctx.clone()
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
 pub struct RequestCtx {
-    pub request_id: String,
-    pub principal: Principal,
-    pub peer: Option<IpAddr>,
+    pub(in crate::access) request_id: String,
+    pub(in crate::access) principal: Principal,
+    pub(in crate::access) peer: Option<IpAddr>,
     /// Which patients' data this request reaches (computed once, by the
     /// authentication middleware; see [`crate::access::reach`]).
-    pub access: std::sync::Arc<phylax_auth::policy::Access>,
+    pub(in crate::access) access: std::sync::Arc<phylax_auth::policy::Access>,
+}
+
+impl RequestCtx {
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    pub fn peer(&self) -> Option<IpAddr> {
+        self.peer
+    }
+
+    /// Which patients' data this request reaches.
+    pub fn access(&self) -> &phylax_auth::policy::Access {
+        &self.access
+    }
 }
 
 /// What a response tells the pipeline about the data it carries, so the

@@ -20,6 +20,7 @@
 //! Care relationships are cached per user for [`CARE_TTL`]: a new care team
 //! membership applies within seconds; ending one also ends within seconds.
 
+use crate::access::ctx::RequestCtx;
 use crate::access::gate::{Cached, Gate};
 use crate::base::error::Failure;
 use crate::data::repo::{RepoError, ResourceVersion};
@@ -55,7 +56,12 @@ pub const CARE_TYPES: &[&str] = &[
 /// registering a patient may create the record they are taking on.
 /// (Whether the write may name them at all is
 /// [`phylax_auth::policy::decide_relationships`]'s decision.)
-pub fn starts_care(st: &Gate, access: &Access, rtype: &ResourceType, body: &Value) -> bool {
+pub(in crate::access) fn starts_care(
+    st: &Gate,
+    access: &Access,
+    rtype: &ResourceType,
+    body: &Value,
+) -> bool {
     if !st.config.self_registration || rtype.as_str() != "Patient" || access.refs.is_empty() {
         return false;
     }
@@ -78,7 +84,7 @@ pub fn starts_care(st: &Gate, access: &Access, rtype: &ResourceType, body: &Valu
 }
 
 /// The restricted security labels, as `(system, code)`.
-pub fn restricted_labels(st: &Gate) -> impl Iterator<Item = (&str, &str)> {
+pub(in crate::access) fn restricted_labels(st: &Gate) -> impl Iterator<Item = (&str, &str)> {
     st.config
         .restricted_labels
         .iter()
@@ -86,7 +92,7 @@ pub fn restricted_labels(st: &Gate) -> impl Iterator<Item = (&str, &str)> {
 }
 
 /// Does `body` carry a restricted security label?
-pub fn is_restricted(st: &Gate, body: &Value) -> bool {
+pub(in crate::access) fn is_restricted(st: &Gate, body: &Value) -> bool {
     let Some(labels) = body
         .get("meta")
         .and_then(|m| m.get("security"))
@@ -102,7 +108,12 @@ pub fn is_restricted(st: &Gate, body: &Value) -> bool {
 }
 
 /// The resource-level decision for one resource body.
-pub fn decide_body(st: &Gate, access: &Access, rtype: &ResourceType, body: &Value) -> Decision {
+pub(in crate::access) fn decide_body(
+    st: &Gate,
+    access: &Access,
+    rtype: &ResourceType,
+    body: &Value,
+) -> Decision {
     let patients = compartment::patients_of(rtype, body);
     decide_resource(
         access,
@@ -117,7 +128,7 @@ pub fn decide_body(st: &Gate, access: &Access, rtype: &ResourceType, body: &Valu
 /// May `access` write (or replace) `body`? Every patient it names must be
 /// within reach ([`phylax_auth::policy::decide_write`]); consents do not
 /// restrict writes.
-pub fn decide_write_body(
+pub(in crate::access) fn decide_write_body(
     st: &Gate,
     access: &Access,
     rtype: &ResourceType,
@@ -136,7 +147,7 @@ pub fn decide_write_body(
 
 /// May `access` see version `v`? A deleted version carries no body: only
 /// an unrestricted caller sees that it was deleted.
-pub fn allows(st: &Gate, access: &Access, v: &ResourceVersion) -> Decision {
+pub(in crate::access) fn allows(st: &Gate, access: &Access, v: &ResourceVersion) -> Decision {
     match &v.body {
         Some(b) => decide_body(st, access, &v.rtype, b.json()),
         None if access.reach == Reach::All => Decision::Allow,
@@ -145,7 +156,11 @@ pub fn allows(st: &Gate, access: &Access, v: &ResourceVersion) -> Decision {
 }
 
 /// [`allows`] as a result: hidden resources answer 404.
-pub fn check(st: &Gate, access: &Access, v: &ResourceVersion) -> Result<(), Failure> {
+pub(in crate::access) fn check(
+    st: &Gate,
+    access: &Access,
+    v: &ResourceVersion,
+) -> Result<(), Failure> {
     match allows(st, access, v) {
         Decision::Allow => Ok(()),
         Decision::Deny(rule) => Err(Failure::Hidden(rule)),
@@ -158,7 +173,10 @@ pub fn check(st: &Gate, access: &Access, v: &ResourceVersion) -> Result<(), Fail
 /// denies them) and, for the shared reference types, the tenant key; a
 /// version whose first patient is out of reach is left out even if a
 /// later one is reached (narrower than a read, never wider).
-pub fn history_scopes(access: &Access, scope: &phylax_store::HistoryScope) -> Option<Vec<String>> {
+pub(in crate::access) fn history_scopes(
+    access: &Access,
+    scope: &phylax_store::HistoryScope,
+) -> Option<Vec<String>> {
     let Reach::Patients(set) = &access.reach else {
         return None;
     };
@@ -191,7 +209,7 @@ pub fn history_scopes(access: &Access, scope: &phylax_store::HistoryScope) -> Op
 /// no parse of the body in the common cases: a caller who reaches every
 /// patient and sees labels; a body with no security labels at all; the
 /// compartment's patient known from the authenticated key scope.
-pub fn returned(st: &Gate, access: &Access, v: &ResourceVersion) -> Decision {
+pub(in crate::access) fn returned(st: &Gate, access: &Access, v: &ResourceVersion) -> Decision {
     let labels_ok = access.labelled
         || !v
             .body
@@ -294,6 +312,35 @@ pub const CLIENT_PURPOSE: &str = "HOPERAT";
 /// database cannot take. Callers limited to some patients only count the
 /// ones they reach.
 pub const MAX_DENIED: usize = 2_000;
+
+/// The context of an authenticated request: `principal`'s access,
+/// computed here (consents fresh, care relationships, break-the-glass).
+/// When it cannot be established the error carries a context that reaches
+/// nothing, so a policy refusal can still be recorded.
+pub async fn establish(
+    gate: &Gate,
+    principal: phylax_auth::policy::Principal,
+    peer: Option<std::net::IpAddr>,
+    request_id: String,
+) -> Result<RequestCtx, (Failure, RequestCtx)> {
+    match access_for(gate, &principal).await {
+        Ok(a) => Ok(RequestCtx {
+            request_id,
+            principal,
+            peer,
+            access: Arc::new(a),
+        }),
+        Err(e) => Err((
+            e,
+            RequestCtx {
+                request_id,
+                principal,
+                peer,
+                access: Arc::new(Access::nothing()),
+            },
+        )),
+    }
+}
 
 /// Compute the access of one request's caller.
 pub async fn access_for(st: &Gate, who: &Principal) -> Result<Access, Failure> {
@@ -440,7 +487,7 @@ async fn emergency_patients(st: &Gate, user_id: &str) -> Result<BTreeSet<String>
 /// permission write these (`phylax_auth::policy::decide_relationships`). `None` when the set
 /// exceeds `access.max_reach`. A user with no linked practitioner reaches
 /// no patient (fail closed).
-pub async fn care_patients(
+pub(in crate::access) async fn care_patients(
     st: &Gate,
     user_id: &str,
 ) -> Result<Option<Arc<BTreeSet<String>>>, Failure> {
@@ -510,7 +557,7 @@ fn ids_of_refs(body: &Value, pointer: &[&str], prefix: &str) -> Vec<String> {
 /// write's audit record, so a relationship change says whom it concerns
 /// (at most `access.max_reach`). Other relationship types name their
 /// patients themselves.
-pub async fn patients_opened(
+pub(in crate::access) async fn patients_opened(
     st: &Gate,
     rtype: &ResourceType,
     id: &phylax_fhir::ResourceId,
@@ -584,7 +631,10 @@ async fn patient_refs(
 /// How a workforce user is known in the data: their linked Practitioner,
 /// its active PractitionerRoles and those roles' organizations (`Type/id`).
 /// Empty without a linked Practitioner.
-pub async fn requester_refs(st: &Gate, user_id: &str) -> Result<Arc<Vec<String>>, Failure> {
+pub(in crate::access) async fn requester_refs(
+    st: &Gate,
+    user_id: &str,
+) -> Result<Arc<Vec<String>>, Failure> {
     if let Some(r) = cached(st, user_id).refs {
         return Ok(r);
     }

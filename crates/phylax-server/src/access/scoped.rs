@@ -254,14 +254,14 @@ impl<'a> Scoped<'a> {
         &self,
         rtype: &ResourceType,
         body: Value,
-    ) -> Result<ResourceVersion, RepoError> {
+    ) -> Result<(ResourceVersion, AuditCommitted), RepoError> {
         let v = self
             .st
             .repo
             .create(rtype, body, Some(&self.guard()))
             .await?;
         self.written([rtype]).await;
-        Ok(v)
+        Ok((v, AuditCommitted(())))
     }
 
     /// Update (or create with the client's id when `allow_create`),
@@ -274,14 +274,14 @@ impl<'a> Scoped<'a> {
         body: Value,
         if_match: Option<VersionId>,
         allow_create: bool,
-    ) -> Result<(ResourceVersion, bool), RepoError> {
-        let r = self
+    ) -> Result<(ResourceVersion, bool, AuditCommitted), RepoError> {
+        let (v, created) = self
             .st
             .repo
             .update(rtype, id, body, if_match, allow_create, Some(&self.guard()))
             .await?;
         self.written([rtype]).await;
-        Ok(r)
+        Ok((v, created, AuditCommitted(())))
     }
 
     /// Delete, checked and audited; `Ok(None)` when already deleted.
@@ -289,65 +289,130 @@ impl<'a> Scoped<'a> {
         &self,
         rtype: &ResourceType,
         id: &ResourceId,
-    ) -> Result<Option<ResourceVersion>, RepoError> {
+    ) -> Result<Option<(ResourceVersion, AuditCommitted)>, RepoError> {
         let r = self.st.repo.delete(rtype, id, Some(&self.guard())).await?;
         if r.is_some() {
             self.written([rtype]).await;
         }
-        Ok(r)
+        Ok(r.map(|v| (v, AuditCommitted(()))))
     }
 
-    /// The stored current row of `Type/id` (possibly a tombstone),
-    /// unopened: versions and deletion only, no content.
-    pub async fn current_row(
+    /// Whether `Type/id` has ever been written (a tombstone counts): what
+    /// a 404 for an unknown id tells anyway. Nothing else of the row.
+    pub async fn exists(&self, rtype: &ResourceType, id: &ResourceId) -> Result<bool, RepoError> {
+        Ok(self.st.repo.current_row(rtype, id).await?.is_some())
+    }
+
+    /// Whether a live resource holds `Type/id`, for a conditional update
+    /// that would otherwise create it there. A writer limited to some
+    /// patients learns nothing of ids it cannot see: those answer as
+    /// hidden (404) before a conflict is told.
+    pub async fn occupied(&self, rtype: &ResourceType, id: &ResourceId) -> Result<bool, RepoError> {
+        let row = self.st.repo.current_row(rtype, id).await?;
+        if self.limited() {
+            self.st
+                .repo
+                .guard_existing(Some(&self.guard()), rtype, row.as_ref())
+                .await?;
+        }
+        Ok(row.is_some_and(|r| !r.deleted))
+    }
+
+    /// The current state of `Type/id` as a write will replace it, checked:
+    /// the version replaced must be within the caller's reach (a limited
+    /// writer gets the same 404 for an id that does not exist, a deleted
+    /// resource it could not see, and a hidden one).
+    pub async fn current(
         &self,
         rtype: &ResourceType,
         id: &ResourceId,
-    ) -> Result<Option<StoredVersion>, RepoError> {
-        self.st.repo.current_row(rtype, id).await
-    }
-
-    /// The version a write would replace must be within the caller's
-    /// reach; returns it opened when the write's checks need it
-    /// ([`Scoped::check`] compares it with the new content).
-    pub async fn guard_existing(
-        &self,
-        rtype: &ResourceType,
-        current: Option<&StoredVersion>,
-    ) -> Result<Option<ResourceVersion>, RepoError> {
-        self.st
+    ) -> Result<Current, RepoError> {
+        let row = self.st.repo.current_row(rtype, id).await?;
+        let old = self
+            .st
             .repo
-            .guard_existing(Some(&self.guard()), rtype, current)
-            .await
+            .guard_existing(Some(&self.guard()), rtype, row.as_ref())
+            .await?;
+        Ok(Current {
+            rtype: rtype.clone(),
+            id: id.clone(),
+            row,
+            old,
+        })
     }
 
-    /// Plan a new version, to be checked ([`Scoped::check`]) and committed
-    /// with others ([`Scoped::commit`]).
-    pub async fn plan_put(
+    /// [`Scoped::current`] for an id that may never have been written:
+    /// `None` then, without the checks (a delete of nothing).
+    pub async fn existing(
         &self,
         rtype: &ResourceType,
         id: &ResourceId,
-        version: VersionId,
-        body: Value,
-        pre: Precondition,
-    ) -> Result<PlannedWrite, RepoError> {
-        self.st.repo.plan_put(rtype, id, version, body, pre).await
+    ) -> Result<Option<Current>, RepoError> {
+        let row = self.st.repo.current_row(rtype, id).await?;
+        if row.is_none() {
+            return Ok(None);
+        }
+        let old = self
+            .st
+            .repo
+            .guard_existing(Some(&self.guard()), rtype, row.as_ref())
+            .await?;
+        Ok(Some(Current {
+            rtype: rtype.clone(),
+            id: id.clone(),
+            row,
+            old,
+        }))
     }
 
-    /// Plan a delete of the live current row `cur`.
-    pub fn plan_delete(
-        &self,
-        rtype: &ResourceType,
-        id: &ResourceId,
-        cur: &StoredVersion,
-    ) -> Result<PlannedWrite, RepoError> {
-        self.st.repo.plan_delete(rtype, id, cur)
+    /// A new resource with a server-assigned id (a random UUID).
+    pub fn fresh(&self, rtype: &ResourceType) -> Current {
+        Current {
+            rtype: rtype.clone(),
+            id: ResourceId::from_uuid(uuid::Uuid::new_v4()),
+            row: None,
+            old: None,
+        }
     }
 
-    /// Check a planned write as it will be stored against the version it
-    /// replaces (`old`, from [`Scoped::guard_existing`]): the only way to
-    /// get a write [`Scoped::commit`] takes.
-    pub fn check(
+    /// Plan a new version of `cur` (its version and precondition follow
+    /// from what is stored), checked as it will be stored: the only way to
+    /// get a write [`Scoped::commit`] takes. Writing over nothing or a
+    /// tombstone records a create, else an update.
+    pub async fn plan_put(&self, cur: &Current, body: Value) -> Result<CheckedWrite, RepoError> {
+        let (version, pre) = match &cur.row {
+            None => (VersionId::FIRST, Precondition::Absent),
+            Some(r) => (
+                VersionId::new(r.version).ok_or(RepoError::Conflict)?.next(),
+                Precondition::CurrentIs(r.version),
+            ),
+        };
+        let w = self
+            .st
+            .repo
+            .plan_put(&cur.rtype, &cur.id, version, body, pre)
+            .await?;
+        let interaction = if cur.is_absent() || cur.is_deleted() {
+            "create"
+        } else {
+            "update"
+        };
+        self.check(w, cur.old.as_ref(), interaction)
+    }
+
+    /// Plan the deletion of the live resource `cur`, checked.
+    pub fn plan_delete(&self, cur: Current) -> Result<CheckedWrite, RepoError> {
+        let row = cur
+            .row
+            .as_ref()
+            .filter(|r| !r.deleted)
+            .ok_or(RepoError::NotFound)?;
+        let w = self.st.repo.plan_delete(&cur.rtype, &cur.id, row)?;
+        self.check(w, cur.old.as_ref(), "delete")
+    }
+
+    /// The content as it will be stored, against the version it replaces.
+    fn check(
         &self,
         w: PlannedWrite,
         old: Option<&ResourceVersion>,
@@ -403,7 +468,65 @@ impl<'a> Scoped<'a> {
     }
 }
 
-/// A planned write that passed [`Scoped::check`].
+/// Proof that a write's audit record was committed in the write's own
+/// transaction: only `Scoped`'s writes make one. A response carrying it
+/// tells the pipeline not to record the interaction a second time, so it
+/// cannot be made up (a read claiming it would go unrecorded):
+///
+/// ```compile_fail,E0423
+/// let forged = phylax_server::access::scoped::AuditCommitted(());
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct AuditCommitted(());
+
+/// The current state of `Type/id` as a write will replace it
+/// ([`Scoped::current`]): the stored row and, when the checks need it,
+/// the version it holds, opened. Only `Scoped` makes one (its fields are
+/// private), so a plan cannot claim to replace anything but what is
+/// stored, as the caller may see it:
+///
+/// ```compile_fail,E0451
+/// use phylax_server::access::scoped::Current;
+/// let t = phylax_fhir::ResourceType::parse("Patient").unwrap();
+/// let id = phylax_fhir::ResourceId::parse("p1").unwrap();
+/// let forged = Current { rtype: t, id, row: None, old: None };
+/// ```
+pub struct Current {
+    rtype: ResourceType,
+    id: ResourceId,
+    row: Option<StoredVersion>,
+    old: Option<ResourceVersion>,
+}
+
+impl std::fmt::Debug for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Current").finish_non_exhaustive()
+    }
+}
+
+impl Current {
+    pub fn id(&self) -> &ResourceId {
+        &self.id
+    }
+
+    /// Never written.
+    pub fn is_absent(&self) -> bool {
+        self.row.is_none()
+    }
+
+    /// The current version is a tombstone.
+    pub fn is_deleted(&self) -> bool {
+        self.row.as_ref().is_some_and(|r| r.deleted)
+    }
+
+    /// The current version's number, if any.
+    pub fn version(&self) -> Option<VersionId> {
+        self.row.as_ref().and_then(|r| VersionId::new(r.version))
+    }
+}
+
+/// A planned write that passed the checks ([`Scoped::plan_put`],
+/// [`Scoped::plan_delete`]).
 #[derive(Debug)]
 pub struct CheckedWrite {
     w: PlannedWrite,

@@ -292,8 +292,7 @@ async fn used(
     loop {
         let rows = st
             .audit
-            .store()
-            .audit_search(&AuditQuery {
+            .search(&AuditQuery {
                 agent: Some(agent.to_owned()),
                 from: Some(from),
                 before_id: before,

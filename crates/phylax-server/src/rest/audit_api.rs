@@ -137,8 +137,7 @@ async fn page(
     q.limit = count + 1;
     let rows = st
         .audit
-        .store()
-        .audit_search(&q)
+        .search(&q)
         .await
         .map_err(crate::data::repo::RepoError::from)?;
     let more = rows.len() > count as usize;
@@ -276,8 +275,7 @@ pub async fn read(st: &AppState, id: &str) -> Result<Response, Failure> {
         .map_err(|e| Failure::Unavailable(e.to_string()))?;
     let row = st
         .audit
-        .store()
-        .audit_get(id)
+        .get(id)
         .await
         .map_err(crate::data::repo::RepoError::from)?
         .ok_or(Failure::NotFound)?;
@@ -301,12 +299,12 @@ pub async fn access_log(
 ) -> Response {
     let pid = ResourceId::parse(&id);
     let own = matches!(
-        (&ctx.principal, &pid),
+        (ctx.principal(), &pid),
         (Principal::User { patient: Some(p), role, .. }, Some(pid))
             if p == pid.as_str() && role.name == "patient"
     );
     let auditor =
-        decide(&ctx.principal, Interaction::SearchType, Some(AUDIT_TYPE)) == Decision::Allow;
+        decide(ctx.principal(), Interaction::SearchType, Some(AUDIT_TYPE)) == Decision::Allow;
     let work = || async {
         let Some(pid) = pid.clone() else {
             return Err(Failure::NotFound);

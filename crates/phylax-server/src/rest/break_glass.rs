@@ -63,7 +63,7 @@ async fn grant(
     h: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, Failure> {
-    let Principal::User { role, mfa_at, .. } = &ctx.principal else {
+    let Principal::User { role, mfa_at, .. } = ctx.principal() else {
         return Err(Failure::Declined("break-the-glass: users only"));
     };
     if !role.break_glass {
@@ -117,7 +117,7 @@ async fn grant(
     };
     let (id, expires) =
         crate::access::break_glass::issue(&st.gate, ctx, pid, reason, purpose).await?;
-    tracing::warn!(request_id = %ctx.request_id, grant = %id, "break-the-glass grant issued");
+    tracing::warn!(request_id = %ctx.request_id(), grant = %id, "break-the-glass grant issued");
     let out = json!({
         "resourceType": "Parameters",
         "parameter": [

@@ -80,8 +80,11 @@ pub async fn create(
                     _ => return Err(Failure::PreconditionFailed),
                 }
             }
-            let v = st.scoped(&ctx).create(&rtype, value).await?;
-            Ok(committed(write_response(&st, &h, StatusCode::CREATED, &v)))
+            let (v, c) = st.scoped(&ctx).create(&rtype, value).await?;
+            Ok(committed(
+                write_response(&st, &h, StatusCode::CREATED, &v),
+                c,
+            ))
         },
     )
     .await)
@@ -208,11 +211,11 @@ pub async fn update(
             // Creating through PUT needs the create permission as well.
             let may_create = st.config.http.allow_update_create
                 && decide(
-                    &ctx.principal,
+                    ctx.principal(),
                     Interaction::UpdateCreate,
                     Some(rtype.as_str()),
                 ) == Decision::Allow;
-            let (v, created) = match st
+            let (v, created, c) = match st
                 .scoped(&ctx)
                 .update(&rtype, &id, value, if_match, may_create)
                 .await
@@ -229,7 +232,7 @@ pub async fn update(
             } else {
                 StatusCode::OK
             };
-            Ok(committed(write_response(&st, &h, status, &v)))
+            Ok(committed(write_response(&st, &h, status, &v), c))
         },
     )
     .await)
@@ -255,8 +258,8 @@ pub async fn delete(
             }
             let id = rid.ok_or(Failure::NotFound)?;
             let mut r = StatusCode::NO_CONTENT.into_response();
-            if let Some(v) = st.scoped(&ctx).delete(&rtype, &id).await? {
-                r.extensions_mut().insert(pipeline::AuditCommitted);
+            if let Some((v, c)) = st.scoped(&ctx).delete(&rtype, &id).await? {
+                r.extensions_mut().insert(c);
                 if let Ok(e) = HeaderValue::from_str(&format!("W/\"{}\"", v.version)) {
                     r.headers_mut().insert(header::ETAG, e);
                 }
@@ -362,14 +365,14 @@ pub async fn history_instance(
         audit_id.as_deref(),
         || async {
             let id = rid.ok_or(Failure::NotFound)?;
-            if st.scoped(&ctx).current_row(&rtype, &id).await?.is_none() {
+            if !st.scoped(&ctx).exists(&rtype, &id).await? {
                 return Err(Failure::NotFound);
             }
             // A caller limited to some patients must not learn that an id
             // outside their reach exists from an empty history.
-            if ctx.access.reach != phylax_auth::policy::Reach::All
-                || !ctx.access.labelled
-                || !ctx.access.denied.is_empty()
+            if ctx.access().reach != phylax_auth::policy::Reach::All
+                || !ctx.access().labelled
+                || !ctx.access().denied.is_empty()
             {
                 match st.scoped(&ctx).read(&rtype, &id).await {
                     Ok(_) => {}
@@ -493,7 +496,7 @@ pub async fn conditional_update(
                 .as_slice()
             {
                 [] => {
-                    if decide(&ctx.principal, Interaction::Create, Some(rtype.as_str()))
+                    if decide(ctx.principal(), Interaction::Create, Some(rtype.as_str()))
                         != Decision::Allow
                     {
                         return Err(Failure::Forbidden);
@@ -501,8 +504,11 @@ pub async fn conditional_update(
                     match body_id.as_deref().map(ResourceId::parse) {
                         // No match and no id: an ordinary create.
                         None => {
-                            let v = st.scoped(&ctx).create(&rtype, value).await?;
-                            Ok(committed(write_response(&st, &h, StatusCode::CREATED, &v)))
+                            let (v, c) = st.scoped(&ctx).create(&rtype, value).await?;
+                            Ok(committed(
+                                write_response(&st, &h, StatusCode::CREATED, &v),
+                                c,
+                            ))
                         }
                         // No match, an id: update-as-create, if allowed.
                         Some(Some(id)) => {
@@ -516,19 +522,17 @@ pub async fn conditional_update(
                             // A writer limited to some patients learns nothing
                             // of ids it cannot see: those answer as hidden (404)
                             // before the conflict is told.
-                            let scoped = st.scoped(&ctx);
-                            let existing = scoped.current_row(&rtype, &id).await?;
-                            if scoped.limited() {
-                                scoped.guard_existing(&rtype, existing.as_ref()).await?;
-                            }
-                            if existing.is_some_and(|e| !e.deleted) {
+                            if st.scoped(&ctx).occupied(&rtype, &id).await? {
                                 return Err(Failure::Conflict);
                             }
-                            let (v, _) = st
+                            let (v, _, c) = st
                                 .scoped(&ctx)
                                 .update(&rtype, &id, value, None, true)
                                 .await?;
-                            Ok(committed(write_response(&st, &h, StatusCode::CREATED, &v)))
+                            Ok(committed(
+                                write_response(&st, &h, StatusCode::CREATED, &v),
+                                c,
+                            ))
                         }
                         Some(None) => Err(Failure::bad_request(
                             "the id in the body is not a valid FHIR id",
@@ -544,11 +548,11 @@ pub async fn conditional_update(
                     if let Some(o) = value.as_object_mut() {
                         o.insert("id".into(), json!(m.id.as_str()));
                     }
-                    let (v, _) = st
+                    let (v, _, c) = st
                         .scoped(&ctx)
                         .update(&rtype, &m.id, value, parse_if_match(&h)?, false)
                         .await?;
-                    Ok(committed(write_response(&st, &h, StatusCode::OK, &v)))
+                    Ok(committed(write_response(&st, &h, StatusCode::OK, &v), c))
                 }
                 _ => Err(Failure::PreconditionFailed),
             }
@@ -584,8 +588,8 @@ pub async fn conditional_delete(
                 [] => Ok(StatusCode::NO_CONTENT.into_response()),
                 [m] => {
                     let mut r = StatusCode::NO_CONTENT.into_response();
-                    if let Some(v) = st.scoped(&ctx).delete(&rtype, &m.id).await? {
-                        r.extensions_mut().insert(pipeline::AuditCommitted);
+                    if let Some((v, c)) = st.scoped(&ctx).delete(&rtype, &m.id).await? {
+                        r.extensions_mut().insert(c);
                         if let Ok(e) = HeaderValue::from_str(&format!("W/\"{}\"", v.version)) {
                             r.headers_mut().insert(header::ETAG, e);
                         }

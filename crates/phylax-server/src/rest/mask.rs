@@ -24,7 +24,7 @@ const MAX_BODY: usize = 256 * 1024 * 1024;
 
 /// The caller's masks, if any.
 pub fn masks_of(ctx: &RequestCtx) -> Option<&BTreeSet<String>> {
-    match &ctx.principal {
+    match ctx.principal() {
         Principal::User { role, .. } if !role.masks.is_empty() => Some(&role.masks),
         _ => None,
     }

@@ -61,8 +61,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
     // Sealed plus waiting, not a count of the log: that reads every
     // record (110 ms at a million on PostgreSQL, growing) on every scrape.
     let counts = async {
-        let sealed = st.audit.store().audit_tree_size().await?;
-        let waiting = st.audit.store().audit_pending_count().await?;
+        let (sealed, waiting) = st.audit.sizes().await?;
         Ok::<_, phylax_store::StoreError>((sealed + waiting, sealed))
     };
     match counts.await {
@@ -83,7 +82,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
         let _ = writeln!(out, "# TYPE phylax_audit_journal_records_total counter");
         let _ = writeln!(out, "phylax_audit_journal_records_total {records}");
     }
-    if let Ok(Some(cp)) = st.audit.store().latest_checkpoint().await {
+    if let Ok(Some(cp)) = st.audit.latest_checkpoint().await {
         let _ = writeln!(
             out,
             "# HELP phylax_audit_checkpoint_age_seconds Time since the newest signed checkpoint."

@@ -12,23 +12,19 @@
 //!
 //! Writes commit their audit record in their own transaction (the scoped
 //! repository's write guard, [`crate::access::write::WriteAuditor`],
-//! drafts it; the response carries [`AuditCommitted`]), so
+//! drafts it; the response carries the proof, [`AuditCommitted`]), so
 //! a stored write always has its record and an unrecordable write is not
 //! stored. Reads, searches and refusals are recorded here, after the work
 //! and before the response leaves.
 
 use crate::access::ctx::{AuditRefs, RequestCtx};
+use crate::access::scoped::AuditCommitted;
 use crate::base::error::Failure;
 use crate::state::AppState;
 use axum::response::{IntoResponse, Response};
 use phylax_auth::policy::{decide_instance, Decision, Interaction};
 use phylax_fhir::ResourceType;
 use std::future::Future;
-
-/// Marks a response whose audit record was committed in the write's own
-/// transaction; the pipeline does not record it a second time.
-#[derive(Debug, Clone, Copy)]
-pub struct AuditCommitted;
 
 /// Write one audit record for an interaction the caller decided and ran
 /// itself (a Bundle as a whole). `Err` means the record could not be
@@ -53,7 +49,7 @@ pub async fn record(
     crate::access::ctx::mark_emergency(ctx, &mut f);
     f.query_params = refs.params;
     st.audit.record_owned(f).await.map_err(|e| {
-        tracing::error!(request_id = %ctx.request_id, error = %e, "audit record not written; response withheld");
+        tracing::error!(request_id = %ctx.request_id(), error = %e, "audit record not written; response withheld");
         Failure::Unavailable("the audit log is unavailable".into())
     })
 }
@@ -82,7 +78,7 @@ where
         | Interaction::Delete => crate::audit::journal::Ticket::none(),
         _ => st.audit.ticket(),
     };
-    let decision = decide_instance(&ctx.principal, what, rtype.map(ResourceType::as_str), id);
+    let decision = decide_instance(ctx.principal(), what, rtype.map(ResourceType::as_str), id);
     let (result, denied_by) = match decision {
         Decision::Allow => (work().await, None),
         Decision::Deny(rule) => (Err(Failure::Forbidden), Some(rule)),

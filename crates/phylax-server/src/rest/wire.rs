@@ -8,7 +8,6 @@ use crate::base::clock::format_instant;
 use crate::base::error::Failure;
 use crate::data::repo::ResourceVersion;
 use crate::rest::error::{outcome_response, FHIR_JSON};
-use crate::rest::pipeline;
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::State;
@@ -408,8 +407,8 @@ pub(crate) fn write_response(
 }
 
 /// Mark a write's response: its audit record was committed with it.
-pub(crate) fn committed(mut r: Response) -> Response {
-    r.extensions_mut().insert(pipeline::AuditCommitted);
+pub(crate) fn committed(mut r: Response, proof: crate::access::scoped::AuditCommitted) -> Response {
+    r.extensions_mut().insert(proof);
     r
 }
 
@@ -531,7 +530,7 @@ pub(crate) async fn conditional_matches(
     params: &[(String, String)],
 ) -> Result<Vec<crate::data::repo::ResourceVersion>, Failure> {
     if decide(
-        &ctx.principal,
+        ctx.principal(),
         Interaction::SearchType,
         Some(rtype.as_str()),
     ) != Decision::Allow

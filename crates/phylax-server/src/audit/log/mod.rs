@@ -282,7 +282,10 @@ impl AuditLog {
 
     /// Commit one record without showing it to the detector (the
     /// detector's own alerts).
-    pub async fn record_quiet(&self, facts: &AuditFacts) -> Result<(), AuditError> {
+    pub(in crate::audit) async fn record_quiet(
+        &self,
+        facts: &AuditFacts,
+    ) -> Result<(), AuditError> {
         if self.danger_off() {
             return Ok(());
         }
@@ -365,10 +368,35 @@ impl AuditLog {
         Ok(n)
     }
 
-    /// The audit tables, for what reads them (the AuditEvent API, the
-    /// access review, metrics, export): only this service owns them.
-    pub fn store(&self) -> &Arc<dyn AuditStore> {
+    /// The audit tables: only the audit service's own modules (sealing,
+    /// verification, export) use them directly; everything else reads
+    /// through the methods below, none of which can change the log.
+    pub(in crate::audit) fn store(&self) -> &Arc<dyn AuditStore> {
         &self.store
+    }
+
+    /// Records matching `q`, sealed (open each with [`AuditLog::open_row`]).
+    pub async fn search(&self, q: &phylax_store::AuditQuery) -> Result<Vec<AuditRow>, StoreError> {
+        self.store.audit_search(q).await
+    }
+
+    /// One record by its event id.
+    pub async fn get(&self, event_id: &str) -> Result<Option<AuditRow>, StoreError> {
+        self.store.audit_get(event_id).await
+    }
+
+    /// How many records are sealed into the tree and how many wait for it
+    /// (two index lookups: cheap enough for every metrics scrape).
+    pub async fn sizes(&self) -> Result<(u64, u64), StoreError> {
+        Ok((
+            self.store.audit_tree_size().await?,
+            self.store.audit_pending_count().await?,
+        ))
+    }
+
+    /// The newest stored checkpoint.
+    pub async fn latest_checkpoint(&self) -> Result<Option<CheckpointRow>, StoreError> {
+        self.store.latest_checkpoint().await
     }
 
     /// A stored record's AuditEvent JSON, exactly the bytes its leaf hash

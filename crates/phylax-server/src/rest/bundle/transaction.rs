@@ -4,7 +4,7 @@
 use super::entry::{at_entry, entry_error, Entry, Verb};
 use super::routing::{dispatch, entry_router, status_line, EntryRoutes};
 use crate::access::ctx::{AuditRefs, RequestCtx};
-use crate::access::scoped::{CheckedWrite, Scoped};
+use crate::access::scoped::{CheckedWrite, Current, Scoped};
 use crate::base::clock::format_instant;
 use crate::base::error::Failure;
 use crate::data::repo::ResourceVersion;
@@ -14,8 +14,7 @@ use crate::state::AppState;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use phylax_auth::policy::{decide, Decision, Interaction};
-use phylax_fhir::{ResourceId, ResourceType, VersionId};
-use phylax_store::Precondition;
+use phylax_fhir::{ResourceId, ResourceType};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -36,14 +35,10 @@ pub(super) enum Outcome {
 /// A PUT or POST waiting for its references to be rewritten.
 pub(super) struct PendingPut {
     pub(super) idx: usize,
-    pub(super) rtype: ResourceType,
-    pub(super) id: ResourceId,
-    pub(super) version: VersionId,
-    pub(super) pre: Precondition,
+    /// What it replaces, as the caller may see it.
+    pub(super) current: Current,
     pub(super) created: bool,
     pub(super) body: Value,
-    /// The live version it replaces, when the write's checks opened it.
-    pub(super) old: Option<crate::data::repo::ResourceVersion>,
 }
 
 /// Audit bookkeeping per entry: (interaction, type, id).
@@ -56,7 +51,7 @@ pub(super) async fn allow(
     what: Interaction,
     rtype: &ResourceType,
 ) -> Result<(), Failure> {
-    match decide(&ctx.principal, what, Some(rtype.as_str())) {
+    match decide(ctx.principal(), what, Some(rtype.as_str())) {
         Decision::Allow => Ok(()),
         Decision::Deny(rule) => {
             let _ = rtype;
@@ -285,23 +280,18 @@ impl<'a> Plan<'a> {
             _ => return Err(entry_error(idx, "DELETE needs Type/id or Type?criteria")),
         };
         let cur = match &id {
-            Some(id) => self.scoped.current_row(rtype, id).await?,
-            None => None,
-        };
-        let old = match &cur {
-            Some(_) => self
+            Some(id) => self
                 .scoped
-                .guard_existing(rtype, cur.as_ref())
+                .existing(rtype, id)
                 .await
                 .map_err(|x| at_entry(idx, x.into()))?,
             None => None,
         };
         match (id, cur) {
-            (Some(id), Some(cur)) if !cur.deleted => {
-                let w = self.scoped.plan_delete(rtype, &id, &cur)?;
+            (Some(id), Some(cur)) if !cur.is_deleted() => {
                 let w = self
                     .scoped
-                    .check(w, old.as_ref(), "delete")
+                    .plan_delete(cur)
                     .map_err(|x| at_entry(idx, x.into()))?;
                 self.claim(idx, rtype, &id)?;
                 self.planned.push(w);
@@ -341,20 +331,17 @@ impl<'a> Plan<'a> {
                 return Ok(());
             }
         }
-        let id = ResourceId::from_uuid(uuid::Uuid::new_v4());
+        let current = self.scoped.fresh(&rtype);
+        let id = current.id().clone();
         self.claim(idx, &rtype, &id)?;
         if let Some(f) = &e.full_url {
             self.map.insert(f.clone(), format!("{rtype}/{id}"));
         }
         self.pending.push(PendingPut {
             idx: i,
-            rtype,
-            id,
-            version: VersionId::FIRST,
-            pre: Precondition::Absent,
+            current,
             created: true,
             body,
-            old: None,
         });
         Ok(())
     }
@@ -418,50 +405,38 @@ impl<'a> Plan<'a> {
             ),
             None => None,
         };
-        let cur = self.scoped.current_row(&rtype, &id).await?;
-        let old = self
+        let current = self
             .scoped
-            .guard_existing(&rtype, cur.as_ref())
+            .current(&rtype, &id)
             .await
             .map_err(|x| at_entry(idx, x.into()))?;
-        let (version, pre, created) = match cur {
-            None => {
-                if if_match.is_some() {
-                    return Err(at_entry(idx, Failure::PreconditionFailed));
-                }
-                if !self.st.config.http.allow_update_create {
-                    return Err(at_entry(
-                        idx,
-                        Failure::MethodNotAllowed("update-as-create is not allowed on this server"),
-                    ));
-                }
-                allow(self.st, self.ctx, Interaction::UpdateCreate, &rtype).await?;
-                (VersionId::FIRST, Precondition::Absent, true)
+        let created = if current.is_absent() {
+            if if_match.is_some() {
+                return Err(at_entry(idx, Failure::PreconditionFailed));
             }
-            Some(cur) => {
-                let cur_v = VersionId::new(cur.version).ok_or(Failure::Conflict)?;
-                if if_match.is_some_and(|m| m != cur_v) {
-                    return Err(at_entry(idx, Failure::PreconditionFailed));
-                }
-                (
-                    cur_v.next(),
-                    Precondition::CurrentIs(cur.version),
-                    cur.deleted,
-                )
+            if !self.st.config.http.allow_update_create {
+                return Err(at_entry(
+                    idx,
+                    Failure::MethodNotAllowed("update-as-create is not allowed on this server"),
+                ));
             }
+            allow(self.st, self.ctx, Interaction::UpdateCreate, &rtype).await?;
+            true
+        } else {
+            let cur_v = current.version().ok_or(Failure::Conflict)?;
+            if if_match.is_some_and(|m| m != cur_v) {
+                return Err(at_entry(idx, Failure::PreconditionFailed));
+            }
+            current.is_deleted()
         };
         if let Some(f) = &e.full_url {
             self.map.insert(f.clone(), format!("{rtype}/{id}"));
         }
         self.pending.push(PendingPut {
             idx: i,
-            rtype,
-            id,
-            version,
-            pre,
+            current,
             created,
             body,
-            old,
         });
         Ok(())
     }
@@ -518,15 +493,11 @@ impl<'a> Plan<'a> {
             // Validated once its references are final (a conditional
             // reference is not a valid reference until resolved).
             let (_, body) = wire::validated(p.body).map_err(|e| at_entry(p.idx, e))?;
-            let w = self
-                .scoped
-                .plan_put(&p.rtype, &p.id, p.version, body, p.pre)
-                .await?;
             // Checked as it will be stored (references in canonical form).
-            let what = if p.created { "create" } else { "update" };
             let w = self
                 .scoped
-                .check(w, p.old.as_ref(), what)
+                .plan_put(&p.current, body)
+                .await
                 .map_err(|x| at_entry(p.idx, x.into()))?;
             self.planned.push(w);
             self.outcomes[p.idx] = Some(Outcome::Write {

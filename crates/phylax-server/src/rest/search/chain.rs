@@ -25,7 +25,7 @@ pub(super) async fn inner_search(
     params: &[(String, String)],
 ) -> Result<Vec<ResourceVersion>, Failure> {
     if decide(
-        &ctx.principal,
+        ctx.principal(),
         Interaction::SearchType,
         Some(rtype.as_str()),
     ) != Decision::Allow
@@ -221,7 +221,7 @@ async fn chain(
         // Types the caller may not search are skipped when the type was
         // not named; naming one is a plain request (403 if denied).
         if type_mod.is_none()
-            && decide(&ctx.principal, Interaction::SearchType, Some(t.as_str())) != Decision::Allow
+            && decide(ctx.principal(), Interaction::SearchType, Some(t.as_str())) != Decision::Allow
         {
             continue;
         }

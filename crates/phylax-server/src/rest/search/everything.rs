@@ -172,7 +172,7 @@ fn compartment_types(
     );
     types.retain(|t| {
         wanted.as_ref().is_none_or(|w| w.contains(t))
-            && decide(&ctx.principal, Interaction::SearchType, Some(t.as_str())) == Decision::Allow
+            && decide(ctx.principal(), Interaction::SearchType, Some(t.as_str())) == Decision::Allow
     });
     Ok(types)
 }
@@ -261,7 +261,7 @@ async fn referenced(
             || t.as_str() == "Patient"
             || referenced.len() >= MAX_INCLUDED
             || !seen.insert((t.to_string(), rid.to_string()))
-            || decide(&ctx.principal, Interaction::Read, Some(t.as_str())) != Decision::Allow
+            || decide(ctx.principal(), Interaction::Read, Some(t.as_str())) != Decision::Allow
         {
             continue;
         }

@@ -195,7 +195,7 @@ impl Includes<'_> {
                 };
                 if spec.target.as_ref().is_some_and(|tt| tt != &t)
                     || self.full()
-                    || decide(&self.ctx.principal, Interaction::Read, Some(t.as_str()))
+                    || decide(self.ctx.principal(), Interaction::Read, Some(t.as_str()))
                         != Decision::Allow
                     || !self.seen.insert((t.to_string(), id.to_string()))
                 {
@@ -213,7 +213,7 @@ impl Includes<'_> {
     /// references one of `base`, found by a confined search.
     async fn reverse(&mut self, base: &[&ResourceVersion], spec: &Spec) -> Result<(), Failure> {
         if decide(
-            &self.ctx.principal,
+            self.ctx.principal(),
             Interaction::SearchType,
             Some(spec.source.as_str()),
         ) != Decision::Allow

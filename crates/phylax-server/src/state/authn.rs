@@ -1,7 +1,11 @@
 //! [`AuthnState`]: what the sign-in pages and the token endpoint receive.
 //! It holds accounts, grants, clients, the token issuer, revocations,
 //! throttles and passkey settings; it holds no repository and no access
-//! layer, so a sign-in page cannot reach a patient's data.
+//! layer, so a sign-in page cannot read or write a resource. (It holds the
+//! audit log, whose records a sign-in step writes; outside the audit
+//! modules the log offers only reads.) The sign-in routes are a router of
+//! their own whose state is [`Authn`], so a sign-in handler cannot ask for
+//! the application state.
 
 use super::AppState;
 use crate::base::config::Config;

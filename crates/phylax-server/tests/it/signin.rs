@@ -451,10 +451,38 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
     let app = add_app(s, "user/*.cruds openid fhirUser offline_access", true).await;
     let scope = "user/Patient.rs openid fhirUser offline_access";
 
-    // --- Sign in: the login page, wrong password, unknown user.
     let mut b = Browser::new(s);
     let p = pkce();
-    let page = b.get(&authorize_url(s, &app, scope, "st-1", &p)).await;
+    let unknown = sign_in_refuses_wrong_password_and_forgery(s, &mut b, &app, scope, &p).await;
+    let totp = first_sign_in_enrolls_totp(&mut b, &unknown).await;
+    pkce_mismatch_burns_the_code(s, &app, &totp.code1, &p).await;
+    session_signs_in_without_password(s, &mut b, &app, scope).await;
+    let rt1 = refresh_rotation_detects_reuse(s, &mut b, &app, scope).await;
+    totp_and_recovery_codes_work_once(s, &app, scope, &totp).await;
+    stolen_database_holds_no_secret(s, &b, &totp, &rt1);
+    sign_in_steps_are_audited(s).await;
+    idle_session_signs_no_one_in(s, &mut b, &app, scope).await;
+}
+
+/// What the clinician's first sign-in (TOTP enrollment) produced.
+struct Enrolled {
+    uri: String,
+    secret_b32: String,
+    enroll_code: String,
+    recovery: Vec<String>,
+    code1: String,
+}
+
+/// Sign in: the login page, wrong password, unknown user. Returns the
+/// unknown-user page (its CSRF token carries the sign-in on).
+async fn sign_in_refuses_wrong_password_and_forgery(
+    s: &TestServer,
+    b: &mut Browser,
+    app: &str,
+    scope: &str,
+    p: &Pkce,
+) -> Resp {
+    let page = b.get(&authorize_url(s, app, scope, "st-1", p)).await;
     assert_eq!(page.status, 200, "{}", page.body);
     assert!(page.body.contains("name=\"username\"") && page.body.contains("name=\"password\""));
     let wrong = b
@@ -506,8 +534,11 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
         )
         .await;
     assert_eq!(r.status, 400, "no sign-in cookie");
+    unknown
+}
 
-    // --- Right password: MFA is mandatory, so enrollment comes first.
+/// Right password: MFA is mandatory, so enrollment comes first.
+async fn first_sign_in_enrolls_totp(b: &mut Browser, unknown: &Resp) -> Enrolled {
     let enroll = b
         .post(
             "/auth/login",
@@ -575,15 +606,24 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
     assert_eq!(done.param("state").as_deref(), Some("st-1"));
     let code1 = done.param("code").unwrap();
     assert!(b.jar.contains_key("__Host-phylax-session"));
+    Enrolled {
+        uri,
+        secret_b32,
+        enroll_code,
+        recovery,
+        code1,
+    }
+}
 
-    // --- PKCE mismatch burns the code; the replay then revokes its family.
+/// PKCE mismatch burns the code; the replay then revokes its family.
+async fn pkce_mismatch_burns_the_code(s: &TestServer, app: &str, code1: &str, p: &Pkce) {
     let (st, v) = exchange(
         s,
         &[
             ("grant_type", "authorization_code"),
-            ("code", &code1),
+            ("code", code1),
             ("redirect_uri", REDIRECT),
-            ("client_id", &app),
+            ("client_id", app),
             ("code_verifier", &pkce().verifier),
         ],
     )
@@ -593,25 +633,32 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
         s,
         &[
             ("grant_type", "authorization_code"),
-            ("code", &code1),
+            ("code", code1),
             ("redirect_uri", REDIRECT),
-            ("client_id", &app),
+            ("client_id", app),
             ("code_verifier", &p.verifier),
         ],
     )
     .await;
     assert_eq!(st, 400, "a code works once");
+}
 
-    // --- The session signs the next authorization in without a password.
+/// The session signs the next authorization in without a password.
+async fn session_signs_in_without_password(
+    s: &TestServer,
+    b: &mut Browser,
+    app: &str,
+    scope: &str,
+) {
     let p2 = pkce();
-    let r = b.get(&authorize_url(s, &app, scope, "st-2", &p2)).await;
+    let r = b.get(&authorize_url(s, app, scope, "st-2", &p2)).await;
     assert_eq!(r.status, 303, "{}", r.body);
     let code2 = r.param("code").unwrap();
     let good = [
         ("grant_type", "authorization_code"),
         ("code", code2.as_str()),
         ("redirect_uri", REDIRECT),
-        ("client_id", app.as_str()),
+        ("client_id", app),
         ("code_verifier", p2.verifier.as_str()),
     ];
     // A code presented by another client or with another redirect URI is
@@ -622,13 +669,13 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
         ("redirect_uri", "http://127.0.0.1:9/other"),
     ] {
         let pb = pkce();
-        let r = b.get(&authorize_url(s, &app, scope, "st-x", &pb)).await;
+        let r = b.get(&authorize_url(s, app, scope, "st-x", &pb)).await;
         let code = r.param("code").unwrap();
         let mut f = vec![
             ("grant_type", "authorization_code"),
             ("code", code.as_str()),
             ("redirect_uri", REDIRECT),
-            ("client_id", app.as_str()),
+            ("client_id", app),
             ("code_verifier", pb.verifier.as_str()),
         ];
         f.retain(|(n, _)| *n != k);
@@ -676,17 +723,24 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
         401,
         "family revoked at once on this node"
     );
+}
 
-    // --- Refresh rotation with reuse detection.
+/// Refresh rotation with reuse detection. Returns the first refresh token.
+async fn refresh_rotation_detects_reuse(
+    s: &TestServer,
+    b: &mut Browser,
+    app: &str,
+    scope: &str,
+) -> String {
     let p3 = pkce();
-    let r = b.get(&authorize_url(s, &app, scope, "st-3", &p3)).await;
+    let r = b.get(&authorize_url(s, app, scope, "st-3", &p3)).await;
     let (st, v) = exchange(
         s,
         &[
             ("grant_type", "authorization_code"),
             ("code", &r.param("code").unwrap()),
             ("redirect_uri", REDIRECT),
-            ("client_id", &app),
+            ("client_id", app),
             ("code_verifier", &p3.verifier),
         ],
     )
@@ -698,7 +752,7 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
         &[
             ("grant_type", "refresh_token"),
             ("refresh_token", &rt1),
-            ("client_id", &app),
+            ("client_id", app),
         ],
     )
     .await;
@@ -712,7 +766,7 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
         &[
             ("grant_type", "refresh_token"),
             ("refresh_token", &rt1),
-            ("client_id", &app),
+            ("client_id", app),
         ],
     )
     .await;
@@ -722,19 +776,26 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
         &[
             ("grant_type", "refresh_token"),
             ("refresh_token", &rt2),
-            ("client_id", &app),
+            ("client_id", app),
         ],
     )
     .await;
     assert_eq!(st, 400, "the replay revoked the whole family");
     assert_eq!(fhir_get(s, &at2, "/Patient/p1").await, 401);
+    rt1
+}
 
-    // --- A new browser: the enrollment's TOTP code cannot be used again,
-    // wrong codes fail, a recovery code works once and says what is left.
+/// A new browser: the enrollment's TOTP code cannot be used again, wrong
+/// codes fail, a recovery code works once and says what is left.
+async fn totp_and_recovery_codes_work_once(s: &TestServer, app: &str, scope: &str, e: &Enrolled) {
+    let Enrolled {
+        uri,
+        enroll_code,
+        recovery,
+        ..
+    } = e;
     let mut b2 = Browser::new(s);
-    let page = b2
-        .get(&authorize_url(s, &app, scope, "st-4", &pkce()))
-        .await;
+    let page = b2.get(&authorize_url(s, app, scope, "st-4", &pkce())).await;
     let mfa = b2
         .post(
             "/auth/login",
@@ -748,10 +809,7 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
     assert_eq!(mfa.status, 200);
     assert!(mfa.body.contains("name=\"code\""));
     let replay = b2
-        .post(
-            "/auth/mfa",
-            &[("csrf", &mfa.csrf()), ("code", &enroll_code)],
-        )
+        .post("/auth/mfa", &[("csrf", &mfa.csrf()), ("code", enroll_code)])
         .await;
     assert_eq!(replay.status, 401, "a TOTP code works once");
     let wrong = b2
@@ -777,9 +835,7 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
     assert_eq!(r.status, 303);
     // The same recovery code again, in yet another browser: refused.
     let mut b3 = Browser::new(s);
-    let page = b3
-        .get(&authorize_url(s, &app, scope, "st-5", &pkce()))
-        .await;
+    let page = b3.get(&authorize_url(s, app, scope, "st-5", &pkce())).await;
     let mfa = b3
         .post(
             "/auth/login",
@@ -802,13 +858,20 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
     let ok = b3
         .post(
             "/auth/mfa",
-            &[("csrf", &again.csrf()), ("code", &totp_at(&uri, t))],
+            &[("csrf", &again.csrf()), ("code", &totp_at(uri, t))],
         )
         .await;
     assert_eq!(ok.status, 303, "{}", ok.body);
+}
 
-    // --- A stolen database file holds no username, password, TOTP secret,
-    // recovery code or bearer secret (SQLite: the file and its WAL).
+/// A stolen database file holds no username, password, TOTP secret,
+/// recovery code or bearer secret (SQLite: the file and its WAL).
+fn stolen_database_holds_no_secret(s: &TestServer, b: &Browser, e: &Enrolled, rt1: &str) {
+    let Enrolled {
+        secret_b32,
+        recovery,
+        ..
+    } = e;
     if s.backend == common::Backend::Sqlite {
         let mut db = std::fs::read(s.data_dir.join("phylax.db")).unwrap();
         if let Ok(w) = std::fs::read(s.data_dir.join("phylax.db-wal")) {
@@ -825,7 +888,7 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
             secret_b32.as_bytes().to_vec(),
             raw_secret,
             session.into_bytes(),
-            rt1.clone().into_bytes(),
+            rt1.as_bytes().to_vec(),
         ];
         needles.extend(recovery.iter().map(|c| c.clone().into_bytes()));
         for n in needles {
@@ -836,8 +899,10 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
             );
         }
     }
+}
 
-    // --- Every step is in the audit log, with no secret or name in it.
+/// Every step is in the audit log, with no secret or name in it.
+async fn sign_in_steps_are_audited(s: &TestServer) {
     let evs = audit_events(s).await;
     for (sub, out) in [
         ("login", "0"),
@@ -864,12 +929,14 @@ async fn clinician_password_totp_code_token_fhir_read(s: &TestServer) {
         !text.contains(PASSWORD) && !text.contains("dr.grey"),
         "secret or username in the log"
     );
+}
 
-    // --- An idle session no longer signs anyone in.
+/// An idle session no longer signs anyone in.
+async fn idle_session_signs_no_one_in(s: &TestServer, b: &mut Browser, app: &str, scope: &str) {
     let sess = b.jar["__Host-phylax-session"].clone();
     let h = s.state.authn.grants.hash(Kind::Session, &sess);
     s.store.touch_grant("session", &h, now() - 1).await.unwrap();
-    let r = b.get(&authorize_url(s, &app, scope, "st-6", &pkce())).await;
+    let r = b.get(&authorize_url(s, app, scope, "st-6", &pkce())).await;
     assert_eq!(r.status, 200, "sign-in page again after the idle timeout");
     assert!(r.body.contains("name=\"password\""));
 }
@@ -1138,7 +1205,25 @@ async fn patient_launch_body(s: &TestServer) {
     let scope = "launch/patient patient/Patient.rs patient/Observation.rs openid fhirUser";
     let mut b = Browser::new(s);
     let p = pkce();
-    let page = b.get(&authorize_url(s, &app, scope, "pl", &p)).await;
+    let v = patient_consents_to_the_launch(s, &mut b, &app, scope, &p).await;
+    let at = v["access_token"].as_str().unwrap();
+    assert_eq!(claims(at)["acr"], "urn:phylax:acr:pwd");
+    access_log_and_id_token(s, &v, at, &app).await;
+    signing_key_rotation(s, &mut b, &app, scope, &v).await;
+    confidential_app_must_authenticate(s, &mut b).await;
+    patient_reaches_only_their_compartment(s, at).await;
+}
+
+/// The patient signs in and decides on the third-party app's consent:
+/// denied first, then allowed. Returns the token response.
+async fn patient_consents_to_the_launch(
+    s: &TestServer,
+    b: &mut Browser,
+    app: &str,
+    scope: &str,
+    p: &Pkce,
+) -> Value {
+    let page = b.get(&authorize_url(s, app, scope, "pl", p)).await;
     let consent = b
         .post(
             "/auth/login",
@@ -1168,7 +1253,7 @@ async fn patient_launch_body(s: &TestServer) {
     assert_eq!(denied.param("error").as_deref(), Some("access_denied"));
     assert_eq!(denied.param("state").as_deref(), Some("pl"));
     // Again (the session now exists), allowing this time.
-    let consent = b.get(&authorize_url(s, &app, scope, "pl2", &p)).await;
+    let consent = b.get(&authorize_url(s, app, scope, "pl2", p)).await;
     assert_eq!(consent.status, 200, "consent again");
     let allowed = b
         .post(
@@ -1183,7 +1268,7 @@ async fn patient_launch_body(s: &TestServer) {
             ("grant_type", "authorization_code"),
             ("code", &allowed.param("code").unwrap()),
             ("redirect_uri", REDIRECT),
-            ("client_id", &app),
+            ("client_id", app),
             ("code_verifier", &p.verifier),
         ],
     )
@@ -1195,8 +1280,11 @@ async fn patient_launch_body(s: &TestServer) {
         v.get("refresh_token").is_none(),
         "offline_access was not requested"
     );
-    let at = v["access_token"].as_str().unwrap();
-    assert_eq!(claims(at)["acr"], "urn:phylax:acr:pwd");
+    v
+}
+
+/// The patient's own access log, and the id_token, checked independently.
+async fn access_log_and_id_token(s: &TestServer, v: &Value, at: &str, app: &str) {
     // "Who looked at my record": the patient's own access log, without
     // the staff's network details; not another patient's.
     let r = s
@@ -1216,7 +1304,7 @@ async fn patient_launch_body(s: &TestServer) {
     assert_eq!(fhir_get(s, at, "/Patient/pat-2/$access-log").await, 403);
     // The id_token verifies against the published JWKS (an independent
     // JWT library), for this app, with the nonce and fhirUser.
-    let idt = verify_id_token(s, v["id_token"].as_str().unwrap(), &app).await;
+    let idt = verify_id_token(s, v["id_token"].as_str().unwrap(), app).await;
     assert_eq!(idt["nonce"], "n-pl2");
     assert_eq!(idt["fhirUser"], format!("{}/Patient/pat-1", s.fhir));
     assert_eq!(idt["iss"], format!("{}/auth", s.base));
@@ -1225,7 +1313,10 @@ async fn patient_launch_body(s: &TestServer) {
             .await
             .is_err()
     );
-    // Rotation: a new key signs, the old one stays published.
+}
+
+/// Rotation: a new key signs, the old one stays published.
+async fn signing_key_rotation(s: &TestServer, b: &mut Browser, app: &str, scope: &str, v: &Value) {
     s.state.keys.rotate_signing().await.unwrap();
     s.state.refresh_disabled().await.unwrap();
     let jwks: Value = s
@@ -1245,7 +1336,7 @@ async fn patient_launch_body(s: &TestServer) {
         .collect();
     assert_eq!(kids, vec!["sig-2", "sig-1"]);
     let p2 = pkce();
-    let again = b.get(&authorize_url(s, &app, scope, "pl3", &p2)).await;
+    let again = b.get(&authorize_url(s, app, scope, "pl3", &p2)).await;
     let allowed = b
         .post(
             "/auth/consent",
@@ -1258,7 +1349,7 @@ async fn patient_launch_body(s: &TestServer) {
             ("grant_type", "authorization_code"),
             ("code", &allowed.param("code").unwrap()),
             ("redirect_uri", REDIRECT),
-            ("client_id", &app),
+            ("client_id", app),
             ("code_verifier", &p2.verifier),
         ],
     )
@@ -1271,11 +1362,13 @@ async fn patient_launch_body(s: &TestServer) {
     )
     .unwrap();
     assert_eq!(header["kid"], "sig-2");
-    verify_id_token(s, t2, &app).await;
-    verify_id_token(s, v["id_token"].as_str().unwrap(), &app).await;
+    verify_id_token(s, t2, app).await;
+    verify_id_token(s, v["id_token"].as_str().unwrap(), app).await;
+}
 
-    // A confidential app must authenticate with its private_key_jwt
-    // assertion; its client_id alone is not enough.
+/// A confidential app must authenticate with its private_key_jwt
+/// assertion; its client_id alone is not enough.
+async fn confidential_app_must_authenticate(s: &TestServer, b: &mut Browser) {
     let g = phylax_auth::client_key::generate().unwrap();
     let conf = uuid::Uuid::new_v4().to_string();
     s.store
@@ -1332,6 +1425,10 @@ async fn patient_launch_body(s: &TestServer) {
     let (st, v3) = send(form).await;
     assert_eq!(st, 200, "{v3}");
     assert_eq!(v3["patient"], "pat-1");
+}
+
+/// The patient's token reaches their own compartment only.
+async fn patient_reaches_only_their_compartment(s: &TestServer, at: &str) {
     assert_eq!(fhir_get(s, at, "/Patient/pat-1").await, 200);
     assert_eq!(
         fhir_get(s, at, "/Patient/pat-2").await,
@@ -1673,7 +1770,23 @@ async fn passkey_sign_in_body(s: &TestServer) {
     let app = add_app(s, "user/*.rs", true).await;
     let scope = "user/*.rs";
     let mut b = Browser::new(s);
-    let page = b.get(&authorize_url(s, &app, scope, "k1", &pkce())).await;
+    let mut laptop = passkey_enrollment(s, &mut b, &app, scope).await;
+    let clone = laptop.clone();
+    passkey_signs_in(s, &app, scope, &mut laptop).await;
+    cloned_authenticator_is_refused(s, &app, scope, clone).await;
+    let mut key = account_page_manages_passkeys(s, &mut b, &laptop).await;
+    remaining_passkey_signs_in(s, &app, scope, &mut key).await;
+}
+
+/// First sign-in: the passkey script, phishing and missing user
+/// verification refused, then the laptop's passkey enrolled. Returns it.
+async fn passkey_enrollment(
+    s: &TestServer,
+    b: &mut Browser,
+    app: &str,
+    scope: &str,
+) -> SoftAuthenticator {
+    let page = b.get(&authorize_url(s, app, scope, "k1", &pkce())).await;
     let enroll = b
         .post(
             "/auth/login",
@@ -1742,10 +1855,12 @@ async fn passkey_sign_in_body(s: &TestServer) {
     );
     let done = b.post("/auth/continue", &[("csrf", &codes.csrf())]).await;
     assert_eq!(done.status, 303);
+    laptop
+}
 
-    // Sign in with the passkey from another browser.
-    let clone = laptop.clone();
-    let (mut b2, mfa, p2) = pk_sign_in(s, &app, scope).await;
+/// Sign in with the passkey from another browser.
+async fn passkey_signs_in(s: &TestServer, app: &str, scope: &str, laptop: &mut SoftAuthenticator) {
+    let (mut b2, mfa, p2) = pk_sign_in(s, app, scope).await;
     let opts = passkey_options(&mfa.body, "get");
     // Wrong origin and missing user verification are refused.
     let mut bad = laptop.clone();
@@ -1790,7 +1905,7 @@ async fn passkey_sign_in_body(s: &TestServer) {
             ("grant_type", "authorization_code"),
             ("code", &ok.param("code").unwrap()),
             ("redirect_uri", REDIRECT),
-            ("client_id", &app),
+            ("client_id", app),
             ("code_verifier", &p2.verifier),
         ],
     )
@@ -1799,11 +1914,18 @@ async fn passkey_sign_in_body(s: &TestServer) {
     let c = claims(v["access_token"].as_str().unwrap());
     assert_eq!(c["amr"], serde_json::json!(["pwd", "hwk"]));
     assert_eq!(c["acr"], "urn:phylax:acr:mfa");
+}
 
-    // A clone of the authenticator (same key, stale counter) is detected,
-    // flagged and refused from then on; the password alone then opens
-    // nothing (recovery codes remain).
-    let (mut b3, mfa, _) = pk_sign_in(s, &app, scope).await;
+/// A clone of the authenticator (same key, stale counter) is detected,
+/// flagged and refused from then on; the password alone then opens
+/// nothing (recovery codes remain).
+async fn cloned_authenticator_is_refused(
+    s: &TestServer,
+    app: &str,
+    scope: &str,
+    clone: SoftAuthenticator,
+) {
+    let (mut b3, mfa, _) = pk_sign_in(s, app, scope).await;
     let mut clone = clone;
     let r = b3
         .post(
@@ -1827,10 +1949,17 @@ async fn passkey_sign_in_body(s: &TestServer) {
         !r.body.contains("otpauth://"),
         "no re-enrollment with the password alone"
     );
+}
 
-    // The account page: the first browser's session is fresh enough to
-    // manage passkeys. It shows the flagged one; a second passkey is added,
-    // renamed, and the flagged one removed; the last factor cannot go.
+/// The account page: the first browser's session is fresh enough to
+/// manage passkeys. It shows the flagged one; a second passkey is added,
+/// renamed, and the flagged one removed; the last factor cannot go.
+/// Returns the added passkey.
+async fn account_page_manages_passkeys(
+    s: &TestServer,
+    b: &mut Browser,
+    laptop: &SoftAuthenticator,
+) -> SoftAuthenticator {
     let acct = b.get("/auth/account").await;
     assert_eq!(acct.status, 200, "{}", acct.body);
     assert!(acct.body.contains("Laptop") && acct.body.contains("looked copied"));
@@ -1890,7 +2019,7 @@ async fn passkey_sign_in_body(s: &TestServer) {
             &[
                 ("csrf", &acct.csrf()),
                 ("action", "remove"),
-                ("cred", &id_of(&laptop)),
+                ("cred", &id_of(laptop)),
             ],
         )
         .await;
@@ -1916,8 +2045,17 @@ async fn passkey_sign_in_body(s: &TestServer) {
     assert_eq!(r.status, 403);
     let r = Browser::new(s).get("/auth/account").await;
     assert_eq!(r.status, 401);
-    // The remaining passkey signs in.
-    let (mut b4, mfa, _) = pk_sign_in(s, &app, scope).await;
+    key
+}
+
+/// The remaining passkey signs in.
+async fn remaining_passkey_signs_in(
+    s: &TestServer,
+    app: &str,
+    scope: &str,
+    key: &mut SoftAuthenticator,
+) {
+    let (mut b4, mfa, _) = pk_sign_in(s, app, scope).await;
     let r = b4
         .post(
             "/auth/mfa/passkey",

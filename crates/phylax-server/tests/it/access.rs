@@ -297,31 +297,44 @@ on_both!(care_relationships_decide_every_path);
 async fn care_relationships_decide_every_path(s: &TestServer) {
     load(s).await;
     let a = clinician(s, "dr.a", "pr-a").await;
-    // Reached through generalPractitioner, CareTeam and Encounter; the
-    // others answer exactly like ids that do not exist.
+    reach_decides_reads(s, &a).await;
+    searches_are_confined_in_the_query(s, &a).await;
+    let l = writes_need_reach(s, &a).await;
+    refusals_are_audited_with_their_rule(s).await;
+    other_paths_to_a_patient(s).await;
+    access_explain_gives_the_rule(s).await;
+    access_review_finds_unused_grants(s).await;
+    relationships_apply_within_seconds(s, &a, &l).await;
+}
+
+/// Reached through generalPractitioner, CareTeam and Encounter; the
+/// others answer exactly like ids that do not exist.
+async fn reach_decides_reads(s: &TestServer, a: &str) {
     for p in ["pa-gp", "pa-team", "pa-enc"] {
-        assert_eq!(get(s, &a, &format!("/Patient/{p}")).await, 200, "{p}");
+        assert_eq!(get(s, a, &format!("/Patient/{p}")).await, 200, "{p}");
     }
     for p in ["pa-org", "pa-other", "never-existed"] {
-        assert_eq!(get(s, &a, &format!("/Patient/{p}")).await, 404, "{p}");
+        assert_eq!(get(s, a, &format!("/Patient/{p}")).await, 404, "{p}");
     }
-    assert_eq!(get(s, &a, "/Observation/obs-other").await, 404);
-    assert_eq!(get(s, &a, "/Observation/obs-other/_history/1").await, 404);
-    assert_eq!(get(s, &a, "/Patient/pa-other/_history").await, 404);
+    assert_eq!(get(s, a, "/Observation/obs-other").await, 404);
+    assert_eq!(get(s, a, "/Observation/obs-other/_history/1").await, 404);
+    assert_eq!(get(s, a, "/Patient/pa-other/_history").await, 404);
     // Restricted label: hidden without the permission, even for a patient
     // they care for.
-    assert_eq!(get(s, &a, "/Observation/obs-gp").await, 200);
-    assert_eq!(get(s, &a, "/Observation/obs-psy").await, 404);
+    assert_eq!(get(s, a, "/Observation/obs-gp").await, 200);
+    assert_eq!(get(s, a, "/Observation/obs-psy").await, 404);
     // A type outside the compartment that can hold anyone's data.
-    assert_eq!(get(s, &a, "/Binary/bin-1").await, 404);
-    assert!(search(s, &a, "/Binary").await.is_empty());
+    assert_eq!(get(s, a, "/Binary/bin-1").await, 404);
+    assert!(search(s, a, "/Binary").await.is_empty());
     // Shared reference data stays readable.
-    assert_eq!(get(s, &a, "/Practitioner/pr-b").await, 200);
+    assert_eq!(get(s, a, "/Practitioner/pr-b").await, 200);
+}
 
-    // Searches are confined in the query: totals count only what is seen.
+/// Searches are confined in the query: totals count only what is seen.
+async fn searches_are_confined_in_the_query(s: &TestServer, a: &str) {
     let (_, b) = send(
         s,
-        &a,
+        a,
         M::GET,
         "/Patient?family=Sharedname&_total=accurate",
         None,
@@ -333,14 +346,14 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
         vec!["Patient/pa-enc", "Patient/pa-gp", "Patient/pa-team"]
     );
     assert_eq!(
-        search(s, &a, &format!("/Observation?code={LOINC_HR}")).await,
+        search(s, a, &format!("/Observation?code={LOINC_HR}")).await,
         vec!["Observation/obs-gp"]
     );
     // POST _search takes the same path.
     let r = s
         .http
         .post(s.url("/Observation/_search"))
-        .bearer_auth(&a)
+        .bearer_auth(a)
         .header("content-type", "application/x-www-form-urlencoded")
         .body("code=8867-4")
         .send()
@@ -352,32 +365,32 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     );
     // Includes, reverse includes, chains and _has see no further.
     assert_eq!(
-        search(s, &a, "/Observation?_include=Observation:subject").await,
+        search(s, a, "/Observation?_include=Observation:subject").await,
         vec!["Observation/obs-gp", "Patient/pa-gp"]
     );
     assert_eq!(
         search(
             s,
-            &a,
+            a,
             "/Patient?_id=pa-gp,pa-other&_revinclude=Observation:subject"
         )
         .await,
         vec!["Observation/obs-gp", "Patient/pa-gp"]
     );
     assert_eq!(
-        search(s, &a, "/Patient?_has:Observation:subject:code=8867-4").await,
+        search(s, a, "/Patient?_has:Observation:subject:code=8867-4").await,
         vec!["Patient/pa-gp"]
     );
     assert_eq!(
-        search(s, &a, "/Observation?subject:Patient.family=Sharedname").await,
+        search(s, a, "/Observation?subject:Patient.family=Sharedname").await,
         vec!["Observation/obs-gp"]
     );
     // Compartment search, $everything and history.
-    assert!(search(s, &a, "/Patient/pa-other/Observation")
+    assert!(search(s, a, "/Patient/pa-other/Observation")
         .await
         .is_empty());
-    assert_eq!(get(s, &a, "/Patient/pa-other/$everything").await, 404);
-    let every = search(s, &a, "/Patient/pa-gp/$everything").await;
+    assert_eq!(get(s, a, "/Patient/pa-other/$everything").await, 404);
+    let every = search(s, a, "/Patient/pa-gp/$everything").await;
     assert!(
         every.contains(&"Observation/obs-gp".to_owned()),
         "{every:?}"
@@ -386,13 +399,16 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
         !every.contains(&"Observation/obs-psy".to_owned()),
         "{every:?}"
     );
-    let hist = search(s, &a, "/Observation/_history").await;
+    let hist = search(s, a, "/Observation/_history").await;
     assert!(hist.iter().all(|i| i == "Observation/obs-gp"), "{hist:?}");
+}
 
-    // Writes: new content must be within reach; what a write replaces too.
+/// Writes: new content must be within reach; what a write replaces too.
+/// Returns the loader's token.
+async fn writes_need_reach(s: &TestServer, a: &str) -> String {
     let (st, _) = send(
         s,
-        &a,
+        a,
         M::POST,
         "/Observation",
         Some(&obs("x", "pa-other", None)),
@@ -401,7 +417,7 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     assert_eq!(st, 403);
     let (st, _) = send(
         s,
-        &a,
+        a,
         M::POST,
         "/Observation",
         Some(&obs("x", "pa-gp", None)),
@@ -410,20 +426,20 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     assert_eq!(st, 201);
     let (st, _) = send(
         s,
-        &a,
+        a,
         M::PUT,
         "/Observation/obs-other",
         Some(&obs("obs-other", "pa-gp", None)),
     )
     .await;
     assert_eq!(st, 404, "overwriting another patient's record");
-    let (st, _) = send(s, &a, M::DELETE, "/Observation/obs-other", None).await;
+    let (st, _) = send(s, a, M::DELETE, "/Observation/obs-other", None).await;
     assert_eq!(st, 404);
     // Conditional delete matches only what the caller sees (obs-gp and the
     // new one are theirs: two matches, 412; never obs-other).
     let (st, _) = send(
         s,
-        &a,
+        a,
         M::DELETE,
         "/Observation?subject=Patient/pa-other",
         None,
@@ -434,7 +450,7 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": obs("t1", "pa-gp", None), "request": {"method": "POST", "url": "Observation"}},
         {"resource": obs("t2", "pa-other", None), "request": {"method": "POST", "url": "Observation"}}]});
-    let (st, _) = send(s, &a, M::POST, "", Some(&tx)).await;
+    let (st, _) = send(s, a, M::POST, "", Some(&tx)).await;
     assert_eq!(st, 403);
     let l = loader(s);
     let (_, all) = send(s, &l, M::GET, "/Observation?_total=accurate", None).await;
@@ -447,8 +463,11 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
         200,
         "not deleted"
     );
+    l
+}
 
-    // Every refusal is in the audit log with its rule.
+/// Every refusal is in the audit log with its rule.
+async fn refusals_are_audited_with_their_rule(s: &TestServer) {
     s.state.audit.flush().await.unwrap();
     let rows = s
         .store
@@ -469,7 +488,11 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
         })
         .count();
     assert!(denied >= 3, "hidden reads are recorded as denials");
+}
 
+/// Through PractitionerRole and its organization; no linked practitioner;
+/// roles limited by type; the label permission; backend clients.
+async fn other_paths_to_a_patient(s: &TestServer) {
     // Through PractitionerRole and its organization.
     let b = user(
         s,
@@ -509,9 +532,11 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     let plain = s.token("system/*.rs").await;
     assert_eq!(get(s, &plain, "/Observation/obs-psy").await, 404);
     assert_eq!(get(s, &plain, "/Observation/obs-other").await, 200);
+}
 
-    // `phylax access explain`: the same decision, by rule, without data.
-    use phylax_server::rest::access_admin::{explain, parse_interaction, review, Subject};
+/// `phylax access explain`: the same decision, by rule, without data.
+async fn access_explain_gives_the_rule(s: &TestServer) {
+    use phylax_server::rest::access_admin::{explain, parse_interaction, Subject};
     let ex = |who: &'static str, rt: &'static str, id: &'static str, what: &'static str| async move {
         let subject = Subject::User {
             username: who.into(),
@@ -555,8 +580,11 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     )
     .await;
     assert!(e.is_err());
+}
 
-    // `phylax access review`: the front desk read once, nothing else.
+/// `phylax access review`: the front desk read once, nothing else.
+async fn access_review_finds_unused_grants(s: &TestServer) {
+    use phylax_server::rest::access_admin::review;
     let rows = review(&s.state, 90, chrono::Utc::now().timestamp_millis())
         .await
         .unwrap();
@@ -579,19 +607,21 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
     .await
     .unwrap();
     assert!(later.iter().filter(|r| r.kind == "user").all(|r| r.dormant));
+}
 
-    // A care relationship that starts applies within seconds; one that
-    // ends, too.
+/// A care relationship that starts applies within seconds; one that
+/// ends, too.
+async fn relationships_apply_within_seconds(s: &TestServer, a: &str, l: &str) {
     put(
         s,
-        &l,
+        l,
         json!({"resourceType": "CareTeam", "id": "ct-2",
         "subject": {"reference": "Patient/pa-other"},
         "participant": [{"member": {"reference": "Practitioner/pr-a"}}]}),
     )
     .await;
     let wait_for = |want: u16| {
-        let a = a.clone();
+        let a = a.to_owned();
         async move {
             for _ in 0..50 {
                 if get(s, &a, "/Patient/pa-other").await == want {
@@ -603,7 +633,7 @@ async fn care_relationships_decide_every_path(s: &TestServer) {
         }
     };
     assert!(wait_for(200).await, "new care team membership applies");
-    let (st, _) = send(s, &l, M::DELETE, "/CareTeam/ct-2", None).await;
+    let (st, _) = send(s, l, M::DELETE, "/CareTeam/ct-2", None).await;
     assert_eq!(st, 204);
     assert!(wait_for(404).await, "ended care team membership applies");
 }
@@ -621,27 +651,36 @@ async fn patients_reach_their_own_compartment(s: &TestServer) {
         None,
     )
     .await;
-    assert_eq!(get(s, &p, "/Patient/pa-gp").await, 200);
-    assert_eq!(get(s, &p, "/Patient/pa-other").await, 404);
+    patient_sees_only_their_compartment(s, &p).await;
+    let l = loader(s);
+    delegation_reaches_both_compartments(s, &p, &l).await;
+    related_person_with_consent_reaches(s, &l).await;
+}
+
+/// The patient's own compartment, labelled data included; nothing else,
+/// whatever the scopes.
+async fn patient_sees_only_their_compartment(s: &TestServer, p: &str) {
+    assert_eq!(get(s, p, "/Patient/pa-gp").await, 200);
+    assert_eq!(get(s, p, "/Patient/pa-other").await, 404);
     assert_eq!(
-        search(s, &p, "/Patient?family=Sharedname").await,
+        search(s, p, "/Patient?family=Sharedname").await,
         vec!["Patient/pa-gp"]
     );
     // Their own labelled data is theirs to see.
     assert_eq!(
-        search(s, &p, "/Observation").await,
+        search(s, p, "/Observation").await,
         vec!["Observation/obs-gp", "Observation/obs-psy"]
     );
-    assert_eq!(get(s, &p, "/Observation/obs-other").await, 404);
-    assert_eq!(get(s, &p, "/Patient/pa-gp/$everything").await, 200);
-    assert_eq!(get(s, &p, "/Patient/pa-other/$everything").await, 404);
-    assert_eq!(get(s, &p, "/Practitioner/pr-a").await, 200);
+    assert_eq!(get(s, p, "/Observation/obs-other").await, 404);
+    assert_eq!(get(s, p, "/Patient/pa-gp/$everything").await, 200);
+    assert_eq!(get(s, p, "/Patient/pa-other/$everything").await, 404);
+    assert_eq!(get(s, p, "/Practitioner/pr-a").await, 200);
     // Types that hold data outside any compartment; writes; system history.
-    assert_eq!(get(s, &p, "/Binary/bin-1").await, 403);
-    assert_eq!(get(s, &p, "/_history").await, 403);
+    assert_eq!(get(s, p, "/Binary/bin-1").await, 403);
+    assert_eq!(get(s, p, "/_history").await, 403);
     let (st, _) = send(
         s,
-        &p,
+        p,
         M::POST,
         "/Observation",
         Some(&obs("x", "pa-gp", None)),
@@ -659,13 +698,14 @@ async fn patients_reach_their_own_compartment(s: &TestServer) {
     );
     assert_eq!(get(s, &wide, "/Patient/pa-other").await, 404);
     assert_eq!(search(s, &wide, "/Patient").await, vec!["Patient/pa-gp"]);
+}
 
-    // Delegation: pa-team's consent permits pa-gp (say, a parent) to use
-    // pa-team's record; pa-gp's token then reaches both compartments.
-    let l = loader(s);
+/// Delegation: pa-team's consent permits pa-gp (say, a parent) to use
+/// pa-team's record; pa-gp's token then reaches both compartments.
+async fn delegation_reaches_both_compartments(s: &TestServer, p: &str, l: &str) {
     put(
         s,
-        &l,
+        l,
         consent(
             "c-del",
             "pa-team",
@@ -674,14 +714,14 @@ async fn patients_reach_their_own_compartment(s: &TestServer) {
         ),
     )
     .await;
-    put(s, &l, obs("obs-team", "pa-team", None)).await;
-    assert_eq!(get(s, &p, "/Patient/pa-team").await, 200);
-    assert_eq!(get(s, &p, "/Observation/obs-team").await, 200);
+    put(s, l, obs("obs-team", "pa-team", None)).await;
+    assert_eq!(get(s, p, "/Patient/pa-team").await, 200);
+    assert_eq!(get(s, p, "/Observation/obs-team").await, 200);
     assert_eq!(
-        search(s, &p, "/Patient?family=Sharedname").await,
+        search(s, p, "/Patient?family=Sharedname").await,
         vec!["Patient/pa-gp", "Patient/pa-team"]
     );
-    assert_eq!(get(s, &p, "/Patient/pa-other").await, 404);
+    assert_eq!(get(s, p, "/Patient/pa-other").await, 404);
     // Not the other way round.
     let child = user(
         s,
@@ -695,12 +735,14 @@ async fn patients_reach_their_own_compartment(s: &TestServer) {
     .await;
     assert_eq!(get(s, &child, "/Patient/pa-gp").await, 404);
     // Revoked: gone at once.
-    let (st, _) = send(s, &l, M::DELETE, "/Consent/c-del", None).await;
+    let (st, _) = send(s, l, M::DELETE, "/Consent/c-del", None).await;
     assert_eq!(st, 204);
-    assert_eq!(get(s, &p, "/Patient/pa-team").await, 404);
+    assert_eq!(get(s, p, "/Patient/pa-team").await, 404);
+}
 
-    // Through a RelatedPerson: pa-enc's holder is, as a Person, also
-    // RelatedPerson rp-1 of pa-team; pa-team's consent names rp-1.
+/// Through a RelatedPerson: pa-enc's holder is, as a Person, also
+/// RelatedPerson rp-1 of pa-team; pa-team's consent names rp-1.
+async fn related_person_with_consent_reaches(s: &TestServer, l: &str) {
     let mum = user(
         s,
         "mum",
@@ -714,26 +756,26 @@ async fn patients_reach_their_own_compartment(s: &TestServer) {
     assert_eq!(get(s, &mum, "/Patient/pa-team").await, 404);
     put(
         s,
-        &l,
+        l,
         json!({"resourceType": "RelatedPerson", "id": "rp-1",
         "patient": {"reference": "Patient/pa-team"}}),
     )
     .await;
     put(
         s,
-        &l,
+        l,
         json!({"resourceType": "Person", "id": "pe-1", "link": [
         {"target": {"reference": "Patient/pa-enc"}},
         {"target": {"reference": "RelatedPerson/rp-1"}}]}),
     )
     .await;
-    put(s, &l, consent("c-rp", "pa-team", json!({"type": "permit",
+    put(s, l, consent("c-rp", "pa-team", json!({"type": "permit",
         "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "MTH"}]},
             "reference": {"reference": "RelatedPerson/rp-1"}}]}))).await;
     assert_eq!(get(s, &mum, "/Patient/pa-team").await, 200);
     assert_eq!(get(s, &mum, "/Observation/obs-team").await, 200);
     // The RelatedPerson alone (no consent) grants nothing.
-    let (st, _) = send(s, &l, M::DELETE, "/Consent/c-rp", None).await;
+    let (st, _) = send(s, l, M::DELETE, "/Consent/c-rp", None).await;
     assert_eq!(st, 204);
     assert_eq!(get(s, &mum, "/Patient/pa-team").await, 404);
 }
@@ -741,6 +783,15 @@ async fn patients_reach_their_own_compartment(s: &TestServer) {
 on_both!(break_the_glass);
 async fn break_the_glass(s: &TestServer) {
     load(s).await;
+    glass_breaks_with_fresh_factor_reason_and_role(s).await;
+    let open = grant_is_recorded_alerted_and_queued(s).await;
+    review_is_closed_by_an_auditor_once(s, &open).await;
+    expired_grant_gives_nothing(s).await;
+}
+
+/// Breaking the glass needs a recent second factor, a reason, a listed
+/// purpose and a role that may; then it opens this patient only.
+async fn glass_breaks_with_fresh_factor_reason_and_role(s: &TestServer) {
     let btg = |tok: String, body: Value| async move {
         send(
             s,
@@ -819,9 +870,14 @@ async fn break_the_glass(s: &TestServer) {
         "not another patient's label"
     );
     assert_eq!(get(s, &a, "/Patient/pa-org").await, 404);
+}
 
-    // Recorded: the grant (purpose, patient), the alert, and the access
-    // made under it (purpose of use BTG). The reason stays out of the log.
+/// Recorded: the grant (purpose, patient), the alert, and the access
+/// made under it (purpose of use BTG). The reason stays out of the log.
+/// Returns the open review queue.
+async fn grant_is_recorded_alerted_and_queued(
+    s: &TestServer,
+) -> Vec<phylax_store::BreakGlassRecord> {
     let events = |subtype: &'static str| async move {
         s.state.audit.flush().await.unwrap();
         let rows = s
@@ -869,8 +925,14 @@ async fn break_the_glass(s: &TestServer) {
         .unwrap();
     assert_eq!(d.patient, "pa-other");
     assert!(d.reason.contains("unconscious"));
+    open
+}
 
-    // Closing the review: auditors only, with a note, once.
+/// Closing the review: auditors only, with a note, once.
+async fn review_is_closed_by_an_auditor_once(
+    s: &TestServer,
+    open: &[phylax_store::BreakGlassRecord],
+) {
     use phylax_server::access::break_glass::{close, queue, ReviewError};
     let gid = open[0].id.clone();
     user(s, "aud", "auditor", None, None, "user/AuditEvent.rs", None).await;
@@ -908,8 +970,10 @@ async fn break_the_glass(s: &TestServer) {
         let e = s.try_sql(&sql).await.unwrap_err();
         assert!(e.contains("kept"), "{sql}: {e}");
     }
+}
 
-    // An expired grant gives nothing: a fresh user with only a past grant.
+/// An expired grant gives nothing: a fresh user with only a past grant.
+async fn expired_grant_gives_nothing(s: &TestServer) {
     let c = user(
         s,
         "dr.c",
@@ -975,15 +1039,32 @@ async fn consents_deny_actors_purposes_and_everyone(s: &TestServer) {
     .await;
     assert_eq!(get(s, &a, "/Patient/pa-gp").await, 200);
     assert_eq!(get(s, &res, "/Observation/obs-other").await, 200);
+    let w = Tokens { l, a, b, res, pat };
+    consents_apply_at_once(s, &w).await;
+    break_the_glass_overrides_a_denial(s).await;
+    revoking_a_consent_restores_access(s, &w).await;
+    consent_from_another_node_applies(s, &w).await;
+}
 
-    // pa-gp denies Dr A by name; pa-other denies research use; pa-org
-    // denies every requester.
-    put(s, &l, consent("c-1", "pa-gp", json!({"type": "permit", "provision": [
+/// The tokens of [`consents_deny_actors_purposes_and_everyone`].
+struct Tokens {
+    l: String,
+    a: String,
+    b: String,
+    res: String,
+    pat: String,
+}
+
+/// pa-gp denies Dr A by name; pa-other denies research use; pa-org
+/// denies every requester: applied at once on the node that took the write.
+async fn consents_apply_at_once(s: &TestServer, w: &Tokens) {
+    let Tokens { l, a, b, res, pat } = w;
+    put(s, l, consent("c-1", "pa-gp", json!({"type": "permit", "provision": [
         {"type": "deny", "actor": [{"role": {"coding": [{"code": "PRCP"}]}, "reference": {"reference": "Practitioner/pr-a"}}]}]})))
     .await;
     put(
         s,
-        &l,
+        l,
         consent(
             "c-2",
             "pa-other",
@@ -992,23 +1073,23 @@ async fn consents_deny_actors_purposes_and_everyone(s: &TestServer) {
         ),
     )
     .await;
-    put(s, &l, consent("c-3", "pa-org", json!({"type": "deny"}))).await;
+    put(s, l, consent("c-3", "pa-org", json!({"type": "deny"}))).await;
 
     // Applied at once on the node that took the write.
-    assert_eq!(get(s, &a, "/Patient/pa-gp").await, 404);
-    assert_eq!(get(s, &a, "/Observation/obs-gp").await, 404);
+    assert_eq!(get(s, a, "/Patient/pa-gp").await, 404);
+    assert_eq!(get(s, a, "/Observation/obs-gp").await, 404);
     assert_eq!(
-        search(s, &a, "/Patient?family=Sharedname").await,
+        search(s, a, "/Patient?family=Sharedname").await,
         vec!["Patient/pa-enc", "Patient/pa-team"]
     );
-    assert!(search(s, &a, &format!("/Observation?code={LOINC_HR}"))
+    assert!(search(s, a, &format!("/Observation?code={LOINC_HR}"))
         .await
         .is_empty());
-    assert_eq!(get(s, &a, "/Patient/pa-gp/$everything").await, 404);
+    assert_eq!(get(s, a, "/Patient/pa-gp/$everything").await, 404);
     // Writing is upkeep, not disclosure: still allowed where reach allows.
     let (st, _) = send(
         s,
-        &a,
+        a,
         M::POST,
         "/Observation",
         Some(&obs("n", "pa-gp", None)),
@@ -1018,19 +1099,21 @@ async fn consents_deny_actors_purposes_and_everyone(s: &TestServer) {
     // Another actor, another purpose, the patient: unaffected.
     let fd = user(s, "desk", "front-desk", None, None, "user/*.rs", None).await;
     assert_eq!(get(s, &fd, "/Patient/pa-gp").await, 200);
-    assert_eq!(get(s, &pat, "/Patient/pa-gp").await, 200);
-    assert_eq!(get(s, &pat, "/Observation/obs-gp").await, 200);
+    assert_eq!(get(s, pat, "/Patient/pa-gp").await, 200);
+    assert_eq!(get(s, pat, "/Observation/obs-gp").await, 200);
     // Purpose: no research use of pa-other, treatment unaffected.
-    assert_eq!(get(s, &res, "/Observation/obs-other").await, 404);
-    assert_eq!(get(s, &res, "/Observation/obs-gp").await, 200);
+    assert_eq!(get(s, res, "/Observation/obs-other").await, 404);
+    assert_eq!(get(s, res, "/Observation/obs-gp").await, 200);
     // Everyone: Dr B (who cares for pa-org), the front desk and clients.
-    assert_eq!(get(s, &b, "/Patient/pa-org").await, 404);
+    assert_eq!(get(s, b, "/Patient/pa-org").await, 404);
     assert_eq!(get(s, &fd, "/Patient/pa-org").await, 404);
-    assert_eq!(get(s, &l, "/Patient/pa-org").await, 404);
-    let (_, all) = send(s, &l, M::GET, "/Patient?_total=accurate", None).await;
+    assert_eq!(get(s, l, "/Patient/pa-org").await, 404);
+    let (_, all) = send(s, l, M::GET, "/Patient?_total=accurate", None).await;
     assert_eq!(all["total"], 4, "{all}");
+}
 
-    // Break-the-glass overrides a consent denial, and is marked.
+/// Break-the-glass overrides a consent denial, and is marked.
+async fn break_the_glass_overrides_a_denial(s: &TestServer) {
     let id = s.state.accounts.find("dr.a").await.unwrap().unwrap().rec.id;
     let fresh = token_for(s, &id, "clinician", None, "user/*.cruds", Some(10));
     let (st, _) = send(s, &fresh, M::POST, "/Patient/pa-gp/$break-the-glass", Some(&json!({
@@ -1038,23 +1121,29 @@ async fn consents_deny_actors_purposes_and_everyone(s: &TestServer) {
     .await;
     assert_eq!(st, 200);
     assert_eq!(get(s, &fresh, "/Patient/pa-gp").await, 200);
+}
 
-    // Revoking a consent (status inactive) restores access at once.
+/// Revoking a consent (status inactive) restores access at once.
+async fn revoking_a_consent_restores_access(s: &TestServer, w: &Tokens) {
+    let Tokens { l, b, res, .. } = w;
     let mut c3 = consent("c-3", "pa-org", json!({"type": "deny"}));
     c3["status"] = json!("inactive");
-    put(s, &l, c3).await;
-    assert_eq!(get(s, &b, "/Patient/pa-org").await, 200);
+    put(s, l, c3).await;
+    assert_eq!(get(s, b, "/Patient/pa-org").await, 200);
     // So does deleting one.
-    let (st, _) = send(s, &l, M::DELETE, "/Consent/c-2", None).await;
+    let (st, _) = send(s, l, M::DELETE, "/Consent/c-2", None).await;
     assert_eq!(st, 204);
-    assert_eq!(get(s, &res, "/Observation/obs-other").await, 200);
+    assert_eq!(get(s, res, "/Observation/obs-other").await, 200);
+}
 
-    // A consent written through another node applies here within seconds.
+/// A consent written through another node applies here within seconds.
+async fn consent_from_another_node_applies(s: &TestServer, w: &Tokens) {
+    let Tokens { l, a, .. } = w;
     let (node2, _stop) = s.second_node().await;
     let r = s
         .http
         .put(format!("{node2}/Consent/c-4"))
-        .bearer_auth(&l)
+        .bearer_auth(l)
         .header("content-type", "application/fhir+json")
         .body(consent("c-4", "pa-enc", json!({"type": "deny"})).to_string())
         .send()
@@ -1063,7 +1152,7 @@ async fn consents_deny_actors_purposes_and_everyone(s: &TestServer) {
     assert_eq!(r.status(), 201);
     let mut hidden = false;
     for _ in 0..40 {
-        if get(s, &a, "/Patient/pa-enc").await == 404 {
+        if get(s, a, "/Patient/pa-enc").await == 404 {
             hidden = true;
             break;
         }
@@ -1275,18 +1364,7 @@ fn patient_param(t: &str) -> &'static str {
 on_both!(documented_matrix);
 async fn documented_matrix(s: &TestServer) {
     let l = loader(s);
-    put(
-        s,
-        &l,
-        json!({"resourceType": "Organization", "id": "org-pay"}),
-    )
-    .await;
-    put(s, &l, json!({"resourceType": "Practitioner", "id": "pr-m"})).await;
-    for t in ["Patient", "Observation", "Condition", "Coverage", "Claim"] {
-        let mut r = template(t);
-        r["id"] = json!(anchor(t));
-        put(s, &l, r).await;
-    }
+    load_matrix_anchors(s, &l).await;
     // An audit record to read.
     s.state.audit.flush().await.unwrap();
     let audit_id = s
@@ -1305,21 +1383,7 @@ async fn documented_matrix(s: &TestServer) {
     let mut checked = 0;
     for (role, t, cols) in &cells {
         if !tokens.contains_key(role) {
-            let tok = if role == "patient" {
-                user(
-                    s,
-                    "m-patient",
-                    "patient",
-                    None,
-                    Some("pm"),
-                    "patient/*.cruds",
-                    None,
-                )
-                .await
-            } else {
-                let name = format!("m-{role}");
-                user(s, &name, role, Some("pr-m"), None, "user/*.cruds", None).await
-            };
+            let tok = matrix_token(s, role).await;
             tokens.insert(role.clone(), tok);
         }
         let tok = tokens[role].clone();
@@ -1328,7 +1392,6 @@ async fn documented_matrix(s: &TestServer) {
         } else {
             anchor(t)
         };
-        let me = format!("{t}/{id}");
         for (col, want) in cols {
             if want == "-" {
                 continue;
@@ -1338,89 +1401,124 @@ async fn documented_matrix(s: &TestServer) {
                 "no" => false,
                 other => panic!("cell {role} {t} {col}: {other}"),
             };
-            let has = |b: &Value| ids(b).contains(&me);
-            let got = match col.as_str() {
-                "read" => get(s, &tok, &format!("/{me}")).await == 200,
-                "history" => {
-                    let (st, b) = send(s, &tok, M::GET, &format!("/{me}/_history"), None).await;
-                    st == 200 && !ids(&b).is_empty()
-                }
-                "search" => {
-                    let (st, b) = send(s, &tok, M::GET, &format!("/{t}?_id={id}"), None).await;
-                    st == 200 && has(&b)
-                }
-                "create" => {
-                    let (st, _) =
-                        send(s, &tok, M::POST, &format!("/{t}"), Some(&template(t))).await;
-                    st == 201
-                }
-                "update" => {
-                    // Re-read by the loader so the update carries the id.
-                    let (_, mut cur) = send(s, &l, M::GET, &format!("/{me}"), None).await;
-                    if cur.is_null() || t == "AuditEvent" {
-                        cur = json!({"resourceType": t, "id": id});
-                    }
-                    let (st, _) = send(s, &tok, M::PUT, &format!("/{me}"), Some(&cur)).await;
-                    st == 200
-                }
-                "delete" => {
-                    // A disposable copy, so the anchors stay.
-                    let (st, made) =
-                        send(s, &l, M::POST, &format!("/{t}"), Some(&template(t))).await;
-                    let victim = if st == 201 {
-                        made["id"].as_str().unwrap().to_owned()
-                    } else {
-                        id.to_owned()
-                    };
-                    let (st, _) = send(s, &tok, M::DELETE, &format!("/{t}/{victim}"), None).await;
-                    st == 204
-                }
-                "include" => {
-                    let path = match t.as_str() {
-                        "Patient" => {
-                            "/Observation?_id=obs-m&_include=Observation:subject".to_owned()
-                        }
-                        "Practitioner" => {
-                            "/Patient?_id=pm&_include=Patient:general-practitioner".to_owned()
-                        }
-                        _ => format!("/Patient?_id=pm&_revinclude={t}:{}", patient_param(t)),
-                    };
-                    let (st, b) = send(s, &tok, M::GET, &path, None).await;
-                    st == 200 && has(&b)
-                }
-                "_has" => {
-                    let (path, found) = match t.as_str() {
-                        "Patient" => (
-                            "/Practitioner?_id=pr-m&_has:Patient:general-practitioner:_id=pm"
-                                .to_owned(),
-                            "Practitioner/pr-m",
-                        ),
-                        _ => (
-                            format!("/Patient?_id=pm&_has:{t}:{}:_id={id}", patient_param(t)),
-                            "Patient/pm",
-                        ),
-                    };
-                    let (st, b) = send(s, &tok, M::GET, &path, None).await;
-                    st == 200 && ids(&b).contains(&found.to_owned())
-                }
-                "transaction" => {
-                    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
-                        {"resource": template(t), "request": {"method": "POST", "url": t}}]});
-                    let (st, _) = send(s, &tok, M::POST, "", Some(&tx)).await;
-                    st == 200
-                }
-                "$everything" => {
-                    let (st, b) =
-                        send(s, &tok, M::GET, "/Patient/pm/$everything?_count=500", None).await;
-                    st == 200 && has(&b)
-                }
-                other => panic!("unknown column {other}"),
-            };
+            let got = matrix_cell(s, &l, &tok, t, id, col).await;
             assert_eq!(got, want, "{role} × {t} × {col}");
             checked += 1;
         }
     }
     assert!(checked > 500, "{checked} cells");
+}
+
+/// The matrix's anchors: a patient, their data, a payer, a practitioner.
+async fn load_matrix_anchors(s: &TestServer, l: &str) {
+    put(
+        s,
+        l,
+        json!({"resourceType": "Organization", "id": "org-pay"}),
+    )
+    .await;
+    put(s, l, json!({"resourceType": "Practitioner", "id": "pr-m"})).await;
+    for t in ["Patient", "Observation", "Condition", "Coverage", "Claim"] {
+        let mut r = template(t);
+        r["id"] = json!(anchor(t));
+        put(s, l, r).await;
+    }
+}
+
+/// A user in `role` (linked to pr-m, or the patient pm) and their token.
+async fn matrix_token(s: &TestServer, role: &str) -> String {
+    if role == "patient" {
+        user(
+            s,
+            "m-patient",
+            "patient",
+            None,
+            Some("pm"),
+            "patient/*.cruds",
+            None,
+        )
+        .await
+    } else {
+        let name = format!("m-{role}");
+        user(s, &name, role, Some("pr-m"), None, "user/*.cruds", None).await
+    }
+}
+
+/// One cell: whether `tok` can do interaction `col` on `t`'s anchor `id`.
+async fn matrix_cell(s: &TestServer, l: &str, tok: &str, t: &str, id: &str, col: &str) -> bool {
+    let me = format!("{t}/{id}");
+    let has = |b: &Value| ids(b).contains(&me);
+    match col {
+        "read" => get(s, tok, &format!("/{me}")).await == 200,
+        "history" => {
+            let (st, b) = send(s, tok, M::GET, &format!("/{me}/_history"), None).await;
+            st == 200 && !ids(&b).is_empty()
+        }
+        "search" => {
+            let (st, b) = send(s, tok, M::GET, &format!("/{t}?_id={id}"), None).await;
+            st == 200 && has(&b)
+        }
+        "create" => {
+            let (st, _) = send(s, tok, M::POST, &format!("/{t}"), Some(&template(t))).await;
+            st == 201
+        }
+        "update" => {
+            // Re-read by the loader so the update carries the id.
+            let (_, mut cur) = send(s, l, M::GET, &format!("/{me}"), None).await;
+            if cur.is_null() || t == "AuditEvent" {
+                cur = json!({"resourceType": t, "id": id});
+            }
+            let (st, _) = send(s, tok, M::PUT, &format!("/{me}"), Some(&cur)).await;
+            st == 200
+        }
+        "delete" => {
+            // A disposable copy, so the anchors stay.
+            let (st, made) = send(s, l, M::POST, &format!("/{t}"), Some(&template(t))).await;
+            let victim = if st == 201 {
+                made["id"].as_str().unwrap().to_owned()
+            } else {
+                id.to_owned()
+            };
+            let (st, _) = send(s, tok, M::DELETE, &format!("/{t}/{victim}"), None).await;
+            st == 204
+        }
+        "include" => {
+            let path = match t {
+                "Patient" => "/Observation?_id=obs-m&_include=Observation:subject".to_owned(),
+                "Practitioner" => {
+                    "/Patient?_id=pm&_include=Patient:general-practitioner".to_owned()
+                }
+                _ => format!("/Patient?_id=pm&_revinclude={t}:{}", patient_param(t)),
+            };
+            let (st, b) = send(s, tok, M::GET, &path, None).await;
+            st == 200 && has(&b)
+        }
+        "_has" => {
+            let (path, found) = match t {
+                "Patient" => (
+                    "/Practitioner?_id=pr-m&_has:Patient:general-practitioner:_id=pm".to_owned(),
+                    "Practitioner/pr-m",
+                ),
+                _ => (
+                    format!("/Patient?_id=pm&_has:{t}:{}:_id={id}", patient_param(t)),
+                    "Patient/pm",
+                ),
+            };
+            let (st, b) = send(s, tok, M::GET, &path, None).await;
+            st == 200 && ids(&b).contains(&found.to_owned())
+        }
+        "transaction" => {
+            let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                        {"resource": template(t), "request": {"method": "POST", "url": t}}]});
+            let (st, _) = send(s, tok, M::POST, "", Some(&tx)).await;
+            st == 200
+        }
+        "$everything" => {
+            let (st, b) = send(s, tok, M::GET, "/Patient/pm/$everything?_count=500", None).await;
+            st == 200 && has(&b)
+        }
+        other => panic!("unknown column {other}"),
+    }
 }
 
 /// Alerts in the audit log whose text starts with `rule`.
@@ -1646,12 +1744,31 @@ async fn insiders_cannot_widen_their_reach(s: &TestServer) {
     let me = "Practitioner/pr-a";
     let victim = "Patient/pa-other";
     let absolute = format!("{}/{victim}", s.fhir);
-    let obs_of = |subject: &str, performer: &str| {
-        json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
-            "subject": {"reference": subject}, "performer": [{"reference": performer}]})
-    };
     // (what, method, path, body, expected status)
-    let attacks: Vec<(&str, M, String, Value, u16)> = vec![
+    let attacks: Vec<Attack> = [
+        relationship_attacks(me, victim),
+        record_attacks(me, victim, &absolute),
+    ]
+    .concat();
+    attacks_are_refused_alone_and_in_transactions(s, &l, &a, &attacks).await;
+    recreating_a_deleted_patient_is_refused(s, &l, &a, me).await;
+    hidden_and_missing_answer_alike(s, &a, me).await;
+    writes_naming_nobody_else_work(s, &a, me).await;
+    the_victim_stays_unreachable(s, &l, &a).await;
+}
+
+/// An insider's write: (what, method, path, body, expected status).
+type Attack = (&'static str, M, String, Value, u16);
+
+/// An Observation about `subject`, performed by `performer`.
+fn obs_of(subject: &str, performer: &str) -> Value {
+    json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": subject}, "performer": [{"reference": performer}]})
+}
+
+/// Writes that would make a care relationship with the victim.
+fn relationship_attacks(me: &str, victim: &str) -> Vec<Attack> {
+    vec![
         (
             "care team naming myself and the victim",
             M::POST,
@@ -1742,6 +1859,12 @@ async fn insiders_cannot_widen_their_reach(s: &TestServer) {
             json!({"resourceType": "Person", "link": [{"target": {"reference": victim}}]}),
             403,
         ),
+    ]
+}
+
+/// Writes that would reach the victim's record some other way.
+fn record_attacks(me: &str, victim: &str, absolute: &str) -> Vec<Attack> {
+    vec![
         (
             "a patient I register as my own (self-registration off)",
             M::POST,
@@ -1777,7 +1900,7 @@ async fn insiders_cannot_widen_their_reach(s: &TestServer) {
             "the victim by an absolute reference",
             M::POST,
             "/Observation".into(),
-            obs_of("Patient/pa-gp", &absolute),
+            obs_of("Patient/pa-gp", absolute),
             403,
         ),
         (
@@ -1807,17 +1930,26 @@ async fn insiders_cannot_widen_their_reach(s: &TestServer) {
             ),
             404,
         ),
-    ];
+    ]
+}
+
+/// Each attack is refused, alone and inside a transaction.
+async fn attacks_are_refused_alone_and_in_transactions(
+    s: &TestServer,
+    l: &str,
+    a: &str,
+    attacks: &[Attack],
+) {
     // enc-2: an encounter of a reached patient without participants.
     put(
         s,
-        &l,
+        l,
         json!({"resourceType": "Encounter", "id": "enc-2", "status": "finished",
             "class": {"code": "AMB"}, "subject": {"reference": "Patient/pa-gp"}}),
     )
     .await;
-    for (what, m, path, body, want) in &attacks {
-        let (st, b) = send(s, &a, m.clone(), path, Some(body)).await;
+    for (what, m, path, body, want) in attacks {
+        let (st, b) = send(s, a, m.clone(), path, Some(body)).await;
         assert_eq!(st, *want, "{what}: {b}");
         assert_eq!(b["resourceType"], "OperationOutcome", "{what}");
         // The same inside a transaction: refused, nothing stored.
@@ -1825,19 +1957,19 @@ async fn insiders_cannot_widen_their_reach(s: &TestServer) {
         let url = path.trim_start_matches('/');
         let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
             {"resource": body, "request": {"method": method, "url": url}}]});
-        let (st, b) = send(s, &a, M::POST, "", Some(&tx)).await;
+        let (st, b) = send(s, a, M::POST, "", Some(&tx)).await;
         assert_eq!(st, *want, "{what} (transaction): {b}");
     }
-    // A deleted patient, recreated naming myself: refused like any id I
-    // cannot see.
-    put(s, &l, patient("pa-gone", json!({}))).await;
-    assert_eq!(
-        send(s, &l, M::DELETE, "/Patient/pa-gone", None).await.0,
-        204
-    );
+}
+
+/// A deleted patient, recreated naming myself: refused like any id I
+/// cannot see.
+async fn recreating_a_deleted_patient_is_refused(s: &TestServer, l: &str, a: &str, me: &str) {
+    put(s, l, patient("pa-gone", json!({}))).await;
+    assert_eq!(send(s, l, M::DELETE, "/Patient/pa-gone", None).await.0, 204);
     let (st, _) = send(
         s,
-        &a,
+        a,
         M::PUT,
         "/Patient/pa-gone",
         Some(&patient(
@@ -1847,11 +1979,16 @@ async fn insiders_cannot_widen_their_reach(s: &TestServer) {
     )
     .await;
     assert_eq!(st, 404, "recreating a deleted patient as my own");
+}
+
+/// Deleting, and conditional updates that select nothing: hidden and
+/// missing resources answer alike.
+async fn hidden_and_missing_answer_alike(s: &TestServer, a: &str, me: &str) {
     // Deleting: a hidden live resource, a hidden deleted one and an id that
     // never existed answer alike.
     let mut answers = Vec::new();
     for id in ["pa-other", "pa-gone", "never-existed"] {
-        let (st, b) = send(s, &a, M::DELETE, &format!("/Patient/{id}"), None).await;
+        let (st, b) = send(s, a, M::DELETE, &format!("/Patient/{id}"), None).await;
         answers.push((st, b["issue"].clone()));
     }
     assert!(answers.iter().all(|x| *x == answers[0]), "{answers:?}");
@@ -1864,7 +2001,7 @@ async fn insiders_cannot_widen_their_reach(s: &TestServer) {
         o["id"] = json!(id);
         let (st, b) = send(
             s,
-            &a,
+            a,
             M::PUT,
             "/Observation?identifier=urn:x|nomatch",
             Some(&o),
@@ -1874,34 +2011,40 @@ async fn insiders_cannot_widen_their_reach(s: &TestServer) {
     }
     assert!(cond.iter().all(|x| *x == cond[0]), "{cond:?}");
     assert_eq!(cond[0].0, 404);
-    // Writes into reached records that name nobody else still work; my
-    // own encounter's other elements remain mine to update.
+}
+
+/// Writes into reached records that name nobody else still work; my
+/// own encounter's other elements remain mine to update.
+async fn writes_naming_nobody_else_work(s: &TestServer, a: &str, me: &str) {
     let (st, b) = send(
         s,
-        &a,
+        a,
         M::POST,
         "/Observation",
         Some(&obs_of("Patient/pa-gp", me)),
     )
     .await;
     assert_eq!(st, 201, "{b}");
-    let (_, mut enc) = send(s, &a, M::GET, "/Encounter/enc-1", None).await;
+    let (_, mut enc) = send(s, a, M::GET, "/Encounter/enc-1", None).await;
     enc["status"] = json!("cancelled");
     assert_eq!(
-        send(s, &a, M::PUT, "/Encounter/enc-1", Some(&enc)).await.0,
+        send(s, a, M::PUT, "/Encounter/enc-1", Some(&enc)).await.0,
         200
     );
-    // After every attempt (and past the care cache), the victim is as
-    // unreachable as before, and nothing names them.
+}
+
+/// After every attempt (and past the care cache), the victim is as
+/// unreachable as before, and nothing names them.
+async fn the_victim_stays_unreachable(s: &TestServer, l: &str, a: &str) {
     tokio::time::sleep(std::time::Duration::from_millis(5_100)).await;
     for p in ["pa-other", "pa-org", "pa-mine", "pa-gone"] {
-        assert_eq!(get(s, &a, &format!("/Patient/{p}")).await, 404, "{p}");
+        assert_eq!(get(s, a, &format!("/Patient/{p}")).await, 404, "{p}");
     }
-    assert_eq!(get(s, &a, "/Observation/obs-other").await, 404);
-    assert!(search(s, &a, "/Observation?subject=Patient/pa-other")
+    assert_eq!(get(s, a, "/Observation/obs-other").await, 404);
+    assert!(search(s, a, "/Observation?subject=Patient/pa-other")
         .await
         .is_empty());
-    let all = search(s, &l, "/Observation?subject=Patient/pa-other&_count=100").await;
+    let all = search(s, l, "/Observation?subject=Patient/pa-other&_count=100").await;
     assert_eq!(
         all,
         vec!["Observation/obs-other", "Observation/obs-other-psy"]
@@ -1915,7 +2058,7 @@ async fn insiders_cannot_widen_their_reach(s: &TestServer) {
         "Consent",
         "Person",
     ] {
-        let n = search(s, &l, &format!("/{t}?_count=100")).await.len();
+        let n = search(s, l, &format!("/{t}?_count=100")).await.len();
         let before = match t {
             "CareTeam" | "PractitionerRole" => 1,
             _ => 0,

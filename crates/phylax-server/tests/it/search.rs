@@ -61,14 +61,31 @@ fn sorted(mut v: Vec<&String>) -> Vec<String> {
 both!(patient_demographics_search_blind);
 async fn patient_demographics_search_blind(s: &TestServer) {
     let tok = s.token("system/*.cruds").await;
-    let a = create(s, &tok, json!({"resourceType":"Patient","gender":"female","birthDate":"1970-05-06",
+    let p = demographics_patients(s, &tok).await;
+    strings_match_prefix_case_and_accents(s, &tok, &p).await;
+    tokens_match_system_and_code(s, &tok, &p).await;
+    birth_dates_are_blind(s, &tok, &p).await;
+    id_and_last_updated(s, &tok, &p).await;
+    updates_and_deletes_move_results(s, &tok, &p).await;
+}
+
+/// The patients of [`patient_demographics_search_blind`].
+struct Patients {
+    a: String,
+    b: String,
+    c: String,
+}
+
+/// Anna Müller-Brandt, Ben Mueller and Zoë Smith.
+async fn demographics_patients(s: &TestServer, tok: &str) -> Patients {
+    let a = create(s, tok, json!({"resourceType":"Patient","gender":"female","birthDate":"1970-05-06",
         "name":[{"family":"Müller-Brandt","given":["Anna","Sophie"]}],
         "identifier":[{"system":"urn:mrn","value":"A-1"}],
         "telecom":[{"system":"phone","value":"555-0101"},{"system":"email","value":"anna@example.org"}],
         "address":[{"line":["1 Elm Street"],"city":"Springfield"}]})).await;
     let b = create(
         s,
-        &tok,
+        tok,
         json!({"resourceType":"Patient","gender":"male","birthDate":"1970-11",
         "name":[{"family":"Mueller","given":["Ben"]}],
         "identifier":[{"system":"urn:other","value":"A-1"}],
@@ -77,130 +94,140 @@ async fn patient_demographics_search_blind(s: &TestServer) {
     .await;
     let c = create(
         s,
-        &tok,
+        tok,
         json!({"resourceType":"Patient","gender":"female","birthDate":"1985",
         "name":[{"family":"Smith","given":["Zoë"]}]}),
     )
     .await;
-    // Strings: prefix, case- and accent-insensitive; :exact.
-    assert_eq!(ids(s, &tok, "/Patient?family=mul").await, vec![a.clone()]);
+    Patients { a, b, c }
+}
+
+/// Strings: prefix, case- and accent-insensitive; :exact.
+async fn strings_match_prefix_case_and_accents(s: &TestServer, tok: &str, p: &Patients) {
+    let Patients { a, b, c } = p;
+    assert_eq!(ids(s, tok, "/Patient?family=mul").await, vec![a.clone()]);
     assert_eq!(
-        ids(s, &tok, "/Patient?family=MÜLLER-br").await,
+        ids(s, tok, "/Patient?family=MÜLLER-br").await,
+        vec![a.clone()]
+    );
+    assert_eq!(ids(s, tok, "/Patient?family=mu").await, sorted(vec![a, b]));
+    assert_eq!(
+        ids(s, tok, "/Patient?family:exact=M%C3%BCller-Brandt").await,
         vec![a.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?family=mu").await,
-        sorted(vec![&a, &b])
-    );
-    assert_eq!(
-        ids(s, &tok, "/Patient?family:exact=M%C3%BCller-Brandt").await,
-        vec![a.clone()]
-    );
-    assert_eq!(
-        ids(s, &tok, "/Patient?family:exact=m%C3%BCller-brandt").await,
+        ids(s, tok, "/Patient?family:exact=m%C3%BCller-brandt").await,
         Vec::<String>::new()
     );
-    assert_eq!(ids(s, &tok, "/Patient?given=zoe").await, vec![c.clone()]);
-    assert_eq!(ids(s, &tok, "/Patient?name=soph").await, vec![a.clone()]);
+    assert_eq!(ids(s, tok, "/Patient?given=zoe").await, vec![c.clone()]);
+    assert_eq!(ids(s, tok, "/Patient?name=soph").await, vec![a.clone()]);
     // `name` finds family and given names (stored once, under those
     // parameters) as well as name parts only `name` covers.
-    assert_eq!(ids(s, &tok, "/Patient?name=smi").await, vec![c.clone()]);
+    assert_eq!(ids(s, tok, "/Patient?name=smi").await, vec![c.clone()]);
     assert_eq!(
-        ids(s, &tok, "/Patient?name:exact=Ben").await,
+        ids(s, tok, "/Patient?name:exact=Ben").await,
         vec![b.clone()]
     );
-    assert_eq!(ids(s, &tok, "/Patient?name:missing=false").await.len(), 3);
-    assert_eq!(ids(s, &tok, "/Patient?name:missing=true").await.len(), 0);
+    assert_eq!(ids(s, tok, "/Patient?name:missing=false").await.len(), 3);
+    assert_eq!(ids(s, tok, "/Patient?name:missing=true").await.len(), 0);
     assert_eq!(
-        ids(s, &tok, "/Patient?address=shelby").await,
+        ids(s, tok, "/Patient?address=shelby").await,
         vec![b.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?address:missing=true").await,
+        ids(s, tok, "/Patient?address:missing=true").await,
         vec![c.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?address-city=spring").await,
+        ids(s, tok, "/Patient?address-city=spring").await,
         vec![a.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?address=1%20elm").await,
+        ids(s, tok, "/Patient?address=1%20elm").await,
         vec![a.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?address=elm").await,
+        ids(s, tok, "/Patient?address=elm").await,
         Vec::<String>::new(),
         "starts-with, per field, as FHIR says"
     );
-    // Tokens: system|code, |code, system|, code; OR with commas; AND repeated.
+}
+
+/// Tokens: system|code, |code, system|, code; OR with commas; AND repeated.
+async fn tokens_match_system_and_code(s: &TestServer, tok: &str, p: &Patients) {
+    let Patients { a, b, c } = p;
     assert_eq!(
-        ids(s, &tok, "/Patient?identifier=urn:mrn|A-1").await,
+        ids(s, tok, "/Patient?identifier=urn:mrn|A-1").await,
         vec![a.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?identifier=A-1").await,
-        sorted(vec![&a, &b])
+        ids(s, tok, "/Patient?identifier=A-1").await,
+        sorted(vec![a, b])
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?identifier=urn:other|").await,
+        ids(s, tok, "/Patient?identifier=urn:other|").await,
         vec![b.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?identifier=|A-1").await,
+        ids(s, tok, "/Patient?identifier=|A-1").await,
         Vec::<String>::new(),
         "both have a system"
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?gender=female").await,
-        sorted(vec![&a, &c])
+        ids(s, tok, "/Patient?gender=female").await,
+        sorted(vec![a, c])
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?gender:not=female").await,
+        ids(s, tok, "/Patient?gender:not=female").await,
         vec![b.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?gender=male,female&family=mu").await,
-        sorted(vec![&a, &b])
+        ids(s, tok, "/Patient?gender=male,female&family=mu").await,
+        sorted(vec![a, b])
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?gender=female&family=mu").await,
+        ids(s, tok, "/Patient?gender=female&family=mu").await,
         vec![a.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?phone=555-0101").await,
+        ids(s, tok, "/Patient?phone=555-0101").await,
         vec![a.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?email=anna@example.org").await,
+        ids(s, tok, "/Patient?email=anna@example.org").await,
         vec![a.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?telecom:missing=true").await,
-        sorted(vec![&b, &c])
+        ids(s, tok, "/Patient?telecom:missing=true").await,
+        sorted(vec![b, c])
     );
-    // Birth dates are blind: equality at year, month or day precision.
+}
+
+/// Birth dates are blind: equality at year, month or day precision.
+async fn birth_dates_are_blind(s: &TestServer, tok: &str, p: &Patients) {
+    let Patients { a, b, c } = p;
     assert_eq!(
-        ids(s, &tok, "/Patient?birthdate=1970").await,
-        sorted(vec![&a, &b])
+        ids(s, tok, "/Patient?birthdate=1970").await,
+        sorted(vec![a, b])
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?birthdate=1970-05").await,
+        ids(s, tok, "/Patient?birthdate=1970-05").await,
         vec![a.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?birthdate=1970-05-06").await,
+        ids(s, tok, "/Patient?birthdate=1970-05-06").await,
         vec![a.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?birthdate=1970-11-01").await,
+        ids(s, tok, "/Patient?birthdate=1970-11-01").await,
         Vec::<String>::new(),
         "month precision is not a day"
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?birthdate=ne1970").await,
+        ids(s, tok, "/Patient?birthdate=ne1970").await,
         vec![c.clone()]
     );
-    let (st, oo) = get(s, &tok, "/Patient?birthdate=ge1970").await;
+    let (st, oo) = get(s, tok, "/Patient?birthdate=ge1970").await;
     assert_eq!(st, 400);
     assert!(
         oo["issue"][0]["diagnostics"]
@@ -209,28 +236,36 @@ async fn patient_demographics_search_blind(s: &TestServer) {
             .contains("blind"),
         "{oo}"
     );
-    // _id and _lastUpdated.
+}
+
+/// _id and _lastUpdated.
+async fn id_and_last_updated(s: &TestServer, tok: &str, p: &Patients) {
+    let Patients { a, c, .. } = p;
     assert_eq!(
-        ids(s, &tok, &format!("/Patient?_id={a},{c}")).await,
-        sorted(vec![&a, &c])
+        ids(s, tok, &format!("/Patient?_id={a},{c}")).await,
+        sorted(vec![a, c])
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?_lastUpdated=gt2000-01-01")
+        ids(s, tok, "/Patient?_lastUpdated=gt2000-01-01")
             .await
             .len(),
         3
     );
     assert_eq!(
-        ids(s, &tok, "/Patient?_lastUpdated=lt2000-01-01")
+        ids(s, tok, "/Patient?_lastUpdated=lt2000-01-01")
             .await
             .len(),
         0
     );
-    // Updates move a resource in and out of results; deletes remove it.
+}
+
+/// Updates move a resource in and out of results; deletes remove it.
+async fn updates_and_deletes_move_results(s: &TestServer, tok: &str, p: &Patients) {
+    let Patients { a, c, .. } = p;
     let r = s
         .http
         .get(s.url(&format!("/Patient/{c}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap();
@@ -238,31 +273,28 @@ async fn patient_demographics_search_blind(s: &TestServer) {
     body["name"][0]["family"] = json!("Jones");
     s.http
         .put(s.url(&format!("/Patient/{c}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("content-type", FJ)
         .body(body.to_string())
         .send()
         .await
         .unwrap();
     assert_eq!(
-        ids(s, &tok, "/Patient?family=smith").await,
+        ids(s, tok, "/Patient?family=smith").await,
         Vec::<String>::new()
     );
-    assert_eq!(ids(s, &tok, "/Patient?family=jon").await, vec![c.clone()]);
+    assert_eq!(ids(s, tok, "/Patient?family=jon").await, vec![c.clone()]);
     s.http
         .delete(s.url(&format!("/Patient/{c}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap();
     assert_eq!(
-        ids(s, &tok, "/Patient?family=jon").await,
+        ids(s, tok, "/Patient?family=jon").await,
         Vec::<String>::new()
     );
-    assert_eq!(
-        ids(s, &tok, "/Patient?gender=female").await,
-        vec![a.clone()]
-    );
+    assert_eq!(ids(s, tok, "/Patient?gender=female").await, vec![a.clone()]);
 }
 
 both!(clinical_search_references_dates_quantities);
@@ -279,144 +311,175 @@ async fn clinical_search_references_dates_quantities(s: &TestServer) {
     let o1 = create(s, &tok, obs(&p, "29463-7", "2024-01-15T10:00:00Z", 72.5)).await;
     let o2 = create(s, &tok, obs(&p, "29463-7", "2024-03-01", 70.0)).await;
     let o3 = create(s, &tok, obs(&q, "8302-2", "2023-12-31", 180.0)).await;
-    // References: Type/id, id, absolute URL to this server, :Type modifier.
+    let w = Weights { p, q, o1, o2, o3 };
+    references_by_type_id_and_url(s, &tok, &w).await;
+    codes_and_text(s, &tok, &w).await;
+    dates_with_prefixes_and_precision(s, &tok, &w).await;
+    quantities_with_units_and_prefixes(s, &tok, &w).await;
+}
+
+/// Two patients and their body weight (p) and height (q) observations.
+struct Weights {
+    p: String,
+    q: String,
+    o1: String,
+    o2: String,
+    o3: String,
+}
+
+/// References: Type/id, id, absolute URL to this server, :Type modifier.
+async fn references_by_type_id_and_url(s: &TestServer, tok: &str, w: &Weights) {
+    let Weights { p, q, o1, o2, o3 } = w;
     assert_eq!(
-        ids(s, &tok, &format!("/Observation?subject=Patient/{p}")).await,
-        sorted(vec![&o1, &o2])
+        ids(s, tok, &format!("/Observation?subject=Patient/{p}")).await,
+        sorted(vec![o1, o2])
     );
     assert_eq!(
-        ids(s, &tok, &format!("/Observation?subject={p}")).await,
-        sorted(vec![&o1, &o2])
+        ids(s, tok, &format!("/Observation?subject={p}")).await,
+        sorted(vec![o1, o2])
     );
     // A bare id is looked up under each of a parameter's few targets, and
     // still finds a reference to a type outside them (R4 does not forbid
     // one here) or on a parameter that may point anywhere (`focus`).
-    let org = create(s, &tok, json!({"resourceType":"Organization"})).await;
+    let org = create(s, tok, json!({"resourceType":"Organization"})).await;
     let o4 = create(
         s,
-        &tok,
+        tok,
         json!({"resourceType":"Observation","status":"final","code":{"text":"x"},
             "subject":{"reference":format!("Organization/{org}")},
             "focus":[{"reference":format!("Patient/{q}")}]}),
     )
     .await;
     assert_eq!(
-        ids(s, &tok, &format!("/Observation?subject={org}")).await,
+        ids(s, tok, &format!("/Observation?subject={org}")).await,
         vec![o4.clone()]
     );
     assert_eq!(
-        ids(s, &tok, &format!("/Observation?focus={q}")).await,
+        ids(s, tok, &format!("/Observation?focus={q}")).await,
         vec![o4.clone()]
     );
     assert_eq!(
-        ids(s, &tok, &format!("/Observation?subject={q},{org}")).await,
-        sorted(vec![&o3, &o4])
+        ids(s, tok, &format!("/Observation?subject={q},{org}")).await,
+        sorted(vec![o3, &o4])
     );
     s.http
         .delete(s.url(&format!("/Observation/{o4}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap();
     assert_eq!(
         ids(
             s,
-            &tok,
+            tok,
             &format!("/Observation?patient={}/Patient/{p}", s.fhir)
         )
         .await,
-        sorted(vec![&o1, &o2])
+        sorted(vec![o1, o2])
     );
     assert_eq!(
-        ids(s, &tok, &format!("/Observation?subject:Patient={q}")).await,
+        ids(s, tok, &format!("/Observation?subject:Patient={q}")).await,
         vec![o3.clone()]
     );
     assert_eq!(
-        ids(s, &tok, &format!("/Observation?subject:Group={q}")).await,
+        ids(s, tok, &format!("/Observation?subject:Group={q}")).await,
         Vec::<String>::new()
     );
-    // Codes and :text.
+}
+
+/// Codes and :text.
+async fn codes_and_text(s: &TestServer, tok: &str, w: &Weights) {
+    let Weights { o1, o2, o3, .. } = w;
     assert_eq!(
-        ids(s, &tok, "/Observation?code=http://loinc.org|29463-7").await,
-        sorted(vec![&o1, &o2])
+        ids(s, tok, "/Observation?code=http://loinc.org|29463-7").await,
+        sorted(vec![o1, o2])
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?code=8302-2").await,
+        ids(s, tok, "/Observation?code=8302-2").await,
         vec![o3.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?code:text=body").await.len(),
+        ids(s, tok, "/Observation?code:text=body").await.len(),
         3,
         "a whole word"
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?code:text=body%20WEIGHT")
+        ids(s, tok, "/Observation?code:text=body%20WEIGHT")
             .await
             .len(),
         3,
         "the whole text"
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?code:text=bod").await.len(),
+        ids(s, tok, "/Observation?code:text=bod").await.len(),
         0,
         ":text matches words, not prefixes"
     );
-    // Dates with prefixes and precision.
+}
+
+/// Dates with prefixes and precision.
+async fn dates_with_prefixes_and_precision(s: &TestServer, tok: &str, w: &Weights) {
+    let Weights { o1, o2, o3, .. } = w;
     assert_eq!(
-        ids(s, &tok, "/Observation?date=2024").await,
-        sorted(vec![&o1, &o2])
+        ids(s, tok, "/Observation?date=2024").await,
+        sorted(vec![o1, o2])
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?date=2024-01").await,
+        ids(s, tok, "/Observation?date=2024-01").await,
         vec![o1.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?date=ge2024-02-01").await,
+        ids(s, tok, "/Observation?date=ge2024-02-01").await,
         vec![o2.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?date=lt2024").await,
+        ids(s, tok, "/Observation?date=lt2024").await,
         vec![o3.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?date=ge2024-01-01&date=le2024-01-31").await,
+        ids(s, tok, "/Observation?date=ge2024-01-01&date=le2024-01-31").await,
         vec![o1.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?date=sa2024-02").await,
+        ids(s, tok, "/Observation?date=sa2024-02").await,
         vec![o2.clone()]
     );
-    // Quantities with units and prefixes; implicit precision.
+}
+
+/// Quantities with units and prefixes; implicit precision; and a
+/// patient's observations of one code in a date range.
+async fn quantities_with_units_and_prefixes(s: &TestServer, tok: &str, w: &Weights) {
+    let Weights { p, o1, o2, o3, .. } = w;
     assert_eq!(
-        ids(s, &tok, "/Observation?value-quantity=72.5").await,
+        ids(s, tok, "/Observation?value-quantity=72.5").await,
         vec![o1.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?value-quantity=72").await,
+        ids(s, tok, "/Observation?value-quantity=72").await,
         Vec::<String>::new()
     );
     assert_eq!(
         ids(
             s,
-            &tok,
+            tok,
             "/Observation?value-quantity=gt71|http://unitsofmeasure.org|kg"
         )
         .await,
-        sorted(vec![&o1, &o3])
+        sorted(vec![o1, o3])
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?value-quantity=gt71||lb").await,
+        ids(s, tok, "/Observation?value-quantity=gt71||lb").await,
         Vec::<String>::new()
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?value-quantity=ap70").await,
-        sorted(vec![&o1, &o2])
+        ids(s, tok, "/Observation?value-quantity=ap70").await,
+        sorted(vec![o1, o2])
     );
     // A patient's observations of one code in a date range.
     assert_eq!(
         ids(
             s,
-            &tok,
+            tok,
             &format!("/Observation?patient={p}&code=29463-7&date=ge2024-02-01")
         )
         .await,
@@ -439,8 +502,16 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
         );
     }
     all.sort();
-    // Paging through sealed cursors: next links never show the search term.
-    let (_, b) = get(s, &tok, "/Patient?family=pagerson&_count=3").await;
+    paging_through_sealed_cursors(s, &tok, &all).await;
+    tampered_or_foreign_cursors_are_refused(s, &tok).await;
+    post_search_keeps_the_terms_out_of_links(s, &tok).await;
+    unknown_and_bad_parameters(s, &tok).await;
+    odd_values_and_limits(s, &tok).await;
+}
+
+/// Paging through sealed cursors: next links never show the search term.
+async fn paging_through_sealed_cursors(s: &TestServer, tok: &str, all: &[String]) {
+    let (_, b) = get(s, tok, "/Patient?family=pagerson&_count=3").await;
     assert_eq!(b["total"], 7);
     let mut seen: Vec<String> = b["entry"]
         .as_array()
@@ -462,7 +533,7 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
         let b: Value = s
             .http
             .get(&url)
-            .bearer_auth(&tok)
+            .bearer_auth(tok)
             .send()
             .await
             .unwrap()
@@ -485,8 +556,11 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
     }
     seen.sort();
     assert_eq!(seen, all);
-    // Tampered or foreign cursors are refused.
-    let (_, b) = get(s, &tok, "/Patient?family=pagerson&_count=3").await;
+}
+
+/// Tampered or foreign cursors are refused.
+async fn tampered_or_foreign_cursors_are_refused(s: &TestServer, tok: &str) {
+    let (_, b) = get(s, tok, "/Patient?family=pagerson&_count=3").await;
     let url = b["link"]
         .as_array()
         .unwrap()
@@ -502,7 +576,7 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
     assert_eq!(
         get(
             s,
-            &tok,
+            tok,
             &format!("/Patient?_cursor={}", String::from_utf8(t).unwrap())
         )
         .await
@@ -510,18 +584,22 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
         400
     );
     assert_eq!(
-        get(s, &tok, &format!("/Observation?_cursor={cursor}"))
+        get(s, tok, &format!("/Observation?_cursor={cursor}"))
             .await
             .0,
         400,
         "cursor bound to its type"
     );
-    assert_eq!(get(s, &tok, "/Patient?_cursor=AAAA").await.0, 400);
-    // POST _search with a form body gives the same answer.
+    assert_eq!(get(s, tok, "/Patient?_cursor=AAAA").await.0, 400);
+}
+
+/// POST _search with a form body gives the same answer; the terms stay
+/// out of every link.
+async fn post_search_keeps_the_terms_out_of_links(s: &TestServer, tok: &str) {
     let r = s
         .http
         .post(s.url("/Patient/_search"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .form(&[("family", "pagerson"), ("_count", "100")])
         .send()
         .await
@@ -534,7 +612,7 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
     let r = s
         .http
         .post(s.url("/Patient/_search"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .form(&[("family", "pagerson"), ("_count", "3")])
         .send()
         .await
@@ -551,7 +629,7 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
     let again: Value = s
         .http
         .get(self_url)
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap()
@@ -563,7 +641,7 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
     let page2: Value = s
         .http
         .get(next_url)
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap()
@@ -577,15 +655,19 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
     let r = s
         .http
         .post(s.url("/Patient/_search"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("content-type", FJ)
         .body("{}")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 415);
-    // Unknown parameters: ignored with a warning, or 400 when strict; bad modifiers and values: 400.
-    let (st, b) = get(s, &tok, "/Patient?nonsense=x&family=pagerson0").await;
+}
+
+/// Unknown parameters: ignored with a warning, or 400 when strict; bad
+/// modifiers and values: 400.
+async fn unknown_and_bad_parameters(s: &TestServer, tok: &str) {
+    let (st, b) = get(s, tok, "/Patient?nonsense=x&family=pagerson0").await;
     assert_eq!(st, 200);
     assert_eq!(b["total"], 1);
     assert_eq!(
@@ -595,7 +677,7 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
     let r = s
         .http
         .get(s.url("/Patient?nonsense=x"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("prefer", "handling=strict")
         .send()
         .await
@@ -614,15 +696,17 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
         "/Patient?birthdate=ab%C3%A9d",
         "/Observation?value-quantity=%C3%A9",
     ] {
-        let (st, b) = get(s, &tok, bad).await;
+        let (st, b) = get(s, tok, bad).await;
         assert_eq!(st, 400, "{bad}: {b}");
         assert_eq!(b["resourceType"], "OperationOutcome");
     }
     let long = "a".repeat(100);
-    assert_eq!(
-        get(s, &tok, &format!("/Patient?family={long}")).await.0,
-        400
-    );
+    assert_eq!(get(s, tok, &format!("/Patient?family={long}")).await.0, 400);
+}
+
+/// SQL metacharacters and odd Unicode are just values; too many values or
+/// parameters are a clear 400; unsupported composites are reported.
+async fn odd_values_and_limits(s: &TestServer, tok: &str) {
     // SQL metacharacters and odd Unicode are just values.
     for v in [
         "'%20OR%20'1'='1",
@@ -632,33 +716,30 @@ async fn paging_post_search_and_hostile_input(s: &TestServer) {
         "_",
         "\\",
     ] {
-        let (st, b) = get(s, &tok, &format!("/Patient?family={v}")).await;
+        let (st, b) = get(s, tok, &format!("/Patient?family={v}")).await;
         assert_eq!(st, 200, "{v}");
         assert_eq!(b["total"], 0, "{v}");
     }
     // Too many values or parameters: a clear 400, not a database error.
     let many = vec!["x"; 101].join(",");
-    assert_eq!(
-        get(s, &tok, &format!("/Patient?family={many}")).await.0,
-        400
-    );
-    assert_eq!(get(s, &tok, &format!("/Patient?_id={many}")).await.0, 400);
+    assert_eq!(get(s, tok, &format!("/Patient?family={many}")).await.0, 400);
+    assert_eq!(get(s, tok, &format!("/Patient?_id={many}")).await.0, 400);
     let lots: String = (0..65).map(|i| format!("gender=x{i}&")).collect();
-    assert_eq!(get(s, &tok, &format!("/Patient?{lots}")).await.0, 400);
+    assert_eq!(get(s, tok, &format!("/Patient?{lots}")).await.0, 400);
     let ok100 = vec!["x"; 100].join(",");
     assert_eq!(
-        get(s, &tok, &format!("/Patient?family={ok100}&given={ok100}"))
+        get(s, tok, &format!("/Patient?family={ok100}&given={ok100}"))
             .await
             .0,
         200
     );
-    let (st, b) = get(s, &tok, "/Patient?_count=999999999").await;
+    let (st, b) = get(s, tok, "/Patient?_count=999999999").await;
     assert_eq!(st, 200);
     assert_eq!(b["entry"].as_array().unwrap().len(), 7);
     // Three-component composites are not supported: reported, not guessed.
     let (_, b) = get(
         s,
-        &tok,
+        tok,
         "/MolecularSequence?chromosome-window-coordinate=1$lt22$gt5",
     )
     .await;
@@ -1571,12 +1652,28 @@ async fn composite_parameters_pair_values_from_the_same_element(s: &TestServer) 
             "effectiveDateTime":"2024-03-01"}),
     )
     .await;
+    let obs = Composites { bp, weight, smoker };
+    pairs_come_from_the_same_component(s, &tok, &obs).await;
+    combo_parameters_answer_from_their_parts(s, &tok, &obs).await;
+    malformed_composites_and_the_capability_statement(s, &tok).await;
+}
+
+/// A blood pressure, a body weight and a smoking status.
+struct Composites {
+    bp: String,
+    weight: String,
+    smoker: String,
+}
+
+/// A composite pairs a code with a value of the same component.
+async fn pairs_come_from_the_same_component(s: &TestServer, tok: &str, obs: &Composites) {
+    let Composites { bp, weight, smoker } = obs;
     let none: Vec<String> = Vec::new();
     // Systolic above 140: the blood pressure.
     assert_eq!(
         ids(
             s,
-            &tok,
+            tok,
             "/Observation?component-code-value-quantity=http://loinc.org|8480-6$gt140"
         )
         .await,
@@ -1586,7 +1683,7 @@ async fn composite_parameters_pair_values_from_the_same_element(s: &TestServer) 
     assert_eq!(
         ids(
             s,
-            &tok,
+            tok,
             "/Observation?component-code-value-quantity=http://loinc.org|8462-4$gt140"
         )
         .await,
@@ -1595,7 +1692,7 @@ async fn composite_parameters_pair_values_from_the_same_element(s: &TestServer) 
     assert_eq!(
         ids(
             s,
-            &tok,
+            tok,
             "/Observation?component-code-value-quantity=8462-4$lt90"
         )
         .await,
@@ -1604,72 +1701,82 @@ async fn composite_parameters_pair_values_from_the_same_element(s: &TestServer) 
     assert_eq!(
         ids(
             s,
-            &tok,
+            tok,
             "/Observation?code-value-quantity=http://loinc.org|29463-7$ge70"
         )
         .await,
         vec![weight.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?code-value-quantity=29463-7$lt70").await,
+        ids(s, tok, "/Observation?code-value-quantity=29463-7$lt70").await,
         none
     );
     // combo: the observation's own code and value, or a component's.
     assert_eq!(
         ids(
             s,
-            &tok,
+            tok,
             "/Observation?combo-code-value-quantity=8480-6$150,29463-7$72.5"
         )
         .await,
-        sorted(vec![&bp, &weight])
+        sorted(vec![bp, weight])
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?code-value-concept=http://loinc.org|72166-2$http://snomed.info/sct|449868002").await,
+        ids(s, tok, "/Observation?code-value-concept=http://loinc.org|72166-2$http://snomed.info/sct|449868002").await,
         vec![smoker.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?code-value-concept=72166-2$8517006").await,
+        ids(s, tok, "/Observation?code-value-concept=72166-2$8517006").await,
         none
     );
-    // combo-* parameters are answered from their parts (no entries of
-    // their own): the observation's own values or a component's.
+}
+
+/// combo-* parameters are answered from their parts (no entries of
+/// their own): the observation's own values or a component's.
+async fn combo_parameters_answer_from_their_parts(s: &TestServer, tok: &str, obs: &Composites) {
+    let Composites { bp, weight, smoker } = obs;
+    let none: Vec<String> = Vec::new();
     assert_eq!(
-        ids(s, &tok, "/Observation?combo-code=8480-6,29463-7").await,
-        sorted(vec![&bp, &weight])
+        ids(s, tok, "/Observation?combo-code=8480-6,29463-7").await,
+        sorted(vec![bp, weight])
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?combo-value-quantity=gt100").await,
+        ids(s, tok, "/Observation?combo-value-quantity=gt100").await,
         vec![bp.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?combo-code:missing=true").await,
+        ids(s, tok, "/Observation?combo-code:missing=true").await,
         none
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?combo-value-quantity:missing=true").await,
+        ids(s, tok, "/Observation?combo-value-quantity:missing=true").await,
         vec![smoker.clone()]
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?combo-code:not=29463-7").await,
-        sorted(vec![&bp, &smoker]),
+        ids(s, tok, "/Observation?combo-code:not=29463-7").await,
+        sorted(vec![bp, smoker]),
         ":not holds for the observation's code and every component's"
     );
     assert_eq!(
-        ids(s, &tok, "/Observation?combo-code:not=8480-6").await,
-        sorted(vec![&weight, &smoker])
+        ids(s, tok, "/Observation?combo-code:not=8480-6").await,
+        sorted(vec![weight, smoker])
     );
-    // Malformed composite values: a clear 400.
+}
+
+/// Malformed composite values: a clear 400. The CapabilityStatement lists
+/// the composites it supports, and not MolecularSequence's
+/// three-component coordinates.
+async fn malformed_composites_and_the_capability_statement(s: &TestServer, tok: &str) {
     for q in [
         "/Observation?code-value-quantity=29463-7",
         "/Observation?code-value-quantity=$70",
         "/Observation?code-value-quantity=29463-7$heavy",
     ] {
-        assert_eq!(get(s, &tok, q).await.0, 400, "{q}");
+        assert_eq!(get(s, tok, q).await.0, 400, "{q}");
     }
     // The CapabilityStatement lists the composites it supports, and not
     // MolecularSequence's three-component coordinates.
-    let (_, cap) = get(s, &tok, "/metadata").await;
+    let (_, cap) = get(s, tok, "/metadata").await;
     let params = |t: &str| -> Vec<String> {
         cap["rest"][0]["resource"]
             .as_array()

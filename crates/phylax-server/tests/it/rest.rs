@@ -37,11 +37,23 @@ fn oo_expressions(v: &Value) -> Vec<String> {
 
 both!(crud_lifecycle);
 async fn crud_lifecycle(s: &TestServer) {
-    use reqwest::Method as M;
     let tok = s.token(ALL).await;
+    let (id, created) = create_assigns_id_and_version(s, &tok).await;
+    read_returns_fhir_json(s, &tok, &id).await;
+    let upd = update_checks_if_match(s, &tok, &id, &created).await;
+    version_reads(s, &tok, &id).await;
+    delete_is_idempotent_then_gone(s, &tok, &id).await;
+    instance_history_newest_first(s, &tok, &id).await;
+    update_after_delete_revives(s, &tok, &id, &upd).await;
+}
+
+/// Create: the server assigns the id and version 1, and keeps client meta.
+/// Returns the id and the created resource.
+async fn create_assigns_id_and_version(s: &TestServer, tok: &str) -> (String, Value) {
+    use reqwest::Method as M;
     let p = json!({"resourceType": "Patient", "id": "ignored-on-create", "name": [{"family": "Alpha"}], "gender": "female",
                    "meta": {"tag": [{"system": "http://example.org/tags", "code": "t1"}]}});
-    let r = send(s, &tok, M::POST, "/Patient", Some(&p)).await;
+    let r = send(s, tok, M::POST, "/Patient", Some(&p)).await;
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(r.headers()["etag"], "W/\"1\"");
     assert!(r.headers().contains_key("last-modified"));
@@ -55,8 +67,13 @@ async fn crud_lifecycle(s: &TestServer) {
         created["meta"]["tag"][0]["code"], "t1",
         "client meta elements are kept"
     );
+    (id, created)
+}
 
-    let r = send(s, &tok, M::GET, &format!("/Patient/{id}"), None).await;
+/// Read: the resource as FHIR JSON.
+async fn read_returns_fhir_json(s: &TestServer, tok: &str, id: &str) {
+    use reqwest::Method as M;
+    let r = send(s, tok, M::GET, &format!("/Patient/{id}"), None).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["content-type"],
@@ -66,14 +83,16 @@ async fn crud_lifecycle(s: &TestServer) {
         r.json::<Value>().await.unwrap()["name"][0]["family"],
         "Alpha"
     );
+}
 
-    // Update with the right If-Match, then a stale one.
+/// Update with the right If-Match, then a stale one. Returns the update.
+async fn update_checks_if_match(s: &TestServer, tok: &str, id: &str, created: &Value) -> Value {
     let mut upd = created.clone();
     upd["name"][0]["family"] = json!("Beta");
     let r = s
         .http
         .put(s.url(&format!("/Patient/{id}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("content-type", FJ)
         .header("if-match", "W/\"1\"")
         .body(upd.to_string())
@@ -85,7 +104,7 @@ async fn crud_lifecycle(s: &TestServer) {
     let r = s
         .http
         .put(s.url(&format!("/Patient/{id}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("content-type", FJ)
         .header("if-match", "W/\"1\"")
         .body(upd.to_string())
@@ -96,7 +115,7 @@ async fn crud_lifecycle(s: &TestServer) {
     let r = s
         .http
         .put(s.url(&format!("/Patient/{id}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("content-type", FJ)
         .header("if-match", "garbage")
         .body(upd.to_string())
@@ -104,67 +123,80 @@ async fn crud_lifecycle(s: &TestServer) {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    upd
+}
 
-    let r = send(s, &tok, M::GET, &format!("/Patient/{id}/_history/1"), None).await;
+/// Version reads: old versions stay readable; unknown ones are not found.
+async fn version_reads(s: &TestServer, tok: &str, id: &str) {
+    use reqwest::Method as M;
+    let r = send(s, tok, M::GET, &format!("/Patient/{id}/_history/1"), None).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.json::<Value>().await.unwrap()["name"][0]["family"],
         "Alpha"
     );
     assert_eq!(
-        send(s, &tok, M::GET, &format!("/Patient/{id}/_history/9"), None)
+        send(s, tok, M::GET, &format!("/Patient/{id}/_history/9"), None)
             .await
             .status(),
         404
     );
     assert_eq!(
-        send(s, &tok, M::GET, &format!("/Patient/{id}/_history/x"), None)
+        send(s, tok, M::GET, &format!("/Patient/{id}/_history/x"), None)
             .await
             .status(),
         404
     );
+}
 
-    let r = send(s, &tok, M::DELETE, &format!("/Patient/{id}"), None).await;
+/// Delete: idempotent, then the resource is gone (410), its old versions
+/// still readable.
+async fn delete_is_idempotent_then_gone(s: &TestServer, tok: &str, id: &str) {
+    use reqwest::Method as M;
+    let r = send(s, tok, M::DELETE, &format!("/Patient/{id}"), None).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(r.headers()["etag"], "W/\"3\"");
     assert_eq!(
-        send(s, &tok, M::DELETE, &format!("/Patient/{id}"), None)
+        send(s, tok, M::DELETE, &format!("/Patient/{id}"), None)
             .await
             .status(),
         204,
         "idempotent"
     );
-    let r = send(s, &tok, M::GET, &format!("/Patient/{id}"), None).await;
+    let r = send(s, tok, M::GET, &format!("/Patient/{id}"), None).await;
     assert_eq!(r.status(), StatusCode::GONE);
     let oo: Value = r.json().await.unwrap();
     assert_eq!(oo["resourceType"], "OperationOutcome");
     assert_eq!(
-        send(s, &tok, M::GET, &format!("/Patient/{id}/_history/3"), None)
+        send(s, tok, M::GET, &format!("/Patient/{id}/_history/3"), None)
             .await
             .status(),
         410
     );
     assert_eq!(
-        send(s, &tok, M::GET, &format!("/Patient/{id}/_history/2"), None)
+        send(s, tok, M::GET, &format!("/Patient/{id}/_history/2"), None)
             .await
             .status(),
         200
     );
     assert_eq!(
-        send(s, &tok, M::DELETE, "/Patient/never-existed", None)
+        send(s, tok, M::DELETE, "/Patient/never-existed", None)
             .await
             .status(),
         404
     );
     assert_eq!(
-        send(s, &tok, M::GET, "/Patient/never-existed", None)
+        send(s, tok, M::GET, "/Patient/never-existed", None)
             .await
             .status(),
         404
     );
+}
 
-    // Instance history: newest first, tombstone included.
-    let h: Value = send(s, &tok, M::GET, &format!("/Patient/{id}/_history"), None)
+/// Instance history: newest first, tombstone included.
+async fn instance_history_newest_first(s: &TestServer, tok: &str, id: &str) {
+    use reqwest::Method as M;
+    let h: Value = send(s, tok, M::GET, &format!("/Patient/{id}/_history"), None)
         .await
         .json()
         .await
@@ -176,11 +208,14 @@ async fn crud_lifecycle(s: &TestServer) {
     assert!(e[0].get("resource").is_none());
     assert_eq!(e[1]["resource"]["meta"]["versionId"], "2");
     assert_eq!(e[2]["response"]["status"], "201");
+}
 
-    // Update after delete revives the resource with the next version.
+/// Update after delete revives the resource with the next version.
+async fn update_after_delete_revives(s: &TestServer, tok: &str, id: &str, upd: &Value) {
+    use reqwest::Method as M;
     let mut again = upd.clone();
     again["name"][0]["family"] = json!("Gamma");
-    let r = send(s, &tok, M::PUT, &format!("/Patient/{id}"), Some(&again)).await;
+    let r = send(s, tok, M::PUT, &format!("/Patient/{id}"), Some(&again)).await;
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["etag"], "W/\"4\"");
 }
@@ -310,25 +345,32 @@ async fn prefer_return(s: &TestServer) {
 
 both!(validation_at_the_door);
 async fn validation_at_the_door(s: &TestServer) {
-    use reqwest::Method as M;
     let tok = s.token(ALL).await;
-    let post_raw = |body: String, ct: &'static str| {
-        let tok = tok.clone();
-        async move {
-            s.http
-                .post(s.url("/Patient"))
-                .bearer_auth(tok)
-                .header("content-type", ct)
-                .body(body)
-                .send()
-                .await
-                .unwrap()
-        }
-    };
-    // Unknown element, wrong type: 400 naming the FHIRPath location.
+    structure_and_content_errors(s, &tok).await;
+    malformed_and_oversized_bodies(s, &tok).await;
+    media_types(s, &tok).await;
+    unknown_types_and_nothing_stored(s, &tok).await;
+}
+
+/// POST `body` to /Patient as `ct`.
+async fn post_raw(s: &TestServer, tok: &str, body: String, ct: &'static str) -> reqwest::Response {
+    s.http
+        .post(s.url("/Patient"))
+        .bearer_auth(tok)
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Unknown element, wrong type: 400 naming the FHIRPath location.
+/// Content rules (format, cardinality): 422.
+async fn structure_and_content_errors(s: &TestServer, tok: &str) {
+    use reqwest::Method as M;
     let r = send(
         s,
-        &tok,
+        tok,
         M::POST,
         "/Patient",
         Some(&json!({"resourceType":"Patient","nmae":[{"family":"x"}],"active":"yes"})),
@@ -347,7 +389,7 @@ async fn validation_at_the_door(s: &TestServer) {
         "correlation id present"
     );
     // Content rules (format, cardinality): 422.
-    let r = send(s, &tok, M::POST, "/Observation", Some(&json!({"resourceType":"Observation","code":{"text":"x"},"effectiveDateTime":"2020-02-30"}))).await;
+    let r = send(s, tok, M::POST, "/Observation", Some(&json!({"resourceType":"Observation","code":{"text":"x"},"effectiveDateTime":"2020-02-30"}))).await;
     assert_eq!(r.status(), 422);
     let ex = oo_expressions(&r.json().await.unwrap());
     assert!(
@@ -355,7 +397,11 @@ async fn validation_at_the_door(s: &TestServer) {
             && ex.contains(&"Observation.effectiveDateTime".to_string()),
         "{ex:?}"
     );
-    // Malformed JSON, duplicate keys, nesting bombs, not an object.
+}
+
+/// Malformed JSON, duplicate keys, nesting bombs, not an object; an
+/// oversized body.
+async fn malformed_and_oversized_bodies(s: &TestServer, tok: &str) {
     for bad in [
         "{",
         "{\"resourceType\":\"Patient\",\"resourceType\":\"Patient\"}",
@@ -364,7 +410,7 @@ async fn validation_at_the_door(s: &TestServer) {
         "\"x\"",
         "",
     ] {
-        let r = post_raw(bad.to_string(), FJ).await;
+        let r = post_raw(s, tok, bad.to_string(), FJ).await;
         assert_eq!(r.status(), 400, "{bad}");
         assert_eq!(
             r.json::<Value>().await.unwrap()["resourceType"],
@@ -376,22 +422,28 @@ async fn validation_at_the_door(s: &TestServer) {
         "[".repeat(50_000),
         "]".repeat(50_000)
     );
-    assert_eq!(post_raw(bomb, FJ).await.status(), 400);
+    assert_eq!(post_raw(s, tok, bomb, FJ).await.status(), 400);
     // Oversized body: 413 (default limit 8 MiB).
     let big = format!(
         "{{\"resourceType\":\"Patient\",\"id\":\"{}\"}}",
         "a".repeat(9 * 1024 * 1024)
     );
-    let r = post_raw(big, FJ).await;
+    let r = post_raw(s, tok, big, FJ).await;
     assert_eq!(r.status(), 413);
     assert_eq!(
         r.json::<Value>().await.unwrap()["issue"][0]["code"],
         "too-long"
     );
-    // Media types.
-    assert_eq!(post_raw("{}".into(), "text/plain").await.status(), 415);
+}
+
+/// Media types.
+async fn media_types(s: &TestServer, tok: &str) {
     assert_eq!(
-        post_raw("<Patient/>".into(), "application/fhir+xml")
+        post_raw(s, tok, "{}".into(), "text/plain").await.status(),
+        415
+    );
+    assert_eq!(
+        post_raw(s, tok, "<Patient/>".into(), "application/fhir+xml")
             .await
             .status(),
         415
@@ -399,7 +451,7 @@ async fn validation_at_the_door(s: &TestServer) {
     let r = s
         .http
         .get(s.url("/Patient"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("accept", "application/fhir+xml")
         .send()
         .await
@@ -408,7 +460,7 @@ async fn validation_at_the_door(s: &TestServer) {
     let r = s
         .http
         .get(s.url("/Patient?_format=xml"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap();
@@ -416,6 +468,8 @@ async fn validation_at_the_door(s: &TestServer) {
     // application/json is accepted too.
     assert_eq!(
         post_raw(
+            s,
+            tok,
             json!({"resourceType":"Patient"}).to_string(),
             "application/json"
         )
@@ -423,15 +477,16 @@ async fn validation_at_the_door(s: &TestServer) {
         .status(),
         201
     );
-    // Unknown type; type/URL mismatch.
-    assert_eq!(
-        send(s, &tok, M::GET, "/Patiant/1", None).await.status(),
-        404
-    );
+}
+
+/// Unknown type; type/URL mismatch; nothing invalid was stored.
+async fn unknown_types_and_nothing_stored(s: &TestServer, tok: &str) {
+    use reqwest::Method as M;
+    assert_eq!(send(s, tok, M::GET, "/Patiant/1", None).await.status(), 404);
     assert_eq!(
         send(
             s,
-            &tok,
+            tok,
             M::POST,
             "/Observation",
             Some(&json!({"resourceType":"Patient"}))
@@ -441,7 +496,7 @@ async fn validation_at_the_door(s: &TestServer) {
         400
     );
     // Nothing invalid was stored.
-    let b: Value = send(s, &tok, M::GET, "/Observation", None)
+    let b: Value = send(s, tok, M::GET, "/Observation", None)
         .await
         .json()
         .await
@@ -573,6 +628,19 @@ async fn history_paging_and_cursors(s: &TestServer) {
                 .to_owned(),
         );
     }
+    let first_next = history_pages_through_everything(s, &tok, &ids).await;
+    type_search_pages_too(s, &tok).await;
+    tampered_and_replayed_cursors_are_refused(s, &tok, first_next).await;
+    since_count_and_system_history(s, &tok).await;
+    id_search_and_unknown_parameters(s, &tok, &ids).await;
+}
+
+/// Type history, page by page, oldest last. Returns the first next link.
+async fn history_pages_through_everything(
+    s: &TestServer,
+    tok: &str,
+    ids: &[String],
+) -> Option<String> {
     let mut seen = Vec::new();
     let mut url = s.url("/Device/_history?_count=3");
     let mut pages = 0;
@@ -581,7 +649,7 @@ async fn history_paging_and_cursors(s: &TestServer) {
         let b: Value = s
             .http
             .get(&url)
-            .bearer_auth(&tok)
+            .bearer_auth(tok)
             .send()
             .await
             .unwrap()
@@ -608,8 +676,13 @@ async fn history_paging_and_cursors(s: &TestServer) {
     assert_eq!(pages, 3);
     seen.reverse();
     assert_eq!(seen, ids);
-    // The same through type search paging.
-    let b: Value = send(s, &tok, M::GET, "/Device?_count=5", None)
+    first_next
+}
+
+/// The same through type search paging.
+async fn type_search_pages_too(s: &TestServer, tok: &str) {
+    use reqwest::Method as M;
+    let b: Value = send(s, tok, M::GET, "/Device?_count=5", None)
         .await
         .json()
         .await
@@ -628,7 +701,7 @@ async fn history_paging_and_cursors(s: &TestServer) {
     let b2: Value = s
         .http
         .get(&next)
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap()
@@ -636,7 +709,14 @@ async fn history_paging_and_cursors(s: &TestServer) {
         .await
         .unwrap();
     assert_eq!(b2["entry"].as_array().unwrap().len(), 2);
-    // Tampered cursor, and a cursor replayed on another listing.
+}
+
+/// Tampered cursor, and a cursor replayed on another listing.
+async fn tampered_and_replayed_cursors_are_refused(
+    s: &TestServer,
+    tok: &str,
+    first_next: Option<String>,
+) {
     let next = first_next.unwrap();
     let cursor = next.split("_cursor=").nth(1).unwrap().to_owned();
     let mut tampered = cursor.clone().into_bytes();
@@ -645,7 +725,7 @@ async fn history_paging_and_cursors(s: &TestServer) {
     let r = s
         .http
         .get(s.url(&format!("/Device/_history?_count=3&_cursor={t}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap();
@@ -653,7 +733,7 @@ async fn history_paging_and_cursors(s: &TestServer) {
     let r = s
         .http
         .get(s.url(&format!("/Patient/_history?_count=3&_cursor={cursor}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap();
@@ -661,16 +741,19 @@ async fn history_paging_and_cursors(s: &TestServer) {
     let r = s
         .http
         .get(s.url("/Device/_history?_cursor=garbage"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    // _since, _count bounds, system history.
+}
+
+/// _since, _count bounds, system history.
+async fn since_count_and_system_history(s: &TestServer, tok: &str) {
     let r = s
         .http
         .get(s.url("/Device/_history?_since=not-a-date"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap();
@@ -678,7 +761,7 @@ async fn history_paging_and_cursors(s: &TestServer) {
     let b: Value = s
         .http
         .get(s.url("/Device/_history?_since=2999-01-01T00:00:00Z"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap()
@@ -689,7 +772,7 @@ async fn history_paging_and_cursors(s: &TestServer) {
     let b: Value = s
         .http
         .get(s.url("/Device/_history?_count=100000"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap()
@@ -700,7 +783,7 @@ async fn history_paging_and_cursors(s: &TestServer) {
     assert_eq!(
         s.http
             .get(s.url("/Device/_history?_count=-1"))
-            .bearer_auth(&tok)
+            .bearer_auth(tok)
             .send()
             .await
             .unwrap()
@@ -710,7 +793,7 @@ async fn history_paging_and_cursors(s: &TestServer) {
     let b: Value = s
         .http
         .get(s.url("/_history"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap()
@@ -718,10 +801,14 @@ async fn history_paging_and_cursors(s: &TestServer) {
         .await
         .unwrap();
     assert_eq!(b["entry"].as_array().unwrap().len(), 7);
-    // _id search, unknown parameters lenient by default, strict on request.
+}
+
+/// _id search, unknown parameters lenient by default, strict on request.
+async fn id_search_and_unknown_parameters(s: &TestServer, tok: &str, ids: &[String]) {
+    use reqwest::Method as M;
     let b: Value = send(
         s,
-        &tok,
+        tok,
         M::GET,
         &format!("/Device?_id={},{}", ids[0], ids[1]),
         None,
@@ -731,7 +818,7 @@ async fn history_paging_and_cursors(s: &TestServer) {
     .await
     .unwrap();
     assert_eq!(b["total"], 2);
-    let b: Value = send(s, &tok, M::GET, "/Device?foo=secret-value", None)
+    let b: Value = send(s, tok, M::GET, "/Device?foo=secret-value", None)
         .await
         .json()
         .await
@@ -745,7 +832,7 @@ async fn history_paging_and_cursors(s: &TestServer) {
     let r = s
         .http
         .get(s.url("/Device?foo=1"))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("prefer", "handling=strict")
         .send()
         .await

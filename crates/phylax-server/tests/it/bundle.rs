@@ -90,7 +90,20 @@ async fn transaction_resolves_references_and_commits_together(s: &TestServer) {
             .to_owned()
     };
     let (doomed, kept) = (old_id(0), old_id(1));
+    let pid = references_resolve_and_writes_commit_together(s, &tok, &doomed, &kept).await;
+    conditional_create_and_conditional_reference(s, &tok, &pid).await;
+    return_minimal_leaves_the_resources_out(s, &tok).await;
+}
 
+/// One transaction creates a patient and observations referring to it by
+/// urn:uuid, updates one existing patient and deletes another; a GET in it
+/// runs after the writes. Returns the new patient's id.
+async fn references_resolve_and_writes_commit_together(
+    s: &TestServer,
+    tok: &str,
+    doomed: &str,
+    kept: &str,
+) -> String {
     let pat = "urn:uuid:5f1c9e2a-0b7e-4d4f-9d2a-6c1d2b3a4e5f";
     let bundle = tx(vec![
         // Listed first, run last (GET after the writes): sees the new patient.
@@ -112,7 +125,7 @@ async fn transaction_resolves_references_and_commits_together(s: &TestServer) {
                "request": {"method": "PUT", "url": format!("Patient/{kept}"), "ifMatch": "W/\"1\""}}),
         json!({"request": {"method": "DELETE", "url": format!("Patient/{doomed}")}}),
     ]);
-    let (st, b) = post_bundle(s, &tok, &bundle).await;
+    let (st, b) = post_bundle(s, tok, &bundle).await;
     assert_eq!(st, 200, "{b}");
     assert_eq!(b["type"], "transaction-response");
     let e = b["entry"].as_array().unwrap();
@@ -138,14 +151,17 @@ async fn transaction_resolves_references_and_commits_together(s: &TestServer) {
     }
     // Stored that way: the patient's compartment has both observations.
     assert_eq!(
-        total(s, &tok, &format!("/Patient/{pid}/Observation")).await,
+        total(s, tok, &format!("/Patient/{pid}/Observation")).await,
         2
     );
-    assert_eq!(get(s, &tok, &format!("/Patient/{doomed}")).await.0, 410);
-    let (_, k) = get(s, &tok, &format!("/Patient/{kept}")).await;
+    assert_eq!(get(s, tok, &format!("/Patient/{doomed}")).await.0, 410);
+    let (_, k) = get(s, tok, &format!("/Patient/{kept}")).await;
     assert_eq!(k["active"], false);
+    pid
+}
 
-    // Conditional create and a conditional reference to an existing patient.
+/// Conditional create and a conditional reference to an existing patient.
+async fn conditional_create_and_conditional_reference(s: &TestServer, tok: &str, pid: &str) {
     let bundle = tx(vec![
         json!({"fullUrl": "urn:uuid:00000000-0000-4000-8000-000000000005",
                "resource": {"resourceType":"Patient","identifier":[{"system":"http://example.org/mrn","value":"T-1"}]},
@@ -159,10 +175,10 @@ async fn transaction_resolves_references_and_commits_together(s: &TestServer) {
             obs("Patient?identifier=http://example.org/mrn|T-1", "4-4"),
         ),
     ]);
-    let (st, b) = post_bundle(s, &tok, &bundle).await;
+    let (st, b) = post_bundle(s, tok, &bundle).await;
     assert_eq!(st, 200, "{b}");
     assert_eq!(status(&b["entry"][0]), "200 OK", "matched: not created");
-    assert_eq!(b["entry"][0]["resource"]["id"], pid.as_str());
+    assert_eq!(b["entry"][0]["resource"]["id"], pid);
     for i in [1, 2] {
         assert_eq!(
             b["entry"][i]["resource"]["subject"]["reference"],
@@ -170,19 +186,21 @@ async fn transaction_resolves_references_and_commits_together(s: &TestServer) {
         );
     }
     assert_eq!(
-        total(s, &tok, &format!("/Patient/{pid}/Observation")).await,
+        total(s, tok, &format!("/Patient/{pid}/Observation")).await,
         4
     );
     assert_eq!(
-        total(s, &tok, "/Patient?identifier=http://example.org/mrn|T-1").await,
+        total(s, tok, "/Patient?identifier=http://example.org/mrn|T-1").await,
         1
     );
+}
 
-    // Prefer: return=minimal leaves the resources out.
+/// Prefer: return=minimal leaves the resources out.
+async fn return_minimal_leaves_the_resources_out(s: &TestServer, tok: &str) {
     let r = s
         .http
         .post(s.url(""))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("content-type", FJ)
         .header("prefer", "return=minimal")
         .body(
@@ -214,19 +232,40 @@ async fn failed_transactions_leave_nothing_behind(s: &TestServer) {
     .await;
     let pid = b["entry"][0]["resource"]["id"].as_str().unwrap().to_owned();
     let before = versions_written(s, &tok).await;
-    let good = || {
-        post(
-            "urn:uuid:00000000-0000-4000-8000-000000000010",
-            obs("urn:uuid:00000000-0000-4000-8000-000000000011", "1-1"),
-        )
-    };
-    let p2 = || {
-        post(
-            "urn:uuid:00000000-0000-4000-8000-000000000011",
-            json!({"resourceType":"Patient"}),
-        )
-    };
-    let cases: Vec<(u16, Value)> = vec![
+    let cases = failing_transactions(&pid);
+    for (want, bundle) in cases {
+        let (st, b) = post_bundle(s, &tok, &bundle).await;
+        assert_eq!(st, want, "{bundle}\n→ {b}");
+        assert_eq!(b["resourceType"], "OperationOutcome");
+        assert_eq!(
+            versions_written(s, &tok).await,
+            before,
+            "nothing was written by {bundle}"
+        );
+    }
+    an_error_names_the_entry(s, &tok).await;
+    wrong_bundles_are_refused(s, &tok, before).await;
+}
+
+/// A valid Observation of the patient created as urn:uuid ...11.
+fn good() -> Value {
+    post(
+        "urn:uuid:00000000-0000-4000-8000-000000000010",
+        obs("urn:uuid:00000000-0000-4000-8000-000000000011", "1-1"),
+    )
+}
+
+/// A valid new Patient, fullUrl urn:uuid ...11.
+fn p2() -> Value {
+    post(
+        "urn:uuid:00000000-0000-4000-8000-000000000011",
+        json!({"resourceType":"Patient"}),
+    )
+}
+
+/// Transactions that must fail as a whole, with the status they fail with.
+fn failing_transactions(pid: &str) -> Vec<(u16, Value)> {
+    vec![
         // The last entry is invalid (Observation without status).
         (
             422,
@@ -321,21 +360,14 @@ async fn failed_transactions_leave_nothing_behind(s: &TestServer) {
             400,
             tx(vec![json!({"resource": {"resourceType":"Patient"}})]),
         ),
-    ];
-    for (want, bundle) in cases {
-        let (st, b) = post_bundle(s, &tok, &bundle).await;
-        assert_eq!(st, want, "{bundle}\n→ {b}");
-        assert_eq!(b["resourceType"], "OperationOutcome");
-        assert_eq!(
-            versions_written(s, &tok).await,
-            before,
-            "nothing was written by {bundle}"
-        );
-    }
-    // An error names the entry.
+    ]
+}
+
+/// An error names the entry.
+async fn an_error_names_the_entry(s: &TestServer, tok: &str) {
     let (_, b) = post_bundle(
         s,
-        &tok,
+        tok,
         &tx(vec![
             p2(),
             post(
@@ -346,21 +378,23 @@ async fn failed_transactions_leave_nothing_behind(s: &TestServer) {
     )
     .await;
     assert!(b.to_string().contains("Bundle.entry[1]"), "{b}");
+}
 
-    // A Bundle of the wrong type, or not a Bundle at all.
+/// A Bundle of the wrong type, or not a Bundle at all; too many entries.
+async fn wrong_bundles_are_refused(s: &TestServer, tok: &str, before: u64) {
     let (st, _) = post_bundle(
         s,
-        &tok,
+        tok,
         &json!({"resourceType":"Bundle","type":"collection","entry":[]}),
     )
     .await;
     assert_eq!(st, 400);
-    let (st, _) = post_bundle(s, &tok, &json!({"resourceType":"Patient"})).await;
+    let (st, _) = post_bundle(s, tok, &json!({"resourceType":"Patient"})).await;
     assert_eq!(st, 400);
     let r = s
         .http
         .post(s.url(""))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("content-type", FJ)
         .body("{\"resourceType\":\"Bundle\",\"type\":\"transaction\",\"entry\":[")
         .send()
@@ -376,9 +410,9 @@ async fn failed_transactions_leave_nothing_behind(s: &TestServer) {
             )
         })
         .collect();
-    let (st, _) = post_bundle(s, &tok, &tx(many)).await;
+    let (st, _) = post_bundle(s, tok, &tx(many)).await;
     assert_eq!(st, 400);
-    assert_eq!(versions_written(s, &tok).await, before);
+    assert_eq!(versions_written(s, tok).await, before);
 }
 
 both!(transaction_needs_every_entrys_permission);

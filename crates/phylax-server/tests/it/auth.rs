@@ -188,8 +188,16 @@ async fn scopes_are_enforced_per_type_and_interaction(s: &TestServer) {
 both!(token_endpoint_hostile_cases);
 async fn token_endpoint_hostile_cases(s: &TestServer) {
     let (id, key) = s.register("system/Patient.rs").await;
-    // Works once…
-    let a = s.assertion(&id, &key);
+    an_assertion_works_once_within_the_registered_scope(s, &id, &key).await;
+    forged_keys_and_unknown_clients_look_alike(s, &id, &key).await;
+    wrong_audience_and_times_are_refused(s, &id, &key).await;
+    malformed_requests_are_refused(s).await;
+}
+
+/// Works once, and a replayed assertion (same jti) is refused; scope
+/// escalation is cut to what was registered.
+async fn an_assertion_works_once_within_the_registered_scope(s: &TestServer, id: &str, key: &[u8]) {
+    let a = s.assertion(id, key);
     let (st, v) = s.token_request(&a, "system/Patient.rs").await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["token_type"], "bearer");
@@ -200,19 +208,22 @@ async fn token_endpoint_hostile_cases(s: &TestServer) {
     assert_eq!((st, v["error"].as_str()), (401, Some("invalid_client")));
     // Scope escalation is cut to what was registered; nothing grantable is an error.
     let (st, v) = s
-        .token_request(&s.assertion(&id, &key), "system/*.cruds")
+        .token_request(&s.assertion(id, key), "system/*.cruds")
         .await;
     assert_eq!(st, 200);
     assert_eq!(v["scope"], "system/Patient.rs");
     let (st, v) = s
-        .token_request(&s.assertion(&id, &key), "system/Observation.rs")
+        .token_request(&s.assertion(id, key), "system/Observation.rs")
         .await;
     assert_eq!((st, v["error"].as_str()), (400, Some("invalid_scope")));
-    // Unknown client and a forged key look the same as each other.
+}
+
+/// Unknown client and a forged key look the same as each other.
+async fn forged_keys_and_unknown_clients_look_alike(s: &TestServer, id: &str, key: &[u8]) {
     let (other_id, other_key) = s.register("system/Patient.rs").await;
-    let forged = s.assertion(&id, &other_key);
+    let forged = s.assertion(id, &other_key);
     let (st1, v1) = s.token_request(&forged, "system/Patient.rs").await;
-    let unknown = s.assertion("no-such-client", &key);
+    let unknown = s.assertion("no-such-client", key);
     let (st2, v2) = s.token_request(&unknown, "system/Patient.rs").await;
     assert_eq!((st1, st2), (401, 401));
     assert_eq!(
@@ -220,11 +231,15 @@ async fn token_endpoint_hostile_cases(s: &TestServer) {
         "no hint which check failed"
     );
     let _ = other_id;
+}
+
+/// Wrong audience; expired, too far in the future; RFC 7523's nbf and iat.
+async fn wrong_audience_and_times_are_refused(s: &TestServer, id: &str, key: &[u8]) {
     // Wrong audience.
     let wrong_aud = phylax_auth::client_key::sign_assertion(
-        &key,
+        key,
         None,
-        &id,
+        id,
         "https://elsewhere/token",
         chrono::Utc::now().timestamp(),
     )
@@ -235,7 +250,7 @@ async fn token_endpoint_hostile_cases(s: &TestServer) {
     );
     // Expired, and too far in the future.
     let now = chrono::Utc::now().timestamp();
-    let k = EncodingKey::from_ec_pem(&key).unwrap();
+    let k = EncodingKey::from_ec_pem(key).unwrap();
     let sign = |exp: i64| {
         jsonwebtoken::encode(&Header::new(Algorithm::ES384),
         &json!({"iss": id, "sub": id, "aud": s.token_url(), "exp": exp, "jti": uuid::Uuid::new_v4().to_string()}), &k).unwrap()
@@ -283,7 +298,10 @@ async fn token_endpoint_hostile_cases(s: &TestServer) {
             .0,
         200
     );
-    // Malformed requests.
+}
+
+/// Malformed requests.
+async fn malformed_requests_are_refused(s: &TestServer) {
     let r = s
         .http
         .post(s.token_url())

@@ -203,6 +203,15 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
     let (b, _) = store_phi(s, &tok).await;
     let (c, _) = store_phi(s, &tok).await;
     let (d, _) = store_phi(s, &tok).await;
+    a_flipped_byte_is_refused(s, &tok, &a).await;
+    swapped_rows_are_refused(s, &tok, &b, &c).await;
+    a_replayed_version_is_refused(s, &tok, &d).await;
+    a_rewritten_key_scope_is_refused(s, &tok, &b).await;
+    a_tampered_wrapped_key_is_refused(s, &tok).await;
+}
+
+/// Flip the last byte of A's body (inside the GCM tag).
+async fn a_flipped_byte_is_refused(s: &TestServer, tok: &str, a: &str) {
     let blob_flip = match s.backend {
         // Flip the last byte of the body (inside the GCM tag).
         Backend::Sqlite => format!(
@@ -215,35 +224,39 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
     };
     sql(s, &blob_flip).await;
     assert_integrity_refusal(
-        status_and_body(s, &tok, &format!("/Patient/{a}")).await,
+        status_and_body(s, tok, &format!("/Patient/{a}")).await,
         "flipped byte",
     );
+}
 
-    // Move B's ciphertext onto C (same type and version, different id).
+/// Move B's ciphertext onto C (same type and version, different id).
+async fn swapped_rows_are_refused(s: &TestServer, tok: &str, b: &str, c: &str) {
     sql(s, &format!("UPDATE resource_versions SET body = (SELECT body FROM resource_versions WHERE id = '{b}' AND version = 1), \
                      key_scope = (SELECT key_scope FROM resource_versions WHERE id = '{b}' AND version = 1) WHERE id = '{c}'")).await;
     assert_integrity_refusal(
-        status_and_body(s, &tok, &format!("/Patient/{c}")).await,
+        status_and_body(s, tok, &format!("/Patient/{c}")).await,
         "swapped rows",
     );
     assert_eq!(
-        status_and_body(s, &tok, &format!("/Patient/{b}")).await.0,
+        status_and_body(s, tok, &format!("/Patient/{b}")).await.0,
         200,
         "the source row is intact"
     );
+}
 
-    // Replay an old version as the current one.
+/// Replay an old version of D as the current one.
+async fn a_replayed_version_is_refused(s: &TestServer, tok: &str, d: &str) {
     let r = s
         .http
         .get(s.url(&format!("/Patient/{d}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .send()
         .await
         .unwrap();
     let body: Value = r.json().await.unwrap();
     s.http
         .put(s.url(&format!("/Patient/{d}")))
-        .bearer_auth(&tok)
+        .bearer_auth(tok)
         .header("content-type", FJ)
         .body(body.to_string())
         .send()
@@ -252,36 +265,40 @@ async fn tampering_is_detected_and_refused(s: &TestServer) {
     sql(s, &format!("UPDATE resource_versions SET body = (SELECT body FROM resource_versions WHERE id = '{d}' AND version = 1) \
                      WHERE id = '{d}' AND version = 2")).await;
     assert_integrity_refusal(
-        status_and_body(s, &tok, &format!("/Patient/{d}")).await,
+        status_and_body(s, tok, &format!("/Patient/{d}")).await,
         "replayed version",
     );
     assert_eq!(
-        status_and_body(s, &tok, &format!("/Patient/{d}/_history/1"))
+        status_and_body(s, tok, &format!("/Patient/{d}/_history/1"))
             .await
             .0,
         200
     );
+}
 
-    // Rewrite which key a row claims, and tamper with a wrapped key.
+/// Rewrite which key a row claims; history listings refuse too.
+async fn a_rewritten_key_scope_is_refused(s: &TestServer, tok: &str, b: &str) {
     sql(
         s,
         &format!("UPDATE resource_versions SET key_scope = 'tenant' WHERE id = '{b}'"),
     )
     .await;
     assert_integrity_refusal(
-        status_and_body(s, &tok, &format!("/Patient/{b}")).await,
+        status_and_body(s, tok, &format!("/Patient/{b}")).await,
         "key scope rewritten",
     );
     // History listings refuse too, rather than skipping the bad row silently.
     assert_integrity_refusal(
-        status_and_body(s, &tok, "/Patient/_history").await,
+        status_and_body(s, tok, "/Patient/_history").await,
         "history over a tampered row",
     );
+}
 
-    // A fresh server (no key cache) over a tampered wrapped key.
-    let (good1, _) = store_phi(s, &tok).await;
-    let (good2, _) = store_phi(s, &tok).await;
-    let (e, _) = store_phi(s, &tok).await;
+/// A fresh server (no key cache) over a tampered wrapped key.
+async fn a_tampered_wrapped_key_is_refused(s: &TestServer, tok: &str) {
+    let (good1, _) = store_phi(s, tok).await;
+    let (good2, _) = store_phi(s, tok).await;
+    let (e, _) = store_phi(s, tok).await;
     let flip_key = match s.backend {
         Backend::Sqlite => format!("UPDATE wrapped_keys SET wrapped = CAST(substr(wrapped, 1, 20) || CASE WHEN substr(wrapped, 21, 1) = x'ff' THEN x'00' ELSE x'ff' END || substr(wrapped, 22) AS BLOB) WHERE scope = 'data:patient:{e}'"),
         Backend::Postgres => format!("UPDATE wrapped_keys SET wrapped = set_byte(wrapped, 20, (get_byte(wrapped, 20) + 1) % 256) WHERE scope = 'data:patient:{e}'"),

@@ -11,7 +11,7 @@
 
 use crate::common;
 
-use common::{Backend, TestServer};
+use common::{now, Backend, TestServer};
 use phylax_auth::token::UserContext;
 use reqwest::Method as M;
 use serde_json::{json, Value};
@@ -78,10 +78,6 @@ async fn server(b: Backend) -> Option<TestServer> {
         ];
     })
     .await
-}
-
-fn now() -> i64 {
-    chrono::Utc::now().timestamp()
 }
 
 fn loader(s: &TestServer) -> String {

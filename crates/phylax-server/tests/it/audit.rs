@@ -8,11 +8,9 @@
 
 use crate::common;
 
-use common::TestServer;
+use common::{TestServer, ALL, FJ};
 use serde_json::{json, Value};
 
-const ALL: &str = "system/*.cruds";
-const FJ: &str = "application/fhir+json";
 const FAMILY: &str = "Quixotequeue";
 
 async fn send(

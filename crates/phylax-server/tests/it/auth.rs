@@ -3,11 +3,9 @@
 
 use crate::common;
 
-use common::TestServer;
+use common::{TestServer, FJ};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-
-const FJ: &str = "application/fhir+json";
 
 both!(no_token_no_data);
 async fn no_token_no_data(s: &TestServer) {

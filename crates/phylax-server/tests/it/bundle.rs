@@ -3,10 +3,8 @@
 
 use crate::common;
 
-use common::TestServer;
+use common::{get, TestServer, FJ};
 use serde_json::{json, Value};
-
-const FJ: &str = "application/fhir+json";
 
 async fn post_bundle(s: &TestServer, tok: &str, b: &Value) -> (u16, Value) {
     let r = s
@@ -15,17 +13,6 @@ async fn post_bundle(s: &TestServer, tok: &str, b: &Value) -> (u16, Value) {
         .bearer_auth(tok)
         .header("content-type", FJ)
         .body(b.to_string())
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or_default())
-}
-
-async fn get(s: &TestServer, tok: &str, path_and_query: &str) -> (u16, Value) {
-    let r = s
-        .http
-        .get(s.url(path_and_query))
-        .bearer_auth(tok)
         .send()
         .await
         .unwrap();

@@ -3,13 +3,10 @@
 
 use crate::common;
 
-use common::TestServer;
+use common::{TestServer, ALL, FJ};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::sync::Arc;
-
-const ALL: &str = "system/*.cruds";
-const FJ: &str = "application/fhir+json";
 
 async fn send(
     s: &TestServer,

@@ -5,11 +5,9 @@
 
 use crate::common;
 
-use common::{Backend, TestServer};
+use common::{Backend, TestServer, FJ};
 use phylax_server::instance::{InitOptions, Instance, InstanceError};
 use serde_json::{json, Value};
-
-const FJ: &str = "application/fhir+json";
 
 /// Distinctive PHI-like test values (fictional).
 const NEEDLES: &[&str] = &[

@@ -3,10 +3,8 @@
 
 use crate::common;
 
-use common::TestServer;
+use common::{get, TestServer, FJ};
 use serde_json::{json, Value};
-
-const FJ: &str = "application/fhir+json";
 
 async fn create(s: &TestServer, tok: &str, body: Value) -> String {
     let t = body["resourceType"].as_str().unwrap().to_owned();
@@ -24,17 +22,6 @@ async fn create(s: &TestServer, tok: &str, body: Value) -> String {
         .as_str()
         .unwrap()
         .to_owned()
-}
-
-async fn get(s: &TestServer, tok: &str, path_and_query: &str) -> (u16, Value) {
-    let r = s
-        .http
-        .get(s.url(path_and_query))
-        .bearer_auth(tok)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or_default())
 }
 
 /// Ids of the matches, sorted; asserts the search succeeded and `total` agrees.

@@ -10,7 +10,7 @@
 use crate::common;
 
 use base64::Engine;
-use common::TestServer;
+use common::{now, TestServer};
 use phylax_server::data::grants::Kind;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -325,10 +325,6 @@ fn otpauth_from(html: &str) -> String {
     let i = html.find("href=\"otpauth://").unwrap() + 6;
     let raw = &html[i..i + html[i..].find('"').unwrap()];
     raw.replace("&amp;", "&")
-}
-
-fn now() -> i64 {
-    chrono::Utc::now().timestamp()
 }
 
 /// The next 30-second step's start, so a test can use a code that was not

@@ -289,6 +289,31 @@ impl TestServer {
     }
 }
 
+/// The FHIR JSON media type.
+pub const FJ: &str = "application/fhir+json";
+
+/// Every system scope: what a test client asks for when scopes are not
+/// what it tests.
+pub const ALL: &str = "system/*.cruds";
+
+/// Now, in Unix seconds.
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// GET `path_and_query` with `tok`: the status and the JSON body (null
+/// when there is none).
+pub async fn get(s: &TestServer, tok: &str, path_and_query: &str) -> (u16, serde_json::Value) {
+    let r = s
+        .http
+        .get(s.url(path_and_query))
+        .bearer_auth(tok)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or_default())
+}
+
 /// This process's resident memory (KiB), for tests that bound it.
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")

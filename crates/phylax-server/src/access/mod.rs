@@ -8,6 +8,8 @@
 //! - [`consent`]: patients' privacy consents as deny rules.
 //! - [`gate`]: [`gate::Gate`], the layer's state; it owns the repository.
 //! - [`break_glass`]: emergency access grants and their review queue.
+//! - [`care`]: care relationships (whose patients a clinician cares for,
+//!   how a user is known in the data), break-the-glass grants in force.
 //! - [`reach`]: the patients a caller reaches and the checks on every
 //!   version read or written.
 //! - [`write`]: the checks and audit record of one caller's writes (the
@@ -18,6 +20,7 @@
 //!   earlier releases (references made canonical).
 
 pub mod break_glass;
+pub mod care;
 pub mod consent;
 pub mod ctx;
 pub mod gate;

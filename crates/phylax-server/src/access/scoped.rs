@@ -454,7 +454,7 @@ impl<'a> Scoped<'a> {
     async fn written<'t>(&self, types: impl IntoIterator<Item = &'t ResourceType>) {
         let (mut care, mut consent) = (false, false);
         for t in types {
-            care |= crate::access::reach::CARE_TYPES.contains(&t.as_str());
+            care |= crate::access::care::CARE_TYPES.contains(&t.as_str());
             consent |= t.as_str() == "Consent";
         }
         if care {

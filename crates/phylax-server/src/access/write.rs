@@ -45,7 +45,7 @@ impl<'a> WriteAuditor<'a> {
         .into_iter()
         .flatten()
         .collect();
-        crate::access::reach::patients_opened(self.st, rtype, id, &bodies)
+        crate::access::care::patients_opened(self.st, rtype, id, &bodies)
             .await
             .map_err(|e| RepoError::Store(phylax_store::StoreError::Unavailable(format!("{e:?}"))))
     }

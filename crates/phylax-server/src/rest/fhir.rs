@@ -115,7 +115,7 @@ pub async fn read(
             let control = ResultControl::parse(&rtype, &q)?;
             let id = rid.ok_or(Failure::NotFound)?;
             let v = st.scoped(&ctx).read(&rtype, &id).await?;
-            crate::access::reach::watch_own_name(&st.gate, &ctx, [&v]).await;
+            crate::access::care::watch_own_name(&st.gate, &ctx, [&v]).await;
             match (&v.body, control.subsets()) {
                 (Some(b), true) => {
                     let mut r = fhir_json(StatusCode::OK, &control.apply(b.json()));

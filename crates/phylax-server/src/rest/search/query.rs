@@ -87,7 +87,7 @@ pub(super) async fn search(
     .await?;
     let rows = page.rows;
     let inc = included(st, ctx, rtype, &q, &rows).await?;
-    crate::access::reach::watch_own_name(&st.gate, ctx, rows.iter().chain(inc.iter())).await;
+    crate::access::care::watch_own_name(&st.gate, ctx, rows.iter().chain(inc.iter())).await;
     let mut refs = crate::access::ctx::AuditRefs::of_versions(rows.iter().chain(inc.iter()));
     // Parameter names only: values (a name, a birth date) stay out of the log.
     refs.params = params

@@ -328,6 +328,30 @@ impl<'a> Scoped<'a> {
         id: &ResourceId,
     ) -> Result<Current, RepoError> {
         let row = self.st.repo.current_row(rtype, id).await?;
+        self.checked(rtype, id, row).await
+    }
+
+    /// [`Scoped::current`] for an id that may never have been written:
+    /// `None` then, without the checks (a delete of nothing).
+    pub async fn existing(
+        &self,
+        rtype: &ResourceType,
+        id: &ResourceId,
+    ) -> Result<Option<Current>, RepoError> {
+        match self.st.repo.current_row(rtype, id).await? {
+            None => Ok(None),
+            row => Ok(Some(self.checked(rtype, id, row).await?)),
+        }
+    }
+
+    /// The stored row, with the version it holds opened when the checks
+    /// need it, once the writer may replace it.
+    async fn checked(
+        &self,
+        rtype: &ResourceType,
+        id: &ResourceId,
+        row: Option<StoredVersion>,
+    ) -> Result<Current, RepoError> {
         let old = self
             .st
             .repo
@@ -339,30 +363,6 @@ impl<'a> Scoped<'a> {
             row,
             old,
         })
-    }
-
-    /// [`Scoped::current`] for an id that may never have been written:
-    /// `None` then, without the checks (a delete of nothing).
-    pub async fn existing(
-        &self,
-        rtype: &ResourceType,
-        id: &ResourceId,
-    ) -> Result<Option<Current>, RepoError> {
-        let row = self.st.repo.current_row(rtype, id).await?;
-        if row.is_none() {
-            return Ok(None);
-        }
-        let old = self
-            .st
-            .repo
-            .guard_existing(Some(&self.guard()), rtype, row.as_ref())
-            .await?;
-        Ok(Some(Current {
-            rtype: rtype.clone(),
-            id: id.clone(),
-            row,
-            old,
-        }))
     }
 
     /// A new resource with a server-assigned id (a random UUID).

@@ -63,6 +63,8 @@ async fn grant(
     h: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, Failure> {
+    // Checked here first so that a refused role hears so before any
+    // problem with its request body; `issue` checks again, whoever calls it.
     let Principal::User { role, mfa_at, .. } = ctx.principal() else {
         return Err(Failure::Declined("break-the-glass: users only"));
     };

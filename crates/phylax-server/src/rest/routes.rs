@@ -12,10 +12,13 @@ use std::sync::Arc;
 /// entries reuse their Bundle's.
 pub fn fhir_routes() -> Router<Arc<AppState>> {
     use crate::rest::{bundle, fhir, search};
+    // Bundle entries are run through these same routes: the Bundle
+    // handler alone is told how (not every FHIR request).
+    let bundles = || post(bundle::system_post).layer(Extension(bundle::EntryRoutes(fhir_routes)));
     Router::new()
-        .route("/fhir", post(bundle::system_post))
+        .route("/fhir", bundles())
         // Clients commonly post Bundles to the base with a trailing slash.
-        .route("/fhir/", post(bundle::system_post))
+        .route("/fhir/", bundles())
         .route("/fhir/_history", get(fhir::history_system))
         .route(
             "/fhir/{rtype}",
@@ -36,6 +39,4 @@ pub fn fhir_routes() -> Router<Arc<AppState>> {
             "/fhir/{rtype}/{id}/{ctype}",
             get(search::compartment_search).post(crate::rest::break_glass::request),
         )
-        // Bundle entries are run through these same routes.
-        .layer(Extension(bundle::EntryRoutes(fhir_routes)))
 }

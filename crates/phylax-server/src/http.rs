@@ -27,8 +27,12 @@ use std::time::{Duration, Instant};
 pub fn router(st: Arc<AppState>) -> Router {
     use crate::authn::token as auth_api;
     use crate::rest::fhir;
+    // The FHIR handlers get their part of the state only (`FhirState`:
+    // no accounts, clients or token issuer); the token middleware, which
+    // checks revocations and disabled clients, gets the whole.
     let protected = crate::rest::routes::fhir_routes()
-        .route_layer(middleware::from_fn_with_state(st.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(st.clone(), require_token))
+        .with_state(st.fhir.clone());
     // Sign-in and tokens get their own router and state: a sign-in handler
     // can only ask for `State<Authn>` (asking for the application state
     // does not compile), so no sign-in page can reach the repository.
@@ -72,14 +76,17 @@ pub fn router(st: Arc<AppState>) -> Router {
             get(crate::authn::signin::enroll_page).post(crate::authn::signin::enroll_submit),
         )
         .with_state(crate::state::Authn(st.authn.clone()));
-    let public = Router::new()
+    let metadata = Router::new()
         .route("/fhir/metadata", get(fhir::metadata))
-        .route("/metrics", get(crate::rest::metrics::metrics));
-    let mut app = public
+        .with_state(st.fhir.clone());
+    let ops = Router::new()
+        .route("/metrics", get(crate::ops::metrics::metrics))
+        .with_state(st.clone());
+    let mut app = metadata
         .merge(protected)
-        .fallback(|| async { Failure::UnknownType })
-        .with_state(st.clone())
-        .merge(authn);
+        .merge(ops)
+        .merge(authn)
+        .fallback(|| async { Failure::UnknownType });
     if !st.config.http.cors_origins.is_empty() {
         app = app.layer(cors(&st.config.http.cors_origins));
     }
@@ -261,9 +268,15 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
             if let Some(rule) = e.denied_by() {
                 let status = e.status().as_u16();
                 let refs = crate::access::ctx::AuditRefs::default();
-                if let Err(a) =
-                    crate::rest::pipeline::record(&st, &refused, "access", refs, status, Some(rule))
-                        .await
+                if let Err(a) = crate::rest::pipeline::record(
+                    &st.fhir,
+                    &refused,
+                    "access",
+                    refs,
+                    status,
+                    Some(rule),
+                )
+                .await
                 {
                     return a.into_response();
                 }

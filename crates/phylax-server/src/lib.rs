@@ -17,6 +17,8 @@
 //!   below, and the background tasks that keep its caches fresh.
 //! - [`rest`]: the FHIR REST API handlers and their wire helpers.
 //! - [`authn`]: sign-in pages and the token endpoint.
+//! - [`ops`]: what operators reach: access explain and review (the CLI),
+//!   the metrics scrape.
 //! - [`http`]: the router and middleware (request ids,
 //!   security headers, CORS, bearer tokens), and `serve`.
 
@@ -28,6 +30,7 @@ pub mod data;
 pub mod http;
 pub mod instance;
 pub mod net;
+pub mod ops;
 pub mod rest;
 pub mod state;
 

@@ -991,7 +991,7 @@ async fn app_state(inst: &InstanceArgs) -> Result<std::sync::Arc<phylax_server::
 }
 
 async fn access_cmd(c: AccessCmd) -> Result<()> {
-    use phylax_server::rest::access_admin;
+    use phylax_server::ops::access as ops_access;
     match c {
         AccessCmd::Explain {
             inst,
@@ -1002,7 +1002,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
             interaction,
             json,
         } => {
-            let what = access_admin::parse_interaction(&interaction).ok_or_else(|| {
+            let what = ops_access::parse_interaction(&interaction).ok_or_else(|| {
                 anyhow::anyhow!("--interaction: one of read, vread, history, search, create, update, delete, everything")
             })?;
             let (t, id) = resource
@@ -1015,12 +1015,12 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
                 })
                 .ok_or_else(|| anyhow::anyhow!("--resource must be Type/id"))?;
             let subject = match (user, client) {
-                (Some(username), None) => access_admin::Subject::User { username, scope },
-                (None, Some(client_id)) => access_admin::Subject::Client { client_id },
+                (Some(username), None) => ops_access::Subject::User { username, scope },
+                (None, Some(client_id)) => ops_access::Subject::Client { client_id },
                 _ => anyhow::bail!("give --user or --client"),
             };
             let st = app_state(&inst).await?;
-            let e = access_admin::explain(&st, &subject, &t, &id, what)
+            let e = ops_access::explain(&st, &subject, &t, &id, what)
                 .await
                 .map_err(|e| match e {
                     phylax_server::base::error::Failure::NotFound => {
@@ -1058,7 +1058,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
         } => {
             let st = app_state(&inst).await?;
             let now = chrono::Utc::now().timestamp_millis();
-            let rows = access_admin::review(&st, dormant_days, now)
+            let rows = ops_access::review(&st, dormant_days, now)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             st.audit

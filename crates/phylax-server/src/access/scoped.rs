@@ -27,6 +27,24 @@ use serde_json::Value;
 pub struct Scoped<'a> {
     st: &'a Gate,
     ctx: &'a RequestCtx,
+    /// Made inside [`decided`] work: only then does it reach the
+    /// repository.
+    decided: bool,
+}
+
+tokio::task_local! {
+    /// Set while the interaction pipeline runs work the policy allowed.
+    static DECIDED: ();
+}
+
+/// Run `work` as work the policy allowed: a [`Scoped`] made inside it
+/// reaches the repository; one made anywhere else refuses every access
+/// (403, rule `undecided`), so a handler that skips the interaction
+/// pipeline (its type-level decision, masking and audit record) fails
+/// closed at its first test. Only `rest::pipeline::run` calls this
+/// (`scripts/module-graph` refuses the name elsewhere above this layer).
+pub async fn decided<F: std::future::Future>(work: F) -> F::Output {
+    DECIDED.scope((), work).await
 }
 
 impl std::fmt::Debug for Scoped<'_> {
@@ -37,7 +55,24 @@ impl std::fmt::Debug for Scoped<'_> {
 
 impl<'a> Scoped<'a> {
     pub fn new(st: &'a Gate, ctx: &'a RequestCtx) -> Scoped<'a> {
-        Scoped { st, ctx }
+        let decided = DECIDED.try_with(|_| ()).is_ok();
+        Scoped { st, ctx, decided }
+    }
+
+    /// The repository, for decided work only.
+    fn repo(&self) -> Result<&'a crate::data::repo::Repo, RepoError> {
+        if self.decided {
+            Ok(&self.st.repo)
+        } else {
+            tracing::error!(
+                request_id = %self.ctx.request_id(),
+                "resource access outside the interaction pipeline refused"
+            );
+            Err(RepoError::Denied {
+                hidden: false,
+                rule: "undecided",
+            })
+        }
     }
 
     /// The caller's write guard: every write below passes it to the
@@ -61,7 +96,7 @@ impl<'a> Scoped<'a> {
         rtype: &ResourceType,
         id: &phylax_fhir::ResourceId,
     ) -> Result<ResourceVersion, Failure> {
-        let v = self.gone_hidden(self.st.repo.read(rtype, id).await)?;
+        let v = self.gone_hidden(self.repo()?.read(rtype, id).await)?;
         check(self.st, &self.ctx.access, &v)?;
         Ok(v)
     }
@@ -73,7 +108,7 @@ impl<'a> Scoped<'a> {
         id: &phylax_fhir::ResourceId,
         version: phylax_fhir::VersionId,
     ) -> Result<ResourceVersion, Failure> {
-        let v = self.gone_hidden(self.st.repo.vread(rtype, id, version).await)?;
+        let v = self.gone_hidden(self.repo()?.vread(rtype, id, version).await)?;
         check(self.st, &self.ctx.access, &v)?;
         Ok(v)
     }
@@ -86,7 +121,7 @@ impl<'a> Scoped<'a> {
         rtype: &ResourceType,
         id: &phylax_fhir::ResourceId,
     ) -> Result<Option<ResourceVersion>, Failure> {
-        match self.st.repo.read(rtype, id).await {
+        match self.repo()?.read(rtype, id).await {
             Ok(v) if allows(self.st, &self.ctx.access, &v) == Decision::Allow => Ok(Some(v)),
             Ok(_) | Err(RepoError::NotFound | RepoError::Gone(_)) => Ok(None),
             Err(e) => Err(e.into()),
@@ -117,7 +152,7 @@ impl<'a> Scoped<'a> {
     ) -> Result<(), Failure> {
         // The patient must exist, be live and be within the caller's
         // reach (else: not found, like an unknown id).
-        let p = match self.st.repo.read(patient_type, pid).await {
+        let p = match self.repo()?.read(patient_type, pid).await {
             Err(crate::data::repo::RepoError::Gone(_))
                 if self.ctx.access.reach != phylax_auth::policy::Reach::All =>
             {
@@ -142,7 +177,7 @@ impl<'a> Scoped<'a> {
     /// Every match (up to `q.limit`), confined and checked.
     pub async fn search(&self, mut q: SearchQuery) -> Result<Vec<ResourceVersion>, Failure> {
         self.confine(&mut q)?;
-        let rows = self.st.repo.search_unconfined(&q).await?;
+        let rows = self.repo()?.search_unconfined(&q).await?;
         self.verify(&rows)?;
         Ok(rows)
     }
@@ -155,7 +190,7 @@ impl<'a> Scoped<'a> {
         keep: usize,
     ) -> Result<(Vec<ResourceVersion>, bool), Failure> {
         self.confine(&mut q)?;
-        let (rows, more) = self.st.repo.search_page_unconfined(&q, keep).await?;
+        let (rows, more) = self.repo()?.search_page_unconfined(&q, keep).await?;
         self.verify(&rows)?;
         Ok((rows, more))
     }
@@ -165,7 +200,7 @@ impl<'a> Scoped<'a> {
     pub async fn count(&self, mut q: SearchQuery) -> Result<u64, Failure> {
         self.confine(&mut q)?;
         q.before_seq = None;
-        Ok(self.st.repo.count_unconfined(&q).await?)
+        Ok(self.repo()?.count_unconfined(&q).await?)
     }
 
     fn verify(&self, rows: &[ResourceVersion]) -> Result<(), Failure> {
@@ -216,8 +251,7 @@ impl<'a> Scoped<'a> {
     ) -> Result<HistoryPage, Failure> {
         let key_scopes = crate::access::reach::history_scopes(&self.ctx.access, &scope);
         let rows = self
-            .st
-            .repo
+            .repo()?
             .history(&HistoryQuery {
                 scope,
                 since,
@@ -256,8 +290,7 @@ impl<'a> Scoped<'a> {
         body: Value,
     ) -> Result<(ResourceVersion, AuditCommitted), RepoError> {
         let v = self
-            .st
-            .repo
+            .repo()?
             .create(rtype, body, Some(&self.guard()))
             .await?;
         self.written([rtype]).await;
@@ -276,8 +309,7 @@ impl<'a> Scoped<'a> {
         allow_create: bool,
     ) -> Result<(ResourceVersion, bool, AuditCommitted), RepoError> {
         let (v, created) = self
-            .st
-            .repo
+            .repo()?
             .update(rtype, id, body, if_match, allow_create, Some(&self.guard()))
             .await?;
         self.written([rtype]).await;
@@ -290,7 +322,7 @@ impl<'a> Scoped<'a> {
         rtype: &ResourceType,
         id: &ResourceId,
     ) -> Result<Option<(ResourceVersion, AuditCommitted)>, RepoError> {
-        let r = self.st.repo.delete(rtype, id, Some(&self.guard())).await?;
+        let r = self.repo()?.delete(rtype, id, Some(&self.guard())).await?;
         if r.is_some() {
             self.written([rtype]).await;
         }
@@ -300,7 +332,7 @@ impl<'a> Scoped<'a> {
     /// Whether `Type/id` has ever been written (a tombstone counts): what
     /// a 404 for an unknown id tells anyway. Nothing else of the row.
     pub async fn exists(&self, rtype: &ResourceType, id: &ResourceId) -> Result<bool, RepoError> {
-        Ok(self.st.repo.current_row(rtype, id).await?.is_some())
+        Ok(self.repo()?.current_row(rtype, id).await?.is_some())
     }
 
     /// Whether a live resource holds `Type/id`, for a conditional update
@@ -308,10 +340,9 @@ impl<'a> Scoped<'a> {
     /// patients learns nothing of ids it cannot see: those answer as
     /// hidden (404) before a conflict is told.
     pub async fn occupied(&self, rtype: &ResourceType, id: &ResourceId) -> Result<bool, RepoError> {
-        let row = self.st.repo.current_row(rtype, id).await?;
+        let row = self.repo()?.current_row(rtype, id).await?;
         if self.limited() {
-            self.st
-                .repo
+            self.repo()?
                 .guard_existing(Some(&self.guard()), rtype, row.as_ref())
                 .await?;
         }
@@ -327,7 +358,7 @@ impl<'a> Scoped<'a> {
         rtype: &ResourceType,
         id: &ResourceId,
     ) -> Result<Current, RepoError> {
-        let row = self.st.repo.current_row(rtype, id).await?;
+        let row = self.repo()?.current_row(rtype, id).await?;
         self.checked(rtype, id, row).await
     }
 
@@ -338,7 +369,7 @@ impl<'a> Scoped<'a> {
         rtype: &ResourceType,
         id: &ResourceId,
     ) -> Result<Option<Current>, RepoError> {
-        match self.st.repo.current_row(rtype, id).await? {
+        match self.repo()?.current_row(rtype, id).await? {
             None => Ok(None),
             row => Ok(Some(self.checked(rtype, id, row).await?)),
         }
@@ -353,8 +384,7 @@ impl<'a> Scoped<'a> {
         row: Option<StoredVersion>,
     ) -> Result<Current, RepoError> {
         let old = self
-            .st
-            .repo
+            .repo()?
             .guard_existing(Some(&self.guard()), rtype, row.as_ref())
             .await?;
         Ok(Current {
@@ -388,8 +418,7 @@ impl<'a> Scoped<'a> {
             ),
         };
         let w = self
-            .st
-            .repo
+            .repo()?
             .plan_put(&cur.rtype, &cur.id, version, body, pre)
             .await?;
         let interaction = if cur.is_absent() || cur.is_deleted() {
@@ -407,7 +436,7 @@ impl<'a> Scoped<'a> {
             .as_ref()
             .filter(|r| !r.deleted)
             .ok_or(RepoError::NotFound)?;
-        let w = self.st.repo.plan_delete(&cur.rtype, &cur.id, row)?;
+        let w = self.repo()?.plan_delete(&cur.rtype, &cur.id, row)?;
         self.check(w, cur.old.as_ref(), "delete")
     }
 
@@ -439,8 +468,7 @@ impl<'a> Scoped<'a> {
             records.push(c.w.audit(&guard, c.interaction, &opened)?);
         }
         let written = self
-            .st
-            .repo
+            .repo()?
             .commit(writes.into_iter().map(|c| c.w).collect(), records)
             .await?;
         self.written(written.iter().map(|v| &v.rtype)).await;

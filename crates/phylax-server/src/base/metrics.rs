@@ -1,4 +1,4 @@
-//! Counters for `GET /metrics` (served by [`crate::rest::metrics`]).
+//! Counters for `GET /metrics` (served by [`crate::ops::metrics`]).
 //!
 //! Labels are fixed vocabularies only (interaction names, status codes,
 //! event kinds): no patient id, user id, client id, path or query ever

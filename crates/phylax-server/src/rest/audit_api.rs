@@ -14,7 +14,7 @@ use crate::access::ctx::{AuditRefs, RequestCtx};
 use crate::base::error::Failure;
 use crate::rest::pipeline;
 use crate::rest::wire::{bundle, fhir_json, make_cursor, open_cursor};
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use phylax_auth::policy::{decide, Decision, Interaction, Principal};
@@ -42,7 +42,7 @@ type Parsed = (AuditQuery, u32, Vec<(String, String)>, Option<ResourceId>);
 /// Search parameters → a store query. Unknown parameters are an error
 /// (the audit log is small in surface; silently ignoring a filter would
 /// show an auditor more, or less, than they asked for).
-fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Failure> {
+fn parse_query(st: &FhirState, params: &[(String, String)]) -> Result<Parsed, Failure> {
     let mut q = AuditQuery::default();
     let mut count = DEFAULT_COUNT;
     let mut kept = Vec::new();
@@ -114,7 +114,7 @@ fn parse_query(st: &AppState, params: &[(String, String)]) -> Result<Parsed, Fai
 /// `strip` removes forensic details (network address, token id, request
 /// id) for a patient's own view.
 async fn page(
-    st: &AppState,
+    st: &FhirState,
     path: &str,
     params: &[(String, String)],
     strip: bool,
@@ -263,12 +263,12 @@ fn strip_forensics(v: &mut Value, patient: Option<&ResourceId>) {
 }
 
 /// Search the log (the pipeline has decided `search-type` on AuditEvent).
-pub async fn search(st: &AppState, params: Vec<(String, String)>) -> Result<Response, Failure> {
+pub async fn search(st: &FhirState, params: Vec<(String, String)>) -> Result<Response, Failure> {
     page(st, AUDIT_TYPE, &params, false).await
 }
 
 /// Read one record (the pipeline has decided `read` on AuditEvent).
-pub async fn read(st: &AppState, id: &str) -> Result<Response, Failure> {
+pub async fn read(st: &FhirState, id: &str) -> Result<Response, Failure> {
     st.audit
         .flush()
         .await
@@ -292,7 +292,7 @@ pub async fn read(st: &AppState, id: &str) -> Result<Response, Failure> {
 
 /// `GET /fhir/Patient/{id}/$access-log`.
 pub async fn access_log(
-    st: Arc<AppState>,
+    st: Arc<FhirState>,
     ctx: RequestCtx,
     id: String,
     raw: Option<String>,

@@ -5,7 +5,7 @@
 use crate::access::break_glass::{MAX_REASON, PURPOSES};
 use crate::access::ctx::RequestCtx;
 use crate::base::error::Failure;
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -24,7 +24,7 @@ fn param<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
 
 /// `POST /fhir/Patient/{id}/$break-the-glass`.
 pub async fn request(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Arc<FhirState>>,
     Extension(ctx): Extension<RequestCtx>,
     Path((ct, id, op)): Path<(String, String, String)>,
     h: HeaderMap,
@@ -57,7 +57,7 @@ pub async fn request(
 }
 
 async fn grant(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     pid: Option<&ResourceId>,
     h: &HeaderMap,

@@ -12,7 +12,7 @@ use crate::base::clock::format_instant;
 use crate::base::error::Failure;
 use crate::rest::pipeline;
 use crate::rest::search::ResultControl;
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -275,7 +275,7 @@ pub async fn delete(
 /// resource's history is decided version by version: one that moved
 /// between patients shows only the versions the caller may see).
 async fn history(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     scope: HistoryScope,
     listing: String,

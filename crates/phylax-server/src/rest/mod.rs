@@ -1,5 +1,6 @@
-//! The HTTP API other than sign-in: the FHIR REST handlers and their wire
-//! helpers, and the operational `GET /metrics`.
+//! The FHIR REST API: its handlers and their wire helpers. Handlers
+//! receive [`crate::state::FhirState`] (`scripts/module-graph` refuses the
+//! application state here).
 //!
 //! # Layout
 //! - [`error`]: `Failure` → HTTP status + OperationOutcome with the
@@ -15,19 +16,14 @@
 //! - [`bundle`]: batch and transaction.
 //! - [`break_glass`]: the `$break-the-glass` operation.
 //! - [`audit_api`]: the read-only AuditEvent API and `$access-log`.
-//! - [`metrics`]: `GET /metrics` in Prometheus text format.
 //! - [`routes`]: the authenticated FHIR routes (batch entries are routed
 //!   through them too).
-//! - [`access_admin`]: access review and `explain` (shared with the CLI).
-
-pub mod access_admin;
 pub mod audit_api;
 pub mod break_glass;
 pub mod bundle;
 pub mod error;
 pub mod fhir;
 pub mod mask;
-pub mod metrics;
 pub mod pipeline;
 pub mod routes;
 pub mod search;

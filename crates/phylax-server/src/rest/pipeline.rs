@@ -10,6 +10,11 @@
 //!    durable releases the response: when the record cannot be written,
 //!    the client gets 503 and no data (fail closed).
 //!
+//! The work reaches resources through `FhirState::scoped`, whose
+//! `Scoped` works only inside [`run`] once the policy allowed
+//! ([`crate::access::scoped::decided`]); made anywhere else it refuses
+//! every access, so a handler cannot skip this pipeline and still read.
+//!
 //! Writes commit their audit record in their own transaction (the scoped
 //! repository's write guard, [`crate::access::write::WriteAuditor`],
 //! drafts it; the response carries the proof, [`AuditCommitted`]), so
@@ -20,7 +25,7 @@
 use crate::access::ctx::{AuditRefs, RequestCtx};
 use crate::access::scoped::AuditCommitted;
 use crate::base::error::Failure;
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::response::{IntoResponse, Response};
 use phylax_auth::policy::{decide_instance, Decision, Interaction};
 use phylax_fhir::ResourceType;
@@ -30,7 +35,7 @@ use std::future::Future;
 /// itself (a Bundle as a whole). `Err` means the record could not be
 /// written and the response must not be released.
 pub async fn record(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     interaction: &'static str,
     refs: AuditRefs,
@@ -54,9 +59,35 @@ pub async fn record(
     })
 }
 
+/// Decide several interactions at once (a transaction's entries) and run
+/// `work` only when the policy allows every one: the first denial is
+/// recorded and refuses all. `work` records its own outcome (a
+/// transaction's writes commit their records with them; its answer is
+/// recorded by the caller).
+pub async fn run_all<F, Fut, T>(
+    st: &FhirState,
+    ctx: &RequestCtx,
+    what: &[(Interaction, ResourceType)],
+    work: F,
+) -> Result<T, Failure>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    for (w, t) in what {
+        if let Decision::Deny(rule) =
+            phylax_auth::policy::decide(ctx.principal(), *w, Some(t.as_str()))
+        {
+            record(st, ctx, w.as_str(), AuditRefs::default(), 403, Some(rule)).await?;
+            return Err(Failure::Forbidden);
+        }
+    }
+    crate::access::scoped::decided(work()).await
+}
+
 /// Run one FHIR interaction through policy, work and audit.
 pub async fn run<F, Fut>(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     what: Interaction,
     rtype: Option<&ResourceType>,
@@ -80,7 +111,9 @@ where
     };
     let decision = decide_instance(ctx.principal(), what, rtype.map(ResourceType::as_str), id);
     let (result, denied_by) = match decision {
-        Decision::Allow => (work().await, None),
+        // Only decided work reaches resources: a `Scoped` made anywhere
+        // else refuses every access.
+        Decision::Allow => (crate::access::scoped::decided(work()).await, None),
         Decision::Deny(rule) => (Err(Failure::Forbidden), Some(rule)),
     };
     // Field masking, after `_elements`/`_summary` shaped the response.

@@ -2,7 +2,7 @@
 //! batch and transaction, and the break-the-glass operation. Bundle
 //! entries are routed through the same routes (`bundle::EntryRoutes`).
 
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 /// The authenticated FHIR routes. Handlers expect a [`crate::access::ctx::RequestCtx`] in the
 /// request extensions: the token middleware attaches it, and batch
 /// entries reuse their Bundle's.
-pub fn fhir_routes() -> Router<Arc<AppState>> {
+pub fn fhir_routes() -> Router<Arc<FhirState>> {
     use crate::rest::{bundle, fhir, search};
     // Bundle entries are run through these same routes: the Bundle
     // handler alone is told how (not every FHIR request).

@@ -8,7 +8,7 @@ use crate::base::clock::format_instant;
 use crate::base::error::Failure;
 use crate::data::repo::ResourceVersion;
 use crate::rest::error::{outcome_response, FHIR_JSON};
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -22,7 +22,7 @@ use phylax_fhir::{Issue, IssueCode, OperationOutcome, ResourceType, Severity, Ve
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-pub(crate) type St = State<Arc<AppState>>;
+pub(crate) type St = State<Arc<FhirState>>;
 
 // ---------------------------------------------------------------- inputs
 
@@ -121,7 +121,7 @@ pub(crate) fn check_content_type(h: &HeaderMap) -> Result<(), Failure> {
 
 /// Read the body within the configured limit, parse strictly, validate.
 pub(crate) async fn read_resource(
-    st: &AppState,
+    st: &FhirState,
     h: &HeaderMap,
     body: Body,
 ) -> Result<(ResourceType, Value), Failure> {
@@ -200,7 +200,7 @@ pub(crate) fn body_error(e: &axum::Error) -> Failure {
 }
 
 /// Read the body within the configured limit and parse it strictly.
-pub(crate) async fn read_json(st: &AppState, h: &HeaderMap, body: Body) -> Result<Value, Failure> {
+pub(crate) async fn read_json(st: &FhirState, h: &HeaderMap, body: Body) -> Result<Value, Failure> {
     check_content_type(h)?;
     let limit = st.config.http.max_body_bytes;
     let bytes = read_body(h, body, limit).await?;
@@ -347,7 +347,7 @@ pub(crate) fn http_date(ms: i64) -> String {
 
 pub(crate) fn version_headers(
     r: &mut Response,
-    st: &AppState,
+    st: &FhirState,
     v: &ResourceVersion,
     location: bool,
 ) {
@@ -372,7 +372,7 @@ pub(crate) fn version_headers(
 
 /// The response to a successful write, honouring `Prefer: return=`.
 pub(crate) fn write_response(
-    st: &AppState,
+    st: &FhirState,
     h: &HeaderMap,
     status: StatusCode,
     v: &ResourceVersion,
@@ -412,7 +412,7 @@ pub(crate) fn committed(mut r: Response, proof: crate::access::scoped::AuditComm
     r
 }
 
-pub(crate) fn read_response(st: &AppState, v: &ResourceVersion) -> Response {
+pub(crate) fn read_response(st: &FhirState, v: &ResourceVersion) -> Response {
     let mut r = match &v.body {
         Some(b) => resource_json(StatusCode::OK, b),
         None => Failure::Gone.into_response(),
@@ -469,7 +469,7 @@ pub(crate) fn entry(full_url: String, resource: Value, mode: &str) -> Value {
 /// Paging cursors are opaque and MACed: `base64url(state).base64url(tag)`,
 /// where the state names the listing it belongs to. An edited cursor, or one
 /// replayed against another listing, is refused.
-pub(crate) fn make_cursor(st: &AppState, listing: &str, before_seq: i64) -> String {
+pub(crate) fn make_cursor(st: &FhirState, listing: &str, before_seq: i64) -> String {
     let msg = format!("v1|{listing}|{before_seq}");
     let tag = st.cursor_key.sign(msg.as_bytes());
     format!(
@@ -479,7 +479,7 @@ pub(crate) fn make_cursor(st: &AppState, listing: &str, before_seq: i64) -> Stri
     )
 }
 
-pub(crate) fn open_cursor(st: &AppState, listing: &str, cursor: &str) -> Result<i64, Failure> {
+pub(crate) fn open_cursor(st: &FhirState, listing: &str, cursor: &str) -> Result<i64, Failure> {
     let bad = || Failure::bad_request("invalid or tampered paging cursor");
     let (m, t) = cursor.split_once('.').ok_or_else(bad)?;
     let msg = URL_SAFE_NO_PAD.decode(m).map_err(|_| bad())?;
@@ -496,7 +496,7 @@ pub(crate) fn open_cursor(st: &AppState, listing: &str, cursor: &str) -> Result<
     seq.parse().map_err(|_| bad())
 }
 
-pub(crate) fn page_size(st: &AppState, q: &Query) -> Result<u32, Failure> {
+pub(crate) fn page_size(st: &FhirState, q: &Query) -> Result<u32, Failure> {
     match q.get("_count") {
         None => Ok(st.config.http.default_page_size),
         Some(c) => {
@@ -524,7 +524,7 @@ pub(crate) fn parse_since(q: &Query) -> Result<Option<i64>, Failure> {
 /// be allowed to search the type; empty criteria are refused, since they
 /// would select everything.
 pub(crate) async fn conditional_matches(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     rtype: &ResourceType,
     params: &[(String, String)],

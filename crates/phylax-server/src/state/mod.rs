@@ -3,18 +3,21 @@
 //! tasks that keep its caches fresh.
 //!
 //! # Layout
+//! - [`fhir`]: [`FhirState`], what the FHIR REST handlers receive: the
+//!   access layer and the wire's needs, no accounts, clients or tokens.
 //! - [`authn`]: [`AuthnState`], what the sign-in pages and the token
 //!   endpoint receive (and nothing else: no repository, no access layer).
-//! - this file: [`AppState`], which the REST handlers and the middleware
-//!   receive; it holds the access layer ([`Gate`]) and the sign-in state.
+//! - this file: [`AppState`], which the middleware, the operator tasks
+//!   (`crate::ops`) and the background tasks receive; it holds both
+//!   states above and what only the middleware needs.
 
 mod authn;
+mod fhir;
 
 pub use authn::{Authn, AuthnState};
+pub use fhir::FhirState;
 
-use crate::access::ctx::RequestCtx;
 use crate::access::gate::Gate;
-use crate::access::scoped::Scoped;
 use crate::base::config::Config;
 use crate::base::error::Failure;
 use crate::data::accounts::Accounts;
@@ -27,30 +30,29 @@ use crate::instance::Instance;
 use phylax_auth::assertion::Verifier;
 use phylax_auth::throttle::Throttle;
 use phylax_auth::TokenIssuer;
-use phylax_crypto::MacKey;
 use phylax_store::MetaStore;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Everything handlers share.
+/// The whole application: what the middleware and the operator tasks
+/// receive. Handlers receive one of its parts ([`FhirState`],
+/// [`AuthnState`]), never this.
 #[derive(Debug)]
 pub struct AppState {
     pub config: Arc<Config>,
     /// The instance's data directory (relative paths in the config).
     pub data_dir: std::path::PathBuf,
     pub fhir_base: String,
-    /// The access layer: it owns the resource repository; handlers reach
-    /// resources through [`AppState::scoped`] only.
+    /// The access layer: it owns the resource repository. The FHIR
+    /// handlers hold it through [`FhirState`].
     pub gate: Arc<Gate>,
     /// The database backend's name ("sqlite", "postgres"), for logs.
     pub backend: &'static str,
     /// Registered clients (the raw store is held only by the subsystems
     /// that own its tables; see docs/ARCHITECTURE.md).
     pub clients: Clients,
-    pub cursor_key: MacKey,
     pub audit: Arc<crate::audit::log::AuditLog>,
-    pub capability: serde_json::Value,
     /// Clients disabled in the database, refreshed every few seconds so that
     /// disabling a client also stops its unexpired tokens without a database
     /// read per request.
@@ -64,6 +66,8 @@ pub struct AppState {
     /// Sign-in and tokens: what the `authn` handlers receive. The token
     /// middleware uses its issuer, revocations and rate limits too.
     pub authn: Arc<AuthnState>,
+    /// What the FHIR handlers receive.
+    pub fhir: Arc<FhirState>,
     /// Flagged (VIP) patients, for the `vip-access` rule.
     pub vip: crate::audit::detect::VipSet,
 }
@@ -135,22 +139,31 @@ impl AppState {
             roles: roles.clone(),
             metrics: metrics.clone(),
         });
+        let gate = Arc::new(Gate::new(
+            Repo::new(store.clone(), keys.clone(), blind_key, fhir_base.clone())
+                .with_aliases(&config.http.base_aliases),
+            store.clone(),
+            keys.clone(),
+            accounts.clone(),
+            audit.clone(),
+            config.access.clone(),
+        ));
+        let fhir = Arc::new(FhirState {
+            config: config.clone(),
+            fhir_base: fhir_base.clone(),
+            gate: gate.clone(),
+            cursor_key,
+            keys: keys.clone(),
+            audit: audit.clone(),
+            capability,
+            metrics: metrics.clone(),
+        });
         let st = Arc::new(AppState {
-            gate: Arc::new(Gate::new(
-                Repo::new(store.clone(), keys.clone(), blind_key, fhir_base.clone())
-                    .with_aliases(&config.http.base_aliases),
-                store.clone(),
-                keys.clone(),
-                accounts.clone(),
-                audit.clone(),
-                config.access.clone(),
-            )),
+            gate,
             backend: store.backend(),
             clients,
             fhir_base,
-            cursor_key,
             audit,
-            capability,
             disabled_clients: parking_lot::RwLock::new(HashSet::new()),
             accounts,
             keys,
@@ -159,6 +172,7 @@ impl AppState {
             data_dir,
             metrics,
             authn,
+            fhir,
             vip: Default::default(),
         });
         st.refresh_disabled()
@@ -307,12 +321,6 @@ impl AppState {
             .record_auth(ev)
             .await
             .map_err(|e| Failure::Unavailable(e.to_string()))
-    }
-
-    /// The resource repository as the caller of `ctx` may see and change
-    /// it: the only way handlers reach resources.
-    pub fn scoped<'a>(&'a self, ctx: &'a RequestCtx) -> Scoped<'a> {
-        Scoped::new(&self.gate, ctx)
     }
 
     /// Keep the disabled-client list fresh until the process ends.

@@ -8,14 +8,14 @@ use crate::access::ctx::{AuditRefs, RequestCtx};
 use crate::base::error::Failure;
 use crate::rest::pipeline;
 use crate::rest::wire;
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use std::sync::Arc;
 
 pub(super) async fn batch(
-    st: &Arc<AppState>,
+    st: &Arc<FhirState>,
     ctx: &RequestCtx,
     h: &HeaderMap,
     entries: Vec<Result<Entry, Failure>>,

@@ -2,7 +2,7 @@
 //! resource, conditions), and errors that name the entry.
 
 use crate::base::error::Failure;
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::http::Method;
 use phylax_fhir::Issue;
 use serde_json::Value;
@@ -87,7 +87,7 @@ pub(super) fn entry_error(idx: usize, msg: &str) -> Failure {
 /// Parse the entries of a batch or transaction Bundle. An entry that does
 /// not parse fails a transaction, and only itself in a batch.
 pub(super) fn parse_entries(
-    st: &AppState,
+    st: &FhirState,
     bundle: &Value,
 ) -> Result<Vec<Result<Entry, Failure>>, Failure> {
     let empty = Vec::new();

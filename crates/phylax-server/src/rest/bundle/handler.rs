@@ -9,7 +9,7 @@ use crate::access::ctx::{AuditRefs, RequestCtx};
 use crate::base::error::Failure;
 use crate::rest::pipeline;
 use crate::rest::wire;
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 /// `POST /fhir` with a Bundle of type `batch` or `transaction`.
 pub async fn system_post(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Arc<FhirState>>,
     Extension(ctx): Extension<RequestCtx>,
     Extension(routes): Extension<EntryRoutes>,
     h: HeaderMap,

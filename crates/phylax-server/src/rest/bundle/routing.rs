@@ -4,7 +4,7 @@
 use super::entry::{entry_error, Entry};
 use crate::access::ctx::RequestCtx;
 use crate::base::clock::format_instant;
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -65,7 +65,7 @@ pub(super) async fn dispatch(
 /// ([`crate::rest::routes`]), so entries run exactly as if they had arrived
 /// on their own (and this module need not know the routes).
 #[derive(Clone, Copy)]
-pub struct EntryRoutes(pub fn() -> Router<Arc<AppState>>);
+pub struct EntryRoutes(pub fn() -> Router<Arc<FhirState>>);
 
 impl std::fmt::Debug for EntryRoutes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,7 +75,7 @@ impl std::fmt::Debug for EntryRoutes {
 
 /// The FHIR routes, for running entries as if they had arrived on their
 /// own (built once per Bundle).
-pub(super) fn entry_router(st: &Arc<AppState>, routes: EntryRoutes) -> Router {
+pub(super) fn entry_router(st: &Arc<FhirState>, routes: EntryRoutes) -> Router {
     (routes.0)()
         .with_state(st.clone())
         .layer(axum::middleware::from_fn(

@@ -10,7 +10,7 @@ use crate::base::error::Failure;
 use crate::data::repo::ResourceVersion;
 use crate::rest::pipeline;
 use crate::rest::wire::{self, parse_type, prefer, Query};
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use phylax_auth::policy::{decide, Decision, Interaction};
@@ -46,7 +46,7 @@ pub(super) type Audited = (&'static str, Option<&'static str>, Option<String>);
 
 /// Check the policy for an entry; a denial is recorded and refuses all.
 pub(super) async fn allow(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     what: Interaction,
     rtype: &ResourceType,
@@ -75,7 +75,7 @@ pub(super) fn criteria(q: &str) -> Vec<(String, String)> {
 
 /// Resolve a conditional URL (`Type?criteria`) to at most one resource.
 pub(super) async fn resolve_one(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     rtype: &ResourceType,
     q: &str,
@@ -108,7 +108,7 @@ pub(super) fn rewrite_references(v: &mut Value, map: &HashMap<String, String>) {
 }
 
 pub(super) async fn transaction(
-    st: &Arc<AppState>,
+    st: &Arc<FhirState>,
     ctx: &RequestCtx,
     h: &HeaderMap,
     mut entries: Vec<Entry>,
@@ -133,7 +133,7 @@ pub(super) async fn transaction(
 /// A transaction's run: decide every entry, plan every write, commit them
 /// at once, then answer in the Bundle's order.
 pub(super) async fn run_transaction(
-    st: &Arc<AppState>,
+    st: &Arc<FhirState>,
     ctx: &RequestCtx,
     h: &HeaderMap,
     entries: &mut [Entry],
@@ -142,29 +142,33 @@ pub(super) async fn run_transaction(
     let n = entries.len();
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| (entries[i].verb, i));
-    // 1. Policy for every entry before anything else happens.
-    check_policy(st, ctx, entries, &order).await?;
-    // 2. Resolve ids: deletes, then creates, then updates.
-    let mut plan = Plan::new(st, ctx, n);
-    for &i in &order {
-        plan.resolve(i, &mut entries[i]).await?;
-    }
-    // 3. References: entries' fullUrls, then conditional references.
-    plan.resolve_references().await?;
-    // 4. Seal, then commit every write at once (every write's audit record
-    // commits with the writes: all or nothing).
-    let (written, outcomes, audited) = plan.commit().await?;
-    // 5. Responses in the Bundle's order; GETs run now.
-    respond(st, ctx, h, entries, routes, &written, &outcomes, audited).await
+    // 1. Policy for every entry before anything else happens (one denial
+    // refuses all); the rest runs as decided work.
+    let decisions = interactions(entries, &order)?;
+    pipeline::run_all(st, ctx, &decisions, || async {
+        // 2. Resolve ids: deletes, then creates, then updates.
+        let mut plan = Plan::new(st, ctx, n);
+        for &i in &order {
+            plan.resolve(i, &mut entries[i]).await?;
+        }
+        // 3. References: entries' fullUrls, then conditional references.
+        plan.resolve_references().await?;
+        // 4. Seal, then commit every write at once (every write's audit
+        // record commits with the writes: all or nothing).
+        let (written, outcomes, audited) = plan.commit().await?;
+        // 5. Responses in the Bundle's order; GETs run now.
+        respond(st, ctx, h, entries, routes, &written, &outcomes, audited).await
+    })
+    .await
 }
 
-/// Step 1: the policy decides every entry first; one denial refuses all.
-async fn check_policy(
-    st: &AppState,
-    ctx: &RequestCtx,
+/// Step 1: what the policy decides for every write entry, in order (GETs
+/// are decided by their route when they run).
+fn interactions(
     entries: &[Entry],
     order: &[usize],
-) -> Result<(), Failure> {
+) -> Result<Vec<(Interaction, ResourceType)>, Failure> {
+    let mut out = Vec::new();
     for &i in order {
         let e = &entries[i];
         let (path, _) = e.path_and_query();
@@ -179,14 +183,14 @@ async fn check_policy(
             Verb::Put => Interaction::Update,
             Verb::Get => continue, // decided by the route when it runs
         };
-        allow(st, ctx, what, &rtype).await?;
+        out.push((what, rtype));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// A transaction being planned (steps 2 to 4): what each entry will do.
 struct Plan<'a> {
-    st: &'a AppState,
+    st: &'a FhirState,
     ctx: &'a RequestCtx,
     /// Checks each written or replaced resource against the caller's
     /// reach and drafts the writes' audit records.
@@ -210,7 +214,7 @@ struct Target {
 }
 
 impl<'a> Plan<'a> {
-    fn new(st: &'a AppState, ctx: &'a RequestCtx, n: usize) -> Plan<'a> {
+    fn new(st: &'a FhirState, ctx: &'a RequestCtx, n: usize) -> Plan<'a> {
         Plan {
             st,
             ctx,
@@ -514,7 +518,7 @@ impl<'a> Plan<'a> {
 /// audit records of entries that wrote nothing, and the transaction's own.
 #[allow(clippy::too_many_arguments)]
 async fn respond(
-    st: &Arc<AppState>,
+    st: &Arc<FhirState>,
     ctx: &RequestCtx,
     h: &HeaderMap,
     entries: &[Entry],
@@ -588,7 +592,7 @@ pub(super) fn check_body_type(
 }
 
 pub(super) fn version_entry(
-    st: &AppState,
+    st: &FhirState,
     v: &ResourceVersion,
     status: StatusCode,
     minimal: bool,

@@ -5,7 +5,7 @@ use super::include::local_target;
 use crate::access::ctx::RequestCtx;
 use crate::base::error::Failure;
 use crate::data::repo::ResourceVersion;
-use crate::state::AppState;
+use crate::state::FhirState;
 use phylax_auth::policy::{decide, Decision, Interaction};
 use phylax_fhir::{Issue, IssueCode, ResourceType};
 
@@ -19,7 +19,7 @@ pub(super) const MAX_CHAINS: usize = 8;
 /// search its type (else a chain would reveal what it may not see); its
 /// parameters must all be understood; it may match at most `MAX_CHAIN`.
 pub(super) async fn inner_search(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     rtype: &ResourceType,
     params: &[(String, String)],
@@ -66,7 +66,7 @@ pub(super) async fn inner_search(
 /// first, and its matches become reference hashes (chain) or ids (`_has`)
 /// of the outer search. One level only.
 pub(super) async fn resolve_chains(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     rtype: &ResourceType,
     params: &[(String, String)],
@@ -103,7 +103,7 @@ fn shown(n: &str) -> String {
 /// `_has:Type:refParam:innerParam=value`: the ids of `rtype` that matches
 /// of the inner search reference.
 async fn reverse_chain(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     rtype: &ResourceType,
     name: &str,
@@ -168,7 +168,7 @@ async fn reverse_chain(
 /// inner search (on the named type, or every target type that has the
 /// parameter and the caller may search).
 async fn chain(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     rtype: &ResourceType,
     name: &str,

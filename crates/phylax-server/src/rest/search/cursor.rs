@@ -2,7 +2,7 @@
 //! encrypted so that no next-page URL shows a search term.
 
 use crate::base::error::Failure;
-use crate::state::AppState;
+use crate::state::FhirState;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -29,7 +29,7 @@ pub(super) struct Cursor {
 }
 
 pub(super) async fn seal_search_cursor(
-    st: &AppState,
+    st: &FhirState,
     rtype: &str,
     params: &[(String, String)],
     before: i64,
@@ -53,7 +53,7 @@ pub(super) async fn seal_search_cursor(
 }
 
 pub(super) async fn open_search_cursor(
-    st: &AppState,
+    st: &FhirState,
     rtype: &str,
     cursor: &str,
 ) -> Result<Cursor, Failure> {

@@ -8,7 +8,7 @@ use crate::base::error::Failure;
 use crate::data::repo::ResourceVersion;
 use crate::rest::pipeline;
 use crate::rest::wire::{bundle_out, check_accept, page_size, parse_since, EntryOut, Query};
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use phylax_auth::policy::{decide, Decision, Interaction};
@@ -27,7 +27,7 @@ pub(super) const EVERYTHING_CURSOR: &str = "$everything";
 /// caller may not search are silently left out, as are referenced
 /// resources it may not read.
 pub(super) async fn everything(
-    st: Arc<AppState>,
+    st: Arc<FhirState>,
     ctx: RequestCtx,
     id: String,
     h: HeaderMap,
@@ -55,7 +55,7 @@ pub(super) async fn everything(
 
 /// One page of `$everything` for a patient the caller reaches.
 async fn everything_page(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     patient_type: &ResourceType,
     pid: &ResourceId,
@@ -113,7 +113,7 @@ async fn everything_page(
 /// sealed cursor (which must be this patient's): the type index and the
 /// keyset bound within that type.
 async fn position(
-    st: &AppState,
+    st: &FhirState,
     q: Query,
     pid: &ResourceId,
 ) -> Result<(Query, usize, Option<i64>), Failure> {
@@ -182,7 +182,7 @@ fn compartment_types(
 /// the next one starts (type index, keyset bound or -1 for a type's start).
 #[allow(clippy::too_many_arguments)]
 async fn fill_page(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     pid: &ResourceId,
     types: &[ResourceType],
@@ -237,7 +237,7 @@ async fn fill_page(
 /// Resources the page references outside the compartment, that the caller
 /// may read (at most `MAX_INCLUDED`).
 async fn referenced(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     page: &[ResourceVersion],
 ) -> Result<Vec<ResourceVersion>, Failure> {

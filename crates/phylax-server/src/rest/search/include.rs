@@ -5,14 +5,14 @@ use crate::access::ctx::RequestCtx;
 use crate::base::error::Failure;
 use crate::data::repo::ResourceVersion;
 use crate::rest::wire::Query;
-use crate::state::AppState;
+use crate::state::FhirState;
 use phylax_auth::policy::{decide, Decision, Interaction};
 use phylax_fhir::{ResourceId, ResourceType};
 
 /// The resource a reference names on this server (`Type/id` or
 /// `Type/id/_history/v`, or the same as an absolute URL under our base);
 /// `None` for contained, external or malformed references.
-pub(super) fn local_target(st: &AppState, r: &str) -> Option<(ResourceType, ResourceId)> {
+pub(super) fn local_target(st: &FhirState, r: &str) -> Option<(ResourceType, ResourceId)> {
     let r = r
         .strip_prefix(st.fhir_base.as_str())
         .and_then(|x| x.strip_prefix('/'))
@@ -41,7 +41,7 @@ pub(super) const MAX_ITERATE_DEPTH: usize = 4;
 /// direct read; one the caller may not see is silently left out, never an
 /// error that would reveal it exists. Each resource appears once (loops end).
 pub(super) async fn included(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     rtype: &ResourceType,
     q: &Query,
@@ -164,7 +164,7 @@ fn parse_spec(v: &str) -> Result<(ResourceType, String, Option<ResourceType>), F
 
 /// Includes being gathered: each resource once, at most `MAX_INCLUDED`.
 struct Includes<'a> {
-    st: &'a AppState,
+    st: &'a FhirState,
     ctx: &'a RequestCtx,
     seen: std::collections::HashSet<(String, String)>,
     /// How many earlier rounds added.

@@ -9,7 +9,7 @@ use crate::access::ctx::RequestCtx;
 use crate::base::error::Failure;
 use crate::data::repo::{BodyOut, ResourceVersion};
 use crate::rest::wire::{bundle_out, check_accept, page_size, prefer, EntryOut, Query};
-use crate::state::AppState;
+use crate::state::FhirState;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use phylax_fhir::subset::Summary;
@@ -35,7 +35,7 @@ pub(super) fn bound_page(rows: &mut Vec<ResourceVersion>, cap: usize) -> bool {
 /// Run a type-level search (GET or POST `_search`). `posted`: the terms
 /// came in a form body, and must not appear in any link of the answer.
 pub(super) async fn search(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     h: &HeaderMap,
     rtype: &ResourceType,
@@ -123,7 +123,7 @@ struct Position {
 /// parsed, a `_compartment` added; unknown parameters refused under
 /// `Prefer: handling=strict`.
 async fn conditions(
-    st: &AppState,
+    st: &FhirState,
     ctx: &RequestCtx,
     h: &HeaderMap,
     rtype: &ResourceType,
@@ -176,7 +176,7 @@ struct Page {
 /// bounded and pages are offsets into it; otherwise by keyset.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_page(
-    st: &AppState,
+    st: &FhirState,
     scoped: &crate::access::scoped::Scoped<'_>,
     rtype: &ResourceType,
     control: &ResultControl,
@@ -233,7 +233,7 @@ async fn fetch_page(
 /// echoed); with hidden terms it is a sealed cursor. `next` and
 /// `previous` are sealed cursors.
 async fn page_links(
-    st: &AppState,
+    st: &FhirState,
     rtype: &ResourceType,
     params: &[(String, String)],
     unknown: &[String],
@@ -296,7 +296,7 @@ async fn page_links(
 /// bodies are moved into the Bundle. Stored text goes into the page as it
 /// is, unless `_summary` or `_elements` reshape it.
 fn page_entries(
-    st: &AppState,
+    st: &FhirState,
     control: &ResultControl,
     rows: Vec<ResourceVersion>,
     inc: Vec<ResourceVersion>,

@@ -245,7 +245,7 @@ async fn other_paths_to_a_patient(s: &TestServer) {
 
 /// `phylax access explain`: the same decision, by rule, without data.
 async fn access_explain_gives_the_rule(s: &TestServer) {
-    use phylax_server::rest::access_admin::{explain, parse_interaction, Subject};
+    use phylax_server::ops::access::{explain, parse_interaction, Subject};
     let ex = |who: &'static str, rt: &'static str, id: &'static str, what: &'static str| async move {
         let subject = Subject::User {
             username: who.into(),
@@ -293,7 +293,7 @@ async fn access_explain_gives_the_rule(s: &TestServer) {
 
 /// `phylax access review`: the front desk read once, nothing else.
 async fn access_review_finds_unused_grants(s: &TestServer) {
-    use phylax_server::rest::access_admin::review;
+    use phylax_server::ops::access::review;
     let rows = review(&s.state, 90, chrono::Utc::now().timestamp_millis())
         .await
         .unwrap();

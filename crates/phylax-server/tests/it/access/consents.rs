@@ -142,15 +142,15 @@ async fn consent_from_another_node_applies(s: &TestServer, w: &Tokens) {
     }
     assert!(hidden, "another node's consent applies");
     // The explanation names the consent.
-    let e = phylax_server::rest::access_admin::explain(
+    let e = phylax_server::ops::access::explain(
         &s.state,
-        &phylax_server::rest::access_admin::Subject::User {
+        &phylax_server::ops::access::Subject::User {
             username: "dr.a".into(),
             scope: None,
         },
         &phylax_fhir::ResourceType::parse("Patient").unwrap(),
         &phylax_fhir::ResourceId::parse("pa-enc").unwrap(),
-        phylax_server::rest::access_admin::parse_interaction("read").unwrap(),
+        phylax_server::ops::access::parse_interaction("read").unwrap(),
     )
     .await
     .unwrap();

@@ -25,6 +25,8 @@
 //!   writes.
 //! - [`relationships`]: care relationships are written only by those allowed
 //!   to; self-registration.
+//! - [`pipeline`]: resources are reached only inside the interaction
+//!   pipeline.
 //! - [`records`]: tampered index rows, patient attribution and private access
 //!   logs, type history, canonical references.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
@@ -379,5 +381,6 @@ mod glass;
 mod insiders;
 mod masks;
 mod matrix;
+mod pipeline;
 mod records;
 mod relationships;

@@ -1,0 +1,13 @@
+//! What operators reach: the access administration the CLI runs and the
+//! Prometheus scrape. These receive the whole application state
+//! ([`crate::state::AppState`]); nothing here is reachable with a FHIR
+//! token.
+//!
+//! # Layout
+//! - [`access`]: `phylax access explain` and `phylax access review`: one
+//!   decision explained, the periodic access review.
+//! - [`metrics`]: `GET /metrics` in Prometheus text format (its own bearer
+//!   token, `[metrics] token_sha256`).
+
+pub mod access;
+pub mod metrics;

@@ -1,0 +1,43 @@
+//! [`FhirState`]: what the FHIR REST handlers receive. It holds the access
+//! layer ([`Gate`], through which alone resources are reached, as the
+//! caller may see them), the audit log (whose records the interaction
+//! pipeline writes; outside the audit modules it offers only reads), the
+//! counters, and what the wire needs (limits, base URL, the cursor and
+//! capability). It holds no accounts, clients, grants, roles or token
+//! issuer: a FHIR handler cannot sign anyone in or change who may do what.
+//! The FHIR routes are a router whose state is `Arc<FhirState>`, so a FHIR
+//! handler cannot ask for the application state.
+
+use crate::access::ctx::RequestCtx;
+use crate::access::gate::Gate;
+use crate::access::scoped::Scoped;
+use crate::base::config::Config;
+use crate::data::keyring::KeyRing;
+use phylax_crypto::MacKey;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct FhirState {
+    pub config: Arc<Config>,
+    pub fhir_base: String,
+    /// The access layer: it owns the resource repository; handlers reach
+    /// resources through [`FhirState::scoped`] only.
+    pub gate: Arc<Gate>,
+    /// Seals `_history` paging cursors.
+    pub cursor_key: MacKey,
+    /// Data keys (search cursors are sealed under the `cursor` key).
+    pub keys: Arc<KeyRing>,
+    pub audit: Arc<crate::audit::log::AuditLog>,
+    /// The CapabilityStatement served at `GET /fhir/metadata`.
+    pub capability: serde_json::Value,
+    /// Counters for `GET /metrics`.
+    pub metrics: Arc<crate::base::metrics::Metrics>,
+}
+
+impl FhirState {
+    /// The resource repository as the caller of `ctx` may see and change
+    /// it: the only way handlers reach resources.
+    pub fn scoped<'a>(&'a self, ctx: &'a RequestCtx) -> Scoped<'a> {
+        Scoped::new(&self.gate, ctx)
+    }
+}

@@ -96,6 +96,30 @@ enum AccessCmd {
     /// The break-the-glass review queue.
     #[command(subcommand)]
     BreakGlass(BreakGlassCmd),
+    /// Relationship data written before the relationships permission,
+    /// held: it opens no patient until approved (`Type/id/version`; ids
+    /// only, never content).
+    Held {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve held relationship data after review: every held version
+    /// (--all) or those of the resources named.
+    Approve {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(
+            long,
+            conflicts_with = "resource",
+            required_unless_present = "resource"
+        )]
+        all: bool,
+        /// `Type/id` (repeatable).
+        #[arg(long)]
+        resource: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1049,6 +1073,52 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
                     e.rule
                 );
             }
+            Ok(())
+        }
+        AccessCmd::Held { inst, json } => {
+            let st = app_state(&inst).await?;
+            let held = ops_access::held(&st);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&held)?);
+            } else if held.is_empty() {
+                println!("no relationship data is held");
+            } else {
+                for h in &held {
+                    println!("{h}");
+                }
+                println!(
+                    "{} held (approve after review: phylax access approve)",
+                    held.len()
+                );
+            }
+            Ok(())
+        }
+        AccessCmd::Approve {
+            inst,
+            all,
+            resource,
+        } => {
+            let approval = if all {
+                phylax_server::access::holds::Approval::All
+            } else {
+                let mut named = Vec::new();
+                for r in &resource {
+                    let ok = r.split_once('/').is_some_and(|(t, id)| {
+                        phylax_fhir::ResourceType::parse(t).is_some()
+                            && phylax_fhir::ResourceId::parse(id).is_some()
+                    });
+                    anyhow::ensure!(ok, "--resource must be Type/id");
+                    named.push(r.clone());
+                }
+                phylax_server::access::holds::Approval::Resources(named)
+            };
+            let st = app_state(&inst).await?;
+            let n = ops_access::approve(&st, approval)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "{n} held version(s) approved; they open patients within a second on every node"
+            );
             Ok(())
         }
         AccessCmd::Review {

@@ -716,6 +716,16 @@ fn access_explain_review_and_break_glass_queue() {
     // A clinician does not change who reaches whom.
     assert_eq!(a["relationships"], false);
 
+    // Nothing held on an instance this release created; approving a
+    // resource that is not held is refused with its reason.
+    assert!(ok(&run(&["access", "held"])).contains("no relationship data is held"));
+    assert_eq!(ok(&run(&["access", "held", "--json"])).trim(), "[]");
+    assert!(
+        fails(&run(&["access", "approve", "--resource", "CareTeam/ct-1"]))
+            .contains("no held version of CareTeam/ct-1")
+    );
+    assert!(fails(&run(&["access", "approve", "--resource", "ct-1"])).contains("Type/id"));
+    assert!(ok(&run(&["access", "approve", "--all"])).contains("0 held version(s) approved"));
     assert!(ok(&run(&["access", "break-glass", "list"])).contains("no grants waiting"));
     assert!(fails(&run(&[
         "access",

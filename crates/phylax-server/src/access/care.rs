@@ -113,7 +113,11 @@ pub(in crate::access) async fn find(
         before_seq: None,
         limit: CARE_SCAN_LIMIT,
     };
-    Ok(st.repo.search_unconfined(&q).await?)
+    let mut rows = st.repo.search_unconfined(&q).await?;
+    // Relationship data no holder of the permission is known to have
+    // written opens nobody (`holds`).
+    rows.retain(|v| !st.holds.is_held(v));
+    Ok(rows)
 }
 
 pub(in crate::access) fn ids_of_refs(body: &Value, pointer: &[&str], prefix: &str) -> Vec<String> {

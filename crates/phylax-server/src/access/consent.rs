@@ -12,6 +12,7 @@
 //! one-row history probe notices). A deployment with very many consents
 //! pays one full re-read per change; see docs/ACCESS_CONTROL.md.
 
+use crate::access::holds::Holds;
 use crate::base::error::Failure;
 use crate::data::repo::Repo;
 use phylax_auth::consent::{delegations, deny_rules, DenyRule};
@@ -33,6 +34,9 @@ struct Index {
     delegates: HashMap<String, Vec<DenyRule>>,
     /// The newest Consent version seen when the index was read.
     mark: Option<i64>,
+    /// The relationship holds' generation it was built with (a held
+    /// consent's delegations are left out).
+    holds: u64,
     loaded: bool,
 }
 
@@ -78,16 +82,22 @@ async fn newest(repo: &Repo) -> Result<Option<i64>, Failure> {
 
 impl Consents {
     /// Reread every consent when one changed since the index was built.
-    pub async fn refresh(&self, repo: &Repo) -> Result<(), Failure> {
+    pub async fn refresh(&self, repo: &Repo, holds: &Holds) -> Result<(), Failure> {
         let _one = self.reload.lock().await;
         let mark = newest(repo).await?;
-        if self.index.read().loaded && self.index.read().mark == mark {
+        let generation = holds.generation();
+        let same = {
+            let i = self.index.read();
+            i.loaded && i.mark == mark && i.holds == generation
+        };
+        if same {
             *self.checked.lock() = Some(std::time::Instant::now());
             return Ok(());
         }
         let t = consent_type()?;
         let mut idx = Index {
             mark,
+            holds: generation,
             loaded: true,
             ..Index::default()
         };
@@ -97,6 +107,10 @@ impl Consents {
             for v in &page {
                 if let Some(b) = &v.body {
                     idx.rules.extend(deny_rules(b.json()));
+                    // A held consent still narrows; it opens nothing.
+                    if holds.is_held(v) {
+                        continue;
+                    }
                     for d in delegations(b.json()) {
                         for a in &d.actors {
                             idx.delegates.entry(a.clone()).or_default().push(d.clone());

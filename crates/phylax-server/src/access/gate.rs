@@ -4,6 +4,7 @@
 //! confined and checked by construction), never the repository itself.
 
 use crate::access::consent::Consents;
+use crate::access::holds::Holds;
 use crate::audit::log::AuditLog;
 use crate::base::config::AccessConfig;
 use crate::base::error::Failure;
@@ -33,6 +34,9 @@ pub struct Gate {
     pub(in crate::access) config: AccessConfig,
     /// Care relationships per user, briefly reused (see `reach`).
     pub care_cache: CareCache,
+    /// Relationship versions from before the relationships permission,
+    /// held until an operator approves them (see `holds`).
+    pub(in crate::access) holds: Holds,
     /// Patients' privacy consents as deny rules (see `consent`).
     pub(in crate::access) consents: Consents,
     /// The `_security` index hashes of `access.restricted_labels`
@@ -59,23 +63,77 @@ impl Gate {
             audit,
             config,
             care_cache: CareCache::default(),
+            holds: Holds::default(),
             consents: Consents::default(),
             label_hashes: OnceLock::new(),
         }
     }
 
-    /// Reread the consents now (a Consent was written on this node).
-    pub async fn refresh_consents(&self) -> Result<(), Failure> {
-        self.consents.refresh(&self.repo).await
+    /// Apply operators' approvals of held relationship data written since
+    /// the last look. On failure the holds stay as they are (fail closed).
+    pub async fn reload_holds(&self) {
+        let before = self.holds.generation();
+        if let Err(e) = self.holds.reload(&*self.meta).await {
+            tracing::error!(error = %e, "could not read the relationship holds; keeping those in force");
+        } else if self.holds.generation() != before {
+            self.care_cache.clear();
+        }
     }
 
-    /// Watch for other nodes' consent changes until the gate is dropped.
+    /// The held relationship versions, `Type/id/version` (`phylax access
+    /// held`).
+    pub fn held_relationships(&self) -> Vec<String> {
+        self.holds.list()
+    }
+
+    /// Release held relationship versions (`phylax access approve`): all
+    /// of them, or those of the resources named (`Type/id`, each must have
+    /// a held version). Returns how many versions were released. The
+    /// caller records the approval in the audit log.
+    pub async fn approve_relationships(
+        &self,
+        a: crate::access::holds::Approval,
+    ) -> Result<usize, crate::access::holds::HoldError> {
+        self.reload_holds().await;
+        let before = self.holds.list();
+        if let crate::access::holds::Approval::Resources(rs) = &a {
+            let not_held: Vec<&String> = rs
+                .iter()
+                .filter(|r| {
+                    !before
+                        .iter()
+                        .any(|k| k.rsplit_once('/').is_some_and(|(res, _)| res == r.as_str()))
+                })
+                .collect();
+            if !not_held.is_empty() {
+                return Err(crate::access::holds::HoldError::NotHeld(
+                    not_held
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ));
+            }
+        }
+        crate::access::holds::approve(&*self.meta, &a).await?;
+        self.reload_holds().await;
+        Ok(before.len() - self.holds.list().len())
+    }
+
+    /// Reread the consents now (a Consent was written on this node).
+    pub async fn refresh_consents(&self) -> Result<(), Failure> {
+        self.consents.refresh(&self.repo, &self.holds).await
+    }
+
+    /// Watch for other nodes' consent changes and operators' approvals of
+    /// held relationship data until the gate is dropped.
     pub fn spawn_consent_poller(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(crate::access::consent::POLL).await;
                 let Some(g) = weak.upgrade() else { return };
+                g.reload_holds().await;
                 if let Err(e) = g.refresh_consents().await {
                     tracing::warn!(error = ?e, "could not refresh the consent index");
                 }

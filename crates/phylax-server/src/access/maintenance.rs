@@ -4,6 +4,8 @@
 //! - [`start`]: everything a node does to stored data before it serves.
 //! - [`canonicalize_stored_references`]: references to this server stored
 //!   in absolute form get a new version in canonical (relative) form.
+//! - [`hold_unvetted_relationships`]: relationship data stored before the
+//!   relationships permission is held until an operator approves it.
 
 use crate::access::gate::Gate;
 use crate::base::error::Failure;
@@ -13,14 +15,70 @@ use phylax_fhir::ResourceType;
 /// Bring stored data up to what this release expects, then load the
 /// consents: the search index for resources written before it existed
 /// (returns how many were indexed), references made canonical (not
-/// fatal: retried at the next start), and the consent index (fatal:
-/// consents are enforced from the first request).
+/// fatal: retried at the next start), relationship data from before the
+/// relationships permission held (fatal: reach must not be computed from
+/// it), and the consent index (fatal: consents are enforced from the
+/// first request).
 pub async fn start(gate: &Gate) -> Result<u64, Failure> {
     let n = gate.repo.reindex_if_needed().await.map_err(Failure::from)?;
+    // The holds already recorded, so that canonicalization does not give
+    // a held version an unheld successor.
+    gate.holds
+        .reload(&*gate.meta)
+        .await
+        .map_err(RepoError::from)?;
     if let Err(e) = canonicalize_stored_references(gate).await {
         tracing::error!(error = ?e, "references to this server could not all be made canonical; retried at the next start");
     }
+    hold_unvetted_relationships(gate).await?;
     gate.refresh_consents().await?;
+    Ok(n)
+}
+
+/// Once per instance: every current version that establishes reach
+/// (`phylax_auth::policy::establishes_reach` types whose content has
+/// relationship elements), written before this release checked the
+/// relationships permission, is listed as held: it opens no patient until
+/// an operator approves it (`crate::access::holds`). On an instance this
+/// release created the list is empty. Returns how many versions are held.
+pub async fn hold_unvetted_relationships(st: &Gate) -> Result<usize, Failure> {
+    if crate::access::holds::recorded(&*st.meta)
+        .await
+        .map_err(RepoError::from)?
+    {
+        return Ok(st.holds.list().len());
+    }
+    let mut held = Vec::new();
+    for t in phylax_fhir::defs::definitions().resource_types() {
+        if !phylax_auth::policy::establishes_reach(t) {
+            continue;
+        }
+        let Some(rtype) = ResourceType::parse(t) else {
+            continue;
+        };
+        let mut before = None;
+        loop {
+            let page = st.repo.list(&rtype, before, 500).await?;
+            let Some(last) = page.last() else { break };
+            before = Some(last.seq);
+            for v in &page {
+                let Some(b) = &v.body else { continue };
+                if phylax_auth::policy::changes_relationships(t, None, Some(b.json())) {
+                    held.push((t.to_owned(), v.id.to_string(), v.version.get()));
+                }
+            }
+        }
+    }
+    let n = crate::access::holds::record(&*st.meta, &held)
+        .await
+        .map_err(RepoError::from)?;
+    st.holds.reload(&*st.meta).await.map_err(RepoError::from)?;
+    if n > 0 {
+        tracing::warn!(
+            versions = n,
+            "relationship data written before the relationships permission is held: it opens no patient until approved (phylax access held; docs/OPERATIONS.md)"
+        );
+    }
     Ok(n)
 }
 
@@ -112,6 +170,12 @@ async fn canonicalize_one(
     };
     if !bases.iter().any(|base| b.may_contain(base)) {
         return Ok(Rewrite::None);
+    }
+    // A held relationship version stays as it is: its rewrite would be a
+    // successor no hold covers.
+    if st.holds.is_held(v) {
+        hold_for_review(st, v);
+        return Ok(Rewrite::Held);
     }
     let mut body = b.json().clone();
     if phylax_fhir::reference::canonicalize(&mut body, bases) == 0 {

@@ -5,6 +5,8 @@
 //! Bottom first:
 //! - [`ctx`]: who is calling ([`ctx::RequestCtx`]), what a response
 //!   touched, and the audit facts built from them.
+//! - [`holds`]: relationship data from before the relationships
+//!   permission, held until an operator approves it.
 //! - [`consent`]: patients' privacy consents as deny rules.
 //! - [`gate`]: [`gate::Gate`], the layer's state; it owns the repository.
 //! - [`break_glass`]: emergency access grants and their review queue.
@@ -17,13 +19,15 @@
 //! - [`scoped`]: [`scoped::Scoped`], the repository as one caller may see
 //!   and change it: the only way the layers above reach resources.
 //! - [`maintenance`]: jobs a node runs at start over data written by
-//!   earlier releases (references made canonical).
+//!   earlier releases (references made canonical, relationship data
+//!   held).
 
 pub mod break_glass;
 pub mod care;
 pub mod consent;
 pub mod ctx;
 pub mod gate;
+pub mod holds;
 pub mod maintenance;
 pub mod reach;
 pub mod scoped;

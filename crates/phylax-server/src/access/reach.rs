@@ -329,7 +329,7 @@ pub async fn access_for(st: &Gate, who: &Principal) -> Result<Access, Failure> {
     // Consents that could not be reread for a while are not applied from
     // memory: fail closed until the index is current again.
     if !st.consents.fresh() {
-        st.consents.refresh(&st.repo).await?;
+        st.consents.refresh(&st.repo, &st.holds).await?;
     }
     let a = compute_access(st, who).await?;
     if a.denied.len() > MAX_DENIED {

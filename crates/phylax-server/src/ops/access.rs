@@ -3,6 +3,7 @@
 //! queue. None of these print resource content: an explanation names rules
 //! and counts, never names, values or the patients a resource concerns.
 
+use crate::access::holds::{Approval, HoldError};
 use crate::access::reach as access;
 use crate::base::error::Failure;
 use crate::state::AppState;
@@ -411,4 +412,40 @@ pub async fn review(
         });
     }
     Ok(out)
+}
+
+/// `phylax access held`: relationship versions held since the upgrade
+/// (`Type/id/version`), sorted.
+pub fn held(st: &AppState) -> Vec<String> {
+    st.gate.held_relationships()
+}
+
+/// `phylax access approve`: release held relationship versions. The
+/// approval is recorded in the audit log first (what was approved and how
+/// many versions were held, never which: ids are the operator's to keep),
+/// and not made when it cannot be recorded. Returns how many versions
+/// were released.
+pub async fn approve(st: &AppState, a: Approval) -> Result<usize, ApproveError> {
+    let what = match &a {
+        Approval::All => "every held relationship version",
+        Approval::Resources(_) => "the held relationship versions of named resources",
+    };
+    st.audit
+        .record_admin(
+            "relationships-approve",
+            phylax_audit::event::Action::Update,
+            format!("approving {what} ({} held)", held(st).len()),
+        )
+        .await
+        .map_err(|e| ApproveError::Unrecorded(e.to_string()))?;
+    Ok(st.gate.approve_relationships(a).await?)
+}
+
+/// Why `phylax access approve` changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ApproveError {
+    #[error(transparent)]
+    Hold(#[from] HoldError),
+    #[error("not recorded in the audit log, so not approved: {0}")]
+    Unrecorded(String),
 }

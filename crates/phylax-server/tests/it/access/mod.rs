@@ -24,7 +24,7 @@
 //! - [`insiders`]: insiders cannot widen their reach with ordinary FHIR
 //!   writes.
 //! - [`relationships`]: care relationships are written only by those allowed
-//!   to; self-registration.
+//!   to; self-registration; data from before the permission held.
 //! - [`pipeline`]: resources are reached only inside the interaction
 //!   pipeline.
 //! - [`records`]: tampered index rows, patient attribution and private access

@@ -143,3 +143,79 @@ async fn self_registration_body(s: &TestServer) {
     let (st, b) = send(s, &a, M::PUT, "/Patient/pa-back", Some(&back)).await;
     assert_eq!(st, 403, "{b}");
 }
+
+// Relationship data written before the relationships permission existed
+// (here: the record that the vetting ran is removed, as if the instance
+// came from an earlier release) is held on the upgraded node: it opens
+// nobody until an operator approves it, resource by resource or all at
+// once; a new version written by a holder is not held. Approval is an
+// operator's command on the instance (there is no API for it).
+on_both!(relationship_data_from_before_is_held_until_approved);
+async fn relationship_data_from_before_is_held_until_approved(s: &TestServer) {
+    use phylax_server::access::holds::Approval;
+    use phylax_server::ops::access::{approve, held};
+    load(s).await;
+    let l = loader(s);
+    let a = clinician(s, "dr.a", "pr-a").await;
+    for n in ["1", "2"] {
+        put(s, &l, patient(&format!("pa-held{n}"), json!({}))).await;
+        put(
+            s,
+            &l,
+            team_of(&format!("ct-held{n}"), &format!("pa-held{n}")),
+        )
+        .await;
+        assert_eq!(get(s, &a, &format!("/Patient/pa-held{n}")).await, 200);
+    }
+    s.sql("DELETE FROM meta WHERE key = 'relationship_holds_v1'")
+        .await;
+    let (node2, _stop, st2) = s.second_node_with_state().await;
+    let on2 = |path: &str| {
+        let req = s.http.get(format!("{node2}{path}")).bearer_auth(&a);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let list = held(&st2);
+    for n in ["1", "2"] {
+        assert!(list.contains(&format!("CareTeam/ct-held{n}/1")), "{list:?}");
+        assert_eq!(
+            on2(&format!("/Patient/pa-held{n}")).await,
+            404,
+            "held: out of reach"
+        );
+    }
+    // A holder's new version is not held.
+    let r = s
+        .http
+        .put(format!("{node2}/CareTeam/ct-held2"))
+        .bearer_auth(&l)
+        .json(&team_of("ct-held2", "pa-held2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(on2("/Patient/pa-held2").await, 200);
+    assert_eq!(on2("/Patient/pa-held1").await, 404);
+    // The operator approves one resource; naming one that is not held
+    // changes nothing.
+    let e = approve(&st2, Approval::Resources(vec!["CareTeam/ct-1x".into()])).await;
+    assert!(e.is_err(), "not held: refused");
+    let n = approve(&st2, Approval::Resources(vec!["CareTeam/ct-held1".into()]))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(on2("/Patient/pa-held1").await, 200);
+    assert!(!held(&st2)
+        .iter()
+        .any(|h| h.starts_with("CareTeam/ct-held1/")));
+    // The rest at once.
+    approve(&st2, Approval::All).await.unwrap();
+    assert!(held(&st2).is_empty());
+    assert_eq!(on2("/Patient/pa-team").await, 200);
+}
+
+/// A care team of `pr-a` for `patient`.
+fn team_of(id: &str, patient: &str) -> Value {
+    json!({"resourceType": "CareTeam", "id": id,
+        "subject": {"reference": format!("Patient/{patient}")},
+        "participant": [{"member": {"reference": "Practitioner/pr-a"}}]})
+}

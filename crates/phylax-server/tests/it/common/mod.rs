@@ -186,12 +186,22 @@ impl TestServer {
     /// database, same KEK), on its own port: how several Phylax nodes share
     /// one PostgreSQL. Returns its FHIR base URL and a stop handle.
     pub async fn second_node(&self) -> (String, tokio::sync::oneshot::Sender<()>) {
+        let (url, stop, _) = self.second_node_with_state().await;
+        (url, stop)
+    }
+
+    /// [`TestServer::second_node`], with its state (for what an operator
+    /// does on that node's instance).
+    pub async fn second_node_with_state(
+        &self,
+    ) -> (String, tokio::sync::oneshot::Sender<()>, Arc<AppState>) {
         let inst = Instance::open(&self.data_dir, self.db_url.as_deref())
             .await
             .unwrap();
         let tls = phylax_server::net::tls::server_config(&inst.cert_path(), &inst.config.tls.key)
             .unwrap();
         let state = AppState::new(inst).await.unwrap();
+        let kept = state.clone();
         // Same certificate: it names 127.0.0.1, so any port works.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -203,7 +213,7 @@ impl TestServer {
             .await
             .unwrap();
         });
-        (format!("https://{addr}/fhir"), tx)
+        (format!("https://{addr}/fhir"), tx, kept)
     }
 
     pub fn token_url(&self) -> String {

@@ -86,38 +86,48 @@ impl Gate {
         self.holds.list()
     }
 
+    /// The held versions an approval would release (`Type/id/version`),
+    /// after rereading the approvals; each resource named must have one.
+    pub async fn releases(
+        &self,
+        a: &crate::access::holds::Approval,
+    ) -> Result<Vec<String>, crate::access::holds::HoldError> {
+        self.reload_holds().await;
+        let held = self.holds.list();
+        let resource = |k: &String| k.rsplit_once('/').map_or(k.clone(), |(r, _)| r.to_owned());
+        match a {
+            crate::access::holds::Approval::All => Ok(held),
+            crate::access::holds::Approval::Resources(rs) => {
+                let not_held: Vec<&str> = rs
+                    .iter()
+                    .filter(|r| !held.iter().any(|k| resource(k) == **r))
+                    .map(String::as_str)
+                    .collect();
+                if !not_held.is_empty() {
+                    return Err(crate::access::holds::HoldError::NotHeld(
+                        not_held.join(", "),
+                    ));
+                }
+                Ok(held
+                    .into_iter()
+                    .filter(|k| rs.contains(&resource(k)))
+                    .collect())
+            }
+        }
+    }
+
     /// Release held relationship versions (`phylax access approve`): all
     /// of them, or those of the resources named (`Type/id`, each must have
     /// a held version). Returns how many versions were released. The
-    /// caller records the approval in the audit log.
+    /// caller records the approval in the audit log first.
     pub async fn approve_relationships(
         &self,
         a: crate::access::holds::Approval,
     ) -> Result<usize, crate::access::holds::HoldError> {
-        self.reload_holds().await;
-        let before = self.holds.list();
-        if let crate::access::holds::Approval::Resources(rs) = &a {
-            let not_held: Vec<&String> = rs
-                .iter()
-                .filter(|r| {
-                    !before
-                        .iter()
-                        .any(|k| k.rsplit_once('/').is_some_and(|(res, _)| res == r.as_str()))
-                })
-                .collect();
-            if !not_held.is_empty() {
-                return Err(crate::access::holds::HoldError::NotHeld(
-                    not_held
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                ));
-            }
-        }
+        let released = self.releases(&a).await?.len();
         crate::access::holds::approve(&*self.meta, &a).await?;
         self.reload_holds().await;
-        Ok(before.len() - self.holds.list().len())
+        Ok(released)
     }
 
     /// Reread the consents now (a Consent was written on this node).

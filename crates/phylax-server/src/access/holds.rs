@@ -80,6 +80,11 @@ impl Holds {
                 .contains(&key(v.rtype.as_str(), v.id.as_str(), v.version.get()))
     }
 
+    /// Whether the list has been read.
+    pub fn loaded(&self) -> bool {
+        self.state.read().loaded
+    }
+
     /// Counts changes of the held set.
     pub fn generation(&self) -> u64 {
         self.state.read().generation
@@ -91,13 +96,14 @@ impl Holds {
     }
 
     /// Read the list (once) and the approvals written since the last
-    /// reload. Fails on a damaged entry: the caller keeps the holds it has
-    /// (fail closed) and says so.
+    /// reload. A damaged list fails (the caller keeps the holds it has, or
+    /// does not start: fail closed); a damaged approval approves nothing.
     pub async fn reload(&self, meta: &dyn MetaStore) -> Result<(), StoreError> {
-        let (loaded, mut next) = {
+        let (loaded, first) = {
             let s = self.state.read();
             (s.loaded, s.next_approval)
         };
+        let mut next = first;
         let mut held = None;
         if !loaded {
             let Some(raw) = meta.get_meta(HELD).await? else {
@@ -109,12 +115,19 @@ impl Holds {
         }
         let mut approvals: Vec<Approval> = Vec::new();
         while let Some(raw) = meta.get_meta(&format!("{APPROVAL}{next}")).await? {
-            let a: Approval = serde_json::from_slice(&raw)
-                .map_err(|e| StoreError::Backend(format!("relationship approval {next}: {e}")))?;
-            approvals.push(a);
+            // An entry that cannot be read approves nothing (fail closed)
+            // and does not stop the approvals after it.
+            match serde_json::from_slice::<Approval>(&raw) {
+                Ok(a) => approvals.push(a),
+                Err(e) => tracing::error!(
+                    slot = next,
+                    error = %e,
+                    "a relationship approval entry is damaged; it approves nothing"
+                ),
+            }
             next += 1;
         }
-        if held.is_none() && approvals.is_empty() {
+        if held.is_none() && next == first {
             return Ok(());
         }
         let mut s = self.state.write();
@@ -127,7 +140,7 @@ impl Holds {
             s.loaded = true;
             s.next_approval = 0;
             // The approvals read above start at 0 too.
-        } else if s.next_approval != next - approvals.len() as u64 {
+        } else if s.next_approval != first {
             // Another reload applied some of these meanwhile.
             return Ok(());
         }

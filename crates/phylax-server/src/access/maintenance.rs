@@ -21,16 +21,12 @@ use phylax_fhir::ResourceType;
 /// first request).
 pub async fn start(gate: &Gate) -> Result<u64, Failure> {
     let n = gate.repo.reindex_if_needed().await.map_err(Failure::from)?;
-    // The holds already recorded, so that canonicalization does not give
-    // a held version an unheld successor.
-    gate.holds
-        .reload(&*gate.meta)
-        .await
-        .map_err(RepoError::from)?;
+    // Holds first, so that canonicalization leaves held versions alone
+    // (a rewrite would be a successor no hold covers).
+    hold_unvetted_relationships(gate).await?;
     if let Err(e) = canonicalize_stored_references(gate).await {
         tracing::error!(error = ?e, "references to this server could not all be made canonical; retried at the next start");
     }
-    hold_unvetted_relationships(gate).await?;
     gate.refresh_consents().await?;
     Ok(n)
 }
@@ -42,12 +38,33 @@ pub async fn start(gate: &Gate) -> Result<u64, Failure> {
 /// an operator approves it (`crate::access::holds`). On an instance this
 /// release created the list is empty. Returns how many versions are held.
 pub async fn hold_unvetted_relationships(st: &Gate) -> Result<usize, Failure> {
-    if crate::access::holds::recorded(&*st.meta)
+    if !crate::access::holds::recorded(&*st.meta)
         .await
         .map_err(RepoError::from)?
     {
-        return Ok(st.holds.list().len());
+        list_unvetted(st).await?;
     }
+    // Whoever wrote the list (this node or another starting with it), a
+    // node serves only with it loaded: otherwise nothing would be held.
+    st.holds.reload(&*st.meta).await.map_err(RepoError::from)?;
+    if !st.holds.loaded() {
+        return Err(Failure::Unavailable(
+            "the relationship holds could not be loaded".into(),
+        ));
+    }
+    let n = st.holds.list().len();
+    if n > 0 {
+        tracing::warn!(
+            versions = n,
+            "relationship data written before the relationships permission is held: it opens no patient until approved (phylax access held; docs/OPERATIONS.md)"
+        );
+    }
+    Ok(n)
+}
+
+/// Record the list of unvetted relationship versions (unless another node
+/// did first).
+async fn list_unvetted(st: &Gate) -> Result<(), Failure> {
     let mut held = Vec::new();
     for t in phylax_fhir::defs::definitions().resource_types() {
         if !phylax_auth::policy::establishes_reach(t) {
@@ -69,17 +86,10 @@ pub async fn hold_unvetted_relationships(st: &Gate) -> Result<usize, Failure> {
             }
         }
     }
-    let n = crate::access::holds::record(&*st.meta, &held)
+    crate::access::holds::record(&*st.meta, &held)
         .await
         .map_err(RepoError::from)?;
-    st.holds.reload(&*st.meta).await.map_err(RepoError::from)?;
-    if n > 0 {
-        tracing::warn!(
-            versions = n,
-            "relationship data written before the relationships permission is held: it opens no patient until approved (phylax access held; docs/OPERATIONS.md)"
-        );
-    }
-    Ok(n)
+    Ok(())
 }
 
 /// Once per instance (and again when `http.base_aliases` changes):

@@ -96,12 +96,28 @@ pub(in crate::access) fn decide_body(
     rtype: &ResourceType,
     body: &Value,
 ) -> Decision {
-    let patients = compartment::patients_of(rtype, body);
+    decide_patients(
+        st,
+        access,
+        rtype,
+        body,
+        &compartment::patients_of(rtype, body),
+    )
+}
+
+/// [`decide_body`] for a body concerning `patients`.
+fn decide_patients(
+    st: &Gate,
+    access: &Access,
+    rtype: &ResourceType,
+    body: &Value,
+    patients: &[String],
+) -> Decision {
     decide_resource(
         access,
         &ResourceFacts {
             rtype: rtype.as_str(),
-            patients: &patients,
+            patients,
             restricted: is_restricted(st, body),
         },
     )
@@ -131,6 +147,12 @@ pub(in crate::access) fn decide_write_body(
 /// an unrestricted caller sees that it was deleted.
 pub(in crate::access) fn allows(st: &Gate, access: &Access, v: &ResourceVersion) -> Decision {
     match &v.body {
+        // A held Patient's `link` (a relationship element written before
+        // the relationships permission) does not put it in the linked
+        // patient's compartment: it concerns only itself until approved.
+        Some(b) if v.rtype.as_str() == "Patient" && st.holds.is_held(v) => {
+            decide_patients(st, access, &v.rtype, b.json(), &[v.id.to_string()])
+        }
         Some(b) => decide_body(st, access, &v.rtype, b.json()),
         None if access.reach == Reach::All => Decision::Allow,
         None => Decision::Deny("reach: a deleted version names no patient"),

@@ -178,8 +178,7 @@ impl<'a> Scoped<'a> {
     pub async fn search(&self, mut q: SearchQuery) -> Result<Vec<ResourceVersion>, Failure> {
         self.confine(&mut q)?;
         let rows = self.repo()?.search_unconfined(&q).await?;
-        self.verify(&rows)?;
-        Ok(rows)
+        self.verify(rows)
     }
 
     /// One page (at most `keep`) and whether there are more, confined and
@@ -191,8 +190,7 @@ impl<'a> Scoped<'a> {
     ) -> Result<(Vec<ResourceVersion>, bool), Failure> {
         self.confine(&mut q)?;
         let (rows, more) = self.repo()?.search_page_unconfined(&q, keep).await?;
-        self.verify(&rows)?;
-        Ok((rows, more))
+        Ok((self.verify(rows)?, more))
     }
 
     /// How many resources match, confined (counts only what the caller
@@ -203,8 +201,16 @@ impl<'a> Scoped<'a> {
         Ok(self.repo()?.count_unconfined(&q).await?)
     }
 
-    fn verify(&self, rows: &[ResourceVersion]) -> Result<(), Failure> {
-        for v in rows {
+    /// Every returned row checked against the decision after decryption.
+    /// A held Patient matched through the compartment its held `link`
+    /// names is left out (its index entries are right; the hold is what
+    /// keeps it out); any other mismatch is tampering.
+    fn verify(&self, mut rows: Vec<ResourceVersion>) -> Result<Vec<ResourceVersion>, Failure> {
+        rows.retain(|v| {
+            !(self.st.holds.is_held(v)
+                && matches!(returned(self.st, &self.ctx.access, v), Decision::Deny(_)))
+        });
+        for v in &rows {
             if let Decision::Deny(rule) = returned(self.st, &self.ctx.access, v) {
                 let what = format!("{}/{}", v.rtype, v.id);
                 tracing::error!(
@@ -233,7 +239,7 @@ impl<'a> Scoped<'a> {
                 )));
             }
         }
-        Ok(())
+        Ok(rows)
     }
 
     /// One page of history, newest first: at most `count` versions, of
@@ -461,14 +467,15 @@ impl<'a> Scoped<'a> {
         &self,
         writes: Vec<CheckedWrite>,
     ) -> Result<Vec<ResourceVersion>, RepoError> {
+        // Decided work only, before anything is read for the records.
+        let repo = self.repo()?;
         let guard = self.guard();
         let mut records = Vec::with_capacity(writes.len());
         for c in &writes {
             let opened = guard.opened(&c.w).await?;
             records.push(c.w.audit(&guard, c.interaction, &opened)?);
         }
-        let written = self
-            .repo()?
+        let written = repo
             .commit(writes.into_iter().map(|c| c.w).collect(), records)
             .await?;
         self.written(written.iter().map(|v| &v.rtype)).await;

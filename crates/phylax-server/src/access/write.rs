@@ -82,9 +82,21 @@ impl WriteGuard for WriteAuditor<'_> {
             None => crate::access::reach::allows(self.st, &self.ctx.access.for_writes(), v),
         };
         match decision {
-            Decision::Allow => Ok(()),
-            Decision::Deny(rule) => Err(RepoError::Denied { hidden: true, rule }),
+            Decision::Allow => {}
+            Decision::Deny(rule) => return Err(RepoError::Denied { hidden: true, rule }),
         }
+        // Held relationship data (written before the relationships
+        // permission): only a holder's new version releases it, so a
+        // writer without the permission may not replace it, even keeping
+        // its relationship elements as they are (that would vouch for
+        // them). `opens_existing` makes every such write come here.
+        if !self.ctx.access.relationships && self.st.holds.is_held(v) {
+            return Err(RepoError::Denied {
+                hidden: false,
+                rule: "held-relationships",
+            });
+        }
+        Ok(())
     }
 
     /// The one check of a write's content, for every path that writes

@@ -421,20 +421,29 @@ pub fn held(st: &AppState) -> Vec<String> {
 }
 
 /// `phylax access approve`: release held relationship versions. The
-/// approval is recorded in the audit log first (what was approved and how
-/// many versions were held, never which: ids are the operator's to keep),
-/// and not made when it cannot be recorded. Returns how many versions
-/// were released.
+/// request is checked first (a resource named must have a held version;
+/// a refused one changes and records nothing), then recorded in the audit
+/// log (the resources approved, or for `--all` how many versions), and
+/// not made when it cannot be recorded. Returns how many versions were
+/// released.
 pub async fn approve(st: &AppState, a: Approval) -> Result<usize, ApproveError> {
-    let what = match &a {
-        Approval::All => "every held relationship version",
-        Approval::Resources(_) => "the held relationship versions of named resources",
+    let released = st.gate.releases(&a).await?;
+    let detail = match &a {
+        Approval::All => format!(
+            "approving every held relationship version ({} held)",
+            released.len()
+        ),
+        Approval::Resources(rs) => format!(
+            "approving the held relationship versions of {} ({} versions)",
+            rs.join(", "),
+            released.len()
+        ),
     };
     st.audit
         .record_admin(
             "relationships-approve",
             phylax_audit::event::Action::Update,
-            format!("approving {what} ({} held)", held(st).len()),
+            detail,
         )
         .await
         .map_err(|e| ApproveError::Unrecorded(e.to_string()))?;

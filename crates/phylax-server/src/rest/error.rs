@@ -52,6 +52,12 @@ impl Failure {
                 IssueCode::Forbidden,
                 "your role does not receive this element, so it cannot search or sort on it",
             ),
+            Failure::Refused("held-relationships") => one(
+                IssueCode::Forbidden,
+                "not permitted: this record's care relationships were stored before the \
+                 relationships permission existed and are held until an operator approves \
+                 them; until then only a holder of the relationships permission may change it",
+            ),
             Failure::Refused(r) if r.starts_with("relationships") => one(
                 IssueCode::Forbidden,
                 "not permitted: changing who reaches whom (care teams, practitioner roles, \

@@ -1,9 +1,12 @@
 //! [`FhirState`]: what the FHIR REST handlers receive. It holds the access
 //! layer ([`Gate`], through which alone resources are reached, as the
 //! caller may see them), the audit log (whose records the interaction
-//! pipeline writes; outside the audit modules it offers only reads), the
-//! counters, and what the wire needs (limits, base URL, the cursor and
-//! capability). It holds no accounts, clients, grants, roles or token
+//! pipeline writes), the counters, and what the wire needs (limits, base
+//! URL, the cursor and capability). The gate and the audit log also have
+//! methods for operators and start-up (approving held relationships,
+//! pruning, administrative records) that the types do not keep from a
+//! handler; review does (docs/ARCHITECTURE.md, "What the types do not
+//! prevent"). It holds no accounts, clients, grants, roles or token
 //! issuer: a FHIR handler cannot sign anyone in or change who may do what.
 //! The FHIR routes are a router whose state is `Arc<FhirState>`, so a FHIR
 //! handler cannot ask for the application state.

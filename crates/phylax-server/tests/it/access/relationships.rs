@@ -147,70 +147,168 @@ async fn self_registration_body(s: &TestServer) {
 // Relationship data written before the relationships permission existed
 // (here: the record that the vetting ran is removed, as if the instance
 // came from an earlier release) is held on the upgraded node: it opens
-// nobody until an operator approves it, resource by resource or all at
+// nobody, a held Patient's `link` does not open it to the linked patient,
+// and nobody without the permission can release it by saving it
+// unchanged, until an operator approves it, resource by resource or all at
 // once; a new version written by a holder is not held. Approval is an
 // operator's command on the instance (there is no API for it).
 on_both!(relationship_data_from_before_is_held_until_approved);
 async fn relationship_data_from_before_is_held_until_approved(s: &TestServer) {
-    use phylax_server::access::holds::Approval;
-    use phylax_server::ops::access::{approve, held};
     load(s).await;
     let l = loader(s);
     let a = clinician(s, "dr.a", "pr-a").await;
+    written_before_the_upgrade(s, &l, &a).await;
+    s.sql("DELETE FROM meta WHERE key = 'relationship_holds_v1'")
+        .await;
+    let (url, _stop, st2) = s.second_node_with_state().await;
+    let n2 = Node2 { s, url };
+    held_data_opens_nobody(&n2, &st2, &a).await;
+    others_cannot_release_it(&n2, &a).await;
+    holders_and_operators_release_it(&n2, &st2, &l, &a).await;
+}
+
+/// The upgraded node, where the holds are in force.
+struct Node2<'a> {
+    s: &'a TestServer,
+    url: String,
+}
+
+impl Node2<'_> {
+    async fn send(&self, tok: &str, m: M, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let mut r = self
+            .s
+            .http
+            .request(m, format!("{}{path}", self.url))
+            .bearer_auth(tok);
+        if let Some(b) = body {
+            r = r.json(b);
+        }
+        let r = r.send().await.unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, tok: &str, path: &str) -> u16 {
+        self.send(tok, M::GET, path, None).await.0
+    }
+}
+
+/// Care teams, a GP and a link, written (by the ADT feed) before the
+/// upgrade: each opens its patient to dr.a.
+async fn written_before_the_upgrade(s: &TestServer, l: &str, a: &str) {
     for n in ["1", "2"] {
-        put(s, &l, patient(&format!("pa-held{n}"), json!({}))).await;
+        put(s, l, patient(&format!("pa-held{n}"), json!({}))).await;
         put(
             s,
-            &l,
+            l,
             team_of(&format!("ct-held{n}"), &format!("pa-held{n}")),
         )
         .await;
-        assert_eq!(get(s, &a, &format!("/Patient/pa-held{n}")).await, 200);
+        assert_eq!(get(s, a, &format!("/Patient/pa-held{n}")).await, 200);
     }
-    s.sql("DELETE FROM meta WHERE key = 'relationship_holds_v1'")
-        .await;
-    let (node2, _stop, st2) = s.second_node_with_state().await;
-    let on2 = |path: &str| {
-        let req = s.http.get(format!("{node2}{path}")).bearer_auth(&a);
-        async move { req.send().await.unwrap().status().as_u16() }
-    };
-    let list = held(&st2);
-    for n in ["1", "2"] {
-        assert!(list.contains(&format!("CareTeam/ct-held{n}/1")), "{list:?}");
+    put(s, l, gp_patient()).await;
+    assert_eq!(get(s, a, "/Patient/pa-gp-held").await, 200);
+    let linked = patient(
+        "pa-linked",
+        json!({"link": [{"other": {"reference": "Patient/pa-held2"}, "type": "seealso"}]}),
+    );
+    put(s, l, linked).await;
+    assert_eq!(get(s, a, "/Patient/pa-linked").await, 200);
+}
+
+/// A patient whose GP is `pr-a`.
+fn gp_patient() -> Value {
+    patient(
+        "pa-gp-held",
+        json!({"generalPractitioner": [{"reference": "Practitioner/pr-a"}]}),
+    )
+}
+
+/// On the upgraded node every one of them is held: out of reach.
+async fn held_data_opens_nobody(n2: &Node2<'_>, st2: &phylax_server::state::AppState, a: &str) {
+    let list = phylax_server::ops::access::held(st2);
+    for h in [
+        "CareTeam/ct-held1/1",
+        "CareTeam/ct-held2/1",
+        "Patient/pa-gp-held/1",
+    ] {
+        assert!(list.contains(&h.to_string()), "{h}: {list:?}");
+    }
+    for p in ["pa-held1", "pa-held2", "pa-gp-held", "pa-linked"] {
         assert_eq!(
-            on2(&format!("/Patient/pa-held{n}")).await,
+            n2.get(a, &format!("/Patient/{p}")).await,
             404,
-            "held: out of reach"
+            "{p} held: out of reach"
         );
     }
-    // A holder's new version is not held.
-    let r = s
-        .http
-        .put(format!("{node2}/CareTeam/ct-held2"))
-        .bearer_auth(&l)
-        .json(&team_of("ct-held2", "pa-held2"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(on2("/Patient/pa-held2").await, 200);
-    assert_eq!(on2("/Patient/pa-held1").await, 404);
-    // The operator approves one resource; naming one that is not held
-    // changes nothing.
-    let e = approve(&st2, Approval::Resources(vec!["CareTeam/ct-1x".into()])).await;
-    assert!(e.is_err(), "not held: refused");
-    let n = approve(&st2, Approval::Resources(vec!["CareTeam/ct-held1".into()]))
+}
+
+/// A client with every scope but not the permission cannot release the
+/// held GP by saving the record unchanged.
+async fn others_cannot_release_it(n2: &Node2<'_>, a: &str) {
+    let wide = n2.s.token("system/*.cruds").await;
+    let (st, b) = n2
+        .send(&wide, M::PUT, "/Patient/pa-gp-held", Some(&gp_patient()))
+        .await;
+    assert_eq!(st, 403, "{b}");
+    assert!(
+        b["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("held"),
+        "{b}"
+    );
+    assert_eq!(n2.get(a, "/Patient/pa-gp-held").await, 404);
+}
+
+/// A holder's new version is not held; the operator approves the rest.
+async fn holders_and_operators_release_it(
+    n2: &Node2<'_>,
+    st2: &phylax_server::state::AppState,
+    l: &str,
+    a: &str,
+) {
+    use phylax_server::access::holds::Approval;
+    use phylax_server::ops::access::{approve, held};
+    let (st, b) = n2
+        .send(
+            l,
+            M::PUT,
+            "/CareTeam/ct-held2",
+            Some(&team_of("ct-held2", "pa-held2")),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(n2.get(a, "/Patient/pa-held2").await, 200);
+    assert_eq!(n2.get(a, "/Patient/pa-held1").await, 404);
+    // The held link still does not open pa-linked, by read or by search
+    // (left out, not taken for tampering).
+    assert_eq!(n2.get(a, "/Patient/pa-linked").await, 404);
+    let (st, b) = n2
+        .send(a, M::GET, "/Patient?link=Patient/pa-held2", None)
+        .await;
+    assert_eq!(st, 200, "{b}");
+    assert!(b["entry"].as_array().is_none_or(|e| e.is_empty()), "{b}");
+    // Naming a resource that is not held changes nothing.
+    assert!(
+        approve(st2, Approval::Resources(vec!["CareTeam/ct-1x".into()]))
+            .await
+            .is_err()
+    );
+    let n = approve(st2, Approval::Resources(vec!["CareTeam/ct-held1".into()]))
         .await
         .unwrap();
     assert_eq!(n, 1);
-    assert_eq!(on2("/Patient/pa-held1").await, 200);
-    assert!(!held(&st2)
+    assert_eq!(n2.get(a, "/Patient/pa-held1").await, 200);
+    assert!(!held(st2)
         .iter()
         .any(|h| h.starts_with("CareTeam/ct-held1/")));
     // The rest at once.
-    approve(&st2, Approval::All).await.unwrap();
-    assert!(held(&st2).is_empty());
-    assert_eq!(on2("/Patient/pa-team").await, 200);
+    approve(st2, Approval::All).await.unwrap();
+    assert!(held(st2).is_empty());
+    for p in ["pa-team", "pa-gp-held", "pa-linked"] {
+        assert_eq!(n2.get(a, &format!("/Patient/{p}")).await, 200, "{p}");
+    }
 }
 
 /// A care team of `pr-a` for `patient`.

@@ -1011,7 +1011,17 @@ async fn app_state(inst: &InstanceArgs) -> Result<std::sync::Arc<phylax_server::
     let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
     phylax_server::state::AppState::new(i)
         .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .map_err(|e| anyhow::anyhow!("{}", failure_line(e)))
+}
+
+/// A start-up failure as one line (its own message, not its debug form).
+fn failure_line(e: phylax_server::base::error::Failure) -> String {
+    use phylax_server::base::error::Failure;
+    match e {
+        Failure::Unavailable(m) => format!("unavailable: {m}"),
+        Failure::Internal(m) => m,
+        other => format!("{other:?}"),
+    }
 }
 
 async fn access_cmd(c: AccessCmd) -> Result<()> {

@@ -72,6 +72,22 @@ fn key(rtype: &str, id: &str, version: u64) -> String {
 }
 
 impl Holds {
+    /// Is this version held, or older than a held version of the same
+    /// resource (written before the rule too)? A holder's later version
+    /// is not.
+    pub fn held_or_older(&self, v: &ResourceVersion) -> bool {
+        let s = self.state.read();
+        if s.held.is_empty() {
+            return false;
+        }
+        let prefix = format!("{}/{}/", v.rtype.as_str(), v.id.as_str());
+        let mine = v.version.get();
+        s.held
+            .range(prefix.clone()..)
+            .take_while(|k| k.starts_with(&prefix))
+            .any(|k| k[prefix.len()..].parse::<u64>().is_ok_and(|n| n >= mine))
+    }
+
     /// Is this version held (it opens no patient to anyone)?
     pub fn is_held(&self, v: &ResourceVersion) -> bool {
         let s = self.state.read();

@@ -89,6 +89,11 @@ pub(in crate::access) fn is_restricted(st: &Gate, body: &Value) -> bool {
     })
 }
 
+/// A held Patient version, or one older than a held one (see [`allows`]).
+fn held_patient(st: &Gate, v: &ResourceVersion) -> bool {
+    v.rtype.as_str() == "Patient" && st.holds.held_or_older(v)
+}
+
 /// The resource-level decision for one resource body.
 pub(in crate::access) fn decide_body(
     st: &Gate,
@@ -148,9 +153,10 @@ pub(in crate::access) fn decide_write_body(
 pub(in crate::access) fn allows(st: &Gate, access: &Access, v: &ResourceVersion) -> Decision {
     match &v.body {
         // A held Patient's `link` (a relationship element written before
-        // the relationships permission) does not put it in the linked
-        // patient's compartment: it concerns only itself until approved.
-        Some(b) if v.rtype.as_str() == "Patient" && st.holds.is_held(v) => {
+        // the relationships permission) does not put it, or any of its
+        // older versions, in the linked patient's compartment: it
+        // concerns only itself until approved.
+        Some(b) if held_patient(st, v) => {
             decide_patients(st, access, &v.rtype, b.json(), &[v.id.to_string()])
         }
         Some(b) => decide_body(st, access, &v.rtype, b.json()),
@@ -456,6 +462,8 @@ pub async fn explain_facts(
     let v = st.repo.read(rtype, id).await?;
     let body = v.body.as_ref().map(|b| b.json());
     Ok(match body {
+        // As `allows` decides: a held Patient concerns only itself.
+        Some(b) if held_patient(st, &v) => (vec![v.id.to_string()], is_restricted(st, b)),
         Some(b) => (
             phylax_fhir::compartment::patients_of(rtype, b),
             is_restricted(st, b),

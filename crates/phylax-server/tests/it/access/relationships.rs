@@ -212,6 +212,8 @@ async fn written_before_the_upgrade(s: &TestServer, l: &str, a: &str) {
         "pa-linked",
         json!({"link": [{"other": {"reference": "Patient/pa-held2"}, "type": "seealso"}]}),
     );
+    // Twice: its older version names the link too.
+    put(s, l, linked.clone()).await;
     put(s, l, linked).await;
     assert_eq!(get(s, a, "/Patient/pa-linked").await, 200);
 }
@@ -289,6 +291,26 @@ async fn holders_and_operators_release_it(
         .await;
     assert_eq!(st, 200, "{b}");
     assert!(b["entry"].as_array().is_none_or(|e| e.is_empty()), "{b}");
+    assert_eq!(
+        n2.get(a, "/Patient/pa-linked/_history/1").await,
+        404,
+        "older version"
+    );
+    // `explain` says what the server does.
+    let who = phylax_server::ops::access::Subject::User {
+        username: "dr.a".into(),
+        scope: None,
+    };
+    let e = phylax_server::ops::access::explain(
+        st2,
+        &who,
+        &phylax_fhir::ResourceType::parse("Patient").unwrap(),
+        &phylax_fhir::ResourceId::parse("pa-linked").unwrap(),
+        phylax_server::ops::access::parse_interaction("read").unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(!e.allowed, "{e:?}");
     // Naming a resource that is not held changes nothing.
     assert!(
         approve(st2, Approval::Resources(vec!["CareTeam/ct-1x".into()]))

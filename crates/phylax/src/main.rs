@@ -399,7 +399,29 @@ fn init_logging(json: bool) {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// No core dumps, and no reading this process's memory by other processes
+/// of the same user: a dump or a `ptrace` of a Phylax process would hold
+/// the KEK and every data key it has unwrapped (docs/OPERATIONS.md,
+/// "Keys in memory"). Both are unprivileged calls; if either fails, the
+/// process does not go on to load keys.
+fn no_core_dumps() -> std::io::Result<()> {
+    use rustix::process::{set_dumpable_behavior, setrlimit, DumpableBehavior, Resource, Rlimit};
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    Ok(())
+}
+
 fn main() {
+    if let Err(e) = no_core_dumps() {
+        eprintln!("error: cannot turn core dumps off (keys would be in them): {e}");
+        std::process::exit(1);
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

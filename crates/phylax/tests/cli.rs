@@ -244,6 +244,17 @@ async fn quickstart_creates_then_reuses() {
             out.push_str(&line);
         }
         assert!(out.contains(expect), "round {round}: {out}");
+        // No core file would hold its keys.
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+        let core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap();
+        assert_eq!(
+            core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+            ["0", "0"],
+            "{core}"
+        );
         assert!(
             out.contains("tls/ca.pem") && out.contains("client add") && out.contains("auth/token"),
             "{out}"

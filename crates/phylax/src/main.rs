@@ -1036,6 +1036,18 @@ async fn app_state(inst: &InstanceArgs) -> Result<std::sync::Arc<phylax_server::
         .map_err(|e| anyhow::anyhow!("{}", failure_line(e)))
 }
 
+/// `--resource Type/id`, parsed.
+fn parse_resource(s: &str) -> Result<(phylax_fhir::ResourceType, phylax_fhir::ResourceId)> {
+    s.split_once('/')
+        .and_then(|(t, id)| {
+            Some((
+                phylax_fhir::ResourceType::parse(t)?,
+                phylax_fhir::ResourceId::parse(id)?,
+            ))
+        })
+        .ok_or_else(|| anyhow::anyhow!("--resource must be Type/id"))
+}
+
 /// A start-up failure as one line (its own message, not its debug form).
 fn failure_line(e: phylax_server::base::error::Failure) -> String {
     use phylax_server::base::error::Failure;
@@ -1061,15 +1073,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
             let what = ops_access::parse_interaction(&interaction).ok_or_else(|| {
                 anyhow::anyhow!("--interaction: one of read, vread, history, search, create, update, delete, everything")
             })?;
-            let (t, id) = resource
-                .split_once('/')
-                .and_then(|(t, id)| {
-                    Some((
-                        phylax_fhir::ResourceType::parse(t)?,
-                        phylax_fhir::ResourceId::parse(id)?,
-                    ))
-                })
-                .ok_or_else(|| anyhow::anyhow!("--resource must be Type/id"))?;
+            let (t, id) = parse_resource(&resource)?;
             let subject = match (user, client) {
                 (Some(username), None) => ops_access::Subject::User { username, scope },
                 (None, Some(client_id)) => ops_access::Subject::Client { client_id },
@@ -1133,16 +1137,10 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
             let approval = if all {
                 phylax_server::access::holds::Approval::All
             } else {
-                let mut named = Vec::new();
                 for r in &resource {
-                    let ok = r.split_once('/').is_some_and(|(t, id)| {
-                        phylax_fhir::ResourceType::parse(t).is_some()
-                            && phylax_fhir::ResourceId::parse(id).is_some()
-                    });
-                    anyhow::ensure!(ok, "--resource must be Type/id");
-                    named.push(r.clone());
+                    parse_resource(r)?;
                 }
-                phylax_server::access::holds::Approval::Resources(named)
+                phylax_server::access::holds::Approval::Resources(resource)
             };
             let st = app_state(&inst).await?;
             let n = ops_access::approve(&st, approval)

@@ -93,14 +93,14 @@ impl Gate {
         a: &crate::access::holds::Approval,
     ) -> Result<Vec<String>, crate::access::holds::HoldError> {
         self.reload_holds().await;
+        use crate::access::holds::resource_of;
         let held = self.holds.list();
-        let resource = |k: &String| k.rsplit_once('/').map_or(k.clone(), |(r, _)| r.to_owned());
         match a {
             crate::access::holds::Approval::All => Ok(held),
             crate::access::holds::Approval::Resources(rs) => {
                 let not_held: Vec<&str> = rs
                     .iter()
-                    .filter(|r| !held.iter().any(|k| resource(k) == **r))
+                    .filter(|r| !held.iter().any(|k| resource_of(k) == r.as_str()))
                     .map(String::as_str)
                     .collect();
                 if !not_held.is_empty() {
@@ -110,7 +110,7 @@ impl Gate {
                 }
                 Ok(held
                     .into_iter()
-                    .filter(|k| rs.contains(&resource(k)))
+                    .filter(|k| rs.iter().any(|r| r == resource_of(k)))
                     .collect())
             }
         }

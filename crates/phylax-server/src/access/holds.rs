@@ -71,6 +71,11 @@ fn key(rtype: &str, id: &str, version: u64) -> String {
     format!("{rtype}/{id}/{version}")
 }
 
+/// The resource (`Type/id`) of a held key (`Type/id/version`).
+pub fn resource_of(k: &str) -> &str {
+    k.rsplit_once('/').map_or(k, |(r, _)| r)
+}
+
 impl Holds {
     /// Is this version held, or older than a held version of the same
     /// resource (written before the rule too)? A holder's later version
@@ -172,11 +177,7 @@ impl Holds {
 fn apply(held: &mut BTreeSet<String>, a: &Approval) {
     match a {
         Approval::All => held.clear(),
-        Approval::Resources(rs) => held.retain(|k| {
-            // `Type/id/version`: the resource is everything before the last `/`.
-            let res = k.rsplit_once('/').map_or(k.as_str(), |(r, _)| r);
-            !rs.iter().any(|r| r == res)
-        }),
+        Approval::Resources(rs) => held.retain(|k| !rs.iter().any(|r| r == resource_of(k))),
     }
 }
 

@@ -75,14 +75,35 @@ where
     Fut: Future<Output = Result<T, Failure>>,
 {
     for (w, t) in what {
-        if let Decision::Deny(rule) =
-            phylax_auth::policy::decide(ctx.principal(), *w, Some(t.as_str()))
-        {
-            record(st, ctx, w.as_str(), AuditRefs::default(), 403, Some(rule)).await?;
-            return Err(Failure::Forbidden);
-        }
+        allow(st, ctx, *w, t).await?;
     }
     crate::access::scoped::decided(work()).await
+}
+
+/// The type-level decision for one interaction, its denial recorded (a
+/// transaction's entries, and an entry's update-as-create decided inside
+/// the running work).
+pub async fn allow(
+    st: &FhirState,
+    ctx: &RequestCtx,
+    what: Interaction,
+    rtype: &ResourceType,
+) -> Result<(), Failure> {
+    match phylax_auth::policy::decide(ctx.principal(), what, Some(rtype.as_str())) {
+        Decision::Allow => Ok(()),
+        Decision::Deny(rule) => {
+            record(
+                st,
+                ctx,
+                what.as_str(),
+                AuditRefs::default(),
+                403,
+                Some(rule),
+            )
+            .await?;
+            Err(Failure::Forbidden)
+        }
+    }
 }
 
 /// Run one FHIR interaction through policy, work and audit.

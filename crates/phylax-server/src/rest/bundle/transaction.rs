@@ -13,7 +13,7 @@ use crate::rest::wire::{self, parse_type, prefer, Query};
 use crate::state::FhirState;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use phylax_auth::policy::{decide, Decision, Interaction};
+use phylax_auth::policy::Interaction;
 use phylax_fhir::{ResourceId, ResourceType};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -43,31 +43,6 @@ pub(super) struct PendingPut {
 
 /// Audit bookkeeping per entry: (interaction, type, id).
 pub(super) type Audited = (&'static str, Option<&'static str>, Option<String>);
-
-/// Check the policy for an entry; a denial is recorded and refuses all.
-pub(super) async fn allow(
-    st: &FhirState,
-    ctx: &RequestCtx,
-    what: Interaction,
-    rtype: &ResourceType,
-) -> Result<(), Failure> {
-    match decide(ctx.principal(), what, Some(rtype.as_str())) {
-        Decision::Allow => Ok(()),
-        Decision::Deny(rule) => {
-            let _ = rtype;
-            pipeline::record(
-                st,
-                ctx,
-                what.as_str(),
-                AuditRefs::default(),
-                403,
-                Some(rule),
-            )
-            .await?;
-            Err(Failure::Forbidden)
-        }
-    }
-}
 
 pub(super) fn criteria(q: &str) -> Vec<(String, String)> {
     Query::parse(Some(q.to_owned())).without_internal().0
@@ -424,7 +399,7 @@ impl<'a> Plan<'a> {
                     Failure::MethodNotAllowed("update-as-create is not allowed on this server"),
                 ));
             }
-            allow(self.st, self.ctx, Interaction::UpdateCreate, &rtype).await?;
+            pipeline::allow(self.st, self.ctx, Interaction::UpdateCreate, &rtype).await?;
             true
         } else {
             let cur_v = current.version().ok_or(Failure::Conflict)?;

@@ -2,9 +2,10 @@
 //! handles raw key bytes: they get opaque handles from here.
 //!
 //! # Layout
-//! - [`kek`]: the key-encryption key (KEK), loaded from a 0600 key file or an
-//!   environment variable; it wraps every other key and never touches the
-//!   database.
+//! - [`kek`]: the key-encryption key (KEK) in numbered generations, from a
+//!   0600 key file, an environment variable or a PKCS#11 HSM (where it is
+//!   a non-extractable key); it wraps every other key and never touches
+//!   the database.
 //! - [`datakey`]: data keys (per patient compartment, per tenant) and the
 //!   record seal: AES-256-GCM under a fresh per-record subkey, with additional
 //!   data that binds a ciphertext to its resource type, id and version.
@@ -60,6 +61,18 @@ pub enum CryptoError {
     WeakParameters,
     #[error("the system random number generator failed")]
     Random,
+    #[error("HSM: {0}")]
+    Hsm(String),
+    #[error("no KEK: the key file, PHYLAX_KEK and the HSM hold no generation")]
+    NoKek,
+    #[error("KEK generation {0} is held by two providers")]
+    DuplicateGeneration(u32),
+    #[error("KEK generation {0} is not available (retired, or another node added it and this one cannot see it)")]
+    UnknownGeneration(u32),
+    #[error("the KEK comes from PHYLAX_KEK, which only the operator can change: add the next generation there (docs/KEYS.md)")]
+    EnvironmentKek,
+    #[error("refusing to retire the only KEK generation")]
+    LastGeneration,
 }
 
 /// Fill a fixed-size array from the OS CSPRNG.

@@ -341,6 +341,51 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// When a wrapped key was stored (seconds), for key-age metrics.
     async fn wrapped_key_created(&self, scope: &str) -> Result<Option<i64>>;
+
+    /// A page of wrapped keys in scope order, the first after `after`
+    /// (a rotation walks them all).
+    async fn list_wrapped_keys(&self, after: &str, limit: u32) -> Result<Vec<WrappedKeyRow>>;
+
+    /// Replace each `(scope, old, new)` whose stored bytes are still `old`,
+    /// in one transaction; returns how many were replaced. A key changed
+    /// meanwhile (erased, or re-wrapped by another process) is left alone.
+    async fn replace_wrapped_keys(&self, rows: Vec<(String, Vec<u8>, Vec<u8>)>) -> Result<u64>;
+
+    /// Wrapped keys grouped by kind (the scope up to its first `:`) and
+    /// the first bytes of the wrapped form (which name the KEK generation;
+    /// [`WRAP_HEAD`] bytes, or one byte for the oldest format), with the
+    /// count and the oldest and newest creation time of each group.
+    async fn wrapped_key_stats(&self) -> Result<Vec<WrappedKeyStats>>;
+}
+
+/// How many leading bytes of a wrapped key [`KeyStore::wrapped_key_stats`]
+/// groups by: the format byte and the KEK generation.
+pub const WRAP_HEAD: usize = 5;
+
+/// One stored wrapped key.
+#[derive(Debug, Clone)]
+pub struct WrappedKeyRow {
+    pub scope: String,
+    pub wrapped: Vec<u8>,
+    pub created_at: i64,
+}
+
+/// A group of [`KeyStore::wrapped_key_stats`].
+#[derive(Debug, Clone)]
+pub struct WrappedKeyStats {
+    pub kind: String,
+    pub head: Vec<u8>,
+    pub count: u64,
+    pub oldest: i64,
+    pub newest: i64,
+}
+
+/// What [`ResourceStore::erase_key_scope`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Erased {
+    pub versions: u64,
+    pub resources: u64,
+    pub key_rows: u64,
 }
 
 /// Storage of resource versions, the current pointer and the search index.
@@ -400,6 +445,16 @@ pub trait ResourceStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Replace a resource's index entries (used when reindexing).
     async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()>;
+
+    /// Crypto-shredding, in one transaction: delete the wrapped key stored
+    /// as `key_row`, every version sealed under `key_scope`, and the current
+    /// pointer and index entries of each resource whose current version is
+    /// sealed under it.
+    async fn erase_key_scope(&self, key_scope: &str, key_row: &str) -> Result<Erased>;
+
+    /// How many versions are sealed under `key_scope`, and the newest
+    /// `last_updated` among them (ms).
+    async fn key_scope_summary(&self, key_scope: &str) -> Result<(u64, Option<i64>)>;
 }
 
 /// Storage of registered clients and users.

@@ -2301,3 +2301,150 @@ async fn a_newer_schema_is_refused() {
     drop(SqliteStore::open(&fresh).await.unwrap());
     SqliteStore::open(&fresh).await.unwrap();
 }
+
+both!(wrapped_keys_page_swap_and_group);
+async fn wrapped_keys_page_swap_and_group(s: &DynStore) {
+    // Version 2 heads name a generation; version 1 heads are one byte.
+    let v2 = |gen: u8, tail: u8| vec![2, 0, 0, 0, gen, tail, tail];
+    for (scope, w, t) in [
+        ("data:patient:a", v2(1, 1), 10),
+        ("data:patient:b", v2(1, 2), 20),
+        ("data:tenant", vec![1, 9, 9, 9, 9, 9], 5),
+        ("mac:token", v2(2, 3), 30),
+        ("data:patient:c", vec![1, 8, 8, 8, 8, 8], 7),
+    ] {
+        s.put_wrapped_key_if_absent(scope, &w, t).await.unwrap();
+    }
+    // Pages in byte order, each after the last.
+    let p1 = s.list_wrapped_keys("", 2).await.unwrap();
+    let p2 = s.list_wrapped_keys(&p1[1].scope, 2).await.unwrap();
+    let p3 = s.list_wrapped_keys(&p2[1].scope, 2).await.unwrap();
+    let all: Vec<String> = p1
+        .iter()
+        .chain(&p2)
+        .chain(&p3)
+        .map(|r| r.scope.clone())
+        .collect();
+    assert_eq!(
+        all,
+        [
+            "data:patient:a",
+            "data:patient:b",
+            "data:patient:c",
+            "data:tenant",
+            "mac:token"
+        ]
+    );
+    assert_eq!(p1[0].created_at, 10);
+    // Compare-and-swap: only rows still holding the old bytes change.
+    let n = s
+        .replace_wrapped_keys(vec![
+            ("data:patient:a".into(), v2(1, 1), v2(2, 1)),
+            ("data:patient:b".into(), v2(9, 9), v2(2, 2)),
+            ("data:gone".into(), v2(1, 1), v2(2, 1)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(
+        s.get_wrapped_key("data:patient:a").await.unwrap(),
+        Some(v2(2, 1))
+    );
+    assert_eq!(
+        s.get_wrapped_key("data:patient:b").await.unwrap(),
+        Some(v2(1, 2))
+    );
+    let stats = s.wrapped_key_stats().await.unwrap();
+    let summary: Vec<(String, Vec<u8>, u64, i64, i64)> = stats
+        .into_iter()
+        .map(|g| (g.kind, g.head, g.count, g.oldest, g.newest))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("data".into(), vec![1], 2, 5, 7),
+            ("data".into(), vec![2, 0, 0, 0, 1], 1, 20, 20),
+            ("data".into(), vec![2, 0, 0, 0, 2], 1, 10, 10),
+            ("mac".into(), vec![2, 0, 0, 0, 2], 1, 30, 30),
+        ]
+    );
+}
+
+both!(erasing_a_key_scope_removes_its_versions_and_key);
+async fn erasing_a_key_scope_removes_its_versions_and_key(s: &DynStore) {
+    let put = |id: &str, version: u64, scope: &str| {
+        let mut v = with_index(
+            nv("Observation", id, version, 100 * version as i64, b"x"),
+            vec![h("code", b"c")],
+        );
+        v.key_scope = scope.into();
+        v
+    };
+    // o1: the erased patient's. o2: moved from the erased patient to b
+    // (its current version is b's). o3: b's only. o4: moved to the erased
+    // patient (its current version is a's).
+    for (v, pre) in [
+        (put("o1", 1, "patient:a"), Precondition::Absent),
+        (put("o2", 1, "patient:a"), Precondition::Absent),
+        (put("o2", 2, "patient:b"), Precondition::CurrentIs(1)),
+        (put("o3", 1, "patient:b"), Precondition::Absent),
+        (put("o4", 1, "patient:b"), Precondition::Absent),
+        (put("o4", 2, "patient:a"), Precondition::CurrentIs(1)),
+    ] {
+        s.append_version(v, pre, vec![]).await.unwrap();
+    }
+    for scope in ["data:patient:a", "data:patient:b"] {
+        s.put_wrapped_key_if_absent(scope, b"k", 1).await.unwrap();
+    }
+    assert_eq!(
+        s.key_scope_summary("patient:a").await.unwrap(),
+        (3, Some(200))
+    );
+    let e = s
+        .erase_key_scope("patient:a", "data:patient:a")
+        .await
+        .unwrap();
+    assert_eq!(
+        e,
+        Erased {
+            versions: 3,
+            resources: 2,
+            key_rows: 1
+        }
+    );
+    assert_eq!(s.key_scope_summary("patient:a").await.unwrap(), (0, None));
+    assert!(s.get_wrapped_key("data:patient:a").await.unwrap().is_none());
+    assert!(s.get_wrapped_key("data:patient:b").await.unwrap().is_some());
+    assert!(s.read_current("Observation", "o1").await.unwrap().is_none());
+    assert!(s.read_current("Observation", "o4").await.unwrap().is_none());
+    assert_eq!(
+        s.read_current("Observation", "o2")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+    assert!(s
+        .read_version("Observation", "o2", 1)
+        .await
+        .unwrap()
+        .is_none());
+    // The index answers only for what is left.
+    let got = ids(
+        s,
+        vec![vec![Cond::Hash {
+            param: "code".into(),
+            hashes: vec![b"c".to_vec()],
+        }]],
+    )
+    .await;
+    assert_eq!(got, ["o2", "o3"]);
+    // Again: nothing left to erase.
+    assert_eq!(
+        s.erase_key_scope("patient:a", "data:patient:a")
+            .await
+            .unwrap(),
+        Erased::default()
+    );
+}

@@ -1,7 +1,7 @@
 //! [`crate::KeyStore`] for PostgreSQL: KEK-wrapped data keys.
 
 use super::*;
-use crate::KeyStore;
+use crate::{KeyStore, WrappedKeyRow, WrappedKeyStats, WRAP_HEAD};
 
 #[async_trait]
 impl KeyStore for PgStore {
@@ -55,5 +55,67 @@ impl KeyStore for PgStore {
         .await
         .map_err(pg)?
         .map(|r| r.get(0)))
+    }
+
+    async fn list_wrapped_keys(&self, after: &str, limit: u32) -> Result<Vec<WrappedKeyRow>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let rows = c
+            .query(
+                "SELECT scope, wrapped, created_at FROM wrapped_keys WHERE scope COLLATE \"C\" > $1 ORDER BY scope COLLATE \"C\" LIMIT $2",
+                &[&after, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| WrappedKeyRow {
+                scope: r.get(0),
+                wrapped: r.get(1),
+                created_at: r.get(2),
+            })
+            .collect())
+    }
+
+    async fn replace_wrapped_keys(&self, rows: Vec<(String, Vec<u8>, Vec<u8>)>) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut scopes = Vec::with_capacity(rows.len());
+        let mut olds = Vec::with_capacity(rows.len());
+        let mut news = Vec::with_capacity(rows.len());
+        for (s, o, n) in rows {
+            scopes.push(s);
+            olds.push(o);
+            news.push(n);
+        }
+        let c = self.pool.get().await.map_err(pool_err)?;
+        // One statement for the whole batch: a compare-and-swap per row.
+        c.execute(
+            "UPDATE wrapped_keys k SET wrapped = u.new FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS u(scope, old, new) \
+             WHERE k.scope = u.scope AND k.wrapped = u.old",
+            &[&scopes, &olds, &news],
+        )
+        .await
+        .map_err(pg)
+    }
+
+    async fn wrapped_key_stats(&self) -> Result<Vec<WrappedKeyStats>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let sql = format!(
+            "SELECT split_part(scope, ':', 1) AS kind, \
+             CASE WHEN get_byte(wrapped, 0) = 1 THEN '\\x01'::bytea ELSE substring(wrapped from 1 for {WRAP_HEAD}) END AS head, \
+             count(*), min(created_at), max(created_at) FROM wrapped_keys GROUP BY 1, 2 ORDER BY 1, 2"
+        );
+        let rows = c.query(&sql, &[]).await.map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| WrappedKeyStats {
+                kind: r.get(0),
+                head: r.get(1),
+                count: r.get::<_, i64>(2) as u64,
+                oldest: r.get(3),
+                newest: r.get(4),
+            })
+            .collect())
     }
 }

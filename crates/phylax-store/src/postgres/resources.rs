@@ -5,6 +5,56 @@ use crate::ResourceStore;
 
 #[async_trait]
 impl ResourceStore for PgStore {
+    async fn erase_key_scope(&self, key_scope: &str, key_row: &str) -> Result<crate::Erased> {
+        let mut c = self.pool.get().await.map_err(pool_err)?;
+        let tx = c.transaction().await.map_err(pg)?;
+        // As in SQLite: pointers and index entries of resources whose
+        // current version is sealed under the scope, then every version.
+        tx.execute(
+            "DELETE FROM search_entries WHERE seq IN (SELECT r.seq FROM resources r \
+             JOIN resource_versions v ON v.seq = r.seq WHERE v.key_scope = $1)",
+            &[&key_scope],
+        )
+        .await
+        .map_err(pg)?;
+        let resources = tx
+            .execute(
+                "DELETE FROM resources WHERE seq IN (SELECT seq FROM resource_versions WHERE key_scope = $1)",
+                &[&key_scope],
+            )
+            .await
+            .map_err(pg)?;
+        let versions = tx
+            .execute(
+                "DELETE FROM resource_versions WHERE key_scope = $1",
+                &[&key_scope],
+            )
+            .await
+            .map_err(pg)?;
+        let key_rows = tx
+            .execute("DELETE FROM wrapped_keys WHERE scope = $1", &[&key_row])
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(crate::Erased {
+            versions,
+            resources,
+            key_rows,
+        })
+    }
+
+    async fn key_scope_summary(&self, key_scope: &str) -> Result<(u64, Option<i64>)> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_one(
+                "SELECT count(*), max(last_updated) FROM resource_versions WHERE key_scope = $1",
+                &[&key_scope],
+            )
+            .await
+            .map_err(pg)?;
+        Ok((r.get::<_, i64>(0) as u64, r.get(1)))
+    }
+
     async fn append_version(
         &self,
         v: NewVersion,

@@ -1,7 +1,7 @@
 //! [`crate::KeyStore`] for SQLite: KEK-wrapped data keys.
 
 use super::*;
-use crate::KeyStore;
+use crate::{KeyStore, WrappedKeyRow, WrappedKeyStats, WRAP_HEAD};
 
 #[async_trait]
 impl KeyStore for SqliteStore {
@@ -69,6 +69,68 @@ impl KeyStore for SqliteStore {
             )
             .optional()
             .map_err(backend)
+        })
+        .await
+    }
+
+    async fn list_wrapped_keys(&self, after: &str, limit: u32) -> Result<Vec<WrappedKeyRow>> {
+        let after = after.to_owned();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT scope, wrapped, created_at FROM wrapped_keys WHERE scope > ?1 ORDER BY scope LIMIT ?2",
+                )
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![after, limit], |r| {
+                    Ok(WrappedKeyRow {
+                        scope: r.get(0)?,
+                        wrapped: r.get(1)?,
+                        created_at: r.get(2)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn replace_wrapped_keys(&self, rows: Vec<(String, Vec<u8>, Vec<u8>)>) -> Result<u64> {
+        self.write(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "UPDATE wrapped_keys SET wrapped = ?3 WHERE scope = ?1 AND wrapped = ?2",
+                )
+                .map_err(backend)?;
+            let mut n = 0u64;
+            for (scope, old, new) in rows {
+                n += st.execute(params![scope, old, new]).map_err(backend)? as u64;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn wrapped_key_stats(&self) -> Result<Vec<WrappedKeyStats>> {
+        self.read(move |c| {
+            let sql = format!(
+                "SELECT CASE WHEN instr(scope, ':') > 0 THEN substr(scope, 1, instr(scope, ':') - 1) ELSE scope END AS kind, \
+                 CASE WHEN substr(wrapped, 1, 1) = x'01' THEN x'01' ELSE substr(wrapped, 1, {WRAP_HEAD}) END AS head, \
+                 count(*), min(created_at), max(created_at) FROM wrapped_keys GROUP BY kind, head ORDER BY kind, head"
+            );
+            let mut st = c.prepare(&sql).map_err(backend)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok(WrappedKeyStats {
+                        kind: r.get(0)?,
+                        head: r.get(1)?,
+                        count: r.get::<_, i64>(2)? as u64,
+                        oldest: r.get(3)?,
+                        newest: r.get(4)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
         })
         .await
     }

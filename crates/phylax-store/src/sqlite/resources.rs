@@ -5,6 +5,52 @@ use crate::ResourceStore;
 
 #[async_trait]
 impl ResourceStore for SqliteStore {
+    async fn erase_key_scope(&self, key_scope: &str, key_row: &str) -> Result<crate::Erased> {
+        let (scope, row) = (key_scope.to_owned(), key_row.to_owned());
+        self.write(move |c| {
+            // The resources whose current version is sealed under the
+            // scope lose their pointer and index entries; older versions of
+            // resources that moved to another scope lose only those versions.
+            c.execute(
+                "DELETE FROM search_entries WHERE seq IN (SELECT r.seq FROM resources r \
+                 JOIN resource_versions v ON v.seq = r.seq WHERE v.key_scope = ?1)",
+                params![scope],
+            )
+            .map_err(backend)?;
+            let resources = c
+                .execute(
+                    "DELETE FROM resources WHERE seq IN (SELECT seq FROM resource_versions WHERE key_scope = ?1)",
+                    params![scope],
+                )
+                .map_err(backend)? as u64;
+            let versions = c
+                .execute("DELETE FROM resource_versions WHERE key_scope = ?1", params![scope])
+                .map_err(backend)? as u64;
+            let key_rows = c
+                .execute("DELETE FROM wrapped_keys WHERE scope = ?1", params![row])
+                .map_err(backend)? as u64;
+            Ok(crate::Erased {
+                versions,
+                resources,
+                key_rows,
+            })
+        })
+        .await
+    }
+
+    async fn key_scope_summary(&self, key_scope: &str) -> Result<(u64, Option<i64>)> {
+        let scope = key_scope.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT count(*), max(last_updated) FROM resource_versions WHERE key_scope = ?1",
+                params![scope],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn append_version(
         &self,
         v: NewVersion,

@@ -14,9 +14,11 @@
 //!
 //!     cargo run --release -p phylax-bench -- --duration 10 --concurrency 1,8,32
 //!
-//! Module [`synth`]: the Synthea-shaped synthetic patients loaded as
-//! transaction Bundles for the search scenarios.
+//! Modules: [`synth`], the Synthea-shaped synthetic patients loaded as
+//! transaction Bundles for the search scenarios; [`keys`], the KEK
+//! rotation benchmark (`--kek-rotation N`).
 
+mod keys;
 mod synth;
 
 use anyhow::{bail, Context, Result};
@@ -100,6 +102,18 @@ struct Args {
     /// for benchmarking machines only.
     #[arg(long)]
     keep_instance: Option<std::path::PathBuf>,
+    /// Instead of the HTTP scenarios: store this many data keys and time a
+    /// KEK rotation that re-wraps them all.
+    #[arg(long)]
+    kek_rotation: Option<usize>,
+    /// With --kek-rotation: the KEK in this PKCS#11 module's token
+    /// (--hsm-token, --hsm-pin-file) instead of a key file.
+    #[arg(long)]
+    hsm_module: Option<std::path::PathBuf>,
+    #[arg(long)]
+    hsm_token: Option<String>,
+    #[arg(long)]
+    hsm_pin_file: Option<std::path::PathBuf>,
 }
 
 /// Where the instance lives: a temporary directory removed at exit, or
@@ -239,6 +253,7 @@ async fn setup(
             public_url: None,
             database_url: db.map(str::to_owned),
             tls_names: vec![],
+            hsm: None,
         })
         .await?;
     }
@@ -637,6 +652,20 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(n) = args.kek_rotation {
+        let hsm = match (&args.hsm_module, &args.hsm_token, &args.hsm_pin_file) {
+            (Some(m), Some(t), Some(p)) => Some(phylax_server::base::config::HsmSettings {
+                module: m.clone(),
+                token: t.clone(),
+                pin_file: Some(std::path::absolute(p)?),
+                pin_env: None,
+                key_label: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+            }),
+            (None, None, None) => None,
+            _ => bail!("--hsm-module, --hsm-token and --hsm-pin-file go together"),
+        };
+        return keys::kek_rotation(n, args.database_url.as_deref(), hsm).await;
+    }
     if let Some(path) = &args.log_file {
         let f = std::fs::File::create(path)
             .with_context(|| format!("cannot create {}", path.display()))?;

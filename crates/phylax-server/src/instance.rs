@@ -7,21 +7,29 @@
 //! DIR/tls/ca.pem         the CA clients must trust
 //! DIR/tls/server.pem     the server certificate chain
 //! KEYS/kek               the key-encryption key (0600)      KEYS defaults to DIR-keys/
+//!                        (or the KEK is in an HSM, `[hsm]`; docs/KEYS.md)
 //! KEYS/tls-server-key.pem, KEYS/tls-ca-key.pem (0600)
 //! ```
 //! Keys live outside the data directory so that a copy of the data
 //! directory (or a backup of it) does not carry the means to read it.
 
-use crate::base::config::{Backend, Config, ConfigError, TlsConfig, CONFIG_FILE};
+use crate::base::config::{Backend, Config, ConfigError, HsmSettings, TlsConfig, CONFIG_FILE};
 use crate::data::keyring::KeyRing;
 use crate::net::tls::{self, TlsError};
-use phylax_crypto::{BlindIndexKey, CryptoError, Kek, MacKey};
+use phylax_crypto::kek::hsm::HsmConfig;
+use phylax_crypto::kek::KekSpec;
+use phylax_crypto::{BlindIndexKey, CryptoError, Kek, MacKey, Secret};
 use phylax_store::{DynStore, StoreError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const META_KEK_CHECK: &str = "kek_check";
 const META_INSTANCE_ID: &str = "instance_id";
+/// A random key wrapped under the KEK: opening an instance unwraps it, so
+/// the wrong KEK (or a missing generation) fails at start, whatever
+/// provider holds the KEK. Re-wrapped by every rotation like any key.
+pub const CANARY_ROW: &str = "kek:canary";
+pub const CANARY_PURPOSE: &str = "kek-canary";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -35,8 +43,12 @@ pub enum InstanceError {
     DatabaseUrlRequired,
     #[error("this instance uses the embedded SQLite store; --database-url does not apply")]
     DatabaseUrlNotApplicable,
-    #[error("the KEK does not match this instance's data (wrong key file or PHYLAX_KEK)")]
+    #[error("the KEK does not match this instance's data (wrong key file, PHYLAX_KEK or HSM key)")]
     WrongKek,
+    #[error("PHYLAX_KEK is set but this instance's KEK is in an HSM ([hsm] in phylax.toml): unset PHYLAX_KEK")]
+    KekAmbiguous,
+    #[error("HSM PIN: {0}")]
+    HsmPin(String),
     #[error("the database is not initialised for this instance; run `phylax init` against it")]
     DatabaseNotInitialized,
     #[error("file system: {0}")]
@@ -69,6 +81,8 @@ pub struct InitOptions {
     pub database_url: Option<String>,
     /// Extra DNS names or IP addresses for the server certificate.
     pub tls_names: Vec<String>,
+    /// Keep the KEK in this HSM instead of a key file.
+    pub hsm: Option<HsmSettings>,
 }
 
 /// An open instance: everything the server and the CLI need.
@@ -120,11 +134,102 @@ fn database_url(
     }
 }
 
-fn load_kek(config: &Config) -> Result<Kek, InstanceError> {
-    match std::env::var("PHYLAX_KEK") {
-        Ok(v) if !v.is_empty() => Ok(Kek::from_env_value(&v)?),
-        _ => Ok(Kek::from_file(&config.key_file)?),
+/// The HSM's settings with its PIN, read from the 0600 file or the
+/// environment variable the configuration names.
+pub fn hsm_config(h: &HsmSettings) -> Result<HsmConfig, InstanceError> {
+    use std::os::unix::fs::PermissionsExt;
+    let pin = match (&h.pin_file, &h.pin_env) {
+        (Some(f), None) => {
+            let meta = std::fs::metadata(f)
+                .map_err(|e| InstanceError::HsmPin(format!("{}: {}", f.display(), e.kind())))?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(InstanceError::HsmPin(format!(
+                    "{} must not be readable by group or others (chmod 600)",
+                    f.display()
+                )));
+            }
+            let raw =
+                Secret::new(std::fs::read(f).map_err(|e| {
+                    InstanceError::HsmPin(format!("{}: {}", f.display(), e.kind()))
+                })?);
+            let trimmed = raw.expose().trim_ascii().to_vec();
+            Secret::new(trimmed)
+        }
+        (None, Some(var)) => Secret::new(
+            std::env::var(var)
+                .map_err(|_| InstanceError::HsmPin(format!("{var} is not set")))?
+                .into_bytes(),
+        ),
+        _ => {
+            return Err(InstanceError::HsmPin(
+                "give exactly one of pin_file and pin_env".into(),
+            ))
+        }
+    };
+    if pin.is_empty() {
+        return Err(InstanceError::HsmPin("the PIN is empty".into()));
     }
+    Ok(HsmConfig {
+        module: h.module.clone(),
+        token: h.token.clone(),
+        pin,
+        key_label: h.key_label.clone(),
+    })
+}
+
+/// Every provider the configuration names: `PHYLAX_KEK` replaces the key
+/// file (as it always has); an HSM adds to the key file (while a KEK moves
+/// into it) but never to `PHYLAX_KEK`, which would be ambiguous.
+pub fn load_kek(config: &Config) -> Result<Kek, InstanceError> {
+    let env = std::env::var("PHYLAX_KEK")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| Secret::new(v.into_bytes()));
+    if env.is_some() && config.hsm.is_some() {
+        return Err(InstanceError::KekAmbiguous);
+    }
+    let hsm = config.hsm.as_ref().map(hsm_config).transpose()?;
+    let key_file = if env.is_some() {
+        None
+    } else {
+        config.key_file.clone()
+    };
+    Ok(Kek::open(KekSpec { key_file, env, hsm })?)
+}
+
+/// Check that this KEK is the instance's: unwrap the canary. An instance
+/// from before the canary is checked by its fingerprint (generation 1 as
+/// a software key), then given one.
+async fn verify_kek(store: &DynStore, kek: &Kek) -> Result<(), InstanceError> {
+    if let Some(w) = store.get_wrapped_key(CANARY_ROW).await? {
+        return match kek.unwrap(CANARY_PURPOSE, "", &w) {
+            Ok(_) => Ok(()),
+            Err(e @ CryptoError::UnknownGeneration(_)) => Err(e.into()),
+            Err(_) => Err(InstanceError::WrongKek),
+        };
+    }
+    match store.get_meta(META_KEK_CHECK).await? {
+        None => return Err(InstanceError::DatabaseNotInitialized),
+        Some(c) if Some(c.as_slice()) != kek.check_value().as_ref().map(|c| &c[..]) => {
+            return Err(InstanceError::WrongKek)
+        }
+        Some(_) => {}
+    }
+    plant_canary(store, kek).await
+}
+
+async fn plant_canary(store: &DynStore, kek: &Kek) -> Result<(), InstanceError> {
+    let fresh = kek.wrap(
+        CANARY_PURPOSE,
+        "",
+        &Secret::new(phylax_crypto::random_array::<32>()?.to_vec()),
+    )?;
+    let stored = store
+        .put_wrapped_key_if_absent(CANARY_ROW, &fresh, crate::base::clock::now_secs())
+        .await?;
+    kek.unwrap(CANARY_PURPOSE, "", &stored)
+        .map(|_| ())
+        .map_err(|_| InstanceError::WrongKek)
 }
 
 /// A KEK-wrapped key by row name, created (race-safely) on first use.
@@ -156,6 +261,41 @@ async fn blind_key(store: &DynStore, kek: &Kek) -> Result<BlindIndexKey, Instanc
     })
     .await?;
     BlindIndexKey::unwrap(kek, &w).map_err(|_| InstanceError::WrongKek)
+}
+
+/// The local CA and server certificate (in the data directory) and their
+/// private keys (0600, in the key directory); returns the server key's path.
+fn write_tls(data_dir: &Path, key_dir: &Path, names: &[String]) -> Result<PathBuf, InstanceError> {
+    let tls_key = key_dir.join(format!(
+        "{}-tls-server-key.pem",
+        data_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let ca_key = tls_key.with_file_name(
+        tls_key
+            .file_name()
+            .map(|n| n.to_string_lossy().replace("server-key", "ca-key"))
+            .unwrap_or_default(),
+    );
+    let generated = tls::generate(names)?;
+    std::fs::write(data_dir.join("tls/ca.pem"), &generated.ca_cert_pem).map_err(io)?;
+    std::fs::write(
+        data_dir.join("tls/server.pem"),
+        format!("{}{}", generated.server_cert_pem, generated.ca_cert_pem),
+    )
+    .map_err(io)?;
+    if !tls_key.exists() {
+        tls::write_private(&tls_key, generated.server_key_pem.expose())?;
+        tls::write_private(&ca_key, generated.ca_key_pem.expose())?;
+    } else {
+        // A re-init after a removed config: keep the key file pair in
+        // step with the new certificates.
+        std::fs::write(&tls_key, generated.server_key_pem.expose()).map_err(io)?;
+        std::fs::write(&ca_key, generated.ca_key_pem.expose()).map_err(io)?;
+    }
+    Ok(tls_key)
 }
 
 impl Instance {
@@ -202,6 +342,8 @@ impl Instance {
         if key_file.starts_with(&data_dir) {
             return Err(InstanceError::KeyInsideDataDir);
         }
+        // The HSM's PIN and token are checked before anything is written.
+        let hsm = opts.hsm.as_ref().map(hsm_config).transpose()?;
         let key_dir = key_file
             .parent()
             .map(Path::to_path_buf)
@@ -211,42 +353,17 @@ impl Instance {
         std::fs::create_dir_all(&key_dir).map_err(io)?;
         std::fs::set_permissions(&key_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
 
-        // Reuse a KEK the operator provides; otherwise make a fresh one.
-        let kek = if key_file.exists() {
+        // A KEK in the HSM (created there if the token has none under the
+        // label); else reuse a key file the operator provides, or make one.
+        let kek = if let Some(h) = &hsm {
+            Kek::hsm_init(h, 1)?
+        } else if key_file.exists() {
             Kek::from_file(&key_file)?
         } else {
             Kek::create_file(&key_file)?
         };
 
-        let tls_key = key_dir.join(format!(
-            "{}-tls-server-key.pem",
-            data_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ));
-        let ca_key = tls_key.with_file_name(
-            tls_key
-                .file_name()
-                .map(|n| n.to_string_lossy().replace("server-key", "ca-key"))
-                .unwrap_or_default(),
-        );
-        let generated = tls::generate(&opts.tls_names)?;
-        std::fs::write(data_dir.join("tls/ca.pem"), &generated.ca_cert_pem).map_err(io)?;
-        std::fs::write(
-            data_dir.join("tls/server.pem"),
-            format!("{}{}", generated.server_cert_pem, generated.ca_cert_pem),
-        )
-        .map_err(io)?;
-        if !tls_key.exists() {
-            tls::write_private(&tls_key, generated.server_key_pem.expose())?;
-            tls::write_private(&ca_key, generated.ca_key_pem.expose())?;
-        } else {
-            // A re-init after a removed config: keep the key file pair in
-            // step with the new certificates.
-            std::fs::write(&tls_key, generated.server_key_pem.expose()).map_err(io)?;
-            std::fs::write(&ca_key, generated.ca_key_pem.expose()).map_err(io)?;
-        }
+        let tls_key = write_tls(&data_dir, &key_dir, &opts.tls_names)?;
 
         let backend = if opts.database_url.is_some() {
             Backend::Postgres
@@ -259,7 +376,13 @@ impl Instance {
                 .public_url
                 .clone()
                 .unwrap_or_else(|| format!("https://{}", opts.listen)),
-            key_file: key_file.clone(),
+            key_file: if hsm.is_some() {
+                None
+            } else {
+                Some(key_file.clone())
+            },
+            hsm: opts.hsm.clone(),
+            keys: Default::default(),
             backend,
             tls: TlsConfig {
                 cert: PathBuf::from("tls/server.pem"),
@@ -278,11 +401,21 @@ impl Instance {
         };
         let url = database_url(&data_dir, backend, opts.database_url.as_deref())?;
         let store = phylax_store::open(&url).await?;
-        let check = kek.check_value();
-        let stored = store.put_meta_if_absent(META_KEK_CHECK, &check).await?;
-        if stored != check {
-            return Err(InstanceError::WrongKek);
+        if store.get_wrapped_key(CANARY_ROW).await?.is_some() {
+            verify_kek(&store, &kek).await?;
+        } else if let Some(check) = kek.check_value() {
+            let stored = store.put_meta_if_absent(META_KEK_CHECK, &check).await?;
+            if stored != check {
+                return Err(InstanceError::WrongKek);
+            }
         }
+        plant_canary(&store, &kek).await?;
+        store
+            .put_meta_if_absent(
+                &format!("kek_generation:{}", kek.current()),
+                crate::base::clock::now_secs().to_string().as_bytes(),
+            )
+            .await?;
         store
             .put_meta_if_absent(
                 META_INSTANCE_ID,
@@ -315,11 +448,7 @@ impl Instance {
         let kek = load_kek(&config)?;
         let url = database_url(&data_dir, config.backend, database_url_arg)?;
         let store = phylax_store::open(&url).await?;
-        match store.get_meta(META_KEK_CHECK).await? {
-            None => return Err(InstanceError::DatabaseNotInitialized),
-            Some(c) if c != kek.check_value() => return Err(InstanceError::WrongKek),
-            Some(_) => {}
-        }
+        verify_kek(&store, &kek).await?;
         let token_key = mac_key(&store, &kek, "token").await?;
         let cursor_key = mac_key(&store, &kek, "cursor").await?;
         let auth_key = Arc::new(mac_key(&store, &kek, "auth").await?);

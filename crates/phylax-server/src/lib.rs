@@ -13,6 +13,9 @@
 //!   repository.
 //! - [`instance`]: creating (`init`) and opening an instance: directories,
 //!   KEK, local CA and server certificate, database and its keys.
+//! - [`keys`]: key administration for the operator's CLI (no route
+//!   reaches it): key status, KEK rotation and moves, crypto-shredding a
+//!   patient, legal holds.
 //! - [`state`]: the application state, assembled once from the subsystems
 //!   below, and the background tasks that keep its caches fresh.
 //! - [`rest`]: the FHIR REST API handlers and their wire helpers.
@@ -29,6 +32,7 @@ pub mod base;
 pub mod data;
 pub mod http;
 pub mod instance;
+pub mod keys;
 pub mod net;
 pub mod ops;
 pub mod rest;

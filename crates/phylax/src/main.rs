@@ -1,10 +1,18 @@
 //! `phylax`: the command-line interface.
 //!
 //! # Layout
-//! One file: clap definitions, then one function per command. Every
+//! - this file: clap definitions, then one function per command;
+//! - [`keys`]: `phylax keys …` and `phylax patient …` (key status and
+//!   rotation, the KEK into an HSM, erasure, legal holds);
+//! - [`config_cmd`]: `phylax config check`.
+//!
+//! Every
 //! command that works on an instance takes `--data-dir DIR` (and
 //! `--database-url` when the instance stores its data in PostgreSQL).
 //! Errors print as one line (`error: …`) and exit with status 1.
+
+mod config_cmd;
+mod keys;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -47,7 +55,13 @@ enum Cmd {
     User(UserCmd),
     /// Manage keys.
     #[command(subcommand)]
-    Keys(KeysCmd),
+    Keys(keys::KeysCmd),
+    /// Patients' data rights: erasure (crypto-shredding) and legal holds.
+    #[command(subcommand)]
+    Patient(keys::PatientCmd),
+    /// The configuration file.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCmd),
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -189,16 +203,6 @@ enum AuditCmd {
 }
 
 #[derive(Subcommand, Debug)]
-enum KeysCmd {
-    /// Add a new id_token signing key; running nodes switch to it within
-    /// seconds, and the previous key stays in the JWKS so issued tokens verify.
-    RotateSigning {
-        #[command(flatten)]
-        inst: InstanceArgs,
-    },
-}
-
-#[derive(Subcommand, Debug)]
 enum UserCmd {
     /// Create a user; prints a one-time enrollment link that expires.
     Add {
@@ -265,13 +269,13 @@ struct UserArgs {
 }
 
 #[derive(Args, Debug)]
-struct InstanceArgs {
+pub(crate) struct InstanceArgs {
     /// The instance's data directory.
     #[arg(long)]
-    data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// PostgreSQL URL, for instances that store their data in PostgreSQL.
     #[arg(long, env = "PHYLAX_DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
+    pub(crate) database_url: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -294,6 +298,9 @@ struct InitArgs {
     /// Extra DNS name or IP address for the server certificate (repeatable).
     #[arg(long = "tls-name")]
     tls_names: Vec<String>,
+    /// Keep the KEK in a PKCS#11 HSM instead of a key file (docs/KEYS.md).
+    #[command(flatten)]
+    hsm: keys::HsmArgs,
 }
 
 #[derive(Args, Debug)]
@@ -450,13 +457,21 @@ async fn run(cli: Cli) -> Result<()> {
                 public_url: a.public_url,
                 database_url: a.database_url,
                 tls_names: a.tls_names,
+                hsm: a.hsm.settings()?,
             })
             .await?;
             println!("initialised {}", a.data_dir.display());
-            println!(
-                "  key file (keep it safe, outside backups of the data): {}",
-                cfg.key_file.display()
-            );
+            match (&cfg.key_file, &cfg.hsm) {
+                (Some(k), _) => println!(
+                    "  key file (keep it safe, outside backups of the data): {}",
+                    k.display()
+                ),
+                (None, Some(h)) => println!(
+                    "  KEK: inside the HSM token {:?} as {}-1 (non-extractable)",
+                    h.token, h.key_label
+                ),
+                (None, None) => {}
+            }
             println!(
                 "  CA certificate for clients: {}",
                 a.data_dir.join(&cfg.tls.ca).display()
@@ -481,19 +496,9 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::User(c) => user_cmd(c).await,
         Cmd::Audit(c) => audit_cmd(c).await,
         Cmd::Access(c) => access_cmd(c).await,
-        Cmd::Keys(KeysCmd::RotateSigning { inst }) => {
-            let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
-            let kid = i.keys.rotate_signing().await?;
-            admin_audit(
-                &i,
-                "key",
-                Action::Create,
-                format!("signing key {kid} added"),
-            )
-            .await?;
-            println!("new signing key {kid}; nodes switch to it within seconds");
-            Ok(())
-        }
+        Cmd::Keys(c) => keys::keys_cmd(c).await,
+        Cmd::Patient(c) => keys::patient_cmd(c).await,
+        Cmd::Config(c) => config_cmd::config_cmd(c),
     }
 }
 
@@ -605,6 +610,7 @@ async fn quickstart(data_dir: &Path, listen: &str) -> Result<()> {
             public_url: None,
             database_url: None,
             tls_names: vec![],
+            hsm: None,
         })
         .await?;
     }
@@ -613,7 +619,7 @@ async fn quickstart(data_dir: &Path, listen: &str) -> Result<()> {
     let base = inst.config.public_url.clone();
     let dd = data_dir.display();
     println!(
-        "Phylax {} instance in {dd} (key file: {})\n\
+        "Phylax {} instance in {dd} (KEK: {})\n\
          \n\
          Next steps, in another terminal:\n\
          1. Trust the local CA:         {ca}\n\
@@ -626,7 +632,11 @@ async fn quickstart(data_dir: &Path, listen: &str) -> Result<()> {
          \x20         -d client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer -d client_assertion=$A\n\
          5. Use it:                     curl --cacert {ca} -H \"Authorization: Bearer TOKEN\" {base}/fhir/metadata\n",
         if fresh { "created a new" } else { "reusing the" },
-        inst.config.key_file.display(),
+        inst.config
+            .key_file
+            .as_ref()
+            .map(|k| k.display().to_string())
+            .unwrap_or_else(|| "in the HSM".into()),
         ca = ca.display(),
     );
     drop(inst);
@@ -1268,7 +1278,7 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
 }
 
 /// Record a CLI change in the audit log; an unwritable log is an error.
-async fn admin_audit(
+pub(crate) async fn admin_audit(
     i: &Instance,
     what: &'static str,
     action: Action,

@@ -765,3 +765,152 @@ fn access_explain_review_and_break_glass_queue() {
     // Every one of those was recorded, and the log still verifies.
     ok(&run(&["audit", "verify"]));
 }
+
+/// `keys status|rotate`, `patient erase|hold|holds` and `config check`
+/// as an operator runs them (the work itself is tested in the server's
+/// `tests/it/keys.rs`).
+#[test]
+fn keys_patients_and_config_check() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(&phylax(&["init", "--data-dir", "inst"], p));
+    let st: serde_json::Value = serde_json::from_str(&ok(&phylax(
+        &["keys", "status", "--data-dir", "inst", "--json"],
+        p,
+    )))
+    .unwrap();
+    assert_eq!(st["kek"][0]["generation"], 1);
+    assert_eq!(st["kek"][0]["provider"], "file");
+    assert_eq!(st["max_age_days"], 365);
+    let kinds: Vec<&str> = st["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kind"].as_str().unwrap())
+        .collect();
+    for k in ["tokens", "cursors", "sign-in", "index", "checkpoint"] {
+        assert!(kinds.contains(&k), "{kinds:?}");
+    }
+    assert!(ok(&phylax(&["keys", "status", "--data-dir", "inst"], p))
+        .contains("generation 1 (current)"));
+    // Naming nothing to rotate is an error, not a no-op.
+    fails(&phylax(&["keys", "rotate", "--data-dir", "inst"], p));
+    let r: serde_json::Value = serde_json::from_str(&ok(&phylax(
+        &["keys", "rotate", "--kek", "--data-dir", "inst", "--json"],
+        p,
+    )))
+    .unwrap();
+    assert_eq!(r["kek"]["to"], 2);
+    assert_eq!(r["kek"]["retired"], serde_json::json!([1]));
+    let key = std::fs::read_to_string(p.join("inst-keys/kek")).unwrap();
+    assert!(key.starts_with("2:") && key.lines().count() == 1);
+    // Still opens, with the rotated key file.
+    assert!(ok(&phylax(&["keys", "status", "--data-dir", "inst"], p))
+        .contains("generation 2 (current)"));
+
+    // Erasure: a patient with no data, an id that is no id, a missing reason.
+    let e = fails(&phylax(
+        &[
+            "patient",
+            "erase",
+            "--data-dir",
+            "inst",
+            "--id",
+            "nobody",
+            "--reason",
+            "GDPR",
+        ],
+        p,
+    ));
+    assert!(e.contains("no data"), "{e}");
+    let e = fails(&phylax(
+        &[
+            "patient",
+            "erase",
+            "--data-dir",
+            "inst",
+            "--id",
+            "a/b",
+            "--reason",
+            "GDPR",
+        ],
+        p,
+    ));
+    assert!(e.contains("patient id"), "{e}");
+    ok(&phylax(
+        &[
+            "patient",
+            "hold",
+            "--data-dir",
+            "inst",
+            "--id",
+            "p1",
+            "--reason",
+            "litigation",
+        ],
+        p,
+    ));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ok(&phylax(
+            &["patient", "holds", "--data-dir", "inst", "--json"],
+            p
+        )))
+        .unwrap(),
+        serde_json::json!(["p1"])
+    );
+    let e = fails(&phylax(
+        &[
+            "patient",
+            "erase",
+            "--data-dir",
+            "inst",
+            "--id",
+            "p1",
+            "--reason",
+            "GDPR",
+        ],
+        p,
+    ));
+    assert!(e.contains("legal hold"), "{e}");
+    ok(&phylax(
+        &[
+            "patient",
+            "hold",
+            "--data-dir",
+            "inst",
+            "--id",
+            "p1",
+            "--reason",
+            "closed",
+            "--release",
+        ],
+        p,
+    ));
+    assert!(ok(&phylax(&["patient", "holds", "--data-dir", "inst"], p)).contains("no patient"));
+
+    // Config check: clean; then a PIN pasted into phylax.toml, a key file
+    // others can read.
+    assert!(ok(&phylax(&["config", "check", "--data-dir", "inst"], p)).contains("ok"));
+    let cfg = p.join("inst/phylax.toml");
+    let clean = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{clean}\n[hsm]\npin = \"123456\"\n")).unwrap();
+    let o = phylax(&["config", "check", "--data-dir", "inst", "--json"], p);
+    let e = fails(&o);
+    assert!(e.contains("1 problem"), "{e}");
+    let f: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(f[0]["setting"], "hsm.pin");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("123456"),
+        "the secret is not echoed"
+    );
+    std::fs::write(&cfg, &clean).unwrap();
+    std::fs::set_permissions(
+        p.join("inst-keys/kek"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let o = phylax(&["config", "check", "--data-dir", "inst"], p);
+    fails(&o);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("key_file"));
+}

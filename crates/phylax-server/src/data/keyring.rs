@@ -125,6 +125,18 @@ impl KeyRing {
         }
     }
 
+    /// The KEK (for key administration: rotation re-wraps with it).
+    pub fn kek(&self) -> &Kek {
+        &self.kek
+    }
+
+    /// Forget every unwrapped data key (a patient's key was erased: no
+    /// node may keep sealing with it). Keys in use are unwrapped again on
+    /// their next use, one round trip each.
+    pub fn forget_data_keys(&self) {
+        *self.cache.write() = KeyCache::new(CACHE_MAX);
+    }
+
     /// The key for `scope` if it is in memory (no database access).
     pub(crate) fn cached(&self, scope: &str) -> Option<Arc<DataKey>> {
         // The common case (a hot key) takes only the read lock.

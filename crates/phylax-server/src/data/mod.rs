@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`keyring`]: data keys per patient compartment, created on demand and
 //!   cached unwrapped in memory; MAC keys for tokens and cursors.
+//! - [`key_events`]: other processes' key events (KEK rotation, erasure)
+//!   and how a server follows them.
 //! - [`search`]: search index entries on write (keyed blind hashes) and
 //!   search parameters turned into store conditions on read.
 //! - [`repo`]: resources over the store: seal on write, open on read,
@@ -20,6 +22,7 @@
 pub mod accounts;
 pub mod clients;
 pub mod grants;
+pub mod key_events;
 pub mod keyring;
 pub mod repo;
 pub mod revocations;

@@ -1,7 +1,8 @@
 //! What operators reach: the access administration the CLI runs and the
 //! Prometheus scrape. These receive the whole application state
 //! ([`crate::state::AppState`]); nothing here is reachable with a FHIR
-//! token.
+//! token. (Key administration works on the raw store, so it is its own
+//! layer below: [`crate::keys`].)
 //!
 //! # Layout
 //! - [`access`]: `phylax access explain` and `phylax access review`: one

@@ -70,6 +70,8 @@ pub struct AppState {
     pub fhir: Arc<FhirState>,
     /// Flagged (VIP) patients, for the `vip-access` rule.
     pub vip: crate::audit::detect::VipSet,
+    /// Other processes' key events (rotations, erasures) to follow.
+    key_watch: Arc<(phylax_store::DynStore, crate::data::key_events::KeyEvents)>,
 }
 
 /// How often the flagged (VIP) patient list is refreshed.
@@ -174,6 +176,12 @@ impl AppState {
             authn,
             fhir,
             vip: Default::default(),
+            key_watch: Arc::new((
+                store.clone(),
+                crate::data::key_events::KeyEvents::new(&store)
+                    .await
+                    .map_err(|e| Failure::Unavailable(e.to_string()))?,
+            )),
         });
         st.refresh_disabled()
             .await
@@ -377,6 +385,7 @@ impl AppState {
             }
         }
         self.gate.spawn_consent_poller();
+        self.spawn_key_watch();
         let st = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -387,6 +396,60 @@ impl AppState {
                 }
             }
         });
+    }
+}
+
+impl AppState {
+    /// Follow other processes' key events (`ops::keys::spawn_key_watch`
+    /// polls this each second).
+    pub async fn follow_key_events(&self) -> Result<(), crate::data::key_events::KeyEventError> {
+        let (store, events) = &*self.key_watch;
+        events.poll(store, &self.keys).await
+    }
+
+    /// The store, for key administration's read of key ages.
+    pub fn key_store(&self) -> &phylax_store::DynStore {
+        &self.key_watch.0
+    }
+
+    /// Warn once at start about keys older than `[keys] max_age_days`, then
+    /// follow other processes' key events each second (a KEK generation added
+    /// or retired: reload the providers; a patient erased: forget unwrapped
+    /// data keys).
+    fn spawn_key_watch(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if let Some(s) = weak.upgrade() {
+                warn_old_keys(&s).await;
+            }
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(s) = weak.upgrade() else { return };
+                if let Err(e) = s.follow_key_events().await {
+                    tracing::error!(error = %e, "could not follow a key event");
+                }
+            }
+        });
+    }
+}
+
+async fn warn_old_keys(st: &AppState) {
+    let admin = crate::keys::KeyAdmin {
+        store: st.key_store(),
+        kek: st.keys.kek(),
+        audit: &st.audit,
+        grace: Duration::ZERO,
+    };
+    match admin.status(st.config.keys.max_age_days).await {
+        Ok(status) => {
+            for k in status.keys.iter().filter(|k| k.overdue) {
+                tracing::warn!(key = %k.id, kind = k.kind, age_days = k.age_days, "key older than keys.max_age_days: rotate it (phylax keys rotate, docs/KEYS.md)");
+            }
+            for g in status.kek.iter().filter(|g| g.overdue) {
+                tracing::warn!(generation = g.generation, age_days = ?g.age_days, "KEK older than keys.max_age_days: rotate it (phylax keys rotate --kek)");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read key ages"),
     }
 }
 

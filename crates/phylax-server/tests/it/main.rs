@@ -21,6 +21,8 @@
 //!   consents, break-the-glass, masks, insider attacks.
 //! - [`audit`]: the audit log: records, sealing, verification, export.
 //! - [`sealed`]: encryption at rest: what the database holds, tampering.
+//! - [`keys`]: the key hierarchy under operation: KEK rotation under load
+//!   (key file and SoftHSM2), tampered keys, crypto-shredding, legal holds.
 //! - [`interop`]: a real FHIR client library (fhirpy) against the server.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -32,6 +34,7 @@ mod audit;
 mod auth;
 mod bundle;
 mod interop;
+mod keys;
 mod rest;
 mod sealed;
 mod search;

@@ -361,6 +361,7 @@ async fn wrong_or_exposed_kek_is_refused() {
         public_url: None,
         database_url: None,
         tls_names: vec![],
+        hsm: None,
     };
     Instance::init(&opts).await.unwrap();
     assert!(matches!(
@@ -378,7 +379,7 @@ async fn wrong_or_exposed_kek_is_refused() {
     phylax_crypto::Kek::create_file(&other).unwrap();
     let mut cfg = phylax_server::base::config::Config::load(&data).unwrap();
     let good = cfg.key_file.clone();
-    cfg.key_file = other;
+    cfg.key_file = Some(other);
     cfg.save(&data).unwrap();
     assert!(matches!(
         Instance::open(&data, None).await,

@@ -506,6 +506,20 @@ impl AuditLog {
         action: phylax_audit::event::Action,
         detail: String,
     ) -> Result<(), AuditError> {
+        self.record_admin_for(what, action, detail, Vec::new())
+            .await
+    }
+
+    /// [`AuditLog::record_admin`] of a change that concerns patients (an
+    /// erasure, a legal hold): the record names them by id, so the
+    /// patient's accounting of disclosures shows it.
+    pub async fn record_admin_for(
+        &self,
+        what: &'static str,
+        action: phylax_audit::event::Action,
+        detail: String,
+        patients: Vec<String>,
+    ) -> Result<(), AuditError> {
         use phylax_audit::event::{EventKind, Outcome};
         let facts = AuditFacts {
             id: crate::audit::log::new_event_id(),
@@ -520,7 +534,7 @@ impl AuditLog {
             token_id: None,
             request_id: "cli".into(),
             purpose: None,
-            patients: Vec::new(),
+            patients,
             resources: Vec::new(),
             query_params: Vec::new(),
             observer: self.origin.clone(),

@@ -10,8 +10,33 @@ impl Config {
         self.check_auth()?;
         self.check_audit_and_detect()?;
         self.check_access()?;
+        self.check_keys()?;
         if self.audit.retention_days < 365 {
             return Err("audit.retention_days must be at least 365".into());
+        }
+        Ok(())
+    }
+
+    /// Where the KEK comes from, and `[keys]`.
+    pub(super) fn check_keys(&self) -> Result<(), String> {
+        if !(1..=3650).contains(&self.keys.max_age_days) {
+            return Err("keys.max_age_days must be 1–3650".into());
+        }
+        if self.keys.retention_years > 100 {
+            return Err("keys.retention_years must be 0–100".into());
+        }
+        if self.key_file.is_none() && self.hsm.is_none() {
+            return Err("name the KEK: key_file, or an [hsm] section".into());
+        }
+        if let Some(h) = &self.hsm {
+            if h.pin_file.is_some() == h.pin_env.is_some() {
+                return Err(
+                    "[hsm]: give exactly one of pin_file and pin_env (never the PIN itself)".into(),
+                );
+            }
+            if h.token.is_empty() || h.key_label.is_empty() {
+                return Err("[hsm]: token and key_label must not be empty".into());
+            }
         }
         Ok(())
     }

@@ -6,9 +6,11 @@
 //!
 //! # Layout
 //! - this file: the settings, their defaults, loading and saving;
-//! - [`check`]: the bounds every setting must stay within.
+//! - [`check`]: the bounds every setting must stay within;
+//! - [`secrets`]: `phylax config check`, secrets where they must not be.
 
 mod check;
+pub mod secrets;
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -23,8 +25,15 @@ pub struct Config {
     /// The externally visible base URL (scheme, host, port), without a
     /// trailing slash; FHIR URLs are `{public_url}/fhir/…`.
     pub public_url: String,
-    /// Path to the KEK file (kept outside the data directory).
-    pub key_file: PathBuf,
+    /// Path to the KEK file (kept outside the data directory). Absent when
+    /// the KEK is only in an HSM; ignored when `PHYLAX_KEK` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The KEK in a PKCS#11 hardware security module (docs/KEYS.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsm: Option<HsmSettings>,
+    #[serde(default)]
+    pub keys: KeysConfig,
     /// `sqlite` or `postgres`.
     pub backend: Backend,
     pub tls: TlsConfig,
@@ -47,6 +56,51 @@ pub struct Config {
     /// Custom roles, in addition to the built-in ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<RoleConfig>,
+}
+
+/// `[hsm]`: where the KEK lives in a hardware security module. The PIN is
+/// never in this file: `pin_file` names a 0600 file holding it, or
+/// `pin_env` an environment variable.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HsmSettings {
+    /// The PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// The token's label.
+    pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_env: Option<String>,
+    /// KEK generations are key objects labelled `{key_label}-{N}`.
+    #[serde(default = "default_key_label")]
+    pub key_label: String,
+}
+
+fn default_key_label() -> String {
+    "phylax-kek".into()
+}
+
+/// `[keys]`: key lifetimes (docs/KEYS.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// A key older than this is due for rotation: `phylax keys status`
+    /// marks it and the server warns at start (days, 1–3650).
+    pub max_age_days: u32,
+    /// Records younger than this are inside the retention period: erasing
+    /// a patient with such records needs `--override-retention` (years,
+    /// 0–100; default six, as HIPAA's documentation retention).
+    pub retention_years: u32,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            max_age_days: 365,
+            retention_years: 6,
+        }
+    }
 }
 
 /// A custom role (`[[roles]]` in phylax.toml).
@@ -539,7 +593,12 @@ impl Config {
         let p = data_dir.join(CONFIG_FILE);
         let text = toml::to_string_pretty(self)
             .map_err(|e| ConfigError::Write(p.display().to_string(), e.to_string()))?;
-        std::fs::write(&p, text)
+        // Whole or not at all: a temporary file renamed over the old one
+        // (a KEK move rewrites this file between its steps).
+        let tmp = p.with_extension("toml.tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &p))
             .map_err(|e| ConfigError::Write(p.display().to_string(), e.to_string()))
     }
 

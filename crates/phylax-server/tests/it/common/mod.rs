@@ -54,6 +54,30 @@ pub fn pg_url() -> Option<String> {
     }
 }
 
+/// `[hsm]` settings for the test SoftHSM2 token, with a key label no other
+/// test uses; `None` (skip) without the token, a failure under `CI=true`.
+pub fn hsm_settings() -> Option<phylax_server::base::config::HsmSettings> {
+    let (Ok(module), Ok(token), Ok(pin)) = (
+        std::env::var("PHYLAX_TEST_HSM_MODULE"),
+        std::env::var("PHYLAX_TEST_HSM_TOKEN"),
+        std::env::var("PHYLAX_TEST_HSM_PIN_FILE"),
+    ) else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but no SoftHSM2 token: run the tests through scripts/test"
+        );
+        eprintln!("note: no SoftHSM2 token; skipping the HSM case (run scripts/test)");
+        return None;
+    };
+    Some(phylax_server::base::config::HsmSettings {
+        module: module.into(),
+        token,
+        pin_file: Some(pin.into()),
+        pin_env: None,
+        key_label: format!("t-{}", uuid::Uuid::new_v4().simple()),
+    })
+}
+
 /// A fresh schema in the test database, as a URL whose connections use it.
 pub async fn pg_schema_url() -> Option<(String, String)> {
     let url = pg_url()?;
@@ -91,6 +115,22 @@ impl TestServer {
         backend: Backend,
         tweak: impl FnOnce(&mut phylax_server::base::config::Config),
     ) -> Option<TestServer> {
+        Self::start_full(backend, None, tweak).await
+    }
+
+    /// Start with the KEK in the test SoftHSM2 token (scripts/test-softhsm.sh)
+    /// under a key label of its own; `None` (skip) without the token
+    /// outside CI.
+    pub async fn start_hsm(backend: Backend) -> Option<TestServer> {
+        let hsm = hsm_settings()?;
+        Self::start_full(backend, Some(hsm), |_| {}).await
+    }
+
+    async fn start_full(
+        backend: Backend,
+        hsm: Option<phylax_server::base::config::HsmSettings>,
+        tweak: impl FnOnce(&mut phylax_server::base::config::Config),
+    ) -> Option<TestServer> {
         let db_url = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => Some(pg_schema_url().await?.0),
@@ -106,6 +146,7 @@ impl TestServer {
             public_url: None,
             database_url: db_url.clone(),
             tls_names: vec![],
+            hsm,
         })
         .await
         .unwrap();

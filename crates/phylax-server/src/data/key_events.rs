@@ -1,0 +1,67 @@
+//! Key events other processes record (a KEK generation added or retired,
+//! a patient's data key erased: `keys_event_v1:N` in the meta table,
+//! append-only, written by `ops::keys`), and what a server does about
+//! them: reload the KEK's providers and, after an erasure, forget its
+//! unwrapped data keys.
+
+use crate::data::keyring::KeyRing;
+use phylax_store::{DynStore, StoreError};
+
+pub const EVENT: &str = "keys_event_v1:";
+
+pub async fn last_event(store: &DynStore) -> Result<u64, StoreError> {
+    let mut n = 0;
+    while store
+        .get_meta(&format!("{EVENT}{}", n + 1))
+        .await?
+        .is_some()
+    {
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// What a server does about other processes' key events.
+#[derive(Debug)]
+pub struct KeyEvents {
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl KeyEvents {
+    /// Start after the events recorded so far.
+    pub async fn new(store: &DynStore) -> Result<KeyEvents, StoreError> {
+        Ok(KeyEvents {
+            seen: last_event(store).await?.into(),
+        })
+    }
+
+    /// Look for new events; reload the KEK's providers and forget data
+    /// keys if there are any.
+    pub async fn poll(&self, store: &DynStore, keys: &KeyRing) -> Result<(), KeyEventError> {
+        use std::sync::atomic::Ordering;
+        let mut n = self.seen.load(Ordering::Acquire);
+        let mut erased = false;
+        let mut any = false;
+        while let Some(v) = store.get_meta(&format!("{EVENT}{}", n + 1)).await? {
+            n += 1;
+            any = true;
+            erased |= v.starts_with(b"erase");
+        }
+        if any {
+            keys.kek().reload(true)?;
+            if erased {
+                keys.forget_data_keys();
+            }
+            self.seen.store(n, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyEventError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Crypto(#[from] phylax_crypto::CryptoError),
+}

@@ -1,0 +1,200 @@
+//! Crypto-shredding a patient's data (GDPR Art. 17) and the legal holds
+//! that block it (docs/KEYS.md, "Erasing a patient").
+
+use super::{now, Erasure, KeyAdmin, KeysError};
+use phylax_audit::event::Action;
+use phylax_store::{DynStore, Erased, StoreError};
+use serde::Serialize;
+
+const HOLD: &str = "legal_hold_v1:";
+
+/// A legal hold, as recorded.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct HoldEvent {
+    pub patient: String,
+    pub hold: bool,
+    pub at: i64,
+}
+
+/// Every hold and release, in order.
+pub async fn hold_events(store: &DynStore) -> Result<Vec<HoldEvent>, StoreError> {
+    let mut out = Vec::new();
+    let mut n = 1;
+    while let Some(v) = store.get_meta(&format!("{HOLD}{n}")).await? {
+        // An unreadable record holds everything it might name: refuse
+        // erasures until an operator looks (fail closed).
+        out.push(serde_json::from_slice(&v).unwrap_or(HoldEvent {
+            patient: "*".into(),
+            hold: true,
+            at: 0,
+        }));
+        n += 1;
+    }
+    Ok(out)
+}
+
+/// The patients under legal hold now (`*`: a damaged record, which holds
+/// every patient).
+pub async fn legal_holds(store: &DynStore) -> Result<Vec<String>, StoreError> {
+    let mut held = std::collections::BTreeSet::new();
+    for e in hold_events(store).await? {
+        if e.hold {
+            held.insert(e.patient);
+        } else {
+            held.remove(&e.patient);
+        }
+    }
+    Ok(held.into_iter().collect())
+}
+
+fn parse_id(id: &str) -> Result<String, KeysError> {
+    phylax_fhir::ResourceId::parse(id)
+        .map(|i| i.as_str().to_owned())
+        .ok_or_else(|| KeysError::BadId("1–64 of A–Z a–z 0–9 - .".into()))
+}
+
+impl KeyAdmin<'_> {
+    /// Place or release a legal hold on a patient's data (an erasure is
+    /// refused while it holds). Audited first.
+    pub async fn set_legal_hold(
+        &self,
+        id: &str,
+        hold: bool,
+        reason: &str,
+    ) -> Result<(), KeysError> {
+        let id = parse_id(id)?;
+        if reason.trim().is_empty() {
+            return Err(KeysError::NoReason);
+        }
+        self.audit
+            .record_admin_for(
+                "legal-hold",
+                Action::Update,
+                format!(
+                    "legal hold {}: {}",
+                    if hold { "placed" } else { "released" },
+                    reason.trim()
+                ),
+                vec![id.clone()],
+            )
+            .await
+            .map_err(|e| KeysError::Audit(e.to_string()))?;
+        let body = serde_json::to_vec(&HoldEvent {
+            patient: id,
+            hold,
+            at: now(),
+        })
+        .map_err(|e| KeysError::Audit(e.to_string()))?;
+        let mut n = hold_events(self.store).await?.len() + 1;
+        loop {
+            if self
+                .store
+                .put_meta_if_absent(&format!("{HOLD}{n}"), &body)
+                .await?
+                == body
+            {
+                return Ok(());
+            }
+            n += 1;
+        }
+    }
+
+    /// Crypto-shredding (GDPR Art. 17): destroy the patient compartment's
+    /// data key and every version sealed under it, let every node forget
+    /// it, then rotate the KEK so that copies from before (old backups, a
+    /// copy of the database file) can no longer unwrap it. Refused under
+    /// a legal hold, and inside the retention period unless overridden.
+    pub async fn erase_patient(
+        &self,
+        id: &str,
+        reason: &str,
+        retention_years: u32,
+        override_retention: bool,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Erasure, KeysError> {
+        let id = parse_id(id)?;
+        if reason.trim().is_empty() {
+            return Err(KeysError::NoReason);
+        }
+        let held = legal_holds(self.store).await?;
+        if held.iter().any(|h| h == &id || h == "*") {
+            return Err(KeysError::LegalHold);
+        }
+        let scope = format!("patient:{id}");
+        let row = format!("data:{scope}");
+        let (versions, newest) = self.store.key_scope_summary(&scope).await?;
+        if versions == 0 && self.store.get_wrapped_key(&row).await?.is_none() {
+            return Err(KeysError::NothingToErase);
+        }
+        let retention_ms = i64::from(retention_years) * 365 * 86_400_000;
+        let within = newest.is_some_and(|n| crate::base::clock::now_ms() - n < retention_ms);
+        if within && !override_retention {
+            return Err(KeysError::WithinRetention {
+                years: retention_years,
+            });
+        }
+        self.audit
+            .record_admin_for(
+                "patient-erase",
+                Action::Delete,
+                format!(
+                    "erasure started: {versions} versions; retention override: {}; reason: {}",
+                    within,
+                    reason.trim()
+                ),
+                vec![id.clone()],
+            )
+            .await
+            .map_err(|e| KeysError::Audit(e.to_string()))?;
+        let mut erased = self.store.erase_key_scope(&scope, &row).await?;
+        self.event("erase").await?;
+        // A node that still had the key may have sealed a write with it
+        // until it saw the event: erase again once every node has.
+        tokio::time::sleep(self.grace).await;
+        let again: Erased = self.store.erase_key_scope(&scope, &row).await?;
+        erased.versions += again.versions;
+        erased.resources += again.resources;
+        let (kek_rotation, pending) = match self.rotate_kek(progress).await {
+            Ok(r) => {
+                let pending = (!r.remove_from_environment.is_empty()).then(|| {
+                    format!(
+                        "remove KEK generation(s) {:?} from PHYLAX_KEK on every node: until then copies from before the erasure stay readable",
+                        r.remove_from_environment
+                    )
+                });
+                (Some(r), pending)
+            }
+            Err(KeysError::Crypto(phylax_crypto::CryptoError::EnvironmentKek)) => (
+                None,
+                Some("the KEK is in PHYLAX_KEK: add a new generation there and run `phylax keys rotate --kek` (docs/KEYS.md); until then copies from before the erasure stay readable".into()),
+            ),
+            Err(e) => return Err(e),
+        };
+        self.audit
+            .record_admin_for(
+                "patient-erase",
+                Action::Delete,
+                format!(
+                    "erasure done: {} versions, {} resources; {}",
+                    erased.versions,
+                    erased.resources,
+                    if pending.is_some() {
+                        "KEK rotation pending"
+                    } else {
+                        "KEK rotated"
+                    }
+                ),
+                vec![id.clone()],
+            )
+            .await
+            .map_err(|e| KeysError::Audit(e.to_string()))?;
+        Ok(Erasure {
+            patient: id,
+            versions: erased.versions,
+            resources: erased.resources,
+            retention_overridden: within,
+            kek_rotation,
+            pending,
+        })
+    }
+}

@@ -1,0 +1,441 @@
+//! The key hierarchy under operation (docs/KEYS.md): the KEK rotates while
+//! reads and writes go on, with the KEK in a key file or a SoftHSM2 token,
+//! on both backends; a tampered wrapped key is detected and stops a
+//! rotation before anything is retired; a patient's erasure leaves a copy
+//! of the database taken before it unreadable; legal holds and the
+//! retention period block an erasure.
+
+use crate::common;
+use common::{Backend, TestServer, ALL, FJ};
+use phylax_server::instance::Instance;
+use phylax_server::keys::{KeyAdmin, KeysError};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Nodes look for key events each second.
+const GRACE: Duration = Duration::from_millis(1500);
+
+async fn put(s: &TestServer, base: &str, tok: &str, r: &Value) -> u16 {
+    let url = format!(
+        "{base}/{}/{}",
+        r["resourceType"].as_str().unwrap(),
+        r["id"].as_str().unwrap()
+    );
+    s.http
+        .put(url)
+        .bearer_auth(tok)
+        .header("content-type", FJ)
+        .body(r.to_string())
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+async fn read(s: &TestServer, base: &str, tok: &str, path: &str) -> (u16, Value) {
+    match s
+        .http
+        .get(format!("{base}{path}"))
+        .bearer_auth(tok)
+        .send()
+        .await
+    {
+        Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or_default()),
+        Err(_) => (0, Value::Null),
+    }
+}
+
+fn patient(id: &str) -> Value {
+    json!({"resourceType": "Patient", "id": id, "name": [{"family": "Testfamily"}]})
+}
+
+fn obs(id: &str, patient: &str) -> Value {
+    json!({"resourceType": "Observation", "id": id, "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": format!("Patient/{patient}")}})
+}
+
+/// An operator's view of the instance (the CLI's), beside the server.
+async fn operator(s: &TestServer) -> Instance {
+    Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap()
+}
+
+/// Writes (new patients and observations) and reads (of what was written,
+/// and searches) run while the KEK rotates; none fails, and afterwards a
+/// node started from the rotated providers reads everything.
+async fn kek_rotates_under_load(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    for p in 0..10 {
+        assert_eq!(put(s, &s.fhir, &tok, &patient(&format!("p{p}"))).await, 201);
+        assert_eq!(
+            put(s, &s.fhir, &tok, &obs(&format!("o{p}"), &format!("p{p}"))).await,
+            201
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let written = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut load = Vec::new();
+    for w in 0..3 {
+        let (http, fhir, tok) = (s.http.clone(), s.fhir.clone(), tok.clone());
+        let (stop, ok, failed, written) =
+            (stop.clone(), ok.clone(), failed.clone(), written.clone());
+        load.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                // Each round a new patient (a new data key, wrapped under
+                // whichever generation is current) and reads.
+                let pid = format!("n{w}x{i}");
+                let body = patient(&pid);
+                let st = http
+                    .put(format!("{fhir}/Patient/{pid}"))
+                    .bearer_auth(&tok)
+                    .header("content-type", FJ)
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                let r1 = http
+                    .get(format!("{fhir}/Observation/o{}", i % 10))
+                    .bearer_auth(&tok)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                let r2 = http
+                    .get(format!("{fhir}/Observation?subject=Patient/p{}", i % 10))
+                    .bearer_auth(&tok)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                for (st, want) in [(st, 201), (r1, 200), (r2, 200)] {
+                    if st == want {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("request failed during rotation: {st}");
+                    }
+                }
+                if st == 201 {
+                    written.lock().push(pid);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let op = operator(s).await;
+    let before = op.keys.kek().generations();
+    let r = KeyAdmin::of(&op, GRACE)
+        .rotate_kek(&|_, _| {})
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
+    assert!(ok.load(Ordering::Relaxed) > 20, "the load ran");
+    assert_eq!(r.retired, vec![before[0].0]);
+    assert!(r.rewrapped >= 10, "{r:?}");
+    // Every stored key is under the new generation, and only it is held.
+    let status = KeyAdmin::of(&op, GRACE).status(365).await.unwrap();
+    assert_eq!(status.kek.len(), 1, "{:?}", status.kek);
+    assert_eq!(status.kek[0].generation, r.to);
+    let total: u64 = s
+        .store
+        .wrapped_key_stats()
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.count)
+        .sum();
+    assert_eq!(status.kek[0].wraps, total);
+    // A node started now, from the providers as they are, reads it all.
+    let (node, _stop) = s.second_node().await;
+    for p in 0..10 {
+        let (st, _) = read(s, &node, &tok, &format!("/Observation/o{p}")).await;
+        assert_eq!(st, 200);
+    }
+    let written: Vec<String> = written.lock().iter().take(50).cloned().collect();
+    for pid in &written {
+        let (st, b) = read(s, &node, &tok, &format!("/Patient/{pid}")).await;
+        assert_eq!(st, 200, "{pid}: {b}");
+    }
+    // And so does the node that served throughout (its cached keys and,
+    // after forgetting them, the re-wrapped ones).
+    s.state.keys.forget_data_keys();
+    let (st, _) = read(s, &s.fhir, &tok, "/Observation/o3").await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_rotation_under_load_sqlite() {
+    let s = TestServer::start(Backend::Sqlite).await.unwrap();
+    kek_rotates_under_load(&s).await;
+    // The key file holds only the new generation.
+    let text = std::fs::read_to_string(s.dir.path().join("keys/kek")).unwrap();
+    assert_eq!(text.lines().count(), 1);
+    assert!(text.starts_with("2:"), "generation 2 only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_rotation_under_load_postgres() {
+    if let Some(s) = TestServer::start(Backend::Postgres).await {
+        kek_rotates_under_load(&s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_rotation_under_load_hsm_sqlite() {
+    if let Some(s) = TestServer::start_hsm(Backend::Sqlite).await {
+        assert!(!s.dir.path().join("keys/kek").exists(), "no key file");
+        kek_rotates_under_load(&s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_rotation_under_load_hsm_postgres() {
+    if let Some(s) = TestServer::start_hsm(Backend::Postgres).await {
+        kek_rotates_under_load(&s).await;
+    }
+}
+
+both!(a_tampered_wrapped_key_is_detected_and_stops_rotation);
+async fn a_tampered_wrapped_key_is_detected_and_stops_rotation(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    assert_eq!(put(s, &s.fhir, &tok, &patient("tp")).await, 201);
+    assert_eq!(put(s, &s.fhir, &tok, &patient("ok")).await, 201);
+    // Flip a byte of tp's wrapped data key, as someone with the database
+    // could.
+    let flip = match s.backend {
+        Backend::Sqlite => "UPDATE wrapped_keys SET wrapped = CAST(substr(wrapped, 1, 20) || x'00' || substr(wrapped, 22) AS BLOB) WHERE scope = 'data:patient:tp'",
+        Backend::Postgres => "UPDATE wrapped_keys SET wrapped = set_byte(wrapped, 20, get_byte(wrapped, 20) # 1) WHERE scope = 'data:patient:tp'",
+    };
+    s.sql(flip).await;
+    s.state.keys.forget_data_keys();
+    let (st, b) = read(s, &s.fhir, &tok, "/Patient/tp").await;
+    assert_eq!(st, 500, "{b}");
+    assert_eq!(b["resourceType"], "OperationOutcome");
+    assert_eq!(read(s, &s.fhir, &tok, "/Patient/ok").await.0, 200);
+    // A rotation stops before retiring anything: the old generation is
+    // still there for whoever repairs the row (docs/KEYS.md).
+    let op = operator(s).await;
+    let gens = op.keys.kek().generations().len();
+    let e = KeyAdmin::of(&op, Duration::ZERO)
+        .rotate_kek(&|_, _| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, KeysError::Unreadable { ref kind, count: 1 } if kind == "data"),
+        "{e}"
+    );
+    assert_eq!(
+        op.keys.kek().generations().len(),
+        gens + 1,
+        "nothing retired"
+    );
+    assert_eq!(read(s, &s.fhir, &tok, "/Patient/ok").await.0, 200);
+}
+
+/// The raw rows an older copy of the database holds for a patient: its
+/// wrapped data key and its sealed bodies.
+async fn raw_rows(s: &TestServer, scope: &str) -> (Vec<u8>, Vec<(String, String, i64, Vec<u8>)>) {
+    let key = s
+        .store
+        .get_wrapped_key(&format!("data:{scope}"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut rows = Vec::new();
+    for id in ["ep", "eo1", "eo2"] {
+        let t = if id == "ep" { "Patient" } else { "Observation" };
+        if let Some(v) = s.store.read_current(t, id).await.unwrap() {
+            rows.push((
+                t.to_owned(),
+                id.to_owned(),
+                v.version as i64,
+                v.sealed.unwrap(),
+            ));
+        }
+    }
+    (key, rows)
+}
+
+both!(erasure_shreds_a_patient_even_in_older_copies);
+async fn erasure_shreds_a_patient_even_in_older_copies(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    for r in [
+        patient("ep"),
+        obs("eo1", "ep"),
+        obs("eo2", "ep"),
+        patient("kp"),
+        obs("ko", "kp"),
+    ] {
+        assert_eq!(put(s, &s.fhir, &tok, &r).await, 201);
+    }
+    let op = operator(s).await;
+    let admin = KeyAdmin::of(&op, GRACE);
+    // An older copy: for SQLite the whole database file; for both, the
+    // rows that copy holds for the patient.
+    let copy = s.dir.path().join("before-erasure.db");
+    if s.backend == Backend::Sqlite {
+        s.sql(&format!("VACUUM INTO '{}'", copy.display())).await;
+    }
+    let (old_key, old_rows) = raw_rows(s, "patient:ep").await;
+    assert_eq!(old_rows.len(), 3);
+    // The old copy is readable with today's KEK (that is the point of
+    // an erasure: after it, it is not).
+    assert!(op
+        .keys
+        .kek()
+        .unwrap_data_key("patient:ep", &old_key)
+        .is_ok());
+
+    // A reason is required; a legal hold blocks; the retention period
+    // needs an explicit override.
+    assert!(matches!(
+        admin.erase_patient("ep", " ", 6, true, &|_, _| {}).await,
+        Err(KeysError::NoReason)
+    ));
+    admin
+        .set_legal_hold("ep", true, "litigation 2026-17")
+        .await
+        .unwrap();
+    assert!(matches!(
+        admin
+            .erase_patient("ep", "GDPR request", 6, true, &|_, _| {})
+            .await,
+        Err(KeysError::LegalHold)
+    ));
+    admin
+        .set_legal_hold("ep", false, "litigation closed")
+        .await
+        .unwrap();
+    assert!(matches!(
+        admin
+            .erase_patient("ep", "GDPR request", 6, false, &|_, _| {})
+            .await,
+        Err(KeysError::WithinRetention { years: 6 })
+    ));
+    assert!(matches!(
+        admin
+            .erase_patient("../x", "GDPR request", 6, true, &|_, _| {})
+            .await,
+        Err(KeysError::BadId(_))
+    ));
+    assert_eq!(
+        read(s, &s.fhir, &tok, "/Patient/ep").await.0,
+        200,
+        "nothing erased yet"
+    );
+
+    let e = admin
+        .erase_patient("ep", "GDPR Art. 17 request", 6, true, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!((e.versions, e.resources), (3, 3));
+    assert!(e.retention_overridden && e.pending.is_none());
+    let rotated = e.kek_rotation.as_ref().unwrap();
+
+    // The live server: gone, not an error; the other patient untouched.
+    for p in ["/Patient/ep", "/Observation/eo1"] {
+        let (st, _) = read(s, &s.fhir, &tok, p).await;
+        assert!(st == 404 || st == 410, "{p}: {st}");
+    }
+    let (_, b) = read(s, &s.fhir, &tok, "/Observation?subject=Patient/ep").await;
+    assert_eq!(b["total"].as_u64().unwrap_or(0), 0, "{b}");
+    assert_eq!(read(s, &s.fhir, &tok, "/Observation/ko").await.0, 200);
+    assert!(s
+        .store
+        .get_wrapped_key("data:patient:ep")
+        .await
+        .unwrap()
+        .is_none());
+
+    // The older copy: its wrapped key names a generation that no longer
+    // exists anywhere, and the current key file cannot open it either.
+    let kek = phylax_server::instance::load_kek(&op.config).unwrap();
+    assert!(!kek.generations().iter().any(|(n, _)| *n < rotated.to));
+    assert!(kek.unwrap_data_key("patient:ep", &old_key).is_err());
+    assert!(op
+        .keys
+        .kek()
+        .unwrap_data_key("patient:ep", &old_key)
+        .is_err());
+    let text = std::fs::read_to_string(s.dir.path().join("keys/kek")).unwrap();
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with(&format!("{}:", rotated.from[0]))),
+        "the old generation is gone from the key file"
+    );
+    if s.backend == Backend::Sqlite {
+        // The whole copy, opened as an instance with today's keys: refused.
+        let restored = s.dir.path().join("restored");
+        std::fs::create_dir_all(&restored).unwrap();
+        std::fs::copy(&copy, restored.join("phylax.db")).unwrap();
+        std::fs::copy(s.data_dir.join("phylax.toml"), restored.join("phylax.toml")).unwrap();
+        let err = Instance::open(&restored, None).await.unwrap_err();
+        assert!(err.to_string().contains("KEK"), "{err}");
+    }
+    // The audit log keeps the fact, naming the patient by id only.
+    let siem = s.token("system/AuditEvent.rs").await;
+    let (st, b) = read(s, &s.fhir, &siem, "/AuditEvent?patient=ep&_count=100").await;
+    assert_eq!(st, 200, "{b}");
+    let text = b.to_string();
+    assert!(text.contains("patient-erase"), "{text}");
+    assert!(text.contains("legal-hold"), "{text}");
+    assert!(!text.contains("Testfamily"));
+    // Erasing again: nothing left.
+    assert!(matches!(
+        admin
+            .erase_patient("ep", "again", 6, true, &|_, _| {})
+            .await,
+        Err(KeysError::NothingToErase)
+    ));
+}
+
+both!(the_kek_moves_from_its_file_into_the_hsm);
+async fn the_kek_moves_from_its_file_into_the_hsm(s: &TestServer) {
+    let Some(hsm) = common::hsm_settings() else {
+        return;
+    };
+    let tok = s.token(ALL).await;
+    for r in [patient("mp"), obs("mo", "mp")] {
+        assert_eq!(put(s, &s.fhir, &tok, &r).await, 201);
+    }
+    let key_file = s.dir.path().join("keys/kek");
+    assert!(key_file.exists());
+    let op = operator(s).await;
+    let r = phylax_server::keys::move_kek_to_hsm(&op, hsm.clone(), GRACE, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!((r.provider, r.retired.clone()), ("pkcs11", vec![1]));
+    // The key file is gone; phylax.toml names the HSM and no key file.
+    assert!(!key_file.exists());
+    let cfg = phylax_server::base::config::Config::load(&s.data_dir).unwrap();
+    assert_eq!(cfg.hsm.as_ref(), Some(&hsm));
+    assert!(cfg.key_file.is_none());
+    // A node started now has only the HSM, and reads everything.
+    let (node, _stop) = s.second_node().await;
+    assert_eq!(read(s, &node, &tok, "/Observation/mo").await.0, 200);
+    assert_eq!(read(s, &node, &tok, "/Patient/mp").await.0, 200);
+    let again = operator(s).await;
+    assert_eq!(
+        again.keys.kek().generations(),
+        vec![(r.to, phylax_crypto::kek::Provider::Hsm)]
+    );
+    // Moving again is refused.
+    assert!(matches!(
+        phylax_server::keys::move_kek_to_hsm(&again, hsm, GRACE, &|_, _| {}).await,
+        Err(KeysError::AlreadyInHsm)
+    ));
+}

@@ -1,0 +1,397 @@
+//! `phylax keys …` and `phylax patient …`: key status, rotation, moving
+//! the KEK into an HSM, crypto-shredding a patient, legal holds
+//! (docs/KEYS.md).
+
+use crate::{admin_audit, InstanceArgs};
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use phylax_audit::event::Action;
+use phylax_server::base::config::HsmSettings;
+use phylax_server::instance::Instance;
+use phylax_server::keys::KeyAdmin;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long every node gets to notice a key event (they look each second).
+const GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Every key: what it protects, how old it is, when rotation is due;
+    /// every KEK generation with its provider.
+    Status {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rotate keys while the servers keep serving.
+    Rotate {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        /// The KEK: a new generation (in the HSM, or the key file), every
+        /// stored key re-wrapped under it, the old generations destroyed.
+        #[arg(long)]
+        kek: bool,
+        /// The id_token signing key: a new key signs, the old one stays in
+        /// the JWKS so issued tokens verify.
+        #[arg(long)]
+        signing: bool,
+        /// Every rotation available.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move the KEK from the key file (or PHYLAX_KEK) into a PKCS#11 HSM.
+    /// Stop the servers first; start them again afterwards.
+    MoveKek {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        /// Required: the destination is an HSM.
+        #[arg(long)]
+        to_hsm: bool,
+        #[command(flatten)]
+        hsm: HsmArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a new id_token signing key (the same as `rotate --signing`).
+    RotateSigning {
+        #[command(flatten)]
+        inst: InstanceArgs,
+    },
+}
+
+/// Where the KEK is kept in an HSM. The PIN is read from a file or an
+/// environment variable, never given on the command line.
+#[derive(Args, Debug, Clone)]
+pub struct HsmArgs {
+    /// The PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long = "hsm-module")]
+    pub module: Option<PathBuf>,
+    /// The token's label.
+    #[arg(long = "hsm-token")]
+    pub token: Option<String>,
+    /// A file (mode 0600) holding the user PIN.
+    #[arg(long = "hsm-pin-file")]
+    pub pin_file: Option<PathBuf>,
+    /// An environment variable holding the user PIN.
+    #[arg(long = "hsm-pin-env")]
+    pub pin_env: Option<String>,
+    /// KEK generations are key objects labelled LABEL-N.
+    #[arg(long = "hsm-key-label", default_value = "phylax-kek")]
+    pub key_label: String,
+}
+
+impl HsmArgs {
+    /// The `[hsm]` settings, if any HSM option was given.
+    pub fn settings(&self) -> Result<Option<HsmSettings>> {
+        let (Some(module), Some(token)) = (&self.module, &self.token) else {
+            if self.module.is_some()
+                || self.token.is_some()
+                || self.pin_file.is_some()
+                || self.pin_env.is_some()
+            {
+                bail!("an HSM needs --hsm-module and --hsm-token, and --hsm-pin-file or --hsm-pin-env");
+            }
+            return Ok(None);
+        };
+        if self.pin_file.is_some() == self.pin_env.is_some() {
+            bail!("give exactly one of --hsm-pin-file and --hsm-pin-env");
+        }
+        Ok(Some(HsmSettings {
+            module: std::path::absolute(module)?,
+            token: token.clone(),
+            pin_file: self
+                .pin_file
+                .as_deref()
+                .map(std::path::absolute)
+                .transpose()?,
+            pin_env: self.pin_env.clone(),
+            key_label: self.key_label.clone(),
+        }))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PatientCmd {
+    /// Crypto-shred a patient (GDPR Art. 17): destroy the compartment's
+    /// data key and every version sealed under it, then rotate the KEK so
+    /// copies from before the erasure cannot be read either.
+    Erase {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        /// The Patient's id.
+        #[arg(long)]
+        id: String,
+        /// Why (recorded in the audit log; no PHI).
+        #[arg(long)]
+        reason: String,
+        /// Erase although the patient has records inside the retention
+        /// period ([keys] retention_years), once the legal basis is checked.
+        #[arg(long)]
+        override_retention: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Place (or with --release, lift) a legal hold: erasure is refused
+    /// while it holds.
+    Hold {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        release: bool,
+    },
+    /// The patients under legal hold.
+    Holds {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn progress_bar(what: &'static str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} keys ({per_sec}, {eta} left)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_message(what);
+    pb
+}
+
+async fn open(inst: &InstanceArgs) -> Result<Instance> {
+    Ok(Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?)
+}
+
+fn print_json(v: impl Into<serde_json::Value>) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(&v.into())?);
+    Ok(())
+}
+
+fn day(secs: i64) -> String {
+    phylax_server::base::clock::format_instant(secs * 1000)
+        .chars()
+        .take(10)
+        .collect()
+}
+
+pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
+    match c {
+        KeysCmd::Status { inst, json } => {
+            let i = open(&inst).await?;
+            let st = KeyAdmin::of(&i, GRACE)
+                .status(i.config.keys.max_age_days)
+                .await?;
+            if json {
+                return print_json(serde_json::to_value(&st)?);
+            }
+            println!("KEK (maximum age {} days):", st.max_age_days);
+            for g in &st.kek {
+                println!(
+                    "  generation {}{}  {:<7} added {}  wraps {} keys{}",
+                    g.generation,
+                    if g.current { " (current)" } else { "" },
+                    g.provider,
+                    g.added.map(day).unwrap_or_else(|| "unknown".into()),
+                    g.wraps,
+                    if g.overdue { "  ROTATION DUE" } else { "" }
+                );
+            }
+            println!("Keys:");
+            for k in &st.keys {
+                println!(
+                    "  {:<11} {:<18} {:>8} key(s)  oldest {}  due {}{}  — {}",
+                    k.kind,
+                    k.id,
+                    k.count,
+                    day(k.created),
+                    day(k.rotation_due),
+                    if k.overdue { " OVERDUE" } else { "" },
+                    k.protects
+                );
+            }
+            Ok(())
+        }
+        KeysCmd::Rotate {
+            inst,
+            kek,
+            signing,
+            all,
+            json,
+        } => {
+            if !(kek || signing || all) {
+                bail!("name what to rotate: --kek, --signing or --all");
+            }
+            let i = open(&inst).await?;
+            let mut out = serde_json::Map::new();
+            if signing || all {
+                let kid = rotate_signing(&i).await?;
+                out.insert("signing".into(), serde_json::json!({ "kid": kid }));
+                if !json {
+                    println!("signing: new key {kid}; nodes switch to it within seconds");
+                }
+            }
+            if kek || all {
+                let pb = progress_bar("re-wrapping");
+                let r = KeyAdmin::of(&i, GRACE)
+                    .rotate_kek(&|done, total| {
+                        pb.set_length(total);
+                        pb.set_position(done);
+                    })
+                    .await;
+                pb.finish_and_clear();
+                let r = r?;
+                if !json {
+                    print_kek(&r);
+                }
+                out.insert("kek".into(), serde_json::to_value(&r)?);
+            }
+            if json {
+                print_json(out)?;
+            }
+            Ok(())
+        }
+        KeysCmd::MoveKek {
+            inst,
+            to_hsm,
+            hsm,
+            json,
+        } => {
+            if !to_hsm {
+                bail!("--to-hsm is required (the only destination)");
+            }
+            let Some(settings) = hsm.settings()? else {
+                bail!(
+                    "--to-hsm needs --hsm-module, --hsm-token and --hsm-pin-file or --hsm-pin-env"
+                );
+            };
+            let i = open(&inst).await?;
+            let pb = progress_bar("moving into the HSM");
+            let r = phylax_server::keys::move_kek_to_hsm(&i, settings, GRACE, &|done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })
+            .await;
+            pb.finish_and_clear();
+            let r = r?;
+            if json {
+                return print_json(serde_json::to_value(&r)?);
+            }
+            print_kek(&r);
+            println!("phylax.toml now names the HSM; start the servers again");
+            Ok(())
+        }
+        KeysCmd::RotateSigning { inst } => {
+            let i = open(&inst).await?;
+            let kid = rotate_signing(&i).await?;
+            println!("new signing key {kid}; nodes switch to it within seconds");
+            Ok(())
+        }
+    }
+}
+
+async fn rotate_signing(i: &Instance) -> Result<String> {
+    let kid = i.keys.rotate_signing().await?;
+    admin_audit(i, "key", Action::Create, format!("signing key {kid} added")).await?;
+    Ok(kid)
+}
+
+fn print_kek(r: &phylax_server::keys::KekRotated) {
+    println!(
+        "KEK: generation {} ({}) in force; {} keys re-wrapped; generations {:?} destroyed",
+        r.to, r.provider, r.rewrapped, r.retired
+    );
+    if !r.remove_from_environment.is_empty() {
+        println!(
+            "  remove generation(s) {:?} from PHYLAX_KEK on every node, then restart them",
+            r.remove_from_environment
+        );
+    }
+}
+
+pub async fn patient_cmd(c: PatientCmd) -> Result<()> {
+    match c {
+        PatientCmd::Erase {
+            inst,
+            id,
+            reason,
+            override_retention,
+            json,
+        } => {
+            let i = open(&inst).await?;
+            let pb = progress_bar("rotating the KEK");
+            let r = KeyAdmin::of(&i, GRACE)
+                .erase_patient(
+                    &id,
+                    &reason,
+                    i.config.keys.retention_years,
+                    override_retention,
+                    &|done, total| {
+                        pb.set_length(total);
+                        pb.set_position(done);
+                    },
+                )
+                .await;
+            pb.finish_and_clear();
+            let r = r?;
+            if json {
+                return print_json(serde_json::to_value(&r)?);
+            }
+            println!(
+                "erased Patient/{}: {} versions of {} resources; its data key is destroyed",
+                r.patient, r.versions, r.resources
+            );
+            if r.retention_overridden {
+                println!("  (inside the retention period, overridden)");
+            }
+            match (&r.kek_rotation, &r.pending) {
+                (_, Some(p)) => println!("  PENDING: {p}"),
+                (Some(k), None) => println!(
+                    "  KEK rotated to generation {}: copies from before the erasure can no longer be read",
+                    k.to
+                ),
+                (None, None) => {}
+            }
+            Ok(())
+        }
+        PatientCmd::Hold {
+            inst,
+            id,
+            reason,
+            release,
+        } => {
+            let i = open(&inst).await?;
+            KeyAdmin::of(&i, GRACE)
+                .set_legal_hold(&id, !release, &reason)
+                .await?;
+            println!(
+                "legal hold {} for Patient/{id}",
+                if release { "released" } else { "placed" }
+            );
+            Ok(())
+        }
+        PatientCmd::Holds { inst, json } => {
+            let i = open(&inst).await?;
+            let held = phylax_server::keys::erase::legal_holds(&i.store).await?;
+            if json {
+                return print_json(serde_json::to_value(&held)?);
+            }
+            if held.is_empty() {
+                println!("no patient is under legal hold");
+            }
+            for h in held {
+                println!("Patient/{h}");
+            }
+            Ok(())
+        }
+    }
+}

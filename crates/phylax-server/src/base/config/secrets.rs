@@ -53,7 +53,7 @@ fn secret_value(v: &str) -> Option<&'static str> {
     if v.contains("-----BEGIN") {
         return Some("a PEM block (key material) inline");
     }
-    // scheme://user:password@host
+    // A URL whose userinfo (before the `@`) has a `:` carries a password.
     if let Some((_, rest)) = v.split_once("://") {
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
         if let Some((userinfo, _)) = authority.rsplit_once('@') {
@@ -208,9 +208,10 @@ mod tests {
         ] {
             assert!(!secret_name(k), "{k}");
         }
-        assert!(secret_value("-----BEGIN PRIVATE KEY-----\nMII").is_some());
-        assert!(secret_value("https://u:p@siem.example/x").is_some());
-        assert!(secret_value("postgres://phylax:pw@db/phylax").is_some());
+        // Made-up examples of what the check must catch, not secrets.
+        assert!(secret_value("-----BEGIN PRIVATE KEY-----\nMII").is_some()); // pragma: allowlist secret
+        assert!(secret_value("https://u:p@siem.example/x").is_some()); // pragma: allowlist secret
+        assert!(secret_value("postgres://phylax:pw@db/phylax").is_some()); // pragma: allowlist secret
         assert!(secret_value("https://siem.example/x?user=a@b").is_none());
         assert!(secret_value("https://user@siem.example/x").is_none());
         assert!(secret_value("/var/lib/phylax").is_none());

@@ -41,8 +41,12 @@ fn the_kek_lives_in_the_hsm_and_rotates_there() {
     let Some(cfg) = config("kek-rotate") else {
         return;
     };
-    let kek = Kek::hsm_init(&cfg, 1).unwrap();
+    let kek = Kek::hsm_create(&cfg, 1).unwrap();
     assert_eq!(kek.generations(), vec![(1, Provider::Hsm)]);
+    // A label in use is never taken over by a second instance: one
+    // instance's rotation would destroy the other's KEK.
+    let e = Kek::hsm_create(&cfg, 1).unwrap_err();
+    assert!(e.to_string().contains("already holds keys labelled"), "{e}");
     assert!(kek.check_value().is_none(), "no key bytes to fingerprint");
     let secret = Secret::new(vec![3u8; 32]);
     let w = kek.wrap("data-key", "patient:1", &secret).unwrap();

@@ -45,6 +45,10 @@ pub enum InstanceError {
     DatabaseUrlNotApplicable,
     #[error("the KEK does not match this instance's data (wrong key file, PHYLAX_KEK or HSM key)")]
     WrongKek,
+    #[error(
+        "the key file belongs to the instance in {0}; give this instance its own (--key-file)"
+    )]
+    KeyFileOwned(String),
     #[error("PHYLAX_KEK is set but this instance's KEK is in an HSM ([hsm] in phylax.toml): unset PHYLAX_KEK")]
     KekAmbiguous,
     #[error("HSM PIN: {0}")]
@@ -263,6 +267,35 @@ async fn blind_key(store: &DynStore, kek: &Kek) -> Result<BlindIndexKey, Instanc
     BlindIndexKey::unwrap(kek, &w).map_err(|_| InstanceError::WrongKek)
 }
 
+/// The new instance's KEK: created in the HSM, or the key file given (an
+/// existing one is reused) or created; claimed for this data directory.
+fn init_kek(
+    hsm: Option<&HsmConfig>,
+    key_file: &Path,
+    data_dir: &Path,
+) -> Result<Kek, InstanceError> {
+    // A new key label in the HSM; else reuse a key file the operator
+    // provides, or make one. Either names this instance as the one whose
+    // rotations may change it (docs/KEYS.md); a key file another instance
+    // owns is not taken over.
+    let me = std::fs::canonicalize(data_dir)
+        .unwrap_or_else(|_| data_dir.to_path_buf())
+        .display()
+        .to_string();
+    let kek = match hsm {
+        Some(h) => Kek::hsm_create(h, 1)?,
+        None if key_file.exists() => Kek::from_file(key_file)?,
+        None => Kek::create_file(key_file)?,
+    };
+    match kek.owner()? {
+        Some((_, Some(owner))) if owner != me => Err(InstanceError::KeyFileOwned(owner)),
+        _ => {
+            kek.claim(&me)?;
+            Ok(kek)
+        }
+    }
+}
+
 /// The local CA and server certificate (in the data directory) and their
 /// private keys (0600, in the key directory); returns the server key's path.
 fn write_tls(data_dir: &Path, key_dir: &Path, names: &[String]) -> Result<PathBuf, InstanceError> {
@@ -353,15 +386,7 @@ impl Instance {
         std::fs::create_dir_all(&key_dir).map_err(io)?;
         std::fs::set_permissions(&key_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
 
-        // A KEK in the HSM (created there if the token has none under the
-        // label); else reuse a key file the operator provides, or make one.
-        let kek = if let Some(h) = &hsm {
-            Kek::hsm_init(h, 1)?
-        } else if key_file.exists() {
-            Kek::from_file(&key_file)?
-        } else {
-            Kek::create_file(&key_file)?
-        };
+        let kek = init_kek(hsm.as_ref(), &key_file, &data_dir)?;
 
         let tls_key = write_tls(&data_dir, &key_dir, &opts.tls_names)?;
 

@@ -316,6 +316,11 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Store `value` under `key` unless a value exists; return what is stored.
     async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<Vec<u8>>;
+
+    /// Every entry whose key starts with `prefix`, in no particular order
+    /// (an append-only list read whole, so that a missing entry shows as
+    /// a gap instead of ending the list).
+    async fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
 }
 
 /// Storage of KEK-wrapped keys (data keys, MAC keys, signing keys) and
@@ -342,9 +347,14 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug + 'static {
     /// When a wrapped key was stored (seconds), for key-age metrics.
     async fn wrapped_key_created(&self, scope: &str) -> Result<Option<i64>>;
 
-    /// A page of wrapped keys in scope order, the first after `after`
-    /// (a rotation walks them all).
+    /// A page of wrapped keys in the order of the table's key index (the
+    /// database's collation), the first after `after` (a rotation walks
+    /// them all).
     async fn list_wrapped_keys(&self, after: &str, limit: u32) -> Result<Vec<WrappedKeyRow>>;
+
+    /// Every wrapped key whose kind (the scope up to its first `:`) is not
+    /// `kind` (the few keys that are not data keys).
+    async fn wrapped_keys_except(&self, kind: &str) -> Result<Vec<WrappedKeyRow>>;
 
     /// Replace each `(scope, old, new)` whose stored bytes are still `old`,
     /// in one transaction; returns how many were replaced. A key changed
@@ -447,9 +457,10 @@ pub trait ResourceStore: Send + Sync + std::fmt::Debug + 'static {
     async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()>;
 
     /// Crypto-shredding, in one transaction: delete the wrapped key stored
-    /// as `key_row`, every version sealed under `key_scope`, and the current
-    /// pointer and index entries of each resource whose current version is
-    /// sealed under it.
+    /// as `key_row`, every version sealed under `key_scope`, and every
+    /// version, the current pointer and the index entries of each resource
+    /// whose current version is sealed under it (its older versions from
+    /// before it entered the scope are the patient's record now too).
     async fn erase_key_scope(&self, key_scope: &str, key_row: &str) -> Result<Erased>;
 
     /// How many versions are sealed under `key_scope`, and the newest

@@ -2336,6 +2336,27 @@ async fn wrapped_keys_page_swap_and_group(s: &DynStore) {
         ]
     );
     assert_eq!(p1[0].created_at, 10);
+    let others: Vec<String> = s
+        .wrapped_keys_except("data")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.scope)
+        .collect();
+    assert_eq!(others, ["mac:token"]);
+    // Append-only lists are read whole, gaps and all.
+    for k in ["list_v1:1", "list_v1:3", "other:1"] {
+        s.put_meta_if_absent(k, k.as_bytes()).await.unwrap();
+    }
+    let mut l = s.meta_with_prefix("list_v1:").await.unwrap();
+    l.sort();
+    assert_eq!(
+        l,
+        vec![
+            ("list_v1:1".to_owned(), b"list_v1:1".to_vec()),
+            ("list_v1:3".to_owned(), b"list_v1:3".to_vec())
+        ]
+    );
     // Compare-and-swap: only rows still holding the old bytes change.
     let n = s
         .replace_wrapped_keys(vec![
@@ -2382,7 +2403,8 @@ async fn erasing_a_key_scope_removes_its_versions_and_key(s: &DynStore) {
     };
     // o1: the erased patient's. o2: moved from the erased patient to b
     // (its current version is b's). o3: b's only. o4: moved to the erased
-    // patient (its current version is a's).
+    // patient (its current version is a's): all of it goes, the version
+    // from before too.
     for (v, pre) in [
         (put("o1", 1, "patient:a"), Precondition::Absent),
         (put("o2", 1, "patient:a"), Precondition::Absent),
@@ -2407,11 +2429,16 @@ async fn erasing_a_key_scope_removes_its_versions_and_key(s: &DynStore) {
     assert_eq!(
         e,
         Erased {
-            versions: 3,
+            versions: 4,
             resources: 2,
             key_rows: 1
         }
     );
+    assert!(s
+        .read_version("Observation", "o4", 1)
+        .await
+        .unwrap()
+        .is_none());
     assert_eq!(s.key_scope_summary("patient:a").await.unwrap(), (0, None));
     assert!(s.get_wrapped_key("data:patient:a").await.unwrap().is_none());
     assert!(s.get_wrapped_key("data:patient:b").await.unwrap().is_some());

@@ -79,9 +79,12 @@ pub struct HsmArgs {
     /// An environment variable holding the user PIN.
     #[arg(long = "hsm-pin-env")]
     pub pin_env: Option<String>,
-    /// KEK generations are key objects labelled LABEL-N.
-    #[arg(long = "hsm-key-label", default_value = "phylax-kek")]
-    pub key_label: String,
+    /// KEK generations are key objects labelled LABEL-N. Default: a label
+    /// of this instance's own (`phylax-kek-` and 8 random hex digits), so
+    /// that two instances on one token never share (or retire) each
+    /// other's KEK.
+    #[arg(long = "hsm-key-label")]
+    pub key_label: Option<String>,
 }
 
 impl HsmArgs {
@@ -109,7 +112,16 @@ impl HsmArgs {
                 .map(std::path::absolute)
                 .transpose()?,
             pin_env: self.pin_env.clone(),
-            key_label: self.key_label.clone(),
+            key_label: match &self.key_label {
+                Some(l) if l.is_empty() || l.len() > 64 => {
+                    bail!("--hsm-key-label must be 1–64 characters")
+                }
+                Some(l) => l.clone(),
+                None => format!(
+                    "phylax-kek-{}",
+                    &uuid::Uuid::new_v4().simple().to_string()[..8]
+                ),
+            },
         }))
     }
 }

@@ -804,8 +804,26 @@ fn keys_patients_and_config_check() {
     assert_eq!(r["kek"]["to"], 2);
     assert_eq!(r["kek"]["retired"], serde_json::json!([1]));
     let key = std::fs::read_to_string(p.join("inst-keys/kek")).unwrap();
-    assert!(key.starts_with("2:") && key.lines().count() == 1);
+    let gens: Vec<&str> = key.lines().filter(|l| !l.starts_with('#')).collect();
+    assert!(gens.len() == 1 && gens[0].starts_with("2:"), "{key}");
+    assert!(key.contains("# owner: "), "the key file names its instance");
     // Still opens, with the rotated key file.
+    assert!(ok(&phylax(&["keys", "status", "--data-dir", "inst"], p))
+        .contains("generation 2 (current)"));
+
+    // A copy of the instance (a restored backup used as staging) still
+    // names the original's key file: its rotation would destroy the
+    // original's KEK, so it is refused, and the original keeps working.
+    let copy = p.join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for f in ["phylax.toml", "phylax.db"] {
+        std::fs::copy(p.join("inst").join(f), copy.join(f)).unwrap();
+    }
+    let e = fails(&phylax(
+        &["keys", "rotate", "--kek", "--data-dir", "copy"],
+        p,
+    ));
+    assert!(e.contains("belongs to the instance in"), "{e}");
     assert!(ok(&phylax(&["keys", "status", "--data-dir", "inst"], p))
         .contains("generation 2 (current)"));
 

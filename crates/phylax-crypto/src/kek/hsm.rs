@@ -207,6 +207,55 @@ impl Hsm {
             .map_err(|e| hsm_err("generating a key", e))
     }
 
+    /// The owner recorded on the token (a data object labelled
+    /// `{label}-owner`): the data directory of the instance whose
+    /// rotations may destroy this label's generations.
+    pub(super) fn owner(&self) -> Result<Option<String>, CryptoError> {
+        let s = self.session()?;
+        let label = format!("{}-owner", self.key_label).into_bytes();
+        let found = s
+            .find_objects(&[Attribute::Class(ObjectClass::DATA), Attribute::Label(label)])
+            .map_err(|e| hsm_err("finding the owner record", e))?;
+        let Some(h) = found.first() else {
+            return Ok(None);
+        };
+        for a in s
+            .get_attributes(*h, &[AttributeType::Value])
+            .map_err(|e| hsm_err("reading the owner record", e))?
+        {
+            if let Attribute::Value(v) = a {
+                return Ok(String::from_utf8(v).ok());
+            }
+        }
+        Ok(None)
+    }
+
+    /// Record `owner` on the token, replacing any earlier record.
+    pub(super) fn set_owner(&self, owner: &str) -> Result<(), CryptoError> {
+        let s = self.session()?;
+        let label = format!("{}-owner", self.key_label).into_bytes();
+        for h in s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Label(label.clone()),
+            ])
+            .map_err(|e| hsm_err("finding the owner record", e))?
+        {
+            s.destroy_object(h)
+                .map_err(|e| hsm_err("replacing the owner record", e))?;
+        }
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Application(b"phylax".to_vec()),
+            Attribute::Label(label),
+            Attribute::Value(owner.as_bytes().to_vec()),
+        ])
+        .map_err(|e| hsm_err("writing the owner record", e))?;
+        Ok(())
+    }
+
     pub(super) fn destroy(&self, h: ObjectHandle) -> Result<(), CryptoError> {
         self.session()?
             .destroy_object(h)

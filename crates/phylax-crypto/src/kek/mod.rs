@@ -222,18 +222,28 @@ impl Kek {
             sources.push(Source::Env(v));
         }
         if let Some(p) = spec.key_file {
-            sources.push(Source::File(p));
+            // Through a symbolic link to the file itself: a rotation
+            // rewrites (and destroys generations in) the real file, not the
+            // link.
+            sources.push(Source::File(std::fs::canonicalize(&p).unwrap_or(p)));
         }
         Kek::from_sources(sources)
     }
 
-    /// Open an HSM and create generation `first` inside it if it holds no
-    /// generation yet (`init --hsm-…`).
-    pub fn hsm_init(cfg: &HsmConfig, first: u32) -> Result<Kek, CryptoError> {
+    /// Open an HSM and create generation `first` inside it (`init
+    /// --hsm-…`, `keys move-kek`). Refuses a label that already holds a
+    /// generation: it belongs to another instance (or an earlier attempt),
+    /// and sharing it would let one instance's rotation destroy the other's
+    /// KEK.
+    pub fn hsm_create(cfg: &HsmConfig, first: u32) -> Result<Kek, CryptoError> {
         let hsm = Hsm::open(cfg)?;
-        if hsm.generations()?.is_empty() {
-            hsm.generate(first)?;
+        if !hsm.generations()?.is_empty() {
+            return Err(CryptoError::Hsm(format!(
+                "the token already holds keys labelled {}-N (another instance's, or an earlier attempt's): choose another key label",
+                cfg.key_label
+            )));
         }
+        hsm.generate(first)?;
         Kek::from_sources(vec![Source::Hsm(Arc::new(hsm))])
     }
 
@@ -260,13 +270,51 @@ impl Kek {
     pub fn create_file(path: &Path) -> Result<Kek, CryptoError> {
         let mut gens = BTreeMap::new();
         gens.insert(1, Secret::new(random_array::<32>()?.to_vec()));
-        text::write_file(path, &gens, true)?;
+        text::write_file(path, &gens, true, None)?;
         Kek::from_file(path)
     }
 
     /// Load a KEK from a key file, refusing files readable by group or others.
     pub fn from_file(path: &Path) -> Result<Kek, CryptoError> {
-        Kek::from_sources(vec![Source::File(path.to_path_buf())])
+        Kek::from_sources(vec![Source::File(
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+        )])
+    }
+
+    /// Where new generations go (the HSM if there is one, else the key
+    /// file; `None` for `PHYLAX_KEK`), and the owner recorded there: the
+    /// data directory of the one instance whose rotations may destroy
+    /// generations in it.
+    pub fn owner(&self) -> Result<Option<(String, Option<String>)>, CryptoError> {
+        for s in &self.sources {
+            if let Source::Hsm(h) = s {
+                return Ok(Some((format!("HSM token {:?}", h.token), h.owner()?)));
+            }
+        }
+        for s in &self.sources {
+            if let Source::File(p) = s {
+                if p.exists() {
+                    return Ok(Some((p.display().to_string(), text::owner(p)?)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Record `owner` (an instance's data directory) in the HSM and the
+    /// key file this KEK uses.
+    pub fn claim(&self, owner: &str) -> Result<(), CryptoError> {
+        for s in &self.sources {
+            match s {
+                Source::File(p) if p.exists() => {
+                    let gens = text::read_file(p)?;
+                    text::write_file(p, &gens, false, Some(owner))?;
+                }
+                Source::Hsm(h) => h.set_owner(owner)?,
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Load a KEK from the text of an environment variable.
@@ -331,7 +379,11 @@ impl Kek {
     /// provider (an HSM if one is configured, else the key file). The
     /// environment cannot be written: there the operator adds it.
     pub fn add_generation(&self, after: u32) -> Result<u32, CryptoError> {
-        let n = after.max(self.current()) + 1;
+        let n = after
+            .max(self.current())
+            .checked_add(1)
+            .filter(|n| *n <= text::MAX_GENERATION)
+            .ok_or(CryptoError::MalformedKey)?;
         let target = self
             .sources
             .iter()
@@ -345,7 +397,7 @@ impl Kek {
             Source::File(p) => {
                 let mut gens = text::read_file(p)?;
                 gens.insert(n, Secret::new(random_array::<32>()?.to_vec()));
-                text::write_file(p, &gens, false)?;
+                text::write_file(p, &gens, false, None)?;
             }
             Source::Memory(m) => {
                 lock(m)?.insert(n, Secret::new(random_array::<32>()?.to_vec()));
@@ -379,7 +431,7 @@ impl Kek {
                             std::fs::remove_file(p)
                                 .map_err(|e| CryptoError::KeyFileIo(e.kind().to_string()))?;
                         } else {
-                            text::write_file(p, &gens, false)?;
+                            text::write_file(p, &gens, false, None)?;
                         }
                     }
                 }
@@ -664,6 +716,38 @@ mod generation_tests {
         assert!(matches!(after.retire(2), Err(CryptoError::LastGeneration)));
         // Generation numbers never go back, even past retired ones.
         assert_eq!(after.add_generation(7).unwrap(), 8);
+        assert!(after.add_generation(text::MAX_GENERATION).is_err());
+    }
+
+    /// A key file reached through a symbolic link is rewritten where it
+    /// really is: a retired generation is gone from the real file, not
+    /// only from a replaced link.
+    #[test]
+    fn rotation_through_a_symlink_rewrites_the_real_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("vault/kek");
+        Kek::create_file(&real).unwrap();
+        let link = dir.path().join("kek");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let kek = Kek::from_file(&link).unwrap();
+        kek.add_generation(1).unwrap();
+        kek.retire(1).unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        let text = std::fs::read_to_string(&real).unwrap();
+        assert!(
+            text.starts_with("2:") && text.lines().count() == 1,
+            "{text}"
+        );
+        // The owner line survives rewrites.
+        kek.claim("/srv/a").unwrap();
+        kek.add_generation(2).unwrap();
+        let text = std::fs::read_to_string(&real).unwrap();
+        assert!(text.starts_with("# owner: /srv/a\n"), "{text}");
+        assert_eq!(kek.owner().unwrap().unwrap().1.as_deref(), Some("/srv/a"));
+        assert_eq!(Kek::from_file(&link).unwrap().generations().len(), 2);
     }
 
     #[test]

@@ -42,6 +42,15 @@ impl KeyEvents {
         let mut n = self.seen.load(Ordering::Acquire);
         let mut erased = false;
         let mut any = false;
+        // The last event seen is gone: someone rewrote the list (new events
+        // may now carry numbers already seen). Assume the worst, once:
+        // reload, forget, and start again after what is there now.
+        if n > 0 && store.get_meta(&format!("{EVENT}{n}")).await?.is_none() {
+            tracing::warn!("key events were removed from the database; reloading keys");
+            n = last_event(store).await?;
+            any = true;
+            erased = true;
+        }
         while let Some(v) = store.get_meta(&format!("{EVENT}{}", n + 1)).await? {
             n += 1;
             any = true;

@@ -7,6 +7,35 @@ use phylax_store::{DynStore, Erased, StoreError};
 use serde::Serialize;
 
 const HOLD: &str = "legal_hold_v1:";
+const ERASURE: &str = "erasure_v1:";
+
+/// An erasure as recorded before it deletes anything: done once no KEK
+/// generation up to `below` is held any more.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct PendingErasure {
+    patient: String,
+    below: u32,
+}
+
+/// Patients whose erasure still owes a KEK rotation: older copies of the
+/// database can still unwrap their keys.
+pub async fn pending_erasures(
+    store: &DynStore,
+    kek: &phylax_crypto::Kek,
+) -> Result<Vec<String>, StoreError> {
+    let oldest = kek.generations().first().map(|(n, _)| *n).unwrap_or(0);
+    let mut out: Vec<String> = store
+        .meta_with_prefix(ERASURE)
+        .await?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice::<PendingErasure>(&v).ok())
+        .filter(|e| oldest <= e.below)
+        .map(|e| e.patient)
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
 
 /// A legal hold, as recorded.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -16,19 +45,38 @@ pub struct HoldEvent {
     pub at: i64,
 }
 
-/// Every hold and release, in order.
+/// Every hold and release, in order. The list is read whole: a record
+/// missing from the middle (deleted, or never written) or one that cannot
+/// be read holds every patient (`*`) until an operator looks (fail closed).
 pub async fn hold_events(store: &DynStore) -> Result<Vec<HoldEvent>, StoreError> {
-    let mut out = Vec::new();
-    let mut n = 1;
-    while let Some(v) = store.get_meta(&format!("{HOLD}{n}")).await? {
-        // An unreadable record holds everything it might name: refuse
-        // erasures until an operator looks (fail closed).
-        out.push(serde_json::from_slice(&v).unwrap_or(HoldEvent {
-            patient: "*".into(),
-            hold: true,
-            at: 0,
-        }));
-        n += 1;
+    let mut numbered: Vec<(u64, Option<HoldEvent>)> = store
+        .meta_with_prefix(HOLD)
+        .await?
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k[HOLD.len()..].parse::<u64>().unwrap_or(0),
+                serde_json::from_slice(&v).ok(),
+            )
+        })
+        .collect();
+    numbered.sort_by_key(|(n, _)| *n);
+    let damaged = HoldEvent {
+        patient: "*".into(),
+        hold: true,
+        at: 0,
+    };
+    let gap = numbered
+        .iter()
+        .enumerate()
+        .any(|(i, (n, _))| *n != i as u64 + 1);
+    let mut out: Vec<HoldEvent> = numbered
+        .into_iter()
+        .map(|(_, e)| e.unwrap_or_else(|| damaged.clone()))
+        .collect();
+    if gap {
+        // Last, so that no release recorded after the gap lifts it.
+        out.push(damaged);
     }
     Ok(out)
 }
@@ -104,6 +152,8 @@ impl KeyAdmin<'_> {
     /// it, then rotate the KEK so that copies from before (old backups, a
     /// copy of the database file) can no longer unwrap it. Refused under
     /// a legal hold, and inside the retention period unless overridden.
+    /// An erasure whose rotation did not finish is finished by running it
+    /// again.
     pub async fn erase_patient(
         &self,
         id: &str,
@@ -116,6 +166,9 @@ impl KeyAdmin<'_> {
         if reason.trim().is_empty() {
             return Err(KeysError::NoReason);
         }
+        // Before anything is deleted: the rotation at the end must be able
+        // to run.
+        self.check_owner()?;
         let held = legal_holds(self.store).await?;
         if held.iter().any(|h| h == &id || h == "*") {
             return Err(KeysError::LegalHold);
@@ -124,6 +177,13 @@ impl KeyAdmin<'_> {
         let row = format!("data:{scope}");
         let (versions, newest) = self.store.key_scope_summary(&scope).await?;
         if versions == 0 && self.store.get_wrapped_key(&row).await?.is_none() {
+            if pending_erasures(self.store, self.kek).await?.contains(&id) {
+                // Deleted before; the rotation that seals older copies is
+                // still owed.
+                return self
+                    .finish_erasure(id, Erased::default(), false, progress)
+                    .await;
+            }
             return Err(KeysError::NothingToErase);
         }
         let retention_ms = i64::from(retention_years) * 365 * 86_400_000;
@@ -138,14 +198,24 @@ impl KeyAdmin<'_> {
                 "patient-erase",
                 Action::Delete,
                 format!(
-                    "erasure started: {versions} versions; retention override: {}; reason: {}",
-                    within,
+                    "erasure started: {versions} versions; retention period {retention_years} years, override: {within}; reason: {}",
                     reason.trim()
                 ),
                 vec![id.clone()],
             )
             .await
             .map_err(|e| KeysError::Audit(e.to_string()))?;
+        // Recorded before anything is deleted: until a KEK rotation retires
+        // every generation held now, the erasure is pending (`keys status`,
+        // and running `patient erase` again finishes it).
+        let record = serde_json::to_vec(&PendingErasure {
+            patient: id.clone(),
+            below: self.kek.current(),
+        })
+        .map_err(|e| KeysError::Audit(e.to_string()))?;
+        self.store
+            .put_meta_if_absent(&format!("{ERASURE}{id}:{}", now()), &record)
+            .await?;
         let mut erased = self.store.erase_key_scope(&scope, &row).await?;
         self.event("erase").await?;
         // A node that still had the key may have sealed a write with it
@@ -154,6 +224,18 @@ impl KeyAdmin<'_> {
         let again: Erased = self.store.erase_key_scope(&scope, &row).await?;
         erased.versions += again.versions;
         erased.resources += again.resources;
+        self.finish_erasure(id, erased, within, progress).await
+    }
+
+    /// The KEK rotation that makes copies from before an erasure
+    /// unreadable, and the audit record that the erasure is done.
+    async fn finish_erasure(
+        &self,
+        id: String,
+        erased: Erased,
+        within: bool,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Erasure, KeysError> {
         let (kek_rotation, pending) = match self.rotate_kek(progress).await {
             Ok(r) => {
                 let pending = (!r.remove_from_environment.is_empty()).then(|| {
@@ -168,7 +250,7 @@ impl KeyAdmin<'_> {
                 None,
                 Some("the KEK is in PHYLAX_KEK: add a new generation there and run `phylax keys rotate --kek` (docs/KEYS.md); until then copies from before the erasure stay readable".into()),
             ),
-            Err(e) => return Err(e),
+            Err(e) => return Err(KeysError::ErasurePending(Box::new(e))),
         };
         self.audit
             .record_admin_for(

@@ -51,10 +51,14 @@ pub enum KeysError {
     WithinRetention { years: u32 },
     #[error("the KEK is already in an HSM ([hsm] in phylax.toml): rotate it with `phylax keys rotate --kek`")]
     AlreadyInHsm,
-    #[error("the HSM already holds KEK generation(s) under this label, none newer than the key file's: use another --hsm-key-label")]
+    #[error("the HSM's KEK generation is not newer than the key file's")]
     HsmNotNewer,
     #[error("configuration: {0}")]
     Config(String),
+    #[error("the patient's data is deleted, but the KEK rotation that makes older copies unreadable failed ({0}); fix that and run the same `phylax patient erase` again to finish")]
+    ErasurePending(Box<KeysError>),
+    #[error("the KEK in {file} belongs to the instance in {owner}, not this one: a copy of an instance must get its own KEK before it changes it, or its rotations destroy the original's (docs/KEYS.md, \"Copies of an instance\")")]
+    NotOwner { file: String, owner: String },
     #[error("a reason is required (it goes into the audit log; do not put PHI in it)")]
     NoReason,
 }
@@ -96,6 +100,8 @@ fn purpose_of(row: &str) -> Option<(&str, &str)> {
 
 use crate::data::key_events::{last_event, EVENT};
 const KEK_GEN: &str = "kek_generation:";
+/// Keys re-wrapped per database round trip.
+const PAGE: u32 = 5000;
 
 /// The parts key administration works on.
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +109,9 @@ pub struct KeyAdmin<'a> {
     pub store: &'a DynStore,
     pub kek: &'a Kek,
     pub audit: &'a AuditLog,
+    /// The instance's data directory: only the instance a key file names
+    /// as its owner changes its KEK.
+    pub data_dir: &'a std::path::Path,
     /// Time for every node to notice a key event (they poll each second).
     pub grace: Duration,
 }
@@ -112,6 +121,9 @@ pub struct KeyStatus {
     pub kek: Vec<KekGeneration>,
     pub keys: Vec<KeyInfo>,
     pub max_age_days: u32,
+    /// Patients whose erasure still owes a KEK rotation (older copies can
+    /// still be read): run `patient erase` for them again, or rotate.
+    pub pending_erasures: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -185,6 +197,7 @@ impl<'a> KeyAdmin<'a> {
             store: &inst.store,
             kek: inst.keys.kek(),
             audit: &inst.audit,
+            data_dir: &inst.data_dir,
             grace,
         }
     }
@@ -265,8 +278,8 @@ impl KeyAdmin<'_> {
                 max_age,
             ));
         }
-        // The few other keys, one by one: every row after all `data:…` rows.
-        for r in self.store.list_wrapped_keys("data;", 10_000).await? {
+        // The few other keys, one by one.
+        for r in self.store.wrapped_keys_except("data").await? {
             if let Some((kind, _)) = protects(&r.scope) {
                 if kind != "kek-check" {
                     keys.push(info(kind, r.scope.clone(), 1, r.created_at, t, max_age));
@@ -277,6 +290,7 @@ impl KeyAdmin<'_> {
             kek,
             keys,
             max_age_days,
+            pending_erasures: erase::pending_erasures(self.store, self.kek).await?,
         })
     }
 
@@ -304,6 +318,7 @@ impl KeyAdmin<'_> {
         &self,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<KekRotated, KeysError> {
+        self.check_owner()?;
         let from: Vec<u32> = self.kek.generations().iter().map(|(n, _)| *n).collect();
         let after = self.highest_generation().await?;
         self.audit(
@@ -319,6 +334,18 @@ impl KeyAdmin<'_> {
             self.kek.add_generation(after)?
         };
         self.adopt(to, from, progress).await
+    }
+
+    /// Refuse to change a key file another instance owns (a copy of this
+    /// one, restored elsewhere, pointing at the original's key file); claim
+    /// one that names no owner yet (from before owners were recorded).
+    pub fn check_owner(&self) -> Result<(), KeysError> {
+        let me = owner_name(self.data_dir);
+        match self.kek.owner()? {
+            Some((file, Some(owner))) if owner != me => Err(KeysError::NotOwner { file, owner }),
+            Some((_, None)) => Ok(self.kek.claim(&me)?),
+            _ => Ok(()),
+        }
     }
 
     /// Make generation `to` (already held) the one everything is wrapped
@@ -355,19 +382,24 @@ impl KeyAdmin<'_> {
             .map(|g| g.count)
             .sum();
         let mut rewrapped = 0;
-        // Two clean passes: the second finds what a lagging node wrapped
-        // under an old generation during the first.
+        // Re-wrap everything, then make sure twice, a grace period apart,
+        // that nothing is left under another generation: the second look
+        // finds a key a lagging node wrapped under an old generation while
+        // the pass ran (counted from the stored headers, one query).
         let mut clean = 0;
         for _ in 0..10 {
-            let (changed, left) = self
-                .rewrap_pass(to, total, &mut rewrapped, progress)
+            self.rewrap_pass(to, total, &mut rewrapped, progress)
                 .await?;
-            if changed == 0 && left == 0 {
+            clean = 0;
+            while self.count_not_under(to).await? == 0 {
                 clean += 1;
                 if clean == 2 {
                     break;
                 }
                 tokio::time::sleep(self.grace.min(Duration::from_millis(500))).await;
+            }
+            if clean == 2 {
+                break;
             }
         }
         if clean < 2 {
@@ -410,6 +442,18 @@ impl KeyAdmin<'_> {
         })
     }
 
+    /// Stored keys wrapped under a generation other than `to`.
+    async fn count_not_under(&self, to: u32) -> Result<u64, KeysError> {
+        Ok(self
+            .store
+            .wrapped_key_stats()
+            .await?
+            .iter()
+            .filter(|g| Kek::generation_of(&pad(&g.head)) != Some(to))
+            .map(|g| g.count)
+            .sum())
+    }
+
     /// One pass over every stored key: re-wrap those not under `to`.
     /// Returns how many changed and how many could not be swapped (changed
     /// meanwhile: the next pass looks again).
@@ -424,7 +468,7 @@ impl KeyAdmin<'_> {
         let (mut changed, mut left, mut seen) = (0u64, 0u64, 0u64);
         let mut unreadable: BTreeMap<String, u64> = BTreeMap::new();
         loop {
-            let page = self.store.list_wrapped_keys(&after, 1000).await?;
+            let page = self.store.list_wrapped_keys(&after, PAGE).await?;
             let Some(last) = page.last() else { break };
             after = last.scope.clone();
             seen += page.len() as u64;
@@ -476,20 +520,25 @@ pub async fn move_kek_to_hsm(
 ) -> Result<KekRotated, KeysError> {
     use phylax_crypto::kek::KekSpec;
     let mut config = inst.config.clone();
-    if config.hsm.is_some() && config.key_file.is_none() {
-        return Err(KeysError::AlreadyInHsm);
-    }
-    let cfg = crate::instance::hsm_config(&hsm).map_err(|e| KeysError::Config(e.to_string()))?;
     let admin = KeyAdmin::of(inst, grace);
-    let after = admin
-        .highest_generation()
-        .await?
-        .max(inst.keys.kek().current());
-    let first = Kek::hsm_init(&cfg, after + 1)?;
-    if first.current() <= inst.keys.kek().current() {
-        return Err(KeysError::HsmNotNewer);
-    }
-    drop(first);
+    admin.check_owner()?;
+    let hsm = match &config.hsm {
+        Some(_) if config.key_file.is_none() => return Err(KeysError::AlreadyInHsm),
+        // An earlier move stopped half-way: finish it with the HSM it
+        // chose (its generation may already wrap keys), whatever is given now.
+        Some(started) => started.clone(),
+        None => {
+            let cfg =
+                crate::instance::hsm_config(&hsm).map_err(|e| KeysError::Config(e.to_string()))?;
+            let after = admin
+                .highest_generation()
+                .await?
+                .max(inst.keys.kek().current());
+            drop(Kek::hsm_create(&cfg, after + 1)?);
+            hsm
+        }
+    };
+    let cfg = crate::instance::hsm_config(&hsm).map_err(|e| KeysError::Config(e.to_string()))?;
     let env = std::env::var("PHYLAX_KEK")
         .ok()
         .filter(|v| !v.is_empty())
@@ -503,6 +552,18 @@ pub async fn move_kek_to_hsm(
         env,
         hsm: Some(cfg),
     })?;
+    if !matches!(
+        combined.generations().last(),
+        Some((_, phylax_crypto::kek::Provider::Hsm))
+    ) {
+        return Err(KeysError::HsmNotNewer);
+    }
+    match combined.owner()? {
+        Some((file, Some(owner))) if owner != owner_name(&inst.data_dir) => {
+            return Err(KeysError::NotOwner { file, owner })
+        }
+        _ => combined.claim(&owner_name(&inst.data_dir))?,
+    }
     config.hsm = Some(hsm);
     config
         .save(&inst.data_dir)
@@ -532,6 +593,15 @@ pub async fn move_kek_to_hsm(
         .save(&inst.data_dir)
         .map_err(|e| KeysError::Config(e.to_string()))?;
     Ok(moved)
+}
+
+/// How a data directory is named as a key file's owner: its canonical
+/// path, so that `./data` and `/srv/data` are the same instance.
+pub fn owner_name(data_dir: &std::path::Path) -> String {
+    std::fs::canonicalize(data_dir)
+        .unwrap_or_else(|_| data_dir.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// A stats group's head, padded so [`Kek::generation_of`] can read it.

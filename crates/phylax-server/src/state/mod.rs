@@ -438,6 +438,7 @@ async fn warn_old_keys(st: &AppState) {
         store: st.key_store(),
         kek: st.keys.kek(),
         audit: &st.audit,
+        data_dir: &st.data_dir,
         grace: Duration::ZERO,
     };
     match admin.status(st.config.keys.max_age_days).await {

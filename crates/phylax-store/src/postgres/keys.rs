@@ -61,8 +61,27 @@ impl KeyStore for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let rows = c
             .query(
-                "SELECT scope, wrapped, created_at FROM wrapped_keys WHERE scope COLLATE \"C\" > $1 ORDER BY scope COLLATE \"C\" LIMIT $2",
+                "SELECT scope, wrapped, created_at FROM wrapped_keys WHERE scope > $1 ORDER BY scope LIMIT $2",
                 &[&after, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| WrappedKeyRow {
+                scope: r.get(0),
+                wrapped: r.get(1),
+                created_at: r.get(2),
+            })
+            .collect())
+    }
+
+    async fn wrapped_keys_except(&self, kind: &str) -> Result<Vec<WrappedKeyRow>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let rows = c
+            .query(
+                "SELECT scope, wrapped, created_at FROM wrapped_keys WHERE split_part(scope, ':', 1) <> $1 ORDER BY scope",
+                &[&kind],
             )
             .await
             .map_err(pg)?;

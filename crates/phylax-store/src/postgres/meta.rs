@@ -28,4 +28,16 @@ impl MetaStore for PgStore {
             .map_err(pg)?;
         Ok(r.get(0))
     }
+
+    async fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let rows = c
+            .query(
+                "SELECT key, value FROM meta WHERE left(key, length($1)) = $1",
+                &[&prefix],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
 }

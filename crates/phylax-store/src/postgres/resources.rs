@@ -17,6 +17,14 @@ impl ResourceStore for PgStore {
         )
         .await
         .map_err(pg)?;
+        let mut versions = tx
+            .execute(
+                "DELETE FROM resource_versions WHERE (rtype, id) IN (SELECT r.rtype, r.id FROM resources r \
+                 JOIN resource_versions v ON v.seq = r.seq WHERE v.key_scope = $1) AND key_scope <> $1",
+                &[&key_scope],
+            )
+            .await
+            .map_err(pg)?;
         let resources = tx
             .execute(
                 "DELETE FROM resources WHERE seq IN (SELECT seq FROM resource_versions WHERE key_scope = $1)",
@@ -24,7 +32,7 @@ impl ResourceStore for PgStore {
             )
             .await
             .map_err(pg)?;
-        let versions = tx
+        versions += tx
             .execute(
                 "DELETE FROM resource_versions WHERE key_scope = $1",
                 &[&key_scope],

@@ -95,6 +95,28 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn wrapped_keys_except(&self, kind: &str) -> Result<Vec<WrappedKeyRow>> {
+        let prefix = format!("{kind}:");
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT scope, wrapped, created_at FROM wrapped_keys WHERE substr(scope, 1, length(?1)) <> ?1 ORDER BY scope",
+                )
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![prefix], |r| {
+                    Ok(WrappedKeyRow {
+                        scope: r.get(0)?,
+                        wrapped: r.get(1)?,
+                        created_at: r.get(2)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
     async fn replace_wrapped_keys(&self, rows: Vec<(String, Vec<u8>, Vec<u8>)>) -> Result<u64> {
         self.write(move |c| {
             let mut st = c

@@ -32,4 +32,18 @@ impl MetaStore for SqliteStore {
         })
         .await
     }
+
+    async fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = prefix.to_owned();
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached("SELECT key, value FROM meta WHERE substr(key, 1, length(?1)) = ?1")
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![prefix], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
 }

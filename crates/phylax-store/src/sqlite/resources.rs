@@ -17,13 +17,22 @@ impl ResourceStore for SqliteStore {
                 params![scope],
             )
             .map_err(backend)?;
+            // Whole resources first: every version of each resource whose
+            // current version is sealed under the scope.
+            let mut versions = c
+                .execute(
+                    "DELETE FROM resource_versions WHERE (rtype, id) IN (SELECT r.rtype, r.id FROM resources r \
+                     JOIN resource_versions v ON v.seq = r.seq WHERE v.key_scope = ?1) AND key_scope <> ?1",
+                    params![scope],
+                )
+                .map_err(backend)? as u64;
             let resources = c
                 .execute(
                     "DELETE FROM resources WHERE seq IN (SELECT seq FROM resource_versions WHERE key_scope = ?1)",
                     params![scope],
                 )
                 .map_err(backend)? as u64;
-            let versions = c
+            versions += c
                 .execute("DELETE FROM resource_versions WHERE key_scope = ?1", params![scope])
                 .map_err(backend)? as u64;
             let key_rows = c

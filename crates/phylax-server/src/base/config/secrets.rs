@@ -48,19 +48,50 @@ fn secret_name(key: &str) -> bool {
         .any(|s| k == *s || k.ends_with(&format!("_{s}")))
 }
 
-/// A value that is itself key material or carries a password.
+/// A value that is itself key material or carries a credential.
 fn secret_value(v: &str) -> Option<&'static str> {
     if v.contains("-----BEGIN") {
         return Some("a PEM block (key material) inline");
     }
-    // A URL whose userinfo (before the `@`) has a `:` carries a password.
-    if let Some((_, rest)) = v.split_once("://") {
-        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-        if let Some((userinfo, _)) = authority.rsplit_once('@') {
-            if userinfo.contains(':') {
-                return Some("a URL with a password in it");
-            }
+    let (_, rest) = v.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    // Anything before the `@` is a user name, a password or a token.
+    if authority.contains('@') {
+        return Some("a URL with credentials in it");
+    }
+    // Query parameters that carry a credential.
+    let query = rest.split_once('?').map(|(_, q)| q).unwrap_or("");
+    for pair in query.split('&') {
+        let name = pair.split('=').next().unwrap_or("").to_ascii_lowercase();
+        if [
+            "key",
+            "api_key",
+            "apikey",
+            "token",
+            "access_token",
+            "secret",
+            "password",
+            "sig",
+            "signature",
+            "code",
+            "auth",
+        ]
+        .contains(&name.as_str())
+        {
+            return Some("a URL with a credential in its query");
         }
+    }
+    // Webhook URLs whose path is the secret.
+    let host = authority
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if (host == "hooks.slack.com" && rest.contains("/services/"))
+        || (host.ends_with("discord.com") && rest.contains("/api/webhooks/"))
+        || host.ends_with(".webhook.office.com")
+    {
+        return Some("a webhook URL whose path is its secret");
     }
     None
 }
@@ -212,8 +243,11 @@ mod tests {
         assert!(secret_value("-----BEGIN PRIVATE KEY-----\nMII").is_some()); // pragma: allowlist secret
         assert!(secret_value("https://u:p@siem.example/x").is_some()); // pragma: allowlist secret
         assert!(secret_value("postgres://phylax:pw@db/phylax").is_some()); // pragma: allowlist secret
+        assert!(secret_value("https://ghp_abc@siem.example/x").is_some()); // pragma: allowlist secret
+        assert!(secret_value("https://siem.example/ingest?api_key=x").is_some()); // pragma: allowlist secret
+        assert!(secret_value("https://hooks.slack.com/services/T0/B0/x").is_some()); // pragma: allowlist secret
         assert!(secret_value("https://siem.example/x?user=a@b").is_none());
-        assert!(secret_value("https://user@siem.example/x").is_none());
+        assert!(secret_value("https://siem.example/alerts").is_none());
         assert!(secret_value("/var/lib/phylax").is_none());
     }
 }

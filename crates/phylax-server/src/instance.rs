@@ -413,6 +413,7 @@ impl Instance {
                 cert: PathBuf::from("tls/server.pem"),
                 key: tls_key,
                 ca: PathBuf::from("tls/ca.pem"),
+                ocsp: None,
             },
             http: Default::default(),
             auth: Default::default(),

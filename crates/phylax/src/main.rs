@@ -662,10 +662,16 @@ async fn serve_cmd(
         tracing::warn!("DANGER: serving plaintext HTTP on {addr} (--danger-plaintext)");
         None
     } else {
-        Some(phylax_server::net::tls::server_config(
-            &inst.cert_path(),
-            &inst.config.tls.key,
-        )?)
+        let (cfg, cert) =
+            phylax_server::net::tls::server_tls(phylax_server::net::certs::CertFiles {
+                cert: inst.cert_path(),
+                key: inst.config.tls.key.clone(),
+                ocsp: inst.config.tls.ocsp.as_ref().map(|p| inst.data_dir.join(p)),
+            })?;
+        // New certificate files (or SIGHUP) take effect for new
+        // connections without a restart.
+        cert.watch();
+        Some(cfg)
     };
     let st = AppState::new(inst)
         .await

@@ -278,9 +278,26 @@ async fn quickstart_creates_then_reuses() {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
+        assert_eq!(status, 200, "round {round}");
+        // SIGHUP reloads the certificate; it does not stop the server.
+        let hup = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(hup.success());
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "still running after SIGHUP"
+        );
+        let r = client
+            .get(format!("https://{listen}/fhir/metadata"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
         child.kill().unwrap();
         child.wait().unwrap();
-        assert_eq!(status, 200, "round {round}");
     }
     // The keys are beside the data directory, not in it.
     assert!(d.path().join("phylax-data-keys/kek").exists());

@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`conn`]: the accept loop (TLS, or plaintext on loopback) and its
 //!   limits: connection cap, header, idle and body timeouts.
-//! - [`tls`]: rustls configuration and certificate generation.
+//! - [`certs`]: the server certificate: checks that refuse a weak one,
+//!   OCSP stapling, reloading while serving.
+//! - [`tls`]: rustls configuration over it, and certificate generation.
 
+pub mod certs;
 pub mod conn;
 pub mod tls;

@@ -9,27 +9,13 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use rustls::crypto::ring as provider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("certificate generation failed: {0}")]
-    Generate(String),
-    #[error("cannot read {0}: {1}")]
-    Read(String, String),
-    #[error("cannot write {0}: {1}")]
-    Write(String, String),
-    #[error("invalid TLS material in {0}")]
-    Invalid(String),
-    #[error("TLS key file {0} must not be readable by group or others (chmod 600)")]
-    Permissions(String),
-}
+pub use super::certs::TlsError;
 
 /// PEM texts of a freshly generated local CA and server certificate. The
 /// private keys are zeroized when this is dropped.
@@ -50,7 +36,8 @@ fn g(e: rcgen::Error) -> TlsError {
     TlsError::Generate(e.to_string())
 }
 
-/// Generate a local CA (10 years) and a server certificate (397 days) for
+/// Generate a local CA (10 years) and a server certificate (365 days, under
+/// the 366 Mozilla's "intermediate" configuration allows) for
 /// `localhost`, 127.0.0.1, ::1 and any extra names or addresses.
 pub fn generate(extra_names: &[String]) -> Result<GeneratedTls, TlsError> {
     let now = chrono::Utc::now();
@@ -97,9 +84,12 @@ pub fn generate(extra_names: &[String]) -> Result<GeneratedTls, TlsError> {
         sp.subject_alt_names.push(SanType::IpAddress(ip));
     }
     sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // Strict RFC 5280 validators (Python's `cryptography`, which sslyze
+    // uses) require the authority key identifier on the leaf.
+    sp.use_authority_key_identifier_extension = true;
     sp.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     sp.not_before = date(now - chrono::Duration::days(1));
-    sp.not_after = date(now + chrono::Duration::days(397));
+    sp.not_after = date(now + chrono::Duration::days(365));
     let srv_cert = sp.signed_by(&srv_key, &ca_cert, &ca_key).map_err(g)?;
     Ok(GeneratedTls {
         ca_cert_pem: ca_cert.pem(),
@@ -124,39 +114,41 @@ pub fn write_private(path: &Path, content: &[u8]) -> Result<(), TlsError> {
     f.write_all(content).and_then(|_| f.sync_all()).map_err(w)
 }
 
-/// The server's rustls configuration.
+/// The server's rustls configuration over a certificate with no OCSP
+/// response (tests, tools); [`server_tls`] for the server itself.
 pub fn server_config(
     cert_path: &Path,
     key_path: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    use std::os::unix::fs::PermissionsExt;
-    fn r(p: &Path) -> impl Fn(std::io::Error) -> TlsError + '_ {
-        move |e| TlsError::Read(p.display().to_string(), e.to_string())
-    }
-    let meta = std::fs::metadata(key_path).map_err(r(key_path))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(TlsError::Permissions(key_path.display().to_string()));
-    }
-    let cert_pem = std::fs::read(cert_path).map_err(r(cert_path))?;
-    let key_pem = std::fs::read(key_path).map_err(r(key_path))?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|_| TlsError::Invalid(cert_path.display().to_string()))?;
-    if certs.is_empty() {
-        return Err(TlsError::Invalid(cert_path.display().to_string()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|_| TlsError::Invalid(key_path.display().to_string()))?;
+    Ok(server_tls(crate::net::certs::CertFiles {
+        cert: cert_path.to_path_buf(),
+        key: key_path.to_path_buf(),
+        ocsp: None,
+    })?
+    .0)
+}
+
+/// The server's rustls configuration and the certificate it presents,
+/// which [`crate::net::certs::ServerCert::watch`] can reload while serving.
+pub fn server_tls(
+    files: crate::net::certs::CertFiles,
+) -> Result<
+    (
+        Arc<rustls::ServerConfig>,
+        Arc<crate::net::certs::ServerCert>,
+    ),
+    TlsError,
+> {
+    let cert = crate::net::certs::ServerCert::load(files)?;
     let mut prov = provider::default_provider();
     prov.cipher_suites = allowed_suites();
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(prov))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|_| TlsError::Invalid("protocol versions".into()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|_| TlsError::Invalid(key_path.display().to_string()))?;
+        .with_cert_resolver(cert.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    Ok((Arc::new(cfg), cert))
 }
 
 /// Forward-secret AEAD suites only. (rustls supports nothing weaker, but

@@ -24,6 +24,8 @@
 //! - [`keys`]: the key hierarchy under operation: KEK rotation under load
 //!   (key file and SoftHSM2), tampered keys, crypto-shredding, legal holds.
 //! - [`interop`]: a real FHIR client library (fhirpy) against the server.
+//! - [`tls`]: the server certificate: weak ones refused, reloading while
+//!   serving, OCSP stapling, an external scanner (sslyze).
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 #[macro_use]
@@ -39,3 +41,4 @@ mod rest;
 mod sealed;
 mod search;
 mod signin;
+mod tls;

@@ -305,6 +305,10 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// The CA clients must trust, relative to the data directory.
     pub ca: PathBuf,
+    /// An OCSP response (DER) for the server certificate, refreshed by the
+    /// operator; stapled to every handshake (relative to the data directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ocsp: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -23,6 +23,8 @@ pub struct TestServer {
     pub db_url: Option<String>,
     pub backend: Backend,
     pub state: Arc<AppState>,
+    /// The certificate the server presents (reloaded when its files change).
+    pub cert: Arc<phylax_server::net::certs::ServerCert>,
     /// The database, as an operator holding it sees it (the server's
     /// subsystems each hold only their own concern).
     pub store: phylax_store::DynStore,
@@ -156,8 +158,14 @@ impl TestServer {
         tweak(&mut cfg);
         cfg.save(&data_dir).unwrap();
         let inst = Instance::open(&data_dir, db_url.as_deref()).await.unwrap();
-        let tls = phylax_server::net::tls::server_config(&inst.cert_path(), &inst.config.tls.key)
+        let (tls, cert) =
+            phylax_server::net::tls::server_tls(phylax_server::net::certs::CertFiles {
+                cert: inst.cert_path(),
+                key: inst.config.tls.key.clone(),
+                ocsp: inst.config.tls.ocsp.as_ref().map(|p| data_dir.join(p)),
+            })
             .unwrap();
+        cert.watch();
         let ca = std::fs::read(inst.ca_path()).unwrap();
         let store = inst.store.clone();
         let state = AppState::new(inst).await.unwrap();
@@ -180,6 +188,7 @@ impl TestServer {
             db_url,
             backend,
             state,
+            cert,
             store,
             stop: Some(tx),
         })

@@ -6,6 +6,11 @@
 //! without a database round trip. Verification is constant-time and checks
 //! the header exactly (no algorithm negotiation: `alg: none` and key
 //! confusion are impossible). Tokens live at most 15 minutes.
+//!
+//! The key rotates (`phylax keys rotate --tokens`): new tokens are MACed
+//! with the newest key, and a token MACed with the one before still
+//! verifies until it must have expired (its key was replaced at most 15
+//! minutes and a minute of clock skew before); older keys verify nothing.
 
 use crate::scopes::ScopeSet;
 use crate::AuthError;
@@ -79,8 +84,15 @@ impl AccessClaims {
     }
 }
 
+/// The keys tokens are MACed with: the current one, and the one before
+/// with the time (seconds) until which tokens it MACed may still be alive.
+struct TokenKeys {
+    current: std::sync::Arc<MacKey>,
+    previous: Option<(std::sync::Arc<MacKey>, i64)>,
+}
+
 pub struct TokenIssuer {
-    key: MacKey,
+    keys: parking_lot::RwLock<TokenKeys>,
     issuer: String,
     audience: String,
     lifetime: i64,
@@ -99,7 +111,10 @@ impl TokenIssuer {
     /// `lifetime_secs` is clamped to 1..=15 minutes.
     pub fn new(key: MacKey, issuer: String, audience: String, lifetime_secs: i64) -> Self {
         TokenIssuer {
-            key,
+            keys: parking_lot::RwLock::new(TokenKeys {
+                current: std::sync::Arc::new(key),
+                previous: None,
+            }),
             issuer,
             audience,
             lifetime: lifetime_secs.clamp(1, MAX_LIFETIME_SECS),
@@ -108,6 +123,25 @@ impl TokenIssuer {
 
     pub fn lifetime(&self) -> i64 {
         self.lifetime
+    }
+
+    /// Keep verifying tokens MACed with `previous` (the key before the
+    /// current one) until the time (seconds) given with it.
+    pub fn with_previous(self, previous: Option<(MacKey, i64)>) -> Self {
+        {
+            let mut k = self.keys.write();
+            k.previous = previous.map(|(k, until)| (std::sync::Arc::new(k), until));
+        }
+        self
+    }
+
+    /// Use `current` for new tokens; keep verifying tokens MACed with
+    /// `previous` until the time (seconds) given with it.
+    pub fn set_keys(&self, current: MacKey, previous: Option<(MacKey, i64)>) {
+        *self.keys.write() = TokenKeys {
+            current: std::sync::Arc::new(current),
+            previous: previous.map(|(k, until)| (std::sync::Arc::new(k), until)),
+        };
     }
 
     pub fn issue(
@@ -172,7 +206,8 @@ impl TokenIssuer {
             URL_SAFE_NO_PAD.encode(HEADER),
             URL_SAFE_NO_PAD.encode(payload)
         );
-        let tag = self.key.sign(signing_input.as_bytes());
+        let key = self.keys.read().current.clone();
+        let tag = key.sign(signing_input.as_bytes());
         Ok((
             format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(tag)),
             claims,
@@ -194,7 +229,16 @@ impl TokenIssuer {
             .decode(s)
             .map_err(|_| AuthError::InvalidToken("malformed"))?;
         let signing_input = &token[..h.len() + 1 + p.len()];
-        if !self.key.verify(signing_input.as_bytes(), &tag) {
+        let (current, previous) = {
+            let k = self.keys.read();
+            (k.current.clone(), k.previous.clone())
+        };
+        let by_previous = || {
+            previous
+                .as_ref()
+                .is_some_and(|(k, until)| now <= *until && k.verify(signing_input.as_bytes(), &tag))
+        };
+        if !current.verify(signing_input.as_bytes(), &tag) && !by_previous() {
             return Err(AuthError::InvalidToken("bad signature"));
         }
         // Authenticated from here on; the header is ours and fixed.
@@ -252,6 +296,38 @@ mod tests {
             TokenIssuer::new(k, "https://h/auth".into(), "https://h/fhir".into(), 300),
             kek,
         )
+    }
+
+    /// After a rotation, tokens MACed with the previous key verify until
+    /// the time given with it, then not; keys before it never.
+    #[test]
+    fn rotated_keys_overlap_for_a_token_lifetime() {
+        let (t, kek) = issuer();
+        let scopes = ScopeSet::parse_lenient("system/Patient.rs");
+        let (old, _) = t.issue("c1", &scopes, 1000).unwrap();
+        let (k2, _) = MacKey::generate_wrapped(&kek, "token@2").unwrap();
+        // Rotate: k2 signs, the key `old` was MACed with stays previous.
+        let prev = {
+            let k = t.keys.read();
+            k.current.clone()
+        };
+        *t.keys.write() = TokenKeys {
+            current: std::sync::Arc::new(k2),
+            previous: Some((prev, 1200)),
+        };
+        assert!(
+            t.verify(&old, 1100).is_ok(),
+            "previous key, inside the overlap"
+        );
+        let (new, _) = t.issue("c1", &scopes, 1100).unwrap();
+        assert!(t.verify(&new, 1101).is_ok());
+        assert!(t.verify(&old, 1201).is_err(), "overlap over");
+        let (k3, _) = MacKey::generate_wrapped(&kek, "token@3").unwrap();
+        t.set_keys(k3, None);
+        assert!(
+            t.verify(&new, 1102).is_err(),
+            "no previous: old keys verify nothing"
+        );
     }
 
     #[test]

@@ -96,7 +96,10 @@ pub struct Instance {
     pub config: Config,
     pub store: DynStore,
     pub keys: Arc<KeyRing>,
+    /// The access-token key, and the previous one while tokens it MACed
+    /// may still be alive.
     pub token_key: MacKey,
+    pub previous_token_key: Option<(MacKey, i64)>,
     pub cursor_key: MacKey,
     /// Hashes bearer grants, recovery codes, usernames and CSRF tokens.
     pub auth_key: Arc<MacKey>,
@@ -257,6 +260,49 @@ async fn mac_key(store: &DynStore, kek: &Kek, purpose: &str) -> Result<MacKey, I
     })
     .await?;
     MacKey::unwrap(kek, purpose, &w).map_err(|_| InstanceError::WrongKek)
+}
+
+/// The access-token keys: the newest (`mac:token@N`, or `mac:token` before
+/// any rotation) and the one before, with the time until which tokens it
+/// MACed can still be alive (docs/KEYS.md, "Rotating").
+pub async fn token_keys(
+    store: &DynStore,
+    kek: &Kek,
+) -> Result<(MacKey, Option<(MacKey, i64)>), InstanceError> {
+    let mut n = 1;
+    while store
+        .get_wrapped_key(&format!("mac:token@{}", n + 1))
+        .await?
+        .is_some()
+    {
+        n += 1;
+    }
+    let purpose = |n: u32| {
+        if n == 1 {
+            "token".to_owned()
+        } else {
+            format!("token@{n}")
+        }
+    };
+    let current = mac_key(store, kek, &purpose(n)).await?;
+    if n == 1 {
+        return Ok((current, None));
+    }
+    let added = store
+        .wrapped_key_created(&format!("mac:{}", purpose(n)))
+        .await?
+        .unwrap_or(0);
+    let previous = match store
+        .get_wrapped_key(&format!("mac:{}", purpose(n - 1)))
+        .await?
+    {
+        Some(w) => Some((
+            MacKey::unwrap(kek, &purpose(n - 1), &w).map_err(|_| InstanceError::WrongKek)?,
+            added + phylax_auth::token::MAX_LIFETIME_SECS + 60,
+        )),
+        None => None,
+    };
+    Ok((current, previous))
 }
 
 async fn blind_key(store: &DynStore, kek: &Kek) -> Result<BlindIndexKey, InstanceError> {
@@ -475,7 +521,7 @@ impl Instance {
         let url = database_url(&data_dir, config.backend, database_url_arg)?;
         let store = phylax_store::open(&url).await?;
         verify_kek(&store, &kek).await?;
-        let token_key = mac_key(&store, &kek, "token").await?;
+        let (token_key, previous_token_key) = token_keys(&store, &kek).await?;
         let cursor_key = mac_key(&store, &kek, "cursor").await?;
         let auth_key = Arc::new(mac_key(&store, &kek, "auth").await?);
         let blind_key = blind_key(&store, &kek).await?;
@@ -507,6 +553,7 @@ impl Instance {
             store,
             keys,
             token_key,
+            previous_token_key,
             cursor_key,
             auth_key,
             blind_key,

@@ -352,6 +352,9 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug + 'static {
     /// them all).
     async fn list_wrapped_keys(&self, after: &str, limit: u32) -> Result<Vec<WrappedKeyRow>>;
 
+    /// Delete a wrapped key (a retired token key); whether there was one.
+    async fn delete_wrapped_key(&self, scope: &str) -> Result<bool>;
+
     /// Every wrapped key whose kind (the scope up to its first `:`) is not
     /// `kind` (the few keys that are not data keys).
     async fn wrapped_keys_except(&self, kind: &str) -> Result<Vec<WrappedKeyRow>>;

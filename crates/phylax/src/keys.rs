@@ -37,6 +37,11 @@ pub enum KeysCmd {
         /// the JWKS so issued tokens verify.
         #[arg(long)]
         signing: bool,
+        /// The access-token MAC key: servers issue with the new key within
+        /// a second; tokens MACed with the previous one verify until they
+        /// expire (at most 15 minutes).
+        #[arg(long)]
+        tokens: bool,
         /// Every rotation available.
         #[arg(long)]
         all: bool,
@@ -237,11 +242,12 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             inst,
             kek,
             signing,
+            tokens,
             all,
             json,
         } => {
-            if !(kek || signing || all) {
-                bail!("name what to rotate: --kek, --signing or --all");
+            if !(kek || signing || tokens || all) {
+                bail!("name what to rotate: --kek, --signing, --tokens or --all");
             }
             let i = open(&inst).await?;
             let mut out = serde_json::Map::new();
@@ -251,6 +257,17 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                 if !json {
                     println!("signing: new key {kid}; nodes switch to it within seconds");
                 }
+            }
+            if tokens || all {
+                let r = KeyAdmin::of(&i, GRACE).rotate_tokens().await?;
+                if !json {
+                    println!(
+                        "tokens: new key {}; tokens from the previous key verify until {}",
+                        r.key,
+                        phylax_server::base::clock::format_instant(r.previous_valid_until * 1000)
+                    );
+                }
+                out.insert("tokens".into(), serde_json::to_value(&r)?);
             }
             if kek || all {
                 let pb = progress_bar("re-wrapping");

@@ -36,12 +36,18 @@ impl KeyEvents {
     }
 
     /// Look for new events; reload the KEK's providers and forget data
-    /// keys if there are any.
-    pub async fn poll(&self, store: &DynStore, keys: &KeyRing) -> Result<(), KeyEventError> {
+    /// keys if there are any. Returns the kinds seen (`kek-added`,
+    /// `erase`, `tokens`…) for the caller's own keys.
+    pub async fn poll(
+        &self,
+        store: &DynStore,
+        keys: &KeyRing,
+    ) -> Result<Vec<String>, KeyEventError> {
         use std::sync::atomic::Ordering;
         let mut n = self.seen.load(Ordering::Acquire);
         let mut erased = false;
         let mut any = false;
+        let mut kinds = Vec::new();
         // The last event seen is gone: someone rewrote the list (new events
         // may now carry numbers already seen). Assume the worst, once:
         // reload, forget, and start again after what is there now.
@@ -50,11 +56,18 @@ impl KeyEvents {
             n = last_event(store).await?;
             any = true;
             erased = true;
+            kinds.push("tokens".to_owned());
         }
         while let Some(v) = store.get_meta(&format!("{EVENT}{}", n + 1)).await? {
             n += 1;
             any = true;
             erased |= v.starts_with(b"erase");
+            if let Some(k) = std::str::from_utf8(&v)
+                .ok()
+                .and_then(|s| s.split(' ').next())
+            {
+                kinds.push(k.to_owned());
+            }
         }
         if any {
             keys.kek().reload(true)?;
@@ -63,7 +76,7 @@ impl KeyEvents {
             }
             self.seen.store(n, Ordering::Release);
         }
-        Ok(())
+        Ok(kinds)
     }
 }
 

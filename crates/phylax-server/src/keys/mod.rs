@@ -66,8 +66,10 @@ pub enum KeysError {
 /// What every stored key kind protects, by row prefix.
 fn protects(row: &str) -> Option<(&'static str, &'static str)> {
     let kind = row.split(':').next().unwrap_or("");
+    if row == "mac:token" || row.starts_with("mac:token@") {
+        return Some(("tokens", "access tokens (HMAC-SHA-256)"));
+    }
     Some(match (kind, row) {
-        (_, "mac:token") => ("tokens", "access and refresh tokens (HMAC-SHA-256)"),
         (_, "mac:cursor") => ("cursors", "search paging cursors (HMAC-SHA-256)"),
         (_, "mac:auth") => (
             "sign-in",
@@ -557,6 +559,59 @@ impl KeyAdmin<'_> {
 
 fn kind_of(scope: &str) -> String {
     scope.split(':').next().unwrap_or("").to_owned()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TokensRotated {
+    /// The new key's row (`mac:token@N`).
+    pub key: String,
+    /// Tokens MACed with the key before it verify until then (seconds).
+    pub previous_valid_until: i64,
+    /// Older key rows deleted (nothing verifies with them any more).
+    pub retired: Vec<String>,
+}
+
+impl KeyAdmin<'_> {
+    /// A new access-token key: servers issue with it within a second and
+    /// keep verifying the previous one for a token lifetime; keys before
+    /// the previous one are deleted (no server verifies with them).
+    pub async fn rotate_tokens(&self) -> Result<TokensRotated, KeysError> {
+        let row = |n: u32| {
+            if n == 1 {
+                "mac:token".to_owned()
+            } else {
+                format!("mac:token@{n}")
+            }
+        };
+        let mut n = 1;
+        while self.store.get_wrapped_key(&row(n + 1)).await?.is_some() {
+            n += 1;
+        }
+        let next = n + 1;
+        self.audit(
+            "key-rotate",
+            Action::Update,
+            format!("access-token key {} added", row(next)),
+        )
+        .await?;
+        let (_, wrapped) =
+            phylax_crypto::MacKey::generate_wrapped(self.kek, &format!("token@{next}"))?;
+        self.store
+            .put_wrapped_key_if_absent(&row(next), &wrapped, now())
+            .await?;
+        self.event("tokens").await?;
+        let mut retired = Vec::new();
+        for old in 1..n {
+            if self.store.delete_wrapped_key(&row(old)).await? {
+                retired.push(row(old));
+            }
+        }
+        Ok(TokensRotated {
+            key: row(next),
+            previous_valid_until: now() + phylax_auth::token::MAX_LIFETIME_SECS + 60,
+            retired,
+        })
+    }
 }
 
 /// Move an instance's KEK from its key file (or `PHYLAX_KEK`) into an

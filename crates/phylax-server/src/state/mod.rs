@@ -90,6 +90,7 @@ impl AppState {
             store,
             keys,
             token_key,
+            previous_token_key,
             cursor_key,
             blind_key,
             auth_key,
@@ -117,7 +118,8 @@ impl AppState {
             format!("{}/auth", config.public_url),
             fhir_base.clone(),
             config.auth.token_lifetime_secs,
-        );
+        )
+        .with_previous(previous_token_key);
         let capability = crate::base::capability::capability_statement(&config);
         let smart_config = crate::base::capability::smart_configuration(&config);
         let config = Arc::new(config);
@@ -404,7 +406,16 @@ impl AppState {
     /// polls this each second).
     pub async fn follow_key_events(&self) -> Result<(), crate::data::key_events::KeyEventError> {
         let (store, events) = &*self.key_watch;
-        events.poll(store, &self.keys).await
+        let seen = events.poll(store, &self.keys).await?;
+        if seen.iter().any(|k| k == "tokens") {
+            // A new access-token key: issue with it, keep verifying the
+            // previous one for a token lifetime.
+            match crate::instance::token_keys(store, self.keys.kek()).await {
+                Ok((current, previous)) => self.authn.tokens.set_keys(current, previous),
+                Err(e) => tracing::error!(error = %e, "could not load the new access-token key"),
+            }
+        }
+        Ok(())
     }
 
     /// The store, for key administration's read of key ages.

@@ -550,3 +550,57 @@ async fn erasure_survives_what_an_operator_could_do(s: &TestServer) {
     assert!(done.kek_rotation.is_some() && done.pending.is_none());
     assert!(admin.status(365).await.unwrap().pending_erasures.is_empty());
 }
+
+both!(the_access_token_key_rotates_without_cutting_tokens_short);
+/// A token issued before a rotation keeps working until it expires (the
+/// previous key verifies for a token lifetime), new tokens use the new
+/// key on every node, and keys older than the previous one are deleted.
+async fn the_access_token_key_rotates_without_cutting_tokens_short(s: &TestServer) {
+    let before = s.token(ALL).await;
+    assert_eq!(read(s, &s.fhir, &before, "/Patient").await.0, 200);
+    let op = operator(s).await;
+    let r = KeyAdmin::of(&op, GRACE).rotate_tokens().await.unwrap();
+    assert_eq!(r.key, "mac:token@2");
+    assert!(r.retired.is_empty());
+    tokio::time::sleep(GRACE).await;
+    let after = s.token(ALL).await;
+    assert_eq!(read(s, &s.fhir, &after, "/Patient").await.0, 200);
+    assert_eq!(
+        read(s, &s.fhir, &before, "/Patient").await.0,
+        200,
+        "inside the overlap"
+    );
+    // A node started now knows both.
+    let (node, _stop) = s.second_node().await;
+    assert_eq!(read(s, &node, &before, "/Patient").await.0, 200);
+    assert_eq!(read(s, &node, &after, "/Patient").await.0, 200);
+    // Once the overlap is over (simulated), the old token is refused and
+    // the new one is not.
+    let (current, previous) = phylax_server::instance::token_keys(&s.store, op.keys.kek())
+        .await
+        .unwrap();
+    assert!(previous.is_some());
+    s.state.authn.tokens.set_keys(current, None);
+    assert_eq!(read(s, &s.fhir, &before, "/Patient").await.0, 401);
+    assert_eq!(read(s, &s.fhir, &after, "/Patient").await.0, 200);
+    // The next rotation deletes the first key: nothing verifies with it.
+    let r = KeyAdmin::of(&op, GRACE).rotate_tokens().await.unwrap();
+    assert_eq!(
+        (r.key.as_str(), r.retired.clone()),
+        ("mac:token@3", vec!["mac:token".to_owned()])
+    );
+    assert!(s
+        .store
+        .get_wrapped_key("mac:token")
+        .await
+        .unwrap()
+        .is_none());
+    // A KEK rotation re-wraps the new token keys like any other.
+    KeyAdmin::of(&op, Duration::ZERO)
+        .rotate_kek(&|_, _| {})
+        .await
+        .unwrap();
+    tokio::time::sleep(GRACE).await;
+    let last = s.token(ALL).await;
+    assert_eq!(read(s, &s.fhir, &last, "/Patient").await.0, 200);
+}

@@ -347,7 +347,10 @@ async fn an_external_scanner_finds_only_strong_tls() {
         .split("COMPLIANCE AGAINST MOZILLA")
         .nth(1)
         .unwrap_or_else(|| panic!("no compliance section:\n{text}"));
-    for line in compliance.lines().filter(|l| l.trim_start().starts_with("* ")) {
+    for line in compliance
+        .lines()
+        .filter(|l| l.trim_start().starts_with("* "))
+    {
         let l = line.trim();
         assert!(
             l.contains("secp256r1") || l.starts_with("* certificate_path_validation"),

@@ -76,6 +76,16 @@ impl KeyStore for PgStore {
             .collect())
     }
 
+    async fn delete_wrapped_key(&self, scope: &str) -> Result<bool> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        Ok(
+            c.execute("DELETE FROM wrapped_keys WHERE scope = $1", &[&scope])
+                .await
+                .map_err(pg)?
+                > 0,
+        )
+    }
+
     async fn wrapped_keys_except(&self, kind: &str) -> Result<Vec<WrappedKeyRow>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let rows = c

@@ -95,6 +95,18 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn delete_wrapped_key(&self, scope: &str) -> Result<bool> {
+        let scope = scope.to_owned();
+        self.write(move |c| {
+            Ok(
+                c.execute("DELETE FROM wrapped_keys WHERE scope = ?1", params![scope])
+                    .map_err(backend)?
+                    > 0,
+            )
+        })
+        .await
+    }
+
     async fn wrapped_keys_except(&self, kind: &str) -> Result<Vec<WrappedKeyRow>> {
         let prefix = format!("{kind}:");
         self.read(move |c| {

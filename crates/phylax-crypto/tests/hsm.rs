@@ -8,6 +8,11 @@ use phylax_crypto::kek::{Kek, KekSpec, Provider, Retired};
 use phylax_crypto::{CryptoError, Secret};
 use std::path::PathBuf;
 
+/// One test at a time: `pkcs11-tool`, a second process, writes to the
+/// same SoftHSM2 token files, and SoftHSM2 does not take writers from two
+/// processes at once.
+static TOKEN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn config(label: &str) -> Option<HsmConfig> {
     let (Ok(module), Ok(token), Ok(pin)) = (
         std::env::var("PHYLAX_TEST_HSM_MODULE"),
@@ -38,6 +43,7 @@ fn pin_text(c: &HsmConfig) -> String {
 
 #[test]
 fn the_kek_lives_in_the_hsm_and_rotates_there() {
+    let _one = TOKEN.lock().unwrap_or_else(|p| p.into_inner());
     let Some(cfg) = config("kek-rotate") else {
         return;
     };
@@ -107,6 +113,7 @@ fn the_kek_lives_in_the_hsm_and_rotates_there() {
 /// A key object that could leave the HSM is refused, not used.
 #[test]
 fn an_extractable_key_is_refused() {
+    let _one = TOKEN.lock().unwrap_or_else(|p| p.into_inner());
     let Some(cfg) = config("kek-extractable") else {
         return;
     };
@@ -137,6 +144,7 @@ fn an_extractable_key_is_refused() {
 
 #[test]
 fn a_wrong_pin_or_token_fails_clearly() {
+    let _one = TOKEN.lock().unwrap_or_else(|p| p.into_inner());
     let Some(mut cfg) = config("kek-pin") else {
         return;
     };

@@ -269,14 +269,7 @@ pub async fn token_keys(
     store: &DynStore,
     kek: &Kek,
 ) -> Result<(MacKey, Option<(MacKey, i64)>), InstanceError> {
-    let mut n = 1;
-    while store
-        .get_wrapped_key(&format!("mac:token@{}", n + 1))
-        .await?
-        .is_some()
-    {
-        n += 1;
-    }
+    let n = token_generation(store).await?;
     let purpose = |n: u32| {
         if n == 1 {
             "token".to_owned()
@@ -305,12 +298,54 @@ pub async fn token_keys(
     Ok((current, previous))
 }
 
-async fn blind_key(store: &DynStore, kek: &Kek) -> Result<BlindIndexKey, InstanceError> {
-    let w = wrapped(store, "mac:blind-index", || {
-        BlindIndexKey::generate_wrapped(kek).map(|(_, w)| w)
+pub use crate::data::key_events::{
+    index_generation, index_key_row, token_generation, token_key_row, AUDIT_PATIENT_KEY,
+    INDEX_KEY_DONE,
+};
+
+/// The search index key in force: the newest generation, with the one
+/// before it while the index is being rebuilt (docs/KEYS.md, "Rotating").
+pub async fn search_key(store: &DynStore, kek: &Kek) -> Result<BlindIndexKey, InstanceError> {
+    let n = index_generation(store).await?;
+    let w = wrapped(store, &index_key_row(n), || {
+        BlindIndexKey::generate_wrapped_gen(kek, n).map(|(_, w)| w)
     })
     .await?;
-    BlindIndexKey::unwrap(kek, &w).map_err(|_| InstanceError::WrongKek)
+    let current = BlindIndexKey::unwrap_gen(kek, n, &w).map_err(|_| InstanceError::WrongKek)?;
+    if n == 1
+        || store
+            .get_meta(&format!("{INDEX_KEY_DONE}{n}"))
+            .await?
+            .is_some()
+    {
+        return Ok(current);
+    }
+    Ok(match store.get_wrapped_key(&index_key_row(n - 1)).await? {
+        Some(w) => current.with_previous(
+            BlindIndexKey::unwrap_gen(kek, n - 1, &w).map_err(|_| InstanceError::WrongKek)?,
+        ),
+        None => current,
+    })
+}
+
+/// The audit log's patient index key: its own (`mac:audit-patient`), or
+/// on an instance made before it existed the first search index key,
+/// which then is never retired.
+pub async fn audit_patient_key(
+    store: &DynStore,
+    kek: &Kek,
+) -> Result<BlindIndexKey, InstanceError> {
+    let (purpose, w) = match store.get_wrapped_key(AUDIT_PATIENT_KEY).await? {
+        Some(w) => (phylax_crypto::blind::AUDIT_PURPOSE, w),
+        None => (
+            phylax_crypto::blind::PURPOSE,
+            store
+                .get_wrapped_key(&index_key_row(1))
+                .await?
+                .ok_or(InstanceError::DatabaseNotInitialized)?,
+        ),
+    };
+    BlindIndexKey::unwrap_as(kek, purpose, &w).map_err(|_| InstanceError::WrongKek)
 }
 
 /// The new instance's KEK: created in the HSM, or the key file given (an
@@ -497,7 +532,14 @@ impl Instance {
         mac_key(&store, &kek, "token").await?;
         mac_key(&store, &kek, "cursor").await?;
         mac_key(&store, &kek, "auth").await?;
-        blind_key(&store, &kek).await?;
+        // The audit's patient index key first: a search index key alone
+        // would mark the instance as one made before it existed.
+        wrapped(&store, AUDIT_PATIENT_KEY, || {
+            BlindIndexKey::generate_wrapped_as(&kek, phylax_crypto::blind::AUDIT_PURPOSE)
+                .map(|(_, w)| w)
+        })
+        .await?;
+        search_key(&store, &kek).await?;
         // Written last: an instance is initialised only when all of the above
         // succeeded, so a failed init can simply be run again.
         config.save(&data_dir)?;
@@ -524,8 +566,8 @@ impl Instance {
         let (token_key, previous_token_key) = token_keys(&store, &kek).await?;
         let cursor_key = mac_key(&store, &kek, "cursor").await?;
         let auth_key = Arc::new(mac_key(&store, &kek, "auth").await?);
-        let blind_key = blind_key(&store, &kek).await?;
-        let audit_blind = Arc::new(self::blind_key(&store, &kek).await?);
+        let blind_key = search_key(&store, &kek).await?;
+        let audit_blind = Arc::new(audit_patient_key(&store, &kek).await?);
         let keys = Arc::new(KeyRing::new(kek, store.clone()));
         let instance_id = store
             .get_meta(META_INSTANCE_ID)

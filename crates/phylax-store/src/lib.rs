@@ -456,8 +456,17 @@ pub trait ResourceStore: Send + Sync + std::fmt::Debug + 'static {
     /// How many current resources match (ignores paging).
     async fn search_count(&self, q: &SearchQuery) -> Result<u64>;
 
-    /// Replace a resource's index entries (used when reindexing).
-    async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()>;
+    /// Replace a resource's index entries (used when reindexing), if its
+    /// current version is still `at_seq` (when given): a reindex that read
+    /// an older version must not overwrite a newer write's entries.
+    /// Whether it did (no such resource, or a newer version: false).
+    async fn set_index(
+        &self,
+        rtype: &str,
+        id: &str,
+        at_seq: Option<i64>,
+        rows: Vec<IndexRow>,
+    ) -> Result<bool>;
 
     /// Crypto-shredding, in one transaction: delete the wrapped key stored
     /// as `key_row`, every version sealed under `key_scope`, and every

@@ -931,11 +931,19 @@ async fn search_index_follows_versions_and_answers_queries(s: &DynStore) {
         .unwrap();
     assert_eq!(ids(s, vec![vec![hc("B")]]).await, vec!["o1"]);
     // Reindexing replaces a resource's entries.
-    s.set_index("Observation", "o3", vec![h("code", b"C")])
+    s.set_index("Observation", "o3", None, vec![h("code", b"C")])
         .await
         .unwrap();
     assert_eq!(ids(s, vec![vec![hc("C")]]).await, vec!["o3"]);
     assert_eq!(ids(s, vec![vec![hc("A")]]).await, Vec::<String>::new());
+    // A reindex that read an older version does not overwrite the
+    // entries of the version written since.
+    assert!(!s
+        .set_index("Observation", "o3", Some(-1), vec![h("code", b"D")])
+        .await
+        .unwrap());
+    assert_eq!(ids(s, vec![vec![hc("D")]]).await, Vec::<String>::new());
+    assert_eq!(ids(s, vec![vec![hc("C")]]).await, vec!["o3"]);
     // Hostile values are data, never SQL.
     let evil = Cond::Hash {
         param: "code') OR 1=1 --".into(),
@@ -1763,7 +1771,7 @@ async fn parameter_numbers_per_type_and_across_nodes(a: &DynStore, b: &DynStore)
         vec!["o2"]
     );
     // Reindexing one resource replaces its entries too.
-    b.set_index("Observation", "o1", vec![h("code", b"B")])
+    b.set_index("Observation", "o1", None, vec![h("code", b"B")])
         .await
         .unwrap();
     assert_eq!(
@@ -1771,7 +1779,7 @@ async fn parameter_numbers_per_type_and_across_nodes(a: &DynStore, b: &DynStore)
         vec!["o1", "o2"]
     );
     // Reindexing an id that does not exist stores nothing.
-    a.set_index("Observation", "nope", vec![h("code", b"B")])
+    a.set_index("Observation", "nope", None, vec![h("code", b"B")])
         .await
         .unwrap();
     assert_eq!(
@@ -1786,7 +1794,7 @@ async fn parameter_numbers_per_type_and_across_nodes(a: &DynStore, b: &DynStore)
     a.append_version(gone, Precondition::CurrentIs(1), vec![])
         .await
         .unwrap();
-    b.set_index("Observation", "o1", vec![h("code", b"B")])
+    b.set_index("Observation", "o1", None, vec![h("code", b"B")])
         .await
         .unwrap();
     assert_eq!(

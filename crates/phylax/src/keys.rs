@@ -42,6 +42,11 @@ pub enum KeysCmd {
         /// expire (at most 15 minutes).
         #[arg(long)]
         tokens: bool,
+        /// The search index key: every current resource is indexed again
+        /// under a new key while searches keep working (they look under
+        /// both keys until the rebuild is done), then the old key is deleted.
+        #[arg(long)]
+        index: bool,
         /// Every rotation available.
         #[arg(long)]
         all: bool,
@@ -177,7 +182,7 @@ fn progress_bar(what: &'static str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} keys ({per_sec}, {eta} left)",
+            "{msg} [{bar:30}] {pos}/{len} ({per_sec}, {eta} left)",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
@@ -243,11 +248,12 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             kek,
             signing,
             tokens,
+            index,
             all,
             json,
         } => {
-            if !(kek || signing || tokens || all) {
-                bail!("name what to rotate: --kek, --signing, --tokens or --all");
+            if !(kek || signing || tokens || index || all) {
+                bail!("name what to rotate: --kek, --signing, --tokens, --index or --all");
             }
             let i = open(&inst).await?;
             let mut out = serde_json::Map::new();
@@ -268,6 +274,24 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                     );
                 }
                 out.insert("tokens".into(), serde_json::to_value(&r)?);
+            }
+            if index || all {
+                let pb = progress_bar("re-indexing");
+                let r = KeyAdmin::of(&i, GRACE)
+                    .rotate_index(&|done, total| {
+                        pb.set_length(total);
+                        pb.set_position(done);
+                    })
+                    .await;
+                pb.finish_and_clear();
+                let r = r?;
+                if !json {
+                    println!(
+                        "index: new key {}; {} resources indexed again; retired {:?}",
+                        r.key, r.reindexed, r.retired
+                    );
+                }
+                out.insert("index".into(), serde_json::to_value(&r)?);
             }
             if kek || all {
                 let pb = progress_bar("re-wrapping");
@@ -357,7 +381,7 @@ pub async fn patient_cmd(c: PatientCmd) -> Result<()> {
             json,
         } => {
             let i = open(&inst).await?;
-            let pb = progress_bar("rotating the KEK");
+            let pb = progress_bar("re-keying the index and the KEK");
             let r = KeyAdmin::of(&i, GRACE)
                 .erase_patient(
                     &id,
@@ -381,6 +405,12 @@ pub async fn patient_cmd(c: PatientCmd) -> Result<()> {
             );
             if r.retention_overridden {
                 println!("  (inside the retention period, overridden)");
+            }
+            if let Some(ix) = &r.index_rotation {
+                println!(
+                    "  search index rebuilt under {}: older copies' index entries no longer match today's keys",
+                    ix.key
+                );
             }
             match (&r.kek_rotation, &r.pending) {
                 (_, Some(p)) => println!("  PENDING: {p}"),

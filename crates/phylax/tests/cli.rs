@@ -827,6 +827,17 @@ fn keys_patients_and_config_check() {
     // Still opens, with the rotated key file.
     assert!(ok(&phylax(&["keys", "status", "--data-dir", "inst"], p))
         .contains("generation 2 (current)"));
+    // The search index key: a new generation, the first one retired.
+    let r: serde_json::Value = serde_json::from_str(&ok(&phylax(
+        &["keys", "rotate", "--index", "--data-dir", "inst", "--json"],
+        p,
+    )))
+    .unwrap();
+    assert_eq!(r["index"]["key"], "mac:blind-index@2", "{r}");
+    assert_eq!(
+        r["index"]["retired"],
+        serde_json::json!(["mac:blind-index"])
+    );
 
     // A copy of the instance (a restored backup used as staging) still
     // names the original's key file: its rotation would destroy the

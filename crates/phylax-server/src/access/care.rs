@@ -106,7 +106,7 @@ pub(in crate::access) async fn find(
     let q = SearchQuery {
         rtype: rtype.to_owned(),
         and: vec![vec![crate::data::search::references_to(
-            st.repo.blind_key(),
+            &st.repo.blind_key(),
             param,
             targets,
         )]],

@@ -14,7 +14,7 @@ use crate::data::repo::Repo;
 use phylax_crypto::BlindIndexKey;
 use phylax_store::{BreakGlassStore, DynStore, MetaStore};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What access decisions read, and the repository they guard.
@@ -42,7 +42,9 @@ pub struct Gate {
     /// The `_security` index hashes of `access.restricted_labels`
     /// (computed once: every search by a caller without the label
     /// permission carries them).
-    pub(in crate::access) label_hashes: OnceLock<Vec<Vec<u8>>>,
+    /// Index entries of the restricted labels, for the blind-index key
+    /// generation they were computed under.
+    pub(in crate::access) label_hashes: parking_lot::RwLock<Option<(u64, Vec<Vec<u8>>)>>,
 }
 
 impl Gate {
@@ -65,7 +67,7 @@ impl Gate {
             care_cache: CareCache::default(),
             holds: Holds::default(),
             consents: Consents::default(),
-            label_hashes: OnceLock::new(),
+            label_hashes: Default::default(),
         }
     }
 
@@ -165,7 +167,7 @@ impl Gate {
                 for param in ["_tag", "_security"] {
                     group.push(phylax_store::Cond::Hash {
                         param: param.into(),
-                        hashes: vec![crate::data::search::token_hash(key, param, sys, code)],
+                        hashes: crate::data::search::token_hash(&key, param, sys, code),
                     });
                 }
             }
@@ -187,8 +189,14 @@ impl Gate {
 
     /// The key of the search index's blind hashes (search parameters are
     /// turned into conditions with it; it opens nothing).
-    pub fn blind_key(&self) -> &BlindIndexKey {
+    pub fn blind_key(&self) -> Arc<BlindIndexKey> {
         self.repo.blind_key()
+    }
+
+    /// Index and search under `key` from now on (a search index key
+    /// rotation, docs/KEYS.md); cached index entries are recomputed.
+    pub fn set_search_key(&self, key: BlindIndexKey) {
+        self.repo.set_blind_key(key);
     }
 }
 

@@ -245,7 +245,7 @@ pub(in crate::access) fn query_conditions(
     access: &Access,
     rtype: &ResourceType,
 ) -> Vec<Vec<Cond>> {
-    let key = st.repo.blind_key();
+    let (generation, key) = st.repo.blind_snapshot();
     let mut and = Vec::new();
     if let Reach::Patients(set) = &access.reach {
         if compartment::is_compartment_type(rtype.as_str()) {
@@ -262,7 +262,8 @@ pub(in crate::access) fn query_conditions(
             .map(|p| format!("Patient/{p}"))
             .collect();
         for p in phylax_fhir::defs::definitions().compartment_params(rtype.as_str()) {
-            let Cond::Hash { param, hashes } = crate::data::search::references_to(key, p, &targets)
+            let Cond::Hash { param, hashes } =
+                crate::data::search::references_to(&key, p, &targets)
             else {
                 continue;
             };
@@ -273,14 +274,24 @@ pub(in crate::access) fn query_conditions(
         }
     }
     if !access.labelled {
-        let hashes = st
+        // Computed once per blind-index key: a rotation replaces them, or
+        // restricted data would stop being excluded.
+        let cached = st
             .label_hashes
-            .get_or_init(|| {
-                restricted_labels(st)
-                    .map(|(s, c)| crate::data::search::token_hash(key, "_security", s, c))
-                    .collect()
-            })
-            .clone();
+            .read()
+            .as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, h)| h.clone());
+        let hashes = match cached {
+            Some(h) => h,
+            None => {
+                let h: Vec<Vec<u8>> = restricted_labels(st)
+                    .flat_map(|(s, c)| crate::data::search::token_hash(&key, "_security", s, c))
+                    .collect();
+                *st.label_hashes.write() = Some((generation, h.clone()));
+                h
+            }
+        };
         if !hashes.is_empty() {
             let mut group = vec![Cond::NotHash {
                 param: "_security".into(),
@@ -301,7 +312,7 @@ fn compartment_of_any(st: &Gate, rtype: &ResourceType, patients: &BTreeSet<Strin
     let mut group: Vec<Cond> = phylax_fhir::defs::definitions()
         .compartment_params(rtype.as_str())
         .iter()
-        .map(|p| crate::data::search::references_to(st.repo.blind_key(), p, &targets))
+        .map(|p| crate::data::search::references_to(&st.repo.blind_key(), p, &targets))
         .collect();
     if rtype.as_str() == "Patient" {
         group.push(Cond::Ids(patients.iter().cloned().collect()));

@@ -2,7 +2,8 @@
 //! a patient's data key erased: `keys_event_v1:N` in the meta table,
 //! append-only, written by `ops::keys`), and what a server does about
 //! them: reload the KEK's providers and, after an erasure, forget its
-//! unwrapped data keys.
+//! unwrapped data keys. Also the row names of keys that rotate in
+//! generations (access tokens, search index) and the newest one stored.
 
 use crate::data::keyring::KeyRing;
 use phylax_store::{DynStore, StoreError};
@@ -57,6 +58,7 @@ impl KeyEvents {
             any = true;
             erased = true;
             kinds.push("tokens".to_owned());
+            kinds.push("index".to_owned());
         }
         while let Some(v) = store.get_meta(&format!("{EVENT}{}", n + 1)).await? {
             n += 1;
@@ -86,4 +88,45 @@ pub enum KeyEventError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Crypto(#[from] phylax_crypto::CryptoError),
+}
+
+/// Meta key recording that the search index was rebuilt under index key
+/// generation N (`index_key_done_v1:N`): until then searches look under
+/// the previous generation too.
+pub const INDEX_KEY_DONE: &str = "index_key_done_v1:";
+
+/// The row of the audit log's own patient index key.
+pub const AUDIT_PATIENT_KEY: &str = "mac:audit-patient";
+
+/// The wrapped-key row of search index key generation `n`.
+pub fn index_key_row(n: u32) -> String {
+    format!("mac:{}", phylax_crypto::blind::purpose(n))
+}
+
+/// The wrapped-key row of access-token key generation `n`.
+pub fn token_key_row(n: u32) -> String {
+    if n <= 1 {
+        "mac:token".to_owned()
+    } else {
+        format!("mac:token@{n}")
+    }
+}
+
+/// The newest generation of a rotating key stored (1: never rotated).
+async fn newest(store: &DynStore, row: fn(u32) -> String) -> Result<u32, StoreError> {
+    let mut n = 1;
+    while store.get_wrapped_key(&row(n + 1)).await?.is_some() {
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The newest search index key generation stored.
+pub async fn index_generation(store: &DynStore) -> Result<u32, StoreError> {
+    newest(store, index_key_row).await
+}
+
+/// The newest access-token key generation stored.
+pub async fn token_generation(store: &DynStore) -> Result<u32, StoreError> {
+    newest(store, token_key_row).await
 }

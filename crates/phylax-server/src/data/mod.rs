@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`keyring`]: data keys per patient compartment, created on demand and
 //!   cached unwrapped in memory; MAC keys for tokens and cursors.
-//! - [`key_events`]: other processes' key events (KEK rotation, erasure)
+//! - [`key_events`]: other processes' key events (KEK rotation, erasure),
+//!   the rows of keys that rotate in generations,
 //!   and how a server follows them.
 //! - [`search`]: search index entries on write (keyed blind hashes) and
 //!   search parameters turned into store conditions on read.

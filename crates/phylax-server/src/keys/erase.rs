@@ -236,6 +236,14 @@ impl KeyAdmin<'_> {
         within: bool,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<Erasure, KeysError> {
+        // The search index under a new key first: a copy from before the
+        // erasure holds the patient's index entries, which today's keys
+        // must not be able to test (keys/index.rs). Then the KEK, which
+        // makes the copy's own keys unreadable.
+        let index_rotation = self
+            .rotate_index(progress)
+            .await
+            .map_err(|e| KeysError::ErasurePending(Box::new(e)))?;
         let (kek_rotation, pending) = match self.rotate_kek(progress).await {
             Ok(r) => {
                 let pending = (!r.remove_from_environment.is_empty()).then(|| {
@@ -275,6 +283,7 @@ impl KeyAdmin<'_> {
             versions: erased.versions,
             resources: erased.resources,
             retention_overridden: within,
+            index_rotation: Some(index_rotation),
             kek_rotation,
             pending,
         })

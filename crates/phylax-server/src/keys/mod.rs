@@ -12,9 +12,11 @@
 //!
 //! # Layout
 //! - this file: [`KeyAdmin`], key status, KEK rotation;
-//! - [`erase`]: crypto-shredding a patient, legal holds.
+//! - [`erase`]: crypto-shredding a patient, legal holds;
+//! - [`index`]: search index key rotation (the index rebuilt under it).
 
 pub mod erase;
+pub mod index;
 
 use crate::audit::log::AuditLog;
 use crate::instance::{CANARY_PURPOSE, CANARY_ROW};
@@ -61,6 +63,10 @@ pub enum KeysError {
     NotOwner { file: String, owner: String },
     #[error("a reason is required (it goes into the audit log; do not put PHI in it)")]
     NoReason,
+    #[error(transparent)]
+    Instance(#[from] Box<crate::instance::InstanceError>),
+    #[error("rebuilding the search index: {0}")]
+    Index(String),
 }
 
 /// What every stored key kind protects, by row prefix.
@@ -75,7 +81,15 @@ fn protects(row: &str) -> Option<(&'static str, &'static str)> {
             "sign-in",
             "hashes of grants, recovery codes, usernames and CSRF tokens",
         ),
-        (_, "mac:blind-index") => ("index", "the blind search index and audit patient index"),
+        (_, "mac:blind-index") => (
+            "index",
+            "the blind search index (and, on instances made before mac:audit-patient, the audit patient index)",
+        ),
+        (_, r) if r.starts_with("mac:blind-index@") => ("index", "the blind search index"),
+        (_, crate::instance::AUDIT_PATIENT_KEY) => (
+            "audit-index",
+            "the audit log's patient index (which records name a patient)",
+        ),
         ("sig", _) => ("signing", "id_token signatures (ES256)"),
         ("log", _) => ("checkpoint", "audit-log checkpoint signatures (Ed25519)"),
         ("data", _) => (
@@ -116,6 +130,9 @@ pub struct KeyAdmin<'a> {
     pub data_dir: &'a std::path::Path,
     /// Time for every node to notice a key event (they poll each second).
     pub grace: Duration,
+    /// The key ring (resources are opened to rebuild the search index).
+    pub keys: &'a std::sync::Arc<crate::data::keyring::KeyRing>,
+    pub config: &'a crate::base::config::Config,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -176,6 +193,9 @@ pub struct Erasure {
     pub versions: u64,
     pub resources: u64,
     pub retention_overridden: bool,
+    /// The search index key rotation that leaves older copies' index
+    /// entries keyed with a key that no longer exists.
+    pub index_rotation: Option<index::IndexRotated>,
     /// The KEK rotation that makes copies from before the erasure
     /// unreadable; `None` when it could not run here (the KEK is in
     /// `PHYLAX_KEK`: the operator rotates, docs/KEYS.md).
@@ -201,6 +221,8 @@ impl<'a> KeyAdmin<'a> {
             audit: &inst.audit,
             data_dir: &inst.data_dir,
             grace,
+            keys: &inst.keys,
+            config: &inst.config,
         }
     }
 }
@@ -576,17 +598,8 @@ impl KeyAdmin<'_> {
     /// keep verifying the previous one for a token lifetime; keys before
     /// the previous one are deleted (no server verifies with them).
     pub async fn rotate_tokens(&self) -> Result<TokensRotated, KeysError> {
-        let row = |n: u32| {
-            if n == 1 {
-                "mac:token".to_owned()
-            } else {
-                format!("mac:token@{n}")
-            }
-        };
-        let mut n = 1;
-        while self.store.get_wrapped_key(&row(n + 1)).await?.is_some() {
-            n += 1;
-        }
+        let row = crate::instance::token_key_row;
+        let n = crate::instance::token_generation(self.store).await?;
         let next = n + 1;
         self.audit(
             "key-rotate",

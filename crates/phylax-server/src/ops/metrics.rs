@@ -99,11 +99,21 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
         "# HELP phylax_key_age_seconds Age of the keys in use, by purpose."
     );
     let _ = writeln!(out, "# TYPE phylax_key_age_seconds gauge");
+    // The keys in force: the newest generation of those that rotate.
+    let store = st.key_store();
+    let index_row = crate::data::key_events::index_generation(store)
+        .await
+        .map(crate::data::key_events::index_key_row);
+    let token_row = crate::data::key_events::token_generation(store)
+        .await
+        .map(crate::data::key_events::token_key_row);
     for (purpose, row) in [
-        ("checkpoint", "log:checkpoint-1"),
-        ("blind_index", "mac:blind-index"),
-        ("token", "mac:token"),
+        ("checkpoint", Ok("log:checkpoint-1".to_owned())),
+        ("blind_index", index_row),
+        ("token", token_row),
     ] {
+        let Ok(row) = row else { continue };
+        let row = row.as_str();
         if let Ok(Some(t)) = st.keys.created(row).await {
             let _ = writeln!(
                 out,

@@ -538,7 +538,7 @@ pub(crate) async fn conditional_matches(
         return Err(Failure::Forbidden);
     }
     crate::rest::mask::check_params(ctx, rtype, params)?;
-    let parsed = crate::data::search::parse(st.gate.blind_key(), &st.fhir_base, rtype, params)?;
+    let parsed = crate::data::search::parse(&st.gate.blind_key(), &st.fhir_base, rtype, params)?;
     if !parsed.unknown.is_empty() {
         // Ignoring an unknown criterion could match the wrong resource.
         return Err(Failure::BadRequest(

@@ -415,6 +415,14 @@ impl AppState {
                 Err(e) => tracing::error!(error = %e, "could not load the new access-token key"),
             }
         }
+        if seen.iter().any(|k| k == "index") {
+            // A search index key added (write under it, search under it
+            // and the one before) or its rebuild finished (only it).
+            match crate::instance::search_key(store, self.keys.kek()).await {
+                Ok(key) => self.gate.set_search_key(key),
+                Err(e) => tracing::error!(error = %e, "could not load the new search index key"),
+            }
+        }
         Ok(())
     }
 
@@ -426,7 +434,7 @@ impl AppState {
     /// Warn once at start about keys older than `[keys] max_age_days`, then
     /// follow other processes' key events each second (a KEK generation added
     /// or retired: reload the providers; a patient erased: forget unwrapped
-    /// data keys).
+    /// data keys; a token or search index key added: use it).
     fn spawn_key_watch(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -451,6 +459,8 @@ async fn warn_old_keys(st: &AppState) {
         audit: &st.audit,
         data_dir: &st.data_dir,
         grace: Duration::ZERO,
+        keys: &st.keys,
+        config: &st.config,
     };
     match admin.status(st.config.keys.max_age_days).await {
         Ok(status) => {

@@ -209,6 +209,133 @@ async fn kek_rotation_under_load_hsm_postgres() {
     }
 }
 
+both!(the_search_index_key_rotates_under_load);
+/// Writes and searches run while the search index key rotates: no search
+/// misses a resource (whether re-indexed yet or not), nothing written
+/// meanwhile is lost to search, and afterwards a node started fresh (the
+/// new key only) finds everything. Rotating again retires the key before.
+async fn the_search_index_key_rotates_under_load(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    let named =
+        |id: &str| json!({"resourceType": "Patient", "id": id, "name": [{"family": "Rotfamily"}]});
+    for p in 0..10 {
+        assert_eq!(put(s, &s.fhir, &tok, &named(&format!("p{p}"))).await, 201);
+        assert_eq!(
+            put(s, &s.fhir, &tok, &obs(&format!("o{p}"), &format!("p{p}"))).await,
+            201
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let written = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for w in 0..3 {
+        let (http, fhir, tok) = (s.http.clone(), s.fhir.clone(), tok.clone());
+        let (stop, ok, failed, written) =
+            (stop.clone(), ok.clone(), failed.clone(), written.clone());
+        load.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let pid = format!("n{w}x{i}");
+                let st = http
+                    .put(format!("{fhir}/Patient/{pid}"))
+                    .bearer_auth(&tok)
+                    .header("content-type", FJ)
+                    .body(named(&pid).to_string())
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                if st == 201 {
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+                let total = |path: String| {
+                    let (http, tok) = (http.clone(), tok.clone());
+                    async move {
+                        match http.get(path).bearer_auth(&tok).send().await {
+                            Ok(r) if r.status() == 200 => r
+                                .json::<Value>()
+                                .await
+                                .ok()
+                                .and_then(|b| b["total"].as_u64()),
+                            _ => None,
+                        }
+                    }
+                };
+                let by_ref = total(format!("{fhir}/Observation?subject=Patient/p{}", i % 10)).await;
+                let by_name = total(format!("{fhir}/Patient?family=Rotfamily&_count=1")).await;
+                for good in [st == 201, by_ref == Some(1), by_name.is_some_and(|n| n >= 10)] {
+                    if good {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("during the index rotation: write {st}, by reference {by_ref:?}, by name {by_name:?}");
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let op = operator(s).await;
+    let r = KeyAdmin::of(&op, GRACE)
+        .rotate_index(&|_, _| {})
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request failed or missed"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 20, "the load ran");
+    assert_eq!(r.key, "mac:blind-index@2");
+    assert!(r.reindexed >= 20, "{r:?}");
+    // The first key is gone (the audit log has its own patient index key).
+    assert_eq!(r.retired, vec!["mac:blind-index".to_owned()]);
+    assert!(s
+        .store
+        .get_wrapped_key("mac:blind-index")
+        .await
+        .unwrap()
+        .is_none());
+    let everyone = 10 + written.load(Ordering::Relaxed);
+    // The serving node and a node started now (the new key only) find
+    // every patient, those written during the rotation too.
+    let (node, _stop) = s.second_node().await;
+    for base in [&s.fhir, &node] {
+        let (st, b) = read(s, base, &tok, "/Patient?family=Rotfamily&_count=1").await;
+        assert_eq!((st, b["total"].as_u64()), (200, Some(everyone)), "{b}");
+        let (_, b) = read(s, base, &tok, "/Observation?subject=Patient/p3").await;
+        assert_eq!(b["total"], 1, "{b}");
+    }
+    // The audit log still finds a patient's records by id.
+    let siem = s.token("system/AuditEvent.rs").await;
+    let (st, b) = read(s, &s.fhir, &siem, "/AuditEvent?patient=p3&_count=5").await;
+    assert_eq!(st, 200, "{b}");
+    assert!(b["entry"].as_array().is_some_and(|e| !e.is_empty()), "{b}");
+    // Again: generation 3, generation 2 retired; searches still work.
+    let r = KeyAdmin::of(&op, GRACE)
+        .rotate_index(&|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.key.as_str(), r.retired.clone()),
+        ("mac:blind-index@3", vec!["mac:blind-index@2".to_owned()])
+    );
+    let (_, b) = read(s, &s.fhir, &tok, "/Patient?family=Rotfamily&_count=1").await;
+    assert_eq!(b["total"].as_u64(), Some(everyone), "{b}");
+    // Both rotations are in the audit log.
+    let (_, b) = read(s, &s.fhir, &siem, "/AuditEvent?_count=200").await;
+    assert!(b
+        .to_string()
+        .contains("search index rebuilt under mac:blind-index@3"));
+}
+
 both!(a_tampered_wrapped_key_is_detected_and_stops_rotation);
 async fn a_tampered_wrapped_key_is_detected_and_stops_rotation(s: &TestServer) {
     let tok = s.token(ALL).await;
@@ -270,6 +397,26 @@ async fn raw_rows(s: &TestServer, scope: &str) -> (Vec<u8>, Vec<(String, String,
     (key, rows)
 }
 
+/// Whether the copy's index (`old_index`) has the entry of "subject is
+/// Patient/ep" under `key`.
+async fn old_index_has(s: &TestServer, key: &phylax_crypto::blind::BlindIndexKey) -> bool {
+    let phylax_store::Cond::Hash { hashes, .. } =
+        phylax_server::data::search::references_to(key, "subject", &["Patient/ep".to_owned()])
+    else {
+        panic!("a reference condition");
+    };
+    let mut n = 0;
+    for h in &hashes {
+        n += s
+            .sql_i64(&format!(
+                "SELECT count(*) FROM old_index WHERE hash = {}",
+                s.blob(h)
+            ))
+            .await;
+    }
+    n > 0
+}
+
 both!(erasure_shreds_a_patient_even_in_older_copies);
 async fn erasure_shreds_a_patient_even_in_older_copies(s: &TestServer) {
     let tok = s.token(ALL).await;
@@ -292,6 +439,17 @@ async fn erasure_shreds_a_patient_even_in_older_copies(s: &TestServer) {
     }
     let (old_key, old_rows) = raw_rows(s, "patient:ep").await;
     assert_eq!(old_rows.len(), 3);
+    // The copy's search index, where the patient's values are entries
+    // keyed with the search index key: today's keys test them.
+    s.sql("CREATE TABLE old_index AS SELECT hash FROM search_entries")
+        .await;
+    let key_then = phylax_server::instance::search_key(&s.store, op.keys.kek())
+        .await
+        .unwrap();
+    assert!(
+        old_index_has(s, &key_then).await,
+        "the copy's entry matches"
+    );
     // The old copy is readable with today's KEK (that is the point of
     // an erasure: after it, it is not).
     assert!(op
@@ -378,6 +536,17 @@ async fn erasure_shreds_a_patient_even_in_older_copies(s: &TestServer) {
             .any(|l| l.starts_with(&format!("{}:", rotated.from[0]))),
         "the old generation is gone from the key file"
     );
+    // Nor can today's search index key test the copy's index entries:
+    // the index was rebuilt under a new key, the old one deleted.
+    let ix = e.index_rotation.as_ref().unwrap();
+    assert!(ix.retired.contains(&"mac:blind-index".to_owned()), "{ix:?}");
+    let key_now = phylax_server::instance::search_key(&s.store, &kek)
+        .await
+        .unwrap();
+    assert!(!old_index_has(s, &key_now).await);
+    // And the live server searches under the new key alone.
+    let (_, b) = read(s, &s.fhir, &tok, "/Observation?subject=Patient/kp").await;
+    assert_eq!(b["total"], 1, "{b}");
     if s.backend == Backend::Sqlite {
         // The whole copy, opened as an instance with today's keys: refused.
         let restored = s.dir.path().join("restored");

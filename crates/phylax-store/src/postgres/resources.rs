@@ -239,7 +239,13 @@ impl ResourceStore for PgStore {
         Ok(n as u64)
     }
 
-    async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()> {
+    async fn set_index(
+        &self,
+        rtype: &str,
+        id: &str,
+        at_seq: Option<i64>,
+        rows: Vec<IndexRow>,
+    ) -> Result<bool> {
         self.intern([(rtype, &rows[..])]).await?;
         let cols = IndexCols::new(&rows, self.pids.pids(rtype, &rows)?);
         let mut c = self.pool.get().await.map_err(pool_err)?;
@@ -254,16 +260,19 @@ impl ResourceStore for PgStore {
             .await
             .map_err(pg)?
         else {
-            return Ok(());
+            return Ok(false);
         };
         let seq: i64 = row.get(0);
+        if at_seq.is_some_and(|a| a != seq) {
+            return Ok(false);
+        }
         tx.execute("DELETE FROM search_entries WHERE seq = $1", &[&seq])
             .await
             .map_err(pg)?;
         // A deleted resource keeps no entries (searches rely on entries
         // naming only live versions).
         if row.get::<_, bool>(1) {
-            return tx.commit().await.map_err(pg);
+            return tx.commit().await.map_err(pg).map(|_| true);
         }
         tx.execute(
             "INSERT INTO search_entries (seq, pid, hash, lo, hi, num) \
@@ -273,6 +282,6 @@ impl ResourceStore for PgStore {
         )
         .await
         .map_err(pg)?;
-        tx.commit().await.map_err(pg)
+        tx.commit().await.map_err(pg).map(|_| true)
     }
 }

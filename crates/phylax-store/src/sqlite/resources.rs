@@ -256,7 +256,13 @@ impl ResourceStore for SqliteStore {
         .await
     }
 
-    async fn set_index(&self, rtype: &str, id: &str, rows: Vec<IndexRow>) -> Result<()> {
+    async fn set_index(
+        &self,
+        rtype: &str,
+        id: &str,
+        at_seq: Option<i64>,
+        rows: Vec<IndexRow>,
+    ) -> Result<bool> {
         self.intern([(rtype, &rows[..])]).await?;
         let pids = self.pids.pids(rtype, &rows)?;
         let (rtype, id) = (rtype.to_owned(), id.to_owned());
@@ -272,9 +278,10 @@ impl ResourceStore for SqliteStore {
             // No such resource: nothing to index. A deleted one keeps none
             // (searches rely on entries naming only live versions).
             match cur {
-                Some((seq, false)) => replace_index(c, Some(seq), seq, &pids, &rows),
-                Some((seq, true)) => replace_index(c, Some(seq), seq, &[], &[]),
-                None => Ok(()),
+                Some((seq, _)) if at_seq.is_some_and(|a| a != seq) => Ok(false),
+                Some((seq, false)) => replace_index(c, Some(seq), seq, &pids, &rows).map(|_| true),
+                Some((seq, true)) => replace_index(c, Some(seq), seq, &[], &[]).map(|_| true),
+                None => Ok(false),
             }
         })
         .await

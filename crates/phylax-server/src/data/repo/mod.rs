@@ -293,7 +293,10 @@ pub struct Repo {
     /// Instance metadata (whether the search index is complete).
     meta: Arc<dyn MetaStore>,
     keys: Arc<KeyRing>,
-    blind: Arc<BlindIndexKey>,
+    /// The blind-index key and its generation counter, shared by every
+    /// clone: replaced (and the counter moved on) when the index key
+    /// rotates (docs/KEYS.md).
+    blind: Arc<parking_lot::RwLock<(u64, Arc<BlindIndexKey>)>>,
     fhir_base: String,
     /// `fhir_base` and its configured aliases: references absolute to any
     /// of them are stored relative.
@@ -410,7 +413,7 @@ impl Repo {
             meta: store.clone(),
             store,
             keys,
-            blind: Arc::new(blind),
+            blind: Arc::new(parking_lot::RwLock::new((0, Arc::new(blind)))),
             bases: Arc::new(vec![fhir_base.clone()]),
             fhir_base,
         }
@@ -433,12 +436,27 @@ impl Repo {
         &self.bases
     }
 
-    pub fn blind_key(&self) -> &BlindIndexKey {
-        &self.blind
+    /// The blind-index key in force (with the previous one while the
+    /// index is rebuilt).
+    pub fn blind_key(&self) -> Arc<BlindIndexKey> {
+        self.blind.read().1.clone()
+    }
+
+    /// The key with its generation counter (which changes each time the
+    /// key is replaced), read together, for caches of index entries.
+    pub fn blind_snapshot(&self) -> (u64, Arc<BlindIndexKey>) {
+        let b = self.blind.read();
+        (b.0, b.1.clone())
+    }
+
+    /// Index and search with `key` from now on.
+    pub fn set_blind_key(&self, key: BlindIndexKey) {
+        let mut b = self.blind.write();
+        *b = (b.0 + 1, Arc::new(key));
     }
 
     fn index(&self, rtype: &ResourceType, body: &Value) -> Vec<IndexRow> {
-        crate::data::search::index_rows(&self.blind, &self.fhir_base, rtype, body)
+        crate::data::search::index_rows(&self.blind_key(), &self.fhir_base, rtype, body)
     }
 
     /// Give every current resource its index entries, once per instance
@@ -448,28 +466,46 @@ impl Repo {
         if self.meta.get_meta(INDEX_DONE).await?.is_some() {
             return Ok(0);
         }
+        let n = self.rebuild_index(None, &|_| {}).await?;
+        self.meta.put_meta_if_absent(INDEX_DONE, b"1").await?;
+        Ok(n)
+    }
+
+    /// Index every current resource (written at `since_seq` or later,
+    /// when given) again, under the key in force: a blind-index key
+    /// rotation (docs/KEYS.md). A resource written meanwhile keeps the
+    /// entries its write gave it (the write used the key in force too).
+    /// `progress` hears the count so far. How many were indexed.
+    pub async fn rebuild_index(
+        &self,
+        since_seq: Option<i64>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, RepoError> {
         let mut n = 0;
         for t in phylax_fhir::defs::definitions().resource_types() {
             let Some(rtype) = ResourceType::parse(t) else {
                 continue;
             };
             let mut before = None;
-            loop {
+            'pages: loop {
                 let page = self.list(&rtype, before, 500).await?;
                 let Some(last) = page.last() else { break };
                 before = Some(last.seq);
                 for v in &page {
+                    if since_seq.is_some_and(|s| v.seq < s) {
+                        break 'pages;
+                    }
                     if let Some(b) = &v.body {
                         let rows = self.index(&rtype, b.json());
                         self.store
-                            .set_index(rtype.as_str(), v.id.as_str(), rows)
+                            .set_index(rtype.as_str(), v.id.as_str(), Some(v.seq), rows)
                             .await?;
                         n += 1;
                     }
                 }
+                progress(n);
             }
         }
-        self.meta.put_meta_if_absent(INDEX_DONE, b"1").await?;
         Ok(n)
     }
 }

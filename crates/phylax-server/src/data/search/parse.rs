@@ -3,7 +3,7 @@
 //! [`super::MAX_VALUES`].
 
 use super::index::{
-    components, composite_query_key, expanded_targets, hash, identifying_date, local_reference,
+    components, composite_query_key, expanded_targets, identifying_date, local_reference,
     type_and_id, union_parts, MAX_PARAMS, MAX_PREFIX, MAX_VALUES,
 };
 use crate::base::error::Failure;
@@ -32,9 +32,20 @@ pub(super) const CONTROL: &[&str] = &[
     COMPARTMENT_PARAM,
 ];
 
-/// The index hash of token `system|code` for `param` (as written by
-/// [`super::index_rows`]).
-pub fn token_hash(key: &BlindIndexKey, param: &str, system: &str, code: &str) -> Vec<u8> {
+/// Every index entry a search looks for: under the current key, and while
+/// the index is rebuilt under a new key also under the previous one
+/// (docs/KEYS.md), so a resource not re-indexed yet is still found.
+fn hash(key: &BlindIndexKey, parts: &[&str]) -> Vec<Vec<u8>> {
+    let bytes: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+    key.entries(&bytes)
+        .into_iter()
+        .map(|e| e.to_vec())
+        .collect()
+}
+
+/// The index entries of token `system|code` for `param` (as written by
+/// [`super::index_rows`]), to search for.
+pub fn token_hash(key: &BlindIndexKey, param: &str, system: &str, code: &str) -> Vec<Vec<u8>> {
     hash(key, &["ts", param, system, code])
 }
 
@@ -44,7 +55,7 @@ pub fn references_to(key: &BlindIndexKey, param: &str, targets: &[String]) -> Co
         param: param.to_owned(),
         hashes: targets
             .iter()
-            .map(|t| hash(key, &["r", param, t]))
+            .flat_map(|t| hash(key, &["r", param, t]))
             .collect(),
     }
 }
@@ -64,7 +75,7 @@ pub fn compartment_condition(
         .iter()
         .map(|p| Cond::Hash {
             param: p.clone(),
-            hashes: vec![hash(key, &["r", p, &target])],
+            hashes: hash(key, &["r", p, &target]),
         })
         .collect();
     if rtype.as_str() == "Patient" {
@@ -212,8 +223,8 @@ pub(super) fn num_cond(
         let sys = parts.next().filter(|s| !s.is_empty());
         let c = parts.next().filter(|s| !s.is_empty());
         let hashes = match (sys, c) {
-            (Some(s), Some(c)) => Some(vec![hash(key, &["qs", code, s, c])]),
-            (None, Some(c)) => Some(vec![hash(key, &["qc", code, c])]),
+            (Some(s), Some(c)) => Some(hash(key, &["qs", code, s, c])),
+            (None, Some(c)) => Some(hash(key, &["qc", code, c])),
             (Some(_), None) => {
                 return Err(invalid(format!("{name}: a quantity system needs a code")))
             }
@@ -435,7 +446,7 @@ impl Term<'_> {
             (ParamKind::Token, Some("text")) => {
                 let hashes = values
                     .iter()
-                    .map(|v| hash(key, &["tt", code, &normalize(v)]))
+                    .flat_map(|v| hash(key, &["tt", code, &normalize(v)]))
                     .collect();
                 group.push(Cond::Hash {
                     param: code.to_owned(),
@@ -449,7 +460,10 @@ impl Term<'_> {
                 }
             }
             (ParamKind::Uri, None) => {
-                let hashes = values.iter().map(|v| hash(key, &["u", code, v])).collect();
+                let hashes = values
+                    .iter()
+                    .flat_map(|v| hash(key, &["u", code, v]))
+                    .collect();
                 group.push(Cond::Hash {
                     param: code.to_owned(),
                     hashes,
@@ -498,7 +512,7 @@ impl Term<'_> {
             let mut hashes = Vec::new();
             for v in values {
                 if modifier == Some("exact") {
-                    hashes.push(hash(self.key, &["x", p, v]));
+                    hashes.extend(hash(self.key, &["x", p, v]));
                 } else {
                     let n = normalize(v);
                     if n.chars().count() > MAX_PREFIX {
@@ -507,7 +521,7 @@ impl Term<'_> {
                             self.shown
                         )));
                     }
-                    hashes.push(hash(self.key, &["s", p, &n]));
+                    hashes.extend(hash(self.key, &["s", p, &n]));
                 }
             }
             group.push(Cond::Hash {
@@ -523,7 +537,7 @@ impl Term<'_> {
         let (key, code) = (self.key, self.code);
         let hashes = values
             .iter()
-            .map(|v| match split_token(v) {
+            .flat_map(|v| match split_token(v) {
                 (None, c) => hash(key, &["tc", code, c]),
                 (Some(""), c) => hash(key, &["tn", code, c]),
                 (Some(s), "") => hash(key, &["tS", code, s]),
@@ -565,7 +579,7 @@ impl Term<'_> {
             let r: &str = &r;
             if type_mod.is_none() && phylax_fhir::ids::is_valid_id(r) {
                 for t in expanded_targets(self.rtype.as_str(), code) {
-                    hashes.push(hash(key, &["r", code, &format!("{t}/{r}")]));
+                    hashes.extend(hash(key, &["r", code, &format!("{t}/{r}")]));
                 }
             }
             let h = match (type_and_id(r), type_mod) {
@@ -577,7 +591,7 @@ impl Term<'_> {
                 (None, None) if phylax_fhir::ids::is_valid_id(r) => hash(key, &["ri", code, r]),
                 (None, _) => hash(key, &["r", code, r]),
             };
-            hashes.push(h);
+            hashes.extend(h);
         }
         Ok(Cond::Hash {
             param: code.to_owned(),
@@ -597,9 +611,9 @@ impl Term<'_> {
             return Err(invalid(format!("{shown}: empty component")));
         }
         let k1 = composite_query_key(a);
-        let hashed = |h: Vec<u8>| Cond::Hash {
+        let hashed = |hashes: Vec<Vec<u8>>| Cond::Hash {
             param: code.to_owned(),
-            hashes: vec![h],
+            hashes,
         };
         Ok(match second {
             ParamKind::Token => hashed(hash(key, &["ct", code, &k1, &composite_query_key(b)])),
@@ -618,7 +632,7 @@ impl Term<'_> {
                     hi,
                     // Units of a composite quantity are not matched; the
                     // first component is.
-                    hashes: Some(vec![hash(key, &["cq", code, &k1])]),
+                    hashes: Some(hash(key, &["cq", code, &k1])),
                 },
                 other => other,
             },
@@ -630,7 +644,7 @@ impl Term<'_> {
                     op,
                     lo,
                     hi,
-                    hashes: Some(vec![hash(key, &["cd", code, &k1])]),
+                    hashes: Some(hash(key, &["cd", code, &k1])),
                 },
                 other => other,
             },
@@ -648,8 +662,8 @@ impl Term<'_> {
             let (op, lit) = prefix(v);
             let ok_len = matches!(lit.len(), 4 | 7 | 10) && fs::date_range(lit).is_some();
             match (op, ok_len) {
-                (RangeOp::Eq, true) => eq.push(hash(key, &["d", code, lit])),
-                (RangeOp::Ne, true) => ne.push(hash(key, &["d", code, lit])),
+                (RangeOp::Eq, true) => eq.extend(hash(key, &["d", code, lit])),
+                (RangeOp::Ne, true) => ne.extend(hash(key, &["d", code, lit])),
                 _ => {
                     return Err(unsupported(format!(
                         "{}: this date identifies a person and is stored blind; search it with eq or ne \

@@ -33,7 +33,7 @@ pub(super) async fn inner_search(
         return Err(Failure::Forbidden);
     }
     crate::rest::mask::check_params(ctx, rtype, params)?;
-    let parsed = crate::data::search::parse(st.gate.blind_key(), &st.fhir_base, rtype, params)?;
+    let parsed = crate::data::search::parse(&st.gate.blind_key(), &st.fhir_base, rtype, params)?;
     if let Some(u) = parsed.unknown.first() {
         return Err(Failure::BadRequest(vec![Issue::error(
             IssueCode::NotSupported,
@@ -238,6 +238,6 @@ async fn chain(
     Ok(vec![if targets.is_empty() {
         Cond::Never
     } else {
-        crate::data::search::references_to(st.gate.blind_key(), code, &targets)
+        crate::data::search::references_to(&st.gate.blind_key(), code, &targets)
     }])
 }

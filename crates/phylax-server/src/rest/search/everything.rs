@@ -197,7 +197,7 @@ async fn fill_page(
         let t = &types[ti];
         let need = count - page.len();
         let mut and = vec![crate::data::search::compartment_condition(
-            st.gate.blind_key(),
+            &st.gate.blind_key(),
             t,
             pid.as_str(),
         )];

@@ -228,7 +228,7 @@ impl Includes<'_> {
             return Ok(());
         }
         let and = vec![vec![crate::data::search::references_to(
-            self.st.gate.blind_key(),
+            &self.st.gate.blind_key(),
             &spec.param,
             &targets,
         )]];

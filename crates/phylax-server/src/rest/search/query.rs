@@ -131,7 +131,8 @@ async fn conditions(
     q: &Query,
 ) -> Result<crate::data::search::ParsedSearch, Failure> {
     let (plain, chained) = resolve_chains(st, ctx, rtype, params).await?;
-    let mut parsed = crate::data::search::parse(st.gate.blind_key(), &st.fhir_base, rtype, &plain)?;
+    let mut parsed =
+        crate::data::search::parse(&st.gate.blind_key(), &st.fhir_base, rtype, &plain)?;
     parsed.and.extend(chained);
     if let Some(c) = q.get(crate::data::search::COMPARTMENT_PARAM) {
         let pid = c
@@ -139,7 +140,7 @@ async fn conditions(
             .filter(|id| phylax_fhir::ids::is_valid_id(id))
             .ok_or_else(|| Failure::bad_request("invalid compartment"))?;
         parsed.and.push(crate::data::search::compartment_condition(
-            st.gate.blind_key(),
+            &st.gate.blind_key(),
             rtype,
             pid,
         ));

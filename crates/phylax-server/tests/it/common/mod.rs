@@ -232,6 +232,34 @@ impl TestServer {
         }
     }
 
+    /// The single integer a query returns (a count), straight from the
+    /// database.
+    pub async fn sql_i64(&self, sql: &str) -> i64 {
+        match self.backend {
+            Backend::Sqlite => {
+                let c = rusqlite::Connection::open(self.data_dir.join("phylax.db")).unwrap();
+                c.query_row(sql, [], |r| r.get(0)).unwrap()
+            }
+            Backend::Postgres => {
+                let url = self.db_url.as_deref().unwrap();
+                let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                c.query_one(sql, &[]).await.unwrap().get(0)
+            }
+        }
+    }
+
+    /// A blob literal in this backend's SQL.
+    pub fn blob(&self, bytes: &[u8]) -> String {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        match self.backend {
+            Backend::Sqlite => format!("X'{hex}'"),
+            Backend::Postgres => format!("'\\x{hex}'::bytea"),
+        }
+    }
+
     /// A second node over the same instance (same data directory, same
     /// database, same KEK), on its own port: how several Phylax nodes share
     /// one PostgreSQL. Returns its FHIR base URL and a stop handle.

@@ -48,7 +48,7 @@ async fn existing_data_is_reindexed_at_start() {
     let q = phylax_store::SearchQuery {
         rtype: "Patient".into(),
         and: phylax_server::data::search::parse(
-            repo.blind_key(),
+            &repo.blind_key(),
             &s.fhir,
             &phylax_fhir::ResourceType::parse("Patient").unwrap(),
             &[("family".into(), "reindex".into())],

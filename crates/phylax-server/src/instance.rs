@@ -100,7 +100,7 @@ pub struct Instance {
     /// may still be alive.
     pub token_key: MacKey,
     pub previous_token_key: Option<(MacKey, i64)>,
-    pub cursor_key: MacKey,
+    pub cursor_keys: crate::data::cursor_keys::CursorSet,
     /// Hashes bearer grants, recovery codes, usernames and CSRF tokens.
     pub auth_key: Arc<MacKey>,
     pub blind_key: BlindIndexKey,
@@ -564,7 +564,13 @@ impl Instance {
         let store = phylax_store::open(&url).await?;
         verify_kek(&store, &kek).await?;
         let (token_key, previous_token_key) = token_keys(&store, &kek).await?;
-        let cursor_key = mac_key(&store, &kek, "cursor").await?;
+        let cursor_keys =
+            crate::data::cursor_keys::load(&store, &kek)
+                .await
+                .map_err(|e| match e {
+                    crate::data::cursor_keys::CursorKeyError::Store(e) => InstanceError::Store(e),
+                    _ => InstanceError::WrongKek,
+                })?;
         let auth_key = Arc::new(mac_key(&store, &kek, "auth").await?);
         let blind_key = search_key(&store, &kek).await?;
         let audit_blind = Arc::new(audit_patient_key(&store, &kek).await?);
@@ -596,7 +602,7 @@ impl Instance {
             keys,
             token_key,
             previous_token_key,
-            cursor_key,
+            cursor_keys,
             auth_key,
             blind_key,
             audit,

@@ -47,6 +47,11 @@ pub enum KeysCmd {
         /// both keys until the rebuild is done), then the old key is deleted.
         #[arg(long)]
         index: bool,
+        /// The paging-cursor keys: servers issue cursors under the new
+        /// ones within a second; cursors issued before still open (until
+        /// the next rotation).
+        #[arg(long)]
+        cursors: bool,
         /// Every rotation available.
         #[arg(long)]
         all: bool,
@@ -249,11 +254,14 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             signing,
             tokens,
             index,
+            cursors,
             all,
             json,
         } => {
-            if !(kek || signing || tokens || index || all) {
-                bail!("name what to rotate: --kek, --signing, --tokens, --index or --all");
+            if !(kek || signing || tokens || index || cursors || all) {
+                bail!(
+                    "name what to rotate: --kek, --signing, --tokens, --index, --cursors or --all"
+                );
             }
             let i = open(&inst).await?;
             let mut out = serde_json::Map::new();
@@ -274,6 +282,16 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                     );
                 }
                 out.insert("tokens".into(), serde_json::to_value(&r)?);
+            }
+            if cursors || all {
+                let r = KeyAdmin::of(&i, GRACE).rotate_cursors().await?;
+                if !json {
+                    println!(
+                        "cursors: generation {}; cursors issued before still open; retired {:?}",
+                        r.generation, r.retired
+                    );
+                }
+                out.insert("cursors".into(), serde_json::to_value(&r)?);
             }
             if index || all {
                 let pb = progress_bar("re-indexing");

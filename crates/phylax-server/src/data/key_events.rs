@@ -59,6 +59,7 @@ impl KeyEvents {
             erased = true;
             kinds.push("tokens".to_owned());
             kinds.push("index".to_owned());
+            kinds.push("cursors".to_owned());
         }
         while let Some(v) = store.get_meta(&format!("{EVENT}{}", n + 1)).await? {
             n += 1;
@@ -112,8 +113,12 @@ pub fn token_key_row(n: u32) -> String {
     }
 }
 
-/// The newest generation of a rotating key stored (1: never rotated).
-async fn newest(store: &DynStore, row: fn(u32) -> String) -> Result<u32, StoreError> {
+/// The newest generation of a rotating key stored (1: never rotated),
+/// given its rows by generation.
+pub async fn newest_generation(
+    store: &DynStore,
+    row: fn(u32) -> String,
+) -> Result<u32, StoreError> {
     let mut n = 1;
     while store.get_wrapped_key(&row(n + 1)).await?.is_some() {
         n += 1;
@@ -123,10 +128,10 @@ async fn newest(store: &DynStore, row: fn(u32) -> String) -> Result<u32, StoreEr
 
 /// The newest search index key generation stored.
 pub async fn index_generation(store: &DynStore) -> Result<u32, StoreError> {
-    newest(store, index_key_row).await
+    newest_generation(store, index_key_row).await
 }
 
 /// The newest access-token key generation stored.
 pub async fn token_generation(store: &DynStore) -> Result<u32, StoreError> {
-    newest(store, token_key_row).await
+    newest_generation(store, token_key_row).await
 }

@@ -7,6 +7,8 @@
 //! - [`key_events`]: other processes' key events (KEK rotation, erasure),
 //!   the rows of keys that rotate in generations,
 //!   and how a server follows them.
+//! - [`cursor_keys`]: paging-cursor keys in generations (the current and
+//!   the previous one open cursors).
 //! - [`search`]: search index entries on write (keyed blind hashes) and
 //!   search parameters turned into store conditions on read.
 //! - [`repo`]: resources over the store: seal on write, open on read,
@@ -22,6 +24,7 @@
 
 pub mod accounts;
 pub mod clients;
+pub mod cursor_keys;
 pub mod grants;
 pub mod key_events;
 pub mod keyring;

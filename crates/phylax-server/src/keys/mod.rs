@@ -76,7 +76,12 @@ fn protects(row: &str) -> Option<(&'static str, &'static str)> {
         return Some(("tokens", "access tokens (HMAC-SHA-256)"));
     }
     Some(match (kind, row) {
-        (_, "mac:cursor") => ("cursors", "search paging cursors (HMAC-SHA-256)"),
+        (_, r) if r == "mac:cursor" || r.starts_with("mac:cursor@") => {
+            ("cursors", "_history paging cursors (HMAC-SHA-256)")
+        }
+        (_, r) if r == "data:cursor" || r.starts_with("data:cursor@") => {
+            ("cursors", "search paging cursors (sealed: they carry the search terms)")
+        }
         (_, "mac:auth") => (
             "sign-in",
             "hashes of grants, recovery codes, usernames and CSRF tokens",
@@ -622,6 +627,50 @@ impl KeyAdmin<'_> {
         Ok(TokensRotated {
             key: row(next),
             previous_valid_until: now() + phylax_auth::token::MAX_LIFETIME_SECS + 60,
+            retired,
+        })
+    }
+}
+
+/// What a cursor key rotation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct CursorsRotated {
+    /// The new generation (`mac:cursor@N`, `data:cursor@N`).
+    pub generation: u32,
+    /// Older generations' rows deleted (cursors under them no longer open).
+    pub retired: Vec<String>,
+}
+
+impl KeyAdmin<'_> {
+    /// New paging-cursor keys (`data::cursor_keys`): servers issue
+    /// cursors under them within a second and still open those issued
+    /// under the generation before; generations older than that are
+    /// deleted, and cursors issued under them are refused.
+    pub async fn rotate_cursors(&self) -> Result<CursorsRotated, KeysError> {
+        use crate::data::cursor_keys::{data_scope, mac_purpose, mac_row};
+        let n = crate::data::key_events::newest_generation(self.store, mac_row).await?;
+        let next = n + 1;
+        self.audit(
+            "key-rotate",
+            Action::Update,
+            format!("cursor keys generation {next} added"),
+        )
+        .await?;
+        let (_, wrapped) = phylax_crypto::MacKey::generate_wrapped(self.kek, &mac_purpose(next))?;
+        self.store
+            .put_wrapped_key_if_absent(&mac_row(next), &wrapped, now())
+            .await?;
+        self.event("cursors").await?;
+        let mut retired = Vec::new();
+        for old in 1..n {
+            for row in [mac_row(old), format!("data:{}", data_scope(old))] {
+                if self.store.delete_wrapped_key(&row).await? {
+                    retired.push(row);
+                }
+            }
+        }
+        Ok(CursorsRotated {
+            generation: next,
             retired,
         })
     }

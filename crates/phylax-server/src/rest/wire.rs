@@ -471,7 +471,7 @@ pub(crate) fn entry(full_url: String, resource: Value, mode: &str) -> Value {
 /// replayed against another listing, is refused.
 pub(crate) fn make_cursor(st: &FhirState, listing: &str, before_seq: i64) -> String {
     let msg = format!("v1|{listing}|{before_seq}");
-    let tag = st.cursor_key.sign(msg.as_bytes());
+    let tag = st.cursors.sign(msg.as_bytes());
     format!(
         "{}.{}",
         URL_SAFE_NO_PAD.encode(&msg),
@@ -484,7 +484,7 @@ pub(crate) fn open_cursor(st: &FhirState, listing: &str, cursor: &str) -> Result
     let (m, t) = cursor.split_once('.').ok_or_else(bad)?;
     let msg = URL_SAFE_NO_PAD.decode(m).map_err(|_| bad())?;
     let tag = URL_SAFE_NO_PAD.decode(t).map_err(|_| bad())?;
-    if !st.cursor_key.verify(&msg, &tag) {
+    if !st.cursors.verify(&msg, &tag) {
         return Err(bad());
     }
     let msg = String::from_utf8(msg).map_err(|_| bad())?;

@@ -16,7 +16,6 @@ use crate::access::gate::Gate;
 use crate::access::scoped::Scoped;
 use crate::base::config::Config;
 use crate::data::keyring::KeyRing;
-use phylax_crypto::MacKey;
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -26,9 +25,10 @@ pub struct FhirState {
     /// The access layer: it owns the resource repository; handlers reach
     /// resources through [`FhirState::scoped`] only.
     pub gate: Arc<Gate>,
-    /// Seals `_history` paging cursors.
-    pub cursor_key: MacKey,
-    /// Data keys (search cursors are sealed under the `cursor` key).
+    /// MACs `_history` paging cursors and names the data key that seals
+    /// search cursors (current and previous generation).
+    pub cursors: crate::data::cursor_keys::CursorKeys,
+    /// Data keys (search cursors are sealed under the `cursor` keys).
     pub keys: Arc<KeyRing>,
     pub audit: Arc<crate::audit::log::AuditLog>,
     /// The CapabilityStatement served at `GET /fhir/metadata`.

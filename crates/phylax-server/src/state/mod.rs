@@ -91,7 +91,7 @@ impl AppState {
             keys,
             token_key,
             previous_token_key,
-            cursor_key,
+            cursor_keys,
             blind_key,
             auth_key,
             audit,
@@ -156,7 +156,7 @@ impl AppState {
             config: config.clone(),
             fhir_base: fhir_base.clone(),
             gate: gate.clone(),
-            cursor_key,
+            cursors: crate::data::cursor_keys::CursorKeys::new(cursor_keys),
             keys: keys.clone(),
             audit: audit.clone(),
             capability,
@@ -413,6 +413,14 @@ impl AppState {
             match crate::instance::token_keys(store, self.keys.kek()).await {
                 Ok((current, previous)) => self.authn.tokens.set_keys(current, previous),
                 Err(e) => tracing::error!(error = %e, "could not load the new access-token key"),
+            }
+        }
+        if seen.iter().any(|k| k == "cursors") {
+            // New cursors under the new generation; those issued before
+            // still open under the previous one.
+            match crate::data::cursor_keys::load(store, self.keys.kek()).await {
+                Ok(set) => self.fhir.cursors.replace(set),
+                Err(e) => tracing::error!(error = %e, "could not load the new cursor keys"),
             }
         }
         if seen.iter().any(|k| k == "index") {

@@ -336,6 +336,70 @@ async fn the_search_index_key_rotates_under_load(s: &TestServer) {
         .contains("search index rebuilt under mac:blind-index@3"));
 }
 
+/// The URL of a Bundle's `next` link.
+fn next_link(b: &Value) -> String {
+    b["link"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+        .and_then(|l| l["url"].as_str())
+        .unwrap_or_else(|| panic!("no next link: {b}"))
+        .to_owned()
+}
+
+async fn follow(s: &TestServer, tok: &str, url: &str) -> u16 {
+    s.http
+        .get(url)
+        .bearer_auth(tok)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+both!(the_cursor_keys_rotate_without_breaking_open_pages);
+/// Search and history pages issued before a cursor key rotation still
+/// open after it; after a second rotation the oldest are refused (their
+/// keys are deleted) while the previous generation's still open.
+async fn the_cursor_keys_rotate_without_breaking_open_pages(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    for p in 0..4 {
+        assert_eq!(
+            put(s, &s.fhir, &tok, &patient(&format!("cp{p}"))).await,
+            201
+        );
+    }
+    let pages = || async {
+        let (_, search) = read(s, &s.fhir, &tok, "/Patient?family=Testfamily&_count=1").await;
+        let (_, history) = read(s, &s.fhir, &tok, "/Patient/_history?_count=1").await;
+        [next_link(&search), next_link(&history)]
+    };
+    let first = pages().await;
+    let op = operator(s).await;
+    let r = KeyAdmin::of(&op, GRACE).rotate_cursors().await.unwrap();
+    assert_eq!((r.generation, r.retired.len()), (2, 0));
+    tokio::time::sleep(GRACE).await;
+    let second = pages().await;
+    assert_ne!(first, second, "new cursors under the new keys");
+    for url in first.iter().chain(&second) {
+        assert_eq!(follow(s, &tok, url).await, 200, "{url}");
+    }
+    let r = KeyAdmin::of(&op, GRACE).rotate_cursors().await.unwrap();
+    assert_eq!(r.generation, 3);
+    assert_eq!(r.retired[0], "mac:cursor", "{r:?}");
+    tokio::time::sleep(GRACE).await;
+    // The first generation is gone: its cursors are refused, clearly.
+    for url in &first {
+        assert_eq!(follow(s, &tok, url).await, 400, "{url}");
+    }
+    // The second still opens, on this node and on one started now.
+    let (node, _stop) = s.second_node().await;
+    for url in &second {
+        assert_eq!(follow(s, &tok, url).await, 200, "{url}");
+        let there = url.replace(&s.fhir, &node);
+        assert_eq!(follow(s, &tok, &there).await, 200, "{there}");
+    }
+}
+
 both!(a_tampered_wrapped_key_is_detected_and_stops_rotation);
 async fn a_tampered_wrapped_key_is_detected_and_stops_rotation(s: &TestServer) {
     let tok = s.token(ALL).await;

@@ -35,9 +35,10 @@ pub(super) async fn seal_search_cursor(
     before: i64,
     back: &[i64],
 ) -> Result<String, Failure> {
+    let (scope, _) = st.cursors.search_scopes();
     let key = st
         .keys
-        .for_write("cursor")
+        .for_write(&scope)
         .await
         .map_err(crate::data::repo::RepoError::from)?;
     let back = &back[back.len().saturating_sub(MAX_BACK)..];
@@ -59,14 +60,31 @@ pub(super) async fn open_search_cursor(
 ) -> Result<Cursor, Failure> {
     let bad = || Failure::bad_request("invalid, expired or tampered paging cursor");
     let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    // Sealed under the current generation's key, or the previous one's
+    // (issued before a rotation: docs/KEYS.md).
+    let (current, previous) = st.cursors.search_scopes();
+    let aad = format!("phylax/search-cursor/v1\0{rtype}");
     let key = st
         .keys
-        .for_write("cursor")
+        .for_write(&current)
         .await
         .map_err(crate::data::repo::RepoError::from)?;
-    let plain = key
-        .open(format!("phylax/search-cursor/v1\0{rtype}").as_bytes(), &raw)
-        .map_err(|_| bad())?;
+    let plain = match key.open(aad.as_bytes(), &raw) {
+        Ok(p) => p,
+        Err(_) => {
+            let Some(previous) = previous else {
+                return Err(bad());
+            };
+            // A key already retired opens nothing: the cursor is refused
+            // like any other that does not open.
+            let old = match st.keys.for_read(&previous).await {
+                Ok(k) => k,
+                Err(crate::data::keyring::KeyError::Missing) => return Err(bad()),
+                Err(e) => return Err(crate::data::repo::RepoError::from(e).into()),
+            };
+            old.open(aad.as_bytes(), &raw).map_err(|_| bad())?
+        }
+    };
     let v: Value = serde_json::from_slice(&plain).map_err(|_| bad())?;
     if v["e"]
         .as_i64()

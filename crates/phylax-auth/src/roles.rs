@@ -77,6 +77,10 @@ pub struct RoleDef {
     pub labelled: bool,
     /// May ask for break-the-glass emergency access.
     pub break_glass: bool,
+    /// May erase a patient's record through the API (`Patient/{id}/$erase`,
+    /// GDPR Art. 17: crypto-shredding, docs/KEYS.md). No built-in role but
+    /// `privacy-officer` has it.
+    pub erase: bool,
     /// May change who reaches whom: write the resources and elements that
     /// establish care relationships, delegation and consent
     /// ([`crate::policy::changes_relationships`]). Without it a user cannot
@@ -274,6 +278,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::CareRelationships,
             labelled: false,
             break_glass: true,
+            erase: false,
             relationships: false,
             purpose: "TREAT",
             masks: BTreeSet::new(),
@@ -286,6 +291,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::CareRelationships,
             labelled: false,
             break_glass: true,
+            erase: false,
             relationships: false,
             purpose: "TREAT",
             masks: BTreeSet::new(),
@@ -298,6 +304,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            erase: false,
             relationships: true,
             purpose: "HOPERAT",
             masks: BTreeSet::new(),
@@ -313,6 +320,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            erase: false,
             relationships: false,
             purpose: "HPAYMT",
             masks: set(&["note"]),
@@ -325,6 +333,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            erase: false,
             relationships: false,
             purpose: "HRESCH",
             masks: set(DEIDENTIFY),
@@ -337,6 +346,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            erase: false,
             relationships: false,
             purpose: "HOPERAT",
             masks: BTreeSet::new(),
@@ -349,8 +359,22 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            erase: false,
             relationships: true,
             purpose: "HSYSADMIN",
+            masks: BTreeSet::new(),
+        },
+        RoleDef {
+            name: "privacy-officer".into(),
+            description: "Privacy officer: erases a patient's record on a lawful request (Patient/{id}/$erase); reads no clinical data".into(),
+            patient: false,
+            grants: Vec::new(),
+            reach: ReachRule::Everyone,
+            labelled: false,
+            break_glass: false,
+            erase: true,
+            relationships: false,
+            purpose: "HOPERAT",
             masks: BTreeSet::new(),
         },
         RoleDef {
@@ -361,6 +385,7 @@ pub fn builtin() -> Vec<RoleDef> {
             reach: ReachRule::OwnCompartment,
             labelled: true,
             break_glass: false,
+            erase: false,
             relationships: false,
             purpose: "PATRQT",
             masks: BTreeSet::new(),
@@ -381,6 +406,8 @@ pub struct CustomRole {
     pub reach: ReachRule,
     pub labelled: bool,
     pub break_glass: bool,
+    /// May erase a patient's record through the API ([`RoleDef::erase`]).
+    pub erase: bool,
     /// May change who reaches whom ([`RoleDef::relationships`]).
     pub relationships: bool,
     /// One of [`PURPOSES`].
@@ -481,6 +508,7 @@ impl Roles {
                     reach: c.reach,
                     labelled: c.labelled,
                     break_glass: c.break_glass,
+                    erase: c.erase,
                     relationships: c.relationships,
                     purpose,
                     masks: c.masks.iter().cloned().collect(),
@@ -624,6 +652,7 @@ mod tests {
             reach: ReachRule::CareRelationships,
             labelled: false,
             break_glass: false,
+            erase: false,
             relationships: false,
             purpose: "TREAT".into(),
             masks: Vec::new(),
@@ -641,6 +670,7 @@ mod tests {
             reach: ReachRule::Everyone,
             labelled: false,
             break_glass: false,
+            erase: false,
             relationships: false,
             purpose: "TREAT".into(),
             masks: Vec::new(),

@@ -1,5 +1,6 @@
 //! Crypto-shredding a patient's data (GDPR Art. 17) and the legal holds
-//! that block it (docs/KEYS.md, "Erasing a patient").
+//! that block it (docs/KEYS.md, "Erasing a patient"), and [`Eraser`], the
+//! service behind the API's `Patient/{id}/$erase`.
 
 use super::{now, Erasure, KeyAdmin, KeysError};
 use phylax_audit::event::Action;
@@ -95,6 +96,16 @@ pub async fn legal_holds(store: &DynStore) -> Result<Vec<String>, StoreError> {
     Ok(held.into_iter().collect())
 }
 
+/// An erasure whose data is deleted, with its rotations still to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErasureStarted {
+    pub patient: String,
+    /// What the deletion removed (zero when resuming a pending erasure).
+    #[serde(skip)]
+    pub erased: Erased,
+    pub retention_overridden: bool,
+}
+
 fn parse_id(id: &str) -> Result<String, KeysError> {
     phylax_fhir::ResourceId::parse(id)
         .map(|i| i.as_str().to_owned())
@@ -162,6 +173,25 @@ impl KeyAdmin<'_> {
         override_retention: bool,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<Erasure, KeysError> {
+        let s = self
+            .start_erasure(id, reason, retention_years, override_retention)
+            .await?;
+        self.finish_erasure(s.patient, s.erased, s.retention_overridden, progress)
+            .await
+    }
+
+    /// The first part of an erasure: checks, the audit record, the
+    /// pending-erasure record, the deletion (twice, a grace apart). What
+    /// is left ([`KeyAdmin::finish_erasure`]) makes older copies
+    /// unreadable; until it has run the erasure is pending. An erasure
+    /// already pending is resumed (nothing left to delete).
+    pub async fn start_erasure(
+        &self,
+        id: &str,
+        reason: &str,
+        retention_years: u32,
+        override_retention: bool,
+    ) -> Result<ErasureStarted, KeysError> {
         let id = parse_id(id)?;
         if reason.trim().is_empty() {
             return Err(KeysError::NoReason);
@@ -180,9 +210,11 @@ impl KeyAdmin<'_> {
             if pending_erasures(self.store, self.kek).await?.contains(&id) {
                 // Deleted before; the rotation that seals older copies is
                 // still owed.
-                return self
-                    .finish_erasure(id, Erased::default(), false, progress)
-                    .await;
+                return Ok(ErasureStarted {
+                    patient: id,
+                    erased: Erased::default(),
+                    retention_overridden: false,
+                });
             }
             return Err(KeysError::NothingToErase);
         }
@@ -224,12 +256,16 @@ impl KeyAdmin<'_> {
         let again: Erased = self.store.erase_key_scope(&scope, &row).await?;
         erased.versions += again.versions;
         erased.resources += again.resources;
-        self.finish_erasure(id, erased, within, progress).await
+        Ok(ErasureStarted {
+            patient: id,
+            erased,
+            retention_overridden: within,
+        })
     }
 
-    /// The KEK rotation that makes copies from before an erasure
-    /// unreadable, and the audit record that the erasure is done.
-    async fn finish_erasure(
+    /// The rotations that make copies from before an erasure unreadable
+    /// (search index key, KEK), and the audit record that it is done.
+    pub async fn finish_erasure(
         &self,
         id: String,
         erased: Erased,
@@ -287,5 +323,91 @@ impl KeyAdmin<'_> {
             kek_rotation,
             pending,
         })
+    }
+}
+
+/// Erasure for the API (`Patient/{id}/$erase`): the deletion runs in the
+/// request; the rotations that seal older copies run after it, one
+/// erasure at a time, in the background. Until they finish the erasure is
+/// pending (`phylax keys status`), and survives a restart: running
+/// `phylax patient erase` for the patient finishes it.
+#[derive(Debug)]
+pub struct Eraser {
+    // Private: the handler that holds an Eraser reaches the store only
+    // through `erase`.
+    store: DynStore,
+    keys: std::sync::Arc<crate::data::keyring::KeyRing>,
+    audit: std::sync::Arc<crate::audit::log::AuditLog>,
+    data_dir: std::path::PathBuf,
+    config: std::sync::Arc<crate::base::config::Config>,
+    /// One erasure's rotations at a time on this node.
+    running: tokio::sync::Mutex<()>,
+}
+
+/// Time for every node to notice a key event (they poll each second).
+const GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Eraser {
+    pub fn new(
+        store: DynStore,
+        keys: std::sync::Arc<crate::data::keyring::KeyRing>,
+        audit: std::sync::Arc<crate::audit::log::AuditLog>,
+        data_dir: std::path::PathBuf,
+        config: std::sync::Arc<crate::base::config::Config>,
+    ) -> Eraser {
+        Eraser {
+            store,
+            keys,
+            audit,
+            data_dir,
+            config,
+            running: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn admin(&self) -> KeyAdmin<'_> {
+        KeyAdmin {
+            store: &self.store,
+            kek: self.keys.kek(),
+            audit: &self.audit,
+            data_dir: &self.data_dir,
+            grace: GRACE,
+            keys: &self.keys,
+            config: &self.config,
+        }
+    }
+
+    /// Delete the patient's data now; rotate in the background.
+    pub async fn erase(
+        self: &std::sync::Arc<Self>,
+        id: &str,
+        reason: &str,
+        override_retention: bool,
+    ) -> Result<ErasureStarted, KeysError> {
+        let started = self
+            .admin()
+            .start_erasure(
+                id,
+                reason,
+                self.config.keys.retention_years,
+                override_retention,
+            )
+            .await?;
+        let (me, s) = (self.clone(), started.clone());
+        let rid = crate::base::request::request_id().unwrap_or_default();
+        // Under the request's id: its audit records link to the request.
+        tokio::spawn(crate::base::request::REQUEST_ID.scope(rid, async move {
+            let _one = me.running.lock().await;
+            match me
+                .admin()
+                .finish_erasure(s.patient, s.erased, s.retention_overridden, &|_, _| {})
+                .await
+            {
+                Ok(e) if e.pending.is_none() => tracing::info!("erasure finished"),
+                Ok(_) => tracing::warn!("erasure pending: the KEK could not be rotated here (phylax keys status)"),
+                Err(e) => tracing::error!(error = %e, "erasure pending: finish it with phylax patient erase"),
+            }
+        }));
+        Ok(started)
     }
 }

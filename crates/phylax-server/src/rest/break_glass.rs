@@ -30,9 +30,14 @@ pub async fn request(
     h: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
+    if ct == "Patient" && op == "$erase" {
+        return crate::rest::erase::request(&st, &ctx, &id, &h, body).await;
+    }
     if ct != "Patient" || op != "$break-the-glass" {
-        return Failure::MethodNotAllowed("POST here is only for Patient/{id}/$break-the-glass")
-            .into_response();
+        return Failure::MethodNotAllowed(
+            "POST here is only for Patient/{id}/$break-the-glass or Patient/{id}/$erase",
+        )
+        .into_response();
     }
     let pid = ResourceId::parse(&id);
     let outcome = grant(&st, &ctx, pid.as_ref(), &h, body).await;

@@ -15,12 +15,14 @@
 //! - [`search`]: search, compartments, `$everything`.
 //! - [`bundle`]: batch and transaction.
 //! - [`break_glass`]: the `$break-the-glass` operation.
+//! - [`erase`]: the `Patient/{id}/$erase` operation (crypto-shredding).
 //! - [`audit_api`]: the read-only AuditEvent API and `$access-log`.
 //! - [`routes`]: the authenticated FHIR routes (batch entries are routed
 //!   through them too).
 pub mod audit_api;
 pub mod break_glass;
 pub mod bundle;
+pub mod erase;
 pub mod error;
 pub mod fhir;
 pub mod mask;

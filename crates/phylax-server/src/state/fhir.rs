@@ -35,6 +35,8 @@ pub struct FhirState {
     pub capability: serde_json::Value,
     /// Counters for `GET /metrics`.
     pub metrics: Arc<crate::base::metrics::Metrics>,
+    /// `Patient/{id}/$erase` (a role with the erase permission only).
+    pub eraser: Arc<crate::keys::erase::Eraser>,
 }
 
 impl FhirState {

@@ -152,6 +152,13 @@ impl AppState {
             audit.clone(),
             config.access.clone(),
         ));
+        let eraser = Arc::new(crate::keys::erase::Eraser::new(
+            store.clone(),
+            keys.clone(),
+            audit.clone(),
+            data_dir.clone(),
+            config.clone(),
+        ));
         let fhir = Arc::new(FhirState {
             config: config.clone(),
             fhir_base: fhir_base.clone(),
@@ -161,6 +168,7 @@ impl AppState {
             audit: audit.clone(),
             capability,
             metrics: metrics.clone(),
+            eraser,
         });
         let st = Arc::new(AppState {
             gate,

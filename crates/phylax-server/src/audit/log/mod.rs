@@ -521,6 +521,12 @@ impl AuditLog {
         patients: Vec<String>,
     ) -> Result<(), AuditError> {
         use phylax_audit::event::{EventKind, Outcome};
+        // A step of an API request (`$erase`) carries the request's id,
+        // which links it to the request's own record naming the user.
+        let (client, request_id) = match crate::base::request::request_id() {
+            Some(r) => ("phylax-server", r),
+            None => ("phylax-cli", "cli".to_owned()),
+        };
         let facts = AuditFacts {
             id: crate::audit::log::new_event_id(),
             recorded_ms: crate::base::clock::now_ms(),
@@ -529,10 +535,10 @@ impl AuditLog {
             outcome: Outcome::Success,
             outcome_desc: Some(detail),
             user: None,
-            client: Some("phylax-cli".into()),
+            client: Some(client.into()),
             ip: None,
             token_id: None,
-            request_id: "cli".into(),
+            request_id,
             purpose: None,
             patients,
             resources: Vec::new(),

@@ -121,6 +121,9 @@ pub struct RoleConfig {
     /// May ask for break-the-glass emergency access.
     #[serde(default)]
     pub break_glass: bool,
+    /// May erase a patient's record through the API (`Patient/{id}/$erase`).
+    #[serde(default)]
+    pub erase: bool,
     /// May change who reaches whom: care teams, practitioner roles,
     /// encounter participants, a patient's GP and organization, consents
     /// (docs/ACCESS_CONTROL.md, "Relationships are privileged data").
@@ -629,6 +632,7 @@ impl Config {
                 },
                 labelled: r.labelled,
                 break_glass: r.break_glass,
+                erase: r.erase,
                 relationships: r.relationships,
                 purpose: r.purpose.clone(),
                 masks: r.masks.clone(),

@@ -79,6 +79,7 @@ async fn server(b: Backend) -> Option<TestServer> {
                 reach: "care-relationships".into(),
                 labelled: true,
                 break_glass: true,
+                erase: false,
                 relationships: false,
                 purpose: "TREAT".into(),
                 masks: Vec::new(),
@@ -93,6 +94,7 @@ async fn server(b: Backend) -> Option<TestServer> {
                 reach: "everyone".into(),
                 labelled: false,
                 break_glass: false,
+                erase: false,
                 relationships: false,
                 purpose: "HOPERAT".into(),
                 masks: vec!["note".into()],
@@ -377,6 +379,7 @@ mod care;
 mod compartment;
 mod consents;
 mod detection;
+mod erase;
 mod glass;
 mod insiders;
 mod masks;

@@ -65,6 +65,7 @@ mod roles {
                 reach: "everyone".into(),
                 labelled: false,
                 break_glass: false,
+                erase: false,
                 relationships: false,
                 purpose: "TREAT".into(),
                 masks: Vec::new(),

@@ -55,6 +55,18 @@ pub struct AccessClaims {
     /// `urn:phylax:acr:pwd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acr: Option<String>,
+    /// RFC 8705 §3.1: the token is bound to the TLS client certificate
+    /// with this thumbprint, and is refused on a connection without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<Confirmation>,
+}
+
+/// The `cnf` claim of a certificate-bound token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Confirmation {
+    /// The certificate's SHA-256 thumbprint, base64url.
+    #[serde(rename = "x5t#S256")]
+    pub x5t_s256: String,
 }
 
 /// What a user's access token says beyond the client and scopes.
@@ -165,6 +177,7 @@ impl TokenIssuer {
             auth_time: None,
             amr: None,
             acr: None,
+            cnf: None,
         };
         self.sign(claims)
     }
@@ -194,7 +207,39 @@ impl TokenIssuer {
             auth_time: Some(user.auth_time),
             amr: Some(user.amr.clone()),
             acr: Some(if mfa { ACR_MFA } else { ACR_PWD }.to_owned()),
+            cnf: None,
         };
+        self.sign(claims)
+    }
+
+    /// [`TokenIssuer::issue`] bound to a TLS client certificate (RFC 8705).
+    pub fn issue_bound(
+        &self,
+        client_id: &str,
+        scopes: &ScopeSet,
+        now: i64,
+        thumbprint: &str,
+    ) -> Result<(String, AccessClaims), AuthError> {
+        let (_, mut claims) = self.issue(client_id, scopes, now)?;
+        claims.cnf = Some(Confirmation {
+            x5t_s256: thumbprint.to_owned(),
+        });
+        self.sign(claims)
+    }
+
+    /// [`TokenIssuer::issue_user`] bound to a TLS client certificate.
+    pub fn issue_user_bound(
+        &self,
+        client_id: &str,
+        scope: &str,
+        user: &UserContext,
+        now: i64,
+        thumbprint: &str,
+    ) -> Result<(String, AccessClaims), AuthError> {
+        let (_, mut claims) = self.issue_user(client_id, scope, user, now)?;
+        claims.cnf = Some(Confirmation {
+            x5t_s256: thumbprint.to_owned(),
+        });
         self.sign(claims)
     }
 
@@ -328,6 +373,34 @@ mod tests {
             t.verify(&new, 1102).is_err(),
             "no previous: old keys verify nothing"
         );
+    }
+
+    /// A bound token carries the thumbprint, under the MAC: it cannot be
+    /// removed or changed without breaking the token.
+    #[test]
+    fn certificate_bound_tokens_carry_their_thumbprint() {
+        let (t, _) = issuer();
+        let scopes = ScopeSet::parse_lenient("system/Patient.rs");
+        let (tok, c) = t.issue_bound("c1", &scopes, 1000, "abc").unwrap();
+        assert_eq!(c.cnf.as_ref().unwrap().x5t_s256, "abc");
+        let v = t.verify(&tok, 1001).unwrap();
+        assert_eq!(v.cnf, c.cnf);
+        let payload = tok.split('.').nth(1).unwrap();
+        let json = URL_SAFE_NO_PAD.decode(payload).unwrap();
+        assert!(String::from_utf8(json)
+            .unwrap()
+            .contains(r#""cnf":{"x5t#S256":"abc"}"#));
+        let (plain, _) = t.issue("c1", &scopes, 1000).unwrap();
+        assert!(t.verify(&plain, 1001).unwrap().cnf.is_none());
+        // Stripping the claim means forging the MAC.
+        let unbound = URL_SAFE_NO_PAD.encode(
+            String::from_utf8(URL_SAFE_NO_PAD.decode(payload).unwrap())
+                .unwrap()
+                .replace(r#","cnf":{"x5t#S256":"abc"}"#, ""),
+        );
+        let parts: Vec<&str> = tok.split('.').collect();
+        let forged = format!("{}.{unbound}.{}", parts[0], parts[2]);
+        assert!(t.verify(&forged, 1001).is_err());
     }
 
     #[test]

@@ -283,6 +283,7 @@ async fn setup(
             redirect_uris: vec![],
             public: false,
             first_party: false,
+            cert_bound: false,
         })
         .await?;
     let st = AppState::new(inst)

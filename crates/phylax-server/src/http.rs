@@ -211,6 +211,15 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
     {
         return Failure::Unauthorized.into_response();
     }
+    // RFC 8705 §3: a certificate-bound token works only over a connection
+    // that presented that certificate (a stolen token alone is useless).
+    if let Some(cnf) = &claims.cnf {
+        let presented = req.extensions().get::<crate::net::conn::ClientCert>();
+        if presented.is_none_or(|c| c.0 != cnf.x5t_s256) {
+            tracing::debug!("certificate-bound token without its certificate");
+            return Failure::Unauthorized.into_response();
+        }
+    }
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()

@@ -495,6 +495,7 @@ impl Instance {
                 key: tls_key,
                 ca: PathBuf::from("tls/ca.pem"),
                 ocsp: None,
+                client_ca: None,
             },
             http: Default::default(),
             auth: Default::default(),
@@ -607,6 +608,17 @@ impl Instance {
             blind_key,
             audit,
         })
+    }
+
+    /// The TLS files the server loads (`[tls]`), as paths.
+    pub fn cert_files(&self) -> crate::net::certs::CertFiles {
+        let at = |p: &PathBuf| self.data_dir.join(p);
+        crate::net::certs::CertFiles {
+            cert: self.cert_path(),
+            key: self.config.tls.key.clone(),
+            ocsp: self.config.tls.ocsp.as_ref().map(at),
+            client_ca: self.config.tls.client_ca.as_ref().map(at),
+        }
     }
 
     pub fn ca_path(&self) -> PathBuf {

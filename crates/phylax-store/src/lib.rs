@@ -151,6 +151,9 @@ pub struct ClientRecord {
     /// Operated by the same organisation as Phylax: users are not asked to
     /// consent to its scopes.
     pub first_party: bool,
+    /// RFC 8705: its access tokens are bound to the TLS client certificate
+    /// it presents at the token endpoint, and are refused without it.
+    pub cert_bound: bool,
 }
 
 /// A user account. Everything identifying or secret (the username, the

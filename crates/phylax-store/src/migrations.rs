@@ -379,6 +379,15 @@ CREATE TRIGGER audit_patient_no_update BEFORE UPDATE ON audit_patient
 BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 "#,
     ),
+    (
+        14,
+        r#"
+-- RFC 8705: a client whose access tokens are bound to its TLS client
+-- certificate (it must present one at the token endpoint and with every
+-- token).
+ALTER TABLE clients ADD COLUMN cert_bound INTEGER NOT NULL DEFAULT 0;
+"#,
+    ),
 ];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
@@ -872,6 +881,13 @@ CREATE TRIGGER audit_leaf_append_only BEFORE UPDATE OR DELETE ON audit_leaf
 DROP TRIGGER checkpoints_append_only ON audit_checkpoints;
 CREATE TRIGGER checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_checkpoints
     FOR EACH ROW EXECUTE FUNCTION phylax_audit_refuse();
+"#,
+    ),
+    (
+        16,
+        r#"
+-- RFC 8705: access tokens bound to the client's TLS certificate.
+ALTER TABLE clients ADD COLUMN cert_bound BOOLEAN NOT NULL DEFAULT false;
 "#,
     ),
 ];

@@ -487,6 +487,7 @@ async fn clients_and_jti_replay(s: &DynStore) {
         redirect_uris: vec![],
         public: false,
         first_party: false,
+        cert_bound: false,
     };
     s.add_client(&c).await.unwrap();
     let app = ClientRecord {
@@ -502,6 +503,7 @@ async fn clients_and_jti_replay(s: &DynStore) {
         ],
         public: true,
         first_party: true,
+        cert_bound: false,
     };
     s.add_client(&app).await.unwrap();
     assert_eq!(s.get_client("app").await.unwrap().unwrap(), app);

@@ -346,6 +346,12 @@ enum ClientCmd {
         /// An app run by the same organisation: users are not asked to consent.
         #[arg(long)]
         first_party: bool,
+        /// RFC 8705: bind its access tokens to the TLS client certificate
+        /// it presents (needs `[tls] client_ca`); without one its token
+        /// requests are refused, and its tokens work only over a
+        /// connection with the same certificate.
+        #[arg(long)]
+        cert_bound: bool,
     },
     /// List registered clients.
     List {
@@ -662,12 +668,7 @@ async fn serve_cmd(
         tracing::warn!("DANGER: serving plaintext HTTP on {addr} (--danger-plaintext)");
         None
     } else {
-        let (cfg, cert) =
-            phylax_server::net::tls::server_tls(phylax_server::net::certs::CertFiles {
-                cert: inst.cert_path(),
-                key: inst.config.tls.key.clone(),
-                ocsp: inst.config.tls.ocsp.as_ref().map(|p| inst.data_dir.join(p)),
-            })?;
+        let (cfg, cert) = phylax_server::net::tls::server_tls(inst.cert_files())?;
         // New certificate files (or SIGHUP) take effect for new
         // connections without a restart.
         cert.watch();
@@ -702,6 +703,7 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
             redirect_uris,
             public,
             first_party,
+            cert_bound,
         } => {
             if name.trim().is_empty() || name.len() > 200 {
                 bail!("--name must be 1 to 200 characters");
@@ -735,7 +737,13 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
                     text
                 }
             };
+            if cert_bound && public {
+                bail!("--cert-bound is for clients with credentials, not --public apps");
+            }
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            if cert_bound && i.config.tls.client_ca.is_none() {
+                bail!("--cert-bound needs [tls] client_ca in phylax.toml (the CA of client certificates)");
+            }
             let id = uuid::Uuid::new_v4().to_string();
             i.store
                 .add_client(&ClientRecord {
@@ -748,6 +756,7 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
                     redirect_uris,
                     public,
                     first_party,
+                    cert_bound,
                 })
                 .await?;
             admin_audit(
@@ -766,7 +775,7 @@ async fn client_cmd(c: ClientCmd) -> Result<()> {
             if json {
                 let v: Vec<serde_json::Value> = clients
                     .iter()
-                    .map(|c| serde_json::json!({"client_id": c.id, "name": c.name, "scope": c.scope, "disabled": c.disabled, "created_at": c.created_at, "redirect_uris": c.redirect_uris, "public": c.public, "first_party": c.first_party}))
+                    .map(|c| serde_json::json!({"client_id": c.id, "name": c.name, "scope": c.scope, "disabled": c.disabled, "created_at": c.created_at, "redirect_uris": c.redirect_uris, "public": c.public, "first_party": c.first_party, "cert_bound": c.cert_bound}))
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {

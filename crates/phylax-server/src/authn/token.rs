@@ -147,7 +147,8 @@ pub async fn token(
         st.metrics.rate_limited("token");
         return too_many(secs);
     }
-    let result = issue(&st, &h, &body).await;
+    let cert = ext.get::<crate::net::conn::ClientCert>();
+    let result = issue(&st, &h, &body, cert).await;
     if let Err(AuthError::RateLimited(secs)) = result {
         st.metrics.rate_limited("token");
         tracing::info!("token request over the client's rate limit; nothing issued or spent");
@@ -308,17 +309,43 @@ struct Issued {
     claims: phylax_auth::token::AccessClaims,
 }
 
-async fn issue(st: &AuthnState, h: &HeaderMap, body: &[u8]) -> Result<Issued, AuthError> {
+async fn issue(
+    st: &AuthnState,
+    h: &HeaderMap,
+    body: &[u8],
+    cert: Option<&crate::net::conn::ClientCert>,
+) -> Result<Issued, AuthError> {
     let f = read_form(h, body)?;
     match f.get("grant_type").map(String::as_str) {
-        Some("client_credentials") => client_credentials(st, &f).await,
-        Some("authorization_code") => authorization_code(st, &f).await,
-        Some("refresh_token") => refresh(st, &f).await,
+        Some("client_credentials") => client_credentials(st, &f, cert).await,
+        Some("authorization_code") => authorization_code(st, &f, cert).await,
+        Some("refresh_token") => refresh(st, &f, cert).await,
         _ => Err(AuthError::UnsupportedGrantType),
     }
 }
 
-async fn client_credentials(st: &AuthnState, f: &Form) -> Result<Issued, AuthError> {
+/// RFC 8705 §3: the thumbprint a client registered `--cert-bound` binds
+/// its tokens to: the certificate of this connection, which it must
+/// present (verified by the TLS layer against `[tls] client_ca`). Other
+/// clients' tokens are not bound, certificate or not.
+fn binding<'a>(
+    client: &phylax_store::ClientRecord,
+    cert: Option<&'a crate::net::conn::ClientCert>,
+) -> Result<Option<&'a str>, AuthError> {
+    match (client.cert_bound, cert) {
+        (false, _) => Ok(None),
+        (true, Some(c)) => Ok(Some(c.0.as_str())),
+        (true, None) => Err(AuthError::InvalidClient(
+            "this client's tokens are bound to its TLS client certificate: connect with it (mutual TLS)",
+        )),
+    }
+}
+
+async fn client_credentials(
+    st: &AuthnState,
+    f: &Form,
+    cert: Option<&crate::net::conn::ClientCert>,
+) -> Result<Issued, AuthError> {
     if !f.contains_key("client_assertion") {
         return Err(AuthError::InvalidRequest("client_assertion is required"));
     }
@@ -338,7 +365,10 @@ async fn client_credentials(st: &AuthnState, f: &Form) -> Result<Issued, AuthErr
     if granted.is_empty() {
         return Err(AuthError::InvalidScope("nothing grantable"));
     }
-    let (token, claims) = st.tokens.issue(&client.id, &granted, now)?;
+    let (token, claims) = match binding(&client, cert)? {
+        Some(t) => st.tokens.issue_bound(&client.id, &granted, now, t)?,
+        None => st.tokens.issue(&client.id, &granted, now)?,
+    };
     Ok(Issued {
         body: json!({
             "access_token": token,
@@ -379,6 +409,7 @@ async fn user_tokens(
     refresh_expires: Option<i64>,
     nonce: Option<&str>,
     now: i64,
+    cnf: Option<&str>,
 ) -> Result<Issued, AuthError> {
     let user = active_user(st, &d.user_id).await?;
     let ctx = UserContext {
@@ -389,7 +420,12 @@ async fn user_tokens(
         auth_time: d.auth_time,
         amr: d.amr.clone(),
     };
-    let (token, claims) = st.tokens.issue_user(&d.client_id, &d.scope, &ctx, now)?;
+    let (token, claims) = match cnf {
+        Some(t) => st
+            .tokens
+            .issue_user_bound(&d.client_id, &d.scope, &ctx, now, t)?,
+        None => st.tokens.issue_user(&d.client_id, &d.scope, &ctx, now)?,
+    };
     let mut out = json!({
         "access_token": token,
         "token_type": "Bearer",
@@ -501,8 +537,13 @@ async fn take_single_use<T: serde::de::DeserializeOwned>(
     }
 }
 
-async fn authorization_code(st: &AuthnState, f: &Form) -> Result<Issued, AuthError> {
+async fn authorization_code(
+    st: &AuthnState,
+    f: &Form,
+    cert: Option<&crate::net::conn::ClientCert>,
+) -> Result<Issued, AuthError> {
     let client = client_auth(st, f).await?;
+    let cnf = binding(&client, cert)?;
     let code = f
         .get("code")
         .ok_or(AuthError::InvalidRequest("code is required"))?;
@@ -538,11 +579,25 @@ async fn authorization_code(st: &AuthnState, f: &Form) -> Result<Issued, AuthErr
         amr: d.amr,
         offer_patient: d.offer_patient,
     };
-    user_tokens(st, &g.family, &rd, refresh_expires, d.nonce.as_deref(), now).await
+    user_tokens(
+        st,
+        &g.family,
+        &rd,
+        refresh_expires,
+        d.nonce.as_deref(),
+        now,
+        cnf,
+    )
+    .await
 }
 
-async fn refresh(st: &AuthnState, f: &Form) -> Result<Issued, AuthError> {
+async fn refresh(
+    st: &AuthnState,
+    f: &Form,
+    cert: Option<&crate::net::conn::ClientCert>,
+) -> Result<Issued, AuthError> {
     let client = client_auth(st, f).await?;
+    let cnf = binding(&client, cert)?;
     let rt = f
         .get("refresh_token")
         .ok_or(AuthError::InvalidRequest("refresh_token is required"))?;
@@ -581,7 +636,7 @@ async fn refresh(st: &AuthnState, f: &Form) -> Result<Issued, AuthError> {
     d.scope = narrowed.to_string();
     // The new token keeps the family and the original expiry: rotation
     // never extends the grant.
-    user_tokens(st, &g.family, &d, Some(g.expires_at), None, now).await
+    user_tokens(st, &g.family, &d, Some(g.expires_at), None, now, cnf).await
 }
 
 /// POST /auth/revoke (RFC 7009). Answers 200 whatever the token was, so it
@@ -674,6 +729,10 @@ pub async fn introspect(State(st): State<Authn>, h: HeaderMap, body: Bytes) -> R
         }
         if let Some(a) = c.acr {
             v["acr"] = json!(a);
+        }
+        // RFC 8705 §3.2: a protected resource checks the binding itself.
+        if let Some(cnf) = c.cnf {
+            v["cnf"] = json!(cnf);
         }
         return json_ok(v);
     }

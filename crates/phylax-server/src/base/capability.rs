@@ -120,7 +120,7 @@ pub fn capability_statement(cfg: &Config) -> Value {
 /// The SMART configuration document (`.well-known/smart-configuration`).
 pub fn smart_configuration(cfg: &Config) -> Value {
     let base = format!("{}/auth", cfg.public_url);
-    json!({
+    let mut v = json!({
         "issuer": base,
         "authorization_endpoint": format!("{base}/authorize"),
         "token_endpoint": cfg.token_url(),
@@ -144,5 +144,11 @@ pub fn smart_configuration(cfg: &Config) -> Value {
             "permission-patient", "permission-user", "permission-v1", "permission-v2",
             "sso-openid-connect"
         ],
-    })
+    });
+    // RFC 8705 §3.3: with mutual TLS on, clients registered `--cert-bound`
+    // get tokens bound to their certificate.
+    if cfg.tls.client_ca.is_some() {
+        v["tls_client_certificate_bound_access_tokens"] = json!(true);
+    }
+    v
 }

@@ -45,6 +45,8 @@ pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ocsp: Option<PathBuf>,
+    /// The CA of client certificates (mutual TLS), if any.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// What the checks learnt about a loaded certificate.

@@ -55,6 +55,22 @@ impl Default for Limits {
     }
 }
 
+/// The TLS client certificate the connection presented (mutual TLS,
+/// `[tls] client_ca`), as its SHA-256 thumbprint in base64url: RFC 8705's
+/// `x5t#S256`. In the request extensions of every request on such a
+/// connection; absent otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert(pub String);
+
+impl ClientCert {
+    /// The thumbprint of a certificate (DER).
+    pub fn of(der: &[u8]) -> ClientCert {
+        use base64::Engine;
+        let d = ring::digest::digest(&ring::digest::SHA256, der);
+        ClientCert(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d.as_ref()))
+    }
+}
+
 /// The request body did not arrive within `http.body_timeout_secs`.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body did not arrive in time")]
@@ -246,14 +262,24 @@ pub async fn serve(
                 Some(acceptor) => {
                     match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await
                     {
-                        Ok(Ok(s)) => serve_connection(s, peer, router, limits).await,
+                        Ok(Ok(s)) => {
+                            // The leaf a verified client presented (the
+                            // verifier has checked its chain already).
+                            let cert = s
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| ClientCert::of(c.as_ref()));
+                            serve_connection(s, peer, cert, router, limits).await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer.ip(), error = %e, "TLS handshake failed")
                         }
                         Err(_) => tracing::debug!(peer = %peer.ip(), "TLS handshake timed out"),
                     }
                 }
-                None => serve_connection(tcp, peer, router, limits).await,
+                None => serve_connection(tcp, peer, None, router, limits).await,
             }
         });
     }
@@ -280,6 +306,7 @@ impl Drop for PerIp {
 async fn serve_connection<IO>(
     io: IO,
     peer: std::net::SocketAddr,
+    cert: Option<ClientCert>,
     router: axum::Router,
     limits: Limits,
 ) where
@@ -298,6 +325,9 @@ async fn serve_connection<IO>(
         let guard = InFlight::new(&act);
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));
+        if let Some(c) = &cert {
+            req.extensions_mut().insert(c.clone());
+        }
         let req = req.map(|b| {
             axum::body::Body::new(Deadline {
                 inner: b,

@@ -124,6 +124,7 @@ pub fn server_config(
         cert: cert_path.to_path_buf(),
         key: key_path.to_path_buf(),
         ocsp: None,
+        client_ca: None,
     })?
     .0)
 }
@@ -139,16 +140,48 @@ pub fn server_tls(
     ),
     TlsError,
 > {
+    let client_ca = files.client_ca.clone();
     let cert = crate::net::certs::ServerCert::load(files)?;
     let mut prov = provider::default_provider();
     prov.cipher_suites = allowed_suites();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(prov))
+    let prov = Arc::new(prov);
+    let builder = rustls::ServerConfig::builder_with_provider(prov.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|_| TlsError::Invalid("protocol versions".into()))?
-        .with_no_client_auth()
-        .with_cert_resolver(cert.clone());
+        .map_err(|_| TlsError::Invalid("protocol versions".into()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => builder.with_client_cert_verifier(client_verifier(&ca, prov)?),
+    };
+    let mut cfg = builder.with_cert_resolver(cert.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((Arc::new(cfg), cert))
+}
+
+/// Mutual TLS, optional: a client may present a certificate issued by the
+/// CA in `ca` (it is verified: chain, validity, client-auth usage); one
+/// without a certificate still connects and authenticates with OAuth as
+/// before. A certificate that does not verify ends the handshake.
+fn client_verifier(
+    ca: &Path,
+    prov: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let bad = |why: String| TlsError::Invalid(format!("tls.client_ca {}: {why}", ca.display()));
+    let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(c.map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), prov)
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// Forward-secret AEAD suites only. (rustls supports nothing weaker, but

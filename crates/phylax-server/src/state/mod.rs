@@ -193,15 +193,23 @@ impl AppState {
                     .map_err(|e| Failure::Unavailable(e.to_string()))?,
             )),
         });
-        st.refresh_disabled()
+        st.start(&store).await?;
+        Ok(st)
+    }
+
+    /// What a new state does before it serves: the disabled-client list,
+    /// the configuration-change record, the search index of data written
+    /// before it existed.
+    async fn start(&self, store: &phylax_store::DynStore) -> Result<(), Failure> {
+        self.refresh_disabled()
             .await
             .map_err(|e| Failure::Unavailable(e.to_string()))?;
-        st.record_config_change(&*store).await?;
-        let n = crate::access::maintenance::start(&st.gate).await?;
+        self.record_config_change(&**store).await?;
+        let n = crate::access::maintenance::start(&self.gate).await?;
         if n > 0 {
             tracing::info!(resources = n, "search index built for existing resources");
         }
-        Ok(st)
+        Ok(())
     }
 
     /// Reread the flagged (VIP) patients: Patients carrying one of

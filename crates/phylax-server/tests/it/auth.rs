@@ -412,6 +412,7 @@ async fn rs384_clients_work_end_to_end() {
             redirect_uris: vec![],
             public: false,
             first_party: false,
+            cert_bound: false,
         })
         .await
         .unwrap();

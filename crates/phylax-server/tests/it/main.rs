@@ -24,6 +24,7 @@
 //! - [`keys`]: the key hierarchy under operation: KEK rotation under load
 //!   (key file and SoftHSM2), tampered keys, crypto-shredding, legal holds.
 //! - [`interop`]: a real FHIR client library (fhirpy) against the server.
+//! - [`mtls`]: mutual TLS and certificate-bound access tokens (RFC 8705).
 //! - [`tls`]: the server certificate: weak ones refused, reloading while
 //!   serving, OCSP stapling, an external scanner (sslyze).
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
@@ -37,6 +38,7 @@ mod auth;
 mod bundle;
 mod interop;
 mod keys;
+mod mtls;
 mod rest;
 mod sealed;
 mod search;

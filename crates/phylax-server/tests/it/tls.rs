@@ -38,6 +38,7 @@ fn files(dir: &Path, cert: &str, key: &str) -> CertFiles {
         cert: dir.join("c.pem"),
         key: dir.join("k.pem"),
         ocsp: None,
+        client_ca: None,
     }
 }
 
@@ -88,6 +89,7 @@ fn weak_certificates_are_refused_at_start() {
         cert: d.path().join("rc.pem"),
         key: d.path().join("rk.pem"),
         ocsp: None,
+        client_ca: None,
     };
     std::fs::set_permissions(&rsa.key, std::fs::Permissions::from_mode(0o600)).unwrap();
     refused(&rsa, "1024 bits");

@@ -8,8 +8,8 @@ impl AccountStore for PgStore {
     async fn add_client(&self, cl: &ClientRecord) -> Result<()> {
         let c = self.pool.get().await.map_err(pool_err)?;
         c.execute(
-            "INSERT INTO clients (id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            &[&cl.id, &cl.name, &cl.scope, &cl.jwks, &cl.disabled, &cl.created_at, &cl.redirect_uris.join("\n"), &cl.public, &cl.first_party],
+            "INSERT INTO clients (id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party, cert_bound) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[&cl.id, &cl.name, &cl.scope, &cl.jwks, &cl.disabled, &cl.created_at, &cl.redirect_uris.join("\n"), &cl.public, &cl.first_party, &cl.cert_bound],
         )
         .await
         .map_err(pg)?;
@@ -20,7 +20,7 @@ impl AccountStore for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let r = c
             .query_opt(
-                "SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party FROM clients WHERE id = $1",
+                "SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party, cert_bound FROM clients WHERE id = $1",
                 &[&id],
             )
             .await
@@ -32,7 +32,7 @@ impl AccountStore for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let rows = c
             .query(
-                "SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party FROM clients ORDER BY created_at, id",
+                "SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party, cert_bound FROM clients ORDER BY created_at, id",
                 &[],
             )
             .await

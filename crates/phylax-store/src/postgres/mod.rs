@@ -348,6 +348,7 @@ fn row_client(r: &Row) -> ClientRecord {
         redirect_uris: crate::split_uris(r.get::<_, &str>(6)),
         public: r.get(7),
         first_party: r.get(8),
+        cert_bound: r.get(9),
     }
 }
 

@@ -9,8 +9,8 @@ impl AccountStore for SqliteStore {
         let cl = cl.clone();
         self.write(move |c| {
             c.execute(
-                "INSERT INTO clients (id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![cl.id, cl.name, cl.scope, cl.jwks, cl.disabled as i64, cl.created_at, cl.redirect_uris.join("\n"), cl.public as i64, cl.first_party as i64],
+                "INSERT INTO clients (id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party, cert_bound) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![cl.id, cl.name, cl.scope, cl.jwks, cl.disabled as i64, cl.created_at, cl.redirect_uris.join("\n"), cl.public as i64, cl.first_party as i64, cl.cert_bound as i64],
             )
             .map(|_| ())
             .map_err(backend)
@@ -22,7 +22,7 @@ impl AccountStore for SqliteStore {
         let id = id.to_owned();
         self.read(move |c| {
             c.query_row(
-                "SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party FROM clients WHERE id = ?1",
+                "SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party, cert_bound FROM clients WHERE id = ?1",
                 params![id],
                 row_client,
             )
@@ -35,7 +35,7 @@ impl AccountStore for SqliteStore {
     async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
         self.read(move |c| {
             let mut st = c
-                .prepare("SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party FROM clients ORDER BY created_at, id")
+                .prepare("SELECT id, name, scope, jwks, disabled, created_at, redirect_uris, public, first_party, cert_bound FROM clients ORDER BY created_at, id")
                 .map_err(backend)?;
             let rows = st.query_map([], row_client).map_err(backend)?;
             rows.map(|r| r.map_err(backend)).collect()

@@ -591,6 +591,7 @@ fn row_client(r: &rusqlite::Row<'_>) -> rusqlite::Result<ClientRecord> {
         redirect_uris: crate::split_uris(&r.get::<_, String>(6)?),
         public: r.get::<_, i64>(7)? != 0,
         first_party: r.get::<_, i64>(8)? != 0,
+        cert_bound: r.get::<_, i64>(9)? != 0,
     })
 }
 

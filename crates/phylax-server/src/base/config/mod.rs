@@ -312,6 +312,12 @@ pub struct TlsConfig {
     /// operator; stapled to every handshake (relative to the data directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ocsp: Option<PathBuf>,
+    /// Mutual TLS: the CA (PEM) that issues client certificates, relative
+    /// to the data directory. With it a client may present a certificate
+    /// (clients without one still connect); clients registered
+    /// `--cert-bound` must, and their tokens are bound to it (RFC 8705).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -21,6 +21,8 @@
 //! - [`matrix`]: the documented access matrix, cell by cell.
 //! - [`detection`]: detection rules that need access data; too many consent
 //!   denials and over-reach are refused and recorded.
+//! - [`erase`]: `Patient/{id}/$erase` only by a privacy officer, with the
+//!   scope, a fresh second factor and a reason.
 //! - [`insiders`]: insiders cannot widen their reach with ordinary FHIR
 //!   writes.
 //! - [`relationships`]: care relationships are written only by those allowed

@@ -158,13 +158,7 @@ impl TestServer {
         tweak(&mut cfg);
         cfg.save(&data_dir).unwrap();
         let inst = Instance::open(&data_dir, db_url.as_deref()).await.unwrap();
-        let (tls, cert) =
-            phylax_server::net::tls::server_tls(phylax_server::net::certs::CertFiles {
-                cert: inst.cert_path(),
-                key: inst.config.tls.key.clone(),
-                ocsp: inst.config.tls.ocsp.as_ref().map(|p| data_dir.join(p)),
-            })
-            .unwrap();
+        let (tls, cert) = phylax_server::net::tls::server_tls(inst.cert_files()).unwrap();
         cert.watch();
         let ca = std::fs::read(inst.ca_path()).unwrap();
         let store = inst.store.clone();
@@ -313,6 +307,7 @@ impl TestServer {
                 redirect_uris: vec![],
                 public: false,
                 first_party: false,
+                cert_bound: false,
             })
             .await
             .unwrap();

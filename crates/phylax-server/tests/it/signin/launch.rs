@@ -219,6 +219,7 @@ async fn confidential_app_must_authenticate(s: &TestServer, b: &mut Browser) {
             redirect_uris: vec![REDIRECT.into()],
             public: false,
             first_party: true,
+            cert_bound: false,
         })
         .await
         .unwrap();

@@ -206,6 +206,7 @@ async fn add_app(s: &TestServer, scope: &str, first_party: bool) -> String {
             redirect_uris: vec![REDIRECT.into()],
             public: true,
             first_party,
+            cert_bound: false,
         })
         .await
         .unwrap();

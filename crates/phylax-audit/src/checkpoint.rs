@@ -115,6 +115,21 @@ impl Checkpoint {
 }
 
 /// A signed checkpoint's text checked against a verifier key.
+/// [`open_signed`] with any of `keys` (a log whose key rotated: older
+/// checkpoints carry an older key's signature). The error of the key the
+/// note names if it names one of them, else "no signature by a known key".
+pub fn open_signed_any(note: &str, keys: &[VerifierKey]) -> Result<Checkpoint, CheckpointError> {
+    let mut last = None;
+    for k in keys {
+        match open_signed(note, k) {
+            Ok(cp) => return Ok(cp),
+            Err(CheckpointError::NoSignature) => {}
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(CheckpointError::NoSignature))
+}
+
 pub fn open_signed(note: &str, key: &VerifierKey) -> Result<Checkpoint, CheckpointError> {
     let (body, sigs) = note
         .split_once("\n\n")

@@ -57,6 +57,21 @@ impl CheckpointKey {
         self.pair.sign(msg).as_ref().to_vec()
     }
 
+    /// A retired key's public half, wrapped by the KEK for storage (under
+    /// the same purpose, with its own scope, so that it cannot pass for a
+    /// private key): whoever holds the database but not the KEK cannot
+    /// slip in a public key of their own to make forged checkpoints
+    /// verify.
+    pub fn wrap_public(kek: &Kek, scope: &str, public: &[u8; 32]) -> Result<Vec<u8>, CryptoError> {
+        kek.wrap(PURPOSE, scope, &Secret::new(public.to_vec()))
+    }
+
+    /// The public key [`CheckpointKey::wrap_public`] stored.
+    pub fn unwrap_public(kek: &Kek, scope: &str, wrapped: &[u8]) -> Result<[u8; 32], CryptoError> {
+        let s = kek.unwrap(PURPOSE, scope, wrapped)?;
+        s.expose().try_into().map_err(|_| CryptoError::MalformedKey)
+    }
+
     /// The 32-byte public key.
     pub fn public(&self) -> [u8; 32] {
         let mut p = [0u8; 32];
@@ -96,6 +111,14 @@ mod tests {
             CheckpointKey::unwrap(&other, "log-1", &w).is_err(),
             "wrong KEK"
         );
+        // A retired key's public half: bound to its scope, not a key.
+        let wp = CheckpointKey::wrap_public(&kek, "retired-1", &pk).unwrap();
+        assert_eq!(
+            CheckpointKey::unwrap_public(&kek, "retired-1", &wp).unwrap(),
+            pk
+        );
+        assert!(CheckpointKey::unwrap_public(&kek, "log-1", &wp).is_err());
+        assert!(CheckpointKey::unwrap(&kek, "retired-1", &wp).is_err());
         // The id_token purpose cannot open it.
         assert!(crate::signing::SigningKey::unwrap(&kek, "log-1", &w).is_err());
         assert!(!format!("{k:?}").contains("pair"));

@@ -52,6 +52,12 @@ pub enum KeysCmd {
         /// the next rotation).
         #[arg(long)]
         cursors: bool,
+        /// The audit-log checkpoint key: servers sign with the new one
+        /// within a second; the old private key is destroyed, its public
+        /// half kept so older checkpoints still verify. Give outside
+        /// verifiers the new verifier key it prints.
+        #[arg(long)]
+        checkpoint: bool,
         /// Every rotation available.
         #[arg(long)]
         all: bool,
@@ -255,12 +261,13 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             tokens,
             index,
             cursors,
+            checkpoint,
             all,
             json,
         } => {
-            if !(kek || signing || tokens || index || cursors || all) {
+            if !(kek || signing || tokens || index || cursors || checkpoint || all) {
                 bail!(
-                    "name what to rotate: --kek, --signing, --tokens, --index, --cursors or --all"
+                    "name what to rotate: --kek, --signing, --tokens, --index, --cursors, --checkpoint or --all"
                 );
             }
             let i = open(&inst).await?;
@@ -292,6 +299,16 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                     );
                 }
                 out.insert("cursors".into(), serde_json::to_value(&r)?);
+            }
+            if checkpoint || all {
+                let r = KeyAdmin::of(&i, GRACE).rotate_checkpoint().await?;
+                if !json {
+                    println!(
+                        "checkpoint: generation {} signs; verifier key {} (give it to outside verifiers); private keys destroyed: {:?}",
+                        r.generation, r.verifier_key, r.retired
+                    );
+                }
+                out.insert("checkpoint".into(), serde_json::to_value(&r)?);
             }
             if index || all {
                 let pb = progress_bar("re-indexing");

@@ -187,8 +187,9 @@ enum AuditCmd {
         #[command(flatten)]
         inst: InstanceArgs,
     },
-    /// Print the key that verifies checkpoints (the `note` verifier key
-    /// format), for outside verifiers.
+    /// Print the keys that verify checkpoints (the `note` verifier key
+    /// format), for outside verifiers: the one that signs now first, one
+    /// per line, then those of older checkpoints (after rotations).
     Key {
         #[command(flatten)]
         inst: InstanceArgs,
@@ -598,7 +599,11 @@ async fn audit_cmd(c: AuditCmd) -> Result<()> {
         }
         AuditCmd::Key { inst } => {
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
-            println!("{}", i.audit.verifier_key().encode());
+            // The key that signs now first, then those of older
+            // checkpoints (after rotations).
+            for k in i.audit.verifier_keys() {
+                println!("{}", k.encode());
+            }
             Ok(())
         }
     }

@@ -60,6 +60,7 @@ impl KeyEvents {
             kinds.push("tokens".to_owned());
             kinds.push("index".to_owned());
             kinds.push("cursors".to_owned());
+            kinds.push("checkpoint".to_owned());
         }
         while let Some(v) = store.get_meta(&format!("{EVENT}{}", n + 1)).await? {
             n += 1;

@@ -295,26 +295,84 @@ impl KeyRing {
     }
 }
 
+/// The wrapped-key row of checkpoint key generation `n` (its private key,
+/// while it signs) and of its public half once retired.
+pub fn checkpoint_row(n: u32) -> String {
+    format!("log:checkpoint-{n}")
+}
+
+pub fn retired_checkpoint_row(n: u32) -> String {
+    format!("log:retired-checkpoint-{n}")
+}
+
+/// The audit log's checkpoint keys: the one that signs, and the public
+/// halves of those before it (older checkpoints verify with them).
+#[derive(Debug)]
+pub struct CheckpointKeys {
+    pub generation: u32,
+    pub signer: phylax_crypto::log_signing::CheckpointKey,
+    pub retired: Vec<[u8; 32]>,
+}
+
 impl KeyRing {
-    /// The audit log's checkpoint key (Ed25519), created on first use
-    /// (race-safe: every node ends up with the stored one).
-    pub async fn checkpoint_key(
-        &self,
-    ) -> Result<phylax_crypto::log_signing::CheckpointKey, KeyError> {
+    /// The audit log's checkpoint keys (Ed25519): the newest generation
+    /// whose private key is stored signs (generation 1 is created on
+    /// first use, race-safe); every other generation, private or retired,
+    /// verifies (docs/KEYS.md, "The checkpoint key").
+    pub async fn checkpoint_keys(&self) -> Result<CheckpointKeys, KeyError> {
         use phylax_crypto::log_signing::CheckpointKey;
-        const ROW: &str = "log:checkpoint-1";
-        const SCOPE: &str = "checkpoint-1";
-        let w = match self.store.get_wrapped_key(ROW).await? {
-            Some(w) => w,
-            None => {
-                let (_, w) = CheckpointKey::generate_wrapped(&self.kek, SCOPE)
-                    .map_err(|_| KeyError::Random)?;
-                self.store
-                    .put_wrapped_key_if_absent(ROW, &w, crate::base::clock::now_secs())
-                    .await?
+        let scope = |n: u32| format!("checkpoint-{n}");
+        let mut private = Vec::new();
+        let mut retired = Vec::new();
+        let mut n = 1;
+        loop {
+            if let Some(w) = self.store.get_wrapped_key(&checkpoint_row(n)).await? {
+                private.push((n, w));
+            } else if let Some(w) = self
+                .store
+                .get_wrapped_key(&retired_checkpoint_row(n))
+                .await?
+            {
+                retired.push(
+                    CheckpointKey::unwrap_public(&self.kek, &format!("retired-{}", scope(n)), &w)
+                        .map_err(|_| KeyError::Unwrap)?,
+                );
+            } else {
+                break;
             }
+            n += 1;
+        }
+        let (generation, w) = match private.pop() {
+            Some(p) => p,
+            None if n == 1 => {
+                let (_, w) = CheckpointKey::generate_wrapped(&self.kek, &scope(1))
+                    .map_err(|_| KeyError::Random)?;
+                let w = self
+                    .store
+                    .put_wrapped_key_if_absent(
+                        &checkpoint_row(1),
+                        &w,
+                        crate::base::clock::now_secs(),
+                    )
+                    .await?;
+                (1, w)
+            }
+            // Every generation retired: nothing may sign (fail closed).
+            None => return Err(KeyError::Missing),
         };
-        CheckpointKey::unwrap(&self.kek, SCOPE, &w).map_err(|_| KeyError::Unwrap)
+        for (m, w) in private {
+            retired.push(
+                CheckpointKey::unwrap(&self.kek, &scope(m), &w)
+                    .map_err(|_| KeyError::Unwrap)?
+                    .public(),
+            );
+        }
+        Ok(CheckpointKeys {
+            generation,
+            signer: CheckpointKey::unwrap(&self.kek, &scope(generation), &w)
+                .map_err(|_| KeyError::Unwrap)?,
+            retired,
+        })
     }
 }
 

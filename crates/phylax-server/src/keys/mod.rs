@@ -67,6 +67,8 @@ pub enum KeysError {
     Instance(#[from] Box<crate::instance::InstanceError>),
     #[error("rebuilding the search index: {0}")]
     Index(String),
+    #[error("the audit checkpoint keys: {0}")]
+    Checkpoint(String),
 }
 
 /// What every stored key kind protects, by row prefix.
@@ -96,6 +98,10 @@ fn protects(row: &str) -> Option<(&'static str, &'static str)> {
             "the audit log's patient index (which records name a patient)",
         ),
         ("sig", _) => ("signing", "id_token signatures (ES256)"),
+        (_, r) if r.starts_with("log:retired-checkpoint-") => (
+            "checkpoint",
+            "the public half of a retired checkpoint key (verifies older checkpoints)",
+        ),
         ("log", _) => ("checkpoint", "audit-log checkpoint signatures (Ed25519)"),
         ("data", _) => (
             "data-keys",
@@ -671,6 +677,88 @@ impl KeyAdmin<'_> {
         }
         Ok(CursorsRotated {
             generation: next,
+            retired,
+        })
+    }
+}
+
+/// What a checkpoint key rotation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointRotated {
+    pub generation: u32,
+    /// The new verifier key (`note` format), for outside verifiers.
+    pub verifier_key: String,
+    /// Generations whose private key was destroyed (their public halves
+    /// stay, wrapped by the KEK, to verify older checkpoints).
+    pub retired: Vec<u32>,
+}
+
+impl KeyAdmin<'_> {
+    /// A new audit-log checkpoint key: servers sign with it within a
+    /// second; then the older private keys are destroyed and only their
+    /// public halves kept (wrapped by the KEK, so that a public key cannot
+    /// be slipped in through the database), so checkpoints signed before
+    /// still verify, by this instance and by outside verifiers holding
+    /// the old verifier key.
+    pub async fn rotate_checkpoint(&self) -> Result<CheckpointRotated, KeysError> {
+        use crate::data::keyring::{checkpoint_row, retired_checkpoint_row};
+        use phylax_crypto::log_signing::CheckpointKey;
+        let current = self
+            .keys
+            .checkpoint_keys()
+            .await
+            .map_err(|e| KeysError::Checkpoint(e.to_string()))?;
+        let next = current.generation + 1;
+        self.audit(
+            "key-rotate",
+            Action::Update,
+            format!("audit checkpoint key generation {next} added"),
+        )
+        .await?;
+        let (key, wrapped) =
+            CheckpointKey::generate_wrapped(self.kek, &format!("checkpoint-{next}"))?;
+        self.store
+            .put_wrapped_key_if_absent(&checkpoint_row(next), &wrapped, now())
+            .await?;
+        self.event("checkpoint").await?;
+        // Every server signs with the new key before the old ones go.
+        tokio::time::sleep(self.grace).await;
+        let mut retired = Vec::new();
+        for old in 1..next {
+            let Some(w) = self.store.get_wrapped_key(&checkpoint_row(old)).await? else {
+                continue;
+            };
+            let scope = format!("checkpoint-{old}");
+            let public = CheckpointKey::unwrap(self.kek, &scope, &w)?.public();
+            let kept = CheckpointKey::wrap_public(self.kek, &format!("retired-{scope}"), &public)?;
+            // The public half first: a crash between the two leaves both,
+            // never neither.
+            self.store
+                .put_wrapped_key_if_absent(&retired_checkpoint_row(old), &kept, now())
+                .await?;
+            if self.store.delete_wrapped_key(&checkpoint_row(old)).await? {
+                retired.push(old);
+            }
+        }
+        self.event("checkpoint").await?;
+        // This process signs with the new key too (its own records).
+        self.audit
+            .reload_checkpoint_keys(self.keys)
+            .await
+            .map_err(|e| KeysError::Checkpoint(e.to_string()))?;
+        let verifier_key =
+            phylax_audit::checkpoint::VerifierKey::new(self.audit.origin(), key.public())
+                .map_err(|e| KeysError::Checkpoint(e.to_string()))?
+                .encode();
+        self.audit(
+            "key-rotate",
+            Action::Update,
+            format!("audit checkpoint key generation {next} signs; private keys of generations {retired:?} destroyed"),
+        )
+        .await?;
+        Ok(CheckpointRotated {
+            generation: next,
+            verifier_key,
             retired,
         })
     }

@@ -108,7 +108,12 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
         .await
         .map(crate::data::key_events::token_key_row);
     for (purpose, row) in [
-        ("checkpoint", Ok("log:checkpoint-1".to_owned())),
+        (
+            "checkpoint",
+            Ok(crate::data::keyring::checkpoint_row(
+                st.audit.checkpoint_generation(),
+            )),
+        ),
         ("blind_index", index_row),
         ("token", token_row),
     ] {

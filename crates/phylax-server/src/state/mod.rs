@@ -439,6 +439,12 @@ impl AppState {
                 Err(e) => tracing::error!(error = %e, "could not load the new cursor keys"),
             }
         }
+        if seen.iter().any(|k| k == "checkpoint") {
+            // A new checkpoint key signs from now on; older ones verify.
+            if let Err(e) = self.audit.reload_checkpoint_keys(&self.keys).await {
+                tracing::error!(error = %e, "could not load the new checkpoint key");
+            }
+        }
         if seen.iter().any(|k| k == "index") {
             // A search index key added (write under it, search under it
             // and the one before) or its rebuild finished (only it).

@@ -400,6 +400,110 @@ async fn the_cursor_keys_rotate_without_breaking_open_pages(s: &TestServer) {
     }
 }
 
+both!(the_checkpoint_key_rotates_and_older_checkpoints_still_verify);
+/// Writes go on while the audit checkpoint key rotates; afterwards new
+/// checkpoints carry the new key's signature only, the old private key is
+/// gone, and the whole log, with a checkpoint saved outside before the
+/// rotation, still verifies. A public key slipped in through the database
+/// stops the instance from opening rather than being trusted.
+async fn the_checkpoint_key_rotates_and_older_checkpoints_still_verify(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    for p in 0..5 {
+        assert_eq!(
+            put(s, &s.fhir, &tok, &patient(&format!("cp{p}"))).await,
+            201
+        );
+    }
+    s.state.audit.seal_pending().await.unwrap();
+    let outside = s.store.latest_checkpoint().await.unwrap().unwrap().note;
+    let old_key = s.state.audit.verifier_key();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (http, fhir, tok, stop, failed) = (
+            s.http.clone(),
+            s.fhir.clone(),
+            tok.clone(),
+            stop.clone(),
+            failed.clone(),
+        );
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let st = http
+                    .put(format!("{fhir}/Patient/w{i}"))
+                    .bearer_auth(&tok)
+                    .header("content-type", FJ)
+                    .body(patient(&format!("w{i}")).to_string())
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                if st != 201 {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            i
+        })
+    };
+    let op = operator(s).await;
+    let r = KeyAdmin::of(&op, GRACE).rotate_checkpoint().await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let writes = load.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no write failed");
+    assert!(writes > 5, "the load ran");
+    assert_eq!((r.generation, r.retired.clone()), (2, vec![1]));
+    assert!(s
+        .store
+        .get_wrapped_key("log:checkpoint-1")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .store
+        .get_wrapped_key("log:retired-checkpoint-1")
+        .await
+        .unwrap()
+        .is_some());
+    // The serving node signs with the new key now.
+    assert_eq!(put(s, &s.fhir, &tok, &patient("after")).await, 201);
+    s.state.audit.seal_pending().await.unwrap();
+    let note = s.store.latest_checkpoint().await.unwrap().unwrap().note;
+    let new_key = s.state.audit.verifier_key();
+    assert_eq!(new_key.encode(), r.verifier_key);
+    assert!(phylax_audit::checkpoint::open_signed(&note, &new_key).is_ok());
+    assert!(phylax_audit::checkpoint::open_signed(&note, &old_key).is_err());
+    // Everything verifies, from the server and from a fresh operator
+    // view, the outside checkpoint from before the rotation included.
+    s.state
+        .audit
+        .verify(std::slice::from_ref(&outside), None)
+        .await
+        .unwrap();
+    let again = operator(s).await;
+    assert_eq!(again.audit.verifier_keys().len(), 2);
+    again
+        .audit
+        .verify(std::slice::from_ref(&outside), None)
+        .await
+        .unwrap();
+    // An insider with the database adds a "retired" public key of their
+    // own (to make checkpoints they forge verify): it does not unwrap
+    // under the KEK, and the instance refuses to open.
+    s.store
+        .put_wrapped_key_if_absent("log:retired-checkpoint-3", &[2u8; 60], 0)
+        .await
+        .unwrap();
+    assert!(Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .is_err());
+    s.store
+        .delete_wrapped_key("log:retired-checkpoint-3")
+        .await
+        .unwrap();
+}
+
 both!(a_tampered_wrapped_key_is_detected_and_stops_rotation);
 async fn a_tampered_wrapped_key_is_detected_and_stops_rotation(s: &TestServer) {
     let tok = s.token(ALL).await;

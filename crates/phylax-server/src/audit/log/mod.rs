@@ -69,8 +69,9 @@ pub struct AuditLog {
     store: Arc<dyn AuditStore>,
     key: Arc<DataKey>,
     blind: Arc<BlindIndexKey>,
-    signer: Arc<CheckpointKey>,
-    verifier: VerifierKey,
+    /// The checkpoint key that signs and the verifier keys of every
+    /// generation (the signer's first): replaced when the key rotates.
+    checkpoint: parking_lot::RwLock<CheckpointSet>,
     origin: String,
     tx: mpsc::Sender<Pending>,
     checkpoint_file: Option<PathBuf>,
@@ -99,6 +100,35 @@ pub struct AuditLog {
     /// (it drafted them itself); any other pending row (another node's,
     /// or one put in by hand) is opened and checked in full.
     drafted: parking_lot::Mutex<std::collections::HashMap<String, [u8; 32]>>,
+}
+
+/// The checkpoint key in use and the verifier keys of every generation.
+struct CheckpointSet {
+    generation: u32,
+    signer: Arc<CheckpointKey>,
+    /// The signer's first.
+    verifiers: Vec<VerifierKey>,
+}
+
+impl CheckpointSet {
+    async fn load(keys: &KeyRing, origin: &str) -> Result<CheckpointSet, AuditError> {
+        let k = keys
+            .checkpoint_keys()
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let mut verifiers = Vec::with_capacity(1 + k.retired.len());
+        for public in std::iter::once(k.signer.public()).chain(k.retired) {
+            verifiers.push(
+                VerifierKey::new(origin, public)
+                    .map_err(|e| AuditError::Unavailable(e.to_string()))?,
+            );
+        }
+        Ok(CheckpointSet {
+            generation: k.generation,
+            signer: Arc::new(k.signer),
+            verifiers,
+        })
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -143,21 +173,14 @@ impl AuditLog {
             .for_write(AUDIT_SCOPE)
             .await
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
-        let signer = Arc::new(
-            keys.checkpoint_key()
-                .await
-                .map_err(|e| AuditError::Unavailable(e.to_string()))?,
-        );
-        let verifier = VerifierKey::new(&origin, signer.public())
-            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let checkpoint = CheckpointSet::load(keys, &origin).await?;
         let (tx, rx) = mpsc::channel::<Pending>(8 * BATCH_MAX);
         tokio::spawn(writer(store.clone(), rx));
         Ok(Arc::new(AuditLog {
             store,
             key,
             blind,
-            signer,
-            verifier,
+            checkpoint: parking_lot::RwLock::new(checkpoint),
             origin,
             tx,
             checkpoint_file,
@@ -203,9 +226,34 @@ impl AuditLog {
         &self.origin
     }
 
-    /// The public key that verifies checkpoints, in `note` verifier format.
-    pub fn verifier_key(&self) -> &VerifierKey {
-        &self.verifier
+    /// The public key that verifies the checkpoints signed now.
+    pub fn verifier_key(&self) -> VerifierKey {
+        self.checkpoint.read().verifiers[0].clone()
+    }
+
+    /// The public keys of every checkpoint key generation, the one that
+    /// signs now first: older checkpoints verify with older ones.
+    pub fn verifier_keys(&self) -> Vec<VerifierKey> {
+        self.checkpoint.read().verifiers.clone()
+    }
+
+    /// The generation of the checkpoint key that signs now.
+    pub fn checkpoint_generation(&self) -> u32 {
+        self.checkpoint.read().generation
+    }
+
+    /// The signing key and its verifier key, read together.
+    pub(in crate::audit) fn signer(&self) -> (Arc<CheckpointKey>, VerifierKey) {
+        let c = self.checkpoint.read();
+        (c.signer.clone(), c.verifiers[0].clone())
+    }
+
+    /// Load the checkpoint keys again (a rotation's key event): sign with
+    /// the newest, verify with every one.
+    pub async fn reload_checkpoint_keys(&self, keys: &KeyRing) -> Result<(), AuditError> {
+        let set = CheckpointSet::load(keys, &self.origin).await?;
+        *self.checkpoint.write() = set;
+        Ok(())
     }
 
     pub fn patient_hash(&self, patient_id: &str) -> Vec<u8> {

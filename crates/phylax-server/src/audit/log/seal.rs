@@ -104,8 +104,9 @@ impl AuditLog {
         let (latest, sealed) = self.store.latest_checkpoint_and_tree_size().await?;
         let latest = match latest {
             Some(row) => {
-                let cp = phylax_audit::checkpoint::open_signed(&row.note, &self.verifier)
-                    .map_err(|e| AuditError::Integrity(format!("latest checkpoint: {e}")))?;
+                let cp =
+                    phylax_audit::checkpoint::open_signed_any(&row.note, &self.verifier_keys())
+                        .map_err(|e| AuditError::Integrity(format!("latest checkpoint: {e}")))?;
                 Some((cp, row.frontier))
             }
             None => None,
@@ -177,7 +178,8 @@ impl AuditLog {
             root: next.root(),
             time_ms: crate::base::clock::now_ms(),
         };
-        let note = cp.sign(&self.verifier, |m| self.signer.sign(m));
+        let (signer, verifier) = self.signer();
+        let note = cp.sign(&verifier, |m| signer.sign(m));
         let row = CheckpointRow {
             size: cp.size,
             time: cp.time_ms,

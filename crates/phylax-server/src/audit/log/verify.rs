@@ -259,7 +259,7 @@ impl Verification<'_> {
     /// at its size, and (for pruned records it is the first to cover)
     /// signed before their retention ended.
     async fn check_checkpoints(&mut self, now: i64) -> Result<(), AuditError> {
-        use phylax_audit::checkpoint::open_signed;
+        use phylax_audit::checkpoint::open_signed_any;
         let n = self.leaves.len() as u64;
         let mut f = Frontier::new();
         let mut after = 0;
@@ -271,7 +271,7 @@ impl Verification<'_> {
             }
             for c in cps {
                 after = c.size;
-                let cp = match open_signed(&c.note, &self.log.verifier) {
+                let cp = match open_signed_any(&c.note, &self.log.verifier_keys()) {
                     Ok(cp) => cp,
                     Err(e) => {
                         self.problems.push(format!("checkpoint {}: {e}", c.size));
@@ -324,11 +324,11 @@ impl Verification<'_> {
     /// Outside checkpoints (signed notes saved earlier) must be consistent
     /// with today's tree.
     fn check_external(&mut self, external: &[String]) {
-        use phylax_audit::checkpoint::open_signed;
+        use phylax_audit::checkpoint::open_signed_any;
         use phylax_audit::merkle;
         let n = self.leaves.len() as u64;
         for note in external {
-            let cp = match open_signed(note, &self.log.verifier) {
+            let cp = match open_signed_any(note, &self.log.verifier_keys()) {
                 Ok(cp) => cp,
                 Err(e) => {
                     self.problems.push(format!("outside checkpoint: {e}"));

@@ -196,7 +196,7 @@ async fn checkpoints_are_signed_and_verified(s: &TestServer, tok: &str, one: &st
     let cp = s.state.audit.seal_pending().await.unwrap().unwrap();
     let note = s.store.latest_checkpoint().await.unwrap().unwrap().note;
     let opened =
-        phylax_audit::checkpoint::open_signed(&note, s.state.audit.verifier_key()).unwrap();
+        phylax_audit::checkpoint::open_signed(&note, &s.state.audit.verifier_key()).unwrap();
     assert_eq!(opened, cp);
     let rep = s
         .state

@@ -1,6 +1,10 @@
 //! Data keys and the record seal.
 //!
-//! Record format: `0x01 || salt(24) || AES-256-GCM(ciphertext || tag)`.
+//! Record format: `0x01 || salt(24) || AES-256-GCM(ciphertext || tag)`, or
+//! after a data-key rotation `0x02 || generation(4, BE) || salt(24) ||
+//! AES-256-GCM(…)`: the generation names the key (docs/KEYS.md) and is
+//! authenticated with the caller's additional data, so it cannot be
+//! relabelled.
 //! Each record is encrypted under its own subkey,
 //! `HKDF-SHA-256(ikm = data key, salt, info = "phylax/record/v1")`, with an
 //! all-zero nonce. Because every subkey encrypts exactly one message, a
@@ -18,9 +22,34 @@ use ring::hkdf;
 use std::fmt;
 
 const RECORD_VERSION: u8 = 1;
+const RECORD_V2: u8 = 2;
 const SALT_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 const INFO: &[u8] = b"phylax/record/v1";
+
+/// The data-key generation a sealed record names (1 for the original
+/// format); `None` for bytes that are no record.
+pub fn record_generation(sealed: &[u8]) -> Option<u32> {
+    match sealed.first()? {
+        &RECORD_VERSION => Some(1),
+        &RECORD_V2 if sealed.len() >= 5 => {
+            let g = u32::from_be_bytes([sealed[1], sealed[2], sealed[3], sealed[4]]);
+            (g >= 2).then_some(g)
+        }
+        _ => None,
+    }
+}
+
+/// The additional data a record is sealed with: the caller's, and from
+/// generation 2 on the generation (the original format stays as it was).
+fn gen_aad(aad: &[u8], generation: u32) -> Vec<u8> {
+    let mut a = aad.to_vec();
+    if generation > 1 {
+        a.extend_from_slice(b"\0phylax/data-key-generation\0");
+        a.extend_from_slice(&generation.to_be_bytes());
+    }
+    a
+}
 
 /// A 256-bit data key. Zeroized on drop; `Debug` is redacted.
 pub struct DataKey {
@@ -62,18 +91,37 @@ impl DataKey {
 
     /// Encrypt `plaintext`, authenticating `aad`.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.seal_gen(1, aad, plaintext)
+    }
+
+    /// [`DataKey::seal`] by data-key generation `generation` (1: the
+    /// original format, without a generation).
+    pub fn seal_gen(
+        &self,
+        generation: u32,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let header: Vec<u8> = if generation <= 1 {
+            vec![RECORD_VERSION]
+        } else {
+            let mut h = vec![RECORD_V2];
+            h.extend_from_slice(&generation.to_be_bytes());
+            h
+        };
+        let aad = gen_aad(aad, generation);
         let salt = random_array::<SALT_LEN>()?;
         let key = self.subkey(&salt)?;
         let mut body = Vec::with_capacity(plaintext.len() + TAG_LEN);
         body.extend_from_slice(plaintext);
         key.seal_in_place_append_tag(
             Nonce::assume_unique_for_key([0u8; NONCE_LEN]),
-            Aad::from(aad),
+            Aad::from(&aad[..]),
             &mut body,
         )
         .map_err(|_| CryptoError::Random)?;
-        let mut out = Vec::with_capacity(1 + SALT_LEN + body.len());
-        out.push(RECORD_VERSION);
+        let mut out = Vec::with_capacity(header.len() + SALT_LEN + body.len());
+        out.extend_from_slice(&header);
         out.extend_from_slice(&salt);
         out.extend_from_slice(&body);
         Ok(out)
@@ -90,16 +138,23 @@ impl DataKey {
     /// before decryption. On failure the buffer is dropped: whatever it
     /// holds then was never authenticated and is never returned.
     pub fn open_owned(&self, aad: &[u8], mut sealed: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
-        if sealed.len() < 1 + SALT_LEN + TAG_LEN || sealed[0] != RECORD_VERSION {
+        let generation = record_generation(&sealed).ok_or(CryptoError::Decrypt)?;
+        let head = if generation <= 1 && sealed[0] == RECORD_VERSION {
+            1
+        } else {
+            5
+        };
+        if sealed.len() < head + SALT_LEN + TAG_LEN {
             return Err(CryptoError::Decrypt);
         }
-        let key = self.subkey(&sealed[1..1 + SALT_LEN])?;
+        let aad = gen_aad(aad, generation);
+        let key = self.subkey(&sealed[head..head + SALT_LEN])?;
         let n = key
             .open_within(
                 Nonce::assume_unique_for_key([0u8; NONCE_LEN]),
-                Aad::from(aad),
+                Aad::from(&aad[..]),
                 &mut sealed,
-                1 + SALT_LEN..,
+                head + SALT_LEN..,
             )
             .map_err(|_| CryptoError::Decrypt)?
             .len();
@@ -111,6 +166,27 @@ impl DataKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rotated record names its generation, authenticated: relabelled
+    /// to another generation (or to the original format) it fails.
+    #[test]
+    fn generations_are_named_and_bound() {
+        let k = DataKey::generate().unwrap();
+        let v1 = k.seal(b"ad", b"body").unwrap();
+        assert_eq!(record_generation(&v1), Some(1));
+        let v3 = k.seal_gen(3, b"ad", b"body").unwrap();
+        assert_eq!(record_generation(&v3), Some(3));
+        assert_eq!(k.open(b"ad", &v3).unwrap(), b"body");
+        assert_eq!(k.open(b"ad", &v1).unwrap(), b"body");
+        let mut relabelled = v3.clone();
+        relabelled[4] = 4;
+        assert!(k.open(b"ad", &relabelled).is_err());
+        let mut as_v1 = vec![1u8];
+        as_v1.extend_from_slice(&v3[5..]);
+        assert!(k.open(b"ad", &as_v1).is_err());
+        assert_eq!(record_generation(&[2, 0, 0, 0, 1]), None, "2 and up only");
+        assert_eq!(record_generation(b""), None);
+    }
 
     #[test]
     fn seal_open_roundtrip_and_binding() {

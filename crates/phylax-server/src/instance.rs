@@ -307,17 +307,24 @@ pub use crate::data::key_events::{
 /// before it while the index is being rebuilt (docs/KEYS.md, "Rotating").
 pub async fn search_key(store: &DynStore, kek: &Kek) -> Result<BlindIndexKey, InstanceError> {
     let n = index_generation(store).await?;
+    let done = store
+        .get_meta(&format!("{INDEX_KEY_DONE}{n}"))
+        .await?
+        .is_some();
+    // A key the index was rebuilt under is never made again: without it
+    // every search would silently find nothing (fail closed instead).
+    if n > 1 && done && store.get_wrapped_key(&index_key_row(n)).await?.is_none() {
+        return Err(InstanceError::Io(format!(
+            "the search index key {} is missing from the database (searches would find nothing): restore its wrapped_keys row from a backup (docs/KEYS.md, \"Recovery\")",
+            index_key_row(n)
+        )));
+    }
     let w = wrapped(store, &index_key_row(n), || {
         BlindIndexKey::generate_wrapped_gen(kek, n).map(|(_, w)| w)
     })
     .await?;
     let current = BlindIndexKey::unwrap_gen(kek, n, &w).map_err(|_| InstanceError::WrongKek)?;
-    if n == 1
-        || store
-            .get_meta(&format!("{INDEX_KEY_DONE}{n}"))
-            .await?
-            .is_some()
-    {
+    if n == 1 || done {
         return Ok(current);
     }
     Ok(match store.get_wrapped_key(&index_key_row(n - 1)).await? {

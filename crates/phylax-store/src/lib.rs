@@ -396,6 +396,25 @@ pub struct WrappedKeyStats {
     pub newest: i64,
 }
 
+/// A stored version's sealed body and what its seal is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedVersion {
+    pub seq: i64,
+    pub rtype: String,
+    pub id: String,
+    pub version: u64,
+    pub key_scope: String,
+    pub sealed: Vec<u8>,
+}
+
+/// The header bytes of generation `g`'s records, for comparing stored
+/// headers in SQL (big-endian, so byte order is number order).
+pub fn generation_header(g: u32) -> Vec<u8> {
+    let mut h = vec![2u8];
+    h.extend_from_slice(&g.to_be_bytes());
+    h
+}
+
 /// What [`ResourceStore::erase_key_scope`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Erased {
@@ -477,6 +496,22 @@ pub trait ResourceStore: Send + Sync + std::fmt::Debug + 'static {
     /// whose current version is sealed under it (its older versions from
     /// before it entered the scope are the patient's record now too).
     async fn erase_key_scope(&self, key_scope: &str, key_row: &str) -> Result<Erased>;
+
+    /// Versions with a body sealed under a data-key generation below
+    /// `below_generation` (the record header: `0x01` is generation 1,
+    /// `0x02 ‖ generation` after), `seq > after_seq`, in `seq` order: what
+    /// a data-key rotation still has to re-encrypt.
+    async fn sealed_versions(
+        &self,
+        below_generation: u32,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<SealedVersion>>;
+
+    /// Replace version bodies, each only if the row still holds the bytes
+    /// that were read (`(seq, old, new)`; a version erased or re-encrypted
+    /// meanwhile is left alone), in one transaction. How many replaced.
+    async fn reseal_versions(&self, rows: Vec<(i64, Vec<u8>, Vec<u8>)>) -> Result<u64>;
 
     /// How many versions are sealed under `key_scope`, and the newest
     /// `last_updated` among them (ms).

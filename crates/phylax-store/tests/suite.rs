@@ -2487,3 +2487,68 @@ async fn erasing_a_key_scope_removes_its_versions_and_key(s: &DynStore) {
         Erased::default()
     );
 }
+
+both!(versions_are_listed_by_generation_and_resealed_by_compare_and_swap);
+async fn versions_are_listed_by_generation_and_resealed_by_compare_and_swap(s: &DynStore) {
+    // Generation 1 (0x01…), 2 and 3 (0x02 ‖ generation ‖ …), a tombstone.
+    let bodies: [&[u8]; 3] = [
+        b"\x01one",
+        b"\x02\x00\x00\x00\x02two",
+        b"\x02\x00\x00\x00\x03three",
+    ];
+    for (i, b) in bodies.iter().enumerate() {
+        s.append_version(
+            nv("Basic", &format!("g{i}"), 1, 10, b),
+            Precondition::Absent,
+            vec![],
+        )
+        .await
+        .unwrap();
+    }
+    let mut gone = nv("Basic", "g0", 2, 20, b"");
+    gone.deleted = true;
+    gone.sealed = None;
+    s.append_version(gone, Precondition::CurrentIs(1), vec![])
+        .await
+        .unwrap();
+    let below3 = s.sealed_versions(3, 0, 100).await.unwrap();
+    let ids: Vec<&str> = below3.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(ids, vec!["g0", "g1"], "generations 1 and 2, no tombstone");
+    assert_eq!(below3[1].sealed, bodies[1]);
+    assert_eq!(s.sealed_versions(2, 0, 100).await.unwrap().len(), 1);
+    assert_eq!(
+        s.sealed_versions(3, below3[0].seq, 100)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "paged"
+    );
+    // A body changed since it was read is left alone.
+    let n = s
+        .reseal_versions(vec![
+            (
+                below3[0].seq,
+                b"\x01other".to_vec(),
+                b"\x02\x00\x00\x00\x03new0".to_vec(),
+            ),
+            (
+                below3[1].seq,
+                bodies[1].to_vec(),
+                b"\x02\x00\x00\x00\x03new1".to_vec(),
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let left: Vec<String> = s
+        .sealed_versions(3, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(left, vec!["g0"]);
+    let v = s.read_version("Basic", "g1", 1).await.unwrap().unwrap();
+    assert_eq!(v.sealed.unwrap(), b"\x02\x00\x00\x00\x03new1");
+}

@@ -50,7 +50,7 @@ pub struct CursorSet {
 /// The newest generation stored, its MAC key (created if the instance has
 /// none yet) and the one before it.
 pub async fn load(store: &DynStore, kek: &Kek) -> Result<CursorSet, CursorKeyError> {
-    let n = crate::data::key_events::newest_generation(store, mac_row).await?;
+    let n = crate::data::key_events::newest_generation(store, "cursors", mac_row).await?;
     let w = match store.get_wrapped_key(&mac_row(n)).await? {
         Some(w) => w,
         None => {

@@ -114,13 +114,41 @@ pub fn token_key_row(n: u32) -> String {
     }
 }
 
-/// The newest generation of a rotating key stored (1: never rotated),
-/// given its rows by generation.
+/// Meta keys recording each generation a rotation added
+/// (`key_generation_v1:<kind>:N`, written before its key): the newest
+/// generation is read from these, not by counting rows up from 1, because
+/// rotations delete the generations before (`@2` gone, `@3` there).
+pub const KEY_GENERATION: &str = "key_generation_v1:";
+
+/// Record that generation `n` of `kind` (`index`, `tokens`, `cursors`)
+/// exists; before its key is stored.
+pub async fn record_generation(store: &DynStore, kind: &str, n: u32) -> Result<(), StoreError> {
+    store
+        .put_meta_if_absent(
+            &format!("{KEY_GENERATION}{kind}:{n}"),
+            crate::base::clock::now_secs().to_string().as_bytes(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The newest generation of a rotating key of `kind` (1: never rotated),
+/// given its rows by generation: the newest recorded, or a newer row
+/// stored without a record (instances from before the records).
 pub async fn newest_generation(
     store: &DynStore,
+    kind: &str,
     row: fn(u32) -> String,
 ) -> Result<u32, StoreError> {
-    let mut n = 1;
+    let prefix = format!("{KEY_GENERATION}{kind}:");
+    let mut n = store
+        .meta_with_prefix(&prefix)
+        .await?
+        .iter()
+        .filter_map(|(k, _)| k[prefix.len()..].parse::<u32>().ok())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     while store.get_wrapped_key(&row(n + 1)).await?.is_some() {
         n += 1;
     }
@@ -129,10 +157,25 @@ pub async fn newest_generation(
 
 /// The newest search index key generation stored.
 pub async fn index_generation(store: &DynStore) -> Result<u32, StoreError> {
-    newest_generation(store, index_key_row).await
+    newest_generation(store, "index", index_key_row).await
 }
 
 /// The newest access-token key generation stored.
 pub async fn token_generation(store: &DynStore) -> Result<u32, StoreError> {
-    newest_generation(store, token_key_row).await
+    newest_generation(store, "tokens", token_key_row).await
+}
+
+/// Meta keys recording each data-key generation (`data_keys_v1:N`): the
+/// highest is the one resources are sealed under.
+pub const DATA_KEYS: &str = "data_keys_v1:";
+
+/// The data-key generation in force (1: never rotated).
+pub async fn data_generation(store: &DynStore) -> Result<u32, StoreError> {
+    Ok(store
+        .meta_with_prefix(DATA_KEYS)
+        .await?
+        .iter()
+        .filter_map(|(k, _)| k[DATA_KEYS.len()..].parse::<u32>().ok())
+        .max()
+        .unwrap_or(1))
 }

@@ -98,6 +98,25 @@ pub struct KeyRing {
     kek: Kek,
     store: Arc<dyn KeyStore>,
     cache: parking_lot::RwLock<KeyCache>,
+    /// The data-key generation resources are sealed under now (1 until
+    /// the first `keys rotate --data-keys`).
+    data_generation: std::sync::atomic::AtomicU32,
+}
+
+/// The key-ring name of generation `generation` of `scope`'s data key:
+/// the scope itself for the first, `scope@N` after (stored as
+/// `data:scope@N`, wrapped with that name bound in).
+pub fn key_name(scope: &str, generation: u32) -> std::borrow::Cow<'_, str> {
+    if generation <= 1 {
+        std::borrow::Cow::Borrowed(scope)
+    } else {
+        std::borrow::Cow::Owned(format!("{scope}@{generation}"))
+    }
+}
+
+/// Whether `scope` seals resources (its key rotates with `--data-keys`).
+pub fn is_resource_scope(scope: &str) -> bool {
+    scope == "tenant" || scope.starts_with("patient:")
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -122,7 +141,21 @@ impl KeyRing {
             kek,
             store,
             cache: parking_lot::RwLock::new(KeyCache::new(CACHE_MAX)),
+            data_generation: std::sync::atomic::AtomicU32::new(1),
         }
+    }
+
+    /// The data-key generation new resource versions are sealed under.
+    pub fn data_generation(&self) -> u32 {
+        self.data_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Seal new resource versions under generation `n` from now on (a
+    /// data-key rotation's key event).
+    pub fn set_data_generation(&self, n: u32) {
+        self.data_generation
+            .store(n.max(1), std::sync::atomic::Ordering::Release);
     }
 
     /// The KEK (for key administration: rotation re-wraps with it).

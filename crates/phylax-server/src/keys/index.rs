@@ -111,6 +111,7 @@ impl KeyAdmin<'_> {
                 ),
             )
             .await?;
+            crate::data::key_events::record_generation(self.store, "index", next).await?;
             let (_, w) = BlindIndexKey::generate_wrapped_gen(self.kek, next)?;
             self.store
                 .put_wrapped_key_if_absent(&index_key_row(next), &w, now())

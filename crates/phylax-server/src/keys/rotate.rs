@@ -32,6 +32,7 @@ impl KeyAdmin<'_> {
             format!("access-token key {} added", row(next)),
         )
         .await?;
+        crate::data::key_events::record_generation(self.store, "tokens", next).await?;
         let (_, wrapped) =
             phylax_crypto::MacKey::generate_wrapped(self.kek, &format!("token@{next}"))?;
         self.store
@@ -68,7 +69,7 @@ impl KeyAdmin<'_> {
     /// deleted, and cursors issued under them are refused.
     pub async fn rotate_cursors(&self) -> Result<CursorsRotated, KeysError> {
         use crate::data::cursor_keys::{data_scope, mac_purpose, mac_row};
-        let n = crate::data::key_events::newest_generation(self.store, mac_row).await?;
+        let n = crate::data::key_events::newest_generation(self.store, "cursors", mac_row).await?;
         let next = n + 1;
         self.audit(
             "key-rotate",
@@ -76,6 +77,7 @@ impl KeyAdmin<'_> {
             format!("cursor keys generation {next} added"),
         )
         .await?;
+        crate::data::key_events::record_generation(self.store, "cursors", next).await?;
         let (_, wrapped) = phylax_crypto::MacKey::generate_wrapped(self.kek, &mac_purpose(next))?;
         self.store
             .put_wrapped_key_if_absent(&mac_row(next), &wrapped, now())

@@ -334,6 +334,55 @@ async fn the_search_index_key_rotates_under_load(s: &TestServer) {
     assert!(b
         .to_string()
         .contains("search index rebuilt under mac:blind-index@3"));
+    // Twice more (the generations before are gone: @4 and @5 follow @3,
+    // found from what is recorded, not by counting rows up from 1), then
+    // a node started now, and an operator's view, search under @5.
+    for want in ["mac:blind-index@4", "mac:blind-index@5"] {
+        let r = KeyAdmin::of(&op, GRACE)
+            .rotate_index(&|_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(r.key, want);
+    }
+    let (node, _stop2) = s.second_node().await;
+    let (_, b) = read(s, &node, &tok, "/Patient?family=Rotfamily&_count=1").await;
+    assert_eq!(b["total"].as_u64(), Some(everyone), "{b}");
+    assert!(s
+        .store
+        .get_wrapped_key("mac:blind-index")
+        .await
+        .unwrap()
+        .is_none());
+    let rows: Vec<String> = s
+        .store
+        .list_wrapped_keys("mac:blind-index", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.scope)
+        .filter(|r| r.starts_with("mac:blind-index"))
+        .collect();
+    assert_eq!(rows, vec!["mac:blind-index@5"]);
+    // The key the index was rebuilt under, deleted: the instance does not
+    // open (searches would find nothing), rather than make a new one.
+    let w = s
+        .store
+        .get_wrapped_key("mac:blind-index@5")
+        .await
+        .unwrap()
+        .unwrap();
+    s.store
+        .delete_wrapped_key("mac:blind-index@5")
+        .await
+        .unwrap();
+    let e = Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("search index key"), "{e}");
+    s.store
+        .put_wrapped_key_if_absent("mac:blind-index@5", &w, 0)
+        .await
+        .unwrap();
 }
 
 /// The URL of a Bundle's `next` link.
@@ -391,7 +440,20 @@ async fn the_cursor_keys_rotate_without_breaking_open_pages(s: &TestServer) {
     for url in &first {
         assert_eq!(follow(s, &tok, url).await, 400, "{url}");
     }
-    // The second still opens, on this node and on one started now.
+    // A third rotation: generation 4 (the first two are gone, the third
+    // is the previous one).
+    let r = KeyAdmin::of(&op, GRACE).rotate_cursors().await.unwrap();
+    assert_eq!(r.generation, 4);
+    tokio::time::sleep(GRACE).await;
+    let fourth = pages().await;
+    for url in &fourth {
+        assert_eq!(follow(s, &tok, url).await, 200, "{url}");
+    }
+    for url in &second {
+        assert_eq!(follow(s, &tok, url).await, 400, "{url}");
+    }
+    let second = fourth;
+    // The newest still opens, on this node and on one started now.
     let (node, _stop) = s.second_node().await;
     for url in &second {
         assert_eq!(follow(s, &tok, url).await, 200, "{url}");
@@ -940,4 +1002,12 @@ async fn the_access_token_key_rotates_without_cutting_tokens_short(s: &TestServe
     tokio::time::sleep(GRACE).await;
     let last = s.token(ALL).await;
     assert_eq!(read(s, &s.fhir, &last, "/Patient").await.0, 200);
+    // Once more (@2 is gone now): @4, not a new @3; a node started now
+    // verifies tokens issued under it.
+    let r = KeyAdmin::of(&op, GRACE).rotate_tokens().await.unwrap();
+    assert_eq!(r.key, "mac:token@4");
+    tokio::time::sleep(GRACE).await;
+    let newest = s.token(ALL).await;
+    let (node, _stop) = s.second_node().await;
+    assert_eq!(read(s, &node, &newest, "/Patient").await.0, 200);
 }

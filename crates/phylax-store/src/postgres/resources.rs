@@ -1,7 +1,7 @@
 //! [`crate::ResourceStore`] for PostgreSQL: resource versions, the current pointer and the search index.
 
 use super::*;
-use crate::ResourceStore;
+use crate::{ResourceStore, SealedVersion};
 
 #[async_trait]
 impl ResourceStore for PgStore {
@@ -49,6 +49,60 @@ impl ResourceStore for PgStore {
             resources,
             key_rows,
         })
+    }
+
+    async fn sealed_versions(
+        &self,
+        below_generation: u32,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<SealedVersion>> {
+        let below = crate::generation_header(below_generation);
+        let c = self.pool.get().await.map_err(pool_err)?;
+        // Generation 1 records start 0x01; later ones 0x02 and the
+        // generation, big-endian: bytea comparison orders them.
+        let rows = c
+            .query(
+                "SELECT seq, rtype, id, version, key_scope, body FROM resource_versions \
+                 WHERE seq > $1 AND body IS NOT NULL \
+                 AND (substring(body from 1 for 1) = '\\x01'::bytea \
+                      OR (substring(body from 1 for 1) = '\\x02'::bytea AND substring(body from 1 for 5) < $2)) \
+                 ORDER BY seq LIMIT $3",
+                &[&after_seq, &below, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| SealedVersion {
+                seq: r.get(0),
+                rtype: r.get(1),
+                id: r.get(2),
+                version: r.get::<_, i64>(3) as u64,
+                key_scope: r.get(4),
+                sealed: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn reseal_versions(&self, rows: Vec<(i64, Vec<u8>, Vec<u8>)>) -> Result<u64> {
+        let (mut seqs, mut olds, mut news) = (Vec::new(), Vec::new(), Vec::new());
+        for (seq, old, new) in rows {
+            seqs.push(seq);
+            olds.push(old);
+            news.push(new);
+        }
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let n = c
+            .execute(
+                "UPDATE resource_versions v SET body = u.new \
+                 FROM unnest($1::bigint[], $2::bytea[], $3::bytea[]) AS u(seq, old, new) \
+                 WHERE v.seq = u.seq AND v.body = u.old",
+                &[&seqs, &olds, &news],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n)
     }
 
     async fn key_scope_summary(&self, key_scope: &str) -> Result<(u64, Option<i64>)> {

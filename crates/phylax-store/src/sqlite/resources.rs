@@ -1,7 +1,7 @@
 //! [`crate::ResourceStore`] for SQLite: resource versions, the current pointer and the search index.
 
 use super::*;
-use crate::ResourceStore;
+use crate::{ResourceStore, SealedVersion};
 
 #[async_trait]
 impl ResourceStore for SqliteStore {
@@ -43,6 +43,59 @@ impl ResourceStore for SqliteStore {
                 resources,
                 key_rows,
             })
+        })
+        .await
+    }
+
+    async fn sealed_versions(
+        &self,
+        below_generation: u32,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<SealedVersion>> {
+        let below = crate::generation_header(below_generation);
+        self.read(move |c| {
+            // Generation 1 records start 0x01; later ones 0x02 and the
+            // generation, big-endian: a byte comparison of the first five
+            // bytes orders them by generation.
+            let mut st = c
+                .prepare_cached(
+                    "SELECT seq, rtype, id, version, key_scope, body FROM resource_versions \
+                     WHERE seq > ?1 AND body IS NOT NULL \
+                     AND (substr(body, 1, 1) = X'01' OR (substr(body, 1, 1) = X'02' AND substr(body, 1, 5) < ?2)) \
+                     ORDER BY seq LIMIT ?3",
+                )
+                .map_err(backend)?;
+            let rows = st
+                .query_map(params![after_seq, below, limit], |r| {
+                    Ok(SealedVersion {
+                        seq: r.get(0)?,
+                        rtype: r.get(1)?,
+                        id: r.get(2)?,
+                        version: r.get::<_, i64>(3)? as u64,
+                        key_scope: r.get(4)?,
+                        sealed: r.get(5)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn reseal_versions(&self, rows: Vec<(i64, Vec<u8>, Vec<u8>)>) -> Result<u64> {
+        self.write(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "UPDATE resource_versions SET body = ?1 WHERE seq = ?2 AND body = ?3",
+                )
+                .map_err(backend)?;
+            let mut n = 0;
+            for (seq, old, new) in &rows {
+                n += st.execute(params![new, seq, old]).map_err(backend)? as u64;
+            }
+            Ok(n)
         })
         .await
     }

@@ -459,6 +459,39 @@ impl Repo {
         crate::data::search::index_rows(&self.blind_key(), &self.fhir_base, rtype, body)
     }
 
+    /// A stored version's body sealed again under data-key `generation`
+    /// (a data-key rotation, docs/KEYS.md): opened with the key its header
+    /// names, sealed with the scope's key of that generation, bound to the
+    /// same resource, version and scope. A body that does not open is an
+    /// integrity failure (nothing is written for it).
+    pub async fn reseal(
+        &self,
+        v: &phylax_store::SealedVersion,
+        generation: u32,
+    ) -> Result<Vec<u8>, RepoError> {
+        use crate::data::keyring::key_name;
+        let integrity = || RepoError::Integrity {
+            rtype: v.rtype.clone(),
+            id: v.id.clone(),
+            version: v.version,
+        };
+        let from = phylax_crypto::datakey::record_generation(&v.sealed).ok_or_else(integrity)?;
+        let old = match self.keys.for_read(&key_name(&v.key_scope, from)).await {
+            Ok(k) => k,
+            Err(KeyError::Unwrap | KeyError::Missing) => return Err(integrity()),
+            Err(e) => return Err(e.into()),
+        };
+        let ad = aad(&v.rtype, &v.id, v.version, &v.key_scope);
+        let mut plain = old.open(&ad, &v.sealed).map_err(|_| integrity())?;
+        let new = self
+            .keys
+            .for_write(&key_name(&v.key_scope, generation))
+            .await?;
+        let sealed = new.seal_gen(generation, &ad, &plain);
+        zeroize::Zeroize::zeroize(&mut plain);
+        sealed.map_err(|_| KeyError::Random.into())
+    }
+
     /// Give every current resource its index entries, once per instance
     /// (data written before the search index existed). Idempotent, so
     /// nodes starting together may both run it.

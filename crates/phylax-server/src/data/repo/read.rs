@@ -2,6 +2,14 @@
 
 use super::*;
 
+/// The key-ring name of the data key a sealed row needs: its scope, and
+/// the generation its header names (a header that names none opens with
+/// no key, and is reported as an integrity failure).
+fn row_key_name<'a>(row: &'a StoredVersion, sealed: &[u8]) -> std::borrow::Cow<'a, str> {
+    let generation = phylax_crypto::datakey::record_generation(sealed).unwrap_or(1);
+    crate::data::keyring::key_name(&row.key_scope, generation)
+}
+
 impl Repo {
     /// Open a stored row. A row that fails to authenticate is an integrity
     /// failure: never served, always reported.
@@ -33,7 +41,7 @@ impl Repo {
             (Some(sealed), false) => {
                 let key = match key {
                     Some(k) => k,
-                    None => match self.keys.for_read(&row.key_scope).await {
+                    None => match self.keys.for_read(&row_key_name(&row, &sealed)).await {
                         Ok(k) => k,
                         Err(KeyError::Unwrap | KeyError::Missing) => return Err(integrity(&row)),
                         Err(e) => return Err(e.into()),
@@ -83,21 +91,25 @@ impl Repo {
         // Each row's key is looked up in memory once, the page's under one
         // lock; those not there are fetched together (one round trip), then
         // the rows are opened one by one.
+        let names: Vec<Option<std::borrow::Cow<'_, str>>> = rows
+            .iter()
+            .map(|r| r.sealed.as_ref().map(|s| row_key_name(r, s)))
+            .collect();
         let keys = {
-            let scopes: Vec<Option<&str>> = rows
-                .iter()
-                .map(|r| r.sealed.as_ref().map(|_| r.key_scope.as_str()))
-                .collect();
+            let scopes: Vec<Option<&str>> = names.iter().map(|n| n.as_deref()).collect();
             self.keys.cached_all(&scopes)
         };
         self.keys
             .prefetch(
-                rows.iter()
+                names
+                    .iter()
                     .zip(&keys)
-                    .filter(|(r, k)| r.sealed.is_some() && k.is_none())
-                    .map(|(r, _)| r.key_scope.as_str()),
+                    .filter(|(n, k)| n.is_some() && k.is_none())
+                    .filter_map(|(n, _)| n.as_deref()),
             )
             .await?;
+        let keys: Vec<Option<Arc<DataKey>>> = keys;
+        drop(names);
         let mut out = Vec::with_capacity(rows.len());
         for (r, k) in rows.into_iter().zip(keys) {
             out.push(self.open_with(r, k).await?);

@@ -35,11 +35,17 @@ impl Repo {
             Some(p) => format!("patient:{p}"),
             None => "tenant".to_owned(),
         };
-        let key = self.keys.for_write(&scope).await?;
+        // Under the data-key generation in force (docs/KEYS.md).
+        let generation = self.keys.data_generation();
+        let key = self
+            .keys
+            .for_write(&crate::data::keyring::key_name(&scope, generation))
+            .await?;
         let index = self.index(rtype, &body);
         let plain = serde_json::to_vec(&body).map_err(|e| StoreError::Backend(e.to_string()))?;
         let sealed = key
-            .seal(
+            .seal_gen(
+                generation,
                 &aad(rtype.as_str(), id.as_str(), version.get(), &scope),
                 &plain,
             )

@@ -30,9 +30,9 @@ const INFO: &[u8] = b"phylax/record/v1";
 /// The data-key generation a sealed record names (1 for the original
 /// format); `None` for bytes that are no record.
 pub fn record_generation(sealed: &[u8]) -> Option<u32> {
-    match sealed.first()? {
-        &RECORD_VERSION => Some(1),
-        &RECORD_V2 if sealed.len() >= 5 => {
+    match *sealed.first()? {
+        RECORD_VERSION => Some(1),
+        RECORD_V2 if sealed.len() >= 5 => {
             let g = u32::from_be_bytes([sealed[1], sealed[2], sealed[3], sealed[4]]);
             (g >= 2).then_some(g)
         }

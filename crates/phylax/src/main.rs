@@ -348,9 +348,9 @@ enum ClientCmd {
         #[arg(long)]
         first_party: bool,
         /// RFC 8705: bind its access tokens to the TLS client certificate
-        /// it presents (needs `[tls] client_ca`); without one its token
-        /// requests are refused, and its tokens work only over a
-        /// connection with the same certificate.
+        /// (from `[tls] client_ca`) its token request comes with; without
+        /// one its token requests are refused, and its tokens work only
+        /// over a connection with that same certificate.
         #[arg(long)]
         cert_bound: bool,
     },
@@ -1258,12 +1258,14 @@ async fn access_cmd(c: AccessCmd) -> Result<()> {
                     instant(g.expires),
                     g.purpose
                 );
-                println!("    reason: {}", g.reason);
+                // Text users typed: escaped, so that control characters
+                // cannot rewrite the operator's terminal or forge lines.
+                println!("    reason: {}", g.reason.escape_debug());
                 match (g.reviewed_at, g.reviewer, g.review_note) {
                     (Some(at), Some(by), note) => println!(
                         "    reviewed {} by user {by}: {}",
                         instant(at),
-                        note.unwrap_or_default()
+                        note.unwrap_or_default().escape_debug()
                     ),
                     _ => println!("    REVIEW OPEN"),
                 }

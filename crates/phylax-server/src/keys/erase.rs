@@ -106,6 +106,15 @@ pub struct ErasureStarted {
     pub retention_overridden: bool,
 }
 
+/// A reason is required, and printable: it goes into the audit log, which
+/// operators read in terminals.
+fn check_reason(reason: &str) -> Result<(), KeysError> {
+    if reason.trim().is_empty() || reason.chars().any(char::is_control) {
+        return Err(KeysError::NoReason);
+    }
+    Ok(())
+}
+
 fn parse_id(id: &str) -> Result<String, KeysError> {
     phylax_fhir::ResourceId::parse(id)
         .map(|i| i.as_str().to_owned())
@@ -122,9 +131,7 @@ impl KeyAdmin<'_> {
         reason: &str,
     ) -> Result<(), KeysError> {
         let id = parse_id(id)?;
-        if reason.trim().is_empty() {
-            return Err(KeysError::NoReason);
-        }
+        check_reason(reason)?;
         self.audit
             .record_admin_for(
                 "legal-hold",
@@ -193,9 +200,7 @@ impl KeyAdmin<'_> {
         override_retention: bool,
     ) -> Result<ErasureStarted, KeysError> {
         let id = parse_id(id)?;
-        if reason.trim().is_empty() {
-            return Err(KeysError::NoReason);
-        }
+        check_reason(reason)?;
         // Before anything is deleted: the rotation at the end must be able
         // to run.
         self.check_owner()?;

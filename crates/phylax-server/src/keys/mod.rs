@@ -64,7 +64,7 @@ pub enum KeysError {
     ErasurePending(Box<KeysError>),
     #[error("the KEK in {file} belongs to the instance in {owner}, not this one: a copy of an instance must get its own KEK before it changes it, or its rotations destroy the original's (docs/KEYS.md, \"Copies of an instance\")")]
     NotOwner { file: String, owner: String },
-    #[error("a reason is required (it goes into the audit log; do not put PHI in it)")]
+    #[error("a reason is required, without control characters (it goes into the audit log; do not put PHI in it)")]
     NoReason,
     #[error(transparent)]
     Instance(#[from] Box<crate::instance::InstanceError>),

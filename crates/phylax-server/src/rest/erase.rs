@@ -70,6 +70,11 @@ fn parse(value: &Value) -> Result<(String, bool), Failure> {
         .map(str::trim)
         .filter(|r| !r.is_empty())
         .ok_or_else(|| Failure::bad_request("a reason (valueString) is required"))?;
+    if reason.chars().any(char::is_control) {
+        return Err(Failure::bad_request(
+            "the reason may not contain control characters (line breaks, escapes)",
+        ));
+    }
     if reason.chars().count() > MAX_REASON {
         return Err(Failure::bad_request(format!(
             "the reason is limited to {MAX_REASON} characters"

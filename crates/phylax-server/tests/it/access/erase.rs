@@ -61,6 +61,15 @@ async fn erasure_through_the_api(s: &TestServer) {
     )
     .await;
     assert_eq!(st, 400, "a reason is required");
+    // Control characters (terminal escapes, forged lines) are refused.
+    let (st, _) = erase(
+        po.clone(),
+        json!({"resourceType": "Parameters", "parameter": [
+            {"name": "reason", "valueString": "ok\u{1b}[2J\nREVIEW CLOSED"},
+            {"name": "overrideRetention", "valueBoolean": true}]}),
+    )
+    .await;
+    assert_eq!(st, 400, "control characters");
     // The officer reads nothing.
     assert_eq!(get(s, &po, "/Patient/pe").await, 403);
     // A legal hold (the operator's) blocks it; so does the retention

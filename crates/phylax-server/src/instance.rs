@@ -583,6 +583,7 @@ impl Instance {
         let blind_key = search_key(&store, &kek).await?;
         let audit_blind = Arc::new(audit_patient_key(&store, &kek).await?);
         let keys = Arc::new(KeyRing::new(kek, store.clone()));
+        keys.set_data_generation(crate::data::key_events::data_generation(&store).await?);
         let instance_id = store
             .get_meta(META_INSTANCE_ID)
             .await?

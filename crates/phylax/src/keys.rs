@@ -58,6 +58,12 @@ pub enum KeysCmd {
         /// verifiers the new verifier key it prints.
         #[arg(long)]
         checkpoint: bool,
+        /// The data keys: a new generation of every patient's (and the
+        /// tenant's) data key; every resource version is re-encrypted
+        /// under it in the background (progress bar) while the servers
+        /// keep serving, then the older keys are deleted.
+        #[arg(long)]
+        data_keys: bool,
         /// Every rotation available.
         #[arg(long)]
         all: bool,
@@ -262,12 +268,13 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             index,
             cursors,
             checkpoint,
+            data_keys,
             all,
             json,
         } => {
-            if !(kek || signing || tokens || index || cursors || checkpoint || all) {
+            if !(kek || signing || tokens || index || cursors || checkpoint || data_keys || all) {
                 bail!(
-                    "name what to rotate: --kek, --signing, --tokens, --index, --cursors, --checkpoint or --all"
+                    "name what to rotate: --kek, --data-keys, --signing, --tokens, --index, --cursors, --checkpoint or --all"
                 );
             }
             let i = open(&inst).await?;
@@ -309,6 +316,24 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                     );
                 }
                 out.insert("checkpoint".into(), serde_json::to_value(&r)?);
+            }
+            if data_keys || all {
+                let pb = progress_bar("re-encrypting");
+                let r = KeyAdmin::of(&i, GRACE)
+                    .rotate_data_keys(&|done, total| {
+                        pb.set_length(total);
+                        pb.set_position(done);
+                    })
+                    .await;
+                pb.finish_and_clear();
+                let r = r?;
+                if !json {
+                    println!(
+                        "data keys: generation {}; {} versions re-encrypted; {} older keys deleted",
+                        r.generation, r.resealed, r.retired
+                    );
+                }
+                out.insert("data_keys".into(), serde_json::to_value(&r)?);
             }
             if index || all {
                 let pb = progress_bar("re-indexing");

@@ -61,6 +61,7 @@ impl KeyEvents {
             kinds.push("index".to_owned());
             kinds.push("cursors".to_owned());
             kinds.push("checkpoint".to_owned());
+            kinds.push("data-keys".to_owned());
         }
         while let Some(v) = store.get_meta(&format!("{EVENT}{}", n + 1)).await? {
             n += 1;

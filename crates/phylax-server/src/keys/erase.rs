@@ -211,7 +211,7 @@ impl KeyAdmin<'_> {
         let scope = format!("patient:{id}");
         let row = format!("data:{scope}");
         let (versions, newest) = self.store.key_scope_summary(&scope).await?;
-        if versions == 0 && self.store.get_wrapped_key(&row).await?.is_none() {
+        if versions == 0 && !self.has_key_rows(&scope).await? {
             if pending_erasures(self.store, self.kek).await?.contains(&id) {
                 // Deleted before; the rotation that seals older copies is
                 // still owed.
@@ -254,11 +254,14 @@ impl KeyAdmin<'_> {
             .put_meta_if_absent(&format!("{ERASURE}{id}:{}", now()), &record)
             .await?;
         let mut erased = self.store.erase_key_scope(&scope, &row).await?;
+        erased.key_rows += self.delete_later_key_rows(&scope).await?;
         self.event("erase").await?;
         // A node that still had the key may have sealed a write with it
         // until it saw the event: erase again once every node has.
         tokio::time::sleep(self.grace).await;
-        let again: Erased = self.store.erase_key_scope(&scope, &row).await?;
+        let mut again: Erased = self.store.erase_key_scope(&scope, &row).await?;
+        // The keys of the scope's later data-key generations too.
+        again.key_rows += self.delete_later_key_rows(&scope).await?;
         erased.versions += again.versions;
         erased.resources += again.resources;
         Ok(ErasureStarted {
@@ -266,6 +269,30 @@ impl KeyAdmin<'_> {
             erased,
             retention_overridden: within,
         })
+    }
+
+    /// Whether any generation of `scope`'s data key is stored.
+    async fn has_key_rows(&self, scope: &str) -> Result<bool, KeysError> {
+        let upto = crate::data::key_events::data_generation(self.store).await?;
+        for g in 1..=upto {
+            let row = format!("data:{}", crate::data::keyring::key_name(scope, g));
+            if self.store.get_wrapped_key(&row).await?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Delete `scope`'s data keys of generations 2 and later (the first is
+    /// deleted with its versions).
+    async fn delete_later_key_rows(&self, scope: &str) -> Result<u64, KeysError> {
+        let upto = crate::data::key_events::data_generation(self.store).await?;
+        let mut n = 0;
+        for g in 2..=upto {
+            let row = format!("data:{}", crate::data::keyring::key_name(scope, g));
+            n += u64::from(self.store.delete_wrapped_key(&row).await?);
+        }
+        Ok(n)
     }
 
     /// The rotations that make copies from before an erasure unreadable

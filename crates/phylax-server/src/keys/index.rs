@@ -43,7 +43,7 @@ fn boxed(e: crate::instance::InstanceError) -> KeysError {
 
 impl KeyAdmin<'_> {
     /// A repository that indexes under the search index key in force.
-    async fn index_repo(&self) -> Result<Repo, KeysError> {
+    pub(super) async fn index_repo(&self) -> Result<Repo, KeysError> {
         let key = crate::instance::search_key(self.store, self.kek)
             .await
             .map_err(boxed)?;

@@ -13,10 +13,12 @@
 //! # Layout
 //! - this file: [`KeyAdmin`], key status, KEK rotation;
 //! - [`erase`]: crypto-shredding a patient, legal holds;
+//! - [`data`]: data-key rotation (every resource version re-encrypted);
 //! - [`index`]: search index key rotation (the index rebuilt under it);
 //! - [`rotate`]: the keys that rotate by generation alone: access tokens,
 //!   paging cursors, the audit checkpoint key.
 
+pub mod data;
 pub mod erase;
 pub mod index;
 pub mod rotate;

@@ -439,6 +439,13 @@ impl AppState {
                 Err(e) => tracing::error!(error = %e, "could not load the new cursor keys"),
             }
         }
+        if seen.iter().any(|k| k == "data-keys") {
+            // A new data-key generation seals new versions from now on.
+            match crate::data::key_events::data_generation(store).await {
+                Ok(n) => self.keys.set_data_generation(n),
+                Err(e) => tracing::error!(error = %e, "could not read the data-key generation"),
+            }
+        }
         if seen.iter().any(|k| k == "checkpoint") {
             // A new checkpoint key signs from now on; older ones verify.
             if let Err(e) = self.audit.reload_checkpoint_keys(&self.keys).await {

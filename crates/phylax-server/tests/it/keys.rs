@@ -385,6 +385,162 @@ async fn the_search_index_key_rotates_under_load(s: &TestServer) {
         .unwrap();
 }
 
+both!(the_data_keys_rotate_under_load);
+/// Writes (new resources and new versions), reads and searches run while
+/// every resource version is re-encrypted under a new data-key
+/// generation: none fails; afterwards nothing is left under the old keys,
+/// the old keys are gone, every version (old ones too) opens on the
+/// serving node and on a node started now, and an erasure removes every
+/// generation of the patient's key.
+async fn the_data_keys_rotate_under_load(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    for p in 0..10 {
+        assert_eq!(put(s, &s.fhir, &tok, &patient(&format!("p{p}"))).await, 201);
+        let o = obs(&format!("o{p}"), &format!("p{p}"));
+        assert_eq!(put(s, &s.fhir, &tok, &o).await, 201);
+        assert_eq!(put(s, &s.fhir, &tok, &o).await, 200, "a second version");
+    }
+    let old_p0 = s
+        .store
+        .get_wrapped_key("data:patient:p0")
+        .await
+        .unwrap()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for w in 0..3 {
+        let (http, fhir, tok) = (s.http.clone(), s.fhir.clone(), tok.clone());
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let p = i % 10;
+                let send = |m: reqwest::Method, url: String, body: Option<String>| {
+                    let (http, tok) = (http.clone(), tok.clone());
+                    async move {
+                        let mut r = http.request(m, url).bearer_auth(&tok);
+                        if let Some(b) = body {
+                            r = r.header("content-type", FJ).body(b);
+                        }
+                        r.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+                    }
+                };
+                let new = send(
+                    reqwest::Method::PUT,
+                    format!("{fhir}/Patient/n{w}x{i}"),
+                    Some(patient(&format!("n{w}x{i}")).to_string()),
+                )
+                .await;
+                let update = send(
+                    reqwest::Method::PUT,
+                    format!("{fhir}/Observation/o{p}"),
+                    Some(obs(&format!("o{p}"), &format!("p{p}")).to_string()),
+                )
+                .await;
+                let old = send(
+                    reqwest::Method::GET,
+                    format!("{fhir}/Observation/o{p}/_history/1"),
+                    None,
+                )
+                .await;
+                let found = send(
+                    reqwest::Method::GET,
+                    format!("{fhir}/Observation?subject=Patient/p{p}"),
+                    None,
+                )
+                .await;
+                for (st, want) in [(new, 201), (update, 200), (old, 200), (found, 200)] {
+                    if st == want {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("request failed during the data-key rotation: {st}");
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let op = operator(s).await;
+    let r = KeyAdmin::of(&op, GRACE)
+        .rotate_data_keys(&|_, _| {})
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
+    assert!(ok.load(Ordering::Relaxed) > 20, "the load ran");
+    assert_eq!(r.generation, 2);
+    assert!(r.resealed >= 30, "{r:?}");
+    assert!(r.retired >= 10, "{r:?}");
+    // Nothing is left under generation 1; its keys are gone.
+    assert!(s.store.sealed_versions(2, 0, 10).await.unwrap().is_empty());
+    assert!(s
+        .store
+        .get_wrapped_key("data:patient:p0")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .store
+        .get_wrapped_key("data:patient:p0@2")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(
+        op.keys.kek().unwrap_data_key("patient:p0", &old_p0).is_ok(),
+        "the old key existed"
+    );
+    // Every version opens, here (without cached keys) and on a new node.
+    s.state.keys.forget_data_keys();
+    let (node, _stop) = s.second_node().await;
+    for base in [&s.fhir, &node] {
+        for p in 0..10 {
+            for path in [
+                format!("/Observation/o{p}/_history/1"),
+                format!("/Observation/o{p}"),
+                format!("/Patient/p{p}"),
+            ] {
+                let (st, b) = read(s, base, &tok, &path).await;
+                assert_eq!(st, 200, "{path}: {b}");
+            }
+        }
+    }
+    // A second rotation finds the first's generation and moves on.
+    let r2 = KeyAdmin::of(&op, GRACE)
+        .rotate_data_keys(&|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(r2.generation, 3);
+    assert!(s
+        .store
+        .get_wrapped_key("data:patient:p0@2")
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        read(s, &s.fhir, &tok, "/Observation/o0/_history/1").await.0,
+        200
+    );
+    // An erasure takes every generation of the patient's key.
+    KeyAdmin::of(&op, GRACE)
+        .erase_patient("p1", "GDPR request", 6, true, &|_, _| {})
+        .await
+        .unwrap();
+    for row in ["data:patient:p1", "data:patient:p1@2", "data:patient:p1@3"] {
+        assert!(
+            s.store.get_wrapped_key(row).await.unwrap().is_none(),
+            "{row}"
+        );
+    }
+    assert_eq!(read(s, &s.fhir, &tok, "/Patient/p2").await.0, 200);
+}
+
 /// The URL of a Bundle's `next` link.
 fn next_link(b: &Value) -> String {
     b["link"]

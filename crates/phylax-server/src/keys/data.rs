@@ -1,0 +1,209 @@
+//! Data-key rotation (`phylax keys rotate --data-keys`): every resource
+//! version re-encrypted under a new generation of its compartment's data
+//! key, in the background, while the servers keep serving.
+//!
+//! The steps (docs/KEYS.md, "The data keys"), each safe to repeat:
+//! 1. generation N+1 is recorded (`data_keys_v1:N+1`) and announced:
+//!    within a second every server seals new versions under it (keys
+//!    `data:patient:{id}@N+1`, `data:tenant@N+1`, made on first use);
+//!    every version names its generation, so reads open old and new alike;
+//! 2. after the grace, every version sealed under an older generation is
+//!    opened and sealed again, in pages, each row replaced only if it still
+//!    holds the bytes that were read (an erasure meanwhile wins); the pass
+//!    yields to the servers (it sleeps as long as each page took), and is
+//!    repeated until nothing older is left;
+//! 3. `data_keys_done_v1:N+1` is recorded, and the older generations' keys
+//!    are deleted (except the first `tenant` key, which also seals
+//!    break-the-glass grants' details).
+//!
+//! Keys of the audit log, accounts and grants are not resource keys: their
+//! records are append-only or short-lived, and a KEK rotation is what
+//! renews their protection.
+
+use super::{now, KeyAdmin, KeysError};
+use crate::data::key_events::{data_generation, DATA_KEYS};
+use crate::data::keyring::is_resource_scope;
+use phylax_audit::event::Action;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// Meta key recording that every version is under generation N.
+const DATA_KEYS_DONE: &str = "data_keys_done_v1:";
+
+/// Versions re-encrypted per page (one read and one compare-and-swap
+/// write each).
+const PAGE: u32 = 1000;
+
+/// What a data-key rotation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DataKeysRotated {
+    pub generation: u32,
+    /// Versions re-encrypted.
+    pub resealed: u64,
+    /// Older keys deleted.
+    pub retired: u64,
+}
+
+/// The scope and generation a `data:` row holds, if it is a resource key.
+fn resource_key(row: &str) -> Option<(&str, u32)> {
+    let name = row.strip_prefix("data:")?;
+    let (scope, generation) = match name.rsplit_once('@') {
+        Some((s, g)) => (s, g.parse().ok()?),
+        None => (name, 1),
+    };
+    is_resource_scope(scope).then_some((scope, generation))
+}
+
+impl KeyAdmin<'_> {
+    /// Rotate every resource data key (see the module documentation). A
+    /// rotation stopped part-way is finished, not stacked on. `progress`
+    /// hears (versions re-encrypted, versions to do).
+    pub async fn rotate_data_keys(
+        &self,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<DataKeysRotated, KeysError> {
+        let n = data_generation(self.store).await?;
+        let done = |g: u32| format!("{DATA_KEYS_DONE}{g}");
+        let next = if n > 1 && self.store.get_meta(&done(n)).await?.is_none() {
+            n
+        } else {
+            let next = n + 1;
+            self.audit(
+                "key-rotate",
+                Action::Update,
+                format!(
+                    "data-key generation {next} added; resource versions are re-encrypted under it"
+                ),
+            )
+            .await?;
+            self.store
+                .put_meta_if_absent(&format!("{DATA_KEYS}{next}"), now().to_string().as_bytes())
+                .await?;
+            self.event("data-keys").await?;
+            next
+        };
+        self.keys.set_data_generation(next);
+        // Every server seals under the new generation once it has seen
+        // the event; then nothing older is written again.
+        tokio::time::sleep(self.grace).await;
+        let repo = self.index_repo().await?;
+        let total = self.versions_to_do(next).await?;
+        let mut resealed = 0;
+        loop {
+            let pass = self
+                .reseal_pass(&repo, next, &|k| {
+                    progress(resealed + k, total.max(resealed + k))
+                })
+                .await?;
+            resealed += pass;
+            if pass == 0 {
+                break;
+            }
+            tokio::time::sleep(self.grace).await;
+        }
+        self.store.put_meta_if_absent(&done(next), b"1").await?;
+        let retired = self.retire_data_keys(next).await?;
+        self.event("data-keys").await?;
+        self.audit(
+            "key-rotate",
+            Action::Update,
+            format!("data-key generation {next}: {resealed} versions re-encrypted, {retired} older keys deleted"),
+        )
+        .await?;
+        Ok(DataKeysRotated {
+            generation: next,
+            resealed,
+            retired,
+        })
+    }
+
+    /// How many versions are sealed under a generation before `next`.
+    async fn versions_to_do(&self, next: u32) -> Result<u64, KeysError> {
+        let mut n = 0;
+        let mut after = 0;
+        loop {
+            let page = self.store.sealed_versions(next, after, 10 * PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            n += page.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// One pass over the versions still under an older generation.
+    async fn reseal_pass(
+        &self,
+        repo: &crate::data::repo::Repo,
+        next: u32,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, KeysError> {
+        let mut after = 0;
+        let mut resealed = 0;
+        loop {
+            let started = Instant::now();
+            let page = self.store.sealed_versions(next, after, PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            let mut batch = Vec::with_capacity(page.len());
+            for v in page {
+                let sealed = repo.reseal(&v, next).await.map_err(|e| match e {
+                    crate::data::repo::RepoError::Integrity { .. } => KeysError::Unreadable {
+                        kind: "resource version".into(),
+                        count: 1,
+                    },
+                    e => KeysError::Index(e.to_string()),
+                })?;
+                batch.push((v.seq, v.sealed, sealed));
+            }
+            resealed += self.store.reseal_versions(batch).await?;
+            progress(resealed);
+            // Yield to the servers: as long idle as busy.
+            tokio::time::sleep(started.elapsed().min(Duration::from_secs(1))).await;
+        }
+        Ok(resealed)
+    }
+
+    /// Delete the resource keys of generations before `next` (the first
+    /// `tenant` key stays: it also seals break-the-glass grants).
+    async fn retire_data_keys(&self, next: u32) -> Result<u64, KeysError> {
+        // Every row is looked at: names sort by the database's collation,
+        // which need not keep the `data:` rows together.
+        let mut after = String::new();
+        let mut doomed = Vec::new();
+        loop {
+            let page = self.store.list_wrapped_keys(&after, 5000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.scope.clone();
+            for r in &page {
+                if let Some((scope, g)) = resource_key(&r.scope) {
+                    if g < next && !(scope == "tenant" && g == 1) {
+                        doomed.push(r.scope.clone());
+                    }
+                }
+            }
+        }
+        let mut retired = 0;
+        for row in doomed {
+            if self.store.delete_wrapped_key(&row).await? {
+                retired += 1;
+            }
+        }
+        Ok(retired)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_keys_by_name() {
+        assert_eq!(resource_key("data:patient:p1"), Some(("patient:p1", 1)));
+        assert_eq!(resource_key("data:patient:p1@3"), Some(("patient:p1", 3)));
+        assert_eq!(resource_key("data:tenant@2"), Some(("tenant", 2)));
+        assert_eq!(resource_key("data:audit"), None);
+        assert_eq!(resource_key("data:cursor@2"), None);
+        assert_eq!(resource_key("mac:token"), None);
+        assert_eq!(resource_key("data:patient:p1@x"), None);
+    }
+}

@@ -4,6 +4,8 @@
 //! with `--hsm-*` in a PKCS#11 token), stores N data keys wrapped under
 //! the KEK as the server would (one per patient), then times
 //! `phylax keys rotate --kek`'s work without its grace wait for other nodes.
+//! `--data-key-rotation N`: reads and writes before and during a data-key
+//! rotation of N resource versions.
 
 use anyhow::Result;
 use phylax_server::instance::{InitOptions, Instance};
@@ -56,5 +58,127 @@ pub async fn kek_rotation(
         r.rewrapped,
         r.rewrapped as f64 / secs
     );
+    Ok(())
+}
+
+/// `phylax-bench --data-key-rotation N`: reads and writes over HTTPS
+/// before and during a data-key rotation of N stored resource versions
+/// (docs/PERFORMANCE.md, "Key rotation"). The versions are stored straight
+/// into the database, sealed as the server seals them (ten per patient,
+/// so N/10 patient keys), since loading a million through the API would
+/// take longer than the measurement.
+pub async fn data_key_rotation(n: usize, db: Option<&str>, secs: u64, conc: usize) -> Result<()> {
+    let (env, dir, _stop) = crate::setup(db, false, 10, None).await?;
+    let env = Arc::new(env);
+    let mut ids = Vec::new();
+    for i in 0..2000 {
+        ids.push(crate::create(&env, &crate::patient(i)).await?);
+    }
+    let ids = Arc::new(ids);
+    let op = Arc::new(Instance::open(&dir.path().join("data"), db).await?);
+    let t = Instant::now();
+    seed_versions(&op, n).await?;
+    let seeded = t.elapsed().as_secs_f64();
+    env.refresh().await?;
+    let measure = |scenario: &'static str| {
+        let (env, ids) = (env.clone(), ids.clone());
+        async move {
+            crate::run(
+                env,
+                scenario,
+                conc,
+                Duration::from_secs(secs),
+                ids,
+                Arc::new(Vec::new()),
+            )
+            .await
+            .map(|o| o.rps)
+        }
+    };
+    let (read0, write0) = (measure("read").await?, measure("create").await?);
+    let rotating = {
+        let op = op.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let r = KeyAdmin::of(&op, Duration::from_secs(2))
+                .rotate_data_keys(&|_, _| {})
+                .await;
+            (r, t.elapsed().as_secs_f64())
+        })
+    };
+    let mut during = Vec::new();
+    while !rotating.is_finished() {
+        let r = measure("read").await?;
+        let w = measure("create").await?;
+        // Only windows the rotation covered whole.
+        if !rotating.is_finished() {
+            during.push((r, w));
+        }
+    }
+    let (r, took) = rotating.await?;
+    let r = r?;
+    println!(
+        "Data-key rotation ({}): {} versions re-encrypted in {took:.1} s = {:.0} versions/s (seeding {n} versions took {seeded:.1} s)",
+        if db.is_some() { "postgres" } else { "sqlite" },
+        r.resealed,
+        r.resealed as f64 / took
+    );
+    println!("| window | reads/s | % of before | creates/s | % of before |");
+    println!("|---|---:|---:|---:|---:|");
+    println!("| before | {read0:.0} | 100 | {write0:.0} | 100 |");
+    for (i, (r, w)) in during.iter().enumerate() {
+        println!(
+            "| during {} | {r:.0} | {:.0} | {w:.0} | {:.0} |",
+            i + 1,
+            100.0 * r / read0,
+            100.0 * w / write0
+        );
+    }
+    Ok(())
+}
+
+/// N Observation versions, ten per patient, sealed under generation 1.
+async fn seed_versions(op: &Arc<Instance>, n: usize) -> Result<()> {
+    use phylax_store::{NewVersion, Precondition};
+    let body = br#"{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"valueQuantity":{"value":72,"unit":"/min"}}"#;
+    let mut tasks = Vec::new();
+    let per = n.div_ceil(8);
+    for w in 0..8 {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(1000);
+            for i in w * per..((w + 1) * per).min(n) {
+                let scope = format!("patient:dk{:07}", i / 10);
+                let id = format!("dk{i:08}");
+                let key = op.keys.for_write(&scope).await?;
+                let aad = phylax_server::data::repo::aad("Observation", &id, 1, &scope);
+                batch.push((
+                    NewVersion {
+                        rtype: "Observation".into(),
+                        id,
+                        version: 1,
+                        last_updated: 0,
+                        deleted: false,
+                        key_scope: scope,
+                        sealed: Some(key.seal(&aad, body)?),
+                        index: Vec::new(),
+                    },
+                    Precondition::Absent,
+                ));
+                if batch.len() == 1000 {
+                    op.store
+                        .append_versions(std::mem::take(&mut batch), Vec::new())
+                        .await?;
+                }
+            }
+            if !batch.is_empty() {
+                op.store.append_versions(batch, Vec::new()).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
     Ok(())
 }

@@ -106,6 +106,12 @@ struct Args {
     /// KEK rotation that re-wraps them all.
     #[arg(long)]
     kek_rotation: Option<usize>,
+    /// Instead of the HTTP scenarios: store this many resource versions,
+    /// then measure reads and creates (`--duration` seconds each, at the
+    /// first `--concurrency`) before and while a data-key rotation
+    /// re-encrypts them all.
+    #[arg(long)]
+    data_key_rotation: Option<usize>,
     /// With --kek-rotation: the KEK in this PKCS#11 module's token
     /// (--hsm-token, --hsm-pin-file) instead of a key file.
     #[arg(long)]
@@ -653,6 +659,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(n) = args.data_key_rotation {
+        let conc = args.concurrency.first().copied().unwrap_or(8);
+        return keys::data_key_rotation(n, args.database_url.as_deref(), args.duration, conc).await;
+    }
     if let Some(n) = args.kek_rotation {
         let hsm = match (&args.hsm_module, &args.hsm_token, &args.hsm_pin_file) {
             (Some(m), Some(t), Some(p)) => Some(phylax_server::base::config::HsmSettings {

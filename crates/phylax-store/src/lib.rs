@@ -348,6 +348,15 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<u8>>;
 
     /// When a wrapped key was stored (seconds), for key-age metrics.
+    /// [`KeyStore::put_wrapped_key_if_absent`] for many rows in one
+    /// transaction (a data-key rotation makes a page's new keys together).
+    /// Returns what is stored for each, in the order given.
+    async fn put_wrapped_keys_if_absent(
+        &self,
+        rows: Vec<(String, Vec<u8>)>,
+        now: i64,
+    ) -> Result<Vec<Vec<u8>>>;
+
     async fn wrapped_key_created(&self, scope: &str) -> Result<Option<i64>>;
 
     /// A page of wrapped keys in the order of the table's key index (the
@@ -357,6 +366,10 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Delete a wrapped key (a retired token key); whether there was one.
     async fn delete_wrapped_key(&self, scope: &str) -> Result<bool>;
+
+    /// Delete wrapped keys in one transaction (a data-key rotation's
+    /// retired generation); how many there were.
+    async fn delete_wrapped_keys(&self, scopes: Vec<String>) -> Result<u64>;
 
     /// Every wrapped key whose kind (the scope up to its first `:`) is not
     /// `kind` (the few keys that are not data keys).

@@ -2551,4 +2551,29 @@ async fn versions_are_listed_by_generation_and_resealed_by_compare_and_swap(s: &
     assert_eq!(left, vec!["g0"]);
     let v = s.read_version("Basic", "g1", 1).await.unwrap().unwrap();
     assert_eq!(v.sealed.unwrap(), b"\x02\x00\x00\x00\x03new1");
+    // Keys made and deleted in batches; a key already there wins.
+    s.put_wrapped_key_if_absent("data:x@2", b"first", 1)
+        .await
+        .unwrap();
+    let got = s
+        .put_wrapped_keys_if_absent(
+            vec![
+                ("data:x@2".into(), b"second".to_vec()),
+                ("data:y@2".into(), b"y".to_vec()),
+            ],
+            2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, vec![b"first".to_vec(), b"y".to_vec()]);
+    let n = s
+        .delete_wrapped_keys(vec![
+            "data:x@2".into(),
+            "data:y@2".into(),
+            "data:z@2".into(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    assert!(s.get_wrapped_key("data:y@2").await.unwrap().is_none());
 }

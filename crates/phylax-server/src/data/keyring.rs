@@ -225,6 +225,57 @@ impl KeyRing {
         Ok(self.remember(scope, key))
     }
 
+    /// [`KeyRing::for_write`] for many scopes at once: those not in memory
+    /// are fetched in one read, and those that do not exist yet are made
+    /// and stored in one write (a data-key rotation's page of versions
+    /// needs the new generation's key of every compartment on it).
+    pub async fn for_write_many(&self, scopes: &[String]) -> Result<(), KeyError> {
+        let missing: std::collections::BTreeSet<&String> =
+            scopes.iter().filter(|s| self.cached(s).is_none()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<String> = missing.iter().map(|s| row_name(s)).collect();
+        let mut found = std::collections::BTreeSet::new();
+        for (row, wrapped) in self.store.get_wrapped_keys(&rows).await? {
+            if let Some(scope) = row.strip_prefix("data:") {
+                let key = self
+                    .kek
+                    .unwrap_data_key(scope, &wrapped)
+                    .map_err(|_| KeyError::Unwrap)?;
+                self.remember(scope, key);
+                found.insert(scope.to_owned());
+            }
+        }
+        let mut fresh = Vec::new();
+        let mut names = Vec::new();
+        for scope in missing.into_iter().filter(|s| !found.contains(*s)) {
+            let key = DataKey::generate().map_err(|_| KeyError::Random)?;
+            let w = self
+                .kek
+                .wrap_data_key(scope, &key)
+                .map_err(|_| KeyError::Random)?;
+            fresh.push((row_name(scope), w));
+            names.push(scope.clone());
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let stored = self
+            .store
+            .put_wrapped_keys_if_absent(fresh, crate::base::clock::now_secs())
+            .await?;
+        // What is stored wins (another node may have made it first).
+        for (scope, wrapped) in names.iter().zip(stored) {
+            let key = self
+                .kek
+                .unwrap_data_key(scope, &wrapped)
+                .map_err(|_| KeyError::Unwrap)?;
+            self.remember(scope, key);
+        }
+        Ok(())
+    }
+
     /// Fetch and cache, in one read, the keys of these scopes that are not
     /// cached yet (a search page's, whose results each have their own
     /// patient's key: one round trip per page instead of one per result

@@ -74,6 +74,8 @@ pub enum KeysError {
     Index(String),
     #[error("the audit checkpoint keys: {0}")]
     Checkpoint(String),
+    #[error("re-encrypting resource versions: {0}")]
+    DataKeys(String),
 }
 
 /// What every stored key kind protects, by row prefix.

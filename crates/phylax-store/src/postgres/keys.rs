@@ -46,6 +46,42 @@ impl KeyStore for PgStore {
         Ok(row.get(0))
     }
 
+    async fn put_wrapped_keys_if_absent(
+        &self,
+        rows: Vec<(String, Vec<u8>)>,
+        now: i64,
+    ) -> Result<Vec<Vec<u8>>> {
+        let (scopes, wrapped): (Vec<String>, Vec<Vec<u8>>) = rows.into_iter().unzip();
+        let c = self.pool.get().await.map_err(pool_err)?;
+        // Insert what is absent, then read back what is stored (another
+        // node's key where it won), in the order given.
+        c.execute(
+            "INSERT INTO wrapped_keys (scope, wrapped, created_at) \
+             SELECT u.scope, u.wrapped, $3 FROM unnest($1::text[], $2::bytea[]) AS u(scope, wrapped) \
+             ON CONFLICT (scope) DO NOTHING",
+            &[&scopes, &wrapped, &now],
+        )
+        .await
+        .map_err(pg)?;
+        let stored = c
+            .query(
+                "SELECT scope, wrapped FROM wrapped_keys WHERE scope = ANY($1)",
+                &[&scopes],
+            )
+            .await
+            .map_err(pg)?;
+        let by: std::collections::HashMap<String, Vec<u8>> =
+            stored.iter().map(|r| (r.get(0), r.get(1))).collect();
+        scopes
+            .iter()
+            .map(|s| {
+                by.get(s)
+                    .cloned()
+                    .ok_or_else(|| StoreError::Backend(format!("wrapped key {s} not stored")))
+            })
+            .collect()
+    }
+
     async fn wrapped_key_created(&self, scope: &str) -> Result<Option<i64>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         Ok(c.query_opt(
@@ -84,6 +120,13 @@ impl KeyStore for PgStore {
                 .map_err(pg)?
                 > 0,
         )
+    }
+
+    async fn delete_wrapped_keys(&self, scopes: Vec<String>) -> Result<u64> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        c.execute("DELETE FROM wrapped_keys WHERE scope = ANY($1)", &[&scopes])
+            .await
+            .map_err(pg)
     }
 
     async fn wrapped_keys_except(&self, kind: &str) -> Result<Vec<WrappedKeyRow>> {

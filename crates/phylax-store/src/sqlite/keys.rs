@@ -59,6 +59,28 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn put_wrapped_keys_if_absent(
+        &self,
+        rows: Vec<(String, Vec<u8>)>,
+        now: i64,
+    ) -> Result<Vec<Vec<u8>>> {
+        self.write(move |c| {
+            let mut put = c
+                .prepare_cached("INSERT INTO wrapped_keys (scope, wrapped, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (scope) DO NOTHING")
+                .map_err(backend)?;
+            let mut get = c
+                .prepare_cached("SELECT wrapped FROM wrapped_keys WHERE scope = ?1")
+                .map_err(backend)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (scope, wrapped) in &rows {
+                put.execute(params![scope, wrapped, now]).map_err(backend)?;
+                out.push(get.query_row(params![scope], |r| r.get(0)).map_err(backend)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn wrapped_key_created(&self, scope: &str) -> Result<Option<i64>> {
         let scope = scope.to_owned();
         self.read(move |c| {
@@ -103,6 +125,20 @@ impl KeyStore for SqliteStore {
                     .map_err(backend)?
                     > 0,
             )
+        })
+        .await
+    }
+
+    async fn delete_wrapped_keys(&self, scopes: Vec<String>) -> Result<u64> {
+        self.write(move |c| {
+            let mut st = c
+                .prepare_cached("DELETE FROM wrapped_keys WHERE scope = ?1")
+                .map_err(backend)?;
+            let mut n = 0;
+            for s in &scopes {
+                n += st.execute(params![s]).map_err(backend)? as u64;
+            }
+            Ok(n)
         })
         .await
     }

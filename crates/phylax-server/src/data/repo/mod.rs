@@ -268,7 +268,7 @@ fn write_error(e: StoreError) -> RepoError {
 /// What a body's seal is bound to: `phylax/resource/v1␀type␀id␀version␀scope`.
 /// Built by appending (every search opens a page of bodies; `format!`
 /// showed in profiles).
-fn aad(rtype: &str, id: &str, version: u64, scope: &str) -> Vec<u8> {
+pub fn aad(rtype: &str, id: &str, version: u64, scope: &str) -> Vec<u8> {
     use std::io::Write as _;
     const PREFIX: &[u8] = b"phylax/resource/v1\0";
     let mut a = Vec::with_capacity(PREFIX.len() + rtype.len() + id.len() + scope.len() + 24);

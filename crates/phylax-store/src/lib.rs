@@ -521,6 +521,10 @@ pub trait ResourceStore: Send + Sync + std::fmt::Debug + 'static {
         limit: u32,
     ) -> Result<Vec<SealedVersion>>;
 
+    /// How many versions [`ResourceStore::sealed_versions`] would list
+    /// (counted in the database: nothing is sent).
+    async fn count_sealed_versions(&self, below_generation: u32) -> Result<u64>;
+
     /// Replace version bodies, each only if the row still holds the bytes
     /// that were read (`(seq, old, new)`; a version erased or re-encrypted
     /// meanwhile is left alone), in one transaction. How many replaced.

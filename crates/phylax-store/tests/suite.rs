@@ -2516,6 +2516,8 @@ async fn versions_are_listed_by_generation_and_resealed_by_compare_and_swap(s: &
     assert_eq!(ids, vec!["g0", "g1"], "generations 1 and 2, no tombstone");
     assert_eq!(below3[1].sealed, bodies[1]);
     assert_eq!(s.sealed_versions(2, 0, 100).await.unwrap().len(), 1);
+    assert_eq!(s.count_sealed_versions(3).await.unwrap(), 2);
+    assert_eq!(s.count_sealed_versions(2).await.unwrap(), 1);
     assert_eq!(
         s.sealed_versions(3, below3[0].seq, 100)
             .await

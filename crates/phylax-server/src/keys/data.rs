@@ -10,8 +10,8 @@
 //! 2. after the grace, every version sealed under an older generation is
 //!    opened and sealed again, in pages, each row replaced only if it still
 //!    holds the bytes that were read (an erasure meanwhile wins); the pass
-//!    yields to the servers (after each page it rests twice as long as the
-//!    page took), and is repeated until nothing older is left;
+//!    yields to the servers (after each page it rests three times as long
+//!    as the page took), and is repeated until nothing older is left;
 //! 3. `data_keys_done_v1:N+1` is recorded, and the older generations' keys
 //!    are deleted (except the first `tenant` key, which also seals
 //!    break-the-glass grants' details).
@@ -36,10 +36,10 @@ const DATA_KEYS_DONE: &str = "data_keys_done_v1:";
 const PAGE: u32 = 500;
 
 /// How long the pass rests after each page, in multiples of the time the
-/// page took: the servers get the database two thirds of the time
-/// (docs/PERFORMANCE.md, "Key rotation": reads and writes keep at least
-/// 70% of their rate).
-const REST: u32 = 2;
+/// page took: the servers get the database (and the cores) three quarters
+/// of the time (docs/PERFORMANCE.md, "Data-key rotation under load":
+/// reads and writes keep at least 70% of their rate).
+const REST: u32 = 3;
 
 /// What a data-key rotation did.
 #[derive(Debug, Clone, Serialize)]
@@ -94,7 +94,7 @@ impl KeyAdmin<'_> {
         // the event; then nothing older is written again.
         tokio::time::sleep(self.grace).await;
         let repo = self.index_repo().await?;
-        let total = self.versions_to_do(next).await?;
+        let total = self.store.count_sealed_versions(next).await?;
         let mut resealed = 0;
         loop {
             let pass = self
@@ -122,19 +122,6 @@ impl KeyAdmin<'_> {
             resealed,
             retired,
         })
-    }
-
-    /// How many versions are sealed under a generation before `next`.
-    async fn versions_to_do(&self, next: u32) -> Result<u64, KeysError> {
-        let mut n = 0;
-        let mut after = 0;
-        loop {
-            let page = self.store.sealed_versions(next, after, 10 * PAGE).await?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            n += page.len() as u64;
-        }
-        Ok(n)
     }
 
     /// One pass over the versions still under an older generation.

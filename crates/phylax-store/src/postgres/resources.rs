@@ -85,6 +85,22 @@ impl ResourceStore for PgStore {
             .collect())
     }
 
+    async fn count_sealed_versions(&self, below_generation: u32) -> Result<u64> {
+        let below = crate::generation_header(below_generation);
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM resource_versions WHERE body IS NOT NULL \
+                 AND (substring(body from 1 for 1) = '\\x01'::bytea \
+                      OR (substring(body from 1 for 1) = '\\x02'::bytea AND substring(body from 1 for 5) < $1))",
+                &[&below],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok(n as u64)
+    }
+
     async fn reseal_versions(&self, rows: Vec<(i64, Vec<u8>, Vec<u8>)>) -> Result<u64> {
         let (mut seqs, mut olds, mut news) = (Vec::new(), Vec::new(), Vec::new());
         for (seq, old, new) in rows {

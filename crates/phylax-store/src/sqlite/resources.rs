@@ -84,6 +84,21 @@ impl ResourceStore for SqliteStore {
         .await
     }
 
+    async fn count_sealed_versions(&self, below_generation: u32) -> Result<u64> {
+        let below = crate::generation_header(below_generation);
+        self.read(move |c| {
+            c.query_row(
+                "SELECT count(*) FROM resource_versions WHERE body IS NOT NULL \
+                 AND (substr(body, 1, 1) = X'01' OR (substr(body, 1, 1) = X'02' AND substr(body, 1, 5) < ?1))",
+                params![below],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn reseal_versions(&self, rows: Vec<(i64, Vec<u8>, Vec<u8>)>) -> Result<u64> {
         self.write(move |c| {
             let mut st = c

@@ -57,6 +57,8 @@ pub enum InstanceError {
     DatabaseNotInitialized,
     #[error("file system: {0}")]
     Io(String),
+    #[error("the audit log: {0}")]
+    Audit(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -603,7 +605,7 @@ impl Instance {
             config.audit.retention_days,
         )
         .await
-        .map_err(|e| InstanceError::Io(e.to_string()))?;
+        .map_err(|e| InstanceError::Audit(e.to_string()))?;
         Ok(Instance {
             data_dir,
             config,

@@ -400,10 +400,13 @@ pub struct CheckpointKeys {
 
 impl KeyRing {
     /// The audit log's checkpoint keys (Ed25519): the newest generation
-    /// whose private key is stored signs (generation 1 is created on
-    /// first use, race-safe); every other generation, private or retired,
-    /// verifies (docs/KEYS.md, "The checkpoint key").
-    pub async fn checkpoint_keys(&self) -> Result<CheckpointKeys, KeyError> {
+    /// whose private key is stored signs; every other generation, private
+    /// or retired, verifies (docs/KEYS.md, "The checkpoint key"). A
+    /// generation missing below a later one is refused (fail closed), and
+    /// generation 1 is made only when `may_create` (a log with nothing in
+    /// it yet): a database whose key rows were deleted must not quietly
+    /// get a new key that signs whatever is there.
+    pub async fn checkpoint_keys(&self, may_create: bool) -> Result<CheckpointKeys, KeyError> {
         use phylax_crypto::log_signing::CheckpointKey;
         let scope = |n: u32| format!("checkpoint-{n}");
         let mut private = Vec::new();
@@ -426,9 +429,26 @@ impl KeyRing {
             }
             n += 1;
         }
+        // A later generation beyond a missing one: a generation that
+        // existed is gone (retired generations keep their public half).
+        for later in n + 1..n + 16 {
+            if self
+                .store
+                .get_wrapped_key(&checkpoint_row(later))
+                .await?
+                .is_some()
+                || self
+                    .store
+                    .get_wrapped_key(&retired_checkpoint_row(later))
+                    .await?
+                    .is_some()
+            {
+                return Err(KeyError::Missing);
+            }
+        }
         let (generation, w) = match private.pop() {
             Some(p) => p,
-            None if n == 1 => {
+            None if n == 1 && may_create => {
                 let (_, w) = CheckpointKey::generate_wrapped(&self.kek, &scope(1))
                     .map_err(|_| KeyError::Random)?;
                 let w = self
@@ -441,7 +461,8 @@ impl KeyRing {
                     .await?;
                 (1, w)
             }
-            // Every generation retired: nothing may sign (fail closed).
+            // No key, but a log that has signed checkpoints; or every
+            // generation retired: nothing may sign (fail closed).
             None => return Err(KeyError::Missing),
         };
         for (m, w) in private {

@@ -310,7 +310,20 @@ impl KeyAdmin<'_> {
         let mut keys = Vec::new();
         let data: Vec<_> = stats.iter().filter(|g| g.kind == "data").collect();
         if !data.is_empty() {
-            let created = data.iter().map(|g| g.oldest).min().unwrap_or(t);
+            // After a data-key rotation the resource keys are as old as
+            // their generation (the audit, account and grant keys, which
+            // do not rotate that way, would keep the oldest date forever).
+            let generation = crate::data::key_events::data_generation(self.store).await?;
+            let rotated = match generation {
+                1 => None,
+                g => self
+                    .store
+                    .get_meta(&format!("{}{g}", crate::data::key_events::DATA_KEYS))
+                    .await?
+                    .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok()),
+            };
+            let created =
+                rotated.unwrap_or_else(|| data.iter().map(|g| g.oldest).min().unwrap_or(t));
             keys.push(info(
                 "data-keys",
                 "data:*".into(),
@@ -324,7 +337,12 @@ impl KeyAdmin<'_> {
         for r in self.store.wrapped_keys_except("data").await? {
             if let Some((kind, _)) = protects(&r.scope) {
                 if kind != "kek-check" {
-                    keys.push(info(kind, r.scope.clone(), 1, r.created_at, t, max_age));
+                    let mut k = info(kind, r.scope.clone(), 1, r.created_at, t, max_age);
+                    // A retired checkpoint key's public half only verifies.
+                    if r.scope.starts_with("log:retired-checkpoint-") {
+                        k.overdue = false;
+                    }
+                    keys.push(k);
                 }
             }
         }

@@ -121,7 +121,7 @@ impl KeyAdmin<'_> {
         use phylax_crypto::log_signing::CheckpointKey;
         let current = self
             .keys
-            .checkpoint_keys()
+            .checkpoint_keys(false)
             .await
             .map_err(|e| KeysError::Checkpoint(e.to_string()))?;
         let next = current.generation + 1;

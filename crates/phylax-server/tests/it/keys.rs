@@ -706,6 +706,54 @@ async fn the_checkpoint_key_rotates_and_older_checkpoints_still_verify(s: &TestS
         .verify(std::slice::from_ref(&outside), None)
         .await
         .unwrap();
+    // An insider with the database deletes the retired key (a gap before
+    // generation 2), or every checkpoint key: the instance refuses to
+    // open, rather than make a new key that would sign whatever is there.
+    let retired = s
+        .store
+        .get_wrapped_key("log:retired-checkpoint-1")
+        .await
+        .unwrap()
+        .unwrap();
+    s.store
+        .delete_wrapped_key("log:retired-checkpoint-1")
+        .await
+        .unwrap();
+    let e = Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("checkpoint keys"), "{e}");
+    let current = s
+        .store
+        .get_wrapped_key("log:checkpoint-2")
+        .await
+        .unwrap()
+        .unwrap();
+    s.store
+        .delete_wrapped_key("log:checkpoint-2")
+        .await
+        .unwrap();
+    let e = Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("checkpoint keys"), "{e}");
+    assert!(
+        s.store
+            .get_wrapped_key("log:checkpoint-1")
+            .await
+            .unwrap()
+            .is_none(),
+        "no new key made"
+    );
+    s.store
+        .put_wrapped_key_if_absent("log:retired-checkpoint-1", &retired, 0)
+        .await
+        .unwrap();
+    s.store
+        .put_wrapped_key_if_absent("log:checkpoint-2", &current, 0)
+        .await
+        .unwrap();
+    operator(s).await;
     // An insider with the database adds a "retired" public key of their
     // own (to make checkpoints they forge verify): it does not unwrap
     // under the KEK, and the instance refuses to open.

@@ -111,11 +111,17 @@ struct CheckpointSet {
 }
 
 impl CheckpointSet {
-    async fn load(keys: &KeyRing, origin: &str) -> Result<CheckpointSet, AuditError> {
-        let k = keys
-            .checkpoint_keys()
-            .await
-            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+    async fn load(
+        keys: &KeyRing,
+        origin: &str,
+        may_create: bool,
+    ) -> Result<CheckpointSet, AuditError> {
+        let k = keys.checkpoint_keys(may_create).await.map_err(|e| match e {
+            crate::data::keyring::KeyError::Missing => AuditError::Integrity(
+                "the audit log's checkpoint keys are missing or have a gap (a generation deleted from wrapped_keys): restore them from a backup (docs/KEYS.md, \"Recovery\")".into(),
+            ),
+            e => AuditError::Unavailable(e.to_string()),
+        })?;
         let mut verifiers = Vec::with_capacity(1 + k.retired.len());
         for public in std::iter::once(k.signer.public()).chain(k.retired) {
             verifiers.push(
@@ -173,7 +179,10 @@ impl AuditLog {
             .for_write(AUDIT_SCOPE)
             .await
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
-        let checkpoint = CheckpointSet::load(keys, &origin).await?;
+        // A checkpoint key is made only for a log with nothing in it yet.
+        let (latest, size) = store.latest_checkpoint_and_tree_size().await?;
+        let fresh = latest.is_none() && size == 0;
+        let checkpoint = CheckpointSet::load(keys, &origin, fresh).await?;
         let (tx, rx) = mpsc::channel::<Pending>(8 * BATCH_MAX);
         tokio::spawn(writer(store.clone(), rx));
         Ok(Arc::new(AuditLog {
@@ -251,7 +260,7 @@ impl AuditLog {
     /// Load the checkpoint keys again (a rotation's key event): sign with
     /// the newest, verify with every one.
     pub async fn reload_checkpoint_keys(&self, keys: &KeyRing) -> Result<(), AuditError> {
-        let set = CheckpointSet::load(keys, &self.origin).await?;
+        let set = CheckpointSet::load(keys, &self.origin, false).await?;
         *self.checkpoint.write() = set;
         Ok(())
     }

@@ -207,6 +207,14 @@ fn progress_bar(what: &'static str) -> indicatif::ProgressBar {
     pb
 }
 
+/// What a long key operation reports its progress (done, total) to.
+fn on_progress(pb: &indicatif::ProgressBar) -> impl Fn(u64, u64) + Sync + '_ {
+    move |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    }
+}
+
 async fn open(inst: &InstanceArgs) -> Result<Instance> {
     Ok(Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?)
 }
@@ -320,10 +328,7 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             if data_keys || all {
                 let pb = progress_bar("re-encrypting");
                 let r = KeyAdmin::of(&i, GRACE)
-                    .rotate_data_keys(&|done, total| {
-                        pb.set_length(total);
-                        pb.set_position(done);
-                    })
+                    .rotate_data_keys(&on_progress(&pb))
                     .await;
                 pb.finish_and_clear();
                 let r = r?;
@@ -338,10 +343,7 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             if index || all {
                 let pb = progress_bar("re-indexing");
                 let r = KeyAdmin::of(&i, GRACE)
-                    .rotate_index(&|done, total| {
-                        pb.set_length(total);
-                        pb.set_position(done);
-                    })
+                    .rotate_index(&on_progress(&pb))
                     .await;
                 pb.finish_and_clear();
                 let r = r?;
@@ -355,12 +357,7 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             }
             if kek || all {
                 let pb = progress_bar("re-wrapping");
-                let r = KeyAdmin::of(&i, GRACE)
-                    .rotate_kek(&|done, total| {
-                        pb.set_length(total);
-                        pb.set_position(done);
-                    })
-                    .await;
+                let r = KeyAdmin::of(&i, GRACE).rotate_kek(&on_progress(&pb)).await;
                 pb.finish_and_clear();
                 let r = r?;
                 if !json {
@@ -389,11 +386,8 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             };
             let i = open(&inst).await?;
             let pb = progress_bar("moving into the HSM");
-            let r = phylax_server::keys::move_kek_to_hsm(&i, settings, GRACE, &|done, total| {
-                pb.set_length(total);
-                pb.set_position(done);
-            })
-            .await;
+            let r =
+                phylax_server::keys::move_kek_to_hsm(&i, settings, GRACE, &on_progress(&pb)).await;
             pb.finish_and_clear();
             let r = r?;
             if json {
@@ -448,10 +442,7 @@ pub async fn patient_cmd(c: PatientCmd) -> Result<()> {
                     &reason,
                     i.config.keys.retention_years,
                     override_retention,
-                    &|done, total| {
-                        pb.set_length(total);
-                        pb.set_position(done);
-                    },
+                    &on_progress(&pb),
                 )
                 .await;
             pb.finish_and_clear();

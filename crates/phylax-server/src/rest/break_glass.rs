@@ -15,13 +15,6 @@ use phylax_fhir::ResourceId;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-fn param<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
-    body.get("parameter")?
-        .as_array()?
-        .iter()
-        .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
-}
-
 /// `POST /fhir/Patient/{id}/$break-the-glass`.
 pub async fn request(
     State(st): State<Arc<FhirState>>,
@@ -88,26 +81,9 @@ async fn grant(
     }
     let pid = pid.ok_or(Failure::NotFound)?;
     let value = crate::rest::wire::read_json(st, h, body).await?;
-    if value.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
-        return Err(Failure::bad_request("send a Parameters resource"));
-    }
-    let reason = param(&value, "reason")
-        .and_then(|p| p.get("valueString"))
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| Failure::bad_request("a reason (valueString) is required"))?;
-    if reason.chars().any(char::is_control) {
-        return Err(Failure::bad_request(
-            "the reason may not contain control characters (line breaks, escapes)",
-        ));
-    }
-    if reason.chars().count() > MAX_REASON {
-        return Err(Failure::bad_request(format!(
-            "the reason is limited to {MAX_REASON} characters"
-        )));
-    }
-    let purpose = match param(&value, "purpose") {
+    let value = crate::rest::wire::parameters(&value)?;
+    let reason = crate::rest::wire::reason(value, MAX_REASON)?;
+    let purpose = match crate::rest::wire::param(value, "purpose") {
         None => "ETREAT",
         Some(p) => {
             let code = p

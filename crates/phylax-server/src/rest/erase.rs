@@ -20,13 +20,6 @@ use serde_json::{json, Value};
 /// The longest reason accepted (it goes into the audit log).
 const MAX_REASON: usize = 500;
 
-fn param<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
-    body.get("parameter")?
-        .as_array()?
-        .iter()
-        .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
-}
-
 /// The caller may erase: a user, the role's permission, the token's
 /// scopes, a second factor within `access.break_glass_mfa_max_age_secs`.
 fn check_caller(st: &FhirState, ctx: &RequestCtx) -> Result<(), Failure> {
@@ -61,25 +54,9 @@ fn check_caller(st: &FhirState, ctx: &RequestCtx) -> Result<(), Failure> {
 /// What the request asks: the reason and whether the retention period is
 /// overridden.
 fn parse(value: &Value) -> Result<(String, bool), Failure> {
-    if value.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
-        return Err(Failure::bad_request("send a Parameters resource"));
-    }
-    let reason = param(value, "reason")
-        .and_then(|p| p.get("valueString"))
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| Failure::bad_request("a reason (valueString) is required"))?;
-    if reason.chars().any(char::is_control) {
-        return Err(Failure::bad_request(
-            "the reason may not contain control characters (line breaks, escapes)",
-        ));
-    }
-    if reason.chars().count() > MAX_REASON {
-        return Err(Failure::bad_request(format!(
-            "the reason is limited to {MAX_REASON} characters"
-        )));
-    }
+    use crate::rest::wire::{param, parameters, reason};
+    let value = parameters(value)?;
+    let reason = reason(value, MAX_REASON)?;
     let override_retention = match param(value, "overrideRetention") {
         None => false,
         Some(p) => p

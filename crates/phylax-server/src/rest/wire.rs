@@ -199,6 +199,47 @@ pub(crate) fn body_error(e: &axum::Error) -> Failure {
     }
 }
 
+// ------------------------------------------------------- operation input
+
+/// The `Parameters` resource an operation was sent (400 otherwise).
+pub(crate) fn parameters(value: &Value) -> Result<&Value, Failure> {
+    if value.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err(Failure::bad_request("send a Parameters resource"));
+    }
+    Ok(value)
+}
+
+/// The parameter called `name` of a `Parameters` resource.
+pub(crate) fn param<'a>(body: &'a Value, name: &str) -> Option<&'a Value> {
+    body.get("parameter")?
+        .as_array()?
+        .iter()
+        .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+}
+
+/// The required `reason` (valueString) of an operation, trimmed: at most
+/// `max` characters, and no control characters (reasons are shown to
+/// reviewers in terminals, where escapes could rewrite the screen).
+pub(crate) fn reason(parameters: &Value, max: usize) -> Result<&str, Failure> {
+    let reason = param(parameters, "reason")
+        .and_then(|p| p.get("valueString"))
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| Failure::bad_request("a reason (valueString) is required"))?;
+    if reason.chars().any(char::is_control) {
+        return Err(Failure::bad_request(
+            "the reason may not contain control characters (line breaks, escapes)",
+        ));
+    }
+    if reason.chars().count() > max {
+        return Err(Failure::bad_request(format!(
+            "the reason is limited to {max} characters"
+        )));
+    }
+    Ok(reason)
+}
+
 /// Read the body within the configured limit and parse it strictly.
 pub(crate) async fn read_json(st: &FhirState, h: &HeaderMap, body: Body) -> Result<Value, Failure> {
     check_content_type(h)?;

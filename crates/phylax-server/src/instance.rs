@@ -103,8 +103,9 @@ pub struct Instance {
     pub token_key: MacKey,
     pub previous_token_key: Option<(MacKey, i64)>,
     pub cursor_keys: crate::data::cursor_keys::CursorSet,
-    /// Hashes bearer grants, recovery codes, usernames and CSRF tokens.
-    pub auth_key: Arc<MacKey>,
+    /// The sign-in key's live generations: hash bearer grants, recovery
+    /// codes, enrollment links, usernames and CSRF tags.
+    pub auth_keys: Arc<crate::data::auth_keys::AuthKeys>,
     pub blind_key: BlindIndexKey,
     /// The audit log service (its group-commit writer runs on the runtime
     /// that opened the instance).
@@ -421,32 +422,48 @@ fn write_tls(data_dir: &Path, key_dir: &Path, names: &[String]) -> Result<PathBu
     Ok(tls_key)
 }
 
+/// The account service over `store` with the configured hashing
+/// parameters, hashing under `auth_keys`.
+pub fn accounts_for(
+    config: &Config,
+    store: &DynStore,
+    keys: &Arc<KeyRing>,
+    auth_keys: Arc<crate::data::auth_keys::AuthKeys>,
+) -> Result<crate::data::accounts::Accounts, InstanceError> {
+    let a = &config.auth;
+    let params = phylax_crypto::password::PasswordParams::new(
+        a.argon2_memory_kib,
+        a.argon2_iterations,
+        a.argon2_parallelism,
+    )?;
+    let roles = config.roles().map_err(InstanceError::Io)?;
+    crate::data::accounts::Accounts::new(
+        store.clone(),
+        keys.clone(),
+        auth_keys,
+        params,
+        a.password_min_length,
+        std::sync::Arc::new(roles),
+    )
+    .map(|acc| {
+        acc.with_argon2_limit(
+            a.argon2_max_concurrent,
+            std::time::Duration::from_secs(a.argon2_queue_secs),
+        )
+    })
+    .map_err(|e| InstanceError::Io(e.to_string()))
+}
+
 impl Instance {
     /// The account service (users, passwords, second factors) for this
     /// instance, with its configured hashing parameters.
     pub fn accounts(&self) -> Result<crate::data::accounts::Accounts, InstanceError> {
-        let a = &self.config.auth;
-        let params = phylax_crypto::password::PasswordParams::new(
-            a.argon2_memory_kib,
-            a.argon2_iterations,
-            a.argon2_parallelism,
-        )?;
-        let roles = self.config.roles().map_err(InstanceError::Io)?;
-        crate::data::accounts::Accounts::new(
-            self.store.clone(),
-            self.keys.clone(),
-            self.auth_key.clone(),
-            params,
-            a.password_min_length,
-            std::sync::Arc::new(roles),
+        accounts_for(
+            &self.config,
+            &self.store,
+            &self.keys,
+            self.auth_keys.clone(),
         )
-        .map(|acc| {
-            acc.with_argon2_limit(
-                a.argon2_max_concurrent,
-                std::time::Duration::from_secs(a.argon2_queue_secs),
-            )
-        })
-        .map_err(|e| InstanceError::Io(e.to_string()))
     }
 
     /// Create a new instance. Refuses to touch an existing one.
@@ -581,7 +598,15 @@ impl Instance {
                     crate::data::cursor_keys::CursorKeyError::Store(e) => InstanceError::Store(e),
                     _ => InstanceError::WrongKek,
                 })?;
-        let auth_key = Arc::new(mac_key(&store, &kek, "auth").await?);
+        let auth_keys = Arc::new(
+            crate::data::auth_keys::AuthKeys::load(&store, &kek)
+                .await
+                .map_err(|e| match e {
+                    crate::data::auth_keys::AuthKeyError::Store(e) => InstanceError::Store(e),
+                    crate::data::auth_keys::AuthKeyError::Unwrap(_) => InstanceError::WrongKek,
+                    e => InstanceError::Io(e.to_string()),
+                })?,
+        );
         let blind_key = search_key(&store, &kek).await?;
         let audit_blind = Arc::new(audit_patient_key(&store, &kek).await?);
         let keys = Arc::new(KeyRing::new(kek, store.clone()));
@@ -614,7 +639,7 @@ impl Instance {
             token_key,
             previous_token_key,
             cursor_keys,
-            auth_key,
+            auth_keys,
             blind_key,
             audit,
         })

@@ -556,9 +556,10 @@ pub trait AccountStore: Send + Sync + std::fmt::Debug + 'static {
 
     async fn list_users(&self) -> Result<Vec<UserRecord>>;
 
-    /// Replace a user's role, status and sealed details if its revision is
-    /// still `u.rev` (compare-and-swap); the stored revision becomes
-    /// `u.rev + 1`. Returns false if the user changed meanwhile (or is gone):
+    /// Replace a user's role, status, username hash and sealed details if
+    /// its revision is still `u.rev` (compare-and-swap); the stored
+    /// revision becomes `u.rev + 1`. `Duplicate` if another user has the
+    /// username hash. Returns false if the user changed meanwhile (or is gone):
     /// re-read and retry. This is what makes a TOTP step or a recovery code
     /// usable once even when two nodes race.
     async fn update_user(&self, u: &UserRecord) -> Result<bool>;
@@ -583,6 +584,10 @@ pub trait GrantStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Delete one grant. Returns whether it existed.
     async fn delete_grant(&self, kind: &str, key_hash: &[u8]) -> Result<bool>;
+
+    /// The latest expiry of any grant unexpired at `now` (`None`: none):
+    /// until then grants hashed under a sign-in key may still be used.
+    async fn max_grant_expiry(&self, now: i64) -> Result<Option<i64>>;
 
     /// Delete every grant of a family. Returns how many.
     async fn delete_family(&self, family: &str) -> Result<u64>;

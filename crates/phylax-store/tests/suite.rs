@@ -1199,6 +1199,19 @@ async fn users_unique_and_compare_and_swap(s: &DynStore) {
     assert_eq!(wins, 1);
     s.add_user(&user("u2", b"hash-bob")).await.unwrap();
     assert_eq!(s.list_users().await.unwrap().len(), 2);
+    // The username hash moves with an update (a sign-in key rotation
+    // re-hashing names), and stays unique.
+    let mut moved = s.get_user("u2").await.unwrap().unwrap();
+    moved.username_hash = b"hash-bob-2".to_vec();
+    assert!(s.update_user(&moved).await.unwrap());
+    assert!(s.find_user(b"hash-bob").await.unwrap().is_none());
+    assert_eq!(s.find_user(b"hash-bob-2").await.unwrap().unwrap().id, "u2");
+    let mut clash = s.get_user("u2").await.unwrap().unwrap();
+    clash.username_hash = b"hash-alice".to_vec();
+    assert!(matches!(
+        s.update_user(&clash).await,
+        Err(StoreError::Duplicate)
+    ));
 }
 
 fn grant(kind: &str, key: &[u8], family: &str, user: &str, exp: i64) -> GrantRecord {
@@ -1278,6 +1291,10 @@ async fn grants_single_use_expiry_and_families(s: &DynStore) {
         .await
         .unwrap()
         .is_some());
+    // The latest expiry of a live grant (what a sign-in key rotation
+    // waits for).
+    assert_eq!(s.max_grant_expiry(now).await.unwrap(), Some(now + 500));
+    assert_eq!(s.max_grant_expiry(now + 500).await.unwrap(), None);
     // Families and users.
     s.put_grant(&grant("refresh", b"r1", "fam", "u1", now + 900), now)
         .await

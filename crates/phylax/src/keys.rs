@@ -58,6 +58,13 @@ pub enum KeysCmd {
         /// verifiers the new verifier key it prints.
         #[arg(long)]
         checkpoint: bool,
+        /// The sign-in key (hashes of grants, recovery codes, enrollment
+        /// links, usernames, CSRF tags): servers hash under the new
+        /// generation within a second and keep accepting the older ones;
+        /// usernames are re-hashed (progress bar); older generations are
+        /// deleted once nothing depends on them (else `keys retire` later).
+        #[arg(long)]
+        sign_in: bool,
         /// The data keys: a new generation of every patient's (and the
         /// tenant's) data key; every resource version is re-encrypted
         /// under it in the background (progress bar) while the servers
@@ -67,6 +74,15 @@ pub enum KeysCmd {
         /// Every rotation available.
         #[arg(long)]
         all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete older key generations nothing depends on any more (the
+    /// sign-in key's: kept while grants, recovery codes or enrollment
+    /// links made under them can still be used); list what keeps the rest.
+    Retire {
+        #[command(flatten)]
+        inst: InstanceArgs,
         #[arg(long)]
         json: bool,
     },
@@ -276,13 +292,23 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             index,
             cursors,
             checkpoint,
+            sign_in,
             data_keys,
             all,
             json,
         } => {
-            if !(kek || signing || tokens || index || cursors || checkpoint || data_keys || all) {
+            if !(kek
+                || signing
+                || tokens
+                || index
+                || cursors
+                || checkpoint
+                || sign_in
+                || data_keys
+                || all)
+            {
                 bail!(
-                    "name what to rotate: --kek, --data-keys, --signing, --tokens, --index, --cursors, --checkpoint or --all"
+                    "name what to rotate: --kek, --data-keys, --signing, --tokens, --index, --cursors, --checkpoint, --sign-in or --all"
                 );
             }
             let i = open(&inst).await?;
@@ -324,6 +350,22 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                     );
                 }
                 out.insert("checkpoint".into(), serde_json::to_value(&r)?);
+            }
+            if sign_in || all {
+                let pb = progress_bar("re-hashing usernames");
+                let r = KeyAdmin::of(&i, GRACE)
+                    .rotate_sign_in(&on_progress(&pb))
+                    .await;
+                pb.finish_and_clear();
+                let r = r?;
+                if !json {
+                    println!(
+                        "sign-in: generation {}; {} usernames re-hashed",
+                        r.generation, r.usernames_rehashed
+                    );
+                    print_retired(&r.retire);
+                }
+                out.insert("sign_in".into(), serde_json::to_value(&r)?);
             }
             if data_keys || all {
                 let pb = progress_bar("re-encrypting");
@@ -370,6 +412,17 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             }
             Ok(())
         }
+        KeysCmd::Retire { inst, json } => {
+            let i = open(&inst).await?;
+            let r = KeyAdmin::of(&i, GRACE).retire_sign_in().await?;
+            if json {
+                let mut out = serde_json::Map::new();
+                out.insert("sign_in".into(), serde_json::to_value(&r)?);
+                return print_json(out);
+            }
+            print_retired(&r);
+            Ok(())
+        }
         KeysCmd::MoveKek {
             inst,
             to_hsm,
@@ -410,6 +463,33 @@ async fn rotate_signing(i: &Instance) -> Result<String> {
     let kid = i.keys.rotate_signing().await?;
     admin_audit(i, "key", Action::Create, format!("signing key {kid} added")).await?;
     Ok(kid)
+}
+
+fn print_retired(r: &phylax_server::keys::sign_in::SignInRetired) {
+    if !r.retired.is_empty() {
+        println!("sign-in: generations {:?} retired", r.retired);
+    }
+    for k in &r.kept {
+        let until = k
+            .grants_until
+            .map(|t| phylax_server::base::clock::format_instant(t * 1000))
+            .unwrap_or_else(|| "unknown (rotation not finished)".into());
+        println!(
+            "sign-in: generation {} kept: grants until {until}; {} usernames, {} users' recovery codes, {} enrollment links{}",
+            k.generation,
+            k.accounts.usernames,
+            k.accounts.recovery_code_sets,
+            k.accounts.enrollment_links,
+            if k.accounts.users.is_empty() {
+                String::new()
+            } else {
+                format!(" (users {})", k.accounts.users.join(", "))
+            }
+        );
+    }
+    if !r.kept.is_empty() {
+        println!("run `phylax keys retire` again after that; recovery codes under an old generation stay valid until used or replaced (`phylax user reset-mfa` replaces them at the next sign-in; `phylax user list` maps ids to names)");
+    }
 }
 
 fn print_kek(r: &phylax_server::keys::KekRotated) {

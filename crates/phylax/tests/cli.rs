@@ -839,6 +839,65 @@ fn keys_patients_and_config_check() {
         serde_json::json!(["mac:blind-index"])
     );
 
+    // The sign-in key: a new generation, usernames re-hashed; the first
+    // generation is kept while an unused enrollment link depends on it.
+    ok(&phylax(
+        &[
+            "user",
+            "add",
+            "--username",
+            "dr.k",
+            "--role",
+            "clinician",
+            "--data-dir",
+            "inst",
+        ],
+        p,
+    ));
+    let r: serde_json::Value = serde_json::from_str(&ok(&phylax(
+        &[
+            "keys",
+            "rotate",
+            "--sign-in",
+            "--data-dir",
+            "inst",
+            "--json",
+        ],
+        p,
+    )))
+    .unwrap();
+    assert_eq!(r["sign_in"]["generation"], 2, "{r}");
+    assert_eq!(r["sign_in"]["usernames_rehashed"], 1, "{r}");
+    assert_eq!(r["sign_in"]["retire"]["kept"][0]["generation"], 1, "{r}");
+    assert_eq!(
+        r["sign_in"]["retire"]["kept"][0]["enrollment_links"], 1,
+        "{r}"
+    );
+    let out = ok(&phylax(&["keys", "retire", "--data-dir", "inst"], p));
+    assert!(
+        out.contains("generation 1 kept") && out.contains("1 enrollment links"),
+        "{out}"
+    );
+    let r: serde_json::Value = serde_json::from_str(&ok(&phylax(
+        &["keys", "retire", "--data-dir", "inst", "--json"],
+        p,
+    )))
+    .unwrap();
+    assert_eq!(r["sign_in"]["retired"], serde_json::json!([]), "{r}");
+    assert!(ok(&phylax(&["keys", "status", "--data-dir", "inst"], p)).contains("mac:auth@2"));
+    // The user is still found by name.
+    ok(&phylax(
+        &[
+            "user",
+            "disable",
+            "--username",
+            "dr.k",
+            "--data-dir",
+            "inst",
+        ],
+        p,
+    ));
+
     // A copy of the instance (a restored backup used as staging) still
     // names the original's key file: its rotation would destroy the
     // original's KEK, so it is refused, and the original keeps working.

@@ -2,15 +2,22 @@
 //! refresh tokens and sign-ins in progress.
 //!
 //! A grant's bearer secret (in a cookie, a redirect or a token response) is
-//! 256 random bits; the store keeps only its HMAC under the instance's auth
-//! key, so a database reader can neither use nor recognise one. Details are
-//! sealed under the `grants` data key and bound to the grant's kind and
-//! hash (a sealed blob moved to another grant does not open).
+//! 256 random bits; the store keeps only its HMAC under the instance's
+//! sign-in key, so a database reader can neither use nor recognise one.
+//! Details are sealed under the `grants` data key and bound to the grant's
+//! kind and hash (a sealed blob moved to another grant does not open).
+//!
+//! New grants are hashed under the newest sign-in key generation; a
+//! lookup tries every live generation ([`crate::data::auth_keys`]), and a
+//! session found under an older one moves to the newest when its idle
+//! time is extended, so that only grants that simply run out depend on an
+//! old generation.
 
+use crate::data::auth_keys::AuthKeys;
 use crate::data::keyring::KeyRing;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use phylax_crypto::{MacKey, Secret};
+use phylax_crypto::Secret;
 use phylax_store::{GrantRecord, GrantStore, GrantUse, StoreError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -67,7 +74,7 @@ pub enum Taken<T> {
 pub struct Grants {
     store: Arc<dyn GrantStore>,
     keys: Arc<KeyRing>,
-    auth_key: Arc<MacKey>,
+    auth_keys: Arc<AuthKeys>,
 }
 
 /// A fresh 256-bit bearer secret, base64url.
@@ -79,11 +86,11 @@ pub fn new_secret() -> Result<String, GrantError> {
 }
 
 impl Grants {
-    pub fn new(store: Arc<dyn GrantStore>, keys: Arc<KeyRing>, auth_key: Arc<MacKey>) -> Grants {
+    pub fn new(store: Arc<dyn GrantStore>, keys: Arc<KeyRing>, auth_keys: Arc<AuthKeys>) -> Grants {
         Grants {
             store,
             keys,
-            auth_key,
+            auth_keys,
         }
     }
 
@@ -104,23 +111,52 @@ impl Grants {
         self.store.add_revocation(kind, key, at).await
     }
 
-    pub fn hash(&self, kind: Kind, secret: &str) -> Vec<u8> {
+    fn hash_msg(kind: Kind, secret: &str) -> Vec<u8> {
         let mut msg = format!("grant\0{}\0", kind.as_str()).into_bytes();
         msg.extend_from_slice(secret.as_bytes());
-        self.auth_key.sign(&msg).to_vec()
+        msg
+    }
+
+    /// The hash a new grant is stored under (the newest generation).
+    pub fn hash(&self, kind: Kind, secret: &str) -> Vec<u8> {
+        self.auth_keys.sign(&Self::hash_msg(kind, secret)).to_vec()
+    }
+
+    /// The hashes a grant may be stored under, newest generation first.
+    fn candidates(&self, kind: Kind, secret: &str) -> Vec<(u32, Vec<u8>)> {
+        self.auth_keys
+            .sign_all(&Self::hash_msg(kind, secret))
+            .into_iter()
+            .map(|(n, h)| (n, h.to_vec()))
+            .collect()
+    }
+
+    fn csrf_msg(secret: &str) -> Vec<u8> {
+        let mut msg = b"csrf\0".to_vec();
+        msg.extend_from_slice(secret.as_bytes());
+        msg
     }
 
     /// A keyed tag of `secret` for CSRF tokens: forms carry
     /// `csrf(cookie secret)`, which a cross-site page cannot compute.
     pub fn csrf(&self, secret: &str) -> String {
-        let mut msg = b"csrf\0".to_vec();
-        msg.extend_from_slice(secret.as_bytes());
-        URL_SAFE_NO_PAD.encode(&self.auth_key.sign(&msg)[..24])
+        URL_SAFE_NO_PAD.encode(&self.auth_keys.sign(&Self::csrf_msg(secret))[..24])
     }
 
+    /// Whether `given` is the tag of `secret` under any live generation (a
+    /// form rendered before a rotation still posts).
     pub fn csrf_ok(&self, secret: &str, given: &str) -> bool {
         use subtle::ConstantTimeEq;
-        self.csrf(secret).as_bytes().ct_eq(given.as_bytes()).into()
+        self.auth_keys
+            .sign_all(&Self::csrf_msg(secret))
+            .iter()
+            .any(|(_, tag)| {
+                URL_SAFE_NO_PAD
+                    .encode(&tag[..24])
+                    .as_bytes()
+                    .ct_eq(given.as_bytes())
+                    .into()
+            })
     }
 
     fn aad(kind: Kind, hash: &[u8]) -> Vec<u8> {
@@ -195,15 +231,27 @@ impl Grants {
         if secret.len() != 43 {
             return Ok(None);
         }
-        let Some(g) = self
-            .store
-            .get_grant(kind.as_str(), &self.hash(kind, secret), now)
-            .await?
-        else {
+        let Some((_, g)) = self.find(kind, secret, now).await? else {
             return Ok(None);
         };
         let d = self.open(kind, &g).await?;
         Ok(Some((g, d)))
+    }
+
+    /// The unexpired grant of `secret` and the generation it was found
+    /// under.
+    async fn find(
+        &self,
+        kind: Kind,
+        secret: &str,
+        now: i64,
+    ) -> Result<Option<(u32, GrantRecord)>, GrantError> {
+        for (n, hash) in self.candidates(kind, secret) {
+            if let Some(g) = self.store.get_grant(kind.as_str(), &hash, now).await? {
+                return Ok(Some((n, g)));
+            }
+        }
+        Ok(None)
     }
 
     /// Consume a single-use grant.
@@ -216,31 +264,85 @@ impl Grants {
         if secret.len() != 43 {
             return Ok(Taken::Missing);
         }
-        match self
-            .store
-            .use_grant(kind.as_str(), &self.hash(kind, secret), now)
-            .await?
-        {
-            GrantUse::Fresh(g) => {
-                let d = self.open(kind, &g).await?;
-                Ok(Taken::Fresh(g, d))
+        for (_, hash) in self.candidates(kind, secret) {
+            match self.store.use_grant(kind.as_str(), &hash, now).await? {
+                GrantUse::Fresh(g) => {
+                    let d = self.open(kind, &g).await?;
+                    return Ok(Taken::Fresh(g, d));
+                }
+                GrantUse::Reused(g) => return Ok(Taken::Reused(g)),
+                GrantUse::Missing => {}
             }
-            GrantUse::Reused(g) => Ok(Taken::Reused(g)),
-            GrantUse::Missing => Ok(Taken::Missing),
         }
+        Ok(Taken::Missing)
     }
 
+    /// Delete the grant of `secret` under every generation (a session
+    /// moving to the newest one meanwhile is deleted too).
     pub async fn delete(&self, kind: Kind, secret: &str) -> Result<(), GrantError> {
-        self.store
-            .delete_grant(kind.as_str(), &self.hash(kind, secret))
-            .await?;
+        for (_, hash) in self.candidates(kind, secret) {
+            self.store.delete_grant(kind.as_str(), &hash).await?;
+        }
         Ok(())
     }
 
-    pub async fn touch(&self, kind: Kind, secret: &str, expires_at: i64) -> Result<(), GrantError> {
-        self.store
-            .touch_grant(kind.as_str(), &self.hash(kind, secret), expires_at)
-            .await?;
+    /// Extend an unexpired grant (a session's idle time). One found under
+    /// an older sign-in key generation moves to the newest instead: the
+    /// same secret, hashed and sealed again, so that an old generation is
+    /// not kept alive by sessions in use (docs/KEYS.md).
+    pub async fn touch(
+        &self,
+        kind: Kind,
+        secret: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<(), GrantError> {
+        let Some((n, g)) = self.find(kind, secret, now).await? else {
+            return Ok(());
+        };
+        if n == self.auth_keys.current().0 {
+            self.store
+                .touch_grant(kind.as_str(), &g.key_hash, expires_at)
+                .await?;
+            return Ok(());
+        }
+        let key = self
+            .keys
+            .for_read(KEY_SCOPE)
+            .await
+            .map_err(|e| GrantError::Keys(e.to_string()))?;
+        let plain = Secret::new(
+            key.open(&Self::aad(kind, &g.key_hash), &g.sealed)
+                .map_err(|_| GrantError::Sealed)?,
+        );
+        let hash = self.hash(kind, secret);
+        let key = self
+            .keys
+            .for_write(KEY_SCOPE)
+            .await
+            .map_err(|e| GrantError::Keys(e.to_string()))?;
+        let sealed = key
+            .seal(&Self::aad(kind, &hash), plain.expose())
+            .map_err(|_| GrantError::Random)?;
+        let moved = GrantRecord {
+            key_hash: hash,
+            sealed,
+            expires_at,
+            ..g.clone()
+        };
+        match self.store.put_grant(&moved, now).await {
+            // Another node moved it first.
+            Ok(()) | Err(StoreError::Duplicate) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // The old one already gone means it was signed out or revoked
+        // meanwhile (or another node moved it): do not let the move bring
+        // it back. The worst case of the last is one more sign-in.
+        if !self.store.delete_grant(kind.as_str(), &g.key_hash).await? {
+            self.store
+                .delete_grant(kind.as_str(), &moved.key_hash)
+                .await?;
+        }
         Ok(())
     }
 

@@ -10,6 +10,10 @@ use phylax_store::{DynStore, StoreError};
 
 pub const EVENT: &str = "keys_event_v1:";
 
+/// The key-event and generation-record kind of the sign-in key
+/// (`data::auth_keys`).
+pub const SIGN_IN: &str = "sign-in";
+
 pub async fn last_event(store: &DynStore) -> Result<u64, StoreError> {
     let mut n = 0;
     while store
@@ -62,6 +66,7 @@ impl KeyEvents {
             kinds.push("cursors".to_owned());
             kinds.push("checkpoint".to_owned());
             kinds.push("data-keys".to_owned());
+            kinds.push(SIGN_IN.to_owned());
         }
         while let Some(v) = store.get_meta(&format!("{EVENT}{}", n + 1)).await? {
             n += 1;

@@ -7,6 +7,8 @@
 //! - [`key_events`]: other processes' key events (KEK rotation, erasure),
 //!   the rows of keys that rotate in generations,
 //!   and how a server follows them.
+//! - [`auth_keys`]: the sign-in MAC key in generations (lookups try every
+//!   live one; stored hashes name theirs).
 //! - [`cursor_keys`]: paging-cursor keys in generations (the current and
 //!   the previous one open cursors).
 //! - [`search`]: search index entries on write (keyed blind hashes) and
@@ -23,6 +25,7 @@
 //!   feed every few seconds.
 
 pub mod accounts;
+pub mod auth_keys;
 pub mod clients;
 pub mod cursor_keys;
 pub mod grants;

@@ -16,12 +16,15 @@
 //! - [`data`]: data-key rotation (every resource version re-encrypted);
 //! - [`index`]: search index key rotation (the index rebuilt under it);
 //! - [`rotate`]: the keys that rotate by generation alone: access tokens,
-//!   paging cursors, the audit checkpoint key.
+//!   paging cursors, the audit checkpoint key;
+//! - [`sign_in`]: the sign-in key (usernames re-hashed; generations kept
+//!   while grants, recovery codes or enrollment links depend on them).
 
 pub mod data;
 pub mod erase;
 pub mod index;
 pub mod rotate;
+pub mod sign_in;
 
 use crate::audit::log::AuditLog;
 use crate::instance::{CANARY_PURPOSE, CANARY_ROW};
@@ -76,6 +79,8 @@ pub enum KeysError {
     Checkpoint(String),
     #[error("re-encrypting resource versions: {0}")]
     DataKeys(String),
+    #[error("the sign-in key: {0}")]
+    SignIn(String),
 }
 
 /// What every stored key kind protects, by row prefix.
@@ -91,9 +96,9 @@ fn protects(row: &str) -> Option<(&'static str, &'static str)> {
         (_, r) if r == "data:cursor" || r.starts_with("data:cursor@") => {
             ("cursors", "search paging cursors (sealed: they carry the search terms)")
         }
-        (_, "mac:auth") => (
+        (_, r) if r == "mac:auth" || r.starts_with("mac:auth@") => (
             "sign-in",
-            "hashes of grants, recovery codes, usernames and CSRF tokens",
+            "hashes of grants, recovery codes, enrollment links, usernames and CSRF tokens",
         ),
         (_, "mac:blind-index") => (
             "index",

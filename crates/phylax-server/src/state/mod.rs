@@ -72,6 +72,9 @@ pub struct AppState {
     pub vip: crate::audit::detect::VipSet,
     /// Other processes' key events (rotations, erasures) to follow.
     key_watch: Arc<(phylax_store::DynStore, crate::data::key_events::KeyEvents)>,
+    /// The sign-in key generations the accounts and grants hash under
+    /// (reloaded when a rotation adds or retires one).
+    auth_keys: Arc<crate::data::auth_keys::AuthKeys>,
 }
 
 /// How often the flagged (VIP) patient list is refreshed.
@@ -93,12 +96,12 @@ impl AppState {
             previous_token_key,
             cursor_keys,
             blind_key,
-            auth_key,
+            auth_keys,
             audit,
             data_dir,
             ..
         } = inst;
-        let grants = Grants::new(store.clone(), keys.clone(), auth_key);
+        let grants = Grants::new(store.clone(), keys.clone(), auth_keys.clone());
         let passkeys = config
             .passkey_party()
             .map_err(|e| Failure::Internal(e.to_string()))?;
@@ -186,6 +189,7 @@ impl AppState {
             authn,
             fhir,
             vip: Default::default(),
+            auth_keys,
             key_watch: Arc::new((
                 store.clone(),
                 crate::data::key_events::KeyEvents::new(&store)
@@ -429,6 +433,14 @@ impl AppState {
             match crate::instance::token_keys(store, self.keys.kek()).await {
                 Ok((current, previous)) => self.authn.tokens.set_keys(current, previous),
                 Err(e) => tracing::error!(error = %e, "could not load the new access-token key"),
+            }
+        }
+        if seen.iter().any(|k| k == crate::data::auth_keys::KIND) {
+            // A sign-in key generation added (hash new grants under it) or
+            // retired (stop trying it).
+            match crate::data::auth_keys::AuthKeys::load(store, self.keys.kek()).await {
+                Ok(set) => self.auth_keys.replace(set),
+                Err(e) => tracing::error!(error = %e, "could not load the sign-in keys"),
             }
         }
         if seen.iter().any(|k| k == "cursors") {

@@ -111,8 +111,8 @@ impl AccountStore for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let n = c
             .execute(
-                "UPDATE users SET role = $1, status = $2, sealed = $3, rev = rev + 1 WHERE id = $4 AND rev = $5",
-                &[&u.role, &u.status, &u.sealed, &u.id, &u.rev],
+                "UPDATE users SET role = $1, status = $2, sealed = $3, username_hash = $6, rev = rev + 1 WHERE id = $4 AND rev = $5",
+                &[&u.role, &u.status, &u.sealed, &u.id, &u.rev, &u.username_hash],
             )
             .await
             .map_err(pg)?;

@@ -94,6 +94,18 @@ impl GrantStore for PgStore {
         Ok(n > 0)
     }
 
+    async fn max_grant_expiry(&self, now: i64) -> Result<Option<i64>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let r = c
+            .query_one(
+                "SELECT MAX(expires_at) FROM grants WHERE expires_at > $1",
+                &[&now],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(r.get(0))
+    }
+
     async fn delete_family(&self, family: &str) -> Result<u64> {
         let c = self.pool.get().await.map_err(pool_err)?;
         c.execute("DELETE FROM grants WHERE family = $1", &[&family])

@@ -122,11 +122,11 @@ impl AccountStore for SqliteStore {
         let u = u.clone();
         self.write(move |c| {
             c.execute(
-                "UPDATE users SET role = ?1, status = ?2, sealed = ?3, rev = rev + 1 WHERE id = ?4 AND rev = ?5",
-                params![u.role, u.status, u.sealed, u.id, u.rev],
+                "UPDATE users SET role = ?1, status = ?2, sealed = ?3, username_hash = ?6, rev = rev + 1 WHERE id = ?4 AND rev = ?5",
+                params![u.role, u.status, u.sealed, u.id, u.rev, u.username_hash],
             )
             .map(|n| n == 1)
-            .map_err(backend)
+            .map_err(unique)
         })
         .await
     }

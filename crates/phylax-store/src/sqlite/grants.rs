@@ -100,6 +100,18 @@ impl GrantStore for SqliteStore {
         .await
     }
 
+    async fn max_grant_expiry(&self, now: i64) -> Result<Option<i64>> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT MAX(expires_at) FROM grants WHERE expires_at > ?1",
+                params![now],
+                |r| r.get(0),
+            )
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn delete_family(&self, family: &str) -> Result<u64> {
         let family = family.to_owned();
         self.write(move |c| {

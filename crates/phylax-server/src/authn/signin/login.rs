@@ -142,7 +142,7 @@ async fn resume_session(st: &AuthnState, h: &HeaderMap, now: i64) -> Option<(Ses
         return None;
     }
     let idle = (now + st.config.auth.session_idle_secs).min(s.absolute);
-    st.grants.touch(Kind::Session, sess, idle).await.ok()?;
+    st.grants.touch(Kind::Session, sess, idle, now).await.ok()?;
     Some((s, user))
 }
 

@@ -4,7 +4,8 @@
 //!
 //! What the database holds per user (see docs/AUTHENTICATION.md):
 //! - `username_hash`: HMAC of the normalised username under the instance's
-//!   auth key, for lookups; the username itself is only inside `sealed`.
+//!   sign-in key (its newest generation once a rotation has re-hashed
+//!   it), for lookups; the username itself is only inside `sealed`.
 //! - `role`, `status`, `rev`, `created_at`: not identifying.
 //! - `sealed`: the [`Account`] below as JSON, AES-256-GCM under the
 //!   `accounts` data key, bound to the user id and revision (a sealed blob
@@ -24,12 +25,18 @@
 //!   links, ending sessions;
 //! - [`password`]: hashing, verification, first password, lockout;
 //! - [`second_factor`]: TOTP and recovery codes;
-//! - [`passkeys`]: WebAuthn registration, sign-in and management.
+//! - [`passkeys`]: WebAuthn registration, sign-in and management;
+//! - [`key_gens`]: what accounts hold under each sign-in key generation,
+//!   and re-hashing usernames under the newest.
 
+mod key_gens;
 mod passkeys;
 mod password;
 mod second_factor;
 
+pub use key_gens::GenerationUse;
+
+use crate::data::auth_keys::AuthKeys;
 use crate::data::keyring::KeyRing;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -38,12 +45,11 @@ use phylax_auth::password_policy::{PasswordPolicy, PasswordProblem};
 use phylax_auth::roles::Roles;
 use phylax_crypto::password::{Password, PasswordHasher, PasswordParams, Verified};
 use phylax_crypto::totp::Totp;
-use phylax_crypto::{MacKey, Secret};
+use phylax_crypto::Secret;
 use phylax_store::{AccountStore, GrantStore, StoreError, UserRecord};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 use unicode_normalization::UnicodeNormalization;
 
 /// The data-key scope that seals account details.
@@ -363,7 +369,7 @@ pub struct Accounts {
     /// applies.
     grants: Arc<dyn GrantStore>,
     keys: Arc<KeyRing>,
-    auth_key: Arc<MacKey>,
+    auth_keys: Arc<AuthKeys>,
     hasher: Arc<PasswordHasher>,
     policy: PasswordPolicy,
     roles: Arc<Roles>,
@@ -383,7 +389,7 @@ impl Accounts {
     pub fn new(
         store: phylax_store::DynStore,
         keys: Arc<KeyRing>,
-        auth_key: Arc<MacKey>,
+        auth_keys: Arc<AuthKeys>,
         params: PasswordParams,
         min_len_with_mfa: usize,
         roles: Arc<Roles>,
@@ -392,7 +398,7 @@ impl Accounts {
             grants: store.clone(),
             store,
             keys,
-            auth_key,
+            auth_keys,
             hasher: Arc::new(PasswordHasher::new(params)?),
             policy: PasswordPolicy::new(min_len_with_mfa),
             roles,
@@ -419,19 +425,54 @@ impl Accounts {
         }
     }
 
-    /// A keyed, domain-separated hash (hex) of a secret or identifier.
-    pub fn keyed(&self, domain: &str, value: &[u8]) -> String {
+    fn keyed_msg(domain: &str, value: &[u8]) -> Vec<u8> {
         let mut msg = Vec::with_capacity(domain.len() + 1 + value.len());
         msg.extend_from_slice(domain.as_bytes());
         msg.push(0);
         msg.extend_from_slice(value);
-        hex::encode(self.auth_key.sign(&msg))
+        msg
     }
 
-    fn username_hash(&self, normalized: &str) -> Vec<u8> {
+    /// A keyed, domain-separated hash (hex) of an identifier under the
+    /// newest sign-in key, for what is never stored (throttle counters).
+    pub fn keyed(&self, domain: &str, value: &[u8]) -> String {
+        hex::encode(self.auth_keys.sign(&Self::keyed_msg(domain, value)))
+    }
+
+    /// A keyed hash of a secret to store (recovery codes, enrollment
+    /// links), naming the sign-in key generation it was made under.
+    pub(crate) fn keyed_stored(&self, domain: &str, value: &[u8]) -> String {
+        self.auth_keys.tagged(&Self::keyed_msg(domain, value))
+    }
+
+    /// Whether a stored keyed hash is that of `value`.
+    pub(crate) fn keyed_matches(&self, domain: &str, value: &[u8], stored: &str) -> bool {
+        self.auth_keys
+            .matches_tagged(&Self::keyed_msg(domain, value), stored)
+    }
+
+    fn username_msg(normalized: &str) -> Vec<u8> {
         let mut msg = b"username\0".to_vec();
         msg.extend_from_slice(normalized.as_bytes());
-        self.auth_key.sign(&msg).to_vec()
+        msg
+    }
+
+    /// The username hash a user is stored under (the newest generation).
+    fn username_hash(&self, normalized: &str) -> Vec<u8> {
+        self.auth_keys
+            .sign(&Self::username_msg(normalized))
+            .to_vec()
+    }
+
+    /// The user stored under `normalized` by any live generation's hash
+    /// (a rotation re-hashes every username, but not all at once).
+    async fn find_normalized(&self, normalized: &str) -> Result<Option<UserRecord>, AccountError> {
+        for (_, h) in self.auth_keys.sign_all(&Self::username_msg(normalized)) {
+            if let Some(r) = self.store.find_user(&h).await? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
     }
 
     fn aad(id: &str, rev: i64) -> Vec<u8> {
@@ -501,6 +542,11 @@ impl Accounts {
         if let Some(p) = patient {
             phylax_fhir::ids::ResourceId::parse(p).ok_or(AccountError::PatientLink)?;
         }
+        // The name may still be stored under an older generation's hash
+        // (a rotation re-hashing usernames): it is taken all the same.
+        if self.find_normalized(&username).await?.is_some() {
+            return Err(AccountError::Taken);
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let token = random_token()?;
         let mut acct = Account::default();
@@ -508,7 +554,7 @@ impl Accounts {
         acct.patient = patient.map(str::to_owned);
         acct.practitioner = practitioner.map(str::to_owned);
         acct.enrollment = Some(Enrollment {
-            hash: self.keyed("enroll", token.as_bytes()),
+            hash: self.keyed_stored("enroll", token.as_bytes()),
             expires: now + ttl,
         });
         let rec = UserRecord {
@@ -539,7 +585,7 @@ impl Accounts {
         let Ok(n) = normalize_username(username) else {
             return Ok(None);
         };
-        match self.store.find_user(&self.username_hash(&n)).await? {
+        match self.find_normalized(&n).await? {
             Some(r) => Ok(Some(self.open(r).await?)),
             None => Ok(None),
         }
@@ -654,7 +700,7 @@ impl Accounts {
         now: i64,
     ) -> Result<String, AccountError> {
         let token = random_token()?;
-        let hash = self.keyed("enroll", token.as_bytes());
+        let hash = self.keyed_stored("enroll", token.as_bytes());
         self.modify(id, |u| {
             u.acct.enrollment = Some(Enrollment {
                 hash: hash.clone(),

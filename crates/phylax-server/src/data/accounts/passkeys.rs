@@ -50,7 +50,7 @@ impl Accounts {
         let codes = recovery_codes()?;
         let hashes: Vec<String> = codes
             .iter()
-            .map(|c| self.keyed("recovery", normalize_recovery(c).as_bytes()))
+            .map(|c| self.keyed_stored("recovery", normalize_recovery(c).as_bytes()))
             .collect();
         let (_, fresh_codes) = self
             .modify(id, |u| {

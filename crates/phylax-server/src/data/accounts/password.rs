@@ -60,11 +60,16 @@ impl Accounts {
             .await
             .map_err(|_| AccountError::BadEnrollment)?
             .ok_or(AccountError::BadEnrollment)?;
-        let want = self.keyed("enroll", token.as_bytes());
-        let ok = user.acct.enrollment.as_ref().is_some_and(|e| {
-            e.expires > now && bool::from(e.hash.as_bytes().ct_eq(want.as_bytes()))
-        });
-        if !ok || user.status() != Some(Status::Active) {
+        let Some(want) = user
+            .acct
+            .enrollment
+            .as_ref()
+            .filter(|e| e.expires > now && self.keyed_matches("enroll", token.as_bytes(), &e.hash))
+            .map(|e| e.hash.clone())
+        else {
+            return Err(AccountError::BadEnrollment);
+        };
+        if user.status() != Some(Status::Active) {
             return Err(AccountError::BadEnrollment);
         }
         self.check_new_password(&user, password)?;

@@ -36,7 +36,7 @@ impl Accounts {
         let codes = recovery_codes()?;
         let hashes: Vec<String> = codes
             .iter()
-            .map(|c| self.keyed("recovery", normalize_recovery(c).as_bytes()))
+            .map(|c| self.keyed_stored("recovery", normalize_recovery(c).as_bytes()))
             .collect();
         let secret = secret_b64.to_owned();
         self.modify(id, |u| {
@@ -76,11 +76,11 @@ impl Accounts {
                         None => Ok(SecondFactor::Refused),
                     }
                 } else {
-                    let h = self.keyed("recovery", normalize_recovery(trimmed).as_bytes());
+                    let typed = normalize_recovery(trimmed);
                     let before = u.acct.recovery.len();
                     u.acct
                         .recovery
-                        .retain(|x| !bool::from(x.as_bytes().ct_eq(h.as_bytes())));
+                        .retain(|x| !self.keyed_matches("recovery", typed.as_bytes(), x));
                     if u.acct.recovery.len() < before {
                         Ok(SecondFactor::Recovery(u.acct.recovery.len()))
                     } else {

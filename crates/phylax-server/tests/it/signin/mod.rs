@@ -22,6 +22,8 @@
 //!   replaced at sign-in.
 //! - [`role_reach`]: roles that may skip the second factor, and what each
 //!   role reaches.
+//! - [`key_rotation`]: the sign-in key rotates while people sign in;
+//!   what was made before keeps working until its generation is retired.
 //! - [`throttling`]: lockout, scraping, dormant accounts, sign-in floods,
 //!   back-off and token rate limits.
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
@@ -526,6 +528,7 @@ async fn password_sign_in(s: &TestServer, name: &str, scope: &str) -> String {
 
 mod authorize;
 mod code_flow;
+mod key_rotation;
 mod launch;
 mod passkeys;
 mod password_rehash;

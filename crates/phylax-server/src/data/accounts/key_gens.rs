@@ -1,0 +1,116 @@
+//! What accounts hold under each sign-in key generation, and moving
+//! usernames to the newest one (docs/KEYS.md, "The sign-in key").
+//!
+//! Usernames can be re-hashed (the name is inside the sealed account);
+//! recovery codes and enrollment links cannot (only their hashes are
+//! kept), so they keep their generation alive until they are used,
+//! replaced or expire.
+
+use super::{AccountError, Accounts};
+use crate::data::auth_keys::generation_of;
+use phylax_store::StoreError;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// What still depends on one sign-in key generation in the accounts.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct GenerationUse {
+    /// Usernames still hashed under it (a re-hash not finished).
+    pub usernames: u64,
+    /// Users whose unused recovery codes were hashed under it.
+    pub recovery_code_sets: u64,
+    /// Unexpired enrollment links hashed under it.
+    pub enrollment_links: u64,
+    /// The ids of those users (not names: ids are not identifying).
+    pub users: Vec<String>,
+}
+
+impl GenerationUse {
+    pub fn is_empty(&self) -> bool {
+        self.usernames + self.recovery_code_sets + self.enrollment_links == 0
+    }
+}
+
+impl Accounts {
+    /// Hash every username under the newest sign-in key generation;
+    /// `progress(done, total)` after each user. Returns how many changed.
+    /// Lookups try every live generation meanwhile, so sign-in keeps
+    /// working throughout.
+    pub async fn rehash_usernames(
+        &self,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<u64, AccountError> {
+        let recs = self.store.list_users().await?;
+        let total = recs.len() as u64;
+        let mut changed = 0;
+        for (i, rec) in recs.into_iter().enumerate() {
+            let id = rec.id.clone();
+            let u = self.open(rec).await?;
+            if u.rec.username_hash != self.username_hash(&u.acct.username) {
+                match self
+                    .modify(&id, |u| {
+                        u.rec.username_hash = self.username_hash(&u.acct.username);
+                        Ok(())
+                    })
+                    .await
+                {
+                    Ok(_) => changed += 1,
+                    Err(AccountError::Store(StoreError::Duplicate)) => {
+                        return Err(AccountError::Keys(format!(
+                            "user {id} has the same username as another account (both made while a rotation was re-hashing names): disable one, then run the rotation's `phylax keys retire` again"
+                        )))
+                    }
+                    // Deleted meanwhile: nothing to move.
+                    Err(AccountError::NoSuchUser) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            progress(i as u64 + 1, total);
+        }
+        Ok(changed)
+    }
+
+    /// For each generation in `gens`, what the accounts still hold under
+    /// it at `now`.
+    pub async fn generation_uses(
+        &self,
+        gens: &[u32],
+        now: i64,
+    ) -> Result<BTreeMap<u32, GenerationUse>, AccountError> {
+        let mut out: BTreeMap<u32, GenerationUse> = gens
+            .iter()
+            .map(|g| (*g, GenerationUse::default()))
+            .collect();
+        for rec in self.store.list_users().await? {
+            let u = self.open(rec).await?;
+            let msg = Self::username_msg(&u.acct.username);
+            for (g, uses) in out.iter_mut() {
+                let mut any = false;
+                if self
+                    .auth_keys
+                    .sign_under(*g, &msg)
+                    .is_some_and(|h| h.as_slice() == u.rec.username_hash.as_slice())
+                {
+                    uses.usernames += 1;
+                    any = true;
+                }
+                if u.acct.recovery.iter().any(|h| generation_of(h) == Some(*g)) {
+                    uses.recovery_code_sets += 1;
+                    any = true;
+                }
+                if u.acct
+                    .enrollment
+                    .as_ref()
+                    .is_some_and(|e| e.expires > now && generation_of(&e.hash) == Some(*g))
+                {
+                    uses.enrollment_links += 1;
+                    any = true;
+                }
+                if any {
+                    uses.users.push(u.rec.id.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -67,7 +67,13 @@ pub async fn kek_rotation(
 /// into the database, sealed as the server seals them (ten per patient,
 /// so N/10 patient keys), since loading a million through the API would
 /// take longer than the measurement.
-pub async fn data_key_rotation(n: usize, db: Option<&str>, secs: u64, conc: usize) -> Result<()> {
+pub async fn data_key_rotation(
+    n: usize,
+    db: Option<&str>,
+    secs: u64,
+    conc: usize,
+    max_rate: Option<u32>,
+) -> Result<()> {
     let (env, dir, _stop) = crate::setup(db, false, 10, None).await?;
     let env = Arc::new(env);
     let mut ids = Vec::new();
@@ -101,6 +107,7 @@ pub async fn data_key_rotation(n: usize, db: Option<&str>, secs: u64, conc: usiz
         tokio::spawn(async move {
             let t = Instant::now();
             let r = KeyAdmin::of(&op, Duration::from_secs(2))
+                .with_max_rate(max_rate)
                 .rotate_data_keys(&|_, _| {})
                 .await;
             (r, t.elapsed().as_secs_f64())
@@ -118,7 +125,7 @@ pub async fn data_key_rotation(n: usize, db: Option<&str>, secs: u64, conc: usiz
     let (r, took) = rotating.await?;
     let r = r?;
     println!(
-        "Data-key rotation ({}): {} versions re-encrypted in {took:.1} s = {:.0} versions/s (seeding {n} versions took {seeded:.1} s)",
+        "Data-key rotation ({}, max rate {max_rate:?}): {} versions re-encrypted in {took:.1} s = {:.0} versions/s (seeding {n} versions took {seeded:.1} s)",
         if db.is_some() { "postgres" } else { "sqlite" },
         r.resealed,
         r.resealed as f64 / took

@@ -112,6 +112,10 @@ struct Args {
     /// re-encrypts them all.
     #[arg(long)]
     data_key_rotation: Option<usize>,
+    /// With --data-key-rotation: the rotation's `--max-rate` (versions
+    /// per second).
+    #[arg(long)]
+    max_rate: Option<u32>,
     /// With --kek-rotation: the KEK in this PKCS#11 module's token
     /// (--hsm-token, --hsm-pin-file) instead of a key file.
     #[arg(long)]
@@ -661,7 +665,14 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(n) = args.data_key_rotation {
         let conc = args.concurrency.first().copied().unwrap_or(8);
-        return keys::data_key_rotation(n, args.database_url.as_deref(), args.duration, conc).await;
+        return keys::data_key_rotation(
+            n,
+            args.database_url.as_deref(),
+            args.duration,
+            conc,
+            args.max_rate,
+        )
+        .await;
     }
     if let Some(n) = args.kek_rotation {
         let hsm = match (&args.hsm_module, &args.hsm_token, &args.hsm_pin_file) {

@@ -71,6 +71,11 @@ pub enum KeysCmd {
         /// keep serving, then the older keys are deleted.
         #[arg(long)]
         data_keys: bool,
+        /// With --data-keys: re-encrypt at most this many versions per
+        /// second (on top of the rest after each page), for a database
+        /// that feels the rotation's writes (docs/PERFORMANCE.md).
+        #[arg(long, value_name = "VERSIONS_PER_SEC", value_parser = clap::value_parser!(u32).range(1..))]
+        max_rate: Option<u32>,
         /// Every rotation available.
         #[arg(long)]
         all: bool,
@@ -294,9 +299,13 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             checkpoint,
             sign_in,
             data_keys,
+            max_rate,
             all,
             json,
         } => {
+            if max_rate.is_some() && !(data_keys || all) {
+                bail!("--max-rate applies to --data-keys");
+            }
             if !(kek
                 || signing
                 || tokens
@@ -370,6 +379,7 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             if data_keys || all {
                 let pb = progress_bar("re-encrypting");
                 let r = KeyAdmin::of(&i, GRACE)
+                    .with_max_rate(max_rate)
                     .rotate_data_keys(&on_progress(&pb))
                     .await;
                 pb.finish_and_clear();

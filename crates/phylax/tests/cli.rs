@@ -813,6 +813,33 @@ fn keys_patients_and_config_check() {
         .contains("generation 1 (current)"));
     // Naming nothing to rotate is an error, not a no-op.
     fails(&phylax(&["keys", "rotate", "--data-dir", "inst"], p));
+    // A rate limit applies to the data keys only, and is at least 1/s.
+    let e = fails(&phylax(
+        &[
+            "keys",
+            "rotate",
+            "--tokens",
+            "--max-rate",
+            "100",
+            "--data-dir",
+            "inst",
+        ],
+        p,
+    ));
+    assert!(e.contains("--max-rate applies to --data-keys"), "{e}");
+    let o = phylax(
+        &[
+            "keys",
+            "rotate",
+            "--data-keys",
+            "--max-rate",
+            "0",
+            "--data-dir",
+            "inst",
+        ],
+        p,
+    );
+    assert_eq!(o.status.code(), Some(2), "a usage error");
     let r: serde_json::Value = serde_json::from_str(&ok(&phylax(
         &["keys", "rotate", "--kek", "--data-dir", "inst", "--json"],
         p,

@@ -171,10 +171,11 @@ impl KeyAdmin<'_> {
                 })?;
                 batch.push((v.seq, v.sealed, sealed));
             }
+            let n = batch.len() as u64;
             resealed += self.store.reseal_versions(batch).await?;
             progress(resealed);
             // Yield to the servers.
-            tokio::time::sleep((started.elapsed() * REST).min(Duration::from_secs(2))).await;
+            tokio::time::sleep(rest_after(started.elapsed(), n, self.max_rate)).await;
         }
         Ok(resealed)
     }
@@ -208,9 +209,34 @@ impl KeyAdmin<'_> {
     }
 }
 
+/// How long to rest after a page of `n` versions that took `took`:
+/// [`REST`] times as long (at most two seconds), or longer if the
+/// operator's `--max-rate` asks for it.
+fn rest_after(took: Duration, n: u64, max_rate: Option<u32>) -> Duration {
+    let rest = (took * REST).min(Duration::from_secs(2));
+    match max_rate {
+        Some(rate) => {
+            let budget = Duration::from_secs_f64(n as f64 / f64::from(rate.max(1)));
+            rest.max(budget.saturating_sub(took))
+        }
+        None => rest,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rest_keeps_to_the_rate() {
+        let ms = Duration::from_millis;
+        assert_eq!(rest_after(ms(100), 500, None), ms(300));
+        assert_eq!(rest_after(ms(1000), 500, None), ms(2000), "at most 2 s");
+        // 500 versions at 1,000/s: half a second a page in all.
+        assert_eq!(rest_after(ms(100), 500, Some(1000)), ms(400));
+        // The rest after a page still applies when it is longer.
+        assert_eq!(rest_after(ms(100), 500, Some(100_000)), ms(300));
+    }
 
     #[test]
     fn resource_keys_by_name() {

@@ -406,6 +406,7 @@ impl Eraser {
             grace: GRACE,
             keys: &self.keys,
             config: &self.config,
+            max_rate: None,
         }
     }
 

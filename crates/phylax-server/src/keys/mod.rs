@@ -156,6 +156,10 @@ pub struct KeyAdmin<'a> {
     /// The key ring (resources are opened to rebuild the search index).
     pub keys: &'a std::sync::Arc<crate::data::keyring::KeyRing>,
     pub config: &'a crate::base::config::Config,
+    /// At most this many resource versions re-encrypted per second by a
+    /// data-key rotation (`--max-rate`); `None`: only the rest after each
+    /// page limits it.
+    pub max_rate: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -246,6 +250,15 @@ impl<'a> KeyAdmin<'a> {
             grace,
             keys: &inst.keys,
             config: &inst.config,
+            max_rate: None,
+        }
+    }
+
+    /// The same, re-encrypting at most `rate` versions per second.
+    pub fn with_max_rate(self, rate: Option<u32>) -> KeyAdmin<'a> {
+        KeyAdmin {
+            max_rate: rate.filter(|r| *r > 0),
+            ..self
         }
     }
 }

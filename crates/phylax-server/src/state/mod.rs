@@ -510,6 +510,7 @@ async fn warn_old_keys(st: &AppState) {
         grace: Duration::ZERO,
         keys: &st.keys,
         config: &st.config,
+        max_rate: None,
     };
     match admin.status(st.config.keys.max_age_days).await {
         Ok(status) => {

@@ -364,6 +364,24 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug + 'static {
     /// them all).
     async fn list_wrapped_keys(&self, after: &str, limit: u32) -> Result<Vec<WrappedKeyRow>>;
 
+    /// A page of wrapped keys in the order cheapest to rewrite them all,
+    /// starting at `from` (`None`: the beginning; else the position the
+    /// page before returned), and the position after it (`None`: that was
+    /// the last page). SQLite walks the table in storage order, so a page
+    /// of rewrites touches few table pages (key names are created in no
+    /// particular order); PostgreSQL walks the key index.
+    async fn wrapped_keys_page(
+        &self,
+        from: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<WrappedKeyRow>, Option<String>)> {
+        let rows = self.list_wrapped_keys(from.unwrap_or(""), limit).await?;
+        let next = (rows.len() == limit as usize)
+            .then(|| rows.last().map(|r| r.scope.clone()))
+            .flatten();
+        Ok((rows, next))
+    }
+
     /// Delete a wrapped key (a retired token key); whether there was one.
     async fn delete_wrapped_key(&self, scope: &str) -> Result<bool>;
 

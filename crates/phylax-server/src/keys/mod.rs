@@ -544,15 +544,21 @@ impl KeyAdmin<'_> {
     ) -> Result<(u64, u64), KeysError> {
         let (mut changed, mut left, mut seen) = (0u64, 0u64, 0u64);
         let mut unreadable: BTreeMap<String, u64> = BTreeMap::new();
-        let mut page = self.store.list_wrapped_keys("", PAGE).await?;
+        let (mut page, mut at) = self.store.wrapped_keys_page(None, PAGE).await?;
         // A two-stage pipeline: the database writes one page while this
         // process re-wraps the next (and reads the one after).
         let mut writing: Option<(u64, tokio::task::JoinHandle<Result<u64, StoreError>>)> = None;
-        while let Some(last) = page.last() {
-            let after = last.scope.clone();
+        while !page.is_empty() {
             seen += page.len() as u64;
             let batch = self.rewrap_page(to, page, &mut unreadable)?;
-            let next = self.store.list_wrapped_keys(&after, PAGE);
+            let store = self.store.clone();
+            let from = at.take();
+            let next = async move {
+                match from {
+                    Some(f) => store.wrapped_keys_page(Some(&f), PAGE).await,
+                    None => Ok((Vec::new(), None)),
+                }
+            };
             if let Some((n, w)) = writing.take() {
                 let swapped = w.await.map_err(|e| KeysError::Config(e.to_string()))??;
                 changed += swapped;
@@ -565,7 +571,7 @@ impl KeyAdmin<'_> {
                 n,
                 tokio::spawn(async move { store.replace_wrapped_keys(batch).await }),
             ));
-            page = next.await?;
+            (page, at) = next.await?;
             progress(seen.min(total), total);
         }
         if let Some((n, w)) = writing {

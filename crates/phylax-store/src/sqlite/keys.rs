@@ -117,6 +117,50 @@ impl KeyStore for SqliteStore {
         .await
     }
 
+    async fn wrapped_keys_page(
+        &self,
+        from: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<WrappedKeyRow>, Option<String>)> {
+        let after: i64 = match from {
+            None => 0,
+            Some(f) => f
+                .parse()
+                .map_err(|_| StoreError::Backend("not a key page position".into()))?,
+        };
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT rowid, scope, wrapped, created_at FROM wrapped_keys WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+                )
+                .map_err(backend)?;
+            let mut last = after;
+            let rows = st
+                .query_map(params![after, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        WrappedKeyRow {
+                            scope: r.get(1)?,
+                            wrapped: r.get(2)?,
+                            created_at: r.get(3)?,
+                        },
+                    ))
+                })
+                .map_err(backend)?
+                .map(|r| {
+                    r.map(|(id, row)| {
+                        last = id;
+                        row
+                    })
+                })
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(backend)?;
+            let next = (rows.len() == limit as usize).then(|| last.to_string());
+            Ok((rows, next))
+        })
+        .await
+    }
+
     async fn delete_wrapped_key(&self, scope: &str) -> Result<bool> {
         let scope = scope.to_owned();
         self.write(move |c| {

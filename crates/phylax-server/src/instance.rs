@@ -57,6 +57,8 @@ pub enum InstanceError {
     DatabaseNotInitialized,
     #[error("file system: {0}")]
     Io(String),
+    #[error("keys: {0}")]
+    Keys(String),
     #[error("the audit log: {0}")]
     Audit(String),
     #[error(transparent)]
@@ -604,7 +606,7 @@ impl Instance {
                 .map_err(|e| match e {
                     crate::data::auth_keys::AuthKeyError::Store(e) => InstanceError::Store(e),
                     crate::data::auth_keys::AuthKeyError::Unwrap(_) => InstanceError::WrongKek,
-                    e => InstanceError::Io(e.to_string()),
+                    e => InstanceError::Keys(e.to_string()),
                 })?,
         );
         let blind_key = search_key(&store, &kek).await?;

@@ -570,6 +570,10 @@ pub trait AccountStore: Send + Sync + std::fmt::Debug + 'static {
 
     async fn get_user(&self, id: &str) -> Result<Option<UserRecord>>;
 
+    /// Delete a user row (one just made that lost a race for its name).
+    /// Returns whether it existed.
+    async fn delete_user(&self, id: &str) -> Result<bool>;
+
     async fn find_user(&self, username_hash: &[u8]) -> Result<Option<UserRecord>>;
 
     async fn list_users(&self) -> Result<Vec<UserRecord>>;

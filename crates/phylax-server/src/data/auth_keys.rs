@@ -24,6 +24,11 @@ pub use crate::data::key_events::SIGN_IN as KIND;
 /// by the rotation to G once every node hashes under G.
 pub const GRANTS_UNTIL: &str = "sign_in_grants_until_v1:";
 
+/// Meta key marking generation N retired (`sign_in_retired_v1:N`),
+/// written before its key is deleted: a key row put back from a backup
+/// does not bring it back.
+pub const RETIRED: &str = "sign_in_retired_v1:";
+
 /// The wrapping purpose of generation `n`.
 pub fn purpose(n: u32) -> String {
     if n <= 1 {
@@ -66,7 +71,7 @@ pub enum AuthKeyError {
     Store(#[from] StoreError),
     #[error("the sign-in key {0} does not unwrap with this KEK")]
     Unwrap(String),
-    #[error("the sign-in key {0} is missing from the database (usernames are hashed under it): restore its wrapped_keys row from a backup (docs/KEYS.md, \"Recovery\")")]
+    #[error("the sign-in key {0} is missing from the database (usernames are hashed under it): restore its wrapped_keys row from a backup, or see docs/KEYS.md, \"Recovery\"")]
     Missing(String),
 }
 
@@ -82,6 +87,12 @@ impl AuthKeys {
     /// older one not yet retired.
     pub async fn load(store: &DynStore, kek: &Kek) -> Result<AuthKeys, AuthKeyError> {
         let newest = crate::data::key_events::newest_generation(store, KIND, row).await?;
+        let retired: std::collections::HashSet<u32> = store
+            .meta_with_prefix(RETIRED)
+            .await?
+            .iter()
+            .filter_map(|(k, _)| k[RETIRED.len()..].parse().ok())
+            .collect();
         let mut gens = Vec::new();
         for n in (1..=newest).rev() {
             let Some(w) = store.get_wrapped_key(&row(n)).await? else {
@@ -90,6 +101,13 @@ impl AuthKeys {
                 }
                 continue;
             };
+            if retired.contains(&n) && n != newest {
+                tracing::warn!(
+                    key = %row(n),
+                    "a retired sign-in key is back in the database (restored from a backup?); it is not used"
+                );
+                continue;
+            }
             let key =
                 MacKey::unwrap(kek, &purpose(n), &w).map_err(|_| AuthKeyError::Unwrap(row(n)))?;
             gens.push((n, Arc::new(key)));

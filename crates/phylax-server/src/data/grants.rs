@@ -277,10 +277,12 @@ impl Grants {
         Ok(Taken::Missing)
     }
 
-    /// Delete the grant of `secret` under every generation (a session
-    /// moving to the newest one meanwhile is deleted too).
+    /// Delete the grant of `secret` under every generation, oldest first:
+    /// a session moving to the newest one meanwhile puts its new row
+    /// before it deletes the old one, so it is deleted too (or notices the
+    /// old row gone and deletes what it put).
     pub async fn delete(&self, kind: Kind, secret: &str) -> Result<(), GrantError> {
-        for (_, hash) in self.candidates(kind, secret) {
+        for (_, hash) in self.candidates(kind, secret).into_iter().rev() {
             self.store.delete_grant(kind.as_str(), &hash).await?;
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! Key events other processes record (a KEK generation added or retired,
 //! a patient's data key erased: `keys_event_v1:N` in the meta table,
-//! append-only, written by `ops::keys`), and what a server does about
+//! append-only, written by `keys`, read whole so that a removed entry
+//! hides nothing after it), and what a server does about
 //! them: reload the KEK's providers and, after an erasure, forget its
 //! unwrapped data keys. Also the row names of keys that rotate in
 //! generations (access tokens, search index) and the newest one stored.
@@ -14,17 +15,35 @@ pub const EVENT: &str = "keys_event_v1:";
 /// (`data::auth_keys`).
 pub const SIGN_IN: &str = "sign-in";
 
-pub async fn last_event(store: &DynStore) -> Result<u64, StoreError> {
-    let mut n = 0;
-    while store
-        .get_meta(&format!("{EVENT}{}", n + 1))
+/// Every key event, by number: the list is read whole, so that a
+/// missing entry (removed from the database) does not hide the ones
+/// after it.
+async fn events(store: &DynStore) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let mut all: Vec<(u64, Vec<u8>)> = store
+        .meta_with_prefix(EVENT)
         .await?
-        .is_some()
-    {
-        n += 1;
-    }
-    Ok(n)
+        .into_iter()
+        .filter_map(|(k, v)| Some((k[EVENT.len()..].parse().ok()?, v)))
+        .collect();
+    all.sort_by_key(|(n, _)| *n);
+    Ok(all)
 }
+
+/// The highest event number recorded (new events take numbers above it,
+/// never a gap below).
+pub async fn last_event(store: &DynStore) -> Result<u64, StoreError> {
+    Ok(events(store).await?.last().map_or(0, |(n, _)| *n))
+}
+
+/// Every kind a server follows, for when it cannot tell which changed.
+const ALL_KINDS: [&str; 6] = [
+    "tokens",
+    "index",
+    "cursors",
+    "checkpoint",
+    "data-keys",
+    SIGN_IN,
+];
 
 /// What a server does about other processes' key events.
 #[derive(Debug)]
@@ -49,43 +68,41 @@ impl KeyEvents {
         keys: &KeyRing,
     ) -> Result<Vec<String>, KeyEventError> {
         use std::sync::atomic::Ordering;
-        let mut n = self.seen.load(Ordering::Acquire);
+        let seen = self.seen.load(Ordering::Acquire);
+        let all = events(store).await?;
         let mut erased = false;
         let mut any = false;
         let mut kinds = Vec::new();
-        // The last event seen is gone: someone rewrote the list (new events
-        // may now carry numbers already seen). Assume the worst, once:
-        // reload, forget, and start again after what is there now.
-        if n > 0 && store.get_meta(&format!("{EVENT}{n}")).await?.is_none() {
+        // The last event seen is gone: someone rewrote the list. Assume
+        // the worst, once: reload, forget, and start again after what is
+        // there now.
+        if seen > 0 && !all.iter().any(|(n, _)| *n == seen) {
             tracing::warn!("key events were removed from the database; reloading keys");
-            n = last_event(store).await?;
             any = true;
             erased = true;
-            kinds.push("tokens".to_owned());
-            kinds.push("index".to_owned());
-            kinds.push("cursors".to_owned());
-            kinds.push("checkpoint".to_owned());
-            kinds.push("data-keys".to_owned());
-            kinds.push(SIGN_IN.to_owned());
+            kinds.extend(ALL_KINDS.iter().map(|k| (*k).to_owned()));
         }
-        while let Some(v) = store.get_meta(&format!("{EVENT}{}", n + 1)).await? {
-            n += 1;
+        for (_, v) in all.iter().filter(|(n, _)| *n > seen) {
             any = true;
             erased |= v.starts_with(b"erase");
-            if let Some(k) = std::str::from_utf8(&v)
+            if let Some(k) = std::str::from_utf8(v)
                 .ok()
                 .and_then(|s| s.split(' ').next())
             {
                 kinds.push(k.to_owned());
             }
         }
-        if any {
-            keys.kek().reload(true)?;
-            if erased {
-                keys.forget_data_keys();
-            }
-            self.seen.store(n, Ordering::Release);
+        if !any {
+            return Ok(kinds);
         }
+        keys.kek().reload(true)?;
+        if erased {
+            keys.forget_data_keys();
+        }
+        // Next time, after the newest there is now (also when events at
+        // the end were removed: new ones are numbered after what is left).
+        self.seen
+            .store(all.last().map_or(0, |(n, _)| *n), Ordering::Release);
         Ok(kinds)
     }
 }

@@ -67,19 +67,30 @@ impl KeyAdmin<'_> {
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<SignInRotated, KeysError> {
         let n = newest_generation(self.store, KIND, auth_keys::row).await?;
-        let next = n + 1;
+        // A key stored by a rotation that stopped before recording it is
+        // finished, not stacked on.
+        let recorded = n == 1
+            || self
+                .store
+                .get_meta(&format!("{KEY_GENERATION}{KIND}:{n}"))
+                .await?
+                .is_some();
+        let next = if recorded { n + 1 } else { n };
         self.audit(
             "key-rotate",
             Action::Update,
             format!("sign-in key generation {next} added"),
         )
         .await?;
-        record_generation(self.store, KIND, next).await?;
+        // The key first, then its record: a rotation stopped in between
+        // leaves a key nobody uses yet, never a record without its key
+        // (which would stop every node from starting).
         let (_, wrapped) =
             phylax_crypto::MacKey::generate_wrapped(self.kek, &auth_keys::purpose(next))?;
         self.store
             .put_wrapped_key_if_absent(&auth_keys::row(next), &wrapped, now())
             .await?;
+        record_generation(self.store, KIND, next).await?;
         self.event(KIND).await?;
         // Every node hashes under the new generation before the grants
         // made under the older ones are counted.
@@ -92,6 +103,16 @@ impl KeyAdmin<'_> {
             .await
             .map_err(|e| KeysError::SignIn(e.to_string()))?;
         let retire = self.retire_sign_in().await?;
+        self.audit(
+            "key-rotate",
+            Action::Update,
+            format!(
+                "sign-in key generation {next} in force; {usernames_rehashed} usernames re-hashed; generations {:?} retired, {:?} kept",
+                retire.retired,
+                retire.kept.iter().map(|k| k.generation).collect::<Vec<_>>()
+            ),
+        )
+        .await?;
         Ok(SignInRotated {
             generation: next,
             usernames_rehashed,
@@ -154,6 +175,11 @@ impl KeyAdmin<'_> {
         if older.is_empty() {
             return Ok(out);
         }
+        // Every node knows the newest generation before names move to it
+        // (a rotation that stopped before its announcement is announced
+        // now).
+        self.event(KIND).await?;
+        tokio::time::sleep(self.grace).await;
         let accounts = self.sign_in_accounts(auth.clone())?;
         accounts
             .rehash_usernames(&|_, _| {})
@@ -182,6 +208,12 @@ impl KeyAdmin<'_> {
                 format!("sign-in key generation {g} retired (nothing depends on it)"),
             )
             .await?;
+            self.store
+                .put_meta_if_absent(
+                    &format!("{}{g}", auth_keys::RETIRED),
+                    now().to_string().as_bytes(),
+                )
+                .await?;
             if self.store.delete_wrapped_key(&auth_keys::row(g)).await? {
                 out.retired.push(g);
             }

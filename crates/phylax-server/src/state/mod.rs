@@ -75,6 +75,9 @@ pub struct AppState {
     /// The sign-in key generations the accounts and grants hash under
     /// (reloaded when a rotation adds or retires one).
     auth_keys: Arc<crate::data::auth_keys::AuthKeys>,
+    /// Key kinds whose reload after an event failed: tried again at the
+    /// next poll.
+    reload_pending: parking_lot::Mutex<Vec<String>>,
 }
 
 /// How often the flagged (VIP) patient list is refreshed.
@@ -190,6 +193,7 @@ impl AppState {
             fhir,
             vip: Default::default(),
             auth_keys,
+            reload_pending: Default::default(),
             key_watch: Arc::new((
                 store.clone(),
                 crate::data::key_events::KeyEvents::new(&store)
@@ -426,13 +430,20 @@ impl AppState {
     /// polls this each second).
     pub async fn follow_key_events(&self) -> Result<(), crate::data::key_events::KeyEventError> {
         let (store, events) = &*self.key_watch;
-        let seen = events.poll(store, &self.keys).await?;
+        let mut seen = events.poll(store, &self.keys).await?;
+        // Kinds whose reload failed before are tried again until it works
+        // (the event that announced them is not seen twice).
+        seen.extend(std::mem::take(&mut *self.reload_pending.lock()));
+        let failed = |kind: &str| self.reload_pending.lock().push(kind.to_owned());
         if seen.iter().any(|k| k == "tokens") {
             // A new access-token key: issue with it, keep verifying the
             // previous one for a token lifetime.
             match crate::instance::token_keys(store, self.keys.kek()).await {
                 Ok((current, previous)) => self.authn.tokens.set_keys(current, previous),
-                Err(e) => tracing::error!(error = %e, "could not load the new access-token key"),
+                Err(e) => {
+                    failed("tokens");
+                    tracing::error!(error = %e, "could not load the new access-token key")
+                }
             }
         }
         if seen.iter().any(|k| k == crate::data::auth_keys::KIND) {
@@ -440,7 +451,10 @@ impl AppState {
             // retired (stop trying it).
             match crate::data::auth_keys::AuthKeys::load(store, self.keys.kek()).await {
                 Ok(set) => self.auth_keys.replace(set),
-                Err(e) => tracing::error!(error = %e, "could not load the sign-in keys"),
+                Err(e) => {
+                    failed(crate::data::auth_keys::KIND);
+                    tracing::error!(error = %e, "could not load the sign-in keys")
+                }
             }
         }
         if seen.iter().any(|k| k == "cursors") {
@@ -448,19 +462,26 @@ impl AppState {
             // still open under the previous one.
             match crate::data::cursor_keys::load(store, self.keys.kek()).await {
                 Ok(set) => self.fhir.cursors.replace(set),
-                Err(e) => tracing::error!(error = %e, "could not load the new cursor keys"),
+                Err(e) => {
+                    failed("cursors");
+                    tracing::error!(error = %e, "could not load the new cursor keys")
+                }
             }
         }
         if seen.iter().any(|k| k == "data-keys") {
             // A new data-key generation seals new versions from now on.
             match crate::data::key_events::data_generation(store).await {
                 Ok(n) => self.keys.set_data_generation(n),
-                Err(e) => tracing::error!(error = %e, "could not read the data-key generation"),
+                Err(e) => {
+                    failed("data-keys");
+                    tracing::error!(error = %e, "could not read the data-key generation")
+                }
             }
         }
         if seen.iter().any(|k| k == "checkpoint") {
             // A new checkpoint key signs from now on; older ones verify.
             if let Err(e) = self.audit.reload_checkpoint_keys(&self.keys).await {
+                failed("checkpoint");
                 tracing::error!(error = %e, "could not load the new checkpoint key");
             }
         }
@@ -469,7 +490,10 @@ impl AppState {
             // and the one before) or its rebuild finished (only it).
             match crate::instance::search_key(store, self.keys.kek()).await {
                 Ok(key) => self.gate.set_search_key(key),
-                Err(e) => tracing::error!(error = %e, "could not load the new search index key"),
+                Err(e) => {
+                    failed("index");
+                    tracing::error!(error = %e, "could not load the new search index key")
+                }
             }
         }
         Ok(())

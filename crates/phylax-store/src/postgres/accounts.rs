@@ -83,6 +83,15 @@ impl AccountStore for PgStore {
         Ok(r.as_ref().map(row_user))
     }
 
+    async fn delete_user(&self, id: &str) -> Result<bool> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let n = c
+            .execute("DELETE FROM users WHERE id = $1", &[&id])
+            .await
+            .map_err(pg)?;
+        Ok(n > 0)
+    }
+
     async fn find_user(&self, username_hash: &[u8]) -> Result<Option<UserRecord>> {
         let c = self.pool.get().await.map_err(pool_err)?;
         let r = c

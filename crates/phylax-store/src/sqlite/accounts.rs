@@ -91,6 +91,16 @@ impl AccountStore for SqliteStore {
         .await
     }
 
+    async fn delete_user(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.write(move |c| {
+            c.execute("DELETE FROM users WHERE id = ?1", params![id])
+                .map(|n| n > 0)
+                .map_err(backend)
+        })
+        .await
+    }
+
     async fn find_user(&self, username_hash: &[u8]) -> Result<Option<UserRecord>> {
         let h = username_hash.to_vec();
         self.read(move |c| {

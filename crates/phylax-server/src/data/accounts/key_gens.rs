@@ -43,6 +43,7 @@ impl Accounts {
         let recs = self.store.list_users().await?;
         let total = recs.len() as u64;
         let mut changed = 0;
+        let mut clashes = Vec::new();
         for (i, rec) in recs.into_iter().enumerate() {
             let id = rec.id.clone();
             let u = self.open(rec).await?;
@@ -55,17 +56,22 @@ impl Accounts {
                     .await
                 {
                     Ok(_) => changed += 1,
-                    Err(AccountError::Store(StoreError::Duplicate)) => {
-                        return Err(AccountError::Keys(format!(
-                            "user {id} has the same username as another account (both made while a rotation was re-hashing names): disable one, then run the rotation's `phylax keys retire` again"
-                        )))
-                    }
+                    // Another account has the name under the new hash:
+                    // this one stays under its old hash (and keeps its
+                    // generation alive) until an operator decides.
+                    Err(AccountError::Store(StoreError::Duplicate)) => clashes.push(id),
                     // Deleted meanwhile: nothing to move.
                     Err(AccountError::NoSuchUser) => {}
                     Err(e) => return Err(e),
                 }
             }
             progress(i as u64 + 1, total);
+        }
+        if !clashes.is_empty() {
+            return Err(AccountError::Keys(format!(
+                "users {} have the username of another account (the database was edited, or rows were restored): see docs/KEYS.md, \"Recovery\"; the other usernames were re-hashed",
+                clashes.join(", ")
+            )));
         }
         Ok(changed)
     }

@@ -365,6 +365,8 @@ pub fn normalize_username(s: &str) -> Result<String, AccountError> {
 #[derive(Debug, Clone)]
 pub struct Accounts {
     store: Arc<dyn AccountStore>,
+    /// The whole store, for the sign-in key generations it records.
+    key_store: phylax_store::DynStore,
     /// Ending a user's sessions: their grants, and a revocation every node
     /// applies.
     grants: Arc<dyn GrantStore>,
@@ -396,6 +398,7 @@ impl Accounts {
     ) -> Result<Accounts, AccountError> {
         Ok(Accounts {
             grants: store.clone(),
+            key_store: store.clone(),
             store,
             keys,
             auth_keys,
@@ -462,6 +465,29 @@ impl Accounts {
         self.auth_keys
             .sign(&Self::username_msg(normalized))
             .to_vec()
+    }
+
+    /// Take the sign-in key generations from the database (what a
+    /// key event would bring a server a second later).
+    async fn reload_auth_keys(&self) -> Result<(), AccountError> {
+        let fresh = crate::data::auth_keys::AuthKeys::load(&self.key_store, self.keys.kek())
+            .await
+            .map_err(|e| AccountError::Keys(e.to_string()))?;
+        self.auth_keys.replace(fresh);
+        Ok(())
+    }
+
+    /// Every user stored under `normalized`, by any live generation's hash.
+    async fn holders(&self, normalized: &str) -> Result<Vec<UserRecord>, AccountError> {
+        let mut out: Vec<UserRecord> = Vec::new();
+        for (_, h) in self.auth_keys.sign_all(&Self::username_msg(normalized)) {
+            if let Some(r) = self.store.find_user(&h).await? {
+                if !out.iter().any(|o| o.id == r.id) {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The user stored under `normalized` by any live generation's hash
@@ -542,8 +568,10 @@ impl Accounts {
         if let Some(p) = patient {
             phylax_fhir::ids::ResourceId::parse(p).ok_or(AccountError::PatientLink)?;
         }
-        // The name may still be stored under an older generation's hash
-        // (a rotation re-hashing usernames): it is taken all the same.
+        // The generations as the database has them now (a process that
+        // started before a rotation would hash under an old one), and the
+        // name under every one of them: taken is taken.
+        self.reload_auth_keys().await?;
         if self.find_normalized(&username).await?.is_some() {
             return Err(AccountError::Taken);
         }
@@ -569,6 +597,14 @@ impl Accounts {
         match self.store.add_user(&rec).await {
             Err(StoreError::Duplicate) => return Err(AccountError::Taken),
             other => other?,
+        }
+        // A rotation that began meanwhile may have moved the name to a
+        // newer generation's hash, where the unique index did not see
+        // this row: look again with the generations as they are now.
+        self.reload_auth_keys().await?;
+        if self.holders(&username).await?.iter().any(|r| r.id != id) {
+            self.store.delete_user(&id).await?;
+            return Err(AccountError::Taken);
         }
         Ok((User { rec, acct }, format!("{id}.{token}")))
     }

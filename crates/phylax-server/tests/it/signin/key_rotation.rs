@@ -191,7 +191,8 @@ async fn the_sign_in_key_rotates_while_people_sign_in(s: &TestServer) {
                 assert_eq!(st, 200, "a refresh during the rotation: {v}");
                 rt = v["refresh_token"].as_str().unwrap().to_owned();
                 n.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Below the token endpoint's rate limit per client.
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
     };
@@ -417,4 +418,115 @@ async fn exchange_at(s: &TestServer, node: &str, app: &str, rt: &str) -> (u16, V
         .unwrap();
     let st = r.status().as_u16();
     (st, r.json().await.unwrap_or_default())
+}
+
+both!(sign_in_rotation_survives_what_an_operator_could_do);
+/// What goes wrong around a rotation: a `user add` from a process that
+/// loaded its keys before it, a rotation stopped between storing its key
+/// and recording it, a key event removed from the middle of the list,
+/// a retired key row put back from a backup, and a recorded generation
+/// whose key was deleted.
+async fn sign_in_rotation_survives_what_an_operator_could_do(s: &TestServer) {
+    let t = now();
+    s.state
+        .accounts
+        .add_linked("xavier", "clinician", None, None, 2, t)
+        .await
+        .unwrap();
+    // A CLI process opened before the rotation.
+    let stale = Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap();
+    let stale_accounts = stale.accounts().unwrap();
+    let op = Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap();
+    let admin = KeyAdmin::of(&op, GRACE);
+    // A key event removed from the middle of the list hides nothing
+    // after it from the running server.
+    admin.rotate_tokens().await.unwrap();
+    admin.rotate_tokens().await.unwrap();
+    tokio::time::sleep(GRACE).await;
+    let follower = phylax_server::data::key_events::KeyEvents::new(&s.store)
+        .await
+        .unwrap();
+    s.sql("DELETE FROM meta WHERE key = 'keys_event_v1:1'")
+        .await;
+    admin.rotate_tokens().await.unwrap();
+    assert_eq!(
+        follower.poll(&s.store, &op.keys).await.unwrap(),
+        vec!["tokens".to_owned()],
+        "an event after a gap is seen"
+    );
+    let saved = s.store.get_wrapped_key("mac:auth").await.unwrap().unwrap();
+    let r = admin.rotate_sign_in(&|_, _| {}).await.unwrap();
+    assert_eq!(r.generation, 2);
+    let mut retired = r.retire.retired.clone();
+    tokio::time::sleep(GRACE).await;
+    assert!(
+        s.state.accounts.find("xavier").await.unwrap().is_some(),
+        "the running server follows the rotation"
+    );
+    // The stale process does not make a second xavier.
+    assert!(matches!(
+        stale_accounts
+            .add_linked("Xavier", "clinician", None, None, 3600, now())
+            .await,
+        Err(phylax_server::data::accounts::AccountError::Taken)
+    ));
+    assert_eq!(
+        s.state.accounts.list().await.unwrap().len(),
+        1,
+        "one xavier"
+    );
+    // A rotation stopped after storing its key, before recording it: the
+    // instance opens, and the next rotation finishes that generation
+    // instead of adding another.
+    let (_, w) =
+        phylax_crypto::MacKey::generate_wrapped(op.keys.kek(), &auth_keys::purpose(3)).unwrap();
+    s.store
+        .put_wrapped_key_if_absent(&auth_keys::row(3), &w, now())
+        .await
+        .unwrap();
+    Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap();
+    let r = admin.rotate_sign_in(&|_, _| {}).await.unwrap();
+    assert_eq!(r.generation, 3, "finished, not stacked on");
+    retired.extend(r.retire.retired.clone());
+    // Retire what is left (nothing depends on it once grants are over;
+    // xavier's enrollment link has expired).
+    for g in [2, 3] {
+        s.sql(&format!(
+            "UPDATE meta SET value = {} WHERE key = '{}{g}'",
+            s.blob(b"1"),
+            auth_keys::GRANTS_UNTIL
+        ))
+        .await;
+    }
+    let r = admin.retire_sign_in().await.unwrap();
+    retired.extend(r.retired.clone());
+    retired.sort();
+    assert_eq!(retired, vec![1, 2], "{r:?}");
+    // The first key row put back from a backup does not bring it back.
+    s.store
+        .put_wrapped_key_if_absent("mac:auth", &saved, now())
+        .await
+        .unwrap();
+    let reopened = Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(reopened.auth_keys.generations(), vec![3]);
+    // A recorded generation whose key was deleted stops the instance from
+    // opening (usernames are hashed under it), with a reason.
+    s.sql("DELETE FROM wrapped_keys WHERE scope = 'mac:auth@3'")
+        .await;
+    let e = Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("keys: the sign-in key mac:auth@3 is missing"),
+        "{e}"
+    );
 }

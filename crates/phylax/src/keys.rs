@@ -360,22 +360,6 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                 }
                 out.insert("checkpoint".into(), serde_json::to_value(&r)?);
             }
-            if sign_in || all {
-                let pb = progress_bar("re-hashing usernames");
-                let r = KeyAdmin::of(&i, GRACE)
-                    .rotate_sign_in(&on_progress(&pb))
-                    .await;
-                pb.finish_and_clear();
-                let r = r?;
-                if !json {
-                    println!(
-                        "sign-in: generation {}; {} usernames re-hashed",
-                        r.generation, r.usernames_rehashed
-                    );
-                    print_retired(&r.retire);
-                }
-                out.insert("sign_in".into(), serde_json::to_value(&r)?);
-            }
             if data_keys || all {
                 let pb = progress_bar("re-encrypting");
                 let r = KeyAdmin::of(&i, GRACE)
@@ -416,6 +400,24 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                     print_kek(&r);
                 }
                 out.insert("kek".into(), serde_json::to_value(&r)?);
+            }
+            // Last: it can stop on accounts an operator must sort out
+            // (two with one name), which should not hold the others back.
+            if sign_in || all {
+                let pb = progress_bar("re-hashing usernames");
+                let r = KeyAdmin::of(&i, GRACE)
+                    .rotate_sign_in(&on_progress(&pb))
+                    .await;
+                pb.finish_and_clear();
+                let r = r?;
+                if !json {
+                    println!(
+                        "sign-in: generation {}; {} usernames re-hashed",
+                        r.generation, r.usernames_rehashed
+                    );
+                    print_retired(&r.retire);
+                }
+                out.insert("sign_in".into(), serde_json::to_value(&r)?);
             }
             if json {
                 print_json(out)?;

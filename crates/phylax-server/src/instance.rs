@@ -59,6 +59,8 @@ pub enum InstanceError {
     Io(String),
     #[error("keys: {0}")]
     Keys(String),
+    #[error("accounts: {0}")]
+    Accounts(String),
     #[error("the audit log: {0}")]
     Audit(String),
     #[error(transparent)]
@@ -633,6 +635,12 @@ impl Instance {
         )
         .await
         .map_err(|e| InstanceError::Audit(e.to_string()))?;
+        // Accounts sealed before they named their role and status are
+        // bound once, before anything reads them.
+        accounts_for(&config, &store, &keys, auth_keys.clone())?
+            .bind_all()
+            .await
+            .map_err(|e| InstanceError::Accounts(e.to_string()))?;
         Ok(Instance {
             data_dir,
             config,

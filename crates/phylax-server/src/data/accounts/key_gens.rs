@@ -1,5 +1,6 @@
 //! What accounts hold under each sign-in key generation, and moving
-//! usernames to the newest one (docs/KEYS.md, "The sign-in key").
+//! usernames to the newest one (docs/KEYS.md, "The sign-in key"); binding
+//! accounts sealed before they named their role and status.
 //!
 //! Usernames can be re-hashed (the name is inside the sealed account);
 //! recovery codes and enrollment links cannot (only their hashes are
@@ -32,6 +33,39 @@ impl GenerationUse {
 }
 
 impl Accounts {
+    /// Bind every account sealed before accounts named their role and
+    /// status (once per instance; then unbound accounts are refused).
+    /// An account that does not open is left as it is (it cannot be used
+    /// either way) and logged.
+    pub async fn bind_all(&self) -> Result<u64, AccountError> {
+        if self
+            .key_store
+            .get_meta(super::ACCOUNTS_BOUND)
+            .await?
+            .is_some()
+        {
+            return Ok(0);
+        }
+        let mut bound = 0;
+        for rec in self.store.list_users().await? {
+            let id = rec.id.clone();
+            match self.open(rec).await {
+                Ok(u) if u.acct.bound.is_none() => {
+                    self.modify(&id, |_| Ok(())).await?;
+                    bound += 1;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(user = %id, error = %e, "account not bound: it does not open")
+                }
+            }
+        }
+        self.key_store
+            .put_meta_if_absent(super::ACCOUNTS_BOUND, b"1")
+            .await?;
+        Ok(bound)
+    }
+
     /// Hash every username under the newest sign-in key generation;
     /// `progress(done, total)` after each user. Returns how many changed.
     /// Lookups try every live generation meanwhile, so sign-in keeps

@@ -6,7 +6,9 @@
 //! - `username_hash`: HMAC of the normalised username under the instance's
 //!   sign-in key (its newest generation once a rotation has re-hashed
 //!   it), for lookups; the username itself is only inside `sealed`.
-//! - `role`, `status`, `rev`, `created_at`: not identifying.
+//! - `role`, `status`, `rev`, `created_at`: not identifying. The role and
+//!   status are also inside `sealed`: a row whose plain role or status
+//!   differs from the sealed one (edited in the database) does not open.
 //! - `sealed`: the [`Account`] below as JSON, AES-256-GCM under the
 //!   `accounts` data key, bound to the user id and revision (a sealed blob
 //!   copied to another row, or an older blob restored under the current
@@ -27,7 +29,8 @@
 //! - [`second_factor`]: TOTP and recovery codes;
 //! - [`passkeys`]: WebAuthn registration, sign-in and management;
 //! - [`key_gens`]: what accounts hold under each sign-in key generation,
-//!   and re-hashing usernames under the newest.
+//!   re-hashing usernames under the newest, binding older accounts to
+//!   their role and status.
 
 mod key_gens;
 mod passkeys;
@@ -180,7 +183,24 @@ pub struct Account {
     /// lasts twice as long as the one before.
     #[serde(default)]
     lockouts: u32,
+    /// The row's role and status when this was sealed: a role or status
+    /// changed in the database alone, without the key, does not open
+    /// (`None` only in accounts sealed before this existed, until the
+    /// first start of a release with it binds them).
+    #[serde(default)]
+    bound: Option<Bound>,
 }
+
+/// What of the plain row the sealed part vouches for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Bound {
+    role: String,
+    status: String,
+}
+
+/// Meta key recording that every account is bound to its role and status
+/// (after which an unbound one is refused).
+pub const ACCOUNTS_BOUND: &str = "accounts_bound_v1";
 
 /// The longest automatic lockout.
 pub const MAX_LOCKOUT_SECS: i64 = 86_400;
@@ -527,6 +547,20 @@ impl Accounts {
         );
         let acct: Account =
             serde_json::from_slice(plain.expose()).map_err(|_| AccountError::Sealed)?;
+        let vouched = match &acct.bound {
+            Some(b) => b.role == rec.role && b.status == rec.status,
+            // Sealed before binding existed: only until every account is
+            // bound (a row put back from then, with its role edited, is
+            // refused after that).
+            None => self.key_store.get_meta(ACCOUNTS_BOUND).await?.is_none(),
+        };
+        if !vouched {
+            tracing::error!(
+                user = %rec.id,
+                "INTEGRITY FAILURE: a user's role or status in the database is not the one sealed with the account"
+            );
+            return Err(AccountError::Sealed);
+        }
         Ok(User { rec, acct })
     }
 
@@ -590,7 +624,13 @@ impl Accounts {
             username_hash: self.username_hash(&username),
             role: r.name.clone(),
             status: Status::Active.as_str().into(),
-            sealed: self.seal(&id, 0, &acct).await?,
+            sealed: {
+                acct.bound = Some(Bound {
+                    role: r.name.clone(),
+                    status: Status::Active.as_str().into(),
+                });
+                self.seal(&id, 0, &acct).await?
+            },
             rev: 0,
             created_at: now,
         };
@@ -646,6 +686,10 @@ impl Accounts {
         for _ in 0..8 {
             let mut u = self.load(id).await?.ok_or(AccountError::NoSuchUser)?;
             let out = f(&mut u)?;
+            u.acct.bound = Some(Bound {
+                role: u.rec.role.clone(),
+                status: u.rec.status.clone(),
+            });
             u.rec.sealed = self.seal(id, u.rec.rev + 1, &u.acct).await?;
             if self.store.update_user(&u.rec).await? {
                 u.rec.rev += 1;

@@ -84,3 +84,103 @@ mod roles {
         }
     }
 }
+
+both!(a_role_or_status_edited_in_the_database_does_not_count);
+/// Someone who can write the database but does not hold the KEK edits a
+/// user's plain `role` (to admin) or `status` (a disabled account back to
+/// active): the account no longer opens, so the user cannot sign in at
+/// all, let alone with the edited role. Changes made through Phylax keep
+/// working. Accounts sealed before this binding existed are bound at the
+/// next start.
+async fn a_role_or_status_edited_in_the_database_does_not_count(s: &TestServer) {
+    enrolled_user(s, "desk.two", "front-desk", None).await;
+    let id = s
+        .state
+        .accounts
+        .find("desk.two")
+        .await
+        .unwrap()
+        .unwrap()
+        .id()
+        .to_owned();
+    s.sql(&format!(
+        "UPDATE users SET role = 'admin' WHERE id = '{id}'"
+    ))
+    .await;
+    assert!(s.state.accounts.load(&id).await.is_err(), "does not open");
+    let sign_in = || async {
+        let app = add_app(s, "user/*.cruds", true).await;
+        let mut b = Browser::new(s);
+        let page = b
+            .get(&authorize_url(s, &app, "user/*.rs", "x", &pkce()))
+            .await;
+        b.post(
+            "/auth/login",
+            &[
+                ("csrf", &page.csrf()),
+                ("username", "desk.two"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await
+        .status
+    };
+    assert!(
+        !matches!(sign_in().await, 200 | 303),
+        "no sign-in with an edited role"
+    );
+    // Put back, it opens again; a disabled user edited back to active
+    // does not.
+    s.sql(&format!(
+        "UPDATE users SET role = 'front-desk' WHERE id = '{id}'"
+    ))
+    .await;
+    assert!(s.state.accounts.load(&id).await.is_ok());
+    s.state
+        .accounts
+        .set_status(&id, phylax_server::data::accounts::Status::Disabled, now())
+        .await
+        .unwrap();
+    s.sql(&format!(
+        "UPDATE users SET status = 'active' WHERE id = '{id}'"
+    ))
+    .await;
+    assert!(s.state.accounts.load(&id).await.is_err());
+    s.sql(&format!(
+        "UPDATE users SET status = 'disabled' WHERE id = '{id}'"
+    ))
+    .await;
+    // A role changed through Phylax is sealed with the account.
+    s.state
+        .accounts
+        .set_role(&id, "nurse", now())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.state.accounts.load(&id).await.unwrap().unwrap().role(),
+        "nurse"
+    );
+    // An account sealed before the binding (as an older release left it:
+    // no `bound`, no record) is bound at the next start; once bound, such
+    // an account with an edited role is refused.
+    s.sql(&format!(
+        "DELETE FROM meta WHERE key = '{}'",
+        phylax_server::data::accounts::ACCOUNTS_BOUND
+    ))
+    .await;
+    assert!(s.state.accounts.load(&id).await.is_ok());
+    let reopened = phylax_server::instance::Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap();
+    assert!(reopened
+        .store
+        .get_meta(phylax_server::data::accounts::ACCOUNTS_BOUND)
+        .await
+        .unwrap()
+        .is_some());
+    s.sql(&format!(
+        "UPDATE users SET role = 'admin' WHERE id = '{id}'"
+    ))
+    .await;
+    assert!(s.state.accounts.load(&id).await.is_err());
+}

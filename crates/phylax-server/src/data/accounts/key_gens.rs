@@ -10,6 +10,7 @@
 use super::{AccountError, Accounts};
 use crate::data::auth_keys::generation_of;
 use phylax_store::StoreError;
+use phylax_store::UserRecord;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -29,6 +30,85 @@ pub struct GenerationUse {
 impl GenerationUse {
     pub fn is_empty(&self) -> bool {
         self.usernames + self.recovery_code_sets + self.enrollment_links == 0
+    }
+}
+
+/// Keyed hashes under the sign-in key's generations.
+impl Accounts {
+    pub(super) fn keyed_msg(domain: &str, value: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(domain.len() + 1 + value.len());
+        msg.extend_from_slice(domain.as_bytes());
+        msg.push(0);
+        msg.extend_from_slice(value);
+        msg
+    }
+
+    /// A keyed, domain-separated hash (hex) of an identifier under the
+    /// newest sign-in key, for what is never stored (throttle counters).
+    pub fn keyed(&self, domain: &str, value: &[u8]) -> String {
+        hex::encode(self.auth_keys.sign(&Self::keyed_msg(domain, value)))
+    }
+
+    /// A keyed hash of a secret to store (recovery codes, enrollment
+    /// links), naming the sign-in key generation it was made under.
+    pub(crate) fn keyed_stored(&self, domain: &str, value: &[u8]) -> String {
+        self.auth_keys.tagged(&Self::keyed_msg(domain, value))
+    }
+
+    /// Whether a stored keyed hash is that of `value`.
+    pub(crate) fn keyed_matches(&self, domain: &str, value: &[u8], stored: &str) -> bool {
+        self.auth_keys
+            .matches_tagged(&Self::keyed_msg(domain, value), stored)
+    }
+
+    pub(super) fn username_msg(normalized: &str) -> Vec<u8> {
+        let mut msg = b"username\0".to_vec();
+        msg.extend_from_slice(normalized.as_bytes());
+        msg
+    }
+
+    /// The username hash a user is stored under (the newest generation).
+    pub(super) fn username_hash(&self, normalized: &str) -> Vec<u8> {
+        self.auth_keys
+            .sign(&Self::username_msg(normalized))
+            .to_vec()
+    }
+
+    /// Take the sign-in key generations from the database (what a
+    /// key event would bring a server a second later).
+    pub(super) async fn reload_auth_keys(&self) -> Result<(), AccountError> {
+        let fresh = crate::data::auth_keys::AuthKeys::load(&self.key_store, self.keys.kek())
+            .await
+            .map_err(|e| AccountError::Keys(e.to_string()))?;
+        self.auth_keys.replace(fresh);
+        Ok(())
+    }
+
+    /// Every user stored under `normalized`, by any live generation's hash.
+    pub(super) async fn holders(&self, normalized: &str) -> Result<Vec<UserRecord>, AccountError> {
+        let mut out: Vec<UserRecord> = Vec::new();
+        for (_, h) in self.auth_keys.sign_all(&Self::username_msg(normalized)) {
+            if let Some(r) = self.store.find_user(&h).await? {
+                if !out.iter().any(|o| o.id == r.id) {
+                    out.push(r);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The user stored under `normalized` by any live generation's hash
+    /// (a rotation re-hashes every username, but not all at once).
+    pub(super) async fn find_normalized(
+        &self,
+        normalized: &str,
+    ) -> Result<Option<UserRecord>, AccountError> {
+        for (_, h) in self.auth_keys.sign_all(&Self::username_msg(normalized)) {
+            if let Some(r) = self.store.find_user(&h).await? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -28,7 +28,8 @@
 //! - [`password`]: hashing, verification, first password, lockout;
 //! - [`second_factor`]: TOTP and recovery codes;
 //! - [`passkeys`]: WebAuthn registration, sign-in and management;
-//! - [`key_gens`]: what accounts hold under each sign-in key generation,
+//! - [`key_gens`]: keyed hashes under the sign-in key generations, what
+//!   accounts hold under each generation,
 //!   re-hashing usernames under the newest, binding older accounts to
 //!   their role and status.
 
@@ -446,79 +447,6 @@ impl Accounts {
             Ok(Ok(p)) => Ok(p),
             _ => Err(AccountError::Busy),
         }
-    }
-
-    fn keyed_msg(domain: &str, value: &[u8]) -> Vec<u8> {
-        let mut msg = Vec::with_capacity(domain.len() + 1 + value.len());
-        msg.extend_from_slice(domain.as_bytes());
-        msg.push(0);
-        msg.extend_from_slice(value);
-        msg
-    }
-
-    /// A keyed, domain-separated hash (hex) of an identifier under the
-    /// newest sign-in key, for what is never stored (throttle counters).
-    pub fn keyed(&self, domain: &str, value: &[u8]) -> String {
-        hex::encode(self.auth_keys.sign(&Self::keyed_msg(domain, value)))
-    }
-
-    /// A keyed hash of a secret to store (recovery codes, enrollment
-    /// links), naming the sign-in key generation it was made under.
-    pub(crate) fn keyed_stored(&self, domain: &str, value: &[u8]) -> String {
-        self.auth_keys.tagged(&Self::keyed_msg(domain, value))
-    }
-
-    /// Whether a stored keyed hash is that of `value`.
-    pub(crate) fn keyed_matches(&self, domain: &str, value: &[u8], stored: &str) -> bool {
-        self.auth_keys
-            .matches_tagged(&Self::keyed_msg(domain, value), stored)
-    }
-
-    fn username_msg(normalized: &str) -> Vec<u8> {
-        let mut msg = b"username\0".to_vec();
-        msg.extend_from_slice(normalized.as_bytes());
-        msg
-    }
-
-    /// The username hash a user is stored under (the newest generation).
-    fn username_hash(&self, normalized: &str) -> Vec<u8> {
-        self.auth_keys
-            .sign(&Self::username_msg(normalized))
-            .to_vec()
-    }
-
-    /// Take the sign-in key generations from the database (what a
-    /// key event would bring a server a second later).
-    async fn reload_auth_keys(&self) -> Result<(), AccountError> {
-        let fresh = crate::data::auth_keys::AuthKeys::load(&self.key_store, self.keys.kek())
-            .await
-            .map_err(|e| AccountError::Keys(e.to_string()))?;
-        self.auth_keys.replace(fresh);
-        Ok(())
-    }
-
-    /// Every user stored under `normalized`, by any live generation's hash.
-    async fn holders(&self, normalized: &str) -> Result<Vec<UserRecord>, AccountError> {
-        let mut out: Vec<UserRecord> = Vec::new();
-        for (_, h) in self.auth_keys.sign_all(&Self::username_msg(normalized)) {
-            if let Some(r) = self.store.find_user(&h).await? {
-                if !out.iter().any(|o| o.id == r.id) {
-                    out.push(r);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// The user stored under `normalized` by any live generation's hash
-    /// (a rotation re-hashes every username, but not all at once).
-    async fn find_normalized(&self, normalized: &str) -> Result<Option<UserRecord>, AccountError> {
-        for (_, h) in self.auth_keys.sign_all(&Self::username_msg(normalized)) {
-            if let Some(r) = self.store.find_user(&h).await? {
-                return Ok(Some(r));
-            }
-        }
-        Ok(None)
     }
 
     fn aad(id: &str, rev: i64) -> Vec<u8> {

@@ -89,6 +89,8 @@ pub async fn data_key_rotation(
     let measure = |scenario: &'static str| {
         let (env, ids) = (env.clone(), ids.clone());
         async move {
+            // A fresh token each window: a long rotation outlasts one.
+            env.refresh().await?;
             crate::run(
                 env,
                 scenario,

@@ -611,6 +611,20 @@ pub trait GrantStore: Send + Sync + std::fmt::Debug + 'static {
     /// until then grants hashed under a sign-in key may still be used.
     async fn max_grant_expiry(&self, now: i64) -> Result<Option<i64>>;
 
+    /// Every grant unexpired at `now` (a data-key rotation seals their
+    /// details again).
+    async fn live_grants(&self, now: i64) -> Result<Vec<GrantRecord>>;
+
+    /// Replace a grant's sealed details if they are still `old`
+    /// (compare-and-swap). Returns whether it was replaced.
+    async fn reseal_grant(
+        &self,
+        kind: &str,
+        key_hash: &[u8],
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool>;
+
     /// Delete every grant of a family. Returns how many.
     async fn delete_family(&self, family: &str) -> Result<u64>;
 

@@ -66,9 +66,10 @@ pub enum KeysCmd {
         #[arg(long)]
         sign_in: bool,
         /// The data keys: a new generation of every patient's (and the
-        /// tenant's) data key; every resource version is re-encrypted
-        /// under it in the background (progress bar) while the servers
-        /// keep serving, then the older keys are deleted.
+        /// tenant's, the accounts' and the grants') data key; every
+        /// resource version, account and live grant is re-encrypted under
+        /// it in the background (progress bar) while the servers keep
+        /// serving, then the older keys are deleted.
         #[arg(long)]
         data_keys: bool,
         /// With --data-keys: re-encrypt at most this many versions per
@@ -370,8 +371,8 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                 let r = r?;
                 if !json {
                     println!(
-                        "data keys: generation {}; {} versions re-encrypted; {} older keys deleted",
-                        r.generation, r.resealed, r.retired
+                        "data keys: generation {}; {} versions and {} accounts re-encrypted, {} live grants moved; {} older keys deleted",
+                        r.generation, r.resealed, r.accounts, r.grants, r.retired
                     );
                 }
                 out.insert("data_keys".into(), serde_json::to_value(&r)?);

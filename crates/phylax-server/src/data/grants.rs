@@ -51,6 +51,12 @@ pub enum Kind {
 }
 
 impl Kind {
+    fn parse(s: &str) -> Option<Kind> {
+        [Kind::Pending, Kind::Session, Kind::Code, Kind::Refresh]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Pending => "pending",
@@ -177,15 +183,12 @@ impl Grants {
     ) -> Result<String, GrantError> {
         let secret = new_secret()?;
         let hash = self.hash(kind, &secret);
-        let key = self
+        let json = Secret::new(serde_json::to_vec(details).map_err(|_| GrantError::Sealed)?);
+        let sealed = self
             .keys
-            .for_write(KEY_SCOPE)
+            .seal_current(KEY_SCOPE, &Self::aad(kind, &hash), json.expose())
             .await
             .map_err(|e| GrantError::Keys(e.to_string()))?;
-        let json = Secret::new(serde_json::to_vec(details).map_err(|_| GrantError::Sealed)?);
-        let sealed = key
-            .seal(&Self::aad(kind, &hash), json.expose())
-            .map_err(|_| GrantError::Random)?;
         self.store
             .put_grant(
                 &GrantRecord {
@@ -208,16 +211,23 @@ impl Grants {
         kind: Kind,
         g: &GrantRecord,
     ) -> Result<T, GrantError> {
+        let plain = self.open_raw(kind, g).await?;
+        serde_json::from_slice(plain.expose()).map_err(|_| GrantError::Sealed)
+    }
+
+    /// A grant's sealed details, opened with the data key of the
+    /// generation the record names.
+    async fn open_raw(&self, kind: Kind, g: &GrantRecord) -> Result<Secret, GrantError> {
         let key = self
             .keys
-            .for_read(KEY_SCOPE)
+            .for_record(KEY_SCOPE, &g.sealed)
             .await
-            .map_err(|e| GrantError::Keys(e.to_string()))?;
-        let plain = Secret::new(
+            .map_err(|e| GrantError::Keys(e.to_string()))?
+            .ok_or(GrantError::Sealed)?;
+        Ok(Secret::new(
             key.open(&Self::aad(kind, &g.key_hash), &g.sealed)
                 .map_err(|_| GrantError::Sealed)?,
-        );
-        serde_json::from_slice(plain.expose()).map_err(|_| GrantError::Sealed)
+        ))
     }
 
     /// An unexpired grant and its details. Secrets that are not even the
@@ -308,24 +318,13 @@ impl Grants {
                 .await?;
             return Ok(());
         }
-        let key = self
-            .keys
-            .for_read(KEY_SCOPE)
-            .await
-            .map_err(|e| GrantError::Keys(e.to_string()))?;
-        let plain = Secret::new(
-            key.open(&Self::aad(kind, &g.key_hash), &g.sealed)
-                .map_err(|_| GrantError::Sealed)?,
-        );
+        let plain = self.open_raw(kind, &g).await?;
         let hash = self.hash(kind, secret);
-        let key = self
+        let sealed = self
             .keys
-            .for_write(KEY_SCOPE)
+            .seal_current(KEY_SCOPE, &Self::aad(kind, &hash), plain.expose())
             .await
             .map_err(|e| GrantError::Keys(e.to_string()))?;
-        let sealed = key
-            .seal(&Self::aad(kind, &hash), plain.expose())
-            .map_err(|_| GrantError::Random)?;
         let moved = GrantRecord {
             key_hash: hash,
             sealed,
@@ -346,6 +345,38 @@ impl Grants {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Seal every live grant's details again under the data-key
+    /// generation in force (a data-key rotation), each only if unchanged
+    /// meanwhile. Returns how many still name another generation (sealed
+    /// by a node that had not followed yet, or changed meanwhile).
+    pub async fn reseal_all(&self, now: i64) -> Result<u64, GrantError> {
+        let g = self.keys.data_generation();
+        let mut left = 0;
+        for r in self.store.live_grants(now).await? {
+            if phylax_crypto::datakey::record_generation(&r.sealed) == Some(g) {
+                continue;
+            }
+            let Some(kind) = Kind::parse(&r.kind) else {
+                left += 1;
+                continue;
+            };
+            let plain = self.open_raw(kind, &r).await?;
+            let sealed = self
+                .keys
+                .seal_current(KEY_SCOPE, &Self::aad(kind, &r.key_hash), plain.expose())
+                .await
+                .map_err(|e| GrantError::Keys(e.to_string()))?;
+            if !self
+                .store
+                .reseal_grant(&r.kind, &r.key_hash, &r.sealed, &sealed)
+                .await?
+            {
+                left += 1;
+            }
+        }
+        Ok(left)
     }
 
     /// Revoke a whole family (a replayed refresh token or code) on every

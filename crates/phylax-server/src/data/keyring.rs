@@ -311,6 +311,33 @@ impl KeyRing {
         Ok(())
     }
 
+    /// Seal `plain` under the data key of `scope` (accounts, grants) of
+    /// the generation in force, naming the generation in the record, so
+    /// that `keys rotate --data-keys` can move these records too.
+    pub async fn seal_current(
+        &self,
+        scope: &str,
+        aad: &[u8],
+        plain: &[u8],
+    ) -> Result<Vec<u8>, KeyError> {
+        let g = self.data_generation();
+        let key = self.for_write(&key_name(scope, g)).await?;
+        key.seal_gen(g, aad, plain).map_err(|_| KeyError::Random)
+    }
+
+    /// The data key of `scope` that opens `sealed` (by the generation the
+    /// record names), or `None` if the record names none.
+    pub async fn for_record(
+        &self,
+        scope: &str,
+        sealed: &[u8],
+    ) -> Result<Option<Arc<DataKey>>, KeyError> {
+        match phylax_crypto::datakey::record_generation(sealed) {
+            Some(g) => self.for_read(&key_name(scope, g)).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The data key for reading a record sealed under `scope`.
     pub async fn for_read(&self, scope: &str) -> Result<Arc<DataKey>, KeyError> {
         if let Some(k) = self.cached(scope) {

@@ -16,9 +16,10 @@
 //!    are deleted (except the first `tenant` key, which also seals
 //!    break-the-glass grants' details).
 //!
-//! Keys of the audit log, accounts and grants are not resource keys: their
-//! records are append-only or short-lived, and a KEK rotation is what
-//! renews their protection.
+//! The accounts and grants keys rotate with them: every account and live
+//! grant is sealed again under the new generation before the old keys go.
+//! The audit log's key does not (its records are append-only and chained):
+//! a KEK rotation is what renews its protection.
 
 use super::{now, KeyAdmin, KeysError};
 use crate::data::key_events::{data_generation, DATA_KEYS};
@@ -47,6 +48,10 @@ pub struct DataKeysRotated {
     pub generation: u32,
     /// Versions re-encrypted.
     pub resealed: u64,
+    /// Accounts re-encrypted.
+    pub accounts: u64,
+    /// Live grants looked at (each re-encrypted unless it already was).
+    pub grants: u64,
     /// Older keys deleted.
     pub retired: u64,
 }
@@ -58,7 +63,8 @@ fn resource_key(row: &str) -> Option<(&str, u32)> {
         Some((s, g)) => (s, g.parse().ok()?),
         None => (name, 1),
     };
-    is_resource_scope(scope).then_some((scope, generation))
+    (is_resource_scope(scope) || scope == "accounts" || scope == "grants")
+        .then_some((scope, generation))
 }
 
 impl KeyAdmin<'_> {
@@ -108,20 +114,61 @@ impl KeyAdmin<'_> {
             }
             tokio::time::sleep(self.grace).await;
         }
+        let (accounts, grants) = self.reseal_accounts_and_grants().await?;
         self.store.put_meta_if_absent(&done(next), b"1").await?;
         let retired = self.retire_data_keys(next).await?;
         self.event("data-keys").await?;
         self.audit(
             "key-rotate",
             Action::Update,
-            format!("data-key generation {next}: {resealed} versions re-encrypted, {retired} older keys deleted"),
+            format!("data-key generation {next}: {resealed} versions, {accounts} accounts and {grants} grants re-encrypted, {retired} older keys deleted"),
         )
         .await?;
         Ok(DataKeysRotated {
             generation: next,
             resealed,
+            accounts,
+            grants,
             retired,
         })
+    }
+
+    /// Seal every account and live grant again under the generation in
+    /// force (this process's key ring is on it), until a pass leaves none
+    /// behind. Returns (accounts, grants) moved.
+    async fn reseal_accounts_and_grants(&self) -> Result<(u64, u64), KeysError> {
+        let err = |e: String| KeysError::DataKeys(e);
+        let auth = std::sync::Arc::new(
+            crate::data::auth_keys::AuthKeys::load(self.store, self.kek)
+                .await
+                .map_err(|e| err(e.to_string()))?,
+        );
+        let accounts =
+            crate::instance::accounts_for(self.config, self.store, self.keys, auth.clone())
+                .map_err(|e| err(e.to_string()))?;
+        let grants = crate::data::grants::Grants::new(self.store.clone(), self.keys.clone(), auth);
+        let moved = accounts
+            .reseal_all()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let before = self.store.live_grants(now()).await?.len() as u64;
+        for _ in 0..5 {
+            let left = grants
+                .reseal_all(now())
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            // An account written meanwhile by a node still on the old
+            // generation would be moved by the next pass too.
+            let late = accounts
+                .reseal_all()
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            if left == 0 && late == 0 {
+                return Ok((moved, before));
+            }
+            tokio::time::sleep(self.grace.max(Duration::from_millis(200))).await;
+        }
+        Err(KeysError::NotConverged)
     }
 
     /// One pass over the versions still under an older generation.
@@ -244,6 +291,8 @@ mod tests {
         assert_eq!(resource_key("data:patient:p1@3"), Some(("patient:p1", 3)));
         assert_eq!(resource_key("data:tenant@2"), Some(("tenant", 2)));
         assert_eq!(resource_key("data:audit"), None);
+        assert_eq!(resource_key("data:accounts@2"), Some(("accounts", 2)));
+        assert_eq!(resource_key("data:grants"), Some(("grants", 1)));
         assert_eq!(resource_key("data:cursor@2"), None);
         assert_eq!(resource_key("mac:token"), None);
         assert_eq!(resource_key("data:patient:p1@x"), None);

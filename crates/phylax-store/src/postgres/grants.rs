@@ -106,6 +106,36 @@ impl GrantStore for PgStore {
         Ok(r.get(0))
     }
 
+    async fn live_grants(&self, now: i64) -> Result<Vec<GrantRecord>> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let rows = c
+            .query(
+                &format!("SELECT {GRANT_COLS} FROM grants WHERE expires_at > $1"),
+                &[&now],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(row_grant).collect())
+    }
+
+    async fn reseal_grant(
+        &self,
+        kind: &str,
+        key_hash: &[u8],
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool> {
+        let c = self.pool.get().await.map_err(pool_err)?;
+        let n = c
+            .execute(
+                "UPDATE grants SET sealed = $4 WHERE kind = $1 AND key_hash = $2 AND sealed = $3",
+                &[&kind, &key_hash, &old, &new],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n == 1)
+    }
+
     async fn delete_family(&self, family: &str) -> Result<u64> {
         let c = self.pool.get().await.map_err(pool_err)?;
         c.execute("DELETE FROM grants WHERE family = $1", &[&family])

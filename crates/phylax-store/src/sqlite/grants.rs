@@ -112,6 +112,43 @@ impl GrantStore for SqliteStore {
         .await
     }
 
+    async fn live_grants(&self, now: i64) -> Result<Vec<GrantRecord>> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare(&format!(
+                    "SELECT {GRANT_COLS} FROM grants WHERE expires_at > ?1"
+                ))
+                .map_err(backend)?;
+            let rows = st.query_map(params![now], row_grant).map_err(backend)?;
+            rows.map(|r| r.map_err(backend)).collect()
+        })
+        .await
+    }
+
+    async fn reseal_grant(
+        &self,
+        kind: &str,
+        key_hash: &[u8],
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool> {
+        let (kind, h, old, new) = (
+            kind.to_owned(),
+            key_hash.to_vec(),
+            old.to_vec(),
+            new.to_vec(),
+        );
+        self.write(move |c| {
+            c.execute(
+                "UPDATE grants SET sealed = ?4 WHERE kind = ?1 AND key_hash = ?2 AND sealed = ?3",
+                params![kind, h, old, new],
+            )
+            .map(|n| n == 1)
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn delete_family(&self, family: &str) -> Result<u64> {
         let family = family.to_owned();
         self.write(move |c| {

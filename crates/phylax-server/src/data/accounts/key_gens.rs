@@ -146,6 +146,24 @@ impl Accounts {
         Ok(bound)
     }
 
+    /// Seal every account again under the data-key generation in force
+    /// (a data-key rotation). Returns how many moved.
+    pub async fn reseal_all(&self) -> Result<u64, AccountError> {
+        let g = self.keys.data_generation();
+        let mut moved = 0;
+        for rec in self.store.list_users().await? {
+            if phylax_crypto::datakey::record_generation(&rec.sealed) == Some(g) {
+                continue;
+            }
+            match self.modify(&rec.id, |_| Ok(())).await {
+                Ok(_) => moved += 1,
+                Err(AccountError::NoSuchUser) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(moved)
+    }
+
     /// Hash every username under the newest sign-in key generation;
     /// `progress(done, total)` after each user. Returns how many changed.
     /// Lookups try every live generation meanwhile, so sign-in keeps

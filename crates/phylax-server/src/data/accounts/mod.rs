@@ -454,21 +454,20 @@ impl Accounts {
     }
 
     async fn seal(&self, id: &str, rev: i64, a: &Account) -> Result<Vec<u8>, AccountError> {
-        let key = self
-            .keys
-            .for_write(KEY_SCOPE)
-            .await
-            .map_err(|e| AccountError::Keys(e.to_string()))?;
         let json = Secret::new(serde_json::to_vec(a).map_err(|_| AccountError::Sealed)?);
-        Ok(key.seal(&Self::aad(id, rev), json.expose())?)
+        self.keys
+            .seal_current(KEY_SCOPE, &Self::aad(id, rev), json.expose())
+            .await
+            .map_err(|e| AccountError::Keys(e.to_string()))
     }
 
-    async fn open(&self, rec: UserRecord) -> Result<User, AccountError> {
+    pub(super) async fn open(&self, rec: UserRecord) -> Result<User, AccountError> {
         let key = self
             .keys
-            .for_read(KEY_SCOPE)
+            .for_record(KEY_SCOPE, &rec.sealed)
             .await
-            .map_err(|e| AccountError::Keys(e.to_string()))?;
+            .map_err(|e| AccountError::Keys(e.to_string()))?
+            .ok_or(AccountError::Sealed)?;
         let plain = Secret::new(
             key.open(&Self::aad(&rec.id, rec.rev), &rec.sealed)
                 .map_err(|_| AccountError::Sealed)?,

@@ -530,3 +530,67 @@ async fn sign_in_rotation_survives_what_an_operator_could_do(s: &TestServer) {
         "{e}"
     );
 }
+
+both!(accounts_and_grants_move_with_a_data_key_rotation);
+/// `keys rotate --data-keys` seals every account and live grant again
+/// under the new generation and deletes the old accounts and grants keys:
+/// a copy of the database from before keeps its account details sealed
+/// under a key that no longer exists. Sign-in, sessions and refresh
+/// tokens carry on, on this node and on one started afterwards.
+async fn accounts_and_grants_move_with_a_data_key_rotation(s: &TestServer) {
+    let mut b = Browser::new(s);
+    let (app, rt, _) = signed_in_browser(s, &mut b, "dr.dk").await;
+    let op = Instance::open(&s.data_dir, s.db_url.as_deref())
+        .await
+        .unwrap();
+    let r = KeyAdmin::of(&op, GRACE)
+        .rotate_data_keys(&|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(r.generation, 2);
+    assert!(r.accounts >= 1 && r.grants >= 2, "{r:?}");
+    for gone in ["data:accounts", "data:grants"] {
+        assert!(
+            s.store.get_wrapped_key(gone).await.unwrap().is_none(),
+            "{gone}"
+        );
+    }
+    for kept in ["data:accounts@2", "data:grants@2"] {
+        assert!(
+            s.store.get_wrapped_key(kept).await.unwrap().is_some(),
+            "{kept}"
+        );
+    }
+    for u in s.store.list_users().await.unwrap() {
+        assert_eq!(
+            phylax_crypto::datakey::record_generation(&u.sealed),
+            Some(2)
+        );
+    }
+    for g in s.store.live_grants(now()).await.unwrap() {
+        assert_eq!(
+            phylax_crypto::datakey::record_generation(&g.sealed),
+            Some(2)
+        );
+    }
+    tokio::time::sleep(GRACE).await;
+    assert!(session_works(s, &mut b, &app).await);
+    let (st, v) = refresh_with(s, &app, &rt).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(s.state.accounts.find("dr.dk").await.unwrap().is_some());
+    let (node, _stop) = s.second_node().await;
+    let (st, v) = exchange_at(s, &node, &app, v["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(st, 200, "{v}");
+    // New accounts are sealed under the new generation from the start.
+    let (u, _) = s
+        .state
+        .accounts
+        .add_linked("dr.after", "clinician", None, None, 60, now())
+        .await
+        .unwrap();
+    let row = s.store.get_user(u.id()).await.unwrap().unwrap();
+    assert_eq!(
+        phylax_crypto::datakey::record_generation(&row.sealed),
+        Some(2)
+    );
+}

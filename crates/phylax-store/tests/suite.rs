@@ -1327,6 +1327,30 @@ async fn grants_single_use_expiry_and_families(s: &DynStore) {
         1,
         "the expired one was purged"
     );
+    // Live grants, and their details sealed again by compare-and-swap (a
+    // data-key rotation).
+    s.put_grant(&grant("session", b"live", "fl", "u4", now + 900), now)
+        .await
+        .unwrap();
+    let live = s.live_grants(now).await.unwrap();
+    assert!(live.iter().any(|g| g.key_hash == b"live"));
+    assert!(live.iter().all(|g| g.expires_at > now));
+    assert!(!s
+        .reseal_grant("session", b"live", b"not what is there", b"new")
+        .await
+        .unwrap());
+    assert!(s
+        .reseal_grant("session", b"live", b"details", b"resealed")
+        .await
+        .unwrap());
+    assert_eq!(
+        s.get_grant("session", b"live", now)
+            .await
+            .unwrap()
+            .unwrap()
+            .sealed,
+        b"resealed"
+    );
 }
 
 both!(revocations_are_published_in_order);

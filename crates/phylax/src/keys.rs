@@ -371,7 +371,7 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                 let r = r?;
                 if !json {
                     println!(
-                        "data keys: generation {}; {} versions and {} accounts re-encrypted, {} live grants moved; {} older keys deleted",
+                        "data keys: generation {}; {} versions and {} accounts re-encrypted, {} live grants on it; {} older keys deleted",
                         r.generation, r.resealed, r.accounts, r.grants, r.retired
                     );
                 }

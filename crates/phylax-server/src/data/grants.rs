@@ -362,7 +362,12 @@ impl Grants {
                 left += 1;
                 continue;
             };
-            let plain = self.open_raw(kind, &r).await?;
+            let plain = self.open_raw(kind, &r).await.map_err(|e| {
+                GrantError::Keys(format!(
+                    "a live {} grant of family {} does not open ({e}); end it with its family (or wait for it to expire)",
+                    r.kind, r.family
+                ))
+            })?;
             let sealed = self
                 .keys
                 .seal_current(KEY_SCOPE, &Self::aad(kind, &r.key_hash), plain.expose())

@@ -29,10 +29,19 @@ async fn events(store: &DynStore) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
     Ok(all)
 }
 
-/// The highest event number recorded (new events take numbers above it,
-/// never a gap below).
-pub async fn last_event(store: &DynStore) -> Result<u64, StoreError> {
-    Ok(events(store).await?.last().map_or(0, |(n, _)| *n))
+/// The number the next event takes: after the highest recorded, or, if
+/// that is the largest number there is (written by hand), the first one
+/// free.
+pub async fn next_event(store: &DynStore) -> Result<u64, StoreError> {
+    let all = events(store).await?;
+    let max = all.last().map_or(0, |(n, _)| *n);
+    Ok(match max.checked_add(1) {
+        Some(n) => n,
+        None => {
+            let used: std::collections::HashSet<u64> = all.iter().map(|(n, _)| *n).collect();
+            (1..).find(|n| !used.contains(n)).unwrap_or(1)
+        }
+    })
 }
 
 /// Every kind a server follows, for when it cannot tell which changed.
@@ -48,14 +57,19 @@ const ALL_KINDS: [&str; 6] = [
 /// What a server does about other processes' key events.
 #[derive(Debug)]
 pub struct KeyEvents {
-    seen: std::sync::atomic::AtomicU64,
+    /// The event numbers seen: an event is new when its number is not
+    /// among them (not when it is above the highest: a number written by
+    /// hand cannot hide later events).
+    seen: parking_lot::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl KeyEvents {
     /// Start after the events recorded so far.
     pub async fn new(store: &DynStore) -> Result<KeyEvents, StoreError> {
         Ok(KeyEvents {
-            seen: last_event(store).await?.into(),
+            seen: parking_lot::Mutex::new(
+                events(store).await?.into_iter().map(|(n, _)| n).collect(),
+            ),
         })
     }
 
@@ -67,22 +81,20 @@ impl KeyEvents {
         store: &DynStore,
         keys: &KeyRing,
     ) -> Result<Vec<String>, KeyEventError> {
-        use std::sync::atomic::Ordering;
-        let seen = self.seen.load(Ordering::Acquire);
         let all = events(store).await?;
+        let seen = self.seen.lock().clone();
         let mut erased = false;
         let mut any = false;
         let mut kinds = Vec::new();
-        // The last event seen is gone: someone rewrote the list. Assume
-        // the worst, once: reload, forget, and start again after what is
-        // there now.
-        if seen > 0 && !all.iter().any(|(n, _)| *n == seen) {
+        // An event seen before is gone: someone rewrote the list. Assume
+        // the worst, once: reload everything and forget data keys.
+        if seen.iter().any(|n| !all.iter().any(|(m, _)| m == n)) {
             tracing::warn!("key events were removed from the database; reloading keys");
             any = true;
             erased = true;
             kinds.extend(ALL_KINDS.iter().map(|k| (*k).to_owned()));
         }
-        for (_, v) in all.iter().filter(|(n, _)| *n > seen) {
+        for (_, v) in all.iter().filter(|(n, _)| !seen.contains(n)) {
             any = true;
             erased |= v.starts_with(b"erase");
             if let Some(k) = std::str::from_utf8(v)
@@ -99,10 +111,7 @@ impl KeyEvents {
         if erased {
             keys.forget_data_keys();
         }
-        // Next time, after the newest there is now (also when events at
-        // the end were removed: new ones are numbered after what is left).
-        self.seen
-            .store(all.last().map_or(0, |(n, _)| *n), Ordering::Release);
+        *self.seen.lock() = all.iter().map(|(n, _)| *n).collect();
         Ok(kinds)
     }
 }

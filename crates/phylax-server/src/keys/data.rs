@@ -92,9 +92,11 @@ impl KeyAdmin<'_> {
             self.store
                 .put_meta_if_absent(&format!("{DATA_KEYS}{next}"), now().to_string().as_bytes())
                 .await?;
-            self.event("data-keys").await?;
             next
         };
+        // Announced also when a stopped rotation is resumed: its first
+        // announcement may never have been made.
+        self.event("data-keys").await?;
         self.keys.set_data_generation(next);
         // Every server seals under the new generation once it has seen
         // the event; then nothing older is written again.
@@ -115,6 +117,16 @@ impl KeyAdmin<'_> {
             tokio::time::sleep(self.grace).await;
         }
         let (accounts, grants) = self.reseal_accounts_and_grants().await?;
+        // Before any old key goes: announce once more and give every node
+        // its grace (a node that missed the first announcement seals
+        // under the new generation from now on), then look again for
+        // anything sealed under an older one meanwhile.
+        self.event("data-keys").await?;
+        tokio::time::sleep(self.grace).await;
+        let late = self.reseal_pass(&repo, next, &|_| {}).await?;
+        let (late_accounts, _) = self.reseal_accounts_and_grants().await?;
+        resealed += late;
+        let accounts = accounts + late_accounts;
         self.store.put_meta_if_absent(&done(next), b"1").await?;
         let retired = self.retire_data_keys(next).await?;
         self.event("data-keys").await?;

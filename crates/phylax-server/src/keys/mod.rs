@@ -137,7 +137,7 @@ fn purpose_of(row: &str) -> Option<(&str, &str)> {
     })
 }
 
-use crate::data::key_events::{last_event, EVENT};
+use crate::data::key_events::{next_event, EVENT};
 const KEK_GEN: &str = "kek_generation:";
 /// Keys re-wrapped per database round trip.
 const PAGE: u32 = 5000;
@@ -278,7 +278,7 @@ impl KeyAdmin<'_> {
 
     /// Record a key event for the other nodes.
     pub(crate) async fn event(&self, kind: &str) -> Result<(), KeysError> {
-        let mut n = last_event(self.store).await? + 1;
+        let mut n = next_event(self.store).await?;
         let body = format!("{kind} {}", now());
         // Another process may take the number first: take the next.
         loop {
@@ -286,7 +286,10 @@ impl KeyAdmin<'_> {
             if self.store.put_meta_if_absent(&key, body.as_bytes()).await? == body.as_bytes() {
                 return Ok(());
             }
-            n += 1;
+            n = match n.checked_add(1) {
+                Some(n) => n,
+                None => next_event(self.store).await?,
+            };
         }
     }
 

@@ -15,6 +15,11 @@ use phylax_audit::event::Action;
 use serde::Serialize;
 use std::sync::Arc;
 
+/// Meta key recording that every username was moved to generation N
+/// (`sign_in_done_v1:N`): until then a rotation finishes N instead of
+/// adding another.
+const DONE: &str = "sign_in_done_v1:";
+
 /// What a sign-in key rotation did.
 #[derive(Debug, Clone, Serialize)]
 pub struct SignInRotated {
@@ -75,7 +80,10 @@ impl KeyAdmin<'_> {
                 .get_meta(&format!("{KEY_GENERATION}{KIND}:{n}"))
                 .await?
                 .is_some();
-        let next = if recorded { n + 1 } else { n };
+        // A generation whose usernames were never all moved (a rotation
+        // that stopped on an account it could not move) is finished too.
+        let done = n == 1 || self.store.get_meta(&format!("{DONE}{n}")).await?.is_some();
+        let next = if recorded && done { n + 1 } else { n };
         self.audit(
             "key-rotate",
             Action::Update,
@@ -102,6 +110,9 @@ impl KeyAdmin<'_> {
             .rehash_usernames(progress)
             .await
             .map_err(|e| KeysError::SignIn(e.to_string()))?;
+        self.store
+            .put_meta_if_absent(&format!("{DONE}{next}"), now().to_string().as_bytes())
+            .await?;
         let retire = self.retire_sign_in().await?;
         self.audit(
             "key-rotate",

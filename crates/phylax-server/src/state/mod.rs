@@ -471,7 +471,12 @@ impl AppState {
         if seen.iter().any(|k| k == "data-keys") {
             // A new data-key generation seals new versions from now on.
             match crate::data::key_events::data_generation(store).await {
-                Ok(n) => self.keys.set_data_generation(n),
+                Ok(n) => {
+                    self.keys.set_data_generation(n);
+                    // Keys a rotation deleted must not go on sealing or
+                    // opening from memory.
+                    self.keys.forget_data_keys();
+                }
                 Err(e) => {
                     failed("data-keys");
                     tracing::error!(error = %e, "could not read the data-key generation")

@@ -1215,3 +1215,68 @@ async fn the_access_token_key_rotates_without_cutting_tokens_short(s: &TestServe
     let (node, _stop) = s.second_node().await;
     assert_eq!(read(s, &node, &newest, "/Patient").await.0, 200);
 }
+
+both!(a_resumed_data_key_rotation_loses_nothing);
+/// A data-key rotation that stopped right after recording its generation
+/// (before telling the servers) is resumed while a server keeps writing:
+/// the resumed rotation announces the generation, so nothing is sealed
+/// under keys it then deletes (insider review: versions and accounts
+/// written meanwhile were lost). Every version opens on a node started
+/// afterwards, and no first-generation patient key is left.
+async fn a_resumed_data_key_rotation_loses_nothing(s: &TestServer) {
+    let tok = s.token(ALL).await;
+    for p in 0..5 {
+        assert_eq!(put(s, &s.fhir, &tok, &patient(&format!("r{p}"))).await, 201);
+    }
+    s.sql(&format!(
+        "INSERT INTO meta (key, value) VALUES ('data_keys_v1:2', {})",
+        s.blob(b"1")
+    ))
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, s_fhir, http, tok) = (stop.clone(), s.fhir.clone(), s.http.clone(), tok.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let o = obs(&format!("ro{n}"), &format!("r{}", n % 5));
+                let st = http
+                    .put(format!("{s_fhir}/Observation/ro{n}"))
+                    .bearer_auth(&tok)
+                    .header("content-type", FJ)
+                    .body(o.to_string())
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16();
+                assert_eq!(st, 201);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            n
+        })
+    };
+    let op = operator(s).await;
+    KeyAdmin::of(&op, GRACE)
+        .rotate_data_keys(&|_, _| {})
+        .await
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    assert!(written > 10);
+    tokio::time::sleep(GRACE).await;
+    let (node, _stop) = s.second_node().await;
+    for n in 1..=written {
+        let (st, _) = read(s, &node, &tok, &format!("/Observation/ro{n}")).await;
+        assert_eq!(st, 200, "ro{n} opens on a fresh node");
+    }
+    assert_eq!(
+        s.sql_i64(
+            "SELECT count(*) FROM wrapped_keys WHERE scope LIKE 'data:patient:%' AND scope NOT LIKE '%@%'"
+        )
+        .await,
+        0,
+        "no first-generation patient key left (or made again)"
+    );
+}

@@ -40,7 +40,17 @@ impl MetaStore for SqliteStore {
                 .prepare_cached("SELECT key, value FROM meta WHERE substr(key, 1, length(?1)) = ?1")
                 .map_err(backend)?;
             let rows = st
-                .query_map(params![prefix], |r| Ok((r.get(0)?, r.get(1)?)))
+                // A key that is not UTF-8 (written by hand) is read
+                // lossily rather than failing every reader of the list.
+                .query_map(params![prefix], |r| {
+                    let key: Vec<u8> = match r.get_ref(0)? {
+                        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                            t.to_vec()
+                        }
+                        _ => Vec::new(),
+                    };
+                    Ok((String::from_utf8_lossy(&key).into_owned(), r.get(1)?))
+                })
                 .map_err(backend)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
         })

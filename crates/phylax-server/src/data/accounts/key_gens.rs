@@ -135,9 +135,12 @@ impl Accounts {
                     bound += 1;
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(user = %id, error = %e, "account not bound: it does not open")
+                Err(AccountError::Sealed) => {
+                    tracing::warn!(user = %id, "account not bound: it does not open")
                 }
+                // The database or a key unavailable: try again at the next
+                // start rather than lock the account out for good.
+                Err(e) => return Err(e),
             }
         }
         self.key_store
@@ -158,7 +161,12 @@ impl Accounts {
             match self.modify(&rec.id, |_| Ok(())).await {
                 Ok(_) => moved += 1,
                 Err(AccountError::NoSuchUser) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    return Err(AccountError::Keys(format!(
+                        "user {} could not be sealed again ({e}); see docs/KEYS.md, \"Recovery\"",
+                        rec.id
+                    )))
+                }
             }
         }
         Ok(moved)

@@ -453,10 +453,27 @@ async fn sign_in_rotation_survives_what_an_operator_could_do(s: &TestServer) {
     s.sql("DELETE FROM meta WHERE key = 'keys_event_v1:1'")
         .await;
     admin.rotate_tokens().await.unwrap();
+    // The removed event makes it reload everything; the new one is seen.
+    let kinds = follower.poll(&s.store, &op.keys).await.unwrap();
+    assert!(
+        kinds.iter().filter(|k| *k == "tokens").count() == 2 && kinds.len() == 7,
+        "an event after a gap is seen: {kinds:?}"
+    );
+    // The largest event number, written by hand, hides nothing either.
+    s.sql(&format!(
+        "INSERT INTO meta (key, value) VALUES ('keys_event_v1:18446744073709551615', {})",
+        s.blob(b"tokens 0")
+    ))
+    .await;
+    assert_eq!(
+        follower.poll(&s.store, &op.keys).await.unwrap(),
+        vec!["tokens".to_owned()]
+    );
+    admin.rotate_tokens().await.unwrap();
     assert_eq!(
         follower.poll(&s.store, &op.keys).await.unwrap(),
         vec!["tokens".to_owned()],
-        "an event after a gap is seen"
+        "an event after the largest number is seen"
     );
     let saved = s.store.get_wrapped_key("mac:auth").await.unwrap().unwrap();
     let r = admin.rotate_sign_in(&|_, _| {}).await.unwrap();

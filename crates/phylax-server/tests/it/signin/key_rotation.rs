@@ -16,7 +16,7 @@ use std::time::Duration;
 /// Nodes look for key events each second.
 const GRACE: Duration = Duration::from_millis(1500);
 
-/// Sign `name` (enrolled, TOTP set up by [`signed_in_tokens_for`]'s
+/// Sign `name` (enrolled, TOTP set up by [`signed_in_browser`]'s
 /// path) in with a recovery code; returns the status of the code step.
 async fn sign_in_with_recovery(s: &TestServer, name: &str, code: &str) -> u16 {
     let mut b = Browser::new(s);
@@ -40,63 +40,6 @@ async fn sign_in_with_recovery(s: &TestServer, name: &str, code: &str) -> u16 {
         .status
 }
 
-/// A clinician with a session in `b`, TOTP enrolled, recovery codes and a
-/// refresh token; returns (app, refresh token, recovery codes).
-async fn signed_in_browser(
-    s: &TestServer,
-    b: &mut Browser,
-    name: &str,
-) -> (String, String, Vec<String>) {
-    enrolled_user(s, name, "clinician", None).await;
-    let app = add_app(s, "user/*.rs offline_access", true).await;
-    let p = pkce();
-    let page = b
-        .get(&authorize_url(s, &app, "user/*.rs offline_access", "q", &p))
-        .await;
-    let enroll = b
-        .post(
-            "/auth/login",
-            &[
-                ("csrf", &page.csrf()),
-                ("username", name),
-                ("password", PASSWORD),
-            ],
-        )
-        .await;
-    let uri = otpauth_from(&enroll.body);
-    let codes = b
-        .post(
-            "/auth/mfa/enroll",
-            &[("csrf", &enroll.csrf()), ("code", &totp_at(&uri, now()))],
-        )
-        .await;
-    let recovery: Vec<String> = codes
-        .body
-        .split("<li><code>")
-        .skip(1)
-        .map(|x| x[..x.find('<').unwrap()].to_owned())
-        .collect();
-    assert_eq!(recovery.len(), 10);
-    let r = b.post("/auth/continue", &[("csrf", &codes.csrf())]).await;
-    let (st, v) = exchange(
-        s,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", &r.param("code").unwrap()),
-            ("redirect_uri", REDIRECT),
-            ("client_id", &app),
-            ("code_verifier", &p.verifier),
-        ],
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
-    (
-        app,
-        v["refresh_token"].as_str().unwrap().to_owned(),
-        recovery,
-    )
-}
-
 /// With a session cookie, authorize goes straight to a code (303).
 async fn session_works(s: &TestServer, b: &mut Browser, app: &str) -> bool {
     let r = b
@@ -117,8 +60,9 @@ async fn the_sign_in_key_rotates_while_people_sign_in(s: &TestServer) {
     // codes), another user's refresh token, an unused enrollment link,
     // login forms already rendered, and a grant kept aside unused.
     let mut b = Browser::new(s);
-    let (app, rt, recovery) = signed_in_browser(s, &mut b, "dr.rot").await;
-    let (kept_app, kept_rt, _) = signed_in_browser(s, &mut Browser::new(s), "dr.kept").await;
+    let (app, _, rt, recovery) = signed_in_browser(s, &mut b, "dr.rot").await;
+    assert_eq!(recovery.len(), 10);
+    let (kept_app, _, kept_rt, _) = signed_in_browser(s, &mut Browser::new(s), "dr.kept").await;
     let (_, link) = s
         .state
         .accounts
@@ -169,7 +113,7 @@ async fn the_sign_in_key_rotates_while_people_sign_in(s: &TestServer) {
     // previous one taken) and username lookups, all through the rotation.
     let stop = Arc::new(AtomicBool::new(false));
     let (refreshes, lookups) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let (load_app, chain_rt, _) = signed_in_browser(s, &mut Browser::new(s), "dr.load").await;
+    let (load_app, _, chain_rt, _) = signed_in_browser(s, &mut Browser::new(s), "dr.load").await;
     let refresher = {
         let (http, url) = (s.http.clone(), s.token_url());
         let (stop, n) = (stop.clone(), refreshes.clone());
@@ -556,7 +500,7 @@ both!(accounts_and_grants_move_with_a_data_key_rotation);
 /// tokens carry on, on this node and on one started afterwards.
 async fn accounts_and_grants_move_with_a_data_key_rotation(s: &TestServer) {
     let mut b = Browser::new(s);
-    let (app, rt, _) = signed_in_browser(s, &mut b, "dr.dk").await;
+    let (app, _, rt, _) = signed_in_browser(s, &mut b, "dr.dk").await;
     let op = Instance::open(&s.data_dir, s.db_url.as_deref())
         .await
         .unwrap();

@@ -440,9 +440,20 @@ async fn refresh_with(s: &TestServer, app: &str, rt: &str) -> (u16, Value) {
 
 /// [`signed_in_tokens`], with the app's client id first.
 async fn signed_in_tokens_for(s: &TestServer, name: &str) -> (String, String, String) {
+    let (app, at, rt, _) = signed_in_browser(s, &mut Browser::new(s), name).await;
+    (app, at, rt)
+}
+
+/// A clinician signed in through `b` (which keeps the session): TOTP
+/// enrolled, an authorization code exchanged. Returns (app, access token,
+/// refresh token, recovery codes).
+async fn signed_in_browser(
+    s: &TestServer,
+    b: &mut Browser,
+    name: &str,
+) -> (String, String, String, Vec<String>) {
     enrolled_user(s, name, "clinician", None).await;
     let app = add_app(s, "user/*.rs offline_access", true).await;
-    let mut b = Browser::new(s);
     let p = pkce();
     let page = b
         .get(&authorize_url(s, &app, "user/*.rs offline_access", "q", &p))
@@ -464,6 +475,12 @@ async fn signed_in_tokens_for(s: &TestServer, name: &str) -> (String, String, St
             &[("csrf", &enroll.csrf()), ("code", &totp_at(&uri, now()))],
         )
         .await;
+    let recovery: Vec<String> = codes
+        .body
+        .split("<li><code>")
+        .skip(1)
+        .map(|x| x[..x.find('<').unwrap()].to_owned())
+        .collect();
     let r = b.post("/auth/continue", &[("csrf", &codes.csrf())]).await;
     let (st, v) = exchange(
         s,
@@ -481,6 +498,7 @@ async fn signed_in_tokens_for(s: &TestServer, name: &str) -> (String, String, St
         app,
         v["access_token"].as_str().unwrap().to_owned(),
         v["refresh_token"].as_str().unwrap().to_owned(),
+        recovery,
     )
 }
 

@@ -61,6 +61,9 @@ pub async fn kek_rotation(
     Ok(())
 }
 
+/// Windows (each way) whose mean is the normal rate.
+const BEFORE: usize = 3;
+
 /// `phylax-bench --data-key-rotation N`: reads and writes over HTTPS
 /// before and during a data-key rotation of N stored resource versions
 /// (docs/PERFORMANCE.md, "Key rotation"). The versions are stored straight
@@ -73,6 +76,7 @@ pub async fn data_key_rotation(
     secs: u64,
     conc: usize,
     max_rate: Option<u32>,
+    control: Option<usize>,
 ) -> Result<()> {
     let (env, dir, _stop) = crate::setup(db, false, 10, None).await?;
     let env = Arc::new(env);
@@ -103,35 +107,73 @@ pub async fn data_key_rotation(
             .map(|o| o.rps)
         }
     };
-    let (read0, write0) = (measure("read").await?, measure("create").await?);
-    let rotating = {
-        let op = op.clone();
-        tokio::spawn(async move {
-            let t = Instant::now();
-            let r = KeyAdmin::of(&op, Duration::from_secs(2))
-                .with_max_rate(max_rate)
-                .rotate_data_keys(&|_, _| {})
-                .await;
-            (r, t.elapsed().as_secs_f64())
-        })
-    };
+    // The normal rate: the mean of three windows each way (one 10 s window
+    // on this VM varies by a fifth on its own; the control run shows it).
+    let (mut read0, mut write0) = (0.0, 0.0);
+    for _ in 0..BEFORE {
+        read0 += measure("read").await? / BEFORE as f64;
+        write0 += measure("create").await? / BEFORE as f64;
+    }
     let mut during = Vec::new();
-    while !rotating.is_finished() {
+    let rotating = match control {
+        Some(_) => None,
+        None => {
+            let op = op.clone();
+            Some(tokio::spawn(async move {
+                let t = Instant::now();
+                let r = KeyAdmin::of(&op, Duration::from_secs(2))
+                    .with_max_rate(max_rate)
+                    .rotate_data_keys(&|_, _| {})
+                    .await;
+                (r, t.elapsed().as_secs_f64())
+            }))
+        }
+    };
+    let running = |during: &Vec<(f64, f64)>| match (&rotating, control) {
+        (Some(r), _) => !r.is_finished(),
+        (None, Some(k)) => during.len() < k,
+        (None, None) => false,
+    };
+    while running(&during) {
         let r = measure("read").await?;
         let w = measure("create").await?;
+        // Progress with the time, to line windows up with the database's
+        // own log (checkpoints, autovacuum).
+        eprintln!(
+            "window {} ended at unix {}: reads {r:.0}/s ({:.0}%), creates {w:.0}/s ({:.0}%)",
+            during.len() + 1,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            100.0 * r / read0,
+            100.0 * w / write0
+        );
         // Only windows the rotation covered whole.
-        if !rotating.is_finished() {
+        if running(&during) {
             during.push((r, w));
         }
     }
-    let (r, took) = rotating.await?;
-    let r = r?;
-    println!(
-        "Data-key rotation ({}, max rate {max_rate:?}): {} versions re-encrypted in {took:.1} s = {:.0} versions/s (seeding {n} versions took {seeded:.1} s)",
-        if db.is_some() { "postgres" } else { "sqlite" },
-        r.resealed,
-        r.resealed as f64 / took
-    );
+    let backend = if db.is_some() { "postgres" } else { "sqlite" };
+    match rotating {
+        Some(rotating) => {
+            let (r, took) = rotating.await?;
+            let effective = match max_rate {
+                None => phylax_server::keys::data::default_max_rate(backend),
+                Some(r) => (r > 0).then_some(r),
+            };
+            let r = r?;
+            println!(
+                "Data-key rotation ({backend}, max rate {effective:?}): {} versions re-encrypted in {took:.1} s = {:.0} versions/s (seeding {n} versions took {seeded:.1} s)",
+                r.resealed,
+                r.resealed as f64 / took
+            );
+        }
+        None => println!(
+            "Control run ({backend}): no rotation, {} windows (seeding {n} versions took {seeded:.1} s)",
+            during.len()
+        ),
+    }
     println!("| window | reads/s | % of before | creates/s | % of before |");
     println!("|---|---:|---:|---:|---:|");
     println!("| before | {read0:.0} | 100 | {write0:.0} | 100 |");

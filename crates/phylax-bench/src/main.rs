@@ -113,9 +113,15 @@ struct Args {
     #[arg(long)]
     data_key_rotation: Option<usize>,
     /// With --data-key-rotation: the rotation's `--max-rate` (versions
-    /// per second).
+    /// per second; 0 for no limit; by default the backend's default,
+    /// as in `phylax keys rotate`).
     #[arg(long)]
     max_rate: Option<u32>,
+    /// With --data-key-rotation: the control run, the same windows
+    /// measured this many times with no rotation (what the store's growth
+    /// alone does to the rates).
+    #[arg(long)]
+    control_windows: Option<usize>,
     /// With --kek-rotation: the KEK in this PKCS#11 module's token
     /// (--hsm-token, --hsm-pin-file) instead of a key file.
     #[arg(long)]
@@ -671,6 +677,7 @@ async fn main() -> Result<()> {
             args.duration,
             conc,
             args.max_rate,
+            args.control_windows,
         )
         .await;
     }

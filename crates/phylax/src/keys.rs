@@ -73,9 +73,9 @@ pub enum KeysCmd {
         #[arg(long)]
         data_keys: bool,
         /// With --data-keys: re-encrypt at most this many versions per
-        /// second (on top of the rest after each page), for a database
-        /// that feels the rotation's writes (docs/PERFORMANCE.md).
-        #[arg(long, value_name = "VERSIONS_PER_SEC", value_parser = clap::value_parser!(u32).range(1..))]
+        /// second (on top of the rest after each page); 0 for no limit.
+        /// Default: 600 on PostgreSQL, none on SQLite (docs/KEYS.md).
+        #[arg(long, value_name = "VERSIONS_PER_SEC")]
         max_rate: Option<u32>,
         /// Every rotation available.
         #[arg(long)]

@@ -42,6 +42,18 @@ const PAGE: u32 = 500;
 /// reads and writes keep at least 70% of their rate).
 const REST: u32 = 3;
 
+/// The rate a data-key rotation keeps to unless told otherwise: none on
+/// SQLite (where the rest after each page is enough); 600 versions a
+/// second on PostgreSQL, where every re-encrypted version is an `UPDATE`
+/// whose dead tuple, index entries and WAL the servers feel after the
+/// page is done (docs/PERFORMANCE.md, "Data-key rotation under load": at
+/// full speed reads fell to 64% and creates to 60% of the same load
+/// without a rotation; at 600/s they kept 94–110%). A million versions
+/// then take about half an hour; `--max-rate` changes it.
+pub fn default_max_rate(backend: &str) -> Option<u32> {
+    (backend == "postgres").then_some(600)
+}
+
 /// What a data-key rotation did.
 #[derive(Debug, Clone, Serialize)]
 pub struct DataKeysRotated {
@@ -285,6 +297,12 @@ fn rest_after(took: Duration, n: u64, max_rate: Option<u32>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_rotates_at_a_gentler_rate_by_default() {
+        assert_eq!(default_max_rate("postgres"), Some(600));
+        assert_eq!(default_max_rate("sqlite"), None);
+    }
 
     #[test]
     fn the_rest_keeps_to_the_rate() {

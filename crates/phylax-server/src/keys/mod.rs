@@ -157,8 +157,9 @@ pub struct KeyAdmin<'a> {
     pub keys: &'a std::sync::Arc<crate::data::keyring::KeyRing>,
     pub config: &'a crate::base::config::Config,
     /// At most this many resource versions re-encrypted per second by a
-    /// data-key rotation (`--max-rate`); `None`: only the rest after each
-    /// page limits it.
+    /// data-key rotation (`--max-rate`; by default
+    /// [`data::default_max_rate`]); `None`: only the rest after each page
+    /// limits it.
     pub max_rate: Option<u32>,
 }
 
@@ -250,15 +251,20 @@ impl<'a> KeyAdmin<'a> {
             grace,
             keys: &inst.keys,
             config: &inst.config,
-            max_rate: None,
+            max_rate: data::default_max_rate(inst.store.backend()),
         }
     }
 
-    /// The same, re-encrypting at most `rate` versions per second.
+    /// The same, re-encrypting at most `rate` versions per second
+    /// (`Some(0)`: no limit but the rest after each page; `None`: the
+    /// backend's default, [`data::default_max_rate`]).
     pub fn with_max_rate(self, rate: Option<u32>) -> KeyAdmin<'a> {
-        KeyAdmin {
-            max_rate: rate.filter(|r| *r > 0),
-            ..self
+        match rate {
+            None => self,
+            Some(r) => KeyAdmin {
+                max_rate: (r > 0).then_some(r),
+                ..self
+            },
         }
     }
 }

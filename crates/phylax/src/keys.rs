@@ -362,11 +362,13 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                 out.insert("checkpoint".into(), serde_json::to_value(&r)?);
             }
             if data_keys || all {
+                let admin = KeyAdmin::of(&i, GRACE).with_max_rate(max_rate);
                 let pb = progress_bar("re-encrypting");
-                let r = KeyAdmin::of(&i, GRACE)
-                    .with_max_rate(max_rate)
-                    .rotate_data_keys(&on_progress(&pb))
-                    .await;
+                // Say why a PostgreSQL rotation goes no faster.
+                if let Some(rate) = admin.max_rate {
+                    pb.set_message(format!("re-encrypting (at most {rate}/s; --max-rate)"));
+                }
+                let r = admin.rotate_data_keys(&on_progress(&pb)).await;
                 pb.finish_and_clear();
                 let r = r?;
                 if !json {

@@ -23,9 +23,10 @@
 //!   separate from data keys and token keys.
 //! - [`secret`]: a zeroizing byte container with a redacted `Debug`.
 //!
-//! Primitives come from `ring` (audited, AES-NI accelerated) and the
-//! RustCrypto `argon2` crate; nothing here
-//! implements a primitive itself.
+//! Primitives come from `ring` (audited, AES-NI accelerated), the
+//! RustCrypto `argon2` crate and, for the KEK escrow, the `age` crate (the
+//! file format the `age` tool reads); nothing here implements a primitive
+//! itself.
 
 pub mod blind;
 pub mod datakey;
@@ -73,6 +74,10 @@ pub enum CryptoError {
     EnvironmentKek,
     #[error("refusing to retire the only KEK generation")]
     LastGeneration,
+    #[error("KEK generation {0} is held by an HSM and cannot leave it: escrow it with the HSM's own backup (docs/KEYS.md)")]
+    HsmEscrow(u32),
+    #[error("escrow: {0}")]
+    Escrow(String),
 }
 
 /// Fill a fixed-size array from the OS CSPRNG.

@@ -92,6 +92,24 @@ pub enum KeysCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write the KEK, encrypted with age to each custodian's recipient
+    /// (`age1…`; any one of them recovers it with `age -d -i ID FILE`),
+    /// to a new file kept apart from the instance and its backups.
+    Escrow {
+        #[command(flatten)]
+        inst: InstanceArgs,
+        /// An age X25519 recipient (`age1…`); repeat for several custodians.
+        #[arg(long = "recipient", value_name = "AGE_RECIPIENT")]
+        recipients: Vec<String>,
+        /// A file of recipients, one per line (`#` comments allowed).
+        #[arg(long)]
+        recipients_file: Option<PathBuf>,
+        /// The file to write; must not exist.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Move the KEK from the key file (or PHYLAX_KEK) into a PKCS#11 HSM.
     /// Stop the servers first; start them again afterwards.
     MoveKek {
@@ -436,6 +454,33 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
                 return print_json(out);
             }
             print_retired(&r);
+            Ok(())
+        }
+        KeysCmd::Escrow {
+            inst,
+            recipients,
+            recipients_file,
+            out,
+            json,
+        } => {
+            let mut lines = recipients;
+            if let Some(f) = &recipients_file {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
+                lines.extend(text.lines().map(str::to_owned));
+            }
+            let to = phylax_crypto::kek::Recipients::parse(lines.iter().map(String::as_str))?;
+            let i = open(&inst).await?;
+            let r = KeyAdmin::of(&i, GRACE).escrow_kek(&to, &out).await?;
+            if json {
+                let mut o = serde_json::Map::new();
+                o.insert("escrow".into(), serde_json::to_value(&r)?);
+                return print_json(o);
+            }
+            println!(
+                "KEK generations {:?} written to {}, encrypted to {} age recipient(s); recover with: age -d -i IDENTITY {} > kek",
+                r.generations, r.file, r.recipients, r.file
+            );
             Ok(())
         }
         KeysCmd::MoveKek {

@@ -1047,3 +1047,128 @@ fn keys_patients_and_config_check() {
     fails(&o);
     assert!(String::from_utf8_lossy(&o.stdout).contains("key_file"));
 }
+
+/// The path of a tool the test needs; under CI its absence is a failure
+/// (`.ci/run` installs it), elsewhere the test is skipped.
+fn tool(name: &str) -> Option<String> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI needs `{name}` (Debian package age; .ci/run installs it)"
+        );
+        eprintln!("skipped: `{name}` is not installed (apt-get install age)");
+    }
+    found
+}
+
+#[test]
+fn the_kek_escrows_to_age_custodians_and_comes_back_with_the_age_tool() {
+    use std::os::unix::fs::PermissionsExt;
+    let (Some(age), Some(keygen)) = (tool("age"), tool("age-keygen")) else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(&phylax(&["init", "--data-dir", "inst"], p));
+    let mut public = Vec::new();
+    for id in ["alice.txt", "bob.txt"] {
+        let o = Command::new(&keygen)
+            .args(["-o", id])
+            .current_dir(p)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let o = Command::new(&keygen)
+            .args(["-y", id])
+            .current_dir(p)
+            .output()
+            .unwrap();
+        public.push(String::from_utf8(o.stdout).unwrap().trim().to_owned());
+    }
+    std::fs::write(p.join("custodians"), format!("# Bob\n{}\n", public[1])).unwrap();
+    let out: serde_json::Value = serde_json::from_str(&ok(&phylax(
+        &[
+            "keys",
+            "escrow",
+            "--data-dir",
+            "inst",
+            "--recipient",
+            &public[0],
+            "--recipients-file",
+            "custodians",
+            "--out",
+            "kek.age",
+            "--json",
+        ],
+        p,
+    )))
+    .unwrap();
+    assert_eq!(out["escrow"]["generations"], serde_json::json!([1]));
+    assert_eq!(out["escrow"]["recipients"], 2);
+    let mode = std::fs::metadata(p.join("kek.age"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Never over an existing file; a recipient that is not one is named.
+    let e = fails(&phylax(
+        &[
+            "keys",
+            "escrow",
+            "--data-dir",
+            "inst",
+            "--recipient",
+            &public[0],
+            "--out",
+            "kek.age",
+        ],
+        p,
+    ));
+    assert!(e.contains("exists"), "{e}");
+    let e = fails(&phylax(
+        &[
+            "keys",
+            "escrow",
+            "--data-dir",
+            "inst",
+            "--recipient",
+            "age1nope",
+            "--out",
+            "x.age",
+        ],
+        p,
+    ));
+    assert!(e.contains("recipient 1"), "{e}");
+    assert!(!p.join("x.age").exists());
+    // Either custodian alone recovers the KEK with the standard tool, and
+    // the instance opens with what came back.
+    let kek = p.join("inst-keys/kek");
+    let original = std::fs::read(&kek).unwrap();
+    std::fs::rename(&kek, p.join("kek.lost")).unwrap();
+    for id in ["alice.txt", "bob.txt"] {
+        let o = Command::new(&age)
+            .args(["-d", "-i", id, "kek.age"])
+            .current_dir(p)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(!original.is_empty() && !o.stdout.is_empty());
+        let _ = std::fs::remove_file(&kek);
+        std::fs::write(&kek, &o.stdout).unwrap();
+        std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(ok(&phylax(&["keys", "status", "--data-dir", "inst"], p))
+            .contains("generation 1 (current)"));
+    }
+    // The escrowed file itself holds nothing readable.
+    let sealed = std::fs::read(p.join("kek.age")).unwrap();
+    let line = String::from_utf8(original).unwrap();
+    let b64 = line.lines().find(|l| !l.starts_with('#')).unwrap();
+    let b64 = b64.rsplit(':').next().unwrap();
+    assert!(!sealed.windows(b64.len()).any(|w| w == b64.as_bytes()));
+}

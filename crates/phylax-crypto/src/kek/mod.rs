@@ -22,13 +22,18 @@
 //! # Layout
 //! - this file: [`Kek`], generations, wrap and unwrap;
 //! - [`text`]: the key-file and environment text format;
-//! - [`hsm`]: the PKCS#11 provider.
+//! - [`hsm`]: the PKCS#11 provider;
+//! - [`escrow`]: the software generations encrypted with age to the
+//!   recipients who keep the KEK recoverable (`phylax keys escrow`).
 //!
 //! A KEK generation wraps few keys (one per patient plus a handful), far
 //! below the 2^32 random-nonce limit for one GCM key.
 
+mod escrow;
 pub mod hsm;
 mod text;
+
+pub use escrow::Recipients;
 
 use crate::datakey::DataKey;
 use crate::secret::Secret;

@@ -77,6 +77,12 @@ pub(super) fn render(gens: &BTreeMap<u32, Secret>) -> Secret {
     render_owned(gens, None)
 }
 
+/// The text for a set of generations, oldest first, without an owner
+/// line (an escrowed copy belongs to no running instance).
+pub(super) fn render_plain(gens: &BTreeMap<u32, Secret>) -> Secret {
+    render_owned(gens, None)
+}
+
 fn render_owned(gens: &BTreeMap<u32, Secret>, owner: Option<&str>) -> Secret {
     let mut s = String::new();
     if let Some(o) = owner {

@@ -18,10 +18,12 @@
 //! - [`rotate`]: the keys that rotate by generation alone: access tokens,
 //!   paging cursors, the audit checkpoint key;
 //! - [`sign_in`]: the sign-in key (usernames re-hashed; generations kept
-//!   while grants, recovery codes or enrollment links depend on them).
+//!   while grants, recovery codes or enrollment links depend on them);
+//! - [`escrow`]: the KEK encrypted with age to its custodians.
 
 pub mod data;
 pub mod erase;
+pub mod escrow;
 pub mod index;
 pub mod rotate;
 pub mod sign_in;
@@ -49,6 +51,8 @@ pub enum KeysError {
     UnknownKind(String),
     #[error("keys under retired generations remain after re-wrapping; nothing was retired")]
     NotConverged,
+    #[error("escrow: {0}")]
+    Escrow(String),
     #[error("patient id: {0}")]
     BadId(String),
     #[error(

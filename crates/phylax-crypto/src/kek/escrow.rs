@@ -1,0 +1,145 @@
+//! KEK escrow: every software generation, as key-file text, encrypted
+//! with age (X25519 recipients) so that whoever holds one of the
+//! recipients' identities can recover the KEK with the standard `age`
+//! tool (`age -d -i identity.txt kek.age > kek`), and nobody else can.
+//! Each recipient alone can decrypt: give the identities to different
+//! custodians, kept apart from the data (docs/KEYS.md, "Escrow of the KEK").
+
+use super::{lock, Kek, Provider, Source};
+use crate::secret::Secret;
+use crate::CryptoError;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::str::FromStr;
+
+/// The recipients of an escrow, parsed from `age1…` strings.
+pub struct Recipients(Vec<age::x25519::Recipient>);
+
+impl std::fmt::Debug for Recipients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Recipients({})", self.0.len())
+    }
+}
+
+impl Recipients {
+    /// Parse each `age1…` recipient; blank lines and `#` comments (as in
+    /// an age recipients file) are skipped. At least one is needed.
+    pub fn parse<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<Recipients, CryptoError> {
+        let mut out = Vec::new();
+        for (i, l) in lines.into_iter().enumerate() {
+            let l = l.trim();
+            if l.is_empty() || l.starts_with('#') {
+                continue;
+            }
+            let r = age::x25519::Recipient::from_str(l).map_err(|e| {
+                CryptoError::Escrow(format!(
+                    "recipient {} is not an age X25519 recipient (age1…): {e}",
+                    i + 1
+                ))
+            })?;
+            out.push(r);
+        }
+        if out.is_empty() {
+            return Err(CryptoError::Escrow("no recipient".into()));
+        }
+        Ok(Recipients(out))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Kek {
+    /// Every generation, as the text of a key file, encrypted with age to
+    /// `to`. Refuses when a generation is in an HSM: it cannot leave the
+    /// device (its recovery is the HSM's own backup).
+    pub fn escrow(&self, to: &Recipients) -> Result<(Vec<u32>, Vec<u8>), CryptoError> {
+        let mut soft: BTreeMap<u32, Secret> = BTreeMap::new();
+        for s in &self.sources {
+            match s {
+                Source::File(p) => soft.extend(super::text::read_file(p)?),
+                Source::Env(v) => soft.extend(super::text::parse(
+                    std::str::from_utf8(v.expose()).map_err(|_| CryptoError::MalformedKey)?,
+                )?),
+                Source::Memory(m) => soft.extend(lock(m)?.clone()),
+                Source::Hsm(_) => {}
+            }
+        }
+        for (n, p) in self.generations() {
+            if p == Provider::Hsm {
+                return Err(CryptoError::HsmEscrow(n));
+            }
+        }
+        let text = super::text::render_plain(&soft);
+        let enc = age::Encryptor::with_recipients(to.0.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| CryptoError::Escrow(e.to_string()))?;
+        let mut out = Vec::new();
+        let mut w = enc
+            .wrap_output(&mut out)
+            .map_err(|e| CryptoError::Escrow(e.to_string()))?;
+        w.write_all(text.expose())
+            .map_err(|e| CryptoError::Escrow(e.to_string()))?;
+        w.finish().map_err(|e| CryptoError::Escrow(e.to_string()))?;
+        Ok((soft.keys().copied().collect(), out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn open(sealed: &[u8], id: &age::x25519::Identity) -> Result<Vec<u8>, String> {
+        let d = age::Decryptor::new(sealed).map_err(|e| e.to_string())?;
+        let mut r = d
+            .decrypt(std::iter::once(id as &dyn age::Identity))
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    #[test]
+    fn each_recipient_alone_recovers_every_generation_and_nobody_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        let kek = Kek::create_file(&path).unwrap();
+        kek.add_generation(1).unwrap();
+        let (a, b, stranger) = (
+            age::x25519::Identity::generate(),
+            age::x25519::Identity::generate(),
+            age::x25519::Identity::generate(),
+        );
+        let (pa, pb) = (a.to_public().to_string(), b.to_public().to_string());
+        let to = Recipients::parse(["# custodians", "", pa.as_str(), pb.as_str()]).unwrap();
+        assert_eq!(to.len(), 2);
+        let (gens, sealed) = kek.escrow(&to).unwrap();
+        assert_eq!(gens, vec![1, 2]);
+        for id in [&a, &b] {
+            let text = open(&sealed, id).unwrap();
+            let back = crate::kek::text::parse(std::str::from_utf8(&text).unwrap()).unwrap();
+            let file = crate::kek::text::read_file(&path).unwrap();
+            assert_eq!(back.len(), file.len());
+            for (n, k) in &file {
+                assert_eq!(back[n].expose(), k.expose(), "generation {n}");
+            }
+        }
+        assert!(open(&sealed, &stranger).is_err());
+        // The key bytes do not appear in the sealed file.
+        let file = std::fs::read_to_string(&path).unwrap();
+        let b64 = file.lines().find(|l| l.starts_with("1:")).unwrap();
+        assert!(!sealed.windows(10).any(|w| w == &b64.as_bytes()[2..12]));
+    }
+
+    #[test]
+    fn bad_recipients_are_refused_by_line() {
+        let e = Recipients::parse(["age1notarecipient"]).unwrap_err();
+        assert!(e.to_string().contains("recipient 1"), "{e}");
+        assert!(Recipients::parse(["# only a comment", " "]).is_err());
+    }
+}

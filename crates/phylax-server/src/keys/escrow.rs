@@ -1,0 +1,89 @@
+//! `phylax keys escrow`: the KEK kept recoverable apart from the
+//! instance. Every software generation is encrypted with age to each
+//! custodian's X25519 recipient (any one of them can recover it with the
+//! standard `age` tool) and written to a new file; the escrow is recorded
+//! in the audit log first (who can recover the KEK is itself evidence).
+//! A KEK in an HSM is refused: it cannot leave the device, and its
+//! recovery is the HSM's own backup (docs/KEYS.md, "Escrow of the KEK").
+
+use super::{KeyAdmin, KeysError};
+use phylax_audit::event::Action;
+use phylax_crypto::kek::Recipients;
+use serde::Serialize;
+use std::io::Write;
+use std::path::Path;
+
+/// What an escrow wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Escrowed {
+    /// KEK generations in the file.
+    pub generations: Vec<u32>,
+    /// How many recipients can open it.
+    pub recipients: usize,
+    pub file: String,
+}
+
+impl KeyAdmin<'_> {
+    /// Encrypt the KEK to `to` and write it to `out`, which must not
+    /// exist: written under a temporary name, synced, then renamed, so a
+    /// crash leaves no file that looks complete.
+    pub async fn escrow_kek(&self, to: &Recipients, out: &Path) -> Result<Escrowed, KeysError> {
+        if out.exists() {
+            return Err(KeysError::Escrow(format!(
+                "{} exists; escrow writes a new file",
+                out.display()
+            )));
+        }
+        let (generations, sealed) = self.kek.escrow(to)?;
+        self.audit(
+            "key-escrow",
+            Action::Read,
+            format!(
+                "KEK generations {generations:?} escrowed (age) to {} recipient(s)",
+                to.len()
+            ),
+        )
+        .await?;
+        write_new(out, &sealed)
+            .map_err(|e| KeysError::Escrow(format!("cannot write {}: {e}", out.display())))?;
+        Ok(Escrowed {
+            generations,
+            recipients: to.len(),
+            file: out.display().to_string(),
+        })
+    }
+}
+
+/// Write `bytes` to a new file at `path` (0600) by way of a temporary
+/// name in the same directory, synced before and after the rename.
+fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("no file name"))?;
+    let tmp = dir.join(format!(".{}.partial", name.to_string_lossy()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let done = f.write_all(bytes).and_then(|_| f.sync_all());
+    if let Err(e) = done {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // Not over a file that appeared meanwhile.
+    if path.exists() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the file appeared meanwhile",
+        ));
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(&dir)?.sync_all()
+}

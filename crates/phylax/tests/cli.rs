@@ -1146,6 +1146,21 @@ fn the_kek_escrows_to_age_custodians_and_comes_back_with_the_age_tool() {
     ));
     assert!(e.contains("recipient 1"), "{e}");
     assert!(!p.join("x.age").exists());
+    let e = fails(&phylax(
+        &[
+            "keys",
+            "escrow",
+            "--data-dir",
+            "inst",
+            "--recipient",
+            &public[0],
+            "--out",
+            "inst/kek.age",
+        ],
+        p,
+    ));
+    assert!(e.contains("inside the data directory"), "{e}");
+    assert!(!p.join("inst/kek.age").exists());
     // Either custodian alone recovers the KEK with the standard tool, and
     // the instance opens with what came back.
     let kek = p.join("inst-keys/kek");

@@ -28,6 +28,19 @@ impl KeyAdmin<'_> {
     /// exist: written under a temporary name, synced, then renamed, so a
     /// crash leaves no file that looks complete.
     pub async fn escrow_kek(&self, to: &Recipients, out: &Path) -> Result<Escrowed, KeysError> {
+        // Not where the instance's own backups would carry it along.
+        let parent = match out.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let (Ok(dir), Ok(data)) = (parent.canonicalize(), self.data_dir.canonicalize()) {
+            if dir.starts_with(&data) {
+                return Err(KeysError::Escrow(format!(
+                    "{} is inside the data directory; keep the escrow apart from the instance",
+                    out.display()
+                )));
+            }
+        }
         if out.exists() {
             return Err(KeysError::Escrow(format!(
                 "{} exists; escrow writes a new file",

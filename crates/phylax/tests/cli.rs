@@ -1160,6 +1160,38 @@ fn the_kek_escrows_to_age_custodians_and_comes_back_with_the_age_tool() {
         p,
     ));
     assert!(e.contains("inside the data directory"), "{e}");
+    // Not through a dangling symbolic link either; nothing left behind.
+    std::os::unix::fs::symlink(p.join("inst/leak.age"), p.join("dangling.age")).unwrap();
+    let e = fails(&phylax(
+        &[
+            "keys",
+            "escrow",
+            "--data-dir",
+            "inst",
+            "--recipient",
+            &public[0],
+            "--out",
+            "dangling.age",
+        ],
+        p,
+    ));
+    assert!(e.contains("exists"), "{e}");
+    assert!(!p.join("inst/leak.age").exists() && !p.join(".dangling.age.partial").exists());
+    // A low-order point is a bad recipient, said in one line.
+    let e = fails(&phylax(
+        &[
+            "keys",
+            "escrow",
+            "--data-dir",
+            "inst",
+            "--recipient",
+            "age1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq5cu47z",
+            "--out",
+            "low.age",
+        ],
+        p,
+    ));
+    assert!(e.contains("low-order"), "{e}");
     assert!(!p.join("inst/kek.age").exists());
     // Either custodian alone recovers the KEK with the standard tool, and
     // the instance opens with what came back.

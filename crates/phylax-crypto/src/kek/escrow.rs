@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::str::FromStr;
 
-/// The recipients of an escrow, parsed from `age1…` strings.
-pub struct Recipients(Vec<age::x25519::Recipient>);
+/// The recipients of an escrow, parsed from `age1…` strings (each once).
+pub struct Recipients(Vec<age::x25519::Recipient>, Vec<String>);
 
 impl std::fmt::Debug for Recipients {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -25,7 +25,7 @@ impl Recipients {
     /// Parse each `age1…` recipient; blank lines and `#` comments (as in
     /// an age recipients file) are skipped. At least one is needed.
     pub fn parse<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<Recipients, CryptoError> {
-        let mut out = Vec::new();
+        let (mut out, mut names) = (Vec::new(), Vec::<String>::new());
         for (i, l) in lines.into_iter().enumerate() {
             let l = l.trim();
             if l.is_empty() || l.starts_with('#') {
@@ -37,12 +37,17 @@ impl Recipients {
                     i + 1
                 ))
             })?;
-            out.push(r);
+            // Named twice is one custodian, counted once.
+            let name = r.to_string();
+            if !names.contains(&name) {
+                names.push(name);
+                out.push(r);
+            }
         }
         if out.is_empty() {
             return Err(CryptoError::Escrow("no recipient".into()));
         }
-        Ok(Recipients(out))
+        Ok(Recipients(out, names))
     }
 
     pub fn len(&self) -> usize {
@@ -51,6 +56,11 @@ impl Recipients {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The recipients (public keys), for the audit record.
+    pub fn names(&self) -> &[String] {
+        &self.1
     }
 }
 
@@ -76,17 +86,33 @@ impl Kek {
             }
         }
         let text = super::text::render_plain(&soft);
-        let enc = age::Encryptor::with_recipients(to.0.iter().map(|r| r as &dyn age::Recipient))
-            .map_err(|e| CryptoError::Escrow(e.to_string()))?;
-        let mut out = Vec::new();
-        let mut w = enc
-            .wrap_output(&mut out)
-            .map_err(|e| CryptoError::Escrow(e.to_string()))?;
-        w.write_all(text.expose())
-            .map_err(|e| CryptoError::Escrow(e.to_string()))?;
-        w.finish().map_err(|e| CryptoError::Escrow(e.to_string()))?;
-        Ok((soft.keys().copied().collect(), out))
+        // The age crate panics on a recipient that is a low-order point
+        // (an all-zero shared secret) instead of refusing it: that is a
+        // bad recipient, not a crash.
+        // (Quietly: the default hook would print the crate's misleading
+        // message before the one-line reason. Escrow runs only in the CLI.)
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| seal(to, &text)));
+        std::panic::set_hook(hook);
+        let sealed = caught.map_err(|_| {
+            CryptoError::Escrow(
+                "a recipient is not a usable X25519 public key (low-order point)".into(),
+            )
+        })??;
+        Ok((soft.keys().copied().collect(), sealed))
     }
+}
+
+fn seal(to: &Recipients, text: &Secret) -> Result<Vec<u8>, CryptoError> {
+    let err = |e: &dyn std::fmt::Display| CryptoError::Escrow(e.to_string());
+    let enc = age::Encryptor::with_recipients(to.0.iter().map(|r| r as &dyn age::Recipient))
+        .map_err(|e| err(&e))?;
+    let mut out = Vec::new();
+    let mut w = enc.wrap_output(&mut out).map_err(|e| err(&e))?;
+    w.write_all(text.expose()).map_err(|e| err(&e))?;
+    w.finish().map_err(|e| err(&e))?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -138,6 +164,20 @@ mod tests {
 
     #[test]
     fn bad_recipients_are_refused_by_line() {
+        // A low-order point parses, but is refused rather than crashing.
+        let dir = tempfile::tempdir().unwrap();
+        let kek = Kek::create_file(&dir.path().join("kek")).unwrap();
+        let low =
+            Recipients::parse(["age1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq5cu47z"]);
+        if let Ok(low) = low {
+            let e = kek.escrow(&low).unwrap_err();
+            assert!(e.to_string().contains("low-order"), "{e}");
+        }
+        // One custodian named twice is one recipient.
+        let a = age::x25519::Identity::generate().to_public().to_string();
+        let twice = Recipients::parse([a.as_str(), a.as_str()]).unwrap();
+        assert_eq!(twice.len(), 1);
+        assert_eq!(twice.names(), [a]);
         let e = Recipients::parse(["age1notarecipient"]).unwrap_err();
         assert!(e.to_string().contains("recipient 1"), "{e}");
         assert!(Recipients::parse(["# only a comment", " "]).is_err());

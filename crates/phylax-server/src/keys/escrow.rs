@@ -41,24 +41,45 @@ impl KeyAdmin<'_> {
                 )));
             }
         }
-        if out.exists() {
+        if out.symlink_metadata().is_ok() {
             return Err(KeysError::Escrow(format!(
                 "{} exists; escrow writes a new file",
                 out.display()
             )));
         }
         let (generations, sealed) = self.kek.escrow(to)?;
+        // Who can recover the KEK is itself evidence: the recipients'
+        // public keys and the operating-system user go on the record.
+        let uid = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata("/proc/self")
+                .map(|m| m.uid().to_string())
+                .unwrap_or_else(|_| "unknown".into())
+        };
+        let to_whom = to.names().join(" ");
         self.audit(
             "key-escrow",
             Action::Read,
             format!(
-                "KEK generations {generations:?} escrowed (age) to {} recipient(s)",
+                "KEK generations {generations:?} escrowed (age) by uid {uid} to {} recipient(s): {to_whom}",
                 to.len()
             ),
         )
         .await?;
-        write_new(out, &sealed)
-            .map_err(|e| KeysError::Escrow(format!("cannot write {}: {e}", out.display())))?;
+        if let Err(e) = write_new(out, &sealed) {
+            // The record above says it was asked for; this one that no
+            // file came of it.
+            self.audit(
+                "key-escrow",
+                Action::Read,
+                format!("KEK escrow by uid {uid} not written: {}", e.kind()),
+            )
+            .await?;
+            return Err(KeysError::Escrow(format!(
+                "cannot write {}: {e}",
+                out.display()
+            )));
+        }
         Ok(Escrowed {
             generations,
             recipients: to.len(),
@@ -68,7 +89,10 @@ impl KeyAdmin<'_> {
 }
 
 /// Write `bytes` to a new file at `path` (0600) by way of a temporary
-/// name in the same directory, synced before and after the rename.
+/// name in the same directory: synced, then linked to `path` (which
+/// fails if anything, even a dangling symbolic link, is there: no
+/// check-then-rename race), the temporary name removed, the directory
+/// synced. On any error the temporary file is removed.
 fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
@@ -84,19 +108,11 @@ fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
-    let done = f.write_all(bytes).and_then(|_| f.sync_all());
-    if let Err(e) = done {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // Not over a file that appeared meanwhile.
-    if path.exists() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "the file appeared meanwhile",
-        ));
-    }
-    std::fs::rename(&tmp, path)?;
+    let done = f
+        .write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .and_then(|_| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    done?;
     std::fs::File::open(&dir)?.sync_all()
 }

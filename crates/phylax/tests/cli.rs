@@ -1116,83 +1116,42 @@ fn the_kek_escrows_to_age_custodians_and_comes_back_with_the_age_tool() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    // Each refusal is one line, and leaves nothing behind.
+    let refused = |recipient: &str, out: &str| {
+        fails(&phylax(
+            &[
+                "keys",
+                "escrow",
+                "--data-dir",
+                "inst",
+                "--recipient",
+                recipient,
+                "--out",
+                out,
+            ],
+            p,
+        ))
+    };
     // Never over an existing file; a recipient that is not one is named.
-    let e = fails(&phylax(
-        &[
-            "keys",
-            "escrow",
-            "--data-dir",
-            "inst",
-            "--recipient",
-            &public[0],
-            "--out",
-            "kek.age",
-        ],
-        p,
-    ));
+    let e = refused(&public[0], "kek.age");
     assert!(e.contains("exists"), "{e}");
-    let e = fails(&phylax(
-        &[
-            "keys",
-            "escrow",
-            "--data-dir",
-            "inst",
-            "--recipient",
-            "age1nope",
-            "--out",
-            "x.age",
-        ],
-        p,
-    ));
+    let e = refused("age1nope", "x.age");
     assert!(e.contains("recipient 1"), "{e}");
     assert!(!p.join("x.age").exists());
-    let e = fails(&phylax(
-        &[
-            "keys",
-            "escrow",
-            "--data-dir",
-            "inst",
-            "--recipient",
-            &public[0],
-            "--out",
-            "inst/kek.age",
-        ],
-        p,
-    ));
+    let e = refused(&public[0], "inst/kek.age");
     assert!(e.contains("inside the data directory"), "{e}");
+    assert!(!p.join("inst/kek.age").exists());
     // Not through a dangling symbolic link either; nothing left behind.
     std::os::unix::fs::symlink(p.join("inst/leak.age"), p.join("dangling.age")).unwrap();
-    let e = fails(&phylax(
-        &[
-            "keys",
-            "escrow",
-            "--data-dir",
-            "inst",
-            "--recipient",
-            &public[0],
-            "--out",
-            "dangling.age",
-        ],
-        p,
-    ));
+    let e = refused(&public[0], "dangling.age");
     assert!(e.contains("exists"), "{e}");
     assert!(!p.join("inst/leak.age").exists() && !p.join(".dangling.age.partial").exists());
     // A low-order point is a bad recipient, said in one line.
-    let e = fails(&phylax(
-        &[
-            "keys",
-            "escrow",
-            "--data-dir",
-            "inst",
-            "--recipient",
-            "age1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq5cu47z",
-            "--out",
-            "low.age",
-        ],
-        p,
-    ));
+    let e = refused(
+        "age1qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqq5cu47z",
+        "low.age",
+    );
     assert!(e.contains("low-order"), "{e}");
-    assert!(!p.join("inst/kek.age").exists());
     // Either custodian alone recovers the KEK with the standard tool, and
     // the instance opens with what came back.
     let kek = p.join("inst-keys/kek");

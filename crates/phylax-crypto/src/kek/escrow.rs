@@ -5,7 +5,7 @@
 //! Each recipient alone can decrypt: give the identities to different
 //! custodians, kept apart from the data (docs/KEYS.md, "Escrow of the KEK").
 
-use super::{lock, Kek, Provider, Source};
+use super::{Kek, Provider};
 use crate::secret::Secret;
 use crate::CryptoError;
 use std::collections::BTreeMap;
@@ -69,21 +69,14 @@ impl Kek {
     /// `to`. Refuses when a generation is in an HSM: it cannot leave the
     /// device (its recovery is the HSM's own backup).
     pub fn escrow(&self, to: &Recipients) -> Result<(Vec<u32>, Vec<u8>), CryptoError> {
-        let mut soft: BTreeMap<u32, Secret> = BTreeMap::new();
-        for s in &self.sources {
-            match s {
-                Source::File(p) => soft.extend(super::text::read_file(p)?),
-                Source::Env(v) => soft.extend(super::text::parse(
-                    std::str::from_utf8(v.expose()).map_err(|_| CryptoError::MalformedKey)?,
-                )?),
-                Source::Memory(m) => soft.extend(lock(m)?.clone()),
-                Source::Hsm(_) => {}
-            }
-        }
         for (n, p) in self.generations() {
             if p == Provider::Hsm {
                 return Err(CryptoError::HsmEscrow(n));
             }
+        }
+        let mut soft: BTreeMap<u32, Secret> = BTreeMap::new();
+        for s in &self.sources {
+            soft.extend(s.software()?.unwrap_or_default());
         }
         let text = super::text::render_plain(&soft);
         // The age crate panics on a recipient that is a low-order point

@@ -90,6 +90,19 @@ enum Source {
 }
 
 impl Source {
+    /// The generations' key bytes, for a provider that holds them in
+    /// software (not an HSM).
+    fn software(&self) -> Result<Option<BTreeMap<u32, Secret>>, CryptoError> {
+        Ok(match self {
+            Source::File(p) => Some(text::read_file(p)?),
+            Source::Env(v) => Some(text::parse(
+                std::str::from_utf8(v.expose()).map_err(|_| CryptoError::MalformedKey)?,
+            )?),
+            Source::Memory(m) => Some(lock(m)?.clone()),
+            Source::Hsm(_) => None,
+        })
+    }
+
     fn provider(&self) -> Provider {
         match self {
             Source::File(_) => Provider::File,
@@ -194,15 +207,7 @@ impl Kek {
         let mut legacy = None;
         for s in &sources {
             s.load(&mut gens)?;
-            let soft = match s {
-                Source::File(p) => Some(text::read_file(p)?),
-                Source::Env(v) => Some(text::parse(
-                    std::str::from_utf8(v.expose()).map_err(|_| CryptoError::MalformedKey)?,
-                )?),
-                Source::Memory(m) => Some(lock(m)?.clone()),
-                Source::Hsm(_) => None,
-            };
-            if let Some(c) = soft.as_ref().and_then(legacy_check) {
+            if let Some(c) = s.software()?.as_ref().and_then(legacy_check) {
                 legacy = Some(c);
             }
         }

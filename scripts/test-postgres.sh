@@ -51,7 +51,14 @@ if [ "$(as_pg "psql -p $port -Atqc 'SHOW ssl'")" != on ]; then
 fi
 as_pg "psql -p $port -Atqc \"SELECT 1 FROM pg_roles WHERE rolname='phylax_test'\"" | grep -q 1 ||
   as_pg "psql -p $port -qc \"CREATE ROLE phylax_test LOGIN PASSWORD 'phylax_test'\"" >&2
-# A fresh database each run: test schemas from earlier runs are dropped.
+# Restore tests put a backup into a database of their own (a dump restores
+# into a schema of the same name, which the source's database already has).
+as_pg "psql -p $port -qc 'ALTER ROLE phylax_test CREATEDB'" >&2
+# A fresh database each run: test schemas from earlier runs are dropped,
+# and so are the restore tests' databases (phylax_r_…).
+for db in $(as_pg "psql -p $port -Atqc \"SELECT datname FROM pg_database WHERE datname LIKE 'phylax\\_r\\_%'\""); do
+  as_pg "psql -p $port -qc 'DROP DATABASE IF EXISTS $db WITH (FORCE)'" >&2
+done
 as_pg "psql -p $port -qc \"DROP DATABASE IF EXISTS phylax_test WITH (FORCE)\"" >&2
 
   as_pg "psql -p $port -qc \"CREATE DATABASE phylax_test OWNER phylax_test\"" >&2

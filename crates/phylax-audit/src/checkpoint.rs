@@ -188,6 +188,19 @@ impl VerifierKey {
         &self.name
     }
 
+    /// Whether `sig` is this key's signature of `domain ‖ "\n" ‖ msg` (a
+    /// statement other than a checkpoint, such as a backup's manifest;
+    /// see `AuditLog::sign_statement`).
+    pub fn verify_statement(&self, domain: &str, msg: &[u8], sig: &[u8]) -> bool {
+        let mut m = Vec::with_capacity(domain.len() + 1 + msg.len());
+        m.extend_from_slice(domain.as_bytes());
+        m.push(b'\n');
+        m.extend_from_slice(msg);
+        UnparsedPublicKey::new(&ED25519, self.public)
+            .verify(&m, sig)
+            .is_ok()
+    }
+
     /// SHA-256(name ‖ "\n" ‖ 0x01 ‖ public key), first four bytes.
     pub fn key_hash(&self) -> [u8; 4] {
         let mut c = Context::new(&SHA256);

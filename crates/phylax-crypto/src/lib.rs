@@ -21,6 +21,8 @@
 //!   the KEK, public halves published as a JWKS.
 //! - [`log_signing`]: the Ed25519 key that signs audit-log checkpoints,
 //!   separate from data keys and token keys.
+//! - [`archive`]: age encryption of backup archives, streaming, to the
+//!   same X25519 recipients as the KEK escrow.
 //! - [`secret`]: a zeroizing byte container with a redacted `Debug`.
 //!
 //! Primitives come from `ring` (audited, AES-NI accelerated), the
@@ -28,6 +30,7 @@
 //! file format the `age` tool reads); nothing here implements a primitive
 //! itself.
 
+pub mod archive;
 pub mod blind;
 pub mod datakey;
 pub mod kek;
@@ -78,6 +81,8 @@ pub enum CryptoError {
     HsmEscrow(u32),
     #[error("escrow: {0}")]
     Escrow(String),
+    #[error("backup archive: {0}")]
+    Archive(String),
 }
 
 /// Fill a fixed-size array from the OS CSPRNG.

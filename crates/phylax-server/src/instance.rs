@@ -393,10 +393,18 @@ fn init_kek(
 
 /// The local CA and server certificate (in the data directory) and their
 /// private keys (0600, in the key directory); returns the server key's path.
-fn write_tls(data_dir: &Path, key_dir: &Path, names: &[String]) -> Result<PathBuf, InstanceError> {
+/// A new local CA and server certificate in `data_dir/tls`, their keys in
+/// `key_dir` under the name of `named` (the data directory they serve;
+/// a restore writes into a directory renamed afterwards).
+pub(crate) fn write_tls(
+    data_dir: &Path,
+    named: &Path,
+    key_dir: &Path,
+    names: &[String],
+) -> Result<PathBuf, InstanceError> {
     let tls_key = key_dir.join(format!(
         "{}-tls-server-key.pem",
-        data_dir
+        named
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
@@ -499,7 +507,7 @@ impl Instance {
 
         let kek = init_kek(hsm.as_ref(), &key_file, &data_dir)?;
 
-        let tls_key = write_tls(&data_dir, &key_dir, &opts.tls_names)?;
+        let tls_key = write_tls(&data_dir, &data_dir, &key_dir, &opts.tls_names)?;
 
         let backend = if opts.database_url.is_some() {
             Backend::Postgres
@@ -536,6 +544,7 @@ impl Instance {
             detect: Default::default(),
             access: Default::default(),
             rate: Default::default(),
+            backup: Default::default(),
         };
         let url = database_url(&data_dir, backend, opts.database_url.as_deref())?;
         let store = phylax_store::open(&url).await?;

@@ -16,6 +16,9 @@
 //! - [`keys`]: key administration for the operator's CLI (no route
 //!   reaches it): key status, KEK rotation and moves, crypto-shredding a
 //!   patient, legal holds.
+//! - [`backup`]: backups and restores for the operator's CLI (no route
+//!   reaches them): a consistent snapshot in an age-encrypted, signed
+//!   archive; verify, restore, restore drills.
 //! - [`state`]: the application state, assembled once from the subsystems
 //!   below, and the background tasks that keep its caches fresh.
 //! - [`rest`]: the FHIR REST API handlers and their wire helpers.
@@ -28,6 +31,7 @@
 pub mod access;
 pub mod audit;
 pub mod authn;
+pub mod backup;
 pub mod base;
 pub mod data;
 pub mod http;

@@ -21,6 +21,9 @@
 //! - [`migrations`]: versioned schema, applied at start, per backend.
 //! - [`query`]: search conditions over the index table, and the SQL they
 //!   become (shared by both backends; only placeholders differ).
+//! - [`snapshot`]: consistent copies of the whole database for backups
+//!   (`SnapshotStore`, implemented in each backend's `snapshot.rs`) and
+//!   putting one back into an empty place.
 //! - `params`: the small numbers index entries use for (type, parameter),
 //!   cached per store once committed.
 //!
@@ -31,6 +34,7 @@ mod params;
 mod pg_tls;
 pub mod postgres;
 pub mod query;
+pub mod snapshot;
 pub mod sqlite;
 
 pub use query::{Cond, NumOp, RangeOp, SearchQuery};
@@ -742,7 +746,14 @@ pub trait BreakGlassStore: Send + Sync + std::fmt::Debug + 'static {
 
 /// Every storage concern together: what a backend is.
 pub trait Store:
-    MetaStore + KeyStore + ResourceStore + AccountStore + GrantStore + AuditStore + BreakGlassStore
+    MetaStore
+    + KeyStore
+    + ResourceStore
+    + AccountStore
+    + GrantStore
+    + AuditStore
+    + BreakGlassStore
+    + snapshot::SnapshotStore
 {
     /// Which backend this is, for logs and metrics ("sqlite", "postgres").
     fn backend(&self) -> &'static str;
@@ -754,6 +765,7 @@ pub type DynStore = Arc<dyn Store>;
 /// (`use phylax_store::prelude::*`); a subsystem that needs one concern
 /// imports (and, better, holds) only that trait.
 pub mod prelude {
+    pub use crate::snapshot::SnapshotStore;
     pub use crate::{
         AccountStore, AuditStore, BreakGlassStore, GrantStore, KeyStore, MetaStore, ResourceStore,
         Store,
@@ -781,4 +793,30 @@ pub async fn open(url: &str) -> Result<DynStore> {
             "database URL must start with sqlite: or postgres://".into(),
         ))
     }
+}
+
+/// Where a restore puts the database.
+#[derive(Debug, Clone)]
+pub enum Target<'a> {
+    /// A new SQLite file (must not exist).
+    Sqlite(&'a std::path::Path),
+    /// A PostgreSQL URL whose schema (`search_path`) is `schema` and holds
+    /// no table yet.
+    Postgres { url: &'a str, schema: &'a str },
+}
+
+/// Put a snapshot file back. Refuses a place that holds anything.
+pub async fn restore(file: &std::path::Path, target: Target<'_>) -> Result<()> {
+    match target {
+        Target::Sqlite(path) => sqlite::snapshot::restore_file(file, path).await,
+        Target::Postgres { url, schema } => {
+            postgres::snapshot::restore_dump(file, url, schema).await
+        }
+    }
+}
+
+/// Drop everything in the schema a PostgreSQL URL works in (a restore
+/// drill's scratch copy), leaving it empty.
+pub async fn drop_schema_tables(url: &str) -> Result<()> {
+    postgres::snapshot::empty_schema(url).await
 }

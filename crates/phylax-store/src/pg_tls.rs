@@ -138,6 +138,63 @@ pub(crate) fn prepare(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsCo
 
 /// A client configuration with no trusted roots, for connections that
 /// never negotiate TLS.
+/// The libpq connection string for PostgreSQL's own tools (`pg_dump`,
+/// `pg_restore`) reaching the server `url` names, under the same rule as
+/// [`prepare`] (checked first), and the password apart: it goes into the
+/// tool's environment, not onto its command line.
+pub(crate) fn libpq(url: &str) -> Result<(String, Option<String>)> {
+    let (cfg, _) = prepare(url)?;
+    let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+    let mut parts = Vec::new();
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(n) => n.clone(),
+            Host::Unix(p) => p.to_string_lossy().into_owned(),
+        })
+        .collect();
+    if !hosts.is_empty() {
+        parts.push(format!("host={}", quote(&hosts.join(","))));
+    }
+    let ports: Vec<String> = cfg.get_ports().iter().map(u16::to_string).collect();
+    if !ports.is_empty() {
+        parts.push(format!("port={}", quote(&ports.join(","))));
+    }
+    if let Some(u) = cfg.get_user() {
+        parts.push(format!("user={}", quote(u)));
+    }
+    if let Some(d) = cfg.get_dbname() {
+        parts.push(format!("dbname={}", quote(d)));
+    }
+    if let Some(o) = cfg.get_options() {
+        parts.push(format!("options={}", quote(o)));
+    }
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let param = |name: &str| {
+        query.split('&').find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            (k == name).then(|| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+        })
+    };
+    match (param("sslmode").as_deref(), param("sslrootcert")) {
+        (Some("verify-full"), Some(root)) => {
+            parts.push("sslmode='verify-full'".into());
+            parts.push(format!("sslrootcert={}", quote(&root)));
+        }
+        // `prepare` allowed it: a server on this machine.
+        _ => parts.push("sslmode='disable'".into()),
+    }
+    let password = cfg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    Ok((parts.join(" "), password))
+}
+
 fn client_trusting_nothing() -> Result<rustls::ClientConfig> {
     let prov = rustls::crypto::ring::default_provider();
     Ok(rustls::ClientConfig::builder_with_provider(Arc::new(prov))

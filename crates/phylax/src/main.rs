@@ -11,6 +11,7 @@
 //! `--database-url` when the instance stores its data in PostgreSQL).
 //! Errors print as one line (`error: …`) and exit with status 1.
 
+mod backup;
 mod config_cmd;
 mod keys;
 
@@ -65,6 +66,12 @@ enum Cmd {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Encrypted, signed backups of the instance; verify them; restore
+    /// drills (docs/BACKUP.md).
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
+    /// Restore a backup into a new, empty place and prove it.
+    Restore(backup::RestoreArgs),
     /// Access control: explain a decision, review accounts, close
     /// break-the-glass reviews.
     #[command(subcommand)]
@@ -506,6 +513,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Keys(c) => keys::keys_cmd(c).await,
         Cmd::Patient(c) => keys::patient_cmd(c).await,
         Cmd::Config(c) => config_cmd::config_cmd(c),
+        Cmd::Backup(c) => backup::backup_cmd(c).await,
+        Cmd::Restore(a) => backup::restore_cmd(a).await,
     }
 }
 

@@ -58,6 +58,11 @@ impl Recipients {
         self.0.is_empty()
     }
 
+    /// The parsed recipients (for [`crate::archive::seal`]).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &age::x25519::Recipient> {
+        self.0.iter()
+    }
+
     /// The recipients (public keys), for the audit record.
     pub fn names(&self) -> &[String] {
         &self.1

@@ -271,6 +271,40 @@ impl KeyAdmin<'_> {
         })
     }
 
+    /// Erase, in a restored copy, a patient the register names (the live
+    /// instance's, or the backup's own): the compartment's keys and every
+    /// version sealed under them are deleted, and the register and the
+    /// audit log of the copy say so. No rotation: the copy's older KEK
+    /// generations are the live instance's concern.
+    pub async fn reapply_erasure(&self, id: &str, why: &str) -> Result<Erased, KeysError> {
+        let id = parse_id(id)?;
+        let scope = format!("patient:{id}");
+        let row = format!("data:{scope}");
+        let mut erased = self.store.erase_key_scope(&scope, &row).await?;
+        erased.key_rows += self.delete_later_key_rows(&scope).await?;
+        let record = serde_json::to_vec(&PendingErasure {
+            patient: id.clone(),
+            below: self.kek.current(),
+        })
+        .map_err(|e| KeysError::Audit(e.to_string()))?;
+        self.store
+            .put_meta_if_absent(&format!("{ERASURE}{id}:{}", now()), &record)
+            .await?;
+        self.audit
+            .record_admin_for(
+                "patient-erase",
+                Action::Delete,
+                format!(
+                    "erasure re-applied to a restored copy ({why}): {} versions, {} keys",
+                    erased.versions, erased.key_rows
+                ),
+                vec![id],
+            )
+            .await
+            .map_err(|e| KeysError::Audit(e.to_string()))?;
+        Ok(erased)
+    }
+
     /// Whether any generation of `scope`'s data key is stored.
     async fn has_key_rows(&self, scope: &str) -> Result<bool, KeysError> {
         let upto = crate::data::key_events::data_generation(self.store).await?;

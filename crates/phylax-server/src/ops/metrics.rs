@@ -39,6 +39,59 @@ fn authorized(st: &AppState, h: &HeaderMap) -> bool {
     got.len() == want.len() && bool::from(got.ct_eq(&want))
 }
 
+/// The newest backup and restore drill (docs/BACKUP.md): what an alert
+/// on "no drill within the interval" or "last drill failed" needs.
+async fn backup_metrics(out: &mut String, st: &AppState, now: i64) {
+    let store = st.key_store();
+    if let Ok(Some(t)) = crate::backup::create::last_backup(store).await {
+        let _ = writeln!(
+            out,
+            "# HELP phylax_backup_last_timestamp_seconds When the newest backup was written."
+        );
+        let _ = writeln!(out, "# TYPE phylax_backup_last_timestamp_seconds gauge");
+        let _ = writeln!(out, "phylax_backup_last_timestamp_seconds {}", t / 1000);
+    }
+    let last = crate::backup::drill::last_drill(store).await.ok().flatten();
+    let interval_ms = i64::from(st.config.backup.drill_interval_days) * 86_400_000;
+    let overdue = last
+        .as_ref()
+        .is_none_or(|d| now - d.at_ms > interval_ms || !d.ok);
+    let _ = writeln!(out, "# HELP phylax_backup_drill_overdue 1 when no restore drill passed within [backup] drill_interval_days.");
+    let _ = writeln!(out, "# TYPE phylax_backup_drill_overdue gauge");
+    let _ = writeln!(out, "phylax_backup_drill_overdue {}", u8::from(overdue));
+    if let Some(d) = last {
+        let _ = writeln!(
+            out,
+            "# HELP phylax_backup_drill_last_timestamp_seconds When the newest restore drill ran."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE phylax_backup_drill_last_timestamp_seconds gauge"
+        );
+        let _ = writeln!(
+            out,
+            "phylax_backup_drill_last_timestamp_seconds {}",
+            d.at_ms / 1000
+        );
+        let _ = writeln!(
+            out,
+            "# HELP phylax_backup_drill_last_success 1 when the newest restore drill passed."
+        );
+        let _ = writeln!(out, "# TYPE phylax_backup_drill_last_success gauge");
+        let _ = writeln!(out, "phylax_backup_drill_last_success {}", u8::from(d.ok));
+        let _ = writeln!(out, "# HELP phylax_backup_drill_last_duration_seconds How long the newest restore drill's restore took (the RTO it shows).");
+        let _ = writeln!(
+            out,
+            "# TYPE phylax_backup_drill_last_duration_seconds gauge"
+        );
+        let _ = writeln!(
+            out,
+            "phylax_backup_drill_last_duration_seconds {}",
+            d.rto_secs
+        );
+    }
+}
+
 fn ring_sha256(b: &[u8]) -> Vec<u8> {
     phylax_audit::merkle::sha256(b).to_vec()
 }
@@ -127,6 +180,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>, h: HeaderMap) -> Response 
             );
         }
     }
+    backup_metrics(&mut out, &st, now).await;
     let newest_signing = st.authn.signing.read().len();
     if let Ok(Some(t)) = st.keys.created(&format!("sig:sig-{newest_signing}")).await {
         let _ = writeln!(

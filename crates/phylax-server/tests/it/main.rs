@@ -23,6 +23,9 @@
 //! - [`sealed`]: encryption at rest: what the database holds, tampering.
 //! - [`keys`]: the key hierarchy under operation: KEK rotation under load
 //!   (key file and SoftHSM2), tampered keys, crypto-shredding, legal holds.
+//! - [`backup`]: backups taken while writing, restored and compared
+//!   version by version; crypto-shredding against an older backup;
+//!   restore drills.
 //! - [`interop`]: a real FHIR client library (fhirpy) against the server.
 //! - [`mtls`]: mutual TLS and certificate-bound access tokens (RFC 8705).
 //! - [`tls`]: the server certificate: weak ones refused, reloading while
@@ -35,6 +38,7 @@ mod common;
 mod access;
 mod audit;
 mod auth;
+mod backup;
 mod bundle;
 mod interop;
 mod keys;

@@ -13,6 +13,8 @@
 //! - [`grants`]: `GrantStore`, grants, revocations, used assertion ids.
 //! - [`audit`]: `AuditStore`, the audit log, sealing queue, checkpoints.
 //! - [`break_glass`]: `BreakGlassStore`, emergency access grants.
+//! - [`snapshot`]: `SnapshotStore`, a consistent dump for backups
+//!   (`pg_dump` in an exported snapshot) and restoring one (`pg_restore`).
 //!
 //! This file: connecting (TLS rules in `pg_tls`), the pool, migrations, and the row mapping and SQL helpers the trait files share.
 
@@ -23,6 +25,7 @@ mod grants;
 mod keys;
 mod meta;
 mod resources;
+pub mod snapshot;
 
 use crate::migrations;
 use crate::params::{self, ParamIds};
@@ -45,6 +48,9 @@ pub struct PgStore {
     /// (see `connect`).
     search_pool: Pool,
     pids: ParamIds,
+    /// The URL it was opened with (it may hold the password; never
+    /// printed): PostgreSQL's own tools connect with it for backups.
+    url: String,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -424,6 +430,7 @@ impl PgStore {
             pool,
             search_pool,
             pids: ParamIds::default(),
+            url: url.to_owned(),
         };
         store.migrate(schema).await?;
         let c = store.pool.get().await.map_err(pool_err)?;

@@ -19,6 +19,8 @@
 //! - [`grants`]: `GrantStore`, grants, revocations, used assertion ids.
 //! - [`audit`]: `AuditStore`, the audit log, sealing queue, checkpoints.
 //! - [`break_glass`]: `BreakGlassStore`, emergency access grants.
+//! - [`snapshot`]: `SnapshotStore`, consistent copies for backups
+//!   (`VACUUM INTO`) and restoring one.
 //!
 //! This file: opening the database, the writer thread and reader pool, migrations, and the row mapping and SQL helpers the trait files share.
 
@@ -29,6 +31,7 @@ mod grants;
 mod keys;
 mod meta;
 mod resources;
+pub mod snapshot;
 
 use crate::migrations;
 use crate::params::{self, ParamIds};

@@ -257,6 +257,19 @@ impl AuditLog {
         (c.signer.clone(), c.verifiers[0].clone())
     }
 
+    /// Sign a statement other than a checkpoint with the checkpoint key
+    /// (a backup's manifest): `domain` is a first line no checkpoint
+    /// can start with (an origin is the key's name, `phylax/…`), so the
+    /// signature can never pass for a checkpoint's, nor one for it.
+    pub fn sign_statement(&self, domain: &str, msg: &[u8]) -> (VerifierKey, Vec<u8>) {
+        let (signer, verifier) = self.signer();
+        let mut m = Vec::with_capacity(domain.len() + 1 + msg.len());
+        m.extend_from_slice(domain.as_bytes());
+        m.push(b'\n');
+        m.extend_from_slice(msg);
+        (verifier, signer.sign(&m))
+    }
+
     /// Load the checkpoint keys again (a rotation's key event): sign with
     /// the newest, verify with every one.
     pub async fn reload_checkpoint_keys(&self, keys: &KeyRing) -> Result<(), AuditError> {

@@ -11,6 +11,9 @@ impl Config {
         self.check_audit_and_detect()?;
         self.check_access()?;
         self.check_keys()?;
+        if !(1..=365).contains(&self.backup.drill_interval_days) {
+            return Err("backup.drill_interval_days must be 1–365".into());
+        }
         if self.audit.retention_days < 365 {
             return Err("audit.retention_days must be at least 365".into());
         }

@@ -53,6 +53,8 @@ pub struct Config {
     pub access: AccessConfig,
     #[serde(default)]
     pub rate: RateConfig,
+    #[serde(default)]
+    pub backup: BackupConfig,
     /// Custom roles, in addition to the built-in ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<RoleConfig>,
@@ -99,6 +101,28 @@ impl Default for KeysConfig {
         KeysConfig {
             max_age_days: 365,
             retention_years: 6,
+        }
+    }
+}
+
+/// `[backup]`: where backups go and how often they are proven to
+/// restore (docs/BACKUP.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// The directory `backup drill` takes the newest backup from (and
+    /// where scheduled backups go). Outside the data directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// A restore drill older than this is a warning (days, 1–365).
+    pub drill_interval_days: u32,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            dir: None,
+            drill_interval_days: 30,
         }
     }
 }

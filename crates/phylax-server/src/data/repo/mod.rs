@@ -492,6 +492,31 @@ impl Repo {
         sealed.map_err(|_| KeyError::Random.into())
     }
 
+    /// Whether a stored version opens: its data key unwraps and its body
+    /// authenticates (a restore proves every one does).
+    pub async fn opens(&self, v: &phylax_store::SealedVersion) -> Result<bool, RepoError> {
+        Ok(self.plaintext(v).await?.is_some())
+    }
+
+    /// A stored version's body, opened (zeroed when dropped); `None` when
+    /// its key is gone or it does not authenticate.
+    pub async fn plaintext(
+        &self,
+        v: &phylax_store::SealedVersion,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, RepoError> {
+        use crate::data::keyring::key_name;
+        let Some(g) = phylax_crypto::datakey::record_generation(&v.sealed) else {
+            return Ok(None);
+        };
+        let key = match self.keys.for_read(&key_name(&v.key_scope, g)).await {
+            Ok(k) => k,
+            Err(KeyError::Unwrap | KeyError::Missing) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let ad = aad(&v.rtype, &v.id, v.version, &v.key_scope);
+        Ok(key.open(&ad, &v.sealed).ok().map(zeroize::Zeroizing::new))
+    }
+
     /// Give every current resource its index entries, once per instance
     /// (data written before the search index existed). Idempotent, so
     /// nodes starting together may both run it.

@@ -1,0 +1,298 @@
+//! `phylax backup create`: a backup taken while servers serve. The
+//! database copy is one consistent snapshot (`SnapshotStore`); the
+//! archive is written under a temporary name beside its destination,
+//! synced, and linked into place only once complete, so a crash, a kill
+//! or a full disk leaves no file that looks like a backup.
+
+use super::archive::{self, Writer};
+use super::manifest::{self, Manifest, FORMAT};
+use super::{io, sync_dir, uid, BackupError, Progress, Scratch};
+use crate::instance::Instance;
+use base64::{engine::general_purpose::STANDARD, Engine};
+use phylax_audit::event::Action;
+use phylax_crypto::kek::{Kek, Recipients};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Meta records of finished backups (`backup_v1:<ms>`), for the metrics.
+pub const LAST_BACKUP: &str = "backup_v1:";
+
+/// When the newest backup was written (ms), if any was.
+pub async fn last_backup(store: &phylax_store::DynStore) -> Result<Option<i64>, BackupError> {
+    Ok(store
+        .meta_with_prefix(LAST_BACKUP)
+        .await?
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix(LAST_BACKUP)?.parse::<i64>().ok())
+        .max())
+}
+
+/// What a backup wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Created {
+    pub file: String,
+    pub backup_id: String,
+    pub bytes: u64,
+    pub resources: u64,
+    pub versions: u64,
+    pub audit_records: u64,
+    pub audit_tree_size: u64,
+    pub recipients: usize,
+    pub seconds: f64,
+}
+
+/// The directory `out` goes in, refusing an `out` that exists (even as a
+/// dangling link) or lies inside the data directory.
+fn destination(inst: &Instance, out: &Path) -> Result<PathBuf, BackupError> {
+    let parent = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = parent
+        .canonicalize()
+        .map_err(|e| io(format!("{}", parent.display()), e))?;
+    if let Ok(data) = inst.data_dir.canonicalize() {
+        if dir.starts_with(&data) {
+            return Err(BackupError::Refused(format!(
+                "{} is inside the data directory; keep backups apart from the instance",
+                out.display()
+            )));
+        }
+    }
+    if out.symlink_metadata().is_ok() {
+        return Err(BackupError::Refused(format!(
+            "{} exists; a backup is written to a new file",
+            out.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// The patient ids in the erasure register (`erasure_v1:<id>:<time>`).
+pub(crate) fn erased_ids(register: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut ids: Vec<String> = register
+        .iter()
+        .filter_map(|(k, _)| {
+            let rest = k.strip_prefix("erasure_v1:")?;
+            Some(rest.rsplit_once(':').map_or(rest, |(id, _)| id).to_owned())
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// The patients an instance's erasure register names.
+pub async fn erased_patients(store: &phylax_store::DynStore) -> Result<Vec<String>, BackupError> {
+    Ok(erased_ids(&store.meta_with_prefix("erasure_v1:").await?))
+}
+
+/// Back `inst` up to a new file `out`, encrypted to `to`.
+pub async fn create(
+    inst: &Instance,
+    to: &Recipients,
+    out: &Path,
+    progress: Progress<'_>,
+) -> Result<Created, BackupError> {
+    let started = std::time::Instant::now();
+    let dir = destination(inst, out)?;
+    let backup_id = uuid::Uuid::new_v4().to_string();
+    let who = uid();
+    // On the record before the snapshot (so the backup holds it): who took
+    // a backup, and who can open it.
+    inst.audit
+        .record_admin(
+            "backup",
+            Action::Read,
+            format!(
+                "backup {backup_id} started by uid {who} to {} recipient(s): {}",
+                to.len(),
+                to.names().join(" ")
+            ),
+        )
+        .await
+        .map_err(|e| BackupError::Audit(e.to_string()))?;
+    let res = write(inst, to, out, &dir, &backup_id, progress).await;
+    let outcome = match &res {
+        Ok(c) => format!(
+            "backup {backup_id} written: {} bytes, {} resources, {} versions, {} audit records",
+            c.bytes, c.resources, c.versions, c.audit_records
+        ),
+        Err(e) => format!("backup {backup_id} failed: {e}"),
+    };
+    inst.audit
+        .record_admin("backup", Action::Read, outcome)
+        .await
+        .map_err(|e| BackupError::Audit(e.to_string()))?;
+    let mut c = res?;
+    c.seconds = started.elapsed().as_secs_f64();
+    inst.store
+        .put_meta_if_absent(
+            &format!("{LAST_BACKUP}{:020}", crate::base::clock::now_ms()),
+            backup_id.as_bytes(),
+        )
+        .await?;
+    Ok(c)
+}
+
+async fn write(
+    inst: &Instance,
+    to: &Recipients,
+    out: &Path,
+    dir: &Path,
+    backup_id: &str,
+    progress: Progress<'_>,
+) -> Result<Created, BackupError> {
+    let scratch = Scratch::new(dir.join(format!(".phylax-backup-{backup_id}")))?;
+    progress("taking a consistent snapshot of the database", 0, 0);
+    let snap = inst.store.snapshot(&scratch.path).await?;
+    let facts = &snap.facts;
+    let data = &inst.data_dir;
+    let read = |p: &Path| std::fs::read(p).map_err(|e| io(format!("reading {}", p.display()), e));
+    let config = read(&data.join(crate::base::config::CONFIG_FILE))?;
+    let ca = read(&data.join(&inst.config.tls.ca))?;
+    let cert = read(&data.join(&inst.config.tls.cert))?;
+    let outside = match &inst.config.audit.checkpoint_file {
+        Some(p) => std::fs::read(data.join(p)).ok(),
+        None => None,
+    };
+    // The journal after the snapshot: a record acknowledged before it is
+    // in one or the other (replays skip what the database already has).
+    let journal = journal_files(&data.join("audit-journal"))?;
+
+    let tmp = dir.join(format!(".{}.{backup_id}.partial", file_name(out)));
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| io(format!("creating {}", tmp.display()), e))?
+    };
+    // Removed unless linked into place.
+    struct Partial<'a>(&'a Path);
+    impl Drop for Partial<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _partial = Partial(&tmp);
+    let mut w = Writer::new(file, to)?;
+    let db_name = snap
+        .file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| BackupError::Io("snapshot file name".into()))?;
+    w.add_file(
+        &format!("{}{db_name}", manifest::DB_DIR),
+        &snap.file,
+        progress,
+    )?;
+    w.add_bytes(manifest::CONFIG, &config)?;
+    w.add_bytes(manifest::CA, &ca)?;
+    w.add_bytes(manifest::CERT, &cert)?;
+    let leaves: Vec<u8> = facts.leaves.iter().flatten().copied().collect();
+    w.add_bytes(manifest::LEAVES, &leaves)?;
+    if let Some(cp) = &facts.checkpoint {
+        w.add_bytes(manifest::CHECKPOINT, cp.note.as_bytes())?;
+    }
+    if let Some(o) = &outside {
+        w.add_bytes(manifest::OUTSIDE, o)?;
+    }
+    for (name, bytes) in &journal {
+        w.add_bytes(&format!("{}{name}", manifest::JOURNAL_DIR), bytes)?;
+    }
+    let mut generations: BTreeMap<u32, u64> = BTreeMap::new();
+    for (head, n) in &facts.key_heads {
+        if let Some(g) = Kek::generation_of(head) {
+            *generations.entry(g).or_default() += n;
+        }
+    }
+    let m = Manifest {
+        format: FORMAT.into(),
+        backup_id: backup_id.to_owned(),
+        instance_id: facts.instance_id.clone().unwrap_or_default(),
+        origin: inst.audit.origin().to_owned(),
+        source_data_dir: crate::keys::owner_name(data),
+        created_ms: crate::base::clock::now_ms(),
+        backend: inst.store.backend().to_owned(),
+        pg_schema: snap.schema.clone(),
+        schema_version: facts.schema_version,
+        resources: facts.resources,
+        versions: facts.versions,
+        audit_records: facts.audit_records,
+        tree_size: facts.leaves.len() as u64,
+        tree_root: STANDARD.encode(phylax_audit::merkle::root(&facts.leaves)),
+        checkpoint_size: facts.checkpoint.as_ref().map_or(0, |c| c.size),
+        kek_generations: generations,
+        erasures: erased_ids(&facts.erasures),
+        verifier_keys: inst
+            .audit
+            .verifier_keys()
+            .iter()
+            .map(|k| k.encode())
+            .collect(),
+        files: w.files().to_vec(),
+    };
+    let (bytes, sig) = m.sign(&inst.audit)?;
+    let file = w.finish(&bytes, &sig)?;
+    archive::sync(file)?;
+    let size = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
+    // Linked, not renamed: never over a file that appeared meanwhile.
+    std::fs::hard_link(&tmp, out).map_err(|e| io(format!("placing {}", out.display()), e))?;
+    drop(_partial);
+    sync_dir(dir)?;
+    drop(scratch);
+    Ok(Created {
+        file: out.display().to_string(),
+        backup_id: backup_id.to_owned(),
+        bytes: size,
+        resources: m.resources,
+        versions: m.versions,
+        audit_records: m.audit_records,
+        audit_tree_size: m.tree_size,
+        recipients: to.len(),
+        seconds: 0.0,
+    })
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "backup".into())
+}
+
+/// Every journal file (`NODE/FILE`) with its bytes. Files that vanish
+/// while listed (an indexer recycling them) are skipped: their records
+/// are in the database by then.
+fn journal_files(root: &Path) -> Result<Vec<(String, Vec<u8>)>, BackupError> {
+    let mut out = Vec::new();
+    let Ok(nodes) = std::fs::read_dir(root) else {
+        return Ok(out);
+    };
+    for node in nodes.flatten() {
+        let Ok(files) = std::fs::read_dir(node.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let is_file = f.file_type().map(|t| t.is_file()).unwrap_or(false);
+            if !is_file {
+                continue;
+            }
+            if let Ok(bytes) = std::fs::read(f.path()) {
+                out.push((
+                    format!(
+                        "{}/{}",
+                        node.file_name().to_string_lossy(),
+                        f.file_name().to_string_lossy()
+                    ),
+                    bytes,
+                ));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -1,0 +1,143 @@
+//! `SnapshotStore` for SQLite: `VACUUM INTO` a new file (one read
+//! transaction's view; writers go on in the WAL), facts read from the
+//! copy, and a restore that links a copy into place.
+
+use super::{backend, open_conn, row_checkpoint, SqliteStore};
+use crate::snapshot::{leaf, sql, Facts, Snapshot, SnapshotStore};
+use crate::{Result, StoreError};
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use std::path::Path;
+
+/// The copy's name inside the snapshot directory.
+pub const FILE: &str = "phylax.db";
+
+fn io(what: &str, e: std::io::Error) -> StoreError {
+    StoreError::Unavailable(format!("{what}: {e}"))
+}
+
+#[async_trait]
+impl SnapshotStore for SqliteStore {
+    async fn snapshot(&self, dir: &Path) -> Result<Snapshot> {
+        let src = self.path.clone();
+        let file = dir.join(FILE);
+        let out = file.clone();
+        let facts = tokio::task::spawn_blocking(move || -> Result<Facts> {
+            // A connection of its own: the copy can take minutes, and the
+            // pool's readers serve requests meanwhile.
+            let c = open_conn(&src)?;
+            let dest = out
+                .to_str()
+                .ok_or_else(|| StoreError::Unavailable("snapshot path is not UTF-8".into()))?;
+            c.execute("VACUUM INTO ?1", [dest]).map_err(backend)?;
+            drop(c);
+            std::fs::File::open(&out)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io("syncing the copy", e))?;
+            let copy = Connection::open_with_flags(&out, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(backend)?;
+            facts(&copy)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        Ok(Snapshot {
+            file,
+            facts,
+            schema: None,
+        })
+    }
+}
+
+/// The facts of a database file (a snapshot, or a restored copy).
+pub fn facts(c: &Connection) -> Result<Facts> {
+    let count = |q: &str| -> Result<u64> {
+        c.query_row(q, [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(backend)
+    };
+    let mut f = Facts {
+        schema_version: c
+            .query_row(sql::SCHEMA, [], |r| r.get(0))
+            .map_err(backend)?,
+        resources: count(sql::RESOURCES)?,
+        versions: count(sql::VERSIONS)?,
+        audit_records: count(sql::AUDIT)?,
+        checkpoint: c
+            .query_row(sql::CHECKPOINT, [], row_checkpoint)
+            .optional()
+            .map_err(backend)?,
+        instance_id: c
+            .query_row(sql::INSTANCE, [], |r| r.get::<_, Vec<u8>>(0))
+            .optional()
+            .map_err(backend)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()),
+        ..Facts::default()
+    };
+    let mut st = c.prepare(sql::LEAVES).map_err(backend)?;
+    let mut rows = st.query([]).map_err(backend)?;
+    while let Some(r) = rows.next().map_err(backend)? {
+        let (i, h): (i64, Vec<u8>) = (r.get(0).map_err(backend)?, r.get(1).map_err(backend)?);
+        f.leaves.push(leaf(f.leaves.len(), i, &h)?);
+    }
+    let mut st = c.prepare(sql::ERASURES).map_err(backend)?;
+    f.erasures = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(backend)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(backend)?;
+    let mut st = c.prepare(sql::KEY_HEADS).map_err(backend)?;
+    for r in st
+        .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(backend)?
+    {
+        let (h, n) = r.map_err(backend)?;
+        f.key_heads.insert(h, n as u64);
+    }
+    Ok(f)
+}
+
+/// Copy `file` to `path` (which must not exist): written under a
+/// temporary name beside it, synced, then linked into place, so a crash
+/// leaves no database that looks complete.
+pub(crate) async fn restore_file(file: &Path, path: &Path) -> Result<()> {
+    let (file, path) = (file.to_owned(), path.to_owned());
+    tokio::task::spawn_blocking(move || {
+        if path.symlink_metadata().is_ok() {
+            return Err(StoreError::Unavailable(format!(
+                "{} exists; a restore writes a new database",
+                path.display()
+            )));
+        }
+        let tmp = path.with_extension("db.restoring");
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::copy(&file, &tmp).map_err(|e| io("copying the database", e))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io("syncing the database", e))?;
+        // Opens as SQLite and passes its own integrity check before it is
+        // put in place.
+        let c =
+            Connection::open_with_flags(&tmp, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(backend)?;
+        let ok: String = c
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(backend)?;
+        drop(c);
+        if ok != "ok" {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StoreError::Backend(format!(
+                "the database copy is damaged: {ok}"
+            )));
+        }
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        linked.map_err(|e| io("placing the database", e))?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("syncing the directory", e))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| StoreError::Unavailable(e.to_string()))?
+}

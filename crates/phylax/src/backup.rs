@@ -159,10 +159,13 @@ impl CheckArgs {
     }
 }
 
-/// Progress on a terminal as a bar; otherwise a line on stderr at most
-/// every ten seconds (logs of a scheduled job).
+/// Progress on a terminal as a bar; otherwise, once the work has taken
+/// ten seconds, a line on stderr at each new step and at most every ten
+/// seconds (the log of a scheduled job). Short work prints nothing, so a
+/// failure stays one line.
 struct Reporter {
     bar: Option<indicatif::ProgressBar>,
+    started: std::time::Instant,
     last: parking_lot::Mutex<(String, std::time::Instant)>,
 }
 
@@ -181,6 +184,7 @@ impl Reporter {
         });
         Reporter {
             bar,
+            started: std::time::Instant::now(),
             last: parking_lot::Mutex::new((String::new(), std::time::Instant::now())),
         }
     }
@@ -190,6 +194,10 @@ impl Reporter {
             pb.set_message(step.to_owned());
             pb.set_length(total);
             pb.set_position(done);
+            return;
+        }
+        let every = std::time::Duration::from_secs(10);
+        if self.started.elapsed() < every {
             return;
         }
         let mut last = self.last.lock();

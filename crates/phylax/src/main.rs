@@ -4,7 +4,9 @@
 //! - this file: clap definitions, then one function per command;
 //! - [`keys`]: `phylax keys …` and `phylax patient …` (key status and
 //!   rotation, the KEK into an HSM, erasure, legal holds);
-//! - [`config_cmd`]: `phylax config check`.
+//! - [`config_cmd`]: `phylax config check`;
+//! - [`backup`]: `phylax backup create|verify|drill` and `phylax restore`
+//!   (docs/BACKUP.md).
 //!
 //! Every
 //! command that works on an instance takes `--data-dir DIR` (and

@@ -204,38 +204,7 @@ async fn write(
     for (name, bytes) in &journal {
         w.add_bytes(&format!("{}{name}", manifest::JOURNAL_DIR), bytes)?;
     }
-    let mut generations: BTreeMap<u32, u64> = BTreeMap::new();
-    for (head, n) in &facts.key_heads {
-        if let Some(g) = Kek::generation_of(head) {
-            *generations.entry(g).or_default() += n;
-        }
-    }
-    let m = Manifest {
-        format: FORMAT.into(),
-        backup_id: backup_id.to_owned(),
-        instance_id: facts.instance_id.clone().unwrap_or_default(),
-        origin: inst.audit.origin().to_owned(),
-        source_data_dir: crate::keys::owner_name(data),
-        created_ms: crate::base::clock::now_ms(),
-        backend: inst.store.backend().to_owned(),
-        pg_schema: snap.schema.clone(),
-        schema_version: facts.schema_version,
-        resources: facts.resources,
-        versions: facts.versions,
-        audit_records: facts.audit_records,
-        tree_size: facts.leaves.len() as u64,
-        tree_root: STANDARD.encode(phylax_audit::merkle::root(&facts.leaves)),
-        checkpoint_size: facts.checkpoint.as_ref().map_or(0, |c| c.size),
-        kek_generations: generations,
-        erasures: erased_ids(&facts.erasures),
-        verifier_keys: inst
-            .audit
-            .verifier_keys()
-            .iter()
-            .map(|k| k.encode())
-            .collect(),
-        files: w.files().to_vec(),
-    };
+    let m = manifest_for(inst, &snap, backup_id, w.files().to_vec());
     let (bytes, sig) = m.sign(&inst.audit)?;
     let file = w.finish(&bytes, &sig)?;
     archive::sync(file)?;
@@ -256,6 +225,48 @@ async fn write(
         recipients: to.len(),
         seconds: 0.0,
     })
+}
+
+/// The manifest of a backup of `inst` holding `snap` and `files`.
+fn manifest_for(
+    inst: &Instance,
+    snap: &phylax_store::snapshot::Snapshot,
+    backup_id: &str,
+    files: Vec<manifest::FileEntry>,
+) -> Manifest {
+    let facts = &snap.facts;
+    let mut generations: BTreeMap<u32, u64> = BTreeMap::new();
+    for (head, n) in &facts.key_heads {
+        if let Some(g) = Kek::generation_of(head) {
+            *generations.entry(g).or_default() += n;
+        }
+    }
+    Manifest {
+        format: FORMAT.into(),
+        backup_id: backup_id.to_owned(),
+        instance_id: facts.instance_id.clone().unwrap_or_default(),
+        origin: inst.audit.origin().to_owned(),
+        source_data_dir: crate::keys::owner_name(&inst.data_dir),
+        created_ms: crate::base::clock::now_ms(),
+        backend: inst.store.backend().to_owned(),
+        pg_schema: snap.schema.clone(),
+        schema_version: facts.schema_version,
+        resources: facts.resources,
+        versions: facts.versions,
+        audit_records: facts.audit_records,
+        tree_size: facts.leaves.len() as u64,
+        tree_root: STANDARD.encode(phylax_audit::merkle::root(&facts.leaves)),
+        checkpoint_size: facts.checkpoint.as_ref().map_or(0, |c| c.size),
+        kek_generations: generations,
+        erasures: erased_ids(&facts.erasures),
+        verifier_keys: inst
+            .audit
+            .verifier_keys()
+            .iter()
+            .map(|k| k.encode())
+            .collect(),
+        files,
+    }
 }
 
 fn file_name(p: &Path) -> String {

@@ -7,10 +7,13 @@
 use super::archive::{self, Writer};
 use super::manifest::{self, Manifest, FORMAT};
 use super::{io, sync_dir, uid, BackupError, Progress, Scratch};
+use crate::audit::log::AuditLog;
+use crate::base::config::Config;
 use crate::instance::Instance;
 use base64::{engine::general_purpose::STANDARD, Engine};
 use phylax_audit::event::Action;
 use phylax_crypto::kek::{Kek, Recipients};
+use phylax_store::DynStore;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,27 @@ pub async fn last_backup(store: &phylax_store::DynStore) -> Result<Option<i64>, 
         .iter()
         .filter_map(|(k, _)| k.strip_prefix(LAST_BACKUP)?.parse::<i64>().ok())
         .max())
+}
+
+/// What a backup reads: an instance opened by the CLI, or a serving
+/// node's parts (a scheduled backup).
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub store: &'a DynStore,
+    pub audit: &'a AuditLog,
+    pub config: &'a Config,
+    pub data_dir: &'a Path,
+}
+
+impl<'a> From<&'a Instance> for Source<'a> {
+    fn from(i: &'a Instance) -> Source<'a> {
+        Source {
+            store: &i.store,
+            audit: &i.audit,
+            config: &i.config,
+            data_dir: &i.data_dir,
+        }
+    }
 }
 
 /// What a backup wrote.
@@ -44,7 +68,7 @@ pub struct Created {
 
 /// The directory `out` goes in, refusing an `out` that exists (even as a
 /// dangling link) or lies inside the data directory.
-fn destination(inst: &Instance, out: &Path) -> Result<PathBuf, BackupError> {
+fn destination(inst: Source<'_>, out: &Path) -> Result<PathBuf, BackupError> {
     let parent = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -90,7 +114,7 @@ pub async fn erased_patients(store: &phylax_store::DynStore) -> Result<Vec<Strin
 
 /// Back `inst` up to a new file `out`, encrypted to `to`.
 pub async fn create(
-    inst: &Instance,
+    inst: Source<'_>,
     to: &Recipients,
     out: &Path,
     progress: Progress<'_>,
@@ -137,7 +161,7 @@ pub async fn create(
 }
 
 async fn write(
-    inst: &Instance,
+    inst: Source<'_>,
     to: &Recipients,
     out: &Path,
     dir: &Path,
@@ -148,7 +172,7 @@ async fn write(
     progress("taking a consistent snapshot of the database", 0, 0);
     let snap = inst.store.snapshot(&scratch.path).await?;
     let facts = &snap.facts;
-    let data = &inst.data_dir;
+    let data = inst.data_dir;
     let read = |p: &Path| std::fs::read(p).map_err(|e| io(format!("reading {}", p.display()), e));
     let config = read(&data.join(crate::base::config::CONFIG_FILE))?;
     let ca = read(&data.join(&inst.config.tls.ca))?;
@@ -205,7 +229,7 @@ async fn write(
         w.add_bytes(&format!("{}{name}", manifest::JOURNAL_DIR), bytes)?;
     }
     let m = manifest_for(inst, &snap, backup_id, w.files().to_vec());
-    let (bytes, sig) = m.sign(&inst.audit)?;
+    let (bytes, sig) = m.sign(inst.audit)?;
     let file = w.finish(&bytes, &sig)?;
     archive::sync(file)?;
     let size = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
@@ -229,7 +253,7 @@ async fn write(
 
 /// The manifest of a backup of `inst` holding `snap` and `files`.
 fn manifest_for(
-    inst: &Instance,
+    inst: Source<'_>,
     snap: &phylax_store::snapshot::Snapshot,
     backup_id: &str,
     files: Vec<manifest::FileEntry>,
@@ -246,7 +270,7 @@ fn manifest_for(
         backup_id: backup_id.to_owned(),
         instance_id: facts.instance_id.clone().unwrap_or_default(),
         origin: inst.audit.origin().to_owned(),
-        source_data_dir: crate::keys::owner_name(&inst.data_dir),
+        source_data_dir: crate::keys::owner_name(inst.data_dir),
         created_ms: crate::base::clock::now_ms(),
         backend: inst.store.backend().to_owned(),
         pg_schema: snap.schema.clone(),

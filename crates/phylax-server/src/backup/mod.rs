@@ -20,13 +20,16 @@
 //! - [`restore`]: verifying a backup, restoring it into an empty place,
 //!   re-applying erasures and proving the result opens and verifies;
 //! - [`drill`]: restore drills: timed, recorded in the audit log and
-//!   exported as metrics.
+//!   exported as metrics;
+//! - [`schedule`]: backups taken by a serving node on a schedule, and
+//!   their retention.
 
 pub mod archive;
 pub mod create;
 pub mod drill;
 pub mod manifest;
 pub mod restore;
+pub mod schedule;
 
 use phylax_store::StoreError;
 

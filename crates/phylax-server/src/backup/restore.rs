@@ -357,19 +357,14 @@ async fn prove(
     }
     // The log as restored must be the backup's (checked against its
     // signed manifest above) and verify on its own.
-    progress("verifying the audit log", 0, 0);
-    let report = inst
-        .audit
-        .verify(&[], None)
-        .await
-        .map_err(|e| restored(format!("audit log: {e}")))?;
-    if report.sealed < m.tree_size {
+    let c = check(&inst, &[], progress).await?;
+    if c.audit_sealed < m.tree_size {
         return Err(restored(format!(
             "the audit tree holds {} records, the backup's {}",
-            report.sealed, m.tree_size
+            c.audit_sealed, m.tree_size
         )));
     }
-    let decrypted = decrypt_all(&inst, progress).await?;
+    let decrypted = c.versions_decrypted;
     inst.audit
         .record_admin(
             "backup-restore",
@@ -391,9 +386,73 @@ async fn prove(
         .map_err(|e| restored(e.to_string()))?;
     Ok(Proof {
         decrypted,
-        audit_records: report.records,
-        checkpoints: report.checkpoints,
+        audit_records: c.audit_records,
+        checkpoints: c.audit_checkpoints,
         erased,
+    })
+}
+
+/// What [`check`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Checkup {
+    pub versions_decrypted: u64,
+    pub audit_records: u64,
+    pub audit_sealed: u64,
+    pub audit_checkpoints: u64,
+    /// Outside checkpoints consistent with the log.
+    pub outside_consistent: Vec<u64>,
+    /// Outside checkpoints newer than the log (a restore or a
+    /// point-in-time recovery to before them: the records after the
+    /// recovery point are not in it).
+    pub outside_newer: Vec<u64>,
+}
+
+/// Prove an instance (a restored copy, or a database after PostgreSQL's
+/// own point-in-time recovery): its audit log verifies, and agrees with
+/// every outside checkpoint no newer than itself; every stored version
+/// decrypts under its keys.
+pub async fn check(
+    inst: &Instance,
+    outside: &[String],
+    progress: Progress<'_>,
+) -> Result<Checkup, BackupError> {
+    let restored = |e: String| BackupError::Restored(e);
+    progress("verifying the audit log", 0, 0);
+    let first = inst
+        .audit
+        .verify(&[], None)
+        .await
+        .map_err(|e| restored(format!("audit log: {e}")))?;
+    // The outside checkpoints this log can be held to; newer ones say
+    // how much the recovery point lost.
+    let keys = inst.audit.verifier_keys();
+    let (mut older, mut newer_sizes, mut older_sizes) = (Vec::new(), Vec::new(), Vec::new());
+    for n in outside {
+        let cp = phylax_audit::checkpoint::open_signed_any(n, &keys)
+            .map_err(|e| restored(format!("an outside checkpoint: {e}")))?;
+        if cp.size > first.sealed {
+            newer_sizes.push(cp.size);
+        } else {
+            older.push(n.clone());
+            older_sizes.push(cp.size);
+        }
+    }
+    let report = if older.is_empty() {
+        first
+    } else {
+        inst.audit
+            .verify(&older, None)
+            .await
+            .map_err(|e| restored(format!("audit log: {e}")))?
+    };
+    let decrypted = decrypt_all(inst, progress).await?;
+    Ok(Checkup {
+        versions_decrypted: decrypted,
+        audit_records: report.records,
+        audit_sealed: report.sealed,
+        audit_checkpoints: report.checkpoints,
+        outside_consistent: older_sizes,
+        outside_newer: newer_sizes,
     })
 }
 

@@ -361,6 +361,12 @@ impl AppState {
     pub fn spawn_background(self: &Arc<Self>) {
         self.audit
             .spawn_sealer(Duration::from_secs(self.config.audit.checkpoint_secs));
+        crate::backup::schedule::spawn(crate::backup::schedule::Node {
+            store: self.key_store().clone(),
+            audit: self.audit.clone(),
+            config: self.config.clone(),
+            data_dir: self.data_dir.clone(),
+        });
         if self.config.detect.enabled {
             match self.webhook() {
                 Ok(webhook) => {

@@ -13,6 +13,7 @@ use phylax_server::backup::{create, drill, restore, BackupError};
 use phylax_server::instance::Instance;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -173,7 +174,7 @@ async fn backup_while_writing_restores_every_version(s: &TestServer) {
         })
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let c = create::create(&op, &to, &out, &no_progress())
+    let c = create::create((&op).into(), &to, &out, &no_progress())
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -304,7 +305,7 @@ async fn crypto_shredding_holds_against_an_older_backup(s: &TestServer) {
     let op = operator(s).await;
     let (ids, to) = custodian();
     let old = s.dir.path().join("before.age");
-    create::create(&op, &to, &old, &no_progress())
+    create::create((&op).into(), &to, &old, &no_progress())
         .await
         .unwrap();
     // A copy of the KEK as it was (an escrow someone kept).
@@ -377,7 +378,7 @@ async fn crypto_shredding_holds_against_an_older_backup(s: &TestServer) {
     // A backup taken after the erasure restores with today's KEK, without
     // the patient.
     let new = s.dir.path().join("after.age");
-    create::create(&op, &to, &new, &no_progress())
+    create::create((&op).into(), &to, &new, &no_progress())
         .await
         .unwrap();
     let url2 = restore_url(s).await;
@@ -413,7 +414,7 @@ async fn a_restore_drill_is_timed_and_recorded(s: &TestServer) {
     let (ids, to) = custodian();
     let dir = s.dir.path().join("backups");
     std::fs::create_dir(&dir).unwrap();
-    create::create(&op, &to, &dir.join("one.age"), &no_progress())
+    create::create((&op).into(), &to, &dir.join("one.age"), &no_progress())
         .await
         .unwrap();
     let newest = drill::newest_backup(&dir).unwrap();
@@ -480,6 +481,96 @@ async fn a_restore_drill_is_timed_and_recorded(s: &TestServer) {
     assert!(!drill::last_drill(&op.store).await.unwrap().unwrap().ok);
 }
 
+/// A serving node takes scheduled backups into `[backup] dir`, and keeps
+/// only as many as the retention says (the newest always).
+async fn scheduled_backups_are_taken_and_pruned(s: &TestServer) {
+    let (ids, _) = custodian();
+    let dir = s.dir.path().join("scheduled");
+    let mut files = Vec::new();
+    for _ in 0..200 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        files = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        if files
+            .iter()
+            .any(|p| p.extension().is_some_and(|x| x == "age"))
+        {
+            break;
+        }
+    }
+    let b = files
+        .iter()
+        .find(|p| p.extension().is_some_and(|x| x == "age"))
+        .expect("a scheduled backup within ten seconds");
+    let op = operator(s).await;
+    restore::verify(
+        b,
+        &ids_for(s),
+        &op.audit.verifier_keys(),
+        &[],
+        &no_progress(),
+    )
+    .unwrap();
+    let _ = ids;
+    // Retention: of five, the newest three are kept (keep = 3); one
+    // older than keep_days goes too, but the newest always stays.
+    let now = std::time::SystemTime::now();
+    for (i, age_days) in [1u64, 2, 3, 4].iter().enumerate() {
+        let p = dir.join(format!("phylax-old{i}.age"));
+        std::fs::write(&p, b"x").unwrap();
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        f.set_modified(now - std::time::Duration::from_secs(age_days * 86_400))
+            .unwrap();
+    }
+    let deleted = phylax_server::backup::schedule::prune(&dir, 3, 35, common::now() * 1000);
+    assert_eq!(deleted.len(), 2, "{deleted:?}");
+    assert!(b.exists(), "the newest stays");
+    let deleted = phylax_server::backup::schedule::prune(&dir, 10, 1, common::now() * 1000);
+    assert_eq!(deleted.len(), 1, "older than a day: {deleted:?}");
+    assert!(b.exists());
+}
+
+/// The identity scheduled backups in `s` are encrypted to.
+fn ids_for(s: &TestServer) -> Identities {
+    Identities::parse(&std::fs::read_to_string(s.dir.path().join("backup-id.txt")).unwrap())
+        .unwrap()
+}
+
+/// The server, and the directory holding its recipients file (kept as
+/// long as the server runs).
+async fn with_schedule(backend: Backend) -> Option<(TestServer, tempfile::TempDir)> {
+    use age::secrecy::ExposeSecret;
+    let id = age::x25519::Identity::generate();
+    // Written before the server starts: its first backup is due at once.
+    let holder = tempfile::tempdir().unwrap();
+    let rf = holder.path().join("recipients");
+    std::fs::write(&rf, format!("{}\n", id.to_public())).unwrap();
+    let idf = holder.path().join("id");
+    std::fs::write(&idf, id.to_string().expose_secret()).unwrap();
+    let s = TestServer::start_with(backend, |c| {
+        c.backup.schedule = Some("every 1d".into());
+        c.backup.dir = Some("../scheduled".into());
+        c.backup.recipients_file = Some(rf.clone());
+    })
+    .await?;
+    std::fs::copy(&idf, s.dir.path().join("backup-id.txt")).unwrap();
+    Some((s, holder))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_sqlite() {
+    let (s, _holder) = with_schedule(Backend::Sqlite).await.unwrap();
+    scheduled_backups_are_taken_and_pruned(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_postgres() {
+    if let Some((s, _holder)) = with_schedule(Backend::Postgres).await {
+        scheduled_backups_are_taken_and_pruned(&s).await;
+    }
+}
+
 /// With the newest checkpoint also kept outside the database.
 async fn with_outside_checkpoint(backend: Backend) -> Option<TestServer> {
     TestServer::start_with(backend, |c| {
@@ -503,3 +594,297 @@ async fn backup_while_writing_postgres() {
 
 both!(crypto_shredding_holds_against_an_older_backup);
 both!(a_restore_drill_is_timed_and_recorded);
+
+/// A PostgreSQL cluster of the test's own, run with PostgreSQL's tools
+/// (as the `postgres` user when the tests run as root, as PostgreSQL
+/// requires).
+struct Cluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    fn bin() -> Option<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .collect();
+        found.sort();
+        found.pop()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> String {
+        let path = self.bin.join(tool);
+        let mut cmd = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            std::process::Command::new(&path)
+        };
+        let o = cmd.args(args).current_dir(&self.dir).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stderr),
+            std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    }
+
+    fn sql(&self, q: &str) -> String {
+        let port = self.port.to_string();
+        self.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                "phylax",
+                "-Atqc",
+                q,
+            ],
+        )
+    }
+
+    fn start(&self, data: &str) {
+        let d = self.dir.join(data);
+        let log = self.dir.join("log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                d.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+    }
+
+    fn stop(&self, data: &str) {
+        let d = self.dir.join(data);
+        self.run(
+            "pg_ctl",
+            &["-D", d.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        );
+    }
+}
+
+impl Drop for Cluster {
+    /// A failed test leaves no server running.
+    fn drop(&mut self) {
+        for data in ["data", "base"] {
+            let d = self.dir.join(data);
+            if d.join("postmaster.pid").exists() {
+                let mut cmd = if is_root() {
+                    let mut c = std::process::Command::new("runuser");
+                    c.args(["-u", "postgres", "--"])
+                        .arg(self.bin.join("pg_ctl"));
+                    c
+                } else {
+                    std::process::Command::new(self.bin.join("pg_ctl"))
+                };
+                let _ = cmd
+                    .args(["-D"])
+                    .arg(&d)
+                    .args(["-m", "immediate", "stop"])
+                    .output();
+            }
+        }
+    }
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// Point-in-time recovery with PostgreSQL's own tools (docs/BACKUP.md):
+/// WAL archiving and a base backup; two writes with a moment between;
+/// recovery to that moment; `backup check` proves the result (audit log,
+/// keys, every version), and the later write is absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_recovery_postgres() {
+    if common::pg_url().is_none() {
+        return;
+    }
+    let Some(bin) = Cluster::bin() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI needs the PostgreSQL server tools (initdb, pg_ctl, pg_basebackup)"
+        );
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = tmp.path().join("pg");
+    std::fs::create_dir_all(dir.join("archive")).unwrap();
+    if is_root() {
+        let o = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = Cluster {
+        bin,
+        dir: dir.clone(),
+        port,
+    };
+    c.run(
+        "initdb",
+        &["-D", "data", "-U", "postgres", "--auth=trust", "--no-sync"],
+    );
+    let archive = dir.join("archive");
+    let conf = format!(
+        "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{d}'\nfsync = off\n\
+         wal_level = replica\narchive_mode = on\n\
+         archive_command = 'test ! -f {a}/%f && cp %p {a}/%f'\n",
+        d = dir.display(),
+        a = archive.display()
+    );
+    let pg_conf = dir.join("data/postgresql.conf");
+    let mut text = std::fs::read_to_string(&pg_conf).unwrap();
+    text.push_str(&conf);
+    std::fs::write(&pg_conf, text).unwrap();
+    c.start("data");
+    c.run(
+        "psql",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-qc",
+            "CREATE DATABASE phylax",
+        ],
+    );
+    let url = format!("postgres://postgres@127.0.0.1:{port}/phylax");
+
+    let s = TestServer::start_on(url.clone(), |cfg| {
+        cfg.audit.checkpoint_file = Some("checkpoint.txt".into());
+    })
+    .await;
+    let tok = s.token(ALL).await;
+    assert_eq!(put(&s, &tok, &patient("first", "Before")).await, 201);
+    c.run(
+        "pg_basebackup",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            "base",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        ],
+    );
+    assert_eq!(put(&s, &tok, &patient("a", "Kept")).await, 201);
+    seal(&s).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let target = c.sql("SELECT now()");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(put(&s, &tok, &patient("b", "Later")).await, 201);
+    seal(&s).await;
+    let segment = c.sql("SELECT pg_walfile_name(pg_switch_wal())");
+    for _ in 0..100 {
+        if archive.join(&segment).exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        archive.join(&segment).exists(),
+        "the WAL segment was archived"
+    );
+    let data_dir = s.data_dir.clone();
+    let _kept = s.shut_down();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    c.stop("data");
+
+    // PostgreSQL's own recovery, to the moment between the writes.
+    std::fs::write(dir.join("base/recovery.signal"), "").unwrap();
+    let auto = dir.join("base/postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+    text.push_str(&format!(
+        "restore_command = 'cp {a}/%f %p'\nrecovery_target_time = '{target}'\nrecovery_target_action = 'promote'\n",
+        a = archive.display()
+    ));
+    std::fs::write(&auto, text).unwrap();
+    if is_root() {
+        std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+    }
+    c.start("base");
+    for _ in 0..100 {
+        if c.sql("SELECT pg_is_in_recovery()") == "f" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.sql("SELECT pg_is_in_recovery()"), "f");
+
+    // Phylax proves what came back: it opens under the KEK, its audit log
+    // verifies (the outside checkpoint is newer: what came after is
+    // lost), every version decrypts; the earlier write is there, the
+    // later one is not.
+    let inst = Instance::open(&data_dir, Some(&url)).await.unwrap();
+    let outside = std::fs::read_to_string(data_dir.join("checkpoint.txt")).unwrap();
+    let check = restore::check(&inst, &[outside], &no_progress())
+        .await
+        .unwrap();
+    assert!(check.versions_decrypted >= 2);
+    assert_eq!(check.outside_newer.len(), 1, "{check:?}");
+    assert!(inst
+        .store
+        .read_current("Patient", "first")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(inst
+        .store
+        .read_current("Patient", "a")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(inst
+        .store
+        .read_current("Patient", "b")
+        .await
+        .unwrap()
+        .is_none());
+    drop(inst);
+    c.stop("base");
+}

@@ -11,11 +11,24 @@ impl Config {
         self.check_audit_and_detect()?;
         self.check_access()?;
         self.check_keys()?;
-        if !(1..=365).contains(&self.backup.drill_interval_days) {
-            return Err("backup.drill_interval_days must be 1–365".into());
-        }
+        self.check_backup()?;
         if self.audit.retention_days < 365 {
             return Err("audit.retention_days must be at least 365".into());
+        }
+        Ok(())
+    }
+
+    /// `[backup]`.
+    pub(super) fn check_backup(&self) -> Result<(), String> {
+        let b = &self.backup;
+        if !(1..=365).contains(&b.drill_interval_days) {
+            return Err("backup.drill_interval_days must be 1–365".into());
+        }
+        if !(1..=10_000).contains(&b.keep) || !(1..=3650).contains(&b.keep_days) {
+            return Err("backup.keep must be 1–10000 and backup.keep_days 1–3650".into());
+        }
+        if b.interval()?.is_some() && (b.dir.is_none() || b.recipients_file.is_none()) {
+            return Err("backup.schedule needs backup.dir and backup.recipients_file".into());
         }
         Ok(())
     }

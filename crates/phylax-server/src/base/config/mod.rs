@@ -116,6 +116,19 @@ pub struct BackupConfig {
     pub dir: Option<PathBuf>,
     /// A restore drill older than this is a warning (days, 1–365).
     pub drill_interval_days: u32,
+    /// Scheduled backups by the serving node: `hourly`, `daily`, or
+    /// `every N` with a unit `m`, `h` or `d` (at least 15 minutes).
+    /// Needs `dir` and `recipients_file`. The RPO is this interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// The age recipients scheduled backups are encrypted to (`age1…`,
+    /// one per line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipients_file: Option<PathBuf>,
+    /// Scheduled backups kept: the newest `keep` (1–10000) …
+    pub keep: u32,
+    /// … none older than this (days, 1–3650); the newest always stays.
+    pub keep_days: u32,
 }
 
 impl Default for BackupConfig {
@@ -123,7 +136,43 @@ impl Default for BackupConfig {
         BackupConfig {
             dir: None,
             drill_interval_days: 30,
+            schedule: None,
+            recipients_file: None,
+            keep: 14,
+            keep_days: 35,
         }
+    }
+}
+
+impl BackupConfig {
+    /// The schedule's interval, parsed (`None` without one).
+    pub fn interval(&self) -> Result<Option<std::time::Duration>, String> {
+        let Some(s) = self.schedule.as_deref() else {
+            return Ok(None);
+        };
+        let bad = || {
+            format!("backup.schedule {s:?}: use hourly, daily or every N with m, h or d (e.g. every 6h)")
+        };
+        let secs: u64 = match s.trim() {
+            "hourly" => 3600,
+            "daily" => 86_400,
+            other => {
+                let n = other.strip_prefix("every ").ok_or_else(bad)?.trim();
+                let (num, unit) = n.split_at(n.len().saturating_sub(1));
+                let k: u64 = num.trim().parse().map_err(|_| bad())?;
+                let unit = match unit {
+                    "m" => 60,
+                    "h" => 3600,
+                    "d" => 86_400,
+                    _ => return Err(bad()),
+                };
+                k.checked_mul(unit).ok_or_else(bad)?
+            }
+        };
+        if secs < 900 {
+            return Err("backup.schedule must be at least every 15m".into());
+        }
+        Ok(Some(std::time::Duration::from_secs(secs)))
     }
 }
 

@@ -137,6 +137,24 @@ impl TestServer {
             Backend::Sqlite => None,
             Backend::Postgres => Some(pg_schema_url().await?.0),
         };
+        Some(Self::start_at(backend, db_url, hsm, tweak).await)
+    }
+
+    /// Start on a PostgreSQL database of the test's own (a cluster it
+    /// runs itself).
+    pub async fn start_on(
+        db_url: String,
+        tweak: impl FnOnce(&mut phylax_server::base::config::Config),
+    ) -> TestServer {
+        Self::start_at(Backend::Postgres, Some(db_url), None, tweak).await
+    }
+
+    async fn start_at(
+        backend: Backend,
+        db_url: Option<String>,
+        hsm: Option<phylax_server::base::config::HsmSettings>,
+        tweak: impl FnOnce(&mut phylax_server::base::config::Config),
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -173,7 +191,7 @@ impl TestServer {
             .unwrap();
         });
         let base = format!("https://{addr}");
-        Some(TestServer {
+        TestServer {
             fhir: format!("{base}/fhir"),
             base,
             http: https_client(&ca),
@@ -185,7 +203,16 @@ impl TestServer {
             cert,
             store,
             stop: Some(tx),
-        })
+        }
+    }
+
+    /// Stop serving and let go of everything but the directory (data and
+    /// keys), which the caller keeps.
+    pub fn shut_down(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     /// Run SQL directly against the instance's database, as someone with

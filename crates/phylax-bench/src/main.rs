@@ -16,8 +16,10 @@
 //!
 //! Modules: [`synth`], the Synthea-shaped synthetic patients loaded as
 //! transaction Bundles for the search scenarios; [`keys`], the KEK
-//! rotation benchmark (`--kek-rotation N`).
+//! rotation benchmark (`--kek-rotation N`); [`backup`], a backup while
+//! reads go on, then its verify and restore (`--backup`).
 
+mod backup;
 mod keys;
 mod synth;
 
@@ -102,6 +104,11 @@ struct Args {
     /// for benchmarking machines only.
     #[arg(long)]
     keep_instance: Option<std::path::PathBuf>,
+    /// Instead of the HTTP scenarios: back the instance up (after
+    /// `--patients` loading, or a `--keep-instance` one) while reads go
+    /// on, then verify and restore the backup.
+    #[arg(long)]
+    backup: bool,
     /// Instead of the HTTP scenarios: store this many data keys and time a
     /// KEK rotation that re-wraps them all.
     #[arg(long)]
@@ -747,6 +754,21 @@ async fn main() -> Result<()> {
         Vec::new()
     };
     let synthetic = Arc::new(synthetic);
+    if args.backup {
+        let conc = args.concurrency.first().copied().unwrap_or(8);
+        if let Some((n, t)) = ingest {
+            println!("loaded {n} resources in {t:.0} s");
+        }
+        return backup::backup(
+            env,
+            dir.path(),
+            args.database_url.as_deref(),
+            ids,
+            args.duration,
+            conc,
+        )
+        .await;
+    }
     println!(
         "Phylax benchmark: backend {}, {} cores, fsync rate {:.0}/s, {} s per cell after {} s of warm-up, logging {}",
         if args.database_url.is_some() {

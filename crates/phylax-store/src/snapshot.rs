@@ -36,6 +36,10 @@ pub struct Facts {
     pub key_heads: BTreeMap<Vec<u8>, u64>,
     /// The erasure register (`erasure_v1:` meta records).
     pub erasures: Vec<(String, Vec<u8>)>,
+    /// The audit checkpoint keys as stored (`log:checkpoint-N`, wrapped
+    /// under the KEK): a restore proves with the KEK that the manifest's
+    /// signer is the instance's own.
+    pub checkpoint_keys: Vec<(String, Vec<u8>)>,
 }
 
 /// A copy written by [`SnapshotStore::snapshot`].
@@ -71,6 +75,8 @@ pub(crate) mod sql {
     pub const INSTANCE: &str = "SELECT value FROM meta WHERE key = 'instance_id'";
     pub const ERASURES: &str =
         "SELECT key, value FROM meta WHERE key LIKE 'erasure\\_v1:%' ESCAPE '\\' ORDER BY key";
+    pub const CHECKPOINT_KEYS: &str = "SELECT scope, wrapped FROM wrapped_keys \
+        WHERE scope LIKE 'log:checkpoint-%' ORDER BY scope";
     pub const KEY_HEADS: &str =
         "SELECT substr(wrapped, 1, 5), count(*) FROM wrapped_keys GROUP BY 1";
 }

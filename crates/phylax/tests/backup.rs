@@ -323,6 +323,23 @@ fn backups_open_with_the_age_tool_and_refuse_every_alteration() {
         p,
     ));
     assert!(e.contains("not a key you trust"), "{e}");
+    // Restored with this instance's KEK, another instance's archive (or
+    // one forged: anyone can encrypt to the public recipient and sign
+    // with a key of their own) is refused before anything is restored:
+    // its signer is no checkpoint key this KEK holds.
+    let e = fails(&phylax(
+        &["restore", "--from", "other.age", "--identity", "id.txt", "--data-dir", "forged",
+          "--key-file", "inst-keys/kek"],
+        p,
+    ));
+    assert!(e.contains("belongs to"), "{e}");
+    let e = fails(&phylax(
+        &["restore", "--from", "other.age", "--identity", "id.txt", "--data-dir", "forged",
+          "--key-file", "inst-keys/kek", "--other-instance"],
+        p,
+    ));
+    assert!(e.contains("forged"), "{e}");
+    assert!(!p.join("forged").exists());
 }
 
 #[test]

@@ -178,7 +178,8 @@ fn allowed(p: &str) -> Option<bool> {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     };
     match p {
-        MANIFEST | SIGNATURE | LEAVES | CHECKPOINT | OUTSIDE | CONFIG | CA | CERT => Some(true),
+        MANIFEST | SIGNATURE | LEAVES | CHECKPOINT | OUTSIDE | CONFIG | CHECKPOINT_KEYS | CA
+        | CERT => Some(true),
         _ => {
             if let Some(db) = p.strip_prefix(DB_DIR) {
                 return matches!(db, "phylax.db" | "phylax.pgdump").then_some(false);

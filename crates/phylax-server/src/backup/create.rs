@@ -225,6 +225,13 @@ async fn write(
     if let Some(o) = &outside {
         w.add_bytes(manifest::OUTSIDE, o)?;
     }
+    let keys: Vec<(&str, String)> = facts
+        .checkpoint_keys
+        .iter()
+        .map(|(row, wrapped)| (row.as_str(), STANDARD.encode(wrapped)))
+        .collect();
+    let keys = serde_json::to_vec(&keys).map_err(|e| BackupError::Io(e.to_string()))?;
+    w.add_bytes(manifest::CHECKPOINT_KEYS, &keys)?;
     for (name, bytes) in &journal {
         w.add_bytes(&format!("{}{name}", manifest::JOURNAL_DIR), bytes)?;
     }

@@ -27,6 +27,9 @@ pub const CHECKPOINT: &str = "audit/checkpoint";
 /// The copy kept outside the database (`[audit] checkpoint_file`).
 pub const OUTSIDE: &str = "audit/outside-checkpoint";
 pub const CONFIG: &str = "config/phylax.toml";
+/// The checkpoint keys as stored (wrapped under the KEK), JSON: a restore
+/// proves the signer with the KEK before it restores anything.
+pub const CHECKPOINT_KEYS: &str = "keys/checkpoint";
 pub const CA: &str = "tls/ca.pem";
 pub const CERT: &str = "tls/server.pem";
 /// The database copy: `db/phylax.db` or `db/phylax.pgdump`.

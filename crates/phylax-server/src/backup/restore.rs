@@ -130,7 +130,9 @@ pub async fn restore(
     let checked = contents.check(o.trust, o.outside)?;
     let m = &checked.manifest;
     let config = restored_config(&contents, &work.path, &o)?;
-    check_kek(&config, m, o.other_instance)?;
+    let kek = check_kek(&config, m, o.other_instance)?;
+    authenticate(&contents, &checked, &kek)?;
+    drop(kek);
     progress("restoring the database", 0, 0);
     restore_database(m, &unpack, &work.path, o.database_url).await?;
     let tls_reissued = restore_tls(&contents, &config, &work.path, &dest)?;
@@ -203,7 +205,11 @@ fn restored_config(
 
 /// The KEK the configuration names must hold every generation the
 /// backup's keys are wrapped under, and belong to the backed-up instance.
-fn check_kek(config: &Config, m: &Manifest, other_instance: bool) -> Result<(), BackupError> {
+fn check_kek(
+    config: &Config,
+    m: &Manifest,
+    other_instance: bool,
+) -> Result<phylax_crypto::Kek, BackupError> {
     let kek = crate::instance::load_kek(config)?;
     let held: Vec<u32> = kek.generations().iter().map(|(n, _)| *n).collect();
     let missing: Vec<u32> = m
@@ -225,7 +231,42 @@ fn check_kek(config: &Config, m: &Manifest, other_instance: bool) -> Result<(), 
             )));
         }
     }
-    Ok(())
+    Ok(kek)
+}
+
+/// The manifest's signer must be a checkpoint key stored in the backup
+/// wrapped under this KEK: anyone can encrypt an archive to the public
+/// recipient and sign it with a key of their own, but only the instance
+/// holds a checkpoint key the KEK unwraps. Checked before anything from
+/// the archive is restored (a forged PostgreSQL dump would run its SQL).
+fn authenticate(
+    c: &manifest::Contents,
+    checked: &Checked,
+    kek: &phylax_crypto::Kek,
+) -> Result<(), BackupError> {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    let forged = || {
+        BackupError::Invalid(
+            "the manifest is not signed by a checkpoint key this KEK holds: a forged backup, or another instance's".into(),
+        )
+    };
+    let raw = c.small.get(manifest::CHECKPOINT_KEYS).ok_or_else(forged)?;
+    let rows: Vec<(String, String)> = serde_json::from_slice(raw).map_err(|_| forged())?;
+    for (row, wrapped) in rows {
+        let (Some(scope), Ok(wrapped)) = (row.strip_prefix("log:"), STANDARD.decode(wrapped)) else {
+            continue;
+        };
+        let Ok(key) = phylax_crypto::log_signing::CheckpointKey::unwrap(kek, scope, &wrapped)
+        else {
+            continue;
+        };
+        if VerifierKey::new(&checked.manifest.origin, key.public()).ok().as_ref()
+            == Some(&checked.signer)
+        {
+            return Ok(());
+        }
+    }
+    Err(forged())
 }
 
 async fn restore_database(

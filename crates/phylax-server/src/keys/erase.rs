@@ -282,6 +282,10 @@ impl KeyAdmin<'_> {
         let row = format!("data:{scope}");
         let mut erased = self.store.erase_key_scope(&scope, &row).await?;
         erased.key_rows += self.delete_later_key_rows(&scope).await?;
+        if erased.versions == 0 && erased.key_rows == 0 && erased.resources == 0 {
+            // Nothing of the patient in the copy (erased before the backup).
+            return Ok(erased);
+        }
         let record = serde_json::to_vec(&PendingErasure {
             patient: id.clone(),
             below: self.kek.current(),

@@ -140,6 +140,9 @@ async fn facts(tx: &tokio_postgres::Transaction<'_>) -> Result<Facts> {
     for r in tx.query(sql::ERASURES, &[]).await.map_err(pg)? {
         f.erasures.push((r.get(0), r.get(1)));
     }
+    for r in tx.query(sql::CHECKPOINT_KEYS, &[]).await.map_err(pg)? {
+        f.checkpoint_keys.push((r.get(0), r.get(1)));
+    }
     for r in tx.query(sql::KEY_HEADS, &[]).await.map_err(pg)? {
         f.key_heads.insert(r.get(0), r.get::<_, i64>(1) as u64);
     }

@@ -85,6 +85,12 @@ pub fn facts(c: &Connection) -> Result<Facts> {
         .map_err(backend)?
         .collect::<rusqlite::Result<_>>()
         .map_err(backend)?;
+    let mut st = c.prepare(sql::CHECKPOINT_KEYS).map_err(backend)?;
+    f.checkpoint_keys = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(backend)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(backend)?;
     let mut st = c.prepare(sql::KEY_HEADS).map_err(backend)?;
     for r in st
         .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
@@ -96,9 +102,9 @@ pub fn facts(c: &Connection) -> Result<Facts> {
     Ok(f)
 }
 
-/// Copy `file` to `path` (which must not exist): written under a
-/// temporary name beside it, synced, then linked into place, so a crash
-/// leaves no database that looks complete.
+/// Put `file` at `path` (which must not exist): linked or copied under a
+/// temporary name beside it, synced, checked, then linked into place, so
+/// a crash leaves no database that looks complete.
 pub(crate) async fn restore_file(file: &Path, path: &Path) -> Result<()> {
     let (file, path) = (file.to_owned(), path.to_owned());
     tokio::task::spawn_blocking(move || {
@@ -110,7 +116,12 @@ pub(crate) async fn restore_file(file: &Path, path: &Path) -> Result<()> {
         }
         let tmp = path.with_extension("db.restoring");
         let _ = std::fs::remove_file(&tmp);
-        std::fs::copy(&file, &tmp).map_err(|e| io("copying the database", e))?;
+        // A link when the file is on the same file system (an unpacked
+        // archive beside the target: no second copy of a large database),
+        // else a copy.
+        if std::fs::hard_link(&file, &tmp).is_err() {
+            std::fs::copy(&file, &tmp).map_err(|e| io("copying the database", e))?;
+        }
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(|e| io("syncing the database", e))?;

@@ -30,9 +30,16 @@ pub async fn backup(
         let (env, ids) = (env.clone(), ids.clone());
         async move {
             env.refresh().await?;
-            crate::run(env, "read", conc, Duration::from_secs(secs), ids, Arc::new(Vec::new()))
-                .await
-                .map(|o| o.rps)
+            crate::run(
+                env,
+                "read",
+                conc,
+                Duration::from_secs(secs),
+                ids,
+                Arc::new(Vec::new()),
+            )
+            .await
+            .map(|o| o.rps)
         }
     };
     let mut before = 0.0;
@@ -52,7 +59,11 @@ pub async fn backup(
     let mut during = Vec::new();
     while !task.is_finished() {
         let r = measure().await?;
-        eprintln!("window {}: reads {r:.0}/s ({:.0}%)", during.len() + 1, 100.0 * r / before);
+        eprintln!(
+            "window {}: reads {r:.0}/s ({:.0}%)",
+            during.len() + 1,
+            100.0 * r / before
+        );
         if !task.is_finished() {
             during.push(r);
         }
@@ -75,7 +86,13 @@ pub async fn backup(
         println!("| during {} | {r:.0} | {:.0} |", i + 1, 100.0 * r / before);
     }
     let t = Instant::now();
-    restore::verify(&out, &identity, &op.audit.verifier_keys(), &[], &|_, _, _| {})?;
+    restore::verify(
+        &out,
+        &identity,
+        &op.audit.verifier_keys(),
+        &[],
+        &|_, _, _| {},
+    )?;
     println!("verify: {:.1} s", t.elapsed().as_secs_f64());
     drop(op);
     // The restore's own database: a SQLite file beside, or for PostgreSQL

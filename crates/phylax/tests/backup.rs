@@ -12,6 +12,17 @@ use common::{fails, ok, phylax, tool};
 use std::path::Path;
 use std::process::Command;
 
+/// A tool the test uses when present (util-linux's `prlimit`).
+fn tool_quiet(name: &str) -> Option<String> {
+    let o = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+}
+
 fn run(cmd: &str, args: &[&str], cwd: &Path) -> Vec<u8> {
     let o = Command::new(cmd)
         .args(args)
@@ -328,14 +339,33 @@ fn backups_open_with_the_age_tool_and_refuse_every_alteration() {
     // with a key of their own) is refused before anything is restored:
     // its signer is no checkpoint key this KEK holds.
     let e = fails(&phylax(
-        &["restore", "--from", "other.age", "--identity", "id.txt", "--data-dir", "forged",
-          "--key-file", "inst-keys/kek"],
+        &[
+            "restore",
+            "--from",
+            "other.age",
+            "--identity",
+            "id.txt",
+            "--data-dir",
+            "forged",
+            "--key-file",
+            "inst-keys/kek",
+        ],
         p,
     ));
     assert!(e.contains("belongs to"), "{e}");
     let e = fails(&phylax(
-        &["restore", "--from", "other.age", "--identity", "id.txt", "--data-dir", "forged",
-          "--key-file", "inst-keys/kek", "--other-instance"],
+        &[
+            "restore",
+            "--from",
+            "other.age",
+            "--identity",
+            "id.txt",
+            "--data-dir",
+            "forged",
+            "--key-file",
+            "inst-keys/kek",
+            "--other-instance",
+        ],
         p,
     ));
     assert!(e.contains("forged"), "{e}");
@@ -394,6 +424,49 @@ fn a_killed_backup_leaves_nothing_that_looks_complete() {
             // Left by a kill: hidden, never named like a backup.
             assert!(name.starts_with('.'), "{name}");
         }
+    }
+    // A full disk (here: a file-size limit, with the signal ignored as a
+    // full disk's ENOSPC would be): reported in one line, nothing named
+    // like a backup left, no partial file either.
+    if let Some(prlimit) = tool_quiet("prlimit") {
+        // The limit: below a backup's size, above its database copy's.
+        ok(&phylax(
+            &[
+                "backup",
+                "create",
+                "--data-dir",
+                "inst",
+                "--recipient",
+                to.trim(),
+                "--out",
+                "probe.age",
+            ],
+            p,
+        ));
+        let size = std::fs::metadata(p.join("probe.age")).unwrap().len();
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "trap '' XFSZ; exec {prlimit} --fsize={} {} backup create --data-dir inst --recipient {} --out full.age",
+                size - 2048,
+                env!("CARGO_BIN_EXE_phylax"),
+                to.trim()
+            ))
+            .current_dir(p)
+            .output()
+            .unwrap();
+        let e = fails(&o);
+        assert!(
+            e.contains("too large") || e.contains("full") || e.contains("disk I/O"),
+            "{e}"
+        );
+        let left: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("full.age") || n.starts_with(".phylax-backup-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
     // And the newest complete one is what a drill picks.
     let e = fails(&phylax(

@@ -253,14 +253,17 @@ fn authenticate(
     let raw = c.small.get(manifest::CHECKPOINT_KEYS).ok_or_else(forged)?;
     let rows: Vec<(String, String)> = serde_json::from_slice(raw).map_err(|_| forged())?;
     for (row, wrapped) in rows {
-        let (Some(scope), Ok(wrapped)) = (row.strip_prefix("log:"), STANDARD.decode(wrapped)) else {
+        let (Some(scope), Ok(wrapped)) = (row.strip_prefix("log:"), STANDARD.decode(wrapped))
+        else {
             continue;
         };
         let Ok(key) = phylax_crypto::log_signing::CheckpointKey::unwrap(kek, scope, &wrapped)
         else {
             continue;
         };
-        if VerifierKey::new(&checked.manifest.origin, key.public()).ok().as_ref()
+        if VerifierKey::new(&checked.manifest.origin, key.public())
+            .ok()
+            .as_ref()
             == Some(&checked.signer)
         {
             return Ok(());

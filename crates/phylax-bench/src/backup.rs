@@ -108,7 +108,7 @@ pub async fn backup(
                 ids: &identity,
                 data_dir: &dest,
                 database_url: restore_url.as_deref(),
-                key_file: None,
+                kek: restore::KekFrom::KeyFile(&dir.join("keys/kek")),
                 trust: &[],
                 outside: &[],
                 other_instance: false,

@@ -1,7 +1,8 @@
 //! Consistent copies of the whole database, for backups (docs/BACKUP.md),
 //! and putting one back into an empty place.
 //!
-//! - SQLite: `VACUUM INTO` a new file, which reads one transaction's view
+//! - SQLite: the online backup API copying every page in one step, which
+//!   reads one transaction's view
 //!   while writers go on (WAL), and the facts are then read from the copy.
 //! - PostgreSQL: a `REPEATABLE READ` transaction exports its snapshot
 //!   (`pg_export_snapshot`); `pg_dump --snapshot` dumps exactly that view

@@ -67,7 +67,8 @@ pub enum BackupCmd {
         /// An age identity file (`age-keygen` output, mode 0600).
         #[arg(long)]
         identity: PathBuf,
-        /// The backup to drill (default: the newest in `[backup] dir`).
+        /// The backup to drill (default: the newest this instance recorded,
+        /// in `[backup] dir` when set).
         #[arg(long)]
         from: Option<PathBuf>,
         /// PostgreSQL: an empty schema, named as the instance's, in another
@@ -113,9 +114,13 @@ pub struct RestoreArgs {
     /// the backup's).
     #[arg(long, env = "PHYLAX_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// The KEK, when not where the backup's configuration says.
+    /// The KEK: the instance's key file, or one recovered from its escrow
+    /// (or set PHYLAX_KEK, or name its HSM with the --hsm-* options).
+    /// Never taken from the archive.
     #[arg(long)]
     key_file: Option<PathBuf>,
+    #[command(flatten)]
+    hsm: crate::keys::HsmArgs,
     /// A data directory whose erasure register to re-apply (the live
     /// instance, when restoring an older backup beside it).
     #[arg(long)]
@@ -232,6 +237,16 @@ impl Reporter {
     }
 }
 
+/// An outside checkpoint's size in words (`u64::MAX`: signed by a
+/// checkpoint key newer than the log, so its size is not checked).
+fn records(size: u64) -> String {
+    if size == u64::MAX {
+        "a later checkpoint key".into()
+    } else {
+        format!("{size} records")
+    }
+}
+
 fn print_json(v: impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
@@ -328,6 +343,7 @@ pub async fn backup_cmd(c: BackupCmd) -> Result<()> {
                     "outside_checkpoints_newer": newer,
                 }));
             }
+            println!("instance {}", m.instance_id);
             println!(
                 "backup {} OK: {} files match the signed manifest; {} resources, {} versions, {} audit records (tree of {} verified against its signed checkpoint); taken {}",
                 m.backup_id,
@@ -350,7 +366,7 @@ pub async fn backup_cmd(c: BackupCmd) -> Result<()> {
             for (size, ok) in &c.outside {
                 match ok {
                     Some(_) => println!("outside checkpoint of {size} records: consistent"),
-                    None => println!("outside checkpoint of {size} records: newer than this backup (records after it are not in it)"),
+                    None => println!("outside checkpoint of {}: newer than this backup (records after it are not in it)", records(*size)),
                 }
             }
             Ok(())
@@ -389,7 +405,7 @@ pub async fn backup_cmd(c: BackupCmd) -> Result<()> {
                 c.outside_consistent.len()
             );
             for n in &c.outside_newer {
-                println!("the outside checkpoint of {n} records is newer than this log: the records after the recovery point are not in it");
+                println!("the outside checkpoint of {} is newer than this log: the records after the recovery point are not in it", records(*n));
             }
             Ok(())
         }
@@ -405,12 +421,12 @@ pub async fn backup_cmd(c: BackupCmd) -> Result<()> {
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
             let from = match from {
                 Some(f) => f,
-                None => match &i.config.backup.dir {
-                    Some(d) => drill::newest_backup(&i.data_dir.join(d))?,
-                    None => {
-                        bail!("name the backup with --from, or set [backup] dir in phylax.toml")
-                    }
-                },
+                // The newest backup the instance recorded (in `[backup]
+                // dir`, when set): never a file someone else put there.
+                None => {
+                    let dir = i.config.backup.dir.as_ref().map(|d| i.data_dir.join(d));
+                    drill::newest_backup(&i.store, dir.as_deref()).await?
+                }
             };
             if i.store.backend() == "postgres" && scratch_database_url.is_none() {
                 bail!("a PostgreSQL drill needs --scratch-database-url: an empty schema, named as the instance's, in another database");
@@ -462,6 +478,19 @@ pub async fn restore_cmd(a: RestoreArgs) -> Result<()> {
         }
         None => Vec::new(),
     };
+    let hsm = a.hsm.settings()?;
+    if hsm.is_some() && a.hsm.key_label.is_none() {
+        bail!("--hsm-key-label: the instance's KEK label (`key_label` in its [hsm] settings)");
+    }
+    let kek = match (&a.key_file, &hsm, std::env::var_os("PHYLAX_KEK").is_some()) {
+        (Some(k), None, false) => restore::KekFrom::KeyFile(k),
+        (None, Some(h), false) => restore::KekFrom::Hsm(h),
+        (None, None, true) => restore::KekFrom::Environment,
+        (None, None, false) => bail!(
+            "name the KEK: --key-file FILE (the instance's, or recovered from its escrow), PHYLAX_KEK, or the --hsm-* options; it is never taken from the archive"
+        ),
+        _ => bail!("name the KEK once: --key-file, PHYLAX_KEK or the --hsm-* options"),
+    };
     let r = Reporter::new();
     let res = restore::restore(
         restore::RestoreOptions {
@@ -469,7 +498,7 @@ pub async fn restore_cmd(a: RestoreArgs) -> Result<()> {
             ids: &ids,
             data_dir: &a.data_dir,
             database_url: a.database_url.as_deref(),
-            key_file: a.key_file.as_deref(),
+            kek,
             trust: &trust,
             outside: &outside,
             other_instance: a.other_instance,
@@ -485,9 +514,11 @@ pub async fn restore_cmd(a: RestoreArgs) -> Result<()> {
         return print_json(&x);
     }
     println!(
-        "restored backup {} (taken {}) into {} in {:.1} s: {} versions decrypted, audit log verified ({} records, {} checkpoints)",
+        "restored backup {} of instance {} (taken {}, signed by {}) into {} in {:.1} s: {} versions decrypted, audit log verified ({} records, {} checkpoints)",
         x.backup_id,
+        x.instance_id,
         phylax_server::base::clock::format_instant(x.backup_created_ms),
+        x.signed_by,
         x.data_dir,
         x.seconds,
         x.versions_decrypted,
@@ -496,7 +527,7 @@ pub async fn restore_cmd(a: RestoreArgs) -> Result<()> {
     );
     for (size, ok) in &x.outside_checkpoints {
         if ok.is_none() {
-            println!("  the outside checkpoint of {size} records is newer than this backup: the records after the backup are not in it");
+            println!("  the outside checkpoint of {} is newer than this backup: the records after the backup are not in it", records(*size));
         }
     }
     if !x.erasures_reapplied.is_empty() {

@@ -230,11 +230,30 @@ fn backups_open_with_the_age_tool_and_refuse_every_alteration() {
             "id.txt",
             "--data-dir",
             "copy",
+            "--key-file",
+            "inst-keys/kek",
         ],
         p,
     ));
-    assert!(r.contains("restored backup"), "{r}");
+    assert!(
+        r.contains("restored backup") && r.contains("signed by"),
+        "{r}"
+    );
     assert!(ok(&phylax(&["keys", "status", "--data-dir", "copy"], p)).contains("generation 1"));
+    // The KEK is never taken from the archive: it must be named.
+    let e = fails(&phylax(
+        &[
+            "restore",
+            "--from",
+            "b2.age",
+            "--identity",
+            "id.txt",
+            "--data-dir",
+            "copy3",
+        ],
+        p,
+    ));
+    assert!(e.contains("name the KEK"), "{e}");
     let e = fails(&phylax(
         &[
             "restore",
@@ -244,6 +263,8 @@ fn backups_open_with_the_age_tool_and_refuse_every_alteration() {
             "id.txt",
             "--data-dir",
             "copy",
+            "--key-file",
+            "inst-keys/kek",
         ],
         p,
     ));
@@ -257,6 +278,8 @@ fn backups_open_with_the_age_tool_and_refuse_every_alteration() {
             "id.txt",
             "--data-dir",
             "copy2",
+            "--key-file",
+            "inst-keys/kek",
         ],
         p,
     ));
@@ -370,6 +393,60 @@ fn backups_open_with_the_age_tool_and_refuse_every_alteration() {
     ));
     assert!(e.contains("forged"), "{e}");
     assert!(!p.join("forged").exists());
+
+    // Restoring where the TLS key is not (another machine): a new key is
+    // made in a directory of its own, never through one planted beside
+    // the target.
+    let tls_key = p.join("inst-keys/inst-tls-server-key.pem");
+    std::fs::rename(&tls_key, p.join("tls-key.away")).unwrap();
+    std::fs::create_dir(p.join("moved-keys")).unwrap();
+    std::fs::write(p.join("victim"), "keep me").unwrap();
+    std::os::unix::fs::symlink(
+        p.join("victim"),
+        p.join("moved-keys/moved-tls-server-key.pem"),
+    )
+    .unwrap();
+    let e = fails(&phylax(
+        &[
+            "restore",
+            "--from",
+            "b2.age",
+            "--identity",
+            "id.txt",
+            "--data-dir",
+            "moved",
+            "--key-file",
+            "inst-keys/kek",
+        ],
+        p,
+    ));
+    assert!(e.contains("moved-keys"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(p.join("victim")).unwrap(),
+        "keep me"
+    );
+    assert!(!p.join("moved").exists());
+    let r = ok(&phylax(
+        &[
+            "restore",
+            "--from",
+            "b2.age",
+            "--identity",
+            "id.txt",
+            "--data-dir",
+            "moved2",
+            "--key-file",
+            "inst-keys/kek",
+        ],
+        p,
+    ));
+    assert!(r.contains("new local CA"), "{r}");
+    let mode = std::fs::metadata(p.join("moved2-keys/moved2-tls-server-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    std::fs::rename(p.join("tls-key.away"), &tls_key).unwrap();
 }
 
 #[test]
@@ -478,6 +555,8 @@ fn a_killed_backup_leaves_nothing_that_looks_complete() {
             "id.txt",
             "--data-dir",
             "r",
+            "--key-file",
+            "inst-keys/kek",
         ],
         p,
     ));

@@ -179,7 +179,7 @@ fn allowed(p: &str) -> Option<bool> {
     };
     match p {
         MANIFEST | SIGNATURE | LEAVES | CHECKPOINT | OUTSIDE | CONFIG | CHECKPOINT_KEYS | CA
-        | CERT => Some(true),
+        | CERT | CLIENT_CA | OCSP => Some(true),
         _ => {
             if let Some(db) = p.strip_prefix(DB_DIR) {
                 return matches!(db, "phylax.db" | "phylax.pgdump").then_some(false);

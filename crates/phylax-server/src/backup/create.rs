@@ -21,6 +21,29 @@ use std::path::{Path, PathBuf};
 /// Meta records of finished backups (`backup_v1:<ms>`), for the metrics.
 pub const LAST_BACKUP: &str = "backup_v1:";
 
+/// A backup as recorded in the instance's database.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Recorded {
+    pub id: String,
+    /// Where it was written (absolute).
+    pub file: String,
+}
+
+/// Every backup this instance recorded, oldest first, with its time (ms).
+pub async fn recorded(store: &phylax_store::DynStore) -> Result<Vec<(i64, Recorded)>, BackupError> {
+    let mut out: Vec<(i64, Recorded)> = store
+        .meta_with_prefix(LAST_BACKUP)
+        .await?
+        .iter()
+        .filter_map(|(k, v)| {
+            let t = k.strip_prefix(LAST_BACKUP)?.parse::<i64>().ok()?;
+            Some((t, serde_json::from_slice::<Recorded>(v).ok()?))
+        })
+        .collect();
+    out.sort_by_key(|(t, _)| *t);
+    Ok(out)
+}
+
 /// When the newest backup was written (ms), if any was.
 pub async fn last_backup(store: &phylax_store::DynStore) -> Result<Option<i64>, BackupError> {
     Ok(store
@@ -151,10 +174,17 @@ pub async fn create(
         .map_err(|e| BackupError::Audit(e.to_string()))?;
     let mut c = res?;
     c.seconds = started.elapsed().as_secs_f64();
+    // Recorded: the metrics, the drill (the newest recorded backup) and
+    // the scheduler's retention (only recorded backups are deleted) read it.
+    let record = serde_json::to_vec(&Recorded {
+        id: backup_id.clone(),
+        file: c.file.clone(),
+    })
+    .map_err(|e| BackupError::Io(e.to_string()))?;
     inst.store
         .put_meta_if_absent(
             &format!("{LAST_BACKUP}{:020}", crate::base::clock::now_ms()),
-            backup_id.as_bytes(),
+            &record,
         )
         .await?;
     Ok(c)
@@ -168,7 +198,10 @@ async fn write(
     backup_id: &str,
     progress: Progress<'_>,
 ) -> Result<Created, BackupError> {
-    let scratch = Scratch::new(dir.join(format!(".phylax-backup-{backup_id}")))?;
+    // The snapshot goes into the data directory (0700, the instance's
+    // own), not the backup directory, where someone who may write there
+    // could swap the working directory for a link to elsewhere.
+    let scratch = Scratch::new(inst.data_dir.join(format!(".backup-{backup_id}")))?;
     progress("taking a consistent snapshot of the database", 0, 0);
     let snap = inst.store.snapshot(&scratch.path).await?;
     let facts = &snap.facts;
@@ -185,68 +218,88 @@ async fn write(
     // in one or the other (replays skip what the database already has).
     let journal = journal_files(&data.join("audit-journal"))?;
 
-    let tmp = dir.join(format!(".{}.{backup_id}.partial", file_name(out)));
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io(format!("creating {}", tmp.display()), e))?
-    };
-    // Removed unless linked into place.
-    struct Partial<'a>(&'a Path);
-    impl Drop for Partial<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(self.0);
+    // Hashing and encrypting gigabytes is blocking work: off the
+    // runtime's worker threads (a scheduled backup shares them with the
+    // server's requests).
+    let (m, size) = tokio::task::block_in_place(|| -> Result<(Manifest, u64), BackupError> {
+        let tmp = dir.join(format!(".{}.{backup_id}.partial", file_name(out)));
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| io(format!("creating {}", tmp.display()), e))?
+        };
+        // Removed unless linked into place.
+        struct Partial<'a>(&'a Path);
+        impl Drop for Partial<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(self.0);
+            }
         }
-    }
-    let _partial = Partial(&tmp);
-    let mut w = Writer::new(file, to)?;
-    let db_name = snap
-        .file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| BackupError::Io("snapshot file name".into()))?;
-    w.add_file(
-        &format!("{}{db_name}", manifest::DB_DIR),
-        &snap.file,
-        progress,
-    )?;
-    w.add_bytes(manifest::CONFIG, &config)?;
-    w.add_bytes(manifest::CA, &ca)?;
-    w.add_bytes(manifest::CERT, &cert)?;
-    let leaves: Vec<u8> = facts.leaves.iter().flatten().copied().collect();
-    w.add_bytes(manifest::LEAVES, &leaves)?;
-    if let Some(cp) = &facts.checkpoint {
-        w.add_bytes(manifest::CHECKPOINT, cp.note.as_bytes())?;
-    }
-    if let Some(o) = &outside {
-        w.add_bytes(manifest::OUTSIDE, o)?;
-    }
-    let keys: Vec<(&str, String)> = facts
-        .checkpoint_keys
-        .iter()
-        .map(|(row, wrapped)| (row.as_str(), STANDARD.encode(wrapped)))
-        .collect();
-    let keys = serde_json::to_vec(&keys).map_err(|e| BackupError::Io(e.to_string()))?;
-    w.add_bytes(manifest::CHECKPOINT_KEYS, &keys)?;
-    for (name, bytes) in &journal {
-        w.add_bytes(&format!("{}{name}", manifest::JOURNAL_DIR), bytes)?;
-    }
-    let m = manifest_for(inst, &snap, backup_id, w.files().to_vec());
-    let (bytes, sig) = m.sign(inst.audit)?;
-    let file = w.finish(&bytes, &sig)?;
-    archive::sync(file)?;
-    let size = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
-    // Linked, not renamed: never over a file that appeared meanwhile.
-    std::fs::hard_link(&tmp, out).map_err(|e| io(format!("placing {}", out.display()), e))?;
-    drop(_partial);
-    sync_dir(dir)?;
+        let _partial = Partial(&tmp);
+        let mut w = Writer::new(file, to)?;
+        let db_name = snap
+            .file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| BackupError::Io("snapshot file name".into()))?;
+        w.add_file(
+            &format!("{}{db_name}", manifest::DB_DIR),
+            &snap.file,
+            progress,
+        )?;
+        w.add_bytes(manifest::CONFIG, &config)?;
+        w.add_bytes(manifest::CA, &ca)?;
+        w.add_bytes(manifest::CERT, &cert)?;
+        // The rest of the TLS material that is not secret.
+        for (name, path) in [
+            (manifest::CLIENT_CA, &inst.config.tls.client_ca),
+            (manifest::OCSP, &inst.config.tls.ocsp),
+        ] {
+            if let Some(p) = path {
+                w.add_bytes(name, &read(&data.join(p))?)?;
+            }
+        }
+        let leaves: Vec<u8> = facts.leaves.iter().flatten().copied().collect();
+        w.add_bytes(manifest::LEAVES, &leaves)?;
+        if let Some(cp) = &facts.checkpoint {
+            w.add_bytes(manifest::CHECKPOINT, cp.note.as_bytes())?;
+        }
+        if let Some(o) = &outside {
+            w.add_bytes(manifest::OUTSIDE, o)?;
+        }
+        let keys: Vec<(&str, String)> = facts
+            .checkpoint_keys
+            .iter()
+            .map(|(row, wrapped)| (row.as_str(), STANDARD.encode(wrapped)))
+            .collect();
+        let keys = serde_json::to_vec(&keys).map_err(|e| BackupError::Io(e.to_string()))?;
+        w.add_bytes(manifest::CHECKPOINT_KEYS, &keys)?;
+        for (name, bytes) in &journal {
+            w.add_bytes(&format!("{}{name}", manifest::JOURNAL_DIR), bytes)?;
+        }
+        let m = manifest_for(inst, &snap, backup_id, w.files().to_vec());
+        let (bytes, sig) = m.sign(inst.audit)?;
+        let file = w.finish(&bytes, &sig)?;
+        archive::sync(file)?;
+        let size = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
+        // Linked, not renamed: never over a file that appeared meanwhile.
+        std::fs::hard_link(&tmp, out).map_err(|e| io(format!("placing {}", out.display()), e))?;
+        drop(_partial);
+        sync_dir(dir)?;
+        Ok((m, size))
+    })?;
     drop(scratch);
+    let file = out
+        .canonicalize()
+        .unwrap_or_else(|_| out.to_path_buf())
+        .display()
+        .to_string();
     Ok(Created {
-        file: out.display().to_string(),
+        file,
         backup_id: backup_id.to_owned(),
         bytes: size,
         resources: m.resources,

@@ -5,7 +5,7 @@
 //! record the metrics report (`phylax_backup_drill_*`); a drill older
 //! than `[backup] drill_interval_days` is a warning.
 
-use super::restore::{restore, RestoreOptions, Restored};
+use super::restore::{restore, KekFrom, RestoreOptions, Restored};
 use super::{BackupError, Progress};
 use crate::instance::Instance;
 use phylax_audit::checkpoint::VerifierKey;
@@ -38,21 +38,23 @@ pub struct Drill {
     pub restored: Option<Restored>,
 }
 
-/// The newest `*.age` file in `dir`.
-pub fn newest_backup(dir: &Path) -> Result<PathBuf, BackupError> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| BackupError::Io(format!("reading {}: {e}", dir.display())))?;
-    entries
-        .flatten()
-        .filter(|e| {
-            e.file_type().map(|t| t.is_file()).unwrap_or(false)
-                && e.file_name().to_string_lossy().ends_with(".age")
-                && !e.file_name().to_string_lossy().starts_with('.')
+/// The newest backup this instance recorded whose file is still there
+/// (in `dir`, when given): only backups the instance wrote, never a file
+/// someone else put in the directory.
+pub async fn newest_backup(
+    store: &phylax_store::DynStore,
+    dir: Option<&Path>,
+) -> Result<PathBuf, BackupError> {
+    let dir = dir.and_then(|d| d.canonicalize().ok());
+    crate::backup::create::recorded(store)
+        .await?
+        .into_iter()
+        .rev()
+        .map(|(_, r)| PathBuf::from(r.file))
+        .find(|f| f.is_file() && dir.as_ref().is_none_or(|d| f.parent() == Some(d.as_path())))
+        .ok_or_else(|| {
+            BackupError::Refused("no backup this instance recorded is where it was written".into())
         })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .max()
-        .map(|(_, p)| p)
-        .ok_or_else(|| BackupError::Refused(format!("no backup (*.age) in {}", dir.display())))
 }
 
 /// The newest drill recorded, if any.
@@ -95,14 +97,23 @@ pub async fn drill(
         .and_then(|p| std::fs::read_to_string(live.data_dir.join(p)).ok())
         .into_iter()
         .collect();
-    let key_file = live.config.key_file.clone();
+    // The live instance's KEK, from its own configuration.
+    let kek = if std::env::var_os("PHYLAX_KEK").is_some() {
+        KekFrom::Environment
+    } else if let Some(h) = &live.config.hsm {
+        KekFrom::Hsm(h)
+    } else if let Some(k) = &live.config.key_file {
+        KekFrom::KeyFile(k)
+    } else {
+        return Err(BackupError::Refused("the instance names no KEK".into()));
+    };
     let res = restore(
         RestoreOptions {
             from: o.from,
             ids: o.ids,
             data_dir: &scratch,
             database_url: o.scratch_url,
-            key_file: key_file.as_deref(),
+            kek,
             // Only this instance's own keys: a drill of another
             // instance's backup proves nothing about this one.
             trust: if o.other_instance { &[] } else { &trust },

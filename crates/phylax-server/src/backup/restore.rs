@@ -29,6 +29,19 @@ pub fn verify(
     archive::read(from, ids, None, progress)?.check(trust, outside)
 }
 
+/// Where the KEK for a restore comes from: always the operator, never
+/// the archive (whose configuration could name a key file, or an HSM
+/// module to load, of an attacker's choosing).
+#[derive(Debug, Clone, Copy)]
+pub enum KekFrom<'a> {
+    /// A key file (the instance's, or one recovered from its escrow).
+    KeyFile(&'a Path),
+    /// `PHYLAX_KEK`, set in the environment.
+    Environment,
+    /// The HSM holding it (the instance's `[hsm]` settings).
+    Hsm(&'a crate::base::config::HsmSettings),
+}
+
 /// What to restore, where, with what.
 #[derive(Debug, Clone, Copy)]
 pub struct RestoreOptions<'a> {
@@ -38,8 +51,8 @@ pub struct RestoreOptions<'a> {
     pub data_dir: &'a Path,
     /// PostgreSQL: an empty schema (named as the backup's) to restore into.
     pub database_url: Option<&'a str>,
-    /// The KEK, when not where the backup's configuration says.
-    pub key_file: Option<&'a Path>,
+    /// The KEK.
+    pub kek: KekFrom<'a>,
     /// Keys the manifest must be signed by (`phylax audit key`); empty:
     /// any key, reported.
     pub trust: &'a [VerifierKey],
@@ -124,29 +137,79 @@ pub async fn restore(
         .unwrap_or_default();
     let work = Scratch::new(parent.join(format!(".{name}.restoring-{}", uuid::Uuid::new_v4())))?;
     let unpack = work.path.join(".unpack");
-    // Blocking reads and writes, on this thread: the CLI's runtime has
-    // nothing else to do meanwhile.
-    let contents = archive::read(o.from, o.ids, Some(&unpack), progress)?;
+    // Blocking reads, decryption and writes: off the runtime's workers.
+    let contents =
+        tokio::task::block_in_place(|| archive::read(o.from, o.ids, Some(&unpack), progress))?;
     let checked = contents.check(o.trust, o.outside)?;
-    let m = &checked.manifest;
     let config = restored_config(&contents, &work.path, &o)?;
-    let kek = check_kek(&config, m, o.other_instance)?;
+    // The KEK is the operator's; the archive must prove it is the
+    // instance's before anything else from it is acted on.
+    let kek = check_kek(&config, &checked.manifest, o.other_instance)?;
     authenticate(&contents, &checked, &kek)?;
     drop(kek);
+    // The instance's outside checkpoint as it is now, when it can be read
+    // where the backed-up configuration says (the same machine, or the
+    // storage mounted again): the restored log is held to it too.
+    let mut outside = o.outside.to_vec();
+    if let Some(f) = &config.audit.checkpoint_file {
+        let at = Path::new(&checked.manifest.source_data_dir).join(f);
+        if let Ok(note) = std::fs::read_to_string(at) {
+            outside.push(note);
+        }
+    }
+    let checked = if outside.len() > o.outside.len() {
+        contents.check(o.trust, &outside)?
+    } else {
+        checked
+    };
+    // The restored log is held to these, and to the copy the backup
+    // carries.
+    if let Some(b) = contents.small.get(manifest::OUTSIDE) {
+        outside.push(String::from_utf8_lossy(b).into_owned());
+    }
+    let m = &checked.manifest;
     progress("restoring the database", 0, 0);
     restore_database(m, &unpack, &work.path, o.database_url).await?;
-    let tls_reissued = restore_tls(&contents, &config, &work.path, &dest)?;
-    let mut config = config;
-    if tls_reissued {
-        config.tls.key = crate::instance::default_key_file(&dest)
-            .map(|k| k.with_file_name(format!("{name}-tls-server-key.pem")))?;
+    let mut made_keys: Option<PathBuf> = None;
+    let placed = async {
+        let mut config = config;
+        let tls_reissued = restore_tls(&contents, &mut config, &work.path, &dest, o.scratch)?;
+        if tls_reissued {
+            made_keys = config.tls.key.parent().map(Path::to_path_buf);
+        }
+        place_journal(&unpack, &work.path)?;
+        std::fs::remove_dir_all(&unpack).map_err(|e| io("removing the unpacked files", e))?;
+        config
+            .save(&work.path)
+            .map_err(|e| BackupError::Io(e.to_string()))?;
+        let proof = prove(
+            &work.path,
+            o.database_url,
+            &checked,
+            o.erasures,
+            &outside,
+            progress,
+        )
+        .await?;
+        Ok::<_, BackupError>((tls_reissued, proof))
     }
-    place_journal(&unpack, &work.path)?;
-    std::fs::remove_dir_all(&unpack).map_err(|e| io("removing the unpacked files", e))?;
-    config
-        .save(&work.path)
-        .map_err(|e| BackupError::Io(e.to_string()))?;
-    let proof = prove(&work.path, o.database_url, &checked, o.erasures, progress).await?;
+    .await;
+    let (tls_reissued, proof) = match placed {
+        Ok(p) => p,
+        Err(e) => {
+            // A key directory this restore made goes with it.
+            if let Some(k) = &made_keys {
+                let _ = std::fs::remove_dir_all(k);
+            }
+            // The schema was empty before (checked): leave it so.
+            if let Some(url) = o.database_url {
+                if let Err(d) = phylax_store::drop_schema_tables(url).await {
+                    tracing::warn!(error = %d, "the failed restore's schema could not be emptied");
+                }
+            }
+            return Err(e);
+        }
+    };
     // Into place: a rename of the finished directory (over an empty one).
     std::fs::rename(&work.path, &dest).map_err(|e| io(format!("placing {}", dest.display()), e))?;
     let mut work = work;
@@ -183,8 +246,23 @@ fn restored_config(
     std::fs::write(work.join(CONFIG_FILE), text).map_err(|e| io("writing the configuration", e))?;
     let mut config = Config::load(work).map_err(|e| BackupError::Invalid(e.to_string()))?;
     std::fs::remove_file(work.join(CONFIG_FILE)).map_err(|e| io("configuration", e))?;
-    if let Some(k) = o.key_file {
-        config.key_file = Some(std::path::absolute(k).map_err(|e| io("key file", e))?);
+    match o.kek {
+        KekFrom::KeyFile(k) => {
+            config.key_file = Some(std::path::absolute(k).map_err(|e| io("key file", e))?);
+            config.hsm = None;
+        }
+        KekFrom::Environment => {
+            if std::env::var_os("PHYLAX_KEK").is_none() {
+                return Err(refused("PHYLAX_KEK is not set"));
+            }
+            // PHYLAX_KEK replaces the key file; an instance refuses it
+            // together with an HSM.
+            config.hsm = None;
+        }
+        KekFrom::Hsm(h) => {
+            config.hsm = Some(h.clone());
+            config.key_file = None;
+        }
     }
     if o.scratch {
         config.audit.checkpoint_file = None;
@@ -300,45 +378,65 @@ async fn restore_database(
     Ok(())
 }
 
-/// The certificates; a new local CA and certificate when the TLS key the
+/// The certificates (and the client CA and OCSP response, when the
+/// backup has them), always into the new data directory's `tls/`, where
+/// the configuration then points (never over a path the backed-up
+/// configuration named outside its data directory: that could be the live
+/// instance's); a new local CA and certificate when the TLS key the
 /// configuration names is not there (a restore on another machine: the
 /// key is secret, and never in a backup). Whether it reissued.
 fn restore_tls(
     c: &manifest::Contents,
-    config: &Config,
+    config: &mut Config,
     work: &Path,
     dest: &Path,
+    scratch: bool,
 ) -> Result<bool, BackupError> {
-    let write = |rel: &Path, name: &str| -> Result<(), BackupError> {
-        let p = work.join(rel);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).map_err(|e| io("tls directory", e))?;
-        }
-        let bytes = c
-            .small
-            .get(name)
-            .ok_or_else(|| BackupError::Invalid(format!("no {name}")))?;
-        std::fs::write(&p, bytes).map_err(|e| io(format!("writing {}", p.display()), e))
+    std::fs::create_dir_all(work.join("tls")).map_err(|e| io("tls directory", e))?;
+    let write = |name: &str| -> Result<Option<PathBuf>, BackupError> {
+        let Some(bytes) = c.small.get(name) else {
+            return Ok(None);
+        };
+        std::fs::write(work.join(name), bytes).map_err(|e| io(format!("writing {name}"), e))?;
+        Ok(Some(PathBuf::from(name)))
     };
-    write(&config.tls.ca, manifest::CA)?;
-    write(&config.tls.cert, manifest::CERT)?;
-    if config.tls.key.is_file() {
+    config.tls.ca = write(manifest::CA)?.ok_or_else(|| BackupError::Invalid("no CA".into()))?;
+    config.tls.cert =
+        write(manifest::CERT)?.ok_or_else(|| BackupError::Invalid("no certificate".into()))?;
+    if config.tls.client_ca.is_some() {
+        config.tls.client_ca = write(manifest::CLIENT_CA)?;
+    }
+    if config.tls.ocsp.is_some() {
+        config.tls.ocsp = write(manifest::OCSP)?;
+    }
+    // A drill's copy is never served: no key is made for it.
+    if config.tls.key.is_file() || scratch {
         return Ok(false);
     }
     let key_dir = crate::instance::default_key_file(dest)?
         .parent()
         .map(Path::to_path_buf)
         .ok_or_else(|| refused("key directory"))?;
+    // A new directory of its own: never into one that exists (a link
+    // planted there would be written through).
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
-            .recursive(true)
             .mode(0o700)
             .create(&key_dir)
-            .map_err(|e| io("creating the key directory", e))?;
+            .map_err(|e| {
+                io(
+                    format!(
+                        "creating {} for a new TLS key (the backup's is not at its configured path; move an existing one away)",
+                        key_dir.display()
+                    ),
+                    e,
+                )
+            })?;
     }
-    std::fs::create_dir_all(work.join("tls")).map_err(|e| io("tls directory", e))?;
-    crate::instance::write_tls(work, dest, &key_dir, &[])?;
+    config.tls.key = crate::instance::write_tls(work, dest, &key_dir, &[])?;
+    config.tls.ca = PathBuf::from(manifest::CA);
+    config.tls.cert = PathBuf::from(manifest::CERT);
     Ok(true)
 }
 
@@ -365,6 +463,7 @@ async fn prove(
     url: Option<&str>,
     checked: &Checked,
     live_erasures: &[String],
+    outside: &[String],
     progress: Progress<'_>,
 ) -> Result<Proof, BackupError> {
     let restored = |e: String| BackupError::Restored(e);
@@ -401,7 +500,7 @@ async fn prove(
     }
     // The log as restored must be the backup's (checked against its
     // signed manifest above) and verify on its own.
-    let c = check(&inst, &[], progress).await?;
+    let c = check(&inst, outside, progress).await?;
     if c.audit_sealed < m.tree_size {
         return Err(restored(format!(
             "the audit tree holds {} records, the backup's {}",
@@ -472,8 +571,15 @@ pub async fn check(
     let keys = inst.audit.verifier_keys();
     let (mut older, mut newer_sizes, mut older_sizes) = (Vec::new(), Vec::new(), Vec::new());
     for n in outside {
-        let cp = phylax_audit::checkpoint::open_signed_any(n, &keys)
-            .map_err(|e| restored(format!("an outside checkpoint: {e}")))?;
+        let cp = match phylax_audit::checkpoint::open_signed_any(n, &keys) {
+            Ok(cp) => cp,
+            // By a checkpoint key made after this log's newest: newer.
+            Err(phylax_audit::checkpoint::CheckpointError::NoSignature) => {
+                newer_sizes.push(u64::MAX);
+                continue;
+            }
+            Err(e) => return Err(restored(format!("an outside checkpoint: {e}"))),
+        };
         if cp.size > first.sealed {
             newer_sizes.push(cp.size);
         } else {

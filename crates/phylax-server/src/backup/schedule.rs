@@ -102,7 +102,15 @@ async fn once(node: &Node) -> Result<(), super::BackupError> {
     .await?;
     tracing::info!(event = "backup.written", file = %c.file, bytes = c.bytes, seconds = c.seconds,
         "scheduled backup written");
-    let pruned = prune(&dir, b.keep, b.keep_days, crate::base::clock::now_ms());
+    let recorded = super::create::recorded(&node.store).await?;
+    let pruned = prune(
+        &dir,
+        &recorded,
+        Path::new(&c.file),
+        b.keep,
+        b.keep_days,
+        crate::base::clock::now_ms(),
+    );
     if !pruned.is_empty() {
         node.audit
             .record_admin(
@@ -119,26 +127,33 @@ async fn once(node: &Node) -> Result<(), super::BackupError> {
     Ok(())
 }
 
-/// Delete scheduled backups (`phylax-*.age`) beyond the newest `keep`
-/// or older than `keep_days`; the newest always stays. The names deleted.
-pub fn prune(dir: &Path, keep: u32, keep_days: u32, now_ms: i64) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+/// Delete this instance's recorded backups in `dir` (`recorded`: time in
+/// ms and where each was written, as `create` records them) beyond the
+/// newest `keep` or older than `keep_days`, by their recorded time. The
+/// newest and `just_written` always stay; a file the instance did not
+/// record (put there by someone else, whatever its name or time) is never
+/// touched. The names deleted.
+pub fn prune(
+    dir: &Path,
+    recorded: &[(i64, super::create::Recorded)],
+    just_written: &Path,
+    keep: u32,
+    keep_days: u32,
+    now_ms: i64,
+) -> Vec<String> {
+    let Ok(dir) = dir.canonicalize() else {
         return Vec::new();
     };
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = entries
-        .flatten()
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with("phylax-") && n.ends_with(".age")
-        })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+    let mut mine: Vec<(i64, PathBuf)> = recorded
+        .iter()
+        .map(|(t, r)| (*t, PathBuf::from(&r.file)))
+        .filter(|(_, f)| f.parent() == Some(dir.as_path()) && f.is_file())
         .collect();
-    found.sort_by_key(|f| std::cmp::Reverse(f.0));
-    let oldest_kept = std::time::UNIX_EPOCH
-        + Duration::from_millis((now_ms - i64::from(keep_days) * 86_400_000).max(0) as u64);
+    mine.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+    let oldest_kept = now_ms - i64::from(keep_days) * 86_400_000;
     let mut deleted = Vec::new();
-    for (i, (t, p)) in found.iter().enumerate() {
-        if i == 0 {
+    for (i, (t, p)) in mine.iter().enumerate() {
+        if i == 0 || p == just_written {
             continue;
         }
         if (i >= keep as usize || *t < oldest_kept) && std::fs::remove_file(p).is_ok() {

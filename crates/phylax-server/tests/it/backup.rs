@@ -9,6 +9,7 @@ use crate::common;
 use common::{Backend, TestServer, ALL, FJ};
 use phylax_crypto::archive::Identities;
 use phylax_crypto::kek::Recipients;
+use phylax_server::backup::restore::KekFrom;
 use phylax_server::backup::{create, drill, restore, BackupError};
 use phylax_server::instance::Instance;
 use serde_json::{json, Value};
@@ -144,6 +145,7 @@ async fn backup_while_writing_restores_every_version(s: &TestServer) {
     }
     seal(s).await;
     let op = operator(s).await;
+    let kek = s.dir.path().join("keys/kek");
     let before = bodies(&op).await;
     let (ids, to) = custodian();
     let out = s.dir.path().join("b1.age");
@@ -204,7 +206,7 @@ async fn backup_while_writing_restores_every_version(s: &TestServer) {
             ids: &ids,
             data_dir: &dest,
             database_url: url.as_deref(),
-            key_file: None,
+            kek: KekFrom::KeyFile(&kek),
             trust: &trust,
             outside: &[outside],
             other_instance: false,
@@ -239,6 +241,30 @@ async fn backup_while_writing_restores_every_version(s: &TestServer) {
     // Its audit log verifies on its own and holds the backup's start.
     let report = copy.audit.verify(&[], None).await.unwrap();
     assert!(report.records >= c.audit_records);
+    // It starts cleanly and serves what it holds (the same certificate,
+    // clients and token key as the source: the source's token works).
+    let tls =
+        phylax_server::net::tls::server_config(&copy.cert_path(), &copy.config.tls.key).unwrap();
+    let st = phylax_server::state::AppState::new(copy).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        phylax_server::http::serve(st, listener, Some(tls), async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let got = s
+        .http
+        .get(format!("https://{addr}/fhir/Patient/p0"))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status().as_u16(), 200);
+    let _ = stop_tx.send(());
     // A restore never overwrites: the same place again is refused, and so
     // is (for PostgreSQL) a schema that holds tables.
     let again = restore::restore(
@@ -247,7 +273,7 @@ async fn backup_while_writing_restores_every_version(s: &TestServer) {
             ids: &ids,
             data_dir: &dest,
             database_url: url.as_deref(),
-            key_file: None,
+            kek: KekFrom::KeyFile(&kek),
             trust: &trust,
             outside: &[],
             other_instance: false,
@@ -265,7 +291,7 @@ async fn backup_while_writing_restores_every_version(s: &TestServer) {
                 ids: &ids,
                 data_dir: &s.dir.path().join("elsewhere"),
                 database_url: Some(u),
-                key_file: None,
+                kek: KekFrom::KeyFile(&kek),
                 trust: &trust,
                 outside: &[],
                 other_instance: false,
@@ -318,6 +344,7 @@ async fn crypto_shredding_holds_against_an_older_backup(s: &TestServer) {
         .unwrap();
     drop(op);
     let op = operator(s).await;
+    let kek = s.dir.path().join("keys/kek");
 
     // With the KEK as it is now, the older backup does not open at all.
     let url = restore_url(s).await;
@@ -327,7 +354,7 @@ async fn crypto_shredding_holds_against_an_older_backup(s: &TestServer) {
             ids: &ids,
             data_dir: &s.dir.path().join("r-now"),
             database_url: url.as_deref(),
-            key_file: None,
+            kek: KekFrom::KeyFile(&kek),
             trust: &[],
             outside: &[],
             other_instance: false,
@@ -352,7 +379,7 @@ async fn crypto_shredding_holds_against_an_older_backup(s: &TestServer) {
             ids: &ids,
             data_dir: &dest,
             database_url: url.as_deref(),
-            key_file: Some(&kek_then),
+            kek: KekFrom::KeyFile(&kek_then),
             trust: &[],
             outside: &[],
             other_instance: false,
@@ -389,7 +416,7 @@ async fn crypto_shredding_holds_against_an_older_backup(s: &TestServer) {
             ids: &ids,
             data_dir: &dest2,
             database_url: url2.as_deref(),
-            key_file: None,
+            kek: KekFrom::KeyFile(&kek),
             trust: &[],
             outside: &[],
             other_instance: false,
@@ -417,7 +444,18 @@ async fn a_restore_drill_is_timed_and_recorded(s: &TestServer) {
     create::create((&op).into(), &to, &dir.join("one.age"), &no_progress())
         .await
         .unwrap();
-    let newest = drill::newest_backup(&dir).unwrap();
+    // Something planted in the directory, newer by its time, is not what
+    // a drill takes: only what the instance recorded.
+    let planted = dir.join("phylax-99999999T000000.000Z.age");
+    std::fs::write(&planted, b"junk").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&planted)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(86_400 * 365))
+        .unwrap();
+    let newest = drill::newest_backup(&op.store, Some(&dir)).await.unwrap();
+    assert_eq!(newest, dir.join("one.age").canonicalize().unwrap());
     let url = restore_url(s).await;
     let d = drill::drill(
         &op,
@@ -513,22 +551,57 @@ async fn scheduled_backups_are_taken_and_pruned(s: &TestServer) {
     )
     .unwrap();
     let _ = ids;
-    // Retention: of five, the newest three are kept (keep = 3); one
-    // older than keep_days goes too, but the newest always stays.
-    let now = std::time::SystemTime::now();
-    for (i, age_days) in [1u64, 2, 3, 4].iter().enumerate() {
-        let p = dir.join(format!("phylax-old{i}.age"));
-        std::fs::write(&p, b"x").unwrap();
-        let f = std::fs::File::options().write(true).open(&p).unwrap();
-        f.set_modified(now - std::time::Duration::from_secs(age_days * 86_400))
+    // Retention: only backups the instance recorded, by their recorded
+    // time; files planted in the directory (even named like backups, even
+    // dated in the future) are never deleted and push nothing out.
+    let now = common::now() * 1000;
+    let day = 86_400_000;
+    let mut recorded = create::recorded(&op.store).await.unwrap();
+    assert_eq!(recorded.len(), 1);
+    for i in 1..=4i64 {
+        let f = dir.join(format!("phylax-old{i}.age"));
+        std::fs::write(&f, b"x").unwrap();
+        recorded.push((
+            now - i * day - 1000,
+            create::Recorded {
+                id: format!("old{i}"),
+                file: f.canonicalize().unwrap().display().to_string(),
+            },
+        ));
+    }
+    for i in 0..3 {
+        let f = dir.join(format!("phylax-planted{i}.age"));
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(
+                std::time::SystemTime::now() + std::time::Duration::from_secs(86_400 * 365),
+            )
             .unwrap();
     }
-    let deleted = phylax_server::backup::schedule::prune(&dir, 3, 35, common::now() * 1000);
-    assert_eq!(deleted.len(), 2, "{deleted:?}");
+    let newest = b.canonicalize().unwrap();
+    let deleted = phylax_server::backup::schedule::prune(&dir, &recorded, &newest, 3, 35, now);
+    assert_eq!(
+        deleted,
+        vec!["phylax-old3.age", "phylax-old4.age"],
+        "{deleted:?}"
+    );
     assert!(b.exists(), "the newest stays");
-    let deleted = phylax_server::backup::schedule::prune(&dir, 10, 1, common::now() * 1000);
-    assert_eq!(deleted.len(), 1, "older than a day: {deleted:?}");
+    let deleted = phylax_server::backup::schedule::prune(&dir, &recorded, &newest, 10, 1, now);
+    assert_eq!(
+        deleted,
+        vec!["phylax-old1.age", "phylax-old2.age"],
+        "older than a day: {deleted:?}"
+    );
     assert!(b.exists());
+    for i in 0..3 {
+        assert!(
+            dir.join(format!("phylax-planted{i}.age")).exists(),
+            "a planted file was deleted"
+        );
+    }
 }
 
 /// The identity scheduled backups in `s` are encrypted to.
@@ -887,4 +960,64 @@ async fn point_in_time_recovery_postgres() {
         .is_none());
     drop(inst);
     c.stop("base");
+}
+
+/// An older backup restored in the instance's place cannot quietly erase
+/// the evidence that a longer log existed: the restore reports the
+/// outside checkpoint as newer, and the copy never writes its smaller
+/// checkpoint over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_copy_does_not_overwrite_the_outside_checkpoint() {
+    let holder = tempfile::tempdir().unwrap();
+    let outside_file = holder.path().join("outside-checkpoint");
+    let s = TestServer::start_with(Backend::Sqlite, |c| {
+        c.audit.checkpoint_file = Some(outside_file.clone());
+    })
+    .await
+    .unwrap();
+    let tok = s.token(ALL).await;
+    assert_eq!(put(&s, &tok, &patient("r1", "Early")).await, 201);
+    seal(&s).await;
+    let op = operator(&s).await;
+    let kek = s.dir.path().join("keys/kek");
+    let (ids, to) = custodian();
+    let old = s.dir.path().join("old.age");
+    create::create((&op).into(), &to, &old, &no_progress())
+        .await
+        .unwrap();
+    for i in 0..5 {
+        assert_eq!(
+            put(&s, &tok, &patient(&format!("later{i}"), "Later")).await,
+            201
+        );
+    }
+    seal(&s).await;
+    let before = std::fs::read_to_string(&outside_file).unwrap();
+    let dest = s.dir.path().join("rolled-back");
+    let r = restore::restore(
+        restore::RestoreOptions {
+            from: &old,
+            ids: &ids,
+            data_dir: &dest,
+            database_url: None,
+            kek: KekFrom::KeyFile(&kek),
+            trust: &[],
+            outside: &[],
+            other_instance: false,
+            erasures: &[],
+            scratch: false,
+        },
+        &no_progress(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        r.outside_checkpoints.iter().any(|(_, ok)| ok.is_none()),
+        "the restore reports the newer outside checkpoint: {:?}",
+        r.outside_checkpoints
+    );
+    let copy = Instance::open(&dest, None).await.unwrap();
+    copy.audit.flush().await.unwrap();
+    copy.audit.seal_pending().await.unwrap();
+    assert_eq!(std::fs::read_to_string(&outside_file).unwrap(), before);
 }

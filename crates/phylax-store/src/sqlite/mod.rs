@@ -20,7 +20,7 @@
 //! - [`audit`]: `AuditStore`, the audit log, sealing queue, checkpoints.
 //! - [`break_glass`]: `BreakGlassStore`, emergency access grants.
 //! - [`snapshot`]: `SnapshotStore`, consistent copies for backups
-//!   (`VACUUM INTO`) and restoring one.
+//!   (the online backup API) and restoring one.
 //!
 //! This file: opening the database, the writer thread and reader pool, migrations, and the row mapping and SQL helpers the trait files share.
 

@@ -1,6 +1,6 @@
-//! `SnapshotStore` for SQLite: `VACUUM INTO` a new file (one read
-//! transaction's view; writers go on in the WAL), facts read from the
-//! copy, and a restore that links a copy into place.
+//! `SnapshotStore` for SQLite: SQLite's online backup of every page in
+//! one step (one read transaction's view; writers go on in the WAL), facts
+//! read from the copy, and a restore that links a copy into place.
 
 use super::{backend, open_conn, row_checkpoint, SqliteStore};
 use crate::snapshot::{leaf, sql, Facts, Snapshot, SnapshotStore};
@@ -24,13 +24,26 @@ impl SnapshotStore for SqliteStore {
         let out = file.clone();
         let facts = tokio::task::spawn_blocking(move || -> Result<Facts> {
             // A connection of its own: the copy can take minutes, and the
-            // pool's readers serve requests meanwhile.
-            let c = open_conn(&src)?;
-            let dest = out
-                .to_str()
-                .ok_or_else(|| StoreError::Unavailable("snapshot path is not UTF-8".into()))?;
-            c.execute("VACUUM INTO ?1", [dest]).map_err(backend)?;
-            drop(c);
+            // pool's readers serve requests meanwhile. SQLite's online
+            // backup in one step: every page copied as stored (no
+            // rebuilding of tables and indexes, as `VACUUM INTO` does)
+            // under one read transaction, so the copy is one instant's
+            // view while writers go on in the WAL.
+            let src = open_conn(&src)?;
+            let mut dst = Connection::open(&out).map_err(backend)?;
+            {
+                let b = rusqlite::backup::Backup::new(&src, &mut dst).map_err(backend)?;
+                match b.step(-1).map_err(backend)? {
+                    rusqlite::backup::StepResult::Done => {}
+                    r => {
+                        return Err(StoreError::Unavailable(format!(
+                            "the online backup did not finish in one step: {r:?}"
+                        )))
+                    }
+                }
+            }
+            drop(dst);
+            drop(src);
             std::fs::File::open(&out)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io("syncing the copy", e))?;

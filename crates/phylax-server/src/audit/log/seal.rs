@@ -272,6 +272,23 @@ impl AuditLog {
         let Some(path) = &self.checkpoint_file else {
             return;
         };
+        // Never over a checkpoint of a larger tree: that is what a copy
+        // restored from an older backup would do, erasing the evidence that
+        // a longer log existed. It is an incident, not something to fix
+        // quietly.
+        let keys = self.verifier_keys();
+        let size = |text: &str| {
+            phylax_audit::checkpoint::open_signed_any(text, &keys)
+                .ok()
+                .map(|c| c.size)
+        };
+        if let (Ok(old), Some(new)) = (std::fs::read_to_string(path), size(note)) {
+            if let Some(old) = size(&old).filter(|old| *old > new) {
+                tracing::error!(event = "audit.checkpoint_rollback", path = %path.display(), outside = old, log = new,
+                    "the outside checkpoint is of a larger tree than this log: the log was rolled back (a restore from an older backup?); the file is left as it is");
+                return;
+            }
+        }
         let tmp = path.with_extension("tmp");
         let res = std::fs::write(&tmp, note).and_then(|()| std::fs::rename(&tmp, path));
         if let Err(e) = res {

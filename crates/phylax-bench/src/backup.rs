@@ -21,6 +21,7 @@ pub async fn backup(
     ids: Arc<Vec<String>>,
     secs: u64,
     conc: usize,
+    max_mb: Option<u32>,
 ) -> Result<()> {
     use age::secrecy::ExposeSecret;
     let id = age::x25519::Identity::generate();
@@ -52,7 +53,14 @@ pub async fn backup(
         let (op, out) = (op.clone(), out.clone());
         tokio::spawn(async move {
             let t = Instant::now();
-            let c = create::create((&*op).into(), &to, &out, &|_, _, _| {}).await;
+            // As `phylax backup create`: `--max-rate` MB/s, 0 for none,
+            // else `[backup] max_mb_per_sec`.
+            let rate = match max_mb {
+                Some(0) => None,
+                Some(mb) => Some(u64::from(mb) << 20),
+                None => op.config.backup.max_rate(),
+            };
+            let c = create::create((&*op).into(), &to, &out, rate, &|_, _, _| {}).await;
             (c, t.elapsed().as_secs_f64())
         })
     };

@@ -121,7 +121,8 @@ struct Args {
     data_key_rotation: Option<usize>,
     /// With --data-key-rotation: the rotation's `--max-rate` (versions
     /// per second; 0 for no limit; by default the backend's default,
-    /// as in `phylax keys rotate`).
+    /// as in `phylax keys rotate`). With --backup: megabytes a second, as
+    /// `phylax backup create --max-rate`.
     #[arg(long)]
     max_rate: Option<u32>,
     /// With --data-key-rotation: the control run, the same windows
@@ -766,6 +767,7 @@ async fn main() -> Result<()> {
             ids,
             args.duration,
             conc,
+            args.max_rate,
         )
         .await;
     }

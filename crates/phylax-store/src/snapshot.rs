@@ -58,9 +58,39 @@ pub struct Snapshot {
 #[async_trait]
 pub trait SnapshotStore {
     /// Write a consistent copy of the whole database into `dir` (which
-    /// must exist) while other connections keep writing, and read its
-    /// facts from the same snapshot.
-    async fn snapshot(&self, dir: &Path) -> Result<Snapshot>;
+    /// must exist) while other connections keep writing, at most
+    /// `max_rate` bytes a second when given (so that the servers keep
+    /// their throughput), and read its facts from the same snapshot.
+    async fn snapshot(&self, dir: &Path, max_rate: Option<u64>) -> Result<Snapshot>;
+}
+
+/// Keeps work at or under a rate: after each piece, how long to wait.
+#[derive(Debug)]
+pub struct Pace {
+    rate: Option<u64>,
+    start: std::time::Instant,
+    done: u64,
+}
+
+impl Pace {
+    /// At most `rate` bytes a second (`None`: as fast as it goes).
+    pub fn new(rate: Option<u64>) -> Pace {
+        Pace {
+            rate: rate.filter(|r| *r > 0),
+            start: std::time::Instant::now(),
+            done: 0,
+        }
+    }
+
+    /// `n` more bytes done: the wait that keeps the average at the rate.
+    pub fn after(&mut self, n: u64) -> std::time::Duration {
+        self.done += n;
+        let Some(rate) = self.rate else {
+            return std::time::Duration::ZERO;
+        };
+        let due = std::time::Duration::from_secs_f64(self.done as f64 / rate as f64);
+        due.saturating_sub(self.start.elapsed())
+    }
 }
 
 /// The queries behind [`Facts`], the same on both backends.

@@ -30,6 +30,11 @@ pub enum BackupCmd {
         /// A file of recipients, one per line (`#` comments allowed).
         #[arg(long)]
         recipients_file: Option<PathBuf>,
+        /// Read and write at most this many megabytes a second (0: no
+        /// limit); default `[backup] max_mb_per_sec` (40), which keeps the
+        /// servers' throughput while the backup runs.
+        #[arg(long, value_name = "MB_PER_SEC")]
+        max_rate: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -287,6 +292,7 @@ pub async fn backup_cmd(c: BackupCmd) -> Result<()> {
             out,
             recipients,
             recipients_file,
+            max_rate,
             json,
         } => {
             let mut lines = recipients;
@@ -299,7 +305,13 @@ pub async fn backup_cmd(c: BackupCmd) -> Result<()> {
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
             let out = out_path(out, &i)?;
             let r = Reporter::new();
-            let res = create::create((&i).into(), &to, &out, &|s, d, t| r.report(s, d, t)).await;
+            let rate = match max_rate {
+                Some(0) => None,
+                Some(mb) => Some(u64::from(mb) << 20),
+                None => i.config.backup.max_rate(),
+            };
+            let res =
+                create::create((&i).into(), &to, &out, rate, &|s, d, t| r.report(s, d, t)).await;
             r.done();
             let c = res?;
             let warning = drill_warning(&i).await;

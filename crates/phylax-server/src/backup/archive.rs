@@ -45,6 +45,8 @@ fn hex(ctx: Context) -> String {
 pub struct Writer {
     tar: tar::Builder<Sealing<BufWriter<File>>>,
     files: Vec<FileEntry>,
+    /// At most this many bytes a second read from large files.
+    max_rate: Option<u64>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -63,13 +65,14 @@ fn header(size: u64) -> tar::Header {
 }
 
 impl Writer {
-    pub fn new(out: File, to: &Recipients) -> Result<Writer, BackupError> {
+    pub fn new(out: File, to: &Recipients, max_rate: Option<u64>) -> Result<Writer, BackupError> {
         let sealed = phylax_crypto::archive::seal(to, BufWriter::with_capacity(1 << 20, out))?;
         let mut tar = tar::Builder::new(sealed);
         tar.mode(tar::HeaderMode::Deterministic);
         Ok(Writer {
             tar,
             files: Vec::new(),
+            max_rate,
         })
     }
 
@@ -117,10 +120,12 @@ impl Writer {
             total: u64,
             step: String,
             progress: Progress<'a>,
+            pace: phylax_store::snapshot::Pace,
         }
         impl<R: Read> Read for Counting<'_, R> {
             fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
                 let k = self.inner.read(buf)?;
+                std::thread::sleep(self.pace.after(k as u64));
                 let before = self.done >> 24;
                 self.done += k as u64;
                 if self.done >> 24 != before || self.done == self.total {
@@ -135,6 +140,7 @@ impl Writer {
             total: size,
             step: format!("archiving {path}"),
             progress,
+            pace: phylax_store::snapshot::Pace::new(self.max_rate),
         };
         let e = self.append(path, size, reader)?;
         self.files.push(e);

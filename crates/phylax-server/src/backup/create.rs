@@ -135,11 +135,13 @@ pub async fn erased_patients(store: &phylax_store::DynStore) -> Result<Vec<Strin
     Ok(erased_ids(&store.meta_with_prefix("erasure_v1:").await?))
 }
 
-/// Back `inst` up to a new file `out`, encrypted to `to`.
+/// Back `inst` up to a new file `out`, encrypted to `to`, reading and
+/// writing at most `max_rate` bytes a second (`None`: no limit).
 pub async fn create(
     inst: Source<'_>,
     to: &Recipients,
     out: &Path,
+    max_rate: Option<u64>,
     progress: Progress<'_>,
 ) -> Result<Created, BackupError> {
     let started = std::time::Instant::now();
@@ -160,7 +162,7 @@ pub async fn create(
         )
         .await
         .map_err(|e| BackupError::Audit(e.to_string()))?;
-    let res = write(inst, to, out, &dir, &backup_id, progress).await;
+    let res = write(inst, to, out, &dir, &backup_id, max_rate, progress).await;
     let outcome = match &res {
         Ok(c) => format!(
             "backup {backup_id} written: {} bytes, {} resources, {} versions, {} audit records",
@@ -196,6 +198,7 @@ async fn write(
     out: &Path,
     dir: &Path,
     backup_id: &str,
+    max_rate: Option<u64>,
     progress: Progress<'_>,
 ) -> Result<Created, BackupError> {
     // The snapshot goes into the data directory (0700, the instance's
@@ -203,7 +206,13 @@ async fn write(
     // could swap the working directory for a link to elsewhere.
     let scratch = Scratch::new(inst.data_dir.join(format!(".backup-{backup_id}")))?;
     progress("taking a consistent snapshot of the database", 0, 0);
-    let snap = inst.store.snapshot(&scratch.path).await?;
+    // The copy at half the pace: it reads every page of the database and
+    // writes it again, which is what costs the servers most (page cache
+    // and disk), the archive after it much less (docs/PERFORMANCE.md).
+    let snap = inst
+        .store
+        .snapshot(&scratch.path, max_rate.map(|r| r / 2))
+        .await?;
     let facts = &snap.facts;
     let data = inst.data_dir;
     let read = |p: &Path| std::fs::read(p).map_err(|e| io(format!("reading {}", p.display()), e));
@@ -240,7 +249,7 @@ async fn write(
             }
         }
         let _partial = Partial(&tmp);
-        let mut w = Writer::new(file, to)?;
+        let mut w = Writer::new(file, to, max_rate)?;
         let db_name = snap
             .file
             .file_name()

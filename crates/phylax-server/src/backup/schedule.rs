@@ -92,7 +92,7 @@ async fn once(node: &Node) -> Result<(), super::BackupError> {
         data_dir: &node.data_dir,
     };
     let step = parking_lot::Mutex::new(String::new());
-    let c = create(src, &to, &out, &|s, done, total| {
+    let c = create(src, &to, &out, b.max_rate(), &|s, done, total| {
         let mut last = step.lock();
         if *last != s {
             tracing::info!(event = "backup.progress", step = s, done, total);

@@ -176,7 +176,10 @@ async fn backup_while_writing_restores_every_version(s: &TestServer) {
         })
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let c = create::create((&op).into(), &to, &out, &no_progress())
+    // Paced (4 MB/s: the copy is taken in steps over a second or so),
+    // so that writes land between the steps; the copy must still be
+    // one instant's view.
+    let c = create::create((&op).into(), &to, &out, Some(4 << 20), &no_progress())
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -331,7 +334,7 @@ async fn crypto_shredding_holds_against_an_older_backup(s: &TestServer) {
     let op = operator(s).await;
     let (ids, to) = custodian();
     let old = s.dir.path().join("before.age");
-    create::create((&op).into(), &to, &old, &no_progress())
+    create::create((&op).into(), &to, &old, None, &no_progress())
         .await
         .unwrap();
     // A copy of the KEK as it was (an escrow someone kept).
@@ -405,7 +408,7 @@ async fn crypto_shredding_holds_against_an_older_backup(s: &TestServer) {
     // A backup taken after the erasure restores with today's KEK, without
     // the patient.
     let new = s.dir.path().join("after.age");
-    create::create((&op).into(), &to, &new, &no_progress())
+    create::create((&op).into(), &to, &new, None, &no_progress())
         .await
         .unwrap();
     let url2 = restore_url(s).await;
@@ -441,9 +444,15 @@ async fn a_restore_drill_is_timed_and_recorded(s: &TestServer) {
     let (ids, to) = custodian();
     let dir = s.dir.path().join("backups");
     std::fs::create_dir(&dir).unwrap();
-    create::create((&op).into(), &to, &dir.join("one.age"), &no_progress())
-        .await
-        .unwrap();
+    create::create(
+        (&op).into(),
+        &to,
+        &dir.join("one.age"),
+        None,
+        &no_progress(),
+    )
+    .await
+    .unwrap();
     // Something planted in the directory, newer by its time, is not what
     // a drill takes: only what the instance recorded.
     let planted = dir.join("phylax-99999999T000000.000Z.age");
@@ -982,7 +991,7 @@ async fn a_rolled_back_copy_does_not_overwrite_the_outside_checkpoint() {
     let kek = s.dir.path().join("keys/kek");
     let (ids, to) = custodian();
     let old = s.dir.path().join("old.age");
-    create::create((&op).into(), &to, &old, &no_progress())
+    create::create((&op).into(), &to, &old, None, &no_progress())
         .await
         .unwrap();
     for i in 0..5 {

@@ -9,7 +9,7 @@
 //! own connections (`pg_tls`).
 
 use super::{pg, pool_err, row_checkpoint, PgStore};
-use crate::snapshot::{leaf, sql, Facts, Snapshot, SnapshotStore};
+use crate::snapshot::{leaf, sql, Facts, Pace, Snapshot, SnapshotStore};
 use crate::{Result, StoreError};
 use async_trait::async_trait;
 use std::path::Path;
@@ -20,7 +20,7 @@ pub const FILE: &str = "phylax.pgdump";
 
 #[async_trait]
 impl SnapshotStore for PgStore {
-    async fn snapshot(&self, dir: &Path) -> Result<Snapshot> {
+    async fn snapshot(&self, dir: &Path, max_rate: Option<u64>) -> Result<Snapshot> {
         let mut c = self.pool.get().await.map_err(pool_err)?;
         let tx = c
             .build_transaction()
@@ -51,13 +51,15 @@ impl SnapshotStore for PgStore {
             .arg("--lock-wait-timeout=60000")
             .arg(format!("--snapshot={id}"))
             .arg(format!("--schema={}", quote_ident(&schema)))
-            .arg("--file")
-            .arg(&file)
             .arg("--dbname")
             .arg(&conninfo);
         // Both at once: the dump and the facts read the same snapshot,
-        // which lives as long as this transaction.
-        let (dumped, facts) = tokio::join!(run(cmd, password.as_deref(), "pg_dump"), facts(&tx));
+        // which lives as long as this transaction. The dump comes through
+        // a pipe, read at the pace asked for (pg_dump waits on the pipe).
+        let (dumped, facts) = tokio::join!(
+            dump_to(cmd, password.as_deref(), &file, max_rate),
+            facts(&tx)
+        );
         dumped?;
         let facts = facts?;
         tx.commit().await.map_err(pg)?;
@@ -70,6 +72,68 @@ impl SnapshotStore for PgStore {
             schema: Some(schema),
         })
     }
+}
+
+/// Run pg_dump with its output (custom format) on a pipe, written to
+/// `file` at most `max_rate` bytes a second.
+async fn dump_to(
+    mut cmd: tokio::process::Command,
+    password: Option<&str>,
+    file: &Path,
+    max_rate: Option<u64>,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    cmd.env_remove("PGPASSWORD")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(p) = password {
+        cmd.env("PGPASSWORD", p);
+    }
+    let io = |e: std::io::Error| StoreError::Unavailable(format!("pg_dump: {e}"));
+    let mut child = cmd.spawn().map_err(|e| {
+        StoreError::Unavailable(if e.kind() == std::io::ErrorKind::NotFound {
+            "pg_dump is not installed (the PostgreSQL client tools, e.g. apt-get install postgresql-client)".into()
+        } else {
+            format!("pg_dump: {e}")
+        })
+    })?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| io(std::io::Error::other("no pipe")))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| io(std::io::Error::other("no pipe")))?;
+    let err_text = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s).await;
+        s
+    });
+    let mut out = tokio::fs::File::create(file).await.map_err(io)?;
+    let mut pace = Pace::new(max_rate);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = stdout.read(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).await.map_err(io)?;
+        tokio::time::sleep(pace.after(n as u64)).await;
+    }
+    out.sync_all().await.map_err(io)?;
+    let status = child.wait().await.map_err(io)?;
+    if !status.success() {
+        let err = err_text.await.unwrap_or_default();
+        let line = err
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("failed");
+        return Err(StoreError::Unavailable(format!("pg_dump: {}", line.trim())));
+    }
+    Ok(())
 }
 
 /// `"name"`, as pg_dump's patterns and SQL take an exact identifier.

@@ -106,7 +106,8 @@ fn open_conn(path: &Path) -> Result<Connection> {
     c.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; \
          PRAGMA busy_timeout=10000; PRAGMA secure_delete=ON; \
-         PRAGMA cache_size=-8192; PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=16384;",
+         PRAGMA cache_size=-8192; PRAGMA temp_store=MEMORY; PRAGMA wal_autocheckpoint=16384; \
+         PRAGMA journal_size_limit=268435456;",
     )
     .map_err(backend)?;
     Ok(c)

@@ -3,11 +3,15 @@
 //! read from the copy, and a restore that links a copy into place.
 
 use super::{backend, open_conn, row_checkpoint, SqliteStore};
-use crate::snapshot::{leaf, sql, Facts, Snapshot, SnapshotStore};
+use crate::snapshot::{leaf, sql, Facts, Pace, Snapshot, SnapshotStore};
 use crate::{Result, StoreError};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
+
+/// How far the write-ahead log may grow while a paced copy holds its
+/// snapshot before the copy stops pacing itself.
+const WAL_BOUND: u64 = 2 << 30;
 
 /// The copy's name inside the snapshot directory.
 pub const FILE: &str = "phylax.db";
@@ -18,30 +22,68 @@ fn io(what: &str, e: std::io::Error) -> StoreError {
 
 #[async_trait]
 impl SnapshotStore for SqliteStore {
-    async fn snapshot(&self, dir: &Path) -> Result<Snapshot> {
+    async fn snapshot(&self, dir: &Path, max_rate: Option<u64>) -> Result<Snapshot> {
         let src = self.path.clone();
         let file = dir.join(FILE);
         let out = file.clone();
         let facts = tokio::task::spawn_blocking(move || -> Result<Facts> {
             // A connection of its own: the copy can take minutes, and the
             // pool's readers serve requests meanwhile. SQLite's online
-            // backup in one step: every page copied as stored (no
-            // rebuilding of tables and indexes, as `VACUUM INTO` does)
-            // under one read transaction, so the copy is one instant's
-            // view while writers go on in the WAL.
-            let src = open_conn(&src)?;
+            // backup: every page copied as stored (no rebuilding of tables
+            // and indexes, as `VACUUM INTO` does), all inside one read
+            // transaction held on the source connection, so the copy is one
+            // instant's view while writers go on in the WAL (a backup step
+            // that opened its own transaction each time would start over
+            // whenever another connection wrote), paced in steps.
+            let src_path = src;
+            let src = open_conn(&src_path)?;
+            src.execute_batch("BEGIN").map_err(backend)?;
+            src.query_row("SELECT count(*) FROM meta", [], |_| Ok(()))
+                .map_err(backend)?;
+            let page: i64 = src
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .map_err(backend)?;
             let mut dst = Connection::open(&out).map_err(backend)?;
             {
-                let b = rusqlite::backup::Backup::new(&src, &mut dst).map_err(backend)?;
-                match b.step(-1).map_err(backend)? {
-                    rusqlite::backup::StepResult::Done => {}
-                    r => {
-                        return Err(StoreError::Unavailable(format!(
-                            "the online backup did not finish in one step: {r:?}"
-                        )))
+                use rusqlite::backup::{Backup, StepResult};
+                let b = Backup::new(&src, &mut dst).map_err(backend)?;
+                let mut pace = Pace::new(max_rate);
+                // A tenth of a second's worth at the rate, or all at once.
+                let pages = match max_rate {
+                    Some(r) if r > 0 => ((r / page.max(512) as u64) / 10).clamp(16, 1 << 20) as i32,
+                    _ => -1,
+                };
+                // The pinned snapshot keeps the WAL from being reset: it
+                // grows by everything written meanwhile. Past this, the
+                // rest is copied at once (the disk matters more than the
+                // pace).
+                let wal = src_path.with_extension("db-wal");
+                let mut pages = pages;
+                loop {
+                    if pages > 0
+                        && std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > WAL_BOUND
+                    {
+                        tracing::warn!(event = "backup.wal_bound",
+                            "the write-ahead log grew past 2 GiB while the backup held its snapshot: copying the rest unpaced");
+                        pages = -1;
                     }
+                    match b.step(pages).map_err(backend)? {
+                        StepResult::Done => break,
+                        StepResult::More => {}
+                        StepResult::Busy | StepResult::Locked => {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                            continue;
+                        }
+                        r => {
+                            return Err(StoreError::Unavailable(format!(
+                                "the online backup stopped: {r:?}"
+                            )))
+                        }
+                    }
+                    std::thread::sleep(pace.after(pages.max(0) as u64 * page as u64));
                 }
             }
+            src.execute_batch("COMMIT").map_err(backend)?;
             drop(dst);
             drop(src);
             std::fs::File::open(&out)

@@ -129,6 +129,11 @@ pub struct BackupConfig {
     pub keep: u32,
     /// … none older than this (days, 1–3650); the newest always stays.
     pub keep_days: u32,
+    /// A backup reads and writes at most this many megabytes a second
+    /// (0: no limit), so that the servers keep their throughput while it
+    /// runs (docs/PERFORMANCE.md, "Backups"). `backup create --max-rate`
+    /// overrides it.
+    pub max_mb_per_sec: u32,
 }
 
 impl Default for BackupConfig {
@@ -140,11 +145,17 @@ impl Default for BackupConfig {
             recipients_file: None,
             keep: 14,
             keep_days: 35,
+            max_mb_per_sec: 40,
         }
     }
 }
 
 impl BackupConfig {
+    /// The rate limit in bytes a second (`None`: no limit).
+    pub fn max_rate(&self) -> Option<u64> {
+        (self.max_mb_per_sec > 0).then(|| u64::from(self.max_mb_per_sec) << 20)
+    }
+
     /// The schedule's interval, parsed (`None` without one).
     pub fn interval(&self) -> Result<Option<std::time::Duration>, String> {
         let Some(s) = self.schedule.as_deref() else {

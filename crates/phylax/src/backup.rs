@@ -431,13 +431,15 @@ pub async fn backup_cmd(c: BackupCmd) -> Result<()> {
         } => {
             let ids = identities(&identity)?;
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
-            let from = match from {
-                Some(f) => f,
+            let (from, expect) = match from {
+                Some(f) => (f, None),
                 // The newest backup the instance recorded (in `[backup]
-                // dir`, when set): never a file someone else put there.
+                // dir`, when set): never a file someone else put there,
+                // and it must still be the archive recorded.
                 None => {
                     let dir = i.config.backup.dir.as_ref().map(|d| i.data_dir.join(d));
-                    drill::newest_backup(&i.store, dir.as_deref()).await?
+                    let r = drill::newest_backup(&i.store, dir.as_deref()).await?;
+                    (PathBuf::from(r.file), Some(r.id))
                 }
             };
             if i.store.backend() == "postgres" && scratch_database_url.is_none() {
@@ -451,6 +453,7 @@ pub async fn backup_cmd(c: BackupCmd) -> Result<()> {
                     ids: &ids,
                     scratch_url: scratch_database_url.as_deref(),
                     other_instance,
+                    expect: expect.as_deref(),
                 },
                 &|s, d, t| r.report(s, d, t),
             )
@@ -544,6 +547,9 @@ pub async fn restore_cmd(a: RestoreArgs) -> Result<()> {
     }
     if !x.erasures_reapplied.is_empty() {
         println!("  erasures re-applied: {}", x.erasures_reapplied.len());
+    }
+    for w in &x.warnings {
+        eprintln!("warning: {w}");
     }
     if x.tls_reissued {
         println!("  the TLS key was not at its configured path: a new local CA and server certificate were issued (clients must trust the new tls/ca.pem)");

@@ -536,6 +536,13 @@ async fn audit_cmd(c: AuditCmd) -> Result<()> {
                 );
             }
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
+            // The copy kept outside the database, where the configuration
+            // says, is always checked too.
+            if let Some(f) = &i.config.audit.checkpoint_file {
+                if let Ok(n) = std::fs::read_to_string(i.data_dir.join(f)) {
+                    notes.push(n);
+                }
+            }
             match i.audit.verify(&notes, event.as_deref()).await {
                 Ok(r) => {
                     let latest = r.latest.as_ref();

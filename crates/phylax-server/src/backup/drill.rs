@@ -12,7 +12,7 @@ use phylax_audit::checkpoint::VerifierKey;
 use phylax_audit::event::Action;
 use phylax_crypto::archive::Identities;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Meta records of drills (`backup_drill_v1:<ms>`), newest last.
 pub const DRILL: &str = "backup_drill_v1:";
@@ -44,14 +44,17 @@ pub struct Drill {
 pub async fn newest_backup(
     store: &phylax_store::DynStore,
     dir: Option<&Path>,
-) -> Result<PathBuf, BackupError> {
+) -> Result<crate::backup::create::Recorded, BackupError> {
     let dir = dir.and_then(|d| d.canonicalize().ok());
     crate::backup::create::recorded(store)
         .await?
         .into_iter()
         .rev()
-        .map(|(_, r)| PathBuf::from(r.file))
-        .find(|f| f.is_file() && dir.as_ref().is_none_or(|d| f.parent() == Some(d.as_path())))
+        .map(|(_, r)| r)
+        .find(|r| {
+            let f = Path::new(&r.file);
+            f.is_file() && dir.as_ref().is_none_or(|d| f.parent() == Some(d.as_path()))
+        })
         .ok_or_else(|| {
             BackupError::Refused("no backup this instance recorded is where it was written".into())
         })
@@ -77,6 +80,10 @@ pub struct DrillOptions<'a> {
     /// database other than the live one.
     pub scratch_url: Option<&'a str>,
     pub other_instance: bool,
+    /// The backup id the instance recorded for `from` ([`newest_backup`]):
+    /// a different archive at that path (an older one put in its place)
+    /// fails the drill.
+    pub expect: Option<&'a str>,
 }
 
 /// Drill: restore `o.from` into a scratch place and prove it; record the
@@ -125,6 +132,14 @@ pub async fn drill(
         progress,
     )
     .await;
+    let res = match (res, o.expect) {
+        (Ok(r), Some(id)) if r.backup_id != id => Err(BackupError::Invalid(format!(
+            "{} holds backup {}, but the instance recorded backup {id} there: it was replaced",
+            o.from.display(),
+            r.backup_id
+        ))),
+        (res, _) => res,
+    };
     let _ = std::fs::remove_dir_all(&scratch);
     if let Some(url) = o.scratch_url {
         if let Ok(r) = &res {

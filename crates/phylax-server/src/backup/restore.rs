@@ -92,6 +92,9 @@ pub struct Restored {
     pub tls_reissued: bool,
     pub signed_by: String,
     pub seconds: f64,
+    /// What the operator should know (an outside checkpoint that could not
+    /// be read).
+    pub warnings: Vec<String>,
 }
 
 fn refused(m: impl Into<String>) -> BackupError {
@@ -151,10 +154,15 @@ pub async fn restore(
     // where the backed-up configuration says (the same machine, or the
     // storage mounted again): the restored log is held to it too.
     let mut outside = o.outside.to_vec();
+    let mut warnings = Vec::new();
     if let Some(f) = &config.audit.checkpoint_file {
         let at = Path::new(&checked.manifest.source_data_dir).join(f);
-        if let Ok(note) = std::fs::read_to_string(at) {
-            outside.push(note);
+        match std::fs::read_to_string(&at) {
+            Ok(note) => outside.push(note),
+            Err(e) => warnings.push(format!(
+                "the outside checkpoint file the backup's configuration names ({}) cannot be read ({e}): the restored log was not held to it; pass the latest copy with --checkpoint",
+                at.display()
+            )),
         }
     }
     let checked = if outside.len() > o.outside.len() {
@@ -230,6 +238,7 @@ pub async fn restore(
         tls_reissued,
         signed_by: checked.signer.encode(),
         seconds: started.elapsed().as_secs_f64(),
+        warnings,
     })
 }
 

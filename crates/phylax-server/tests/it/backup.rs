@@ -464,7 +464,12 @@ async fn a_restore_drill_is_timed_and_recorded(s: &TestServer) {
         .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(86_400 * 365))
         .unwrap();
     let newest = drill::newest_backup(&op.store, Some(&dir)).await.unwrap();
-    assert_eq!(newest, dir.join("one.age").canonicalize().unwrap());
+    assert_eq!(
+        std::path::Path::new(&newest.file),
+        dir.join("one.age").canonicalize().unwrap()
+    );
+    let newest_id = newest.id.clone();
+    let newest = PathBuf::from(newest.file);
     let url = restore_url(s).await;
     let d = drill::drill(
         &op,
@@ -473,6 +478,7 @@ async fn a_restore_drill_is_timed_and_recorded(s: &TestServer) {
             ids: &ids,
             scratch_url: url.as_deref(),
             other_instance: false,
+            expect: Some(&newest_id),
         },
         &no_progress(),
     )
@@ -510,6 +516,35 @@ async fn a_restore_drill_is_timed_and_recorded(s: &TestServer) {
         })
         .count();
     assert_eq!(leftovers, 0);
+    // An older archive put where the newest recorded backup was: the
+    // drill fails (and says so) instead of proving the wrong backup.
+    create::create(
+        (&op).into(),
+        &to,
+        &dir.join("two.age"),
+        None,
+        &no_progress(),
+    )
+    .await
+    .unwrap();
+    let two = drill::newest_backup(&op.store, Some(&dir)).await.unwrap();
+    assert_ne!(two.id, newest_id);
+    std::fs::copy(&newest, &two.file).unwrap();
+    let e = drill::drill(
+        &op,
+        drill::DrillOptions {
+            from: std::path::Path::new(&two.file),
+            ids: &ids,
+            scratch_url: url.as_deref(),
+            other_instance: false,
+            expect: Some(&two.id),
+        },
+        &no_progress(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("replaced"), "{e}");
+    assert!(!drill::last_drill(&op.store).await.unwrap().unwrap().ok);
     // A failed drill is recorded as failed (a backup of nothing).
     let bad = dir.join("bad.age");
     std::fs::write(&bad, b"not an archive").unwrap();
@@ -520,6 +555,7 @@ async fn a_restore_drill_is_timed_and_recorded(s: &TestServer) {
             ids: &ids,
             scratch_url: url.as_deref(),
             other_instance: false,
+            expect: None,
         },
         &no_progress(),
     )
@@ -1029,4 +1065,29 @@ async fn a_rolled_back_copy_does_not_overwrite_the_outside_checkpoint() {
     copy.audit.flush().await.unwrap();
     copy.audit.seal_pending().await.unwrap();
     assert_eq!(std::fs::read_to_string(&outside_file).unwrap(), before);
+    // Nor once the copy's own log (a fork) has grown past that size.
+    for i in 0..20 {
+        copy.audit
+            .record_admin(
+                "backup",
+                phylax_audit::event::Action::Read,
+                format!("fork {i}"),
+            )
+            .await
+            .unwrap();
+    }
+    copy.audit.seal_pending().await.unwrap();
+    let (records, _) = copy.audit.sizes().await.unwrap();
+    let outside_size =
+        phylax_audit::checkpoint::open_signed_any(&before, &copy.audit.verifier_keys())
+            .unwrap()
+            .size;
+    assert!(
+        records > outside_size,
+        "the fork grew past the outside checkpoint"
+    );
+    assert_eq!(std::fs::read_to_string(&outside_file).unwrap(), before);
+    // The live instance still verifies against it.
+    let live = op.audit.verify(&[before.clone()], None).await.unwrap();
+    assert_eq!(live.external, 1);
 }

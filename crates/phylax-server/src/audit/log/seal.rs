@@ -60,7 +60,7 @@ impl AuditLog {
         if sealed_ok {
             *guard = Some(next);
             drop(guard);
-            self.publish(&note);
+            self.publish(&note).await;
             Ok(Some(cp))
         } else {
             // Another node sealed first; re-read next time.
@@ -268,24 +268,20 @@ impl AuditLog {
 
     /// Keep a copy of the newest checkpoint outside the database (written
     /// to a temporary file and renamed, so a reader never sees half).
-    fn publish(&self, note: &str) {
+    async fn publish(&self, note: &str) {
         let Some(path) = &self.checkpoint_file else {
             return;
         };
-        // Never over a checkpoint of a larger tree: that is what a copy
-        // restored from an older backup would do, erasing the evidence that
-        // a longer log existed. It is an incident, not something to fix
-        // quietly.
-        let keys = self.verifier_keys();
-        let size = |text: &str| {
-            phylax_audit::checkpoint::open_signed_any(text, &keys)
-                .ok()
-                .map(|c| c.size)
-        };
-        if let (Ok(old), Some(new)) = (std::fs::read_to_string(path), size(note)) {
-            if let Some(old) = size(&old).filter(|old| *old > new) {
-                tracing::error!(event = "audit.checkpoint_rollback", path = %path.display(), outside = old, log = new,
-                    "the outside checkpoint is of a larger tree than this log: the log was rolled back (a restore from an older backup?); the file is left as it is");
+        // Only over a checkpoint this log continues: one it signed itself
+        // (the same root at that size in its own stored checkpoints). Not
+        // over one of a larger tree, one of another fork of the log (a copy
+        // restored from an older backup, grown past it), or one it cannot
+        // read with its keys: each would erase the evidence that the file
+        // keeps. That is an incident, not something to fix quietly.
+        if let Ok(old) = std::fs::read_to_string(path) {
+            if let Err(why) = self.continues(&old, note).await {
+                tracing::error!(event = "audit.checkpoint_rollback", path = %path.display(), why = %why,
+                    "the outside checkpoint is not one this log continues (a restore from an older backup?); the file is left as it is");
                 return;
             }
         }
@@ -294,6 +290,46 @@ impl AuditLog {
         if let Err(e) = res {
             tracing::error!(event = "audit.checkpoint_copy_failed", path = %path.display(), error = %e,
                 "could not write the external checkpoint copy");
+        }
+    }
+
+    /// Whether the checkpoint `new` continues the one in `old` (text of
+    /// the outside file): same origin and keys, not smaller, and `old` is
+    /// this log's own checkpoint at its size.
+    async fn continues(&self, old: &str, new: &str) -> Result<(), String> {
+        use phylax_audit::checkpoint::open_signed_any;
+        if old.trim().is_empty() {
+            return Ok(());
+        }
+        let keys = self.verifier_keys();
+        let old = open_signed_any(old, &keys)
+            .map_err(|e| format!("not signed by this log's keys ({e})"))?;
+        let new = open_signed_any(new, &keys).map_err(|e| e.to_string())?;
+        if old.size > new.size {
+            return Err(format!(
+                "it is of a larger tree ({} > {})",
+                old.size, new.size
+            ));
+        }
+        if old.size == 0 {
+            return Ok(());
+        }
+        let ours = self
+            .store
+            .checkpoints(old.size - 1, 1)
+            .await
+            .map_err(|e| e.to_string())?;
+        let same = ours.first().filter(|c| c.size == old.size).and_then(|c| {
+            open_signed_any(&c.note, &keys)
+                .ok()
+                .map(|cp| cp.root == old.root)
+        });
+        match same {
+            Some(true) => Ok(()),
+            _ => Err(format!(
+                "this log's tree at size {} is not the one it records (another fork of the log)",
+                old.size
+            )),
         }
     }
 

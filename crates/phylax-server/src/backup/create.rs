@@ -213,19 +213,9 @@ async fn write(
         .store
         .snapshot(&scratch.path, max_rate.map(|r| r / 2))
         .await?;
-    let facts = &snap.facts;
-    let data = inst.data_dir;
-    let read = |p: &Path| std::fs::read(p).map_err(|e| io(format!("reading {}", p.display()), e));
-    let config = read(&data.join(crate::base::config::CONFIG_FILE))?;
-    let ca = read(&data.join(&inst.config.tls.ca))?;
-    let cert = read(&data.join(&inst.config.tls.cert))?;
-    let outside = match &inst.config.audit.checkpoint_file {
-        Some(p) => std::fs::read(data.join(p)).ok(),
-        None => None,
-    };
     // The journal after the snapshot: a record acknowledged before it is
     // in one or the other (replays skip what the database already has).
-    let journal = journal_files(&data.join("audit-journal"))?;
+    let journal = journal_files(&inst.data_dir.join("audit-journal"))?;
 
     // Hashing and encrypting gigabytes is blocking work: off the
     // runtime's worker threads (a scheduled backup shares them with the
@@ -260,36 +250,7 @@ async fn write(
             &snap.file,
             progress,
         )?;
-        w.add_bytes(manifest::CONFIG, &config)?;
-        w.add_bytes(manifest::CA, &ca)?;
-        w.add_bytes(manifest::CERT, &cert)?;
-        // The rest of the TLS material that is not secret.
-        for (name, path) in [
-            (manifest::CLIENT_CA, &inst.config.tls.client_ca),
-            (manifest::OCSP, &inst.config.tls.ocsp),
-        ] {
-            if let Some(p) = path {
-                w.add_bytes(name, &read(&data.join(p))?)?;
-            }
-        }
-        let leaves: Vec<u8> = facts.leaves.iter().flatten().copied().collect();
-        w.add_bytes(manifest::LEAVES, &leaves)?;
-        if let Some(cp) = &facts.checkpoint {
-            w.add_bytes(manifest::CHECKPOINT, cp.note.as_bytes())?;
-        }
-        if let Some(o) = &outside {
-            w.add_bytes(manifest::OUTSIDE, o)?;
-        }
-        let keys: Vec<(&str, String)> = facts
-            .checkpoint_keys
-            .iter()
-            .map(|(row, wrapped)| (row.as_str(), STANDARD.encode(wrapped)))
-            .collect();
-        let keys = serde_json::to_vec(&keys).map_err(|e| BackupError::Io(e.to_string()))?;
-        w.add_bytes(manifest::CHECKPOINT_KEYS, &keys)?;
-        for (name, bytes) in &journal {
-            w.add_bytes(&format!("{}{name}", manifest::JOURNAL_DIR), bytes)?;
-        }
+        add_small_files(&mut w, inst, &snap.facts, &journal)?;
         let m = manifest_for(inst, &snap, backup_id, w.files().to_vec());
         let (bytes, sig) = m.sign(inst.audit)?;
         let file = w.finish(&bytes, &sig)?;
@@ -318,6 +279,55 @@ async fn write(
         recipients: to.len(),
         seconds: 0.0,
     })
+}
+
+/// Everything but the database copy: configuration, certificates, the
+/// audit tree's leaves and checkpoints, the checkpoint keys as stored, the
+/// journal.
+fn add_small_files(
+    w: &mut Writer,
+    inst: Source<'_>,
+    facts: &phylax_store::snapshot::Facts,
+    journal: &[(String, Vec<u8>)],
+) -> Result<(), BackupError> {
+    let data = inst.data_dir;
+    let read = |p: &Path| std::fs::read(p).map_err(|e| io(format!("reading {}", p.display()), e));
+    w.add_bytes(
+        manifest::CONFIG,
+        &read(&data.join(crate::base::config::CONFIG_FILE))?,
+    )?;
+    w.add_bytes(manifest::CA, &read(&data.join(&inst.config.tls.ca))?)?;
+    w.add_bytes(manifest::CERT, &read(&data.join(&inst.config.tls.cert))?)?;
+    // The rest of the TLS material that is not secret.
+    for (name, path) in [
+        (manifest::CLIENT_CA, &inst.config.tls.client_ca),
+        (manifest::OCSP, &inst.config.tls.ocsp),
+    ] {
+        if let Some(p) = path {
+            w.add_bytes(name, &read(&data.join(p))?)?;
+        }
+    }
+    let leaves: Vec<u8> = facts.leaves.iter().flatten().copied().collect();
+    w.add_bytes(manifest::LEAVES, &leaves)?;
+    if let Some(cp) = &facts.checkpoint {
+        w.add_bytes(manifest::CHECKPOINT, cp.note.as_bytes())?;
+    }
+    if let Some(p) = &inst.config.audit.checkpoint_file {
+        if let Ok(o) = std::fs::read(data.join(p)) {
+            w.add_bytes(manifest::OUTSIDE, &o)?;
+        }
+    }
+    let keys: Vec<(&str, String)> = facts
+        .checkpoint_keys
+        .iter()
+        .map(|(row, wrapped)| (row.as_str(), STANDARD.encode(wrapped)))
+        .collect();
+    let keys = serde_json::to_vec(&keys).map_err(|e| BackupError::Io(e.to_string()))?;
+    w.add_bytes(manifest::CHECKPOINT_KEYS, &keys)?;
+    for (name, bytes) in journal {
+        w.add_bytes(&format!("{}{name}", manifest::JOURNAL_DIR), bytes)?;
+    }
+    Ok(())
 }
 
 /// The manifest of a backup of `inst` holding `snap` and `files`.

@@ -1088,6 +1088,10 @@ async fn a_rolled_back_copy_does_not_overwrite_the_outside_checkpoint() {
     );
     assert_eq!(std::fs::read_to_string(&outside_file).unwrap(), before);
     // The live instance still verifies against it.
-    let live = op.audit.verify(&[before.clone()], None).await.unwrap();
+    let live = op
+        .audit
+        .verify(std::slice::from_ref(&before), None)
+        .await
+        .unwrap();
     assert_eq!(live.external, 1);
 }

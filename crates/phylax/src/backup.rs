@@ -295,13 +295,7 @@ pub async fn backup_cmd(c: BackupCmd) -> Result<()> {
             max_rate,
             json,
         } => {
-            let mut lines = recipients;
-            if let Some(f) = &recipients_file {
-                let text = std::fs::read_to_string(f)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
-                lines.extend(text.lines().map(str::to_owned));
-            }
-            let to = phylax_crypto::kek::Recipients::parse(lines.iter().map(String::as_str))?;
+            let to = crate::keys::recipients_from(recipients, recipients_file.as_deref())?;
             let i = Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?;
             let out = out_path(out, &i)?;
             let r = Reporter::new();

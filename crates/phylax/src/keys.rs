@@ -255,6 +255,22 @@ fn on_progress(pb: &indicatif::ProgressBar) -> impl Fn(u64, u64) + Sync + '_ {
     }
 }
 
+/// age recipients from `--recipient` and a `--recipients-file` (one per
+/// line, `#` comments allowed), as the escrow and backups take them.
+pub fn recipients_from(
+    mut lines: Vec<String>,
+    file: Option<&std::path::Path>,
+) -> Result<phylax_crypto::kek::Recipients> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
+        lines.extend(text.lines().map(str::to_owned));
+    }
+    Ok(phylax_crypto::kek::Recipients::parse(
+        lines.iter().map(String::as_str),
+    )?)
+}
+
 async fn open(inst: &InstanceArgs) -> Result<Instance> {
     Ok(Instance::open(&inst.data_dir, inst.database_url.as_deref()).await?)
 }
@@ -463,13 +479,7 @@ pub async fn keys_cmd(c: KeysCmd) -> Result<()> {
             out,
             json,
         } => {
-            let mut lines = recipients;
-            if let Some(f) = &recipients_file {
-                let text = std::fs::read_to_string(f)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?;
-                lines.extend(text.lines().map(str::to_owned));
-            }
-            let to = phylax_crypto::kek::Recipients::parse(lines.iter().map(String::as_str))?;
+            let to = recipients_from(recipients, recipients_file.as_deref())?;
             let i = open(&inst).await?;
             let r = KeyAdmin::of(&i, GRACE).escrow_kek(&to, &out).await?;
             if json {

@@ -6,7 +6,7 @@
 
 use super::archive::{self, Writer};
 use super::manifest::{self, Manifest, FORMAT};
-use super::{io, sync_dir, uid, BackupError, Progress, Scratch};
+use super::{io, sync_dir, BackupError, Progress, Scratch};
 use crate::audit::log::AuditLog;
 use crate::base::config::Config;
 use crate::instance::Instance;
@@ -147,7 +147,7 @@ pub async fn create(
     let started = std::time::Instant::now();
     let dir = destination(inst, out)?;
     let backup_id = uuid::Uuid::new_v4().to_string();
-    let who = uid();
+    let who = crate::keys::os_uid();
     // On the record before the snapshot (so the backup holds it): who took
     // a backup, and who can open it.
     inst.audit

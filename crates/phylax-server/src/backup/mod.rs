@@ -75,14 +75,6 @@ fn io(what: impl std::fmt::Display, e: std::io::Error) -> BackupError {
     BackupError::Io(format!("{what}: {e}"))
 }
 
-/// The operating-system user running the command, for audit records.
-fn uid() -> String {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// Sync a directory (a rename or link in it is durable after this).
 fn sync_dir(dir: &std::path::Path) -> Result<(), BackupError> {
     std::fs::File::open(dir)

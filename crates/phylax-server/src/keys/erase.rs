@@ -245,14 +245,7 @@ impl KeyAdmin<'_> {
         // Recorded before anything is deleted: until a KEK rotation retires
         // every generation held now, the erasure is pending (`keys status`,
         // and running `patient erase` again finishes it).
-        let record = serde_json::to_vec(&PendingErasure {
-            patient: id.clone(),
-            below: self.kek.current(),
-        })
-        .map_err(|e| KeysError::Audit(e.to_string()))?;
-        self.store
-            .put_meta_if_absent(&format!("{ERASURE}{id}:{}", now()), &record)
-            .await?;
+        self.register_erasure(&id).await?;
         let mut erased = self.store.erase_key_scope(&scope, &row).await?;
         erased.key_rows += self.delete_later_key_rows(&scope).await?;
         self.event("erase").await?;
@@ -286,14 +279,7 @@ impl KeyAdmin<'_> {
             // Nothing of the patient in the copy (erased before the backup).
             return Ok(erased);
         }
-        let record = serde_json::to_vec(&PendingErasure {
-            patient: id.clone(),
-            below: self.kek.current(),
-        })
-        .map_err(|e| KeysError::Audit(e.to_string()))?;
-        self.store
-            .put_meta_if_absent(&format!("{ERASURE}{id}:{}", now()), &record)
-            .await?;
+        self.register_erasure(&id).await?;
         self.audit
             .record_admin_for(
                 "patient-erase",
@@ -307,6 +293,20 @@ impl KeyAdmin<'_> {
             .await
             .map_err(|e| KeysError::Audit(e.to_string()))?;
         Ok(erased)
+    }
+
+    /// Put the patient in the erasure register: pending until no KEK
+    /// generation held now is held any more.
+    async fn register_erasure(&self, id: &str) -> Result<(), KeysError> {
+        let record = serde_json::to_vec(&PendingErasure {
+            patient: id.to_owned(),
+            below: self.kek.current(),
+        })
+        .map_err(|e| KeysError::Audit(e.to_string()))?;
+        self.store
+            .put_meta_if_absent(&format!("{ERASURE}{id}:{}", now()), &record)
+            .await?;
+        Ok(())
     }
 
     /// Whether any generation of `scope`'s data key is stored.

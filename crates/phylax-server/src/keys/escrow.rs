@@ -50,12 +50,7 @@ impl KeyAdmin<'_> {
         let (generations, sealed) = self.kek.escrow(to)?;
         // Who can recover the KEK is itself evidence: the recipients'
         // public keys and the operating-system user go on the record.
-        let uid = {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata("/proc/self")
-                .map(|m| m.uid().to_string())
-                .unwrap_or_else(|_| "unknown".into())
-        };
+        let uid = super::os_uid();
         let to_whom = to.names().join(" ");
         self.audit(
             "key-escrow",

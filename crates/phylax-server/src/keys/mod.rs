@@ -235,6 +235,15 @@ pub struct Erasure {
     pub pending: Option<String>,
 }
 
+/// The operating-system user running the command, for audit records
+/// (who escrowed the KEK, who took a backup).
+pub(crate) fn os_uid() -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 pub(crate) fn now() -> i64 {
     crate::base::clock::now_secs()
 }

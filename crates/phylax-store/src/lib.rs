@@ -5,7 +5,7 @@
 //! # Layout
 //! - The storage traits, one per concern: [`MetaStore`], [`KeyStore`],
 //!   [`ResourceStore`], [`AccountStore`], [`GrantStore`], [`AuditStore`],
-//!   [`BreakGlassStore`]; [`Store`] is their sum (what a backend is) and
+//!   [`BreakGlassStore`], [`IncidentStore`]; [`Store`] is their sum (what a backend is) and
 //!   [`prelude`] imports them all. Their record types ([`NewVersion`],
 //!   [`StoredVersion`], [`ClientRecord`]…) are here too.
 //! - [`sqlite`]: the embedded default. WAL, `synchronous=FULL`, one writer
@@ -309,6 +309,21 @@ pub struct BreakGlassRecord {
     pub reviewed_at: Option<i64>,
     pub reviewer: Option<String>,
     pub review_sealed: Option<Vec<u8>>,
+}
+
+/// One step of an incident in the breach register: opened, a note, an
+/// alert that joined it, a scope, a containment, a report, closed. The
+/// details (title, notes, findings) are sealed, bound to the incident,
+/// kind and time; the register is the fold of the steps in `seq` order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncidentEventRow {
+    /// The store's order (ignored on append).
+    pub seq: i64,
+    pub incident: String,
+    /// Milliseconds since the epoch.
+    pub at: i64,
+    pub kind: String,
+    pub sealed: Vec<u8>,
 }
 
 // The storage interface, as one trait per concern (the backends implement
@@ -744,6 +759,16 @@ pub trait BreakGlassStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<bool>;
 }
 
+/// The breach register: incidents as an append-only list of steps.
+#[async_trait]
+pub trait IncidentStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Append one step; returns its `seq`.
+    async fn incident_append(&self, e: &IncidentEventRow) -> Result<i64>;
+
+    /// The steps of one incident, or of every incident, in `seq` order.
+    async fn incident_events(&self, incident: Option<&str>) -> Result<Vec<IncidentEventRow>>;
+}
+
 /// Every storage concern together: what a backend is.
 pub trait Store:
     MetaStore
@@ -753,6 +778,7 @@ pub trait Store:
     + GrantStore
     + AuditStore
     + BreakGlassStore
+    + IncidentStore
     + snapshot::SnapshotStore
 {
     /// Which backend this is, for logs and metrics ("sqlite", "postgres").
@@ -767,8 +793,8 @@ pub type DynStore = Arc<dyn Store>;
 pub mod prelude {
     pub use crate::snapshot::SnapshotStore;
     pub use crate::{
-        AccountStore, AuditStore, BreakGlassStore, GrantStore, KeyStore, MetaStore, ResourceStore,
-        Store,
+        AccountStore, AuditStore, BreakGlassStore, GrantStore, IncidentStore, KeyStore, MetaStore,
+        ResourceStore, Store,
     };
 }
 

@@ -388,6 +388,27 @@ BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 ALTER TABLE clients ADD COLUMN cert_bound INTEGER NOT NULL DEFAULT 0;
 "#,
     ),
+    (
+        15,
+        r#"
+-- The breach register (issue 26; docs/INCIDENT_RESPONSE.md): every step of
+-- every incident, in order, sealed (titles and notes are free text that
+-- may name patients). Append-only: an incident's history is evidence, so
+-- a step is never changed or removed; a correction is a new step.
+CREATE TABLE incident_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    incident TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    sealed BLOB NOT NULL
+);
+CREATE INDEX incident_events_incident ON incident_events (incident, seq);
+CREATE TRIGGER incident_events_no_delete BEFORE DELETE ON incident_events
+BEGIN SELECT RAISE(ABORT, 'the breach register is append-only'); END;
+CREATE TRIGGER incident_events_no_update BEFORE UPDATE ON incident_events
+BEGIN SELECT RAISE(ABORT, 'the breach register is append-only'); END;
+"#,
+    ),
 ];
 
 /// (version, SQL) for PostgreSQL. Version 2 moves the two hot write paths
@@ -888,6 +909,29 @@ CREATE TRIGGER checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_checkpoi
         r#"
 -- RFC 8705: access tokens bound to the client's TLS certificate.
 ALTER TABLE clients ADD COLUMN cert_bound BOOLEAN NOT NULL DEFAULT false;
+"#,
+    ),
+    (
+        17,
+        r#"
+-- The breach register (issue 26): append-only, as on SQLite.
+CREATE TABLE incident_events (
+    seq BIGSERIAL PRIMARY KEY,
+    incident TEXT COLLATE "C" NOT NULL,
+    at BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    sealed BYTEA NOT NULL
+);
+CREATE INDEX incident_events_incident ON incident_events (incident, seq);
+CREATE FUNCTION phylax_incident_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the breach register is append-only';
+END;
+$$;
+CREATE TRIGGER incident_events_append_only BEFORE UPDATE OR DELETE ON incident_events
+    FOR EACH ROW EXECUTE FUNCTION phylax_incident_refuse();
+CREATE TRIGGER incident_events_no_truncate BEFORE TRUNCATE ON incident_events
+    FOR EACH STATEMENT EXECUTE FUNCTION phylax_incident_refuse();
 "#,
     ),
 ];

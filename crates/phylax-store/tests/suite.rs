@@ -2633,3 +2633,36 @@ async fn versions_are_listed_by_generation_and_resealed_by_compare_and_swap(s: &
     assert_eq!(n, 2);
     assert!(s.get_wrapped_key("data:y@2").await.unwrap().is_none());
 }
+
+both!(incident_steps_in_order_per_incident);
+async fn incident_steps_in_order_per_incident(s: &DynStore) {
+    use phylax_store::IncidentEventRow;
+    let step = |inc: &str, at: i64, kind: &str| IncidentEventRow {
+        seq: 0,
+        incident: inc.into(),
+        at,
+        kind: kind.into(),
+        sealed: vec![at as u8; 3],
+    };
+    let a = s
+        .incident_append(&step("inc-a", 10, "opened"))
+        .await
+        .unwrap();
+    let b = s
+        .incident_append(&step("inc-b", 11, "opened"))
+        .await
+        .unwrap();
+    let c = s.incident_append(&step("inc-a", 12, "note")).await.unwrap();
+    assert!(a < b && b < c);
+    let only_a = s.incident_events(Some("inc-a")).await.unwrap();
+    assert_eq!(
+        only_a
+            .iter()
+            .map(|e| (e.seq, e.kind.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(a, "opened"), (c, "note")]
+    );
+    assert_eq!(only_a[1].sealed, vec![12u8; 3]);
+    assert_eq!(s.incident_events(None).await.unwrap().len(), 3);
+    assert!(s.incident_events(Some("inc-z")).await.unwrap().is_empty());
+}

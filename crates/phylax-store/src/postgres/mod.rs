@@ -13,6 +13,7 @@
 //! - [`grants`]: `GrantStore`, grants, revocations, used assertion ids.
 //! - [`audit`]: `AuditStore`, the audit log, sealing queue, checkpoints.
 //! - [`break_glass`]: `BreakGlassStore`, emergency access grants.
+//! - [`incidents`]: `IncidentStore`, the breach register's steps.
 //! - [`snapshot`]: `SnapshotStore`, a consistent dump for backups
 //!   (`pg_dump` in an exported snapshot) and restoring one (`pg_restore`).
 //!
@@ -22,6 +23,7 @@ mod accounts;
 mod audit;
 mod break_glass;
 mod grants;
+mod incidents;
 mod keys;
 mod meta;
 mod resources;

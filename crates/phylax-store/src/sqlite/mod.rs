@@ -19,6 +19,7 @@
 //! - [`grants`]: `GrantStore`, grants, revocations, used assertion ids.
 //! - [`audit`]: `AuditStore`, the audit log, sealing queue, checkpoints.
 //! - [`break_glass`]: `BreakGlassStore`, emergency access grants.
+//! - [`incidents`]: `IncidentStore`, the breach register's steps.
 //! - [`snapshot`]: `SnapshotStore`, consistent copies for backups
 //!   (the online backup API) and restoring one.
 //!
@@ -28,6 +29,7 @@ mod accounts;
 mod audit;
 mod break_glass;
 mod grants;
+mod incidents;
 mod keys;
 mod meta;
 mod resources;

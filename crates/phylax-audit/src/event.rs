@@ -29,6 +29,8 @@ pub const PHYLAX_SUBTYPES: &str = "https://phylax.dev/fhir/CodeSystem/audit-subt
 /// Phylax role names (docs/ACCESS_CONTROL.md).
 pub const PHYLAX_ROLES: &str = "https://phylax.dev/fhir/CodeSystem/role";
 pub const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
+/// The prefix of an agent `policy` naming the token's grant family.
+pub const GRANT_FAMILY: &str = "urn:phylax:grant-family:";
 
 /// What kind of event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +172,10 @@ pub struct AuditFacts {
     pub ip: Option<IpAddr>,
     /// The access token's id (`jti`), to tie events of one session together.
     pub token_id: Option<String>,
+    /// The grant family (sign-in session and its refresh chain) the token
+    /// came from: what `phylax incident scope --token-family` follows.
+    /// Written as the requestor's `policy` (`urn:phylax:grant-family:…`).
+    pub token_family: Option<String>,
     pub request_id: String,
     /// v3-ActReason code (`TREAT`, `ETREAT` for break-the-glass, `HOPERAT`…).
     pub purpose: Option<&'static str>,
@@ -180,6 +186,9 @@ pub struct AuditFacts {
     /// For searches: the parameter names used (never their values).
     /// (Network address type 2 is "IP address" for IPv4 and IPv6 alike.)
     pub query_params: Vec<String>,
+    /// For searches: the resource type searched (the query entity's
+    /// `name`), so a breach's scope can count searches per type.
+    pub query_type: Option<String>,
     /// The server that recorded it (the log's origin).
     pub observer: String,
 }
@@ -227,6 +236,7 @@ impl AuditFacts {
             agents.push(Agent {
                 alt_id: None,
                 network: None,
+                policy: None,
                 purpose_of_use: purpose,
                 requestor: true,
                 role: Some([Concept::of(Coding::new(PHYLAX_ROLES, &u.role, None))]),
@@ -248,6 +258,7 @@ impl AuditFacts {
             agents.push(Agent {
                 alt_id: None,
                 network: ip,
+                policy: None,
                 purpose_of_use: None,
                 requestor: self.user.is_none(),
                 role: None,
@@ -267,6 +278,7 @@ impl AuditFacts {
                 None => agents.push(Agent {
                     alt_id: None,
                     network: Some(ip),
+                    policy: None,
                     purpose_of_use: None,
                     requestor: true,
                     role: None,
@@ -280,10 +292,14 @@ impl AuditFacts {
         if let (Some(tok), Some(a)) = (&self.token_id, agents.first_mut()) {
             a.alt_id = Some(tok);
         }
+        if let (Some(fam), Some(a)) = (&self.token_family, agents.first_mut()) {
+            a.policy = Some([format!("{GRANT_FAMILY}{fam}")]);
+        }
         let mut entity = Vec::with_capacity(self.patients.len() + self.resources.len() + 2);
         for p in &self.patients {
             entity.push(Entity {
                 description: None,
+                name: None,
                 role: Some(Code::Written(&PATIENT_ROLE)),
                 kind: Code::Written(&PATIENT_TYPE),
                 what: Some(What::Reference {
@@ -294,6 +310,7 @@ impl AuditFacts {
         for r in &self.resources {
             entity.push(Entity {
                 description: None,
+                name: None,
                 role: Some(Code::Of(Coding::new(
                     OBJECT_ROLE,
                     "4",
@@ -305,9 +322,11 @@ impl AuditFacts {
                 }),
             });
         }
-        if !self.query_params.is_empty() {
+        if !self.query_params.is_empty() || self.query_type.is_some() {
             entity.push(Entity {
-                description: Some(Description::Params(&self.query_params)),
+                description: (!self.query_params.is_empty())
+                    .then_some(Description::Params(&self.query_params)),
+                name: self.query_type.as_deref(),
                 role: Some(Code::Of(Coding::new(OBJECT_ROLE, "24", Some("Query")))),
                 kind: Code::Of(Coding::new(ENTITY_TYPE, "2", Some("System Object"))),
                 what: None,
@@ -315,6 +334,7 @@ impl AuditFacts {
         }
         entity.push(Entity {
             description: Some(Description::Text("request id")),
+            name: None,
             role: None,
             kind: Code::Of(Coding::new(ENTITY_TYPE, "4", Some("Other"))),
             what: Some(What::Identifier {
@@ -471,6 +491,8 @@ struct Agent<'a> {
     alt_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     network: Option<Network>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<[String; 1]>,
     #[serde(rename = "purposeOfUse", skip_serializing_if = "Option::is_none")]
     purpose_of_use: Option<[Concept<'a>; 1]>,
     requestor: bool,
@@ -485,6 +507,8 @@ struct Agent<'a> {
 struct Entity<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     description: Option<Description<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     role: Option<Code<'a>>,
     #[serde(rename = "type")]
@@ -666,6 +690,8 @@ mod tests {
             patients: vec!["p1".into()],
             resources: vec!["Observation/o1".into()],
             query_params: vec![],
+            query_type: None,
+            token_family: None,
             observer: "phylax/test".into(),
         };
         let mut v = vec![base.clone()];
@@ -678,6 +704,8 @@ mod tests {
             patients: vec!["p1".into(), "p\"2".into()],
             resources: vec!["Patient/p1".into(), "Patient/p\"2".into()],
             query_params: vec!["family".into(), "_count".into()],
+            query_type: None,
+            token_family: None,
             ip: "::1".parse().ok(),
             ..base.clone()
         });

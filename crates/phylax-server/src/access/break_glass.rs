@@ -197,6 +197,8 @@ pub async fn issue(
         patients: vec![pid.to_string()],
         resources: vec![format!("Patient/{pid}")],
         query_params: Vec::new(),
+        query_type: None,
+        token_family: None,
         observer: st.audit.origin().to_owned(),
     };
     st.audit.record(&facts).await.map_err(|e| {

@@ -27,6 +27,9 @@ pub struct RequestCtx {
     pub(in crate::access) request_id: String,
     pub(in crate::access) principal: Principal,
     pub(in crate::access) peer: Option<IpAddr>,
+    /// The grant family of the token (a user's sign-in session), for the
+    /// audit record.
+    pub(in crate::access) token_family: Option<String>,
     /// Which patients' data this request reaches (computed once, by the
     /// authentication middleware; see [`crate::access::reach`]).
     pub(in crate::access) access: std::sync::Arc<phylax_auth::policy::Access>,
@@ -64,6 +67,8 @@ pub struct AuditRefs {
     pub resources: Vec<String>,
     /// Search parameter names (never values).
     pub params: Vec<String>,
+    /// The resource type a search searched.
+    pub query_type: Option<String>,
 }
 
 impl AuditRefs {
@@ -160,6 +165,8 @@ pub fn facts(
         patients: Vec::new(),
         resources: Vec::new(),
         query_params: Vec::new(),
+        query_type: None,
+        token_family: ctx.token_family.clone(),
         observer: observer.to_owned(),
     }
 }

@@ -229,6 +229,8 @@ async fn canonicalize_one(
             .unwrap_or_default(),
         resources: vec![format!("{}/{}", v.rtype, v.id)],
         query_params: Vec::new(),
+        query_type: None,
+        token_family: None,
         observer: st.audit.origin().to_owned(),
     };
     let row = st

@@ -342,6 +342,7 @@ pub async fn establish(
     gate: &Gate,
     principal: phylax_auth::policy::Principal,
     peer: Option<std::net::IpAddr>,
+    token_family: Option<String>,
     request_id: String,
 ) -> Result<RequestCtx, (Failure, RequestCtx)> {
     match access_for(gate, &principal).await {
@@ -349,6 +350,7 @@ pub async fn establish(
             request_id,
             principal,
             peer,
+            token_family,
             access: Arc::new(a),
         }),
         Err(e) => Err((
@@ -357,6 +359,7 @@ pub async fn establish(
                 request_id,
                 principal,
                 peer,
+                token_family,
                 access: Arc::new(Access::nothing()),
             },
         )),

@@ -320,7 +320,7 @@ pub async fn access_log(
         r.extensions_mut().insert(AuditRefs {
             patients: vec![pid.to_string()],
             resources: vec![format!("Patient/{pid}")],
-            params: Vec::new(),
+            ..Default::default()
         });
         Ok(r)
     };

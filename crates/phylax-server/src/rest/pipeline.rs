@@ -53,6 +53,7 @@ pub async fn record(
     }
     crate::access::ctx::mark_emergency(ctx, &mut f);
     f.query_params = refs.params;
+    f.query_type = refs.query_type;
     st.audit.record_owned(f).await.map_err(|e| {
         tracing::error!(request_id = %ctx.request_id(), error = %e, "audit record not written; response withheld");
         Failure::Unavailable("the audit log is unavailable".into())

@@ -613,6 +613,8 @@ impl AuditLog {
             patients,
             resources: Vec::new(),
             query_params: Vec::new(),
+            query_type: None,
+            token_family: None,
             observer: self.origin.clone(),
         };
         self.record(&facts).await
@@ -652,6 +654,8 @@ impl AuditLog {
             patients: Vec::new(),
             resources: Vec::new(),
             query_params: Vec::new(),
+            query_type: None,
+            token_family: None,
             observer: self.origin.clone(),
         };
         self.record(&facts).await

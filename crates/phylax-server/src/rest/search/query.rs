@@ -97,6 +97,7 @@ pub(super) async fn search(
         .collect();
     refs.params.sort();
     refs.params.dedup();
+    refs.query_type = Some(rtype.to_string());
     let entries = page_entries(st, &control, rows, inc, &parsed.unknown);
     let mut bundle = bundle_out("searchset", links, entries);
     if control.total || control.summary == Some(Summary::Count) {

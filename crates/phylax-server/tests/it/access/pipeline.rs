@@ -18,9 +18,10 @@ async fn scoped_access_outside_the_pipeline_is_refused(s: &TestServer) {
         scopes: phylax_auth::ScopeSet::parse_lenient("system/*.cruds"),
         token_id: "t-pipeline".into(),
     };
-    let ctx = phylax_server::access::reach::establish(&s.state.gate, principal, None, "rq".into())
-        .await
-        .unwrap();
+    let ctx =
+        phylax_server::access::reach::establish(&s.state.gate, principal, None, None, "rq".into())
+            .await
+            .unwrap();
     let fhir = &s.state.fhir;
     let (t, id) = (
         ResourceType::parse("Patient").unwrap(),

@@ -123,6 +123,8 @@ fn facts(i: usize) -> phylax_audit::event::AuditFacts {
         patients: vec![format!("p{i}")],
         resources: Vec::new(),
         query_params: Vec::new(),
+        query_type: None,
+        token_family: None,
         observer: "test".into(),
     }
 }

@@ -91,6 +91,10 @@ pub fn router(st: Arc<AppState>) -> Router {
         app = app.layer(cors(&st.config.http.cors_origins));
     }
     app.layer(middleware::from_fn(crate::rest::error::normalize_errors))
+        .layer(middleware::from_fn_with_state(
+            st.blocks.clone(),
+            refuse_blocked,
+        ))
         .layer(middleware::from_fn(security_headers))
         .layer(middleware::from_fn(access_log))
         .layer(middleware::from_fn(request_id))
@@ -118,6 +122,25 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
             HeaderName::from_static("x-request-id"),
         ])
         .max_age(Duration::from_secs(600))
+}
+
+/// Refuse every request from an address an incident blocked
+/// (`phylax incident contain --ip`), before any handler: the FHIR API,
+/// sign-in pages and the token endpoint alike.
+async fn refuse_blocked(
+    State(blocks): State<crate::data::blocks::Blocks>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if peer.is_some_and(|ip| blocks.refuses(ip)) {
+        tracing::debug!("request from a blocked address refused");
+        return Failure::Forbidden.into_response();
+    }
+    next.run(req).await
 }
 
 async fn request_id(req: Request, next: Next) -> Response {
@@ -225,6 +248,7 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     let scopes = ScopeSet::parse_lenient(&claims.scope);
+    let family = claims.fam.clone();
     let principal = match claims.role {
         Some(role) => {
             // The role as defined now; a role that no longer exists grants
@@ -267,7 +291,7 @@ async fn require_token(State(st): State<Arc<AppState>>, mut req: Request, next: 
     }
     // Which patients' data this request reaches; unknown means refused.
     let rid = crate::base::request::request_id().unwrap_or_default();
-    let ctx = match crate::access::reach::establish(&st.gate, principal, peer, rid).await {
+    let ctx = match crate::access::reach::establish(&st.gate, principal, peer, family, rid).await {
         Ok(ctx) => ctx,
         Err((e, refused)) => {
             tracing::warn!(reason = ?e.denied_by(), "access could not be established; request refused");

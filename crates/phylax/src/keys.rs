@@ -235,7 +235,7 @@ pub enum PatientCmd {
     },
 }
 
-fn progress_bar(what: &'static str) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(what: &'static str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(0);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
@@ -248,7 +248,7 @@ fn progress_bar(what: &'static str) -> indicatif::ProgressBar {
 }
 
 /// What a long key operation reports its progress (done, total) to.
-fn on_progress(pb: &indicatif::ProgressBar) -> impl Fn(u64, u64) + Sync + '_ {
+pub(crate) fn on_progress(pb: &indicatif::ProgressBar) -> impl Fn(u64, u64) + Sync + '_ {
     move |done, total| {
         pb.set_length(total);
         pb.set_position(done);

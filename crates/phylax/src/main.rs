@@ -6,7 +6,9 @@
 //!   rotation, the KEK into an HSM, erasure, legal holds);
 //! - [`config_cmd`]: `phylax config check`;
 //! - [`backup`]: `phylax backup create|verify|drill` and `phylax restore`
-//!   (docs/BACKUP.md).
+//!   (docs/BACKUP.md);
+//! - [`incident`]: `phylax incident …`, the breach register and an
+//!   incident's scope (docs/INCIDENT_RESPONSE.md).
 //!
 //! Every
 //! command that works on an instance takes `--data-dir DIR` (and
@@ -15,6 +17,7 @@
 
 mod backup;
 mod config_cmd;
+mod incident;
 mod keys;
 
 use anyhow::{bail, Context, Result};
@@ -74,6 +77,10 @@ enum Cmd {
     Backup(backup::BackupCmd),
     /// Restore a backup into a new, empty place and prove it.
     Restore(backup::RestoreArgs),
+    /// Security incidents: the breach register, an incident's scope from
+    /// the audit log (docs/INCIDENT_RESPONSE.md).
+    #[command(subcommand)]
+    Incident(incident::IncidentCmd),
     /// Access control: explain a decision, review accounts, close
     /// break-the-glass reviews.
     #[command(subcommand)]
@@ -517,6 +524,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Config(c) => config_cmd::config_cmd(c),
         Cmd::Backup(c) => backup::backup_cmd(c).await,
         Cmd::Restore(a) => backup::restore_cmd(a).await,
+        Cmd::Incident(c) => incident::incident_cmd(c).await,
     }
 }
 

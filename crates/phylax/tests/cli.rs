@@ -1128,3 +1128,123 @@ fn the_kek_escrows_to_age_custodians_and_comes_back_with_the_age_tool() {
     let b64 = b64.rsplit(':').next().unwrap();
     assert!(!sealed.windows(b64.len()).any(|w| w == b64.as_bytes()));
 }
+
+#[test]
+fn incidents_from_the_command_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(&phylax(&["init", "--data-dir", "inst"], p));
+    let i = |args: &[&str]| {
+        let mut a = vec!["incident", args[0], "--data-dir", "inst"];
+        a.extend_from_slice(&args[1..]);
+        phylax(&a, p)
+    };
+    let out = ok(&i(&[
+        "open",
+        "--title",
+        "suspicious export",
+        "--discovered",
+        "2026-12-07T09:30:00Z",
+        "--severity",
+        "critical",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(v["discovered"], "2026-12-07T09:30:00.000Z");
+    // Bad input: one line, status 1, nothing written.
+    assert!(fails(&i(&["open", "--title", "x", "--discovered", "yesterday"])).contains("RFC 3339"));
+    assert!(fails(&i(&["open", "--title", "x", "--severity", "huge"])).contains("severity"));
+    assert!(fails(&i(&["open", "--title", "  "])).contains("empty"));
+    assert!(fails(&i(&["note", "--incident", "inc-1", "--text", "x"])).contains("inc-"));
+    assert!(fails(&i(&[
+        "note",
+        "--incident",
+        "inc-20261207-000000",
+        "--text",
+        "x"
+    ]))
+    .contains("no incident"));
+    ok(&i(&["note", "--incident", &id, "--text", "vendor called"]));
+    let shown = ok(&i(&["show", "--incident", &id]));
+    assert!(
+        shown.contains("vendor called") && shown.contains("critical"),
+        "{shown}"
+    );
+    let list = ok(&i(&["list", "--json"]));
+    let l: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(l.as_array().unwrap().len(), 1);
+    // Scope: exactly one kind of principal.
+    assert!(fails(&i(&["scope", "--incident", &id])).contains("give one of"));
+    assert!(fails(&i(&[
+        "scope",
+        "--incident",
+        &id,
+        "--user",
+        "u",
+        "--client",
+        "c"
+    ]))
+    .contains("give one of"));
+    assert!(fails(&i(&["scope", "--incident", &id, "--ip", "nope"])).contains("--ip"));
+    let s = ok(&i(&[
+        "scope",
+        "--incident",
+        &id,
+        "--all-principals",
+        "--json",
+    ]));
+    let s: serde_json::Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(s["records"], 0, "no FHIR traffic yet");
+    assert_eq!(s["principal"], "all principals");
+    let csv = ok(&i(&["scope", "--incident", &id, "--client", "x", "--csv"]));
+    assert!(csv.starts_with("kind,reference,read,"), "{csv}");
+    // The report of that (empty) scope: the clocks run from discovery.
+    let md = ok(&i(&[
+        "report",
+        "--incident",
+        &id,
+        "--jurisdiction",
+        "us-hipaa,eu-gdpr",
+    ]));
+    assert!(md.contains("2026-12-10T09:30:00.000Z"), "GDPR 72 h: {md}");
+    assert!(md.contains("| (unknown) | 0 |"), "{md}");
+    let j = ok(&i(&["report", "--incident", &id, "--format", "json"]));
+    let j: serde_json::Value = serde_json::from_str(&j).unwrap();
+    assert_eq!(j["individuals"], 0);
+    assert!(
+        ok(&i(&["report", "--incident", &id, "--format", "html"])).starts_with("<!DOCTYPE html>")
+    );
+    assert!(
+        fails(&i(&["report", "--incident", &id, "--jurisdiction", "mars"]))
+            .contains("jurisdiction")
+    );
+    assert!(fails(&i(&["report", "--incident", &id, "--format", "pdf"])).contains("--format"));
+    assert!(
+        fails(&i(&["report", "--incident", &id, "--letters-out", "l.age"])).contains("--contact")
+    );
+    // Containment of an address (no key rotation asked).
+    let c = ok(&i(&[
+        "contain",
+        "--incident",
+        &id,
+        "--ip",
+        "203.0.113.7",
+        "--keep-token-keys",
+        "--json",
+    ]));
+    let c: serde_json::Value = serde_json::from_str(&c).unwrap();
+    assert_eq!(c["actions"].as_array().unwrap().len(), 1, "{c}");
+    assert!(fails(&i(&["contain", "--incident", &id, "--keep-token-keys"])).contains("nothing"));
+    ok(&i(&["unblock", "--ip", "203.0.113.7"]));
+    ok(&i(&[
+        "close",
+        "--incident",
+        &id,
+        "--resolution",
+        "no PHI left",
+    ]));
+    assert!(fails(&i(&["note", "--incident", &id, "--text", "late"])).contains("closed"));
+    // Every step is in the audit log, which still verifies.
+    ok(&phylax(&["audit", "verify", "--data-dir", "inst"], p));
+}

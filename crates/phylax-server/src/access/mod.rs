@@ -21,6 +21,9 @@
 //! - [`maintenance`]: jobs a node runs at start over data written by
 //!   earlier releases (references made canonical, relationship data
 //!   held).
+//! - [`notify`]: what breach notification reads from patients' records
+//!   (the state of their address, whom a letter goes to), for the
+//!   operator's incident commands only.
 
 pub mod break_glass;
 pub mod care;
@@ -29,6 +32,7 @@ pub mod ctx;
 pub mod gate;
 pub mod holds;
 pub mod maintenance;
+pub mod notify;
 pub mod reach;
 pub mod scoped;
 pub mod write;

@@ -428,6 +428,8 @@ fn alert_facts(a: &Alert) -> AuditFacts {
         patients: Vec::new(),
         resources: Vec::new(),
         query_params: Vec::new(),
+        query_type: None,
+        token_family: None,
         observer: String::new(),
     }
 }
@@ -438,6 +440,8 @@ pub struct Responder {
     pub accounts: crate::data::accounts::Accounts,
     pub metrics: Arc<dyn Fn(&'static str, &'static str) + Send + Sync>,
     pub webhook: Option<Webhook>,
+    /// The breach register, for rules in `incident_on`.
+    pub incidents: crate::data::incidents::Incidents,
 }
 
 impl std::fmt::Debug for Responder {
@@ -450,6 +454,7 @@ impl std::fmt::Debug for Responder {
 pub fn start(cfg: DetectConfig, r: Responder, vip: VipSet) -> Arc<Detector> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(10_000);
     let lock_on = cfg.lock_on.clone();
+    let incident_on = cfg.incident_on.clone();
     let mut rules = Rules::with_vip(cfg, vip);
     if let Some(w) = &r.webhook {
         w.spawn_sender();
@@ -471,6 +476,9 @@ pub fn start(cfg: DetectConfig, r: Responder, vip: VipSet) -> Arc<Detector> {
             };
             for a in alerts {
                 deliver(&r, &a, &lock_on).await;
+                if incident_on.iter().any(|x| x == a.rule) {
+                    to_incident(&r, &a).await;
+                }
             }
         }
     });
@@ -521,6 +529,76 @@ async fn deliver(r: &Responder, a: &Alert, lock_on: &[String]) {
             }
         }
     }
+}
+
+/// Open an incident for an alert, or add it to the open incident the
+/// same rule opened for the same subject: one incident per rule and
+/// subject until someone closes it. The subject is the user, or for an
+/// alert about no user (a client, an address) its detail, which names
+/// them (ids only, and the same text each time the rule fires for them).
+async fn to_incident(r: &Responder, a: &Alert) {
+    use crate::data::incidents::{Severity, Step};
+    const BY: &str = "detector";
+    let now = crate::base::clock::now_ms();
+    let subject = a.user.clone().unwrap_or_else(|| a.detail.clone());
+    let step = Step::Alert {
+        rule: a.rule.to_owned(),
+        key: subject.clone(),
+        detail: a.detail.clone(),
+    };
+    let open = match r.incidents.list().await {
+        Ok(all) => all.into_iter().rev().find(|i| {
+            i.is_open()
+                && matches!(i.steps.first(), Some((_, Step::Opened { by, .. })) if by == BY)
+                && i.steps.iter().any(|(_, s)| {
+                    matches!(s, Step::Alert { rule, key, .. } if rule == a.rule && *key == subject)
+                })
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "the breach register could not be read; the alert opened no incident");
+            return;
+        }
+    };
+    let (id, opened) = match open {
+        Some(i) => (i.id, false),
+        None => {
+            let severity = match a.severity {
+                "critical" => Severity::Critical,
+                "high" => Severity::High,
+                "low" => Severity::Low,
+                _ => Severity::Moderate,
+            };
+            let title = format!("alert: {}", a.rule);
+            match r.incidents.open(&title, severity, now, BY, now).await {
+                Ok(i) => (i.id, true),
+                Err(e) => {
+                    tracing::error!(error = %e, "the alert could not open an incident");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = r.incidents.append(&id, step, now).await {
+        tracing::error!(error = %e, "the alert could not be added to its incident");
+        return;
+    }
+    tracing::warn!(event = "detect.incident", rule = a.rule, incident = %id, opened, "alert recorded in an incident");
+    let _ = r
+        .audit
+        .record_admin(
+            "incident",
+            if opened {
+                Action::Create
+            } else {
+                Action::Update
+            },
+            format!(
+                "incident {id} {} by alert {}",
+                if opened { "opened" } else { "joined" },
+                a.rule
+            ),
+        )
+        .await;
 }
 
 /// An HMAC-signed webhook with an on-disk spool.
@@ -622,6 +700,8 @@ mod tests {
             patients: Vec::new(),
             resources: Vec::new(),
             query_params: Vec::new(),
+            query_type: None,
+            token_family: None,
             observer: String::new(),
         }
     }

@@ -27,6 +27,18 @@ impl Clients {
         self.store.get_client(id).await
     }
 
+    /// Register a client (the operator's: the CLI and incident drills).
+    pub async fn register(&self, c: &ClientRecord) -> Result<(), StoreError> {
+        self.store.add_client(c).await
+    }
+
+    /// Disable (or enable) a client: every node refuses its tokens, and
+    /// those of users signed in through it, within seconds. `false` when
+    /// there is no such client.
+    pub async fn set_disabled(&self, id: &str, disabled: bool) -> Result<bool, StoreError> {
+        self.store.set_client_disabled(id, disabled).await
+    }
+
     /// Every registered client.
     pub async fn list(&self) -> Result<Vec<ClientRecord>, StoreError> {
         self.store.list_clients().await

@@ -1,5 +1,6 @@
 //! Tables and the services that own them: keys, resources and their search
-//! index, accounts, grants, revocations.
+//! index, accounts, grants, revocations, the breach register, blocked
+//! addresses.
 //!
 //! # Layout
 //! - [`keyring`]: data keys per patient compartment, created on demand and
@@ -23,12 +24,17 @@
 //!   keyed hashes with sealed details.
 //! - [`revocations`]: what every node refuses, refreshed from the shared
 //!   feed every few seconds.
+//! - [`incidents`]: the breach register, incidents as sealed append-only
+//!   steps.
+//! - [`blocks`]: network addresses refused everywhere (containment).
 
 pub mod accounts;
 pub mod auth_keys;
+pub mod blocks;
 pub mod clients;
 pub mod cursor_keys;
 pub mod grants;
+pub mod incidents;
 pub mod key_events;
 pub mod keyring;
 pub mod repo;

@@ -236,8 +236,8 @@ pub struct Erasure {
 }
 
 /// The operating-system user running the command, for audit records
-/// (who escrowed the KEK, who took a backup).
-pub(crate) fn os_uid() -> String {
+/// (who escrowed the KEK, who took a backup, who worked an incident).
+pub fn os_uid() -> String {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self")
         .map(|m| m.uid().to_string())

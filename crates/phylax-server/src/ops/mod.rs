@@ -7,8 +7,11 @@
 //! # Layout
 //! - [`access`]: `phylax access explain` and `phylax access review`: one
 //!   decision explained, the periodic access review.
+//! - [`incident`]: `phylax incident …`: the breach register's incidents,
+//!   their scope from the audit log.
 //! - [`metrics`]: `GET /metrics` in Prometheus text format (its own bearer
 //!   token, `[metrics] token_sha256`).
 
 pub mod access;
+pub mod incident;
 pub mod metrics;

@@ -70,6 +70,10 @@ pub struct AppState {
     pub fhir: Arc<FhirState>,
     /// Flagged (VIP) patients, for the `vip-access` rule.
     pub vip: crate::audit::detect::VipSet,
+    /// The breach register (`phylax incident …`).
+    pub incidents: crate::data::incidents::Incidents,
+    /// Addresses refused on every route (incident containment).
+    pub blocks: crate::data::blocks::Blocks,
     /// Other processes' key events (rotations, erasures) to follow.
     key_watch: Arc<(phylax_store::DynStore, crate::data::key_events::KeyEvents)>,
     /// The sign-in key generations the accounts and grants hash under
@@ -177,6 +181,8 @@ impl AppState {
             eraser,
         });
         let st = Arc::new(AppState {
+            incidents: crate::data::incidents::Incidents::new(store.clone(), keys.clone()),
+            blocks: crate::data::blocks::Blocks::new(store.clone()),
             gate,
             backend: store.backend(),
             clients,
@@ -242,6 +248,7 @@ impl AppState {
             .revoked(crate::base::clock::now_secs())
             .await?;
         *self.authn.revoked.write() = revoked;
+        self.blocks.refresh().await?;
         // A signing key added on another node (or by the CLI).
         let known = self.authn.signing.read().len();
         if self.keys.signing_key_added(known).await.unwrap_or(false) {
@@ -380,6 +387,7 @@ impl AppState {
                             }
                         }),
                         webhook,
+                        incidents: self.incidents.clone(),
                     };
                     let d = crate::audit::detect::start(
                         self.config.detect.clone(),

@@ -26,6 +26,8 @@
 //! - [`backup`]: backups taken while writing, restored and compared
 //!   version by version; crypto-shredding against an older backup;
 //!   restore drills.
+//! - [`incident`]: the breach register; an incident's scope from the
+//!   audit log names exactly what each principal touched.
 //! - [`interop`]: a real FHIR client library (fhirpy) against the server.
 //! - [`mtls`]: mutual TLS and certificate-bound access tokens (RFC 8705).
 //! - [`tls`]: the server certificate: weak ones refused, reloading while
@@ -40,6 +42,7 @@ mod audit;
 mod auth;
 mod backup;
 mod bundle;
+mod incident;
 mod interop;
 mod keys;
 mod mtls;

@@ -572,6 +572,10 @@ pub struct DetectConfig {
     pub dormant_days: u32,
     /// Rules whose alert also locks the user's account.
     pub lock_on: Vec<String>,
+    /// Rules whose alert opens an incident in the breach register, or
+    /// joins the open one the same rule opened for the same user
+    /// (docs/INCIDENT_RESPONSE.md).
+    pub incident_on: Vec<String>,
     /// HTTPS URL that receives each alert as signed JSON.
     pub webhook_url: Option<String>,
     /// The CA certificates (PEM bundle, e.g. the system's
@@ -599,6 +603,12 @@ impl Default for DetectConfig {
             vip_tags: vec!["http://terminology.hl7.org/CodeSystem/v3-PatientImportance|VIP".into()],
             dormant_days: 90,
             lock_on: vec!["scraping".into()],
+            incident_on: vec![
+                "scraping".into(),
+                "audit-verification".into(),
+                "token-replay".into(),
+                "cloned-passkey".into(),
+            ],
             webhook_url: None,
             webhook_ca_file: None,
             webhook_secret_file: None,

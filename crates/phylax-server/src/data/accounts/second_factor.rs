@@ -108,4 +108,28 @@ impl Accounts {
         self.end_sessions(id, now).await?;
         Ok(u)
     }
+
+    /// Containment of a compromised account (`phylax incident contain`):
+    /// disabled, its password, second factors, recovery codes and any
+    /// pending enrollment link cleared, every session and token ended on
+    /// every node. It comes back only when an administrator enables it
+    /// and issues a new enrollment link (`phylax user reset-password`):
+    /// nothing the attacker may have learnt works again.
+    pub async fn contain(&self, id: &str, now: i64) -> Result<User, AccountError> {
+        let (u, ()) = self
+            .modify(id, |u| {
+                u.rec.status = Status::Disabled.as_str().into();
+                u.acct.password = None;
+                u.acct.enrollment = None;
+                u.acct.totp = None;
+                u.acct.totp_last_step = None;
+                u.acct.passkeys.clear();
+                u.acct.recovery.clear();
+                u.acct.mfa_enrolled_at = None;
+                Ok(())
+            })
+            .await?;
+        self.end_sessions(id, now).await?;
+        Ok(u)
+    }
 }

@@ -19,9 +19,9 @@ pub async fn backup(
     dir: &Path,
     db: Option<&str>,
     ids: Arc<Vec<String>>,
-    secs: u64,
-    conc: usize,
+    (secs, conc): (u64, usize),
     max_mb: Option<u32>,
+    control: Option<usize>,
 ) -> Result<()> {
     use age::secrecy::ExposeSecret;
     let id = age::x25519::Identity::generate();
@@ -46,6 +46,18 @@ pub async fn backup(
     let mut before = 0.0;
     for _ in 0..3 {
         before += measure().await? / 3.0;
+    }
+    if let Some(n) = control {
+        // The control run: the same windows with no backup, so a window's
+        // percentage can be read against what the machine does alone.
+        println!("| window (no backup) | reads/s | % of before |");
+        println!("|---|---:|---:|");
+        println!("| before | {before:.0} | 100 |");
+        for i in 0..n {
+            let r = measure().await?;
+            println!("| control {} | {r:.0} | {:.0} |", i + 1, 100.0 * r / before);
+        }
+        return Ok(());
     }
     let out = dir.join(format!("bench-{}.age", uuid::Uuid::new_v4().simple()));
     let op = Arc::new(Instance::open(&dir.join("data"), db).await?);

@@ -17,10 +17,12 @@
 //! Modules: [`synth`], the Synthea-shaped synthetic patients loaded as
 //! transaction Bundles for the search scenarios; [`keys`], the KEK
 //! rotation benchmark (`--kek-rotation N`); [`backup`], a backup while
-//! reads go on, then its verify and restore (`--backup`).
+//! reads go on, then its verify and restore (`--backup`); [`scope`], an
+//! incident's scope over the audit log (`--incident-scope`).
 
 mod backup;
 mod keys;
+mod scope;
 mod synth;
 
 use anyhow::{bail, Context, Result};
@@ -109,6 +111,11 @@ struct Args {
     /// on, then verify and restore the backup.
     #[arg(long)]
     backup: bool,
+    /// Instead of the HTTP scenarios: time an incident's scope over the
+    /// loaded instance's audit log (after `--patients` loading, or a
+    /// `--keep-instance` one).
+    #[arg(long)]
+    incident_scope: bool,
     /// Instead of the HTTP scenarios: store this many data keys and time a
     /// KEK rotation that re-wraps them all.
     #[arg(long)]
@@ -127,7 +134,8 @@ struct Args {
     max_rate: Option<u32>,
     /// With --data-key-rotation: the control run, the same windows
     /// measured this many times with no rotation (what the store's growth
-    /// alone does to the rates).
+    /// alone does to the rates). With --backup: instead of a backup, this
+    /// many windows with none (the noise of one window on this machine).
     #[arg(long)]
     control_windows: Option<usize>,
     /// With --kek-rotation: the KEK in this PKCS#11 module's token
@@ -755,6 +763,12 @@ async fn main() -> Result<()> {
         Vec::new()
     };
     let synthetic = Arc::new(synthetic);
+    if args.incident_scope {
+        if let Some((n, t)) = ingest {
+            println!("loaded {n} resources in {t:.0} s");
+        }
+        return scope::incident_scope(dir.path(), args.database_url.as_deref()).await;
+    }
     if args.backup {
         let conc = args.concurrency.first().copied().unwrap_or(8);
         if let Some((n, t)) = ingest {
@@ -765,9 +779,9 @@ async fn main() -> Result<()> {
             dir.path(),
             args.database_url.as_deref(),
             ids,
-            args.duration,
-            conc,
+            (args.duration, conc),
             args.max_rate,
+            args.control_windows,
         )
         .await;
     }

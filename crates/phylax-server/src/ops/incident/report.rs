@@ -102,8 +102,8 @@ pub async fn report(
         let a = crate::access::notify::addressee(&st.gate, p)
             .await
             .map_err(|e| IncidentError::Unavailable(e.to_string()))?;
-        match a.as_ref().and_then(|a| a.state.clone()) {
-            Some(s) => *by_state.entry(s.to_uppercase()).or_default() += 1,
+        match a.as_ref().and_then(|a| a.state.as_deref()).map(state_code) {
+            Some(s) => *by_state.entry(s).or_default() += 1,
             None => unknown += 1,
         }
         if let (Some(l), Some(a)) = (&letters, a) {
@@ -177,6 +177,25 @@ pub async fn report(
     )
     .await?;
     Ok(r)
+}
+
+/// A state or province as the report may show it: a code of two or
+/// three letters (US Core's USPS codes, Canadian provinces), or
+/// `AA-BBB` (ISO 3166-2). Anything else (a whole address typed into the
+/// field, a name) is counted as `(other)`: free text from a record never
+/// reaches the report.
+fn state_code(s: &str) -> String {
+    let s = s.trim().to_ascii_uppercase();
+    let code = |p: &str| (2..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric());
+    let ok = match s.split_once('-') {
+        Some((c, sub)) => c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic()) && code(sub),
+        None => code(&s) && s.bytes().all(|b| b.is_ascii_alphabetic()),
+    };
+    if ok {
+        s
+    } else {
+        "(other)".into()
+    }
 }
 
 fn contained(inc: &Incident) -> Vec<String> {
@@ -443,4 +462,19 @@ pub fn html(r: &Report) -> String {
         }
     }
     .into_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_state_codes_reach_the_report() {
+        assert_eq!(state_code(" ma"), "MA");
+        assert_eq!(state_code("ON"), "ON");
+        assert_eq!(state_code("US-CA"), "US-CA");
+        for free in ["Massachusetts", "1 Main St", "<b>x</b>", "Jane Doe", "", "M4"] {
+            assert_eq!(state_code(free), "(other)", "{free}");
+        }
+    }
 }

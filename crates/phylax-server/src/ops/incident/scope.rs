@@ -257,12 +257,20 @@ fn named(v: &Value) -> (Vec<&str>, Vec<&str>, Option<&str>) {
 }
 
 fn touch(map: &mut BTreeMap<String, Touch>, key: &str, cat: Category, at: &str) {
-    let t = map.entry(key.to_owned()).or_insert_with(|| Touch {
-        counts: Counts::default(),
-        first: at.to_owned(),
-        last: at.to_owned(),
-        restricted: false,
-    });
+    if !map.contains_key(key) {
+        map.insert(
+            key.to_owned(),
+            Touch {
+                counts: Counts::default(),
+                first: at.to_owned(),
+                last: at.to_owned(),
+                restricted: false,
+            },
+        );
+    }
+    let Some(t) = map.get_mut(key) else {
+        return;
+    };
     t.counts.add(cat);
     // RFC 3339 instants of one format sort as text.
     if at < t.first.as_str() {
@@ -378,30 +386,42 @@ pub async fn scope(
 }
 
 /// Mark what carries a restricted label now (and patients flagged VIP).
-/// A resource since deleted or erased is left unmarked.
+/// A resource since deleted or erased is left unmarked. Each distinct
+/// resource is read once (a patient and its `Patient/{id}` read are one),
+/// several at a time: on a large scope these reads, not the log, were
+/// most of the time.
 async fn mark_restricted(st: &AppState, g: &mut Gather) -> Result<(), ScopeError> {
     use crate::data::repo::RepoError;
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
     let vip = st.vip.read().clone();
-    let check = async |rtype: &str, id: &str| -> Result<bool, ScopeError> {
-        let (Some(t), Some(i)) = (
-            phylax_fhir::ResourceType::parse(rtype),
-            phylax_fhir::ResourceId::parse(id),
-        ) else {
-            return Ok(false);
-        };
-        match explain_facts(&st.gate, &t, &i).await {
-            Ok((_, restricted)) => Ok(restricted),
-            Err(RepoError::NotFound | RepoError::Gone(_)) => Ok(false),
-            Err(e) => Err(ScopeError::Unavailable(e.to_string())),
-        }
-    };
+    let mut refs: BTreeSet<String> = g.resources.keys().cloned().collect();
+    refs.extend(g.patients.keys().map(|p| format!("Patient/{p}")));
+    let restricted: BTreeSet<String> = stream::iter(refs)
+        .map(|r| async move {
+            let parsed = r.split_once('/').and_then(|(t, i)| {
+                Some((
+                    phylax_fhir::ResourceType::parse(t)?,
+                    phylax_fhir::ResourceId::parse(i)?,
+                ))
+            });
+            let Some((t, i)) = parsed else {
+                return Ok(None);
+            };
+            match explain_facts(&st.gate, &t, &i).await {
+                Ok((_, true)) => Ok(Some(r)),
+                Ok((_, false)) | Err(RepoError::NotFound | RepoError::Gone(_)) => Ok(None),
+                Err(e) => Err(ScopeError::Unavailable(e.to_string())),
+            }
+        })
+        .buffer_unordered(16)
+        .try_filter_map(|r| async move { Ok(r) })
+        .try_collect()
+        .await?;
     for (p, t) in g.patients.iter_mut() {
-        t.restricted = vip.contains(p) || check("Patient", p).await?;
+        t.restricted = vip.contains(p) || restricted.contains(&format!("Patient/{p}"));
     }
     for (r, t) in g.resources.iter_mut() {
-        if let Some((rtype, id)) = r.split_once('/') {
-            t.restricted = check(rtype, id).await?;
-        }
+        t.restricted = restricted.contains(r);
     }
     Ok(())
 }

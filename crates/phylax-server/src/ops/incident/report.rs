@@ -473,7 +473,14 @@ mod tests {
         assert_eq!(state_code(" ma"), "MA");
         assert_eq!(state_code("ON"), "ON");
         assert_eq!(state_code("US-CA"), "US-CA");
-        for free in ["Massachusetts", "1 Main St", "<b>x</b>", "Jane Doe", "", "M4"] {
+        for free in [
+            "Massachusetts",
+            "1 Main St",
+            "<b>x</b>",
+            "Jane Doe",
+            "",
+            "M4",
+        ] {
             assert_eq!(state_code(free), "(other)", "{free}");
         }
     }

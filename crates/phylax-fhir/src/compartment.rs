@@ -70,6 +70,32 @@ pub fn patients_of(rtype: &ResourceType, resource: &Value) -> Vec<String> {
     out
 }
 
+/// Every patient a resource refers to anywhere, not only through the
+/// compartment's parameters: a Binary's `securityContext`, a
+/// DocumentReference's `context.sourcePatientInfo`, a Provenance's agent,
+/// references inside contained resources. What an audit record names
+/// when the resource is disclosed: a patient whose data left must be
+/// found in the log, whatever field names them.
+pub fn patients_named(resource: &Value) -> Vec<String> {
+    fn go(node: &Value, out: &mut Vec<String>) {
+        match node {
+            Value::Object(m) => {
+                if let Some(p) = patient_reference(node) {
+                    if !out.contains(&p) {
+                        out.push(p);
+                    }
+                }
+                m.values().for_each(|v| go(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| go(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    go(resource, &mut out);
+    out
+}
+
 fn walk(node: &Value, path: &[String], f: &mut dyn FnMut(&Value)) {
     match node {
         Value::Array(items) => items.iter().for_each(|i| walk(i, path, f)),
@@ -103,6 +129,18 @@ mod tests {
 
     fn t(s: &str) -> ResourceType {
         ResourceType::parse(s).unwrap()
+    }
+
+    #[test]
+    fn every_patient_named_anywhere() {
+        let b = json!({"resourceType":"Binary","securityContext":{"reference":"Patient/p24"}});
+        assert_eq!(patients_named(&b), vec!["p24"]);
+        let d = json!({"resourceType":"DocumentReference","context":{"sourcePatientInfo":{"reference":"Patient/p23"}},
+            "contained":[{"resourceType":"Provenance","agent":[{"who":{"reference":"Patient/p12"}}]}],
+            "author":[{"reference":"Practitioner/x"}]});
+        let mut named = patients_named(&d);
+        named.sort();
+        assert_eq!(named, vec!["p12", "p23"]);
     }
 
     #[test]

@@ -72,10 +72,15 @@ pub struct AuditRefs {
 }
 
 impl AuditRefs {
-    /// Add one returned or written resource.
+    /// Add one returned or written resource, and every patient it names:
+    /// through its compartment, or anywhere else in the body (a Binary's
+    /// `securityContext`, a DocumentReference's `sourcePatientInfo`).
     pub fn add(&mut self, rtype: &ResourceType, id: &str, body: Option<&Value>) {
-        let patient = body.and_then(|b| compartment::patient_of(rtype, b));
-        self.add_known(rtype, id, patient);
+        let named = body.map(|b| patients_in(rtype, b)).unwrap_or_default();
+        self.add_known(rtype, id, named.first().cloned());
+        for p in named.into_iter().skip(1) {
+            self.add_patient(p);
+        }
     }
 
     /// Like [`AuditRefs::add`], with the compartment's patient already known.
@@ -106,13 +111,26 @@ impl AuditRefs {
             let Some(b) = &v.body else { continue };
             let known = usize::from(v.patient.is_some() && v.rtype.as_str() != "Patient");
             if b.at_most("\"Patient/") > known {
-                for p in compartment::patients_of(&v.rtype, b.json()) {
+                for p in patients_in(&v.rtype, b.json()) {
                     r.add_patient(p);
                 }
             }
         }
         r
     }
+}
+
+/// The patients a body names: its compartment's first (the patient a
+/// `Patient` is, or its subject), then every other patient reference in
+/// it.
+fn patients_in(rtype: &ResourceType, b: &Value) -> Vec<String> {
+    let mut out = compartment::patients_of(rtype, b);
+    for p in compartment::patients_named(b) {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// The facts of an audit record for a request, before outcome and refs.

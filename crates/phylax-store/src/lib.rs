@@ -320,6 +320,9 @@ pub struct IncidentEventRow {
     /// The store's order (ignored on append).
     pub seq: i64,
     pub incident: String,
+    /// The step's number within its incident (0 for the opening); a
+    /// number already taken is [`StoreError::Duplicate`].
+    pub step: i64,
     /// Milliseconds since the epoch.
     pub at: i64,
     pub kind: String,
@@ -762,10 +765,13 @@ pub trait BreakGlassStore: Send + Sync + std::fmt::Debug + 'static {
 /// The breach register: incidents as an append-only list of steps.
 #[async_trait]
 pub trait IncidentStore: Send + Sync + std::fmt::Debug + 'static {
-    /// Append one step; returns its `seq`.
+    /// Append one step; returns its `seq`. [`StoreError::Duplicate`] when
+    /// the incident already has a step of that number (another writer
+    /// appended first).
     async fn incident_append(&self, e: &IncidentEventRow) -> Result<i64>;
 
-    /// The steps of one incident, or of every incident, in `seq` order.
+    /// The steps of one incident, or of every incident, by incident and
+    /// step number.
     async fn incident_events(&self, incident: Option<&str>) -> Result<Vec<IncidentEventRow>>;
 }
 

@@ -394,15 +394,18 @@ ALTER TABLE clients ADD COLUMN cert_bound INTEGER NOT NULL DEFAULT 0;
 -- The breach register (issue 26; docs/INCIDENT_RESPONSE.md): every step of
 -- every incident, in order, sealed (titles and notes are free text that
 -- may name patients). Append-only: an incident's history is evidence, so
--- a step is never changed or removed; a correction is a new step.
+-- a step is never changed or removed; a correction is a new step. Steps
+-- are numbered per incident (one writer wins each number) and each seal
+-- binds its number and the previous step (a chain).
 CREATE TABLE incident_events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     incident TEXT NOT NULL,
+    step INTEGER NOT NULL,
     at INTEGER NOT NULL,
     kind TEXT NOT NULL,
-    sealed BLOB NOT NULL
+    sealed BLOB NOT NULL,
+    UNIQUE (incident, step)
 );
-CREATE INDEX incident_events_incident ON incident_events (incident, seq);
 CREATE TRIGGER incident_events_no_delete BEFORE DELETE ON incident_events
 BEGIN SELECT RAISE(ABORT, 'the breach register is append-only'); END;
 CREATE TRIGGER incident_events_no_update BEFORE UPDATE ON incident_events
@@ -918,11 +921,12 @@ ALTER TABLE clients ADD COLUMN cert_bound BOOLEAN NOT NULL DEFAULT false;
 CREATE TABLE incident_events (
     seq BIGSERIAL PRIMARY KEY,
     incident TEXT COLLATE "C" NOT NULL,
+    step BIGINT NOT NULL,
     at BIGINT NOT NULL,
     kind TEXT NOT NULL,
-    sealed BYTEA NOT NULL
+    sealed BYTEA NOT NULL,
+    UNIQUE (incident, step)
 );
-CREATE INDEX incident_events_incident ON incident_events (incident, seq);
 CREATE FUNCTION phylax_incident_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'the breach register is append-only';

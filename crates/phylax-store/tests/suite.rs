@@ -2637,23 +2637,32 @@ async fn versions_are_listed_by_generation_and_resealed_by_compare_and_swap(s: &
 both!(incident_steps_in_order_per_incident);
 async fn incident_steps_in_order_per_incident(s: &DynStore) {
     use phylax_store::IncidentEventRow;
-    let step = |inc: &str, at: i64, kind: &str| IncidentEventRow {
+    let step = |inc: &str, n: i64, at: i64, kind: &str| IncidentEventRow {
         seq: 0,
         incident: inc.into(),
+        step: n,
         at,
         kind: kind.into(),
         sealed: vec![at as u8; 3],
     };
     let a = s
-        .incident_append(&step("inc-a", 10, "opened"))
+        .incident_append(&step("inc-a", 0, 10, "opened"))
         .await
         .unwrap();
     let b = s
-        .incident_append(&step("inc-b", 11, "opened"))
+        .incident_append(&step("inc-b", 0, 11, "opened"))
         .await
         .unwrap();
-    let c = s.incident_append(&step("inc-a", 12, "note")).await.unwrap();
+    let c = s
+        .incident_append(&step("inc-a", 1, 12, "note"))
+        .await
+        .unwrap();
     assert!(a < b && b < c);
+    // One writer wins each step number.
+    assert!(matches!(
+        s.incident_append(&step("inc-a", 1, 13, "note")).await,
+        Err(StoreError::Duplicate)
+    ));
     let only_a = s.incident_events(Some("inc-a")).await.unwrap();
     assert_eq!(
         only_a

@@ -410,6 +410,11 @@ async fn scope_cmd(a: ScopeArgs) -> Result<()> {
         }
     }
     let s = response::scope(&st, &id, &principal, w, &outside, &who()).await?;
+    if s.log.outside_checkpoints == 0 {
+        eprintln!(
+            "warning: no checkpoint kept outside the database was checked; a log cut back together with its checkpoints shows only against an earlier scope. Set [audit] checkpoint_file, or give --checkpoint FILE"
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else if a.csv {

@@ -578,10 +578,13 @@ async fn to_incident(r: &Responder, a: &Alert) {
             }
         }
     };
-    if let Err(e) = r.incidents.append(&id, step, now).await {
-        tracing::error!(error = %e, "the alert could not be added to its incident");
-        return;
-    }
+    let n = match r.incidents.append(&id, step, now).await {
+        Ok(i) => i.last_step(),
+        Err(e) => {
+            tracing::error!(error = %e, "the alert could not be added to its incident");
+            return;
+        }
+    };
     tracing::warn!(event = "detect.incident", rule = a.rule, incident = %id, opened, "alert recorded in an incident");
     let _ = r
         .audit
@@ -593,7 +596,7 @@ async fn to_incident(r: &Responder, a: &Alert) {
                 Action::Update
             },
             format!(
-                "incident {id} {} by alert {}",
+                "incident {id} step {n}: {} by alert {}",
                 if opened { "opened" } else { "joined" },
                 a.rule
             ),

@@ -26,8 +26,11 @@ pub enum IncidentError {
     Invalid(String),
     #[error("the register could not be read or written: {0}")]
     Unavailable(String),
-    #[error("incident step {0} fails its integrity check")]
+    #[error("incident step {0} fails its integrity check (a step was changed, moved or deleted)")]
     Integrity(i64),
+    /// Another writer took the step number (retried inside `append`).
+    #[error("the step number was taken")]
+    Taken,
 }
 
 impl From<StoreError> for IncidentError {
@@ -217,6 +220,9 @@ pub struct Incident {
     pub closed: Option<i64>,
     /// Every step, oldest first: (time in ms, step).
     pub steps: Vec<(i64, Step)>,
+    /// The chain's end: the next step binds this hash of the last one.
+    #[serde(skip)]
+    last_hash: [u8; 32],
 }
 
 impl std::fmt::Debug for Incident {
@@ -234,6 +240,11 @@ impl Incident {
         self.closed.is_none()
     }
 
+    /// The number of the newest step (0: only the opening).
+    pub fn last_step(&self) -> u64 {
+        self.steps.len().saturating_sub(1) as u64
+    }
+
     /// The newest scope recorded, if any.
     pub fn latest_scope(&self) -> Option<&Value> {
         self.steps.iter().rev().find_map(|(_, s)| match s {
@@ -243,8 +254,19 @@ impl Incident {
     }
 }
 
-fn aad(incident: &str, kind: &str, at: i64) -> Vec<u8> {
-    format!("phylax-incident|{incident}|{kind}|{at}").into_bytes()
+/// A step's seal binds its incident, number, kind, time and the hash of
+/// the step before it: a step deleted from the middle, moved, renumbered
+/// or swapped breaks the chain from there on.
+fn aad(incident: &str, step: i64, kind: &str, at: i64, prev: &[u8; 32]) -> Vec<u8> {
+    format!(
+        "phylax-incident/2|{incident}|{step}|{kind}|{at}|{}",
+        hex::encode(prev)
+    )
+    .into_bytes()
+}
+
+fn chain_hash(sealed: &[u8]) -> [u8; 32] {
+    phylax_audit::merkle::leaf_hash(sealed)
 }
 
 /// The register over its store.
@@ -303,11 +325,13 @@ impl Incidents {
             discovered,
             by: by.to_owned(),
         };
-        self.append_raw(&id, step, now).await?;
+        self.append_raw(&id, 0, &[0; 32], step, now).await?;
         self.get(&id).await
     }
 
-    /// Add a step to an open incident (a closed one takes none).
+    /// Add a step to an open incident (a closed one takes none). Two
+    /// writers at once (the CLI and a node's detector) each get a number
+    /// of their own: the loser reads the chain again and goes after.
     pub async fn append(
         &self,
         id: &IncidentId,
@@ -317,15 +341,34 @@ impl Incidents {
         if let Step::Note { text: t, .. } | Step::Closed { resolution: t, .. } = &step {
             text(t, "the text")?;
         }
-        let inc = self.get(id).await?;
-        if !inc.is_open() {
-            return Err(IncidentError::Closed(id.to_string()));
+        for _ in 0..8 {
+            let inc = self.get(id).await?;
+            if !inc.is_open() {
+                return Err(IncidentError::Closed(id.to_string()));
+            }
+            let n = inc.last_step() as i64 + 1;
+            match self
+                .append_raw(id, n, &inc.last_hash, step.clone(), now)
+                .await
+            {
+                Err(IncidentError::Taken) => continue,
+                r => r?,
+            }
+            return self.get(id).await;
         }
-        self.append_raw(id, step, now).await?;
-        self.get(id).await
+        Err(IncidentError::Unavailable(
+            "the incident kept changing while a step was added".into(),
+        ))
     }
 
-    async fn append_raw(&self, id: &IncidentId, step: Step, at: i64) -> Result<(), IncidentError> {
+    async fn append_raw(
+        &self,
+        id: &IncidentId,
+        n: i64,
+        prev: &[u8; 32],
+        step: Step,
+        at: i64,
+    ) -> Result<(), IncidentError> {
         let key = self
             .keys
             .for_write("tenant")
@@ -335,18 +378,23 @@ impl Incidents {
             serde_json::to_vec(&step).map_err(|e| IncidentError::Unavailable(e.to_string()))?;
         let kind = step.kind();
         let sealed = key
-            .seal(&aad(id.as_str(), kind, at), &plain)
+            .seal(&aad(id.as_str(), n, kind, at, prev), &plain)
             .map_err(|e| IncidentError::Unavailable(e.to_string()))?;
-        self.store
+        match self
+            .store
             .incident_append(&IncidentEventRow {
                 seq: 0,
                 incident: id.to_string(),
+                step: n,
                 at,
                 kind: kind.to_owned(),
                 sealed,
             })
-            .await?;
-        Ok(())
+            .await
+        {
+            Err(StoreError::Duplicate) => Err(IncidentError::Taken),
+            r => r.map(|_| ()).map_err(IncidentError::from),
+        }
     }
 
     /// One incident.
@@ -376,19 +424,26 @@ impl Incidents {
         let mut out: Vec<Incident> = Vec::new();
         let mut at: std::collections::HashMap<String, usize> = Default::default();
         for r in rows {
-            let plain = key
-                .open(&aad(&r.incident, &r.kind, r.at), &r.sealed)
-                .map_err(|_| IncidentError::Integrity(r.seq))?;
-            let step: Step =
-                serde_json::from_slice(&plain).map_err(|_| IncidentError::Integrity(r.seq))?;
-            if step.kind() != r.kind {
-                return Err(IncidentError::Integrity(r.seq));
+            let bad = || IncidentError::Integrity(r.seq);
+            // Rows come by incident and step number: each must continue
+            // its incident's chain.
+            let (i, prev) = match at.get(&r.incident) {
+                Some(&i) => (Some(i), out[i].last_hash),
+                None => (None, [0; 32]),
+            };
+            let expected = i.map_or(0, |i| out[i].steps.len() as i64);
+            if r.step != expected {
+                return Err(bad());
             }
-            let id: IncidentId = r
-                .incident
-                .parse()
-                .map_err(|_| IncidentError::Integrity(r.seq))?;
-            match (at.get(&r.incident).copied(), &step) {
+            let plain = key
+                .open(&aad(&r.incident, r.step, &r.kind, r.at, &prev), &r.sealed)
+                .map_err(|_| bad())?;
+            let step: Step = serde_json::from_slice(&plain).map_err(|_| bad())?;
+            if step.kind() != r.kind {
+                return Err(bad());
+            }
+            let hash = chain_hash(&r.sealed);
+            match (i, &step) {
                 (
                     None,
                     Step::Opened {
@@ -398,6 +453,7 @@ impl Incidents {
                         ..
                     },
                 ) => {
+                    let id: IncidentId = r.incident.parse().map_err(|_| bad())?;
                     at.insert(r.incident.clone(), out.len());
                     out.push(Incident {
                         id,
@@ -407,19 +463,23 @@ impl Incidents {
                         discovered: *discovered,
                         closed: None,
                         steps: vec![(r.at, step)],
+                        last_hash: hash,
                     });
                 }
-                // A step before its opening, a second opening, or a step
-                // after closing was not written by this register.
+                // A second opening, or a step after closing, was not
+                // written by this register.
                 (Some(i), s) if !matches!(s, Step::Opened { .. }) && out[i].is_open() => {
                     if let Step::Closed { .. } = s {
                         out[i].closed = Some(r.at);
                     }
                     out[i].steps.push((r.at, step));
+                    out[i].last_hash = hash;
                 }
-                _ => return Err(IncidentError::Integrity(r.seq)),
+                _ => return Err(bad()),
             }
         }
+        // Oldest incident first.
+        out.sort_by_key(|i| i.opened);
         Ok(out)
     }
 }

@@ -857,3 +857,196 @@ async fn a_live_log_verifies_while_another_node_writes(s: &TestServer) {
     let _ = stop.send(());
     s.state.audit.verify(&[], None).await.unwrap();
 }
+
+/// Remove the register's guards, as someone with database access could.
+async fn drop_register_guards(s: &TestServer) {
+    match s.backend {
+        Backend::Sqlite => {
+            s.sql("DROP TRIGGER incident_events_no_update; DROP TRIGGER incident_events_no_delete")
+                .await
+        }
+        Backend::Postgres => {
+            s.sql("ALTER TABLE incident_events DISABLE TRIGGER incident_events_append_only")
+                .await
+        }
+    }
+}
+
+// Someone with the database file deletes or reorders steps to hide what
+// was found or done: the chain or the audit log shows it.
+on_both!(deleted_or_reordered_steps_are_found);
+async fn deleted_or_reordered_steps_are_found(s: &TestServer) {
+    let st = &s.state;
+    let now = chrono::Utc::now().timestamp_millis();
+    let note = |t: &str| Step::Note {
+        text: t.into(),
+        by: "uid 1".into(),
+    };
+    let a = response::open(st, "a", Severity::High, now, "uid 1")
+        .await
+        .unwrap();
+    for t in ["one", "two", "three"] {
+        response::step(st, &a.id, note(t)).await.unwrap();
+    }
+    let b = response::open(st, "b", Severity::Low, now, "uid 1")
+        .await
+        .unwrap();
+    response::read(st, None).await.unwrap();
+    drop_register_guards(s).await;
+    let copy = "CREATE TABLE ie_copy AS SELECT * FROM incident_events";
+    s.sql(copy).await;
+    let restore = "DELETE FROM incident_events; INSERT INTO incident_events SELECT * FROM ie_copy";
+    let cases = [
+        (
+            "a step deleted from the middle",
+            format!(
+                "DELETE FROM incident_events WHERE incident = '{}' AND step = 2",
+                a.id
+            ),
+        ),
+        (
+            "two steps swapped",
+            format!(
+                "UPDATE incident_events SET step = 9 WHERE incident = '{0}' AND step = 1; \
+                 UPDATE incident_events SET step = 1 WHERE incident = '{0}' AND step = 2; \
+                 UPDATE incident_events SET step = 2 WHERE incident = '{0}' AND step = 9",
+                a.id
+            ),
+        ),
+        (
+            "the last step deleted",
+            format!(
+                "DELETE FROM incident_events WHERE incident = '{}' AND step = 3",
+                a.id
+            ),
+        ),
+        (
+            "a whole incident deleted",
+            format!("DELETE FROM incident_events WHERE incident = '{}'", b.id),
+        ),
+    ];
+    for (what, sql) in cases {
+        s.sql(&sql).await;
+        let r = response::read(st, None).await;
+        s.sql(restore).await;
+        assert!(r.is_err(), "{what} went unnoticed");
+    }
+    // Restored, the register reads again.
+    assert_eq!(response::read(st, None).await.unwrap().len(), 2);
+}
+
+// Patients named outside the compartment (a Binary's securityContext, a
+// DocumentReference's sourcePatientInfo) are in the scope when their
+// resources leave, by search or read.
+on_both!(patients_named_outside_the_compartment_are_in_the_scope);
+async fn patients_named_outside_the_compartment_are_in_the_scope(s: &TestServer) {
+    load(s).await;
+    let l = s.feed_token("system/*.cruds");
+    put(
+        s,
+        &l,
+        json!({"resourceType": "DocumentReference", "id": "d1", "status": "current",
+            "context": {"sourcePatientInfo": {"reference": "Patient/p2"}},
+            "content": [{"attachment": {"contentType": "text/plain", "data": "eA=="}}]}),
+    )
+    .await;
+    put(
+        s,
+        &l,
+        json!({"resourceType": "Binary", "id": "b1", "contentType": "text/plain",
+            "securityContext": {"reference": "Patient/p3"}, "data": "eA=="}),
+    )
+    .await;
+    let t = client_token(s, "app-d", "system/*.rs");
+    let (st, b) = send(s, &t, M::GET, "/DocumentReference?status=current", None).await;
+    assert_eq!(
+        (st, b["entry"].as_array().map_or(0, Vec::len)),
+        (200, 1),
+        "{b}"
+    );
+    let (st, _) = send(s, &t, M::GET, "/Binary/b1", None).await;
+    assert_eq!(st, 200);
+    let inc = response::open(&s.state, "docs", Severity::High, 0, "uid 0")
+        .await
+        .unwrap();
+    let sc = response::scope(
+        &s.state,
+        &inc.id,
+        &Who::Client("app-d".into()),
+        Window::default(),
+        &[],
+        "uid 0",
+    )
+    .await
+    .unwrap();
+    assert_eq!(patients(&sc), set(&["p2", "p3"]));
+}
+
+// A log cut back below what an earlier scope verified gives no scope,
+// even with no checkpoint kept outside the database.
+on_both!(a_log_cut_after_a_scope_is_refused);
+async fn a_log_cut_after_a_scope_is_refused(s: &TestServer) {
+    load(s).await;
+    let st = &s.state;
+    st.audit.seal_pending().await.unwrap();
+    let a = st.audit.latest_checkpoint().await.unwrap().unwrap().size;
+    // More traffic, sealed: the records an attacker wants gone.
+    let t = client_token(s, "app-cut", "system/*.rs");
+    for i in 1..=4 {
+        send(s, &t, M::GET, &format!("/Patient/p{i}"), None).await;
+    }
+    st.audit.seal_pending().await.unwrap();
+    let inc = response::open(st, "cut", Severity::High, 0, "uid 0")
+        .await
+        .unwrap();
+    let first = response::scope(
+        st,
+        &inc.id,
+        &Who::Client("app-cut".into()),
+        Window::default(),
+        &[],
+        "uid 0",
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.individuals, 4);
+    assert!(first.log.checkpoint_size.unwrap() > a);
+    // Cut the tree and its checkpoints back to the first checkpoint: what
+    // is left verifies on its own.
+    let cut = format!(
+        "DELETE FROM audit_patient WHERE audit_id IN (SELECT audit_id FROM audit_leaf WHERE leaf_index >= {a}); \
+         DELETE FROM audit_log WHERE id IN (SELECT audit_id FROM audit_leaf WHERE leaf_index >= {a}); \
+         DELETE FROM audit_leaf WHERE leaf_index >= {a}; \
+         DELETE FROM audit_checkpoints WHERE size > {a}"
+    );
+    match s.backend {
+        Backend::Sqlite => {
+            s.sql(&format!(
+                "DROP TRIGGER audit_no_delete; DROP TRIGGER audit_leaf_no_delete; \
+                 DROP TRIGGER checkpoints_no_delete; DROP TRIGGER audit_patient_no_delete; {cut}"
+            ))
+            .await
+        }
+        Backend::Postgres => {
+            s.sql(&format!(
+                "ALTER TABLE audit_log DISABLE TRIGGER audit_append_only; \
+                 ALTER TABLE audit_leaf DISABLE TRIGGER audit_leaf_append_only; \
+                 ALTER TABLE audit_checkpoints DISABLE TRIGGER checkpoints_append_only; \
+                 ALTER TABLE audit_patient DISABLE TRIGGER audit_patient_append_only; {cut}"
+            ))
+            .await
+        }
+    }
+    st.audit.verify(&[], None).await.unwrap();
+    let e = response::scope(
+        st,
+        &inc.id,
+        &Who::Client("app-cut".into()),
+        Window::default(),
+        &[],
+        "uid 0",
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("cut off"), "{e}");
+}

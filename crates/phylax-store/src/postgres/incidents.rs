@@ -9,10 +9,11 @@ impl IncidentStore for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let row = c
             .query_one(
-                "INSERT INTO incident_events (incident, at, kind, sealed) VALUES ($1, $2, $3, $4) RETURNING seq",
-                &[&e.incident, &e.at, &e.kind, &e.sealed],
+                "INSERT INTO incident_events (incident, step, at, kind, sealed) VALUES ($1, $2, $3, $4, $5) RETURNING seq",
+                &[&e.incident, &e.step, &e.at, &e.kind, &e.sealed],
             )
             .await
+            // A taken step number is `Duplicate` (unique violation).
             .map_err(pg)?;
         Ok(row.get(0))
     }
@@ -21,8 +22,8 @@ impl IncidentStore for PgStore {
         let c = self.pool.get().await.map_err(pool_err)?;
         let rows = c
             .query(
-                "SELECT seq, incident, at, kind, sealed FROM incident_events \
-                 WHERE $1::text IS NULL OR incident = $1 ORDER BY seq",
+                "SELECT seq, incident, step, at, kind, sealed FROM incident_events \
+                 WHERE $1::text IS NULL OR incident = $1 ORDER BY incident, step",
                 &[&incident],
             )
             .await
@@ -32,9 +33,10 @@ impl IncidentStore for PgStore {
             .map(|r| IncidentEventRow {
                 seq: r.get(0),
                 incident: r.get(1),
-                at: r.get(2),
-                kind: r.get(3),
-                sealed: r.get(4),
+                step: r.get(2),
+                at: r.get(3),
+                kind: r.get(4),
+                sealed: r.get(5),
             })
             .collect())
     }

@@ -7,9 +7,10 @@ fn row_incident(r: &rusqlite::Row<'_>) -> rusqlite::Result<IncidentEventRow> {
     Ok(IncidentEventRow {
         seq: r.get(0)?,
         incident: r.get(1)?,
-        at: r.get(2)?,
-        kind: r.get(3)?,
-        sealed: r.get(4)?,
+        step: r.get(2)?,
+        at: r.get(3)?,
+        kind: r.get(4)?,
+        sealed: r.get(5)?,
     })
 }
 
@@ -18,9 +19,10 @@ impl IncidentStore for SqliteStore {
     async fn incident_append(&self, e: &IncidentEventRow) -> Result<i64> {
         let e = e.clone();
         self.write(move |c| {
+            // A taken step number is `Duplicate` (a constraint violation).
             c.execute(
-                "INSERT INTO incident_events (incident, at, kind, sealed) VALUES (?1, ?2, ?3, ?4)",
-                params![e.incident, e.at, e.kind, e.sealed],
+                "INSERT INTO incident_events (incident, step, at, kind, sealed) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![e.incident, e.step, e.at, e.kind, e.sealed],
             )
             .map_err(backend)?;
             Ok(c.last_insert_rowid())
@@ -33,8 +35,8 @@ impl IncidentStore for SqliteStore {
         self.read(move |c| {
             let mut st = c
                 .prepare_cached(
-                    "SELECT seq, incident, at, kind, sealed FROM incident_events \
-                     WHERE ?1 IS NULL OR incident = ?1 ORDER BY seq",
+                    "SELECT seq, incident, step, at, kind, sealed FROM incident_events \
+                     WHERE ?1 IS NULL OR incident = ?1 ORDER BY incident, step",
                 )
                 .map_err(backend)?;
             let rows = st

@@ -84,7 +84,8 @@ pub async fn contain(
     let actions = done.actions;
     // What was done is recorded even when a later action failed.
     if !actions.is_empty() {
-        st.incidents
+        let inc = st
+            .incidents
             .append(
                 id,
                 Step::Contained {
@@ -94,6 +95,16 @@ pub async fn contain(
                 crate::base::clock::now_ms(),
             )
             .await?;
+        audited(
+            st,
+            Action::Update,
+            format!(
+                "incident {id} step {}: contained ({} actions)",
+                inc.last_step(),
+                actions.len()
+            ),
+        )
+        .await?;
     }
     result?;
     Ok(Contained {

@@ -61,7 +61,7 @@ pub async fn open(
         st,
         Action::Create,
         format!(
-            "incident {} opened (severity {}) by {by}",
+            "incident {} step 0: opened (severity {}) by {by}",
             inc.id,
             severity.as_str()
         ),
@@ -77,7 +77,12 @@ pub async fn step(st: &AppState, id: &IncidentId, step: Step) -> Result<Incident
         .incidents
         .append(id, step, crate::base::clock::now_ms())
         .await?;
-    audited(st, Action::Update, format!("incident {id}: {kind}")).await?;
+    audited(
+        st,
+        Action::Update,
+        format!("incident {id} step {}: {kind}", inc.last_step()),
+    )
+    .await?;
     Ok(inc)
 }
 
@@ -88,12 +93,90 @@ pub async fn read(st: &AppState, id: Option<&IncidentId>) -> Result<Vec<Incident
         Some(id) => vec![st.incidents.get(id).await?],
         None => st.incidents.list().await?,
     };
+    against_audit_log(st, &out, id.is_none()).await?;
     let what = match id {
         Some(id) => format!("incident {id} read"),
         None => format!("breach register read ({} incidents)", out.len()),
     };
     audited(st, Action::Read, what).await?;
     Ok(out)
+}
+
+/// The register's steps must reach as far as the audit log says they
+/// did: every step is also an audit record (`incident ID step N: …`), and
+/// the audit log is tamper-evident, so a step deleted from the end of an
+/// incident, or a whole incident deleted (`all`: the register read
+/// whole), shows here. (A step deleted from the middle breaks the
+/// register's own chain.)
+async fn against_audit_log(
+    st: &AppState,
+    incidents: &[Incident],
+    all: bool,
+) -> Result<(), ResponseError> {
+    st.audit
+        .flush()
+        .await
+        .map_err(|e| ResponseError::Audit(e.to_string()))?;
+    let mut recorded: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut before = None;
+    loop {
+        let rows = st
+            .audit
+            .search(&phylax_store::AuditQuery {
+                subtype: Some("incident".into()),
+                before_id: before,
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ResponseError::Audit(e.to_string()))?;
+        let Some(last) = rows.last() else { break };
+        before = Some(last.id);
+        for r in &rows {
+            let v = st
+                .audit
+                .open_row(r)
+                .map_err(|e| ResponseError::Audit(e.to_string()))?;
+            let Some((inc, n)) = v["outcomeDesc"].as_str().and_then(step_of) else {
+                continue;
+            };
+            let e = recorded.entry(inc).or_default();
+            *e = (*e).max(n);
+        }
+    }
+    for (inc, n) in recorded {
+        let held = incidents.iter().find(|i| i.id.as_str() == inc);
+        match held {
+            Some(i) if i.last_step() < n => {
+                return Err(IncidentError::Invalid(format!(
+                    "the breach register is missing steps of incident {inc}: the audit log records step {n}, the register ends at step {} (steps were deleted)",
+                    i.last_step()
+                ))
+                .into())
+            }
+            None if all => {
+                return Err(IncidentError::Invalid(format!(
+                    "the breach register is missing incident {inc}, which the audit log records (it was deleted)"
+                ))
+                .into())
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// `incident ID step N: …` → (ID, N).
+fn step_of(desc: &str) -> Option<(String, u64)> {
+    let rest = desc.strip_prefix("incident ")?;
+    let (id, rest) = rest.split_once(' ')?;
+    let n = rest.strip_prefix("step ")?;
+    let n: u64 = n
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some((id.to_owned(), n))
 }
 
 /// Scope `who` in `w` for an open incident, record the result in the
@@ -111,8 +194,31 @@ pub async fn scope(
         return Err(IncidentError::Closed(id.to_string()).into());
     }
     let s = scope::scope(st, who, w, outside).await?;
+    // A log shorter than one an earlier scope verified was cut: with no
+    // checkpoint kept outside the database, the register is the witness.
+    let seen = st
+        .incidents
+        .list()
+        .await?
+        .iter()
+        .flat_map(|i| i.steps.iter())
+        .filter_map(|(_, s)| match s {
+            Step::Scoped { scope, .. } => scope["log"]["checkpoint_size"].as_u64(),
+            _ => None,
+        })
+        .max();
+    if let Some(m) = seen {
+        if s.log.checkpoint_size.unwrap_or(0) < m {
+            return Err(scope::ScopeError::Tampered(format!(
+                "the audit log's tree is shorter ({}) than an earlier scope verified ({m}): records were cut off",
+                s.log.checkpoint_size.unwrap_or(0)
+            ))
+            .into());
+        }
+    }
     let value = serde_json::to_value(&s).map_err(|e| IncidentError::Unavailable(e.to_string()))?;
-    st.incidents
+    let inc = st
+        .incidents
         .append(
             id,
             Step::Scoped {
@@ -126,7 +232,8 @@ pub async fn scope(
         st,
         Action::Execute,
         format!(
-            "incident {id}: scoped {} ({} records, {} individuals)",
+            "incident {id} step {}: scoped {} ({} records, {} individuals)",
+            inc.last_step(),
             who.label(),
             s.records,
             s.individuals

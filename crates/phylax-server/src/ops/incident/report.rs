@@ -150,7 +150,8 @@ pub async fn report(
         containment,
         letters: written,
     };
-    st.incidents
+    let stepped = st
+        .incidents
         .append(
             id,
             Step::Reported {
@@ -173,7 +174,10 @@ pub async fn report(
     audited(
         st,
         Action::Execute,
-        format!("incident {id}: report ({individuals} individuals, {written} letters)"),
+        format!(
+            "incident {id} step {}: report ({individuals} individuals, {written} letters)",
+            stepped.last_step()
+        ),
     )
     .await?;
     Ok(r)

@@ -142,16 +142,24 @@ impl Hsm {
         let prefix = format!("{}-", self.key_label);
         let mut out = BTreeMap::new();
         for h in found {
-            let attrs = s
-                .get_attributes(
-                    h,
-                    &[
-                        AttributeType::Label,
-                        AttributeType::Extractable,
-                        AttributeType::Sensitive,
-                    ],
-                )
-                .map_err(|e| hsm_err("reading key attributes", e))?;
+            let attrs = match s.get_attributes(
+                h,
+                &[
+                    AttributeType::Label,
+                    AttributeType::Extractable,
+                    AttributeType::Sensitive,
+                ],
+            ) {
+                Ok(a) => a,
+                // Destroyed between the search and now: a generation
+                // another process retired, or another instance's key on
+                // a shared token. Not there is not ours.
+                Err(cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::ObjectHandleInvalid,
+                    _,
+                )) => continue,
+                Err(e) => return Err(hsm_err("reading key attributes", e)),
+            };
             let (mut gen, mut extractable, mut sensitive) = (None, true, false);
             for a in attrs {
                 match a {

@@ -103,9 +103,16 @@ impl Accounts {
         &self,
         normalized: &str,
     ) -> Result<Option<UserRecord>, AccountError> {
-        for (_, h) in self.auth_keys.sign_all(&Self::username_msg(normalized)) {
-            if let Some(r) = self.store.find_user(&h).await? {
-                return Ok(Some(r));
+        let hashes = self.auth_keys.sign_all(&Self::username_msg(normalized));
+        // Twice when there are several generations: a rotation re-hashing
+        // this username between the lookups under the newer and the older
+        // hash would otherwise make a user who exists look absent.
+        let rounds = if hashes.len() > 1 { 2 } else { 1 };
+        for _ in 0..rounds {
+            for (_, h) in &hashes {
+                if let Some(r) = self.store.find_user(h).await? {
+                    return Ok(Some(r));
+                }
             }
         }
         Ok(None)

@@ -301,6 +301,29 @@ async fn run(
         t0.elapsed().as_secs_f64(),
         format!("detected: incident {id} opened by the scraping alert"),
     ));
+    // The serving node records reads through its journal, indexed into
+    // the log moments later: wait until the attacker's reads are all in
+    // the log (as an officer would scope again) before the exact check.
+    loop {
+        let held = st
+            .audit
+            .search(&phylax_store::AuditQuery {
+                agent: Some(attacker.id.clone()),
+                limit: ids.len() as u32 + 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if held.len() >= ids.len() {
+            break;
+        }
+        if scrape.elapsed() > PATIENCE {
+            return Err(fail(
+                "the attacker's reads did not reach the audit log within 60 s",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let s = super::scope(
         st,
         &id,

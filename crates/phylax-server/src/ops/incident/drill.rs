@@ -301,29 +301,7 @@ async fn run(
         t0.elapsed().as_secs_f64(),
         format!("detected: incident {id} opened by the scraping alert"),
     ));
-    // The serving node records reads through its journal, indexed into
-    // the log moments later: wait until the attacker's reads are all in
-    // the log (as an officer would scope again) before the exact check.
-    loop {
-        let held = st
-            .audit
-            .search(&phylax_store::AuditQuery {
-                agent: Some(attacker.id.clone()),
-                limit: ids.len() as u32 + 1,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        if held.len() >= ids.len() {
-            break;
-        }
-        if scrape.elapsed() > PATIENCE {
-            return Err(fail(
-                "the attacker's reads did not reach the audit log within 60 s",
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    recorded(st, &attacker.id, ids.len(), scrape).await?;
     let s = super::scope(
         st,
         &id,
@@ -391,6 +369,37 @@ async fn run(
     )
     .await?;
     Ok(())
+}
+
+/// Wait until the attacker's `n` reads are in the log: the serving node
+/// records reads through its journal, indexed into the log moments later
+/// (an officer would scope again; the drill's exact check waits).
+async fn recorded(
+    st: &AppState,
+    attacker: &str,
+    n: usize,
+    since: Instant,
+) -> Result<(), ResponseError> {
+    loop {
+        let held = st
+            .audit
+            .search(&phylax_store::AuditQuery {
+                agent: Some(attacker.to_owned()),
+                limit: n as u32 + 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if held.len() >= n {
+            return Ok(());
+        }
+        if since.elapsed() > PATIENCE {
+            return Err(fail(
+                "the attacker's reads did not reach the audit log within 60 s",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Record the result: the instance metadata (for the compliance report)

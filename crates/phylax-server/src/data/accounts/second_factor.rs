@@ -97,11 +97,7 @@ impl Accounts {
     pub async fn reset_mfa(&self, id: &str, now: i64) -> Result<User, AccountError> {
         let (u, ()) = self
             .modify(id, |u| {
-                u.acct.totp = None;
-                u.acct.totp_last_step = None;
-                u.acct.passkeys.clear();
-                u.acct.recovery.clear();
-                u.acct.mfa_enrolled_at = None;
+                clear_second_factors(u);
                 Ok(())
             })
             .await?;
@@ -121,15 +117,21 @@ impl Accounts {
                 u.rec.status = Status::Disabled.as_str().into();
                 u.acct.password = None;
                 u.acct.enrollment = None;
-                u.acct.totp = None;
-                u.acct.totp_last_step = None;
-                u.acct.passkeys.clear();
-                u.acct.recovery.clear();
-                u.acct.mfa_enrolled_at = None;
+                clear_second_factors(u);
                 Ok(())
             })
             .await?;
         self.end_sessions(id, now).await?;
         Ok(u)
     }
+}
+
+/// Every second factor and recovery code of `u` gone (a reset, a
+/// containment).
+fn clear_second_factors(u: &mut User) {
+    u.acct.totp = None;
+    u.acct.totp_last_step = None;
+    u.acct.passkeys.clear();
+    u.acct.recovery.clear();
+    u.acct.mfa_enrolled_at = None;
 }
